@@ -1,0 +1,158 @@
+"""`sdxl-serve`: the one command-line entry point, with a subcommand per role.
+
+Heavy imports (JAX, diffusers) happen inside the subcommands that need them, after the process
+environment is final: JAX reads XLA_FLAGS once, at import.
+"""
+
+from __future__ import annotations
+
+import time
+
+# Taken before the heavy imports, so a worker's start-to-ready time includes loading JAX and diffusers.
+PROCESS_STARTED = time.time()
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import asyncio  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from common.config import (  # noqa: E402
+    DEFAULT_MODEL,
+    DEFAULT_REDIS_URL,
+    ConfigError,
+    GatewayConfig,
+    WorkerConfig,
+    default_cache_dir,
+)
+from common.keys import DEFAULT_PREFIX  # noqa: E402
+from common.logs import setup_logging  # noqa: E402
+from common.protocol import parse_shapes  # noqa: E402
+
+CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command line; tests check deployment files against it."""
+    # No abbreviations: a renamed flag must fail loudly in deployment files, not match a prefix.
+    parser = argparse.ArgumentParser(prog="sdxl-serve", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--log-level", default=os.environ.get("SDXL_SERVE_LOG_LEVEL", "info"),
+                        choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False)  # type: ignore[method-assign]
+    _add_gateway(sub.add_parser("gateway", help="run an HTTP gateway"))
+    _add_worker(sub.add_parser("worker", help="run a worker on this host's devices"))
+    _add_up(sub.add_parser("up", help="run a whole local cluster: redis, a gateway and N workers"))
+    tiny = sub.add_parser("tiny-model", help="write a tiny random-weight SDXL model (for tests and demos)")
+    tiny.add_argument("directory", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _add_redis(parser: argparse.ArgumentParser, default: str | None = DEFAULT_REDIS_URL) -> None:
+    parser.add_argument("--redis-url", default=os.environ.get("SDXL_SERVE_REDIS_URL", default),
+                        help="redis://[[user]:password@]host:port/db, rediss:// for TLS (env SDXL_SERVE_REDIS_URL)")
+    parser.add_argument("--key-prefix", default=DEFAULT_PREFIX, help="namespace of this cluster's Redis keys")
+
+
+def _add_gateway(parser: argparse.ArgumentParser) -> None:
+    _add_redis(parser)
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--request-timeout", type=float, default=120.0,
+                        help="seconds /v1/generate waits before answering 504 with the job id")
+    parser.add_argument("--result-ttl", type=int, default=3600, help="seconds results stay fetchable")
+
+
+def _add_worker_model(parser: argparse.ArgumentParser, model_default: str | None) -> None:
+    parser.add_argument("--model", default=model_default,
+                        help=f"hub id or local diffusers directory (default {DEFAULT_MODEL})")
+    parser.add_argument("--revision", default=None,
+                        help="hub revision (default: refs/pr/95, where SDXL base keeps its Flax weights)")
+    parser.add_argument("--shapes", type=parse_shapes, default=None,
+                        help="WIDTHxHEIGHTxSTEPS,... to compile (default: native size at 20 and 25 steps; "
+                             "20 on CPU)")
+    parser.add_argument("--images-per-request", type=int, default=4)
+    parser.add_argument("--cpu-devices", type=int, default=4,
+                        help="virtual devices JAX makes of the CPU when there is no accelerator")
+
+
+def _add_worker(parser: argparse.ArgumentParser) -> None:
+    _add_redis(parser)
+    _add_worker_model(parser, DEFAULT_MODEL)
+    parser.add_argument("--worker-id", default=None, help="default: HOST-PID-RANDOM")
+    parser.add_argument("--heartbeat-interval", type=float, default=2.0)
+    parser.add_argument("--png-compress-level", type=int, default=1)
+
+
+def _add_up(parser: argparse.ArgumentParser) -> None:
+    _add_redis(parser, default=None)
+    _add_worker_model(parser, None)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                        help="where the tiny model is made on first use")
+    parser.add_argument("--ready-timeout", type=float, default=600.0,
+                        help="seconds to wait for every worker to be warm")
+
+
+def gateway_config(args: argparse.Namespace) -> GatewayConfig:
+    return GatewayConfig(redis_url=args.redis_url, host=args.host, port=args.port, key_prefix=args.key_prefix,
+                         request_timeout_s=args.request_timeout, result_ttl_s=args.result_ttl)
+
+
+def worker_config(args: argparse.Namespace) -> WorkerConfig:
+    extra = {"worker_id": args.worker_id} if args.worker_id else {}
+    return WorkerConfig(redis_url=args.redis_url, model=args.model, revision=args.revision, shapes=args.shapes,
+                        images_per_request=args.images_per_request, key_prefix=args.key_prefix,
+                        heartbeat_interval_s=args.heartbeat_interval,
+                        png_compress_level=args.png_compress_level, **extra)
+
+
+def use_cpu_devices(count: int) -> None:
+    """Make JAX split the host CPU into `count` devices; JAX ignores this where an accelerator exists."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if CPU_DEVICES_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {CPU_DEVICES_FLAG}={count}".strip()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"sdxl-serve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "gateway":
+        from gateway.app import serve as serve_gateway
+
+        serve_gateway(gateway_config(args))
+    elif args.command == "worker":
+        config = worker_config(args)
+        use_cpu_devices(args.cpu_devices)
+        from worker.runner import serve as serve_worker
+
+        asyncio.run(serve_worker(config, started_at=PROCESS_STARTED))
+    elif args.command == "up":
+        from common.cluster import run_cluster
+
+        return run_cluster(args)
+    elif args.command == "tiny-model":
+        use_cpu_devices(1)
+        from worker.tiny_model import write_tiny_model
+
+        print(write_tiny_model(args.directory, seed=args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Every Redis key, stream, group and channel that sdxl-serve uses, in one place.
+
+A deployment can run several independent clusters on one Redis by giving each its own prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "sdxl"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The names of one cluster's Redis keys."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def jobs_stream(self) -> str:
+        """Stream of queued jobs; workers read it through `workers_group`."""
+        return f"{self.prefix}:jobs"
+
+    @property
+    def workers_group(self) -> str:
+        """The consumer group every worker joins on `jobs_stream`."""
+        return "workers"
+
+    @property
+    def completions_channel(self) -> str:
+        """Pub/sub channel carrying the id of each job whose result was just stored."""
+        return f"{self.prefix}:completions"
+
+    @property
+    def worker_events_channel(self) -> str:
+        """Pub/sub channel announcing worker state changes (warming, ready, stopped)."""
+        return f"{self.prefix}:worker-events"
+
+    @property
+    def workers_index(self) -> str:
+        """Sorted set of worker ids scored by their last heartbeat (Redis server time, seconds)."""
+        return f"{self.prefix}:workers"
+
+    def worker(self, worker_id: str) -> str:
+        """JSON description of one worker, expiring unless its heartbeat renews it."""
+        return f"{self.prefix}:worker:{worker_id}"
+
+    def job(self, job_id: str) -> str:
+        """Hash with a queued job's request and state, kept until its result expires."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def result(self, job_id: str) -> str:
+        """Hash with a finished job's metadata (`meta`) and images (`image:0`, `image:1`, ...)."""
+        return f"{self.prefix}:result:{job_id}"

@@ -1,0 +1,138 @@
+"""Schemas of what crosses a process boundary: HTTP bodies, queued jobs, stored results.
+
+Everything is validated with pydantic on the way in, at the gateway and again at the worker: the worker
+never trusts what it reads from the queue.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_SEED = 2**32 - 1
+DEFAULT_GUIDANCE_SCALE = 7.5
+_SHAPE_RE = re.compile(r"^\s*(\d+)x(\d+)x(\d+)\s*$")
+
+
+class Shape(BaseModel):
+    """An image size and step count that a worker compiled an executable for."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    steps: int = Field(gt=0)
+
+    @classmethod
+    def parse(cls, text: str) -> Shape:
+        """Parse `WIDTHxHEIGHTxSTEPS`, for example `1024x1024x20`."""
+        match = _SHAPE_RE.match(text)
+        if match is None:
+            raise ValueError(f"shape {text!r} is not WIDTHxHEIGHTxSTEPS, e.g. 1024x1024x20")
+        width, height, steps = (int(g) for g in match.groups())
+        return cls(width=width, height=height, steps=steps)
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}x{self.steps}"
+
+
+def parse_shapes(text: str) -> tuple[Shape, ...]:
+    """Parse a comma-separated list of shapes, keeping order and dropping repeats."""
+    shapes = [Shape.parse(part) for part in text.split(",") if part.strip()]
+    if not shapes:
+        raise ValueError("at least one shape is needed, e.g. 1024x1024x20")
+    return tuple(dict.fromkeys(shapes))
+
+
+Prompt = Annotated[str, Field(max_length=2000)]
+
+
+class GenerateRequest(BaseModel):
+    """Body of `POST /v1/generate`. Omitted size and steps take the cluster's default shape."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: Prompt = Field(min_length=1)
+    negative_prompt: Prompt = ""
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    guidance_scale: float = Field(default=DEFAULT_GUIDANCE_SCALE, ge=0.0, le=30.0)
+    num_inference_steps: int | None = Field(default=None, ge=1, le=200)
+    width: int | None = Field(default=None, ge=64, le=4096, multiple_of=8)
+    height: int | None = Field(default=None, ge=64, le=4096, multiple_of=8)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must contain non-whitespace characters")
+        return value
+
+
+class Job(BaseModel):
+    """A fully resolved request as it travels through the queue."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=64)
+    prompt: Prompt = Field(min_length=1)
+    negative_prompt: Prompt = ""
+    seed: int = Field(ge=0, le=MAX_SEED)
+    guidance_scale: float = Field(ge=0.0, le=30.0)
+    shape: Shape
+    output_format: Literal["png"] = "png"
+    result_ttl_s: int = Field(gt=0)
+
+
+class Timings(BaseModel):
+    """Where a job's time went, in milliseconds. `queued_ms` is measured on the Redis server's clock."""
+
+    queued_ms: float
+    generate_ms: float
+    encode_ms: float
+
+
+class JobResult(BaseModel):
+    """What a worker stores for a job: success with images (stored beside it), or failure with a reason."""
+
+    id: str
+    status: Literal["succeeded", "failed"]
+    worker: str
+    seed: int | None = None
+    shape: Shape | None = None
+    media_type: str = "image/png"
+    image_count: int = 0
+    timings: Timings | None = None
+    error: str | None = None
+
+
+class ResponseTimings(Timings):
+    """Timings as returned over HTTP, with the gateway's end-to-end figure (None when fetched later)."""
+
+    total_ms: float | None
+
+
+class GenerateResponse(BaseModel):
+    """Body of a successful `POST /v1/generate`."""
+
+    id: str
+    seed: int
+    width: int
+    height: int
+    num_inference_steps: int
+    images: list[str]
+    worker: str
+    timings: ResponseTimings
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error body: what went wrong, the rule's code and, when one field is at fault, its name."""
+
+    error: ErrorDetail

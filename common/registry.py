@@ -1,0 +1,88 @@
+"""The worker registry: each worker describes itself under its own expiring key and heartbeats.
+
+A worker that stops heartbeating disappears when its key expires; the index (a sorted set scored by
+last heartbeat) is pruned of such ids whenever it is read. State changes are also announced on a
+pub/sub channel so that `sdxl-serve up` and the tests can await readiness instead of polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Literal
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel
+
+from common.keys import Keys
+from common.protocol import Shape
+
+logger = logging.getLogger(__name__)
+
+WorkerState = Literal["warming", "ready", "busy", "draining"]
+SERVING_STATES: frozenset[str] = frozenset({"ready", "busy"})
+
+
+class WorkerInfo(BaseModel):
+    """What a worker says about itself."""
+
+    id: str
+    host: str
+    pid: int
+    model: str
+    device_kind: str = "unknown"
+    devices: int = 0
+    images_per_request: int
+    shapes: list[Shape] = []
+    state: WorkerState
+    started_at: float
+    ready_at: float | None = None
+    jobs_done: int = 0
+    last_heartbeat: float = 0.0
+
+
+class Registry:
+    """Read and write one cluster's worker registry."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+        self._redis = redis
+        self._keys = keys
+
+    async def publish(self, info: WorkerInfo, ttl_s: float) -> None:
+        """Write (or refresh) a worker's entry and announce its state."""
+        info = info.model_copy(update={"last_heartbeat": time.time()})
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._keys.worker(info.id), info.model_dump_json(), px=int(ttl_s * 1000))
+            pipe.zadd(self._keys.workers_index, {info.id: info.last_heartbeat})
+            pipe.publish(self._keys.worker_events_channel, info.model_dump_json())
+            await pipe.execute()
+
+    async def remove(self, worker_id: str) -> None:
+        """Deregister a worker that is shutting down."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._keys.worker(worker_id))
+            pipe.zrem(self._keys.workers_index, worker_id)
+            await pipe.execute()
+
+    async def workers(self) -> list[WorkerInfo]:
+        """Every live worker, sorted by id; ids whose entry expired are pruned from the index."""
+        ids = [i.decode() for i in await self._redis.zrange(self._keys.workers_index, 0, -1)]
+        if not ids:
+            return []
+        raw = await self._redis.mget([self._keys.worker(i) for i in ids])
+        gone = [i for i, r in zip(ids, raw, strict=True) if r is None]
+        if gone:
+            await self._redis.zrem(self._keys.workers_index, *gone)
+        return sorted((WorkerInfo.model_validate_json(r) for r in raw if r is not None), key=lambda w: w.id)
+
+    async def wait_for_ready(self, count: int, timeout_s: float) -> list[WorkerInfo]:
+        """Wait until at least `count` workers serve; returns them. Raises TimeoutError."""
+        async with self._redis.pubsub() as pubsub:
+            await pubsub.subscribe(self._keys.worker_events_channel)
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    ready = [w for w in await self.workers() if w.state in SERVING_STATES]
+                    if len(ready) >= count:
+                        return ready
+                    await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout_s)

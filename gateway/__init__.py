@@ -1,0 +1,1 @@
+"""The HTTP gateway: validates requests, queues jobs on Redis, answers with the workers' results."""

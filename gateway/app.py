@@ -1,0 +1,75 @@
+"""The gateway application: built by a factory, every shared resource under a typed key.
+
+Each resource is created and closed by its own cleanup context; the completion listener is subscribed
+before the first request is accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from common.config import GatewayConfig, log_config
+from common.keys import Keys
+from common.queue import CompletionListener, JobQueue
+from common.redis_conn import connect
+from common.registry import Registry
+from gateway.appkeys import CONFIG, GATEWAY_ID, LISTENER, QUEUE, REDIS, REGISTRY
+from gateway.middlewares import error_middleware
+from gateway.routes import setup_routes
+
+logger = logging.getLogger(__name__)
+
+# Bodies are small JSON documents; anything larger is refused before it is read.
+MAX_BODY_BYTES = 64 * 1024
+LISTENER_READY_TIMEOUT_S = 30.0
+
+
+def create_app(config: GatewayConfig) -> web.Application:
+    """Build the gateway for `config`; run it with `web.run_app` or an aiohttp test client."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+    app[CONFIG] = config
+    app[GATEWAY_ID] = f"gw-{uuid.uuid4().hex[:8]}"
+    app.cleanup_ctx.extend([_redis_ctx, _listener_ctx])
+    app.on_response_prepare.append(_no_stale_pages)
+    setup_routes(app)
+    return app
+
+
+async def _no_stale_pages(request: web.Request, response: web.StreamResponse) -> None:
+    """The page and its assets revalidate, so a deploy is seen at the next load."""
+    if request.path == "/" or request.path.startswith("/static/"):
+        response.headers["Cache-Control"] = "no-cache"
+
+
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    redis = connect(config.redis_url, name=f"sdxl-gateway:{app[GATEWAY_ID]}")
+    keys = Keys(config.key_prefix)
+    app[REDIS] = redis
+    app[QUEUE] = JobQueue(redis, keys)
+    app[REGISTRY] = Registry(redis, keys)
+    await app[QUEUE].ensure_group()
+    yield
+    await redis.aclose()
+
+
+async def _listener_ctx(app: web.Application) -> AsyncIterator[None]:
+    listener = CompletionListener(app[REDIS], Keys(app[CONFIG].key_prefix))
+    app[LISTENER] = listener
+    task = asyncio.create_task(listener.run(), name="completion-listener")
+    await asyncio.wait_for(listener.subscribed.wait(), LISTENER_READY_TIMEOUT_S)
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def serve(config: GatewayConfig) -> None:
+    """Run the gateway until SIGINT or SIGTERM."""
+    log_config(logger, config)
+    web.run_app(create_app(config), host=config.host, port=config.port, print=None,
+                access_log_format='%a "%r" %s %b %Tfs', shutdown_timeout=config.request_timeout_s)

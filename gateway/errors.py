@@ -1,0 +1,39 @@
+"""The gateway's domain errors; the error middleware turns them into JSON responses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+
+class ApiError(Exception):
+    """An error to report to the client: HTTP status, a rule code, a message and the field at fault."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "field": self.field}, **self.extra}
+
+    def __repr__(self) -> str:
+        return f"ApiError({self.status}, {self.code!r}, {self.message!r}, field={self.field!r})"
+
+
+def from_validation_error(exc: ValidationError) -> ApiError:
+    """The first problem of a pydantic validation error, naming the field and the rule it broke."""
+    err = exc.errors(include_url=False)[0]
+    field = ".".join(str(part) for part in err["loc"]) or None
+    code = err["type"]
+    if code == "json_invalid":
+        return ApiError(400, "invalid_json", f"request body is not valid JSON: {err['msg']}")
+    if code == "model_type":
+        return ApiError(400, "invalid_body", "request body must be a JSON object")
+    return ApiError(400, code, f"{field}: {err['msg']}" if field else err["msg"], field=field)

@@ -1,0 +1,174 @@
+"""Fixtures: a real redis-server on a free port, the tiny model, and real worker and gateway processes.
+
+Four virtual CPU devices stand in for a TPU v5e-4, in this process (pipeline tests) and in every
+worker process the fixtures start.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports JAX: it reads XLA_FLAGS once.
+os.environ["XLA_FLAGS"] = " ".join(
+    f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f
+) + " --xla_force_host_platform_device_count=4"
+
+import asyncio  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from collections.abc import AsyncIterator, Iterator  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import redis  # noqa: E402
+import redis.asyncio as aioredis  # noqa: E402
+
+from common.cluster import free_port, wait_http  # noqa: E402
+from common.keys import Keys  # noqa: E402
+from common.protocol import Shape  # noqa: E402
+from common.registry import Registry, WorkerInfo  # noqa: E402
+
+# Two step counts, so tests can tell a compiled shape from one that is not.
+TEST_SHAPES = (Shape(width=64, height=64, steps=2), Shape(width=64, height=64, steps=3))
+SHAPES_ARG = ",".join(map(str, TEST_SHAPES))
+READY_TIMEOUT_S = 240.0
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+
+
+@dataclass
+class RedisServer:
+    port: int
+    process: subprocess.Popen[bytes]
+    directory: Path
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for the whole session, on a free loopback port, with AOF on."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed: run `make install` (it installs it with apt-get)")
+    directory = Path(tempfile.mkdtemp(prefix="sdxl-test-redis-"))
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+         "--dir", str(directory)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert process.stdout is not None
+    for line in process.stdout:  # wait for the server to say it is ready (no polling)
+        if b"Ready to accept connections" in line:
+            break
+    else:
+        pytest.fail("redis-server exited before it was ready")
+    yield RedisServer(port=port, process=process, directory=directory)
+    process.terminate()
+    process.wait(timeout=30)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A client on database 0, flushed before each test. (The e2e cluster lives in database 1.)"""
+    client = aioredis.Redis.from_url(redis_server.url(0))
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SDXL model, written once per session by the CLI, exactly as a user would."""
+    directory = tmp_path_factory.mktemp("models") / "tiny-sdxl"
+    subprocess.run([sys.executable, "-m", "common.cli", "tiny-model", str(directory)], check=True)
+    return directory
+
+
+@dataclass
+class ProcessGroup:
+    """Processes started by a test, each logging to its own file; all stopped at teardown."""
+
+    log_dir: Path
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
+        process = subprocess.Popen([sys.executable, "-m", "common.cli", *args], stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.processes[name] = process
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def worker_args(redis_url: str, model: Path, worker_id: str, prefix: str = "sdxl") -> list[str]:
+    return ["worker", "--redis-url", redis_url, "--key-prefix", prefix, "--model", str(model),
+            "--shapes", SHAPES_ARG, "--worker-id", worker_id, "--heartbeat-interval", "0.5"]
+
+
+@pytest.fixture(scope="session")
+def processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessGroup]:
+    group = ProcessGroup(tmp_path_factory.mktemp("logs"))
+    yield group
+    group.stop_all()
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A running gateway and two warm workers on database 1 of the session's Redis."""
+
+    url: str
+    redis_url: str
+    worker_ids: tuple[str, ...]
+
+
+async def wait_ready(redis_url: str, count: int, prefix: str = "sdxl") -> list[WorkerInfo]:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        return await Registry(client, Keys(prefix)).wait_for_ready(count, READY_TIMEOUT_S)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def cluster(redis_server: RedisServer, tiny_model: Path, processes: ProcessGroup) -> Cluster:
+    """Gateway and workers as real processes, started once for the e2e tests."""
+    redis_url = redis_server.url(1)
+    redis.Redis.from_url(redis_url).flushdb()
+    port = free_port()
+    processes.start("gateway", "gateway", "--redis-url", redis_url, "--host", "127.0.0.1", "--port", str(port),
+                    "--request-timeout", "120")
+    worker_ids = ("worker-a", "worker-b")
+    for worker_id in worker_ids:
+        processes.start(worker_id, *worker_args(redis_url, tiny_model, worker_id))
+    try:
+        asyncio.run(wait_ready(redis_url, len(worker_ids)))
+    except TimeoutError:
+        pytest.fail("workers not ready:\n" + "\n".join(processes.log(w)[-3000:] for w in worker_ids))
+    asyncio.run(wait_http(f"http://127.0.0.1:{port}/healthz", READY_TIMEOUT_S))
+    return Cluster(url=f"http://127.0.0.1:{port}", redis_url=redis_url, worker_ids=worker_ids)
+
+
+@pytest.fixture
+def artifacts() -> Path:
+    """A folder kept after the run (screenshots, logs) for people and CI to look at."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+

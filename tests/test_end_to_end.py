@@ -1,0 +1,144 @@
+"""The whole request path on real parts: HTTP gateway process, redis-server, worker processes, tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+from PIL import Image
+
+from common.keys import Keys
+from common.protocol import Job
+from common.queue import CompletionListener, JobQueue
+from common.registry import WorkerInfo
+from tests.conftest import TEST_SHAPES, Cluster, ProcessGroup, RedisServer, wait_ready, worker_args
+
+pytestmark = pytest.mark.e2e
+
+
+async def generate(cluster: Cluster, **body: Any) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{cluster.url}/v1/generate", json={"prompt": "a red fox", **body}) as response:
+            payload: dict[str, Any] = await response.json()
+            assert response.status == 200, payload
+            return payload
+
+
+def decode(payload: dict[str, Any]) -> list[np.ndarray]:
+    images = []
+    for encoded in payload["images"]:
+        image = Image.open(io.BytesIO(base64.b64decode(encoded)))
+        assert image.format == "PNG" and image.mode == "RGB"
+        images.append(np.asarray(image))
+    return images
+
+
+async def test_four_distinct_pngs_of_the_requested_size(cluster: Cluster) -> None:
+    shape = TEST_SHAPES[1]
+    payload = await generate(cluster, seed=11, width=shape.width, height=shape.height,
+                             num_inference_steps=shape.steps)
+    images = decode(payload)
+    assert len(images) == 4
+    assert all(image.shape == (shape.height, shape.width, 3) for image in images)
+    assert len({image.tobytes() for image in images}) == 4
+    assert payload["seed"] == 11 and payload["worker"] in cluster.worker_ids
+    timings = payload["timings"]
+    assert timings["total_ms"] >= timings["generate_ms"] > 0 and timings["queued_ms"] >= 0
+
+
+async def test_same_seed_same_images_other_seed_other_images(cluster: Cluster) -> None:
+    first, again, other = await asyncio.gather(
+        generate(cluster, seed=5), generate(cluster, seed=5), generate(cluster, seed=6))
+    assert first["images"] == again["images"]  # whichever worker served each
+    assert not set(first["images"]) & set(other["images"])
+
+
+async def test_missing_seed_is_drawn_and_returned(cluster: Cluster) -> None:
+    drawn = await generate(cluster)
+    replay = await generate(cluster, seed=drawn["seed"])
+    assert replay["images"] == drawn["images"]
+
+
+async def test_both_workers_serve_concurrent_requests(cluster: Cluster) -> None:
+    served: set[str] = set()
+    for _ in range(5):  # the group hands a new job to whichever worker is idle, so both get work
+        payloads = await asyncio.gather(*(generate(cluster, seed=s) for s in range(6)))
+        served |= {p["worker"] for p in payloads}
+        if served == set(cluster.worker_ids):
+            break
+    assert served == set(cluster.worker_ids)
+
+
+async def test_job_with_uncompiled_shape_fails_cleanly_and_worker_carries_on(cluster: Cluster) -> None:
+    """A job that skipped the gateway's checks (never trust the queue) fails with a reason."""
+    client = aioredis.Redis.from_url(cluster.redis_url)
+    keys = Keys()
+    listener = CompletionListener(client, keys)
+    listening = asyncio.create_task(listener.run())
+    try:
+        await asyncio.wait_for(listener.subscribed.wait(), 10)
+        job = Job.model_validate({"id": "uncompiled-1", "prompt": "x", "seed": 1, "guidance_scale": 7.5,
+                                  "shape": {"width": 64, "height": 64, "steps": 9}, "result_ttl_s": 60})
+        done = listener.expect(job.id)
+        await JobQueue(client, keys).submit(job)
+        await asyncio.wait_for(done, 60)
+        stored = await JobQueue(client, keys).fetch_result(job.id)
+        assert stored is not None and stored.result.status == "failed"
+        assert stored.result.error is not None and "64x64x9 is not compiled" in stored.result.error
+    finally:
+        listening.cancel()
+        await client.aclose()
+    assert len(decode(await generate(cluster, seed=1))) == 4
+
+
+async def test_worker_takes_no_job_before_warm_up(redis_server: RedisServer, tiny_model: Path,
+                                                  processes: ProcessGroup) -> None:
+    """A job queued while the only worker warms up waits, and is claimed only after it says ready."""
+    prefix, redis_url = "warmup-test", redis_server.url(2)
+    client = aioredis.Redis.from_url(redis_url)
+    keys = Keys(prefix)
+    queue = JobQueue(client, keys)
+    await queue.ensure_group()
+    pubsub = client.pubsub()
+    await pubsub.subscribe(keys.worker_events_channel)
+    try:
+        processes.start("warmup-worker", *worker_args(redis_url, tiny_model, "warmup-worker", prefix))
+        first = await _next_worker_event(pubsub)
+        assert first.state == "warming"
+        job = Job.model_validate({"id": "early-1", "prompt": "x", "seed": 1, "guidance_scale": 7.5,
+                                  "shape": TEST_SHAPES[0].model_dump(), "result_ttl_s": 60})
+        entry_id = await queue.submit(job)
+        # Still warming: the worker has not joined the group, so nobody holds the job.
+        assert (await client.xpending(keys.jobs_stream, keys.workers_group))["pending"] == 0
+        assert await client.xinfo_consumers(keys.jobs_stream, keys.workers_group) == []
+        ready = await wait_ready(redis_url, 1, prefix)
+        assert ready[0].ready_at is not None
+        listener = CompletionListener(client, keys)
+        done = listener.expect(job.id)
+        listening = asyncio.create_task(listener.run())
+        await asyncio.wait_for(done, 60)
+        listening.cancel()
+        stored = await queue.fetch_result(job.id)
+        assert stored is not None and stored.result.status == "succeeded" and stored.result.timings
+        # Claimed at: enqueue time (the entry id, Redis clock) plus the wait the worker measured.
+        claimed_at_s = (int(entry_id.split("-")[0]) + stored.result.timings.queued_ms) / 1000
+        assert claimed_at_s >= ready[0].ready_at - 0.01
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+
+
+async def _next_worker_event(pubsub: Any) -> WorkerInfo:
+    async with asyncio.timeout(120):
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=120)
+            if message is not None:
+                return WorkerInfo.model_validate_json(message["data"])
+

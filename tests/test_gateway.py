@@ -1,0 +1,153 @@
+"""The gateway over real HTTP and a real redis-server; a test plays the worker where one is needed."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from common.config import GatewayConfig
+from common.keys import Keys
+from common.protocol import JobResult, Shape, Timings
+from common.queue import JobQueue
+from common.registry import Registry, WorkerInfo
+from gateway.app import create_app
+from tests.conftest import RedisServer
+
+KEYS = Keys()
+SHAPES = [Shape(width=64, height=64, steps=2), Shape(width=64, height=64, steps=3)]
+ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
+
+
+async def register_worker(redis_client: aioredis.Redis, worker_id: str = "w1", state: str = "ready") -> None:
+    info = WorkerInfo(id=worker_id, host="h", pid=1, model="m", images_per_request=4, state=state,  # type: ignore[arg-type]
+                      shapes=SHAPES, started_at=time.time())
+    await Registry(redis_client, KEYS).publish(info, ttl_s=60)
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer, redis_client: aioredis.Redis,
+                 aiohttp_client: ClientFactory) -> TestClient[Any, Any]:
+    config = GatewayConfig(redis_url=redis_server.url(0), request_timeout_s=1.0, result_ttl_s=60)
+    return await aiohttp_client(create_app(config))
+
+
+async def play_worker(redis_client: aioredis.Redis, images: list[bytes]) -> None:
+    """Claim the next job and store a successful result, as a worker would."""
+    queue = JobQueue(redis_client, KEYS)
+    claimed = None
+    while claimed is None:
+        claimed = await queue.claim("test-worker", block_ms=1000)
+    job = claimed.job
+    result = JobResult(id=job.id, status="succeeded", worker="test-worker", seed=job.seed, shape=job.shape,
+                       image_count=len(images), timings=Timings(queued_ms=1.0, generate_ms=2.0, encode_ms=3.0))
+    await queue.complete(claimed, result, images)
+
+
+@pytest.fixture
+async def fake_worker(redis_client: aioredis.Redis) -> AsyncIterator[None]:
+    await register_worker(redis_client)
+    yield
+
+
+async def test_healthz_and_demo_page(client: TestClient[Any, Any]) -> None:
+    response = await client.get("/healthz")
+    assert response.status == 200 and (await response.json()) == {"status": "ok"}
+    page = await client.get("/")
+    assert page.status == 200 and page.content_type == "text/html"
+    assert "/v1/generate" in await page.text() or "app.js" in await page.text()
+
+
+async def test_generate_returns_the_workers_images(client: TestClient[Any, Any], redis_client: aioredis.Redis,
+                                                   fake_worker: None) -> None:
+    images = [f"png-{k}".encode() for k in range(4)]
+    worker = asyncio.create_task(play_worker(redis_client, images))
+    response = await client.post("/v1/generate", json={"prompt": "a cat", "num_inference_steps": 3})
+    await worker
+    assert response.status == 200
+    body = await response.json()
+    assert [base64.b64decode(i) for i in body["images"]] == images
+    assert (body["width"], body["height"], body["num_inference_steps"]) == (64, 64, 3)
+    assert 0 <= body["seed"] < 2**32 and body["worker"] == "test-worker"
+    assert set(body["timings"]) == {"queued_ms", "generate_ms", "encode_ms", "total_ms"}
+    assert body["timings"]["total_ms"] > 0
+
+
+async def test_omitted_shape_takes_the_workers_default(client: TestClient[Any, Any], redis_client: aioredis.Redis,
+                                                       fake_worker: None) -> None:
+    worker = asyncio.create_task(play_worker(redis_client, [b"x"] * 4))
+    response = await client.post("/v1/generate", json={"prompt": "a cat", "seed": 7})
+    await worker
+    body = await response.json()
+    assert (body["num_inference_steps"], body["seed"]) == (SHAPES[0].steps, 7)
+
+
+@pytest.mark.parametrize(("kwargs", "code", "field"), [
+    ({"data": b"{not json", "headers": {"Content-Type": "application/json"}}, "invalid_json", None),
+    ({"json": ["a list"]}, "invalid_body", None),
+    ({"json": {}}, "missing", "prompt"),
+    ({"json": {"prompt": ""}}, "string_too_short", "prompt"),
+    ({"json": {"prompt": "a", "seed": "1"}}, "int_type", "seed"),
+    ({"json": {"prompt": "a", "unknown": 1}}, "extra_forbidden", "unknown"),
+    ({"json": {"prompt": "a", "num_inference_steps": 25}}, "unsupported_shape", "num_inference_steps"),
+    ({"json": {"prompt": "a", "width": 1024}}, "unsupported_shape", "width"),
+    ({"json": {"prompt": "a", "height": 1024}}, "unsupported_shape", "height"),
+])
+async def test_bad_input_is_refused_before_the_queue(client: TestClient[Any, Any], redis_client: aioredis.Redis,
+                                                     fake_worker: None, kwargs: dict[str, Any], code: str,
+                                                     field: str | None) -> None:
+    response = await client.post("/v1/generate", **kwargs)
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert (error["code"], error["field"]) == (code, field)
+    assert error["message"]
+    assert await redis_client.xlen(KEYS.jobs_stream) == 0
+
+
+async def test_wrong_content_type_and_oversized_body(client: TestClient[Any, Any], redis_client: aioredis.Redis,
+                                                     fake_worker: None) -> None:
+    response = await client.post("/v1/generate", data="prompt=a", headers={"Content-Type": "text/plain"})
+    assert response.status == 415 and (await response.json())["error"]["code"] == "unsupported_media_type"
+    huge = b'{"prompt": "' + b"x" * 70_000 + b'"}'
+    response = await client.post("/v1/generate", data=huge, headers={"Content-Type": "application/json"})
+    assert response.status == 413 and (await response.json())["error"]["code"] == "body_too_large"
+    assert await redis_client.xlen(KEYS.jobs_stream) == 0
+
+
+async def test_no_worker_means_503_with_retry_after(client: TestClient[Any, Any],
+                                                    redis_client: aioredis.Redis) -> None:
+    response = await client.post("/v1/generate", json={"prompt": "a cat"})
+    assert response.status == 503 and response.headers["Retry-After"]
+    assert (await response.json())["error"]["code"] == "no_workers"
+    assert await redis_client.xlen(KEYS.jobs_stream) == 0
+
+
+async def test_unknown_routes_and_jobs_are_json_404(client: TestClient[Any, Any]) -> None:
+    response = await client.get("/nope")
+    assert response.status == 404 and (await response.json())["error"]["code"] == "not_found"
+    response = await client.get("/v1/jobs/does-not-exist")
+    assert response.status == 404
+    assert (await response.json())["error"] == {"code": "unknown_job", "field": "job_id",
+                                                "message": "no job 'does-not-exist' (never submitted, "
+                                                           "or its result expired)"}
+
+
+async def test_deadline_gives_504_with_id_and_result_is_fetchable_later(
+        client: TestClient[Any, Any], redis_client: aioredis.Redis, fake_worker: None) -> None:
+    response = await client.post("/v1/generate", json={"prompt": "a cat"})
+    assert response.status == 504
+    body = await response.json()
+    assert body["error"]["code"] == "timeout" and body["status_url"] == f"/v1/jobs/{body['id']}"
+    queued = await client.get(body["status_url"])
+    assert (await queued.json()) == {"id": body["id"], "status": "queued"}
+    await play_worker(redis_client, [b"late"] * 4)
+    done = await (await client.get(body["status_url"])).json()
+    assert done["status"] == "succeeded"
+    assert base64.b64decode(done["result"]["images"][0]) == b"late"

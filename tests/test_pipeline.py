@@ -1,0 +1,75 @@
+"""The JAX pipeline on the tiny model, four virtual CPU devices: shapes, determinism, distinctness."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common.protocol import Shape
+from worker.pipeline import DeviceMismatch, InvalidShape, SDXLPipeline, UnsupportedShape
+
+SHAPE = Shape(width=64, height=64, steps=2)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_model: Path) -> SDXLPipeline:
+    loaded = SDXLPipeline.load(str(tiny_model), None, images_per_request=4)
+    loaded.compile(SHAPE)
+    return loaded
+
+
+def test_runs_on_four_devices_with_one_image_each(pipeline: SDXLPipeline) -> None:
+    assert jax.local_device_count() == 4
+    assert (pipeline.devices, pipeline.per_device) == (4, 1)
+    assert pipeline.shapes == (SHAPE,)
+    assert pipeline.native_size == (64, 64)
+
+
+def test_params_are_bfloat16_replicated_with_float32_scheduler(pipeline: SDXLPipeline) -> None:
+    params = pipeline._params
+    weights = jax.tree_util.tree_leaves({k: v for k, v in params.items() if k != "scheduler"})
+    assert weights and all(w.dtype == jnp.bfloat16 and w.shape[0] == 4 for w in weights)
+    scheduler = [leaf for leaf in jax.tree_util.tree_leaves(params["scheduler"])
+                 if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    assert scheduler and all(leaf.dtype == jnp.float32 for leaf in scheduler)
+
+
+def test_generates_four_distinct_uint8_images(pipeline: SDXLPipeline) -> None:
+    images = pipeline.generate(SHAPE, "a cat", "", seed=1, guidance_scale=7.5)
+    assert images.shape == (4, 64, 64, 3) and images.dtype == np.uint8
+    assert images.std() > 0
+    assert len({image.tobytes() for image in images}) == 4
+
+
+def test_same_seed_same_images_and_other_inputs_change_them(pipeline: SDXLPipeline) -> None:
+    first = pipeline.generate(SHAPE, "a cat", "", seed=2**32 - 1, guidance_scale=7.5)
+    assert np.array_equal(first, pipeline.generate(SHAPE, "a cat", "", seed=2**32 - 1, guidance_scale=7.5))
+    for changed in [
+        pipeline.generate(SHAPE, "a cat", "", seed=0, guidance_scale=7.5),
+        pipeline.generate(SHAPE, "a cat", "blurry", seed=2**32 - 1, guidance_scale=7.5),
+        pipeline.generate(SHAPE, "a dog", "", seed=2**32 - 1, guidance_scale=7.5),
+    ]:
+        assert not np.array_equal(first, changed)
+
+
+def test_uncompiled_shape_is_refused(pipeline: SDXLPipeline) -> None:
+    with pytest.raises(UnsupportedShape, match="64x64x2"):
+        pipeline.generate(Shape(width=64, height=64, steps=5), "a cat", "", seed=1, guidance_scale=7.5)
+
+
+def test_size_off_the_model_grid_is_refused_at_compile(pipeline: SDXLPipeline) -> None:
+    with pytest.raises(InvalidShape, match="multiples of 4"):
+        pipeline.compile(Shape(width=66, height=64, steps=2))
+
+
+def test_images_must_divide_over_devices(tiny_model: Path) -> None:
+    with pytest.raises(DeviceMismatch, match="multiple of 4"):
+        SDXLPipeline.load(str(tiny_model), None, images_per_request=6)
+
+
+def test_default_shapes_are_native_size(pipeline: SDXLPipeline) -> None:
+    assert pipeline.default_shapes() == (Shape(width=64, height=64, steps=20),)

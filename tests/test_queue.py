@@ -1,0 +1,136 @@
+"""The job queue on a real redis-server: submit, claim, complete once, reject, and completion wake-ups."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from common.keys import Keys
+from common.protocol import Job, JobResult, Shape, Timings
+from common.queue import ClaimedJob, CompletionListener, JobQueue, MalformedJob
+
+KEYS = Keys()
+SHAPE = Shape(width=64, height=64, steps=2)
+
+
+def make_job(job_id: str = "job-1") -> Job:
+    return Job(id=job_id, prompt="a cat", seed=1, guidance_scale=7.5, shape=SHAPE, result_ttl_s=60)
+
+
+def success(job: Job, worker: str = "w1") -> JobResult:
+    return JobResult(id=job.id, status="succeeded", worker=worker, seed=job.seed, shape=job.shape, image_count=2,
+                     timings=Timings(queued_ms=1, generate_ms=2, encode_ms=3))
+
+
+async def queue_with_group(redis_client: aioredis.Redis) -> JobQueue:
+    queue = JobQueue(redis_client, KEYS)
+    await queue.ensure_group()
+    await queue.ensure_group()  # idempotent
+    return queue
+
+
+async def test_submitted_job_is_claimed_once_with_its_fields(redis_client: aioredis.Redis) -> None:
+    queue = await queue_with_group(redis_client)
+    job = make_job()
+    await queue.submit(job)
+    assert await queue.job_status(job.id) == "queued"
+    claimed = await queue.claim("w1", block_ms=100)
+    assert claimed is not None and claimed.job == job
+    assert claimed.enqueued_ms > 0
+    assert await queue.claim("w2", block_ms=50) is None  # delivered to one consumer only
+
+
+async def test_complete_stores_result_acks_and_deletes_entry(redis_client: aioredis.Redis) -> None:
+    queue = await queue_with_group(redis_client)
+    job = make_job()
+    await queue.submit(job)
+    claimed = await queue.claim("w1", block_ms=100)
+    assert claimed is not None
+    assert await queue.complete(claimed, success(job), [b"png-0", b"png-1"])
+    stored = await queue.fetch_result(job.id)
+    assert stored is not None and stored.images == [b"png-0", b"png-1"]
+    assert stored.result.status == "succeeded" and await queue.job_status(job.id) == "done"
+    pending = await redis_client.xpending(KEYS.jobs_stream, KEYS.workers_group)
+    assert pending["pending"] == 0 and await redis_client.xlen(KEYS.jobs_stream) == 0
+    assert 0 < await redis_client.ttl(KEYS.result(job.id)) <= 60
+
+
+async def test_first_result_wins_and_duplicate_is_dropped(redis_client: aioredis.Redis) -> None:
+    queue = await queue_with_group(redis_client)
+    job = make_job()
+    await queue.submit(job)
+    claimed = await queue.claim("w1", block_ms=100)
+    assert claimed is not None
+    assert await queue.complete(claimed, success(job, "w1"), [b"a", b"b"]) is True
+    assert await queue.complete(claimed, success(job, "w2"), [b"c", b"d"]) is False
+    stored = await queue.fetch_result(job.id)
+    assert stored is not None and stored.result.worker == "w1" and stored.images == [b"a", b"b"]
+
+
+async def test_malformed_entry_with_id_fails_its_job(redis_client: aioredis.Redis) -> None:
+    queue = await queue_with_group(redis_client)
+    await redis_client.xadd(KEYS.jobs_stream, {"job": '{"id": "bad-1", "prompt": ""}'})
+    try:
+        await queue.claim("w1", block_ms=100)
+        raise AssertionError("a malformed job must raise MalformedJob")
+    except MalformedJob as bad:
+        assert bad.job_id == "bad-1"
+        await queue.reject(bad, "w1", ttl_s=60)
+    stored = await queue.fetch_result("bad-1")
+    assert stored is not None and stored.result.status == "failed"
+    assert stored.result.error is not None and "prompt" in stored.result.error
+    assert (await redis_client.xpending(KEYS.jobs_stream, KEYS.workers_group))["pending"] == 0
+
+
+async def test_malformed_entry_without_id_is_acknowledged(redis_client: aioredis.Redis) -> None:
+    queue = await queue_with_group(redis_client)
+    await redis_client.xadd(KEYS.jobs_stream, {"garbage": "x"})
+    try:
+        await queue.claim("w1", block_ms=100)
+        raise AssertionError("a malformed job must raise MalformedJob")
+    except MalformedJob as bad:
+        assert bad.job_id is None
+        await queue.reject(bad, "w1", ttl_s=60)
+    assert (await redis_client.xpending(KEYS.jobs_stream, KEYS.workers_group))["pending"] == 0
+    assert await redis_client.xlen(KEYS.jobs_stream) == 0
+
+
+async def complete_next(queue: JobQueue, job: Job) -> None:
+    claimed: ClaimedJob | None = await queue.claim("w1", block_ms=1000)
+    assert claimed is not None
+    await queue.complete(claimed, success(job), [b"a", b"b"])
+
+
+async def test_listener_wakes_the_waiting_request(redis_client: aioredis.Redis) -> None:
+    queue = await queue_with_group(redis_client)
+    listener = CompletionListener(redis_client, KEYS)
+    task = asyncio.create_task(listener.run())
+    try:
+        await asyncio.wait_for(listener.subscribed.wait(), 10)
+        job = make_job()
+        done = listener.expect(job.id)
+        other = listener.expect("someone-else")
+        assert listener.waiting == 2
+        await queue.submit(job)
+        await complete_next(queue, job)
+        await asyncio.wait_for(done, 10)
+        assert not other.done()
+        listener.forget("someone-else", other)
+        assert listener.waiting == 0
+    finally:
+        task.cancel()
+
+
+async def test_listener_catches_results_stored_before_it_subscribed(redis_client: aioredis.Redis) -> None:
+    queue = await queue_with_group(redis_client)
+    listener = CompletionListener(redis_client, KEYS)
+    job = make_job()
+    done = listener.expect(job.id)
+    await queue.submit(job)
+    await complete_next(queue, job)  # announced while nobody listens
+    task = asyncio.create_task(listener.run())
+    try:
+        await asyncio.wait_for(done, 10)
+    finally:
+        task.cancel()

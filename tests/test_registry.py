@@ -1,0 +1,56 @@
+"""The worker registry on a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from common.keys import Keys
+from common.protocol import Shape
+from common.registry import Registry, WorkerInfo
+
+KEYS = Keys()
+
+
+def info(worker_id: str, state: str = "warming") -> WorkerInfo:
+    return WorkerInfo(id=worker_id, host="h", pid=1, model="m", images_per_request=4, state=state,  # type: ignore[arg-type]
+                      shapes=[Shape(width=64, height=64, steps=2)], started_at=time.time())
+
+
+async def test_published_workers_are_listed_and_removed(redis_client: aioredis.Redis) -> None:
+    registry = Registry(redis_client, KEYS)
+    await registry.publish(info("b"), ttl_s=10)
+    await registry.publish(info("a", "ready"), ttl_s=10)
+    assert [(w.id, w.state) for w in await registry.workers()] == [("a", "ready"), ("b", "warming")]
+    await registry.remove("a")
+    assert [w.id for w in await registry.workers()] == ["b"]
+
+
+async def test_expired_worker_disappears_and_is_pruned_from_index(redis_client: aioredis.Redis) -> None:
+    registry = Registry(redis_client, KEYS)
+    await registry.publish(info("gone"), ttl_s=10)
+    await redis_client.delete(KEYS.worker("gone"))  # what expiry does when heartbeats stop
+    assert await registry.workers() == []
+    assert await redis_client.zcard(KEYS.workers_index) == 0
+
+
+async def test_wait_for_ready_returns_when_enough_workers_serve(redis_client: aioredis.Redis) -> None:
+    registry = Registry(redis_client, KEYS)
+    await registry.publish(info("a", "ready"), ttl_s=10)
+    waiting = asyncio.create_task(registry.wait_for_ready(2, timeout_s=10))
+    await registry.publish(info("b", "warming"), ttl_s=10)
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    await registry.publish(info("b", "ready"), ttl_s=10)
+    ready = await waiting
+    assert sorted(w.id for w in ready) == ["a", "b"]
+
+
+async def test_wait_for_ready_times_out(redis_client: aioredis.Redis) -> None:
+    registry = Registry(redis_client, KEYS)
+    await registry.publish(info("a", "warming"), ttl_s=10)
+    with pytest.raises(TimeoutError):
+        await registry.wait_for_ready(1, timeout_s=0.3)

@@ -1,0 +1,230 @@
+"""SDXL on JAX: load once, replicate over the local devices, compile per shape, generate.
+
+This module is pure: params and inputs in, arrays out. It does no I/O after loading and knows nothing of
+Redis or HTTP. Prompts are tokenized on the host; token ids, PRNG keys and guidance are array inputs of
+one ahead-of-time compiled `pmap` executable per shape (width, height and steps are static), so no
+request ever triggers a compile.
+
+Each image gets its own PRNG key split from the request seed, and each device denoises its share of the
+images, so a seed gives the same images on any worker whatever its device count.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from common.protocol import Shape
+from worker.quiet import silence_flax_deprecation
+
+silence_flax_deprecation()
+
+from diffusers import FlaxStableDiffusionXLPipeline  # noqa: E402  (after the warning filter)
+
+logger = logging.getLogger(__name__)
+
+
+class PipelineError(Exception):
+    """Base class of the pipeline's own errors."""
+
+
+class UnsupportedShape(PipelineError):
+    """A request for a shape this pipeline has not compiled."""
+
+
+class InvalidShape(PipelineError):
+    """A configured shape the model cannot produce (size not a multiple of its downsampling factor)."""
+
+
+class DeviceMismatch(PipelineError):
+    """Images per request that the local devices cannot share evenly."""
+
+
+@dataclass(frozen=True)
+class CompileTimings:
+    """Seconds spent tracing and lowering, compiling, and running the first (warm-up) generation."""
+
+    lower_s: float
+    compile_s: float
+    warmup_s: float
+
+
+class SDXLPipeline:
+    """A loaded, replicated SDXL pipeline with one compiled executable per shape."""
+
+    def __init__(self, pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], images_per_request: int) -> None:
+        self.devices = jax.local_device_count()
+        if images_per_request % self.devices:
+            raise DeviceMismatch(f"{images_per_request} images per request cannot be split evenly over "
+                                 f"{self.devices} devices; use a multiple of {self.devices}")
+        self.images_per_request = images_per_request
+        self.per_device = images_per_request // self.devices
+        self._pipe = pipe
+        self._params = _replicate(params)
+        self._compiled: dict[Shape, Any] = {}
+
+    @classmethod
+    def load(cls, model: str, revision: str | None, images_per_request: int) -> SDXLPipeline:
+        """Load from a hub id or a local directory; params in bfloat16, the scheduler state in float32."""
+        pipe, params = FlaxStableDiffusionXLPipeline.from_pretrained(
+            model, revision=revision, split_head_dim=True, dtype=jnp.bfloat16)
+        scheduler_state = params.pop("scheduler")
+        # Cast on the host: a device-side cast would compile one conversion per parameter shape.
+        params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(jnp.bfloat16), params)
+        params["scheduler"] = scheduler_state
+        return cls(pipe, params, images_per_request)
+
+    @property
+    def device_kind(self) -> str:
+        return str(jax.local_devices()[0].device_kind)
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """The (width, height) the UNet was trained at: 1024x1024 for SDXL base."""
+        side = int(self._pipe.unet.config.sample_size) * self._pipe.vae_scale_factor
+        return side, side
+
+    @property
+    def size_multiple(self) -> int:
+        """Width and height must be multiples of this (VAE and UNet downsampling)."""
+        unet_levels = len(self._pipe.unet.config.block_out_channels) - 1
+        return int(self._pipe.vae_scale_factor * 2**unet_levels)
+
+    def default_shapes(self) -> tuple[Shape, ...]:
+        """The native size at 20 and 25 steps on an accelerator; at 20 steps on a CPU."""
+        width, height = self.native_size
+        steps = (20,) if jax.default_backend() == "cpu" else (20, 25)
+        return tuple(Shape(width=width, height=height, steps=s) for s in steps)
+
+    @property
+    def shapes(self) -> tuple[Shape, ...]:
+        """The shapes compiled so far, in compile order."""
+        return tuple(self._compiled)
+
+    def compile(self, shape: Shape) -> CompileTimings:
+        """Compile the executable for a shape ahead of time and run it once."""
+        multiple = self.size_multiple
+        if shape.width % multiple or shape.height % multiple:
+            raise InvalidShape(f"shape {shape}: width and height must be multiples of {multiple}")
+        fn = jax.pmap(functools.partial(_generate, self._pipe, shape))
+        start = time.perf_counter()
+        lowered = fn.lower(self._params, *self._inputs("warm-up", "", 0, 7.5))
+        lowered_at = time.perf_counter()
+        self._compiled[shape] = lowered.compile()
+        compiled_at = time.perf_counter()
+        self.generate(shape, "warm-up", "", 0, 7.5)
+        timings = CompileTimings(lowered_at - start, compiled_at - lowered_at, time.perf_counter() - compiled_at)
+        logger.info("compiled %s: lower %.2fs, compile %.2fs, warm-up %.2fs", shape, *(
+            timings.lower_s, timings.compile_s, timings.warmup_s))
+        return timings
+
+    def generate(self, shape: Shape, prompt: str, negative_prompt: str, seed: int,
+                 guidance_scale: float) -> np.ndarray:
+        """Generate `images_per_request` images; returns uint8 [images, height, width, 3]."""
+        compiled = self._compiled.get(shape)
+        if compiled is None:
+            raise UnsupportedShape(f"shape {shape} is not compiled here; compiled: "
+                                   f"{', '.join(map(str, self._compiled)) or 'none'}")
+        images = compiled(self._params, *self._inputs(prompt, negative_prompt, seed, guidance_scale))
+        return np.asarray(images).reshape(self.images_per_request, shape.height, shape.width, 3)
+
+    def _inputs(self, prompt: str, negative_prompt: str, seed: int,
+                guidance_scale: float) -> tuple[np.ndarray, ...]:
+        d, b = self.devices, self.per_device
+        prompt_ids = np.broadcast_to(self._tokenize(prompt), (d, b, 2, self._max_length))
+        negative_ids = np.broadcast_to(self._tokenize(negative_prompt), (d, b, 2, self._max_length))
+        # SDXL conditions on zeros, not on the encoding of "", when there is no negative prompt.
+        negative_scale = np.full((d,), 1.0 if negative_prompt else 0.0, dtype=np.float32)
+        keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), self.images_per_request))
+        guidance = np.full((d,), guidance_scale, dtype=np.float32)
+        return prompt_ids, negative_ids, negative_scale, keys.reshape(d, b, -1), guidance
+
+    @property
+    def _max_length(self) -> int:
+        return int(self._pipe.tokenizer.model_max_length)
+
+    def _tokenize(self, text: str) -> np.ndarray:
+        """Token ids of both tokenizers, [2, max_length]; long prompts are truncated as diffusers does."""
+        ids = [tok(text, padding="max_length", max_length=self._max_length, truncation=True,
+                   return_tensors="np").input_ids[0] for tok in (self._pipe.tokenizer, self._pipe.tokenizer_2)]
+        return np.stack(ids).astype(np.int32)
+
+
+def _replicate(tree: Any) -> Any:
+    """Put one copy of every leaf on every local device, as a leading device axis `pmap` maps over.
+
+    Each device receives its copy straight from the host; nothing is compiled (stacking on a device
+    would compile one op per parameter shape, minutes for SDXL).
+    """
+    devices = jax.local_devices()
+    sharding = NamedSharding(Mesh(np.array(devices), ("devices",)), PartitionSpec("devices"))
+
+    def put(leaf: Any) -> jax.Array:
+        host = np.asarray(leaf)[None]
+        shards = [jax.device_put(host, device) for device in devices]
+        return jax.make_array_from_single_device_arrays((len(devices), *host.shape[1:]), sharding, shards)
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def _generate(pipe: FlaxStableDiffusionXLPipeline, shape: Shape, params: dict[str, Any], prompt_ids: jax.Array,
+              negative_ids: jax.Array, negative_scale: jax.Array, keys: jax.Array,
+              guidance_scale: jax.Array) -> jax.Array:
+    """One device's share: encode, denoise `shape.steps` times with guidance, decode to uint8 NHWC."""
+    context, pooled = _conditioning(pipe, params, prompt_ids, negative_ids, negative_scale, shape)
+    latents = _initial_latents(pipe, keys, shape)
+    state = pipe.scheduler.set_timesteps(params["scheduler"], num_inference_steps=shape.steps, shape=latents.shape)
+    latents = latents * state.init_noise_sigma
+
+    def step(i: jax.Array, carry: tuple[jax.Array, Any]) -> tuple[jax.Array, Any]:
+        latents, state = carry
+        t = state.timesteps[i]
+        model_input = pipe.scheduler.scale_model_input(state, jnp.concatenate([latents, latents]), t)
+        noise = pipe.unet.apply({"params": params["unet"]}, model_input, jnp.broadcast_to(t, (model_input.shape[0],)),
+                                encoder_hidden_states=context, added_cond_kwargs=pooled).sample
+        uncond, cond = jnp.split(noise.astype(jnp.float32), 2)
+        noise = uncond + guidance_scale * (cond - uncond)
+        latents, state = pipe.scheduler.step(state, noise, t, latents).to_tuple()
+        return latents, state
+
+    latents, _ = jax.lax.fori_loop(0, shape.steps, step, (latents, state))
+    return _decode(pipe, params, latents)
+
+
+def _conditioning(pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], prompt_ids: jax.Array,
+                  negative_ids: jax.Array, negative_scale: jax.Array,
+                  shape: Shape) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Text context and SDXL's added conditioning, negative half first (classifier-free guidance)."""
+    embeds, pooled = pipe.get_embeddings(prompt_ids, params)
+    neg_embeds, neg_pooled = pipe.get_embeddings(negative_ids, params)
+    neg_embeds = neg_embeds * negative_scale.astype(neg_embeds.dtype)
+    neg_pooled = neg_pooled * negative_scale.astype(neg_pooled.dtype)
+    batch = embeds.shape[0]
+    # SDXL micro-conditioning: original size, crop top-left, target size.
+    time_ids = jnp.array([[shape.height, shape.width, 0, 0, shape.height, shape.width]] * (2 * batch),
+                         dtype=embeds.dtype)
+    added = {"text_embeds": jnp.concatenate([neg_pooled, pooled]), "time_ids": time_ids}
+    return jnp.concatenate([neg_embeds, embeds]), added
+
+
+def _initial_latents(pipe: FlaxStableDiffusionXLPipeline, keys: jax.Array, shape: Shape) -> jax.Array:
+    """Gaussian latents, one draw per image key."""
+    factor = pipe.vae_scale_factor
+    latent_shape = (pipe.unet.config.in_channels, shape.height // factor, shape.width // factor)
+    return jax.vmap(lambda key: jax.random.normal(key, latent_shape, dtype=jnp.float32))(keys)
+
+
+def _decode(pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], latents: jax.Array) -> jax.Array:
+    """VAE decode and quantize on the device: a quarter of the bytes cross to the host."""
+    latents = latents / pipe.vae.config.scaling_factor
+    images = pipe.vae.apply({"params": params["vae"]}, latents, method=pipe.vae.decode).sample
+    images = (images.astype(jnp.float32) / 2 + 0.5).clip(0.0, 1.0)
+    return jnp.round(images * 255).astype(jnp.uint8).transpose(0, 2, 3, 1)

@@ -1,0 +1,194 @@
+"""The worker loop: claim one job, generate off the event loop, encode, store, notify, acknowledge.
+
+The event loop only does Redis I/O; the pipeline runs on a dedicated thread (the accelerator is used by
+one job at a time) and PNG encoding on a small pool, so heartbeats keep flowing while the devices work.
+A worker joins the consumer group only after every configured shape is compiled and warmed up: until
+then it is registered as `warming` and takes no job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from common.config import WorkerConfig, log_config
+from common.keys import Keys
+from common.protocol import Job, JobResult, Timings
+from common.queue import ClaimedJob, JobQueue, MalformedJob
+from common.redis_conn import connect
+from common.registry import Registry, WorkerInfo, WorkerState
+from worker.encode import MEDIA_TYPES, encode_all
+from worker.pipeline import PipelineError, SDXLPipeline
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+# A job that could not be parsed still needs its failure kept for a while, so the requester can read it.
+MALFORMED_RESULT_TTL_S = 3600
+
+
+class Worker:
+    """One worker process's serving loop. `run()` serves until `stop()`; the job in hand is finished."""
+
+    def __init__(self, config: WorkerConfig, redis: aioredis.Redis,
+                 load_pipeline: Callable[[], SDXLPipeline] | None = None, started_at: float | None = None) -> None:
+        self.config = config
+        self.id = config.worker_id
+        keys = Keys(config.key_prefix)
+        self._queue = JobQueue(redis, keys)
+        self._registry = Registry(redis, keys)
+        self._load_pipeline = load_pipeline or self._default_loader
+        self._device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+        self._encoders = ThreadPoolExecutor(max_workers=min(config.images_per_request, os.cpu_count() or 1),
+                                            thread_name_prefix="encode")
+        self._stopping = asyncio.Event()
+        self._pipeline: SDXLPipeline | None = None
+        self.info = WorkerInfo(id=self.id, host=socket.gethostname(), pid=os.getpid(), model=config.model,
+                               images_per_request=config.images_per_request, state="warming",
+                               shapes=list(config.shapes or ()), started_at=started_at or time.time())
+
+    def stop(self) -> None:
+        """Stop claiming; `run()` returns once the job in hand (if any) is stored."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Register, warm up, then serve jobs until stopped; deregister on the way out."""
+        await self._queue.ensure_group()
+        await self._set_state("warming")
+        heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
+        try:
+            await self._warm_up()
+            if not self._stopping.is_set():
+                await self._set_state("ready")
+            while not self._stopping.is_set():
+                await self._serve_next()
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            await self._deregister()
+            self._device_thread.shutdown(wait=False)
+            self._encoders.shutdown(wait=False)
+
+    async def _warm_up(self) -> None:
+        started = time.perf_counter()
+        pipeline = await self._on_device(self._load_pipeline)
+        loaded = time.perf_counter()
+        shapes = self.config.shapes or pipeline.default_shapes()
+        for shape in shapes:
+            await self._on_device(lambda s=shape: pipeline.compile(s))
+        self._pipeline = pipeline
+        self.info = self.info.model_copy(update={
+            "device_kind": pipeline.device_kind, "devices": pipeline.devices, "shapes": list(shapes),
+            "ready_at": time.time()})
+        logger.info("worker %s warm: %d %s devices, shapes %s; load %.1fs, compile+warm-up %.1fs, "
+                    "start to ready %.1fs", self.id, pipeline.devices, pipeline.device_kind,
+                    ",".join(map(str, shapes)), loaded - started, time.perf_counter() - loaded,
+                    time.time() - self.info.started_at)
+
+    def _default_loader(self) -> SDXLPipeline:
+        return SDXLPipeline.load(self.config.model, self.config.model_revision, self.config.images_per_request)
+
+    async def _serve_next(self) -> None:
+        try:
+            claimed = await self._queue.claim(self.id, self.config.claim_block_ms)
+        except MalformedJob as bad:
+            logger.error("rejecting malformed job: %s", bad)
+            await self._queue.reject(bad, self.id, MALFORMED_RESULT_TTL_S)
+            return
+        except REDIS_ERRORS as exc:
+            logger.warning("claim failed (%s); retrying", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), 1.0)
+            return
+        if claimed is not None:
+            await self._process(claimed)
+
+    async def _process(self, claimed: ClaimedJob) -> None:
+        """The per-job boundary: whatever happens, the job gets a stored result and is acknowledged."""
+        job = claimed.job
+        claimed_ms = await self._queue.server_time_ms()
+        await self._queue.mark_running(job.id, self.id)
+        self.info = self.info.model_copy(update={"state": "busy"})
+        logger.info("job %s: claimed after %d ms in queue (%s)", job.id, claimed_ms - claimed.enqueued_ms,
+                    job.shape)
+        try:
+            result, images = await self._run_job(job, queued_ms=claimed_ms - claimed.enqueued_ms)
+        except PipelineError as exc:
+            result, images = self._failure(job, str(exc)), []
+        except Exception as exc:  # the worker's catch-all boundary: report the job, keep serving
+            logger.exception("job %s failed", job.id)
+            result, images = self._failure(job, f"{type(exc).__name__}: {exc}"), []
+        stored = await self._queue.complete(claimed, result, images)
+        self.info = self.info.model_copy(update={"state": "ready", "jobs_done": self.info.jobs_done + 1})
+        logger.info("job %s: %s%s", job.id, result.status, "" if stored else " (duplicate result dropped)")
+
+    async def _run_job(self, job: Job, queued_ms: float) -> tuple[JobResult, list[bytes]]:
+        pipeline = self._pipeline
+        assert pipeline is not None, "jobs are claimed only after warm-up"
+        started = time.perf_counter()
+        pixels: np.ndarray = await self._on_device(
+            lambda: pipeline.generate(job.shape, job.prompt, job.negative_prompt, job.seed, job.guidance_scale))
+        generated = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        images = await loop.run_in_executor(
+            None, encode_all, pixels, self.config.png_compress_level, self._encoders)
+        encoded = time.perf_counter()
+        timings = Timings(queued_ms=queued_ms, generate_ms=(generated - started) * 1000,
+                          encode_ms=(encoded - generated) * 1000)
+        result = JobResult(id=job.id, status="succeeded", worker=self.id, seed=job.seed, shape=job.shape,
+                           media_type=MEDIA_TYPES[job.output_format], image_count=len(images), timings=timings)
+        return result, images
+
+    def _failure(self, job: Job, reason: str) -> JobResult:
+        return JobResult(id=job.id, status="failed", worker=self.id, seed=job.seed, shape=job.shape, error=reason)
+
+    async def _on_device(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._device_thread, fn)
+
+    async def _set_state(self, state: WorkerState) -> None:
+        self.info = self.info.model_copy(update={"state": state})
+        await self._registry.publish(self.info, self.config.heartbeat_ttl_s)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+            try:
+                await self._registry.publish(self.info, self.config.heartbeat_ttl_s)
+            except REDIS_ERRORS as exc:
+                logger.warning("heartbeat failed (%s)", exc)
+
+    async def _deregister(self) -> None:
+        try:
+            await self._registry.remove(self.id)
+        except REDIS_ERRORS as exc:
+            logger.warning("could not deregister (%s); the entry expires on its own", exc)
+
+
+async def serve(config: WorkerConfig, *, started_at: float | None = None, handle_signals: bool = True) -> None:
+    """Run a worker until SIGTERM or SIGINT, then drain the job in hand and exit."""
+    log_config(logger, config)
+    redis = connect(config.redis_url, name=f"sdxl-worker:{config.worker_id}")
+    worker = Worker(config, redis, started_at=started_at)
+    if handle_signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+    try:
+        await worker.run()
+    finally:
+        await redis.aclose()
+
