@@ -12,8 +12,8 @@ import time
 PROCESS_STARTED = time.time()
 
 import argparse  # noqa: E402
-import functools  # noqa: E402
 import asyncio  # noqa: E402
+import functools  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402

@@ -104,7 +104,7 @@ class JobQueue:
 
         Raises MalformedJob for an entry that does not parse; the caller settles it with `reject`.
         """
-        reply = await self._redis.xreadgroup(self._keys.workers_group, consumer, {self._keys.jobs_stream: ">"},
+        reply: Any = await self._redis.xreadgroup(self._keys.workers_group, consumer, {self._keys.jobs_stream: ">"},
                                              count=1, block=block_ms)
         if not reply:
             return None
@@ -150,7 +150,7 @@ class JobQueue:
 
     async def fetch_result(self, job_id: str) -> StoredResult | None:
         """The stored result of a job, or None if it has not finished (or has expired)."""
-        fields: dict[bytes, bytes] = await self._redis.hgetall(self._keys.result(job_id))
+        fields: dict[bytes, bytes] = await self._redis.hgetall(self._keys.result(job_id))  # type: ignore[assignment]
         if not fields:
             return None
         result = JobResult.model_validate_json(fields[b"meta"])

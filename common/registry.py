@@ -67,7 +67,8 @@ class Registry:
 
     async def workers(self) -> list[WorkerInfo]:
         """Every live worker, sorted by id; ids whose entry expired are pruned from the index."""
-        ids = [i.decode() for i in await self._redis.zrange(self._keys.workers_index, 0, -1)]
+        members: list[bytes] = await self._redis.zrange(self._keys.workers_index, 0, -1)  # type: ignore[assignment]
+        ids = [member.decode() for member in members]
         if not ids:
             return []
         raw = await self._redis.mget([self._keys.worker(i) for i in ids])

@@ -13,23 +13,23 @@ os.environ["XLA_FLAGS"] = " ".join(
     f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f
 ) + " --xla_force_host_platform_device_count=4"
 
-import asyncio  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from collections.abc import AsyncIterator, Iterator  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
+import asyncio
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
-import pytest  # noqa: E402
-import redis  # noqa: E402
-import redis.asyncio as aioredis  # noqa: E402
+import pytest
+import redis
+import redis.asyncio as aioredis
 
-from common.cluster import free_port, wait_http  # noqa: E402
-from common.keys import Keys  # noqa: E402
-from common.protocol import Shape  # noqa: E402
-from common.registry import Registry, WorkerInfo  # noqa: E402
+from common.cluster import free_port, wait_http
+from common.keys import Keys
+from common.protocol import Shape
+from common.registry import Registry, WorkerInfo
 
 # Two step counts, so tests can tell a compiled shape from one that is not.
 TEST_SHAPES = (Shape(width=64, height=64, steps=2), Shape(width=64, height=64, steps=3))
@@ -97,7 +97,7 @@ class ProcessGroup:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
+        log = open(self.log_dir / f"{name}.log", "wb")
         process = subprocess.Popen([sys.executable, "-m", "common.cli", *args], stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.processes[name] = process

@@ -34,7 +34,7 @@ async def test_up_serves_then_stops_every_child(tiny_model: Path, tmp_path: Path
     cache = tmp_path / "cache"
     shutil.copytree(tiny_model, cache / "tiny-model")  # as if made on an earlier first use
     port = free_port()
-    up = subprocess.Popen(
+    up = subprocess.Popen(  # noqa: ASYNC220 (the test waits on it alone)
         [sys.executable, "-m", "common.cli", "up", "--workers", "1", "--port", str(port), "--shapes", "64x64x2",
          "--cache-dir", str(cache)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})

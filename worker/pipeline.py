@@ -165,7 +165,8 @@ def _replicate(tree: Any) -> Any:
     would compile one op per parameter shape, minutes for SDXL).
     """
     devices = jax.local_devices()
-    sharding = NamedSharding(Mesh(np.array(devices), ("devices",)), PartitionSpec("devices"))
+    spec = PartitionSpec("devices")  # type: ignore[no-untyped-call]
+    sharding = NamedSharding(Mesh(np.array(devices), ("devices",)), spec)
 
     def put(leaf: Any) -> jax.Array:
         host = np.asarray(leaf)[None]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -89,7 +90,7 @@ class Worker:
         loaded = time.perf_counter()
         shapes = self.config.shapes or pipeline.default_shapes()
         for shape in shapes:
-            await self._on_device(lambda s=shape: pipeline.compile(s))
+            await self._on_device(functools.partial(pipeline.compile, shape))
         self._pipeline = pipeline
         self.info = self.info.model_copy(update={
             "device_kind": pipeline.device_kind, "devices": pipeline.devices, "shapes": list(shapes),
