@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 60.0
 _PR_SET_PDEATHSIG = 1
+_STDERR = 2
 
 
 class ClusterError(RuntimeError):
@@ -186,7 +187,8 @@ async def _terminate(processes: list[asyncio.subprocess.Process]) -> None:
     await asyncio.gather(*pending, return_exceptions=True)
 
 
-async def _exec(*argv: str, stdout: int | None = None) -> asyncio.subprocess.Process:
+async def _exec(*argv: str, stdout: int = _STDERR) -> asyncio.subprocess.Process:
+    """Start a child; its stdout goes to our stderr, so our stdout carries only the `ready:` line."""
     return await asyncio.create_subprocess_exec(*argv, stdout=stdout, stdin=asyncio.subprocess.DEVNULL,
                                                 preexec_fn=_die_with_parent)
 

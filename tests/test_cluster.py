@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,9 +29,9 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-async def test_up_serves_then_stops_every_child(tiny_model: Path, tmp_path: Path) -> None:
+async def test_up_serves_then_stops_every_child(tmp_path: Path) -> None:
+    """A newcomer's first run: no --model, no Redis; the tiny model is made on first use, saying so."""
     cache = tmp_path / "cache"
-    shutil.copytree(tiny_model, cache / "tiny-model")  # as if made on an earlier first use
     port = free_port()
     up = subprocess.Popen(  # noqa: ASYNC220 (the test waits on it alone)
         [sys.executable, "-m", "common.cli", "up", "--workers", "1", "--port", str(port), "--shapes", "64x64x2",
@@ -52,7 +51,10 @@ async def test_up_serves_then_stops_every_child(tiny_model: Path, tmp_path: Path
         assert up.wait(timeout=120) == 0
         assert not [pid for pid in children if alive(pid)]
         assert up.stderr is not None
-        assert "tiny random-weight SDXL model" in up.stderr.read()
+        log = up.stderr.read()
+        assert "tiny random-weight SDXL model" in log and "making the tiny model" in log
+        assert (cache / "tiny-model" / "model_index.json").is_file()
+        assert up.stdout.read() == ""  # nothing but the ready line on stdout
     finally:
         if up.poll() is None:
             up.kill()
