@@ -38,7 +38,7 @@ class Keys:
 
     @property
     def workers_index(self) -> str:
-        """Sorted set of worker ids scored by their last heartbeat (Redis server time, seconds)."""
+        """Sorted set of worker ids scored by their last heartbeat (the worker's clock, Unix seconds)."""
         return f"{self.prefix}:workers"
 
     def worker(self, worker_id: str) -> str:

@@ -126,27 +126,25 @@ class JobQueue:
 
         Returns False when a result for this job was already stored; this one was dropped.
         """
-        job = claimed.job
-        stored = await self._store(
-            keys=[self._keys.result(job.id), self._keys.jobs_stream, self._keys.job(job.id)],
-            args=[self._keys.workers_group, claimed.entry_id, job.result_ttl_s, self._keys.completions_channel,
-                  job.id, result.model_dump_json(), *images],
-        )
-        return bool(stored)
+        return await self._store_and_ack(claimed.entry_id, result, images, claimed.job.result_ttl_s)
 
     async def reject(self, malformed: MalformedJob, worker_id: str, ttl_s: int) -> None:
         """Settle an unparseable entry: fail its job if it named one, and acknowledge it."""
         if malformed.job_id is not None:
             result = JobResult(id=malformed.job_id, status="failed", worker=worker_id,
                                error=f"invalid job: {malformed.reason}")
-            await self._store(
-                keys=[self._keys.result(malformed.job_id), self._keys.jobs_stream, self._keys.job(malformed.job_id)],
-                args=[self._keys.workers_group, malformed.entry_id, ttl_s, self._keys.completions_channel,
-                      malformed.job_id, result.model_dump_json()],
-            )
+            await self._store_and_ack(malformed.entry_id, result, [], ttl_s)
             return
         await self._redis.xack(self._keys.jobs_stream, self._keys.workers_group, malformed.entry_id)
         await self._redis.xdel(self._keys.jobs_stream, malformed.entry_id)
+
+    async def _store_and_ack(self, entry_id: str, result: JobResult, images: list[bytes], ttl_s: int) -> bool:
+        stored = await self._store(
+            keys=[self._keys.result(result.id), self._keys.jobs_stream, self._keys.job(result.id)],
+            args=[self._keys.workers_group, entry_id, ttl_s, self._keys.completions_channel, result.id,
+                  result.model_dump_json(), *images],
+        )
+        return bool(stored)
 
     async def fetch_result(self, job_id: str) -> StoredResult | None:
         """The stored result of a job, or None if it has not finished (or has expired)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis.asyncio as aioredis
 
 from common.keys import Keys
@@ -68,15 +69,18 @@ async def test_first_result_wins_and_duplicate_is_dropped(redis_client: aioredis
     assert stored is not None and stored.result.worker == "w1" and stored.images == [b"a", b"b"]
 
 
+async def claim_malformed(queue: JobQueue) -> MalformedJob:
+    with pytest.raises(MalformedJob) as caught:
+        await queue.claim("w1", block_ms=100)
+    return caught.value
+
+
 async def test_malformed_entry_with_id_fails_its_job(redis_client: aioredis.Redis) -> None:
     queue = await queue_with_group(redis_client)
     await redis_client.xadd(KEYS.jobs_stream, {"job": '{"id": "bad-1", "prompt": ""}'})
-    try:
-        await queue.claim("w1", block_ms=100)
-        raise AssertionError("a malformed job must raise MalformedJob")
-    except MalformedJob as bad:
-        assert bad.job_id == "bad-1"
-        await queue.reject(bad, "w1", ttl_s=60)
+    bad = await claim_malformed(queue)
+    assert bad.job_id == "bad-1"
+    await queue.reject(bad, "w1", ttl_s=60)
     stored = await queue.fetch_result("bad-1")
     assert stored is not None and stored.result.status == "failed"
     assert stored.result.error is not None and "prompt" in stored.result.error
@@ -86,12 +90,9 @@ async def test_malformed_entry_with_id_fails_its_job(redis_client: aioredis.Redi
 async def test_malformed_entry_without_id_is_acknowledged(redis_client: aioredis.Redis) -> None:
     queue = await queue_with_group(redis_client)
     await redis_client.xadd(KEYS.jobs_stream, {"garbage": "x"})
-    try:
-        await queue.claim("w1", block_ms=100)
-        raise AssertionError("a malformed job must raise MalformedJob")
-    except MalformedJob as bad:
-        assert bad.job_id is None
-        await queue.reject(bad, "w1", ttl_s=60)
+    bad = await claim_malformed(queue)
+    assert bad.job_id is None
+    await queue.reject(bad, "w1", ttl_s=60)
     assert (await redis_client.xpending(KEYS.jobs_stream, KEYS.workers_group))["pending"] == 0
     assert await redis_client.xlen(KEYS.jobs_stream) == 0
 
