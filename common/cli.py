@@ -14,6 +14,7 @@ PROCESS_STARTED = time.time()
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import functools  # noqa: E402
+import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
@@ -85,6 +86,10 @@ def _add_worker(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-id", default=None, help="default: HOST-PID-RANDOM")
     parser.add_argument("--heartbeat-interval", type=float, default=2.0)
     parser.add_argument("--png-compress-level", type=int, default=1)
+    parser.add_argument("--max-deliveries", type=int, default=3,
+                        help="a job handed out more often than this (its workers kept dying) is dead-lettered")
+    parser.add_argument("--drain-timeout", type=float, default=120.0,
+                        help="on SIGTERM, seconds to finish the job in hand before leaving it to other workers")
 
 
 def _add_up(parser: argparse.ArgumentParser) -> None:
@@ -109,7 +114,8 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(redis_url=args.redis_url, model=args.model, revision=args.revision, shapes=args.shapes,
                         images_per_request=args.images_per_request, key_prefix=args.key_prefix,
                         heartbeat_interval_s=args.heartbeat_interval,
-                        png_compress_level=args.png_compress_level, **extra)
+                        png_compress_level=args.png_compress_level, max_deliveries=args.max_deliveries,
+                        drain_timeout_s=args.drain_timeout, **extra)
 
 
 def use_cpu_devices(count: int) -> None:
@@ -141,7 +147,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         use_cpu_devices(args.cpu_devices)
         from worker.runner import serve as serve_worker
 
-        asyncio.run(serve_worker(config, started_at=PROCESS_STARTED))
+        status = asyncio.run(serve_worker(config, started_at=PROCESS_STARTED))
+        # Exit now: a compile still running on the device thread must not hold the process open.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(status)
     elif args.command == "up":
         from common.cluster import run_cluster
 

@@ -63,6 +63,9 @@ class WorkerConfig:
     heartbeat_ttl_s: float = 10.0
     png_compress_level: int = 1
     claim_block_ms: int = 1000
+    max_deliveries: int = 3
+    drain_timeout_s: float = 120.0
+    reclaim_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.images_per_request >= 1, "--images-per-request", "must be >= 1")
@@ -71,6 +74,8 @@ class WorkerConfig:
         _require(self.heartbeat_ttl_s > 2 * self.heartbeat_interval_s, "--heartbeat-ttl",
                  "must exceed twice the heartbeat interval")
         _require(self.shapes is None or len(self.shapes) > 0, "--shapes", "must name at least one shape")
+        _require(self.max_deliveries >= 1, "--max-deliveries", "must be >= 1")
+        _require(self.drain_timeout_s > 0, "--drain-timeout", "must be > 0")
         _require(self.redis_url.startswith(("redis://", "rediss://", "unix://")), "--redis-url",
                  "must be a redis://, rediss:// or unix:// URL")
 

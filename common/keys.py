@@ -37,6 +37,21 @@ class Keys:
         return f"{self.prefix}:worker-events"
 
     @property
+    def job_events_channel(self) -> str:
+        """Pub/sub channel of job lifecycle events (JSON: id, type, worker)."""
+        return f"{self.prefix}:job-events"
+
+    @property
+    def dead_letter_stream(self) -> str:
+        """Stream of jobs given up after too many deliveries, with their history."""
+        return f"{self.prefix}:dead-letter"
+
+    @property
+    def stats(self) -> str:
+        """Hash of cluster-wide counters (duplicate results dropped, reclaims, dead letters)."""
+        return f"{self.prefix}:stats"
+
+    @property
     def workers_index(self) -> str:
         """Sorted set of worker ids scored by their last heartbeat (the worker's clock, Unix seconds)."""
         return f"{self.prefix}:workers"
@@ -48,6 +63,10 @@ class Keys:
     def job(self, job_id: str) -> str:
         """Hash with a queued job's request and state, kept until its result expires."""
         return f"{self.prefix}:job:{job_id}"
+
+    def attempts(self, job_id: str) -> str:
+        """List of `worker-id@redis-ms` for every delivery of a job: its history for the dead-letter stream."""
+        return f"{self.prefix}:attempts:{job_id}"
 
     def result(self, job_id: str) -> str:
         """Hash with a finished job's metadata (`meta`) and images (`image:0`, `image:1`, ...)."""

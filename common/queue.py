@@ -1,9 +1,18 @@
 """The job queue: a Redis stream read through one consumer group, results stored under the job id.
 
 Submitting writes the job's record and its stream entry in one transaction. A worker claims one entry at
-a time and, in one Lua script, stores the result (first result wins), announces it on the completions
-channel, and only then acknowledges and deletes the entry. A gateway learns of completions through one
-pub/sub subscription per process (`CompletionListener`), not one connection per waiting request.
+a time and, in one Lua script, stores the result (first result wins; a later duplicate is dropped and
+counted), announces it on the completions channel, and only then acknowledges and deletes the entry.
+
+Nothing is lost when a worker dies: an entry stays pending under its consumer until acknowledged, and an
+idle worker takes over the pending entries of every consumer whose registry entry has expired (death is
+decided by heartbeat, never by how long a job has run, so a slow worker keeps its job). The takeover is
+one Lua script (XPENDING then XCLAIM), so two workers can never both take the same entry. An entry
+delivered more than `max_deliveries` times goes to the dead-letter stream with its history, and its
+requester gets a failed result.
+
+A gateway learns of completions through one pub/sub subscription per process (`CompletionListener`), not
+one connection per waiting request.
 """
 
 from __future__ import annotations
@@ -26,10 +35,12 @@ from common.protocol import Job, JobResult
 
 logger = logging.getLogger(__name__)
 
-# KEYS: result, stream, job record.  ARGV: group, entry id, ttl, channel, job id, meta, image bytes...
+# KEYS: result, stream, job record, stats.  ARGV: group, entry id, ttl, channel, job id, meta, images...
 _STORE_RESULT = """
 local stored = 0
-if redis.call('EXISTS', KEYS[1]) == 0 then
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HINCRBY', KEYS[4], 'duplicate_results', 1)
+else
   redis.call('HSET', KEYS[1], 'meta', ARGV[6])
   for i = 7, #ARGV do
     redis.call('HSET', KEYS[1], 'image:' .. (i - 7), ARGV[i])
@@ -43,6 +54,38 @@ end
 redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[2], ARGV[2])
 return stored
+"""
+
+# KEYS: job record, attempts.  ARGV: worker, ttl, job events channel, job id.  Returns Redis time (ms).
+_START = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('RPUSH', KEYS[2], ARGV[1] .. '@' .. ms)
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('PUBLISH', ARGV[3], cjson.encode({id = ARGV[4], type = 'started', worker = ARGV[1]}))
+return ms
+"""
+
+# Take the oldest pending entry of a dead consumer, or forget the consumer once it holds none.
+# KEYS: stream, stats.  ARGV: group, dead consumer, new consumer.
+# Returns false (nothing left), or {entry id, deliveries, fields or false if the entry was deleted}.
+_TAKE_OVER = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #pending == 0 then
+  redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+  return false
+end
+local id = pending[1][1]
+local deliveries = pending[1][4] + 1
+local entries = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, id)
+redis.call('HINCRBY', KEYS[2], 'reclaimed', 1)
+if #entries == 0 or not entries[1][2] then
+  redis.call('XACK', KEYS[1], ARGV[1], id)
+  return {id, deliveries, false}
+end
+return {id, deliveries, entries[1][2]}
 """
 
 
@@ -63,6 +106,7 @@ class ClaimedJob:
     job: Job
     entry_id: str
     enqueued_ms: int  # Redis server time when the job was added (from the entry id)
+    deliveries: int = 1  # how many times the group has handed this entry out, this time included
 
 
 @dataclass(frozen=True)
@@ -80,6 +124,8 @@ class JobQueue:
         self._redis = redis
         self._keys = keys
         self._store = redis.register_script(_STORE_RESULT)
+        self._start = redis.register_script(_START)
+        self._take_over = redis.register_script(_TAKE_OVER)
 
     async def ensure_group(self) -> None:
         """Create the stream and its consumer group if they do not exist yet (idempotent)."""
@@ -112,14 +158,61 @@ class JobQueue:
         entry_id, fields = entries[0]
         return _parse_entry(_text(entry_id), fields)
 
-    async def mark_running(self, job_id: str, worker_id: str) -> None:
-        """Record which worker is running a job (for status queries)."""
-        await self._redis.hset(self._keys.job(job_id), mapping={"status": "running", "worker": worker_id})
+    async def start(self, claimed: ClaimedJob, worker_id: str) -> int:
+        """Record that `worker_id` runs the job, append to its history, announce it.
 
-    async def server_time_ms(self) -> int:
-        """Redis server time, the one clock that gateways and workers on different hosts share."""
-        seconds, micros = await self._redis.time()
-        return int(seconds) * 1000 + int(micros) // 1000
+        Returns the Redis server time in ms: the one clock that hosts share, for queue-wait figures.
+        """
+        job = claimed.job
+        ms = await self._start(keys=[self._keys.job(job.id), self._keys.attempts(job.id)],
+                               args=[worker_id, job.result_ttl_s, self._keys.job_events_channel, job.id])
+        return int(ms)
+
+    async def reclaim(self, consumer: str, live: set[str], max_deliveries: int) -> ClaimedJob | None:
+        """Take over one job from a consumer that is no longer alive (not in `live`), if there is one.
+
+        Jobs delivered more than `max_deliveries` times are dead-lettered on the way, not returned.
+        Raises MalformedJob for an unparseable entry, as `claim` does.
+        """
+        for dead in await self._dead_consumers(live | {consumer}):
+            while (taken := await self._take_over(keys=[self._keys.jobs_stream, self._keys.stats],
+                                                  args=[self._keys.workers_group, dead, consumer])):
+                entry_id, deliveries, fields = _text(taken[0]), int(taken[1]), taken[2]
+                if not fields:
+                    continue
+                claimed = _parse_entry(entry_id, _pairs(fields), deliveries)
+                logger.warning("took over job %s from dead worker %s (delivery %d)", claimed.job.id, dead,
+                               deliveries)
+                if deliveries <= max_deliveries:
+                    return claimed
+                await self.dead_letter(claimed, consumer, f"delivered {deliveries} times; every worker "
+                                       "that took it stopped heartbeating before finishing")
+        return None
+
+    async def _dead_consumers(self, live: set[str]) -> list[str]:
+        consumers = await self._redis.xinfo_consumers(self._keys.jobs_stream, self._keys.workers_group)
+        return [name for c in consumers if (name := _text(c["name"])) not in live]
+
+    async def dead_letter(self, claimed: ClaimedJob, worker_id: str, reason: str) -> None:
+        """Give up on a job: record it with its history on the dead-letter stream and fail it."""
+        job = claimed.job
+        history = [_text(a) for a in await self._redis.lrange(self._keys.attempts(job.id), 0, -1)]
+        result = JobResult(id=job.id, status="failed", worker=worker_id, seed=job.seed, shape=job.shape,
+                           error=f"gave up: {reason} (attempts: {', '.join(history) or 'none'})")
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self._keys.dead_letter_stream, {
+                "job": job.model_dump_json(), "entry_id": claimed.entry_id, "deliveries": claimed.deliveries,
+                "attempts": json.dumps(history), "reason": reason})
+            pipe.hincrby(self._keys.stats, "dead_lettered", 1)
+            await self._store(keys=self._store_keys(job.id), client=pipe, args=self._store_args(
+                claimed.entry_id, result, [], job.result_ttl_s))
+            await pipe.execute()
+        logger.error("job %s dead-lettered: %s", job.id, reason)
+
+    async def stats(self) -> dict[str, int]:
+        """Cluster-wide counters: duplicate_results, reclaimed, dead_lettered."""
+        raw: dict[bytes, bytes] = await self._redis.hgetall(self._keys.stats)  # type: ignore[assignment]
+        return {_text(k): int(v) for k, v in raw.items()}
 
     async def complete(self, claimed: ClaimedJob, result: JobResult, images: list[bytes]) -> bool:
         """Store a result (first one wins), announce it, then acknowledge the entry.
@@ -139,12 +232,16 @@ class JobQueue:
         await self._redis.xdel(self._keys.jobs_stream, malformed.entry_id)
 
     async def _store_and_ack(self, entry_id: str, result: JobResult, images: list[bytes], ttl_s: int) -> bool:
-        stored = await self._store(
-            keys=[self._keys.result(result.id), self._keys.jobs_stream, self._keys.job(result.id)],
-            args=[self._keys.workers_group, entry_id, ttl_s, self._keys.completions_channel, result.id,
-                  result.model_dump_json(), *images],
-        )
+        stored = await self._store(keys=self._store_keys(result.id),
+                                   args=self._store_args(entry_id, result, images, ttl_s))
         return bool(stored)
+
+    def _store_keys(self, job_id: str) -> list[str]:
+        return [self._keys.result(job_id), self._keys.jobs_stream, self._keys.job(job_id), self._keys.stats]
+
+    def _store_args(self, entry_id: str, result: JobResult, images: list[bytes], ttl_s: int) -> list[Any]:
+        return [self._keys.workers_group, entry_id, ttl_s, self._keys.completions_channel, result.id,
+                result.model_dump_json(), *images]
 
     async def fetch_result(self, job_id: str) -> StoredResult | None:
         """The stored result of a job, or None if it has not finished (or has expired)."""
@@ -232,7 +329,7 @@ class CompletionListener:
                 future.set_result(None)
 
 
-def _parse_entry(entry_id: str, fields: dict[bytes, bytes]) -> ClaimedJob:
+def _parse_entry(entry_id: str, fields: dict[bytes, bytes], deliveries: int = 1) -> ClaimedJob:
     raw = fields.get(b"job")
     if raw is None:
         raise MalformedJob(entry_id, None, "no 'job' field")
@@ -240,7 +337,12 @@ def _parse_entry(entry_id: str, fields: dict[bytes, bytes]) -> ClaimedJob:
         job = Job.model_validate_json(raw)
     except ValidationError as exc:
         raise MalformedJob(entry_id, _job_id_of(raw), _first_error(exc)) from exc
-    return ClaimedJob(job=job, entry_id=entry_id, enqueued_ms=int(entry_id.split("-", 1)[0]))
+    return ClaimedJob(job=job, entry_id=entry_id, enqueued_ms=int(entry_id.split("-", 1)[0]), deliveries=deliveries)
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    """A stream entry's fields as Lua returns them, [k1, v1, k2, v2, ...], as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _job_id_of(raw: bytes) -> str | None:

@@ -12,14 +12,17 @@ from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common.protocol import GenerateRequest, GenerateResponse, Job, ResponseTimings
-from common.queue import StoredResult
+from common.queue import JobQueue, StoredResult
 from gateway.appkeys import CONFIG, LISTENER, QUEUE, REGISTRY
 from gateway.errors import ApiError, from_validation_error
 from gateway.shapes import resolve_shape
 
 INDEX_HTML = Path(__file__).parent / "static" / "index.html"
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
 
 
 async def index(request: web.Request) -> web.FileResponse:
@@ -82,19 +85,28 @@ async def _submit_and_wait(request: web.Request, job: Job) -> StoredResult:
     listener = request.app[LISTENER]
     queue = request.app[QUEUE]
     done = listener.expect(job.id)
+    status_url = f"/v1/jobs/{job.id}"
     try:
-        await queue.submit(job)
+        await queue.submit(job)  # a Redis error here means not accepted: the middleware answers 503
         async with asyncio.timeout(request.app[CONFIG].request_timeout_s):
             await done
+            stored = await _read_result(queue, job.id)
     except TimeoutError:
         raise ApiError(504, "timeout", "the job did not finish in time; it is still queued or running "
-                       "and its result can be fetched from status_url", id=job.id,
-                       status_url=f"/v1/jobs/{job.id}") from None
+                       "and its result can be fetched from status_url", id=job.id, status_url=status_url) from None
+    except REDIS_ERRORS:
+        raise ApiError(503, "queue_unavailable", "the job was accepted but its result cannot be read right "
+                       "now; fetch it from status_url", headers={"Retry-After": "2"}, id=job.id,
+                       status_url=status_url) from None
     finally:
         listener.forget(job.id, done)
-    stored = await queue.fetch_result(job.id)
+    return stored
+
+
+async def _read_result(queue: JobQueue, job_id: str) -> StoredResult:
+    stored = await queue.fetch_result(job_id)
     if stored is None:  # stored, announced, then expired within the instant: vanishingly rare
-        raise ApiError(500, "result_expired", "the result expired before it could be read", id=job.id)
+        raise ApiError(500, "result_expired", "the result expired before it could be read", id=job_id)
     return stored
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import redis.asyncio as aioredis
@@ -67,6 +68,7 @@ async def test_first_result_wins_and_duplicate_is_dropped(redis_client: aioredis
     assert await queue.complete(claimed, success(job, "w2"), [b"c", b"d"]) is False
     stored = await queue.fetch_result(job.id)
     assert stored is not None and stored.result.worker == "w1" and stored.images == [b"a", b"b"]
+    assert (await queue.stats())["duplicate_results"] == 1
 
 
 async def claim_malformed(queue: JobQueue) -> MalformedJob:
@@ -135,3 +137,77 @@ async def test_listener_catches_results_stored_before_it_subscribed(redis_client
         await asyncio.wait_for(done, 10)
     finally:
         task.cancel()
+
+
+async def test_start_records_the_attempt_and_announces_it(redis_client: aioredis.Redis) -> None:
+    queue = await queue_with_group(redis_client)
+    job = make_job()
+    await queue.submit(job)
+    claimed = await queue.claim("w1", block_ms=100)
+    assert claimed is not None
+    pubsub = redis_client.pubsub()
+    await pubsub.subscribe(KEYS.job_events_channel)
+    await pubsub.get_message(timeout=1)  # the subscribe confirmation
+    ms = await queue.start(claimed, "w1")
+    assert abs(ms - claimed.enqueued_ms) < 60_000
+    event = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+    assert event is not None and json.loads(event["data"]) == {"id": job.id, "type": "started", "worker": "w1"}
+    assert await queue.job_status(job.id) == "running"
+    assert await redis_client.lrange(KEYS.attempts(job.id), 0, -1) == [f"w1@{ms}".encode()]
+    await pubsub.aclose()
+
+
+async def test_job_of_a_dead_worker_is_taken_over(redis_client: aioredis.Redis) -> None:
+    queue = await queue_with_group(redis_client)
+    job = make_job()
+    await queue.submit(job)
+    assert await queue.claim("dead", block_ms=100) is not None
+    claimed = await queue.reclaim("w2", live={"w2"}, max_deliveries=3)
+    assert claimed is not None and claimed.job == job and claimed.deliveries == 2
+    owner = await redis_client.xpending_range(KEYS.jobs_stream, KEYS.workers_group, "-", "+", 10)
+    assert [p["consumer"] for p in owner] == [b"w2"]
+    assert await queue.reclaim("w2", live={"w2"}, max_deliveries=3) is None
+    consumers = await redis_client.xinfo_consumers(KEYS.jobs_stream, KEYS.workers_group)
+    assert [c["name"] for c in consumers] == [b"w2"]  # the dead consumer, emptied, is forgotten
+    assert (await queue.stats())["reclaimed"] == 1
+
+
+async def test_slow_but_alive_worker_keeps_its_job(redis_client: aioredis.Redis) -> None:
+    queue = await queue_with_group(redis_client)
+    await queue.submit(make_job())
+    assert await queue.claim("slow", block_ms=100) is not None
+    assert await queue.reclaim("w2", live={"slow", "w2"}, max_deliveries=3) is None
+    owner = await redis_client.xpending_range(KEYS.jobs_stream, KEYS.workers_group, "-", "+", 10)
+    assert [p["consumer"] for p in owner] == [b"slow"]
+
+
+async def test_two_reclaimers_never_take_the_same_job(redis_client: aioredis.Redis) -> None:
+    queue = await queue_with_group(redis_client)
+    await queue.submit(make_job())
+    assert await queue.claim("dead", block_ms=100) is not None
+    results = await asyncio.gather(*(queue.reclaim(w, live={"a", "b", "c"}, max_deliveries=3) for w in "abc"))
+    assert sum(r is not None for r in results) == 1
+
+
+async def test_job_whose_workers_keep_dying_is_dead_lettered(redis_client: aioredis.Redis) -> None:
+    queue = await queue_with_group(redis_client)
+    job = make_job()
+    await queue.submit(job)
+    claimed = await queue.claim("w1", block_ms=100)
+    assert claimed is not None
+    await queue.start(claimed, "w1")
+    for worker in ("w2", "w3"):  # each takes over from the last one, starts, and dies in turn
+        claimed = await queue.reclaim(worker, live={worker}, max_deliveries=3)
+        assert claimed is not None
+        await queue.start(claimed, worker)
+    assert await queue.reclaim("w4", live={"w4"}, max_deliveries=3) is None
+    dead = await redis_client.xrange(KEYS.dead_letter_stream)
+    assert len(dead) == 1
+    fields = dead[0][1]
+    assert json.loads(fields[b"job"])["id"] == job.id and fields[b"deliveries"] == b"4"
+    assert [a.split("@")[0] for a in json.loads(fields[b"attempts"])] == ["w1", "w2", "w3"]
+    stored = await queue.fetch_result(job.id)
+    assert stored is not None and stored.result.status == "failed"
+    assert stored.result.error is not None and "delivered 4 times" in stored.result.error
+    assert (await redis_client.xpending(KEYS.jobs_stream, KEYS.workers_group))["pending"] == 0
+    assert (await queue.stats())["dead_lettered"] == 1

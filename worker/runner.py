@@ -58,6 +58,7 @@ class Worker:
                                             thread_name_prefix="encode")
         self._stopping = asyncio.Event()
         self._pipeline: SDXLPipeline | None = None
+        self._next_reclaim = 0.0
         self.info = WorkerInfo(id=self.id, host=socket.gethostname(), pid=os.getpid(), model=config.model,
                                images_per_request=config.images_per_request, state="warming",
                                shapes=list(config.shapes or ()), started_at=started_at or time.time())
@@ -65,6 +66,15 @@ class Worker:
     def stop(self) -> None:
         """Stop claiming; `run()` returns once the job in hand (if any) is stored."""
         self._stopping.set()
+        self.info = self.info.model_copy(update={"state": "draining"})
+
+    @property
+    def warming(self) -> bool:
+        return self._pipeline is None
+
+    async def abandon(self) -> None:
+        """Deregister now, leaving any job in hand pending: live workers take it over at once."""
+        await self._deregister()
 
     async def run(self) -> None:
         """Register, warm up, then serve jobs until stopped; deregister on the way out."""
@@ -105,7 +115,7 @@ class Worker:
 
     async def _serve_next(self) -> None:
         try:
-            claimed = await self._queue.claim(self.id, self.config.claim_block_ms)
+            claimed = await self._next_job()
         except MalformedJob as bad:
             logger.error("rejecting malformed job: %s", bad)
             await self._queue.reject(bad, self.id, MALFORMED_RESULT_TTL_S)
@@ -118,11 +128,21 @@ class Worker:
         if claimed is not None:
             await self._process(claimed)
 
+    async def _next_job(self) -> ClaimedJob | None:
+        """Jobs of dead workers first (they have waited longest), then new ones."""
+        now = time.monotonic()
+        if now >= self._next_reclaim:
+            self._next_reclaim = now + self.config.reclaim_interval_s
+            live = {w.id for w in await self._registry.workers()}
+            claimed = await self._queue.reclaim(self.id, live, self.config.max_deliveries)
+            if claimed is not None:
+                return claimed
+        return await self._queue.claim(self.id, self.config.claim_block_ms)
+
     async def _process(self, claimed: ClaimedJob) -> None:
         """The per-job boundary: whatever happens, the job gets a stored result and is acknowledged."""
         job = claimed.job
-        claimed_ms = await self._queue.server_time_ms()
-        await self._queue.mark_running(job.id, self.id)
+        claimed_ms = await self._record_start(claimed)
         self.info = self.info.model_copy(update={"state": "busy"})
         logger.info("job %s: claimed after %d ms in queue (%s)", job.id, claimed_ms - claimed.enqueued_ms,
                     job.shape)
@@ -133,7 +153,7 @@ class Worker:
         except Exception as exc:  # the worker's catch-all boundary: report the job, keep serving
             logger.exception("job %s failed", job.id)
             result, images = self._failure(job, f"{type(exc).__name__}: {exc}"), []
-        stored = await self._queue.complete(claimed, result, images)
+        stored = await self._store(claimed, result, images)
         self.info = self.info.model_copy(update={"state": "ready", "jobs_done": self.info.jobs_done + 1})
         logger.info("job %s: %s%s", job.id, result.status, "" if stored else " (duplicate result dropped)")
 
@@ -153,6 +173,25 @@ class Worker:
         result = JobResult(id=job.id, status="succeeded", worker=self.id, seed=job.seed, shape=job.shape,
                            media_type=MEDIA_TYPES[job.output_format], image_count=len(images), timings=timings)
         return result, images
+
+    async def _record_start(self, claimed: ClaimedJob) -> int:
+        """Announce the start; returns the claim time on Redis's clock (this host's if Redis is away)."""
+        try:
+            return await self._queue.start(claimed, self.id)
+        except REDIS_ERRORS as exc:
+            logger.warning("job %s: could not record its start (%s); running it anyway", claimed.job.id, exc)
+            return int(time.time() * 1000)
+
+    async def _store(self, claimed: ClaimedJob, result: JobResult, images: list[bytes]) -> bool:
+        """Store the result, retrying through Redis outages: a finished job is never dropped."""
+        delay = 0.1
+        while True:
+            try:
+                return await self._queue.complete(claimed, result, images)
+            except REDIS_ERRORS as exc:
+                logger.warning("job %s: storing its result failed (%s); retrying in %.1fs", result.id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _failure(self, job: Job, reason: str) -> JobResult:
         return JobResult(id=job.id, status="failed", worker=self.id, seed=job.seed, shape=job.shape, error=reason)
@@ -179,17 +218,42 @@ class Worker:
             logger.warning("could not deregister (%s); the entry expires on its own", exc)
 
 
-async def serve(config: WorkerConfig, *, started_at: float | None = None, handle_signals: bool = True) -> None:
-    """Run a worker until SIGTERM or SIGINT, then drain the job in hand and exit."""
+async def serve(config: WorkerConfig, *, started_at: float | None = None, handle_signals: bool = True) -> int:
+    """Run a worker until SIGTERM or SIGINT, then drain: stop claiming, finish the job in hand within
+    `drain_timeout_s`, deregister. Returns the exit status: 0 after a clean drain, 1 if the job in hand
+    had to be abandoned (it stays pending and a live worker takes it over)."""
     log_config(logger, config)
     redis = connect(config.redis_url, name=f"sdxl-worker:{config.worker_id}")
     worker = Worker(config, redis, started_at=started_at)
+    stop = asyncio.Event()
     if handle_signals:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, worker.stop)
+            loop.add_signal_handler(sig, stop.set)
     try:
-        await worker.run()
+        return await _run_until_stopped(worker, stop, config.drain_timeout_s)
     finally:
         await redis.aclose()
+
+
+async def _run_until_stopped(worker: Worker, stop: asyncio.Event, drain_timeout_s: float) -> int:
+    running = asyncio.create_task(worker.run(), name="worker")
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if running.done():
+        running.result()
+        return 0
+    logger.info("stop requested: draining (at most %.0fs)", drain_timeout_s)
+    worker.stop()
+    if worker.warming:  # no job in hand: do not wait for a compile to finish
+        await worker.abandon()
+        return 0
+    try:
+        await asyncio.wait_for(asyncio.shield(running), drain_timeout_s)
+    except TimeoutError:
+        logger.error("drain timed out after %.0fs; leaving the job in hand to be taken over", drain_timeout_s)
+        await worker.abandon()
+        return 1
+    return 0
 
