@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from worker.encode import encode_all  # noqa: E402
+from worker.encode import encode_all
 
 
 def images(kind: str, size: int) -> np.ndarray:

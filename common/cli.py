@@ -85,6 +85,8 @@ def _add_worker(parser: argparse.ArgumentParser) -> None:
     _add_worker_model(parser, DEFAULT_MODEL)
     parser.add_argument("--worker-id", default=None, help="default: HOST-PID-RANDOM")
     parser.add_argument("--heartbeat-interval", type=float, default=2.0)
+    parser.add_argument("--heartbeat-ttl", type=float, default=10.0,
+                        help="seconds without a heartbeat after which a worker is dead and its job taken over")
     parser.add_argument("--png-compress-level", type=int, default=1)
     parser.add_argument("--max-deliveries", type=int, default=3,
                         help="a job handed out more often than this (its workers kept dying) is dead-lettered")
@@ -113,7 +115,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     extra = {"worker_id": args.worker_id} if args.worker_id else {}
     return WorkerConfig(redis_url=args.redis_url, model=args.model, revision=args.revision, shapes=args.shapes,
                         images_per_request=args.images_per_request, key_prefix=args.key_prefix,
-                        heartbeat_interval_s=args.heartbeat_interval,
+                        heartbeat_interval_s=args.heartbeat_interval, heartbeat_ttl_s=args.heartbeat_ttl,
                         png_compress_level=args.png_compress_level, max_deliveries=args.max_deliveries,
                         drain_timeout_s=args.drain_timeout, **extra)
 

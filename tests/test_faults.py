@@ -1,0 +1,192 @@
+"""Fault injection on real processes: workers killed or stopped mid-job, Redis restarted under load.
+
+Each test here runs against its own cluster (own redis-server with AOF, gateway, two workers with a
+2 s heartbeat TTL) so it can break things without disturbing the other tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from common.cluster import free_port, wait_http
+from common.keys import Keys
+from common.queue import JobQueue
+from common.registry import Registry
+from tests.conftest import READY_TIMEOUT_S, ProcessGroup, wait_ready
+
+pytestmark = pytest.mark.e2e
+
+SLOW_STEPS = 40  # long enough on this machine to act while a job runs
+SHAPES = f"64x64x2,64x64x{SLOW_STEPS}"
+
+
+class RestartableRedis:
+    """A redis-server with AOF on, which a test can restart on the same port and data directory."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.directory = Path(tempfile.mkdtemp(prefix="sdxl-faults-redis-"))
+        self.process = self._start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "yes", "--dir", str(self.directory)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert process.stdout is not None
+        for line in process.stdout:
+            if b"Ready to accept connections" in line:
+                return process
+        raise RuntimeError("redis-server did not start")
+
+    def restart(self) -> None:
+        self.process.terminate()  # a clean shutdown flushes the append-only file
+        assert self.process.wait(timeout=30) == 0
+        self.process = self._start()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@dataclass
+class FaultCluster:
+    redis: RestartableRedis
+    processes: ProcessGroup
+    model: Path
+    url: str
+    workers: list[str] = field(default_factory=list)
+    _serial: int = 0
+
+    def start_worker(self) -> str:
+        self._serial += 1
+        name = f"fault-worker-{self._serial}"
+        self.processes.start(name, "worker", "--redis-url", self.redis.url, "--model", str(self.model),
+                             "--shapes", SHAPES, "--worker-id", name, "--heartbeat-interval", "0.5",
+                             "--heartbeat-ttl", "2", "--drain-timeout", "60")
+        self.workers.append(name)
+        return name
+
+    async def top_up(self, count: int = 2) -> None:
+        """Start workers until `count` are alive, and wait until they are ready."""
+        alive = [w for w in self.workers if self.processes.processes[w].poll() is None]
+        for _ in range(count - len(alive)):
+            self.start_worker()
+        await wait_ready(self.redis.url, count)
+
+
+@pytest.fixture(scope="module")
+def fault_cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultCluster]:
+    redis = RestartableRedis()
+    processes = ProcessGroup(tmp_path_factory.mktemp("fault-logs"))
+    port = free_port()
+    processes.start("fault-gateway", "gateway", "--redis-url", redis.url, "--host", "127.0.0.1",
+                    "--port", str(port), "--request-timeout", "120")
+    cluster = FaultCluster(redis=redis, processes=processes, model=tiny_model, url=f"http://127.0.0.1:{port}")
+    asyncio.run(wait_http(f"{cluster.url}/healthz", READY_TIMEOUT_S))
+    try:
+        yield cluster
+    finally:
+        processes.stop_all()
+        redis.stop()
+
+
+@pytest.fixture
+async def cluster(fault_cluster: FaultCluster) -> AsyncIterator[FaultCluster]:
+    await fault_cluster.top_up(2)
+    yield fault_cluster
+
+
+async def generate(url: str, **body: Any) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{url}/v1/generate", json={"prompt": "a fox", **body}) as response:
+            payload: dict[str, Any] = await response.json()
+            assert response.status == 200, payload
+            return payload
+
+
+async def next_start(pubsub: Any) -> dict[str, Any]:
+    """The next job-started event."""
+    async with asyncio.timeout(120):
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=120)
+            if message is not None:
+                event: dict[str, Any] = json.loads(message["data"])
+                if event["type"] == "started":
+                    return event
+
+
+async def job_events(url: str) -> tuple[aioredis.Redis, Any]:
+    client = aioredis.Redis.from_url(url)
+    pubsub = client.pubsub()
+    await pubsub.subscribe(Keys().job_events_channel)
+    return client, pubsub
+
+
+async def test_sigkill_mid_job_is_served_by_another_worker(cluster: FaultCluster) -> None:
+    client, pubsub = await job_events(cluster.redis.url)
+    try:
+        request = asyncio.create_task(generate(cluster.url, seed=1, num_inference_steps=SLOW_STEPS))
+        victim = (await next_start(pubsub))["worker"]
+        cluster.processes.processes[victim].send_signal(signal.SIGKILL)
+        payload = await request
+        assert payload["worker"] != victim
+        attempts = await client.lrange(Keys().attempts(payload["id"]), 0, -1)
+        assert [a.decode().split("@")[0] for a in attempts] == [victim, payload["worker"]]
+        assert (await JobQueue(client, Keys()).stats()).get("duplicate_results", 0) == 0
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+
+
+async def test_sigterm_busy_worker_finishes_its_job_then_exits_0(cluster: FaultCluster) -> None:
+    client, pubsub = await job_events(cluster.redis.url)
+    try:
+        request = asyncio.create_task(generate(cluster.url, seed=2, num_inference_steps=SLOW_STEPS))
+        busy = (await next_start(pubsub))["worker"]
+        process = cluster.processes.processes[busy]
+        process.send_signal(signal.SIGTERM)
+        payload = await request
+        assert payload["worker"] == busy
+        assert await asyncio.to_thread(process.wait, 60) == 0
+        assert busy not in [w.id for w in await Registry(client, Keys()).workers()]
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+
+
+async def test_redis_restart_with_jobs_queued_loses_nothing(cluster: FaultCluster) -> None:
+    client, pubsub = await job_events(cluster.redis.url)
+    try:
+        requests = [asyncio.create_task(generate(cluster.url, seed=s, num_inference_steps=SLOW_STEPS))
+                    for s in range(6)]
+        await next_start(pubsub)
+        # Nothing announces "accepted", so wait (bounded) until all six entries are on the stream.
+        async with asyncio.timeout(60):
+            while await client.xlen(Keys().jobs_stream) < 6:
+                await asyncio.sleep(0.05)
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+    await asyncio.to_thread(cluster.redis.restart)
+    payloads = await asyncio.gather(*requests)
+    assert sorted(p["seed"] for p in payloads) == list(range(6))
+    assert all(len(p["images"]) == 4 for p in payloads)
