@@ -48,7 +48,9 @@ class RestartableRedis:
     def _start(self) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(
             [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "yes", "--dir", str(self.directory)],
+             "--save", "", "--appendonly", "yes", "--dir", str(self.directory),
+             # Announce stream writes, so a test can await "all jobs accepted" as events.
+             "--notify-keyspace-events", "Kt"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert process.stdout is not None
         for line in process.stdout:
@@ -174,15 +176,17 @@ async def test_sigterm_busy_worker_finishes_its_job_then_exits_0(cluster: FaultC
 
 
 async def test_redis_restart_with_jobs_queued_loses_nothing(cluster: FaultCluster) -> None:
-    client, pubsub = await job_events(cluster.redis.url)
+    client = aioredis.Redis.from_url(cluster.redis.url)
+    pubsub = client.pubsub()
+    await pubsub.subscribe(f"__keyspace@0__:{Keys().jobs_stream}")
     try:
         requests = [asyncio.create_task(generate(cluster.url, seed=s, num_inference_steps=SLOW_STEPS))
                     for s in range(6)]
-        await next_start(pubsub)
-        # Nothing announces "accepted", so wait (bounded) until all six entries are on the stream.
-        async with asyncio.timeout(60):
-            while await client.xlen(Keys().jobs_stream) < 6:
-                await asyncio.sleep(0.05)
+        added = 0
+        async with asyncio.timeout(60):  # all six accepted: six XADDs on the stream
+            while added < 6:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=60)
+                added += message is not None and message["data"] == b"xadd"
     finally:
         await pubsub.aclose()
         await client.aclose()
