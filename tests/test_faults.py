@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 
 from common.cluster import free_port, wait_http
 from common.keys import Keys
-from common.queue import JobQueue
+from common.queue import CompletionListener, JobQueue
 from common.registry import Registry
 from tests.conftest import READY_TIMEOUT_S, ProcessGroup, wait_ready
 
@@ -194,3 +194,28 @@ async def test_redis_restart_with_jobs_queued_loses_nothing(cluster: FaultCluste
     payloads = await asyncio.gather(*requests)
     assert sorted(p["seed"] for p in payloads) == list(range(6))
     assert all(len(p["images"]) == 4 for p in payloads)
+
+
+async def test_job_survives_its_gateway_and_is_fetchable_from_another(cluster: FaultCluster) -> None:
+    client, pubsub = await job_events(cluster.redis.url)
+    port = free_port()
+    first = cluster.processes.start("doomed-gateway", "gateway", "--redis-url", cluster.redis.url,
+                                    "--host", "127.0.0.1", "--port", str(port))
+    await wait_http(f"http://127.0.0.1:{port}/healthz", READY_TIMEOUT_S)
+    listener = CompletionListener(client, Keys())
+    listening = asyncio.create_task(listener.run())
+    try:
+        request = asyncio.create_task(generate(f"http://127.0.0.1:{port}", seed=9, num_inference_steps=SLOW_STEPS))
+        job_id = (await next_start(pubsub))["id"]
+        done = listener.expect(job_id)
+        first.send_signal(signal.SIGKILL)
+        with pytest.raises(aiohttp.ClientError):
+            await request
+        await asyncio.wait_for(done, 120)
+        async with aiohttp.ClientSession() as session, session.get(f"{cluster.url}/v1/jobs/{job_id}") as response:
+            body = await response.json()
+        assert body["status"] == "succeeded" and len(body["result"]["images"]) == 4
+    finally:
+        listening.cancel()
+        await pubsub.aclose()
+        await client.aclose()
