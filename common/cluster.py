@@ -28,7 +28,8 @@ from common.registry import Registry
 
 logger = logging.getLogger(__name__)
 
-STOP_TIMEOUT_S = 60.0
+# Longer than a worker's default --drain-timeout (120 s): a draining worker is never killed mid-job.
+STOP_TIMEOUT_S = 150.0
 _PR_SET_PDEATHSIG = 1
 _STDERR = 2
 

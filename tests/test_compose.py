@@ -217,9 +217,16 @@ def test_worker_caches_weights_at_hf_home() -> None:
 
 
 def test_worker_drains_on_sigterm() -> None:
+    """Docker must not SIGKILL a worker before its own drain timeout lets it finish the job in hand."""
     worker = _services()["worker"]
     assert worker["stop_signal"] == "SIGTERM"
-    assert _duration_s(worker["stop_grace_period"]) >= 60
+    assert _duration_s(worker["stop_grace_period"]) > _args("worker").drain_timeout
+
+
+def test_sdxl_serve_up_waits_out_the_worker_drain() -> None:
+    from common.cluster import STOP_TIMEOUT_S
+
+    assert build_parser().parse_args(["worker"]).drain_timeout < STOP_TIMEOUT_S
 
 
 def test_gateway_grace_outlasts_request_timeout() -> None:
