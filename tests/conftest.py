@@ -21,7 +21,9 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -164,6 +166,15 @@ def cluster(redis_server: RedisServer, tiny_model: Path, processes: ProcessGroup
         pytest.fail("workers not ready:\n" + "\n".join(processes.log(w)[-3000:] for w in worker_ids))
     asyncio.run(wait_http(f"http://127.0.0.1:{port}/healthz", READY_TIMEOUT_S))
     return Cluster(url=f"http://127.0.0.1:{port}", redis_url=redis_url, worker_ids=worker_ids)
+
+
+async def post_generate(url: str, **body: Any) -> dict[str, Any]:
+    """POST /v1/generate (prompt defaulted) and return the body of its 200 answer."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{url}/v1/generate", json={"prompt": "a red fox", **body}) as response:
+            payload: dict[str, Any] = await response.json()
+            assert response.status == 200, payload
+            return payload
 
 
 @pytest.fixture

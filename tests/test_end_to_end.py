@@ -8,7 +8,6 @@ import io
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
@@ -18,17 +17,21 @@ from common.keys import Keys
 from common.protocol import Job
 from common.queue import CompletionListener, JobQueue
 from common.registry import WorkerInfo
-from tests.conftest import TEST_SHAPES, Cluster, ProcessGroup, RedisServer, wait_ready, worker_args
+from tests.conftest import (
+    TEST_SHAPES,
+    Cluster,
+    ProcessGroup,
+    RedisServer,
+    post_generate,
+    wait_ready,
+    worker_args,
+)
 
 pytestmark = pytest.mark.e2e
 
 
 async def generate(cluster: Cluster, **body: Any) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{cluster.url}/v1/generate", json={"prompt": "a red fox", **body}) as response:
-            payload: dict[str, Any] = await response.json()
-            assert response.status == 200, payload
-            return payload
+    return await post_generate(cluster.url, **body)
 
 
 def decode(payload: dict[str, Any]) -> list[np.ndarray]:

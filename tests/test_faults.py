@@ -25,7 +25,7 @@ from common.cluster import free_port, wait_http
 from common.keys import Keys
 from common.queue import CompletionListener, JobQueue
 from common.registry import Registry
-from tests.conftest import READY_TIMEOUT_S, ProcessGroup, wait_ready
+from tests.conftest import READY_TIMEOUT_S, ProcessGroup, post_generate, wait_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -117,14 +117,6 @@ async def cluster(fault_cluster: FaultCluster) -> AsyncIterator[FaultCluster]:
     yield fault_cluster
 
 
-async def generate(url: str, **body: Any) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{url}/v1/generate", json={"prompt": "a fox", **body}) as response:
-            payload: dict[str, Any] = await response.json()
-            assert response.status == 200, payload
-            return payload
-
-
 async def next_start(pubsub: Any) -> dict[str, Any]:
     """The next job-started event."""
     async with asyncio.timeout(120):
@@ -146,7 +138,7 @@ async def job_events(url: str) -> tuple[aioredis.Redis, Any]:
 async def test_sigkill_mid_job_is_served_by_another_worker(cluster: FaultCluster) -> None:
     client, pubsub = await job_events(cluster.redis.url)
     try:
-        request = asyncio.create_task(generate(cluster.url, seed=1, num_inference_steps=SLOW_STEPS))
+        request = asyncio.create_task(post_generate(cluster.url, seed=1, num_inference_steps=SLOW_STEPS))
         victim = (await next_start(pubsub))["worker"]
         cluster.processes.processes[victim].send_signal(signal.SIGKILL)
         payload = await request
@@ -162,7 +154,7 @@ async def test_sigkill_mid_job_is_served_by_another_worker(cluster: FaultCluster
 async def test_sigterm_busy_worker_finishes_its_job_then_exits_0(cluster: FaultCluster) -> None:
     client, pubsub = await job_events(cluster.redis.url)
     try:
-        request = asyncio.create_task(generate(cluster.url, seed=2, num_inference_steps=SLOW_STEPS))
+        request = asyncio.create_task(post_generate(cluster.url, seed=2, num_inference_steps=SLOW_STEPS))
         busy = (await next_start(pubsub))["worker"]
         process = cluster.processes.processes[busy]
         process.send_signal(signal.SIGTERM)
@@ -180,7 +172,7 @@ async def test_redis_restart_with_jobs_queued_loses_nothing(cluster: FaultCluste
     pubsub = client.pubsub()
     await pubsub.subscribe(f"__keyspace@0__:{Keys().jobs_stream}")
     try:
-        requests = [asyncio.create_task(generate(cluster.url, seed=s, num_inference_steps=SLOW_STEPS))
+        requests = [asyncio.create_task(post_generate(cluster.url, seed=s, num_inference_steps=SLOW_STEPS))
                     for s in range(6)]
         added = 0
         async with asyncio.timeout(60):  # all six accepted: six XADDs on the stream
@@ -205,7 +197,7 @@ async def test_job_survives_its_gateway_and_is_fetchable_from_another(cluster: F
     listener = CompletionListener(client, Keys())
     listening = asyncio.create_task(listener.run())
     try:
-        request = asyncio.create_task(generate(f"http://127.0.0.1:{port}", seed=9, num_inference_steps=SLOW_STEPS))
+        request = asyncio.create_task(post_generate(f"http://127.0.0.1:{port}", seed=9, num_inference_steps=SLOW_STEPS))
         job_id = (await next_start(pubsub))["id"]
         done = listener.expect(job_id)
         first.send_signal(signal.SIGKILL)
