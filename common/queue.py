@@ -26,12 +26,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common.keys import Keys
 from common.protocol import Job, JobResult
+from common.redis_conn import UNAVAILABLE
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +295,7 @@ class CompletionListener:
         while True:
             try:
                 await self._listen()
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except (*UNAVAILABLE, OSError) as exc:
                 self.subscribed.clear()
                 logger.warning("completions subscription lost (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)

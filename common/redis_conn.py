@@ -15,6 +15,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 SOCKET_TIMEOUT_S = 15.0
 CONNECT_TIMEOUT_S = 5.0
 
+# "Redis cannot be reached right now, try again later", as opposed to a mistake in the command.
+UNAVAILABLE = (RedisConnectionError, RedisTimeoutError)
+
 
 def _keepalive_options() -> dict[int, int]:
     """Kernel probes after 5 s of silence, every 2 s, 3 misses: a dead link errors within about 11 s.
@@ -37,5 +40,5 @@ def connect(url: str, *, name: str) -> aioredis.Redis:
         socket_keepalive=True,
         socket_keepalive_options=_keepalive_options(),
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        retry_on_error=list(UNAVAILABLE),
     )

@@ -6,9 +6,8 @@ import logging
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from common.redis_conn import UNAVAILABLE
 from gateway.errors import ApiError
 
 logger = logging.getLogger(__name__)
@@ -21,7 +20,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as exc:
         return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
-    except (RedisConnectionError, RedisTimeoutError) as exc:
+    except UNAVAILABLE as exc:
         logger.warning("redis unavailable on %s %s: %s", request.method, request.path, exc)
         error = ApiError(503, "queue_unavailable", "the job queue is unreachable; retry shortly")
         return web.json_response(error.body(), status=503, headers={"Retry-After": "2"})

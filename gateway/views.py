@@ -12,17 +12,15 @@ from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common.protocol import GenerateRequest, GenerateResponse, Job, ResponseTimings
 from common.queue import JobQueue, StoredResult
+from common.redis_conn import UNAVAILABLE
 from gateway.appkeys import CONFIG, LISTENER, QUEUE, REGISTRY
 from gateway.errors import ApiError, from_validation_error
 from gateway.shapes import resolve_shape
 
 INDEX_HTML = Path(__file__).parent / "static" / "index.html"
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
 
 
 async def index(request: web.Request) -> web.FileResponse:
@@ -94,7 +92,7 @@ async def _submit_and_wait(request: web.Request, job: Job) -> StoredResult:
     except TimeoutError:
         raise ApiError(504, "timeout", "the job did not finish in time; it is still queued or running "
                        "and its result can be fetched from status_url", id=job.id, status_url=status_url) from None
-    except REDIS_ERRORS:
+    except UNAVAILABLE:
         raise ApiError(503, "queue_unavailable", "the job was accepted but its result cannot be read right "
                        "now; fetch it from status_url", headers={"Retry-After": "2"}, id=job.id,
                        status_url=status_url) from None

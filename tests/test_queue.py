@@ -32,6 +32,16 @@ async def queue_with_group(redis_client: aioredis.Redis) -> JobQueue:
     return queue
 
 
+async def submitted_and_claimed(redis_client: aioredis.Redis) -> tuple[JobQueue, Job, ClaimedJob]:
+    """A queue with one job submitted and claimed by "w1"."""
+    queue = await queue_with_group(redis_client)
+    job = make_job()
+    await queue.submit(job)
+    claimed = await queue.claim("w1", block_ms=100)
+    assert claimed is not None
+    return queue, job, claimed
+
+
 async def test_submitted_job_is_claimed_once_with_its_fields(redis_client: aioredis.Redis) -> None:
     queue = await queue_with_group(redis_client)
     job = make_job()
@@ -44,11 +54,7 @@ async def test_submitted_job_is_claimed_once_with_its_fields(redis_client: aiore
 
 
 async def test_complete_stores_result_acks_and_deletes_entry(redis_client: aioredis.Redis) -> None:
-    queue = await queue_with_group(redis_client)
-    job = make_job()
-    await queue.submit(job)
-    claimed = await queue.claim("w1", block_ms=100)
-    assert claimed is not None
+    queue, job, claimed = await submitted_and_claimed(redis_client)
     assert await queue.complete(claimed, success(job), [b"png-0", b"png-1"])
     stored = await queue.fetch_result(job.id)
     assert stored is not None and stored.images == [b"png-0", b"png-1"]
@@ -59,11 +65,7 @@ async def test_complete_stores_result_acks_and_deletes_entry(redis_client: aiore
 
 
 async def test_first_result_wins_and_duplicate_is_dropped(redis_client: aioredis.Redis) -> None:
-    queue = await queue_with_group(redis_client)
-    job = make_job()
-    await queue.submit(job)
-    claimed = await queue.claim("w1", block_ms=100)
-    assert claimed is not None
+    queue, job, claimed = await submitted_and_claimed(redis_client)
     assert await queue.complete(claimed, success(job, "w1"), [b"a", b"b"]) is True
     assert await queue.complete(claimed, success(job, "w2"), [b"c", b"d"]) is False
     stored = await queue.fetch_result(job.id)
@@ -140,11 +142,7 @@ async def test_listener_catches_results_stored_before_it_subscribed(redis_client
 
 
 async def test_start_records_the_attempt_and_announces_it(redis_client: aioredis.Redis) -> None:
-    queue = await queue_with_group(redis_client)
-    job = make_job()
-    await queue.submit(job)
-    claimed = await queue.claim("w1", block_ms=100)
-    assert claimed is not None
+    queue, job, claimed = await submitted_and_claimed(redis_client)
     pubsub = redis_client.pubsub()
     await pubsub.subscribe(KEYS.job_events_channel)
     await pubsub.get_message(timeout=1)  # the subscribe confirmation
@@ -190,11 +188,7 @@ async def test_two_reclaimers_never_take_the_same_job(redis_client: aioredis.Red
 
 
 async def test_job_whose_workers_keep_dying_is_dead_lettered(redis_client: aioredis.Redis) -> None:
-    queue = await queue_with_group(redis_client)
-    job = make_job()
-    await queue.submit(job)
-    claimed = await queue.claim("w1", block_ms=100)
-    assert claimed is not None
+    queue, job, claimed = await submitted_and_claimed(redis_client)
     await queue.start(claimed, "w1")
     for worker in ("w2", "w3"):  # each takes over from the last one, starts, and dies in turn
         claimed = await queue.reclaim(worker, live={worker}, max_deliveries=3)

@@ -22,14 +22,12 @@ from typing import TypeVar
 
 import numpy as np
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common.config import WorkerConfig, log_config
 from common.keys import Keys
 from common.protocol import Job, JobResult, Timings
 from common.queue import ClaimedJob, JobQueue, MalformedJob
-from common.redis_conn import connect
+from common.redis_conn import UNAVAILABLE, connect
 from common.registry import Registry, WorkerInfo, WorkerState
 from worker.encode import MEDIA_TYPES, encode_all
 from worker.pipeline import PipelineError, SDXLPipeline
@@ -37,7 +35,7 @@ from worker.pipeline import PipelineError, SDXLPipeline
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+REDIS_ERRORS = (*UNAVAILABLE, OSError)
 # A job that could not be parsed still needs its failure kept for a while, so the requester can read it.
 MALFORMED_RESULT_TTL_S = 3600
 
