@@ -170,7 +170,8 @@ async def _judge(report: ChaosReport, answers: list[dict[str, Any]], session: ai
         if (stored["worker"], digest(stored["images"])) != (body["worker"], digest(body["images"])):
             report.inconsistent.append(body["id"])
         raw = await client.lrange(KEYS.attempts(body["id"]), 0, -1)
-        attempts_by_job[body["id"]] = [(a.split("@")[0], float(a.split("@")[1])) for a in map(bytes.decode, raw)]
+        texts = [r.decode() if isinstance(r, bytes) else r for r in raw]
+        attempts_by_job[body["id"]] = [(a.split("@")[0], float(a.split("@")[1])) for a in texts]
     report.kills = len(chaos.kills)
     report.jobs_run_more_than_once = sum(len(a) > 1 for a in attempts_by_job.values())
     report.duplicate_results_dropped = (await JobQueue(client, KEYS).stats()).get("duplicate_results", 0)

@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gateway(sub.add_parser("gateway", help="run an HTTP gateway"))
     _add_worker(sub.add_parser("worker", help="run a worker on this host's devices"))
     _add_up(sub.add_parser("up", help="run a whole local cluster: redis, a gateway and N workers"))
+    _add_bench(sub.add_parser("bench", help="benchmarks: routing simulation, load generation, ..."))
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight SDXL model (for tests and demos)")
     tiny.add_argument("directory", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
@@ -106,6 +107,22 @@ def _add_up(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for every worker to be warm")
 
 
+# Each benchmark is a module of the `bench` package with `add_arguments(parser)` and `main(args) -> int`.
+BENCHMARKS = {
+    "routing": "simulate the routing policies (shared, random, p2c) under Poisson load",
+    "load": "open-loop Poisson load against a running gateway",
+}
+
+
+def _add_bench(parser: argparse.ArgumentParser) -> None:
+    import importlib
+
+    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, help_text in BENCHMARKS.items():
+        module = importlib.import_module(f"bench.{name}")
+        module.add_arguments(sub.add_parser(name, help=help_text, allow_abbrev=False))
+
+
 def gateway_config(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(redis_url=args.redis_url, host=args.host, port=args.port, key_prefix=args.key_prefix,
                          request_timeout_s=args.request_timeout, result_ttl_s=args.result_ttl)
@@ -158,6 +175,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from common.cluster import run_cluster
 
         return run_cluster(args)
+    elif args.command == "bench":
+        import importlib
+
+        return int(importlib.import_module(f"bench.{args.benchmark}").main(args))
     elif args.command == "tiny-model":
         use_cpu_devices(1)
         from worker.tiny_model import write_tiny_model
