@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import hashlib
 import itertools
 import json
@@ -118,7 +119,19 @@ class Chaos:
 
 
 def digest(images: list[str]) -> str:
+    """One digest of a response's base64 images, to compare what a client got with what is stored."""
     return hashlib.sha256("".join(images).encode()).hexdigest()
+
+
+async def stored_digest(session: aiohttp.ClientSession, gateway_url: str, job_id: str) -> tuple[str, str]:
+    """The worker and image digest of a job's stored result, read back through the job API."""
+    async with session.get(f"{gateway_url}/v1/jobs/{job_id}") as response:
+        result = (await response.json())["result"]
+    images = []
+    for url in result["images"]:
+        async with session.get(f"{gateway_url}{url}") as image:
+            images.append(base64.b64encode(await image.read()).decode("ascii"))
+    return result["worker"], digest(images)
 
 
 async def _request(session: aiohttp.ClientSession, url: str, seed: int, gate: asyncio.Semaphore) -> dict[str, Any]:
@@ -165,9 +178,7 @@ async def _judge(report: ChaosReport, answers: list[dict[str, Any]], session: ai
             report.not_ok.append(f"{answer['status']}: {json.dumps(body)[:200]}")
             continue
         report.answered_ok += 1
-        async with session.get(f"{chaos.gateway_url}/v1/jobs/{body['id']}") as later:
-            stored = (await later.json())["result"]
-        if (stored["worker"], digest(stored["images"])) != (body["worker"], digest(body["images"])):
+        if await stored_digest(session, chaos.gateway_url, body["id"]) != (body["worker"], digest(body["images"])):
             report.inconsistent.append(body["id"])
         raw = await client.lrange(KEYS.attempts(body["id"]), 0, -1)
         texts = [r.decode() if isinstance(r, bytes) else r for r in raw]

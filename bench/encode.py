@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from worker.encode import encode_all
+from worker.encode import Encoding, encode_all
 
 
 def images(kind: str, size: int) -> np.ndarray:
@@ -38,25 +38,29 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--levels", default="1,6")
+    parser.add_argument("--encodings", default="png:1,png:6,jpeg:90,webp:90",
+                        help="FORMAT:SETTING,... (PNG zlib level, JPEG/WebP quality)")
     args = parser.parse_args()
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores; 4 images {args.size}x{args.size}")
-    print(f"{'image':<9}{'level':>6}{'encode p50 ms':>15}{'base64 p50 ms':>15}{'MB/request':>12}")
+    print(f"{'image':<9}{'encoding':>10}{'encode p50 ms':>15}{'base64 p50 ms':>15}{'MB/request':>12}")
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         for kind in ("noise", "gradient"):
             batch = images(kind, args.size)
-            for level in (int(x) for x in args.levels.split(",")):
+            for spec in args.encodings.split(","):
+                fmt, _, setting = spec.partition(":")
+                encoding = (Encoding("png", png_compress_level=int(setting)) if fmt == "png"
+                            else Encoding(fmt, quality=int(setting)))
                 enc, b64, size = [], [], 0
                 for _ in range(args.repeats):
                     t0 = time.perf_counter()
-                    encoded = encode_all(batch, level, pool)
+                    encoded = encode_all(batch, encoding, pool)
                     t1 = time.perf_counter()
                     [base64.b64encode(e) for e in encoded]
                     t2 = time.perf_counter()
                     enc.append((t1 - t0) * 1000)
                     b64.append((t2 - t1) * 1000)
                     size = sum(map(len, encoded))
-                print(f"{kind:<9}{level:>6}{statistics.median(enc):>15.1f}{statistics.median(b64):>15.1f}"
+                print(f"{kind:<9}{spec:>10}{statistics.median(enc):>15.1f}{statistics.median(b64):>15.1f}"
                       f"{size / 1e6:>12.2f}")
 
 

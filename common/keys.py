@@ -5,6 +5,7 @@ A deployment can run several independent clusters on one Redis by giving each it
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "sdxl"
@@ -38,7 +39,8 @@ class Keys:
 
     @property
     def job_events_channel(self) -> str:
-        """Pub/sub channel of job lifecycle events (JSON: id, type, worker)."""
+        """Pub/sub channel of job lifecycle events (JSON: id, type `started` with worker, or `progress` with
+        step and total)."""
         return f"{self.prefix}:job-events"
 
     @property
@@ -61,7 +63,8 @@ class Keys:
         return f"{self.prefix}:worker:{worker_id}"
 
     def job(self, job_id: str) -> str:
-        """Hash with a queued job's request and state, kept until its result expires."""
+        """Hash of a job's request (`job`), `status`, stream `entry` and `stream`, `created` (Redis ms), `worker`,
+        progress (`step`, `total`); kept until its result expires."""
         return f"{self.prefix}:job:{job_id}"
 
     def attempts(self, job_id: str) -> str:
@@ -71,3 +74,8 @@ class Keys:
     def result(self, job_id: str) -> str:
         """Hash with a finished job's metadata (`meta`) and images (`image:0`, `image:1`, ...)."""
         return f"{self.prefix}:result:{job_id}"
+
+    def idempotency(self, key: str) -> str:
+        """`job-id fingerprint` of the job an `Idempotency-Key` created; the client's key is hashed, so any
+        header value makes a well-formed, bounded Redis key."""
+        return f"{self.prefix}:idempotency:{hashlib.sha256(key.encode()).hexdigest()}"

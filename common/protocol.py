@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_SEED = 2**32 - 1
 DEFAULT_GUIDANCE_SCALE = 7.5
@@ -47,10 +47,14 @@ def parse_shapes(text: str) -> tuple[Shape, ...]:
 
 
 Prompt = Annotated[str, Field(max_length=2000)]
+OutputFormat = Literal["png", "jpeg", "webp"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+DEFAULT_QUALITY = 90  # JPEG and WebP, when the request names none
 
 
 class GenerateRequest(BaseModel):
-    """Body of `POST /v1/generate`. Omitted size and steps take the cluster's default shape."""
+    """Body of `POST /v1/generate` and `POST /v1/jobs`. Omitted size and steps take the cluster's default shape."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -61,12 +65,23 @@ class GenerateRequest(BaseModel):
     num_inference_steps: int | None = Field(default=None, ge=1, le=200)
     width: int | None = Field(default=None, ge=64, le=4096, multiple_of=8)
     height: int | None = Field(default=None, ge=64, le=4096, multiple_of=8)
+    output_format: OutputFormat = "png"
+    quality: int | None = Field(default=None, ge=1, le=100,
+                                description="JPEG/WebP quality, 1..100 (default 90); not for png")
 
     @field_validator("prompt")
     @classmethod
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("prompt must contain non-whitespace characters")
+        return value
+
+    @field_validator("quality")
+    @classmethod
+    def _quality_needs_lossy_format(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # output_format is declared first, so it is validated (and in info.data) by now, when valid.
+        if value is not None and info.data.get("output_format", "png") == "png":
+            raise ValueError("quality applies to jpeg and webp only; png is lossless")
         return value
 
 
@@ -81,7 +96,8 @@ class Job(BaseModel):
     seed: int = Field(ge=0, le=MAX_SEED)
     guidance_scale: float = Field(ge=0.0, le=30.0)
     shape: Shape
-    output_format: Literal["png"] = "png"
+    output_format: OutputFormat = "png"
+    quality: int = Field(default=DEFAULT_QUALITY, ge=1, le=100)
     result_ttl_s: int = Field(gt=0)
 
 
@@ -97,8 +113,8 @@ class JobResult(BaseModel):
     """What a worker stores for a job: success with images (stored beside it), or failure with a reason."""
 
     id: str
-    status: Literal["succeeded", "failed"]
-    worker: str
+    status: Literal["succeeded", "failed", "cancelled"]
+    worker: str | None = None  # None when cancelled before any worker ran it
     seed: int | None = None
     shape: Shape | None = None
     media_type: str = "image/png"
@@ -136,3 +152,92 @@ class ErrorResponse(BaseModel):
     """Every error body: what went wrong, the rule's code and, when one field is at fault, its name."""
 
     error: ErrorDetail
+
+
+class JobAccepted(BaseModel):
+    """Body of `202 POST /v1/jobs`: where to follow the job."""
+
+    id: str
+    status: JobStatus
+    status_url: str
+    events_url: str
+
+
+class Progress(BaseModel):
+    """Denoising steps done so far, of `total`."""
+
+    step: int = Field(ge=0)
+    total: int = Field(ge=1)
+
+
+class JobOutput(BaseModel):
+    """A succeeded job's result; each image is fetched from its URL (`GET /v1/jobs/{id}/images/{k}`)."""
+
+    seed: int
+    width: int
+    height: int
+    num_inference_steps: int
+    worker: str
+    media_type: str
+    images: list[str] = Field(description="URL of each image, in order")
+    timings: ResponseTimings
+
+
+class JobState(BaseModel):
+    """Body of `GET /v1/jobs/{id}`: where a job is, and its result or error once it has one."""
+
+    id: str
+    status: JobStatus
+    queue_position: int | None = Field(default=None, description="jobs ahead of this one (0: next); while queued")
+    worker: str | None = None
+    progress: Progress | None = None
+    result: JobOutput | None = None
+    error: ErrorDetail | None = None
+
+
+class QueuedEvent(BaseModel):
+    """SSE `queued`: sent first for a queued job, then whenever its position changes."""
+
+    id: str
+    position: int = Field(description="jobs ahead of this one (0: next)")
+
+
+class StartedEvent(BaseModel):
+    """SSE `started`: a worker took the job (again, with another worker, if the first one died)."""
+
+    id: str
+    worker: str
+
+
+class ProgressEvent(BaseModel):
+    """SSE `progress`: denoising step `step` of `total` is done; sent for every step, in order."""
+
+    id: str
+    step: int
+    total: int
+
+
+class SucceededEvent(BaseModel):
+    """SSE `succeeded`, the last event: the result, with each image's URL."""
+
+    id: str
+    result: JobOutput
+
+
+class FailedEvent(BaseModel):
+    """SSE `failed`, the last event."""
+
+    id: str
+    error: ErrorDetail
+
+
+class CancelledEvent(BaseModel):
+    """SSE `cancelled`, the last event."""
+
+    id: str
+
+
+JOB_EVENTS: dict[str, type[BaseModel]] = {
+    "queued": QueuedEvent, "started": StartedEvent, "progress": ProgressEvent,
+    "succeeded": SucceededEvent, "failed": FailedEvent, "cancelled": CancelledEvent,
+}

@@ -11,13 +11,14 @@ one Lua script (XPENDING then XCLAIM), so two workers can never both take the sa
 delivered more than `max_deliveries` times goes to the dead-letter stream with its history, and its
 requester gets a failed result.
 
-A gateway learns of completions through one pub/sub subscription per process (`CompletionListener`), not
-one connection per waiting request.
+A gateway learns of completions through one pub/sub subscription per process (`JobListener`), not
+one connection per waiting request or event stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import logging
@@ -34,18 +35,23 @@ from common.redis_conn import UNAVAILABLE
 
 logger = logging.getLogger(__name__)
 
-# KEYS: result, stream, job record, stats.  ARGV: group, entry id, ttl, channel, job id, meta, images...
+# KEYS: result, stream, job record, stats.
+# ARGV: group, entry id, ttl, channel, job id, meta, status, images...
 _STORE_RESULT = """
 local stored = 0
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HINCRBY', KEYS[4], 'duplicate_results', 1)
+  if redis.call('HGET', KEYS[3], 'status') == 'cancelled' then
+    redis.call('HINCRBY', KEYS[4], 'discarded_after_cancel', 1)
+  else
+    redis.call('HINCRBY', KEYS[4], 'duplicate_results', 1)
+  end
 else
   redis.call('HSET', KEYS[1], 'meta', ARGV[6])
-  for i = 7, #ARGV do
-    redis.call('HSET', KEYS[1], 'image:' .. (i - 7), ARGV[i])
+  for i = 8, #ARGV do
+    redis.call('HSET', KEYS[1], 'image:' .. (i - 8), ARGV[i])
   end
   redis.call('EXPIRE', KEYS[1], ARGV[3])
-  redis.call('HSET', KEYS[3], 'status', 'done')
+  redis.call('HSET', KEYS[3], 'status', ARGV[7])
   redis.call('EXPIRE', KEYS[3], ARGV[3])
   redis.call('PUBLISH', ARGV[4], ARGV[5])
   stored = 1
@@ -55,16 +61,69 @@ redis.call('XDEL', KEYS[2], ARGV[2])
 return stored
 """
 
-# KEYS: job record, attempts.  ARGV: worker, ttl, job events channel, job id.  Returns Redis time (ms).
+# Submit: the job's record and its stream entry together; with an idempotency key, at most one job per key.
+# KEYS: job record, stream[, idempotency key].  ARGV: job json, ttl, job id, request fingerprint.
+# Returns {"job-id fingerprint" of the key's job, 1 if this call created it}.
+_SUBMIT = """
+if KEYS[3] then
+  local existing = redis.call('GET', KEYS[3])
+  if existing then return {existing, 0} end
+end
+local entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[1])
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('HSET', KEYS[1], 'job', ARGV[1], 'status', 'queued', 'entry', entry, 'stream', KEYS[2], 'created', ms)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+local claim = ARGV[3] .. ' ' .. ARGV[4]
+if KEYS[3] then redis.call('SET', KEYS[3], claim, 'EX', ARGV[2]) end
+return {claim, 1}
+"""
+
+# KEYS: job record, attempts, result.  ARGV: worker, ttl, job events channel, job id.
+# Returns Redis time (ms), or -1 when the job was cancelled or already has a result: skip it.
 _START = """
+if redis.call('HGET', KEYS[1], 'status') == 'cancelled' or redis.call('EXISTS', KEYS[3]) == 1 then
+  return -1
+end
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
+redis.call('HDEL', KEYS[1], 'step', 'total')
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('RPUSH', KEYS[2], ARGV[1] .. '@' .. ms)
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('PUBLISH', ARGV[3], cjson.encode({id = ARGV[4], type = 'started', worker = ARGV[1]}))
 return ms
+"""
+
+# Record a finished denoising step, if `worker` still owns the running job; returns the job's status.
+# KEYS: job record.  ARGV: worker, step, total, job events channel, job id.
+_PROGRESS = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'running' and redis.call('HGET', KEYS[1], 'worker') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'step', ARGV[2], 'total', ARGV[3])
+  redis.call('PUBLISH', ARGV[4], cjson.encode({id = ARGV[5], type = 'progress',
+                                               step = tonumber(ARGV[2]), total = tonumber(ARGV[3])}))
+end
+return status or false
+"""
+
+# Cancel a job that has no result yet: store a `cancelled` result (so a worker's later one is dropped),
+# take its entry off the stream (a queued job is never delivered) and announce it.
+# KEYS: job record, result, stream, stats.  ARGV: ttl, completions channel, job id, meta.
+# Returns false for an unknown job, 'cancelled-now', or the status of a job that already finished.
+_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return false end
+if status == 'cancelled' or redis.call('EXISTS', KEYS[2]) == 1 then return status end
+redis.call('HSET', KEYS[2], 'meta', ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[1], 'status', 'cancelled')
+local entry = redis.call('HGET', KEYS[1], 'entry')
+if entry then redis.call('XDEL', KEYS[3], entry) end
+redis.call('HINCRBY', KEYS[4], 'cancelled', 1)
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 'cancelled-now'
 """
 
 # Take the oldest pending entry of a dead consumer, or forget the consumer once it holds none.
@@ -108,6 +167,45 @@ class ClaimedJob:
     deliveries: int = 1  # how many times the group has handed this entry out, this time included
 
 
+class IdempotencyConflict(Exception):
+    """An `Idempotency-Key` reused with a different request."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"the key was first used for job {job_id} with a different request")
+        self.job_id = job_id
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """The job a submit refers to: the one it created, or the earlier one with the same idempotency key."""
+
+    job_id: str
+    created: bool
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job's live state as stored: where it is, who runs it, how far it got."""
+
+    status: str  # queued, running, succeeded, failed or cancelled
+    job: Job | None
+    entry_id: str | None
+    worker: str | None = None
+    step: int | None = None
+    total: int | None = None
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> JobRecord:
+        def get(name: str) -> str | None:
+            value = fields.get(name.encode())
+            return None if value is None else value.decode()
+
+        raw_job, step, total = get("job"), get("step"), get("total")
+        return cls(status=get("status") or "queued", job=Job.model_validate_json(raw_job) if raw_job else None,
+                   entry_id=get("entry"), worker=get("worker"), step=None if step is None else int(step),
+                   total=None if total is None else int(total))
+
+
 @dataclass(frozen=True)
 class StoredResult:
     """A finished job as read back: metadata and the encoded images in order."""
@@ -123,7 +221,10 @@ class JobQueue:
         self._redis = redis
         self._keys = keys
         self._store = redis.register_script(_STORE_RESULT)
+        self._submit = redis.register_script(_SUBMIT)
         self._start = redis.register_script(_START)
+        self._progress = redis.register_script(_PROGRESS)
+        self._cancel = redis.register_script(_CANCEL)
         self._take_over = redis.register_script(_TAKE_OVER)
 
     async def ensure_group(self) -> None:
@@ -135,14 +236,22 @@ class JobQueue:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def submit(self, job: Job) -> str:
-        """Record and enqueue a job atomically; returns its stream entry id."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._keys.job(job.id), mapping={"job": job.model_dump_json(), "status": "queued"})
-            pipe.expire(self._keys.job(job.id), job.result_ttl_s)
-            pipe.xadd(self._keys.jobs_stream, {"job": job.model_dump_json()})
-            _, _, entry_id = await pipe.execute()
-        return _text(entry_id)
+    async def submit(self, job: Job, idempotency_key: str | None = None, fingerprint: str = "") -> Submitted:
+        """Record and enqueue a job atomically.
+
+        With an idempotency key, only the first submit creates a job; a later one with the same key and
+        `fingerprint` (a digest of the request) refers to that job, and one with another request raises
+        IdempotencyConflict. The key lives as long as the job's result.
+        """
+        keys = [self._keys.job(job.id), self._keys.jobs_stream]
+        if idempotency_key is not None:
+            keys.append(self._keys.idempotency(idempotency_key))
+        claim, created = await self._submit(keys=keys, args=[job.model_dump_json(), job.result_ttl_s, job.id,
+                                                             fingerprint])
+        job_id, _, first_fingerprint = _text(claim).partition(" ")
+        if first_fingerprint != fingerprint:
+            raise IdempotencyConflict(job_id)
+        return Submitted(job_id=job_id, created=bool(created))
 
     async def claim(self, consumer: str, block_ms: int) -> ClaimedJob | None:
         """Take the next new job for `consumer`, waiting up to `block_ms`; None if there was none.
@@ -157,15 +266,83 @@ class JobQueue:
         entry_id, fields = entries[0]
         return _parse_entry(_text(entry_id), fields)
 
-    async def start(self, claimed: ClaimedJob, worker_id: str) -> int:
+    async def start(self, claimed: ClaimedJob, worker_id: str) -> int | None:
         """Record that `worker_id` runs the job, append to its history, announce it.
 
-        Returns the Redis server time in ms: the one clock that hosts share, for queue-wait figures.
+        Returns the Redis server time in ms (the one clock that hosts share, for queue-wait figures), or
+        None when the job was cancelled (or already finished) and must not run: settle it with `discard`.
         """
         job = claimed.job
-        ms = await self._start(keys=[self._keys.job(job.id), self._keys.attempts(job.id)],
-                               args=[worker_id, job.result_ttl_s, self._keys.job_events_channel, job.id])
-        return int(ms)
+        ms = int(await self._start(keys=[self._keys.job(job.id), self._keys.attempts(job.id),
+                                         self._keys.result(job.id)],
+                                   args=[worker_id, job.result_ttl_s, self._keys.job_events_channel, job.id]))
+        return None if ms < 0 else ms
+
+    async def discard(self, claimed: ClaimedJob) -> None:
+        """Acknowledge and drop an entry whose job must not run (cancelled while queued)."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self._keys.jobs_stream, self._keys.workers_group, claimed.entry_id)
+            pipe.xdel(self._keys.jobs_stream, claimed.entry_id)
+            await pipe.execute()
+
+    async def progress(self, job_id: str, worker_id: str, step: int, total: int) -> str | None:
+        """Record and announce a finished denoising step; returns the job's status (None if unknown).
+
+        Only the worker the job is recorded as running on reports; a status of `cancelled` tells the
+        worker its result will be discarded.
+        """
+        status = await self._progress(keys=[self._keys.job(job_id)],
+                                      args=[worker_id, step, total, self._keys.job_events_channel, job_id])
+        return None if status is None else _text(status)
+
+    async def cancel(self, job_id: str) -> str | None:
+        """Cancel a job unless it already finished.
+
+        Returns None for an unknown job, `cancelled` if this call (or an earlier one) cancelled it, and the
+        final status (`succeeded` or `failed`) of a job that finished first. A queued job never runs; a
+        running one runs to the end and its result is dropped.
+        """
+        record = await self.record(job_id)
+        if record is None:
+            return None
+        job = record.job
+        meta = JobResult(id=job_id, status="cancelled", worker=record.worker, seed=job.seed if job else None,
+                         shape=job.shape if job else None).model_dump_json()
+        ttl = job.result_ttl_s if job else 3600
+        outcome = await self._cancel(keys=[self._keys.job(job_id), self._keys.result(job_id),
+                                           self._keys.jobs_stream, self._keys.stats],
+                                     args=[ttl, self._keys.completions_channel, job_id, meta])
+        if outcome is None:
+            return None
+        outcome = _text(outcome)
+        return "cancelled" if outcome == "cancelled-now" else outcome
+
+    async def record(self, job_id: str) -> JobRecord | None:
+        """A job's stored state, or None for an unknown (or expired) job."""
+        fields: dict[bytes, bytes] = await self._redis.hgetall(self._keys.job(job_id))  # type: ignore[assignment]
+        return JobRecord.from_fields(fields) if fields else None
+
+    async def positions(self, entry_ids: list[str], limit: int = 1000) -> dict[str, int]:
+        """How many undelivered jobs are ahead of each queued entry (0: it is next).
+
+        One XRANGE over the undelivered part of the stream, at most `limit` entries: positions beyond
+        that are reported as `limit`.
+        """
+        if not entry_ids:
+            return {}
+        last = await self._last_delivered()
+        newest = max(entry_ids, key=_entry_key)
+        ahead: list[tuple[int, int]] = []
+        if _entry_key(newest) > _entry_key(last):
+            entries: Any = await self._redis.xrange(self._keys.jobs_stream, min=f"({last}", max=newest, count=limit)
+            ahead = [_entry_key(_text(e[0])) for e in entries]
+        return {entry: min(bisect.bisect_left(ahead, _entry_key(entry)), limit) for entry in entry_ids}
+
+    async def _last_delivered(self) -> str:
+        for group in await self._redis.xinfo_groups(self._keys.jobs_stream):
+            if _text(group["name"]) == self._keys.workers_group:
+                return _text(group["last-delivered-id"])
+        return "0-0"
 
     async def reclaim(self, consumer: str, live: set[str], max_deliveries: int) -> ClaimedJob | None:
         """Take over one job from a consumer that is no longer alive (not in `live`), if there is one.
@@ -240,7 +417,7 @@ class JobQueue:
 
     def _store_args(self, entry_id: str, result: JobResult, images: list[bytes], ttl_s: int) -> list[Any]:
         return [self._keys.workers_group, entry_id, ttl_s, self._keys.completions_channel, result.id,
-                result.model_dump_json(), *images]
+                result.model_dump_json(), result.status, *images]
 
     async def fetch_result(self, job_id: str) -> StoredResult | None:
         """The stored result of a job, or None if it has not finished (or has expired)."""
@@ -251,23 +428,57 @@ class JobQueue:
         images = [fields[f"image:{k}".encode()] for k in range(result.image_count)]
         return StoredResult(result=result, images=images)
 
+    async def fetch_meta(self, job_id: str) -> JobResult | None:
+        """A finished job's result metadata without its images; None if it has not finished."""
+        meta = await self._redis.hget(self._keys.result(job_id), "meta")
+        return None if meta is None else JobResult.model_validate_json(meta)
+
+    async def fetch_image(self, job_id: str, index: int) -> tuple[JobResult, bytes | None] | None:
+        """One image of a finished job with its result metadata; None if the job has no stored result."""
+        fields: list[Any] = await self._redis.hmget(self._keys.result(job_id), ["meta", f"image:{index}"])
+        meta, image = fields
+        if meta is None:
+            return None
+        return JobResult.model_validate_json(meta), image
+
     async def job_status(self, job_id: str) -> str | None:
-        """`queued`, `running` or `done` while the job's record lives; None for an unknown id."""
+        """`queued`, `running`, `succeeded`, `failed` or `cancelled` while the job's record lives; None for an
+        unknown id."""
         status = await self._redis.hget(self._keys.job(job_id), "status")
         return None if status is None else _text(status)
 
 
-class CompletionListener:
-    """One subscription to the completions channel per gateway process, waking the waiting requests.
+@dataclass(frozen=True)
+class JobEvent:
+    """What a watcher of a job is told: `started` (worker), `progress` (step, total), `finished` (the result
+    is stored), or `resync` (the subscription was lost and restored: events may have been missed, re-read
+    the job's state)."""
 
-    Pub/sub delivers at most once, so after every (re)subscription the listener checks the stored
-    results of everything still waiting: a completion announced while it was disconnected is not missed.
+    type: str
+    worker: str | None = None
+    step: int | None = None
+    total: int | None = None
+
+
+RESYNC_EVENT = JobEvent(type="resync")
+FINISHED_EVENT = JobEvent(type="finished")
+
+
+class JobListener:
+    """One pub/sub subscription per gateway process to completions and job events, fanned out in memory.
+
+    Two kinds of interest: `expect(id)` is a future resolved when the job finishes (for requests that wait
+    for a result), `watch(id)` an asyncio queue of every JobEvent of the job (for event streams). Pub/sub
+    delivers at most once, so after every (re)subscription the listener checks the stored results of the
+    jobs it waits for, and tells every watcher to re-read its job's state: nothing is missed.
     """
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, watch_queue_size: int = 256) -> None:
         self._redis = redis
         self._keys = keys
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._watchers: dict[str, set[asyncio.Queue[JobEvent]]] = {}
+        self._watch_queue_size = watch_queue_size
         self.subscribed = asyncio.Event()
 
     def expect(self, job_id: str) -> asyncio.Future[None]:
@@ -278,16 +489,26 @@ class CompletionListener:
 
     def forget(self, job_id: str, future: asyncio.Future[None]) -> None:
         """Drop a waiter (finished, timed out or cancelled)."""
-        waiters = self._waiters.get(job_id)
-        if waiters is not None:
-            waiters.discard(future)
-            if not waiters:
-                del self._waiters[job_id]
+        _discard(self._waiters, job_id, future)
+
+    def watch(self, job_id: str) -> asyncio.Queue[JobEvent]:
+        """Every event of a job from now on; call before reading its state, and `unwatch` when done."""
+        events: asyncio.Queue[JobEvent] = asyncio.Queue(self._watch_queue_size)
+        self._watchers.setdefault(job_id, set()).add(events)
+        return events
+
+    def unwatch(self, job_id: str, events: asyncio.Queue[JobEvent]) -> None:
+        _discard(self._watchers, job_id, events)
 
     @property
     def waiting(self) -> int:
         """How many requests are waiting for a result."""
         return sum(len(w) for w in self._waiters.values())
+
+    @property
+    def watching(self) -> int:
+        """How many event streams are open."""
+        return sum(len(w) for w in self._watchers.values())
 
     async def run(self) -> None:
         """Listen until cancelled, resubscribing with backoff when Redis goes away."""
@@ -297,18 +518,46 @@ class CompletionListener:
                 await self._listen()
             except (*UNAVAILABLE, OSError) as exc:
                 self.subscribed.clear()
-                logger.warning("completions subscription lost (%s); retrying in %.1fs", exc, backoff)
+                logger.warning("job events subscription lost (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
     async def _listen(self) -> None:
+        completions, events = self._keys.completions_channel, self._keys.job_events_channel
         async with self._redis.pubsub() as pubsub:
-            await pubsub.subscribe(self._keys.completions_channel)
+            await pubsub.subscribe(completions, events)
             self.subscribed.set()
             await self._resolve_finished()
+            for job_id in list(self._watchers):
+                self._tell(job_id, RESYNC_EVENT)
             async for message in pubsub.listen():
-                if message["type"] == "message":
-                    self._resolve(_text(message["data"]))
+                if message["type"] != "message":
+                    continue
+                if _text(message["channel"]) == completions:
+                    job_id = _text(message["data"])
+                    self._resolve(job_id)
+                    self._tell(job_id, FINISHED_EVENT)
+                else:
+                    self._on_job_event(message["data"])
+
+    def _on_job_event(self, data: bytes) -> None:
+        try:
+            event = json.loads(data)
+            job_id = event["id"]
+            parsed = JobEvent(type=str(event["type"]), worker=event.get("worker"), step=event.get("step"),
+                              total=event.get("total"))
+        except (ValueError, KeyError, TypeError):
+            logger.warning("ignoring a malformed job event: %r", data[:200])
+            return
+        self._tell(str(job_id), parsed)
+
+    def _tell(self, job_id: str, event: JobEvent) -> None:
+        for events in self._watchers.get(job_id, ()):
+            try:
+                events.put_nowait(event)
+            except asyncio.QueueFull:  # a stalled reader: it will re-read the state instead
+                events.get_nowait()
+                events.put_nowait(RESYNC_EVENT)
 
     async def _resolve_finished(self) -> None:
         job_ids = list(self._waiters)
@@ -326,6 +575,14 @@ class CompletionListener:
         for future in self._waiters.pop(job_id, ()):
             if not future.done():
                 future.set_result(None)
+
+
+def _discard(registry: dict[str, set[Any]], job_id: str, item: Any) -> None:
+    items = registry.get(job_id)
+    if items is not None:
+        items.discard(item)
+        if not items:
+            del registry[job_id]
 
 
 def _parse_entry(entry_id: str, fields: dict[bytes, bytes], deliveries: int = 1) -> ClaimedJob:
@@ -358,6 +615,12 @@ def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "job"
     return f"{where}: {err['msg']}"
+
+
+def _entry_key(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as a sortable (milliseconds, sequence) pair."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _text(value: bytes | str) -> str:

@@ -15,12 +15,14 @@ from aiohttp import web
 
 from common.config import GatewayConfig, log_config
 from common.keys import Keys
-from common.queue import CompletionListener, JobQueue
+from common.queue import JobListener, JobQueue
 from common.redis_conn import connect
 from common.registry import Registry
-from gateway.appkeys import CONFIG, GATEWAY_ID, LISTENER, QUEUE, REDIS, REGISTRY
+from gateway.appkeys import CONFIG, GATEWAY_ID, LISTENER, OPENAPI, POSITIONS, QUEUE, REDIS, REGISTRY
 from gateway.middlewares import error_middleware
-from gateway.routes import setup_routes
+from gateway.openapi import build_openapi
+from gateway.positions import PositionBoard
+from gateway.routes import ROUTES, setup_routes
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +36,10 @@ def create_app(config: GatewayConfig) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
     app[CONFIG] = config
     app[GATEWAY_ID] = f"gw-{uuid.uuid4().hex[:8]}"
-    app.cleanup_ctx.extend([_redis_ctx, _listener_ctx])
+    app.cleanup_ctx.extend([_redis_ctx, _listener_ctx, _positions_ctx])
     app.on_response_prepare.append(_no_stale_pages)
     setup_routes(app)
+    app[OPENAPI] = build_openapi(ROUTES)
     return app
 
 
@@ -59,10 +62,19 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _listener_ctx(app: web.Application) -> AsyncIterator[None]:
-    listener = CompletionListener(app[REDIS], Keys(app[CONFIG].key_prefix))
+    listener = JobListener(app[REDIS], Keys(app[CONFIG].key_prefix))
     app[LISTENER] = listener
     task = asyncio.create_task(listener.run(), name="completion-listener")
     await asyncio.wait_for(listener.subscribed.wait(), LISTENER_READY_TIMEOUT_S)
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def _positions_ctx(app: web.Application) -> AsyncIterator[None]:
+    board = PositionBoard(app[QUEUE])
+    app[POSITIONS] = board
+    task = asyncio.create_task(board.run(), name="queue-positions")
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)

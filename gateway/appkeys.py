@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis.asyncio as aioredis
 from aiohttp import web
 
 from common.config import GatewayConfig
-from common.queue import CompletionListener, JobQueue
+from common.queue import JobListener, JobQueue
 from common.registry import Registry
+from gateway.positions import PositionBoard
 
 CONFIG = web.AppKey("config", GatewayConfig)
 GATEWAY_ID = web.AppKey("gateway_id", str)
 REDIS = web.AppKey("redis", aioredis.Redis)
 QUEUE = web.AppKey("queue", JobQueue)
 REGISTRY = web.AppKey("registry", Registry)
-LISTENER = web.AppKey("listener", CompletionListener)
+LISTENER = web.AppKey("listener", JobListener)
+POSITIONS = web.AppKey("positions", PositionBoard)
+OPENAPI = web.AppKey("openapi", dict[str, Any])

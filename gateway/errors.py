@@ -23,6 +23,14 @@ class ApiError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message, "field": self.field}, **self.extra}
 
+    def openai_body(self) -> dict[str, Any]:
+        """The same error in the OpenAI API's shape, for the OpenAI-compatible routes."""
+        kind = ("invalid_request_error" if self.status < 500 else "server_error") if self.status != 429 \
+            else "rate_limit_error"
+        if self.status in (401, 403):
+            kind = "authentication_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.field, "code": self.code}}
+
     def __repr__(self) -> str:
         return f"ApiError({self.status}, {self.code!r}, {self.message!r}, field={self.field!r})"
 

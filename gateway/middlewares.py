@@ -13,26 +13,33 @@ from gateway.errors import ApiError
 logger = logging.getLogger(__name__)
 
 
+# Routes that speak the OpenAI API answer errors in its shape.
+OPENAI_PREFIX = "/v1/images/"
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn domain errors, aiohttp's HTTP errors and anything unexpected into JSON error responses."""
     try:
         return await handler(request)
     except ApiError as exc:
-        return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+        return _respond(request, exc)
     except UNAVAILABLE as exc:
         logger.warning("redis unavailable on %s %s: %s", request.method, request.path, exc)
-        error = ApiError(503, "queue_unavailable", "the job queue is unreachable; retry shortly")
-        return web.json_response(error.body(), status=503, headers={"Retry-After": "2"})
+        return _respond(request, ApiError(503, "queue_unavailable", "the job queue is unreachable; retry shortly",
+                                          headers={"Retry-After": "2"}))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        error = ApiError(exc.status, _code(exc), exc.reason)
-        return web.json_response(error.body(), status=exc.status)
+        return _respond(request, ApiError(exc.status, _code(exc), exc.reason))
     except Exception:  # the gateway's catch-all boundary: log it, answer 500, keep serving
         logger.exception("unhandled error on %s %s", request.method, request.path)
-        error = ApiError(500, "internal_error", "internal server error")
-        return web.json_response(error.body(), status=500)
+        return _respond(request, ApiError(500, "internal_error", "internal server error"))
+
+
+def _respond(request: web.Request, error: ApiError) -> web.Response:
+    body = error.openai_body() if request.path.startswith(OPENAI_PREFIX) else error.body()
+    return web.json_response(body, status=error.status, headers=error.headers)
 
 
 def _code(exc: web.HTTPException) -> str:

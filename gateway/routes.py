@@ -1,19 +1,101 @@
-"""URL table of the gateway."""
+"""URL table of the gateway: every route with the schemas it validates and answers with.
+
+The same table registers the handlers and generates `/openapi.json` (gateway/openapi.py), so the
+published description cannot drift from what the code accepts.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
+from pydantic import BaseModel
 
-from gateway import views
+from common.protocol import JOB_EVENTS, ErrorResponse, GenerateRequest, GenerateResponse, JobAccepted, JobState
+from gateway import events, openai_api, views
+from gateway.jobs import IDEMPOTENCY_HEADER
 
 STATIC_DIR = Path(__file__).parent / "static"
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One documented response: a JSON model, or other media types described in words."""
+
+    description: str
+    model: type[BaseModel] | None = None
+    media_types: tuple[str, ...] = ("application/json",)
+    one_of: tuple[type[BaseModel], ...] = ()  # for event streams: the models of the events' data
+
+
+@dataclass(frozen=True)
+class Route:
+    """A route as registered and as documented."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    body: type[BaseModel] | None = None
+    replies: Mapping[int, Reply] = field(default_factory=dict)
+    errors: Mapping[int, str] = field(default_factory=dict)
+    error_model: type[BaseModel] = ErrorResponse
+    headers: Mapping[str, str] = field(default_factory=dict)  # request headers the route reads
+    tag: str = "jobs"
+
+
+_BAD = {400: "invalid body: the error names the field and the rule",
+        415: "the body is not application/json", 413: "the body is over 64 KiB"}
+_SUBMIT_ERRORS = {**_BAD, 422: f"{IDEMPOTENCY_HEADER} reused with a different request",
+                  503: "no worker is serving yet, or the queue is unreachable (see Retry-After)"}
+_UNKNOWN = {404: "unknown job (never submitted, or its result expired)"}
+_IDEMPOTENCY = {IDEMPOTENCY_HEADER: "a client-chosen key (1..255 printable ASCII): a retry with the same key and "
+                "body refers to the first job instead of creating another"}
+
+ROUTES: tuple[Route, ...] = (
+    Route("POST", "/v1/jobs", views.submit_job, "Queue a generation; answers at once with where to follow it",
+          body=GenerateRequest, replies={202: Reply("queued (or, for a replayed Idempotency-Key, the existing "
+                                                    "job)", JobAccepted)},
+          errors=_SUBMIT_ERRORS, headers=_IDEMPOTENCY),
+    Route("GET", "/v1/jobs/{job_id}", views.job_status, "A job's status, queue position, progress and result",
+          replies={200: Reply("the job's state", JobState)}, errors=_UNKNOWN),
+    Route("DELETE", "/v1/jobs/{job_id}", views.cancel_job,
+          "Cancel a job: a queued job never runs; a running job's result is discarded",
+          replies={200: Reply("cancelled (again: cancelling twice is harmless)", JobState)},
+          errors={**_UNKNOWN, 409: "the job already succeeded or failed"}),
+    Route("GET", "/v1/jobs/{job_id}/events", events.job_events,
+          "Server-sent events: queued (position), started, progress per step, then succeeded, failed or "
+          "cancelled", replies={200: Reply("an event stream; each event's name is its type and its data one of "
+                                          "these objects", media_types=("text/event-stream",),
+                                          one_of=tuple(JOB_EVENTS.values()))},
+          errors=_UNKNOWN),
+    Route("GET", "/v1/jobs/{job_id}/images/{index}", views.job_image, "One image of a succeeded job",
+          replies={200: Reply("the image, in the job's output format", media_types=IMAGE_TYPES)},
+          errors={404: "unknown job or image index", 409: "the job has not succeeded (yet)"}),
+    Route("POST", "/v1/generate", views.generate, "Generate and wait: the images, base64-encoded, in the answer",
+          body=GenerateRequest, replies={200: Reply("the images and timings", GenerateResponse)},
+          errors={**_SUBMIT_ERRORS, 409: "the job was cancelled", 500: "the generation failed",
+                  504: "not finished in time: the body has the job id and status_url to collect it later"},
+          headers=_IDEMPOTENCY),
+    Route("POST", "/v1/images/generations", openai_api.images_generations,
+          "OpenAI Images API: create images from a prompt", body=openai_api.ImageGenerationRequest,
+          replies={200: Reply("the images", openai_api.ImagesResponse)},
+          errors={**_SUBMIT_ERRORS, 500: "the generation failed", 504: "not finished in time"},
+          error_model=openai_api.OpenAIErrorResponse, tag="openai"),
+    Route("GET", "/healthz", views.healthz, "Liveness: the process answers",
+          replies={200: Reply("alive")}, tag="operations"),
+    Route("GET", "/openapi.json", views.openapi, "This description", replies={200: Reply("OpenAPI 3.1")},
+          tag="operations"),
+    Route("GET", "/", views.index, "The demo page", replies={200: Reply("HTML", media_types=("text/html",))},
+          tag="demo"),
+)
 
 
 def setup_routes(app: web.Application) -> None:
-    app.router.add_get("/", views.index)
-    app.router.add_get("/healthz", views.healthz)
-    app.router.add_post("/v1/generate", views.generate)
-    app.router.add_get("/v1/jobs/{job_id}", views.job_status)
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler)
     app.router.add_static("/static/", STATIC_DIR, name="static")

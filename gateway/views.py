@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import secrets
 import time
-import uuid
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from common.protocol import GenerateRequest, GenerateResponse, Job, ResponseTimings
-from common.queue import JobQueue, StoredResult
-from common.redis_conn import UNAVAILABLE
-from gateway.appkeys import CONFIG, LISTENER, QUEUE, REGISTRY
+from common.protocol import GenerateRequest, GenerateResponse, JobAccepted, JobState
+from common.queue import StoredResult
+from gateway import jobs
+from gateway.appkeys import CONFIG, OPENAPI, QUEUE
 from gateway.errors import ApiError, from_validation_error
-from gateway.shapes import resolve_shape
+
+M = TypeVar("M", bound=BaseModel)
 
 INDEX_HTML = Path(__file__).parent / "static" / "index.html"
 
@@ -33,93 +31,117 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def openapi(request: web.Request) -> web.Response:
+    """The OpenAPI description, built at start from the route table."""
+    return web.json_response(request.app[OPENAPI])
+
+
 async def generate(request: web.Request) -> web.Response:
     """Queue a generation and wait for its images (504 with the job id past the deadline)."""
     received = time.perf_counter()
-    body = await _parse(request)
-    job = await _make_job(request, body)
-    stored = await _submit_and_wait(request, job)
-    if stored.result.status != "succeeded":
-        raise ApiError(500, "generation_failed", stored.result.error or "generation failed", id=job.id)
+    body = await parse_body(request, GenerateRequest)
+    job = await jobs.make_job(request, body)
+    stored = await jobs.submit_and_wait(request, body, job)
+    jobs.raise_unless_succeeded(stored)
     return _json(_generate_response(stored, received))
 
 
+async def submit_job(request: web.Request) -> web.Response:
+    """Queue a generation and answer at once, 202 with where to follow it."""
+    body = await parse_body(request, GenerateRequest)
+    job = await jobs.make_job(request, body)
+    submitted = await jobs.submit(request, body, job)
+    job_id = submitted.job_id
+    status = "queued"
+    if not submitted.created:
+        state = await jobs.read_state(request.app, job_id)
+        status = state[0].status if state is not None else status
+    accepted = JobAccepted(id=job_id, status=status, status_url=jobs.status_url(job_id),  # type: ignore[arg-type]
+                           events_url=jobs.events_url(job_id))
+    headers = {"Location": accepted.status_url}
+    if not submitted.created:
+        headers["Idempotent-Replayed"] = "true"
+    return _json(accepted, status=202, headers=headers)
+
+
 async def job_status(request: web.Request) -> web.Response:
-    """A job's state, with its result once it has one; how a client collects a job after a 504."""
+    """A job's state: queue position, progress, then its result (image URLs) or error."""
     job_id = request.match_info["job_id"]
-    stored = await request.app[QUEUE].fetch_result(job_id)
-    if stored is not None:
-        payload: dict[str, Any] = {"id": job_id, "status": stored.result.status}
-        if stored.result.status == "succeeded":
-            payload["result"] = _generate_response(stored, None).model_dump()
-        else:
-            payload["error"] = {"code": "generation_failed", "message": stored.result.error}
-        return web.json_response(payload)
-    status = await request.app[QUEUE].job_status(job_id)
-    if status is None:
-        raise ApiError(404, "unknown_job", f"no job {job_id!r} (never submitted, or its result expired)",
-                       field="job_id")
-    return web.json_response({"id": job_id, "status": status})
+    state = await jobs.read_state(request.app, job_id)
+    if state is None:
+        raise jobs.unknown_job(job_id)
+    return _json(state[0])
 
 
-async def _parse(request: web.Request) -> GenerateRequest:
+async def cancel_job(request: web.Request) -> web.Response:
+    """Cancel a queued or running job; 409 for one that already succeeded or failed."""
+    job_id = request.match_info["job_id"]
+    outcome = await request.app[QUEUE].cancel(job_id)
+    if outcome is None:
+        raise jobs.unknown_job(job_id)
+    if outcome != "cancelled":
+        raise ApiError(409, "already_finished", f"job {job_id} already {outcome}; only queued or running jobs "
+                       "can be cancelled", field="job_id", job_status=outcome)
+    state = await jobs.read_state(request.app, job_id)
+    return _json(state[0] if state is not None else JobState(id=job_id, status="cancelled"))
+
+
+async def job_image(request: web.Request) -> web.Response:
+    """One image of a succeeded job, with its media type."""
+    job_id = request.match_info["job_id"]
+    index = _image_index(request.match_info["index"])
+    found = await request.app[QUEUE].fetch_image(job_id, index)
+    if found is None:
+        status = await request.app[QUEUE].job_status(job_id)
+        if status is None:
+            raise jobs.unknown_job(job_id)
+        raise ApiError(409, "not_finished", f"job {job_id} is {status}; its images exist once it has succeeded",
+                       field="job_id", job_status=status)
+    result, image = found
+    if result.status != "succeeded":
+        raise ApiError(409, "no_images", f"job {job_id} {result.status}; it has no images", field="job_id",
+                       job_status=result.status)
+    if image is None:
+        raise ApiError(404, "unknown_image", f"job {job_id} has images 0..{result.image_count - 1}", field="index")
+    return web.Response(body=image, content_type=result.media_type, headers={
+        "Cache-Control": f"private, max-age={request.app[CONFIG].result_ttl_s}, immutable",
+        "Content-Disposition": f'inline; filename="{job_id}-{index}.{_extension(result.media_type)}"'})
+
+
+def _image_index(text: str) -> int:
+    if not text.isdigit() or len(text) > 4:
+        raise ApiError(404, "unknown_image", "the image index must be a small non-negative integer", field="index")
+    return int(text)
+
+
+def _extension(media_type: str) -> str:
+    return {"image/jpeg": "jpg"}.get(media_type, media_type.rpartition("/")[2])
+
+
+async def parse_body(request: web.Request, model: type[M]) -> M:
+    """The JSON body validated against `model`; 415 for another media type, 400 naming the field."""
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")
     try:
-        return GenerateRequest.model_validate_json(await request.read())
+        return model.model_validate_json(await request.read())
     except ValidationError as exc:
         raise from_validation_error(exc) from None
 
 
-async def _make_job(request: web.Request, body: GenerateRequest) -> Job:
-    workers = await request.app[REGISTRY].workers()
-    shape = resolve_shape(body, workers)
-    seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
-    return Job(id=uuid.uuid4().hex, prompt=body.prompt, negative_prompt=body.negative_prompt, seed=seed,
-               guidance_scale=body.guidance_scale, shape=shape, result_ttl_s=request.app[CONFIG].result_ttl_s)
-
-
-async def _submit_and_wait(request: web.Request, job: Job) -> StoredResult:
-    listener = request.app[LISTENER]
-    queue = request.app[QUEUE]
-    done = listener.expect(job.id)
-    status_url = f"/v1/jobs/{job.id}"
-    try:
-        await queue.submit(job)  # a Redis error here means not accepted: the middleware answers 503
-        async with asyncio.timeout(request.app[CONFIG].request_timeout_s):
-            await done
-            stored = await _read_result(queue, job.id)
-    except TimeoutError:
-        raise ApiError(504, "timeout", "the job did not finish in time; it is still queued or running "
-                       "and its result can be fetched from status_url", id=job.id, status_url=status_url) from None
-    except UNAVAILABLE:
-        raise ApiError(503, "queue_unavailable", "the job was accepted but its result cannot be read right "
-                       "now; fetch it from status_url", headers={"Retry-After": "2"}, id=job.id,
-                       status_url=status_url) from None
-    finally:
-        listener.forget(job.id, done)
-    return stored
-
-
-async def _read_result(queue: JobQueue, job_id: str) -> StoredResult:
-    stored = await queue.fetch_result(job_id)
-    if stored is None:  # stored, announced, then expired within the instant: vanishingly rare
-        raise ApiError(500, "result_expired", "the result expired before it could be read", id=job_id)
-    return stored
-
-
 def _generate_response(stored: StoredResult, received: float | None) -> GenerateResponse:
-    """The response body; `received` (perf_counter at arrival) gives total_ms, None for a later fetch."""
+    """The synchronous response body; `received` (perf_counter at arrival) gives total_ms."""
     result = stored.result
-    assert result.shape is not None and result.timings is not None and result.seed is not None
+    assert result.shape is not None and result.seed is not None and result.worker is not None
     images = [base64.b64encode(image).decode("ascii") for image in stored.images]
-    total_ms = (time.perf_counter() - received) * 1000 if received is not None else None
     return GenerateResponse(
         id=result.id, seed=result.seed, width=result.shape.width, height=result.shape.height,
         num_inference_steps=result.shape.steps, worker=result.worker, images=images,
-        timings=ResponseTimings(**result.timings.model_dump(), total_ms=total_ms),
+        timings=jobs.response_timings(result, received, time.perf_counter()),
     )
 
 
-def _json(model: GenerateResponse) -> web.Response:
-    return web.Response(body=model.model_dump_json(), content_type="application/json")
+def _json(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    # Optional fields that do not apply (a queued job's result, ...) are left out rather than sent as null.
+    exclude_none = isinstance(model, JobState)
+    return web.Response(body=model.model_dump_json(exclude_none=exclude_none), status=status,
+                        content_type="application/json", headers=headers)

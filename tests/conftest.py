@@ -18,7 +18,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,16 @@ import aiohttp
 import pytest
 import redis
 import redis.asyncio as aioredis
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 
 from common.cluster import free_port, wait_http
+from common.config import GatewayConfig
 from common.keys import Keys
-from common.protocol import Shape
+from common.protocol import JobResult, Shape, Timings
+from common.queue import ClaimedJob, JobQueue
 from common.registry import Registry, WorkerInfo
+from gateway.app import create_app
 
 # Two step counts, so tests can tell a compiled shape from one that is not.
 TEST_SHAPES = (Shape(width=64, height=64, steps=2), Shape(width=64, height=64, steps=3))
@@ -183,3 +189,53 @@ def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
 
+
+
+# --- A gateway in this process (aiohttp test client), with a test playing the worker.
+
+ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
+
+
+async def register_worker(redis_client: aioredis.Redis, worker_id: str = "w1", state: str = "ready") -> None:
+    """Register a worker serving TEST_SHAPES, so the gateway accepts requests for them."""
+    info = WorkerInfo(id=worker_id, host="h", pid=1, model="m", images_per_request=4, state=state,  # type: ignore[arg-type]
+                      shapes=list(TEST_SHAPES), started_at=time.time())
+    await Registry(redis_client, Keys()).publish(info, ttl_s=60)
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer, redis_client: aioredis.Redis,
+                 aiohttp_client: ClientFactory) -> TestClient[Any, Any]:
+    """A gateway on db 0 with a 1 s request timeout."""
+    config = GatewayConfig(redis_url=redis_server.url(0), request_timeout_s=1.0, result_ttl_s=60)
+    return await aiohttp_client(create_app(config))
+
+
+@pytest.fixture
+async def fake_worker(redis_client: aioredis.Redis) -> AsyncIterator[None]:
+    await register_worker(redis_client)
+    yield
+
+
+async def claim_next(redis_client: aioredis.Redis, worker_id: str = "test-worker") -> ClaimedJob:
+    """Claim the next job as a worker would, waiting for one to be queued."""
+    queue = JobQueue(redis_client, Keys())
+    claimed = None
+    while claimed is None:
+        claimed = await queue.claim(worker_id, block_ms=1000)
+    return claimed
+
+
+async def finish(redis_client: aioredis.Redis, claimed: ClaimedJob, images: list[bytes],
+                 media_type: str = "image/png", worker_id: str = "test-worker") -> bool:
+    """Store a successful result for a claimed job, as a worker would."""
+    job = claimed.job
+    result = JobResult(id=job.id, status="succeeded", worker=worker_id, seed=job.seed, shape=job.shape,
+                       media_type=media_type, image_count=len(images),
+                       timings=Timings(queued_ms=1.0, generate_ms=2.0, encode_ms=3.0))
+    return await JobQueue(redis_client, Keys()).complete(claimed, result, images)
+
+
+async def play_worker(redis_client: aioredis.Redis, images: list[bytes]) -> None:
+    """Claim the next job and store a successful result, as a worker would."""
+    await finish(redis_client, await claim_next(redis_client), images)

@@ -10,7 +10,6 @@ reach the test network's addresses). It talks to the test on stdout/stdin, one J
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import sys
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
+from bench.chaos import digest, stored_digest
 from common.keys import Keys
 from common.queue import JobQueue
 from common.registry import Registry
@@ -29,8 +29,6 @@ def say(**payload: Any) -> None:
     print(json.dumps(payload), flush=True)
 
 
-def digest(images: list[str]) -> str:
-    return hashlib.sha256("".join(images).encode()).hexdigest()
 
 
 async def main(redis_url: str, gateway_url: str, steps: int) -> None:
@@ -45,10 +43,8 @@ async def main(redis_url: str, gateway_url: str, steps: int) -> None:
         say(response={"id": response["id"], "worker": response["worker"], "digest": digest(response["images"])})
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         await _duplicate_dropped(events, JobQueue(client, KEYS))
-        async with session.get(f"{gateway_url}/v1/jobs/{response['id']}") as later:
-            result = (await later.json())["result"]
-        say(after={"worker": result["worker"], "digest": digest(result["images"]),
-                   "stats": await JobQueue(client, KEYS).stats()})
+        worker, stored = await stored_digest(session, gateway_url, response["id"])
+        say(after={"worker": worker, "digest": stored, "stats": await JobQueue(client, KEYS).stats()})
     await events.aclose()
     await client.aclose()
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from common.keys import Keys
 from common.protocol import Job
-from common.queue import CompletionListener, JobQueue
+from common.queue import JobListener, JobQueue
 from common.registry import WorkerInfo
 from tests.conftest import (
     TEST_SHAPES,
@@ -83,7 +83,7 @@ async def test_job_with_uncompiled_shape_fails_cleanly_and_worker_carries_on(clu
     """A job that skipped the gateway's checks (never trust the queue) fails with a reason."""
     client = aioredis.Redis.from_url(cluster.redis_url)
     keys = Keys()
-    listener = CompletionListener(client, keys)
+    listener = JobListener(client, keys)
     listening = asyncio.create_task(listener.run())
     try:
         await asyncio.wait_for(listener.subscribed.wait(), 10)
@@ -117,13 +117,16 @@ async def test_worker_takes_no_job_before_warm_up(redis_server: RedisServer, tin
         assert first.state == "warming"
         job = Job.model_validate({"id": "early-1", "prompt": "x", "seed": 1, "guidance_scale": 7.5,
                                   "shape": TEST_SHAPES[0].model_dump(), "result_ttl_s": 60})
-        entry_id = await queue.submit(job)
+        await queue.submit(job)
+        record = await queue.record(job.id)
+        assert record is not None and record.entry_id is not None
+        entry_id = record.entry_id
         # Still warming: the worker has not joined the group, so nobody holds the job.
         assert (await client.xpending(keys.jobs_stream, keys.workers_group))["pending"] == 0
         assert await client.xinfo_consumers(keys.jobs_stream, keys.workers_group) == []
         ready = await wait_ready(redis_url, 1, prefix)
         assert ready[0].ready_at is not None
-        listener = CompletionListener(client, keys)
+        listener = JobListener(client, keys)
         done = listener.expect(job.id)
         listening = asyncio.create_task(listener.run())
         await asyncio.wait_for(done, 60)

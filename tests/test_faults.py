@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 
 from common.cluster import free_port, wait_http
 from common.keys import Keys
-from common.queue import CompletionListener, JobQueue
+from common.queue import JobListener, JobQueue
 from common.registry import Registry
 from tests.conftest import READY_TIMEOUT_S, ProcessGroup, post_generate, wait_ready
 
@@ -194,7 +194,7 @@ async def test_job_survives_its_gateway_and_is_fetchable_from_another(cluster: F
     first = cluster.processes.start("doomed-gateway", "gateway", "--redis-url", cluster.redis.url,
                                     "--host", "127.0.0.1", "--port", str(port))
     await wait_http(f"http://127.0.0.1:{port}/healthz", READY_TIMEOUT_S)
-    listener = CompletionListener(client, Keys())
+    listener = JobListener(client, Keys())
     listening = asyncio.create_task(listener.run())
     try:
         request = asyncio.create_task(post_generate(f"http://127.0.0.1:{port}", seed=9, num_inference_steps=SLOW_STEPS))

@@ -4,57 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from common.config import GatewayConfig
 from common.keys import Keys
-from common.protocol import JobResult, Shape, Timings
-from common.queue import JobQueue
-from common.registry import Registry, WorkerInfo
-from gateway.app import create_app
-from tests.conftest import RedisServer
+from tests.conftest import TEST_SHAPES, play_worker
 
 KEYS = Keys()
-SHAPES = [Shape(width=64, height=64, steps=2), Shape(width=64, height=64, steps=3)]
-ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
-
-
-async def register_worker(redis_client: aioredis.Redis, worker_id: str = "w1", state: str = "ready") -> None:
-    info = WorkerInfo(id=worker_id, host="h", pid=1, model="m", images_per_request=4, state=state,  # type: ignore[arg-type]
-                      shapes=SHAPES, started_at=time.time())
-    await Registry(redis_client, KEYS).publish(info, ttl_s=60)
-
-
-@pytest.fixture
-async def client(redis_server: RedisServer, redis_client: aioredis.Redis,
-                 aiohttp_client: ClientFactory) -> TestClient[Any, Any]:
-    config = GatewayConfig(redis_url=redis_server.url(0), request_timeout_s=1.0, result_ttl_s=60)
-    return await aiohttp_client(create_app(config))
-
-
-async def play_worker(redis_client: aioredis.Redis, images: list[bytes]) -> None:
-    """Claim the next job and store a successful result, as a worker would."""
-    queue = JobQueue(redis_client, KEYS)
-    claimed = None
-    while claimed is None:
-        claimed = await queue.claim("test-worker", block_ms=1000)
-    job = claimed.job
-    result = JobResult(id=job.id, status="succeeded", worker="test-worker", seed=job.seed, shape=job.shape,
-                       image_count=len(images), timings=Timings(queued_ms=1.0, generate_ms=2.0, encode_ms=3.0))
-    await queue.complete(claimed, result, images)
-
-
-@pytest.fixture
-async def fake_worker(redis_client: aioredis.Redis) -> AsyncIterator[None]:
-    await register_worker(redis_client)
-    yield
+SHAPES = TEST_SHAPES
 
 
 async def test_healthz_and_demo_page(client: TestClient[Any, Any]) -> None:
@@ -146,8 +106,10 @@ async def test_deadline_gives_504_with_id_and_result_is_fetchable_later(
     body = await response.json()
     assert body["error"]["code"] == "timeout" and body["status_url"] == f"/v1/jobs/{body['id']}"
     queued = await client.get(body["status_url"])
-    assert (await queued.json()) == {"id": body["id"], "status": "queued"}
+    assert (await queued.json()) == {"id": body["id"], "status": "queued", "queue_position": 0}
     await play_worker(redis_client, [b"late"] * 4)
     done = await (await client.get(body["status_url"])).json()
-    assert done["status"] == "succeeded"
-    assert base64.b64decode(done["result"]["images"][0]) == b"late"
+    assert done["status"] == "succeeded" and done["worker"] == "test-worker"
+    assert done["result"]["images"] == [f"/v1/jobs/{body['id']}/images/{k}" for k in range(4)]
+    image = await client.get(done["result"]["images"][0])
+    assert image.status == 200 and image.content_type == "image/png" and await image.read() == b"late"

@@ -73,3 +73,14 @@ def test_images_must_divide_over_devices(tiny_model: Path) -> None:
 
 def test_default_shapes_are_native_size(pipeline: SDXLPipeline) -> None:
     assert pipeline.default_shapes() == (Shape(width=64, height=64, steps=20),)
+
+
+def test_the_compiled_loop_reports_every_step_in_order(pipeline: SDXLPipeline) -> None:
+    steps: list[int] = []
+    images = pipeline.generate(SHAPE, "progress", "", 5, 7.5, on_step=steps.append)
+    assert steps == [1, 2]  # once per step from the first device only, each after its step's work
+    quiet = pipeline.variant(report_progress=False)
+    quiet.compile(SHAPE)
+    silent: list[int] = []
+    np.testing.assert_array_equal(quiet.generate(SHAPE, "progress", "", 5, 7.5, on_step=silent.append), images)
+    assert silent == []

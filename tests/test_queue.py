@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from common.keys import Keys
 from common.protocol import Job, JobResult, Shape, Timings
-from common.queue import ClaimedJob, CompletionListener, JobQueue, MalformedJob
+from common.queue import ClaimedJob, JobListener, JobQueue, MalformedJob
 
 KEYS = Keys()
 SHAPE = Shape(width=64, height=64, steps=2)
@@ -58,7 +58,7 @@ async def test_complete_stores_result_acks_and_deletes_entry(redis_client: aiore
     assert await queue.complete(claimed, success(job), [b"png-0", b"png-1"])
     stored = await queue.fetch_result(job.id)
     assert stored is not None and stored.images == [b"png-0", b"png-1"]
-    assert stored.result.status == "succeeded" and await queue.job_status(job.id) == "done"
+    assert stored.result.status == "succeeded" and await queue.job_status(job.id) == "succeeded"
     pending = await redis_client.xpending(KEYS.jobs_stream, KEYS.workers_group)
     assert pending["pending"] == 0 and await redis_client.xlen(KEYS.jobs_stream) == 0
     assert 0 < await redis_client.ttl(KEYS.result(job.id)) <= 60
@@ -109,7 +109,7 @@ async def complete_next(queue: JobQueue, job: Job) -> None:
 
 async def test_listener_wakes_the_waiting_request(redis_client: aioredis.Redis) -> None:
     queue = await queue_with_group(redis_client)
-    listener = CompletionListener(redis_client, KEYS)
+    listener = JobListener(redis_client, KEYS)
     task = asyncio.create_task(listener.run())
     try:
         await asyncio.wait_for(listener.subscribed.wait(), 10)
@@ -129,7 +129,7 @@ async def test_listener_wakes_the_waiting_request(redis_client: aioredis.Redis) 
 
 async def test_listener_catches_results_stored_before_it_subscribed(redis_client: aioredis.Redis) -> None:
     queue = await queue_with_group(redis_client)
-    listener = CompletionListener(redis_client, KEYS)
+    listener = JobListener(redis_client, KEYS)
     job = make_job()
     done = listener.expect(job.id)
     await queue.submit(job)

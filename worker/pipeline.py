@@ -11,9 +11,11 @@ images, so a seed gives the same images on any worker whatever its device count.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +32,9 @@ silence_flax_deprecation()
 from diffusers import FlaxStableDiffusionXLPipeline  # noqa: E402  (after the warning filter)
 
 logger = logging.getLogger(__name__)
+
+AXIS = "devices"
+StepCallback = Callable[[int], None]
 
 
 class PipelineError(Exception):
@@ -58,9 +63,14 @@ class CompileTimings:
 
 
 class SDXLPipeline:
-    """A loaded, replicated SDXL pipeline with one compiled executable per shape."""
+    """A loaded, replicated SDXL pipeline with one compiled executable per shape.
 
-    def __init__(self, pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], images_per_request: int) -> None:
+    With `report_progress`, the compiled denoising loop calls back to the host after every step (from the
+    first device only), and `generate` passes each finished step number to its `on_step`.
+    """
+
+    def __init__(self, pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], images_per_request: int,
+                 report_progress: bool = True) -> None:
         self.devices = jax.local_device_count()
         if images_per_request % self.devices:
             raise DeviceMismatch(f"{images_per_request} images per request cannot be split evenly over "
@@ -70,9 +80,12 @@ class SDXLPipeline:
         self._pipe = pipe
         self._params = _replicate(params)
         self._compiled: dict[Shape, Any] = {}
+        self.report_progress = report_progress
+        self._on_step: StepCallback | None = None
 
     @classmethod
-    def load(cls, model: str, revision: str | None, images_per_request: int) -> SDXLPipeline:
+    def load(cls, model: str, revision: str | None, images_per_request: int,
+             report_progress: bool = True) -> SDXLPipeline:
         """Load from a hub id or a local directory; params in bfloat16, the scheduler state in float32."""
         pipe, params = FlaxStableDiffusionXLPipeline.from_pretrained(
             model, revision=revision, split_head_dim=True, dtype=jnp.bfloat16)
@@ -80,7 +93,14 @@ class SDXLPipeline:
         # Cast on the host: a device-side cast would compile one conversion per parameter shape.
         params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(jnp.bfloat16), params)
         params["scheduler"] = scheduler_state
-        return cls(pipe, params, images_per_request)
+        return cls(pipe, params, images_per_request, report_progress)
+
+    def variant(self, *, report_progress: bool) -> SDXLPipeline:
+        """The same loaded model and device params, with its own executables (for A/B benchmarks)."""
+        other = copy.copy(self)
+        other._compiled = {}
+        other.report_progress = report_progress
+        return other
 
     @property
     def device_kind(self) -> str:
@@ -114,7 +134,8 @@ class SDXLPipeline:
         multiple = self.size_multiple
         if shape.width % multiple or shape.height % multiple:
             raise InvalidShape(f"shape {shape}: width and height must be multiples of {multiple}")
-        fn = jax.pmap(functools.partial(_generate, self._pipe, shape))
+        report = self._step_done if self.report_progress else None
+        fn = jax.pmap(functools.partial(_generate, self._pipe, shape, report), axis_name=AXIS)
         start = time.perf_counter()
         lowered = fn.lower(self._params, *self._inputs("warm-up", "", 0, 7.5))
         lowered_at = time.perf_counter()
@@ -127,14 +148,28 @@ class SDXLPipeline:
         return timings
 
     def generate(self, shape: Shape, prompt: str, negative_prompt: str, seed: int,
-                 guidance_scale: float) -> np.ndarray:
-        """Generate `images_per_request` images; returns uint8 [images, height, width, 3]."""
+                 guidance_scale: float, on_step: StepCallback | None = None) -> np.ndarray:
+        """Generate `images_per_request` images; returns uint8 [images, height, width, 3].
+
+        `on_step(n)` is called after denoising step n (1-based) on a runtime thread; keep it quick. One
+        generation runs at a time per pipeline (the worker's single device thread).
+        """
         compiled = self._compiled.get(shape)
         if compiled is None:
             raise UnsupportedShape(f"shape {shape} is not compiled here; compiled: "
                                    f"{', '.join(map(str, self._compiled)) or 'none'}")
-        images = compiled(self._params, *self._inputs(prompt, negative_prompt, seed, guidance_scale))
-        return np.asarray(images).reshape(self.images_per_request, shape.height, shape.width, 3)
+        self._on_step = on_step
+        try:
+            images = np.asarray(compiled(self._params, *self._inputs(prompt, negative_prompt, seed, guidance_scale)))
+        finally:
+            self._on_step = None
+        return images.reshape(self.images_per_request, shape.height, shape.width, 3)
+
+    def _step_done(self, step: np.ndarray) -> None:
+        """Host side of the compiled loop's per-step callback."""
+        on_step = self._on_step
+        if on_step is not None:
+            on_step(int(step))
 
     def _inputs(self, prompt: str, negative_prompt: str, seed: int,
                 guidance_scale: float) -> tuple[np.ndarray, ...]:
@@ -176,10 +211,13 @@ def _replicate(tree: Any) -> Any:
     return jax.tree_util.tree_map(put, tree)
 
 
-def _generate(pipe: FlaxStableDiffusionXLPipeline, shape: Shape, params: dict[str, Any], prompt_ids: jax.Array,
-              negative_ids: jax.Array, negative_scale: jax.Array, keys: jax.Array,
-              guidance_scale: jax.Array) -> jax.Array:
-    """One device's share: encode, denoise `shape.steps` times with guidance, decode to uint8 NHWC."""
+def _generate(pipe: FlaxStableDiffusionXLPipeline, shape: Shape, report: Callable[[Any], None] | None,
+              params: dict[str, Any], prompt_ids: jax.Array, negative_ids: jax.Array, negative_scale: jax.Array,
+              keys: jax.Array, guidance_scale: jax.Array) -> jax.Array:
+    """One device's share: encode, denoise `shape.steps` times with guidance, decode to uint8 NHWC.
+
+    With `report`, the first device calls it on the host with the step number after every step.
+    """
     context, pooled = _conditioning(pipe, params, prompt_ids, negative_ids, negative_scale, shape)
     latents = _initial_latents(pipe, keys, shape)
     state = pipe.scheduler.set_timesteps(params["scheduler"], num_inference_steps=shape.steps, shape=latents.shape)
@@ -194,10 +232,22 @@ def _generate(pipe: FlaxStableDiffusionXLPipeline, shape: Shape, params: dict[st
         uncond, cond = jnp.split(noise.astype(jnp.float32), 2)
         noise = uncond + guidance_scale * (cond - uncond)
         latents, state = pipe.scheduler.step(state, noise, t, latents).to_tuple()
+        if report is not None:
+            _report_step(report, i + 1, latents)
         return latents, state
 
     latents, _ = jax.lax.fori_loop(0, shape.steps, step, (latents, state))
     return _decode(pipe, params, latents)
+
+
+def _report_step(report: Callable[[Any], None], step: jax.Array, latents: jax.Array) -> None:
+    """Call the host from the first device once this step's latents exist.
+
+    The step number is tied to the latents, so the callback cannot run before the step's work is done.
+    """
+    done, _ = jax.lax.optimization_barrier((step, latents))  # type: ignore[no-untyped-call]
+    first = jax.lax.axis_index(AXIS) == 0
+    jax.lax.cond(first, lambda s: jax.debug.callback(report, s), lambda s: None, done)
 
 
 def _conditioning(pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], prompt_ids: jax.Array,

@@ -29,7 +29,7 @@ from common.protocol import Job, JobResult, Timings
 from common.queue import ClaimedJob, JobQueue, MalformedJob
 from common.redis_conn import UNAVAILABLE, connect
 from common.registry import Registry, WorkerInfo, WorkerState
-from worker.encode import MEDIA_TYPES, encode_all
+from worker.encode import Encoding, encode_all
 from worker.pipeline import PipelineError, SDXLPipeline
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,9 @@ T = TypeVar("T")
 REDIS_ERRORS = (*UNAVAILABLE, OSError)
 # A job that could not be parsed still needs its failure kept for a while, so the requester can read it.
 MALFORMED_RESULT_TTL_S = 3600
+# Publishing the last progress step must not hold up a finished job for long when Redis is slow.
+PROGRESS_FLUSH_TIMEOUT_S = 2.0
+_NO_MORE_STEPS = -1
 
 
 class Worker:
@@ -141,6 +144,10 @@ class Worker:
         """The per-job boundary: whatever happens, the job gets a stored result and is acknowledged."""
         job = claimed.job
         claimed_ms = await self._record_start(claimed)
+        if claimed_ms is None:
+            logger.info("job %s: cancelled while queued; dropped without running", job.id)
+            await self._queue.discard(claimed)
+            return
         self.info = self.info.model_copy(update={"state": "busy"})
         logger.info("job %s: claimed after %d ms in queue (%s)", job.id, claimed_ms - claimed.enqueued_ms,
                     job.shape)
@@ -158,22 +165,63 @@ class Worker:
     async def _run_job(self, job: Job, queued_ms: float) -> tuple[JobResult, list[bytes]]:
         pipeline = self._pipeline
         assert pipeline is not None, "jobs are claimed only after warm-up"
-        started = time.perf_counter()
-        pixels: np.ndarray = await self._on_device(
-            lambda: pipeline.generate(job.shape, job.prompt, job.negative_prompt, job.seed, job.guidance_scale))
-        generated = time.perf_counter()
         loop = asyncio.get_running_loop()
-        images = await loop.run_in_executor(
-            None, encode_all, pixels, self.config.png_compress_level, self._encoders)
+        steps: asyncio.Queue[int] = asyncio.Queue()
+        reporter = asyncio.create_task(self._report_progress(job, steps), name=f"progress-{job.id}")
+
+        def on_step(step: int) -> None:  # called on a runtime thread, once per denoising step
+            loop.call_soon_threadsafe(steps.put_nowait, step)
+
+        started = time.perf_counter()
+        try:
+            pixels: np.ndarray = await self._on_device(lambda: pipeline.generate(
+                job.shape, job.prompt, job.negative_prompt, job.seed, job.guidance_scale, on_step=on_step))
+        finally:
+            await self._finish_progress(steps, reporter)
+        generated = time.perf_counter()
+        encoding = Encoding(job.output_format, job.quality, self.config.png_compress_level)
+        images = await loop.run_in_executor(None, encode_all, pixels, encoding, self._encoders)
         encoded = time.perf_counter()
         timings = Timings(queued_ms=queued_ms, generate_ms=(generated - started) * 1000,
                           encode_ms=(encoded - generated) * 1000)
         result = JobResult(id=job.id, status="succeeded", worker=self.id, seed=job.seed, shape=job.shape,
-                           media_type=MEDIA_TYPES[job.output_format], image_count=len(images), timings=timings)
+                           media_type=encoding.media_type, image_count=len(images), timings=timings)
         return result, images
 
-    async def _record_start(self, claimed: ClaimedJob) -> int:
-        """Announce the start; returns the claim time on Redis's clock (this host's if Redis is away)."""
+    async def _report_progress(self, job: Job, steps: asyncio.Queue[int]) -> None:
+        """Publish each finished step (the latest, when several arrived during one round trip) until told
+        there are no more. Progress is best effort: a Redis error is logged and the job carries on."""
+        finished = False
+        while not finished:
+            batch = [await steps.get()]
+            while not steps.empty():
+                batch.append(steps.get_nowait())
+            finished = _NO_MORE_STEPS in batch
+            reached = [step for step in batch if step != _NO_MORE_STEPS]
+            if reached:
+                await self._publish_step(job, max(reached))
+
+    async def _publish_step(self, job: Job, step: int) -> None:
+        try:
+            status = await self._queue.progress(job.id, self.id, step, job.shape.steps)
+        except REDIS_ERRORS as exc:
+            logger.warning("job %s: progress not published (%s)", job.id, exc)
+            return
+        if status == "cancelled":
+            logger.info("job %s: cancelled while running (step %d); its result will be discarded", job.id, step)
+
+    @staticmethod
+    async def _finish_progress(steps: asyncio.Queue[int], reporter: asyncio.Task[None]) -> None:
+        """Let the reporter publish the last step (every callback has been queued by now), within a bound."""
+        steps.put_nowait(_NO_MORE_STEPS)
+        try:
+            await asyncio.wait_for(reporter, PROGRESS_FLUSH_TIMEOUT_S)
+        except TimeoutError:
+            logger.warning("progress reporting still stuck after %.0fs; dropped", PROGRESS_FLUSH_TIMEOUT_S)
+
+    async def _record_start(self, claimed: ClaimedJob) -> int | None:
+        """Announce the start; returns the claim time on Redis's clock (this host's if Redis is away), or
+        None when the job was cancelled while queued."""
         try:
             return await self._queue.start(claimed, self.id)
         except REDIS_ERRORS as exc:

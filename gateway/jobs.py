@@ -1,0 +1,184 @@
+"""Jobs as the HTTP API sees them: made from a request, submitted (idempotently), awaited, described.
+
+Every route that creates or reads jobs goes through here, so `/v1/generate`, `/v1/jobs` and the OpenAI
+route resolve shapes, draw seeds, honour `Idempotency-Key` and describe results the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import uuid
+
+from aiohttp import web
+
+from common.protocol import (
+    ErrorDetail,
+    GenerateRequest,
+    Job,
+    JobOutput,
+    JobResult,
+    JobState,
+    Progress,
+    ResponseTimings,
+)
+from common.queue import IdempotencyConflict, JobQueue, JobRecord, StoredResult, Submitted
+from common.redis_conn import UNAVAILABLE
+from gateway.appkeys import CONFIG, LISTENER, QUEUE, REGISTRY
+from gateway.errors import ApiError
+from gateway.shapes import resolve_shape
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def status_url(job_id: str) -> str:
+    return f"/v1/jobs/{job_id}"
+
+
+def events_url(job_id: str) -> str:
+    return f"/v1/jobs/{job_id}/events"
+
+
+def image_url(job_id: str, index: int) -> str:
+    return f"/v1/jobs/{job_id}/images/{index}"
+
+
+async def make_job(request: web.Request, body: GenerateRequest) -> Job:
+    """Resolve the shape against the live workers and draw a seed when none was given."""
+    workers = await request.app[REGISTRY].workers()
+    shape = resolve_shape(body, workers)
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
+    extra = {"quality": body.quality} if body.quality is not None else {}
+    return Job(id=uuid.uuid4().hex, prompt=body.prompt, negative_prompt=body.negative_prompt, seed=seed,
+               guidance_scale=body.guidance_scale, shape=shape, output_format=body.output_format,
+               result_ttl_s=request.app[CONFIG].result_ttl_s, **extra)
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    """The request's `Idempotency-Key`, checked: 1..255 printable ASCII characters."""
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return None
+    if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
+        raise ApiError(400, "invalid_header", f"{IDEMPOTENCY_HEADER} must be 1..{MAX_IDEMPOTENCY_KEY} printable "
+                       "ASCII characters", field=IDEMPOTENCY_HEADER)
+    return key
+
+
+async def submit(request: web.Request, body: GenerateRequest, job: Job) -> Submitted:
+    """Queue `job`, or with an `Idempotency-Key` already seen, refer to the job that key created.
+
+    The key binds to the request (its validated body), not to the drawn seed: a retry of a request that
+    asked for a random seed gets the same job, and the same images.
+    """
+    key = idempotency_key(request)
+    fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest() if key else ""
+    try:
+        return await request.app[QUEUE].submit(job, key, fingerprint)
+    except IdempotencyConflict as exc:
+        raise ApiError(422, "idempotency_key_reused", f"{IDEMPOTENCY_HEADER} was already used for another "
+                       f"request (job {exc.job_id}); use a new key for a new request", field=IDEMPOTENCY_HEADER,
+                       id=exc.job_id) from None
+
+
+async def submit_and_wait(request: web.Request, body: GenerateRequest, job: Job) -> StoredResult:
+    """Submit and wait for the result within the request timeout (504 with the job id past it)."""
+    listener = request.app[LISTENER]
+    queue = request.app[QUEUE]
+    done = listener.expect(job.id)
+    job_id = job.id
+    try:
+        submitted = await submit(request, body, job)  # a Redis error here means not accepted: 503
+        if not submitted.created:  # a replay: the job may have finished long ago
+            listener.forget(job.id, done)
+            job_id = submitted.job_id
+            done = listener.expect(job_id)
+            if await queue.fetch_meta(job_id) is not None:
+                return await _read_result(queue, job_id)
+        async with asyncio.timeout(request.app[CONFIG].request_timeout_s):
+            await done
+            return await _read_result(queue, job_id)
+    except TimeoutError:
+        raise ApiError(504, "timeout", "the job did not finish in time; it is still queued or running "
+                       "and its result can be fetched from status_url", id=job_id,
+                       status_url=status_url(job_id)) from None
+    except UNAVAILABLE:
+        raise ApiError(503, "queue_unavailable", "the job was accepted but its result cannot be read right "
+                       "now; fetch it from status_url", headers={"Retry-After": "2"}, id=job_id,
+                       status_url=status_url(job_id)) from None
+    finally:
+        listener.forget(job_id, done)
+
+
+def raise_unless_succeeded(stored: StoredResult) -> None:
+    """A synchronous route answers an error for a job that failed or was cancelled meanwhile."""
+    result = stored.result
+    if result.status == "cancelled":
+        raise ApiError(409, "cancelled", "the job was cancelled before it finished", id=result.id)
+    if result.status != "succeeded":
+        raise ApiError(500, "generation_failed", result.error or "generation failed", id=result.id)
+
+
+async def _read_result(queue: JobQueue, job_id: str) -> StoredResult:
+    stored = await queue.fetch_result(job_id)
+    if stored is None:  # stored, announced, then expired within the instant: vanishingly rare
+        raise ApiError(500, "result_expired", "the result expired before it could be read", id=job_id)
+    return stored
+
+
+def response_timings(result: JobResult, received: float | None, now: float) -> ResponseTimings:
+    """The worker's timings plus the gateway's end-to-end figure (None for a result fetched later)."""
+    assert result.timings is not None
+    total_ms = (now - received) * 1000 if received is not None else None
+    return ResponseTimings(**result.timings.model_dump(), total_ms=total_ms)
+
+
+def job_output(result: JobResult) -> JobOutput:
+    """A succeeded job's result as the job API shows it: metadata and image URLs."""
+    assert result.shape is not None and result.seed is not None and result.worker is not None
+    return JobOutput(seed=result.seed, width=result.shape.width, height=result.shape.height,
+                     num_inference_steps=result.shape.steps, worker=result.worker, media_type=result.media_type,
+                     images=[image_url(result.id, k) for k in range(result.image_count)],
+                     timings=response_timings(result, None, 0.0))
+
+
+def finished_state(result: JobResult) -> JobState:
+    """The state of a job that has a stored result."""
+    if result.status == "succeeded":
+        return JobState(id=result.id, status="succeeded", worker=result.worker, result=job_output(result))
+    if result.status == "cancelled":
+        return JobState(id=result.id, status="cancelled", worker=result.worker)
+    return JobState(id=result.id, status="failed", worker=result.worker,
+                    error=ErrorDetail(code="generation_failed", message=result.error or "generation failed"))
+
+
+def live_state(job_id: str, record: JobRecord, position: int | None) -> JobState:
+    """The state of a job still queued or running, from its record."""
+    progress = (Progress(step=record.step, total=record.total)
+                if record.step is not None and record.total is not None else None)
+    status = record.status if record.status in ("queued", "running") else "queued"
+    return JobState(id=job_id, status=status, worker=record.worker if status == "running" else None,  # type: ignore[arg-type]
+                    queue_position=position if status == "queued" else None,
+                    progress=progress if status == "running" else None)
+
+
+async def read_state(app: web.Application, job_id: str) -> tuple[JobState, JobRecord | None] | None:
+    """A job's state (with its record while it is live), or None for an unknown or expired job."""
+    queue = app[QUEUE]
+    result = await queue.fetch_meta(job_id)
+    if result is not None:
+        return finished_state(result), None
+    record = await queue.record(job_id)
+    if record is None:
+        return None
+    position = None
+    if record.status == "queued" and record.entry_id is not None:
+        position = (await queue.positions([record.entry_id]))[record.entry_id]
+    return live_state(job_id, record, position), record
+
+
+def unknown_job(job_id: str) -> ApiError:
+    return ApiError(404, "unknown_job", f"no job {job_id!r} (never submitted, or its result expired)",
+                    field="job_id")
