@@ -5,9 +5,9 @@ PORT ?= 8000
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck bench clean redis-server
+.PHONY: install demo test lint typecheck bench clean redis-server chromium
 
-install: $(INSTALLED) redis-server
+install: $(INSTALLED) redis-server chromium
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ redis-server:
 	@command -v redis-server >/dev/null || { \
 		echo "installing redis-server with apt-get"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+
+# The demo page is tested in headless Chromium driven by Playwright; Debian's build, not Playwright's download.
+chromium:
+	@command -v chromium >/dev/null || { \
+		echo "installing chromium with apt-get"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
 demo: install
 	$(VENV)/bin/sdxl-serve up --port $(PORT)

@@ -111,6 +111,7 @@ def _add_up(parser: argparse.ArgumentParser) -> None:
 BENCHMARKS = {
     "routing": "simulate the routing policies (shared, random, p2c) under Poisson load",
     "load": "open-loop Poisson load against a running gateway",
+    "progress": "cost of per-step progress, and submit-to-first-progress latency",
 }
 
 

@@ -1,29 +1,208 @@
-"""`POST /v1/images/generations`: the OpenAI Images API over the job queue (being written)."""
+"""`POST /v1/images/generations`: OpenAI's Images API over the job queue.
+
+An OpenAI request becomes a `GenerateRequest` and takes the same path as `/v1/generate` (shape check,
+`Idempotency-Key`, request timeout), so the two routes cannot drift apart. Errors are raised as
+`ApiError` naming the OpenAI parameter; the error middleware renders them in OpenAI's shape.
+"""
 
 from __future__ import annotations
 
+import base64
+import re
+import time
+from typing import Literal
+
 from aiohttp import web
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from common.protocol import DEFAULT_GUIDANCE_SCALE, MAX_SEED, GenerateRequest, OutputFormat, Prompt, Shape
+from common.queue import StoredResult
+from gateway import jobs
+from gateway.appkeys import REGISTRY
+from gateway.errors import ApiError, from_validation_error
+from gateway.shapes import ACCEPTING_STATES
+from gateway.views import parse_body
+
+_SIZE_RE = re.compile(r"(\d{1,5})x(\d{1,5})")
+OPENAI_MAX_N = 10  # OpenAI's own bound; the workers' batch size, usually smaller, is checked per request
+# Our GenerateRequest fields that have another name in OpenAI's API.
+_OPENAI_PARAMS = {"width": "size", "height": "size", "quality": "output_compression"}
+
+_FORMATS: dict[str, OutputFormat] = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
+
+OpenAIQuality = Literal["auto", "standard", "hd", "low", "medium", "high", "xhigh", "max"]
 
 
 class ImageGenerationRequest(BaseModel):
-    """OpenAI's request body (placeholder)."""
+    """OpenAI's `images.generate` body, plus this service's own generation parameters.
 
-    prompt: str
+    `model`, `user`, `quality` and `style` are accepted for compatibility and ignored: a cluster serves
+    one model, at the quality its compiled shapes give. A null value means the parameter was omitted.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: Prompt = Field(min_length=1)
+    n: int | None = Field(default=1, ge=1, le=OPENAI_MAX_N,
+                          description="images to return, at most the images a worker makes per request")
+    size: str | None = Field(default=None, examples=["1024x1024"],
+                             description="WIDTHxHEIGHT in pixels; omitted or `auto`: the cluster's default size")
+    response_format: Literal["url", "b64_json"] | None = Field(
+        default="url", description="`url`: absolute URLs valid while the job's result is kept; `b64_json`: inline")
+    model: str | None = Field(default=None, description="accepted and ignored: a cluster serves one model")
+    user: str | None = Field(default=None, description="accepted and ignored (never logged)")
+    quality: OpenAIQuality | None = Field(default=None, description="accepted and ignored")
+    style: Literal["vivid", "natural"] | None = Field(default=None, description="accepted and ignored")
+    output_format: OutputFormat | None = "png"
+    output_compression: int | None = Field(default=None, ge=0, le=100,
+                                           description="JPEG/WebP quality, 0..100 (default 90); not for png")
+    negative_prompt: Prompt = ""
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    num_inference_steps: int | None = Field(default=None, ge=1, le=200,
+                                            description="omitted: the cluster's default step count")
+    guidance_scale: float = Field(default=DEFAULT_GUIDANCE_SCALE, ge=0.0, le=30.0)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must contain non-whitespace characters")
+        return value
+
+    @field_validator("size")
+    @classmethod
+    def _size_is_width_x_height(cls, value: str | None) -> str | None:
+        if value is not None and value != "auto" and _SIZE_RE.fullmatch(value) is None:
+            raise ValueError("size must be WIDTHxHEIGHT in pixels, e.g. 1024x1024, or auto")
+        return value
+
+    @field_validator("output_compression")
+    @classmethod
+    def _compression_needs_lossy_format(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # output_format is declared first, so it is validated (and in info.data) by now, when valid.
+        if value is not None and (info.data.get("output_format") or "png") == "png":
+            raise ValueError("output_compression applies to jpeg and webp only; png is lossless")
+        return value
+
+    def dimensions(self) -> tuple[int, int] | None:
+        """The requested (width, height), or None for the cluster's default size."""
+        match = _SIZE_RE.fullmatch(self.size or "")
+        return (int(match[1]), int(match[2])) if match else None
+
+
+class ImageData(BaseModel):
+    """One image: inline or by URL, as the request's `response_format` asked."""
+
+    b64_json: str | None = Field(default=None, description="the image, base64-encoded")
+    url: str | None = Field(default=None, description="where to GET the image, while the job's result is kept")
 
 
 class ImagesResponse(BaseModel):
-    """OpenAI's response body (placeholder)."""
+    """OpenAI's Images API response."""
 
-    created: int
+    created: int = Field(description="Unix time, in seconds, of the answer")
+    data: list[ImageData]
+    output_format: OutputFormat
+    size: str = Field(description="WIDTHxHEIGHT of the images")
+
+
+class OpenAIError(BaseModel):
+    """What went wrong, in OpenAI's words: `param` names the request parameter at fault, if one is."""
+
+    message: str
+    type: str = Field(examples=["invalid_request_error", "server_error"])
+    param: str | None = None
+    code: str | None = None
 
 
 class OpenAIErrorResponse(BaseModel):
-    """OpenAI's error body (placeholder)."""
+    """Every error body on the OpenAI-compatible routes."""
 
-    error: dict[str, str | None]
+    error: OpenAIError
 
 
 async def images_generations(request: web.Request) -> web.Response:
-    """Placeholder."""
-    raise web.HTTPNotImplemented()
+    """Generate images for an OpenAI Images API request, waiting for them as `/v1/generate` does."""
+    body = await parse_body(request, ImageGenerationRequest)
+    generate = to_generate_request(body)
+    n = body.n or 1
+    try:
+        job = await jobs.make_job(request, generate)
+    except ApiError as exc:
+        raise _renamed(exc) from None
+    await _check_n(request, job.shape, n)
+    try:
+        stored = await jobs.submit_and_wait(request, generate, job)
+    except ApiError as exc:
+        raise _with_status_url(request, exc) from None
+    jobs.raise_unless_succeeded(stored)
+    answer = _images_response(request, stored, body.response_format or "url", n)
+    return web.Response(body=answer.model_dump_json(exclude_none=True), content_type="application/json")
+
+
+def to_generate_request(body: ImageGenerationRequest) -> GenerateRequest:
+    """The native request for an OpenAI one; a size our limits refuse is a 400 naming `size`."""
+    width, height = body.dimensions() or (None, None)
+    # Our quality starts at 1; OpenAI's output_compression at 0, which asks for the smallest file anyway.
+    quality = max(1, body.output_compression) if body.output_compression is not None else None
+    try:
+        return GenerateRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, seed=body.seed,
+                               guidance_scale=body.guidance_scale, num_inference_steps=body.num_inference_steps,
+                               width=width, height=height, output_format=body.output_format or "png",
+                               quality=quality)
+    except ValidationError as exc:
+        raise _renamed(from_validation_error(exc)) from None
+
+
+async def _check_n(request: web.Request, shape: Shape, n: int) -> None:
+    """Refuse, before queueing, more images than the workers serving `shape` make per request."""
+    workers = await request.app[REGISTRY].workers()
+    batch = min((w.images_per_request for w in workers if w.state in ACCEPTING_STATES and shape in w.shapes),
+                default=None)
+    if batch is not None and n > batch:
+        raise ApiError(400, "less_than_equal", f"n: Input should be less than or equal to {batch}, the images "
+                       "a worker makes per request", field="n")
+
+
+def _renamed(error: ApiError) -> ApiError:
+    """The same error naming the OpenAI parameter instead of our field (width -> size, ...)."""
+    param = _OPENAI_PARAMS.get(error.field or "")
+    if param is None:
+        return error
+    return ApiError(error.status, error.code, error.message, field=param, headers=error.headers, **error.extra)
+
+
+def _with_status_url(request: web.Request, error: ApiError) -> ApiError:
+    """OpenAI's error shape has no room for our extras: a 504's job URL goes into the message.
+
+    The job is still queued or running, so the OpenAI client must not retry (its default for a 5xx):
+    each retry would queue another job. `x-should-retry: false` is the header it honours.
+    """
+    status_url = error.extra.get("status_url")
+    if not isinstance(status_url, str):
+        return error
+    message = f"{error.message}: {_absolute(request, status_url)}"
+    return ApiError(error.status, error.code, message, field=error.field,
+                    headers={**error.headers, "x-should-retry": "false"}, **error.extra)
+
+
+def _images_response(request: web.Request, stored: StoredResult, response_format: str, n: int) -> ImagesResponse:
+    """The first `n` of the job's images (a job always makes a worker's full batch)."""
+    result = stored.result
+    assert result.shape is not None
+    if response_format == "b64_json":
+        data = [ImageData(b64_json=base64.b64encode(image).decode("ascii")) for image in stored.images[:n]]
+    else:
+        count = min(n, result.image_count)
+        data = [ImageData(url=_absolute(request, jobs.image_url(result.id, k))) for k in range(count)]
+    return ImagesResponse(created=int(time.time()), data=data, output_format=_output_format(result.media_type),
+                          size=f"{result.shape.width}x{result.shape.height}")
+
+
+def _output_format(media_type: str) -> OutputFormat:
+    return _FORMATS.get(media_type, "png")
+
+
+def _absolute(request: web.Request, path: str) -> str:
+    # OpenAI clients fetch image URLs as they are, with no base URL to resolve a relative one against.
+    return str(request.url.origin().with_path(path))

@@ -84,7 +84,9 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/images/generations", openai_api.images_generations,
           "OpenAI Images API: create images from a prompt", body=openai_api.ImageGenerationRequest,
           replies={200: Reply("the images", openai_api.ImagesResponse)},
-          errors={**_SUBMIT_ERRORS, 500: "the generation failed", 504: "not finished in time"},
+          errors={**_SUBMIT_ERRORS, 409: "the job was cancelled", 500: "the generation failed",
+                  504: "not finished in time (the message has the job's URL; do not retry without an "
+                       "Idempotency-Key)"},
           error_model=openai_api.OpenAIErrorResponse, tag="openai"),
     Route("GET", "/healthz", views.healthz, "Liveness: the process answers",
           replies={200: Reply("alive")}, tag="operations"),

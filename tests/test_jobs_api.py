@@ -1,0 +1,246 @@
+"""The job API over real HTTP and a real redis-server: submit, status, cancel, images, idempotency, events.
+
+A test plays the worker through the queue (claim, start, progress, complete), so every state is reached
+on purpose, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient
+
+from common.keys import Keys
+from common.queue import ClaimedJob, JobQueue
+from tests.conftest import claim_next, finish
+
+KEYS = Keys()
+Client = TestClient[Any, Any]
+
+
+async def submit(client: Client, headers: dict[str, str] | None = None, **body: Any) -> dict[str, Any]:
+    response = await client.post("/v1/jobs", json={"prompt": "a lighthouse", **body}, headers=headers)
+    assert response.status == 202, await response.text()
+    payload: dict[str, Any] = await response.json()
+    assert response.headers["Location"] == payload["status_url"]
+    return payload
+
+
+async def state(client: Client, job_id: str) -> dict[str, Any]:
+    response = await client.get(f"/v1/jobs/{job_id}")
+    assert response.status == 200
+    payload: dict[str, Any] = await response.json()
+    return payload
+
+
+async def start(redis_client: aioredis.Redis, worker: str = "test-worker") -> ClaimedJob:
+    claimed = await claim_next(redis_client, worker)
+    assert await JobQueue(redis_client, KEYS).start(claimed, worker) is not None
+    return claimed
+
+
+async def test_submit_answers_202_with_where_to_follow_the_job(client: Client, fake_worker: None) -> None:
+    accepted = await submit(client, seed=1)
+    job_id = accepted["id"]
+    assert accepted == {"id": job_id, "status": "queued", "status_url": f"/v1/jobs/{job_id}",
+                        "events_url": f"/v1/jobs/{job_id}/events"}
+    assert await state(client, job_id) == {"id": job_id, "status": "queued", "queue_position": 0}
+
+
+async def test_queue_positions_move_as_jobs_are_taken(client: Client, redis_client: aioredis.Redis,
+                                                      fake_worker: None) -> None:
+    ids = [(await submit(client, seed=k))["id"] for k in range(3)]
+    assert [(await state(client, i))["queue_position"] for i in ids] == [0, 1, 2]
+    await start(redis_client)
+    first = await state(client, ids[0])
+    assert (first["status"], first["worker"]) == ("running", "test-worker") and "queue_position" not in first
+    assert [(await state(client, i))["queue_position"] for i in ids[1:]] == [0, 1]
+
+
+async def test_running_job_reports_progress_then_its_result_as_image_urls(
+        client: Client, redis_client: aioredis.Redis, fake_worker: None) -> None:
+    job_id = (await submit(client, num_inference_steps=3, output_format="jpeg", quality=80))["id"]
+    claimed = await start(redis_client)
+    assert (claimed.job.output_format, claimed.job.quality) == ("jpeg", 80)
+    await JobQueue(redis_client, KEYS).progress(job_id, "test-worker", 2, 3)
+    assert (await state(client, job_id))["progress"] == {"step": 2, "total": 3}
+    await finish(redis_client, claimed, [b"jpeg-0", b"jpeg-1"], media_type="image/jpeg")
+    done = await state(client, job_id)
+    assert done["status"] == "succeeded" and "progress" not in done
+    result = done["result"]
+    assert result["images"] == [f"/v1/jobs/{job_id}/images/0", f"/v1/jobs/{job_id}/images/1"]
+    assert result["media_type"] == "image/jpeg" and result["num_inference_steps"] == 3
+    image = await client.get(result["images"][1])
+    assert (image.status, image.content_type, await image.read()) == (200, "image/jpeg", b"jpeg-1")
+    assert image.headers["Content-Disposition"] == f'inline; filename="{job_id}-1.jpg"'
+
+
+async def test_image_errors(client: Client, redis_client: aioredis.Redis, fake_worker: None) -> None:
+    job_id = (await submit(client))["id"]
+    not_yet = await client.get(f"/v1/jobs/{job_id}/images/0")
+    assert not_yet.status == 409 and (await not_yet.json())["error"]["code"] == "not_finished"
+    await finish(redis_client, await claim_next(redis_client), [b"png"])
+    for path, status in ((f"/v1/jobs/{job_id}/images/1", 404), (f"/v1/jobs/{job_id}/images/x", 404),
+                         ("/v1/jobs/nope/images/0", 404)):
+        response = await client.get(path)
+        assert response.status == status and (await response.json())["error"]["field"] in ("index", "job_id")
+
+
+async def test_cancel_a_queued_job_and_it_never_runs(client: Client, redis_client: aioredis.Redis,
+                                                     fake_worker: None) -> None:
+    job_id = (await submit(client))["id"]
+    response = await client.delete(f"/v1/jobs/{job_id}")
+    assert response.status == 200 and (await response.json())["status"] == "cancelled"
+    assert await redis_client.xlen(KEYS.jobs_stream) == 0  # off the stream: no worker is handed it
+    assert await JobQueue(redis_client, KEYS).claim("test-worker", block_ms=10) is None
+    assert (await state(client, job_id))["status"] == "cancelled"
+    again = await client.delete(f"/v1/jobs/{job_id}")
+    assert again.status == 200  # cancelling twice is harmless
+
+
+async def test_a_job_cancelled_after_delivery_is_skipped_by_its_worker(
+        client: Client, redis_client: aioredis.Redis, fake_worker: None) -> None:
+    job_id = (await submit(client))["id"]
+    claimed = await claim_next(redis_client)  # delivered, but the worker has not started it yet
+    assert (await client.delete(f"/v1/jobs/{job_id}")).status == 200
+    queue = JobQueue(redis_client, KEYS)
+    assert await queue.start(claimed, "test-worker") is None
+    await queue.discard(claimed)
+    assert (await redis_client.xpending(KEYS.jobs_stream, KEYS.workers_group))["pending"] == 0
+    assert await redis_client.lrange(KEYS.attempts(job_id), 0, -1) == []  # it never ran
+
+
+async def test_cancel_a_running_job_discards_its_result(client: Client, redis_client: aioredis.Redis,
+                                                        fake_worker: None) -> None:
+    job_id = (await submit(client))["id"]
+    claimed = await start(redis_client)
+    assert (await client.delete(f"/v1/jobs/{job_id}")).status == 200
+    queue = JobQueue(redis_client, KEYS)
+    assert await queue.progress(job_id, "test-worker", 1, 2) == "cancelled"  # the worker learns of it
+    assert await finish(redis_client, claimed, [b"late"]) is False
+    assert (await state(client, job_id))["status"] == "cancelled"
+    assert (await queue.stats())["discarded_after_cancel"] == 1
+    assert (await client.get(f"/v1/jobs/{job_id}/images/0")).status == 409
+
+
+async def test_cancel_of_a_finished_or_unknown_job(client: Client, redis_client: aioredis.Redis,
+                                                   fake_worker: None) -> None:
+    job_id = (await submit(client))["id"]
+    await finish(redis_client, await claim_next(redis_client), [b"png"])
+    response = await client.delete(f"/v1/jobs/{job_id}")
+    assert response.status == 409
+    body = await response.json()
+    assert body["error"]["code"] == "already_finished" and body["job_status"] == "succeeded"
+    assert (await client.delete("/v1/jobs/nope")).status == 404
+
+
+async def test_idempotency_key_gives_the_same_job(client: Client, redis_client: aioredis.Redis,
+                                                  fake_worker: None) -> None:
+    key = {"Idempotency-Key": "order-42"}
+    first = await submit(client, headers=key)
+    response = await client.post("/v1/jobs", json={"prompt": "a lighthouse"}, headers=key)
+    assert response.status == 202 and response.headers["Idempotent-Replayed"] == "true"
+    assert (await response.json())["id"] == first["id"]
+    assert await redis_client.xlen(KEYS.jobs_stream) == 1
+    other = await client.post("/v1/jobs", json={"prompt": "another"}, headers=key)
+    assert other.status == 422
+    error = (await other.json())["error"]
+    assert (error["code"], error["field"]) == ("idempotency_key_reused", "Idempotency-Key")
+    bad = await client.post("/v1/jobs", json={"prompt": "a"}, headers={"Idempotency-Key": "x" * 256})
+    assert bad.status == 400 and (await bad.json())["error"]["field"] == "Idempotency-Key"
+
+
+async def test_generate_replayed_after_the_job_finished_answers_at_once(
+        client: Client, redis_client: aioredis.Redis, fake_worker: None) -> None:
+    key = {"Idempotency-Key": "sync-1"}
+    worker = asyncio.create_task(claim_next(redis_client))
+    first = await client.post("/v1/generate", json={"prompt": "a"}, headers=key)
+    assert first.status == 504  # nobody finished it in time; the test finishes it now
+    await finish(redis_client, await worker, [b"png"])
+    replay = await client.post("/v1/generate", json={"prompt": "a"}, headers=key)
+    assert replay.status == 200
+    assert (await replay.json())["id"] == (await first.json())["id"]
+
+
+async def test_format_rules(client: Client, redis_client: aioredis.Redis, fake_worker: None) -> None:
+    for body, field in (({"output_format": "gif"}, "output_format"), ({"quality": 50}, "quality"),
+                        ({"output_format": "webp", "quality": 101}, "quality")):
+        response = await client.post("/v1/jobs", json={"prompt": "a", **body})
+        assert response.status == 400 and (await response.json())["error"]["field"] == field
+    assert await redis_client.xlen(KEYS.jobs_stream) == 0
+
+
+async def test_unknown_job_status_and_events_are_404(client: Client) -> None:
+    for path in ("/v1/jobs/nope", "/v1/jobs/nope/events"):
+        response = await client.get(path)
+        assert response.status == 404 and (await response.json())["error"]["code"] == "unknown_job"
+
+
+# --- Server-sent events
+
+
+async def read_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """Parse an SSE stream into (event, data) pairs, ignoring pings."""
+    name, data = "message", ""
+    async for raw in response.content:
+        line = raw.decode().rstrip("\r\n")
+        if line.startswith("event:"):
+            name = line.partition(":")[2].strip()
+        elif line.startswith("data:"):
+            data += line.partition(":")[2].strip()
+        elif not line and data:
+            yield name, json.loads(data)
+            name, data = "message", ""
+
+
+async def test_events_follow_a_job_through_every_step(client: Client, redis_client: aioredis.Redis,
+                                                      fake_worker: None) -> None:
+    job_id = (await submit(client, num_inference_steps=3))["id"]
+    response = await client.get(f"/v1/jobs/{job_id}/events")
+    assert response.status == 200 and response.content_type == "text/event-stream"
+    events = read_events(response)
+    assert await anext(events) == ("queued", {"id": job_id, "position": 0})
+    claimed = await start(redis_client)
+    assert await anext(events) == ("started", {"id": job_id, "worker": "test-worker"})
+    queue = JobQueue(redis_client, KEYS)
+    await queue.progress(job_id, "test-worker", 1, 3)
+    assert await anext(events) == ("progress", {"id": job_id, "step": 1, "total": 3})
+    await queue.progress(job_id, "test-worker", 3, 3)  # step 2's message was coalesced away
+    assert [await anext(events) for _ in range(2)] == [("progress", {"id": job_id, "step": s, "total": 3})
+                                                       for s in (2, 3)]
+    await finish(redis_client, claimed, [b"a", b"b"])
+    name, data = await anext(events)
+    assert name == "succeeded" and data["result"]["images"][1] == f"/v1/jobs/{job_id}/images/1"
+    assert [event async for event in events] == []  # the stream ends after the final event
+
+
+async def test_events_of_a_cancelled_job(client: Client, fake_worker: None) -> None:
+    job_id = (await submit(client))["id"]
+    response = await client.get(f"/v1/jobs/{job_id}/events")
+    events = read_events(response)
+    assert (await anext(events))[0] == "queued"
+    await client.delete(f"/v1/jobs/{job_id}")
+    assert [event async for event in events] == [("cancelled", {"id": job_id})]
+
+
+async def test_events_of_a_finished_job_are_just_its_outcome(client: Client, redis_client: aioredis.Redis,
+                                                             fake_worker: None) -> None:
+    job_id = (await submit(client))["id"]
+    await finish(redis_client, await claim_next(redis_client), [b"png"])
+    response = await client.get(f"/v1/jobs/{job_id}/events")
+    assert [name async for name, _ in read_events(response)] == ["succeeded"]
+
+
+async def test_queued_position_updates_as_the_queue_moves(client: Client, redis_client: aioredis.Redis,
+                                                          fake_worker: None) -> None:
+    await submit(client, seed=1)
+    job_id = (await submit(client, seed=2))["id"]
+    events = read_events(await client.get(f"/v1/jobs/{job_id}/events"))
+    assert await anext(events) == ("queued", {"id": job_id, "position": 1})
+    await start(redis_client)  # the job ahead is taken
+    assert await anext(events) == ("queued", {"id": job_id, "position": 0})
