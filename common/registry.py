@@ -42,6 +42,13 @@ class WorkerInfo(BaseModel):
     last_heartbeat: float = 0.0
 
 
+class WorkerList(BaseModel):
+    """Body of `GET /v1/workers`: every registered worker, and how many of them are serving."""
+
+    workers: list[WorkerInfo]
+    serving: int
+
+
 class Registry:
     """Read and write one cluster's worker registry."""
 

@@ -15,6 +15,7 @@ from aiohttp.typedefs import Handler
 from pydantic import BaseModel
 
 from common.protocol import JOB_EVENTS, ErrorResponse, GenerateRequest, GenerateResponse, JobAccepted, JobState
+from common.registry import WorkerList
 from gateway import events, openai_api, views
 from gateway.jobs import IDEMPOTENCY_HEADER
 
@@ -88,6 +89,8 @@ ROUTES: tuple[Route, ...] = (
                   504: "not finished in time (the message has the job's URL; do not retry without an "
                        "Idempotency-Key)"},
           error_model=openai_api.OpenAIErrorResponse, tag="openai"),
+    Route("GET", "/v1/workers", views.list_workers, "The registered workers, their devices, shapes and state",
+          replies={200: Reply("every worker whose heartbeat is current", WorkerList)}, tag="operations"),
     Route("GET", "/healthz", views.healthz, "Liveness: the process answers",
           replies={200: Reply("alive")}, tag="operations"),
     Route("GET", "/openapi.json", views.openapi, "This description", replies={200: Reply("OpenAPI 3.1")},

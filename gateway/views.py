@@ -12,8 +12,9 @@ from pydantic import BaseModel, ValidationError
 
 from common.protocol import GenerateRequest, GenerateResponse, JobAccepted, JobState
 from common.queue import StoredResult
+from common.registry import SERVING_STATES, WorkerList
 from gateway import jobs
-from gateway.appkeys import CONFIG, OPENAPI, QUEUE
+from gateway.appkeys import CONFIG, OPENAPI, QUEUE, REGISTRY
 from gateway.errors import ApiError, from_validation_error
 
 M = TypeVar("M", bound=BaseModel)
@@ -29,6 +30,12 @@ async def index(request: web.Request) -> web.FileResponse:
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: the process answers."""
     return web.json_response({"status": "ok"})
+
+
+async def list_workers(request: web.Request) -> web.Response:
+    """The registered workers: id, host, devices, compiled shapes, state, jobs done, last heartbeat."""
+    workers = await request.app[REGISTRY].workers()
+    return _json(WorkerList(workers=workers, serving=sum(w.state in SERVING_STATES for w in workers)))
 
 
 async def openapi(request: web.Request) -> web.Response:

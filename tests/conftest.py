@@ -14,6 +14,7 @@ os.environ["XLA_FLAGS"] = " ".join(
 ) + " --xla_force_host_platform_device_count=4"
 
 import asyncio
+import json
 import shutil
 import subprocess
 import sys
@@ -239,3 +240,17 @@ async def finish(redis_client: aioredis.Redis, claimed: ClaimedJob, images: list
 async def play_worker(redis_client: aioredis.Redis, images: list[bytes]) -> None:
     """Claim the next job and store a successful result, as a worker would."""
     await finish(redis_client, await claim_next(redis_client), images)
+
+
+async def read_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """Parse an SSE stream into (event, data) pairs, ignoring pings."""
+    name, data = "message", ""
+    async for raw in response.content:
+        line = raw.decode().rstrip("\r\n")
+        if line.startswith("event:"):
+            name = line.partition(":")[2].strip()
+        elif line.startswith("data:"):
+            data += line.partition(":")[2].strip()
+        elif not line and data:
+            yield name, json.loads(data)
+            name, data = "message", ""

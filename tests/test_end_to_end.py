@@ -8,6 +8,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
@@ -23,6 +24,7 @@ from tests.conftest import (
     ProcessGroup,
     RedisServer,
     post_generate,
+    read_events,
     wait_ready,
     worker_args,
 )
@@ -67,6 +69,36 @@ async def test_missing_seed_is_drawn_and_returned(cluster: Cluster) -> None:
     drawn = await generate(cluster)
     replay = await generate(cluster, seed=drawn["seed"])
     assert replay["images"] == drawn["images"]
+
+
+async def test_job_api_streams_every_step_from_the_compiled_loop(cluster: Cluster) -> None:
+    steps = TEST_SHAPES[1].steps
+    async with aiohttp.ClientSession(base_url=cluster.url) as session:
+        async with session.post("/v1/jobs", json={"prompt": "a lighthouse", "seed": 11, "num_inference_steps": steps,
+                                                  "output_format": "webp", "quality": 80}) as response:
+            assert response.status == 202
+            accepted = await response.json()
+        async with session.get(accepted["events_url"]) as stream:
+            events = [event async for event in read_events(stream)]
+        names = [name for name, _ in events]
+        assert names[names.index("started"):] == ["started"] + ["progress"] * steps + ["succeeded"]
+        assert [data["step"] for name, data in events if name == "progress"] == list(range(1, steps + 1))
+        result = events[-1][1]["result"]
+        assert result["media_type"] == "image/webp" and len(result["images"]) == 4
+        pixels = []
+        for url in result["images"]:
+            async with session.get(url) as image:
+                assert image.content_type == "image/webp"
+                decoded = Image.open(io.BytesIO(await image.read()))
+                assert decoded.format == "WEBP" and decoded.size == (TEST_SHAPES[1].width, TEST_SHAPES[1].height)
+                pixels.append(np.asarray(decoded))
+    assert len({p.tobytes() for p in pixels}) == 4
+
+
+async def test_jpeg_through_the_synchronous_route(cluster: Cluster) -> None:
+    payload = await generate(cluster, prompt="a lighthouse", seed=3, output_format="jpeg", quality=70)
+    formats = {Image.open(io.BytesIO(base64.b64decode(encoded))).format for encoded in payload["images"]}
+    assert formats == {"JPEG"}
 
 
 async def test_both_workers_serve_concurrent_requests(cluster: Cluster) -> None:

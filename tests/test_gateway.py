@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from common.keys import Keys
-from tests.conftest import TEST_SHAPES, play_worker
+from tests.conftest import TEST_SHAPES, play_worker, register_worker
 
 KEYS = Keys()
 SHAPES = TEST_SHAPES
@@ -113,3 +113,14 @@ async def test_deadline_gives_504_with_id_and_result_is_fetchable_later(
     assert done["result"]["images"] == [f"/v1/jobs/{body['id']}/images/{k}" for k in range(4)]
     image = await client.get(done["result"]["images"][0])
     assert image.status == 200 and image.content_type == "image/png" and await image.read() == b"late"
+
+
+async def test_workers_are_listed_with_their_shapes_and_state(client: TestClient[Any, Any],
+                                                              redis_client: aioredis.Redis) -> None:
+    assert await (await client.get("/v1/workers")).json() == {"workers": [], "serving": 0}
+    await register_worker(redis_client, "w1")
+    await register_worker(redis_client, "w2", state="warming")
+    body = await (await client.get("/v1/workers")).json()
+    assert sorted((w["id"], w["state"]) for w in body["workers"]) == [("w1", "ready"), ("w2", "warming")]
+    assert body["serving"] == 1
+    assert body["workers"][0]["shapes"] == [s.model_dump() for s in SHAPES]

@@ -7,17 +7,14 @@ on purpose, in order.
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from common.keys import Keys
 from common.queue import ClaimedJob, JobQueue
-from tests.conftest import claim_next, finish
+from tests.conftest import claim_next, finish, read_events
 
 KEYS = Keys()
 Client = TestClient[Any, Any]
@@ -182,20 +179,6 @@ async def test_unknown_job_status_and_events_are_404(client: Client) -> None:
 
 
 # --- Server-sent events
-
-
-async def read_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    """Parse an SSE stream into (event, data) pairs, ignoring pings."""
-    name, data = "message", ""
-    async for raw in response.content:
-        line = raw.decode().rstrip("\r\n")
-        if line.startswith("event:"):
-            name = line.partition(":")[2].strip()
-        elif line.startswith("data:"):
-            data += line.partition(":")[2].strip()
-        elif not line and data:
-            yield name, json.loads(data)
-            name, data = "message", ""
 
 
 async def test_events_follow_a_job_through_every_step(client: Client, redis_client: aioredis.Redis,
