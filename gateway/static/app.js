@@ -1,14 +1,36 @@
-// Demo page for sdxl-serve: POST the form to /v1/generate and show the four images.
+// Demo page for sdxl-serve: queue a job (POST /v1/jobs), follow its server-sent events (queue position,
+// one progress event per denoising step, then the result), and show the four images from their URLs.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const form = $("generate-form");
 const button = $("generate");
+const cancelButton = $("cancel");
 const statusEl = $("status");
+const resultsEl = $("results");
+const jobEl = $("job");
+const queueEl = $("queue-position");
+const progressEl = $("progress");
+const progressText = $("progress-text");
+const elapsedEl = $("elapsed");
 const errorEl = $("error");
 const imagesEl = $("images");
 const timingsEl = $("timings");
 const emptyEl = $("empty");
+
+const EVENTS = ["queued", "started", "progress", "succeeded", "failed", "cancelled"];
+// When the event stream breaks before the job finished, poll its status instead; give up after this
+// many failed polls in a row.
+const POLL_INTERVAL_MS = 1000;
+const POLL_MAX_FAILURES = 5;
+// The request fields the gateway may name in a 400, and the inputs they come from.
+const FIELD_INPUTS = {
+  prompt: "prompt", negative_prompt: "negative-prompt", seed: "seed", guidance_scale: "guidance-scale",
+  num_inference_steps: "steps", output_format: "output-format",
+};
+const EXTENSIONS = { "image/png": "png", "image/jpeg": "jpg", "image/webp": "webp" };
+
+let current = null;  // the Job being followed, if any
 
 // Only the fields the user filled: the server picks a random seed and its default steps when they
 // are omitted, and its schema is strict (numbers must be JSON numbers, not strings).
@@ -17,6 +39,7 @@ function requestBody() {
     prompt: $("prompt").value,
     negative_prompt: $("negative-prompt").value,
     guidance_scale: Number($("guidance-scale").value),
+    output_format: $("output-format").value,
   };
   const seed = $("seed").value.trim();
   if (seed !== "") body.seed = Number(seed);
@@ -32,6 +55,12 @@ function el(tag, props = {}, ...children) {
 }
 
 const ms = (value) => (value == null ? "–" : `${Math.round(value)} ms`);
+const seconds = (value) => `${(value / 1000).toFixed(1)} s`;
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+
+function setState(state) {
+  resultsEl.dataset.state = state;
+}
 
 function clearResults() {
   errorEl.hidden = true;
@@ -39,29 +68,19 @@ function clearResults() {
   errorEl.replaceChildren();
   imagesEl.replaceChildren();
   timingsEl.replaceChildren();
+  queueEl.hidden = true;
+  queueEl.textContent = "";
+  setProgress(0, 1);
+  progressText.textContent = "";
+  progressEl.dataset.stepsSeen = "0";
+  delete resultsEl.dataset.jobId;
+  for (const input of form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
 }
 
-function showImages(data, roundTripMs) {
-  data.images.forEach((b64, i) => {
-    const n = i + 1;
-    const src = `data:image/png;base64,${b64}`;
-    const img = el("img", { className: "result-image", src, alt: `image ${n}` });
-    const link = el("a", { href: src, download: `sdxl-${data.id}-${n}.png` }, "Download");
-    imagesEl.append(el("figure", { className: "cell" }, img,
-      el("figcaption", {}, el("span", {}, `image ${n}`), link)));
-  });
-  const t = data.timings || {};
-  const line = (pairs) => pairs.flatMap(([label, value], i) => [
-    ...(i ? [" · "] : []),
-    el("span", { className: "item" }, el("b", {}, label), ` ${value}`),  // keep "label value" together
-  ]);
-  timingsEl.append(
-    ...line([["seed", data.seed], ["size", `${data.width}×${data.height}`],
-      ["steps", data.num_inference_steps], ["worker", data.worker]]),
-    " ", el("br"),  // the space keeps the two lines apart in textContent too
-    ...line([["queued", ms(t.queued_ms)], ["generate", ms(t.generate_ms)], ["encode", ms(t.encode_ms)],
-      ["total", ms(t.total_ms)], ["round trip", ms(roundTripMs)]]),
-  );
+function setProgress(step, total) {
+  progressEl.max = total;
+  progressEl.value = step;
+  progressText.textContent = `${step} / ${total}`;
 }
 
 // `title` is the headline; `lines` are extra paragraphs (strings or nodes).
@@ -71,67 +90,318 @@ function showError(title, lines = [], warn = false) {
   errorEl.hidden = false;
 }
 
+function retryAfter(response) {
+  const value = Number.parseInt(response.headers.get("Retry-After") || "", 10);
+  return Number.isFinite(value) && value >= 0 ? `retry in ${plural(value, "second")}` : "retry shortly";
+}
+
+// A 400 names the field at fault: say which input it is, and mark and focus that input.
+function showFieldError(error, message) {
+  const input = error.field && FIELD_INPUTS[error.field] ? $(FIELD_INPUTS[error.field]) : null;
+  const label = input ? form.querySelector(`label[for="${input.id}"]`).firstChild.textContent.trim() : null;
+  const name = error.field ? (label ? `${label} (${error.field})` : error.field) : "request";
+  showError(`Invalid ${name}`, [message, error.code && `code: ${error.code}`]);
+  if (input) {
+    input.setAttribute("aria-invalid", "true");
+    input.focus();
+  }
+}
+
 function showHttpError(response, body) {
   // A proxy in front of the gateway may answer with HTML; fall back to the HTTP status line.
   const error = (body && body.error) || {};
   const message = error.message || `HTTP ${response.status} ${response.statusText}`.trim();
-  const field = error.field ? `Field: ${error.field}` : null;
-  if (response.status === 503) {
-    showError("Server busy or starting: no worker is ready yet, try again in a few seconds.", [message]);
-  } else if (response.status === 504 && body && body.id) {
-    const status = body.status_url
-      ? el("a", { href: body.status_url, target: "_blank", rel: "noopener" }, "check its status")
-      : null;
-    showError("Still running: the job did not finish before the gateway's timeout.", [
-      el("span", {}, "Job id: ", el("code", {}, body.id)),
-      status && el("span", {}, "It may still finish: ", status, "."),
-      message,
-    ], true);
+  const status = response.status;
+  if (status === 429) {
+    showError(`Server busy: too many requests, ${retryAfter(response)}.`, [message], true);
+  } else if (status === 503) {
+    const why = error.code === "queue_unavailable" ? "the job queue is unreachable" : "no worker is ready yet";
+    showError(`Server busy: ${why}, ${retryAfter(response)}.`, [message], true);
+  } else if (status === 400) {
+    showFieldError(error, message);
+  } else if (status === 413) {
+    showError("Request too large: shorten the prompts.", [message]);
   } else {
-    showError(`Error ${response.status}${error.code ? ` (${error.code})` : ""}`, [message, field]);
+    showError(`Error ${status}${error.code ? ` (${error.code})` : ""}`, [message]);
   }
 }
 
-async function generate() {
-  clearResults();
-  emptyEl.textContent = "Waiting for a worker to generate the images…";
-  button.disabled = true;
-  const started = performance.now();
-  const tick = () => {
-    statusEl.textContent = `Generating… ${((performance.now() - started) / 1000).toFixed(1)} s`;
-  };
-  tick();
-  const timer = setInterval(tick, 100);
+const sleep = (delayMs) => new Promise((resolve) => { setTimeout(resolve, delayMs); });
+
+// The JSON body of a successful GET, or null for an error answer or no answer at all.
+async function fetchJson(url) {
   try {
-    const response = await fetch("/v1/generate", {
+    const response = await fetch(url, { cache: "no-store" });
+    return response.ok ? await response.json() : null;
+  } catch (err) {
+    return null;
+  }
+}
+
+function showImages(job, result) {
+  const ext = EXTENSIONS[result.media_type] || "img";
+  const count = result.images.length;
+  result.images.forEach((url, i) => {
+    const n = i + 1;
+    const img = el("img", { className: "result-image loading", alt: `image ${n} of ${count}` });
+    img.addEventListener("load", () => img.classList.remove("loading"), { once: true });
+    img.addEventListener("error", () => img.classList.replace("loading", "broken"), { once: true });
+    img.src = url;  // each image loads from its own URL, as soon as it is in the page
+    const link = el("a", { className: "download", href: url, download: `sdxl-${job.id}-${n}.${ext}` },
+      "Download", el("span", { className: "visually-hidden" }, ` image ${n}`));
+    imagesEl.append(el("figure", { className: "cell" }, img,
+      el("figcaption", {}, el("span", {}, `image ${n}`), link)));
+  });
+}
+
+function showTimings(result, roundTripMs) {
+  const t = result.timings || {};
+  const line = (pairs) => pairs.filter(([, value]) => value != null).flatMap(([label, value], i) => [
+    ...(i ? [" · "] : []),
+    el("span", { className: "item" }, el("b", {}, label), ` ${value}`),  // keep "label value" together
+  ]);
+  timingsEl.append(
+    ...line([["seed", result.seed], ["size", `${result.width}×${result.height}`],
+      ["steps", result.num_inference_steps], ["format", result.media_type], ["worker", result.worker]]),
+    " ", el("br"),  // the space keeps the two lines apart in textContent too
+    ...line([["queued", ms(t.queued_ms)], ["generate", ms(t.generate_ms)], ["encode", ms(t.encode_ms)],
+      ["total", t.total_ms == null ? null : ms(t.total_ms)], ["round trip", ms(roundTripMs)]]),
+  );
+}
+
+/** One submitted job: follows its events (or, when the stream breaks, its status) until it finishes. */
+class Job {
+  constructor(accepted, startedAt) {
+    this.id = accepted.id;
+    this.statusUrl = accepted.status_url;
+    this.eventsUrl = accepted.events_url;
+    this.startedAt = startedAt;
+    this.source = null;
+    this.done = false;
+    this.cancelling = false;
+    this.step = 0;
+  }
+
+  follow() {
+    const source = new EventSource(this.eventsUrl);
+    this.source = source;
+    for (const name of EVENTS) {
+      source.addEventListener(name, (event) => this.apply(name, JSON.parse(event.data)));
+    }
+    // Without this the browser would reconnect forever; the status URL tells us the rest.
+    source.addEventListener("error", () => {
+      if (this.done) return;
+      this.closeStream();
+      statusEl.textContent = "Lost the event stream; checking the job's status…";
+      this.poll();
+    });
+  }
+
+  closeStream() {
+    if (this.source) this.source.close();
+    this.source = null;
+  }
+
+  apply(name, data) {
+    if (this.done) return;
+    if (name === "queued") this.queued(data.position);
+    else if (name === "started") this.running(data.worker);
+    else if (name === "progress") this.progress(data.step, data.total);
+    else if (name === "succeeded") this.succeeded(data.result);
+    else if (name === "failed") this.failed(data.error);
+    else if (name === "cancelled") this.cancelled();
+  }
+
+  queued(position) {
+    setState("queued");
+    const ahead = position == null ? "" : position === 0 ? "next in line" : `${plural(position, "job")} ahead`;
+    queueEl.dataset.position = position == null ? "" : String(position);
+    queueEl.textContent = ahead ? `Queue position: ${ahead}` : "Queued";
+    queueEl.hidden = false;
+    statusEl.textContent = ahead ? `Queued, ${ahead}` : "Queued";
+  }
+
+  running(worker) {
+    setState("running");
+    queueEl.hidden = true;
+    this.step = 0;  // a worker taking over an abandoned job starts the steps again
+    progressText.textContent = "";
+    progressEl.value = 0;
+    statusEl.textContent = worker ? `Generating on ${worker}…` : "Generating…";
+  }
+
+  progress(step, total) {
+    setProgress(step, total);
+    if (step > this.step) progressEl.dataset.stepsSeen = String(Number(progressEl.dataset.stepsSeen) + 1);
+    this.step = step;
+  }
+
+  succeeded(result) {
+    const roundTrip = performance.now() - this.startedAt;
+    this.finish("succeeded");
+    setProgress(result.num_inference_steps, result.num_inference_steps);
+    showImages(this, result);
+    showTimings(result, roundTrip);
+    statusEl.textContent = `Done in ${seconds(roundTrip)}`;
+    elapsedEl.textContent = seconds(roundTrip);  // the same figure as the status, whatever the rounding
+  }
+
+  failed(error) {
+    this.finish("failed");
+    showError(`Generation failed${error && error.code ? ` (${error.code})` : ""}`, [error && error.message]);
+    statusEl.textContent = "Failed";
+  }
+
+  cancelled() {
+    this.finish("cancelled");
+    showError("Cancelled: the job will not produce images.", [], true);
+    statusEl.textContent = "Cancelled";
+  }
+
+  finish(state) {
+    this.done = true;
+    this.closeStream();
+    setState(state);
+    queueEl.hidden = true;
+    if (state !== "succeeded" && this.step === 0) jobEl.hidden = true;  // an empty bar says nothing
+    endRun();
+  }
+
+  // Polling stands in for the event stream: the same handlers, fed from GET status_url.
+  async poll() {
+    let failures = 0;
+    while (!this.done && failures < POLL_MAX_FAILURES) {
+      const state = await fetchJson(this.statusUrl);
+      if (state) {
+        failures = 0;
+        this.applyState(state);
+      } else {
+        failures += 1;
+      }
+      if (!this.done) await sleep(POLL_INTERVAL_MS);
+    }
+    if (!this.done) this.lost();
+  }
+
+  applyState(state) {
+    const status = state.status;
+    if (status === "queued") this.queued(state.queue_position);
+    else if (status === "running") {
+      if (resultsEl.dataset.state !== "running") this.running(state.worker);
+      if (state.progress) this.progress(state.progress.step, state.progress.total);
+    } else if (status === "succeeded") this.succeeded(state.result);
+    else if (status === "failed") this.failed(state.error);
+    else if (status === "cancelled") this.cancelled();
+  }
+
+  lost() {
+    this.finish("error");
+    const link = el("a", { href: this.statusUrl, target: "_blank", rel: "noopener" }, "its status");
+    showError("Lost track of the job: the server stopped answering.", [
+      el("span", {}, "Job id: ", el("code", {}, this.id)),
+      el("span", {}, "It may still finish: check ", link, " later."),
+    ], true);
+    statusEl.textContent = "";
+  }
+
+  async cancel() {
+    if (this.cancelling) return;  // not `disabled`: that would take the keyboard focus off the button
+    this.cancelling = true;
+    statusEl.textContent = "Cancelling…";
+    try {
+      const response = await fetch(this.statusUrl, { method: "DELETE" });
+      const body = await response.json().catch(() => null);
+      if (response.ok) {
+        this.apply("cancelled", { id: this.id });
+      } else if (response.status === 409) {
+        // Too late: it finished meanwhile, and its final event is on its way.
+        statusEl.textContent = `Too late to cancel: the job already ${(body && body.job_status) || "finished"}.`;
+      } else {
+        showHttpError(response, body);
+      }
+    } catch (err) {
+      statusEl.textContent = "Could not reach the server to cancel the job.";
+    } finally {
+      this.cancelling = false;
+    }
+  }
+}
+
+let elapsedTimer = null;
+let showElapsed = () => {};
+
+function startRun() {
+  clearResults();
+  setState("submitting");
+  jobEl.hidden = false;
+  emptyEl.hidden = true;
+  button.disabled = true;
+  statusEl.textContent = "Submitting…";
+  const startedAt = performance.now();
+  showElapsed = () => { elapsedEl.textContent = seconds(performance.now() - startedAt); };
+  showElapsed();
+  elapsedTimer = setInterval(showElapsed, 100);
+  return startedAt;
+}
+
+function endRun() {
+  clearInterval(elapsedTimer);
+  showElapsed();  // the final figure, not the last tick's
+  button.disabled = false;
+  // A hidden button drops the keyboard focus on the floor: hand it to Generate instead.
+  if (document.activeElement === cancelButton) button.focus();
+  cancelButton.hidden = true;
+  current = null;
+}
+
+async function generate() {
+  const startedAt = startRun();
+  let response;
+  let body;
+  try {
+    response = await fetch("/v1/jobs", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify(requestBody()),
     });
-    const body = await response.json().catch(() => null);
-    const roundTrip = performance.now() - started;
-    if (response.ok && body && Array.isArray(body.images)) {
-      showImages(body, roundTrip);
-      statusEl.textContent = `Done in ${(roundTrip / 1000).toFixed(1)} s`;
-    } else {
-      showHttpError(response, body);
-      statusEl.textContent = "";
-    }
+    body = await response.json().catch(() => null);
   } catch (err) {
     // fetch only rejects when no HTTP response came back at all.
-    showError("Network error: could not reach the server.", [String(err && err.message || err)]);
-    statusEl.textContent = "";
-  } finally {
-    clearInterval(timer);
-    emptyEl.hidden = true;
-    button.disabled = false;
+    showError("Network error: could not reach the server.", [String((err && err.message) || err)]);
+    failRun();
+    return;
   }
+  if (response.status !== 202 || !body || !body.events_url) {
+    showHttpError(response, body);
+    failRun();
+    return;
+  }
+  current = new Job(body, startedAt);
+  resultsEl.dataset.jobId = body.id;
+  cancelButton.hidden = false;
+  statusEl.textContent = "Queued";
+  setState("queued");
+  current.follow();
+}
+
+function failRun() {
+  setState("error");
+  jobEl.hidden = true;
+  statusEl.textContent = "";
+  endRun();
 }
 
 form.addEventListener("submit", (event) => {
   event.preventDefault();
   if (!button.disabled) generate();
 });
+
+cancelButton.addEventListener("click", () => {
+  if (current) current.cancel();
+});
+
+// Editing an input the server rejected clears its mark.
+form.addEventListener("input", (event) => event.target.removeAttribute("aria-invalid"));
 
 // Ctrl/Cmd+Enter in a text box submits; requestSubmit runs the browser's validation first.
 form.addEventListener("keydown", (event) => {

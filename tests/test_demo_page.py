@@ -1,0 +1,226 @@
+"""The demo page (gateway/static) in headless Chromium against the real cluster: a job followed live to its
+four images, cancelled, followed by polling when the event stream fails, and the errors a user can meet.
+
+The browser is Debian's chromium driven by Playwright's async API. The tiny model finishes a job in about
+a second, too fast to race reliably, so the tests that need to see the queue and the steps pause the two
+workers (SIGSTOP) while the page submits: the job then waits in the queue with the page already following
+its events. The pause lasts well under the workers' heartbeat TTL, so neither is taken for dead.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, ConsoleMessage, Error, Page, Route, async_playwright, expect
+
+from tests.conftest import TEST_SHAPES, Cluster, ProcessGroup
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--disable-dev-shm-usage"]
+SHAPE = TEST_SHAPES[1]  # 64x64 at 3 steps; the cluster's default shape is TEST_SHAPES[0]
+JOB_TIMEOUT_MS = 30_000
+FAILED_LOAD = "console: Failed to load resource:"
+ALL_IMAGES_LOADED = """() => {
+  const images = [...document.querySelectorAll("img.result-image")];
+  return images.length === 4 && images.every((image) => image.complete && image.naturalWidth > 0);
+}"""
+
+
+@dataclass
+class DemoPage:
+    """The page, and every console error and uncaught exception it produced."""
+
+    page: Page
+    url: str
+    errors: list[str] = field(default_factory=list)
+
+    def on_console(self, message: ConsoleMessage) -> None:
+        if message.type == "error":
+            self.errors.append(f"console: {message.text} at {message.location.get('url')}")
+
+    def on_page_error(self, error: Error) -> None:
+        self.errors.append(f"uncaught: {error}")
+
+    def assert_no_errors(self, *failed_paths: str) -> None:
+        """No console errors but the browser's own report of each request that the test made fail."""
+        failed = tuple(f" at {self.url}{path}" for path in failed_paths)
+        assert [e for e in self.errors if not (e.startswith(FAILED_LOAD) and e.endswith(failed))] == []
+
+    async def submit(self, prompt: str, steps: int | None = None) -> None:
+        await self.page.get_by_label("Prompt", exact=True).fill(prompt)
+        if steps is not None:
+            await self.page.get_by_label("Steps").fill(str(steps))
+        await self.page.get_by_role("button", name="Generate").click()
+
+    async def job_id(self) -> str:
+        job_id = await self.page.locator("#results").get_attribute("data-job-id")
+        assert job_id
+        return job_id
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    executable = shutil.which("chromium")
+    if executable is None:
+        pytest.fail("chromium is not installed: `make install` installs it (Debian's package, with apt-get)")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        await browser.close()
+
+
+@pytest.fixture
+async def demo(browser: Browser, cluster: Cluster) -> AsyncIterator[DemoPage]:
+    """The demo page, loaded from the cluster's gateway, with its console watched."""
+    context = await browser.new_context(base_url=cluster.url, viewport={"width": 1100, "height": 800})
+    page = await context.new_page()
+    demo = DemoPage(page, cluster.url)
+    page.on("console", demo.on_console)
+    page.on("pageerror", demo.on_page_error)
+    await page.goto("/")
+    yield demo
+    await context.close()
+
+
+@contextmanager
+def workers_paused(processes: ProcessGroup, cluster: Cluster) -> Iterator[None]:
+    """Freeze the cluster's workers, so a job submitted meanwhile waits in the queue; thaw them after."""
+    workers = [processes.processes[worker_id] for worker_id in cluster.worker_ids]
+    for worker in workers:
+        worker.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGCONT)
+
+
+async def test_a_job_is_followed_live_to_four_images(demo: DemoPage, cluster: Cluster, processes: ProcessGroup,
+                                                     artifacts: Path) -> None:
+    page = demo.page
+    with workers_paused(processes, cluster):
+        await demo.submit("a lighthouse at dusk, oil painting", steps=SHAPE.steps)
+        await expect(page.locator("#queue-position")).to_contain_text("Queue position:")
+        await expect(page.get_by_role("button", name="Cancel")).to_be_visible()
+
+    progress = page.locator("#progress")
+    await expect(progress).to_have_attribute("value", str(SHAPE.steps), timeout=JOB_TIMEOUT_MS)
+    await expect(progress).to_have_attribute("max", str(SHAPE.steps))
+    await expect(page.locator("#progress-text")).to_have_text(f"{SHAPE.steps} / {SHAPE.steps}")
+    await expect(page.locator("#results")).to_have_attribute("data-state", "succeeded", timeout=JOB_TIMEOUT_MS)
+    await page.wait_for_function(ALL_IMAGES_LOADED, timeout=JOB_TIMEOUT_MS)
+
+    # Steps arrived as events while the job ran, not only filled in from the final result.
+    steps_seen = int(await progress.get_attribute("data-steps-seen") or 0)
+    assert 1 <= steps_seen <= SHAPE.steps
+
+    images = page.locator("img.result-image")
+    sizes = await images.evaluate_all("(images) => images.map((image) => [image.naturalWidth, image.naturalHeight])")
+    assert sizes == [[SHAPE.width, SHAPE.height]] * 4
+    job_id = await demo.job_id()
+    urls = [f"/v1/jobs/{job_id}/images/{k}" for k in range(4)]
+    assert await images.evaluate_all("(images) => images.map((image) => image.getAttribute('src'))") == urls
+    links = page.locator("a.download")
+    assert await links.evaluate_all("(links) => links.map((link) => link.getAttribute('href'))") == urls
+    assert await links.evaluate_all("(links) => links.map((link) => link.download)") == [
+        f"sdxl-{job_id}-{k + 1}.png" for k in range(4)]
+    response = await page.request.get(urls[0])
+    assert response.ok and response.headers["content-type"] == "image/png"
+
+    timings = page.locator("#timings")
+    await expect(timings).to_contain_text(f"size {SHAPE.width}\N{MULTIPLICATION SIGN}{SHAPE.height}")
+    await expect(timings).to_contain_text(re.compile(rf"worker ({'|'.join(map(re.escape, cluster.worker_ids))})"))
+    await expect(timings).to_contain_text(re.compile(r"generate \d+ ms"))
+    await expect(page.locator("#status")).to_contain_text("Done in")
+    await expect(page.get_by_role("button", name="Cancel")).to_be_hidden()
+    await expect(page.get_by_role("button", name="Generate")).to_be_enabled()
+    await page.screenshot(path=artifacts / "demo-page.png", full_page=True)
+    demo.assert_no_errors()
+
+
+async def test_an_unsupported_shape_names_the_field(demo: DemoPage) -> None:
+    page = demo.page
+    await demo.submit("a red fox", steps=7)  # no worker compiled 7 steps: 400 unsupported_shape
+
+    error = page.locator("#error")
+    await expect(error).to_be_visible()
+    await expect(error).to_contain_text("Invalid Steps (num_inference_steps)")
+    await expect(error).to_contain_text("no worker serves 64x64 at 7 steps")
+    steps = page.get_by_label("Steps")
+    await expect(steps).to_have_attribute("aria-invalid", "true")
+    await expect(steps).to_be_focused()
+    await expect(page.locator("#results")).to_have_attribute("data-state", "error")
+    await expect(page.locator("img.result-image")).to_have_count(0)
+    await expect(page.get_by_role("button", name="Generate")).to_be_enabled()
+    demo.assert_no_errors("/v1/jobs")
+
+
+@pytest.mark.parametrize(("status", "code", "headline"), [
+    (503, "no_workers", "Server busy: no worker is ready yet, retry in 3 seconds."),
+    (503, "queue_unavailable", "Server busy: the job queue is unreachable, retry in 3 seconds."),
+    (429, "rate_limited", "Server busy: too many requests, retry in 3 seconds."),
+])
+async def test_a_busy_server_says_when_to_retry(demo: DemoPage, status: int, code: str, headline: str) -> None:
+    # The cluster cannot be made busy on demand, so Playwright answers in the gateway's place.
+    async def busy(route: Route) -> None:
+        await route.fulfill(status=status, headers={"Retry-After": "3"},
+                            json={"error": {"code": code, "message": "try later", "field": None}})
+
+    await demo.page.route("**/v1/jobs", busy)
+    await demo.submit("a red fox")
+
+    error = demo.page.locator("#error")
+    await expect(error.locator("strong")).to_have_text(headline)
+    await expect(error).to_contain_text("try later")
+    demo.assert_no_errors("/v1/jobs")
+
+
+async def test_a_queued_job_is_cancelled_from_the_keyboard(demo: DemoPage, cluster: Cluster,
+                                                           processes: ProcessGroup) -> None:
+    page = demo.page
+    with workers_paused(processes, cluster):
+        prompt = page.get_by_label("Prompt", exact=True)
+        await prompt.fill("a ship in a bottle")
+        await prompt.press("Control+Enter")
+        await expect(page.locator("#queue-position")).to_be_visible()
+        await page.get_by_role("button", name="Cancel").focus()
+        await page.keyboard.press("Enter")
+        await expect(page.locator("#results")).to_have_attribute("data-state", "cancelled")
+        response = await page.request.get(f"/v1/jobs/{await demo.job_id()}")
+        assert (await response.json())["status"] == "cancelled"
+
+    await expect(page.locator("#error")).to_contain_text("Cancelled")
+    await expect(page.get_by_role("button", name="Cancel")).to_be_hidden()
+    await expect(page.locator("img.result-image")).to_have_count(0)
+    await expect(page.get_by_role("button", name="Generate")).to_be_focused()
+    demo.assert_no_errors()
+
+
+async def test_a_broken_event_stream_falls_back_to_polling(demo: DemoPage) -> None:
+    page = demo.page
+
+    async def refuse(route: Route) -> None:
+        await route.abort()
+
+    await page.route("**/v1/jobs/*/events", refuse)
+    await page.get_by_label("Output format").select_option("jpeg")
+    await demo.submit("a lighthouse, polled")  # blank steps: the cluster's default shape
+
+    await expect(page.locator("#results")).to_have_attribute("data-state", "succeeded", timeout=JOB_TIMEOUT_MS)
+    default = TEST_SHAPES[0]
+    await expect(page.locator("#progress-text")).to_have_text(f"{default.steps} / {default.steps}")
+    await page.wait_for_function(ALL_IMAGES_LOADED, timeout=JOB_TIMEOUT_MS)
+    links = page.locator("a.download")
+    assert all(name.endswith(".jpg") for name in await links.evaluate_all("(ls) => ls.map((l) => l.download)"))
+    response = await page.request.get(await links.first.get_attribute("href") or "")
+    assert response.headers["content-type"] == "image/jpeg"
+    demo.assert_no_errors(f"/v1/jobs/{await demo.job_id()}/events")
