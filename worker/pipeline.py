@@ -233,21 +233,24 @@ def _generate(pipe: FlaxStableDiffusionXLPipeline, shape: Shape, report: Callabl
         noise = uncond + guidance_scale * (cond - uncond)
         latents, state = pipe.scheduler.step(state, noise, t, latents).to_tuple()
         if report is not None:
-            _report_step(report, i + 1, latents)
+            latents = _report_step(report, i + 1, latents)
         return latents, state
 
     latents, _ = jax.lax.fori_loop(0, shape.steps, step, (latents, state))
     return _decode(pipe, params, latents)
 
 
-def _report_step(report: Callable[[Any], None], step: jax.Array, latents: jax.Array) -> None:
-    """Call the host from the first device once this step's latents exist.
+def _report_step(report: Callable[[Any], None], step: jax.Array, latents: jax.Array) -> jax.Array:
+    """Call the host from the first device once this step's latents exist; returns the latents.
 
-    The step number is tied to the latents, so the callback cannot run before the step's work is done.
+    The step number passes through an optimization barrier together with the latents, and the loop goes
+    on with the barrier's latents: the callback cannot be scheduled before the step's work is done (without
+    the tie XLA runs it at the top of the iteration, one step early).
     """
-    done, _ = jax.lax.optimization_barrier((step, latents))  # type: ignore[no-untyped-call]
+    done, latents = jax.lax.optimization_barrier((step, latents))  # type: ignore[no-untyped-call]
     first = jax.lax.axis_index(AXIS) == 0
     jax.lax.cond(first, lambda s: jax.debug.callback(report, s), lambda s: None, done)
+    return latents
 
 
 def _conditioning(pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], prompt_ids: jax.Array,
