@@ -66,6 +66,13 @@ def _add_gateway(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=float, default=120.0,
                         help="seconds /v1/generate waits before answering 504 with the job id")
     parser.add_argument("--result-ttl", type=int, default=3600, help="seconds results stay fetchable")
+    _add_routing(parser)
+
+
+def _add_routing(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--routing", default="shared", choices=["shared", "random", "p2c"],
+                        help="shared: idle workers pull from one queue per shape (default); random: a random "
+                             "worker's own queue (the reference's policy); p2c: the shorter of two random ones")
 
 
 def _add_worker_model(parser: argparse.ArgumentParser, model_default: str | None) -> None:
@@ -99,6 +106,7 @@ def _add_up(parser: argparse.ArgumentParser) -> None:
     _add_redis(parser, default=None)
     _add_worker_model(parser, None)
     parser.add_argument("--workers", type=int, default=1)
+    _add_routing(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
@@ -126,7 +134,7 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
 
 def gateway_config(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(redis_url=args.redis_url, host=args.host, port=args.port, key_prefix=args.key_prefix,
-                         request_timeout_s=args.request_timeout, result_ttl_s=args.result_ttl)
+                         request_timeout_s=args.request_timeout, result_ttl_s=args.result_ttl, routing=args.routing)
 
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:

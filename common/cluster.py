@@ -79,7 +79,7 @@ class Cluster:
                                "per host (add hosts with `sdxl-serve worker --redis-url ...`)")
         model = self.args.model or await self._default_model(accelerator)
         await self._spawn("gateway", "gateway", "--redis-url", redis_url, "--key-prefix", self.args.key_prefix,
-                          "--host", self.args.host, "--port", str(self.args.port))
+                          "--host", self.args.host, "--port", str(self.args.port), "--routing", self.args.routing)
         for index in range(self.args.workers):
             await self._spawn(f"worker-{index}", "worker", *self._worker_args(redis_url, model))
         await self._wait_ready(redis_url)

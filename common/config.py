@@ -9,6 +9,7 @@ import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from common.keys import DEFAULT_PREFIX
 from common.protocol import Shape
@@ -17,6 +18,9 @@ DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 # The hub repository keeps its Flax weights on this ref, not on main.
 DEFAULT_MODEL_REVISION = "refs/pr/95"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+RoutingPolicy = Literal["shared", "random", "p2c"]
 
 
 class ConfigError(ValueError):
@@ -39,8 +43,10 @@ class GatewayConfig:
     key_prefix: str = DEFAULT_PREFIX
     request_timeout_s: float = 120.0
     result_ttl_s: int = 3600
+    routing: RoutingPolicy = "shared"  # see gateway/routing.py
 
     def __post_init__(self) -> None:
+        _require(self.routing in ("shared", "random", "p2c"), "--routing", "must be shared, random or p2c")
         _require(1 <= self.port <= 65535, "--port", "must be 1..65535")
         _require(self.request_timeout_s > 0, "--request-timeout", "must be > 0")
         _require(self.result_ttl_s > 0, "--result-ttl", "must be > 0")

@@ -17,14 +17,29 @@ class Keys:
 
     prefix: str = DEFAULT_PREFIX
 
+    def shape_stream(self, shape: object) -> str:
+        """Stream of the jobs of one shape (`WIDTHxHEIGHTxSTEPS`) that any worker serving it may take: the
+        shared queue. Every worker that compiled the shape reads it through `workers_group`."""
+        return f"{self.prefix}:jobs:{shape}"
+
+    def worker_stream(self, worker_id: str) -> str:
+        """Stream of the jobs routed to one worker (`random` and `p2c` routing); only that worker reads it,
+        and when it is gone a live worker moves what is left to the shape streams."""
+        return f"{self.prefix}:jobs:worker:{worker_id}"
+
+    def worker_of_stream(self, stream: str) -> str | None:
+        """The owner of a worker stream; None for a shape stream."""
+        head = f"{self.prefix}:jobs:worker:"
+        return stream[len(head):] if stream.startswith(head) else None
+
     @property
-    def jobs_stream(self) -> str:
-        """Stream of queued jobs; workers read it through `workers_group`."""
-        return f"{self.prefix}:jobs"
+    def job_streams(self) -> str:
+        """Set of every job stream in use (shape and worker streams): for depth, recovery and operators."""
+        return f"{self.prefix}:job-streams"
 
     @property
     def workers_group(self) -> str:
-        """The consumer group every worker joins on `jobs_stream`."""
+        """The consumer group, on every job stream, that workers read through."""
         return "workers"
 
     @property

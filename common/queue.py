@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import contextlib
 import json
 import logging
@@ -62,20 +63,21 @@ return stored
 """
 
 # Submit: the job's record and its stream entry together; with an idempotency key, at most one job per key.
-# KEYS: job record, stream[, idempotency key].  ARGV: job json, ttl, job id, request fingerprint.
+# KEYS: job record, stream, set of job streams[, idempotency key].  ARGV: job json, ttl, job id, fingerprint.
 # Returns {"job-id fingerprint" of the key's job, 1 if this call created it}.
 _SUBMIT = """
-if KEYS[3] then
-  local existing = redis.call('GET', KEYS[3])
+if KEYS[4] then
+  local existing = redis.call('GET', KEYS[4])
   if existing then return {existing, 0} end
 end
 local entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[1])
+redis.call('SADD', KEYS[3], KEYS[2])
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('HSET', KEYS[1], 'job', ARGV[1], 'status', 'queued', 'entry', entry, 'stream', KEYS[2], 'created', ms)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 local claim = ARGV[3] .. ' ' .. ARGV[4]
-if KEYS[3] then redis.call('SET', KEYS[3], claim, 'EX', ARGV[2]) end
+if KEYS[4] then redis.call('SET', KEYS[4], claim, 'EX', ARGV[2]) end
 return {claim, 1}
 """
 
@@ -126,6 +128,33 @@ redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 'cancelled-now'
 """
 
+# Move one entry of a departed worker's stream to the shared stream of its shape, keeping its enqueue
+# time and counting a delivery if it was in service; skip a cancelled or finished job.
+# KEYS: from stream, to stream, job record.  ARGV: group, entry id.  Returns 1 if moved.
+_MOVE = """
+local entries = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+if #entries == 0 then return 0 end
+local fields = entries[1][2]
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+local status = redis.call('HGET', KEYS[3], 'status')
+if status ~= 'queued' and status ~= 'running' then return 0 end
+local out = {}
+local deliveries, enqueued = 0, string.match(ARGV[2], '^(%d+)')
+for i = 1, #fields, 2 do
+  if fields[i] == 'deliveries' then deliveries = tonumber(fields[i + 1])
+  elseif fields[i] == 'enqueued' then enqueued = fields[i + 1]
+  else table.insert(out, fields[i]); table.insert(out, fields[i + 1]) end
+end
+if #pending > 0 then deliveries = deliveries + pending[1][4] end
+table.insert(out, 'deliveries'); table.insert(out, tostring(deliveries))
+table.insert(out, 'enqueued'); table.insert(out, enqueued)
+local entry = redis.call('XADD', KEYS[2], '*', unpack(out))
+redis.call('HSET', KEYS[3], 'status', 'queued', 'entry', entry, 'stream', KEYS[2])
+return 1
+"""
+
 # Take the oldest pending entry of a dead consumer, or forget the consumer once it holds none.
 # KEYS: stream, stats.  ARGV: group, dead consumer, new consumer.
 # Returns false (nothing left), or {entry id, deliveries, fields or false if the entry was deleted}.
@@ -150,8 +179,9 @@ return {id, deliveries, entries[1][2]}
 class MalformedJob(Exception):
     """A stream entry that is not a valid job. `job_id` is set when the entry named one."""
 
-    def __init__(self, entry_id: str, job_id: str | None, reason: str) -> None:
-        super().__init__(f"stream entry {entry_id}: {reason}")
+    def __init__(self, stream: str, entry_id: str, job_id: str | None, reason: str) -> None:
+        super().__init__(f"stream {stream} entry {entry_id}: {reason}")
+        self.stream = stream
         self.entry_id = entry_id
         self.job_id = job_id
         self.reason = reason
@@ -162,6 +192,7 @@ class ClaimedJob:
     """A job delivered to this worker, with the stream entry that must be acknowledged."""
 
     job: Job
+    stream: str
     entry_id: str
     enqueued_ms: int  # Redis server time when the job was added (from the entry id)
     deliveries: int = 1  # how many times the group has handed this entry out, this time included
@@ -190,6 +221,7 @@ class JobRecord:
     status: str  # queued, running, succeeded, failed or cancelled
     job: Job | None
     entry_id: str | None
+    stream: str | None = None
     worker: str | None = None
     step: int | None = None
     total: int | None = None
@@ -202,8 +234,8 @@ class JobRecord:
 
         raw_job, step, total = get("job"), get("step"), get("total")
         return cls(status=get("status") or "queued", job=Job.model_validate_json(raw_job) if raw_job else None,
-                   entry_id=get("entry"), worker=get("worker"), step=None if step is None else int(step),
-                   total=None if total is None else int(total))
+                   entry_id=get("entry"), stream=get("stream"), worker=get("worker"),
+                   step=None if step is None else int(step), total=None if total is None else int(total))
 
 
 @dataclass(frozen=True)
@@ -226,24 +258,42 @@ class JobQueue:
         self._progress = redis.register_script(_PROGRESS)
         self._cancel = redis.register_script(_CANCEL)
         self._take_over = redis.register_script(_TAKE_OVER)
+        self._move = redis.register_script(_MOVE)
+        self._held: collections.deque[tuple[str, str, dict[bytes, bytes]]] = collections.deque()
 
-    async def ensure_group(self) -> None:
-        """Create the stream and its consumer group if they do not exist yet (idempotent)."""
+    async def ensure_group(self, stream: str) -> None:
+        """Create a job stream and its consumer group if they do not exist yet, and list it (idempotent)."""
         try:
-            await self._redis.xgroup_create(self._keys.jobs_stream, self._keys.workers_group, id="0",
-                                            mkstream=True)
+            await self._redis.xgroup_create(stream, self._keys.workers_group, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        await self._redis.sadd(self._keys.job_streams, stream)
 
-    async def submit(self, job: Job, idempotency_key: str | None = None, fingerprint: str = "") -> Submitted:
-        """Record and enqueue a job atomically.
+    async def streams(self) -> list[str]:
+        """Every job stream in use."""
+        members: set[bytes] = await self._redis.smembers(self._keys.job_streams)  # type: ignore[assignment]
+        return sorted(_text(s) for s in members)
+
+    async def depth(self) -> int:
+        """Jobs queued or in service over all streams (entries are deleted when their result is stored)."""
+        streams = await self.streams()
+        if not streams:
+            return 0
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xlen(stream)
+            return sum(await pipe.execute())
+
+    async def submit(self, job: Job, stream: str, idempotency_key: str | None = None,
+                     fingerprint: str = "") -> Submitted:
+        """Record and enqueue a job on `stream` atomically.
 
         With an idempotency key, only the first submit creates a job; a later one with the same key and
         `fingerprint` (a digest of the request) refers to that job, and one with another request raises
         IdempotencyConflict. The key lives as long as the job's result.
         """
-        keys = [self._keys.job(job.id), self._keys.jobs_stream]
+        keys = [self._keys.job(job.id), stream, self._keys.job_streams]
         if idempotency_key is not None:
             keys.append(self._keys.idempotency(idempotency_key))
         claim, created = await self._submit(keys=keys, args=[job.model_dump_json(), job.result_ttl_s, job.id,
@@ -253,18 +303,44 @@ class JobQueue:
             raise IdempotencyConflict(job_id)
         return Submitted(job_id=job_id, created=bool(created))
 
-    async def claim(self, consumer: str, block_ms: int) -> ClaimedJob | None:
-        """Take the next new job for `consumer`, waiting up to `block_ms`; None if there was none.
+    async def claim(self, consumer: str, streams: list[str], block_ms: int) -> ClaimedJob | None:
+        """Take the next new job for `consumer` from `streams` (in order of preference), waiting up to
+        `block_ms`; None if there was none.
+
+        Each stream is first asked without waiting, one at a time, so a worker takes one job even when
+        several streams have a backlog; only when all are empty does it wait on all of them. Should that
+        wait deliver two entries at once (two streams written in the same instant), the second stays
+        pending under this consumer and is returned by the next call: held, never lost.
 
         Raises MalformedJob for an entry that does not parse; the caller settles it with `reject`.
         """
-        reply: Any = await self._redis.xreadgroup(self._keys.workers_group, consumer, {self._keys.jobs_stream: ">"},
-                                             count=1, block=block_ms)
-        if not reply:
+        if self._held:
+            return _parse_entry(*self._held.popleft())
+        for stream in streams:
+            if found := await self._read(consumer, {stream: ">"}, None):
+                return _parse_entry(*found[0])
+        found = await self._read(consumer, dict.fromkeys(streams, ">"), block_ms)
+        if not found:
             return None
-        _stream, entries = reply[0]
-        entry_id, fields = entries[0]
-        return _parse_entry(_text(entry_id), fields)
+        self._held.extend(found[1:])
+        return _parse_entry(*found[0])
+
+    async def _read(self, consumer: str, streams: dict[str, str],
+                    block_ms: int | None) -> list[tuple[str, str, dict[bytes, bytes]]]:
+        try:
+            reply: Any = await self._redis.xreadgroup(self._keys.workers_group, consumer, streams,  # type: ignore[arg-type]
+                                                      count=1, block=block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # A stream vanished under us (Redis restarted without persistence, an operator's DEL): recreate
+            # it with its group and read again; an error here is a real one.
+            for stream in streams:
+                await self.ensure_group(stream)
+            reply = await self._redis.xreadgroup(self._keys.workers_group, consumer, streams,  # type: ignore[arg-type]
+                                                 count=1, block=block_ms)
+        return [(_text(stream), _text(entry_id), fields)
+                for stream, entries in reply or () for entry_id, fields in entries]
 
     async def start(self, claimed: ClaimedJob, worker_id: str) -> int | None:
         """Record that `worker_id` runs the job, append to its history, announce it.
@@ -281,8 +357,8 @@ class JobQueue:
     async def discard(self, claimed: ClaimedJob) -> None:
         """Acknowledge and drop an entry whose job must not run (cancelled while queued)."""
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self._keys.jobs_stream, self._keys.workers_group, claimed.entry_id)
-            pipe.xdel(self._keys.jobs_stream, claimed.entry_id)
+            pipe.xack(claimed.stream, self._keys.workers_group, claimed.entry_id)
+            pipe.xdel(claimed.stream, claimed.entry_id)
             await pipe.execute()
 
     async def progress(self, job_id: str, worker_id: str, step: int, total: int) -> str | None:
@@ -309,8 +385,9 @@ class JobQueue:
         meta = JobResult(id=job_id, status="cancelled", worker=record.worker, seed=job.seed if job else None,
                          shape=job.shape if job else None).model_dump_json()
         ttl = job.result_ttl_s if job else 3600
-        outcome = await self._cancel(keys=[self._keys.job(job_id), self._keys.result(job_id),
-                                           self._keys.jobs_stream, self._keys.stats],
+        stream = record.stream or self._keys.shape_stream(job.shape if job else "unknown")
+        outcome = await self._cancel(keys=[self._keys.job(job_id), self._keys.result(job_id), stream,
+                                           self._keys.stats],
                                      args=[ttl, self._keys.completions_channel, job_id, meta])
         if outcome is None:
             return None
@@ -322,41 +399,54 @@ class JobQueue:
         fields: dict[bytes, bytes] = await self._redis.hgetall(self._keys.job(job_id))  # type: ignore[assignment]
         return JobRecord.from_fields(fields) if fields else None
 
-    async def positions(self, entry_ids: list[str], limit: int = 1000) -> dict[str, int]:
-        """How many undelivered jobs are ahead of each queued entry (0: it is next).
+    async def positions(self, stream: str, entry_ids: list[str], limit: int = 1000) -> dict[str, int]:
+        """How many undelivered jobs are ahead of each queued entry of `stream` (0: it is next).
 
         One XRANGE over the undelivered part of the stream, at most `limit` entries: positions beyond
         that are reported as `limit`.
         """
         if not entry_ids:
             return {}
-        last = await self._last_delivered()
+        last = await self._last_delivered(stream)
         newest = max(entry_ids, key=_entry_key)
         ahead: list[tuple[int, int]] = []
         if _entry_key(newest) > _entry_key(last):
-            entries: Any = await self._redis.xrange(self._keys.jobs_stream, min=f"({last}", max=newest, count=limit)
+            entries: Any = await self._redis.xrange(stream, min=f"({last}", max=newest, count=limit)
             ahead = [_entry_key(_text(e[0])) for e in entries]
         return {entry: min(bisect.bisect_left(ahead, _entry_key(entry)), limit) for entry in entry_ids}
 
-    async def _last_delivered(self) -> str:
-        for group in await self._redis.xinfo_groups(self._keys.jobs_stream):
+    async def _last_delivered(self, stream: str) -> str:
+        try:
+            groups = await self._redis.xinfo_groups(stream)
+        except ResponseError:  # the stream is gone (a departed worker's, already emptied)
+            return "0-0"
+        for group in groups:
             if _text(group["name"]) == self._keys.workers_group:
                 return _text(group["last-delivered-id"])
         return "0-0"
 
-    async def reclaim(self, consumer: str, live: set[str], max_deliveries: int) -> ClaimedJob | None:
-        """Take over one job from a consumer that is no longer alive (not in `live`), if there is one.
+    async def reclaim(self, consumer: str, live: set[str], max_deliveries: int,
+                      streams: list[str]) -> ClaimedJob | None:
+        """Take over one job of `streams` from a consumer that is no longer alive (not in `live`), if any.
 
         Jobs delivered more than `max_deliveries` times are dead-lettered on the way, not returned.
         Raises MalformedJob for an unparseable entry, as `claim` does.
         """
-        for dead in await self._dead_consumers(live | {consumer}):
-            while (taken := await self._take_over(keys=[self._keys.jobs_stream, self._keys.stats],
+        for stream in streams:
+            claimed = await self._reclaim_from(stream, consumer, live, max_deliveries)
+            if claimed is not None:
+                return claimed
+        return None
+
+    async def _reclaim_from(self, stream: str, consumer: str, live: set[str],
+                            max_deliveries: int) -> ClaimedJob | None:
+        for dead in await self._dead_consumers(stream, live | {consumer}):
+            while (taken := await self._take_over(keys=[stream, self._keys.stats],
                                                   args=[self._keys.workers_group, dead, consumer])):
                 entry_id, deliveries, fields = _text(taken[0]), int(taken[1]), taken[2]
                 if not fields:
                     continue
-                claimed = _parse_entry(entry_id, _pairs(fields), deliveries)
+                claimed = _parse_entry(stream, entry_id, _pairs(fields), deliveries)
                 logger.warning("took over job %s from dead worker %s (delivery %d)", claimed.job.id, dead,
                                deliveries)
                 if deliveries <= max_deliveries:
@@ -365,9 +455,57 @@ class JobQueue:
                                        "that took it stopped heartbeating before finishing")
         return None
 
-    async def _dead_consumers(self, live: set[str]) -> list[str]:
-        consumers = await self._redis.xinfo_consumers(self._keys.jobs_stream, self._keys.workers_group)
+    async def _dead_consumers(self, stream: str, live: set[str]) -> list[str]:
+        try:
+            consumers = await self._redis.xinfo_consumers(stream, self._keys.workers_group)
+        except ResponseError:  # no such stream or group yet: nobody to take over from
+            return []
         return [name for c in consumers if (name := _text(c["name"])) not in live]
+
+    async def rehome_orphans(self, live: set[str]) -> int:
+        """Move every job left on the stream of a worker that is gone to the shared stream of its shape.
+
+        Under `random` and `p2c` routing a job waits on its worker's own stream; when that worker dies or
+        drains, what it had not finished (queued, or in service when it died) must go back to be served by
+        the others. Returns how many jobs were moved.
+        """
+        moved = 0
+        for stream in await self.streams():
+            owner = self._keys.worker_of_stream(stream)
+            if owner is not None and owner not in live:
+                moved += await self.rehome(stream)
+        return moved
+
+    async def rehome(self, stream: str) -> int:
+        """Move the jobs of one worker stream to their shape streams, then drop the emptied stream."""
+        await self.ensure_group(stream)  # a submit racing the owner's exit may have recreated it bare
+        moved = 0
+        while entries := await self._entries(stream, 100):
+            for entry_id, fields in entries:
+                moved += await self._rehome_entry(stream, _text(entry_id), fields)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.srem(self._keys.job_streams, stream)
+            pipe.delete(stream)
+            await pipe.execute()
+        if moved:
+            logger.warning("moved %d job(s) of departed worker stream %s to the shared streams", moved, stream)
+        return moved
+
+    async def _entries(self, stream: str, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        entries: Any = await self._redis.xrange(stream, count=count)
+        return list(entries)
+
+    async def _rehome_entry(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> int:
+        try:
+            job = _parse_entry(stream, entry_id, fields).job
+        except MalformedJob:
+            await self._redis.xdel(stream, entry_id)
+            return 0
+        target = self._keys.shape_stream(job.shape)
+        await self.ensure_group(target)
+        moved = await self._move(keys=[stream, target, self._keys.job(job.id)],
+                                 args=[self._keys.workers_group, entry_id])
+        return int(moved)
 
     async def dead_letter(self, claimed: ClaimedJob, worker_id: str, reason: str) -> None:
         """Give up on a job: record it with its history on the dead-letter stream and fail it."""
@@ -380,7 +518,7 @@ class JobQueue:
                 "job": job.model_dump_json(), "entry_id": claimed.entry_id, "deliveries": claimed.deliveries,
                 "attempts": json.dumps(history), "reason": reason})
             pipe.hincrby(self._keys.stats, "dead_lettered", 1)
-            await self._store(keys=self._store_keys(job.id), client=pipe, args=self._store_args(
+            await self._store(keys=self._store_keys(claimed.stream, job.id), client=pipe, args=self._store_args(
                 claimed.entry_id, result, [], job.result_ttl_s))
             await pipe.execute()
         logger.error("job %s dead-lettered: %s", job.id, reason)
@@ -395,25 +533,27 @@ class JobQueue:
 
         Returns False when a result for this job was already stored; this one was dropped.
         """
-        return await self._store_and_ack(claimed.entry_id, result, images, claimed.job.result_ttl_s)
+        return await self._store_and_ack(claimed.stream, claimed.entry_id, result, images,
+                                         claimed.job.result_ttl_s)
 
     async def reject(self, malformed: MalformedJob, worker_id: str, ttl_s: int) -> None:
         """Settle an unparseable entry: fail its job if it named one, and acknowledge it."""
         if malformed.job_id is not None:
             result = JobResult(id=malformed.job_id, status="failed", worker=worker_id,
                                error=f"invalid job: {malformed.reason}")
-            await self._store_and_ack(malformed.entry_id, result, [], ttl_s)
+            await self._store_and_ack(malformed.stream, malformed.entry_id, result, [], ttl_s)
             return
-        await self._redis.xack(self._keys.jobs_stream, self._keys.workers_group, malformed.entry_id)
-        await self._redis.xdel(self._keys.jobs_stream, malformed.entry_id)
+        await self._redis.xack(malformed.stream, self._keys.workers_group, malformed.entry_id)
+        await self._redis.xdel(malformed.stream, malformed.entry_id)
 
-    async def _store_and_ack(self, entry_id: str, result: JobResult, images: list[bytes], ttl_s: int) -> bool:
-        stored = await self._store(keys=self._store_keys(result.id),
+    async def _store_and_ack(self, stream: str, entry_id: str, result: JobResult, images: list[bytes],
+                             ttl_s: int) -> bool:
+        stored = await self._store(keys=self._store_keys(stream, result.id),
                                    args=self._store_args(entry_id, result, images, ttl_s))
         return bool(stored)
 
-    def _store_keys(self, job_id: str) -> list[str]:
-        return [self._keys.result(job_id), self._keys.jobs_stream, self._keys.job(job_id), self._keys.stats]
+    def _store_keys(self, stream: str, job_id: str) -> list[str]:
+        return [self._keys.result(job_id), stream, self._keys.job(job_id), self._keys.stats]
 
     def _store_args(self, entry_id: str, result: JobResult, images: list[bytes], ttl_s: int) -> list[Any]:
         return [self._keys.workers_group, entry_id, ttl_s, self._keys.completions_channel, result.id,
@@ -585,15 +725,19 @@ def _discard(registry: dict[str, set[Any]], job_id: str, item: Any) -> None:
             del registry[job_id]
 
 
-def _parse_entry(entry_id: str, fields: dict[bytes, bytes], deliveries: int = 1) -> ClaimedJob:
+def _parse_entry(stream: str, entry_id: str, fields: dict[bytes, bytes], deliveries: int = 1) -> ClaimedJob:
     raw = fields.get(b"job")
     if raw is None:
-        raise MalformedJob(entry_id, None, "no 'job' field")
+        raise MalformedJob(stream, entry_id, None, "no 'job' field")
     try:
         job = Job.model_validate_json(raw)
     except ValidationError as exc:
-        raise MalformedJob(entry_id, _job_id_of(raw), _first_error(exc)) from exc
-    return ClaimedJob(job=job, entry_id=entry_id, enqueued_ms=int(entry_id.split("-", 1)[0]), deliveries=deliveries)
+        raise MalformedJob(stream, entry_id, _job_id_of(raw), _first_error(exc)) from exc
+    # A job moved off a departed worker's stream carries the deliveries it had there.
+    earlier = int(fields.get(b"deliveries", b"0"))
+    enqueued = int(fields.get(b"enqueued", entry_id.split("-", 1)[0]))
+    return ClaimedJob(job=job, stream=stream, entry_id=entry_id, enqueued_ms=enqueued,
+                      deliveries=deliveries + earlier)
 
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:

@@ -18,11 +18,12 @@ from common.keys import Keys
 from common.queue import JobListener, JobQueue
 from common.redis_conn import connect
 from common.registry import Registry
-from gateway.appkeys import CONFIG, GATEWAY_ID, LISTENER, OPENAPI, POSITIONS, QUEUE, REDIS, REGISTRY
+from gateway.appkeys import CONFIG, GATEWAY_ID, LISTENER, OPENAPI, POSITIONS, QUEUE, REDIS, REGISTRY, ROUTER
 from gateway.middlewares import error_middleware
 from gateway.openapi import build_openapi
 from gateway.positions import PositionBoard
 from gateway.routes import ROUTES, setup_routes
+from gateway.routing import Router
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[REDIS] = redis
     app[QUEUE] = JobQueue(redis, keys)
     app[REGISTRY] = Registry(redis, keys)
-    await app[QUEUE].ensure_group()
+    app[ROUTER] = Router(config.routing, redis, keys)
     yield
     await redis.aclose()
 

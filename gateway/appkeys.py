@@ -11,6 +11,7 @@ from common.config import GatewayConfig
 from common.queue import JobListener, JobQueue
 from common.registry import Registry
 from gateway.positions import PositionBoard
+from gateway.routing import Router
 
 CONFIG = web.AppKey("config", GatewayConfig)
 GATEWAY_ID = web.AppKey("gateway_id", str)
@@ -20,3 +21,4 @@ REGISTRY = web.AppKey("registry", Registry)
 LISTENER = web.AppKey("listener", JobListener)
 POSITIONS = web.AppKey("positions", PositionBoard)
 OPENAPI = web.AppKey("openapi", dict[str, Any])
+ROUTER = web.AppKey("router", Router)

@@ -34,6 +34,7 @@ from common.queue import JobEvent, JobRecord
 from common.redis_conn import UNAVAILABLE
 from gateway import jobs
 from gateway.appkeys import LISTENER, POSITIONS
+from gateway.positions import Entry
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class _JobStream:
         self._sse = sse
         self._id = job_id
         self._sent = _Sent()
-        self._entry: str | None = None
+        self._entry: Entry | None = None
 
     async def run(self, state: JobState, record: JobRecord | None, events: asyncio.Queue[JobEvent]) -> None:
         try:
@@ -87,7 +88,7 @@ class _JobStream:
         loop = asyncio.get_running_loop()
         resync_at = loop.time() + RESYNC_INTERVAL_S
         while True:
-            self._track(record.entry_id if record is not None and state.status == "queued" else None)
+            self._track(_entry_of(record) if state.status == "queued" else None)
             await self._send_changes(state)
             if state.status in FINISHED or not self._sse.is_connected():
                 return
@@ -115,21 +116,27 @@ class _JobStream:
         position = self._app[POSITIONS].position(self._entry) if self._entry else None
         return state if position is None else state.model_copy(update={"queue_position": position})
 
-    def _track(self, entry_id: str | None) -> None:
-        if entry_id == self._entry:
+    def _track(self, entry: Entry | None) -> None:
+        if entry == self._entry:
             return
         board = self._app[POSITIONS]
         if self._entry is not None:
             board.untrack(self._entry)
-        if entry_id is not None:
-            board.track(entry_id)
-        self._entry = entry_id
+        if entry is not None:
+            board.track(entry)
+        self._entry = entry
 
     async def _send_changes(self, state: JobState) -> None:
         for name, payload in _changes(self._sent, state):
             # A client that went away (reset) or stopped reading (send timeout): the stream ends.
             with contextlib.suppress(ConnectionResetError, TimeoutError):
                 await self._sse.send(payload.model_dump_json(), event=name)
+
+
+def _entry_of(record: JobRecord | None) -> Entry | None:
+    if record is None or record.stream is None or record.entry_id is None:
+        return None
+    return record.stream, record.entry_id
 
 
 async def _next(events: asyncio.Queue[JobEvent], wait_s: float) -> JobEvent | None:

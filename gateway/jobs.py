@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import secrets
 import uuid
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -25,7 +26,8 @@ from common.protocol import (
 )
 from common.queue import IdempotencyConflict, JobQueue, JobRecord, StoredResult, Submitted
 from common.redis_conn import UNAVAILABLE
-from gateway.appkeys import CONFIG, LISTENER, QUEUE, REGISTRY
+from common.registry import WorkerInfo
+from gateway.appkeys import CONFIG, LISTENER, QUEUE, REGISTRY, ROUTER
 from gateway.errors import ApiError
 from gateway.shapes import resolve_shape
 
@@ -45,15 +47,25 @@ def image_url(job_id: str, index: int) -> str:
     return f"/v1/jobs/{job_id}/images/{index}"
 
 
-async def make_job(request: web.Request, body: GenerateRequest) -> Job:
-    """Resolve the shape against the live workers and draw a seed when none was given."""
+@dataclass(frozen=True)
+class Placed:
+    """A job ready to queue, the stream the routing policy chose for it, and the workers it was chosen from."""
+
+    job: Job
+    stream: str
+    workers: list[WorkerInfo]
+
+
+async def make_job(request: web.Request, body: GenerateRequest) -> Placed:
+    """Resolve the shape against the live workers, draw a seed when none was given, and route the job."""
     workers = await request.app[REGISTRY].workers()
     shape = resolve_shape(body, workers)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
     extra = {"quality": body.quality} if body.quality is not None else {}
-    return Job(id=uuid.uuid4().hex, prompt=body.prompt, negative_prompt=body.negative_prompt, seed=seed,
-               guidance_scale=body.guidance_scale, shape=shape, output_format=body.output_format,
-               result_ttl_s=request.app[CONFIG].result_ttl_s, **extra)
+    job = Job(id=uuid.uuid4().hex, prompt=body.prompt, negative_prompt=body.negative_prompt, seed=seed,
+              guidance_scale=body.guidance_scale, shape=shape, output_format=body.output_format,
+              result_ttl_s=request.app[CONFIG].result_ttl_s, **extra)
+    return Placed(job=job, stream=await request.app[ROUTER].stream_for(shape, workers), workers=workers)
 
 
 def idempotency_key(request: web.Request) -> str | None:
@@ -67,7 +79,7 @@ def idempotency_key(request: web.Request) -> str | None:
     return key
 
 
-async def submit(request: web.Request, body: GenerateRequest, job: Job) -> Submitted:
+async def submit(request: web.Request, body: GenerateRequest, placed: Placed) -> Submitted:
     """Queue `job`, or with an `Idempotency-Key` already seen, refer to the job that key created.
 
     The key binds to the request (its validated body), not to the drawn seed: a retry of a request that
@@ -76,21 +88,22 @@ async def submit(request: web.Request, body: GenerateRequest, job: Job) -> Submi
     key = idempotency_key(request)
     fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest() if key else ""
     try:
-        return await request.app[QUEUE].submit(job, key, fingerprint)
+        return await request.app[QUEUE].submit(placed.job, placed.stream, key, fingerprint)
     except IdempotencyConflict as exc:
         raise ApiError(422, "idempotency_key_reused", f"{IDEMPOTENCY_HEADER} was already used for another "
                        f"request (job {exc.job_id}); use a new key for a new request", field=IDEMPOTENCY_HEADER,
                        id=exc.job_id) from None
 
 
-async def submit_and_wait(request: web.Request, body: GenerateRequest, job: Job) -> StoredResult:
+async def submit_and_wait(request: web.Request, body: GenerateRequest, placed: Placed) -> StoredResult:
     """Submit and wait for the result within the request timeout (504 with the job id past it)."""
     listener = request.app[LISTENER]
     queue = request.app[QUEUE]
+    job = placed.job
     done = listener.expect(job.id)
     job_id = job.id
     try:
-        submitted = await submit(request, body, job)  # a Redis error here means not accepted: 503
+        submitted = await submit(request, body, placed)  # a Redis error here means not accepted: 503
         if not submitted.created:  # a replay: the job may have finished long ago
             listener.forget(job.id, done)
             job_id = submitted.job_id
@@ -174,8 +187,8 @@ async def read_state(app: web.Application, job_id: str) -> tuple[JobState, JobRe
     if record is None:
         return None
     position = None
-    if record.status == "queued" and record.entry_id is not None:
-        position = (await queue.positions([record.entry_id]))[record.entry_id]
+    if record.status == "queued" and record.entry_id is not None and record.stream is not None:
+        position = (await queue.positions(record.stream, [record.entry_id]))[record.entry_id]
     return live_state(job_id, record, position), record
 
 

@@ -15,12 +15,11 @@ from typing import Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from common.protocol import DEFAULT_GUIDANCE_SCALE, MAX_SEED, GenerateRequest, OutputFormat, Prompt, Shape
+from common.protocol import DEFAULT_GUIDANCE_SCALE, MAX_SEED, GenerateRequest, OutputFormat, Prompt
 from common.queue import StoredResult
+from common.registry import SERVING_STATES
 from gateway import jobs
-from gateway.appkeys import REGISTRY
 from gateway.errors import ApiError, from_validation_error
-from gateway.shapes import ACCEPTING_STATES
 from gateway.views import parse_body
 
 _SIZE_RE = re.compile(r"(\d{1,5})x(\d{1,5})")
@@ -127,12 +126,12 @@ async def images_generations(request: web.Request) -> web.Response:
     generate = to_generate_request(body)
     n = body.n or 1
     try:
-        job = await jobs.make_job(request, generate)
+        placed = await jobs.make_job(request, generate)
     except ApiError as exc:
         raise _renamed(exc) from None
-    await _check_n(request, job.shape, n)
+    _check_n(placed, n)
     try:
-        stored = await jobs.submit_and_wait(request, generate, job)
+        stored = await jobs.submit_and_wait(request, generate, placed)
     except ApiError as exc:
         raise _with_status_url(request, exc) from None
     jobs.raise_unless_succeeded(stored)
@@ -154,10 +153,10 @@ def to_generate_request(body: ImageGenerationRequest) -> GenerateRequest:
         raise _renamed(from_validation_error(exc)) from None
 
 
-async def _check_n(request: web.Request, shape: Shape, n: int) -> None:
-    """Refuse, before queueing, more images than the workers serving `shape` make per request."""
-    workers = await request.app[REGISTRY].workers()
-    batch = min((w.images_per_request for w in workers if w.state in ACCEPTING_STATES and shape in w.shapes),
+def _check_n(placed: jobs.Placed, n: int) -> None:
+    """Refuse, before queueing, more images than the workers serving the job's shape make per request."""
+    shape = placed.job.shape
+    batch = min((w.images_per_request for w in placed.workers if w.state in SERVING_STATES and shape in w.shapes),
                 default=None)
     if batch is not None and n > batch:
         raise ApiError(400, "less_than_equal", f"n: Input should be less than or equal to {batch}, the images "

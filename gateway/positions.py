@@ -15,30 +15,33 @@ from common.redis_conn import UNAVAILABLE
 
 logger = logging.getLogger(__name__)
 
+Entry = tuple[str, str]  # (stream, entry id)
+
 
 class PositionBoard:
-    """Tracked stream entries and their latest positions, refreshed every `interval_s` while any are tracked."""
+    """Tracked (stream, entry) pairs and their latest positions, refreshed every `interval_s` while any are
+    tracked: one scan per stream per refresh, whatever the number of followers."""
 
     def __init__(self, queue: JobQueue, interval_s: float = 1.0) -> None:
         self._queue = queue
         self._interval_s = interval_s
-        self._tracked: Counter[str] = Counter()
-        self._positions: dict[str, int] = {}
+        self._tracked: Counter[Entry] = Counter()
+        self._positions: dict[Entry, int] = {}
         self._wanted = asyncio.Event()
 
-    def track(self, entry_id: str) -> None:
-        self._tracked[entry_id] += 1
+    def track(self, entry: Entry) -> None:
+        self._tracked[entry] += 1
         self._wanted.set()
 
-    def untrack(self, entry_id: str) -> None:
-        self._tracked[entry_id] -= 1
-        if self._tracked[entry_id] <= 0:
-            del self._tracked[entry_id]
-            self._positions.pop(entry_id, None)
+    def untrack(self, entry: Entry) -> None:
+        self._tracked[entry] -= 1
+        if self._tracked[entry] <= 0:
+            del self._tracked[entry]
+            self._positions.pop(entry, None)
 
-    def position(self, entry_id: str) -> int | None:
+    def position(self, entry: Entry) -> int | None:
         """The position at the last refresh; None before the first one."""
-        return self._positions.get(entry_id)
+        return self._positions.get(entry)
 
     async def run(self) -> None:
         """Refresh until cancelled; idle (no Redis traffic) while nothing is tracked."""
@@ -47,7 +50,17 @@ class PositionBoard:
                 self._wanted.clear()
                 await self._wanted.wait()
             try:
-                self._positions = await self._queue.positions(list(self._tracked))
+                self._positions = await self._refresh()
             except (*UNAVAILABLE, OSError) as exc:
                 logger.warning("queue positions not refreshed (%s)", exc)
             await asyncio.sleep(self._interval_s)
+
+    async def _refresh(self) -> dict[Entry, int]:
+        by_stream: dict[str, list[str]] = {}
+        for stream, entry_id in self._tracked:
+            by_stream.setdefault(stream, []).append(entry_id)
+        positions: dict[Entry, int] = {}
+        for stream, entry_ids in by_stream.items():
+            found = await self._queue.positions(stream, entry_ids)
+            positions.update(((stream, entry_id), at) for entry_id, at in found.items())
+        return positions

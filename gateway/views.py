@@ -47,8 +47,8 @@ async def generate(request: web.Request) -> web.Response:
     """Queue a generation and wait for its images (504 with the job id past the deadline)."""
     received = time.perf_counter()
     body = await parse_body(request, GenerateRequest)
-    job = await jobs.make_job(request, body)
-    stored = await jobs.submit_and_wait(request, body, job)
+    placed = await jobs.make_job(request, body)
+    stored = await jobs.submit_and_wait(request, body, placed)
     jobs.raise_unless_succeeded(stored)
     return _json(_generate_response(stored, received))
 
@@ -56,8 +56,8 @@ async def generate(request: web.Request) -> web.Response:
 async def submit_job(request: web.Request) -> web.Response:
     """Queue a generation and answer at once, 202 with where to follow it."""
     body = await parse_body(request, GenerateRequest)
-    job = await jobs.make_job(request, body)
-    submitted = await jobs.submit(request, body, job)
+    placed = await jobs.make_job(request, body)
+    submitted = await jobs.submit(request, body, placed)
     job_id = submitted.job_id
     status = "queued"
     if not submitted.created:

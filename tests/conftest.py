@@ -115,6 +115,12 @@ class ProcessGroup:
     def log(self, name: str) -> str:
         return (self.log_dir / f"{name}.log").read_text(errors="replace")
 
+    def stop(self, name: str) -> None:
+        """SIGTERM one process and wait for it."""
+        process = self.processes[name]
+        process.terminate()
+        process.wait(timeout=60)
+
     def stop_all(self) -> None:
         for process in self.processes.values():
             if process.poll() is None:
@@ -197,11 +203,26 @@ def artifacts() -> Path:
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 
 
-async def register_worker(redis_client: aioredis.Redis, worker_id: str = "w1", state: str = "ready") -> None:
-    """Register a worker serving TEST_SHAPES, so the gateway accepts requests for them."""
+async def register_worker(redis_client: aioredis.Redis, worker_id: str = "w1", state: str = "ready",
+                          shapes: tuple[Shape, ...] = TEST_SHAPES) -> None:
+    """Register a worker serving `shapes` with its streams, so the gateway accepts requests for them."""
     info = WorkerInfo(id=worker_id, host="h", pid=1, model="m", images_per_request=4, state=state,  # type: ignore[arg-type]
-                      shapes=list(TEST_SHAPES), started_at=time.time())
+                      shapes=list(shapes), started_at=time.time())
+    queue = JobQueue(redis_client, Keys())
+    for stream in worker_streams(worker_id, shapes):
+        await queue.ensure_group(stream)
     await Registry(redis_client, Keys()).publish(info, ttl_s=60)
+
+
+def worker_streams(worker_id: str = "test-worker", shapes: tuple[Shape, ...] = TEST_SHAPES) -> list[str]:
+    """The streams a worker reads, in its order: its own, then one per shape."""
+    keys = Keys()
+    return [keys.worker_stream(worker_id), *(keys.shape_stream(shape) for shape in shapes)]
+
+
+async def queued_jobs(redis_client: aioredis.Redis) -> int:
+    """Jobs on any stream (queued or in service)."""
+    return await JobQueue(redis_client, Keys()).depth()
 
 
 @pytest.fixture
@@ -221,9 +242,11 @@ async def fake_worker(redis_client: aioredis.Redis) -> AsyncIterator[None]:
 async def claim_next(redis_client: aioredis.Redis, worker_id: str = "test-worker") -> ClaimedJob:
     """Claim the next job as a worker would, waiting for one to be queued."""
     queue = JobQueue(redis_client, Keys())
+    for stream in worker_streams(worker_id):
+        await queue.ensure_group(stream)
     claimed = None
     while claimed is None:
-        claimed = await queue.claim(worker_id, block_ms=1000)
+        claimed = await queue.claim(worker_id, worker_streams(worker_id), block_ms=1000)
     return claimed
 
 

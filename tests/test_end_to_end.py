@@ -122,7 +122,8 @@ async def test_job_with_uncompiled_shape_fails_cleanly_and_worker_carries_on(clu
         job = Job.model_validate({"id": "uncompiled-1", "prompt": "x", "seed": 1, "guidance_scale": 7.5,
                                   "shape": {"width": 64, "height": 64, "steps": 9}, "result_ttl_s": 60})
         done = listener.expect(job.id)
-        await JobQueue(client, keys).submit(job)
+        # Injected straight into the shared stream of a shape the workers did compile.
+        await JobQueue(client, keys).submit(job, keys.shape_stream(TEST_SHAPES[0]))
         await asyncio.wait_for(done, 60)
         stored = await JobQueue(client, keys).fetch_result(job.id)
         assert stored is not None and stored.result.status == "failed"
@@ -140,7 +141,7 @@ async def test_worker_takes_no_job_before_warm_up(redis_server: RedisServer, tin
     client = aioredis.Redis.from_url(redis_url)
     keys = Keys(prefix)
     queue = JobQueue(client, keys)
-    await queue.ensure_group()
+    stream = keys.shape_stream(TEST_SHAPES[0])
     pubsub = client.pubsub()
     await pubsub.subscribe(keys.worker_events_channel)
     try:
@@ -149,13 +150,12 @@ async def test_worker_takes_no_job_before_warm_up(redis_server: RedisServer, tin
         assert first.state == "warming"
         job = Job.model_validate({"id": "early-1", "prompt": "x", "seed": 1, "guidance_scale": 7.5,
                                   "shape": TEST_SHAPES[0].model_dump(), "result_ttl_s": 60})
-        await queue.submit(job)
+        await queue.submit(job, stream)
         record = await queue.record(job.id)
         assert record is not None and record.entry_id is not None
         entry_id = record.entry_id
-        # Still warming: the worker has not joined the group, so nobody holds the job.
-        assert (await client.xpending(keys.jobs_stream, keys.workers_group))["pending"] == 0
-        assert await client.xinfo_consumers(keys.jobs_stream, keys.workers_group) == []
+        # Still warming: the worker has not even created the group, so nobody holds the job.
+        assert await client.xinfo_groups(stream) == []
         ready = await wait_ready(redis_url, 1, prefix)
         assert ready[0].ready_at is not None
         listener = JobListener(client, keys)

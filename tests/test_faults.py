@@ -23,9 +23,10 @@ import redis.asyncio as aioredis
 
 from common.cluster import free_port, wait_http
 from common.keys import Keys
+from common.protocol import Shape
 from common.queue import JobListener, JobQueue
 from common.registry import Registry
-from tests.conftest import READY_TIMEOUT_S, ProcessGroup, post_generate, wait_ready
+from tests.conftest import READY_TIMEOUT_S, ProcessGroup, post_generate, read_events, wait_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -87,10 +88,12 @@ class FaultCluster:
         self.workers.append(name)
         return name
 
+    def alive(self) -> list[str]:
+        return [w for w in self.workers if self.processes.processes[w].poll() is None]
+
     async def top_up(self, count: int = 2) -> None:
         """Start workers until `count` are alive, and wait until they are ready."""
-        alive = [w for w in self.workers if self.processes.processes[w].poll() is None]
-        for _ in range(count - len(alive)):
+        for _ in range(count - len(self.alive())):
             self.start_worker()
         await wait_ready(self.redis.url, count)
 
@@ -151,6 +154,44 @@ async def test_sigkill_mid_job_is_served_by_another_worker(cluster: FaultCluster
         await client.aclose()
 
 
+async def test_random_routing_loses_nothing_when_a_worker_dies_with_jobs_queued(cluster: FaultCluster) -> None:
+    """The reference's policy queues jobs per worker; a dead worker's queue goes back to the others."""
+    port = free_port()
+    cluster.processes.start("random-gateway", "gateway", "--redis-url", cluster.redis.url, "--host", "127.0.0.1",
+                            "--port", str(port), "--routing", "random")
+    url = f"http://127.0.0.1:{port}"
+    await wait_http(f"{url}/healthz", READY_TIMEOUT_S)
+    client = aioredis.Redis.from_url(cluster.redis.url)
+    try:
+        async with aiohttp.ClientSession(base_url=url) as session:
+            ids = [await submit_job(session, seed) for seed in range(6)]
+            lengths = {w: await client.xlen(Keys().worker_stream(w)) for w in cluster.alive()}
+            victim = max(lengths, key=lambda w: lengths[w])
+            assert sum(lengths.values()) == 6 and lengths[victim] >= 3  # one in service, two or more queued
+            cluster.processes.processes[victim].send_signal(signal.SIGKILL)
+            outcomes = await asyncio.gather(*(final_event(session, job_id) for job_id in ids))
+        assert [name for name, _ in outcomes] == ["succeeded"] * 6
+        assert victim not in {data["result"]["worker"] for _, data in outcomes}
+        assert await client.exists(Keys().worker_stream(victim)) == 0
+    finally:
+        cluster.processes.stop("random-gateway")
+        await client.aclose()
+
+
+async def submit_job(session: aiohttp.ClientSession, seed: int) -> str:
+    body = {"prompt": "a lighthouse", "seed": seed, "num_inference_steps": SLOW_STEPS}
+    async with session.post("/v1/jobs", json=body) as response:
+        assert response.status == 202
+        job_id: str = (await response.json())["id"]
+        return job_id
+
+
+async def final_event(session: aiohttp.ClientSession, job_id: str) -> tuple[str, dict[str, Any]]:
+    async with session.get(f"/v1/jobs/{job_id}/events") as response:
+        events = [event async for event in read_events(response)]
+    return events[-1]
+
+
 async def test_sigterm_busy_worker_finishes_its_job_then_exits_0(cluster: FaultCluster) -> None:
     client, pubsub = await job_events(cluster.redis.url)
     try:
@@ -170,7 +211,7 @@ async def test_sigterm_busy_worker_finishes_its_job_then_exits_0(cluster: FaultC
 async def test_redis_restart_with_jobs_queued_loses_nothing(cluster: FaultCluster) -> None:
     client = aioredis.Redis.from_url(cluster.redis.url)
     pubsub = client.pubsub()
-    await pubsub.subscribe(f"__keyspace@0__:{Keys().jobs_stream}")
+    await pubsub.subscribe(f"__keyspace@0__:{Keys().shape_stream(Shape(width=64, height=64, steps=SLOW_STEPS))}")
     try:
         requests = [asyncio.create_task(post_generate(cluster.url, seed=s, num_inference_steps=SLOW_STEPS))
                     for s in range(6)]

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from common.keys import Keys
-from tests.conftest import TEST_SHAPES, play_worker, register_worker
+from tests.conftest import TEST_SHAPES, play_worker, queued_jobs, register_worker
 
 KEYS = Keys()
 SHAPES = TEST_SHAPES
@@ -68,7 +68,7 @@ async def test_bad_input_is_refused_before_the_queue(client: TestClient[Any, Any
     error = (await response.json())["error"]
     assert (error["code"], error["field"]) == (code, field)
     assert error["message"]
-    assert await redis_client.xlen(KEYS.jobs_stream) == 0
+    assert await queued_jobs(redis_client) == 0
 
 
 async def test_wrong_content_type_and_oversized_body(client: TestClient[Any, Any], redis_client: aioredis.Redis,
@@ -78,7 +78,7 @@ async def test_wrong_content_type_and_oversized_body(client: TestClient[Any, Any
     huge = b'{"prompt": "' + b"x" * 70_000 + b'"}'
     response = await client.post("/v1/generate", data=huge, headers={"Content-Type": "application/json"})
     assert response.status == 413 and (await response.json())["error"]["code"] == "body_too_large"
-    assert await redis_client.xlen(KEYS.jobs_stream) == 0
+    assert await queued_jobs(redis_client) == 0
 
 
 async def test_no_worker_means_503_with_retry_after(client: TestClient[Any, Any],
@@ -86,7 +86,7 @@ async def test_no_worker_means_503_with_retry_after(client: TestClient[Any, Any]
     response = await client.post("/v1/generate", json={"prompt": "a cat"})
     assert response.status == 503 and response.headers["Retry-After"]
     assert (await response.json())["error"]["code"] == "no_workers"
-    assert await redis_client.xlen(KEYS.jobs_stream) == 0
+    assert await queued_jobs(redis_client) == 0
 
 
 async def test_unknown_routes_and_jobs_are_json_404(client: TestClient[Any, Any]) -> None:
@@ -124,3 +124,12 @@ async def test_workers_are_listed_with_their_shapes_and_state(client: TestClient
     assert sorted((w["id"], w["state"]) for w in body["workers"]) == [("w1", "ready"), ("w2", "warming")]
     assert body["serving"] == 1
     assert body["workers"][0]["shapes"] == [s.model_dump() for s in SHAPES]
+
+
+async def test_a_shape_served_only_by_warming_workers_is_503_not_queued(client: TestClient[Any, Any],
+                                                                        redis_client: aioredis.Redis) -> None:
+    await register_worker(redis_client, "warming", state="warming")
+    response = await client.post("/v1/jobs", json={"prompt": "a cat"})
+    assert response.status == 503 and response.headers["Retry-After"]
+    assert (await response.json())["error"]["code"] == "no_ready_worker"
+    assert await queued_jobs(redis_client) == 0

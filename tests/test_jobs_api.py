@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from common.keys import Keys
 from common.queue import ClaimedJob, JobQueue
-from tests.conftest import claim_next, finish, read_events
+from tests.conftest import claim_next, finish, queued_jobs, read_events, worker_streams
 
 KEYS = Keys()
 Client = TestClient[Any, Any]
@@ -93,8 +93,8 @@ async def test_cancel_a_queued_job_and_it_never_runs(client: Client, redis_clien
     job_id = (await submit(client))["id"]
     response = await client.delete(f"/v1/jobs/{job_id}")
     assert response.status == 200 and (await response.json())["status"] == "cancelled"
-    assert await redis_client.xlen(KEYS.jobs_stream) == 0  # off the stream: no worker is handed it
-    assert await JobQueue(redis_client, KEYS).claim("test-worker", block_ms=10) is None
+    assert await queued_jobs(redis_client) == 0  # off the stream: no worker is handed it
+    assert await JobQueue(redis_client, KEYS).claim("test-worker", worker_streams(), block_ms=10) is None
     assert (await state(client, job_id))["status"] == "cancelled"
     again = await client.delete(f"/v1/jobs/{job_id}")
     assert again.status == 200  # cancelling twice is harmless
@@ -108,7 +108,7 @@ async def test_a_job_cancelled_after_delivery_is_skipped_by_its_worker(
     queue = JobQueue(redis_client, KEYS)
     assert await queue.start(claimed, "test-worker") is None
     await queue.discard(claimed)
-    assert (await redis_client.xpending(KEYS.jobs_stream, KEYS.workers_group))["pending"] == 0
+    assert (await redis_client.xpending(claimed.stream, KEYS.workers_group))["pending"] == 0
     assert await redis_client.lrange(KEYS.attempts(job_id), 0, -1) == []  # it never ran
 
 
@@ -143,7 +143,7 @@ async def test_idempotency_key_gives_the_same_job(client: Client, redis_client: 
     response = await client.post("/v1/jobs", json={"prompt": "a lighthouse"}, headers=key)
     assert response.status == 202 and response.headers["Idempotent-Replayed"] == "true"
     assert (await response.json())["id"] == first["id"]
-    assert await redis_client.xlen(KEYS.jobs_stream) == 1
+    assert await queued_jobs(redis_client) == 1
     other = await client.post("/v1/jobs", json={"prompt": "another"}, headers=key)
     assert other.status == 422
     error = (await other.json())["error"]
@@ -169,7 +169,7 @@ async def test_format_rules(client: Client, redis_client: aioredis.Redis, fake_w
                         ({"output_format": "webp", "quality": 101}, "quality")):
         response = await client.post("/v1/jobs", json={"prompt": "a", **body})
         assert response.status == 400 and (await response.json())["error"]["field"] == field
-    assert await redis_client.xlen(KEYS.jobs_stream) == 0
+    assert await queued_jobs(redis_client) == 0
 
 
 async def test_unknown_job_status_and_events_are_404(client: Client) -> None:

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from common.keys import Keys
 from common.protocol import Job
-from tests.conftest import TEST_SHAPES, claim_next, finish
+from tests.conftest import TEST_SHAPES, claim_next, finish, queued_jobs
 
 KEYS = Keys()
 ROUTE = "/v1/images/generations"
@@ -113,7 +113,7 @@ async def test_bad_input_is_400_in_openai_shape_before_the_queue(
     error = (await response.json())["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
-    assert await redis_client.xlen(KEYS.jobs_stream) == 0
+    assert await queued_jobs(redis_client) == 0
 
 
 @pytest.mark.parametrize(("kwargs", "param"), [
@@ -131,7 +131,7 @@ async def test_openai_client_raises_bad_request_naming_the_param(
         await oai.images.generate(prompt="a cat", **kwargs)
     assert (caught.value.status_code, caught.value.param, caught.value.type) == (400, param, "invalid_request_error")
     assert isinstance(caught.value.body, dict) and caught.value.body["param"] == param
-    assert await redis_client.xlen(KEYS.jobs_stream) == 0
+    assert await queued_jobs(redis_client) == 0
 
 
 async def test_no_worker_is_503_in_openai_shape(client: TestClient[Any, Any], oai: openai.AsyncOpenAI,
@@ -143,7 +143,7 @@ async def test_no_worker_is_503_in_openai_shape(client: TestClient[Any, Any], oa
     with pytest.raises(openai.InternalServerError) as caught:
         await oai.images.generate(prompt="a cat")
     assert (caught.value.status_code, caught.value.code) == (503, "no_workers")
-    assert await redis_client.xlen(KEYS.jobs_stream) == 0
+    assert await queued_jobs(redis_client) == 0
 
 
 async def test_deadline_is_504_with_the_jobs_absolute_url_in_the_message(
@@ -178,4 +178,4 @@ async def test_the_openai_client_does_not_retry_a_504_into_a_second_job(
         with pytest.raises(openai.APIStatusError) as caught:
             await oai.images.generate(prompt="a cat")
     assert caught.value.status_code == 504
-    assert await redis_client.xlen(KEYS.jobs_stream) == 1
+    assert await queued_jobs(redis_client) == 1

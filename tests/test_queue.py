@@ -14,6 +14,7 @@ from common.queue import ClaimedJob, JobListener, JobQueue, MalformedJob
 
 KEYS = Keys()
 SHAPE = Shape(width=64, height=64, steps=2)
+STREAM = KEYS.shape_stream(SHAPE)
 
 
 def make_job(job_id: str = "job-1") -> Job:
@@ -27,8 +28,8 @@ def success(job: Job, worker: str = "w1") -> JobResult:
 
 async def queue_with_group(redis_client: aioredis.Redis) -> JobQueue:
     queue = JobQueue(redis_client, KEYS)
-    await queue.ensure_group()
-    await queue.ensure_group()  # idempotent
+    await queue.ensure_group(STREAM)
+    await queue.ensure_group(STREAM)  # idempotent
     return queue
 
 
@@ -36,8 +37,8 @@ async def submitted_and_claimed(redis_client: aioredis.Redis) -> tuple[JobQueue,
     """A queue with one job submitted and claimed by "w1"."""
     queue = await queue_with_group(redis_client)
     job = make_job()
-    await queue.submit(job)
-    claimed = await queue.claim("w1", block_ms=100)
+    await queue.submit(job, STREAM)
+    claimed = await queue.claim("w1", [STREAM], block_ms=100)
     assert claimed is not None
     return queue, job, claimed
 
@@ -45,12 +46,12 @@ async def submitted_and_claimed(redis_client: aioredis.Redis) -> tuple[JobQueue,
 async def test_submitted_job_is_claimed_once_with_its_fields(redis_client: aioredis.Redis) -> None:
     queue = await queue_with_group(redis_client)
     job = make_job()
-    await queue.submit(job)
+    await queue.submit(job, STREAM)
     assert await queue.job_status(job.id) == "queued"
-    claimed = await queue.claim("w1", block_ms=100)
+    claimed = await queue.claim("w1", [STREAM], block_ms=100)
     assert claimed is not None and claimed.job == job
     assert claimed.enqueued_ms > 0
-    assert await queue.claim("w2", block_ms=50) is None  # delivered to one consumer only
+    assert await queue.claim("w2", [STREAM], block_ms=50) is None  # delivered to one consumer only
 
 
 async def test_complete_stores_result_acks_and_deletes_entry(redis_client: aioredis.Redis) -> None:
@@ -59,8 +60,8 @@ async def test_complete_stores_result_acks_and_deletes_entry(redis_client: aiore
     stored = await queue.fetch_result(job.id)
     assert stored is not None and stored.images == [b"png-0", b"png-1"]
     assert stored.result.status == "succeeded" and await queue.job_status(job.id) == "succeeded"
-    pending = await redis_client.xpending(KEYS.jobs_stream, KEYS.workers_group)
-    assert pending["pending"] == 0 and await redis_client.xlen(KEYS.jobs_stream) == 0
+    pending = await redis_client.xpending(STREAM, KEYS.workers_group)
+    assert pending["pending"] == 0 and await redis_client.xlen(STREAM) == 0
     assert 0 < await redis_client.ttl(KEYS.result(job.id)) <= 60
 
 
@@ -75,34 +76,34 @@ async def test_first_result_wins_and_duplicate_is_dropped(redis_client: aioredis
 
 async def claim_malformed(queue: JobQueue) -> MalformedJob:
     with pytest.raises(MalformedJob) as caught:
-        await queue.claim("w1", block_ms=100)
+        await queue.claim("w1", [STREAM], block_ms=100)
     return caught.value
 
 
 async def test_malformed_entry_with_id_fails_its_job(redis_client: aioredis.Redis) -> None:
     queue = await queue_with_group(redis_client)
-    await redis_client.xadd(KEYS.jobs_stream, {"job": '{"id": "bad-1", "prompt": ""}'})
+    await redis_client.xadd(STREAM, {"job": '{"id": "bad-1", "prompt": ""}'})
     bad = await claim_malformed(queue)
     assert bad.job_id == "bad-1"
     await queue.reject(bad, "w1", ttl_s=60)
     stored = await queue.fetch_result("bad-1")
     assert stored is not None and stored.result.status == "failed"
     assert stored.result.error is not None and "prompt" in stored.result.error
-    assert (await redis_client.xpending(KEYS.jobs_stream, KEYS.workers_group))["pending"] == 0
+    assert (await redis_client.xpending(STREAM, KEYS.workers_group))["pending"] == 0
 
 
 async def test_malformed_entry_without_id_is_acknowledged(redis_client: aioredis.Redis) -> None:
     queue = await queue_with_group(redis_client)
-    await redis_client.xadd(KEYS.jobs_stream, {"garbage": "x"})
+    await redis_client.xadd(STREAM, {"garbage": "x"})
     bad = await claim_malformed(queue)
     assert bad.job_id is None
     await queue.reject(bad, "w1", ttl_s=60)
-    assert (await redis_client.xpending(KEYS.jobs_stream, KEYS.workers_group))["pending"] == 0
-    assert await redis_client.xlen(KEYS.jobs_stream) == 0
+    assert (await redis_client.xpending(STREAM, KEYS.workers_group))["pending"] == 0
+    assert await redis_client.xlen(STREAM) == 0
 
 
 async def complete_next(queue: JobQueue, job: Job) -> None:
-    claimed: ClaimedJob | None = await queue.claim("w1", block_ms=1000)
+    claimed: ClaimedJob | None = await queue.claim("w1", [STREAM], block_ms=1000)
     assert claimed is not None
     await queue.complete(claimed, success(job), [b"a", b"b"])
 
@@ -117,7 +118,7 @@ async def test_listener_wakes_the_waiting_request(redis_client: aioredis.Redis) 
         done = listener.expect(job.id)
         other = listener.expect("someone-else")
         assert listener.waiting == 2
-        await queue.submit(job)
+        await queue.submit(job, STREAM)
         await complete_next(queue, job)
         await asyncio.wait_for(done, 10)
         assert not other.done()
@@ -132,7 +133,7 @@ async def test_listener_catches_results_stored_before_it_subscribed(redis_client
     listener = JobListener(redis_client, KEYS)
     job = make_job()
     done = listener.expect(job.id)
-    await queue.submit(job)
+    await queue.submit(job, STREAM)
     await complete_next(queue, job)  # announced while nobody listens
     task = asyncio.create_task(listener.run())
     try:
@@ -158,32 +159,33 @@ async def test_start_records_the_attempt_and_announces_it(redis_client: aioredis
 async def test_job_of_a_dead_worker_is_taken_over(redis_client: aioredis.Redis) -> None:
     queue = await queue_with_group(redis_client)
     job = make_job()
-    await queue.submit(job)
-    assert await queue.claim("dead", block_ms=100) is not None
-    claimed = await queue.reclaim("w2", live={"w2"}, max_deliveries=3)
+    await queue.submit(job, STREAM)
+    assert await queue.claim("dead", [STREAM], block_ms=100) is not None
+    claimed = await queue.reclaim("w2", live={"w2"}, max_deliveries=3, streams=[STREAM])
     assert claimed is not None and claimed.job == job and claimed.deliveries == 2
-    owner = await redis_client.xpending_range(KEYS.jobs_stream, KEYS.workers_group, "-", "+", 10)
+    owner = await redis_client.xpending_range(STREAM, KEYS.workers_group, "-", "+", 10)
     assert [p["consumer"] for p in owner] == [b"w2"]
-    assert await queue.reclaim("w2", live={"w2"}, max_deliveries=3) is None
-    consumers = await redis_client.xinfo_consumers(KEYS.jobs_stream, KEYS.workers_group)
+    assert await queue.reclaim("w2", live={"w2"}, max_deliveries=3, streams=[STREAM]) is None
+    consumers = await redis_client.xinfo_consumers(STREAM, KEYS.workers_group)
     assert [c["name"] for c in consumers] == [b"w2"]  # the dead consumer, emptied, is forgotten
     assert (await queue.stats())["reclaimed"] == 1
 
 
 async def test_slow_but_alive_worker_keeps_its_job(redis_client: aioredis.Redis) -> None:
     queue = await queue_with_group(redis_client)
-    await queue.submit(make_job())
-    assert await queue.claim("slow", block_ms=100) is not None
-    assert await queue.reclaim("w2", live={"slow", "w2"}, max_deliveries=3) is None
-    owner = await redis_client.xpending_range(KEYS.jobs_stream, KEYS.workers_group, "-", "+", 10)
+    await queue.submit(make_job(), STREAM)
+    assert await queue.claim("slow", [STREAM], block_ms=100) is not None
+    assert await queue.reclaim("w2", live={"slow", "w2"}, max_deliveries=3, streams=[STREAM]) is None
+    owner = await redis_client.xpending_range(STREAM, KEYS.workers_group, "-", "+", 10)
     assert [p["consumer"] for p in owner] == [b"slow"]
 
 
 async def test_two_reclaimers_never_take_the_same_job(redis_client: aioredis.Redis) -> None:
     queue = await queue_with_group(redis_client)
-    await queue.submit(make_job())
-    assert await queue.claim("dead", block_ms=100) is not None
-    results = await asyncio.gather(*(queue.reclaim(w, live={"a", "b", "c"}, max_deliveries=3) for w in "abc"))
+    await queue.submit(make_job(), STREAM)
+    assert await queue.claim("dead", [STREAM], block_ms=100) is not None
+    live = {"a", "b", "c"}
+    results = await asyncio.gather(*(queue.reclaim(w, live, max_deliveries=3, streams=[STREAM]) for w in live))
     assert sum(r is not None for r in results) == 1
 
 
@@ -191,10 +193,10 @@ async def test_job_whose_workers_keep_dying_is_dead_lettered(redis_client: aiore
     queue, job, claimed = await submitted_and_claimed(redis_client)
     await queue.start(claimed, "w1")
     for worker in ("w2", "w3"):  # each takes over from the last one, starts, and dies in turn
-        claimed = await queue.reclaim(worker, live={worker}, max_deliveries=3)
+        claimed = await queue.reclaim(worker, live={worker}, max_deliveries=3, streams=[STREAM])
         assert claimed is not None
         await queue.start(claimed, worker)
-    assert await queue.reclaim("w4", live={"w4"}, max_deliveries=3) is None
+    assert await queue.reclaim("w4", live={"w4"}, max_deliveries=3, streams=[STREAM]) is None
     dead = await redis_client.xrange(KEYS.dead_letter_stream)
     assert len(dead) == 1
     fields = dead[0][1]
@@ -203,5 +205,5 @@ async def test_job_whose_workers_keep_dying_is_dead_lettered(redis_client: aiore
     stored = await queue.fetch_result(job.id)
     assert stored is not None and stored.result.status == "failed"
     assert stored.result.error is not None and "delivered 4 times" in stored.result.error
-    assert (await redis_client.xpending(KEYS.jobs_stream, KEYS.workers_group))["pending"] == 0
+    assert (await redis_client.xpending(STREAM, KEYS.workers_group))["pending"] == 0
     assert (await queue.stats())["dead_lettered"] == 1

@@ -51,6 +51,7 @@ class Worker:
         self.config = config
         self.id = config.worker_id
         keys = Keys(config.key_prefix)
+        self._keys = keys
         self._queue = JobQueue(redis, keys)
         self._registry = Registry(redis, keys)
         self._load_pipeline = load_pipeline or self._default_loader
@@ -79,11 +80,12 @@ class Worker:
 
     async def run(self) -> None:
         """Register, warm up, then serve jobs until stopped; deregister on the way out."""
-        await self._queue.ensure_group()
         await self._set_state("warming")
         heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
         try:
             await self._warm_up()
+            for stream in self._streams:
+                await self._queue.ensure_group(stream)
             if not self._stopping.is_set():
                 await self._set_state("ready")
             while not self._stopping.is_set():
@@ -111,6 +113,12 @@ class Worker:
                     ",".join(map(str, shapes)), loaded - started, time.perf_counter() - loaded,
                     time.time() - self.info.started_at)
 
+    @property
+    def _streams(self) -> list[str]:
+        """Where this worker takes jobs from: its own stream first (jobs routed to it), then the shared
+        stream of each shape it compiled."""
+        return [self._keys.worker_stream(self.id), *(self._keys.shape_stream(s) for s in self.info.shapes)]
+
     def _default_loader(self) -> SDXLPipeline:
         return SDXLPipeline.load(self.config.model, self.config.model_revision, self.config.images_per_request)
 
@@ -135,10 +143,11 @@ class Worker:
         if now >= self._next_reclaim:
             self._next_reclaim = now + self.config.reclaim_interval_s
             live = {w.id for w in await self._registry.workers()}
-            claimed = await self._queue.reclaim(self.id, live, self.config.max_deliveries)
+            await self._queue.rehome_orphans(live | {self.id})
+            claimed = await self._queue.reclaim(self.id, live, self.config.max_deliveries, self._streams[1:])
             if claimed is not None:
                 return claimed
-        return await self._queue.claim(self.id, self.config.claim_block_ms)
+        return await self._queue.claim(self.id, self._streams, self.config.claim_block_ms)
 
     async def _process(self, claimed: ClaimedJob) -> None:
         """The per-job boundary: whatever happens, the job gets a stored result and is acknowledged."""
@@ -258,10 +267,13 @@ class Worker:
                 logger.warning("heartbeat failed (%s)", exc)
 
     async def _deregister(self) -> None:
+        """Leave the registry, then hand the jobs routed to this worker back to the shared streams (a live
+        worker does it if this fails)."""
         try:
             await self._registry.remove(self.id)
+            await self._queue.rehome(self._keys.worker_stream(self.id))
         except REDIS_ERRORS as exc:
-            logger.warning("could not deregister (%s); the entry expires on its own", exc)
+            logger.warning("could not deregister (%s); the entry expires and others take the jobs", exc)
 
 
 async def serve(config: WorkerConfig, *, started_at: float | None = None, handle_signals: bool = True) -> int:
