@@ -97,6 +97,8 @@ class LoadReport:
     mean_s: float | None
     queued_ms_p50: float | None
     generate_ms_p50: float | None
+    generate_ms_mean: float | None  # with the CV below: the service-time distribution to simulate
+    generate_ms_cv: float | None
     workers: dict[str, int]
     send_lag_max_ms: float
 
@@ -176,6 +178,13 @@ def _p50(values: Iterable[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def _mean_cv(name: str, values: list[float]) -> dict[str, float | None]:
+    if len(values) < 2:
+        return {f"{name}_mean": None, f"{name}_cv": None}
+    mean = statistics.fmean(values)
+    return {f"{name}_mean": mean, f"{name}_cv": statistics.stdev(values) / mean if mean else None}
+
+
 def summarize(config: LoadConfig, outcomes: list[Outcome]) -> LoadReport:
     """The report on a run's outcomes (pure: tests can feed it made-up outcomes)."""
     ok = [o for o in outcomes if o.kind == OK]
@@ -193,6 +202,7 @@ def summarize(config: LoadConfig, outcomes: list[Outcome]) -> LoadReport:
         offered_rps=len(outcomes) / send_window, throughput_rps=len(ok) / elapsed if elapsed > 0 else 0.0,
         elapsed_s=elapsed, p50_s=stats[0], p95_s=stats[1], p99_s=stats[2], mean_s=stats[3],
         queued_ms_p50=_p50(o.queued_ms for o in ok), generate_ms_p50=_p50(o.generate_ms for o in ok),
+        **_mean_cv("generate_ms", [o.generate_ms for o in ok if o.generate_ms is not None]),
         workers=dict(sorted(Counter(o.worker or "?" for o in ok).items())),
         send_lag_max_ms=max((o.lag_s for o in outcomes), default=0.0) * 1000)
 
@@ -209,7 +219,8 @@ def report_text(report: LoadReport) -> str:
         f"throughput {report.throughput_rps:.2f} req/s over {report.elapsed_s:.1f} s",
         f"latency (s, successes): p50 {_seconds(report.p50_s)}  p95 {_seconds(report.p95_s)}  "
         f"p99 {_seconds(report.p99_s)}  mean {_seconds(report.mean_s)}",
-        f"gateway p50 (ms): queued {report.queued_ms_p50}, generate {report.generate_ms_p50}",
+        f"gateway p50 (ms): queued {report.queued_ms_p50}, generate {report.generate_ms_p50} "
+        f"(mean {report.generate_ms_mean}, CV {report.generate_ms_cv})",
         "errors: " + (", ".join(f"{kind} x{count}" for kind, count in report.errors.items()) or "none"),
         "workers: " + (", ".join(f"{worker} x{count}" for worker, count in report.workers.items()) or "none"),
         f"latest send behind schedule by {report.send_lag_max_ms:.1f} ms",

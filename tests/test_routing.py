@@ -122,3 +122,17 @@ async def test_queue_position_counts_within_the_jobs_stream(redis_client: aiored
                                                                                  entries["a2"]: 1}
     assert await queue.positions(streams[1], [entries["b1"]]) == {entries["b1"]: 0}
     assert await queue.depth() == 3
+
+
+async def test_shared_routing_never_hands_a_worker_a_shape_it_did_not_compile(redis_client: aioredis.Redis) -> None:
+    queue = JobQueue(redis_client, KEYS)
+    small_worker = [KEYS.worker_stream("small"), KEYS.shape_stream(SMALL)]
+    large_worker = [KEYS.worker_stream("large"), KEYS.shape_stream(LARGE)]
+    for stream in {*small_worker, *large_worker}:
+        await queue.ensure_group(stream)
+    router = Router("shared", redis_client, KEYS)
+    workers = [worker("small", SMALL), worker("large", LARGE)]
+    await queue.submit(make_job("large-1", LARGE), await router.stream_for(LARGE, workers))
+    assert await queue.claim("small", small_worker, block_ms=50) is None
+    taken = await queue.claim("large", large_worker, block_ms=50)
+    assert taken is not None and taken.job.id == "large-1"
