@@ -18,7 +18,8 @@ from common.keys import Keys
 from common.queue import JobListener, JobQueue
 from common.redis_conn import connect
 from common.registry import Registry
-from gateway.appkeys import CONFIG, GATEWAY_ID, LISTENER, OPENAPI, POSITIONS, QUEUE, REDIS, REGISTRY, ROUTER
+from gateway.appkeys import CONFIG, GATEWAY_ID, LISTENER, METRICS, OPENAPI, POSITIONS, QUEUE, REDIS, REGISTRY, ROUTER
+from gateway.metrics import GatewayMetrics, metrics_middleware
 from gateway.middlewares import error_middleware
 from gateway.openapi import build_openapi
 from gateway.positions import PositionBoard
@@ -34,8 +35,11 @@ LISTENER_READY_TIMEOUT_S = 30.0
 
 def create_app(config: GatewayConfig) -> web.Application:
     """Build the gateway for `config`; run it with `web.run_app` or an aiohttp test client."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+    metrics = GatewayMetrics()
+    # The metrics middleware is outermost, so it counts the answers the error middleware makes.
+    app = web.Application(middlewares=[metrics_middleware(metrics), error_middleware], client_max_size=MAX_BODY_BYTES)
     app[CONFIG] = config
+    app[METRICS] = metrics
     app[GATEWAY_ID] = f"gw-{uuid.uuid4().hex[:8]}"
     app.cleanup_ctx.extend([_redis_ctx, _listener_ctx, _positions_ctx])
     app.on_response_prepare.append(_no_stale_pages)

@@ -10,6 +10,7 @@ from aiohttp import web
 from common.config import GatewayConfig
 from common.queue import JobListener, JobQueue
 from common.registry import Registry
+from gateway.metrics import GatewayMetrics
 from gateway.positions import PositionBoard
 from gateway.routing import Router
 
@@ -22,3 +23,4 @@ LISTENER = web.AppKey("listener", JobListener)
 POSITIONS = web.AppKey("positions", PositionBoard)
 OPENAPI = web.AppKey("openapi", dict[str, Any])
 ROUTER = web.AppKey("router", Router)
+METRICS = web.AppKey("metrics", GatewayMetrics)

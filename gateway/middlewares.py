@@ -9,6 +9,7 @@ from aiohttp.typedefs import Handler
 
 from common.redis_conn import UNAVAILABLE
 from gateway.errors import ApiError
+from gateway.metrics import ERROR_CODE
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 def _respond(request: web.Request, error: ApiError) -> web.Response:
     body = error.openai_body() if request.path.startswith(OPENAI_PREFIX) else error.body()
-    return web.json_response(body, status=error.status, headers=error.headers)
+    response = web.json_response(body, status=error.status, headers=error.headers)
+    response[ERROR_CODE] = error.code  # for the metrics middleware: rejections by rule
+    return response
 
 
 def _code(exc: web.HTTPException) -> str:

@@ -14,8 +14,9 @@ from common.protocol import GenerateRequest, GenerateResponse, JobAccepted, JobS
 from common.queue import StoredResult
 from common.registry import SERVING_STATES, WorkerList
 from gateway import jobs
-from gateway.appkeys import CONFIG, OPENAPI, QUEUE, REGISTRY
+from gateway.appkeys import CONFIG, LISTENER, METRICS, OPENAPI, QUEUE, REDIS, REGISTRY
 from gateway.errors import ApiError, from_validation_error
+from gateway.metrics import CONTENT_TYPE
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -36,6 +37,32 @@ async def list_workers(request: web.Request) -> web.Response:
     """The registered workers: id, host, devices, compiled shapes, state, jobs done, last heartbeat."""
     workers = await request.app[REGISTRY].workers()
     return _json(WorkerList(workers=workers, serving=sum(w.state in SERVING_STATES for w in workers)))
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: Redis answers, the job listener is subscribed, and at least one worker is ready."""
+    await request.app[REDIS].ping()  # unreachable: the error middleware answers 503
+    if not request.app[LISTENER].subscribed.is_set():
+        raise ApiError(503, "not_subscribed", "the job events subscription is being re-established",
+                       headers={"Retry-After": "2"})
+    workers = await request.app[REGISTRY].workers()
+    serving = sum(w.state in SERVING_STATES for w in workers)
+    if not serving:
+        raise ApiError(503, "no_workers", f"no worker is ready ({len(workers)} registered)",
+                       headers={"Retry-After": "5"})
+    return web.json_response({"status": "ready", "workers_ready": serving})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition: this gateway's request figures and the cluster's queue and workers."""
+    app = request.app
+    gauges = app[METRICS]
+    gauges.queue_depth.set(await app[QUEUE].depth())
+    gauges.set_workers(await app[REGISTRY].workers())
+    gauges.queue_counters.values = await app[QUEUE].stats()
+    gauges.waiting.set(app[LISTENER].waiting)
+    gauges.event_streams.set(app[LISTENER].watching)
+    return web.Response(body=gauges.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
 
 async def openapi(request: web.Request) -> web.Response:

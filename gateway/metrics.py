@@ -1,0 +1,88 @@
+"""Prometheus metrics of a gateway, on its own registry (no process globals), served at `/metrics`.
+
+Per-request figures are counted by a middleware as they happen; cluster-wide figures (queue depth,
+workers by state, the queue's own counters kept in Redis) are read when Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from common.registry import WorkerInfo
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# From a refused request (milliseconds) to a synchronous generation (seconds to minutes).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+WORKER_STATES = ("warming", "ready", "busy", "draining")
+# Set on error responses by the error middleware, read by the metrics middleware.
+ERROR_CODE = web.ResponseKey("error_code", str)
+
+
+class _QueueCounters(Collector):
+    """The queue's cluster-wide counters (kept in Redis by the workers' scripts), as last read."""
+
+    def __init__(self) -> None:
+        self.values: Mapping[str, int] = {}
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily("sdxl_queue_events", "Cluster-wide queue events (from Redis)",
+                                     labels=["event"])
+        for event, value in sorted(self.values.items()):
+            family.add_metric([event], value)
+        yield family
+
+
+class GatewayMetrics:
+    """Every metric a gateway exports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("sdxl_gateway_requests", "HTTP requests answered", ["route", "method", "status"],
+                                registry=r)
+        self.latency = Histogram("sdxl_gateway_request_seconds", "Time to answer (event streams: their whole "
+                                 "life)", ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.rejections = Counter("sdxl_gateway_rejections", "Requests answered with an error, by its code",
+                                  ["code"], registry=r)
+        self.queue_depth = Gauge("sdxl_queue_depth", "Jobs queued or in service, over all streams", registry=r)
+        self.waiting = Gauge("sdxl_gateway_waiting_requests", "Requests waiting for a result", registry=r)
+        self.event_streams = Gauge("sdxl_gateway_event_streams", "Open job event streams", registry=r)
+        self.workers = Gauge("sdxl_workers", "Registered workers by state", ["state"], registry=r)
+        self.queue_counters = _QueueCounters()
+        r.register(self.queue_counters)
+
+    def set_workers(self, workers: list[WorkerInfo]) -> None:
+        for state in WORKER_STATES:
+            self.workers.labels(state).set(sum(w.state == state for w in workers))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def metrics_middleware(metrics: GatewayMetrics) -> web.middleware:  # type: ignore[valid-type]
+    """Count every answer by route template (bounded cardinality), method and status."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            if code := response.get(ERROR_CODE):
+                metrics.rejections.labels(code).inc()
+            return response
+        finally:
+            metrics.requests.labels(route, request.method, str(status)).inc()
+            metrics.latency.labels(route, request.method).observe(time.perf_counter() - started)
+
+    return middleware
