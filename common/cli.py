@@ -100,6 +100,10 @@ def _add_worker(parser: argparse.ArgumentParser) -> None:
                         help="a job handed out more often than this (its workers kept dying) is dead-lettered")
     parser.add_argument("--drain-timeout", type=float, default=120.0,
                         help="on SIGTERM, seconds to finish the job in hand before leaving it to other workers")
+    parser.add_argument("--metrics-host", default="0.0.0.0", help="address of /metrics, /healthz and /readyz")
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="port of /metrics, /healthz and /readyz (default 0: any free port, published in "
+                             "the registry; set one for Prometheus and probes)")
 
 
 def _add_up(parser: argparse.ArgumentParser) -> None:
@@ -143,7 +147,8 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
                         images_per_request=args.images_per_request, key_prefix=args.key_prefix,
                         heartbeat_interval_s=args.heartbeat_interval, heartbeat_ttl_s=args.heartbeat_ttl,
                         png_compress_level=args.png_compress_level, max_deliveries=args.max_deliveries,
-                        drain_timeout_s=args.drain_timeout, **extra)
+                        drain_timeout_s=args.drain_timeout, metrics_host=args.metrics_host,
+                        metrics_port=args.metrics_port, **extra)
 
 
 def use_cpu_devices(count: int) -> None:

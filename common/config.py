@@ -72,6 +72,8 @@ class WorkerConfig:
     max_deliveries: int = 3
     drain_timeout_s: float = 120.0
     reclaim_interval_s: float = 1.0
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 0  # 0: any free port, published in the registry
 
     def __post_init__(self) -> None:
         _require(self.images_per_request >= 1, "--images-per-request", "must be >= 1")
@@ -82,6 +84,7 @@ class WorkerConfig:
         _require(self.shapes is None or len(self.shapes) > 0, "--shapes", "must name at least one shape")
         _require(self.max_deliveries >= 1, "--max-deliveries", "must be >= 1")
         _require(self.drain_timeout_s > 0, "--drain-timeout", "must be > 0")
+        _require(0 <= self.metrics_port <= 65535, "--metrics-port", "must be 0..65535")
         _require(self.redis_url.startswith(("redis://", "rediss://", "unix://")), "--redis-url",
                  "must be a redis://, rediss:// or unix:// URL")
 

@@ -40,6 +40,7 @@ class WorkerInfo(BaseModel):
     ready_at: float | None = None
     jobs_done: int = 0
     last_heartbeat: float = 0.0
+    metrics_port: int | None = None  # the worker's /metrics, /healthz and /readyz, on `host`
 
 
 class WorkerList(BaseModel):

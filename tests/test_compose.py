@@ -157,22 +157,32 @@ def test_gateway_port_matches_cli_default() -> None:
     assert _container_ports("gateway") == [build_parser().parse_args(["gateway"]).port]
 
 
-def test_gateway_healthcheck_probes_healthz_on_its_port() -> None:
-    test = _services()["gateway"]["healthcheck"]["test"]
+def _probe(service: str) -> tuple[str | None, int | None, str]:
+    test = _services()[service]["healthcheck"]["test"]
     assert test[:3] == ["CMD", "python", "-c"], "python:3.11-slim has no curl: probe with python"
     compile(test[3], "<healthcheck>", "exec")
     urls = re.findall(r"https?://[^'\"\s]+", test[3])
     assert len(urls) == 1, f"expected one URL in the probe, got {urls}"
     url = urlparse(urls[0])
-    assert (url.hostname, url.port, url.path) == ("127.0.0.1", _args("gateway").port, "/healthz")
+    return url.hostname, url.port, url.path
 
 
-def test_healthz_route_exists() -> None:
+def test_gateway_healthcheck_probes_readyz_on_its_port() -> None:
+    assert _probe("gateway") == ("127.0.0.1", _args("gateway").port, "/readyz")
+
+
+def test_worker_healthcheck_probes_readyz_on_its_metrics_port() -> None:
+    assert _probe("worker") == ("127.0.0.1", _args("worker").metrics_port, "/readyz")
+
+
+def test_probed_routes_exist() -> None:
     from gateway.app import create_app
+    from worker.metrics import WorkerMetrics, metrics_app
 
-    app = create_app(GatewayConfig())
-    assert any(route.method == "GET" and route.resource is not None and route.resource.canonical == "/healthz"
-               for route in app.router.routes())
+    for app in (create_app(GatewayConfig()), metrics_app(WorkerMetrics(), lambda: None)):
+        paths = {route.resource.canonical for route in app.router.routes()
+                 if route.method == "GET" and route.resource is not None}
+        assert {"/healthz", "/readyz", "/metrics"} <= paths
 
 
 @pytest.mark.parametrize("service", ["gateway", "worker"])

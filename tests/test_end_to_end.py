@@ -147,7 +147,12 @@ async def test_worker_takes_no_job_before_warm_up(redis_server: RedisServer, tin
     try:
         processes.start("warmup-worker", *worker_args(redis_url, tiny_model, "warmup-worker", prefix))
         first = await _next_worker_event(pubsub)
-        assert first.state == "warming"
+        assert first.state == "warming" and first.metrics_port
+        async with aiohttp.ClientSession() as session:  # its own port says: alive, not ready
+            async with session.get(f"http://127.0.0.1:{first.metrics_port}/healthz") as alive:
+                assert alive.status == 200
+            async with session.get(f"http://127.0.0.1:{first.metrics_port}/readyz") as ready:
+                assert ready.status == 503 and "warming" in (await ready.json())["error"]["message"]
         job = Job.model_validate({"id": "early-1", "prompt": "x", "seed": 1, "guidance_scale": 7.5,
                                   "shape": TEST_SHAPES[0].model_dump(), "result_ttl_s": 60})
         await queue.submit(job, stream)

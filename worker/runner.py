@@ -30,6 +30,7 @@ from common.queue import ClaimedJob, JobQueue, MalformedJob
 from common.redis_conn import UNAVAILABLE, connect
 from common.registry import Registry, WorkerInfo, WorkerState
 from worker.encode import Encoding, encode_all
+from worker.metrics import WorkerMetrics, metrics_app, start_server
 from worker.pipeline import PipelineError, SDXLPipeline
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Worker:
                                             thread_name_prefix="encode")
         self._stopping = asyncio.Event()
         self._pipeline: SDXLPipeline | None = None
+        self.metrics = WorkerMetrics()
         self._next_reclaim = 0.0
         self.info = WorkerInfo(id=self.id, host=socket.gethostname(), pid=os.getpid(), model=config.model,
                                images_per_request=config.images_per_request, state="warming",
@@ -73,6 +75,14 @@ class Worker:
     @property
     def warming(self) -> bool:
         return self._pipeline is None
+
+    def not_ready(self) -> str | None:
+        """None when warm and claiming, else why not (for /readyz)."""
+        if self._pipeline is None:
+            return "warming up: loading and compiling"
+        if self._stopping.is_set():
+            return "draining: no longer claiming jobs"
+        return None
 
     async def abandon(self) -> None:
         """Deregister now, leaving any job in hand pending: live workers take it over at once."""
@@ -103,7 +113,11 @@ class Worker:
         loaded = time.perf_counter()
         shapes = self.config.shapes or pipeline.default_shapes()
         for shape in shapes:
-            await self._on_device(functools.partial(pipeline.compile, shape))
+            timings = await self._on_device(functools.partial(pipeline.compile, shape))
+            for phase, seconds in (("lower", timings.lower_s), ("compile", timings.compile_s),
+                                   ("warmup", timings.warmup_s)):
+                self.metrics.compile_seconds.labels(str(shape), phase).set(seconds)
+        self.metrics.devices.labels(pipeline.device_kind).set(pipeline.devices)
         self._pipeline = pipeline
         self.info = self.info.model_copy(update={
             "device_kind": pipeline.device_kind, "devices": pipeline.devices, "shapes": list(shapes),
@@ -112,6 +126,7 @@ class Worker:
                     "start to ready %.1fs", self.id, pipeline.devices, pipeline.device_kind,
                     ",".join(map(str, shapes)), loaded - started, time.perf_counter() - loaded,
                     time.time() - self.info.started_at)
+        self.metrics.start_to_ready_seconds.set(time.time() - self.info.started_at)
 
     @property
     def _streams(self) -> list[str]:
@@ -146,6 +161,7 @@ class Worker:
             await self._queue.rehome_orphans(live | {self.id})
             claimed = await self._queue.reclaim(self.id, live, self.config.max_deliveries, self._streams[1:])
             if claimed is not None:
+                self.metrics.reclaims.inc()
                 return claimed
         return await self._queue.claim(self.id, self._streams, self.config.claim_block_ms)
 
@@ -156,8 +172,10 @@ class Worker:
         if claimed_ms is None:
             logger.info("job %s: cancelled while queued; dropped without running", job.id)
             await self._queue.discard(claimed)
+            self.metrics.jobs.labels("skipped_cancelled").inc()
             return
         self.info = self.info.model_copy(update={"state": "busy"})
+        self.metrics.busy.set(1)
         logger.info("job %s: claimed after %d ms in queue (%s)", job.id, claimed_ms - claimed.enqueued_ms,
                     job.shape)
         try:
@@ -168,6 +186,8 @@ class Worker:
             logger.exception("job %s failed", job.id)
             result, images = self._failure(job, f"{type(exc).__name__}: {exc}"), []
         stored = await self._store(claimed, result, images)
+        self.metrics.busy.set(0)
+        self.metrics.jobs.labels(result.status if stored else "discarded").inc()  # discarded: cancelled or duplicate
         self.info = self.info.model_copy(update={"state": "ready", "jobs_done": self.info.jobs_done + 1})
         logger.info("job %s: %s%s", job.id, result.status, "" if stored else " (duplicate result dropped)")
 
@@ -193,6 +213,8 @@ class Worker:
         encoded = time.perf_counter()
         timings = Timings(queued_ms=queued_ms, generate_ms=(generated - started) * 1000,
                           encode_ms=(encoded - generated) * 1000)
+        self.metrics.generate_seconds.labels(str(job.shape)).observe(generated - started)
+        self.metrics.encode_seconds.labels(job.output_format).observe(encoded - generated)
         result = JobResult(id=job.id, status="succeeded", worker=self.id, seed=job.seed, shape=job.shape,
                            media_type=encoding.media_type, image_count=len(images), timings=timings)
         return result, images
@@ -283,6 +305,9 @@ async def serve(config: WorkerConfig, *, started_at: float | None = None, handle
     log_config(logger, config)
     redis = connect(config.redis_url, name=f"sdxl-worker:{config.worker_id}")
     worker = Worker(config, redis, started_at=started_at)
+    http, port = await start_server(metrics_app(worker.metrics, worker.not_ready), config.metrics_host,
+                                    config.metrics_port)
+    worker.info = worker.info.model_copy(update={"metrics_port": port})
     stop = asyncio.Event()
     if handle_signals:
         loop = asyncio.get_running_loop()
@@ -291,6 +316,7 @@ async def serve(config: WorkerConfig, *, started_at: float | None = None, handle
     try:
         return await _run_until_stopped(worker, stop, config.drain_timeout_s)
     finally:
+        await http.cleanup()
         await redis.aclose()
 
 

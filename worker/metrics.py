@@ -1,0 +1,76 @@
+"""A worker's own HTTP port: Prometheus `/metrics`, `/healthz` (alive) and `/readyz` (warm and claiming).
+
+The port is `--metrics-port` (0: any free port); the port in use is published in the worker's registry
+entry, so `sdxl-serve status` and service discovery can find it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+logger = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Tiny-model CPU generations take about a second; SDXL at 1024x1024 takes seconds on an accelerator.
+SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 2.5, 3, 4, 5, 7.5, 10, 15, 20, 30, 60, 120)
+
+
+class WorkerMetrics:
+    """Every metric a worker exports, on its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.jobs = Counter("sdxl_worker_jobs", "Jobs settled by this worker, by outcome", ["outcome"], registry=r)
+        self.generate_seconds = Histogram("sdxl_worker_generate_seconds", "Pipeline call per job (device to "
+                                          "host included)", ["shape"], buckets=SECONDS_BUCKETS, registry=r)
+        self.encode_seconds = Histogram("sdxl_worker_encode_seconds", "Encoding a job's images",
+                                        ["format"], buckets=SECONDS_BUCKETS, registry=r)
+        self.compile_seconds = Gauge("sdxl_worker_compile_seconds", "Start-up work per shape, by phase",
+                                     ["shape", "phase"], registry=r)
+        self.start_to_ready_seconds = Gauge("sdxl_worker_start_to_ready_seconds",
+                                            "Process start to ready (load, compile, warm-up)", registry=r)
+        self.devices = Gauge("sdxl_worker_devices", "Local accelerator devices in use", ["kind"], registry=r)
+        self.busy = Gauge("sdxl_worker_busy", "1 while a job is on the devices", registry=r)
+        self.reclaims = Counter("sdxl_worker_reclaims", "Jobs this worker took over from dead workers", registry=r)
+
+
+def metrics_app(metrics: WorkerMetrics, ready: Callable[[], str | None]) -> web.Application:
+    """The worker's HTTP app; `ready()` returns None when ready, else why not."""
+
+    async def exposition(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        reason = ready()
+        if reason is not None:
+            return web.json_response({"error": {"code": "not_ready", "message": reason, "field": None}},
+                                     status=503)
+        return web.json_response({"status": "ready"})
+
+    app = web.Application()
+    app.router.add_get("/metrics", exposition)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve `app`; returns the runner (to clean up) and the port bound (useful when `port` is 0)."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = port
+    server = site._server  # aiohttp exposes the bound sockets only here
+    if server is not None and getattr(server, "sockets", None):
+        bound = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+    logger.info("metrics and health on http://%s:%d/metrics", host, bound)
+    return runner, bound
