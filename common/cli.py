@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gateway(sub.add_parser("gateway", help="run an HTTP gateway"))
     _add_worker(sub.add_parser("worker", help="run a worker on this host's devices"))
     _add_up(sub.add_parser("up", help="run a whole local cluster: redis, a gateway and N workers"))
+    status = sub.add_parser("status", help="the cluster at a glance: workers, queue depth, pending, dead letters")
+    _add_redis(status)
+    status.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     _add_bench(sub.add_parser("bench", help="benchmarks: routing simulation, load generation, ..."))
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight SDXL model (for tests and demos)")
     tiny.add_argument("directory", type=Path)
@@ -151,6 +154,24 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
                         metrics_port=args.metrics_port, **extra)
 
 
+async def _status(args: argparse.Namespace) -> int:
+    from common.config import mask_url
+    from common.keys import Keys
+    from common.redis_conn import UNAVAILABLE, connect
+    from common.status import read_status, render
+
+    redis = connect(args.redis_url, name="sdxl-status")
+    try:
+        status = await read_status(redis, Keys(args.key_prefix))
+    except UNAVAILABLE as exc:
+        print(f"sdxl-serve status: cannot reach Redis at {mask_url(args.redis_url)}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await redis.aclose()
+    print(status.model_dump_json(indent=2) if args.json else render(status))
+    return 0
+
+
 def use_cpu_devices(count: int) -> None:
     """Make JAX split the host CPU into `count` devices; JAX ignores this where an accelerator exists."""
     flags = os.environ.get("XLA_FLAGS", "")
@@ -189,6 +210,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from common.cluster import run_cluster
 
         return run_cluster(args)
+    elif args.command == "status":
+        return asyncio.run(_status(args))
     elif args.command == "bench":
         import importlib
 

@@ -1,0 +1,69 @@
+"""`sdxl-serve status`: what an operator asks first: which workers, in what state, and how much is waiting."""
+
+from __future__ import annotations
+
+import time
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel
+from redis.exceptions import ResponseError
+
+from common.keys import Keys
+from common.queue import JobQueue
+from common.registry import Registry, WorkerInfo
+
+
+class StreamStatus(BaseModel):
+    """One job stream: entries on it (queued plus in service) and how many are delivered but unfinished."""
+
+    stream: str
+    length: int
+    pending: int
+
+
+class ClusterStatus(BaseModel):
+    """The registry and the queue at one moment."""
+
+    workers: list[WorkerInfo]
+    queue_depth: int
+    pending: int
+    dead_letter: int
+    streams: list[StreamStatus]
+    counters: dict[str, int]
+    at: float
+
+
+async def read_status(redis: aioredis.Redis, keys: Keys) -> ClusterStatus:
+    """Read the cluster's state: a handful of Redis reads, safe to run against production."""
+    queue = JobQueue(redis, keys)
+    streams = [await _stream_status(redis, keys, name) for name in await queue.streams()]
+    return ClusterStatus(
+        workers=await Registry(redis, keys).workers(), queue_depth=sum(s.length for s in streams),
+        pending=sum(s.pending for s in streams), dead_letter=await redis.xlen(keys.dead_letter_stream),
+        streams=streams, counters=await queue.stats(), at=time.time())
+
+
+async def _stream_status(redis: aioredis.Redis, keys: Keys, stream: str) -> StreamStatus:
+    try:
+        pending = int((await redis.xpending(stream, keys.workers_group))["pending"])
+    except ResponseError:  # no group yet (a stream created by a submit before any worker read it)
+        pending = 0
+    return StreamStatus(stream=stream, length=await redis.xlen(stream), pending=pending)
+
+
+def render(status: ClusterStatus) -> str:
+    """A plain-text table for a terminal."""
+    header = ("WORKER", "HOST", "DEVICES", "SHAPES", "STATE", "JOBS", "HEARTBEAT")
+    rows = [header] + [(
+        w.id, w.host, f"{w.devices} x {w.device_kind}", ",".join(map(str, w.shapes)), w.state, str(w.jobs_done),
+        f"{max(0.0, status.at - w.last_heartbeat):.1f}s ago") for w in status.workers]
+    widths = [max(len(row[k]) for row in rows) for k in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    if not status.workers:
+        lines.append("(no worker registered)")
+    lines += ["", f"queue depth {status.queue_depth} (of which in service or held: {status.pending}), "
+                  f"dead letters {status.dead_letter}"]
+    lines += [f"  {s.stream}: {s.length} on stream, {s.pending} pending" for s in status.streams]
+    if status.counters:
+        lines.append("counters: " + ", ".join(f"{k} {v}" for k, v in sorted(status.counters.items())))
+    return "\n".join(lines)

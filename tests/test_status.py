@@ -1,0 +1,55 @@
+"""`sdxl-serve status` against a real redis-server: the registry, streams, pending and dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import redis.asyncio as aioredis
+
+from common.cli import main
+from common.cluster import free_port
+from common.keys import Keys
+from common.protocol import Job
+from common.queue import JobQueue
+from tests.conftest import TEST_SHAPES, RedisServer, claim_next, register_worker
+
+KEYS = Keys()
+
+
+def job(job_id: str) -> Job:
+    return Job(id=job_id, prompt="a cat", seed=1, guidance_scale=7.5, shape=TEST_SHAPES[0], result_ttl_s=60)
+
+
+async def test_status_reports_workers_queue_pending_and_dead_letters(
+        redis_server: RedisServer, redis_client: aioredis.Redis, capsys: pytest.CaptureFixture[str]) -> None:
+    await register_worker(redis_client, "w1")
+    await register_worker(redis_client, "w2", state="warming")
+    queue = JobQueue(redis_client, KEYS)
+    shared = KEYS.shape_stream(TEST_SHAPES[0])
+    for k in range(3):
+        await queue.submit(job(f"j{k}"), shared)
+    claimed = await claim_next(redis_client)  # one in service
+    await queue.dead_letter(claimed, "test-worker", "for the test")
+    await queue.submit(job("late"), shared)
+
+    # The command runs its own event loop, as it does from a shell.
+    assert await asyncio.to_thread(main, ["status", "--redis-url", redis_server.url(0), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert [(w["id"], w["state"]) for w in status["workers"]] == [("w1", "ready"), ("w2", "warming")]
+    assert (status["queue_depth"], status["pending"], status["dead_letter"]) == (3, 0, 1)
+    assert {s["stream"]: s["length"] for s in status["streams"]}[shared] == 3
+    assert status["counters"]["dead_lettered"] == 1
+
+    await claim_next(redis_client)
+    assert await asyncio.to_thread(main, ["status", "--redis-url", redis_server.url(0)]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split() == ["WORKER", "HOST", "DEVICES", "SHAPES", "STATE", "JOBS", "HEARTBEAT"]
+    assert "w1" in table and "warming" in table
+    assert "queue depth 3 (of which in service or held: 1), dead letters 1" in table
+
+
+def test_status_says_when_redis_is_unreachable(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--redis-url", f"redis://127.0.0.1:{free_port()}/0"]) == 1
+    assert "cannot reach Redis" in capsys.readouterr().err
