@@ -83,6 +83,7 @@ def measure_cost(args: argparse.Namespace) -> dict[str, Any]:
 
 async def measure_latency(url: str, requests: int, steps: int | None) -> dict[str, Any]:
     """Submit-to-`started` and submit-to-first-`progress`, one job at a time."""
+    from bench.overhead import percentile  # nearest rank, as the other serving benchmarks report
     started_ms: list[float] = []
     progress_ms: list[float] = []
     body: dict[str, Any] = {"prompt": "a lighthouse at dusk"}
@@ -101,7 +102,7 @@ async def measure_latency(url: str, requests: int, steps: int | None) -> dict[st
             progress_ms.append((marks["progress"] - sent) * 1000)
     return {"measurement": "submit_to_first_progress", "url": url, "requests": requests,
             "started_p50_ms": statistics.median(started_ms), "progress_p50_ms": statistics.median(progress_ms),
-            "progress_p90_ms": _quantile(progress_ms, 0.9), "progress_max_ms": max(progress_ms)}
+            "progress_p90_ms": percentile(progress_ms, 0.9), "progress_max_ms": max(progress_ms)}
 
 
 async def _first_marks(events: aiohttp.ClientResponse) -> dict[str, float]:
@@ -115,11 +116,6 @@ async def _first_marks(events: aiohttp.ClientResponse) -> dict[str, float]:
             if name in ("failed", "cancelled"):
                 raise SystemExit(f"a job {name}")
     return marks
-
-
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def _machine(device_kind: str, devices: int) -> str:

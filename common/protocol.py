@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_SEED = 2**32 - 1
 DEFAULT_GUIDANCE_SCALE = 7.5
@@ -46,7 +46,18 @@ def parse_shapes(text: str) -> tuple[Shape, ...]:
     return tuple(dict.fromkeys(shapes))
 
 
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("prompt must contain non-whitespace characters")
+    return value
+
+
+# Field types shared by every request schema (native and OpenAI), so their rules cannot drift apart.
 Prompt = Annotated[str, Field(max_length=2000)]
+RequiredPrompt = Annotated[Prompt, Field(min_length=1), AfterValidator(_not_blank)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+GuidanceScale = Annotated[float, Field(ge=0.0, le=30.0)]
+InferenceSteps = Annotated[int, Field(ge=1, le=200)]
 OutputFormat = Literal["png", "jpeg", "webp"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -58,23 +69,16 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: Prompt = Field(min_length=1)
+    prompt: RequiredPrompt
     negative_prompt: Prompt = ""
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    guidance_scale: float = Field(default=DEFAULT_GUIDANCE_SCALE, ge=0.0, le=30.0)
-    num_inference_steps: int | None = Field(default=None, ge=1, le=200)
+    seed: Seed | None = None
+    guidance_scale: GuidanceScale = DEFAULT_GUIDANCE_SCALE
+    num_inference_steps: InferenceSteps | None = None
     width: int | None = Field(default=None, ge=64, le=4096, multiple_of=8)
     height: int | None = Field(default=None, ge=64, le=4096, multiple_of=8)
     output_format: OutputFormat = "png"
     quality: int | None = Field(default=None, ge=1, le=100,
                                 description="JPEG/WebP quality, 1..100 (default 90); not for png")
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt must contain non-whitespace characters")
-        return value
 
     @field_validator("quality")
     @classmethod
@@ -93,8 +97,8 @@ class Job(BaseModel):
     id: str = Field(min_length=1, max_length=64)
     prompt: Prompt = Field(min_length=1)
     negative_prompt: Prompt = ""
-    seed: int = Field(ge=0, le=MAX_SEED)
-    guidance_scale: float = Field(ge=0.0, le=30.0)
+    seed: Seed
+    guidance_scale: GuidanceScale
     shape: Shape
     output_format: OutputFormat = "png"
     quality: int = Field(default=DEFAULT_QUALITY, ge=1, le=100)

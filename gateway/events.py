@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from common.protocol import (
     FINISHED,
     CancelledEvent,
+    ErrorDetail,
     FailedEvent,
     JobState,
     ProgressEvent,
@@ -108,8 +109,8 @@ class _JobStream:
             logger.warning("job %s events: state not readable (%s)", self._id, exc)
             return state, record
         if found is None:  # expired while followed: nothing more will happen to it
-            return JobState(id=self._id, status="failed", error={"code": "expired",  # type: ignore[arg-type]
-                            "message": "the job's record expired"}), None
+            return JobState(id=self._id, status="failed",
+                            error=ErrorDetail(code="expired", message="the job's record expired")), None
         return found
 
     def _with_board_position(self, state: JobState) -> JobState:

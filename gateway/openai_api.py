@@ -15,7 +15,16 @@ from typing import Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from common.protocol import DEFAULT_GUIDANCE_SCALE, MAX_SEED, GenerateRequest, OutputFormat, Prompt
+from common.protocol import (
+    DEFAULT_GUIDANCE_SCALE,
+    GenerateRequest,
+    GuidanceScale,
+    InferenceSteps,
+    OutputFormat,
+    Prompt,
+    RequiredPrompt,
+    Seed,
+)
 from common.queue import StoredResult
 from common.registry import SERVING_STATES
 from gateway import jobs
@@ -41,7 +50,7 @@ class ImageGenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: Prompt = Field(min_length=1)
+    prompt: RequiredPrompt
     n: int | None = Field(default=1, ge=1, le=OPENAI_MAX_N,
                           description="images to return, at most the images a worker makes per request")
     size: str | None = Field(default=None, examples=["1024x1024"],
@@ -56,17 +65,10 @@ class ImageGenerationRequest(BaseModel):
     output_compression: int | None = Field(default=None, ge=0, le=100,
                                            description="JPEG/WebP quality, 0..100 (default 90); not for png")
     negative_prompt: Prompt = ""
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    num_inference_steps: int | None = Field(default=None, ge=1, le=200,
-                                            description="omitted: the cluster's default step count")
-    guidance_scale: float = Field(default=DEFAULT_GUIDANCE_SCALE, ge=0.0, le=30.0)
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt must contain non-whitespace characters")
-        return value
+    seed: Seed | None = None
+    num_inference_steps: InferenceSteps | None = Field(default=None,
+                                                       description="omitted: the cluster's default step count")
+    guidance_scale: GuidanceScale = DEFAULT_GUIDANCE_SCALE
 
     @field_validator("size")
     @classmethod
