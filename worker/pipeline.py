@@ -2,8 +2,13 @@
 
 This module is pure: params and inputs in, arrays out. It does no I/O after loading and knows nothing of
 Redis or HTTP. Prompts are tokenized on the host; token ids, PRNG keys and guidance are array inputs of
-one ahead-of-time compiled `pmap` executable per shape (width, height and steps are static), so no
-request ever triggers a compile.
+`pmap` executables compiled ahead of time per shape (width, height and steps are static), so no request
+ever triggers a compile.
+
+With progress (the default) a shape has three executables, begin, one denoising step and finish, and
+the host runs the step executable once per step, so it knows when each step is done. Without, one
+executable runs the whole loop. Neither uses a host callback: an executable with one cannot be stored
+in JAX's persistent compilation cache, and a worker that restarts must not compile again.
 
 Each image gets its own PRNG key split from the request seed, and each device denoises its share of the
 images, so a seed gives the same images on any worker whatever its device count.
@@ -53,6 +58,39 @@ class DeviceMismatch(PipelineError):
     """Images per request that the local devices cannot share evenly."""
 
 
+@dataclass
+class _Clock:
+    """Lowering and compile time summed over a shape's executables."""
+
+    lower_s: float = 0.0
+    compile_s: float = 0.0
+
+    def compile(self, fn: Any, *args: Any) -> Any:
+        started = time.perf_counter()
+        lowered = fn.lower(*args)
+        lowered_at = time.perf_counter()
+        compiled = lowered.compile()
+        self.lower_s += lowered_at - started
+        self.compile_s += time.perf_counter() - lowered_at
+        return compiled
+
+
+@dataclass(frozen=True)
+class _Stepwise:
+    """A shape's executables when progress is reported: begin, one step (run `steps` times), finish."""
+
+    begin: Any
+    step: Any
+    finish: Any
+    indices: list[jax.Array]  # each step's number, on every device
+
+
+def _reached(latents: jax.Array, step: int, on_step: StepCallback | None) -> None:
+    latents.block_until_ready()
+    if on_step is not None:
+        on_step(step)
+
+
 @dataclass(frozen=True)
 class CompileTimings:
     """Seconds spent tracing and lowering, compiling, and running the first (warm-up) generation."""
@@ -63,10 +101,10 @@ class CompileTimings:
 
 
 class SDXLPipeline:
-    """A loaded, replicated SDXL pipeline with one compiled executable per shape.
+    """A loaded, replicated SDXL pipeline with its executables compiled per shape.
 
-    With `report_progress`, the compiled denoising loop calls back to the host after every step (from the
-    first device only), and `generate` passes each finished step number to its `on_step`.
+    With `report_progress`, each denoising step is its own dispatch and `generate` passes each finished
+    step number to its `on_step`; without, the loop runs inside one executable.
     """
 
     def __init__(self, pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], images_per_request: int,
@@ -81,7 +119,6 @@ class SDXLPipeline:
         self._params = _replicate(params)
         self._compiled: dict[Shape, Any] = {}
         self.report_progress = report_progress
-        self._on_step: StepCallback | None = None
 
     @classmethod
     def load(cls, model: str, revision: str | None, images_per_request: int,
@@ -130,46 +167,74 @@ class SDXLPipeline:
         return tuple(self._compiled)
 
     def compile(self, shape: Shape) -> CompileTimings:
-        """Compile the executable for a shape ahead of time and run it once."""
+        """Compile the executables for a shape ahead of time and run them once."""
         multiple = self.size_multiple
         if shape.width % multiple or shape.height % multiple:
             raise InvalidShape(f"shape {shape}: width and height must be multiples of {multiple}")
-        report = self._step_done if self.report_progress else None
-        fn = jax.pmap(functools.partial(_generate, self._pipe, shape, report), axis_name=AXIS)
-        start = time.perf_counter()
-        lowered = fn.lower(self._params, *self._inputs("warm-up", "", 0, 7.5))
-        lowered_at = time.perf_counter()
-        self._compiled[shape] = lowered.compile()
-        compiled_at = time.perf_counter()
+        clock = _Clock()
+        inputs = self._inputs("warm-up", "", 0, 7.5)
+        if self.report_progress:
+            self._compiled[shape] = self._compile_stepwise(shape, inputs, clock)
+        else:
+            fused = jax.pmap(functools.partial(_generate, self._pipe, shape), axis_name=AXIS)
+            self._compiled[shape] = clock.compile(fused, self._params, *inputs)
+        warm_started = time.perf_counter()
         self.generate(shape, "warm-up", "", 0, 7.5)
-        timings = CompileTimings(lowered_at - start, compiled_at - lowered_at, time.perf_counter() - compiled_at)
+        timings = CompileTimings(clock.lower_s, clock.compile_s, time.perf_counter() - warm_started)
         logger.info("compiled %s: lower %.2fs, compile %.2fs, warm-up %.2fs", shape, *(
             timings.lower_s, timings.compile_s, timings.warmup_s))
         return timings
+
+    def _compile_stepwise(self, shape: Shape, inputs: tuple[np.ndarray, ...], clock: _Clock) -> _Stepwise:
+        """Three executables: begin (text and noise), one denoising step (the step number is an input, so
+        one executable serves every step), finish (decode). Compiling the step needs the shapes of what
+        begin makes, so begin runs once here."""
+        prompt_ids, negative_ids, negative_scale, keys, guidance = inputs
+        pmap = functools.partial(jax.pmap, axis_name=AXIS)
+        begin = clock.compile(pmap(functools.partial(_begin, self._pipe, shape)), self._params, prompt_ids,
+                              negative_ids, negative_scale, keys)
+        latents, context, pooled = begin(self._params, prompt_ids, negative_ids, negative_scale, keys)
+        indices = [_replicate(np.int32(i)) for i in range(shape.steps)]
+        step = clock.compile(pmap(functools.partial(_step, self._pipe, shape)), self._params, latents, context,
+                             pooled, guidance, indices[0])
+        finish = clock.compile(pmap(functools.partial(_decode, self._pipe)), self._params, latents)
+        return _Stepwise(begin=begin, step=step, finish=finish, indices=indices)
 
     def generate(self, shape: Shape, prompt: str, negative_prompt: str, seed: int,
                  guidance_scale: float, on_step: StepCallback | None = None) -> np.ndarray:
         """Generate `images_per_request` images; returns uint8 [images, height, width, 3].
 
-        `on_step(n)` is called after denoising step n (1-based) on a runtime thread; keep it quick. One
-        generation runs at a time per pipeline (the worker's single device thread).
+        With `report_progress`, `on_step(n)` is called on this thread as denoising step n (1-based) is done.
         """
         compiled = self._compiled.get(shape)
         if compiled is None:
             raise UnsupportedShape(f"shape {shape} is not compiled here; compiled: "
                                    f"{', '.join(map(str, self._compiled)) or 'none'}")
-        self._on_step = on_step
-        try:
-            images = np.asarray(compiled(self._params, *self._inputs(prompt, negative_prompt, seed, guidance_scale)))
-        finally:
-            self._on_step = None
+        inputs = self._inputs(prompt, negative_prompt, seed, guidance_scale)
+        if isinstance(compiled, _Stepwise):
+            images = self._run_stepwise(compiled, inputs, on_step)
+        else:
+            images = np.asarray(compiled(self._params, *inputs))
         return images.reshape(self.images_per_request, shape.height, shape.width, 3)
 
-    def _step_done(self, step: np.ndarray) -> None:
-        """Host side of the compiled loop's per-step callback."""
-        on_step = self._on_step
-        if on_step is not None:
-            on_step(int(step))
+    def _run_stepwise(self, stepwise: _Stepwise, inputs: tuple[np.ndarray, ...],
+                      on_step: StepCallback | None) -> np.ndarray:
+        """Dispatch the steps one after the other; report step n once its output exists.
+
+        Dispatch is asynchronous: step n+1 is queued before waiting on step n, so the devices never wait
+        for the host, and a report is at most one step late.
+        """
+        prompt_ids, negative_ids, negative_scale, keys, guidance = inputs
+        latents, context, pooled = stepwise.begin(self._params, prompt_ids, negative_ids, negative_scale, keys)
+        previous: jax.Array | None = None
+        for number, index in enumerate(stepwise.indices):
+            latents = stepwise.step(self._params, latents, context, pooled, guidance, index)
+            if previous is not None:
+                _reached(previous, number, on_step)
+            previous = latents
+        images = stepwise.finish(self._params, latents)
+        _reached(latents, len(stepwise.indices), on_step)
+        return np.asarray(images)
 
     def _inputs(self, prompt: str, negative_prompt: str, seed: int,
                 guidance_scale: float) -> tuple[np.ndarray, ...]:
@@ -211,45 +276,51 @@ def _replicate(tree: Any) -> Any:
     return jax.tree_util.tree_map(put, tree)
 
 
-def _generate(pipe: FlaxStableDiffusionXLPipeline, shape: Shape, report: Callable[[Any], None] | None,
-              params: dict[str, Any], prompt_ids: jax.Array, negative_ids: jax.Array, negative_scale: jax.Array,
-              keys: jax.Array, guidance_scale: jax.Array) -> jax.Array:
-    """One device's share: encode, denoise `shape.steps` times with guidance, decode to uint8 NHWC.
+def _generate(pipe: FlaxStableDiffusionXLPipeline, shape: Shape, params: dict[str, Any], prompt_ids: jax.Array,
+              negative_ids: jax.Array, negative_scale: jax.Array, keys: jax.Array,
+              guidance_scale: jax.Array) -> jax.Array:
+    """One device's share in one executable: encode, denoise `shape.steps` times, decode to uint8 NHWC."""
+    latents, context, pooled = _begin(pipe, shape, params, prompt_ids, negative_ids, negative_scale, keys)
+    state = _timesteps(pipe, params, shape, latents.shape)
 
-    With `report`, the first device calls it on the host with the step number after every step.
-    """
+    def step(i: jax.Array, latents: jax.Array) -> jax.Array:
+        return _denoise(pipe, params, state, latents, context, pooled, guidance_scale, i)
+
+    return _decode(pipe, params, jax.lax.fori_loop(0, shape.steps, step, latents))
+
+
+def _begin(pipe: FlaxStableDiffusionXLPipeline, shape: Shape, params: dict[str, Any], prompt_ids: jax.Array,
+           negative_ids: jax.Array, negative_scale: jax.Array,
+           keys: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """Text conditioning and the initial noise, scaled for the scheduler."""
     context, pooled = _conditioning(pipe, params, prompt_ids, negative_ids, negative_scale, shape)
     latents = _initial_latents(pipe, keys, shape)
-    state = pipe.scheduler.set_timesteps(params["scheduler"], num_inference_steps=shape.steps, shape=latents.shape)
-    latents = latents * state.init_noise_sigma
-
-    def step(i: jax.Array, carry: tuple[jax.Array, Any]) -> tuple[jax.Array, Any]:
-        latents, state = carry
-        t = state.timesteps[i]
-        model_input = pipe.scheduler.scale_model_input(state, jnp.concatenate([latents, latents]), t)
-        noise = pipe.unet.apply({"params": params["unet"]}, model_input, jnp.broadcast_to(t, (model_input.shape[0],)),
-                                encoder_hidden_states=context, added_cond_kwargs=pooled).sample
-        uncond, cond = jnp.split(noise.astype(jnp.float32), 2)
-        noise = uncond + guidance_scale * (cond - uncond)
-        latents, state = pipe.scheduler.step(state, noise, t, latents).to_tuple()
-        if report is not None:
-            latents = _report_step(report, i + 1, latents)
-        return latents, state
-
-    latents, _ = jax.lax.fori_loop(0, shape.steps, step, (latents, state))
-    return _decode(pipe, params, latents)
+    state = _timesteps(pipe, params, shape, latents.shape)
+    return latents * state.init_noise_sigma, context, pooled
 
 
-def _report_step(report: Callable[[Any], None], step: jax.Array, latents: jax.Array) -> jax.Array:
-    """Call the host from the first device once this step's latents exist; returns the latents.
+def _step(pipe: FlaxStableDiffusionXLPipeline, shape: Shape, params: dict[str, Any], latents: jax.Array,
+          context: jax.Array, pooled: dict[str, jax.Array], guidance_scale: jax.Array, i: jax.Array) -> jax.Array:
+    """Denoising step `i` as an executable of its own (the scheduler state is rebuilt: it is a constant)."""
+    state = _timesteps(pipe, params, shape, latents.shape)
+    return _denoise(pipe, params, state, latents, context, pooled, guidance_scale, i)
 
-    The step number passes through an optimization barrier together with the latents, and the loop goes
-    on with the barrier's latents: the callback cannot be scheduled before the step's work is done (without
-    the tie XLA runs it at the top of the iteration, one step early).
-    """
-    done, latents = jax.lax.optimization_barrier((step, latents))  # type: ignore[no-untyped-call]
-    first = jax.lax.axis_index(AXIS) == 0
-    jax.lax.cond(first, lambda s: jax.debug.callback(report, s), lambda s: None, done)
+
+def _timesteps(pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], shape: Shape,
+               latent_shape: tuple[int, ...]) -> Any:
+    return pipe.scheduler.set_timesteps(params["scheduler"], num_inference_steps=shape.steps, shape=latent_shape)
+
+
+def _denoise(pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], state: Any, latents: jax.Array,
+             context: jax.Array, pooled: dict[str, jax.Array], guidance_scale: jax.Array, i: jax.Array) -> jax.Array:
+    """One Euler step with classifier-free guidance (Euler's state does not change from step to step)."""
+    t = state.timesteps[i]
+    model_input = pipe.scheduler.scale_model_input(state, jnp.concatenate([latents, latents]), t)
+    noise = pipe.unet.apply({"params": params["unet"]}, model_input, jnp.broadcast_to(t, (model_input.shape[0],)),
+                            encoder_hidden_states=context, added_cond_kwargs=pooled).sample
+    uncond, cond = jnp.split(noise.astype(jnp.float32), 2)
+    noise = uncond + guidance_scale * (cond - uncond)
+    latents, _ = pipe.scheduler.step(state, noise, t, latents).to_tuple()
     return latents
 
 
