@@ -107,6 +107,20 @@ def _add_worker(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="port of /metrics, /healthz and /readyz (default 0: any free port, published in "
                              "the registry; set one for Prometheus and probes)")
+    _add_compile_cache(parser)
+
+
+def _add_compile_cache(parser: argparse.ArgumentParser) -> None:
+    default = os.environ.get("SDXL_SERVE_COMPILE_CACHE") or str(default_cache_dir() / "jax")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--compile-cache", type=Path, default=Path(default), metavar="DIR",
+                       help="JAX's persistent compilation cache: a restart loads executables instead of compiling "
+                            "them; workers on one host can share it (env SDXL_SERVE_COMPILE_CACHE, "
+                            f"default {default})")
+    cache.add_argument("--no-compile-cache", dest="compile_cache", action="store_const", const=None,
+                       help="compile everything at every start")
+    parser.add_argument("--compile-cache-max-gb", type=float, default=20.0,
+                        help="size bound of the cache; least recently used executables go first")
 
 
 def _add_up(parser: argparse.ArgumentParser) -> None:
@@ -120,6 +134,7 @@ def _add_up(parser: argparse.ArgumentParser) -> None:
                         help="where the tiny model is made on first use")
     parser.add_argument("--ready-timeout", type=float, default=600.0,
                         help="seconds to wait for every worker to be warm")
+    _add_compile_cache(parser)
 
 
 # Each benchmark is a module of the `bench` package with `add_arguments(parser)` and `main(args) -> int`.
@@ -127,6 +142,7 @@ BENCHMARKS = {
     "routing": "simulate the routing policies (shared, random, p2c) under Poisson load",
     "load": "open-loop Poisson load against a running gateway",
     "progress": "cost of per-step progress, and submit-to-first-progress latency",
+    "start": "worker start-to-ready with a cold and a warm compilation cache",
 }
 
 
@@ -151,7 +167,8 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
                         heartbeat_interval_s=args.heartbeat_interval, heartbeat_ttl_s=args.heartbeat_ttl,
                         png_compress_level=args.png_compress_level, max_deliveries=args.max_deliveries,
                         drain_timeout_s=args.drain_timeout, metrics_host=args.metrics_host,
-                        metrics_port=args.metrics_port, **extra)
+                        metrics_port=args.metrics_port, compile_cache_dir=args.compile_cache,
+                        compile_cache_max_bytes=int(args.compile_cache_max_gb * 1e9), **extra)
 
 
 async def _status(args: argparse.Namespace) -> int:

@@ -92,6 +92,11 @@ class Cluster:
             args += ["--revision", self.args.revision]
         if self.args.shapes:
             args += ["--shapes", ",".join(map(str, self.args.shapes))]
+        if self.args.compile_cache is None:
+            args.append("--no-compile-cache")
+        else:
+            args += ["--compile-cache", str(self.args.compile_cache),
+                     "--compile-cache-max-gb", str(self.args.compile_cache_max_gb)]
         return args
 
     async def _default_model(self, accelerator: str | None) -> str:
@@ -102,24 +107,11 @@ class Cluster:
         directory = self.args.cache_dir / "tiny-model"
         print(f"no accelerator and no --model: using the tiny random-weight SDXL model at {directory} "
               "(its images are noise)", file=sys.stderr, flush=True)
-        if not (directory / "model_index.json").is_file():
-            print("making the tiny model (once)...", file=sys.stderr, flush=True)
-            process = await _exec(sys.executable, "-m", "common.cli", "tiny-model", str(directory))
-            if await process.wait() != 0:
-                raise ClusterError("could not make the tiny model (see the log above)")
-        return str(directory)
+        return await ensure_tiny_model(directory)
 
     async def _start_redis(self, scratch: Path) -> str:
-        server = shutil.which("redis-server")
-        if server is None:
-            raise ClusterError("redis-server not found: install it (apt-get install redis-server) "
-                               "or pass --redis-url")
-        port = free_port()
-        self._redis = await _exec(server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                  "--appendonly", "no", "--dir", str(scratch), stdout=asyncio.subprocess.PIPE)
-        await _wait_for_line(self._redis, b"Ready to accept connections", "redis-server")
-        logger.info("started redis-server on port %d", port)
-        return f"redis://127.0.0.1:{port}/0"
+        self._redis, url = await start_redis_server(scratch)
+        return url
 
     async def _spawn(self, name: str, *args: str) -> None:
         process = await _exec(sys.executable, "-m", "common.cli", "--log-level", self.args.log_level, *args)
@@ -186,6 +178,29 @@ async def _terminate(processes: list[asyncio.subprocess.Process]) -> None:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
     await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def ensure_tiny_model(directory: Path) -> str:
+    """The tiny random-weight model at `directory`, written there first if it is not."""
+    if not (directory / "model_index.json").is_file():
+        print("making the tiny model (once)...", file=sys.stderr, flush=True)
+        process = await _exec(sys.executable, "-m", "common.cli", "tiny-model", str(directory))
+        if await process.wait() != 0:
+            raise ClusterError("could not make the tiny model (see the log above)")
+    return str(directory)
+
+
+async def start_redis_server(scratch: Path) -> tuple[asyncio.subprocess.Process, str]:
+    """A private, unpersisted redis-server on a free loopback port; returns it and its URL."""
+    server = shutil.which("redis-server")
+    if server is None:
+        raise ClusterError("redis-server not found: install it (apt-get install redis-server) or pass --redis-url")
+    port = free_port()
+    process = await _exec(server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                          "--dir", str(scratch), stdout=asyncio.subprocess.PIPE)
+    await _wait_for_line(process, b"Ready to accept connections", "redis-server")
+    logger.info("started redis-server on port %d", port)
+    return process, f"redis://127.0.0.1:{port}/0"
 
 
 async def _exec(*argv: str, stdout: int = _STDERR) -> asyncio.subprocess.Process:

@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 
 def default_cache_dir() -> Path:
-    """Per-user cache for generated models and (later) compiled executables."""
+    """Per-user cache for generated models and compiled executables."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "sdxl-serve"
 
@@ -74,6 +74,9 @@ class WorkerConfig:
     reclaim_interval_s: float = 1.0
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 0  # 0: any free port, published in the registry
+    # None: compile at every start. See worker/compile_cache.py.
+    compile_cache_dir: Path | None = dataclasses.field(default_factory=lambda: default_cache_dir() / "jax")
+    compile_cache_max_bytes: int = 20 * 10**9
 
     def __post_init__(self) -> None:
         _require(self.images_per_request >= 1, "--images-per-request", "must be >= 1")
@@ -85,6 +88,7 @@ class WorkerConfig:
         _require(self.max_deliveries >= 1, "--max-deliveries", "must be >= 1")
         _require(self.drain_timeout_s > 0, "--drain-timeout", "must be > 0")
         _require(0 <= self.metrics_port <= 65535, "--metrics-port", "must be 0..65535")
+        _require(self.compile_cache_max_bytes > 0, "--compile-cache-max-gb", "must be > 0")
         _require(self.redis_url.startswith(("redis://", "rediss://", "unix://")), "--redis-url",
                  "must be a redis://, rediss:// or unix:// URL")
 

@@ -31,6 +31,7 @@ import redis
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from common.cluster import free_port, wait_http
 from common.config import GatewayConfig
@@ -45,6 +46,20 @@ TEST_SHAPES = (Shape(width=64, height=64, steps=2), Shape(width=64, height=64, s
 SHAPES_ARG = ",".join(map(str, TEST_SHAPES))
 READY_TIMEOUT_S = 240.0
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One JAX compilation cache for every worker the session starts (they inherit the variable), kept out
+    of the user's own cache; later workers of the same shapes start from it, as on a real host."""
+    directory = tmp_path_factory.mktemp("jax-cache")
+    previous = os.environ.get("SDXL_SERVE_COMPILE_CACHE")
+    os.environ["SDXL_SERVE_COMPILE_CACHE"] = str(directory)
+    yield directory
+    if previous is None:
+        os.environ.pop("SDXL_SERVE_COMPILE_CACHE", None)
+    else:
+        os.environ["SDXL_SERVE_COMPILE_CACHE"] = previous
 
 
 @dataclass
@@ -179,6 +194,18 @@ def cluster(redis_server: RedisServer, tiny_model: Path, processes: ProcessGroup
         pytest.fail("workers not ready:\n" + "\n".join(processes.log(w)[-3000:] for w in worker_ids))
     asyncio.run(wait_http(f"http://127.0.0.1:{port}/healthz", READY_TIMEOUT_S))
     return Cluster(url=f"http://127.0.0.1:{port}", redis_url=redis_url, worker_ids=worker_ids)
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(session: aiohttp.ClientSession, url: str) -> Samples:
+    """Every sample of a Prometheus `/metrics` page, keyed by name and sorted labels."""
+    async with session.get(f"{url}/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 async def post_generate(url: str, **body: Any) -> dict[str, Any]:

@@ -29,7 +29,7 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = "deploy/docker/Dockerfile"
 REDIS_PORT = 6379
 # Environment variables `build_parser()` reads its defaults from; cleared so only the files decide.
-CLI_ENV = ("SDXL_SERVE_REDIS_URL", "SDXL_SERVE_LOG_LEVEL", "PORT")
+CLI_ENV = ("SDXL_SERVE_REDIS_URL", "SDXL_SERVE_LOG_LEVEL", "SDXL_SERVE_LOG_FORMAT", "SDXL_SERVE_COMPILE_CACHE", "PORT")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)")
 _DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 

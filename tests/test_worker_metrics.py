@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import TEST_SHAPES, Cluster, post_generate, wait_ready
+from tests.conftest import TEST_SHAPES, Cluster, post_generate, scrape, wait_ready
 
 pytestmark = pytest.mark.e2e
-
-
-async def scrape(session: aiohttp.ClientSession, url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    async with session.get(f"{url}/metrics") as response:
-        assert response.status == 200
-        text = await response.text()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 async def test_each_worker_publishes_its_port_and_reports_its_work(cluster: Cluster) -> None:

@@ -34,6 +34,11 @@ class WorkerMetrics:
                                      ["shape", "phase"], registry=r)
         self.start_to_ready_seconds = Gauge("sdxl_worker_start_to_ready_seconds",
                                             "Process start to ready (load, compile, warm-up)", registry=r)
+        self.startup_seconds = Gauge("sdxl_worker_startup_seconds", "Process start to ready by phase, summed over "
+                                     "shapes: init (imports, Redis), load, lower, compile, warmup", ["phase"],
+                                     registry=r)
+        self.compile_cache = Counter("sdxl_worker_compile_cache", "Executable lookups in the persistent "
+                                     "compilation cache, by result (hit or miss)", ["result"], registry=r)
         self.devices = Gauge("sdxl_worker_devices", "Local accelerator devices in use", ["kind"], registry=r)
         self.busy = Gauge("sdxl_worker_busy", "1 while a job is on the devices", registry=r)
         self.reclaims = Counter("sdxl_worker_reclaims", "Jobs this worker took over from dead workers", registry=r)

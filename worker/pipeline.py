@@ -21,7 +21,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
@@ -93,7 +93,7 @@ def _reached(latents: jax.Array, step: int, on_step: StepCallback | None) -> Non
 
 @dataclass(frozen=True)
 class CompileTimings:
-    """Seconds spent tracing and lowering, compiling, and running the first (warm-up) generation."""
+    """Seconds spent tracing and lowering, compiling, and running each executable once (warm-up)."""
 
     lower_s: float
     compile_s: float
@@ -179,7 +179,7 @@ class SDXLPipeline:
             fused = jax.pmap(functools.partial(_generate, self._pipe, shape), axis_name=AXIS)
             self._compiled[shape] = clock.compile(fused, self._params, *inputs)
         warm_started = time.perf_counter()
-        self.generate(shape, "warm-up", "", 0, 7.5)
+        self._warm_up(shape, inputs)
         timings = CompileTimings(clock.lower_s, clock.compile_s, time.perf_counter() - warm_started)
         logger.info("compiled %s: lower %.2fs, compile %.2fs, warm-up %.2fs", shape, *(
             timings.lower_s, timings.compile_s, timings.warmup_s))
@@ -216,6 +216,16 @@ class SDXLPipeline:
         else:
             images = np.asarray(compiled(self._params, *inputs))
         return images.reshape(self.images_per_request, shape.height, shape.width, 3)
+
+    def _warm_up(self, shape: Shape, inputs: tuple[np.ndarray, ...]) -> None:
+        """Run each executable of `shape` once, so the first request pays no first-run costs (allocation,
+        loading the executable onto the devices). Stepwise, one denoising step stands for all of them."""
+        compiled = self._compiled[shape]
+        if isinstance(compiled, _Stepwise):
+            compiled = replace(compiled, indices=compiled.indices[:1])
+            self._run_stepwise(compiled, inputs, on_step=None)
+        else:
+            np.asarray(compiled(self._params, *inputs))
 
     def _run_stepwise(self, stepwise: _Stepwise, inputs: tuple[np.ndarray, ...],
                       on_step: StepCallback | None) -> np.ndarray:

@@ -29,6 +29,7 @@ from common.protocol import Job, JobResult, Timings
 from common.queue import ClaimedJob, JobQueue, MalformedJob
 from common.redis_conn import UNAVAILABLE, connect
 from common.registry import Registry, WorkerInfo, WorkerState
+from worker.compile_cache import disable_compilation_cache, enable_compilation_cache, on_cache_event
 from worker.encode import Encoding, encode_all
 from worker.metrics import WorkerMetrics, metrics_app, start_server
 from worker.pipeline import PipelineError, SDXLPipeline
@@ -108,25 +109,30 @@ class Worker:
             self._encoders.shutdown(wait=False)
 
     async def _warm_up(self) -> None:
+        """Load, then compile and warm every shape; record how start-up time splits into phases."""
+        phases = {"init": time.time() - self.info.started_at}  # imports, Redis, the metrics port
         started = time.perf_counter()
         pipeline = await self._on_device(self._load_pipeline)
-        loaded = time.perf_counter()
+        phases["load"] = time.perf_counter() - started
         shapes = self.config.shapes or pipeline.default_shapes()
         for shape in shapes:
             timings = await self._on_device(functools.partial(pipeline.compile, shape))
             for phase, seconds in (("lower", timings.lower_s), ("compile", timings.compile_s),
                                    ("warmup", timings.warmup_s)):
                 self.metrics.compile_seconds.labels(str(shape), phase).set(seconds)
+                phases[phase] = phases.get(phase, 0.0) + seconds
+        for phase, seconds in phases.items():
+            self.metrics.startup_seconds.labels(phase).set(seconds)
         self.metrics.devices.labels(pipeline.device_kind).set(pipeline.devices)
         self._pipeline = pipeline
         self.info = self.info.model_copy(update={
             "device_kind": pipeline.device_kind, "devices": pipeline.devices, "shapes": list(shapes),
             "ready_at": time.time()})
-        logger.info("worker %s warm: %d %s devices, shapes %s; load %.1fs, compile+warm-up %.1fs, "
-                    "start to ready %.1fs", self.id, pipeline.devices, pipeline.device_kind,
-                    ",".join(map(str, shapes)), loaded - started, time.perf_counter() - loaded,
-                    time.time() - self.info.started_at)
-        self.metrics.start_to_ready_seconds.set(time.time() - self.info.started_at)
+        start_to_ready = time.time() - self.info.started_at
+        self.metrics.start_to_ready_seconds.set(start_to_ready)
+        logger.info("worker %s warm: %d %s devices, shapes %s; start to ready %.2fs (%s)", self.id,
+                    pipeline.devices, pipeline.device_kind, ",".join(map(str, shapes)), start_to_ready,
+                    ", ".join(f"{phase} {seconds:.2f}s" for phase, seconds in phases.items()))
 
     @property
     def _streams(self) -> list[str]:
@@ -305,6 +311,7 @@ async def serve(config: WorkerConfig, *, started_at: float | None = None, handle
     log_config(logger, config)
     redis = connect(config.redis_url, name=f"sdxl-worker:{config.worker_id}")
     worker = Worker(config, redis, started_at=started_at)
+    _use_compilation_cache(config, worker.metrics)
     http, port = await start_server(metrics_app(worker.metrics, worker.not_ready), config.metrics_host,
                                     config.metrics_port)
     worker.info = worker.info.model_copy(update={"metrics_port": port})
@@ -318,6 +325,14 @@ async def serve(config: WorkerConfig, *, started_at: float | None = None, handle
     finally:
         await http.cleanup()
         await redis.aclose()
+
+
+def _use_compilation_cache(config: WorkerConfig, metrics: WorkerMetrics) -> None:
+    if config.compile_cache_dir is None:
+        disable_compilation_cache()
+        return
+    enable_compilation_cache(config.compile_cache_dir, config.compile_cache_max_bytes)
+    on_cache_event(lambda result: metrics.compile_cache.labels(result).inc())
 
 
 async def _run_until_stopped(worker: Worker, stop: asyncio.Event, drain_timeout_s: float) -> int:
