@@ -1,7 +1,8 @@
 """What live step progress costs, and how soon a client sees it.
 
-Cost: the worker's own pipeline, in this process, compiled twice for one shape (with and without the
-per-step host callback) and run alternately, so both see the same machine state:
+Cost: the worker's own pipeline, in this process, compiled twice for one shape (with progress: one
+dispatch per denoising step, each reported; without: the whole loop in one executable) and run
+alternately, so both see the same machine state:
 
     sdxl-serve bench progress --model DIR --shape 64x64x20 --repeats 20
 
@@ -26,7 +27,7 @@ import aiohttp
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="hub id or local diffusers directory: measure the callback's cost")
+    parser.add_argument("--model", help="hub id or local diffusers directory: measure progress's cost")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--shape", default="64x64x20", help="WIDTHxHEIGHTxSTEPS")
     parser.add_argument("--repeats", type=int, default=20, help="generations per variant")
@@ -51,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def measure_cost(args: argparse.Namespace) -> dict[str, Any]:
-    """Median generation time with and without the per-step callback, alternating runs."""
+    """Median generation time with and without per-step progress, alternating runs."""
     from common.cli import use_cpu_devices
 
     use_cpu_devices(args.cpu_devices)
@@ -77,7 +78,7 @@ def measure_cost(args: argparse.Namespace) -> dict[str, Any]:
         "with_progress_median_s": with_s, "without_progress_median_s": without_s,
         "overhead_pct": 100 * (with_s - without_s) / without_s,
         "per_step_overhead_ms": 1000 * (with_s - without_s) / shape.steps,
-        "callbacks_per_generation": len(steps_seen) / args.repeats,
+        "reports_per_generation": len(steps_seen) / args.repeats,
     }
 
 

@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdxl-serve", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--log-level", default=os.environ.get("SDXL_SERVE_LOG_LEVEL", "info"),
                         choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default=os.environ.get("SDXL_SERVE_LOG_FORMAT", "text"),
+                        choices=["text", "json"],
+                        help="text: one line per event; json: one JSON object per line, for log pipelines "
+                             "(env SDXL_SERVE_LOG_FORMAT)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False)  # type: ignore[method-assign]
     _add_gateway(sub.add_parser("gateway", help="run an HTTP gateway"))
@@ -198,7 +202,7 @@ def use_cpu_devices(count: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     try:
         return _dispatch(args)
     except ConfigError as exc:

@@ -114,7 +114,8 @@ class Cluster:
         return url
 
     async def _spawn(self, name: str, *args: str) -> None:
-        process = await _exec(sys.executable, "-m", "common.cli", "--log-level", self.args.log_level, *args)
+        process = await _exec(sys.executable, "-m", "common.cli", "--log-level", self.args.log_level,
+                              "--log-format", self.args.log_format, *args)
         self._children.append((name, process))
 
     async def _wait_ready(self, redis_url: str) -> None:

@@ -89,6 +89,11 @@ class GenerateRequest(BaseModel):
         return value
 
 
+# What `X-Request-ID` may carry: an id from a proxy or a client, safe to log as it is.
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+RequestId = Annotated[str, Field(pattern=REQUEST_ID_PATTERN)]
+
+
 class Job(BaseModel):
     """A fully resolved request as it travels through the queue."""
 
@@ -103,6 +108,8 @@ class Job(BaseModel):
     output_format: OutputFormat = "png"
     quality: int = Field(default=DEFAULT_QUALITY, ge=1, le=100)
     result_ttl_s: int = Field(gt=0)
+    # The HTTP request that made the job, so the worker's log lines can be found by it.
+    request_id: RequestId | None = None
 
 
 class Timings(BaseModel):

@@ -23,6 +23,7 @@ from gateway.metrics import GatewayMetrics, metrics_middleware
 from gateway.middlewares import error_middleware
 from gateway.openapi import build_openapi
 from gateway.positions import PositionBoard
+from gateway.requestlog import AccessLogger, echo_request_id, request_id_middleware
 from gateway.routes import ROUTES, setup_routes
 from gateway.routing import Router
 
@@ -37,12 +38,14 @@ def create_app(config: GatewayConfig) -> web.Application:
     """Build the gateway for `config`; run it with `web.run_app` or an aiohttp test client."""
     metrics = GatewayMetrics()
     # The metrics middleware is outermost, so it counts the answers the error middleware makes.
-    app = web.Application(middlewares=[metrics_middleware(metrics), error_middleware], client_max_size=MAX_BODY_BYTES)
+    # The request id comes first, so every line logged below it (and the error answers) carries it.
+    app = web.Application(middlewares=[request_id_middleware, metrics_middleware(metrics), error_middleware],
+                          client_max_size=MAX_BODY_BYTES)
     app[CONFIG] = config
     app[METRICS] = metrics
     app[GATEWAY_ID] = f"gw-{uuid.uuid4().hex[:8]}"
     app.cleanup_ctx.extend([_redis_ctx, _listener_ctx, _positions_ctx])
-    app.on_response_prepare.append(_no_stale_pages)
+    app.on_response_prepare.extend([_no_stale_pages, echo_request_id])
     setup_routes(app)
     app[OPENAPI] = build_openapi(ROUTES)
     return app
@@ -89,4 +92,4 @@ def serve(config: GatewayConfig) -> None:
     """Run the gateway until SIGINT or SIGTERM."""
     log_config(logger, config)
     web.run_app(create_app(config), host=config.host, port=config.port, print=None,
-                access_log_format='%a "%r" %s %b %Tfs', shutdown_timeout=config.request_timeout_s)
+                access_log_class=AccessLogger, shutdown_timeout=config.request_timeout_s)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -29,7 +30,10 @@ from common.redis_conn import UNAVAILABLE
 from common.registry import WorkerInfo
 from gateway.appkeys import CONFIG, LISTENER, QUEUE, REGISTRY, ROUTER
 from gateway.errors import ApiError
+from gateway.requestlog import REQUEST_ID
 from gateway.shapes import resolve_shape
+
+logger = logging.getLogger(__name__)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY = 255
@@ -64,7 +68,7 @@ async def make_job(request: web.Request, body: GenerateRequest) -> Placed:
     extra = {"quality": body.quality} if body.quality is not None else {}
     job = Job(id=uuid.uuid4().hex, prompt=body.prompt, negative_prompt=body.negative_prompt, seed=seed,
               guidance_scale=body.guidance_scale, shape=shape, output_format=body.output_format,
-              result_ttl_s=request.app[CONFIG].result_ttl_s, **extra)
+              result_ttl_s=request.app[CONFIG].result_ttl_s, request_id=request.get(REQUEST_ID), **extra)
     return Placed(job=job, stream=await request.app[ROUTER].stream_for(shape, workers), workers=workers)
 
 
@@ -88,11 +92,16 @@ async def submit(request: web.Request, body: GenerateRequest, placed: Placed) ->
     key = idempotency_key(request)
     fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest() if key else ""
     try:
-        return await request.app[QUEUE].submit(placed.job, placed.stream, key, fingerprint)
+        submitted = await request.app[QUEUE].submit(placed.job, placed.stream, key, fingerprint)
     except IdempotencyConflict as exc:
         raise ApiError(422, "idempotency_key_reused", f"{IDEMPOTENCY_HEADER} was already used for another "
                        f"request (job {exc.job_id}); use a new key for a new request", field=IDEMPOTENCY_HEADER,
                        id=exc.job_id) from None
+    if submitted.created:
+        logger.info("job %s queued on %s", submitted.job_id, placed.stream, extra={"job_id": submitted.job_id})
+    else:
+        logger.info("job %s replayed for its Idempotency-Key", submitted.job_id, extra={"job_id": submitted.job_id})
+    return submitted
 
 
 async def submit_and_wait(request: web.Request, body: GenerateRequest, placed: Placed) -> StoredResult:

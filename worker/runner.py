@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 
 from common.config import WorkerConfig, log_config
 from common.keys import Keys
+from common.logs import bound
 from common.protocol import Job, JobResult, Timings
 from common.queue import ClaimedJob, JobQueue, MalformedJob
 from common.redis_conn import UNAVAILABLE, connect
@@ -173,6 +174,10 @@ class Worker:
 
     async def _process(self, claimed: ClaimedJob) -> None:
         """The per-job boundary: whatever happens, the job gets a stored result and is acknowledged."""
+        with bound(request=claimed.job.request_id, job=claimed.job.id):
+            await self._settle(claimed)
+
+    async def _settle(self, claimed: ClaimedJob) -> None:
         job = claimed.job
         claimed_ms = await self._record_start(claimed)
         if claimed_ms is None:
@@ -249,7 +254,7 @@ class Worker:
 
     @staticmethod
     async def _finish_progress(steps: asyncio.Queue[int], reporter: asyncio.Task[None]) -> None:
-        """Let the reporter publish the last step (every callback has been queued by now), within a bound."""
+        """Let the reporter publish the last step (every step has been queued by now), within a bound."""
         steps.put_nowait(_NO_MORE_STEPS)
         try:
             await asyncio.wait_for(reporter, PROGRESS_FLUSH_TIMEOUT_S)
