@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -24,9 +25,17 @@ from common.config import GatewayConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = "deploy/docker/Dockerfile"
-# Environment variables `build_parser()` reads its defaults from; the deployment files decide them.
-CLI_ENV = ("SDXL_SERVE_REDIS_URL", "SDXL_SERVE_LOG_LEVEL", "SDXL_SERVE_METRICS_PORT", "SDXL_SERVE_LOG_FORMAT",
-           "SDXL_SERVE_COMPILE_CACHE", "PORT")
+
+
+def _cli_env() -> tuple[str, ...]:
+    """The environment variables `build_parser()` reads its defaults from, as common/cli.py names them."""
+    source = (ROOT / "common" / "cli.py").read_text()
+    return tuple(sorted(name for name in set(re.findall(r'os\.environ\.get\("(\w+)"', source))
+                        if name.startswith("SDXL_SERVE_") or name == "PORT"))
+
+
+# The deployment files decide these: the tests clear them from their own environment.
+CLI_ENV = _cli_env()
 
 
 def exact(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

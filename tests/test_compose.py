@@ -285,6 +285,12 @@ def test_image_healthcheck_probes_readyz_on_the_port_it_serves(target: str) -> N
     assert exposed == [port]
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_image_environment_names_variables_the_cli_reads(target: str) -> None:
+    ours = {name for name in stage_values(target, "ENV") if name.startswith("SDXL_SERVE_")}
+    assert ours <= set(CLI_ENV), f"the CLI reads none of {sorted(ours - set(CLI_ENV))}"
+
+
 def test_worker_image_fixes_its_metrics_port() -> None:
     """Without it the worker picks any free port, and no HEALTHCHECK or probe could find it."""
     assert _image_args("worker").metrics_port != 0

@@ -29,7 +29,7 @@ from common.keys import Keys
 from common.protocol import Job, JobResult, Shape, Timings
 from common.queue import JobQueue
 from gateway.metrics import WORKER_STATES
-from tests.deployfiles import ROOT, metric_names, parse, served_routes, stage_values
+from tests.deployfiles import CLI_ENV, ROOT, metric_names, parse, served_routes, stage_values
 
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = sorted(path.name for path in (K8S / "overlays").iterdir() if path.is_dir())
@@ -191,6 +191,13 @@ def command_problems(docs: list[Doc]) -> list[str]:
     return problems
 
 
+def env_problems(docs: list[Doc]) -> list[str]:
+    """Every SDXL_SERVE_* variable set is one the CLI reads: a renamed one would be ignored silently."""
+    return [f"{o.workload['metadata']['name']}: the CLI reads no {entry['name']}"
+            for o in ours(docs) for entry in o.container.get("env", [])
+            if entry["name"].startswith("SDXL_SERVE_") and entry["name"] not in CLI_ENV]
+
+
 def port_problems(docs: list[Doc]) -> list[str]:
     problems = []
     for o in servers(docs):
@@ -303,13 +310,30 @@ def scrape_problems(docs: list[Doc]) -> list[str]:
     return problems
 
 
+_QUANTITY = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
+             "Ti": 2**40}
+
+
+def quantity(text: str) -> float:
+    """A Kubernetes quantity such as `10Gi`, in bytes."""
+    match = re.fullmatch(r"([\d.]+)([KMGT]i?)?", str(text))
+    assert match, f"not a quantity: {text}"
+    return float(match[1]) * _QUANTITY[match[2] or ""]
+
+
 def volume_problems(docs: list[Doc]) -> list[str]:
     """The worker's caches (weights at HF_HOME, executables at --compile-cache) are volumes, not the
-    container's own layer."""
+    container's own layer, and the compilation cache's bound fits in its volume."""
     worker = the_worker(docs)
-    mounts = {m["mountPath"] for m in worker.container.get("volumeMounts", [])}
+    mounts = {m["mountPath"]: m["name"] for m in worker.container.get("volumeMounts", [])}
     problems = [f"worker: nothing mounted at {path}" for path in
                 (worker.env["HF_HOME"], str(worker.args.compile_cache)) if path not in mounts]
+    worker_volumes = {v["name"]: v for v in pod_spec(worker.workload).get("volumes", [])}
+    cache_volume = worker_volumes.get(mounts.get(str(worker.args.compile_cache), ""), {})
+    limit = cache_volume.get("emptyDir", {}).get("sizeLimit")
+    if limit is not None and worker.args.compile_cache_max_gb * 1e9 >= quantity(limit):
+        problems.append(f"worker: --compile-cache-max-gb {worker.args.compile_cache_max_gb} fills its {limit} "
+                        "volume: the kubelet evicts a pod over its emptyDir sizeLimit")
     for workload in workloads(docs):
         spec = pod_spec(workload)
         volumes = {v["name"] for v in spec.get("volumes", [])}
@@ -433,9 +457,10 @@ def alert_problems(docs: list[Doc]) -> list[str]:
 # --- The tests
 
 ALWAYS: dict[str, Callable[[list[Doc]], list[str]]] = {
-    "commands": command_problems, "ports": port_problems, "probes": probe_problems, "grace": grace_problems,
-    "redis": redis_problems, "scraping": scrape_problems, "volumes": volume_problems,
-    "accelerators": accelerator_problems, "autoscaling": keda_problems, "alerts": alert_problems,
+    "commands": command_problems, "environment": env_problems, "ports": port_problems,
+    "probes": probe_problems, "grace": grace_problems, "redis": redis_problems, "scraping": scrape_problems,
+    "volumes": volume_problems, "accelerators": accelerator_problems, "autoscaling": keda_problems,
+    "alerts": alert_problems,
 }
 
 
@@ -513,6 +538,10 @@ def _set_consumer_group(docs: list[Doc]) -> None:
     of_kind(docs, "ScaledObject")[0]["spec"]["triggers"][0]["metadata"]["consumerGroup"] = Keys().workers_group
 
 
+def _misspell_variable(docs: list[Doc]) -> None:
+    the_worker(docs).container["env"].append({"name": "SDXL_SERVE_METRICS_PROT", "value": "9400"})
+
+
 def _rename_secret(docs: list[Doc]) -> None:
     auth = of_kind(docs, "TriggerAuthentication")[0]
     auth["spec"]["secretTargetRef"][0]["name"] = "redis-auth"
@@ -522,7 +551,9 @@ BREAKAGES: dict[str, tuple[Callable[[list[Doc]], None], Callable[[list[Doc]], li
     "metrics port moved": (_set_arg("--metrics-port", "9401"), port_problems),
     "shape added": (_set_arg("--shapes", "1024x1024x20,1024x1024x25,768x768x30"), keda_problems),
     "drain lengthened": (_set_arg("--drain-timeout", "600"), grace_problems),
+    "cache bound raised": (_set_arg("--compile-cache-max-gb", "20"), volume_problems),
     "probe path typo": (_set_readiness_path, probe_problems),
+    "variable misspelt": (_misspell_variable, env_problems),
     "metric renamed": (_rename_metric, alert_problems),
     "KEDA counting the group": (_set_consumer_group, keda_problems),
     "secret renamed": (_rename_secret, lambda docs: reference_problems(docs, self_contained=False)),
