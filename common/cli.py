@@ -33,6 +33,9 @@ from common.logs import setup_logging  # noqa: E402
 from common.protocol import parse_shapes  # noqa: E402
 
 CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+# Top-level modules of the `worker` extra (pyproject.toml): the gateway's install lacks them.
+WORKER_EXTRA_MODULES = frozenset({"jax", "jaxlib", "flax", "diffusers", "transformers", "huggingface_hub",
+                                  "PIL", "numpy"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,9 +111,11 @@ def _add_worker(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, default=120.0,
                         help="on SIGTERM, seconds to finish the job in hand before leaving it to other workers")
     parser.add_argument("--metrics-host", default="0.0.0.0", help="address of /metrics, /healthz and /readyz")
-    parser.add_argument("--metrics-port", type=int, default=0,
+    # The worker image fixes the port through the environment, so its HEALTHCHECK knows where to probe. A
+    # string default goes through `type`, so a bad value is a usage error naming the flag.
+    parser.add_argument("--metrics-port", type=int, default=os.environ.get("SDXL_SERVE_METRICS_PORT", "0"),
                         help="port of /metrics, /healthz and /readyz (default 0: any free port, published in "
-                             "the registry; set one for Prometheus and probes)")
+                             "the registry; set one for Prometheus and probes; env SDXL_SERVE_METRICS_PORT)")
     _add_compile_cache(parser)
 
 
@@ -207,6 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     except ConfigError as exc:
         print(f"sdxl-serve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in WORKER_EXTRA_MODULES:
+            raise
+        print(f"sdxl-serve {args.command}: error: {exc}: this command needs the worker extra "
+              "(pip install 'sdxl-serve[worker]', or [tpu] / [cuda])", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

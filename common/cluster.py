@@ -85,9 +85,10 @@ class Cluster:
         await self._wait_ready(redis_url)
 
     def _worker_args(self, redis_url: str, model: str) -> list[str]:
+        # Any free metrics port, whatever SDXL_SERVE_METRICS_PORT says: the workers share this host.
         args = ["--redis-url", redis_url, "--key-prefix", self.args.key_prefix, "--model", model,
                 "--images-per-request", str(self.args.images_per_request),
-                "--cpu-devices", str(self.args.cpu_devices)]
+                "--cpu-devices", str(self.args.cpu_devices), "--metrics-port", "0"]
         if self.args.revision:
             args += ["--revision", self.args.revision]
         if self.args.shapes:

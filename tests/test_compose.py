@@ -1,8 +1,9 @@
-"""The deployment files against the code they start: docker-compose.yml, the Dockerfile, pyproject.toml.
+"""The container files against the code they start: docker-compose.yml, the Dockerfile, pyproject.toml.
 
-Docker is not needed: the compose file is read as YAML, every command of a service built from our image
-is parsed by the real `sdxl-serve` argument parser, and the Dockerfile's instructions are read as text.
-A renamed flag, a changed default port or a moved health route fails here, not at `docker compose up`.
+Docker is not needed: the compose file is read as YAML, every command of a service built from our images
+is parsed by the real `sdxl-serve` argument parser in the environment its image sets, and the Dockerfile's
+stages are read as text. A renamed flag, a changed default port or a moved health route fails here, not at
+`docker compose up`.
 """
 
 from __future__ import annotations
@@ -14,24 +15,35 @@ import re
 import shlex
 import tomllib
 from functools import cache
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import pytest
 import yaml
 
-from common.cli import build_parser
-from common.config import DEFAULT_MODEL, GatewayConfig
+from common.cli import WORKER_EXTRA_MODULES, build_parser
+from common.config import DEFAULT_MODEL
+from tests.deployfiles import (
+    CLI_ENV,
+    DOCKERFILE,
+    ROOT,
+    dockerfile_instructions,
+    dockerfile_stages,
+    parse,
+    run_without_worker_extra,
+    served_routes,
+    stage_instructions,
+    stage_values,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-DOCKERFILE = "deploy/docker/Dockerfile"
 REDIS_PORT = 6379
-# Environment variables `build_parser()` reads its defaults from; cleared so only the files decide.
-CLI_ENV = ("SDXL_SERVE_REDIS_URL", "SDXL_SERVE_LOG_LEVEL", "SDXL_SERVE_LOG_FORMAT", "SDXL_SERVE_COMPILE_CACHE", "PORT")
+# The runtime images, by the subcommand each runs.
+TARGETS = ("gateway", "worker")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)")
 _DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Distributions of the worker extra whose import name differs from their name.
+_IMPORT_NAMES = {"pillow": "PIL", "huggingface-hub": "huggingface_hub"}
 
 
 @cache
@@ -56,25 +68,16 @@ def _command(service: str) -> list[str]:
     return shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
 
 
-def _exact(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The parser and its subcommands without prefix matching: `--redis` must not pass for `--redis-url`."""
-    parser.allow_abbrev = False
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for subparser in action.choices.values():
-                _exact(subparser)
-    return parser
-
-
-def _parse(command: list[str]) -> argparse.Namespace:
-    try:
-        return _exact(build_parser()).parse_args(command)
-    except SystemExit as exc:  # argparse's way of refusing a command line
-        pytest.fail(f"sdxl-serve refuses {command} (exit {exc.code}); see the usage error above")
+def _target(service: str) -> str:
+    target: str = _services()[service]["build"]["target"]
+    return target
 
 
 def _args(service: str) -> argparse.Namespace:
-    return _parse(_command(service))
+    """The service's command as the CLI reads it inside its image (whose ENV sets some defaults)."""
+    environment = _services()[service].get("environment", {})
+    assert isinstance(environment, dict), "write `environment:` as a mapping"
+    return parse(_command(service), {**stage_values(_target(service), "ENV"), **environment})
 
 
 def _container_ports(service: str) -> list[int]:
@@ -86,6 +89,11 @@ def _container_ports(service: str) -> list[int]:
     return ports
 
 
+def _mounts(service: str) -> dict[str, str]:
+    """Container path -> volume name (or host path) of each of the service's volumes."""
+    return {target: source for source, target in (volume.split(":")[:2] for volume in _services()[service]["volumes"])}
+
+
 def _duration_s(text: str) -> float:
     """A compose duration such as `2m15s` or `90s`, in seconds."""
     parts = _DURATION_PART.findall(str(text))
@@ -93,34 +101,37 @@ def _duration_s(text: str) -> float:
     return sum(float(value) * _DURATION_UNITS[unit] for value, unit in parts)
 
 
-def _dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments dropped."""
-    logical, pending = [], ""
-    for line in (ROOT / DOCKERFILE).read_text().splitlines():
-        if line.lstrip().startswith("#") or not line.strip():
-            continue
-        pending += line.rstrip()
-        if pending.endswith("\\"):
-            pending = pending[:-1] + " "
-            continue
-        logical.append(pending.strip())
-        pending = ""
-    return [(instr.upper(), rest.strip()) for instr, _, rest in (line.partition(" ") for line in logical)]
-
-
-def _dockerfile_values(instruction: str) -> dict[str, str]:
-    """Every KEY=VALUE set by the ENV or ARG lines of the Dockerfile, later lines winning."""
-    values: dict[str, str] = {}
-    for instr, rest in _dockerfile_instructions():
-        if instr == instruction:
-            for item in shlex.split(rest):
-                key, _, value = item.partition("=")
-                values[key] = value
-    return values
-
-
 def _pyproject() -> dict[str, Any]:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _probe_url(code: str) -> tuple[str | None, int | None, str]:
+    compile(code, "<healthcheck>", "exec")
+    urls = re.findall(r"https?://[^'\"\s]+", code)
+    assert len(urls) == 1, f"expected one URL in the probe, got {urls}"
+    url = urlparse(urls[0])
+    return url.hostname, url.port, url.path
+
+
+def _probe(service: str) -> tuple[str | None, int | None, str]:
+    test = _services()[service]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"], "python:3.11-slim has no curl: probe with python"
+    return _probe_url(test[3])
+
+
+def _image_args(target: str) -> argparse.Namespace:
+    """The image's default command (its CMD), as the CLI reads it in the image's environment."""
+    [cmd] = [json.loads(rest) for instr, rest in stage_instructions(target) if instr == "CMD"]
+    return parse(cmd, stage_values(target, "ENV"))
+
+
+def _served_port(target: str, args: argparse.Namespace) -> int:
+    port: int = args.port if target == "gateway" else args.metrics_port
+    return port
+
+
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0].lower()
 
 
 @pytest.fixture(autouse=True)
@@ -134,11 +145,13 @@ def test_compose_file_is_compose_spec() -> None:
     assert {"redis", "gateway", "worker"} <= set(_services())
 
 
-def test_gateway_and_worker_run_our_image() -> None:
+def test_gateway_and_worker_run_their_images() -> None:
     assert {"gateway", "worker"} <= set(_image_services())
     for name in _image_services():
         build = _services()[name]["build"]
         assert (ROOT / build["context"]).resolve() == ROOT, f"{name}: build context is not the repo root"
+        assert build["target"] == name, f"{name} runs the {build['target']} image"
+        assert _services()[name]["image"].startswith(f"sdxl-serve-{name}:")
     assert (ROOT / DOCKERFILE).is_file()
 
 
@@ -157,16 +170,6 @@ def test_gateway_port_matches_cli_default() -> None:
     assert _container_ports("gateway") == [build_parser().parse_args(["gateway"]).port]
 
 
-def _probe(service: str) -> tuple[str | None, int | None, str]:
-    test = _services()[service]["healthcheck"]["test"]
-    assert test[:3] == ["CMD", "python", "-c"], "python:3.11-slim has no curl: probe with python"
-    compile(test[3], "<healthcheck>", "exec")
-    urls = re.findall(r"https?://[^'\"\s]+", test[3])
-    assert len(urls) == 1, f"expected one URL in the probe, got {urls}"
-    url = urlparse(urls[0])
-    return url.hostname, url.port, url.path
-
-
 def test_gateway_healthcheck_probes_readyz_on_its_port() -> None:
     assert _probe("gateway") == ("127.0.0.1", _args("gateway").port, "/readyz")
 
@@ -176,13 +179,8 @@ def test_worker_healthcheck_probes_readyz_on_its_metrics_port() -> None:
 
 
 def test_probed_routes_exist() -> None:
-    from gateway.app import create_app
-    from worker.metrics import WorkerMetrics, metrics_app
-
-    for app in (create_app(GatewayConfig()), metrics_app(WorkerMetrics(), lambda: None)):
-        paths = {route.resource.canonical for route in app.router.routes()
-                 if route.method == "GET" and route.resource is not None}
-        assert {"/healthz", "/readyz", "/metrics"} <= paths
+    for command in TARGETS:
+        assert {"/healthz", "/readyz", "/metrics"} <= served_routes()[command]
 
 
 @pytest.mark.parametrize("service", ["gateway", "worker"])
@@ -220,10 +218,18 @@ def test_worker_runs_the_default_model() -> None:
 
 
 def test_worker_caches_weights_at_hf_home() -> None:
-    hf_home = _dockerfile_values("ENV")["HF_HOME"]
-    mounts = dict(reversed(volume.split(":")[:2]) for volume in _services()["worker"]["volumes"])
+    hf_home = stage_values("worker", "ENV")["HF_HOME"]
+    mounts = _mounts("worker")
     assert hf_home in mounts, f"nothing is mounted at HF_HOME={hf_home}"
     assert mounts[hf_home] in _compose()["volumes"], "the HF cache should be a named volume"
+
+
+def test_worker_compile_cache_is_a_shared_named_volume() -> None:
+    """One named volume for every replica on the host: a worker started later loads, not compiles."""
+    cache_dir = str(_args("worker").compile_cache)
+    mounts = _mounts("worker")
+    assert cache_dir in mounts, f"--compile-cache {cache_dir} is not a mounted volume"
+    assert mounts[cache_dir] in _compose()["volumes"]
 
 
 def test_worker_drains_on_sigterm() -> None:
@@ -244,20 +250,82 @@ def test_gateway_grace_outlasts_request_timeout() -> None:
     assert grace > _args("gateway").request_timeout
 
 
-def test_entrypoint_is_the_console_script() -> None:
-    entrypoints = [rest for instr, rest in _dockerfile_instructions() if instr == "ENTRYPOINT"]
-    assert [json.loads(rest) for rest in entrypoints] == [["sdxl-serve"]]
+# --- The Dockerfile
+
+
+def test_dockerfile_has_a_runtime_stage_per_role() -> None:
+    stages = dockerfile_stages()
+    assert set(TARGETS) <= set(stages)
+    assert list(stages)[-1] == "worker", "without --target, docker builds the last stage: the full image"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_entrypoint_is_the_console_script(target: str) -> None:
+    entrypoints = [json.loads(rest) for instr, rest in stage_instructions(target) if instr == "ENTRYPOINT"]
+    assert entrypoints == [["sdxl-serve"]]
     assert _pyproject()["project"]["scripts"]["sdxl-serve"] == "common.cli:main"
     assert build_parser().prog == "sdxl-serve"
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_image_default_command_runs_its_role(target: str) -> None:
+    assert _image_args(target).command == target
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_image_healthcheck_probes_readyz_on_the_port_it_serves(target: str) -> None:
+    [healthcheck] = [rest for instr, rest in stage_instructions(target) if instr == "HEALTHCHECK"]
+    _, _, command = healthcheck.partition("CMD ")
+    exec_form = json.loads(command)
+    assert exec_form[:2] == ["python", "-c"], "python:3.11-slim has no curl: probe with python"
+    port = _served_port(target, _image_args(target))
+    assert _probe_url(exec_form[2]) == ("127.0.0.1", port, "/readyz")
+    assert "/readyz" in served_routes()[target]
+    exposed = [int(p) for instr, rest in stage_instructions(target) if instr == "EXPOSE" for p in rest.split()]
+    assert exposed == [port]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_image_environment_names_variables_the_cli_reads(target: str) -> None:
+    ours = {name for name in stage_values(target, "ENV") if name.startswith("SDXL_SERVE_")}
+    assert ours <= set(CLI_ENV), f"the CLI reads none of {sorted(ours - set(CLI_ENV))}"
+
+
+def test_worker_image_fixes_its_metrics_port() -> None:
+    """Without it the worker picks any free port, and no HEALTHCHECK or probe could find it."""
+    assert _image_args("worker").metrics_port != 0
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_image_runs_as_a_numeric_non_root_user(target: str) -> None:
+    users = [rest for instr, rest in stage_instructions(target) if instr == "USER"]
+    assert users, f"{target} runs as root"
+    uid = users[-1].partition(":")[0]
+    assert uid.isdigit() and int(uid) != 0, "a numeric uid lets Kubernetes' runAsNonRoot check it"
+
+
+def test_worker_image_volumes_are_its_caches() -> None:
+    env = stage_values("worker", "ENV")
+    [volumes] = [json.loads(rest) for instr, rest in stage_instructions("worker") if instr == "VOLUME"]
+    assert set(volumes) == {env["HF_HOME"], env["SDXL_SERVE_COMPILE_CACHE"]}
+
+
+def test_gateway_image_installs_no_worker_extra() -> None:
+    """The gateway's stages never install an extra; the worker's install the one JAX_EXTRA names."""
+    gateway_installs = [rest for instr, rest in stage_instructions("gateway-build")
+                        if instr == "RUN" and "pip install" in rest]
+    assert gateway_installs and not any("[" in rest for rest in gateway_installs)
+    worker_installs = [rest for instr, rest in stage_instructions("worker-build") if instr == "RUN"]
+    assert any('pip install ".[${JAX_EXTRA:-worker}]"' in rest for rest in worker_installs)
+
+
 def test_jax_extra_defaults_to_cpu_and_names_real_extras() -> None:
-    assert _dockerfile_values("ARG")["JAX_EXTRA"] == ""
-    assert {"tpu", "cuda"} <= set(_pyproject()["project"]["optional-dependencies"])
+    assert stage_values("worker-deps", "ARG")["JAX_EXTRA"] == ""
+    assert {"worker", "tpu", "cuda"} <= set(_pyproject()["project"]["optional-dependencies"])
 
 
 def test_dockerfile_copies_what_pip_install_needs() -> None:
-    sources = [part.rstrip("/") for instr, rest in _dockerfile_instructions()
+    sources = [part.rstrip("/") for instr, rest in dockerfile_instructions()
                if instr == "COPY" and not rest.startswith("--from") for part in shlex.split(rest)[:-1]]
     project = _pyproject()
     needed = {"pyproject.toml", project["project"]["readme"],
@@ -271,5 +339,34 @@ def test_dockerignore_keeps_sources_and_drops_bulk() -> None:
     patterns = [line.strip().strip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     assert {".git", ".venv", "models", "artifacts"} <= set(patterns)
-    for source in ("pyproject.toml", "README.md", "common", "gateway", "worker"):
+    for source in ("pyproject.toml", "README.md", "common", "gateway", "worker", "bench"):
         assert not any(fnmatch.fnmatch(source, pattern) for pattern in patterns), f"{source} is ignored"
+
+
+# --- pyproject.toml: the gateway installs without JAX
+
+
+def test_core_dependencies_leave_the_worker_extra_out() -> None:
+    project = _pyproject()["project"]
+    extras = project["optional-dependencies"]
+    worker = {_requirement_name(r) for r in extras["worker"]}
+    imported = {_IMPORT_NAMES.get(name, name) for name in worker}
+    assert imported <= WORKER_EXTRA_MODULES, "the CLI's hint for a missing worker extra must know every module"
+    assert {"jax", "flax", "diffusers", "transformers"} <= worker
+    assert not {_requirement_name(r) for r in project["dependencies"]} & worker
+    for extra in ("tpu", "cuda", "dev"):
+        assert "sdxl-serve[worker]" in extras[extra], f"[{extra}] must include the worker extra"
+
+
+def test_gateway_and_cli_import_without_the_worker_extra() -> None:
+    """The gateway image lacks JAX, diffusers, transformers, numpy and Pillow: nothing it runs may import them."""
+    result = run_without_worker_extra(
+        "try:\n    import jax\nexcept ModuleNotFoundError:\n    pass\nelse:\n    raise SystemExit('jax importable')\n"
+        "from common.cli import build_parser\n"
+        "build_parser().parse_args(['gateway'])\n"
+        "from common.config import GatewayConfig\n"
+        "from gateway.app import create_app\n"
+        "create_app(GatewayConfig())\n"
+        "import common.status, common.cluster, bench.load, bench.routing\n")
+    assert result.returncode == 0, result.stderr
+
