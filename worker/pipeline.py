@@ -76,6 +76,27 @@ class _Clock:
 
 
 @dataclass(frozen=True)
+class _StepParams:
+    """The parameters each stepwise executable reads, and no others (the same device arrays, not copies).
+
+    An executable's every input is flattened, checked and handed to each device at each call: SDXL has
+    about 2,500 parameter arrays, most of them the UNet's, and a denoising step needs only those.
+    """
+
+    begin: dict[str, Any]
+    step: dict[str, Any]
+    finish: dict[str, Any]
+
+    @classmethod
+    def of(cls, params: dict[str, Any]) -> _StepParams:
+        def pick(*names: str) -> dict[str, Any]:
+            return {name: params[name] for name in names}
+
+        return cls(begin=pick("text_encoder", "text_encoder_2", "scheduler"), step=pick("unet", "scheduler"),
+                   finish=pick("vae"))
+
+
+@dataclass(frozen=True)
 class _Stepwise:
     """A shape's executables when progress is reported: begin, one step (run `steps` times), finish."""
 
@@ -83,6 +104,7 @@ class _Stepwise:
     step: Any
     finish: Any
     indices: list[jax.Array]  # each step's number, on every device
+    params: _StepParams
 
 
 def _reached(latents: jax.Array, step: int, on_step: StepCallback | None) -> None:
@@ -191,14 +213,15 @@ class SDXLPipeline:
         begin makes, so begin runs once here."""
         prompt_ids, negative_ids, negative_scale, keys, guidance = inputs
         pmap = functools.partial(jax.pmap, axis_name=AXIS)
-        begin = clock.compile(pmap(functools.partial(_begin, self._pipe, shape)), self._params, prompt_ids,
+        params = _StepParams.of(self._params)
+        begin = clock.compile(pmap(functools.partial(_begin, self._pipe, shape)), params.begin, prompt_ids,
                               negative_ids, negative_scale, keys)
-        latents, context, pooled = begin(self._params, prompt_ids, negative_ids, negative_scale, keys)
+        latents, context, pooled = begin(params.begin, prompt_ids, negative_ids, negative_scale, keys)
         indices = [_replicate(np.int32(i)) for i in range(shape.steps)]
-        step = clock.compile(pmap(functools.partial(_step, self._pipe, shape)), self._params, latents, context,
+        step = clock.compile(pmap(functools.partial(_step, self._pipe, shape)), params.step, latents, context,
                              pooled, guidance, indices[0])
-        finish = clock.compile(pmap(functools.partial(_decode, self._pipe)), self._params, latents)
-        return _Stepwise(begin=begin, step=step, finish=finish, indices=indices)
+        finish = clock.compile(pmap(functools.partial(_decode, self._pipe)), params.finish, latents)
+        return _Stepwise(begin=begin, step=step, finish=finish, indices=indices, params=params)
 
     def generate(self, shape: Shape, prompt: str, negative_prompt: str, seed: int,
                  guidance_scale: float, on_step: StepCallback | None = None) -> np.ndarray:
@@ -235,14 +258,15 @@ class SDXLPipeline:
         for the host, and a report is at most one step late.
         """
         prompt_ids, negative_ids, negative_scale, keys, guidance = inputs
-        latents, context, pooled = stepwise.begin(self._params, prompt_ids, negative_ids, negative_scale, keys)
+        params = stepwise.params
+        latents, context, pooled = stepwise.begin(params.begin, prompt_ids, negative_ids, negative_scale, keys)
         previous: jax.Array | None = None
         for number, index in enumerate(stepwise.indices):
-            latents = stepwise.step(self._params, latents, context, pooled, guidance, index)
+            latents = stepwise.step(params.step, latents, context, pooled, guidance, index)
             if previous is not None:
                 _reached(previous, number, on_step)
             previous = latents
-        images = stepwise.finish(self._params, latents)
+        images = stepwise.finish(params.finish, latents)
         _reached(latents, len(stepwise.indices), on_step)
         return np.asarray(images)
 
