@@ -197,15 +197,32 @@ async def test_sigterm_busy_worker_finishes_its_job_then_exits_0(cluster: FaultC
     try:
         request = asyncio.create_task(post_generate(cluster.url, seed=2, num_inference_steps=SLOW_STEPS))
         busy = (await next_start(pubsub))["worker"]
+        await pubsub.subscribe(Keys().worker_events_channel)  # every heartbeat announces the state
         process = cluster.processes.processes[busy]
         process.send_signal(signal.SIGTERM)
         payload = await request
         assert payload["worker"] == busy
         assert await asyncio.to_thread(process.wait, 60) == 0
         assert busy not in [w.id for w in await Registry(client, Keys()).workers()]
+        states = await announced_states(pubsub, busy)
+        # Once draining, never announced as serving again, not even after its last job.
+        assert "draining" in states
+        assert set(states[states.index("draining"):]) == {"draining"}, states
     finally:
         await pubsub.aclose()
         await client.aclose()
+
+
+async def announced_states(pubsub: Any, worker_id: str) -> list[str]:
+    """The states a worker announced, from the messages received (the worker has exited: the channel
+    goes quiet)."""
+    states = []
+    while (message := await pubsub.get_message(timeout=0.5)) is not None:
+        if message["type"] == "message" and message["channel"].decode() == Keys().worker_events_channel:
+            info = json.loads(message["data"])
+            if info["id"] == worker_id:
+                states.append(info["state"])
+    return states
 
 
 async def test_redis_restart_with_jobs_queued_loses_nothing(cluster: FaultCluster) -> None:

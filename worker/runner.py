@@ -185,7 +185,7 @@ class Worker:
             await self._queue.discard(claimed)
             self.metrics.jobs.labels("skipped_cancelled").inc()
             return
-        self.info = self.info.model_copy(update={"state": "busy"})
+        self.info = self.info.model_copy(update={"state": self._serving_state("busy")})
         self.metrics.busy.set(1)
         logger.info("job %s: claimed after %d ms in queue (%s)", job.id, claimed_ms - claimed.enqueued_ms,
                     job.shape)
@@ -199,7 +199,8 @@ class Worker:
         stored = await self._store(claimed, result, images)
         self.metrics.busy.set(0)
         self.metrics.jobs.labels(result.status if stored else "discarded").inc()  # discarded: cancelled or duplicate
-        self.info = self.info.model_copy(update={"state": "ready", "jobs_done": self.info.jobs_done + 1})
+        self.info = self.info.model_copy(update={"state": self._serving_state("ready"),
+                                                 "jobs_done": self.info.jobs_done + 1})
         logger.info("job %s: %s%s", job.id, result.status, "" if stored else " (duplicate result dropped)")
 
     async def _run_job(self, job: Job, queued_ms: float) -> tuple[JobResult, list[bytes]]:
@@ -286,6 +287,11 @@ class Worker:
 
     async def _on_device(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._device_thread, fn)
+
+    def _serving_state(self, state: WorkerState) -> WorkerState:
+        """`state`, unless a stop was asked for: a draining worker says so until it leaves, so gateways
+        and routing stop counting it even while it finishes its job."""
+        return "draining" if self._stopping.is_set() else state
 
     async def _set_state(self, state: WorkerState) -> None:
         self.info = self.info.model_copy(update={"state": state})
