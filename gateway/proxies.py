@@ -26,7 +26,9 @@ def parse_address(text: str) -> IPAddress | None:
     IPv4-mapped IPv6 addresses become IPv4. None when it is not one."""
     text = text.strip()
     if text.startswith("["):
-        text = text[1:].partition("]")[0]
+        text, closed, _ = text[1:].partition("]")
+        if not closed:
+            return None
     elif text.count(":") == 1:
         text = text.partition(":")[0]
     try:
