@@ -36,7 +36,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _respond(request, ApiError(exc.status, _code(exc), exc.reason))
+        # A 405 keeps its Allow header (RFC 9110 requires it): the methods the route does serve.
+        kept = {name: exc.headers[name] for name in ("Allow",) if name in exc.headers}
+        return _respond(request, ApiError(exc.status, _code(exc), exc.reason, headers=kept))
     except Exception:  # the gateway's catch-all boundary: log it, answer 500, keep serving
         logger.exception("unhandled error on %s %s", request.method, request.path)
         return _respond(request, ApiError(500, "internal_error", "internal server error"))
