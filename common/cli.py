@@ -197,6 +197,7 @@ BENCHMARKS = {
     "routing": "simulate the routing policies (shared, random, p2c) under Poisson load",
     "load": "open-loop Poisson load against a running gateway",
     "progress": "cost of per-step progress, and submit-to-first-progress latency",
+    "protect": "refusals per second on one core (429, 400) and gateway memory under a 10x burst",
 }
 
 

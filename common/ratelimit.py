@@ -112,10 +112,12 @@ class RateLimiter:
     async def check(self, bucket: str, identity: str, rate: Rate) -> Decision:
         """Count one request against the bucket and say whether it is allowed.
 
-        `identity` must never be a secret: it becomes part of a Redis key (use a digest prefix for keys).
+        `identity` must never be a secret: it becomes part of a Redis key (use a digest prefix for keys). The
+        rate is part of the bucket's name, so a changed limit starts afresh rather than inheriting a theoretical
+        arrival time computed under the old one (an hour ahead, say, after a 1/h limit was raised).
         """
         allowed, wait_ms, remaining, full_ms = await self._gcra(
-            keys=[self._keys.rate_limit(bucket, identity)], args=[rate.interval_ms, rate.burst])
+            keys=[self._keys.rate_limit(f"{bucket}@{rate}", identity)], args=[rate.interval_ms, rate.burst])
         return Decision(allowed=bool(allowed), limit=rate.burst, remaining=int(remaining),
                         retry_after_s=max(1, math.ceil(int(wait_ms) / 1000)) if not allowed else 0,
                         reset_s=math.ceil(int(full_ms) / 1000))

@@ -45,7 +45,14 @@ async def test_a_burst_is_allowed_then_refused_with_the_wait(redis_client: aiore
     assert refused.headers()["RateLimit-Limit"] == "3" and "Retry-After" not in decisions[0].headers()
     # Each identity has its own bucket; the refused one did not consume anything.
     assert (await limiter.check("submit", "192.0.2.2", rate)).allowed
-    assert await redis_client.ttl(KEYS.rate_limit("submit", "192.0.2.1")) > 0  # idle buckets expire
+    assert await redis_client.ttl(KEYS.rate_limit("submit@1/m:3", "192.0.2.1")) > 0  # idle buckets expire
+
+
+async def test_a_changed_rate_starts_a_fresh_bucket(redis_client: aioredis.Redis) -> None:
+    limiter = RateLimiter(redis_client, KEYS)
+    assert (await limiter.check("submit", "a", Rate(1, 3600.0, 1))).allowed
+    assert not (await limiter.check("submit", "a", Rate(1, 3600.0, 1))).allowed
+    assert (await limiter.check("submit", "a", Rate(100, 1.0, 100))).allowed  # raised: not held an hour
 
 
 async def test_the_bucket_refills_at_the_rate(redis_client: aioredis.Redis) -> None:
