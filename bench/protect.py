@@ -64,6 +64,10 @@ class ThroughputRun:
     requests_per_s: float
     gateway_cpu_pct: float
     client_cpu_pct: float
+    # Gateway CPU time per answer, and the answers per second it implies for one whole core: the figure that
+    # holds on a machine shared with other work, where the gateway does not get its core to itself.
+    gateway_cpu_us_per_request: float
+    one_core_ceiling_per_s: float
 
 
 @dataclass(frozen=True)
@@ -222,10 +226,14 @@ async def measure_throughput(name: str, url: str, pid: int, body: dict[str, Any]
     gateway_cpu, client_cpu = cpu_seconds(pid), _own_cpu_s()
     statuses, seconds = await closed_loop(url, body, connections, duration_s)
     gateway_used, client_used = cpu_seconds(pid) - gateway_cpu, _own_cpu_s() - client_cpu
+    answered = sum(statuses.values())
+    per_request_us = 1e6 * gateway_used / answered if answered else 0.0
     return ThroughputRun(name=name, statuses=dict(statuses), seconds=round(seconds, 2),
-                         requests_per_s=round(sum(statuses.values()) / seconds, 1),
+                         requests_per_s=round(answered / seconds, 1),
                          gateway_cpu_pct=round(100 * gateway_used / seconds, 1),
-                         client_cpu_pct=round(100 * client_used / seconds, 1))
+                         client_cpu_pct=round(100 * client_used / seconds, 1),
+                         gateway_cpu_us_per_request=round(per_request_us, 1),
+                         one_core_ceiling_per_s=round(1e6 / per_request_us) if per_request_us else 0.0)
 
 
 def _own_cpu_s() -> float:
@@ -313,10 +321,11 @@ async def run(args: argparse.Namespace) -> Report:
 def render(report: Report) -> str:
     lines = [f"machine: {report.machine}; gateway on CPU {report.gateway_cpu}, client and Redis on CPU "
              f"{report.client_cpu}", "",
-             f"{'answer':<32} {'req/s':>9} {'gateway CPU':>12} {'client CPU':>11}  statuses"]
+             f"{'answer':<30} {'req/s':>8} {'gateway CPU':>11} {'client CPU':>10} {'CPU us/req':>10} "
+             f"{'1-core req/s':>12}  statuses"]
     for t in report.throughput:
-        lines.append(f"{t.name:<32} {t.requests_per_s:>9.1f} {t.gateway_cpu_pct:>11.1f}% {t.client_cpu_pct:>10.1f}%  "
-                     f"{t.statuses}")
+        lines.append(f"{t.name:<30} {t.requests_per_s:>8.1f} {t.gateway_cpu_pct:>10.1f}% {t.client_cpu_pct:>9.1f}% "
+                     f"{t.gateway_cpu_us_per_request:>10.1f} {t.one_core_ceiling_per_s:>12.0f}  {t.statuses}")
     lines += ["", f"bursts: max queue depth {report.max_queue_depth}, {report.workers} stand-in workers at "
                   f"{report.service_ms:g} ms a job; gateway RSS idle {report.rss_idle_mib} MiB",
               f"{'clients':>8} {'statuses':<28} {'accepted':>8} {'completed':>9} {'s':>6} "
