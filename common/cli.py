@@ -211,12 +211,17 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
 
 
 def gateway_config(args: argparse.Namespace) -> GatewayConfig:
-    from common.apikeys import KeyRing, split_keys
+    from common.apikeys import KeyRing, KeysFileError, load_keys_file, split_keys
 
     low, high = args.guidance_range
     rates = RateLimits(**{f.name: getattr(args, f"rate_limit_{f.name}") for f in dataclasses.fields(RateLimits)})
     # Keys from the environment are hashed here and never kept: the config holds digests only.
     keys = KeyRing.from_keys(split_keys(os.environ.get("SDXL_SERVE_API_KEYS", "")))
+    if args.api_keys_file:
+        try:  # fail at start, naming the flag, rather than when the app is built
+            load_keys_file(Path(args.api_keys_file))
+        except KeysFileError as exc:
+            raise ConfigError(f"--api-keys-file: {exc}") from None
     return GatewayConfig(redis_url=args.redis_url, host=args.host, port=args.port, key_prefix=args.key_prefix,
                          request_timeout_s=args.request_timeout, result_ttl_s=args.result_ttl, routing=args.routing,
                          limits=RequestLimits(max_prompt_chars=args.max_prompt_chars, min_guidance=low,
