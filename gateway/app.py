@@ -35,7 +35,7 @@ from gateway.appkeys import (
     ROUTER,
     THROUGHPUT,
 )
-from gateway.auth import KeyStore, key_store_ctx
+from gateway.auth import KeyStore
 from gateway.limits import ThroughputMeter
 from gateway.metrics import GatewayMetrics, metrics_middleware
 from gateway.middlewares import error_middleware, protection_middleware, rate_limit_headers
@@ -112,8 +112,13 @@ async def _positions_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
-    async for _ in key_store_ctx(app[KEY_STORE]):
-        yield
+    """Re-read the keys file whenever it changes, for the app's lifetime."""
+    store = app[KEY_STORE]
+    task = asyncio.create_task(store.watch(), name="api-keys-reload") if app[CONFIG].api_keys_file else None
+    yield
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def serve(config: GatewayConfig) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -105,13 +104,4 @@ class KeyStore:
 def _stamp(path: Path) -> tuple[int, int, int]:
     stat = path.stat()
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
-
-
-async def key_store_ctx(store: KeyStore) -> AsyncIterator[None]:
-    """Watch the keys file for the app's lifetime."""
-    task = asyncio.create_task(store.watch(), name="api-keys-reload") if store.enabled else None
-    yield
-    if task is not None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
