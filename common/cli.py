@@ -13,6 +13,7 @@ PROCESS_STARTED = time.time()
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -21,16 +22,22 @@ from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from common.config import (  # noqa: E402
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_QUEUE_DEPTH,
     DEFAULT_MODEL,
     DEFAULT_REDIS_URL,
     ConfigError,
     GatewayConfig,
+    IPNetwork,
+    RateLimits,
     WorkerConfig,
     default_cache_dir,
+    parse_networks,
 )
 from common.keys import DEFAULT_PREFIX  # noqa: E402
 from common.logs import setup_logging  # noqa: E402
-from common.protocol import parse_shapes  # noqa: E402
+from common.protocol import MAX_GUIDANCE, MAX_PROMPT_CHARS, MIN_GUIDANCE, RequestLimits, parse_shapes  # noqa: E402
+from common.ratelimit import Rate  # noqa: E402
 
 CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 # Top-level modules of the `worker` extra (pyproject.toml): the gateway's install lacks them.
@@ -57,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_redis(status)
     status.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     _add_bench(sub.add_parser("bench", help="benchmarks: routing simulation, load generation, ..."))
+    _add_keys(sub.add_parser("keys", help="API keys: make a new one, or hash an existing one for the keys file"))
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight SDXL model (for tests and demos)")
     tiny.add_argument("directory", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
@@ -77,6 +85,68 @@ def _add_gateway(parser: argparse.ArgumentParser) -> None:
                         help="seconds /v1/generate waits before answering 504 with the job id")
     parser.add_argument("--result-ttl", type=int, default=3600, help="seconds results stay fetchable")
     _add_routing(parser)
+    _add_protection(parser)
+
+
+def _guidance_range(text: str) -> tuple[float, float]:
+    low, sep, high = text.partition("..")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MIN..MAX, e.g. 1..15")
+    try:
+        return float(low), float(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MIN..MAX, e.g. 1..15") from None
+
+
+def _rate_arg(text: str) -> Rate | None:
+    try:
+        return Rate.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _networks_arg(text: str) -> tuple[IPNetwork, ...]:
+    try:
+        return parse_networks(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an address or CIDR network: {exc}") from None
+
+
+def _add_protection(parser: argparse.ArgumentParser) -> None:
+    """Validation bounds, API keys, client addresses, rate limits and backpressure (README: Protection)."""
+    env = os.environ.get
+    group = parser.add_argument_group("protection")
+    group.add_argument("--max-prompt-chars", type=int, default=MAX_PROMPT_CHARS,
+                       help=f"longest prompt or negative prompt accepted (at most {MAX_PROMPT_CHARS})")
+    group.add_argument("--guidance-range", type=_guidance_range, default=(MIN_GUIDANCE, MAX_GUIDANCE),
+                       metavar="MIN..MAX", help=f"guidance_scale accepted (within {MIN_GUIDANCE:g}..{MAX_GUIDANCE:g})")
+    group.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                       help="larger request bodies are refused (413) before they are read")
+    group.add_argument("--api-keys-file", type=Path, default=env("SDXL_SERVE_API_KEYS_FILE"),
+                       help="file of SHA-256 digests of accepted keys, one per line, `revoked` after a digest to "
+                            "refuse it with 403; re-read when it changes (env SDXL_SERVE_API_KEYS_FILE). Keys can "
+                            "also come from env SDXL_SERVE_API_KEYS (comma-separated). With any, /v1 needs a key")
+    group.add_argument("--public-demo", action=argparse.BooleanOptionalAction,
+                       default=env("SDXL_SERVE_PUBLIC_DEMO", "") in ("1", "true", "yes"),
+                       help="with keys configured, leave the demo page's routes (POST /v1/jobs, a job's status, "
+                            "events, images, cancel) open without a key, under the public rate limits")
+    group.add_argument("--trusted-proxies", type=_networks_arg, default=env("SDXL_SERVE_TRUSTED_PROXIES", ""),
+                       metavar="CIDR,...", help="believe X-Forwarded-For only from these addresses or networks "
+                                                "(env SDXL_SERVE_TRUSTED_PROXIES)")
+    group.add_argument("--max-queue-depth", type=int, default=DEFAULT_MAX_QUEUE_DEPTH,
+                       help="jobs queued or in service per stream beyond which submits get 429 (0: unbounded)")
+    defaults = RateLimits()
+    for field in dataclasses.fields(RateLimits):
+        group.add_argument(f"--rate-limit-{field.name.replace('_', '-')}", dest=f"rate_limit_{field.name}",
+                           type=_rate_arg, default=getattr(defaults, field.name), metavar="N/UNIT[:BURST]",
+                           help=f"COUNT/s|m|h[:BURST] or off (default {getattr(defaults, field.name) or 'off'})")
+
+
+def _add_keys(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    new = sub.add_parser("new", help="print a new key (give it to the client) and its line for the keys file")
+    new.add_argument("--label", default="", help="a comment for the keys-file line, e.g. who holds the key")
+    sub.add_parser("hash", help="read keys on standard input, one per line; print each one's keys-file line")
 
 
 def _add_routing(parser: argparse.ArgumentParser) -> None:
@@ -152,6 +222,7 @@ BENCHMARKS = {
     "load": "open-loop Poisson load against a running gateway",
     "progress": "cost of per-step progress, and submit-to-first-progress latency",
     "start": "worker start-to-ready with a cold and a warm compilation cache",
+    "protect": "refusals per second on one core (429, 400) and gateway memory under a 10x burst",
 }
 
 
@@ -165,8 +236,25 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
 
 
 def gateway_config(args: argparse.Namespace) -> GatewayConfig:
+    from common.apikeys import KeyRing, KeysFileError, load_keys_file, split_keys
+
+    low, high = args.guidance_range
+    rates = RateLimits(**{f.name: getattr(args, f"rate_limit_{f.name}") for f in dataclasses.fields(RateLimits)})
+    # Keys from the environment are hashed here and never kept: the config holds digests only.
+    keys = KeyRing.from_keys(split_keys(os.environ.get("SDXL_SERVE_API_KEYS", "")))
+    if args.api_keys_file:
+        try:  # fail at start, naming the flag, rather than when the app is built
+            load_keys_file(Path(args.api_keys_file))
+        except KeysFileError as exc:
+            raise ConfigError(f"--api-keys-file: {exc}") from None
     return GatewayConfig(redis_url=args.redis_url, host=args.host, port=args.port, key_prefix=args.key_prefix,
-                         request_timeout_s=args.request_timeout, result_ttl_s=args.result_ttl, routing=args.routing)
+                         request_timeout_s=args.request_timeout, result_ttl_s=args.result_ttl, routing=args.routing,
+                         limits=RequestLimits(max_prompt_chars=args.max_prompt_chars, min_guidance=low,
+                                              max_guidance=high),
+                         max_body_bytes=args.max_body_bytes, api_keys=keys,
+                         api_keys_file=Path(args.api_keys_file) if args.api_keys_file else None,
+                         public_demo=args.public_demo, trusted_proxies=args.trusted_proxies, rate_limits=rates,
+                         max_queue_depth=args.max_queue_depth)
 
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
@@ -195,6 +283,22 @@ async def _status(args: argparse.Namespace) -> int:
     finally:
         await redis.aclose()
     print(status.model_dump_json(indent=2) if args.json else render(status))
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from common.apikeys import key_line, new_key
+
+    if args.keys_command == "new":
+        key = new_key()
+        print("line 1: the key, for the client (it is stored nowhere); line 2: its line for the keys file",
+              file=sys.stderr)
+        print(key)
+        print(key_line(key, args.label))
+        return 0
+    for line in sys.stdin:
+        if line.strip():
+            print(key_line(line.strip()))
     return 0
 
 
@@ -248,6 +352,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         import importlib
 
         return int(importlib.import_module(f"bench.{args.benchmark}").main(args))
+    elif args.command == "keys":
+        return _keys(args)
     elif args.command == "tiny-model":
         use_cpu_devices(1)
         from worker.tiny_model import write_tiny_model

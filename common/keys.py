@@ -94,3 +94,8 @@ class Keys:
         """`job-id fingerprint` of the job an `Idempotency-Key` created; the client's key is hashed, so any
         header value makes a well-formed, bounded Redis key."""
         return f"{self.prefix}:idempotency:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    def rate_limit(self, bucket: str, identity: str) -> str:
+        """A rate-limit bucket (GCRA: the theoretical arrival time of its next request, in Redis ms), expiring
+        once full again. `identity` is a client address or an API key's digest prefix, never a key."""
+        return f"{self.prefix}:ratelimit:{bucket}:{identity}"

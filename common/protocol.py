@@ -7,13 +7,43 @@ never trusts what it reads from the queue.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 MAX_SEED = 2**32 - 1
 DEFAULT_GUIDANCE_SCALE = 7.5
+# The protocol's own bounds: what any process accepts, and so what a worker re-validates a queued job
+# against. A gateway may be configured tighter (RequestLimits), never looser.
+MAX_PROMPT_CHARS = 2000
+MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 30.0
+MAX_RESULT_TTL_S = 30 * 24 * 3600
+JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 _SHAPE_RE = re.compile(r"^\s*(\d+)x(\d+)x(\d+)\s*$")
+# C0 controls and DEL, less tab, newline and carriage return: never part of a prompt, and a NUL or an
+# escape sequence has no business in the logs or the tokenizer.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """A gateway's bounds on request fields, within the protocol's own (checked at start).
+
+    Validation reads them from the pydantic context (`model_validate_json(raw, context=limits.context())`);
+    without a context the protocol's bounds apply, as they do for a worker re-validating a queued job.
+    """
+
+    max_prompt_chars: int = MAX_PROMPT_CHARS
+    min_guidance: float = MIN_GUIDANCE
+    max_guidance: float = MAX_GUIDANCE
+
+    def context(self) -> dict[str, RequestLimits]:
+        return {"limits": self}
+
+
+DEFAULT_LIMITS = RequestLimits()
 
 
 class Shape(BaseModel):
@@ -52,11 +82,42 @@ def _not_blank(value: str) -> str:
     return value
 
 
-# Field types shared by every request schema (native and OpenAI), so their rules cannot drift apart.
-Prompt = Annotated[str, Field(max_length=2000)]
-RequiredPrompt = Annotated[Prompt, Field(min_length=1), AfterValidator(_not_blank)]
+def _limits(info: ValidationInfo) -> RequestLimits:
+    context = info.context
+    limits = context.get("limits") if isinstance(context, dict) else None
+    return limits if isinstance(limits, RequestLimits) else DEFAULT_LIMITS
+
+
+def _prompt_rules(value: str, info: ValidationInfo) -> str:
+    limit = _limits(info).max_prompt_chars
+    if len(value) > limit:  # the same rule code pydantic uses for its own max_length
+        raise PydanticCustomError("string_too_long", "String should have at most {max_length} characters",
+                                  {"max_length": limit})
+    if _CONTROL_RE.search(value):
+        raise PydanticCustomError("control_character", "control characters (other than tab and newline) are "
+                                  "not allowed")
+    return value
+
+
+def _guidance_range(value: float, info: ValidationInfo) -> float:
+    limits = _limits(info)
+    if value < limits.min_guidance:
+        raise PydanticCustomError("greater_than_equal", "Input should be greater than or equal to {ge}",
+                                  {"ge": limits.min_guidance})
+    if value > limits.max_guidance:
+        raise PydanticCustomError("less_than_equal", "Input should be less than or equal to {le}",
+                                  {"le": limits.max_guidance})
+    return value
+
+
+# Field types shared by every request schema (native and OpenAI) and the queued job, so their rules cannot
+# drift apart. The static bounds are the protocol's; a gateway's tighter ones come through the context.
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(_prompt_rules)]
+RequiredPrompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_prompt_rules),
+                           AfterValidator(_not_blank)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
-GuidanceScale = Annotated[float, Field(ge=0.0, le=30.0)]
+GuidanceScale = Annotated[float, Field(ge=MIN_GUIDANCE, le=MAX_GUIDANCE, allow_inf_nan=False),
+                          AfterValidator(_guidance_range)]
 InferenceSteps = Annotated[int, Field(ge=1, le=200)]
 OutputFormat = Literal["png", "jpeg", "webp"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -99,15 +160,15 @@ class Job(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(min_length=1, max_length=64)
-    prompt: Prompt = Field(min_length=1)
+    id: str = Field(pattern=JOB_ID_PATTERN)
+    prompt: RequiredPrompt
     negative_prompt: Prompt = ""
     seed: Seed
     guidance_scale: GuidanceScale
     shape: Shape
     output_format: OutputFormat = "png"
     quality: int = Field(default=DEFAULT_QUALITY, ge=1, le=100)
-    result_ttl_s: int = Field(gt=0)
+    result_ttl_s: int = Field(gt=0, le=MAX_RESULT_TTL_S)
     # The HTTP request that made the job, so the worker's log lines can be found by it.
     request_id: RequestId | None = None
 

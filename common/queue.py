@@ -23,6 +23,8 @@ import collections
 import contextlib
 import json
 import logging
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +33,7 @@ from pydantic import ValidationError
 from redis.exceptions import ResponseError
 
 from common.keys import Keys
-from common.protocol import Job, JobResult
+from common.protocol import JOB_ID_PATTERN, Job, JobResult
 from common.redis_conn import UNAVAILABLE
 
 logger = logging.getLogger(__name__)
@@ -62,13 +64,23 @@ redis.call('XDEL', KEYS[2], ARGV[2])
 return stored
 """
 
-# Submit: the job's record and its stream entry together; with an idempotency key, at most one job per key.
-# KEYS: job record, stream, set of job streams[, idempotency key].  ARGV: job json, ttl, job id, fingerprint.
-# Returns {"job-id fingerprint" of the key's job, 1 if this call created it}.
+# Submit: the job's record and its stream entry together; with an idempotency key, at most one job per key;
+# with a maximum depth, nothing is queued on a stream already holding that many entries (queued or in
+# service), checked in the same script so that any number of gateways cannot overshoot it. A replay of a
+# key's job is answered before the depth is looked at: it queues nothing.
+# KEYS: job record, stream, set of job streams[, idempotency key].  ARGV: job json, ttl, job id, fingerprint,
+# max depth (0: none).
+# Returns {'created', "job-id fingerprint"}, {'existing', "job-id fingerprint" of the key's job} or
+# {'full', depth}.
 _SUBMIT = """
 if KEYS[4] then
   local existing = redis.call('GET', KEYS[4])
-  if existing then return {existing, 0} end
+  if existing then return {'existing', existing} end
+end
+local max_depth = tonumber(ARGV[5])
+if max_depth > 0 then
+  local depth = redis.call('XLEN', KEYS[2])
+  if depth >= max_depth then return {'full', depth} end
 end
 local entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[1])
 redis.call('SADD', KEYS[3], KEYS[2])
@@ -78,7 +90,7 @@ redis.call('HSET', KEYS[1], 'job', ARGV[1], 'status', 'queued', 'entry', entry, 
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 local claim = ARGV[3] .. ' ' .. ARGV[4]
 if KEYS[4] then redis.call('SET', KEYS[4], claim, 'EX', ARGV[2]) end
-return {claim, 1}
+return {'created', claim}
 """
 
 # KEYS: job record, attempts, result.  ARGV: worker, ttl, job events channel, job id.
@@ -198,6 +210,16 @@ class ClaimedJob:
     deliveries: int = 1  # how many times the group has handed this entry out, this time included
 
 
+class QueueFull(Exception):
+    """The stream already holds its maximum of jobs; nothing was queued."""
+
+    def __init__(self, stream: str, depth: int, max_depth: int) -> None:
+        super().__init__(f"stream {stream} holds {depth} jobs (at most {max_depth})")
+        self.stream = stream
+        self.depth = depth
+        self.max_depth = max_depth
+
+
 class IdempotencyConflict(Exception):
     """An `Idempotency-Key` reused with a different request."""
 
@@ -286,22 +308,25 @@ class JobQueue:
             return sum(await pipe.execute())
 
     async def submit(self, job: Job, stream: str, idempotency_key: str | None = None,
-                     fingerprint: str = "") -> Submitted:
+                     fingerprint: str = "", max_depth: int = 0) -> Submitted:
         """Record and enqueue a job on `stream` atomically.
 
         With an idempotency key, only the first submit creates a job; a later one with the same key and
         `fingerprint` (a digest of the request) refers to that job, and one with another request raises
-        IdempotencyConflict. The key lives as long as the job's result.
+        IdempotencyConflict. The key lives as long as the job's result. With `max_depth`, a stream that
+        already holds that many jobs takes no more: QueueFull (a replay of a key's job still succeeds).
         """
         keys = [self._keys.job(job.id), stream, self._keys.job_streams]
         if idempotency_key is not None:
             keys.append(self._keys.idempotency(idempotency_key))
-        claim, created = await self._submit(keys=keys, args=[job.model_dump_json(), job.result_ttl_s, job.id,
-                                                             fingerprint])
-        job_id, _, first_fingerprint = _text(claim).partition(" ")
+        outcome, value = await self._submit(keys=keys, args=[job.model_dump_json(), job.result_ttl_s, job.id,
+                                                             fingerprint, max_depth])
+        if _text(outcome) == "full":
+            raise QueueFull(stream, int(value), max_depth)
+        job_id, _, first_fingerprint = _text(value).partition(" ")
         if first_fingerprint != fingerprint:
             raise IdempotencyConflict(job_id)
-        return Submitted(job_id=job_id, created=bool(created))
+        return Submitted(job_id=job_id, created=_text(outcome) == "created")
 
     async def claim(self, consumer: str, streams: list[str], block_ms: int) -> ClaimedJob | None:
         """Take the next new job for `consumer` from `streams` (in order of preference), waiting up to
@@ -613,9 +638,11 @@ class JobListener:
     jobs it waits for, and tells every watcher to re-read its job's state: nothing is missed.
     """
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, watch_queue_size: int = 256) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, watch_queue_size: int = 256,
+                 on_completion: Callable[[], None] | None = None) -> None:
         self._redis = redis
         self._keys = keys
+        self._on_completion = on_completion  # told of every completion in the cluster (throughput)
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._watchers: dict[str, set[asyncio.Queue[JobEvent]]] = {}
         self._watch_queue_size = watch_queue_size
@@ -674,6 +701,8 @@ class JobListener:
                 if message["type"] != "message":
                     continue
                 if _text(message["channel"]) == completions:
+                    if self._on_completion is not None:
+                        self._on_completion()
                     job_id = _text(message["data"])
                     self._resolve(job_id)
                     self._tell(job_id, FINISHED_EVENT)
@@ -734,8 +763,11 @@ def _parse_entry(stream: str, entry_id: str, fields: dict[bytes, bytes], deliver
     except ValidationError as exc:
         raise MalformedJob(stream, entry_id, _job_id_of(raw), _first_error(exc)) from exc
     # A job moved off a departed worker's stream carries the deliveries it had there.
-    earlier = int(fields.get(b"deliveries", b"0"))
-    enqueued = int(fields.get(b"enqueued", entry_id.split("-", 1)[0]))
+    try:
+        earlier = int(fields.get(b"deliveries", b"0"))
+        enqueued = int(fields.get(b"enqueued", entry_id.split("-", 1)[0]))
+    except ValueError:
+        raise MalformedJob(stream, entry_id, job.id, "deliveries and enqueued must be integers") from None
     return ClaimedJob(job=job, stream=stream, entry_id=entry_id, enqueued_ms=enqueued,
                       deliveries=deliveries + earlier)
 
@@ -750,7 +782,7 @@ def _job_id_of(raw: bytes) -> str | None:
     with contextlib.suppress(ValueError, UnicodeDecodeError):
         data: Any = json.loads(raw)
         job_id = data.get("id") if isinstance(data, dict) else None
-        if isinstance(job_id, str) and 0 < len(job_id) <= 64:
+        if isinstance(job_id, str) and re.fullmatch(JOB_ID_PATTERN, job_id):
             return job_id
     return None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import redis.asyncio as aioredis
+from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -14,6 +15,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 # enough that a silently cut link (no RST: the peer's host is gone) is noticed and retried.
 SOCKET_TIMEOUT_S = 15.0
 CONNECT_TIMEOUT_S = 5.0
+# Connections per process: under a burst, requests wait (at most POOL_WAIT_S) for one of these instead of
+# failing at redis-py's limit, and Redis sees a bounded number of clients per gateway.
+MAX_CONNECTIONS = 100
+POOL_WAIT_S = 10.0
 
 # "Redis cannot be reached right now, try again later", as opposed to a mistake in the command.
 UNAVAILABLE = (RedisConnectionError, RedisTimeoutError)
@@ -29,9 +34,12 @@ def _keepalive_options() -> dict[int, int]:
 
 
 def connect(url: str, *, name: str) -> aioredis.Redis:
-    """A client that returns bytes (images are binary) and retries dropped connections with backoff."""
-    return aioredis.Redis.from_url(
+    """A client that returns bytes (images are binary), retries dropped connections with backoff, and waits
+    for a free connection when all `MAX_CONNECTIONS` are busy."""
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=POOL_WAIT_S,
         decode_responses=False,
         client_name=name,
         health_check_interval=5,
@@ -42,3 +50,4 @@ def connect(url: str, *, name: str) -> aioredis.Redis:
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
         retry_on_error=list(UNAVAILABLE),
     )
+    return aioredis.Redis.from_pool(pool)

@@ -16,11 +16,29 @@ from aiohttp import web
 from common.config import GatewayConfig, log_config
 from common.keys import Keys
 from common.queue import JobListener, JobQueue
+from common.ratelimit import RateLimiter
 from common.redis_conn import connect
 from common.registry import Registry
-from gateway.appkeys import CONFIG, GATEWAY_ID, LISTENER, METRICS, OPENAPI, POSITIONS, QUEUE, REDIS, REGISTRY, ROUTER
+from gateway.appkeys import (
+    ACCESS,
+    CONFIG,
+    GATEWAY_ID,
+    KEY_STORE,
+    LIMITER,
+    LISTENER,
+    METRICS,
+    OPENAPI,
+    POSITIONS,
+    QUEUE,
+    REDIS,
+    REGISTRY,
+    ROUTER,
+    THROUGHPUT,
+)
+from gateway.auth import KeyStore
+from gateway.limits import ThroughputMeter
 from gateway.metrics import GatewayMetrics, metrics_middleware
-from gateway.middlewares import error_middleware
+from gateway.middlewares import error_middleware, protection_middleware, rate_limit_headers
 from gateway.openapi import build_openapi
 from gateway.positions import PositionBoard
 from gateway.requestlog import AccessLogger, echo_request_id, request_id_middleware
@@ -29,25 +47,31 @@ from gateway.routing import Router
 
 logger = logging.getLogger(__name__)
 
-# Bodies are small JSON documents; anything larger is refused before it is read.
-MAX_BODY_BYTES = 64 * 1024
 LISTENER_READY_TIMEOUT_S = 30.0
 
 
 def create_app(config: GatewayConfig) -> web.Application:
-    """Build the gateway for `config`; run it with `web.run_app` or an aiohttp test client."""
+    """Build the gateway for `config`; run it with `web.run_app` or an aiohttp test client.
+
+    Raises KeysFileError when the keys file cannot be read.
+    """
     metrics = GatewayMetrics()
-    # The metrics middleware is outermost, so it counts the answers the error middleware makes.
-    # The request id comes first, so every line logged below it (and the error answers) carries it.
-    app = web.Application(middlewares=[request_id_middleware, metrics_middleware(metrics), error_middleware],
-                          client_max_size=MAX_BODY_BYTES)
+    # The request id comes first, so every line logged below it (and every error answer) carries it. The
+    # metrics middleware counts the answers the error middleware makes, refusals by the protection
+    # middleware (innermost but for the handler) included. Bodies are small JSON documents: anything
+    # larger is refused, by its Content-Length before it is read, else while reading.
+    app = web.Application(middlewares=[request_id_middleware, metrics_middleware(metrics), error_middleware,
+                                       protection_middleware], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
     app[METRICS] = metrics
     app[GATEWAY_ID] = f"gw-{uuid.uuid4().hex[:8]}"
-    app.cleanup_ctx.extend([_redis_ctx, _listener_ctx, _positions_ctx])
-    app.on_response_prepare.extend([_no_stale_pages, echo_request_id])
+    app[KEY_STORE] = KeyStore(config)
+    app[THROUGHPUT] = ThroughputMeter()
+    app[ACCESS] = {(route.method, route.path): route.access for route in ROUTES}
+    app.cleanup_ctx.extend([_redis_ctx, _listener_ctx, _positions_ctx, _keys_ctx])
+    app.on_response_prepare.extend([_no_stale_pages, rate_limit_headers, echo_request_id])
     setup_routes(app)
-    app[OPENAPI] = build_openapi(ROUTES)
+    app[OPENAPI] = build_openapi(ROUTES, config)
     return app
 
 
@@ -65,12 +89,13 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[QUEUE] = JobQueue(redis, keys)
     app[REGISTRY] = Registry(redis, keys)
     app[ROUTER] = Router(config.routing, redis, keys)
+    app[LIMITER] = RateLimiter(redis, keys)
     yield
     await redis.aclose()
 
 
 async def _listener_ctx(app: web.Application) -> AsyncIterator[None]:
-    listener = JobListener(app[REDIS], Keys(app[CONFIG].key_prefix))
+    listener = JobListener(app[REDIS], Keys(app[CONFIG].key_prefix), on_completion=app[THROUGHPUT].record)
     app[LISTENER] = listener
     task = asyncio.create_task(listener.run(), name="completion-listener")
     await asyncio.wait_for(listener.subscribed.wait(), LISTENER_READY_TIMEOUT_S)
@@ -86,6 +111,16 @@ async def _positions_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Re-read the keys file whenever it changes, for the app's lifetime."""
+    store = app[KEY_STORE]
+    task = asyncio.create_task(store.watch(), name="api-keys-reload") if app[CONFIG].api_keys_file else None
+    yield
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def serve(config: GatewayConfig) -> None:

@@ -9,7 +9,10 @@ from aiohttp import web
 
 from common.config import GatewayConfig
 from common.queue import JobListener, JobQueue
+from common.ratelimit import RateLimiter
 from common.registry import Registry
+from gateway.auth import KeyStore
+from gateway.limits import Access, ThroughputMeter
 from gateway.metrics import GatewayMetrics
 from gateway.positions import PositionBoard
 from gateway.routing import Router
@@ -24,3 +27,7 @@ POSITIONS = web.AppKey("positions", PositionBoard)
 OPENAPI = web.AppKey("openapi", dict[str, Any])
 ROUTER = web.AppKey("router", Router)
 METRICS = web.AppKey("metrics", GatewayMetrics)
+KEY_STORE = web.AppKey("key_store", KeyStore)
+LIMITER = web.AppKey("limiter", RateLimiter)
+THROUGHPUT = web.AppKey("throughput", ThroughputMeter)
+ACCESS = web.AppKey("access", dict[tuple[str, str], Access])  # (method, path template) -> its protection

@@ -57,7 +57,7 @@ class _Sent:
 
 async def job_events(request: web.Request) -> web.StreamResponse:
     """Stream a job's events until it finishes or the client goes away."""
-    job_id = request.match_info["job_id"]
+    job_id = jobs.job_id_of(request)
     listener = request.app[LISTENER]
     events = listener.watch(job_id)  # before reading the state: nothing falls between the two
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from common.protocol import (
+    JOB_ID_PATTERN,
     ErrorDetail,
     GenerateRequest,
     Job,
@@ -25,17 +27,19 @@ from common.protocol import (
     Progress,
     ResponseTimings,
 )
-from common.queue import IdempotencyConflict, JobQueue, JobRecord, StoredResult, Submitted
+from common.queue import IdempotencyConflict, JobQueue, JobRecord, QueueFull, StoredResult, Submitted
 from common.redis_conn import UNAVAILABLE
 from common.registry import WorkerInfo
-from gateway.appkeys import CONFIG, LISTENER, QUEUE, REGISTRY, ROUTER
+from gateway.appkeys import CONFIG, LISTENER, QUEUE, REGISTRY, ROUTER, THROUGHPUT
 from gateway.errors import ApiError
+from gateway.limits import queue_full
 from gateway.requestlog import REQUEST_ID
 from gateway.shapes import resolve_shape
 
 logger = logging.getLogger(__name__)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+_JOB_ID = re.compile(JOB_ID_PATTERN)
 MAX_IDEMPOTENCY_KEY = 255
 
 
@@ -92,7 +96,10 @@ async def submit(request: web.Request, body: GenerateRequest, placed: Placed) ->
     key = idempotency_key(request)
     fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest() if key else ""
     try:
-        submitted = await request.app[QUEUE].submit(placed.job, placed.stream, key, fingerprint)
+        submitted = await request.app[QUEUE].submit(placed.job, placed.stream, key, fingerprint,
+                                                    max_depth=request.app[CONFIG].max_queue_depth)
+    except QueueFull as exc:
+        raise queue_full(exc, request.app[THROUGHPUT]) from None
     except IdempotencyConflict as exc:
         raise ApiError(422, "idempotency_key_reused", f"{IDEMPOTENCY_HEADER} was already used for another "
                        f"request (job {exc.job_id}); use a new key for a new request", field=IDEMPOTENCY_HEADER,
@@ -105,7 +112,8 @@ async def submit(request: web.Request, body: GenerateRequest, placed: Placed) ->
 
 
 async def submit_and_wait(request: web.Request, body: GenerateRequest, placed: Placed) -> StoredResult:
-    """Submit and wait for the result within the request timeout (504 with the job id past it)."""
+    """Submit and wait for the result within the request timeout (504 with the job id past it); a full queue
+    is a 429 and queues nothing."""
     listener = request.app[LISTENER]
     queue = request.app[QUEUE]
     job = placed.job
@@ -199,6 +207,14 @@ async def read_state(app: web.Application, job_id: str) -> tuple[JobState, JobRe
     if record.status == "queued" and record.entry_id is not None and record.stream is not None:
         position = (await queue.positions(record.stream, [record.entry_id]))[record.entry_id]
     return live_state(job_id, record, position), record
+
+
+def job_id_of(request: web.Request) -> str:
+    """The `{job_id}` of the URL; one that no job can have is a 404 without asking Redis."""
+    job_id = request.match_info["job_id"]
+    if _JOB_ID.fullmatch(job_id) is None:
+        raise unknown_job(job_id[:80])
+    return job_id
 
 
 def unknown_job(job_id: str) -> ApiError:

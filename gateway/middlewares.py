@@ -1,4 +1,5 @@
-"""The HTTP boundary: every error leaves as JSON `{"error": {"code", "message", "field"}}`."""
+"""The HTTP boundary: every error leaves as JSON `{"error": {"code", "message", "field"}}`; every request to a
+protected route passes body size, API key and rate limit first."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from common.redis_conn import UNAVAILABLE
+from gateway.appkeys import ACCESS, CONFIG, KEY_STORE, LIMITER
 from gateway.errors import ApiError
+from gateway.limits import OPEN, RATE_DECISION, Access
 from gateway.metrics import ERROR_CODE
+from gateway.proxies import client_address, client_identity
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +36,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _respond(request, ApiError(exc.status, _code(exc), exc.reason))
+        # A 405 keeps its Allow header (RFC 9110 requires it): the methods the route does serve.
+        kept = {name: exc.headers[name] for name in ("Allow",) if name in exc.headers}
+        return _respond(request, ApiError(exc.status, _code(exc), exc.reason, headers=kept))
     except Exception:  # the gateway's catch-all boundary: log it, answer 500, keep serving
         logger.exception("unhandled error on %s %s", request.method, request.path)
         return _respond(request, ApiError(500, "internal_error", "internal server error"))
@@ -48,3 +54,43 @@ def _respond(request: web.Request, error: ApiError) -> web.Response:
 def _code(exc: web.HTTPException) -> str:
     return {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
         exc.status, exc.reason.lower().replace(" ", "_"))
+
+
+@web.middleware
+async def protection_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse oversized bodies, unauthenticated callers and callers over their rate, in that order."""
+    app = request.app
+    config = app[CONFIG]
+    length = request.content_length
+    if length is not None and length > config.max_body_bytes:
+        raise ApiError(413, "body_too_large", f"the request body is over {config.max_body_bytes} bytes")
+    access = _access(request)
+    if access.kind is None:
+        return await handler(request)
+    address = client_address(request.remote, request.headers.getall("X-Forwarded-For", []),
+                             config.trusted_proxies)
+    caller = app[KEY_STORE].caller(request, access.public and config.public_demo, client_identity(address))
+    rate = config.rate_limits.get(caller.caller_class, access.kind)
+    if rate is not None:
+        decision = await app[LIMITER].check(f"{caller.caller_class}-{access.kind}", caller.identity, rate)
+        request[RATE_DECISION] = decision
+        if not decision.allowed:
+            raise ApiError(429, "rate_limited", f"too many {access.kind} requests (at most {rate.describe()}); "
+                           f"retry in {decision.retry_after_s} s", headers=decision.headers())
+    return await handler(request)
+
+
+def _access(request: web.Request) -> Access:
+    resource = request.match_info.route.resource
+    if resource is None:
+        return OPEN
+    return request.app[ACCESS].get((request.method, resource.canonical), OPEN)
+
+
+async def rate_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Tell every limited caller where it stands (`RateLimit-Limit`, `-Remaining`, `-Reset`)."""
+    decision = request.get(RATE_DECISION)
+    if decision is not None:
+        for name, value in decision.headers().items():
+            response.headers.setdefault(name, value)
+

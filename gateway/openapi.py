@@ -10,6 +10,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
+from common.config import GatewayConfig
+from common.protocol import RequestLimits
 from gateway.routes import Reply, Route
 
 REF = "#/components/schemas/{model}"
@@ -20,21 +22,45 @@ _PARAM_SCHEMAS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_openapi(routes: Iterable[Route]) -> dict[str, Any]:
-    """An OpenAPI 3.1 document for `routes`."""
+def build_openapi(routes: Iterable[Route], config: GatewayConfig | None = None) -> dict[str, Any]:
+    """An OpenAPI 3.1 document for `routes`, as a gateway with `config` serves them: its field bounds and,
+    when it has API keys, the bearer scheme on the routes that need one."""
+    config = config or GatewayConfig()
     routes = tuple(routes)
     refs, definitions = models_json_schema(_models(routes), ref_template=REF)
+    schemas = definitions.get("$defs", {})
+    _apply_limits(schemas, config.limits)
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
-        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, refs)
+        operation = _operation(route, refs)
+        if config.auth_enabled and route.access.kind is not None:
+            public = route.access.public and config.public_demo
+            operation["security"] = [{"bearerAuth": []}, *([{}] if public else [])]
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
+    components: dict[str, Any] = {"schemas": schemas}
+    if config.auth_enabled:
+        components["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer",
+                                                        "description": "an API key (`sdxl-serve keys new`)"}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "sdxl-serve", "version": _version(),
                  "description": "SDXL text-to-image serving: a job API, server-sent progress events and an "
                                 "OpenAI-compatible Images endpoint."},
         "paths": paths,
-        "components": {"schemas": definitions.get("$defs", {})},
+        "components": components,
     }
+
+
+def _apply_limits(schemas: dict[str, Any], limits: RequestLimits) -> None:
+    """The gateway's own bounds (within the protocol's, which the models state) on every request body."""
+    for schema in schemas.values():
+        properties = schema.get("properties", {})
+        for name in ("prompt", "negative_prompt"):
+            if "maxLength" in properties.get(name, {}):
+                properties[name]["maxLength"] = limits.max_prompt_chars
+        guidance = properties.get("guidance_scale", {})
+        if "maximum" in guidance:
+            guidance.update(minimum=limits.min_guidance, maximum=limits.max_guidance)
 
 
 Refs = Mapping[tuple[Any, JsonSchemaMode], Any]

@@ -100,7 +100,7 @@ async def submit_job(request: web.Request) -> web.Response:
 
 async def job_status(request: web.Request) -> web.Response:
     """A job's state: queue position, progress, then its result (image URLs) or error."""
-    job_id = request.match_info["job_id"]
+    job_id = jobs.job_id_of(request)
     state = await jobs.read_state(request.app, job_id)
     if state is None:
         raise jobs.unknown_job(job_id)
@@ -109,7 +109,7 @@ async def job_status(request: web.Request) -> web.Response:
 
 async def cancel_job(request: web.Request) -> web.Response:
     """Cancel a queued or running job; 409 for one that already succeeded or failed."""
-    job_id = request.match_info["job_id"]
+    job_id = jobs.job_id_of(request)
     outcome = await request.app[QUEUE].cancel(job_id)
     if outcome is None:
         raise jobs.unknown_job(job_id)
@@ -122,7 +122,7 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 async def job_image(request: web.Request) -> web.Response:
     """One image of a succeeded job, with its media type."""
-    job_id = request.match_info["job_id"]
+    job_id = jobs.job_id_of(request)
     index = _image_index(request.match_info["index"])
     found = await request.app[QUEUE].fetch_image(job_id, index)
     if found is None:
@@ -153,11 +153,13 @@ def _extension(media_type: str) -> str:
 
 
 async def parse_body(request: web.Request, model: type[M]) -> M:
-    """The JSON body validated against `model`; 415 for another media type, 400 naming the field."""
+    """The JSON body validated against `model` and the gateway's limits; 415 for another media type, 400
+    naming the field."""
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+    raw = await request.read()  # past the app's client_max_size: 413, read no further
     try:
-        return model.model_validate_json(await request.read())
+        return model.model_validate_json(raw, context=request.app[CONFIG].limits.context())
     except ValidationError as exc:
         raise from_validation_error(exc) from None
 

@@ -121,6 +121,9 @@ function showHttpError(response, body) {
     showFieldError(error, message);
   } else if (status === 413) {
     showError("Request too large: shorten the prompts.", [message]);
+  } else if (status === 401 || status === 403) {
+    // Keys are configured and this gateway does not open the demo's routes to callers without one.
+    showError("This server needs an API key: the demo page is not public here.", [message]);
   } else {
     showError(`Error ${status}${error.code ? ` (${error.code})` : ""}`, [message]);
   }

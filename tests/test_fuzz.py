@@ -1,0 +1,200 @@
+"""Fuzzing every route: no 5xx, no crash, and nothing queued for a request that was refused.
+
+1. schemathesis, from the gateway's own `/openapi.json` (positive and negative cases, 30 examples per
+   operation and phase, about 500 requests), against a live gateway process with API keys and the public
+   demo on, beside a real Worker loop (stand-in pipeline) that completes every job at once.
+2. Hypothesis and hand-made garbage (bytes, JSON of any shape, wrong media types, deep nesting, invalid
+   UTF-8, NUL bytes, oversized and compressed bodies) against the job-creating routes in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+import requests
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis import checks
+
+from common.apikeys import KeyRing, key_line, new_key
+from common.cluster import free_port, wait_http
+from common.config import GatewayConfig
+from gateway.openapi import build_openapi
+from gateway.routes import ROUTES
+from tests.conftest import ProcessGroup, RedisServer, queued_jobs, register_worker
+from tests.protection import Client, running_worker
+
+KEY = new_key()
+AUTH = {"Authorization": f"Bearer {KEY}"}
+DB = 3  # this module's own database on the session's redis-server
+POST_ROUTES = ("/v1/jobs", "/v1/generate", "/v1/images/generations")
+# The document a gateway with keys and the public demo serves; the live one is checked to be the same.
+DOCUMENT = build_openapi(ROUTES, GatewayConfig(api_keys=KeyRing.from_keys([KEY]), public_demo=True))
+SCHEMA = schemathesis.openapi.from_dict(DOCUMENT)
+
+
+@dataclass(frozen=True)
+class Live:
+    url: str
+    redis_url: str
+    process: Any
+
+    def jobs(self) -> int:
+        """Job records ever created (they outlive their stream entries)."""
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            return sum(1 for _ in client.scan_iter("sdxl:job:*", count=1000))
+        finally:
+            client.close()
+
+
+def _serve_worker(redis_url: str, ready: threading.Event, stop: threading.Event) -> None:
+    async def main() -> None:
+        async with running_worker(redis_url, worker_id="fuzz-worker"):
+            ready.set()
+            await asyncio.to_thread(stop.wait)
+
+    asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def live(redis_server: RedisServer, processes: ProcessGroup,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    redis_url = redis_server.url(DB)
+    redis.Redis.from_url(redis_url).flushdb()
+    keys_file = tmp_path_factory.mktemp("fuzz") / "keys"
+    keys_file.write_text(key_line(KEY, "fuzzer") + "\n")
+    ready, stop = threading.Event(), threading.Event()
+    worker = threading.Thread(target=_serve_worker, args=(redis_url, ready, stop), daemon=True)
+    worker.start()
+    assert ready.wait(30), "the fuzzing worker did not start"
+    port = free_port()
+    off = [arg for kind in ("key", "public") for bucket in ("submit", "read")
+           for arg in (f"--rate-limit-{kind}-{bucket}", "off")]
+    process = processes.start("fuzz-gateway", "gateway", "--redis-url", redis_url, "--host", "127.0.0.1",
+                              "--port", str(port), "--request-timeout", "10", "--api-keys-file", str(keys_file),
+                              "--public-demo", *off)
+    asyncio.run(wait_http(f"http://127.0.0.1:{port}/healthz", 60))
+    yield Live(url=f"http://127.0.0.1:{port}", redis_url=redis_url, process=process)
+    stop.set()
+    worker.join(30)
+    assert not worker.is_alive(), "the fuzzing worker did not stop"
+    processes.stop("fuzz-gateway")
+
+
+def test_the_fuzzed_document_is_the_served_one(live: Live) -> None:
+    assert requests.get(f"{live.url}/openapi.json", timeout=10).json() == json.loads(json.dumps(DOCUMENT))
+
+
+@SCHEMA.parametrize()
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+def test_no_route_answers_5xx_or_queues_for_a_refusal(case: Any, live: Live) -> None:
+    before = live.jobs()
+    response = case.call(base_url=live.url, headers=AUTH, timeout=30)
+    # schemathesis's own checks too: documented statuses, content types and bodies, negative data refused,
+    # 405 with Allow. Not "schema-valid data accepted": a valid-looking size no worker serves is a 400.
+    case.validate_response(response, excluded_checks=[checks.positive_data_acceptance])
+    assert response.status_code < 500, (case.method, case.formatted_path, response.status_code, response.text[:500])
+    if response.status_code >= 400:
+        assert live.jobs() == before, (case.method, case.formatted_path, response.status_code, response.text[:300])
+        if response.headers.get("Content-Type", "").startswith("application/json"):
+            error = response.json()["error"]
+            assert error["message"] and ("code" in error)
+    assert live.process.poll() is None, "the gateway died"
+
+
+def test_after_fuzzing_everything_still_serves(live: Live) -> None:
+    response = requests.post(f"{live.url}/v1/generate", json={"prompt": "still here"}, headers=AUTH, timeout=30)
+    assert response.status_code == 200 and len(response.json()["images"]) == 4
+    assert requests.get(f"{live.url}/readyz", timeout=10).status_code == 200
+    exposition = requests.get(f"{live.url}/metrics", timeout=10).text
+    assert 'sdxl_gateway_requests_total{method="POST",route="/v1/jobs",status="500"}' not in exposition
+
+
+# --- Garbage at the job-creating routes, in this process.
+
+def _json_values() -> st.SearchStrategy[Any]:
+    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=50)
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                        | st.dictionaries(st.text(max_size=20), inner, max_size=6), max_leaves=20)
+
+
+async def _refused_without_a_job(client: Client, redis_client: aioredis.Redis, path: str, data: bytes,
+                                 content_type: str = "application/json", **headers: str) -> int:
+    response = await client.post(path, data=data, headers={"Content-Type": content_type, **headers})
+    assert response.status < 500, (path, data[:200], await response.text())
+    if response.status >= 400:
+        body = await response.json()  # every refusal is JSON
+        assert body["error"]["message"]
+        assert await queued_jobs(redis_client) == 0, (path, data[:200], response.status)
+    else:
+        await redis_client.flushdb()  # a valid body made a job; start clean for the next example
+        await register_worker(redis_client)
+    return response.status
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(path=st.sampled_from(POST_ROUTES), data=st.binary(max_size=2000))
+async def test_random_bytes_are_refused(client: Client, redis_client: aioredis.Redis, fake_worker: None,
+                                       path: str, data: bytes) -> None:
+    await _refused_without_a_job(client, redis_client, path, data)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(path=st.sampled_from(POST_ROUTES), value=_json_values())
+async def test_json_of_any_shape_is_refused_or_valid(client: Client, redis_client: aioredis.Redis,
+                                                     fake_worker: None, path: str, value: Any) -> None:
+    await _refused_without_a_job(client, redis_client, path, json.dumps(value).encode())
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(path=st.sampled_from(POST_ROUTES), content_type=st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40) | st.sampled_from(
+    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/xml",
+     "application/json-patch+json", ""]))
+async def test_other_media_types_are_415(client: Client, redis_client: aioredis.Redis, fake_worker: None,
+                                         path: str, content_type: str) -> None:
+    status = await _refused_without_a_job(client, redis_client, path, b'{"prompt": "a cat"}', content_type)
+    assert status in (202, 200, 504, 415, 400) and (status == 415 or content_type.strip().lower().startswith(
+        "application/json")), (content_type, status)
+
+
+GARBAGE: list[tuple[str, bytes, dict[str, str], int, str]] = [
+    ("empty", b"", {}, 400, "invalid_json"),
+    ("deep nesting", b"[" * 60_000, {}, 400, "invalid_json"),
+    ("deep objects", b'{"a":' * 12_000, {}, 400, "invalid_json"),
+    ("invalid UTF-8 in a prompt", b'{"prompt": "caf\xe9"}', {}, 400, "invalid_json"),
+    ("lone surrogate", b'{"prompt": "a\\ud800"}', {}, 400, "invalid_json"),
+    ("NUL in the prompt", b'{"prompt": "a\\u0000b"}', {}, 400, "control_character"),
+    ("escape sequence", b'{"prompt": "\\u001b[31mred"}', {}, 400, "control_character"),
+    ("NUL after the document", b'{"prompt": "a"}\x00', {}, 400, "invalid_json"),
+    ("NaN guidance", b'{"prompt": "a", "guidance_scale": NaN}', {}, 400, "finite_number"),
+    ("huge number", b'{"prompt": "a", "seed": 1' + b"0" * 5000 + b"}", {}, 400, "invalid_json"),
+    ("over the limit", b'{"prompt": "' + b"x" * 70_000 + b'"}', {}, 413, "body_too_large"),
+    ("gzip bomb", gzip.compress(b'{"prompt": "' + b"x" * 20_000_000 + b'"}'), {"Content-Encoding": "gzip"}, 413,
+     "body_too_large"),
+]
+
+
+@pytest.mark.parametrize(("name", "data", "headers", "status", "code"), GARBAGE, ids=[g[0] for g in GARBAGE])
+async def test_garbage_bodies_are_named_refusals(client: Client, redis_client: aioredis.Redis, fake_worker: None,
+                                                 name: str, data: bytes, headers: dict[str, str], status: int,
+                                                 code: str) -> None:
+    for path in POST_ROUTES:
+        response = await client.post(path, data=data, headers={"Content-Type": "application/json", **headers})
+        assert response.status == status, (path, await response.text())
+        assert (await response.json())["error"]["code"] == code
+    assert await queued_jobs(redis_client) == 0
+    assert (await client.get("/healthz")).status == 200
+
+
