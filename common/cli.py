@@ -21,6 +21,7 @@ from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from common.config import (  # noqa: E402
+    ATTENTION,
     DEFAULT_MODEL,
     DEFAULT_REDIS_URL,
     ConfigError,
@@ -89,6 +90,9 @@ def _add_worker_model(parser: argparse.ArgumentParser, model_default: str | None
     parser.add_argument("--images-per-request", type=int, default=4)
     parser.add_argument("--cpu-devices", type=int, default=4,
                         help="virtual devices JAX makes of the CPU when there is no accelerator")
+    parser.add_argument("--attention", default="einsum", choices=ATTENTION,
+                        help="UNet attention: einsum (diffusers' own, default) or dot_product "
+                             "(jax.nn.dot_product_attention: cuDNN flash attention on NVIDIA GPUs)")
 
 
 def _add_worker(parser: argparse.ArgumentParser) -> None:
@@ -127,6 +131,7 @@ BENCHMARKS = {
     "routing": "simulate the routing policies (shared, random, p2c) under Poisson load",
     "load": "open-loop Poisson load against a running gateway",
     "progress": "cost of per-step progress, and submit-to-first-progress latency",
+    "generate": "the pipeline in-process: compile time, latency, images/s, TFLOP/s and fraction of peak",
 }
 
 
@@ -151,7 +156,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
                         heartbeat_interval_s=args.heartbeat_interval, heartbeat_ttl_s=args.heartbeat_ttl,
                         png_compress_level=args.png_compress_level, max_deliveries=args.max_deliveries,
                         drain_timeout_s=args.drain_timeout, metrics_host=args.metrics_host,
-                        metrics_port=args.metrics_port, **extra)
+                        metrics_port=args.metrics_port, attention=args.attention, **extra)
 
 
 async def _status(args: argparse.Namespace) -> int:

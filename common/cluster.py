@@ -87,7 +87,7 @@ class Cluster:
     def _worker_args(self, redis_url: str, model: str) -> list[str]:
         args = ["--redis-url", redis_url, "--key-prefix", self.args.key_prefix, "--model", model,
                 "--images-per-request", str(self.args.images_per_request),
-                "--cpu-devices", str(self.args.cpu_devices)]
+                "--cpu-devices", str(self.args.cpu_devices), "--attention", self.args.attention]
         if self.args.revision:
             args += ["--revision", self.args.revision]
         if self.args.shapes:

@@ -9,7 +9,7 @@ import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from common.keys import DEFAULT_PREFIX
 from common.protocol import Shape
@@ -21,6 +21,9 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 RoutingPolicy = Literal["shared", "random", "p2c"]
+# How the UNet's attention layers compute (worker/attention.py).
+Attention = Literal["einsum", "dot_product"]
+ATTENTION: tuple[str, ...] = get_args(Attention)
 
 
 class ConfigError(ValueError):
@@ -74,6 +77,7 @@ class WorkerConfig:
     reclaim_interval_s: float = 1.0
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 0  # 0: any free port, published in the registry
+    attention: Attention = "einsum"
 
     def __post_init__(self) -> None:
         _require(self.images_per_request >= 1, "--images-per-request", "must be >= 1")
@@ -85,6 +89,7 @@ class WorkerConfig:
         _require(self.max_deliveries >= 1, "--max-deliveries", "must be >= 1")
         _require(self.drain_timeout_s > 0, "--drain-timeout", "must be > 0")
         _require(0 <= self.metrics_port <= 65535, "--metrics-port", "must be 0..65535")
+        _require(self.attention in ATTENTION, "--attention", f"must be one of {', '.join(ATTENTION)}")
         _require(self.redis_url.startswith(("redis://", "rediss://", "unix://")), "--redis-url",
                  "must be a redis://, rediss:// or unix:// URL")
 

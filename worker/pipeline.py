@@ -30,7 +30,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from common.protocol import Shape
+from worker.attention import DEFAULT_ATTENTION, Attention, traced_with
+from worker.flops import FlopCount, abstract_array, count_flops
 from worker.quiet import silence_flax_deprecation
+from worker.sdxl_arch import RANDOM_MODEL, SDXL_BASE, Architecture, components, random_replicated_params
 
 silence_flax_deprecation()
 
@@ -104,11 +107,13 @@ class SDXLPipeline:
     """A loaded, replicated SDXL pipeline with its executables compiled per shape.
 
     With `report_progress`, each denoising step is its own dispatch and `generate` passes each finished
-    step number to its `on_step`; without, the loop runs inside one executable.
+    step number to its `on_step`; without, the loop runs inside one executable. `attention` picks the
+    computation of the UNet's attention layers (worker/attention.py).
     """
 
     def __init__(self, pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], images_per_request: int,
-                 report_progress: bool = True) -> None:
+                 report_progress: bool = True, attention: Attention = DEFAULT_ATTENTION) -> None:
+        """`params` are already on the devices, with a leading device axis (see `_replicate`)."""
         self.devices = jax.local_device_count()
         if images_per_request % self.devices:
             raise DeviceMismatch(f"{images_per_request} images per request cannot be split evenly over "
@@ -116,28 +121,52 @@ class SDXLPipeline:
         self.images_per_request = images_per_request
         self.per_device = images_per_request // self.devices
         self._pipe = pipe
-        self._params = _replicate(params)
+        self._params = params
         self._compiled: dict[Shape, Any] = {}
         self.report_progress = report_progress
+        self.attention = attention
 
     @classmethod
     def load(cls, model: str, revision: str | None, images_per_request: int,
-             report_progress: bool = True) -> SDXLPipeline:
-        """Load from a hub id or a local directory; params in bfloat16, the scheduler state in float32."""
+             report_progress: bool = True, attention: Attention = DEFAULT_ATTENTION) -> SDXLPipeline:
+        """Load from a hub id or a local directory; params in bfloat16, the scheduler state in float32.
+
+        `sdxl-random` is SDXL base's architecture with random weights made on the devices (no download).
+        """
+        if model == RANDOM_MODEL:
+            return cls.random(SDXL_BASE, images_per_request, report_progress, attention)
         pipe, params = FlaxStableDiffusionXLPipeline.from_pretrained(
             model, revision=revision, split_head_dim=True, dtype=jnp.bfloat16)
         scheduler_state = params.pop("scheduler")
         # Cast on the host: a device-side cast would compile one conversion per parameter shape.
         params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(jnp.bfloat16), params)
         params["scheduler"] = scheduler_state
-        return cls(pipe, params, images_per_request, report_progress)
+        return cls(pipe, _replicate(params), images_per_request, report_progress, attention)
 
-    def variant(self, *, report_progress: bool) -> SDXLPipeline:
+    @classmethod
+    def random(cls, arch: Architecture, images_per_request: int, report_progress: bool = True,
+               attention: Attention = DEFAULT_ATTENTION, seed: int = 0) -> SDXLPipeline:
+        """The architecture `arch` with random bfloat16 weights drawn on the devices (worker/sdxl_arch.py)."""
+        parts = components(arch)
+        pipe = FlaxStableDiffusionXLPipeline(**parts, dtype=jnp.bfloat16)
+        params = random_replicated_params(parts, seed)
+        params["scheduler"] = _replicate(pipe.scheduler.create_state())
+        return cls(pipe, params, images_per_request, report_progress, attention)
+
+    def variant(self, *, report_progress: bool | None = None, attention: Attention | None = None) -> SDXLPipeline:
         """The same loaded model and device params, with its own executables (for A/B benchmarks)."""
         other = copy.copy(self)
         other._compiled = {}
-        other.report_progress = report_progress
+        if report_progress is not None:
+            other.report_progress = report_progress
+        if attention is not None:
+            other.attention = attention
         return other
+
+    def flop_count(self, shape: Shape) -> FlopCount:
+        """Floating-point operations of one image at `shape`, counted from this model (worker/flops.py)."""
+        one_device = jax.tree_util.tree_map(lambda x: abstract_array(x.shape[1:], x.dtype), self._params)
+        return count_flops(self._pipe, one_device, shape)
 
     @property
     def device_kind(self) -> str:
@@ -176,7 +205,7 @@ class SDXLPipeline:
         if self.report_progress:
             self._compiled[shape] = self._compile_stepwise(shape, inputs, clock)
         else:
-            fused = jax.pmap(functools.partial(_generate, self._pipe, shape), axis_name=AXIS)
+            fused = jax.pmap(self._traced(_generate, shape), axis_name=AXIS)
             self._compiled[shape] = clock.compile(fused, self._params, *inputs)
         warm_started = time.perf_counter()
         self.generate(shape, "warm-up", "", 0, 7.5)
@@ -191,14 +220,18 @@ class SDXLPipeline:
         begin makes, so begin runs once here."""
         prompt_ids, negative_ids, negative_scale, keys, guidance = inputs
         pmap = functools.partial(jax.pmap, axis_name=AXIS)
-        begin = clock.compile(pmap(functools.partial(_begin, self._pipe, shape)), self._params, prompt_ids,
+        begin = clock.compile(pmap(self._traced(_begin, shape)), self._params, prompt_ids,
                               negative_ids, negative_scale, keys)
         latents, context, pooled = begin(self._params, prompt_ids, negative_ids, negative_scale, keys)
         indices = [_replicate(np.int32(i)) for i in range(shape.steps)]
-        step = clock.compile(pmap(functools.partial(_step, self._pipe, shape)), self._params, latents, context,
+        step = clock.compile(pmap(self._traced(_step, shape)), self._params, latents, context,
                              pooled, guidance, indices[0])
         finish = clock.compile(pmap(functools.partial(_decode, self._pipe)), self._params, latents)
         return _Stepwise(begin=begin, step=step, finish=finish, indices=indices)
+
+    def _traced(self, fn: Callable[..., Any], shape: Shape) -> Callable[..., Any]:
+        """`fn` bound to this model and shape, its UNet attention computed as `self.attention` says."""
+        return traced_with(self.attention, functools.partial(fn, self._pipe, shape))
 
     def generate(self, shape: Shape, prompt: str, negative_prompt: str, seed: int,
                  guidance_scale: float, on_step: StepCallback | None = None) -> np.ndarray:
