@@ -20,6 +20,7 @@ import copy
 import functools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 AXIS = "devices"
 StepCallback = Callable[[int], None]
+# Distinct negative prompts whose conditioning stays on the devices (about 0.3 MB each per device).
+NEGATIVE_CACHE_SIZE = 64
 
 
 class PipelineError(Exception):
@@ -88,6 +91,39 @@ class _Stepwise:
     indices: list[jax.Array]  # each step's number, on every device
 
 
+class _NegativeConditioning:
+    """The negative prompt's conditioning on the devices, encoded once per distinct negative prompt.
+
+    Most requests share a few negative prompts (most often none), so their text encoding is a constant:
+    it is computed by an executable of its own on a miss and kept, least recently used out first.
+    """
+
+    def __init__(self, pipe: FlaxStableDiffusionXLPipeline, capacity: int = NEGATIVE_CACHE_SIZE) -> None:
+        self._encode_fn = jax.pmap(functools.partial(_encode_negative, pipe), axis_name=AXIS)
+        self._encode: Any = None
+        self._cache: OrderedDict[str, tuple[jax.Array, jax.Array]] = OrderedDict()
+        self.capacity = capacity
+
+    def compile(self, clock: _Clock, params: dict[str, Any], ids: np.ndarray, scale: np.ndarray) -> None:
+        if self._encode is None:
+            self._encode = clock.compile(self._encode_fn, params, ids, scale)
+
+    def get(self, negative_prompt: str, params: dict[str, Any], ids: Callable[[], np.ndarray],
+            scale: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """(context, pooled) of `negative_prompt`, one copy per device; `ids` tokenizes it, on a miss only."""
+        cached = self._cache.get(negative_prompt)
+        if cached is None:
+            cached = self._encode(params, ids(), scale)
+            self._cache[negative_prompt] = cached
+            if len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(negative_prompt)
+        return cached
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+
 def _reached(latents: jax.Array, step: int, on_step: StepCallback | None) -> None:
     latents.block_until_ready()
     if on_step is not None:
@@ -123,6 +159,7 @@ class SDXLPipeline:
         self._pipe = pipe
         self._params = params
         self._compiled: dict[Shape, Any] = {}
+        self._negatives = _NegativeConditioning(pipe)  # shared by variants: it does not depend on them
         self.report_progress = report_progress
         self.attention = attention
 
@@ -201,6 +238,7 @@ class SDXLPipeline:
         if shape.width % multiple or shape.height % multiple:
             raise InvalidShape(f"shape {shape}: width and height must be multiples of {multiple}")
         clock = _Clock()
+        self._negatives.compile(clock, self._params, self._negative_ids(""), self._negative_scale(""))
         inputs = self._inputs("warm-up", "", 0, 7.5)
         if self.report_progress:
             self._compiled[shape] = self._compile_stepwise(shape, inputs, clock)
@@ -218,11 +256,10 @@ class SDXLPipeline:
         """Three executables: begin (text and noise), one denoising step (the step number is an input, so
         one executable serves every step), finish (decode). Compiling the step needs the shapes of what
         begin makes, so begin runs once here."""
-        prompt_ids, negative_ids, negative_scale, keys, guidance = inputs
+        *conditioning, guidance = inputs
         pmap = functools.partial(jax.pmap, axis_name=AXIS)
-        begin = clock.compile(pmap(self._traced(_begin, shape)), self._params, prompt_ids,
-                              negative_ids, negative_scale, keys)
-        latents, context, pooled = begin(self._params, prompt_ids, negative_ids, negative_scale, keys)
+        begin = clock.compile(pmap(self._traced(_begin, shape)), self._params, *conditioning)
+        latents, context, pooled = begin(self._params, *conditioning)
         indices = [_replicate(np.int32(i)) for i in range(shape.steps)]
         step = clock.compile(pmap(self._traced(_step, shape)), self._params, latents, context,
                              pooled, guidance, indices[0])
@@ -257,8 +294,8 @@ class SDXLPipeline:
         Dispatch is asynchronous: step n+1 is queued before waiting on step n, so the devices never wait
         for the host, and a report is at most one step late.
         """
-        prompt_ids, negative_ids, negative_scale, keys, guidance = inputs
-        latents, context, pooled = stepwise.begin(self._params, prompt_ids, negative_ids, negative_scale, keys)
+        *conditioning, guidance = inputs
+        latents, context, pooled = stepwise.begin(self._params, *conditioning)
         previous: jax.Array | None = None
         for number, index in enumerate(stepwise.indices):
             latents = stepwise.step(self._params, latents, context, pooled, guidance, index)
@@ -269,16 +306,24 @@ class SDXLPipeline:
         _reached(latents, len(stepwise.indices), on_step)
         return np.asarray(images)
 
-    def _inputs(self, prompt: str, negative_prompt: str, seed: int,
-                guidance_scale: float) -> tuple[np.ndarray, ...]:
+    def _inputs(self, prompt: str, negative_prompt: str, seed: int, guidance_scale: float) -> tuple[Any, ...]:
+        """Prompt ids (each device encodes the prompt once for its images), the negative conditioning,
+        one PRNG key per image, guidance."""
         d, b = self.devices, self.per_device
-        prompt_ids = np.broadcast_to(self._tokenize(prompt), (d, b, 2, self._max_length))
-        negative_ids = np.broadcast_to(self._tokenize(negative_prompt), (d, b, 2, self._max_length))
-        # SDXL conditions on zeros, not on the encoding of "", when there is no negative prompt.
-        negative_scale = np.full((d,), 1.0 if negative_prompt else 0.0, dtype=np.float32)
+        prompt_ids = np.broadcast_to(self._tokenize(prompt), (d, 1, 2, self._max_length))
+        negative_context, negative_pooled = self._negatives.get(
+            negative_prompt, self._params, functools.partial(self._negative_ids, negative_prompt),
+            self._negative_scale(negative_prompt))
         keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), self.images_per_request))
         guidance = np.full((d,), guidance_scale, dtype=np.float32)
-        return prompt_ids, negative_ids, negative_scale, keys.reshape(d, b, -1), guidance
+        return prompt_ids, negative_context, negative_pooled, keys.reshape(d, b, -1), guidance
+
+    def _negative_ids(self, negative_prompt: str) -> np.ndarray:
+        return np.broadcast_to(self._tokenize(negative_prompt), (self.devices, 1, 2, self._max_length))
+
+    def _negative_scale(self, negative_prompt: str) -> np.ndarray:
+        # SDXL conditions on zeros, not on the encoding of "", when there is no negative prompt.
+        return np.full((self.devices,), 1.0 if negative_prompt else 0.0, dtype=np.float32)
 
     @property
     def _max_length(self) -> int:
@@ -310,10 +355,10 @@ def _replicate(tree: Any) -> Any:
 
 
 def _generate(pipe: FlaxStableDiffusionXLPipeline, shape: Shape, params: dict[str, Any], prompt_ids: jax.Array,
-              negative_ids: jax.Array, negative_scale: jax.Array, keys: jax.Array,
+              negative_context: jax.Array, negative_pooled: jax.Array, keys: jax.Array,
               guidance_scale: jax.Array) -> jax.Array:
     """One device's share in one executable: encode, denoise `shape.steps` times, decode to uint8 NHWC."""
-    latents, context, pooled = _begin(pipe, shape, params, prompt_ids, negative_ids, negative_scale, keys)
+    latents, context, pooled = _begin(pipe, shape, params, prompt_ids, negative_context, negative_pooled, keys)
     state = _timesteps(pipe, params, shape, latents.shape)
 
     def step(i: jax.Array, latents: jax.Array) -> jax.Array:
@@ -323,10 +368,11 @@ def _generate(pipe: FlaxStableDiffusionXLPipeline, shape: Shape, params: dict[st
 
 
 def _begin(pipe: FlaxStableDiffusionXLPipeline, shape: Shape, params: dict[str, Any], prompt_ids: jax.Array,
-           negative_ids: jax.Array, negative_scale: jax.Array,
+           negative_context: jax.Array, negative_pooled: jax.Array,
            keys: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """Text conditioning and the initial noise, scaled for the scheduler."""
-    context, pooled = _conditioning(pipe, params, prompt_ids, negative_ids, negative_scale, shape)
+    context, pooled = _conditioning(pipe, params, prompt_ids, (negative_context, negative_pooled), keys.shape[0],
+                                    shape)
     latents = _initial_latents(pipe, keys, shape)
     state = _timesteps(pipe, params, shape, latents.shape)
     return latents * state.init_noise_sigma, context, pooled
@@ -357,20 +403,29 @@ def _denoise(pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], state:
     return latents
 
 
+def _encode_negative(pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], negative_ids: jax.Array,
+                     scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The negative prompt's text context and pooled embedding, times `scale` (0: no negative prompt)."""
+    context, pooled = pipe.get_embeddings(negative_ids, params)
+    return context * scale.astype(context.dtype), pooled * scale.astype(pooled.dtype)
+
+
 def _conditioning(pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], prompt_ids: jax.Array,
-                  negative_ids: jax.Array, negative_scale: jax.Array,
+                  negative: tuple[jax.Array, jax.Array], images: int,
                   shape: Shape) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Text context and SDXL's added conditioning, negative half first (classifier-free guidance)."""
-    embeds, pooled = pipe.get_embeddings(prompt_ids, params)
-    neg_embeds, neg_pooled = pipe.get_embeddings(negative_ids, params)
-    neg_embeds = neg_embeds * negative_scale.astype(neg_embeds.dtype)
-    neg_pooled = neg_pooled * negative_scale.astype(neg_pooled.dtype)
-    batch = embeds.shape[0]
+    """Text context and SDXL's added conditioning for `images` images, negative half first (classifier-free
+    guidance). The prompt is encoded once and shared by the images."""
+    context, pooled = pipe.get_embeddings(prompt_ids, params)
+
+    def per_image(x: jax.Array) -> jax.Array:
+        return jnp.broadcast_to(x, (images, *x.shape[1:]))
+
+    negative_context, negative_pooled = negative
     # SDXL micro-conditioning: original size, crop top-left, target size.
-    time_ids = jnp.array([[shape.height, shape.width, 0, 0, shape.height, shape.width]] * (2 * batch),
-                         dtype=embeds.dtype)
-    added = {"text_embeds": jnp.concatenate([neg_pooled, pooled]), "time_ids": time_ids}
-    return jnp.concatenate([neg_embeds, embeds]), added
+    time_ids = jnp.array([[shape.height, shape.width, 0, 0, shape.height, shape.width]] * (2 * images),
+                         dtype=context.dtype)
+    added = {"text_embeds": jnp.concatenate([per_image(negative_pooled), per_image(pooled)]), "time_ids": time_ids}
+    return jnp.concatenate([per_image(negative_context), per_image(context)]), added
 
 
 def _initial_latents(pipe: FlaxStableDiffusionXLPipeline, keys: jax.Array, shape: Shape) -> jax.Array:
