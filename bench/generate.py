@@ -21,7 +21,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from common.config import ATTENTION, Attention, ConfigError
@@ -124,26 +124,37 @@ def measure(config: GenerateConfig) -> list[dict[str, Any]]:
     counted_at = time.perf_counter()
     flops = first.flop_count(shape)
     count_s = time.perf_counter() - counted_at
-    latencies = _time_calls(variants, shape, config)
+    calls = _time_calls(variants, shape, config)
     common = _context(config, first, shape, load_s, count_s)
     peak = config.peak_tflops or _peak(first.device_kind)
     return [common | {"attention": a, "attention_impl": _impl(a), "lower_s": compiled[a].lower_s,
                       "compile_s": compiled[a].compile_s, "warmup_s": compiled[a].warmup_s}
-            | summarize(latencies[a], flops.per_image, config.images, first.devices, peak)
+            | summarize(calls[a].wall_s, flops.per_image, config.images, first.devices, peak)
+            | {"host_cpu_s_p50": statistics.median(calls[a].cpu_s)}
             | {f"tflop_{k}": v for k, v in flops.as_tflop().items()}
             for a in variants]
 
 
+@dataclass
+class _Calls:
+    """Per call: wall seconds, and CPU seconds of this process (all its threads). On a CPU backend the
+    latter is the work done, whatever else the machine runs; on an accelerator, the host's share."""
+
+    wall_s: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)
+
+
 def _time_calls(variants: dict[Attention, SDXLPipeline], shape: Shape,
-                config: GenerateConfig) -> dict[Attention, list[float]]:
-    """Seconds per `generate` call (images on the host), variants alternating, a new seed each round."""
-    times: dict[Attention, list[float]] = {name: [] for name in variants}
+                config: GenerateConfig) -> dict[Attention, _Calls]:
+    """Time each `generate` call (images on the host), variants alternating, a new seed each round."""
+    calls = {name: _Calls() for name in variants}
     for seed in range(config.repeats):
         for name, pipeline in variants.items():
-            started = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             pipeline.generate(shape, PROMPT, config.negative_prompt, seed, GUIDANCE)
-            times[name].append(time.perf_counter() - started)
-    return times
+            calls[name].wall_s.append(time.perf_counter() - wall)
+            calls[name].cpu_s.append(time.process_time() - cpu)
+    return calls
 
 
 def summarize(latencies: list[float], flop_per_image: float, images: int, devices: int,
