@@ -124,8 +124,8 @@ class _NegativeConditioning:
         return len(self._cache)
 
 
-def _reached(latents: jax.Array, step: int, on_step: StepCallback | None) -> None:
-    latents.block_until_ready()
+def _reached(marker: jax.Array, step: int, on_step: StepCallback | None) -> None:
+    marker.block_until_ready()
     if on_step is not None:
         on_step(step)
 
@@ -261,7 +261,8 @@ class SDXLPipeline:
         begin = clock.compile(pmap(self._traced(_begin, shape)), self._params, *conditioning)
         latents, context, pooled = begin(self._params, *conditioning)
         indices = [_replicate(np.int32(i)) for i in range(shape.steps)]
-        step = clock.compile(pmap(self._traced(_step, shape)), self._params, latents, context,
+        # The latents are donated: each step writes its output over its input instead of a new buffer.
+        step = clock.compile(pmap(self._traced(_step, shape), donate_argnums=1), self._params, latents, context,
                              pooled, guidance, indices[0])
         finish = clock.compile(pmap(functools.partial(_decode, self._pipe)), self._params, latents)
         return _Stepwise(begin=begin, step=step, finish=finish, indices=indices)
@@ -296,14 +297,15 @@ class SDXLPipeline:
         """
         *conditioning, guidance = inputs
         latents, context, pooled = stepwise.begin(self._params, *conditioning)
-        previous: jax.Array | None = None
+        done: jax.Array | None = None
         for number, index in enumerate(stepwise.indices):
-            latents = stepwise.step(self._params, latents, context, pooled, guidance, index)
-            if previous is not None:
-                _reached(previous, number, on_step)
-            previous = latents
+            latents, marker = stepwise.step(self._params, latents, context, pooled, guidance, index)
+            if done is not None:
+                _reached(done, number, on_step)
+            done = marker
         images = stepwise.finish(self._params, latents)
-        _reached(latents, len(stepwise.indices), on_step)
+        assert done is not None, "a shape has at least one step"
+        _reached(done, len(stepwise.indices), on_step)
         return np.asarray(images)
 
     def _inputs(self, prompt: str, negative_prompt: str, seed: int, guidance_scale: float) -> tuple[Any, ...]:
@@ -379,10 +381,16 @@ def _begin(pipe: FlaxStableDiffusionXLPipeline, shape: Shape, params: dict[str, 
 
 
 def _step(pipe: FlaxStableDiffusionXLPipeline, shape: Shape, params: dict[str, Any], latents: jax.Array,
-          context: jax.Array, pooled: dict[str, jax.Array], guidance_scale: jax.Array, i: jax.Array) -> jax.Array:
-    """Denoising step `i` as an executable of its own (the scheduler state is rebuilt: it is a constant)."""
+          context: jax.Array, pooled: dict[str, jax.Array], guidance_scale: jax.Array,
+          i: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Denoising step `i` as an executable of its own (the scheduler state is rebuilt: it is a constant).
+
+    Returns the new latents and one of their elements: a marker that exists once the step is done, to
+    wait on after the latents themselves have been donated to the next step.
+    """
     state = _timesteps(pipe, params, shape, latents.shape)
-    return _denoise(pipe, params, state, latents, context, pooled, guidance_scale, i)
+    latents = _denoise(pipe, params, state, latents, context, pooled, guidance_scale, i)
+    return latents, latents[0, 0, 0, 0]
 
 
 def _timesteps(pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], shape: Shape,
