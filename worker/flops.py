@@ -117,7 +117,10 @@ def abstract(tree: Any) -> Any:
 
 def traced_flops(fn: Callable[..., Any], *args: Any) -> float:
     """XLA's count of floating-point operations of `fn` on abstract `args`, lowered for the CPU."""
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    try:
+        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    except RuntimeError as exc:  # JAX_PLATFORMS left the CPU backend out
+        raise RuntimeError("counting FLOPs needs JAX's CPU backend: add cpu to JAX_PLATFORMS") from exc
     pinned = jax.tree_util.tree_map(lambda x: abstract_array(x.shape, x.dtype, cpu), args)
     cost = jax.jit(fn).lower(*pinned).cost_analysis()
     if isinstance(cost, list | tuple):  # older JAX releases answer one dict per computation
