@@ -11,7 +11,9 @@ executable runs the whole loop. Neither uses a host callback: an executable with
 in JAX's persistent compilation cache, and a worker that restarts must not compile again.
 
 Each image gets its own PRNG key split from the request seed, and each device denoises its share of the
-images, so a seed gives the same images on any worker whatever its device count.
+images, so a seed gives the same images on any worker whatever its device count. Each device encodes the
+prompt once for its images; the negative prompt's conditioning is kept on the devices per distinct
+negative prompt (it is a constant). The stepwise path donates the latents to each step.
 """
 
 from __future__ import annotations
