@@ -22,6 +22,7 @@ from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from common.config import (  # noqa: E402
+    ATTENTION,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_QUEUE_DEPTH,
     DEFAULT_MODEL,
@@ -166,6 +167,9 @@ def _add_worker_model(parser: argparse.ArgumentParser, model_default: str | None
     parser.add_argument("--images-per-request", type=int, default=4)
     parser.add_argument("--cpu-devices", type=int, default=4,
                         help="virtual devices JAX makes of the CPU when there is no accelerator")
+    parser.add_argument("--attention", default="einsum", choices=ATTENTION,
+                        help="UNet attention: einsum (diffusers' own, default) or dot_product "
+                             "(jax.nn.dot_product_attention: cuDNN flash attention on NVIDIA GPUs)")
 
 
 def _add_worker(parser: argparse.ArgumentParser) -> None:
@@ -223,6 +227,7 @@ BENCHMARKS = {
     "progress": "cost of per-step progress, and submit-to-first-progress latency",
     "start": "worker start-to-ready with a cold and a warm compilation cache",
     "protect": "refusals per second on one core (429, 400) and gateway memory under a 10x burst",
+    "generate": "the pipeline in-process: compile time, latency, images/s, TFLOP/s and fraction of peak",
 }
 
 
@@ -265,7 +270,8 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
                         png_compress_level=args.png_compress_level, max_deliveries=args.max_deliveries,
                         drain_timeout_s=args.drain_timeout, metrics_host=args.metrics_host,
                         metrics_port=args.metrics_port, compile_cache_dir=args.compile_cache,
-                        compile_cache_max_bytes=int(args.compile_cache_max_gb * 1e9), **extra)
+                        compile_cache_max_bytes=int(args.compile_cache_max_gb * 1e9), attention=args.attention,
+                        **extra)
 
 
 async def _status(args: argparse.Namespace) -> int:

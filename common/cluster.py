@@ -88,7 +88,8 @@ class Cluster:
         # Any free metrics port, whatever SDXL_SERVE_METRICS_PORT says: the workers share this host.
         args = ["--redis-url", redis_url, "--key-prefix", self.args.key_prefix, "--model", model,
                 "--images-per-request", str(self.args.images_per_request),
-                "--cpu-devices", str(self.args.cpu_devices), "--metrics-port", "0"]
+                "--cpu-devices", str(self.args.cpu_devices), "--metrics-port", "0",
+                "--attention", self.args.attention]
         if self.args.revision:
             args += ["--revision", self.args.revision]
         if self.args.shapes:

@@ -10,7 +10,7 @@ import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 from urllib.parse import parse_qsl, urlencode
 
 from common.apikeys import KeyRing
@@ -36,6 +36,9 @@ RoutingPolicy = Literal["shared", "random", "p2c"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 DEFAULT_MAX_QUEUE_DEPTH = 100
+# How the UNet's attention layers compute (worker/attention.py).
+Attention = Literal["einsum", "dot_product"]
+ATTENTION: tuple[str, ...] = get_args(Attention)
 
 
 class ConfigError(ValueError):
@@ -150,6 +153,7 @@ class WorkerConfig:
     # None: compile at every start. See worker/compile_cache.py.
     compile_cache_dir: Path | None = dataclasses.field(default_factory=lambda: default_cache_dir() / "jax")
     compile_cache_max_bytes: int = 20 * 10**9
+    attention: Attention = "einsum"
 
     def __post_init__(self) -> None:
         _require(self.images_per_request >= 1, "--images-per-request", "must be >= 1")
@@ -162,6 +166,7 @@ class WorkerConfig:
         _require(self.drain_timeout_s > 0, "--drain-timeout", "must be > 0")
         _require(0 <= self.metrics_port <= 65535, "--metrics-port", "must be 0..65535")
         _require(self.compile_cache_max_bytes > 0, "--compile-cache-max-gb", "must be > 0")
+        _require(self.attention in ATTENTION, "--attention", f"must be one of {', '.join(ATTENTION)}")
         _require(self.redis_url.startswith(("redis://", "rediss://", "unix://")), "--redis-url",
                  "must be a redis://, rediss:// or unix:// URL")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,18 @@ def test_same_seed_same_images_and_other_inputs_change_them(pipeline: SDXLPipeli
         pipeline.generate(SHAPE, "a dog", "", seed=2**32 - 1, guidance_scale=7.5),
     ]:
         assert not np.array_equal(first, changed)
+
+
+def test_negative_prompts_are_encoded_once_each_and_kept_least_recently_used(pipeline: SDXLPipeline) -> None:
+    negatives = pipeline._negatives
+    first = pipeline.generate(SHAPE, "a cat", "low quality", seed=4, guidance_scale=7.5)
+    assert "low quality" in negatives._cache
+    with mock.patch.object(negatives, "_encode", side_effect=AssertionError("encoded again")):
+        np.testing.assert_array_equal(pipeline.generate(SHAPE, "a cat", "low quality", 4, 7.5), first)
+    with mock.patch.object(negatives, "capacity", len(negatives)):
+        oldest = next(iter(negatives._cache))
+        pipeline.generate(SHAPE, "a cat", "watermark", seed=4, guidance_scale=7.5)
+        assert oldest not in negatives._cache and len(negatives) == negatives.capacity
 
 
 def test_uncompiled_shape_is_refused(pipeline: SDXLPipeline) -> None:

@@ -11,7 +11,9 @@ executable runs the whole loop. Neither uses a host callback: an executable with
 in JAX's persistent compilation cache, and a worker that restarts must not compile again.
 
 Each image gets its own PRNG key split from the request seed, and each device denoises its share of the
-images, so a seed gives the same images on any worker whatever its device count.
+images, so a seed gives the same images on any worker whatever its device count. Each device encodes the
+prompt once for its images; the negative prompt's conditioning is kept on the devices per distinct
+negative prompt (it is a constant). The stepwise path donates the latents to each step.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import copy
 import functools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -30,7 +33,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from common.protocol import Shape
+from worker.attention import DEFAULT_ATTENTION, Attention, traced_with
+from worker.flops import FlopCount, abstract_array, count_flops
 from worker.quiet import silence_flax_deprecation
+from worker.sdxl_arch import RANDOM_MODEL, SDXL_BASE, Architecture, components, random_replicated_params
 
 silence_flax_deprecation()
 
@@ -40,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 AXIS = "devices"
 StepCallback = Callable[[int], None]
+# Distinct negative prompts whose conditioning stays on the devices (about 0.3 MB each per device).
+NEGATIVE_CACHE_SIZE = 64
 
 
 class PipelineError(Exception):
@@ -107,8 +115,41 @@ class _Stepwise:
     params: _StepParams
 
 
-def _reached(latents: jax.Array, step: int, on_step: StepCallback | None) -> None:
-    latents.block_until_ready()
+class _NegativeConditioning:
+    """The negative prompt's conditioning on the devices, encoded once per distinct negative prompt.
+
+    Most requests share a few negative prompts (most often none), so their text encoding is a constant:
+    it is computed by an executable of its own on a miss and kept, least recently used out first.
+    """
+
+    def __init__(self, pipe: FlaxStableDiffusionXLPipeline, capacity: int = NEGATIVE_CACHE_SIZE) -> None:
+        self._encode_fn = jax.pmap(functools.partial(_encode_negative, pipe), axis_name=AXIS)
+        self._encode: Any = None
+        self._cache: OrderedDict[str, tuple[jax.Array, jax.Array]] = OrderedDict()
+        self.capacity = capacity
+
+    def compile(self, clock: _Clock, params: dict[str, Any], ids: np.ndarray, scale: np.ndarray) -> None:
+        if self._encode is None:
+            self._encode = clock.compile(self._encode_fn, params, ids, scale)
+
+    def get(self, negative_prompt: str, params: dict[str, Any], ids: Callable[[], np.ndarray],
+            scale: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """(context, pooled) of `negative_prompt`, one copy per device; `ids` tokenizes it, on a miss only."""
+        cached = self._cache.get(negative_prompt)
+        if cached is None:
+            cached = self._encode(params, ids(), scale)
+            self._cache[negative_prompt] = cached
+            if len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(negative_prompt)
+        return cached
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+
+def _reached(marker: jax.Array, step: int, on_step: StepCallback | None) -> None:
+    marker.block_until_ready()
     if on_step is not None:
         on_step(step)
 
@@ -126,11 +167,13 @@ class SDXLPipeline:
     """A loaded, replicated SDXL pipeline with its executables compiled per shape.
 
     With `report_progress`, each denoising step is its own dispatch and `generate` passes each finished
-    step number to its `on_step`; without, the loop runs inside one executable.
+    step number to its `on_step`; without, the loop runs inside one executable. `attention` picks the
+    computation of the UNet's attention layers (worker/attention.py).
     """
 
     def __init__(self, pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], images_per_request: int,
-                 report_progress: bool = True) -> None:
+                 report_progress: bool = True, attention: Attention = DEFAULT_ATTENTION) -> None:
+        """`params` are already on the devices, with a leading device axis (see `_replicate`)."""
         self.devices = jax.local_device_count()
         if images_per_request % self.devices:
             raise DeviceMismatch(f"{images_per_request} images per request cannot be split evenly over "
@@ -138,28 +181,53 @@ class SDXLPipeline:
         self.images_per_request = images_per_request
         self.per_device = images_per_request // self.devices
         self._pipe = pipe
-        self._params = _replicate(params)
+        self._params = params
         self._compiled: dict[Shape, Any] = {}
+        self._negatives = _NegativeConditioning(pipe)  # shared by variants: it does not depend on them
         self.report_progress = report_progress
+        self.attention = attention
 
     @classmethod
     def load(cls, model: str, revision: str | None, images_per_request: int,
-             report_progress: bool = True) -> SDXLPipeline:
-        """Load from a hub id or a local directory; params in bfloat16, the scheduler state in float32."""
+             report_progress: bool = True, attention: Attention = DEFAULT_ATTENTION) -> SDXLPipeline:
+        """Load from a hub id or a local directory; params in bfloat16, the scheduler state in float32.
+
+        `sdxl-random` is SDXL base's architecture with random weights made on the devices (no download).
+        """
+        if model == RANDOM_MODEL:
+            return cls.random(SDXL_BASE, images_per_request, report_progress, attention)
         pipe, params = FlaxStableDiffusionXLPipeline.from_pretrained(
             model, revision=revision, split_head_dim=True, dtype=jnp.bfloat16)
         scheduler_state = params.pop("scheduler")
         # Cast on the host: a device-side cast would compile one conversion per parameter shape.
         params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(jnp.bfloat16), params)
         params["scheduler"] = scheduler_state
-        return cls(pipe, params, images_per_request, report_progress)
+        return cls(pipe, _replicate(params), images_per_request, report_progress, attention)
 
-    def variant(self, *, report_progress: bool) -> SDXLPipeline:
+    @classmethod
+    def random(cls, arch: Architecture, images_per_request: int, report_progress: bool = True,
+               attention: Attention = DEFAULT_ATTENTION, seed: int = 0) -> SDXLPipeline:
+        """The architecture `arch` with random bfloat16 weights drawn on the devices (worker/sdxl_arch.py)."""
+        parts = components(arch)
+        pipe = FlaxStableDiffusionXLPipeline(**parts, dtype=jnp.bfloat16)
+        params = random_replicated_params(parts, seed)
+        params["scheduler"] = _replicate(pipe.scheduler.create_state())
+        return cls(pipe, params, images_per_request, report_progress, attention)
+
+    def variant(self, *, report_progress: bool | None = None, attention: Attention | None = None) -> SDXLPipeline:
         """The same loaded model and device params, with its own executables (for A/B benchmarks)."""
         other = copy.copy(self)
         other._compiled = {}
-        other.report_progress = report_progress
+        if report_progress is not None:
+            other.report_progress = report_progress
+        if attention is not None:
+            other.attention = attention
         return other
+
+    def flop_count(self, shape: Shape) -> FlopCount:
+        """Floating-point operations of one image at `shape`, counted from this model (worker/flops.py)."""
+        one_device = jax.tree_util.tree_map(lambda x: abstract_array(x.shape[1:], x.dtype), self._params)
+        return count_flops(self._pipe, one_device, shape)
 
     @property
     def device_kind(self) -> str:
@@ -194,11 +262,12 @@ class SDXLPipeline:
         if shape.width % multiple or shape.height % multiple:
             raise InvalidShape(f"shape {shape}: width and height must be multiples of {multiple}")
         clock = _Clock()
+        self._negatives.compile(clock, self._params, self._negative_ids(""), self._negative_scale(""))
         inputs = self._inputs("warm-up", "", 0, 7.5)
         if self.report_progress:
             self._compiled[shape] = self._compile_stepwise(shape, inputs, clock)
         else:
-            fused = jax.pmap(functools.partial(_generate, self._pipe, shape), axis_name=AXIS)
+            fused = jax.pmap(self._traced(_generate, shape), axis_name=AXIS)
             self._compiled[shape] = clock.compile(fused, self._params, *inputs)
         warm_started = time.perf_counter()
         self._warm_up(shape, inputs)
@@ -211,17 +280,21 @@ class SDXLPipeline:
         """Three executables: begin (text and noise), one denoising step (the step number is an input, so
         one executable serves every step), finish (decode). Compiling the step needs the shapes of what
         begin makes, so begin runs once here."""
-        prompt_ids, negative_ids, negative_scale, keys, guidance = inputs
+        *conditioning, guidance = inputs
         pmap = functools.partial(jax.pmap, axis_name=AXIS)
         params = _StepParams.of(self._params)
-        begin = clock.compile(pmap(functools.partial(_begin, self._pipe, shape)), params.begin, prompt_ids,
-                              negative_ids, negative_scale, keys)
-        latents, context, pooled = begin(params.begin, prompt_ids, negative_ids, negative_scale, keys)
+        begin = clock.compile(pmap(self._traced(_begin, shape)), params.begin, *conditioning)
+        latents, context, pooled = begin(params.begin, *conditioning)
         indices = [_replicate(np.int32(i)) for i in range(shape.steps)]
-        step = clock.compile(pmap(functools.partial(_step, self._pipe, shape)), params.step, latents, context,
+        # The latents are donated: each step writes its output over its input instead of a new buffer.
+        step = clock.compile(pmap(self._traced(_step, shape), donate_argnums=1), params.step, latents, context,
                              pooled, guidance, indices[0])
         finish = clock.compile(pmap(functools.partial(_decode, self._pipe)), params.finish, latents)
         return _Stepwise(begin=begin, step=step, finish=finish, indices=indices, params=params)
+
+    def _traced(self, fn: Callable[..., Any], shape: Shape) -> Callable[..., Any]:
+        """`fn` bound to this model and shape, its UNet attention computed as `self.attention` says."""
+        return traced_with(self.attention, functools.partial(fn, self._pipe, shape))
 
     def generate(self, shape: Shape, prompt: str, negative_prompt: str, seed: int,
                  guidance_scale: float, on_step: StepCallback | None = None) -> np.ndarray:
@@ -257,29 +330,38 @@ class SDXLPipeline:
         Dispatch is asynchronous: step n+1 is queued before waiting on step n, so the devices never wait
         for the host, and a report is at most one step late.
         """
-        prompt_ids, negative_ids, negative_scale, keys, guidance = inputs
+        *conditioning, guidance = inputs
         params = stepwise.params
-        latents, context, pooled = stepwise.begin(params.begin, prompt_ids, negative_ids, negative_scale, keys)
-        previous: jax.Array | None = None
+        latents, context, pooled = stepwise.begin(params.begin, *conditioning)
+        done: jax.Array | None = None
         for number, index in enumerate(stepwise.indices):
-            latents = stepwise.step(params.step, latents, context, pooled, guidance, index)
-            if previous is not None:
-                _reached(previous, number, on_step)
-            previous = latents
+            latents, marker = stepwise.step(params.step, latents, context, pooled, guidance, index)
+            if done is not None:
+                _reached(done, number, on_step)
+            done = marker
         images = stepwise.finish(params.finish, latents)
-        _reached(latents, len(stepwise.indices), on_step)
+        assert done is not None, "a shape has at least one step"
+        _reached(done, len(stepwise.indices), on_step)
         return np.asarray(images)
 
-    def _inputs(self, prompt: str, negative_prompt: str, seed: int,
-                guidance_scale: float) -> tuple[np.ndarray, ...]:
+    def _inputs(self, prompt: str, negative_prompt: str, seed: int, guidance_scale: float) -> tuple[Any, ...]:
+        """Prompt ids (each device encodes the prompt once for its images), the negative conditioning,
+        one PRNG key per image, guidance."""
         d, b = self.devices, self.per_device
-        prompt_ids = np.broadcast_to(self._tokenize(prompt), (d, b, 2, self._max_length))
-        negative_ids = np.broadcast_to(self._tokenize(negative_prompt), (d, b, 2, self._max_length))
-        # SDXL conditions on zeros, not on the encoding of "", when there is no negative prompt.
-        negative_scale = np.full((d,), 1.0 if negative_prompt else 0.0, dtype=np.float32)
+        prompt_ids = np.broadcast_to(self._tokenize(prompt), (d, 1, 2, self._max_length))
+        negative_context, negative_pooled = self._negatives.get(
+            negative_prompt, self._params, functools.partial(self._negative_ids, negative_prompt),
+            self._negative_scale(negative_prompt))
         keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), self.images_per_request))
         guidance = np.full((d,), guidance_scale, dtype=np.float32)
-        return prompt_ids, negative_ids, negative_scale, keys.reshape(d, b, -1), guidance
+        return prompt_ids, negative_context, negative_pooled, keys.reshape(d, b, -1), guidance
+
+    def _negative_ids(self, negative_prompt: str) -> np.ndarray:
+        return np.broadcast_to(self._tokenize(negative_prompt), (self.devices, 1, 2, self._max_length))
+
+    def _negative_scale(self, negative_prompt: str) -> np.ndarray:
+        # SDXL conditions on zeros, not on the encoding of "", when there is no negative prompt.
+        return np.full((self.devices,), 1.0 if negative_prompt else 0.0, dtype=np.float32)
 
     @property
     def _max_length(self) -> int:
@@ -311,10 +393,10 @@ def _replicate(tree: Any) -> Any:
 
 
 def _generate(pipe: FlaxStableDiffusionXLPipeline, shape: Shape, params: dict[str, Any], prompt_ids: jax.Array,
-              negative_ids: jax.Array, negative_scale: jax.Array, keys: jax.Array,
+              negative_context: jax.Array, negative_pooled: jax.Array, keys: jax.Array,
               guidance_scale: jax.Array) -> jax.Array:
     """One device's share in one executable: encode, denoise `shape.steps` times, decode to uint8 NHWC."""
-    latents, context, pooled = _begin(pipe, shape, params, prompt_ids, negative_ids, negative_scale, keys)
+    latents, context, pooled = _begin(pipe, shape, params, prompt_ids, negative_context, negative_pooled, keys)
     state = _timesteps(pipe, params, shape, latents.shape)
 
     def step(i: jax.Array, latents: jax.Array) -> jax.Array:
@@ -324,20 +406,27 @@ def _generate(pipe: FlaxStableDiffusionXLPipeline, shape: Shape, params: dict[st
 
 
 def _begin(pipe: FlaxStableDiffusionXLPipeline, shape: Shape, params: dict[str, Any], prompt_ids: jax.Array,
-           negative_ids: jax.Array, negative_scale: jax.Array,
+           negative_context: jax.Array, negative_pooled: jax.Array,
            keys: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """Text conditioning and the initial noise, scaled for the scheduler."""
-    context, pooled = _conditioning(pipe, params, prompt_ids, negative_ids, negative_scale, shape)
+    context, pooled = _conditioning(pipe, params, prompt_ids, (negative_context, negative_pooled), keys.shape[0],
+                                    shape)
     latents = _initial_latents(pipe, keys, shape)
     state = _timesteps(pipe, params, shape, latents.shape)
     return latents * state.init_noise_sigma, context, pooled
 
 
 def _step(pipe: FlaxStableDiffusionXLPipeline, shape: Shape, params: dict[str, Any], latents: jax.Array,
-          context: jax.Array, pooled: dict[str, jax.Array], guidance_scale: jax.Array, i: jax.Array) -> jax.Array:
-    """Denoising step `i` as an executable of its own (the scheduler state is rebuilt: it is a constant)."""
+          context: jax.Array, pooled: dict[str, jax.Array], guidance_scale: jax.Array,
+          i: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Denoising step `i` as an executable of its own (the scheduler state is rebuilt: it is a constant).
+
+    Returns the new latents and one of their elements: a marker that exists once the step is done, to
+    wait on after the latents themselves have been donated to the next step.
+    """
     state = _timesteps(pipe, params, shape, latents.shape)
-    return _denoise(pipe, params, state, latents, context, pooled, guidance_scale, i)
+    latents = _denoise(pipe, params, state, latents, context, pooled, guidance_scale, i)
+    return latents, latents[0, 0, 0, 0]
 
 
 def _timesteps(pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], shape: Shape,
@@ -358,20 +447,29 @@ def _denoise(pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], state:
     return latents
 
 
+def _encode_negative(pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], negative_ids: jax.Array,
+                     scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The negative prompt's text context and pooled embedding, times `scale` (0: no negative prompt)."""
+    context, pooled = pipe.get_embeddings(negative_ids, params)
+    return context * scale.astype(context.dtype), pooled * scale.astype(pooled.dtype)
+
+
 def _conditioning(pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], prompt_ids: jax.Array,
-                  negative_ids: jax.Array, negative_scale: jax.Array,
+                  negative: tuple[jax.Array, jax.Array], images: int,
                   shape: Shape) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Text context and SDXL's added conditioning, negative half first (classifier-free guidance)."""
-    embeds, pooled = pipe.get_embeddings(prompt_ids, params)
-    neg_embeds, neg_pooled = pipe.get_embeddings(negative_ids, params)
-    neg_embeds = neg_embeds * negative_scale.astype(neg_embeds.dtype)
-    neg_pooled = neg_pooled * negative_scale.astype(neg_pooled.dtype)
-    batch = embeds.shape[0]
+    """Text context and SDXL's added conditioning for `images` images, negative half first (classifier-free
+    guidance). The prompt is encoded once and shared by the images."""
+    context, pooled = pipe.get_embeddings(prompt_ids, params)
+
+    def per_image(x: jax.Array) -> jax.Array:
+        return jnp.broadcast_to(x, (images, *x.shape[1:]))
+
+    negative_context, negative_pooled = negative
     # SDXL micro-conditioning: original size, crop top-left, target size.
-    time_ids = jnp.array([[shape.height, shape.width, 0, 0, shape.height, shape.width]] * (2 * batch),
-                         dtype=embeds.dtype)
-    added = {"text_embeds": jnp.concatenate([neg_pooled, pooled]), "time_ids": time_ids}
-    return jnp.concatenate([neg_embeds, embeds]), added
+    time_ids = jnp.array([[shape.height, shape.width, 0, 0, shape.height, shape.width]] * (2 * images),
+                         dtype=context.dtype)
+    added = {"text_embeds": jnp.concatenate([per_image(negative_pooled), per_image(pooled)]), "time_ids": time_ids}
+    return jnp.concatenate([per_image(negative_context), per_image(context)]), added
 
 
 def _initial_latents(pipe: FlaxStableDiffusionXLPipeline, keys: jax.Array, shape: Shape) -> jax.Array:

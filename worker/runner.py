@@ -142,7 +142,8 @@ class Worker:
         return [self._keys.worker_stream(self.id), *(self._keys.shape_stream(s) for s in self.info.shapes)]
 
     def _default_loader(self) -> SDXLPipeline:
-        return SDXLPipeline.load(self.config.model, self.config.model_revision, self.config.images_per_request)
+        return SDXLPipeline.load(self.config.model, self.config.model_revision, self.config.images_per_request,
+                                 attention=self.config.attention)
 
     async def _serve_next(self) -> None:
         try:

@@ -57,20 +57,20 @@ def is_model_dir(directory: Path) -> bool:
 
 
 def _components(staging: Path, keys: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    tokenizer, tokenizer_2, vocab_size = _tokenizers(staging / "vocab")
+    tokenizer, tokenizer_2, vocab_size = byte_level_tokenizers(staging / "vocab")
     (text_encoder, text_params), (text_encoder_2, text_params_2) = _text_encoders(vocab_size, tokenizer)
     unet, unet_params = _unet(keys[0])
     vae, vae_params = _vae(keys[1])
     components = {
         "text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "tokenizer": tokenizer,
-        "tokenizer_2": tokenizer_2, "unet": unet, "vae": vae, "scheduler": _scheduler(),
+        "tokenizer_2": tokenizer_2, "unet": unet, "vae": vae, "scheduler": euler_scheduler(),
     }
     params = {"text_encoder": text_params, "text_encoder_2": text_params_2,
               "unet": unet_params, "vae": vae_params}
     return components, params
 
 
-def _tokenizers(directory: Path) -> tuple[Any, Any, int]:
+def byte_level_tokenizers(directory: Path) -> tuple[Any, Any, int]:
     """Byte-level BPE tokenizers with no merges: every byte is a token, as CLIP's alphabet."""
     from transformers import CLIPTokenizer
     from transformers.models.clip.tokenization_clip import bytes_to_unicode
@@ -132,7 +132,7 @@ def _vae(key: Any) -> tuple[Any, Any]:
     return vae, jax.jit(vae.init_weights)(key)
 
 
-def _scheduler() -> Any:
+def euler_scheduler() -> Any:
     from diffusers import FlaxEulerDiscreteScheduler
 
     # SDXL base's scheduler settings.
