@@ -47,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", help="WIDTHxHEIGHTxSTEPS,... (default: the worker's default)")
     parser.add_argument("--runs", type=int, default=3, help="worker starts: one cold, then warm ones")
     parser.add_argument("--cpu-devices", type=int, default=4)
+    parser.add_argument("--images-per-request", type=int, default=4)
     parser.add_argument("--redis-url", help="an existing Redis (default: a private redis-server)")
     parser.add_argument("--ready-timeout", type=float, default=900.0)
     parser.add_argument("--json", action="store_true", help="one JSON object")
@@ -83,7 +84,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 async def _start_once(args: argparse.Namespace, redis_url: str, model: str, cache: Path, n: int) -> dict[str, Any]:
     command = [sys.executable, "-m", "common.cli", "worker", "--redis-url", redis_url, "--key-prefix", PREFIX,
                "--model", model, "--worker-id", f"bench-start-{n}", "--cpu-devices", str(args.cpu_devices),
-               "--compile-cache", str(cache)]
+               "--images-per-request", str(args.images_per_request), "--compile-cache", str(cache)]
     if args.shapes:
         command += ["--shapes", args.shapes]
     spawned = time.perf_counter()
