@@ -223,7 +223,9 @@ async def test_queued_position_updates_as_the_queue_moves(client: Client, redis_
                                                           fake_worker: None) -> None:
     await submit(client, seed=1)
     job_id = (await submit(client, seed=2))["id"]
-    events = read_events(await client.get(f"/v1/jobs/{job_id}/events"))
+    response = await client.get(f"/v1/jobs/{job_id}/events")
+    events = read_events(response)
     assert await anext(events) == ("queued", {"id": job_id, "position": 1})
     await start(redis_client)  # the job ahead is taken
     assert await anext(events) == ("queued", {"id": job_id, "position": 0})
+    response.close()  # the client leaves; the server's stream must not outlive the test's app
