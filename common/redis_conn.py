@@ -9,6 +9,7 @@ from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 # A read waits at most this long: more than any blocking read we issue (XREADGROUP blocks 1 s), short
@@ -20,8 +21,12 @@ CONNECT_TIMEOUT_S = 5.0
 MAX_CONNECTIONS = 100
 POOL_WAIT_S = 10.0
 
-# "Redis cannot be reached right now, try again later", as opposed to a mistake in the command.
-UNAVAILABLE = (RedisConnectionError, RedisTimeoutError)
+# The link failed: redis-py retries these itself, with backoff.
+CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError)
+# "Redis cannot take this right now, try again later", as opposed to a mistake in the command: the link
+# failed, or Redis is full (maxmemory reached under `noeviction`, which refuses writes until memory is
+# freed, e.g. as results expire). Gateways answer 503 with Retry-After; workers wait and retry.
+UNAVAILABLE = (*CONNECTION_ERRORS, OutOfMemoryError)
 
 
 def _keepalive_options() -> dict[int, int]:
@@ -48,6 +53,6 @@ def connect(url: str, *, name: str) -> aioredis.Redis:
         socket_keepalive=True,
         socket_keepalive_options=_keepalive_options(),
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
-        retry_on_error=list(UNAVAILABLE),
+        retry_on_error=list(CONNECTION_ERRORS),
     )
     return aioredis.Redis.from_pool(pool)

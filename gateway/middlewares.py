@@ -7,6 +7,7 @@ import logging
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from redis.exceptions import OutOfMemoryError
 
 from common.redis_conn import UNAVAILABLE
 from gateway.appkeys import ACCESS, CONFIG, KEY_STORE, LIMITER
@@ -29,6 +30,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as exc:
         return _respond(request, exc)
+    except OutOfMemoryError as exc:
+        logger.error("redis is full (maxmemory) on %s %s: %s", request.method, request.path, exc)
+        return _respond(request, ApiError(503, "storage_full", "the job queue's storage is full; retry shortly",
+                                          headers={"Retry-After": "10"}))
     except UNAVAILABLE as exc:
         logger.warning("redis unavailable on %s %s: %s", request.method, request.path, exc)
         return _respond(request, ApiError(503, "queue_unavailable", "the job queue is unreachable; retry shortly",

@@ -89,6 +89,21 @@ async def test_no_worker_means_503_with_retry_after(client: TestClient[Any, Any]
     assert await queued_jobs(redis_client) == 0
 
 
+async def test_a_full_redis_means_503_storage_full_not_500(client: TestClient[Any, Any],
+                                                           redis_client: aioredis.Redis, fake_worker: None) -> None:
+    """maxmemory reached under `noeviction`: Redis refuses writes; the gateway says so and keeps serving."""
+    await redis_client.config_set("maxmemory", "1")
+    try:
+        response = await client.post("/v1/jobs", json={"prompt": "a cat"})
+        body = await response.json()
+    finally:
+        await redis_client.config_set("maxmemory", "0")
+    assert response.status == 503 and response.headers["Retry-After"], body
+    assert body["error"]["code"] == "storage_full"
+    assert await queued_jobs(redis_client) == 0
+    assert (await client.post("/v1/jobs", json={"prompt": "a cat"})).status == 202  # room again: served
+
+
 async def test_unknown_routes_and_jobs_are_json_404(client: TestClient[Any, Any]) -> None:
     response = await client.get("/nope")
     assert response.status == 404 and (await response.json())["error"]["code"] == "not_found"
