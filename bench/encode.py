@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import platform
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.host import describe
 from worker.encode import Encoding, encode_all
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--encodings", default="png:1,png:6,jpeg:90,webp:90",
                         help="FORMAT:SETTING,... (PNG zlib level, JPEG/WebP quality)")
     args = parser.parse_args()
-    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores; 4 images {args.size}x{args.size}")
+    print(f"machine: {describe()}; 4 images {args.size}x{args.size}")
     print(f"{'image':<9}{'encoding':>10}{'encode p50 ms':>15}{'base64 p50 ms':>15}{'MB/request':>12}")
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         for kind in ("noise", "gradient"):

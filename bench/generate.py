@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
+from bench.host import describe
 from common.config import ATTENTION, Attention, ConfigError
 
 if TYPE_CHECKING:  # imported when measuring: the CLI builds its parser without loading JAX
@@ -180,7 +179,7 @@ def summarize(latencies: list[float], flop_per_image: float, images: int, device
 
 def _context(config: GenerateConfig, pipeline: SDXLPipeline, shape: Shape, load_s: float,
              count_s: float) -> dict[str, Any]:
-    return {"measurement": "generate", "machine": _machine(), "device_kind": pipeline.device_kind,
+    return {"measurement": "generate", "machine": describe(), "device_kind": pipeline.device_kind,
             "devices": pipeline.devices, "model": config.model, "shape": str(shape), "images": config.images,
             "images_per_device": pipeline.per_device, "progress": config.progress,
             "negative_prompt": config.negative_prompt, "load_s": load_s, "flop_count_s": count_s}
@@ -196,10 +195,6 @@ def _impl(attention: str) -> str:
     from worker.attention import implementation
 
     return "einsum" if attention == "einsum" else f"dot_product:{implementation()}"
-
-
-def _machine() -> str:
-    return f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores"
 
 
 def table(reports: list[dict[str, Any]]) -> str:

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -28,6 +27,7 @@ import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.host import describe
 from common.cluster import free_port
 from common.keys import Keys
 from common.registry import Registry
@@ -95,7 +95,7 @@ async def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
     report = {
-        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",
+        "machine": describe(),
         "requests": args.requests, "shapes": [str(s) for w in workers for s in w.shapes][:4],
         "devices": [f"{w.devices}x {w.device_kind}" for w in workers],
         "start_to_ready_s": [round((w.ready_at or 0) - w.started_at, 2) for w in workers],

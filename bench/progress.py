@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
 import time
 from typing import Any
 
 import aiohttp
+
+from bench.host import describe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +73,8 @@ def measure_cost(args: argparse.Namespace) -> dict[str, Any]:
             times[name].append(time.perf_counter() - started)
     with_s, without_s = statistics.median(times["with"]), statistics.median(times["without"])
     return {
-        "measurement": "progress_cost", "machine": _machine(with_progress.device_kind, with_progress.devices),
+        "measurement": "progress_cost",
+        "machine": f"{describe()}, {with_progress.devices} x {with_progress.device_kind}",
         "model": args.model, "shape": str(shape), "repeats": args.repeats,
         "with_progress_median_s": with_s, "without_progress_median_s": without_s,
         "overhead_pct": 100 * (with_s - without_s) / without_s,
@@ -117,10 +118,6 @@ async def _first_marks(events: aiohttp.ClientResponse) -> dict[str, float]:
             if name in ("failed", "cancelled"):
                 raise SystemExit(f"a job {name}")
     return marks
-
-
-def _machine(device_kind: str, devices: int) -> str:
-    return f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, {devices} x {device_kind}"
 
 
 def _table(report: dict[str, Any]) -> str:

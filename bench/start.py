@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import signal
 import statistics
 import sys
@@ -31,6 +29,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.host import describe
 from common.cluster import ensure_tiny_model, start_redis_server
 from common.config import default_cache_dir
 from common.keys import Keys
@@ -76,7 +75,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 redis_process.terminate()
                 await redis_process.wait()
     cold, warm = runs[0]["start_to_ready_s"], statistics.median(r["start_to_ready_s"] for r in runs[1:])
-    return {"measurement": "worker_start", "machine": f"{platform.node()}, {os.cpu_count()} cores",
+    return {"measurement": "worker_start", "machine": describe(),
             "model": model, "shapes": args.shapes, "runs": runs, "cold_s": cold, "warm_median_s": warm,
             "warm_over_cold": warm / cold}
 
