@@ -79,19 +79,62 @@ class Chaos:
 
     def start(self) -> None:
         port = self.redis_url.rsplit(":", 1)[1].split("/")[0]
-        self._spawn("redis", [shutil.which("redis-server") or "redis-server", "--port", port, "--save", "",
-                              "--appendonly", "yes", "--dir", str(self.scratch)])
-        self._spawn("gateway", [sys.executable, "-m", "common.cli", "gateway", "--redis-url", self.redis_url,
-                                "--host", "127.0.0.1", "--port", self.gateway_url.rsplit(":", 1)[1]])
+        self._spawn(
+            "redis",
+            [
+                shutil.which("redis-server") or "redis-server",
+                "--port",
+                port,
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--dir",
+                str(self.scratch),
+            ],
+        )
+        self._spawn(
+            "gateway",
+            [
+                sys.executable,
+                "-m",
+                "common.cli",
+                "gateway",
+                "--redis-url",
+                self.redis_url,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                self.gateway_url.rsplit(":", 1)[1],
+            ],
+        )
         for _ in range(self.workers):
             self.start_worker()
 
     def start_worker(self) -> None:
         self._serial += 1
         name = f"chaos-worker-{self._serial}"
-        self._spawn(name, [sys.executable, "-m", "common.cli", "worker", "--redis-url", self.redis_url,
-                           "--model", str(self.model), "--shapes", f"64x64x{STEPS}", "--worker-id", name,
-                           "--heartbeat-interval", "0.5", "--heartbeat-ttl", "2"])
+        self._spawn(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "common.cli",
+                "worker",
+                "--redis-url",
+                self.redis_url,
+                "--model",
+                str(self.model),
+                "--shapes",
+                f"64x64x{STEPS}",
+                "--worker-id",
+                name,
+                "--heartbeat-interval",
+                "0.5",
+                "--heartbeat-ttl",
+                "2",
+            ],
+        )
 
     async def monkey(self, registry: Registry, done: asyncio.Event, interval: tuple[float, float]) -> None:
         """Kill a random serving worker every few seconds, never the last one serving; replace it."""
@@ -135,15 +178,25 @@ async def stored_digest(session: aiohttp.ClientSession, gateway_url: str, job_id
 
 
 async def _request(session: aiohttp.ClientSession, url: str, seed: int, gate: asyncio.Semaphore) -> dict[str, Any]:
-    async with gate, session.post(f"{url}/v1/generate", json={"prompt": "chaos", "seed": seed,
-                                                               "num_inference_steps": STEPS}) as response:
+    async with (
+        gate,
+        session.post(
+            f"{url}/v1/generate", json={"prompt": "chaos", "seed": seed, "num_inference_steps": STEPS}
+        ) as response,
+    ):
         body: dict[str, Any] = await response.json()
         return {"status": response.status, "body": body}
 
 
-async def run_chaos(model: Path, requests: int = 100, workers: int = 3, concurrency: int = 6,
-                    kill_every: tuple[float, float] = (2.0, 5.0), seed: int = 0,
-                    log_dir: Path | None = None) -> ChaosReport:
+async def run_chaos(
+    model: Path,
+    requests: int = 100,
+    workers: int = 3,
+    concurrency: int = 6,
+    kill_every: tuple[float, float] = (2.0, 5.0),
+    seed: int = 0,
+    log_dir: Path | None = None,
+) -> ChaosReport:
     """Run the chaos scenario and return what happened; raises nothing for lost jobs (the caller judges)."""
     chaos = Chaos(model, workers, log_dir or Path(tempfile.mkdtemp(prefix="sdxl-chaos-logs-")), seed)
     report = ChaosReport(requests=requests)
@@ -169,8 +222,13 @@ async def run_chaos(model: Path, requests: int = 100, workers: int = 3, concurre
     return report
 
 
-async def _judge(report: ChaosReport, answers: list[dict[str, Any]], session: aiohttp.ClientSession,
-                 chaos: Chaos, client: aioredis.Redis) -> None:
+async def _judge(
+    report: ChaosReport,
+    answers: list[dict[str, Any]],
+    session: aiohttp.ClientSession,
+    chaos: Chaos,
+    client: aioredis.Redis,
+) -> None:
     attempts_by_job: dict[str, list[tuple[str, float]]] = {}
     for answer in answers:
         body = answer["body"]
@@ -212,12 +270,16 @@ def main() -> None:
     model = args.model
     if model is None:
         model = Path(tempfile.mkdtemp(prefix="sdxl-chaos-model-")) / "tiny"
-        subprocess.run([sys.executable, "-m", "common.cli", "tiny-model", str(model)], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "common.cli", "tiny-model", str(model)], check=True, stdout=subprocess.DEVNULL
+        )
     report = asyncio.run(run_chaos(model, args.requests, args.workers, args.concurrency, seed=args.seed))
-    summary = {**asdict(report), "lost": report.lost,
-               "takeover_ms_p50": statistics.median(report.takeover_ms) if report.takeover_ms else None,
-               "takeover_ms_max": max(report.takeover_ms, default=None)}
+    summary = {
+        **asdict(report),
+        "lost": report.lost,
+        "takeover_ms_p50": statistics.median(report.takeover_ms) if report.takeover_ms else None,
+        "takeover_ms_max": max(report.takeover_ms, default=None),
+    }
     print(json.dumps(summary, indent=2 if args.json else None))
 
 

@@ -54,31 +54,45 @@ class GenerateConfig:
                 raise ConfigError(f"--{name} must be >= 1 (got {getattr(self, name)})")
         unknown = [a for a in self.attentions if a not in ATTENTION]
         if unknown or not self.attentions or len(set(self.attentions)) != len(self.attentions):
-            raise ConfigError(f"--attention must list distinct values of {', '.join(ATTENTION)} "
-                              f"(got {','.join(self.attentions)})")
+            raise ConfigError(
+                f"--attention must list distinct values of {', '.join(ATTENTION)} (got {','.join(self.attentions)})"
+            )
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ConfigError(f"--peak-tflops must be > 0 (got {self.peak_tflops})")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="hub id, local diffusers directory, or sdxl-random (SDXL base, random weights)")
+    parser.add_argument(
+        "--model", required=True, help="hub id, local diffusers directory, or sdxl-random (SDXL base, random weights)"
+    )
     parser.add_argument("--revision", default=None)
     parser.add_argument("--size", type=parse_size, default=None, help="WIDTHxHEIGHT (default: the native size)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--images", type=int, default=4, help="images per call, split evenly over the devices")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per variant, after the warm-up")
-    parser.add_argument("--attention", default="einsum",
-                        help="UNet attention: einsum (diffusers' own), dot_product (jax.nn.dot_product_attention: "
-                             "cuDNN flash attention on NVIDIA GPUs); a comma list measures each, alternating")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="one dispatch per denoising step, as the worker with progress (default), or "
-                             "the whole loop in one executable")
+    parser.add_argument(
+        "--attention",
+        default="einsum",
+        help="UNet attention: einsum (diffusers' own), dot_product (jax.nn.dot_product_attention: "
+        "cuDNN flash attention on NVIDIA GPUs); a comma list measures each, alternating",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one dispatch per denoising step, as the worker with progress (default), or "
+        "the whole loop in one executable",
+    )
     parser.add_argument("--negative-prompt", default="")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="the device's bf16 peak in TFLOP/s, per device (default: looked up by device kind)")
-    parser.add_argument("--cpu-devices", type=int, default=4,
-                        help="virtual devices JAX makes of the CPU when there is no accelerator")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's bf16 peak in TFLOP/s, per device (default: looked up by device kind)",
+    )
+    parser.add_argument(
+        "--cpu-devices", type=int, default=4, help="virtual devices JAX makes of the CPU when there is no accelerator"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per variant")
 
 
@@ -91,11 +105,18 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def config_from_args(args: argparse.Namespace) -> GenerateConfig:
-    return GenerateConfig(model=args.model, revision=args.revision, size=args.size, steps=args.steps,
-                          images=args.images, repeats=args.repeats,
-                          attentions=cast("tuple[Attention, ...]", tuple(a.strip() for a in args.attention.split(","))),
-                          progress=args.progress,
-                          peak_tflops=args.peak_tflops, negative_prompt=args.negative_prompt)
+    return GenerateConfig(
+        model=args.model,
+        revision=args.revision,
+        size=args.size,
+        steps=args.steps,
+        images=args.images,
+        repeats=args.repeats,
+        attentions=cast("tuple[Attention, ...]", tuple(a.strip() for a in args.attention.split(","))),
+        progress=args.progress,
+        peak_tflops=args.peak_tflops,
+        negative_prompt=args.negative_prompt,
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -126,12 +147,20 @@ def measure(config: GenerateConfig) -> list[dict[str, Any]]:
     calls = _time_calls(variants, shape, config)
     common = _context(config, first, shape, load_s, count_s)
     peak = config.peak_tflops or _peak(first.device_kind)
-    return [common | {"attention": a, "attention_impl": _impl(a), "lower_s": compiled[a].lower_s,
-                      "compile_s": compiled[a].compile_s, "warmup_s": compiled[a].warmup_s}
-            | summarize(calls[a].wall_s, flops.per_image, config.images, first.devices, peak)
-            | {"host_cpu_s_p50": statistics.median(calls[a].cpu_s)}
-            | {f"tflop_{k}": v for k, v in flops.as_tflop().items()}
-            for a in variants]
+    return [
+        common
+        | {
+            "attention": a,
+            "attention_impl": _impl(a),
+            "lower_s": compiled[a].lower_s,
+            "compile_s": compiled[a].compile_s,
+            "warmup_s": compiled[a].warmup_s,
+        }
+        | summarize(calls[a].wall_s, flops.per_image, config.images, first.devices, peak)
+        | {"host_cpu_s_p50": statistics.median(calls[a].cpu_s)}
+        | {f"tflop_{k}": v for k, v in flops.as_tflop().items()}
+        for a in variants
+    ]
 
 
 @dataclass
@@ -143,8 +172,9 @@ class _Calls:
     cpu_s: list[float] = field(default_factory=list)
 
 
-def _time_calls(variants: dict[Attention, SDXLPipeline], shape: Shape,
-                config: GenerateConfig) -> dict[Attention, _Calls]:
+def _time_calls(
+    variants: dict[Attention, SDXLPipeline], shape: Shape, config: GenerateConfig
+) -> dict[Attention, _Calls]:
     """Time each `generate` call (images on the host), variants alternating, a new seed each round."""
     calls = {name: _Calls() for name in variants}
     for seed in range(config.repeats):
@@ -156,8 +186,9 @@ def _time_calls(variants: dict[Attention, SDXLPipeline], shape: Shape,
     return calls
 
 
-def summarize(latencies: list[float], flop_per_image: float, images: int, devices: int,
-              peak_tflops: float | None) -> dict[str, Any]:
+def summarize(
+    latencies: list[float], flop_per_image: float, images: int, devices: int, peak_tflops: float | None
+) -> dict[str, Any]:
     """Throughput and efficiency from call latencies. `peak_tflops` is per device; None leaves out what
     depends on it."""
     from bench.overhead import percentile  # nearest rank, as the other benchmarks report
@@ -166,23 +197,43 @@ def summarize(latencies: list[float], flop_per_image: float, images: int, device
     per_image_device = median * devices / images
     achieved = flop_per_image * images / median / 1e12
     report: dict[str, Any] = {
-        "repeats": len(latencies), "latency_p50_s": median, "latency_p90_s": percentile(latencies, 0.9),
-        "latency_min_s": min(latencies), "images_per_s": images / median, "s_per_image_per_device": per_image_device,
-        "achieved_tflops": achieved, "achieved_tflops_per_device": achieved / devices,
+        "repeats": len(latencies),
+        "latency_p50_s": median,
+        "latency_p90_s": percentile(latencies, 0.9),
+        "latency_min_s": min(latencies),
+        "images_per_s": images / median,
+        "s_per_image_per_device": per_image_device,
+        "achieved_tflops": achieved,
+        "achieved_tflops_per_device": achieved / devices,
     }
     if peak_tflops is not None:
         floor = flop_per_image / (peak_tflops * 1e12)
-        report |= {"peak_tflops_per_device": peak_tflops, "peak_fraction": achieved / devices / peak_tflops,
-                   "floor_s_per_image": floor, "x_floor": per_image_device / floor}
+        report |= {
+            "peak_tflops_per_device": peak_tflops,
+            "peak_fraction": achieved / devices / peak_tflops,
+            "floor_s_per_image": floor,
+            "x_floor": per_image_device / floor,
+        }
     return report
 
 
-def _context(config: GenerateConfig, pipeline: SDXLPipeline, shape: Shape, load_s: float,
-             count_s: float) -> dict[str, Any]:
-    return {"measurement": "generate", "machine": describe(), "device_kind": pipeline.device_kind,
-            "devices": pipeline.devices, "model": config.model, "shape": str(shape), "images": config.images,
-            "images_per_device": pipeline.per_device, "progress": config.progress,
-            "negative_prompt": config.negative_prompt, "load_s": load_s, "flop_count_s": count_s}
+def _context(
+    config: GenerateConfig, pipeline: SDXLPipeline, shape: Shape, load_s: float, count_s: float
+) -> dict[str, Any]:
+    return {
+        "measurement": "generate",
+        "machine": describe(),
+        "device_kind": pipeline.device_kind,
+        "devices": pipeline.devices,
+        "model": config.model,
+        "shape": str(shape),
+        "images": config.images,
+        "images_per_device": pipeline.per_device,
+        "progress": config.progress,
+        "negative_prompt": config.negative_prompt,
+        "load_s": load_s,
+        "flop_count_s": count_s,
+    }
 
 
 def _peak(device_kind: str) -> float | None:
@@ -206,8 +257,10 @@ def table(reports: list[dict[str, Any]]) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(reports))]
     width = max(map(len, keys))
     lines = [f"{k:<{width}}  {_text(reports[0][k])}" for k in shared] + ([""] if shared else [])
-    lines += [f"{k:<{width}}  " + "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True))
-              for k, row in zip(varying, cells, strict=True)]
+    lines += [
+        f"{k:<{width}}  " + "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True))
+        for k, row in zip(varying, cells, strict=True)
+    ]
     return "\n".join(lines)
 
 

@@ -134,13 +134,20 @@ def _outcome(kind: str, body: dict[str, Any], sent_s: float, done_s: float, lag_
     timings = body.get("timings") if kind == OK else None
     timings = timings if isinstance(timings, dict) else {}
     worker = body.get("worker") if kind == OK else None
-    return Outcome(kind=kind, sent_s=sent_s, done_s=done_s, lag_s=lag_s,
-                   worker=str(worker) if worker is not None else None,
-                   queued_ms=timings.get("queued_ms"), generate_ms=timings.get("generate_ms"))
+    return Outcome(
+        kind=kind,
+        sent_s=sent_s,
+        done_s=done_s,
+        lag_s=lag_s,
+        worker=str(worker) if worker is not None else None,
+        queued_ms=timings.get("queued_ms"),
+        generate_ms=timings.get("generate_ms"),
+    )
 
 
-async def send_one(session: aiohttp.ClientSession, config: LoadConfig, index: int, scheduled_s: float,
-                   origin: float) -> Outcome:
+async def send_one(
+    session: aiohttp.ClientSession, config: LoadConfig, index: int, scheduled_s: float, origin: float
+) -> Outcome:
     """Send request `index` now and wait for its answer; client-side failures become error kinds."""
     sent_s = time.perf_counter() - origin
     body: dict[str, Any] = {}
@@ -193,18 +200,37 @@ def summarize(config: LoadConfig, outcomes: list[Outcome]) -> LoadReport:
     elapsed = max((o.done_s for o in outcomes), default=0.0) - first_sent
     # Sends that fell behind schedule (a saturated client) stretch the window and show as a lower rate.
     send_window = max(config.duration_s, max((o.sent_s for o in outcomes), default=0.0))
-    stats = (percentile(latencies, 0.5), percentile(latencies, 0.95), percentile(latencies, 0.99),
-             statistics.fmean(latencies)) if latencies else (None, None, None, None)
+    stats = (
+        (
+            percentile(latencies, 0.5),
+            percentile(latencies, 0.95),
+            percentile(latencies, 0.99),
+            statistics.fmean(latencies),
+        )
+        if latencies
+        else (None, None, None, None)
+    )
     return LoadReport(
-        url=config.url, rate=config.rate, duration_s=config.duration_s, seed=config.seed,
-        sent=len(outcomes), succeeded=len(ok),
+        url=config.url,
+        rate=config.rate,
+        duration_s=config.duration_s,
+        seed=config.seed,
+        sent=len(outcomes),
+        succeeded=len(ok),
         errors=dict(Counter(o.kind for o in outcomes if o.kind != OK).most_common()),
-        offered_rps=len(outcomes) / send_window, throughput_rps=len(ok) / elapsed if elapsed > 0 else 0.0,
-        elapsed_s=elapsed, p50_s=stats[0], p95_s=stats[1], p99_s=stats[2], mean_s=stats[3],
-        queued_ms_p50=_p50(o.queued_ms for o in ok), generate_ms_p50=_p50(o.generate_ms for o in ok),
+        offered_rps=len(outcomes) / send_window,
+        throughput_rps=len(ok) / elapsed if elapsed > 0 else 0.0,
+        elapsed_s=elapsed,
+        p50_s=stats[0],
+        p95_s=stats[1],
+        p99_s=stats[2],
+        mean_s=stats[3],
+        queued_ms_p50=_p50(o.queued_ms for o in ok),
+        generate_ms_p50=_p50(o.generate_ms for o in ok),
         **_mean_cv("generate_ms", [o.generate_ms for o in ok if o.generate_ms is not None]),
         workers=dict(sorted(Counter(o.worker or "?" for o in ok).items())),
-        send_lag_max_ms=max((o.lag_s for o in outcomes), default=0.0) * 1000)
+        send_lag_max_ms=max((o.lag_s for o in outcomes), default=0.0) * 1000,
+    )
 
 
 def _seconds(value: float | None) -> str:
@@ -240,20 +266,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--width", type=_positive_int, default=None, help="default: the cluster's")
     parser.add_argument("--height", type=_positive_int, default=None, help="default: the cluster's")
-    parser.add_argument("--steps", type=_positive_int, default=None,
-                        help="num_inference_steps; default: the cluster's")
+    parser.add_argument("--steps", type=_positive_int, default=None, help="num_inference_steps; default: the cluster's")
     parser.add_argument("--timeout", type=_positive, default=300.0, help="client limit per request, seconds")
-    parser.add_argument("--concurrency-limit", type=_positive_int, default=1000,
-                        help="most connections open at once; beyond it requests wait in the client")
+    parser.add_argument(
+        "--concurrency-limit",
+        type=_positive_int,
+        default=1000,
+        help="most connections open at once; beyond it requests wait in the client",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds the arrival times")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark; returns the exit status (0 when it ran, whatever the gateway answered)."""
-    config = LoadConfig(url=args.url.rstrip("/"), rate=args.rate, duration_s=args.duration, prompt=args.prompt,
-                        width=args.width, height=args.height, steps=args.steps, timeout_s=args.timeout,
-                        concurrency_limit=args.concurrency_limit, seed=args.seed)
+    config = LoadConfig(
+        url=args.url.rstrip("/"),
+        rate=args.rate,
+        duration_s=args.duration,
+        prompt=args.prompt,
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        timeout_s=args.timeout,
+        concurrency_limit=args.concurrency_limit,
+        seed=args.seed,
+    )
     report = asyncio.run(run_load(config))
     print(json.dumps(report.to_json()) if args.json else report_text(report))
     return 0

@@ -54,8 +54,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     for row in rows:
         row["overhead_ms"] = row["total_ms"] - row["generate_ms"]
     keys = ["queued_ms", "generate_ms", "encode_ms", "total_ms", "overhead_ms", "client_ms"]
-    return {k: {"p50": statistics.median(r[k] for r in rows), "p90": percentile([r[k] for r in rows], 0.9)}
-            for k in keys}
+    return {
+        k: {"p50": statistics.median(r[k] for r in rows), "p90": percentile([r[k] for r in rows], 0.9)} for k in keys
+    }
 
 
 async def main() -> None:
@@ -70,12 +71,33 @@ async def main() -> None:
 
     scratch = Path(tempfile.mkdtemp(prefix="sdxl-bench-"))
     redis_port, port = free_port(), free_port()
-    redis_proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(redis_port),  # noqa: ASYNC220 (nothing else runs yet)
-                                   "--save", "", "--appendonly", "no", "--dir", str(scratch)],
-                                  stdout=subprocess.DEVNULL)
+    redis_proc = subprocess.Popen(  # noqa: ASYNC220 (nothing else runs yet)
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(redis_port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(scratch),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    up_args = [sys.executable, "-m", "common.cli", "up", "--redis-url", redis_url, "--port", str(port),
-               "--workers", str(args.workers)]
+    up_args = [
+        sys.executable,
+        "-m",
+        "common.cli",
+        "up",
+        "--redis-url",
+        redis_url,
+        "--port",
+        str(port),
+        "--workers",
+        str(args.workers),
+    ]
     up_args += ["--model", args.model] if args.model else []
     up_args += ["--shapes", args.shapes] if args.shapes else []
     up = subprocess.Popen(up_args, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # noqa: ASYNC220
@@ -96,7 +118,8 @@ async def main() -> None:
 
     report = {
         "machine": describe(),
-        "requests": args.requests, "shapes": [str(s) for w in workers for s in w.shapes][:4],
+        "requests": args.requests,
+        "shapes": [str(s) for w in workers for s in w.shapes][:4],
         "devices": [f"{w.devices}x {w.device_kind}" for w in workers],
         "start_to_ready_s": [round((w.ready_at or 0) - w.started_at, 2) for w in workers],
         "timings_ms": summarize(rows),

@@ -75,8 +75,11 @@ def measure_cost(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "measurement": "progress_cost",
         "machine": f"{describe()}, {with_progress.devices} x {with_progress.device_kind}",
-        "model": args.model, "shape": str(shape), "repeats": args.repeats,
-        "with_progress_median_s": with_s, "without_progress_median_s": without_s,
+        "model": args.model,
+        "shape": str(shape),
+        "repeats": args.repeats,
+        "with_progress_median_s": with_s,
+        "without_progress_median_s": without_s,
         "overhead_pct": 100 * (with_s - without_s) / without_s,
         "per_step_overhead_ms": 1000 * (with_s - without_s) / shape.steps,
         "reports_per_generation": len(steps_seen) / args.repeats,
@@ -86,6 +89,7 @@ def measure_cost(args: argparse.Namespace) -> dict[str, Any]:
 async def measure_latency(url: str, requests: int, steps: int | None) -> dict[str, Any]:
     """Submit-to-`started` and submit-to-first-`progress`, one job at a time."""
     from bench.overhead import percentile  # nearest rank, as the other serving benchmarks report
+
     started_ms: list[float] = []
     progress_ms: list[float] = []
     body: dict[str, Any] = {"prompt": "a lighthouse at dusk"}
@@ -102,9 +106,15 @@ async def measure_latency(url: str, requests: int, steps: int | None) -> dict[st
                 marks = await _first_marks(events)
             started_ms.append((marks["started"] - sent) * 1000)
             progress_ms.append((marks["progress"] - sent) * 1000)
-    return {"measurement": "submit_to_first_progress", "url": url, "requests": requests,
-            "started_p50_ms": statistics.median(started_ms), "progress_p50_ms": statistics.median(progress_ms),
-            "progress_p90_ms": percentile(progress_ms, 0.9), "progress_max_ms": max(progress_ms)}
+    return {
+        "measurement": "submit_to_first_progress",
+        "url": url,
+        "requests": requests,
+        "started_p50_ms": statistics.median(started_ms),
+        "progress_p50_ms": statistics.median(progress_ms),
+        "progress_p90_ms": percentile(progress_ms, 0.9),
+        "progress_max_ms": max(progress_ms),
+    }
 
 
 async def _first_marks(events: aiohttp.ClientResponse) -> dict[str, float]:
@@ -122,5 +132,7 @@ async def _first_marks(events: aiohttp.ClientResponse) -> dict[str, float]:
 
 def _table(report: dict[str, Any]) -> str:
     width = max(map(len, report))
-    return "\n".join(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}"
-                     for key, value in report.items())
+    return "\n".join(
+        f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}"
+        for key, value in report.items()
+    )

@@ -100,6 +100,7 @@ class Report:
 
 # --- Processes
 
+
 def _pinned(cpu: int, argv: Sequence[str]) -> list[str]:
     return ["taskset", "-c", str(cpu), *argv]
 
@@ -109,9 +110,25 @@ async def redis_server(cpu: int) -> AsyncIterator[str]:
     """A private redis-server pinned to `cpu`; yields its URL."""
     scratch = Path(tempfile.mkdtemp(prefix="sdxl-bench-protect-"))
     port = free_port()
-    process = subprocess.Popen(_pinned(cpu, [shutil.which("redis-server") or "redis-server", "--port", str(port),  # noqa: ASYNC220 (quick start)
-                                             "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                                             "--dir", str(scratch)]), stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(  # noqa: ASYNC220 (quick start)
+        _pinned(
+            cpu,
+            [
+                shutil.which("redis-server") or "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(scratch),
+            ],
+        ),
+        stdout=subprocess.DEVNULL,
+    )
     try:
         client = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0")
         for _ in range(200):
@@ -132,10 +149,24 @@ async def redis_server(cpu: int) -> AsyncIterator[str]:
 async def gateway(redis_url: str, cpu: int, *flags: str) -> AsyncIterator[tuple[str, int]]:
     """A gateway process pinned to `cpu` with `flags`; yields its URL and pid."""
     port = free_port()
-    argv = [sys.executable, "-m", "common.cli", "--log-level", "warning", "gateway", "--redis-url", redis_url,
-            "--host", "127.0.0.1", "--port", str(port), *flags]
-    process = await asyncio.create_subprocess_exec(*_pinned(cpu, argv), stdout=subprocess.DEVNULL,
-                                                   stderr=subprocess.DEVNULL)
+    argv = [
+        sys.executable,
+        "-m",
+        "common.cli",
+        "--log-level",
+        "warning",
+        "gateway",
+        "--redis-url",
+        redis_url,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *flags,
+    ]
+    process = await asyncio.create_subprocess_exec(
+        *_pinned(cpu, argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         await wait_http(f"http://127.0.0.1:{port}/healthz", 60)
         yield f"http://127.0.0.1:{port}", process.pid
@@ -160,18 +191,31 @@ def cpu_seconds(pid: int) -> float:
 
 # --- Stand-in workers
 
+
 async def stand_in_workers(redis_url: str, count: int, service_s: float, stop: asyncio.Event) -> None:
     """`count` workers serving SHAPE: each claims a job, waits `service_s`, stores four tiny images."""
     redis = aioredis.Redis.from_url(redis_url)
     try:
         registry = Registry(redis, KEYS)
-        infos = [WorkerInfo(id=f"stand-in-{k}", host="bench", pid=os.getpid(), model="none", images_per_request=4,
-                            state="ready", shapes=[SHAPE], started_at=time.time()) for k in range(count)]
+        infos = [
+            WorkerInfo(
+                id=f"stand-in-{k}",
+                host="bench",
+                pid=os.getpid(),
+                model="none",
+                images_per_request=4,
+                state="ready",
+                shapes=[SHAPE],
+                started_at=time.time(),
+            )
+            for k in range(count)
+        ]
         for info in infos:
             await JobQueue(redis, KEYS).ensure_group(KEYS.shape_stream(SHAPE))
             await registry.publish(info, ttl_s=30)
-        await asyncio.gather(*(_serve(redis, info.id, service_s, stop) for info in infos),
-                             _heartbeat(registry, infos, stop))
+        await asyncio.gather(
+            *(_serve(redis, info.id, service_s, stop) for info in infos), _heartbeat(registry, infos, stop)
+        )
     finally:
         await redis.aclose()
 
@@ -185,9 +229,17 @@ async def _serve(redis: aioredis.Redis, worker_id: str, service_s: float, stop: 
         started = await queue.start(claimed, worker_id)
         await asyncio.sleep(service_s)
         job = claimed.job
-        result = JobResult(id=job.id, status="succeeded", worker=worker_id, seed=job.seed, shape=job.shape,
-                           image_count=4, timings=Timings(queued_ms=float((started or 0) - claimed.enqueued_ms),
-                                                          generate_ms=service_s * 1000, encode_ms=0.0))
+        result = JobResult(
+            id=job.id,
+            status="succeeded",
+            worker=worker_id,
+            seed=job.seed,
+            shape=job.shape,
+            image_count=4,
+            timings=Timings(
+                queued_ms=float((started or 0) - claimed.enqueued_ms), generate_ms=service_s * 1000, encode_ms=0.0
+            ),
+        )
         await queue.complete(claimed, result, [b"\x89PNG stand-in"] * 4)
 
 
@@ -200,8 +252,10 @@ async def _heartbeat(registry: Registry, infos: list[WorkerInfo], stop: asyncio.
 
 # --- Load
 
-async def closed_loop(url: str, body: dict[str, Any], connections: int,
-                      duration_s: float) -> tuple[Counter[str], float]:
+
+async def closed_loop(
+    url: str, body: dict[str, Any], connections: int, duration_s: float
+) -> tuple[Counter[str], float]:
     """`connections` clients each POSTing /v1/jobs back to back for `duration_s`; answers by status."""
     statuses: Counter[str] = Counter()
     deadline = time.perf_counter() + duration_s
@@ -220,20 +274,25 @@ async def closed_loop(url: str, body: dict[str, Any], connections: int,
     return statuses, time.perf_counter() - started
 
 
-async def measure_throughput(name: str, url: str, pid: int, body: dict[str, Any], connections: int,
-                             duration_s: float) -> ThroughputRun:
+async def measure_throughput(
+    name: str, url: str, pid: int, body: dict[str, Any], connections: int, duration_s: float
+) -> ThroughputRun:
     await closed_loop(url, body, connections, min(1.0, duration_s))  # warm up connections and caches
     gateway_cpu, client_cpu = cpu_seconds(pid), _own_cpu_s()
     statuses, seconds = await closed_loop(url, body, connections, duration_s)
     gateway_used, client_used = cpu_seconds(pid) - gateway_cpu, _own_cpu_s() - client_cpu
     answered = sum(statuses.values())
     per_request_us = 1e6 * gateway_used / answered if answered else 0.0
-    return ThroughputRun(name=name, statuses=dict(statuses), seconds=round(seconds, 2),
-                         requests_per_s=round(answered / seconds, 1),
-                         gateway_cpu_pct=round(100 * gateway_used / seconds, 1),
-                         client_cpu_pct=round(100 * client_used / seconds, 1),
-                         gateway_cpu_us_per_request=round(per_request_us, 1),
-                         one_core_ceiling_per_s=round(1e6 / per_request_us) if per_request_us else 0.0)
+    return ThroughputRun(
+        name=name,
+        statuses=dict(statuses),
+        seconds=round(seconds, 2),
+        requests_per_s=round(answered / seconds, 1),
+        gateway_cpu_pct=round(100 * gateway_used / seconds, 1),
+        client_cpu_pct=round(100 * client_used / seconds, 1),
+        gateway_cpu_us_per_request=round(per_request_us, 1),
+        one_core_ceiling_per_s=round(1e6 / per_request_us) if per_request_us else 0.0,
+    )
 
 
 def _own_cpu_s() -> float:
@@ -266,10 +325,17 @@ async def one_burst(url: str, pid: int, redis_url: str, clients: int) -> BurstRu
     jobs = await _job_records(redis) - jobs_before
     await redis.aclose()
     statuses = Counter(status for status, _ in answers)  # "200", or "STATUS CODE" for a refusal
-    return BurstRun(clients=clients, statuses=dict(statuses), accepted=jobs,
-                    completed=sum(1 for status, images in answers if status == "200" and images == 4),
-                    jobs_in_redis=jobs, seconds=round(seconds, 2), rss_before_mib=round(before, 1),
-                    rss_peak_mib=round(peak[0], 1), rss_after_mib=round(rss_mib(pid), 1))
+    return BurstRun(
+        clients=clients,
+        statuses=dict(statuses),
+        accepted=jobs,
+        completed=sum(1 for status, images in answers if status == "200" and images == 4),
+        jobs_in_redis=jobs,
+        seconds=round(seconds, 2),
+        rss_before_mib=round(before, 1),
+        rss_peak_mib=round(peak[0], 1),
+        rss_after_mib=round(rss_mib(pid), 1),
+    )
 
 
 async def _generate(session: aiohttp.ClientSession, url: str, seed: int) -> tuple[str, int]:
@@ -289,23 +355,31 @@ async def _job_records(redis: aioredis.Redis) -> int:
 
 # --- The run
 
+
 async def run(args: argparse.Namespace) -> Report:
     os.sched_setaffinity(0, {args.client_cpu})
-    report = Report(machine=f"{os.uname().nodename} {os.uname().machine}, {os.cpu_count()} CPUs",
-                    gateway_cpu=args.gateway_cpu, client_cpu=args.client_cpu, max_queue_depth=args.max_queue_depth,
-                    workers=args.workers, service_ms=args.service_ms)
+    report = Report(
+        machine=f"{os.uname().nodename} {os.uname().machine}, {os.cpu_count()} CPUs",
+        gateway_cpu=args.gateway_cpu,
+        client_cpu=args.client_cpu,
+        max_queue_depth=args.max_queue_depth,
+        workers=args.workers,
+        service_ms=args.service_ms,
+    )
     async with redis_server(args.client_cpu) as redis_url:
         stop = asyncio.Event()
         workers = asyncio.create_task(stand_in_workers(redis_url, args.workers, args.service_ms / 1000, stop))
         await asyncio.sleep(0.5)
         phases: list[tuple[str, dict[str, Any], list[str]]] = [
-                  ("429 rate_limited", VALID, ["--rate-limit-address-submit", "1/h:1"]),
-                  ("400 invalid body", INVALID, ["--rate-limit-address-submit", "1000000/s:1000000"]),
-                  ("400 invalid body, no limiter", INVALID, NO_LIMITS)]
+            ("429 rate_limited", VALID, ["--rate-limit-address-submit", "1/h:1"]),
+            ("400 invalid body", INVALID, ["--rate-limit-address-submit", "1000000/s:1000000"]),
+            ("400 invalid body, no limiter", INVALID, NO_LIMITS),
+        ]
         for name, body, flags in phases:
             async with gateway(redis_url, args.gateway_cpu, *flags) as (url, pid):
-                report.throughput.append(await measure_throughput(name, url, pid, body, args.connections,
-                                                                  args.duration))
+                report.throughput.append(
+                    await measure_throughput(name, url, pid, body, args.connections, args.duration)
+                )
         flags = [*NO_LIMITS, "--max-queue-depth", str(args.max_queue_depth), "--request-timeout", "600"]
         async with gateway(redis_url, args.gateway_cpu, *flags) as (url, pid):
             await closed_loop(url, VALID, 4, 0.5)  # the idle figure is taken after a first few requests
@@ -319,20 +393,29 @@ async def run(args: argparse.Namespace) -> Report:
 
 
 def render(report: Report) -> str:
-    lines = [f"machine: {report.machine}; gateway on CPU {report.gateway_cpu}, client and Redis on CPU "
-             f"{report.client_cpu}", "",
-             f"{'answer':<30} {'req/s':>8} {'gateway CPU':>11} {'client CPU':>10} {'CPU us/req':>10} "
-             f"{'1-core req/s':>12}  statuses"]
+    lines = [
+        f"machine: {report.machine}; gateway on CPU {report.gateway_cpu}, client and Redis on CPU {report.client_cpu}",
+        "",
+        f"{'answer':<30} {'req/s':>8} {'gateway CPU':>11} {'client CPU':>10} {'CPU us/req':>10} "
+        f"{'1-core req/s':>12}  statuses",
+    ]
     for t in report.throughput:
-        lines.append(f"{t.name:<30} {t.requests_per_s:>8.1f} {t.gateway_cpu_pct:>10.1f}% {t.client_cpu_pct:>9.1f}% "
-                     f"{t.gateway_cpu_us_per_request:>10.1f} {t.one_core_ceiling_per_s:>12.0f}  {t.statuses}")
-    lines += ["", f"bursts: max queue depth {report.max_queue_depth}, {report.workers} stand-in workers at "
-                  f"{report.service_ms:g} ms a job; gateway RSS idle {report.rss_idle_mib} MiB",
-              f"{'clients':>8} {'statuses':<28} {'accepted':>8} {'completed':>9} {'s':>6} "
-              f"{'RSS before':>10} {'peak':>7} {'after':>7} (MiB)"]
+        lines.append(
+            f"{t.name:<30} {t.requests_per_s:>8.1f} {t.gateway_cpu_pct:>10.1f}% {t.client_cpu_pct:>9.1f}% "
+            f"{t.gateway_cpu_us_per_request:>10.1f} {t.one_core_ceiling_per_s:>12.0f}  {t.statuses}"
+        )
+    lines += [
+        "",
+        f"bursts: max queue depth {report.max_queue_depth}, {report.workers} stand-in workers at "
+        f"{report.service_ms:g} ms a job; gateway RSS idle {report.rss_idle_mib} MiB",
+        f"{'clients':>8} {'statuses':<28} {'accepted':>8} {'completed':>9} {'s':>6} "
+        f"{'RSS before':>10} {'peak':>7} {'after':>7} (MiB)",
+    ]
     for b in report.bursts:
-        lines.append(f"{b.clients:>8} {json.dumps(b.statuses):<28} {b.accepted:>8} {b.completed:>9} {b.seconds:>6} "
-                     f"{b.rss_before_mib:>10} {b.rss_peak_mib:>7} {b.rss_after_mib:>7}")
+        lines.append(
+            f"{b.clients:>8} {json.dumps(b.statuses):<28} {b.accepted:>8} {b.completed:>9} {b.seconds:>6} "
+            f"{b.rss_before_mib:>10} {b.rss_peak_mib:>7} {b.rss_after_mib:>7}"
+        )
     return "\n".join(lines)
 
 

@@ -68,8 +68,10 @@ class SimConfig:
         ]
         if self.service_times_s is not None:
             checks += [
-                (len(self.service_times_s) == self.workers,
-                 f"workers ({self.workers}) != number of service_times_s ({len(self.service_times_s)})"),
+                (
+                    len(self.service_times_s) == self.workers,
+                    f"workers ({self.workers}) != number of service_times_s ({len(self.service_times_s)})",
+                ),
                 (all(s > 0 for s in self.service_times_s), "every service_times_s entry must be > 0"),
             ]
         for ok, message in checks:
@@ -125,15 +127,27 @@ class SimResult:
         """Flat keys, one object per policy: what `--json` prints."""
         config = self.config
         row: dict[str, Any] = {
-            "policy": self.policy, "workers": config.workers, "load": config.load,
-            "service_time_s": config.service_time_s, "jitter": config.cv, "distribution": config.distribution,
-            "requests": config.requests, "seed": config.seed, "overhead_ms": config.overhead_s * 1000,
+            "policy": self.policy,
+            "workers": config.workers,
+            "load": config.load,
+            "service_time_s": config.service_time_s,
+            "jitter": config.cv,
+            "distribution": config.distribution,
+            "requests": config.requests,
+            "seed": config.seed,
+            "overhead_ms": config.overhead_s * 1000,
             "arrival_rate_rps": round(config.arrival_rate, 6),
         }
         if config.service_times_s is not None:
             row["service_times_s"] = list(config.service_times_s)
-        stats = {"p50_s": self.p50_s, "p95_s": self.p95_s, "p99_s": self.p99_s, "mean_s": self.mean_s,
-                 "throughput_rps": self.throughput_rps, "utilisation": self.utilisation}
+        stats = {
+            "p50_s": self.p50_s,
+            "p95_s": self.p95_s,
+            "p99_s": self.p99_s,
+            "mean_s": self.mean_s,
+            "throughput_rps": self.throughput_rps,
+            "utilisation": self.utilisation,
+        }
         return row | {key: round(value, 6) for key, value in stats.items()}
 
 
@@ -154,7 +168,7 @@ def unit_sizes(rng: random.Random, count: int, distribution: Distribution, cv: f
     if distribution == "gamma":
         return [rng.gammavariate(1 / cv**2, cv**2) for _ in range(count)]
     sigma = math.sqrt(math.log1p(cv**2))
-    return [rng.lognormvariate(-sigma**2 / 2, sigma) for _ in range(count)]
+    return [rng.lognormvariate(-(sigma**2) / 2, sigma) for _ in range(count)]
 
 
 def make_workload(config: SimConfig) -> Workload:
@@ -241,41 +255,61 @@ def compare(config: SimConfig) -> list[SimResult]:
     return [simulate(policy, config, workload) for policy in POLICIES]
 
 
-def _result(policy: Policy, config: SimConfig, workload: Workload, workers: list[int],
-            finishes: list[float]) -> SimResult:
+def _result(
+    policy: Policy, config: SimConfig, workload: Workload, workers: list[int], finishes: list[float]
+) -> SimResult:
     skip = config.warmup_requests
-    latencies = sorted(finish - arrival + config.overhead_s
-                       for arrival, finish in zip(workload.arrivals[skip:], finishes[skip:], strict=True))
+    latencies = sorted(
+        finish - arrival + config.overhead_s
+        for arrival, finish in zip(workload.arrivals[skip:], finishes[skip:], strict=True)
+    )
     means = config.means_s
     busy = sum(means[worker] * size for worker, size in zip(workers, workload.sizes, strict=True))
     makespan = max(finishes)
     return SimResult(
-        policy=policy, config=config, p50_s=percentile(latencies, 0.50), p95_s=percentile(latencies, 0.95),
-        p99_s=percentile(latencies, 0.99), mean_s=statistics.fmean(latencies),
-        throughput_rps=config.requests / makespan, utilisation=busy / (config.workers * makespan))
+        policy=policy,
+        config=config,
+        p50_s=percentile(latencies, 0.50),
+        p95_s=percentile(latencies, 0.95),
+        p99_s=percentile(latencies, 0.99),
+        mean_s=statistics.fmean(latencies),
+        throughput_rps=config.requests / makespan,
+        utilisation=busy / (config.workers * makespan),
+    )
 
 
-def sweep(base: SimConfig, workers: Sequence[int] = SWEEP_WORKERS, loads: Sequence[float] = SWEEP_LOADS,
-          per_worker: int = SWEEP_PER_WORKER) -> list[list[SimResult]]:
+def sweep(
+    base: SimConfig,
+    workers: Sequence[int] = SWEEP_WORKERS,
+    loads: Sequence[float] = SWEEP_LOADS,
+    per_worker: int = SWEEP_PER_WORKER,
+) -> list[list[SimResult]]:
     """`compare` at every cluster size and load, the other settings taken from `base`.
 
     A run has max(base.requests, per_worker x N) requests: with a fixed total, each of 256 workers would
     see about 80 jobs, too few for its own queue (random, p2c) to fill up, and their p99 would come out
     far below the steady state's.
     """
-    return [compare(replace(base, workers=n, load=load, requests=max(base.requests, per_worker * n)))
-            for n in workers for load in loads]
+    return [
+        compare(replace(base, workers=n, load=load, requests=max(base.requests, per_worker * n)))
+        for n in workers
+        for load in loads
+    ]
 
 
 def sweep_table(rows: list[list[SimResult]]) -> str:
     """A markdown table of p99 latency by policy, one row per configuration."""
-    lines = ["| workers | load | requests | shared p99 (s) | p2c p99 (s) | random p99 (s) | shared / random |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| workers | load | requests | shared p99 (s) | p2c p99 (s) | random p99 (s) | shared / random |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for results in rows:
         p99 = {result.policy: result.p99_s for result in results}
         config = results[0].config
-        lines.append(f"| {config.workers} | {config.load:.2f} | {config.requests} | {p99['shared']:.2f} "
-                     f"| {p99['p2c']:.2f} | {p99['random']:.2f} | {p99['shared'] / p99['random']:.2f} |")
+        lines.append(
+            f"| {config.workers} | {config.load:.2f} | {config.requests} | {p99['shared']:.2f} "
+            f"| {p99['p2c']:.2f} | {p99['random']:.2f} | {p99['shared'] / p99['random']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -286,22 +320,28 @@ def results_table(results: list[SimResult]) -> str:
         means = f"per-worker means {list(config.service_times_s)} s"
     else:
         means = f"service {config.service_time_s} s"
-    lines = [f"{config.workers} workers, load {config.load:.2f} ({config.arrival_rate:.3f} req/s), {means} "
-             f"{config.distribution} cv {config.cv}, {config.requests} requests (first {config.warmup:.0%} "
-             f"warm-up), seed {config.seed}",
-             f"{'policy':<8}{'p50 s':>9}{'p95 s':>9}{'p99 s':>9}{'mean s':>9}{'req/s':>9}{'util':>7}"]
+    lines = [
+        f"{config.workers} workers, load {config.load:.2f} ({config.arrival_rate:.3f} req/s), {means} "
+        f"{config.distribution} cv {config.cv}, {config.requests} requests (first {config.warmup:.0%} "
+        f"warm-up), seed {config.seed}",
+        f"{'policy':<8}{'p50 s':>9}{'p95 s':>9}{'p99 s':>9}{'mean s':>9}{'req/s':>9}{'util':>7}",
+    ]
     for r in results:
-        lines.append(f"{r.policy:<8}{r.p50_s:>9.3f}{r.p95_s:>9.3f}{r.p99_s:>9.3f}{r.mean_s:>9.3f}"
-                     f"{r.throughput_rps:>9.3f}{r.utilisation:>7.3f}")
+        lines.append(
+            f"{r.policy:<8}{r.p50_s:>9.3f}{r.p95_s:>9.3f}{r.p99_s:>9.3f}{r.mean_s:>9.3f}"
+            f"{r.throughput_rps:>9.3f}{r.utilisation:>7.3f}"
+        )
     return "\n".join(lines)
 
 
-def number_type(kind: Callable[[str], float], low: float, high: float = math.inf,
-            low_inclusive: bool = False) -> Callable[[str], float]:
+def number_type(
+    kind: Callable[[str], float], low: float, high: float = math.inf, low_inclusive: bool = False
+) -> Callable[[str], float]:
     """An argparse type: `kind(text)` within (low, high), or [low, high) with `low_inclusive`.
 
     Out-of-range values fail at parse time, so the command exits 2 with the flag named.
     """
+
     def parse(text: str) -> float:
         try:
             value = kind(text)
@@ -311,6 +351,7 @@ def number_type(kind: Callable[[str], float], low: float, high: float = math.inf
             bounds = f"{'[' if low_inclusive else '('}{low}, {high})"
             raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
         return value
+
     return parse
 
 
@@ -333,25 +374,49 @@ def _service_times(text: str) -> tuple[float, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare this benchmark's flags."""
     parser.add_argument("--workers", type=_positive_int, default=None, help="cluster size N (default 4)")
-    parser.add_argument("--load", type=_positive, default=0.8,
-                        help="utilisation rho: arrivals at rho x capacity (default 0.8)")
-    parser.add_argument("--service-time", type=_positive, default=DEFAULT_SERVICE_TIME_S,
-                        help=f"mean seconds per request (default {DEFAULT_SERVICE_TIME_S}: TPU v5e-4, 4x 1024^2)")
-    parser.add_argument("--service-times", type=_service_times, default=None, metavar="S1,S2,...",
-                        help="each worker's own mean service time; sets N, capacity is sum(1/S_i)")
-    parser.add_argument("--jitter", type=_non_negative, default=0.05,
-                        help="coefficient of variation of service times; 0 = deterministic (default 0.05)")
-    parser.add_argument("--distribution", choices=DISTRIBUTIONS, default="lognormal",
-                        help="service-time distribution (exp: exponential, CV 1, ignores --jitter)")
+    parser.add_argument(
+        "--load", type=_positive, default=0.8, help="utilisation rho: arrivals at rho x capacity (default 0.8)"
+    )
+    parser.add_argument(
+        "--service-time",
+        type=_positive,
+        default=DEFAULT_SERVICE_TIME_S,
+        help=f"mean seconds per request (default {DEFAULT_SERVICE_TIME_S}: TPU v5e-4, 4x 1024^2)",
+    )
+    parser.add_argument(
+        "--service-times",
+        type=_service_times,
+        default=None,
+        metavar="S1,S2,...",
+        help="each worker's own mean service time; sets N, capacity is sum(1/S_i)",
+    )
+    parser.add_argument(
+        "--jitter",
+        type=_non_negative,
+        default=0.05,
+        help="coefficient of variation of service times; 0 = deterministic (default 0.05)",
+    )
+    parser.add_argument(
+        "--distribution",
+        choices=DISTRIBUTIONS,
+        default="lognormal",
+        help="service-time distribution (exp: exponential, CV 1, ignores --jitter)",
+    )
     parser.add_argument("--requests", type=_positive_int, default=20_000, help="requests per run")
     parser.add_argument("--warmup", type=_fraction, default=0.1, help="fraction of requests left out of statistics")
-    parser.add_argument("--overhead-ms", type=_non_negative, default=0.0,
-                        help="fixed serving overhead added to every latency")
+    parser.add_argument(
+        "--overhead-ms", type=_non_negative, default=0.0, help="fixed serving overhead added to every latency"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sweep", action="store_true",
-                        help=f"N in {SWEEP_WORKERS} x load in {SWEEP_LOADS}: a markdown table of p99")
-    parser.add_argument("--sweep-per-worker", type=_positive_int, default=SWEEP_PER_WORKER,
-                        help="in the sweep, at least this many requests per worker in a run (default %(default)s)")
+    parser.add_argument(
+        "--sweep", action="store_true", help=f"N in {SWEEP_WORKERS} x load in {SWEEP_LOADS}: a markdown table of p99"
+    )
+    parser.add_argument(
+        "--sweep-per-worker",
+        type=_positive_int,
+        default=SWEEP_PER_WORKER,
+        help="in the sweep, at least this many requests per worker in a run (default %(default)s)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per policy (and configuration) a line")
 
 
@@ -363,9 +428,18 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     if service_times is not None and args.sweep:
         raise ConfigError("--sweep sets the cluster size: it does not combine with --service-times")
     workers = len(service_times) if service_times else (args.workers or 4)
-    return SimConfig(workers=workers, load=args.load, service_time_s=args.service_time, jitter=args.jitter,
-                     distribution=args.distribution, requests=args.requests, seed=args.seed,
-                     overhead_s=args.overhead_ms / 1000, warmup=args.warmup, service_times_s=service_times)
+    return SimConfig(
+        workers=workers,
+        load=args.load,
+        service_time_s=args.service_time,
+        jitter=args.jitter,
+        distribution=args.distribution,
+        requests=args.requests,
+        seed=args.seed,
+        overhead_s=args.overhead_ms / 1000,
+        warmup=args.warmup,
+        service_times_s=service_times,
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -376,9 +450,11 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print("\n".join(json.dumps(result.to_json()) for results in rows for result in results))
     elif args.sweep:
-        print(f"p99 latency by routing policy: service {config.service_time_s} s {config.distribution} "
-              f"cv {config.cv}, max({config.requests}, {args.sweep_per_worker} x N) requests per run, "
-              f"seed {config.seed} ({time.perf_counter() - started:.1f} s to simulate)\n")
+        print(
+            f"p99 latency by routing policy: service {config.service_time_s} s {config.distribution} "
+            f"cv {config.cv}, max({config.requests}, {args.sweep_per_worker} x N) requests per run, "
+            f"seed {config.seed} ({time.perf_counter() - started:.1f} s to simulate)\n"
+        )
         print(sweep_table(rows))
     else:
         print(results_table(rows[0]))

@@ -41,8 +41,9 @@ PHASES = ("init", "load", "lower", "compile", "warmup")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="hub id or local diffusers directory (default: the tiny model, made "
-                                        "on first use)")
+    parser.add_argument(
+        "--model", help="hub id or local diffusers directory (default: the tiny model, made on first use)"
+    )
     parser.add_argument("--shapes", help="WIDTHxHEIGHTxSTEPS,... (default: the worker's default)")
     parser.add_argument("--runs", type=int, default=3, help="worker starts: one cold, then warm ones")
     parser.add_argument("--cpu-devices", type=int, default=4)
@@ -75,15 +76,39 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 redis_process.terminate()
                 await redis_process.wait()
     cold, warm = runs[0]["start_to_ready_s"], statistics.median(r["start_to_ready_s"] for r in runs[1:])
-    return {"measurement": "worker_start", "machine": describe(),
-            "model": model, "shapes": args.shapes, "runs": runs, "cold_s": cold, "warm_median_s": warm,
-            "warm_over_cold": warm / cold}
+    return {
+        "measurement": "worker_start",
+        "machine": describe(),
+        "model": model,
+        "shapes": args.shapes,
+        "runs": runs,
+        "cold_s": cold,
+        "warm_median_s": warm,
+        "warm_over_cold": warm / cold,
+    }
 
 
 async def _start_once(args: argparse.Namespace, redis_url: str, model: str, cache: Path, n: int) -> dict[str, Any]:
-    command = [sys.executable, "-m", "common.cli", "worker", "--redis-url", redis_url, "--key-prefix", PREFIX,
-               "--model", model, "--worker-id", f"bench-start-{n}", "--cpu-devices", str(args.cpu_devices),
-               "--images-per-request", str(args.images_per_request), "--compile-cache", str(cache)]
+    command = [
+        sys.executable,
+        "-m",
+        "common.cli",
+        "worker",
+        "--redis-url",
+        redis_url,
+        "--key-prefix",
+        PREFIX,
+        "--model",
+        model,
+        "--worker-id",
+        f"bench-start-{n}",
+        "--cpu-devices",
+        str(args.cpu_devices),
+        "--images-per-request",
+        str(args.images_per_request),
+        "--compile-cache",
+        str(cache),
+    ]
     if args.shapes:
         command += ["--shapes", args.shapes]
     spawned = time.perf_counter()
@@ -97,10 +122,15 @@ async def _start_once(args: argparse.Namespace, redis_url: str, model: str, cach
             process.send_signal(signal.SIGTERM)
         await process.wait()
     phases = {phase: samples.get(("sdxl_worker_startup_seconds", phase), 0.0) for phase in PHASES}
-    return {"run": n, "cache": "cold" if n == 0 else "warm", "wall_s": wall,
-            "start_to_ready_s": samples[("sdxl_worker_start_to_ready_seconds", "")], **phases,
-            "cache_hits": int(samples.get(("sdxl_worker_compile_cache_total", "hit"), 0)),
-            "cache_misses": int(samples.get(("sdxl_worker_compile_cache_total", "miss"), 0))}
+    return {
+        "run": n,
+        "cache": "cold" if n == 0 else "warm",
+        "wall_s": wall,
+        "start_to_ready_s": samples[("sdxl_worker_start_to_ready_seconds", "")],
+        **phases,
+        "cache_hits": int(samples.get(("sdxl_worker_compile_cache_total", "hit"), 0)),
+        "cache_misses": int(samples.get(("sdxl_worker_compile_cache_total", "miss"), 0)),
+    }
 
 
 async def _wait_ready(redis_url: str, process: asyncio.subprocess.Process, timeout_s: float) -> WorkerInfo:
@@ -122,17 +152,23 @@ async def _scrape(url: str) -> dict[tuple[str, str], float]:
     """Samples keyed by name and the value of their one label ('' for none)."""
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         text = await response.text()
-    return {(s.name, next(iter(s.labels.values()), "")): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, next(iter(s.labels.values()), "")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def render(report: dict[str, Any]) -> str:
     columns = ("run", "cache", "wall_s", "start_to_ready_s", *PHASES, "cache_hits", "cache_misses")
-    lines = [f"{report['machine']}; model {report['model']}; shapes {report['shapes'] or 'default'}",
-             "  ".join(f"{c:>16}" for c in columns)]
+    lines = [
+        f"{report['machine']}; model {report['model']}; shapes {report['shapes'] or 'default'}",
+        "  ".join(f"{c:>16}" for c in columns),
+    ]
     for run in report["runs"]:
-        lines.append("  ".join(f"{run[c]:>16.2f}" if isinstance(run[c], float) else f"{run[c]:>16}"
-                               for c in columns))
-    lines.append(f"cold {report['cold_s']:.2f}s, warm median {report['warm_median_s']:.2f}s: warm is "
-                 f"{100 * report['warm_over_cold']:.0f}% of cold")
+        lines.append("  ".join(f"{run[c]:>16.2f}" if isinstance(run[c], float) else f"{run[c]:>16}" for c in columns))
+    lines.append(
+        f"cold {report['cold_s']:.2f}s, warm median {report['warm_median_s']:.2f}s: warm is "
+        f"{100 * report['warm_over_cold']:.0f}% of cold"
+    )
     return "\n".join(lines)

@@ -79,8 +79,10 @@ def parse_keys_file(text: str, source: str = "keys file") -> KeyRing:
         match = _DIGEST_RE.match(words[0].lower())
         status = words[1].lower() if len(words) > 1 else "active"
         if match is None or len(words) > 2 or status not in ("active", "revoked"):
-            raise KeysFileError(f"{source}, line {number}: expected a SHA-256 hex digest, optionally followed "
-                                "by `revoked` (generate one with `sdxl-serve keys new`)")
+            raise KeysFileError(
+                f"{source}, line {number}: expected a SHA-256 hex digest, optionally followed "
+                "by `revoked` (generate one with `sdxl-serve keys new`)"
+            )
         (revoked if status == "revoked" else active).add(match[1])
     return KeyRing(active=frozenset(active - revoked), revoked=frozenset(revoked))
 

@@ -75,21 +75,47 @@ class Cluster:
     async def _start(self, redis_url: str) -> None:
         accelerator = await _accelerator_backend()
         if accelerator and self.args.workers > 1:
-            raise ClusterError(f"each worker takes every local {accelerator} device; run --workers 1 "
-                               "per host (add hosts with `sdxl-serve worker --redis-url ...`)")
+            raise ClusterError(
+                f"each worker takes every local {accelerator} device; run --workers 1 "
+                "per host (add hosts with `sdxl-serve worker --redis-url ...`)"
+            )
         model = self.args.model or await self._default_model(accelerator)
-        await self._spawn("gateway", "gateway", "--redis-url", redis_url, "--key-prefix", self.args.key_prefix,
-                          "--host", self.args.host, "--port", str(self.args.port), "--routing", self.args.routing)
+        await self._spawn(
+            "gateway",
+            "gateway",
+            "--redis-url",
+            redis_url,
+            "--key-prefix",
+            self.args.key_prefix,
+            "--host",
+            self.args.host,
+            "--port",
+            str(self.args.port),
+            "--routing",
+            self.args.routing,
+        )
         for index in range(self.args.workers):
             await self._spawn(f"worker-{index}", "worker", *self._worker_args(redis_url, model))
         await self._wait_ready(redis_url)
 
     def _worker_args(self, redis_url: str, model: str) -> list[str]:
         # Any free metrics port, whatever SDXL_SERVE_METRICS_PORT says: the workers share this host.
-        args = ["--redis-url", redis_url, "--key-prefix", self.args.key_prefix, "--model", model,
-                "--images-per-request", str(self.args.images_per_request),
-                "--cpu-devices", str(self.args.cpu_devices), "--metrics-port", "0",
-                "--attention", self.args.attention]
+        args = [
+            "--redis-url",
+            redis_url,
+            "--key-prefix",
+            self.args.key_prefix,
+            "--model",
+            model,
+            "--images-per-request",
+            str(self.args.images_per_request),
+            "--cpu-devices",
+            str(self.args.cpu_devices),
+            "--metrics-port",
+            "0",
+            "--attention",
+            self.args.attention,
+        ]
         if self.args.revision:
             args += ["--revision", self.args.revision]
         if self.args.shapes:
@@ -97,8 +123,12 @@ class Cluster:
         if self.args.compile_cache is None:
             args.append("--no-compile-cache")
         else:
-            args += ["--compile-cache", str(self.args.compile_cache),
-                     "--compile-cache-max-gb", str(self.args.compile_cache_max_gb)]
+            args += [
+                "--compile-cache",
+                str(self.args.compile_cache),
+                "--compile-cache-max-gb",
+                str(self.args.compile_cache_max_gb),
+            ]
         return args
 
     async def _default_model(self, accelerator: str | None) -> str:
@@ -107,8 +137,12 @@ class Cluster:
         if accelerator:
             return DEFAULT_MODEL
         directory = self.args.cache_dir / "tiny-model"
-        print(f"no accelerator and no --model: using the tiny random-weight SDXL model at {directory} "
-              "(its images are noise)", file=sys.stderr, flush=True)
+        print(
+            f"no accelerator and no --model: using the tiny random-weight SDXL model at {directory} "
+            "(its images are noise)",
+            file=sys.stderr,
+            flush=True,
+        )
         return await ensure_tiny_model(directory)
 
     async def _start_redis(self, scratch: Path) -> str:
@@ -116,8 +150,16 @@ class Cluster:
         return url
 
     async def _spawn(self, name: str, *args: str) -> None:
-        process = await _exec(sys.executable, "-m", "common.cli", "--log-level", self.args.log_level,
-                              "--log-format", self.args.log_format, *args)
+        process = await _exec(
+            sys.executable,
+            "-m",
+            "common.cli",
+            "--log-level",
+            self.args.log_level,
+            "--log-format",
+            self.args.log_format,
+            *args,
+        )
         self._children.append((name, process))
 
     async def _wait_ready(self, redis_url: str) -> None:
@@ -126,8 +168,9 @@ class Cluster:
             ready = asyncio.create_task(self._ready(redis))
             died = [asyncio.create_task(p.wait(), name=n) for n, p in self._children]
             stop = asyncio.create_task(self._stop.wait())
-            done, _ = await asyncio.wait([ready, stop, *died], timeout=self.args.ready_timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                [ready, stop, *died], timeout=self.args.ready_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
             for task in [ready, stop, *died]:
                 task.cancel()
             if not done:
@@ -199,8 +242,20 @@ async def start_redis_server(scratch: Path) -> tuple[asyncio.subprocess.Process,
     if server is None:
         raise ClusterError("redis-server not found: install it (apt-get install redis-server) or pass --redis-url")
     port = free_port()
-    process = await _exec(server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                          "--dir", str(scratch), stdout=asyncio.subprocess.PIPE)
+    process = await _exec(
+        server,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(scratch),
+        stdout=asyncio.subprocess.PIPE,
+    )
     await _wait_for_line(process, b"Ready to accept connections", "redis-server")
     logger.info("started redis-server on port %d", port)
     return process, f"redis://127.0.0.1:{port}/0"
@@ -208,8 +263,9 @@ async def start_redis_server(scratch: Path) -> tuple[asyncio.subprocess.Process,
 
 async def _exec(*argv: str, stdout: int = _STDERR) -> asyncio.subprocess.Process:
     """Start a child; its stdout goes to our stderr, so our stdout carries only the `ready:` line."""
-    return await asyncio.create_subprocess_exec(*argv, stdout=stdout, stdin=asyncio.subprocess.DEVNULL,
-                                                preexec_fn=_die_with_parent)
+    return await asyncio.create_subprocess_exec(
+        *argv, stdout=stdout, stdin=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent
+    )
 
 
 def _die_with_parent() -> None:
@@ -247,9 +303,9 @@ async def _accelerator_backend() -> str | None:
     holds the devices the workers need."""
     code = "import jax; print(jax.default_backend())"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    process = await asyncio.create_subprocess_exec(sys.executable, "-c", code, env=env,
-                                                   stdout=asyncio.subprocess.PIPE,
-                                                   stderr=asyncio.subprocess.DEVNULL)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+    )
     out, _ = await process.communicate()
     backend = out.decode().strip()
     return None if backend in ("cpu", "") else backend

@@ -114,13 +114,22 @@ class GatewayConfig:
         _require(1 <= self.port <= 65535, "--port", "must be 1..65535")
         _require(self.request_timeout_s > 0, "--request-timeout", "must be > 0")
         _require(0 < self.result_ttl_s <= MAX_RESULT_TTL_S, "--result-ttl", f"must be 1..{MAX_RESULT_TTL_S}")
-        _require(self.redis_url.startswith(("redis://", "rediss://", "unix://")), "--redis-url",
-                 "must be a redis://, rediss:// or unix:// URL")
+        _require(
+            self.redis_url.startswith(("redis://", "rediss://", "unix://")),
+            "--redis-url",
+            "must be a redis://, rediss:// or unix:// URL",
+        )
         limits = self.limits
-        _require(1 <= limits.max_prompt_chars <= MAX_PROMPT_CHARS, "--max-prompt-chars",
-                 f"must be 1..{MAX_PROMPT_CHARS} (the protocol's bound, which workers re-validate against)")
-        _require(MIN_GUIDANCE <= limits.min_guidance <= limits.max_guidance <= MAX_GUIDANCE, "--guidance-range",
-                 f"must be MIN..MAX within {MIN_GUIDANCE:g}..{MAX_GUIDANCE:g}")
+        _require(
+            1 <= limits.max_prompt_chars <= MAX_PROMPT_CHARS,
+            "--max-prompt-chars",
+            f"must be 1..{MAX_PROMPT_CHARS} (the protocol's bound, which workers re-validate against)",
+        )
+        _require(
+            MIN_GUIDANCE <= limits.min_guidance <= limits.max_guidance <= MAX_GUIDANCE,
+            "--guidance-range",
+            f"must be MIN..MAX within {MIN_GUIDANCE:g}..{MAX_GUIDANCE:g}",
+        )
         _require(1024 <= self.max_body_bytes <= 16 * 1024 * 1024, "--max-body-bytes", "must be 1 KiB..16 MiB")
         _require(self.max_queue_depth >= 0, "--max-queue-depth", "must be >= 0 (0: unbounded)")
 
@@ -159,16 +168,22 @@ class WorkerConfig:
         _require(self.images_per_request >= 1, "--images-per-request", "must be >= 1")
         _require(0 <= self.png_compress_level <= 9, "--png-compress-level", "must be 0..9")
         _require(self.heartbeat_interval_s > 0, "--heartbeat-interval", "must be > 0")
-        _require(self.heartbeat_ttl_s > 2 * self.heartbeat_interval_s, "--heartbeat-ttl",
-                 "must exceed twice the heartbeat interval")
+        _require(
+            self.heartbeat_ttl_s > 2 * self.heartbeat_interval_s,
+            "--heartbeat-ttl",
+            "must exceed twice the heartbeat interval",
+        )
         _require(self.shapes is None or len(self.shapes) > 0, "--shapes", "must name at least one shape")
         _require(self.max_deliveries >= 1, "--max-deliveries", "must be >= 1")
         _require(self.drain_timeout_s > 0, "--drain-timeout", "must be > 0")
         _require(0 <= self.metrics_port <= 65535, "--metrics-port", "must be 0..65535")
         _require(self.compile_cache_max_bytes > 0, "--compile-cache-max-gb", "must be > 0")
         _require(self.attention in ATTENTION, "--attention", f"must be one of {', '.join(ATTENTION)}")
-        _require(self.redis_url.startswith(("redis://", "rediss://", "unix://")), "--redis-url",
-                 "must be a redis://, rediss:// or unix:// URL")
+        _require(
+            self.redis_url.startswith(("redis://", "rediss://", "unix://")),
+            "--redis-url",
+            "must be a redis://, rediss:// or unix:// URL",
+        )
 
     @property
     def model_revision(self) -> str | None:

@@ -30,7 +30,7 @@ class Keys:
     def worker_of_stream(self, stream: str) -> str | None:
         """The owner of a worker stream; None for a shape stream."""
         head = f"{self.prefix}:jobs:worker:"
-        return stream[len(head):] if stream.startswith(head) else None
+        return stream[len(head) :] if stream.startswith(head) else None
 
     @property
     def job_streams(self) -> str:

@@ -68,9 +68,13 @@ def make_handler(fmt: LogFormat, stream: TextIO) -> logging.Handler:
     handler = logging.StreamHandler(stream)
     handler.addFilter(ContextFilter())
     if fmt == "json":
-        handler.setFormatter(JsonFormatter(JSON_FIELDS, rename_fields={
-            "asctime": "time", "levelname": "level", "name": "logger", "exc_info": "exception"},
-            reserved_attrs=[*RESERVED_ATTRS, "ids"]))  # `ids` is the text format's rendering
+        handler.setFormatter(
+            JsonFormatter(
+                JSON_FIELDS,
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger", "exc_info": "exception"},
+                reserved_attrs=[*RESERVED_ATTRS, "ids"],
+            )
+        )  # `ids` is the text format's rendering
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     return handler

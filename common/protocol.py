@@ -91,33 +91,39 @@ def _limits(info: ValidationInfo) -> RequestLimits:
 def _prompt_rules(value: str, info: ValidationInfo) -> str:
     limit = _limits(info).max_prompt_chars
     if len(value) > limit:  # the same rule code pydantic uses for its own max_length
-        raise PydanticCustomError("string_too_long", "String should have at most {max_length} characters",
-                                  {"max_length": limit})
+        raise PydanticCustomError(
+            "string_too_long", "String should have at most {max_length} characters", {"max_length": limit}
+        )
     if _CONTROL_RE.search(value):
-        raise PydanticCustomError("control_character", "control characters (other than tab and newline) are "
-                                  "not allowed")
+        raise PydanticCustomError(
+            "control_character", "control characters (other than tab and newline) are not allowed"
+        )
     return value
 
 
 def _guidance_range(value: float, info: ValidationInfo) -> float:
     limits = _limits(info)
     if value < limits.min_guidance:
-        raise PydanticCustomError("greater_than_equal", "Input should be greater than or equal to {ge}",
-                                  {"ge": limits.min_guidance})
+        raise PydanticCustomError(
+            "greater_than_equal", "Input should be greater than or equal to {ge}", {"ge": limits.min_guidance}
+        )
     if value > limits.max_guidance:
-        raise PydanticCustomError("less_than_equal", "Input should be less than or equal to {le}",
-                                  {"le": limits.max_guidance})
+        raise PydanticCustomError(
+            "less_than_equal", "Input should be less than or equal to {le}", {"le": limits.max_guidance}
+        )
     return value
 
 
 # Field types shared by every request schema (native and OpenAI) and the queued job, so their rules cannot
 # drift apart. The static bounds are the protocol's; a gateway's tighter ones come through the context.
 Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(_prompt_rules)]
-RequiredPrompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_prompt_rules),
-                           AfterValidator(_not_blank)]
+RequiredPrompt = Annotated[
+    str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_prompt_rules), AfterValidator(_not_blank)
+]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
-GuidanceScale = Annotated[float, Field(ge=MIN_GUIDANCE, le=MAX_GUIDANCE, allow_inf_nan=False),
-                          AfterValidator(_guidance_range)]
+GuidanceScale = Annotated[
+    float, Field(ge=MIN_GUIDANCE, le=MAX_GUIDANCE, allow_inf_nan=False), AfterValidator(_guidance_range)
+]
 InferenceSteps = Annotated[int, Field(ge=1, le=200)]
 OutputFormat = Literal["png", "jpeg", "webp"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -138,8 +144,9 @@ class GenerateRequest(BaseModel):
     width: int | None = Field(default=None, ge=64, le=4096, multiple_of=8)
     height: int | None = Field(default=None, ge=64, le=4096, multiple_of=8)
     output_format: OutputFormat = "png"
-    quality: int | None = Field(default=None, ge=1, le=100,
-                                description="JPEG/WebP quality, 1..100 (default 90); not for png")
+    quality: int | None = Field(
+        default=None, ge=1, le=100, description="JPEG/WebP quality, 1..100 (default 90); not for png"
+    )
 
     @field_validator("quality")
     @classmethod
@@ -310,6 +317,10 @@ class CancelledEvent(BaseModel):
 
 
 JOB_EVENTS: dict[str, type[BaseModel]] = {
-    "queued": QueuedEvent, "started": StartedEvent, "progress": ProgressEvent,
-    "succeeded": SucceededEvent, "failed": FailedEvent, "cancelled": CancelledEvent,
+    "queued": QueuedEvent,
+    "started": StartedEvent,
+    "progress": ProgressEvent,
+    "succeeded": SucceededEvent,
+    "failed": FailedEvent,
+    "cancelled": CancelledEvent,
 }

@@ -255,9 +255,15 @@ class JobRecord:
             return None if value is None else value.decode()
 
         raw_job, step, total = get("job"), get("step"), get("total")
-        return cls(status=get("status") or "queued", job=Job.model_validate_json(raw_job) if raw_job else None,
-                   entry_id=get("entry"), stream=get("stream"), worker=get("worker"),
-                   step=None if step is None else int(step), total=None if total is None else int(total))
+        return cls(
+            status=get("status") or "queued",
+            job=Job.model_validate_json(raw_job) if raw_job else None,
+            entry_id=get("entry"),
+            stream=get("stream"),
+            worker=get("worker"),
+            step=None if step is None else int(step),
+            total=None if total is None else int(total),
+        )
 
 
 @dataclass(frozen=True)
@@ -307,8 +313,9 @@ class JobQueue:
                 pipe.xlen(stream)
             return sum(await pipe.execute())
 
-    async def submit(self, job: Job, stream: str, idempotency_key: str | None = None,
-                     fingerprint: str = "", max_depth: int = 0) -> Submitted:
+    async def submit(
+        self, job: Job, stream: str, idempotency_key: str | None = None, fingerprint: str = "", max_depth: int = 0
+    ) -> Submitted:
         """Record and enqueue a job on `stream` atomically.
 
         With an idempotency key, only the first submit creates a job; a later one with the same key and
@@ -319,8 +326,9 @@ class JobQueue:
         keys = [self._keys.job(job.id), stream, self._keys.job_streams]
         if idempotency_key is not None:
             keys.append(self._keys.idempotency(idempotency_key))
-        outcome, value = await self._submit(keys=keys, args=[job.model_dump_json(), job.result_ttl_s, job.id,
-                                                             fingerprint, max_depth])
+        outcome, value = await self._submit(
+            keys=keys, args=[job.model_dump_json(), job.result_ttl_s, job.id, fingerprint, max_depth]
+        )
         if _text(outcome) == "full":
             raise QueueFull(stream, int(value), max_depth)
         job_id, _, first_fingerprint = _text(value).partition(" ")
@@ -350,11 +358,17 @@ class JobQueue:
         self._held.extend(found[1:])
         return _parse_entry(*found[0])
 
-    async def _read(self, consumer: str, streams: dict[str, str],
-                    block_ms: int | None) -> list[tuple[str, str, dict[bytes, bytes]]]:
+    async def _read(
+        self, consumer: str, streams: dict[str, str], block_ms: int | None
+    ) -> list[tuple[str, str, dict[bytes, bytes]]]:
         try:
-            reply: Any = await self._redis.xreadgroup(self._keys.workers_group, consumer, streams,  # type: ignore[arg-type]
-                                                      count=1, block=block_ms)
+            reply: Any = await self._redis.xreadgroup(
+                self._keys.workers_group,
+                consumer,
+                streams,  # type: ignore[arg-type]
+                count=1,
+                block=block_ms,
+            )
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -362,10 +376,16 @@ class JobQueue:
             # it with its group and read again; an error here is a real one.
             for stream in streams:
                 await self.ensure_group(stream)
-            reply = await self._redis.xreadgroup(self._keys.workers_group, consumer, streams,  # type: ignore[arg-type]
-                                                 count=1, block=block_ms)
-        return [(_text(stream), _text(entry_id), fields)
-                for stream, entries in reply or () for entry_id, fields in entries]
+            reply = await self._redis.xreadgroup(
+                self._keys.workers_group,
+                consumer,
+                streams,  # type: ignore[arg-type]
+                count=1,
+                block=block_ms,
+            )
+        return [
+            (_text(stream), _text(entry_id), fields) for stream, entries in reply or () for entry_id, fields in entries
+        ]
 
     async def start(self, claimed: ClaimedJob, worker_id: str) -> int | None:
         """Record that `worker_id` runs the job, append to its history, announce it.
@@ -374,9 +394,12 @@ class JobQueue:
         None when the job was cancelled (or already finished) and must not run: settle it with `discard`.
         """
         job = claimed.job
-        ms = int(await self._start(keys=[self._keys.job(job.id), self._keys.attempts(job.id),
-                                         self._keys.result(job.id)],
-                                   args=[worker_id, job.result_ttl_s, self._keys.job_events_channel, job.id]))
+        ms = int(
+            await self._start(
+                keys=[self._keys.job(job.id), self._keys.attempts(job.id), self._keys.result(job.id)],
+                args=[worker_id, job.result_ttl_s, self._keys.job_events_channel, job.id],
+            )
+        )
         return None if ms < 0 else ms
 
     async def discard(self, claimed: ClaimedJob) -> None:
@@ -392,8 +415,9 @@ class JobQueue:
         Only the worker the job is recorded as running on reports; a status of `cancelled` tells the
         worker its result will be discarded.
         """
-        status = await self._progress(keys=[self._keys.job(job_id)],
-                                      args=[worker_id, step, total, self._keys.job_events_channel, job_id])
+        status = await self._progress(
+            keys=[self._keys.job(job_id)], args=[worker_id, step, total, self._keys.job_events_channel, job_id]
+        )
         return None if status is None else _text(status)
 
     async def cancel(self, job_id: str) -> str | None:
@@ -407,13 +431,19 @@ class JobQueue:
         if record is None:
             return None
         job = record.job
-        meta = JobResult(id=job_id, status="cancelled", worker=record.worker, seed=job.seed if job else None,
-                         shape=job.shape if job else None).model_dump_json()
+        meta = JobResult(
+            id=job_id,
+            status="cancelled",
+            worker=record.worker,
+            seed=job.seed if job else None,
+            shape=job.shape if job else None,
+        ).model_dump_json()
         ttl = job.result_ttl_s if job else 3600
         stream = record.stream or self._keys.shape_stream(job.shape if job else "unknown")
-        outcome = await self._cancel(keys=[self._keys.job(job_id), self._keys.result(job_id), stream,
-                                           self._keys.stats],
-                                     args=[ttl, self._keys.completions_channel, job_id, meta])
+        outcome = await self._cancel(
+            keys=[self._keys.job(job_id), self._keys.result(job_id), stream, self._keys.stats],
+            args=[ttl, self._keys.completions_channel, job_id, meta],
+        )
         if outcome is None:
             return None
         outcome = _text(outcome)
@@ -450,8 +480,9 @@ class JobQueue:
                 return _text(group["last-delivered-id"])
         return "0-0"
 
-    async def reclaim(self, consumer: str, live: set[str], max_deliveries: int,
-                      streams: list[str]) -> ClaimedJob | None:
+    async def reclaim(
+        self, consumer: str, live: set[str], max_deliveries: int, streams: list[str]
+    ) -> ClaimedJob | None:
         """Take over one job of `streams` from a consumer that is no longer alive (not in `live`), if any.
 
         Jobs delivered more than `max_deliveries` times are dead-lettered on the way, not returned.
@@ -463,21 +494,23 @@ class JobQueue:
                 return claimed
         return None
 
-    async def _reclaim_from(self, stream: str, consumer: str, live: set[str],
-                            max_deliveries: int) -> ClaimedJob | None:
+    async def _reclaim_from(self, stream: str, consumer: str, live: set[str], max_deliveries: int) -> ClaimedJob | None:
         for dead in await self._dead_consumers(stream, live | {consumer}):
-            while (taken := await self._take_over(keys=[stream, self._keys.stats],
-                                                  args=[self._keys.workers_group, dead, consumer])):
+            while taken := await self._take_over(
+                keys=[stream, self._keys.stats], args=[self._keys.workers_group, dead, consumer]
+            ):
                 entry_id, deliveries, fields = _text(taken[0]), int(taken[1]), taken[2]
                 if not fields:
                     continue
                 claimed = _parse_entry(stream, entry_id, _pairs(fields), deliveries)
-                logger.warning("took over job %s from dead worker %s (delivery %d)", claimed.job.id, dead,
-                               deliveries)
+                logger.warning("took over job %s from dead worker %s (delivery %d)", claimed.job.id, dead, deliveries)
                 if deliveries <= max_deliveries:
                     return claimed
-                await self.dead_letter(claimed, consumer, f"delivered {deliveries} times; every worker "
-                                       "that took it stopped heartbeating before finishing")
+                await self.dead_letter(
+                    claimed,
+                    consumer,
+                    f"delivered {deliveries} times; every worker that took it stopped heartbeating before finishing",
+                )
         return None
 
     async def _dead_consumers(self, stream: str, live: set[str]) -> list[str]:
@@ -528,23 +561,40 @@ class JobQueue:
             return 0
         target = self._keys.shape_stream(job.shape)
         await self.ensure_group(target)
-        moved = await self._move(keys=[stream, target, self._keys.job(job.id)],
-                                 args=[self._keys.workers_group, entry_id])
+        moved = await self._move(
+            keys=[stream, target, self._keys.job(job.id)], args=[self._keys.workers_group, entry_id]
+        )
         return int(moved)
 
     async def dead_letter(self, claimed: ClaimedJob, worker_id: str, reason: str) -> None:
         """Give up on a job: record it with its history on the dead-letter stream and fail it."""
         job = claimed.job
         history = [_text(a) for a in await self._redis.lrange(self._keys.attempts(job.id), 0, -1)]
-        result = JobResult(id=job.id, status="failed", worker=worker_id, seed=job.seed, shape=job.shape,
-                           error=f"gave up: {reason} (attempts: {', '.join(history) or 'none'})")
+        result = JobResult(
+            id=job.id,
+            status="failed",
+            worker=worker_id,
+            seed=job.seed,
+            shape=job.shape,
+            error=f"gave up: {reason} (attempts: {', '.join(history) or 'none'})",
+        )
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self._keys.dead_letter_stream, {
-                "job": job.model_dump_json(), "entry_id": claimed.entry_id, "deliveries": claimed.deliveries,
-                "attempts": json.dumps(history), "reason": reason})
+            pipe.xadd(
+                self._keys.dead_letter_stream,
+                {
+                    "job": job.model_dump_json(),
+                    "entry_id": claimed.entry_id,
+                    "deliveries": claimed.deliveries,
+                    "attempts": json.dumps(history),
+                    "reason": reason,
+                },
+            )
             pipe.hincrby(self._keys.stats, "dead_lettered", 1)
-            await self._store(keys=self._store_keys(claimed.stream, job.id), client=pipe, args=self._store_args(
-                claimed.entry_id, result, [], job.result_ttl_s))
+            await self._store(
+                keys=self._store_keys(claimed.stream, job.id),
+                client=pipe,
+                args=self._store_args(claimed.entry_id, result, [], job.result_ttl_s),
+            )
             await pipe.execute()
         logger.error("job %s dead-lettered: %s", job.id, reason)
 
@@ -558,31 +608,41 @@ class JobQueue:
 
         Returns False when a result for this job was already stored; this one was dropped.
         """
-        return await self._store_and_ack(claimed.stream, claimed.entry_id, result, images,
-                                         claimed.job.result_ttl_s)
+        return await self._store_and_ack(claimed.stream, claimed.entry_id, result, images, claimed.job.result_ttl_s)
 
     async def reject(self, malformed: MalformedJob, worker_id: str, ttl_s: int) -> None:
         """Settle an unparseable entry: fail its job if it named one, and acknowledge it."""
         if malformed.job_id is not None:
-            result = JobResult(id=malformed.job_id, status="failed", worker=worker_id,
-                               error=f"invalid job: {malformed.reason}")
+            result = JobResult(
+                id=malformed.job_id, status="failed", worker=worker_id, error=f"invalid job: {malformed.reason}"
+            )
             await self._store_and_ack(malformed.stream, malformed.entry_id, result, [], ttl_s)
             return
         await self._redis.xack(malformed.stream, self._keys.workers_group, malformed.entry_id)
         await self._redis.xdel(malformed.stream, malformed.entry_id)
 
-    async def _store_and_ack(self, stream: str, entry_id: str, result: JobResult, images: list[bytes],
-                             ttl_s: int) -> bool:
-        stored = await self._store(keys=self._store_keys(stream, result.id),
-                                   args=self._store_args(entry_id, result, images, ttl_s))
+    async def _store_and_ack(
+        self, stream: str, entry_id: str, result: JobResult, images: list[bytes], ttl_s: int
+    ) -> bool:
+        stored = await self._store(
+            keys=self._store_keys(stream, result.id), args=self._store_args(entry_id, result, images, ttl_s)
+        )
         return bool(stored)
 
     def _store_keys(self, stream: str, job_id: str) -> list[str]:
         return [self._keys.result(job_id), stream, self._keys.job(job_id), self._keys.stats]
 
     def _store_args(self, entry_id: str, result: JobResult, images: list[bytes], ttl_s: int) -> list[Any]:
-        return [self._keys.workers_group, entry_id, ttl_s, self._keys.completions_channel, result.id,
-                result.model_dump_json(), result.status, *images]
+        return [
+            self._keys.workers_group,
+            entry_id,
+            ttl_s,
+            self._keys.completions_channel,
+            result.id,
+            result.model_dump_json(),
+            result.status,
+            *images,
+        ]
 
     async def fetch_result(self, job_id: str) -> StoredResult | None:
         """The stored result of a job, or None if it has not finished (or has expired)."""
@@ -638,8 +698,13 @@ class JobListener:
     jobs it waits for, and tells every watcher to re-read its job's state: nothing is missed.
     """
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, watch_queue_size: int = 256,
-                 on_completion: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        watch_queue_size: int = 256,
+        on_completion: Callable[[], None] | None = None,
+    ) -> None:
         self._redis = redis
         self._keys = keys
         self._on_completion = on_completion  # told of every completion in the cluster (throughput)
@@ -713,8 +778,9 @@ class JobListener:
         try:
             event = json.loads(data)
             job_id = event["id"]
-            parsed = JobEvent(type=str(event["type"]), worker=event.get("worker"), step=event.get("step"),
-                              total=event.get("total"))
+            parsed = JobEvent(
+                type=str(event["type"]), worker=event.get("worker"), step=event.get("step"), total=event.get("total")
+            )
         except (ValueError, KeyError, TypeError):
             logger.warning("ignoring a malformed job event: %r", data[:200])
             return
@@ -768,8 +834,7 @@ def _parse_entry(stream: str, entry_id: str, fields: dict[bytes, bytes], deliver
         enqueued = int(fields.get(b"enqueued", entry_id.split("-", 1)[0]))
     except ValueError:
         raise MalformedJob(stream, entry_id, job.id, "deliveries and enqueued must be integers") from None
-    return ClaimedJob(job=job, stream=stream, entry_id=entry_id, enqueued_ms=enqueued,
-                      deliveries=deliveries + earlier)
+    return ClaimedJob(job=job, stream=stream, entry_id=entry_id, enqueued_ms=enqueued, deliveries=deliveries + earlier)
 
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:

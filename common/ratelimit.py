@@ -95,8 +95,11 @@ class Decision:
     reset_s: int  # whole seconds until the bucket is full again
 
     def headers(self) -> dict[str, str]:
-        headers = {"RateLimit-Limit": str(self.limit), "RateLimit-Remaining": str(self.remaining),
-                   "RateLimit-Reset": str(self.reset_s)}
+        headers = {
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(self.reset_s),
+        }
         if not self.allowed:
             headers["Retry-After"] = str(self.retry_after_s)
         return headers
@@ -117,7 +120,12 @@ class RateLimiter:
         arrival time computed under the old one (an hour ahead, say, after a 1/h limit was raised).
         """
         allowed, wait_ms, remaining, full_ms = await self._gcra(
-            keys=[self._keys.rate_limit(f"{bucket}@{rate}", identity)], args=[rate.interval_ms, rate.burst])
-        return Decision(allowed=bool(allowed), limit=rate.burst, remaining=int(remaining),
-                        retry_after_s=max(1, math.ceil(int(wait_ms) / 1000)) if not allowed else 0,
-                        reset_s=math.ceil(int(full_ms) / 1000))
+            keys=[self._keys.rate_limit(f"{bucket}@{rate}", identity)], args=[rate.interval_ms, rate.burst]
+        )
+        return Decision(
+            allowed=bool(allowed),
+            limit=rate.burst,
+            remaining=int(remaining),
+            retry_after_s=max(1, math.ceil(int(wait_ms) / 1000)) if not allowed else 0,
+            reset_s=math.ceil(int(full_ms) / 1000),
+        )

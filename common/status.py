@@ -38,9 +38,14 @@ async def read_status(redis: aioredis.Redis, keys: Keys) -> ClusterStatus:
     queue = JobQueue(redis, keys)
     streams = [await _stream_status(redis, keys, name) for name in await queue.streams()]
     return ClusterStatus(
-        workers=await Registry(redis, keys).workers(), queue_depth=sum(s.length for s in streams),
-        pending=sum(s.pending for s in streams), dead_letter=await redis.xlen(keys.dead_letter_stream),
-        streams=streams, counters=await queue.stats(), at=time.time())
+        workers=await Registry(redis, keys).workers(),
+        queue_depth=sum(s.length for s in streams),
+        pending=sum(s.pending for s in streams),
+        dead_letter=await redis.xlen(keys.dead_letter_stream),
+        streams=streams,
+        counters=await queue.stats(),
+        at=time.time(),
+    )
 
 
 async def _stream_status(redis: aioredis.Redis, keys: Keys, stream: str) -> StreamStatus:
@@ -54,15 +59,27 @@ async def _stream_status(redis: aioredis.Redis, keys: Keys, stream: str) -> Stre
 def render(status: ClusterStatus) -> str:
     """A plain-text table for a terminal."""
     header = ("WORKER", "HOST", "DEVICES", "SHAPES", "STATE", "JOBS", "HEARTBEAT")
-    rows = [header] + [(
-        w.id, w.host, f"{w.devices} x {w.device_kind}", ",".join(map(str, w.shapes)), w.state, str(w.jobs_done),
-        f"{max(0.0, status.at - w.last_heartbeat):.1f}s ago") for w in status.workers]
+    rows = [header] + [
+        (
+            w.id,
+            w.host,
+            f"{w.devices} x {w.device_kind}",
+            ",".join(map(str, w.shapes)),
+            w.state,
+            str(w.jobs_done),
+            f"{max(0.0, status.at - w.last_heartbeat):.1f}s ago",
+        )
+        for w in status.workers
+    ]
     widths = [max(len(row[k]) for row in rows) for k in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     if not status.workers:
         lines.append("(no worker registered)")
-    lines += ["", f"queue depth {status.queue_depth} (of which in service or held: {status.pending}), "
-                  f"dead letters {status.dead_letter}"]
+    lines += [
+        "",
+        f"queue depth {status.queue_depth} (of which in service or held: {status.pending}), "
+        f"dead letters {status.dead_letter}",
+    ]
     lines += [f"  {s.stream}: {s.length} on stream, {s.pending} pending" for s in status.streams]
     if status.counters:
         lines.append("counters: " + ", ".join(f"{k} {v}" for k, v in sorted(status.counters.items())))

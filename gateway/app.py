@@ -60,8 +60,10 @@ def create_app(config: GatewayConfig) -> web.Application:
     # metrics middleware counts the answers the error middleware makes, refusals by the protection
     # middleware (innermost but for the handler) included. Bodies are small JSON documents: anything
     # larger is refused, by its Content-Length before it is read, else while reading.
-    app = web.Application(middlewares=[request_id_middleware, metrics_middleware(metrics), error_middleware,
-                                       protection_middleware], client_max_size=config.max_body_bytes)
+    app = web.Application(
+        middlewares=[request_id_middleware, metrics_middleware(metrics), error_middleware, protection_middleware],
+        client_max_size=config.max_body_bytes,
+    )
     app[CONFIG] = config
     app[METRICS] = metrics
     app[GATEWAY_ID] = f"gw-{uuid.uuid4().hex[:8]}"
@@ -126,5 +128,11 @@ async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
 def serve(config: GatewayConfig) -> None:
     """Run the gateway until SIGINT or SIGTERM."""
     log_config(logger, config)
-    web.run_app(create_app(config), host=config.host, port=config.port, print=None,
-                access_log_class=AccessLogger, shutdown_timeout=config.request_timeout_s)
+    web.run_app(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        print=None,
+        access_log_class=AccessLogger,
+        shutdown_timeout=config.request_timeout_s,
+    )

@@ -79,19 +79,34 @@ class KeyStore:
         if header is None:
             if public:
                 return Caller("public", address)
-            raise ApiError(401, "missing_api_key", "this route needs an API key: send Authorization: Bearer KEY",
-                           field="Authorization", headers={"WWW-Authenticate": _CHALLENGE})
+            raise ApiError(
+                401,
+                "missing_api_key",
+                "this route needs an API key: send Authorization: Bearer KEY",
+                field="Authorization",
+                headers={"WWW-Authenticate": _CHALLENGE},
+            )
         scheme, _, key = header.strip().partition(" ")
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
-            raise ApiError(401, "invalid_authorization", "the Authorization header must be `Bearer KEY`",
-                           field="Authorization", headers={"WWW-Authenticate": _CHALLENGE})
+            raise ApiError(
+                401,
+                "invalid_authorization",
+                "the Authorization header must be `Bearer KEY`",
+                field="Authorization",
+                headers={"WWW-Authenticate": _CHALLENGE},
+            )
         hashed = digest(key)
         if hashed in self.ring.revoked:
             raise ApiError(403, "revoked_api_key", "this API key has been revoked", field="Authorization")
         if hashed not in self.ring.active:
-            raise ApiError(401, "invalid_api_key", "unknown API key", field="Authorization",
-                           headers={"WWW-Authenticate": f'{_CHALLENGE}, error="invalid_token"'})
+            raise ApiError(
+                401,
+                "invalid_api_key",
+                "unknown API key",
+                field="Authorization",
+                headers={"WWW-Authenticate": f'{_CHALLENGE}, error="invalid_token"'},
+            )
         return Caller("key", f"key-{hashed[:IDENTITY_CHARS]}")
 
     async def watch(self) -> None:
@@ -104,4 +119,3 @@ class KeyStore:
 def _stamp(path: Path) -> tuple[int, int, int]:
     stat = path.stat()
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
-

@@ -10,8 +10,15 @@ from pydantic import ValidationError
 class ApiError(Exception):
     """An error to report to the client: HTTP status, a rule code, a message and the field at fault."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None,
-                 headers: dict[str, str] | None = None, **extra: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -25,8 +32,11 @@ class ApiError(Exception):
 
     def openai_body(self) -> dict[str, Any]:
         """The same error in the OpenAI API's shape, for the OpenAI-compatible routes."""
-        kind = ("invalid_request_error" if self.status < 500 else "server_error") if self.status != 429 \
+        kind = (
+            ("invalid_request_error" if self.status < 500 else "server_error")
+            if self.status != 429
             else "rate_limit_error"
+        )
         if self.status in (401, 403):
             kind = "authentication_error"
         return {"error": {"message": self.message, "type": kind, "param": self.field, "code": self.code}}

@@ -109,8 +109,9 @@ class _JobStream:
             logger.warning("job %s events: state not readable (%s)", self._id, exc)
             return state, record
         if found is None:  # expired while followed: nothing more will happen to it
-            return JobState(id=self._id, status="failed",
-                            error=ErrorDetail(code="expired", message="the job's record expired")), None
+            return JobState(
+                id=self._id, status="failed", error=ErrorDetail(code="expired", message="the job's record expired")
+            ), None
         return found
 
     def _with_board_position(self, state: JobState) -> JobState:
@@ -186,7 +187,8 @@ def _changes(sent: _Sent, state: JobState) -> list[tuple[str, BaseModel]]:
 
 
 def _steps(job_id: str, sent: _Sent, step: int, total: int) -> list[tuple[str, BaseModel]]:
-    events: list[tuple[str, BaseModel]] = [("progress", ProgressEvent(id=job_id, step=s, total=total))
-                                           for s in range(sent.step + 1, step + 1)]
+    events: list[tuple[str, BaseModel]] = [
+        ("progress", ProgressEvent(id=job_id, step=s, total=total)) for s in range(sent.step + 1, step + 1)
+    ]
     sent.step = max(sent.step, step)
     return events

@@ -70,9 +70,18 @@ async def make_job(request: web.Request, body: GenerateRequest) -> Placed:
     shape = resolve_shape(body, workers)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
     extra = {"quality": body.quality} if body.quality is not None else {}
-    job = Job(id=uuid.uuid4().hex, prompt=body.prompt, negative_prompt=body.negative_prompt, seed=seed,
-              guidance_scale=body.guidance_scale, shape=shape, output_format=body.output_format,
-              result_ttl_s=request.app[CONFIG].result_ttl_s, request_id=request.get(REQUEST_ID), **extra)
+    job = Job(
+        id=uuid.uuid4().hex,
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        seed=seed,
+        guidance_scale=body.guidance_scale,
+        shape=shape,
+        output_format=body.output_format,
+        result_ttl_s=request.app[CONFIG].result_ttl_s,
+        request_id=request.get(REQUEST_ID),
+        **extra,
+    )
     return Placed(job=job, stream=await request.app[ROUTER].stream_for(shape, workers), workers=workers)
 
 
@@ -82,8 +91,12 @@ def idempotency_key(request: web.Request) -> str | None:
     if key is None:
         return None
     if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
-        raise ApiError(400, "invalid_header", f"{IDEMPOTENCY_HEADER} must be 1..{MAX_IDEMPOTENCY_KEY} printable "
-                       "ASCII characters", field=IDEMPOTENCY_HEADER)
+        raise ApiError(
+            400,
+            "invalid_header",
+            f"{IDEMPOTENCY_HEADER} must be 1..{MAX_IDEMPOTENCY_KEY} printable ASCII characters",
+            field=IDEMPOTENCY_HEADER,
+        )
     return key
 
 
@@ -96,14 +109,20 @@ async def submit(request: web.Request, body: GenerateRequest, placed: Placed) ->
     key = idempotency_key(request)
     fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest() if key else ""
     try:
-        submitted = await request.app[QUEUE].submit(placed.job, placed.stream, key, fingerprint,
-                                                    max_depth=request.app[CONFIG].max_queue_depth)
+        submitted = await request.app[QUEUE].submit(
+            placed.job, placed.stream, key, fingerprint, max_depth=request.app[CONFIG].max_queue_depth
+        )
     except QueueFull as exc:
         raise queue_full(exc, request.app[THROUGHPUT]) from None
     except IdempotencyConflict as exc:
-        raise ApiError(422, "idempotency_key_reused", f"{IDEMPOTENCY_HEADER} was already used for another "
-                       f"request (job {exc.job_id}); use a new key for a new request", field=IDEMPOTENCY_HEADER,
-                       id=exc.job_id) from None
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            f"{IDEMPOTENCY_HEADER} was already used for another "
+            f"request (job {exc.job_id}); use a new key for a new request",
+            field=IDEMPOTENCY_HEADER,
+            id=exc.job_id,
+        ) from None
     if submitted.created:
         logger.info("job %s queued on %s", submitted.job_id, placed.stream, extra={"job_id": submitted.job_id})
     else:
@@ -131,13 +150,23 @@ async def submit_and_wait(request: web.Request, body: GenerateRequest, placed: P
             await done
             return await _read_result(queue, job_id)
     except TimeoutError:
-        raise ApiError(504, "timeout", "the job did not finish in time; it is still queued or running "
-                       "and its result can be fetched from status_url", id=job_id,
-                       status_url=status_url(job_id)) from None
+        raise ApiError(
+            504,
+            "timeout",
+            "the job did not finish in time; it is still queued or running "
+            "and its result can be fetched from status_url",
+            id=job_id,
+            status_url=status_url(job_id),
+        ) from None
     except UNAVAILABLE:
-        raise ApiError(503, "queue_unavailable", "the job was accepted but its result cannot be read right "
-                       "now; fetch it from status_url", headers={"Retry-After": "2"}, id=job_id,
-                       status_url=status_url(job_id)) from None
+        raise ApiError(
+            503,
+            "queue_unavailable",
+            "the job was accepted but its result cannot be read right now; fetch it from status_url",
+            headers={"Retry-After": "2"},
+            id=job_id,
+            status_url=status_url(job_id),
+        ) from None
     finally:
         listener.forget(job_id, done)
 
@@ -168,10 +197,16 @@ def response_timings(result: JobResult, received: float | None, now: float) -> R
 def job_output(result: JobResult) -> JobOutput:
     """A succeeded job's result as the job API shows it: metadata and image URLs."""
     assert result.shape is not None and result.seed is not None and result.worker is not None
-    return JobOutput(seed=result.seed, width=result.shape.width, height=result.shape.height,
-                     num_inference_steps=result.shape.steps, worker=result.worker, media_type=result.media_type,
-                     images=[image_url(result.id, k) for k in range(result.image_count)],
-                     timings=response_timings(result, None, 0.0))
+    return JobOutput(
+        seed=result.seed,
+        width=result.shape.width,
+        height=result.shape.height,
+        num_inference_steps=result.shape.steps,
+        worker=result.worker,
+        media_type=result.media_type,
+        images=[image_url(result.id, k) for k in range(result.image_count)],
+        timings=response_timings(result, None, 0.0),
+    )
 
 
 def finished_state(result: JobResult) -> JobState:
@@ -180,18 +215,27 @@ def finished_state(result: JobResult) -> JobState:
         return JobState(id=result.id, status="succeeded", worker=result.worker, result=job_output(result))
     if result.status == "cancelled":
         return JobState(id=result.id, status="cancelled", worker=result.worker)
-    return JobState(id=result.id, status="failed", worker=result.worker,
-                    error=ErrorDetail(code="generation_failed", message=result.error or "generation failed"))
+    return JobState(
+        id=result.id,
+        status="failed",
+        worker=result.worker,
+        error=ErrorDetail(code="generation_failed", message=result.error or "generation failed"),
+    )
 
 
 def live_state(job_id: str, record: JobRecord, position: int | None) -> JobState:
     """The state of a job still queued or running, from its record."""
-    progress = (Progress(step=record.step, total=record.total)
-                if record.step is not None and record.total is not None else None)
+    progress = (
+        Progress(step=record.step, total=record.total) if record.step is not None and record.total is not None else None
+    )
     status = record.status if record.status in ("queued", "running") else "queued"
-    return JobState(id=job_id, status=status, worker=record.worker if status == "running" else None,  # type: ignore[arg-type]
-                    queue_position=position if status == "queued" else None,
-                    progress=progress if status == "running" else None)
+    return JobState(
+        id=job_id,
+        status=status,  # type: ignore[arg-type]
+        worker=record.worker if status == "running" else None,
+        queue_position=position if status == "queued" else None,
+        progress=progress if status == "running" else None,
+    )
 
 
 async def read_state(app: web.Application, job_id: str) -> tuple[JobState, JobRecord | None] | None:
@@ -218,5 +262,4 @@ def job_id_of(request: web.Request) -> str:
 
 
 def unknown_job(job_id: str) -> ApiError:
-    return ApiError(404, "unknown_job", f"no job {job_id!r} (never submitted, or its result expired)",
-                    field="job_id")
+    return ApiError(404, "unknown_job", f"no job {job_id!r} (never submitted, or its result expired)", field="job_id")

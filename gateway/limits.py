@@ -69,6 +69,9 @@ def queue_full(exc: QueueFull, meter: ThroughputMeter) -> ApiError:
     waiting = exc.depth - exc.max_depth + 1  # completions needed before this job would fit
     retry = math.ceil(waiting / rate) if rate > 0 else QUEUE_FULL_RETRY_S
     retry = min(max(retry, 1), MAX_RETRY_AFTER_S)
-    return ApiError(429, "queue_full", f"the queue is full ({exc.depth} jobs); retry in {retry} s",
-                    headers={"Retry-After": str(retry)})
-
+    return ApiError(
+        429,
+        "queue_full",
+        f"the queue is full ({exc.depth} jobs); retry in {retry} s",
+        headers={"Retry-After": str(retry)},
+    )

@@ -32,8 +32,7 @@ class _QueueCounters(Collector):
         self.values: Mapping[str, int] = {}
 
     def collect(self) -> Iterable[Metric]:
-        family = CounterMetricFamily("sdxl_queue_events", "Cluster-wide queue events (from Redis)",
-                                     labels=["event"])
+        family = CounterMetricFamily("sdxl_queue_events", "Cluster-wide queue events (from Redis)", labels=["event"])
         for event, value in sorted(self.values.items()):
             family.add_metric([event], value)
         yield family
@@ -45,12 +44,19 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("sdxl_gateway_requests", "HTTP requests answered", ["route", "method", "status"],
-                                registry=r)
-        self.latency = Histogram("sdxl_gateway_request_seconds", "Time to answer (event streams: their whole "
-                                 "life)", ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
-        self.rejections = Counter("sdxl_gateway_rejections", "Requests answered with an error, by its code",
-                                  ["code"], registry=r)
+        self.requests = Counter(
+            "sdxl_gateway_requests", "HTTP requests answered", ["route", "method", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "sdxl_gateway_request_seconds",
+            "Time to answer (event streams: their whole life)",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rejections = Counter(
+            "sdxl_gateway_rejections", "Requests answered with an error, by its code", ["code"], registry=r
+        )
         self.queue_depth = Gauge("sdxl_queue_depth", "Jobs queued or in service, over all streams", registry=r)
         self.waiting = Gauge("sdxl_gateway_waiting_requests", "Requests waiting for a result", registry=r)
         self.event_streams = Gauge("sdxl_gateway_event_streams", "Open job event streams", registry=r)

@@ -32,12 +32,20 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return _respond(request, exc)
     except OutOfMemoryError as exc:
         logger.error("redis is full (maxmemory) on %s %s: %s", request.method, request.path, exc)
-        return _respond(request, ApiError(503, "storage_full", "the job queue's storage is full; retry shortly",
-                                          headers={"Retry-After": "10"}))
+        return _respond(
+            request,
+            ApiError(
+                503, "storage_full", "the job queue's storage is full; retry shortly", headers={"Retry-After": "10"}
+            ),
+        )
     except UNAVAILABLE as exc:
         logger.warning("redis unavailable on %s %s: %s", request.method, request.path, exc)
-        return _respond(request, ApiError(503, "queue_unavailable", "the job queue is unreachable; retry shortly",
-                                          headers={"Retry-After": "2"}))
+        return _respond(
+            request,
+            ApiError(
+                503, "queue_unavailable", "the job queue is unreachable; retry shortly", headers={"Retry-After": "2"}
+            ),
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -58,7 +66,8 @@ def _respond(request: web.Request, error: ApiError) -> web.Response:
 
 def _code(exc: web.HTTPException) -> str:
     return {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
-        exc.status, exc.reason.lower().replace(" ", "_"))
+        exc.status, exc.reason.lower().replace(" ", "_")
+    )
 
 
 @web.middleware
@@ -72,16 +81,19 @@ async def protection_middleware(request: web.Request, handler: Handler) -> web.S
     access = _access(request)
     if access.kind is None:
         return await handler(request)
-    address = client_address(request.remote, request.headers.getall("X-Forwarded-For", []),
-                             config.trusted_proxies)
+    address = client_address(request.remote, request.headers.getall("X-Forwarded-For", []), config.trusted_proxies)
     caller = app[KEY_STORE].caller(request, access.public and config.public_demo, client_identity(address))
     rate = config.rate_limits.get(caller.caller_class, access.kind)
     if rate is not None:
         decision = await app[LIMITER].check(f"{caller.caller_class}-{access.kind}", caller.identity, rate)
         request[RATE_DECISION] = decision
         if not decision.allowed:
-            raise ApiError(429, "rate_limited", f"too many {access.kind} requests (at most {rate.describe()}); "
-                           f"retry in {decision.retry_after_s} s", headers=decision.headers())
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"too many {access.kind} requests (at most {rate.describe()}); retry in {decision.retry_after_s} s",
+                headers=decision.headers(),
+            )
     return await handler(request)
 
 
@@ -98,4 +110,3 @@ async def rate_limit_headers(request: web.Request, response: web.StreamResponse)
     if decision is not None:
         for name, value in decision.headers().items():
             response.headers.setdefault(name, value)
-

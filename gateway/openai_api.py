@@ -51,23 +51,30 @@ class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: RequiredPrompt
-    n: int | None = Field(default=1, ge=1, le=OPENAI_MAX_N,
-                          description="images to return, at most the images a worker makes per request")
-    size: str | None = Field(default=None, examples=["1024x1024"],
-                             description="WIDTHxHEIGHT in pixels; omitted or `auto`: the cluster's default size")
+    n: int | None = Field(
+        default=1, ge=1, le=OPENAI_MAX_N, description="images to return, at most the images a worker makes per request"
+    )
+    size: str | None = Field(
+        default=None,
+        examples=["1024x1024"],
+        description="WIDTHxHEIGHT in pixels; omitted or `auto`: the cluster's default size",
+    )
     response_format: Literal["url", "b64_json"] | None = Field(
-        default="url", description="`url`: absolute URLs valid while the job's result is kept; `b64_json`: inline")
+        default="url", description="`url`: absolute URLs valid while the job's result is kept; `b64_json`: inline"
+    )
     model: str | None = Field(default=None, description="accepted and ignored: a cluster serves one model")
     user: str | None = Field(default=None, description="accepted and ignored (never logged)")
     quality: OpenAIQuality | None = Field(default=None, description="accepted and ignored")
     style: Literal["vivid", "natural"] | None = Field(default=None, description="accepted and ignored")
     output_format: OutputFormat | None = "png"
-    output_compression: int | None = Field(default=None, ge=0, le=100,
-                                           description="JPEG/WebP quality, 0..100 (default 90); not for png")
+    output_compression: int | None = Field(
+        default=None, ge=0, le=100, description="JPEG/WebP quality, 0..100 (default 90); not for png"
+    )
     negative_prompt: Prompt = ""
     seed: Seed | None = None
-    num_inference_steps: InferenceSteps | None = Field(default=None,
-                                                       description="omitted: the cluster's default step count")
+    num_inference_steps: InferenceSteps | None = Field(
+        default=None, description="omitted: the cluster's default step count"
+    )
     guidance_scale: GuidanceScale = DEFAULT_GUIDANCE_SCALE
 
     @field_validator("size")
@@ -147,10 +154,17 @@ def to_generate_request(body: ImageGenerationRequest) -> GenerateRequest:
     # Our quality starts at 1; OpenAI's output_compression at 0, which asks for the smallest file anyway.
     quality = max(1, body.output_compression) if body.output_compression is not None else None
     try:
-        return GenerateRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, seed=body.seed,
-                               guidance_scale=body.guidance_scale, num_inference_steps=body.num_inference_steps,
-                               width=width, height=height, output_format=body.output_format or "png",
-                               quality=quality)
+        return GenerateRequest(
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt,
+            seed=body.seed,
+            guidance_scale=body.guidance_scale,
+            num_inference_steps=body.num_inference_steps,
+            width=width,
+            height=height,
+            output_format=body.output_format or "png",
+            quality=quality,
+        )
     except ValidationError as exc:
         raise _renamed(from_validation_error(exc)) from None
 
@@ -158,11 +172,16 @@ def to_generate_request(body: ImageGenerationRequest) -> GenerateRequest:
 def _check_n(placed: jobs.Placed, n: int) -> None:
     """Refuse, before queueing, more images than the workers serving the job's shape make per request."""
     shape = placed.job.shape
-    batch = min((w.images_per_request for w in placed.workers if w.state in SERVING_STATES and shape in w.shapes),
-                default=None)
+    batch = min(
+        (w.images_per_request for w in placed.workers if w.state in SERVING_STATES and shape in w.shapes), default=None
+    )
     if batch is not None and n > batch:
-        raise ApiError(400, "less_than_equal", f"n: Input should be less than or equal to {batch}, the images "
-                       "a worker makes per request", field="n")
+        raise ApiError(
+            400,
+            "less_than_equal",
+            f"n: Input should be less than or equal to {batch}, the images a worker makes per request",
+            field="n",
+        )
 
 
 def _renamed(error: ApiError) -> ApiError:
@@ -183,8 +202,14 @@ def _with_status_url(request: web.Request, error: ApiError) -> ApiError:
     if not isinstance(status_url, str):
         return error
     message = f"{error.message}: {_absolute(request, status_url)}"
-    return ApiError(error.status, error.code, message, field=error.field,
-                    headers={**error.headers, "x-should-retry": "false"}, **error.extra)
+    return ApiError(
+        error.status,
+        error.code,
+        message,
+        field=error.field,
+        headers={**error.headers, "x-should-retry": "false"},
+        **error.extra,
+    )
 
 
 def _images_response(request: web.Request, stored: StoredResult, response_format: str, n: int) -> ImagesResponse:
@@ -196,8 +221,12 @@ def _images_response(request: web.Request, stored: StoredResult, response_format
     else:
         count = min(n, result.image_count)
         data = [ImageData(url=_absolute(request, jobs.image_url(result.id, k))) for k in range(count)]
-    return ImagesResponse(created=int(time.time()), data=data, output_format=_output_format(result.media_type),
-                          size=f"{result.shape.width}x{result.shape.height}")
+    return ImagesResponse(
+        created=int(time.time()),
+        data=data,
+        output_format=_output_format(result.media_type),
+        size=f"{result.shape.width}x{result.shape.height}",
+    )
 
 
 def _output_format(media_type: str) -> OutputFormat:

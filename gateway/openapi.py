@@ -39,13 +39,17 @@ def build_openapi(routes: Iterable[Route], config: GatewayConfig | None = None) 
         paths.setdefault(route.path, {})[route.method.lower()] = operation
     components: dict[str, Any] = {"schemas": schemas}
     if config.auth_enabled:
-        components["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer",
-                                                        "description": "an API key (`sdxl-serve keys new`)"}}
+        components["securitySchemes"] = {
+            "bearerAuth": {"type": "http", "scheme": "bearer", "description": "an API key (`sdxl-serve keys new`)"}
+        }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "sdxl-serve", "version": _version(),
-                 "description": "SDXL text-to-image serving: a job API, server-sent progress events and an "
-                                "OpenAI-compatible Images endpoint."},
+        "info": {
+            "title": "sdxl-serve",
+            "version": _version(),
+            "description": "SDXL text-to-image serving: a job API, server-sent progress events and an "
+            "OpenAI-compatible Images endpoint.",
+        },
         "paths": paths,
         "components": components,
     }
@@ -87,16 +91,27 @@ def _operation(route: Route, refs: Refs) -> dict[str, Any]:
         "tags": [route.tag],
         "responses": {str(status): _response(reply, refs) for status, reply in route.replies.items()},
     }
-    parameters = [{"name": name, "in": "path", "required": True, "schema": _PARAM_SCHEMAS[name]}
-                  for name in _PARAM.findall(route.path)]
-    parameters += [{"name": name, "in": "header", "required": False, "description": text,
-                    "schema": {"type": "string", "minLength": 1, "maxLength": 255}}
-                   for name, text in route.headers.items()]
+    parameters = [
+        {"name": name, "in": "path", "required": True, "schema": _PARAM_SCHEMAS[name]}
+        for name in _PARAM.findall(route.path)
+    ]
+    parameters += [
+        {
+            "name": name,
+            "in": "header",
+            "required": False,
+            "description": text,
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+        }
+        for name, text in route.headers.items()
+    ]
     if parameters:
         operation["parameters"] = parameters
     if route.body is not None:
-        operation["requestBody"] = {"required": True, "content": {
-            "application/json": {"schema": refs[(route.body, "validation")]}}}
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": refs[(route.body, "validation")]}},
+        }
     error = {"schema": refs[(route.error_model, "serialization")]} if route.errors else None
     for status, text in route.errors.items():
         operation["responses"][str(status)] = {"description": text, "content": {"application/json": error}}

@@ -44,11 +44,24 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         request_id = request.get(REQUEST_ID)
-        self.logger.info('%s "%s %s" %d %d %.3fs', request.remote, request.method, request.path_qs,
-                         response.status, response.body_length, time, extra={
-                             "request_id": request_id, "remote": request.remote, "method": request.method,
-                             "path": request.path, "status": response.status, "bytes": response.body_length,
-                             "duration_s": round(time, 6)})
+        self.logger.info(
+            '%s "%s %s" %d %d %.3fs',
+            request.remote,
+            request.method,
+            request.path_qs,
+            response.status,
+            response.body_length,
+            time,
+            extra={
+                "request_id": request_id,
+                "remote": request.remote,
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "bytes": response.body_length,
+                "duration_s": round(time, 6),
+            },
+        )
 
     @property
     def enabled(self) -> bool:

@@ -51,66 +51,160 @@ class Route:
     access: Access = OPEN  # API key and rate limit (gateway/limits.py)
 
 
-_GUARDED = {401: "an API key is needed (keys are configured) and none or an unknown one was sent",
-            403: "the API key has been revoked",
-            429: "over the caller's rate limit (`rate_limited`) or, for a submit, the queue is full (`queue_full`): "
-                 "see Retry-After", 503: "the queue is unreachable (see Retry-After)"}
-_BAD = {400: "invalid body: the error names the field and the rule",
-        415: "the body is not application/json", 413: "the body is over the limit (64 KiB by default)"}
-_SUBMIT_ERRORS = {**_GUARDED, **_BAD, 422: f"{IDEMPOTENCY_HEADER} reused with a different request",
-                  503: "no worker is serving yet, or the queue is unreachable (see Retry-After)"}
+_GUARDED = {
+    401: "an API key is needed (keys are configured) and none or an unknown one was sent",
+    403: "the API key has been revoked",
+    429: "over the caller's rate limit (`rate_limited`) or, for a submit, the queue is full (`queue_full`): "
+    "see Retry-After",
+    503: "the queue is unreachable (see Retry-After)",
+}
+_BAD = {
+    400: "invalid body: the error names the field and the rule",
+    415: "the body is not application/json",
+    413: "the body is over the limit (64 KiB by default)",
+}
+_SUBMIT_ERRORS = {
+    **_GUARDED,
+    **_BAD,
+    422: f"{IDEMPOTENCY_HEADER} reused with a different request",
+    503: "no worker is serving yet, or the queue is unreachable (see Retry-After)",
+}
 _UNKNOWN = {**_GUARDED, 404: "unknown job (never submitted, or its result expired)"}
 SUBMIT, READ = Access("submit"), Access("read")
 DEMO_SUBMIT, DEMO_READ = Access("submit", public=True), Access("read", public=True)
-_IDEMPOTENCY = {IDEMPOTENCY_HEADER: "a client-chosen key (1..255 printable ASCII): a retry with the same key and "
-                "body refers to the first job instead of creating another"}
+_IDEMPOTENCY = {
+    IDEMPOTENCY_HEADER: "a client-chosen key (1..255 printable ASCII): a retry with the same key and "
+    "body refers to the first job instead of creating another"
+}
 
 ROUTES: tuple[Route, ...] = (
-    Route("POST", "/v1/jobs", views.submit_job, "Queue a generation; answers at once with where to follow it",
-          body=GenerateRequest, replies={202: Reply("queued (or, for a replayed Idempotency-Key, the existing "
-                                                    "job)", JobAccepted)},
-          errors=_SUBMIT_ERRORS, headers=_IDEMPOTENCY, access=DEMO_SUBMIT),
-    Route("GET", "/v1/jobs/{job_id}", views.job_status, "A job's status, queue position, progress and result",
-          replies={200: Reply("the job's state", JobState)}, errors=_UNKNOWN, access=DEMO_READ),
-    Route("DELETE", "/v1/jobs/{job_id}", views.cancel_job,
-          "Cancel a job: a queued job never runs; a running job's result is discarded",
-          replies={200: Reply("cancelled (again: cancelling twice is harmless)", JobState)},
-          errors={**_UNKNOWN, 409: "the job already succeeded or failed"}, access=DEMO_READ),
-    Route("GET", "/v1/jobs/{job_id}/events", events.job_events,
-          "Server-sent events: queued (position), started, progress per step, then succeeded, failed or "
-          "cancelled", replies={200: Reply("an event stream; each event's name is its type and its data one of "
-                                          "these objects", media_types=("text/event-stream",),
-                                          one_of=tuple(JOB_EVENTS.values()))},
-          errors=_UNKNOWN, access=DEMO_READ),
-    Route("GET", "/v1/jobs/{job_id}/images/{index}", views.job_image, "One image of a succeeded job",
-          replies={200: Reply("the image, in the job's output format", media_types=IMAGE_TYPES)},
-          errors={**_GUARDED, 404: "unknown job or image index", 409: "the job has not succeeded (yet)"},
-          access=DEMO_READ),
-    Route("POST", "/v1/generate", views.generate, "Generate and wait: the images, base64-encoded, in the answer",
-          body=GenerateRequest, replies={200: Reply("the images and timings", GenerateResponse)},
-          errors={**_SUBMIT_ERRORS, 409: "the job was cancelled", 500: "the generation failed",
-                  504: "not finished in time: the body has the job id and status_url to collect it later"},
-          headers=_IDEMPOTENCY, access=SUBMIT),
-    Route("POST", "/v1/images/generations", openai_api.images_generations,
-          "OpenAI Images API: create images from a prompt", body=openai_api.ImageGenerationRequest,
-          replies={200: Reply("the images", openai_api.ImagesResponse)},
-          errors={**_SUBMIT_ERRORS, 409: "the job was cancelled", 500: "the generation failed",
-                  504: "not finished in time (the message has the job's URL; do not retry without an "
-                       "Idempotency-Key)"},
-          error_model=openai_api.OpenAIErrorResponse, tag="openai", access=SUBMIT),
-    Route("GET", "/v1/workers", views.list_workers, "The registered workers, their devices, shapes and state",
-          replies={200: Reply("every worker whose heartbeat is current", WorkerList)}, errors=_GUARDED,
-          tag="operations", access=READ),
-    Route("GET", "/healthz", views.healthz, "Liveness: the process answers",
-          replies={200: Reply("alive")}, tag="operations"),
-    Route("GET", "/readyz", views.readyz, "Readiness: Redis reachable and at least one worker ready",
-          replies={200: Reply("ready")}, errors={503: "not ready: the error says why"}, tag="operations"),
-    Route("GET", "/metrics", views.metrics, "Prometheus metrics",
-          replies={200: Reply("Prometheus text exposition", media_types=("text/plain",))}, tag="operations"),
-    Route("GET", "/openapi.json", views.openapi, "This description", replies={200: Reply("OpenAPI 3.1")},
-          tag="operations"),
-    Route("GET", "/", views.index, "The demo page", replies={200: Reply("HTML", media_types=("text/html",))},
-          tag="demo"),
+    Route(
+        "POST",
+        "/v1/jobs",
+        views.submit_job,
+        "Queue a generation; answers at once with where to follow it",
+        body=GenerateRequest,
+        replies={202: Reply("queued (or, for a replayed Idempotency-Key, the existing job)", JobAccepted)},
+        errors=_SUBMIT_ERRORS,
+        headers=_IDEMPOTENCY,
+        access=DEMO_SUBMIT,
+    ),
+    Route(
+        "GET",
+        "/v1/jobs/{job_id}",
+        views.job_status,
+        "A job's status, queue position, progress and result",
+        replies={200: Reply("the job's state", JobState)},
+        errors=_UNKNOWN,
+        access=DEMO_READ,
+    ),
+    Route(
+        "DELETE",
+        "/v1/jobs/{job_id}",
+        views.cancel_job,
+        "Cancel a job: a queued job never runs; a running job's result is discarded",
+        replies={200: Reply("cancelled (again: cancelling twice is harmless)", JobState)},
+        errors={**_UNKNOWN, 409: "the job already succeeded or failed"},
+        access=DEMO_READ,
+    ),
+    Route(
+        "GET",
+        "/v1/jobs/{job_id}/events",
+        events.job_events,
+        "Server-sent events: queued (position), started, progress per step, then succeeded, failed or cancelled",
+        replies={
+            200: Reply(
+                "an event stream; each event's name is its type and its data one of these objects",
+                media_types=("text/event-stream",),
+                one_of=tuple(JOB_EVENTS.values()),
+            )
+        },
+        errors=_UNKNOWN,
+        access=DEMO_READ,
+    ),
+    Route(
+        "GET",
+        "/v1/jobs/{job_id}/images/{index}",
+        views.job_image,
+        "One image of a succeeded job",
+        replies={200: Reply("the image, in the job's output format", media_types=IMAGE_TYPES)},
+        errors={**_GUARDED, 404: "unknown job or image index", 409: "the job has not succeeded (yet)"},
+        access=DEMO_READ,
+    ),
+    Route(
+        "POST",
+        "/v1/generate",
+        views.generate,
+        "Generate and wait: the images, base64-encoded, in the answer",
+        body=GenerateRequest,
+        replies={200: Reply("the images and timings", GenerateResponse)},
+        errors={
+            **_SUBMIT_ERRORS,
+            409: "the job was cancelled",
+            500: "the generation failed",
+            504: "not finished in time: the body has the job id and status_url to collect it later",
+        },
+        headers=_IDEMPOTENCY,
+        access=SUBMIT,
+    ),
+    Route(
+        "POST",
+        "/v1/images/generations",
+        openai_api.images_generations,
+        "OpenAI Images API: create images from a prompt",
+        body=openai_api.ImageGenerationRequest,
+        replies={200: Reply("the images", openai_api.ImagesResponse)},
+        errors={
+            **_SUBMIT_ERRORS,
+            409: "the job was cancelled",
+            500: "the generation failed",
+            504: "not finished in time (the message has the job's URL; do not retry without an Idempotency-Key)",
+        },
+        error_model=openai_api.OpenAIErrorResponse,
+        tag="openai",
+        access=SUBMIT,
+    ),
+    Route(
+        "GET",
+        "/v1/workers",
+        views.list_workers,
+        "The registered workers, their devices, shapes and state",
+        replies={200: Reply("every worker whose heartbeat is current", WorkerList)},
+        errors=_GUARDED,
+        tag="operations",
+        access=READ,
+    ),
+    Route(
+        "GET",
+        "/healthz",
+        views.healthz,
+        "Liveness: the process answers",
+        replies={200: Reply("alive")},
+        tag="operations",
+    ),
+    Route(
+        "GET",
+        "/readyz",
+        views.readyz,
+        "Readiness: Redis reachable and at least one worker ready",
+        replies={200: Reply("ready")},
+        errors={503: "not ready: the error says why"},
+        tag="operations",
+    ),
+    Route(
+        "GET",
+        "/metrics",
+        views.metrics,
+        "Prometheus metrics",
+        replies={200: Reply("Prometheus text exposition", media_types=("text/plain",))},
+        tag="operations",
+    ),
+    Route(
+        "GET", "/openapi.json", views.openapi, "This description", replies={200: Reply("OpenAPI 3.1")}, tag="operations"
+    ),
+    Route(
+        "GET", "/", views.index, "The demo page", replies={200: Reply("HTML", media_types=("text/html",))}, tag="demo"
+    ),
 )
 
 

@@ -27,8 +27,9 @@ from common.registry import SERVING_STATES, WorkerInfo
 class Router:
     """Chooses the stream for each job according to one policy."""
 
-    def __init__(self, policy: RoutingPolicy, redis: aioredis.Redis, keys: Keys,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self, policy: RoutingPolicy, redis: aioredis.Redis, keys: Keys, rng: random.Random | None = None
+    ) -> None:
         self.policy = policy
         self._redis = redis
         self._keys = keys

@@ -18,20 +18,29 @@ def resolve_shape(request: GenerateRequest, workers: list[WorkerInfo]) -> Shape:
     """
     known = [s for w in workers for s in w.shapes]
     if not known:
-        raise ApiError(503, "no_workers", "no worker is serving yet; retry shortly",
-                       headers={"Retry-After": "5"})
+        raise ApiError(503, "no_workers", "no worker is serving yet; retry shortly", headers={"Retry-After": "5"})
     serving = [s for w in workers if w.state in SERVING_STATES for s in w.shapes]
     default = _default_shape([w for w in workers if w.state in SERVING_STATES] or workers)
-    shape = Shape(width=request.width or default.width, height=request.height or default.height,
-                  steps=request.num_inference_steps or default.steps)
+    shape = Shape(
+        width=request.width or default.width,
+        height=request.height or default.height,
+        steps=request.num_inference_steps or default.steps,
+    )
     if shape not in known:
-        raise ApiError(400, "unsupported_shape",
-                       f"no worker serves {shape.width}x{shape.height} at {shape.steps} steps; served "
-                       f"(WIDTHxHEIGHTxSTEPS): {', '.join(map(str, dict.fromkeys(known)))}",
-                       field=_field_at_fault(shape, known))
+        raise ApiError(
+            400,
+            "unsupported_shape",
+            f"no worker serves {shape.width}x{shape.height} at {shape.steps} steps; served "
+            f"(WIDTHxHEIGHTxSTEPS): {', '.join(map(str, dict.fromkeys(known)))}",
+            field=_field_at_fault(shape, known),
+        )
     if shape not in serving:
-        raise ApiError(503, "no_ready_worker", f"the workers serving {shape} are warming up or draining; "
-                       "retry shortly", headers={"Retry-After": "5"})
+        raise ApiError(
+            503,
+            "no_ready_worker",
+            f"the workers serving {shape} are warming up or draining; retry shortly",
+            headers={"Retry-After": "5"},
+        )
     return shape
 
 

@@ -43,13 +43,15 @@ async def readyz(request: web.Request) -> web.Response:
     """Readiness: Redis answers, the job listener is subscribed, and at least one worker is ready."""
     await request.app[REDIS].ping()  # unreachable: the error middleware answers 503
     if not request.app[LISTENER].subscribed.is_set():
-        raise ApiError(503, "not_subscribed", "the job events subscription is being re-established",
-                       headers={"Retry-After": "2"})
+        raise ApiError(
+            503, "not_subscribed", "the job events subscription is being re-established", headers={"Retry-After": "2"}
+        )
     workers = await request.app[REGISTRY].workers()
     serving = sum(w.state in SERVING_STATES for w in workers)
     if not serving:
-        raise ApiError(503, "no_workers", f"no worker is ready ({len(workers)} registered)",
-                       headers={"Retry-After": "5"})
+        raise ApiError(
+            503, "no_workers", f"no worker is ready ({len(workers)} registered)", headers={"Retry-After": "5"}
+        )
     return web.json_response({"status": "ready", "workers_ready": serving})
 
 
@@ -90,8 +92,12 @@ async def submit_job(request: web.Request) -> web.Response:
     if not submitted.created:
         state = await jobs.read_state(request.app, job_id)
         status = state[0].status if state is not None else status
-    accepted = JobAccepted(id=job_id, status=status, status_url=jobs.status_url(job_id),  # type: ignore[arg-type]
-                           events_url=jobs.events_url(job_id))
+    accepted = JobAccepted(
+        id=job_id,
+        status=status,  # type: ignore[arg-type]
+        status_url=jobs.status_url(job_id),
+        events_url=jobs.events_url(job_id),
+    )
     headers = {"Location": accepted.status_url}
     if not submitted.created:
         headers["Idempotent-Replayed"] = "true"
@@ -114,8 +120,13 @@ async def cancel_job(request: web.Request) -> web.Response:
     if outcome is None:
         raise jobs.unknown_job(job_id)
     if outcome != "cancelled":
-        raise ApiError(409, "already_finished", f"job {job_id} already {outcome}; only queued or running jobs "
-                       "can be cancelled", field="job_id", job_status=outcome)
+        raise ApiError(
+            409,
+            "already_finished",
+            f"job {job_id} already {outcome}; only queued or running jobs can be cancelled",
+            field="job_id",
+            job_status=outcome,
+        )
     state = await jobs.read_state(request.app, job_id)
     return _json(state[0] if state is not None else JobState(id=job_id, status="cancelled"))
 
@@ -129,17 +140,32 @@ async def job_image(request: web.Request) -> web.Response:
         status = await request.app[QUEUE].job_status(job_id)
         if status is None:
             raise jobs.unknown_job(job_id)
-        raise ApiError(409, "not_finished", f"job {job_id} is {status}; its images exist once it has succeeded",
-                       field="job_id", job_status=status)
+        raise ApiError(
+            409,
+            "not_finished",
+            f"job {job_id} is {status}; its images exist once it has succeeded",
+            field="job_id",
+            job_status=status,
+        )
     result, image = found
     if result.status != "succeeded":
-        raise ApiError(409, "no_images", f"job {job_id} {result.status}; it has no images", field="job_id",
-                       job_status=result.status)
+        raise ApiError(
+            409,
+            "no_images",
+            f"job {job_id} {result.status}; it has no images",
+            field="job_id",
+            job_status=result.status,
+        )
     if image is None:
         raise ApiError(404, "unknown_image", f"job {job_id} has images 0..{result.image_count - 1}", field="index")
-    return web.Response(body=image, content_type=result.media_type, headers={
-        "Cache-Control": f"private, max-age={request.app[CONFIG].result_ttl_s}, immutable",
-        "Content-Disposition": f'inline; filename="{job_id}-{index}.{_extension(result.media_type)}"'})
+    return web.Response(
+        body=image,
+        content_type=result.media_type,
+        headers={
+            "Cache-Control": f"private, max-age={request.app[CONFIG].result_ttl_s}, immutable",
+            "Content-Disposition": f'inline; filename="{job_id}-{index}.{_extension(result.media_type)}"',
+        },
+    )
 
 
 def _image_index(text: str) -> int:
@@ -170,8 +196,13 @@ def _generate_response(stored: StoredResult, received: float | None) -> Generate
     assert result.shape is not None and result.seed is not None and result.worker is not None
     images = [base64.b64encode(image).decode("ascii") for image in stored.images]
     return GenerateResponse(
-        id=result.id, seed=result.seed, width=result.shape.width, height=result.shape.height,
-        num_inference_steps=result.shape.steps, worker=result.worker, images=images,
+        id=result.id,
+        seed=result.seed,
+        width=result.shape.width,
+        height=result.shape.height,
+        num_inference_steps=result.shape.steps,
+        worker=result.worker,
+        images=images,
         timings=jobs.response_timings(result, received, time.perf_counter()),
     )
 
@@ -179,5 +210,9 @@ def _generate_response(stored: StoredResult, received: float | None) -> Generate
 def _json(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     # Optional fields that do not apply (a queued job's result, ...) are left out rather than sent as null.
     exclude_none = isinstance(model, JobState)
-    return web.Response(body=model.model_dump_json(exclude_none=exclude_none), status=status,
-                        content_type="application/json", headers=headers)
+    return web.Response(
+        body=model.model_dump_json(exclude_none=exclude_none),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 
 # Before anything imports JAX: it reads XLA_FLAGS once.
-os.environ["XLA_FLAGS"] = " ".join(
-    f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f
-) + " --xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = (
+    " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    + " --xla_force_host_platform_device_count=4"
+)
 
 import asyncio
 import json
@@ -81,9 +82,22 @@ def redis_server() -> Iterator[RedisServer]:
     directory = Path(tempfile.mkdtemp(prefix="sdxl-test-redis-"))
     port = free_port()
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-         "--dir", str(directory)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--dir",
+            str(directory),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     assert process.stdout is not None
     for line in process.stdout:  # wait for the server to say it is ready (no polling)
         if b"Ready to accept connections" in line:
@@ -122,8 +136,9 @@ class ProcessGroup:
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / f"{name}.log", "wb")
-        process = subprocess.Popen([sys.executable, "-m", "common.cli", *args], stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "common.cli", *args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
         self.processes[name] = process
         return process
 
@@ -149,8 +164,21 @@ class ProcessGroup:
 
 
 def worker_args(redis_url: str, model: Path, worker_id: str, prefix: str = "sdxl") -> list[str]:
-    return ["worker", "--redis-url", redis_url, "--key-prefix", prefix, "--model", str(model),
-            "--shapes", SHAPES_ARG, "--worker-id", worker_id, "--heartbeat-interval", "0.5"]
+    return [
+        "worker",
+        "--redis-url",
+        redis_url,
+        "--key-prefix",
+        prefix,
+        "--model",
+        str(model),
+        "--shapes",
+        SHAPES_ARG,
+        "--worker-id",
+        worker_id,
+        "--heartbeat-interval",
+        "0.5",
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -183,8 +211,18 @@ def cluster(redis_server: RedisServer, tiny_model: Path, processes: ProcessGroup
     redis_url = redis_server.url(1)
     redis.Redis.from_url(redis_url).flushdb()
     port = free_port()
-    processes.start("gateway", "gateway", "--redis-url", redis_url, "--host", "127.0.0.1", "--port", str(port),
-                    "--request-timeout", "120")
+    processes.start(
+        "gateway",
+        "gateway",
+        "--redis-url",
+        redis_url,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--request-timeout",
+        "120",
+    )
     worker_ids = ("worker-a", "worker-b")
     for worker_id in worker_ids:
         processes.start(worker_id, *worker_args(redis_url, tiny_model, worker_id))
@@ -204,8 +242,11 @@ async def scrape(session: aiohttp.ClientSession, url: str) -> Samples:
     async with session.get(f"{url}/metrics") as response:
         assert response.status == 200
         text = await response.text()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 async def post_generate(url: str, **body: Any) -> dict[str, Any]:
@@ -224,17 +265,25 @@ def artifacts() -> Path:
     return ARTIFACTS
 
 
-
 # --- A gateway in this process (aiohttp test client), with a test playing the worker.
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 
 
-async def register_worker(redis_client: aioredis.Redis, worker_id: str = "w1", state: str = "ready",
-                          shapes: tuple[Shape, ...] = TEST_SHAPES) -> None:
+async def register_worker(
+    redis_client: aioredis.Redis, worker_id: str = "w1", state: str = "ready", shapes: tuple[Shape, ...] = TEST_SHAPES
+) -> None:
     """Register a worker serving `shapes` with its streams, so the gateway accepts requests for them."""
-    info = WorkerInfo(id=worker_id, host="h", pid=1, model="m", images_per_request=4, state=state,  # type: ignore[arg-type]
-                      shapes=list(shapes), started_at=time.time())
+    info = WorkerInfo(
+        id=worker_id,
+        host="h",
+        pid=1,
+        model="m",
+        images_per_request=4,
+        state=state,  # type: ignore[arg-type]
+        shapes=list(shapes),
+        started_at=time.time(),
+    )
     queue = JobQueue(redis_client, Keys())
     for stream in worker_streams(worker_id, shapes):
         await queue.ensure_group(stream)
@@ -253,8 +302,9 @@ async def queued_jobs(redis_client: aioredis.Redis) -> int:
 
 
 @pytest.fixture
-async def client(redis_server: RedisServer, redis_client: aioredis.Redis,
-                 aiohttp_client: ClientFactory) -> TestClient[Any, Any]:
+async def client(
+    redis_server: RedisServer, redis_client: aioredis.Redis, aiohttp_client: ClientFactory
+) -> TestClient[Any, Any]:
     """A gateway on db 0 with a 1 s request timeout."""
     config = GatewayConfig(redis_url=redis_server.url(0), request_timeout_s=1.0, result_ttl_s=60)
     return await aiohttp_client(create_app(config))
@@ -277,13 +327,25 @@ async def claim_next(redis_client: aioredis.Redis, worker_id: str = "test-worker
     return claimed
 
 
-async def finish(redis_client: aioredis.Redis, claimed: ClaimedJob, images: list[bytes],
-                 media_type: str = "image/png", worker_id: str = "test-worker") -> bool:
+async def finish(
+    redis_client: aioredis.Redis,
+    claimed: ClaimedJob,
+    images: list[bytes],
+    media_type: str = "image/png",
+    worker_id: str = "test-worker",
+) -> bool:
     """Store a successful result for a claimed job, as a worker would."""
     job = claimed.job
-    result = JobResult(id=job.id, status="succeeded", worker=worker_id, seed=job.seed, shape=job.shape,
-                       media_type=media_type, image_count=len(images),
-                       timings=Timings(queued_ms=1.0, generate_ms=2.0, encode_ms=3.0))
+    result = JobResult(
+        id=job.id,
+        status="succeeded",
+        worker=worker_id,
+        seed=job.seed,
+        shape=job.shape,
+        media_type=media_type,
+        image_count=len(images),
+        timings=Timings(queued_ms=1.0, generate_ms=2.0, encode_ms=3.0),
+    )
     return await JobQueue(redis_client, Keys()).complete(claimed, result, images)
 
 

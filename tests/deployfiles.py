@@ -30,8 +30,13 @@ DOCKERFILE = "deploy/docker/Dockerfile"
 def _cli_env() -> tuple[str, ...]:
     """The environment variables `build_parser()` reads its defaults from, as common/cli.py names them."""
     source = (ROOT / "common" / "cli.py").read_text()
-    return tuple(sorted(name for name in set(re.findall(r'os\.environ\.get\("(\w+)"', source))
-                        if name.startswith("SDXL_SERVE_") or name == "PORT"))
+    return tuple(
+        sorted(
+            name
+            for name in set(re.findall(r'os\.environ\.get\("(\w+)"', source))
+            if name.startswith("SDXL_SERVE_") or name == "PORT"
+        )
+    )
 
 
 # The deployment files decide these: the tests clear them from their own environment.
@@ -143,13 +148,23 @@ def served_routes() -> dict[str, frozenset[str]]:
     from worker.metrics import WorkerMetrics, metrics_app
 
     apps = {"gateway": create_app(GatewayConfig()), "worker": metrics_app(WorkerMetrics(), lambda: None)}
-    return {command: frozenset(route.resource.canonical for route in app.router.routes()
-                               if route.method == "GET" and route.resource is not None)
-            for command, app in apps.items()}
+    return {
+        command: frozenset(
+            route.resource.canonical
+            for route in app.router.routes()
+            if route.method == "GET" and route.resource is not None
+        )
+        for command, app in apps.items()
+    }
 
 
-_SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
-             "summary": ("_count", "_sum", "_created"), "gauge": ("",), "info": ("_info",)}
+_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_count", "_sum", "_created"),
+    "summary": ("_count", "_sum", "_created"),
+    "gauge": ("",),
+    "info": ("_info",),
+}
 
 
 def exposed_names(registry: CollectorRegistry) -> set[str]:
@@ -182,5 +197,6 @@ sys.meta_path.insert(0, WorkerExtraMissing())
 
 def run_without_worker_extra(code: str) -> subprocess.CompletedProcess[str]:
     """Run `code` in a fresh interpreter where importing any package of the worker extra fails."""
-    return subprocess.run([sys.executable, "-c", _BLOCKER + code], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", _BLOCKER + code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )

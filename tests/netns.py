@@ -204,7 +204,8 @@ class TestHost:
         """
         popen_kwargs.setdefault("start_new_session", True)
         process: subprocess.Popen[Any] = subprocess.Popen(
-            ["ip", "netns", "exec", self.namespace, *(os.fspath(arg) for arg in argv)], **popen_kwargs)
+            ["ip", "netns", "exec", self.namespace, *(os.fspath(arg) for arg in argv)], **popen_kwargs
+        )
         self._network._processes.append(process)
         return process
 
@@ -235,8 +236,9 @@ class TestHost:
                     return
                 except OSError as exc:
                     if remaining <= 0:
-                        raise TimeoutError(f"{self.name} could not reach {address}:{port} "
-                                           f"within {timeout}s: {exc}") from exc
+                        raise TimeoutError(
+                            f"{self.name} could not reach {address}:{port} within {timeout}s: {exc}"
+                        ) from exc
             time.sleep(0.05)
 
 
@@ -263,8 +265,9 @@ class TestNetwork:
             raise
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         errors = self.close()
         if errors and exc_type is None:
             raise NetnsError("teardown failed: " + "; ".join(errors))

@@ -29,8 +29,6 @@ def say(**payload: Any) -> None:
     print(json.dumps(payload), flush=True)
 
 
-
-
 async def main(redis_url: str, gateway_url: str, steps: int) -> None:
     client = aioredis.Redis.from_url(redis_url)
     await Registry(client, KEYS).wait_for_ready(2, timeout_s=300)

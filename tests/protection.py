@@ -53,8 +53,15 @@ class FakePipeline:
     def compile(self, shape: Shape) -> CompileTimings:
         return CompileTimings(lower_s=0.0, compile_s=0.0, warmup_s=0.0)
 
-    def generate(self, shape: Shape, prompt: str, negative_prompt: str, seed: int, guidance_scale: float,
-                 on_step: Callable[[int], None] | None = None) -> np.ndarray:
+    def generate(
+        self,
+        shape: Shape,
+        prompt: str,
+        negative_prompt: str,
+        seed: int,
+        guidance_scale: float,
+        on_step: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
         if shape not in self._shapes:
             raise UnsupportedShape(f"shape {shape} is not compiled here")
         for step in range(1, shape.steps + 1):
@@ -67,8 +74,16 @@ class FakePipeline:
 @contextlib.asynccontextmanager
 async def running_worker(redis_url: str, worker_id: str = "fake-worker", **settings: Any) -> AsyncIterator[Worker]:
     """A real Worker (its loop, heartbeats and queue scripts) on `redis_url` with a FakePipeline, ready."""
-    config = WorkerConfig(redis_url=redis_url, shapes=TEST_SHAPES, worker_id=worker_id, heartbeat_interval_s=0.5,
-                          heartbeat_ttl_s=2.0, claim_block_ms=100, metrics_port=0, **settings)
+    config = WorkerConfig(
+        redis_url=redis_url,
+        shapes=TEST_SHAPES,
+        worker_id=worker_id,
+        heartbeat_interval_s=0.5,
+        heartbeat_ttl_s=2.0,
+        claim_block_ms=100,
+        metrics_port=0,
+        **settings,
+    )
     redis = connect(redis_url, name=f"test-worker:{worker_id}")
     worker = Worker(config, redis, load_pipeline=FakePipeline)
     task = asyncio.create_task(worker.run())

@@ -53,19 +53,29 @@ def test_keys_from_the_environment_are_kept_as_digests_only(monkeypatch: pytest.
 
 
 def test_the_cli_makes_a_key_and_hashes_existing_ones() -> None:
-    made = subprocess.run([sys.executable, "-m", "common.cli", "keys", "new", "--label", "ci"],
-                          capture_output=True, text=True, check=True)
+    made = subprocess.run(
+        [sys.executable, "-m", "common.cli", "keys", "new", "--label", "ci"], capture_output=True, text=True, check=True
+    )
     key, line = made.stdout.splitlines()
     assert line == f"{digest(key)}  # ci"
     assert parse_keys_file(line).active == {digest(key)}
-    hashed = subprocess.run([sys.executable, "-m", "common.cli", "keys", "hash"], input=f"{key}\n\nabc\n",
-                            capture_output=True, text=True, check=True)
+    hashed = subprocess.run(
+        [sys.executable, "-m", "common.cli", "keys", "hash"],
+        input=f"{key}\n\nabc\n",
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert hashed.stdout.splitlines() == [digest(key), digest("abc")]
 
 
 def test_a_bad_keys_file_stops_the_gateway_at_start(tmp_path: Path) -> None:
     bad = tmp_path / "keys"
     bad.write_text("not a digest\n")
-    done = subprocess.run([sys.executable, "-m", "common.cli", "gateway", "--api-keys-file", str(bad)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "common.cli", "gateway", "--api-keys-file", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and "--api-keys-file" in done.stderr and "line 1" in done.stderr

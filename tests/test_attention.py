@@ -59,8 +59,9 @@ def test_the_switch_acts_only_inside_its_context_and_thread() -> None:
     other_thread: list[np.ndarray] = []
     with mock.patch.object(attention_module.jax.nn, "dot_product_attention", spy):
         with attention("dot_product"):
-            worker = threading.Thread(target=lambda: other_thread.append(np.asarray(
-                jax.jit(lambda p, h: layer.apply(p, h) * 1)(params, x))))
+            worker = threading.Thread(
+                target=lambda: other_thread.append(np.asarray(jax.jit(lambda p, h: layer.apply(p, h) * 1)(params, x)))
+            )
             worker.start()
             worker.join()
         after = np.asarray(jax.jit(lambda p, h: layer.apply(p, h) + 0)(params, x))
@@ -93,8 +94,9 @@ def test_cpu_uses_xla_attention() -> None:
 def images(tiny_model: Path) -> dict[str, np.ndarray]:
     """Images of one request from the tiny model: both paths, in bfloat16 (as served) and float32."""
     served = SDXLPipeline.load(str(tiny_model), None, images_per_request=4, report_progress=False)
-    pipe, params = FlaxStableDiffusionXLPipeline.from_pretrained(str(tiny_model), split_head_dim=True,
-                                                                dtype=jnp.float32)
+    pipe, params = FlaxStableDiffusionXLPipeline.from_pretrained(
+        str(tiny_model), split_head_dim=True, dtype=jnp.float32
+    )
     full = SDXLPipeline(pipe, _replicate(params), images_per_request=4, report_progress=False)
     out = {}
     for precision, pipeline in (("bf16", served), ("f32", full)):

@@ -35,18 +35,28 @@ async def test_without_keys_configured_the_api_is_open(client: Client, fake_work
     assert (await client.post("/v1/jobs", json=JOB, headers=bearer("anything"))).status == 202
 
 
-@pytest.mark.parametrize(("headers", "status", "code"), [
-    ({}, 401, "missing_api_key"),
-    ({"Authorization": f"Basic {GOOD}"}, 401, "invalid_authorization"),
-    ({"Authorization": "Bearer "}, 401, "invalid_authorization"),
-    (bearer("sdxl_not-a-key"), 401, "invalid_api_key"),
-    (bearer(REVOKED), 403, "revoked_api_key"),
-])
-async def test_every_v1_route_refuses_a_missing_or_bad_key(keyed: Client, redis_client: aioredis.Redis,
-                                                           headers: dict[str, str], status: int, code: str) -> None:
-    for method, path in [("POST", "/v1/jobs"), ("POST", "/v1/generate"), ("GET", "/v1/jobs/abc"),
-                         ("DELETE", "/v1/jobs/abc"), ("GET", "/v1/jobs/abc/events"), ("GET", "/v1/jobs/abc/images/0"),
-                         ("GET", "/v1/workers")]:
+@pytest.mark.parametrize(
+    ("headers", "status", "code"),
+    [
+        ({}, 401, "missing_api_key"),
+        ({"Authorization": f"Basic {GOOD}"}, 401, "invalid_authorization"),
+        ({"Authorization": "Bearer "}, 401, "invalid_authorization"),
+        (bearer("sdxl_not-a-key"), 401, "invalid_api_key"),
+        (bearer(REVOKED), 403, "revoked_api_key"),
+    ],
+)
+async def test_every_v1_route_refuses_a_missing_or_bad_key(
+    keyed: Client, redis_client: aioredis.Redis, headers: dict[str, str], status: int, code: str
+) -> None:
+    for method, path in [
+        ("POST", "/v1/jobs"),
+        ("POST", "/v1/generate"),
+        ("GET", "/v1/jobs/abc"),
+        ("DELETE", "/v1/jobs/abc"),
+        ("GET", "/v1/jobs/abc/events"),
+        ("GET", "/v1/jobs/abc/images/0"),
+        ("GET", "/v1/workers"),
+    ]:
         response = await keyed.request(method, path, json=JOB if method == "POST" else None, headers=headers)
         assert response.status == status, (method, path)
         error = await error_of(response)
@@ -67,16 +77,25 @@ async def test_the_openai_route_answers_in_openai_shape(keyed: Client) -> None:
     response = await keyed.post("/v1/images/generations", json={"prompt": "a cat"})
     assert response.status == 401
     error = (await response.json())["error"]
-    assert (error["type"], error["code"], error["param"]) == ("authentication_error", "missing_api_key",
-                                                              "Authorization")
+    assert (error["type"], error["code"], error["param"]) == (
+        "authentication_error",
+        "missing_api_key",
+        "Authorization",
+    )
     response = await keyed.post("/v1/images/generations", json={"prompt": "a cat"}, headers=bearer(REVOKED))
     assert (await response.json())["error"]["type"] == "authentication_error" and response.status == 403
 
 
-async def test_the_public_demo_opens_only_the_pages_routes(aiohttp_client: ClientFactory, redis_server: RedisServer,
-                                                           redis_client: aioredis.Redis, fake_worker: None) -> None:
-    demo = await gateway(aiohttp_client, redis_server, api_keys=RING, public_demo=True,
-                         rate_limits=RateLimits(public_submit=Rate(1, 3600.0, 2)))
+async def test_the_public_demo_opens_only_the_pages_routes(
+    aiohttp_client: ClientFactory, redis_server: RedisServer, redis_client: aioredis.Redis, fake_worker: None
+) -> None:
+    demo = await gateway(
+        aiohttp_client,
+        redis_server,
+        api_keys=RING,
+        public_demo=True,
+        rate_limits=RateLimits(public_submit=Rate(1, 3600.0, 2)),
+    )
     accepted = await demo.post("/v1/jobs", json=JOB)
     assert accepted.status == 202 and accepted.headers["RateLimit-Limit"] == "2"
     job = (await accepted.json())["id"]
@@ -96,10 +115,14 @@ async def test_the_public_demo_opens_only_the_pages_routes(aiohttp_client: Clien
     assert "security" not in document["paths"]["/healthz"]["get"]
 
 
-async def test_the_keys_file_is_reread_when_it_changes(aiohttp_client: ClientFactory, redis_server: RedisServer,
-                                                       fake_worker: None, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
+async def test_the_keys_file_is_reread_when_it_changes(
+    aiohttp_client: ClientFactory,
+    redis_server: RedisServer,
+    fake_worker: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     monkeypatch.setattr(auth, "KEYS_RELOAD_INTERVAL_S", 0.05)
     path = tmp_path / "keys"
     key = new_key()
@@ -119,9 +142,13 @@ async def test_the_keys_file_is_reread_when_it_changes(aiohttp_client: ClientFac
     assert status == 403
 
 
-async def test_keys_never_reach_logs_metrics_or_redis(aiohttp_client: ClientFactory, redis_server: RedisServer,
-                                                      redis_client: aioredis.Redis, fake_worker: None,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+async def test_keys_never_reach_logs_metrics_or_redis(
+    aiohttp_client: ClientFactory,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    fake_worker: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.DEBUG)
     config = GatewayConfig(api_keys=RING)
     log_config(logging.getLogger("test"), config)

@@ -68,11 +68,21 @@ def test_flop_count_follows_the_shape(sdxl: tuple[Any, dict[str, Any]], flops_10
     assert small.unet_per_image == 60 * small.unet_per_sample
 
 
-@pytest.mark.parametrize(("kind", "peak"), [
-    ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
-    ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("TPU v5 lite", 197.0), ("TPU v5", 459.0),
-    ("TPU v6 lite", 918.0), ("cpu", None), ("NVIDIA GeForce RTX 4090", None),
-])
+@pytest.mark.parametrize(
+    ("kind", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989.4),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", 835.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("TPU v5 lite", 197.0),
+        ("TPU v5", 459.0),
+        ("TPU v6 lite", 918.0),
+        ("cpu", None),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
 def test_peak_is_looked_up_by_device_kind_and_never_guessed(kind: str, peak: float | None) -> None:
     assert peak_tflops(kind) == peak
 
@@ -92,29 +102,68 @@ def test_arguments_are_checked() -> None:
     for bad in ("1024", "x768", "0x8", "axb"):
         with pytest.raises(argparse.ArgumentTypeError, match="WIDTHxHEIGHT"):
             parse_size(bad)
-    good = {"model": "m", "revision": None, "size": None, "steps": 2, "images": 4, "repeats": 1,
-            "attentions": ("einsum",), "progress": True, "peak_tflops": None}
+    good = {
+        "model": "m",
+        "revision": None,
+        "size": None,
+        "steps": 2,
+        "images": 4,
+        "repeats": 1,
+        "attentions": ("einsum",),
+        "progress": True,
+        "peak_tflops": None,
+    }
     GenerateConfig(**good)
-    for change, flag in [({"steps": 0}, "--steps"), ({"attentions": ("flash",)}, "--attention"),
-                         ({"attentions": ("einsum", "einsum")}, "--attention"), ({"peak_tflops": 0.0}, "--peak")]:
+    for change, flag in [
+        ({"steps": 0}, "--steps"),
+        ({"attentions": ("flash",)}, "--attention"),
+        ({"attentions": ("einsum", "einsum")}, "--attention"),
+        ({"peak_tflops": 0.0}, "--peak"),
+    ]:
         with pytest.raises(ConfigError, match=flag):
             GenerateConfig(**good | change)
 
 
 # SDXL's component layout at a size a CPU runs in seconds: the same classes as `sdxl-random`.
-SMALL_TEXT = {"vocab_size": 600, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "max_position_embeddings": 77, "projection_dim": 32}
+SMALL_TEXT = {
+    "vocab_size": 600,
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "projection_dim": 32,
+}
 SMALL = Architecture(
-    unet={"sample_size": 16, "in_channels": 4, "out_channels": 4,
-          "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-          "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "block_out_channels": (32, 64),
-          "layers_per_block": 1, "attention_head_dim": (2, 4), "transformer_layers_per_block": (1, 1),
-          "cross_attention_dim": 64, "use_linear_projection": True, "addition_embed_type": "text_time",
-          "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 6 * 8 + 32},
-    vae={"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (32, 32),
-         "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2,
-         "sample_size": 32, "scaling_factor": 0.13025},
-    text_encoder=SMALL_TEXT, text_encoder_2=SMALL_TEXT)
+    unet={
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "attention_head_dim": (2, 4),
+        "transformer_layers_per_block": (1, 1),
+        "cross_attention_dim": 64,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 6 * 8 + 32,
+    },
+    vae={
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "block_out_channels": (32, 32),
+        "down_block_types": ("DownEncoderBlock2D",) * 2,
+        "up_block_types": ("UpDecoderBlock2D",) * 2,
+        "sample_size": 32,
+        "scaling_factor": 0.13025,
+    },
+    text_encoder=SMALL_TEXT,
+    text_encoder_2=SMALL_TEXT,
+)
 
 
 def test_random_weights_are_made_on_every_device_in_bfloat16() -> None:
@@ -132,8 +181,22 @@ def test_random_weights_are_made_on_every_device_in_bfloat16() -> None:
 
 
 def test_bench_generate_on_the_tiny_model(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    status = cli_main(["bench", "generate", "--model", str(tiny_model), "--steps", "2", "--repeats", "2",
-                       "--attention", "einsum,dot_product", "--no-progress", "--json"])
+    status = cli_main(
+        [
+            "bench",
+            "generate",
+            "--model",
+            str(tiny_model),
+            "--steps",
+            "2",
+            "--repeats",
+            "2",
+            "--attention",
+            "einsum,dot_product",
+            "--no-progress",
+            "--json",
+        ]
+    )
     assert status == 0
     reports = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["attention"] for r in reports] == ["einsum", "dot_product"]

@@ -70,11 +70,19 @@ class FakeGateway:
         kind = expected_kind(seed)
         if kind != "ok":
             status, code = kind.split()
-            return web.json_response({"error": {"code": code, "message": "fake", "field": None}},
-                                     status=int(status))
-        return web.json_response({"id": f"job-{seed}", "seed": seed, "width": 64, "height": 64,
-                                  "num_inference_steps": body.get("num_inference_steps", 2), "images": ["aGk="],
-                                  "worker": worker_of(seed), "timings": TIMINGS})
+            return web.json_response({"error": {"code": code, "message": "fake", "field": None}}, status=int(status))
+        return web.json_response(
+            {
+                "id": f"job-{seed}",
+                "seed": seed,
+                "width": 64,
+                "height": 64,
+                "num_inference_steps": body.get("num_inference_steps", 2),
+                "images": ["aGk="],
+                "worker": worker_of(seed),
+                "timings": TIMINGS,
+            }
+        )
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -144,21 +152,26 @@ async def test_refused_connections_are_counted_not_raised() -> None:
     assert report.errors == {"connection_error": report.sent}
 
 
-@pytest.mark.parametrize(("status", "raw", "kind"), [
-    (200, b'{"images": ["aGk="], "worker": "w"}', "ok"),
-    (503, b'{"error": {"code": "no_workers", "message": "m", "field": null}}', "503 no_workers"),
-    (502, b"<html>bad gateway</html>", "502 non_json"),
-    (200, b'{"id": "x"}', "200 unknown"),
-    (500, b"[1]", "500 non_json"),
-])
+@pytest.mark.parametrize(
+    ("status", "raw", "kind"),
+    [
+        (200, b'{"images": ["aGk="], "worker": "w"}', "ok"),
+        (503, b'{"error": {"code": "no_workers", "message": "m", "field": null}}', "503 no_workers"),
+        (502, b"<html>bad gateway</html>", "502 non_json"),
+        (200, b'{"id": "x"}', "200 unknown"),
+        (500, b"[1]", "500 non_json"),
+    ],
+)
 def test_answers_are_classified_by_status_and_error_code(status: int, raw: bytes, kind: str) -> None:
     assert classify(status, raw)[0] == kind
 
 
 def test_summary_of_made_up_outcomes() -> None:
-    outcomes = [Outcome("ok", 0.0, 1.0, worker="a", queued_ms=1.0, generate_ms=10.0),
-                Outcome("ok", 0.5, 2.5, lag_s=0.002, worker="b", queued_ms=3.0, generate_ms=30.0),
-                Outcome("timeout", 1.0, 4.0)]
+    outcomes = [
+        Outcome("ok", 0.0, 1.0, worker="a", queued_ms=1.0, generate_ms=10.0),
+        Outcome("ok", 0.5, 2.5, lag_s=0.002, worker="b", queued_ms=3.0, generate_ms=30.0),
+        Outcome("timeout", 1.0, 4.0),
+    ]
     report = summarize(LoadConfig(url="http://x", rate=3.0, duration_s=1.0), outcomes)
     assert (report.sent, report.succeeded, report.errors) == (3, 2, {"timeout": 1})
     assert report.elapsed_s == 4.0 and report.throughput_rps == 0.5 and report.offered_rps == 3.0
@@ -181,9 +194,14 @@ def test_cli_text_report(capsys: pytest.CaptureFixture[str]) -> None:
     assert "errors: connection_error x" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["--url", "127.0.0.1:8000", "--rate", "1", "--duration", "1"],
-                                  ["--url", "http://h", "--rate", "0", "--duration", "1"],
-                                  ["--url", "http://h", "--duration", "1"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--url", "127.0.0.1:8000", "--rate", "1", "--duration", "1"],
+        ["--url", "http://h", "--rate", "0", "--duration", "1"],
+        ["--url", "http://h", "--duration", "1"],
+    ],
+)
 def test_cli_bad_arguments_exit_2(argv: list[str]) -> None:
     try:
         status = cli_main(["bench", "load", *argv])

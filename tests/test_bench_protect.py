@@ -12,9 +12,29 @@ import pytest
 
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) is not installed")
 def test_a_small_run_reports_refusals_and_complete_bursts() -> None:
-    done = subprocess.run([sys.executable, "-m", "common.cli", "bench", "protect", "--duration", "0.5",
-                           "--connections", "4", "--max-queue-depth", "5", "--burst-factor", "4", "--bursts", "1",
-                           "--json"], capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "common.cli",
+            "bench",
+            "protect",
+            "--duration",
+            "0.5",
+            "--connections",
+            "4",
+            "--max-queue-depth",
+            "5",
+            "--burst-factor",
+            "4",
+            "--bursts",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     statuses = [set(run["statuses"]) for run in report["throughput"]]

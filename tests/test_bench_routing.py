@@ -105,8 +105,10 @@ def test_percentile_interpolates_between_ranks() -> None:
     assert percentile([7.0], 0.99) == 7.0
 
 
-@pytest.mark.parametrize("changes", [{"workers": 0}, {"load": 0.0}, {"jitter": -0.1}, {"warmup": 1.0},
-                                     {"workers": 2, "service_times_s": (1.0,)}])
+@pytest.mark.parametrize(
+    "changes",
+    [{"workers": 0}, {"load": 0.0}, {"jitter": -0.1}, {"warmup": 1.0}, {"workers": 2, "service_times_s": (1.0,)}],
+)
 def test_invalid_configurations_are_rejected(changes: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         SimConfig(**changes)  # type: ignore[arg-type]
@@ -125,8 +127,19 @@ def test_cli_json_prints_one_parseable_line_per_policy(capsys: pytest.CaptureFix
     rows = [json.loads(line) for line in lines]
     assert [row["policy"] for row in rows] == list(POLICIES)
     for row in rows:
-        assert {"policy", "workers", "load", "service_time_s", "jitter", "requests", "p50_s", "p95_s", "p99_s",
-                "mean_s", "throughput_rps"} <= row.keys()
+        assert {
+            "policy",
+            "workers",
+            "load",
+            "service_time_s",
+            "jitter",
+            "requests",
+            "p50_s",
+            "p95_s",
+            "p99_s",
+            "mean_s",
+            "throughput_rps",
+        } <= row.keys()
         assert (row["workers"], row["load"], row["requests"]) == (4, 0.8, 2000)
 
 

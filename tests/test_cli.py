@@ -20,8 +20,9 @@ def test_metrics_port_from_the_environment_and_the_flag_wins(monkeypatch: pytest
     assert build_parser().parse_args(["worker", "--metrics-port", "9500"]).metrics_port == 9500
 
 
-def test_bad_metrics_port_in_the_environment_is_a_usage_error(monkeypatch: pytest.MonkeyPatch,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_metrics_port_in_the_environment_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("SDXL_SERVE_METRICS_PORT", "ninety")
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["worker"])

@@ -34,9 +34,25 @@ async def test_up_serves_then_stops_every_child(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     port = free_port()
     up = subprocess.Popen(  # noqa: ASYNC220 (the test waits on it alone)
-        [sys.executable, "-m", "common.cli", "up", "--workers", "1", "--port", str(port), "--shapes", "64x64x2",
-         "--cache-dir", str(cache)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        [
+            sys.executable,
+            "-m",
+            "common.cli",
+            "up",
+            "--workers",
+            "1",
+            "--port",
+            str(port),
+            "--shapes",
+            "64x64x2",
+            "--cache-dir",
+            str(cache),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         assert up.stdout is not None
         line = up.stdout.readline()  # blocks until the cluster is ready (or `up` exits)

@@ -58,7 +58,8 @@ async def metrics(worker: WorkerInfo) -> Samples:
 
 
 async def test_workers_share_a_cache_and_a_restart_compiles_nothing(
-        redis_server: RedisServer, tiny_model: Path, processes: ProcessGroup, tmp_path: Path) -> None:
+    redis_server: RedisServer, tiny_model: Path, processes: ProcessGroup, tmp_path: Path
+) -> None:
     redis_url = redis_server.url(2)
     redis.Redis.from_url(redis_url).flushdb()
     cache = tmp_path / "jax-cache"
@@ -83,7 +84,8 @@ async def test_workers_share_a_cache_and_a_restart_compiles_nothing(
 
 
 async def test_a_worker_without_the_cache_neither_reads_nor_writes_it(
-        redis_server: RedisServer, tiny_model: Path, processes: ProcessGroup, compile_cache: Path) -> None:
+    redis_server: RedisServer, tiny_model: Path, processes: ProcessGroup, compile_cache: Path
+) -> None:
     redis_url = redis_server.url(2)
     redis.Redis.from_url(redis_url).flushdb()
     before = entries(compile_cache)

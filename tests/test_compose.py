@@ -59,8 +59,11 @@ def _services() -> dict[str, dict[str, Any]]:
 
 def _image_services() -> list[str]:
     """Services built from our Dockerfile, i.e. those whose command is an `sdxl-serve` command line."""
-    return sorted(name for name, service in _services().items()
-                  if isinstance(service.get("build"), dict) and service["build"].get("dockerfile") == DOCKERFILE)
+    return sorted(
+        name
+        for name, service in _services().items()
+        if isinstance(service.get("build"), dict) and service["build"].get("dockerfile") == DOCKERFILE
+    )
 
 
 def _command(service: str) -> list[str]:
@@ -312,8 +315,9 @@ def test_worker_image_volumes_are_its_caches() -> None:
 
 def test_gateway_image_installs_no_worker_extra() -> None:
     """The gateway's stages never install an extra; the worker's install the one JAX_EXTRA names."""
-    gateway_installs = [rest for instr, rest in stage_instructions("gateway-build")
-                        if instr == "RUN" and "pip install" in rest]
+    gateway_installs = [
+        rest for instr, rest in stage_instructions("gateway-build") if instr == "RUN" and "pip install" in rest
+    ]
     assert gateway_installs and not any("[" in rest for rest in gateway_installs)
     worker_installs = [rest for instr, rest in stage_instructions("worker-build") if instr == "RUN"]
     assert any('pip install ".[${JAX_EXTRA:-worker}]"' in rest for rest in worker_installs)
@@ -325,19 +329,29 @@ def test_jax_extra_defaults_to_cpu_and_names_real_extras() -> None:
 
 
 def test_dockerfile_copies_what_pip_install_needs() -> None:
-    sources = [part.rstrip("/") for instr, rest in dockerfile_instructions()
-               if instr == "COPY" and not rest.startswith("--from") for part in shlex.split(rest)[:-1]]
+    sources = [
+        part.rstrip("/")
+        for instr, rest in dockerfile_instructions()
+        if instr == "COPY" and not rest.startswith("--from")
+        for part in shlex.split(rest)[:-1]
+    ]
     project = _pyproject()
-    needed = {"pyproject.toml", project["project"]["readme"],
-              *project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    needed = {
+        "pyproject.toml",
+        project["project"]["readme"],
+        *project["tool"]["setuptools"]["packages"]["find"]["include"],
+    }
     assert {pattern.rstrip("*") for pattern in needed} <= set(sources)
     missing = [source for source in sources if not (ROOT / source).exists()]
     assert not missing, f"the Dockerfile copies files the repository lacks: {missing}"
 
 
 def test_dockerignore_keeps_sources_and_drops_bulk() -> None:
-    patterns = [line.strip().strip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip().strip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert {".git", ".venv", "models", "artifacts"} <= set(patterns)
     for source in ("pyproject.toml", "README.md", "common", "gateway", "worker", "bench"):
         assert not any(fnmatch.fnmatch(source, pattern) for pattern in patterns), f"{source} is ignored"
@@ -367,6 +381,6 @@ def test_gateway_and_cli_import_without_the_worker_extra() -> None:
         "from common.config import GatewayConfig\n"
         "from gateway.app import create_app\n"
         "create_app(GatewayConfig())\n"
-        "import common.status, common.cluster, bench.load, bench.routing\n")
+        "import common.status, common.cluster, bench.load, bench.routing\n"
+    )
     assert result.returncode == 0, result.stderr
-

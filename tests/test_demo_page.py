@@ -24,8 +24,14 @@ from tests.conftest import TEST_SHAPES, Cluster, ProcessGroup
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 SHAPE = TEST_SHAPES[1]  # 64x64 at 3 steps; the cluster's default shape is TEST_SHAPES[0]
 JOB_TIMEOUT_MS = 30_000
 FAILED_LOAD = "console: Failed to load resource:"
@@ -104,8 +110,9 @@ def workers_paused(processes: ProcessGroup, cluster: Cluster) -> Iterator[None]:
             worker.send_signal(signal.SIGCONT)
 
 
-async def test_a_job_is_followed_live_to_four_images(demo: DemoPage, cluster: Cluster, processes: ProcessGroup,
-                                                     artifacts: Path) -> None:
+async def test_a_job_is_followed_live_to_four_images(
+    demo: DemoPage, cluster: Cluster, processes: ProcessGroup, artifacts: Path
+) -> None:
     page = demo.page
     with workers_paused(processes, cluster):
         await demo.submit("a lighthouse at dusk, oil painting", steps=SHAPE.steps)
@@ -132,7 +139,8 @@ async def test_a_job_is_followed_live_to_four_images(demo: DemoPage, cluster: Cl
     links = page.locator("a.download")
     assert await links.evaluate_all("(links) => links.map((link) => link.getAttribute('href'))") == urls
     assert await links.evaluate_all("(links) => links.map((link) => link.download)") == [
-        f"sdxl-{job_id}-{k + 1}.png" for k in range(4)]
+        f"sdxl-{job_id}-{k + 1}.png" for k in range(4)
+    ]
     response = await page.request.get(urls[0])
     assert response.ok and response.headers["content-type"] == "image/png"
 
@@ -164,16 +172,22 @@ async def test_an_unsupported_shape_names_the_field(demo: DemoPage) -> None:
     demo.assert_no_errors("/v1/jobs")
 
 
-@pytest.mark.parametrize(("status", "code", "headline"), [
-    (503, "no_workers", "Server busy: no worker is ready yet, retry in 3 seconds."),
-    (503, "queue_unavailable", "Server busy: the job queue is unreachable, retry in 3 seconds."),
-    (429, "rate_limited", "Server busy: too many requests, retry in 3 seconds."),
-])
+@pytest.mark.parametrize(
+    ("status", "code", "headline"),
+    [
+        (503, "no_workers", "Server busy: no worker is ready yet, retry in 3 seconds."),
+        (503, "queue_unavailable", "Server busy: the job queue is unreachable, retry in 3 seconds."),
+        (429, "rate_limited", "Server busy: too many requests, retry in 3 seconds."),
+    ],
+)
 async def test_a_busy_server_says_when_to_retry(demo: DemoPage, status: int, code: str, headline: str) -> None:
     # The cluster cannot be made busy on demand, so Playwright answers in the gateway's place.
     async def busy(route: Route) -> None:
-        await route.fulfill(status=status, headers={"Retry-After": "3"},
-                            json={"error": {"code": code, "message": "try later", "field": None}})
+        await route.fulfill(
+            status=status,
+            headers={"Retry-After": "3"},
+            json={"error": {"code": code, "message": "try later", "field": None}},
+        )
 
     await demo.page.route("**/v1/jobs", busy)
     await demo.submit("a red fox")
@@ -184,8 +198,9 @@ async def test_a_busy_server_says_when_to_retry(demo: DemoPage, status: int, cod
     demo.assert_no_errors("/v1/jobs")
 
 
-async def test_a_queued_job_is_cancelled_from_the_keyboard(demo: DemoPage, cluster: Cluster,
-                                                           processes: ProcessGroup) -> None:
+async def test_a_queued_job_is_cancelled_from_the_keyboard(
+    demo: DemoPage, cluster: Cluster, processes: ProcessGroup
+) -> None:
     page = demo.page
     with workers_paused(processes, cluster):
         prompt = page.get_by_label("Prompt", exact=True)

@@ -53,13 +53,19 @@ Doc = dict[str, Any]
 def _rendered(source: str) -> tuple[Doc, ...]:
     if source == RAW:
         files = [*sorted(K8S.glob("base/*.yaml")), *sorted(K8S.glob("components/*/*.yaml"))]
-        return tuple(doc for path in files if path.name != "kustomization.yaml"
-                     for doc in yaml.safe_load_all(path.read_text()) if doc)
+        return tuple(
+            doc
+            for path in files
+            if path.name != "kustomization.yaml"
+            for doc in yaml.safe_load_all(path.read_text())
+            if doc
+        )
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed: overlays are not rendered (base and components are checked raw)")
-    result = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / source)], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [kubectl, "kustomize", str(K8S / "overlays" / source)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
 
@@ -139,8 +145,9 @@ class Ours:
 def ours(docs: list[Doc]) -> Iterator[Ours]:
     for workload in workloads(docs):
         spec = pod_spec(workload)
-        for init, container in [(True, c) for c in spec.get("initContainers", [])] + \
-                               [(False, c) for c in spec["containers"]]:
+        for init, container in [(True, c) for c in spec.get("initContainers", [])] + [
+            (False, c) for c in spec["containers"]
+        ]:
             target = IMAGES.get(image_name(container["image"]))
             if target is None:
                 continue
@@ -161,14 +168,18 @@ def the_worker(docs: list[Doc]) -> Ours:
 
 
 def redis_container(docs: list[Doc]) -> tuple[Doc, Doc]:
-    [(workload, container)] = [(w, c) for w in workloads(docs) for c in pod_spec(w)["containers"]
-                               if image_name(c["image"]) == "redis"]
+    [(workload, container)] = [
+        (w, c) for w in workloads(docs) for c in pod_spec(w)["containers"] if image_name(c["image"]) == "redis"
+    ]
     return workload, container
 
 
 def secret_refs(container: Doc) -> dict[str, tuple[str, str]]:
-    return {e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
-            for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+    return {
+        e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+        for e in container.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
 
 
 def container_port(container: Doc, port: int | str) -> int | None:
@@ -193,9 +204,12 @@ def command_problems(docs: list[Doc]) -> list[str]:
 
 def env_problems(docs: list[Doc]) -> list[str]:
     """Every SDXL_SERVE_* variable set is one the CLI reads: a renamed one would be ignored silently."""
-    return [f"{o.workload['metadata']['name']}: the CLI reads no {entry['name']}"
-            for o in ours(docs) for entry in o.container.get("env", [])
-            if entry["name"].startswith("SDXL_SERVE_") and entry["name"] not in CLI_ENV]
+    return [
+        f"{o.workload['metadata']['name']}: the CLI reads no {entry['name']}"
+        for o in ours(docs)
+        for entry in o.container.get("env", [])
+        if entry["name"].startswith("SDXL_SERVE_") and entry["name"] not in CLI_ENV
+    ]
 
 
 def port_problems(docs: list[Doc]) -> list[str]:
@@ -267,11 +281,17 @@ def redis_problems(docs: list[Doc]) -> list[str]:
 
 def reference_problems(docs: list[Doc], self_contained: bool) -> list[str]:
     """Secrets, Services, PodDisruptionBudgets and PodMonitors point at things that exist."""
-    defined = {(s["metadata"]["name"], key) for s in of_kind(docs, "Secret")
-               for key in [*s.get("data", {}), *s.get("stringData", {})]}
+    defined = {
+        (s["metadata"]["name"], key)
+        for s in of_kind(docs, "Secret")
+        for key in [*s.get("data", {}), *s.get("stringData", {})]
+    }
     used = {ref for w in workloads(docs) for c in pod_spec(w)["containers"] for ref in secret_refs(c).values()}
-    used |= {(ref["name"], ref["key"]) for auth in of_kind(docs, "TriggerAuthentication")
-             for ref in auth["spec"]["secretTargetRef"]}
+    used |= {
+        (ref["name"], ref["key"])
+        for auth in of_kind(docs, "TriggerAuthentication")
+        for ref in auth["spec"]["secretTargetRef"]
+    }
     allowed = set() if self_contained else {EXTERNAL_SECRET}
     problems = [f"Secret {name} (key {key}) is used but not defined" for name, key in used - defined - allowed]
     for kind in ("Service", "PodDisruptionBudget", "PodMonitor"):
@@ -289,8 +309,10 @@ def _selector_problems(docs: list[Doc], doc: Doc) -> list[str]:
     ports = [p.get("targetPort", p.get("port")) for p in doc["spec"].get("ports", [])]
     ports += [p["port"] for p in doc["spec"].get("podMetricsEndpoints", [])]
     return ([] if pods else [f"{what} selects no pods"]) + [
-        f"{what}: no container port {port}" for port in ports
-        if not any(container_port(c, port) for w in pods for c in pod_spec(w)["containers"])]
+        f"{what}: no container port {port}"
+        for port in ports
+        if not any(container_port(c, port) for w in pods for c in pod_spec(w)["containers"])
+    ]
 
 
 def scrape_problems(docs: list[Doc]) -> list[str]:
@@ -310,8 +332,7 @@ def scrape_problems(docs: list[Doc]) -> list[str]:
     return problems
 
 
-_QUANTITY = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
-             "Ti": 2**40}
+_QUANTITY = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
 
 
 def quantity(text: str) -> float:
@@ -326,21 +347,29 @@ def volume_problems(docs: list[Doc]) -> list[str]:
     container's own layer, and the compilation cache's bound fits in its volume."""
     worker = the_worker(docs)
     mounts = {m["mountPath"]: m["name"] for m in worker.container.get("volumeMounts", [])}
-    problems = [f"worker: nothing mounted at {path}" for path in
-                (worker.env["HF_HOME"], str(worker.args.compile_cache)) if path not in mounts]
+    problems = [
+        f"worker: nothing mounted at {path}"
+        for path in (worker.env["HF_HOME"], str(worker.args.compile_cache))
+        if path not in mounts
+    ]
     worker_volumes = {v["name"]: v for v in pod_spec(worker.workload).get("volumes", [])}
     cache_volume = worker_volumes.get(mounts.get(str(worker.args.compile_cache), ""), {})
     limit = cache_volume.get("emptyDir", {}).get("sizeLimit")
     if limit is not None and worker.args.compile_cache_max_gb * 1e9 >= quantity(limit):
-        problems.append(f"worker: --compile-cache-max-gb {worker.args.compile_cache_max_gb} fills its {limit} "
-                        "volume: the kubelet evicts a pod over its emptyDir sizeLimit")
+        problems.append(
+            f"worker: --compile-cache-max-gb {worker.args.compile_cache_max_gb} fills its {limit} "
+            "volume: the kubelet evicts a pod over its emptyDir sizeLimit"
+        )
     for workload in workloads(docs):
         spec = pod_spec(workload)
         volumes = {v["name"] for v in spec.get("volumes", [])}
         volumes |= {t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates", [])}
         for container in [*spec.get("initContainers", []), *spec["containers"]]:
-            problems += [f"{workload['metadata']['name']}: volume {m['name']} is not defined"
-                         for m in container.get("volumeMounts", []) if m["name"] not in volumes]
+            problems += [
+                f"{workload['metadata']['name']}: volume {m['name']} is not defined"
+                for m in container.get("volumeMounts", [])
+                if m["name"] not in volumes
+            ]
     return problems
 
 
@@ -411,8 +440,21 @@ def _trigger_problems(docs: list[Doc], worker: Ours, trigger: Doc, target: str) 
 
 # --- Alert expressions
 
-_PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "offset",
-                 "bool", "inf", "nan"}
+_PROMQL_WORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "bool",
+    "inf",
+    "nan",
+}
 
 
 def promql_metric_names(expr: str) -> set[str]:
@@ -420,8 +462,11 @@ def promql_metric_names(expr: str) -> set[str]:
     text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
     text = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", text)
     text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
-    return {m[0] for m in re.finditer(r"(?<![\w.:])[A-Za-z_:][\w:]*", text)
-            if m[0] not in _PROMQL_WORDS and not text[m.end():].lstrip().startswith("(")}
+    return {
+        m[0]
+        for m in re.finditer(r"(?<![\w.:])[A-Za-z_:][\w:]*", text)
+        if m[0] not in _PROMQL_WORDS and not text[m.end() :].lstrip().startswith("(")
+    }
 
 
 def promql_matchers(expr: str) -> Iterator[tuple[str, str, str, str]]:
@@ -440,8 +485,11 @@ def queue_events() -> set[str]:
 def alert_problems(docs: list[Doc]) -> list[str]:
     problems = []
     known = metric_names() | EXTERNAL_METRICS
-    values = {("sdxl_workers", "state"): set(WORKER_STATES), ("sdxl_queue_events_total", "event"): queue_events(),
-              ("kube_pod_container_status_restarts_total", "container"): {the_worker(docs).container["name"]}}
+    values = {
+        ("sdxl_workers", "state"): set(WORKER_STATES),
+        ("sdxl_queue_events_total", "event"): queue_events(),
+        ("kube_pod_container_status_restarts_total", "container"): {the_worker(docs).container["name"]},
+    }
     for rule_set in of_kind(docs, "PrometheusRule"):
         for rule in (r for group in rule_set["spec"]["groups"] for r in group["rules"]):
             expr, name = str(rule["expr"]), rule.get("alert", rule.get("record"))
@@ -457,9 +505,16 @@ def alert_problems(docs: list[Doc]) -> list[str]:
 # --- The tests
 
 ALWAYS: dict[str, Callable[[list[Doc]], list[str]]] = {
-    "commands": command_problems, "environment": env_problems, "ports": port_problems,
-    "probes": probe_problems, "grace": grace_problems, "redis": redis_problems, "scraping": scrape_problems,
-    "volumes": volume_problems, "accelerators": accelerator_problems, "autoscaling": keda_problems,
+    "commands": command_problems,
+    "environment": env_problems,
+    "ports": port_problems,
+    "probes": probe_problems,
+    "grace": grace_problems,
+    "redis": redis_problems,
+    "scraping": scrape_problems,
+    "volumes": volume_problems,
+    "accelerators": accelerator_problems,
+    "autoscaling": keda_problems,
     "alerts": alert_problems,
 }
 
@@ -499,8 +554,10 @@ def test_accelerator_overlays_autoscale_and_alert() -> None:
 def test_tpu_overlay_asks_for_a_v5e_2x2_host() -> None:
     worker = the_worker(documents("tpu-v5e"))
     spec = pod_spec(worker.workload)
-    assert spec["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice",
-                                    "cloud.google.com/gke-tpu-topology": "2x2"}
+    assert spec["nodeSelector"] == {
+        "cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice",
+        "cloud.google.com/gke-tpu-topology": "2x2",
+    }
     assert worker.container["resources"]["limits"]["google.com/tpu"] == "4"
     assert worker.container["resources"]["requests"]["google.com/tpu"] == "4"
 
@@ -522,6 +579,7 @@ def _set_arg(flag: str, value: str) -> Callable[[list[Doc]], None]:
     def mutate(docs: list[Doc]) -> None:
         args = _worker_args(docs)
         args[args.index(flag) + 1] = value
+
     return mutate
 
 
@@ -570,9 +628,11 @@ def test_a_broken_copy_fails_its_check(breakage: str) -> None:
 
 
 def test_metric_names_are_found_in_promql() -> None:
-    expr = ('max(sum by (instance) (sdxl_workers{state=~"ready|busy"})) < 1 and '
-            'deriv(max(sdxl_queue_depth)[10m:1m]) > 0 or vector(0) - '
-            'max(sdxl_queue_events_total{event="x"} offset 15m)')
+    expr = (
+        'max(sum by (instance) (sdxl_workers{state=~"ready|busy"})) < 1 and '
+        "deriv(max(sdxl_queue_depth)[10m:1m]) > 0 or vector(0) - "
+        'max(sdxl_queue_events_total{event="x"} offset 15m)'
+    )
     assert promql_metric_names(expr) == {"sdxl_workers", "sdxl_queue_depth", "sdxl_queue_events_total"}
 
 
@@ -580,14 +640,16 @@ def test_metric_names_are_found_in_promql() -> None:
 
 
 async def test_stream_length_counts_queued_and_running_jobs_and_the_group_lag_does_not(
-        redis_client: aioredis.Redis) -> None:
+    redis_client: aioredis.Redis,
+) -> None:
     keys = Keys()
     shape = Shape(width=64, height=64, steps=2)
     stream = keys.shape_stream(shape)
     queue = JobQueue(redis_client, keys)
     await queue.ensure_group(stream)
-    jobs = [Job(id=f"job-{i}", prompt="a cat", seed=i, guidance_scale=7.5, shape=shape, result_ttl_s=60)
-            for i in range(3)]
+    jobs = [
+        Job(id=f"job-{i}", prompt="a cat", seed=i, guidance_scale=7.5, shape=shape, result_ttl_s=60) for i in range(3)
+    ]
     for job in jobs:
         await queue.submit(job, stream)
     running = await queue.claim("w1", [stream], block_ms=100)
@@ -601,7 +663,14 @@ async def test_stream_length_counts_queued_and_running_jobs_and_the_group_lag_do
     assert group["pending"] == 1  # pendingEntriesCount would leave job-1 out
     assert group["lag"] is None  # lagCount: unknown after a cancel, which KEDA reads as 0
 
-    result = JobResult(id="job-0", status="succeeded", worker="w1", seed=0, shape=shape, image_count=1,
-                       timings=Timings(queued_ms=1, generate_ms=2, encode_ms=3))
+    result = JobResult(
+        id="job-0",
+        status="succeeded",
+        worker="w1",
+        seed=0,
+        shape=shape,
+        image_count=1,
+        timings=Timings(queued_ms=1, generate_ms=2, encode_ms=3),
+    )
     assert await queue.complete(running, result, [b"png"])
     assert await redis_client.xlen(stream) == 1

@@ -47,8 +47,7 @@ def decode(payload: dict[str, Any]) -> list[np.ndarray]:
 
 async def test_four_distinct_pngs_of_the_requested_size(cluster: Cluster) -> None:
     shape = TEST_SHAPES[1]
-    payload = await generate(cluster, seed=11, width=shape.width, height=shape.height,
-                             num_inference_steps=shape.steps)
+    payload = await generate(cluster, seed=11, width=shape.width, height=shape.height, num_inference_steps=shape.steps)
     images = decode(payload)
     assert len(images) == 4
     assert all(image.shape == (shape.height, shape.width, 3) for image in images)
@@ -60,7 +59,8 @@ async def test_four_distinct_pngs_of_the_requested_size(cluster: Cluster) -> Non
 
 async def test_same_seed_same_images_other_seed_other_images(cluster: Cluster) -> None:
     first, again, other = await asyncio.gather(
-        generate(cluster, seed=5), generate(cluster, seed=5), generate(cluster, seed=6))
+        generate(cluster, seed=5), generate(cluster, seed=5), generate(cluster, seed=6)
+    )
     assert first["images"] == again["images"]  # whichever worker served each
     assert not set(first["images"]) & set(other["images"])
 
@@ -74,14 +74,22 @@ async def test_missing_seed_is_drawn_and_returned(cluster: Cluster) -> None:
 async def test_job_api_streams_every_step_from_the_compiled_loop(cluster: Cluster) -> None:
     steps = TEST_SHAPES[1].steps
     async with aiohttp.ClientSession(base_url=cluster.url) as session:
-        async with session.post("/v1/jobs", json={"prompt": "a lighthouse", "seed": 11, "num_inference_steps": steps,
-                                                  "output_format": "webp", "quality": 80}) as response:
+        async with session.post(
+            "/v1/jobs",
+            json={
+                "prompt": "a lighthouse",
+                "seed": 11,
+                "num_inference_steps": steps,
+                "output_format": "webp",
+                "quality": 80,
+            },
+        ) as response:
             assert response.status == 202
             accepted = await response.json()
         async with session.get(accepted["events_url"]) as stream:
             events = [event async for event in read_events(stream)]
         names = [name for name, _ in events]
-        assert names[names.index("started"):] == ["started"] + ["progress"] * steps + ["succeeded"]
+        assert names[names.index("started") :] == ["started"] + ["progress"] * steps + ["succeeded"]
         assert [data["step"] for name, data in events if name == "progress"] == list(range(1, steps + 1))
         result = events[-1][1]["result"]
         assert result["media_type"] == "image/webp" and len(result["images"]) == 4
@@ -119,8 +127,16 @@ async def test_job_with_uncompiled_shape_fails_cleanly_and_worker_carries_on(clu
     listening = asyncio.create_task(listener.run())
     try:
         await asyncio.wait_for(listener.subscribed.wait(), 10)
-        job = Job.model_validate({"id": "uncompiled-1", "prompt": "x", "seed": 1, "guidance_scale": 7.5,
-                                  "shape": {"width": 64, "height": 64, "steps": 9}, "result_ttl_s": 60})
+        job = Job.model_validate(
+            {
+                "id": "uncompiled-1",
+                "prompt": "x",
+                "seed": 1,
+                "guidance_scale": 7.5,
+                "shape": {"width": 64, "height": 64, "steps": 9},
+                "result_ttl_s": 60,
+            }
+        )
         done = listener.expect(job.id)
         # Injected straight into the shared stream of a shape the workers did compile.
         await JobQueue(client, keys).submit(job, keys.shape_stream(TEST_SHAPES[0]))
@@ -134,8 +150,9 @@ async def test_job_with_uncompiled_shape_fails_cleanly_and_worker_carries_on(clu
     assert len(decode(await generate(cluster, seed=1))) == 4
 
 
-async def test_worker_takes_no_job_before_warm_up(redis_server: RedisServer, tiny_model: Path,
-                                                  processes: ProcessGroup) -> None:
+async def test_worker_takes_no_job_before_warm_up(
+    redis_server: RedisServer, tiny_model: Path, processes: ProcessGroup
+) -> None:
     """A job queued while the only worker warms up waits, and is claimed only after it says ready."""
     prefix, redis_url = "warmup-test", redis_server.url(2)
     client = aioredis.Redis.from_url(redis_url)
@@ -153,8 +170,16 @@ async def test_worker_takes_no_job_before_warm_up(redis_server: RedisServer, tin
                 assert alive.status == 200
             async with session.get(f"http://127.0.0.1:{first.metrics_port}/readyz") as ready:
                 assert ready.status == 503 and "warming" in (await ready.json())["error"]["message"]
-        job = Job.model_validate({"id": "early-1", "prompt": "x", "seed": 1, "guidance_scale": 7.5,
-                                  "shape": TEST_SHAPES[0].model_dump(), "result_ttl_s": 60})
+        job = Job.model_validate(
+            {
+                "id": "early-1",
+                "prompt": "x",
+                "seed": 1,
+                "guidance_scale": 7.5,
+                "shape": TEST_SHAPES[0].model_dump(),
+                "result_ttl_s": 60,
+            }
+        )
         await queue.submit(job, stream)
         record = await queue.record(job.id)
         assert record is not None and record.entry_id is not None
@@ -184,4 +209,3 @@ async def _next_worker_event(pubsub: Any) -> WorkerInfo:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=120)
             if message is not None:
                 return WorkerInfo.model_validate_json(message["data"])
-

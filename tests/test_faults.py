@@ -48,11 +48,25 @@ class RestartableRedis:
 
     def _start(self) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "yes", "--dir", str(self.directory),
-             # Announce stream writes, so a test can await "all jobs accepted" as events.
-             "--notify-keyspace-events", "Kt"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            [
+                shutil.which("redis-server") or "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--dir",
+                str(self.directory),
+                # Announce stream writes, so a test can await "all jobs accepted" as events.
+                "--notify-keyspace-events",
+                "Kt",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         assert process.stdout is not None
         for line in process.stdout:
             if b"Ready to accept connections" in line:
@@ -82,9 +96,24 @@ class FaultCluster:
     def start_worker(self) -> str:
         self._serial += 1
         name = f"fault-worker-{self._serial}"
-        self.processes.start(name, "worker", "--redis-url", self.redis.url, "--model", str(self.model),
-                             "--shapes", SHAPES, "--worker-id", name, "--heartbeat-interval", "0.5",
-                             "--heartbeat-ttl", "2", "--drain-timeout", "60")
+        self.processes.start(
+            name,
+            "worker",
+            "--redis-url",
+            self.redis.url,
+            "--model",
+            str(self.model),
+            "--shapes",
+            SHAPES,
+            "--worker-id",
+            name,
+            "--heartbeat-interval",
+            "0.5",
+            "--heartbeat-ttl",
+            "2",
+            "--drain-timeout",
+            "60",
+        )
         self.workers.append(name)
         return name
 
@@ -103,8 +132,18 @@ def fault_cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
     redis = RestartableRedis()
     processes = ProcessGroup(tmp_path_factory.mktemp("fault-logs"))
     port = free_port()
-    processes.start("fault-gateway", "gateway", "--redis-url", redis.url, "--host", "127.0.0.1",
-                    "--port", str(port), "--request-timeout", "120")
+    processes.start(
+        "fault-gateway",
+        "gateway",
+        "--redis-url",
+        redis.url,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--request-timeout",
+        "120",
+    )
     cluster = FaultCluster(redis=redis, processes=processes, model=tiny_model, url=f"http://127.0.0.1:{port}")
     asyncio.run(wait_http(f"{cluster.url}/healthz", READY_TIMEOUT_S))
     try:
@@ -157,8 +196,18 @@ async def test_sigkill_mid_job_is_served_by_another_worker(cluster: FaultCluster
 async def test_random_routing_loses_nothing_when_a_worker_dies_with_jobs_queued(cluster: FaultCluster) -> None:
     """The reference's policy queues jobs per worker; a dead worker's queue goes back to the others."""
     port = free_port()
-    cluster.processes.start("random-gateway", "gateway", "--redis-url", cluster.redis.url, "--host", "127.0.0.1",
-                            "--port", str(port), "--routing", "random")
+    cluster.processes.start(
+        "random-gateway",
+        "gateway",
+        "--redis-url",
+        cluster.redis.url,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--routing",
+        "random",
+    )
     url = f"http://127.0.0.1:{port}"
     await wait_http(f"{url}/healthz", READY_TIMEOUT_S)
     client = aioredis.Redis.from_url(cluster.redis.url)
@@ -207,7 +256,7 @@ async def test_sigterm_busy_worker_finishes_its_job_then_exits_0(cluster: FaultC
         states = await announced_states(pubsub, busy)
         # Once draining, never announced as serving again, not even after its last job.
         assert "draining" in states
-        assert set(states[states.index("draining"):]) == {"draining"}, states
+        assert set(states[states.index("draining") :]) == {"draining"}, states
     finally:
         await pubsub.aclose()
         await client.aclose()
@@ -230,8 +279,9 @@ async def test_redis_restart_with_jobs_queued_loses_nothing(cluster: FaultCluste
     pubsub = client.pubsub()
     await pubsub.subscribe(f"__keyspace@0__:{Keys().shape_stream(Shape(width=64, height=64, steps=SLOW_STEPS))}")
     try:
-        requests = [asyncio.create_task(post_generate(cluster.url, seed=s, num_inference_steps=SLOW_STEPS))
-                    for s in range(6)]
+        requests = [
+            asyncio.create_task(post_generate(cluster.url, seed=s, num_inference_steps=SLOW_STEPS)) for s in range(6)
+        ]
         added = 0
         async with asyncio.timeout(60):  # all six accepted: six XADDs on the stream
             while added < 6:
@@ -249,8 +299,9 @@ async def test_redis_restart_with_jobs_queued_loses_nothing(cluster: FaultCluste
 async def test_job_survives_its_gateway_and_is_fetchable_from_another(cluster: FaultCluster) -> None:
     client, pubsub = await job_events(cluster.redis.url)
     port = free_port()
-    first = cluster.processes.start("doomed-gateway", "gateway", "--redis-url", cluster.redis.url,
-                                    "--host", "127.0.0.1", "--port", str(port))
+    first = cluster.processes.start(
+        "doomed-gateway", "gateway", "--redis-url", cluster.redis.url, "--host", "127.0.0.1", "--port", str(port)
+    )
     await wait_http(f"http://127.0.0.1:{port}/healthz", READY_TIMEOUT_S)
     listener = JobListener(client, Keys())
     listening = asyncio.create_task(listener.run())

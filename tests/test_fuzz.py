@@ -68,8 +68,9 @@ def _serve_worker(redis_url: str, ready: threading.Event, stop: threading.Event)
 
 
 @pytest.fixture(scope="module")
-def live(redis_server: RedisServer, processes: ProcessGroup,
-         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+def live(
+    redis_server: RedisServer, processes: ProcessGroup, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Live]:
     redis_url = redis_server.url(DB)
     redis.Redis.from_url(redis_url).flushdb()
     keys_file = tmp_path_factory.mktemp("fuzz") / "keys"
@@ -79,11 +80,28 @@ def live(redis_server: RedisServer, processes: ProcessGroup,
     worker.start()
     assert ready.wait(30), "the fuzzing worker did not start"
     port = free_port()
-    off = [arg for kind in ("key", "public") for bucket in ("submit", "read")
-           for arg in (f"--rate-limit-{kind}-{bucket}", "off")]
-    process = processes.start("fuzz-gateway", "gateway", "--redis-url", redis_url, "--host", "127.0.0.1",
-                              "--port", str(port), "--request-timeout", "10", "--api-keys-file", str(keys_file),
-                              "--public-demo", *off)
+    off = [
+        arg
+        for kind in ("key", "public")
+        for bucket in ("submit", "read")
+        for arg in (f"--rate-limit-{kind}-{bucket}", "off")
+    ]
+    process = processes.start(
+        "fuzz-gateway",
+        "gateway",
+        "--redis-url",
+        redis_url,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--request-timeout",
+        "10",
+        "--api-keys-file",
+        str(keys_file),
+        "--public-demo",
+        *off,
+    )
     asyncio.run(wait_http(f"http://127.0.0.1:{port}/healthz", 60))
     yield Live(url=f"http://127.0.0.1:{port}", redis_url=redis_url, process=process)
     stop.set()
@@ -123,14 +141,24 @@ def test_after_fuzzing_everything_still_serves(live: Live) -> None:
 
 # --- Garbage at the job-creating routes, in this process.
 
+
 def _json_values() -> st.SearchStrategy[Any]:
     scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=50)
-    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                        | st.dictionaries(st.text(max_size=20), inner, max_size=6), max_leaves=20)
+    return st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=20), inner, max_size=6),
+        max_leaves=20,
+    )
 
 
-async def _refused_without_a_job(client: Client, redis_client: aioredis.Redis, path: str, data: bytes,
-                                 content_type: str = "application/json", **headers: str) -> int:
+async def _refused_without_a_job(
+    client: Client,
+    redis_client: aioredis.Redis,
+    path: str,
+    data: bytes,
+    content_type: str = "application/json",
+    **headers: str,
+) -> int:
     response = await client.post(path, data=data, headers={"Content-Type": content_type, **headers})
     assert response.status < 500, (path, data[:200], await response.text())
     if response.status >= 400:
@@ -145,28 +173,42 @@ async def _refused_without_a_job(client: Client, redis_client: aioredis.Redis, p
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(path=st.sampled_from(POST_ROUTES), data=st.binary(max_size=2000))
-async def test_random_bytes_are_refused(client: Client, redis_client: aioredis.Redis, fake_worker: None,
-                                       path: str, data: bytes) -> None:
+async def test_random_bytes_are_refused(
+    client: Client, redis_client: aioredis.Redis, fake_worker: None, path: str, data: bytes
+) -> None:
     await _refused_without_a_job(client, redis_client, path, data)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(path=st.sampled_from(POST_ROUTES), value=_json_values())
-async def test_json_of_any_shape_is_refused_or_valid(client: Client, redis_client: aioredis.Redis,
-                                                     fake_worker: None, path: str, value: Any) -> None:
+async def test_json_of_any_shape_is_refused_or_valid(
+    client: Client, redis_client: aioredis.Redis, fake_worker: None, path: str, value: Any
+) -> None:
     await _refused_without_a_job(client, redis_client, path, json.dumps(value).encode())
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-@given(path=st.sampled_from(POST_ROUTES), content_type=st.text(
-    st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40) | st.sampled_from(
-    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/xml",
-     "application/json-patch+json", ""]))
-async def test_other_media_types_are_415(client: Client, redis_client: aioredis.Redis, fake_worker: None,
-                                         path: str, content_type: str) -> None:
+@given(
+    path=st.sampled_from(POST_ROUTES),
+    content_type=st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40)
+    | st.sampled_from(
+        [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "application/xml",
+            "application/json-patch+json",
+            "",
+        ]
+    ),
+)
+async def test_other_media_types_are_415(
+    client: Client, redis_client: aioredis.Redis, fake_worker: None, path: str, content_type: str
+) -> None:
     status = await _refused_without_a_job(client, redis_client, path, b'{"prompt": "a cat"}', content_type)
-    assert status in (202, 200, 504, 415, 400) and (status == 415 or content_type.strip().lower().startswith(
-        "application/json")), (content_type, status)
+    assert status in (202, 200, 504, 415, 400) and (
+        status == 415 or content_type.strip().lower().startswith("application/json")
+    ), (content_type, status)
 
 
 GARBAGE: list[tuple[str, bytes, dict[str, str], int, str]] = [
@@ -181,20 +223,30 @@ GARBAGE: list[tuple[str, bytes, dict[str, str], int, str]] = [
     ("NaN guidance", b'{"prompt": "a", "guidance_scale": NaN}', {}, 400, "finite_number"),
     ("huge number", b'{"prompt": "a", "seed": 1' + b"0" * 5000 + b"}", {}, 400, "invalid_json"),
     ("over the limit", b'{"prompt": "' + b"x" * 70_000 + b'"}', {}, 413, "body_too_large"),
-    ("gzip bomb", gzip.compress(b'{"prompt": "' + b"x" * 20_000_000 + b'"}'), {"Content-Encoding": "gzip"}, 413,
-     "body_too_large"),
+    (
+        "gzip bomb",
+        gzip.compress(b'{"prompt": "' + b"x" * 20_000_000 + b'"}'),
+        {"Content-Encoding": "gzip"},
+        413,
+        "body_too_large",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("name", "data", "headers", "status", "code"), GARBAGE, ids=[g[0] for g in GARBAGE])
-async def test_garbage_bodies_are_named_refusals(client: Client, redis_client: aioredis.Redis, fake_worker: None,
-                                                 name: str, data: bytes, headers: dict[str, str], status: int,
-                                                 code: str) -> None:
+async def test_garbage_bodies_are_named_refusals(
+    client: Client,
+    redis_client: aioredis.Redis,
+    fake_worker: None,
+    name: str,
+    data: bytes,
+    headers: dict[str, str],
+    status: int,
+    code: str,
+) -> None:
     for path in POST_ROUTES:
         response = await client.post(path, data=data, headers={"Content-Type": "application/json", **headers})
         assert response.status == status, (path, await response.text())
         assert (await response.json())["error"]["code"] == code
     assert await queued_jobs(redis_client) == 0
     assert (await client.get("/healthz")).status == 200
-
-

@@ -25,8 +25,9 @@ async def test_healthz_and_demo_page(client: TestClient[Any, Any]) -> None:
     assert "/v1/generate" in await page.text() or "app.js" in await page.text()
 
 
-async def test_generate_returns_the_workers_images(client: TestClient[Any, Any], redis_client: aioredis.Redis,
-                                                   fake_worker: None) -> None:
+async def test_generate_returns_the_workers_images(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     images = [f"png-{k}".encode() for k in range(4)]
     worker = asyncio.create_task(play_worker(redis_client, images))
     response = await client.post("/v1/generate", json={"prompt": "a cat", "num_inference_steps": 3})
@@ -40,8 +41,9 @@ async def test_generate_returns_the_workers_images(client: TestClient[Any, Any],
     assert body["timings"]["total_ms"] > 0
 
 
-async def test_omitted_shape_takes_the_workers_default(client: TestClient[Any, Any], redis_client: aioredis.Redis,
-                                                       fake_worker: None) -> None:
+async def test_omitted_shape_takes_the_workers_default(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     worker = asyncio.create_task(play_worker(redis_client, [b"x"] * 4))
     response = await client.post("/v1/generate", json={"prompt": "a cat", "seed": 7})
     await worker
@@ -49,20 +51,28 @@ async def test_omitted_shape_takes_the_workers_default(client: TestClient[Any, A
     assert (body["num_inference_steps"], body["seed"]) == (SHAPES[0].steps, 7)
 
 
-@pytest.mark.parametrize(("kwargs", "code", "field"), [
-    ({"data": b"{not json", "headers": {"Content-Type": "application/json"}}, "invalid_json", None),
-    ({"json": ["a list"]}, "invalid_body", None),
-    ({"json": {}}, "missing", "prompt"),
-    ({"json": {"prompt": ""}}, "string_too_short", "prompt"),
-    ({"json": {"prompt": "a", "seed": "1"}}, "int_type", "seed"),
-    ({"json": {"prompt": "a", "unknown": 1}}, "extra_forbidden", "unknown"),
-    ({"json": {"prompt": "a", "num_inference_steps": 25}}, "unsupported_shape", "num_inference_steps"),
-    ({"json": {"prompt": "a", "width": 1024}}, "unsupported_shape", "width"),
-    ({"json": {"prompt": "a", "height": 1024}}, "unsupported_shape", "height"),
-])
-async def test_bad_input_is_refused_before_the_queue(client: TestClient[Any, Any], redis_client: aioredis.Redis,
-                                                     fake_worker: None, kwargs: dict[str, Any], code: str,
-                                                     field: str | None) -> None:
+@pytest.mark.parametrize(
+    ("kwargs", "code", "field"),
+    [
+        ({"data": b"{not json", "headers": {"Content-Type": "application/json"}}, "invalid_json", None),
+        ({"json": ["a list"]}, "invalid_body", None),
+        ({"json": {}}, "missing", "prompt"),
+        ({"json": {"prompt": ""}}, "string_too_short", "prompt"),
+        ({"json": {"prompt": "a", "seed": "1"}}, "int_type", "seed"),
+        ({"json": {"prompt": "a", "unknown": 1}}, "extra_forbidden", "unknown"),
+        ({"json": {"prompt": "a", "num_inference_steps": 25}}, "unsupported_shape", "num_inference_steps"),
+        ({"json": {"prompt": "a", "width": 1024}}, "unsupported_shape", "width"),
+        ({"json": {"prompt": "a", "height": 1024}}, "unsupported_shape", "height"),
+    ],
+)
+async def test_bad_input_is_refused_before_the_queue(
+    client: TestClient[Any, Any],
+    redis_client: aioredis.Redis,
+    fake_worker: None,
+    kwargs: dict[str, Any],
+    code: str,
+    field: str | None,
+) -> None:
     response = await client.post("/v1/generate", **kwargs)
     assert response.status == 400
     error = (await response.json())["error"]
@@ -71,8 +81,9 @@ async def test_bad_input_is_refused_before_the_queue(client: TestClient[Any, Any
     assert await queued_jobs(redis_client) == 0
 
 
-async def test_wrong_content_type_and_oversized_body(client: TestClient[Any, Any], redis_client: aioredis.Redis,
-                                                     fake_worker: None) -> None:
+async def test_wrong_content_type_and_oversized_body(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     response = await client.post("/v1/generate", data="prompt=a", headers={"Content-Type": "text/plain"})
     assert response.status == 415 and (await response.json())["error"]["code"] == "unsupported_media_type"
     huge = b'{"prompt": "' + b"x" * 70_000 + b'"}'
@@ -81,16 +92,16 @@ async def test_wrong_content_type_and_oversized_body(client: TestClient[Any, Any
     assert await queued_jobs(redis_client) == 0
 
 
-async def test_no_worker_means_503_with_retry_after(client: TestClient[Any, Any],
-                                                    redis_client: aioredis.Redis) -> None:
+async def test_no_worker_means_503_with_retry_after(client: TestClient[Any, Any], redis_client: aioredis.Redis) -> None:
     response = await client.post("/v1/generate", json={"prompt": "a cat"})
     assert response.status == 503 and response.headers["Retry-After"]
     assert (await response.json())["error"]["code"] == "no_workers"
     assert await queued_jobs(redis_client) == 0
 
 
-async def test_a_full_redis_means_503_storage_full_not_500(client: TestClient[Any, Any],
-                                                           redis_client: aioredis.Redis, fake_worker: None) -> None:
+async def test_a_full_redis_means_503_storage_full_not_500(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     """maxmemory reached under `noeviction`: Redis refuses writes; the gateway says so and keeps serving."""
     await redis_client.config_set("maxmemory", "1")
     try:
@@ -109,13 +120,16 @@ async def test_unknown_routes_and_jobs_are_json_404(client: TestClient[Any, Any]
     assert response.status == 404 and (await response.json())["error"]["code"] == "not_found"
     response = await client.get("/v1/jobs/does-not-exist")
     assert response.status == 404
-    assert (await response.json())["error"] == {"code": "unknown_job", "field": "job_id",
-                                                "message": "no job 'does-not-exist' (never submitted, "
-                                                           "or its result expired)"}
+    assert (await response.json())["error"] == {
+        "code": "unknown_job",
+        "field": "job_id",
+        "message": "no job 'does-not-exist' (never submitted, or its result expired)",
+    }
 
 
 async def test_deadline_gives_504_with_id_and_result_is_fetchable_later(
-        client: TestClient[Any, Any], redis_client: aioredis.Redis, fake_worker: None) -> None:
+    client: TestClient[Any, Any], redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     response = await client.post("/v1/generate", json={"prompt": "a cat"})
     assert response.status == 504
     body = await response.json()
@@ -130,8 +144,9 @@ async def test_deadline_gives_504_with_id_and_result_is_fetchable_later(
     assert image.status == 200 and image.content_type == "image/png" and await image.read() == b"late"
 
 
-async def test_workers_are_listed_with_their_shapes_and_state(client: TestClient[Any, Any],
-                                                              redis_client: aioredis.Redis) -> None:
+async def test_workers_are_listed_with_their_shapes_and_state(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis
+) -> None:
     assert await (await client.get("/v1/workers")).json() == {"workers": [], "serving": 0}
     await register_worker(redis_client, "w1")
     await register_worker(redis_client, "w2", state="warming")
@@ -141,8 +156,9 @@ async def test_workers_are_listed_with_their_shapes_and_state(client: TestClient
     assert body["workers"][0]["shapes"] == [s.model_dump() for s in SHAPES]
 
 
-async def test_a_shape_served_only_by_warming_workers_is_503_not_queued(client: TestClient[Any, Any],
-                                                                        redis_client: aioredis.Redis) -> None:
+async def test_a_shape_served_only_by_warming_workers_is_503_not_queued(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis
+) -> None:
     await register_worker(redis_client, "warming", state="warming")
     response = await client.post("/v1/jobs", json={"prompt": "a cat"})
     assert response.status == 503 and response.headers["Retry-After"]

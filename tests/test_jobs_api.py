@@ -44,13 +44,18 @@ async def start(redis_client: aioredis.Redis, worker: str = "test-worker") -> Cl
 async def test_submit_answers_202_with_where_to_follow_the_job(client: Client, fake_worker: None) -> None:
     accepted = await submit(client, seed=1)
     job_id = accepted["id"]
-    assert accepted == {"id": job_id, "status": "queued", "status_url": f"/v1/jobs/{job_id}",
-                        "events_url": f"/v1/jobs/{job_id}/events"}
+    assert accepted == {
+        "id": job_id,
+        "status": "queued",
+        "status_url": f"/v1/jobs/{job_id}",
+        "events_url": f"/v1/jobs/{job_id}/events",
+    }
     assert await state(client, job_id) == {"id": job_id, "status": "queued", "queue_position": 0}
 
 
-async def test_queue_positions_move_as_jobs_are_taken(client: Client, redis_client: aioredis.Redis,
-                                                      fake_worker: None) -> None:
+async def test_queue_positions_move_as_jobs_are_taken(
+    client: Client, redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     ids = [(await submit(client, seed=k))["id"] for k in range(3)]
     assert [(await state(client, i))["queue_position"] for i in ids] == [0, 1, 2]
     await start(redis_client)
@@ -60,7 +65,8 @@ async def test_queue_positions_move_as_jobs_are_taken(client: Client, redis_clie
 
 
 async def test_running_job_reports_progress_then_its_result_as_image_urls(
-        client: Client, redis_client: aioredis.Redis, fake_worker: None) -> None:
+    client: Client, redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     job_id = (await submit(client, num_inference_steps=3, output_format="jpeg", quality=80))["id"]
     claimed = await start(redis_client)
     assert (claimed.job.output_format, claimed.job.quality) == ("jpeg", 80)
@@ -82,14 +88,18 @@ async def test_image_errors(client: Client, redis_client: aioredis.Redis, fake_w
     not_yet = await client.get(f"/v1/jobs/{job_id}/images/0")
     assert not_yet.status == 409 and (await not_yet.json())["error"]["code"] == "not_finished"
     await finish(redis_client, await claim_next(redis_client), [b"png"])
-    for path, status in ((f"/v1/jobs/{job_id}/images/1", 404), (f"/v1/jobs/{job_id}/images/x", 404),
-                         ("/v1/jobs/nope/images/0", 404)):
+    for path, status in (
+        (f"/v1/jobs/{job_id}/images/1", 404),
+        (f"/v1/jobs/{job_id}/images/x", 404),
+        ("/v1/jobs/nope/images/0", 404),
+    ):
         response = await client.get(path)
         assert response.status == status and (await response.json())["error"]["field"] in ("index", "job_id")
 
 
-async def test_cancel_a_queued_job_and_it_never_runs(client: Client, redis_client: aioredis.Redis,
-                                                     fake_worker: None) -> None:
+async def test_cancel_a_queued_job_and_it_never_runs(
+    client: Client, redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     job_id = (await submit(client))["id"]
     response = await client.delete(f"/v1/jobs/{job_id}")
     assert response.status == 200 and (await response.json())["status"] == "cancelled"
@@ -101,7 +111,8 @@ async def test_cancel_a_queued_job_and_it_never_runs(client: Client, redis_clien
 
 
 async def test_a_job_cancelled_after_delivery_is_skipped_by_its_worker(
-        client: Client, redis_client: aioredis.Redis, fake_worker: None) -> None:
+    client: Client, redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     job_id = (await submit(client))["id"]
     claimed = await claim_next(redis_client)  # delivered, but the worker has not started it yet
     assert (await client.delete(f"/v1/jobs/{job_id}")).status == 200
@@ -112,8 +123,9 @@ async def test_a_job_cancelled_after_delivery_is_skipped_by_its_worker(
     assert await redis_client.lrange(KEYS.attempts(job_id), 0, -1) == []  # it never ran
 
 
-async def test_cancel_a_running_job_discards_its_result(client: Client, redis_client: aioredis.Redis,
-                                                        fake_worker: None) -> None:
+async def test_cancel_a_running_job_discards_its_result(
+    client: Client, redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     job_id = (await submit(client))["id"]
     claimed = await start(redis_client)
     assert (await client.delete(f"/v1/jobs/{job_id}")).status == 200
@@ -125,8 +137,9 @@ async def test_cancel_a_running_job_discards_its_result(client: Client, redis_cl
     assert (await client.get(f"/v1/jobs/{job_id}/images/0")).status == 409
 
 
-async def test_cancel_of_a_finished_or_unknown_job(client: Client, redis_client: aioredis.Redis,
-                                                   fake_worker: None) -> None:
+async def test_cancel_of_a_finished_or_unknown_job(
+    client: Client, redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     job_id = (await submit(client))["id"]
     await finish(redis_client, await claim_next(redis_client), [b"png"])
     response = await client.delete(f"/v1/jobs/{job_id}")
@@ -136,8 +149,9 @@ async def test_cancel_of_a_finished_or_unknown_job(client: Client, redis_client:
     assert (await client.delete("/v1/jobs/nope")).status == 404
 
 
-async def test_idempotency_key_gives_the_same_job(client: Client, redis_client: aioredis.Redis,
-                                                  fake_worker: None) -> None:
+async def test_idempotency_key_gives_the_same_job(
+    client: Client, redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     key = {"Idempotency-Key": "order-42"}
     first = await submit(client, headers=key)
     response = await client.post("/v1/jobs", json={"prompt": "a lighthouse"}, headers=key)
@@ -153,7 +167,8 @@ async def test_idempotency_key_gives_the_same_job(client: Client, redis_client: 
 
 
 async def test_generate_replayed_after_the_job_finished_answers_at_once(
-        client: Client, redis_client: aioredis.Redis, fake_worker: None) -> None:
+    client: Client, redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     key = {"Idempotency-Key": "sync-1"}
     worker = asyncio.create_task(claim_next(redis_client))
     first = await client.post("/v1/generate", json={"prompt": "a"}, headers=key)
@@ -165,8 +180,11 @@ async def test_generate_replayed_after_the_job_finished_answers_at_once(
 
 
 async def test_format_rules(client: Client, redis_client: aioredis.Redis, fake_worker: None) -> None:
-    for body, field in (({"output_format": "gif"}, "output_format"), ({"quality": 50}, "quality"),
-                        ({"output_format": "webp", "quality": 101}, "quality")):
+    for body, field in (
+        ({"output_format": "gif"}, "output_format"),
+        ({"quality": 50}, "quality"),
+        ({"output_format": "webp", "quality": 101}, "quality"),
+    ):
         response = await client.post("/v1/jobs", json={"prompt": "a", **body})
         assert response.status == 400 and (await response.json())["error"]["field"] == field
     assert await queued_jobs(redis_client) == 0
@@ -181,8 +199,9 @@ async def test_unknown_job_status_and_events_are_404(client: Client) -> None:
 # --- Server-sent events
 
 
-async def test_events_follow_a_job_through_every_step(client: Client, redis_client: aioredis.Redis,
-                                                      fake_worker: None) -> None:
+async def test_events_follow_a_job_through_every_step(
+    client: Client, redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     job_id = (await submit(client, num_inference_steps=3))["id"]
     response = await client.get(f"/v1/jobs/{job_id}/events")
     assert response.status == 200 and response.content_type == "text/event-stream"
@@ -194,8 +213,9 @@ async def test_events_follow_a_job_through_every_step(client: Client, redis_clie
     await queue.progress(job_id, "test-worker", 1, 3)
     assert await anext(events) == ("progress", {"id": job_id, "step": 1, "total": 3})
     await queue.progress(job_id, "test-worker", 3, 3)  # step 2's message was coalesced away
-    assert [await anext(events) for _ in range(2)] == [("progress", {"id": job_id, "step": s, "total": 3})
-                                                       for s in (2, 3)]
+    assert [await anext(events) for _ in range(2)] == [
+        ("progress", {"id": job_id, "step": s, "total": 3}) for s in (2, 3)
+    ]
     await finish(redis_client, claimed, [b"a", b"b"])
     name, data = await anext(events)
     assert name == "succeeded" and data["result"]["images"][1] == f"/v1/jobs/{job_id}/images/1"
@@ -211,16 +231,18 @@ async def test_events_of_a_cancelled_job(client: Client, fake_worker: None) -> N
     assert [event async for event in events] == [("cancelled", {"id": job_id})]
 
 
-async def test_events_of_a_finished_job_are_just_its_outcome(client: Client, redis_client: aioredis.Redis,
-                                                             fake_worker: None) -> None:
+async def test_events_of_a_finished_job_are_just_its_outcome(
+    client: Client, redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     job_id = (await submit(client))["id"]
     await finish(redis_client, await claim_next(redis_client), [b"png"])
     response = await client.get(f"/v1/jobs/{job_id}/events")
     assert [name async for name, _ in read_events(response)] == ["succeeded"]
 
 
-async def test_queued_position_updates_as_the_queue_moves(client: Client, redis_client: aioredis.Redis,
-                                                          fake_worker: None) -> None:
+async def test_queued_position_updates_as_the_queue_moves(
+    client: Client, redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     await submit(client, seed=1)
     job_id = (await submit(client, seed=2))["id"]
     response = await client.get(f"/v1/jobs/{job_id}/events")

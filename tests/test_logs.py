@@ -33,7 +33,8 @@ def capture() -> Iterator[tuple[logging.Logger, dict[LogFormat, io.StringIO]]]:
 
 
 def test_bound_ids_appear_in_both_formats_and_only_while_bound(
-        capture: tuple[logging.Logger, dict[LogFormat, io.StringIO]]) -> None:
+    capture: tuple[logging.Logger, dict[LogFormat, io.StringIO]],
+) -> None:
     logger, streams = capture
     with bound(request="req-1", job="job-1"):
         logger.info("claimed %s", "job-1")
@@ -52,7 +53,8 @@ def test_bound_ids_appear_in_both_formats_and_only_while_bound(
 
 
 def test_a_traceback_stays_inside_its_one_json_line(
-        capture: tuple[logging.Logger, dict[LogFormat, io.StringIO]]) -> None:
+    capture: tuple[logging.Logger, dict[LogFormat, io.StringIO]],
+) -> None:
     logger, streams = capture
     try:
         raise ValueError("boom\nsecond line")
@@ -70,20 +72,34 @@ def json_lines(log: str) -> list[dict[str, Any]]:
 
 @pytest.mark.e2e
 async def test_one_request_id_from_the_access_log_to_the_worker(
-        redis_server: RedisServer, tiny_model: Path, processes: ProcessGroup) -> None:
+    redis_server: RedisServer, tiny_model: Path, processes: ProcessGroup
+) -> None:
     redis_url = redis_server.url(3)
     redis.Redis.from_url(redis_url).flushdb()
     port = free_port()
-    processes.start("json-gateway", "--log-format", "json", "gateway", "--redis-url", redis_url,
-                    "--key-prefix", "logs", "--host", "127.0.0.1", "--port", str(port))
+    processes.start(
+        "json-gateway",
+        "--log-format",
+        "json",
+        "gateway",
+        "--redis-url",
+        redis_url,
+        "--key-prefix",
+        "logs",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    )
     args = worker_args(redis_url, tiny_model, "json-worker", prefix="logs")
     processes.start("json-worker", "--log-format", "json", *args)
     await wait_ready(redis_url, 1, prefix="logs")
     url = f"http://127.0.0.1:{port}"
     await wait_http(f"{url}/healthz", READY_TIMEOUT_S)
     async with aiohttp.ClientSession(base_url=url) as session:
-        async with session.post("/v1/generate", json={"prompt": "a red fox"},
-                                headers={"X-Request-ID": "trace-42"}) as response:
+        async with session.post(
+            "/v1/generate", json={"prompt": "a red fox"}, headers={"X-Request-ID": "trace-42"}
+        ) as response:
             assert response.status == 200
             assert response.headers["X-Request-ID"] == "trace-42"
             job_id = (await response.json())["id"]

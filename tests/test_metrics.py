@@ -34,8 +34,9 @@ async def test_readyz_needs_a_ready_worker(client: Client, redis_client: aioredi
     assert (await client.get("/healthz")).status == 200
 
 
-async def test_metrics_count_requests_rejections_queue_and_workers(client: Client, redis_client: aioredis.Redis,
-                                                                  fake_worker: None) -> None:
+async def test_metrics_count_requests_rejections_queue_and_workers(
+    client: Client, redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     assert (await client.post("/v1/jobs", json={"prompt": ""})).status == 400
     assert (await client.post("/v1/jobs", json={"prompt": "a cat"})).status == 202
     assert (await client.post("/v1/jobs", json={"prompt": "a dog"})).status == 202
@@ -51,8 +52,9 @@ async def test_metrics_count_requests_rejections_queue_and_workers(client: Clien
     assert samples[("sdxl_gateway_waiting_requests", ())] == 0
 
 
-async def test_queue_events_from_redis_are_exported(client: Client, redis_client: aioredis.Redis,
-                                                   fake_worker: None) -> None:
+async def test_queue_events_from_redis_are_exported(
+    client: Client, redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     job_id = (await (await client.post("/v1/jobs", json={"prompt": "a cat"})).json())["id"]
     assert (await client.delete(f"/v1/jobs/{job_id}")).status == 200
     samples = await scrape(client)

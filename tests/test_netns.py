@@ -52,9 +52,23 @@ def start_redis(host: TestHost) -> subprocess.Popen[bytes]:
     if binary is None:
         pytest.fail("redis-server is not installed: run `make install` (it installs it with apt-get)")
     process: subprocess.Popen[bytes] = host.run(
-        [binary, "--bind", "0.0.0.0", "--port", str(REDIS_PORT), "--save", "", "--appendonly", "no",
-         "--protected-mode", "no"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        [
+            binary,
+            "--bind",
+            "0.0.0.0",
+            "--port",
+            str(REDIS_PORT),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
     assert process.stdout is not None
     for line in process.stdout:
         if b"Ready to accept connections" in line:
@@ -63,18 +77,30 @@ def start_redis(host: TestHost) -> subprocess.Popen[bytes]:
 
 
 def cli_ping(source: TestHost, target: TestHost) -> subprocess.Popen[str]:
-    return source.run(["redis-cli", "-h", target.address, "-p", str(REDIS_PORT), "ping"],
-                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+    return source.run(
+        ["redis-cli", "-h", target.address, "-p", str(REDIS_PORT), "ping"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
 
 
 def py_ping(source: TestHost, target: TestHost) -> subprocess.Popen[str]:
     # No retries: redis-py 8's default policy retries the connect and the command, so against a cut
     # host even socket_timeout=2 takes about 40 s to fail. One attempt fails in about 3 s.
-    code = ("import redis, redis.backoff, redis.retry; "
-            f"print(redis.Redis(host={target.address!r}, port={REDIS_PORT}, socket_timeout=2, "
-            "retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0)).ping())")
-    return source.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                      stdin=subprocess.DEVNULL, text=True)
+    code = (
+        "import redis, redis.backoff, redis.retry; "
+        f"print(redis.Redis(host={target.address!r}, port={REDIS_PORT}, socket_timeout=2, "
+        "retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0)).ping())"
+    )
+    return source.run(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
 
 
 def answer(process: subprocess.Popen[Any]) -> tuple[int, str]:

@@ -38,7 +38,8 @@ async def oai(client: TestClient[Any, Any]) -> AsyncIterator[openai.AsyncOpenAI]
 
 
 async def test_openai_client_gets_the_workers_images_as_b64_json(
-        oai: openai.AsyncOpenAI, redis_client: aioredis.Redis, fake_worker: None) -> None:
+    oai: openai.AsyncOpenAI, redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     worker = asyncio.create_task(serve_one(redis_client, IMAGES))
     response = await oai.images.generate(prompt="a red fox", n=2, size="64x64", response_format="b64_json")
     job = await worker
@@ -50,11 +51,21 @@ async def test_openai_client_gets_the_workers_images_as_b64_json(
 
 
 async def test_url_format_gives_absolute_urls_to_the_images(
-        client: TestClient[Any, Any], redis_client: aioredis.Redis, fake_worker: None) -> None:
+    client: TestClient[Any, Any], redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     images = [f"jpeg-{k}".encode() for k in range(4)]
     worker = asyncio.create_task(serve_one(redis_client, images, media_type="image/jpeg"))
-    response = await client.post(ROUTE, json={"prompt": "a cat", "n": 3, "output_format": "jpeg",
-                                              "output_compression": 50, "num_inference_steps": 3, "seed": 7})
+    response = await client.post(
+        ROUTE,
+        json={
+            "prompt": "a cat",
+            "n": 3,
+            "output_format": "jpeg",
+            "output_compression": 50,
+            "num_inference_steps": 3,
+            "seed": 7,
+        },
+    )
     job = await worker
     assert response.status == 200
     body = await response.json()
@@ -68,18 +79,21 @@ async def test_url_format_gives_absolute_urls_to_the_images(
             assert await fetched.read() == image
 
 
-async def test_ignored_openai_parameters_are_accepted(oai: openai.AsyncOpenAI, redis_client: aioredis.Redis,
-                                                       fake_worker: None) -> None:
+async def test_ignored_openai_parameters_are_accepted(
+    oai: openai.AsyncOpenAI, redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     worker = asyncio.create_task(serve_one(redis_client, IMAGES))
-    response = await oai.images.generate(prompt="a cat", model="dall-e-3", user="someone", quality="hd",
-                                         style="vivid", size="auto", n=None)
+    response = await oai.images.generate(
+        prompt="a cat", model="dall-e-3", user="someone", quality="hd", style="vivid", size="auto", n=None
+    )
     job = await worker
     assert response.data is not None and len(response.data) == 1 and response.data[0].url is not None
     assert job.shape == TEST_SHAPES[0]  # size auto: the cluster's default
 
 
-async def test_idempotency_key_refers_to_the_first_job(client: TestClient[Any, Any], redis_client: aioredis.Redis,
-                                                       fake_worker: None) -> None:
+async def test_idempotency_key_refers_to_the_first_job(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     request = {"json": {"prompt": "a cat", "response_format": "b64_json"}, "headers": {"Idempotency-Key": "k1"}}
     worker = asyncio.create_task(serve_one(redis_client, IMAGES))
     first = await (await client.post(ROUTE, **request)).json()
@@ -88,26 +102,34 @@ async def test_idempotency_key_refers_to_the_first_job(client: TestClient[Any, A
     assert again.status == 200 and (await again.json())["data"] == first["data"]
 
 
-@pytest.mark.parametrize(("body", "param", "code"), [
-    ({}, "prompt", "missing"),
-    ({"prompt": "  "}, "prompt", "value_error"),
-    ({**CAT, "size": "64by64"}, "size", "value_error"),
-    ({**CAT, "size": "60x64"}, "size", "multiple_of"),
-    ({**CAT, "size": "128x128"}, "size", "unsupported_shape"),
-    ({**CAT, "num_inference_steps": 25}, "num_inference_steps", "unsupported_shape"),
-    ({**CAT, "n": 0}, "n", "greater_than_equal"),
-    ({**CAT, "n": 5}, "n", "less_than_equal"),
-    ({**CAT, "n": 11}, "n", "less_than_equal"),
-    ({**CAT, "n": "2"}, "n", "int_type"),
-    ({**CAT, "response_format": "png"}, "response_format", "literal_error"),
-    ({**CAT, "quality": "ultra"}, "quality", "literal_error"),
-    ({**CAT, "unknown": 1}, "unknown", "extra_forbidden"),
-    ({**CAT, "output_compression": 50}, "output_compression", "value_error"),
-    ({**CAT, "output_format": "png", "output_compression": 50}, "output_compression", "value_error"),
-])
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({}, "prompt", "missing"),
+        ({"prompt": "  "}, "prompt", "value_error"),
+        ({**CAT, "size": "64by64"}, "size", "value_error"),
+        ({**CAT, "size": "60x64"}, "size", "multiple_of"),
+        ({**CAT, "size": "128x128"}, "size", "unsupported_shape"),
+        ({**CAT, "num_inference_steps": 25}, "num_inference_steps", "unsupported_shape"),
+        ({**CAT, "n": 0}, "n", "greater_than_equal"),
+        ({**CAT, "n": 5}, "n", "less_than_equal"),
+        ({**CAT, "n": 11}, "n", "less_than_equal"),
+        ({**CAT, "n": "2"}, "n", "int_type"),
+        ({**CAT, "response_format": "png"}, "response_format", "literal_error"),
+        ({**CAT, "quality": "ultra"}, "quality", "literal_error"),
+        ({**CAT, "unknown": 1}, "unknown", "extra_forbidden"),
+        ({**CAT, "output_compression": 50}, "output_compression", "value_error"),
+        ({**CAT, "output_format": "png", "output_compression": 50}, "output_compression", "value_error"),
+    ],
+)
 async def test_bad_input_is_400_in_openai_shape_before_the_queue(
-        client: TestClient[Any, Any], redis_client: aioredis.Redis, fake_worker: None, body: dict[str, Any],
-        param: str, code: str) -> None:
+    client: TestClient[Any, Any],
+    redis_client: aioredis.Redis,
+    fake_worker: None,
+    body: dict[str, Any],
+    param: str,
+    code: str,
+) -> None:
     response = await client.post(ROUTE, json=body)
     assert response.status == 400
     error = (await response.json())["error"]
@@ -116,17 +138,20 @@ async def test_bad_input_is_400_in_openai_shape_before_the_queue(
     assert await queued_jobs(redis_client) == 0
 
 
-@pytest.mark.parametrize(("kwargs", "param"), [
-    ({"size": "64by64"}, "size"),
-    ({"n": 0}, "n"),
-    ({"n": 5}, "n"),
-    ({"response_format": "png"}, "response_format"),
-    ({"extra_body": {"unknown": 1}}, "unknown"),
-    ({"output_format": "png", "output_compression": 50}, "output_compression"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"size": "64by64"}, "size"),
+        ({"n": 0}, "n"),
+        ({"n": 5}, "n"),
+        ({"response_format": "png"}, "response_format"),
+        ({"extra_body": {"unknown": 1}}, "unknown"),
+        ({"output_format": "png", "output_compression": 50}, "output_compression"),
+    ],
+)
 async def test_openai_client_raises_bad_request_naming_the_param(
-        oai: openai.AsyncOpenAI, redis_client: aioredis.Redis, fake_worker: None, kwargs: dict[str, Any],
-        param: str) -> None:
+    oai: openai.AsyncOpenAI, redis_client: aioredis.Redis, fake_worker: None, kwargs: dict[str, Any], param: str
+) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         await oai.images.generate(prompt="a cat", **kwargs)
     assert (caught.value.status_code, caught.value.param, caught.value.type) == (400, param, "invalid_request_error")
@@ -134,8 +159,9 @@ async def test_openai_client_raises_bad_request_naming_the_param(
     assert await queued_jobs(redis_client) == 0
 
 
-async def test_no_worker_is_503_in_openai_shape(client: TestClient[Any, Any], oai: openai.AsyncOpenAI,
-                                                redis_client: aioredis.Redis) -> None:
+async def test_no_worker_is_503_in_openai_shape(
+    client: TestClient[Any, Any], oai: openai.AsyncOpenAI, redis_client: aioredis.Redis
+) -> None:
     response = await client.post(ROUTE, json={"prompt": "a cat"})
     assert response.status == 503 and response.headers["Retry-After"]
     error = (await response.json())["error"]
@@ -147,7 +173,8 @@ async def test_no_worker_is_503_in_openai_shape(client: TestClient[Any, Any], oa
 
 
 async def test_deadline_is_504_with_the_jobs_absolute_url_in_the_message(
-        client: TestClient[Any, Any], redis_client: aioredis.Redis, fake_worker: None) -> None:
+    client: TestClient[Any, Any], redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     response = await client.post(ROUTE, json={"prompt": "a cat"})  # nobody plays the worker
     assert response.status == 504
     error = (await response.json())["error"]
@@ -161,17 +188,18 @@ async def test_deadline_is_504_with_the_jobs_absolute_url_in_the_message(
 async def test_openapi_documents_the_openai_schemas(client: TestClient[Any, Any]) -> None:
     document = await (await client.get("/openapi.json")).json()
     operation = document["paths"][ROUTE]["post"]
-    assert operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
-        "/ImageGenerationRequest")
+    assert operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ImageGenerationRequest")
     assert operation["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith(
-        "/OpenAIErrorResponse")
+        "/OpenAIErrorResponse"
+    )
     request = document["components"]["schemas"]["ImageGenerationRequest"]
     assert request["required"] == ["prompt"] and request["additionalProperties"] is False
     assert {"n", "size", "response_format", "output_compression", "seed"} <= set(request["properties"])
 
 
 async def test_the_openai_client_does_not_retry_a_504_into_a_second_job(
-        client: TestClient[Any, Any], redis_client: aioredis.Redis, fake_worker: None) -> None:
+    client: TestClient[Any, Any], redis_client: aioredis.Redis, fake_worker: None
+) -> None:
     # The client retries 5xx answers by default; after a 504 the job is still queued, so a retry would
     # queue another. The gateway tells it not to (x-should-retry: false).
     async with openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="unused", max_retries=2) as oai:

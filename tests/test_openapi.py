@@ -31,9 +31,11 @@ async def test_every_served_route_is_documented_and_nothing_else(client: Client)
     document = await fetch(client)
     documented = {(method.upper(), path) for path, item in document["paths"].items() for method in item}
     app: web.Application = client.server.app  # type: ignore[attr-defined]
-    served = {(route.method, route.resource.canonical) for route in app.router.routes()
-              if route.resource is not None and not route.resource.canonical.startswith("/static")
-              and route.method != "HEAD"}
+    served = {
+        (route.method, route.resource.canonical)
+        for route in app.router.routes()
+        if route.resource is not None and not route.resource.canonical.startswith("/static") and route.method != "HEAD"
+    }
     assert served == documented
     assert len(ROUTES) == len(documented)
 
@@ -59,4 +61,10 @@ async def test_errors_and_headers_are_described(client: Client) -> None:
     events = (await fetch(client))["paths"]["/v1/jobs/{job_id}/events"]["get"]
     stream = events["responses"]["200"]["content"]["text/event-stream"]["schema"]
     assert {ref["$ref"].rpartition("/")[2] for ref in stream["oneOf"]} == {
-        "QueuedEvent", "StartedEvent", "ProgressEvent", "SucceededEvent", "FailedEvent", "CancelledEvent"}
+        "QueuedEvent",
+        "StartedEvent",
+        "ProgressEvent",
+        "SucceededEvent",
+        "FailedEvent",
+        "CancelledEvent",
+    }

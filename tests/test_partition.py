@@ -27,15 +27,49 @@ SLOW_STEPS = 40
 
 
 def start_redis(host: TestHost) -> None:
-    host.run([shutil.which("redis-server") or "redis-server", "--bind", "0.0.0.0", "--port", str(REDIS_PORT),
-              "--protected-mode", "no", "--save", "", "--appendonly", "no", "--notify-keyspace-events", "Kh"],
-             stdout=subprocess.DEVNULL)
+    host.run(
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--bind",
+            "0.0.0.0",
+            "--port",
+            str(REDIS_PORT),
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--notify-keyspace-events",
+            "Kh",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def start_worker(host: TestHost, redis_url: str, model: Path, log: Path) -> None:
-    host.run([sys.executable, "-m", "common.cli", "worker", "--redis-url", redis_url, "--model", str(model),
-              "--shapes", f"64x64x{SLOW_STEPS}", "--worker-id", host.name, "--heartbeat-interval", "0.5",
-              "--heartbeat-ttl", "2"], stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    host.run(
+        [
+            sys.executable,
+            "-m",
+            "common.cli",
+            "worker",
+            "--redis-url",
+            redis_url,
+            "--model",
+            str(model),
+            "--shapes",
+            f"64x64x{SLOW_STEPS}",
+            "--worker-id",
+            host.name,
+            "--heartbeat-interval",
+            "0.5",
+            "--heartbeat-ttl",
+            "2",
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def read(client: subprocess.Popen[str], key: str) -> Any:
@@ -56,16 +90,38 @@ def test_cut_worker_host_job_completes_elsewhere_without_duplicate(tiny_model: P
         redis_url = f"redis://{redis_host.address}:{REDIS_PORT}/0"
         start_redis(redis_host)
         gateway_host.wait_for_tcp(redis_host.address, REDIS_PORT, timeout=30)
-        gateway_host.run([sys.executable, "-m", "common.cli", "gateway", "--redis-url", redis_url,
-                          "--host", "0.0.0.0", "--port", str(GATEWAY_PORT)],
-                         stdout=(tmp_path / "gateway.log").open("wb"), stderr=subprocess.STDOUT)
+        gateway_host.run(
+            [
+                sys.executable,
+                "-m",
+                "common.cli",
+                "gateway",
+                "--redis-url",
+                redis_url,
+                "--host",
+                "0.0.0.0",
+                "--port",
+                str(GATEWAY_PORT),
+            ],
+            stdout=(tmp_path / "gateway.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
         for name, host in workers.items():
             start_worker(host, redis_url, tiny_model, tmp_path / f"{name}.log")
         client_host.wait_for_tcp(gateway_host.address, GATEWAY_PORT, timeout=60)
         client = client_host.run(
-            [sys.executable, "-m", "tests.partition_client", redis_url,
-             f"http://{gateway_host.address}:{GATEWAY_PORT}", str(SLOW_STEPS)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-m",
+                "tests.partition_client",
+                redis_url,
+                f"http://{gateway_host.address}:{GATEWAY_PORT}",
+                str(SLOW_STEPS),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         victim = read(client, "started")
         workers[victim].cut()
         response = read(client, "response")

@@ -34,8 +34,9 @@ def test_params_are_bfloat16_replicated_with_float32_scheduler(pipeline: SDXLPip
     params = pipeline._params
     weights = jax.tree_util.tree_leaves({k: v for k, v in params.items() if k != "scheduler"})
     assert weights and all(w.dtype == jnp.bfloat16 and w.shape[0] == 4 for w in weights)
-    scheduler = [leaf for leaf in jax.tree_util.tree_leaves(params["scheduler"])
-                 if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    scheduler = [
+        leaf for leaf in jax.tree_util.tree_leaves(params["scheduler"]) if jnp.issubdtype(leaf.dtype, jnp.floating)
+    ]
     assert scheduler and all(leaf.dtype == jnp.float32 for leaf in scheduler)
 
 

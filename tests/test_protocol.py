@@ -30,19 +30,22 @@ def test_request_defaults_leave_shape_to_the_cluster() -> None:
     assert request.guidance_scale == 7.5 and request.negative_prompt == ""
 
 
-@pytest.mark.parametrize(("body", "field", "rule"), [
-    ('{}', "prompt", "missing"),
-    ('{"prompt": ""}', "prompt", "string_too_short"),
-    ('{"prompt": "   "}', "prompt", "value_error"),
-    ('{"prompt": 5}', "prompt", "string_type"),
-    ('{"prompt": "a", "seed": "5"}', "seed", "int_type"),
-    ('{"prompt": "a", "seed": -1}', "seed", "greater_than_equal"),
-    (f'{{"prompt": "a", "seed": {MAX_SEED + 1}}}', "seed", "less_than_equal"),
-    ('{"prompt": "a", "width": 100}', "width", "multiple_of"),
-    ('{"prompt": "a", "guidance_scale": 31}', "guidance_scale", "less_than_equal"),
-    ('{"prompt": "a", "colour": "red"}', "colour", "extra_forbidden"),
-    ('{"prompt": "' + "x" * 2001 + '"}', "prompt", "string_too_long"),
-])
+@pytest.mark.parametrize(
+    ("body", "field", "rule"),
+    [
+        ("{}", "prompt", "missing"),
+        ('{"prompt": ""}', "prompt", "string_too_short"),
+        ('{"prompt": "   "}', "prompt", "value_error"),
+        ('{"prompt": 5}', "prompt", "string_type"),
+        ('{"prompt": "a", "seed": "5"}', "seed", "int_type"),
+        ('{"prompt": "a", "seed": -1}', "seed", "greater_than_equal"),
+        (f'{{"prompt": "a", "seed": {MAX_SEED + 1}}}', "seed", "less_than_equal"),
+        ('{"prompt": "a", "width": 100}', "width", "multiple_of"),
+        ('{"prompt": "a", "guidance_scale": 31}', "guidance_scale", "less_than_equal"),
+        ('{"prompt": "a", "colour": "red"}', "colour", "extra_forbidden"),
+        ('{"prompt": "' + "x" * 2001 + '"}', "prompt", "string_too_long"),
+    ],
+)
 def test_request_rejects_with_field_and_rule(body: str, field: str, rule: str) -> None:
     with pytest.raises(ValidationError) as caught:
         GenerateRequest.model_validate_json(body)

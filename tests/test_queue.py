@@ -22,8 +22,15 @@ def make_job(job_id: str = "job-1") -> Job:
 
 
 def success(job: Job, worker: str = "w1") -> JobResult:
-    return JobResult(id=job.id, status="succeeded", worker=worker, seed=job.seed, shape=job.shape, image_count=2,
-                     timings=Timings(queued_ms=1, generate_ms=2, encode_ms=3))
+    return JobResult(
+        id=job.id,
+        status="succeeded",
+        worker=worker,
+        seed=job.seed,
+        shape=job.shape,
+        image_count=2,
+        timings=Timings(queued_ms=1, generate_ms=2, encode_ms=3),
+    )
 
 
 async def queue_with_group(redis_client: aioredis.Redis) -> JobQueue:

@@ -14,10 +14,17 @@ from tests.conftest import RedisServer
 KEYS = Keys()
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("2/s:20", Rate(2, 1.0, 20)), ("6/m", Rate(6, 60.0, 6)), ("0.5/s", Rate(0.5, 1.0, 1)),
-    (" 100 / h : 5 ", Rate(100, 3600.0, 5)), ("off", None), ("OFF", None),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2/s:20", Rate(2, 1.0, 20)),
+        ("6/m", Rate(6, 60.0, 6)),
+        ("0.5/s", Rate(0.5, 1.0, 1)),
+        (" 100 / h : 5 ", Rate(100, 3600.0, 5)),
+        ("off", None),
+        ("OFF", None),
+    ],
+)
 def test_rates_parse(text: str, expected: Rate | None) -> None:
     assert Rate.parse(text) == expected
 
@@ -64,8 +71,7 @@ async def test_the_bucket_refills_at_the_rate(redis_client: aioredis.Redis) -> N
     assert (await limiter.check("read", "a", rate)).allowed
 
 
-async def test_replicas_share_one_budget_atomically(redis_server: RedisServer,
-                                                    redis_client: aioredis.Redis) -> None:
+async def test_replicas_share_one_budget_atomically(redis_server: RedisServer, redis_client: aioredis.Redis) -> None:
     """Two gateways (two clients) checking the same bucket at once never allow more than the burst."""
     replicas = [aioredis.Redis.from_url(redis_server.url(0)) for _ in range(2)]
     try:

@@ -44,8 +44,9 @@ def readme_acl_lines() -> list[str]:
     assert block is not None, "README.md has no ```acl block"
     lines = [line.strip() for line in block[1].splitlines() if line.strip()]
     assert [line.split()[1] for line in lines] == ["sdxl-gateway", "sdxl-worker"]
-    return [line.replace("GATEWAY_PASSWORD", GATEWAY_PASSWORD).replace("WORKER_PASSWORD", WORKER_PASSWORD)
-            for line in lines]
+    return [
+        line.replace("GATEWAY_PASSWORD", GATEWAY_PASSWORD).replace("WORKER_PASSWORD", WORKER_PASSWORD) for line in lines
+    ]
 
 
 def make_certificates(directory: Path) -> None:
@@ -55,11 +56,41 @@ def make_certificates(directory: Path) -> None:
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     (directory / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     for command in (
-        ["req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=sdxl-test-ca",
-         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        [
+            "req",
+            "-x509",
+            *ec,
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=sdxl-test-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
         ["req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"],
-        ["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-         "-out", "server.crt", "-days", "2", "-extfile", "server.ext"],
+        [
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
     ):
         subprocess.run(["openssl", *command], cwd=directory, check=True, capture_output=True)
 
@@ -81,9 +112,29 @@ def secure_redis() -> Iterator[SecureRedis]:
     directory = Path(tempfile.mkdtemp(prefix="sdxl-test-secure-redis-"))
     make_certificates(directory)
     port, tls_port = free_port(), free_port()
-    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(directory),
-            "--requirepass", ADMIN_PASSWORD, "--tls-port", str(tls_port), "--tls-cert-file", "server.crt",
-            "--tls-key-file", "server.key", "--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no"]
+    args = [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--dir",
+        str(directory),
+        "--requirepass",
+        ADMIN_PASSWORD,
+        "--tls-port",
+        str(tls_port),
+        "--tls-cert-file",
+        "server.crt",
+        "--tls-key-file",
+        "server.key",
+        "--tls-ca-cert-file",
+        "ca.crt",
+        "--tls-auth-clients",
+        "no",
+    ]
     for line in readme_acl_lines():
         args += ["--user", *line.split()[1:]]
     process = subprocess.Popen(args, cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -115,8 +166,9 @@ async def admin(secure_redis: SecureRedis) -> Any:
 
 async def generate_through(aiohttp_client: ClientFactory, gateway_url: str, worker_url: str) -> dict[str, Any]:
     """POST /v1/generate and follow a second job's events, a gateway on one URL and a worker on the other."""
-    client = await aiohttp_client(create_app(GatewayConfig(redis_url=gateway_url, request_timeout_s=20,
-                                                           result_ttl_s=60, max_queue_depth=10)))
+    client = await aiohttp_client(
+        create_app(GatewayConfig(redis_url=gateway_url, request_timeout_s=20, result_ttl_s=60, max_queue_depth=10))
+    )
     async with running_worker(worker_url):
         response = await client.post("/v1/generate", json={"prompt": "a locked door", "seed": 1})
         assert response.status == 200, await response.text()
@@ -134,9 +186,9 @@ async def generate_through(aiohttp_client: ClientFactory, gateway_url: str, work
     return payload
 
 
-async def test_a_password_url_serves_jobs_and_is_never_logged(aiohttp_client: ClientFactory,
-                                                              secure_redis: SecureRedis, admin: aioredis.Redis,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_password_url_serves_jobs_and_is_never_logged(
+    aiohttp_client: ClientFactory, secure_redis: SecureRedis, admin: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     url = secure_redis.url()
     log_config(logging.getLogger("test"), GatewayConfig(redis_url=url))
@@ -149,8 +201,9 @@ async def test_a_password_url_serves_jobs_and_is_never_logged(aiohttp_client: Cl
     await wrong.aclose()
 
 
-async def test_least_privilege_acl_users_serve_everything(aiohttp_client: ClientFactory, secure_redis: SecureRedis,
-                                                          admin: aioredis.Redis) -> None:
+async def test_least_privilege_acl_users_serve_everything(
+    aiohttp_client: ClientFactory, secure_redis: SecureRedis, admin: aioredis.Redis
+) -> None:
     gateway_url = secure_redis.url("sdxl-gateway", GATEWAY_PASSWORD)
     worker_url = secure_redis.url("sdxl-worker", WORKER_PASSWORD)
     # Left behind by a worker that died: a job pending under its consumer (to be taken over, then dead-
@@ -158,15 +211,19 @@ async def test_least_privilege_acl_users_serve_everything(aiohttp_client: Client
     queue = JobQueue(admin, KEYS)
     shared = KEYS.shape_stream(TEST_SHAPES[0])
     await queue.ensure_group(shared)
-    await queue.submit(Job(id="orphan-pending", prompt="p", seed=1, guidance_scale=7.5, shape=TEST_SHAPES[0],
-                           result_ttl_s=60), shared)
+    await queue.submit(
+        Job(id="orphan-pending", prompt="p", seed=1, guidance_scale=7.5, shape=TEST_SHAPES[0], result_ttl_s=60), shared
+    )
     assert await queue.claim("ghost", [shared], block_ms=100) is not None
     ghost_stream = KEYS.worker_stream("ghost")
     await queue.ensure_group(ghost_stream)
-    await queue.submit(Job(id="orphan-queued", prompt="q", seed=2, guidance_scale=7.5, shape=TEST_SHAPES[0],
-                           result_ttl_s=60), ghost_stream)
-    client = await aiohttp_client(create_app(GatewayConfig(redis_url=gateway_url, request_timeout_s=20,
-                                                           result_ttl_s=60)))
+    await queue.submit(
+        Job(id="orphan-queued", prompt="q", seed=2, guidance_scale=7.5, shape=TEST_SHAPES[0], result_ttl_s=60),
+        ghost_stream,
+    )
+    client = await aiohttp_client(
+        create_app(GatewayConfig(redis_url=gateway_url, request_timeout_s=20, result_ttl_s=60))
+    )
     async with running_worker(worker_url, max_deliveries=1):
         for job_id, status in (("orphan-pending", "failed"), ("orphan-queued", "succeeded")):
             for _ in range(200):
@@ -183,15 +240,21 @@ async def test_least_privilege_acl_users_serve_everything(aiohttp_client: Client
     assert denied == [], denied
     # And nothing beyond: no other prefix, no administration, no listing keys.
     gateway = aioredis.Redis.from_url(gateway_url)
-    for command in (("FLUSHALL",), ("CONFIG", "GET", "*"), ("KEYS", "*"), ("GET", "other:key"),
-                    ("XREADGROUP", "GROUP", "workers", "x", "STREAMS", shared, ">")):
+    for command in (
+        ("FLUSHALL",),
+        ("CONFIG", "GET", "*"),
+        ("KEYS", "*"),
+        ("GET", "other:key"),
+        ("XREADGROUP", "GROUP", "workers", "x", "STREAMS", shared, ">"),
+    ):
         with pytest.raises(NoPermissionError):
             await gateway.execute_command(*command)
     await gateway.aclose()
 
 
-async def test_tls_urls_serve_jobs(aiohttp_client: ClientFactory, secure_redis: SecureRedis,
-                                   admin: aioredis.Redis) -> None:
+async def test_tls_urls_serve_jobs(
+    aiohttp_client: ClientFactory, secure_redis: SecureRedis, admin: aioredis.Redis
+) -> None:
     gateway_url = secure_redis.url("sdxl-gateway", GATEWAY_PASSWORD, tls=True)
     worker_url = secure_redis.url("sdxl-worker", WORKER_PASSWORD, tls=True)
     payload = await generate_through(aiohttp_client, gateway_url, worker_url)
@@ -203,6 +266,3 @@ async def test_tls_urls_serve_jobs(aiohttp_client: ClientFactory, secure_redis: 
     with pytest.raises(RedisConnectionError):
         await untrusting.ping()
     await untrusting.aclose()
-
-
-

@@ -16,8 +16,16 @@ KEYS = Keys()
 
 
 def info(worker_id: str, state: str = "warming") -> WorkerInfo:
-    return WorkerInfo(id=worker_id, host="h", pid=1, model="m", images_per_request=4, state=state,  # type: ignore[arg-type]
-                      shapes=[Shape(width=64, height=64, steps=2)], started_at=time.time())
+    return WorkerInfo(
+        id=worker_id,
+        host="h",
+        pid=1,
+        model="m",
+        images_per_request=4,
+        state=state,  # type: ignore[arg-type]
+        shapes=[Shape(width=64, height=64, steps=2)],
+        started_at=time.time(),
+    )
 
 
 async def test_published_workers_are_listed_and_removed(redis_client: aioredis.Redis) -> None:

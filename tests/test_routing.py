@@ -21,8 +21,16 @@ LARGE = Shape(width=128, height=128, steps=2)
 
 
 def worker(worker_id: str, *shapes: Shape, state: str = "ready") -> WorkerInfo:
-    return WorkerInfo(id=worker_id, host="h", pid=1, model="m", images_per_request=4, state=state,  # type: ignore[arg-type]
-                      shapes=list(shapes), started_at=time.time())
+    return WorkerInfo(
+        id=worker_id,
+        host="h",
+        pid=1,
+        model="m",
+        images_per_request=4,
+        state=state,  # type: ignore[arg-type]
+        shapes=list(shapes),
+        started_at=time.time(),
+    )
 
 
 def make_job(job_id: str, shape: Shape = SMALL) -> Job:
@@ -35,10 +43,14 @@ async def test_shared_routing_uses_the_shape_stream(redis_client: aioredis.Redis
 
 
 @pytest.mark.parametrize("policy", ["random", "p2c"])
-async def test_only_ready_workers_that_compiled_the_shape_are_chosen(redis_client: aioredis.Redis,
-                                                                    policy: str) -> None:
-    workers = [worker("small", SMALL), worker("large", LARGE), worker("both-warming", SMALL, LARGE, state="warming"),
-               worker("both-draining", SMALL, LARGE, state="draining"), worker("both-busy", SMALL, LARGE, state="busy")]
+async def test_only_ready_workers_that_compiled_the_shape_are_chosen(redis_client: aioredis.Redis, policy: str) -> None:
+    workers = [
+        worker("small", SMALL),
+        worker("large", LARGE),
+        worker("both-warming", SMALL, LARGE, state="warming"),
+        worker("both-draining", SMALL, LARGE, state="draining"),
+        worker("both-busy", SMALL, LARGE, state="busy"),
+    ]
     router = Router(policy, redis_client, KEYS, random.Random(0))  # type: ignore[arg-type]
     chosen = {await router.stream_for(LARGE, workers) for _ in range(50)}
     assert chosen == {KEYS.worker_stream("large"), KEYS.worker_stream("both-busy")}
@@ -70,16 +82,22 @@ async def test_a_worker_takes_its_own_jobs_first_then_the_shared_ones(redis_clie
     first = await queue.claim("w1", streams, block_ms=100)
     second = await queue.claim("w1", streams, block_ms=100)
     assert first is not None and second is not None
-    assert [(first.job.id, first.stream), (second.job.id, second.stream)] == [("own-1", streams[0]),
-                                                                              ("shared-1", streams[1])]
+    assert [(first.job.id, first.stream), (second.job.id, second.stream)] == [
+        ("own-1", streams[0]),
+        ("shared-1", streams[1]),
+    ]
 
 
 async def test_a_departed_workers_jobs_go_back_to_the_shared_streams(redis_client: aioredis.Redis) -> None:
     queue = JobQueue(redis_client, KEYS)
     own = KEYS.worker_stream("gone")
     await queue.ensure_group(own)
-    for job in (make_job("in-service"), make_job("queued-small"), make_job("queued-large", LARGE),
-                make_job("cancelled")):
+    for job in (
+        make_job("in-service"),
+        make_job("queued-small"),
+        make_job("queued-large", LARGE),
+        make_job("cancelled"),
+    ):
         await queue.submit(job, own)
     in_service = await queue.claim("gone", [own], block_ms=100)
     assert in_service is not None and await queue.start(in_service, "gone") is not None
@@ -88,7 +106,9 @@ async def test_a_departed_workers_jobs_go_back_to_the_shared_streams(redis_clien
     assert await redis_client.exists(own) == 0 and own not in await queue.streams()
     small, large = KEYS.shape_stream(SMALL), KEYS.shape_stream(LARGE)
     assert [e[1][b"job"] for e in await redis_client.xrange(small)] == [
-        make_job("in-service").model_dump_json().encode(), make_job("queued-small").model_dump_json().encode()]
+        make_job("in-service").model_dump_json().encode(),
+        make_job("queued-small").model_dump_json().encode(),
+    ]
     record = await queue.record("in-service")
     assert record is not None and (record.status, record.stream) == ("queued", small)
     taken = await queue.claim("alive", [small, large], block_ms=100)
@@ -118,8 +138,7 @@ async def test_queue_position_counts_within_the_jobs_stream(redis_client: aiored
     await queue.submit(make_job("a2"), streams[0])
     records = {j: await queue.record(j) for j in ("a1", "b1", "a2")}
     entries = {j: r.entry_id for j, r in records.items() if r is not None and r.entry_id is not None}
-    assert await queue.positions(streams[0], [entries["a1"], entries["a2"]]) == {entries["a1"]: 0,
-                                                                                 entries["a2"]: 1}
+    assert await queue.positions(streams[0], [entries["a1"], entries["a2"]]) == {entries["a1"]: 0, entries["a2"]: 1}
     assert await queue.positions(streams[1], [entries["b1"]]) == {entries["b1"]: 0}
     assert await queue.depth() == 3
 

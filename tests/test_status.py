@@ -23,7 +23,8 @@ def job(job_id: str) -> Job:
 
 
 async def test_status_reports_workers_queue_pending_and_dead_letters(
-        redis_server: RedisServer, redis_client: aioredis.Redis, capsys: pytest.CaptureFixture[str]) -> None:
+    redis_server: RedisServer, redis_client: aioredis.Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
     await register_worker(redis_client, "w1")
     await register_worker(redis_client, "w2", state="warming")
     queue = JobQueue(redis_client, KEYS)

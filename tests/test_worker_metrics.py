@@ -28,6 +28,11 @@ async def test_each_worker_publishes_its_port_and_reports_its_work(cluster: Clus
     assert samples[("sdxl_worker_encode_seconds_count", (("format", "jpeg"),))] >= 1
     shape = str(TEST_SHAPES[0])
     assert samples[("sdxl_worker_generate_seconds_count", (("shape", shape),))] >= 1
-    assert {phase for (name, labels) in samples if name == "sdxl_worker_compile_seconds"
-            for key, phase in labels if key == "phase"} == {"lower", "compile", "warmup"}
+    assert {
+        phase
+        for (name, labels) in samples
+        if name == "sdxl_worker_compile_seconds"
+        for key, phase in labels
+        if key == "phase"
+    } == {"lower", "compile", "warmup"}
     assert samples[("sdxl_worker_start_to_ready_seconds", ())] > 0

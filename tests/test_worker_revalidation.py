@@ -23,8 +23,14 @@ from tests.protection import running_worker
 
 KEYS = Keys()
 STREAM = KEYS.shape_stream(TEST_SHAPES[0])
-VALID = {"id": "good-1", "prompt": "a cat", "seed": 1, "guidance_scale": 7.5,
-         "shape": TEST_SHAPES[0].model_dump(), "result_ttl_s": 60}
+VALID = {
+    "id": "good-1",
+    "prompt": "a cat",
+    "seed": 1,
+    "guidance_scale": 7.5,
+    "shape": TEST_SHAPES[0].model_dump(),
+    "result_ttl_s": 60,
+}
 
 
 def job(**changes: Any) -> bytes:
@@ -67,8 +73,9 @@ BAD_ENTRIES: list[tuple[dict[str, bytes], str | None, str]] = [
 ]
 
 
-async def test_invalid_entries_fail_or_drop_and_the_worker_carries_on(redis_server: RedisServer,
-                                                                      redis_client: aioredis.Redis) -> None:
+async def test_invalid_entries_fail_or_drop_and_the_worker_carries_on(
+    redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
     async with running_worker(redis_server.url(0)) as worker:
         for fields, _, _ in BAD_ENTRIES:
             await redis_client.xadd(STREAM, fields)  # type: ignore[arg-type]
@@ -85,13 +92,24 @@ async def test_invalid_entries_fail_or_drop_and_the_worker_carries_on(redis_serv
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.lists(st.one_of(
-    st.binary(max_size=300),
-    st.dictionaries(st.text(max_size=12), st.recursive(
-        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
-        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
-        max_leaves=8), max_size=10).map(lambda d: json.dumps({**VALID, **d}).encode()),
-), min_size=1, max_size=5))
+@given(
+    st.lists(
+        st.one_of(
+            st.binary(max_size=300),
+            st.dictionaries(
+                st.text(max_size=12),
+                st.recursive(
+                    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                    max_leaves=8,
+                ),
+                max_size=10,
+            ).map(lambda d: json.dumps({**VALID, **d}).encode()),
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
 def test_fuzzed_entries_never_stop_the_worker(redis_server: RedisServer, entries: list[bytes]) -> None:
     async def run() -> None:
         client = aioredis.Redis.from_url(redis_server.url(0))

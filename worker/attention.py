@@ -58,6 +58,7 @@ def attention(kind: Attention) -> Iterator[None]:
 
 def traced_with(kind: Attention, fn: F) -> F:
     """`fn`, with its attention layers computed with `kind` whenever it is traced (by jit, pmap, ...)."""
+
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         with attention(kind):
@@ -66,15 +67,25 @@ def traced_with(kind: Attention, fn: F) -> F:
     return cast(F, wrapped)
 
 
-def _intercept(impl: Implementation, next_fun: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-               context: nn.module.InterceptorContext) -> Any:
+def _intercept(
+    impl: Implementation,
+    next_fun: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    context: nn.module.InterceptorContext,
+) -> Any:
     if isinstance(context.module, FlaxAttention) and context.method_name == "__call__":
         return _dot_product(context.module, impl, *args, **kwargs)
     return next_fun(*args, **kwargs)
 
 
-def _dot_product(layer: FlaxAttention, impl: Implementation, hidden_states: jax.Array,
-                 context: jax.Array | None = None, deterministic: bool = True) -> Any:
+def _dot_product(
+    layer: FlaxAttention,
+    impl: Implementation,
+    hidden_states: jax.Array,
+    context: jax.Array | None = None,
+    deterministic: bool = True,
+) -> Any:
     """`FlaxAttention.__call__` with its projections, attention by `jax.nn.dot_product_attention`."""
     context = hidden_states if context is None else context
     batch = hidden_states.shape[0]
@@ -82,7 +93,12 @@ def _dot_product(layer: FlaxAttention, impl: Implementation, hidden_states: jax.
     def heads(x: jax.Array) -> jax.Array:  # [batch, tokens, heads, head channels]: the layout it takes
         return x.reshape(batch, -1, layer.heads, layer.dim_head)
 
-    out = jax.nn.dot_product_attention(heads(layer.query(hidden_states)), heads(layer.key(context)),
-                                       heads(layer.value(context)), scale=layer.scale, implementation=impl)
+    out = jax.nn.dot_product_attention(
+        heads(layer.query(hidden_states)),
+        heads(layer.key(context)),
+        heads(layer.value(context)),
+        scale=layer.scale,
+        implementation=impl,
+    )
     out = layer.proj_attn(out.reshape(batch, -1, layer.heads * layer.dim_head))
     return layer.dropout_layer(out, deterministic=deterministic)

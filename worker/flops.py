@@ -72,9 +72,13 @@ class FlopCount:
         return self.unet_per_image + self.vae_decode + self.text_encoders
 
     def as_tflop(self) -> dict[str, float]:
-        return {"unet_per_sample_step": self.unet_per_sample / TERA, "unet_per_image": self.unet_per_image / TERA,
-                "vae_decode": self.vae_decode / TERA, "text_encoders": self.text_encoders / TERA,
-                "per_image": self.per_image / TERA}
+        return {
+            "unet_per_sample_step": self.unet_per_sample / TERA,
+            "unet_per_image": self.unet_per_image / TERA,
+            "vae_decode": self.vae_decode / TERA,
+            "text_encoders": self.text_encoders / TERA,
+            "per_image": self.per_image / TERA,
+        }
 
 
 def count_flops(pipe: Any, params: Mapping[str, Any], shape: Shape) -> FlopCount:
@@ -86,8 +90,9 @@ def count_flops(pipe: Any, params: Mapping[str, Any], shape: Shape) -> FlopCount
     ids = abstract_array((1, 2, int(pipe.tokenizer.model_max_length)), jnp.int32)
     context, pooled = jax.eval_shape(pipe.get_embeddings, ids, params)
     factor = pipe.vae_scale_factor
-    latents = abstract_array((1, pipe.unet.config.in_channels, shape.height // factor,
-                                    shape.width // factor), jnp.float32)
+    latents = abstract_array(
+        (1, pipe.unet.config.in_channels, shape.height // factor, shape.width // factor), jnp.float32
+    )
     added = {"text_embeds": pooled, "time_ids": abstract_array((1, 6), context.dtype)}
     timestep = abstract_array((1,), jnp.int32)
 
@@ -97,10 +102,12 @@ def count_flops(pipe: Any, params: Mapping[str, Any], shape: Shape) -> FlopCount
     def decode(p: Any, x: Any) -> Any:
         return pipe.vae.apply({"params": p}, x, method=pipe.vae.decode).sample
 
-    count = FlopCount(shape=shape, unet_per_sample=traced_flops(unet, params["unet"], latents, timestep, context,
-                                                                added),
-                      vae_decode=traced_flops(decode, params["vae"], latents),
-                      text_encoders=traced_flops(pipe.get_embeddings, ids, params))
+    count = FlopCount(
+        shape=shape,
+        unet_per_sample=traced_flops(unet, params["unet"], latents, timestep, context, added),
+        vae_decode=traced_flops(decode, params["vae"], latents),
+        text_encoders=traced_flops(pipe.get_embeddings, ids, params),
+    )
     logger.info("FLOPs per image at %s: %s", shape, {k: round(v, 3) for k, v in count.as_tflop().items()})
     return count
 

@@ -26,19 +26,34 @@ class WorkerMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.jobs = Counter("sdxl_worker_jobs", "Jobs settled by this worker, by outcome", ["outcome"], registry=r)
-        self.generate_seconds = Histogram("sdxl_worker_generate_seconds", "Pipeline call per job (device to "
-                                          "host included)", ["shape"], buckets=SECONDS_BUCKETS, registry=r)
-        self.encode_seconds = Histogram("sdxl_worker_encode_seconds", "Encoding a job's images",
-                                        ["format"], buckets=SECONDS_BUCKETS, registry=r)
-        self.compile_seconds = Gauge("sdxl_worker_compile_seconds", "Start-up work per shape, by phase",
-                                     ["shape", "phase"], registry=r)
-        self.start_to_ready_seconds = Gauge("sdxl_worker_start_to_ready_seconds",
-                                            "Process start to ready (load, compile, warm-up)", registry=r)
-        self.startup_seconds = Gauge("sdxl_worker_startup_seconds", "Process start to ready by phase, summed over "
-                                     "shapes: init (imports, Redis), load, lower, compile, warmup", ["phase"],
-                                     registry=r)
-        self.compile_cache = Counter("sdxl_worker_compile_cache", "Executable lookups in the persistent "
-                                     "compilation cache, by result (hit or miss)", ["result"], registry=r)
+        self.generate_seconds = Histogram(
+            "sdxl_worker_generate_seconds",
+            "Pipeline call per job (device to host included)",
+            ["shape"],
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.encode_seconds = Histogram(
+            "sdxl_worker_encode_seconds", "Encoding a job's images", ["format"], buckets=SECONDS_BUCKETS, registry=r
+        )
+        self.compile_seconds = Gauge(
+            "sdxl_worker_compile_seconds", "Start-up work per shape, by phase", ["shape", "phase"], registry=r
+        )
+        self.start_to_ready_seconds = Gauge(
+            "sdxl_worker_start_to_ready_seconds", "Process start to ready (load, compile, warm-up)", registry=r
+        )
+        self.startup_seconds = Gauge(
+            "sdxl_worker_startup_seconds",
+            "Process start to ready by phase, summed over shapes: init (imports, Redis), load, lower, compile, warmup",
+            ["phase"],
+            registry=r,
+        )
+        self.compile_cache = Counter(
+            "sdxl_worker_compile_cache",
+            "Executable lookups in the persistent compilation cache, by result (hit or miss)",
+            ["result"],
+            registry=r,
+        )
         self.devices = Gauge("sdxl_worker_devices", "Local accelerator devices in use", ["kind"], registry=r)
         self.busy = Gauge("sdxl_worker_busy", "1 while a job is on the devices", registry=r)
         self.reclaims = Counter("sdxl_worker_reclaims", "Jobs this worker took over from dead workers", registry=r)
@@ -56,8 +71,7 @@ def metrics_app(metrics: WorkerMetrics, ready: Callable[[], str | None]) -> web.
     async def readyz(request: web.Request) -> web.Response:
         reason = ready()
         if reason is not None:
-            return web.json_response({"error": {"code": "not_ready", "message": reason, "field": None}},
-                                     status=503)
+            return web.json_response({"error": {"code": "not_ready", "message": reason, "field": None}}, status=503)
         return web.json_response({"status": "ready"})
 
     app = web.Application()

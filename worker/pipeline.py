@@ -100,8 +100,11 @@ class _StepParams:
         def pick(*names: str) -> dict[str, Any]:
             return {name: params[name] for name in names}
 
-        return cls(begin=pick("text_encoder", "text_encoder_2", "scheduler"), step=pick("unet", "scheduler"),
-                   finish=pick("vae"))
+        return cls(
+            begin=pick("text_encoder", "text_encoder_2", "scheduler"),
+            step=pick("unet", "scheduler"),
+            finish=pick("vae"),
+        )
 
 
 @dataclass(frozen=True)
@@ -132,8 +135,9 @@ class _NegativeConditioning:
         if self._encode is None:
             self._encode = clock.compile(self._encode_fn, params, ids, scale)
 
-    def get(self, negative_prompt: str, params: dict[str, Any], ids: Callable[[], np.ndarray],
-            scale: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    def get(
+        self, negative_prompt: str, params: dict[str, Any], ids: Callable[[], np.ndarray], scale: np.ndarray
+    ) -> tuple[jax.Array, jax.Array]:
         """(context, pooled) of `negative_prompt`, one copy per device; `ids` tokenizes it, on a miss only."""
         cached = self._cache.get(negative_prompt)
         if cached is None:
@@ -171,13 +175,21 @@ class SDXLPipeline:
     computation of the UNet's attention layers (worker/attention.py).
     """
 
-    def __init__(self, pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], images_per_request: int,
-                 report_progress: bool = True, attention: Attention = DEFAULT_ATTENTION) -> None:
+    def __init__(
+        self,
+        pipe: FlaxStableDiffusionXLPipeline,
+        params: dict[str, Any],
+        images_per_request: int,
+        report_progress: bool = True,
+        attention: Attention = DEFAULT_ATTENTION,
+    ) -> None:
         """`params` are already on the devices, with a leading device axis (see `_replicate`)."""
         self.devices = jax.local_device_count()
         if images_per_request % self.devices:
-            raise DeviceMismatch(f"{images_per_request} images per request cannot be split evenly over "
-                                 f"{self.devices} devices; use a multiple of {self.devices}")
+            raise DeviceMismatch(
+                f"{images_per_request} images per request cannot be split evenly over "
+                f"{self.devices} devices; use a multiple of {self.devices}"
+            )
         self.images_per_request = images_per_request
         self.per_device = images_per_request // self.devices
         self._pipe = pipe
@@ -188,8 +200,14 @@ class SDXLPipeline:
         self.attention = attention
 
     @classmethod
-    def load(cls, model: str, revision: str | None, images_per_request: int,
-             report_progress: bool = True, attention: Attention = DEFAULT_ATTENTION) -> SDXLPipeline:
+    def load(
+        cls,
+        model: str,
+        revision: str | None,
+        images_per_request: int,
+        report_progress: bool = True,
+        attention: Attention = DEFAULT_ATTENTION,
+    ) -> SDXLPipeline:
         """Load from a hub id or a local directory; params in bfloat16, the scheduler state in float32.
 
         `sdxl-random` is SDXL base's architecture with random weights made on the devices (no download).
@@ -197,7 +215,8 @@ class SDXLPipeline:
         if model == RANDOM_MODEL:
             return cls.random(SDXL_BASE, images_per_request, report_progress, attention)
         pipe, params = FlaxStableDiffusionXLPipeline.from_pretrained(
-            model, revision=revision, split_head_dim=True, dtype=jnp.bfloat16)
+            model, revision=revision, split_head_dim=True, dtype=jnp.bfloat16
+        )
         scheduler_state = params.pop("scheduler")
         # Cast on the host: a device-side cast would compile one conversion per parameter shape.
         params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(jnp.bfloat16), params)
@@ -205,8 +224,14 @@ class SDXLPipeline:
         return cls(pipe, _replicate(params), images_per_request, report_progress, attention)
 
     @classmethod
-    def random(cls, arch: Architecture, images_per_request: int, report_progress: bool = True,
-               attention: Attention = DEFAULT_ATTENTION, seed: int = 0) -> SDXLPipeline:
+    def random(
+        cls,
+        arch: Architecture,
+        images_per_request: int,
+        report_progress: bool = True,
+        attention: Attention = DEFAULT_ATTENTION,
+        seed: int = 0,
+    ) -> SDXLPipeline:
         """The architecture `arch` with random bfloat16 weights drawn on the devices (worker/sdxl_arch.py)."""
         parts = components(arch)
         pipe = FlaxStableDiffusionXLPipeline(**parts, dtype=jnp.bfloat16)
@@ -272,8 +297,11 @@ class SDXLPipeline:
         warm_started = time.perf_counter()
         self._warm_up(shape, inputs)
         timings = CompileTimings(clock.lower_s, clock.compile_s, time.perf_counter() - warm_started)
-        logger.info("compiled %s: lower %.2fs, compile %.2fs, warm-up %.2fs", shape, *(
-            timings.lower_s, timings.compile_s, timings.warmup_s))
+        logger.info(
+            "compiled %s: lower %.2fs, compile %.2fs, warm-up %.2fs",
+            shape,
+            *(timings.lower_s, timings.compile_s, timings.warmup_s),
+        )
         return timings
 
     def _compile_stepwise(self, shape: Shape, inputs: tuple[np.ndarray, ...], clock: _Clock) -> _Stepwise:
@@ -287,8 +315,15 @@ class SDXLPipeline:
         latents, context, pooled = begin(params.begin, *conditioning)
         indices = [_replicate(np.int32(i)) for i in range(shape.steps)]
         # The latents are donated: each step writes its output over its input instead of a new buffer.
-        step = clock.compile(pmap(self._traced(_step, shape), donate_argnums=1), params.step, latents, context,
-                             pooled, guidance, indices[0])
+        step = clock.compile(
+            pmap(self._traced(_step, shape), donate_argnums=1),
+            params.step,
+            latents,
+            context,
+            pooled,
+            guidance,
+            indices[0],
+        )
         finish = clock.compile(pmap(functools.partial(_decode, self._pipe)), params.finish, latents)
         return _Stepwise(begin=begin, step=step, finish=finish, indices=indices, params=params)
 
@@ -296,16 +331,24 @@ class SDXLPipeline:
         """`fn` bound to this model and shape, its UNet attention computed as `self.attention` says."""
         return traced_with(self.attention, functools.partial(fn, self._pipe, shape))
 
-    def generate(self, shape: Shape, prompt: str, negative_prompt: str, seed: int,
-                 guidance_scale: float, on_step: StepCallback | None = None) -> np.ndarray:
+    def generate(
+        self,
+        shape: Shape,
+        prompt: str,
+        negative_prompt: str,
+        seed: int,
+        guidance_scale: float,
+        on_step: StepCallback | None = None,
+    ) -> np.ndarray:
         """Generate `images_per_request` images; returns uint8 [images, height, width, 3].
 
         With `report_progress`, `on_step(n)` is called on this thread as denoising step n (1-based) is done.
         """
         compiled = self._compiled.get(shape)
         if compiled is None:
-            raise UnsupportedShape(f"shape {shape} is not compiled here; compiled: "
-                                   f"{', '.join(map(str, self._compiled)) or 'none'}")
+            raise UnsupportedShape(
+                f"shape {shape} is not compiled here; compiled: {', '.join(map(str, self._compiled)) or 'none'}"
+            )
         inputs = self._inputs(prompt, negative_prompt, seed, guidance_scale)
         if isinstance(compiled, _Stepwise):
             images = self._run_stepwise(compiled, inputs, on_step)
@@ -323,8 +366,9 @@ class SDXLPipeline:
         else:
             np.asarray(compiled(self._params, *inputs))
 
-    def _run_stepwise(self, stepwise: _Stepwise, inputs: tuple[np.ndarray, ...],
-                      on_step: StepCallback | None) -> np.ndarray:
+    def _run_stepwise(
+        self, stepwise: _Stepwise, inputs: tuple[np.ndarray, ...], on_step: StepCallback | None
+    ) -> np.ndarray:
         """Dispatch the steps one after the other; report step n once its output exists.
 
         Dispatch is asynchronous: step n+1 is queued before waiting on step n, so the devices never wait
@@ -350,8 +394,11 @@ class SDXLPipeline:
         d, b = self.devices, self.per_device
         prompt_ids = np.broadcast_to(self._tokenize(prompt), (d, 1, 2, self._max_length))
         negative_context, negative_pooled = self._negatives.get(
-            negative_prompt, self._params, functools.partial(self._negative_ids, negative_prompt),
-            self._negative_scale(negative_prompt))
+            negative_prompt,
+            self._params,
+            functools.partial(self._negative_ids, negative_prompt),
+            self._negative_scale(negative_prompt),
+        )
         keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), self.images_per_request))
         guidance = np.full((d,), guidance_scale, dtype=np.float32)
         return prompt_ids, negative_context, negative_pooled, keys.reshape(d, b, -1), guidance
@@ -369,8 +416,12 @@ class SDXLPipeline:
 
     def _tokenize(self, text: str) -> np.ndarray:
         """Token ids of both tokenizers, [2, max_length]; long prompts are truncated as diffusers does."""
-        ids = [tok(text, padding="max_length", max_length=self._max_length, truncation=True,
-                   return_tensors="np").input_ids[0] for tok in (self._pipe.tokenizer, self._pipe.tokenizer_2)]
+        ids = [
+            tok(
+                text, padding="max_length", max_length=self._max_length, truncation=True, return_tensors="np"
+            ).input_ids[0]
+            for tok in (self._pipe.tokenizer, self._pipe.tokenizer_2)
+        ]
         return np.stack(ids).astype(np.int32)
 
 
@@ -392,9 +443,16 @@ def _replicate(tree: Any) -> Any:
     return jax.tree_util.tree_map(put, tree)
 
 
-def _generate(pipe: FlaxStableDiffusionXLPipeline, shape: Shape, params: dict[str, Any], prompt_ids: jax.Array,
-              negative_context: jax.Array, negative_pooled: jax.Array, keys: jax.Array,
-              guidance_scale: jax.Array) -> jax.Array:
+def _generate(
+    pipe: FlaxStableDiffusionXLPipeline,
+    shape: Shape,
+    params: dict[str, Any],
+    prompt_ids: jax.Array,
+    negative_context: jax.Array,
+    negative_pooled: jax.Array,
+    keys: jax.Array,
+    guidance_scale: jax.Array,
+) -> jax.Array:
     """One device's share in one executable: encode, denoise `shape.steps` times, decode to uint8 NHWC."""
     latents, context, pooled = _begin(pipe, shape, params, prompt_ids, negative_context, negative_pooled, keys)
     state = _timesteps(pipe, params, shape, latents.shape)
@@ -405,20 +463,32 @@ def _generate(pipe: FlaxStableDiffusionXLPipeline, shape: Shape, params: dict[st
     return _decode(pipe, params, jax.lax.fori_loop(0, shape.steps, step, latents))
 
 
-def _begin(pipe: FlaxStableDiffusionXLPipeline, shape: Shape, params: dict[str, Any], prompt_ids: jax.Array,
-           negative_context: jax.Array, negative_pooled: jax.Array,
-           keys: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+def _begin(
+    pipe: FlaxStableDiffusionXLPipeline,
+    shape: Shape,
+    params: dict[str, Any],
+    prompt_ids: jax.Array,
+    negative_context: jax.Array,
+    negative_pooled: jax.Array,
+    keys: jax.Array,
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """Text conditioning and the initial noise, scaled for the scheduler."""
-    context, pooled = _conditioning(pipe, params, prompt_ids, (negative_context, negative_pooled), keys.shape[0],
-                                    shape)
+    context, pooled = _conditioning(pipe, params, prompt_ids, (negative_context, negative_pooled), keys.shape[0], shape)
     latents = _initial_latents(pipe, keys, shape)
     state = _timesteps(pipe, params, shape, latents.shape)
     return latents * state.init_noise_sigma, context, pooled
 
 
-def _step(pipe: FlaxStableDiffusionXLPipeline, shape: Shape, params: dict[str, Any], latents: jax.Array,
-          context: jax.Array, pooled: dict[str, jax.Array], guidance_scale: jax.Array,
-          i: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _step(
+    pipe: FlaxStableDiffusionXLPipeline,
+    shape: Shape,
+    params: dict[str, Any],
+    latents: jax.Array,
+    context: jax.Array,
+    pooled: dict[str, jax.Array],
+    guidance_scale: jax.Array,
+    i: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
     """Denoising step `i` as an executable of its own (the scheduler state is rebuilt: it is a constant).
 
     Returns the new latents and one of their elements: a marker that exists once the step is done, to
@@ -429,34 +499,54 @@ def _step(pipe: FlaxStableDiffusionXLPipeline, shape: Shape, params: dict[str, A
     return latents, latents[0, 0, 0, 0]
 
 
-def _timesteps(pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], shape: Shape,
-               latent_shape: tuple[int, ...]) -> Any:
+def _timesteps(
+    pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], shape: Shape, latent_shape: tuple[int, ...]
+) -> Any:
     return pipe.scheduler.set_timesteps(params["scheduler"], num_inference_steps=shape.steps, shape=latent_shape)
 
 
-def _denoise(pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], state: Any, latents: jax.Array,
-             context: jax.Array, pooled: dict[str, jax.Array], guidance_scale: jax.Array, i: jax.Array) -> jax.Array:
+def _denoise(
+    pipe: FlaxStableDiffusionXLPipeline,
+    params: dict[str, Any],
+    state: Any,
+    latents: jax.Array,
+    context: jax.Array,
+    pooled: dict[str, jax.Array],
+    guidance_scale: jax.Array,
+    i: jax.Array,
+) -> jax.Array:
     """One Euler step with classifier-free guidance (Euler's state does not change from step to step)."""
     t = state.timesteps[i]
     model_input = pipe.scheduler.scale_model_input(state, jnp.concatenate([latents, latents]), t)
-    noise = pipe.unet.apply({"params": params["unet"]}, model_input, jnp.broadcast_to(t, (model_input.shape[0],)),
-                            encoder_hidden_states=context, added_cond_kwargs=pooled).sample
+    noise = pipe.unet.apply(
+        {"params": params["unet"]},
+        model_input,
+        jnp.broadcast_to(t, (model_input.shape[0],)),
+        encoder_hidden_states=context,
+        added_cond_kwargs=pooled,
+    ).sample
     uncond, cond = jnp.split(noise.astype(jnp.float32), 2)
     noise = uncond + guidance_scale * (cond - uncond)
     latents, _ = pipe.scheduler.step(state, noise, t, latents).to_tuple()
     return latents
 
 
-def _encode_negative(pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], negative_ids: jax.Array,
-                     scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _encode_negative(
+    pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], negative_ids: jax.Array, scale: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """The negative prompt's text context and pooled embedding, times `scale` (0: no negative prompt)."""
     context, pooled = pipe.get_embeddings(negative_ids, params)
     return context * scale.astype(context.dtype), pooled * scale.astype(pooled.dtype)
 
 
-def _conditioning(pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], prompt_ids: jax.Array,
-                  negative: tuple[jax.Array, jax.Array], images: int,
-                  shape: Shape) -> tuple[jax.Array, dict[str, jax.Array]]:
+def _conditioning(
+    pipe: FlaxStableDiffusionXLPipeline,
+    params: dict[str, Any],
+    prompt_ids: jax.Array,
+    negative: tuple[jax.Array, jax.Array],
+    images: int,
+    shape: Shape,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Text context and SDXL's added conditioning for `images` images, negative half first (classifier-free
     guidance). The prompt is encoded once and shared by the images."""
     context, pooled = pipe.get_embeddings(prompt_ids, params)
@@ -466,8 +556,9 @@ def _conditioning(pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], p
 
     negative_context, negative_pooled = negative
     # SDXL micro-conditioning: original size, crop top-left, target size.
-    time_ids = jnp.array([[shape.height, shape.width, 0, 0, shape.height, shape.width]] * (2 * images),
-                         dtype=context.dtype)
+    time_ids = jnp.array(
+        [[shape.height, shape.width, 0, 0, shape.height, shape.width]] * (2 * images), dtype=context.dtype
+    )
     added = {"text_embeds": jnp.concatenate([per_image(negative_pooled), per_image(pooled)]), "time_ids": time_ids}
     return jnp.concatenate([per_image(negative_context), per_image(context)]), added
 

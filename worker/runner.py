@@ -49,8 +49,13 @@ _NO_MORE_STEPS = -1
 class Worker:
     """One worker process's serving loop. `run()` serves until `stop()`; the job in hand is finished."""
 
-    def __init__(self, config: WorkerConfig, redis: aioredis.Redis,
-                 load_pipeline: Callable[[], SDXLPipeline] | None = None, started_at: float | None = None) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        redis: aioredis.Redis,
+        load_pipeline: Callable[[], SDXLPipeline] | None = None,
+        started_at: float | None = None,
+    ) -> None:
         self.config = config
         self.id = config.worker_id
         keys = Keys(config.key_prefix)
@@ -59,15 +64,23 @@ class Worker:
         self._registry = Registry(redis, keys)
         self._load_pipeline = load_pipeline or self._default_loader
         self._device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
-        self._encoders = ThreadPoolExecutor(max_workers=min(config.images_per_request, os.cpu_count() or 1),
-                                            thread_name_prefix="encode")
+        self._encoders = ThreadPoolExecutor(
+            max_workers=min(config.images_per_request, os.cpu_count() or 1), thread_name_prefix="encode"
+        )
         self._stopping = asyncio.Event()
         self._pipeline: SDXLPipeline | None = None
         self.metrics = WorkerMetrics()
         self._next_reclaim = 0.0
-        self.info = WorkerInfo(id=self.id, host=socket.gethostname(), pid=os.getpid(), model=config.model,
-                               images_per_request=config.images_per_request, state="warming",
-                               shapes=list(config.shapes or ()), started_at=started_at or time.time())
+        self.info = WorkerInfo(
+            id=self.id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            model=config.model,
+            images_per_request=config.images_per_request,
+            state="warming",
+            shapes=list(config.shapes or ()),
+            started_at=started_at or time.time(),
+        )
 
     def stop(self) -> None:
         """Stop claiming; `run()` returns once the job in hand (if any) is stored."""
@@ -118,22 +131,36 @@ class Worker:
         shapes = self.config.shapes or pipeline.default_shapes()
         for shape in shapes:
             timings = await self._on_device(functools.partial(pipeline.compile, shape))
-            for phase, seconds in (("lower", timings.lower_s), ("compile", timings.compile_s),
-                                   ("warmup", timings.warmup_s)):
+            for phase, seconds in (
+                ("lower", timings.lower_s),
+                ("compile", timings.compile_s),
+                ("warmup", timings.warmup_s),
+            ):
                 self.metrics.compile_seconds.labels(str(shape), phase).set(seconds)
                 phases[phase] = phases.get(phase, 0.0) + seconds
         for phase, seconds in phases.items():
             self.metrics.startup_seconds.labels(phase).set(seconds)
         self.metrics.devices.labels(pipeline.device_kind).set(pipeline.devices)
         self._pipeline = pipeline
-        self.info = self.info.model_copy(update={
-            "device_kind": pipeline.device_kind, "devices": pipeline.devices, "shapes": list(shapes),
-            "ready_at": time.time()})
+        self.info = self.info.model_copy(
+            update={
+                "device_kind": pipeline.device_kind,
+                "devices": pipeline.devices,
+                "shapes": list(shapes),
+                "ready_at": time.time(),
+            }
+        )
         start_to_ready = time.time() - self.info.started_at
         self.metrics.start_to_ready_seconds.set(start_to_ready)
-        logger.info("worker %s warm: %d %s devices, shapes %s; start to ready %.2fs (%s)", self.id,
-                    pipeline.devices, pipeline.device_kind, ",".join(map(str, shapes)), start_to_ready,
-                    ", ".join(f"{phase} {seconds:.2f}s" for phase, seconds in phases.items()))
+        logger.info(
+            "worker %s warm: %d %s devices, shapes %s; start to ready %.2fs (%s)",
+            self.id,
+            pipeline.devices,
+            pipeline.device_kind,
+            ",".join(map(str, shapes)),
+            start_to_ready,
+            ", ".join(f"{phase} {seconds:.2f}s" for phase, seconds in phases.items()),
+        )
 
     @property
     def _streams(self) -> list[str]:
@@ -142,8 +169,12 @@ class Worker:
         return [self._keys.worker_stream(self.id), *(self._keys.shape_stream(s) for s in self.info.shapes)]
 
     def _default_loader(self) -> SDXLPipeline:
-        return SDXLPipeline.load(self.config.model, self.config.model_revision, self.config.images_per_request,
-                                 attention=self.config.attention)
+        return SDXLPipeline.load(
+            self.config.model,
+            self.config.model_revision,
+            self.config.images_per_request,
+            attention=self.config.attention,
+        )
 
     async def _serve_next(self) -> None:
         try:
@@ -188,8 +219,7 @@ class Worker:
             return
         self.info = self.info.model_copy(update={"state": self._serving_state("busy")})
         self.metrics.busy.set(1)
-        logger.info("job %s: claimed after %d ms in queue (%s)", job.id, claimed_ms - claimed.enqueued_ms,
-                    job.shape)
+        logger.info("job %s: claimed after %d ms in queue (%s)", job.id, claimed_ms - claimed.enqueued_ms, job.shape)
         try:
             result, images = await self._run_job(job, queued_ms=claimed_ms - claimed.enqueued_ms)
         except PipelineError as exc:
@@ -200,8 +230,9 @@ class Worker:
         stored = await self._store(claimed, result, images)
         self.metrics.busy.set(0)
         self.metrics.jobs.labels(result.status if stored else "discarded").inc()  # discarded: cancelled or duplicate
-        self.info = self.info.model_copy(update={"state": self._serving_state("ready"),
-                                                 "jobs_done": self.info.jobs_done + 1})
+        self.info = self.info.model_copy(
+            update={"state": self._serving_state("ready"), "jobs_done": self.info.jobs_done + 1}
+        )
         logger.info("job %s: %s%s", job.id, result.status, "" if stored else " (duplicate result dropped)")
 
     async def _run_job(self, job: Job, queued_ms: float) -> tuple[JobResult, list[bytes]]:
@@ -216,20 +247,32 @@ class Worker:
 
         started = time.perf_counter()
         try:
-            pixels: np.ndarray = await self._on_device(lambda: pipeline.generate(
-                job.shape, job.prompt, job.negative_prompt, job.seed, job.guidance_scale, on_step=on_step))
+            pixels: np.ndarray = await self._on_device(
+                lambda: pipeline.generate(
+                    job.shape, job.prompt, job.negative_prompt, job.seed, job.guidance_scale, on_step=on_step
+                )
+            )
         finally:
             await self._finish_progress(steps, reporter)
         generated = time.perf_counter()
         encoding = Encoding(job.output_format, job.quality, self.config.png_compress_level)
         images = await loop.run_in_executor(None, encode_all, pixels, encoding, self._encoders)
         encoded = time.perf_counter()
-        timings = Timings(queued_ms=queued_ms, generate_ms=(generated - started) * 1000,
-                          encode_ms=(encoded - generated) * 1000)
+        timings = Timings(
+            queued_ms=queued_ms, generate_ms=(generated - started) * 1000, encode_ms=(encoded - generated) * 1000
+        )
         self.metrics.generate_seconds.labels(str(job.shape)).observe(generated - started)
         self.metrics.encode_seconds.labels(job.output_format).observe(encoded - generated)
-        result = JobResult(id=job.id, status="succeeded", worker=self.id, seed=job.seed, shape=job.shape,
-                           media_type=encoding.media_type, image_count=len(images), timings=timings)
+        result = JobResult(
+            id=job.id,
+            status="succeeded",
+            worker=self.id,
+            seed=job.seed,
+            shape=job.shape,
+            media_type=encoding.media_type,
+            image_count=len(images),
+            timings=timings,
+        )
         return result, images
 
     async def _report_progress(self, job: Job, steps: asyncio.Queue[int]) -> None:
@@ -324,8 +367,9 @@ async def serve(config: WorkerConfig, *, started_at: float | None = None, handle
     redis = connect(config.redis_url, name=f"sdxl-worker:{config.worker_id}")
     worker = Worker(config, redis, started_at=started_at)
     _use_compilation_cache(config, worker.metrics)
-    http, port = await start_server(metrics_app(worker.metrics, worker.not_ready), config.metrics_host,
-                                    config.metrics_port)
+    http, port = await start_server(
+        metrics_app(worker.metrics, worker.not_ready), config.metrics_host, config.metrics_port
+    )
     worker.info = worker.info.model_copy(update={"metrics_port": port})
     stop = asyncio.Event()
     if handle_signals:
@@ -367,4 +411,3 @@ async def _run_until_stopped(worker: Worker, stop: asyncio.Event, drain_timeout_
         await worker.abandon()
         return 1
     return 0
-

@@ -33,32 +33,60 @@ TEXT_TOKENS = 77
 # unet/config.json of SDXL base. `attention_head_dim` is, despite its name, the number of heads per level
 # (5, 10, 20 heads of 64 channels), as diffusers reads it.
 SDXL_UNET: Mapping[str, Any] = {
-    "sample_size": 128, "in_channels": 4, "out_channels": 4,
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
     "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    "block_out_channels": (320, 640, 1280), "layers_per_block": 2, "attention_head_dim": (5, 10, 20),
-    "transformer_layers_per_block": (1, 2, 10), "cross_attention_dim": 2048, "use_linear_projection": True,
-    "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816, "flip_sin_to_cos": True, "freq_shift": 0,
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "attention_head_dim": (5, 10, 20),
+    "transformer_layers_per_block": (1, 2, 10),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
 }
 # vae/config.json of SDXL base (the encoder is part of the model and of its parameter count).
 SDXL_VAE: Mapping[str, Any] = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (128, 256, 512, 512),
-    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "layers_per_block": 2, "norm_num_groups": 32, "act_fn": "silu", "sample_size": 1024,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "sample_size": 1024,
     "scaling_factor": 0.13025,
 }
 # text_encoder/config.json: the text tower of OpenAI CLIP ViT-L/14.
 SDXL_TEXT: Mapping[str, Any] = {
-    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-    "num_attention_heads": 12, "max_position_embeddings": TEXT_TOKENS, "hidden_act": "quick_gelu",
-    "projection_dim": 768, "layer_norm_eps": 1e-5,
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": TEXT_TOKENS,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+    "layer_norm_eps": 1e-5,
 }
 # text_encoder_2/config.json: the text tower of OpenCLIP ViT-bigG/14, with its projection.
 SDXL_TEXT_2: Mapping[str, Any] = {
-    "vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-    "num_attention_heads": 20, "max_position_embeddings": TEXT_TOKENS, "hidden_act": "gelu",
-    "projection_dim": 1280, "layer_norm_eps": 1e-5,
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": TEXT_TOKENS,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+    "layer_norm_eps": 1e-5,
 }
 
 
@@ -92,7 +120,8 @@ def components(arch: Architecture = SDXL_BASE, dtype: Any = jnp.bfloat16) -> dic
     return {
         "text_encoder": FlaxCLIPTextModel(text, _do_init=False, dtype=dtype),
         "text_encoder_2": FlaxCLIPTextModelWithProjection(text_2, _do_init=False, dtype=dtype),
-        "tokenizer": tokenizer, "tokenizer_2": tokenizer_2,
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer_2,
         "unet": FlaxUNet2DConditionModel(**arch.unet, split_head_dim=True, dtype=dtype),
         "vae": FlaxAutoencoderKL(**arch.vae, dtype=dtype),
         "scheduler": euler_scheduler(),
@@ -101,11 +130,16 @@ def components(arch: Architecture = SDXL_BASE, dtype: Any = jnp.bfloat16) -> dic
 
 def initialisers(parts: Mapping[str, Any]) -> dict[str, Callable[[jax.Array], Any]]:
     """For each weighted component, a function from a PRNG key to its float32 parameters."""
+
     def text(model: Any) -> Callable[[jax.Array], Any]:
         return lambda key: model.init_weights(key, (1, TEXT_TOKENS))
 
-    return {"text_encoder": text(parts["text_encoder"]), "text_encoder_2": text(parts["text_encoder_2"]),
-            "unet": parts["unet"].init_weights, "vae": parts["vae"].init_weights}
+    return {
+        "text_encoder": text(parts["text_encoder"]),
+        "text_encoder_2": text(parts["text_encoder_2"]),
+        "unet": parts["unet"].init_weights,
+        "vae": parts["vae"].init_weights,
+    }
 
 
 def abstract_params(parts: Mapping[str, Any]) -> dict[str, Any]:
@@ -125,11 +159,16 @@ def random_replicated_params(parts: Mapping[str, Any], seed: int = 0, dtype: Any
     devices = jax.local_device_count()
     params = {}
     for offset, (name, init) in enumerate(initialisers(parts).items()):
+
         def cast_init(key: jax.Array, init: Callable[[jax.Array], Any] = init) -> Any:
             return jax.tree_util.tree_map(lambda w: w.astype(dtype), init(key))
 
         keys = jnp.broadcast_to(jax.random.PRNGKey(seed + offset), (devices, 2))
         params[name] = jax.pmap(cast_init)(keys)
-        logger.info("initialised %s on %d devices: %.3fB parameters", name, devices,
-                    parameter_count(params[name]) / devices / 1e9)
+        logger.info(
+            "initialised %s on %d devices: %.3fB parameters",
+            name,
+            devices,
+            parameter_count(params[name]) / devices / 1e9,
+        )
     return params

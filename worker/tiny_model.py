@@ -62,11 +62,15 @@ def _components(staging: Path, keys: Any) -> tuple[dict[str, Any], dict[str, Any
     unet, unet_params = _unet(keys[0])
     vae, vae_params = _vae(keys[1])
     components = {
-        "text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "tokenizer": tokenizer,
-        "tokenizer_2": tokenizer_2, "unet": unet, "vae": vae, "scheduler": euler_scheduler(),
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer_2,
+        "unet": unet,
+        "vae": vae,
+        "scheduler": euler_scheduler(),
     }
-    params = {"text_encoder": text_params, "text_encoder_2": text_params_2,
-              "unet": unet_params, "vae": vae_params}
+    params = {"text_encoder": text_params, "text_encoder_2": text_params_2, "unet": unet_params, "vae": vae_params}
     return components, params
 
 
@@ -82,17 +86,27 @@ def byte_level_tokenizers(directory: Path) -> tuple[Any, Any, int]:
     (directory / "merges.txt").write_text("#version: 0.2\n")
     files = {"vocab_file": str(directory / "vocab.json"), "merges_file": str(directory / "merges.txt")}
     # SDXL's second tokenizer pads with "!" rather than the end-of-text token.
-    return (CLIPTokenizer(**files, model_max_length=MAX_TOKENS),
-            CLIPTokenizer(**files, model_max_length=MAX_TOKENS, pad_token="!"), len(tokens))
+    return (
+        CLIPTokenizer(**files, model_max_length=MAX_TOKENS),
+        CLIPTokenizer(**files, model_max_length=MAX_TOKENS, pad_token="!"),
+        len(tokens),
+    )
 
 
 def _text_encoders(vocab_size: int, tokenizer: Any) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
     from transformers import CLIPTextConfig, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
 
     config = CLIPTextConfig(
-        hidden_size=TEXT_HIDDEN, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        vocab_size=vocab_size, max_position_embeddings=MAX_TOKENS, projection_dim=TEXT_HIDDEN,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=1,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=vocab_size,
+        max_position_embeddings=MAX_TOKENS,
+        projection_dim=TEXT_HIDDEN,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=1,
     )
     encoders = []
     for cls, seed in ((FlaxCLIPTextModel, 1), (FlaxCLIPTextModelWithProjection, 2)):
@@ -107,14 +121,20 @@ def _unet(key: Any) -> tuple[Any, Any]:
     from diffusers import FlaxUNet2DConditionModel
 
     unet = FlaxUNet2DConditionModel(
-        sample_size=LATENT_SIDE, in_channels=4, out_channels=4,
+        sample_size=LATENT_SIDE,
+        in_channels=4,
+        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 1), use_linear_projection=True,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 1),
+        use_linear_projection=True,
         # Both encoders' hidden states are concatenated into the cross-attention context.
         cross_attention_dim=2 * TEXT_HIDDEN,
-        addition_embed_type="text_time", addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
         # Six time ids, each embedded, plus the pooled text embedding of the second encoder.
         projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM + TEXT_HIDDEN,
     )
@@ -125,9 +145,14 @@ def _vae(key: Any) -> tuple[Any, Any]:
     from diffusers import FlaxAutoencoderKL
 
     vae = FlaxAutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        sample_size=2 * LATENT_SIDE, scaling_factor=0.13025,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=2 * LATENT_SIDE,
+        scaling_factor=0.13025,
     )
     return vae, jax.jit(vae.init_weights)(key)
 
@@ -136,5 +161,10 @@ def euler_scheduler() -> Any:
     from diffusers import FlaxEulerDiscreteScheduler
 
     # SDXL base's scheduler settings.
-    return FlaxEulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                      beta_schedule="scaled_linear", timestep_spacing="leading")
+    return FlaxEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+    )
