@@ -38,46 +38,103 @@ from common.redis_conn import UNAVAILABLE
 
 logger = logging.getLogger(__name__)
 
-# KEYS: result, stream, job record, stats.
-# ARGV: group, entry id, ttl, channel, job id, meta, status, images...
-_STORE_RESULT = """
-local stored = 0
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  if redis.call('HGET', KEYS[3], 'status') == 'cancelled' then
-    redis.call('HINCRBY', KEYS[4], 'discarded_after_cancel', 1)
-  else
-    redis.call('HINCRBY', KEYS[4], 'duplicate_results', 1)
-  end
-else
-  redis.call('HSET', KEYS[1], 'meta', ARGV[6])
-  for i = 8, #ARGV do
-    redis.call('HSET', KEYS[1], 'image:' .. (i - 8), ARGV[i])
+# A job's record outlives its images by this factor, so a result arriving after they expired is still
+# refused: the record says the job is terminal.
+RECORD_TTL_FACTOR = 2
+# The lifetime of a failure stored for an entry whose job could not be read.
+DEFAULT_RESULT_TTL_S = 3600
+# A departed worker's stream is emptied and dropped in at most this many passes per call (a submit racing
+# the drop starts another); what is left waits for the next reclaim round.
+REHOME_ROUNDS = 10
+# The listener checks the results of the requests it waits for this often, whatever pub/sub said, and is
+# unhealthy when its connection has not been read for STALL_FACTOR times as long.
+SWEEP_INTERVAL_S = 2.0
+STALL_FACTOR = 3
+BACKOFF_FIRST_S = 0.1
+BACKOFF_CAP_S = 5.0
+
+# Every script below may run twice: redis-py retries a call whose reply was lost (a dropped connection, a
+# timeout), so a second run must answer as the first did and change nothing more (docs/delivery.md).
+
+# A job is terminal once its record says succeeded, failed or cancelled; from then on its record and
+# idempotency key expire (the record outlives the images, so a late result is still refused), and no other
+# result is stored. `settled` names the attempt whose result it was, so a rerun of that store says stored.
+_TERMINAL = "local function terminal(s) return s == 'succeeded' or s == 'failed' or s == 'cancelled' end\n"
+
+# Make the job terminal: its result, the record's status, lifetimes counted from now, the announcement.
+# Uses KEYS[1] result, KEYS[3] record, KEYS[5] attempts; ARGV[3] result ttl, ARGV[4] record ttl, ARGV[5]
+# completions channel, ARGV[6] job id.
+_FINISH = """
+local function finish(status, settled, meta, first_image)
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'meta', meta)
+  for i = first_image, #ARGV do
+    redis.call('HSET', KEYS[1], 'image:' .. (i - first_image), ARGV[i])
   end
   redis.call('EXPIRE', KEYS[1], ARGV[3])
-  redis.call('HSET', KEYS[3], 'status', ARGV[7])
-  redis.call('EXPIRE', KEYS[3], ARGV[3])
-  redis.call('PUBLISH', ARGV[4], ARGV[5])
-  stored = 1
+  redis.call('HSET', KEYS[3], 'status', status, 'settled', settled)
+  redis.call('EXPIRE', KEYS[3], ARGV[4])
+  local key = redis.call('HGET', KEYS[3], 'idempotency')
+  if key then redis.call('EXPIRE', key, ARGV[3]) end
+  redis.call('EXPIRE', KEYS[5], ARGV[4])
+  redis.call('PUBLISH', ARGV[5], ARGV[6])
 end
-redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[2], ARGV[2])
-return stored
 """
+
+# Store a result unless the job is terminal or another attempt holds it (fencing), announce it, then
+# acknowledge and delete the entry. A record without a token was never started: any delivery may store.
+# KEYS: result, stream, job record, stats, attempts.
+# ARGV: group, entry id, result ttl, record ttl, channel, job id, meta, status, attempt token ('': not
+# fenced, for an entry that does not parse), images...
+# Returns 'stored' (this attempt's result is the job's, now or by an earlier run), 'duplicate' (the job
+# was already terminal) or 'stale' (another attempt holds the job; its entry is left to it).
+_STORE_RESULT = (
+    _TERMINAL
+    + _FINISH
+    + """
+local function settle()
+  redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+  redis.call('XDEL', KEYS[2], ARGV[2])
+end
+local status = redis.call('HGET', KEYS[3], 'status')
+local fenced = ARGV[9] ~= ''
+if terminal(status) or (fenced and not status) then
+  settle()
+  if status and redis.call('HGET', KEYS[3], 'settled') == ARGV[9] then return 'stored' end
+  local counter = 'duplicate_results'
+  if status == 'cancelled' then counter = 'discarded_after_cancel' end
+  redis.call('HINCRBY', KEYS[4], counter, 1)
+  return 'duplicate'
+end
+local holder = redis.call('HGET', KEYS[3], 'token')
+if fenced and holder and holder ~= ARGV[9] then
+  redis.call('HINCRBY', KEYS[4], 'stale_results', 1)
+  return 'stale'
+end
+finish(ARGV[8], ARGV[9], ARGV[7], 10)
+settle()
+return 'stored'
+"""
+)
 
 # Submit: the job's record and its stream entry together; with an idempotency key, at most one job per key;
 # with a maximum depth, nothing is queued on a stream already holding that many entries (queued or in
 # service), checked in the same script so that any number of gateways cannot overshoot it. A replay of a
-# key's job is answered before the depth is looked at: it queues nothing.
-# KEYS: job record, stream, set of job streams[, idempotency key].  ARGV: job json, ttl, job id, fingerprint,
+# key's job is answered before the depth is looked at: it queues nothing. The job id is drawn before the
+# call, so a rerun finds this job's record and answers `created` again without queueing it twice. Neither
+# the record nor the key expires while the job is not terminal.
+# KEYS: job record, stream, set of job streams[, idempotency key].  ARGV: job json, job id, fingerprint,
 # max depth (0: none).
 # Returns {'created', "job-id fingerprint"}, {'existing', "job-id fingerprint" of the key's job} or
 # {'full', depth}.
 _SUBMIT = """
+local claim = ARGV[2] .. ' ' .. ARGV[3]
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'created', claim} end
 if KEYS[4] then
   local existing = redis.call('GET', KEYS[4])
   if existing then return {'existing', existing} end
 end
-local max_depth = tonumber(ARGV[5])
+local max_depth = tonumber(ARGV[4])
 if max_depth > 0 then
   local depth = redis.call('XLEN', KEYS[2])
   if depth >= max_depth then return {'full', depth} end
@@ -87,28 +144,34 @@ redis.call('SADD', KEYS[3], KEYS[2])
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('HSET', KEYS[1], 'job', ARGV[1], 'status', 'queued', 'entry', entry, 'stream', KEYS[2], 'created', ms)
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-local claim = ARGV[3] .. ' ' .. ARGV[4]
-if KEYS[4] then redis.call('SET', KEYS[4], claim, 'EX', ARGV[2]) end
+if KEYS[4] then
+  redis.call('SET', KEYS[4], claim)
+  redis.call('HSET', KEYS[1], 'idempotency', KEYS[4])
+end
 return {'created', claim}
 """
 
-# KEYS: job record, attempts, result.  ARGV: worker, ttl, job events channel, job id.
-# Returns Redis time (ms), or -1 when the job was cancelled or already has a result: skip it.
-_START = """
-if redis.call('HGET', KEYS[1], 'status') == 'cancelled' or redis.call('EXISTS', KEYS[3]) == 1 then
-  return -1
+# Start an attempt: the delivery's token (stream, entry, delivery count) becomes the job's current attempt,
+# the one whose result will be accepted. A rerun with the same token returns the same start time.
+# KEYS: job record, attempts.  ARGV: worker, job events channel, job id, attempt token.
+# Returns Redis time (ms), or -1 when the job is terminal (cancelled, or finished by another attempt).
+_START = (
+    _TERMINAL
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if terminal(status) then return -1 end
+if status == 'running' and redis.call('HGET', KEYS[1], 'token') == ARGV[4] then
+  return tonumber(redis.call('HGET', KEYS[1], 'started'))
 end
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'token', ARGV[4], 'started', ms)
 redis.call('HDEL', KEYS[1], 'step', 'total')
-redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('RPUSH', KEYS[2], ARGV[1] .. '@' .. ms)
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-redis.call('PUBLISH', ARGV[3], cjson.encode({id = ARGV[4], type = 'started', worker = ARGV[1]}))
+redis.call('PUBLISH', ARGV[2], cjson.encode({id = ARGV[3], type = 'started', worker = ARGV[1]}))
 return ms
 """
+)
 
 # Record a finished denoising step, if `worker` still owns the running job; returns the job's status.
 # KEYS: job record.  ARGV: worker, step, total, job events channel, job id.
@@ -122,22 +185,86 @@ end
 return status or false
 """
 
-# Cancel a job that has no result yet: store a `cancelled` result (so a worker's later one is dropped),
-# take its entry off the stream (a queued job is never delivered) and announce it.
-# KEYS: job record, result, stream, stats.  ARGV: ttl, completions channel, job id, meta.
-# Returns false for an unknown job, 'cancelled-now', or the status of a job that already finished.
-_CANCEL = """
-local status = redis.call('HGET', KEYS[1], 'status')
+# Cancel a job that is not terminal: make it terminal as `cancelled` (so a worker's later result is
+# refused), take its entry off the stream (a queued job is never delivered) and announce it.
+# KEYS: result, stream, job record, stats, attempts.  ARGV: (unused), (unused), result ttl, record ttl,
+# completions channel, job id, meta.
+# Returns false for an unknown job, 'cancelled-now', or the status of a job already terminal.
+_CANCEL = (
+    _TERMINAL
+    + _FINISH
+    + """
+local status = redis.call('HGET', KEYS[3], 'status')
 if not status then return false end
-if status == 'cancelled' or redis.call('EXISTS', KEYS[2]) == 1 then return status end
-redis.call('HSET', KEYS[2], 'meta', ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-redis.call('HSET', KEYS[1], 'status', 'cancelled')
-local entry = redis.call('HGET', KEYS[1], 'entry')
-if entry then redis.call('XDEL', KEYS[3], entry) end
+if terminal(status) then return status end
+local entry = redis.call('HGET', KEYS[3], 'entry')
+if entry then redis.call('XDEL', KEYS[2], entry) end
+finish('cancelled', 'cancelled', ARGV[7], #ARGV + 1)
 redis.call('HINCRBY', KEYS[4], 'cancelled', 1)
-redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 'cancelled-now'
+"""
+)
+
+# Give up on a job: record it with its history on the dead-letter stream and make it terminal as failed,
+# then acknowledge its entry; a rerun (or a job already terminal) only acknowledges.
+# KEYS: result, stream, job record, stats, attempts, dead-letter stream.
+# ARGV: group, entry id, result ttl, record ttl, channel, job id, meta, job json, deliveries, reason.
+# Returns 1 when this call dead-lettered the job.
+_DEAD_LETTER = (
+    _TERMINAL
+    + _FINISH
+    + """
+redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
+if terminal(redis.call('HGET', KEYS[3], 'status')) then return 0 end
+local history = redis.call('LRANGE', KEYS[5], 0, -1)
+local attempts = '[]'
+if #history > 0 then attempts = cjson.encode(history) end
+redis.call('XADD', KEYS[6], '*', 'job', ARGV[8], 'entry_id', ARGV[2], 'deliveries', ARGV[9],
+           'attempts', attempts, 'reason', ARGV[10])
+redis.call('HINCRBY', KEYS[4], 'dead_lettered', 1)
+finish('failed', 'dead-letter', ARGV[7], #ARGV + 1)
+return 1
+"""
+)
+
+# Claim for one consumer without waiting: first an entry already pending under it (its reply was lost, a
+# take-over's reply was lost, Redis came back from an older snapshot: it would otherwise stay pending under
+# a live worker for ever), then a new entry, each stream in order of preference. Reading the consumer's
+# own pending entries again counts as a delivery. An own pending entry that was deleted (a cancelled job)
+# is acknowledged on the way.
+# KEYS: the streams.  ARGV: group, consumer.
+# Returns false, or {stream, entry id, fields, deliveries by this stream's group}.
+_CLAIM = """
+for i = 1, #KEYS do
+  while true do
+    local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[i], '0')
+    local entry = reply and reply[1] and reply[1][2][1]
+    if not entry then break end
+    if entry[2] then
+      local pending = redis.call('XPENDING', KEYS[i], ARGV[1], entry[1], entry[1], 1)
+      return {KEYS[i], entry[1], entry[2], pending[1][4]}
+    end
+    redis.call('XACK', KEYS[i], ARGV[1], entry[1])
+  end
+end
+for i = 1, #KEYS do
+  local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[i], '>')
+  if reply then
+    local entry = reply[1][2][1]
+    return {KEYS[i], entry[1], entry[2], 1}
+  end
+end
+return false
+"""
+
+# Drop a departed worker's stream once it holds no entry, in the same step as the check, so that a job
+# submitted to it meanwhile is never deleted with it. KEYS: stream, set of job streams. Returns 1 if dropped.
+_DROP_IF_EMPTY = """
+if redis.call('XLEN', KEYS[1]) > 0 then return 0 end
+redis.call('SREM', KEYS[2], KEYS[1])
+redis.call('DEL', KEYS[1])
+return 1
 """
 
 # Move one entry of a departed worker's stream to the shared stream of its shape, keeping its enqueue
@@ -207,7 +334,12 @@ class ClaimedJob:
     stream: str
     entry_id: str
     enqueued_ms: int  # Redis server time when the job was added (from the entry id)
-    deliveries: int = 1  # how many times the group has handed this entry out, this time included
+    deliveries: int = 1  # how many times the job was handed out, on every stream it was on, this time included
+
+    @property
+    def token(self) -> str:
+        """This delivery's attempt token: unique per delivery of a job, the same when a call is retried."""
+        return f"{self.stream} {self.entry_id} {self.deliveries}"
 
 
 class QueueFull(Exception):
@@ -287,6 +419,9 @@ class JobQueue:
         self._cancel = redis.register_script(_CANCEL)
         self._take_over = redis.register_script(_TAKE_OVER)
         self._move = redis.register_script(_MOVE)
+        self._claim = redis.register_script(_CLAIM)
+        self._drop_if_empty = redis.register_script(_DROP_IF_EMPTY)
+        self._dead_letter = redis.register_script(_DEAD_LETTER)
         self._held: collections.deque[tuple[str, str, dict[bytes, bytes]]] = collections.deque()
 
     async def ensure_group(self, stream: str) -> None:
@@ -322,13 +457,12 @@ class JobQueue:
         `fingerprint` (a digest of the request) refers to that job, and one with another request raises
         IdempotencyConflict. The key lives as long as the job's result. With `max_depth`, a stream that
         already holds that many jobs takes no more: QueueFull (a replay of a key's job still succeeds).
+        Safe to run twice: a rerun for the same job answers as the first run did and queues nothing more.
         """
         keys = [self._keys.job(job.id), stream, self._keys.job_streams]
         if idempotency_key is not None:
             keys.append(self._keys.idempotency(idempotency_key))
-        outcome, value = await self._submit(
-            keys=keys, args=[job.model_dump_json(), job.result_ttl_s, job.id, fingerprint, max_depth]
-        )
+        outcome, value = await self._submit(keys=keys, args=[job.model_dump_json(), job.id, fingerprint, max_depth])
         if _text(outcome) == "full":
             raise QueueFull(stream, int(value), max_depth)
         job_id, _, first_fingerprint = _text(value).partition(" ")
@@ -337,26 +471,41 @@ class JobQueue:
         return Submitted(job_id=job_id, created=_text(outcome) == "created")
 
     async def claim(self, consumer: str, streams: list[str], block_ms: int) -> ClaimedJob | None:
-        """Take the next new job for `consumer` from `streams` (in order of preference), waiting up to
+        """Take the next job for `consumer` from `streams` (in order of preference), waiting up to
         `block_ms`; None if there was none.
 
-        Each stream is first asked without waiting, one at a time, so a worker takes one job even when
-        several streams have a backlog; only when all are empty does it wait on all of them. Should that
-        wait deliver two entries at once (two streams written in the same instant), the second stays
-        pending under this consumer and is returned by the next call: held, never lost.
+        One script first takes an entry already pending under `consumer` that it is not working on (the
+        reply that delivered it was lost, or Redis came back from an older snapshot), then a new entry from
+        the first stream that has one, so a worker takes one job even when several streams have a backlog;
+        only when all are empty does it wait on all of them. Should that wait deliver two entries at once
+        (two streams written in the same instant), the second stays pending under this consumer and is
+        returned by the next call: held, never lost. Call it only with no job in hand.
 
         Raises MalformedJob for an entry that does not parse; the caller settles it with `reject`.
         """
         if self._held:
             return _parse_entry(*self._held.popleft())
-        for stream in streams:
-            if found := await self._read(consumer, {stream: ">"}, None):
-                return _parse_entry(*found[0])
+        if now := await self._claim_now(consumer, streams):
+            return now
         found = await self._read(consumer, dict.fromkeys(streams, ">"), block_ms)
         if not found:
             return None
         self._held.extend(found[1:])
         return _parse_entry(*found[0])
+
+    async def _claim_now(self, consumer: str, streams: list[str]) -> ClaimedJob | None:
+        try:
+            reply: Any = await self._claim(keys=streams, args=[self._keys.workers_group, consumer])
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            for stream in streams:  # a stream vanished under us: recreate it, as `_read` does
+                await self.ensure_group(stream)
+            reply = await self._claim(keys=streams, args=[self._keys.workers_group, consumer])
+        if not reply:
+            return None
+        stream, entry_id, fields, deliveries = reply
+        return _parse_entry(_text(stream), _text(entry_id), _pairs(fields), int(deliveries))
 
     async def _read(
         self, consumer: str, streams: dict[str, str], block_ms: int | None
@@ -388,16 +537,18 @@ class JobQueue:
         ]
 
     async def start(self, claimed: ClaimedJob, worker_id: str) -> int | None:
-        """Record that `worker_id` runs the job, append to its history, announce it.
+        """Make this delivery the job's current attempt: record that `worker_id` runs it, append to its
+        history, announce it. From then on only this delivery's result is accepted (`complete`).
 
         Returns the Redis server time in ms (the one clock that hosts share, for queue-wait figures), or
-        None when the job was cancelled (or already finished) and must not run: settle it with `discard`.
+        None when the job is terminal (cancelled, or finished by another attempt) and must not run: settle
+        it with `discard`. Safe to run twice: a rerun for the same delivery returns the same time.
         """
         job = claimed.job
         ms = int(
             await self._start(
-                keys=[self._keys.job(job.id), self._keys.attempts(job.id), self._keys.result(job.id)],
-                args=[worker_id, job.result_ttl_s, self._keys.job_events_channel, job.id],
+                keys=[self._keys.job(job.id), self._keys.attempts(job.id)],
+                args=[worker_id, self._keys.job_events_channel, job.id, claimed.token],
             )
         )
         return None if ms < 0 else ms
@@ -438,11 +589,11 @@ class JobQueue:
             seed=job.seed if job else None,
             shape=job.shape if job else None,
         ).model_dump_json()
-        ttl = job.result_ttl_s if job else 3600
+        ttl = job.result_ttl_s if job else DEFAULT_RESULT_TTL_S
         stream = record.stream or self._keys.shape_stream(job.shape if job else "unknown")
         outcome = await self._cancel(
-            keys=[self._keys.job(job_id), self._keys.result(job_id), stream, self._keys.stats],
-            args=[ttl, self._keys.completions_channel, job_id, meta],
+            keys=self._terminal_keys(stream, job_id),
+            args=["", "", *self._terminal_args(job_id, ttl), meta],
         )
         if outcome is None:
             return None
@@ -503,15 +654,24 @@ class JobQueue:
                 if not fields:
                     continue
                 claimed = _parse_entry(stream, entry_id, _pairs(fields), deliveries)
-                logger.warning("took over job %s from dead worker %s (delivery %d)", claimed.job.id, dead, deliveries)
-                if deliveries <= max_deliveries:
-                    return claimed
-                await self.dead_letter(
-                    claimed,
-                    consumer,
-                    f"delivered {deliveries} times; every worker that took it stopped heartbeating before finishing",
+                logger.warning(
+                    "took over job %s from dead worker %s (delivery %d)", claimed.job.id, dead, claimed.deliveries
                 )
+                if not await self.dead_letter_if_exhausted(claimed, consumer, max_deliveries):
+                    return claimed
         return None
+
+    async def dead_letter_if_exhausted(self, claimed: ClaimedJob, worker_id: str, max_deliveries: int) -> bool:
+        """Dead-letter a job delivered more than `max_deliveries` times in all (every stream it was on
+        counted); True if it was."""
+        if claimed.deliveries <= max_deliveries:
+            return False
+        await self.dead_letter(
+            claimed,
+            worker_id,
+            f"delivered {claimed.deliveries} times; every worker that took it stopped before finishing",
+        )
+        return True
 
     async def _dead_consumers(self, stream: str, live: set[str]) -> list[str]:
         try:
@@ -538,13 +698,13 @@ class JobQueue:
         """Move the jobs of one worker stream to their shape streams, then drop the emptied stream."""
         await self.ensure_group(stream)  # a submit racing the owner's exit may have recreated it bare
         moved = 0
-        while entries := await self._entries(stream, 100):
-            for entry_id, fields in entries:
-                moved += await self._rehome_entry(stream, _text(entry_id), fields)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.srem(self._keys.job_streams, stream)
-            pipe.delete(stream)
-            await pipe.execute()
+        for _ in range(REHOME_ROUNDS):
+            while entries := await self._entries(stream, 100):
+                for entry_id, fields in entries:
+                    moved += await self._rehome_entry(stream, _text(entry_id), fields)
+            # Emptiness is checked again in the deleting script: a job submitted since the last read stays.
+            if await self._drop_if_empty(keys=[stream, self._keys.job_streams]):
+                break
         if moved:
             logger.warning("moved %d job(s) of departed worker stream %s to the shared streams", moved, stream)
         return moved
@@ -556,8 +716,9 @@ class JobQueue:
     async def _rehome_entry(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> int:
         try:
             job = _parse_entry(stream, entry_id, fields).job
-        except MalformedJob:
-            await self._redis.xdel(stream, entry_id)
+        except MalformedJob as bad:
+            logger.error("rejecting malformed job while rehoming: %s", bad)
+            await self.reject(bad, "rehome", DEFAULT_RESULT_TTL_S)
             return 0
         target = self._keys.shape_stream(job.shape)
         await self.ensure_group(target)
@@ -567,7 +728,8 @@ class JobQueue:
         return int(moved)
 
     async def dead_letter(self, claimed: ClaimedJob, worker_id: str, reason: str) -> None:
-        """Give up on a job: record it with its history on the dead-letter stream and fail it."""
+        """Give up on a job: record it with its history on the dead-letter stream and fail it. Safe to run
+        twice: only the first run records and fails it."""
         job = claimed.job
         history = [_text(a) for a in await self._redis.lrange(self._keys.attempts(job.id), 0, -1)]
         result = JobResult(
@@ -578,25 +740,20 @@ class JobQueue:
             shape=job.shape,
             error=f"gave up: {reason} (attempts: {', '.join(history) or 'none'})",
         )
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(
-                self._keys.dead_letter_stream,
-                {
-                    "job": job.model_dump_json(),
-                    "entry_id": claimed.entry_id,
-                    "deliveries": claimed.deliveries,
-                    "attempts": json.dumps(history),
-                    "reason": reason,
-                },
-            )
-            pipe.hincrby(self._keys.stats, "dead_lettered", 1)
-            await self._store(
-                keys=self._store_keys(claimed.stream, job.id),
-                client=pipe,
-                args=self._store_args(claimed.entry_id, result, [], job.result_ttl_s),
-            )
-            await pipe.execute()
-        logger.error("job %s dead-lettered: %s", job.id, reason)
+        done = await self._dead_letter(
+            keys=[*self._terminal_keys(claimed.stream, job.id), self._keys.dead_letter_stream],
+            args=[
+                self._keys.workers_group,
+                claimed.entry_id,
+                *self._terminal_args(job.id, job.result_ttl_s),
+                result.model_dump_json(),
+                job.model_dump_json(),
+                claimed.deliveries,
+                reason,
+            ],
+        )
+        if done:
+            logger.error("job %s dead-lettered: %s", job.id, reason)
 
     async def stats(self) -> dict[str, int]:
         """Cluster-wide counters: duplicate_results, reclaimed, dead_lettered."""
@@ -604,45 +761,55 @@ class JobQueue:
         return {_text(k): int(v) for k, v in raw.items()}
 
     async def complete(self, claimed: ClaimedJob, result: JobResult, images: list[bytes]) -> bool:
-        """Store a result (first one wins), announce it, then acknowledge the entry.
+        """Store a result, announce it, then acknowledge the entry, if this delivery may: the job is not
+        terminal and this delivery is its current attempt (or none was started).
 
-        Returns False when a result for this job was already stored; this one was dropped.
+        Returns False when the result was refused (the job already had one, was cancelled, or another
+        attempt holds it). Safe to run twice: a rerun after a stored result returns True again.
         """
-        return await self._store_and_ack(claimed.stream, claimed.entry_id, result, images, claimed.job.result_ttl_s)
+        outcome = await self._store_and_ack(
+            claimed.stream, claimed.entry_id, result, images, claimed.job.result_ttl_s, claimed.token
+        )
+        return outcome == "stored"
 
     async def reject(self, malformed: MalformedJob, worker_id: str, ttl_s: int) -> None:
-        """Settle an unparseable entry: fail its job if it named one, and acknowledge it."""
+        """Settle an unparseable entry: fail its job if it named one (and is not terminal), acknowledge it,
+        and count it (`malformed_entries`)."""
+        await self._redis.hincrby(self._keys.stats, "malformed_entries", 1)
         if malformed.job_id is not None:
             result = JobResult(
                 id=malformed.job_id, status="failed", worker=worker_id, error=f"invalid job: {malformed.reason}"
             )
-            await self._store_and_ack(malformed.stream, malformed.entry_id, result, [], ttl_s)
+            await self._store_and_ack(malformed.stream, malformed.entry_id, result, [], ttl_s, token="")
             return
         await self._redis.xack(malformed.stream, self._keys.workers_group, malformed.entry_id)
         await self._redis.xdel(malformed.stream, malformed.entry_id)
 
     async def _store_and_ack(
-        self, stream: str, entry_id: str, result: JobResult, images: list[bytes], ttl_s: int
-    ) -> bool:
-        stored = await self._store(
-            keys=self._store_keys(stream, result.id), args=self._store_args(entry_id, result, images, ttl_s)
+        self, stream: str, entry_id: str, result: JobResult, images: list[bytes], ttl_s: int, token: str
+    ) -> str:
+        outcome = await self._store(
+            keys=self._terminal_keys(stream, result.id),
+            args=[
+                self._keys.workers_group,
+                entry_id,
+                *self._terminal_args(result.id, ttl_s),
+                result.model_dump_json(),
+                result.status,
+                token,
+                *images,
+            ],
         )
-        return bool(stored)
+        return _text(outcome)
 
-    def _store_keys(self, stream: str, job_id: str) -> list[str]:
-        return [self._keys.result(job_id), stream, self._keys.job(job_id), self._keys.stats]
+    def _terminal_keys(self, stream: str, job_id: str) -> list[str]:
+        """KEYS of the scripts that make a job terminal: result, stream, record, stats, attempts."""
+        keys = self._keys
+        return [keys.result(job_id), stream, keys.job(job_id), keys.stats, keys.attempts(job_id)]
 
-    def _store_args(self, entry_id: str, result: JobResult, images: list[bytes], ttl_s: int) -> list[Any]:
-        return [
-            self._keys.workers_group,
-            entry_id,
-            ttl_s,
-            self._keys.completions_channel,
-            result.id,
-            result.model_dump_json(),
-            result.status,
-            *images,
-        ]
+    def _terminal_args(self, job_id: str, result_ttl_s: int) -> list[Any]:
+        """ARGV 3-6 of those scripts: result ttl, record ttl, completions channel, job id."""
+        return [result_ttl_s, record_ttl(result_ttl_s), self._keys.completions_channel, job_id]
 
     async def fetch_result(self, job_id: str) -> StoredResult | None:
         """The stored result of a job, or None if it has not finished (or has expired)."""
@@ -684,6 +851,14 @@ class JobEvent:
     step: int | None = None
     total: int | None = None
 
+    def well_formed(self) -> bool:
+        """Whether an event read off the channel has the types its kind needs."""
+        if self.type == "started":
+            return isinstance(self.worker, str)
+        if self.type == "progress":
+            return _is_int(self.step) and _is_int(self.total)
+        return False
+
 
 RESYNC_EVENT = JobEvent(type="resync")
 FINISHED_EVENT = JobEvent(type="finished")
@@ -693,9 +868,14 @@ class JobListener:
     """One pub/sub subscription per gateway process to completions and job events, fanned out in memory.
 
     Two kinds of interest: `expect(id)` is a future resolved when the job finishes (for requests that wait
-    for a result), `watch(id)` an asyncio queue of every JobEvent of the job (for event streams). Pub/sub
-    delivers at most once, so after every (re)subscription the listener checks the stored results of the
-    jobs it waits for, and tells every watcher to re-read its job's state: nothing is missed.
+    for a result), `watch(id)` an asyncio queue of every JobEvent of the job (for event streams).
+
+    Pub/sub delivers at most once, and redis-py re-subscribes inside its own retry loop without raising, so
+    the listener treats every subscribe confirmation Redis sends (the first and each silent re-subscribe)
+    as a possible gap: it checks the stored results of the jobs it waits for, and tells every watcher to
+    re-read its job's state. A sweep every `sweep_interval_s` checks the waiters again, in one pipelined
+    round trip, whatever happened. A message that does not parse is logged, counted and skipped; any other
+    failure is logged, counted and the listener starts again: it never dies silently (`health`).
     """
 
     def __init__(
@@ -704,6 +884,7 @@ class JobListener:
         keys: Keys,
         watch_queue_size: int = 256,
         on_completion: Callable[[], None] | None = None,
+        sweep_interval_s: float = SWEEP_INTERVAL_S,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -711,7 +892,15 @@ class JobListener:
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._watchers: dict[str, set[asyncio.Queue[JobEvent]]] = {}
         self._watch_queue_size = watch_queue_size
+        self._sweep_interval_s = sweep_interval_s
+        self._completions = keys.completions_channel.encode()
+        self._events = keys.job_events_channel.encode()
+        self._running = False
+        self._last_read = 0.0
         self.subscribed = asyncio.Event()
+        # subscribed (each confirmation, re-subscriptions included), recovered (a completion found by a
+        # re-check, not by its message), bad_message, restarted (after an unexpected error).
+        self.counts: collections.Counter[str] = collections.Counter()
 
     def expect(self, job_id: str) -> asyncio.Future[None]:
         """Register interest in a job before submitting it; the future resolves when it finishes."""
@@ -742,49 +931,96 @@ class JobListener:
         """How many event streams are open."""
         return sum(len(w) for w in self._watchers.values())
 
+    def health(self) -> str | None:
+        """None while the listener runs, is subscribed and has read from its connection lately; else why not
+        (for the gateway's /readyz)."""
+        if not self._running:
+            return "the job events listener is not running"
+        if not self.subscribed.is_set():
+            return "the job events subscription is being re-established"
+        stalled = asyncio.get_running_loop().time() - self._last_read
+        if stalled > STALL_FACTOR * self._sweep_interval_s:
+            return f"the job events subscription has not been read for {stalled:.0f}s"
+        return None
+
     async def run(self) -> None:
-        """Listen until cancelled, resubscribing with backoff when Redis goes away."""
-        backoff = 0.1
-        while True:
-            try:
-                await self._listen()
-            except (*UNAVAILABLE, OSError) as exc:
+        """Listen until cancelled; start again with backoff when Redis goes away or anything else fails."""
+        self._running = True
+        backoff = BACKOFF_FIRST_S
+        try:
+            while True:
+                subscriptions = self.counts["subscribed"]
+                try:
+                    await self._listen()
+                except (*UNAVAILABLE, OSError) as exc:
+                    logger.warning("job events subscription lost (%s); retrying", exc)
+                except Exception:  # the listener's boundary: whatever it was, log it and listen again
+                    logger.exception("job events listener failed; restarting")
+                    self.counts["restarted"] += 1
                 self.subscribed.clear()
-                logger.warning("job events subscription lost (%s); retrying in %.1fs", exc, backoff)
+                if self.counts["subscribed"] > subscriptions:  # it had worked: try again at once
+                    backoff = BACKOFF_FIRST_S
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, BACKOFF_CAP_S)
+        finally:
+            self._running = False
+            self.subscribed.clear()
 
     async def _listen(self) -> None:
-        completions, events = self._keys.completions_channel, self._keys.job_events_channel
+        loop = asyncio.get_running_loop()
         async with self._redis.pubsub() as pubsub:
-            await pubsub.subscribe(completions, events)
+            await pubsub.subscribe(self._completions, self._events)
+            next_sweep = loop.time() + self._sweep_interval_s
+            while True:
+                message = await pubsub.get_message(timeout=max(0.0, next_sweep - loop.time()))
+                self._last_read = loop.time()
+                if message is not None:
+                    await self._on_message(message)
+                if loop.time() >= next_sweep:
+                    await self._recheck()
+                    next_sweep = loop.time() + self._sweep_interval_s
+
+    async def _on_message(self, message: dict[str, Any]) -> None:
+        kind, channel, data = message.get("type"), message.get("channel"), message.get("data")
+        if kind == "subscribe" and channel == self._completions:
             self.subscribed.set()
-            await self._resolve_finished()
+            self.counts["subscribed"] += 1
+            await self._recheck()
+        elif kind == "subscribe" and channel == self._events:
             for job_id in list(self._watchers):
                 self._tell(job_id, RESYNC_EVENT)
-            async for message in pubsub.listen():
-                if message["type"] != "message":
-                    continue
-                if _text(message["channel"]) == completions:
-                    if self._on_completion is not None:
-                        self._on_completion()
-                    job_id = _text(message["data"])
-                    self._resolve(job_id)
-                    self._tell(job_id, FINISHED_EVENT)
-                else:
-                    self._on_job_event(message["data"])
+        elif kind == "message" and channel == self._completions:
+            self._on_completed(data)
+        elif kind == "message" and channel == self._events:
+            self._on_job_event(data)
 
-    def _on_job_event(self, data: bytes) -> None:
+    def _on_completed(self, data: Any) -> None:
+        job_id = _job_id_in(data)
+        if job_id is None:
+            self._bad("completion", data)
+            return
+        if self._on_completion is not None:
+            self._on_completion()
+        self._resolve(job_id)
+        self._tell(job_id, FINISHED_EVENT)
+
+    def _on_job_event(self, data: Any) -> None:
         try:
-            event = json.loads(data)
-            job_id = event["id"]
+            event: Any = json.loads(data)
+            job_id = _job_id_in(event["id"])
             parsed = JobEvent(
-                type=str(event["type"]), worker=event.get("worker"), step=event.get("step"), total=event.get("total")
+                type=event["type"], worker=event.get("worker"), step=event.get("step"), total=event.get("total")
             )
         except (ValueError, KeyError, TypeError):
-            logger.warning("ignoring a malformed job event: %r", data[:200])
+            job_id, parsed = None, None
+        if job_id is None or parsed is None or not parsed.well_formed():
+            self._bad("job event", data)
             return
-        self._tell(str(job_id), parsed)
+        self._tell(job_id, parsed)
+
+    def _bad(self, what: str, data: Any) -> None:
+        self.counts["bad_message"] += 1
+        logger.warning("ignoring a malformed %s message: %r", what, data[:200] if isinstance(data, bytes) else data)
 
     def _tell(self, job_id: str, event: JobEvent) -> None:
         for events in self._watchers.get(job_id, ()):
@@ -794,22 +1030,34 @@ class JobListener:
                 events.get_nowait()
                 events.put_nowait(RESYNC_EVENT)
 
-    async def _resolve_finished(self) -> None:
+    async def _recheck(self) -> None:
+        """Resolve every waiter whose job already has a stored result: one pipelined round trip."""
         job_ids = list(self._waiters)
         if not job_ids:
             return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.exists(self._keys.result(job_id))
-            found = await pipe.execute()
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for job_id in job_ids:
+                    pipe.exists(self._keys.result(job_id))
+                found = await pipe.execute()
+        except UNAVAILABLE as exc:  # the next sweep tries again
+            logger.warning("could not re-check %d waiting job(s) (%s)", len(job_ids), exc)
+            return
         for job_id, exists in zip(job_ids, found, strict=True):
-            if exists:
+            if exists and job_id in self._waiters:
+                self.counts["recovered"] += 1
                 self._resolve(job_id)
+                self._tell(job_id, FINISHED_EVENT)
 
     def _resolve(self, job_id: str) -> None:
         for future in self._waiters.pop(job_id, ()):
             if not future.done():
                 future.set_result(None)
+
+
+def record_ttl(result_ttl_s: int) -> int:
+    """How long a terminal job's record lives: longer than its result."""
+    return result_ttl_s * RECORD_TTL_FACTOR
 
 
 def _discard(registry: dict[str, set[Any]], job_id: str, item: Any) -> None:
@@ -835,6 +1083,22 @@ def _parse_entry(stream: str, entry_id: str, fields: dict[bytes, bytes], deliver
     except ValueError:
         raise MalformedJob(stream, entry_id, job.id, "deliveries and enqueued must be integers") from None
     return ClaimedJob(job=job, stream=stream, entry_id=entry_id, enqueued_ms=enqueued, deliveries=deliveries + earlier)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _job_id_in(value: object) -> str | None:
+    """A job id read off a channel (bytes or str), or None when it is not one."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    if isinstance(value, str) and re.fullmatch(JOB_ID_PATTERN, value):
+        return value
+    return None
 
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from common.protocol import (
+    FINISHED,
     JOB_ID_PATTERN,
     ErrorDetail,
     GenerateRequest,
@@ -245,7 +246,7 @@ async def read_state(app: web.Application, job_id: str) -> tuple[JobState, JobRe
     if result is not None:
         return finished_state(result), None
     record = await queue.record(job_id)
-    if record is None:
+    if record is None or record.status in FINISHED:  # finished, and its result expired: as good as unknown
         return None
     position = None
     if record.status == "queued" and record.entry_id is not None and record.stream is not None:

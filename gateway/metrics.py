@@ -25,14 +25,16 @@ WORKER_STATES = ("warming", "ready", "busy", "draining")
 ERROR_CODE = web.ResponseKey("error_code", str)
 
 
-class _QueueCounters(Collector):
-    """The queue's cluster-wide counters (kept in Redis by the workers' scripts), as last read."""
+class _Counters(Collector):
+    """Counters kept elsewhere (in Redis by the scripts, or by the job events listener), as last read."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str, documentation: str) -> None:
         self.values: Mapping[str, int] = {}
+        self._name = name
+        self._documentation = documentation
 
     def collect(self) -> Iterable[Metric]:
-        family = CounterMetricFamily("sdxl_queue_events", "Cluster-wide queue events (from Redis)", labels=["event"])
+        family = CounterMetricFamily(self._name, self._documentation, labels=["event"])
         for event, value in sorted(self.values.items()):
             family.add_metric([event], value)
         yield family
@@ -61,8 +63,14 @@ class GatewayMetrics:
         self.waiting = Gauge("sdxl_gateway_waiting_requests", "Requests waiting for a result", registry=r)
         self.event_streams = Gauge("sdxl_gateway_event_streams", "Open job event streams", registry=r)
         self.workers = Gauge("sdxl_workers", "Registered workers by state", ["state"], registry=r)
-        self.queue_counters = _QueueCounters()
+        self.queue_counters = _Counters("sdxl_queue_events", "Cluster-wide queue events (from Redis)")
         r.register(self.queue_counters)
+        self.listener_counters = _Counters(
+            "sdxl_gateway_listener_events",
+            "Job events listener: subscriptions (re-subscriptions included), completions recovered by a "
+            "re-check, malformed messages skipped, restarts after an error",
+        )
+        r.register(self.listener_counters)
 
     def set_workers(self, workers: list[WorkerInfo]) -> None:
         for state in WORKER_STATES:

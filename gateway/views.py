@@ -10,7 +10,7 @@ from typing import TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from common.protocol import GenerateRequest, GenerateResponse, JobAccepted, JobState
+from common.protocol import FINISHED, GenerateRequest, GenerateResponse, JobAccepted, JobState
 from common.queue import StoredResult
 from common.registry import SERVING_STATES, WorkerList
 from gateway import jobs
@@ -42,10 +42,8 @@ async def list_workers(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: Redis answers, the job listener is subscribed, and at least one worker is ready."""
     await request.app[REDIS].ping()  # unreachable: the error middleware answers 503
-    if not request.app[LISTENER].subscribed.is_set():
-        raise ApiError(
-            503, "not_subscribed", "the job events subscription is being re-established", headers={"Retry-After": "2"}
-        )
+    if (trouble := request.app[LISTENER].health()) is not None:
+        raise ApiError(503, "not_subscribed", trouble, headers={"Retry-After": "2"})
     workers = await request.app[REGISTRY].workers()
     serving = sum(w.state in SERVING_STATES for w in workers)
     if not serving:
@@ -64,6 +62,7 @@ async def metrics(request: web.Request) -> web.Response:
     gauges.queue_counters.values = await app[QUEUE].stats()
     gauges.waiting.set(app[LISTENER].waiting)
     gauges.event_streams.set(app[LISTENER].watching)
+    gauges.listener_counters.values = dict(app[LISTENER].counts)
     return web.Response(body=gauges.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -138,7 +137,7 @@ async def job_image(request: web.Request) -> web.Response:
     found = await request.app[QUEUE].fetch_image(job_id, index)
     if found is None:
         status = await request.app[QUEUE].job_status(job_id)
-        if status is None:
+        if status is None or status in FINISHED:  # a finished job without a result: its images expired
             raise jobs.unknown_job(job_id)
         raise ApiError(
             409,

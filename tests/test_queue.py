@@ -11,6 +11,8 @@ import redis.asyncio as aioredis
 from common.keys import Keys
 from common.protocol import Job, JobResult, Shape, Timings
 from common.queue import ClaimedJob, JobListener, JobQueue, MalformedJob
+from common.redis_conn import connect
+from tests.conftest import RedisServer
 
 KEYS = Keys()
 SHAPE = Shape(width=64, height=64, steps=2)
@@ -72,10 +74,14 @@ async def test_complete_stores_result_acks_and_deletes_entry(redis_client: aiore
     assert 0 < await redis_client.ttl(KEYS.result(job.id)) <= 60
 
 
-async def test_first_result_wins_and_duplicate_is_dropped(redis_client: aioredis.Redis) -> None:
+async def test_first_result_wins_and_a_later_one_is_dropped(redis_client: aioredis.Redis) -> None:
     queue, job, claimed = await submitted_and_claimed(redis_client)
+    await queue.start(claimed, "w1")
+    other = await queue.reclaim("w2", live={"w2"}, max_deliveries=3, streams=[STREAM])  # w1 looked dead
+    assert other is not None
     assert await queue.complete(claimed, success(job, "w1"), [b"a", b"b"]) is True
-    assert await queue.complete(claimed, success(job, "w2"), [b"c", b"d"]) is False
+    assert await queue.start(other, "w2") is None  # the job is terminal: w2 does not run it
+    assert await queue.complete(other, success(job, "w2"), [b"c", b"d"]) is False
     stored = await queue.fetch_result(job.id)
     assert stored is not None and stored.result.worker == "w1" and stored.images == [b"a", b"b"]
     assert (await queue.stats())["duplicate_results"] == 1
@@ -214,3 +220,207 @@ async def test_job_whose_workers_keep_dying_is_dead_lettered(redis_client: aiore
     assert stored.result.error is not None and "delivered 4 times" in stored.result.error
     assert (await redis_client.xpending(STREAM, KEYS.workers_group))["pending"] == 0
     assert (await queue.stats())["dead_lettered"] == 1
+
+
+# --- Delivery under faults: each test reproduces one way a result could be lost, stuck or shown twice.
+
+
+async def listening(
+    redis_client: aioredis.Redis, sweep_interval_s: float = 3600.0
+) -> tuple[JobListener, asyncio.Task[None]]:
+    """A running listener; by default its periodic sweep never comes, so only what a test exercises can
+    resolve a waiter."""
+    listener = JobListener(redis_client, KEYS, sweep_interval_s=sweep_interval_s)
+    task = asyncio.create_task(listener.run())
+    await asyncio.wait_for(listener.subscribed.wait(), 10)
+    return listener, task
+
+
+async def store_unannounced(redis_client: aioredis.Redis, job: Job) -> None:
+    """A result stored while the listener could not hear it: written without its announcement."""
+    await redis_client.hset(KEYS.result(job.id), "meta", success(job).model_dump_json())
+
+
+async def test_listener_rechecks_its_waiters_after_a_silent_resubscribe(
+    redis_client: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    retrying = connect(redis_server.url(0), name="listener")  # retries as the gateway's client does
+    listener, task = await listening(retrying)
+    try:
+        job = make_job()
+        done = listener.expect(job.id)
+        await store_unannounced(redis_client, job)
+        # redis-py reconnects and resubscribes inside its own retry loop: the listener sees no error.
+        assert await redis_client.client_kill_filter(_type="pubsub") >= 1
+        await asyncio.wait_for(done, 10)
+        assert listener.counts["subscribed"] == 2 and listener.counts["recovered"] == 1
+    finally:
+        task.cancel()
+        await retrying.aclose()
+
+
+async def test_listener_survives_malformed_messages(redis_client: aioredis.Redis) -> None:
+    listener, task = await listening(redis_client)
+    try:
+        job = make_job()
+        done = listener.expect(job.id)
+        for channel, payload in (
+            (KEYS.completions_channel, b"\xff\xfe not utf-8"),
+            (KEYS.completions_channel, b"not a job id!"),
+            (KEYS.job_events_channel, b"\xff"),
+            (KEYS.job_events_channel, b"[1, 2]"),
+            (KEYS.job_events_channel, b'{"id": 7, "type": "started"}'),
+        ):
+            await redis_client.publish(channel, payload)
+        await queue_with_group(redis_client)
+        await JobQueue(redis_client, KEYS).submit(job, STREAM)
+        await complete_next(JobQueue(redis_client, KEYS), job)
+        await asyncio.wait_for(done, 10)
+        assert not task.done() and listener.health() is None
+        assert listener.counts["bad_message"] == 5
+    finally:
+        task.cancel()
+
+
+async def test_listener_sweep_finds_a_completion_whose_message_was_lost(redis_client: aioredis.Redis) -> None:
+    listener, task = await listening(redis_client, sweep_interval_s=0.2)
+    try:
+        job = make_job()
+        done = listener.expect(job.id)
+        await store_unannounced(redis_client, job)
+        await asyncio.wait_for(done, 10)
+        assert listener.counts["recovered"] == 1
+    finally:
+        task.cancel()
+
+
+async def test_listener_restarts_after_an_unexpected_error(
+    redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listener, task = await listening(redis_client)
+    try:
+        failures = iter([RuntimeError("a bug in a handler")])
+
+        def broken(data: object) -> None:
+            if (failure := next(failures, None)) is not None:
+                raise failure
+            JobListener._on_completed(listener, data)
+
+        monkeypatch.setattr(listener, "_on_completed", broken)
+        listener.subscribed.clear()
+        await redis_client.publish(KEYS.completions_channel, b"job-0")
+        await asyncio.wait_for(listener.subscribed.wait(), 10)  # subscribed again after the failure
+        job = make_job()
+        done = listener.expect(job.id)
+        await redis_client.publish(KEYS.completions_channel, job.id.encode())
+        await asyncio.wait_for(done, 10)
+        assert listener.counts["restarted"] == 1 and not task.done()
+    finally:
+        task.cancel()
+
+
+async def test_an_entry_whose_claim_reply_was_lost_is_read_again(redis_client: aioredis.Redis) -> None:
+    queue = await queue_with_group(redis_client)
+    job = make_job()
+    await queue.submit(job, STREAM)
+    # Redis delivered the entry to w1, but the reply never arrived; redis-py's retry reads past it with `>`.
+    await redis_client.xreadgroup(KEYS.workers_group, "w1", {STREAM: ">"}, count=1)
+    claimed = await queue.claim("w1", [STREAM], block_ms=100)
+    assert claimed is not None and claimed.job == job
+
+
+async def test_a_job_rolled_back_to_running_under_a_live_worker_runs_again(redis_client: aioredis.Redis) -> None:
+    queue, job, claimed = await submitted_and_claimed(redis_client)
+    await queue.start(claimed, "w1")
+    saved = {key: await redis_client.dump(key) for key in (KEYS.job(job.id), STREAM)}
+    assert await queue.complete(claimed, success(job), [b"a", b"b"])
+    # Redis comes back from a snapshot taken while the job ran: the result and the acknowledgement are gone.
+    await redis_client.delete(KEYS.result(job.id))
+    for key, value in saved.items():
+        await redis_client.restore(key, 0, value, replace=True)
+    again = await queue.claim("w1", [STREAM], block_ms=100)
+    assert again is not None and again.job == job
+    assert await queue.start(again, "w1") is not None
+    assert await queue.complete(again, success(job), [b"a", b"b"])
+    assert await queue.job_status(job.id) == "succeeded"
+
+
+async def test_a_result_is_never_stored_twice_even_after_the_first_expired(redis_client: aioredis.Redis) -> None:
+    queue = await queue_with_group(redis_client)
+    job = make_job()
+    await queue.submit(job, STREAM)
+    first = await queue.claim("partitioned", [STREAM], block_ms=100)
+    assert first is not None and await queue.start(first, "partitioned") is not None
+    second = await queue.reclaim("w2", live={"w2"}, max_deliveries=3, streams=[STREAM])
+    assert second is not None and await queue.start(second, "w2") is not None
+    assert await queue.complete(first, success(job, "partitioned"), [b"old"]) is False  # fenced: not its attempt
+    assert await queue.complete(second, success(job, "w2"), [b"new"]) is True
+    await redis_client.delete(KEYS.result(job.id))  # the images expire
+    assert await queue.complete(first, success(job, "partitioned"), [b"old"]) is False
+    assert await queue.fetch_result(job.id) is None and await queue.job_status(job.id) == "succeeded"
+
+
+async def test_no_result_is_stored_over_a_cancellation_even_after_it_expired(redis_client: aioredis.Redis) -> None:
+    queue, job, claimed = await submitted_and_claimed(redis_client)
+    await queue.start(claimed, "w1")
+    assert await queue.cancel(job.id) == "cancelled"
+    await redis_client.delete(KEYS.result(job.id))
+    assert await queue.complete(claimed, success(job), [b"late"]) is False
+    assert await queue.fetch_result(job.id) is None and await queue.job_status(job.id) == "cancelled"
+
+
+async def test_a_job_and_its_key_live_until_it_finishes_then_for_the_ttl(redis_client: aioredis.Redis) -> None:
+    queue = await queue_with_group(redis_client)
+    job = make_job()
+    await queue.submit(job, STREAM, "key-1", "fp")
+    idempotency = KEYS.idempotency("key-1")
+    assert [await redis_client.ttl(k) for k in (KEYS.job(job.id), idempotency)] == [-1, -1]
+    claimed = await queue.claim("w1", [STREAM], block_ms=100)
+    assert claimed is not None and await queue.start(claimed, "w1") is not None
+    assert await redis_client.ttl(KEYS.job(job.id)) == -1
+    await queue.complete(claimed, success(job), [b"a"])
+    assert 0 < await redis_client.ttl(idempotency) <= job.result_ttl_s
+    assert job.result_ttl_s < await redis_client.ttl(KEYS.job(job.id))  # the record outlives the images
+
+
+async def test_max_deliveries_counts_every_stream_a_job_was_on(redis_client: aioredis.Redis) -> None:
+    queue = await queue_with_group(redis_client)
+    own = KEYS.worker_stream("gone")
+    await queue.ensure_group(own)
+    job = make_job()
+    await queue.submit(job, own)
+    first = await queue.claim("gone", [own], block_ms=100)
+    assert first is not None
+    assert await queue.rehome_orphans(live={"w2"}) == 1  # one delivery so far, carried to the shared stream
+    second = await queue.claim("w2", [STREAM], block_ms=100)
+    assert second is not None and second.deliveries == 2
+    third = await queue.reclaim("w3", live={"w3"}, max_deliveries=3, streams=[STREAM])
+    assert third is not None and third.deliveries == 3
+    assert await queue.reclaim("w4", live={"w4"}, max_deliveries=3, streams=[STREAM]) is None
+    dead = await redis_client.xrange(KEYS.dead_letter_stream)
+    assert [fields[b"deliveries"] for _, fields in dead] == [b"4"]
+
+
+async def test_a_submit_run_twice_queues_one_job_and_answers_created(redis_client: aioredis.Redis) -> None:
+    queue = await queue_with_group(redis_client)
+    keyed, plain = make_job("keyed"), make_job("plain")
+    # The reply to the first call was lost; redis-py runs the same script again.
+    assert [(await queue.submit(keyed, STREAM, "key-1", "fp")).created for _ in range(2)] == [True, True]
+    assert [(await queue.submit(plain, STREAM)).created for _ in range(2)] == [True, True]
+    assert await redis_client.xlen(STREAM) == 2
+
+
+async def test_start_store_and_dead_letter_run_twice_act_once(redis_client: aioredis.Redis) -> None:
+    queue, job, claimed = await submitted_and_claimed(redis_client)
+    assert await queue.start(claimed, "w1") == await queue.start(claimed, "w1")
+    assert await redis_client.llen(KEYS.attempts(job.id)) == 1
+    assert await queue.complete(claimed, success(job), [b"a"]) is True
+    assert await queue.complete(claimed, success(job), [b"a"]) is True  # its own earlier store: stored
+    assert "duplicate_results" not in await queue.stats()
+    other = make_job("poison")
+    await queue.submit(other, STREAM)
+    poison = await queue.claim("w1", [STREAM], block_ms=100)
+    assert poison is not None
+    for _ in range(2):
+        await queue.dead_letter(poison, "w1", "for the test")
+    assert await redis_client.xlen(KEYS.dead_letter_stream) == 1

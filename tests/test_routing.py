@@ -80,8 +80,10 @@ async def test_a_worker_takes_its_own_jobs_first_then_the_shared_ones(redis_clie
     await queue.submit(make_job("shared-1"), streams[1])
     await queue.submit(make_job("own-1"), streams[0])
     first = await queue.claim("w1", streams, block_ms=100)
+    assert first is not None
+    await queue.discard(first)  # settled: a worker claims again only with no job in hand
     second = await queue.claim("w1", streams, block_ms=100)
-    assert first is not None and second is not None
+    assert second is not None
     assert [(first.job.id, first.stream), (second.job.id, second.stream)] == [
         ("own-1", streams[0]),
         ("shared-1", streams[1]),
@@ -155,3 +157,25 @@ async def test_shared_routing_never_hands_a_worker_a_shape_it_did_not_compile(re
     assert await queue.claim("small", small_worker, block_ms=50) is None
     taken = await queue.claim("large", large_worker, block_ms=50)
     assert taken is not None and taken.job.id == "large-1"
+
+
+async def test_a_job_submitted_while_its_worker_stream_is_rehomed_is_not_lost(
+    redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue = JobQueue(redis_client, KEYS)
+    own = KEYS.worker_stream("leaving")
+    await queue.ensure_group(own)
+    entries = queue._entries
+
+    async def read_then_race(stream: str, count: int) -> object:
+        found = await entries(stream, count)
+        if not found and await queue.job_status("late") is None:
+            await queue.submit(make_job("late"), own)  # lands between the read and the deletion
+        return found
+
+    monkeypatch.setattr(queue, "_entries", read_then_race)
+    await queue.rehome(own)
+    await queue.rehome_orphans(live=set())
+    record = await queue.record("late")
+    assert record is not None and record.stream is not None and record.entry_id is not None
+    assert await redis_client.xrange(record.stream, record.entry_id, record.entry_id)

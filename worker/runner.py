@@ -202,7 +202,13 @@ class Worker:
             if claimed is not None:
                 self.metrics.reclaims.inc()
                 return claimed
-        return await self._queue.claim(self.id, self._streams, self.config.claim_block_ms)
+        claimed = await self._queue.claim(self.id, self._streams, self.config.claim_block_ms)
+        # A job moved off a departed worker's stream, or read again after a lost reply, may be past the limit.
+        if claimed is not None and await self._queue.dead_letter_if_exhausted(
+            claimed, self.id, self.config.max_deliveries
+        ):
+            return None
+        return claimed
 
     async def _process(self, claimed: ClaimedJob) -> None:
         """The per-job boundary: whatever happens, the job gets a stored result and is acknowledged."""
