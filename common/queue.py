@@ -83,9 +83,11 @@ end
 
 # Store a result unless the job is terminal or another attempt holds it (fencing), announce it, then
 # acknowledge and delete the entry. A record without a token was never started: any delivery may store.
+# A missing record is one that expired after the job finished (refused), unless the job is younger than a
+# record's lifetime: then Redis lost it (restored from an older snapshot) and the result is stored.
 # KEYS: result, stream, job record, stats, attempts.
 # ARGV: group, entry id, result ttl, record ttl, channel, job id, meta, status, attempt token ('': not
-# fenced, for an entry that does not parse), images...
+# fenced, for an entry that does not parse), enqueued (Redis ms), images...
 # Returns 'stored' (this attempt's result is the job's, now or by an earlier run), 'duplicate' (the job
 # was already terminal) or 'stale' (another attempt holds the job; its entry is left to it).
 _STORE_RESULT = (
@@ -98,7 +100,10 @@ local function settle()
 end
 local status = redis.call('HGET', KEYS[3], 'status')
 local fenced = ARGV[9] ~= ''
-if terminal(status) or (fenced and not status) then
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local expired = now_ms - tonumber(ARGV[10]) > tonumber(ARGV[4]) * 1000
+if terminal(status) or (fenced and not status and expired) then
   settle()
   if status and redis.call('HGET', KEYS[3], 'settled') == ARGV[9] then return 'stored' end
   local counter = 'duplicate_results'
@@ -111,7 +116,7 @@ if fenced and holder and holder ~= ARGV[9] then
   redis.call('HINCRBY', KEYS[4], 'stale_results', 1)
   return 'stale'
 end
-finish(ARGV[8], ARGV[9], ARGV[7], 10)
+finish(ARGV[8], ARGV[9], ARGV[7], 11)
 settle()
 return 'stored'
 """
@@ -768,7 +773,13 @@ class JobQueue:
         attempt holds it). Safe to run twice: a rerun after a stored result returns True again.
         """
         outcome = await self._store_and_ack(
-            claimed.stream, claimed.entry_id, result, images, claimed.job.result_ttl_s, claimed.token
+            claimed.stream,
+            claimed.entry_id,
+            result,
+            images,
+            claimed.job.result_ttl_s,
+            claimed.token,
+            claimed.enqueued_ms,
         )
         return outcome == "stored"
 
@@ -780,13 +791,20 @@ class JobQueue:
             result = JobResult(
                 id=malformed.job_id, status="failed", worker=worker_id, error=f"invalid job: {malformed.reason}"
             )
-            await self._store_and_ack(malformed.stream, malformed.entry_id, result, [], ttl_s, token="")
+            await self._store_and_ack(malformed.stream, malformed.entry_id, result, [], ttl_s, "", 0)
             return
         await self._redis.xack(malformed.stream, self._keys.workers_group, malformed.entry_id)
         await self._redis.xdel(malformed.stream, malformed.entry_id)
 
     async def _store_and_ack(
-        self, stream: str, entry_id: str, result: JobResult, images: list[bytes], ttl_s: int, token: str
+        self,
+        stream: str,
+        entry_id: str,
+        result: JobResult,
+        images: list[bytes],
+        ttl_s: int,
+        token: str,
+        enqueued_ms: int,
     ) -> str:
         outcome = await self._store(
             keys=self._terminal_keys(stream, result.id),
@@ -797,6 +815,7 @@ class JobQueue:
                 result.model_dump_json(),
                 result.status,
                 token,
+                enqueued_ms,
                 *images,
             ],
         )

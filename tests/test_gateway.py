@@ -164,3 +164,14 @@ async def test_a_shape_served_only_by_warming_workers_is_503_not_queued(
     assert response.status == 503 and response.headers["Retry-After"]
     assert (await response.json())["error"]["code"] == "no_ready_worker"
     assert await queued_jobs(redis_client) == 0
+
+
+async def test_readyz_says_not_ready_when_the_job_listener_is_gone(
+    client: TestClient[Any, Any], fake_worker: None
+) -> None:
+    assert (await client.get("/readyz")).status == 200
+    (listener,) = [t for t in asyncio.all_tasks() if t.get_name() == "completion-listener"]
+    listener.cancel()  # whatever stopped it, requests waiting for a result would never hear of it
+    await asyncio.gather(listener, return_exceptions=True)
+    response = await client.get("/readyz")
+    assert response.status == 503 and (await response.json())["error"]["code"] == "not_subscribed"

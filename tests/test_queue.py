@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -10,7 +11,7 @@ import redis.asyncio as aioredis
 
 from common.keys import Keys
 from common.protocol import Job, JobResult, Shape, Timings
-from common.queue import ClaimedJob, JobListener, JobQueue, MalformedJob
+from common.queue import ClaimedJob, JobListener, JobQueue, MalformedJob, record_ttl
 from common.redis_conn import connect
 from tests.conftest import RedisServer
 
@@ -424,3 +425,21 @@ async def test_start_store_and_dead_letter_run_twice_act_once(redis_client: aior
     for _ in range(2):
         await queue.dead_letter(poison, "w1", "for the test")
     assert await redis_client.xlen(KEYS.dead_letter_stream) == 1
+
+
+async def test_a_result_for_a_record_redis_lost_is_stored_but_not_for_one_that_expired(
+    redis_client: aioredis.Redis,
+) -> None:
+    queue, job, claimed = await submitted_and_claimed(redis_client)
+    await queue.start(claimed, "w1")
+    await redis_client.delete(KEYS.job(job.id))  # restored from a snapshot older than the submit
+    assert await queue.complete(claimed, success(job), [b"a"]) is True
+    assert await queue.job_status(job.id) == "succeeded"
+    other = make_job("old")
+    await queue.submit(other, STREAM)
+    late = await queue.claim("w1", [STREAM], block_ms=100)
+    assert late is not None and await queue.start(late, "w1") is not None
+    await redis_client.delete(KEYS.job(other.id))  # as if it had finished and its record expired
+    long_ago = dataclasses.replace(late, enqueued_ms=late.enqueued_ms - 1000 * record_ttl(other.result_ttl_s) - 1)
+    assert await queue.complete(long_ago, success(other), [b"a"]) is False
+    assert await queue.fetch_result(other.id) is None
