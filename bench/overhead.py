@@ -4,13 +4,18 @@ Starts its own redis-server and `sdxl-serve up --redis-url ...` (so it can read 
 sends N sequential requests and reports p50/p90 of each timing the gateway returns, the serving overhead
 (total_ms minus generate_ms, per request), and each worker's start-to-ready time.
 
-    .venv/bin/python bench/overhead.py --requests 20 [--model DIR --shapes 64x64x20] [--json]
+With --count-commands, a MONITOR connection counts the commands the gateway and the worker send while the
+requests run (not those a Lua script runs inside Redis; a pipeline's commands one by one, and background
+work such as heartbeats and idle blocking reads included), per request and by command.
+
+    .venv/bin/python bench/overhead.py --requests 20 [--model DIR --shapes 64x64x20] [--count-commands] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import shutil
@@ -50,6 +55,45 @@ async def run_requests(url: str, count: int, prompt: str) -> list[dict[str, Any]
     return rows
 
 
+class CommandCounter:
+    """Commands sent to Redis by clients (not by scripts), by client and command name, from MONITOR."""
+
+    def __init__(self, redis_url: str) -> None:
+        self._client = aioredis.Redis.from_url(redis_url)
+        self._seen: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        started = asyncio.Event()
+        self._task = asyncio.create_task(self._count(started))
+        await started.wait()
+
+    async def _count(self, started: asyncio.Event) -> None:
+        async with self._client.monitor() as monitor:
+            started.set()
+            async for command in monitor.listen():
+                if command["client_type"] != "lua":
+                    name = command["command"].split(" ", 1)[0].strip('"').upper()
+                    self._seen[(f"{command['client_address']}:{command['client_port']}", name)] += 1
+
+    async def stop(self, requests: int) -> dict[str, dict[str, float]]:
+        """Commands per request by role (gateway, worker) and command name."""
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        names = {f"{c['addr']}": str(c.get("name") or "") for c in await self._client.client_list()}
+        await self._client.aclose()
+        per_role: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        for (address, command), calls in self._seen.items():
+            role = names.get(address, "").split(":", 1)[0].removeprefix("sdxl-") or "other"
+            per_role[role][command] += calls
+        return {
+            role: {"total": round(sum(c.values()) / requests, 2)}
+            | {name: round(calls / requests, 2) for name, calls in sorted(c.items())}
+            for role, c in sorted(per_role.items())
+        }
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     for row in rows:
         row["overhead_ms"] = row["total_ms"] - row["generate_ms"]
@@ -66,8 +110,10 @@ async def main() -> None:
     parser.add_argument("--model", default=None, help="default: the tiny model `sdxl-serve up` makes")
     parser.add_argument("--shapes", default=None)
     parser.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
+    parser.add_argument("--count-commands", action="store_true", help="count the commands sent to Redis (MONITOR)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    commands: dict[str, dict[str, float]] = {}
 
     scratch = Path(tempfile.mkdtemp(prefix="sdxl-bench-"))
     redis_port, port = free_port(), free_port()
@@ -108,7 +154,12 @@ async def main() -> None:
         client = aioredis.Redis.from_url(redis_url)
         workers = await Registry(client, Keys()).workers()
         await client.aclose()
+        counter = CommandCounter(redis_url) if args.count_commands else None
+        if counter is not None:
+            await counter.start()
         rows = await run_requests(f"http://127.0.0.1:{port}", args.requests, args.prompt)
+        if counter is not None:
+            commands = await counter.stop(args.requests)
     finally:
         up.terminate()
         up.wait(timeout=120)
@@ -123,7 +174,7 @@ async def main() -> None:
         "devices": [f"{w.devices}x {w.device_kind}" for w in workers],
         "start_to_ready_s": [round((w.ready_at or 0) - w.started_at, 2) for w in workers],
         "timings_ms": summarize(rows),
-    }
+    } | ({"commands_per_request": commands} if commands else {})
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -132,6 +183,8 @@ async def main() -> None:
     print(f"{'timing':<12} {'p50 ms':>9} {'p90 ms':>9}   ({args.requests} sequential requests)")
     for key, stats in report["timings_ms"].items():
         print(f"{key:<12} {stats['p50']:>9.1f} {stats['p90']:>9.1f}")
+    for role, counts in commands.items():
+        print(f"commands per request, {role}: " + ", ".join(f"{k} {v:g}" for k, v in counts.items()))
 
 
 if __name__ == "__main__":
