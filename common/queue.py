@@ -852,6 +852,14 @@ class JobQueue:
             return None
         return JobResult.model_validate_json(meta), image
 
+    async def statuses(self, job_ids: list[str]) -> list[str | None]:
+        """The status of each job (None for an unknown one), in one pipelined round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(self._keys.job(job_id), "status")
+            found = await pipe.execute()
+        return [None if status is None else _text(status) for status in found]
+
     async def job_status(self, job_id: str) -> str | None:
         """`queued`, `running`, `succeeded`, `failed` or `cancelled` while the job's record lives; None for an
         unknown id."""

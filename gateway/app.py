@@ -23,6 +23,7 @@ from gateway.appkeys import (
     ACCESS,
     CONFIG,
     GATEWAY_ID,
+    JOURNAL,
     KEY_STORE,
     LIMITER,
     LISTENER,
@@ -36,6 +37,7 @@ from gateway.appkeys import (
     THROUGHPUT,
 )
 from gateway.auth import KeyStore
+from gateway.journal import Journal
 from gateway.limits import ThroughputMeter
 from gateway.metrics import GatewayMetrics, metrics_middleware
 from gateway.middlewares import error_middleware, protection_middleware, rate_limit_headers
@@ -70,7 +72,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     app[KEY_STORE] = KeyStore(config)
     app[THROUGHPUT] = ThroughputMeter()
     app[ACCESS] = {(route.method, route.path): route.access for route in ROUTES}
-    app.cleanup_ctx.extend([_redis_ctx, _listener_ctx, _positions_ctx, _keys_ctx])
+    app.cleanup_ctx.extend([_redis_ctx, _listener_ctx, _journal_ctx, _positions_ctx, _keys_ctx])
     app.on_response_prepare.extend([_no_stale_pages, rate_limit_headers, echo_request_id])
     setup_routes(app)
     app[OPENAPI] = build_openapi(ROUTES, config)
@@ -101,6 +103,16 @@ async def _listener_ctx(app: web.Application) -> AsyncIterator[None]:
     app[LISTENER] = listener
     task = asyncio.create_task(listener.run(), name="completion-listener")
     await asyncio.wait_for(listener.subscribed.wait(), LISTENER_READY_TIMEOUT_S)
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def _journal_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The jobs this gateway accepted, queued again should Redis lose them."""
+    journal = Journal(app[QUEUE], Keys(app[CONFIG].key_prefix))
+    app[JOURNAL] = journal
+    task = asyncio.create_task(journal.run(), name="accepted-jobs")
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)

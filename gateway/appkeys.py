@@ -12,6 +12,7 @@ from common.queue import JobListener, JobQueue
 from common.ratelimit import RateLimiter
 from common.registry import Registry
 from gateway.auth import KeyStore
+from gateway.journal import Journal
 from gateway.limits import Access, ThroughputMeter
 from gateway.metrics import GatewayMetrics
 from gateway.positions import PositionBoard
@@ -23,6 +24,7 @@ REDIS = web.AppKey("redis", aioredis.Redis)
 QUEUE = web.AppKey("queue", JobQueue)
 REGISTRY = web.AppKey("registry", Registry)
 LISTENER = web.AppKey("listener", JobListener)
+JOURNAL = web.AppKey("journal", Journal)
 POSITIONS = web.AppKey("positions", PositionBoard)
 OPENAPI = web.AppKey("openapi", dict[str, Any])
 ROUTER = web.AppKey("router", Router)

@@ -31,8 +31,9 @@ from common.protocol import (
 from common.queue import IdempotencyConflict, JobQueue, JobRecord, QueueFull, StoredResult, Submitted
 from common.redis_conn import UNAVAILABLE
 from common.registry import WorkerInfo
-from gateway.appkeys import CONFIG, LISTENER, QUEUE, REGISTRY, ROUTER, THROUGHPUT
+from gateway.appkeys import CONFIG, JOURNAL, LISTENER, QUEUE, REGISTRY, ROUTER, THROUGHPUT
 from gateway.errors import ApiError
+from gateway.journal import Accepted
 from gateway.limits import queue_full
 from gateway.requestlog import REQUEST_ID
 from gateway.shapes import resolve_shape
@@ -125,6 +126,7 @@ async def submit(request: web.Request, body: GenerateRequest, placed: Placed) ->
             id=exc.job_id,
         ) from None
     if submitted.created:
+        request.app[JOURNAL].add(Accepted(placed.job, key, fingerprint))
         logger.info("job %s queued on %s", submitted.job_id, placed.stream, extra={"job_id": submitted.job_id})
     else:
         logger.info("job %s replayed for its Idempotency-Key", submitted.job_id, extra={"job_id": submitted.job_id})

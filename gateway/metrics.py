@@ -68,7 +68,8 @@ class GatewayMetrics:
         self.listener_counters = _Counters(
             "sdxl_gateway_listener_events",
             "Job events listener: subscriptions (re-subscriptions included), completions recovered by a "
-            "re-check, malformed messages skipped, restarts after an error",
+            "re-check, malformed messages skipped, restarts after an error; and jobs Redis lost that this "
+            "gateway queued again (resubmitted)",
         )
         r.register(self.listener_counters)
 

@@ -14,7 +14,7 @@ from common.protocol import FINISHED, GenerateRequest, GenerateResponse, JobAcce
 from common.queue import StoredResult
 from common.registry import SERVING_STATES, WorkerList
 from gateway import jobs
-from gateway.appkeys import CONFIG, LISTENER, METRICS, OPENAPI, QUEUE, REDIS, REGISTRY
+from gateway.appkeys import CONFIG, JOURNAL, LISTENER, METRICS, OPENAPI, QUEUE, REDIS, REGISTRY
 from gateway.errors import ApiError, from_validation_error
 from gateway.metrics import CONTENT_TYPE
 
@@ -62,7 +62,7 @@ async def metrics(request: web.Request) -> web.Response:
     gauges.queue_counters.values = await app[QUEUE].stats()
     gauges.waiting.set(app[LISTENER].waiting)
     gauges.event_streams.set(app[LISTENER].watching)
-    gauges.listener_counters.values = dict(app[LISTENER].counts)
+    gauges.listener_counters.values = dict(app[LISTENER].counts) | {"resubmitted": app[JOURNAL].resubmitted}
     return web.Response(body=gauges.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from common.keys import Keys
 from common.queue import ClaimedJob, JobQueue
+from gateway.appkeys import JOURNAL
 from tests.conftest import claim_next, finish, queued_jobs, read_events, worker_streams
 
 KEYS = Keys()
@@ -251,3 +252,22 @@ async def test_queued_position_updates_as_the_queue_moves(
     await start(redis_client)  # the job ahead is taken
     assert await anext(events) == ("queued", {"id": job_id, "position": 0})
     response.close()  # the client leaves; the server's stream must not outlive the test's app
+
+
+async def test_a_job_redis_lost_is_queued_again_by_the_gateway_that_accepted_it(
+    client: Client, redis_client: aioredis.Redis, fake_worker: None
+) -> None:
+    job_id = (await submit(client, {"Idempotency-Key": "lost-1"}))["id"]
+    record = await JobQueue(redis_client, KEYS).record(job_id)
+    assert record is not None and record.stream is not None
+    # Redis comes back from a snapshot taken before the submit: the job, its entry and its key are gone.
+    await redis_client.delete(KEYS.job(job_id), KEYS.idempotency("lost-1"), record.stream)
+    assert (await client.get(f"/v1/jobs/{job_id}")).status == 404
+    journal = client.app[JOURNAL]
+    await journal.sweep()
+    assert (await state(client, job_id))["status"] == "queued" and journal.resubmitted == 1
+    await finish(redis_client, await claim_next(redis_client), [b"png"])
+    await journal.sweep()
+    assert (await state(client, job_id))["status"] == "succeeded" and len(journal) == 0
+    again = await client.post("/v1/jobs", json={"prompt": "a lighthouse"}, headers={"Idempotency-Key": "lost-1"})
+    assert (await again.json())["id"] == job_id

@@ -1,0 +1,95 @@
+"""The jobs this gateway accepted and that have not finished, kept in memory so that a job Redis loses is
+queued again.
+
+Redis restored from an older snapshot (or a failover to a replica that missed the last writes) forgets a
+job that was accepted after the snapshot: its record and its stream entry are gone, and nothing in Redis
+says it existed. The gateway that accepted it still knows it. Every `interval_s` the journal asks Redis
+for the status of every job it holds, in one pipelined round trip: a terminal job is forgotten, a job
+Redis no longer knows is submitted again with its id, request and idempotency key (the submit script is
+safe to run twice, so a job that is in fact there is not queued again). The journal is bounded: past
+`capacity` jobs, the oldest is forgotten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from dataclasses import dataclass
+
+from common.keys import Keys
+from common.protocol import FINISHED, Job
+from common.queue import IdempotencyConflict, JobQueue
+from common.redis_conn import UNAVAILABLE
+
+logger = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_S = 2.0
+CAPACITY = 10_000
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What it takes to queue a job again: the job, and the idempotency key and fingerprint it came with."""
+
+    job: Job
+    idempotency_key: str | None
+    fingerprint: str
+
+
+class Journal:
+    """Accepted jobs not yet seen terminal; `run()` re-queues those Redis has lost."""
+
+    def __init__(
+        self, queue: JobQueue, keys: Keys, interval_s: float = SWEEP_INTERVAL_S, capacity: int = CAPACITY
+    ) -> None:
+        self._queue = queue
+        self._keys = keys
+        self._interval_s = interval_s
+        self._capacity = capacity
+        self._jobs: collections.OrderedDict[str, Accepted] = collections.OrderedDict()
+        self.resubmitted = 0
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def add(self, accepted: Accepted) -> None:
+        """Hold a job the gateway has just accepted (its submit returned `created`)."""
+        self._jobs[accepted.job.id] = accepted
+        while len(self._jobs) > self._capacity:
+            self._jobs.popitem(last=False)
+
+    async def run(self) -> None:
+        """Sweep until cancelled; a Redis error skips a sweep."""
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self.sweep()
+            except (*UNAVAILABLE, OSError) as exc:
+                logger.warning("accepted jobs not checked (%s)", exc)
+
+    async def sweep(self) -> None:
+        """Forget the jobs that finished; queue again the ones Redis no longer knows."""
+        job_ids = list(self._jobs)
+        if not job_ids:
+            return
+        for job_id, status in zip(job_ids, await self._queue.statuses(job_ids), strict=True):
+            if status in FINISHED:
+                self._jobs.pop(job_id, None)
+            elif status is None and (accepted := self._jobs.get(job_id)) is not None:
+                await self._resubmit(accepted)
+
+    async def _resubmit(self, accepted: Accepted) -> None:
+        job = accepted.job
+        try:
+            submitted = await self._queue.submit(
+                job, self._keys.shape_stream(job.shape), accepted.idempotency_key, accepted.fingerprint
+            )
+        except IdempotencyConflict:
+            submitted = None
+        if submitted is None or submitted.job_id != job.id:  # its key names another job now: that one stands
+            logger.error("job %s was lost by Redis and its key now names another job; not queued again", job.id)
+            self._jobs.pop(job.id, None)
+            return
+        self.resubmitted += 1
+        logger.warning("job %s was lost by Redis (restored from an older state); queued again", job.id)
