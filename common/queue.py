@@ -35,157 +35,9 @@ from redis.exceptions import ResponseError
 from common.keys import Keys
 from common.protocol import JOB_ID_PATTERN, Job, JobResult
 from common.redis_conn import UNAVAILABLE
+from common.scripts import register
 
 logger = logging.getLogger(__name__)
-
-# KEYS: result, stream, job record, stats.
-# ARGV: group, entry id, ttl, channel, job id, meta, status, images...
-_STORE_RESULT = """
-local stored = 0
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  if redis.call('HGET', KEYS[3], 'status') == 'cancelled' then
-    redis.call('HINCRBY', KEYS[4], 'discarded_after_cancel', 1)
-  else
-    redis.call('HINCRBY', KEYS[4], 'duplicate_results', 1)
-  end
-else
-  redis.call('HSET', KEYS[1], 'meta', ARGV[6])
-  for i = 8, #ARGV do
-    redis.call('HSET', KEYS[1], 'image:' .. (i - 8), ARGV[i])
-  end
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
-  redis.call('HSET', KEYS[3], 'status', ARGV[7])
-  redis.call('EXPIRE', KEYS[3], ARGV[3])
-  redis.call('PUBLISH', ARGV[4], ARGV[5])
-  stored = 1
-end
-redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[2], ARGV[2])
-return stored
-"""
-
-# Submit: the job's record and its stream entry together; with an idempotency key, at most one job per key;
-# with a maximum depth, nothing is queued on a stream already holding that many entries (queued or in
-# service), checked in the same script so that any number of gateways cannot overshoot it. A replay of a
-# key's job is answered before the depth is looked at: it queues nothing.
-# KEYS: job record, stream, set of job streams[, idempotency key].  ARGV: job json, ttl, job id, fingerprint,
-# max depth (0: none).
-# Returns {'created', "job-id fingerprint"}, {'existing', "job-id fingerprint" of the key's job} or
-# {'full', depth}.
-_SUBMIT = """
-if KEYS[4] then
-  local existing = redis.call('GET', KEYS[4])
-  if existing then return {'existing', existing} end
-end
-local max_depth = tonumber(ARGV[5])
-if max_depth > 0 then
-  local depth = redis.call('XLEN', KEYS[2])
-  if depth >= max_depth then return {'full', depth} end
-end
-local entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[1])
-redis.call('SADD', KEYS[3], KEYS[2])
-local now = redis.call('TIME')
-local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-redis.call('HSET', KEYS[1], 'job', ARGV[1], 'status', 'queued', 'entry', entry, 'stream', KEYS[2], 'created', ms)
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-local claim = ARGV[3] .. ' ' .. ARGV[4]
-if KEYS[4] then redis.call('SET', KEYS[4], claim, 'EX', ARGV[2]) end
-return {'created', claim}
-"""
-
-# KEYS: job record, attempts, result.  ARGV: worker, ttl, job events channel, job id.
-# Returns Redis time (ms), or -1 when the job was cancelled or already has a result: skip it.
-_START = """
-if redis.call('HGET', KEYS[1], 'status') == 'cancelled' or redis.call('EXISTS', KEYS[3]) == 1 then
-  return -1
-end
-local now = redis.call('TIME')
-local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
-redis.call('HDEL', KEYS[1], 'step', 'total')
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('RPUSH', KEYS[2], ARGV[1] .. '@' .. ms)
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-redis.call('PUBLISH', ARGV[3], cjson.encode({id = ARGV[4], type = 'started', worker = ARGV[1]}))
-return ms
-"""
-
-# Record a finished denoising step, if `worker` still owns the running job; returns the job's status.
-# KEYS: job record.  ARGV: worker, step, total, job events channel, job id.
-_PROGRESS = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'running' and redis.call('HGET', KEYS[1], 'worker') == ARGV[1] then
-  redis.call('HSET', KEYS[1], 'step', ARGV[2], 'total', ARGV[3])
-  redis.call('PUBLISH', ARGV[4], cjson.encode({id = ARGV[5], type = 'progress',
-                                               step = tonumber(ARGV[2]), total = tonumber(ARGV[3])}))
-end
-return status or false
-"""
-
-# Cancel a job that has no result yet: store a `cancelled` result (so a worker's later one is dropped),
-# take its entry off the stream (a queued job is never delivered) and announce it.
-# KEYS: job record, result, stream, stats.  ARGV: ttl, completions channel, job id, meta.
-# Returns false for an unknown job, 'cancelled-now', or the status of a job that already finished.
-_CANCEL = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return false end
-if status == 'cancelled' or redis.call('EXISTS', KEYS[2]) == 1 then return status end
-redis.call('HSET', KEYS[2], 'meta', ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-redis.call('HSET', KEYS[1], 'status', 'cancelled')
-local entry = redis.call('HGET', KEYS[1], 'entry')
-if entry then redis.call('XDEL', KEYS[3], entry) end
-redis.call('HINCRBY', KEYS[4], 'cancelled', 1)
-redis.call('PUBLISH', ARGV[2], ARGV[3])
-return 'cancelled-now'
-"""
-
-# Move one entry of a departed worker's stream to the shared stream of its shape, keeping its enqueue
-# time and counting a delivery if it was in service; skip a cancelled or finished job.
-# KEYS: from stream, to stream, job record.  ARGV: group, entry id.  Returns 1 if moved.
-_MOVE = """
-local entries = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
-if #entries == 0 then return 0 end
-local fields = entries[1][2]
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-local status = redis.call('HGET', KEYS[3], 'status')
-if status ~= 'queued' and status ~= 'running' then return 0 end
-local out = {}
-local deliveries, enqueued = 0, string.match(ARGV[2], '^(%d+)')
-for i = 1, #fields, 2 do
-  if fields[i] == 'deliveries' then deliveries = tonumber(fields[i + 1])
-  elseif fields[i] == 'enqueued' then enqueued = fields[i + 1]
-  else table.insert(out, fields[i]); table.insert(out, fields[i + 1]) end
-end
-if #pending > 0 then deliveries = deliveries + pending[1][4] end
-table.insert(out, 'deliveries'); table.insert(out, tostring(deliveries))
-table.insert(out, 'enqueued'); table.insert(out, enqueued)
-local entry = redis.call('XADD', KEYS[2], '*', unpack(out))
-redis.call('HSET', KEYS[3], 'status', 'queued', 'entry', entry, 'stream', KEYS[2])
-return 1
-"""
-
-# Take the oldest pending entry of a dead consumer, or forget the consumer once it holds none.
-# KEYS: stream, stats.  ARGV: group, dead consumer, new consumer.
-# Returns false (nothing left), or {entry id, deliveries, fields or false if the entry was deleted}.
-_TAKE_OVER = """
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
-if #pending == 0 then
-  redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-  return false
-end
-local id = pending[1][1]
-local deliveries = pending[1][4] + 1
-local entries = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, id)
-redis.call('HINCRBY', KEYS[2], 'reclaimed', 1)
-if #entries == 0 or not entries[1][2] then
-  redis.call('XACK', KEYS[1], ARGV[1], id)
-  return {id, deliveries, false}
-end
-return {id, deliveries, entries[1][2]}
-"""
 
 
 class MalformedJob(Exception):
@@ -280,13 +132,13 @@ class JobQueue:
     def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
         self._redis = redis
         self._keys = keys
-        self._store = redis.register_script(_STORE_RESULT)
-        self._submit = redis.register_script(_SUBMIT)
-        self._start = redis.register_script(_START)
-        self._progress = redis.register_script(_PROGRESS)
-        self._cancel = redis.register_script(_CANCEL)
-        self._take_over = redis.register_script(_TAKE_OVER)
-        self._move = redis.register_script(_MOVE)
+        self._store = register(redis, "store_result")
+        self._submit = register(redis, "submit")
+        self._start = register(redis, "start")
+        self._progress = register(redis, "progress")
+        self._cancel = register(redis, "cancel")
+        self._take_over = register(redis, "take_over")
+        self._move = register(redis, "move")
         self._held: collections.deque[tuple[str, str, dict[bytes, bytes]]] = collections.deque()
 
     async def ensure_group(self, stream: str) -> None:
