@@ -34,11 +34,11 @@ import redis.asyncio as aioredis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.cluster import free_port, wait_http
-from common.keys import Keys
 from common.queue import JobQueue
+from common.rediskeys import RedisKeys
 from common.registry import SERVING_STATES, Registry
 
-KEYS = Keys()
+KEYS = RedisKeys()
 STEPS = 8
 READY_TIMEOUT_S = 300.0
 

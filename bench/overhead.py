@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.host import describe
 from common.cluster import free_port
-from common.keys import Keys
+from common.rediskeys import RedisKeys
 from common.registry import Registry
 
 
@@ -106,7 +106,7 @@ async def main() -> None:
         line = up.stdout.readline()
         assert line.startswith("ready:"), f"cluster did not start: {line!r}"
         client = aioredis.Redis.from_url(redis_url)
-        workers = await Registry(client, Keys()).workers()
+        workers = await Registry(client, RedisKeys()).workers()
         await client.aclose()
         rows = await run_requests(f"http://127.0.0.1:{port}", args.requests, args.prompt)
     finally:

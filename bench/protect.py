@@ -40,10 +40,10 @@ import redis.asyncio as aioredis
 
 from bench.routing import number_type
 from common.cluster import free_port, wait_http
-from common.keys import Keys
 from common.protocol import JobResult, Shape, Timings
 from common.queue import JobQueue
 from common.redis_conn import UNAVAILABLE
+from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
 
 SHAPE = Shape(width=64, height=64, steps=2)
@@ -51,7 +51,7 @@ VALID = {"prompt": "a lighthouse at dusk", "num_inference_steps": SHAPE.steps}
 INVALID = {"prompt": "a lighthouse at dusk", "colour": "red"}  # an unknown field: 400 extra_forbidden
 NO_LIMITS = [arg for name in ("address-submit", "address-read") for arg in (f"--rate-limit-{name}", "off")]
 RSS_SAMPLE_S = 0.02
-KEYS = Keys()
+KEYS = RedisKeys()
 
 
 @dataclass(frozen=True)

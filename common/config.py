@@ -14,7 +14,6 @@ from typing import Literal, get_args
 from urllib.parse import parse_qsl, urlencode
 
 from common.apikeys import KeyRing
-from common.keys import DEFAULT_PREFIX
 from common.protocol import (
     DEFAULT_LIMITS,
     MAX_GUIDANCE,
@@ -25,6 +24,7 @@ from common.protocol import (
     Shape,
 )
 from common.ratelimit import Rate
+from common.rediskeys import DEFAULT_PREFIX
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 # The hub repository keeps its Flax weights on this ref, not on main.

@@ -32,9 +32,9 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import ResponseError
 
-from common.keys import Keys
 from common.protocol import JOB_ID_PATTERN, Job, JobResult
 from common.redis_conn import UNAVAILABLE
+from common.rediskeys import RedisKeys
 from common.scripts import register
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class StoredResult:
 class JobQueue:
     """Submit, claim and complete jobs on one cluster's stream."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
         self._redis = redis
         self._keys = keys
         self._store = register(redis, "store_result")
@@ -553,7 +553,7 @@ class JobListener:
     def __init__(
         self,
         redis: aioredis.Redis,
-        keys: Keys,
+        keys: RedisKeys,
         watch_queue_size: int = 256,
         on_completion: Callable[[], None] | None = None,
     ) -> None:

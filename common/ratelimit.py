@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from common.keys import Keys
+from common.rediskeys import RedisKeys
 from common.scripts import register
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -90,7 +90,7 @@ class Decision:
 class RateLimiter:
     """Checks buckets named `(bucket, identity)` against their rates; shared through Redis."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
         self._keys = keys
         self._gcra = register(redis, "gcra", package="gateway")
 

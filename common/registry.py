@@ -15,8 +15,8 @@ from typing import Literal
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 
-from common.keys import Keys
 from common.protocol import Shape
+from common.rediskeys import RedisKeys
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class WorkerList(BaseModel):
 class Registry:
     """Read and write one cluster's worker registry."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
         self._redis = redis
         self._keys = keys
 

@@ -8,8 +8,8 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel
 from redis.exceptions import ResponseError
 
-from common.keys import Keys
 from common.queue import JobQueue
+from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
 
 
@@ -33,7 +33,7 @@ class ClusterStatus(BaseModel):
     at: float
 
 
-async def read_status(redis: aioredis.Redis, keys: Keys) -> ClusterStatus:
+async def read_status(redis: aioredis.Redis, keys: RedisKeys) -> ClusterStatus:
     """Read the cluster's state: a handful of Redis reads, safe to run against production."""
     queue = JobQueue(redis, keys)
     streams = [await _stream_status(redis, keys, name) for name in await queue.streams()]
@@ -48,7 +48,7 @@ async def read_status(redis: aioredis.Redis, keys: Keys) -> ClusterStatus:
     )
 
 
-async def _stream_status(redis: aioredis.Redis, keys: Keys, stream: str) -> StreamStatus:
+async def _stream_status(redis: aioredis.Redis, keys: RedisKeys, stream: str) -> StreamStatus:
     try:
         pending = int((await redis.xpending(stream, keys.workers_group))["pending"])
     except ResponseError:  # no group yet (a stream created by a submit before any worker read it)

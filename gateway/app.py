@@ -14,12 +14,21 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from common.config import GatewayConfig, log_config
-from common.keys import Keys
 from common.queue import JobListener, JobQueue
 from common.ratelimit import RateLimiter
 from common.redis_conn import connect
+from common.rediskeys import RedisKeys
 from common.registry import Registry
-from gateway.appkeys import (
+from gateway.auth import KeyStore
+from gateway.limits import ThroughputMeter
+from gateway.metrics import GatewayMetrics, metrics_middleware
+from gateway.middlewares import error_middleware, protection_middleware, rate_limit_headers
+from gateway.openapi import build_openapi
+from gateway.placement import Placement
+from gateway.positions import PositionBoard
+from gateway.requestlog import AccessLogger, echo_request_id, request_id_middleware
+from gateway.routes import ROUTES, setup_routes
+from gateway.state import (
     ACCESS,
     CONFIG,
     GATEWAY_ID,
@@ -28,22 +37,13 @@ from gateway.appkeys import (
     LISTENER,
     METRICS,
     OPENAPI,
+    PLACEMENT,
     POSITIONS,
     QUEUE,
     REDIS,
     REGISTRY,
-    ROUTER,
     THROUGHPUT,
 )
-from gateway.auth import KeyStore
-from gateway.limits import ThroughputMeter
-from gateway.metrics import GatewayMetrics, metrics_middleware
-from gateway.middlewares import error_middleware, protection_middleware, rate_limit_headers
-from gateway.openapi import build_openapi
-from gateway.positions import PositionBoard
-from gateway.requestlog import AccessLogger, echo_request_id, request_id_middleware
-from gateway.routes import ROUTES, setup_routes
-from gateway.routing import Router
 
 logger = logging.getLogger(__name__)
 
@@ -86,18 +86,18 @@ async def _no_stale_pages(request: web.Request, response: web.StreamResponse) ->
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     redis = connect(config.redis_url, name=f"sdxl-gateway:{app[GATEWAY_ID]}")
-    keys = Keys(config.key_prefix)
+    keys = RedisKeys(config.key_prefix)
     app[REDIS] = redis
     app[QUEUE] = JobQueue(redis, keys)
     app[REGISTRY] = Registry(redis, keys)
-    app[ROUTER] = Router(config.routing, redis, keys)
+    app[PLACEMENT] = Placement(config.routing, redis, keys)
     app[LIMITER] = RateLimiter(redis, keys)
     yield
     await redis.aclose()
 
 
 async def _listener_ctx(app: web.Application) -> AsyncIterator[None]:
-    listener = JobListener(app[REDIS], Keys(app[CONFIG].key_prefix), on_completion=app[THROUGHPUT].record)
+    listener = JobListener(app[REDIS], RedisKeys(app[CONFIG].key_prefix), on_completion=app[THROUGHPUT].record)
     app[LISTENER] = listener
     task = asyncio.create_task(listener.run(), name="completion-listener")
     await asyncio.wait_for(listener.subscribed.wait(), LISTENER_READY_TIMEOUT_S)

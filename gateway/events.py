@@ -34,8 +34,8 @@ from common.protocol import (
 from common.queue import JobEvent, JobRecord
 from common.redis_conn import UNAVAILABLE
 from gateway import jobs
-from gateway.appkeys import LISTENER, POSITIONS
 from gateway.positions import Entry
+from gateway.state import LISTENER, POSITIONS
 
 logger = logging.getLogger(__name__)
 

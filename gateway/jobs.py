@@ -30,11 +30,11 @@ from common.protocol import (
 from common.queue import IdempotencyConflict, JobQueue, JobRecord, QueueFull, StoredResult, Submitted
 from common.redis_conn import UNAVAILABLE
 from common.registry import WorkerInfo
-from gateway.appkeys import CONFIG, LISTENER, QUEUE, REGISTRY, ROUTER, THROUGHPUT
 from gateway.errors import ApiError
 from gateway.limits import queue_full
 from gateway.requestlog import REQUEST_ID
 from gateway.shapes import resolve_shape
+from gateway.state import CONFIG, LISTENER, PLACEMENT, QUEUE, REGISTRY, THROUGHPUT
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ async def make_job(request: web.Request, body: GenerateRequest) -> Placed:
         request_id=request.get(REQUEST_ID),
         **extra,
     )
-    return Placed(job=job, stream=await request.app[ROUTER].stream_for(shape, workers), workers=workers)
+    return Placed(job=job, stream=await request.app[PLACEMENT].stream_for(shape, workers), workers=workers)
 
 
 def idempotency_key(request: web.Request) -> str | None:

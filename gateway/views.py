@@ -14,9 +14,9 @@ from common.protocol import GenerateRequest, GenerateResponse, JobAccepted, JobS
 from common.queue import StoredResult
 from common.registry import SERVING_STATES, WorkerList
 from gateway import jobs
-from gateway.appkeys import CONFIG, LISTENER, METRICS, OPENAPI, QUEUE, REDIS, REGISTRY
 from gateway.errors import ApiError, from_validation_error
 from gateway.metrics import CONTENT_TYPE
+from gateway.state import CONFIG, LISTENER, METRICS, OPENAPI, QUEUE, REDIS, REGISTRY
 
 M = TypeVar("M", bound=BaseModel)
 

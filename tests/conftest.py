@@ -36,9 +36,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from common.cluster import free_port, wait_http
 from common.config import GatewayConfig
-from common.keys import Keys
 from common.protocol import JobResult, Shape, Timings
 from common.queue import ClaimedJob, JobQueue
+from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
 from gateway.app import create_app
 
@@ -200,7 +200,7 @@ class Cluster:
 async def wait_ready(redis_url: str, count: int, prefix: str = "sdxl") -> list[WorkerInfo]:
     client = aioredis.Redis.from_url(redis_url)
     try:
-        return await Registry(client, Keys(prefix)).wait_for_ready(count, READY_TIMEOUT_S)
+        return await Registry(client, RedisKeys(prefix)).wait_for_ready(count, READY_TIMEOUT_S)
     finally:
         await client.aclose()
 
@@ -284,21 +284,21 @@ async def register_worker(
         shapes=list(shapes),
         started_at=time.time(),
     )
-    queue = JobQueue(redis_client, Keys())
+    queue = JobQueue(redis_client, RedisKeys())
     for stream in worker_streams(worker_id, shapes):
         await queue.ensure_group(stream)
-    await Registry(redis_client, Keys()).publish(info, ttl_s=60)
+    await Registry(redis_client, RedisKeys()).publish(info, ttl_s=60)
 
 
 def worker_streams(worker_id: str = "test-worker", shapes: tuple[Shape, ...] = TEST_SHAPES) -> list[str]:
     """The streams a worker reads, in its order: its own, then one per shape."""
-    keys = Keys()
+    keys = RedisKeys()
     return [keys.worker_stream(worker_id), *(keys.shape_stream(shape) for shape in shapes)]
 
 
 async def queued_jobs(redis_client: aioredis.Redis) -> int:
     """Jobs on any stream (queued or in service)."""
-    return await JobQueue(redis_client, Keys()).depth()
+    return await JobQueue(redis_client, RedisKeys()).depth()
 
 
 @pytest.fixture
@@ -318,7 +318,7 @@ async def fake_worker(redis_client: aioredis.Redis) -> AsyncIterator[None]:
 
 async def claim_next(redis_client: aioredis.Redis, worker_id: str = "test-worker") -> ClaimedJob:
     """Claim the next job as a worker would, waiting for one to be queued."""
-    queue = JobQueue(redis_client, Keys())
+    queue = JobQueue(redis_client, RedisKeys())
     for stream in worker_streams(worker_id):
         await queue.ensure_group(stream)
     claimed = None
@@ -346,7 +346,7 @@ async def finish(
         image_count=len(images),
         timings=Timings(queued_ms=1.0, generate_ms=2.0, encode_ms=3.0),
     )
-    return await JobQueue(redis_client, Keys()).complete(claimed, result, images)
+    return await JobQueue(redis_client, RedisKeys()).complete(claimed, result, images)
 
 
 async def play_worker(redis_client: aioredis.Redis, images: list[bytes]) -> None:

@@ -18,11 +18,11 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from bench.chaos import digest, stored_digest
-from common.keys import Keys
 from common.queue import JobQueue
+from common.rediskeys import RedisKeys
 from common.registry import Registry
 
-KEYS = Keys()
+KEYS = RedisKeys()
 
 
 def say(**payload: Any) -> None:

@@ -25,9 +25,9 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
-from common.keys import Keys
 from common.protocol import Job, JobResult, Shape, Timings
 from common.queue import JobQueue
+from common.rediskeys import RedisKeys
 from gateway.metrics import WORKER_STATES
 from tests.deployfiles import CLI_ENV, ROOT, metric_names, parse, served_routes, stage_values
 
@@ -400,7 +400,7 @@ def _scaled_object_problems(docs: list[Doc], scaled: Doc) -> list[str]:
     if worker.args.shapes is None:
         return ["the worker's --shapes must be explicit, so its streams can be checked"]
     problems = [] if spec.get("minReplicaCount", 0) >= 1 else ["minReplicaCount 0: see scaledobject.yaml"]
-    keys = Keys(worker.args.key_prefix)
+    keys = RedisKeys(worker.args.key_prefix)
     triggers = spec["triggers"]
     streams = {t["metadata"]["stream"] for t in triggers}
     wanted = {keys.shape_stream(shape) for shape in worker.args.shapes}
@@ -593,7 +593,7 @@ def _rename_metric(docs: list[Doc]) -> None:
 
 
 def _set_consumer_group(docs: list[Doc]) -> None:
-    of_kind(docs, "ScaledObject")[0]["spec"]["triggers"][0]["metadata"]["consumerGroup"] = Keys().workers_group
+    of_kind(docs, "ScaledObject")[0]["spec"]["triggers"][0]["metadata"]["consumerGroup"] = RedisKeys().workers_group
 
 
 def _misspell_variable(docs: list[Doc]) -> None:
@@ -642,7 +642,7 @@ def test_metric_names_are_found_in_promql() -> None:
 async def test_stream_length_counts_queued_and_running_jobs_and_the_group_lag_does_not(
     redis_client: aioredis.Redis,
 ) -> None:
-    keys = Keys()
+    keys = RedisKeys()
     shape = Shape(width=64, height=64, steps=2)
     stream = keys.shape_stream(shape)
     queue = JobQueue(redis_client, keys)

@@ -14,9 +14,9 @@ import pytest
 import redis.asyncio as aioredis
 from PIL import Image
 
-from common.keys import Keys
 from common.protocol import Job
 from common.queue import JobListener, JobQueue
+from common.rediskeys import RedisKeys
 from common.registry import WorkerInfo
 from tests.conftest import (
     TEST_SHAPES,
@@ -122,7 +122,7 @@ async def test_both_workers_serve_concurrent_requests(cluster: Cluster) -> None:
 async def test_job_with_uncompiled_shape_fails_cleanly_and_worker_carries_on(cluster: Cluster) -> None:
     """A job that skipped the gateway's checks (never trust the queue) fails with a reason."""
     client = aioredis.Redis.from_url(cluster.redis_url)
-    keys = Keys()
+    keys = RedisKeys()
     listener = JobListener(client, keys)
     listening = asyncio.create_task(listener.run())
     try:
@@ -156,7 +156,7 @@ async def test_worker_takes_no_job_before_warm_up(
     """A job queued while the only worker warms up waits, and is claimed only after it says ready."""
     prefix, redis_url = "warmup-test", redis_server.url(2)
     client = aioredis.Redis.from_url(redis_url)
-    keys = Keys(prefix)
+    keys = RedisKeys(prefix)
     queue = JobQueue(client, keys)
     stream = keys.shape_stream(TEST_SHAPES[0])
     pubsub = client.pubsub()

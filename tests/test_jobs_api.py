@@ -12,11 +12,11 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from common.keys import Keys
 from common.queue import ClaimedJob, JobQueue
+from common.rediskeys import RedisKeys
 from tests.conftest import claim_next, finish, queued_jobs, read_events, worker_streams
 
-KEYS = Keys()
+KEYS = RedisKeys()
 Client = TestClient[Any, Any]
 
 

@@ -8,11 +8,11 @@ import json
 import pytest
 import redis.asyncio as aioredis
 
-from common.keys import Keys
 from common.protocol import Job, JobResult, Shape, Timings
 from common.queue import ClaimedJob, JobListener, JobQueue, MalformedJob
+from common.rediskeys import RedisKeys
 
-KEYS = Keys()
+KEYS = RedisKeys()
 SHAPE = Shape(width=64, height=64, steps=2)
 STREAM = KEYS.shape_stream(SHAPE)
 

@@ -7,11 +7,11 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from common.keys import Keys
 from common.ratelimit import Rate, RateLimiter
+from common.rediskeys import RedisKeys
 from tests.conftest import RedisServer
 
-KEYS = Keys()
+KEYS = RedisKeys()
 
 
 @pytest.mark.parametrize(

@@ -26,16 +26,16 @@ from redis.exceptions import NoPermissionError
 
 from common.cluster import free_port
 from common.config import GatewayConfig, log_config
-from common.keys import Keys
 from common.protocol import Job
 from common.queue import JobQueue
+from common.rediskeys import RedisKeys
 from gateway.app import create_app
 from tests.conftest import TEST_SHAPES, ClientFactory
 from tests.protection import running_worker
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 ADMIN_PASSWORD, GATEWAY_PASSWORD, WORKER_PASSWORD = "admin-pw-7c1d", "gateway-pw-2b9e", "worker-pw-5f30"
-KEYS = Keys()
+KEYS = RedisKeys()
 
 
 def readme_acl_lines() -> list[str]:

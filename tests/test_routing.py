@@ -9,13 +9,13 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from common.keys import Keys
 from common.protocol import Job, Shape
 from common.queue import JobQueue
+from common.rediskeys import RedisKeys
 from common.registry import WorkerInfo
-from gateway.routing import Router
+from gateway.placement import Placement
 
-KEYS = Keys()
+KEYS = RedisKeys()
 SMALL = Shape(width=64, height=64, steps=2)
 LARGE = Shape(width=128, height=128, steps=2)
 
@@ -38,7 +38,7 @@ def make_job(job_id: str, shape: Shape = SMALL) -> Job:
 
 
 async def test_shared_routing_uses_the_shape_stream(redis_client: aioredis.Redis) -> None:
-    router = Router("shared", redis_client, KEYS)
+    router = Placement("shared", redis_client, KEYS)
     assert await router.stream_for(SMALL, [worker("a", SMALL)]) == KEYS.shape_stream(SMALL)
 
 
@@ -51,13 +51,13 @@ async def test_only_ready_workers_that_compiled_the_shape_are_chosen(redis_clien
         worker("both-draining", SMALL, LARGE, state="draining"),
         worker("both-busy", SMALL, LARGE, state="busy"),
     ]
-    router = Router(policy, redis_client, KEYS, random.Random(0))  # type: ignore[arg-type]
+    router = Placement(policy, redis_client, KEYS, random.Random(0))  # type: ignore[arg-type]
     chosen = {await router.stream_for(LARGE, workers) for _ in range(50)}
     assert chosen == {KEYS.worker_stream("large"), KEYS.worker_stream("both-busy")}
 
 
 async def test_random_spreads_over_every_candidate(redis_client: aioredis.Redis) -> None:
-    router = Router("random", redis_client, KEYS, random.Random(1))
+    router = Placement("random", redis_client, KEYS, random.Random(1))
     workers = [worker(f"w{k}", SMALL) for k in range(4)]
     chosen = [await router.stream_for(SMALL, workers) for _ in range(200)]
     assert {chosen.count(KEYS.worker_stream(f"w{k}")) > 20 for k in range(4)} == {True}
@@ -67,7 +67,7 @@ async def test_p2c_sends_the_job_to_the_shorter_of_two_queues(redis_client: aior
     queue = JobQueue(redis_client, KEYS)
     for k in range(3):
         await queue.submit(make_job(f"long-{k}"), KEYS.worker_stream("long"))
-    router = Router("p2c", redis_client, KEYS, random.Random(2))
+    router = Placement("p2c", redis_client, KEYS, random.Random(2))
     workers = [worker("long", SMALL), worker("short", SMALL)]
     assert {await router.stream_for(SMALL, workers) for _ in range(20)} == {KEYS.worker_stream("short")}
 
@@ -149,7 +149,7 @@ async def test_shared_routing_never_hands_a_worker_a_shape_it_did_not_compile(re
     large_worker = [KEYS.worker_stream("large"), KEYS.shape_stream(LARGE)]
     for stream in {*small_worker, *large_worker}:
         await queue.ensure_group(stream)
-    router = Router("shared", redis_client, KEYS)
+    router = Placement("shared", redis_client, KEYS)
     workers = [worker("small", SMALL), worker("large", LARGE)]
     await queue.submit(make_job("large-1", LARGE), await router.stream_for(LARGE, workers))
     assert await queue.claim("small", small_worker, block_ms=50) is None

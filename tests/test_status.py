@@ -10,12 +10,12 @@ import redis.asyncio as aioredis
 
 from common.cli import main
 from common.cluster import free_port
-from common.keys import Keys
 from common.protocol import Job
 from common.queue import JobQueue
+from common.rediskeys import RedisKeys
 from tests.conftest import TEST_SHAPES, RedisServer, claim_next, register_worker
 
-KEYS = Keys()
+KEYS = RedisKeys()
 
 
 def job(job_id: str) -> Job:

@@ -24,11 +24,11 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from common.config import WorkerConfig, log_config
-from common.keys import Keys
 from common.logs import bound
 from common.protocol import Job, JobResult, Timings
 from common.queue import ClaimedJob, JobQueue, MalformedJob
 from common.redis_conn import UNAVAILABLE, connect
+from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo, WorkerState
 from worker.compile_cache import disable_compilation_cache, enable_compilation_cache, on_cache_event
 from worker.encode import Encoding, encode_all
@@ -58,7 +58,7 @@ class Worker:
     ) -> None:
         self.config = config
         self.id = config.worker_id
-        keys = Keys(config.key_prefix)
+        keys = RedisKeys(config.key_prefix)
         self._keys = keys
         self._queue = JobQueue(redis, keys)
         self._registry = Registry(redis, keys)

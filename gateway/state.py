@@ -1,4 +1,4 @@
-"""Typed keys of the gateway's shared resources (no module globals)."""
+"""The gateway's shared state: typed aiohttp `AppKey`s for each resource (no module globals)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from common.registry import Registry
 from gateway.auth import KeyStore
 from gateway.limits import Access, ThroughputMeter
 from gateway.metrics import GatewayMetrics
+from gateway.placement import Placement
 from gateway.positions import PositionBoard
-from gateway.routing import Router
 
 CONFIG = web.AppKey("config", GatewayConfig)
 GATEWAY_ID = web.AppKey("gateway_id", str)
@@ -25,7 +25,7 @@ REGISTRY = web.AppKey("registry", Registry)
 LISTENER = web.AppKey("listener", JobListener)
 POSITIONS = web.AppKey("positions", PositionBoard)
 OPENAPI = web.AppKey("openapi", dict[str, Any])
-ROUTER = web.AppKey("router", Router)
+PLACEMENT = web.AppKey("placement", Placement)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 KEY_STORE = web.AppKey("key_store", KeyStore)
 LIMITER = web.AppKey("limiter", RateLimiter)
