@@ -14,13 +14,15 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from common.config import GatewayConfig, log_config
-from common.queue import JobListener, JobQueue
+from common.jobstore import JobStore
 from common.ratelimit import RateLimiter
 from common.redis_conn import connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry
+from common.streams import JobStreams
 from gateway.auth import KeyStore
 from gateway.limits import ThroughputMeter
+from gateway.listener import JobListener
 from gateway.metrics import GatewayMetrics, metrics_middleware
 from gateway.middlewares import error_middleware, protection_middleware, rate_limit_headers
 from gateway.openapi import build_openapi
@@ -32,6 +34,7 @@ from gateway.state import (
     ACCESS,
     CONFIG,
     GATEWAY_ID,
+    JOBS,
     KEY_STORE,
     LIMITER,
     LISTENER,
@@ -39,9 +42,9 @@ from gateway.state import (
     OPENAPI,
     PLACEMENT,
     POSITIONS,
-    QUEUE,
     REDIS,
     REGISTRY,
+    STREAMS,
     THROUGHPUT,
 )
 
@@ -88,7 +91,8 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     redis = connect(config.redis_url, name=f"sdxl-gateway:{app[GATEWAY_ID]}")
     keys = RedisKeys(config.key_prefix)
     app[REDIS] = redis
-    app[QUEUE] = JobQueue(redis, keys)
+    app[JOBS] = JobStore(redis, keys)
+    app[STREAMS] = JobStreams(redis, keys)
     app[REGISTRY] = Registry(redis, keys)
     app[PLACEMENT] = Placement(config.routing, redis, keys)
     app[LIMITER] = RateLimiter(redis, keys)
@@ -107,7 +111,7 @@ async def _listener_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _positions_ctx(app: web.Application) -> AsyncIterator[None]:
-    board = PositionBoard(app[QUEUE])
+    board = PositionBoard(app[STREAMS])
     app[POSITIONS] = board
     task = asyncio.create_task(board.run(), name="queue-positions")
     yield

@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
 from pydantic import BaseModel
 
+from common.jobstore import JobRecord
 from common.protocol import (
     FINISHED,
     CancelledEvent,
@@ -31,9 +32,9 @@ from common.protocol import (
     StartedEvent,
     SucceededEvent,
 )
-from common.queue import JobEvent, JobRecord
 from common.redis_conn import UNAVAILABLE
 from gateway import jobs
+from gateway.listener import JobEvent
 from gateway.positions import Entry
 from gateway.state import LISTENER, POSITIONS
 

@@ -6,7 +6,7 @@ never limited. `protection_middleware` (gateway/middlewares.py) enforces them: b
 Content-Length (413, nothing read), the caller (gateway/auth.py: 401/403), then its rate in Redis
 (common/ratelimit.py: 429 with Retry-After).
 
-Backpressure, the other half, is checked atomically where a job is queued (common/queue.py); the
+Backpressure, the other half, is checked atomically where a job is queued (common/jobstore.py); the
 Retry-After of a full queue comes from the cluster's observed throughput (`ThroughputMeter`).
 """
 
@@ -21,7 +21,7 @@ from typing import Literal
 
 from aiohttp import web
 
-from common.queue import QueueFull
+from common.jobstore import QueueFull
 from common.ratelimit import Decision
 from gateway.errors import ApiError
 

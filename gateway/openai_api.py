@@ -15,6 +15,7 @@ from typing import Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from common.jobstore import StoredResult
 from common.protocol import (
     DEFAULT_GUIDANCE_SCALE,
     GenerateRequest,
@@ -25,7 +26,6 @@ from common.protocol import (
     RequiredPrompt,
     Seed,
 )
-from common.queue import StoredResult
 from common.registry import SERVING_STATES
 from gateway import jobs
 from gateway.errors import ApiError, from_validation_error

@@ -8,11 +8,13 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from common.config import GatewayConfig
-from common.queue import JobListener, JobQueue
+from common.jobstore import JobStore
 from common.ratelimit import RateLimiter
 from common.registry import Registry
+from common.streams import JobStreams
 from gateway.auth import KeyStore
 from gateway.limits import Access, ThroughputMeter
+from gateway.listener import JobListener
 from gateway.metrics import GatewayMetrics
 from gateway.placement import Placement
 from gateway.positions import PositionBoard
@@ -20,7 +22,8 @@ from gateway.positions import PositionBoard
 CONFIG = web.AppKey("config", GatewayConfig)
 GATEWAY_ID = web.AppKey("gateway_id", str)
 REDIS = web.AppKey("redis", aioredis.Redis)
-QUEUE = web.AppKey("queue", JobQueue)
+JOBS = web.AppKey("jobs", JobStore)
+STREAMS = web.AppKey("streams", JobStreams)
 REGISTRY = web.AppKey("registry", Registry)
 LISTENER = web.AppKey("listener", JobListener)
 POSITIONS = web.AppKey("positions", PositionBoard)

@@ -23,9 +23,10 @@ import redis.asyncio as aioredis
 
 from common.cluster import free_port, wait_http
 from common.protocol import Shape
-from common.queue import JobListener, JobQueue
 from common.rediskeys import RedisKeys
 from common.registry import Registry
+from common.streams import JobStreams
+from gateway.listener import JobListener
 from tests.conftest import READY_TIMEOUT_S, ProcessGroup, post_generate, read_events, wait_ready
 
 pytestmark = pytest.mark.e2e
@@ -187,7 +188,7 @@ async def test_sigkill_mid_job_is_served_by_another_worker(cluster: FaultCluster
         assert payload["worker"] != victim
         attempts = await client.lrange(RedisKeys().attempts(payload["id"]), 0, -1)
         assert [a.decode().split("@")[0] for a in attempts] == [victim, payload["worker"]]
-        assert (await JobQueue(client, RedisKeys()).stats()).get("duplicate_results", 0) == 0
+        assert (await JobStreams(client, RedisKeys()).counters()).get("duplicate_results", 0) == 0
     finally:
         await pubsub.aclose()
         await client.aclose()

@@ -10,8 +10,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common.config import ConfigError, GatewayConfig, RateLimits, parse_networks
+from common.jobstore import QueueFull
 from common.protocol import RequestLimits
-from common.queue import QueueFull
 from common.ratelimit import Rate
 from gateway.limits import ThroughputMeter, queue_full
 from gateway.state import LIMITER

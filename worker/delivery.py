@@ -1,0 +1,259 @@
+"""The worker's side of the queue: claim a job, record its start and progress, settle its entry.
+
+A worker claims one entry at a time and, in one Lua script, stores the result (first result wins; a later
+duplicate is dropped and counted), announces it on the completions channel, and only then acknowledges and
+deletes the entry. An entry that does not parse is settled too (`reject`): a bad entry never stops the loop.
+Jobs of dead workers are taken over in worker/recovery.py.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+from redis.exceptions import ResponseError
+
+from common.protocol import JOB_ID_PATTERN, Job, JobResult
+from common.redis_conn import text
+from common.rediskeys import RedisKeys
+from common.scripts import register
+from common.streams import JobStreams
+
+logger = logging.getLogger(__name__)
+
+
+class MalformedJob(Exception):
+    """A stream entry that is not a valid job. `job_id` is set when the entry named one."""
+
+    def __init__(self, stream: str, entry_id: str, job_id: str | None, reason: str) -> None:
+        super().__init__(f"stream {stream} entry {entry_id}: {reason}")
+        self.stream = stream
+        self.entry_id = entry_id
+        self.job_id = job_id
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job delivered to this worker, with the stream entry that must be acknowledged."""
+
+    job: Job
+    stream: str
+    entry_id: str
+    enqueued_ms: int  # Redis server time when the job was added (from the entry id)
+    deliveries: int = 1  # how many times the group has handed this entry out, this time included
+
+
+class Delivery:
+    """Claim, start, report and settle the jobs one worker takes."""
+
+    def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._streams = JobStreams(redis, keys)
+        self._store = register(redis, "store_result")
+        self._start = register(redis, "start")
+        self._progress = register(redis, "progress")
+        self._held: collections.deque[tuple[str, str, dict[bytes, bytes]]] = collections.deque()
+
+    async def claim(self, consumer: str, streams: list[str], block_ms: int) -> ClaimedJob | None:
+        """Take the next new job for `consumer` from `streams` (in order of preference), waiting up to
+        `block_ms`; None if there was none.
+
+        Each stream is first asked without waiting, one at a time, so a worker takes one job even when
+        several streams have a backlog; only when all are empty does it wait on all of them. Should that
+        wait deliver two entries at once (two streams written in the same instant), the second stays
+        pending under this consumer and is returned by the next call: held, never lost.
+
+        Raises MalformedJob for an entry that does not parse; the caller settles it with `reject`.
+        """
+        if self._held:
+            return parse_entry(*self._held.popleft())
+        for stream in streams:
+            if found := await self._read(consumer, {stream: ">"}, None):
+                return parse_entry(*found[0])
+        found = await self._read(consumer, dict.fromkeys(streams, ">"), block_ms)
+        if not found:
+            return None
+        self._held.extend(found[1:])
+        return parse_entry(*found[0])
+
+    async def _read(
+        self, consumer: str, streams: dict[str, str], block_ms: int | None
+    ) -> list[tuple[str, str, dict[bytes, bytes]]]:
+        try:
+            reply: Any = await self._redis.xreadgroup(
+                self._keys.workers_group,
+                consumer,
+                streams,  # type: ignore[arg-type]
+                count=1,
+                block=block_ms,
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # A stream vanished under us (Redis restarted without persistence, an operator's DEL): recreate
+            # it with its group and read again; an error here is a real one.
+            for stream in streams:
+                await self._streams.ensure_group(stream)
+            reply = await self._redis.xreadgroup(
+                self._keys.workers_group,
+                consumer,
+                streams,  # type: ignore[arg-type]
+                count=1,
+                block=block_ms,
+            )
+        return [
+            (text(stream), text(entry_id), fields) for stream, entries in reply or () for entry_id, fields in entries
+        ]
+
+    async def start(self, claimed: ClaimedJob, worker_id: str) -> int | None:
+        """Record that `worker_id` runs the job, append to its history, announce it.
+
+        Returns the Redis server time in ms (the one clock that hosts share, for queue-wait figures), or
+        None when the job was cancelled (or already finished) and must not run: settle it with `discard`.
+        """
+        job = claimed.job
+        ms = int(
+            await self._start(
+                keys=[self._keys.job(job.id), self._keys.attempts(job.id), self._keys.result(job.id)],
+                args=[worker_id, job.result_ttl_s, self._keys.job_events_channel, job.id],
+            )
+        )
+        return None if ms < 0 else ms
+
+    async def discard(self, claimed: ClaimedJob) -> None:
+        """Acknowledge and drop an entry whose job must not run (cancelled while queued)."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xack(claimed.stream, self._keys.workers_group, claimed.entry_id)
+            pipe.xdel(claimed.stream, claimed.entry_id)
+            await pipe.execute()
+
+    async def progress(self, job_id: str, worker_id: str, step: int, total: int) -> str | None:
+        """Record and announce a finished denoising step; returns the job's status (None if unknown).
+
+        Only the worker the job is recorded as running on reports; a status of `cancelled` tells the
+        worker its result will be discarded.
+        """
+        status = await self._progress(
+            keys=[self._keys.job(job_id)], args=[worker_id, step, total, self._keys.job_events_channel, job_id]
+        )
+        return None if status is None else text(status)
+
+    async def complete(self, claimed: ClaimedJob, result: JobResult, images: list[bytes]) -> bool:
+        """Store a result (first one wins), announce it, then acknowledge the entry.
+
+        Returns False when a result for this job was already stored; this one was dropped.
+        """
+        return await self._store_and_ack(claimed.stream, claimed.entry_id, result, images, claimed.job.result_ttl_s)
+
+    async def reject(self, malformed: MalformedJob, worker_id: str, ttl_s: int) -> None:
+        """Settle an unparseable entry: fail its job if it named one, and acknowledge it."""
+        if malformed.job_id is not None:
+            result = JobResult(
+                id=malformed.job_id, status="failed", worker=worker_id, error=f"invalid job: {malformed.reason}"
+            )
+            await self._store_and_ack(malformed.stream, malformed.entry_id, result, [], ttl_s)
+            return
+        await self._redis.xack(malformed.stream, self._keys.workers_group, malformed.entry_id)
+        await self._redis.xdel(malformed.stream, malformed.entry_id)
+
+    async def dead_letter(self, claimed: ClaimedJob, worker_id: str, reason: str) -> None:
+        """Give up on a job: record it with its history on the dead-letter stream and fail it."""
+        job = claimed.job
+        history = [text(a) for a in await self._redis.lrange(self._keys.attempts(job.id), 0, -1)]
+        result = JobResult(
+            id=job.id,
+            status="failed",
+            worker=worker_id,
+            seed=job.seed,
+            shape=job.shape,
+            error=f"gave up: {reason} (attempts: {', '.join(history) or 'none'})",
+        )
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(
+                self._keys.dead_letter_stream,
+                {
+                    "job": job.model_dump_json(),
+                    "entry_id": claimed.entry_id,
+                    "deliveries": claimed.deliveries,
+                    "attempts": json.dumps(history),
+                    "reason": reason,
+                },
+            )
+            pipe.hincrby(self._keys.stats, "dead_lettered", 1)
+            await self._store(
+                keys=self._store_keys(claimed.stream, job.id),
+                client=pipe,
+                args=self._store_args(claimed.entry_id, result, [], job.result_ttl_s),
+            )
+            await pipe.execute()
+        logger.error("job %s dead-lettered: %s", job.id, reason)
+
+    async def _store_and_ack(
+        self, stream: str, entry_id: str, result: JobResult, images: list[bytes], ttl_s: int
+    ) -> bool:
+        stored = await self._store(
+            keys=self._store_keys(stream, result.id), args=self._store_args(entry_id, result, images, ttl_s)
+        )
+        return bool(stored)
+
+    def _store_keys(self, stream: str, job_id: str) -> list[str]:
+        return [self._keys.result(job_id), stream, self._keys.job(job_id), self._keys.stats]
+
+    def _store_args(self, entry_id: str, result: JobResult, images: list[bytes], ttl_s: int) -> list[Any]:
+        return [
+            self._keys.workers_group,
+            entry_id,
+            ttl_s,
+            self._keys.completions_channel,
+            result.id,
+            result.model_dump_json(),
+            result.status,
+            *images,
+        ]
+
+
+def parse_entry(stream: str, entry_id: str, fields: dict[bytes, bytes], deliveries: int = 1) -> ClaimedJob:
+    raw = fields.get(b"job")
+    if raw is None:
+        raise MalformedJob(stream, entry_id, None, "no 'job' field")
+    try:
+        job = Job.model_validate_json(raw)
+    except ValidationError as exc:
+        raise MalformedJob(stream, entry_id, _job_id_of(raw), _first_error(exc)) from exc
+    # A job moved off a departed worker's stream carries the deliveries it had there.
+    try:
+        earlier = int(fields.get(b"deliveries", b"0"))
+        enqueued = int(fields.get(b"enqueued", entry_id.split("-", 1)[0]))
+    except ValueError:
+        raise MalformedJob(stream, entry_id, job.id, "deliveries and enqueued must be integers") from None
+    return ClaimedJob(job=job, stream=stream, entry_id=entry_id, enqueued_ms=enqueued, deliveries=deliveries + earlier)
+
+
+def pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    """A stream entry's fields as Lua returns them, [k1, v1, k2, v2, ...], as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _job_id_of(raw: bytes) -> str | None:
+    """The id of a job that failed validation, if it had a usable one."""
+    with contextlib.suppress(ValueError, UnicodeDecodeError):
+        data: Any = json.loads(raw)
+        job_id = data.get("id") if isinstance(data, dict) else None
+        if isinstance(job_id, str) and re.fullmatch(JOB_ID_PATTERN, job_id):
+            return job_id
+    return None
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "job"
+    return f"{where}: {err['msg']}"
