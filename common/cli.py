@@ -37,8 +37,8 @@ from common.config import (  # noqa: E402
 )
 from common.logs import setup_logging  # noqa: E402
 from common.protocol import MAX_GUIDANCE, MAX_PROMPT_CHARS, MIN_GUIDANCE, RequestLimits, parse_shapes  # noqa: E402
-from common.ratelimit import Rate  # noqa: E402
 from common.rediskeys import DEFAULT_PREFIX  # noqa: E402
+from gateway.ratelimit import Rate  # noqa: E402
 
 CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 # Top-level modules of the `worker` extra (pyproject.toml): the gateway's install lacks them.

@@ -23,8 +23,8 @@ from common.protocol import (
     RequestLimits,
     Shape,
 )
-from common.ratelimit import Rate
 from common.rediskeys import DEFAULT_PREFIX
+from gateway.ratelimit import Rate
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 # The hub repository keeps its Flax weights on this ref, not on main.

@@ -43,13 +43,6 @@ class WorkerInfo(BaseModel):
     metrics_port: int | None = None  # the worker's /metrics, /healthz and /readyz, on `host`
 
 
-class WorkerList(BaseModel):
-    """Body of `GET /v1/workers`: every registered worker, and how many of them are serving."""
-
-    workers: list[WorkerInfo]
-    serving: int
-
-
 class Registry:
     """Read and write one cluster's worker registry."""
 

@@ -15,7 +15,6 @@ from aiohttp import web
 
 from common.config import GatewayConfig, log_config
 from common.jobstore import JobStore
-from common.ratelimit import RateLimiter
 from common.redis_conn import connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry
@@ -28,6 +27,7 @@ from gateway.middlewares import error_middleware, protection_middleware, rate_li
 from gateway.openapi import build_openapi
 from gateway.placement import Placement
 from gateway.positions import PositionBoard
+from gateway.ratelimit import RateLimiter
 from gateway.requestlog import AccessLogger, echo_request_id, request_id_middleware
 from gateway.routes import ROUTES, setup_routes
 from gateway.state import (

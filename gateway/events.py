@@ -21,8 +21,12 @@ from aiohttp_sse import EventSourceResponse, sse_response
 from pydantic import BaseModel
 
 from common.jobstore import JobRecord
-from common.protocol import (
-    FINISHED,
+from common.protocol import FINISHED
+from common.redis_conn import UNAVAILABLE
+from gateway import jobs
+from gateway.listener import JobEvent
+from gateway.positions import Entry
+from gateway.schemas import (
     CancelledEvent,
     ErrorDetail,
     FailedEvent,
@@ -32,10 +36,6 @@ from common.protocol import (
     StartedEvent,
     SucceededEvent,
 )
-from common.redis_conn import UNAVAILABLE
-from gateway import jobs
-from gateway.listener import JobEvent
-from gateway.positions import Entry
 from gateway.state import LISTENER, POSITIONS
 
 logger = logging.getLogger(__name__)

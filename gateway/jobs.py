@@ -17,22 +17,13 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from common.jobstore import IdempotencyConflict, JobRecord, JobStore, QueueFull, StoredResult, Submitted
-from common.protocol import (
-    JOB_ID_PATTERN,
-    ErrorDetail,
-    GenerateRequest,
-    Job,
-    JobOutput,
-    JobResult,
-    JobState,
-    Progress,
-    ResponseTimings,
-)
+from common.protocol import JOB_ID_PATTERN, Job, JobResult
 from common.redis_conn import UNAVAILABLE
 from common.registry import WorkerInfo
 from gateway.errors import ApiError
 from gateway.limits import queue_full
 from gateway.requestlog import REQUEST_ID
+from gateway.schemas import ErrorDetail, GenerateRequest, JobOutput, JobState, Progress, ResponseTimings
 from gateway.shapes import resolve_shape
 from gateway.state import CONFIG, JOBS, LISTENER, PLACEMENT, REGISTRY, STREAMS, THROUGHPUT
 

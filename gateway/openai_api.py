@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from common.jobstore import StoredResult
 from common.protocol import (
     DEFAULT_GUIDANCE_SCALE,
-    GenerateRequest,
     GuidanceScale,
     InferenceSteps,
     OutputFormat,
@@ -29,6 +28,7 @@ from common.protocol import (
 from common.registry import SERVING_STATES
 from gateway import jobs
 from gateway.errors import ApiError, from_validation_error
+from gateway.schemas import GenerateRequest
 from gateway.views import parse_body
 
 _SIZE_RE = re.compile(r"(\d{1,5})x(\d{1,5})")

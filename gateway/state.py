@@ -9,7 +9,6 @@ from aiohttp import web
 
 from common.config import GatewayConfig
 from common.jobstore import JobStore
-from common.ratelimit import RateLimiter
 from common.registry import Registry
 from common.streams import JobStreams
 from gateway.auth import KeyStore
@@ -18,6 +17,7 @@ from gateway.listener import JobListener
 from gateway.metrics import GatewayMetrics
 from gateway.placement import Placement
 from gateway.positions import PositionBoard
+from gateway.ratelimit import RateLimiter
 
 CONFIG = web.AppKey("config", GatewayConfig)
 GATEWAY_ID = web.AppKey("gateway_id", str)

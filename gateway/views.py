@@ -11,11 +11,11 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from common.jobstore import StoredResult
-from common.protocol import GenerateRequest, GenerateResponse, JobAccepted, JobState
-from common.registry import SERVING_STATES, WorkerList
+from common.registry import SERVING_STATES
 from gateway import jobs
 from gateway.errors import ApiError, from_validation_error
 from gateway.metrics import CONTENT_TYPE
+from gateway.schemas import GenerateRequest, GenerateResponse, JobAccepted, JobState, WorkerList
 from gateway.state import CONFIG, JOBS, LISTENER, METRICS, OPENAPI, REDIS, REGISTRY, STREAMS
 
 M = TypeVar("M", bound=BaseModel)
