@@ -97,7 +97,7 @@ class GatewayConfig:
     key_prefix: str = DEFAULT_PREFIX
     request_timeout_s: float = 120.0
     result_ttl_s: int = 3600
-    routing: RoutingPolicy = "shared"  # see gateway/routing.py
+    routing: RoutingPolicy = "shared"  # see gateway/placement.py
     limits: RequestLimits = DEFAULT_LIMITS  # prompt length and guidance range, within the protocol's
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # API keys: digests from the environment (hashed at start) and/or a keys file re-read when it changes.
