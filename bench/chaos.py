@@ -34,11 +34,11 @@ import redis.asyncio as aioredis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.cluster import free_port, wait_http
-from common.keys import Keys
-from common.queue import JobQueue
+from common.rediskeys import RedisKeys
 from common.registry import SERVING_STATES, Registry
+from common.streams import JobStreams
 
-KEYS = Keys()
+KEYS = RedisKeys()
 STEPS = 8
 READY_TIMEOUT_S = 300.0
 
@@ -243,7 +243,7 @@ async def _judge(
         attempts_by_job[body["id"]] = [(a.split("@")[0], float(a.split("@")[1])) for a in texts]
     report.kills = len(chaos.kills)
     report.jobs_run_more_than_once = sum(len(a) > 1 for a in attempts_by_job.values())
-    report.duplicate_results_dropped = (await JobQueue(client, KEYS).stats()).get("duplicate_results", 0)
+    report.duplicate_results_dropped = (await JobStreams(client, KEYS).counters()).get("duplicate_results", 0)
     report.takeover_ms = _takeovers(chaos.kills, attempts_by_job)
 
 

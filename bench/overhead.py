@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.host import describe
 from common.cluster import free_port
-from common.keys import Keys
+from common.rediskeys import RedisKeys
 from common.registry import Registry
 
 
@@ -152,7 +152,7 @@ async def main() -> None:
         line = up.stdout.readline()
         assert line.startswith("ready:"), f"cluster did not start: {line!r}"
         client = aioredis.Redis.from_url(redis_url)
-        workers = await Registry(client, Keys()).workers()
+        workers = await Registry(client, RedisKeys()).workers()
         await client.aclose()
         counter = CommandCounter(redis_url) if args.count_commands else None
         if counter is not None:

@@ -40,18 +40,19 @@ import redis.asyncio as aioredis
 
 from bench.routing import number_type
 from common.cluster import free_port, wait_http
-from common.keys import Keys
 from common.protocol import JobResult, Shape, Timings
-from common.queue import JobQueue
 from common.redis_conn import UNAVAILABLE
+from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
+from common.streams import JobStreams
+from worker.delivery import Delivery
 
 SHAPE = Shape(width=64, height=64, steps=2)
 VALID = {"prompt": "a lighthouse at dusk", "num_inference_steps": SHAPE.steps}
 INVALID = {"prompt": "a lighthouse at dusk", "colour": "red"}  # an unknown field: 400 extra_forbidden
 NO_LIMITS = [arg for name in ("address-submit", "address-read") for arg in (f"--rate-limit-{name}", "off")]
 RSS_SAMPLE_S = 0.02
-KEYS = Keys()
+KEYS = RedisKeys()
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,7 @@ async def stand_in_workers(redis_url: str, count: int, service_s: float, stop: a
             for k in range(count)
         ]
         for info in infos:
-            await JobQueue(redis, KEYS).ensure_group(KEYS.shape_stream(SHAPE))
+            await JobStreams(redis, KEYS).ensure_group(KEYS.shape_stream(SHAPE))
             await registry.publish(info, ttl_s=30)
         await asyncio.gather(
             *(_serve(redis, info.id, service_s, stop) for info in infos), _heartbeat(registry, infos, stop)
@@ -221,12 +222,12 @@ async def stand_in_workers(redis_url: str, count: int, service_s: float, stop: a
 
 
 async def _serve(redis: aioredis.Redis, worker_id: str, service_s: float, stop: asyncio.Event) -> None:
-    queue = JobQueue(redis, KEYS)
+    delivery = Delivery(redis, KEYS)
     while not stop.is_set():
-        claimed = await queue.claim(worker_id, [KEYS.shape_stream(SHAPE)], block_ms=100)
+        claimed = await delivery.claim(worker_id, [KEYS.shape_stream(SHAPE)], block_ms=100)
         if claimed is None:
             continue
-        started = await queue.start(claimed, worker_id)
+        started = await delivery.start(claimed, worker_id)
         await asyncio.sleep(service_s)
         job = claimed.job
         result = JobResult(
@@ -240,7 +241,7 @@ async def _serve(redis: aioredis.Redis, worker_id: str, service_s: float, stop: 
                 queued_ms=float((started or 0) - claimed.enqueued_ms), generate_ms=service_s * 1000, encode_ms=0.0
             ),
         )
-        await queue.complete(claimed, result, [b"\x89PNG stand-in"] * 4)
+        await delivery.complete(claimed, result, [b"\x89PNG stand-in"] * 4)
 
 
 async def _heartbeat(registry: Registry, infos: list[WorkerInfo], stop: asyncio.Event) -> None:

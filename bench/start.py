@@ -32,8 +32,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.host import describe
 from common.cluster import ensure_tiny_model, start_redis_server
 from common.config import default_cache_dir
-from common.keys import Keys
 from common.redis_conn import connect
+from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
 
 PREFIX = "sdxl-bench-start"
@@ -136,7 +136,7 @@ async def _start_once(args: argparse.Namespace, redis_url: str, model: str, cach
 async def _wait_ready(redis_url: str, process: asyncio.subprocess.Process, timeout_s: float) -> WorkerInfo:
     redis = connect(redis_url, name="sdxl-bench-start")
     try:
-        ready = asyncio.create_task(Registry(redis, Keys(PREFIX)).wait_for_ready(1, timeout_s))
+        ready = asyncio.create_task(Registry(redis, RedisKeys(PREFIX)).wait_for_ready(1, timeout_s))
         died = asyncio.create_task(process.wait())
         await asyncio.wait({ready, died}, return_when=asyncio.FIRST_COMPLETED)
         if not ready.done():

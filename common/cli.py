@@ -35,10 +35,10 @@ from common.config import (  # noqa: E402
     default_cache_dir,
     parse_networks,
 )
-from common.keys import DEFAULT_PREFIX  # noqa: E402
 from common.logs import setup_logging  # noqa: E402
 from common.protocol import MAX_GUIDANCE, MAX_PROMPT_CHARS, MIN_GUIDANCE, RequestLimits, parse_shapes  # noqa: E402
-from common.ratelimit import Rate  # noqa: E402
+from common.rediskeys import DEFAULT_PREFIX  # noqa: E402
+from gateway.ratelimit import Rate  # noqa: E402
 
 CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 # Top-level modules of the `worker` extra (pyproject.toml): the gateway's install lacks them.
@@ -388,13 +388,13 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
 
 async def _status(args: argparse.Namespace) -> int:
     from common.config import mask_url
-    from common.keys import Keys
     from common.redis_conn import UNAVAILABLE, connect
+    from common.rediskeys import RedisKeys
     from common.status import read_status, render
 
     redis = connect(args.redis_url, name="sdxl-status")
     try:
-        status = await read_status(redis, Keys(args.key_prefix))
+        status = await read_status(redis, RedisKeys(args.key_prefix))
     except UNAVAILABLE as exc:
         print(f"sdxl-serve status: cannot reach Redis at {mask_url(args.redis_url)}: {exc}", file=sys.stderr)
         return 1

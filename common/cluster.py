@@ -22,8 +22,8 @@ from pathlib import Path
 
 import aiohttp
 
-from common.keys import Keys
 from common.redis_conn import connect
+from common.rediskeys import RedisKeys
 from common.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ class Cluster:
 
     async def _ready(self, redis: object) -> None:
         await wait_http(f"http://{self.args.host}:{self.args.port}/healthz", self.args.ready_timeout)
-        registry = Registry(redis, Keys(self.args.key_prefix))  # type: ignore[arg-type]
+        registry = Registry(redis, RedisKeys(self.args.key_prefix))  # type: ignore[arg-type]
         await registry.wait_for_ready(self.args.workers, self.args.ready_timeout)
 
     async def _supervise(self) -> int:

@@ -14,7 +14,6 @@ from typing import Literal, get_args
 from urllib.parse import parse_qsl, urlencode
 
 from common.apikeys import KeyRing
-from common.keys import DEFAULT_PREFIX
 from common.protocol import (
     DEFAULT_LIMITS,
     MAX_GUIDANCE,
@@ -24,7 +23,8 @@ from common.protocol import (
     RequestLimits,
     Shape,
 )
-from common.ratelimit import Rate
+from common.rediskeys import DEFAULT_PREFIX
+from gateway.ratelimit import Rate
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 # The hub repository keeps its Flax weights on this ref, not on main.
@@ -97,7 +97,7 @@ class GatewayConfig:
     key_prefix: str = DEFAULT_PREFIX
     request_timeout_s: float = 120.0
     result_ttl_s: int = 3600
-    routing: RoutingPolicy = "shared"  # see gateway/routing.py
+    routing: RoutingPolicy = "shared"  # see gateway/placement.py
     limits: RequestLimits = DEFAULT_LIMITS  # prompt length and guidance range, within the protocol's
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # API keys: digests from the environment (hashed at start) and/or a keys file re-read when it changes.

@@ -1,7 +1,8 @@
-"""Schemas of what crosses a process boundary: HTTP bodies, queued jobs, stored results.
+"""The wire protocol between gateway and worker: the queued job, the stored result, and the field rules.
 
 Everything is validated with pydantic on the way in, at the gateway and again at the worker: the worker
-never trusts what it reads from the queue.
+never trusts what it reads from the queue. The field types here (prompt, seed, guidance...) are shared with
+the HTTP request bodies (gateway/schemas.py), so their rules cannot drift apart.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 from pydantic_core import PydanticCustomError
 
 MAX_SEED = 2**32 - 1
@@ -131,32 +132,6 @@ FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 DEFAULT_QUALITY = 90  # JPEG and WebP, when the request names none
 
 
-class GenerateRequest(BaseModel):
-    """Body of `POST /v1/generate` and `POST /v1/jobs`. Omitted size and steps take the cluster's default shape."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    prompt: RequiredPrompt
-    negative_prompt: Prompt = ""
-    seed: Seed | None = None
-    guidance_scale: GuidanceScale = DEFAULT_GUIDANCE_SCALE
-    num_inference_steps: InferenceSteps | None = None
-    width: int | None = Field(default=None, ge=64, le=4096, multiple_of=8)
-    height: int | None = Field(default=None, ge=64, le=4096, multiple_of=8)
-    output_format: OutputFormat = "png"
-    quality: int | None = Field(
-        default=None, ge=1, le=100, description="JPEG/WebP quality, 1..100 (default 90); not for png"
-    )
-
-    @field_validator("quality")
-    @classmethod
-    def _quality_needs_lossy_format(cls, value: int | None, info: ValidationInfo) -> int | None:
-        # output_format is declared first, so it is validated (and in info.data) by now, when valid.
-        if value is not None and info.data.get("output_format", "png") == "png":
-            raise ValueError("quality applies to jpeg and webp only; png is lossless")
-        return value
-
-
 # What `X-Request-ID` may carry: an id from a proxy or a client, safe to log as it is.
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 RequestId = Annotated[str, Field(pattern=REQUEST_ID_PATTERN)]
@@ -200,127 +175,3 @@ class JobResult(BaseModel):
     image_count: int = 0
     timings: Timings | None = None
     error: str | None = None
-
-
-class ResponseTimings(Timings):
-    """Timings as returned over HTTP, with the gateway's end-to-end figure (None when fetched later)."""
-
-    total_ms: float | None
-
-
-class GenerateResponse(BaseModel):
-    """Body of a successful `POST /v1/generate`."""
-
-    id: str
-    seed: int
-    width: int
-    height: int
-    num_inference_steps: int
-    images: list[str]
-    worker: str
-    timings: ResponseTimings
-
-
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
-    field: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    """Every error body: what went wrong, the rule's code and, when one field is at fault, its name."""
-
-    error: ErrorDetail
-
-
-class JobAccepted(BaseModel):
-    """Body of `202 POST /v1/jobs`: where to follow the job."""
-
-    id: str
-    status: JobStatus
-    status_url: str
-    events_url: str
-
-
-class Progress(BaseModel):
-    """Denoising steps done so far, of `total`."""
-
-    step: int = Field(ge=0)
-    total: int = Field(ge=1)
-
-
-class JobOutput(BaseModel):
-    """A succeeded job's result; each image is fetched from its URL (`GET /v1/jobs/{id}/images/{k}`)."""
-
-    seed: int
-    width: int
-    height: int
-    num_inference_steps: int
-    worker: str
-    media_type: str
-    images: list[str] = Field(description="URL of each image, in order")
-    timings: ResponseTimings
-
-
-class JobState(BaseModel):
-    """Body of `GET /v1/jobs/{id}`: where a job is, and its result or error once it has one."""
-
-    id: str
-    status: JobStatus
-    queue_position: int | None = Field(default=None, description="jobs ahead of this one (0: next); while queued")
-    worker: str | None = None
-    progress: Progress | None = None
-    result: JobOutput | None = None
-    error: ErrorDetail | None = None
-
-
-class QueuedEvent(BaseModel):
-    """SSE `queued`: sent first for a queued job, then whenever its position changes."""
-
-    id: str
-    position: int = Field(description="jobs ahead of this one (0: next)")
-
-
-class StartedEvent(BaseModel):
-    """SSE `started`: a worker took the job (again, with another worker, if the first one died)."""
-
-    id: str
-    worker: str
-
-
-class ProgressEvent(BaseModel):
-    """SSE `progress`: denoising step `step` of `total` is done; sent for every step, in order."""
-
-    id: str
-    step: int
-    total: int
-
-
-class SucceededEvent(BaseModel):
-    """SSE `succeeded`, the last event: the result, with each image's URL."""
-
-    id: str
-    result: JobOutput
-
-
-class FailedEvent(BaseModel):
-    """SSE `failed`, the last event."""
-
-    id: str
-    error: ErrorDetail
-
-
-class CancelledEvent(BaseModel):
-    """SSE `cancelled`, the last event."""
-
-    id: str
-
-
-JOB_EVENTS: dict[str, type[BaseModel]] = {
-    "queued": QueuedEvent,
-    "started": StartedEvent,
-    "progress": ProgressEvent,
-    "succeeded": SucceededEvent,
-    "failed": FailedEvent,
-    "cancelled": CancelledEvent,
-}

@@ -56,3 +56,8 @@ def connect(url: str, *, name: str) -> aioredis.Redis:
         retry_on_error=list(CONNECTION_ERRORS),
     )
     return aioredis.Redis.from_pool(pool)
+
+
+def text(value: bytes | str) -> str:
+    """A Redis reply (bytes, since clients do not decode) as text."""
+    return value.decode() if isinstance(value, bytes) else value

@@ -15,8 +15,8 @@ from typing import Literal
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 
-from common.keys import Keys
 from common.protocol import Shape
+from common.rediskeys import RedisKeys
 
 logger = logging.getLogger(__name__)
 
@@ -43,17 +43,10 @@ class WorkerInfo(BaseModel):
     metrics_port: int | None = None  # the worker's /metrics, /healthz and /readyz, on `host`
 
 
-class WorkerList(BaseModel):
-    """Body of `GET /v1/workers`: every registered worker, and how many of them are serving."""
-
-    workers: list[WorkerInfo]
-    serving: int
-
-
 class Registry:
     """Read and write one cluster's worker registry."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
         self._redis = redis
         self._keys = keys
 

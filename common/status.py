@@ -8,9 +8,9 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel
 from redis.exceptions import ResponseError
 
-from common.keys import Keys
-from common.queue import JobQueue
+from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
+from common.streams import JobStreams
 
 
 class StreamStatus(BaseModel):
@@ -33,22 +33,22 @@ class ClusterStatus(BaseModel):
     at: float
 
 
-async def read_status(redis: aioredis.Redis, keys: Keys) -> ClusterStatus:
+async def read_status(redis: aioredis.Redis, keys: RedisKeys) -> ClusterStatus:
     """Read the cluster's state: a handful of Redis reads, safe to run against production."""
-    queue = JobQueue(redis, keys)
-    streams = [await _stream_status(redis, keys, name) for name in await queue.streams()]
+    job_streams = JobStreams(redis, keys)
+    streams = [await _stream_status(redis, keys, name) for name in await job_streams.names()]
     return ClusterStatus(
         workers=await Registry(redis, keys).workers(),
         queue_depth=sum(s.length for s in streams),
         pending=sum(s.pending for s in streams),
         dead_letter=await redis.xlen(keys.dead_letter_stream),
         streams=streams,
-        counters=await queue.stats(),
+        counters=await job_streams.counters(),
         at=time.time(),
     )
 
 
-async def _stream_status(redis: aioredis.Redis, keys: Keys, stream: str) -> StreamStatus:
+async def _stream_status(redis: aioredis.Redis, keys: RedisKeys, stream: str) -> StreamStatus:
     try:
         pending = int((await redis.xpending(stream, keys.workers_group))["pending"])
     except ResponseError:  # no group yet (a stream created by a submit before any worker read it)

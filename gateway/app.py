@@ -14,38 +14,41 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from common.config import GatewayConfig, log_config
-from common.keys import Keys
-from common.queue import JobListener, JobQueue
-from common.ratelimit import RateLimiter
+from common.jobstore import JobStore
 from common.redis_conn import connect
+from common.rediskeys import RedisKeys
 from common.registry import Registry
-from gateway.appkeys import (
+from common.streams import JobStreams
+from gateway.auth import KeyStore
+from gateway.journal import Journal
+from gateway.limits import ThroughputMeter
+from gateway.listener import JobListener
+from gateway.metrics import GatewayMetrics, metrics_middleware
+from gateway.middlewares import error_middleware, protection_middleware, rate_limit_headers
+from gateway.openapi import build_openapi
+from gateway.placement import Placement
+from gateway.positions import PositionBoard
+from gateway.ratelimit import RateLimiter
+from gateway.requestlog import AccessLogger, echo_request_id, request_id_middleware
+from gateway.routes import ROUTES, setup_routes
+from gateway.state import (
     ACCESS,
     CONFIG,
     GATEWAY_ID,
+    JOBS,
     JOURNAL,
     KEY_STORE,
     LIMITER,
     LISTENER,
     METRICS,
     OPENAPI,
+    PLACEMENT,
     POSITIONS,
-    QUEUE,
     REDIS,
     REGISTRY,
-    ROUTER,
+    STREAMS,
     THROUGHPUT,
 )
-from gateway.auth import KeyStore
-from gateway.journal import Journal
-from gateway.limits import ThroughputMeter
-from gateway.metrics import GatewayMetrics, metrics_middleware
-from gateway.middlewares import error_middleware, protection_middleware, rate_limit_headers
-from gateway.openapi import build_openapi
-from gateway.positions import PositionBoard
-from gateway.requestlog import AccessLogger, echo_request_id, request_id_middleware
-from gateway.routes import ROUTES, setup_routes
-from gateway.routing import Router
 
 logger = logging.getLogger(__name__)
 
@@ -88,18 +91,19 @@ async def _no_stale_pages(request: web.Request, response: web.StreamResponse) ->
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     redis = connect(config.redis_url, name=f"sdxl-gateway:{app[GATEWAY_ID]}")
-    keys = Keys(config.key_prefix)
+    keys = RedisKeys(config.key_prefix)
     app[REDIS] = redis
-    app[QUEUE] = JobQueue(redis, keys)
+    app[JOBS] = JobStore(redis, keys)
+    app[STREAMS] = JobStreams(redis, keys)
     app[REGISTRY] = Registry(redis, keys)
-    app[ROUTER] = Router(config.routing, redis, keys)
+    app[PLACEMENT] = Placement(config.routing, redis, keys)
     app[LIMITER] = RateLimiter(redis, keys)
     yield
     await redis.aclose()
 
 
 async def _listener_ctx(app: web.Application) -> AsyncIterator[None]:
-    listener = JobListener(app[REDIS], Keys(app[CONFIG].key_prefix), on_completion=app[THROUGHPUT].record)
+    listener = JobListener(app[REDIS], RedisKeys(app[CONFIG].key_prefix), on_completion=app[THROUGHPUT].record)
     app[LISTENER] = listener
     task = asyncio.create_task(listener.run(), name="completion-listener")
     await asyncio.wait_for(listener.subscribed.wait(), LISTENER_READY_TIMEOUT_S)
@@ -110,7 +114,7 @@ async def _listener_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _journal_ctx(app: web.Application) -> AsyncIterator[None]:
     """The jobs this gateway accepted, queued again should Redis lose them."""
-    journal = Journal(app[QUEUE], Keys(app[CONFIG].key_prefix))
+    journal = Journal(app[JOBS], RedisKeys(app[CONFIG].key_prefix))
     app[JOURNAL] = journal
     task = asyncio.create_task(journal.run(), name="accepted-jobs")
     yield
@@ -119,7 +123,7 @@ async def _journal_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _positions_ctx(app: web.Application) -> AsyncIterator[None]:
-    board = PositionBoard(app[QUEUE])
+    board = PositionBoard(app[STREAMS])
     app[POSITIONS] = board
     task = asyncio.create_task(board.run(), name="queue-positions")
     yield

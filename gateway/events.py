@@ -20,8 +20,13 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
 from pydantic import BaseModel
 
-from common.protocol import (
-    FINISHED,
+from common.jobstore import JobRecord
+from common.protocol import FINISHED
+from common.redis_conn import UNAVAILABLE
+from gateway import jobs
+from gateway.listener import JobEvent
+from gateway.positions import Entry
+from gateway.schemas import (
     CancelledEvent,
     ErrorDetail,
     FailedEvent,
@@ -31,11 +36,7 @@ from common.protocol import (
     StartedEvent,
     SucceededEvent,
 )
-from common.queue import JobEvent, JobRecord
-from common.redis_conn import UNAVAILABLE
-from gateway import jobs
-from gateway.appkeys import LISTENER, POSITIONS
-from gateway.positions import Entry
+from gateway.state import LISTENER, POSITIONS
 
 logger = logging.getLogger(__name__)
 

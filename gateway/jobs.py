@@ -16,27 +16,17 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from common.protocol import (
-    FINISHED,
-    JOB_ID_PATTERN,
-    ErrorDetail,
-    GenerateRequest,
-    Job,
-    JobOutput,
-    JobResult,
-    JobState,
-    Progress,
-    ResponseTimings,
-)
-from common.queue import IdempotencyConflict, JobQueue, JobRecord, QueueFull, StoredResult, Submitted
+from common.jobstore import IdempotencyConflict, JobRecord, JobStore, QueueFull, StoredResult, Submitted
+from common.protocol import FINISHED, JOB_ID_PATTERN, Job, JobResult
 from common.redis_conn import UNAVAILABLE
 from common.registry import WorkerInfo
-from gateway.appkeys import CONFIG, JOURNAL, LISTENER, QUEUE, REGISTRY, ROUTER, THROUGHPUT
 from gateway.errors import ApiError
 from gateway.journal import Accepted
 from gateway.limits import queue_full
 from gateway.requestlog import REQUEST_ID
+from gateway.schemas import ErrorDetail, GenerateRequest, JobOutput, JobState, Progress, ResponseTimings
 from gateway.shapes import resolve_shape
+from gateway.state import CONFIG, JOBS, JOURNAL, LISTENER, PLACEMENT, REGISTRY, STREAMS, THROUGHPUT
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +74,7 @@ async def make_job(request: web.Request, body: GenerateRequest) -> Placed:
         request_id=request.get(REQUEST_ID),
         **extra,
     )
-    return Placed(job=job, stream=await request.app[ROUTER].stream_for(shape, workers), workers=workers)
+    return Placed(job=job, stream=await request.app[PLACEMENT].stream_for(shape, workers), workers=workers)
 
 
 def idempotency_key(request: web.Request) -> str | None:
@@ -111,7 +101,7 @@ async def submit(request: web.Request, body: GenerateRequest, placed: Placed) ->
     key = idempotency_key(request)
     fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest() if key else ""
     try:
-        submitted = await request.app[QUEUE].submit(
+        submitted = await request.app[JOBS].submit(
             placed.job, placed.stream, key, fingerprint, max_depth=request.app[CONFIG].max_queue_depth
         )
     except QueueFull as exc:
@@ -137,7 +127,7 @@ async def submit_and_wait(request: web.Request, body: GenerateRequest, placed: P
     """Submit and wait for the result within the request timeout (504 with the job id past it); a full queue
     is a 429 and queues nothing."""
     listener = request.app[LISTENER]
-    queue = request.app[QUEUE]
+    queue = request.app[JOBS]
     job = placed.job
     done = listener.expect(job.id)
     job_id = job.id
@@ -183,7 +173,7 @@ def raise_unless_succeeded(stored: StoredResult) -> None:
         raise ApiError(500, "generation_failed", result.error or "generation failed", id=result.id)
 
 
-async def _read_result(queue: JobQueue, job_id: str) -> StoredResult:
+async def _read_result(queue: JobStore, job_id: str) -> StoredResult:
     stored = await queue.fetch_result(job_id)
     if stored is None:  # stored, announced, then expired within the instant: vanishingly rare
         raise ApiError(500, "result_expired", "the result expired before it could be read", id=job_id)
@@ -243,7 +233,7 @@ def live_state(job_id: str, record: JobRecord, position: int | None) -> JobState
 
 async def read_state(app: web.Application, job_id: str) -> tuple[JobState, JobRecord | None] | None:
     """A job's state (with its record while it is live), or None for an unknown or expired job."""
-    queue = app[QUEUE]
+    queue = app[JOBS]
     result = await queue.fetch_meta(job_id)
     if result is not None:
         return finished_state(result), None
@@ -252,7 +242,7 @@ async def read_state(app: web.Application, job_id: str) -> tuple[JobState, JobRe
         return None
     position = None
     if record.status == "queued" and record.entry_id is not None and record.stream is not None:
-        position = (await queue.positions(record.stream, [record.entry_id]))[record.entry_id]
+        position = (await app[STREAMS].positions(record.stream, [record.entry_id]))[record.entry_id]
     return live_state(job_id, record, position), record
 
 

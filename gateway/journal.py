@@ -17,10 +17,10 @@ import collections
 import logging
 from dataclasses import dataclass
 
-from common.keys import Keys
+from common.jobstore import IdempotencyConflict, JobStore
 from common.protocol import FINISHED, Job
-from common.queue import IdempotencyConflict, JobQueue
 from common.redis_conn import UNAVAILABLE
+from common.rediskeys import RedisKeys
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +41,9 @@ class Journal:
     """Accepted jobs not yet seen terminal; `run()` re-queues those Redis has lost."""
 
     def __init__(
-        self, queue: JobQueue, keys: Keys, interval_s: float = SWEEP_INTERVAL_S, capacity: int = CAPACITY
+        self, jobs: JobStore, keys: RedisKeys, interval_s: float = SWEEP_INTERVAL_S, capacity: int = CAPACITY
     ) -> None:
-        self._queue = queue
+        self._jobs_store = jobs
         self._keys = keys
         self._interval_s = interval_s
         self._capacity = capacity
@@ -73,7 +73,7 @@ class Journal:
         job_ids = list(self._jobs)
         if not job_ids:
             return
-        for job_id, status in zip(job_ids, await self._queue.statuses(job_ids), strict=True):
+        for job_id, status in zip(job_ids, await self._jobs_store.statuses(job_ids), strict=True):
             if status in FINISHED:
                 self._jobs.pop(job_id, None)
             elif status is None and (accepted := self._jobs.get(job_id)) is not None:
@@ -82,7 +82,7 @@ class Journal:
     async def _resubmit(self, accepted: Accepted) -> None:
         job = accepted.job
         try:
-            submitted = await self._queue.submit(
+            submitted = await self._jobs_store.submit(
                 job, self._keys.shape_stream(job.shape), accepted.idempotency_key, accepted.fingerprint
             )
         except IdempotencyConflict:

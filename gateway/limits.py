@@ -4,9 +4,9 @@ Each route declares its `Access` in the route table: `submit` routes create jobs
 them, and routes with neither (health, readiness, metrics, the OpenAPI document, the page) are open and
 never limited. `protection_middleware` (gateway/middlewares.py) enforces them: body size by
 Content-Length (413, nothing read), the caller (gateway/auth.py: 401/403), then its rate in Redis
-(common/ratelimit.py: 429 with Retry-After).
+(gateway/ratelimit.py: 429 with Retry-After).
 
-Backpressure, the other half, is checked atomically where a job is queued (common/queue.py); the
+Backpressure, the other half, is checked atomically where a job is queued (common/jobstore.py); the
 Retry-After of a full queue comes from the cluster's observed throughput (`ThroughputMeter`).
 """
 
@@ -21,9 +21,9 @@ from typing import Literal
 
 from aiohttp import web
 
-from common.queue import QueueFull
-from common.ratelimit import Decision
+from common.jobstore import QueueFull
 from gateway.errors import ApiError
+from gateway.ratelimit import Decision
 
 RouteKind = Literal["submit", "read"]
 RATE_DECISION = web.RequestKey("rate_decision", Decision)

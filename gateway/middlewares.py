@@ -10,11 +10,11 @@ from aiohttp.typedefs import Handler
 from redis.exceptions import OutOfMemoryError
 
 from common.redis_conn import UNAVAILABLE
-from gateway.appkeys import ACCESS, CONFIG, KEY_STORE, LIMITER
 from gateway.errors import ApiError
 from gateway.limits import OPEN, RATE_DECISION, Access
 from gateway.metrics import ERROR_CODE
 from gateway.proxies import client_address, client_identity
+from gateway.state import ACCESS, CONFIG, KEY_STORE, LIMITER
 
 logger = logging.getLogger(__name__)
 

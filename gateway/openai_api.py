@@ -15,9 +15,9 @@ from typing import Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from common.jobstore import StoredResult
 from common.protocol import (
     DEFAULT_GUIDANCE_SCALE,
-    GenerateRequest,
     GuidanceScale,
     InferenceSteps,
     OutputFormat,
@@ -25,10 +25,10 @@ from common.protocol import (
     RequiredPrompt,
     Seed,
 )
-from common.queue import StoredResult
 from common.registry import SERVING_STATES
 from gateway import jobs
 from gateway.errors import ApiError, from_validation_error
+from gateway.schemas import GenerateRequest
 from gateway.views import parse_body
 
 _SIZE_RE = re.compile(r"(\d{1,5})x(\d{1,5})")

@@ -10,8 +10,8 @@ import asyncio
 import logging
 from collections import Counter
 
-from common.queue import JobQueue
 from common.redis_conn import UNAVAILABLE
+from common.streams import JobStreams
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +22,8 @@ class PositionBoard:
     """Tracked (stream, entry) pairs and their latest positions, refreshed every `interval_s` while any are
     tracked: one scan per stream per refresh, whatever the number of followers."""
 
-    def __init__(self, queue: JobQueue, interval_s: float = 1.0) -> None:
-        self._queue = queue
+    def __init__(self, streams: JobStreams, interval_s: float = 1.0) -> None:
+        self._streams = streams
         self._interval_s = interval_s
         self._tracked: Counter[Entry] = Counter()
         self._positions: dict[Entry, int] = {}
@@ -61,6 +61,6 @@ class PositionBoard:
             by_stream.setdefault(stream, []).append(entry_id)
         positions: dict[Entry, int] = {}
         for stream, entry_ids in by_stream.items():
-            found = await self._queue.positions(stream, entry_ids)
+            found = await self._streams.positions(stream, entry_ids)
             positions.update(((stream, entry_id), at) for entry_id, at in found.items())
         return positions

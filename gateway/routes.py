@@ -14,11 +14,18 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import BaseModel
 
-from common.protocol import JOB_EVENTS, ErrorResponse, GenerateRequest, GenerateResponse, JobAccepted, JobState
-from common.registry import WorkerList
 from gateway import events, openai_api, views
 from gateway.jobs import IDEMPOTENCY_HEADER
 from gateway.limits import OPEN, Access
+from gateway.schemas import (
+    JOB_EVENTS,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    JobAccepted,
+    JobState,
+    WorkerList,
+)
 
 STATIC_DIR = Path(__file__).parent / "static"
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")

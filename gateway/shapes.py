@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from common.protocol import GenerateRequest, Shape
+from common.protocol import Shape
 from common.registry import SERVING_STATES, WorkerInfo
 from gateway.errors import ApiError
+from gateway.schemas import GenerateRequest
 
 
 def resolve_shape(request: GenerateRequest, workers: list[WorkerInfo]) -> Shape:

@@ -10,13 +10,14 @@ from typing import TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from common.protocol import FINISHED, GenerateRequest, GenerateResponse, JobAccepted, JobState
-from common.queue import StoredResult
-from common.registry import SERVING_STATES, WorkerList
+from common.jobstore import StoredResult
+from common.protocol import FINISHED
+from common.registry import SERVING_STATES
 from gateway import jobs
-from gateway.appkeys import CONFIG, JOURNAL, LISTENER, METRICS, OPENAPI, QUEUE, REDIS, REGISTRY
 from gateway.errors import ApiError, from_validation_error
 from gateway.metrics import CONTENT_TYPE
+from gateway.schemas import GenerateRequest, GenerateResponse, JobAccepted, JobState, WorkerList
+from gateway.state import CONFIG, JOBS, JOURNAL, LISTENER, METRICS, OPENAPI, REDIS, REGISTRY, STREAMS
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -57,9 +58,9 @@ async def metrics(request: web.Request) -> web.Response:
     """Prometheus exposition: this gateway's request figures and the cluster's queue and workers."""
     app = request.app
     gauges = app[METRICS]
-    gauges.queue_depth.set(await app[QUEUE].depth())
+    gauges.queue_depth.set(await app[STREAMS].depth())
     gauges.set_workers(await app[REGISTRY].workers())
-    gauges.queue_counters.values = await app[QUEUE].stats()
+    gauges.queue_counters.values = await app[STREAMS].counters()
     gauges.waiting.set(app[LISTENER].waiting)
     gauges.event_streams.set(app[LISTENER].watching)
     gauges.listener_counters.values = dict(app[LISTENER].counts) | {"resubmitted": app[JOURNAL].resubmitted}
@@ -115,7 +116,7 @@ async def job_status(request: web.Request) -> web.Response:
 async def cancel_job(request: web.Request) -> web.Response:
     """Cancel a queued or running job; 409 for one that already succeeded or failed."""
     job_id = jobs.job_id_of(request)
-    outcome = await request.app[QUEUE].cancel(job_id)
+    outcome = await request.app[JOBS].cancel(job_id)
     if outcome is None:
         raise jobs.unknown_job(job_id)
     if outcome != "cancelled":
@@ -134,9 +135,9 @@ async def job_image(request: web.Request) -> web.Response:
     """One image of a succeeded job, with its media type."""
     job_id = jobs.job_id_of(request)
     index = _image_index(request.match_info["index"])
-    found = await request.app[QUEUE].fetch_image(job_id, index)
+    found = await request.app[JOBS].fetch_image(job_id, index)
     if found is None:
-        status = await request.app[QUEUE].job_status(job_id)
+        status = await request.app[JOBS].job_status(job_id)
         if status is None or status in FINISHED:  # a finished job without a result: its images expired
             raise jobs.unknown_job(job_id)
         raise ApiError(

@@ -36,11 +36,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from common.cluster import free_port, wait_http
 from common.config import GatewayConfig
-from common.keys import Keys
 from common.protocol import JobResult, Shape, Timings
-from common.queue import ClaimedJob, JobQueue
+from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
+from common.streams import JobStreams
 from gateway.app import create_app
+from worker.delivery import ClaimedJob, Delivery
 
 # Two step counts, so tests can tell a compiled shape from one that is not.
 TEST_SHAPES = (Shape(width=64, height=64, steps=2), Shape(width=64, height=64, steps=3))
@@ -200,7 +201,7 @@ class Cluster:
 async def wait_ready(redis_url: str, count: int, prefix: str = "sdxl") -> list[WorkerInfo]:
     client = aioredis.Redis.from_url(redis_url)
     try:
-        return await Registry(client, Keys(prefix)).wait_for_ready(count, READY_TIMEOUT_S)
+        return await Registry(client, RedisKeys(prefix)).wait_for_ready(count, READY_TIMEOUT_S)
     finally:
         await client.aclose()
 
@@ -284,21 +285,21 @@ async def register_worker(
         shapes=list(shapes),
         started_at=time.time(),
     )
-    queue = JobQueue(redis_client, Keys())
+    streams = JobStreams(redis_client, RedisKeys())
     for stream in worker_streams(worker_id, shapes):
-        await queue.ensure_group(stream)
-    await Registry(redis_client, Keys()).publish(info, ttl_s=60)
+        await streams.ensure_group(stream)
+    await Registry(redis_client, RedisKeys()).publish(info, ttl_s=60)
 
 
 def worker_streams(worker_id: str = "test-worker", shapes: tuple[Shape, ...] = TEST_SHAPES) -> list[str]:
     """The streams a worker reads, in its order: its own, then one per shape."""
-    keys = Keys()
+    keys = RedisKeys()
     return [keys.worker_stream(worker_id), *(keys.shape_stream(shape) for shape in shapes)]
 
 
 async def queued_jobs(redis_client: aioredis.Redis) -> int:
     """Jobs on any stream (queued or in service)."""
-    return await JobQueue(redis_client, Keys()).depth()
+    return await JobStreams(redis_client, RedisKeys()).depth()
 
 
 @pytest.fixture
@@ -318,12 +319,12 @@ async def fake_worker(redis_client: aioredis.Redis) -> AsyncIterator[None]:
 
 async def claim_next(redis_client: aioredis.Redis, worker_id: str = "test-worker") -> ClaimedJob:
     """Claim the next job as a worker would, waiting for one to be queued."""
-    queue = JobQueue(redis_client, Keys())
+    streams, delivery = JobStreams(redis_client, RedisKeys()), Delivery(redis_client, RedisKeys())
     for stream in worker_streams(worker_id):
-        await queue.ensure_group(stream)
+        await streams.ensure_group(stream)
     claimed = None
     while claimed is None:
-        claimed = await queue.claim(worker_id, worker_streams(worker_id), block_ms=1000)
+        claimed = await delivery.claim(worker_id, worker_streams(worker_id), block_ms=1000)
     return claimed
 
 
@@ -346,7 +347,7 @@ async def finish(
         image_count=len(images),
         timings=Timings(queued_ms=1.0, generate_ms=2.0, encode_ms=3.0),
     )
-    return await JobQueue(redis_client, Keys()).complete(claimed, result, images)
+    return await Delivery(redis_client, RedisKeys()).complete(claimed, result, images)
 
 
 async def play_worker(redis_client: aioredis.Redis, images: list[bytes]) -> None:

@@ -18,11 +18,11 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from bench.chaos import digest, stored_digest
-from common.keys import Keys
-from common.queue import JobQueue
+from common.rediskeys import RedisKeys
 from common.registry import Registry
+from common.streams import JobStreams
 
-KEYS = Keys()
+KEYS = RedisKeys()
 
 
 def say(**payload: Any) -> None:
@@ -40,9 +40,9 @@ async def main(redis_url: str, gateway_url: str, steps: int) -> None:
         response = await request
         say(response={"id": response["id"], "worker": response["worker"], "digest": digest(response["images"])})
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-        await _duplicate_dropped(events, JobQueue(client, KEYS))
+        await _duplicate_dropped(events, JobStreams(client, KEYS))
         worker, stored = await stored_digest(session, gateway_url, response["id"])
-        say(after={"worker": worker, "digest": stored, "stats": await JobQueue(client, KEYS).stats()})
+        say(after={"worker": worker, "digest": stored, "stats": await JobStreams(client, KEYS).counters()})
     await events.aclose()
     await client.aclose()
 
@@ -62,10 +62,10 @@ async def _started(events: Any) -> str:
             return str(json.loads(message["data"])["worker"])
 
 
-async def _duplicate_dropped(events: Any, queue: JobQueue) -> None:
+async def _duplicate_dropped(events: Any, streams: JobStreams) -> None:
     """Wait for the stats hash to count a dropped duplicate (announced by keyspace notifications)."""
     async with asyncio.timeout(180):
-        while (await queue.stats()).get("duplicate_results", 0) < 1:
+        while (await streams.counters()).get("duplicate_results", 0) < 1:
             await events.get_message(ignore_subscribe_messages=True, timeout=180)
 
 

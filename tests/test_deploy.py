@@ -25,11 +25,11 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
-from common.keys import Keys
 from common.protocol import Job, JobResult, Shape, Timings
-from common.queue import JobQueue
+from common.rediskeys import RedisKeys
 from gateway.metrics import WORKER_STATES
 from tests.deployfiles import CLI_ENV, ROOT, metric_names, parse, served_routes, stage_values
+from tests.queues import Queue
 
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = sorted(path.name for path in (K8S / "overlays").iterdir() if path.is_dir())
@@ -400,7 +400,7 @@ def _scaled_object_problems(docs: list[Doc], scaled: Doc) -> list[str]:
     if worker.args.shapes is None:
         return ["the worker's --shapes must be explicit, so its streams can be checked"]
     problems = [] if spec.get("minReplicaCount", 0) >= 1 else ["minReplicaCount 0: see scaledobject.yaml"]
-    keys = Keys(worker.args.key_prefix)
+    keys = RedisKeys(worker.args.key_prefix)
     triggers = spec["triggers"]
     streams = {t["metadata"]["stream"] for t in triggers}
     wanted = {keys.shape_stream(shape) for shape in worker.args.shapes}
@@ -478,7 +478,8 @@ def promql_matchers(expr: str) -> Iterator[tuple[str, str, str, str]]:
 
 def queue_events() -> set[str]:
     """The counters the queue keeps in its stats hash (exported as sdxl_queue_events_total{event})."""
-    source = (ROOT / "common" / "queue.py").read_text()
+    files = [*sorted((ROOT / "common" / "lua").glob("*.lua")), ROOT / "worker" / "delivery.py"]
+    source = "".join(path.read_text() for path in files)
     return set(re.findall(r"HINCRBY', KEYS\[\d\], '(\w+)'", source) + re.findall(r'hincrby\([^,]+, "(\w+)"', source))
 
 
@@ -593,7 +594,7 @@ def _rename_metric(docs: list[Doc]) -> None:
 
 
 def _set_consumer_group(docs: list[Doc]) -> None:
-    of_kind(docs, "ScaledObject")[0]["spec"]["triggers"][0]["metadata"]["consumerGroup"] = Keys().workers_group
+    of_kind(docs, "ScaledObject")[0]["spec"]["triggers"][0]["metadata"]["consumerGroup"] = RedisKeys().workers_group
 
 
 def _misspell_variable(docs: list[Doc]) -> None:
@@ -642,19 +643,19 @@ def test_metric_names_are_found_in_promql() -> None:
 async def test_stream_length_counts_queued_and_running_jobs_and_the_group_lag_does_not(
     redis_client: aioredis.Redis,
 ) -> None:
-    keys = Keys()
+    keys = RedisKeys()
     shape = Shape(width=64, height=64, steps=2)
     stream = keys.shape_stream(shape)
-    queue = JobQueue(redis_client, keys)
-    await queue.ensure_group(stream)
+    queue = Queue.of(redis_client, keys)
+    await queue.streams.ensure_group(stream)
     jobs = [
         Job(id=f"job-{i}", prompt="a cat", seed=i, guidance_scale=7.5, shape=shape, result_ttl_s=60) for i in range(3)
     ]
     for job in jobs:
-        await queue.submit(job, stream)
-    running = await queue.claim("w1", [stream], block_ms=100)
+        await queue.jobs.submit(job, stream)
+    running = await queue.delivery.claim("w1", [stream], block_ms=100)
     assert running is not None and running.job.id == "job-0"
-    assert await queue.cancel("job-2") == "cancelled"  # queued behind job-1: its entry is deleted
+    assert await queue.jobs.cancel("job-2") == "cancelled"  # queued behind job-1: its entry is deleted
 
     # What KEDA's streamLength reads: job-0 in service and job-1 queued.
     assert await redis_client.xlen(stream) == 2
@@ -672,5 +673,5 @@ async def test_stream_length_counts_queued_and_running_jobs_and_the_group_lag_do
         image_count=1,
         timings=Timings(queued_ms=1, generate_ms=2, encode_ms=3),
     )
-    assert await queue.complete(running, result, [b"png"])
+    assert await queue.delivery.complete(running, result, [b"png"])
     assert await redis_client.xlen(stream) == 1

@@ -14,10 +14,11 @@ import pytest
 import redis.asyncio as aioredis
 from PIL import Image
 
-from common.keys import Keys
+from common.jobstore import JobStore
 from common.protocol import Job
-from common.queue import JobListener, JobQueue
+from common.rediskeys import RedisKeys
 from common.registry import WorkerInfo
+from gateway.listener import JobListener
 from tests.conftest import (
     TEST_SHAPES,
     Cluster,
@@ -28,6 +29,7 @@ from tests.conftest import (
     wait_ready,
     worker_args,
 )
+from tests.queues import Queue
 
 pytestmark = pytest.mark.e2e
 
@@ -122,7 +124,7 @@ async def test_both_workers_serve_concurrent_requests(cluster: Cluster) -> None:
 async def test_job_with_uncompiled_shape_fails_cleanly_and_worker_carries_on(cluster: Cluster) -> None:
     """A job that skipped the gateway's checks (never trust the queue) fails with a reason."""
     client = aioredis.Redis.from_url(cluster.redis_url)
-    keys = Keys()
+    keys = RedisKeys()
     listener = JobListener(client, keys)
     listening = asyncio.create_task(listener.run())
     try:
@@ -139,9 +141,9 @@ async def test_job_with_uncompiled_shape_fails_cleanly_and_worker_carries_on(clu
         )
         done = listener.expect(job.id)
         # Injected straight into the shared stream of a shape the workers did compile.
-        await JobQueue(client, keys).submit(job, keys.shape_stream(TEST_SHAPES[0]))
+        await JobStore(client, keys).submit(job, keys.shape_stream(TEST_SHAPES[0]))
         await asyncio.wait_for(done, 60)
-        stored = await JobQueue(client, keys).fetch_result(job.id)
+        stored = await JobStore(client, keys).fetch_result(job.id)
         assert stored is not None and stored.result.status == "failed"
         assert stored.result.error is not None and "64x64x9 is not compiled" in stored.result.error
     finally:
@@ -156,8 +158,8 @@ async def test_worker_takes_no_job_before_warm_up(
     """A job queued while the only worker warms up waits, and is claimed only after it says ready."""
     prefix, redis_url = "warmup-test", redis_server.url(2)
     client = aioredis.Redis.from_url(redis_url)
-    keys = Keys(prefix)
-    queue = JobQueue(client, keys)
+    keys = RedisKeys(prefix)
+    queue = Queue.of(client, keys)
     stream = keys.shape_stream(TEST_SHAPES[0])
     pubsub = client.pubsub()
     await pubsub.subscribe(keys.worker_events_channel)
@@ -180,8 +182,8 @@ async def test_worker_takes_no_job_before_warm_up(
                 "result_ttl_s": 60,
             }
         )
-        await queue.submit(job, stream)
-        record = await queue.record(job.id)
+        await queue.jobs.submit(job, stream)
+        record = await queue.jobs.record(job.id)
         assert record is not None and record.entry_id is not None
         entry_id = record.entry_id
         # Still warming: the worker has not even created the group, so nobody holds the job.
@@ -193,7 +195,7 @@ async def test_worker_takes_no_job_before_warm_up(
         listening = asyncio.create_task(listener.run())
         await asyncio.wait_for(done, 60)
         listening.cancel()
-        stored = await queue.fetch_result(job.id)
+        stored = await queue.jobs.fetch_result(job.id)
         assert stored is not None and stored.result.status == "succeeded" and stored.result.timings
         # Claimed at: enqueue time (the entry id, Redis clock) plus the wait the worker measured.
         claimed_at_s = (int(entry_id.split("-")[0]) + stored.result.timings.queued_ms) / 1000

@@ -22,10 +22,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from common.cluster import free_port, wait_http
-from common.keys import Keys
 from common.protocol import Shape
-from common.queue import JobListener, JobQueue
+from common.rediskeys import RedisKeys
 from common.registry import Registry
+from common.streams import JobStreams
+from gateway.listener import JobListener
 from tests.conftest import READY_TIMEOUT_S, ProcessGroup, post_generate, read_events, wait_ready
 
 pytestmark = pytest.mark.e2e
@@ -173,7 +174,7 @@ async def next_start(pubsub: Any) -> dict[str, Any]:
 async def job_events(url: str) -> tuple[aioredis.Redis, Any]:
     client = aioredis.Redis.from_url(url)
     pubsub = client.pubsub()
-    await pubsub.subscribe(Keys().job_events_channel)
+    await pubsub.subscribe(RedisKeys().job_events_channel)
     return client, pubsub
 
 
@@ -185,9 +186,9 @@ async def test_sigkill_mid_job_is_served_by_another_worker(cluster: FaultCluster
         cluster.processes.processes[victim].send_signal(signal.SIGKILL)
         payload = await request
         assert payload["worker"] != victim
-        attempts = await client.lrange(Keys().attempts(payload["id"]), 0, -1)
+        attempts = await client.lrange(RedisKeys().attempts(payload["id"]), 0, -1)
         assert [a.decode().split("@")[0] for a in attempts] == [victim, payload["worker"]]
-        assert (await JobQueue(client, Keys()).stats()).get("duplicate_results", 0) == 0
+        assert (await JobStreams(client, RedisKeys()).counters()).get("duplicate_results", 0) == 0
     finally:
         await pubsub.aclose()
         await client.aclose()
@@ -214,14 +215,14 @@ async def test_random_routing_loses_nothing_when_a_worker_dies_with_jobs_queued(
     try:
         async with aiohttp.ClientSession(base_url=url) as session:
             ids = [await submit_job(session, seed) for seed in range(6)]
-            lengths = {w: await client.xlen(Keys().worker_stream(w)) for w in cluster.alive()}
+            lengths = {w: await client.xlen(RedisKeys().worker_stream(w)) for w in cluster.alive()}
             victim = max(lengths, key=lambda w: lengths[w])
             assert sum(lengths.values()) == 6 and lengths[victim] >= 3  # one in service, two or more queued
             cluster.processes.processes[victim].send_signal(signal.SIGKILL)
             outcomes = await asyncio.gather(*(final_event(session, job_id) for job_id in ids))
         assert [name for name, _ in outcomes] == ["succeeded"] * 6
         assert victim not in {data["result"]["worker"] for _, data in outcomes}
-        assert await client.exists(Keys().worker_stream(victim)) == 0
+        assert await client.exists(RedisKeys().worker_stream(victim)) == 0
     finally:
         cluster.processes.stop("random-gateway")
         await client.aclose()
@@ -246,13 +247,13 @@ async def test_sigterm_busy_worker_finishes_its_job_then_exits_0(cluster: FaultC
     try:
         request = asyncio.create_task(post_generate(cluster.url, seed=2, num_inference_steps=SLOW_STEPS))
         busy = (await next_start(pubsub))["worker"]
-        await pubsub.subscribe(Keys().worker_events_channel)  # every heartbeat announces the state
+        await pubsub.subscribe(RedisKeys().worker_events_channel)  # every heartbeat announces the state
         process = cluster.processes.processes[busy]
         process.send_signal(signal.SIGTERM)
         payload = await request
         assert payload["worker"] == busy
         assert await asyncio.to_thread(process.wait, 60) == 0
-        assert busy not in [w.id for w in await Registry(client, Keys()).workers()]
+        assert busy not in [w.id for w in await Registry(client, RedisKeys()).workers()]
         states = await announced_states(pubsub, busy)
         # Once draining, never announced as serving again, not even after its last job.
         assert "draining" in states
@@ -267,7 +268,7 @@ async def announced_states(pubsub: Any, worker_id: str) -> list[str]:
     goes quiet)."""
     states = []
     while (message := await pubsub.get_message(timeout=0.5)) is not None:
-        if message["type"] == "message" and message["channel"].decode() == Keys().worker_events_channel:
+        if message["type"] == "message" and message["channel"].decode() == RedisKeys().worker_events_channel:
             info = json.loads(message["data"])
             if info["id"] == worker_id:
                 states.append(info["state"])
@@ -277,7 +278,7 @@ async def announced_states(pubsub: Any, worker_id: str) -> list[str]:
 async def test_redis_restart_with_jobs_queued_loses_nothing(cluster: FaultCluster) -> None:
     client = aioredis.Redis.from_url(cluster.redis.url)
     pubsub = client.pubsub()
-    await pubsub.subscribe(f"__keyspace@0__:{Keys().shape_stream(Shape(width=64, height=64, steps=SLOW_STEPS))}")
+    await pubsub.subscribe(f"__keyspace@0__:{RedisKeys().shape_stream(Shape(width=64, height=64, steps=SLOW_STEPS))}")
     try:
         requests = [
             asyncio.create_task(post_generate(cluster.url, seed=s, num_inference_steps=SLOW_STEPS)) for s in range(6)
@@ -303,7 +304,7 @@ async def test_job_survives_its_gateway_and_is_fetchable_from_another(cluster: F
         "doomed-gateway", "gateway", "--redis-url", cluster.redis.url, "--host", "127.0.0.1", "--port", str(port)
     )
     await wait_http(f"http://127.0.0.1:{port}/healthz", READY_TIMEOUT_S)
-    listener = JobListener(client, Keys())
+    listener = JobListener(client, RedisKeys())
     listening = asyncio.create_task(listener.run())
     try:
         request = asyncio.create_task(post_generate(f"http://127.0.0.1:{port}", seed=9, num_inference_steps=SLOW_STEPS))

@@ -10,10 +10,10 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from common.keys import Keys
+from common.rediskeys import RedisKeys
 from tests.conftest import TEST_SHAPES, play_worker, queued_jobs, register_worker
 
-KEYS = Keys()
+KEYS = RedisKeys()
 SHAPES = TEST_SHAPES
 
 

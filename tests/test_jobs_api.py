@@ -12,12 +12,13 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from common.keys import Keys
-from common.queue import ClaimedJob, JobQueue
-from gateway.appkeys import JOURNAL
+from common.rediskeys import RedisKeys
+from gateway.state import JOURNAL
 from tests.conftest import claim_next, finish, queued_jobs, read_events, worker_streams
+from tests.queues import Queue
+from worker.delivery import ClaimedJob, Delivery
 
-KEYS = Keys()
+KEYS = RedisKeys()
 Client = TestClient[Any, Any]
 
 
@@ -38,7 +39,7 @@ async def state(client: Client, job_id: str) -> dict[str, Any]:
 
 async def start(redis_client: aioredis.Redis, worker: str = "test-worker") -> ClaimedJob:
     claimed = await claim_next(redis_client, worker)
-    assert await JobQueue(redis_client, KEYS).start(claimed, worker) is not None
+    assert await Delivery(redis_client, KEYS).start(claimed, worker) is not None
     return claimed
 
 
@@ -71,7 +72,7 @@ async def test_running_job_reports_progress_then_its_result_as_image_urls(
     job_id = (await submit(client, num_inference_steps=3, output_format="jpeg", quality=80))["id"]
     claimed = await start(redis_client)
     assert (claimed.job.output_format, claimed.job.quality) == ("jpeg", 80)
-    await JobQueue(redis_client, KEYS).progress(job_id, "test-worker", 2, 3)
+    await Delivery(redis_client, KEYS).progress(job_id, "test-worker", 2, 3)
     assert (await state(client, job_id))["progress"] == {"step": 2, "total": 3}
     await finish(redis_client, claimed, [b"jpeg-0", b"jpeg-1"], media_type="image/jpeg")
     done = await state(client, job_id)
@@ -105,7 +106,7 @@ async def test_cancel_a_queued_job_and_it_never_runs(
     response = await client.delete(f"/v1/jobs/{job_id}")
     assert response.status == 200 and (await response.json())["status"] == "cancelled"
     assert await queued_jobs(redis_client) == 0  # off the stream: no worker is handed it
-    assert await JobQueue(redis_client, KEYS).claim("test-worker", worker_streams(), block_ms=10) is None
+    assert await Delivery(redis_client, KEYS).claim("test-worker", worker_streams(), block_ms=10) is None
     assert (await state(client, job_id))["status"] == "cancelled"
     again = await client.delete(f"/v1/jobs/{job_id}")
     assert again.status == 200  # cancelling twice is harmless
@@ -117,9 +118,9 @@ async def test_a_job_cancelled_after_delivery_is_skipped_by_its_worker(
     job_id = (await submit(client))["id"]
     claimed = await claim_next(redis_client)  # delivered, but the worker has not started it yet
     assert (await client.delete(f"/v1/jobs/{job_id}")).status == 200
-    queue = JobQueue(redis_client, KEYS)
-    assert await queue.start(claimed, "test-worker") is None
-    await queue.discard(claimed)
+    queue = Queue.of(redis_client, KEYS)
+    assert await queue.delivery.start(claimed, "test-worker") is None
+    await queue.delivery.discard(claimed)
     assert (await redis_client.xpending(claimed.stream, KEYS.workers_group))["pending"] == 0
     assert await redis_client.lrange(KEYS.attempts(job_id), 0, -1) == []  # it never ran
 
@@ -130,11 +131,11 @@ async def test_cancel_a_running_job_discards_its_result(
     job_id = (await submit(client))["id"]
     claimed = await start(redis_client)
     assert (await client.delete(f"/v1/jobs/{job_id}")).status == 200
-    queue = JobQueue(redis_client, KEYS)
-    assert await queue.progress(job_id, "test-worker", 1, 2) == "cancelled"  # the worker learns of it
+    queue = Queue.of(redis_client, KEYS)
+    assert await queue.delivery.progress(job_id, "test-worker", 1, 2) == "cancelled"  # the worker learns of it
     assert await finish(redis_client, claimed, [b"late"]) is False
     assert (await state(client, job_id))["status"] == "cancelled"
-    assert (await queue.stats())["discarded_after_cancel"] == 1
+    assert (await queue.streams.counters())["discarded_after_cancel"] == 1
     assert (await client.get(f"/v1/jobs/{job_id}/images/0")).status == 409
 
 
@@ -210,10 +211,10 @@ async def test_events_follow_a_job_through_every_step(
     assert await anext(events) == ("queued", {"id": job_id, "position": 0})
     claimed = await start(redis_client)
     assert await anext(events) == ("started", {"id": job_id, "worker": "test-worker"})
-    queue = JobQueue(redis_client, KEYS)
-    await queue.progress(job_id, "test-worker", 1, 3)
+    queue = Queue.of(redis_client, KEYS)
+    await queue.delivery.progress(job_id, "test-worker", 1, 3)
     assert await anext(events) == ("progress", {"id": job_id, "step": 1, "total": 3})
-    await queue.progress(job_id, "test-worker", 3, 3)  # step 2's message was coalesced away
+    await queue.delivery.progress(job_id, "test-worker", 3, 3)  # step 2's message was coalesced away
     assert [await anext(events) for _ in range(2)] == [
         ("progress", {"id": job_id, "step": s, "total": 3}) for s in (2, 3)
     ]
@@ -258,7 +259,7 @@ async def test_a_job_redis_lost_is_queued_again_by_the_gateway_that_accepted_it(
     client: Client, redis_client: aioredis.Redis, fake_worker: None
 ) -> None:
     job_id = (await submit(client, {"Idempotency-Key": "lost-1"}))["id"]
-    record = await JobQueue(redis_client, KEYS).record(job_id)
+    record = await Queue.of(redis_client, KEYS).jobs.record(job_id)
     assert record is not None and record.stream is not None
     # Redis comes back from a snapshot taken before the submit: the job, its entry and its key are gone.
     await redis_client.delete(KEYS.job(job_id), KEYS.idempotency("lost-1"), record.stream)

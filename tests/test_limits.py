@@ -10,11 +10,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common.config import ConfigError, GatewayConfig, RateLimits, parse_networks
+from common.jobstore import QueueFull
 from common.protocol import RequestLimits
-from common.queue import QueueFull
-from common.ratelimit import Rate
-from gateway.appkeys import LIMITER
 from gateway.limits import ThroughputMeter, queue_full
+from gateway.ratelimit import Rate
+from gateway.state import LIMITER
 from tests.conftest import ClientFactory, RedisServer, play_worker, queued_jobs
 from tests.protection import error_of, gateway
 

@@ -13,11 +13,11 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from common.keys import Keys
 from common.protocol import Job
+from common.rediskeys import RedisKeys
 from tests.conftest import TEST_SHAPES, claim_next, finish, queued_jobs
 
-KEYS = Keys()
+KEYS = RedisKeys()
 ROUTE = "/v1/images/generations"
 IMAGES = [f"png-{k}".encode() for k in range(4)]
 CAT = {"prompt": "a cat"}

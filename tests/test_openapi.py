@@ -8,8 +8,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 
-from common.protocol import GenerateRequest, JobState
 from gateway.routes import ROUTES
+from gateway.schemas import GenerateRequest, JobState
 
 Client = TestClient[Any, Any]
 

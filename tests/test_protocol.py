@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from common.protocol import MAX_SEED, GenerateRequest, Shape, parse_shapes
+from common.protocol import MAX_SEED, Shape, parse_shapes
+from gateway.schemas import GenerateRequest
 
 
 def test_shape_round_trips_through_text() -> None:

@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from common.keys import Keys
+from common.jobstore import record_ttl
 from common.protocol import Job, JobResult, Shape, Timings
-from common.queue import ClaimedJob, JobListener, JobQueue, MalformedJob, record_ttl
 from common.redis_conn import connect
+from common.rediskeys import RedisKeys
+from gateway.listener import JobListener
 from tests.conftest import RedisServer
+from tests.queues import Queue
+from worker.delivery import ClaimedJob, MalformedJob
 
-KEYS = Keys()
+KEYS = RedisKeys()
 SHAPE = Shape(width=64, height=64, steps=2)
 STREAM = KEYS.shape_stream(SHAPE)
 
@@ -36,19 +40,19 @@ def success(job: Job, worker: str = "w1") -> JobResult:
     )
 
 
-async def queue_with_group(redis_client: aioredis.Redis) -> JobQueue:
-    queue = JobQueue(redis_client, KEYS)
-    await queue.ensure_group(STREAM)
-    await queue.ensure_group(STREAM)  # idempotent
+async def queue_with_group(redis_client: aioredis.Redis) -> Queue:
+    queue = Queue.of(redis_client, KEYS)
+    await queue.streams.ensure_group(STREAM)
+    await queue.streams.ensure_group(STREAM)  # idempotent
     return queue
 
 
-async def submitted_and_claimed(redis_client: aioredis.Redis) -> tuple[JobQueue, Job, ClaimedJob]:
+async def submitted_and_claimed(redis_client: aioredis.Redis) -> tuple[Queue, Job, ClaimedJob]:
     """A queue with one job submitted and claimed by "w1"."""
     queue = await queue_with_group(redis_client)
     job = make_job()
-    await queue.submit(job, STREAM)
-    claimed = await queue.claim("w1", [STREAM], block_ms=100)
+    await queue.jobs.submit(job, STREAM)
+    claimed = await queue.delivery.claim("w1", [STREAM], block_ms=100)
     assert claimed is not None
     return queue, job, claimed
 
@@ -56,20 +60,20 @@ async def submitted_and_claimed(redis_client: aioredis.Redis) -> tuple[JobQueue,
 async def test_submitted_job_is_claimed_once_with_its_fields(redis_client: aioredis.Redis) -> None:
     queue = await queue_with_group(redis_client)
     job = make_job()
-    await queue.submit(job, STREAM)
-    assert await queue.job_status(job.id) == "queued"
-    claimed = await queue.claim("w1", [STREAM], block_ms=100)
+    await queue.jobs.submit(job, STREAM)
+    assert await queue.jobs.job_status(job.id) == "queued"
+    claimed = await queue.delivery.claim("w1", [STREAM], block_ms=100)
     assert claimed is not None and claimed.job == job
     assert claimed.enqueued_ms > 0
-    assert await queue.claim("w2", [STREAM], block_ms=50) is None  # delivered to one consumer only
+    assert await queue.delivery.claim("w2", [STREAM], block_ms=50) is None  # delivered to one consumer only
 
 
 async def test_complete_stores_result_acks_and_deletes_entry(redis_client: aioredis.Redis) -> None:
     queue, job, claimed = await submitted_and_claimed(redis_client)
-    assert await queue.complete(claimed, success(job), [b"png-0", b"png-1"])
-    stored = await queue.fetch_result(job.id)
+    assert await queue.delivery.complete(claimed, success(job), [b"png-0", b"png-1"])
+    stored = await queue.jobs.fetch_result(job.id)
     assert stored is not None and stored.images == [b"png-0", b"png-1"]
-    assert stored.result.status == "succeeded" and await queue.job_status(job.id) == "succeeded"
+    assert stored.result.status == "succeeded" and await queue.jobs.job_status(job.id) == "succeeded"
     pending = await redis_client.xpending(STREAM, KEYS.workers_group)
     assert pending["pending"] == 0 and await redis_client.xlen(STREAM) == 0
     assert 0 < await redis_client.ttl(KEYS.result(job.id)) <= 60
@@ -77,20 +81,20 @@ async def test_complete_stores_result_acks_and_deletes_entry(redis_client: aiore
 
 async def test_first_result_wins_and_a_later_one_is_dropped(redis_client: aioredis.Redis) -> None:
     queue, job, claimed = await submitted_and_claimed(redis_client)
-    await queue.start(claimed, "w1")
-    other = await queue.reclaim("w2", live={"w2"}, max_deliveries=3, streams=[STREAM])  # w1 looked dead
+    await queue.delivery.start(claimed, "w1")
+    other = await queue.recovery.reclaim("w2", live={"w2"}, max_deliveries=3, streams=[STREAM])  # w1 looked dead
     assert other is not None
-    assert await queue.complete(claimed, success(job, "w1"), [b"a", b"b"]) is True
-    assert await queue.start(other, "w2") is None  # the job is terminal: w2 does not run it
-    assert await queue.complete(other, success(job, "w2"), [b"c", b"d"]) is False
-    stored = await queue.fetch_result(job.id)
+    assert await queue.delivery.complete(claimed, success(job, "w1"), [b"a", b"b"]) is True
+    assert await queue.delivery.start(other, "w2") is None  # the job is terminal: w2 does not run it
+    assert await queue.delivery.complete(other, success(job, "w2"), [b"c", b"d"]) is False
+    stored = await queue.jobs.fetch_result(job.id)
     assert stored is not None and stored.result.worker == "w1" and stored.images == [b"a", b"b"]
-    assert (await queue.stats())["duplicate_results"] == 1
+    assert (await queue.streams.counters())["duplicate_results"] == 1
 
 
-async def claim_malformed(queue: JobQueue) -> MalformedJob:
+async def claim_malformed(queue: Queue) -> MalformedJob:
     with pytest.raises(MalformedJob) as caught:
-        await queue.claim("w1", [STREAM], block_ms=100)
+        await queue.delivery.claim("w1", [STREAM], block_ms=100)
     return caught.value
 
 
@@ -99,8 +103,8 @@ async def test_malformed_entry_with_id_fails_its_job(redis_client: aioredis.Redi
     await redis_client.xadd(STREAM, {"job": '{"id": "bad-1", "prompt": ""}'})
     bad = await claim_malformed(queue)
     assert bad.job_id == "bad-1"
-    await queue.reject(bad, "w1", ttl_s=60)
-    stored = await queue.fetch_result("bad-1")
+    await queue.delivery.reject(bad, "w1", ttl_s=60)
+    stored = await queue.jobs.fetch_result("bad-1")
     assert stored is not None and stored.result.status == "failed"
     assert stored.result.error is not None and "prompt" in stored.result.error
     assert (await redis_client.xpending(STREAM, KEYS.workers_group))["pending"] == 0
@@ -111,15 +115,15 @@ async def test_malformed_entry_without_id_is_acknowledged(redis_client: aioredis
     await redis_client.xadd(STREAM, {"garbage": "x"})
     bad = await claim_malformed(queue)
     assert bad.job_id is None
-    await queue.reject(bad, "w1", ttl_s=60)
+    await queue.delivery.reject(bad, "w1", ttl_s=60)
     assert (await redis_client.xpending(STREAM, KEYS.workers_group))["pending"] == 0
     assert await redis_client.xlen(STREAM) == 0
 
 
-async def complete_next(queue: JobQueue, job: Job) -> None:
-    claimed: ClaimedJob | None = await queue.claim("w1", [STREAM], block_ms=1000)
+async def complete_next(queue: Queue, job: Job) -> None:
+    claimed: ClaimedJob | None = await queue.delivery.claim("w1", [STREAM], block_ms=1000)
     assert claimed is not None
-    await queue.complete(claimed, success(job), [b"a", b"b"])
+    await queue.delivery.complete(claimed, success(job), [b"a", b"b"])
 
 
 async def test_listener_wakes_the_waiting_request(redis_client: aioredis.Redis) -> None:
@@ -132,7 +136,7 @@ async def test_listener_wakes_the_waiting_request(redis_client: aioredis.Redis) 
         done = listener.expect(job.id)
         other = listener.expect("someone-else")
         assert listener.waiting == 2
-        await queue.submit(job, STREAM)
+        await queue.jobs.submit(job, STREAM)
         await complete_next(queue, job)
         await asyncio.wait_for(done, 10)
         assert not other.done()
@@ -147,7 +151,7 @@ async def test_listener_catches_results_stored_before_it_subscribed(redis_client
     listener = JobListener(redis_client, KEYS)
     job = make_job()
     done = listener.expect(job.id)
-    await queue.submit(job, STREAM)
+    await queue.jobs.submit(job, STREAM)
     await complete_next(queue, job)  # announced while nobody listens
     task = asyncio.create_task(listener.run())
     try:
@@ -161,11 +165,11 @@ async def test_start_records_the_attempt_and_announces_it(redis_client: aioredis
     pubsub = redis_client.pubsub()
     await pubsub.subscribe(KEYS.job_events_channel)
     await pubsub.get_message(timeout=1)  # the subscribe confirmation
-    ms = await queue.start(claimed, "w1")
+    ms = await queue.delivery.start(claimed, "w1")
     assert abs(ms - claimed.enqueued_ms) < 60_000
     event = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
     assert event is not None and json.loads(event["data"]) == {"id": job.id, "type": "started", "worker": "w1"}
-    assert await queue.job_status(job.id) == "running"
+    assert await queue.jobs.job_status(job.id) == "running"
     assert await redis_client.lrange(KEYS.attempts(job.id), 0, -1) == [f"w1@{ms}".encode()]
     await pubsub.aclose()
 
@@ -173,54 +177,54 @@ async def test_start_records_the_attempt_and_announces_it(redis_client: aioredis
 async def test_job_of_a_dead_worker_is_taken_over(redis_client: aioredis.Redis) -> None:
     queue = await queue_with_group(redis_client)
     job = make_job()
-    await queue.submit(job, STREAM)
-    assert await queue.claim("dead", [STREAM], block_ms=100) is not None
-    claimed = await queue.reclaim("w2", live={"w2"}, max_deliveries=3, streams=[STREAM])
+    await queue.jobs.submit(job, STREAM)
+    assert await queue.delivery.claim("dead", [STREAM], block_ms=100) is not None
+    claimed = await queue.recovery.reclaim("w2", live={"w2"}, max_deliveries=3, streams=[STREAM])
     assert claimed is not None and claimed.job == job and claimed.deliveries == 2
     owner = await redis_client.xpending_range(STREAM, KEYS.workers_group, "-", "+", 10)
     assert [p["consumer"] for p in owner] == [b"w2"]
-    assert await queue.reclaim("w2", live={"w2"}, max_deliveries=3, streams=[STREAM]) is None
+    assert await queue.recovery.reclaim("w2", live={"w2"}, max_deliveries=3, streams=[STREAM]) is None
     consumers = await redis_client.xinfo_consumers(STREAM, KEYS.workers_group)
     assert [c["name"] for c in consumers] == [b"w2"]  # the dead consumer, emptied, is forgotten
-    assert (await queue.stats())["reclaimed"] == 1
+    assert (await queue.streams.counters())["reclaimed"] == 1
 
 
 async def test_slow_but_alive_worker_keeps_its_job(redis_client: aioredis.Redis) -> None:
     queue = await queue_with_group(redis_client)
-    await queue.submit(make_job(), STREAM)
-    assert await queue.claim("slow", [STREAM], block_ms=100) is not None
-    assert await queue.reclaim("w2", live={"slow", "w2"}, max_deliveries=3, streams=[STREAM]) is None
+    await queue.jobs.submit(make_job(), STREAM)
+    assert await queue.delivery.claim("slow", [STREAM], block_ms=100) is not None
+    assert await queue.recovery.reclaim("w2", live={"slow", "w2"}, max_deliveries=3, streams=[STREAM]) is None
     owner = await redis_client.xpending_range(STREAM, KEYS.workers_group, "-", "+", 10)
     assert [p["consumer"] for p in owner] == [b"slow"]
 
 
 async def test_two_reclaimers_never_take_the_same_job(redis_client: aioredis.Redis) -> None:
     queue = await queue_with_group(redis_client)
-    await queue.submit(make_job(), STREAM)
-    assert await queue.claim("dead", [STREAM], block_ms=100) is not None
+    await queue.jobs.submit(make_job(), STREAM)
+    assert await queue.delivery.claim("dead", [STREAM], block_ms=100) is not None
     live = {"a", "b", "c"}
-    results = await asyncio.gather(*(queue.reclaim(w, live, max_deliveries=3, streams=[STREAM]) for w in live))
+    results = await asyncio.gather(*(queue.recovery.reclaim(w, live, max_deliveries=3, streams=[STREAM]) for w in live))
     assert sum(r is not None for r in results) == 1
 
 
 async def test_job_whose_workers_keep_dying_is_dead_lettered(redis_client: aioredis.Redis) -> None:
     queue, job, claimed = await submitted_and_claimed(redis_client)
-    await queue.start(claimed, "w1")
+    await queue.delivery.start(claimed, "w1")
     for worker in ("w2", "w3"):  # each takes over from the last one, starts, and dies in turn
-        claimed = await queue.reclaim(worker, live={worker}, max_deliveries=3, streams=[STREAM])
+        claimed = await queue.recovery.reclaim(worker, live={worker}, max_deliveries=3, streams=[STREAM])
         assert claimed is not None
-        await queue.start(claimed, worker)
-    assert await queue.reclaim("w4", live={"w4"}, max_deliveries=3, streams=[STREAM]) is None
+        await queue.delivery.start(claimed, worker)
+    assert await queue.recovery.reclaim("w4", live={"w4"}, max_deliveries=3, streams=[STREAM]) is None
     dead = await redis_client.xrange(KEYS.dead_letter_stream)
     assert len(dead) == 1
     fields = dead[0][1]
     assert json.loads(fields[b"job"])["id"] == job.id and fields[b"deliveries"] == b"4"
     assert [a.split("@")[0] for a in json.loads(fields[b"attempts"])] == ["w1", "w2", "w3"]
-    stored = await queue.fetch_result(job.id)
+    stored = await queue.jobs.fetch_result(job.id)
     assert stored is not None and stored.result.status == "failed"
     assert stored.result.error is not None and "delivered 4 times" in stored.result.error
     assert (await redis_client.xpending(STREAM, KEYS.workers_group))["pending"] == 0
-    assert (await queue.stats())["dead_lettered"] == 1
+    assert (await queue.streams.counters())["dead_lettered"] == 1
 
 
 # --- Delivery under faults: each test reproduces one way a result could be lost, stuck or shown twice.
@@ -274,8 +278,8 @@ async def test_listener_survives_malformed_messages(redis_client: aioredis.Redis
         ):
             await redis_client.publish(channel, payload)
         await queue_with_group(redis_client)
-        await JobQueue(redis_client, KEYS).submit(job, STREAM)
-        await complete_next(JobQueue(redis_client, KEYS), job)
+        await Queue.of(redis_client, KEYS).jobs.submit(job, STREAM)
+        await complete_next(Queue.of(redis_client, KEYS), job)
         await asyncio.wait_for(done, 10)
         assert not task.done() and listener.health() is None
         assert listener.counts["bad_message"] == 5
@@ -323,63 +327,64 @@ async def test_listener_restarts_after_an_unexpected_error(
 async def test_an_entry_whose_claim_reply_was_lost_is_read_again(redis_client: aioredis.Redis) -> None:
     queue = await queue_with_group(redis_client)
     job = make_job()
-    await queue.submit(job, STREAM)
+    await queue.jobs.submit(job, STREAM)
     # Redis delivered the entry to w1, but the reply never arrived; redis-py's retry reads past it with `>`.
     await redis_client.xreadgroup(KEYS.workers_group, "w1", {STREAM: ">"}, count=1)
-    claimed = await queue.claim("w1", [STREAM], block_ms=100)
+    claimed = await queue.delivery.claim("w1", [STREAM], block_ms=100)
     assert claimed is not None and claimed.job == job
 
 
 async def test_a_job_rolled_back_to_running_under_a_live_worker_runs_again(redis_client: aioredis.Redis) -> None:
     queue, job, claimed = await submitted_and_claimed(redis_client)
-    await queue.start(claimed, "w1")
-    saved = {key: await redis_client.dump(key) for key in (KEYS.job(job.id), STREAM)}
-    assert await queue.complete(claimed, success(job), [b"a", b"b"])
+    await queue.delivery.start(claimed, "w1")
+    saved: dict[str, Any] = {key: await redis_client.dump(key) for key in (KEYS.job(job.id), STREAM)}
+    assert await queue.delivery.complete(claimed, success(job), [b"a", b"b"])
     # Redis comes back from a snapshot taken while the job ran: the result and the acknowledgement are gone.
     await redis_client.delete(KEYS.result(job.id))
     for key, value in saved.items():
         await redis_client.restore(key, 0, value, replace=True)
-    again = await queue.claim("w1", [STREAM], block_ms=100)
+    again = await queue.delivery.claim("w1", [STREAM], block_ms=100)
     assert again is not None and again.job == job
-    assert await queue.start(again, "w1") is not None
-    assert await queue.complete(again, success(job), [b"a", b"b"])
-    assert await queue.job_status(job.id) == "succeeded"
+    assert await queue.delivery.start(again, "w1") is not None
+    assert await queue.delivery.complete(again, success(job), [b"a", b"b"])
+    assert await queue.jobs.job_status(job.id) == "succeeded"
 
 
 async def test_a_result_is_never_stored_twice_even_after_the_first_expired(redis_client: aioredis.Redis) -> None:
     queue = await queue_with_group(redis_client)
     job = make_job()
-    await queue.submit(job, STREAM)
-    first = await queue.claim("partitioned", [STREAM], block_ms=100)
-    assert first is not None and await queue.start(first, "partitioned") is not None
-    second = await queue.reclaim("w2", live={"w2"}, max_deliveries=3, streams=[STREAM])
-    assert second is not None and await queue.start(second, "w2") is not None
-    assert await queue.complete(first, success(job, "partitioned"), [b"old"]) is False  # fenced: not its attempt
-    assert await queue.complete(second, success(job, "w2"), [b"new"]) is True
+    await queue.jobs.submit(job, STREAM)
+    first = await queue.delivery.claim("partitioned", [STREAM], block_ms=100)
+    assert first is not None and await queue.delivery.start(first, "partitioned") is not None
+    second = await queue.recovery.reclaim("w2", live={"w2"}, max_deliveries=3, streams=[STREAM])
+    assert second is not None and await queue.delivery.start(second, "w2") is not None
+    # Fenced: the partitioned worker's delivery is no longer the current attempt.
+    assert await queue.delivery.complete(first, success(job, "partitioned"), [b"old"]) is False
+    assert await queue.delivery.complete(second, success(job, "w2"), [b"new"]) is True
     await redis_client.delete(KEYS.result(job.id))  # the images expire
-    assert await queue.complete(first, success(job, "partitioned"), [b"old"]) is False
-    assert await queue.fetch_result(job.id) is None and await queue.job_status(job.id) == "succeeded"
+    assert await queue.delivery.complete(first, success(job, "partitioned"), [b"old"]) is False
+    assert await queue.jobs.fetch_result(job.id) is None and await queue.jobs.job_status(job.id) == "succeeded"
 
 
 async def test_no_result_is_stored_over_a_cancellation_even_after_it_expired(redis_client: aioredis.Redis) -> None:
     queue, job, claimed = await submitted_and_claimed(redis_client)
-    await queue.start(claimed, "w1")
-    assert await queue.cancel(job.id) == "cancelled"
+    await queue.delivery.start(claimed, "w1")
+    assert await queue.jobs.cancel(job.id) == "cancelled"
     await redis_client.delete(KEYS.result(job.id))
-    assert await queue.complete(claimed, success(job), [b"late"]) is False
-    assert await queue.fetch_result(job.id) is None and await queue.job_status(job.id) == "cancelled"
+    assert await queue.delivery.complete(claimed, success(job), [b"late"]) is False
+    assert await queue.jobs.fetch_result(job.id) is None and await queue.jobs.job_status(job.id) == "cancelled"
 
 
 async def test_a_job_and_its_key_live_until_it_finishes_then_for_the_ttl(redis_client: aioredis.Redis) -> None:
     queue = await queue_with_group(redis_client)
     job = make_job()
-    await queue.submit(job, STREAM, "key-1", "fp")
+    await queue.jobs.submit(job, STREAM, "key-1", "fp")
     idempotency = KEYS.idempotency("key-1")
     assert [await redis_client.ttl(k) for k in (KEYS.job(job.id), idempotency)] == [-1, -1]
-    claimed = await queue.claim("w1", [STREAM], block_ms=100)
-    assert claimed is not None and await queue.start(claimed, "w1") is not None
+    claimed = await queue.delivery.claim("w1", [STREAM], block_ms=100)
+    assert claimed is not None and await queue.delivery.start(claimed, "w1") is not None
     assert await redis_client.ttl(KEYS.job(job.id)) == -1
-    await queue.complete(claimed, success(job), [b"a"])
+    await queue.delivery.complete(claimed, success(job), [b"a"])
     assert 0 < await redis_client.ttl(idempotency) <= job.result_ttl_s
     assert job.result_ttl_s < await redis_client.ttl(KEYS.job(job.id))  # the record outlives the images
 
@@ -387,18 +392,18 @@ async def test_a_job_and_its_key_live_until_it_finishes_then_for_the_ttl(redis_c
 async def test_max_deliveries_counts_every_stream_a_job_was_on(redis_client: aioredis.Redis) -> None:
     queue = await queue_with_group(redis_client)
     own = KEYS.worker_stream("gone")
-    await queue.ensure_group(own)
+    await queue.streams.ensure_group(own)
     job = make_job()
-    await queue.submit(job, own)
-    first = await queue.claim("gone", [own], block_ms=100)
+    await queue.jobs.submit(job, own)
+    first = await queue.delivery.claim("gone", [own], block_ms=100)
     assert first is not None
-    assert await queue.rehome_orphans(live={"w2"}) == 1  # one delivery so far, carried to the shared stream
-    second = await queue.claim("w2", [STREAM], block_ms=100)
+    assert await queue.recovery.rehome_orphans(live={"w2"}) == 1  # one delivery so far, carried to the shared stream
+    second = await queue.delivery.claim("w2", [STREAM], block_ms=100)
     assert second is not None and second.deliveries == 2
-    third = await queue.reclaim("w3", live={"w3"}, max_deliveries=3, streams=[STREAM])
+    third = await queue.recovery.reclaim("w3", live={"w3"}, max_deliveries=3, streams=[STREAM])
     assert third is not None and third.deliveries == 3
-    assert await queue.reclaim("w4", live={"w4"}, max_deliveries=3, streams=[STREAM]) is None
-    dead = await redis_client.xrange(KEYS.dead_letter_stream)
+    assert await queue.recovery.reclaim("w4", live={"w4"}, max_deliveries=3, streams=[STREAM]) is None
+    dead: Any = await redis_client.xrange(KEYS.dead_letter_stream)
     assert [fields[b"deliveries"] for _, fields in dead] == [b"4"]
 
 
@@ -406,24 +411,24 @@ async def test_a_submit_run_twice_queues_one_job_and_answers_created(redis_clien
     queue = await queue_with_group(redis_client)
     keyed, plain = make_job("keyed"), make_job("plain")
     # The reply to the first call was lost; redis-py runs the same script again.
-    assert [(await queue.submit(keyed, STREAM, "key-1", "fp")).created for _ in range(2)] == [True, True]
-    assert [(await queue.submit(plain, STREAM)).created for _ in range(2)] == [True, True]
+    assert [(await queue.jobs.submit(keyed, STREAM, "key-1", "fp")).created for _ in range(2)] == [True, True]
+    assert [(await queue.jobs.submit(plain, STREAM)).created for _ in range(2)] == [True, True]
     assert await redis_client.xlen(STREAM) == 2
 
 
 async def test_start_store_and_dead_letter_run_twice_act_once(redis_client: aioredis.Redis) -> None:
     queue, job, claimed = await submitted_and_claimed(redis_client)
-    assert await queue.start(claimed, "w1") == await queue.start(claimed, "w1")
+    assert await queue.delivery.start(claimed, "w1") == await queue.delivery.start(claimed, "w1")
     assert await redis_client.llen(KEYS.attempts(job.id)) == 1
-    assert await queue.complete(claimed, success(job), [b"a"]) is True
-    assert await queue.complete(claimed, success(job), [b"a"]) is True  # its own earlier store: stored
-    assert "duplicate_results" not in await queue.stats()
+    assert await queue.delivery.complete(claimed, success(job), [b"a"]) is True
+    assert await queue.delivery.complete(claimed, success(job), [b"a"]) is True  # its own earlier store: stored
+    assert "duplicate_results" not in await queue.streams.counters()
     other = make_job("poison")
-    await queue.submit(other, STREAM)
-    poison = await queue.claim("w1", [STREAM], block_ms=100)
+    await queue.jobs.submit(other, STREAM)
+    poison = await queue.delivery.claim("w1", [STREAM], block_ms=100)
     assert poison is not None
     for _ in range(2):
-        await queue.dead_letter(poison, "w1", "for the test")
+        await queue.delivery.dead_letter(poison, "w1", "for the test")
     assert await redis_client.xlen(KEYS.dead_letter_stream) == 1
 
 
@@ -431,15 +436,15 @@ async def test_a_result_for_a_record_redis_lost_is_stored_but_not_for_one_that_e
     redis_client: aioredis.Redis,
 ) -> None:
     queue, job, claimed = await submitted_and_claimed(redis_client)
-    await queue.start(claimed, "w1")
+    await queue.delivery.start(claimed, "w1")
     await redis_client.delete(KEYS.job(job.id))  # restored from a snapshot older than the submit
-    assert await queue.complete(claimed, success(job), [b"a"]) is True
-    assert await queue.job_status(job.id) == "succeeded"
+    assert await queue.delivery.complete(claimed, success(job), [b"a"]) is True
+    assert await queue.jobs.job_status(job.id) == "succeeded"
     other = make_job("old")
-    await queue.submit(other, STREAM)
-    late = await queue.claim("w1", [STREAM], block_ms=100)
-    assert late is not None and await queue.start(late, "w1") is not None
+    await queue.jobs.submit(other, STREAM)
+    late = await queue.delivery.claim("w1", [STREAM], block_ms=100)
+    assert late is not None and await queue.delivery.start(late, "w1") is not None
     await redis_client.delete(KEYS.job(other.id))  # as if it had finished and its record expired
     long_ago = dataclasses.replace(late, enqueued_ms=late.enqueued_ms - 1000 * record_ttl(other.result_ttl_s) - 1)
-    assert await queue.complete(long_ago, success(other), [b"a"]) is False
-    assert await queue.fetch_result(other.id) is None
+    assert await queue.delivery.complete(long_ago, success(other), [b"a"]) is False
+    assert await queue.jobs.fetch_result(other.id) is None

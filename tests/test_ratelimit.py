@@ -1,4 +1,4 @@
-"""Rate limits in Redis (common/ratelimit.py): GCRA on the server's clock, shared by every client of it."""
+"""Rate limits in Redis (gateway/ratelimit.py): GCRA on the server's clock, shared by every client of it."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from common.keys import Keys
-from common.ratelimit import Rate, RateLimiter
+from common.rediskeys import RedisKeys
+from gateway.ratelimit import Rate, RateLimiter
 from tests.conftest import RedisServer
 
-KEYS = Keys()
+KEYS = RedisKeys()
 
 
 @pytest.mark.parametrize(

@@ -26,16 +26,16 @@ from redis.exceptions import NoPermissionError
 
 from common.cluster import free_port
 from common.config import GatewayConfig, log_config
-from common.keys import Keys
 from common.protocol import Job
-from common.queue import JobQueue
+from common.rediskeys import RedisKeys
 from gateway.app import create_app
 from tests.conftest import TEST_SHAPES, ClientFactory
 from tests.protection import running_worker
+from tests.queues import Queue
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 ADMIN_PASSWORD, GATEWAY_PASSWORD, WORKER_PASSWORD = "admin-pw-7c1d", "gateway-pw-2b9e", "worker-pw-5f30"
-KEYS = Keys()
+KEYS = RedisKeys()
 
 
 def readme_acl_lines() -> list[str]:
@@ -208,16 +208,16 @@ async def test_least_privilege_acl_users_serve_everything(
     worker_url = secure_redis.url("sdxl-worker", WORKER_PASSWORD)
     # Left behind by a worker that died: a job pending under its consumer (to be taken over, then dead-
     # lettered at max_deliveries=1) and a job on its own stream (to be moved to the shared stream).
-    queue = JobQueue(admin, KEYS)
+    queue = Queue.of(admin, KEYS)
     shared = KEYS.shape_stream(TEST_SHAPES[0])
-    await queue.ensure_group(shared)
-    await queue.submit(
+    await queue.streams.ensure_group(shared)
+    await queue.jobs.submit(
         Job(id="orphan-pending", prompt="p", seed=1, guidance_scale=7.5, shape=TEST_SHAPES[0], result_ttl_s=60), shared
     )
-    assert await queue.claim("ghost", [shared], block_ms=100) is not None
+    assert await queue.delivery.claim("ghost", [shared], block_ms=100) is not None
     ghost_stream = KEYS.worker_stream("ghost")
-    await queue.ensure_group(ghost_stream)
-    await queue.submit(
+    await queue.streams.ensure_group(ghost_stream)
+    await queue.jobs.submit(
         Job(id="orphan-queued", prompt="q", seed=2, guidance_scale=7.5, shape=TEST_SHAPES[0], result_ttl_s=60),
         ghost_stream,
     )

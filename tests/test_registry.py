@@ -8,11 +8,11 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from common.keys import Keys
 from common.protocol import Shape
+from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
 
-KEYS = Keys()
+KEYS = RedisKeys()
 
 
 def info(worker_id: str, state: str = "warming") -> WorkerInfo:

@@ -9,13 +9,13 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from common.keys import Keys
 from common.protocol import Job, Shape
-from common.queue import JobQueue
+from common.rediskeys import RedisKeys
 from common.registry import WorkerInfo
-from gateway.routing import Router
+from gateway.placement import Placement
+from tests.queues import Queue
 
-KEYS = Keys()
+KEYS = RedisKeys()
 SMALL = Shape(width=64, height=64, steps=2)
 LARGE = Shape(width=128, height=128, steps=2)
 
@@ -38,7 +38,7 @@ def make_job(job_id: str, shape: Shape = SMALL) -> Job:
 
 
 async def test_shared_routing_uses_the_shape_stream(redis_client: aioredis.Redis) -> None:
-    router = Router("shared", redis_client, KEYS)
+    router = Placement("shared", redis_client, KEYS)
     assert await router.stream_for(SMALL, [worker("a", SMALL)]) == KEYS.shape_stream(SMALL)
 
 
@@ -51,38 +51,38 @@ async def test_only_ready_workers_that_compiled_the_shape_are_chosen(redis_clien
         worker("both-draining", SMALL, LARGE, state="draining"),
         worker("both-busy", SMALL, LARGE, state="busy"),
     ]
-    router = Router(policy, redis_client, KEYS, random.Random(0))  # type: ignore[arg-type]
+    router = Placement(policy, redis_client, KEYS, random.Random(0))  # type: ignore[arg-type]
     chosen = {await router.stream_for(LARGE, workers) for _ in range(50)}
     assert chosen == {KEYS.worker_stream("large"), KEYS.worker_stream("both-busy")}
 
 
 async def test_random_spreads_over_every_candidate(redis_client: aioredis.Redis) -> None:
-    router = Router("random", redis_client, KEYS, random.Random(1))
+    router = Placement("random", redis_client, KEYS, random.Random(1))
     workers = [worker(f"w{k}", SMALL) for k in range(4)]
     chosen = [await router.stream_for(SMALL, workers) for _ in range(200)]
     assert {chosen.count(KEYS.worker_stream(f"w{k}")) > 20 for k in range(4)} == {True}
 
 
 async def test_p2c_sends_the_job_to_the_shorter_of_two_queues(redis_client: aioredis.Redis) -> None:
-    queue = JobQueue(redis_client, KEYS)
+    queue = Queue.of(redis_client, KEYS)
     for k in range(3):
-        await queue.submit(make_job(f"long-{k}"), KEYS.worker_stream("long"))
-    router = Router("p2c", redis_client, KEYS, random.Random(2))
+        await queue.jobs.submit(make_job(f"long-{k}"), KEYS.worker_stream("long"))
+    router = Placement("p2c", redis_client, KEYS, random.Random(2))
     workers = [worker("long", SMALL), worker("short", SMALL)]
     assert {await router.stream_for(SMALL, workers) for _ in range(20)} == {KEYS.worker_stream("short")}
 
 
 async def test_a_worker_takes_its_own_jobs_first_then_the_shared_ones(redis_client: aioredis.Redis) -> None:
-    queue = JobQueue(redis_client, KEYS)
+    queue = Queue.of(redis_client, KEYS)
     streams = [KEYS.worker_stream("w1"), KEYS.shape_stream(SMALL)]
     for stream in streams:
-        await queue.ensure_group(stream)
-    await queue.submit(make_job("shared-1"), streams[1])
-    await queue.submit(make_job("own-1"), streams[0])
-    first = await queue.claim("w1", streams, block_ms=100)
+        await queue.streams.ensure_group(stream)
+    await queue.jobs.submit(make_job("shared-1"), streams[1])
+    await queue.jobs.submit(make_job("own-1"), streams[0])
+    first = await queue.delivery.claim("w1", streams, block_ms=100)
     assert first is not None
-    await queue.discard(first)  # settled: a worker claims again only with no job in hand
-    second = await queue.claim("w1", streams, block_ms=100)
+    await queue.delivery.discard(first)  # settled: a worker claims again only with no job in hand
+    second = await queue.delivery.claim("w1", streams, block_ms=100)
     assert second is not None
     assert [(first.job.id, first.stream), (second.job.id, second.stream)] == [
         ("own-1", streams[0]),
@@ -91,91 +91,94 @@ async def test_a_worker_takes_its_own_jobs_first_then_the_shared_ones(redis_clie
 
 
 async def test_a_departed_workers_jobs_go_back_to_the_shared_streams(redis_client: aioredis.Redis) -> None:
-    queue = JobQueue(redis_client, KEYS)
+    queue = Queue.of(redis_client, KEYS)
     own = KEYS.worker_stream("gone")
-    await queue.ensure_group(own)
+    await queue.streams.ensure_group(own)
     for job in (
         make_job("in-service"),
         make_job("queued-small"),
         make_job("queued-large", LARGE),
         make_job("cancelled"),
     ):
-        await queue.submit(job, own)
-    in_service = await queue.claim("gone", [own], block_ms=100)
-    assert in_service is not None and await queue.start(in_service, "gone") is not None
-    assert await queue.cancel("cancelled") == "cancelled"
-    assert await queue.rehome_orphans(live={"alive"}) == 3
-    assert await redis_client.exists(own) == 0 and own not in await queue.streams()
+        await queue.jobs.submit(job, own)
+    in_service = await queue.delivery.claim("gone", [own], block_ms=100)
+    assert in_service is not None and await queue.delivery.start(in_service, "gone") is not None
+    assert await queue.jobs.cancel("cancelled") == "cancelled"
+    assert await queue.recovery.rehome_orphans(live={"alive"}) == 3
+    assert await redis_client.exists(own) == 0 and own not in await queue.streams.names()
     small, large = KEYS.shape_stream(SMALL), KEYS.shape_stream(LARGE)
     assert [e[1][b"job"] for e in await redis_client.xrange(small)] == [
         make_job("in-service").model_dump_json().encode(),
         make_job("queued-small").model_dump_json().encode(),
     ]
-    record = await queue.record("in-service")
+    record = await queue.jobs.record("in-service")
     assert record is not None and (record.status, record.stream) == ("queued", small)
-    taken = await queue.claim("alive", [small, large], block_ms=100)
+    taken = await queue.delivery.claim("alive", [small, large], block_ms=100)
     assert taken is not None and taken.job.id == "in-service"
     assert taken.deliveries == 2  # its delivery to the departed worker counts towards max_deliveries
     assert taken.enqueued_ms == in_service.enqueued_ms  # queue time still counts from the first submit
-    other = await queue.claim("alive", [large], block_ms=100)
+    other = await queue.delivery.claim("alive", [large], block_ms=100)
     assert other is not None and (other.job.id, other.deliveries) == ("queued-large", 1)
 
 
 async def test_live_workers_streams_are_left_alone(redis_client: aioredis.Redis) -> None:
-    queue = JobQueue(redis_client, KEYS)
+    queue = Queue.of(redis_client, KEYS)
     own = KEYS.worker_stream("alive")
-    await queue.ensure_group(own)
-    await queue.submit(make_job("mine"), own)
-    assert await queue.rehome_orphans(live={"alive"}) == 0
+    await queue.streams.ensure_group(own)
+    await queue.jobs.submit(make_job("mine"), own)
+    assert await queue.recovery.rehome_orphans(live={"alive"}) == 0
     assert await redis_client.xlen(own) == 1
 
 
 async def test_queue_position_counts_within_the_jobs_stream(redis_client: aioredis.Redis) -> None:
-    queue = JobQueue(redis_client, KEYS)
+    queue = Queue.of(redis_client, KEYS)
     streams = [KEYS.worker_stream("w1"), KEYS.worker_stream("w2")]
     for stream in streams:
-        await queue.ensure_group(stream)
-    await queue.submit(make_job("a1"), streams[0])
-    await queue.submit(make_job("b1"), streams[1])
-    await queue.submit(make_job("a2"), streams[0])
-    records = {j: await queue.record(j) for j in ("a1", "b1", "a2")}
+        await queue.streams.ensure_group(stream)
+    await queue.jobs.submit(make_job("a1"), streams[0])
+    await queue.jobs.submit(make_job("b1"), streams[1])
+    await queue.jobs.submit(make_job("a2"), streams[0])
+    records = {j: await queue.jobs.record(j) for j in ("a1", "b1", "a2")}
     entries = {j: r.entry_id for j, r in records.items() if r is not None and r.entry_id is not None}
-    assert await queue.positions(streams[0], [entries["a1"], entries["a2"]]) == {entries["a1"]: 0, entries["a2"]: 1}
-    assert await queue.positions(streams[1], [entries["b1"]]) == {entries["b1"]: 0}
-    assert await queue.depth() == 3
+    assert await queue.streams.positions(streams[0], [entries["a1"], entries["a2"]]) == {
+        entries["a1"]: 0,
+        entries["a2"]: 1,
+    }
+    assert await queue.streams.positions(streams[1], [entries["b1"]]) == {entries["b1"]: 0}
+    assert await queue.streams.depth() == 3
 
 
 async def test_shared_routing_never_hands_a_worker_a_shape_it_did_not_compile(redis_client: aioredis.Redis) -> None:
-    queue = JobQueue(redis_client, KEYS)
+    queue = Queue.of(redis_client, KEYS)
     small_worker = [KEYS.worker_stream("small"), KEYS.shape_stream(SMALL)]
     large_worker = [KEYS.worker_stream("large"), KEYS.shape_stream(LARGE)]
     for stream in {*small_worker, *large_worker}:
-        await queue.ensure_group(stream)
-    router = Router("shared", redis_client, KEYS)
+        await queue.streams.ensure_group(stream)
+    router = Placement("shared", redis_client, KEYS)
     workers = [worker("small", SMALL), worker("large", LARGE)]
-    await queue.submit(make_job("large-1", LARGE), await router.stream_for(LARGE, workers))
-    assert await queue.claim("small", small_worker, block_ms=50) is None
-    taken = await queue.claim("large", large_worker, block_ms=50)
+    await queue.jobs.submit(make_job("large-1", LARGE), await router.stream_for(LARGE, workers))
+    assert await queue.delivery.claim("small", small_worker, block_ms=50) is None
+    taken = await queue.delivery.claim("large", large_worker, block_ms=50)
     assert taken is not None and taken.job.id == "large-1"
 
 
 async def test_a_job_submitted_while_its_worker_stream_is_rehomed_is_not_lost(
     redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    queue = JobQueue(redis_client, KEYS)
+    queue = Queue.of(redis_client, KEYS)
     own = KEYS.worker_stream("leaving")
-    await queue.ensure_group(own)
-    entries = queue._entries
+    await queue.streams.ensure_group(own)
+    entries = queue.recovery._entries
 
     async def read_then_race(stream: str, count: int) -> object:
         found = await entries(stream, count)
-        if not found and await queue.job_status("late") is None:
-            await queue.submit(make_job("late"), own)  # lands between the read and the deletion
+        if not found and await queue.jobs.job_status("late") is None:
+            await queue.jobs.submit(make_job("late"), own)  # lands between the read and the deletion
         return found
 
-    monkeypatch.setattr(queue, "_entries", read_then_race)
-    await queue.rehome(own)
-    await queue.rehome_orphans(live=set())
-    record = await queue.record("late")
+    monkeypatch.setattr(queue.recovery, "_entries", read_then_race)
+    await queue.recovery.rehome(own)
+    await queue.recovery.rehome_orphans(live=set())
+    record = await queue.jobs.record("late")
     assert record is not None and record.stream is not None and record.entry_id is not None
     assert await redis_client.xrange(record.stream, record.entry_id, record.entry_id)

@@ -10,12 +10,12 @@ import redis.asyncio as aioredis
 
 from common.cli import main
 from common.cluster import free_port
-from common.keys import Keys
 from common.protocol import Job
-from common.queue import JobQueue
+from common.rediskeys import RedisKeys
 from tests.conftest import TEST_SHAPES, RedisServer, claim_next, register_worker
+from tests.queues import Queue
 
-KEYS = Keys()
+KEYS = RedisKeys()
 
 
 def job(job_id: str) -> Job:
@@ -27,13 +27,13 @@ async def test_status_reports_workers_queue_pending_and_dead_letters(
 ) -> None:
     await register_worker(redis_client, "w1")
     await register_worker(redis_client, "w2", state="warming")
-    queue = JobQueue(redis_client, KEYS)
+    queue = Queue.of(redis_client, KEYS)
     shared = KEYS.shape_stream(TEST_SHAPES[0])
     for k in range(3):
-        await queue.submit(job(f"j{k}"), shared)
+        await queue.jobs.submit(job(f"j{k}"), shared)
     claimed = await claim_next(redis_client)  # one in service
-    await queue.dead_letter(claimed, "test-worker", "for the test")
-    await queue.submit(job("late"), shared)
+    await queue.delivery.dead_letter(claimed, "test-worker", "for the test")
+    await queue.jobs.submit(job("late"), shared)
 
     # The command runs its own event loop, as it does from a shell.
     assert await asyncio.to_thread(main, ["status", "--redis-url", redis_server.url(0), "--json"]) == 0

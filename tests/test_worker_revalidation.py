@@ -1,4 +1,4 @@
-"""The worker never trusts the queue (worker/runner.py, common/queue.py): whatever sits in a stream entry,
+"""The worker never trusts the queue (worker/runner.py, worker/delivery.py): whatever sits in a stream entry,
 the job fails cleanly or the entry is dropped, and the worker carries on serving.
 
 A real Worker loop runs with a stand-in pipeline; entries are written straight into the shared stream,
@@ -16,12 +16,12 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.keys import Keys
 from common.protocol import JobResult
+from common.rediskeys import RedisKeys
 from tests.conftest import TEST_SHAPES, RedisServer
 from tests.protection import running_worker
 
-KEYS = Keys()
+KEYS = RedisKeys()
 STREAM = KEYS.shape_stream(TEST_SHAPES[0])
 VALID = {
     "id": "good-1",

@@ -24,16 +24,18 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from common.config import WorkerConfig, log_config
-from common.keys import Keys
 from common.logs import bound
 from common.protocol import Job, JobResult, Timings
-from common.queue import ClaimedJob, JobQueue, MalformedJob
 from common.redis_conn import UNAVAILABLE, connect
+from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo, WorkerState
+from common.streams import JobStreams
 from worker.compile_cache import disable_compilation_cache, enable_compilation_cache, on_cache_event
+from worker.delivery import ClaimedJob, Delivery, MalformedJob
 from worker.encode import Encoding, encode_all
 from worker.metrics import WorkerMetrics, metrics_app, start_server
 from worker.pipeline import PipelineError, SDXLPipeline
+from worker.recovery import Recovery
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,9 +60,11 @@ class Worker:
     ) -> None:
         self.config = config
         self.id = config.worker_id
-        keys = Keys(config.key_prefix)
+        keys = RedisKeys(config.key_prefix)
         self._keys = keys
-        self._queue = JobQueue(redis, keys)
+        self._job_streams = JobStreams(redis, keys)
+        self._delivery = Delivery(redis, keys)
+        self._recovery = Recovery(redis, keys, self._delivery)
         self._registry = Registry(redis, keys)
         self._load_pipeline = load_pipeline or self._default_loader
         self._device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
@@ -110,7 +114,7 @@ class Worker:
         try:
             await self._warm_up()
             for stream in self._streams:
-                await self._queue.ensure_group(stream)
+                await self._job_streams.ensure_group(stream)
             if not self._stopping.is_set():
                 await self._set_state("ready")
             while not self._stopping.is_set():
@@ -181,7 +185,7 @@ class Worker:
             claimed = await self._next_job()
         except MalformedJob as bad:
             logger.error("rejecting malformed job: %s", bad)
-            await self._queue.reject(bad, self.id, MALFORMED_RESULT_TTL_S)
+            await self._delivery.reject(bad, self.id, MALFORMED_RESULT_TTL_S)
             return
         except REDIS_ERRORS as exc:
             logger.warning("claim failed (%s); retrying", exc)
@@ -197,14 +201,14 @@ class Worker:
         if now >= self._next_reclaim:
             self._next_reclaim = now + self.config.reclaim_interval_s
             live = {w.id for w in await self._registry.workers()}
-            await self._queue.rehome_orphans(live | {self.id})
-            claimed = await self._queue.reclaim(self.id, live, self.config.max_deliveries, self._streams[1:])
+            await self._recovery.rehome_orphans(live | {self.id})
+            claimed = await self._recovery.reclaim(self.id, live, self.config.max_deliveries, self._streams[1:])
             if claimed is not None:
                 self.metrics.reclaims.inc()
                 return claimed
-        claimed = await self._queue.claim(self.id, self._streams, self.config.claim_block_ms)
+        claimed = await self._delivery.claim(self.id, self._streams, self.config.claim_block_ms)
         # A job moved off a departed worker's stream, or read again after a lost reply, may be past the limit.
-        if claimed is not None and await self._queue.dead_letter_if_exhausted(
+        if claimed is not None and await self._delivery.dead_letter_if_exhausted(
             claimed, self.id, self.config.max_deliveries
         ):
             return None
@@ -220,7 +224,7 @@ class Worker:
         claimed_ms = await self._record_start(claimed)
         if claimed_ms is None:
             logger.info("job %s: cancelled while queued; dropped without running", job.id)
-            await self._queue.discard(claimed)
+            await self._delivery.discard(claimed)
             self.metrics.jobs.labels("skipped_cancelled").inc()
             return
         self.info = self.info.model_copy(update={"state": self._serving_state("busy")})
@@ -296,7 +300,7 @@ class Worker:
 
     async def _publish_step(self, job: Job, step: int) -> None:
         try:
-            status = await self._queue.progress(job.id, self.id, step, job.shape.steps)
+            status = await self._delivery.progress(job.id, self.id, step, job.shape.steps)
         except REDIS_ERRORS as exc:
             logger.warning("job %s: progress not published (%s)", job.id, exc)
             return
@@ -316,7 +320,7 @@ class Worker:
         """Announce the start; returns the claim time on Redis's clock (this host's if Redis is away), or
         None when the job was cancelled while queued."""
         try:
-            return await self._queue.start(claimed, self.id)
+            return await self._delivery.start(claimed, self.id)
         except REDIS_ERRORS as exc:
             logger.warning("job %s: could not record its start (%s); running it anyway", claimed.job.id, exc)
             return int(time.time() * 1000)
@@ -326,7 +330,7 @@ class Worker:
         delay = 0.1
         while True:
             try:
-                return await self._queue.complete(claimed, result, images)
+                return await self._delivery.complete(claimed, result, images)
             except REDIS_ERRORS as exc:
                 logger.warning("job %s: storing its result failed (%s); retrying in %.1fs", result.id, exc, delay)
                 await asyncio.sleep(delay)
@@ -360,7 +364,7 @@ class Worker:
         worker does it if this fails)."""
         try:
             await self._registry.remove(self.id)
-            await self._queue.rehome(self._keys.worker_stream(self.id))
+            await self._recovery.rehome(self._keys.worker_stream(self.id))
         except REDIS_ERRORS as exc:
             logger.warning("could not deregister (%s); the entry expires and others take the jobs", exc)
 

@@ -1,4 +1,4 @@
-"""Where a job is queued: the routing policy of a gateway.
+"""Where a job is queued: the placement policy of a gateway (`--routing`).
 
 - `shared` (default): the shared stream of the job's shape, from which every idle worker serving the shape
   pulls one job at a time (join-idle-queue). A job never waits behind a busy worker while another is idle.
@@ -9,7 +9,7 @@
 
 Only ready or busy workers that compiled the job's shape are candidates, so heterogeneous workers (other
 shapes, other device counts) are served correctly under every policy. A job routed to a worker that then
-dies is moved to the shared stream of its shape (`JobQueue.rehome_orphans`): nothing is lost.
+dies is moved to the shared stream of its shape (`Recovery.rehome_orphans`): nothing is lost.
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ import random
 import redis.asyncio as aioredis
 
 from common.config import RoutingPolicy
-from common.keys import Keys
 from common.protocol import Shape
+from common.rediskeys import RedisKeys
 from common.registry import SERVING_STATES, WorkerInfo
 
 
-class Router:
+class Placement:
     """Chooses the stream for each job according to one policy."""
 
     def __init__(
-        self, policy: RoutingPolicy, redis: aioredis.Redis, keys: Keys, rng: random.Random | None = None
+        self, policy: RoutingPolicy, redis: aioredis.Redis, keys: RedisKeys, rng: random.Random | None = None
     ) -> None:
         self.policy = policy
         self._redis = redis

@@ -12,7 +12,7 @@ DEFAULT_PREFIX = "sdxl"
 
 
 @dataclass(frozen=True)
-class Keys:
+class RedisKeys:
     """The names of one cluster's Redis keys."""
 
     prefix: str = DEFAULT_PREFIX

@@ -15,26 +15,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from common.keys import Keys
-
-# KEYS: the bucket.  ARGV: emission interval (ms), burst (requests).
-# Returns {allowed 0|1, ms until allowed (0 when allowed), requests left now, ms until the bucket is full}.
-_GCRA = """
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local tat = now
-local stored = redis.call('GET', KEYS[1])
-if stored then tat = math.max(tonumber(stored), now) end
-local new_tat = tat + interval
-local allow_at = new_tat - burst * interval
-if now < allow_at then
-  return {0, math.ceil(allow_at - now), 0, math.ceil(tat - now)}
-end
-redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now))
-return {1, 0, math.floor((now - allow_at) / interval), math.ceil(new_tat - now)}
-"""
+from common.rediskeys import RedisKeys
+from common.scripts import register
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _SPEC = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([smh])\s*(?::\s*(\d+))?\s*$")
@@ -108,9 +90,9 @@ class Decision:
 class RateLimiter:
     """Checks buckets named `(bucket, identity)` against their rates; shared through Redis."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
         self._keys = keys
-        self._gcra = redis.register_script(_GCRA)
+        self._gcra = register(redis, "gcra", package="gateway")
 
     async def check(self, bucket: str, identity: str, rate: Rate) -> Decision:
         """Count one request against the bucket and say whether it is allowed.

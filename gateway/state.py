@@ -1,4 +1,4 @@
-"""Typed keys of the gateway's shared resources (no module globals)."""
+"""The gateway's shared state: typed aiohttp `AppKey`s for each resource (no module globals)."""
 
 from __future__ import annotations
 
@@ -8,26 +8,29 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from common.config import GatewayConfig
-from common.queue import JobListener, JobQueue
-from common.ratelimit import RateLimiter
+from common.jobstore import JobStore
 from common.registry import Registry
+from common.streams import JobStreams
 from gateway.auth import KeyStore
 from gateway.journal import Journal
 from gateway.limits import Access, ThroughputMeter
+from gateway.listener import JobListener
 from gateway.metrics import GatewayMetrics
+from gateway.placement import Placement
 from gateway.positions import PositionBoard
-from gateway.routing import Router
+from gateway.ratelimit import RateLimiter
 
 CONFIG = web.AppKey("config", GatewayConfig)
 GATEWAY_ID = web.AppKey("gateway_id", str)
 REDIS = web.AppKey("redis", aioredis.Redis)
-QUEUE = web.AppKey("queue", JobQueue)
+JOBS = web.AppKey("jobs", JobStore)
+STREAMS = web.AppKey("streams", JobStreams)
 REGISTRY = web.AppKey("registry", Registry)
 LISTENER = web.AppKey("listener", JobListener)
 JOURNAL = web.AppKey("journal", Journal)
 POSITIONS = web.AppKey("positions", PositionBoard)
 OPENAPI = web.AppKey("openapi", dict[str, Any])
-ROUTER = web.AppKey("router", Router)
+PLACEMENT = web.AppKey("placement", Placement)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 KEY_STORE = web.AppKey("key_store", KeyStore)
 LIMITER = web.AppKey("limiter", RateLimiter)

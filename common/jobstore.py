@@ -1,0 +1,211 @@
+"""Jobs as records and results: submit, cancel and read them.
+
+Submitting writes the job's record and its stream entry in one script (with an idempotency key, at most one
+job per key; with a maximum depth, never past it). A job's record says where it is and who runs it; its
+result, once a worker stored one (or it was cancelled), holds the metadata and the images. A cancelled job
+gets a `cancelled` result at once, so a worker's later result is dropped. Claiming and settling deliveries is
+the worker's side (worker/delivery.py); the streams themselves are common/streams.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from common.protocol import Job, JobResult
+from common.redis_conn import text
+from common.rediskeys import RedisKeys
+from common.scripts import register
+
+logger = logging.getLogger(__name__)
+
+# A terminal job's record outlives its images by this factor, so a result arriving after they expired is
+# still refused: the record says the job is terminal (docs/delivery.md).
+RECORD_TTL_FACTOR = 2
+# The lifetime of a result stored for a job whose request could not be read.
+DEFAULT_RESULT_TTL_S = 3600
+
+
+class QueueFull(Exception):
+    """The stream already holds its maximum of jobs; nothing was queued."""
+
+    def __init__(self, stream: str, depth: int, max_depth: int) -> None:
+        super().__init__(f"stream {stream} holds {depth} jobs (at most {max_depth})")
+        self.stream = stream
+        self.depth = depth
+        self.max_depth = max_depth
+
+
+class IdempotencyConflict(Exception):
+    """An `Idempotency-Key` reused with a different request."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"the key was first used for job {job_id} with a different request")
+        self.job_id = job_id
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """The job a submit refers to: the one it created, or the earlier one with the same idempotency key."""
+
+    job_id: str
+    created: bool
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job's live state as stored: where it is, who runs it, how far it got."""
+
+    status: str  # queued, running, succeeded, failed or cancelled
+    job: Job | None
+    entry_id: str | None
+    stream: str | None = None
+    worker: str | None = None
+    step: int | None = None
+    total: int | None = None
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> JobRecord:
+        def get(name: str) -> str | None:
+            value = fields.get(name.encode())
+            return None if value is None else value.decode()
+
+        raw_job, step, total = get("job"), get("step"), get("total")
+        return cls(
+            status=get("status") or "queued",
+            job=Job.model_validate_json(raw_job) if raw_job else None,
+            entry_id=get("entry"),
+            stream=get("stream"),
+            worker=get("worker"),
+            step=None if step is None else int(step),
+            total=None if total is None else int(total),
+        )
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """A finished job as read back: metadata and the encoded images in order."""
+
+    result: JobResult
+    images: list[bytes]
+
+
+class JobStore:
+    """Submit, cancel and read the jobs of one cluster."""
+
+    def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._submit = register(redis, "submit")
+        self._cancel = register(redis, "cancel")
+
+    async def submit(
+        self, job: Job, stream: str, idempotency_key: str | None = None, fingerprint: str = "", max_depth: int = 0
+    ) -> Submitted:
+        """Record and enqueue a job on `stream` atomically.
+
+        With an idempotency key, only the first submit creates a job; a later one with the same key and
+        `fingerprint` (a digest of the request) refers to that job, and one with another request raises
+        IdempotencyConflict. The key lives until the job is terminal, then as long as its result. With
+        `max_depth`, a stream that already holds that many jobs takes no more: QueueFull (a replay of a
+        key's job still succeeds). Safe to run twice: a rerun for the same job answers as the first run
+        did and queues nothing more.
+        """
+        keys = [self._keys.job(job.id), stream, self._keys.job_streams]
+        if idempotency_key is not None:
+            keys.append(self._keys.idempotency(idempotency_key))
+        outcome, value = await self._submit(keys=keys, args=[job.model_dump_json(), job.id, fingerprint, max_depth])
+        if text(outcome) == "full":
+            raise QueueFull(stream, int(value), max_depth)
+        job_id, _, first_fingerprint = text(value).partition(" ")
+        if first_fingerprint != fingerprint:
+            raise IdempotencyConflict(job_id)
+        return Submitted(job_id=job_id, created=text(outcome) == "created")
+
+    async def cancel(self, job_id: str) -> str | None:
+        """Cancel a job unless it already finished.
+
+        Returns None for an unknown job, `cancelled` if this call (or an earlier one) cancelled it, and the
+        final status (`succeeded` or `failed`) of a job that finished first. A queued job never runs; a
+        running one runs to the end and its result is dropped.
+        """
+        record = await self.record(job_id)
+        if record is None:
+            return None
+        job = record.job
+        meta = JobResult(
+            id=job_id,
+            status="cancelled",
+            worker=record.worker,
+            seed=job.seed if job else None,
+            shape=job.shape if job else None,
+        ).model_dump_json()
+        ttl = job.result_ttl_s if job else DEFAULT_RESULT_TTL_S
+        stream = record.stream or self._keys.shape_stream(job.shape if job else "unknown")
+        outcome = await self._cancel(
+            keys=terminal_keys(self._keys, stream, job_id), args=["", "", *terminal_args(self._keys, job_id, ttl), meta]
+        )
+        if outcome is None:
+            return None
+        outcome = text(outcome)
+        return "cancelled" if outcome == "cancelled-now" else outcome
+
+    async def record(self, job_id: str) -> JobRecord | None:
+        """A job's stored state, or None for an unknown (or expired) job."""
+        fields: dict[bytes, bytes] = await self._redis.hgetall(self._keys.job(job_id))  # type: ignore[assignment]
+        return JobRecord.from_fields(fields) if fields else None
+
+    async def statuses(self, job_ids: list[str]) -> list[str | None]:
+        """The status of each job (None for an unknown one), in one pipelined round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(self._keys.job(job_id), "status")
+            found = await pipe.execute()
+        return [None if status is None else text(status) for status in found]
+
+    async def job_status(self, job_id: str) -> str | None:
+        """`queued`, `running`, `succeeded`, `failed` or `cancelled` while the job's record lives; None for an
+        unknown id."""
+        status = await self._redis.hget(self._keys.job(job_id), "status")
+        return None if status is None else text(status)
+
+    async def fetch_result(self, job_id: str) -> StoredResult | None:
+        """The stored result of a job, or None if it has not finished (or has expired)."""
+        fields: dict[bytes, bytes] = await self._redis.hgetall(self._keys.result(job_id))  # type: ignore[assignment]
+        if not fields:
+            return None
+        result = JobResult.model_validate_json(fields[b"meta"])
+        images = [fields[f"image:{k}".encode()] for k in range(result.image_count)]
+        return StoredResult(result=result, images=images)
+
+    async def fetch_meta(self, job_id: str) -> JobResult | None:
+        """A finished job's result metadata without its images; None if it has not finished."""
+        meta = await self._redis.hget(self._keys.result(job_id), "meta")
+        return None if meta is None else JobResult.model_validate_json(meta)
+
+    async def fetch_image(self, job_id: str, index: int) -> tuple[JobResult, bytes | None] | None:
+        """One image of a finished job with its result metadata; None if the job has no stored result."""
+        fields: list[Any] = await self._redis.hmget(self._keys.result(job_id), ["meta", f"image:{index}"])
+        meta, image = fields
+        if meta is None:
+            return None
+        return JobResult.model_validate_json(meta), image
+
+
+def record_ttl(result_ttl_s: int) -> int:
+    """How long a terminal job's record (and its history) lives: longer than its result."""
+    return result_ttl_s * RECORD_TTL_FACTOR
+
+
+def terminal_keys(keys: RedisKeys, stream: str, job_id: str) -> list[str]:
+    """KEYS of the scripts that make a job terminal (store, cancel, dead-letter): result, the stream its entry
+    is on, record, stats, attempts."""
+    return [keys.result(job_id), stream, keys.job(job_id), keys.stats, keys.attempts(job_id)]
+
+
+def terminal_args(keys: RedisKeys, job_id: str, result_ttl_s: int) -> list[Any]:
+    """ARGV 3 to 6 of those scripts: the result's lifetime, the record's, the completions channel, the job."""
+    return [result_ttl_s, record_ttl(result_ttl_s), keys.completions_channel, job_id]

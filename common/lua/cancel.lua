@@ -1,0 +1,50 @@
+-- Cancel a job that is not terminal: make it terminal as `cancelled` (so a worker's later result is
+-- refused), take its entry off the stream (a queued job is never delivered) and announce it.
+--
+-- Safe to run twice: a rerun finds the job terminal and answers its status.
+--
+-- KEYS[1]  result hash of the job
+-- KEYS[2]  the job stream its entry is on
+-- KEYS[3]  job record hash
+-- KEYS[4]  stats hash
+-- KEYS[5]  attempts list
+-- ARGV[1]  (unused)
+-- ARGV[2]  (unused)
+-- ARGV[3]  ttl of the result and the idempotency key, seconds
+-- ARGV[4]  ttl of the record and the attempts, seconds (longer)
+-- ARGV[5]  completions channel
+-- ARGV[6]  job id
+-- ARGV[7]  the cancelled result's metadata (JobResult JSON)
+--
+-- Returns false for an unknown job, 'cancelled-now', or the status of a job already terminal.
+
+local function terminal(status)
+  return status == 'succeeded' or status == 'failed' or status == 'cancelled'
+end
+
+-- Make the job terminal: its result (images from ARGV[first_image] on), the record's status and the
+-- attempt that settled it, lifetimes counted from now (the record and the history outlive the images),
+-- and the announcement.
+local function finish(status, settled, meta, first_image)
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'meta', meta)
+  for i = first_image, #ARGV do
+    redis.call('HSET', KEYS[1], 'image:' .. (i - first_image), ARGV[i])
+  end
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('HSET', KEYS[3], 'status', status, 'settled', settled)
+  redis.call('EXPIRE', KEYS[3], ARGV[4])
+  local key = redis.call('HGET', KEYS[3], 'idempotency')
+  if key then redis.call('EXPIRE', key, ARGV[3]) end
+  redis.call('EXPIRE', KEYS[5], ARGV[4])
+  redis.call('PUBLISH', ARGV[5], ARGV[6])
+end
+
+local status = redis.call('HGET', KEYS[3], 'status')
+if not status then return false end
+if terminal(status) then return status end
+local entry = redis.call('HGET', KEYS[3], 'entry')
+if entry then redis.call('XDEL', KEYS[2], entry) end
+finish('cancelled', 'cancelled', ARGV[7], #ARGV + 1)
+redis.call('HINCRBY', KEYS[4], 'cancelled', 1)
+return 'cancelled-now'

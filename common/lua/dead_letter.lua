@@ -1,0 +1,57 @@
+-- Give up on a job: record it with its history on the dead-letter stream and make it terminal as failed,
+-- then settle its entry.
+--
+-- Safe to run twice: a rerun (or a job already terminal) only settles the entry.
+--
+-- KEYS[1]  result hash of the job
+-- KEYS[2]  the job stream the entry is on
+-- KEYS[3]  job record hash
+-- KEYS[4]  stats hash
+-- KEYS[5]  attempts list
+-- KEYS[6]  dead-letter stream
+-- ARGV[1]  consumer group
+-- ARGV[2]  stream entry id
+-- ARGV[3]  ttl of the result and the idempotency key, seconds
+-- ARGV[4]  ttl of the record and the attempts, seconds (longer)
+-- ARGV[5]  completions channel
+-- ARGV[6]  job id
+-- ARGV[7]  the failed result's metadata (JobResult JSON)
+-- ARGV[8]  the job (Job JSON)
+-- ARGV[9]  how many times it was delivered, on every stream it was on
+-- ARGV[10] why it was given up
+--
+-- Returns 1 when this call dead-lettered the job, 0 when it was terminal already.
+
+local function terminal(status)
+  return status == 'succeeded' or status == 'failed' or status == 'cancelled'
+end
+
+-- Make the job terminal: its result (images from ARGV[first_image] on), the record's status and the
+-- attempt that settled it, lifetimes counted from now (the record and the history outlive the images),
+-- and the announcement.
+local function finish(status, settled, meta, first_image)
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'meta', meta)
+  for i = first_image, #ARGV do
+    redis.call('HSET', KEYS[1], 'image:' .. (i - first_image), ARGV[i])
+  end
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('HSET', KEYS[3], 'status', status, 'settled', settled)
+  redis.call('EXPIRE', KEYS[3], ARGV[4])
+  local key = redis.call('HGET', KEYS[3], 'idempotency')
+  if key then redis.call('EXPIRE', key, ARGV[3]) end
+  redis.call('EXPIRE', KEYS[5], ARGV[4])
+  redis.call('PUBLISH', ARGV[5], ARGV[6])
+end
+
+redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
+if terminal(redis.call('HGET', KEYS[3], 'status')) then return 0 end
+local history = redis.call('LRANGE', KEYS[5], 0, -1)
+local attempts = '[]'
+if #history > 0 then attempts = cjson.encode(history) end
+redis.call('XADD', KEYS[6], '*', 'job', ARGV[8], 'entry_id', ARGV[2], 'deliveries', ARGV[9],
+           'attempts', attempts, 'reason', ARGV[10])
+redis.call('HINCRBY', KEYS[4], 'dead_lettered', 1)
+finish('failed', 'dead-letter', ARGV[7], #ARGV + 1)
+return 1

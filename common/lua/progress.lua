@@ -1,0 +1,19 @@
+-- Record and announce a finished denoising step, if the worker still owns the running job.
+--
+-- KEYS[1]  job record hash
+-- ARGV[1]  worker id
+-- ARGV[2]  step just finished
+-- ARGV[3]  total steps
+-- ARGV[4]  job events channel
+-- ARGV[5]  job id
+--
+-- Returns the job's status (false for an unknown job); `cancelled` tells the worker its result will be
+-- dropped.
+
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'running' and redis.call('HGET', KEYS[1], 'worker') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'step', ARGV[2], 'total', ARGV[3])
+  redis.call('PUBLISH', ARGV[4], cjson.encode({id = ARGV[5], type = 'progress',
+                                               step = tonumber(ARGV[2]), total = tonumber(ARGV[3])}))
+end
+return status or false

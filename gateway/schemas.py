@@ -1,0 +1,180 @@
+"""Schemas of the HTTP API: request and response bodies, errors, and the events of a job's event stream.
+
+Only the gateway speaks HTTP; what the gateway and the worker exchange through Redis (the queued Job, the
+stored JobResult, the field rules both validate) is common/protocol.py. The OpenAPI document is built
+from these models.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from common.protocol import (
+    DEFAULT_GUIDANCE_SCALE,
+    GuidanceScale,
+    InferenceSteps,
+    JobStatus,
+    OutputFormat,
+    Prompt,
+    RequiredPrompt,
+    Seed,
+    Timings,
+)
+from common.registry import WorkerInfo
+
+
+class GenerateRequest(BaseModel):
+    """Body of `POST /v1/generate` and `POST /v1/jobs`. Omitted size and steps take the cluster's default shape."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: RequiredPrompt
+    negative_prompt: Prompt = ""
+    seed: Seed | None = None
+    guidance_scale: GuidanceScale = DEFAULT_GUIDANCE_SCALE
+    num_inference_steps: InferenceSteps | None = None
+    width: int | None = Field(default=None, ge=64, le=4096, multiple_of=8)
+    height: int | None = Field(default=None, ge=64, le=4096, multiple_of=8)
+    output_format: OutputFormat = "png"
+    quality: int | None = Field(
+        default=None, ge=1, le=100, description="JPEG/WebP quality, 1..100 (default 90); not for png"
+    )
+
+    @field_validator("quality")
+    @classmethod
+    def _quality_needs_lossy_format(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # output_format is declared first, so it is validated (and in info.data) by now, when valid.
+        if value is not None and info.data.get("output_format", "png") == "png":
+            raise ValueError("quality applies to jpeg and webp only; png is lossless")
+        return value
+
+
+class ResponseTimings(Timings):
+    """Timings as returned over HTTP, with the gateway's end-to-end figure (None when fetched later)."""
+
+    total_ms: float | None
+
+
+class GenerateResponse(BaseModel):
+    """Body of a successful `POST /v1/generate`."""
+
+    id: str
+    seed: int
+    width: int
+    height: int
+    num_inference_steps: int
+    images: list[str]
+    worker: str
+    timings: ResponseTimings
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error body: what went wrong, the rule's code and, when one field is at fault, its name."""
+
+    error: ErrorDetail
+
+
+class JobAccepted(BaseModel):
+    """Body of `202 POST /v1/jobs`: where to follow the job."""
+
+    id: str
+    status: JobStatus
+    status_url: str
+    events_url: str
+
+
+class Progress(BaseModel):
+    """Denoising steps done so far, of `total`."""
+
+    step: int = Field(ge=0)
+    total: int = Field(ge=1)
+
+
+class JobOutput(BaseModel):
+    """A succeeded job's result; each image is fetched from its URL (`GET /v1/jobs/{id}/images/{k}`)."""
+
+    seed: int
+    width: int
+    height: int
+    num_inference_steps: int
+    worker: str
+    media_type: str
+    images: list[str] = Field(description="URL of each image, in order")
+    timings: ResponseTimings
+
+
+class JobState(BaseModel):
+    """Body of `GET /v1/jobs/{id}`: where a job is, and its result or error once it has one."""
+
+    id: str
+    status: JobStatus
+    queue_position: int | None = Field(default=None, description="jobs ahead of this one (0: next); while queued")
+    worker: str | None = None
+    progress: Progress | None = None
+    result: JobOutput | None = None
+    error: ErrorDetail | None = None
+
+
+class QueuedEvent(BaseModel):
+    """SSE `queued`: sent first for a queued job, then whenever its position changes."""
+
+    id: str
+    position: int = Field(description="jobs ahead of this one (0: next)")
+
+
+class StartedEvent(BaseModel):
+    """SSE `started`: a worker took the job (again, with another worker, if the first one died)."""
+
+    id: str
+    worker: str
+
+
+class ProgressEvent(BaseModel):
+    """SSE `progress`: denoising step `step` of `total` is done; sent for every step, in order."""
+
+    id: str
+    step: int
+    total: int
+
+
+class SucceededEvent(BaseModel):
+    """SSE `succeeded`, the last event: the result, with each image's URL."""
+
+    id: str
+    result: JobOutput
+
+
+class FailedEvent(BaseModel):
+    """SSE `failed`, the last event."""
+
+    id: str
+    error: ErrorDetail
+
+
+class CancelledEvent(BaseModel):
+    """SSE `cancelled`, the last event."""
+
+    id: str
+
+
+JOB_EVENTS: dict[str, type[BaseModel]] = {
+    "queued": QueuedEvent,
+    "started": StartedEvent,
+    "progress": ProgressEvent,
+    "succeeded": SucceededEvent,
+    "failed": FailedEvent,
+    "cancelled": CancelledEvent,
+}
+
+
+class WorkerList(BaseModel):
+    """Body of `GET /v1/workers`: every registered worker, and how many of them are serving."""
+
+    workers: list[WorkerInfo]
+    serving: int

@@ -1,0 +1,304 @@
+"""The worker's side of the queue: claim a job, record its start and progress, settle its entry.
+
+A worker claims one entry at a time (one it holds already but is not working on first: a lost reply, a
+Redis restored from an older snapshot), starts it (the delivery's attempt token becomes the job's current
+attempt) and, in one Lua script, stores the result if that attempt still holds the job and it is not
+terminal, announces it on the completions channel, and only then acknowledges and deletes the entry. An
+entry that does not parse is settled too (`reject`): a bad entry never stops the loop. Every call is safe
+to run twice (docs/delivery.md). Jobs of dead workers are taken over in worker/recovery.py.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+from redis.exceptions import ResponseError
+
+from common.jobstore import terminal_args, terminal_keys
+from common.protocol import JOB_ID_PATTERN, Job, JobResult
+from common.redis_conn import text
+from common.rediskeys import RedisKeys
+from common.scripts import register
+from common.streams import JobStreams
+
+logger = logging.getLogger(__name__)
+
+
+class MalformedJob(Exception):
+    """A stream entry that is not a valid job. `job_id` is set when the entry named one."""
+
+    def __init__(self, stream: str, entry_id: str, job_id: str | None, reason: str) -> None:
+        super().__init__(f"stream {stream} entry {entry_id}: {reason}")
+        self.stream = stream
+        self.entry_id = entry_id
+        self.job_id = job_id
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job delivered to this worker, with the stream entry that must be acknowledged."""
+
+    job: Job
+    stream: str
+    entry_id: str
+    enqueued_ms: int  # Redis server time when the job was added (from the entry id)
+    deliveries: int = 1  # how many times the job was handed out, on every stream it was on, this time included
+
+    @property
+    def token(self) -> str:
+        """This delivery's attempt token: unique per delivery of a job, the same when a call is retried."""
+        return f"{self.stream} {self.entry_id} {self.deliveries}"
+
+
+class Delivery:
+    """Claim, start, report and settle the jobs one worker takes."""
+
+    def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._streams = JobStreams(redis, keys)
+        self._store = register(redis, "store_result")
+        self._start = register(redis, "start")
+        self._progress = register(redis, "progress")
+        self._claim = register(redis, "claim")
+        self._dead_letter = register(redis, "dead_letter")
+        self._held: collections.deque[tuple[str, str, dict[bytes, bytes]]] = collections.deque()
+
+    async def claim(self, consumer: str, streams: list[str], block_ms: int) -> ClaimedJob | None:
+        """Take the next job for `consumer` from `streams` (in order of preference), waiting up to
+        `block_ms`; None if there was none. Call it only with no job in hand.
+
+        One script (claim.lua) first takes an entry already pending under `consumer`, which it cannot be
+        working on (the reply that delivered it was lost, or Redis came back from an older snapshot), then
+        a new entry from the first stream that has one, so a worker takes one job even when several
+        streams have a backlog; only when all are empty does it wait on all of them. Should that wait
+        deliver two entries at once (two streams written in the same instant), the second stays pending
+        under this consumer and is returned by the next call: held, never lost.
+
+        Raises MalformedJob for an entry that does not parse; the caller settles it with `reject`.
+        """
+        if self._held:
+            return parse_entry(*self._held.popleft())
+        if now := await self._claim_now(consumer, streams):
+            return now
+        found = await self._read(consumer, dict.fromkeys(streams, ">"), block_ms)
+        if not found:
+            return None
+        self._held.extend(found[1:])
+        return parse_entry(*found[0])
+
+    async def _claim_now(self, consumer: str, streams: list[str]) -> ClaimedJob | None:
+        try:
+            reply: Any = await self._claim(keys=streams, args=[self._keys.workers_group, consumer])
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            for stream in streams:  # a stream vanished under us: recreate it, as `_read` does
+                await self._streams.ensure_group(stream)
+            reply = await self._claim(keys=streams, args=[self._keys.workers_group, consumer])
+        if not reply:
+            return None
+        stream, entry_id, fields, deliveries = reply
+        return parse_entry(text(stream), text(entry_id), pairs(fields), int(deliveries))
+
+    async def _read(
+        self, consumer: str, streams: dict[str, str], block_ms: int | None
+    ) -> list[tuple[str, str, dict[bytes, bytes]]]:
+        try:
+            reply: Any = await self._redis.xreadgroup(
+                self._keys.workers_group,
+                consumer,
+                streams,  # type: ignore[arg-type]
+                count=1,
+                block=block_ms,
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # A stream vanished under us (Redis restarted without persistence, an operator's DEL): recreate
+            # it with its group and read again; an error here is a real one.
+            for stream in streams:
+                await self._streams.ensure_group(stream)
+            reply = await self._redis.xreadgroup(
+                self._keys.workers_group,
+                consumer,
+                streams,  # type: ignore[arg-type]
+                count=1,
+                block=block_ms,
+            )
+        return [
+            (text(stream), text(entry_id), fields) for stream, entries in reply or () for entry_id, fields in entries
+        ]
+
+    async def start(self, claimed: ClaimedJob, worker_id: str) -> int | None:
+        """Make this delivery the job's current attempt: record that `worker_id` runs it, append to its
+        history, announce it. From then on only this delivery's result is accepted (`complete`).
+
+        Returns the Redis server time in ms (the one clock that hosts share, for queue-wait figures), or
+        None when the job is terminal (cancelled, or finished by another attempt) and must not run: settle
+        it with `discard`. Safe to run twice: a rerun for the same delivery returns the same time.
+        """
+        job = claimed.job
+        ms = int(
+            await self._start(
+                keys=[self._keys.job(job.id), self._keys.attempts(job.id)],
+                args=[worker_id, self._keys.job_events_channel, job.id, claimed.token],
+            )
+        )
+        return None if ms < 0 else ms
+
+    async def discard(self, claimed: ClaimedJob) -> None:
+        """Acknowledge and drop an entry whose job must not run (cancelled while queued)."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xack(claimed.stream, self._keys.workers_group, claimed.entry_id)
+            pipe.xdel(claimed.stream, claimed.entry_id)
+            await pipe.execute()
+
+    async def progress(self, job_id: str, worker_id: str, step: int, total: int) -> str | None:
+        """Record and announce a finished denoising step; returns the job's status (None if unknown).
+
+        Only the worker the job is recorded as running on reports; a status of `cancelled` tells the
+        worker its result will be discarded.
+        """
+        status = await self._progress(
+            keys=[self._keys.job(job_id)], args=[worker_id, step, total, self._keys.job_events_channel, job_id]
+        )
+        return None if status is None else text(status)
+
+    async def complete(self, claimed: ClaimedJob, result: JobResult, images: list[bytes]) -> bool:
+        """Store a result, announce it, then acknowledge the entry, if this delivery may: the job is not
+        terminal and this delivery is its current attempt (or none was started).
+
+        Returns False when the result was refused (the job already had one, was cancelled, or another
+        attempt holds it). Safe to run twice: a rerun after a stored result returns True again.
+        """
+        job = claimed.job
+        outcome = await self._store_and_ack(
+            claimed.stream, claimed.entry_id, result, images, job.result_ttl_s, claimed.token, claimed.enqueued_ms
+        )
+        return outcome == "stored"
+
+    async def reject(self, malformed: MalformedJob, worker_id: str, ttl_s: int) -> None:
+        """Settle an unparseable entry: fail its job if it named one (and is not terminal), acknowledge it,
+        and count it (`malformed_entries`)."""
+        await self._redis.hincrby(self._keys.stats, "malformed_entries", 1)
+        if malformed.job_id is not None:
+            result = JobResult(
+                id=malformed.job_id, status="failed", worker=worker_id, error=f"invalid job: {malformed.reason}"
+            )
+            await self._store_and_ack(malformed.stream, malformed.entry_id, result, [], ttl_s, "", 0)
+            return
+        await self._redis.xack(malformed.stream, self._keys.workers_group, malformed.entry_id)
+        await self._redis.xdel(malformed.stream, malformed.entry_id)
+
+    async def dead_letter(self, claimed: ClaimedJob, worker_id: str, reason: str) -> None:
+        """Give up on a job: record it with its history on the dead-letter stream and fail it. Safe to run
+        twice: only the first run records and fails it."""
+        job = claimed.job
+        history = [text(a) for a in await self._redis.lrange(self._keys.attempts(job.id), 0, -1)]
+        result = JobResult(
+            id=job.id,
+            status="failed",
+            worker=worker_id,
+            seed=job.seed,
+            shape=job.shape,
+            error=f"gave up: {reason} (attempts: {', '.join(history) or 'none'})",
+        )
+        done = await self._dead_letter(
+            keys=[*terminal_keys(self._keys, claimed.stream, job.id), self._keys.dead_letter_stream],
+            args=[
+                self._keys.workers_group,
+                claimed.entry_id,
+                *terminal_args(self._keys, job.id, job.result_ttl_s),
+                result.model_dump_json(),
+                job.model_dump_json(),
+                claimed.deliveries,
+                reason,
+            ],
+        )
+        if done:
+            logger.error("job %s dead-lettered: %s", job.id, reason)
+
+    async def dead_letter_if_exhausted(self, claimed: ClaimedJob, worker_id: str, max_deliveries: int) -> bool:
+        """Dead-letter a job delivered more than `max_deliveries` times in all (every stream it was on
+        counted); True if it was."""
+        if claimed.deliveries <= max_deliveries:
+            return False
+        await self.dead_letter(
+            claimed,
+            worker_id,
+            f"delivered {claimed.deliveries} times; every worker that took it stopped before finishing",
+        )
+        return True
+
+    async def _store_and_ack(
+        self,
+        stream: str,
+        entry_id: str,
+        result: JobResult,
+        images: list[bytes],
+        ttl_s: int,
+        token: str,
+        enqueued_ms: int,
+    ) -> str:
+        outcome = await self._store(
+            keys=terminal_keys(self._keys, stream, result.id),
+            args=[
+                self._keys.workers_group,
+                entry_id,
+                *terminal_args(self._keys, result.id, ttl_s),
+                result.model_dump_json(),
+                result.status,
+                token,
+                enqueued_ms,
+                *images,
+            ],
+        )
+        return text(outcome)
+
+
+def parse_entry(stream: str, entry_id: str, fields: dict[bytes, bytes], deliveries: int = 1) -> ClaimedJob:
+    raw = fields.get(b"job")
+    if raw is None:
+        raise MalformedJob(stream, entry_id, None, "no 'job' field")
+    try:
+        job = Job.model_validate_json(raw)
+    except ValidationError as exc:
+        raise MalformedJob(stream, entry_id, _job_id_of(raw), _first_error(exc)) from exc
+    # A job moved off a departed worker's stream carries the deliveries it had there.
+    try:
+        earlier = int(fields.get(b"deliveries", b"0"))
+        enqueued = int(fields.get(b"enqueued", entry_id.split("-", 1)[0]))
+    except ValueError:
+        raise MalformedJob(stream, entry_id, job.id, "deliveries and enqueued must be integers") from None
+    return ClaimedJob(job=job, stream=stream, entry_id=entry_id, enqueued_ms=enqueued, deliveries=deliveries + earlier)
+
+
+def pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    """A stream entry's fields as Lua returns them, [k1, v1, k2, v2, ...], as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _job_id_of(raw: bytes) -> str | None:
+    """The id of a job that failed validation, if it had a usable one."""
+    with contextlib.suppress(ValueError, UnicodeDecodeError):
+        data: Any = json.loads(raw)
+        job_id = data.get("id") if isinstance(data, dict) else None
+        if isinstance(job_id, str) and re.fullmatch(JOB_ID_PATTERN, job_id):
+            return job_id
+    return None
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "job"
+    return f"{where}: {err['msg']}"
