@@ -102,7 +102,7 @@ def test_arguments_are_checked() -> None:
     for bad in ("1024", "x768", "0x8", "axb"):
         with pytest.raises(argparse.ArgumentTypeError, match="WIDTHxHEIGHT"):
             parse_size(bad)
-    good = {
+    good: dict[str, Any] = {
         "model": "m",
         "revision": None,
         "size": None,
@@ -114,12 +114,13 @@ def test_arguments_are_checked() -> None:
         "peak_tflops": None,
     }
     GenerateConfig(**good)
-    for change, flag in [
+    changes: list[tuple[dict[str, Any], str]] = [
         ({"steps": 0}, "--steps"),
         ({"attentions": ("flash",)}, "--attention"),
         ({"attentions": ("einsum", "einsum")}, "--attention"),
         ({"peak_tflops": 0.0}, "--peak"),
-    ]:
+    ]
+    for change, flag in changes:
         with pytest.raises(ConfigError, match=flag):
             GenerateConfig(**good | change)
 
