@@ -194,7 +194,7 @@ async def test_sigkill_mid_job_is_served_by_another_worker(cluster: FaultCluster
 
 
 async def test_random_routing_loses_nothing_when_a_worker_dies_with_jobs_queued(cluster: FaultCluster) -> None:
-    """The reference's policy queues jobs per worker; a dead worker's queue goes back to the others."""
+    """Random routing queues jobs per worker; a dead worker's queue goes back to the others."""
     port = free_port()
     cluster.processes.start(
         "random-gateway",
