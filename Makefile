@@ -1,11 +1,16 @@
-# sdxl-serve: `make demo` runs a local cluster, `make test` runs the suite. Both install what they need.
+# sdxl-serve: `make demo` runs a local cluster, `make test` runs the suite, `make check` runs what CI runs.
+# All of them install what they need.
 PYTHON ?= python3
 VENV ?= .venv
 PORT ?= 8000
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 INSTALLED := $(VENV)/.installed
+# The packages, then everything `make check` lints and type-checks. $(wildcard) leaves out a package that is not
+# there yet, so a checkout without testkit/ is still checked whole.
+PACKAGES := $(wildcard common gateway worker sdxl_serve testkit)
+CODE := $(PACKAGES) $(wildcard bench tests) .ci/function_sizes.py
 
-.PHONY: install demo test lint typecheck bench clean redis-server chromium
+.PHONY: install demo check test lint typecheck imports sizes bench clean redis-server chromium
 
 install: $(INSTALLED) redis-server chromium
 
@@ -30,14 +35,26 @@ chromium:
 demo: install
 	$(VENV)/bin/sdxl-serve up --port $(PORT)
 
+# What CI runs (.ci/run): lint and format, strict types over the code and the tests, the import contract, the
+# function sizes (printed; fails only when the median grows past 15 lines), then the tests.
+check: lint typecheck imports sizes test
+
 test: install
 	$(VENV)/bin/pytest
 
 lint: install
-	$(VENV)/bin/ruff check common gateway worker tests bench
+	$(VENV)/bin/ruff check $(CODE)
+	$(VENV)/bin/ruff format --check $(CODE)
 
 typecheck: install
-	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy $(CODE)
+
+# The contracts are in pyproject.toml: imports run one way, and the gateway never imports the worker's libraries.
+imports: install
+	$(VENV)/bin/lint-imports
+
+sizes: install
+	$(VENV)/bin/python .ci/function_sizes.py $(PACKAGES) bench
 
 bench: install
 	$(VENV)/bin/python bench/overhead.py --requests 20

@@ -66,7 +66,7 @@ class ThroughputRun:
     gateway_cpu_pct: float
     client_cpu_pct: float
     # Gateway CPU time per answer, and the answers per second it implies for one whole core: the figure that
-    # holds on a machine shared with other work, where the gateway does not get its core to itself.
+    # holds on a busy machine, where the gateway does not get its core to itself.
     gateway_cpu_us_per_request: float
     one_core_ceiling_per_s: float
 

@@ -55,14 +55,14 @@ async def _post(session: aiohttp.ClientSession, gateway_url: str, steps: int) ->
         return payload
 
 
-async def _started(events: Any) -> str:
+async def _started(events: aioredis.client.PubSub) -> str:
     while True:
         message = await events.get_message(ignore_subscribe_messages=True, timeout=300)
         if message and message["channel"] == KEYS.job_events_channel.encode():
             return str(json.loads(message["data"])["worker"])
 
 
-async def _duplicate_dropped(events: Any, streams: JobStreams) -> None:
+async def _duplicate_dropped(events: aioredis.client.PubSub, streams: JobStreams) -> None:
     """Wait for the stats hash to count a dropped duplicate (announced by keyspace notifications)."""
     async with asyncio.timeout(180):
         while (await streams.counters()).get("duplicate_results", 0) < 1:

@@ -85,7 +85,7 @@ async def running_worker(redis_url: str, worker_id: str = "fake-worker", **setti
         **settings,
     )
     redis = connect(redis_url, name=f"test-worker:{worker_id}")
-    worker = Worker(config, redis, load_pipeline=FakePipeline)
+    worker = Worker(config, redis, load_pipeline=FakePipeline)  # type: ignore[arg-type]  # duck-typed stand-in
     task = asyncio.create_task(worker.run())
     try:
         while worker.warming or worker.info.state != "ready":

@@ -20,13 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from diffusers import FlaxStableDiffusionXLPipeline
+from diffusers.models.attention_flax import FlaxAttention
 
 from common.cli import build_parser, worker_config
 from common.cluster import Cluster
 from common.config import ConfigError, WorkerConfig
 from common.protocol import Shape
-from worker import attention as attention_module
-from worker.attention import FlaxAttention, attention, implementation, traced_with
+from worker.attention import attention, implementation, traced_with
 from worker.pipeline import SDXLPipeline, _replicate
 from worker.runner import Worker
 
@@ -46,7 +46,7 @@ def test_dot_product_computes_the_layers_attention(cross: bool) -> None:
     layer, params, args = layer_and_inputs(jnp.float32, cross)
     reference = layer.apply(params, *args)
     spy = mock.Mock(wraps=jax.nn.dot_product_attention)
-    with mock.patch.object(attention_module.jax.nn, "dot_product_attention", spy), attention("dot_product"):
+    with mock.patch.object(jax.nn, "dot_product_attention", spy), attention("dot_product"):
         swapped = jax.jit(layer.apply)(params, *args)
     assert spy.call_count == 1 and spy.call_args.kwargs["implementation"] == "xla"
     np.testing.assert_allclose(swapped, reference, rtol=1e-5, atol=1e-5)
@@ -57,7 +57,7 @@ def test_the_switch_acts_only_inside_its_context_and_thread() -> None:
     reference = np.asarray(jax.jit(layer.apply)(params, x))
     spy = mock.Mock(wraps=jax.nn.dot_product_attention)
     other_thread: list[np.ndarray] = []
-    with mock.patch.object(attention_module.jax.nn, "dot_product_attention", spy):
+    with mock.patch.object(jax.nn, "dot_product_attention", spy):
         with attention("dot_product"):
             worker = threading.Thread(
                 target=lambda: other_thread.append(np.asarray(jax.jit(lambda p, h: layer.apply(p, h) * 1)(params, x)))
@@ -73,7 +73,7 @@ def test_the_switch_acts_only_inside_its_context_and_thread() -> None:
 def test_traced_with_applies_whenever_the_function_is_traced() -> None:
     layer, params, (x,) = layer_and_inputs(jnp.float32)
     spy = mock.Mock(wraps=jax.nn.dot_product_attention)
-    with mock.patch.object(attention_module.jax.nn, "dot_product_attention", spy):
+    with mock.patch.object(jax.nn, "dot_product_attention", spy):
         jax.jit(traced_with("dot_product", layer.apply)).lower(params, x)
         jax.jit(traced_with("einsum", layer.apply)).lower(params, x)
     assert spy.call_count == 1
@@ -101,7 +101,7 @@ def images(tiny_model: Path) -> dict[str, np.ndarray]:
     out = {}
     for precision, pipeline in (("bf16", served), ("f32", full)):
         for kind in ("einsum", "dot_product"):
-            variant = pipeline.variant(attention=kind)  # type: ignore[arg-type]
+            variant = pipeline.variant(attention=kind)
             variant.compile(SHAPE)
             out[f"{kind}-{precision}"] = variant.generate(SHAPE, "a cat", "blurry", 3, 7.5).astype(np.int32)
     return out

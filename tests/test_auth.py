@@ -159,7 +159,7 @@ async def test_keys_never_reach_logs_metrics_or_redis(
     exposition = await (await client.get("/metrics")).text()
     assert 'sdxl_gateway_rejections_total{code="revoked_api_key"} 2.0' in exposition
     assert 'sdxl_gateway_rejections_total{code="invalid_api_key"} 2.0' in exposition
-    stored = [k.decode() for k in await redis_client.keys("*")]
+    stored = [k.decode() if isinstance(k, bytes) else k for k in await redis_client.keys("*")]
     for secret in (GOOD, REVOKED, "sdxl_unknown-key", digest(GOOD), digest(REVOKED)):
         assert secret not in caplog.text and secret not in exposition
         assert not any(secret in k for k in stored)

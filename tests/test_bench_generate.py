@@ -50,7 +50,7 @@ def flops_1024(sdxl: tuple[Any, dict[str, Any]]) -> FlopCount:
 
 
 def test_flops_per_image_match_the_published_count(flops_1024: FlopCount) -> None:
-    # The figures: UNet 6.76 TFLOP per sample per step, twice per step (guidance), VAE decode
+    # The published figures: UNet 6.76 TFLOP per sample per step, twice per step (guidance), VAE decode
     # 10.5, text encoders 0.1: about 281 TFLOP per 1024x1024 image at 20 steps.
     assert flops_1024.unet_per_sample / TERA == pytest.approx(6.76, rel=0.02)
     assert flops_1024.vae_decode / TERA == pytest.approx(10.5, rel=0.02)
@@ -102,7 +102,7 @@ def test_arguments_are_checked() -> None:
     for bad in ("1024", "x768", "0x8", "axb"):
         with pytest.raises(argparse.ArgumentTypeError, match="WIDTHxHEIGHT"):
             parse_size(bad)
-    good = {
+    good: dict[str, Any] = {
         "model": "m",
         "revision": None,
         "size": None,
@@ -114,12 +114,13 @@ def test_arguments_are_checked() -> None:
         "peak_tflops": None,
     }
     GenerateConfig(**good)
-    for change, flag in [
+    changes: list[tuple[dict[str, Any], str]] = [
         ({"steps": 0}, "--steps"),
         ({"attentions": ("flash",)}, "--attention"),
         ({"attentions": ("einsum", "einsum")}, "--attention"),
         ({"peak_tflops": 0.0}, "--peak"),
-    ]:
+    ]
+    for change, flag in changes:
         with pytest.raises(ConfigError, match=flag):
             GenerateConfig(**good | change)
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import random
 import statistics
+from typing import Any
 
 import pytest
 
 from bench.routing import (
     POLICIES,
+    Distribution,
+    Policy,
     SimConfig,
     compare,
     make_workload,
@@ -51,9 +54,9 @@ def test_shared_queue_halves_random_p99_and_p2c_lies_between() -> None:
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_throughput_is_the_arrival_rate_below_saturation(policy: str) -> None:
+def test_throughput_is_the_arrival_rate_below_saturation(policy: Policy) -> None:
     config = SimConfig(workers=16, load=0.8)
-    result = simulate(policy, config)  # type: ignore[arg-type]
+    result = simulate(policy, config)
     assert result.throughput_rps == pytest.approx(config.arrival_rate, rel=0.03)
     assert result.utilisation == pytest.approx(0.8, abs=0.03)
 
@@ -88,8 +91,8 @@ def test_heterogeneous_workers_set_capacity_from_their_speeds() -> None:
 
 
 @pytest.mark.parametrize("distribution", ["lognormal", "gamma"])
-def test_service_sizes_have_unit_mean_and_the_requested_cv(distribution: str) -> None:
-    sizes = unit_sizes(random.Random(0), 100_000, distribution, 0.5)  # type: ignore[arg-type]
+def test_service_sizes_have_unit_mean_and_the_requested_cv(distribution: Distribution) -> None:
+    sizes = unit_sizes(random.Random(0), 100_000, distribution, 0.5)
     mean = statistics.fmean(sizes)
     assert mean == pytest.approx(1.0, rel=0.02)
     assert statistics.pstdev(sizes) / mean == pytest.approx(0.5, rel=0.05)
@@ -109,9 +112,9 @@ def test_percentile_interpolates_between_ranks() -> None:
     "changes",
     [{"workers": 0}, {"load": 0.0}, {"jitter": -0.1}, {"warmup": 1.0}, {"workers": 2, "service_times_s": (1.0,)}],
 )
-def test_invalid_configurations_are_rejected(changes: dict[str, object]) -> None:
+def test_invalid_configurations_are_rejected(changes: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
-        SimConfig(**changes)  # type: ignore[arg-type]
+        SimConfig(**changes)
 
 
 def test_sweep_table_has_a_row_per_configuration() -> None:

@@ -188,8 +188,8 @@ async def test_worker_takes_no_job_before_warm_up(
         entry_id = record.entry_id
         # Still warming: the worker has not even created the group, so nobody holds the job.
         assert await client.xinfo_groups(stream) == []
-        ready = await wait_ready(redis_url, 1, prefix)
-        assert ready[0].ready_at is not None
+        registered = await wait_ready(redis_url, 1, prefix)
+        assert registered[0].ready_at is not None
         listener = JobListener(client, keys)
         done = listener.expect(job.id)
         listening = asyncio.create_task(listener.run())
@@ -199,13 +199,13 @@ async def test_worker_takes_no_job_before_warm_up(
         assert stored is not None and stored.result.status == "succeeded" and stored.result.timings
         # Claimed at: enqueue time (the entry id, Redis clock) plus the wait the worker measured.
         claimed_at_s = (int(entry_id.split("-")[0]) + stored.result.timings.queued_ms) / 1000
-        assert claimed_at_s >= ready[0].ready_at - 0.01
+        assert claimed_at_s >= registered[0].ready_at - 0.01
     finally:
         await pubsub.aclose()
         await client.aclose()
 
 
-async def _next_worker_event(pubsub: Any) -> WorkerInfo:
+async def _next_worker_event(pubsub: aioredis.client.PubSub) -> WorkerInfo:
     async with asyncio.timeout(120):
         while True:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=120)

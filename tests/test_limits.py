@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -82,7 +83,7 @@ async def test_redis_down_while_checking_is_503_with_retry_after(
     async def unreachable(*args: Any) -> None:
         raise RedisConnectionError("connection refused")
 
-    client.app[LIMITER].check = unreachable  # type: ignore[method-assign,union-attr]
+    client.app[LIMITER].check = unreachable
     response = await client.post("/v1/jobs", json=JOB)
     assert response.status == 503 and response.headers["Retry-After"]
     assert (await error_of(response))["code"] == "queue_unavailable"
@@ -152,7 +153,7 @@ async def test_a_body_over_the_limit_is_refused_unread(
     assert status_line.startswith(b"HTTP/1.1 413")
 
     # Without a length (chunked) the limit stops the read instead.
-    async def chunks() -> Any:
+    async def chunks() -> AsyncIterator[bytes]:
         for _ in range(10):
             yield b"x" * 1024
 

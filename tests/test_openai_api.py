@@ -94,7 +94,10 @@ async def test_ignored_openai_parameters_are_accepted(
 async def test_idempotency_key_refers_to_the_first_job(
     client: TestClient[Any, Any], redis_client: aioredis.Redis, fake_worker: None
 ) -> None:
-    request = {"json": {"prompt": "a cat", "response_format": "b64_json"}, "headers": {"Idempotency-Key": "k1"}}
+    request: dict[str, Any] = {
+        "json": {"prompt": "a cat", "response_format": "b64_json"},
+        "headers": {"Idempotency-Key": "k1"},
+    }
     worker = asyncio.create_task(serve_one(redis_client, IMAGES))
     first = await (await client.post(ROUTE, **request)).json()
     await worker

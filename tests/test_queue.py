@@ -166,7 +166,7 @@ async def test_start_records_the_attempt_and_announces_it(redis_client: aioredis
     await pubsub.subscribe(KEYS.job_events_channel)
     await pubsub.get_message(timeout=1)  # the subscribe confirmation
     ms = await queue.delivery.start(claimed, "w1")
-    assert abs(ms - claimed.enqueued_ms) < 60_000
+    assert ms is not None and abs(ms - claimed.enqueued_ms) < 60_000
     event = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
     assert event is not None and json.loads(event["data"]) == {"id": job.id, "type": "started", "worker": "w1"}
     assert await queue.jobs.job_status(job.id) == "running"
@@ -211,13 +211,14 @@ async def test_job_whose_workers_keep_dying_is_dead_lettered(redis_client: aiore
     queue, job, claimed = await submitted_and_claimed(redis_client)
     await queue.delivery.start(claimed, "w1")
     for worker in ("w2", "w3"):  # each takes over from the last one, starts, and dies in turn
-        claimed = await queue.recovery.reclaim(worker, live={worker}, max_deliveries=3, streams=[STREAM])
-        assert claimed is not None
-        await queue.delivery.start(claimed, worker)
+        taken = await queue.recovery.reclaim(worker, live={worker}, max_deliveries=3, streams=[STREAM])
+        assert taken is not None
+        await queue.delivery.start(taken, worker)
     assert await queue.recovery.reclaim("w4", live={"w4"}, max_deliveries=3, streams=[STREAM]) is None
     dead = await redis_client.xrange(KEYS.dead_letter_stream)
-    assert len(dead) == 1
+    assert dead is not None and len(dead) == 1
     fields = dead[0][1]
+    assert fields is not None
     assert json.loads(fields[b"job"])["id"] == job.id and fields[b"deliveries"] == b"4"
     assert [a.split("@")[0] for a in json.loads(fields[b"attempts"])] == ["w1", "w2", "w3"]
     stored = await queue.jobs.fetch_result(job.id)

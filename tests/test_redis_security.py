@@ -14,7 +14,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,7 +156,7 @@ def secure_redis() -> Iterator[SecureRedis]:
 
 
 @pytest.fixture
-async def admin(secure_redis: SecureRedis) -> Any:
+async def admin(secure_redis: SecureRedis) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(secure_redis.url())
     await client.flushdb()
     await client.execute_command("ACL", "LOG", "RESET")

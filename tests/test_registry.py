@@ -10,19 +10,19 @@ import redis.asyncio as aioredis
 
 from common.protocol import Shape
 from common.rediskeys import RedisKeys
-from common.registry import Registry, WorkerInfo
+from common.registry import Registry, WorkerInfo, WorkerState
 
 KEYS = RedisKeys()
 
 
-def info(worker_id: str, state: str = "warming") -> WorkerInfo:
+def info(worker_id: str, state: WorkerState = "warming") -> WorkerInfo:
     return WorkerInfo(
         id=worker_id,
         host="h",
         pid=1,
         model="m",
         images_per_request=4,
-        state=state,  # type: ignore[arg-type]
+        state=state,
         shapes=[Shape(width=64, height=64, steps=2)],
         started_at=time.time(),
     )

@@ -78,7 +78,7 @@ async def test_invalid_entries_fail_or_drop_and_the_worker_carries_on(
 ) -> None:
     async with running_worker(redis_server.url(0)) as worker:
         for fields, _, _ in BAD_ENTRIES:
-            await redis_client.xadd(STREAM, fields)  # type: ignore[arg-type]
+            await redis_client.xadd(STREAM, fields)  # type: ignore[arg-type]  # redis-py wants dict[FieldT, EncodableT]
         await redis_client.xadd(STREAM, {"job": job()})
         await drained(redis_client)
         assert worker.info.state in ("ready", "busy") and worker.not_ready() is None
