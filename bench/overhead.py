@@ -94,6 +94,27 @@ class CommandCounter:
         }
 
 
+async def measured_requests(
+    redis_url: str, url: str, args: argparse.Namespace
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+    """The requests' timings, and the commands they cost when asked to count them."""
+    counter = CommandCounter(redis_url) if args.count_commands else None
+    if counter is not None:
+        await counter.start()
+    rows = await run_requests(url, args.requests, args.prompt)
+    return rows, (await counter.stop(args.requests) if counter is not None else {})
+
+
+def print_report(report: dict[str, Any], requests: int) -> None:
+    print(f"machine: {report['machine']}; workers: {report['devices']}; shapes: {report['shapes']}")
+    print(f"worker start-to-ready (s): {report['start_to_ready_s']}")
+    print(f"{'timing':<12} {'p50 ms':>9} {'p90 ms':>9}   ({requests} sequential requests)")
+    for key, stats in report["timings_ms"].items():
+        print(f"{key:<12} {stats['p50']:>9.1f} {stats['p90']:>9.1f}")
+    for role, counts in report.get("commands_per_request", {}).items():
+        print(f"commands per request, {role}: " + ", ".join(f"{k} {v:g}" for k, v in counts.items()))
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     for row in rows:
         row["overhead_ms"] = row["total_ms"] - row["generate_ms"]
@@ -113,7 +134,6 @@ async def main() -> None:
     parser.add_argument("--count-commands", action="store_true", help="count the commands sent to Redis (MONITOR)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    commands: dict[str, dict[str, float]] = {}
 
     scratch = Path(tempfile.mkdtemp(prefix="sdxl-bench-"))
     redis_port, port = free_port(), free_port()
@@ -154,12 +174,7 @@ async def main() -> None:
         client = aioredis.Redis.from_url(redis_url)
         workers = await Registry(client, RedisKeys()).workers()
         await client.aclose()
-        counter = CommandCounter(redis_url) if args.count_commands else None
-        if counter is not None:
-            await counter.start()
-        rows = await run_requests(f"http://127.0.0.1:{port}", args.requests, args.prompt)
-        if counter is not None:
-            commands = await counter.stop(args.requests)
+        rows, commands = await measured_requests(redis_url, f"http://127.0.0.1:{port}", args)
     finally:
         up.terminate()
         up.wait(timeout=120)
@@ -178,13 +193,7 @@ async def main() -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"machine: {report['machine']}; workers: {report['devices']}; shapes: {report['shapes']}")
-    print(f"worker start-to-ready (s): {report['start_to_ready_s']}")
-    print(f"{'timing':<12} {'p50 ms':>9} {'p90 ms':>9}   ({args.requests} sequential requests)")
-    for key, stats in report["timings_ms"].items():
-        print(f"{key:<12} {stats['p50']:>9.1f} {stats['p90']:>9.1f}")
-    for role, counts in commands.items():
-        print(f"commands per request, {role}: " + ", ".join(f"{k} {v:g}" for k, v in counts.items()))
+    print_report(report, args.requests)
 
 
 if __name__ == "__main__":
