@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from pydantic import ValidationError
 
 from common.protocol import Job, JobResult
 from common.redis_conn import text
@@ -69,19 +70,18 @@ class JobRecord:
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> JobRecord:
-        def get(name: str) -> str | None:
+        def get(name: str) -> str | None:  # a field that is not text is as good as missing
             value = fields.get(name.encode())
-            return None if value is None else value.decode()
+            return None if value is None else value.decode(errors="replace")
 
-        raw_job, step, total = get("job"), get("step"), get("total")
         return cls(
             status=get("status") or "queued",
-            job=Job.model_validate_json(raw_job) if raw_job else None,
+            job=_job_or_none(get("job")),
             entry_id=get("entry"),
             stream=get("stream"),
             worker=get("worker"),
-            step=None if step is None else int(step),
-            total=None if total is None else int(total),
+            step=_int_or_none(get("step")),
+            total=_int_or_none(get("total")),
         )
 
 
@@ -209,3 +209,25 @@ def terminal_keys(keys: RedisKeys, stream: str, job_id: str) -> list[str]:
 def terminal_args(keys: RedisKeys, job_id: str, result_ttl_s: int) -> list[Any]:
     """ARGV 3 to 6 of those scripts: the result's lifetime, the record's, the completions channel, the job."""
     return [result_ttl_s, record_ttl(result_ttl_s), keys.completions_channel, job_id]
+
+
+def _job_or_none(raw: str | None) -> Job | None:
+    """The request stored in a record; None (logged) for one that does not parse: bad data never stops a
+    reader."""
+    if raw is None:
+        return None
+    try:
+        return Job.model_validate_json(raw)
+    except ValidationError:
+        logger.warning("a job record holds a request that does not parse: %r", raw[:200])
+        return None
+
+
+def _int_or_none(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        logger.warning("a job record holds %r where a number belongs", raw[:50])
+        return None

@@ -449,3 +449,10 @@ async def test_a_result_for_a_record_redis_lost_is_stored_but_not_for_one_that_e
     long_ago = dataclasses.replace(late, enqueued_ms=late.enqueued_ms - 1000 * record_ttl(other.result_ttl_s) - 1)
     assert await queue.delivery.complete(long_ago, success(other), [b"a"]) is False
     assert await queue.jobs.fetch_result(other.id) is None
+
+
+async def test_a_record_that_does_not_parse_is_read_as_far_as_it_goes(redis_client: aioredis.Redis) -> None:
+    queue = await queue_with_group(redis_client)
+    await redis_client.hset(KEYS.job("bad"), mapping={"status": "running", "job": "{not json", "step": "x\xff"})
+    record = await queue.jobs.record("bad")
+    assert record is not None and (record.status, record.job, record.step) == ("running", None, None)

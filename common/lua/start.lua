@@ -17,7 +17,7 @@
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return -1 end
 if status == 'running' and redis.call('HGET', KEYS[1], 'token') == ARGV[4] then
-  return tonumber(redis.call('HGET', KEYS[1], 'started'))
+  return tonumber(redis.call('HGET', KEYS[1], 'started')) or 0
 end
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
