@@ -18,6 +18,7 @@ import asyncio
 import collections
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -55,6 +56,10 @@ async def run_requests(url: str, count: int, prompt: str) -> list[dict[str, Any]
     return rows
 
 
+# `1700000000.123456 [0 127.0.0.1:5555] "EVALSHA" "..."`: the client (or `lua`) and the command's name.
+_MONITOR_LINE = re.compile(r'^[\d.]+ \[\d+ ([^\]]+)\] "([^"]+)"')
+
+
 class CommandCounter:
     """Commands sent to Redis by clients (not by scripts), by client and command name, from MONITOR."""
 
@@ -71,10 +76,13 @@ class CommandCounter:
     async def _count(self, started: asyncio.Event) -> None:
         async with self._client.monitor() as monitor:
             started.set()
-            async for command in monitor.listen():
-                if command["client_type"] != "lua":
-                    name = command["command"].split(" ", 1)[0].strip('"').upper()
-                    self._seen[(f"{command['client_address']}:{command['client_port']}", name)] += 1
+            assert monitor.connection is not None
+            while True:  # parsed here: redis-py's own parser gives up on some arguments (binary images)
+                line = await monitor.connection.read_response()
+                if found := _MONITOR_LINE.match(line.decode(errors="replace") if isinstance(line, bytes) else line):
+                    client, command = found.groups()
+                    if client != "lua":
+                        self._seen[(client, command.upper())] += 1
 
     async def stop(self, requests: int) -> dict[str, dict[str, float]]:
         """Commands per request by role (gateway, worker) and command name."""
