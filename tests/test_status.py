@@ -9,10 +9,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from common.cli import main
-from common.cluster import free_port
 from common.keys import Keys
 from common.protocol import Job
 from common.queue import JobQueue
+from testkit import free_port
 from tests.conftest import TEST_SHAPES, RedisServer, claim_next, register_worker
 
 KEYS = Keys()
