@@ -7,6 +7,8 @@ chooses:
 
 - `drop_reply(rule)`: forward a command to Redis, then cut the connection instead of forwarding Redis's
   answer: the write happened, the client never hears of it, and redis-py retries the command.
+- `pause_after(rule)`: forward the matching reply, then partition: the client is frozen between two
+  commands, for a test to act in between (a race made deterministic).
 - `kill(pubsub_only=...)`: close connections at once (a reset, a restart of a middlebox); a connection
   counts as pub/sub once its client has sent SUBSCRIBE or PSUBSCRIBE.
 - `partition()` / `heal()`: a black hole. Nothing moves in either direction, new connections are accepted
