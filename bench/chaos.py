@@ -20,7 +20,6 @@ import json
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,10 +32,10 @@ import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.cluster import free_port, wait_http
 from common.rediskeys import RedisKeys
 from common.registry import SERVING_STATES, Registry
 from common.streams import JobStreams
+from testkit import ProcessGroup, RedisOptions, RedisProcess, free_port, wait_http, write_tiny_model
 
 KEYS = RedisKeys()
 STEPS = 8
@@ -64,76 +63,41 @@ class Chaos:
     """The processes of one chaos run."""
 
     def __init__(self, model: Path, workers: int, log_dir: Path, seed: int) -> None:
-        self.model, self.workers, self.log_dir = model, workers, log_dir
+        self.model, self.workers = model, workers
         self.rng = random.Random(seed)
         self.scratch = Path(tempfile.mkdtemp(prefix="sdxl-chaos-"))
-        self.redis_url = f"redis://127.0.0.1:{free_port()}/0"
+        self.redis = RedisProcess(self.scratch, RedisOptions(appendonly=True))
+        self.redis_url = self.redis.url()
         self.gateway_url = f"http://127.0.0.1:{free_port()}"
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.group = ProcessGroup(log_dir)
         self.kills: list[tuple[str, float]] = []
         self._serial = 0
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
-        log = (self.log_dir / f"{name}.log").open("wb")
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-
     def start(self) -> None:
-        port = self.redis_url.rsplit(":", 1)[1].split("/")[0]
-        self._spawn(
-            "redis",
-            [
-                shutil.which("redis-server") or "redis-server",
-                "--port",
-                port,
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--dir",
-                str(self.scratch),
-            ],
-        )
-        self._spawn(
-            "gateway",
-            [
-                sys.executable,
-                "-m",
-                "common.cli",
-                "gateway",
-                "--redis-url",
-                self.redis_url,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                self.gateway_url.rsplit(":", 1)[1],
-            ],
-        )
+        self.redis.start()
+        port = self.gateway_url.rsplit(":", 1)[1]
+        self.group.start("gateway", "gateway", "--redis-url", self.redis_url, "--host", "127.0.0.1", "--port", port)
         for _ in range(self.workers):
             self.start_worker()
 
     def start_worker(self) -> None:
         self._serial += 1
         name = f"chaos-worker-{self._serial}"
-        self._spawn(
+        self.group.start(
             name,
-            [
-                sys.executable,
-                "-m",
-                "common.cli",
-                "worker",
-                "--redis-url",
-                self.redis_url,
-                "--model",
-                str(self.model),
-                "--shapes",
-                f"64x64x{STEPS}",
-                "--worker-id",
-                name,
-                "--heartbeat-interval",
-                "0.5",
-                "--heartbeat-ttl",
-                "2",
-            ],
+            "worker",
+            "--redis-url",
+            self.redis_url,
+            "--model",
+            str(self.model),
+            "--shapes",
+            f"64x64x{STEPS}",
+            "--worker-id",
+            name,
+            "--heartbeat-interval",
+            "0.5",
+            "--heartbeat-ttl",
+            "2",
         )
 
     async def monkey(self, registry: Registry, done: asyncio.Event, interval: tuple[float, float]) -> None:
@@ -145,19 +109,13 @@ class Chaos:
                 serving = [w.id for w in await registry.workers() if w.state in SERVING_STATES]
                 if len(serving) >= 2:
                     victim = self.rng.choice(serving)
-                    self.procs[victim].kill()
+                    self.group.processes[victim].kill()
                     self.kills.append((victim, time.time() * 1000))
                     self.start_worker()
 
     def stop(self) -> None:
-        for process in self.procs.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in self.procs.values():
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        self.group.stop_all()
+        self.redis.stop()
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 
@@ -269,10 +227,7 @@ def main() -> None:
     args = parser.parse_args()
     model = args.model
     if model is None:
-        model = Path(tempfile.mkdtemp(prefix="sdxl-chaos-model-")) / "tiny"
-        subprocess.run(
-            [sys.executable, "-m", "common.cli", "tiny-model", str(model)], check=True, stdout=subprocess.DEVNULL
-        )
+        model = write_tiny_model(Path(tempfile.mkdtemp(prefix="sdxl-chaos-model-")) / "tiny")
     report = asyncio.run(run_chaos(model, args.requests, args.workers, args.concurrency, seed=args.seed))
     summary = {
         **asdict(report),

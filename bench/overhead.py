@@ -19,11 +19,9 @@ import collections
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,9 +32,9 @@ import redis.asyncio as aioredis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.host import describe
-from common.cluster import free_port
 from common.rediskeys import RedisKeys
-from common.registry import Registry
+from common.registry import Registry, WorkerInfo
+from testkit import async_redis_process, free_port, sdxl_serve_argv
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -132,46 +130,13 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     }
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=20)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--model", default=None, help="default: the tiny model `sdxl-serve up` makes")
-    parser.add_argument("--shapes", default=None)
-    parser.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
-    parser.add_argument("--count-commands", action="store_true", help="count the commands sent to Redis (MONITOR)")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-
-    scratch = Path(tempfile.mkdtemp(prefix="sdxl-bench-"))
-    redis_port, port = free_port(), free_port()
-    redis_proc = subprocess.Popen(  # noqa: ASYNC220 (nothing else runs yet)
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(redis_port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(scratch),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    up_args = [
-        sys.executable,
-        "-m",
-        "common.cli",
-        "up",
-        "--redis-url",
-        redis_url,
-        "--port",
-        str(port),
-        "--workers",
-        str(args.workers),
-    ]
+async def run_cluster(
+    args: argparse.Namespace, redis_url: str
+) -> tuple[list[WorkerInfo], list[dict[str, Any]], dict[str, dict[str, float]]]:
+    """`sdxl-serve up` on `redis_url`: its workers once ready, the timings of the requests sent to it, and
+    the commands they cost (when counted)."""
+    port = free_port()
+    up_args = sdxl_serve_argv("up", "--redis-url", redis_url, "--port", str(port), "--workers", str(args.workers))
     up_args += ["--model", args.model] if args.model else []
     up_args += ["--shapes", args.shapes] if args.shapes else []
     up = subprocess.Popen(up_args, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # noqa: ASYNC220
@@ -183,12 +148,25 @@ async def main() -> None:
         workers = await Registry(client, RedisKeys()).workers()
         await client.aclose()
         rows, commands = await measured_requests(redis_url, f"http://127.0.0.1:{port}", args)
+        return workers, rows, commands
     finally:
         up.terminate()
         up.wait(timeout=120)
-        redis_proc.terminate()
-        redis_proc.wait()
-        shutil.rmtree(scratch, ignore_errors=True)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--model", default=None, help="default: the tiny model `sdxl-serve up` makes")
+    parser.add_argument("--shapes", default=None)
+    parser.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
+    parser.add_argument("--count-commands", action="store_true", help="count the commands sent to Redis (MONITOR)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    async with async_redis_process() as redis_server:
+        workers, rows, commands = await run_cluster(args, redis_server.url())
 
     report = {
         "machine": describe(),

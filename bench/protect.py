@@ -26,7 +26,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
@@ -39,12 +38,11 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from bench.routing import number_type
-from common.cluster import free_port, wait_http
 from common.protocol import JobResult, Shape, Timings
-from common.redis_conn import UNAVAILABLE
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
 from common.streams import JobStreams
+from testkit import async_redis_process, free_port, wait_http
 from worker.delivery import Delivery
 
 SHAPE = Shape(width=64, height=64, steps=2)
@@ -109,41 +107,16 @@ def _pinned(cpu: int, argv: Sequence[str]) -> list[str]:
 @asynccontextmanager
 async def redis_server(cpu: int) -> AsyncIterator[str]:
     """A private redis-server pinned to `cpu`; yields its URL."""
-    scratch = Path(tempfile.mkdtemp(prefix="sdxl-bench-protect-"))
-    port = free_port()
-    process = subprocess.Popen(  # noqa: ASYNC220 (quick start)
-        _pinned(
-            cpu,
-            [
-                shutil.which("redis-server") or "redis-server",
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(scratch),
-            ],
-        ),
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        client = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0")
-        for _ in range(200):
-            try:
-                await client.ping()
-                break
-            except UNAVAILABLE:
-                await asyncio.sleep(0.05)
-        await client.aclose()
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait()
-        shutil.rmtree(scratch, ignore_errors=True)
+    async with async_redis_process() as server:
+        assert server.pid is not None
+        pin(server.pid, cpu)
+        yield server.url()
+
+
+def pin(pid: int, cpu: int) -> None:
+    """Keep every thread of process `pid` on `cpu` (what `taskset -a -p` does)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), {cpu})
 
 
 @asynccontextmanager

@@ -30,11 +30,12 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.host import describe
-from common.cluster import ensure_tiny_model, start_redis_server
+from common.cluster import ensure_tiny_model
 from common.config import default_cache_dir
 from common.redis_conn import connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
+from testkit import async_redis_process
 
 PREFIX = "sdxl-bench-start"
 PHASES = ("init", "load", "lower", "compile", "warmup")
@@ -64,17 +65,12 @@ def main(args: argparse.Namespace) -> int:
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     model = args.model or await ensure_tiny_model(default_cache_dir() / "tiny-model")
     with tempfile.TemporaryDirectory(prefix="sdxl-bench-start-") as scratch:
-        redis_process = None
-        redis_url = args.redis_url
-        if redis_url is None:
-            redis_process, redis_url = await start_redis_server(Path(scratch))
-        try:
-            cache = Path(scratch) / "jax-cache"
-            runs = [await _start_once(args, redis_url, model, cache, n) for n in range(args.runs)]
-        finally:
-            if redis_process is not None:
-                redis_process.terminate()
-                await redis_process.wait()
+        cache = Path(scratch) / "jax-cache"
+        if args.redis_url is not None:
+            runs = [await _start_once(args, args.redis_url, model, cache, n) for n in range(args.runs)]
+        else:
+            async with async_redis_process() as redis_server:
+                runs = [await _start_once(args, redis_server.url(), model, cache, n) for n in range(args.runs)]
     cold, warm = runs[0]["start_to_ready_s"], statistics.median(r["start_to_ready_s"] for r in runs[1:])
     return {
         "measurement": "worker_start",

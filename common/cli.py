@@ -320,6 +320,7 @@ BENCHMARKS = {
     "start": "worker start-to-ready with a cold and a warm compilation cache",
     "protect": "refusals per second on one core (429, 400) and gateway memory under a 10x burst",
     "generate": "the pipeline in-process: compile time, latency, images/s, TFLOP/s and fraction of peak",
+    "nemesis": "a seeded fault schedule against a local cluster, then a check of what every client saw",
 }
 
 

@@ -16,13 +16,9 @@ os.environ["XLA_FLAGS"] = (
 
 import asyncio
 import json
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +30,16 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.cluster import free_port, wait_http
 from common.config import GatewayConfig
 from common.protocol import JobResult, Shape, Timings
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
 from common.streams import JobStreams
 from gateway.app import create_app
+
+# ProcessGroup is re-exported: the end-to-end tests take it with the fixtures that hand it out.
+from testkit import ProcessGroup as ProcessGroup
+from testkit import RedisOptions, RedisProcess, free_port, redis_process, wait_http, write_tiny_model
 from worker.delivery import ClaimedJob, Delivery
 
 # Two step counts, so tests can tell a compiled shape from one that is not.
@@ -64,51 +63,15 @@ def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ["SDXL_SERVE_COMPILE_CACHE"] = previous
 
 
-@dataclass
-class RedisServer:
-    port: int
-    process: subprocess.Popen[bytes]
-    directory: Path
-
-    def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
+# The session's redis-server, as the tests' annotations name it.
+RedisServer = RedisProcess
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
+def redis_server() -> Iterator[RedisProcess]:
     """One redis-server for the whole session, on a free loopback port, with AOF on."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed: run `make install` (it installs it with apt-get)")
-    directory = Path(tempfile.mkdtemp(prefix="sdxl-test-redis-"))
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--dir",
-            str(directory),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    assert process.stdout is not None
-    for line in process.stdout:  # wait for the server to say it is ready (no polling)
-        if b"Ready to accept connections" in line:
-            break
-    else:
-        pytest.fail("redis-server exited before it was ready")
-    yield RedisServer(port=port, process=process, directory=directory)
-    process.terminate()
-    process.wait(timeout=30)
-    shutil.rmtree(directory, ignore_errors=True)
+    with redis_process(RedisOptions(appendonly=True)) as server:
+        yield server
 
 
 @pytest.fixture
@@ -123,45 +86,7 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redi
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny SDXL model, written once per session by the CLI, exactly as a user would."""
-    directory = tmp_path_factory.mktemp("models") / "tiny-sdxl"
-    subprocess.run([sys.executable, "-m", "common.cli", "tiny-model", str(directory)], check=True)
-    return directory
-
-
-@dataclass
-class ProcessGroup:
-    """Processes started by a test, each logging to its own file; all stopped at teardown."""
-
-    log_dir: Path
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = open(self.log_dir / f"{name}.log", "wb")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "common.cli", *args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-        self.processes[name] = process
-        return process
-
-    def log(self, name: str) -> str:
-        return (self.log_dir / f"{name}.log").read_text(errors="replace")
-
-    def stop(self, name: str) -> None:
-        """SIGTERM one process and wait for it."""
-        process = self.processes[name]
-        process.terminate()
-        process.wait(timeout=60)
-
-    def stop_all(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
 def worker_args(redis_url: str, model: Path, worker_id: str, prefix: str = "sdxl") -> list[str]:

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
-import numpy as np
 from aiohttp.test_utils import TestClient
 
 from common.config import GatewayConfig, WorkerConfig
-from common.protocol import Shape
 from common.redis_conn import connect
 from gateway.app import create_app
+from testkit.standin import StandInPipeline
 from tests.conftest import TEST_SHAPES, ClientFactory, RedisServer
-from worker.pipeline import CompileTimings, UnsupportedShape
 from worker.runner import Worker
 
 Client = TestClient[Any, Any]
@@ -36,44 +33,9 @@ async def error_of(response: Any) -> dict[str, Any]:
     return error
 
 
-class FakePipeline:
-    """Stands in for SDXLPipeline in a real Worker: every shape compiles at once, a generation reports each
-    step and returns grey images, so the worker's whole Redis path runs without JAX work."""
-
-    device_kind = "fake"
-    devices = 4
-
-    def __init__(self, shapes: tuple[Shape, ...] = TEST_SHAPES, step_s: float = 0.0) -> None:
-        self._shapes = shapes
-        self._step_s = step_s
-
-    def default_shapes(self) -> tuple[Shape, ...]:
-        return self._shapes
-
-    def compile(self, shape: Shape) -> CompileTimings:
-        return CompileTimings(lower_s=0.0, compile_s=0.0, warmup_s=0.0)
-
-    def generate(
-        self,
-        shape: Shape,
-        prompt: str,
-        negative_prompt: str,
-        seed: int,
-        guidance_scale: float,
-        on_step: Callable[[int], None] | None = None,
-    ) -> np.ndarray:
-        if shape not in self._shapes:
-            raise UnsupportedShape(f"shape {shape} is not compiled here")
-        for step in range(1, shape.steps + 1):
-            time.sleep(self._step_s)
-            if on_step is not None:
-                on_step(step)
-        return np.full((4, shape.height, shape.width, 3), 128, dtype=np.uint8)
-
-
 @contextlib.asynccontextmanager
 async def running_worker(redis_url: str, worker_id: str = "fake-worker", **settings: Any) -> AsyncIterator[Worker]:
-    """A real Worker (its loop, heartbeats and queue scripts) on `redis_url` with a FakePipeline, ready."""
+    """A real Worker (its loop, heartbeats and queue scripts) on `redis_url` with a stand-in pipeline, ready."""
     config = WorkerConfig(
         redis_url=redis_url,
         shapes=TEST_SHAPES,
@@ -85,7 +47,7 @@ async def running_worker(redis_url: str, worker_id: str = "fake-worker", **setti
         **settings,
     )
     redis = connect(redis_url, name=f"test-worker:{worker_id}")
-    worker = Worker(config, redis, load_pipeline=FakePipeline)  # type: ignore[arg-type]  # duck-typed stand-in
+    worker = Worker(config, redis, load_pipeline=lambda: StandInPipeline(TEST_SHAPES))  # type: ignore[arg-type,return-value]
     task = asyncio.create_task(worker.run())
     try:
         while worker.warming or worker.info.state != "ready":

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from common.cluster import free_port
+from testkit import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
-import subprocess
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +18,12 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from common.cluster import free_port, wait_http
 from common.protocol import Shape
 from common.rediskeys import RedisKeys
 from common.registry import Registry
 from common.streams import JobStreams
 from gateway.listener import JobListener
+from testkit import RedisOptions, RedisProcess, free_port, wait_http
 from tests.conftest import READY_TIMEOUT_S, ProcessGroup, post_generate, read_events, wait_ready
 
 pytestmark = pytest.mark.e2e
@@ -35,59 +32,14 @@ SLOW_STEPS = 40  # long enough on this machine to act while a job runs
 SHAPES = f"64x64x2,64x64x{SLOW_STEPS}"
 
 
-class RestartableRedis:
-    """A redis-server with AOF on, which a test can restart on the same port and data directory."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.directory = Path(tempfile.mkdtemp(prefix="sdxl-faults-redis-"))
-        self.process = self._start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def _start(self) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(
-            [
-                shutil.which("redis-server") or "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--dir",
-                str(self.directory),
-                # Announce stream writes, so a test can await "all jobs accepted" as events.
-                "--notify-keyspace-events",
-                "Kt",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        assert process.stdout is not None
-        for line in process.stdout:
-            if b"Ready to accept connections" in line:
-                return process
-        raise RuntimeError("redis-server did not start")
-
-    def restart(self) -> None:
-        self.process.terminate()  # a clean shutdown flushes the append-only file
-        assert self.process.wait(timeout=30) == 0
-        self.process = self._start()
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
-        shutil.rmtree(self.directory, ignore_errors=True)
+# AOF on, so queued jobs survive a restart; stream writes announced, so a test can await "all jobs
+# accepted" as events.
+FAULT_REDIS = RedisOptions(appendonly=True, extra=("--notify-keyspace-events", "Kt"))
 
 
 @dataclass
 class FaultCluster:
-    redis: RestartableRedis
+    redis: RedisProcess
     processes: ProcessGroup
     model: Path
     url: str
@@ -101,7 +53,7 @@ class FaultCluster:
             name,
             "worker",
             "--redis-url",
-            self.redis.url,
+            self.redis.url(),
             "--model",
             str(self.model),
             "--shapes",
@@ -125,19 +77,21 @@ class FaultCluster:
         """Start workers until `count` are alive, and wait until they are ready."""
         for _ in range(count - len(self.alive())):
             self.start_worker()
-        await wait_ready(self.redis.url, count)
+        await wait_ready(self.redis.url(), count)
 
 
 @pytest.fixture(scope="module")
 def fault_cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultCluster]:
-    redis = RestartableRedis()
+    directory = tmp_path_factory.mktemp("fault-redis")
+    redis = RedisProcess(directory, FAULT_REDIS)
+    redis.start()
     processes = ProcessGroup(tmp_path_factory.mktemp("fault-logs"))
     port = free_port()
     processes.start(
         "fault-gateway",
         "gateway",
         "--redis-url",
-        redis.url,
+        redis.url(),
         "--host",
         "127.0.0.1",
         "--port",
@@ -179,7 +133,7 @@ async def job_events(url: str) -> tuple[aioredis.Redis, Any]:
 
 
 async def test_sigkill_mid_job_is_served_by_another_worker(cluster: FaultCluster) -> None:
-    client, pubsub = await job_events(cluster.redis.url)
+    client, pubsub = await job_events(cluster.redis.url())
     try:
         request = asyncio.create_task(post_generate(cluster.url, seed=1, num_inference_steps=SLOW_STEPS))
         victim = (await next_start(pubsub))["worker"]
@@ -201,7 +155,7 @@ async def test_random_routing_loses_nothing_when_a_worker_dies_with_jobs_queued(
         "random-gateway",
         "gateway",
         "--redis-url",
-        cluster.redis.url,
+        cluster.redis.url(),
         "--host",
         "127.0.0.1",
         "--port",
@@ -211,7 +165,7 @@ async def test_random_routing_loses_nothing_when_a_worker_dies_with_jobs_queued(
     )
     url = f"http://127.0.0.1:{port}"
     await wait_http(f"{url}/healthz", READY_TIMEOUT_S)
-    client = aioredis.Redis.from_url(cluster.redis.url)
+    client = aioredis.Redis.from_url(cluster.redis.url())
     try:
         async with aiohttp.ClientSession(base_url=url) as session:
             ids = [await submit_job(session, seed) for seed in range(6)]
@@ -243,7 +197,7 @@ async def final_event(session: aiohttp.ClientSession, job_id: str) -> tuple[str,
 
 
 async def test_sigterm_busy_worker_finishes_its_job_then_exits_0(cluster: FaultCluster) -> None:
-    client, pubsub = await job_events(cluster.redis.url)
+    client, pubsub = await job_events(cluster.redis.url())
     try:
         request = asyncio.create_task(post_generate(cluster.url, seed=2, num_inference_steps=SLOW_STEPS))
         busy = (await next_start(pubsub))["worker"]
@@ -276,7 +230,7 @@ async def announced_states(pubsub: aioredis.client.PubSub, worker_id: str) -> li
 
 
 async def test_redis_restart_with_jobs_queued_loses_nothing(cluster: FaultCluster) -> None:
-    client = aioredis.Redis.from_url(cluster.redis.url)
+    client = aioredis.Redis.from_url(cluster.redis.url())
     pubsub = client.pubsub()
     await pubsub.subscribe(f"__keyspace@0__:{RedisKeys().shape_stream(Shape(width=64, height=64, steps=SLOW_STEPS))}")
     try:
@@ -291,17 +245,19 @@ async def test_redis_restart_with_jobs_queued_loses_nothing(cluster: FaultCluste
     finally:
         await pubsub.aclose()
         await client.aclose()
-    await asyncio.to_thread(cluster.redis.restart)
+    # On this thread: a child started from a worker thread would be stopped when that thread exits.
+    assert cluster.redis.stop() == 0  # a clean shutdown flushes the append-only file
+    cluster.redis.start()
     payloads = await asyncio.gather(*requests)
     assert sorted(p["seed"] for p in payloads) == list(range(6))
     assert all(len(p["images"]) == 4 for p in payloads)
 
 
 async def test_job_survives_its_gateway_and_is_fetchable_from_another(cluster: FaultCluster) -> None:
-    client, pubsub = await job_events(cluster.redis.url)
+    client, pubsub = await job_events(cluster.redis.url())
     port = free_port()
     first = cluster.processes.start(
-        "doomed-gateway", "gateway", "--redis-url", cluster.redis.url, "--host", "127.0.0.1", "--port", str(port)
+        "doomed-gateway", "gateway", "--redis-url", cluster.redis.url(), "--host", "127.0.0.1", "--port", str(port)
     )
     await wait_http(f"http://127.0.0.1:{port}/healthz", READY_TIMEOUT_S)
     listener = JobListener(client, RedisKeys())

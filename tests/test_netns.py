@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from functools import cache
 from pathlib import Path
@@ -18,9 +18,13 @@ from typing import Any
 
 import pytest
 
+from testkit import RedisOptions
+from testkit.redis import redis_argv
 from tests.netns import PREFIX, TestHost, TestNetwork, netns_available
 
 REDIS_PORT = 6379
+# On every address of its namespace host, reachable from the others, nothing persisted.
+NAMESPACE_REDIS = RedisOptions(extra=("--bind", "0.0.0.0", "--protected-mode", "no"))
 # Long enough for any answer over a working link (a fresh interpreter importing redis included), and
 # for the kernel to give up resolving a cut host's address (a few seconds of ARP probes).
 ANSWER_TIMEOUT_S = 20.0
@@ -48,26 +52,9 @@ def _namespaces() -> set[str]:
 
 def start_redis(host: TestHost) -> subprocess.Popen[bytes]:
     """redis-server on every address of `host`, returned once it says it is ready (no polling)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed: run `make install` (it installs it with apt-get)")
+    argv = redis_argv(NAMESPACE_REDIS, REDIS_PORT, Path(tempfile.gettempdir()))
     process: subprocess.Popen[bytes] = host.run(
-        [
-            binary,
-            "--bind",
-            "0.0.0.0",
-            "--port",
-            str(REDIS_PORT),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "no",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
     )
     assert process.stdout is not None
     for line in process.stdout:

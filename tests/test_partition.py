@@ -9,7 +9,6 @@ its late result is dropped: clients see one result, the first one stored.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from testkit import RedisOptions
+from testkit.redis import redis_argv
 from tests.netns import TestHost, TestNetwork, netns_available
 
 pytestmark = pytest.mark.e2e
@@ -26,25 +27,9 @@ GATEWAY_PORT = 8000
 SLOW_STEPS = 40
 
 
-def start_redis(host: TestHost) -> None:
-    host.run(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--bind",
-            "0.0.0.0",
-            "--port",
-            str(REDIS_PORT),
-            "--protected-mode",
-            "no",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--notify-keyspace-events",
-            "Kh",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+def start_redis(host: TestHost, directory: Path) -> None:
+    options = RedisOptions(extra=("--bind", "0.0.0.0", "--protected-mode", "no", "--notify-keyspace-events", "Kh"))
+    host.run(redis_argv(options, REDIS_PORT, directory), stdout=subprocess.DEVNULL)
 
 
 def start_worker(host: TestHost, redis_url: str, model: Path, log: Path) -> None:
@@ -88,7 +73,7 @@ def test_cut_worker_host_job_completes_elsewhere_without_duplicate(tiny_model: P
         workers = {name: network.add_host(name) for name in ("worker-1", "worker-2")}
         client_host = network.add_host("client")
         redis_url = f"redis://{redis_host.address}:{REDIS_PORT}/0"
-        start_redis(redis_host)
+        start_redis(redis_host, tmp_path)
         gateway_host.wait_for_tcp(redis_host.address, REDIS_PORT, timeout=30)
         gateway_host.run(
             [

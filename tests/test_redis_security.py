@@ -24,11 +24,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError
 
-from common.cluster import free_port
 from common.config import GatewayConfig, log_config
 from common.protocol import Job
 from common.rediskeys import RedisKeys
 from gateway.app import create_app
+from testkit import ProcessError, RedisOptions, RedisProcess, free_port
 from tests.conftest import TEST_SHAPES, ClientFactory
 from tests.protection import running_worker
 from tests.queues import Queue
@@ -107,51 +107,35 @@ class SecureRedis:
         return f"redis://{user}:{password}@127.0.0.1:{self.port}/0"
 
 
+def secure_options(directory: Path, tls_port: int) -> RedisOptions:
+    """`requirepass`, the README's ACL users, and a TLS port serving the certificates made in `directory`."""
+    extra = ["--requirepass", ADMIN_PASSWORD, "--tls-port", str(tls_port)]
+    for option, name in (
+        ("--tls-cert-file", "server.crt"),
+        ("--tls-key-file", "server.key"),
+        ("--tls-ca-cert-file", "ca.crt"),
+    ):
+        extra += [option, str(directory / name)]
+    extra += ["--tls-auth-clients", "no"]
+    for line in readme_acl_lines():
+        extra += ["--user", *line.split()[1:]]
+    return RedisOptions(extra=tuple(extra))
+
+
 @pytest.fixture(scope="module")
 def secure_redis() -> Iterator[SecureRedis]:
     directory = Path(tempfile.mkdtemp(prefix="sdxl-test-secure-redis-"))
     make_certificates(directory)
-    port, tls_port = free_port(), free_port()
-    args = [
-        "redis-server",
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--dir",
-        str(directory),
-        "--requirepass",
-        ADMIN_PASSWORD,
-        "--tls-port",
-        str(tls_port),
-        "--tls-cert-file",
-        "server.crt",
-        "--tls-key-file",
-        "server.key",
-        "--tls-ca-cert-file",
-        "ca.crt",
-        "--tls-auth-clients",
-        "no",
-    ]
-    for line in readme_acl_lines():
-        args += ["--user", *line.split()[1:]]
-    process = subprocess.Popen(args, cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert process.stdout is not None
-    output = []
-    for raw in process.stdout:
-        output.append(raw.decode(errors="replace"))
-        if "Ready to accept connections" in output[-1]:
-            break
-    else:
-        text = "".join(output)
-        if "tls" in text.lower():
-            pytest.skip(f"this redis-server build cannot serve TLS: {text[-300:]}")
-        pytest.fail(f"redis-server did not start:\n{text}")
-    yield SecureRedis(port=port, tls_port=tls_port, directory=directory)
-    process.terminate()
-    process.wait(timeout=30)
+    tls_port = free_port()
+    server = RedisProcess(directory, secure_options(directory, tls_port))
+    try:
+        server.start()
+    except ProcessError as exc:
+        if "tls" in str(exc).lower():
+            pytest.skip(f"this redis-server build cannot serve TLS: {str(exc)[-300:]}")
+        pytest.fail(f"redis-server did not start:\n{exc}")
+    yield SecureRedis(port=server.port, tls_port=tls_port, directory=directory)
+    server.stop()
     shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -369,13 +369,20 @@ class Worker:
             logger.warning("could not deregister (%s); the entry expires and others take the jobs", exc)
 
 
-async def serve(config: WorkerConfig, *, started_at: float | None = None, handle_signals: bool = True) -> int:
+async def serve(
+    config: WorkerConfig,
+    *,
+    started_at: float | None = None,
+    handle_signals: bool = True,
+    load_pipeline: Callable[[], SDXLPipeline] | None = None,
+) -> int:
     """Run a worker until SIGTERM or SIGINT, then drain: stop claiming, finish the job in hand within
     `drain_timeout_s`, deregister. Returns the exit status: 0 after a clean drain, 1 if the job in hand
-    had to be abandoned (it stays pending and a live worker takes it over)."""
+    had to be abandoned (it stays pending and a live worker takes it over). `load_pipeline` replaces the
+    model (the fault injector's stand-in workers)."""
     log_config(logger, config)
     redis = connect(config.redis_url, name=f"sdxl-worker:{config.worker_id}")
-    worker = Worker(config, redis, started_at=started_at)
+    worker = Worker(config, redis, load_pipeline=load_pipeline, started_at=started_at)
     _use_compilation_cache(config, worker.metrics)
     http, port = await start_server(
         metrics_app(worker.metrics, worker.not_ready), config.metrics_host, config.metrics_port

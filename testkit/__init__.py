@@ -1,0 +1,23 @@
+"""The local-process kit for tests and benchmarks: private redis-servers, the program's processes, free
+ports, readiness, and the fault injector's parts. Not a production package: no image ships it.
+
+Built on `sdxl_serve.processes` (own process groups, dying with the parent, bounded stops).
+"""
+
+from sdxl_serve.processes import ProcessError, RedisOptions, free_port, wait_http
+from testkit.procs import ProcessGroup, sdxl_serve_argv, write_tiny_model
+from testkit.redis import AsyncRedisProcess, RedisProcess, async_redis_process, redis_process
+
+__all__ = [
+    "AsyncRedisProcess",
+    "ProcessError",
+    "ProcessGroup",
+    "RedisOptions",
+    "RedisProcess",
+    "async_redis_process",
+    "free_port",
+    "redis_process",
+    "sdxl_serve_argv",
+    "wait_http",
+    "write_tiny_model",
+]

@@ -1,0 +1,110 @@
+"""A stand-in for the model: the real worker loop (claim, heartbeat, takeover, store) without JAX work.
+
+`StandInPipeline` replaces `SDXLPipeline` in a real `Worker`: every shape compiles at once, a generation
+reports each step (sleeping `step_s` per step) and returns grey images. Run as a process it is a whole
+worker that the fault injector can SIGKILL, SIGSTOP or cut off like any other:
+
+    python -m testkit.standin --redis-url redis://127.0.0.1:PORT/0 --worker-id standin-1 --shapes 64x64x2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from common.config import WorkerConfig
+from common.logs import setup_logging
+from common.protocol import Shape, parse_shapes
+from worker.pipeline import CompileTimings, UnsupportedShape
+from worker.runner import serve
+
+logger = logging.getLogger(__name__)
+
+
+class StandInPipeline:
+    """Stands in for SDXLPipeline: compiles nothing, sleeps `step_s` per denoising step, returns grey images."""
+
+    device_kind = "stand-in"
+    devices = 4
+
+    def __init__(self, shapes: tuple[Shape, ...], step_s: float = 0.0, images: int = 4) -> None:
+        self._shapes = shapes
+        self._step_s = step_s
+        self._images = images
+
+    def default_shapes(self) -> tuple[Shape, ...]:
+        return self._shapes
+
+    def compile(self, shape: Shape) -> CompileTimings:
+        return CompileTimings(lower_s=0.0, compile_s=0.0, warmup_s=0.0)
+
+    def generate(
+        self,
+        shape: Shape,
+        prompt: str,
+        negative_prompt: str,
+        seed: int,
+        guidance_scale: float,
+        on_step: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        if shape not in self._shapes:
+            raise UnsupportedShape(f"shape {shape} is not compiled here")
+        for step in range(1, shape.steps + 1):
+            time.sleep(self._step_s)
+            if on_step is not None:
+                on_step(step)
+        return np.full((self._images, shape.height, shape.width, 3), 128, dtype=np.uint8)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m testkit.standin", description=__doc__.splitlines()[0])
+    parser.add_argument("--redis-url", required=True)
+    parser.add_argument("--worker-id", required=True)
+    parser.add_argument("--shapes", type=parse_shapes, required=True)
+    parser.add_argument("--step-s", type=float, default=0.05, help="seconds per denoising step")
+    parser.add_argument("--heartbeat-interval", type=float, default=0.5)
+    parser.add_argument("--heartbeat-ttl", type=float, default=3.0)
+    parser.add_argument("--max-deliveries", type=int, default=3)
+    parser.add_argument("--key-prefix", default="sdxl")
+    parser.add_argument("--log-level", default="info")
+    return parser
+
+
+def config_of(args: argparse.Namespace) -> WorkerConfig:
+    return WorkerConfig(
+        redis_url=args.redis_url,
+        model="stand-in",
+        shapes=tuple(args.shapes),
+        key_prefix=args.key_prefix,
+        worker_id=args.worker_id,
+        heartbeat_interval_s=args.heartbeat_interval,
+        heartbeat_ttl_s=args.heartbeat_ttl,
+        max_deliveries=args.max_deliveries,
+        metrics_host="127.0.0.1",
+        compile_cache_dir=None,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(args.log_level, "text")
+    config = config_of(args)
+
+    def load() -> StandInPipeline:
+        return StandInPipeline(tuple(args.shapes), args.step_s)
+
+    status = asyncio.run(serve(config, load_pipeline=load))  # type: ignore[arg-type]
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(status)  # as the real worker does: no thread may hold the process open
+
+
+if __name__ == "__main__":
+    sys.exit(main())
