@@ -169,7 +169,8 @@ class NemesisCluster:
         cache = self.config.compile_cache or self.config.work_dir / "jax-cache"
         return sdxl_serve_argv(
             "worker", *self._worker_flags(slot), "--model", str(self.config.tiny_model),
-            "--cpu-devices", "1", "--images-per-request", "1", "--metrics-host", "127.0.0.1",
+            # Four devices, as the suite's XLA_FLAGS make them (a flag already set wins over --cpu-devices).
+            "--cpu-devices", "4", "--images-per-request", "4", "--metrics-host", "127.0.0.1",
             "--compile-cache", str(cache),
         )  # fmt: skip
 
