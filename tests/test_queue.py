@@ -456,3 +456,20 @@ async def test_a_record_that_does_not_parse_is_read_as_far_as_it_goes(redis_clie
     await redis_client.hset(KEYS.job("bad"), mapping={"status": "running", "job": "{not json", "step": "x\xff"})
     record = await queue.jobs.record("bad")
     assert record is not None and (record.status, record.job, record.step) == ("running", None, None)
+
+
+async def blocked_readers(redis_client: aioredis.Redis) -> int:
+    clients: Any = await redis_client.client_list()
+    return sum(c["cmd"] == "xreadgroup" and "b" in c["flags"] for c in clients)
+
+
+async def test_a_claim_blocked_on_a_stream_that_is_deleted_returns_nothing(redis_client: aioredis.Redis) -> None:
+    queue = await queue_with_group(redis_client)
+    claim = asyncio.create_task(queue.delivery.claim("w1", [STREAM], block_ms=10_000))
+    async with asyncio.timeout(10):
+        while not await blocked_readers(redis_client):  # noqa: ASYNC110 (no event says "blocked": ask Redis)
+            await asyncio.sleep(0.01)
+    await redis_client.delete(STREAM)  # its worker was taken for gone and its stream dropped
+    assert await asyncio.wait_for(claim, 10) is None
+    groups: Any = await redis_client.xinfo_groups(STREAM)
+    assert [g["name"] for g in groups] == [KEYS.workers_group.encode()]  # recreated, to be read again

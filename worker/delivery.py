@@ -100,7 +100,7 @@ class Delivery:
         try:
             reply: Any = await self._claim(keys=streams, args=[self._keys.workers_group, consumer])
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            if not _stream_gone(exc):
                 raise
             for stream in streams:  # a stream vanished under us: recreate it, as `_read` does
                 await self._streams.ensure_group(stream)
@@ -122,19 +122,15 @@ class Delivery:
                 block=block_ms,
             )
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            if not _stream_gone(exc):
                 raise
-            # A stream vanished under us (Redis restarted without persistence, an operator's DEL): recreate
-            # it with its group and read again; an error here is a real one.
+            # A stream vanished under us (deleted while this worker was blocked on it, as when it was taken
+            # for gone and its own stream rehomed; Redis restarted without persistence; an operator's DEL):
+            # recreate it with its group. The next claim reads it again.
+            logger.warning("a job stream vanished under the read (%s); recreating it", exc)
             for stream in streams:
                 await self._streams.ensure_group(stream)
-            reply = await self._redis.xreadgroup(
-                self._keys.workers_group,
-                consumer,
-                streams,  # type: ignore[arg-type]
-                count=1,
-                block=block_ms,
-            )
+            return []
         return [
             (text(stream), text(entry_id), fields) for stream, entries in reply or () for entry_id, fields in entries
         ]
@@ -281,6 +277,13 @@ def parse_entry(stream: str, entry_id: str, fields: dict[bytes, bytes], deliveri
     except ValueError:
         raise MalformedJob(stream, entry_id, job.id, "deliveries and enqueued must be integers") from None
     return ClaimedJob(job=job, stream=stream, entry_id=entry_id, enqueued_ms=enqueued, deliveries=deliveries + earlier)
+
+
+def _stream_gone(exc: ResponseError) -> bool:
+    """The error of a read from a stream (or group) that no longer exists: NOGROUP, or UNBLOCKED for a read
+    that was blocked on it when it was deleted."""
+    message = str(exc)
+    return message.startswith(("NOGROUP", "UNBLOCKED")) or "NOGROUP" in message
 
 
 def pairs(flat: list[bytes]) -> dict[bytes, bytes]:
