@@ -34,7 +34,7 @@ test: install
 	$(VENV)/bin/pytest
 
 lint: install
-	$(VENV)/bin/ruff check common gateway worker tests bench
+	$(VENV)/bin/ruff check common gateway worker sdxl_serve tests bench
 
 typecheck: install
 	$(VENV)/bin/mypy

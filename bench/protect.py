@@ -39,12 +39,12 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from bench.routing import number_type
-from common.cluster import free_port, wait_http
 from common.keys import Keys
 from common.protocol import JobResult, Shape, Timings
 from common.queue import JobQueue
 from common.redis_conn import UNAVAILABLE
 from common.registry import Registry, WorkerInfo
+from sdxl_serve.processes import free_port, wait_http
 
 SHAPE = Shape(width=64, height=64, steps=2)
 VALID = {"prompt": "a lighthouse at dusk", "num_inference_steps": SHAPE.steps}
@@ -152,7 +152,7 @@ async def gateway(redis_url: str, cpu: int, *flags: str) -> AsyncIterator[tuple[
     argv = [
         sys.executable,
         "-m",
-        "common.cli",
+        "sdxl_serve",
         "--log-level",
         "warning",
         "gateway",

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from common.config import GatewayConfig, log_config
+from common.config import log_config
 from common.keys import Keys
 from common.queue import JobListener, JobQueue
 from common.ratelimit import RateLimiter
@@ -36,6 +36,7 @@ from gateway.appkeys import (
     THROUGHPUT,
 )
 from gateway.auth import KeyStore
+from gateway.config import GatewayConfig
 from gateway.limits import ThroughputMeter
 from gateway.metrics import GatewayMetrics, metrics_middleware
 from gateway.middlewares import error_middleware, protection_middleware, rate_limit_headers

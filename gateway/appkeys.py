@@ -7,11 +7,11 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from common.config import GatewayConfig
 from common.queue import JobListener, JobQueue
 from common.ratelimit import RateLimiter
 from common.registry import Registry
 from gateway.auth import KeyStore
+from gateway.config import GatewayConfig
 from gateway.limits import Access, ThroughputMeter
 from gateway.metrics import GatewayMetrics
 from gateway.positions import PositionBoard

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from common.cli import build_parser
-from common.cluster import Cluster
+from sdxl_serve.cli import build_parser
+from sdxl_serve.up import UpConfig, worker_argv
 from tests.deployfiles import run_without_worker_extra
 
 
@@ -33,11 +33,13 @@ def test_bad_metrics_port_in_the_environment_is_a_usage_error(
 def test_up_gives_each_worker_a_free_metrics_port(monkeypatch: pytest.MonkeyPatch) -> None:
     """`sdxl-serve up` inside the worker image (which sets the variable) must not bind one port twice."""
     monkeypatch.setenv("SDXL_SERVE_METRICS_PORT", "9400")
-    worker_args = Cluster(build_parser().parse_args(["up", "--workers", "2"]))._worker_args("redis://h:1/0", "m")
+    worker_args = worker_argv(
+        UpConfig.from_args(build_parser().parse_args(["up", "--workers", "2"])), "redis://h:1/0", "m"
+    )
     assert build_parser().parse_args(["worker", *worker_args]).metrics_port == 0
 
 
 def test_worker_without_the_worker_extra_says_what_to_install() -> None:
-    result = run_without_worker_extra("import sys\nfrom common.cli import main\nsys.exit(main(['worker']))\n")
+    result = run_without_worker_extra("import sys\nfrom sdxl_serve.cli import main\nsys.exit(main(['worker']))\n")
     assert result.returncode == 2, result.stderr
     assert "No module named" in result.stderr and "sdxl-serve[worker]" in result.stderr

@@ -21,11 +21,11 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from common.cluster import free_port, wait_http
 from common.keys import Keys
 from common.protocol import Shape
 from common.queue import JobListener, JobQueue
 from common.registry import Registry
+from sdxl_serve.processes import free_port, wait_http
 from tests.conftest import READY_TIMEOUT_S, ProcessGroup, post_generate, read_events, wait_ready
 
 pytestmark = pytest.mark.e2e

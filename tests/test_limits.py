@@ -9,11 +9,12 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from common.config import ConfigError, GatewayConfig, RateLimits, parse_networks
+from common.config import ConfigError
 from common.protocol import RequestLimits
 from common.queue import QueueFull
 from common.ratelimit import Rate
 from gateway.appkeys import LIMITER
+from gateway.config import GatewayConfig, RateLimits, parse_networks
 from gateway.limits import ThroughputMeter, queue_full
 from tests.conftest import ClientFactory, RedisServer, play_worker, queued_jobs
 from tests.protection import error_of, gateway

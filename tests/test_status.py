@@ -8,11 +8,11 @@ import json
 import pytest
 import redis.asyncio as aioredis
 
-from common.cli import main
-from common.cluster import free_port
 from common.keys import Keys
 from common.protocol import Job
 from common.queue import JobQueue
+from sdxl_serve.cli import main
+from sdxl_serve.processes import free_port
 from tests.conftest import TEST_SHAPES, RedisServer, claim_next, register_worker
 
 KEYS = Keys()
