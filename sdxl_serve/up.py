@@ -206,7 +206,7 @@ def gateway_argv(config: UpConfig, redis_url: str) -> list[str]:
             "--port", str(config.port), "--routing", config.routing]  # fmt: skip
 
 
-@dataclass
+@dataclass(eq=False)  # each child is itself: compared and hashed by identity
 class Child:
     """One supervised child: how to start it, its current process, and when it last exited."""
 
