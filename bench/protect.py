@@ -126,7 +126,7 @@ async def gateway(redis_url: str, cpu: int, *flags: str) -> AsyncIterator[tuple[
     argv = [
         sys.executable,
         "-m",
-        "common.cli",
+        "sdxl_serve",
         "--log-level",
         "warning",
         "gateway",

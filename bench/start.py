@@ -30,11 +30,11 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.host import describe
-from common.cluster import ensure_tiny_model
 from common.config import default_cache_dir
 from common.redis_conn import connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
+from sdxl_serve.up import ensure_tiny_model
 from testkit import async_redis_process
 
 PREFIX = "sdxl-bench-start"
@@ -88,7 +88,7 @@ async def _start_once(args: argparse.Namespace, redis_url: str, model: str, cach
     command = [
         sys.executable,
         "-m",
-        "common.cli",
+        "sdxl_serve",
         "worker",
         "--redis-url",
         redis_url,

@@ -11,7 +11,7 @@ from pathlib import Path
 from sdxl_serve.processes import spawn_sync, stop_sync
 
 STOP_TIMEOUT_S = 60.0
-CLI_MODULE = "common.cli"
+CLI_MODULE = "sdxl_serve"
 
 
 def sdxl_serve_argv(*args: str) -> list[str]:

@@ -19,9 +19,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from common.config import WorkerConfig
 from common.logs import setup_logging
 from common.protocol import Shape, parse_shapes
+from worker.config import WorkerConfig
 from worker.pipeline import CompileTimings, UnsupportedShape
 from worker.runner import serve
 

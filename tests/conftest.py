@@ -30,12 +30,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.config import GatewayConfig
 from common.protocol import JobResult, Shape, Timings
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
 from common.streams import JobStreams
 from gateway.app import create_app
+from gateway.config import GatewayConfig
 
 # ProcessGroup is re-exported: the end-to-end tests take it with the fixtures that hand it out.
 from testkit import ProcessGroup as ProcessGroup

@@ -9,11 +9,12 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from common.config import GatewayConfig, WorkerConfig
 from common.redis_conn import connect
 from gateway.app import create_app
+from gateway.config import GatewayConfig
 from testkit.standin import StandInPipeline
 from tests.conftest import TEST_SHAPES, ClientFactory, RedisServer
+from worker.config import WorkerConfig
 from worker.runner import Worker
 
 Client = TestClient[Any, Any]

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from schemathesis import checks
 
 from common.apikeys import KeyRing, key_line, new_key
-from common.config import GatewayConfig
+from gateway.config import GatewayConfig
 from gateway.openapi import build_openapi
 from gateway.routes import ROUTES
 from testkit import free_port, wait_http

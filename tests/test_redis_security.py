@@ -24,10 +24,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError
 
-from common.config import GatewayConfig, log_config
+from common.config import log_config
 from common.protocol import Job
 from common.rediskeys import RedisKeys
 from gateway.app import create_app
+from gateway.config import GatewayConfig
 from testkit import ProcessError, RedisOptions, RedisProcess, free_port
 from tests.conftest import TEST_SHAPES, ClientFactory
 from tests.protection import running_worker
