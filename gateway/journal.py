@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
-from common.jobstore import IdempotencyConflict, JobStore
+from common.jobstore import IdempotencyConflict, JobStore, record_ttl
 from common.protocol import FINISHED, Job
 from common.redis_conn import UNAVAILABLE
 from common.rediskeys import RedisKeys
@@ -35,6 +36,11 @@ class Accepted:
     job: Job
     idempotency_key: str | None
     fingerprint: str
+    accepted_at: float = field(default_factory=time.monotonic)
+
+    def could_have_expired(self, now: float) -> bool:
+        """Whether its record may have expired after it finished: then Redis not knowing it proves nothing."""
+        return now - self.accepted_at > record_ttl(self.job.result_ttl_s)
 
 
 class Journal:
@@ -73,10 +79,12 @@ class Journal:
         job_ids = list(self._jobs)
         if not job_ids:
             return
+        now = time.monotonic()
         for job_id, status in zip(job_ids, await self._jobs_store.statuses(job_ids), strict=True):
-            if status in FINISHED:
+            accepted = self._jobs.get(job_id)
+            if status in FINISHED or accepted is None or accepted.could_have_expired(now):
                 self._jobs.pop(job_id, None)
-            elif status is None and (accepted := self._jobs.get(job_id)) is not None:
+            elif status is None:
                 await self._resubmit(accepted)
 
     async def _resubmit(self, accepted: Accepted) -> None:

@@ -7,6 +7,7 @@ on purpose, in order.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -272,3 +273,16 @@ async def test_a_job_redis_lost_is_queued_again_by_the_gateway_that_accepted_it(
     assert (await state(client, job_id))["status"] == "succeeded" and len(journal) == 0
     again = await client.post("/v1/jobs", json={"prompt": "a lighthouse"}, headers={"Idempotency-Key": "lost-1"})
     assert (await again.json())["id"] == job_id
+
+
+async def test_the_journal_never_queues_again_a_job_whose_record_may_have_expired(
+    client: Client, redis_client: aioredis.Redis, fake_worker: None
+) -> None:
+    journal = client.app[JOURNAL]
+    job_id = (await submit(client))["id"]
+    await redis_client.delete(KEYS.job(job_id))  # gone: lost by Redis, or finished and expired long ago
+    (accepted,) = journal._jobs.values()
+    journal._jobs[job_id] = dataclasses.replace(accepted, accepted_at=accepted.accepted_at - 3 * 3600 * 60)
+    await journal.sweep()
+    assert journal.resubmitted == 0 and len(journal) == 0
+    assert await redis_client.exists(KEYS.job(job_id)) == 0
