@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ async def run_requests(url: str, count: int, prompt: str) -> list[dict[str, Any]
 
 
 # `1700000000.123456 [0 127.0.0.1:5555] "EVALSHA" "..."`: the client (or `lua`) and the command's name.
+MONITOR_LINE_LIMIT = 1 << 28
 _MONITOR_LINE = re.compile(r'^[\d.]+ \[\d+ ([^\]]+)\] "([^"]+)"')
 
 
@@ -62,25 +64,28 @@ class CommandCounter:
     """Commands sent to Redis by clients (not by scripts), by client and command name, from MONITOR."""
 
     def __init__(self, redis_url: str) -> None:
+        self._url = redis_url
         self._client = aioredis.Redis.from_url(redis_url)
         self._seen: collections.Counter[tuple[str, str]] = collections.Counter()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        started = asyncio.Event()
-        self._task = asyncio.create_task(self._count(started))
-        await started.wait()
+        # A plain socket with a large line limit: MONITOR lines carry whole images, past redis-py's reader.
+        address = urllib.parse.urlsplit(self._url)
+        reader, writer = await asyncio.open_connection(address.hostname, address.port, limit=MONITOR_LINE_LIMIT)
+        writer.write(b"MONITOR\r\n")
+        assert await reader.readline() == b"+OK\r\n"
+        self._task = asyncio.create_task(self._count(reader, writer))
 
-    async def _count(self, started: asyncio.Event) -> None:
-        async with self._client.monitor() as monitor:
-            started.set()
-            assert monitor.connection is not None
-            while True:  # parsed here: redis-py's own parser gives up on some arguments (binary images)
-                line = await monitor.connection.read_response()
-                if found := _MONITOR_LINE.match(line.decode(errors="replace") if isinstance(line, bytes) else line):
+    async def _count(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                if found := _MONITOR_LINE.match(line[1:].decode(errors="replace")):
                     client, command = found.groups()
                     if client != "lua":
                         self._seen[(client, command.upper())] += 1
+        finally:
+            writer.close()
 
     async def stop(self, requests: int) -> dict[str, dict[str, float]]:
         """Commands per request by role (gateway, worker) and command name."""
