@@ -24,6 +24,8 @@ from pathlib import Path  # noqa: E402
 from common.config import (  # noqa: E402
     ATTENTION,
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_EVENT_STREAMS_PER_CALLER,
+    DEFAULT_MAX_JOBS_IN_FLIGHT_PER_CALLER,
     DEFAULT_MAX_QUEUE_DEPTH,
     DEFAULT_MODEL,
     DEFAULT_REDIS_URL,
@@ -177,6 +179,7 @@ def _add_protection(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_QUEUE_DEPTH,
         help="jobs queued or in service per stream beyond which submits get 429 (0: unbounded)",
     )
+    _add_tenants(group)
     defaults = RateLimits()
     for field in dataclasses.fields(RateLimits):
         group.add_argument(
@@ -189,10 +192,48 @@ def _add_protection(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _add_tenants(group: argparse._ArgumentGroup) -> None:
+    """Fair share between callers and where /metrics is served (README: Tenants)."""
+    group.add_argument(
+        "--max-jobs-in-flight-per-caller",
+        type=int,
+        default=DEFAULT_MAX_JOBS_IN_FLIGHT_PER_CALLER,
+        help="with keys configured, jobs queued or running per key (and per public address) beyond "
+        "which its submits get 429 (0: no cap)",
+    )
+    group.add_argument(
+        "--max-event-streams-per-caller",
+        type=int,
+        default=DEFAULT_MAX_EVENT_STREAMS_PER_CALLER,
+        help="with keys configured, open event streams per key (and per public address) on this gateway (0: no cap)",
+    )
+    group.add_argument(
+        "--metrics-token",
+        default=os.environ.get("SDXL_SERVE_METRICS_TOKEN") or None,
+        help="serve /metrics only with Authorization: Bearer TOKEN (env SDXL_SERVE_METRICS_TOKEN, "
+        "which keeps it out of the process list)",
+    )
+    group.add_argument(
+        "--metrics-listen",
+        type=_listen_arg,
+        default=os.environ.get("SDXL_SERVE_METRICS_LISTEN") or None,
+        metavar="HOST:PORT",
+        help="serve /metrics on this address instead of the API's port (env SDXL_SERVE_METRICS_LISTEN)",
+    )
+
+
+def _listen_arg(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT, e.g. 0.0.0.0:9100")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
 def _add_keys(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     new = sub.add_parser("new", help="print a new key (give it to the client) and its line for the keys file")
     new.add_argument("--label", default="", help="a comment for the keys-file line, e.g. who holds the key")
+    new.add_argument("--admin", action="store_true", help="mark the line `admin`: the key sees every caller's jobs")
     sub.add_parser("hash", help="read keys on standard input, one per line; print each one's keys-file line")
 
 
@@ -360,6 +401,10 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         trusted_proxies=args.trusted_proxies,
         rate_limits=rates,
         max_queue_depth=args.max_queue_depth,
+        max_jobs_in_flight_per_caller=args.max_jobs_in_flight_per_caller,
+        max_event_streams_per_caller=args.max_event_streams_per_caller,
+        metrics_token=args.metrics_token,
+        metrics_listen=args.metrics_listen,
     )
 
 
@@ -414,7 +459,7 @@ def _keys(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         print(key)
-        print(key_line(key, args.label))
+        print(key_line(key, args.label, admin=args.admin))
         return 0
     for line in sys.stdin:
         if line.strip():

@@ -36,6 +36,9 @@ RoutingPolicy = Literal["shared", "random", "p2c"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 DEFAULT_MAX_QUEUE_DEPTH = 100
+# Per caller (an API key, or a public address): a fifth of the queue each, so one caller cannot fill it.
+DEFAULT_MAX_JOBS_IN_FLIGHT_PER_CALLER = 20
+DEFAULT_MAX_EVENT_STREAMS_PER_CALLER = 20
 # How the UNet's attention layers compute (worker/attention.py).
 Attention = Literal["einsum", "dot_product"]
 ATTENTION: tuple[str, ...] = get_args(Attention)
@@ -54,7 +57,8 @@ def default_cache_dir() -> Path:
 # Defaults of RateLimits: generous per address while no keys are configured (a development cluster, the
 # test suite and the benchmarks run from one address), stricter for the public demo, per key in between.
 _KEY_SUBMIT, _KEY_READ = Rate(5, 1.0, 50), Rate(50, 1.0, 500)
-_ADDRESS_SUBMIT, _ADDRESS_READ = Rate(5, 1.0, 100), Rate(100, 1.0, 1000)
+# Every submit burst is below the default --max-queue-depth: no single caller fills the queue at once.
+_ADDRESS_SUBMIT, _ADDRESS_READ = Rate(5, 1.0, 50), Rate(100, 1.0, 1000)
 _PUBLIC_SUBMIT, _PUBLIC_READ = Rate(10, 60.0, 10), Rate(10, 1.0, 200)
 _NO_KEYS = KeyRing()
 
@@ -108,6 +112,12 @@ class GatewayConfig:
     trusted_proxies: tuple[IPNetwork, ...] = ()  # X-Forwarded-For is believed only from these
     rate_limits: RateLimits = _DEFAULT_RATE_LIMITS
     max_queue_depth: int = DEFAULT_MAX_QUEUE_DEPTH  # per stream, queued or in service; 0: unbounded
+    # Fair share between callers while keys are configured (gateway/tenants.py); 0: no cap.
+    max_jobs_in_flight_per_caller: int = DEFAULT_MAX_JOBS_IN_FLIGHT_PER_CALLER
+    max_event_streams_per_caller: int = DEFAULT_MAX_EVENT_STREAMS_PER_CALLER  # per gateway process
+    # /metrics: behind `Authorization: Bearer TOKEN` when a token is set; on its own (host, port) if given.
+    metrics_token: str | None = dataclasses.field(default=None, repr=False)
+    metrics_listen: tuple[str, int] | None = None
 
     def __post_init__(self) -> None:
         _require(self.routing in ("shared", "random", "p2c"), "--routing", "must be shared, random or p2c")
@@ -132,6 +142,9 @@ class GatewayConfig:
         )
         _require(1024 <= self.max_body_bytes <= 16 * 1024 * 1024, "--max-body-bytes", "must be 1 KiB..16 MiB")
         _require(self.max_queue_depth >= 0, "--max-queue-depth", "must be >= 0 (0: unbounded)")
+        _require(self.max_jobs_in_flight_per_caller >= 0, "--max-jobs-in-flight-per-caller", "must be >= 0 (0: off)")
+        _require(self.max_event_streams_per_caller >= 0, "--max-event-streams-per-caller", "must be >= 0 (0: off)")
+        _require(self.metrics_token != "", "--metrics-token", "must not be empty")
 
     @property
     def auth_enabled(self) -> bool:
@@ -204,6 +217,8 @@ def log_config(logger: logging.Logger, config: GatewayConfig | WorkerConfig) -> 
         value = getattr(config, field.name)
         if field.name == "redis_url":
             value = mask_url(value)
+        elif field.name == "metrics_token" and value is not None:
+            value = "***"
         logger.info("config %s=%s", field.name, value)
 
 
