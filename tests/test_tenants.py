@@ -20,11 +20,13 @@ import redis.asyncio as aioredis
 from yarl import URL
 
 from common.apikeys import digest, new_key
-from common.cli import build_parser, gateway_config
-from common.config import DEFAULT_MAX_QUEUE_DEPTH, ConfigError, GatewayConfig, RateLimits, parse_networks
+from common.config import ConfigError
 from common.protocol import Job
 from common.rediskeys import RedisKeys
 from gateway import auth
+from gateway.cli import gateway_config
+from gateway.config import GatewayConfig, RateLimits, parse_networks
+from sdxl_serve.cli import build_parser
 from sdxl_serve.processes import free_port
 from tests.conftest import TEST_SHAPES, ClientFactory, RedisServer, claim_next, read_events
 from tests.protection import Client, error_of, gateway, running_worker
@@ -214,7 +216,7 @@ async def test_public_callers_are_capped_per_address(
 def test_the_default_burst_of_one_address_cannot_fill_the_queue() -> None:
     limits = RateLimits()
     for rate in (limits.address_submit, limits.public_submit, limits.key_submit):
-        assert rate is not None and rate.burst < DEFAULT_MAX_QUEUE_DEPTH
+        assert rate is not None and rate.burst < GatewayConfig.max_queue_depth
     config = GatewayConfig()
     assert 0 < config.max_jobs_in_flight_per_caller < config.max_queue_depth
     with pytest.raises(ConfigError, match="--max-jobs-in-flight-per-caller"):
@@ -299,11 +301,12 @@ async def test_dead_letters_are_bounded_expire_and_keep_no_prompt(
     await redis_client.xadd(keys.shape_stream(job.shape), {"job": job.model_dump_json()})
     claimed = await claim_next(redis_client)
     await delivery.dead_letter(claimed, "test-worker", "for the test")
-    entries = await redis_client.xrange(stream)
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = await redis_client.xrange(stream)  # type: ignore[assignment]
     assert 50 <= len(entries) <= 150  # MAXLEN ~ 50: trimmed by whole nodes of at most 100 entries
     assert entries[0][0].decode() != f"{stale}-0"  # older than the result ttl: gone
     _, fields = entries[-1]
-    assert b"private" not in b"".join(fields.values()) and b"blurry" not in b"".join(fields.values())
+    stored = b"".join(fields.values())
+    assert b"private" not in stored and b"blurry" not in stored
     recorded = json.loads(fields[b"job"])
     assert recorded["id"] == job.id and recorded["prompt_chars"] == len(job.prompt)
     assert 0 < await redis_client.ttl(stream) <= job.result_ttl_s
