@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -20,7 +21,7 @@ import redis.asyncio as aioredis
 from yarl import URL
 
 from common.apikeys import digest, new_key
-from common.config import ConfigError
+from common.config import ConfigError, log_config
 from common.protocol import Job
 from common.rediskeys import RedisKeys
 from gateway import auth
@@ -340,11 +341,14 @@ async def test_metrics_can_move_to_their_own_address(aiohttp_client: ClientFacto
             assert response.status == 200 and "sdxl_queue_depth" in await response.text()
 
 
-def test_the_metrics_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_metrics_flags(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
     monkeypatch.setenv("SDXL_SERVE_METRICS_TOKEN", "from-env")
     args = build_parser().parse_args(["gateway", "--metrics-listen", "127.0.0.1:9401"])
     config = gateway_config(args)
     assert (config.metrics_listen, config.metrics_token) == (("127.0.0.1", 9401), "from-env")
-    assert "from-env" not in repr(config)
+    log_config(logging.getLogger("test"), config)
+    assert "config metrics_token=***" in caplog.text
+    assert "from-env" not in repr(config) and "from-env" not in caplog.text
     with pytest.raises(SystemExit):
         build_parser().parse_args(["gateway", "--metrics-listen", "nowhere"])
