@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 
-from common.jobstore import IdempotencyConflict, JobStore, record_ttl
+from common.jobstore import ANYONE, IdempotencyConflict, JobStore, Submitter, record_ttl
 from common.protocol import FINISHED, Job
 from common.redis_conn import UNAVAILABLE
 from common.rediskeys import RedisKeys
@@ -31,11 +32,13 @@ CAPACITY = 10_000
 
 @dataclass(frozen=True)
 class Accepted:
-    """What it takes to queue a job again: the job, and the idempotency key and fingerprint it came with."""
+    """What it takes to queue a job again: the job, and the idempotency key, fingerprint and submitter it came
+    with."""
 
     job: Job
     idempotency_key: str | None
     fingerprint: str
+    submitter: Submitter = ANYONE
     accepted_at: float = field(default_factory=time.monotonic)
 
     def could_have_expired(self, now: float) -> bool:
@@ -91,7 +94,12 @@ class Journal:
         job = accepted.job
         try:
             submitted = await self._jobs_store.submit(
-                job, self._keys.shape_stream(job.shape), accepted.idempotency_key, accepted.fingerprint
+                job,
+                self._keys.shape_stream(job.shape),
+                accepted.idempotency_key,
+                accepted.fingerprint,
+                # Accepted once already: its caller's cap on jobs in flight does not refuse it again.
+                submitter=dataclasses.replace(accepted.submitter, max_in_flight=0),
             )
         except IdempotencyConflict:
             submitted = None

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,12 +60,17 @@ class ClaimedJob:
         return f"{self.stream} {self.entry_id} {self.deliveries}"
 
 
+# The dead-letter stream keeps about this many entries (XADD MAXLEN ~): an operator's view, not an archive.
+DEAD_LETTER_MAX_LEN = 10_000
+
+
 class Delivery:
     """Claim, start, report and settle the jobs one worker takes."""
 
-    def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: RedisKeys, dead_letter_max_len: int = DEAD_LETTER_MAX_LEN) -> None:
         self._redis = redis
         self._keys = keys
+        self._dead_letter_max_len = dead_letter_max_len
         self._streams = JobStreams(redis, keys)
         self._store = register(redis, "store_result")
         self._start = register(redis, "start")
@@ -198,7 +204,13 @@ class Delivery:
 
     async def dead_letter(self, claimed: ClaimedJob, worker_id: str, reason: str) -> None:
         """Give up on a job: record it with its history on the dead-letter stream and fail it. Safe to run
-        twice: only the first run records and fails it."""
+        twice: only the first run records and fails it.
+
+        The entry describes the job without its prompts (their lengths only): a prompt is the caller's, and
+        stays only in the job's record, which expires with its result. The stream is bounded (about
+        DEAD_LETTER_MAX_LEN entries), and each add drops the entries older than the job's result TTL and
+        makes the stream expire that long after its last entry.
+        """
         job = claimed.job
         history = [text(a) for a in await self._redis.lrange(self._keys.attempts(job.id), 0, -1)]
         result = JobResult(
@@ -216,9 +228,12 @@ class Delivery:
                 claimed.entry_id,
                 *terminal_args(self._keys, job.id, job.result_ttl_s),
                 result.model_dump_json(),
-                job.model_dump_json(),
+                _without_prompts(job),
                 claimed.deliveries,
                 reason,
+                self._dead_letter_max_len,
+                # Redis ms ids: entries added before now - ttl. The worker's clock is near enough for hours.
+                f"{int(time.time() * 1000) - job.result_ttl_s * 1000}-0",
             ],
         )
         if done:
@@ -284,6 +299,13 @@ def _stream_gone(exc: ResponseError) -> bool:
     that was blocked on it when it was deleted."""
     message = str(exc)
     return message.startswith(("NOGROUP", "UNBLOCKED")) or "NOGROUP" in message
+
+
+def _without_prompts(job: Job) -> str:
+    """A job's JSON as the dead-letter stream keeps it: the prompts replaced by their lengths."""
+    described = job.model_dump(mode="json", exclude={"prompt", "negative_prompt"})
+    described.update(prompt_chars=len(job.prompt), negative_prompt_chars=len(job.negative_prompt))
+    return json.dumps(described)
 
 
 def pairs(flat: list[bytes]) -> dict[bytes, bytes]:

@@ -1,5 +1,6 @@
 -- Give up on a job: record it with its history on the dead-letter stream and make it terminal as failed,
--- then settle its entry.
+-- then settle its entry. The dead-letter stream is bounded (about ARGV[11] entries, none older than the
+-- job's result ttl) and expires that long after its last entry.
 --
 -- Safe to run twice: a rerun (or a job already terminal) only settles the entry.
 --
@@ -16,9 +17,11 @@
 -- ARGV[5]  completions channel
 -- ARGV[6]  job id
 -- ARGV[7]  the failed result's metadata (JobResult JSON)
--- ARGV[8]  the job (Job JSON)
+-- ARGV[8]  the job as the dead-letter stream keeps it (JSON, its prompts replaced by their lengths)
 -- ARGV[9]  how many times it was delivered, on every stream it was on
 -- ARGV[10] why it was given up
+-- ARGV[11] about how many entries the dead-letter stream keeps
+-- ARGV[12] the oldest entry id the dead-letter stream keeps (now less the result ttl)
 --
 -- Returns 1 when this call dead-lettered the job, 0 when it was terminal already.
 
@@ -50,8 +53,10 @@ if terminal(redis.call('HGET', KEYS[3], 'status')) then return 0 end
 local history = redis.call('LRANGE', KEYS[5], 0, -1)
 local attempts = '[]'
 if #history > 0 then attempts = cjson.encode(history) end
-redis.call('XADD', KEYS[6], '*', 'job', ARGV[8], 'entry_id', ARGV[2], 'deliveries', ARGV[9],
-           'attempts', attempts, 'reason', ARGV[10])
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[11], '*', 'job', ARGV[8], 'entry_id', ARGV[2],
+           'deliveries', ARGV[9], 'attempts', attempts, 'reason', ARGV[10])
+redis.call('XTRIM', KEYS[6], 'MINID', ARGV[12])
+redis.call('EXPIRE', KEYS[6], ARGV[3])
 redis.call('HINCRBY', KEYS[4], 'dead_lettered', 1)
 finish('failed', 'dead-letter', ARGV[7], #ARGV + 1)
 return 1
