@@ -268,8 +268,11 @@ async def read_state(app: web.Application, job_id: str) -> tuple[JobState, JobRe
     if result is not None:
         return finished_state(result), None
     record = await queue.record(job_id)
-    if record is None or record.status in FINISHED:  # finished, and its result expired: as good as unknown
+    if record is None:
         return None
+    if record.status in FINISHED:  # finished since the first read, or its result expired (as good as unknown)
+        result = await queue.fetch_meta(job_id)
+        return None if result is None else (finished_state(result), None)
     position = None
     if record.status == "queued" and record.entry_id is not None and record.stream is not None:
         position = (await app[STREAMS].positions(record.stream, [record.entry_id]))[record.entry_id]

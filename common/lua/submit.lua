@@ -33,8 +33,9 @@ local idempotency = #KEYS > (flight and 4 or 3) and KEYS[4] or nil
 local claim = ARGV[3] .. ' ' .. ARGV[4]
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'created', claim} end
 if idempotency then
+  -- The key naming this very job without its record: Redis lost the record, and the job is queued again.
   local existing = redis.call('GET', idempotency)
-  if existing then return {'existing', existing} end
+  if existing and existing ~= claim then return {'existing', existing} end
 end
 -- Fair share: a caller holds at most ARGV[7] jobs queued or running. Its set is pruned of finished and
 -- expired jobs only when it looks full, so it never holds more than the cap, and no other script has to
