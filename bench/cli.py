@@ -13,6 +13,7 @@ BENCHMARKS = {
     "start": "worker start-to-ready with a cold and a warm compilation cache",
     "protect": "refusals per second on one core (429, 400) and gateway memory under a 10x burst",
     "generate": "the pipeline in-process: compile time, latency, images/s, TFLOP/s and fraction of peak",
+    "backtoback": "device idle between back-to-back jobs: the worker loop in-process, jobs queued ahead",
 }
 
 
