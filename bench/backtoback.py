@@ -57,8 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.jobs < 3:
-        raise SystemExit("--jobs must be >= 3: the first job warms up, and gaps need two jobs after it")
+    if args.jobs < (1 if args.cancel else 3):
+        raise SystemExit(
+            "--jobs must be >= 3 (the first job warms up, and gaps need two jobs after it); >= 1 with --cancel"
+        )
     from worker.cli import use_cpu_devices
 
     use_cpu_devices(args.cpu_devices)
@@ -197,19 +199,19 @@ async def measure_cancel(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": len(rounds),
         "cancel_to_next_start_p50_ms": statistics.median(to_free),
         "cancel_to_next_start_max_ms": max(to_free),
-        "steps_after_cancel_p50": statistics.median(r["steps_after_cancel"] for r in rounds),
-        "steps_after_cancel_max": max(r["steps_after_cancel"] for r in rounds),
-        "cancelled_generation_ms_per_step_p50": statistics.median(r["step_ms"] for r in rounds),
+        "cancel_to_next_start_p50_steps": statistics.median(r["cancel_to_start_steps"] for r in rounds),
+        "step_p50_ms": statistics.median(r["step_ms"] for r in rounds),
+        # Steps of the cancelled job: reported before the cancel landed, and finished in all (the step that
+        # learnt of the cancel and the one dispatched after it are not counted: they finish, unreported).
+        "reported_before_cancel": [r["reported_before_cancel"] for r in rounds],
+        "finished_steps": [r["finished_steps"] for r in rounds],
     }
 
 
 async def _cancel_round(serving: _Serving, events: Any, k: int, long_shape: Shape, shape: Shape) -> dict[str, float]:
-    registry, spans = serving.worker.metrics.registry, serving.timed.spans
+    registry = serving.worker.metrics.registry
     long_id, short_id = f"long-{k}", f"short-{k}"
-    counted_before, generations_before = (
-        registry.get_sample_value("sdxl_worker_denoising_steps_total") or 0.0,
-        len(spans),
-    )
+    counted_before = registry.get_sample_value("sdxl_worker_denoising_steps_total") or 0.0
     await serving.store.submit(_job(long_id, k, long_shape), serving.keys.shape_stream(long_shape))
     await _event(events, long_id, lambda event: event["type"] == "progress")
     cancelled_at = time.perf_counter()
@@ -219,14 +221,15 @@ async def _cancel_round(serving: _Serving, events: Any, k: int, long_shape: Shap
     await _event(events, short_id, lambda event: event["type"] == "started")
     started_at = time.perf_counter()
     await _event(events, short_id, lambda event: event["type"] == "progress" and event["step"] == shape.steps)
+    step_s = (time.perf_counter() - started_at) / shape.steps  # the next job's, its text encoding included
     counted = (registry.get_sample_value("sdxl_worker_denoising_steps_total") or 0.0) - counted_before
-    long_steps = counted - shape.steps
     assert record is not None and record.step is not None, "the cancelled job reported a step"
-    start, stop = spans[generations_before]  # the cancelled job's generation, to where it stopped
     return {
         "cancel_to_start_ms": (started_at - cancelled_at) * 1000,
-        "steps_after_cancel": long_steps - record.step,
-        "step_ms": (stop - start) * 1000 / max(long_steps, 1),
+        "cancel_to_start_steps": (started_at - cancelled_at) / step_s,
+        "reported_before_cancel": record.step,
+        "finished_steps": counted - shape.steps,
+        "step_ms": step_s * 1000,
     }
 
 

@@ -5,7 +5,8 @@ The event loop only does Redis I/O; the pipeline runs on a dedicated thread (the
 one job at a time) and PNG encoding on a small pool, so heartbeats keep flowing while the devices work.
 A job whose generation is done is handed to a delivery task (encode, store) and the loop claims the next job
 at once: the accelerator never waits for encoding. At most one job is in delivery: the next hand-off waits for
-it, so finished images never pile up in memory when storing is slow.
+it, so finished images never pile up in memory when storing is slow. A job cancelled while it runs stops at its
+next denoising step (each step's progress report returns the job's status) and the worker takes its next job.
 A worker joins the consumer group only after every configured shape is compiled and warmed up: until
 then it is registered as `warming` and takes no job.
 """
@@ -19,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -56,15 +58,25 @@ _NO_MORE_STEPS = -1
 EncodeImages = Callable[[np.ndarray, Encoding, Executor], list[bytes]]
 
 
+class _Cancelled(Exception):
+    """Raised on the device thread at a step boundary: the running job was cancelled, dispatch no more steps."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"cancelled after step {step}")
+        self.step = step
+
+
 @dataclass(frozen=True)
 class _Generated:
-    """A job whose device work is over: its images, or the failure that stopped it."""
+    """A job whose device work is over: its images, the failure that stopped it, or the step where it was
+    stopped because it was cancelled (then neither images nor a failure)."""
 
     claimed: ClaimedJob
     pixels: np.ndarray | None
     failure: JobResult | None
     queued_ms: float
     generate_ms: float
+    stopped_after: int | None = None
 
 
 class Worker:
@@ -248,6 +260,9 @@ class Worker:
         logger.info("job %s: claimed after %d ms in queue (%s)", job.id, claimed_ms - claimed.enqueued_ms, job.shape)
         generated = await self._generate(claimed, queued_ms=claimed_ms - claimed.enqueued_ms)
         self._device_busy(False)
+        if generated.stopped_after is not None:
+            await self._drop_cancelled(claimed, generated.stopped_after)
+            return
         await self._hand_off(generated)
 
     def _device_busy(self, busy: bool) -> None:
@@ -261,6 +276,8 @@ class Worker:
         pixels, failure = None, None
         try:
             pixels = await self._run_pipeline(job)
+        except _Cancelled as stop:
+            return _Generated(claimed, None, None, queued_ms, (time.perf_counter() - started) * 1000, stop.step)
         except PipelineError as exc:
             failure = self._failure(job, str(exc))
         except Exception as exc:  # the worker's catch-all boundary: report the job, keep serving
@@ -276,9 +293,13 @@ class Worker:
         assert pipeline is not None, "jobs are claimed only after warm-up"
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue[int] = asyncio.Queue()
-        reporter = asyncio.create_task(self._report_progress(job, steps), name=f"progress-{job.id}")
+        cancelled = threading.Event()
+        reporter = asyncio.create_task(self._report_progress(job, steps, cancelled), name=f"progress-{job.id}")
 
-        def on_step(step: int) -> None:  # called on a runtime thread, once per denoising step
+        def on_step(step: int) -> None:  # called on the device thread, once per denoising step
+            if cancelled.is_set():
+                raise _Cancelled(step)  # unwinds the pipeline's step loop: no further step is dispatched
+            self.metrics.steps.inc()
             loop.call_soon_threadsafe(steps.put_nowait, step)
 
         try:
@@ -346,9 +367,10 @@ class Worker:
         )
         return result, images
 
-    async def _report_progress(self, job: Job, steps: asyncio.Queue[int]) -> None:
+    async def _report_progress(self, job: Job, steps: asyncio.Queue[int], cancelled: threading.Event) -> None:
         """Publish each finished step (the latest, when several arrived during one round trip) until told
-        there are no more. Progress is best effort: a Redis error is logged and the job carries on."""
+        there are no more; set `cancelled` when the job turns out to be. Progress is best effort: a Redis error
+        is logged and the job carries on."""
         finished = False
         while not finished:
             batch = [await steps.get()]
@@ -356,17 +378,31 @@ class Worker:
                 batch.append(steps.get_nowait())
             finished = _NO_MORE_STEPS in batch
             reached = [step for step in batch if step != _NO_MORE_STEPS]
-            if reached:
-                await self._publish_step(job, max(reached))
+            if reached and not cancelled.is_set() and await self._publish_step(job, max(reached)) == "cancelled":
+                logger.info(
+                    "job %s: cancelled while running (step %d); stopping at the next step", job.id, max(reached)
+                )
+                cancelled.set()
 
-    async def _publish_step(self, job: Job, step: int) -> None:
+    async def _publish_step(self, job: Job, step: int) -> str | None:
+        """The job's status after reporting `step` (None when unknown or Redis is away)."""
         try:
-            status = await self._delivery.progress(job.id, self.id, step, job.shape.steps)
+            return await self._delivery.progress(job.id, self.id, step, job.shape.steps)
         except REDIS_ERRORS as exc:
             logger.warning("job %s: progress not published (%s)", job.id, exc)
-            return
-        if status == "cancelled":
-            logger.info("job %s: cancelled while running (step %d); its result will be discarded", job.id, step)
+            return None
+
+    async def _drop_cancelled(self, claimed: ClaimedJob, step: int) -> None:
+        """Settle a job stopped because it was cancelled: its `cancelled` result is already stored, so the entry
+        is only acknowledged. Should Redis be away, the entry stays pending; whoever takes it over later drops it
+        (its job is cancelled)."""
+        job = claimed.job
+        logger.info("job %s: cancelled while running; stopped after step %d of %d", job.id, step, job.shape.steps)
+        self.metrics.jobs.labels("stopped_cancelled").inc()
+        try:
+            await self._delivery.discard(claimed)
+        except REDIS_ERRORS as exc:
+            logger.warning("job %s: could not settle the cancelled job (%s); left pending", job.id, exc)
 
     @staticmethod
     async def _finish_progress(steps: asyncio.Queue[int], reporter: asyncio.Task[None]) -> None:
