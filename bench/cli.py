@@ -15,6 +15,7 @@ BENCHMARKS = {
     "tenants": "a second caller's wait while a first floods, with and without the per-caller cap",
     "generate": "the pipeline in-process: compile time, latency, images/s, TFLOP/s and fraction of peak",
     "nemesis": "a seeded fault schedule against a local cluster, then a check of what every client saw",
+    "backtoback": "device idle between back-to-back jobs: the worker loop in-process, jobs queued ahead",
 }
 
 

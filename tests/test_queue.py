@@ -473,3 +473,15 @@ async def test_a_claim_blocked_on_a_stream_that_is_deleted_returns_nothing(redis
     assert await asyncio.wait_for(claim, 10) is None
     groups: Any = await redis_client.xinfo_groups(STREAM)
     assert [g["name"] for g in groups] == [KEYS.workers_group.encode()]  # recreated, to be read again
+
+
+async def test_a_claim_never_takes_again_a_job_its_worker_still_has_in_hand(redis_client: aioredis.Redis) -> None:
+    queue, _, encoding = await submitted_and_claimed(redis_client)  # still being encoded and stored
+    await queue.jobs.submit(make_job("next"), STREAM)
+    following = await queue.delivery.claim("w1", [STREAM], block_ms=100, in_hand=[encoding])
+    assert following is not None and following.job.id == "next"
+    pending: Any = await redis_client.xpending_range(STREAM, KEYS.workers_group, "-", "+", 10)
+    assert {p["message_id"].decode(): p["times_delivered"] for p in pending} == {
+        encoding.entry_id: 1,  # untouched: in hand
+        following.entry_id: 1,
+    }

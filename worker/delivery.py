@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,22 +80,24 @@ class Delivery:
         self._dead_letter = register(redis, "dead_letter")
         self._held: collections.deque[tuple[str, str, dict[bytes, bytes]]] = collections.deque()
 
-    async def claim(self, consumer: str, streams: list[str], block_ms: int) -> ClaimedJob | None:
+    async def claim(
+        self, consumer: str, streams: list[str], block_ms: int, in_hand: Collection[ClaimedJob] = ()
+    ) -> ClaimedJob | None:
         """Take the next job for `consumer` from `streams` (in order of preference), waiting up to
-        `block_ms`; None if there was none. Call it only with no job in hand.
+        `block_ms`; None if there was none. `in_hand`: the jobs the consumer is still working on.
 
-        One script (claim.lua) first takes an entry already pending under `consumer`, which it cannot be
-        working on (the reply that delivered it was lost, or Redis came back from an older snapshot), then
-        a new entry from the first stream that has one, so a worker takes one job even when several
-        streams have a backlog; only when all are empty does it wait on all of them. Should that wait
-        deliver two entries at once (two streams written in the same instant), the second stays pending
-        under this consumer and is returned by the next call: held, never lost.
+        One script (claim.lua) first takes an entry already pending under `consumer` that is not in hand
+        (the reply that delivered it was lost, or Redis came back from an older snapshot), then a new entry
+        from the first stream that has one, so a worker takes one job even when several streams have a
+        backlog; only when all are empty does it wait on all of them. Should that wait deliver two entries
+        at once (two streams written in the same instant), the second stays pending under this consumer and
+        is returned by the next call: held, never lost.
 
         Raises MalformedJob for an entry that does not parse; the caller settles it with `reject`.
         """
         if self._held:
             return parse_entry(*self._held.popleft())
-        if now := await self._claim_now(consumer, streams):
+        if now := await self._claim_now(consumer, streams, [f"{c.stream} {c.entry_id}" for c in in_hand]):
             return now
         found = await self._read(consumer, dict.fromkeys(streams, ">"), block_ms)
         if not found:
@@ -102,15 +105,16 @@ class Delivery:
         self._held.extend(found[1:])
         return parse_entry(*found[0])
 
-    async def _claim_now(self, consumer: str, streams: list[str]) -> ClaimedJob | None:
+    async def _claim_now(self, consumer: str, streams: list[str], in_hand: list[str]) -> ClaimedJob | None:
+        args = [self._keys.workers_group, consumer, *in_hand]
         try:
-            reply: Any = await self._claim(keys=streams, args=[self._keys.workers_group, consumer])
+            reply: Any = await self._claim(keys=streams, args=args)
         except ResponseError as exc:
             if not _stream_gone(exc):
                 raise
             for stream in streams:  # a stream vanished under us: recreate it, as `_read` does
                 await self._streams.ensure_group(stream)
-            reply = await self._claim(keys=streams, args=[self._keys.workers_group, consumer])
+            reply = await self._claim(keys=streams, args=args)
         if not reply:
             return None
         stream, entry_id, fields, deliveries = reply
@@ -169,7 +173,7 @@ class Delivery:
         """Record and announce a finished denoising step; returns the job's status (None if unknown).
 
         Only the worker the job is recorded as running on reports; a status of `cancelled` tells the
-        worker its result will be discarded.
+        worker to stop the job (its `cancelled` result is already stored) and `discard` its entry.
         """
         status = await self._progress(
             keys=[self._keys.job(job_id)], args=[worker_id, step, total, self._keys.job_events_channel, job_id]
