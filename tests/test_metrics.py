@@ -50,6 +50,9 @@ async def test_metrics_count_requests_rejections_queue_and_workers(
     assert samples[("sdxl_queue_depth", ())] == 1  # one finished (deleted), one still queued
     assert samples[("sdxl_workers", (("state", "ready"),))] == 1
     assert samples[("sdxl_gateway_waiting_requests", ())] == 0
+    listener = "sdxl_gateway_listener_events_total"
+    assert samples[(listener, (("event", "subscribed"),))] == 1  # one subscription: no re-subscribe yet
+    assert samples[(listener, (("event", "resubmitted"),))] == 0
 
 
 async def test_queue_events_from_redis_are_exported(
