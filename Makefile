@@ -10,9 +10,9 @@ INSTALLED := $(VENV)/.installed
 PACKAGES := $(wildcard common gateway worker sdxl_serve testkit)
 CODE := $(PACKAGES) $(wildcard bench tests) .ci/function_sizes.py
 
-.PHONY: install demo check test lint typecheck imports sizes bench clean redis-server chromium
+.PHONY: install demo check test lint typecheck imports sizes bench clean redis-server redis-sentinel chromium
 
-install: $(INSTALLED) redis-server chromium
+install: $(INSTALLED) redis-server redis-sentinel chromium
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ redis-server:
 	@command -v redis-server >/dev/null || { \
 		echo "installing redis-server with apt-get"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+
+# A replicated Redis that fails over (tests, benchmarks and Sentinel deployments) is watched by Debian's sentinel.
+redis-sentinel:
+	@command -v redis-sentinel >/dev/null || { \
+		echo "installing redis-sentinel with apt-get"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-sentinel >/dev/null; }
 
 # The demo page is tested in headless Chromium driven by Playwright; Debian's build, not Playwright's download.
 chromium:

@@ -35,6 +35,7 @@ from common.config import (  # noqa: E402
     default_cache_dir,
     parse_networks,
 )
+from common.jobstore import DURABLE_ACCEPT  # noqa: E402
 from common.logs import setup_logging  # noqa: E402
 from common.protocol import MAX_GUIDANCE, MAX_PROMPT_CHARS, MIN_GUIDANCE, RequestLimits, parse_shapes  # noqa: E402
 from common.rediskeys import DEFAULT_PREFIX  # noqa: E402
@@ -82,7 +83,8 @@ def _add_redis(parser: argparse.ArgumentParser, default: str | None = DEFAULT_RE
     parser.add_argument(
         "--redis-url",
         default=os.environ.get("SDXL_SERVE_REDIS_URL", default),
-        help="redis://[[user]:password@]host:port/db, rediss:// for TLS (env SDXL_SERVE_REDIS_URL)",
+        help="redis://[[user]:password@]host:port/db, rediss:// for TLS, or through Sentinel "
+        "redis+sentinel://[[user]:password@]host:port,host:port/service[/db] (env SDXL_SERVE_REDIS_URL)",
     )
     parser.add_argument("--key-prefix", default=DEFAULT_PREFIX, help="namespace of this cluster's Redis keys")
 
@@ -98,6 +100,17 @@ def _add_gateway(parser: argparse.ArgumentParser) -> None:
         help="seconds /v1/generate waits before answering 504 with the job id",
     )
     parser.add_argument("--result-ttl", type=int, default=3600, help="seconds results stay fetchable")
+    parser.add_argument(
+        "--durable-accept",
+        choices=DURABLE_ACCEPT,
+        default="off",
+        help="answer a submit only once a replica (WAIT) or the primary's append-only file (WAITAOF, Redis "
+        "7.2+) holds the job; past --durable-accept-timeout the submit is a 503 and is retried with the same "
+        "Idempotency-Key",
+    )
+    parser.add_argument(
+        "--durable-accept-timeout", type=float, default=1.0, help="seconds to wait for that confirmation"
+    )
     _add_routing(parser)
     _add_protection(parser)
 
@@ -360,6 +373,8 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         trusted_proxies=args.trusted_proxies,
         rate_limits=rates,
         max_queue_depth=args.max_queue_depth,
+        durable_accept=args.durable_accept,
+        durable_accept_timeout_s=args.durable_accept_timeout,
     )
 
 

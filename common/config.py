@@ -14,6 +14,7 @@ from typing import Literal, get_args
 from urllib.parse import parse_qsl, urlencode
 
 from common.apikeys import KeyRing
+from common.jobstore import DURABLE_ACCEPT, DurableAccept
 from common.protocol import (
     DEFAULT_LIMITS,
     MAX_GUIDANCE,
@@ -23,6 +24,7 @@ from common.protocol import (
     RequestLimits,
     Shape,
 )
+from common.redis_conn import RedisUrlError, check_url
 from common.rediskeys import DEFAULT_PREFIX
 from gateway.ratelimit import Rate
 
@@ -108,17 +110,17 @@ class GatewayConfig:
     trusted_proxies: tuple[IPNetwork, ...] = ()  # X-Forwarded-For is believed only from these
     rate_limits: RateLimits = _DEFAULT_RATE_LIMITS
     max_queue_depth: int = DEFAULT_MAX_QUEUE_DEPTH  # per stream, queued or in service; 0: unbounded
+    # A job is accepted once the primary has it (`off`), a replica has it too (`replica`), or the primary's
+    # append-only file does (`aof`, Redis 7.2+); past the timeout the submit answers 503 (common/jobstore.py).
+    durable_accept: DurableAccept = "off"
+    durable_accept_timeout_s: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.routing in ("shared", "random", "p2c"), "--routing", "must be shared, random or p2c")
         _require(1 <= self.port <= 65535, "--port", "must be 1..65535")
         _require(self.request_timeout_s > 0, "--request-timeout", "must be > 0")
         _require(0 < self.result_ttl_s <= MAX_RESULT_TTL_S, "--result-ttl", f"must be 1..{MAX_RESULT_TTL_S}")
-        _require(
-            self.redis_url.startswith(("redis://", "rediss://", "unix://")),
-            "--redis-url",
-            "must be a redis://, rediss:// or unix:// URL",
-        )
+        _check_redis_url(self.redis_url)
         limits = self.limits
         _require(
             1 <= limits.max_prompt_chars <= MAX_PROMPT_CHARS,
@@ -132,6 +134,10 @@ class GatewayConfig:
         )
         _require(1024 <= self.max_body_bytes <= 16 * 1024 * 1024, "--max-body-bytes", "must be 1 KiB..16 MiB")
         _require(self.max_queue_depth >= 0, "--max-queue-depth", "must be >= 0 (0: unbounded)")
+        _require(
+            self.durable_accept in DURABLE_ACCEPT, "--durable-accept", f"must be one of {', '.join(DURABLE_ACCEPT)}"
+        )
+        _require(0 < self.durable_accept_timeout_s <= 60, "--durable-accept-timeout", "must be > 0 and <= 60 seconds")
 
     @property
     def auth_enabled(self) -> bool:
@@ -179,11 +185,7 @@ class WorkerConfig:
         _require(0 <= self.metrics_port <= 65535, "--metrics-port", "must be 0..65535")
         _require(self.compile_cache_max_bytes > 0, "--compile-cache-max-gb", "must be > 0")
         _require(self.attention in ATTENTION, "--attention", f"must be one of {', '.join(ATTENTION)}")
-        _require(
-            self.redis_url.startswith(("redis://", "rediss://", "unix://")),
-            "--redis-url",
-            "must be a redis://, rediss:// or unix:// URL",
-        )
+        _check_redis_url(self.redis_url)
 
     @property
     def model_revision(self) -> str | None:
@@ -224,6 +226,13 @@ def mask_url(url: str) -> str:
 def parse_networks(text: str) -> tuple[IPNetwork, ...]:
     """Comma-separated addresses or CIDR networks (`10.0.0.0/8,192.0.2.7`). Raises ValueError."""
     return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())
+
+
+def _check_redis_url(url: str) -> None:
+    try:
+        check_url(url)
+    except RedisUrlError as exc:
+        raise ConfigError(f"--redis-url {exc}") from None
 
 
 def _require(ok: bool, name: str, rule: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import redis.asyncio as aioredis
 
@@ -21,6 +21,25 @@ from common.rediskeys import RedisKeys
 from common.scripts import register
 
 logger = logging.getLogger(__name__)
+
+# When a submit counts as accepted: `off` once the primary has the job (a failover in the next moment can
+# lose it), `replica` once a replica has it too (WAIT), `aof` once the primary's append-only file has it on
+# disk (WAITAOF, Redis 7.2+).
+DurableAccept = Literal["off", "replica", "aof"]
+DURABLE_ACCEPT: tuple[str, ...] = get_args(DurableAccept)
+
+
+class NotDurable(Exception):
+    """The job was written to the primary, but a replica or its disk did not confirm it in time.
+
+    The job may exist and may run: a client retrying with the same `Idempotency-Key` gets that job, not a
+    second one.
+    """
+
+    def __init__(self, job_id: str, mode: str, timeout_ms: int) -> None:
+        super().__init__(f"job {job_id}: not confirmed by {mode} within {timeout_ms} ms")
+        self.job_id = job_id
+        self.mode = mode
 
 
 class QueueFull(Exception):
@@ -90,9 +109,17 @@ class StoredResult:
 class JobStore:
     """Submit, cancel and read the jobs of one cluster."""
 
-    def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: RedisKeys,
+        durable_accept: DurableAccept = "off",
+        durable_timeout_ms: int = 1000,
+    ) -> None:
         self._redis = redis
         self._keys = keys
+        self._durable_accept = durable_accept
+        self._durable_timeout_ms = durable_timeout_ms
         self._submit = register(redis, "submit")
         self._cancel = register(redis, "cancel")
 
@@ -109,15 +136,35 @@ class JobStore:
         keys = [self._keys.job(job.id), stream, self._keys.job_streams]
         if idempotency_key is not None:
             keys.append(self._keys.idempotency(idempotency_key))
-        outcome, value = await self._submit(
-            keys=keys, args=[job.model_dump_json(), job.result_ttl_s, job.id, fingerprint, max_depth]
-        )
+        args: list[Any] = [job.model_dump_json(), job.result_ttl_s, job.id, fingerprint, max_depth]
+        if self._durable_accept == "off":
+            outcome, value = await self._submit(keys=keys, args=args)
+        else:
+            outcome, value = await self._submit_durably(job.id, keys, args)
         if text(outcome) == "full":
             raise QueueFull(stream, int(value), max_depth)
         job_id, _, first_fingerprint = text(value).partition(" ")
         if first_fingerprint != fingerprint:
             raise IdempotencyConflict(job_id)
         return Submitted(job_id=job_id, created=text(outcome) == "created")
+
+    async def _submit_durably(self, job_id: str, keys: list[str], args: list[Any]) -> list[Any]:
+        """Run the submit script and WAIT (or WAITAOF) on one connection: both count only the writes of the
+        connection they are sent on, so they must follow the script on the same one (a pipeline)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            await self._submit(keys=keys, args=args, client=pipe)
+            if self._durable_accept == "replica":
+                pipe.execute_command("WAIT", 1, self._durable_timeout_ms)
+            else:
+                pipe.execute_command("WAITAOF", 1, 0, self._durable_timeout_ms)
+            reply, confirmed = await pipe.execute()
+        # A replay or a full stream wrote nothing new, but WAIT still tells whether what the key's job
+        # wrote earlier reached a replica: the same rule for all answers keeps this simple.
+        held = confirmed >= 1 if self._durable_accept == "replica" else int(confirmed[0]) >= 1
+        if not held:
+            raise NotDurable(job_id, self._durable_accept, self._durable_timeout_ms)
+        result: list[Any] = reply
+        return result
 
     async def cancel(self, job_id: str) -> str | None:
         """Cancel a job unless it already finished.

@@ -91,7 +91,9 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     redis = connect(config.redis_url, name=f"sdxl-gateway:{app[GATEWAY_ID]}")
     keys = RedisKeys(config.key_prefix)
     app[REDIS] = redis
-    app[JOBS] = JobStore(redis, keys)
+    app[JOBS] = JobStore(
+        redis, keys, config.durable_accept, durable_timeout_ms=int(config.durable_accept_timeout_s * 1000)
+    )
     app[STREAMS] = JobStreams(redis, keys)
     app[REGISTRY] = Registry(redis, keys)
     app[PLACEMENT] = Placement(config.routing, redis, keys)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from common.jobstore import IdempotencyConflict, JobRecord, JobStore, QueueFull, StoredResult, Submitted
+from common.jobstore import IdempotencyConflict, JobRecord, JobStore, NotDurable, QueueFull, StoredResult, Submitted
 from common.protocol import JOB_ID_PATTERN, Job, JobResult
 from common.redis_conn import UNAVAILABLE
 from common.registry import WorkerInfo
@@ -105,6 +105,16 @@ async def submit(request: web.Request, body: GenerateRequest, placed: Placed) ->
         )
     except QueueFull as exc:
         raise queue_full(exc, request.app[THROUGHPUT]) from None
+    except NotDurable as exc:
+        # Not accepted: the client must not count on the job. It may still run; the same Idempotency-Key
+        # makes the retry refer to it instead of queueing a second one.
+        raise ApiError(
+            503,
+            "not_durable",
+            f"the job was not confirmed by {exc.mode} in time; retry with the same {IDEMPOTENCY_HEADER}",
+            headers={"Retry-After": "1"},
+            id=exc.job_id,
+        ) from None
     except IdempotencyConflict as exc:
         raise ApiError(
             422,
