@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from common.protocol import Job, JobResult
 from common.redis_conn import text
@@ -151,6 +152,15 @@ class JobStore:
     async def _submit_durably(self, job_id: str, keys: list[str], args: list[Any]) -> list[Any]:
         """Run the submit script and WAIT (or WAITAOF) on one connection: both count only the writes of the
         connection they are sent on, so they must follow the script on the same one (a pipeline)."""
+        try:
+            return await self._submit_and_wait(job_id, keys, args)
+        except NoScriptError:
+            # The pipeline loads its scripts before it is sent; a retry after a failover lands on a server
+            # (the promoted replica) that never loaded them, and the script did not run. Sending it again
+            # loads them there.
+            return await self._submit_and_wait(job_id, keys, args)
+
+    async def _submit_and_wait(self, job_id: str, keys: list[str], args: list[Any]) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
             await self._submit(keys=keys, args=args, client=pipe)
             if self._durable_accept == "replica":

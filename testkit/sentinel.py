@@ -77,6 +77,16 @@ class SentinelGroup:
         signal_group(self.primary.process.pid, signal.SIGKILL)
         await self.primary.process.wait()
 
+    async def rejoin(self) -> None:
+        """Start the killed primary again, on its port and data directory, as a replica of the new master
+        (as an operator's restart would, and as the sentinels would reconfigure it); return once in sync.
+
+        With `--durable-accept replica`, a cluster takes jobs again only once a replica is back."""
+        new_master = self.replica
+        options = RedisOptions(port=self.primary.port, extra=("--replicaof", "127.0.0.1", str(new_master.port)))
+        self.primary, self.replica = new_master, await start_redis_server(self.primary.directory, options)
+        await _in_sync(self.primary.port)
+
     async def switched(self, timeout_s: float = SETTLE_TIMEOUT_S) -> tuple[str, int]:
         """The new master's address, once the sentinels announce it."""
         assert self._switch is not None, "kill_primary first"

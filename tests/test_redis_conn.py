@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from redis.exceptions import ResponseError
 
 from common.config import ConfigError, GatewayConfig, WorkerConfig
 from common.jobstore import JobStore, NotDurable
@@ -105,7 +106,7 @@ async def test_durable_acceptance_on_the_append_only_file_needs_redis_7_2(sentin
         version = (await client.info("server"))["redis_version"]
         if tuple(int(part) for part in str(version).split(".")[:2]) >= (7, 2):
             pytest.skip(f"redis {version} has WAITAOF; covered by the replica mode's test")
-        with pytest.raises(Exception, match="(?i)unknown command"):
+        with pytest.raises(ResponseError, match=r"(?i)unknown command"):
             await store.submit(_job("d" * 32), keys.shape_stream("64x64x2"))
     finally:
         await client.aclose()
