@@ -33,10 +33,10 @@ import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.cluster import free_port, wait_http
 from common.rediskeys import RedisKeys
 from common.registry import SERVING_STATES, Registry
 from common.streams import JobStreams
+from sdxl_serve.processes import free_port, wait_http
 
 KEYS = RedisKeys()
 STEPS = 8
@@ -98,7 +98,7 @@ class Chaos:
             [
                 sys.executable,
                 "-m",
-                "common.cli",
+                "sdxl_serve",
                 "gateway",
                 "--redis-url",
                 self.redis_url,
@@ -119,7 +119,7 @@ class Chaos:
             [
                 sys.executable,
                 "-m",
-                "common.cli",
+                "sdxl_serve",
                 "worker",
                 "--redis-url",
                 self.redis_url,
@@ -271,7 +271,7 @@ def main() -> None:
     if model is None:
         model = Path(tempfile.mkdtemp(prefix="sdxl-chaos-model-")) / "tiny"
         subprocess.run(
-            [sys.executable, "-m", "common.cli", "tiny-model", str(model)], check=True, stdout=subprocess.DEVNULL
+            [sys.executable, "-m", "sdxl_serve", "tiny-model", str(model)], check=True, stdout=subprocess.DEVNULL
         )
     report = asyncio.run(run_chaos(model, args.requests, args.workers, args.concurrency, seed=args.seed))
     summary = {

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from bench.host import describe
-from common.config import ATTENTION, Attention, ConfigError
+from common.config import ConfigError
+from worker.config import ATTENTION, Attention
 
 if TYPE_CHECKING:  # imported when measuring: the CLI builds its parser without loading JAX
     from common.protocol import Shape
@@ -121,7 +122,7 @@ def config_from_args(args: argparse.Namespace) -> GenerateConfig:
 
 def main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    from common.cli import use_cpu_devices
+    from worker.cli import use_cpu_devices
 
     use_cpu_devices(args.cpu_devices)
     reports = measure(config)

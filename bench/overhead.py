@@ -28,9 +28,9 @@ import redis.asyncio as aioredis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.host import describe
-from common.cluster import free_port
 from common.rediskeys import RedisKeys
 from common.registry import Registry
+from sdxl_serve.processes import free_port
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -89,7 +89,7 @@ async def main() -> None:
     up_args = [
         sys.executable,
         "-m",
-        "common.cli",
+        "sdxl_serve",
         "up",
         "--redis-url",
         redis_url,

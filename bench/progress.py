@@ -53,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
 
 def measure_cost(args: argparse.Namespace) -> dict[str, Any]:
     """Median generation time with and without per-step progress, alternating runs."""
-    from common.cli import use_cpu_devices
+    from worker.cli import use_cpu_devices
 
     use_cpu_devices(args.cpu_devices)
     from common.protocol import Shape

@@ -39,12 +39,12 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from bench.routing import number_type
-from common.cluster import free_port, wait_http
 from common.protocol import JobResult, Shape, Timings
 from common.redis_conn import UNAVAILABLE
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
 from common.streams import JobStreams
+from sdxl_serve.processes import free_port, wait_http
 from worker.delivery import Delivery
 
 SHAPE = Shape(width=64, height=64, steps=2)
@@ -153,7 +153,7 @@ async def gateway(redis_url: str, cpu: int, *flags: str) -> AsyncIterator[tuple[
     argv = [
         sys.executable,
         "-m",
-        "common.cli",
+        "sdxl_serve",
         "--log-level",
         "warning",
         "gateway",

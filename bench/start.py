@@ -30,11 +30,12 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.host import describe
-from common.cluster import ensure_tiny_model, start_redis_server
 from common.config import default_cache_dir
 from common.redis_conn import connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
+from sdxl_serve.processes import start_redis_server
+from sdxl_serve.up import ensure_tiny_model
 
 PREFIX = "sdxl-bench-start"
 PHASES = ("init", "load", "lower", "compile", "warmup")
@@ -67,7 +68,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         redis_process = None
         redis_url = args.redis_url
         if redis_url is None:
-            redis_process, redis_url = await start_redis_server(Path(scratch))
+            server = await start_redis_server(Path(scratch))
+            redis_process, redis_url = server.process, server.url()
         try:
             cache = Path(scratch) / "jax-cache"
             runs = [await _start_once(args, redis_url, model, cache, n) for n in range(args.runs)]
@@ -92,7 +94,7 @@ async def _start_once(args: argparse.Namespace, redis_url: str, model: str, cach
     command = [
         sys.executable,
         "-m",
-        "common.cli",
+        "sdxl_serve",
         "worker",
         "--redis-url",
         redis_url,

@@ -21,6 +21,8 @@ DEFAULT_GUIDANCE_SCALE = 7.5
 MAX_PROMPT_CHARS = 2000
 MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 30.0
 MAX_RESULT_TTL_S = 30 * 24 * 3600
+# How long a result stays fetchable unless the gateway says otherwise (`--result-ttl`).
+DEFAULT_RESULT_TTL_S = 3600
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 _SHAPE_RE = re.compile(r"^\s*(\d+)x(\d+)x(\d+)\s*$")
 # C0 controls and DEL, less tab, newline and carriage return: never part of a prompt, and a NUL or an

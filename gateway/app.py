@@ -13,13 +13,14 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from common.config import GatewayConfig, log_config
+from common.config import log_config
 from common.jobstore import JobStore
 from common.redis_conn import connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry
 from common.streams import JobStreams
 from gateway.auth import KeyStore
+from gateway.config import GatewayConfig
 from gateway.limits import ThroughputMeter
 from gateway.listener import JobListener
 from gateway.metrics import GatewayMetrics, metrics_middleware

@@ -18,7 +18,7 @@ from typing import Literal
 from aiohttp import web
 
 from common.apikeys import IDENTITY_CHARS, KeyRing, KeysFileError, digest, load_keys_file
-from common.config import GatewayConfig
+from gateway.config import GatewayConfig
 from gateway.errors import ApiError
 
 logger = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from common.config import GatewayConfig
 from common.protocol import RequestLimits
+from gateway.config import GatewayConfig
 from gateway.routes import Reply, Route
 
 REF = "#/components/schemas/{model}"

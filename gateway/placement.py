@@ -18,10 +18,10 @@ import random
 
 import redis.asyncio as aioredis
 
-from common.config import RoutingPolicy
 from common.protocol import Shape
 from common.rediskeys import RedisKeys
 from common.registry import SERVING_STATES, WorkerInfo
+from gateway.config import RoutingPolicy
 
 
 class Placement:

@@ -7,11 +7,11 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from common.config import GatewayConfig
 from common.jobstore import JobStore
 from common.registry import Registry
 from common.streams import JobStreams
 from gateway.auth import KeyStore
+from gateway.config import GatewayConfig
 from gateway.limits import Access, ThroughputMeter
 from gateway.listener import JobListener
 from gateway.metrics import GatewayMetrics

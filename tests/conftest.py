@@ -34,13 +34,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.cluster import free_port, wait_http
-from common.config import GatewayConfig
 from common.protocol import JobResult, Shape, Timings
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
 from common.streams import JobStreams
 from gateway.app import create_app
+from gateway.config import GatewayConfig
+from sdxl_serve.processes import free_port, wait_http
 from worker.delivery import ClaimedJob, Delivery
 
 # Two step counts, so tests can tell a compiled shape from one that is not.
@@ -124,7 +124,7 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redi
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny SDXL model, written once per session by the CLI, exactly as a user would."""
     directory = tmp_path_factory.mktemp("models") / "tiny-sdxl"
-    subprocess.run([sys.executable, "-m", "common.cli", "tiny-model", str(directory)], check=True)
+    subprocess.run([sys.executable, "-m", "sdxl_serve", "tiny-model", str(directory)], check=True)
     return directory
 
 
@@ -138,7 +138,7 @@ class ProcessGroup:
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / f"{name}.log", "wb")
         process = subprocess.Popen(
-            [sys.executable, "-m", "common.cli", *args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            [sys.executable, "-m", "sdxl_serve", *args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
         self.processes[name] = process
         return process

@@ -20,16 +20,20 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from common.cli import WORKER_EXTRA_MODULES, build_parser
-from common.config import GatewayConfig
+from gateway.config import GatewayConfig
+from sdxl_serve.cli import WORKER_EXTRA_MODULES, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = "deploy/docker/Dockerfile"
 
 
+# The modules that build the command line.
+CLI_SOURCES = ("sdxl_serve/cli.py", "sdxl_serve/up.py", "common/config.py", "gateway/cli.py", "worker/cli.py")
+
+
 def _cli_env() -> tuple[str, ...]:
-    """The environment variables `build_parser()` reads its defaults from, as common/cli.py names them."""
-    source = (ROOT / "common" / "cli.py").read_text()
+    """The environment variables `build_parser()` reads its defaults from, as its modules name them."""
+    source = "\n".join((ROOT / path).read_text() for path in CLI_SOURCES)
     return tuple(
         sorted(
             name

@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 from aiohttp.test_utils import TestClient
 
-from common.config import GatewayConfig, WorkerConfig
 from common.protocol import Shape
 from common.redis_conn import connect
 from gateway.app import create_app
+from gateway.config import GatewayConfig
 from tests.conftest import TEST_SHAPES, ClientFactory, RedisServer
+from worker.config import WorkerConfig
 from worker.pipeline import CompileTimings, UnsupportedShape
 from worker.runner import Worker
 

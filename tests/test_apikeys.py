@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from common.apikeys import KeyRing, KeysFileError, digest, key_line, load_keys_file, new_key, parse_keys_file
-from common.cli import build_parser, gateway_config
+from gateway.cli import gateway_config
+from sdxl_serve.cli import build_parser
 
 
 def test_new_keys_are_random_and_hashed_with_sha256() -> None:
@@ -54,13 +55,13 @@ def test_keys_from_the_environment_are_kept_as_digests_only(monkeypatch: pytest.
 
 def test_the_cli_makes_a_key_and_hashes_existing_ones() -> None:
     made = subprocess.run(
-        [sys.executable, "-m", "common.cli", "keys", "new", "--label", "ci"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "sdxl_serve", "keys", "new", "--label", "ci"], capture_output=True, text=True, check=True
     )
     key, line = made.stdout.splitlines()
     assert line == f"{digest(key)}  # ci"
     assert parse_keys_file(line).active == {digest(key)}
     hashed = subprocess.run(
-        [sys.executable, "-m", "common.cli", "keys", "hash"],
+        [sys.executable, "-m", "sdxl_serve", "keys", "hash"],
         input=f"{key}\n\nabc\n",
         capture_output=True,
         text=True,
@@ -73,7 +74,7 @@ def test_a_bad_keys_file_stops_the_gateway_at_start(tmp_path: Path) -> None:
     bad = tmp_path / "keys"
     bad.write_text("not a digest\n")
     done = subprocess.run(
-        [sys.executable, "-m", "common.cli", "gateway", "--api-keys-file", str(bad)],
+        [sys.executable, "-m", "sdxl_serve", "gateway", "--api-keys-file", str(bad)],
         capture_output=True,
         text=True,
         timeout=60,

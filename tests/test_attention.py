@@ -22,11 +22,13 @@ import pytest
 from diffusers import FlaxStableDiffusionXLPipeline
 from diffusers.models.attention_flax import FlaxAttention
 
-from common.cli import build_parser, worker_config
-from common.cluster import Cluster
-from common.config import ConfigError, WorkerConfig
+from common.config import ConfigError
 from common.protocol import Shape
+from sdxl_serve.cli import build_parser
+from sdxl_serve.up import UpConfig, worker_argv
 from worker.attention import attention, implementation, traced_with
+from worker.cli import worker_config
+from worker.config import WorkerConfig
 from worker.pipeline import SDXLPipeline, _replicate
 from worker.runner import Worker
 
@@ -126,7 +128,7 @@ def test_the_flag_reaches_the_worker_pipeline() -> None:
         Worker(config, redis=mock.Mock())._default_loader()
     assert load.call_args.kwargs["attention"] == "dot_product"
     up = build_parser().parse_args(["up", "--attention", "dot_product"])
-    args = Cluster(up)._worker_args("redis://127.0.0.1:1/0", "model")
+    args = worker_argv(UpConfig.from_args(up), "redis://127.0.0.1:1/0", "model")
     assert args[args.index("--attention") + 1] == "dot_product"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["worker", "--attention", "flash"])

@@ -10,8 +10,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from common.apikeys import KeyRing, digest, new_key
-from common.config import GatewayConfig, RateLimits, log_config
+from common.config import log_config
 from gateway import auth
+from gateway.config import GatewayConfig, RateLimits
 from gateway.ratelimit import Rate
 from tests.conftest import ClientFactory, RedisServer, queued_jobs
 from tests.protection import Client, error_of, gateway

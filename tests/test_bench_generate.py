@@ -19,9 +19,9 @@ import pytest
 from diffusers import FlaxStableDiffusionXLPipeline
 
 from bench.generate import GenerateConfig, parse_size, summarize
-from common.cli import main as cli_main
 from common.config import ConfigError
 from common.protocol import Shape
+from sdxl_serve.cli import main as cli_main
 from worker.flops import FlopCount, count_flops, peak_tflops
 from worker.pipeline import SDXLPipeline
 from worker.sdxl_arch import Architecture, abstract_params, components, parameter_count

@@ -18,8 +18,8 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
 from bench.load import LoadConfig, Outcome, arrival_times, classify, run_load, summarize
-from common.cli import main as cli_main
-from common.cluster import free_port
+from sdxl_serve.cli import main as cli_main
+from sdxl_serve.processes import free_port
 
 TIMINGS = {"queued_ms": 3.0, "generate_ms": 40.0, "encode_ms": 1.0, "total_ms": 45.0}
 

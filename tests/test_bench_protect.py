@@ -16,7 +16,7 @@ def test_a_small_run_reports_refusals_and_complete_bursts() -> None:
         [
             sys.executable,
             "-m",
-            "common.cli",
+            "sdxl_serve",
             "bench",
             "protect",
             "--duration",

@@ -25,8 +25,8 @@ from bench.routing import (
     sweep_table,
     unit_sizes,
 )
-from common.cli import main as cli_main
 from common.config import ConfigError
+from sdxl_serve.cli import main as cli_main
 
 
 def by_policy(config: SimConfig) -> dict[str, float]:

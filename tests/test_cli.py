@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
-from common.cli import build_parser
-from common.cluster import Cluster
-from tests.deployfiles import run_without_worker_extra
+from common.config import DEFAULT_REDIS_URL
+from gateway.cli import gateway_config
+from gateway.config import GatewayConfig
+from sdxl_serve.cli import build_parser, main
+from sdxl_serve.up import UpConfig, worker_argv
+from tests.deployfiles import ROOT, run_without_worker_extra
+from worker.cli import worker_config
+from worker.config import WorkerConfig
 
 
 def test_metrics_port_defaults_to_any_free_port(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -33,11 +41,72 @@ def test_bad_metrics_port_in_the_environment_is_a_usage_error(
 def test_up_gives_each_worker_a_free_metrics_port(monkeypatch: pytest.MonkeyPatch) -> None:
     """`sdxl-serve up` inside the worker image (which sets the variable) must not bind one port twice."""
     monkeypatch.setenv("SDXL_SERVE_METRICS_PORT", "9400")
-    worker_args = Cluster(build_parser().parse_args(["up", "--workers", "2"]))._worker_args("redis://h:1/0", "m")
+    worker_args = worker_argv(
+        UpConfig.from_args(build_parser().parse_args(["up", "--workers", "2"])), "redis://h:1/0", "m"
+    )
     assert build_parser().parse_args(["worker", *worker_args]).metrics_port == 0
 
 
 def test_worker_without_the_worker_extra_says_what_to_install() -> None:
-    result = run_without_worker_extra("import sys\nfrom common.cli import main\nsys.exit(main(['worker']))\n")
+    result = run_without_worker_extra("import sys\nfrom sdxl_serve.cli import main\nsys.exit(main(['worker']))\n")
     assert result.returncode == 2, result.stderr
     assert "No module named" in result.stderr and "sdxl-serve[worker]" in result.stderr
+
+
+# An interpreter where the given packages cannot be imported, as in an image that lacks them.
+_MISSING = """
+import importlib.abc, sys
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {packages!r}:
+            raise {error}(f"No module named {{name!r}}", name=name)
+        return None
+sys.meta_path.insert(0, Missing())
+from sdxl_serve.cli import main
+"""
+
+
+def run_without(packages: set[str], code: str, error: str = "ModuleNotFoundError") -> subprocess.CompletedProcess[str]:
+    program = _MISSING.format(packages=packages, error=error) + code
+    return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_the_gateway_runs_where_worker_and_bench_are_not_installed() -> None:
+    """The gateway image: `sdxl-serve gateway` builds its command line, `sdxl-serve worker` says what is missing."""
+    result = run_without({"worker", "bench"}, "main(['gateway', '--help'])")
+    assert result.returncode == 0, result.stderr
+    assert "--request-timeout" in result.stdout
+    result = run_without({"worker", "bench"}, "sys.exit(main(['worker']))")
+    assert result.returncode == 2, result.stderr
+    assert "sdxl-serve worker: error: this installation has no 'worker' package" in result.stderr
+
+
+def test_a_broken_benchmark_stops_only_bench() -> None:
+    result = run_without({"bench"}, "main(['gateway', '--help'])", error="ImportError")
+    assert result.returncode == 0, result.stderr
+    result = run_without({"bench"}, "main(['bench', 'routing', '--help'])", error="ImportError")
+    assert result.returncode != 0 and "ImportError" in result.stderr
+
+
+def test_help_lists_every_subcommand_without_importing_them(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_without({"gateway", "worker", "bench"}, "main(['--help'])")
+    assert result.returncode == 0, result.stderr
+    for command in ("gateway", "worker", "up", "status", "keys", "tiny-model", "bench"):
+        assert f"    {command} " in result.stdout, command
+
+
+def test_bench_is_built_when_it_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "routing", "--help"])
+    assert exc.value.code == 0
+    assert "--workers" in capsys.readouterr().out
+
+
+def test_defaults_are_the_config_dataclasses(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SDXL_SERVE_METRICS_PORT", "SDXL_SERVE_COMPILE_CACHE", "SDXL_SERVE_REDIS_URL", "PORT"):
+        monkeypatch.delenv(name, raising=False)
+    parser = build_parser()
+    assert gateway_config(parser.parse_args(["gateway"])) == GatewayConfig(redis_url=DEFAULT_REDIS_URL)
+    worker = worker_config(parser.parse_args(["worker", "--worker-id", "w"]))
+    assert worker == WorkerConfig(worker_id="w")
+    assert UpConfig.from_args(parser.parse_args(["up"])) == UpConfig()

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import queue
+import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import IO
 
 import aiohttp
 import pytest
 
-from common.cluster import free_port
+from sdxl_serve.processes import free_port, wait_http
+from sdxl_serve.up import Child, RestartPolicy
+from tests.conftest import READY_TIMEOUT_S, scrape
+
+WAITING = ("sdxl_gateway_waiting_requests", ())
 
 pytestmark = pytest.mark.e2e
 
@@ -37,7 +47,7 @@ async def test_up_serves_then_stops_every_child(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "common.cli",
+            "sdxl_serve",
             "up",
             "--workers",
             "1",
@@ -75,3 +85,124 @@ async def test_up_serves_then_stops_every_child(tmp_path: Path) -> None:
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+class Stderr:
+    """`up`'s stderr read line by line on a thread (it must never fill its pipe), awaited by pattern."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self.pids: dict[str, int] = {}  # the latest pid `up` said it started under each name
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    async def expect(self, pattern: str, timeout_s: float = READY_TIMEOUT_S) -> re.Match[str]:
+        """The first line from here on that matches `pattern`; fails at `timeout_s` or when stderr ends."""
+        return await asyncio.to_thread(self._expect, pattern, timeout_s)
+
+    def _expect(self, pattern: str, timeout_s: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
+                tail = "".join(self.lines[-40:])
+                pytest.fail(f"no line matching {pattern!r} on up's stderr; its last lines:\n{tail}")
+            self.lines.append(line)
+            if started := re.search(r"sdxl-serve up: (\S+) started \(pid (\d+)\)", line):
+                self.pids[started[1]] = int(started[2])
+            if match := re.search(pattern, line):
+                return match
+
+
+async def generate(port: int) -> int:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"http://127.0.0.1:{port}/v1/generate", json={"prompt": "a cat"}) as response:
+            assert response.status == 200, await response.text()
+            return len((await response.json())["images"])
+
+
+async def waiting_requests(port: int, count: int) -> None:
+    """Until the gateway says `count` requests wait for a result."""
+    async with aiohttp.ClientSession() as session, asyncio.timeout(READY_TIMEOUT_S):
+        while True:
+            if (await scrape(session, f"http://127.0.0.1:{port}")).get(WAITING, 0) >= count:
+                return
+            await asyncio.sleep(0.05)  # a gauge has no event to wait on
+
+
+async def test_up_restarts_a_dead_child_and_gives_up_on_a_crash_loop(tiny_model: Path, tmp_path: Path) -> None:
+    """Workers and the gateway that die are started again while the rest keeps serving; a worker that keeps
+    dying is left down with a message naming it and its exit status; SIGTERM still stops everything."""
+    port = free_port()
+    up = subprocess.Popen(  # noqa: ASYNC220 (the test talks to it through its pipes)
+        [sys.executable, "-m", "sdxl_serve", "up", "--workers", "2", "--port", str(port), "--model", str(tiny_model),
+         "--shapes", "64x64x2", "--cache-dir", str(tmp_path),
+         "--restart-delay", "0.2", "--restart-limit", "1", "--restart-window", "600"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        assert up.stdout is not None and up.stderr is not None
+        stderr = Stderr(up.stderr)
+        line = await asyncio.to_thread(up.stdout.readline)  # the cluster is ready (or `up` exited)
+        assert line.strip() == f"ready: http://127.0.0.1:{port}", line
+        await stderr.expect(r"worker-1 started")
+
+        # A worker dies while a request waits at the gateway: it is restarted, and the request answered.
+        request = asyncio.create_task(generate(port))
+        await waiting_requests(port, 1)
+        first = stderr.pids["worker-1"]
+        os.kill(first, signal.SIGKILL)
+        await stderr.expect(
+            r"sdxl-serve up: worker-1 exited \(exit status -9, killed by SIGKILL\); restarting it in 0.2s"
+        )
+        await stderr.expect(r"sdxl-serve up: worker-1 started")
+        assert stderr.pids["worker-1"] != first
+        assert await request == 4
+
+        # It dies again within the window: past --restart-limit, it is left down, and worker-0 serves on.
+        os.kill(stderr.pids["worker-1"], signal.SIGKILL)
+        await stderr.expect(
+            r"sdxl-serve up: worker-1 exited \(exit status -9, killed by SIGKILL\) 2 times within 600s; "
+            "not restarting it"
+        )
+        assert await generate(port) == 4
+        assert up.poll() is None
+
+        # The gateway dies: it is restarted on the same port.
+        gateway = stderr.pids["gateway"]
+        os.kill(gateway, signal.SIGKILL)
+        await stderr.expect(r"sdxl-serve up: gateway exited \(exit status -9, killed by SIGKILL\); restarting it")
+        await stderr.expect(r"sdxl-serve up: gateway started")
+        await wait_http(f"http://127.0.0.1:{port}/healthz", READY_TIMEOUT_S)
+        assert await generate(port) == 4
+
+        children = children_of(up.pid)
+        assert len(children) == 3  # redis-server, the new gateway, worker-0
+        up.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(up.wait, 120) == 0
+        assert not [pid for pid in children if alive(pid)]
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+
+
+def test_restart_delay_doubles_up_to_its_bound() -> None:
+    policy = RestartPolicy(delay_s=0.5, max_delay_s=3.0)
+    assert [policy.delay(n) for n in (1, 2, 3, 4, 5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+
+
+def test_only_exits_within_the_window_count() -> None:
+    child = Child("worker-0", ("worker",))
+    assert [child.recent_exits(now, window_s=10.0) for now in (0.0, 5.0, 9.0, 12.0, 30.0)] == [1, 2, 3, 3, 1]

@@ -21,8 +21,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from common.cli import WORKER_EXTRA_MODULES, build_parser
-from common.config import DEFAULT_MODEL
+from sdxl_serve.cli import WORKER_EXTRA_MODULES, build_parser
 from tests.deployfiles import (
     CLI_ENV,
     DOCKERFILE,
@@ -35,6 +34,7 @@ from tests.deployfiles import (
     stage_instructions,
     stage_values,
 )
+from worker.config import DEFAULT_MODEL
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 REDIS_PORT = 6379
@@ -243,7 +243,7 @@ def test_worker_drains_on_sigterm() -> None:
 
 
 def test_sdxl_serve_up_waits_out_the_worker_drain() -> None:
-    from common.cluster import STOP_TIMEOUT_S
+    from sdxl_serve.up import STOP_TIMEOUT_S
 
     assert build_parser().parse_args(["worker"]).drain_timeout < STOP_TIMEOUT_S
 
@@ -266,7 +266,7 @@ def test_dockerfile_has_a_runtime_stage_per_role() -> None:
 def test_entrypoint_is_the_console_script(target: str) -> None:
     entrypoints = [json.loads(rest) for instr, rest in stage_instructions(target) if instr == "ENTRYPOINT"]
     assert entrypoints == [["sdxl-serve"]]
-    assert _pyproject()["project"]["scripts"]["sdxl-serve"] == "common.cli:main"
+    assert _pyproject()["project"]["scripts"]["sdxl-serve"] == "sdxl_serve.cli:main"
     assert build_parser().prog == "sdxl-serve"
 
 
@@ -328,22 +328,41 @@ def test_jax_extra_defaults_to_cpu_and_names_real_extras() -> None:
     assert {"worker", "tpu", "cuda"} <= set(_pyproject()["project"]["optional-dependencies"])
 
 
-def test_dockerfile_copies_what_pip_install_needs() -> None:
-    sources = [
+def _copied_sources(stage: str | None = None) -> set[str]:
+    """What COPY takes from the build context: in `stage` and the stages it is built from, or in the file."""
+    instructions = dockerfile_instructions() if stage is None else stage_instructions(stage)
+    return {
         part.rstrip("/")
-        for instr, rest in dockerfile_instructions()
+        for instr, rest in instructions
         if instr == "COPY" and not rest.startswith("--from")
         for part in shlex.split(rest)[:-1]
-    ]
+    }
+
+
+# Development packages: installed by `make install`, never shipped in an image.
+NOT_SHIPPED = {"bench"}
+
+
+def test_dockerfile_copies_what_pip_install_needs() -> None:
+    sources = _copied_sources()
     project = _pyproject()
     needed = {
         "pyproject.toml",
         project["project"]["readme"],
         *project["tool"]["setuptools"]["packages"]["find"]["include"],
     }
-    assert {pattern.rstrip("*") for pattern in needed} <= set(sources)
+    assert {pattern.rstrip("*") for pattern in needed} - NOT_SHIPPED <= sources
     missing = [source for source in sources if not (ROOT / source).exists()]
     assert not missing, f"the Dockerfile copies files the repository lacks: {missing}"
+
+
+def test_gateway_image_holds_no_worker_or_benchmark_code() -> None:
+    gateway = _copied_sources("gateway-build")
+    assert {"common", "gateway", "sdxl_serve"} <= gateway
+    assert not gateway & {"worker", "bench", "testkit", "tests", "."}, sorted(gateway)
+    worker = _copied_sources("worker-build")
+    assert {"common", "gateway", "worker", "sdxl_serve"} <= worker
+    assert not worker & {"bench", "testkit", "tests", "."}, sorted(worker)
 
 
 def test_dockerignore_keeps_sources_and_drops_bulk() -> None:
@@ -376,11 +395,11 @@ def test_gateway_and_cli_import_without_the_worker_extra() -> None:
     """The gateway image lacks JAX, diffusers, transformers, numpy and Pillow: nothing it runs may import them."""
     result = run_without_worker_extra(
         "try:\n    import jax\nexcept ModuleNotFoundError:\n    pass\nelse:\n    raise SystemExit('jax importable')\n"
-        "from common.cli import build_parser\n"
+        "from sdxl_serve.cli import build_parser\n"
         "build_parser().parse_args(['gateway'])\n"
-        "from common.config import GatewayConfig\n"
+        "from gateway.config import GatewayConfig\n"
         "from gateway.app import create_app\n"
         "create_app(GatewayConfig())\n"
-        "import common.status, common.cluster, bench.load, bench.routing\n"
+        "import sdxl_serve.status, sdxl_serve.up, bench.load, bench.routing\n"
     )
     assert result.returncode == 0, result.stderr

@@ -21,12 +21,12 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from common.cluster import free_port, wait_http
 from common.protocol import Shape
 from common.rediskeys import RedisKeys
 from common.registry import Registry
 from common.streams import JobStreams
 from gateway.listener import JobListener
+from sdxl_serve.processes import free_port, wait_http
 from tests.conftest import READY_TIMEOUT_S, ProcessGroup, post_generate, read_events, wait_ready
 
 pytestmark = pytest.mark.e2e

@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 from schemathesis import checks
 
 from common.apikeys import KeyRing, key_line, new_key
-from common.cluster import free_port, wait_http
-from common.config import GatewayConfig
+from gateway.config import GatewayConfig
 from gateway.openapi import build_openapi
 from gateway.routes import ROUTES
+from sdxl_serve.processes import free_port, wait_http
 from tests.conftest import ProcessGroup, RedisServer, queued_jobs, register_worker
 from tests.protection import Client, running_worker
 

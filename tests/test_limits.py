@@ -10,9 +10,10 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from common.config import ConfigError, GatewayConfig, RateLimits, parse_networks
+from common.config import ConfigError
 from common.jobstore import QueueFull
 from common.protocol import RequestLimits
+from gateway.config import GatewayConfig, RateLimits, parse_networks
 from gateway.limits import ThroughputMeter, queue_full
 from gateway.ratelimit import Rate
 from gateway.state import LIMITER

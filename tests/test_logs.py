@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 import redis
 
-from common.cluster import free_port, wait_http
 from common.logs import LogFormat, bound, make_handler
+from sdxl_serve.processes import free_port, wait_http
 from tests.conftest import READY_TIMEOUT_S, ProcessGroup, RedisServer, wait_ready, worker_args
 
 

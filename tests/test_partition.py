@@ -52,7 +52,7 @@ def start_worker(host: TestHost, redis_url: str, model: Path, log: Path) -> None
         [
             sys.executable,
             "-m",
-            "common.cli",
+            "sdxl_serve",
             "worker",
             "--redis-url",
             redis_url,
@@ -94,7 +94,7 @@ def test_cut_worker_host_job_completes_elsewhere_without_duplicate(tiny_model: P
             [
                 sys.executable,
                 "-m",
-                "common.cli",
+                "sdxl_serve",
                 "gateway",
                 "--redis-url",
                 redis_url,

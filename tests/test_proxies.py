@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import parse_networks
+from gateway.config import parse_networks
 from gateway.proxies import client_address, client_identity, parse_address
 
 PROXIES = parse_networks("10.0.0.0/8, 2001:db8:ffff::/48")

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from redis.exceptions import ResponseError
 
-from common.config import ConfigError, GatewayConfig, WorkerConfig
+from common.config import ConfigError
+from gateway.config import GatewayConfig
+from worker.config import WorkerConfig
 from common.jobstore import JobStore, NotDurable
 from common.protocol import Job, Shape
 from common.redis_conn import RedisUrlError, SentinelUrl, check_url, connect, parse_sentinel_url

@@ -24,11 +24,12 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError
 
-from common.cluster import free_port
-from common.config import GatewayConfig, log_config
+from common.config import log_config
 from common.protocol import Job
 from common.rediskeys import RedisKeys
 from gateway.app import create_app
+from gateway.config import GatewayConfig
+from sdxl_serve.processes import free_port
 from tests.conftest import TEST_SHAPES, ClientFactory
 from tests.protection import running_worker
 from tests.queues import Queue

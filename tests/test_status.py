@@ -8,10 +8,10 @@ import json
 import pytest
 import redis.asyncio as aioredis
 
-from common.cli import main
-from common.cluster import free_port
 from common.protocol import Job
 from common.rediskeys import RedisKeys
+from sdxl_serve.cli import main
+from sdxl_serve.processes import free_port
 from tests.conftest import TEST_SHAPES, RedisServer, claim_next, register_worker
 from tests.queues import Queue
 

@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar, cast
 import flax.linen as nn
 import jax
 
-from common.config import ATTENTION, Attention
+from worker.config import ATTENTION, Attention
 from worker.quiet import silence_flax_deprecation
 
 silence_flax_deprecation()

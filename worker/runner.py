@@ -23,14 +23,15 @@ from typing import TypeVar
 import numpy as np
 import redis.asyncio as aioredis
 
-from common.config import WorkerConfig, log_config
+from common.config import log_config
 from common.logs import bound
-from common.protocol import Job, JobResult, Timings
+from common.protocol import DEFAULT_RESULT_TTL_S, Job, JobResult, Timings
 from common.redis_conn import UNAVAILABLE, connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo, WorkerState
 from common.streams import JobStreams
 from worker.compile_cache import disable_compilation_cache, enable_compilation_cache, on_cache_event
+from worker.config import WorkerConfig
 from worker.delivery import ClaimedJob, Delivery, MalformedJob
 from worker.encode import Encoding, encode_all
 from worker.metrics import WorkerMetrics, metrics_app, start_server
@@ -42,7 +43,7 @@ T = TypeVar("T")
 
 REDIS_ERRORS = (*UNAVAILABLE, OSError)
 # A job that could not be parsed still needs its failure kept for a while, so the requester can read it.
-MALFORMED_RESULT_TTL_S = 3600
+MALFORMED_RESULT_TTL_S = DEFAULT_RESULT_TTL_S
 # Publishing the last progress step must not hold up a finished job for long when Redis is slow.
 PROGRESS_FLUSH_TIMEOUT_S = 2.0
 _NO_MORE_STEPS = -1

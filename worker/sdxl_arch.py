@@ -101,7 +101,6 @@ class Architecture:
 
 
 SDXL_BASE = Architecture()
-WEIGHTED = ("text_encoder", "text_encoder_2", "unet", "vae")
 
 
 def components(arch: Architecture = SDXL_BASE, dtype: Any = jnp.bfloat16) -> dict[str, Any]:

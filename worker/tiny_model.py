@@ -51,11 +51,6 @@ def write_tiny_model(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def is_model_dir(directory: Path) -> bool:
-    """True if `directory` holds a diffusers pipeline."""
-    return (Path(directory) / "model_index.json").is_file()
-
-
 def _components(staging: Path, keys: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     tokenizer, tokenizer_2, vocab_size = byte_level_tokenizers(staging / "vocab")
     (text_encoder, text_params), (text_encoder_2, text_params_2) = _text_encoders(vocab_size, tokenizer)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import sys
 import time
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 from redis.exceptions import ResponseError
 
+from common.config import add_redis_arguments, mask_url
+from common.redis_conn import UNAVAILABLE, connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
 from common.streams import JobStreams
@@ -84,3 +89,27 @@ def render(status: ClusterStatus) -> str:
     if status.counters:
         lines.append("counters: " + ", ".join(f"{k} {v}" for k, v in sorted(status.counters.items())))
     return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the cluster's Redis is, and the output format."""
+    add_redis_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the status once; 1 if Redis cannot be reached."""
+    return asyncio.run(_print_status(args.redis_url, args.key_prefix, as_json=args.json))
+
+
+async def _print_status(redis_url: str, key_prefix: str, *, as_json: bool) -> int:
+    redis = connect(redis_url, name="sdxl-status")
+    try:
+        status = await read_status(redis, RedisKeys(key_prefix))
+    except UNAVAILABLE as exc:
+        print(f"sdxl-serve status: cannot reach Redis at {mask_url(redis_url)}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await redis.aclose()
+    print(status.model_dump_json(indent=2) if as_json else render(status))
+    return 0

@@ -1,0 +1,209 @@
+"""`sdxl-serve gateway`: the gateway's flags, read into a GatewayConfig whose defaults they show."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+
+from common.config import ConfigError, add_blob_store_argument, add_redis_arguments
+from common.jobstore import DURABLE_ACCEPT
+from common.protocol import MAX_GUIDANCE, MAX_PROMPT_CHARS, MIN_GUIDANCE, RequestLimits
+from gateway.config import GatewayConfig, IPNetwork, RateLimits, parse_networks
+from gateway.ratelimit import Rate
+
+_DEFAULTS = GatewayConfig()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every flag of `sdxl-serve gateway`."""
+    add_redis_arguments(parser)
+    parser.add_argument("--host", default=GatewayConfig.host)
+    parser.add_argument("--port", type=int, default=GatewayConfig.port)
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=GatewayConfig.request_timeout_s,
+        help="seconds /v1/generate waits before answering 504 with the job id",
+    )
+    parser.add_argument(
+        "--result-ttl", type=int, default=GatewayConfig.result_ttl_s, help="seconds results stay fetchable"
+    )
+    add_routing_argument(parser)
+    _add_storage(parser)
+    _add_protection(parser)
+
+
+def _add_storage(parser: argparse.ArgumentParser) -> None:
+    """When a job counts as accepted, and where its images are read from."""
+    group = parser.add_argument_group("storage")
+    group.add_argument(
+        "--durable-accept",
+        choices=DURABLE_ACCEPT,
+        default=GatewayConfig.durable_accept,
+        help="answer a submit only once a replica (WAIT) or the primary's append-only file (WAITAOF, Redis "
+        "7.2+) holds the job; past --durable-accept-timeout the submit is a 503 with Retry-After, to be "
+        "retried with the same Idempotency-Key",
+    )
+    group.add_argument(
+        "--durable-accept-timeout",
+        type=float,
+        default=GatewayConfig.durable_accept_timeout_s,
+        help="seconds a submit waits for that confirmation",
+    )
+    add_blob_store_argument(group, GatewayConfig.blob_store)
+    group.add_argument(
+        "--image-urls",
+        choices=["proxy", "presigned"],
+        default=GatewayConfig.image_urls,
+        help="proxy: the gateway streams each image from the store; presigned: it redirects (307) to a "
+        "pre-signed URL of the object store, valid as long as the result (S3 stores only)",
+    )
+
+
+def add_routing_argument(parser: argparse.ArgumentParser) -> None:
+    """`--routing`, which `sdxl-serve up` passes on to its gateway."""
+    parser.add_argument(
+        "--routing",
+        default=GatewayConfig.routing,
+        choices=["shared", "random", "p2c"],
+        help="shared: idle workers pull from one queue per shape (default); random: a random "
+        "worker's own queue (the reference's policy); p2c: the shorter of two random ones",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM or Ctrl-C."""
+    from gateway.app import serve
+
+    serve(gateway_config(args))
+    return 0
+
+
+def gateway_config(args: argparse.Namespace) -> GatewayConfig:
+    """The GatewayConfig the flags (and SDXL_SERVE_API_KEYS) describe; ConfigError names a bad one."""
+    from common.apikeys import KeyRing, KeysFileError, load_keys_file, split_keys
+
+    low, high = args.guidance_range
+    rates = RateLimits(**{f.name: getattr(args, f"rate_limit_{f.name}") for f in dataclasses.fields(RateLimits)})
+    # Keys from the environment are hashed here and never kept: the config holds digests only.
+    keys = KeyRing.from_keys(split_keys(os.environ.get("SDXL_SERVE_API_KEYS", "")))
+    if args.api_keys_file:
+        try:  # fail at start, naming the flag, rather than when the app is built
+            load_keys_file(Path(args.api_keys_file))
+        except KeysFileError as exc:
+            raise ConfigError(f"--api-keys-file: {exc}") from None
+    return GatewayConfig(
+        redis_url=args.redis_url,
+        host=args.host,
+        port=args.port,
+        key_prefix=args.key_prefix,
+        request_timeout_s=args.request_timeout,
+        result_ttl_s=args.result_ttl,
+        routing=args.routing,
+        limits=RequestLimits(max_prompt_chars=args.max_prompt_chars, min_guidance=low, max_guidance=high),
+        max_body_bytes=args.max_body_bytes,
+        api_keys=keys,
+        api_keys_file=Path(args.api_keys_file) if args.api_keys_file else None,
+        public_demo=args.public_demo,
+        trusted_proxies=args.trusted_proxies,
+        rate_limits=rates,
+        max_queue_depth=args.max_queue_depth,
+        durable_accept=args.durable_accept,
+        durable_accept_timeout_s=args.durable_accept_timeout,
+        blob_store=args.blob_store,
+        image_urls=args.image_urls,
+    )
+
+
+def _guidance_range(text: str) -> tuple[float, float]:
+    low, sep, high = text.partition("..")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MIN..MAX, e.g. 1..15")
+    try:
+        return float(low), float(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MIN..MAX, e.g. 1..15") from None
+
+
+def _rate_arg(text: str) -> Rate | None:
+    try:
+        return Rate.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _networks_arg(text: str) -> tuple[IPNetwork, ...]:
+    try:
+        return parse_networks(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an address or CIDR network: {exc}") from None
+
+
+def _add_protection(parser: argparse.ArgumentParser) -> None:
+    """Validation bounds, API keys, client addresses, rate limits and backpressure (README: Protection)."""
+    env = os.environ.get
+    group = parser.add_argument_group("protection")
+    limits = _DEFAULTS.limits
+    group.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=limits.max_prompt_chars,
+        help=f"longest prompt or negative prompt accepted (at most {MAX_PROMPT_CHARS})",
+    )
+    group.add_argument(
+        "--guidance-range",
+        type=_guidance_range,
+        default=(limits.min_guidance, limits.max_guidance),
+        metavar="MIN..MAX",
+        help=f"guidance_scale accepted (within {MIN_GUIDANCE:g}..{MAX_GUIDANCE:g})",
+    )
+    group.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=GatewayConfig.max_body_bytes,
+        help="larger request bodies are refused (413) before they are read",
+    )
+    group.add_argument(
+        "--api-keys-file",
+        type=Path,
+        default=env("SDXL_SERVE_API_KEYS_FILE"),
+        help="file of SHA-256 digests of accepted keys, one per line, `revoked` after a digest to "
+        "refuse it with 403; re-read when it changes (env SDXL_SERVE_API_KEYS_FILE). Keys can "
+        "also come from env SDXL_SERVE_API_KEYS (comma-separated). With any, /v1 needs a key",
+    )
+    group.add_argument(
+        "--public-demo",
+        action=argparse.BooleanOptionalAction,
+        default=env("SDXL_SERVE_PUBLIC_DEMO", "") in ("1", "true", "yes"),
+        help="with keys configured, leave the demo page's routes (POST /v1/jobs, a job's status, "
+        "events, images, cancel) open without a key, under the public rate limits",
+    )
+    group.add_argument(
+        "--trusted-proxies",
+        type=_networks_arg,
+        default=env("SDXL_SERVE_TRUSTED_PROXIES", ""),
+        metavar="CIDR,...",
+        help="believe X-Forwarded-For only from these addresses or networks (env SDXL_SERVE_TRUSTED_PROXIES)",
+    )
+    group.add_argument(
+        "--max-queue-depth",
+        type=int,
+        default=GatewayConfig.max_queue_depth,
+        help="jobs queued or in service per stream beyond which submits get 429 (0: unbounded)",
+    )
+    _add_rate_limits(group)
+
+
+def _add_rate_limits(group: argparse._ArgumentGroup) -> None:
+    defaults = _DEFAULTS.rate_limits
+    for field in dataclasses.fields(RateLimits):
+        group.add_argument(
+            f"--rate-limit-{field.name.replace('_', '-')}",
+            dest=f"rate_limit_{field.name}",
+            type=_rate_arg,
+            default=getattr(defaults, field.name),
+            metavar="N/UNIT[:BURST]",
+            help=f"COUNT/s|m|h[:BURST] or off (default {getattr(defaults, field.name) or 'off'})",
+        )

@@ -1,0 +1,136 @@
+"""The gateway's settings: one frozen dataclass, every default stated here once and read by gateway/cli.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from common.apikeys import KeyRing
+from common.blobstore import REDIS as BLOBS_IN_REDIS
+from common.config import DEFAULT_REDIS_URL, require, require_blob_store_url, require_redis_url
+from common.jobstore import DURABLE_ACCEPT, DurableAccept
+from common.protocol import (
+    DEFAULT_LIMITS,
+    DEFAULT_RESULT_TTL_S,
+    MAX_GUIDANCE,
+    MAX_PROMPT_CHARS,
+    MAX_RESULT_TTL_S,
+    MIN_GUIDANCE,
+    RequestLimits,
+)
+from common.rediskeys import DEFAULT_PREFIX
+from gateway.ratelimit import Rate
+
+RoutingPolicy = Literal["shared", "random", "p2c"]
+ImageUrls = Literal["proxy", "presigned"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Defaults of RateLimits: generous per address while no keys are configured (a development cluster, the
+# test suite and the benchmarks run from one address), stricter for the public demo, per key in between.
+_KEY_SUBMIT, _KEY_READ = Rate(5, 1.0, 50), Rate(50, 1.0, 500)
+_ADDRESS_SUBMIT, _ADDRESS_READ = Rate(5, 1.0, 100), Rate(100, 1.0, 1000)
+_PUBLIC_SUBMIT, _PUBLIC_READ = Rate(10, 60.0, 10), Rate(10, 1.0, 200)
+_NO_KEYS = KeyRing()
+
+
+@dataclass(frozen=True)
+class RateLimits:
+    """Per-client rate limits, by class of caller and kind of route; None: no limit.
+
+    `key`: a caller with an API key, counted per key. `address`: a caller without one while no keys are
+    configured, counted per client address. `public`: a caller without a key on the demo's routes while
+    keys are configured (`--public-demo`), per address and stricter. `submit` routes create jobs; `read`
+    routes look at them (status, events, images, cancel, workers).
+    """
+
+    key_submit: Rate | None = _KEY_SUBMIT
+    key_read: Rate | None = _KEY_READ
+    address_submit: Rate | None = _ADDRESS_SUBMIT
+    address_read: Rate | None = _ADDRESS_READ
+    public_submit: Rate | None = _PUBLIC_SUBMIT
+    public_read: Rate | None = _PUBLIC_READ
+
+    def get(self, caller_class: str, route_kind: str) -> Rate | None:
+        rate: Rate | None = getattr(self, f"{caller_class}_{route_kind}")
+        return rate
+
+    def __str__(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name) or 'off'}" for f in dataclasses.fields(self))
+
+
+_DEFAULT_RATE_LIMITS = RateLimits()
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Settings of one gateway process."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    host: str = "0.0.0.0"
+    port: int = 8000
+    key_prefix: str = DEFAULT_PREFIX
+    request_timeout_s: float = 120.0
+    result_ttl_s: int = DEFAULT_RESULT_TTL_S
+    routing: RoutingPolicy = "shared"  # see gateway/routing.py
+    limits: RequestLimits = DEFAULT_LIMITS  # prompt length and guidance range, within the protocol's
+    max_body_bytes: int = 64 * 1024
+    # API keys: digests from the environment (hashed at start) and/or a keys file re-read when it changes.
+    # With either, every /v1 route needs a key; `public_demo` leaves the demo page's routes open without one.
+    api_keys: KeyRing = _NO_KEYS
+    api_keys_file: Path | None = None
+    public_demo: bool = False
+    trusted_proxies: tuple[IPNetwork, ...] = ()  # X-Forwarded-For is believed only from these
+    rate_limits: RateLimits = _DEFAULT_RATE_LIMITS
+    max_queue_depth: int = 100  # per stream, queued or in service; 0: unbounded
+    # A job is accepted once the primary has it (`off`), a replica has it too (`replica`), or the primary's
+    # append-only file does (`aof`, Redis 7.2+); past the timeout the submit answers 503 (common/jobstore.py).
+    durable_accept: DurableAccept = "off"
+    durable_accept_timeout_s: float = 1.0
+    # Where images are read from (common/blobstore.py), and whether an image URL is answered with the bytes
+    # (`proxy`) or a redirect to a pre-signed URL of the object store (`presigned`, S3 only).
+    blob_store: str = BLOBS_IN_REDIS
+    image_urls: ImageUrls = "proxy"
+
+    def __post_init__(self) -> None:
+        require(self.routing in ("shared", "random", "p2c"), "--routing", "must be shared, random or p2c")
+        require(1 <= self.port <= 65535, "--port", "must be 1..65535")
+        require(self.request_timeout_s > 0, "--request-timeout", "must be > 0")
+        require(0 < self.result_ttl_s <= MAX_RESULT_TTL_S, "--result-ttl", f"must be 1..{MAX_RESULT_TTL_S}")
+        require_redis_url(self.redis_url)
+        limits = self.limits
+        require(
+            1 <= limits.max_prompt_chars <= MAX_PROMPT_CHARS,
+            "--max-prompt-chars",
+            f"must be 1..{MAX_PROMPT_CHARS} (the protocol's bound, which workers re-validate against)",
+        )
+        require(
+            MIN_GUIDANCE <= limits.min_guidance <= limits.max_guidance <= MAX_GUIDANCE,
+            "--guidance-range",
+            f"must be MIN..MAX within {MIN_GUIDANCE:g}..{MAX_GUIDANCE:g}",
+        )
+        require(1024 <= self.max_body_bytes <= 16 * 1024 * 1024, "--max-body-bytes", "must be 1 KiB..16 MiB")
+        require(self.max_queue_depth >= 0, "--max-queue-depth", "must be >= 0 (0: unbounded)")
+        require(
+            self.durable_accept in DURABLE_ACCEPT, "--durable-accept", f"must be one of {', '.join(DURABLE_ACCEPT)}"
+        )
+        require(0 < self.durable_accept_timeout_s <= 60, "--durable-accept-timeout", "must be > 0 and <= 60 s")
+        require_blob_store_url(self.blob_store)
+        require(self.image_urls in ("proxy", "presigned"), "--image-urls", "must be proxy or presigned")
+        require(
+            self.image_urls == "proxy" or self.blob_store.startswith("s3://"),
+            "--image-urls",
+            "presigned needs an S3 --blob-store (s3://bucket/prefix)",
+        )
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Keys are configured: /v1 routes need one (the demo's, with `public_demo`, excepted)."""
+        return len(self.api_keys) > 0 or self.api_keys_file is not None
+
+
+def parse_networks(text: str) -> tuple[IPNetwork, ...]:
+    """Comma-separated addresses or CIDR networks (`10.0.0.0/8,192.0.2.7`). Raises ValueError."""
+    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())

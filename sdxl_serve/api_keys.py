@@ -1,0 +1,33 @@
+"""`sdxl-serve keys`: make a new API key, or hash existing ones, for the gateway's keys file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from common.apikeys import key_line, new_key
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`keys new [--label L]` and `keys hash`."""
+    sub = parser.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    new = sub.add_parser("new", help="print a new key (give it to the client) and its line for the keys file")
+    new.add_argument("--label", default="", help="a comment for the keys-file line, e.g. who holds the key")
+    sub.add_parser("hash", help="read keys on standard input, one per line; print each one's keys-file line")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the key and its line (`new`), or a line per key read on standard input (`hash`)."""
+    if args.keys_command == "new":
+        key = new_key()
+        print(
+            "line 1: the key, for the client (it is stored nowhere); line 2: its line for the keys file",
+            file=sys.stderr,
+        )
+        print(key)
+        print(key_line(key, args.label))
+        return 0
+    for line in sys.stdin:
+        if line.strip():
+            print(key_line(line.strip()))
+    return 0

@@ -1,0 +1,23 @@
+"""`sdxl-serve tiny-model DIR`: write the tiny random-weight SDXL model (for tests and demos)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The directory to write and the seed of the random weights."""
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the model and print where."""
+    from worker.cli import use_cpu_devices
+
+    use_cpu_devices(1)  # before JAX is imported: one device is plenty to make random weights
+    from worker.tiny_model import write_tiny_model
+
+    print(write_tiny_model(args.directory, seed=args.seed))
+    return 0

@@ -1,0 +1,178 @@
+"""`sdxl-serve worker`: the worker's flags, read into a WorkerConfig whose defaults they show.
+
+Nothing heavy is imported here: JAX reads XLA_FLAGS once, at import, so `run` sets the process
+environment first and imports the runner after.
+"""
+
+from __future__ import annotations
+
+import time
+
+# Taken before the heavy imports, so a worker's start-to-ready time includes loading JAX and diffusers.
+PROCESS_STARTED = time.time()
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from common.config import add_blob_store_argument, add_redis_arguments  # noqa: E402
+from common.protocol import parse_shapes  # noqa: E402
+from worker.config import ATTENTION, DEFAULT_MODEL, WorkerConfig, default_compile_cache_dir  # noqa: E402
+
+CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+_GB = 1e9
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every flag of `sdxl-serve worker`."""
+    add_redis_arguments(parser)
+    add_blob_store_argument(parser, WorkerConfig.blob_store)
+    parser.add_argument(
+        "--blob-sweep-interval",
+        type=float,
+        default=WorkerConfig.blob_sweep_interval_s,
+        help="seconds between sweeps of a file --blob-store for objects whose result expired",
+    )
+    add_model_arguments(parser, WorkerConfig.model)
+    parser.add_argument("--worker-id", default=None, help="default: HOST-PID-RANDOM")
+    parser.add_argument("--heartbeat-interval", type=float, default=WorkerConfig.heartbeat_interval_s)
+    parser.add_argument(
+        "--heartbeat-ttl",
+        type=float,
+        default=WorkerConfig.heartbeat_ttl_s,
+        help="seconds without a heartbeat after which a worker is dead and its job taken over",
+    )
+    parser.add_argument("--png-compress-level", type=int, default=WorkerConfig.png_compress_level)
+    parser.add_argument(
+        "--max-deliveries",
+        type=int,
+        default=WorkerConfig.max_deliveries,
+        help="a job handed out more often than this (its workers kept dying) is dead-lettered",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=WorkerConfig.drain_timeout_s,
+        help="on SIGTERM, seconds to finish the job in hand before leaving it to other workers",
+    )
+    parser.add_argument(
+        "--metrics-host", default=WorkerConfig.metrics_host, help="address of /metrics, /healthz and /readyz"
+    )
+    # The worker image fixes the port through the environment, so its HEALTHCHECK knows where to probe. A
+    # string default goes through `type`, so a bad value is a usage error naming the flag.
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=os.environ.get("SDXL_SERVE_METRICS_PORT", str(WorkerConfig.metrics_port)),
+        help="port of /metrics, /healthz and /readyz (default 0: any free port, published in "
+        "the registry; set one for Prometheus and probes; env SDXL_SERVE_METRICS_PORT)",
+    )
+    add_compile_cache_arguments(parser)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model_default: str | None) -> None:
+    """What a worker loads and compiles; `sdxl-serve up` passes these on to its workers."""
+    parser.add_argument(
+        "--model", default=model_default, help=f"hub id or local diffusers directory (default {DEFAULT_MODEL})"
+    )
+    parser.add_argument(
+        "--revision", default=None, help="hub revision (default: refs/pr/95, where SDXL base keeps its Flax weights)"
+    )
+    parser.add_argument(
+        "--shapes",
+        type=parse_shapes,
+        default=None,
+        help="WIDTHxHEIGHTxSTEPS,... to compile (default: native size at 20 and 25 steps; 20 on CPU)",
+    )
+    parser.add_argument("--images-per-request", type=int, default=WorkerConfig.images_per_request)
+    parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=WorkerConfig.cpu_devices,
+        help="virtual devices JAX makes of the CPU when there is no accelerator",
+    )
+    parser.add_argument(
+        "--attention",
+        default=WorkerConfig.attention,
+        choices=ATTENTION,
+        help="UNet attention: einsum (diffusers' own, default) or dot_product "
+        "(jax.nn.dot_product_attention: cuDNN flash attention on NVIDIA GPUs)",
+    )
+
+
+def add_compile_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """JAX's persistent compilation cache (env SDXL_SERVE_COMPILE_CACHE) and its size bound."""
+    default = os.environ.get("SDXL_SERVE_COMPILE_CACHE") or str(default_compile_cache_dir())
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--compile-cache",
+        type=Path,
+        default=Path(default),
+        metavar="DIR",
+        help="JAX's persistent compilation cache: a restart loads executables instead of compiling "
+        "them; workers on one host can share it (env SDXL_SERVE_COMPILE_CACHE, "
+        f"default {default})",
+    )
+    cache.add_argument(
+        "--no-compile-cache",
+        dest="compile_cache",
+        action="store_const",
+        const=None,
+        help="compile everything at every start",
+    )
+    parser.add_argument(
+        "--compile-cache-max-gb",
+        type=float,
+        default=WorkerConfig.compile_cache_max_bytes / _GB,
+        help="size bound of the cache; least recently used executables go first",
+    )
+
+
+def worker_config(args: argparse.Namespace) -> WorkerConfig:
+    """The WorkerConfig the flags describe; ConfigError names a bad one."""
+    extra = {"worker_id": args.worker_id} if args.worker_id else {}
+    return WorkerConfig(
+        redis_url=args.redis_url,
+        model=args.model,
+        revision=args.revision,
+        shapes=args.shapes,
+        images_per_request=args.images_per_request,
+        key_prefix=args.key_prefix,
+        heartbeat_interval_s=args.heartbeat_interval,
+        heartbeat_ttl_s=args.heartbeat_ttl,
+        png_compress_level=args.png_compress_level,
+        max_deliveries=args.max_deliveries,
+        drain_timeout_s=args.drain_timeout,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+        compile_cache_dir=args.compile_cache,
+        compile_cache_max_bytes=int(args.compile_cache_max_gb * _GB),
+        attention=args.attention,
+        cpu_devices=args.cpu_devices,
+        blob_store=args.blob_store,
+        blob_sweep_interval_s=args.blob_sweep_interval,
+        **extra,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM; the process exits here, with the worker's status."""
+    config = worker_config(args)
+    use_cpu_devices(config.cpu_devices)
+    from worker.runner import serve
+
+    status = asyncio.run(serve(config, started_at=PROCESS_STARTED))
+    # Exit now: a compile still running on the device thread must not hold the process open.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(status)
+
+
+def use_cpu_devices(count: int) -> None:
+    """Make JAX split the host CPU into `count` devices; JAX ignores this where an accelerator exists."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if CPU_DEVICES_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {CPU_DEVICES_FLAG}={count}".strip()

@@ -1,0 +1,91 @@
+"""The worker's settings: one frozen dataclass, every default stated here once and read by worker/cli.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+from common.blobstore import REDIS as BLOBS_IN_REDIS
+from common.config import DEFAULT_REDIS_URL, default_cache_dir, require, require_blob_store_url, require_redis_url
+from common.protocol import Shape
+from common.rediskeys import DEFAULT_PREFIX
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+# The hub repository keeps its Flax weights on this ref, not on main.
+DEFAULT_MODEL_REVISION = "refs/pr/95"
+# How the UNet's attention layers compute (worker/attention.py).
+Attention = Literal["einsum", "dot_product"]
+ATTENTION: tuple[str, ...] = get_args(Attention)
+
+
+def default_compile_cache_dir() -> Path:
+    """Where JAX's persistent compilation cache lives unless configured: under the per-user cache."""
+    return default_cache_dir() / "jax"
+
+
+def default_worker_id() -> str:
+    """host-pid-random: unique per process, readable in `/v1/workers` and logs."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Settings of one worker process. `shapes=None` means: the model's native size at the default steps."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    shapes: tuple[Shape, ...] | None = None
+    images_per_request: int = 4
+    key_prefix: str = DEFAULT_PREFIX
+    worker_id: str = dataclasses.field(default_factory=default_worker_id)
+    heartbeat_interval_s: float = 2.0
+    heartbeat_ttl_s: float = 10.0
+    png_compress_level: int = 1
+    claim_block_ms: int = 1000
+    max_deliveries: int = 3
+    drain_timeout_s: float = 120.0
+    reclaim_interval_s: float = 1.0
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 0  # 0: any free port, published in the registry
+    # None: compile at every start. See worker/compile_cache.py.
+    compile_cache_dir: Path | None = dataclasses.field(default_factory=default_compile_cache_dir)
+    compile_cache_max_bytes: int = 20 * 10**9
+    attention: Attention = "einsum"
+    # Not a setting of the worker itself: how many virtual devices JAX makes of a CPU without an accelerator.
+    cpu_devices: int = 4
+    # Where images are written (common/blobstore.py); a file store is swept of expired objects this often.
+    blob_store: str = BLOBS_IN_REDIS
+    blob_sweep_interval_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        require(self.images_per_request >= 1, "--images-per-request", "must be >= 1")
+        require(self.cpu_devices >= 1, "--cpu-devices", "must be >= 1")
+        require(0 <= self.png_compress_level <= 9, "--png-compress-level", "must be 0..9")
+        require(self.heartbeat_interval_s > 0, "--heartbeat-interval", "must be > 0")
+        require(
+            self.heartbeat_ttl_s > 2 * self.heartbeat_interval_s,
+            "--heartbeat-ttl",
+            "must exceed twice the heartbeat interval",
+        )
+        require(self.shapes is None or len(self.shapes) > 0, "--shapes", "must name at least one shape")
+        require(self.max_deliveries >= 1, "--max-deliveries", "must be >= 1")
+        require(self.drain_timeout_s > 0, "--drain-timeout", "must be > 0")
+        require(0 <= self.metrics_port <= 65535, "--metrics-port", "must be 0..65535")
+        require(self.compile_cache_max_bytes > 0, "--compile-cache-max-gb", "must be > 0")
+        require(self.attention in ATTENTION, "--attention", f"must be one of {', '.join(ATTENTION)}")
+        require_redis_url(self.redis_url)
+        require_blob_store_url(self.blob_store)
+        require(self.blob_sweep_interval_s > 0, "--blob-sweep-interval", "must be > 0")
+
+    @property
+    def model_revision(self) -> str | None:
+        """The revision to load: the one given, else the default model's Flax ref."""
+        if self.revision is not None:
+            return self.revision
+        return DEFAULT_MODEL_REVISION if self.model == DEFAULT_MODEL else None
