@@ -10,14 +10,14 @@ import pytest
 from redis.exceptions import ResponseError
 
 from common.config import ConfigError
-from gateway.config import GatewayConfig
-from worker.config import WorkerConfig
 from common.jobstore import JobStore, NotDurable
 from common.protocol import Job, Shape
 from common.redis_conn import RedisUrlError, SentinelUrl, check_url, connect, parse_sentinel_url
 from common.rediskeys import RedisKeys
+from gateway.config import GatewayConfig
 from sdxl_serve.processes import signal_group
 from testkit.sentinel import SentinelGroup, start_sentinel_group
+from worker.config import WorkerConfig
 
 
 def test_a_sentinel_url_names_sentinels_service_db_and_credentials() -> None:
