@@ -5,7 +5,7 @@ One small interface (`BlobStore`: put, get, exists, delete, presign) with two ba
 - `file:///srv/sdxl-images`: a local directory, or a volume shared by the hosts (NFS, a Kubernetes
   ReadWriteMany volume). An object is written to a temporary name and renamed into place, so a reader never
   sees part of one. `FileBlobStore.sweep` removes expired objects; the workers run it.
-- `s3://bucket/prefix?endpoint=http://host:port&region=...`: AWS S3, or any S3-compatible store (MinIO,
+- `s3://bucket/prefix?endpoint=http://host:port&region=...&timeout=30`: AWS S3, or any S3-compatible store (MinIO,
   SeaweedFS, Ceph, GCS's XML API) through obstore, whose Rust core brings its own retrying HTTP client,
   request signing and pre-signed URLs and ships type stubs. Credentials come from the environment
   (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, or an instance role), never from the URL.
@@ -98,9 +98,13 @@ def check_url(url: str) -> None:
     elif parts.scheme == "s3":
         if not parts.netloc:
             raise BlobStoreError("an S3 store names its bucket: s3://bucket/prefix")
-        unknown = set(parse_qs(parts.query)) - {"endpoint", "region"}
+        options = parse_qs(parts.query)
+        unknown = set(options) - {"endpoint", "region", "timeout"}
         if unknown:
-            raise BlobStoreError(f"unknown S3 option(s) {', '.join(sorted(unknown))} (endpoint, region)")
+            raise BlobStoreError(f"unknown S3 option(s) {', '.join(sorted(unknown))} (endpoint, region, timeout)")
+        timeout = options.get("timeout", ["30"])[-1]
+        if not timeout.replace(".", "", 1).isdigit() or float(timeout) <= 0:
+            raise BlobStoreError(f"the S3 timeout is seconds > 0, not {timeout!r}")
     else:
         raise BlobStoreError("must be redis, file:///path or s3://bucket/prefix")
 
@@ -114,7 +118,15 @@ def open_blob_store(url: str) -> BlobStore | None:
     if parts.scheme == "file":
         return FileBlobStore(Path(parts.path))
     options = {name: values[-1] for name, values in parse_qs(parts.query).items()}
-    return S3BlobStore(parts.netloc, parts.path.strip("/"), options.get("endpoint"), options.get("region"))
+    timeout_s = float(options.get("timeout", 30))
+    return S3BlobStore(
+        parts.netloc,
+        parts.path.strip("/"),
+        options.get("endpoint"),
+        options.get("region"),
+        timeout_s=timeout_s,
+        retry_timeout_s=min(20.0, 2 * timeout_s),
+    )
 
 
 class FileBlobStore:
@@ -204,6 +216,10 @@ class FileBlobStore:
 def _unlink_all(paths: list[Path]) -> None:
     for path in paths:
         path.unlink(missing_ok=True)
+    # An attempt's directory is its own (result_key): once empty, it goes. Directories above it may be in use
+    # by another attempt's write; the sweep removes them when empty.
+    for directory in {path.parent for path in paths}:
+        _remove_if_empty(directory)
 
 
 def _remove_if_older(path: Path, cutoff: float) -> int:

@@ -9,6 +9,7 @@ the worker's side (worker/delivery.py); the streams themselves are common/stream
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -16,6 +17,7 @@ from typing import Any, Literal, get_args
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from common.blobstore import BlobStore, BlobStoreError
 from common.protocol import Job, JobResult
 from common.redis_conn import text
 from common.rediskeys import RedisKeys
@@ -116,8 +118,10 @@ class JobStore:
         keys: RedisKeys,
         durable_accept: DurableAccept = "off",
         durable_timeout_ms: int = 1000,
+        blobs: BlobStore | None = None,
     ) -> None:
         self._redis = redis
+        self.blobs = blobs  # where results' images are, when not in Redis
         self._keys = keys
         self._durable_accept = durable_accept
         self._durable_timeout_ms = durable_timeout_ms
@@ -222,7 +226,10 @@ class JobStore:
         if not fields:
             return None
         result = JobResult.model_validate_json(fields[b"meta"])
-        images = [fields[f"image:{k}".encode()] for k in range(result.image_count)]
+        if result.image_keys is not None:
+            images = list(await asyncio.gather(*(self._blob(key) for key in result.image_keys)))
+        else:
+            images = [fields[f"image:{k}".encode()] for k in range(result.image_count)]
         return StoredResult(result=result, images=images)
 
     async def fetch_meta(self, job_id: str) -> JobResult | None:
@@ -236,4 +243,20 @@ class JobStore:
         meta, image = fields
         if meta is None:
             return None
-        return JobResult.model_validate_json(meta), image
+        result = JobResult.model_validate_json(meta)
+        if result.image_keys is not None:
+            image = await self._blob(result.image_keys[index]) if index < len(result.image_keys) else None
+        return result, image
+
+    async def _blob(self, key: str) -> bytes:
+        """An image kept in the blob store. BlobStoreUnavailable (retry later) and BlobNotFound pass up."""
+        if self.blobs is None:
+            raise BlobStoreError("this result's images are in a blob store, and none is configured (--blob-store)")
+        return await self.blobs.get(key)
+
+    async def image_url(self, result: JobResult, index: int, expires_s: int) -> str | None:
+        """A pre-signed URL of image `index` of a result whose images are in an object store that has them;
+        None otherwise (the caller serves the bytes)."""
+        if self.blobs is None or result.image_keys is None or index >= len(result.image_keys):
+            return None
+        return await self.blobs.presign(result.image_keys[index], expires_s)

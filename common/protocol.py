@@ -177,3 +177,7 @@ class JobResult(BaseModel):
     image_count: int = 0
     timings: Timings | None = None
     error: str | None = None
+    # With a blob store (common/blobstore.py) the images are objects and the result holds only where they are
+    # and how large: None means they are in the result's Redis hash.
+    image_keys: list[str] | None = None
+    image_sizes: list[int] | None = None

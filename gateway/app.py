@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from common.blobstore import open_blob_store
 from common.config import log_config
 from common.jobstore import JobStore
 from common.redis_conn import connect
@@ -92,8 +93,13 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     redis = connect(config.redis_url, name=f"sdxl-gateway:{app[GATEWAY_ID]}")
     keys = RedisKeys(config.key_prefix)
     app[REDIS] = redis
+    blobs = open_blob_store(config.blob_store)
     app[JOBS] = JobStore(
-        redis, keys, config.durable_accept, durable_timeout_ms=int(config.durable_accept_timeout_s * 1000)
+        redis,
+        keys,
+        config.durable_accept,
+        durable_timeout_ms=int(config.durable_accept_timeout_s * 1000),
+        blobs=blobs,
     )
     app[STREAMS] = JobStreams(redis, keys)
     app[REGISTRY] = Registry(redis, keys)
@@ -101,6 +107,8 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[LIMITER] = RateLimiter(redis, keys)
     yield
     await redis.aclose()
+    if blobs is not None:
+        await blobs.close()
 
 
 async def _listener_ctx(app: web.Application) -> AsyncIterator[None]:

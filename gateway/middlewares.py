@@ -9,6 +9,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.exceptions import OutOfMemoryError
 
+from common.blobstore import BlobNotFound, BlobStoreUnavailable
 from common.redis_conn import UNAVAILABLE
 from gateway.errors import ApiError
 from gateway.limits import OPEN, RATE_DECISION, Access
@@ -46,6 +47,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 503, "queue_unavailable", "the job queue is unreachable; retry shortly", headers={"Retry-After": "2"}
             ),
         )
+    except BlobStoreUnavailable as exc:
+        logger.warning("image store unavailable on %s %s: %s", request.method, request.path, exc)
+        return _respond(
+            request,
+            ApiError(
+                503,
+                "image_store_unavailable",
+                "the image store is unreachable; retry shortly",
+                headers={"Retry-After": "2"},
+            ),
+        )
+    except BlobNotFound as exc:  # the result still lists it, but the object expired or was removed first
+        return _respond(request, ApiError(404, "image_gone", f"the image is no longer stored: {exc}"))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
