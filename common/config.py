@@ -54,7 +54,7 @@ def require_blob_store_url(url: str) -> None:
 
 
 def add_blob_store_argument(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: str = BLOBS_IN_REDIS
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: str | None = BLOBS_IN_REDIS
 ) -> None:
     """`--blob-store` (env SDXL_SERVE_BLOB_STORE): where images live. Gateways and workers must agree."""
     parser.add_argument(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from common.blobstore import BlobStore, BlobStoreError
 from common.protocol import Job, JobResult
@@ -43,6 +43,10 @@ class NotDurable(Exception):
         super().__init__(f"job {job_id}: not confirmed by {mode} within {timeout_ms} ms")
         self.job_id = job_id
         self.mode = mode
+
+
+class DurabilityUnsupported(Exception):
+    """The Redis server cannot confirm what `--durable-accept` asks for."""
 
 
 class QueueFull(Exception):
@@ -152,6 +156,19 @@ class JobStore:
         if first_fingerprint != fingerprint:
             raise IdempotencyConflict(job_id)
         return Submitted(job_id=job_id, created=text(outcome) == "created")
+
+    async def check_durability(self) -> None:
+        """Raise DurabilityUnsupported if the server lacks the command durable acceptance needs (WAITAOF came
+        with Redis 7.2), so a gateway fails at start rather than on every submit."""
+        if self._durable_accept != "aof":
+            return
+        try:
+            await self._redis.execute_command("WAITAOF", 0, 0, 0)
+        except ResponseError as exc:
+            version = (await self._redis.info("server")).get("redis_version", "unknown")
+            raise DurabilityUnsupported(
+                f"--durable-accept aof needs WAITAOF (Redis 7.2+); Redis {version}: {exc}"
+            ) from None
 
     async def _submit_durably(self, job_id: str, keys: list[str], args: list[Any]) -> list[Any]:
         """Run the submit script and WAIT (or WAITAOF) on one connection: both count only the writes of the

@@ -16,7 +16,7 @@ from aiohttp import web
 from common.blobstore import open_blob_store
 from common.config import log_config
 from common.jobstore import JobStore
-from common.redis_conn import connect
+from common.redis_conn import UNAVAILABLE, connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry
 from common.streams import JobStreams
@@ -101,6 +101,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         durable_timeout_ms=int(config.durable_accept_timeout_s * 1000),
         blobs=blobs,
     )
+    await _check_durability(app[JOBS])
     app[STREAMS] = JobStreams(redis, keys)
     app[REGISTRY] = Registry(redis, keys)
     app[PLACEMENT] = Placement(config.routing, redis, keys)
@@ -109,6 +110,15 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     await redis.aclose()
     if blobs is not None:
         await blobs.close()
+
+
+async def _check_durability(jobs: JobStore) -> None:
+    """Refuse to start when the server cannot give the durability asked for; a Redis not reachable yet is
+    no reason to stop (submits answer 503 until it is)."""
+    try:
+        await jobs.check_durability()
+    except UNAVAILABLE as exc:
+        logger.warning("could not check Redis for --durable-accept (%s); checking at each submit", exc)
 
 
 async def _listener_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -1,6 +1,9 @@
 """A Redis failover under load: a real gateway and worker reach Redis through Sentinel, the primary is SIGKILLed
 while jobs are being accepted and run, and every accepted job is still answered.
 
+Gateway and worker keep images in a shared directory (`--blob-store file://...`), as a fleet would on a shared
+volume: the worker writes them before the result, and the gateway reads them from there.
+
 The gateway runs with `--durable-accept replica`: a job is accepted (202, or the 200 of a synchronous
 request) only once the replica holds it, so the promoted replica has every accepted job. Without it, a job
 accepted in the moment before the kill can be lost; docs/benchmarks.md measures that window.
@@ -18,10 +21,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from common.cluster import free_port, wait_http
 from common.redis_conn import connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry
+from sdxl_serve.processes import free_port, wait_http
 from testkit.sentinel import SentinelGroup, start_sentinel_group
 from tests.conftest import READY_TIMEOUT_S, ProcessGroup, read_events, worker_args
 
@@ -51,6 +54,7 @@ class Load:
 class FailoverCluster:
     url: str
     sentinels: SentinelGroup
+    images: Path
 
 
 @pytest.fixture
@@ -59,6 +63,7 @@ async def failover_cluster(tiny_model: Path, tmp_path: Path) -> AsyncIterator[Fa
     redis_url = sentinels.url()
     processes = ProcessGroup(tmp_path)
     port = free_port()
+    blob_store = f"file://{tmp_path / 'images'}"
     processes.start(
         "gateway",
         "gateway",
@@ -72,8 +77,10 @@ async def failover_cluster(tiny_model: Path, tmp_path: Path) -> AsyncIterator[Fa
         "replica",
         "--durable-accept-timeout",
         "2",
+        "--blob-store",
+        blob_store,
     )
-    processes.start("worker", *worker_args(redis_url, tiny_model, "failover-worker"))
+    processes.start("worker", *worker_args(redis_url, tiny_model, "failover-worker"), "--blob-store", blob_store)
     try:
         client = connect(redis_url, name="test-failover")
         try:
@@ -81,7 +88,7 @@ async def failover_cluster(tiny_model: Path, tmp_path: Path) -> AsyncIterator[Fa
         finally:
             await client.aclose()
         await wait_http(f"http://127.0.0.1:{port}/healthz", READY_TIMEOUT_S)
-        yield FailoverCluster(url=f"http://127.0.0.1:{port}", sentinels=sentinels)
+        yield FailoverCluster(url=f"http://127.0.0.1:{port}", sentinels=sentinels, images=tmp_path / "images")
     finally:
         processes.stop_all()
         await sentinels.close()
@@ -139,5 +146,8 @@ async def test_every_accepted_job_is_answered_across_a_failover(failover_cluster
         await asyncio.gather(*submitters)
         async with await waiting as response:  # a synchronous request accepted before the kill
             assert response.status == 200, await response.text()
+            assert len((await response.json())["images"]) == 4  # read back from the image store
         statuses = {job_id: await final_status(session, url, job_id) for job_id in load.accepted}
     assert statuses == dict.fromkeys(load.accepted, "succeeded")
+    stored = {path.parts[-3] for path in (failover_cluster.images / "ttl-3600").glob("*/*/*.png")}
+    assert set(load.accepted) <= stored  # every result's images are objects in the store

@@ -10,7 +10,7 @@ import pytest
 from redis.exceptions import ResponseError
 
 from common.config import ConfigError
-from common.jobstore import JobStore, NotDurable
+from common.jobstore import DurabilityUnsupported, JobStore, NotDurable
 from common.protocol import Job, Shape
 from common.redis_conn import RedisUrlError, SentinelUrl, check_url, connect, parse_sentinel_url
 from common.rediskeys import RedisKeys
@@ -100,7 +100,8 @@ async def test_durable_acceptance_waits_for_the_replica(sentinel_group: Sentinel
 
 
 async def test_durable_acceptance_on_the_append_only_file_needs_redis_7_2(sentinel_group: SentinelGroup) -> None:
-    """WAITAOF came with Redis 7.2: older servers refuse it, and the submit fails loudly instead of pretending."""
+    """WAITAOF came with Redis 7.2: on an older server the check a gateway makes at start fails, naming the
+    flag and the version, and a submit fails loudly instead of pretending."""
     client = connect(sentinel_group.url(), name="test-durable-aof")
     keys = RedisKeys("durable-aof")
     store = JobStore(client, keys, durable_accept="aof", durable_timeout_ms=300)
@@ -108,6 +109,8 @@ async def test_durable_acceptance_on_the_append_only_file_needs_redis_7_2(sentin
         version = (await client.info("server"))["redis_version"]
         if tuple(int(part) for part in str(version).split(".")[:2]) >= (7, 2):
             pytest.skip(f"redis {version} has WAITAOF; covered by the replica mode's test")
+        with pytest.raises(DurabilityUnsupported, match=rf"--durable-accept aof needs WAITAOF .*Redis {version}"):
+            await store.check_durability()
         with pytest.raises(ResponseError, match=r"(?i)unknown command"):
             await store.submit(_job("d" * 32), keys.shape_stream("64x64x2"))
     finally:
