@@ -12,6 +12,7 @@ BENCHMARKS = {
     "progress": "cost of per-step progress, and submit-to-first-progress latency",
     "start": "worker start-to-ready with a cold and a warm compilation cache",
     "protect": "refusals per second on one core (429, 400) and gateway memory under a 10x burst",
+    "tenants": "a second caller's wait while a first floods, with and without the per-caller cap",
     "generate": "the pipeline in-process: compile time, latency, images/s, TFLOP/s and fraction of peak",
 }
 

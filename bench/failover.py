@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,12 @@ LAG_S = 0.3
 class Load:
     accepted: list[tuple[str, float]] = field(default_factory=list)  # job id, monotonic time of the answer
     refused: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def until(self, done: Callable[[], bool]) -> None:
+        while not done():
+            self.changed.clear()
+            await self.changed.wait()
 
 
 async def submitter(store: JobStore, load: Load, stop: asyncio.Event) -> None:
@@ -64,6 +71,7 @@ async def submitter(store: JobStore, load: Load, stop: asyncio.Event) -> None:
             await asyncio.sleep(0.05)
             continue
         load.accepted.append((job.id, time.monotonic()))
+        load.changed.set()
 
 
 async def trial(mode: DurableAccept, lagging: bool) -> dict[str, Any]:
@@ -80,8 +88,7 @@ async def trial(mode: DurableAccept, lagging: bool) -> dict[str, Any]:
 async def _run(group: SentinelGroup, store: JobStore, mode: str, lagging: bool) -> dict[str, Any]:
     load, stop = Load(), asyncio.Event()
     tasks = [asyncio.create_task(submitter(store, load, stop)) for _ in range(2)]
-    while len(load.accepted) < BEFORE_KILL:
-        await asyncio.sleep(0.01)
+    await load.until(lambda: len(load.accepted) >= BEFORE_KILL)
     if lagging:  # the replica stops reading for LAG_S while the primary keeps accepting, then the primary dies
         signal_group(group.replica.process.pid, signal.SIGSTOP)
         await asyncio.sleep(LAG_S)
@@ -94,8 +101,7 @@ async def _run(group: SentinelGroup, store: JobStore, mode: str, lagging: bool) 
     switched = time.monotonic() - killed
     await group.rejoin()
     async with asyncio.timeout(60):
-        while not load.accepted or load.accepted[-1][1] <= killed:
-            await asyncio.sleep(0.01)
+        await load.until(lambda: load.accepted[-1][1] > killed)
     recovered = min(at for _, at in load.accepted if at > killed) - killed
     stop.set()
     await asyncio.gather(*tasks)
@@ -113,13 +119,14 @@ async def run(trials: int) -> list[dict[str, Any]]:
     for lagging in (False, True):
         for mode in ("off", "replica"):
             for _ in range(trials):
-                rows.append(await trial(mode, lagging))  # type: ignore[arg-type]
+                rows.append(await trial(mode, lagging))
     return rows
 
 
 def report(rows: list[dict[str, Any]], trials: int) -> None:
     print(f"bench/failover.py --trials {trials} on {describe()}")
-    print("| replica | --durable-accept | accepted (all trials) | accepted jobs lost | switch p50 s | recovered p50 s |")
+    print("| replica | --durable-accept | accepted (all trials) | accepted jobs lost | switch p50 s | "
+          "recovered p50 s |")  # fmt: skip
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for (replica, mode), group in itertools.groupby(rows, key=lambda r: (r["replica"], r["mode"])):
         done = list(group)

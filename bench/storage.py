@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import sys
 import tempfile
@@ -46,7 +47,7 @@ WORKER = "bench-worker"
 def encoded(content: str, output_format: str) -> list[bytes]:
     """Four 1024x1024 images of `content`, encoded as a worker would."""
     with ThreadPoolExecutor(4) as pool:
-        return encode_all(pixels(content, 1024), Encoding(output_format, 90, 1), pool)
+        return encode_all(pixels(content, 1024), Encoding(output_format, 90, 1), pool)  # type: ignore[arg-type]
 
 
 async def server_info(client: aioredis.Redis) -> dict[str, float]:
@@ -110,7 +111,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="sdxl-bench-storage-") as scratch:
         server = await start_redis_server(Path(scratch))
         try:
-            for content, output_format in (("noise", "png"), ("noise", "webp"), ("gradient", "png"), ("gradient", "webp")):
+            for content, output_format in itertools.product(("noise", "gradient"), ("png", "webp")):
                 images = encoded(content, output_format)
                 media_type = f"image/{output_format}"
                 for where in ("redis", "blob store"):

@@ -90,6 +90,8 @@ def log_config(logger: logging.Logger, config: DataclassInstance) -> None:
         value = getattr(config, field.name)
         if field.name == "redis_url":
             value = mask_url(value)
+        elif field.name.endswith("_token") and value is not None:  # a secret: only whether one is set
+            value = "***"
         logger.info("config %s=%s", field.name, value)
 
 

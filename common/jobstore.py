@@ -59,12 +59,37 @@ class QueueFull(Exception):
         self.max_depth = max_depth
 
 
+class TooManyInFlight(Exception):
+    """The caller already has its maximum of jobs queued or running; nothing was queued."""
+
+    def __init__(self, held: int, cap: int) -> None:
+        super().__init__(f"the caller has {held} jobs in flight (at most {cap})")
+        self.held = held
+        self.cap = cap
+
+
 class IdempotencyConflict(Exception):
     """An `Idempotency-Key` reused with a different request."""
 
     def __init__(self, job_id: str) -> None:
         super().__init__(f"the key was first used for job {job_id} with a different request")
         self.job_id = job_id
+
+
+@dataclass(frozen=True)
+class Submitter:
+    """Who submits a job. `scope` names its own idempotency keys (another caller's same key is another key);
+    `owner` is kept in the job's record; with `max_in_flight` > 0, at most that many of the jobs submitted
+    under `identity` are queued or running at once. Neither is ever a secret: a key's digest prefix, an
+    address."""
+
+    scope: str = ""
+    owner: str = ""
+    identity: str = ""
+    max_in_flight: int = 0
+
+
+ANYONE = Submitter()
 
 
 @dataclass(frozen=True)
@@ -133,25 +158,38 @@ class JobStore:
         self._cancel = register(redis, "cancel")
 
     async def submit(
-        self, job: Job, stream: str, idempotency_key: str | None = None, fingerprint: str = "", max_depth: int = 0
+        self,
+        job: Job,
+        stream: str,
+        idempotency_key: str | None = None,
+        fingerprint: str = "",
+        max_depth: int = 0,
+        submitter: Submitter = ANYONE,
     ) -> Submitted:
         """Record and enqueue a job on `stream` atomically.
 
-        With an idempotency key, only the first submit creates a job; a later one with the same key and
-        `fingerprint` (a digest of the request) refers to that job, and one with another request raises
-        IdempotencyConflict. The key lives as long as the job's result. With `max_depth`, a stream that
-        already holds that many jobs takes no more: QueueFull (a replay of a key's job still succeeds).
+        With an idempotency key, only the first submit (of the same submitter's scope) creates a job; a later
+        one with the same key and `fingerprint` (a digest of the request) refers to that job, and one with
+        another request raises IdempotencyConflict. The key lives as long as the job's result. With
+        `max_depth`, a stream that already holds that many jobs takes no more: QueueFull (a replay of a key's
+        job still succeeds). A submitter at its cap of jobs in flight is refused: TooManyInFlight.
         """
         keys = [self._keys.job(job.id), stream, self._keys.job_streams]
         if idempotency_key is not None:
-            keys.append(self._keys.idempotency(idempotency_key))
+            keys.append(self._keys.idempotency(idempotency_key, submitter.scope))
+        cap = submitter.max_in_flight if submitter.identity else 0
+        if cap:
+            keys.append(self._keys.in_flight(submitter.identity))
         args: list[Any] = [job.model_dump_json(), job.result_ttl_s, job.id, fingerprint, max_depth]
+        args += [submitter.owner, cap, self._keys.job("")]
         if self._durable_accept == "off":
             outcome, value = await self._submit(keys=keys, args=args)
         else:
             outcome, value = await self._submit_durably(job.id, keys, args)
         if text(outcome) == "full":
             raise QueueFull(stream, int(value), max_depth)
+        if text(outcome) == "busy":
+            raise TooManyInFlight(int(value), submitter.max_in_flight)
         job_id, _, first_fingerprint = text(value).partition(" ")
         if first_fingerprint != fingerprint:
             raise IdempotencyConflict(job_id)
@@ -230,6 +268,11 @@ class JobStore:
         """A job's stored state, or None for an unknown (or expired) job."""
         fields: dict[bytes, bytes] = await self._redis.hgetall(self._keys.job(job_id))  # type: ignore[assignment]
         return JobRecord.from_fields(fields) if fields else None
+
+    async def owner(self, job_id: str) -> str | None:
+        """Who owns a job (`''` for nobody in particular); None when its record is gone or has no owner."""
+        owner = await self._redis.hget(self._keys.job(job_id), "owner")
+        return None if owner is None else text(owner)
 
     async def job_status(self, job_id: str) -> str | None:
         """`queued`, `running`, `succeeded`, `failed` or `cancelled` while the job's record lives; None for an

@@ -90,10 +90,17 @@ class RedisKeys:
         """Hash with a finished job's metadata (`meta`) and images (`image:0`, `image:1`, ...)."""
         return f"{self.prefix}:result:{job_id}"
 
-    def idempotency(self, key: str) -> str:
-        """`job-id fingerprint` of the job an `Idempotency-Key` created; the client's key is hashed, so any
-        header value makes a well-formed, bounded Redis key."""
-        return f"{self.prefix}:idempotency:{hashlib.sha256(key.encode()).hexdigest()}"
+    def idempotency(self, key: str, scope: str = "") -> str:
+        """`job-id fingerprint` of the job an `Idempotency-Key` created. Each caller (`scope`: its key's
+        identity or its address) has its own keys; the pair is hashed, so any header value makes a
+        well-formed, bounded Redis key and no address is written into one."""
+        scoped = hashlib.sha256(scope.encode() + b"\n" + key.encode()).hexdigest()
+        return f"{self.prefix}:idempotency:{scoped}"
+
+    def in_flight(self, identity: str) -> str:
+        """Sorted set of a caller's jobs that may still be queued or running (ids scored by submit time, Redis
+        ms), for its fair-share cap. `identity` is a key's digest prefix or an address, never a key."""
+        return f"{self.prefix}:in-flight:{identity}"
 
     def rate_limit(self, bucket: str, identity: str) -> str:
         """A rate-limit bucket (GCRA: the theoretical arrival time of its next request, in Redis ms), expiring

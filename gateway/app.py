@@ -20,6 +20,7 @@ from common.redis_conn import UNAVAILABLE, connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry
 from common.streams import JobStreams
+from gateway import views
 from gateway.auth import KeyStore
 from gateway.config import GatewayConfig
 from gateway.limits import ThroughputMeter
@@ -35,6 +36,7 @@ from gateway.routes import ROUTES, setup_routes
 from gateway.state import (
     ACCESS,
     CONFIG,
+    EVENT_STREAMS,
     GATEWAY_ID,
     JOBS,
     KEY_STORE,
@@ -49,6 +51,7 @@ from gateway.state import (
     STREAMS,
     THROUGHPUT,
 )
+from gateway.tenants import EventStreams
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +76,12 @@ def create_app(config: GatewayConfig) -> web.Application:
     app[METRICS] = metrics
     app[GATEWAY_ID] = f"gw-{uuid.uuid4().hex[:8]}"
     app[KEY_STORE] = KeyStore(config)
+    app[EVENT_STREAMS] = EventStreams(config.max_event_streams_per_caller)
+    # A key revoked (or removed) in the keys file loses its open event streams at the next reload.
+    app[KEY_STORE].on_reload.append(lambda: app[EVENT_STREAMS].end_unless(app[KEY_STORE].accepts))
     app[THROUGHPUT] = ThroughputMeter()
     app[ACCESS] = {(route.method, route.path): route.access for route in ROUTES}
-    app.cleanup_ctx.extend([_redis_ctx, _listener_ctx, _positions_ctx, _keys_ctx])
+    app.cleanup_ctx.extend([_redis_ctx, _listener_ctx, _positions_ctx, _keys_ctx, _metrics_site_ctx])
     app.on_response_prepare.extend([_no_stale_pages, rate_limit_headers, echo_request_id])
     setup_routes(app)
     app[OPENAPI] = build_openapi(ROUTES, config)
@@ -148,6 +154,26 @@ async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
     if task is not None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def _metrics_site_ctx(app: web.Application) -> AsyncIterator[None]:
+    """With `--metrics-listen`, serve /metrics on its own address (and only there) for the app's lifetime."""
+    listen = app[CONFIG].metrics_listen
+    if listen is None:
+        yield
+        return
+    site_app = web.Application(middlewares=[error_middleware])
+
+    async def handler(request: web.Request) -> web.Response:
+        return await views.metrics_response(app, request)
+
+    site_app.router.add_get("/metrics", handler)
+    runner = web.AppRunner(site_app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, *listen).start()
+    logger.info("serving /metrics on %s:%d", *listen)
+    yield
+    await runner.cleanup()
 
 
 def serve(config: GatewayConfig) -> None:

@@ -114,6 +114,10 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         durable_accept_timeout_s=args.durable_accept_timeout,
         blob_store=args.blob_store,
         image_urls=args.image_urls,
+        max_jobs_in_flight_per_caller=args.max_jobs_in_flight_per_caller,
+        max_event_streams_per_caller=args.max_event_streams_per_caller,
+        metrics_token=args.metrics_token,
+        metrics_listen=args.metrics_listen,
     )
 
 
@@ -170,7 +174,8 @@ def _add_protection(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=env("SDXL_SERVE_API_KEYS_FILE"),
         help="file of SHA-256 digests of accepted keys, one per line, `revoked` after a digest to "
-        "refuse it with 403; re-read when it changes (env SDXL_SERVE_API_KEYS_FILE). Keys can "
+        "refuse it with 403, `admin` to let it see every caller's jobs; re-read when it changes "
+        "(env SDXL_SERVE_API_KEYS_FILE). Keys can "
         "also come from env SDXL_SERVE_API_KEYS (comma-separated). With any, /v1 needs a key",
     )
     group.add_argument(
@@ -193,7 +198,45 @@ def _add_protection(parser: argparse.ArgumentParser) -> None:
         default=GatewayConfig.max_queue_depth,
         help="jobs queued or in service per stream beyond which submits get 429 (0: unbounded)",
     )
+    _add_tenants(group)
     _add_rate_limits(group)
+
+
+def _add_tenants(group: argparse._ArgumentGroup) -> None:
+    """Fair share between callers and where /metrics is served (README: Tenants)."""
+    group.add_argument(
+        "--max-jobs-in-flight-per-caller",
+        type=int,
+        default=GatewayConfig.max_jobs_in_flight_per_caller,
+        help="with keys configured, jobs queued or running per key (and per public address) beyond "
+        "which its submits get 429 (0: no cap)",
+    )
+    group.add_argument(
+        "--max-event-streams-per-caller",
+        type=int,
+        default=GatewayConfig.max_event_streams_per_caller,
+        help="with keys configured, open event streams per key (and per public address) on this gateway (0: no cap)",
+    )
+    group.add_argument(
+        "--metrics-token",
+        default=os.environ.get("SDXL_SERVE_METRICS_TOKEN") or None,
+        help="serve /metrics only with Authorization: Bearer TOKEN (env SDXL_SERVE_METRICS_TOKEN, "
+        "which keeps it out of the process list)",
+    )
+    group.add_argument(
+        "--metrics-listen",
+        type=_listen_arg,
+        default=os.environ.get("SDXL_SERVE_METRICS_LISTEN") or None,
+        metavar="HOST:PORT",
+        help="serve /metrics on this address instead of the API's port (env SDXL_SERVE_METRICS_LISTEN)",
+    )
+
+
+def _listen_arg(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT, e.g. 0.0.0.0:9100")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def _add_rate_limits(group: argparse._ArgumentGroup) -> None:

@@ -31,7 +31,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Defaults of RateLimits: generous per address while no keys are configured (a development cluster, the
 # test suite and the benchmarks run from one address), stricter for the public demo, per key in between.
 _KEY_SUBMIT, _KEY_READ = Rate(5, 1.0, 50), Rate(50, 1.0, 500)
-_ADDRESS_SUBMIT, _ADDRESS_READ = Rate(5, 1.0, 100), Rate(100, 1.0, 1000)
+# Every submit burst is below the default --max-queue-depth: no single caller fills the queue at once.
+_ADDRESS_SUBMIT, _ADDRESS_READ = Rate(5, 1.0, 50), Rate(100, 1.0, 1000)
 _PUBLIC_SUBMIT, _PUBLIC_READ = Rate(10, 60.0, 10), Rate(10, 1.0, 200)
 _NO_KEYS = KeyRing()
 
@@ -93,6 +94,13 @@ class GatewayConfig:
     # (`proxy`) or a redirect to a pre-signed URL of the object store (`presigned`, S3 only).
     blob_store: str = BLOBS_IN_REDIS
     image_urls: ImageUrls = "proxy"
+    # Fair share between callers while keys are configured (gateway/tenants.py), a fifth of the queue each by
+    # default; 0: no cap.
+    max_jobs_in_flight_per_caller: int = 20
+    max_event_streams_per_caller: int = 20  # per gateway process
+    # /metrics: behind `Authorization: Bearer TOKEN` when a token is set; on its own (host, port) if given.
+    metrics_token: str | None = dataclasses.field(default=None, repr=False)
+    metrics_listen: tuple[str, int] | None = None
 
     def __post_init__(self) -> None:
         require(self.routing in ("shared", "random", "p2c"), "--routing", "must be shared, random or p2c")
@@ -124,6 +132,9 @@ class GatewayConfig:
             "--image-urls",
             "presigned needs an S3 --blob-store (s3://bucket/prefix)",
         )
+        require(self.max_jobs_in_flight_per_caller >= 0, "--max-jobs-in-flight-per-caller", "must be >= 0 (0: off)")
+        require(self.max_event_streams_per_caller >= 0, "--max-event-streams-per-caller", "must be >= 0 (0: off)")
+        require(self.metrics_token != "", "--metrics-token", "must not be empty")
 
     @property
     def auth_enabled(self) -> bool:

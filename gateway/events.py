@@ -28,6 +28,7 @@ from gateway.listener import JobEvent
 from gateway.positions import Entry
 from gateway.schemas import (
     CancelledEvent,
+    ClosedEvent,
     ErrorDetail,
     FailedEvent,
     JobState,
@@ -36,7 +37,8 @@ from gateway.schemas import (
     StartedEvent,
     SucceededEvent,
 )
-from gateway.state import LISTENER, POSITIONS
+from gateway.state import EVENT_STREAMS, LISTENER, POSITIONS
+from gateway.tenants import StreamTicket, caller_of
 
 logger = logging.getLogger(__name__)
 
@@ -57,26 +59,28 @@ class _Sent:
 
 
 async def job_events(request: web.Request) -> web.StreamResponse:
-    """Stream a job's events until it finishes or the client goes away."""
-    job_id = jobs.job_id_of(request)
+    """Stream a job's events until it finishes, the client goes away, or the caller's key is revoked."""
+    job_id = await jobs.visible_job_id(request)
     listener = request.app[LISTENER]
     events = listener.watch(job_id)  # before reading the state: nothing falls between the two
     try:
-        found = await jobs.read_state(request.app, job_id)
-        if found is None:
-            raise jobs.unknown_job(job_id)
-        async with sse_response(request, ping_interval=PING_INTERVAL_S) as sse:
-            await _JobStream(request.app, sse, job_id).run(*found, events)
-        return sse
+        with request.app[EVENT_STREAMS].open(caller_of(request), events) as ticket:
+            found = await jobs.read_state(request.app, job_id)
+            if found is None:
+                raise jobs.unknown_job(job_id)
+            async with sse_response(request, ping_interval=PING_INTERVAL_S) as sse:
+                await _JobStream(request.app, sse, job_id, ticket).run(*found, events)
+            return sse
     finally:
         listener.unwatch(job_id, events)
 
 
 class _JobStream:
-    def __init__(self, app: web.Application, sse: EventSourceResponse, job_id: str) -> None:
+    def __init__(self, app: web.Application, sse: EventSourceResponse, job_id: str, ticket: StreamTicket) -> None:
         self._app = app
         self._sse = sse
         self._id = job_id
+        self._ticket = ticket
         self._sent = _Sent()
         self._entry: Entry | None = None
 
@@ -90,11 +94,16 @@ class _JobStream:
         loop = asyncio.get_running_loop()
         resync_at = loop.time() + RESYNC_INTERVAL_S
         while True:
+            if self._ticket.reason is not None:  # ended by the gateway (the key was revoked): say why
+                await self._send([("closed", ClosedEvent(id=self._id, reason=self._ticket.reason))])
+                return
             self._track(_entry_of(record) if state.status == "queued" else None)
-            await self._send_changes(state)
+            await self._send(_changes(self._sent, state))
             if state.status in FINISHED or not self._sse.is_connected():
                 return
             event = await _next(events, POSITION_INTERVAL_S if state.status == "queued" else RESYNC_INTERVAL_S)
+            if event is not None and event.type == "closed":
+                continue
             if event is not None and event.type in ("started", "progress"):
                 state = _apply(state, event)
             elif event is None and state.status == "queued" and loop.time() < resync_at:
@@ -129,8 +138,8 @@ class _JobStream:
             board.track(entry)
         self._entry = entry
 
-    async def _send_changes(self, state: JobState) -> None:
-        for name, payload in _changes(self._sent, state):
+    async def _send(self, changes: list[tuple[str, BaseModel]]) -> None:
+        for name, payload in changes:
             # A client that went away (reset) or stopped reading (send timeout): the stream ends.
             with contextlib.suppress(ConnectionResetError, TimeoutError):
                 await self._sse.send(payload.model_dump_json(), event=name)

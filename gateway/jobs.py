@@ -16,7 +16,18 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from common.jobstore import IdempotencyConflict, JobRecord, JobStore, NotDurable, QueueFull, StoredResult, Submitted
+from common.jobstore import (
+    ANYONE,
+    IdempotencyConflict,
+    JobRecord,
+    JobStore,
+    NotDurable,
+    QueueFull,
+    StoredResult,
+    Submitted,
+    Submitter,
+    TooManyInFlight,
+)
 from common.protocol import JOB_ID_PATTERN, Job, JobResult
 from common.redis_conn import UNAVAILABLE
 from common.registry import WorkerInfo
@@ -26,6 +37,7 @@ from gateway.requestlog import REQUEST_ID
 from gateway.schemas import ErrorDetail, GenerateRequest, JobOutput, JobState, Progress, ResponseTimings
 from gateway.shapes import resolve_shape
 from gateway.state import CONFIG, JOBS, LISTENER, PLACEMENT, REGISTRY, STREAMS, THROUGHPUT
+from gateway.tenants import caller_of, too_many_in_flight
 
 logger = logging.getLogger(__name__)
 
@@ -95,13 +107,20 @@ async def submit(request: web.Request, body: GenerateRequest, placed: Placed) ->
     """Queue `job`, or with an `Idempotency-Key` already seen, refer to the job that key created.
 
     The key binds to the request (its validated body), not to the drawn seed: a retry of a request that
-    asked for a random seed gets the same job, and the same images.
+    asked for a random seed gets the same job, and the same images. Keys are the caller's own, and the job
+    records its caller as its owner (gateway/tenants.py).
     """
     key = idempotency_key(request)
     fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest() if key else ""
+    config = request.app[CONFIG]
     try:
         submitted = await request.app[JOBS].submit(
-            placed.job, placed.stream, key, fingerprint, max_depth=request.app[CONFIG].max_queue_depth
+            placed.job,
+            placed.stream,
+            key,
+            fingerprint,
+            max_depth=config.max_queue_depth,
+            submitter=submitter(request),
         )
     except QueueFull as exc:
         raise queue_full(exc, request.app[THROUGHPUT]) from None
@@ -115,6 +134,8 @@ async def submit(request: web.Request, body: GenerateRequest, placed: Placed) ->
             headers={"Retry-After": "1"},
             id=exc.job_id,
         ) from None
+    except TooManyInFlight as exc:
+        raise too_many_in_flight(exc, request.app[THROUGHPUT]) from None
     except IdempotencyConflict as exc:
         raise ApiError(
             422,
@@ -129,6 +150,15 @@ async def submit(request: web.Request, body: GenerateRequest, placed: Placed) ->
     else:
         logger.info("job %s replayed for its Idempotency-Key", submitted.job_id, extra={"job_id": submitted.job_id})
     return submitted
+
+
+def submitter(request: web.Request) -> Submitter:
+    """The request's caller as a submitter: its idempotency scope, the owner its jobs record, its cap."""
+    caller = caller_of(request)
+    if caller is None:
+        return ANYONE
+    cap = request.app[CONFIG].max_jobs_in_flight_per_caller if caller.tenant else 0
+    return Submitter(scope=caller.scope, owner=caller.owner, identity=caller.identity, max_in_flight=cap)
 
 
 async def submit_and_wait(request: web.Request, body: GenerateRequest, placed: Placed) -> StoredResult:
@@ -259,6 +289,17 @@ def job_id_of(request: web.Request) -> str:
     job_id = request.match_info["job_id"]
     if _JOB_ID.fullmatch(job_id) is None:
         raise unknown_job(job_id[:80])
+    return job_id
+
+
+async def visible_job_id(request: web.Request) -> str:
+    """The `{job_id}` of the URL, if the caller may see that job; otherwise the very 404 of an unknown id, so
+    that another caller's job cannot be told from one that never existed."""
+    job_id = job_id_of(request)
+    caller = caller_of(request)
+    if caller is not None and caller.tenant and not caller.admin:
+        if not caller.may_see(await request.app[JOBS].owner(job_id)):
+            raise unknown_job(job_id)
     return job_id
 
 

@@ -11,6 +11,7 @@ from redis.exceptions import OutOfMemoryError
 
 from common.blobstore import BlobNotFound, BlobStoreUnavailable
 from common.redis_conn import UNAVAILABLE
+from gateway.auth import CALLER
 from gateway.errors import ApiError
 from gateway.limits import OPEN, RATE_DECISION, Access
 from gateway.metrics import ERROR_CODE
@@ -97,6 +98,7 @@ async def protection_middleware(request: web.Request, handler: Handler) -> web.S
         return await handler(request)
     address = client_address(request.remote, request.headers.getall("X-Forwarded-For", []), config.trusted_proxies)
     caller = app[KEY_STORE].caller(request, access.public and config.public_demo, client_identity(address))
+    request[CALLER] = caller
     rate = config.rate_limits.get(caller.caller_class, access.kind)
     if rate is not None:
         decision = await app[LIMITER].check(f"{caller.caller_class}-{access.kind}", caller.identity, rate)

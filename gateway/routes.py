@@ -61,8 +61,9 @@ class Route:
 _GUARDED = {
     401: "an API key is needed (keys are configured) and none or an unknown one was sent",
     403: "the API key has been revoked",
-    429: "over the caller's rate limit (`rate_limited`) or, for a submit, the queue is full (`queue_full`): "
-    "see Retry-After",
+    429: "over the caller's rate limit (`rate_limited`) or, for a submit, the queue is full (`queue_full`) or "
+    "the caller has its cap of jobs in flight (`too_many_jobs_in_flight`); for an event stream, the caller "
+    "has its cap of open streams (`too_many_event_streams`): see Retry-After",
     503: "the queue is unreachable (see Retry-After)",
 }
 _BAD = {
@@ -76,7 +77,7 @@ _SUBMIT_ERRORS = {
     422: f"{IDEMPOTENCY_HEADER} reused with a different request",
     503: "no worker is serving yet, or the queue is unreachable (see Retry-After)",
 }
-_UNKNOWN = {**_GUARDED, 404: "unknown job (never submitted, or its result expired)"}
+_UNKNOWN = {**_GUARDED, 404: "unknown job (never submitted, its result expired, or another caller's)"}
 SUBMIT, READ = Access("submit"), Access("read")
 DEMO_SUBMIT, DEMO_READ = Access("submit", public=True), Access("read", public=True)
 _IDEMPOTENCY = {
@@ -118,7 +119,8 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         "/v1/jobs/{job_id}/events",
         events.job_events,
-        "Server-sent events: queued (position), started, progress per step, then succeeded, failed or cancelled",
+        "Server-sent events: queued (position), started, progress per step, then succeeded, failed or cancelled "
+        "(or closed, when the caller's key was revoked meanwhile)",
         replies={
             200: Reply(
                 "an event stream; each event's name is its type and its data one of these objects",
@@ -135,7 +137,11 @@ ROUTES: tuple[Route, ...] = (
         views.job_image,
         "One image of a succeeded job",
         replies={200: Reply("the image, in the job's output format", media_types=IMAGE_TYPES)},
-        errors={**_GUARDED, 404: "unknown job or image index", 409: "the job has not succeeded (yet)"},
+        errors={
+            **_GUARDED,
+            404: "unknown job (or another caller's) or image index",
+            409: "the job has not succeeded (yet)",
+        },
         access=DEMO_READ,
     ),
     Route(

@@ -163,6 +163,14 @@ class CancelledEvent(BaseModel):
     id: str
 
 
+class ClosedEvent(BaseModel):
+    """SSE `closed`, the last event of a stream the gateway ended before the job did: `reason`
+    `api_key_revoked` when the caller's key was revoked meanwhile."""
+
+    id: str
+    reason: str
+
+
 JOB_EVENTS: dict[str, type[BaseModel]] = {
     "queued": QueuedEvent,
     "started": StartedEvent,
@@ -170,6 +178,7 @@ JOB_EVENTS: dict[str, type[BaseModel]] = {
     "succeeded": SucceededEvent,
     "failed": FailedEvent,
     "cancelled": CancelledEvent,
+    "closed": ClosedEvent,
 }
 
 

@@ -18,6 +18,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.placement import Placement
 from gateway.positions import PositionBoard
 from gateway.ratelimit import RateLimiter
+from gateway.tenants import EventStreams
 
 CONFIG = web.AppKey("config", GatewayConfig)
 GATEWAY_ID = web.AppKey("gateway_id", str)
@@ -34,3 +35,4 @@ KEY_STORE = web.AppKey("key_store", KeyStore)
 LIMITER = web.AppKey("limiter", RateLimiter)
 THROUGHPUT = web.AppKey("throughput", ThroughputMeter)
 ACCESS = web.AppKey("access", dict[tuple[str, str], Access])  # (method, path template) -> its protection
+EVENT_STREAMS = web.AppKey("event_streams", EventStreams)  # open event streams by caller (gateway/tenants.py)

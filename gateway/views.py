@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hmac
 import time
 from pathlib import Path
 from typing import TypeVar
@@ -57,7 +58,14 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus exposition: this gateway's request figures and the cluster's queue and workers."""
-    app = request.app
+    if request.app[CONFIG].metrics_listen is not None:  # served on its own address instead
+        raise web.HTTPNotFound()
+    return await metrics_response(request.app, request)
+
+
+async def metrics_response(app: web.Application, request: web.Request) -> web.Response:
+    """The exposition of `app`'s figures, behind its metrics token when one is set."""
+    _check_metrics_token(app[CONFIG].metrics_token, request)
     gauges = app[METRICS]
     gauges.queue_depth.set(await app[STREAMS].depth())
     gauges.set_workers(await app[REGISTRY].workers())
@@ -65,6 +73,22 @@ async def metrics(request: web.Request) -> web.Response:
     gauges.waiting.set(app[LISTENER].waiting)
     gauges.event_streams.set(app[LISTENER].watching)
     return web.Response(body=gauges.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def _check_metrics_token(token: str | None, request: web.Request) -> None:
+    if token is None:
+        return
+    header = request.headers.get("Authorization")
+    scheme, _, given = (header or "").strip().partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
+        return
+    raise ApiError(
+        401,
+        "invalid_metrics_token" if header else "missing_metrics_token",
+        "/metrics needs Authorization: Bearer METRICS_TOKEN",
+        field="Authorization",
+        headers={"WWW-Authenticate": 'Bearer realm="sdxl-serve metrics"'},
+    )
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -106,7 +130,7 @@ async def submit_job(request: web.Request) -> web.Response:
 
 async def job_status(request: web.Request) -> web.Response:
     """A job's state: queue position, progress, then its result (image URLs) or error."""
-    job_id = jobs.job_id_of(request)
+    job_id = await jobs.visible_job_id(request)
     state = await jobs.read_state(request.app, job_id)
     if state is None:
         raise jobs.unknown_job(job_id)
@@ -115,7 +139,7 @@ async def job_status(request: web.Request) -> web.Response:
 
 async def cancel_job(request: web.Request) -> web.Response:
     """Cancel a queued or running job; 409 for one that already succeeded or failed."""
-    job_id = jobs.job_id_of(request)
+    job_id = await jobs.visible_job_id(request)
     outcome = await request.app[JOBS].cancel(job_id)
     if outcome is None:
         raise jobs.unknown_job(job_id)
@@ -133,7 +157,7 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 async def job_image(request: web.Request) -> web.Response:
     """One image of a succeeded job, with its media type."""
-    job_id = jobs.job_id_of(request)
+    job_id = await jobs.visible_job_id(request)
     index = _image_index(request.match_info["index"])
     if (redirect := await _presigned(request, job_id, index)) is not None:
         return redirect

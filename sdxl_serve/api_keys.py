@@ -9,10 +9,11 @@ from common.apikeys import key_line, new_key
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`keys new [--label L]` and `keys hash`."""
+    """`keys new [--label L] [--admin]` and `keys hash`."""
     sub = parser.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     new = sub.add_parser("new", help="print a new key (give it to the client) and its line for the keys file")
     new.add_argument("--label", default="", help="a comment for the keys-file line, e.g. who holds the key")
+    new.add_argument("--admin", action="store_true", help="mark the line `admin`: the key sees every caller's jobs")
     sub.add_parser("hash", help="read keys on standard input, one per line; print each one's keys-file line")
 
 
@@ -25,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         print(key)
-        print(key_line(key, args.label))
+        print(key_line(key, args.label, admin=args.admin))
         return 0
     for line in sys.stdin:
         if line.strip():

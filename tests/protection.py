@@ -25,7 +25,8 @@ Client = TestClient[Any, Any]
 
 async def gateway(aiohttp_client: ClientFactory, redis_server: RedisServer, **settings: Any) -> Client:
     """A gateway on db 0 (1 s request timeout) with `settings` over the defaults."""
-    config = GatewayConfig(redis_url=redis_server.url(0), request_timeout_s=1.0, result_ttl_s=60, **settings)
+    defaults: dict[str, Any] = {"redis_url": redis_server.url(0), "request_timeout_s": 1.0, "result_ttl_s": 60}
+    config = GatewayConfig(**(defaults | settings))
     return await aiohttp_client(create_app(config))
 
 

@@ -28,6 +28,20 @@ def test_the_keys_file_lists_active_and_revoked_digests() -> None:
     assert repr(ring) == "KeyRing(1 active, 2 revoked)"  # what a log may show: counts only
 
 
+def test_an_admin_line_marks_a_key_that_sees_every_callers_jobs() -> None:
+    a, b, c = (digest(k) for k in ("a", "b", "c"))
+    ring = parse_keys_file(f"{a} admin  # operator\n{b}\n{c} admin\n{c} revoked\n")
+    assert ring.active == {a, b} and ring.admins == {a} and ring.revoked == {c}  # revocation wins
+    assert repr(ring) == "KeyRing(2 active, 1 revoked, 1 admin)"
+    assert KeyRing.from_keys(["x"]).merged(ring).admins == {a}
+    assert key_line("k", "ops", admin=True) == f"{digest('k')} admin  # ops"
+    made = subprocess.run(
+        [sys.executable, "-m", "sdxl_serve", "keys", "new", "--admin"], capture_output=True, text=True, check=True
+    )
+    key, line = made.stdout.splitlines()
+    assert parse_keys_file(line).admins == {digest(key)}
+
+
 @pytest.mark.parametrize("line", ["not-a-digest", "abc123", f"{digest('a')} disabled", f"{digest('a')} revoked x"])
 def test_a_bad_line_is_named(line: str) -> None:
     with pytest.raises(KeysFileError, match="line 2"):

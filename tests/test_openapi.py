@@ -67,4 +67,5 @@ async def test_errors_and_headers_are_described(client: Client) -> None:
         "SucceededEvent",
         "FailedEvent",
         "CancelledEvent",
+        "ClosedEvent",
     }

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError
 
+from common.apikeys import KeyRing, new_key
 from common.config import log_config
 from common.protocol import Job
 from common.rediskeys import RedisKeys
@@ -202,6 +203,17 @@ async def test_a_password_url_serves_jobs_and_is_never_logged(
     await wrong.aclose()
 
 
+async def submit_with_a_key(aiohttp_client: ClientFactory, gateway_url: str) -> None:
+    """With keys, the submit script also keeps the caller's in-flight set, and prunes it (reading its jobs'
+    records) when it looks full: the second submit, whether its first job has finished or not."""
+    key = new_key()
+    config = GatewayConfig(redis_url=gateway_url, api_keys=KeyRing.from_keys([key]), max_jobs_in_flight_per_caller=1)
+    keyed = await aiohttp_client(create_app(config))
+    bearer = {"Authorization": f"Bearer {key}"}
+    answers = [(await keyed.post("/v1/jobs", json={"prompt": "mine"}, headers=bearer)).status for _ in range(2)]
+    assert answers[0] == 202 and answers[1] in (202, 429), answers
+
+
 async def test_least_privilege_acl_users_serve_everything(
     aiohttp_client: ClientFactory, secure_redis: SecureRedis, admin: aioredis.Redis
 ) -> None:
@@ -235,6 +247,7 @@ async def test_least_privilege_acl_users_serve_everything(
             assert state["status"] == status, state
         accepted = await (await client.post("/v1/jobs", json={"prompt": "to cancel"})).json()
         await client.delete(accepted["status_url"])
+        await submit_with_a_key(aiohttp_client, gateway_url)
     await generate_through(aiohttp_client, gateway_url, worker_url)
     assert await admin.xlen(KEYS.dead_letter_stream) == 1
     denied = await admin.execute_command("ACL", "LOG")

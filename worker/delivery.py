@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,12 +52,17 @@ class ClaimedJob:
     deliveries: int = 1  # how many times the group has handed this entry out, this time included
 
 
+# The dead-letter stream keeps about this many entries (XADD MAXLEN ~): an operator's view, not an archive.
+DEAD_LETTER_MAX_LEN = 10_000
+
+
 class Delivery:
     """Claim, start, report and settle the jobs one worker takes."""
 
-    def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: RedisKeys, dead_letter_max_len: int = DEAD_LETTER_MAX_LEN) -> None:
         self._redis = redis
         self._keys = keys
+        self._dead_letter_max_len = dead_letter_max_len
         self._streams = JobStreams(redis, keys)
         self._store = register(redis, "store_result")
         self._start = register(redis, "start")
@@ -166,7 +172,13 @@ class Delivery:
         await self._redis.xdel(malformed.stream, malformed.entry_id)
 
     async def dead_letter(self, claimed: ClaimedJob, worker_id: str, reason: str) -> None:
-        """Give up on a job: record it with its history on the dead-letter stream and fail it."""
+        """Give up on a job: record it with its history on the dead-letter stream and fail it.
+
+        The entry describes the job without its prompts (their lengths only): a prompt is the caller's, and
+        stays only in the job's record, which expires with its result. The stream is bounded (about
+        DEAD_LETTER_MAX_LEN entries), and each add drops the entries older than the job's result TTL and
+        makes the stream expire that long after its last entry.
+        """
         job = claimed.job
         history = [text(a) for a in await self._redis.lrange(self._keys.attempts(job.id), 0, -1)]
         result = JobResult(
@@ -177,17 +189,23 @@ class Delivery:
             shape=job.shape,
             error=f"gave up: {reason} (attempts: {', '.join(history) or 'none'})",
         )
+        stream = self._keys.dead_letter_stream
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.xadd(
-                self._keys.dead_letter_stream,
+                stream,
                 {
-                    "job": job.model_dump_json(),
+                    "job": _without_prompts(job),
                     "entry_id": claimed.entry_id,
                     "deliveries": claimed.deliveries,
                     "attempts": json.dumps(history),
                     "reason": reason,
                 },
+                maxlen=self._dead_letter_max_len,
+                approximate=True,
             )
+            # Redis ms ids: entries added before now - ttl. The worker's clock is near enough for hours.
+            pipe.xtrim(stream, minid=f"{int(time.time() * 1000) - job.result_ttl_s * 1000}-0")
+            pipe.expire(stream, job.result_ttl_s)
             pipe.hincrby(self._keys.stats, "dead_lettered", 1)
             await self._store(
                 keys=self._store_keys(claimed.stream, job.id),
@@ -236,6 +254,13 @@ def parse_entry(stream: str, entry_id: str, fields: dict[bytes, bytes], deliveri
     except ValueError:
         raise MalformedJob(stream, entry_id, job.id, "deliveries and enqueued must be integers") from None
     return ClaimedJob(job=job, stream=stream, entry_id=entry_id, enqueued_ms=enqueued, deliveries=deliveries + earlier)
+
+
+def _without_prompts(job: Job) -> str:
+    """A job's JSON as the dead-letter stream keeps it: the prompts replaced by their lengths."""
+    described = job.model_dump(mode="json", exclude={"prompt", "negative_prompt"})
+    described.update(prompt_chars=len(job.prompt), negative_prompt_chars=len(job.negative_prompt))
+    return json.dumps(described)
 
 
 def pairs(flat: list[bytes]) -> dict[bytes, bytes]:
