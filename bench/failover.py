@@ -5,11 +5,12 @@ the Sentinel URL from two concurrent submitters as the gateway does (`JobStore.s
 `--durable-accept` off or replica), SIGKILLs the primary after some acceptances, and brings it back as a
 replica once the sentinels have promoted the old one. Then it counts the accepted jobs whose record is not
 on the new master: lost. Two scenarios: the replica keeps up (loopback replication), and the replica is
-300 ms behind when the primary dies (its process stopped for that long: the window a slow link or a busy
-replica opens).
+300 ms behind when the primary dies (it replicates through a relay that holds the primary's stream back for
+that long, then is cut with the primary: the window a slow link or a busy replica opens).
 
-Recovery is the time from the kill to the first accepted submit after it (with durable acceptance, that
-waits for the rejoined replica too); the switch is the time to the sentinels' `+switch-master`.
+Recovery is the time from the kill to the answer of the first accepted submit sent after it (with durable
+acceptance, that waits for the rejoined replica too); the switch is the time to the sentinels'
+`+switch-master`.
 
     .venv/bin/python bench/failover.py [--trials 3] [--json]
 """
@@ -20,7 +21,6 @@ import argparse
 import asyncio
 import itertools
 import json
-import signal
 import statistics
 import sys
 import tempfile
@@ -38,7 +38,6 @@ from common.jobstore import DurableAccept, JobStore, NotDurable
 from common.protocol import Job, Shape
 from common.redis_conn import UNAVAILABLE, connect
 from common.rediskeys import RedisKeys
-from sdxl_serve.processes import signal_group
 from testkit.sentinel import SentinelGroup, start_sentinel_group
 
 SHAPE = Shape(width=1024, height=1024, steps=20)
@@ -48,7 +47,8 @@ LAG_S = 0.3
 
 @dataclass
 class Load:
-    accepted: list[tuple[str, float]] = field(default_factory=list)  # job id, monotonic time of the answer
+    # job id, monotonic times of the submit and of its answer
+    accepted: list[tuple[str, float, float]] = field(default_factory=list)
     refused: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -64,19 +64,20 @@ async def submitter(store: JobStore, load: Load, stop: asyncio.Event) -> None:
         if stop.is_set():
             return
         job = Job(id=uuid.uuid4().hex, prompt="fox", seed=1, guidance_scale=5.0, shape=SHAPE, result_ttl_s=600)
+        sent = time.monotonic()
         try:
             await store.submit(job, stream)
         except (*UNAVAILABLE, NotDurable, OSError):
             load.refused += 1
             await asyncio.sleep(0.05)
             continue
-        load.accepted.append((job.id, time.monotonic()))
+        load.accepted.append((job.id, sent, time.monotonic()))
         load.changed.set()
 
 
 async def trial(mode: DurableAccept, lagging: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="sdxl-bench-failover-") as scratch:
-        group = await start_sentinel_group(Path(scratch))
+        group = await start_sentinel_group(Path(scratch), relayed=lagging)
         client = connect(group.url(), name="bench-failover")
         try:
             return await _run(group, JobStore(client, RedisKeys(), mode, durable_timeout_ms=500), mode, lagging)
@@ -89,23 +90,24 @@ async def _run(group: SentinelGroup, store: JobStore, mode: str, lagging: bool) 
     load, stop = Load(), asyncio.Event()
     tasks = [asyncio.create_task(submitter(store, load, stop)) for _ in range(2)]
     await load.until(lambda: len(load.accepted) >= BEFORE_KILL)
-    if lagging:  # the replica stops reading for LAG_S while the primary keeps accepting, then the primary dies
-        signal_group(group.replica.process.pid, signal.SIGSTOP)
+    if lagging:  # the replica gets nothing for LAG_S while the primary keeps accepting, then the primary dies
+        assert group.link is not None
+        group.link.hold()
         await asyncio.sleep(LAG_S)
     await group.kill_primary()
     killed = group.killed_at
     assert killed is not None
-    if lagging:
-        signal_group(group.replica.process.pid, signal.SIGCONT)
+    if group.link is not None:
+        group.link.cut()  # what it held back dies with the primary
     await group.switched()
     switched = time.monotonic() - killed
     await group.rejoin()
     async with asyncio.timeout(60):
         await load.until(lambda: load.accepted[-1][1] > killed)
-    recovered = min(at for _, at in load.accepted if at > killed) - killed
+    recovered = min(answered for _, sent, answered in load.accepted if sent > killed) - killed
     stop.set()
     await asyncio.gather(*tasks)
-    lost = await _lost(store, [job_id for job_id, _ in load.accepted])
+    lost = await _lost(store, [job_id for job_id, _, _ in load.accepted])
     return {"mode": mode, "replica": "300 ms behind" if lagging else "in step", "accepted": len(load.accepted),
             "lost": lost, "switch_s": switched, "recovered_s": recovered, "refused": load.refused}  # fmt: skip
 

@@ -42,6 +42,54 @@ SETTLE_TIMEOUT_S = 30.0
 _MONITOR_LINE = b"+monitor master"
 
 
+class ReplicationLink:
+    """A TCP relay the replica replicates through, so a benchmark can make the replica fall behind: while held,
+    what the primary sends is kept here instead of delivered, and lost with the primary if it dies then."""
+
+    def __init__(self, primary_port: int) -> None:
+        self.primary_port = primary_port
+        self.port = 0
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def hold(self) -> None:
+        """Stop delivering the primary's stream to the replica (the replica falls behind)."""
+        self._flowing.clear()
+
+    def cut(self) -> None:
+        """Drop every connection, and with them whatever was held back."""
+        for task in self._tasks:
+            task.cancel()
+        if self._server is not None:
+            self._server.close()
+
+    async def _relay(self, replica_r: asyncio.StreamReader, replica_w: asyncio.StreamWriter) -> None:
+        primary_r, primary_w = await asyncio.open_connection("127.0.0.1", self.primary_port)
+        pumps = [self._pump(replica_r, primary_w, held=False), self._pump(primary_r, replica_w, held=True)]
+        for pump in pumps:
+            task = asyncio.create_task(pump)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, held: bool) -> None:
+        try:
+            while data := await reader.read(65536):
+                if held:
+                    await self._flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+
 @dataclass
 class SentinelGroup:
     """A primary, a replica and the sentinels that watch them; `url()` is what clients connect with."""
@@ -53,6 +101,7 @@ class SentinelGroup:
     directory: Path
     service: str = SERVICE
     killed_at: float | None = None
+    link: ReplicationLink | None = None
     _switch: asyncio.Task[tuple[str, int]] | None = field(default=None, repr=False)
 
     def url(self, db: int = 0) -> str:
@@ -115,23 +164,32 @@ class SentinelGroup:
         """Stop every process and remove the data directory."""
         if self._switch is not None:
             self._switch.cancel()
+        if self.link is not None:
+            self.link.cut()
         await stop([*self.sentinels, self.primary.process, self.replica.process], timeout_s=10)
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-async def start_sentinel_group(directory: Path, options: RedisOptions | None = None) -> SentinelGroup:
+async def start_sentinel_group(
+    directory: Path, options: RedisOptions | None = None, *, relayed: bool = False
+) -> SentinelGroup:
     """Start a primary, a replica of it and three sentinels in `directory`; return once a failover can happen.
 
-    `options` apply to both data servers (`appendonly`, `extra`); their ports are always free ones.
+    `options` apply to both data servers (`appendonly`, `extra`); their ports are always free ones. With
+    `relayed`, the replica replicates through a `ReplicationLink` (the group's `link`) that can hold it back.
     """
     options = options or RedisOptions()
     primary = await _data_server(directory / "primary", options)
-    replica = await _data_server(directory / "replica", options, "--replicaof", "127.0.0.1", str(primary.port))
+    link = ReplicationLink(primary.port) if relayed else None
+    if link is not None:
+        await link.start()
+    upstream = link.port if link is not None else primary.port
+    replica = await _data_server(directory / "replica", options, "--replicaof", "127.0.0.1", str(upstream))
     await _in_sync(primary.port)
     ports = [free_port() for _ in range(SENTINELS)]
     sentinels = [await _sentinel(directory / f"sentinel-{i}", port, primary.port) for i, port in enumerate(ports)]
     await _settled(ports)
-    return SentinelGroup(primary, replica, sentinels, ports, directory)
+    return SentinelGroup(primary, replica, sentinels, ports, directory, link=link)
 
 
 async def _data_server(directory: Path, options: RedisOptions, *extra: str) -> RedisServer:
