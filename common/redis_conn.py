@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ConstantBackoff, ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -165,10 +165,11 @@ def _connect_sentinel(target: SentinelUrl, name: str) -> aioredis.Redis:
         # A fresh connection says PING first, so one to a server that is no longer the master (or is gone)
         # fails at once and is retried against the sentinels' new answer.
         check_connection=True,
-        # About 5 s of retries in all (1.5 s for one server): long enough to ride out most of a failover (a
-        # master is declared down after `down-after-milliseconds`, a replica promoted a second or two later),
-        # short enough that a request fails (503, retry later) rather than hangs when Redis is really gone.
-        **_connection_options(name, retries=7),
+        # Retries at a steady 0.25 s, 5 s in all: long enough to ride out most of a failover (a master is
+        # declared down after `down-after-milliseconds`, a replica promoted a second or two later), and each
+        # try asks the sentinels again, so the first one after the switch lands on the new master (an
+        # exponential backoff measured 2.6 s slower to recover: docs/benchmarks.md, "A Sentinel failover").
+        **{**_connection_options(name), "retry": Retry(ConstantBackoff(0.25), retries=20)},
     )
     return client
 

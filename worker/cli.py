@@ -29,13 +29,7 @@ _GB = 1e9
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Every flag of `sdxl-serve worker`."""
     add_redis_arguments(parser)
-    add_blob_store_argument(parser, WorkerConfig.blob_store)
-    parser.add_argument(
-        "--blob-sweep-interval",
-        type=float,
-        default=WorkerConfig.blob_sweep_interval_s,
-        help="seconds between sweeps of a file --blob-store for objects whose result expired",
-    )
+    _add_blob_store(parser)
     add_model_arguments(parser, WorkerConfig.model)
     parser.add_argument("--worker-id", default=None, help="default: HOST-PID-RANDOM")
     parser.add_argument("--heartbeat-interval", type=float, default=WorkerConfig.heartbeat_interval_s)
@@ -71,6 +65,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the registry; set one for Prometheus and probes; env SDXL_SERVE_METRICS_PORT)",
     )
     add_compile_cache_arguments(parser)
+
+
+def _add_blob_store(parser: argparse.ArgumentParser) -> None:
+    """Where images are written, and how often a file store is swept of expired ones."""
+    add_blob_store_argument(parser, WorkerConfig.blob_store)
+    parser.add_argument(
+        "--blob-sweep-interval",
+        type=float,
+        default=WorkerConfig.blob_sweep_interval_s,
+        help="seconds between sweeps of a file --blob-store for objects whose result expired",
+    )
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, model_default: str | None) -> None:
