@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from common.config import ConfigError
@@ -72,6 +75,34 @@ async def test_a_client_follows_a_failover_and_keeps_its_data(sentinel_group: Se
         assert await sentinel_group.master_port() == sentinel_group.replica.port
     finally:
         await client.aclose()
+
+
+async def test_a_command_in_flight_when_the_primary_dies_completes_on_the_new_master(
+    sentinel_group: SentinelGroup,
+) -> None:
+    """A connection that drops mid-command asks the sentinels again when it reconnects; redis-py's own
+    reconnect retried the dead master's address until its retries (5 s) ran out, past the switch."""
+    client = connect(sentinel_group.url(), name="test-in-flight")
+    other = connect(sentinel_group.url(), name="test-other")
+    try:
+        waiting: asyncio.Future[Any] = asyncio.ensure_future(client.blpop(["handoff"], timeout=30))
+        await blocked(other, "blpop")
+        await sentinel_group.kill_primary()
+        await sentinel_group.switched()
+        await other.rpush("handoff", "after the failover")
+        assert await waiting == (b"handoff", b"after the failover")
+    finally:
+        await client.aclose()
+        await other.aclose()
+
+
+async def blocked(client: aioredis.Redis, command: str) -> None:
+    """Until some client is blocked in `command` (the server has no event for it: poll CLIENT LIST)."""
+    async with asyncio.timeout(10):
+        while True:
+            if f"cmd={command}".encode() in await client.execute_command("CLIENT", "LIST"):
+                return
+            await asyncio.sleep(0.05)
 
 
 def _job(job_id: str) -> Job:
