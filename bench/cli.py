@@ -14,6 +14,7 @@ BENCHMARKS = {
     "protect": "refusals per second on one core (429, 400) and gateway memory under a 10x burst",
     "tenants": "a second caller's wait while a first floods, with and without the per-caller cap",
     "generate": "the pipeline in-process: compile time, latency, images/s, TFLOP/s and fraction of peak",
+    "backtoback": "device idle between back-to-back jobs: the worker loop in-process, jobs queued ahead",
 }
 
 

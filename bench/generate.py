@@ -3,8 +3,12 @@
 The pipeline is loaded and compiled in this process, exactly as a worker does, then called `--repeats`
 times per variant; variants (attention paths) alternate call by call so each sees the same machine state:
 
-    sdxl-serve bench generate --model sdxl-random --size 1024x1024 --steps 20 --images 4 \\
+    sdxl-serve bench generate --model sdxl-random --size 1024x1024 --steps 20 --images 1,4 \\
         --attention einsum,dot_product --repeats 10
+
+A comma list of image counts measures each in turn, loading the model afresh for each (the batch is fixed
+when a pipeline is made); each count's reports are printed as soon as it is measured, so a run cut short
+keeps what it finished.
 
 Reports compile seconds, latency per call (median, p90), images/s, seconds per image per device, and the
 achieved TFLOP/s and fraction of the device's peak: the FLOPs are counted from the loaded model at the
@@ -69,7 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", default=None)
     parser.add_argument("--size", type=parse_size, default=None, help="WIDTHxHEIGHT (default: the native size)")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--images", type=int, default=4, help="images per call, split evenly over the devices")
+    parser.add_argument(
+        "--images",
+        type=parse_counts,
+        default=(4,),
+        help="images per call, split evenly over the devices; a comma list measures each in turn",
+    )
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per variant, after the warm-up")
     parser.add_argument(
         "--attention",
@@ -105,13 +114,26 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def config_from_args(args: argparse.Namespace) -> GenerateConfig:
+def parse_counts(text: str) -> tuple[int, ...]:
+    """'1,4' -> (1, 4): distinct whole numbers, each at least 1."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() and int(part) >= 1 for part in parts) or len(set(parts)) != len(parts):
+        raise argparse.ArgumentTypeError(f"must be distinct whole numbers >= 1, comma separated (got {text!r})")
+    return tuple(int(part) for part in parts)
+
+
+def configs_from_args(args: argparse.Namespace) -> list[GenerateConfig]:
+    """One run per image count, in the order given."""
+    return [_config(args, images) for images in args.images]
+
+
+def _config(args: argparse.Namespace, images: int) -> GenerateConfig:
     return GenerateConfig(
         model=args.model,
         revision=args.revision,
         size=args.size,
         steps=args.steps,
-        images=args.images,
+        images=images,
         repeats=args.repeats,
         attentions=cast("tuple[Attention, ...]", tuple(a.strip() for a in args.attention.split(","))),
         progress=args.progress,
@@ -121,12 +143,13 @@ def config_from_args(args: argparse.Namespace) -> GenerateConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    configs = configs_from_args(args)
     from worker.cli import use_cpu_devices
 
     use_cpu_devices(args.cpu_devices)
-    reports = measure(config)
-    print("\n".join(map(json.dumps, reports)) if args.json else table(reports))
+    for config in configs:
+        reports = measure(config)
+        print("\n".join(map(json.dumps, reports)) if args.json else table(reports) + "\n", flush=True)
     return 0
 
 

@@ -240,7 +240,7 @@ class JobStore:
 
         Returns None for an unknown job, `cancelled` if this call (or an earlier one) cancelled it, and the
         final status (`succeeded` or `failed`) of a job that finished first. A queued job never runs; a
-        running one runs to the end and its result is dropped.
+        running one stops at a denoising step soon after (its worker learns of it from a progress report).
         """
         record = await self.record(job_id)
         if record is None:

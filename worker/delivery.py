@@ -146,7 +146,7 @@ class Delivery:
         """Record and announce a finished denoising step; returns the job's status (None if unknown).
 
         Only the worker the job is recorded as running on reports; a status of `cancelled` tells the
-        worker its result will be discarded.
+        worker to stop the job (its `cancelled` result is already stored) and `discard` its entry.
         """
         status = await self._progress(
             keys=[self._keys.job(job_id)], args=[worker_id, step, total, self._keys.job_events_channel, job_id]

@@ -55,6 +55,9 @@ class WorkerMetrics:
             registry=r,
         )
         self.devices = Gauge("sdxl_worker_devices", "Local accelerator devices in use", ["kind"], registry=r)
+        self.steps = Counter(
+            "sdxl_worker_denoising_steps", "Denoising steps finished on the devices (with step progress)", registry=r
+        )
         self.busy = Gauge("sdxl_worker_busy", "1 while a job is on the devices", registry=r)
         self.reclaims = Counter("sdxl_worker_reclaims", "Jobs this worker took over from dead workers", registry=r)
 

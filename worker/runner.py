@@ -1,7 +1,12 @@
-"""The worker loop: claim one job, generate off the event loop, encode, store, notify, acknowledge.
+"""The worker loop: claim one job, generate off the event loop, then encode, store, notify and acknowledge it
+behind the device while the next job generates.
 
 The event loop only does Redis I/O; the pipeline runs on a dedicated thread (the accelerator is used by
 one job at a time) and PNG encoding on a small pool, so heartbeats keep flowing while the devices work.
+A job whose generation is done is handed to a delivery task (encode, store) and the loop claims the next job
+at once: the accelerator never waits for encoding. At most one job is in delivery: the next hand-off waits for
+it, so finished images never pile up in memory when storing is slow. A job cancelled while it runs stops at its
+next denoising step (each step's progress report returns the job's status) and the worker takes its next job.
 A worker joins the consumer group only after every configured shape is compiled and warmed up: until
 then it is registered as `warming` and takes no job.
 """
@@ -15,9 +20,11 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -49,6 +56,29 @@ MALFORMED_RESULT_TTL_S = DEFAULT_RESULT_TTL_S
 # Publishing the last progress step must not hold up a finished job for long when Redis is slow.
 PROGRESS_FLUSH_TIMEOUT_S = 2.0
 _NO_MORE_STEPS = -1
+# Encodes a batch of images on an executor (worker/encode.py's `encode_all`; tests put a stand-in).
+EncodeImages = Callable[[np.ndarray, Encoding, Executor], list[bytes]]
+
+
+class _Cancelled(Exception):
+    """Raised on the device thread at a step boundary: the running job was cancelled, dispatch no more steps."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"cancelled after step {step}")
+        self.step = step
+
+
+@dataclass(frozen=True)
+class _Generated:
+    """A job whose device work is over: its images, the failure that stopped it, or the step where it was
+    stopped because it was cancelled (then neither images nor a failure)."""
+
+    claimed: ClaimedJob
+    pixels: np.ndarray | None
+    failure: JobResult | None
+    queued_ms: float
+    generate_ms: float
+    stopped_after: int | None = None
 
 
 class Worker:
@@ -60,6 +90,7 @@ class Worker:
         redis: aioredis.Redis,
         load_pipeline: Callable[[], SDXLPipeline] | None = None,
         started_at: float | None = None,
+        encode_images: EncodeImages = encode_all,
         blobs: BlobStore | None = None,
     ) -> None:
         self.config = config
@@ -76,6 +107,8 @@ class Worker:
         self._encoders = ThreadPoolExecutor(
             max_workers=min(config.images_per_request, os.cpu_count() or 1), thread_name_prefix="encode"
         )
+        self._encode_images = encode_images
+        self._delivering: asyncio.Task[None] | None = None  # the job being encoded and stored, if any
         self._stopping = asyncio.Event()
         self._pipeline: SDXLPipeline | None = None
         self.metrics = WorkerMetrics()
@@ -92,7 +125,7 @@ class Worker:
         )
 
     def stop(self) -> None:
-        """Stop claiming; `run()` returns once the job in hand (if any) is stored."""
+        """Stop claiming; `run()` returns once the jobs in hand (on the device, in delivery) are stored."""
         self._stopping.set()
         self.info = self.info.model_copy(update={"state": "draining"})
 
@@ -125,6 +158,7 @@ class Worker:
                 await self._set_state("ready")
             while not self._stopping.is_set():
                 await self._serve_next()
+            await self._delivered()
         finally:
             heartbeat.cancel()
             sweep.cancel()
@@ -228,56 +262,109 @@ class Worker:
             await self._delivery.discard(claimed)
             self.metrics.jobs.labels("skipped_cancelled").inc()
             return
-        self.info = self.info.model_copy(update={"state": self._serving_state("busy")})
-        self.metrics.busy.set(1)
+        self._device_busy(True)
         logger.info("job %s: claimed after %d ms in queue (%s)", job.id, claimed_ms - claimed.enqueued_ms, job.shape)
+        generated = await self._generate(claimed, queued_ms=claimed_ms - claimed.enqueued_ms)
+        self._device_busy(False)
+        if generated.stopped_after is not None:
+            await self._drop_cancelled(claimed, generated.stopped_after)
+            return
+        await self._hand_off(generated)
+
+    def _device_busy(self, busy: bool) -> None:
+        self.info = self.info.model_copy(update={"state": self._serving_state("busy" if busy else "ready")})
+        self.metrics.busy.set(1 if busy else 0)
+
+    async def _generate(self, claimed: ClaimedJob, queued_ms: float) -> _Generated:
+        """The job's device work; a failure becomes the job's result (the per-job boundary, device side)."""
+        job = claimed.job
+        started = time.perf_counter()
+        pixels, failure = None, None
         try:
-            result, images = await self._run_job(job, queued_ms=claimed_ms - claimed.enqueued_ms)
+            pixels = await self._run_pipeline(job)
+        except _Cancelled as stop:
+            return _Generated(claimed, None, None, queued_ms, (time.perf_counter() - started) * 1000, stop.step)
         except PipelineError as exc:
-            result, images = self._failure(job, str(exc)), []
+            failure = self._failure(job, str(exc))
         except Exception as exc:  # the worker's catch-all boundary: report the job, keep serving
             logger.exception("job %s failed", job.id)
-            result, images = self._failure(job, f"{type(exc).__name__}: {exc}"), []
-        if self._images is not None and images:  # objects first: no result is visible before its images
-            result, images = await self._images.put(job, result, images), []
-        stored = await self._store(claimed, result, images)
-        if not stored and self._images is not None:
-            await self._images.discard(result)
-        self.metrics.busy.set(0)
-        self.metrics.jobs.labels(result.status if stored else "discarded").inc()  # discarded: cancelled or duplicate
-        self.info = self.info.model_copy(
-            update={"state": self._serving_state("ready"), "jobs_done": self.info.jobs_done + 1}
-        )
-        logger.info("job %s: %s%s", job.id, result.status, "" if stored else " (duplicate result dropped)")
+            failure = self._failure(job, f"{type(exc).__name__}: {exc}")
+        generate_s = time.perf_counter() - started
+        if failure is None:
+            self.metrics.generate_seconds.labels(str(job.shape)).observe(generate_s)
+        return _Generated(claimed, pixels, failure, queued_ms, generate_s * 1000)
 
-    async def _run_job(self, job: Job, queued_ms: float) -> tuple[JobResult, list[bytes]]:
+    async def _run_pipeline(self, job: Job) -> np.ndarray:
         pipeline = self._pipeline
         assert pipeline is not None, "jobs are claimed only after warm-up"
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue[int] = asyncio.Queue()
-        reporter = asyncio.create_task(self._report_progress(job, steps), name=f"progress-{job.id}")
+        cancelled = threading.Event()
+        reporter = asyncio.create_task(self._report_progress(job, steps, cancelled), name=f"progress-{job.id}")
 
-        def on_step(step: int) -> None:  # called on a runtime thread, once per denoising step
+        def on_step(step: int) -> None:  # called on the device thread, once per denoising step
+            if cancelled.is_set():
+                raise _Cancelled(step)  # unwinds the pipeline's step loop: no further step is dispatched
+            self.metrics.steps.inc()
             loop.call_soon_threadsafe(steps.put_nowait, step)
 
-        started = time.perf_counter()
         try:
-            pixels: np.ndarray = await self._on_device(
+            return await self._on_device(
                 lambda: pipeline.generate(
                     job.shape, job.prompt, job.negative_prompt, job.seed, job.guidance_scale, on_step=on_step
                 )
             )
         finally:
             await self._finish_progress(steps, reporter)
-        generated = time.perf_counter()
+
+    # --- Delivery: encoding and storing a generated job, behind the device.
+
+    async def _hand_off(self, generated: _Generated) -> None:
+        """Deliver `generated` in a task of its own and return, so the loop claims the next job while it is
+        encoded and stored. The job delivered before it is awaited first: it has had a whole generation's time,
+        so the device waits only when storing is slower than generating."""
+        await self._delivered()
+        # The task inherits this context, so its log lines carry the job's ids.
+        self._delivering = asyncio.create_task(self._deliver(generated), name=f"deliver-{generated.claimed.job.id}")
+
+    async def _delivered(self) -> None:
+        """Wait for the job in delivery, if there is one."""
+        delivering, self._delivering = self._delivering, None
+        if delivering is not None:
+            await delivering
+
+    async def _deliver(self, generated: _Generated) -> None:
+        """Encode and store one job: whatever happens, it gets a stored result and is acknowledged, once."""
+        claimed = generated.claimed
+        result, images = await self._encode(generated)
+        if self._images is not None and images:  # objects first: no result is visible before its images
+            result, images = await self._images.put(claimed.job, result, images), []
+        stored = await self._store(claimed, result, images)
+        if not stored and self._images is not None:
+            await self._images.discard(result)
+        self.metrics.jobs.labels(result.status if stored else "discarded").inc()  # discarded: cancelled or duplicate
+        self.info = self.info.model_copy(update={"jobs_done": self.info.jobs_done + 1})
+        logger.info("job %s: %s%s", claimed.job.id, result.status, "" if stored else " (duplicate result dropped)")
+
+    async def _encode(self, generated: _Generated) -> tuple[JobResult, list[bytes]]:
+        """The job's result and encoded images; a failure to encode fails the job (the per-job boundary, delivery
+        side)."""
+        job = generated.claimed.job
+        if generated.pixels is None:
+            assert generated.failure is not None, "a job without images has a failure"
+            return generated.failure, []
         encoding = Encoding(job.output_format, job.quality, self.config.png_compress_level)
-        images = await loop.run_in_executor(None, encode_all, pixels, encoding, self._encoders)
-        encoded = time.perf_counter()
-        timings = Timings(
-            queued_ms=queued_ms, generate_ms=(generated - started) * 1000, encode_ms=(encoded - generated) * 1000
-        )
-        self.metrics.generate_seconds.labels(str(job.shape)).observe(generated - started)
-        self.metrics.encode_seconds.labels(job.output_format).observe(encoded - generated)
+        started = time.perf_counter()
+        try:
+            images = await asyncio.get_running_loop().run_in_executor(
+                None, self._encode_images, generated.pixels, encoding, self._encoders
+            )
+        except Exception as exc:  # the worker's catch-all boundary: report the job, keep serving
+            logger.exception("job %s: encoding failed", job.id)
+            return self._failure(job, f"encoding failed: {type(exc).__name__}: {exc}"), []
+        encode_s = time.perf_counter() - started
+        self.metrics.encode_seconds.labels(job.output_format).observe(encode_s)
+        timings = Timings(queued_ms=generated.queued_ms, generate_ms=generated.generate_ms, encode_ms=encode_s * 1000)
         result = JobResult(
             id=job.id,
             status="succeeded",
@@ -290,9 +377,10 @@ class Worker:
         )
         return result, images
 
-    async def _report_progress(self, job: Job, steps: asyncio.Queue[int]) -> None:
+    async def _report_progress(self, job: Job, steps: asyncio.Queue[int], cancelled: threading.Event) -> None:
         """Publish each finished step (the latest, when several arrived during one round trip) until told
-        there are no more. Progress is best effort: a Redis error is logged and the job carries on."""
+        there are no more; set `cancelled` when the job turns out to be. Progress is best effort: a Redis error
+        is logged and the job carries on."""
         finished = False
         while not finished:
             batch = [await steps.get()]
@@ -300,17 +388,31 @@ class Worker:
                 batch.append(steps.get_nowait())
             finished = _NO_MORE_STEPS in batch
             reached = [step for step in batch if step != _NO_MORE_STEPS]
-            if reached:
-                await self._publish_step(job, max(reached))
+            if reached and not cancelled.is_set() and await self._publish_step(job, max(reached)) == "cancelled":
+                logger.info(
+                    "job %s: cancelled while running (step %d); stopping at the next step", job.id, max(reached)
+                )
+                cancelled.set()
 
-    async def _publish_step(self, job: Job, step: int) -> None:
+    async def _publish_step(self, job: Job, step: int) -> str | None:
+        """The job's status after reporting `step` (None when unknown or Redis is away)."""
         try:
-            status = await self._delivery.progress(job.id, self.id, step, job.shape.steps)
+            return await self._delivery.progress(job.id, self.id, step, job.shape.steps)
         except REDIS_ERRORS as exc:
             logger.warning("job %s: progress not published (%s)", job.id, exc)
-            return
-        if status == "cancelled":
-            logger.info("job %s: cancelled while running (step %d); its result will be discarded", job.id, step)
+            return None
+
+    async def _drop_cancelled(self, claimed: ClaimedJob, step: int) -> None:
+        """Settle a job stopped because it was cancelled: its `cancelled` result is already stored, so the entry
+        is only acknowledged. Should Redis be away, the entry stays pending; whoever takes it over later drops it
+        (its job is cancelled)."""
+        job = claimed.job
+        logger.info("job %s: cancelled while running; stopped after step %d of %d", job.id, step, job.shape.steps)
+        self.metrics.jobs.labels("stopped_cancelled").inc()
+        try:
+            await self._delivery.discard(claimed)
+        except REDIS_ERRORS as exc:
+            logger.warning("job %s: could not settle the cancelled job (%s); left pending", job.id, exc)
 
     @staticmethod
     async def _finish_progress(steps: asyncio.Queue[int], reporter: asyncio.Task[None]) -> None:

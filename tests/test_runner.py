@@ -1,0 +1,260 @@
+"""The worker loop (worker/runner.py) keeps the device busy: a job is encoded and stored while the next one
+generates, and whatever happens to the encoding, each job is settled exactly once; a stop drains both. A job
+cancelled while it runs stops within a few steps, and the worker takes the next job.
+
+The first tests run a real Worker (its loop, heartbeats and queue scripts) on the session's redis-server, with a
+stand-in pipeline and a stand-in encoder that they hold and release by events: no JAX work, no timing. The
+cancel test runs a real worker process on the tiny model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from common.jobstore import JobStore
+from common.protocol import Job, JobResult, Shape
+from common.rediskeys import RedisKeys
+from tests.conftest import TEST_SHAPES, ProcessGroup, RedisServer, scrape, wait_ready, worker_args
+from worker.config import WorkerConfig
+from worker.encode import Encoding
+from worker.pipeline import CompileTimings
+from worker.runner import Worker
+
+KEYS = RedisKeys()
+SHAPE = TEST_SHAPES[0]
+WAIT_S = 30.0  # how long a test waits for results and for the worker to stop
+HOLD_S = 10.0  # how long a held encoder waits for the next generation before it gives up (then the test fails)
+
+
+class Pipeline:
+    """Stands in for SDXLPipeline: each generation says it started (by seed), and its pixels carry the seed, so
+    the encoder knows whose images it has."""
+
+    device_kind = "stand-in"
+    devices = 4
+
+    def __init__(self) -> None:
+        self.generating: dict[int, threading.Event] = {}
+        self.on_generate: Callable[[int], None] = lambda seed: None
+
+    def started(self, seed: int) -> threading.Event:
+        return self.generating.setdefault(seed, threading.Event())
+
+    def default_shapes(self) -> tuple[Shape, ...]:
+        return TEST_SHAPES
+
+    def compile(self, shape: Shape) -> CompileTimings:
+        return CompileTimings(lower_s=0.0, compile_s=0.0, warmup_s=0.0)
+
+    def generate(
+        self, shape: Shape, prompt: str, negative: str, seed: int, guidance: float, on_step: object
+    ) -> np.ndarray:
+        self.started(seed).set()
+        self.on_generate(seed)
+        return np.full((4, shape.height, shape.width, 3), seed, dtype=np.uint8)
+
+
+class Encoder:
+    """Stands in for `encode_all`: holds the images of seed `held` until seed `until` starts generating, and
+    records whether it did; raises for the seeds in `failing`."""
+
+    def __init__(self, pipeline: Pipeline, held: int, until: int, failing: frozenset[int] = frozenset()) -> None:
+        self._pipeline, self._held, self._until, self._failing = pipeline, held, until, failing
+        self.saw_next_generating: bool | None = None
+
+    def __call__(self, images: np.ndarray, encoding: Encoding, executor: Executor) -> list[bytes]:
+        seed = int(images[0, 0, 0, 0])
+        if seed == self._held:
+            self.saw_next_generating = self._pipeline.started(self._until).wait(HOLD_S)
+        if seed in self._failing:
+            raise OSError("disk full")
+        return [b"image"] * len(images)
+
+
+@contextlib.asynccontextmanager
+async def worker(redis_server: RedisServer, pipeline: Pipeline, encoder: Encoder) -> AsyncIterator[Worker]:
+    config = WorkerConfig(
+        redis_url=redis_server.url(0), shapes=TEST_SHAPES, worker_id="w", claim_block_ms=100, metrics_port=0
+    )
+    client = aioredis.Redis.from_url(redis_server.url(0))
+    serving = Worker(config, client, load_pipeline=lambda: pipeline, encode_images=encoder)  # type: ignore[arg-type,return-value]
+    task = asyncio.create_task(serving.run())
+    try:
+        yield serving
+    finally:
+        serving.stop()
+        await asyncio.wait_for(task, WAIT_S)
+        await client.aclose()
+
+
+async def submit(redis_client: aioredis.Redis, seeds: list[int]) -> None:
+    store = JobStore(redis_client, KEYS)
+    for seed in seeds:
+        job = Job(id=f"job-{seed}", prompt="a cat", seed=seed, guidance_scale=7.5, shape=SHAPE, result_ttl_s=60)
+        await store.submit(job, KEYS.shape_stream(SHAPE))
+
+
+async def results_of(redis_client: aioredis.Redis, seeds: list[int]) -> dict[int, JobResult]:
+    store = JobStore(redis_client, KEYS)
+    results = {seed: await store.fetch_meta(f"job-{seed}") for seed in seeds}
+    return {seed: result for seed, result in results.items() if result is not None}
+
+
+async def run_jobs(redis_client: aioredis.Redis, seeds: list[int]) -> dict[int, JobResult]:
+    """Queue one job per seed, then wait for every result (announced on the completions channel)."""
+    async with redis_client.pubsub() as completions:
+        await completions.subscribe(KEYS.completions_channel)
+        await submit(redis_client, seeds)
+        waiting = {f"job-{seed}" for seed in seeds}
+        async with asyncio.timeout(WAIT_S):
+            async for message in completions.listen():
+                if message["type"] == "message":
+                    waiting.discard(message["data"].decode())
+                    if not waiting:
+                        break
+    return await results_of(redis_client, seeds)
+
+
+async def settled_once(redis_client: aioredis.Redis) -> None:
+    """Nothing left on the stream or pending, and no result was stored twice."""
+    stream = KEYS.shape_stream(SHAPE)
+    assert await redis_client.xlen(stream) == 0
+    assert (await redis_client.xpending(stream, KEYS.workers_group))["pending"] == 0
+    assert await redis_client.hget(KEYS.stats, "duplicate_results") is None
+
+
+async def test_the_next_job_generates_while_the_last_one_is_encoded(
+    redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    pipeline = Pipeline()
+    encoder = Encoder(pipeline, held=1, until=2)
+    async with worker(redis_server, pipeline, encoder):
+        results = await run_jobs(redis_client, [1, 2, 3])
+    assert encoder.saw_next_generating is True  # job 1's images were still being encoded when job 2 started
+    assert {seed: r.status for seed, r in results.items()} == {1: "succeeded", 2: "succeeded", 3: "succeeded"}
+    assert all(r.image_count == 4 and r.timings is not None for r in results.values())
+    await settled_once(redis_client)
+
+
+async def test_a_failed_encoding_fails_its_job_once_and_the_worker_serves_on(
+    redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    pipeline = Pipeline()
+    encoder = Encoder(pipeline, held=1, until=2, failing=frozenset({1}))
+    async with worker(redis_server, pipeline, encoder):
+        results = await run_jobs(redis_client, [1, 2])
+    assert results[1].status == "failed" and results[1].error == "encoding failed: OSError: disk full"
+    assert results[2].status == "succeeded"
+    await settled_once(redis_client)
+
+
+async def test_a_stop_drains_the_job_on_the_device_and_the_one_in_delivery(
+    redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    pipeline = Pipeline()
+    encoder = Encoder(pipeline, held=1, until=2)
+    config = WorkerConfig(
+        redis_url=redis_server.url(0), shapes=TEST_SHAPES, worker_id="w", claim_block_ms=100, metrics_port=0
+    )
+    serving = Worker(config, redis_client, load_pipeline=lambda: pipeline, encode_images=encoder)  # type: ignore[arg-type,return-value]
+    loop = asyncio.get_running_loop()
+    # Stop as job 2 starts on the device, with job 1 still held in its encoder.
+
+    def stop_at_job_2(seed: int) -> None:
+        if seed == 2:
+            loop.call_soon_threadsafe(serving.stop)
+
+    pipeline.on_generate = stop_at_job_2
+    running = asyncio.create_task(serving.run())
+    await submit(redis_client, [1, 2, 3])
+    await asyncio.wait_for(running, WAIT_S)  # run() returns only once both are stored
+    assert encoder.saw_next_generating is True
+    assert {seed: r.status for seed, r in (await results_of(redis_client, [1, 2, 3])).items()} == {
+        1: "succeeded",
+        2: "succeeded",
+    }  # job 3 was never claimed: it waits on the stream for another worker
+    assert await redis_client.xlen(KEYS.shape_stream(SHAPE)) == 1
+    assert (await redis_client.xpending(KEYS.shape_stream(SHAPE), KEYS.workers_group))["pending"] == 0
+
+
+# --- Cancel a running job: a real worker process on the tiny model.
+
+LONG = Shape(width=64, height=64, steps=40)  # long enough that running it to its end is plain to see
+SHORT = TEST_SHAPES[0]
+
+
+async def job_events(channel: Any, job_id: str) -> AsyncIterator[dict[str, Any]]:
+    """The events published for `job_id` (started, progress) on the job events channel, as they come."""
+    async for message in channel.listen():
+        if message["type"] == "message" and (event := json.loads(message["data"]))["id"] == job_id:
+            yield event
+
+
+@pytest.mark.e2e
+async def test_a_cancelled_running_job_stops_at_its_next_step_and_the_worker_takes_the_next_job(
+    redis_server: RedisServer, redis_client: aioredis.Redis, tiny_model: Path, processes: ProcessGroup
+) -> None:
+    args = worker_args(redis_server.url(0), tiny_model, "stopper")
+    args[args.index("--shapes") + 1] = f"{LONG},{SHORT}"
+    processes.start("stopper", *args)
+    try:
+        [info] = await wait_ready(redis_server.url(0), 1)
+        store = JobStore(redis_client, KEYS)
+        long_job = Job(id="long", prompt="a cat", seed=1, guidance_scale=7.5, shape=LONG, result_ttl_s=60)
+        short_job = Job(id="short", prompt="a dog", seed=2, guidance_scale=7.5, shape=SHORT, result_ttl_s=60)
+        async with redis_client.pubsub() as channel:
+            await channel.subscribe(KEYS.job_events_channel)
+            await store.submit(long_job, KEYS.shape_stream(LONG))
+            async with asyncio.timeout(WAIT_S):
+                async for event in job_events(channel, "long"):
+                    if event["type"] == "progress":
+                        break
+            assert await store.cancel("long") == "cancelled"
+            record = await store.record("long")
+            assert record is not None and record.step is not None
+            reported = record.step  # the last step reported before the cancel: none is recorded after it
+            await store.submit(short_job, KEYS.shape_stream(SHORT))
+            async with asyncio.timeout(WAIT_S):
+                async for event in job_events(channel, "short"):
+                    if event["type"] == "started":
+                        break
+        assert event["worker"] == "stopper"  # the same worker took the next job...
+        short = await wait_result(redis_client, "short")
+        assert short.status == "succeeded"
+        async with aiohttp.ClientSession() as session:
+            samples = await scrape(session, f"http://127.0.0.1:{info.metrics_port}")
+        # ...having stopped the long one within a few steps of the cancel instead of running its 40: the steps it
+        # ran are those counted, less the short job's. (One step's report was in flight when the cancel landed,
+        # and the step after it was already dispatched: the device stops within two or three steps.)
+        long_steps = samples[("sdxl_worker_denoising_steps_total", ())] - SHORT.steps
+        assert reported <= long_steps <= reported + 5 < LONG.steps
+        assert samples[("sdxl_worker_jobs_total", (("outcome", "stopped_cancelled"),))] == 1
+        assert ("sdxl_worker_jobs_total", (("outcome", "discarded"),)) not in samples  # no late result was made
+        cancelled = await store.fetch_meta("long")
+        assert cancelled is not None and cancelled.status == "cancelled"
+        assert (await redis_client.xpending(KEYS.shape_stream(LONG), KEYS.workers_group))["pending"] == 0
+    finally:
+        processes.stop("stopper")
+
+
+async def wait_result(redis_client: aioredis.Redis, job_id: str) -> JobResult:
+    """A job's result, waiting for its announcement on the completions channel if it has none yet."""
+    store = JobStore(redis_client, KEYS)
+    async with redis_client.pubsub() as completions:
+        await completions.subscribe(KEYS.completions_channel)
+        async with asyncio.timeout(WAIT_S):
+            while (result := await store.fetch_meta(job_id)) is None:
+                await completions.get_message(ignore_subscribe_messages=True, timeout=1.0)
+    return result
