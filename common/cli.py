@@ -208,10 +208,18 @@ def _add_routing(parser: argparse.ArgumentParser) -> None:
 
 def _add_worker_model(parser: argparse.ArgumentParser, model_default: str | None) -> None:
     parser.add_argument(
-        "--model", default=model_default, help=f"hub id or local diffusers directory (default {DEFAULT_MODEL})"
+        "--model",
+        default=model_default,
+        help=f"hub id, local diffusers folder or single-file .safetensors (default {DEFAULT_MODEL})",
     )
     parser.add_argument(
         "--revision", default=None, help="hub revision (default: refs/pr/95, where SDXL base keeps its Flax weights)"
+    )
+    parser.add_argument(
+        "--model-config",
+        default=None,
+        help="for a single-file --model: diffusers-layout folder or hub id with its configs and tokenizers "
+        "(default: stabilityai/stable-diffusion-xl-base-1.0, weights not fetched)",
     )
     parser.add_argument(
         "--shapes",
@@ -369,6 +377,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         redis_url=args.redis_url,
         model=args.model,
         revision=args.revision,
+        model_config=args.model_config,
         shapes=args.shapes,
         images_per_request=args.images_per_request,
         key_prefix=args.key_prefix,

@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from common.protocol import Shape
 from worker.attention import DEFAULT_ATTENTION, Attention, traced_with
+from worker.checkpoints import load_checkpoint
 from worker.flops import FlopCount, abstract_array, count_flops
 from worker.quiet import silence_flax_deprecation
 from worker.sdxl_arch import RANDOM_MODEL, SDXL_BASE, Architecture, components, random_replicated_params
@@ -207,20 +208,16 @@ class SDXLPipeline:
         images_per_request: int,
         report_progress: bool = True,
         attention: Attention = DEFAULT_ATTENTION,
+        model_config: str | None = None,
     ) -> SDXLPipeline:
-        """Load from a hub id or a local directory; params in bfloat16, the scheduler state in float32.
+        """Load from a hub id, a local folder or a single-file checkpoint (worker/checkpoints.py); params in
+        bfloat16, the scheduler state in float32. `model_config` gives a single file its configs and tokenizers.
 
         `sdxl-random` is SDXL base's architecture with random weights made on the devices (no download).
         """
         if model == RANDOM_MODEL:
             return cls.random(SDXL_BASE, images_per_request, report_progress, attention)
-        pipe, params = FlaxStableDiffusionXLPipeline.from_pretrained(
-            model, revision=revision, split_head_dim=True, dtype=jnp.bfloat16
-        )
-        scheduler_state = params.pop("scheduler")
-        # Cast on the host: a device-side cast would compile one conversion per parameter shape.
-        params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(jnp.bfloat16), params)
-        params["scheduler"] = scheduler_state
+        pipe, params = load_checkpoint(model, revision, model_config)
         return cls(pipe, _replicate(params), images_per_request, report_progress, attention)
 
     @classmethod
