@@ -42,7 +42,7 @@ from worker.attention import DEFAULT_ATTENTION, Attention, traced_with
 from worker.checkpoints import load_checkpoint
 from worker.flops import FlopCount, abstract_array, count_flops
 from worker.quiet import silence_flax_deprecation
-from worker.sdxl_arch import RANDOM_MODEL, SDXL_BASE, Architecture, components, random_replicated_params
+from worker.sdxl_arch import RANDOM_MODEL, SDXL_BASE, Architecture, components, random_host_params
 
 silence_flax_deprecation()
 
@@ -239,10 +239,11 @@ class SDXLPipeline:
         attention: Attention = DEFAULT_ATTENTION,
         seed: int = 0,
     ) -> SDXLPipeline:
-        """The architecture `arch` with random bfloat16 weights drawn on the devices (worker/sdxl_arch.py)."""
+        """The architecture `arch` with random bfloat16 weights drawn on the host (worker/sdxl_arch.py)."""
         parts = components(arch)
         pipe = FlaxStableDiffusionXLPipeline(**parts, dtype=jnp.bfloat16)
-        params = random_replicated_params(parts, seed)
+        # Each array goes to the devices as soon as it is drawn: the host never holds all the weights.
+        params = random_host_params(parts, seed, place=_replicate)
         params["scheduler"] = _replicate(pipe.scheduler.create_state())
         return cls(pipe, params, images_per_request, report_progress, attention)
 
