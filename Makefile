@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 PACKAGES := $(wildcard common gateway worker sdxl_serve testkit)
 CODE := $(PACKAGES) $(wildcard bench tests) .ci/function_sizes.py
 
-.PHONY: install demo check test lint typecheck imports sizes bench clean redis-server redis-sentinel chromium
+.PHONY: full-arch install demo check test lint typecheck imports sizes bench clean redis-server redis-sentinel chromium
 
 install: $(INSTALLED) redis-server redis-sentinel chromium
 
@@ -43,7 +43,12 @@ demo: install
 
 # What CI runs (.ci/run): lint and format, strict types over the code and the tests, the import contract, the
 # function sizes (printed; fails only when the median grows past 15 lines), then the tests.
-check: lint typecheck imports sizes test
+check: lint typecheck imports sizes test full-arch
+
+# The real SDXL architecture (random weights) at 256x256, 2 steps, on one CPU device: minutes and ~9 GiB, so a
+# step of its own after the suite.
+full-arch: install
+	SDXL_SERVE_FULL_ARCH=1 $(VENV)/bin/pytest -q tests/test_full_architecture.py
 
 test: install
 	$(VENV)/bin/pytest

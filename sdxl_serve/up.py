@@ -89,6 +89,7 @@ class UpConfig:
     routing: RoutingPolicy = GatewayConfig.routing
     model: str | None = None
     revision: str | None = None
+    model_config: str | None = None
     shapes: tuple[Shape, ...] | None = None
     images_per_request: int = WorkerConfig.images_per_request
     cpu_devices: int = WorkerConfig.cpu_devices
@@ -127,6 +128,7 @@ class UpConfig:
             routing=args.routing,
             model=args.model,
             revision=args.revision,
+            model_config=args.model_config,
             shapes=args.shapes,
             images_per_request=args.images_per_request,
             cpu_devices=args.cpu_devices,
@@ -199,6 +201,8 @@ def worker_argv(config: UpConfig, redis_url: str, model: str, blob_store: str = 
             "--metrics-port", "0", "--attention", config.attention]  # fmt: skip
     if config.revision:
         argv += ["--revision", config.revision]
+    if config.model_config:
+        argv += ["--model-config", config.model_config]
     if config.shapes:
         argv += ["--shapes", ",".join(map(str, config.shapes))]
     if config.compile_cache is None:

@@ -40,6 +40,8 @@ class WorkerConfig:
     redis_url: str = DEFAULT_REDIS_URL
     model: str = DEFAULT_MODEL
     revision: str | None = None
+    # Configs and tokenizers of a single-file checkpoint (None: SDXL base's, from the hub).
+    model_config: str | None = None
     shapes: tuple[Shape, ...] | None = None
     images_per_request: int = 4
     key_prefix: str = DEFAULT_PREFIX

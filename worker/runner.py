@@ -219,6 +219,7 @@ class Worker:
             self.config.model_revision,
             self.config.images_per_request,
             attention=self.config.attention,
+            model_config=self.config.model_config,
         )
 
     async def _serve_next(self) -> None:
