@@ -10,9 +10,9 @@ INSTALLED := $(VENV)/.installed
 PACKAGES := $(wildcard common gateway worker sdxl_serve testkit)
 CODE := $(PACKAGES) $(wildcard bench tests) .ci/function_sizes.py
 
-.PHONY: install demo check test lint typecheck imports sizes bench clean redis-server chromium
+.PHONY: full-arch install demo check test lint typecheck imports sizes bench clean redis-server redis-sentinel chromium
 
-install: $(INSTALLED) redis-server chromium
+install: $(INSTALLED) redis-server redis-sentinel chromium
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ redis-server:
 		echo "installing redis-server with apt-get"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 
+# A replicated Redis that fails over (tests, benchmarks and Sentinel deployments) is watched by Debian's sentinel.
+redis-sentinel:
+	@command -v redis-sentinel >/dev/null || { \
+		echo "installing redis-sentinel with apt-get"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-sentinel >/dev/null; }
+
 # The demo page is tested in headless Chromium driven by Playwright; Debian's build, not Playwright's download.
 chromium:
 	@command -v chromium >/dev/null || { \
@@ -37,7 +43,12 @@ demo: install
 
 # What CI runs (.ci/run): lint and format, strict types over the code and the tests, the import contract, the
 # function sizes (printed; fails only when the median grows past 15 lines), then the tests.
-check: lint typecheck imports sizes test
+check: lint typecheck imports sizes test full-arch
+
+# The real SDXL architecture (random weights) at 256x256, 2 steps, on one CPU device: minutes and ~9 GiB, so a
+# step of its own after the suite.
+full-arch: install
+	SDXL_SERVE_FULL_ARCH=1 $(VENV)/bin/pytest -q tests/test_full_architecture.py
 
 test: install
 	$(VENV)/bin/pytest

@@ -14,13 +14,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode
 
+from common.blobstore import REDIS as BLOBS_IN_REDIS
+from common.blobstore import BlobStoreError
+from common.blobstore import check_url as check_blob_store_url
+from common.redis_conn import URL_SCHEMES, RedisUrlError, check_url
 from common.rediskeys import DEFAULT_PREFIX
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_URL_SCHEMES = URL_SCHEMES
 
 
 class ConfigError(ValueError):
@@ -34,8 +38,33 @@ def require(ok: bool, name: str, rule: str) -> None:
 
 
 def require_redis_url(url: str) -> None:
-    """The Redis URL is one redis-py can open."""
-    require(url.startswith(REDIS_URL_SCHEMES), "--redis-url", "must be a redis://, rediss:// or unix:// URL")
+    """The Redis URL is one `common.redis_conn.connect` can open (a server's, or Sentinel's)."""
+    try:
+        check_url(url)
+    except RedisUrlError as exc:
+        raise ConfigError(f"--redis-url {exc}") from None
+
+
+def require_blob_store_url(url: str) -> None:
+    """The image store is `redis`, `file:///path` or `s3://bucket/prefix`."""
+    try:
+        check_blob_store_url(url)
+    except BlobStoreError as exc:
+        raise ConfigError(f"--blob-store {exc}") from None
+
+
+def add_blob_store_argument(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: str | None = BLOBS_IN_REDIS
+) -> None:
+    """`--blob-store` (env SDXL_SERVE_BLOB_STORE): where images live. Gateways and workers must agree."""
+    parser.add_argument(
+        "--blob-store",
+        default=os.environ.get("SDXL_SERVE_BLOB_STORE", default),
+        metavar="redis|file:///PATH|s3://BUCKET/PREFIX",
+        help="where images are kept: in the result's Redis hash (redis), a directory shared by every "
+        "gateway and worker (file:///path), or S3-compatible storage (s3://bucket/prefix?endpoint=URL, "
+        "credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) (env SDXL_SERVE_BLOB_STORE)",
+    )
 
 
 def default_cache_dir() -> Path:
@@ -49,7 +78,8 @@ def add_redis_arguments(parser: argparse.ArgumentParser, default: str | None = D
     parser.add_argument(
         "--redis-url",
         default=os.environ.get("SDXL_SERVE_REDIS_URL", default),
-        help="redis://[[user]:password@]host:port/db, rediss:// for TLS (env SDXL_SERVE_REDIS_URL)",
+        help="redis://[[user]:password@]host:port/db, rediss:// for TLS, or through Sentinel "
+        "redis+sentinel://[[user]:password@]host:port,host:port/service[/db] (env SDXL_SERVE_REDIS_URL)",
     )
     parser.add_argument("--key-prefix", default=DEFAULT_PREFIX, help="namespace of this cluster's Redis keys")
 

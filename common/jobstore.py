@@ -9,13 +9,16 @@ the worker's side (worker/delivery.py); the streams themselves are common/stream
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
+from redis.exceptions import NoScriptError, ResponseError
 
+from common.blobstore import BlobStore, BlobStoreError
 from common.protocol import Job, JobResult
 from common.redis_conn import text
 from common.rediskeys import RedisKeys
@@ -28,6 +31,29 @@ logger = logging.getLogger(__name__)
 RECORD_TTL_FACTOR = 2
 # The lifetime of a result stored for a job whose request could not be read.
 DEFAULT_RESULT_TTL_S = 3600
+
+# When a submit counts as accepted: `off` once the primary has the job (a failover in the next moment can
+# lose it), `replica` once a replica has it too (WAIT), `aof` once the primary's append-only file has it on
+# disk (WAITAOF, Redis 7.2+).
+DurableAccept = Literal["off", "replica", "aof"]
+DURABLE_ACCEPT: tuple[str, ...] = get_args(DurableAccept)
+
+
+class NotDurable(Exception):
+    """The job was written to the primary, but a replica or its disk did not confirm it in time.
+
+    The job may exist and may run: a client retrying with the same `Idempotency-Key` gets that job, not a
+    second one.
+    """
+
+    def __init__(self, job_id: str, mode: str, timeout_ms: int) -> None:
+        super().__init__(f"job {job_id}: not confirmed by {mode} within {timeout_ms} ms")
+        self.job_id = job_id
+        self.mode = mode
+
+
+class DurabilityUnsupported(Exception):
+    """The Redis server cannot confirm what `--durable-accept` asks for."""
 
 
 class QueueFull(Exception):
@@ -121,9 +147,19 @@ class StoredResult:
 class JobStore:
     """Submit, cancel and read the jobs of one cluster."""
 
-    def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: RedisKeys,
+        durable_accept: DurableAccept = "off",
+        durable_timeout_ms: int = 1000,
+        blobs: BlobStore | None = None,
+    ) -> None:
         self._redis = redis
+        self.blobs = blobs  # where results' images are, when not in Redis
         self._keys = keys
+        self._durable_accept = durable_accept
+        self._durable_timeout_ms = durable_timeout_ms
         self._submit = register(redis, "submit")
         self._cancel = register(redis, "cancel")
 
@@ -152,9 +188,12 @@ class JobStore:
         cap = submitter.max_in_flight if submitter.identity else 0
         if cap:
             keys.append(self._keys.in_flight(submitter.identity))
-        args: list[str | int] = [job.model_dump_json(), job.result_ttl_s, job.id, fingerprint, max_depth]
+        args: list[Any] = [job.model_dump_json(), job.result_ttl_s, job.id, fingerprint, max_depth]
         args += [submitter.owner, cap, self._keys.job("")]
-        outcome, value = await self._submit(keys=keys, args=args)
+        if self._durable_accept == "off":
+            outcome, value = await self._submit(keys=keys, args=args)
+        else:
+            outcome, value = await self._submit_durably(job.id, keys, args)
         if text(outcome) == "full":
             raise QueueFull(stream, int(value), max_depth)
         if text(outcome) == "busy":
@@ -163,6 +202,46 @@ class JobStore:
         if first_fingerprint != fingerprint:
             raise IdempotencyConflict(job_id)
         return Submitted(job_id=job_id, created=text(outcome) == "created")
+
+    async def check_durability(self) -> None:
+        """Raise DurabilityUnsupported if the server lacks the command durable acceptance needs (WAITAOF came
+        with Redis 7.2), so a gateway fails at start rather than on every submit."""
+        if self._durable_accept != "aof":
+            return
+        try:
+            await self._redis.execute_command("WAITAOF", 0, 0, 0)
+        except ResponseError as exc:
+            version = (await self._redis.info("server")).get("redis_version", "unknown")
+            raise DurabilityUnsupported(
+                f"--durable-accept aof needs WAITAOF (Redis 7.2+); Redis {version}: {exc}"
+            ) from None
+
+    async def _submit_durably(self, job_id: str, keys: list[str], args: list[Any]) -> list[Any]:
+        """Run the submit script and WAIT (or WAITAOF) on one connection: both count only the writes of the
+        connection they are sent on, so they must follow the script on the same one (a pipeline)."""
+        try:
+            return await self._submit_and_wait(job_id, keys, args)
+        except NoScriptError:
+            # The pipeline loads its scripts before it is sent; a retry after a failover lands on a server
+            # (the promoted replica) that never loaded them, and the script did not run. Sending it again
+            # loads them there.
+            return await self._submit_and_wait(job_id, keys, args)
+
+    async def _submit_and_wait(self, job_id: str, keys: list[str], args: list[Any]) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            await self._submit(keys=keys, args=args, client=pipe)
+            if self._durable_accept == "replica":
+                pipe.execute_command("WAIT", 1, self._durable_timeout_ms)
+            else:
+                pipe.execute_command("WAITAOF", 1, 0, self._durable_timeout_ms)
+            reply, confirmed = await pipe.execute()
+        # A replay or a full stream wrote nothing new, but WAIT still tells whether what the key's job
+        # wrote earlier reached a replica: the same rule for all answers keeps this simple.
+        held = confirmed >= 1 if self._durable_accept == "replica" else int(confirmed[0]) >= 1
+        if not held:
+            raise NotDurable(job_id, self._durable_accept, self._durable_timeout_ms)
+        result: list[Any] = reply
+        return result
 
     async def cancel(self, job_id: str) -> str | None:
         """Cancel a job unless it already finished.
@@ -222,7 +301,10 @@ class JobStore:
         if not fields:
             return None
         result = JobResult.model_validate_json(fields[b"meta"])
-        images = [fields[f"image:{k}".encode()] for k in range(result.image_count)]
+        if result.image_keys is not None:
+            images = list(await asyncio.gather(*(self._blob(key) for key in result.image_keys)))
+        else:
+            images = [fields[f"image:{k}".encode()] for k in range(result.image_count)]
         return StoredResult(result=result, images=images)
 
     async def fetch_meta(self, job_id: str) -> JobResult | None:
@@ -236,7 +318,23 @@ class JobStore:
         meta, image = fields
         if meta is None:
             return None
-        return JobResult.model_validate_json(meta), image
+        result = JobResult.model_validate_json(meta)
+        if result.image_keys is not None:
+            image = await self._blob(result.image_keys[index]) if index < len(result.image_keys) else None
+        return result, image
+
+    async def _blob(self, key: str) -> bytes:
+        """An image kept in the blob store. BlobStoreUnavailable (retry later) and BlobNotFound pass up."""
+        if self.blobs is None:
+            raise BlobStoreError("this result's images are in a blob store, and none is configured (--blob-store)")
+        return await self.blobs.get(key)
+
+    async def image_url(self, result: JobResult, index: int, expires_s: int) -> str | None:
+        """A pre-signed URL of image `index` of a result whose images are in an object store that has them;
+        None otherwise (the caller serves the bytes)."""
+        if self.blobs is None or result.image_keys is None or index >= len(result.image_keys):
+            return None
+        return await self.blobs.presign(result.image_keys[index], expires_s)
 
 
 def record_ttl(result_ttl_s: int) -> int:

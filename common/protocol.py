@@ -7,6 +7,7 @@ the HTTP request bodies (gateway/schemas.py), so their rules cannot drift apart.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -71,12 +72,41 @@ class Shape(BaseModel):
         return f"{self.width}x{self.height}x{self.steps}"
 
 
+# The (width, height) SDXL base was trained at (the SDXL paper's aspect-ratio buckets near one megapixel).
+SDXL_RESOLUTIONS: tuple[tuple[int, int], ...] = (
+    (1024, 1024),
+    (1152, 896),
+    (896, 1152),
+    (1216, 832),
+    (832, 1216),
+    (1344, 768),
+    (768, 1344),
+    (1536, 640),
+    (640, 1536),
+)
+_SDXL_SHAPES_RE = re.compile(r"^\s*sdxl:(\d+)\s*$")
+
+
 def parse_shapes(text: str) -> tuple[Shape, ...]:
-    """Parse a comma-separated list of shapes, keeping order and dropping repeats."""
-    shapes = [Shape.parse(part) for part in text.split(",") if part.strip()]
+    """Parse a comma-separated list of shapes, keeping order and dropping repeats. `sdxl:STEPS` stands
+    for every one of SDXL's trained resolutions at STEPS steps."""
+    shapes = [shape for part in text.split(",") if part.strip() for shape in _parse_shape_item(part)]
     if not shapes:
         raise ValueError("at least one shape is needed, e.g. 1024x1024x20")
     return tuple(dict.fromkeys(shapes))
+
+
+def _parse_shape_item(text: str) -> list[Shape]:
+    trained = _SDXL_SHAPES_RE.match(text)
+    if trained is None:
+        return [Shape.parse(text)]
+    return [Shape(width=w, height=h, steps=int(trained[1])) for w, h in SDXL_RESOLUTIONS]
+
+
+def nearest_sdxl_resolution(width: int, height: int) -> tuple[int, int]:
+    """The trained resolution whose aspect ratio is closest to width:height (on a log scale, so 2:1 and
+    1:2 are equally far from square)."""
+    return min(SDXL_RESOLUTIONS, key=lambda size: abs(math.log((size[0] / size[1]) / (width / height))))
 
 
 def _not_blank(value: str) -> str:
@@ -177,3 +207,7 @@ class JobResult(BaseModel):
     image_count: int = 0
     timings: Timings | None = None
     error: str | None = None
+    # With a blob store (common/blobstore.py) the images are objects and the result holds only where they are
+    # and how large: None means they are in the result's Redis hash.
+    image_keys: list[str] | None = None
+    image_sizes: list[int] | None = None

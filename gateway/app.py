@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from common.blobstore import open_blob_store
 from common.config import log_config
 from common.jobstore import JobStore
-from common.redis_conn import connect
+from common.redis_conn import UNAVAILABLE, connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry
 from common.streams import JobStreams
@@ -100,13 +101,32 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     redis = connect(config.redis_url, name=f"sdxl-gateway:{app[GATEWAY_ID]}")
     keys = RedisKeys(config.key_prefix)
     app[REDIS] = redis
-    app[JOBS] = JobStore(redis, keys)
+    blobs = open_blob_store(config.blob_store)
+    app[JOBS] = JobStore(
+        redis,
+        keys,
+        config.durable_accept,
+        durable_timeout_ms=int(config.durable_accept_timeout_s * 1000),
+        blobs=blobs,
+    )
+    await _check_durability(app[JOBS])
     app[STREAMS] = JobStreams(redis, keys)
     app[REGISTRY] = Registry(redis, keys)
     app[PLACEMENT] = Placement(config.routing, redis, keys)
     app[LIMITER] = RateLimiter(redis, keys)
     yield
     await redis.aclose()
+    if blobs is not None:
+        await blobs.close()
+
+
+async def _check_durability(jobs: JobStore) -> None:
+    """Refuse to start when the server cannot give the durability asked for; a Redis not reachable yet is
+    no reason to stop (submits answer 503 until it is)."""
+    try:
+        await jobs.check_durability()
+    except UNAVAILABLE as exc:
+        logger.warning("could not check Redis for --durable-accept (%s); checking at each submit", exc)
 
 
 async def _listener_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -7,7 +7,8 @@ import dataclasses
 import os
 from pathlib import Path
 
-from common.config import ConfigError, add_redis_arguments
+from common.config import ConfigError, add_blob_store_argument, add_redis_arguments
+from common.jobstore import DURABLE_ACCEPT
 from common.protocol import MAX_GUIDANCE, MAX_PROMPT_CHARS, MIN_GUIDANCE, RequestLimits
 from gateway.config import GatewayConfig, IPNetwork, RateLimits, parse_networks
 from gateway.ratelimit import Rate
@@ -30,7 +31,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--result-ttl", type=int, default=GatewayConfig.result_ttl_s, help="seconds results stay fetchable"
     )
     add_routing_argument(parser)
+    _add_storage(parser)
     _add_protection(parser)
+
+
+def _add_storage(parser: argparse.ArgumentParser) -> None:
+    """When a job counts as accepted, and where its images are read from."""
+    group = parser.add_argument_group("storage")
+    group.add_argument(
+        "--durable-accept",
+        choices=DURABLE_ACCEPT,
+        default=GatewayConfig.durable_accept,
+        help="answer a submit only once a replica (WAIT) or the primary's append-only file (WAITAOF, Redis "
+        "7.2+) holds the job; past --durable-accept-timeout the submit is a 503 with Retry-After, to be "
+        "retried with the same Idempotency-Key",
+    )
+    group.add_argument(
+        "--durable-accept-timeout",
+        type=float,
+        default=GatewayConfig.durable_accept_timeout_s,
+        help="seconds a submit waits for that confirmation",
+    )
+    add_blob_store_argument(group, GatewayConfig.blob_store)
+    group.add_argument(
+        "--image-urls",
+        choices=["proxy", "presigned"],
+        default=GatewayConfig.image_urls,
+        help="proxy: the gateway streams each image from the store; presigned: it redirects (307) to a "
+        "pre-signed URL of the object store, valid as long as the result (S3 stores only)",
+    )
 
 
 def add_routing_argument(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +110,10 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         trusted_proxies=args.trusted_proxies,
         rate_limits=rates,
         max_queue_depth=args.max_queue_depth,
+        durable_accept=args.durable_accept,
+        durable_accept_timeout_s=args.durable_accept_timeout,
+        blob_store=args.blob_store,
+        image_urls=args.image_urls,
         max_jobs_in_flight_per_caller=args.max_jobs_in_flight_per_caller,
         max_event_streams_per_caller=args.max_event_streams_per_caller,
         metrics_token=args.metrics_token,

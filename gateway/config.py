@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Literal
 
 from common.apikeys import KeyRing
-from common.config import DEFAULT_REDIS_URL, require, require_redis_url
+from common.blobstore import REDIS as BLOBS_IN_REDIS
+from common.config import DEFAULT_REDIS_URL, require, require_blob_store_url, require_redis_url
+from common.jobstore import DURABLE_ACCEPT, DurableAccept
 from common.protocol import (
     DEFAULT_LIMITS,
     DEFAULT_RESULT_TTL_S,
@@ -23,6 +25,7 @@ from common.rediskeys import DEFAULT_PREFIX
 from gateway.ratelimit import Rate
 
 RoutingPolicy = Literal["shared", "random", "p2c"]
+ImageUrls = Literal["proxy", "presigned"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Defaults of RateLimits: generous per address while no keys are configured (a development cluster, the
@@ -83,6 +86,14 @@ class GatewayConfig:
     trusted_proxies: tuple[IPNetwork, ...] = ()  # X-Forwarded-For is believed only from these
     rate_limits: RateLimits = _DEFAULT_RATE_LIMITS
     max_queue_depth: int = 100  # per stream, queued or in service; 0: unbounded
+    # A job is accepted once the primary has it (`off`), a replica has it too (`replica`), or the primary's
+    # append-only file does (`aof`, Redis 7.2+); past the timeout the submit answers 503 (common/jobstore.py).
+    durable_accept: DurableAccept = "off"
+    durable_accept_timeout_s: float = 1.0
+    # Where images are read from (common/blobstore.py), and whether an image URL is answered with the bytes
+    # (`proxy`) or a redirect to a pre-signed URL of the object store (`presigned`, S3 only).
+    blob_store: str = BLOBS_IN_REDIS
+    image_urls: ImageUrls = "proxy"
     # Fair share between callers while keys are configured (gateway/tenants.py), a fifth of the queue each by
     # default; 0: no cap.
     max_jobs_in_flight_per_caller: int = 20
@@ -110,6 +121,17 @@ class GatewayConfig:
         )
         require(1024 <= self.max_body_bytes <= 16 * 1024 * 1024, "--max-body-bytes", "must be 1 KiB..16 MiB")
         require(self.max_queue_depth >= 0, "--max-queue-depth", "must be >= 0 (0: unbounded)")
+        require(
+            self.durable_accept in DURABLE_ACCEPT, "--durable-accept", f"must be one of {', '.join(DURABLE_ACCEPT)}"
+        )
+        require(0 < self.durable_accept_timeout_s <= 60, "--durable-accept-timeout", "must be > 0 and <= 60 s")
+        require_blob_store_url(self.blob_store)
+        require(self.image_urls in ("proxy", "presigned"), "--image-urls", "must be proxy or presigned")
+        require(
+            self.image_urls == "proxy" or self.blob_store.startswith("s3://"),
+            "--image-urls",
+            "presigned needs an S3 --blob-store (s3://bucket/prefix)",
+        )
         require(self.max_jobs_in_flight_per_caller >= 0, "--max-jobs-in-flight-per-caller", "must be >= 0 (0: off)")
         require(self.max_event_streams_per_caller >= 0, "--max-event-streams-per-caller", "must be >= 0 (0: off)")
         require(self.metrics_token != "", "--metrics-token", "must not be empty")

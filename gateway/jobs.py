@@ -21,6 +21,7 @@ from common.jobstore import (
     IdempotencyConflict,
     JobRecord,
     JobStore,
+    NotDurable,
     QueueFull,
     StoredResult,
     Submitted,
@@ -125,6 +126,16 @@ async def submit(request: web.Request, body: GenerateRequest, placed: Placed) ->
         )
     except QueueFull as exc:
         raise queue_full(exc, request.app[THROUGHPUT]) from None
+    except NotDurable as exc:
+        # Not accepted: the client must not count on the job. It may still run; the same Idempotency-Key
+        # makes the retry refer to it instead of queueing a second one.
+        raise ApiError(
+            503,
+            "not_durable",
+            f"the job was not confirmed by {exc.mode} in time; retry with the same {IDEMPOTENCY_HEADER}",
+            headers={"Retry-After": "1"},
+            id=exc.job_id,
+        ) from None
     except TooManyInFlight as exc:
         raise too_many_in_flight(exc, request.app[THROUGHPUT]) from None
     except IdempotencyConflict as exc:

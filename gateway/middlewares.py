@@ -9,6 +9,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.exceptions import OutOfMemoryError
 
+from common.blobstore import BlobNotFound, BlobStoreUnavailable
 from common.redis_conn import UNAVAILABLE
 from gateway.auth import CALLER
 from gateway.errors import ApiError
@@ -47,6 +48,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 503, "queue_unavailable", "the job queue is unreachable; retry shortly", headers={"Retry-After": "2"}
             ),
         )
+    except (BlobStoreUnavailable, BlobNotFound) as exc:
+        return _respond(request, _image_store_error(request, exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -56,6 +59,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:  # the gateway's catch-all boundary: log it, answer 500, keep serving
         logger.exception("unhandled error on %s %s", request.method, request.path)
         return _respond(request, ApiError(500, "internal_error", "internal server error"))
+
+
+def _image_store_error(request: web.Request, exc: BlobStoreUnavailable | BlobNotFound) -> ApiError:
+    """An unreachable image store is transient (503, retry); a missing object is gone: the result still
+    names it, but it expired or was removed first."""
+    if isinstance(exc, BlobNotFound):
+        return ApiError(404, "image_gone", f"the image is no longer stored: {exc}")
+    logger.warning("image store unavailable on %s %s: %s", request.method, request.path, exc)
+    return ApiError(
+        503, "image_store_unavailable", "the image store is unreachable; retry shortly", headers={"Retry-After": "2"}
+    )
 
 
 def _respond(request: web.Request, error: ApiError) -> web.Response:

@@ -24,6 +24,7 @@ from common.protocol import (
     Prompt,
     RequiredPrompt,
     Seed,
+    nearest_sdxl_resolution,
 )
 from common.registry import SERVING_STATES
 from gateway import jobs
@@ -32,6 +33,8 @@ from gateway.schemas import GenerateRequest
 from gateway.views import parse_body
 
 _SIZE_RE = re.compile(r"(\d{1,5})x(\d{1,5})")
+# The sizes OpenAI's image models take (gpt-image-1, DALL-E 3, DALL-E 2).
+OPENAI_SIZES = frozenset({(1024, 1024), (1536, 1024), (1024, 1536), (1792, 1024), (1024, 1792), (256, 256), (512, 512)})
 OPENAI_MAX_N = 10  # OpenAI's own bound; the workers' batch size, usually smaller, is checked per request
 # Our GenerateRequest fields that have another name in OpenAI's API.
 _OPENAI_PARAMS = {"width": "size", "height": "size", "quality": "output_compression"}
@@ -57,7 +60,9 @@ class ImageGenerationRequest(BaseModel):
     size: str | None = Field(
         default=None,
         examples=["1024x1024"],
-        description="WIDTHxHEIGHT in pixels; omitted or `auto`: the cluster's default size",
+        description="WIDTHxHEIGHT in pixels; omitted or `auto`: the cluster's default size. OpenAI's sizes "
+        "(1024x1024, 1536x1024, 1024x1536, 1792x1024, 1024x1792, 512x512, 256x256) become the SDXL trained "
+        "resolution of the nearest aspect ratio; the response says which",
     )
     response_format: Literal["url", "b64_json"] | None = Field(
         default="url", description="`url`: absolute URLs valid while the job's result is kept; `b64_json`: inline"
@@ -93,9 +98,14 @@ class ImageGenerationRequest(BaseModel):
         return value
 
     def dimensions(self) -> tuple[int, int] | None:
-        """The requested (width, height), or None for the cluster's default size."""
+        """The (width, height) to generate, or None for the cluster's default size. OpenAI's own sizes
+        become the SDXL trained resolution of the nearest aspect ratio (1536x1024 -> 1216x832); any other
+        size is taken as asked."""
         match = _SIZE_RE.fullmatch(self.size or "")
-        return (int(match[1]), int(match[2])) if match else None
+        if match is None:
+            return None
+        width, height = int(match[1]), int(match[2])
+        return nearest_sdxl_resolution(width, height) if (width, height) in OPENAI_SIZES else (width, height)
 
 
 class ImageData(BaseModel):

@@ -119,6 +119,8 @@ def _operation(route: Route, refs: Refs) -> dict[str, Any]:
 
 
 def _response(reply: Reply, refs: Refs) -> dict[str, Any]:
+    if not reply.media_types:  # a redirect: no body
+        return {"description": reply.description}
     if reply.model is not None:
         schema: dict[str, Any] = refs[(reply.model, "serialization")]
     elif reply.one_of:

@@ -75,7 +75,8 @@ _SUBMIT_ERRORS = {
     **_GUARDED,
     **_BAD,
     422: f"{IDEMPOTENCY_HEADER} reused with a different request",
-    503: "no worker is serving yet, or the queue is unreachable (see Retry-After)",
+    503: "no worker is serving yet, the queue is unreachable, or (with --durable-accept) no replica confirmed "
+    f"the job in time (`not_durable`: retry with the same {IDEMPOTENCY_HEADER}); see Retry-After",
 }
 _UNKNOWN = {**_GUARDED, 404: "unknown job (never submitted, its result expired, or another caller's)"}
 SUBMIT, READ = Access("submit"), Access("read")
@@ -136,11 +137,17 @@ ROUTES: tuple[Route, ...] = (
         "/v1/jobs/{job_id}/images/{index}",
         views.job_image,
         "One image of a succeeded job",
-        replies={200: Reply("the image, in the job's output format", media_types=IMAGE_TYPES)},
+        replies={
+            200: Reply("the image, in the job's output format", media_types=IMAGE_TYPES),
+            307: Reply(
+                "with --image-urls presigned: to a pre-signed URL of the image in the object store", media_types=()
+            ),
+        },
         errors={
             **_GUARDED,
             404: "unknown job (or another caller's) or image index",
             409: "the job has not succeeded (yet)",
+            503: "the queue or the image store is unreachable (see Retry-After)",
         },
         access=DEMO_READ,
     ),

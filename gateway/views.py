@@ -159,6 +159,8 @@ async def job_image(request: web.Request) -> web.Response:
     """One image of a succeeded job, with its media type."""
     job_id = await jobs.visible_job_id(request)
     index = _image_index(request.match_info["index"])
+    if (redirect := await _presigned(request, job_id, index)) is not None:
+        return redirect
     found = await request.app[JOBS].fetch_image(job_id, index)
     if found is None:
         status = await request.app[JOBS].job_status(job_id)
@@ -190,6 +192,22 @@ async def job_image(request: web.Request) -> web.Response:
             "Content-Disposition": f'inline; filename="{job_id}-{index}.{_extension(result.media_type)}"',
         },
     )
+
+
+async def _presigned(request: web.Request, job_id: str, index: int) -> web.Response | None:
+    """With `--image-urls presigned`, a redirect to the object store for an image of a succeeded job; None
+    when the image is served here (another mode, another status, images kept in Redis)."""
+    config = request.app[CONFIG]
+    if config.image_urls != "presigned":
+        return None
+    result = await request.app[JOBS].fetch_meta(job_id)
+    if result is None or result.status != "succeeded":
+        return None  # the usual answers (unknown, not finished, no images) come from the path below
+    url = await request.app[JOBS].image_url(result, index, config.result_ttl_s)
+    if url is None:
+        return None
+    # 307: the client fetches the object from the store itself; the URL is good as long as the result.
+    return web.Response(status=307, headers={"Location": url, "Cache-Control": "private, no-store"})
 
 
 def _image_index(text: str) -> int:

@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import add_redis_arguments, default_cache_dir, require
+from common.blobstore import REDIS as BLOBS_IN_REDIS
+from common.config import (
+    add_blob_store_argument,
+    add_redis_arguments,
+    default_cache_dir,
+    require,
+    require_blob_store_url,
+)
 from common.protocol import Shape
 from common.redis_conn import connect
 from common.rediskeys import DEFAULT_PREFIX, RedisKeys
@@ -69,10 +76,12 @@ class RestartPolicy:
 
 @dataclass(frozen=True)
 class UpConfig:
-    """Settings of one `sdxl-serve up`. `redis_url=None`: start a private redis-server; `model=None`: SDXL
-    base where there is an accelerator, else the tiny model (made under `cache_dir` on first use)."""
+    """Settings of one `sdxl-serve up`. `redis_url=None`: start a private redis-server; `blob_store=None`:
+    keep images in a directory of this run (removed when it stops); `model=None`: SDXL base where there is an
+    accelerator, else the tiny model (made under `cache_dir` on first use)."""
 
     redis_url: str | None = None
+    blob_store: str | None = None
     key_prefix: str = DEFAULT_PREFIX
     workers: int = 1
     host: str = "127.0.0.1"
@@ -80,6 +89,7 @@ class UpConfig:
     routing: RoutingPolicy = GatewayConfig.routing
     model: str | None = None
     revision: str | None = None
+    model_config: str | None = None
     shapes: tuple[Shape, ...] | None = None
     images_per_request: int = WorkerConfig.images_per_request
     cpu_devices: int = WorkerConfig.cpu_devices
@@ -96,6 +106,8 @@ class UpConfig:
         require(self.workers >= 1, "--workers", "must be >= 1")
         require(1 <= self.port <= 65535, "--port", "must be 1..65535")
         require(self.ready_timeout_s > 0, "--ready-timeout", "must be > 0")
+        if self.blob_store is not None:
+            require_blob_store_url(self.blob_store)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> UpConfig:
@@ -108,6 +120,7 @@ class UpConfig:
         )
         return cls(
             redis_url=args.redis_url,
+            blob_store=args.blob_store,
             key_prefix=args.key_prefix,
             workers=args.workers,
             host=args.host,
@@ -115,6 +128,7 @@ class UpConfig:
             routing=args.routing,
             model=args.model,
             revision=args.revision,
+            model_config=args.model_config,
             shapes=args.shapes,
             images_per_request=args.images_per_request,
             cpu_devices=args.cpu_devices,
@@ -132,6 +146,7 @@ class UpConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Every flag of `sdxl-serve up`: the workers' model flags, the gateway's address, supervision."""
     add_redis_arguments(parser, default=None)
+    add_blob_store_argument(parser, default=None)  # None: a directory of this run
     add_model_arguments(parser, None)
     parser.add_argument("--workers", type=int, default=UpConfig.workers)
     add_routing_argument(parser)
@@ -178,14 +193,16 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
-def worker_argv(config: UpConfig, redis_url: str, model: str) -> list[str]:
+def worker_argv(config: UpConfig, redis_url: str, model: str, blob_store: str = BLOBS_IN_REDIS) -> list[str]:
     """The `sdxl-serve worker` flags of each worker of this cluster."""
     # Any free metrics port, whatever SDXL_SERVE_METRICS_PORT says: the workers share this host.
-    argv = ["--redis-url", redis_url, "--key-prefix", config.key_prefix, "--model", model,
+    argv = ["--redis-url", redis_url, "--key-prefix", config.key_prefix, "--model", model, "--blob-store", blob_store,
             "--images-per-request", str(config.images_per_request), "--cpu-devices", str(config.cpu_devices),
             "--metrics-port", "0", "--attention", config.attention]  # fmt: skip
     if config.revision:
         argv += ["--revision", config.revision]
+    if config.model_config:
+        argv += ["--model-config", config.model_config]
     if config.shapes:
         argv += ["--shapes", ",".join(map(str, config.shapes))]
     if config.compile_cache is None:
@@ -200,10 +217,10 @@ def worker_argv(config: UpConfig, redis_url: str, model: str) -> list[str]:
     return argv
 
 
-def gateway_argv(config: UpConfig, redis_url: str) -> list[str]:
+def gateway_argv(config: UpConfig, redis_url: str, blob_store: str = BLOBS_IN_REDIS) -> list[str]:
     """The `sdxl-serve gateway` flags of this cluster's gateway."""
     return ["--redis-url", redis_url, "--key-prefix", config.key_prefix, "--host", config.host,
-            "--port", str(config.port), "--routing", config.routing]  # fmt: skip
+            "--port", str(config.port), "--routing", config.routing, "--blob-store", blob_store]  # fmt: skip
 
 
 @dataclass(eq=False)  # each child is itself: compared and hashed by identity
@@ -244,7 +261,7 @@ class Cluster:
         with tempfile.TemporaryDirectory(prefix="sdxl-serve-up-") as scratch:
             try:
                 redis_url = self.config.redis_url or await self._start_redis(Path(scratch))
-                await self._start(redis_url)
+                await self._start(redis_url, self.config.blob_store or f"file://{scratch}/images")
                 if self._stop.is_set():
                     return 0
                 print(f"ready: http://{self.config.host}:{self.config.port}", flush=True)
@@ -252,7 +269,7 @@ class Cluster:
             finally:
                 await self._stop_all()
 
-    async def _start(self, redis_url: str) -> None:
+    async def _start(self, redis_url: str, blob_store: str) -> None:
         accelerator = await _accelerator_backend()
         if accelerator and self.config.workers > 1:
             raise ClusterError(

@@ -1,5 +1,6 @@
-"""The local-process kit for tests and benchmarks: private redis-servers, the program's processes, free
-ports, readiness, and the fault injector's parts. Not a production package: no image ships it.
+"""The local-process kit for tests and benchmarks: private redis-servers (and Sentinel and S3 processes),
+the program's processes, free ports, readiness, and the fault injector's parts. Not a production package:
+no image ships it.
 
 Built on `sdxl_serve.processes` (own process groups, dying with the parent, bounded stops).
 """

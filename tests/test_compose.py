@@ -16,11 +16,12 @@ import shlex
 import tomllib
 from functools import cache
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, urlparse
 
 import pytest
 import yaml
 
+from common.redis_conn import parse_sentinel_url
 from sdxl_serve.cli import WORKER_EXTRA_MODULES, build_parser
 from tests.deployfiles import (
     CLI_ENV,
@@ -403,3 +404,59 @@ def test_gateway_and_cli_import_without_the_worker_extra() -> None:
         "import sdxl_serve.status, sdxl_serve.up, bench.load, bench.routing\n"
     )
     assert result.returncode == 0, result.stderr
+
+
+# --- docker-compose.ha.yml: Sentinel and an S3 image store, over docker-compose.yml
+
+HA_FILE = ROOT / "docker-compose.ha.yml"
+
+
+@cache
+def _ha_services() -> dict[str, dict[str, Any]]:
+    """The services with the override applied as compose merges it (a service's keys replace the base's)."""
+    override: dict[str, dict[str, Any]] = yaml.safe_load(HA_FILE.read_text())["services"]
+    merged = {name: dict(service) for name, service in _services().items()}
+    for name, service in override.items():
+        merged.setdefault(name, {}).update(service)
+    return merged
+
+
+def _ha_args(service: str) -> argparse.Namespace:
+    merged = _ha_services()[service]
+    return parse(
+        [str(part) for part in merged["command"]], {**stage_values(_target(service), "ENV"), **merged["environment"]}
+    )
+
+
+@pytest.mark.parametrize("service", ["gateway", "worker"])
+def test_ha_services_reach_redis_through_the_sentinels_and_images_in_the_s3_service(service: str) -> None:
+    args = _ha_args(service)
+    target = parse_sentinel_url(args.redis_url)
+    services = _ha_services()
+    sentinels = [name for name, s in services.items() if "redis-sentinel" in " ".join(map(str, s.get("command", [])))]
+    assert sorted(host for host, _ in target.sentinels) == sorted(sentinels) and len(sentinels) == 3
+    monitor = re.search(r"sentinel monitor (\S+) (\S+) (\d+) (\d+)", " ".join(services[sentinels[0]]["command"]))
+    assert monitor is not None and monitor.group(1) == target.service
+    assert monitor.group(2) in services and int(monitor.group(3)) == REDIS_PORT and int(monitor.group(4)) == 2
+    store = urlparse(args.blob_store)
+    endpoint = urlparse(dict(parse_qsl(store.query))["endpoint"])
+    assert store.scheme == "s3" and endpoint.hostname in services
+    assert f"-s3.port={endpoint.port}" in services[endpoint.hostname]["command"]
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(services[service]["environment"])
+
+
+def test_ha_replica_follows_the_primary_and_the_gateway_confirms_on_it() -> None:
+    replica = _ha_services()["redis-replica"]["command"]
+    assert replica[replica.index("--replicaof") + 1 :][:2] == ["redis", str(REDIS_PORT)]
+    assert _ha_args("gateway").durable_accept == "replica"
+
+
+def test_ha_s3_credentials_match_the_store_identity() -> None:
+    identities = json.loads(yaml.safe_load(HA_FILE.read_text())["configs"]["s3-identities"]["content"])
+    credential = identities["identities"][0]["credentials"][0]
+    for service in ("gateway", "worker"):
+        env = _ha_services()[service]["environment"]
+        assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (
+            credential["accessKey"],
+            credential["secretKey"],
+        )

@@ -15,6 +15,7 @@ import copy
 import re
 import shutil
 import subprocess
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -26,6 +27,7 @@ import redis.asyncio as aioredis
 import yaml
 
 from common.protocol import Job, JobResult, Shape, Timings
+from common.redis_conn import parse_sentinel_url
 from common.rediskeys import RedisKeys
 from gateway.metrics import WORKER_STATES
 from tests.deployfiles import CLI_ENV, ROOT, metric_names, parse, served_routes, stage_values
@@ -675,3 +677,48 @@ async def test_stream_length_counts_queued_and_running_jobs_and_the_group_lag_do
     )
     assert await queue.delivery.complete(running, result, [b"png"])
     assert await redis_client.xlen(stream) == 1
+
+
+# --- The Sentinel and object-store components, rendered over the cpu overlay
+
+
+@pytest.fixture
+def ha_documents() -> Iterator[list[Doc]]:
+    """overlays/cpu with components/sentinel and components/object-store, as an overlay that includes them
+    renders it (in a scratch overlay beside the others: kustomize loads only paths under its tree)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: the components are not rendered")
+    scratch = K8S / f".test-ha-{uuid.uuid4().hex[:8]}"
+    scratch.mkdir()
+    try:
+        (scratch / "kustomization.yaml").write_text(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../overlays/cpu]\n"
+            "components: [../components/sentinel, ../components/object-store]\n"
+        )
+        result = subprocess.run([kubectl, "kustomize", str(scratch)], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        yield [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    finally:
+        shutil.rmtree(scratch)
+
+
+@pytest.mark.parametrize("name", ["sdxl-gateway", "sdxl-worker"])
+def test_ha_components_point_at_sentinel_and_the_object_store(ha_documents: list[Doc], name: str) -> None:
+    deployment = named(ha_documents, "Deployment", name)
+    assert deployment is not None
+    container = pod_spec(deployment)["containers"][0]
+    env = container_env(ha_documents, container)
+    target = parse_sentinel_url(env["SDXL_SERVE_REDIS_URL"])
+    password = _secret_value(ha_documents, "sdxl-redis", "password")
+    assert (target.sentinels, target.service, target.password) == ((("sdxl-redis-sentinel", 26379),), "sdxl", password)
+    refs = {
+        e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert {refs[n]["name"] for n in ("SDXL_SERVE_BLOB_STORE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")} == {
+        "sdxl-object-store"
+    }
+    args = parse(container["args"], {**env, "SDXL_SERVE_BLOB_STORE": "s3://bucket/prefix"})
+    assert args.blob_store == "s3://bucket/prefix"
+    if name == "sdxl-gateway":
+        assert args.durable_accept == "replica"

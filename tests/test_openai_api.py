@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from common.protocol import Job
 from common.rediskeys import RedisKeys
+from gateway.openai_api import ImageGenerationRequest, to_generate_request
 from tests.conftest import TEST_SHAPES, claim_next, finish, queued_jobs
 
 KEYS = RedisKeys()
@@ -210,3 +211,13 @@ async def test_the_openai_client_does_not_retry_a_504_into_a_second_job(
             await oai.images.generate(prompt="a cat")
     assert caught.value.status_code == 504
     assert await queued_jobs(redis_client) == 1
+
+
+@pytest.mark.parametrize(
+    ("size", "served"),
+    [("1536x1024", (1216, 832)), ("1024x1792", (768, 1344)), ("512x512", (1024, 1024)), ("64x64", (64, 64))],
+)
+def test_openai_sizes_map_onto_sdxl_trained_resolutions(size: str, served: tuple[int, int]) -> None:
+    """OpenAI's sizes become the SDXL trained resolution of the nearest aspect ratio; others are kept."""
+    generate = to_generate_request(ImageGenerationRequest.model_validate({**CAT, "size": size}))
+    assert (generate.width, generate.height) == served

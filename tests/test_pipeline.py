@@ -70,6 +70,22 @@ def test_negative_prompts_are_encoded_once_each_and_kept_least_recently_used(pip
         assert oldest not in negatives._cache and len(negatives) == negatives.capacity
 
 
+def test_without_guidance_the_prompt_decides_and_the_negative_prompt_is_unused(pipeline: SDXLPipeline) -> None:
+    """Guidance at or below 1 is no classifier-free guidance, as in diffusers' PyTorch SDXL pipeline: the
+    prompt alone conditions the UNet (before, guidance 0 ignored the prompt: one image for any prompt)."""
+    cat = pipeline.generate(SHAPE, "a cat", "", seed=5, guidance_scale=0.0)
+    assert not np.array_equal(cat, pipeline.generate(SHAPE, "a dog", "", seed=5, guidance_scale=0.0))
+    np.testing.assert_array_equal(pipeline.generate(SHAPE, "a cat", "blurry", seed=5, guidance_scale=1.0), cat)
+    assert not np.array_equal(cat, pipeline.generate(SHAPE, "a cat", "", seed=5, guidance_scale=1.5))
+
+
+def test_without_guidance_a_request_runs_one_unet_evaluation_per_step(pipeline: SDXLPipeline) -> None:
+    """Counted from XLA's FLOPs of the compiled step against one UNet evaluation's."""
+    assert pipeline.unet_evaluations(SHAPE, guidance_scale=0.0) == SHAPE.steps
+    assert pipeline.unet_evaluations(SHAPE, guidance_scale=1.0) == SHAPE.steps
+    assert pipeline.unet_evaluations(SHAPE, guidance_scale=7.5) == 2 * SHAPE.steps
+
+
 def test_uncompiled_shape_is_refused(pipeline: SDXLPipeline) -> None:
     with pytest.raises(UnsupportedShape, match="64x64x2"):
         pipeline.generate(Shape(width=64, height=64, steps=5), "a cat", "", seed=1, guidance_scale=7.5)

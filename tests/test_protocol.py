@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from common.protocol import MAX_SEED, Shape, parse_shapes
+from common.protocol import MAX_SEED, Shape, nearest_sdxl_resolution, parse_shapes
 from gateway.schemas import GenerateRequest
 
 
@@ -56,3 +56,37 @@ def test_request_rejects_with_field_and_rule(body: str, field: str, rule: str) -
 
 def test_integer_guidance_is_accepted_as_float() -> None:
     assert GenerateRequest.model_validate_json(b'{"prompt": "a", "guidance_scale": 5}').guidance_scale == 5.0
+
+
+def test_sdxl_steps_stands_for_every_trained_resolution() -> None:
+    shapes = parse_shapes("sdxl:20, 64x64x2")
+    assert [str(s) for s in shapes] == [
+        "1024x1024x20",
+        "1152x896x20",
+        "896x1152x20",
+        "1216x832x20",
+        "832x1216x20",
+        "1344x768x20",
+        "768x1344x20",
+        "1536x640x20",
+        "640x1536x20",
+        "64x64x2",
+    ]
+    # Every one is on SDXL's grid (VAE factor 8 times UNet factor 4).
+    assert all(s.width % 32 == 0 and s.height % 32 == 0 for s in shapes[:9])
+
+
+@pytest.mark.parametrize(
+    ("asked", "served"),
+    [
+        ((1024, 1024), (1024, 1024)),
+        ((1536, 1024), (1216, 832)),
+        ((1024, 1536), (832, 1216)),
+        ((1792, 1024), (1344, 768)),
+        ((1024, 1792), (768, 1344)),
+        ((512, 512), (1024, 1024)),
+        ((2400, 1000), (1536, 640)),
+    ],
+)
+def test_nearest_sdxl_resolution_by_aspect_ratio(asked: tuple[int, int], served: tuple[int, int]) -> None:
+    assert nearest_sdxl_resolution(*asked) == served

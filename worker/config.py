@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from common.config import DEFAULT_REDIS_URL, default_cache_dir, require, require_redis_url
+from common.blobstore import REDIS as BLOBS_IN_REDIS
+from common.config import DEFAULT_REDIS_URL, default_cache_dir, require, require_blob_store_url, require_redis_url
 from common.protocol import Shape
 from common.rediskeys import DEFAULT_PREFIX
 
@@ -39,6 +40,8 @@ class WorkerConfig:
     redis_url: str = DEFAULT_REDIS_URL
     model: str = DEFAULT_MODEL
     revision: str | None = None
+    # Configs and tokenizers of a single-file checkpoint (None: SDXL base's, from the hub).
+    model_config: str | None = None
     shapes: tuple[Shape, ...] | None = None
     images_per_request: int = 4
     key_prefix: str = DEFAULT_PREFIX
@@ -58,6 +61,9 @@ class WorkerConfig:
     attention: Attention = "einsum"
     # Not a setting of the worker itself: how many virtual devices JAX makes of a CPU without an accelerator.
     cpu_devices: int = 4
+    # Where images are written (common/blobstore.py); a file store is swept of expired objects this often.
+    blob_store: str = BLOBS_IN_REDIS
+    blob_sweep_interval_s: float = 300.0
 
     def __post_init__(self) -> None:
         require(self.images_per_request >= 1, "--images-per-request", "must be >= 1")
@@ -76,6 +82,8 @@ class WorkerConfig:
         require(self.compile_cache_max_bytes > 0, "--compile-cache-max-gb", "must be > 0")
         require(self.attention in ATTENTION, "--attention", f"must be one of {', '.join(ATTENTION)}")
         require_redis_url(self.redis_url)
+        require_blob_store_url(self.blob_store)
+        require(self.blob_sweep_interval_s > 0, "--blob-sweep-interval", "must be > 0")
 
     @property
     def model_revision(self) -> str | None:

@@ -10,6 +10,11 @@ the host runs the step executable once per step, so it knows when each step is d
 executable runs the whole loop. Neither uses a host callback: an executable with one cannot be stored
 in JAX's persistent compilation cache, and a worker that restarts must not compile again.
 
+A guidance scale above 1 runs classifier-free guidance: the UNet on the negative and the positive
+conditioning, two samples per image per step. At 1 or below, as in diffusers' PyTorch SDXL pipeline, there is
+no guidance: the prompt alone, one UNet sample per image per step, by executables of their own (`guided`
+False), compiled beside the guided ones for every shape.
+
 Each image gets its own PRNG key split from the request seed, and each device denoises its share of the
 images, so a seed gives the same images on any worker whatever its device count. Each device encodes the
 prompt once for its images; the negative prompt's conditioning is kept on the devices per distinct
@@ -34,9 +39,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from common.protocol import Shape
 from worker.attention import DEFAULT_ATTENTION, Attention, traced_with
+from worker.checkpoints import load_checkpoint
 from worker.flops import FlopCount, abstract_array, count_flops
 from worker.quiet import silence_flax_deprecation
-from worker.sdxl_arch import RANDOM_MODEL, SDXL_BASE, Architecture, components, random_replicated_params
+from worker.sdxl_arch import RANDOM_MODEL, SDXL_BASE, Architecture, components, random_host_params
 
 silence_flax_deprecation()
 
@@ -158,6 +164,11 @@ def _reached(marker: jax.Array, step: int, on_step: StepCallback | None) -> None
         on_step(step)
 
 
+def guided(guidance_scale: float) -> bool:
+    """Whether a request runs classifier-free guidance (diffusers: `guidance_scale > 1`)."""
+    return guidance_scale > 1.0
+
+
 @dataclass(frozen=True)
 class CompileTimings:
     """Seconds spent tracing and lowering, compiling, and running each executable once (warm-up)."""
@@ -194,7 +205,7 @@ class SDXLPipeline:
         self.per_device = images_per_request // self.devices
         self._pipe = pipe
         self._params = params
-        self._compiled: dict[Shape, Any] = {}
+        self._compiled: dict[Shape, dict[bool, Any]] = {}  # shape -> guided or not -> executables
         self._negatives = _NegativeConditioning(pipe)  # shared by variants: it does not depend on them
         self.report_progress = report_progress
         self.attention = attention
@@ -207,20 +218,16 @@ class SDXLPipeline:
         images_per_request: int,
         report_progress: bool = True,
         attention: Attention = DEFAULT_ATTENTION,
+        model_config: str | None = None,
     ) -> SDXLPipeline:
-        """Load from a hub id or a local directory; params in bfloat16, the scheduler state in float32.
+        """Load from a hub id, a local folder or a single-file checkpoint (worker/checkpoints.py); params in
+        bfloat16, the scheduler state in float32. `model_config` gives a single file its configs and tokenizers.
 
         `sdxl-random` is SDXL base's architecture with random weights made on the devices (no download).
         """
         if model == RANDOM_MODEL:
             return cls.random(SDXL_BASE, images_per_request, report_progress, attention)
-        pipe, params = FlaxStableDiffusionXLPipeline.from_pretrained(
-            model, revision=revision, split_head_dim=True, dtype=jnp.bfloat16
-        )
-        scheduler_state = params.pop("scheduler")
-        # Cast on the host: a device-side cast would compile one conversion per parameter shape.
-        params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(jnp.bfloat16), params)
-        params["scheduler"] = scheduler_state
+        pipe, params = load_checkpoint(model, revision, model_config)
         return cls(pipe, _replicate(params), images_per_request, report_progress, attention)
 
     @classmethod
@@ -232,10 +239,11 @@ class SDXLPipeline:
         attention: Attention = DEFAULT_ATTENTION,
         seed: int = 0,
     ) -> SDXLPipeline:
-        """The architecture `arch` with random bfloat16 weights drawn on the devices (worker/sdxl_arch.py)."""
+        """The architecture `arch` with random bfloat16 weights drawn on the host (worker/sdxl_arch.py)."""
         parts = components(arch)
         pipe = FlaxStableDiffusionXLPipeline(**parts, dtype=jnp.bfloat16)
-        params = random_replicated_params(parts, seed)
+        # Each array goes to the devices as soon as it is drawn: the host never holds all the weights.
+        params = random_host_params(parts, seed, place=_replicate)
         params["scheduler"] = _replicate(pipe.scheduler.create_state())
         return cls(pipe, params, images_per_request, report_progress, attention)
 
@@ -253,6 +261,20 @@ class SDXLPipeline:
         """Floating-point operations of one image at `shape`, counted from this model (worker/flops.py)."""
         one_device = jax.tree_util.tree_map(lambda x: abstract_array(x.shape[1:], x.dtype), self._params)
         return count_flops(self._pipe, one_device, shape)
+
+    def unet_evaluations(self, shape: Shape, guidance_scale: float) -> int:
+        """UNet evaluations per image of a request at `shape`, measured: XLA's FLOP count of the compiled
+        denoising step over one UNet evaluation's (worker/flops.py), per image, times the steps.
+
+        Stepwise executables only: XLA counts a loop's body once, so a fused executable's count cannot say.
+        """
+        compiled = self._compiled[shape][guided(guidance_scale)]
+        if not isinstance(compiled, _Stepwise):
+            raise PipelineError("UNet evaluations are counted on the stepwise executables (report_progress)")
+        cost = compiled.step.cost_analysis()
+        step_flops = float((cost[0] if isinstance(cost, list | tuple) else cost)["flops"])
+        per_image = step_flops / self.per_device / self.flop_count(shape).unet_per_sample
+        return round(per_image) * shape.steps
 
     @property
     def device_kind(self) -> str:
@@ -288,14 +310,20 @@ class SDXLPipeline:
             raise InvalidShape(f"shape {shape}: width and height must be multiples of {multiple}")
         clock = _Clock()
         self._negatives.compile(clock, self._params, self._negative_ids(""), self._negative_scale(""))
-        inputs = self._inputs("warm-up", "", 0, 7.5)
-        if self.report_progress:
-            self._compiled[shape] = self._compile_stepwise(shape, inputs, clock)
-        else:
-            fused = jax.pmap(self._traced(_generate, shape), axis_name=AXIS)
-            self._compiled[shape] = clock.compile(fused, self._params, *inputs)
+        variants: dict[bool, Any] = {}
+        finish = None  # decoding is the same with or without guidance: one executable for both
+        for cfg in (True, False):
+            inputs = self._inputs("warm-up", "", 0, 7.5 if cfg else 0.0)
+            if self.report_progress:
+                variants[cfg] = self._compile_stepwise(shape, cfg, inputs, clock, finish)
+                finish = variants[cfg].finish
+            else:
+                fused = jax.pmap(self._traced(_generate, shape, cfg), axis_name=AXIS)
+                variants[cfg] = clock.compile(fused, self._params, *inputs)
+        self._compiled[shape] = variants
         warm_started = time.perf_counter()
-        self._warm_up(shape, inputs)
+        for cfg in (True, False):
+            self._warm_up(variants[cfg], self._inputs("warm-up", "", 0, 7.5 if cfg else 0.0))
         timings = CompileTimings(clock.lower_s, clock.compile_s, time.perf_counter() - warm_started)
         logger.info(
             "compiled %s: lower %.2fs, compile %.2fs, warm-up %.2fs",
@@ -304,19 +332,21 @@ class SDXLPipeline:
         )
         return timings
 
-    def _compile_stepwise(self, shape: Shape, inputs: tuple[np.ndarray, ...], clock: _Clock) -> _Stepwise:
+    def _compile_stepwise(
+        self, shape: Shape, cfg: bool, inputs: tuple[Any, ...], clock: _Clock, finish: Any = None
+    ) -> _Stepwise:
         """Three executables: begin (text and noise), one denoising step (the step number is an input, so
-        one executable serves every step), finish (decode). Compiling the step needs the shapes of what
-        begin makes, so begin runs once here."""
+        one executable serves every step), finish (decode; `finish` when already compiled). Compiling the
+        step needs the shapes of what begin makes, so begin runs once here."""
         *conditioning, guidance = inputs
         pmap = functools.partial(jax.pmap, axis_name=AXIS)
         params = _StepParams.of(self._params)
-        begin = clock.compile(pmap(self._traced(_begin, shape)), params.begin, *conditioning)
+        begin = clock.compile(pmap(self._traced(_begin, shape, cfg)), params.begin, *conditioning)
         latents, context, pooled = begin(params.begin, *conditioning)
         indices = [_replicate(np.int32(i)) for i in range(shape.steps)]
         # The latents are donated: each step writes its output over its input instead of a new buffer.
         step = clock.compile(
-            pmap(self._traced(_step, shape), donate_argnums=1),
+            pmap(self._traced(_step, shape, cfg), donate_argnums=1),
             params.step,
             latents,
             context,
@@ -324,12 +354,14 @@ class SDXLPipeline:
             guidance,
             indices[0],
         )
-        finish = clock.compile(pmap(functools.partial(_decode, self._pipe)), params.finish, latents)
+        if finish is None:
+            finish = clock.compile(pmap(functools.partial(_decode, self._pipe)), params.finish, latents)
         return _Stepwise(begin=begin, step=step, finish=finish, indices=indices, params=params)
 
-    def _traced(self, fn: Callable[..., Any], shape: Shape) -> Callable[..., Any]:
-        """`fn` bound to this model and shape, its UNet attention computed as `self.attention` says."""
-        return traced_with(self.attention, functools.partial(fn, self._pipe, shape))
+    def _traced(self, fn: Callable[..., Any], shape: Shape, cfg: bool) -> Callable[..., Any]:
+        """`fn` bound to this model, shape and guidance variant, its UNet attention computed as
+        `self.attention` says."""
+        return traced_with(self.attention, functools.partial(fn, self._pipe, shape, cfg))
 
     def generate(
         self,
@@ -344,11 +376,12 @@ class SDXLPipeline:
 
         With `report_progress`, `on_step(n)` is called on this thread as denoising step n (1-based) is done.
         """
-        compiled = self._compiled.get(shape)
-        if compiled is None:
+        variants = self._compiled.get(shape)
+        if variants is None:
             raise UnsupportedShape(
                 f"shape {shape} is not compiled here; compiled: {', '.join(map(str, self._compiled)) or 'none'}"
             )
+        compiled = variants[guided(guidance_scale)]
         inputs = self._inputs(prompt, negative_prompt, seed, guidance_scale)
         if isinstance(compiled, _Stepwise):
             images = self._run_stepwise(compiled, inputs, on_step)
@@ -356,10 +389,9 @@ class SDXLPipeline:
             images = np.asarray(compiled(self._params, *inputs))
         return images.reshape(self.images_per_request, shape.height, shape.width, 3)
 
-    def _warm_up(self, shape: Shape, inputs: tuple[np.ndarray, ...]) -> None:
-        """Run each executable of `shape` once, so the first request pays no first-run costs (allocation,
-        loading the executable onto the devices). Stepwise, one denoising step stands for all of them."""
-        compiled = self._compiled[shape]
+    def _warm_up(self, compiled: Any, inputs: tuple[Any, ...]) -> None:
+        """Run each executable of a shape's variant once, so the first request pays no first-run costs
+        (allocation, loading the executable onto the devices). Stepwise, one step stands for all of them."""
         if isinstance(compiled, _Stepwise):
             compiled = replace(compiled, indices=compiled.indices[:1])
             self._run_stepwise(compiled, inputs, on_step=None)
@@ -389,19 +421,21 @@ class SDXLPipeline:
         return np.asarray(images)
 
     def _inputs(self, prompt: str, negative_prompt: str, seed: int, guidance_scale: float) -> tuple[Any, ...]:
-        """Prompt ids (each device encodes the prompt once for its images), the negative conditioning,
-        one PRNG key per image, guidance."""
+        """Prompt ids (each device encodes the prompt once for its images), the negative conditioning
+        (context, pooled) with guidance or nothing without, one PRNG key per image, guidance."""
         d, b = self.devices, self.per_device
         prompt_ids = np.broadcast_to(self._tokenize(prompt), (d, 1, 2, self._max_length))
-        negative_context, negative_pooled = self._negatives.get(
-            negative_prompt,
-            self._params,
-            functools.partial(self._negative_ids, negative_prompt),
-            self._negative_scale(negative_prompt),
-        )
+        negative: tuple[Any, ...] = ()
+        if guided(guidance_scale):
+            negative = self._negatives.get(
+                negative_prompt,
+                self._params,
+                functools.partial(self._negative_ids, negative_prompt),
+                self._negative_scale(negative_prompt),
+            )
         keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), self.images_per_request))
         guidance = np.full((d,), guidance_scale, dtype=np.float32)
-        return prompt_ids, negative_context, negative_pooled, keys.reshape(d, b, -1), guidance
+        return prompt_ids, negative, keys.reshape(d, b, -1), guidance
 
     def _negative_ids(self, negative_prompt: str) -> np.ndarray:
         return np.broadcast_to(self._tokenize(negative_prompt), (self.devices, 1, 2, self._max_length))
@@ -446,19 +480,19 @@ def _replicate(tree: Any) -> Any:
 def _generate(
     pipe: FlaxStableDiffusionXLPipeline,
     shape: Shape,
+    cfg: bool,
     params: dict[str, Any],
     prompt_ids: jax.Array,
-    negative_context: jax.Array,
-    negative_pooled: jax.Array,
+    negative: tuple[jax.Array, ...],
     keys: jax.Array,
     guidance_scale: jax.Array,
 ) -> jax.Array:
     """One device's share in one executable: encode, denoise `shape.steps` times, decode to uint8 NHWC."""
-    latents, context, pooled = _begin(pipe, shape, params, prompt_ids, negative_context, negative_pooled, keys)
+    latents, context, pooled = _begin(pipe, shape, cfg, params, prompt_ids, negative, keys)
     state = _timesteps(pipe, params, shape, latents.shape)
 
     def step(i: jax.Array, latents: jax.Array) -> jax.Array:
-        return _denoise(pipe, params, state, latents, context, pooled, guidance_scale, i)
+        return _denoise(pipe, cfg, params, state, latents, context, pooled, guidance_scale, i)
 
     return _decode(pipe, params, jax.lax.fori_loop(0, shape.steps, step, latents))
 
@@ -466,14 +500,16 @@ def _generate(
 def _begin(
     pipe: FlaxStableDiffusionXLPipeline,
     shape: Shape,
+    cfg: bool,
     params: dict[str, Any],
     prompt_ids: jax.Array,
-    negative_context: jax.Array,
-    negative_pooled: jax.Array,
+    negative: tuple[jax.Array, ...],
     keys: jax.Array,
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-    """Text conditioning and the initial noise, scaled for the scheduler."""
-    context, pooled = _conditioning(pipe, params, prompt_ids, (negative_context, negative_pooled), keys.shape[0], shape)
+    """Text conditioning (with guidance, `negative` is the negative prompt's context and pooled embedding;
+    without, empty) and the initial noise, scaled for the scheduler."""
+    assert cfg == bool(negative), "the negative conditioning comes with guidance, and only then"
+    context, pooled = _conditioning(pipe, params, prompt_ids, negative, keys.shape[0], shape)
     latents = _initial_latents(pipe, keys, shape)
     state = _timesteps(pipe, params, shape, latents.shape)
     return latents * state.init_noise_sigma, context, pooled
@@ -482,6 +518,7 @@ def _begin(
 def _step(
     pipe: FlaxStableDiffusionXLPipeline,
     shape: Shape,
+    cfg: bool,
     params: dict[str, Any],
     latents: jax.Array,
     context: jax.Array,
@@ -495,7 +532,7 @@ def _step(
     wait on after the latents themselves have been donated to the next step.
     """
     state = _timesteps(pipe, params, shape, latents.shape)
-    latents = _denoise(pipe, params, state, latents, context, pooled, guidance_scale, i)
+    latents = _denoise(pipe, cfg, params, state, latents, context, pooled, guidance_scale, i)
     return latents, latents[0, 0, 0, 0]
 
 
@@ -507,6 +544,7 @@ def _timesteps(
 
 def _denoise(
     pipe: FlaxStableDiffusionXLPipeline,
+    cfg: bool,
     params: dict[str, Any],
     state: Any,
     latents: jax.Array,
@@ -515,18 +553,20 @@ def _denoise(
     guidance_scale: jax.Array,
     i: jax.Array,
 ) -> jax.Array:
-    """One Euler step with classifier-free guidance (Euler's state does not change from step to step)."""
+    """One Euler step, with classifier-free guidance when `cfg` (Euler's state does not change from step to
+    step). Without, the UNet sees each latent once, conditioned on the prompt."""
     t = state.timesteps[i]
-    model_input = pipe.scheduler.scale_model_input(state, jnp.concatenate([latents, latents]), t)
+    model_input = pipe.scheduler.scale_model_input(state, jnp.concatenate([latents, latents]) if cfg else latents, t)
     noise = pipe.unet.apply(
         {"params": params["unet"]},
         model_input,
         jnp.broadcast_to(t, (model_input.shape[0],)),
         encoder_hidden_states=context,
         added_cond_kwargs=pooled,
-    ).sample
-    uncond, cond = jnp.split(noise.astype(jnp.float32), 2)
-    noise = uncond + guidance_scale * (cond - uncond)
+    ).sample.astype(jnp.float32)
+    if cfg:
+        uncond, cond = jnp.split(noise, 2)
+        noise = uncond + guidance_scale * (cond - uncond)
     latents, _ = pipe.scheduler.step(state, noise, t, latents).to_tuple()
     return latents
 
@@ -543,24 +583,29 @@ def _conditioning(
     pipe: FlaxStableDiffusionXLPipeline,
     params: dict[str, Any],
     prompt_ids: jax.Array,
-    negative: tuple[jax.Array, jax.Array],
+    negative: tuple[jax.Array, ...],
     images: int,
     shape: Shape,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Text context and SDXL's added conditioning for `images` images, negative half first (classifier-free
-    guidance). The prompt is encoded once and shared by the images."""
+    """Text context and SDXL's added conditioning for `images` images; with a negative (classifier-free
+    guidance), the negative half first. The prompt is encoded once and shared by the images."""
     context, pooled = pipe.get_embeddings(prompt_ids, params)
 
     def per_image(x: jax.Array) -> jax.Array:
         return jnp.broadcast_to(x, (images, *x.shape[1:]))
 
-    negative_context, negative_pooled = negative
-    # SDXL micro-conditioning: original size, crop top-left, target size.
-    time_ids = jnp.array(
-        [[shape.height, shape.width, 0, 0, shape.height, shape.width]] * (2 * images), dtype=context.dtype
-    )
-    added = {"text_embeds": jnp.concatenate([per_image(negative_pooled), per_image(pooled)]), "time_ids": time_ids}
-    return jnp.concatenate([per_image(negative_context), per_image(context)]), added
+    contexts, pooleds = [per_image(context)], [per_image(pooled)]
+    if negative:
+        negative_context, negative_pooled = negative
+        contexts.insert(0, per_image(negative_context))
+        pooleds.insert(0, per_image(negative_pooled))
+    time_ids = jnp.array([time_ids_of(shape)] * (len(contexts) * images), dtype=context.dtype)
+    return jnp.concatenate(contexts), {"text_embeds": jnp.concatenate(pooleds), "time_ids": time_ids}
+
+
+def time_ids_of(shape: Shape) -> list[int]:
+    """SDXL's micro-conditioning: original size, crop top-left, target size, each (height, width)."""
+    return [shape.height, shape.width, 0, 0, shape.height, shape.width]
 
 
 def _initial_latents(pipe: FlaxStableDiffusionXLPipeline, keys: jax.Array, shape: Shape) -> jax.Array:

@@ -30,6 +30,7 @@ from typing import TypeVar
 import numpy as np
 import redis.asyncio as aioredis
 
+from common.blobstore import BlobStore, open_blob_store
 from common.config import log_config
 from common.logs import bound
 from common.protocol import DEFAULT_RESULT_TTL_S, Job, JobResult, Timings
@@ -41,6 +42,7 @@ from worker.compile_cache import disable_compilation_cache, enable_compilation_c
 from worker.config import WorkerConfig
 from worker.delivery import ClaimedJob, Delivery, MalformedJob
 from worker.encode import Encoding, encode_all
+from worker.images import ImageWriter
 from worker.metrics import WorkerMetrics, metrics_app, start_server
 from worker.pipeline import PipelineError, SDXLPipeline
 from worker.recovery import Recovery
@@ -89,8 +91,10 @@ class Worker:
         load_pipeline: Callable[[], SDXLPipeline] | None = None,
         started_at: float | None = None,
         encode_images: EncodeImages = encode_all,
+        blobs: BlobStore | None = None,
     ) -> None:
         self.config = config
+        self._images = ImageWriter(blobs, config.worker_id) if blobs is not None else None
         self.id = config.worker_id
         keys = RedisKeys(config.key_prefix)
         self._keys = keys
@@ -146,6 +150,7 @@ class Worker:
         """Register, warm up, then serve jobs until stopped; deregister on the way out."""
         await self._set_state("warming")
         heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
+        sweep = asyncio.create_task(self._sweep(), name="image-sweep")
         try:
             await self._warm_up()
             for stream in self._streams:
@@ -157,7 +162,8 @@ class Worker:
             await self._delivered()
         finally:
             heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+            sweep.cancel()
+            await asyncio.gather(heartbeat, sweep, return_exceptions=True)
             await self._deregister()
             self._device_thread.shutdown(wait=False)
             self._encoders.shutdown(wait=False)
@@ -214,6 +220,7 @@ class Worker:
             self.config.model_revision,
             self.config.images_per_request,
             attention=self.config.attention,
+            model_config=self.config.model_config,
         )
 
     async def _serve_next(self) -> None:
@@ -347,7 +354,11 @@ class Worker:
         """Encode and store one job: whatever happens, it gets a stored result and is acknowledged, once."""
         claimed = generated.claimed
         result, images = await self._encode(generated)
+        if self._images is not None and images:  # objects first: no result is visible before its images
+            result, images = await self._images.put(claimed.job, result, images), []
         stored = await self._store(claimed, result, images)
+        if not stored and self._images is not None:
+            await self._images.discard(result)
         self.metrics.jobs.labels(result.status if stored else "discarded").inc()  # discarded: cancelled or duplicate
         self.info = self.info.model_copy(update={"jobs_done": self.info.jobs_done + 1})
         logger.info("job %s: %s%s", claimed.job.id, result.status, "" if stored else " (duplicate result dropped)")
@@ -449,6 +460,10 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    async def _sweep(self) -> None:
+        if self._images is not None:
+            await self._images.sweep_forever(self.config.blob_sweep_interval_s)
+
     def _failure(self, job: Job, reason: str) -> JobResult:
         return JobResult(id=job.id, status="failed", worker=self.id, seed=job.seed, shape=job.shape, error=reason)
 
@@ -495,7 +510,8 @@ async def serve(
     model (the fault injector's stand-in workers)."""
     log_config(logger, config)
     redis = connect(config.redis_url, name=f"sdxl-worker:{config.worker_id}")
-    worker = Worker(config, redis, load_pipeline=load_pipeline, started_at=started_at)
+    blobs = open_blob_store(config.blob_store)
+    worker = Worker(config, redis, load_pipeline=load_pipeline, started_at=started_at, blobs=blobs)
     _use_compilation_cache(config, worker.metrics)
     http, port = await start_server(
         metrics_app(worker.metrics, worker.not_ready), config.metrics_host, config.metrics_port
@@ -511,6 +527,8 @@ async def serve(
     finally:
         await http.cleanup()
         await redis.aclose()
+        if blobs is not None:
+            await blobs.close()
 
 
 def _use_compilation_cache(config: WorkerConfig, metrics: WorkerMetrics) -> None:

@@ -2,9 +2,9 @@
 
 `--model sdxl-random` measures speed where the weights cannot be downloaded: the components have the
 configurations published with `stabilityai/stable-diffusion-xl-base-1.0` (its `unet/`, `vae/`,
-`text_encoder/` and `text_encoder_2/` `config.json`), and the weights are drawn by the model's own
-initialisers on each device, already cast to bfloat16, so the 10 GB of float32 UNet weights never exist
-on the host. Speed does not depend on weight values; the images are noise.
+`text_encoder/` and `text_encoder_2/` `config.json`), and the weights are drawn on the host in bfloat16,
+one array at a time, from the parameter shapes alone: the 10 GB of float32 UNet weights never exist, nor
+the initialiser's program (23 GB on XLA:CPU). Speed does not depend on weight values; the images are noise.
 
 The tokenizers are the tiny model's byte-level ones (every id they produce is a valid CLIP token id):
 tokenizing costs the same and runs on the host, outside what is measured.
@@ -152,22 +152,43 @@ def parameter_count(tree: Any) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
 
 
-def random_replicated_params(parts: Mapping[str, Any], seed: int = 0, dtype: Any = jnp.bfloat16) -> dict[str, Any]:
-    """Random parameters drawn on every local device (the same key on each, so the copies are equal),
-    cast there, with the leading device axis `pmap` maps over. The scheduler state is not included."""
-    devices = jax.local_device_count()
+# Random weights are slices of one pool of normal draws (speed does not depend on their values; drawing
+# 2.6B fresh normals takes minutes on a small host, slicing seconds).
+POOL_SIZE = 1 << 22
+
+
+def random_host_params(
+    parts: Mapping[str, Any],
+    seed: int = 0,
+    dtype: Any = jnp.bfloat16,
+    place: Callable[[np.ndarray], Any] = lambda array: array,
+) -> dict[str, Any]:
+    """Random parameters of every weighted component in `dtype`, made on the host one array at a time from
+    the shapes alone, each handed to `place` (for example, put on the devices) before the next is made: no
+    initialiser runs, so the 10 GB of float32 UNet weights (and the 23 GB XLA:CPU's init program needs) never
+    exist, nor a second full copy of the weights. Kernels and embeddings are normal with a 1/sqrt(fan-in)
+    spread, norm scales one, biases zero, so activations stay finite. The scheduler state is not included.
+    """
+    rng = np.random.default_rng(seed)
+    pool = np.tile(rng.standard_normal(POOL_SIZE, dtype=np.float32), 2)  # twice, so any window is one slice
     params = {}
-    for offset, (name, init) in enumerate(initialisers(parts).items()):
-
-        def cast_init(key: jax.Array, init: Callable[[jax.Array], Any] = init) -> Any:
-            return jax.tree_util.tree_map(lambda w: w.astype(dtype), init(key))
-
-        keys = jnp.broadcast_to(jax.random.PRNGKey(seed + offset), (devices, 2))
-        params[name] = jax.pmap(cast_init)(keys)
-        logger.info(
-            "initialised %s on %d devices: %.3fB parameters",
-            name,
-            devices,
-            parameter_count(params[name]) / devices / 1e9,
+    for name, tree in abstract_params(parts).items():
+        params[name] = jax.tree_util.tree_map_with_path(
+            lambda path, leaf: place(_draw(rng, pool, path, leaf, dtype)), tree
         )
+        logger.info("drew %s on the host: %.3fB parameters", name, parameter_count(tree) / 1e9)
     return params
+
+
+def _draw(rng: np.random.Generator, pool: np.ndarray, path: Any, leaf: Any, dtype: Any) -> np.ndarray:
+    kind = str(getattr(path[-1], "key", path[-1]))
+    if kind == "bias":
+        return np.zeros(leaf.shape, dtype)
+    if kind == "scale":
+        return np.ones(leaf.shape, dtype)
+    fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 1
+    size = int(np.prod(leaf.shape))
+    start = int(rng.integers(0, POOL_SIZE))
+    window = pool[start : start + min(size, POOL_SIZE)]  # the pool from a random place, repeated as needed
+    normal = np.resize(window, size) * np.float32(1.0 / np.sqrt(max(fan_in, 1)))
+    return normal.astype(dtype).reshape(leaf.shape)
