@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,10 @@ async def test_the_losing_attempts_objects_are_removed(
     claimed = await claim_next(redis_client)
     blobs = FileBlobStore(tmp_path)
     winner = await run_attempt(redis_client, blobs, claimed, "w-1")
-    loser = await run_attempt(redis_client, blobs, claimed, "w-2")
+    # The redelivery is another delivery of the entry: its own attempt token (a rerun of the first one's
+    # store would answer stored).
+    redelivered = dataclasses.replace(claimed, deliveries=claimed.deliveries + 1)
+    loser = await run_attempt(redis_client, blobs, redelivered, "w-2")
     assert winner.image_keys and loser.image_keys and set(winner.image_keys).isdisjoint(loser.image_keys)
     assert [await blobs.exists(key) for key in winner.image_keys] == [True, True]
     assert [await blobs.exists(key) for key in loser.image_keys] == [False, False]
