@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from sdxl_serve.processes import signal_group, wait_http
 from testkit.cluster import NemesisCluster, Slot
+from testkit.procs import exited
 from testkit.proxy import DropRule
 from testkit.schedule import Fault
 
@@ -143,7 +144,7 @@ class FaultRunner:
 
     async def _replace(self, slot: Slot) -> str:
         if slot.process is not None:
-            await asyncio.to_thread(slot.process.wait)
+            await exited(slot.process)
         self.cluster.start_slot(slot)
         return f"started {slot.worker_id}"
 
