@@ -209,7 +209,7 @@ async def _probe(clients: Clients, url: str, name: str) -> str | None:
     """None if the gateway at `url` answers a new /v1/generate with images, else what went wrong."""
     rng = random.Random(name)
     key = f"probe-{name}-{rng.getrandbits(32)}"
-    answer = await clients.submit(rng, "generate", key, {"prompt": f"probe {name}"}, record=False)
+    answer = await clients.submit(rng, "generate", key, {"prompt": f"probe {name}"}, record=False, urls=[url])
     if answer.status == 200 and answer.state in TERMINAL:
         return None
     return f"{name}: {answer.status} {answer.error or answer.state}"
