@@ -36,9 +36,10 @@ _SUBSCRIBE = (b"SUBSCRIBE", b"PSUBSCRIBE", b"SSUBSCRIBE")
 
 @dataclass(frozen=True)
 class DropRule:
-    """Which reply to lose: the first one on a connection that sent `command` (any command if empty) whose
-    bytes contain `reply_contains` (any reply if empty). Matching is on the raw RESP bytes, case-sensitive
-    (redis-py sends command names in capitals)."""
+    """Which reply to lose: the first reply to `command` (any command if empty) whose bytes contain
+    `reply_contains` (any reply if empty). Matching is on the raw RESP bytes, case-sensitive (redis-py sends
+    command names in capitals); a reply is the next bytes Redis sends on the connection after the command
+    (redis-py does not pipeline outside MULTI/EXEC, where the whole transaction counts as one)."""
 
     command: bytes = b""
     reply_contains: bytes = b""
@@ -227,7 +228,8 @@ class FaultProxy:
                 return
             if not await self._forward(link.client, chunk):
                 return
-            link.in_flight = b""
+            link.in_flight = b""  # answered: a rule armed by its command waits for the next one
+            link.armed.clear()
             if trigger is not None:  # pause: the reply went through, nothing after it does
                 self.partition()
                 trigger.fired.set()
