@@ -201,14 +201,16 @@ class FaultRunner:
 
     async def _partition_worker(self, fault: Fault) -> str:
         slot = self._slot(fault)
-        slot.proxy.partition()
+        refuse = bool(fault.params.get("refuse"))
+        slot.proxy.partition(refuse=refuse)
 
         async def heal() -> str:
             slot.proxy.heal()
             return f"healed {slot.name}"
 
         self._later(fault.duration_s, heal, f"heal {slot.name}")
-        return f"black-holed {slot.worker_id}'s Redis traffic for {fault.duration_s}s"
+        how = "refused" if refuse else "black-holed"
+        return f"{how} {slot.worker_id}'s Redis traffic for {fault.duration_s}s"
 
     async def _delay(self, fault: Fault) -> str:
         slot = self._slot(fault)

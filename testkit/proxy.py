@@ -13,6 +13,7 @@ chooses:
   counts as pub/sub once its client has sent SUBSCRIBE or PSUBSCRIBE.
 - `partition()` / `heal()`: a black hole. Nothing moves in either direction, new connections are accepted
   but never reach Redis; on heal, held bytes flow again (what a cut cable does, short of TCP timeouts).
+  `partition(refuse=True)`: every connection reset, new ones too, until healed.
 - `delay_s`: every chunk waits this long before it is forwarded.
 
 All on 127.0.0.1. A connection whose other side closes is closed too.
@@ -95,6 +96,7 @@ class FaultProxy:
         self._links: set[_Link] = set()
         self._open = asyncio.Event()
         self._open.set()
+        self._refusing = False
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -159,11 +161,16 @@ class FaultProxy:
         self.stats.killed += len(doomed)
         return len(doomed)
 
-    def partition(self) -> None:
-        """Black-hole the traffic until `heal()`."""
+    def partition(self, refuse: bool = False) -> None:
+        """Black-hole the traffic until `heal()`; with `refuse`, reset every connection instead and every new
+        one at once (a host that answers with resets rather than silence)."""
         self._open.clear()
+        self._refusing = refuse
+        if refuse:
+            self.kill()
 
     def heal(self) -> None:
+        self._refusing = False
         self._open.set()
 
     @property
@@ -175,6 +182,10 @@ class FaultProxy:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.stats.connections += 1
         self._track(asyncio.current_task())  # type: ignore[arg-type]
+        if self._refusing:
+            self.stats.refused_while_partitioned += 1
+            writer.transport.abort()
+            return
         await self._open.wait()  # a partitioned host: the connection is accepted and goes nowhere
         try:
             server_reader, server_writer = await asyncio.wait_for(
