@@ -93,6 +93,7 @@ class FaultProxy:
         self.delay_s = 0.0
         self.stats = ProxyStats()
         self._rules: list[_Trigger] = []
+        self._watched: list[tuple[bytes, asyncio.Event]] = []
         self._links: set[_Link] = set()
         self._open = asyncio.Event()
         self._open.set()
@@ -134,6 +135,12 @@ class FaultProxy:
         """Forward the next reply matching `rule`, then partition the proxy (until `heal()`), and set the
         event: the client is frozen between two commands, for a test to act in between."""
         return self._add(_Trigger(rule, action="pause"))
+
+    def sent(self, command: bytes) -> asyncio.Event:
+        """An event set once a client has sent bytes containing `command` and they went on to Redis."""
+        event = asyncio.Event()
+        self._watched.append((command, event))
+        return event
 
     def _add(self, trigger: _Trigger) -> asyncio.Event:
         self._rules.append(trigger)
@@ -227,6 +234,10 @@ class FaultProxy:
             self._arm(link, chunk)
             if not await self._forward(link.server, chunk):
                 return
+            for command, event in self._watched:
+                if command in chunk:
+                    event.set()
+            self._watched = [(command, event) for command, event in self._watched if not event.is_set()]
 
     async def _server_to_client(self, reader: asyncio.StreamReader, link: _Link) -> None:
         while chunk := await self._read(reader):
