@@ -96,7 +96,7 @@ def test_a_request_answered_by_two_jobs_is_a_violation() -> None:
     strict=True,
     raises=AssertionError,
     reason="the delivery layer does not yet survive the fault injector: garbage on the completions channel kills "
-    "every gateway's listener, lost replies leave jobs pending under live workers, rollbacks leave jobs running",
+    "every gateway's listener, a worker back from a pause dies on its deleted stream, rollbacks leave jobs running",
 )
 async def test_a_seeded_fault_schedule_loses_and_duplicates_nothing(
     tiny_model: Path, compile_cache: Path, tmp_path: Path
