@@ -12,6 +12,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,15 +99,22 @@ class Clients:
                 await self.follow(rng, final.job_id, self.config.request_timeout_s)
 
     async def submit(
-        self, rng: random.Random, route: str, key: str, body: dict[str, Any], record: bool = True
+        self,
+        rng: random.Random,
+        route: str,
+        key: str,
+        body: dict[str, Any],
+        record: bool = True,
+        urls: Sequence[str] | None = None,
     ) -> Answer:
-        """One logical request: retried with its key until an answer about the job comes back. `record`:
-        write its answers to the history (a probe of the harness's own is not the clients' traffic)."""
+        """One logical request: retried with its key until an answer about the job comes back, each attempt
+        to one of `urls` (default: every gateway). `record`: write its answers to the history (a probe of the
+        harness's own is not the clients' traffic)."""
         body = {**body, "width": self.config.width, "height": self.config.height}
         body["num_inference_steps"] = self.config.steps
         answer = Answer(self.elapsed(), 0, error="never sent")
         for _ in range(MAX_ATTEMPTS):
-            answer = await self._post(rng.choice(self.urls), f"/v1/{route}", key, body)
+            answer = await self._post(rng.choice(urls or self.urls), f"/v1/{route}", key, body)
             if record:
                 self.history.record(key, route, body, answer)
             if answer.status not in RETRYABLE or answer.job_id is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -22,8 +23,8 @@ import redis.asyncio as aioredis
 from common.redis_conn import connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry
-from sdxl_serve.processes import RedisOptions, free_port, signal_group, stop_sync, wait_http
-from testkit.procs import ProcessGroup, sdxl_serve_argv
+from sdxl_serve.processes import ProcessError, RedisOptions, free_port, signal_group, stop_sync, wait_http
+from testkit.procs import ProcessGroup, exited, sdxl_serve_argv
 from testkit.proxy import FaultProxy
 from testkit.redis import AsyncRedisProcess
 
@@ -127,18 +128,35 @@ class NemesisCluster:
             self.slots[name] = Slot(name=name, role=role, proxy=proxy, real=real, http_port=port)
 
     async def wait_ready(self) -> None:
-        """Every gateway answers /healthz and every worker slot's current worker is registered ready."""
-        timeout = self.config.ready_timeout_s
+        """Every gateway answers /healthz and every worker slot's current worker is registered ready;
+        ProcessError (with the end of its log) if a process exits first."""
+        ready = asyncio.create_task(self._ready())
+        exits = {asyncio.create_task(exited(s.process)): s for s in self.slots.values() if s.process is not None}
+        try:
+            done, _ = await asyncio.wait({ready, *exits}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in [ready, *exits]:
+                task.cancel()
+        for task, slot in exits.items():
+            if task in done:
+                log = self.processes.log(f"{slot.name}.{slot.generation}")[-3000:]
+                raise ProcessError(f"{slot.name} exited ({task.result()}) before it was ready:\n{log}")
+        ready.result()  # TimeoutError past the bound
+
+    async def _ready(self) -> None:
+        bound = self.config.ready_timeout_s
         for slot in self.gateways:
-            await wait_http(f"{slot.url}/healthz", timeout)
-        await Registry(self.admin, self.keys).wait_for_ready(len(self.workers), timeout)
+            await wait_http(f"{slot.url}/healthz", bound)
+        await Registry(self.admin, self.keys).wait_for_ready(len(self.workers), bound)
 
     def start_slot(self, slot: Slot) -> None:
         """Start the slot's next process (a new worker id for a worker); the old one must be gone."""
         if slot.process is not None:
             slot.retired.append(slot.process)
         slot.generation += 1
-        slot.process = self.processes.start_argv(f"{slot.name}.{slot.generation}", self._argv(slot))
+        # The real worker makes its own CPU devices (--cpu-devices); a test session's XLA_FLAGS would override it.
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} if slot.real else None
+        slot.process = self.processes.start_argv(f"{slot.name}.{slot.generation}", self._argv(slot), env)
         logger.info("started %s (pid %d)", slot.worker_id if slot.role == "worker" else slot.name, slot.process.pid)
 
     def _argv(self, slot: Slot) -> list[str]:

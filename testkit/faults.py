@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from sdxl_serve.processes import signal_group, wait_http
 from testkit.cluster import NemesisCluster, Slot
+from testkit.procs import exited
 from testkit.proxy import DropRule
 from testkit.schedule import Fault
 
@@ -143,7 +144,7 @@ class FaultRunner:
 
     async def _replace(self, slot: Slot) -> str:
         if slot.process is not None:
-            await asyncio.to_thread(slot.process.wait)
+            await exited(slot.process)
         self.cluster.start_slot(slot)
         return f"started {slot.worker_id}"
 
@@ -200,14 +201,16 @@ class FaultRunner:
 
     async def _partition_worker(self, fault: Fault) -> str:
         slot = self._slot(fault)
-        slot.proxy.partition()
+        refuse = bool(fault.params.get("refuse"))
+        slot.proxy.partition(refuse=refuse)
 
         async def heal() -> str:
             slot.proxy.heal()
             return f"healed {slot.name}"
 
         self._later(fault.duration_s, heal, f"heal {slot.name}")
-        return f"black-holed {slot.worker_id}'s Redis traffic for {fault.duration_s}s"
+        how = "refused" if refuse else "black-holed"
+        return f"{how} {slot.worker_id}'s Redis traffic for {fault.duration_s}s"
 
     async def _delay(self, fault: Fault) -> str:
         slot = self._slot(fault)

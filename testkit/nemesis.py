@@ -111,7 +111,7 @@ async def _run(config: NemesisConfig, cluster: NemesisCluster) -> NemesisReport:
     finally:
         await clients.close()
         (cluster.config.work_dir / "history.json").write_text(json.dumps(history.to_json()))
-    return NemesisReport(
+    report = NemesisReport(
         seed=config.seed,
         duration_s=config.duration_s,
         schedule=[f.describe() for f in schedule],
@@ -122,6 +122,8 @@ async def _run(config: NemesisConfig, cluster: NemesisCluster) -> NemesisReport:
         proxies={s.name: dataclasses.asdict(s.proxy.stats) for s in cluster.slots.values()},
         logs=str(cluster.config.work_dir),
     )
+    (cluster.config.work_dir / "report.json").write_text(json.dumps(report.to_json(), indent=2))
+    return report
 
 
 async def _under_faults(clients: Clients, runner: FaultRunner, schedule: list[Fault], t0: float) -> None:
@@ -207,7 +209,7 @@ async def _probe(clients: Clients, url: str, name: str) -> str | None:
     """None if the gateway at `url` answers a new /v1/generate with images, else what went wrong."""
     rng = random.Random(name)
     key = f"probe-{name}-{rng.getrandbits(32)}"
-    answer = await clients.submit(rng, "generate", key, {"prompt": f"probe {name}"}, record=False)
+    answer = await clients.submit(rng, "generate", key, {"prompt": f"probe {name}"}, record=False, urls=[url])
     if answer.status == 200 and answer.state in TERMINAL:
         return None
     return f"{name}: {answer.status} {answer.error or answer.state}"
@@ -238,6 +240,6 @@ def render(report: NemesisReport) -> str:
         f"quiet after the last fault: {quiet} bound {report.quiet_bound_s}s",
         f"faults ({len(report.schedule)} scheduled):",
         *(f"  {f['at_s']:7.2f}s {f['kind']:<18} {f['target']:<10} {f['detail']}" for f in report.injected),
-        f"logs and history.json: {report.logs}",
+        f"logs, report.json and history.json: {report.logs}",
     ]
     return "\n".join(lines)

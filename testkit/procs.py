@@ -3,6 +3,8 @@ group with its own log file, all stopped at teardown (SIGTERM to the group, a bo
 
 from __future__ import annotations
 
+import asyncio
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -12,6 +14,27 @@ from sdxl_serve.processes import spawn_sync, stop_sync
 
 STOP_TIMEOUT_S = 60.0
 CLI_MODULE = "sdxl_serve"
+
+
+async def exited(process: subprocess.Popen[bytes]) -> int:
+    """Await a child's exit without a thread (a pidfd readable once it has exited, Linux 5.3+); its status."""
+    if process.poll() is not None:
+        return process.returncode
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    fd = os.pidfd_open(process.pid)
+    loop.add_reader(fd, wake)
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    return process.wait()
 
 
 def sdxl_serve_argv(*args: str) -> list[str]:
@@ -40,10 +63,10 @@ class ProcessGroup:
         """`sdxl-serve ARGS...` as `name`, logging to `name`.log."""
         return self.start_argv(name, sdxl_serve_argv(*args))
 
-    def start_argv(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        """Any command as `name`, logging to `name`.log."""
+    def start_argv(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Any command as `name`, logging to `name`.log; `env` replaces the environment."""
         with (self.log_dir / f"{name}.log").open("ab") as log:
-            process = spawn_sync(argv, stdout=log)
+            process = spawn_sync(argv, stdout=log, env=env)
         self.processes[name] = process
         return process
 

@@ -13,6 +13,7 @@ chooses:
   counts as pub/sub once its client has sent SUBSCRIBE or PSUBSCRIBE.
 - `partition()` / `heal()`: a black hole. Nothing moves in either direction, new connections are accepted
   but never reach Redis; on heal, held bytes flow again (what a cut cable does, short of TCP timeouts).
+  `partition(refuse=True)`: every connection reset, new ones too, until healed.
 - `delay_s`: every chunk waits this long before it is forwarded.
 
 All on 127.0.0.1. A connection whose other side closes is closed too.
@@ -36,9 +37,10 @@ _SUBSCRIBE = (b"SUBSCRIBE", b"PSUBSCRIBE", b"SSUBSCRIBE")
 
 @dataclass(frozen=True)
 class DropRule:
-    """Which reply to lose: the first one on a connection that sent `command` (any command if empty) whose
-    bytes contain `reply_contains` (any reply if empty). Matching is on the raw RESP bytes, case-sensitive
-    (redis-py sends command names in capitals)."""
+    """Which reply to lose: the first reply to `command` (any command if empty) whose bytes contain
+    `reply_contains` (any reply if empty). Matching is on the raw RESP bytes, case-sensitive (redis-py sends
+    command names in capitals); a reply is the next bytes Redis sends on the connection after the command
+    (redis-py does not pipeline outside MULTI/EXEC, where the whole transaction counts as one)."""
 
     command: bytes = b""
     reply_contains: bytes = b""
@@ -91,9 +93,11 @@ class FaultProxy:
         self.delay_s = 0.0
         self.stats = ProxyStats()
         self._rules: list[_Trigger] = []
+        self._watched: list[tuple[bytes, asyncio.Event]] = []
         self._links: set[_Link] = set()
         self._open = asyncio.Event()
         self._open.set()
+        self._refusing = False
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -132,6 +136,12 @@ class FaultProxy:
         event: the client is frozen between two commands, for a test to act in between."""
         return self._add(_Trigger(rule, action="pause"))
 
+    def sent(self, command: bytes) -> asyncio.Event:
+        """An event set once a client has sent bytes containing `command` and they went on to Redis."""
+        event = asyncio.Event()
+        self._watched.append((command, event))
+        return event
+
     def _add(self, trigger: _Trigger) -> asyncio.Event:
         self._rules.append(trigger)
         for link in self._links:
@@ -158,11 +168,16 @@ class FaultProxy:
         self.stats.killed += len(doomed)
         return len(doomed)
 
-    def partition(self) -> None:
-        """Black-hole the traffic until `heal()`."""
+    def partition(self, refuse: bool = False) -> None:
+        """Black-hole the traffic until `heal()`; with `refuse`, reset every connection instead and every new
+        one at once (a host that answers with resets rather than silence)."""
         self._open.clear()
+        self._refusing = refuse
+        if refuse:
+            self.kill()
 
     def heal(self) -> None:
+        self._refusing = False
         self._open.set()
 
     @property
@@ -174,6 +189,10 @@ class FaultProxy:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.stats.connections += 1
         self._track(asyncio.current_task())  # type: ignore[arg-type]
+        if self._refusing:
+            self.stats.refused_while_partitioned += 1
+            writer.transport.abort()
+            return
         await self._open.wait()  # a partitioned host: the connection is accepted and goes nowhere
         try:
             server_reader, server_writer = await asyncio.wait_for(
@@ -215,6 +234,10 @@ class FaultProxy:
             self._arm(link, chunk)
             if not await self._forward(link.server, chunk):
                 return
+            for command, event in self._watched:
+                if command in chunk:
+                    event.set()
+            self._watched = [(command, event) for command, event in self._watched if not event.is_set()]
 
     async def _server_to_client(self, reader: asyncio.StreamReader, link: _Link) -> None:
         while chunk := await self._read(reader):
@@ -227,7 +250,8 @@ class FaultProxy:
                 return
             if not await self._forward(link.client, chunk):
                 return
-            link.in_flight = b""
+            link.in_flight = b""  # answered: a rule armed by its command waits for the next one
+            link.armed.clear()
             if trigger is not None:  # pause: the reply went through, nothing after it does
                 self.partition()
                 trigger.fired.set()

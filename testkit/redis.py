@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import logging
 import shutil
-import signal
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -29,7 +28,6 @@ from sdxl_serve.processes import (
     RedisServer,
     free_port,
     redis_binary,
-    signal_group,
     spawn_sync,
     start_redis_server,
     stop,
@@ -110,13 +108,6 @@ class RedisProcess:
         process, self.process = self.process, None
         stop_sync([process], timeout_s)
         return process.returncode
-
-    def kill(self) -> None:
-        """SIGKILL: nothing is flushed beyond what the server had already written."""
-        if self.process is not None:
-            signal_group(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-            self.process = None
 
     def restart(self) -> None:
         """A clean stop, then a start on the same port and directory (what the AOF kept comes back)."""

@@ -23,7 +23,7 @@ FaultKind = Literal[
     "rollback_redis",  # stop Redis, put the last snapshot back, start it: the writes since are gone
     "garbage",  # publish garbage (non-UTF-8 included) on every channel the cluster uses
     "restart_gateway",  # SIGKILL a gateway and start it again on its port
-    "partition_worker",  # black-hole one worker's Redis traffic for `duration_s`
+    "partition_worker",  # black-hole (or refuse) one worker's Redis traffic for `duration_s`
     "delay",  # add latency to one process's Redis traffic for `duration_s`
 ]
 FAULT_KINDS: tuple[FaultKind, ...] = FaultKind.__args__  # type: ignore[attr-defined]
@@ -67,14 +67,17 @@ def make_schedule(seed: int, duration_s: float, counts: dict[FaultKind, int], ta
     is a recent past that Redis has moved on from.
     """
     rng = random.Random(seed)
+    # How each partition behaves comes from a generator of its own: the times and targets of every fault
+    # depend only on the seed, the counts and the targets, whatever the partitions draw.
+    modes = random.Random(f"partition-modes-{seed}")
     faults: list[Fault] = []
     for kind in REQUESTABLE:  # a fixed order: the draws depend on the seed alone
         for _ in range(counts.get(kind, 0)):
-            faults.extend(_draw(rng, kind, round(rng.uniform(0.0, duration_s), 2), targets))
+            faults.extend(_draw(rng, kind, round(rng.uniform(0.0, duration_s), 2), targets, modes))
     return sorted(faults, key=lambda f: (f.at_s, f.kind))
 
 
-def _draw(rng: random.Random, kind: FaultKind, at_s: float, targets: Targets) -> list[Fault]:
+def _draw(rng: random.Random, kind: FaultKind, at_s: float, targets: Targets, modes: random.Random) -> list[Fault]:
     ttl = targets.heartbeat_ttl_s
     if kind == "lost_reply":
         role, slots = rng.choice([("worker", targets.workers), ("gateway", targets.gateways)])
@@ -92,7 +95,8 @@ def _draw(rng: random.Random, kind: FaultKind, at_s: float, targets: Targets) ->
     if kind == "restart_gateway":
         return [Fault(at_s, kind, rng.choice(targets.gateways))]
     if kind == "partition_worker":
-        return [Fault(at_s, kind, rng.choice(targets.workers), duration_s=round(ttl * rng.uniform(1.5, 3.0), 2))]
+        slot, duration = rng.choice(targets.workers), round(ttl * rng.uniform(1.5, 3.0), 2)
+        return [Fault(at_s, kind, slot, duration_s=duration, params={"refuse": modes.random() < 0.5})]
     if kind == "delay":
         slot = rng.choice([*targets.workers, *targets.gateways])
         return [Fault(at_s, kind, slot, duration_s=round(rng.uniform(1.0, 4.0), 2), params={"delay_s": 0.2})]

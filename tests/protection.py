@@ -38,15 +38,9 @@ async def error_of(response: Any) -> dict[str, Any]:
 @contextlib.asynccontextmanager
 async def running_worker(redis_url: str, worker_id: str = "fake-worker", **settings: Any) -> AsyncIterator[Worker]:
     """A real Worker (its loop, heartbeats and queue scripts) on `redis_url` with a stand-in pipeline, ready."""
+    defaults: dict[str, Any] = {"heartbeat_interval_s": 0.5, "heartbeat_ttl_s": 2.0, "claim_block_ms": 100}
     config = WorkerConfig(
-        redis_url=redis_url,
-        shapes=TEST_SHAPES,
-        worker_id=worker_id,
-        heartbeat_interval_s=0.5,
-        heartbeat_ttl_s=2.0,
-        claim_block_ms=100,
-        metrics_port=0,
-        **settings,
+        redis_url=redis_url, shapes=TEST_SHAPES, worker_id=worker_id, metrics_port=0, **{**defaults, **settings}
     )
     redis = connect(redis_url, name=f"test-worker:{worker_id}")
     worker = Worker(config, redis, load_pipeline=lambda: StandInPipeline(TEST_SHAPES))  # type: ignore[arg-type,return-value]

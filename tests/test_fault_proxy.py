@@ -92,6 +92,19 @@ async def test_a_partition_holds_traffic_until_healed(proxy: FaultProxy) -> None
     await client.aclose()
 
 
+async def test_a_refusing_partition_resets_connections_until_healed(proxy: FaultProxy) -> None:
+    client = once(proxy)
+    await client.ping()
+    proxy.partition(refuse=True)
+    for _ in range(2):  # the old connection was reset, then a new one is refused
+        with pytest.raises(RedisConnectionError):
+            await client.ping()
+    assert proxy.stats.refused_while_partitioned == 1
+    proxy.heal()
+    assert await client.ping()
+    await client.aclose()
+
+
 async def test_pause_after_freezes_the_client_between_two_commands(
     proxy: FaultProxy, redis_client: aioredis.Redis
 ) -> None:
