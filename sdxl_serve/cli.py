@@ -21,7 +21,7 @@ from common.logs import setup_logging
 
 # Top-level modules of the `worker` extra (pyproject.toml): the gateway's install lacks them.
 WORKER_EXTRA_MODULES = frozenset(
-    {"jax", "jaxlib", "flax", "diffusers", "transformers", "huggingface_hub", "PIL", "numpy"}
+    {"jax", "jaxlib", "flax", "diffusers", "transformers", "huggingface_hub", "PIL", "numpy", "safetensors"}
 )
 
 
