@@ -25,27 +25,7 @@
 --
 -- Returns 1 when this call dead-lettered the job, 0 when it was terminal already.
 
-local function terminal(status)
-  return status == 'succeeded' or status == 'failed' or status == 'cancelled'
-end
-
--- Make the job terminal: its result (images from ARGV[first_image] on), the record's status and the
--- attempt that settled it, lifetimes counted from now (the record and the history outlive the images),
--- and the announcement.
-local function finish(status, settled, meta, first_image)
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[1], 'meta', meta)
-  for i = first_image, #ARGV do
-    redis.call('HSET', KEYS[1], 'image:' .. (i - first_image), ARGV[i])
-  end
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
-  redis.call('HSET', KEYS[3], 'status', status, 'settled', settled)
-  redis.call('EXPIRE', KEYS[3], ARGV[4])
-  local key = redis.call('HGET', KEYS[3], 'idempotency')
-  if key then redis.call('EXPIRE', key, ARGV[3]) end
-  redis.call('EXPIRE', KEYS[5], ARGV[4])
-  redis.call('PUBLISH', ARGV[5], ARGV[6])
-end
+-- @include settle
 
 redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[2], ARGV[2])
