@@ -458,19 +458,26 @@ async def test_a_record_that_does_not_parse_is_read_as_far_as_it_goes(redis_clie
     assert record is not None and (record.status, record.job, record.step) == ("running", None, None)
 
 
-async def blocked_readers(redis_client: aioredis.Redis) -> int:
+async def blocked_readers(redis_client: aioredis.Redis, name: str) -> int:
+    """How many connections named `name` are blocked in XREADGROUP (other tests' workers may be too)."""
     clients: Any = await redis_client.client_list()
-    return sum(c["cmd"] == "xreadgroup" and "b" in c["flags"] for c in clients)
+    return sum(c["name"] == name and c["cmd"] == "xreadgroup" and "b" in c["flags"] for c in clients)
 
 
-async def test_a_claim_blocked_on_a_stream_that_is_deleted_returns_nothing(redis_client: aioredis.Redis) -> None:
-    queue = await queue_with_group(redis_client)
-    claim = asyncio.create_task(queue.delivery.claim("w1", [STREAM], block_ms=10_000))
-    async with asyncio.timeout(10):
-        while not await blocked_readers(redis_client):  # noqa: ASYNC110 (no event says "blocked": ask Redis)
-            await asyncio.sleep(0.01)
-    await redis_client.delete(STREAM)  # its worker was taken for gone and its stream dropped
-    assert await asyncio.wait_for(claim, 10) is None
+async def test_a_claim_blocked_on_a_stream_that_is_deleted_returns_nothing(
+    redis_client: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    await queue_with_group(redis_client)
+    reader = aioredis.Redis.from_url(redis_server.url(0), client_name="blocked-claim")
+    claim = asyncio.create_task(Queue.of(reader, KEYS).delivery.claim("w1", [STREAM], block_ms=10_000))
+    try:
+        async with asyncio.timeout(10):
+            while not await blocked_readers(redis_client, "blocked-claim"):  # noqa: ASYNC110 (no event says so)
+                await asyncio.sleep(0.01)
+        await redis_client.delete(STREAM)  # its worker was taken for gone and its stream dropped
+        assert await asyncio.wait_for(claim, 10) is None
+    finally:
+        await reader.aclose()
     groups: Any = await redis_client.xinfo_groups(STREAM)
     assert [g["name"] for g in groups] == [KEYS.workers_group.encode()]  # recreated, to be read again
 
