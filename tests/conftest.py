@@ -40,6 +40,7 @@ from gateway.config import GatewayConfig
 # ProcessGroup is re-exported: the end-to-end tests take it with the fixtures that hand it out.
 from testkit import ProcessGroup as ProcessGroup
 from testkit import RedisOptions, RedisProcess, free_port, redis_process, wait_http, write_tiny_model
+from testkit.objectstore import S3Server, start_s3_server
 from worker.delivery import ClaimedJob, Delivery
 
 # Two step counts, so tests can tell a compiled shape from one that is not.
@@ -292,3 +293,19 @@ async def read_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[s
         elif not line and data:
             yield name, json.loads(data)
             name, data = "message", ""
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server (SeaweedFS) on free loopback ports, one per test module."""
+    server = start_s3_server(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """The S3 server, with its credentials in the environment as a deployment would set them."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_server

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -21,23 +21,9 @@ from common.blobstore import (
     result_key,
     ttl_of,
 )
-from testkit.objectstore import S3Server, start_s3_server
+from testkit.objectstore import S3Server
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 64
-
-
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    server = start_s3_server(tmp_path_factory.mktemp("seaweedfs"))
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
-    for name, value in s3_server.env.items():
-        monkeypatch.setenv(name, value)
-    return s3_server
 
 
 @pytest.fixture(params=["file", "s3"])

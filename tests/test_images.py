@@ -8,12 +8,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
@@ -22,27 +20,13 @@ from common.protocol import JobResult, Timings
 from common.rediskeys import RedisKeys
 from gateway.app import create_app
 from gateway.config import GatewayConfig
-from testkit.objectstore import S3Server, start_s3_server
+from testkit.objectstore import S3Server
 from tests.conftest import ClientFactory, RedisServer, claim_next, register_worker
 from worker.delivery import ClaimedJob, Delivery
 from worker.images import ImageWriter
 
 IMAGES = [b"\x89PNG first image" * 100, b"\x89PNG second image" * 100]
 JOB = {"prompt": "a red fox", "width": 64, "height": 64, "num_inference_steps": 2}
-
-
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    server = start_s3_server(tmp_path_factory.mktemp("seaweedfs"))
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
-    for name, value in s3_server.env.items():
-        monkeypatch.setenv(name, value)
-    return s3_server
 
 
 async def gateway(aiohttp_client: ClientFactory, redis_server: RedisServer, **options: Any) -> TestClient[Any, Any]:
