@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 from pydantic_core import PydanticCustomError
@@ -24,7 +24,13 @@ MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 30.0
 MAX_RESULT_TTL_S = 30 * 24 * 3600
 # How long a result stays fetchable unless the gateway says otherwise (`--result-ttl`).
 DEFAULT_RESULT_TTL_S = 3600
+# Steps per request: the protocol's bound, and a worker's default maximum (`--max-steps`). A worker compiles
+# each size once and serves any step count from 1 to its maximum.
+MAX_STEPS = 200
+DEFAULT_MAX_STEPS = 50
+DEFAULT_STEPS = 20
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+_SIZE_RE = re.compile(r"^\s*(\d+)x(\d+)\s*$")
 _SHAPE_RE = re.compile(r"^\s*(\d+)x(\d+)x(\d+)\s*$")
 # C0 controls and DEL, less tab, newline and carriage return: never part of a prompt, and a NUL or an
 # escape sequence has no business in the logs or the tokenizer.
@@ -50,8 +56,28 @@ class RequestLimits:
 DEFAULT_LIMITS = RequestLimits()
 
 
+class Size(BaseModel):
+    """An image size a worker compiled its executables for; they serve every step count up to its maximum."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+
+    @classmethod
+    def parse(cls, text: str) -> Size:
+        """Parse `WIDTHxHEIGHT`, for example `1024x1024`."""
+        match = _SIZE_RE.match(text)
+        if match is None:
+            raise ValueError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 1024x1024")
+        return cls(width=int(match[1]), height=int(match[2]))
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
 class Shape(BaseModel):
-    """An image size and step count that a worker compiled an executable for."""
+    """What one request runs: an image size and a step count."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -70,6 +96,10 @@ class Shape(BaseModel):
 
     def __str__(self) -> str:
         return f"{self.width}x{self.height}x{self.steps}"
+
+    @property
+    def size(self) -> Size:
+        return Size(width=self.width, height=self.height)
 
 
 # The (width, height) SDXL base was trained at (the SDXL paper's aspect-ratio buckets near one megapixel).
@@ -157,7 +187,14 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 GuidanceScale = Annotated[
     float, Field(ge=MIN_GUIDANCE, le=MAX_GUIDANCE, allow_inf_nan=False), AfterValidator(_guidance_range)
 ]
-InferenceSteps = Annotated[int, Field(ge=1, le=200)]
+InferenceSteps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+# The samplers a worker runs (worker/schedulers.py): each is a table of per-step coefficients computed on the
+# host, so one compiled executable serves them all. Euler uses the model's own timestep spacing (SDXL base:
+# "leading"); "trailing" spacing is what distilled checkpoints (Lightning, Turbo) are made for; DPM-Solver++
+# (second-order multistep) with Karras sigmas reaches Euler's quality in fewer steps.
+Scheduler = Literal["euler", "euler_trailing", "dpmpp_2m_karras"]
+SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
+DEFAULT_SCHEDULER: Scheduler = "euler"
 OutputFormat = Literal["png", "jpeg", "webp"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -180,6 +217,7 @@ class Job(BaseModel):
     seed: Seed
     guidance_scale: GuidanceScale
     shape: Shape
+    scheduler: Scheduler = DEFAULT_SCHEDULER
     output_format: OutputFormat = "png"
     quality: int = Field(default=DEFAULT_QUALITY, ge=1, le=100)
     result_ttl_s: int = Field(gt=0, le=MAX_RESULT_TTL_S)
