@@ -28,7 +28,7 @@ from common.jobstore import (
     Submitter,
     TooManyInFlight,
 )
-from common.protocol import FINISHED, JOB_ID_PATTERN, Job, JobResult
+from common.protocol import DEFAULT_QUALITY, FINISHED, JOB_ID_PATTERN, Job, JobResult
 from common.redis_conn import UNAVAILABLE
 from common.registry import WorkerInfo
 from gateway.errors import ApiError
@@ -73,7 +73,6 @@ async def make_job(request: web.Request, body: GenerateRequest) -> Placed:
     workers = await request.app[REGISTRY].workers()
     shape = resolve_shape(body, workers)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
-    extra = {"quality": body.quality} if body.quality is not None else {}
     job = Job(
         id=uuid.uuid4().hex,
         prompt=body.prompt,
@@ -82,9 +81,9 @@ async def make_job(request: web.Request, body: GenerateRequest) -> Placed:
         guidance_scale=body.guidance_scale,
         shape=shape,
         output_format=body.output_format,
+        quality=body.quality if body.quality is not None else DEFAULT_QUALITY,
         result_ttl_s=request.app[CONFIG].result_ttl_s,
         request_id=request.get(REQUEST_ID),
-        **extra,
     )
     return Placed(job=job, stream=await request.app[PLACEMENT].stream_for(shape, workers), workers=workers)
 
