@@ -372,7 +372,12 @@ def _service_times(text: str) -> tuple[float, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Declare this benchmark's flags."""
+    """Declare this benchmark's flags: the simulated cluster and its load, then the runs."""
+    _add_cluster_arguments(parser)
+    _add_run_arguments(parser)
+
+
+def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=_positive_int, default=None, help="cluster size N (default 4)")
     parser.add_argument(
         "--load", type=_positive, default=0.8, help="utilisation rho: arrivals at rho x capacity (default 0.8)"
@@ -402,6 +407,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="lognormal",
         help="service-time distribution (exp: exponential, CV 1, ignores --jitter)",
     )
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=_positive_int, default=20_000, help="requests per run")
     parser.add_argument("--warmup", type=_fraction, default=0.1, help="fraction of requests left out of statistics")
     parser.add_argument(
