@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from diffusers import FlaxEulerDiscreteScheduler
+from diffusers import FlaxDPMSolverMultistepScheduler, FlaxEulerDiscreteScheduler
 
 from common.protocol import SCHEDULERS, Scheduler
 from worker import schedulers
 from worker.schedulers import (
+    C0,
     C1,
     SIGMA,
     SIGMA_NEXT,
@@ -59,90 +60,112 @@ def _flax_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     return {key: config[key] for key in keys}
 
 
-@pytest.fixture(scope="module")
-def noise() -> jax.Array:
-    return jax.random.normal(jax.random.key(0), SHAPE, jnp.float32)
+class Harness:
+    """Noise, a deterministic stand-in for the UNet, one compiled step as the pipeline runs it (the row an array
+    input), and diffusers' sampling loops over the same, each computed once per module: they are compiled."""
 
+    def __init__(self) -> None:
+        self.noise = jax.random.normal(jax.random.key(0), SHAPE, jnp.float32)
+        w = jax.random.uniform(jax.random.key(1), SHAPE, jnp.float32, 0.5, 1.5)
+        self.fake_unet: Eps = lambda x, t: jnp.tanh(x * w + t / 1000)
+        self.step = jax.jit(self._step)
+        self._references: dict[tuple[Any, ...], Any] = {}
 
-@pytest.fixture(scope="module")
-def fake_unet() -> Eps:
-    """A deterministic stand-in for the UNet that depends on both its input and the timestep."""
-    w = jax.random.uniform(jax.random.key(1), SHAPE, jnp.float32, 0.5, 1.5)
-    return lambda x, t: jnp.tanh(x * w + t / 1000)
-
-
-@pytest.fixture(scope="module")
-def step(fake_unet: Eps) -> Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-    """One compiled step, the way the pipeline runs it: the row is an array input."""
-
-    def run(x: jax.Array, prev: jax.Array, row: jax.Array) -> tuple[jax.Array, jax.Array]:
-        eps = fake_unet(schedulers.model_input(x, row), schedulers.timestep(row))
+    def _step(self, x: jax.Array, prev: jax.Array, row: jax.Array) -> tuple[jax.Array, jax.Array]:
+        eps = self.fake_unet(schedulers.model_input(x, row), schedulers.timestep(row))
         return schedulers.update(x, eps, prev, row)
 
-    return jax.jit(run)
+    def sample(self, rows: np.ndarray, init_noise_sigma: float) -> jax.Array:
+        x, prev = self.noise * init_noise_sigma, jnp.zeros_like(self.noise)
+        for row in jnp.asarray(rows):
+            x, prev = self.step(x, prev, row)
+        return x
+
+    def flax_euler(self, config: dict[str, Any], steps: int) -> tuple[Any, jax.Array]:
+        """diffusers' Flax Euler over `steps` steps: its state (schedule) and final latents."""
+        key = ("euler", steps, *sorted(_flax_kwargs(config).items()))
+        if key not in self._references:
+            self._references[key] = self._flax_euler(FlaxEulerDiscreteScheduler(**_flax_kwargs(config)), steps)
+        result: tuple[Any, jax.Array] = self._references[key]
+        return result
+
+    def _flax_euler(self, scheduler: Any, steps: int) -> tuple[Any, jax.Array]:
+        def run(state: Any, noise: jax.Array) -> tuple[Any, jax.Array]:
+            state = scheduler.set_timesteps(state, steps, noise.shape)
+
+            def body(i: jax.Array, x: jax.Array) -> jax.Array:
+                t = state.timesteps[i]
+                eps = self.fake_unet(scheduler.scale_model_input(state, x, t), t)
+                x_next: jax.Array = scheduler.step(state, eps, t, x).prev_sample
+                return x_next
+
+            return state, jax.lax.fori_loop(0, steps, body, noise * state.init_noise_sigma)
+
+        # One executable for the whole loop: diffusers' step run op by op takes seconds.
+        result: tuple[Any, jax.Array] = jax.jit(run)(scheduler.create_state(), self.noise)
+        return result
+
+    def flax_dpmpp_2m(self, spacing: str, steps: int) -> tuple[np.ndarray, jax.Array]:
+        """diffusers' Flax DPM-Solver++ 2M (its defaults: midpoint, lower_order_final) over `steps` steps on its own
+        schedule (the model's sigmas at whole timesteps, ending at sigma_min, not 0): its timesteps and final
+        latents, in the variance-preserving space."""
+        key = ("dpmpp_2m", spacing, steps)
+        if key not in self._references:
+            kwargs = {**_flax_kwargs(SDXL_BASE), "timestep_spacing": spacing}
+            self._references[key] = self._flax_dpmpp_2m(FlaxDPMSolverMultistepScheduler(**kwargs), steps)
+        result: tuple[np.ndarray, jax.Array] = self._references[key]
+        return result
+
+    def _flax_dpmpp_2m(self, scheduler: Any, steps: int) -> tuple[np.ndarray, jax.Array]:
+        def run(state: Any, noise: jax.Array) -> tuple[jax.Array, jax.Array]:
+            state = scheduler.set_timesteps(state, steps, noise.shape)
+
+            def body(i: jax.Array, carry: tuple[jax.Array, Any]) -> tuple[jax.Array, Any]:
+                x, state = carry
+                t = state.timesteps[i]
+                eps = self.fake_unet(scheduler.scale_model_input(state, x, t), t)
+                x_next, state = scheduler.step(state, eps, t, x, return_dict=False)
+                return x_next, state
+
+            x, _ = jax.lax.fori_loop(0, steps, body, (noise * state.init_noise_sigma, state))
+            return state.timesteps, x
+
+        timesteps, x = jax.jit(run)(scheduler.create_state(), self.noise)
+        return np.asarray(timesteps), x
 
 
-def _sample(step: Any, tab: Table | np.ndarray, noise: jax.Array, init_noise_sigma: float) -> jax.Array:
-    rows = tab.rows if isinstance(tab, Table) else tab
-    x, prev = noise * init_noise_sigma, jnp.zeros_like(noise)
-    for row in jnp.asarray(rows):
-        x, prev = step(x, prev, row)
-    return x
+@pytest.fixture(scope="module")
+def harness() -> Harness:
+    return Harness()
 
 
-def _flax_euler(config: dict[str, Any], steps: int, noise: jax.Array, fake_unet: Eps) -> tuple[Any, jax.Array]:
-    """diffusers' Flax Euler over `steps` steps, compiled as one executable (run op by op it takes seconds)."""
-    scheduler = FlaxEulerDiscreteScheduler(**_flax_kwargs(config))
-
-    def run(state: Any, noise: jax.Array) -> tuple[Any, jax.Array]:
-        state = scheduler.set_timesteps(state, steps, noise.shape)
-
-        def body(i: jax.Array, x: jax.Array) -> jax.Array:
-            t = state.timesteps[i]
-            eps = fake_unet(scheduler.scale_model_input(state, x, t), t)
-            x_next: jax.Array = scheduler.step(state, eps, t, x).prev_sample
-            return x_next
-
-        return state, jax.lax.fori_loop(0, steps, body, noise * state.init_noise_sigma)
-
-    result: tuple[Any, jax.Array] = jax.jit(run)(scheduler.create_state(), noise)
-    return result
-
-
-def _assert_euler_matches(
-    config: dict[str, Any], tab: Table, steps: int, noise: jax.Array, fake_unet: Eps, step: Any
-) -> None:
-    state, expected = _flax_euler(config, steps, noise, fake_unet)
+def _assert_euler_matches(harness: Harness, config: dict[str, Any], tab: Table, steps: int) -> None:
+    state, expected = harness.flax_euler(config, steps)
     np.testing.assert_allclose(tab.rows[:, TIMESTEP], state.timesteps, rtol=1e-6)
+    # diffusers computes the schedule in float32: its smallest sigma is off by 1e-5 (1 - alpha cancels).
     np.testing.assert_allclose(tab.rows[:, SIGMA], state.sigmas[:-1], rtol=5e-5)
     np.testing.assert_allclose(tab.rows[:, SIGMA_NEXT], state.sigmas[1:], rtol=5e-5)
     assert tab.init_noise_sigma == pytest.approx(float(state.init_noise_sigma), rel=1e-5)
-    np.testing.assert_allclose(_sample(step, tab, noise, tab.init_noise_sigma), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(harness.sample(tab.rows, tab.init_noise_sigma), expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 20, 50])
-def test_euler_matches_diffusers_flax_euler_on_sdxl_base(
-    steps: int, noise: jax.Array, fake_unet: Eps, step: Any
-) -> None:
-    _assert_euler_matches(SDXL_BASE, table("euler", steps, CONFIG), steps, noise, fake_unet, step)
+def test_euler_matches_diffusers_flax_euler_on_sdxl_base(harness: Harness, steps: int) -> None:
+    _assert_euler_matches(harness, SDXL_BASE, table("euler", steps, CONFIG), steps)
 
 
-def test_euler_comparison_catches_another_spacing(noise: jax.Array, fake_unet: Eps, step: Any) -> None:
+def test_euler_comparison_catches_another_spacing(harness: Harness) -> None:
     linspace = scheduler_config({**SDXL_BASE, "timestep_spacing": "linspace"})
     with pytest.raises(AssertionError):
-        _assert_euler_matches(SDXL_BASE, table("euler", 20, linspace), 20, noise, fake_unet, step)
+        _assert_euler_matches(harness, SDXL_BASE, table("euler", 20, linspace), 20)
 
 
-def test_euler_follows_the_models_linspace_spacing(noise: jax.Array, fake_unet: Eps, step: Any) -> None:
-    config = {**SDXL_BASE, "timestep_spacing": "linspace"}
-    _assert_euler_matches(config, table("euler", 20, scheduler_config(config)), 20, noise, fake_unet, step)
-
-
-def test_euler_supports_v_prediction(noise: jax.Array, fake_unet: Eps, step: Any) -> None:
-    config = {**SDXL_BASE, "prediction_type": "v_prediction"}
-    _assert_euler_matches(config, table("euler", 20, scheduler_config(config)), 20, noise, fake_unet, step)
-    with pytest.raises(AssertionError):
-        _assert_euler_matches(config, table("euler", 20, CONFIG), 20, noise, fake_unet, step)
+def test_euler_follows_the_models_spacing_and_prediction_type(harness: Harness) -> None:
+    config = {**SDXL_BASE, "timestep_spacing": "linspace", "prediction_type": "v_prediction"}
+    _assert_euler_matches(harness, config, table("euler", 20, scheduler_config(config)), 20)
+    for wrong in ({"prediction_type": "v_prediction"}, {"timestep_spacing": "linspace"}):
+        with pytest.raises(AssertionError):
+            _assert_euler_matches(harness, config, table("euler", 20, scheduler_config({**SDXL_BASE, **wrong})), 20)
 
 
 def test_trailing_timesteps_follow_diffusers_rule() -> None:
@@ -157,47 +180,109 @@ def test_trailing_timesteps_follow_diffusers_rule() -> None:
 
 def test_trailing_sigmas_are_interpolated_as_euler_does() -> None:
     train = schedulers.train_sigmas(CONFIG)
-    rows = table("euler_trailing", 3, CONFIG).rows
-    np.testing.assert_array_equal(rows[:, TIMESTEP], [999, 666, 332])
-    np.testing.assert_allclose(rows[:, SIGMA], train[[999, 666, 332]], rtol=1e-6)
-    np.testing.assert_array_equal(rows[:, SIGMA_NEXT], [rows[1, SIGMA], rows[2, SIGMA], 0])
-    assert table("euler_trailing", 3, CONFIG).init_noise_sigma == pytest.approx(train[-1])
+    tab = table("euler_trailing", 3, CONFIG)
+    np.testing.assert_array_equal(tab.rows[:, TIMESTEP], [999, 666, 332])
+    np.testing.assert_allclose(tab.rows[:, SIGMA], train[[999, 666, 332]], rtol=1e-6)
+    np.testing.assert_array_equal(tab.rows[:, SIGMA_NEXT], [tab.rows[1, SIGMA], tab.rows[2, SIGMA], 0])
+    assert tab.init_noise_sigma == pytest.approx(train[-1])
 
 
-def test_one_step_trailing_euler_lands_on_the_prediction(noise: jax.Array, fake_unet: Eps) -> None:
+def test_one_step_trailing_euler_lands_on_the_prediction(harness: Harness) -> None:
     tab = table("euler_trailing", 1, CONFIG)
     row = jnp.asarray(tab.rows[0])
-    x = noise * tab.init_noise_sigma
+    x = harness.noise * tab.init_noise_sigma
     assert float(schedulers.timestep(row)) == 999
-    eps = fake_unet(schedulers.model_input(x, row), schedulers.timestep(row))
+    eps = harness.fake_unet(schedulers.model_input(x, row), schedulers.timestep(row))
     x_next, denoised = schedulers.update(x, eps, jnp.zeros_like(x), row)
     np.testing.assert_array_equal(x_next, denoised)
     np.testing.assert_allclose(denoised, x - tab.init_noise_sigma * eps, rtol=1e-6, atol=1e-5)
 
 
-def test_one_compiled_step_serves_every_scheduler_and_step_count(noise: jax.Array, fake_unet: Eps) -> None:
+def test_one_compiled_step_serves_every_scheduler_and_step_count(harness: Harness) -> None:
     traces = []
 
     def run(x: jax.Array, prev: jax.Array, row: jax.Array) -> tuple[jax.Array, jax.Array]:
         traces.append(row.shape)  # runs once per trace, that is once per compilation
-        return schedulers.update(x, fake_unet(schedulers.model_input(x, row), schedulers.timestep(row)), prev, row)
+        eps = harness.fake_unet(schedulers.model_input(x, row), schedulers.timestep(row))
+        return schedulers.update(x, eps, prev, row)
 
     compiled = jax.jit(run)
     for name in SCHEDULERS:
         for steps in (1, 4, 9):
             tab = table(name, steps, CONFIG)  # type: ignore[arg-type]
-            assert np.all(np.isfinite(_sample(compiled, tab, noise, tab.init_noise_sigma)))
+            x, prev = harness.noise * tab.init_noise_sigma, jnp.zeros_like(harness.noise)
+            for row in jnp.asarray(tab.rows):
+                x, prev = compiled(x, prev, row)
+            assert np.all(np.isfinite(x))
     assert traces == [(schedulers.ROW_WIDTH,)]
 
 
-def test_padding_with_identity_rows_changes_nothing(noise: jax.Array, step: Any) -> None:
-    tab = table("euler", 7, CONFIG)
+def test_padding_with_identity_rows_changes_nothing(harness: Harness) -> None:
+    tab = table("dpmpp_2m_karras", 7, CONFIG)
     padded = tab.padded(12)
     assert padded.shape == (12, schedulers.ROW_WIDTH)
-    unpadded = _sample(step, tab, noise, tab.init_noise_sigma)
-    np.testing.assert_array_equal(_sample(step, padded, noise, tab.init_noise_sigma), unpadded)
+    unpadded = harness.sample(tab.rows, tab.init_noise_sigma)
+    np.testing.assert_array_equal(harness.sample(padded, tab.init_noise_sigma), unpadded)
     with pytest.raises(ValueError, match="cannot pad"):
         tab.padded(6)
+
+
+def _assert_dpmpp_2m_matches(harness: Harness, solver: schedulers.Solver, spacing: str, steps: int) -> None:
+    timesteps, expected_vp = harness.flax_dpmpp_2m(spacing, steps)
+    train = schedulers.train_sigmas(CONFIG)
+    sigmas = np.append(train[timesteps], train[0])
+    tab = schedulers.from_sigmas(solver, timesteps, sigmas, "epsilon", float(np.sqrt(sigmas[0] ** 2 + 1)))
+    x = harness.sample(tab.rows, tab.init_noise_sigma)
+    # sigma space to variance-preserving: x_vp = x / sqrt(sigma**2 + 1).
+    np.testing.assert_allclose(x / np.sqrt(sigmas[-1] ** 2 + 1), expected_vp, rtol=1e-4, atol=2e-5)
+
+
+# 14 and 15 straddle lower_order_final: below 15 steps the final step is first order.
+@pytest.mark.parametrize(("spacing", "steps"), [("linspace", 2), ("linspace", 14), ("linspace", 15), ("trailing", 8)])
+def test_dpmpp_2m_matches_diffusers_flax_dpm_solver(harness: Harness, spacing: str, steps: int) -> None:
+    _assert_dpmpp_2m_matches(harness, "dpmpp_2m", spacing, steps)
+
+
+def test_dpmpp_2m_comparison_catches_a_first_order_solver(harness: Harness) -> None:
+    with pytest.raises(AssertionError):
+        _assert_dpmpp_2m_matches(harness, "euler", "linspace", 14)
+    with pytest.raises(AssertionError):
+        _assert_dpmpp_2m_matches(harness, "euler", "linspace", 15)
+
+
+def test_karras_sigmas_and_timesteps_for_sdxl() -> None:
+    tab = table("dpmpp_2m_karras", 4, CONFIG)
+    # Karras et al. (rho 7) from SDXL's sigma_max 14.6146 to its sigma_min 0.0291675 in 4 steps, then 0 (diffusers'
+    # DPMSolverMultistepScheduler, use_karras_sigmas=True, final_sigmas_type="zero"); timesteps by interpolating
+    # log sigmas between training timesteps, rounded.
+    np.testing.assert_allclose(tab.rows[:, SIGMA], [14.6146, 3.16860, 0.446918, 0.0291675], rtol=2e-5)
+    np.testing.assert_allclose(tab.rows[:, SIGMA_NEXT], [3.16860, 0.446918, 0.0291675, 0], rtol=2e-5)
+    np.testing.assert_array_equal(tab.rows[:, TIMESTEP], [999, 687, 146, 0])
+    # Unit-variance noise in the variance-preserving space diffusers' DPM-Solver works in.
+    assert tab.init_noise_sigma == pytest.approx(np.sqrt(14.6146**2 + 1), rel=1e-5)
+
+
+@pytest.mark.parametrize("steps", [3, 10, 30])
+def test_karras_timesteps_are_diffusers_sigma_to_t_rounded(steps: int) -> None:
+    train = schedulers.train_sigmas(CONFIG)
+    log_train = np.log(train)
+    rows = table("dpmpp_2m_karras", steps, CONFIG).rows
+    for sigma, t in zip(rows[:, SIGMA].astype(np.float64), rows[:, TIMESTEP], strict=True):
+        # diffusers' _sigma_to_t, written out: the last training timestep at or below sigma, then log-linear.
+        low = min(int(np.cumsum(np.log(sigma) - log_train >= 0).argmax()), len(train) - 2)
+        w = np.clip((log_train[low] - np.log(sigma)) / (log_train[low] - log_train[low + 1]), 0, 1)
+        assert t == np.round((1 - w) * low + w * (low + 1))
+    ramp = np.linspace(0, 1, steps)
+    formula = (train[-1] ** (1 / 7) + ramp * (train[0] ** (1 / 7) - train[-1] ** (1 / 7))) ** 7
+    np.testing.assert_allclose(rows[:, SIGMA], formula, rtol=1e-6)
+
+
+def test_dpmpp_2m_karras_is_first_order_at_both_ends() -> None:
+    for steps in (1, 2, 10, 20):
+        rows = table("dpmpp_2m_karras", steps, CONFIG).rows
+        assert rows[0, C1] == 0 and rows[-1, C1] == 0
+        assert np.all(rows[1:-1, C1] < 0)
+        np.testing.assert_allclose(rows[:, C0] + rows[:, C1], 1, rtol=1e-6)
 
 
 # The update is plain arithmetic: on numpy arrays it runs 20,000 steps in a fraction of a second.
