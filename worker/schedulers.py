@@ -123,7 +123,7 @@ def scheduler_config(model_scheduler_config: Mapping[str, Any]) -> SchedulerConf
             f"scheduler config interpolation_type={cfg['interpolation_type']!r} is not supported (only 'linear')"
         )
     values = {key: cfg.get(key, default) for key, default in _DEFAULTS.items()}
-    return SchedulerConfig(
+    config = SchedulerConfig(
         num_train_timesteps=int(values["num_train_timesteps"]),
         beta_start=float(values["beta_start"]),
         beta_end=float(values["beta_end"]),
@@ -132,6 +132,8 @@ def scheduler_config(model_scheduler_config: Mapping[str, Any]) -> SchedulerConf
         timestep_spacing=values["timestep_spacing"],
         prediction_type=values["prediction_type"],
     )
+    logger.info("noise schedule of the model's %s: %s", cfg.get("_class_name", "scheduler"), config)
+    return config
 
 
 @dataclass(frozen=True)
