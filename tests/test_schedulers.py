@@ -383,6 +383,9 @@ def test_scheduler_config_reads_a_models_config() -> None:
         ({"interpolation_type": "log_linear"}, "interpolation_type='log_linear'"),
         ({"beta_end": 0.0001}, "beta_end"),
         ({"num_train_timesteps": 1}, "num_train_timesteps"),
+        ({"num_train_timesteps": None}, "num_train_timesteps=None is not an integer"),
+        ({"steps_offset": 0.5}, "steps_offset=0.5 is not an integer"),
+        ({"beta_start": "0.1"}, "beta_start='0.1' is not a number"),
     ],
 )
 def test_an_unsupported_model_config_is_a_clear_error(change: dict[str, Any], named: str) -> None:

@@ -24,7 +24,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,7 @@ Spacing = Literal["leading", "linspace", "trailing"]
 BetaSchedule = Literal["linear", "scaled_linear"]
 PredictionType = Literal["epsilon", "v_prediction"]
 Solver = Literal["euler", "dpmpp_2m"]
+_N = TypeVar("_N", int, float)
 
 # diffusers' DPM-Solver++ with `lower_order_final` takes a first-order final step below this many steps: the
 # second-order one is unstable there.
@@ -124,16 +125,25 @@ def scheduler_config(model_scheduler_config: Mapping[str, Any]) -> SchedulerConf
         )
     values = {key: cfg.get(key, default) for key, default in _DEFAULTS.items()}
     config = SchedulerConfig(
-        num_train_timesteps=int(values["num_train_timesteps"]),
-        beta_start=float(values["beta_start"]),
-        beta_end=float(values["beta_end"]),
+        num_train_timesteps=_number(values, "num_train_timesteps", int),
+        beta_start=_number(values, "beta_start", float),
+        beta_end=_number(values, "beta_end", float),
         beta_schedule=values["beta_schedule"],
-        steps_offset=int(values["steps_offset"]),
+        steps_offset=_number(values, "steps_offset", int),
         timestep_spacing=values["timestep_spacing"],
         prediction_type=values["prediction_type"],
     )
     logger.info("noise schedule of the model's %s: %s", cfg.get("_class_name", "scheduler"), config)
     return config
+
+
+def _number(values: Mapping[str, Any], key: str, kind: type[_N]) -> _N:
+    value = values[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and value != int(value)):
+        raise SchedulerConfigError(
+            f"scheduler config {key}={value!r} is not {'an integer' if kind is int else 'a number'}"
+        )
+    return kind(value)
 
 
 @dataclass(frozen=True)
