@@ -63,16 +63,28 @@ def _flax_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     return {key: config[key] for key in keys}
 
 
+# diffusers' sampling loops that the tests compare against, by scheduler config (Euler) or spacing (DPM-Solver,
+# on SDXL base's betas) and step count. They are compiled together, once: one executable each takes seconds.
+FLAX_CONFIGS = {
+    "sdxl_base": SDXL_BASE,
+    "linspace_v": {**SDXL_BASE, "timestep_spacing": "linspace", "prediction_type": "v_prediction"},
+}
+EULER_STEPS = (1, 2, 20, 50)
+FLAX_EULER_RUNS = [*(("sdxl_base", steps) for steps in EULER_STEPS), ("linspace_v", 20)]
+# 14 and 15 straddle lower_order_final: below 15 steps the final step is first order.
+FLAX_DPM_RUNS = [("linspace", 2), ("linspace", 14), ("linspace", 15), ("trailing", 8)]
+
+
 class Harness:
     """Noise, a deterministic stand-in for the UNet, one compiled step as the pipeline runs it (the row an array
-    input), and diffusers' sampling loops over the same, each computed once per module: they are compiled."""
+    input), and diffusers' reference loops over the same noise and stand-in."""
 
     def __init__(self) -> None:
         self.noise = jax.random.normal(jax.random.key(0), SHAPE, jnp.float32)
         w = jax.random.uniform(jax.random.key(1), SHAPE, jnp.float32, 0.5, 1.5)
         self.fake_unet: Eps = lambda x, t: jnp.tanh(x * w + t / 1000)
         self.step = jax.jit(self._step)
-        self._references: dict[tuple[Any, ...], Any] = {}
+        self._references: dict[tuple[str, str, int], Any] | None = None
 
     def _step(self, x: jax.Array, prev: jax.Array, row: jax.Array) -> tuple[jax.Array, jax.Array]:
         eps = self.fake_unet(schedulers.model_input(x, row), schedulers.timestep(row))
@@ -80,61 +92,62 @@ class Harness:
 
     def sample(self, rows: np.ndarray, init_noise_sigma: float) -> jax.Array:
         x, prev = self.noise * init_noise_sigma, jnp.zeros_like(self.noise)
-        for row in jnp.asarray(rows):
+        for row in rows:
             x, prev = self.step(x, prev, row)
         return x
 
-    def flax_euler(self, config: dict[str, Any], steps: int) -> tuple[Any, jax.Array]:
-        """diffusers' Flax Euler over `steps` steps: its state (schedule) and final latents."""
-        key = ("euler", steps, *sorted(_flax_kwargs(config).items()))
-        if key not in self._references:
-            self._references[key] = self._flax_euler(FlaxEulerDiscreteScheduler(**_flax_kwargs(config)), steps)
-        result: tuple[Any, jax.Array] = self._references[key]
+    def flax_euler(self, config: str, steps: int) -> tuple[Any, jax.Array]:
+        """diffusers' Flax Euler with `FLAX_CONFIGS[config]` over `steps` steps: its state and final latents."""
+        result: tuple[Any, jax.Array] = self._reference("euler", config, steps)
         return result
 
-    def _flax_euler(self, scheduler: Any, steps: int) -> tuple[Any, jax.Array]:
-        def run(state: Any, noise: jax.Array) -> tuple[Any, jax.Array]:
-            state = scheduler.set_timesteps(state, steps, noise.shape)
-
-            def body(i: jax.Array, x: jax.Array) -> jax.Array:
-                t = state.timesteps[i]
-                eps = self.fake_unet(scheduler.scale_model_input(state, x, t), t)
-                x_next: jax.Array = scheduler.step(state, eps, t, x).prev_sample
-                return x_next
-
-            return state, jax.lax.fori_loop(0, steps, body, noise * state.init_noise_sigma)
-
-        # One executable for the whole loop: diffusers' step run op by op takes seconds.
-        result: tuple[Any, jax.Array] = jax.jit(run)(scheduler.create_state(), self.noise)
-        return result
-
-    def flax_dpmpp_2m(self, spacing: str, steps: int) -> tuple[np.ndarray, jax.Array]:
+    def flax_dpmpp_2m(self, spacing: str, steps: int) -> tuple[jax.Array, jax.Array]:
         """diffusers' Flax DPM-Solver++ 2M (its defaults: midpoint, lower_order_final) over `steps` steps on its own
         schedule (the model's sigmas at whole timesteps, ending at sigma_min, not 0): its timesteps and final
         latents, in the variance-preserving space."""
-        key = ("dpmpp_2m", spacing, steps)
-        if key not in self._references:
-            kwargs = {**_flax_kwargs(SDXL_BASE), "timestep_spacing": spacing}
-            self._references[key] = self._flax_dpmpp_2m(FlaxDPMSolverMultistepScheduler(**kwargs), steps)
-        result: tuple[np.ndarray, jax.Array] = self._references[key]
+        result: tuple[jax.Array, jax.Array] = self._reference("dpmpp_2m", spacing, steps)
         return result
 
-    def _flax_dpmpp_2m(self, scheduler: Any, steps: int) -> tuple[np.ndarray, jax.Array]:
-        def run(state: Any, noise: jax.Array) -> tuple[jax.Array, jax.Array]:
-            state = scheduler.set_timesteps(state, steps, noise.shape)
+    def _reference(self, kind: str, name: str, steps: int) -> Any:
+        if self._references is None:
+            # Run once: XLA's slower optimisations do not pay for themselves.
+            compiled = jax.jit(self._all_references).lower(self.noise).compile({"xla_backend_optimization_level": "0"})
+            self._references = compiled(self.noise)
+        return self._references[(kind, name, steps)]
 
-            def body(i: jax.Array, carry: tuple[jax.Array, Any]) -> tuple[jax.Array, Any]:
-                x, state = carry
-                t = state.timesteps[i]
-                eps = self.fake_unet(scheduler.scale_model_input(state, x, t), t)
-                x_next, state = scheduler.step(state, eps, t, x, return_dict=False)
-                return x_next, state
+    def _all_references(self, noise: jax.Array) -> dict[tuple[str, str, int], Any]:
+        runs: dict[tuple[str, str, int], Any] = {}
+        for config, steps in FLAX_EULER_RUNS:
+            euler = FlaxEulerDiscreteScheduler(**_flax_kwargs(FLAX_CONFIGS[config]))
+            runs[("euler", config, steps)] = self._flax_euler(euler, steps, noise)
+        for spacing, steps in FLAX_DPM_RUNS:
+            dpm = FlaxDPMSolverMultistepScheduler(**{**_flax_kwargs(SDXL_BASE), "timestep_spacing": spacing})
+            runs[("dpmpp_2m", spacing, steps)] = self._flax_dpmpp_2m(dpm, steps, noise)
+        return runs
 
-            x, _ = jax.lax.fori_loop(0, steps, body, (noise * state.init_noise_sigma, state))
-            return state.timesteps, x
+    def _flax_euler(self, scheduler: Any, steps: int, noise: jax.Array) -> tuple[Any, jax.Array]:
+        state = scheduler.set_timesteps(scheduler.create_state(), steps, noise.shape)
 
-        timesteps, x = jax.jit(run)(scheduler.create_state(), self.noise)
-        return np.asarray(timesteps), x
+        def body(i: jax.Array, x: jax.Array) -> jax.Array:
+            t = state.timesteps[i]
+            eps = self.fake_unet(scheduler.scale_model_input(state, x, t), t)
+            x_next: jax.Array = scheduler.step(state, eps, t, x).prev_sample
+            return x_next
+
+        return state, jax.lax.fori_loop(0, steps, body, noise * state.init_noise_sigma)
+
+    def _flax_dpmpp_2m(self, scheduler: Any, steps: int, noise: jax.Array) -> tuple[jax.Array, jax.Array]:
+        state = scheduler.set_timesteps(scheduler.create_state(), steps, noise.shape)
+
+        def body(i: jax.Array, carry: tuple[jax.Array, Any]) -> tuple[jax.Array, Any]:
+            x, state = carry
+            t = state.timesteps[i]
+            eps = self.fake_unet(scheduler.scale_model_input(state, x, t), t)
+            x_next, state = scheduler.step(state, eps, t, x, return_dict=False)
+            return x_next, state
+
+        x, _ = jax.lax.fori_loop(0, steps, body, (noise * state.init_noise_sigma, state))
+        return state.timesteps, x
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +155,7 @@ def harness() -> Harness:
     return Harness()
 
 
-def _assert_euler_matches(harness: Harness, config: dict[str, Any], tab: Table, steps: int) -> None:
+def _assert_euler_matches(harness: Harness, config: str, tab: Table, steps: int) -> None:
     state, expected = harness.flax_euler(config, steps)
     np.testing.assert_allclose(tab.rows[:, TIMESTEP], state.timesteps, rtol=1e-6)
     # diffusers computes the schedule in float32: its smallest sigma is off by 1e-5 (1 - alpha cancels).
@@ -152,23 +165,25 @@ def _assert_euler_matches(harness: Harness, config: dict[str, Any], tab: Table, 
     np.testing.assert_allclose(harness.sample(tab.rows, tab.init_noise_sigma), expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("steps", [1, 2, 20, 50])
+@pytest.mark.parametrize("steps", EULER_STEPS)
 def test_euler_matches_diffusers_flax_euler_on_sdxl_base(harness: Harness, steps: int) -> None:
-    _assert_euler_matches(harness, SDXL_BASE, table("euler", steps, CONFIG), steps)
+    _assert_euler_matches(harness, "sdxl_base", table("euler", steps, CONFIG), steps)
 
 
 def test_euler_comparison_catches_another_spacing(harness: Harness) -> None:
     linspace = scheduler_config({**SDXL_BASE, "timestep_spacing": "linspace"})
     with pytest.raises(AssertionError):
-        _assert_euler_matches(harness, SDXL_BASE, table("euler", 20, linspace), 20)
+        _assert_euler_matches(harness, "sdxl_base", table("euler", 20, linspace), 20)
 
 
 def test_euler_follows_the_models_spacing_and_prediction_type(harness: Harness) -> None:
-    config = {**SDXL_BASE, "timestep_spacing": "linspace", "prediction_type": "v_prediction"}
-    _assert_euler_matches(harness, config, table("euler", 20, scheduler_config(config)), 20)
+    config = scheduler_config(FLAX_CONFIGS["linspace_v"])
+    _assert_euler_matches(harness, "linspace_v", table("euler", 20, config), 20)
     for wrong in ({"prediction_type": "v_prediction"}, {"timestep_spacing": "linspace"}):
         with pytest.raises(AssertionError):
-            _assert_euler_matches(harness, config, table("euler", 20, scheduler_config({**SDXL_BASE, **wrong})), 20)
+            _assert_euler_matches(
+                harness, "linspace_v", table("euler", 20, scheduler_config({**SDXL_BASE, **wrong})), 20
+            )
 
 
 def test_trailing_timesteps_follow_diffusers_rule() -> None:
@@ -231,7 +246,8 @@ def test_padding_with_identity_rows_changes_nothing(harness: Harness) -> None:
 
 
 def _assert_dpmpp_2m_matches(harness: Harness, solver: schedulers.Solver, spacing: str, steps: int) -> None:
-    timesteps, expected_vp = harness.flax_dpmpp_2m(spacing, steps)
+    flax_timesteps, expected_vp = harness.flax_dpmpp_2m(spacing, steps)
+    timesteps = np.asarray(flax_timesteps)
     train = schedulers.train_sigmas(CONFIG)
     sigmas = np.append(train[timesteps], train[0])
     tab = schedulers.from_sigmas(solver, timesteps, sigmas, "epsilon", float(np.sqrt(sigmas[0] ** 2 + 1)))
@@ -240,8 +256,7 @@ def _assert_dpmpp_2m_matches(harness: Harness, solver: schedulers.Solver, spacin
     np.testing.assert_allclose(x / np.sqrt(sigmas[-1] ** 2 + 1), expected_vp, rtol=1e-4, atol=2e-5)
 
 
-# 14 and 15 straddle lower_order_final: below 15 steps the final step is first order.
-@pytest.mark.parametrize(("spacing", "steps"), [("linspace", 2), ("linspace", 14), ("linspace", 15), ("trailing", 8)])
+@pytest.mark.parametrize(("spacing", "steps"), FLAX_DPM_RUNS)
 def test_dpmpp_2m_matches_diffusers_flax_dpm_solver(harness: Harness, spacing: str, steps: int) -> None:
     _assert_dpmpp_2m_matches(harness, "dpmpp_2m", spacing, steps)
 
