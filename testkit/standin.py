@@ -5,6 +5,9 @@ reports each step (sleeping `step_s` per step) and returns grey images. Run as a
 worker that the fault injector can SIGKILL, SIGSTOP or cut off like any other:
 
     python -m testkit.standin --redis-url redis://127.0.0.1:PORT/0 --worker-id standin-1 --shapes 64x64x2
+
+It serves the sizes of `--shapes` at the first one's steps by default and, with `--max-steps N`, any step
+count from 1 to N (the worker publishes sizes, max_steps and default_steps from the shapes it compiled).
 """
 
 from __future__ import annotations
@@ -63,11 +66,19 @@ class StandInPipeline:
         return np.full((self._images, shape.height, shape.width, 3), 128, dtype=np.uint8)
 
 
+def with_step_range(shapes: Sequence[Shape], max_steps: int) -> tuple[Shape, ...]:
+    """`shapes` (the first stays the default), then each of their sizes at every step count 1..max_steps."""
+    sizes = dict.fromkeys(shape.size for shape in shapes)
+    ranged = [Shape(width=s.width, height=s.height, steps=k) for s in sizes for k in range(1, max_steps + 1)]
+    return tuple(dict.fromkeys([*shapes, *ranged]))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m testkit.standin", description=__doc__.splitlines()[0])
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--worker-id", required=True)
     parser.add_argument("--shapes", type=parse_shapes, required=True)
+    parser.add_argument("--max-steps", type=int, default=0, help="serve every step count up to this too")
     parser.add_argument("--step-s", type=float, default=0.05, help="seconds per denoising step")
     parser.add_argument("--heartbeat-interval", type=float, default=0.5)
     parser.add_argument("--heartbeat-ttl", type=float, default=3.0)
@@ -81,7 +92,7 @@ def config_of(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
         redis_url=args.redis_url,
         model="stand-in",
-        shapes=tuple(args.shapes),
+        shapes=with_step_range(args.shapes, args.max_steps),
         key_prefix=args.key_prefix,
         worker_id=args.worker_id,
         heartbeat_interval_s=args.heartbeat_interval,
@@ -98,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_of(args)
 
     def load() -> StandInPipeline:
-        return StandInPipeline(tuple(args.shapes), args.step_s)
+        return StandInPipeline(config.shapes or (), args.step_s)
 
     status = asyncio.run(serve(config, load_pipeline=load))  # type: ignore[arg-type]
     logging.shutdown()

@@ -141,7 +141,7 @@ async def test_job_with_uncompiled_shape_fails_cleanly_and_worker_carries_on(clu
         )
         done = listener.expect(job.id)
         # Injected straight into the shared stream of a shape the workers did compile.
-        await JobStore(client, keys).submit(job, keys.shape_stream(TEST_SHAPES[0]))
+        await JobStore(client, keys).submit(job, keys.size_stream(TEST_SHAPES[0].size))
         await asyncio.wait_for(done, 60)
         stored = await JobStore(client, keys).fetch_result(job.id)
         assert stored is not None and stored.result.status == "failed"
@@ -160,7 +160,7 @@ async def test_worker_takes_no_job_before_warm_up(
     client = aioredis.Redis.from_url(redis_url)
     keys = RedisKeys(prefix)
     queue = Queue.of(client, keys)
-    stream = keys.shape_stream(TEST_SHAPES[0])
+    stream = keys.size_stream(TEST_SHAPES[0].size)
     pubsub = client.pubsub()
     await pubsub.subscribe(keys.worker_events_channel)
     try:

@@ -28,7 +28,7 @@ async def test_status_reports_workers_queue_pending_and_dead_letters(
     await register_worker(redis_client, "w1")
     await register_worker(redis_client, "w2", state="warming")
     queue = Queue.of(redis_client, KEYS)
-    shared = KEYS.shape_stream(TEST_SHAPES[0])
+    shared = KEYS.size_stream(TEST_SHAPES[0].size)
     for k in range(3):
         await queue.jobs.submit(job(f"j{k}"), shared)
     claimed = await claim_next(redis_client)  # one in service

@@ -22,7 +22,7 @@ from tests.conftest import TEST_SHAPES, RedisServer
 from tests.protection import running_worker
 
 KEYS = RedisKeys()
-STREAM = KEYS.shape_stream(TEST_SHAPES[0])
+STREAM = KEYS.size_stream(TEST_SHAPES[0].size)
 VALID = {
     "id": "good-1",
     "prompt": "a cat",
