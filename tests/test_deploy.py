@@ -407,7 +407,7 @@ def _scaled_object_problems(docs: list[Doc], scaled: Doc) -> list[str]:
     streams = {t["metadata"]["stream"] for t in triggers}
     wanted = {keys.size_stream(shape.size) for shape in worker.args.shapes}
     if streams != wanted:
-        problems.append(f"trigger streams {sorted(streams)} != the workers' shape streams {sorted(wanted)}")
+        problems.append(f"trigger streams {sorted(streams)} != the workers' size streams {sorted(wanted)}")
     modifiers = spec["advanced"]["scalingModifiers"]
     if sorted(term.strip() for term in modifiers["formula"].split("+")) != sorted(t["name"] for t in triggers):
         problems.append(f"formula {modifiers['formula']!r} is not the sum of every trigger")

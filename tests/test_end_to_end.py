@@ -55,8 +55,16 @@ async def test_four_distinct_pngs_of_the_requested_size(cluster: Cluster) -> Non
     assert all(image.shape == (shape.height, shape.width, 3) for image in images)
     assert len({image.tobytes() for image in images}) == 4
     assert payload["seed"] == 11 and payload["worker"] in cluster.worker_ids
+    assert payload["scheduler"] == "euler"
     timings = payload["timings"]
     assert timings["total_ms"] >= timings["generate_ms"] > 0 and timings["queued_ms"] >= 0
+
+
+async def test_models_lists_what_the_real_workers_serve(cluster: Cluster) -> None:
+    async with aiohttp.ClientSession() as session, session.get(f"{cluster.url}/v1/models") as response:
+        (card,) = (await response.json())["data"]
+    served = {k: card[k] for k in ("sizes", "min_steps", "max_steps", "default_steps", "schedulers")}
+    assert served == {"sizes": ["64x64"], "min_steps": 1, "max_steps": 3, "default_steps": 2, "schedulers": ["euler"]}
 
 
 async def test_same_seed_same_images_other_seed_other_images(cluster: Cluster) -> None:
