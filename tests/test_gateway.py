@@ -12,7 +12,17 @@ from aiohttp.test_utils import TestClient
 
 from common.protocol import Shape
 from common.rediskeys import RedisKeys
-from tests.conftest import TEST_SHAPES, claim_next, play_worker, queued_jobs, register_worker, worker_streams
+from testkit.standin import with_step_range
+from tests.conftest import (
+    TEST_SHAPES,
+    RedisServer,
+    claim_next,
+    play_worker,
+    queued_jobs,
+    register_worker,
+    worker_streams,
+)
+from tests.protection import running_worker
 from worker.delivery import ClaimedJob, Delivery
 
 KEYS = RedisKeys()
@@ -199,6 +209,19 @@ async def test_any_step_count_up_to_the_workers_max_is_accepted_and_placed(
         and "served sizes (WIDTHxHEIGHT): 1024x1024" in wrong_size["error"]["message"]
     )
     assert await queued_jobs(redis_client) == 1
+
+
+async def test_a_stand_in_worker_serves_every_step_count_up_to_its_max(
+    client: TestClient[Any, Any], redis_server: RedisServer
+) -> None:
+    async with running_worker(redis_server.url(0), shapes=with_step_range(SHAPES[:1], 50)) as worker:
+        served = {k: getattr(worker.info, k) for k in ("sizes", "max_steps", "default_steps", "schedulers")}
+        assert served == {"sizes": [SHAPES[0].size], "max_steps": 50, "default_steps": 2, "schedulers": ["euler"]}
+        response = await client.post("/v1/generate", json={"prompt": "a cat", "num_inference_steps": 7})
+        body = await response.json()
+        assert (response.status, body["num_inference_steps"], body["scheduler"]) == (200, 7, "euler")
+        too_many = await client.post("/v1/generate", json={"prompt": "a cat", "num_inference_steps": 51})
+        assert too_many.status == 400
 
 
 async def test_each_request_lands_on_a_worker_serving_its_size(
