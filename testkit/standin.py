@@ -6,8 +6,8 @@ worker that the fault injector can SIGKILL, SIGSTOP or cut off like any other:
 
     python -m testkit.standin --redis-url redis://127.0.0.1:PORT/0 --worker-id standin-1 --shapes 64x64x2
 
-It serves the sizes of `--shapes` at the first one's steps by default and, with `--max-steps N`, any step
-count from 1 to N (the worker publishes sizes, max_steps and default_steps from the shapes it compiled).
+Like a worker with a step range, it serves the sizes of `--shapes` at any step count from 1 to the most
+steps among them (`--max-steps N` raises that to N), the first shape's steps by default.
 """
 
 from __future__ import annotations
@@ -32,13 +32,16 @@ logger = logging.getLogger(__name__)
 
 
 class StandInPipeline:
-    """Stands in for SDXLPipeline: compiles nothing, sleeps `step_s` per denoising step, returns grey images."""
+    """Stands in for SDXLPipeline: compiles nothing, sleeps `step_s` per denoising step, returns grey images.
+    It runs any step count up to the most steps among `shapes`, at their sizes."""
 
     device_kind = "stand-in"
     devices = 4
 
     def __init__(self, shapes: tuple[Shape, ...], step_s: float = 0.0, images: int = 4) -> None:
         self._shapes = shapes
+        self._sizes = {shape.size for shape in shapes}
+        self._max_steps = max((shape.steps for shape in shapes), default=0)
         self._step_s = step_s
         self._images = images
 
@@ -57,8 +60,8 @@ class StandInPipeline:
         guidance_scale: float,
         on_step: Callable[[int], None] | None = None,
     ) -> np.ndarray:
-        if shape not in self._shapes:
-            raise UnsupportedShape(f"shape {shape} is not compiled here")
+        if shape.size not in self._sizes or shape.steps > self._max_steps:
+            raise UnsupportedShape(f"{shape.size} at {shape.steps} steps is not served here")
         for step in range(1, shape.steps + 1):
             time.sleep(self._step_s)
             if on_step is not None:
@@ -67,10 +70,10 @@ class StandInPipeline:
 
 
 def with_step_range(shapes: Sequence[Shape], max_steps: int) -> tuple[Shape, ...]:
-    """`shapes` (the first stays the default), then each of their sizes at every step count 1..max_steps."""
-    sizes = dict.fromkeys(shape.size for shape in shapes)
-    ranged = [Shape(width=s.width, height=s.height, steps=k) for s in sizes for k in range(1, max_steps + 1)]
-    return tuple(dict.fromkeys([*shapes, *ranged]))
+    """`shapes` (the first stays the default), then their first size at `max_steps`: what a worker that
+    compiled these shapes publishes then serves every step count up to `max_steps` (when it is the most)."""
+    extra = [Shape(width=shapes[0].width, height=shapes[0].height, steps=max_steps)] if shapes and max_steps else []
+    return tuple(dict.fromkeys([*shapes, *extra]))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -30,7 +30,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.protocol import JobResult, Shape, Timings
+from common.protocol import DEFAULT_SCHEDULER, DEFAULT_STEPS, JobResult, Shape, Timings
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
 from common.streams import JobStreams
@@ -42,7 +42,6 @@ from testkit import ProcessGroup as ProcessGroup
 from testkit import RedisOptions, RedisProcess, free_port, redis_process, wait_http, write_tiny_model
 from testkit.objectstore import S3Server, start_s3_server
 from worker.delivery import ClaimedJob, Delivery
-from worker.runner import served
 
 # Two step counts, so tests can tell a compiled shape from one that is not.
 TEST_SHAPES = (Shape(width=64, height=64, steps=2), Shape(width=64, height=64, steps=3))
@@ -196,6 +195,17 @@ def artifacts() -> Path:
 # --- A gateway in this process (aiohttp test client), with a test playing the worker.
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
+
+
+def served(shapes: tuple[Shape, ...]) -> dict[str, Any]:
+    """The registry fields of a worker serving the sizes of `shapes` at up to their most steps (the first
+    shape's by default), Euler only."""
+    return {
+        "sizes": list(dict.fromkeys(s.size for s in shapes)),
+        "max_steps": max((s.steps for s in shapes), default=0),
+        "default_steps": shapes[0].steps if shapes else DEFAULT_STEPS,
+        "schedulers": [DEFAULT_SCHEDULER],
+    }
 
 
 async def register_worker(

@@ -14,8 +14,8 @@ from common.protocol import Job, Shape
 from common.rediskeys import RedisKeys
 from common.registry import WorkerInfo
 from gateway.placement import Placement
+from tests.conftest import served
 from tests.queues import Queue
-from worker.runner import served
 
 KEYS = RedisKeys()
 SMALL = Shape(width=64, height=64, steps=2)
