@@ -166,7 +166,7 @@ async def _run_jobs(serving: _Serving, shape: Shape, jobs: int) -> list[Any]:
     async with serving.redis.pubsub() as completions:
         await completions.subscribe(serving.keys.completions_channel)
         for seed, job_id in enumerate(ids):
-            await serving.store.submit(_job(job_id, seed, shape), serving.keys.shape_stream(shape))
+            await serving.store.submit(_job(job_id, seed, shape), serving.keys.size_stream(shape.size))
         waiting = set(ids)
         async for message in completions.listen():
             if message["type"] == "message":
@@ -212,12 +212,12 @@ async def _cancel_round(serving: _Serving, events: Any, k: int, long_shape: Shap
     registry = serving.worker.metrics.registry
     long_id, short_id = f"long-{k}", f"short-{k}"
     counted_before = registry.get_sample_value("sdxl_worker_denoising_steps_total") or 0.0
-    await serving.store.submit(_job(long_id, k, long_shape), serving.keys.shape_stream(long_shape))
+    await serving.store.submit(_job(long_id, k, long_shape), serving.keys.size_stream(long_shape.size))
     await _event(events, long_id, lambda event: event["type"] == "progress")
     cancelled_at = time.perf_counter()
     await serving.store.cancel(long_id)
     record = await serving.store.record(long_id)
-    await serving.store.submit(_job(short_id, k, shape), serving.keys.shape_stream(shape))
+    await serving.store.submit(_job(short_id, k, shape), serving.keys.size_stream(shape.size))
     await _event(events, short_id, lambda event: event["type"] == "started")
     started_at = time.perf_counter()
     await _event(events, short_id, lambda event: event["type"] == "progress" and event["step"] == shape.steps)

@@ -59,7 +59,7 @@ class Load:
 
 
 async def submitter(store: JobStore, load: Load, stop: asyncio.Event) -> None:
-    stream = RedisKeys().shape_stream(SHAPE)
+    stream = RedisKeys().size_stream(SHAPE.size)
     for _ in itertools.count():
         if stop.is_set():
             return

@@ -117,7 +117,7 @@ async def measured_requests(
 
 
 def print_report(report: dict[str, Any], requests: int) -> None:
-    print(f"machine: {report['machine']}; workers: {report['devices']}; shapes: {report['shapes']}")
+    print(f"machine: {report['machine']}; workers: {report['devices']}; sizes: {report['sizes']}")
     print(f"worker start-to-ready (s): {report['start_to_ready_s']}")
     print(f"{'timing':<12} {'p50 ms':>9} {'p90 ms':>9}   ({requests} sequential requests)")
     for key, stats in report["timings_ms"].items():
@@ -176,7 +176,7 @@ async def main() -> None:
     report = {
         "machine": describe(),
         "requests": args.requests,
-        "shapes": [str(s) for w in workers for s in w.shapes][:4],
+        "sizes": [str(s) for w in workers for s in w.sizes][:4],
         "devices": [f"{w.devices}x {w.device_kind}" for w in workers],
         "start_to_ready_s": [round((w.ready_at or 0) - w.started_at, 2) for w in workers],
         "timings_ms": summarize(rows),

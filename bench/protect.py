@@ -179,13 +179,15 @@ async def stand_in_workers(redis_url: str, count: int, service_s: float, stop: a
                 model="none",
                 images_per_request=4,
                 state="ready",
-                shapes=[SHAPE],
+                sizes=[SHAPE.size],
+                max_steps=SHAPE.steps,
+                default_steps=SHAPE.steps,
                 started_at=time.time(),
             )
             for k in range(count)
         ]
         for info in infos:
-            await JobStreams(redis, KEYS).ensure_group(KEYS.shape_stream(SHAPE))
+            await JobStreams(redis, KEYS).ensure_group(KEYS.size_stream(SHAPE.size))
             await registry.publish(info, ttl_s=30)
         await asyncio.gather(
             *(_serve(redis, info.id, service_s, stop) for info in infos), _heartbeat(registry, infos, stop)
@@ -197,7 +199,7 @@ async def stand_in_workers(redis_url: str, count: int, service_s: float, stop: a
 async def _serve(redis: aioredis.Redis, worker_id: str, service_s: float, stop: asyncio.Event) -> None:
     delivery = Delivery(redis, KEYS)
     while not stop.is_set():
-        claimed = await delivery.claim(worker_id, [KEYS.shape_stream(SHAPE)], block_ms=100)
+        claimed = await delivery.claim(worker_id, [KEYS.size_stream(SHAPE.size)], block_ms=100)
         if claimed is None:
             continue
         started = await delivery.start(claimed, worker_id)

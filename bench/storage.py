@@ -66,8 +66,8 @@ async def one_job(
 ) -> None:
     keys = RedisKeys()
     job = Job(id=uuid.uuid4().hex, prompt="a red fox", seed=1, guidance_scale=5.0, shape=SHAPE, result_ttl_s=3600)
-    await store.submit(job, keys.shape_stream(SHAPE))
-    claimed = await delivery.claim(WORKER, [keys.shape_stream(SHAPE)], block_ms=1000)
+    await store.submit(job, keys.size_stream(SHAPE.size))
+    claimed = await delivery.claim(WORKER, [keys.size_stream(SHAPE.size)], block_ms=1000)
     assert claimed is not None
     await delivery.start(claimed, WORKER)
     for step in range(1, steps + 1):
@@ -91,7 +91,7 @@ async def measure(
     pubsub = listener.pubsub()
     await pubsub.subscribe(RedisKeys().completions_channel)  # a gateway listens: announcements cost bytes too
     await client.flushall()
-    await JobStreams(client, RedisKeys()).ensure_group(RedisKeys().shape_stream(SHAPE))
+    await JobStreams(client, RedisKeys()).ensure_group(RedisKeys().size_stream(SHAPE.size))
     store = JobStore(client, RedisKeys(), blobs=blobs)
     delivery = Delivery(client, RedisKeys())
     writer = ImageWriter(blobs, WORKER) if blobs is not None else None

@@ -262,7 +262,7 @@ class JobStore:
             shape=job.shape if job else None,
         ).model_dump_json()
         ttl = job.result_ttl_s if job else DEFAULT_RESULT_TTL_S
-        stream = record.stream or self._keys.shape_stream(job.shape if job else "unknown")
+        stream = record.stream or self._keys.size_stream(job.shape.size if job else "unknown")
         outcome = await self._cancel(
             keys=terminal_keys(self._keys, stream, job_id), args=["", "", *terminal_args(self._keys, job_id, ttl), meta]
         )

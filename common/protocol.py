@@ -241,6 +241,7 @@ class JobResult(BaseModel):
     worker: str | None = None  # None when cancelled before any worker ran it
     seed: int | None = None
     shape: Shape | None = None
+    scheduler: str | None = None  # None from a worker that predates schedulers
     media_type: str = "image/png"
     image_count: int = 0
     timings: Timings | None = None

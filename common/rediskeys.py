@@ -17,24 +17,25 @@ class RedisKeys:
 
     prefix: str = DEFAULT_PREFIX
 
-    def shape_stream(self, shape: object) -> str:
-        """Stream of the jobs of one shape (`WIDTHxHEIGHTxSTEPS`) that any worker serving it may take: the
-        shared queue. Every worker that compiled the shape reads it through `workers_group`."""
-        return f"{self.prefix}:jobs:{shape}"
+    def size_stream(self, size: object) -> str:
+        """Stream of the jobs of one image size (`WIDTHxHEIGHT`) that any worker serving it may take: the
+        shared queue, whatever a job's step count and scheduler. Every worker that serves the size reads it
+        through `workers_group`."""
+        return f"{self.prefix}:jobs:{size}"
 
     def worker_stream(self, worker_id: str) -> str:
         """Stream of the jobs routed to one worker (`random` and `p2c` routing); only that worker reads it,
-        and when it is gone a live worker moves what is left to the shape streams."""
+        and when it is gone a live worker moves what is left to the size streams."""
         return f"{self.prefix}:jobs:worker:{worker_id}"
 
     def worker_of_stream(self, stream: str) -> str | None:
-        """The owner of a worker stream; None for a shape stream."""
+        """The owner of a worker stream; None for a size stream."""
         head = f"{self.prefix}:jobs:worker:"
         return stream[len(head) :] if stream.startswith(head) else None
 
     @property
     def job_streams(self) -> str:
-        """Set of every job stream in use (shape and worker streams): for depth, recovery and operators."""
+        """Set of every job stream in use (size and worker streams): for depth, recovery and operators."""
         return f"{self.prefix}:job-streams"
 
     @property

@@ -1,6 +1,6 @@
 """The job streams: each one read by every worker through one consumer group; created, listed and measured.
 
-A job waits on the shared stream of its shape, or (under `random` and `p2c` placement) on the stream of one
+A job waits on the shared stream of its image size, or (under `random` and `p2c` placement) on the stream of one
 worker. Every stream in use is listed in one set, so depth, recovery and operators find them all. The
 counters of what happened to jobs (duplicates dropped, reclaims, dead letters, cancellations) live beside
 them, for `/metrics` and `sdxl-serve status`.

@@ -1,7 +1,7 @@
 """Jobs as the HTTP API sees them: made from a request, submitted (idempotently), awaited, described.
 
 Every route that creates or reads jobs goes through here, so `/v1/generate`, `/v1/jobs` and the OpenAI
-route resolve shapes, draw seeds, honour `Idempotency-Key` and describe results the same way.
+route resolve shapes and schedulers, draw seeds, honour `Idempotency-Key` and describe results the same way.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from gateway.journal import Accepted
 from gateway.limits import queue_full
 from gateway.requestlog import REQUEST_ID
 from gateway.schemas import ErrorDetail, GenerateRequest, JobOutput, JobState, Progress, ResponseTimings
-from gateway.shapes import resolve_shape
+from gateway.shapes import resolve
 from gateway.state import CONFIG, JOBS, JOURNAL, LISTENER, PLACEMENT, REGISTRY, STREAMS, THROUGHPUT
 from gateway.tenants import caller_of, too_many_in_flight
 
@@ -69,9 +69,9 @@ class Placed:
 
 
 async def make_job(request: web.Request, body: GenerateRequest) -> Placed:
-    """Resolve the shape against the live workers, draw a seed when none was given, and route the job."""
+    """Resolve shape and scheduler against the live workers, draw a seed when none was given, route the job."""
     workers = await request.app[REGISTRY].workers()
-    shape = resolve_shape(body, workers)
+    resolved = resolve(body, workers)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
     job = Job(
         id=uuid.uuid4().hex,
@@ -79,13 +79,15 @@ async def make_job(request: web.Request, body: GenerateRequest) -> Placed:
         negative_prompt=body.negative_prompt,
         seed=seed,
         guidance_scale=body.guidance_scale,
-        shape=shape,
+        shape=resolved.shape,
+        scheduler=resolved.scheduler,
         output_format=body.output_format,
         quality=body.quality if body.quality is not None else DEFAULT_QUALITY,
         result_ttl_s=request.app[CONFIG].result_ttl_s,
         request_id=request.get(REQUEST_ID),
     )
-    return Placed(job=job, stream=await request.app[PLACEMENT].stream_for(shape, workers), workers=workers)
+    stream = await request.app[PLACEMENT].stream_for(job.shape, job.scheduler, workers)
+    return Placed(job=job, stream=stream, workers=workers)
 
 
 def idempotency_key(request: web.Request) -> str | None:
@@ -235,6 +237,7 @@ def job_output(result: JobResult) -> JobOutput:
         width=result.shape.width,
         height=result.shape.height,
         num_inference_steps=result.shape.steps,
+        scheduler=result.scheduler,
         worker=result.worker,
         media_type=result.media_type,
         images=[image_url(result.id, k) for k in range(result.image_count)],

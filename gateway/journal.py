@@ -95,7 +95,7 @@ class Journal:
         try:
             submitted = await self._jobs_store.submit(
                 job,
-                self._keys.shape_stream(job.shape),
+                self._keys.size_stream(job.shape.size),
                 accepted.idempotency_key,
                 accepted.fingerprint,
                 # Accepted once already: its caller's cap on jobs in flight does not refuse it again.

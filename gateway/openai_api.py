@@ -1,7 +1,7 @@
 """`POST /v1/images/generations`: OpenAI's Images API over the job queue.
 
-An OpenAI request becomes a `GenerateRequest` and takes the same path as `/v1/generate` (shape check,
-`Idempotency-Key`, request timeout), so the two routes cannot drift apart. Errors are raised as
+An OpenAI request becomes a `GenerateRequest` and takes the same path as `/v1/generate` (size, steps and
+scheduler checks, `Idempotency-Key`, request timeout), so the two routes cannot drift apart. Errors are raised as
 `ApiError` naming the OpenAI parameter; the error middleware renders them in OpenAI's shape.
 """
 
@@ -23,6 +23,7 @@ from common.protocol import (
     OutputFormat,
     Prompt,
     RequiredPrompt,
+    Scheduler,
     Seed,
     nearest_sdxl_resolution,
 )
@@ -30,6 +31,7 @@ from common.registry import SERVING_STATES
 from gateway import jobs
 from gateway.errors import ApiError, from_validation_error
 from gateway.schemas import GenerateRequest
+from gateway.shapes import runs
 from gateway.views import parse_body
 
 _SIZE_RE = re.compile(r"(\d{1,5})x(\d{1,5})")
@@ -81,6 +83,7 @@ class ImageGenerationRequest(BaseModel):
         default=None, description="omitted: the cluster's default step count"
     )
     guidance_scale: GuidanceScale = DEFAULT_GUIDANCE_SCALE
+    scheduler: Scheduler | None = Field(default=None, description="the sampler; omitted: euler")
 
     @field_validator("size")
     @classmethod
@@ -170,6 +173,7 @@ def to_generate_request(body: ImageGenerationRequest) -> GenerateRequest:
             seed=body.seed,
             guidance_scale=body.guidance_scale,
             num_inference_steps=body.num_inference_steps,
+            scheduler=body.scheduler,
             width=width,
             height=height,
             output_format=body.output_format or "png",
@@ -180,11 +184,10 @@ def to_generate_request(body: ImageGenerationRequest) -> GenerateRequest:
 
 
 def _check_n(placed: jobs.Placed, n: int) -> None:
-    """Refuse, before queueing, more images than the workers serving the job's shape make per request."""
-    shape = placed.job.shape
-    batch = min(
-        (w.images_per_request for w in placed.workers if w.state in SERVING_STATES and shape in w.shapes), default=None
-    )
+    """Refuse, before queueing, more images than the workers that can run the job make per request."""
+    job = placed.job
+    able = [w for w in placed.workers if w.state in SERVING_STATES and runs(w, job.shape, job.scheduler)]
+    batch = min((w.images_per_request for w in able), default=None)
     if batch is not None and n > batch:
         raise ApiError(
             400,

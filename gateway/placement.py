@@ -1,15 +1,18 @@
 """Where a job is queued: the placement policy of a gateway (`--routing`).
 
-- `shared` (default): the shared stream of the job's shape, from which every idle worker serving the shape
+- `shared` (default): the shared stream of the job's size, from which every idle worker serving the size
   pulls one job at a time (join-idle-queue). A job never waits behind a busy worker while another is idle.
-- `random`: the stream of one worker serving the shape, chosen uniformly at random: the reference demo's
+- `random`: the stream of one worker that can run the job, chosen uniformly at random: the reference demo's
   policy, kept for comparison.
-- `p2c`: power of two choices: two workers serving the shape drawn at random, the job goes to the one with
-  fewer jobs on its stream (queued plus in service).
+- `p2c`: power of two choices: two workers that can run the job drawn at random, the job goes to the one
+  with fewer jobs on its stream (queued plus in service).
 
-Only ready or busy workers that compiled the job's shape are candidates, so heterogeneous workers (other
-shapes, other device counts) are served correctly under every policy. A job routed to a worker that then
-dies is moved to the shared stream of its shape (`Recovery.rehome_orphans`): nothing is lost.
+The candidates are the ready or busy workers that serve the job's size, its step count (up to their
+`max_steps`) and its scheduler, so heterogeneous workers (other sizes, step ranges, schedulers, device
+counts) are served correctly under every policy. Under `shared`, a job that some worker of its size could
+not run (a smaller step range, fewer schedulers) goes to the stream of a candidate instead, the shorter of
+two. A job routed to a worker that then dies is moved to the shared stream of its size
+(`Recovery.rehome_orphans`): nothing is lost.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from common.protocol import Shape
 from common.rediskeys import RedisKeys
 from common.registry import SERVING_STATES, WorkerInfo
 from gateway.config import RoutingPolicy
+from gateway.shapes import runs
 
 
 class Placement:
@@ -35,16 +39,22 @@ class Placement:
         self._keys = keys
         self._rng = rng or random.Random()
 
-    async def stream_for(self, shape: Shape, workers: list[WorkerInfo]) -> str:
-        """The stream to queue a job of `shape` on; `workers` must include one serving it."""
+    async def stream_for(self, shape: Shape, scheduler: str, workers: list[WorkerInfo]) -> str:
+        """The stream to queue a job of `shape` and `scheduler` on; `workers` must include one that runs it."""
+        candidates = sorted(w.id for w in workers if w.state in SERVING_STATES and runs(w, shape, scheduler))
+        size_stream = self._keys.size_stream(shape.size)
+        if not candidates:  # resolve has refused this already; keep the job safe regardless
+            return size_stream
         if self.policy == "shared":
-            return self._keys.shape_stream(shape)
-        candidates = sorted(w.id for w in workers if w.state in SERVING_STATES and shape in w.shapes)
-        if not candidates:  # resolve_shape has refused this already; keep the job safe regardless
-            return self._keys.shape_stream(shape)
+            if all(runs(w, shape, scheduler) for w in workers if shape.size in w.sizes):
+                return size_stream
+            return await self._shorter_of_two(candidates) if len(candidates) > 1 else self._own(candidates[0])
         if self.policy == "random" or len(candidates) == 1:
-            return self._keys.worker_stream(self._rng.choice(candidates))
+            return self._own(self._rng.choice(candidates))
         return await self._shorter_of_two(candidates)
+
+    def _own(self, worker_id: str) -> str:
+        return self._keys.worker_stream(worker_id)
 
     async def _shorter_of_two(self, candidates: list[str]) -> str:
         streams = [self._keys.worker_stream(w) for w in self._rng.sample(candidates, 2)]

@@ -24,6 +24,7 @@ from gateway.schemas import (
     GenerateResponse,
     JobAccepted,
     JobState,
+    ModelList,
     WorkerList,
 )
 
@@ -186,9 +187,18 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "GET",
+        "/v1/models",
+        views.list_models,
+        "The models served (OpenAI's model list), with the sizes, step range and schedulers requests may ask for",
+        replies={200: Reply("one entry per model that ready workers serve; empty while none is", ModelList)},
+        errors=_GUARDED,
+        access=DEMO_READ,
+    ),
+    Route(
+        "GET",
         "/v1/workers",
         views.list_workers,
-        "The registered workers, their devices, shapes and state",
+        "The registered workers, their devices, sizes, step ranges, schedulers and state",
         replies={200: Reply("every worker whose heartbeat is current", WorkerList)},
         errors=_GUARDED,
         tag="operations",

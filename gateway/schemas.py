@@ -7,6 +7,8 @@ from these models.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from common.protocol import (
@@ -17,6 +19,7 @@ from common.protocol import (
     OutputFormat,
     Prompt,
     RequiredPrompt,
+    Scheduler,
     Seed,
     Timings,
 )
@@ -24,7 +27,8 @@ from common.registry import WorkerInfo
 
 
 class GenerateRequest(BaseModel):
-    """Body of `POST /v1/generate` and `POST /v1/jobs`. Omitted size and steps take the cluster's default shape."""
+    """Body of `POST /v1/generate` and `POST /v1/jobs`. Omitted size, steps and scheduler take the cluster's
+    defaults; what the workers serve is listed by `GET /v1/models`."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -32,9 +36,12 @@ class GenerateRequest(BaseModel):
     negative_prompt: Prompt = ""
     seed: Seed | None = None
     guidance_scale: GuidanceScale = DEFAULT_GUIDANCE_SCALE
-    num_inference_steps: InferenceSteps | None = None
-    width: int | None = Field(default=None, ge=64, le=4096, multiple_of=8)
-    height: int | None = Field(default=None, ge=64, le=4096, multiple_of=8)
+    num_inference_steps: InferenceSteps | None = Field(
+        default=None, description="1 up to the workers' max_steps for the size; omitted: their default"
+    )
+    width: int | None = Field(default=None, ge=64, le=4096, multiple_of=8, description="a size the workers serve")
+    height: int | None = Field(default=None, ge=64, le=4096, multiple_of=8, description="a size the workers serve")
+    scheduler: Scheduler | None = Field(default=None, description="the sampler; omitted: euler")
     output_format: OutputFormat = "png"
     quality: int | None = Field(
         default=None, ge=1, le=100, description="JPEG/WebP quality, 1..100 (default 90); not for png"
@@ -63,6 +70,7 @@ class GenerateResponse(BaseModel):
     width: int
     height: int
     num_inference_steps: int
+    scheduler: str | None
     images: list[str]
     worker: str
     timings: ResponseTimings
@@ -103,6 +111,7 @@ class JobOutput(BaseModel):
     width: int
     height: int
     num_inference_steps: int
+    scheduler: str | None = Field(description="the sampler that ran (None from a worker without schedulers)")
     worker: str
     media_type: str
     images: list[str] = Field(description="URL of each image, in order")
@@ -187,3 +196,25 @@ class WorkerList(BaseModel):
 
     workers: list[WorkerInfo]
     serving: int
+
+
+class ModelCard(BaseModel):
+    """A model the serving workers run (OpenAI's model object), with what they serve: these sizes, any step
+    count from 1 to `max_steps`, these schedulers."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time, in seconds, when the first of its serving workers was ready")
+    owned_by: str = "sdxl-serve"
+    sizes: list[str] = Field(description="WIDTHxHEIGHT; the first is the default")
+    min_steps: int = 1
+    max_steps: int
+    default_steps: int
+    schedulers: list[str] = Field(description="the first is the default")
+
+
+class ModelList(BaseModel):
+    """Body of `GET /v1/models`: the models that ready or busy workers serve."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

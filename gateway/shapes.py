@@ -1,59 +1,141 @@
-"""Matching a request's size and steps to what the live workers have compiled."""
+"""Matching a request's size, step count and scheduler to what the live workers serve.
+
+A worker serves a list of sizes (one compiled executable set each), any step count from 1 to its
+`max_steps`, and a list of schedulers. A request is checked against the workers registered now: a size,
+step count or scheduler that none of them serves is the client's mistake (400 naming the field); one that
+only warming or draining workers serve is a 503 to retry.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
-from common.protocol import Shape
+from common.protocol import DEFAULT_SCHEDULER, Scheduler, Shape, Size
 from common.registry import SERVING_STATES, WorkerInfo
 from gateway.errors import ApiError
-from gateway.schemas import GenerateRequest
+from gateway.schemas import GenerateRequest, ModelCard
+
+RETRY_SOON = {"Retry-After": "5"}
 
 
-def resolve_shape(request: GenerateRequest, workers: list[WorkerInfo]) -> Shape:
-    """The shape to run: the request's fields, omitted ones taken from the cluster's default shape.
+@dataclass(frozen=True)
+class Resolved:
+    """What a request runs: its shape (size and step count) and scheduler."""
 
-    Raises ApiError 503 when no worker is registered, 400 when no worker compiled the shape, and 503 when
-    the workers that compiled it are all still warming up or draining (a job is only ever routed to a
-    worker that is ready to take it, never left to wait for one that may not come).
+    shape: Shape
+    scheduler: Scheduler
+
+
+def runs(worker: WorkerInfo, shape: Shape, scheduler: str) -> bool:
+    """Whether `worker` can run a job of `shape` with `scheduler` (whatever its state)."""
+    return shape.size in worker.sizes and shape.steps <= worker.max_steps and scheduler in worker.schedulers
+
+
+def resolve(request: GenerateRequest, workers: list[WorkerInfo]) -> Resolved:
+    """The shape and scheduler to run: the request's fields, omitted ones taken from the cluster's defaults.
+
+    Raises ApiError 503 when no worker is registered; 400 naming `width` or `height`, `num_inference_steps`
+    or `scheduler` when no registered worker serves the value; 503 when the workers that serve it are all
+    still warming up or draining (a job is only ever routed to a worker that is ready to take it, never left
+    to wait for one that may not come).
     """
-    known = [s for w in workers for s in w.shapes]
-    if not known:
-        raise ApiError(503, "no_workers", "no worker is serving yet; retry shortly", headers={"Retry-After": "5"})
-    serving = [s for w in workers if w.state in SERVING_STATES for s in w.shapes]
-    default = _default_shape([w for w in workers if w.state in SERVING_STATES] or workers)
-    shape = Shape(
-        width=request.width or default.width,
-        height=request.height or default.height,
-        steps=request.num_inference_steps or default.steps,
-    )
-    if shape not in known:
-        raise ApiError(
-            400,
-            "unsupported_shape",
-            f"no worker serves {shape.width}x{shape.height} at {shape.steps} steps; served "
-            f"(WIDTHxHEIGHTxSTEPS): {', '.join(map(str, dict.fromkeys(known)))}",
-            field=_field_at_fault(shape, known),
-        )
-    if shape not in serving:
+    if not any(w.sizes for w in workers):
+        raise ApiError(503, "no_workers", "no worker is serving yet; retry shortly", headers=RETRY_SOON)
+    size = _size(request, workers)
+    known = [w for w in workers if size in w.sizes]
+    steps = request.num_inference_steps or _default_steps(known)
+    shape = Shape(width=size.width, height=size.height, steps=steps)
+    _check_steps(shape, known)
+    scheduler = request.scheduler or DEFAULT_SCHEDULER
+    _check_scheduler(shape, scheduler, known)
+    if not any(w.state in SERVING_STATES and runs(w, shape, scheduler) for w in known):
         raise ApiError(
             503,
             "no_ready_worker",
-            f"the workers serving {shape} are warming up or draining; retry shortly",
-            headers={"Retry-After": "5"},
+            f"the workers serving {size} at {steps} steps with {scheduler} are warming up or draining; retry shortly",
+            headers=RETRY_SOON,
         )
-    return shape
+    return Resolved(shape=shape, scheduler=scheduler)
 
 
-def _default_shape(workers: list[WorkerInfo]) -> Shape:
-    """The first shape most workers list (each worker lists its own default first)."""
-    firsts = Counter(w.shapes[0] for w in workers if w.shapes)
-    return max(firsts, key=lambda s: (firsts[s], -s.width, -s.height, -s.steps))
+def _size(request: GenerateRequest, workers: list[WorkerInfo]) -> Size:
+    """The requested size, omitted dimensions from the default size; 400 when no worker serves it."""
+    default = default_size(workers)
+    size = Size(width=request.width or default.width, height=request.height or default.height)
+    served = list(dict.fromkeys(s for w in workers for s in w.sizes))
+    if size not in served:
+        field = "width" if all(s.width != size.width for s in served) else "height"
+        raise ApiError(
+            400,
+            "unsupported_size",
+            # No field prefix: the OpenAI route reports this as its `size` parameter.
+            f"no worker serves {size}; served sizes (WIDTHxHEIGHT): {', '.join(map(str, served))}",
+            field=field,
+        )
+    return size
 
 
-def _field_at_fault(shape: Shape, supported: list[Shape]) -> str:
-    if all(s.width != shape.width for s in supported):
-        return "width"
-    if all((s.width, s.height) != (shape.width, shape.height) for s in supported):
-        return "height"
-    return "num_inference_steps"
+def default_size(workers: list[WorkerInfo]) -> Size:
+    """The first size most serving workers list (each worker lists its own default first); of all
+    registered workers when none is serving yet. `workers` must list a size."""
+    serving = [w for w in workers if w.state in SERVING_STATES and w.sizes]
+    firsts = Counter(w.sizes[0] for w in serving or workers if w.sizes)
+    return max(firsts, key=lambda s: (firsts[s], -s.width, -s.height))
+
+
+def _default_steps(workers: list[WorkerInfo]) -> int:
+    """The most common default step count of the workers serving a size (serving ones first)."""
+    serving = [w for w in workers if w.state in SERVING_STATES]
+    counts = Counter(w.default_steps for w in serving or workers)
+    return max(counts, key=lambda steps: (counts[steps], -steps))
+
+
+def _check_steps(shape: Shape, workers: list[WorkerInfo]) -> None:
+    limit = max(w.max_steps for w in workers)
+    if shape.steps > limit:
+        raise ApiError(
+            400,
+            "unsupported_steps",
+            f"num_inference_steps: the workers serving {shape.size} run 1..{limit} steps, not {shape.steps}",
+            field="num_inference_steps",
+        )
+
+
+def _check_scheduler(shape: Shape, scheduler: str, workers: list[WorkerInfo]) -> None:
+    able = [w for w in workers if shape.steps <= w.max_steps]
+    offered = list(dict.fromkeys(s for w in able for s in w.schedulers))
+    if scheduler not in offered:
+        raise ApiError(
+            400,
+            "unsupported_scheduler",
+            f"scheduler: no worker serving {shape.size} at {shape.steps} steps offers {scheduler}; "
+            f"offered: {', '.join(offered)}",
+            field="scheduler",
+        )
+
+
+def model_cards(workers: list[WorkerInfo]) -> list[ModelCard]:
+    """What the serving workers serve, one card per model: sizes (the default first), the step range and
+    the schedulers (the default first). Empty while no worker is serving."""
+    serving = [w for w in workers if w.state in SERVING_STATES and w.sizes]
+    by_model: dict[str, list[WorkerInfo]] = {}
+    for worker in serving:
+        by_model.setdefault(worker.model, []).append(worker)
+    return [_card(model, group) for model, group in sorted(by_model.items())]
+
+
+def _card(model: str, workers: list[WorkerInfo]) -> ModelCard:
+    default = default_size(workers)
+    sizes = dict.fromkeys([default, *(s for w in workers for s in w.sizes)])
+    schedulers = dict.fromkeys(s for w in workers for s in w.schedulers)
+    if DEFAULT_SCHEDULER in schedulers:
+        schedulers = dict.fromkeys([DEFAULT_SCHEDULER, *schedulers])
+    return ModelCard(
+        id=model,
+        created=int(min(w.ready_at or w.started_at for w in workers)),
+        sizes=[str(s) for s in sizes],
+        max_steps=max(w.max_steps for w in workers),
+        default_steps=_default_steps([w for w in workers if default in w.sizes]),
+        schedulers=list(schedulers),
+    )

@@ -17,7 +17,8 @@ from common.registry import SERVING_STATES
 from gateway import jobs
 from gateway.errors import ApiError, from_validation_error
 from gateway.metrics import CONTENT_TYPE
-from gateway.schemas import GenerateRequest, GenerateResponse, JobAccepted, JobState, WorkerList
+from gateway.schemas import GenerateRequest, GenerateResponse, JobAccepted, JobState, ModelList, WorkerList
+from gateway.shapes import model_cards
 from gateway.state import CONFIG, JOBS, JOURNAL, LISTENER, METRICS, OPENAPI, REDIS, REGISTRY, STREAMS
 
 M = TypeVar("M", bound=BaseModel)
@@ -39,6 +40,11 @@ async def list_workers(request: web.Request) -> web.Response:
     """The registered workers: id, host, devices, compiled shapes, state, jobs done, last heartbeat."""
     workers = await request.app[REGISTRY].workers()
     return _json(WorkerList(workers=workers, serving=sum(w.state in SERVING_STATES for w in workers)))
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """The models the serving workers run, with the sizes, step range and schedulers they serve."""
+    return _json(ModelList(data=model_cards(await request.app[REGISTRY].workers())))
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -243,6 +249,7 @@ def _generate_response(stored: StoredResult, received: float | None) -> Generate
         width=result.shape.width,
         height=result.shape.height,
         num_inference_steps=result.shape.steps,
+        scheduler=result.scheduler,
         worker=result.worker,
         images=images,
         timings=jobs.response_timings(result, received, time.perf_counter()),

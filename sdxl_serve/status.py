@@ -63,13 +63,15 @@ async def _stream_status(redis: aioredis.Redis, keys: RedisKeys, stream: str) ->
 
 def render(status: ClusterStatus) -> str:
     """A plain-text table for a terminal."""
-    header = ("WORKER", "HOST", "DEVICES", "SHAPES", "STATE", "JOBS", "HEARTBEAT")
+    header = ("WORKER", "HOST", "DEVICES", "SIZES", "STEPS", "SCHEDULERS", "STATE", "JOBS", "HEARTBEAT")
     rows = [header] + [
         (
             w.id,
             w.host,
             f"{w.devices} x {w.device_kind}",
-            ",".join(map(str, w.shapes)),
+            ",".join(map(str, w.sizes)),
+            f"1..{w.max_steps}",
+            ",".join(w.schedulers),
             w.state,
             str(w.jobs_done),
             f"{max(0.0, status.at - w.last_heartbeat):.1f}s ago",

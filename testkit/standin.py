@@ -5,6 +5,9 @@ reports each step (sleeping `step_s` per step) and returns grey images. Run as a
 worker that the fault injector can SIGKILL, SIGSTOP or cut off like any other:
 
     python -m testkit.standin --redis-url redis://127.0.0.1:PORT/0 --worker-id standin-1 --shapes 64x64x2
+
+Like a worker with a step range, it serves the sizes of `--shapes` at any step count from 1 to the most
+steps among them (`--max-steps N` raises that to N), the first shape's steps by default.
 """
 
 from __future__ import annotations
@@ -29,13 +32,16 @@ logger = logging.getLogger(__name__)
 
 
 class StandInPipeline:
-    """Stands in for SDXLPipeline: compiles nothing, sleeps `step_s` per denoising step, returns grey images."""
+    """Stands in for SDXLPipeline: compiles nothing, sleeps `step_s` per denoising step, returns grey images.
+    It runs any step count up to the most steps among `shapes`, at their sizes."""
 
     device_kind = "stand-in"
     devices = 4
 
     def __init__(self, shapes: tuple[Shape, ...], step_s: float = 0.0, images: int = 4) -> None:
         self._shapes = shapes
+        self._sizes = {shape.size for shape in shapes}
+        self._max_steps = max((shape.steps for shape in shapes), default=0)
         self._step_s = step_s
         self._images = images
 
@@ -54,8 +60,8 @@ class StandInPipeline:
         guidance_scale: float,
         on_step: Callable[[int], None] | None = None,
     ) -> np.ndarray:
-        if shape not in self._shapes:
-            raise UnsupportedShape(f"shape {shape} is not compiled here")
+        if shape.size not in self._sizes or shape.steps > self._max_steps:
+            raise UnsupportedShape(f"{shape.size} at {shape.steps} steps is not served here")
         for step in range(1, shape.steps + 1):
             time.sleep(self._step_s)
             if on_step is not None:
@@ -63,11 +69,19 @@ class StandInPipeline:
         return np.full((self._images, shape.height, shape.width, 3), 128, dtype=np.uint8)
 
 
+def with_step_range(shapes: Sequence[Shape], max_steps: int) -> tuple[Shape, ...]:
+    """`shapes` (the first stays the default), then their first size at `max_steps`: what a worker that
+    compiled these shapes publishes then serves every step count up to `max_steps` (when it is the most)."""
+    extra = [Shape(width=shapes[0].width, height=shapes[0].height, steps=max_steps)] if shapes and max_steps else []
+    return tuple(dict.fromkeys([*shapes, *extra]))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m testkit.standin", description=__doc__.splitlines()[0])
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--worker-id", required=True)
     parser.add_argument("--shapes", type=parse_shapes, required=True)
+    parser.add_argument("--max-steps", type=int, default=0, help="serve every step count up to this too")
     parser.add_argument("--step-s", type=float, default=0.05, help="seconds per denoising step")
     parser.add_argument("--heartbeat-interval", type=float, default=0.5)
     parser.add_argument("--heartbeat-ttl", type=float, default=3.0)
@@ -81,7 +95,7 @@ def config_of(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
         redis_url=args.redis_url,
         model="stand-in",
-        shapes=tuple(args.shapes),
+        shapes=with_step_range(args.shapes, args.max_steps),
         key_prefix=args.key_prefix,
         worker_id=args.worker_id,
         heartbeat_interval_s=args.heartbeat_interval,
@@ -98,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_of(args)
 
     def load() -> StandInPipeline:
-        return StandInPipeline(tuple(args.shapes), args.step_s)
+        return StandInPipeline(config.shapes or (), args.step_s)
 
     status = asyncio.run(serve(config, load_pipeline=load))  # type: ignore[arg-type]
     logging.shutdown()

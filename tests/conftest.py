@@ -30,7 +30,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.protocol import JobResult, Shape, Timings
+from common.protocol import DEFAULT_SCHEDULER, DEFAULT_STEPS, JobResult, Shape, Timings
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
 from common.streams import JobStreams
@@ -197,10 +197,27 @@ def artifacts() -> Path:
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 
 
+def served(shapes: tuple[Shape, ...]) -> dict[str, Any]:
+    """The registry fields of a worker serving the sizes of `shapes` at up to their most steps (the first
+    shape's by default), Euler only."""
+    return {
+        "sizes": list(dict.fromkeys(s.size for s in shapes)),
+        "max_steps": max((s.steps for s in shapes), default=0),
+        "default_steps": shapes[0].steps if shapes else DEFAULT_STEPS,
+        "schedulers": [DEFAULT_SCHEDULER],
+    }
+
+
 async def register_worker(
-    redis_client: aioredis.Redis, worker_id: str = "w1", state: str = "ready", shapes: tuple[Shape, ...] = TEST_SHAPES
+    redis_client: aioredis.Redis,
+    worker_id: str = "w1",
+    state: str = "ready",
+    shapes: tuple[Shape, ...] = TEST_SHAPES,
+    **serves: Any,
 ) -> None:
-    """Register a worker serving `shapes` with its streams, so the gateway accepts requests for them."""
+    """Register a worker serving `shapes` with its streams, so the gateway accepts requests for them: the sizes
+    of `shapes`, up to their most steps, Euler only, as a worker publishes them; `serves` overrides those
+    (`max_steps=50`, `schedulers=[...]`)."""
     info = WorkerInfo(
         id=worker_id,
         host="h",
@@ -208,8 +225,8 @@ async def register_worker(
         model="m",
         images_per_request=4,
         state=state,  # type: ignore[arg-type]
-        shapes=list(shapes),
         started_at=time.time(),
+        **(served(shapes) | serves),
     )
     streams = JobStreams(redis_client, RedisKeys())
     for stream in worker_streams(worker_id, shapes):
@@ -218,9 +235,9 @@ async def register_worker(
 
 
 def worker_streams(worker_id: str = "test-worker", shapes: tuple[Shape, ...] = TEST_SHAPES) -> list[str]:
-    """The streams a worker reads, in its order: its own, then one per shape."""
+    """The streams a worker reads, in its order: its own, then one per size."""
     keys = RedisKeys()
-    return [keys.worker_stream(worker_id), *(keys.shape_stream(shape) for shape in shapes)]
+    return [keys.worker_stream(worker_id), *(keys.size_stream(size) for size in dict.fromkeys(s.size for s in shapes))]
 
 
 async def queued_jobs(redis_client: aioredis.Redis) -> int:
@@ -243,14 +260,16 @@ async def fake_worker(redis_client: aioredis.Redis) -> AsyncIterator[None]:
     yield
 
 
-async def claim_next(redis_client: aioredis.Redis, worker_id: str = "test-worker") -> ClaimedJob:
-    """Claim the next job as a worker would, waiting for one to be queued."""
+async def claim_next(
+    redis_client: aioredis.Redis, worker_id: str = "test-worker", shapes: tuple[Shape, ...] = TEST_SHAPES
+) -> ClaimedJob:
+    """Claim the next job as a worker serving `shapes` would, waiting for one to be queued."""
     streams, delivery = JobStreams(redis_client, RedisKeys()), Delivery(redis_client, RedisKeys())
-    for stream in worker_streams(worker_id):
+    for stream in worker_streams(worker_id, shapes):
         await streams.ensure_group(stream)
     claimed = None
     while claimed is None:
-        claimed = await delivery.claim(worker_id, worker_streams(worker_id), block_ms=1000)
+        claimed = await delivery.claim(worker_id, worker_streams(worker_id, shapes), block_ms=1000)
     return claimed
 
 
@@ -269,6 +288,7 @@ async def finish(
         worker=worker_id,
         seed=job.seed,
         shape=job.shape,
+        scheduler=job.scheduler,
         media_type=media_type,
         image_count=len(images),
         timings=Timings(queued_ms=1.0, generate_ms=2.0, encode_ms=3.0),

@@ -39,11 +39,12 @@ async def error_of(response: Any) -> dict[str, Any]:
 async def running_worker(redis_url: str, worker_id: str = "fake-worker", **settings: Any) -> AsyncIterator[Worker]:
     """A real Worker (its loop, heartbeats and queue scripts) on `redis_url` with a stand-in pipeline, ready."""
     defaults: dict[str, Any] = {"heartbeat_interval_s": 0.5, "heartbeat_ttl_s": 2.0, "claim_block_ms": 100}
+    shapes = settings.pop("shapes", TEST_SHAPES)
     config = WorkerConfig(
-        redis_url=redis_url, shapes=TEST_SHAPES, worker_id=worker_id, metrics_port=0, **{**defaults, **settings}
+        redis_url=redis_url, shapes=shapes, worker_id=worker_id, metrics_port=0, **{**defaults, **settings}
     )
     redis = connect(redis_url, name=f"test-worker:{worker_id}")
-    worker = Worker(config, redis, load_pipeline=lambda: StandInPipeline(TEST_SHAPES))  # type: ignore[arg-type,return-value]
+    worker = Worker(config, redis, load_pipeline=lambda: StandInPipeline(shapes))  # type: ignore[arg-type,return-value]
     task = asyncio.create_task(worker.run())
     try:
         while worker.warming or worker.info.state != "ready":

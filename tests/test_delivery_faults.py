@@ -33,7 +33,7 @@ from worker.delivery import ClaimedJob
 
 KEYS = RedisKeys()
 SHAPE = Shape(width=64, height=64, steps=2)
-STREAM = KEYS.shape_stream(SHAPE)
+STREAM = KEYS.size_stream(SHAPE.size)
 # Long enough for any fix to act (a re-check after resubscribing, a sweep, a takeover after a heartbeat
 # TTL of 2 s); a job that has no answer by then has none coming.
 ANSWER_BOUND_S = 15.0

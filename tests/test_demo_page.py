@@ -146,6 +146,7 @@ async def test_a_job_is_followed_live_to_four_images(
 
     timings = page.locator("#timings")
     await expect(timings).to_contain_text(f"size {SHAPE.width}\N{MULTIPLICATION SIGN}{SHAPE.height}")
+    await expect(timings).to_contain_text("scheduler euler")
     await expect(timings).to_contain_text(re.compile(rf"worker ({'|'.join(map(re.escape, cluster.worker_ids))})"))
     await expect(timings).to_contain_text(re.compile(r"generate \d+ ms"))
     await expect(page.locator("#status")).to_contain_text("Done in")
@@ -155,20 +156,46 @@ async def test_a_job_is_followed_live_to_four_images(
     demo.assert_no_errors()
 
 
-async def test_an_unsupported_shape_names_the_field(demo: DemoPage) -> None:
+async def test_the_inputs_offer_what_the_workers_serve(demo: DemoPage) -> None:
     page = demo.page
-    await demo.submit("a red fox", steps=7)  # no worker compiled 7 steps: 400 unsupported_shape
+    await expect(page.locator("#generate-form")).to_have_attribute("data-served", "loaded")
+    steps = page.get_by_label("Steps")
+    for name, value in (("min", "1"), ("max", str(SHAPE.steps)), ("placeholder", f"default {TEST_SHAPES[0].steps}")):
+        await expect(steps).to_have_attribute(name, value)
+    await expect(page.get_by_label("Size").locator("option")).to_have_text(["64x64"])
+    await expect(page.get_by_label("Scheduler").locator("option")).to_have_text(["euler"])
+    await demo.submit("a red fox", steps=SHAPE.steps + 1)  # past the range: the browser does not send it
+    assert await steps.evaluate("(input) => input.validity.rangeOverflow")
+    await expect(page.locator("#results")).to_have_attribute("data-state", "idle")
+    demo.assert_no_errors()
 
+
+async def test_a_value_the_workers_no_longer_serve_names_the_field(demo: DemoPage) -> None:
+    # The page was loaded when the workers served more than they do now: the gateway's 400 names the field.
+    async def stale(route: Route) -> None:
+        card = {"id": "m", "sizes": ["64x64"], "min_steps": 1, "max_steps": 50, "default_steps": 2}
+        await route.fulfill(json={"object": "list", "data": [{**card, "schedulers": ["euler", "dpmpp_2m_karras"]}]})
+
+    page = demo.page
+    await page.route("**/v1/models", stale)
+    await page.reload()
+    await expect(page.locator("#generate-form")).to_have_attribute("data-served", "loaded")
+    await demo.submit("a red fox", steps=7)
     error = page.locator("#error")
-    await expect(error).to_be_visible()
     await expect(error).to_contain_text("Invalid Steps (num_inference_steps)")
-    await expect(error).to_contain_text("no worker serves 64x64 at 7 steps")
+    await expect(error).to_contain_text(f"run 1..{SHAPE.steps} steps, not 7")
     steps = page.get_by_label("Steps")
     await expect(steps).to_have_attribute("aria-invalid", "true")
     await expect(steps).to_be_focused()
     await expect(page.locator("#results")).to_have_attribute("data-state", "error")
-    await expect(page.locator("img.result-image")).to_have_count(0)
     await expect(page.get_by_role("button", name="Generate")).to_be_enabled()
+
+    await steps.fill("")
+    await page.get_by_label("Scheduler").select_option("dpmpp_2m_karras")
+    await page.get_by_role("button", name="Generate").click()
+    await expect(error).to_contain_text("Invalid Scheduler (scheduler)")
+    await expect(page.get_by_label("Scheduler")).to_be_focused()
+    await expect(page.locator("img.result-image")).to_have_count(0)
     demo.assert_no_errors("/v1/jobs")
 
 

@@ -405,9 +405,9 @@ def _scaled_object_problems(docs: list[Doc], scaled: Doc) -> list[str]:
     keys = RedisKeys(worker.args.key_prefix)
     triggers = spec["triggers"]
     streams = {t["metadata"]["stream"] for t in triggers}
-    wanted = {keys.shape_stream(shape) for shape in worker.args.shapes}
+    wanted = {keys.size_stream(shape.size) for shape in worker.args.shapes}
     if streams != wanted:
-        problems.append(f"trigger streams {sorted(streams)} != the workers' shape streams {sorted(wanted)}")
+        problems.append(f"trigger streams {sorted(streams)} != the workers' size streams {sorted(wanted)}")
     modifiers = spec["advanced"]["scalingModifiers"]
     if sorted(term.strip() for term in modifiers["formula"].split("+")) != sorted(t["name"] for t in triggers):
         problems.append(f"formula {modifiers['formula']!r} is not the sum of every trigger")
@@ -647,7 +647,7 @@ async def test_stream_length_counts_queued_and_running_jobs_and_the_group_lag_do
 ) -> None:
     keys = RedisKeys()
     shape = Shape(width=64, height=64, steps=2)
-    stream = keys.shape_stream(shape)
+    stream = keys.size_stream(shape.size)
     queue = Queue.of(redis_client, keys)
     await queue.streams.ensure_group(stream)
     jobs = [

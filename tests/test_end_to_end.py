@@ -55,8 +55,16 @@ async def test_four_distinct_pngs_of_the_requested_size(cluster: Cluster) -> Non
     assert all(image.shape == (shape.height, shape.width, 3) for image in images)
     assert len({image.tobytes() for image in images}) == 4
     assert payload["seed"] == 11 and payload["worker"] in cluster.worker_ids
+    assert payload["scheduler"] == "euler"
     timings = payload["timings"]
     assert timings["total_ms"] >= timings["generate_ms"] > 0 and timings["queued_ms"] >= 0
+
+
+async def test_models_lists_what_the_real_workers_serve(cluster: Cluster) -> None:
+    async with aiohttp.ClientSession() as session, session.get(f"{cluster.url}/v1/models") as response:
+        (card,) = (await response.json())["data"]
+    served = {k: card[k] for k in ("sizes", "min_steps", "max_steps", "default_steps", "schedulers")}
+    assert served == {"sizes": ["64x64"], "min_steps": 1, "max_steps": 3, "default_steps": 2, "schedulers": ["euler"]}
 
 
 async def test_same_seed_same_images_other_seed_other_images(cluster: Cluster) -> None:
@@ -141,7 +149,7 @@ async def test_job_with_uncompiled_shape_fails_cleanly_and_worker_carries_on(clu
         )
         done = listener.expect(job.id)
         # Injected straight into the shared stream of a shape the workers did compile.
-        await JobStore(client, keys).submit(job, keys.shape_stream(TEST_SHAPES[0]))
+        await JobStore(client, keys).submit(job, keys.size_stream(TEST_SHAPES[0].size))
         await asyncio.wait_for(done, 60)
         stored = await JobStore(client, keys).fetch_result(job.id)
         assert stored is not None and stored.result.status == "failed"
@@ -160,7 +168,7 @@ async def test_worker_takes_no_job_before_warm_up(
     client = aioredis.Redis.from_url(redis_url)
     keys = RedisKeys(prefix)
     queue = Queue.of(client, keys)
-    stream = keys.shape_stream(TEST_SHAPES[0])
+    stream = keys.size_stream(TEST_SHAPES[0].size)
     pubsub = client.pubsub()
     await pubsub.subscribe(keys.worker_events_channel)
     try:

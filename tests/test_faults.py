@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from common.protocol import Shape
+from common.protocol import Size
 from common.rediskeys import RedisKeys
 from common.registry import Registry
 from common.streams import JobStreams
@@ -232,7 +232,7 @@ async def announced_states(pubsub: aioredis.client.PubSub, worker_id: str) -> li
 async def test_redis_restart_with_jobs_queued_loses_nothing(cluster: FaultCluster) -> None:
     client = aioredis.Redis.from_url(cluster.redis.url())
     pubsub = client.pubsub()
-    await pubsub.subscribe(f"__keyspace@0__:{RedisKeys().shape_stream(Shape(width=64, height=64, steps=SLOW_STEPS))}")
+    await pubsub.subscribe(f"__keyspace@0__:{RedisKeys().size_stream(Size(width=64, height=64))}")
     try:
         requests = [
             asyncio.create_task(post_generate(cluster.url, seed=s, num_inference_steps=SLOW_STEPS)) for s in range(6)

@@ -10,8 +10,20 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
+from common.protocol import Shape
 from common.rediskeys import RedisKeys
-from tests.conftest import TEST_SHAPES, play_worker, queued_jobs, register_worker
+from testkit.standin import with_step_range
+from tests.conftest import (
+    TEST_SHAPES,
+    RedisServer,
+    claim_next,
+    play_worker,
+    queued_jobs,
+    register_worker,
+    worker_streams,
+)
+from tests.protection import running_worker
+from worker.delivery import ClaimedJob, Delivery
 
 KEYS = RedisKeys()
 SHAPES = TEST_SHAPES
@@ -60,9 +72,11 @@ async def test_omitted_shape_takes_the_workers_default(
         ({"json": {"prompt": ""}}, "string_too_short", "prompt"),
         ({"json": {"prompt": "a", "seed": "1"}}, "int_type", "seed"),
         ({"json": {"prompt": "a", "unknown": 1}}, "extra_forbidden", "unknown"),
-        ({"json": {"prompt": "a", "num_inference_steps": 25}}, "unsupported_shape", "num_inference_steps"),
-        ({"json": {"prompt": "a", "width": 1024}}, "unsupported_shape", "width"),
-        ({"json": {"prompt": "a", "height": 1024}}, "unsupported_shape", "height"),
+        ({"json": {"prompt": "a", "num_inference_steps": 25}}, "unsupported_steps", "num_inference_steps"),
+        ({"json": {"prompt": "a", "width": 1024}}, "unsupported_size", "width"),
+        ({"json": {"prompt": "a", "height": 1024}}, "unsupported_size", "height"),
+        ({"json": {"prompt": "a", "scheduler": "ddim"}}, "literal_error", "scheduler"),
+        ({"json": {"prompt": "a", "scheduler": "dpmpp_2m_karras"}}, "unsupported_scheduler", "scheduler"),
     ],
 )
 async def test_bad_input_is_refused_before_the_queue(
@@ -144,7 +158,7 @@ async def test_deadline_gives_504_with_id_and_result_is_fetchable_later(
     assert image.status == 200 and image.content_type == "image/png" and await image.read() == b"late"
 
 
-async def test_workers_are_listed_with_their_shapes_and_state(
+async def test_workers_are_listed_with_what_they_serve_and_their_state(
     client: TestClient[Any, Any], redis_client: aioredis.Redis
 ) -> None:
     assert await (await client.get("/v1/workers")).json() == {"workers": [], "serving": 0}
@@ -153,7 +167,13 @@ async def test_workers_are_listed_with_their_shapes_and_state(
     body = await (await client.get("/v1/workers")).json()
     assert sorted((w["id"], w["state"]) for w in body["workers"]) == [("w1", "ready"), ("w2", "warming")]
     assert body["serving"] == 1
-    assert body["workers"][0]["shapes"] == [s.model_dump() for s in SHAPES]
+    served = {k: body["workers"][0][k] for k in ("sizes", "max_steps", "default_steps", "schedulers")}
+    assert served == {
+        "sizes": [{"width": 64, "height": 64}],
+        "max_steps": 3,
+        "default_steps": 2,
+        "schedulers": ["euler"],
+    }
 
 
 async def test_a_shape_served_only_by_warming_workers_is_503_not_queued(
@@ -164,6 +184,108 @@ async def test_a_shape_served_only_by_warming_workers_is_503_not_queued(
     assert response.status == 503 and response.headers["Retry-After"]
     assert (await response.json())["error"]["code"] == "no_ready_worker"
     assert await queued_jobs(redis_client) == 0
+
+
+LARGE = 1024
+LARGE_SHAPE = Shape(width=LARGE, height=LARGE, steps=20)
+
+
+async def test_any_step_count_up_to_the_workers_max_is_accepted_and_placed(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis
+) -> None:
+    await register_worker(redis_client, shapes=(LARGE_SHAPE,), max_steps=50)
+    response = await client.post("/v1/jobs", json={"prompt": "a cat", "num_inference_steps": 7})
+    assert response.status == 202, await response.text()
+    claimed = await claim_next(redis_client, shapes=(LARGE_SHAPE,))
+    assert (str(claimed.job.shape), claimed.job.scheduler) == ("1024x1024x7", "euler")
+    too_many = await client.post("/v1/jobs", json={"prompt": "a cat", "num_inference_steps": 51})
+    assert too_many.status == 400
+    error = (await too_many.json())["error"]
+    assert (error["code"], error["field"]) == ("unsupported_steps", "num_inference_steps")
+    assert "1..50" in error["message"]
+    wrong_size = await (await client.post("/v1/jobs", json={"prompt": "a cat", "width": 512})).json()
+    assert (
+        wrong_size["error"]["field"] == "width"
+        and "served sizes (WIDTHxHEIGHT): 1024x1024" in wrong_size["error"]["message"]
+    )
+    assert await queued_jobs(redis_client) == 1
+
+
+async def test_a_stand_in_worker_serves_every_step_count_up_to_its_max(
+    client: TestClient[Any, Any], redis_server: RedisServer
+) -> None:
+    async with running_worker(redis_server.url(0), shapes=with_step_range(SHAPES[:1], 50)) as worker:
+        served = {k: getattr(worker.info, k) for k in ("sizes", "max_steps", "default_steps", "schedulers")}
+        assert served == {"sizes": [SHAPES[0].size], "max_steps": 50, "default_steps": 2, "schedulers": ["euler"]}
+        response = await client.post("/v1/generate", json={"prompt": "a cat", "num_inference_steps": 7})
+        body = await response.json()
+        assert (response.status, body["num_inference_steps"], body["scheduler"]) == (200, 7, "euler")
+        too_many = await client.post("/v1/generate", json={"prompt": "a cat", "num_inference_steps": 51})
+        assert too_many.status == 400
+
+
+async def test_each_request_lands_on_a_worker_serving_its_size(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis
+) -> None:
+    small, large = (SHAPES[0],), (LARGE_SHAPE,)
+    await register_worker(redis_client, "small", shapes=small)
+    await register_worker(redis_client, "large", shapes=large)
+    for width in (LARGE, 64, LARGE):
+        body = {"prompt": "a cat", "width": width, "height": width, "num_inference_steps": 2}
+        assert (await client.post("/v1/jobs", json=body)).status == 202
+    delivery = Delivery(redis_client, KEYS)
+    taken = {"small": 0, "large": 0}
+    for name, shapes in (("small", small), ("large", large)):
+        while (claimed := await delivery.claim(name, worker_streams(name, shapes), block_ms=10)) is not None:
+            assert claimed.job.shape.size == shapes[0].size
+            await delivery.discard(claimed)
+            taken[name] += 1
+    assert taken == {"small": 1, "large": 2}
+
+
+async def test_what_only_warming_workers_serve_is_503_and_the_default_is_what_most_serving_workers_list(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis
+) -> None:
+    await register_worker(redis_client, "a", shapes=(SHAPES[1], LARGE_SHAPE))  # default 64x64 at 3 steps
+    await register_worker(redis_client, "b", shapes=(SHAPES[0],))  # default 64x64 at 2 steps
+    await register_worker(redis_client, "c", shapes=(SHAPES[1],))
+    await register_worker(redis_client, "warm-1", state="warming", shapes=(LARGE_SHAPE,), max_steps=50)
+    await register_worker(redis_client, "warm-2", state="warming", shapes=(LARGE_SHAPE,), max_steps=50)
+    for body in ({"num_inference_steps": 30, "width": LARGE, "height": LARGE}, {"width": LARGE, "height": LARGE}):
+        response = await client.post("/v1/jobs", json={"prompt": "a cat", **body})
+        code = (await response.json())["error"]["code"] if response.status != 202 else None
+        assert (response.status, code) == ((503, "no_ready_worker") if "num_inference_steps" in body else (202, None))
+    await client.post("/v1/jobs", json={"prompt": "a cat"})
+    shapes = {str(j.job.shape) for j in await drain(redis_client, "c", (SHAPES[1], LARGE_SHAPE))}
+    assert shapes == {"1024x1024x3", "64x64x3"}  # a worker has one default step count, for every size
+
+
+async def drain(redis_client: aioredis.Redis, worker_id: str, shapes: tuple[Shape, ...]) -> list[ClaimedJob]:
+    """Claim (and settle) every job on the streams of a worker serving `shapes`."""
+    delivery, taken = Delivery(redis_client, KEYS), []
+    while (claimed := await delivery.claim(worker_id, worker_streams(worker_id, shapes), block_ms=10)) is not None:
+        await delivery.discard(claimed)
+        taken.append(claimed)
+    return taken
+
+
+async def test_models_lists_what_serving_workers_serve(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis
+) -> None:
+    assert await (await client.get("/v1/models")).json() == {"object": "list", "data": []}
+    await register_worker(redis_client, "a", shapes=(SHAPES[0], LARGE_SHAPE), max_steps=50)
+    await register_worker(redis_client, "b", shapes=(SHAPES[0],), schedulers=["euler_trailing", "euler"])
+    await register_worker(redis_client, "w", state="warming", shapes=(Shape(width=96, height=96, steps=4),))
+    (card,) = (await (await client.get("/v1/models")).json())["data"]
+    assert card["id"] == "m" and card["object"] == "model" and card["created"] > 0
+    served = {k: card[k] for k in ("sizes", "min_steps", "max_steps", "default_steps", "schedulers")}
+    assert served == {
+        "sizes": ["64x64", "1024x1024"],
+        "min_steps": 1,
+        "max_steps": 50,
+        "default_steps": 2,
+        "schedulers": ["euler", "euler_trailing"],
+    }
 
 
 async def test_readyz_says_not_ready_when_the_job_listener_is_gone(

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from common.rediskeys import RedisKeys
 from gateway.state import JOURNAL
-from tests.conftest import claim_next, finish, queued_jobs, read_events, worker_streams
+from tests.conftest import claim_next, finish, queued_jobs, read_events, register_worker, worker_streams
 from tests.queues import Queue
 from worker.delivery import ClaimedJob, Delivery
 
@@ -287,3 +287,17 @@ async def test_the_journal_never_queues_again_a_job_whose_record_may_have_expire
     await journal.sweep()
     assert journal.resubmitted == 0 and len(journal) == 0
     assert await redis_client.exists(KEYS.job(job_id)) == 0
+
+
+async def test_the_scheduler_is_queued_with_the_job_and_shown_in_its_result(
+    client: Client, redis_client: aioredis.Redis
+) -> None:
+    await register_worker(redis_client, schedulers=["euler", "dpmpp_2m_karras"])
+    job_id = (await submit(client, scheduler="dpmpp_2m_karras"))["id"]
+    claimed = await start(redis_client)
+    assert claimed.job.scheduler == "dpmpp_2m_karras"
+    await finish(redis_client, claimed, [b"png"])
+    assert (await state(client, job_id))["result"]["scheduler"] == "dpmpp_2m_karras"
+    default = (await submit(client))["id"]
+    assert (await claim_next(redis_client)).job.scheduler == "euler"
+    assert default != job_id

@@ -13,10 +13,10 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from common.protocol import Job
+from common.protocol import Job, parse_shapes
 from common.rediskeys import RedisKeys
 from gateway.openai_api import ImageGenerationRequest, to_generate_request
-from tests.conftest import TEST_SHAPES, claim_next, finish, queued_jobs
+from tests.conftest import TEST_SHAPES, claim_next, finish, queued_jobs, register_worker
 
 KEYS = RedisKeys()
 ROUTE = "/v1/images/generations"
@@ -80,6 +80,22 @@ async def test_url_format_gives_absolute_urls_to_the_images(
             assert await fetched.read() == image
 
 
+async def test_openai_sizes_and_a_scheduler_reach_a_worker_serving_sdxl_sizes(
+    oai: openai.AsyncOpenAI, redis_client: aioredis.Redis
+) -> None:
+    sdxl = parse_shapes("sdxl:20")
+    await register_worker(redis_client, shapes=sdxl, max_steps=50, schedulers=["euler", "euler_trailing"])
+    worker = asyncio.create_task(claim_next(redis_client, shapes=sdxl))
+    response = oai.images.generate(
+        prompt="a cat", size="1536x1024", extra_body={"scheduler": "euler_trailing", "num_inference_steps": 4}
+    )
+    answered = asyncio.create_task(response)
+    claimed = await worker
+    await finish(redis_client, claimed, IMAGES)
+    assert (await answered).size == "1216x832"
+    assert (str(claimed.job.shape), claimed.job.scheduler) == ("1216x832x4", "euler_trailing")
+
+
 async def test_ignored_openai_parameters_are_accepted(
     oai: openai.AsyncOpenAI, redis_client: aioredis.Redis, fake_worker: None
 ) -> None:
@@ -113,8 +129,10 @@ async def test_idempotency_key_refers_to_the_first_job(
         ({"prompt": "  "}, "prompt", "value_error"),
         ({**CAT, "size": "64by64"}, "size", "value_error"),
         ({**CAT, "size": "60x64"}, "size", "multiple_of"),
-        ({**CAT, "size": "128x128"}, "size", "unsupported_shape"),
-        ({**CAT, "num_inference_steps": 25}, "num_inference_steps", "unsupported_shape"),
+        ({**CAT, "size": "128x128"}, "size", "unsupported_size"),
+        ({**CAT, "num_inference_steps": 25}, "num_inference_steps", "unsupported_steps"),
+        ({**CAT, "scheduler": "ddim"}, "scheduler", "literal_error"),
+        ({**CAT, "scheduler": "euler_trailing"}, "scheduler", "unsupported_scheduler"),
         ({**CAT, "n": 0}, "n", "greater_than_equal"),
         ({**CAT, "n": 5}, "n", "less_than_equal"),
         ({**CAT, "n": 11}, "n", "less_than_equal"),

@@ -21,7 +21,7 @@ from worker.delivery import ClaimedJob, MalformedJob
 
 KEYS = RedisKeys()
 SHAPE = Shape(width=64, height=64, steps=2)
-STREAM = KEYS.shape_stream(SHAPE)
+STREAM = KEYS.size_stream(SHAPE.size)
 
 
 def make_job(job_id: str = "job-1") -> Job:

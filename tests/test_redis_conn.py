@@ -115,16 +115,16 @@ async def test_durable_acceptance_waits_for_the_replica(sentinel_group: Sentinel
     keys = RedisKeys("durable")
     store = JobStore(client, keys, durable_accept="replica", durable_timeout_ms=300)
     try:
-        assert (await store.submit(_job("a" * 32), keys.shape_stream("64x64x2"))).created
+        assert (await store.submit(_job("a" * 32), keys.size_stream("64x64"))).created
         signal_group(sentinel_group.replica.process.pid, signal.SIGSTOP)  # a replica that stops acknowledging
         try:
             with pytest.raises(NotDurable, match="not confirmed by replica within 300 ms") as caught:
-                await store.submit(_job("b" * 32), keys.shape_stream("64x64x2"), idempotency_key="k")
+                await store.submit(_job("b" * 32), keys.size_stream("64x64"), idempotency_key="k")
         finally:
             signal_group(sentinel_group.replica.process.pid, signal.SIGCONT)
         assert caught.value.job_id == "b" * 32
         # The job may exist: the retry with the same key refers to it, and is confirmed now.
-        again = await store.submit(_job("c" * 32), keys.shape_stream("64x64x2"), idempotency_key="k")
+        again = await store.submit(_job("c" * 32), keys.size_stream("64x64"), idempotency_key="k")
         assert (again.job_id, again.created) == ("b" * 32, False)
     finally:
         await client.aclose()
@@ -143,6 +143,6 @@ async def test_durable_acceptance_on_the_append_only_file_needs_redis_7_2(sentin
         with pytest.raises(DurabilityUnsupported, match=rf"--durable-accept aof needs WAITAOF .*Redis {version}"):
             await store.check_durability()
         with pytest.raises(ResponseError, match=r"(?i)unknown command"):
-            await store.submit(_job("d" * 32), keys.shape_stream("64x64x2"))
+            await store.submit(_job("d" * 32), keys.size_stream("64x64"))
     finally:
         await client.aclose()

@@ -206,7 +206,7 @@ async def test_least_privilege_acl_users_serve_everything(
     # Left behind by a worker that died: a job pending under its consumer (to be taken over, then dead-
     # lettered at max_deliveries=1) and a job on its own stream (to be moved to the shared stream).
     queue = Queue.of(admin, KEYS)
-    shared = KEYS.shape_stream(TEST_SHAPES[0])
+    shared = KEYS.size_stream(TEST_SHAPES[0].size)
     await queue.streams.ensure_group(shared)
     await queue.jobs.submit(
         Job(id="orphan-pending", prompt="p", seed=1, guidance_scale=7.5, shape=TEST_SHAPES[0], result_ttl_s=60), shared

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -13,6 +14,7 @@ from common.protocol import Job, Shape
 from common.rediskeys import RedisKeys
 from common.registry import WorkerInfo
 from gateway.placement import Placement
+from tests.conftest import served
 from tests.queues import Queue
 
 KEYS = RedisKeys()
@@ -20,7 +22,8 @@ SMALL = Shape(width=64, height=64, steps=2)
 LARGE = Shape(width=128, height=128, steps=2)
 
 
-def worker(worker_id: str, *shapes: Shape, state: str = "ready") -> WorkerInfo:
+def worker(worker_id: str, *shapes: Shape, state: str = "ready", **serves: Any) -> WorkerInfo:
+    """A worker serving the sizes of `shapes` up to their most steps, Euler only; `serves` overrides those."""
     return WorkerInfo(
         id=worker_id,
         host="h",
@@ -28,8 +31,8 @@ def worker(worker_id: str, *shapes: Shape, state: str = "ready") -> WorkerInfo:
         model="m",
         images_per_request=4,
         state=state,  # type: ignore[arg-type]
-        shapes=list(shapes),
         started_at=time.time(),
+        **(served(shapes) | serves),
     )
 
 
@@ -37,9 +40,39 @@ def make_job(job_id: str, shape: Shape = SMALL) -> Job:
     return Job(id=job_id, prompt="a cat", seed=1, guidance_scale=7.5, shape=shape, result_ttl_s=60)
 
 
-async def test_shared_routing_uses_the_shape_stream(redis_client: aioredis.Redis) -> None:
+async def test_shared_routing_uses_the_size_stream(redis_client: aioredis.Redis) -> None:
     router = Placement("shared", redis_client, KEYS)
-    assert await router.stream_for(SMALL, [worker("a", SMALL)]) == KEYS.shape_stream(SMALL)
+    assert await router.stream_for(SMALL, "euler", [worker("a", SMALL)]) == KEYS.size_stream(SMALL.size)
+
+
+@pytest.mark.parametrize("policy", ["shared", "random", "p2c"])
+async def test_only_workers_whose_step_range_and_schedulers_fit_are_chosen(
+    redis_client: aioredis.Redis, policy: str
+) -> None:
+    workers = [
+        worker("short", SMALL, max_steps=20),
+        worker("long", SMALL, max_steps=50),
+        worker("long-dpm", SMALL, max_steps=50, schedulers=["euler", "dpmpp_2m_karras"]),
+    ]
+    router = Placement(policy, redis_client, KEYS, random.Random(0))  # type: ignore[arg-type]
+    at_30 = Shape(width=64, height=64, steps=30)
+    assert {await router.stream_for(at_30, "euler", workers) for _ in range(50)} == {
+        KEYS.worker_stream("long"),
+        KEYS.worker_stream("long-dpm"),
+    }
+    assert {await router.stream_for(SMALL, "dpmpp_2m_karras", workers) for _ in range(10)} == {
+        KEYS.worker_stream("long-dpm")
+    }
+
+
+async def test_shared_routing_keeps_a_job_every_worker_of_its_size_runs_on_the_size_stream(
+    redis_client: aioredis.Redis,
+) -> None:
+    workers = [worker("a", SMALL, max_steps=50), worker("b", SMALL, max_steps=20), worker("c", LARGE, max_steps=5)]
+    router = Placement("shared", redis_client, KEYS)
+    for steps in (1, 7, 20):
+        shape = Shape(width=64, height=64, steps=steps)
+        assert await router.stream_for(shape, "euler", workers) == KEYS.size_stream(SMALL.size)
 
 
 @pytest.mark.parametrize("policy", ["random", "p2c"])
@@ -52,14 +85,14 @@ async def test_only_ready_workers_that_compiled_the_shape_are_chosen(redis_clien
         worker("both-busy", SMALL, LARGE, state="busy"),
     ]
     router = Placement(policy, redis_client, KEYS, random.Random(0))  # type: ignore[arg-type]
-    chosen = {await router.stream_for(LARGE, workers) for _ in range(50)}
+    chosen = {await router.stream_for(LARGE, "euler", workers) for _ in range(50)}
     assert chosen == {KEYS.worker_stream("large"), KEYS.worker_stream("both-busy")}
 
 
 async def test_random_spreads_over_every_candidate(redis_client: aioredis.Redis) -> None:
     router = Placement("random", redis_client, KEYS, random.Random(1))
     workers = [worker(f"w{k}", SMALL) for k in range(4)]
-    chosen = [await router.stream_for(SMALL, workers) for _ in range(200)]
+    chosen = [await router.stream_for(SMALL, "euler", workers) for _ in range(200)]
     assert {chosen.count(KEYS.worker_stream(f"w{k}")) > 20 for k in range(4)} == {True}
 
 
@@ -69,12 +102,12 @@ async def test_p2c_sends_the_job_to_the_shorter_of_two_queues(redis_client: aior
         await queue.jobs.submit(make_job(f"long-{k}"), KEYS.worker_stream("long"))
     router = Placement("p2c", redis_client, KEYS, random.Random(2))
     workers = [worker("long", SMALL), worker("short", SMALL)]
-    assert {await router.stream_for(SMALL, workers) for _ in range(20)} == {KEYS.worker_stream("short")}
+    assert {await router.stream_for(SMALL, "euler", workers) for _ in range(20)} == {KEYS.worker_stream("short")}
 
 
 async def test_a_worker_takes_its_own_jobs_first_then_the_shared_ones(redis_client: aioredis.Redis) -> None:
     queue = Queue.of(redis_client, KEYS)
-    streams = [KEYS.worker_stream("w1"), KEYS.shape_stream(SMALL)]
+    streams = [KEYS.worker_stream("w1"), KEYS.size_stream(SMALL.size)]
     for stream in streams:
         await queue.streams.ensure_group(stream)
     await queue.jobs.submit(make_job("shared-1"), streams[1])
@@ -111,7 +144,7 @@ async def test_a_departed_workers_jobs_go_back_to_the_shared_streams(redis_clien
     assert await queue.jobs.cancel("cancelled") == "cancelled"
     assert await queue.recovery.rehome_orphans(live={"alive"}) == 3
     assert await redis_client.exists(own) == 0 and own not in await queue.streams.names()
-    small, large = KEYS.shape_stream(SMALL), KEYS.shape_stream(LARGE)
+    small, large = KEYS.size_stream(SMALL.size), KEYS.size_stream(LARGE.size)
     assert await stream_jobs(redis_client, small) == [
         make_job("in-service").model_dump_json().encode(),
         make_job("queued-small").model_dump_json().encode(),
@@ -155,13 +188,13 @@ async def test_queue_position_counts_within_the_jobs_stream(redis_client: aiored
 
 async def test_shared_routing_never_hands_a_worker_a_shape_it_did_not_compile(redis_client: aioredis.Redis) -> None:
     queue = Queue.of(redis_client, KEYS)
-    small_worker = [KEYS.worker_stream("small"), KEYS.shape_stream(SMALL)]
-    large_worker = [KEYS.worker_stream("large"), KEYS.shape_stream(LARGE)]
+    small_worker = [KEYS.worker_stream("small"), KEYS.size_stream(SMALL.size)]
+    large_worker = [KEYS.worker_stream("large"), KEYS.size_stream(LARGE.size)]
     for stream in {*small_worker, *large_worker}:
         await queue.streams.ensure_group(stream)
     router = Placement("shared", redis_client, KEYS)
     workers = [worker("small", SMALL), worker("large", LARGE)]
-    await queue.jobs.submit(make_job("large-1", LARGE), await router.stream_for(LARGE, workers))
+    await queue.jobs.submit(make_job("large-1", LARGE), await router.stream_for(LARGE, "euler", workers))
     assert await queue.delivery.claim("small", small_worker, block_ms=50) is None
     taken = await queue.delivery.claim("large", large_worker, block_ms=50)
     assert taken is not None and taken.job.id == "large-1"

@@ -103,7 +103,7 @@ async def submit(redis_client: aioredis.Redis, seeds: list[int]) -> None:
     store = JobStore(redis_client, KEYS)
     for seed in seeds:
         job = Job(id=f"job-{seed}", prompt="a cat", seed=seed, guidance_scale=7.5, shape=SHAPE, result_ttl_s=60)
-        await store.submit(job, KEYS.shape_stream(SHAPE))
+        await store.submit(job, KEYS.size_stream(SHAPE.size))
 
 
 async def results_of(redis_client: aioredis.Redis, seeds: list[int]) -> dict[int, JobResult]:
@@ -129,7 +129,7 @@ async def run_jobs(redis_client: aioredis.Redis, seeds: list[int]) -> dict[int, 
 
 async def settled_once(redis_client: aioredis.Redis) -> None:
     """Nothing left on the stream or pending, and no result was stored twice."""
-    stream = KEYS.shape_stream(SHAPE)
+    stream = KEYS.size_stream(SHAPE.size)
     assert await redis_client.xlen(stream) == 0
     assert (await redis_client.xpending(stream, KEYS.workers_group))["pending"] == 0
     assert await redis_client.hget(KEYS.stats, "duplicate_results") is None
@@ -185,8 +185,8 @@ async def test_a_stop_drains_the_job_on_the_device_and_the_one_in_delivery(
         1: "succeeded",
         2: "succeeded",
     }  # job 3 was never claimed: it waits on the stream for another worker
-    assert await redis_client.xlen(KEYS.shape_stream(SHAPE)) == 1
-    assert (await redis_client.xpending(KEYS.shape_stream(SHAPE), KEYS.workers_group))["pending"] == 0
+    assert await redis_client.xlen(KEYS.size_stream(SHAPE.size)) == 1
+    assert (await redis_client.xpending(KEYS.size_stream(SHAPE.size), KEYS.workers_group))["pending"] == 0
 
 
 # --- Cancel a running job: a real worker process on the tiny model.
@@ -216,7 +216,7 @@ async def test_a_cancelled_running_job_stops_at_its_next_step_and_the_worker_tak
         short_job = Job(id="short", prompt="a dog", seed=2, guidance_scale=7.5, shape=SHORT, result_ttl_s=60)
         async with redis_client.pubsub() as channel:
             await channel.subscribe(KEYS.job_events_channel)
-            await store.submit(long_job, KEYS.shape_stream(LONG))
+            await store.submit(long_job, KEYS.size_stream(LONG.size))
             async with asyncio.timeout(WAIT_S):
                 async for event in job_events(channel, "long"):
                     if event["type"] == "progress":
@@ -225,7 +225,7 @@ async def test_a_cancelled_running_job_stops_at_its_next_step_and_the_worker_tak
             record = await store.record("long")
             assert record is not None and record.step is not None
             reported = record.step  # the last step reported before the cancel: none is recorded after it
-            await store.submit(short_job, KEYS.shape_stream(SHORT))
+            await store.submit(short_job, KEYS.size_stream(SHORT.size))
             async with asyncio.timeout(WAIT_S):
                 async for event in job_events(channel, "short"):
                     if event["type"] == "started":
@@ -244,7 +244,7 @@ async def test_a_cancelled_running_job_stops_at_its_next_step_and_the_worker_tak
         assert ("sdxl_worker_jobs_total", (("outcome", "discarded"),)) not in samples  # no late result was made
         cancelled = await store.fetch_meta("long")
         assert cancelled is not None and cancelled.status == "cancelled"
-        assert (await redis_client.xpending(KEYS.shape_stream(LONG), KEYS.workers_group))["pending"] == 0
+        assert (await redis_client.xpending(KEYS.size_stream(LONG.size), KEYS.workers_group))["pending"] == 0
     finally:
         processes.stop("stopper")
 

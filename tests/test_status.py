@@ -28,7 +28,7 @@ async def test_status_reports_workers_queue_pending_and_dead_letters(
     await register_worker(redis_client, "w1")
     await register_worker(redis_client, "w2", state="warming")
     queue = Queue.of(redis_client, KEYS)
-    shared = KEYS.shape_stream(TEST_SHAPES[0])
+    shared = KEYS.size_stream(TEST_SHAPES[0].size)
     for k in range(3):
         await queue.jobs.submit(job(f"j{k}"), shared)
     claimed = await claim_next(redis_client)  # one in service
@@ -46,8 +46,9 @@ async def test_status_reports_workers_queue_pending_and_dead_letters(
     await claim_next(redis_client)
     assert await asyncio.to_thread(main, ["status", "--redis-url", redis_server.url(0)]) == 0
     table = capsys.readouterr().out
-    assert table.splitlines()[0].split() == ["WORKER", "HOST", "DEVICES", "SHAPES", "STATE", "JOBS", "HEARTBEAT"]
-    assert "w1" in table and "warming" in table
+    header, w1 = table.splitlines()[:2]
+    assert header.split() == ["WORKER", "HOST", "DEVICES", "SIZES", "STEPS", "SCHEDULERS", "STATE", "JOBS", "HEARTBEAT"]
+    assert w1.split()[:7] == ["w1", "h", "0", "x", "unknown", "64x64", "1..3"] and "warming" in table
     assert "queue depth 3 (of which in service or held: 1), dead letters 1" in table
 
 

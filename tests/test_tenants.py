@@ -299,7 +299,7 @@ async def test_dead_letters_are_bounded_expire_and_keep_no_prompt(
         result_ttl_s=600,
     )
     delivery = Delivery(redis_client, keys, dead_letter_max_len=50)
-    await redis_client.xadd(keys.shape_stream(job.shape), {"job": job.model_dump_json()})
+    await redis_client.xadd(keys.size_stream(job.shape.size), {"job": job.model_dump_json()})
     claimed = await claim_next(redis_client)
     await delivery.dead_letter(claimed, "test-worker", "for the test")
     entries: list[tuple[bytes, dict[bytes, bytes]]] = await redis_client.xrange(stream)  # type: ignore[assignment]

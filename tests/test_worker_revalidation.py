@@ -22,7 +22,7 @@ from tests.conftest import TEST_SHAPES, RedisServer
 from tests.protection import running_worker
 
 KEYS = RedisKeys()
-STREAM = KEYS.shape_stream(TEST_SHAPES[0])
+STREAM = KEYS.size_stream(TEST_SHAPES[0].size)
 VALID = {
     "id": "good-1",
     "prompt": "a cat",
@@ -69,7 +69,7 @@ BAD_ENTRIES: list[tuple[dict[str, bytes], str | None, str]] = [
     ({"job": job(id="ttl", result_ttl_s=10**12)}, "ttl", "result_ttl_s"),
     ({"job": job(id="format", output_format="gif")}, "format", "output_format"),
     ({"job": job(id="counters"), "deliveries": b"many"}, "counters", "integers"),
-    ({"job": job(id="shape", shape={"width": 64, "height": 64, "steps": 7})}, "shape", "not compiled"),
+    ({"job": job(id="shape", shape={"width": 64, "height": 64, "steps": 7})}, "shape", "not served here"),
 ]
 
 

@@ -8,7 +8,7 @@ every stream it was on) goes to the dead-letter stream with its history, and its
 result.
 
 Under `random` and `p2c` placement a job waits on its worker's own stream; what a departed worker leaves
-there is moved to the shared stream of its shape (`rehome`), carrying the deliveries it had, and the stream
+there is moved to the shared stream of its size (`rehome`), carrying the deliveries it had, and the stream
 is dropped only by a script that finds it empty, so a job submitted meanwhile is never dropped with it.
 """
 
@@ -85,7 +85,7 @@ class Recovery:
         return [name for c in consumers if (name := text(c["name"])) not in live]
 
     async def rehome_orphans(self, live: set[str]) -> int:
-        """Move every job left on the stream of a worker that is gone to the shared stream of its shape.
+        """Move every job left on the stream of a worker that is gone to the shared stream of its size.
 
         Under `random` and `p2c` routing a job waits on its worker's own stream; when that worker dies or
         drains, what it had not finished (queued, or in service when it died) must go back to be served by
@@ -99,7 +99,7 @@ class Recovery:
         return moved
 
     async def rehome(self, stream: str) -> int:
-        """Move the jobs of one worker stream to their shape streams, then drop the emptied stream."""
+        """Move the jobs of one worker stream to their size streams, then drop the emptied stream."""
         await self._streams.ensure_group(stream)  # a submit racing the owner's exit may have recreated it bare
         moved = 0
         for _ in range(REHOME_ROUNDS):
@@ -124,7 +124,7 @@ class Recovery:
             logger.error("rejecting malformed job while rehoming: %s", bad)
             await self._delivery.reject(bad, "rehome", MALFORMED_RESULT_TTL_S)
             return 0
-        target = self._keys.shape_stream(job.shape)
+        target = self._keys.size_stream(job.shape.size)
         await self._streams.ensure_group(target)
         moved = await self._move(
             keys=[stream, target, self._keys.job(job.id)], args=[self._keys.workers_group, entry_id]

@@ -22,10 +22,10 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 from common.blobstore import BlobStore, open_blob_store
 from common.config import log_config
 from common.logs import bound
-from common.protocol import DEFAULT_RESULT_TTL_S, Job, JobResult, Timings
+from common.protocol import DEFAULT_RESULT_TTL_S, DEFAULT_SCHEDULER, Job, JobResult, Shape, Timings
 from common.redis_conn import UNAVAILABLE, connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo, WorkerState
@@ -121,7 +121,7 @@ class Worker:
             model=config.model,
             images_per_request=config.images_per_request,
             state="warming",
-            shapes=list(config.shapes or ()),
+            **served(config.shapes or ()),
             started_at=started_at or time.time(),
         )
 
@@ -192,7 +192,7 @@ class Worker:
             update={
                 "device_kind": pipeline.device_kind,
                 "devices": pipeline.devices,
-                "shapes": list(shapes),
+                **served(shapes),
                 "ready_at": time.time(),
             }
         )
@@ -211,8 +211,8 @@ class Worker:
     @property
     def _streams(self) -> list[str]:
         """Where this worker takes jobs from: its own stream first (jobs routed to it), then the shared
-        stream of each shape it compiled."""
-        return [self._keys.worker_stream(self.id), *(self._keys.shape_stream(s) for s in self.info.shapes)]
+        stream of each size it serves."""
+        return [self._keys.worker_stream(self.id), *(self._keys.size_stream(s) for s in self.info.sizes)]
 
     def _default_loader(self) -> SDXLPipeline:
         return SDXLPipeline.load(
@@ -388,6 +388,7 @@ class Worker:
             worker=self.id,
             seed=job.seed,
             shape=job.shape,
+            scheduler=job.scheduler,
             media_type=encoding.media_type,
             image_count=len(images),
             timings=timings,
@@ -495,6 +496,20 @@ class Worker:
             await self._recovery.rehome(self._keys.worker_stream(self.id))
         except REDIS_ERRORS as exc:
             logger.warning("could not deregister (%s); the entry expires and others take the jobs", exc)
+
+
+def served(shapes: Sequence[Shape]) -> dict[str, Any]:
+    """The registry's description of what a worker that compiled `shapes` serves: their sizes (the first
+    shape's first), steps up to the most among them, the first shape's steps by default, Euler only."""
+    if not shapes:
+        return {"shapes": []}
+    return {
+        "shapes": list(shapes),
+        "sizes": list(dict.fromkeys(s.size for s in shapes)),
+        "max_steps": max(s.steps for s in shapes),
+        "default_steps": shapes[0].steps,
+        "schedulers": [DEFAULT_SCHEDULER],
+    }
 
 
 async def serve(

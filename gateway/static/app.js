@@ -26,7 +26,8 @@ const POLL_MAX_FAILURES = 5;
 // The request fields the gateway may name in a 400, and the inputs they come from.
 const FIELD_INPUTS = {
   prompt: "prompt", negative_prompt: "negative-prompt", seed: "seed", guidance_scale: "guidance-scale",
-  num_inference_steps: "steps", output_format: "output-format",
+  num_inference_steps: "steps", output_format: "output-format", scheduler: "scheduler", width: "size",
+  height: "size",
 };
 const EXTENSIONS = { "image/png": "png", "image/jpeg": "jpg", "image/webp": "webp" };
 
@@ -40,7 +41,10 @@ function requestBody() {
     negative_prompt: $("negative-prompt").value,
     guidance_scale: Number($("guidance-scale").value),
     output_format: $("output-format").value,
+    scheduler: $("scheduler").value,
   };
+  const size = /^(\d+)x(\d+)$/.exec($("size").value);
+  if (size) Object.assign(body, { width: Number(size[1]), height: Number(size[2]) });
   const seed = $("seed").value.trim();
   if (seed !== "") body.seed = Number(seed);
   const steps = $("steps").value.trim();
@@ -165,7 +169,8 @@ function showTimings(result, roundTripMs) {
   ]);
   timingsEl.append(
     ...line([["seed", result.seed], ["size", `${result.width}×${result.height}`],
-      ["steps", result.num_inference_steps], ["format", result.media_type], ["worker", result.worker]]),
+      ["steps", result.num_inference_steps], ["scheduler", result.scheduler], ["format", result.media_type],
+      ["worker", result.worker]]),
     " ", el("br"),  // the space keeps the two lines apart in textContent too
     ...line([["queued", ms(t.queued_ms)], ["generate", ms(t.generate_ms)], ["encode", ms(t.encode_ms)],
       ["total", t.total_ms == null ? null : ms(t.total_ms)], ["round trip", ms(roundTripMs)]]),
@@ -394,6 +399,23 @@ function failRun() {
   endRun();
 }
 
+function setOptions(select, values) {
+  select.replaceChildren(...values.map((value) => el("option", { value }, value)));
+}
+
+// What the workers serve bounds the inputs: their sizes and schedulers (the defaults first) and the step
+// range. Without an answer the page keeps the server's defaults and the server checks the values.
+async function loadServed() {
+  const models = await fetchJson("/v1/models");
+  const card = models && models.data && models.data[0];
+  if (card) {
+    setOptions($("size"), card.sizes);
+    setOptions($("scheduler"), card.schedulers);
+    Object.assign($("steps"), { min: card.min_steps, max: card.max_steps, placeholder: `default ${card.default_steps}` });
+  }
+  form.dataset.served = card ? "loaded" : "unknown";
+}
+
 form.addEventListener("submit", (event) => {
   event.preventDefault();
   if (!button.disabled) generate();
@@ -413,3 +435,5 @@ form.addEventListener("keydown", (event) => {
     form.requestSubmit();
   }
 });
+
+loadServed();
