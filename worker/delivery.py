@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import ResponseError
 
-from common.jobstore import terminal_args, terminal_keys
+from common.jobstore import terminal_args, terminal_keys, webhook_keys
 from common.protocol import JOB_ID_PATTERN, Job, JobResult
 from common.redis_conn import text
 from common.rediskeys import RedisKeys
@@ -156,7 +156,7 @@ class Delivery:
         job = claimed.job
         ms = int(
             await self._start(
-                keys=[self._keys.job(job.id), self._keys.attempts(job.id)],
+                keys=[self._keys.job(job.id), self._keys.attempts(job.id), *webhook_keys(self._keys, job.id)],
                 args=[worker_id, self._keys.job_events_channel, job.id, claimed.token],
             )
         )
@@ -176,7 +176,7 @@ class Delivery:
         worker to stop the job (its `cancelled` result is already stored) and `discard` its entry.
         """
         status = await self._progress(
-            keys=[self._keys.job(job_id)], args=[worker_id, step, total, self._keys.job_events_channel, job_id]
+            keys=[self._keys.job(job_id), *webhook_keys(self._keys, job_id)], args=[worker_id, step, total, self._keys.job_events_channel, job_id]
         )
         return None if status is None else text(status)
 

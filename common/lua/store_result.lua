@@ -12,6 +12,8 @@
 -- KEYS[3]  job record hash
 -- KEYS[4]  stats hash (cluster-wide counters)
 -- KEYS[5]  attempts list
+-- KEYS[6]  the webhooks' due set
+-- KEYS[7]  the job's webhook hash (its outbox)
 -- ARGV[1]  consumer group
 -- ARGV[2]  stream entry id
 -- ARGV[3]  ttl of the result and the idempotency key, seconds
@@ -29,6 +31,7 @@
 -- duplicate_results or discarded_after_cancel) or 'stale' (another attempt holds the job: the entry is
 -- left to it, and the result counted in stale_results).
 
+-- @include webhook
 -- @include settle
 
 local function settle()

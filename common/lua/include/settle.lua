@@ -1,6 +1,7 @@
 -- Included by the scripts that end a job (cancel, store_result, dead_letter), which share its KEYS and
 -- ARGV layout: KEYS[1] result, KEYS[3] job record, KEYS[5] attempt history; ARGV[3] result TTL, ARGV[4]
--- record TTL, ARGV[5] completions channel, ARGV[6] job id.
+-- record TTL, ARGV[5] completions channel, ARGV[6] job id; KEYS[6] the webhooks' due set, KEYS[7] the job's
+-- webhook hash (include webhook first).
 
 local function terminal(status)
   return status == 'succeeded' or status == 'failed' or status == 'cancelled'
@@ -8,7 +9,8 @@ end
 
 -- Make the job terminal: its result (images from ARGV[first_image] on), the record's status and the
 -- attempt that settled it, lifetimes counted from now (the record and the history outlive the images),
--- and the announcement.
+-- its webhook's `completed` event made due (in this same script: a result is never seen without it), and
+-- the announcement.
 local function finish(status, settled, meta, first_image)
   redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[1], 'meta', meta)
@@ -21,5 +23,6 @@ local function finish(status, settled, meta, first_image)
   local key = redis.call('HGET', KEYS[3], 'idempotency')
   if key then redis.call('EXPIRE', key, ARGV[3]) end
   redis.call('EXPIRE', KEYS[5], ARGV[4])
+  webhook_due(KEYS[3], KEYS[6], KEYS[7], ARGV[6], 'completed')
   redis.call('PUBLISH', ARGV[5], ARGV[6])
 end
