@@ -118,7 +118,12 @@ def parse_keys_file(text: str, source: str = "keys file") -> KeyRing:
         match = _DIGEST_RE.match(words[0].lower())
         secret = words.pop() if len(words) > 1 and words[-1].startswith(WEBHOOK_SECRET_PREFIX) else None
         status = words[1].lower() if len(words) > 1 else "active"
-        if match is None or len(words) > 2 or status not in _STATUSES or not is_webhook_secret(secret or "whsec_" + "A" * 32):
+        if (
+            match is None
+            or len(words) > 2
+            or status not in _STATUSES
+            or not is_webhook_secret(secret or "whsec_" + "A" * 32)
+        ):
             raise KeysFileError(
                 f"{source}, line {number}: expected a SHA-256 hex digest, optionally followed by `revoked` or "
                 "`admin`, then by a webhook secret `whsec_...` (generate them with `sdxl-serve keys new`)"

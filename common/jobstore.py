@@ -183,8 +183,8 @@ class JobStore:
         as long as its result (the record twice that). With `max_depth`, a stream that already holds that many
         jobs takes no more: QueueFull (a replay of a key's job still succeeds). A submitter at its cap of jobs
         in flight is refused: TooManyInFlight. A `webhook` is kept in the record; with `max_outbox`, refused
-        (OutboxFull) while that many jobs have webhook messages due. Safe to run twice: a rerun for the same job answers as the
-        first run did and queues nothing more.
+        (OutboxFull) while that many jobs have webhook messages due. Safe to run twice: a rerun for the same job
+        answers as the first run did and queues nothing more.
         """
         keys = [self._keys.job(job.id), stream, self._keys.job_streams, self._keys.webhooks_due]
         if idempotency_key is not None:
@@ -352,7 +352,14 @@ def record_ttl(result_ttl_s: int) -> int:
 def terminal_keys(keys: RedisKeys, stream: str, job_id: str) -> list[str]:
     """KEYS of the scripts that make a job terminal (store, cancel, dead-letter): result, the stream its entry
     is on, record, stats, attempts, then the webhook's (`webhook_keys`)."""
-    return [keys.result(job_id), stream, keys.job(job_id), keys.stats, keys.attempts(job_id), *webhook_keys(keys, job_id)]
+    return [
+        keys.result(job_id),
+        stream,
+        keys.job(job_id),
+        keys.stats,
+        keys.attempts(job_id),
+        *webhook_keys(keys, job_id),
+    ]
 
 
 def webhook_keys(keys: RedisKeys, job_id: str) -> list[str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import redis.asyncio as aioredis
@@ -83,16 +83,23 @@ class Message:
     @classmethod
     def from_json(cls, raw: bytes | str) -> Message:
         data: dict[str, Any] = json.loads(raw)
-        fields = {name: data.get(name) for name in cls.__dataclass_fields__}
-        ints = ("attempts", "created_ms", "last_attempt_ms", "last_status", "next_ms", "delivered_ms", "gave_up_ms")
-        for name in ints:  # Lua numbers come back as floats in JSON
-            if fields[name] is not None:
-                fields[name] = int(fields[name])
-        fields["attempts"] = fields["attempts"] or 0
-        return cls(**fields)
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        def number(name: str) -> int | None:  # Lua's numbers may come back as floats
+            value = data.get(name)
+            return None if value is None else int(value)
+
+        return cls(
+            id=str(data["id"]),
+            event=str(data["event"]),
+            attempts=number("attempts") or 0,
+            created_ms=number("created_ms") or 0,
+            last_attempt_ms=number("last_attempt_ms"),
+            last_status=number("last_status"),
+            last_error=data.get("last_error"),
+            next_ms=number("next_ms"),
+            delivered_ms=number("delivered_ms"),
+            gave_up_ms=number("gave_up_ms"),
+        )
 
 
 @dataclass(frozen=True)
@@ -144,7 +151,7 @@ class Outbox:
 
     async def messages(self, job_id: str) -> list[Message]:
         """A job's webhook messages, oldest first (none before its first event)."""
-        fields: dict[bytes, bytes] = await self._redis.hgetall(self._keys.webhook(job_id))  # type: ignore[misc]
+        fields: dict[bytes, bytes] = await self._redis.hgetall(self._keys.webhook(job_id))  # type: ignore[assignment]
         messages = [Message.from_json(v) for k, v in fields.items() if k.startswith(b"m:")]
         return sorted(messages, key=lambda m: int(m.id.rpartition("_")[2]))
 
@@ -160,4 +167,5 @@ class Outbox:
             first, (seconds, micros) = await pipe.execute()
         if not first:
             return None
-        return max(0, int(first[0][1]) - (seconds * 1000 + micros // 1000))
+        due_ms, now_ms = int(first[0][1]), int(seconds) * 1000 + int(micros) // 1000
+        return max(0, due_ms - now_ms)

@@ -23,6 +23,7 @@ from common.jobstore import ANYONE, IdempotencyConflict, JobStore, Submitter, re
 from common.protocol import FINISHED, Job
 from common.redis_conn import UNAVAILABLE
 from common.rediskeys import RedisKeys
+from common.webhooks import WebhookSpec
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Accepted:
     idempotency_key: str | None
     fingerprint: str
     submitter: Submitter = ANYONE
+    webhook: WebhookSpec | None = None
     accepted_at: float = field(default_factory=time.monotonic)
 
     def could_have_expired(self, now: float) -> bool:
@@ -100,6 +102,7 @@ class Journal:
                 accepted.fingerprint,
                 # Accepted once already: its caller's cap on jobs in flight does not refuse it again.
                 submitter=dataclasses.replace(accepted.submitter, max_in_flight=0),
+                webhook=accepted.webhook,
             )
         except IdempotencyConflict:
             submitted = None

@@ -29,7 +29,7 @@ from common.protocol import (
 from common.registry import SERVING_STATES
 from gateway import jobs
 from gateway.errors import ApiError, from_validation_error
-from gateway.schemas import GenerateRequest
+from gateway.schemas import GenerateRequest, WebhookRequest
 from gateway.views import parse_body
 
 _SIZE_RE = re.compile(r"(\d{1,5})x(\d{1,5})")
@@ -81,6 +81,7 @@ class ImageGenerationRequest(BaseModel):
         default=None, description="omitted: the cluster's default step count"
     )
     guidance_scale: GuidanceScale = DEFAULT_GUIDANCE_SCALE
+    webhook: WebhookRequest | None = Field(default=None, description="an extension: as on POST /v1/jobs")
 
     @field_validator("size")
     @classmethod
@@ -174,6 +175,7 @@ def to_generate_request(body: ImageGenerationRequest) -> GenerateRequest:
             height=height,
             output_format=body.output_format or "png",
             quality=quality,
+            webhook=body.webhook,
         )
     except ValidationError as exc:
         raise _renamed(from_validation_error(exc)) from None

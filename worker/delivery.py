@@ -176,7 +176,8 @@ class Delivery:
         worker to stop the job (its `cancelled` result is already stored) and `discard` its entry.
         """
         status = await self._progress(
-            keys=[self._keys.job(job_id), *webhook_keys(self._keys, job_id)], args=[worker_id, step, total, self._keys.job_events_channel, job_id]
+            keys=[self._keys.job(job_id), *webhook_keys(self._keys, job_id)],
+            args=[worker_id, step, total, self._keys.job_events_channel, job_id],
         )
         return None if status is None else text(status)
 
