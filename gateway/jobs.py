@@ -15,6 +15,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -152,30 +153,14 @@ async def submit(request: web.Request, body: GenerateRequest, placed: Placed) ->
             fingerprint,
             max_depth=config.max_queue_depth,
             submitter=who,
-            webhook=webhook,
-            max_outbox=config.webhooks.max_outbox,
+            **_webhook_args(webhook, config.webhooks.max_outbox),
         )
     except OutboxFull as exc:
-        raise ApiError(
-            429,
-            "webhook_outbox_full",
-            f"{exc.depth} jobs have webhooks waiting to be delivered (at most {exc.max_depth}); retry later, "
-            "or submit without a webhook",
-            field="webhook",
-            headers={"Retry-After": str(OUTBOX_FULL_RETRY_S)},
-        ) from None
+        raise outbox_full(exc) from None
     except QueueFull as exc:
         raise queue_full(exc, request.app[THROUGHPUT]) from None
     except NotDurable as exc:
-        # Not accepted: the client must not count on the job. It may still run; the same Idempotency-Key
-        # makes the retry refer to it instead of queueing a second one.
-        raise ApiError(
-            503,
-            "not_durable",
-            f"the job was not confirmed by {exc.mode} in time; retry with the same {IDEMPOTENCY_HEADER}",
-            headers={"Retry-After": "1"},
-            id=exc.job_id,
-        ) from None
+        raise not_durable(exc) from None
     except TooManyInFlight as exc:
         raise too_many_in_flight(exc, request.app[THROUGHPUT]) from None
     except IdempotencyConflict as exc:
@@ -193,6 +178,18 @@ async def submit(request: web.Request, body: GenerateRequest, placed: Placed) ->
     else:
         logger.info("job %s replayed for its Idempotency-Key", submitted.job_id, extra={"job_id": submitted.job_id})
     return submitted
+
+
+def not_durable(exc: NotDurable) -> ApiError:
+    """Not accepted: the client must not count on the job. It may still run; the same Idempotency-Key makes
+    the retry refer to it instead of queueing a second one."""
+    return ApiError(
+        503,
+        "not_durable",
+        f"the job was not confirmed by {exc.mode} in time; retry with the same {IDEMPOTENCY_HEADER}",
+        headers={"Retry-After": "1"},
+        id=exc.job_id,
+    )
 
 
 def submitter(request: web.Request) -> Submitter:
@@ -353,6 +350,10 @@ def unknown_job(job_id: str) -> ApiError:
     return ApiError(404, "unknown_job", f"no job {job_id!r} (never submitted, or its result expired)", field="job_id")
 
 
+def _webhook_args(webhook: WebhookSpec | None, max_outbox: int) -> dict[str, Any]:
+    return {"webhook": webhook, "max_outbox": max_outbox} if webhook is not None else {}
+
+
 async def webhook_of(request: web.Request, body: GenerateRequest) -> WebhookSpec | None:
     """The request's webhook, checked (its target, and a secret to sign it with), as the job keeps it."""
     if body.webhook is None:
@@ -370,6 +371,18 @@ async def webhook_of(request: web.Request, body: GenerateRequest) -> WebhookSpec
             field="webhook",
         )
     return spec_for(body.webhook, identity)
+
+
+def outbox_full(exc: OutboxFull) -> ApiError:
+    """429 for a webhook job while the outbox is full: it drains as receivers come back, not within a second."""
+    return ApiError(
+        429,
+        "webhook_outbox_full",
+        f"{exc.depth} jobs have webhooks waiting to be delivered (at most {exc.max_depth}); retry later, "
+        "or submit without a webhook",
+        field="webhook",
+        headers={"Retry-After": str(OUTBOX_FULL_RETRY_S)},
+    )
 
 
 def webhook_secret(app: web.Application, identity: str) -> str | None:

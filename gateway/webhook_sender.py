@@ -105,8 +105,10 @@ class WebhookSender:
         except UNAVAILABLE as exc:
             logger.warning("webhook outbox not read (%s)", exc)
         # A finished attempt sets the wake too: with every slot taken, that is the reason to look again.
+        # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that meets the wake.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), wait_s)
+            async with asyncio.timeout(wait_s):
+                await self._wake.wait()
 
     def _start(self, session: aiohttp.ClientSession, taken: Taken) -> None:
         task = asyncio.create_task(self._deliver(session, taken), name=f"webhook-{taken.message.id}")
@@ -137,7 +139,7 @@ class WebhookSender:
         if recorded == "delivered":
             lag_s = max(0.0, time.time() - message.created_ms / 1000)
             self._metrics.webhook_lag_seconds.observe(lag_s)
-        log = logger.info if attempt.outcome == "delivered" else logger.warning
+        log = logger.debug if attempt.outcome == "delivered" else logger.warning
         log(
             "webhook %s (%s of job %s): %s after attempt %d%s",
             message.id, message.event, taken.job_id, recorded, message.attempts + 1,
