@@ -81,7 +81,7 @@ class WebhookConfig:
     max_retry_after_s: float = 3600.0  # a receiver's Retry-After is honoured up to this
     concurrency: int = 32  # attempts in flight per gateway
     max_outbox: int = 10_000  # jobs with messages due beyond which new webhook jobs get 429 (0: no bound)
-    poll_s: float = 1.0  # the longest a gateway waits before looking at the due set again
+    poll_s: float = 0.25  # the longest a gateway waits before looking at the due set again
     public_url: str | None = None  # prefixed to the image URLs of a webhook's body (`https://api.example.com`)
 
     def __post_init__(self) -> None:
