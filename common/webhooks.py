@@ -122,6 +122,7 @@ class Outbox:
         self._keys = keys
         self._take = register(redis, "webhook_take")
         self._done = register(redis, "webhook_done")
+        self._restore = register(redis, "webhook_restore")
 
     async def take(self, owner: str, count: int, lease_ms: int) -> list[Taken]:
         """Up to `count` due messages (one per job), each leased to `owner` for `lease_ms`."""
@@ -148,6 +149,12 @@ class Outbox:
             args=[*args, keep_s, body if taken.body is None else ""],
         )
         return text(reply)
+
+    async def restore(self, job_id: str, spec: WebhookSpec) -> bool:
+        """Give a job's record back its webhook if Redis lost it (an ended job's `completed` falls due);
+        True when it was missing."""
+        keys = [self._keys.job(job_id), self._keys.webhooks_due, self._keys.webhook(job_id)]
+        return bool(await self._restore(keys=keys, args=[job_id, spec.to_json(), spec.events_field()]))
 
     async def messages(self, job_id: str) -> list[Message]:
         """A job's webhook messages, oldest first (none before its first event)."""

@@ -180,7 +180,7 @@ async def _listener_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _journal_ctx(app: web.Application) -> AsyncIterator[None]:
     """The jobs this gateway accepted, queued again should Redis lose them."""
-    journal = Journal(app[JOBS], RedisKeys(app[CONFIG].key_prefix))
+    journal = Journal(app[JOBS], RedisKeys(app[CONFIG].key_prefix), outbox=app[OUTBOX])
     app[JOURNAL] = journal
     task = asyncio.create_task(journal.run(), name="accepted-jobs")
     yield

@@ -72,7 +72,10 @@ async def metrics_response(app: web.Application, request: web.Request) -> web.Re
     gauges.queue_counters.values = await app[STREAMS].counters()
     gauges.waiting.set(app[LISTENER].waiting)
     gauges.event_streams.set(app[LISTENER].watching)
-    gauges.listener_counters.values = dict(app[LISTENER].counts) | {"resubmitted": app[JOURNAL].resubmitted}
+    gauges.listener_counters.values = dict(app[LISTENER].counts) | {
+        "resubmitted": app[JOURNAL].resubmitted,
+        "webhooks_restored": app[JOURNAL].webhooks_restored,
+    }
     return web.Response(body=gauges.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
 

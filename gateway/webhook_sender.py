@@ -28,7 +28,14 @@ from common.redis_conn import UNAVAILABLE
 from common.webhooks import Outbox, Outcome, Taken, WebhookSpec
 from gateway.config import WebhookConfig
 from gateway.metrics import GatewayMetrics
-from gateway.webhooks import GuardedResolver, Resolve, TargetRefused, checked_addresses, signed_headers
+from gateway.webhooks import (
+    GuardedResolver,
+    Resolve,
+    TargetRefused,
+    checked_addresses,
+    literal_address,
+    signed_headers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +165,8 @@ class WebhookSender:
             return Attempt("gave-up", error="no target or no signing secret (the key's secret was removed?)")
         url = URL(spec.url)
         try:
-            await checked_addresses(self._config, self._resolve, url.host or "", url.port or 443)
+            if literal_address(url.host or "") is not None:  # aiohttp asks no resolver about an address
+                await checked_addresses(self._config, self._resolve, url.host or "", url.port or 443)
             headers = signed_headers(secret, taken.message.id, int(time.time()), body)
             async with session.post(url, data=body, headers=headers, allow_redirects=False) as response:
                 await response.read()

@@ -23,7 +23,7 @@ from common.apikeys import key_line, new_key, new_webhook_secret
 from common.rediskeys import RedisKeys
 from gateway.app import create_app
 from gateway.config import GatewayConfig, WebhookConfig
-from gateway.state import WEBHOOK_RESOLVE
+from gateway.state import JOURNAL, WEBHOOK_RESOLVE
 from gateway.webhooks import Resolve
 from testkit import ProcessGroup, free_port, wait_http
 from testkit.receiver import HANG, Receiver
@@ -317,6 +317,20 @@ async def test_each_keys_webhooks_are_signed_with_its_own_secret_and_seen_by_it_
         verified(bob_secret, hit)
     assert len(await deliveries(client, job_id, as_alice)) == 1
     assert (await client.get(f"/v1/jobs/{job_id}", headers=as_bob)).status == 404
+
+
+async def test_a_job_that_ends_after_redis_lost_its_record_still_gets_its_webhook(
+    gateway: Callable[..., Any], redis_client: aioredis.Redis, receiver: Receiver
+) -> None:
+    client = await gateway()
+    job_id = await submit(client, {"url": receiver.url})
+    claimed = await claim_next(redis_client)
+    await redis_client.delete(KEYS.job(job_id))  # Redis came back from a snapshot older than the job
+    await finish(redis_client, claimed, [b"png-0"])  # the worker's result makes the record again
+    assert client.app is not None
+    await client.app[JOURNAL].sweep()  # the gateway that accepted the job knows its webhook
+    (hit,) = await receiver.wait_for(1)
+    assert verified(SECRET, hit)["data"]["id"] == job_id
 
 
 # --- Gateways as processes: one is SIGKILLed holding a lease, another delivers.
