@@ -124,6 +124,7 @@ class ClusterState:
     # and the jobs still with messages due at the end.
     webhooks_missing: list[str] = field(default_factory=list)
     outbox_depth: int = 0
+    webhooks_received: int = 0  # attempts that reached the receiver (a fifth answered 503, and sent again)
 
 
 @dataclass

@@ -230,6 +230,7 @@ async def _cluster_state(
     return ClusterState(
         webhooks_missing=webhooks_missing(history, _delivered(receiver)) if receiver is not None else [],
         outbox_depth=await _outbox_depth(cluster) if receiver is not None else 0,
+        webhooks_received=len(receiver.hits) if receiver is not None else 0,
         pending_entries=await _pending(cluster),
         queue_depth=await streams.depth(),
         stuck_records=await _stuck_records(cluster),
@@ -282,6 +283,8 @@ def render(report: NemesisReport) -> str:
         f"results forgotten {len(v.forgotten)}, jobs run again {len(v.rerun_after_rollback)}",
         *(f"  {name}: {', '.join(ids[:5])}" for name, ids in _offenders(v).items() if ids),
         f"pending entries {v.state.pending_entries}, queue depth {v.state.queue_depth}, counters {v.state.counters}",
+        f"webhooks: attempts received {v.state.webhooks_received}, ended jobs without one "
+        f"{len(v.state.webhooks_missing)}, jobs still due {v.state.outbox_depth}",
         f"quiet after the last fault: {quiet} bound {report.quiet_bound_s}s",
         f"faults ({len(report.schedule)} scheduled):",
         *(f"  {f['at_s']:7.2f}s {f['kind']:<18} {f['target']:<10} {f['detail']}" for f in report.injected),
