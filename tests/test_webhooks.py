@@ -141,6 +141,9 @@ async def test_a_completed_job_is_posted_once_with_a_signature_a_verifier_accept
     assert delivery["id"] == hit.headers["webhook-id"] and delivery["attempts"] == 1
     assert delivery["last_status"] == 200 and delivery["delivered_at"] is not None
     assert len(receiver.hits) == 1  # and nothing is due: no other attempt will come
+    metrics = await (await client.get("/metrics")).text()
+    assert 'sdxl_webhook_attempts_total{event="completed",outcome="delivered"} 1.0' in metrics
+    assert "sdxl_webhook_outbox_depth 0.0" in metrics and "sdxl_webhook_lag_seconds_count 1.0" in metrics
     with pytest.raises(standardwebhooks.WebhookVerificationError):
         verified(new_webhook_secret(), hit)
 
@@ -331,6 +334,19 @@ async def test_a_job_that_ends_after_redis_lost_its_record_still_gets_its_webhoo
     await client.app[JOURNAL].sweep()  # the gateway that accepted the job knows its webhook
     (hit,) = await receiver.wait_for(1)
     assert verified(SECRET, hit)["data"]["id"] == job_id
+
+
+async def test_the_openai_route_takes_a_webhook_as_an_extra_field(
+    gateway: Callable[..., Any], redis_client: aioredis.Redis, receiver: Receiver
+) -> None:
+    client = await gateway()
+    worker = asyncio.create_task(run_job(redis_client))
+    body = {"prompt": "a kite", "n": 1, "webhook": {"url": receiver.url}}
+    response = await client.post("/v1/images/generations", json=body)
+    await worker
+    assert response.status == 200, await response.text()
+    (hit,) = await receiver.wait_for(1)
+    assert verified(SECRET, hit)["type"] == "job.completed"
 
 
 # --- Gateways as processes: one is SIGKILLed holding a lease, another delivers.
