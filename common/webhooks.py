@@ -154,7 +154,7 @@ class Outbox:
         """Give a job's record back its webhook if Redis lost it (an ended job's `completed` falls due);
         True when it was missing."""
         keys = [self._keys.job(job_id), self._keys.webhooks_due, self._keys.webhook(job_id)]
-        return bool(await self._restore(keys=keys, args=[job_id, spec.to_json(), spec.events_field()]))
+        return bool(await self._restore(keys=keys, args=[job_id, spec.to_json()]))
 
     async def messages(self, job_id: str) -> list[Message]:
         """A job's webhook messages, oldest first (none before its first event)."""

@@ -145,9 +145,10 @@ async def submit(request: web.Request, body: GenerateRequest, placed: Placed) ->
     config = request.app[CONFIG]
     who = submitter(request)
     webhook = await webhook_of(request, body)
+    job = placed.job if webhook is None else placed.job.model_copy(update={"webhook": webhook.to_json()})
     try:
         submitted = await request.app[JOBS].submit(
-            placed.job,
+            job,
             placed.stream,
             key,
             fingerprint,
@@ -173,7 +174,7 @@ async def submit(request: web.Request, body: GenerateRequest, placed: Placed) ->
             id=exc.job_id,
         ) from None
     if submitted.created:
-        request.app[JOURNAL].add(Accepted(placed.job, key, fingerprint, who, webhook=webhook))
+        request.app[JOURNAL].add(Accepted(job, key, fingerprint, who, webhook=webhook))
         logger.info("job %s queued on %s", submitted.job_id, placed.stream, extra={"job_id": submitted.job_id})
     else:
         logger.info("job %s replayed for its Idempotency-Key", submitted.job_id, extra={"job_id": submitted.job_id})

@@ -8,6 +8,7 @@ metadata addresses (nothing is ever sent beyond loopback).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -322,18 +323,23 @@ async def test_each_keys_webhooks_are_signed_with_its_own_secret_and_seen_by_it_
     assert (await client.get(f"/v1/jobs/{job_id}", headers=as_bob)).status == 404
 
 
+@pytest.mark.parametrize("carried", [True, False], ids=["by-the-job", "by-the-journal"])
 async def test_a_job_that_ends_after_redis_lost_its_record_still_gets_its_webhook(
-    gateway: Callable[..., Any], redis_client: aioredis.Redis, receiver: Receiver
+    gateway: Callable[..., Any], redis_client: aioredis.Redis, receiver: Receiver, carried: bool
 ) -> None:
     client = await gateway()
     job_id = await submit(client, {"url": receiver.url})
     claimed = await claim_next(redis_client)
+    assert claimed.job.webhook is not None  # the job carries its webhook to the worker
+    if not carried:  # a worker that does not hand it back: the gateway that accepted the job knows it
+        claimed = dataclasses.replace(claimed, job=claimed.job.model_copy(update={"webhook": None}))
     await redis_client.delete(KEYS.job(job_id))  # Redis came back from a snapshot older than the job
     await finish(redis_client, claimed, [b"png-0"])  # the worker's result makes the record again
     assert client.app is not None
-    await client.app[JOURNAL].sweep()  # the gateway that accepted the job knows its webhook
+    await client.app[JOURNAL].sweep()
     (hit,) = await receiver.wait_for(1)
     assert verified(SECRET, hit)["data"]["id"] == job_id
+    assert client.app[JOURNAL].webhooks_restored == (0 if carried else 1)
 
 
 async def test_the_openai_route_takes_a_webhook_as_an_extra_field(

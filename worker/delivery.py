@@ -190,7 +190,14 @@ class Delivery:
         """
         job = claimed.job
         outcome = await self._store_and_ack(
-            claimed.stream, claimed.entry_id, result, images, job.result_ttl_s, claimed.token, claimed.enqueued_ms
+            claimed.stream,
+            claimed.entry_id,
+            result,
+            images,
+            job.result_ttl_s,
+            claimed.token,
+            claimed.enqueued_ms,
+            job.webhook or "",
         )
         return outcome == "stored"
 
@@ -265,6 +272,7 @@ class Delivery:
         ttl_s: int,
         token: str,
         enqueued_ms: int,
+        webhook: str = "",
     ) -> str:
         outcome = await self._store(
             keys=terminal_keys(self._keys, stream, result.id),
@@ -276,6 +284,7 @@ class Delivery:
                 result.status,
                 token,
                 enqueued_ms,
+                webhook,
                 *images,
             ],
         )

@@ -41,5 +41,8 @@ redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[11], '*', 'job', ARGV[8], 'entry
 redis.call('XTRIM', KEYS[8], 'MINID', ARGV[12])
 redis.call('EXPIRE', KEYS[8], ARGV[3])
 redis.call('HINCRBY', KEYS[4], 'dead_lettered', 1)
-finish('failed', 'dead-letter', ARGV[7], #ARGV + 1)
+-- The job's webhook, as the job carries it, for a record Redis lost (made again here without it).
+local ok, job = pcall(cjson.decode, ARGV[8])
+local webhook = ok and type(job) == 'table' and type(job.webhook) == 'string' and job.webhook or nil
+finish('failed', 'dead-letter', ARGV[7], #ARGV + 1, webhook)
 return 1

@@ -24,7 +24,8 @@
 -- ARGV[8]  the job's final status (succeeded, failed)
 -- ARGV[9]  attempt token of the delivery ('': not fenced, for an entry that does not parse)
 -- ARGV[10] when the job was first queued (Redis ms)
--- ARGV[11..] encoded images, in order
+-- ARGV[11] the job's webhook as the job carries it (JSON, '' for none): kept should the record be lost
+-- ARGV[12..] encoded images, in order
 --
 -- Returns 'stored' (this attempt's result is the job's, now or by an earlier run of this call),
 -- 'duplicate' (the job was already terminal: the entry is settled and the result counted in
@@ -57,6 +58,6 @@ if fenced and holder and holder ~= ARGV[9] then
   redis.call('HINCRBY', KEYS[4], 'stale_results', 1)
   return 'stale'
 end
-finish(ARGV[8], ARGV[9], ARGV[7], 11)
+finish(ARGV[8], ARGV[9], ARGV[7], 12, ARGV[11])
 settle()
 return 'stored'

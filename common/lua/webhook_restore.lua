@@ -10,15 +10,13 @@
 -- KEYS[3]  the job's webhook hash
 -- ARGV[1]  job id
 -- ARGV[2]  the webhook (JSON: url, events, key)
--- ARGV[3]  its events, as `,completed,started,`
 --
 -- Returns 1 when the webhook was restored, 0 when the record has it (or is gone).
 
 -- @include webhook
 
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status or redis.call('HEXISTS', KEYS[1], 'webhook') == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'webhook', ARGV[2], 'webhook_events', ARGV[3])
+if not status or not webhook_keep(KEYS[1], ARGV[2]) then return 0 end
 if status == 'succeeded' or status == 'failed' or status == 'cancelled' then
   webhook_due(KEYS[1], KEYS[2], KEYS[3], ARGV[1], 'completed')
 end

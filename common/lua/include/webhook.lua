@@ -8,9 +8,19 @@
 -- `started` (a started event was made due once), `pending_progress` (a progress message not taken yet).
 -- The due set scores each job with a message to send by when it may next be taken (Redis ms).
 --
+-- webhook_keep(record, spec) gives a record its webhook (the spec, JSON) unless it has one: a record Redis
+-- lost and a script made again knows of none.
+--
 -- webhook_due makes `event` of job `job_id` due, if its record asked for it. A progress message not yet
 -- taken is not doubled (its body is built when it is taken, with the latest step); a job's completion
 -- drops it.
+
+local function webhook_keep(record, spec)
+  if spec == nil or spec == '' or redis.call('HEXISTS', record, 'webhook') == 1 then return false end
+  local events = cjson.decode(spec).events
+  redis.call('HSET', record, 'webhook', spec, 'webhook_events', ',' .. table.concat(events, ',') .. ',')
+  return true
+end
 
 local function webhook_due(record, due, hook, job_id, event)
   local events = redis.call('HGET', record, 'webhook_events')
