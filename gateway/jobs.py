@@ -102,7 +102,7 @@ async def make_job(request: web.Request, body: GenerateRequest) -> Placed:
     workers = await request.app[REGISTRY].workers()
     shape = resolve_shape(body, workers)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
-    extra = {"quality": body.quality} if body.quality is not None else {}
+    extra: dict[str, Any] = {"quality": body.quality} if body.quality is not None else {}
     job = Job(
         id=uuid.uuid4().hex,
         prompt=body.prompt,
@@ -360,10 +360,9 @@ async def webhook_of(request: web.Request, body: GenerateRequest) -> WebhookSpec
     if body.webhook is None:
         return None
     app = request.app
-    await check_target(app[CONFIG].webhooks, app[WEBHOOK_RESOLVE], body.webhook.url)
     caller = caller_of(request)
     identity = caller.identity if caller is not None and caller.caller_class == "key" else ""
-    if webhook_secret(app, identity) is None:
+    if webhook_secret(app, identity) is None:  # before the URL: no resolving for a webhook refused anyway
         raise ApiError(
             400,
             "webhook_no_secret",
@@ -371,6 +370,7 @@ async def webhook_of(request: web.Request, body: GenerateRequest) -> WebhookSpec
             "file, or the cluster one (--webhook-secret)",
             field="webhook",
         )
+    await check_target(app[CONFIG].webhooks, app[WEBHOOK_RESOLVE], body.webhook.url)
     return spec_for(body.webhook, identity)
 
 
