@@ -69,9 +69,13 @@ class GatewayMetrics:
             "sdxl_gateway_listener_events",
             "Job events listener: subscriptions (re-subscriptions included), completions recovered by a "
             "re-check, malformed messages skipped, restarts after an error; and jobs Redis lost that this "
-            "gateway queued again (resubmitted)",
+            "gateway queued again (resubmitted), and ended jobs whose lost webhook it gave back (webhooks_restored)",
         )
         r.register(self.listener_counters)
+        self._add_webhooks(r)
+
+    def _add_webhooks(self, r: CollectorRegistry) -> None:
+        """Job webhooks: attempts by outcome, their time, the lag from an event to its delivery, the outbox."""
         self.webhook_attempts = Counter(
             "sdxl_webhook_attempts",
             "Webhook attempts by event and outcome: delivered, retry, gave-up (given up: a 4xx, a refused target, "
