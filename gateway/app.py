@@ -21,7 +21,7 @@ from common.rediskeys import RedisKeys
 from common.registry import Registry
 from common.streams import JobStreams
 from common.webhooks import Outbox
-from gateway import jobs, views
+from gateway import job_webhooks, jobs, views
 from gateway.auth import KeyStore
 from gateway.config import GatewayConfig
 from gateway.journal import Journal
@@ -144,7 +144,8 @@ async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
     app[OUTBOX] = outbox
 
     async def body_of(job_id: str, event: str) -> bytes:
-        return await jobs.webhook_body(app, job_id, event)
+        found = await jobs.read_state(app, job_id)
+        return job_webhooks.webhook_body(app, job_id, event, found[0] if found is not None else None)
 
     sender = WebhookSender(
         outbox,
@@ -152,7 +153,7 @@ async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
         app[GATEWAY_ID],
         app[WEBHOOK_RESOLVE],
         body_of,
-        lambda spec: jobs.webhook_secret(app, spec.key),
+        lambda spec: job_webhooks.webhook_secret(app, spec.key),
         app[METRICS],
     )
     app[WEBHOOK_SENDER] = sender

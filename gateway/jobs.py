@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import re
 import secrets
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -33,47 +31,23 @@ from common.jobstore import (
 )
 from common.protocol import FINISHED, JOB_ID_PATTERN, Job, JobResult
 from common.redis_conn import UNAVAILABLE
-from common.rediskeys import RedisKeys
 from common.registry import WorkerInfo
-from common.webhooks import Message, OutboxFull, WebhookSpec
+from common.webhooks import OutboxFull
 from gateway.errors import ApiError
+from gateway.job_webhooks import outbox_full, webhook_args, webhook_of
 from gateway.journal import Accepted
 from gateway.limits import queue_full
 from gateway.requestlog import REQUEST_ID
-from gateway.schemas import (
-    ErrorDetail,
-    GenerateRequest,
-    JobOutput,
-    JobState,
-    Progress,
-    ResponseTimings,
-    WebhookDelivery,
-    WebhookState,
-)
+from gateway.schemas import ErrorDetail, GenerateRequest, JobOutput, JobState, Progress, ResponseTimings
 from gateway.shapes import resolve_shape
-from gateway.state import (
-    CONFIG,
-    JOBS,
-    JOURNAL,
-    KEY_STORE,
-    LISTENER,
-    OUTBOX,
-    PLACEMENT,
-    REDIS,
-    REGISTRY,
-    STREAMS,
-    THROUGHPUT,
-    WEBHOOK_RESOLVE,
-)
+from gateway.state import CONFIG, JOBS, JOURNAL, LISTENER, PLACEMENT, REGISTRY, STREAMS, THROUGHPUT
 from gateway.tenants import caller_of, too_many_in_flight
-from gateway.webhooks import check_target, spec_for
 
 logger = logging.getLogger(__name__)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 _JOB_ID = re.compile(JOB_ID_PATTERN)
 MAX_IDEMPOTENCY_KEY = 255
-OUTBOX_FULL_RETRY_S = 30  # a full outbox drains as receivers come back: not within a second
 
 
 def status_url(job_id: str) -> str:
@@ -154,7 +128,7 @@ async def submit(request: web.Request, body: GenerateRequest, placed: Placed) ->
             fingerprint,
             max_depth=config.max_queue_depth,
             submitter=who,
-            **_webhook_args(webhook, config.webhooks.max_outbox),
+            **webhook_args(webhook, config.webhooks.max_outbox),
         )
     except OutboxFull as exc:
         raise outbox_full(exc) from None
@@ -349,85 +323,3 @@ async def visible_job_id(request: web.Request) -> str:
 
 def unknown_job(job_id: str) -> ApiError:
     return ApiError(404, "unknown_job", f"no job {job_id!r} (never submitted, or its result expired)", field="job_id")
-
-
-def _webhook_args(webhook: WebhookSpec | None, max_outbox: int) -> dict[str, Any]:
-    return {"webhook": webhook, "max_outbox": max_outbox} if webhook is not None else {}
-
-
-async def webhook_of(request: web.Request, body: GenerateRequest) -> WebhookSpec | None:
-    """The request's webhook, checked (its target, and a secret to sign it with), as the job keeps it."""
-    if body.webhook is None:
-        return None
-    app = request.app
-    caller = caller_of(request)
-    identity = caller.identity if caller is not None and caller.caller_class == "key" else ""
-    if webhook_secret(app, identity) is None:  # before the URL: no resolving for a webhook refused anyway
-        raise ApiError(
-            400,
-            "webhook_no_secret",
-            "webhook: no secret to sign it with: the operator gives this API key a webhook secret in the keys "
-            "file, or the cluster one (--webhook-secret)",
-            field="webhook",
-        )
-    await check_target(app[CONFIG].webhooks, app[WEBHOOK_RESOLVE], body.webhook.url)
-    return spec_for(body.webhook, identity)
-
-
-def outbox_full(exc: OutboxFull) -> ApiError:
-    """429 for a webhook job while the outbox is full: it drains as receivers come back, not within a second."""
-    return ApiError(
-        429,
-        "webhook_outbox_full",
-        f"{exc.depth} jobs have webhooks waiting to be delivered (at most {exc.max_depth}); retry later, "
-        "or submit without a webhook",
-        field="webhook",
-        headers={"Retry-After": str(OUTBOX_FULL_RETRY_S)},
-    )
-
-
-def webhook_secret(app: web.Application, identity: str) -> str | None:
-    """The secret that signs the webhooks of a key's jobs: its own, else the cluster's ('': no key)."""
-    own = app[KEY_STORE].ring.webhook_secret(identity) if identity else None
-    return own or app[CONFIG].webhooks.secret
-
-
-async def webhook_body(app: web.Application, job_id: str, event: str) -> bytes:
-    """A webhook's body: the event's type and the job's status document as `GET /v1/jobs/{id}` shows it now
-    (image URLs made absolute with `--public-url`, when set)."""
-    found = await read_state(app, job_id)
-    state = found[0] if found is not None else None
-    base = app[CONFIG].webhooks.public_url
-    if state is not None and state.result is not None and base:
-        images = [base.rstrip("/") + path for path in state.result.images]
-        state = state.model_copy(update={"result": state.result.model_copy(update={"images": images})})
-    data = state.model_dump(mode="json", exclude_none=True) if state is not None else {"id": job_id}
-    timestamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return json.dumps({"type": f"job.{event}", "timestamp": timestamp, "data": data}).encode()
-
-
-async def webhook_state(app: web.Application, job_id: str) -> WebhookState | None:
-    """A job's webhook and its deliveries so far; None for a job without one."""
-    raw = await app[REDIS].hget(RedisKeys(app[CONFIG].key_prefix).job(job_id), "webhook")
-    spec = WebhookSpec.from_json(raw) if raw is not None else None
-    if spec is None:
-        return None
-    deliveries = [_delivery(message) for message in await app[OUTBOX].messages(job_id)]
-    return WebhookState(url=spec.url, events=list(spec.events), deliveries=deliveries)
-
-
-def _delivery(message: Message) -> WebhookDelivery:
-    def seconds(ms: int | None) -> float | None:
-        return None if ms is None else ms / 1000
-
-    return WebhookDelivery(
-        id=message.id,
-        event=message.event,
-        attempts=message.attempts,
-        last_status=message.last_status,
-        last_error=message.last_error,
-        last_attempt_at=seconds(message.last_attempt_ms),
-        next_attempt_at=seconds(message.next_ms),
-        delivered_at=seconds(message.delivered_ms),
-        gave_up_at=seconds(message.gave_up_ms),
-    )

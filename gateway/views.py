@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from common.jobstore import StoredResult
 from common.protocol import FINISHED
 from common.registry import SERVING_STATES
-from gateway import jobs
+from gateway import job_webhooks, jobs
 from gateway.errors import ApiError, from_validation_error
 from gateway.metrics import CONTENT_TYPE
 from gateway.schemas import GenerateRequest, GenerateResponse, JobAccepted, JobState, WorkerList
@@ -138,7 +138,7 @@ async def job_status(request: web.Request) -> web.Response:
     state = await jobs.read_state(request.app, job_id)
     if state is None:
         raise jobs.unknown_job(job_id)
-    webhook = await jobs.webhook_state(request.app, job_id)
+    webhook = await job_webhooks.webhook_state(request.app, job_id)
     return _json(state[0] if webhook is None else state[0].model_copy(update={"webhook": webhook}))
 
 
