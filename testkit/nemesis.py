@@ -12,7 +12,7 @@ Phases, with their bounds:
    resolved, nothing pending, queue depth 0, no webhook message due) or `quiet_bound_s` has passed since
    the last fault ended;
 5. every job is read once more, every gateway must serve a new request, and the checker judges: with
-   `webhooks` (the default), every request asks for its job's `completed` webhook, sent to a receiver that
+   `webhooks`, every request asks for its job's `completed` webhook, sent to a receiver that
    answers 503 to a fifth of the attempts, and every job seen ended must have reached it.
 """
 
@@ -62,7 +62,7 @@ class NemesisConfig:
     cluster: dict[str, Any] = field(default_factory=dict)  # ClusterConfig fields over the defaults
     load: LoadConfig = field(default_factory=LoadConfig)
     quiet_bound_s: float = 60.0  # from the end of the last fault to a quiet cluster
-    webhooks: bool = True  # every request asks for a webhook; the checker looks for each ended job's
+    webhooks: bool = False  # every request asks for a webhook; the checker looks for each ended job's
 
 
 @dataclass

@@ -27,6 +27,7 @@ from gateway.config import GatewayConfig, WebhookConfig
 from gateway.state import JOURNAL, WEBHOOK_RESOLVE
 from gateway.webhooks import Resolve
 from testkit import ProcessGroup, free_port, wait_http
+from testkit.nemesis import NemesisConfig, render, run_nemesis
 from testkit.receiver import HANG, Receiver
 from tests.conftest import ClientFactory, RedisServer, claim_next, finish, register_worker
 from worker.delivery import Delivery
@@ -353,6 +354,25 @@ async def test_the_openai_route_takes_a_webhook_as_an_extra_field(
     assert response.status == 200, await response.text()
     (hit,) = await receiver.wait_for(1)
     assert verified(SECRET, hit)["type"] == "job.completed"
+
+
+async def test_no_due_webhook_is_lost_while_gateways_and_redis_fail(tmp_path: Path) -> None:
+    # The fault injector with stand-in workers: gateways SIGKILLed and restarted, Redis restarted, replies
+    # lost, connections killed, while every job asks for a webhook that a fifth of the time is answered 503.
+    faults = {"restart_gateway": 2, "restart_redis": 1, "lost_reply": 2, "kill_pubsub": 1, "client_kill": 1}
+    config = NemesisConfig(
+        work_dir=tmp_path,
+        seed=5,
+        duration_s=12.0,
+        counts=faults,  # type: ignore[arg-type]
+        cluster={"standin_workers": 2},
+        quiet_bound_s=30.0,
+        webhooks=True,
+    )
+    report = await run_nemesis(config)
+    assert report.verdict.accepted and report.injected, render(report)
+    assert report.verdict.state.webhooks_received >= report.verdict.accepted, render(report)
+    assert report.verdict.passed, render(report)
 
 
 # --- Gateways as processes: one is SIGKILLed holding a lease, another delivers.
