@@ -36,7 +36,7 @@ from testkit.checker import TERMINAL, ClusterState, History, Verdict, check, web
 from testkit.clients import Clients, LoadConfig
 from testkit.cluster import ClusterConfig, NemesisCluster
 from testkit.faults import FaultRunner
-from testkit.receiver import Receiver
+from testkit.receiver import SLOW, Receiver
 from testkit.schedule import REQUESTABLE, Fault, FaultKind, Targets, make_schedule
 
 logger = logging.getLogger(__name__)
@@ -108,9 +108,10 @@ async def run_nemesis(config: NemesisConfig) -> NemesisReport:
 
 
 def _flaky(seed: int, count: int = 100_000) -> list[int | tuple[int, dict[str, str]]]:
-    """A receiver's answers: 503 to about a fifth of the attempts (retried), 200 to the rest."""
+    """A receiver's answers: 503 to about a fifth of the attempts (retried), a slow 200 to a fifth (a gateway
+    killed meanwhile leaves its lease to run out), 200 to the rest."""
     rng = random.Random(f"receiver-{seed}")
-    return [503 if rng.random() < 0.2 else 200 for _ in range(count)]
+    return [rng.choice([503, SLOW, 200, 200, 200]) for _ in range(count)]
 
 
 async def _run(config: NemesisConfig, cluster: NemesisCluster, receiver: Receiver | None) -> NemesisReport:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 HANG = -1  # an answer that holds the request open until `release()`
+SLOW = -2  # an answer of 200 after SLOW_S: an attempt in flight for a while
+SLOW_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ class Hit:
 
 @dataclass
 class Receiver:
-    """Answers the k-th request with `answers[k]` (then 200): a status, a (status, headers) pair or HANG."""
+    """Answers the k-th request with `answers[k]` (then 200): a status, a (status, headers) pair, HANG or SLOW."""
 
     answers: list[int | tuple[int, dict[str, str]]] = field(default_factory=list)
     host: str = "127.0.0.1"
@@ -78,6 +80,9 @@ class Receiver:
         answer = self.answers[index] if index < len(self.answers) else 200
         if answer == HANG:
             await self._released.wait()
+            return web.Response(status=200)
+        if answer == SLOW:
+            await asyncio.sleep(SLOW_S)
             return web.Response(status=200)
         status, headers = answer if isinstance(answer, tuple) else (answer, {})
         return web.Response(status=status, headers=headers)
