@@ -16,6 +16,7 @@ BENCHMARKS = {
     "generate": "the pipeline in-process: compile time, latency, images/s, TFLOP/s and fraction of peak",
     "nemesis": "a seeded fault schedule against a local cluster, then a check of what every client saw",
     "backtoback": "device idle between back-to-back jobs: the worker loop in-process, jobs queued ahead",
+    "webhooks": "job end to webhook arrival (p50, p99) on a local cluster, and deliveries/s of one gateway",
 }
 
 

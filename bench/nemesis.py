@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=number_type(float, 1.0, 600.0), default=15.0)
     parser.add_argument("--quiet-bound", type=number_type(float, 1.0, 3600.0), default=60.0)
     parser.add_argument("--work-dir", type=Path, default=None, help="logs, Redis data (default: a new temp dir)")
+    parser.add_argument(
+        "--webhooks",
+        action="store_true",
+        help="every request asks for a webhook, to a receiver that answers 503 to a fifth of the attempts; the "
+        "checker requires every ended job's webhook to arrive",
+    )
     parser.add_argument("--json", action="store_true", help="the whole report as one JSON object")
 
 
@@ -77,6 +83,7 @@ def _config(args: argparse.Namespace) -> NemesisConfig:
         cluster={"gateways": args.gateways, "standin_workers": args.workers, "tiny_model": model},
         load=LoadConfig(clients=args.clients, request_timeout_s=args.request_timeout),
         quiet_bound_s=args.quiet_bound,
+        webhooks=args.webhooks,
     )
 
 

@@ -23,6 +23,7 @@ from common.protocol import Job, JobResult
 from common.redis_conn import text
 from common.rediskeys import RedisKeys
 from common.scripts import register
+from common.webhooks import OutboxFull, WebhookSpec
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +172,8 @@ class JobStore:
         fingerprint: str = "",
         max_depth: int = 0,
         submitter: Submitter = ANYONE,
+        webhook: WebhookSpec | None = None,
+        max_outbox: int = 0,
     ) -> Submitted:
         """Record and enqueue a job on `stream` atomically.
 
@@ -179,10 +182,11 @@ class JobStore:
         another request raises IdempotencyConflict. The key and the record live until the job is terminal, then
         as long as its result (the record twice that). With `max_depth`, a stream that already holds that many
         jobs takes no more: QueueFull (a replay of a key's job still succeeds). A submitter at its cap of jobs
-        in flight is refused: TooManyInFlight. Safe to run twice: a rerun for the same job answers as the
-        first run did and queues nothing more.
+        in flight is refused: TooManyInFlight. A `webhook` is kept in the record; with `max_outbox`, refused
+        (OutboxFull) while that many jobs have webhook messages due. Safe to run twice: a rerun for the same job
+        answers as the first run did and queues nothing more.
         """
-        keys = [self._keys.job(job.id), stream, self._keys.job_streams]
+        keys = [self._keys.job(job.id), stream, self._keys.job_streams, self._keys.webhooks_due]
         if idempotency_key is not None:
             keys.append(self._keys.idempotency(idempotency_key, submitter.scope))
         cap = submitter.max_in_flight if submitter.identity else 0
@@ -190,12 +194,15 @@ class JobStore:
             keys.append(self._keys.in_flight(submitter.identity))
         args: list[Any] = [job.model_dump_json(), job.result_ttl_s, job.id, fingerprint, max_depth]
         args += [submitter.owner, cap, self._keys.job("")]
+        args += [webhook.to_json(), webhook.events_field(), max_outbox] if webhook else ["", "", 0]
         if self._durable_accept == "off":
             outcome, value = await self._submit(keys=keys, args=args)
         else:
             outcome, value = await self._submit_durably(job.id, keys, args)
         if text(outcome) == "full":
             raise QueueFull(stream, int(value), max_depth)
+        if text(outcome) == "outbox-full":
+            raise OutboxFull(int(value), max_outbox)
         if text(outcome) == "busy":
             raise TooManyInFlight(int(value), submitter.max_in_flight)
         job_id, _, first_fingerprint = text(value).partition(" ")
@@ -344,8 +351,20 @@ def record_ttl(result_ttl_s: int) -> int:
 
 def terminal_keys(keys: RedisKeys, stream: str, job_id: str) -> list[str]:
     """KEYS of the scripts that make a job terminal (store, cancel, dead-letter): result, the stream its entry
-    is on, record, stats, attempts."""
-    return [keys.result(job_id), stream, keys.job(job_id), keys.stats, keys.attempts(job_id)]
+    is on, record, stats, attempts, then the webhook's (`webhook_keys`)."""
+    return [
+        keys.result(job_id),
+        stream,
+        keys.job(job_id),
+        keys.stats,
+        keys.attempts(job_id),
+        *webhook_keys(keys, job_id),
+    ]
+
+
+def webhook_keys(keys: RedisKeys, job_id: str) -> list[str]:
+    """The keys a script that may make a webhook event due takes last: the due set and the job's outbox."""
+    return [keys.webhooks_due, keys.webhook(job_id)]
 
 
 def terminal_args(keys: RedisKeys, job_id: str, result_ttl_s: int) -> list[Any]:

@@ -223,6 +223,9 @@ class Job(BaseModel):
     result_ttl_s: int = Field(gt=0, le=MAX_RESULT_TTL_S)
     # The HTTP request that made the job, so the worker's log lines can be found by it.
     request_id: RequestId | None = None
+    # The job's webhook (common/webhooks.py WebhookSpec, JSON), opaque to the worker: its result carries it
+    # back into a job record that Redis lost, so the `completed` webhook is still due.
+    webhook: str | None = Field(default=None, max_length=4096)
 
 
 class Timings(BaseModel):

@@ -83,6 +83,18 @@ class RedisKeys:
         progress (`step`, `total`); kept until its result expires."""
         return f"{self.prefix}:job:{job_id}"
 
+    @property
+    def webhooks_due(self) -> str:
+        """Sorted set of the jobs with a webhook message to send, scored by when it may next be taken (Redis ms):
+        now for a new one, a retry's time, or the end of a gateway's lease on it (gateway/webhooks.py)."""
+        return f"{self.prefix}:webhooks:due"
+
+    def webhook(self, job_id: str) -> str:
+        """Hash of a job's webhook outbox: its messages in order, their states and bodies, the delivering
+        gateway's lease (common/lua/include/webhook.lua); it outlives the job's last delivery as long as a
+        record does."""
+        return f"{self.prefix}:webhook:{job_id}"
+
     def attempts(self, job_id: str) -> str:
         """List of `worker-id@redis-ms` for every delivery of a job: its history for the dead-letter stream."""
         return f"{self.prefix}:attempts:{job_id}"

@@ -20,7 +20,8 @@ from common.redis_conn import UNAVAILABLE, connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry
 from common.streams import JobStreams
-from gateway import views
+from common.webhooks import Outbox
+from gateway import job_webhooks, jobs, views
 from gateway.auth import KeyStore
 from gateway.config import GatewayConfig
 from gateway.journal import Journal
@@ -46,14 +47,19 @@ from gateway.state import (
     LISTENER,
     METRICS,
     OPENAPI,
+    OUTBOX,
     PLACEMENT,
     POSITIONS,
     REDIS,
     REGISTRY,
     STREAMS,
     THROUGHPUT,
+    WEBHOOK_RESOLVE,
+    WEBHOOK_SENDER,
 )
 from gateway.tenants import EventStreams
+from gateway.webhook_sender import WebhookSender
+from gateway.webhooks import system_resolve
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +89,10 @@ def create_app(config: GatewayConfig) -> web.Application:
     app[KEY_STORE].on_reload.append(lambda: app[EVENT_STREAMS].end_unless(app[KEY_STORE].accepts))
     app[THROUGHPUT] = ThroughputMeter()
     app[ACCESS] = {(route.method, route.path): route.access for route in ROUTES}
-    app.cleanup_ctx.extend([_redis_ctx, _listener_ctx, _journal_ctx, _positions_ctx, _keys_ctx, _metrics_site_ctx])
+    app[WEBHOOK_RESOLVE] = system_resolve
+    app.cleanup_ctx.extend(
+        [_redis_ctx, _webhooks_ctx, _listener_ctx, _journal_ctx, _positions_ctx, _keys_ctx, _metrics_site_ctx]
+    )
     app.on_response_prepare.extend([_no_stale_pages, rate_limit_headers, echo_request_id])
     setup_routes(app)
     app[OPENAPI] = build_openapi(ROUTES, config)
@@ -129,8 +138,39 @@ async def _check_durability(jobs: JobStore) -> None:
         logger.warning("could not check Redis for --durable-accept (%s); checking at each submit", exc)
 
 
+async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Send the cluster's due webhook messages (any gateway sends any job's), for the app's lifetime."""
+    outbox = Outbox(app[REDIS], RedisKeys(app[CONFIG].key_prefix))
+    app[OUTBOX] = outbox
+
+    async def body_of(job_id: str, event: str) -> bytes:
+        found = await jobs.read_state(app, job_id)
+        return job_webhooks.webhook_body(app, job_id, event, found[0] if found is not None else None)
+
+    sender = WebhookSender(
+        outbox,
+        app[CONFIG].webhooks,
+        app[GATEWAY_ID],
+        app[WEBHOOK_RESOLVE],
+        body_of,
+        lambda spec: job_webhooks.webhook_secret(app, spec.key),
+        app[METRICS],
+    )
+    app[WEBHOOK_SENDER] = sender
+    task = asyncio.create_task(sender.run(), name="webhook-sender")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 async def _listener_ctx(app: web.Application) -> AsyncIterator[None]:
-    listener = JobListener(app[REDIS], RedisKeys(app[CONFIG].key_prefix), on_completion=app[THROUGHPUT].record)
+    throughput, sender = app[THROUGHPUT], app[WEBHOOK_SENDER]
+
+    def completed() -> None:  # a job ended somewhere: count it, and look for its webhook at once
+        throughput.record()
+        sender.wake()
+
+    listener = JobListener(app[REDIS], RedisKeys(app[CONFIG].key_prefix), on_completion=completed)
     app[LISTENER] = listener
     task = asyncio.create_task(listener.run(), name="completion-listener")
     await asyncio.wait_for(listener.subscribed.wait(), LISTENER_READY_TIMEOUT_S)
@@ -141,7 +181,7 @@ async def _listener_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _journal_ctx(app: web.Application) -> AsyncIterator[None]:
     """The jobs this gateway accepted, queued again should Redis lose them."""
-    journal = Journal(app[JOBS], RedisKeys(app[CONFIG].key_prefix))
+    journal = Journal(app[JOBS], RedisKeys(app[CONFIG].key_prefix), outbox=app[OUTBOX])
     app[JOURNAL] = journal
     task = asyncio.create_task(journal.run(), name="accepted-jobs")
     yield

@@ -10,7 +10,7 @@ from pathlib import Path
 from common.config import ConfigError, add_blob_store_argument, add_redis_arguments
 from common.jobstore import DURABLE_ACCEPT
 from common.protocol import MAX_GUIDANCE, MAX_PROMPT_CHARS, MIN_GUIDANCE, RequestLimits
-from gateway.config import GatewayConfig, IPNetwork, RateLimits, parse_networks
+from gateway.config import GatewayConfig, IPNetwork, RateLimits, WebhookConfig, parse_networks
 from gateway.ratelimit import Rate
 
 _DEFAULTS = GatewayConfig()
@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_routing_argument(parser)
     _add_storage(parser)
     _add_protection(parser)
+    _add_webhooks(parser)
 
 
 def _add_storage(parser: argparse.ArgumentParser) -> None:
@@ -118,6 +119,33 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         max_event_streams_per_caller=args.max_event_streams_per_caller,
         metrics_token=args.metrics_token,
         metrics_listen=args.metrics_listen,
+        webhooks=webhook_config(args),
+    )
+
+
+def webhook_config(args: argparse.Namespace) -> WebhookConfig:
+    """The webhook flags as a WebhookConfig; the cluster secret from its flag, env or file."""
+    secret = args.webhook_secret
+    if args.webhook_secret_file:
+        try:
+            secret = Path(args.webhook_secret_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"--webhook-secret-file: cannot read it: {exc}") from None
+    hosts = frozenset(h.strip().lower().strip("[]") for h in args.webhook_allow_hosts.split(",") if h.strip())
+    return WebhookConfig(
+        allow_http=args.webhook_allow_http,
+        allow_hosts=hosts,
+        secret=secret or None,
+        timeout_s=args.webhook_timeout,
+        retry_window_s=args.webhook_retry_window,
+        backoff_s=args.webhook_backoff,
+        max_backoff_s=args.webhook_max_backoff,
+        jitter=args.webhook_jitter,
+        max_retry_after_s=args.webhook_max_retry_after,
+        concurrency=args.webhook_concurrency,
+        max_outbox=args.webhook_max_outbox,
+        poll_s=args.webhook_poll,
+        public_url=args.public_url,
     )
 
 
@@ -250,3 +278,47 @@ def _add_rate_limits(group: argparse._ArgumentGroup) -> None:
             metavar="N/UNIT[:BURST]",
             help=f"COUNT/s|m|h[:BURST] or off (default {getattr(defaults, field.name) or 'off'})",
         )
+
+
+def _add_webhooks(parser: argparse.ArgumentParser) -> None:
+    """Job webhooks: which targets, how they are signed and retried (docs/operations.md: Webhooks)."""
+    env, d = os.environ.get, WebhookConfig()
+    group = parser.add_argument_group("webhooks")
+    group.add_argument("--webhook-allow-http", action="store_true", help="allow plain http webhook URLs (https only)")
+    group.add_argument(
+        "--webhook-allow-hosts",
+        default=env("SDXL_SERVE_WEBHOOK_ALLOW_HOSTS", ""),
+        metavar="HOST,...",
+        help="webhook hosts (names or addresses, as in the URL) exempt from the address rules that refuse "
+        "loopback, private, link-local and metadata targets (env SDXL_SERVE_WEBHOOK_ALLOW_HOSTS)",
+    )
+    group.add_argument(
+        "--webhook-secret",
+        default=env("SDXL_SERVE_WEBHOOK_SECRET"),
+        help="the cluster's signing secret (whsec_...), for keys without their own in the keys file and for "
+        "callers without a key (env SDXL_SERVE_WEBHOOK_SECRET; `sdxl-serve keys webhook-secret` makes one)",
+    )
+    group.add_argument(
+        "--webhook-secret-file", default=env("SDXL_SERVE_WEBHOOK_SECRET_FILE"), help="read it from a file"
+    )
+    number = {"--webhook-timeout": ("timeout_s", "seconds one attempt may take")}
+    number["--webhook-retry-window"] = ("retry_window_s", "seconds a message is retried after it fell due")
+    number["--webhook-backoff"] = ("backoff_s", "seconds before the first retry; doubled with each attempt")
+    number["--webhook-max-backoff"] = ("max_backoff_s", "the longest backoff, seconds")
+    number["--webhook-jitter"] = ("jitter", "each backoff is drawn from [(1 - J) d, d] (1: full jitter)")
+    number["--webhook-max-retry-after"] = ("max_retry_after_s", "a receiver's Retry-After is honoured up to this")
+    number["--webhook-poll"] = ("poll_s", "the longest wait, seconds, before a gateway looks at the due set again")
+    for flag, (field, text) in number.items():
+        group.add_argument(flag, type=float, default=getattr(d, field), help=f"{text} (default {getattr(d, field):g})")
+    group.add_argument("--webhook-concurrency", type=int, default=d.concurrency, help="attempts in flight per gateway")
+    group.add_argument(
+        "--webhook-max-outbox",
+        type=int,
+        default=d.max_outbox,
+        help="jobs with webhook messages due beyond which new webhook jobs get 429 (0: unbounded)",
+    )
+    group.add_argument(
+        "--public-url",
+        default=env("SDXL_SERVE_PUBLIC_URL"),
+        help="the API's public base URL (https://api.example.com): a webhook's image URLs are made absolute with it",
+    )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from common.apikeys import KeyRing
+from common.apikeys import KeyRing, is_webhook_secret
 from common.blobstore import REDIS as BLOBS_IN_REDIS
 from common.config import DEFAULT_REDIS_URL, require, require_blob_store_url, require_redis_url
 from common.jobstore import DURABLE_ACCEPT, DurableAccept
@@ -66,6 +66,49 @@ _DEFAULT_RATE_LIMITS = RateLimits()
 
 
 @dataclass(frozen=True)
+class WebhookConfig:
+    """How job webhooks are checked and sent (gateway/webhooks.py, docs/operations.md: Webhooks)."""
+
+    allow_http: bool = False  # plain http targets (otherwise https only)
+    # Hosts (names or addresses, as written in the URL) exempt from the address rules: loopback, private, ...
+    allow_hosts: frozenset[str] = frozenset()
+    secret: str | None = dataclasses.field(default=None, repr=False)  # the cluster's, for keys without their own
+    timeout_s: float = 10.0  # one attempt, connect to last byte
+    retry_window_s: float = 86400.0  # a message is retried this long after it became due, then given up
+    backoff_s: float = 5.0  # the first retry's delay; it doubles with each attempt, up to max_backoff_s
+    max_backoff_s: float = 3600.0
+    jitter: float = 1.0  # each delay is drawn from [(1 - jitter) d, d]: 1 is full jitter
+    max_retry_after_s: float = 3600.0  # a receiver's Retry-After is honoured up to this
+    concurrency: int = 32  # attempts in flight per gateway
+    max_outbox: int = 10_000  # jobs with messages due beyond which new webhook jobs get 429 (0: no bound)
+    poll_s: float = 0.25  # the longest a gateway waits before looking at the due set again
+    public_url: str | None = None  # prefixed to the image URLs of a webhook's body (`https://api.example.com`)
+
+    def __post_init__(self) -> None:
+        require(self.timeout_s > 0, "--webhook-timeout", "must be > 0")
+        require(self.retry_window_s > 0, "--webhook-retry-window", "must be > 0")
+        require(0 < self.backoff_s <= self.max_backoff_s, "--webhook-backoff", "must be > 0 and <= the maximum")
+        require(0 <= self.jitter <= 1, "--webhook-jitter", "must be 0..1")
+        require(self.max_retry_after_s > 0, "--webhook-max-retry-after", "must be > 0")
+        require(self.concurrency >= 1, "--webhook-concurrency", "must be >= 1")
+        require(self.max_outbox >= 0, "--webhook-max-outbox", "must be >= 0 (0: unbounded)")
+        require(self.poll_s > 0, "--webhook-poll", "must be > 0")
+        require(
+            self.secret is None or is_webhook_secret(self.secret),
+            "--webhook-secret",
+            "must be whsec_ and 24..64 bytes in base64 (`sdxl-serve keys webhook-secret` makes one)",
+        )
+        public = self.public_url or "https://x"
+        require(public.startswith(("http://", "https://")), "--public-url", "must be an http(s) URL")
+
+    @property
+    def lease_ms(self) -> int:
+        """How long a gateway holds a message it is sending: twice one attempt's timeout and a second (a gateway
+        that dies holding it delays the message this long)."""
+        return int((2 * self.timeout_s + 1.0) * 1000)
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """Settings of one gateway process."""
 
@@ -101,6 +144,7 @@ class GatewayConfig:
     # /metrics: behind `Authorization: Bearer TOKEN` when a token is set; on its own (host, port) if given.
     metrics_token: str | None = dataclasses.field(default=None, repr=False)
     metrics_listen: tuple[str, int] | None = None
+    webhooks: WebhookConfig = WebhookConfig()
 
     def __post_init__(self) -> None:
         require(self.routing in ("shared", "random", "p2c"), "--routing", "must be shared, random or p2c")

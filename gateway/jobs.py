@@ -31,7 +31,9 @@ from common.jobstore import (
 from common.protocol import DEFAULT_QUALITY, FINISHED, JOB_ID_PATTERN, Job, JobResult
 from common.redis_conn import UNAVAILABLE
 from common.registry import WorkerInfo
+from common.webhooks import OutboxFull
 from gateway.errors import ApiError
+from gateway.job_webhooks import outbox_full, webhook_args, webhook_of
 from gateway.journal import Accepted
 from gateway.limits import queue_full
 from gateway.requestlog import REQUEST_ID
@@ -116,27 +118,24 @@ async def submit(request: web.Request, body: GenerateRequest, placed: Placed) ->
     fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest() if key else ""
     config = request.app[CONFIG]
     who = submitter(request)
+    webhook = await webhook_of(request, body)
+    job = placed.job if webhook is None else placed.job.model_copy(update={"webhook": webhook.to_json()})
     try:
         submitted = await request.app[JOBS].submit(
-            placed.job,
+            job,
             placed.stream,
             key,
             fingerprint,
             max_depth=config.max_queue_depth,
             submitter=who,
+            **webhook_args(webhook, config.webhooks.max_outbox),
         )
+    except OutboxFull as exc:
+        raise outbox_full(exc) from None
     except QueueFull as exc:
         raise queue_full(exc, request.app[THROUGHPUT]) from None
     except NotDurable as exc:
-        # Not accepted: the client must not count on the job. It may still run; the same Idempotency-Key
-        # makes the retry refer to it instead of queueing a second one.
-        raise ApiError(
-            503,
-            "not_durable",
-            f"the job was not confirmed by {exc.mode} in time; retry with the same {IDEMPOTENCY_HEADER}",
-            headers={"Retry-After": "1"},
-            id=exc.job_id,
-        ) from None
+        raise not_durable(exc) from None
     except TooManyInFlight as exc:
         raise too_many_in_flight(exc, request.app[THROUGHPUT]) from None
     except IdempotencyConflict as exc:
@@ -149,11 +148,23 @@ async def submit(request: web.Request, body: GenerateRequest, placed: Placed) ->
             id=exc.job_id,
         ) from None
     if submitted.created:
-        request.app[JOURNAL].add(Accepted(placed.job, key, fingerprint, who))
+        request.app[JOURNAL].add(Accepted(job, key, fingerprint, who, webhook=webhook))
         logger.info("job %s queued on %s", submitted.job_id, placed.stream, extra={"job_id": submitted.job_id})
     else:
         logger.info("job %s replayed for its Idempotency-Key", submitted.job_id, extra={"job_id": submitted.job_id})
     return submitted
+
+
+def not_durable(exc: NotDurable) -> ApiError:
+    """Not accepted: the client must not count on the job. It may still run; the same Idempotency-Key makes
+    the retry refer to it instead of queueing a second one."""
+    return ApiError(
+        503,
+        "not_durable",
+        f"the job was not confirmed by {exc.mode} in time; retry with the same {IDEMPOTENCY_HEADER}",
+        headers={"Retry-After": "1"},
+        id=exc.job_id,
+    )
 
 
 def submitter(request: web.Request) -> Submitter:

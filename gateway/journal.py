@@ -23,6 +23,7 @@ from common.jobstore import ANYONE, IdempotencyConflict, JobStore, Submitter, re
 from common.protocol import FINISHED, Job
 from common.redis_conn import UNAVAILABLE
 from common.rediskeys import RedisKeys
+from common.webhooks import Outbox, WebhookSpec
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Accepted:
     idempotency_key: str | None
     fingerprint: str
     submitter: Submitter = ANYONE
+    webhook: WebhookSpec | None = None
     accepted_at: float = field(default_factory=time.monotonic)
 
     def could_have_expired(self, now: float) -> bool:
@@ -50,14 +52,21 @@ class Journal:
     """Accepted jobs not yet seen terminal; `run()` re-queues those Redis has lost."""
 
     def __init__(
-        self, jobs: JobStore, keys: RedisKeys, interval_s: float = SWEEP_INTERVAL_S, capacity: int = CAPACITY
+        self,
+        jobs: JobStore,
+        keys: RedisKeys,
+        interval_s: float = SWEEP_INTERVAL_S,
+        capacity: int = CAPACITY,
+        outbox: Outbox | None = None,
     ) -> None:
         self._jobs_store = jobs
+        self._outbox = outbox
         self._keys = keys
         self._interval_s = interval_s
         self._capacity = capacity
         self._jobs: collections.OrderedDict[str, Accepted] = collections.OrderedDict()
         self.resubmitted = 0
+        self.webhooks_restored = 0
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -85,10 +94,21 @@ class Journal:
         now = time.monotonic()
         for job_id, status in zip(job_ids, await self._jobs_store.statuses(job_ids), strict=True):
             accepted = self._jobs.get(job_id)
+            if status in FINISHED and accepted is not None:
+                await self._keep_webhook(accepted)
             if status in FINISHED or accepted is None or accepted.could_have_expired(now):
                 self._jobs.pop(job_id, None)
             elif status is None:
                 await self._resubmit(accepted)
+
+    async def _keep_webhook(self, accepted: Accepted) -> None:
+        """A job that ended after Redis lost its record (a worker's result makes the record again, without the
+        webhook) gets its webhook back, and its `completed` message falls due."""
+        if accepted.webhook is None or self._outbox is None:
+            return
+        if await self._outbox.restore(accepted.job.id, accepted.webhook):
+            self.webhooks_restored += 1
+            logger.warning("job %s ended after Redis lost its record; its webhook restored", accepted.job.id)
 
     async def _resubmit(self, accepted: Accepted) -> None:
         job = accepted.job
@@ -100,6 +120,7 @@ class Journal:
                 accepted.fingerprint,
                 # Accepted once already: its caller's cap on jobs in flight does not refuse it again.
                 submitter=dataclasses.replace(accepted.submitter, max_in_flight=0),
+                webhook=accepted.webhook,
             )
         except IdempotencyConflict:
             submitted = None

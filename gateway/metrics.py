@@ -69,9 +69,35 @@ class GatewayMetrics:
             "sdxl_gateway_listener_events",
             "Job events listener: subscriptions (re-subscriptions included), completions recovered by a "
             "re-check, malformed messages skipped, restarts after an error; and jobs Redis lost that this "
-            "gateway queued again (resubmitted)",
+            "gateway queued again (resubmitted), and ended jobs whose lost webhook it gave back (webhooks_restored)",
         )
         r.register(self.listener_counters)
+        self._add_webhooks(r)
+
+    def _add_webhooks(self, r: CollectorRegistry) -> None:
+        """Job webhooks: attempts by outcome, their time, the lag from an event to its delivery, the outbox."""
+        self.webhook_attempts = Counter(
+            "sdxl_webhook_attempts",
+            "Webhook attempts by event and outcome: delivered, retry, gave-up (given up: a 4xx, a refused target, "
+            "the retry window spent), stale (the lease ran out first: another gateway sends it)",
+            ["event", "outcome"],
+            registry=r,
+        )
+        self.webhook_attempt_seconds = Histogram(
+            "sdxl_webhook_attempt_seconds",
+            "One webhook attempt, from connect to answer",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.webhook_lag_seconds = Histogram(
+            "sdxl_webhook_lag_seconds",
+            "From a webhook event (a job's end) to its delivery, retries included",
+            buckets=(*LATENCY_BUCKETS, 600, 3600, 86400),
+            registry=r,
+        )
+        self.webhook_outbox = Gauge(
+            "sdxl_webhook_outbox_depth", "Jobs with webhook messages due, leased or waiting for a retry", registry=r
+        )
 
     def set_workers(self, workers: list[WorkerInfo]) -> None:
         for state in WORKER_STATES:

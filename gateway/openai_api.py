@@ -30,7 +30,7 @@ from common.protocol import (
 from common.registry import SERVING_STATES
 from gateway import jobs
 from gateway.errors import ApiError, from_validation_error
-from gateway.schemas import GenerateRequest
+from gateway.schemas import GenerateRequest, WebhookRequest
 from gateway.shapes import runs
 from gateway.views import parse_body
 
@@ -84,6 +84,7 @@ class ImageGenerationRequest(BaseModel):
     )
     guidance_scale: GuidanceScale = DEFAULT_GUIDANCE_SCALE
     scheduler: Scheduler | None = Field(default=None, description="the sampler; omitted: euler")
+    webhook: WebhookRequest | None = Field(default=None, description="an extension: as on POST /v1/jobs")
 
     @field_validator("size")
     @classmethod
@@ -178,6 +179,7 @@ def to_generate_request(body: ImageGenerationRequest) -> GenerateRequest:
             height=height,
             output_format=body.output_format or "png",
             quality=quality,
+            webhook=body.webhook,
         )
     except ValidationError as exc:
         raise _renamed(from_validation_error(exc)) from None

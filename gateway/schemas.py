@@ -26,6 +26,17 @@ from common.protocol import (
 from common.registry import WorkerInfo
 
 
+class WebhookRequest(BaseModel):
+    """Where to POST a job's events, signed per Standard Webhooks: `completed` (the job ended: succeeded, failed
+    or cancelled), `started`, `progress`. The URL is checked at submit: https (unless the operator allows http),
+    a host that resolves to public addresses only (unless the operator allows it)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    url: str = Field(min_length=1, max_length=2048)
+    events: list[Literal["completed", "started", "progress"]] = Field(default=["completed"], min_length=1, max_length=3)
+
+
 class GenerateRequest(BaseModel):
     """Body of `POST /v1/generate` and `POST /v1/jobs`. Omitted size, steps and scheduler take the cluster's
     defaults; what the workers serve is listed by `GET /v1/models`."""
@@ -46,6 +57,7 @@ class GenerateRequest(BaseModel):
     quality: int | None = Field(
         default=None, ge=1, le=100, description="JPEG/WebP quality, 1..100 (default 90); not for png"
     )
+    webhook: WebhookRequest | None = None
 
     @field_validator("quality")
     @classmethod
@@ -118,6 +130,29 @@ class JobOutput(BaseModel):
     timings: ResponseTimings
 
 
+class WebhookDelivery(BaseModel):
+    """One event of a job's webhook: its `webhook-id`, attempts so far and how the last one went (times in
+    Unix seconds)."""
+
+    id: str
+    event: str
+    attempts: int
+    last_status: int | None = Field(default=None, description="the receiver's HTTP status (none: no answer)")
+    last_error: str | None = None
+    last_attempt_at: float | None = None
+    next_attempt_at: float | None = Field(default=None, description="when it is tried again; while retried")
+    delivered_at: float | None = None
+    gave_up_at: float | None = None
+
+
+class WebhookState(BaseModel):
+    """A job's webhook and its deliveries (none before its first event)."""
+
+    url: str
+    events: list[str]
+    deliveries: list[WebhookDelivery]
+
+
 class JobState(BaseModel):
     """Body of `GET /v1/jobs/{id}`: where a job is, and its result or error once it has one."""
 
@@ -128,6 +163,7 @@ class JobState(BaseModel):
     progress: Progress | None = None
     result: JobOutput | None = None
     error: ErrorDetail | None = None
+    webhook: WebhookState | None = None
 
 
 class QueuedEvent(BaseModel):

@@ -10,6 +10,7 @@ from aiohttp import web
 from common.jobstore import JobStore
 from common.registry import Registry
 from common.streams import JobStreams
+from common.webhooks import Outbox
 from gateway.auth import KeyStore
 from gateway.config import GatewayConfig
 from gateway.journal import Journal
@@ -20,6 +21,8 @@ from gateway.placement import Placement
 from gateway.positions import PositionBoard
 from gateway.ratelimit import RateLimiter
 from gateway.tenants import EventStreams
+from gateway.webhook_sender import WebhookSender
+from gateway.webhooks import Resolve
 
 CONFIG = web.AppKey("config", GatewayConfig)
 GATEWAY_ID = web.AppKey("gateway_id", str)
@@ -38,3 +41,6 @@ LIMITER = web.AppKey("limiter", RateLimiter)
 THROUGHPUT = web.AppKey("throughput", ThroughputMeter)
 ACCESS = web.AppKey("access", dict[tuple[str, str], Access])  # (method, path template) -> its protection
 EVENT_STREAMS = web.AppKey("event_streams", EventStreams)  # open event streams by caller (gateway/tenants.py)
+OUTBOX = web.AppKey("outbox", Outbox)  # job webhooks' messages (common/webhooks.py)
+WEBHOOK_SENDER = web.AppKey("webhook_sender", WebhookSender)
+WEBHOOK_RESOLVE: web.AppKey[Resolve] = web.AppKey("webhook_resolve")  # webhook hosts to addresses (a stub in tests)

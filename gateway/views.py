@@ -14,12 +14,12 @@ from pydantic import BaseModel, ValidationError
 from common.jobstore import StoredResult
 from common.protocol import FINISHED
 from common.registry import SERVING_STATES
-from gateway import jobs
+from gateway import job_webhooks, jobs
 from gateway.errors import ApiError, from_validation_error
 from gateway.metrics import CONTENT_TYPE
 from gateway.schemas import GenerateRequest, GenerateResponse, JobAccepted, JobState, ModelList, WorkerList
 from gateway.shapes import model_cards
-from gateway.state import CONFIG, JOBS, JOURNAL, LISTENER, METRICS, OPENAPI, REDIS, REGISTRY, STREAMS
+from gateway.state import CONFIG, JOBS, JOURNAL, LISTENER, METRICS, OPENAPI, OUTBOX, REDIS, REGISTRY, STREAMS
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -73,11 +73,15 @@ async def metrics_response(app: web.Application, request: web.Request) -> web.Re
     _check_metrics_token(app[CONFIG].metrics_token, request)
     gauges = app[METRICS]
     gauges.queue_depth.set(await app[STREAMS].depth())
+    gauges.webhook_outbox.set(await app[OUTBOX].depth())
     gauges.set_workers(await app[REGISTRY].workers())
     gauges.queue_counters.values = await app[STREAMS].counters()
     gauges.waiting.set(app[LISTENER].waiting)
     gauges.event_streams.set(app[LISTENER].watching)
-    gauges.listener_counters.values = dict(app[LISTENER].counts) | {"resubmitted": app[JOURNAL].resubmitted}
+    gauges.listener_counters.values = dict(app[LISTENER].counts) | {
+        "resubmitted": app[JOURNAL].resubmitted,
+        "webhooks_restored": app[JOURNAL].webhooks_restored,
+    }
     return web.Response(body=gauges.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -140,7 +144,8 @@ async def job_status(request: web.Request) -> web.Response:
     state = await jobs.read_state(request.app, job_id)
     if state is None:
         raise jobs.unknown_job(job_id)
-    return _json(state[0])
+    webhook = await job_webhooks.webhook_state(request.app, job_id)
+    return _json(state[0] if webhook is None else state[0].model_copy(update={"webhook": webhook}))
 
 
 async def cancel_job(request: web.Request) -> web.Response:

@@ -120,6 +120,11 @@ class ClusterState:
     dead_processes: list[str]
     failed_probes: list[str]
     counters: dict[str, int] = field(default_factory=dict)
+    # Job webhooks: terminal jobs (as the clients last saw them) whose `completed` never reached the receiver,
+    # and the jobs still with messages due at the end.
+    webhooks_missing: list[str] = field(default_factory=list)
+    outbox_depth: int = 0
+    webhooks_received: int = 0  # attempts that reached the receiver (a fifth answered 503, and sent again)
 
 
 @dataclass
@@ -148,6 +153,12 @@ class Verdict:
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "passed": self.passed}
+
+
+def webhooks_missing(history: History, delivered: set[str]) -> list[str]:
+    """The jobs the clients last saw ended (succeeded, failed, cancelled) whose `completed` webhook the receiver
+    never got: a due delivery lost."""
+    return sorted(j for j in history.accepted_ids() if history.last_state(j) in TERMINAL and j not in delivered)
 
 
 def check(history: History, state: ClusterState, rollbacks: Sequence[tuple[float, float]] = ()) -> Verdict:
@@ -230,5 +241,7 @@ def _violations(v: Verdict) -> list[str]:
         (state.queue_depth, f"queue depth {state.queue_depth}, not 0"),
         (state.dead_processes, f"processes dead: {', '.join(state.dead_processes)}"),
         (state.failed_probes, f"gateways not serving: {'; '.join(state.failed_probes)}"),
+        (state.webhooks_missing, f"{len(state.webhooks_missing)} ended job(s) whose webhook never arrived"),
+        (state.outbox_depth, f"{state.outbox_depth} job(s) with webhook messages still due"),
     ]
     return [message for failed, message in checks if failed]

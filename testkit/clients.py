@@ -38,6 +38,7 @@ class LoadConfig:
     steps: int = 2
     request_timeout_s: float = 15.0  # the gateways' --request-timeout
     jobs_share: float = 0.3  # of requests sent to POST /v1/jobs (the rest to /v1/generate)
+    webhook_url: str | None = None  # every request asks for its job's `completed` webhook here
 
 
 def answer_of(at_s: float, status: int, body: Any) -> Answer:
@@ -111,6 +112,8 @@ class Clients:
         to one of `urls` (default: every gateway). `record`: write its answers to the history (a probe of the
         harness's own is not the clients' traffic)."""
         body = {**body, "width": self.config.width, "height": self.config.height}
+        if self.config.webhook_url is not None:
+            body["webhook"] = {"url": self.config.webhook_url}
         body["num_inference_steps"] = self.config.steps
         answer = Answer(self.elapsed(), 0, error="never sent")
         for _ in range(MAX_ATTEMPTS):

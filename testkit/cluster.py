@@ -51,6 +51,7 @@ class ClusterConfig:
     request_timeout_s: float = 15.0
     compile_cache: Path | None = None  # the real worker's (default: under work_dir, warm after its first start)
     ready_timeout_s: float = 300.0
+    webhook_secret: str | None = None  # gateways send webhooks to loopback, signed with it (None: no webhooks)
 
 
 @dataclass
@@ -170,8 +171,18 @@ class NemesisCluster:
         return sdxl_serve_argv(
             "gateway", "--redis-url", slot.proxy.url(), "--host", "127.0.0.1", "--port", str(slot.http_port),
             "--request-timeout", str(self.config.request_timeout_s), "--routing", routing,
-            "--max-queue-depth", "1000", *NO_RATE_LIMITS,
+            "--max-queue-depth", "1000", *NO_RATE_LIMITS, *self._webhook_flags(),
         )  # fmt: skip
+
+    def _webhook_flags(self) -> list[str]:
+        """Webhooks to a receiver on loopback, retried quickly (a run lasts a minute, not a day)."""
+        if self.config.webhook_secret is None:
+            return []
+        return [
+            "--webhook-allow-http", "--webhook-allow-hosts", "127.0.0.1",
+            "--webhook-secret", self.config.webhook_secret, "--webhook-timeout", "2",
+            "--webhook-backoff", "0.2", "--webhook-max-backoff", "2",
+        ]  # fmt: skip
 
     def _worker_flags(self, slot: Slot) -> list[str]:
         interval = self.config.heartbeat_ttl_s / 6

@@ -9,8 +9,11 @@ Phases, with their bounds:
    faults' own durations);
 3. the faults stop; clients finish what they had in flight (bounded by their attempts and timeouts);
 4. the poller reads every job without a terminal answer until the cluster is quiet (every accepted job
-   resolved, nothing pending, queue depth 0) or `quiet_bound_s` has passed since the last fault ended;
-5. every job is read once more, every gateway must serve a new request, and the checker judges.
+   resolved, nothing pending, queue depth 0, no webhook message due) or `quiet_bound_s` has passed since
+   the last fault ended;
+5. every job is read once more, every gateway must serve a new request, and the checker judges: with
+   `webhooks`, every request asks for its job's `completed` webhook, sent to a receiver that
+   answers 503 to a fifth of the attempts, and every job seen ended must have reached it.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from common.apikeys import new_webhook_secret
 from common.streams import JobStreams
-from testkit.checker import TERMINAL, ClusterState, History, Verdict, check
+from testkit.checker import TERMINAL, ClusterState, History, Verdict, check, webhooks_missing
 from testkit.clients import Clients, LoadConfig
 from testkit.cluster import ClusterConfig, NemesisCluster
 from testkit.faults import FaultRunner
+from testkit.receiver import SLOW, Receiver
 from testkit.schedule import REQUESTABLE, Fault, FaultKind, Targets, make_schedule
 
 logger = logging.getLogger(__name__)
@@ -57,6 +62,7 @@ class NemesisConfig:
     cluster: dict[str, Any] = field(default_factory=dict)  # ClusterConfig fields over the defaults
     load: LoadConfig = field(default_factory=LoadConfig)
     quiet_bound_s: float = 60.0  # from the end of the last fault to a quiet cluster
+    webhooks: bool = False  # every request asks for a webhook; the checker looks for each ended job's
 
 
 @dataclass
@@ -81,18 +87,34 @@ class NemesisReport:
 
 async def run_nemesis(config: NemesisConfig) -> NemesisReport:
     """Run the whole scenario; the verdict says whether the promise held (nothing is raised for a violation)."""
+    receiver = await Receiver(answers=_flaky(config.seed)).start() if config.webhooks else None
+    secret = new_webhook_secret() if receiver is not None else None
+    if receiver is not None:
+        config = dataclasses.replace(config, load=dataclasses.replace(config.load, webhook_url=receiver.url))
     cluster_config = ClusterConfig(
-        work_dir=config.work_dir, request_timeout_s=config.load.request_timeout_s, **config.cluster
+        work_dir=config.work_dir,
+        request_timeout_s=config.load.request_timeout_s,
+        webhook_secret=secret,
+        **config.cluster,
     )
     cluster = NemesisCluster(cluster_config)
     try:
         await cluster.start()
-        return await _run(config, cluster)
+        return await _run(config, cluster, receiver)
     finally:
         await cluster.close()
+        if receiver is not None:
+            await receiver.close()
 
 
-async def _run(config: NemesisConfig, cluster: NemesisCluster) -> NemesisReport:
+def _flaky(seed: int, count: int = 100_000) -> list[int | tuple[int, dict[str, str]]]:
+    """A receiver's answers: 503 to about a fifth of the attempts (retried), a slow 200 to a fifth (a gateway
+    killed meanwhile leaves its lease to run out), 200 to the rest."""
+    rng = random.Random(f"receiver-{seed}")
+    return [rng.choice([503, SLOW, 200, 200, 200]) for _ in range(count)]
+
+
+async def _run(config: NemesisConfig, cluster: NemesisCluster, receiver: Receiver | None) -> NemesisReport:
     targets = Targets(
         workers=tuple(s.name for s in cluster.workers),
         gateways=tuple(s.name for s in cluster.gateways),
@@ -107,7 +129,7 @@ async def _run(config: NemesisConfig, cluster: NemesisCluster) -> NemesisReport:
         await _under_faults(clients, runner, schedule, t0)
         quiet_at = await _settle(cluster, clients, history, runner.last_end + config.quiet_bound_s)
         await _read_all(clients, history)
-        state = await _cluster_state(cluster, clients)
+        state = await _cluster_state(cluster, clients, history, receiver)
     finally:
         await clients.close()
         (cluster.config.work_dir / "history.json").write_text(json.dumps(history.to_json()))
@@ -150,7 +172,7 @@ async def _settle(cluster: NemesisCluster, clients: Clients, history: History, d
                 continue
             for job_id in sorted(request.job_ids):
                 await clients.read(rng.choice(clients.urls), job_id)
-        if not history.waiting() and await _drained(cluster):
+        if not history.waiting() and await _drained(cluster) and await _outbox_depth(cluster) == 0:
             return time.monotonic()
         await asyncio.sleep(QUIET_POLL_S)
     return None
@@ -182,9 +204,34 @@ async def _read_all(clients: Clients, history: History) -> None:
         await clients.read(rng.choice(clients.urls), job_id)
 
 
-async def _cluster_state(cluster: NemesisCluster, clients: Clients) -> ClusterState:
+async def _outbox_depth(cluster: NemesisCluster) -> int:
+    """Jobs with webhook messages still due (-1 while Redis does not answer)."""
+    try:
+        return int(await cluster.admin.zcard(cluster.keys.webhooks_due))
+    except RedisError:
+        return -1
+
+
+def _delivered(receiver: Receiver | None) -> set[str]:
+    """The jobs whose webhooks reached the receiver (and were answered, or not: a 503 still delivered the
+    message's content, but only a 200 ends it; a job still due shows in the outbox depth)."""
+    found = set()
+    for hit in receiver.hits if receiver is not None else []:
+        try:
+            found.add(str(json.loads(hit.body)["data"]["id"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
+async def _cluster_state(
+    cluster: NemesisCluster, clients: Clients, history: History, receiver: Receiver | None
+) -> ClusterState:
     streams = JobStreams(cluster.admin, cluster.keys)
     return ClusterState(
+        webhooks_missing=webhooks_missing(history, _delivered(receiver)) if receiver is not None else [],
+        outbox_depth=await _outbox_depth(cluster) if receiver is not None else 0,
+        webhooks_received=len(receiver.hits) if receiver is not None else 0,
         pending_entries=await _pending(cluster),
         queue_depth=await streams.depth(),
         stuck_records=await _stuck_records(cluster),
@@ -237,6 +284,8 @@ def render(report: NemesisReport) -> str:
         f"results forgotten {len(v.forgotten)}, jobs run again {len(v.rerun_after_rollback)}",
         *(f"  {name}: {', '.join(ids[:5])}" for name, ids in _offenders(v).items() if ids),
         f"pending entries {v.state.pending_entries}, queue depth {v.state.queue_depth}, counters {v.state.counters}",
+        f"webhooks: attempts received {v.state.webhooks_received}, ended jobs without one "
+        f"{len(v.state.webhooks_missing)}, jobs still due {v.state.outbox_depth}",
         f"quiet after the last fault: {quiet} bound {report.quiet_bound_s}s",
         f"faults ({len(report.schedule)} scheduled):",
         *(f"  {f['at_s']:7.2f}s {f['kind']:<18} {f['target']:<10} {f['detail']}" for f in report.injected),

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from common.apikeys import KeyRing, KeysFileError, digest, key_line, load_keys_file, new_key, parse_keys_file
+from common.apikeys import (
+    KeyRing,
+    KeysFileError,
+    digest,
+    is_webhook_secret,
+    key_line,
+    load_keys_file,
+    new_key,
+    parse_keys_file,
+)
 from gateway.cli import gateway_config
 from sdxl_serve.cli import build_parser
 
@@ -94,3 +103,19 @@ def test_a_bad_keys_file_stops_the_gateway_at_start(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 2 and "--api-keys-file" in done.stderr and "line 1" in done.stderr
+
+
+def test_a_key_made_with_a_webhook_secret_carries_it_on_its_line() -> None:
+    made = subprocess.run(
+        [sys.executable, "-m", "sdxl_serve", "keys", "new", "--webhook-secret"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    key, line, secret = made.stdout.splitlines()
+    assert is_webhook_secret(secret) and line == f"{digest(key)} {secret}"
+    ring = parse_keys_file(line + "\n" + key_line("other", admin=True))
+    assert ring.webhook_secret(f"key-{digest(key)[:16]}") == secret
+    assert ring.webhook_secret(f"key-{digest('other')[:16]}") is None
+    with pytest.raises(KeysFileError, match="line 1"):
+        parse_keys_file(f"{digest(key)} whsec_not-base64")

@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import ResponseError
 
-from common.jobstore import terminal_args, terminal_keys
+from common.jobstore import terminal_args, terminal_keys, webhook_keys
 from common.protocol import JOB_ID_PATTERN, Job, JobResult
 from common.redis_conn import text
 from common.rediskeys import RedisKeys
@@ -156,7 +156,7 @@ class Delivery:
         job = claimed.job
         ms = int(
             await self._start(
-                keys=[self._keys.job(job.id), self._keys.attempts(job.id)],
+                keys=[self._keys.job(job.id), self._keys.attempts(job.id), *webhook_keys(self._keys, job.id)],
                 args=[worker_id, self._keys.job_events_channel, job.id, claimed.token],
             )
         )
@@ -176,7 +176,8 @@ class Delivery:
         worker to stop the job (its `cancelled` result is already stored) and `discard` its entry.
         """
         status = await self._progress(
-            keys=[self._keys.job(job_id)], args=[worker_id, step, total, self._keys.job_events_channel, job_id]
+            keys=[self._keys.job(job_id), *webhook_keys(self._keys, job_id)],
+            args=[worker_id, step, total, self._keys.job_events_channel, job_id],
         )
         return None if status is None else text(status)
 
@@ -189,7 +190,14 @@ class Delivery:
         """
         job = claimed.job
         outcome = await self._store_and_ack(
-            claimed.stream, claimed.entry_id, result, images, job.result_ttl_s, claimed.token, claimed.enqueued_ms
+            claimed.stream,
+            claimed.entry_id,
+            result,
+            images,
+            job.result_ttl_s,
+            claimed.token,
+            claimed.enqueued_ms,
+            job.webhook or "",
         )
         return outcome == "stored"
 
@@ -264,6 +272,7 @@ class Delivery:
         ttl_s: int,
         token: str,
         enqueued_ms: int,
+        webhook: str = "",
     ) -> str:
         outcome = await self._store(
             keys=terminal_keys(self._keys, stream, result.id),
@@ -275,6 +284,7 @@ class Delivery:
                 result.status,
                 token,
                 enqueued_ms,
+                webhook,
                 *images,
             ],
         )

@@ -8,6 +8,8 @@
 -- KEYS[3]  job record hash
 -- KEYS[4]  stats hash
 -- KEYS[5]  attempts list
+-- KEYS[6]  the webhooks' due set
+-- KEYS[7]  the job's webhook hash (its outbox)
 -- ARGV[1]  (unused)
 -- ARGV[2]  (unused)
 -- ARGV[3]  ttl of the result and the idempotency key, seconds
@@ -18,6 +20,7 @@
 --
 -- Returns false for an unknown job, 'cancelled-now', or the status of a job already terminal.
 
+-- @include webhook
 -- @include settle
 
 local status = redis.call('HGET', KEYS[3], 'status')

@@ -9,7 +9,9 @@
 -- KEYS[3]  job record hash
 -- KEYS[4]  stats hash
 -- KEYS[5]  attempts list
--- KEYS[6]  dead-letter stream
+-- KEYS[6]  the webhooks' due set
+-- KEYS[7]  the job's webhook hash (its outbox)
+-- KEYS[8]  dead-letter stream
 -- ARGV[1]  consumer group
 -- ARGV[2]  stream entry id
 -- ARGV[3]  ttl of the result and the idempotency key, seconds
@@ -25,6 +27,7 @@
 --
 -- Returns 1 when this call dead-lettered the job, 0 when it was terminal already.
 
+-- @include webhook
 -- @include settle
 
 redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
@@ -33,10 +36,13 @@ if terminal(redis.call('HGET', KEYS[3], 'status')) then return 0 end
 local history = redis.call('LRANGE', KEYS[5], 0, -1)
 local attempts = '[]'
 if #history > 0 then attempts = cjson.encode(history) end
-redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[11], '*', 'job', ARGV[8], 'entry_id', ARGV[2],
+redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[11], '*', 'job', ARGV[8], 'entry_id', ARGV[2],
            'deliveries', ARGV[9], 'attempts', attempts, 'reason', ARGV[10])
-redis.call('XTRIM', KEYS[6], 'MINID', ARGV[12])
-redis.call('EXPIRE', KEYS[6], ARGV[3])
+redis.call('XTRIM', KEYS[8], 'MINID', ARGV[12])
+redis.call('EXPIRE', KEYS[8], ARGV[3])
 redis.call('HINCRBY', KEYS[4], 'dead_lettered', 1)
-finish('failed', 'dead-letter', ARGV[7], #ARGV + 1)
+-- The job's webhook, as the job carries it, for a record Redis lost (made again here without it).
+local ok, job = pcall(cjson.decode, ARGV[8])
+local webhook = ok and type(job) == 'table' and type(job.webhook) == 'string' and job.webhook or nil
+finish('failed', 'dead-letter', ARGV[7], #ARGV + 1, webhook)
 return 1

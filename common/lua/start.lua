@@ -6,6 +6,8 @@
 --
 -- KEYS[1]  job record hash
 -- KEYS[2]  attempts list (`worker-id@redis-ms` per delivery)
+-- KEYS[3]  the webhooks' due set
+-- KEYS[4]  the job's webhook hash (its outbox: a `started` event, once per job, if it asked for one)
 -- ARGV[1]  worker id
 -- ARGV[2]  job events channel
 -- ARGV[3]  job id
@@ -13,6 +15,8 @@
 --
 -- Returns the Redis server time in ms, or -1 when the job is terminal (cancelled, or finished by another
 -- attempt): the worker skips it.
+
+-- @include webhook
 
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return -1 end
@@ -25,4 +29,5 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'token', ARG
 redis.call('HDEL', KEYS[1], 'step', 'total')
 redis.call('RPUSH', KEYS[2], ARGV[1] .. '@' .. ms)
 redis.call('PUBLISH', ARGV[2], cjson.encode({id = ARGV[3], type = 'started', worker = ARGV[1]}))
+webhook_due(KEYS[1], KEYS[3], KEYS[4], ARGV[3], 'started')
 return ms

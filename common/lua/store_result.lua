@@ -12,6 +12,8 @@
 -- KEYS[3]  job record hash
 -- KEYS[4]  stats hash (cluster-wide counters)
 -- KEYS[5]  attempts list
+-- KEYS[6]  the webhooks' due set
+-- KEYS[7]  the job's webhook hash (its outbox)
 -- ARGV[1]  consumer group
 -- ARGV[2]  stream entry id
 -- ARGV[3]  ttl of the result and the idempotency key, seconds
@@ -22,13 +24,15 @@
 -- ARGV[8]  the job's final status (succeeded, failed)
 -- ARGV[9]  attempt token of the delivery ('': not fenced, for an entry that does not parse)
 -- ARGV[10] when the job was first queued (Redis ms)
--- ARGV[11..] encoded images, in order
+-- ARGV[11] the job's webhook as the job carries it (JSON, '' for none): kept should the record be lost
+-- ARGV[12..] encoded images, in order
 --
 -- Returns 'stored' (this attempt's result is the job's, now or by an earlier run of this call),
 -- 'duplicate' (the job was already terminal: the entry is settled and the result counted in
 -- duplicate_results or discarded_after_cancel) or 'stale' (another attempt holds the job: the entry is
 -- left to it, and the result counted in stale_results).
 
+-- @include webhook
 -- @include settle
 
 local function settle()
@@ -54,6 +58,6 @@ if fenced and holder and holder ~= ARGV[9] then
   redis.call('HINCRBY', KEYS[4], 'stale_results', 1)
   return 'stale'
 end
-finish(ARGV[8], ARGV[9], ARGV[7], 11)
+finish(ARGV[8], ARGV[9], ARGV[7], 12, ARGV[11])
 settle()
 return 'stored'

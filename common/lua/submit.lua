@@ -13,7 +13,8 @@
 -- KEYS[1]  job record hash
 -- KEYS[2]  the job stream to queue on
 -- KEYS[3]  set of every job stream
--- KEYS[4]  (optional) the idempotency key's string
+-- KEYS[4]  the webhooks' due set (its size is the outbox's depth, bounded by ARGV[11])
+-- KEYS[5]  (optional) the idempotency key's string
 -- KEYS[#KEYS] (when ARGV[7] > 0) the caller's in-flight sorted set (job ids by submit ms)
 -- ARGV[1]  job (Job JSON)
 -- ARGV[2]  ttl of the in-flight set, seconds
@@ -23,13 +24,16 @@
 -- ARGV[6]  the job's owner, kept in its record ('' for none)
 -- ARGV[7]  the caller's cap on jobs in flight (0: none, and no in-flight set is passed)
 -- ARGV[8]  the prefix of job record keys (ARGV[8] .. id is a job's record), to prune the in-flight set
+-- ARGV[9]  the job's webhook (JSON: url, events, key) or '' for none
+-- ARGV[10] the events the webhook wants, as `,completed,started,` ('' for none)
+-- ARGV[11] with a webhook, the most jobs with webhook messages due beyond which it is refused (0: no bound)
 --
 -- Returns {'created', "job-id fingerprint"}, {'existing', "job-id fingerprint" of the key's job},
--- {'full', depth} or {'busy', jobs the caller has in flight}.
+-- {'full', depth}, {'busy', jobs the caller has in flight} or {'outbox-full', jobs with messages due}.
 
 local cap = tonumber(ARGV[7])
 local flight = cap > 0 and KEYS[#KEYS] or nil
-local idempotency = #KEYS > (flight and 4 or 3) and KEYS[4] or nil
+local idempotency = #KEYS > (flight and 5 or 4) and KEYS[5] or nil
 local claim = ARGV[3] .. ' ' .. ARGV[4]
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'created', claim} end
 if idempotency then
@@ -53,12 +57,19 @@ if max_depth > 0 then
   local depth = redis.call('XLEN', KEYS[2])
   if depth >= max_depth then return {'full', depth} end
 end
+-- A full outbox takes no more webhooks (a receiver is down, or slow): never drop a message already due.
+local max_outbox = tonumber(ARGV[11])
+if ARGV[9] ~= '' and max_outbox > 0 then
+  local outbox = redis.call('ZCARD', KEYS[4])
+  if outbox >= max_outbox then return {'outbox-full', outbox} end
+end
 local entry = redis.call('XADD', KEYS[2], '*', 'job', ARGV[1])
 redis.call('SADD', KEYS[3], KEYS[2])
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('HSET', KEYS[1], 'job', ARGV[1], 'status', 'queued', 'entry', entry, 'stream', KEYS[2], 'created', ms)
 redis.call('HSET', KEYS[1], 'owner', ARGV[6])
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'webhook', ARGV[9], 'webhook_events', ARGV[10]) end
 if flight then
   redis.call('ZADD', flight, ms, ARGV[3])
   redis.call('EXPIRE', flight, ARGV[2])

@@ -1,0 +1,417 @@
+"""Job webhooks end to end: a real gateway (in this process, or as processes that get killed), a real
+redis-server, a test playing the worker through the queue, and real receivers on loopback.
+
+Every target is on loopback and allow-listed, or refused: a stub resolver maps other names to private and
+metadata addresses (nothing is ever sent beyond loopback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+import standardwebhooks
+from aiohttp.test_utils import TestClient
+
+from common.apikeys import key_line, new_key, new_webhook_secret
+from common.rediskeys import RedisKeys
+from gateway.app import create_app
+from gateway.config import GatewayConfig, WebhookConfig
+from gateway.state import JOURNAL, WEBHOOK_RESOLVE
+from gateway.webhooks import Resolve
+from testkit import ProcessGroup, free_port, wait_http
+from testkit.nemesis import NemesisConfig, render, run_nemesis
+from testkit.receiver import HANG, Receiver
+from tests.conftest import ClientFactory, RedisServer, claim_next, finish, register_worker
+from worker.delivery import Delivery
+
+KEYS = RedisKeys()
+SECRET = new_webhook_secret()
+Client = TestClient[Any, Any]
+# Small delays so a test sees several attempts within seconds; a jitter of a quarter keeps each backoff
+# within [0.75 d, d], so the gaps grow (d doubles) whatever is drawn.
+FAST = WebhookConfig(
+    allow_http=True,
+    allow_hosts=frozenset({"127.0.0.1"}),
+    secret=SECRET,
+    timeout_s=1.0,
+    retry_window_s=30.0,
+    backoff_s=0.3,
+    jitter=0.25,
+    poll_s=0.5,
+)
+
+
+def stub_resolver(names: dict[str, list[str]]) -> Resolve:
+    """A resolver that knows `names` only: nothing resolves beyond them."""
+
+    async def resolve(host: str, port: int) -> list[str]:
+        if host not in names:
+            raise OSError(f"{host}: unknown to the test's resolver")
+        return names[host]
+
+    return resolve
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    found = await Receiver().start()
+    yield found
+    await found.close()
+
+
+@pytest.fixture
+def gateway(
+    redis_server: RedisServer, redis_client: aioredis.Redis, aiohttp_client: ClientFactory
+) -> Callable[..., Any]:
+    """A gateway on db 0 with a worker registered; `gateway(webhooks=..., resolve=...)` builds one."""
+
+    async def build(webhooks: WebhookConfig = FAST, resolve: Resolve | None = None, **config: Any) -> Client:
+        await register_worker(redis_client)
+        app = create_app(GatewayConfig(redis_url=redis_server.url(0), result_ttl_s=60, webhooks=webhooks, **config))
+        if resolve is not None:
+            app[WEBHOOK_RESOLVE] = resolve
+        return await aiohttp_client(app)
+
+    return build
+
+
+async def submit(client: Client, webhook: dict[str, Any], headers: dict[str, str] | None = None) -> str:
+    response = await client.post("/v1/jobs", json={"prompt": "a kite", "webhook": webhook}, headers=headers)
+    assert response.status == 202, await response.text()
+    job_id: str = (await response.json())["id"]
+    return job_id
+
+
+async def refusal(client: Client, webhook: dict[str, Any]) -> dict[str, Any]:
+    response = await client.post("/v1/jobs", json={"prompt": "a kite", "webhook": webhook})
+    assert response.status == 400, await response.text()
+    error: dict[str, Any] = (await response.json())["error"]
+    return error
+
+
+async def run_job(redis_client: aioredis.Redis) -> None:
+    """Play the worker: take the next job and store its images."""
+    claimed = await claim_next(redis_client)
+    await finish(redis_client, claimed, [b"png-0"])
+
+
+async def deliveries(client: Client, job_id: str, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    response = await client.get(f"/v1/jobs/{job_id}", headers=headers)
+    assert response.status == 200
+    found: list[dict[str, Any]] = (await response.json())["webhook"]["deliveries"]
+    return found
+
+
+async def settled(redis_client: aioredis.Redis, client: Client, job_id: str) -> list[dict[str, Any]]:
+    """A job's deliveries once none is due any more (the gateway records the last attempt after the receiver
+    answers it): the due set tells, and Redis says when it changes (keyspace notifications for sorted sets)."""
+    await redis_client.config_set("notify-keyspace-events", "Kz")
+    async with redis_client.pubsub() as changes, asyncio.timeout(30):
+        await changes.subscribe(f"__keyspace@0__:{KEYS.webhooks_due}")
+        while await redis_client.zscore(KEYS.webhooks_due, job_id) is not None:
+            await changes.get_message(timeout=None)
+    return await deliveries(client, job_id)
+
+
+def verified(secret: str, hit: Any) -> dict[str, Any]:
+    """The payload, once the independent verifier accepts its signature."""
+    payload: dict[str, Any] = standardwebhooks.Webhook(secret).verify(hit.body, hit.headers)
+    return payload
+
+
+async def test_a_completed_job_is_posted_once_with_a_signature_a_verifier_accepts(
+    gateway: Callable[..., Any], redis_client: aioredis.Redis, receiver: Receiver
+) -> None:
+    client = await gateway()
+    job_id = await submit(client, {"url": receiver.url})
+    assert (await deliveries(client, job_id)) == []  # nothing due before the job ends
+    await run_job(redis_client)
+    (hit,) = await receiver.wait_for(1)
+    payload = verified(SECRET, hit)
+    assert payload["type"] == "job.completed" and payload["data"]["id"] == job_id
+    assert payload["data"]["status"] == "succeeded"
+    assert payload["data"]["result"]["images"] == [f"/v1/jobs/{job_id}/images/0"]  # URLs, never bytes
+    (delivery,) = await settled(redis_client, client, job_id)
+    assert delivery["id"] == hit.headers["webhook-id"] and delivery["attempts"] == 1
+    assert delivery["last_status"] == 200 and delivery["delivered_at"] is not None
+    assert len(receiver.hits) == 1  # and nothing is due: no other attempt will come
+    metrics = await (await client.get("/metrics")).text()
+    assert 'sdxl_webhook_attempts_total{event="completed",outcome="delivered"} 1.0' in metrics
+    assert "sdxl_webhook_outbox_depth 0.0" in metrics and "sdxl_webhook_lag_seconds_count 1.0" in metrics
+    with pytest.raises(standardwebhooks.WebhookVerificationError):
+        verified(new_webhook_secret(), hit)
+
+
+async def test_a_failing_receiver_gets_three_attempts_with_growing_gaps_and_one_webhook_id(
+    gateway: Callable[..., Any], redis_client: aioredis.Redis
+) -> None:
+    receiver = await Receiver(answers=[500, 503, 200]).start()
+    try:
+        client = await gateway()
+        job_id = await submit(client, {"url": receiver.url})
+        await run_job(redis_client)
+        hits = await receiver.wait_for(3)
+        (delivery,) = await settled(redis_client, client, job_id)
+    finally:
+        await receiver.close()
+    assert len(receiver.hits) == 3 and len({hit.headers["webhook-id"] for hit in hits}) == 1
+    assert len({hit.body for hit in hits}) == 1  # the same message each time
+    first_gap, second_gap = hits[1].at - hits[0].at, hits[2].at - hits[1].at
+    assert FAST.backoff_s * 0.75 <= first_gap < second_gap, (first_gap, second_gap)
+    assert delivery["attempts"] == 3 and delivery["last_status"] == 200 and delivery["delivered_at"]
+    assert all(verified(SECRET, hit) for hit in hits)  # each attempt signed afresh
+
+
+async def test_a_410_is_not_retried(gateway: Callable[..., Any], redis_client: aioredis.Redis) -> None:
+    receiver = await Receiver(answers=[410]).start()
+    try:
+        client = await gateway()
+        job_id = await submit(client, {"url": receiver.url})
+        await run_job(redis_client)
+        await receiver.wait_for(1)
+        (delivery,) = await settled(redis_client, client, job_id)
+    finally:
+        await receiver.close()
+    assert delivery["attempts"] == 1 and delivery["last_status"] == 410 and delivery["gave_up_at"]
+    assert len(receiver.hits) == 1
+
+
+async def test_a_429s_retry_after_is_honoured(gateway: Callable[..., Any], redis_client: aioredis.Redis) -> None:
+    receiver = await Receiver(answers=[(429, {"Retry-After": "2"})]).start()
+    try:
+        client = await gateway()
+        job_id = await submit(client, {"url": receiver.url})
+        await run_job(redis_client)
+        hits = await receiver.wait_for(2)
+        (delivery,) = await settled(redis_client, client, job_id)
+    finally:
+        await receiver.close()
+    assert hits[1].at - hits[0].at >= 1.9  # not the 0.3 s backoff
+    assert delivery["attempts"] == 2 and delivery["delivered_at"]
+
+
+async def test_a_redirect_is_not_followed(gateway: Callable[..., Any], redis_client: aioredis.Redis) -> None:
+    receiver = await Receiver(answers=[(307, {"Location": "/elsewhere"})]).start()
+    try:
+        client = await gateway()
+        job_id = await submit(client, {"url": receiver.url})
+        await run_job(redis_client)
+        (delivery,) = await settled(redis_client, client, job_id)
+    finally:
+        await receiver.close()
+    assert [hit.path for hit in receiver.hits] == ["/hook"]
+    assert delivery["last_status"] == 307 and delivery["gave_up_at"] and "redirect" in delivery["last_error"]
+
+
+REFUSED = {
+    "private.test": ["10.1.2.3"],
+    "home.test": ["192.168.0.10"],
+    "metadata.test": ["169.254.169.254"],
+    "metadata6.test": ["fd00:ec2::254"],
+    "mixed.test": ["93.184.215.14", "127.0.0.1"],  # one inward address is enough to refuse it
+    "mapped.test": ["::ffff:127.0.0.1"],
+    "nowhere.test": ["0.0.0.0"],
+}
+
+
+async def test_loopback_private_and_metadata_targets_are_refused_without_the_allow_list(
+    gateway: Callable[..., Any], redis_client: aioredis.Redis, receiver: Receiver
+) -> None:
+    strict = WebhookConfig(allow_http=True, secret=SECRET)
+    client = await gateway(webhooks=strict, resolve=stub_resolver(REFUSED))
+    for url in [receiver.url, "http://[::1]:9/hook", "http://localhost.test/x"] + [f"http://{h}/x" for h in REFUSED]:
+        error = await refusal(client, {"url": url})
+        assert error["field"] == "webhook.url" and error["code"] == "webhook_url_refused", (url, error)
+    https_only = await gateway(webhooks=WebhookConfig(secret=SECRET), resolve=stub_resolver(REFUSED))
+    error = await refusal(https_only, {"url": "http://93.184.215.14/x"})
+    assert (error["field"], error["code"]) == ("webhook.url", "webhook_url_scheme")
+    error = await refusal(client, {"url": receiver.url, "events": ["finished"]})
+    assert error["field"].startswith("webhook.events")
+    error = await refusal(client, {"url": "not a url"})
+    assert error["field"] == "webhook.url"
+    unsigned = await gateway(webhooks=WebhookConfig(allow_http=True, allow_hosts=frozenset({"127.0.0.1"})))
+    assert (await refusal(unsigned, {"url": receiver.url}))["field"] == "webhook"
+    assert receiver.hits == [] and await redis_client.zcard(KEYS.webhooks_due) == 0
+
+
+async def test_a_name_that_turns_inward_after_submit_is_not_connected_to(
+    gateway: Callable[..., Any], redis_client: aioredis.Redis
+) -> None:
+    # DNS rebinding: public at submit, loopback at delivery. The receiver listens on 127.0.0.2, which no rule
+    # allows: a sender that trusted the first answer would reach it.
+    receiver = await Receiver(host="127.0.0.2").start()
+    answers = iter([["93.184.215.14"]])
+
+    async def rebinding(host: str, port: int) -> list[str]:
+        assert host == "rebind.test"
+        return next(answers, ["127.0.0.2"])
+
+    try:
+        client = await gateway(resolve=rebinding)
+        job_id = await submit(client, {"url": receiver.url.replace("127.0.0.2", "rebind.test")})
+        await run_job(redis_client)
+        (delivery,) = await settled(redis_client, client, job_id)
+    finally:
+        await receiver.close()
+    assert receiver.hits == []
+    assert delivery["gave_up_at"] and "loopback" in delivery["last_error"]
+
+
+async def test_a_full_outbox_refuses_new_webhook_jobs_and_keeps_its_messages(
+    gateway: Callable[..., Any], redis_client: aioredis.Redis
+) -> None:
+    receiver = await Receiver(answers=[503] * 100).start()
+    try:
+        client = await gateway(webhooks=FAST.__class__(**{**FAST.__dict__, "max_outbox": 1}))
+        job_id = await submit(client, {"url": receiver.url})
+        await run_job(redis_client)
+        await receiver.wait_for(1)
+        response = await client.post("/v1/jobs", json={"prompt": "a kite", "webhook": {"url": receiver.url}})
+        assert response.status == 429 and int(response.headers["Retry-After"]) > 0
+        assert (await response.json())["error"]["code"] == "webhook_outbox_full"
+        plain = await client.post("/v1/jobs", json={"prompt": "a kite"})
+        assert plain.status == 202  # jobs without a webhook are not held back
+        await receiver.wait_for(2)  # still being retried: the due message was not dropped
+        assert await redis_client.zscore(KEYS.webhooks_due, job_id) is not None
+    finally:
+        await receiver.close()
+
+
+async def test_started_and_progress_come_before_completed(
+    gateway: Callable[..., Any], redis_client: aioredis.Redis, receiver: Receiver
+) -> None:
+    client = await gateway()
+    job_id = await submit(client, {"url": receiver.url, "events": ["completed", "progress", "started"]})
+    delivery = Delivery(redis_client, KEYS)
+    claimed = await claim_next(redis_client)
+    await delivery.start(claimed, "test-worker")
+    for step in (1, 2, 3):
+        await delivery.progress(job_id, "test-worker", step, 3)
+    await finish(redis_client, claimed, [b"png-0"])
+    await settled(redis_client, client, job_id)
+    types = [json.loads(hit.body)["type"] for hit in receiver.hits]
+    assert types[0] == "job.started" and types[-1] == "job.completed", types
+    assert set(types[1:-1]) <= {"job.progress"} and len(types) <= 5  # progress is coalesced, never after the end
+    assert [d["event"] for d in await deliveries(client, job_id)] == [
+        json.loads(h.body)["type"][4:] for h in receiver.hits
+    ]
+
+
+async def test_each_keys_webhooks_are_signed_with_its_own_secret_and_seen_by_it_alone(
+    gateway: Callable[..., Any], redis_client: aioredis.Redis, receiver: Receiver, tmp_path: Path
+) -> None:
+    alice, bob = new_key(), new_key()
+    alice_secret, bob_secret = new_webhook_secret(), new_webhook_secret()
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(key_line(alice, webhook_secret=alice_secret) + "\n" + key_line(bob, webhook_secret=bob_secret))
+    client = await gateway(api_keys_file=keys_file)
+    as_alice, as_bob = {"Authorization": f"Bearer {alice}"}, {"Authorization": f"Bearer {bob}"}
+    job_id = await submit(client, {"url": receiver.url}, headers=as_alice)
+    await run_job(redis_client)
+    (hit,) = await receiver.wait_for(1)
+    assert verified(alice_secret, hit)["data"]["id"] == job_id
+    with pytest.raises(standardwebhooks.WebhookVerificationError):
+        verified(bob_secret, hit)
+    assert len(await deliveries(client, job_id, as_alice)) == 1
+    assert (await client.get(f"/v1/jobs/{job_id}", headers=as_bob)).status == 404
+
+
+@pytest.mark.parametrize("carried", [True, False], ids=["by-the-job", "by-the-journal"])
+async def test_a_job_that_ends_after_redis_lost_its_record_still_gets_its_webhook(
+    gateway: Callable[..., Any], redis_client: aioredis.Redis, receiver: Receiver, carried: bool
+) -> None:
+    client = await gateway()
+    job_id = await submit(client, {"url": receiver.url})
+    claimed = await claim_next(redis_client)
+    assert claimed.job.webhook is not None  # the job carries its webhook to the worker
+    if not carried:  # a worker that does not hand it back: the gateway that accepted the job knows it
+        claimed = dataclasses.replace(claimed, job=claimed.job.model_copy(update={"webhook": None}))
+    await redis_client.delete(KEYS.job(job_id))  # Redis came back from a snapshot older than the job
+    await finish(redis_client, claimed, [b"png-0"])  # the worker's result makes the record again
+    assert client.app is not None
+    await client.app[JOURNAL].sweep()
+    (hit,) = await receiver.wait_for(1)
+    assert verified(SECRET, hit)["data"]["id"] == job_id
+    assert client.app[JOURNAL].webhooks_restored == (0 if carried else 1)
+
+
+async def test_the_openai_route_takes_a_webhook_as_an_extra_field(
+    gateway: Callable[..., Any], redis_client: aioredis.Redis, receiver: Receiver
+) -> None:
+    client = await gateway()
+    worker = asyncio.create_task(run_job(redis_client))
+    body = {"prompt": "a kite", "n": 1, "webhook": {"url": receiver.url}}
+    response = await client.post("/v1/images/generations", json=body)
+    await worker
+    assert response.status == 200, await response.text()
+    (hit,) = await receiver.wait_for(1)
+    assert verified(SECRET, hit)["type"] == "job.completed"
+
+
+async def test_no_due_webhook_is_lost_while_gateways_and_redis_fail(tmp_path: Path) -> None:
+    # The fault injector with stand-in workers: gateways SIGKILLed and restarted, Redis restarted, replies
+    # lost, connections killed, while every job asks for a webhook that a fifth of the time is answered 503.
+    faults = {"restart_gateway": 2, "restart_redis": 1, "lost_reply": 2, "kill_pubsub": 1, "client_kill": 1}
+    config = NemesisConfig(
+        work_dir=tmp_path,
+        seed=5,
+        duration_s=12.0,
+        counts=faults,  # type: ignore[arg-type]
+        cluster={"standin_workers": 2},
+        quiet_bound_s=30.0,
+        webhooks=True,
+    )
+    report = await run_nemesis(config)
+    assert report.verdict.accepted and report.injected, render(report)
+    assert report.verdict.state.webhooks_received >= report.verdict.accepted, render(report)
+    assert report.verdict.passed, render(report)
+
+
+# --- Gateways as processes: one is SIGKILLed holding a lease, another delivers.
+
+
+def gateway_process(processes: ProcessGroup, name: str, redis_url: str, port: int) -> None:
+    processes.start(
+        name, "gateway", "--redis-url", redis_url, "--host", "127.0.0.1", "--port", str(port),
+        "--webhook-allow-http", "--webhook-allow-hosts", "127.0.0.1", "--webhook-secret", SECRET,
+        "--webhook-timeout", "1", "--webhook-backoff", "0.3", "--webhook-poll", "0.5",
+    )  # fmt: skip
+
+
+async def test_a_gateway_killed_holding_or_owing_a_delivery_leaves_it_to_another(
+    redis_server: RedisServer, redis_client: aioredis.Redis, processes: ProcessGroup
+) -> None:
+    await register_worker(redis_client)
+    receiver = await Receiver(answers=[HANG]).start()
+    first, second = free_port(), free_port()
+    try:
+        gateway_process(processes, "webhook-gateway-a", redis_server.url(0), first)
+        await wait_http(f"http://127.0.0.1:{first}/healthz", 60)
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{first}") as http:
+            ids = []
+            for _ in range(2):
+                async with http.post("/v1/jobs", json={"prompt": "a kite", "webhook": {"url": receiver.url}}) as r:
+                    ids.append((await r.json())["id"])
+        await run_job(redis_client)  # the first job ends: gateway a takes its message, the receiver holds it
+        (held,) = await receiver.wait_for(1)
+        processes.processes["webhook-gateway-a"].kill()  # SIGKILL while it holds the lease
+        processes.processes["webhook-gateway-a"].wait()
+        await run_job(redis_client)  # the second job ends with no gateway alive: its message is due, not taken
+        gateway_process(processes, "webhook-gateway-b", redis_server.url(0), second)
+        hits = await receiver.wait_for(3, timeout_s=60)
+    finally:
+        await receiver.close()
+        processes.stop("webhook-gateway-b") if "webhook-gateway-b" in processes.processes else None
+    by_id: dict[str, int] = {}
+    for hit in hits:
+        by_id[hit.headers["webhook-id"]] = by_id.get(hit.headers["webhook-id"], 0) + 1
+    assert by_id[held.headers["webhook-id"]] == 2  # the held attempt, then gateway b's: the same webhook-id
+    assert {json.loads(hit.body)["data"]["id"] for hit in hits} == set(ids)
