@@ -243,14 +243,19 @@ def _vp_noise_scale(sigmas: np.ndarray) -> float:
 
 
 def train_sigmas(config: SchedulerConfig) -> np.ndarray:
-    """The model's sigma at each training timestep 0..T-1, increasing (float64)."""
+    """The model's sigma at each training timestep 0..T-1, increasing.
+
+    Computed in float32, as diffusers' schedulers (PyTorch and Flax) compute the betas, their cumulative
+    product and these sigmas: the model was trained on and is served with those values, and in float64 they
+    round apart enough (the cumulative product of 1,000 factors) to move a pixel by a few levels.
+    """
     t = config.num_train_timesteps
     if config.beta_schedule == "scaled_linear":
-        betas = np.linspace(config.beta_start**0.5, config.beta_end**0.5, t) ** 2
+        betas = np.linspace(config.beta_start**0.5, config.beta_end**0.5, t, dtype=np.float32) ** 2
     else:
-        betas = np.linspace(config.beta_start, config.beta_end, t)
-    alphas_cumprod = np.cumprod(1 - betas)
-    return np.sqrt((1 - alphas_cumprod) / alphas_cumprod)
+        betas = np.linspace(config.beta_start, config.beta_end, t, dtype=np.float32)
+    alphas_cumprod = np.cumprod(np.float32(1) - betas, dtype=np.float32)
+    return np.sqrt((np.float32(1) - alphas_cumprod) / alphas_cumprod).astype(np.float64)
 
 
 def spaced_timesteps(spacing: Spacing, steps: int, config: SchedulerConfig) -> np.ndarray:
