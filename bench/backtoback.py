@@ -123,7 +123,9 @@ async def _serving(args: argparse.Namespace, shapes: tuple[Shape, ...]) -> Async
         config = WorkerConfig(
             redis_url=server.url(),
             model=args.model,
-            shapes=shapes,
+            sizes=tuple(dict.fromkeys(shape.size for shape in shapes)),
+            max_steps=max(shape.steps for shape in shapes),
+            default_steps=shapes[0].steps,
             worker_id="bench",
             claim_block_ms=100,
             compile_cache_dir=None,
