@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -55,8 +56,9 @@ def fused(stepwise: SDXLPipeline) -> SDXLPipeline:
 def reference(stepwise: SDXLPipeline) -> Reference:
     """diffusers' jitted SDXL pipeline with the worker's modules and parameters, memoized per case."""
     pipe = stepwise._pipe
-    # diffusers' pipeline reads its scheduler's state from the params; the worker's schedule is made on the host.
-    params = {**stepwise._params, "scheduler": pipeline_module._replicate(pipe.scheduler.create_state())}
+    # diffusers' pipeline maps over a leading device axis (pmap) and reads its scheduler's state from the params;
+    # the worker's parameters are replicated arrays and its schedule is made on the host.
+    params = per_device({**stepwise._params, "scheduler": pipe.scheduler.create_state()}, jax.local_device_count())
     done: dict[tuple[Shape, str], np.ndarray] = {}
 
     def images(shape: Shape, negative: str) -> np.ndarray:
@@ -65,6 +67,11 @@ def reference(stepwise: SDXLPipeline) -> Reference:
         return done[shape, negative]
 
     return images
+
+
+def per_device(tree: Any, devices: int) -> Any:
+    """Every leaf of `tree` with a leading device axis, one copy per device, on the host (for `jax.pmap`)."""
+    return jax.tree_util.tree_map(lambda x: np.broadcast_to(np.asarray(x), (devices, *np.shape(x))), tree)
 
 
 def _diffusers_images(pipe: object, params: object, shape: Shape, negative: str) -> np.ndarray:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import jax
@@ -13,10 +15,14 @@ import numpy as np
 import pytest
 
 from common.protocol import SCHEDULERS, Shape, Size
+from tests.test_parity import per_device
+from worker import pipeline as pipeline_module
 from worker.pipeline import DeviceMismatch, InvalidShape, PipelineError, SDXLPipeline, UnsupportedShape
+from worker.schedulers import table
 
 SIZE = Size(width=64, height=64)
 MAX_STEPS = 3
+GUIDANCE = 7.5
 SHAPE = Shape(width=64, height=64, steps=2)
 # JAX reports every compile of an executable for a backend under this event (with its duration).
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
@@ -63,7 +69,8 @@ def test_runs_on_four_devices_with_one_image_each(pipeline: SDXLPipeline) -> Non
 
 def test_params_are_bfloat16_replicated(pipeline: SDXLPipeline) -> None:
     weights = jax.tree_util.tree_leaves(pipeline._params)
-    assert weights and all(w.dtype == jnp.bfloat16 and w.shape[0] == 4 for w in weights)
+    assert weights and all(w.dtype == jnp.bfloat16 and w.sharding.is_fully_replicated for w in weights)
+    assert all(len(w.addressable_shards) == 4 for w in weights)
 
 
 @pytest.mark.parametrize("report_progress", [True, False], ids=["stepwise", "fused"])
@@ -168,3 +175,39 @@ def test_the_compiled_loop_reports_every_step_in_order(pipeline: SDXLPipeline, f
     silent: list[int] = []
     np.testing.assert_array_equal(fused.generate(SHAPE, "progress", "", 5, 7.5, on_step=silent.append), images)
     assert silent == []
+
+
+def pmap_images(pipeline: SDXLPipeline, shape: Shape, negative_prompt: str, seed: int, scheduler: str) -> np.ndarray:
+    """A guided request run by `jax.pmap` of the pipeline's own per-device functions, parameters and inputs
+    stacked on a leading device axis: the reference the jit and shard_map executables must match bit for bit."""
+    pipe, d, size = pipeline._pipe, pipeline.devices, shape.size
+
+    def stacked(tree: Any) -> Any:
+        return per_device(tree, d)
+
+    params = stacked(pipeline._params)
+    negative = jax.pmap(functools.partial(pipeline_module._encode_negative, pipe))(
+        params, stacked(pipeline._tokenize(negative_prompt)[None]), stacked(np.float32(1.0))
+    )
+    keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), pipeline.images_per_request))
+    coefficients = table(scheduler, shape.steps, pipeline._scheduler)  # type: ignore[arg-type]
+    rows, guidance = stacked(coefficients.padded(pipeline.max_steps)), stacked(np.float32(GUIDANCE))
+    begin = jax.pmap(pipeline._traced(pipeline_module._begin, size, True))
+    step = jax.pmap(pipeline._traced(pipeline_module._step, size, True))
+    finish = jax.pmap(functools.partial(pipeline_module._decode, pipe))
+    ids = stacked(pipeline._tokenize("a lighthouse")[None])
+    latents, denoised, context, pooled = begin(
+        params, ids, negative, keys.reshape(d, -1, 2), stacked(np.float32(coefficients.init_noise_sigma))
+    )
+    for i in range(shape.steps):
+        latents, denoised, _ = step(params, latents, denoised, context, pooled, guidance, rows, stacked(np.int32(i)))
+    return np.asarray(finish(params, latents)).reshape(pipeline.images_per_request, size.height, size.width, 3)
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m_karras"])
+def test_the_images_are_those_of_pmap_bit_for_bit(pipeline: SDXLPipeline, scheduler: str) -> None:
+    """jit of shard_map over the mesh runs each device's share as pmap ran it: the same images, bit for bit
+    (DPM-Solver++ 2M also carries the previous step's denoised estimate from step to step)."""
+    shape = Shape(width=64, height=64, steps=MAX_STEPS)
+    ours = pipeline.generate(shape, "a lighthouse", "fog", 9, GUIDANCE, scheduler=scheduler)
+    np.testing.assert_array_equal(ours, pmap_images(pipeline, shape, "fog", 9, scheduler))

@@ -2,8 +2,14 @@
 
 This module is pure: params and inputs in, arrays out. It does no I/O after loading and knows nothing of
 Redis or HTTP. Prompts are tokenized on the host; token ids, PRNG keys, guidance and the scheduler's per-step
-coefficients are array inputs of `pmap` executables compiled ahead of time per image size (width and height
-are static), so no request ever triggers a compile, whatever its step count (1 to `max_steps`) or scheduler.
+coefficients are array inputs of executables compiled ahead of time per image size (width and height are
+static), so no request ever triggers a compile, whatever its step count (1 to `max_steps`) or scheduler.
+
+The executables are `jax.jit` of `jax.shard_map` over a one-axis `Mesh` of the local devices (axis `data`):
+the parameters and the per-request constants are replicated (`P()`), the images and everything per image (PRNG
+keys, latents, conditioning) are split over `data`. Each device runs the same program on its share of the
+images as `pmap` did (since JAX 0.8 `pmap` is itself implemented this way and in maintenance mode), so the
+images are the same bit for bit.
 
 A request's schedule is a table of one row of coefficients per step (worker/schedulers.py), computed on the
 host, padded to `max_steps` rows and put on the devices once per request, with the guidance scale and the
@@ -54,7 +60,14 @@ from diffusers import FlaxStableDiffusionXLPipeline  # noqa: E402  (after the wa
 
 logger = logging.getLogger(__name__)
 
-AXIS = "devices"
+AXIS = "data"
+_ALL = PartitionSpec()  # type: ignore[no-untyped-call]  # replicated: the parameters, the prompt's ids, the schedule
+_IMAGES = PartitionSpec(AXIS)  # type: ignore[no-untyped-call]  # split over the devices by image: keys, latents, conditioning, pixels
+# What each executable's arguments are (a spec stands for a whole pytree argument: params, negative, pooled).
+_BEGIN_SPECS = (_ALL, _ALL, _ALL, _IMAGES, _ALL)  # params, prompt ids, negative, keys, init noise sigma
+# params, latents, denoised, context, pooled, guidance, table, step index
+_STEP_SPECS = (_ALL, _IMAGES, _IMAGES, _IMAGES, _IMAGES, _ALL, _ALL, _ALL)
+_FUSED_SPECS = (*_BEGIN_SPECS[:4], _ALL, _ALL, _ALL, _ALL)  # ... guidance, table, init noise sigma, steps
 StepCallback = Callable[[int], None]
 # Distinct negative prompts whose conditioning stays on the devices (about 0.3 MB each per device).
 NEGATIVE_CACHE_SIZE = 64
@@ -141,20 +154,20 @@ class _NegativeConditioning:
     it is computed by an executable of its own on a miss and kept, least recently used out first.
     """
 
-    def __init__(self, pipe: FlaxStableDiffusionXLPipeline, capacity: int = NEGATIVE_CACHE_SIZE) -> None:
-        self._encode_fn = jax.pmap(functools.partial(_encode_negative, pipe), axis_name=AXIS)
+    def __init__(self, encode: Any, capacity: int = NEGATIVE_CACHE_SIZE) -> None:
+        self._encode_fn = encode
         self._encode: Any = None
         self._cache: OrderedDict[str, tuple[jax.Array, jax.Array]] = OrderedDict()
         self.capacity = capacity
 
-    def compile(self, clock: _Clock, params: dict[str, Any], ids: np.ndarray, scale: np.ndarray) -> None:
+    def compile(self, clock: _Clock, params: dict[str, Any], ids: jax.Array, scale: jax.Array) -> None:
         if self._encode is None:
             self._encode = clock.compile(self._encode_fn, params, ids, scale)
 
     def get(
-        self, negative_prompt: str, params: dict[str, Any], ids: Callable[[], np.ndarray], scale: np.ndarray
+        self, negative_prompt: str, params: dict[str, Any], ids: Callable[[], jax.Array], scale: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
-        """(context, pooled) of `negative_prompt`, one copy per device; `ids` tokenizes it, on a miss only."""
+        """(context, pooled) of `negative_prompt`, replicated; `ids` tokenizes it, on a miss only."""
         cached = self._cache.get(negative_prompt)
         if cached is None:
             cached = self._encode(params, ids(), scale)
@@ -206,8 +219,8 @@ class SDXLPipeline:
         attention: Attention = DEFAULT_ATTENTION,
         max_steps: int = DEFAULT_MAX_STEPS,
     ) -> None:
-        """`params` are already on the devices, with a leading device axis (see `_replicate`); the schedule is
-        the scheduler config's of `pipe` (worker/schedulers.py)."""
+        """`params` are already on the devices, replicated (see `_replicate`); the schedule is the scheduler
+        config's of `pipe` (worker/schedulers.py)."""
         self.devices = jax.local_device_count()
         if images_per_request % self.devices:
             raise DeviceMismatch(
@@ -224,9 +237,11 @@ class SDXLPipeline:
         self._params = params
         self._step_params = _StepParams.of(self._params)
         self._compiled: dict[Size, dict[bool, Any]] = {}  # size -> guided or not -> executables
-        self._negatives = _NegativeConditioning(pipe)  # shared by variants: it does not depend on them
+        self._mesh = Mesh(np.array(jax.local_devices()), (AXIS,))
+        encode_negative = self._sharded(functools.partial(_encode_negative, pipe), (_ALL,) * 3, (_ALL, _ALL))
+        self._negatives = _NegativeConditioning(encode_negative)  # shared by variants: it does not depend on them
         # Each step's number on every device, made once: the host hands the step executable one per step.
-        self._indices = [_replicate(np.int32(i)) for i in range(max_steps)]
+        self._indices = [self._put(np.int32(i)) for i in range(max_steps)]
         self.report_progress = report_progress
         self.attention = attention
 
@@ -282,7 +297,7 @@ class SDXLPipeline:
     def flop_count(self, shape: Shape, guidance: bool = True) -> FlopCount:
         """Floating-point operations of one image at `shape`, with or without classifier-free guidance, counted
         from this model (worker/flops.py)."""
-        one_device = jax.tree_util.tree_map(lambda x: abstract_array(x.shape[1:], x.dtype), self._params)
+        one_device = jax.tree_util.tree_map(lambda x: abstract_array(x.shape, x.dtype), self._params)
         return count_flops(self._pipe, one_device, shape, guidance)
 
     def unet_evaluations(self, shape: Shape, guidance_scale: float) -> int:
@@ -346,8 +361,8 @@ class SDXLPipeline:
                 variants[cfg] = self._compile_stepwise(size, cfg, inputs, schedule, clock, finish)
                 finish = variants[cfg].finish
             else:
-                fused = jax.pmap(self._traced(_generate, size, cfg), axis_name=AXIS)
-                variants[cfg] = clock.compile(fused, self._params, *inputs, *_fused_schedule(schedule))
+                fused = self._sharded(self._traced(_generate, size, cfg), _FUSED_SPECS, _IMAGES)
+                variants[cfg] = clock.compile(fused, self._params, *inputs, *self._fused_schedule(schedule))
         self._compiled[size] = variants
         warm_started = time.perf_counter()
         for cfg in (True, False):
@@ -365,19 +380,31 @@ class SDXLPipeline:
         """Three executables: begin (text and noise), one denoising step (the step's number, its row of the
         table, is an input, so one executable serves every step of every schedule), finish (decode; `finish`
         when already compiled). Compiling the step needs the shapes of what begin makes, so begin runs once."""
-        pmap = functools.partial(jax.pmap, axis_name=AXIS)
         params = self._step_params
-        begin = clock.compile(pmap(self._traced(_begin, size, cfg)), params.begin, *inputs, schedule.init_noise_sigma)
+        begin_fn = self._sharded(self._traced(_begin, size, cfg), _BEGIN_SPECS, (_IMAGES,) * 4)
+        begin = clock.compile(begin_fn, params.begin, *inputs, schedule.init_noise_sigma)
         latents, denoised, context, pooled = begin(params.begin, *inputs, schedule.init_noise_sigma)
         # The latents and the denoised estimate are donated: each step writes its outputs over its inputs.
         step = clock.compile(
-            pmap(self._traced(_step, size, cfg), donate_argnums=(1, 2)),
+            self._sharded(self._traced(_step, size, cfg), _STEP_SPECS, (_IMAGES,) * 3, donate=(1, 2)),
             *(params.step, latents, denoised, context, pooled),
             *(schedule.guidance, schedule.table, self._indices[0]),
         )
         if finish is None:
-            finish = clock.compile(pmap(functools.partial(_decode, self._pipe)), params.finish, latents)
+            decode = self._sharded(functools.partial(_decode, self._pipe), (_ALL, _IMAGES), _IMAGES)
+            finish = clock.compile(decode, params.finish, latents)
         return _Stepwise(begin=begin, step=step, finish=finish)
+
+    def _sharded(self, fn: Callable[..., Any], in_specs: Any, out_specs: Any, donate: tuple[int, ...] = ()) -> Any:
+        """`fn`, written for one device's share, as one program over the mesh: each argument and result replicated
+        (`_ALL`) or split over the images (`_IMAGES`), as the specs say (a spec covers a whole pytree argument)."""
+        mapped = jax.shard_map(fn, mesh=self._mesh, in_specs=in_specs, out_specs=out_specs)
+        return jax.jit(mapped, donate_argnums=donate)
+
+    def _put(self, value: Any, spec: PartitionSpec = _ALL) -> jax.Array:
+        """A host value on the devices: replicated, or split over the images with `_IMAGES`."""
+        put: jax.Array = jax.device_put(value, NamedSharding(self._mesh, spec))
+        return put
 
     def _traced(self, fn: Callable[..., Any], size: Size, cfg: bool) -> Callable[..., Any]:
         """`fn` bound to this model, size and guidance variant, its UNet attention computed as
@@ -412,7 +439,7 @@ class SDXLPipeline:
         if isinstance(compiled, _Stepwise):
             images = self._run_stepwise(compiled, inputs, schedule, on_step)
         else:
-            images = np.asarray(compiled(self._params, *inputs, *_fused_schedule(schedule)))
+            images = np.asarray(compiled(self._params, *inputs, *self._fused_schedule(schedule)))
         return images.reshape(self.images_per_request, shape.height, shape.width, 3)
 
     def _warm_up(self, size: Size, cfg: bool) -> None:
@@ -428,9 +455,9 @@ class SDXLPipeline:
         coefficients = table(cast(Scheduler, scheduler), steps, self._scheduler)
         return _Schedule(
             steps=steps,
-            table=_replicate(coefficients.padded(self.max_steps)),
-            init_noise_sigma=_replicate(np.float32(coefficients.init_noise_sigma)),
-            guidance=_replicate(np.float32(guidance_scale)),
+            table=self._put(coefficients.padded(self.max_steps)),
+            init_noise_sigma=self._put(np.float32(coefficients.init_noise_sigma)),
+            guidance=self._put(np.float32(guidance_scale)),
         )
 
     def _run_stepwise(
@@ -459,8 +486,7 @@ class SDXLPipeline:
     def _inputs(self, prompt: str, negative_prompt: str, seed: int, guidance_scale: float) -> tuple[Any, ...]:
         """Prompt ids (each device encodes the prompt once for its images), the negative conditioning
         (context, pooled) with guidance or nothing without, one PRNG key per image."""
-        d, b = self.devices, self.per_device
-        prompt_ids = np.broadcast_to(self._tokenize(prompt), (d, 1, 2, self._max_length))
+        prompt_ids = self._put(self._tokenize(prompt)[None])
         negative: tuple[Any, ...] = ()
         if guided(guidance_scale):
             negative = self._negatives.get(
@@ -470,14 +496,18 @@ class SDXLPipeline:
                 self._negative_scale(negative_prompt),
             )
         keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), self.images_per_request))
-        return prompt_ids, negative, keys.reshape(d, b, -1)
+        return prompt_ids, negative, self._put(keys, _IMAGES)
 
-    def _negative_ids(self, negative_prompt: str) -> np.ndarray:
-        return np.broadcast_to(self._tokenize(negative_prompt), (self.devices, 1, 2, self._max_length))
+    def _negative_ids(self, negative_prompt: str) -> jax.Array:
+        return self._put(self._tokenize(negative_prompt)[None])
 
-    def _negative_scale(self, negative_prompt: str) -> np.ndarray:
+    def _negative_scale(self, negative_prompt: str) -> jax.Array:
         # SDXL conditions on zeros, not on the encoding of "", when there is no negative prompt.
-        return np.full((self.devices,), 1.0 if negative_prompt else 0.0, dtype=np.float32)
+        return self._put(np.float32(1.0 if negative_prompt else 0.0))
+
+    def _fused_schedule(self, schedule: _Schedule) -> tuple[jax.Array, ...]:
+        """The fused executable's schedule inputs: guidance, table, initial noise scale, step count."""
+        return schedule.guidance, schedule.table, schedule.init_noise_sigma, self._put(np.int32(schedule.steps))
 
     @property
     def _max_length(self) -> int:
@@ -494,28 +524,14 @@ class SDXLPipeline:
         return np.stack(ids).astype(np.int32)
 
 
-def _fused_schedule(schedule: _Schedule) -> tuple[jax.Array, ...]:
-    """The fused executable's schedule inputs: guidance, table, initial noise scale, step count."""
-    steps = _replicate(np.int32(schedule.steps))
-    return schedule.guidance, schedule.table, schedule.init_noise_sigma, steps
-
-
 def _replicate(tree: Any) -> Any:
-    """Put one copy of every leaf on every local device, as a leading device axis `pmap` maps over.
+    """Put one copy of every leaf on every local device (`P()` over the mesh of them all).
 
     Each device receives its copy straight from the host; nothing is compiled (stacking on a device
     would compile one op per parameter shape, minutes for SDXL).
     """
-    devices = jax.local_devices()
-    spec = PartitionSpec("devices")  # type: ignore[no-untyped-call]
-    sharding = NamedSharding(Mesh(np.array(devices), ("devices",)), spec)
-
-    def put(leaf: Any) -> jax.Array:
-        host = np.asarray(leaf)[None]
-        shards = [jax.device_put(host, device) for device in devices]
-        return jax.make_array_from_single_device_arrays((len(devices), *host.shape[1:]), sharding, shards)
-
-    return jax.tree_util.tree_map(put, tree)
+    sharding = NamedSharding(Mesh(np.array(jax.local_devices()), (AXIS,)), _ALL)
+    return jax.tree_util.tree_map(lambda leaf: jax.device_put(np.asarray(leaf), sharding), tree)
 
 
 def _generate(
@@ -575,11 +591,11 @@ def _step(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Denoising step `i` (row `i` of the schedule's table) as an executable of its own.
 
-    Returns the new latents and denoised estimate, and one element of the latents: a marker that exists once
-    the step is done, to wait on after the latents themselves have been donated to the next step.
+    Returns the new latents and denoised estimate, and one element of the latents per device: a marker that
+    exists once the step is done, to wait on after the latents themselves have been donated to the next step.
     """
     latents, denoised = _denoise(pipe, cfg, params, latents, denoised, context, pooled, guidance_scale, table[i])
-    return latents, denoised, latents[0, 0, 0, 0]
+    return latents, denoised, latents[:1, 0, 0, 0]
 
 
 def _denoise(
