@@ -192,7 +192,9 @@ class Worker:
             update={
                 "device_kind": pipeline.device_kind,
                 "devices": pipeline.devices,
-                **serving(sizes, pipeline.max_steps, self.config.default_steps, pipeline.schedulers),
+                **serving(
+                    sizes, pipeline.max_steps, min(self.config.default_steps, pipeline.max_steps), pipeline.schedulers
+                ),
                 "ready_at": time.time(),
             }
         )
