@@ -86,6 +86,12 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _serving_flags(args: argparse.Namespace) -> list[str]:
+    """The worker's --sizes and --max-steps, where given."""
+    sizes = ["--sizes", args.sizes] if args.sizes else []
+    return sizes + (["--max-steps", str(args.max_steps)] if args.max_steps else [])
+
+
 async def _start_once(args: argparse.Namespace, redis_url: str, model: str, cache: Path, n: int) -> dict[str, Any]:
     command = [
         sys.executable,
@@ -107,10 +113,7 @@ async def _start_once(args: argparse.Namespace, redis_url: str, model: str, cach
         "--compile-cache",
         str(cache),
     ]
-    if args.sizes:
-        command += ["--sizes", args.sizes]
-    if args.max_steps:
-        command += ["--max-steps", str(args.max_steps)]
+    command += _serving_flags(args)
     spawned = time.perf_counter()
     process = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.DEVNULL)
     try:

@@ -95,6 +95,25 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_default: str | No
         help="for a single-file --model: diffusers-layout folder or hub id with its configs and tokenizers "
         "(default: stabilityai/stable-diffusion-xl-base-1.0, weights not fetched)",
     )
+    _add_serving_arguments(parser)
+    parser.add_argument("--images-per-request", type=int, default=WorkerConfig.images_per_request)
+    parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=WorkerConfig.cpu_devices,
+        help="virtual devices JAX makes of the CPU when there is no accelerator",
+    )
+    parser.add_argument(
+        "--attention",
+        default=WorkerConfig.attention,
+        choices=ATTENTION,
+        help="UNet attention: einsum (diffusers' own, default) or dot_product "
+        "(jax.nn.dot_product_attention: cuDNN flash attention on NVIDIA GPUs)",
+    )
+
+
+def _add_serving_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a worker compiles (sizes) and serves at each (a step range)."""
     parser.add_argument(
         "--sizes",
         type=_sizes,
@@ -115,20 +134,6 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_default: str | No
         help=f"the steps of a request that names none (default {WorkerConfig.default_steps}, or --max-steps when less)",
     )
     parser.add_argument("--shapes", type=_removed_shapes, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--images-per-request", type=int, default=WorkerConfig.images_per_request)
-    parser.add_argument(
-        "--cpu-devices",
-        type=int,
-        default=WorkerConfig.cpu_devices,
-        help="virtual devices JAX makes of the CPU when there is no accelerator",
-    )
-    parser.add_argument(
-        "--attention",
-        default=WorkerConfig.attention,
-        choices=ATTENTION,
-        help="UNet attention: einsum (diffusers' own, default) or dot_product "
-        "(jax.nn.dot_product_attention: cuDNN flash attention on NVIDIA GPUs)",
-    )
 
 
 def _sizes(text: str) -> tuple[Size, ...]:
