@@ -48,9 +48,6 @@ def main() -> None:
 
 def _loops(model: str, steps: int) -> dict[str, Callable[[], None]]:
     """The jit loop (the pipeline's own executables) and the pmap loop, each warmed up once."""
-    import jax
-    import numpy as np
-
     from common.protocol import Size
     from worker import pipeline as p
 
@@ -60,24 +57,12 @@ def _loops(model: str, steps: int) -> dict[str, Callable[[], None]]:
     stepwise = pipeline._compiled[size][True]
     schedule = pipeline._schedule("euler", steps, 7.5)
     params = pipeline._step_params
-    begun: tuple[Any, ...] = stepwise.begin(
-        params.begin, *pipeline._inputs("a lighthouse", "", 0, 7.5), schedule.init_noise_sigma
-    )
-    devices = pipeline.devices
-
-    def stacked(tree: Any) -> Any:  # one copy per device on a leading axis, on the devices
-        return jax.pmap(lambda x: x)(jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * devices), tree))
-
-    def split(tree: Any) -> Any:  # per-image arrays as [devices, images per device, ...]
-        return jax.pmap(lambda x: x)(
-            jax.tree_util.tree_map(lambda x: np.asarray(x).reshape(devices, -1, *x.shape[1:]), tree)
-        )
-
-    step = jax.pmap(pipeline._traced(p._step, size, True), donate_argnums=(1, 2))
-    constants = stacked((params.step, schedule.guidance, schedule.table))
-    indices = [stacked(np.int32(i)) for i in range(steps)]
+    inputs = pipeline._inputs("a lighthouse", "", 0, 7.5)
+    begun: tuple[Any, ...] = stepwise.begin(params.begin, *inputs, schedule.init_noise_sigma)
 
     def run_jit() -> None:
+        import jax
+
         latents: Any = jax.numpy.copy(begun[0])  # the step donates them: a fresh copy per round
         denoised: Any = jax.numpy.copy(begun[1])
         for i in range(steps):
@@ -86,18 +71,39 @@ def _loops(model: str, steps: int) -> dict[str, Callable[[], None]]:
             )
         latents.block_until_ready()
 
-    mapped = split(begun[2]), split(begun[3])  # context, pooled
-
-    def run_pmap() -> None:
-        latents, denoised = split(begun[0]), split(begun[1])
-        for i in range(steps):
-            latents, denoised, _ = step(constants[0], latents, denoised, *mapped, *constants[1:], indices[i])
-        latents.block_until_ready()
-
-    loops = {"jit": run_jit, "pmap": run_pmap}
+    step = p._step  # the per-device function both run
+    loops = {"jit": run_jit, "pmap": _pmap_loop(pipeline._traced(step, size, True), pipeline, schedule, begun, steps)}
     for loop in loops.values():
         loop()
     return loops
+
+
+def _pmap_loop(step_fn: Any, pipeline: Any, schedule: Any, begun: tuple[Any, ...], steps: int) -> Callable[[], None]:
+    """`steps` steps of `step_fn` under `jax.pmap`, with the parameters and constants stacked on a device axis."""
+    import jax
+    import numpy as np
+
+    devices = pipeline.devices
+    on_devices = jax.pmap(lambda x: x)
+
+    def stacked(tree: Any) -> Any:  # one copy per device on a leading axis
+        return on_devices(jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * devices), tree))
+
+    def split(tree: Any) -> Any:  # per-image arrays as [devices, images per device, ...]
+        return on_devices(jax.tree_util.tree_map(lambda x: np.asarray(x).reshape(devices, -1, *x.shape[1:]), tree))
+
+    step = jax.pmap(step_fn, donate_argnums=(1, 2))
+    params, guidance, rows = stacked((pipeline._step_params.step, schedule.guidance, schedule.table))
+    indices = [stacked(np.int32(i)) for i in range(steps)]
+    context, pooled = split(begun[2]), split(begun[3])
+
+    def run() -> None:
+        latents, denoised = split(begun[0]), split(begun[1])
+        for i in range(steps):
+            latents, denoised, _ = step(params, latents, denoised, context, pooled, guidance, rows, indices[i])
+        latents.block_until_ready()
+
+    return run
 
 
 if __name__ == "__main__":
