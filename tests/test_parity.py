@@ -10,7 +10,8 @@ worker's table, worker/schedulers.py, computes them in float64, as diffusers' Py
 `a * x + b * denoised`): a mean of about 0.3 levels, and in the 96x64 case with a negative prompt, 0.13% of
 pixels at 3 levels and one at 4. (The sigmas weigh most: with diffusers' float32 sigmas in the worker's table,
 the images at 1 and 2 steps are those of diffusers' own Euler arithmetic bit for bit.) So 2 levels is the bound
-for all but 2 pixels in 1,000, and no pixel may be off by more than 4."""
+for all but 2 pixels in 1,000, and no pixel may be off by more than 4 (measured with the table's training sigmas
+in float64; they are float32 now, as diffusers', and the bound may tighten again)."""
 
 from __future__ import annotations
 
