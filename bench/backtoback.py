@@ -114,20 +114,17 @@ async def _serving(args: argparse.Namespace, shapes: tuple[Shape, ...]) -> Async
     timed: list[_Timed] = []
 
     def load() -> SDXLPipeline:
-        timed.append(_Timed(SDXLPipeline.load(args.model, None, 4), args.noise_images))
+        timed.append(_Timed(SDXLPipeline.load(args.model, None, 4, max_steps=config.max_steps), args.noise_images))
         return cast("SDXLPipeline", timed[0])
 
     with tempfile.TemporaryDirectory() as directory:
         server = await start_redis_server(Path(directory))
         redis = connect(server.url(), name="bench-backtoback")
         config = WorkerConfig(
-            redis_url=server.url(),
-            model=args.model,
-            shapes=shapes,
-            worker_id="bench",
-            claim_block_ms=100,
-            compile_cache_dir=None,
-        )
+            redis_url=server.url(), model=args.model, worker_id="bench", claim_block_ms=100, compile_cache_dir=None,
+            sizes=tuple(dict.fromkeys(shape.size for shape in shapes)),
+            max_steps=max(shape.steps for shape in shapes), default_steps=shapes[0].steps,
+        )  # fmt: skip
         worker = Worker(config, redis, load_pipeline=load)
         running = asyncio.create_task(worker.run())
         try:

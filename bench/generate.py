@@ -155,16 +155,24 @@ def main(args: argparse.Namespace) -> int:
 
 def measure(config: GenerateConfig) -> list[dict[str, Any]]:
     """Load, compile each variant, count FLOPs, time `repeats` calls per variant; one report per variant."""
-    from common.protocol import Shape
+    from common.protocol import DEFAULT_MAX_STEPS, Shape
     from worker.pipeline import SDXLPipeline
 
     started = time.perf_counter()
-    first = SDXLPipeline.load(config.model, config.revision, config.images, config.progress, config.attentions[0])
+    # As a worker: executables that serve any step count up to its default maximum (or the steps asked, if more).
+    first = SDXLPipeline.load(
+        config.model,
+        config.revision,
+        config.images,
+        config.progress,
+        config.attentions[0],
+        max_steps=max(config.steps, DEFAULT_MAX_STEPS),
+    )
     load_s = time.perf_counter() - started
     width, height = config.size or first.native_size
     shape = Shape(width=width, height=height, steps=config.steps)
     variants = {a: first.variant(attention=a) for a in config.attentions}
-    compiled = {a: pipeline.compile(shape) for a, pipeline in variants.items()}
+    compiled = {a: pipeline.compile(shape.size) for a, pipeline in variants.items()}
     counted_at = time.perf_counter()
     flops = first.flop_count(shape)
     count_s = time.perf_counter() - counted_at

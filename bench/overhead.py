@@ -8,7 +8,7 @@ With --count-commands, a MONITOR connection counts the commands the gateway and 
 requests run (not those a Lua script runs inside Redis; a pipeline's commands one by one, and background
 work such as heartbeats and idle blocking reads included), per request and by command.
 
-    .venv/bin/python bench/overhead.py --requests 20 [--model DIR --shapes 64x64x20] [--count-commands] [--json]
+    .venv/bin/python bench/overhead.py --requests 20 [--model DIR --sizes 64x64] [--count-commands] [--json]
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ async def run_cluster(
     port = free_port()
     up_args = sdxl_serve_argv("up", "--redis-url", redis_url, "--port", str(port), "--workers", str(args.workers))
     up_args += ["--model", args.model] if args.model else []
-    up_args += ["--shapes", args.shapes] if args.shapes else []
+    up_args += ["--sizes", args.sizes] if args.sizes else []
     up = subprocess.Popen(up_args, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # noqa: ASYNC220
     try:
         assert up.stdout is not None
@@ -164,7 +164,7 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--model", default=None, help="default: the tiny model `sdxl-serve up` makes")
-    parser.add_argument("--shapes", default=None)
+    parser.add_argument("--sizes", default=None, help="WIDTHxHEIGHT,... the workers compile (default: native)")
     parser.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
     parser.add_argument("--count-commands", action="store_true", help="count the commands sent to Redis (MONITOR)")
     parser.add_argument("--json", action="store_true")

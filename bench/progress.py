@@ -63,7 +63,7 @@ def measure_cost(args: argparse.Namespace) -> dict[str, Any]:
     with_progress = SDXLPipeline.load(args.model, args.revision, images_per_request=4, report_progress=True)
     without = with_progress.variant(report_progress=False)
     for pipeline in (with_progress, without):
-        pipeline.compile(shape)
+        pipeline.compile(shape.size)
     times: dict[str, list[float]] = {"with": [], "without": []}
     steps_seen: list[int] = []
     for k in range(args.repeats):

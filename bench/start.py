@@ -1,7 +1,7 @@
 """Worker start-to-ready, cold against warm: what the persistent compilation cache saves.
 
     sdxl-serve bench start --runs 3                       # the tiny model, its native shape
-    sdxl-serve bench start --model DIR --shapes 1024x1024x20 --runs 3
+    sdxl-serve bench start --model DIR --sizes 1024x1024 --runs 3
 
 Each run starts a fresh `sdxl-serve worker` process and stops it once it is ready. The first run starts
 on an empty compilation cache (cold); the others start from what the runs before them stored (warm). The
@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", help="hub id or local diffusers directory (default: the tiny model, made on first use)"
     )
-    parser.add_argument("--shapes", help="WIDTHxHEIGHTxSTEPS,... (default: the worker's default)")
+    parser.add_argument("--sizes", help="WIDTHxHEIGHT,... or sdxl (default: the worker's default)")
+    parser.add_argument("--max-steps", type=int, default=None, help="the workers' --max-steps (default: theirs)")
     parser.add_argument("--runs", type=int, default=3, help="worker starts: one cold, then warm ones")
     parser.add_argument("--cpu-devices", type=int, default=4)
     parser.add_argument("--images-per-request", type=int, default=4)
@@ -76,12 +77,19 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "measurement": "worker_start",
         "machine": describe(),
         "model": model,
-        "shapes": args.shapes,
+        "sizes": args.sizes,
+        "max_steps": args.max_steps,
         "runs": runs,
         "cold_s": cold,
         "warm_median_s": warm,
         "warm_over_cold": warm / cold,
     }
+
+
+def _serving_flags(args: argparse.Namespace) -> list[str]:
+    """The worker's --sizes and --max-steps, where given."""
+    sizes = ["--sizes", args.sizes] if args.sizes else []
+    return sizes + (["--max-steps", str(args.max_steps)] if args.max_steps else [])
 
 
 async def _start_once(args: argparse.Namespace, redis_url: str, model: str, cache: Path, n: int) -> dict[str, Any]:
@@ -105,8 +113,7 @@ async def _start_once(args: argparse.Namespace, redis_url: str, model: str, cach
         "--compile-cache",
         str(cache),
     ]
-    if args.shapes:
-        command += ["--shapes", args.shapes]
+    command += _serving_flags(args)
     spawned = time.perf_counter()
     process = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.DEVNULL)
     try:
@@ -158,7 +165,7 @@ async def _scrape(url: str) -> dict[tuple[str, str], float]:
 def render(report: dict[str, Any]) -> str:
     columns = ("run", "cache", "wall_s", "start_to_ready_s", *PHASES, "cache_hits", "cache_misses")
     lines = [
-        f"{report['machine']}; model {report['model']}; shapes {report['shapes'] or 'default'}",
+        f"{report['machine']}; model {report['model']}; sizes {report['sizes'] or 'default'}",
         "  ".join(f"{c:>16}" for c in columns),
     ]
     for run in report["runs"]:

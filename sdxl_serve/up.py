@@ -34,7 +34,7 @@ from common.config import (
     require,
     require_blob_store_url,
 )
-from common.protocol import Shape
+from common.protocol import Size
 from common.redis_conn import connect
 from common.rediskeys import DEFAULT_PREFIX, RedisKeys
 from common.registry import Registry
@@ -90,7 +90,9 @@ class UpConfig:
     model: str | None = None
     revision: str | None = None
     model_config: str | None = None
-    shapes: tuple[Shape, ...] | None = None
+    sizes: tuple[Size, ...] | None = None
+    max_steps: int = WorkerConfig.max_steps
+    default_steps: int | None = None
     images_per_request: int = WorkerConfig.images_per_request
     cpu_devices: int = WorkerConfig.cpu_devices
     attention: Attention = WorkerConfig.attention
@@ -129,7 +131,9 @@ class UpConfig:
             model=args.model,
             revision=args.revision,
             model_config=args.model_config,
-            shapes=args.shapes,
+            sizes=args.sizes,
+            max_steps=args.max_steps,
+            default_steps=args.default_steps,
             images_per_request=args.images_per_request,
             cpu_devices=args.cpu_devices,
             attention=args.attention,
@@ -203,8 +207,11 @@ def worker_argv(config: UpConfig, redis_url: str, model: str, blob_store: str = 
         argv += ["--revision", config.revision]
     if config.model_config:
         argv += ["--model-config", config.model_config]
-    if config.shapes:
-        argv += ["--shapes", ",".join(map(str, config.shapes))]
+    if config.sizes:
+        argv += ["--sizes", ",".join(map(str, config.sizes))]
+    argv += ["--max-steps", str(config.max_steps)]
+    if config.default_steps is not None:
+        argv += ["--default-steps", str(config.default_steps)]
     if config.compile_cache is None:
         argv.append("--no-compile-cache")
     else:

@@ -187,17 +187,19 @@ class NemesisCluster:
     def _worker_flags(self, slot: Slot) -> list[str]:
         interval = self.config.heartbeat_ttl_s / 6
         return [
-            "--redis-url", slot.proxy.url(), "--worker-id", slot.worker_id, "--shapes", self.config.shape,
+            "--redis-url", slot.proxy.url(), "--worker-id", slot.worker_id,
             "--heartbeat-interval", f"{interval:.3f}", "--heartbeat-ttl", str(self.config.heartbeat_ttl_s),
         ]  # fmt: skip
 
     def _standin_argv(self, slot: Slot) -> list[str]:
-        return [sys.executable, "-m", "testkit.standin", *self._worker_flags(slot), "--step-s", str(self.config.step_s)]
+        return [sys.executable, "-m", "testkit.standin", *self._worker_flags(slot), "--shapes", self.config.shape,
+                "--step-s", str(self.config.step_s)]  # fmt: skip
 
     def _real_worker_argv(self, slot: Slot) -> list[str]:
         cache = self.config.compile_cache or self.config.work_dir / "jax-cache"
         return sdxl_serve_argv(
-            "worker", *self._worker_flags(slot), "--model", str(self.config.tiny_model),
+            "worker", *self._worker_flags(slot), *serving_flags(self.config.shape),
+            "--model", str(self.config.tiny_model),
             # Four devices, as the suite's XLA_FLAGS make them (a flag already set wins over --cpu-devices).
             "--cpu-devices", "4", "--images-per-request", "4", "--metrics-host", "127.0.0.1",
             "--compile-cache", str(cache),
@@ -217,3 +219,9 @@ class NemesisCluster:
         if self._admin is not None:
             await self._admin.aclose()
         await self.redis.stop()
+
+
+def serving_flags(shape: str) -> list[str]:
+    """A real worker's flags for serving `shape` (`WIDTHxHEIGHTxSTEPS`): its size, up to its steps, by default."""
+    size, _, steps = shape.rpartition("x")
+    return ["--sizes", size, "--max-steps", steps, "--default-steps", steps]

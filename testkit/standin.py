@@ -6,8 +6,8 @@ worker that the fault injector can SIGKILL, SIGSTOP or cut off like any other:
 
     python -m testkit.standin --redis-url redis://127.0.0.1:PORT/0 --worker-id standin-1 --shapes 64x64x2
 
-Like a worker with a step range, it serves the sizes of `--shapes` at any step count from 1 to the most
-steps among them (`--max-steps N` raises that to N), the first shape's steps by default.
+It serves the sizes of `--shapes` at the first one's steps by default, and any step count from 1 to the most
+among them or to `--max-steps N` when that is more.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from common.logs import setup_logging
-from common.protocol import Shape, parse_shapes
+from common.protocol import DEFAULT_SCHEDULER, SCHEDULERS, Shape, Size, parse_shapes
 from worker.config import WorkerConfig
 from worker.pipeline import CompileTimings, UnsupportedShape
 from worker.runner import serve
@@ -33,22 +33,22 @@ logger = logging.getLogger(__name__)
 
 class StandInPipeline:
     """Stands in for SDXLPipeline: compiles nothing, sleeps `step_s` per denoising step, returns grey images.
-    It runs any step count up to the most steps among `shapes`, at their sizes."""
+    It serves the sizes of `shapes` at up to their most steps (or `max_steps`, when more), every scheduler."""
 
     device_kind = "stand-in"
     devices = 4
+    schedulers = SCHEDULERS
 
-    def __init__(self, shapes: tuple[Shape, ...], step_s: float = 0.0, images: int = 4) -> None:
-        self._shapes = shapes
-        self._sizes = {shape.size for shape in shapes}
-        self._max_steps = max((shape.steps for shape in shapes), default=0)
+    def __init__(self, shapes: tuple[Shape, ...], step_s: float = 0.0, images: int = 4, max_steps: int = 0) -> None:
+        self._sizes = tuple(dict.fromkeys(shape.size for shape in shapes))
+        self.max_steps = max([max_steps, *(shape.steps for shape in shapes)])
         self._step_s = step_s
         self._images = images
 
-    def default_shapes(self) -> tuple[Shape, ...]:
-        return self._shapes
+    def default_sizes(self) -> tuple[Size, ...]:
+        return self._sizes
 
-    def compile(self, shape: Shape) -> CompileTimings:
+    def compile(self, size: Size) -> CompileTimings:
         return CompileTimings(lower_s=0.0, compile_s=0.0, warmup_s=0.0)
 
     def generate(
@@ -59,9 +59,10 @@ class StandInPipeline:
         seed: int,
         guidance_scale: float,
         on_step: Callable[[int], None] | None = None,
+        scheduler: str = DEFAULT_SCHEDULER,
     ) -> np.ndarray:
-        if shape.size not in self._sizes or shape.steps > self._max_steps:
-            raise UnsupportedShape(f"{shape.size} at {shape.steps} steps is not served here")
+        if shape.size not in self._sizes or not 1 <= shape.steps <= self.max_steps:
+            raise UnsupportedShape(f"shape {shape} is not served here")
         for step in range(1, shape.steps + 1):
             time.sleep(self._step_s)
             if on_step is not None:
@@ -95,7 +96,9 @@ def config_of(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
         redis_url=args.redis_url,
         model="stand-in",
-        shapes=with_step_range(args.shapes, args.max_steps),
+        sizes=tuple(dict.fromkeys(shape.size for shape in args.shapes)),
+        max_steps=max([args.max_steps, *(shape.steps for shape in args.shapes)]),
+        default_steps=args.shapes[0].steps,
         key_prefix=args.key_prefix,
         worker_id=args.worker_id,
         heartbeat_interval_s=args.heartbeat_interval,
@@ -112,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_of(args)
 
     def load() -> StandInPipeline:
-        return StandInPipeline(config.shapes or (), args.step_s)
+        return StandInPipeline(tuple(args.shapes), args.step_s, max_steps=config.max_steps)
 
     status = asyncio.run(serve(config, load_pipeline=load))  # type: ignore[arg-type]
     logging.shutdown()

@@ -45,7 +45,17 @@ from worker.delivery import ClaimedJob, Delivery
 
 # Two step counts, so tests can tell a compiled shape from one that is not.
 TEST_SHAPES = (Shape(width=64, height=64, steps=2), Shape(width=64, height=64, steps=3))
-SHAPES_ARG = ",".join(map(str, TEST_SHAPES))
+# What the test workers serve: the shapes' size at 1 to their most steps, their first's steps by default.
+TEST_SIZE = TEST_SHAPES[0].size
+TEST_MAX_STEPS = max(shape.steps for shape in TEST_SHAPES)
+SERVING_ARGS = [
+    "--sizes",
+    str(TEST_SIZE),
+    "--max-steps",
+    str(TEST_MAX_STEPS),
+    "--default-steps",
+    str(TEST_SHAPES[0].steps),
+]
 READY_TIMEOUT_S = 240.0
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 
@@ -99,8 +109,7 @@ def worker_args(redis_url: str, model: Path, worker_id: str, prefix: str = "sdxl
         prefix,
         "--model",
         str(model),
-        "--shapes",
-        SHAPES_ARG,
+        *SERVING_ARGS,
         "--worker-id",
         worker_id,
         "--heartbeat-interval",

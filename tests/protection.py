@@ -40,9 +40,12 @@ async def running_worker(redis_url: str, worker_id: str = "fake-worker", **setti
     """A real Worker (its loop, heartbeats and queue scripts) on `redis_url` with a stand-in pipeline, ready."""
     defaults: dict[str, Any] = {"heartbeat_interval_s": 0.5, "heartbeat_ttl_s": 2.0, "claim_block_ms": 100}
     shapes = settings.pop("shapes", TEST_SHAPES)
-    config = WorkerConfig(
-        redis_url=redis_url, shapes=shapes, worker_id=worker_id, metrics_port=0, **{**defaults, **settings}
-    )
+    defaults |= {
+        "sizes": tuple(dict.fromkeys(shape.size for shape in shapes)),
+        "max_steps": max(shape.steps for shape in shapes),
+        "default_steps": shapes[0].steps,
+    }
+    config = WorkerConfig(redis_url=redis_url, worker_id=worker_id, metrics_port=0, **{**defaults, **settings})
     redis = connect(redis_url, name=f"test-worker:{worker_id}")
     worker = Worker(config, redis, load_pipeline=lambda: StandInPipeline(shapes))  # type: ignore[arg-type,return-value]
     task = asyncio.create_task(worker.run())

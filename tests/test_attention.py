@@ -104,7 +104,7 @@ def images(tiny_model: Path) -> dict[str, np.ndarray]:
     for precision, pipeline in (("bf16", served), ("f32", full)):
         for kind in ("einsum", "dot_product"):
             variant = pipeline.variant(attention=kind)
-            variant.compile(SHAPE)
+            variant.compile(SHAPE.size)
             out[f"{kind}-{precision}"] = variant.generate(SHAPE, "a cat", "blurry", 3, 7.5).astype(np.int32)
     return out
 

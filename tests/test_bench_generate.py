@@ -169,13 +169,13 @@ SMALL = Architecture(
 
 def test_random_weights_are_made_on_every_device_in_bfloat16() -> None:
     pipeline = SDXLPipeline.random(SMALL, images_per_request=4, report_progress=False)
-    weights = {k: v for k, v in pipeline._params.items() if k != "scheduler"}
-    leaves = jax.tree_util.tree_leaves(weights)
-    assert leaves and all(w.dtype == jnp.bfloat16 and w.shape[0] == 4 for w in leaves)
-    assert all(np.array_equal(w[0], w[3]) for w in leaves[:20])  # the copies are the same weights
+    leaves = jax.tree_util.tree_leaves(pipeline._params)
+    assert leaves and all(w.dtype == jnp.bfloat16 and w.sharding.is_fully_replicated for w in leaves)
+    copies = [[shard.data for shard in w.addressable_shards] for w in leaves[:20]]
+    assert all(len(c) == 4 and np.array_equal(c[0], c[3]) for c in copies)  # the copies are the same weights
     shape = Shape(width=32, height=32, steps=2)
     assert pipeline.native_size == (32, 32)
-    pipeline.compile(shape)
+    pipeline.compile(shape.size)
     images = pipeline.generate(shape, "a cat", "", 0, 7.5)
     assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
     assert pipeline.flop_count(shape).per_image > 0

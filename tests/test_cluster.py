@@ -53,8 +53,10 @@ async def test_up_serves_then_stops_every_child(tmp_path: Path) -> None:
             "1",
             "--port",
             str(port),
-            "--shapes",
-            "64x64x2",
+            "--sizes",
+            "64x64",
+            "--max-steps",
+            "2",
             "--cache-dir",
             str(cache),
         ],
@@ -144,7 +146,7 @@ async def test_up_restarts_a_dead_child_and_gives_up_on_a_crash_loop(tiny_model:
     port = free_port()
     up = subprocess.Popen(  # noqa: ASYNC220 (the test talks to it through its pipes)
         [sys.executable, "-m", "sdxl_serve", "up", "--workers", "2", "--port", str(port), "--model", str(tiny_model),
-         "--shapes", "64x64x2", "--cache-dir", str(tmp_path),
+         "--sizes", "64x64", "--max-steps", "2", "--cache-dir", str(tmp_path),
          "--restart-delay", "0.2", "--restart-limit", "1", "--restart-window", "600"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

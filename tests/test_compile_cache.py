@@ -36,7 +36,6 @@ MISSES = ("sdxl_worker_compile_cache_total", (("result", "miss"),))
 
 def start(processes: ProcessGroup, redis_url: str, model: Path, worker_id: str, *cache: str) -> None:
     args = worker_args(redis_url, model, worker_id, prefix=PREFIX)
-    args[args.index("--shapes") + 1] = str(SHAPE)
     processes.start(worker_id, *args, *cache)
 
 

@@ -399,13 +399,13 @@ def _scaled_object_problems(docs: list[Doc], scaled: Doc) -> list[str]:
     worker = the_worker(docs)
     if spec["scaleTargetRef"]["name"] != worker.workload["metadata"]["name"]:
         return [f"the ScaledObject scales {spec['scaleTargetRef']['name']}, not the workers"]
-    if worker.args.shapes is None:
-        return ["the worker's --shapes must be explicit, so its streams can be checked"]
+    if worker.args.sizes is None:
+        return ["the worker's --sizes must be explicit, so its streams can be checked"]
     problems = [] if spec.get("minReplicaCount", 0) >= 1 else ["minReplicaCount 0: see scaledobject.yaml"]
     keys = RedisKeys(worker.args.key_prefix)
     triggers = spec["triggers"]
     streams = {t["metadata"]["stream"] for t in triggers}
-    wanted = {keys.size_stream(shape.size) for shape in worker.args.shapes}
+    wanted = {keys.size_stream(size) for size in worker.args.sizes}
     if streams != wanted:
         problems.append(f"trigger streams {sorted(streams)} != the workers' size streams {sorted(wanted)}")
     modifiers = spec["advanced"]["scalingModifiers"]
@@ -610,7 +610,7 @@ def _rename_secret(docs: list[Doc]) -> None:
 
 BREAKAGES: dict[str, tuple[Callable[[list[Doc]], None], Callable[[list[Doc]], list[str]]]] = {
     "metrics port moved": (_set_arg("--metrics-port", "9401"), port_problems),
-    "shape added": (_set_arg("--shapes", "1024x1024x20,1024x1024x25,768x768x30"), keda_problems),
+    "size added": (_set_arg("--sizes", "1024x1024,768x768"), keda_problems),
     "drain lengthened": (_set_arg("--drain-timeout", "600"), grace_problems),
     "cache bound raised": (_set_arg("--compile-cache-max-gb", "20"), volume_problems),
     "probe path typo": (_set_readiness_path, probe_problems),

@@ -29,7 +29,7 @@ from tests.conftest import READY_TIMEOUT_S, ProcessGroup, post_generate, read_ev
 pytestmark = pytest.mark.e2e
 
 SLOW_STEPS = 40  # long enough on this machine to act while a job runs
-SHAPES = f"64x64x2,64x64x{SLOW_STEPS}"
+SERVING = ["--sizes", "64x64", "--max-steps", str(SLOW_STEPS), "--default-steps", "2"]
 
 
 # AOF on, so queued jobs survive a restart; stream writes announced, so a test can await "all jobs
@@ -56,8 +56,7 @@ class FaultCluster:
             self.redis.url(),
             "--model",
             str(self.model),
-            "--shapes",
-            SHAPES,
+            *SERVING,
             "--worker-id",
             name,
             "--heartbeat-interval",

@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from common.protocol import Shape
+from common.protocol import SCHEDULERS, Shape
 from common.rediskeys import RedisKeys
 from testkit.standin import with_step_range
 from tests.conftest import (
@@ -216,7 +216,8 @@ async def test_a_stand_in_worker_serves_every_step_count_up_to_its_max(
 ) -> None:
     async with running_worker(redis_server.url(0), shapes=with_step_range(SHAPES[:1], 50)) as worker:
         served = {k: getattr(worker.info, k) for k in ("sizes", "max_steps", "default_steps", "schedulers")}
-        assert served == {"sizes": [SHAPES[0].size], "max_steps": 50, "default_steps": 2, "schedulers": ["euler"]}
+        expected = {"sizes": [SHAPES[0].size], "max_steps": 50, "default_steps": 2, "schedulers": list(SCHEDULERS)}
+        assert served == expected  # the worker publishes the schedulers its pipeline runs: the stand-in, all
         response = await client.post("/v1/generate", json={"prompt": "a cat", "num_inference_steps": 7})
         body = await response.json()
         assert (response.status, body["num_inference_steps"], body["scheduler"]) == (200, 7, "euler")

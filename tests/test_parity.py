@@ -4,54 +4,64 @@ fused, for several sizes, step counts and negative prompts. The check has teeth:
 in SDXL's time ids fail it.
 
 The two differ by bfloat16 rounding in different places (diffusers post-processes in bfloat16 and takes the
-guidance difference of bfloat16 noise predictions; the worker does both in float32): a mean of about 0.3
-levels, and in a portrait case a handful of pixels (about 1 in 10,000) at 3 levels. So 2 levels is the
-bound for all but 1 pixel in 1,000, and no pixel may be off by more than 3."""
+guidance difference of bfloat16 noise predictions; the worker does both in float32) and by the scheduler's
+arithmetic (diffusers' Euler computes its sigmas in float32 and steps as `x + (x - denoised) / sigma * dt`; the
+worker's table, worker/schedulers.py, computes them in float64, as diffusers' PyTorch schedulers do, and steps as
+`a * x + b * denoised`): a mean of about 0.3 levels, and in the 96x64 case with a negative prompt, 0.13% of
+pixels at 3 levels and one at 4. (The sigmas weigh most: with diffusers' float32 sigmas in the worker's table,
+the images at 1 and 2 steps are those of diffusers' own Euler arithmetic bit for bit.) So 2 levels is the bound
+for all but 2 pixels in 1,000, and no pixel may be off by more than 4 (measured with the table's training sigmas
+in float64; they are float32 now, as diffusers', and the bound may tighten again)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 import pytest
 
-from common.protocol import Shape
+from common.protocol import Shape, Size
 from worker import pipeline as pipeline_module
 from worker.pipeline import SDXLPipeline
 
 IMAGES = 4  # one per virtual device
 LEVELS = 2
-OUTLIERS = 1e-3  # the share of pixels allowed one level more
+OUTLIERS = 2e-3  # the share of pixels allowed one level more
 SEED = 11
 GUIDANCE = 5.0
 STEPWISE = (Shape(width=64, height=64, steps=2), Shape(width=96, height=64, steps=3))
 FUSED = (Shape(width=64, height=96, steps=2),)
 NEGATIVES = ("", "blurry, low quality")
+MAX_STEPS = 3  # each compiled size serves every step count up to this
 Reference = Callable[[Shape, str], np.ndarray]
 
 
 @pytest.fixture(scope="module")
 def stepwise(tiny_model: Path) -> SDXLPipeline:
-    loaded = SDXLPipeline.load(str(tiny_model), None, images_per_request=IMAGES)
-    for shape in STEPWISE:
-        loaded.compile(shape)
+    loaded = SDXLPipeline.load(str(tiny_model), None, images_per_request=IMAGES, max_steps=MAX_STEPS)
+    for size in dict.fromkeys(shape.size for shape in STEPWISE):
+        loaded.compile(size)
     return loaded
 
 
 @pytest.fixture(scope="module")
 def fused(stepwise: SDXLPipeline) -> SDXLPipeline:
     variant = stepwise.variant(report_progress=False)
-    for shape in FUSED:
-        variant.compile(shape)
+    for size in dict.fromkeys(shape.size for shape in FUSED):
+        variant.compile(size)
     return variant
 
 
 @pytest.fixture(scope="module")
 def reference(stepwise: SDXLPipeline) -> Reference:
     """diffusers' jitted SDXL pipeline with the worker's modules and parameters, memoized per case."""
-    pipe, params = stepwise._pipe, stepwise._params
+    pipe = stepwise._pipe
+    # diffusers' pipeline maps over a leading device axis (pmap) and reads its scheduler's state from the params;
+    # the worker's parameters are replicated arrays and its schedule is made on the host.
+    params = per_device({**stepwise._params, "scheduler": pipe.scheduler.create_state()}, jax.local_device_count())
     done: dict[tuple[Shape, str], np.ndarray] = {}
 
     def images(shape: Shape, negative: str) -> np.ndarray:
@@ -60,6 +70,11 @@ def reference(stepwise: SDXLPipeline) -> Reference:
         return done[shape, negative]
 
     return images
+
+
+def per_device(tree: Any, devices: int) -> Any:
+    """Every leaf of `tree` with a leading device axis, one copy per device, on the host (for `jax.pmap`)."""
+    return jax.tree_util.tree_map(lambda x: np.broadcast_to(np.asarray(x), (devices, *np.shape(x))), tree)
 
 
 def _diffusers_images(pipe: object, params: object, shape: Shape, negative: str) -> np.ndarray:
@@ -103,7 +118,7 @@ def level_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def assert_matches(ours: np.ndarray, theirs: np.ndarray) -> None:
     difference = level_difference(ours, theirs)
     assert (difference > LEVELS).mean() <= OUTLIERS, f"{(difference > LEVELS).mean():.2%} of pixels beyond {LEVELS}"
-    assert difference.max() <= LEVELS + 1
+    assert difference.max() <= LEVELS + 2
 
 
 @pytest.mark.parametrize("negative", NEGATIVES, ids=["no-negative", "negative"])
@@ -127,12 +142,12 @@ def test_swapped_time_ids_fail_the_check(
     shape = STEPWISE[1]  # not square
     correct = pipeline_module.time_ids_of
 
-    def swapped(shape: Shape) -> list[int]:
-        height, width, top, left, *_ = correct(shape)
+    def swapped(size: Size) -> list[int]:
+        height, width, top, left, *_ = correct(size)
         return [width, height, top, left, width, height]
 
     monkeypatch.setattr(pipeline_module, "time_ids_of", swapped)
     broken = stepwise.variant()
-    broken.compile(shape)
+    broken.compile(shape.size)
     difference = level_difference(generate(broken, shape, ""), reference(shape, ""))
-    assert difference.max() > 10 * LEVELS and (difference > LEVELS).mean() > 100 * OUTLIERS
+    assert difference.max() > 10 * LEVELS and (difference > LEVELS).mean() > 0.1

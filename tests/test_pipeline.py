@@ -1,8 +1,12 @@
-"""The JAX pipeline on the tiny model, four virtual CPU devices: shapes, determinism, distinctness."""
+"""The JAX pipeline on the tiny model, four virtual CPU devices: sizes and step counts, determinism, distinctness."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import jax
@@ -10,34 +14,86 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common.protocol import Shape
-from worker.pipeline import DeviceMismatch, InvalidShape, SDXLPipeline, UnsupportedShape
+from common.protocol import SCHEDULERS, Shape, Size
+from tests.test_parity import per_device
+from worker import pipeline as pipeline_module
+from worker.pipeline import DeviceMismatch, InvalidShape, PipelineError, SDXLPipeline, UnsupportedShape
+from worker.schedulers import table
 
+SIZE = Size(width=64, height=64)
+MAX_STEPS = 3
+GUIDANCE = 7.5
 SHAPE = Shape(width=64, height=64, steps=2)
+# JAX reports every compile of an executable for a backend under this event (with its duration).
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_model: Path) -> SDXLPipeline:
-    loaded = SDXLPipeline.load(str(tiny_model), None, images_per_request=4)
-    loaded.compile(SHAPE)
+    loaded = SDXLPipeline.load(str(tiny_model), None, images_per_request=4, max_steps=MAX_STEPS)
+    loaded.compile(SIZE)
     return loaded
+
+
+@pytest.fixture(scope="module")
+def fused(pipeline: SDXLPipeline) -> SDXLPipeline:
+    """The same model without progress: one executable per size and variant runs the whole loop."""
+    variant = pipeline.variant(report_progress=False)
+    variant.compile(SIZE)
+    return variant
+
+
+@contextmanager
+def counting_compiles() -> Iterator[list[str]]:
+    """The names of the compile events JAX reports while the block runs."""
+    events: list[str] = []
+
+    def listen(event: str, duration_secs: float, **kwargs: str | int) -> None:
+        if event == BACKEND_COMPILE:
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def test_runs_on_four_devices_with_one_image_each(pipeline: SDXLPipeline) -> None:
     assert jax.local_device_count() == 4
     assert (pipeline.devices, pipeline.per_device) == (4, 1)
-    assert pipeline.shapes == (SHAPE,)
+    assert pipeline.sizes == (SIZE,)
     assert pipeline.native_size == (64, 64)
+    assert pipeline.max_steps == MAX_STEPS and pipeline.schedulers == SCHEDULERS
 
 
-def test_params_are_bfloat16_replicated_with_float32_scheduler(pipeline: SDXLPipeline) -> None:
-    params = pipeline._params
-    weights = jax.tree_util.tree_leaves({k: v for k, v in params.items() if k != "scheduler"})
-    assert weights and all(w.dtype == jnp.bfloat16 and w.shape[0] == 4 for w in weights)
-    scheduler = [
-        leaf for leaf in jax.tree_util.tree_leaves(params["scheduler"]) if jnp.issubdtype(leaf.dtype, jnp.floating)
-    ]
-    assert scheduler and all(leaf.dtype == jnp.float32 for leaf in scheduler)
+def test_params_are_bfloat16_replicated(pipeline: SDXLPipeline) -> None:
+    weights = jax.tree_util.tree_leaves(pipeline._params)
+    assert weights and all(w.dtype == jnp.bfloat16 and w.sharding.is_fully_replicated for w in weights)
+    assert all(len(w.addressable_shards) == 4 for w in weights)
+
+
+@pytest.mark.parametrize("report_progress", [True, False], ids=["stepwise", "fused"])
+def test_one_compiled_size_serves_every_step_count_and_scheduler_without_a_compile(
+    pipeline: SDXLPipeline, fused: SDXLPipeline, report_progress: bool
+) -> None:
+    """Steps and scheduler are runtime values: 1, 2 and max_steps steps, each scheduler, guided or not, run on
+    the executables compiled for the size; the listener does see a compile (a new small function)."""
+    variant = pipeline if report_progress else fused
+    with counting_compiles() as compiles:
+        images = {
+            (steps, scheduler, guidance): variant.generate(
+                Shape(width=64, height=64, steps=steps), "a cat", "", 7, guidance, scheduler=scheduler
+            )
+            for steps in (1, 2, MAX_STEPS)
+            for scheduler in SCHEDULERS
+            for guidance in (0.0, 7.5)
+        }
+    assert compiles == []
+    assert len({image.tobytes() for image in images.values()}) > len(images) // 2  # the inputs were used
+    with counting_compiles() as compiles:
+        jax.jit(lambda x: x * 3)(np.arange(5)).block_until_ready()
+    assert compiles == [BACKEND_COMPILE]
 
 
 def test_generates_four_distinct_uint8_images(pipeline: SDXLPipeline) -> None:
@@ -84,16 +140,23 @@ def test_without_guidance_a_request_runs_one_unet_evaluation_per_step(pipeline: 
     assert pipeline.unet_evaluations(SHAPE, guidance_scale=0.0) == SHAPE.steps
     assert pipeline.unet_evaluations(SHAPE, guidance_scale=1.0) == SHAPE.steps
     assert pipeline.unet_evaluations(SHAPE, guidance_scale=7.5) == 2 * SHAPE.steps
+    unguided = pipeline.flop_count(SHAPE, guidance=False)
+    assert unguided.unet_per_image == SHAPE.steps * unguided.unet_per_sample
+    assert pipeline.flop_count(SHAPE).unet_per_image == 2 * unguided.unet_per_image
 
 
-def test_uncompiled_shape_is_refused(pipeline: SDXLPipeline) -> None:
-    with pytest.raises(UnsupportedShape, match="64x64x2"):
-        pipeline.generate(Shape(width=64, height=64, steps=5), "a cat", "", seed=1, guidance_scale=7.5)
+def test_uncompiled_size_steps_past_the_maximum_and_unknown_schedulers_are_refused(pipeline: SDXLPipeline) -> None:
+    with pytest.raises(UnsupportedShape, match="size 96x64 is not compiled here; compiled: 64x64"):
+        pipeline.generate(Shape(width=96, height=64, steps=2), "a cat", "", seed=1, guidance_scale=7.5)
+    with pytest.raises(UnsupportedShape, match="4 steps: this worker runs 1 to 3"):
+        pipeline.generate(Shape(width=64, height=64, steps=MAX_STEPS + 1), "a cat", "", seed=1, guidance_scale=7.5)
+    with pytest.raises(PipelineError, match="unknown scheduler 'ddim'"):
+        pipeline.generate(SHAPE, "a cat", "", seed=1, guidance_scale=7.5, scheduler="ddim")
 
 
 def test_size_off_the_model_grid_is_refused_at_compile(pipeline: SDXLPipeline) -> None:
     with pytest.raises(InvalidShape, match="multiples of 4"):
-        pipeline.compile(Shape(width=66, height=64, steps=2))
+        pipeline.compile(Size(width=66, height=64))
 
 
 def test_images_must_divide_over_devices(tiny_model: Path) -> None:
@@ -101,16 +164,50 @@ def test_images_must_divide_over_devices(tiny_model: Path) -> None:
         SDXLPipeline.load(str(tiny_model), None, images_per_request=6)
 
 
-def test_default_shapes_are_native_size(pipeline: SDXLPipeline) -> None:
-    assert pipeline.default_shapes() == (Shape(width=64, height=64, steps=20),)
+def test_default_size_is_native(pipeline: SDXLPipeline) -> None:
+    assert pipeline.default_sizes() == (SIZE,)
 
 
-def test_the_compiled_loop_reports_every_step_in_order(pipeline: SDXLPipeline) -> None:
+def test_the_compiled_loop_reports_every_step_in_order(pipeline: SDXLPipeline, fused: SDXLPipeline) -> None:
     steps: list[int] = []
     images = pipeline.generate(SHAPE, "progress", "", 5, 7.5, on_step=steps.append)
     assert steps == [1, 2]  # once per step from the first device only, each after its step's work
-    quiet = pipeline.variant(report_progress=False)
-    quiet.compile(SHAPE)
     silent: list[int] = []
-    np.testing.assert_array_equal(quiet.generate(SHAPE, "progress", "", 5, 7.5, on_step=silent.append), images)
+    np.testing.assert_array_equal(fused.generate(SHAPE, "progress", "", 5, 7.5, on_step=silent.append), images)
     assert silent == []
+
+
+def pmap_images(pipeline: SDXLPipeline, shape: Shape, negative_prompt: str, seed: int, scheduler: str) -> np.ndarray:
+    """A guided request run by `jax.pmap` of the pipeline's own per-device functions, parameters and inputs
+    stacked on a leading device axis: the reference the jit and shard_map executables must match bit for bit."""
+    pipe, d, size = pipeline._pipe, pipeline.devices, shape.size
+
+    def stacked(tree: Any) -> Any:
+        return per_device(tree, d)
+
+    params = stacked(pipeline._params)
+    negative = jax.pmap(functools.partial(pipeline_module._encode_negative, pipe))(
+        params, stacked(pipeline._tokenize(negative_prompt)[None]), stacked(np.float32(1.0))
+    )
+    keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), pipeline.images_per_request))
+    coefficients = table(scheduler, shape.steps, pipeline._scheduler)  # type: ignore[arg-type]
+    rows, guidance = stacked(coefficients.padded(pipeline.max_steps)), stacked(np.float32(GUIDANCE))
+    begin = jax.pmap(pipeline._traced(pipeline_module._begin, size, True))
+    step = jax.pmap(pipeline._traced(pipeline_module._step, size, True))
+    finish = jax.pmap(functools.partial(pipeline_module._decode, pipe))
+    ids = stacked(pipeline._tokenize("a lighthouse")[None])
+    latents, denoised, context, pooled = begin(
+        params, ids, negative, keys.reshape(d, -1, 2), stacked(np.float32(coefficients.init_noise_sigma))
+    )
+    for i in range(shape.steps):
+        latents, denoised, _ = step(params, latents, denoised, context, pooled, guidance, rows, stacked(np.int32(i)))
+    return np.asarray(finish(params, latents)).reshape(pipeline.images_per_request, size.height, size.width, 3)
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m_karras"])
+def test_the_images_are_those_of_pmap_bit_for_bit(pipeline: SDXLPipeline, scheduler: str) -> None:
+    """jit of shard_map over the mesh runs each device's share as pmap ran it: the same images, bit for bit
+    (DPM-Solver++ 2M also carries the previous step's denoised estimate from step to step)."""
+    shape = Shape(width=64, height=64, steps=MAX_STEPS)
+    ours = pipeline.generate(shape, "a lighthouse", "fog", 9, GUIDANCE, scheduler=scheduler)
+    np.testing.assert_array_equal(ours, pmap_images(pipeline, shape, "fog", 9, scheduler))

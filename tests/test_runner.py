@@ -24,9 +24,20 @@ import pytest
 import redis.asyncio as aioredis
 
 from common.jobstore import JobStore
-from common.protocol import Job, JobResult, Shape
+from common.protocol import SCHEDULERS, Job, JobResult, Shape, Size
 from common.rediskeys import RedisKeys
-from tests.conftest import TEST_SHAPES, ProcessGroup, RedisServer, scrape, wait_ready, worker_args
+from common.registry import Registry
+from tests.conftest import (
+    TEST_MAX_STEPS,
+    TEST_SHAPES,
+    TEST_SIZE,
+    Cluster,
+    ProcessGroup,
+    RedisServer,
+    scrape,
+    wait_ready,
+    worker_args,
+)
 from worker.config import WorkerConfig
 from worker.encode import Encoding
 from worker.pipeline import CompileTimings
@@ -44,6 +55,8 @@ class Pipeline:
 
     device_kind = "stand-in"
     devices = 4
+    max_steps = TEST_MAX_STEPS
+    schedulers = SCHEDULERS
 
     def __init__(self) -> None:
         self.generating: dict[int, threading.Event] = {}
@@ -52,14 +65,14 @@ class Pipeline:
     def started(self, seed: int) -> threading.Event:
         return self.generating.setdefault(seed, threading.Event())
 
-    def default_shapes(self) -> tuple[Shape, ...]:
-        return TEST_SHAPES
+    def default_sizes(self) -> tuple[Size, ...]:
+        return (TEST_SIZE,)
 
-    def compile(self, shape: Shape) -> CompileTimings:
+    def compile(self, size: Size) -> CompileTimings:
         return CompileTimings(lower_s=0.0, compile_s=0.0, warmup_s=0.0)
 
     def generate(
-        self, shape: Shape, prompt: str, negative: str, seed: int, guidance: float, on_step: object
+        self, shape: Shape, prompt: str, negative: str, seed: int, guidance: float, on_step: object, scheduler: str
     ) -> np.ndarray:
         self.started(seed).set()
         self.on_generate(seed)
@@ -86,7 +99,13 @@ class Encoder:
 @contextlib.asynccontextmanager
 async def worker(redis_server: RedisServer, pipeline: Pipeline, encoder: Encoder) -> AsyncIterator[Worker]:
     config = WorkerConfig(
-        redis_url=redis_server.url(0), shapes=TEST_SHAPES, worker_id="w", claim_block_ms=100, metrics_port=0
+        redis_url=redis_server.url(0),
+        sizes=(TEST_SIZE,),
+        max_steps=TEST_MAX_STEPS,
+        default_steps=TEST_SHAPES[0].steps,
+        worker_id="w",
+        claim_block_ms=100,
+        metrics_port=0,
     )
     client = aioredis.Redis.from_url(redis_server.url(0))
     serving = Worker(config, client, load_pipeline=lambda: pipeline, encode_images=encoder)  # type: ignore[arg-type,return-value]
@@ -166,7 +185,13 @@ async def test_a_stop_drains_the_job_on_the_device_and_the_one_in_delivery(
     pipeline = Pipeline()
     encoder = Encoder(pipeline, held=1, until=2)
     config = WorkerConfig(
-        redis_url=redis_server.url(0), shapes=TEST_SHAPES, worker_id="w", claim_block_ms=100, metrics_port=0
+        redis_url=redis_server.url(0),
+        sizes=(TEST_SIZE,),
+        max_steps=TEST_MAX_STEPS,
+        default_steps=TEST_SHAPES[0].steps,
+        worker_id="w",
+        claim_block_ms=100,
+        metrics_port=0,
     )
     serving = Worker(config, redis_client, load_pipeline=lambda: pipeline, encode_images=encoder)  # type: ignore[arg-type,return-value]
     loop = asyncio.get_running_loop()
@@ -207,7 +232,7 @@ async def test_a_cancelled_running_job_stops_at_its_next_step_and_the_worker_tak
     redis_server: RedisServer, redis_client: aioredis.Redis, tiny_model: Path, processes: ProcessGroup
 ) -> None:
     args = worker_args(redis_server.url(0), tiny_model, "stopper")
-    args[args.index("--shapes") + 1] = f"{LONG},{SHORT}"
+    args[args.index("--max-steps") + 1] = str(LONG.steps)
     processes.start("stopper", *args)
     try:
         [info] = await wait_ready(redis_server.url(0), 1)
@@ -258,3 +283,30 @@ async def wait_result(redis_client: aioredis.Redis, job_id: str) -> JobResult:
             while (result := await store.fetch_meta(job_id)) is None:
                 await completions.get_message(ignore_subscribe_messages=True, timeout=1.0)
     return result
+
+
+@pytest.mark.e2e
+async def test_a_worker_publishes_its_sizes_and_step_range_runs_every_scheduler_and_fails_a_job_it_cannot_run(
+    cluster: Cluster,
+) -> None:
+    """Jobs queued past the gateway's checks (straight onto the size's stream): a step count over the worker's
+    maximum fails with a reason naming it, and the worker carries on with the next job, at any scheduler."""
+    client = aioredis.Redis.from_url(cluster.redis_url)
+    try:
+        workers = await Registry(client, KEYS).workers()
+        assert {(w.sizes[0], w.max_steps, w.default_steps, tuple(w.schedulers)) for w in workers} == {
+            (TEST_SIZE, TEST_MAX_STEPS, TEST_SHAPES[0].steps, SCHEDULERS)
+        }
+        assert all(w.shapes == [TEST_SHAPES[0]] for w in workers)  # for gateways that read shapes
+        store = JobStore(client, KEYS)
+        too_long = Shape(width=TEST_SIZE.width, height=TEST_SIZE.height, steps=TEST_MAX_STEPS + 1)
+        jobs = {"too-long": (too_long, "euler")} | {scheduler: (SHORT, scheduler) for scheduler in SCHEDULERS}
+        for job_id, (shape, scheduler) in jobs.items():
+            job = Job(id=job_id, prompt="a cat", seed=3, guidance_scale=7.5, shape=shape, result_ttl_s=60)
+            await store.submit(job.model_copy(update={"scheduler": scheduler}), KEYS.size_stream(TEST_SIZE))
+        results = {job_id: await wait_result(client, job_id) for job_id in jobs}
+    finally:
+        await client.aclose()
+    failed = results.pop("too-long")
+    assert failed.status == "failed" and failed.error == f"{TEST_MAX_STEPS + 1} steps: this worker runs 1 to 3"
+    assert {job_id: result.status for job_id, result in results.items()} == dict.fromkeys(SCHEDULERS, "succeeded")

@@ -19,8 +19,8 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from common.config import add_blob_store_argument, add_redis_arguments  # noqa: E402
-from common.protocol import parse_shapes  # noqa: E402
-from worker.config import ATTENTION, DEFAULT_MODEL, WorkerConfig, default_compile_cache_dir  # noqa: E402
+from common.protocol import MAX_STEPS, Size  # noqa: E402
+from worker.config import ATTENTION, DEFAULT_MODEL, WorkerConfig, default_compile_cache_dir, parse_sizes  # noqa: E402
 
 CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
@@ -95,13 +95,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_default: str | No
         help="for a single-file --model: diffusers-layout folder or hub id with its configs and tokenizers "
         "(default: stabilityai/stable-diffusion-xl-base-1.0, weights not fetched)",
     )
-    parser.add_argument(
-        "--shapes",
-        type=parse_shapes,
-        default=None,
-        help="WIDTHxHEIGHTxSTEPS,... to compile; sdxl:STEPS for SDXL's nine trained resolutions "
-        "(default: native size at 20 and 25 steps; 20 on CPU)",
-    )
+    _add_serving_arguments(parser)
     parser.add_argument("--images-per-request", type=int, default=WorkerConfig.images_per_request)
     parser.add_argument(
         "--cpu-devices",
@@ -116,6 +110,51 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_default: str | No
         help="UNet attention: einsum (diffusers' own, default) or dot_product "
         "(jax.nn.dot_product_attention: cuDNN flash attention on NVIDIA GPUs)",
     )
+
+
+def _add_serving_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a worker compiles (sizes) and serves at each (a step range)."""
+    parser.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=None,
+        help="WIDTHxHEIGHT,... to compile; sdxl for SDXL's nine trained resolutions; each serves every step "
+        "count from 1 to --max-steps (default: the model's native size)",
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=WorkerConfig.max_steps,
+        help=f"the most denoising steps a request may ask for (1..{MAX_STEPS})",
+    )
+    parser.add_argument(
+        "--default-steps",
+        type=int,
+        default=None,
+        help=f"the steps of a request that names none (default {WorkerConfig.default_steps}, or --max-steps when less)",
+    )
+    parser.add_argument("--shapes", type=_removed_shapes, default=None, help=argparse.SUPPRESS)
+
+
+def _sizes(text: str) -> tuple[Size, ...]:
+    try:
+        return parse_sizes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _removed_shapes(text: str) -> None:
+    """`--shapes` compiled one size per step count; a worker now serves every step count of a size."""
+    raise argparse.ArgumentTypeError(
+        "--shapes is replaced by --sizes WIDTHxHEIGHT,... (or sdxl) and --max-steps N: each size serves every "
+        f"step count from 1 to N (for {text!r}: --sizes " + _sizes_of(text) + ")"
+    )
+
+
+def _sizes_of(shapes: str) -> str:
+    """The sizes of an old `--shapes` value, for the hint."""
+    sizes = [part.strip().rsplit("x", 1)[0] if part.count("x") == 2 else "sdxl" for part in shapes.split(",") if part]
+    return ",".join(dict.fromkeys(sizes))
 
 
 def add_compile_cache_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,7 +193,11 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         model=args.model,
         revision=args.revision,
         model_config=args.model_config,
-        shapes=args.shapes,
+        sizes=args.sizes,
+        max_steps=args.max_steps,
+        default_steps=min(WorkerConfig.default_steps, args.max_steps)
+        if args.default_steps is None
+        else args.default_steps,
         images_per_request=args.images_per_request,
         key_prefix=args.key_prefix,
         heartbeat_interval_s=args.heartbeat_interval,

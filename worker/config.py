@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 import uuid
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Literal, get_args
 
 from common.blobstore import REDIS as BLOBS_IN_REDIS
 from common.config import DEFAULT_REDIS_URL, default_cache_dir, require, require_blob_store_url, require_redis_url
-from common.protocol import Shape
+from common.protocol import DEFAULT_MAX_STEPS, DEFAULT_STEPS, MAX_STEPS, SDXL_RESOLUTIONS, Size
 from common.rediskeys import DEFAULT_PREFIX
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -21,6 +22,8 @@ DEFAULT_MODEL_REVISION = "refs/pr/95"
 # How the UNet's attention layers compute (worker/attention.py).
 Attention = Literal["einsum", "dot_product"]
 ATTENTION: tuple[str, ...] = get_args(Attention)
+# What `--shapes` took before sizes served every step count: WIDTHxHEIGHTxSTEPS, or sdxl:STEPS.
+_SHAPE_LIKE = re.compile(r"^\s*(\d+x\d+x\d+|sdxl:\d+)\s*$")
 
 
 def default_compile_cache_dir() -> Path:
@@ -33,16 +36,39 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+def parse_sizes(text: str) -> tuple[Size, ...]:
+    """Parse `--sizes`: comma-separated `WIDTHxHEIGHT`s, `sdxl` standing for SDXL's nine trained resolutions;
+    order kept, repeats dropped. A step count (the old `--shapes` form) is refused, saying what to use instead."""
+    sizes: list[Size] = []
+    for part in (p.strip() for p in text.split(",")):
+        if part == "sdxl":
+            sizes += [Size(width=w, height=h) for w, h in SDXL_RESOLUTIONS]
+        elif _SHAPE_LIKE.match(part):
+            raise ValueError(
+                f"{part!r} names a step count: give sizes only (WIDTHxHEIGHT, e.g. 1024x1024, or sdxl); each size "
+                "serves every step count from 1 to --max-steps"
+            )
+        elif part:
+            sizes.append(Size.parse(part))
+    if not sizes:
+        raise ValueError("at least one size is needed, e.g. 1024x1024")
+    return tuple(dict.fromkeys(sizes))
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
-    """Settings of one worker process. `shapes=None` means: the model's native size at the default steps."""
+    """Settings of one worker process. `sizes=None` means: the model's native size."""
 
     redis_url: str = DEFAULT_REDIS_URL
     model: str = DEFAULT_MODEL
     revision: str | None = None
     # Configs and tokenizers of a single-file checkpoint (None: SDXL base's, from the hub).
     model_config: str | None = None
-    shapes: tuple[Shape, ...] | None = None
+    sizes: tuple[Size, ...] | None = None
+    # Every compiled size serves any step count from 1 to max_steps; default_steps is what a request that
+    # names none gets (published for the gateway).
+    max_steps: int = DEFAULT_MAX_STEPS
+    default_steps: int = DEFAULT_STEPS
     images_per_request: int = 4
     key_prefix: str = DEFAULT_PREFIX
     worker_id: str = dataclasses.field(default_factory=default_worker_id)
@@ -75,7 +101,9 @@ class WorkerConfig:
             "--heartbeat-ttl",
             "must exceed twice the heartbeat interval",
         )
-        require(self.shapes is None or len(self.shapes) > 0, "--shapes", "must name at least one shape")
+        require(self.sizes is None or len(self.sizes) > 0, "--sizes", "must name at least one size")
+        require(1 <= self.max_steps <= MAX_STEPS, "--max-steps", f"must be 1..{MAX_STEPS}")
+        require(1 <= self.default_steps <= self.max_steps, "--default-steps", "must be 1..--max-steps")
         require(self.max_deliveries >= 1, "--max-deliveries", "must be >= 1")
         require(self.drain_timeout_s > 0, "--drain-timeout", "must be > 0")
         require(0 <= self.metrics_port <= 65535, "--metrics-port", "must be 0..65535")

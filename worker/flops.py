@@ -7,8 +7,9 @@ after compiling, and would not count a cuDNN attention call at all); the count d
 it is done. Attention is traced on diffusers' own path, so the count is the model's work, whatever path
 runs it.
 
-Per image, with classifier-free guidance: the UNet on two samples per step, one VAE decode, and both text
-encoders on one prompt (the negative prompt's encoding is a constant per distinct negative prompt).
+Per image: the UNet on two samples per step with classifier-free guidance (a guidance scale above 1), on one
+without; one VAE decode; both text encoders on one prompt (the negative prompt's encoding is a constant per
+distinct negative prompt).
 """
 
 from __future__ import annotations
@@ -56,16 +57,21 @@ def peak_tflops(device_kind: str) -> float | None:
 
 @dataclass(frozen=True)
 class FlopCount:
-    """Floating-point operations of one image at one shape, by component."""
+    """Floating-point operations of one image at one shape, by component, with or without guidance."""
 
     shape: Shape
     unet_per_sample: float  # one UNet evaluation of one latent (one step, one half of the guidance pair)
     vae_decode: float
     text_encoders: float  # both encoders, one prompt
+    guidance: bool = True  # classifier-free guidance: two UNet samples per step, else one
+
+    @property
+    def unet_samples_per_step(self) -> int:
+        return 2 if self.guidance else 1
 
     @property
     def unet_per_image(self) -> float:
-        return 2 * self.shape.steps * self.unet_per_sample
+        return self.unet_samples_per_step * self.shape.steps * self.unet_per_sample
 
     @property
     def per_image(self) -> float:
@@ -81,8 +87,9 @@ class FlopCount:
         }
 
 
-def count_flops(pipe: Any, params: Mapping[str, Any], shape: Shape) -> FlopCount:
-    """Count one image's work for `pipe` (a `FlaxStableDiffusionXLPipeline`) at `shape`.
+def count_flops(pipe: Any, params: Mapping[str, Any], shape: Shape, guidance: bool = True) -> FlopCount:
+    """Count one image's work for `pipe` (a `FlaxStableDiffusionXLPipeline`) at `shape`, with or without
+    classifier-free guidance.
 
     `params` are one device's parameters: arrays or `ShapeDtypeStruct`s; only shapes and dtypes are read.
     """
@@ -107,6 +114,7 @@ def count_flops(pipe: Any, params: Mapping[str, Any], shape: Shape) -> FlopCount
         unet_per_sample=traced_flops(unet, params["unet"], latents, timestep, context, added),
         vae_decode=traced_flops(decode, params["vae"], latents),
         text_encoders=traced_flops(pipe.get_embeddings, ids, params),
+        guidance=guidance,
     )
     logger.info("FLOPs per image at %s: %s", shape, {k: round(v, 3) for k, v in count.as_tflop().items()})
     return count

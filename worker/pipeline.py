@@ -1,19 +1,28 @@
-"""SDXL on JAX: load once, replicate over the local devices, compile per shape, generate.
+"""SDXL on JAX: load once, replicate over the local devices, compile per image size, generate.
 
 This module is pure: params and inputs in, arrays out. It does no I/O after loading and knows nothing of
-Redis or HTTP. Prompts are tokenized on the host; token ids, PRNG keys and guidance are array inputs of
-`pmap` executables compiled ahead of time per shape (width, height and steps are static), so no request
-ever triggers a compile.
+Redis or HTTP. Prompts are tokenized on the host; token ids, PRNG keys, guidance and the scheduler's per-step
+coefficients are array inputs of executables compiled ahead of time per image size (width and height are
+static), so no request ever triggers a compile, whatever its step count (1 to `max_steps`) or scheduler.
 
-With progress (the default) a shape has three executables, begin, one denoising step and finish, and
-the host runs the step executable once per step, so it knows when each step is done. Without, one
-executable runs the whole loop. Neither uses a host callback: an executable with one cannot be stored
-in JAX's persistent compilation cache, and a worker that restarts must not compile again.
+The executables are `jax.jit` of `jax.shard_map` over a one-axis `Mesh` of the local devices (axis `data`):
+the parameters and the per-request constants are replicated (`P()`), the images and everything per image (PRNG
+keys, latents, conditioning) are split over `data`. Each device runs the same program on its share of the
+images as `pmap` did (since JAX 0.8 `pmap` is itself implemented this way and in maintenance mode), so the
+images are the same bit for bit.
+
+A request's schedule is a table of one row of coefficients per step (worker/schedulers.py), computed on the
+host, padded to `max_steps` rows and put on the devices once per request, with the guidance scale and the
+initial noise's scale. With progress (the default) a size has three executables, begin, one denoising step and
+finish, and the host runs the step executable once per step, handing it the step's number (kept on the devices,
+made once), so it knows when each step is done. Without, one executable runs a loop whose length is an input.
+Neither uses a host callback: an executable with one cannot be stored in JAX's persistent compilation cache,
+and a worker that restarts must not compile again.
 
 A guidance scale above 1 runs classifier-free guidance: the UNet on the negative and the positive
 conditioning, two samples per image per step. At 1 or below, as in diffusers' PyTorch SDXL pipeline, there is
 no guidance: the prompt alone, one UNet sample per image per step, by executables of their own (`guided`
-False), compiled beside the guided ones for every shape.
+False), compiled beside the guided ones for every size.
 
 Each image gets its own PRNG key split from the request seed, and each device denoises its share of the
 images, so a seed gives the same images on any worker whatever its device count. Each device encodes the
@@ -29,19 +38,20 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from common.protocol import Shape
+from common.protocol import DEFAULT_MAX_STEPS, DEFAULT_SCHEDULER, MAX_STEPS, SCHEDULERS, Scheduler, Shape, Size
 from worker.attention import DEFAULT_ATTENTION, Attention, traced_with
 from worker.checkpoints import load_checkpoint
 from worker.flops import FlopCount, abstract_array, count_flops
 from worker.quiet import silence_flax_deprecation
+from worker.schedulers import SchedulerConfig, model_input, scheduler_config, table, timestep, update
 from worker.sdxl_arch import RANDOM_MODEL, SDXL_BASE, Architecture, components, random_host_params
 
 silence_flax_deprecation()
@@ -50,10 +60,18 @@ from diffusers import FlaxStableDiffusionXLPipeline  # noqa: E402  (after the wa
 
 logger = logging.getLogger(__name__)
 
-AXIS = "devices"
+AXIS = "data"
+_ALL = PartitionSpec()  # type: ignore[no-untyped-call]  # replicated: the parameters, the prompt's ids, the schedule
+_IMAGES = PartitionSpec(AXIS)  # type: ignore[no-untyped-call]  # split over the devices by image: keys, latents, conditioning, pixels
+# What each executable's arguments are (a spec stands for a whole pytree argument: params, negative, pooled).
+_BEGIN_SPECS = (_ALL, _ALL, _ALL, _IMAGES, _ALL)  # params, prompt ids, negative, keys, init noise sigma
+# params, latents, denoised, context, pooled, guidance, table, step index
+_STEP_SPECS = (_ALL, _IMAGES, _IMAGES, _IMAGES, _IMAGES, _ALL, _ALL, _ALL)
+_FUSED_SPECS = (*_BEGIN_SPECS[:4], _ALL, _ALL, _ALL, _ALL)  # ... guidance, table, init noise sigma, steps
 StepCallback = Callable[[int], None]
 # Distinct negative prompts whose conditioning stays on the devices (about 0.3 MB each per device).
 NEGATIVE_CACHE_SIZE = 64
+WARM_UP_GUIDANCE = 7.5
 
 
 class PipelineError(Exception):
@@ -61,11 +79,11 @@ class PipelineError(Exception):
 
 
 class UnsupportedShape(PipelineError):
-    """A request for a shape this pipeline has not compiled."""
+    """A request for a size this pipeline has not compiled, or a step count outside 1..max_steps."""
 
 
 class InvalidShape(PipelineError):
-    """A configured shape the model cannot produce (size not a multiple of its downsampling factor)."""
+    """A configured size the model cannot produce (not a multiple of its downsampling factor)."""
 
 
 class DeviceMismatch(PipelineError):
@@ -74,7 +92,7 @@ class DeviceMismatch(PipelineError):
 
 @dataclass
 class _Clock:
-    """Lowering and compile time summed over a shape's executables."""
+    """Lowering and compile time summed over a size's executables."""
 
     lower_s: float = 0.0
     compile_s: float = 0.0
@@ -106,22 +124,27 @@ class _StepParams:
         def pick(*names: str) -> dict[str, Any]:
             return {name: params[name] for name in names}
 
-        return cls(
-            begin=pick("text_encoder", "text_encoder_2", "scheduler"),
-            step=pick("unet", "scheduler"),
-            finish=pick("vae"),
-        )
+        return cls(begin=pick("text_encoder", "text_encoder_2"), step=pick("unet"), finish=pick("vae"))
 
 
 @dataclass(frozen=True)
 class _Stepwise:
-    """A shape's executables when progress is reported: begin, one step (run `steps` times), finish."""
+    """A size's executables when progress is reported: begin, one step (run once per step), finish."""
 
     begin: Any
     step: Any
     finish: Any
-    indices: list[jax.Array]  # each step's number, on every device
-    params: _StepParams
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """A request's schedule on the devices, put there once per request: the table of per-step coefficients
+    (padded to `max_steps` rows), the initial noise's scale and the guidance scale, one copy per device."""
+
+    steps: int
+    table: jax.Array
+    init_noise_sigma: jax.Array
+    guidance: jax.Array
 
 
 class _NegativeConditioning:
@@ -131,20 +154,20 @@ class _NegativeConditioning:
     it is computed by an executable of its own on a miss and kept, least recently used out first.
     """
 
-    def __init__(self, pipe: FlaxStableDiffusionXLPipeline, capacity: int = NEGATIVE_CACHE_SIZE) -> None:
-        self._encode_fn = jax.pmap(functools.partial(_encode_negative, pipe), axis_name=AXIS)
+    def __init__(self, encode: Any, capacity: int = NEGATIVE_CACHE_SIZE) -> None:
+        self._encode_fn = encode
         self._encode: Any = None
         self._cache: OrderedDict[str, tuple[jax.Array, jax.Array]] = OrderedDict()
         self.capacity = capacity
 
-    def compile(self, clock: _Clock, params: dict[str, Any], ids: np.ndarray, scale: np.ndarray) -> None:
+    def compile(self, clock: _Clock, params: dict[str, Any], ids: jax.Array, scale: jax.Array) -> None:
         if self._encode is None:
             self._encode = clock.compile(self._encode_fn, params, ids, scale)
 
     def get(
-        self, negative_prompt: str, params: dict[str, Any], ids: Callable[[], np.ndarray], scale: np.ndarray
+        self, negative_prompt: str, params: dict[str, Any], ids: Callable[[], jax.Array], scale: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
-        """(context, pooled) of `negative_prompt`, one copy per device; `ids` tokenizes it, on a miss only."""
+        """(context, pooled) of `negative_prompt`, replicated; `ids` tokenizes it, on a miss only."""
         cached = self._cache.get(negative_prompt)
         if cached is None:
             cached = self._encode(params, ids(), scale)
@@ -179,11 +202,12 @@ class CompileTimings:
 
 
 class SDXLPipeline:
-    """A loaded, replicated SDXL pipeline with its executables compiled per shape.
+    """A loaded, replicated SDXL pipeline with its executables compiled per image size.
 
-    With `report_progress`, each denoising step is its own dispatch and `generate` passes each finished
-    step number to its `on_step`; without, the loop runs inside one executable. `attention` picks the
-    computation of the UNet's attention layers (worker/attention.py).
+    Each compiled size serves any step count from 1 to `max_steps` and every scheduler of `SCHEDULERS`. With
+    `report_progress`, each denoising step is its own dispatch and `generate` passes each finished step number
+    to its `on_step`; without, the loop runs inside one executable. `attention` picks the computation of the
+    UNet's attention layers (worker/attention.py).
     """
 
     def __init__(
@@ -193,20 +217,31 @@ class SDXLPipeline:
         images_per_request: int,
         report_progress: bool = True,
         attention: Attention = DEFAULT_ATTENTION,
+        max_steps: int = DEFAULT_MAX_STEPS,
     ) -> None:
-        """`params` are already on the devices, with a leading device axis (see `_replicate`)."""
+        """`params` are already on the devices, replicated (see `_replicate`); the schedule is the scheduler
+        config's of `pipe` (worker/schedulers.py)."""
         self.devices = jax.local_device_count()
         if images_per_request % self.devices:
             raise DeviceMismatch(
                 f"{images_per_request} images per request cannot be split evenly over "
                 f"{self.devices} devices; use a multiple of {self.devices}"
             )
+        if not 1 <= max_steps <= MAX_STEPS:
+            raise PipelineError(f"max_steps must be 1..{MAX_STEPS} (got {max_steps})")
         self.images_per_request = images_per_request
         self.per_device = images_per_request // self.devices
+        self.max_steps = max_steps
         self._pipe = pipe
+        self._scheduler: SchedulerConfig = scheduler_config(pipe.scheduler.config)
         self._params = params
-        self._compiled: dict[Shape, dict[bool, Any]] = {}  # shape -> guided or not -> executables
-        self._negatives = _NegativeConditioning(pipe)  # shared by variants: it does not depend on them
+        self._step_params = _StepParams.of(self._params)
+        self._compiled: dict[Size, dict[bool, Any]] = {}  # size -> guided or not -> executables
+        self._mesh = Mesh(np.array(jax.local_devices()), (AXIS,))
+        encode_negative = self._sharded(functools.partial(_encode_negative, pipe), (_ALL,) * 3, (_ALL, _ALL))
+        self._negatives = _NegativeConditioning(encode_negative)  # shared by variants: it does not depend on them
+        # Each step's number on every device, made once: the host hands the step executable one per step.
+        self._indices = [self._put(np.int32(i)) for i in range(max_steps)]
         self.report_progress = report_progress
         self.attention = attention
 
@@ -219,16 +254,18 @@ class SDXLPipeline:
         report_progress: bool = True,
         attention: Attention = DEFAULT_ATTENTION,
         model_config: str | None = None,
+        max_steps: int = DEFAULT_MAX_STEPS,
     ) -> SDXLPipeline:
         """Load from a hub id, a local folder or a single-file checkpoint (worker/checkpoints.py); params in
-        bfloat16, the scheduler state in float32. `model_config` gives a single file its configs and tokenizers.
+        bfloat16. `model_config` gives a single file its configs and tokenizers.
 
         `sdxl-random` is SDXL base's architecture with random weights made on the devices (no download).
         """
         if model == RANDOM_MODEL:
-            return cls.random(SDXL_BASE, images_per_request, report_progress, attention)
+            return cls.random(SDXL_BASE, images_per_request, report_progress, attention, max_steps=max_steps)
         pipe, params = load_checkpoint(model, revision, model_config)
-        return cls(pipe, _replicate(params), images_per_request, report_progress, attention)
+        params.pop("scheduler")  # the schedule is computed on the host from the scheduler's config
+        return cls(pipe, _replicate(params), images_per_request, report_progress, attention, max_steps)
 
     @classmethod
     def random(
@@ -238,14 +275,14 @@ class SDXLPipeline:
         report_progress: bool = True,
         attention: Attention = DEFAULT_ATTENTION,
         seed: int = 0,
+        max_steps: int = DEFAULT_MAX_STEPS,
     ) -> SDXLPipeline:
         """The architecture `arch` with random bfloat16 weights drawn on the host (worker/sdxl_arch.py)."""
         parts = components(arch)
         pipe = FlaxStableDiffusionXLPipeline(**parts, dtype=jnp.bfloat16)
         # Each array goes to the devices as soon as it is drawn: the host never holds all the weights.
         params = random_host_params(parts, seed, place=_replicate)
-        params["scheduler"] = _replicate(pipe.scheduler.create_state())
-        return cls(pipe, params, images_per_request, report_progress, attention)
+        return cls(pipe, params, images_per_request, report_progress, attention, max_steps)
 
     def variant(self, *, report_progress: bool | None = None, attention: Attention | None = None) -> SDXLPipeline:
         """The same loaded model and device params, with its own executables (for A/B benchmarks)."""
@@ -257,10 +294,11 @@ class SDXLPipeline:
             other.attention = attention
         return other
 
-    def flop_count(self, shape: Shape) -> FlopCount:
-        """Floating-point operations of one image at `shape`, counted from this model (worker/flops.py)."""
-        one_device = jax.tree_util.tree_map(lambda x: abstract_array(x.shape[1:], x.dtype), self._params)
-        return count_flops(self._pipe, one_device, shape)
+    def flop_count(self, shape: Shape, guidance: bool = True) -> FlopCount:
+        """Floating-point operations of one image at `shape`, with or without classifier-free guidance, counted
+        from this model (worker/flops.py)."""
+        one_device = jax.tree_util.tree_map(lambda x: abstract_array(x.shape, x.dtype), self._params)
+        return count_flops(self._pipe, one_device, shape, guidance)
 
     def unet_evaluations(self, shape: Shape, guidance_scale: float) -> int:
         """UNet evaluations per image of a request at `shape`, measured: XLA's FLOP count of the compiled
@@ -268,7 +306,7 @@ class SDXLPipeline:
 
         Stepwise executables only: XLA counts a loop's body once, so a fused executable's count cannot say.
         """
-        compiled = self._compiled[shape][guided(guidance_scale)]
+        compiled = self._compiled[shape.size][guided(guidance_scale)]
         if not isinstance(compiled, _Stepwise):
             raise PipelineError("UNet evaluations are counted on the stepwise executables (report_progress)")
         cost = compiled.step.cost_analysis()
@@ -292,76 +330,86 @@ class SDXLPipeline:
         unet_levels = len(self._pipe.unet.config.block_out_channels) - 1
         return int(self._pipe.vae_scale_factor * 2**unet_levels)
 
-    def default_shapes(self) -> tuple[Shape, ...]:
-        """The native size at 20 and 25 steps on an accelerator; at 20 steps on a CPU."""
+    @property
+    def schedulers(self) -> tuple[str, ...]:
+        """The schedulers a request may name (worker/schedulers.py): all of them, by the same executables."""
+        return SCHEDULERS
+
+    def default_sizes(self) -> tuple[Size, ...]:
+        """The native size."""
         width, height = self.native_size
-        steps = (20,) if jax.default_backend() == "cpu" else (20, 25)
-        return tuple(Shape(width=width, height=height, steps=s) for s in steps)
+        return (Size(width=width, height=height),)
 
     @property
-    def shapes(self) -> tuple[Shape, ...]:
-        """The shapes compiled so far, in compile order."""
+    def sizes(self) -> tuple[Size, ...]:
+        """The sizes compiled so far, in compile order."""
         return tuple(self._compiled)
 
-    def compile(self, shape: Shape) -> CompileTimings:
-        """Compile the executables for a shape ahead of time and run them once."""
+    def compile(self, size: Size) -> CompileTimings:
+        """Compile the executables for a size ahead of time and run them once (at one step)."""
         multiple = self.size_multiple
-        if shape.width % multiple or shape.height % multiple:
-            raise InvalidShape(f"shape {shape}: width and height must be multiples of {multiple}")
+        if size.width % multiple or size.height % multiple:
+            raise InvalidShape(f"size {size}: width and height must be multiples of {multiple}")
         clock = _Clock()
         self._negatives.compile(clock, self._params, self._negative_ids(""), self._negative_scale(""))
         variants: dict[bool, Any] = {}
         finish = None  # decoding is the same with or without guidance: one executable for both
         for cfg in (True, False):
-            inputs = self._inputs("warm-up", "", 0, 7.5 if cfg else 0.0)
+            inputs = self._inputs("warm-up", "", 0, WARM_UP_GUIDANCE if cfg else 0.0)
+            schedule = self._schedule(DEFAULT_SCHEDULER, 1, WARM_UP_GUIDANCE)
             if self.report_progress:
-                variants[cfg] = self._compile_stepwise(shape, cfg, inputs, clock, finish)
+                variants[cfg] = self._compile_stepwise(size, cfg, inputs, schedule, clock, finish)
                 finish = variants[cfg].finish
             else:
-                fused = jax.pmap(self._traced(_generate, shape, cfg), axis_name=AXIS)
-                variants[cfg] = clock.compile(fused, self._params, *inputs)
-        self._compiled[shape] = variants
+                fused = self._sharded(self._traced(_generate, size, cfg), _FUSED_SPECS, _IMAGES)
+                variants[cfg] = clock.compile(fused, self._params, *inputs, *self._fused_schedule(schedule))
+        self._compiled[size] = variants
         warm_started = time.perf_counter()
         for cfg in (True, False):
-            self._warm_up(variants[cfg], self._inputs("warm-up", "", 0, 7.5 if cfg else 0.0))
+            self._warm_up(size, cfg)
         timings = CompileTimings(clock.lower_s, clock.compile_s, time.perf_counter() - warm_started)
         logger.info(
-            "compiled %s: lower %.2fs, compile %.2fs, warm-up %.2fs",
-            shape,
-            *(timings.lower_s, timings.compile_s, timings.warmup_s),
+            "compiled %s (1 to %d steps): lower %.2fs, compile %.2fs, warm-up %.2fs",
+            *(size, self.max_steps, timings.lower_s, timings.compile_s, timings.warmup_s),
         )
         return timings
 
     def _compile_stepwise(
-        self, shape: Shape, cfg: bool, inputs: tuple[Any, ...], clock: _Clock, finish: Any = None
+        self, size: Size, cfg: bool, inputs: tuple[Any, ...], schedule: _Schedule, clock: _Clock, finish: Any = None
     ) -> _Stepwise:
-        """Three executables: begin (text and noise), one denoising step (the step number is an input, so
-        one executable serves every step), finish (decode; `finish` when already compiled). Compiling the
-        step needs the shapes of what begin makes, so begin runs once here."""
-        *conditioning, guidance = inputs
-        pmap = functools.partial(jax.pmap, axis_name=AXIS)
-        params = _StepParams.of(self._params)
-        begin = clock.compile(pmap(self._traced(_begin, shape, cfg)), params.begin, *conditioning)
-        latents, context, pooled = begin(params.begin, *conditioning)
-        indices = [_replicate(np.int32(i)) for i in range(shape.steps)]
-        # The latents are donated: each step writes its output over its input instead of a new buffer.
+        """Three executables: begin (text and noise), one denoising step (the step's number, its row of the
+        table, is an input, so one executable serves every step of every schedule), finish (decode; `finish`
+        when already compiled). Compiling the step needs the shapes of what begin makes, so begin runs once."""
+        params = self._step_params
+        begin_fn = self._sharded(self._traced(_begin, size, cfg), _BEGIN_SPECS, (_IMAGES,) * 4)
+        begin = clock.compile(begin_fn, params.begin, *inputs, schedule.init_noise_sigma)
+        latents, denoised, context, pooled = begin(params.begin, *inputs, schedule.init_noise_sigma)
+        # The latents and the denoised estimate are donated: each step writes its outputs over its inputs.
         step = clock.compile(
-            pmap(self._traced(_step, shape, cfg), donate_argnums=1),
-            params.step,
-            latents,
-            context,
-            pooled,
-            guidance,
-            indices[0],
+            self._sharded(self._traced(_step, size, cfg), _STEP_SPECS, (_IMAGES,) * 3, donate=(1, 2)),
+            *(params.step, latents, denoised, context, pooled),
+            *(schedule.guidance, schedule.table, self._indices[0]),
         )
         if finish is None:
-            finish = clock.compile(pmap(functools.partial(_decode, self._pipe)), params.finish, latents)
-        return _Stepwise(begin=begin, step=step, finish=finish, indices=indices, params=params)
+            decode = self._sharded(functools.partial(_decode, self._pipe), (_ALL, _IMAGES), _IMAGES)
+            finish = clock.compile(decode, params.finish, latents)
+        return _Stepwise(begin=begin, step=step, finish=finish)
 
-    def _traced(self, fn: Callable[..., Any], shape: Shape, cfg: bool) -> Callable[..., Any]:
-        """`fn` bound to this model, shape and guidance variant, its UNet attention computed as
+    def _sharded(self, fn: Callable[..., Any], in_specs: Any, out_specs: Any, donate: tuple[int, ...] = ()) -> Any:
+        """`fn`, written for one device's share, as one program over the mesh: each argument and result replicated
+        (`_ALL`) or split over the images (`_IMAGES`), as the specs say (a spec covers a whole pytree argument)."""
+        mapped = jax.shard_map(fn, mesh=self._mesh, in_specs=in_specs, out_specs=out_specs)
+        return jax.jit(mapped, donate_argnums=donate)
+
+    def _put(self, value: Any, spec: PartitionSpec = _ALL) -> jax.Array:
+        """A host value on the devices: replicated, or split over the images with `_IMAGES`."""
+        put: jax.Array = jax.device_put(value, NamedSharding(self._mesh, spec))
+        return put
+
+    def _traced(self, fn: Callable[..., Any], size: Size, cfg: bool) -> Callable[..., Any]:
+        """`fn` bound to this model, size and guidance variant, its UNet attention computed as
         `self.attention` says."""
-        return traced_with(self.attention, functools.partial(fn, self._pipe, shape, cfg))
+        return traced_with(self.attention, functools.partial(fn, self._pipe, size, cfg))
 
     def generate(
         self,
@@ -371,60 +419,74 @@ class SDXLPipeline:
         seed: int,
         guidance_scale: float,
         on_step: StepCallback | None = None,
+        scheduler: str = DEFAULT_SCHEDULER,
     ) -> np.ndarray:
         """Generate `images_per_request` images; returns uint8 [images, height, width, 3].
 
         With `report_progress`, `on_step(n)` is called on this thread as denoising step n (1-based) is done.
+        UnsupportedShape: the size is not compiled, or the step count is outside 1..max_steps; PipelineError:
+        an unknown scheduler.
         """
-        variants = self._compiled.get(shape)
+        variants = self._compiled.get(shape.size)
         if variants is None:
-            raise UnsupportedShape(
-                f"shape {shape} is not compiled here; compiled: {', '.join(map(str, self._compiled)) or 'none'}"
-            )
+            compiled = ", ".join(map(str, self._compiled)) or "none"
+            raise UnsupportedShape(f"size {shape.size} is not compiled here; compiled: {compiled}")
+        if not 1 <= shape.steps <= self.max_steps:
+            raise UnsupportedShape(f"{shape.steps} steps: this worker runs 1 to {self.max_steps}")
+        schedule = self._schedule(scheduler, shape.steps, guidance_scale)
         compiled = variants[guided(guidance_scale)]
         inputs = self._inputs(prompt, negative_prompt, seed, guidance_scale)
         if isinstance(compiled, _Stepwise):
-            images = self._run_stepwise(compiled, inputs, on_step)
+            images = self._run_stepwise(compiled, inputs, schedule, on_step)
         else:
-            images = np.asarray(compiled(self._params, *inputs))
+            images = np.asarray(compiled(self._params, *inputs, *self._fused_schedule(schedule)))
         return images.reshape(self.images_per_request, shape.height, shape.width, 3)
 
-    def _warm_up(self, compiled: Any, inputs: tuple[Any, ...]) -> None:
-        """Run each executable of a shape's variant once, so the first request pays no first-run costs
-        (allocation, loading the executable onto the devices). Stepwise, one step stands for all of them."""
-        if isinstance(compiled, _Stepwise):
-            compiled = replace(compiled, indices=compiled.indices[:1])
-            self._run_stepwise(compiled, inputs, on_step=None)
-        else:
-            np.asarray(compiled(self._params, *inputs))
+    def _warm_up(self, size: Size, cfg: bool) -> None:
+        """Run a variant's executables once (one step), so the first request pays no first-run costs
+        (allocation, loading the executables onto the devices)."""
+        guidance = WARM_UP_GUIDANCE if cfg else 0.0
+        self.generate(Shape(width=size.width, height=size.height, steps=1), "warm-up", "", 0, guidance)
+
+    def _schedule(self, scheduler: str, steps: int, guidance_scale: float) -> _Schedule:
+        """The request's schedule, put on the devices (one upload per array, once per request)."""
+        if scheduler not in SCHEDULERS:
+            raise PipelineError(f"unknown scheduler {scheduler!r}; this worker runs {', '.join(self.schedulers)}")
+        coefficients = table(cast(Scheduler, scheduler), steps, self._scheduler)
+        return _Schedule(
+            steps=steps,
+            table=self._put(coefficients.padded(self.max_steps)),
+            init_noise_sigma=self._put(np.float32(coefficients.init_noise_sigma)),
+            guidance=self._put(np.float32(guidance_scale)),
+        )
 
     def _run_stepwise(
-        self, stepwise: _Stepwise, inputs: tuple[np.ndarray, ...], on_step: StepCallback | None
+        self, stepwise: _Stepwise, inputs: tuple[Any, ...], schedule: _Schedule, on_step: StepCallback | None
     ) -> np.ndarray:
         """Dispatch the steps one after the other; report step n once its output exists.
 
         Dispatch is asynchronous: step n+1 is queued before waiting on step n, so the devices never wait
         for the host, and a report is at most one step late.
         """
-        *conditioning, guidance = inputs
-        params = stepwise.params
-        latents, context, pooled = stepwise.begin(params.begin, *conditioning)
+        params = self._step_params
+        latents, denoised, context, pooled = stepwise.begin(params.begin, *inputs, schedule.init_noise_sigma)
         done: jax.Array | None = None
-        for number, index in enumerate(stepwise.indices):
-            latents, marker = stepwise.step(params.step, latents, context, pooled, guidance, index)
+        for number, index in enumerate(self._indices[: schedule.steps]):
+            latents, denoised, marker = stepwise.step(
+                params.step, latents, denoised, context, pooled, schedule.guidance, schedule.table, index
+            )
             if done is not None:
                 _reached(done, number, on_step)
             done = marker
         images = stepwise.finish(params.finish, latents)
-        assert done is not None, "a shape has at least one step"
-        _reached(done, len(stepwise.indices), on_step)
+        assert done is not None, "a request has at least one step"
+        _reached(done, schedule.steps, on_step)
         return np.asarray(images)
 
     def _inputs(self, prompt: str, negative_prompt: str, seed: int, guidance_scale: float) -> tuple[Any, ...]:
         """Prompt ids (each device encodes the prompt once for its images), the negative conditioning
-        (context, pooled) with guidance or nothing without, one PRNG key per image, guidance."""
-        d, b = self.devices, self.per_device
-        prompt_ids = np.broadcast_to(self._tokenize(prompt), (d, 1, 2, self._max_length))
+        (context, pooled) with guidance or nothing without, one PRNG key per image."""
+        prompt_ids = self._put(self._tokenize(prompt)[None])
         negative: tuple[Any, ...] = ()
         if guided(guidance_scale):
             negative = self._negatives.get(
@@ -434,15 +496,18 @@ class SDXLPipeline:
                 self._negative_scale(negative_prompt),
             )
         keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), self.images_per_request))
-        guidance = np.full((d,), guidance_scale, dtype=np.float32)
-        return prompt_ids, negative, keys.reshape(d, b, -1), guidance
+        return prompt_ids, negative, self._put(keys, _IMAGES)
 
-    def _negative_ids(self, negative_prompt: str) -> np.ndarray:
-        return np.broadcast_to(self._tokenize(negative_prompt), (self.devices, 1, 2, self._max_length))
+    def _negative_ids(self, negative_prompt: str) -> jax.Array:
+        return self._put(self._tokenize(negative_prompt)[None])
 
-    def _negative_scale(self, negative_prompt: str) -> np.ndarray:
+    def _negative_scale(self, negative_prompt: str) -> jax.Array:
         # SDXL conditions on zeros, not on the encoding of "", when there is no negative prompt.
-        return np.full((self.devices,), 1.0 if negative_prompt else 0.0, dtype=np.float32)
+        return self._put(np.float32(1.0 if negative_prompt else 0.0))
+
+    def _fused_schedule(self, schedule: _Schedule) -> tuple[jax.Array, ...]:
+        """The fused executable's schedule inputs: guidance, table, initial noise scale, step count."""
+        return schedule.guidance, schedule.table, schedule.init_noise_sigma, self._put(np.int32(schedule.steps))
 
     @property
     def _max_length(self) -> int:
@@ -460,115 +525,105 @@ class SDXLPipeline:
 
 
 def _replicate(tree: Any) -> Any:
-    """Put one copy of every leaf on every local device, as a leading device axis `pmap` maps over.
+    """Put one copy of every leaf on every local device (`P()` over the mesh of them all).
 
     Each device receives its copy straight from the host; nothing is compiled (stacking on a device
     would compile one op per parameter shape, minutes for SDXL).
     """
-    devices = jax.local_devices()
-    spec = PartitionSpec("devices")  # type: ignore[no-untyped-call]
-    sharding = NamedSharding(Mesh(np.array(devices), ("devices",)), spec)
-
-    def put(leaf: Any) -> jax.Array:
-        host = np.asarray(leaf)[None]
-        shards = [jax.device_put(host, device) for device in devices]
-        return jax.make_array_from_single_device_arrays((len(devices), *host.shape[1:]), sharding, shards)
-
-    return jax.tree_util.tree_map(put, tree)
+    sharding = NamedSharding(Mesh(np.array(jax.local_devices()), (AXIS,)), _ALL)
+    return jax.tree_util.tree_map(lambda leaf: jax.device_put(np.asarray(leaf), sharding), tree)
 
 
 def _generate(
     pipe: FlaxStableDiffusionXLPipeline,
-    shape: Shape,
+    size: Size,
     cfg: bool,
     params: dict[str, Any],
     prompt_ids: jax.Array,
     negative: tuple[jax.Array, ...],
     keys: jax.Array,
     guidance_scale: jax.Array,
+    table: jax.Array,
+    init_noise_sigma: jax.Array,
+    steps: jax.Array,
 ) -> jax.Array:
-    """One device's share in one executable: encode, denoise `shape.steps` times, decode to uint8 NHWC."""
-    latents, context, pooled = _begin(pipe, shape, cfg, params, prompt_ids, negative, keys)
-    state = _timesteps(pipe, params, shape, latents.shape)
+    """One device's share in one executable: encode, denoise `steps` times (a runtime value), decode."""
+    latents, denoised, context, pooled = _begin(pipe, size, cfg, params, prompt_ids, negative, keys, init_noise_sigma)
 
-    def step(i: jax.Array, latents: jax.Array) -> jax.Array:
-        return _denoise(pipe, cfg, params, state, latents, context, pooled, guidance_scale, i)
+    def step(i: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        return _denoise(pipe, cfg, params, *carry, context, pooled, guidance_scale, table[i])
 
-    return _decode(pipe, params, jax.lax.fori_loop(0, shape.steps, step, latents))
+    latents, _ = jax.lax.fori_loop(0, steps, step, (latents, denoised))
+    return _decode(pipe, params, latents)
 
 
 def _begin(
     pipe: FlaxStableDiffusionXLPipeline,
-    shape: Shape,
+    size: Size,
     cfg: bool,
     params: dict[str, Any],
     prompt_ids: jax.Array,
     negative: tuple[jax.Array, ...],
     keys: jax.Array,
-) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    init_noise_sigma: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]:
     """Text conditioning (with guidance, `negative` is the negative prompt's context and pooled embedding;
-    without, empty) and the initial noise, scaled for the scheduler."""
+    without, empty), the initial noise scaled for the schedule, and a zero denoised estimate (the previous
+    step's, for the first step of a multistep scheduler)."""
     assert cfg == bool(negative), "the negative conditioning comes with guidance, and only then"
-    context, pooled = _conditioning(pipe, params, prompt_ids, negative, keys.shape[0], shape)
-    latents = _initial_latents(pipe, keys, shape)
-    state = _timesteps(pipe, params, shape, latents.shape)
-    return latents * state.init_noise_sigma, context, pooled
+    context, pooled = _conditioning(pipe, params, prompt_ids, negative, keys.shape[0], size)
+    latents = _initial_latents(pipe, keys, size)
+    return latents * init_noise_sigma, jnp.zeros_like(latents), context, pooled
 
 
 def _step(
     pipe: FlaxStableDiffusionXLPipeline,
-    shape: Shape,
+    size: Size,
     cfg: bool,
     params: dict[str, Any],
     latents: jax.Array,
+    denoised: jax.Array,
     context: jax.Array,
     pooled: dict[str, jax.Array],
     guidance_scale: jax.Array,
+    table: jax.Array,
     i: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """Denoising step `i` as an executable of its own (the scheduler state is rebuilt: it is a constant).
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Denoising step `i` (row `i` of the schedule's table) as an executable of its own.
 
-    Returns the new latents and one of their elements: a marker that exists once the step is done, to
-    wait on after the latents themselves have been donated to the next step.
+    Returns the new latents and denoised estimate, and one element of the latents per device: a marker that
+    exists once the step is done, to wait on after the latents themselves have been donated to the next step.
     """
-    state = _timesteps(pipe, params, shape, latents.shape)
-    latents = _denoise(pipe, cfg, params, state, latents, context, pooled, guidance_scale, i)
-    return latents, latents[0, 0, 0, 0]
-
-
-def _timesteps(
-    pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], shape: Shape, latent_shape: tuple[int, ...]
-) -> Any:
-    return pipe.scheduler.set_timesteps(params["scheduler"], num_inference_steps=shape.steps, shape=latent_shape)
+    latents, denoised = _denoise(pipe, cfg, params, latents, denoised, context, pooled, guidance_scale, table[i])
+    return latents, denoised, latents[:1, 0, 0, 0]
 
 
 def _denoise(
     pipe: FlaxStableDiffusionXLPipeline,
     cfg: bool,
     params: dict[str, Any],
-    state: Any,
     latents: jax.Array,
+    denoised: jax.Array,
     context: jax.Array,
     pooled: dict[str, jax.Array],
     guidance_scale: jax.Array,
-    i: jax.Array,
-) -> jax.Array:
-    """One Euler step, with classifier-free guidance when `cfg` (Euler's state does not change from step to
-    step). Without, the UNet sees each latent once, conditioned on the prompt."""
-    t = state.timesteps[i]
-    model_input = pipe.scheduler.scale_model_input(state, jnp.concatenate([latents, latents]) if cfg else latents, t)
+    row: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """One step of the schedule whose coefficients are `row`, with classifier-free guidance when `cfg`.
+    Without, the UNet sees each latent once, conditioned on the prompt. Returns (latents, denoised)."""
+    scaled = model_input(jnp.concatenate([latents, latents]) if cfg else latents, row)
+    t = timestep(row)
     noise = pipe.unet.apply(
         {"params": params["unet"]},
-        model_input,
-        jnp.broadcast_to(t, (model_input.shape[0],)),
+        scaled,
+        jnp.broadcast_to(t, (scaled.shape[0],)),
         encoder_hidden_states=context,
         added_cond_kwargs=pooled,
     ).sample.astype(jnp.float32)
     if cfg:
         uncond, cond = jnp.split(noise, 2)
         noise = uncond + guidance_scale * (cond - uncond)
-    latents, _ = pipe.scheduler.step(state, noise, t, latents).to_tuple()
-    return latents
+    return update(latents, noise, denoised, row)
 
 
 def _encode_negative(
@@ -585,7 +640,7 @@ def _conditioning(
     prompt_ids: jax.Array,
     negative: tuple[jax.Array, ...],
     images: int,
-    shape: Shape,
+    size: Size,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Text context and SDXL's added conditioning for `images` images; with a negative (classifier-free
     guidance), the negative half first. The prompt is encoded once and shared by the images."""
@@ -599,19 +654,19 @@ def _conditioning(
         negative_context, negative_pooled = negative
         contexts.insert(0, per_image(negative_context))
         pooleds.insert(0, per_image(negative_pooled))
-    time_ids = jnp.array([time_ids_of(shape)] * (len(contexts) * images), dtype=context.dtype)
+    time_ids = jnp.array([time_ids_of(size)] * (len(contexts) * images), dtype=context.dtype)
     return jnp.concatenate(contexts), {"text_embeds": jnp.concatenate(pooleds), "time_ids": time_ids}
 
 
-def time_ids_of(shape: Shape) -> list[int]:
+def time_ids_of(size: Size) -> list[int]:
     """SDXL's micro-conditioning: original size, crop top-left, target size, each (height, width)."""
-    return [shape.height, shape.width, 0, 0, shape.height, shape.width]
+    return [size.height, size.width, 0, 0, size.height, size.width]
 
 
-def _initial_latents(pipe: FlaxStableDiffusionXLPipeline, keys: jax.Array, shape: Shape) -> jax.Array:
+def _initial_latents(pipe: FlaxStableDiffusionXLPipeline, keys: jax.Array, size: Size) -> jax.Array:
     """Gaussian latents, one draw per image key."""
     factor = pipe.vae_scale_factor
-    latent_shape = (pipe.unet.config.in_channels, shape.height // factor, shape.width // factor)
+    latent_shape = (pipe.unet.config.in_channels, size.height // factor, size.width // factor)
     return jax.vmap(lambda key: jax.random.normal(key, latent_shape, dtype=jnp.float32))(keys)
 
 

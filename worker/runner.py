@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 from common.blobstore import BlobStore, open_blob_store
 from common.config import log_config
 from common.logs import bound
-from common.protocol import DEFAULT_RESULT_TTL_S, DEFAULT_SCHEDULER, Job, JobResult, Shape, Timings
+from common.protocol import DEFAULT_RESULT_TTL_S, DEFAULT_SCHEDULER, Job, JobResult, Shape, Size, Timings
 from common.redis_conn import UNAVAILABLE, connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo, WorkerState
@@ -121,7 +121,7 @@ class Worker:
             model=config.model,
             images_per_request=config.images_per_request,
             state="warming",
-            **served(config.shapes or ()),
+            **serving(config.sizes or (), config.max_steps, config.default_steps, ()),
             started_at=started_at or time.time(),
         )
 
@@ -169,20 +169,20 @@ class Worker:
             self._encoders.shutdown(wait=False)
 
     async def _warm_up(self) -> None:
-        """Load, then compile and warm every shape; record how start-up time splits into phases."""
+        """Load, then compile and warm every size; record how start-up time splits into phases."""
         phases = {"init": time.time() - self.info.started_at}  # imports, Redis, the metrics port
         started = time.perf_counter()
         pipeline = await self._on_device(self._load_pipeline)
         phases["load"] = time.perf_counter() - started
-        shapes = self.config.shapes or pipeline.default_shapes()
-        for shape in shapes:
-            timings = await self._on_device(functools.partial(pipeline.compile, shape))
+        sizes = self.config.sizes or pipeline.default_sizes()
+        for size in sizes:
+            timings = await self._on_device(functools.partial(pipeline.compile, size))
             for phase, seconds in (
                 ("lower", timings.lower_s),
                 ("compile", timings.compile_s),
                 ("warmup", timings.warmup_s),
             ):
-                self.metrics.compile_seconds.labels(str(shape), phase).set(seconds)
+                self.metrics.compile_seconds.labels(str(size), phase).set(seconds)
                 phases[phase] = phases.get(phase, 0.0) + seconds
         for phase, seconds in phases.items():
             self.metrics.startup_seconds.labels(phase).set(seconds)
@@ -192,18 +192,21 @@ class Worker:
             update={
                 "device_kind": pipeline.device_kind,
                 "devices": pipeline.devices,
-                **served(shapes),
+                **serving(
+                    sizes, pipeline.max_steps, min(self.config.default_steps, pipeline.max_steps), pipeline.schedulers
+                ),
                 "ready_at": time.time(),
             }
         )
         start_to_ready = time.time() - self.info.started_at
         self.metrics.start_to_ready_seconds.set(start_to_ready)
         logger.info(
-            "worker %s warm: %d %s devices, shapes %s; start to ready %.2fs (%s)",
+            "worker %s warm: %d %s devices, sizes %s at 1 to %d steps; start to ready %.2fs (%s)",
             self.id,
             pipeline.devices,
             pipeline.device_kind,
-            ",".join(map(str, shapes)),
+            ",".join(map(str, sizes)),
+            pipeline.max_steps,
             start_to_ready,
             ", ".join(f"{phase} {seconds:.2f}s" for phase, seconds in phases.items()),
         )
@@ -221,6 +224,7 @@ class Worker:
             self.config.images_per_request,
             attention=self.config.attention,
             model_config=self.config.model_config,
+            max_steps=self.config.max_steps,
         )
 
     async def _serve_next(self) -> None:
@@ -319,7 +323,13 @@ class Worker:
         try:
             return await self._on_device(
                 lambda: pipeline.generate(
-                    job.shape, job.prompt, job.negative_prompt, job.seed, job.guidance_scale, on_step=on_step
+                    job.shape,
+                    job.prompt,
+                    job.negative_prompt,
+                    job.seed,
+                    job.guidance_scale,
+                    on_step=on_step,
+                    scheduler=job.scheduler,
                 )
             )
         finally:
@@ -496,6 +506,18 @@ class Worker:
             await self._recovery.rehome(self._keys.worker_stream(self.id))
         except REDIS_ERRORS as exc:
             logger.warning("could not deregister (%s); the entry expires and others take the jobs", exc)
+
+
+def serving(sizes: Sequence[Size], max_steps: int, default_steps: int, schedulers: Sequence[str]) -> dict[str, Any]:
+    """The registry's description of what a worker serves: `sizes` at any step count from 1 to `max_steps`,
+    with `schedulers`. `shapes` (each size at the default steps) is what gateways that predate sizes read."""
+    return {
+        "sizes": list(sizes),
+        "max_steps": max_steps,
+        "default_steps": default_steps,
+        "schedulers": list(schedulers),
+        "shapes": [Shape(width=size.width, height=size.height, steps=default_steps) for size in sizes],
+    }
 
 
 def served(shapes: Sequence[Shape]) -> dict[str, Any]:
