@@ -3,7 +3,9 @@
 A client records every answer it gets, attempt by attempt; a poller adds what `GET /v1/jobs/{id}` shows
 later. A result is identified by a digest of what the job API shows of it (status, worker, the worker's
 timings, or the error): two executions of one job never share timings, so a second visible result of
-one id shows up as a second digest.
+one id shows up as a second digest. A sighting is an interval, not an instant: the gateway read what it
+answered at some moment between the request's sending (`sent_s`) and the answer's arrival (`at_s`), and
+under delay that can be seconds, across a rollback of Redis.
 
 The promise checked, per request (an Idempotency-Key), once the cluster is quiet:
 - every accepted request (answered with a job id) got exactly one terminal answer: images, an error, or
@@ -27,6 +29,7 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 LIVE = frozenset({"queued", "running"})
 UNKNOWN = "unknown"  # the state of a job id the API answers 404 for
 EVIDENCE_LIMIT = 20  # offending jobs whose every observation goes into the report
+MAX_RESULTS_EXPLAINED = 4  # a job showing more results than this is a violation, whatever the rollbacks
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,22 @@ class Answer:
     state: str | None = None  # succeeded, failed, cancelled, queued, running, unknown (404)
     digest: str | None = None  # of a terminal result
     error: str | None = None  # an error code, or the exception for status 0
+    sent_s: float | None = None  # when its request was sent (None: unknown, taken as `at_s`)
+
+    @property
+    def asked_s(self) -> float:
+        """The earliest moment the gateway may have read what this answer shows."""
+        return self.at_s if self.sent_s is None else self.sent_s
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """Redis put back to an older snapshot, on the clients' clock: the snapshot's copy began at `taken_s`, the
+    old server had exited by `stopped_s` (it answers until then), the restored one listened from `restored_s`."""
+
+    taken_s: float
+    stopped_s: float
+    restored_s: float
 
 
 def result_digest(status: str, worker: Any, timings: Any, error: Any = None) -> str:
@@ -161,10 +180,10 @@ def webhooks_missing(history: History, delivered: set[str]) -> list[str]:
     return sorted(j for j in history.accepted_ids() if history.last_state(j) in TERMINAL and j not in delivered)
 
 
-def check(history: History, state: ClusterState, rollbacks: Sequence[tuple[float, float]] = ()) -> Verdict:
-    """Judge a finished run. `rollbacks`: (snapshot taken, snapshot restored) times, on the clients' clock: a
-    job first seen finished between the two, whose result the rollback erased, may finish again with another
-    result; that is reported apart, not as a duplicate."""
+def check(history: History, state: ClusterState, rollbacks: Sequence[Rollback] = ()) -> Verdict:
+    """Judge a finished run. `rollbacks`: a job whose result may have been read between a snapshot and the
+    stop of the Redis it was restored to (the rollback erased that result) may finish again with another
+    result, first seen after the restore; that is reported apart, not as a duplicate."""
     duplicates = _duplicates(history)
     reruns = {j: d for j, d in duplicates.items() if _explained(history.observations(j), rollbacks)}
     accepted = [r for r in history.requests.values() if r.accepted]
@@ -204,17 +223,41 @@ def _duplicates(history: History) -> dict[str, list[str]]:
     return found
 
 
-def _explained(observations: list[Answer], rollbacks: Sequence[tuple[float, float]]) -> bool:
-    """Whether each change of a job's result follows a rollback that erased the result seen before it."""
-    firsts: dict[str, float] = {}
-    for answer in sorted(observations, key=lambda a: a.at_s):
+def _explained(observations: list[Answer], rollbacks: Sequence[Rollback]) -> bool:
+    """Whether the job's results can be put in an order in which each was erased by a rollback before the next
+    was first seen, each change by a later rollback than the one before (a result that one rollback erased
+    was stored before that rollback's stop, so the same rollback cannot also be the one after which it was
+    stored). The order is searched, not taken from the first answers: a sighting that was slow to arrive can
+    land after the next result's first one."""
+    results: dict[str, list[Answer]] = {}
+    for answer in observations:
         if answer.digest is not None:
-            firsts.setdefault(answer.digest, answer.at_s)
-    times = sorted(firsts.values())
-    return all(
-        any(taken < before < restored < after for taken, restored in rollbacks)
-        for before, after in itertools.pairwise(times)
-    )
+            results.setdefault(answer.digest, []).append(answer)
+    if len(results) > MAX_RESULTS_EXPLAINED:
+        return False
+    ordered = sorted(rollbacks, key=lambda r: r.restored_s)
+    return any(_chained(order, ordered) for order in itertools.permutations(results.values()))
+
+
+def _chained(results: Sequence[list[Answer]], rollbacks: list[Rollback]) -> bool:
+    """Whether each result in `results` gives way to the next through its own rollback, in time order. The
+    earliest rollback that fits is taken for each change: it leaves the most for the changes after it."""
+    after = 0
+    for earlier, later in itertools.pairwise(results):
+        fits = [k for k in range(after, len(rollbacks)) if _erased(earlier, rollbacks[k], later)]
+        if not fits:
+            return False
+        after = fits[0] + 1
+    return True
+
+
+def _erased(earlier: list[Answer], rollback: Rollback, later: list[Answer]) -> bool:
+    """Whether `rollback` may have erased the `earlier` result and the `later` one came after it: some
+    sighting of the earlier one may have read it between the snapshot and the old server's exit (answered
+    after the copy began, asked before the exit), and every sighting of the later one arrived after the
+    restore."""
+    read_in_between = any(a.at_s > rollback.taken_s and a.asked_s < rollback.stopped_s for a in earlier)
+    return read_in_between and min(a.at_s for a in later) > rollback.restored_s
 
 
 def _evidence(history: History, v: Verdict) -> dict[str, list[dict[str, Any]]]:

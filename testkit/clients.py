@@ -9,6 +9,7 @@ polls `GET /v1/jobs/{id}`. A 504 carries the job id: the job goes on, and the po
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -126,20 +127,23 @@ class Clients:
         return answer
 
     async def _post(self, url: str, path: str, key: str, body: dict[str, Any]) -> Answer:
+        sent = self.elapsed()  # the gateway read what it answers some time between this and the answer
         try:
             async with self._session.post(f"{url}{path}", json=body, headers={"Idempotency-Key": key}) as response:
-                return answer_of(self.elapsed(), response.status, await _json(response))
+                answer = answer_of(self.elapsed(), response.status, await _json(response))
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return Answer(self.elapsed(), 0, error=type(exc).__name__)
+            answer = Answer(self.elapsed(), 0, error=type(exc).__name__)
+        return dataclasses.replace(answer, sent_s=sent)
 
     async def read(self, url: str, job_id: str) -> Answer:
         """GET /v1/jobs/{id}, recorded."""
+        sent = self.elapsed()
         try:
             async with self._session.get(f"{url}/v1/jobs/{job_id}") as response:
                 answer = answer_of(self.elapsed(), response.status, await _json(response))
         except (aiohttp.ClientError, TimeoutError) as exc:
             answer = Answer(self.elapsed(), 0, error=type(exc).__name__)
-        answer = Answer(answer.at_s, answer.status, job_id, answer.state, answer.digest, answer.error)
+        answer = dataclasses.replace(answer, job_id=job_id, sent_s=sent)
         self.history.read(job_id, answer)
         return answer
 

@@ -20,6 +20,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from sdxl_serve.processes import signal_group, wait_http
+from testkit.checker import Rollback
 from testkit.cluster import NemesisCluster, Slot
 from testkit.procs import exited
 from testkit.proxy import DropRule
@@ -51,7 +52,7 @@ class FaultRunner:
         self.injected: list[dict[str, Any]] = []
         self.snapshot: Path | None = None
         self._snapshot_at = 0.0
-        self.rollbacks: list[tuple[float, float]] = []  # (when the snapshot was taken, when it was restored)
+        self.rollbacks: list[Rollback] = []
         self._endings: set[asyncio.Task[None]] = set()
         self._t0 = 0.0
         self.last_end = 0.0  # time.monotonic() when the last fault ended
@@ -71,7 +72,7 @@ class FaultRunner:
         }
 
     def elapsed(self) -> float:
-        return round(time.monotonic() - self._t0, 2)
+        return round(time.monotonic() - self._t0, 3)
 
     async def run(self, schedule: list[Fault], t0: float) -> None:
         """Each fault at its time after `t0` (time.monotonic()); returns when all have ended. Lost-reply rules
@@ -175,9 +176,14 @@ class FaultRunner:
     async def _rollback_redis(self, fault: Fault) -> str:
         if self.snapshot is None:
             return "no snapshot yet: skipped"
-        await self.cluster.redis.restore(self.snapshot)
-        self.rollbacks.append((self._snapshot_at, self.elapsed()))
-        return f"stopped, restored the snapshot of {self._snapshot_at:.2f}s, started"
+        redis = self.cluster.redis
+        # Stopped first, apart, to know when the old server last answered: a gateway may have read from it up
+        # to then and answer after the restore (restore's own stop finds nothing left to stop).
+        await redis.stop()
+        stopped = self.elapsed()
+        await redis.restore(self.snapshot)
+        self.rollbacks.append(Rollback(self._snapshot_at, stopped, self.elapsed()))
+        return f"stopped at {stopped:.2f}s, restored the snapshot of {self._snapshot_at:.2f}s, started"
 
     async def _garbage(self, fault: Fault) -> str:
         keys = self.cluster.keys

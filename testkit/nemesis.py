@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 
 from common.apikeys import new_webhook_secret
 from common.streams import JobStreams
-from testkit.checker import TERMINAL, ClusterState, History, Verdict, check, webhooks_missing
+from testkit.checker import TERMINAL, ClusterState, History, Rollback, Verdict, check, webhooks_missing
 from testkit.clients import Clients, LoadConfig
 from testkit.cluster import ClusterConfig, NemesisCluster
 from testkit.faults import FaultRunner
@@ -73,6 +73,7 @@ class NemesisReport:
     duration_s: float
     schedule: list[dict[str, Any]]
     injected: list[dict[str, Any]]
+    rollbacks: list[Rollback]  # as the checker judged them: snapshot taken, old server stopped, restored
     verdict: Verdict
     quiet_after_last_fault_s: float | None  # None: not quiet within the bound
     quiet_bound_s: float
@@ -138,6 +139,7 @@ async def _run(config: NemesisConfig, cluster: NemesisCluster, receiver: Receive
         duration_s=config.duration_s,
         schedule=[f.describe() for f in schedule],
         injected=runner.injected,
+        rollbacks=runner.rollbacks,
         verdict=check(history, state, runner.rollbacks),
         quiet_after_last_fault_s=None if quiet_at is None else round(quiet_at - runner.last_end, 2),
         quiet_bound_s=config.quiet_bound_s,
@@ -289,6 +291,10 @@ def render(report: NemesisReport) -> str:
         f"quiet after the last fault: {quiet} bound {report.quiet_bound_s}s",
         f"faults ({len(report.schedule)} scheduled):",
         *(f"  {f['at_s']:7.2f}s {f['kind']:<18} {f['target']:<10} {f['detail']}" for f in report.injected),
+        *(
+            f"rollback: snapshot {r.taken_s:.3f}s, old server stopped {r.stopped_s:.3f}s, restored {r.restored_s:.3f}s"
+            for r in report.rollbacks
+        ),
         f"logs, report.json and history.json: {report.logs}",
     ]
     return "\n".join(lines)

@@ -3,11 +3,15 @@ checker finds what it claims to find, and a CI-sized run holds the cluster to th
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
 
-from testkit.checker import Answer, ClusterState, History, check, result_digest
+from testkit.checker import Answer, ClusterState, History, Rollback, check, result_digest
+from testkit.clients import Clients, LoadConfig
 from testkit.nemesis import NemesisConfig, default_counts, render, run_nemesis
 from testkit.schedule import REQUESTABLE, Targets, make_schedule
 
@@ -15,8 +19,8 @@ from testkit.schedule import REQUESTABLE, Targets, make_schedule
 TARGETS = Targets(
     workers=("worker-0", "worker-1", "worker-2"), gateways=("gateway-0", "gateway-1"), heartbeat_ttl_s=3.0
 )
-# The run in the suite: about a minute of faults, two of each kind. With this seed the last garbage
-# message comes after the last gateway restart, so every gateway meets one after it started.
+# The run in the suite: about a minute of faults, two of each kind, every job with a webhook. With this seed
+# the last garbage message comes after the last gateway restart, so every gateway meets one after it started.
 CI_SEED = 3
 CI_DURATION_S = 60.0
 
@@ -102,6 +106,7 @@ async def test_a_seeded_fault_schedule_loses_and_duplicates_nothing(
         counts=default_counts(2),
         cluster={"standin_workers": 2, "tiny_model": tiny_model, "compile_cache": compile_cache},
         quiet_bound_s=60.0,
+        webhooks=True,  # every job's `completed` must reach the receiver too
     )
     report = await run_nemesis(config)
     print(render(report))
@@ -116,6 +121,74 @@ def test_a_second_result_counts_as_a_rerun_only_if_a_rollback_erased_the_first(s
     history.record("k", "jobs", {}, Answer(0.1, 202, "job-1", "queued"))
     history.read("job-1", Answer(1.0, 200, "job-1", "succeeded", "a"))
     history.read("job-1", Answer(3.0, 200, "job-1", "succeeded", "b"))
-    verdict = check(history, quiet_state(), rollbacks=[(snapshot_at, 2.0)])
+    verdict = check(history, quiet_state(), rollbacks=[Rollback(snapshot_at, 1.9, 2.0)])
     assert bool(verdict.rerun_after_rollback) is rerun and bool(verdict.duplicate_results) is not rerun
     assert verdict.passed is rerun
+
+
+# A run of `bench nemesis --seed 3 --webhooks` (stand-in workers): a snapshot at 11.79 s, Redis stopped at about
+# 16.25 s and back at 16.32 s. Job J was stored at 15.08 s (result a); a GET sent at 15.49 s through a gateway
+# whose Redis traffic was delayed 0.2 s a chunk read it before the stop and was answered at 18.63 s; the journal
+# had queued J again at 17.02 s and another worker stored result b at 17.14 s.
+SEED_3_ROLLBACK = Rollback(taken_s=11.79, stopped_s=16.25, restored_s=16.32)
+
+
+@pytest.mark.parametrize(("sent_s", "rerun"), [(15.49, True), (16.28, False), (None, False)])
+def test_a_result_read_before_the_stop_and_answered_after_the_restore_was_erased_by_it(
+    sent_s: float | None, rerun: bool
+) -> None:
+    # Sent before the old server stopped, the read may have found the result that the rollback then erased;
+    # sent while Redis was down (or when is unknown), it can only have read the restored Redis, so a result
+    # it showed and that a later one replaced is a duplicate.
+    history = History()
+    history.record("k", "jobs", {}, Answer(14.97, 202, "job-1", "queued", sent_s=14.96))
+    history.read("job-1", Answer(18.63, 200, "job-1", "succeeded", "a", sent_s=sent_s))
+    history.read("job-1", Answer(67.9, 200, "job-1", "succeeded", "b", sent_s=67.89))
+    verdict = check(history, quiet_state(), rollbacks=[SEED_3_ROLLBACK])
+    assert verdict.rerun_after_rollback == ({"job-1": ["a", "b"]} if rerun else {})
+    assert verdict.passed is rerun
+
+
+def test_the_results_order_is_searched_when_a_slow_answer_arrives_after_the_next_result() -> None:
+    # Result b is seen (17.5 s) before the slow answer showing a arrives (18.63 s): still a then b.
+    history = History()
+    history.read("job-1", Answer(18.63, 200, "job-1", "succeeded", "a", sent_s=15.49))
+    history.read("job-1", Answer(17.5, 200, "job-1", "succeeded", "b", sent_s=17.4))
+    history.record("k", "jobs", {}, Answer(14.97, 202, "job-1", "queued", sent_s=14.96))
+    assert check(history, quiet_state(), rollbacks=[SEED_3_ROLLBACK]).passed
+
+
+def test_one_rollback_excuses_one_change_of_result_not_two() -> None:
+    # a read before the stop, b and c both seen after the restore only: b then c has no rollback of its own.
+    history = History()
+    history.record("k", "jobs", {}, Answer(14.97, 202, "job-1", "queued", sent_s=14.96))
+    history.read("job-1", Answer(18.63, 200, "job-1", "succeeded", "a", sent_s=15.49))
+    history.read("job-1", Answer(20.0, 200, "job-1", "succeeded", "b", sent_s=19.9))
+    history.read("job-1", Answer(30.0, 200, "job-1", "succeeded", "c", sent_s=29.9))
+    one = check(history, quiet_state(), rollbacks=[SEED_3_ROLLBACK])
+    assert one.duplicate_results == {"job-1": ["a", "b", "c"]} and not one.passed
+    two = check(history, quiet_state(), rollbacks=[SEED_3_ROLLBACK, Rollback(19.0, 25.0, 25.1)])
+    assert two.rerun_after_rollback == {"job-1": ["a", "b", "c"]} and two.passed
+
+
+async def test_an_answer_records_when_its_request_was_sent(aiohttp_server: Any, tmp_path: Path) -> None:
+    # The checker takes a sighting as the interval from the request to its answer: the moment the gateway
+    # read the job must lie inside what the client recorded.
+    handled: list[float] = []
+    clients: Clients
+
+    async def job(request: web.Request) -> web.Response:
+        handled.append(clients.elapsed())
+        return web.json_response({"id": request.match_info["job_id"], "status": "running"})
+
+    app = web.Application()
+    app.router.add_get("/v1/jobs/{job_id}", job)
+    server = await aiohttp_server(app)
+    history = History()
+    clients = Clients([str(server.make_url(""))], LoadConfig(), history, seed=0, t0=time.monotonic())
+    try:
+        answer = await clients.read(clients.urls[0], "job-1")
+    finally:
+        await clients.close()
+    assert answer.sent_s is not None and answer.sent_s <= handled[0] <= answer.at_s
+    assert history.reads["job-1"] == [answer]
