@@ -245,17 +245,19 @@ def _vp_noise_scale(sigmas: np.ndarray) -> float:
 def train_sigmas(config: SchedulerConfig) -> np.ndarray:
     """The model's sigma at each training timestep 0..T-1, increasing.
 
-    Computed in float32, as diffusers' schedulers (PyTorch and Flax) compute the betas, their cumulative
-    product and these sigmas: the model was trained on and is served with those values, and in float64 they
-    round apart enough (the cumulative product of 1,000 factors) to move a pixel by a few levels.
+    Computed as diffusers' Flax schedulers compute them, in float32 with JAX on the host's CPU: the model is
+    served with those values, and the images of a random test model move by several levels for a change in
+    the sixth digit of a sigma (a float64 cumulative product of 1,000 factors rounds that far apart).
     """
     t = config.num_train_timesteps
-    if config.beta_schedule == "scaled_linear":
-        betas = np.linspace(config.beta_start**0.5, config.beta_end**0.5, t, dtype=np.float32) ** 2
-    else:
-        betas = np.linspace(config.beta_start, config.beta_end, t, dtype=np.float32)
-    alphas_cumprod = np.cumprod(np.float32(1) - betas, dtype=np.float32)
-    return np.sqrt((np.float32(1) - alphas_cumprod) / alphas_cumprod).astype(np.float64)
+    with jax.default_device(jax.devices("cpu")[0]):
+        if config.beta_schedule == "scaled_linear":
+            betas = jnp.linspace(config.beta_start**0.5, config.beta_end**0.5, t, dtype=jnp.float32) ** 2
+        else:
+            betas = jnp.linspace(config.beta_start, config.beta_end, t, dtype=jnp.float32)
+        alphas_cumprod = jnp.cumprod(1.0 - betas)
+        sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    return np.asarray(sigmas, dtype=np.float64)
 
 
 def spaced_timesteps(spacing: Spacing, steps: int, config: SchedulerConfig) -> np.ndarray:
