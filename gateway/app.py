@@ -159,6 +159,7 @@ async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
     app[WEBHOOK_SENDER] = sender
     task = asyncio.create_task(sender.run(), name="webhook-sender")
     yield
+    sender.stop()
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
 

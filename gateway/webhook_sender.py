@@ -77,6 +77,7 @@ class WebhookSender:
         self._secret_of = secret_of
         self._metrics = metrics
         self._wake = asyncio.Event()
+        self._stopping = False
         self._in_flight: set[asyncio.Task[None]] = set()
 
     def wake(self) -> None:
@@ -89,12 +90,19 @@ class WebhookSender:
         timeout = aiohttp.ClientTimeout(total=self._config.timeout_s)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as session:
             try:
-                while True:
+                # Not `while True`: a cancellation that one of the awaits below swallows (3.11's timeouts and
+                # client libraries can) must not keep the loop running after `stop`.
+                while not self._stopping:
                     await self._round(session)
             finally:
                 for task in self._in_flight:
                     task.cancel()
                 await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    def stop(self) -> None:
+        """Make `run` return after its current round (call before cancelling its task)."""
+        self._stopping = True
+        self._wake.set()
 
     async def _round(self, session: aiohttp.ClientSession) -> None:
         """Take what is due (as many as there is room for) and start sending it; then wait for a reason to

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from PIL import Image
 
 from common.jobstore import JobStore
-from common.protocol import Job
+from common.protocol import SCHEDULERS, Job
 from common.rediskeys import RedisKeys
 from common.registry import WorkerInfo
 from gateway.listener import JobListener
@@ -64,7 +64,8 @@ async def test_models_lists_what_the_real_workers_serve(cluster: Cluster) -> Non
     async with aiohttp.ClientSession() as session, session.get(f"{cluster.url}/v1/models") as response:
         (card,) = (await response.json())["data"]
     served = {k: card[k] for k in ("sizes", "min_steps", "max_steps", "default_steps", "schedulers")}
-    assert served == {"sizes": ["64x64"], "min_steps": 1, "max_steps": 3, "default_steps": 2, "schedulers": ["euler"]}
+    expected = {"sizes": ["64x64"], "min_steps": 1, "max_steps": 3, "default_steps": 2}
+    assert served == {**expected, "schedulers": list(SCHEDULERS)}
 
 
 async def test_same_seed_same_images_other_seed_other_images(cluster: Cluster) -> None:
@@ -153,7 +154,7 @@ async def test_job_with_uncompiled_shape_fails_cleanly_and_worker_carries_on(clu
         await asyncio.wait_for(done, 60)
         stored = await JobStore(client, keys).fetch_result(job.id)
         assert stored is not None and stored.result.status == "failed"
-        assert stored.result.error is not None and "64x64x9 is not compiled" in stored.result.error
+        assert stored.result.error is not None and "9 steps: this worker runs 1 to 3" in stored.result.error
     finally:
         listening.cancel()
         await client.aclose()

@@ -24,7 +24,9 @@ from common.apikeys import key_line, new_key, new_webhook_secret
 from common.rediskeys import RedisKeys
 from gateway.app import create_app
 from gateway.config import GatewayConfig, WebhookConfig
+from gateway.metrics import GatewayMetrics
 from gateway.state import JOURNAL, WEBHOOK_RESOLVE
+from gateway.webhook_sender import WebhookSender
 from gateway.webhooks import Resolve
 from testkit import ProcessGroup, free_port, wait_http
 from testkit.nemesis import NemesisConfig, render, run_nemesis
@@ -415,3 +417,47 @@ async def test_a_gateway_killed_holding_or_owing_a_delivery_leaves_it_to_another
         by_id[hit.headers["webhook-id"]] = by_id.get(hit.headers["webhook-id"], 0) + 1
     assert by_id[held.headers["webhook-id"]] == 2  # the held attempt, then gateway b's: the same webhook-id
     assert {json.loads(hit.body)["data"]["id"] for hit in hits} == set(ids)
+
+
+class _SwallowingOutbox:
+    """An outbox whose read swallows the first cancellation it meets, as a client library under a 3.11
+    timeout can: the sender must still stop once asked."""
+
+    def __init__(self) -> None:
+        self.reading = asyncio.Event()
+        self.swallowed = False
+
+    async def take(self, owner: str, count: int, lease_ms: int) -> list[Any]:
+        self.reading.set()
+        if not self.swallowed:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.swallowed = True
+        return []
+
+    async def wait_ms(self) -> int | None:
+        return None
+
+
+async def test_the_sender_stops_when_asked_even_if_a_cancellation_is_swallowed() -> None:
+    outbox = _SwallowingOutbox()
+
+    async def no_body(job_id: str, event: str) -> bytes:
+        return b"{}"
+
+    sender = WebhookSender(
+        outbox,  # type: ignore[arg-type]
+        dataclasses.replace(FAST, poll_s=0.05),
+        "gw-test",
+        stub_resolver({}),
+        no_body,
+        lambda key: None,
+        GatewayMetrics(),
+    )
+    task = asyncio.create_task(sender.run())
+    await outbox.reading.wait()
+    sender.stop()
+    task.cancel()
+    await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), timeout=30)
+    assert outbox.swallowed and task.done()
