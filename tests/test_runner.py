@@ -96,9 +96,9 @@ class Encoder:
         return [b"image"] * len(images)
 
 
-@contextlib.asynccontextmanager
-async def worker(redis_server: RedisServer, pipeline: Pipeline, encoder: Encoder) -> AsyncIterator[Worker]:
-    config = WorkerConfig(
+def _worker_config(redis_server: RedisServer) -> WorkerConfig:
+    """Worker "w" on the session's Redis, serving the test size at every step count up to the test maximum."""
+    return WorkerConfig(
         redis_url=redis_server.url(0),
         sizes=(TEST_SIZE,),
         max_steps=TEST_MAX_STEPS,
@@ -107,6 +107,11 @@ async def worker(redis_server: RedisServer, pipeline: Pipeline, encoder: Encoder
         claim_block_ms=100,
         metrics_port=0,
     )
+
+
+@contextlib.asynccontextmanager
+async def worker(redis_server: RedisServer, pipeline: Pipeline, encoder: Encoder) -> AsyncIterator[Worker]:
+    config = _worker_config(redis_server)
     client = aioredis.Redis.from_url(redis_server.url(0))
     serving = Worker(config, client, load_pipeline=lambda: pipeline, encode_images=encoder)  # type: ignore[arg-type,return-value]
     task = asyncio.create_task(serving.run())
@@ -184,15 +189,7 @@ async def test_a_stop_drains_the_job_on_the_device_and_the_one_in_delivery(
 ) -> None:
     pipeline = Pipeline()
     encoder = Encoder(pipeline, held=1, until=2)
-    config = WorkerConfig(
-        redis_url=redis_server.url(0),
-        sizes=(TEST_SIZE,),
-        max_steps=TEST_MAX_STEPS,
-        default_steps=TEST_SHAPES[0].steps,
-        worker_id="w",
-        claim_block_ms=100,
-        metrics_port=0,
-    )
+    config = _worker_config(redis_server)
     serving = Worker(config, redis_client, load_pipeline=lambda: pipeline, encode_images=encoder)  # type: ignore[arg-type,return-value]
     loop = asyncio.get_running_loop()
     # Stop as job 2 starts on the device, with job 1 still held in its encoder.
