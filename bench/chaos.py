@@ -35,7 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common.rediskeys import RedisKeys
 from common.registry import SERVING_STATES, Registry
 from common.streams import JobStreams
-from testkit import ProcessGroup, RedisOptions, RedisProcess, free_port, wait_http, write_tiny_model
+from testkit import (
+    ProcessGroup,
+    RedisOptions,
+    RedisProcess,
+    free_port,
+    gateway_args,
+    wait_http,
+    worker_args,
+    write_tiny_model,
+)
 
 KEYS = RedisKeys()
 STEPS = 8
@@ -76,33 +85,14 @@ class Chaos:
     def start(self) -> None:
         self.redis.start()
         port = self.gateway_url.rsplit(":", 1)[1]
-        self.group.start("gateway", "gateway", "--redis-url", self.redis_url, "--host", "127.0.0.1", "--port", port)
+        self.group.start("gateway", *gateway_args(self.redis_url, int(port)))
         for _ in range(self.workers):
             self.start_worker()
 
     def start_worker(self) -> None:
         self._serial += 1
         name = f"chaos-worker-{self._serial}"
-        self.group.start(
-            name,
-            "worker",
-            "--redis-url",
-            self.redis_url,
-            "--model",
-            str(self.model),
-            "--sizes",
-            "64x64",
-            "--max-steps",
-            str(STEPS),
-            "--default-steps",
-            str(STEPS),
-            "--worker-id",
-            name,
-            "--heartbeat-interval",
-            "0.5",
-            "--heartbeat-ttl",
-            "2",
-        )
+        self.group.start(name, *worker_args(self.redis_url, self.model, name, "--heartbeat-ttl", "2", max_steps=STEPS))
 
     async def monkey(self, registry: Registry, done: asyncio.Event, interval: tuple[float, float]) -> None:
         """Kill a random serving worker every few seconds, never the last one serving; replace it."""

@@ -35,9 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.host import describe
 from common.jobstore import DurableAccept, JobStore, NotDurable
-from common.protocol import Job, Shape
+from common.protocol import Shape
 from common.redis_conn import UNAVAILABLE, connect
 from common.rediskeys import RedisKeys
+from testkit.jobs import make_job
 from testkit.sentinel import SentinelGroup, start_sentinel_group
 
 SHAPE = Shape(width=1024, height=1024, steps=20)
@@ -63,7 +64,7 @@ async def submitter(store: JobStore, load: Load, stop: asyncio.Event) -> None:
     for _ in itertools.count():
         if stop.is_set():
             return
-        job = Job(id=uuid.uuid4().hex, prompt="fox", seed=1, guidance_scale=5.0, shape=SHAPE, result_ttl_s=600)
+        job = make_job(uuid.uuid4().hex, SHAPE, prompt="fox", result_ttl_s=600)
         sent = time.monotonic()
         try:
             await store.submit(job, stream)

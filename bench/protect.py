@@ -38,11 +38,12 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from bench.routing import number_type
-from common.protocol import JobResult, Shape, Timings
+from common.protocol import Shape, Timings
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
 from common.streams import JobStreams
-from testkit import async_redis_process, free_port, wait_http
+from testkit import async_redis_process, free_port, gateway_args, sdxl_serve_argv, wait_http
+from testkit.jobs import succeeded
 from worker.delivery import Delivery
 
 SHAPE = Shape(width=64, height=64, steps=2)
@@ -123,21 +124,7 @@ def pin(pid: int, cpu: int) -> None:
 async def gateway(redis_url: str, cpu: int, *flags: str) -> AsyncIterator[tuple[str, int]]:
     """A gateway process pinned to `cpu` with `flags`; yields its URL and pid."""
     port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "sdxl_serve",
-        "--log-level",
-        "warning",
-        "gateway",
-        "--redis-url",
-        redis_url,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        *flags,
-    ]
+    argv = sdxl_serve_argv("--log-level", "warning", *gateway_args(redis_url, port, *flags))
     process = await asyncio.create_subprocess_exec(
         *_pinned(cpu, argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -166,8 +153,30 @@ def cpu_seconds(pid: int) -> float:
 # --- Stand-in workers
 
 
-async def stand_in_workers(redis_url: str, count: int, service_s: float, stop: asyncio.Event) -> None:
-    """`count` workers serving SHAPE: each claims a job, waits `service_s`, stores four tiny images."""
+@asynccontextmanager
+async def stand_in_cluster(args: argparse.Namespace) -> AsyncIterator[str]:
+    """What a gateway under test stands on: a private redis-server on `--client-cpu`, and `--workers` stand-in
+    workers that take `--service-ms` a job, registered before this yields Redis's URL."""
+    async with redis_server(args.client_cpu) as redis_url:
+        stop, ready = asyncio.Event(), asyncio.Event()
+        workers = asyncio.create_task(stand_in_workers(redis_url, args.workers, args.service_ms / 1000, stop, ready))
+        registered = asyncio.create_task(ready.wait())
+        await asyncio.wait({workers, registered}, return_when=asyncio.FIRST_COMPLETED)
+        registered.cancel()
+        try:
+            if workers.done():
+                workers.result()  # the reason the workers ended before they registered
+            yield redis_url
+        finally:
+            stop.set()
+            await workers
+
+
+async def stand_in_workers(
+    redis_url: str, count: int, service_s: float, stop: asyncio.Event, ready: asyncio.Event
+) -> None:
+    """`count` workers serving SHAPE, `ready` once registered: each claims a job, waits `service_s`, stores
+    four tiny images."""
     redis = aioredis.Redis.from_url(redis_url)
     try:
         registry = Registry(redis, KEYS)
@@ -189,6 +198,7 @@ async def stand_in_workers(redis_url: str, count: int, service_s: float, stop: a
         for info in infos:
             await JobStreams(redis, KEYS).ensure_group(KEYS.size_stream(SHAPE.size))
             await registry.publish(info, ttl_s=30)
+        ready.set()
         await asyncio.gather(
             *(_serve(redis, info.id, service_s, stop) for info in infos), _heartbeat(registry, infos, stop)
         )
@@ -203,19 +213,10 @@ async def _serve(redis: aioredis.Redis, worker_id: str, service_s: float, stop: 
         if claimed is None:
             continue
         started = await delivery.start(claimed, worker_id)
-        await asyncio.sleep(service_s)
-        job = claimed.job
-        result = JobResult(
-            id=job.id,
-            status="succeeded",
-            worker=worker_id,
-            seed=job.seed,
-            shape=job.shape,
-            image_count=4,
-            timings=Timings(
-                queued_ms=float((started or 0) - claimed.enqueued_ms), generate_ms=service_s * 1000, encode_ms=0.0
-            ),
-        )
+        await asyncio.sleep(service_s)  # the stand-in's service time
+        queued_ms = float((started or 0) - claimed.enqueued_ms)
+        timings = Timings(queued_ms=queued_ms, generate_ms=service_s * 1000, encode_ms=0.0)
+        result = succeeded(claimed.job, worker_id, 4, timings=timings)
         await delivery.complete(claimed, result, [b"\x89PNG stand-in"] * 4)
 
 
@@ -342,10 +343,7 @@ async def run(args: argparse.Namespace) -> Report:
         workers=args.workers,
         service_ms=args.service_ms,
     )
-    async with redis_server(args.client_cpu) as redis_url:
-        stop = asyncio.Event()
-        workers = asyncio.create_task(stand_in_workers(redis_url, args.workers, args.service_ms / 1000, stop))
-        await asyncio.sleep(0.5)
+    async with stand_in_cluster(args) as redis_url:
         phases: list[tuple[str, dict[str, Any], list[str]]] = [
             ("429 rate_limited", VALID, ["--rate-limit-address-submit", "1/h:1"]),
             ("400 invalid body", INVALID, ["--rate-limit-address-submit", "1000000/s:1000000"]),
@@ -363,8 +361,6 @@ async def run(args: argparse.Namespace) -> Report:
             report.rss_idle_mib = round(rss_mib(pid), 1)
             for _ in range(args.bursts):
                 report.bursts.append(await one_burst(url, pid, redis_url, args.burst_factor * args.max_queue_depth))
-        stop.set()
-        await workers
     return report
 
 
@@ -406,10 +402,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue-depth", type=_positive_int, default=100, help="the gateway's, for the bursts")
     parser.add_argument("--burst-factor", type=_positive_int, default=10, help="burst clients per queue place")
     parser.add_argument("--bursts", type=_positive_int, default=3)
+    add_stand_in_arguments(parser)
+
+
+def add_stand_in_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `stand_in_cluster` and of the CPUs a gateway and its load are pinned to."""
     parser.add_argument("--workers", type=_positive_int, default=2, help="stand-in workers")
     parser.add_argument("--service-ms", type=_positive, default=50.0, help="each stand-in job's duration")
     parser.add_argument("--gateway-cpu", type=int, default=0)
-    parser.add_argument("--client-cpu", type=int, default=1, help="this load generator's and Redis's CPU")
+    parser.add_argument("--client-cpu", type=int, default=1, help="the load generator's and Redis's CPU")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 

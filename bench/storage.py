@@ -32,10 +32,11 @@ from bench.encode import images as pixels
 from bench.host import describe
 from common.blobstore import FileBlobStore
 from common.jobstore import JobStore
-from common.protocol import Job, JobResult, Shape, Timings
+from common.protocol import Shape
 from common.rediskeys import RedisKeys
 from common.streams import JobStreams
 from sdxl_serve.processes import start_redis_server, stop
+from testkit.jobs import make_job, succeeded
 from worker.delivery import Delivery
 from worker.encode import Encoding, encode_all
 from worker.images import ImageWriter
@@ -65,17 +66,14 @@ async def one_job(
     store: JobStore, delivery: Delivery, writer: ImageWriter | None, images: list[bytes], media_type: str, steps: int
 ) -> None:
     keys = RedisKeys()
-    job = Job(id=uuid.uuid4().hex, prompt="a red fox", seed=1, guidance_scale=5.0, shape=SHAPE, result_ttl_s=3600)
+    job = make_job(uuid.uuid4().hex, SHAPE, prompt="a red fox", result_ttl_s=3600)
     await store.submit(job, keys.size_stream(SHAPE.size))
     claimed = await delivery.claim(WORKER, [keys.size_stream(SHAPE.size)], block_ms=1000)
     assert claimed is not None
     await delivery.start(claimed, WORKER)
     for step in range(1, steps + 1):
         await delivery.progress(job.id, WORKER, step, steps)
-    result = JobResult(
-        id=job.id, status="succeeded", worker=WORKER, seed=1, shape=SHAPE, media_type=media_type,
-        image_count=len(images), timings=Timings(queued_ms=1, generate_ms=1, encode_ms=1),
-    )  # fmt: skip
+    result = succeeded(job, WORKER, len(images), media_type=media_type)
     if writer is not None:
         result = await writer.put(job, result, images)
     await delivery.complete(claimed, result, [] if writer is not None else images)

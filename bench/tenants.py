@@ -29,7 +29,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.protect import VALID, gateway, redis_server, stand_in_workers
+from bench.protect import VALID, add_stand_in_arguments, gateway, stand_in_cluster
 from bench.routing import number_type, percentile
 from common.apikeys import digest, new_key
 
@@ -147,14 +147,9 @@ async def run(args: argparse.Namespace) -> Report:
     with tempfile.TemporaryDirectory(prefix="sdxl-bench-tenants-") as scratch:
         keys_file = Path(scratch) / "keys"
         keys_file.write_text(f"{digest(flooder)}  # flooder\n{digest(second)}  # second caller\n")
-        async with redis_server(args.client_cpu) as redis_url:
-            stop = asyncio.Event()
-            workers = asyncio.create_task(stand_in_workers(redis_url, args.workers, args.service_ms / 1000, stop))
-            await asyncio.sleep(0.5)
+        async with stand_in_cluster(args) as redis_url:
             for cap in (0, args.cap):
                 report.runs.append(await one_run(args, redis_url, keys_file, flooder, second, cap))
-            stop.set()
-            await workers
     return report
 
 
@@ -188,11 +183,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flood", type=_positive_int, default=64, help="requests the flooder keeps open")
     parser.add_argument("--requests", type=_positive_int, default=20, help="the second caller's requests")
     parser.add_argument("--warmup", type=_positive, default=2.0, help="seconds of flood before the second caller")
-    parser.add_argument("--workers", type=_positive_int, default=2, help="stand-in workers")
-    parser.add_argument("--service-ms", type=_positive, default=50.0, help="each stand-in job's duration")
-    parser.add_argument("--gateway-cpu", type=int, default=0)
-    parser.add_argument("--client-cpu", type=int, default=1, help="the callers' and Redis's CPU")
-    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    add_stand_in_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -33,10 +33,11 @@ import redis.asyncio as aioredis
 from bench.host import describe
 from common.apikeys import new_webhook_secret
 from common.jobstore import JobStore
-from common.protocol import Job, Shape
+from common.protocol import Shape
 from common.rediskeys import RedisKeys
 from common.webhooks import Outbox, WebhookSpec
-from testkit import ProcessGroup, RedisOptions, free_port, redis_process, wait_http
+from testkit import ProcessGroup, RedisOptions, free_port, gateway_args, redis_process, wait_http
+from testkit.jobs import make_job
 from testkit.receiver import Hit, Receiver
 
 SHAPE = Shape(width=64, height=64, steps=2)
@@ -97,7 +98,7 @@ SECRET = new_webhook_secret()
 def _gateway(processes: ProcessGroup, name: str, redis_url: str, concurrency: int) -> int:
     port = free_port()
     processes.start(
-        name, "--log-level", "warning", "gateway", "--redis-url", redis_url, "--host", "127.0.0.1", "--port", str(port),
+        name, "--log-level", "warning", *gateway_args(redis_url, port),
         "--webhook-allow-http", "--webhook-allow-hosts", "127.0.0.1", "--webhook-secret", SECRET,
         "--webhook-concurrency", str(concurrency), "--webhook-max-outbox", "0",
         "--rate-limit-address-submit", "off", "--rate-limit-address-read", "off", "--max-queue-depth", "0",
@@ -145,7 +146,7 @@ async def _throughput(
     store, spec = JobStore(client, KEYS), WebhookSpec(url=receiver.url)
     stream = KEYS.size_stream("bench-backlog")  # no worker reads it: the jobs are cancelled at once
     for _ in range(args.backlog):
-        job = Job(id=uuid.uuid4().hex, prompt="a kite", seed=1, guidance_scale=5.0, shape=SHAPE, result_ttl_s=3600)
+        job = make_job(uuid.uuid4().hex, SHAPE, prompt="a kite", result_ttl_s=3600)
         await store.submit(job, stream, webhook=spec)
         await store.cancel(job.id)
     before = len(receiver.hits)

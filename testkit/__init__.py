@@ -6,7 +6,7 @@ Built on `sdxl_serve.processes` (own process groups, dying with the parent, boun
 """
 
 from sdxl_serve.processes import ProcessError, RedisOptions, free_port, wait_http
-from testkit.procs import ProcessGroup, sdxl_serve_argv, write_tiny_model
+from testkit.procs import ProcessGroup, gateway_args, sdxl_serve_argv, worker_args, write_tiny_model
 from testkit.redis import AsyncRedisProcess, RedisProcess, async_redis_process, redis_process
 
 __all__ = [
@@ -17,8 +17,10 @@ __all__ = [
     "RedisProcess",
     "async_redis_process",
     "free_port",
+    "gateway_args",
     "redis_process",
     "sdxl_serve_argv",
     "wait_http",
+    "worker_args",
     "write_tiny_model",
 ]

@@ -24,7 +24,7 @@ from common.redis_conn import connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry
 from sdxl_serve.processes import ProcessError, RedisOptions, free_port, signal_group, stop_sync, wait_http
-from testkit.procs import ProcessGroup, exited, sdxl_serve_argv
+from testkit.procs import ProcessGroup, exited, gateway_args, sdxl_serve_argv
 from testkit.proxy import FaultProxy
 from testkit.redis import AsyncRedisProcess
 
@@ -169,7 +169,7 @@ class NemesisCluster:
         # One gateway routes to the shared streams, the next to workers' own streams (jobs move on exit).
         routing = "shared" if int(slot.name.rsplit("-", 1)[1]) % 2 == 0 else "p2c"
         return sdxl_serve_argv(
-            "gateway", "--redis-url", slot.proxy.url(), "--host", "127.0.0.1", "--port", str(slot.http_port),
+            *gateway_args(slot.proxy.url(), slot.http_port),
             "--request-timeout", str(self.config.request_timeout_s), "--routing", routing,
             "--max-queue-depth", "1000", *NO_RATE_LIMITS, *self._webhook_flags(),
         )  # fmt: skip

@@ -42,6 +42,36 @@ def sdxl_serve_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", CLI_MODULE, *args]
 
 
+def gateway_args(redis_url: str, port: int, *flags: str, host: str = "127.0.0.1") -> list[str]:
+    """`sdxl-serve` arguments of a gateway on `redis_url` listening on `host:port`, then `flags`."""
+    return ["gateway", "--redis-url", redis_url, "--host", host, "--port", str(port), *flags]
+
+
+def worker_args(
+    redis_url: str,
+    model: Path | str,
+    worker_id: str,
+    *flags: str,
+    size: str = "64x64",
+    max_steps: int = 2,
+    default_steps: int | None = None,
+    heartbeat_interval_s: float = 0.5,
+) -> list[str]:
+    """`sdxl-serve` arguments of a worker serving `size` at 1 to `max_steps` steps (`default_steps`, else
+    `max_steps`, when a request names none), heartbeating every `heartbeat_interval_s`, then `flags`.
+
+    Not `sdxl_serve.up.worker_argv`: that one writes every flag of a user's `UpConfig` (its compile cache under
+    the user's home, its metrics port, its devices) for all the workers of one cluster alike. A test names only
+    what it varies, one worker at a time, and leaves the rest to the worker's own defaults, which read the
+    environment a test session sets (`SDXL_SERVE_COMPILE_CACHE`, `XLA_FLAGS`)."""
+    steps = max_steps if default_steps is None else default_steps
+    return [
+        "worker", "--redis-url", redis_url, "--model", str(model), "--worker-id", worker_id,
+        "--sizes", size, "--max-steps", str(max_steps), "--default-steps", str(steps),
+        "--heartbeat-interval", str(heartbeat_interval_s), *flags,
+    ]  # fmt: skip
+
+
 def write_tiny_model(directory: Path) -> Path:
     """The tiny random-weight SDXL model, written by the CLI exactly as a user would (once per directory)."""
     if not (directory / "model_index.json").is_file():

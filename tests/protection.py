@@ -13,7 +13,7 @@ from common.redis_conn import connect
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from testkit.standin import StandInPipeline
-from tests.conftest import TEST_SHAPES, ClientFactory, RedisServer
+from tests.support import TEST_SHAPES, ClientFactory, RedisServer
 from worker.config import WorkerConfig
 from worker.runner import Worker
 

@@ -14,8 +14,8 @@ from common.config import log_config
 from gateway import auth
 from gateway.config import GatewayConfig, RateLimits
 from gateway.ratelimit import Rate
-from tests.conftest import ClientFactory, RedisServer, queued_jobs
 from tests.protection import Client, error_of, gateway
+from tests.support import ClientFactory, RedisServer, queued_jobs
 
 GOOD, REVOKED = new_key(), new_key()
 RING = KeyRing(active=frozenset({digest(GOOD)}), revoked=frozenset({digest(REVOKED)}))

@@ -19,7 +19,7 @@ import pytest
 
 from sdxl_serve.processes import free_port, wait_http
 from sdxl_serve.up import Child, RestartPolicy
-from tests.conftest import READY_TIMEOUT_S, scrape
+from tests.support import READY_TIMEOUT_S, scrape
 
 WAITING = ("sdxl_gateway_waiting_requests", ())
 

@@ -15,15 +15,15 @@ import redis
 
 from common.protocol import Shape
 from common.registry import WorkerInfo
-from tests.conftest import (
+from tests.support import (
     READY_TIMEOUT_S,
     TEST_SHAPES,
     ProcessGroup,
     RedisServer,
     Samples,
     scrape,
+    tiny_worker_args,
     wait_ready,
-    worker_args,
 )
 
 pytestmark = pytest.mark.e2e
@@ -35,8 +35,7 @@ MISSES = ("sdxl_worker_compile_cache_total", (("result", "miss"),))
 
 
 def start(processes: ProcessGroup, redis_url: str, model: Path, worker_id: str, *cache: str) -> None:
-    args = worker_args(redis_url, model, worker_id, prefix=PREFIX)
-    processes.start(worker_id, *args, *cache)
+    processes.start(worker_id, *tiny_worker_args(redis_url, model, worker_id, "--key-prefix", PREFIX, *cache))
 
 
 async def ready(processes: ProcessGroup, redis_url: str, ids: list[str]) -> dict[str, WorkerInfo]:

@@ -20,39 +20,23 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from common.jobstore import record_ttl
-from common.protocol import Job, JobResult, Shape, Timings
+from common.protocol import Job
 from common.redis_conn import connect
 from common.rediskeys import RedisKeys
 from gateway.listener import JobListener
 from testkit import AsyncRedisProcess, RedisOptions
+from testkit.jobs import SHAPE, make_job, succeeded
 from testkit.proxy import DropRule, FaultProxy
-from tests.conftest import RedisServer, play_worker
 from tests.protection import running_worker
 from tests.queues import Queue
+from tests.support import RedisServer, play_worker
 from worker.delivery import ClaimedJob
 
 KEYS = RedisKeys()
-SHAPE = Shape(width=64, height=64, steps=2)
 STREAM = KEYS.size_stream(SHAPE.size)
 # Long enough for any fix to act (a re-check after resubscribing, a sweep, a takeover after a heartbeat
 # TTL of 2 s); a job that has no answer by then has none coming.
 ANSWER_BOUND_S = 15.0
-
-
-def make_job(job_id: str = "job-1", ttl_s: int = 60) -> Job:
-    return Job(id=job_id, prompt="a cat", seed=1, guidance_scale=7.5, shape=SHAPE, result_ttl_s=ttl_s)
-
-
-def success(job: Job, worker: str) -> JobResult:
-    return JobResult(
-        id=job.id,
-        status="succeeded",
-        worker=worker,
-        seed=job.seed,
-        shape=job.shape,
-        image_count=1,
-        timings=Timings(queued_ms=1, generate_ms=2, encode_ms=3),
-    )
 
 
 @pytest.fixture
@@ -120,7 +104,7 @@ async def test_a_completion_announced_while_the_subscription_was_down_is_not_mis
         claimed = await submitted_and_claimed(queue, job)
         done = listener.expect(job.id)
         proxy.partition()  # the announcement reaches the proxy and goes no further
-        assert await queue.delivery.complete(claimed, success(job, "w1"), [b"png"])
+        assert await queue.delivery.complete(claimed, succeeded(job, "w1"), [b"png"])
         proxy.kill(pubsub_only=True)  # the subscription breaks; redis-py makes a new one by itself
         proxy.heal()
         await asyncio.wait_for(done, ANSWER_BOUND_S)
@@ -216,14 +200,14 @@ async def test_a_late_result_is_dropped_even_after_the_first_expired(
     redis_client: aioredis.Redis, expiries: Any
 ) -> None:
     queue = Queue.of(redis_client, KEYS)
-    job = make_job(ttl_s=1)
+    job = make_job(result_ttl_s=1)
     claimed = await submitted_and_claimed(queue, job)
-    assert await queue.delivery.complete(claimed, success(job, "w1"), [b"first"])
+    assert await queue.delivery.complete(claimed, succeeded(job, "w1"), [b"first"])
     await expired(expiries, KEYS.result(job.id))
     # The worker that was cut off mid-job comes back and retries its store. Its delivery is the attempt that
     # made the job terminal, so docs/delivery.md's fencing answers the retry "stored" (a rerun of the store,
     # which changes nothing) rather than refusing it: what a client must not see is a second result.
-    await queue.delivery.complete(claimed, success(job, "w2"), [b"second"])
+    await queue.delivery.complete(claimed, succeeded(job, "w2"), [b"second"])
     meta = await queue.jobs.fetch_meta(job.id)
     assert meta is None or meta.worker == "w1"
     assert await queue.jobs.job_status(job.id) == "succeeded"
@@ -232,7 +216,7 @@ async def test_a_late_result_is_dropped_even_after_the_first_expired(
 async def test_a_job_queued_past_its_ttl_keeps_its_record_and_key(redis_client: aioredis.Redis, expiries: Any) -> None:
     queue = Queue.of(redis_client, KEYS)
     await queue.streams.ensure_group(STREAM)
-    job = make_job(ttl_s=1)
+    job = make_job(result_ttl_s=1)
     first = await queue.jobs.submit(job, STREAM, idempotency_key="order-42", fingerprint="same")
     assert first.created
     # Wait until every lifetime counted from the submit is over (the record's, the longest, included): a
@@ -243,7 +227,9 @@ async def test_a_job_queued_past_its_ttl_keeps_its_record_and_key(redis_client: 
     # Lifetimes count from the terminal state (docs/delivery.md): a queued job's record and key have none.
     assert await redis_client.ttl(KEYS.job(job.id)) == -1
     assert await redis_client.ttl(KEYS.idempotency("order-42")) == -1
-    retry = await queue.jobs.submit(make_job("job-2", ttl_s=1), STREAM, idempotency_key="order-42", fingerprint="same")
+    retry = await queue.jobs.submit(
+        make_job("job-2", result_ttl_s=1), STREAM, idempotency_key="order-42", fingerprint="same"
+    )
     assert (retry.job_id, retry.created) == (job.id, False)
     assert await queue.jobs.job_status(job.id) == "queued"
 

@@ -21,7 +21,7 @@ import pytest
 from playwright.async_api import Browser, ConsoleMessage, Error, Page, Route, async_playwright, expect
 
 from common.protocol import SCHEDULERS
-from tests.conftest import TEST_SHAPES, Cluster, ProcessGroup
+from tests.support import TEST_SHAPES, Cluster, ProcessGroup
 
 pytestmark = pytest.mark.e2e
 

@@ -26,10 +26,11 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
-from common.protocol import Job, JobResult, Shape, Timings
+from common.protocol import Shape
 from common.redis_conn import parse_sentinel_url
 from common.rediskeys import RedisKeys
 from gateway.metrics import WORKER_STATES
+from testkit.jobs import make_job, succeeded
 from tests.deployfiles import CLI_ENV, ROOT, metric_names, parse, served_routes, stage_values
 from tests.queues import Queue
 
@@ -650,9 +651,7 @@ async def test_stream_length_counts_queued_and_running_jobs_and_the_group_lag_do
     stream = keys.size_stream(shape.size)
     queue = Queue.of(redis_client, keys)
     await queue.streams.ensure_group(stream)
-    jobs = [
-        Job(id=f"job-{i}", prompt="a cat", seed=i, guidance_scale=7.5, shape=shape, result_ttl_s=60) for i in range(3)
-    ]
+    jobs = [make_job(f"job-{i}", shape, seed=i) for i in range(3)]
     for job in jobs:
         await queue.jobs.submit(job, stream)
     running = await queue.delivery.claim("w1", [stream], block_ms=100)
@@ -666,15 +665,7 @@ async def test_stream_length_counts_queued_and_running_jobs_and_the_group_lag_do
     assert group["pending"] == 1  # pendingEntriesCount would leave job-1 out
     assert group["lag"] is None  # lagCount: unknown after a cancel, which KEDA reads as 0
 
-    result = JobResult(
-        id="job-0",
-        status="succeeded",
-        worker="w1",
-        seed=0,
-        shape=shape,
-        image_count=1,
-        timings=Timings(queued_ms=1, generate_ms=2, encode_ms=3),
-    )
+    result = succeeded(jobs[0], "w1")
     assert await queue.delivery.complete(running, result, [b"png"])
     assert await redis_client.xlen(stream) == 1
 

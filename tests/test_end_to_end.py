@@ -19,17 +19,17 @@ from common.protocol import SCHEDULERS, Job
 from common.rediskeys import RedisKeys
 from common.registry import WorkerInfo
 from gateway.listener import JobListener
-from tests.conftest import (
+from tests.queues import Queue
+from tests.support import (
     TEST_SHAPES,
     Cluster,
     ProcessGroup,
     RedisServer,
     post_generate,
     read_events,
+    tiny_worker_args,
     wait_ready,
-    worker_args,
 )
-from tests.queues import Queue
 
 pytestmark = pytest.mark.e2e
 
@@ -173,7 +173,8 @@ async def test_worker_takes_no_job_before_warm_up(
     pubsub = client.pubsub()
     await pubsub.subscribe(keys.worker_events_channel)
     try:
-        processes.start("warmup-worker", *worker_args(redis_url, tiny_model, "warmup-worker", prefix))
+        args = tiny_worker_args(redis_url, tiny_model, "warmup-worker", "--key-prefix", prefix)
+        processes.start("warmup-worker", *args)
         first = await _next_worker_event(pubsub)
         assert first.state == "warming" and first.metrics_port
         async with aiohttp.ClientSession() as session:  # its own port says: alive, not ready

@@ -25,8 +25,9 @@ from common.redis_conn import connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry
 from sdxl_serve.processes import free_port, wait_http
+from testkit import gateway_args
 from testkit.sentinel import SentinelGroup, start_sentinel_group
-from tests.conftest import READY_TIMEOUT_S, ProcessGroup, read_events, worker_args
+from tests.support import READY_TIMEOUT_S, ProcessGroup, read_events, tiny_worker_args
 
 pytestmark = pytest.mark.e2e
 
@@ -64,23 +65,10 @@ async def failover_cluster(tiny_model: Path, tmp_path: Path) -> AsyncIterator[Fa
     processes = ProcessGroup(tmp_path)
     port = free_port()
     blob_store = f"file://{tmp_path / 'images'}"
-    processes.start(
-        "gateway",
-        "gateway",
-        "--redis-url",
-        redis_url,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--durable-accept",
-        "replica",
-        "--durable-accept-timeout",
-        "2",
-        "--blob-store",
-        blob_store,
-    )
-    processes.start("worker", *worker_args(redis_url, tiny_model, "failover-worker"), "--blob-store", blob_store)
+    flags = ["--durable-accept", "replica", "--durable-accept-timeout", "2", "--blob-store", blob_store]
+    processes.start("gateway", *gateway_args(redis_url, port, *flags))
+    worker = tiny_worker_args(redis_url, tiny_model, "failover-worker", "--blob-store", blob_store)
+    processes.start("worker", *worker)
     try:
         client = connect(redis_url, name="test-failover")
         try:

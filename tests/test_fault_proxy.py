@@ -15,7 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from testkit.proxy import DropRule, FaultProxy
-from tests.conftest import RedisServer
+from tests.support import RedisServer
 
 
 @pytest.fixture

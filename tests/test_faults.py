@@ -23,13 +23,12 @@ from common.rediskeys import RedisKeys
 from common.registry import Registry
 from common.streams import JobStreams
 from gateway.listener import JobListener
-from testkit import RedisOptions, RedisProcess, free_port, wait_http
-from tests.conftest import READY_TIMEOUT_S, ProcessGroup, post_generate, read_events, wait_ready
+from testkit import RedisOptions, RedisProcess, free_port, gateway_args, wait_http, worker_args
+from tests.support import READY_TIMEOUT_S, ProcessGroup, post_generate, read_events, wait_ready
 
 pytestmark = pytest.mark.e2e
 
 SLOW_STEPS = 40  # long enough on this machine to act while a job runs
-SERVING = ["--sizes", "64x64", "--max-steps", str(SLOW_STEPS), "--default-steps", "2"]
 
 
 # AOF on, so queued jobs survive a restart; stream writes announced, so a test can await "all jobs
@@ -51,21 +50,11 @@ class FaultCluster:
         name = f"fault-worker-{self._serial}"
         self.processes.start(
             name,
-            "worker",
-            "--redis-url",
-            self.redis.url(),
-            "--model",
-            str(self.model),
-            *SERVING,
-            "--worker-id",
-            name,
-            "--heartbeat-interval",
-            "0.5",
-            "--heartbeat-ttl",
-            "2",
-            "--drain-timeout",
-            "60",
-        )
+            *worker_args(
+                self.redis.url(), self.model, name, "--heartbeat-ttl", "2", "--drain-timeout", "60",
+                max_steps=SLOW_STEPS, default_steps=2,
+            ),
+        )  # fmt: skip
         self.workers.append(name)
         return name
 
@@ -86,18 +75,7 @@ def fault_cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
     redis.start()
     processes = ProcessGroup(tmp_path_factory.mktemp("fault-logs"))
     port = free_port()
-    processes.start(
-        "fault-gateway",
-        "gateway",
-        "--redis-url",
-        redis.url(),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--request-timeout",
-        "120",
-    )
+    processes.start("fault-gateway", *gateway_args(redis.url(), port, "--request-timeout", "120"))
     cluster = FaultCluster(redis=redis, processes=processes, model=tiny_model, url=f"http://127.0.0.1:{port}")
     asyncio.run(wait_http(f"{cluster.url}/healthz", READY_TIMEOUT_S))
     try:
@@ -150,18 +128,7 @@ async def test_sigkill_mid_job_is_served_by_another_worker(cluster: FaultCluster
 async def test_random_routing_loses_nothing_when_a_worker_dies_with_jobs_queued(cluster: FaultCluster) -> None:
     """Random routing queues jobs per worker; a dead worker's queue goes back to the others."""
     port = free_port()
-    cluster.processes.start(
-        "random-gateway",
-        "gateway",
-        "--redis-url",
-        cluster.redis.url(),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--routing",
-        "random",
-    )
+    cluster.processes.start("random-gateway", *gateway_args(cluster.redis.url(), port, "--routing", "random"))
     url = f"http://127.0.0.1:{port}"
     await wait_http(f"{url}/healthz", READY_TIMEOUT_S)
     client = aioredis.Redis.from_url(cluster.redis.url())
@@ -255,9 +222,7 @@ async def test_redis_restart_with_jobs_queued_loses_nothing(cluster: FaultCluste
 async def test_job_survives_its_gateway_and_is_fetchable_from_another(cluster: FaultCluster) -> None:
     client, pubsub = await job_events(cluster.redis.url())
     port = free_port()
-    first = cluster.processes.start(
-        "doomed-gateway", "gateway", "--redis-url", cluster.redis.url(), "--host", "127.0.0.1", "--port", str(port)
-    )
+    first = cluster.processes.start("doomed-gateway", *gateway_args(cluster.redis.url(), port))
     await wait_http(f"http://127.0.0.1:{port}/healthz", READY_TIMEOUT_S)
     listener = JobListener(client, RedisKeys())
     listening = asyncio.create_task(listener.run())

@@ -30,9 +30,9 @@ from common.apikeys import KeyRing, key_line, new_key
 from gateway.config import GatewayConfig
 from gateway.openapi import build_openapi
 from gateway.routes import ROUTES
-from testkit import free_port, wait_http
-from tests.conftest import ProcessGroup, RedisServer, queued_jobs, register_worker
+from testkit import free_port, gateway_args, wait_http
 from tests.protection import Client, running_worker
+from tests.support import ProcessGroup, RedisServer, queued_jobs, register_worker
 
 KEY = new_key()
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -86,22 +86,8 @@ def live(
         for bucket in ("submit", "read")
         for arg in (f"--rate-limit-{kind}-{bucket}", "off")
     ]
-    process = processes.start(
-        "fuzz-gateway",
-        "gateway",
-        "--redis-url",
-        redis_url,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--request-timeout",
-        "10",
-        "--api-keys-file",
-        str(keys_file),
-        "--public-demo",
-        *off,
-    )
+    flags = ["--request-timeout", "10", "--api-keys-file", str(keys_file), "--public-demo", *off]
+    process = processes.start("fuzz-gateway", *gateway_args(redis_url, port, *flags))
     asyncio.run(wait_http(f"http://127.0.0.1:{port}/healthz", 60))
     yield Live(url=f"http://127.0.0.1:{port}", redis_url=redis_url, process=process)
     stop.set()

@@ -13,7 +13,8 @@ from aiohttp.test_utils import TestClient
 from common.protocol import SCHEDULERS, Shape
 from common.rediskeys import RedisKeys
 from testkit.standin import with_step_range
-from tests.conftest import (
+from tests.protection import running_worker
+from tests.support import (
     TEST_SHAPES,
     RedisServer,
     claim_next,
@@ -22,7 +23,6 @@ from tests.conftest import (
     register_worker,
     worker_streams,
 )
-from tests.protection import running_worker
 from worker.delivery import ClaimedJob, Delivery
 
 KEYS = RedisKeys()

@@ -16,12 +16,13 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from common.blobstore import BlobStore, FileBlobStore, S3BlobStore, open_blob_store
-from common.protocol import JobResult, Timings
+from common.protocol import JobResult
 from common.rediskeys import RedisKeys
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from testkit.jobs import succeeded
 from testkit.objectstore import S3Server
-from tests.conftest import ClientFactory, RedisServer, claim_next, register_worker
+from tests.support import ClientFactory, RedisServer, claim_next, register_worker
 from worker.delivery import ClaimedJob, Delivery
 from worker.images import ImageWriter
 
@@ -34,25 +35,11 @@ async def gateway(aiohttp_client: ClientFactory, redis_server: RedisServer, **op
     return await aiohttp_client(create_app(config))
 
 
-def succeeded(claimed: ClaimedJob, worker: str = "test-worker") -> JobResult:
-    job = claimed.job
-    return JobResult(
-        id=job.id,
-        status="succeeded",
-        worker=worker,
-        seed=job.seed,
-        shape=job.shape,
-        media_type="image/png",
-        image_count=len(IMAGES),
-        timings=Timings(queued_ms=1.0, generate_ms=2.0, encode_ms=3.0),
-    )
-
-
 async def run_attempt(redis_client: aioredis.Redis, blobs: BlobStore, claimed: ClaimedJob, worker: str) -> JobResult:
     """What a worker does with a finished job: objects first, then the result that names them; a dropped
     result's objects are removed. Returns the result it tried to store."""
     writer = ImageWriter(blobs, worker)
-    result = await writer.put(claimed.job, succeeded(claimed, worker), IMAGES)
+    result = await writer.put(claimed.job, succeeded(claimed.job, worker, len(IMAGES)), IMAGES)
     if not await Delivery(redis_client, RedisKeys()).complete(claimed, result, []):
         await writer.discard(result)
     return result

@@ -15,8 +15,8 @@ from aiohttp.test_utils import TestClient
 
 from common.rediskeys import RedisKeys
 from gateway.state import JOURNAL
-from tests.conftest import claim_next, finish, queued_jobs, read_events, register_worker, worker_streams
 from tests.queues import Queue
+from tests.support import claim_next, finish, queued_jobs, read_events, register_worker, worker_streams
 from worker.delivery import ClaimedJob, Delivery
 
 KEYS = RedisKeys()

@@ -17,8 +17,8 @@ from gateway.config import GatewayConfig, RateLimits, parse_networks
 from gateway.limits import ThroughputMeter, queue_full
 from gateway.ratelimit import Rate
 from gateway.state import LIMITER
-from tests.conftest import ClientFactory, RedisServer, play_worker, queued_jobs
 from tests.protection import error_of, gateway
+from tests.support import ClientFactory, RedisServer, play_worker, queued_jobs
 
 JOB = {"prompt": "a lighthouse"}
 TIGHT = RateLimits(address_submit=Rate(1, 3600.0, 2), address_read=Rate(1, 3600.0, 3))

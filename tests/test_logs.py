@@ -14,8 +14,8 @@ import pytest
 import redis
 
 from common.logs import LogFormat, bound, make_handler
-from testkit import free_port, wait_http
-from tests.conftest import READY_TIMEOUT_S, ProcessGroup, RedisServer, wait_ready, worker_args
+from testkit import free_port, gateway_args, wait_http
+from tests.support import READY_TIMEOUT_S, ProcessGroup, RedisServer, tiny_worker_args, wait_ready
 
 
 @pytest.fixture
@@ -77,21 +77,8 @@ async def test_one_request_id_from_the_access_log_to_the_worker(
     redis_url = redis_server.url(3)
     redis.Redis.from_url(redis_url).flushdb()
     port = free_port()
-    processes.start(
-        "json-gateway",
-        "--log-format",
-        "json",
-        "gateway",
-        "--redis-url",
-        redis_url,
-        "--key-prefix",
-        "logs",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    )
-    args = worker_args(redis_url, tiny_model, "json-worker", prefix="logs")
+    processes.start("json-gateway", "--log-format", "json", *gateway_args(redis_url, port, "--key-prefix", "logs"))
+    args = tiny_worker_args(redis_url, tiny_model, "json-worker", "--key-prefix", "logs")
     processes.start("json-worker", "--log-format", "json", *args)
     await wait_ready(redis_url, 1, prefix="logs")
     url = f"http://127.0.0.1:{port}"

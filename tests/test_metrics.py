@@ -8,7 +8,7 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import claim_next, finish, register_worker
+from tests.support import claim_next, finish, register_worker
 
 Client = TestClient[Any, Any]
 

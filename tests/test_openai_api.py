@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 from common.protocol import Job, parse_shapes
 from common.rediskeys import RedisKeys
 from gateway.openai_api import ImageGenerationRequest, to_generate_request
-from tests.conftest import TEST_SHAPES, claim_next, finish, queued_jobs, register_worker
+from tests.support import TEST_SHAPES, claim_next, finish, queued_jobs, register_worker
 
 KEYS = RedisKeys()
 ROUTE = "/v1/images/generations"

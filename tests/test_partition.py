@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from testkit import RedisOptions
+from testkit import RedisOptions, gateway_args, sdxl_serve_argv, worker_args
 from testkit.redis import redis_argv
 from tests.netns import TestHost, TestNetwork, netns_available
 
@@ -34,28 +34,7 @@ def start_redis(host: TestHost, directory: Path) -> None:
 
 def start_worker(host: TestHost, redis_url: str, model: Path, log: Path) -> None:
     host.run(
-        [
-            sys.executable,
-            "-m",
-            "sdxl_serve",
-            "worker",
-            "--redis-url",
-            redis_url,
-            "--model",
-            str(model),
-            "--sizes",
-            "64x64",
-            "--max-steps",
-            str(SLOW_STEPS),
-            "--default-steps",
-            str(SLOW_STEPS),
-            "--worker-id",
-            host.name,
-            "--heartbeat-interval",
-            "0.5",
-            "--heartbeat-ttl",
-            "2",
-        ],
+        sdxl_serve_argv(*worker_args(redis_url, model, host.name, "--heartbeat-ttl", "2", max_steps=SLOW_STEPS)),
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
@@ -80,18 +59,7 @@ def test_cut_worker_host_job_completes_elsewhere_without_duplicate(tiny_model: P
         start_redis(redis_host, tmp_path)
         gateway_host.wait_for_tcp(redis_host.address, REDIS_PORT, timeout=30)
         gateway_host.run(
-            [
-                sys.executable,
-                "-m",
-                "sdxl_serve",
-                "gateway",
-                "--redis-url",
-                redis_url,
-                "--host",
-                "0.0.0.0",
-                "--port",
-                str(GATEWAY_PORT),
-            ],
+            sdxl_serve_argv(*gateway_args(redis_url, GATEWAY_PORT, host="0.0.0.0")),
             stdout=(tmp_path / "gateway.log").open("wb"),
             stderr=subprocess.STDOUT,
         )

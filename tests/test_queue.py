@@ -11,33 +11,17 @@ import pytest
 import redis.asyncio as aioredis
 
 from common.jobstore import record_ttl
-from common.protocol import Job, JobResult, Shape, Timings
+from common.protocol import Job
 from common.redis_conn import connect
 from common.rediskeys import RedisKeys
 from gateway.listener import JobListener
-from tests.conftest import RedisServer
+from testkit.jobs import SHAPE, make_job, succeeded
 from tests.queues import Queue
+from tests.support import RedisServer
 from worker.delivery import ClaimedJob, MalformedJob
 
 KEYS = RedisKeys()
-SHAPE = Shape(width=64, height=64, steps=2)
 STREAM = KEYS.size_stream(SHAPE.size)
-
-
-def make_job(job_id: str = "job-1") -> Job:
-    return Job(id=job_id, prompt="a cat", seed=1, guidance_scale=7.5, shape=SHAPE, result_ttl_s=60)
-
-
-def success(job: Job, worker: str = "w1") -> JobResult:
-    return JobResult(
-        id=job.id,
-        status="succeeded",
-        worker=worker,
-        seed=job.seed,
-        shape=job.shape,
-        image_count=2,
-        timings=Timings(queued_ms=1, generate_ms=2, encode_ms=3),
-    )
 
 
 async def queue_with_group(redis_client: aioredis.Redis) -> Queue:
@@ -70,7 +54,7 @@ async def test_submitted_job_is_claimed_once_with_its_fields(redis_client: aiore
 
 async def test_complete_stores_result_acks_and_deletes_entry(redis_client: aioredis.Redis) -> None:
     queue, job, claimed = await submitted_and_claimed(redis_client)
-    assert await queue.delivery.complete(claimed, success(job), [b"png-0", b"png-1"])
+    assert await queue.delivery.complete(claimed, succeeded(job, "w1", 2), [b"png-0", b"png-1"])
     stored = await queue.jobs.fetch_result(job.id)
     assert stored is not None and stored.images == [b"png-0", b"png-1"]
     assert stored.result.status == "succeeded" and await queue.jobs.job_status(job.id) == "succeeded"
@@ -84,9 +68,9 @@ async def test_first_result_wins_and_a_later_one_is_dropped(redis_client: aiored
     await queue.delivery.start(claimed, "w1")
     other = await queue.recovery.reclaim("w2", live={"w2"}, max_deliveries=3, streams=[STREAM])  # w1 looked dead
     assert other is not None
-    assert await queue.delivery.complete(claimed, success(job, "w1"), [b"a", b"b"]) is True
+    assert await queue.delivery.complete(claimed, succeeded(job, "w1", 2), [b"a", b"b"]) is True
     assert await queue.delivery.start(other, "w2") is None  # the job is terminal: w2 does not run it
-    assert await queue.delivery.complete(other, success(job, "w2"), [b"c", b"d"]) is False
+    assert await queue.delivery.complete(other, succeeded(job, "w2", 2), [b"c", b"d"]) is False
     stored = await queue.jobs.fetch_result(job.id)
     assert stored is not None and stored.result.worker == "w1" and stored.images == [b"a", b"b"]
     assert (await queue.streams.counters())["duplicate_results"] == 1
@@ -123,7 +107,7 @@ async def test_malformed_entry_without_id_is_acknowledged(redis_client: aioredis
 async def complete_next(queue: Queue, job: Job) -> None:
     claimed: ClaimedJob | None = await queue.delivery.claim("w1", [STREAM], block_ms=1000)
     assert claimed is not None
-    await queue.delivery.complete(claimed, success(job), [b"a", b"b"])
+    await queue.delivery.complete(claimed, succeeded(job, "w1", 2), [b"a", b"b"])
 
 
 async def test_listener_wakes_the_waiting_request(redis_client: aioredis.Redis) -> None:
@@ -244,7 +228,7 @@ async def listening(
 
 async def store_unannounced(redis_client: aioredis.Redis, job: Job) -> None:
     """A result stored while the listener could not hear it: written without its announcement."""
-    await redis_client.hset(KEYS.result(job.id), "meta", success(job).model_dump_json())
+    await redis_client.hset(KEYS.result(job.id), "meta", succeeded(job, "w1", 2).model_dump_json())
 
 
 async def test_listener_rechecks_its_waiters_after_a_silent_resubscribe(
@@ -339,7 +323,7 @@ async def test_a_job_rolled_back_to_running_under_a_live_worker_runs_again(redis
     queue, job, claimed = await submitted_and_claimed(redis_client)
     await queue.delivery.start(claimed, "w1")
     saved: dict[str, Any] = {key: await redis_client.dump(key) for key in (KEYS.job(job.id), STREAM)}
-    assert await queue.delivery.complete(claimed, success(job), [b"a", b"b"])
+    assert await queue.delivery.complete(claimed, succeeded(job, "w1", 2), [b"a", b"b"])
     # Redis comes back from a snapshot taken while the job ran: the result and the acknowledgement are gone.
     await redis_client.delete(KEYS.result(job.id))
     for key, value in saved.items():
@@ -347,7 +331,7 @@ async def test_a_job_rolled_back_to_running_under_a_live_worker_runs_again(redis
     again = await queue.delivery.claim("w1", [STREAM], block_ms=100)
     assert again is not None and again.job == job
     assert await queue.delivery.start(again, "w1") is not None
-    assert await queue.delivery.complete(again, success(job), [b"a", b"b"])
+    assert await queue.delivery.complete(again, succeeded(job, "w1", 2), [b"a", b"b"])
     assert await queue.jobs.job_status(job.id) == "succeeded"
 
 
@@ -360,10 +344,10 @@ async def test_a_result_is_never_stored_twice_even_after_the_first_expired(redis
     second = await queue.recovery.reclaim("w2", live={"w2"}, max_deliveries=3, streams=[STREAM])
     assert second is not None and await queue.delivery.start(second, "w2") is not None
     # Fenced: the partitioned worker's delivery is no longer the current attempt.
-    assert await queue.delivery.complete(first, success(job, "partitioned"), [b"old"]) is False
-    assert await queue.delivery.complete(second, success(job, "w2"), [b"new"]) is True
+    assert await queue.delivery.complete(first, succeeded(job, "partitioned", 2), [b"old"]) is False
+    assert await queue.delivery.complete(second, succeeded(job, "w2", 2), [b"new"]) is True
     await redis_client.delete(KEYS.result(job.id))  # the images expire
-    assert await queue.delivery.complete(first, success(job, "partitioned"), [b"old"]) is False
+    assert await queue.delivery.complete(first, succeeded(job, "partitioned", 2), [b"old"]) is False
     assert await queue.jobs.fetch_result(job.id) is None and await queue.jobs.job_status(job.id) == "succeeded"
 
 
@@ -372,7 +356,7 @@ async def test_no_result_is_stored_over_a_cancellation_even_after_it_expired(red
     await queue.delivery.start(claimed, "w1")
     assert await queue.jobs.cancel(job.id) == "cancelled"
     await redis_client.delete(KEYS.result(job.id))
-    assert await queue.delivery.complete(claimed, success(job), [b"late"]) is False
+    assert await queue.delivery.complete(claimed, succeeded(job, "w1", 2), [b"late"]) is False
     assert await queue.jobs.fetch_result(job.id) is None and await queue.jobs.job_status(job.id) == "cancelled"
 
 
@@ -385,7 +369,7 @@ async def test_a_job_and_its_key_live_until_it_finishes_then_for_the_ttl(redis_c
     claimed = await queue.delivery.claim("w1", [STREAM], block_ms=100)
     assert claimed is not None and await queue.delivery.start(claimed, "w1") is not None
     assert await redis_client.ttl(KEYS.job(job.id)) == -1
-    await queue.delivery.complete(claimed, success(job), [b"a"])
+    await queue.delivery.complete(claimed, succeeded(job, "w1", 2), [b"a"])
     assert 0 < await redis_client.ttl(idempotency) <= job.result_ttl_s
     assert job.result_ttl_s < await redis_client.ttl(KEYS.job(job.id))  # the record outlives the images
 
@@ -421,8 +405,10 @@ async def test_start_store_and_dead_letter_run_twice_act_once(redis_client: aior
     queue, job, claimed = await submitted_and_claimed(redis_client)
     assert await queue.delivery.start(claimed, "w1") == await queue.delivery.start(claimed, "w1")
     assert await redis_client.llen(KEYS.attempts(job.id)) == 1
-    assert await queue.delivery.complete(claimed, success(job), [b"a"]) is True
-    assert await queue.delivery.complete(claimed, success(job), [b"a"]) is True  # its own earlier store: stored
+    assert await queue.delivery.complete(claimed, succeeded(job, "w1", 2), [b"a"]) is True
+    assert (
+        await queue.delivery.complete(claimed, succeeded(job, "w1", 2), [b"a"]) is True
+    )  # its own earlier store: stored
     assert "duplicate_results" not in await queue.streams.counters()
     other = make_job("poison")
     await queue.jobs.submit(other, STREAM)
@@ -439,7 +425,7 @@ async def test_a_result_for_a_record_redis_lost_is_stored_but_not_for_one_that_e
     queue, job, claimed = await submitted_and_claimed(redis_client)
     await queue.delivery.start(claimed, "w1")
     await redis_client.delete(KEYS.job(job.id))  # restored from a snapshot older than the submit
-    assert await queue.delivery.complete(claimed, success(job), [b"a"]) is True
+    assert await queue.delivery.complete(claimed, succeeded(job, "w1", 2), [b"a"]) is True
     assert await queue.jobs.job_status(job.id) == "succeeded"
     other = make_job("old")
     await queue.jobs.submit(other, STREAM)
@@ -447,7 +433,7 @@ async def test_a_result_for_a_record_redis_lost_is_stored_but_not_for_one_that_e
     assert late is not None and await queue.delivery.start(late, "w1") is not None
     await redis_client.delete(KEYS.job(other.id))  # as if it had finished and its record expired
     long_ago = dataclasses.replace(late, enqueued_ms=late.enqueued_ms - 1000 * record_ttl(other.result_ttl_s) - 1)
-    assert await queue.delivery.complete(long_ago, success(other), [b"a"]) is False
+    assert await queue.delivery.complete(long_ago, succeeded(other, "w1", 2), [b"a"]) is False
     assert await queue.jobs.fetch_result(other.id) is None
 
 

@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 
 from common.rediskeys import RedisKeys
 from gateway.ratelimit import Rate, RateLimiter
-from tests.conftest import RedisServer
+from tests.support import RedisServer
 
 KEYS = RedisKeys()
 

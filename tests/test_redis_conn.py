@@ -14,11 +14,11 @@ from redis.exceptions import ResponseError
 
 from common.config import ConfigError
 from common.jobstore import DurabilityUnsupported, JobStore, NotDurable
-from common.protocol import Job, Shape
 from common.redis_conn import RedisUrlError, SentinelUrl, check_url, connect, parse_sentinel_url
 from common.rediskeys import RedisKeys
 from gateway.config import GatewayConfig
 from sdxl_serve.processes import signal_group
+from testkit.jobs import make_job
 from testkit.sentinel import SentinelGroup, start_sentinel_group
 from worker.config import WorkerConfig
 
@@ -105,26 +105,21 @@ async def blocked(client: aioredis.Redis, command: str) -> None:
             await asyncio.sleep(0.05)
 
 
-def _job(job_id: str) -> Job:
-    shape = Shape(width=64, height=64, steps=2)
-    return Job(id=job_id, prompt="a fox", seed=1, guidance_scale=5.0, shape=shape, result_ttl_s=60)
-
-
 async def test_durable_acceptance_waits_for_the_replica(sentinel_group: SentinelGroup) -> None:
     client = connect(sentinel_group.url(), name="test-durable")
     keys = RedisKeys("durable")
     store = JobStore(client, keys, durable_accept="replica", durable_timeout_ms=300)
     try:
-        assert (await store.submit(_job("a" * 32), keys.size_stream("64x64"))).created
+        assert (await store.submit(make_job("a" * 32), keys.size_stream("64x64"))).created
         signal_group(sentinel_group.replica.process.pid, signal.SIGSTOP)  # a replica that stops acknowledging
         try:
             with pytest.raises(NotDurable, match="not confirmed by replica within 300 ms") as caught:
-                await store.submit(_job("b" * 32), keys.size_stream("64x64"), idempotency_key="k")
+                await store.submit(make_job("b" * 32), keys.size_stream("64x64"), idempotency_key="k")
         finally:
             signal_group(sentinel_group.replica.process.pid, signal.SIGCONT)
         assert caught.value.job_id == "b" * 32
         # The job may exist: the retry with the same key refers to it, and is confirmed now.
-        again = await store.submit(_job("c" * 32), keys.size_stream("64x64"), idempotency_key="k")
+        again = await store.submit(make_job("c" * 32), keys.size_stream("64x64"), idempotency_key="k")
         assert (again.job_id, again.created) == ("b" * 32, False)
     finally:
         await client.aclose()
@@ -143,6 +138,6 @@ async def test_durable_acceptance_on_the_append_only_file_needs_redis_7_2(sentin
         with pytest.raises(DurabilityUnsupported, match=rf"--durable-accept aof needs WAITAOF .*Redis {version}"):
             await store.check_durability()
         with pytest.raises(ResponseError, match=r"(?i)unknown command"):
-            await store.submit(_job("d" * 32), keys.size_stream("64x64"))
+            await store.submit(make_job("d" * 32), keys.size_stream("64x64"))
     finally:
         await client.aclose()

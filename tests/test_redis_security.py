@@ -26,14 +26,14 @@ from redis.exceptions import NoPermissionError
 
 from common.apikeys import KeyRing, new_key
 from common.config import log_config
-from common.protocol import Job
 from common.rediskeys import RedisKeys
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from testkit import ProcessError, RedisOptions, RedisProcess, free_port
-from tests.conftest import TEST_SHAPES, ClientFactory
+from testkit.jobs import make_job
 from tests.protection import running_worker
 from tests.queues import Queue
+from tests.support import TEST_SHAPES, ClientFactory
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 ADMIN_PASSWORD, GATEWAY_PASSWORD, WORKER_PASSWORD = "admin-pw-7c1d", "gateway-pw-2b9e", "worker-pw-5f30"
@@ -208,14 +208,12 @@ async def test_least_privilege_acl_users_serve_everything(
     queue = Queue.of(admin, KEYS)
     shared = KEYS.size_stream(TEST_SHAPES[0].size)
     await queue.streams.ensure_group(shared)
-    await queue.jobs.submit(
-        Job(id="orphan-pending", prompt="p", seed=1, guidance_scale=7.5, shape=TEST_SHAPES[0], result_ttl_s=60), shared
-    )
+    await queue.jobs.submit(make_job("orphan-pending", prompt="p"), shared)
     assert await queue.delivery.claim("ghost", [shared], block_ms=100) is not None
     ghost_stream = KEYS.worker_stream("ghost")
     await queue.streams.ensure_group(ghost_stream)
     await queue.jobs.submit(
-        Job(id="orphan-queued", prompt="q", seed=2, guidance_scale=7.5, shape=TEST_SHAPES[0], result_ttl_s=60),
+        make_job("orphan-queued", prompt="q", seed=2),
         ghost_stream,
     )
     client = await aiohttp_client(

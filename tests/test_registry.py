@@ -3,29 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 import redis.asyncio as aioredis
 
-from common.protocol import Shape
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo, WorkerState
+from tests.support import TEST_SHAPES, worker_info
 
 KEYS = RedisKeys()
 
 
 def info(worker_id: str, state: WorkerState = "warming") -> WorkerInfo:
-    return WorkerInfo(
-        id=worker_id,
-        host="h",
-        pid=1,
-        model="m",
-        images_per_request=4,
-        state=state,
-        shapes=[Shape(width=64, height=64, steps=2)],
-        started_at=time.time(),
-    )
+    return worker_info(worker_id, TEST_SHAPES[0], state=state)
 
 
 async def test_published_workers_are_listed_and_removed(redis_client: aioredis.Redis) -> None:

@@ -4,45 +4,25 @@ when their worker is gone."""
 from __future__ import annotations
 
 import random
-import time
-from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from common.protocol import Job, Shape
+from common.protocol import Shape
 from common.rediskeys import RedisKeys
-from common.registry import WorkerInfo
 from gateway.placement import Placement
-from tests.conftest import served
+from testkit.jobs import make_job
 from tests.queues import Queue
+from tests.support import worker_info
 
 KEYS = RedisKeys()
 SMALL = Shape(width=64, height=64, steps=2)
 LARGE = Shape(width=128, height=128, steps=2)
 
 
-def worker(worker_id: str, *shapes: Shape, state: str = "ready", **serves: Any) -> WorkerInfo:
-    """A worker serving the sizes of `shapes` up to their most steps, Euler only; `serves` overrides those."""
-    return WorkerInfo(
-        id=worker_id,
-        host="h",
-        pid=1,
-        model="m",
-        images_per_request=4,
-        state=state,  # type: ignore[arg-type]
-        started_at=time.time(),
-        **(served(shapes) | serves),
-    )
-
-
-def make_job(job_id: str, shape: Shape = SMALL) -> Job:
-    return Job(id=job_id, prompt="a cat", seed=1, guidance_scale=7.5, shape=shape, result_ttl_s=60)
-
-
 async def test_shared_routing_uses_the_size_stream(redis_client: aioredis.Redis) -> None:
     router = Placement("shared", redis_client, KEYS)
-    assert await router.stream_for(SMALL, "euler", [worker("a", SMALL)]) == KEYS.size_stream(SMALL.size)
+    assert await router.stream_for(SMALL, "euler", [worker_info("a", SMALL)]) == KEYS.size_stream(SMALL.size)
 
 
 @pytest.mark.parametrize("policy", ["shared", "random", "p2c"])
@@ -50,9 +30,9 @@ async def test_only_workers_whose_step_range_and_schedulers_fit_are_chosen(
     redis_client: aioredis.Redis, policy: str
 ) -> None:
     workers = [
-        worker("short", SMALL, max_steps=20),
-        worker("long", SMALL, max_steps=50),
-        worker("long-dpm", SMALL, max_steps=50, schedulers=["euler", "dpmpp_2m_karras"]),
+        worker_info("short", SMALL, max_steps=20),
+        worker_info("long", SMALL, max_steps=50),
+        worker_info("long-dpm", SMALL, max_steps=50, schedulers=["euler", "dpmpp_2m_karras"]),
     ]
     router = Placement(policy, redis_client, KEYS, random.Random(0))  # type: ignore[arg-type]
     at_30 = Shape(width=64, height=64, steps=30)
@@ -68,7 +48,11 @@ async def test_only_workers_whose_step_range_and_schedulers_fit_are_chosen(
 async def test_shared_routing_keeps_a_job_every_worker_of_its_size_runs_on_the_size_stream(
     redis_client: aioredis.Redis,
 ) -> None:
-    workers = [worker("a", SMALL, max_steps=50), worker("b", SMALL, max_steps=20), worker("c", LARGE, max_steps=5)]
+    workers = [
+        worker_info("a", SMALL, max_steps=50),
+        worker_info("b", SMALL, max_steps=20),
+        worker_info("c", LARGE, max_steps=5),
+    ]
     router = Placement("shared", redis_client, KEYS)
     for steps in (1, 7, 20):
         shape = Shape(width=64, height=64, steps=steps)
@@ -78,11 +62,11 @@ async def test_shared_routing_keeps_a_job_every_worker_of_its_size_runs_on_the_s
 @pytest.mark.parametrize("policy", ["random", "p2c"])
 async def test_only_ready_workers_that_compiled_the_shape_are_chosen(redis_client: aioredis.Redis, policy: str) -> None:
     workers = [
-        worker("small", SMALL),
-        worker("large", LARGE),
-        worker("both-warming", SMALL, LARGE, state="warming"),
-        worker("both-draining", SMALL, LARGE, state="draining"),
-        worker("both-busy", SMALL, LARGE, state="busy"),
+        worker_info("small", SMALL),
+        worker_info("large", LARGE),
+        worker_info("both-warming", SMALL, LARGE, state="warming"),
+        worker_info("both-draining", SMALL, LARGE, state="draining"),
+        worker_info("both-busy", SMALL, LARGE, state="busy"),
     ]
     router = Placement(policy, redis_client, KEYS, random.Random(0))  # type: ignore[arg-type]
     chosen = {await router.stream_for(LARGE, "euler", workers) for _ in range(50)}
@@ -91,7 +75,7 @@ async def test_only_ready_workers_that_compiled_the_shape_are_chosen(redis_clien
 
 async def test_random_spreads_over_every_candidate(redis_client: aioredis.Redis) -> None:
     router = Placement("random", redis_client, KEYS, random.Random(1))
-    workers = [worker(f"w{k}", SMALL) for k in range(4)]
+    workers = [worker_info(f"w{k}", SMALL) for k in range(4)]
     chosen = [await router.stream_for(SMALL, "euler", workers) for _ in range(200)]
     assert {chosen.count(KEYS.worker_stream(f"w{k}")) > 20 for k in range(4)} == {True}
 
@@ -101,7 +85,7 @@ async def test_p2c_sends_the_job_to_the_shorter_of_two_queues(redis_client: aior
     for k in range(3):
         await queue.jobs.submit(make_job(f"long-{k}"), KEYS.worker_stream("long"))
     router = Placement("p2c", redis_client, KEYS, random.Random(2))
-    workers = [worker("long", SMALL), worker("short", SMALL)]
+    workers = [worker_info("long", SMALL), worker_info("short", SMALL)]
     assert {await router.stream_for(SMALL, "euler", workers) for _ in range(20)} == {KEYS.worker_stream("short")}
 
 
@@ -193,7 +177,7 @@ async def test_shared_routing_never_hands_a_worker_a_shape_it_did_not_compile(re
     for stream in {*small_worker, *large_worker}:
         await queue.streams.ensure_group(stream)
     router = Placement("shared", redis_client, KEYS)
-    workers = [worker("small", SMALL), worker("large", LARGE)]
+    workers = [worker_info("small", SMALL), worker_info("large", LARGE)]
     await queue.jobs.submit(make_job("large-1", LARGE), await router.stream_for(LARGE, "euler", workers))
     assert await queue.delivery.claim("small", small_worker, block_ms=50) is None
     taken = await queue.delivery.claim("large", large_worker, block_ms=50)

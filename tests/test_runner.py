@@ -24,10 +24,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from common.jobstore import JobStore
-from common.protocol import SCHEDULERS, Job, JobResult, Shape, Size
+from common.protocol import SCHEDULERS, JobResult, Shape, Size
 from common.rediskeys import RedisKeys
 from common.registry import Registry
-from tests.conftest import (
+from testkit import worker_args
+from testkit.jobs import make_job
+from tests.support import (
     TEST_MAX_STEPS,
     TEST_SHAPES,
     TEST_SIZE,
@@ -36,7 +38,6 @@ from tests.conftest import (
     RedisServer,
     scrape,
     wait_ready,
-    worker_args,
 )
 from worker.config import WorkerConfig
 from worker.encode import Encoding
@@ -126,7 +127,7 @@ async def worker(redis_server: RedisServer, pipeline: Pipeline, encoder: Encoder
 async def submit(redis_client: aioredis.Redis, seeds: list[int]) -> None:
     store = JobStore(redis_client, KEYS)
     for seed in seeds:
-        job = Job(id=f"job-{seed}", prompt="a cat", seed=seed, guidance_scale=7.5, shape=SHAPE, result_ttl_s=60)
+        job = make_job(f"job-{seed}", SHAPE, seed=seed)
         await store.submit(job, KEYS.size_stream(SHAPE.size))
 
 
@@ -228,14 +229,16 @@ async def job_events(channel: Any, job_id: str) -> AsyncIterator[dict[str, Any]]
 async def test_a_cancelled_running_job_stops_at_its_next_step_and_the_worker_takes_the_next_job(
     redis_server: RedisServer, redis_client: aioredis.Redis, tiny_model: Path, processes: ProcessGroup
 ) -> None:
-    args = worker_args(redis_server.url(0), tiny_model, "stopper")
-    args[args.index("--max-steps") + 1] = str(LONG.steps)
+    args = worker_args(
+        redis_server.url(0), tiny_model, "stopper", size=str(TEST_SIZE), max_steps=LONG.steps,
+        default_steps=TEST_SHAPES[0].steps,
+    )  # fmt: skip
     processes.start("stopper", *args)
     try:
         [info] = await wait_ready(redis_server.url(0), 1)
         store = JobStore(redis_client, KEYS)
-        long_job = Job(id="long", prompt="a cat", seed=1, guidance_scale=7.5, shape=LONG, result_ttl_s=60)
-        short_job = Job(id="short", prompt="a dog", seed=2, guidance_scale=7.5, shape=SHORT, result_ttl_s=60)
+        long_job = make_job("long", LONG)
+        short_job = make_job("short", SHORT, prompt="a dog", seed=2)
         async with redis_client.pubsub() as channel:
             await channel.subscribe(KEYS.job_events_channel)
             await store.submit(long_job, KEYS.size_stream(LONG.size))
@@ -299,7 +302,7 @@ async def test_a_worker_publishes_its_sizes_and_step_range_runs_every_scheduler_
         too_long = Shape(width=TEST_SIZE.width, height=TEST_SIZE.height, steps=TEST_MAX_STEPS + 1)
         jobs = {"too-long": (too_long, "euler")} | {scheduler: (SHORT, scheduler) for scheduler in SCHEDULERS}
         for job_id, (shape, scheduler) in jobs.items():
-            job = Job(id=job_id, prompt="a cat", seed=3, guidance_scale=7.5, shape=shape, result_ttl_s=60)
+            job = make_job(job_id, shape, seed=3)
             await store.submit(job.model_copy(update={"scheduler": scheduler}), KEYS.size_stream(TEST_SIZE))
         results = {job_id: await wait_result(client, job_id) for job_id in jobs}
     finally:

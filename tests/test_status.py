@@ -8,18 +8,14 @@ import json
 import pytest
 import redis.asyncio as aioredis
 
-from common.protocol import Job
 from common.rediskeys import RedisKeys
 from sdxl_serve.cli import main
 from testkit import free_port
-from tests.conftest import TEST_SHAPES, RedisServer, claim_next, register_worker
+from testkit.jobs import make_job
 from tests.queues import Queue
+from tests.support import TEST_SHAPES, RedisServer, claim_next, register_worker
 
 KEYS = RedisKeys()
-
-
-def job(job_id: str) -> Job:
-    return Job(id=job_id, prompt="a cat", seed=1, guidance_scale=7.5, shape=TEST_SHAPES[0], result_ttl_s=60)
 
 
 async def test_status_reports_workers_queue_pending_and_dead_letters(
@@ -30,10 +26,10 @@ async def test_status_reports_workers_queue_pending_and_dead_letters(
     queue = Queue.of(redis_client, KEYS)
     shared = KEYS.size_stream(TEST_SHAPES[0].size)
     for k in range(3):
-        await queue.jobs.submit(job(f"j{k}"), shared)
+        await queue.jobs.submit(make_job(f"j{k}"), shared)
     claimed = await claim_next(redis_client)  # one in service
     await queue.delivery.dead_letter(claimed, "test-worker", "for the test")
-    await queue.jobs.submit(job("late"), shared)
+    await queue.jobs.submit(make_job("late"), shared)
 
     # The command runs its own event loop, as it does from a shell.
     assert await asyncio.to_thread(main, ["status", "--redis-url", redis_server.url(0), "--json"]) == 0

@@ -22,15 +22,15 @@ from yarl import URL
 
 from common.apikeys import digest, new_key
 from common.config import ConfigError, log_config
-from common.protocol import Job
 from common.rediskeys import RedisKeys
 from gateway import auth
 from gateway.cli import gateway_config
 from gateway.config import GatewayConfig, RateLimits, parse_networks
 from sdxl_serve.cli import build_parser
 from sdxl_serve.processes import free_port
-from tests.conftest import TEST_SHAPES, ClientFactory, RedisServer, claim_next, read_events
+from testkit.jobs import make_job
 from tests.protection import Client, error_of, gateway, running_worker
+from tests.support import ClientFactory, RedisServer, claim_next, read_events
 from worker.delivery import Delivery
 
 A, B, ADMIN = new_key(), new_key(), new_key()
@@ -289,15 +289,7 @@ async def test_dead_letters_are_bounded_expire_and_keep_no_prompt(
     await redis_client.xadd(stream, {"job": json.dumps({"prompt": "a secret"})}, id=f"{stale}-0")
     for _ in range(300):
         await redis_client.xadd(stream, {"job": "{}"})
-    job = Job(
-        id=uuid.uuid4().hex,
-        prompt="a private prompt",
-        negative_prompt="blurry",
-        seed=1,
-        guidance_scale=5.0,
-        shape=TEST_SHAPES[0],
-        result_ttl_s=600,
-    )
+    job = make_job(uuid.uuid4().hex, prompt="a private prompt", negative_prompt="blurry", result_ttl_s=600)
     delivery = Delivery(redis_client, keys, dead_letter_max_len=50)
     await redis_client.xadd(keys.size_stream(job.shape.size), {"job": job.model_dump_json()})
     claimed = await claim_next(redis_client)

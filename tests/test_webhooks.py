@@ -28,10 +28,10 @@ from gateway.metrics import GatewayMetrics
 from gateway.state import JOURNAL, WEBHOOK_RESOLVE
 from gateway.webhook_sender import WebhookSender
 from gateway.webhooks import Resolve
-from testkit import ProcessGroup, free_port, wait_http
+from testkit import ProcessGroup, free_port, gateway_args, wait_http
 from testkit.nemesis import NemesisConfig, render, run_nemesis
 from testkit.receiver import HANG, Receiver
-from tests.conftest import ClientFactory, RedisServer, claim_next, finish, register_worker
+from tests.support import ClientFactory, RedisServer, claim_next, finish, register_worker
 from worker.delivery import Delivery
 
 KEYS = RedisKeys()
@@ -382,7 +382,7 @@ async def test_no_due_webhook_is_lost_while_gateways_and_redis_fail(tmp_path: Pa
 
 def gateway_process(processes: ProcessGroup, name: str, redis_url: str, port: int) -> None:
     processes.start(
-        name, "gateway", "--redis-url", redis_url, "--host", "127.0.0.1", "--port", str(port),
+        name, *gateway_args(redis_url, port),
         "--webhook-allow-http", "--webhook-allow-hosts", "127.0.0.1", "--webhook-secret", SECRET,
         "--webhook-timeout", "1", "--webhook-backoff", "0.3", "--webhook-poll", "0.5",
     )  # fmt: skip

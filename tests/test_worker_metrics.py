@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from tests.conftest import TEST_SHAPES, Cluster, post_generate, scrape, wait_ready
+from tests.support import TEST_SHAPES, Cluster, post_generate, scrape, wait_ready
 
 pytestmark = pytest.mark.e2e
 

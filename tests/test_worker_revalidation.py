@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from common.protocol import JobResult
 from common.rediskeys import RedisKeys
-from tests.conftest import TEST_SHAPES, RedisServer
 from tests.protection import running_worker
+from tests.support import TEST_SHAPES, RedisServer
 
 KEYS = RedisKeys()
 STREAM = KEYS.size_stream(TEST_SHAPES[0].size)
