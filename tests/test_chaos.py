@@ -8,7 +8,7 @@ import pytest
 
 from bench.chaos import run_chaos
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.nemesis]
 
 
 async def test_hundred_requests_under_random_kills_lose_nothing(tiny_model: Path, tmp_path: Path) -> None:

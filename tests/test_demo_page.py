@@ -23,7 +23,7 @@ from playwright.async_api import Browser, ConsoleMessage, Error, Page, Route, as
 from common.protocol import SCHEDULERS
 from tests.support import TEST_SHAPES, Cluster, ProcessGroup
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
 CHROMIUM_ARGS = [
     "--no-sandbox",

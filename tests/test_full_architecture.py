@@ -23,6 +23,7 @@ pytestmark = [
         os.environ.get("SDXL_SERVE_FULL_ARCH") != "1", reason="a CI step of its own: set SDXL_SERVE_FULL_ARCH=1"
     ),
     pytest.mark.timeout(3600),
+    pytest.mark.arch,
 ]
 
 

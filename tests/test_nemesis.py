@@ -95,6 +95,7 @@ def test_a_request_answered_by_two_jobs_is_a_violation() -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.nemesis
 @pytest.mark.timeout(900)
 async def test_a_seeded_fault_schedule_loses_and_duplicates_nothing(
     tiny_model: Path, compile_cache: Path, tmp_path: Path

@@ -1,6 +1,6 @@
-"""Redis with credentials: a password, least-privilege ACL users (the README's lines), and TLS.
+"""Redis with credentials: a password, least-privilege ACL users (docs/security.md's lines), and TLS.
 
-One redis-server for the module: the default user behind `requirepass`, the README's two ACL users, and a
+One redis-server for the module: the default user behind `requirepass`, docs/security.md's two ACL users, and a
 TLS port with a CA made here by `openssl`. A gateway (in this process) and a real Worker (its loop with a
 stand-in pipeline) run a job end to end on each kind of URL; with the ACL users, Redis's ACL log must show
 no command refused, takeovers, dead letters and moved jobs included.
@@ -35,15 +35,15 @@ from tests.protection import running_worker
 from tests.queues import Queue
 from tests.support import TEST_SHAPES, ClientFactory
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+SECURITY_DOC = Path(__file__).resolve().parent.parent / "docs" / "security.md"
 ADMIN_PASSWORD, GATEWAY_PASSWORD, WORKER_PASSWORD = "admin-pw-7c1d", "gateway-pw-2b9e", "worker-pw-5f30"
 KEYS = RedisKeys()
 
 
-def readme_acl_lines() -> list[str]:
-    """The ACL lines the README documents, with this test's passwords."""
-    block = re.search(r"```acl\n(.*?)```", README.read_text(), re.S)
-    assert block is not None, "README.md has no ```acl block"
+def documented_acl_lines() -> list[str]:
+    """The ACL lines docs/security.md documents, with this test's passwords."""
+    block = re.search(r"```acl\n(.*?)```", SECURITY_DOC.read_text(), re.S)
+    assert block is not None, "docs/security.md has no ```acl block"
     lines = [line.strip() for line in block[1].splitlines() if line.strip()]
     assert [line.split()[1] for line in lines] == ["sdxl-gateway", "sdxl-worker"]
     return [
@@ -110,7 +110,7 @@ class SecureRedis:
 
 
 def secure_options(directory: Path, tls_port: int) -> RedisOptions:
-    """`requirepass`, the README's ACL users, and a TLS port serving the certificates made in `directory`."""
+    """`requirepass`, docs/security.md's ACL users, and a TLS port serving the certificates made in `directory`."""
     extra = ["--requirepass", ADMIN_PASSWORD, "--tls-port", str(tls_port)]
     for option, name in (
         ("--tls-cert-file", "server.crt"),
@@ -119,7 +119,7 @@ def secure_options(directory: Path, tls_port: int) -> RedisOptions:
     ):
         extra += [option, str(directory / name)]
     extra += ["--tls-auth-clients", "no"]
-    for line in readme_acl_lines():
+    for line in documented_acl_lines():
         extra += ["--user", *line.split()[1:]]
     return RedisOptions(extra=tuple(extra))
 

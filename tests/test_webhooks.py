@@ -358,6 +358,7 @@ async def test_the_openai_route_takes_a_webhook_as_an_extra_field(
     assert verified(SECRET, hit)["type"] == "job.completed"
 
 
+@pytest.mark.nemesis
 async def test_no_due_webhook_is_lost_while_gateways_and_redis_fail(tmp_path: Path) -> None:
     # The fault injector with stand-in workers: gateways SIGKILLed and restarted, Redis restarted, replies
     # lost, connections killed, while every job asks for a webhook that a fifth of the time is answered 503.
