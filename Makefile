@@ -53,10 +53,11 @@ full-arch: install
 test: install
 	$(VENV)/bin/pytest
 
-# The edit loop's tier: the suite less its worker processes (e2e), fault schedules (nemesis), the browser and the
-# real architecture (markers in pyproject.toml). Everything it leaves out still runs in `make test`.
+# The edit loop's tier: the suite less its worker processes (e2e), fault schedules (nemesis), the browser, the
+# real architecture and in-process compiles of the pipeline (markers in pyproject.toml). Everything it leaves out
+# still runs in `make test`; `pytest -m compile` runs the pipeline's own tests.
 test-fast: install
-	$(VENV)/bin/pytest -m "not e2e and not nemesis and not browser and not arch"
+	$(VENV)/bin/pytest -m "not e2e and not nemesis and not browser and not arch and not compile"
 
 lint: install
 	$(VENV)/bin/ruff check $(CODE)

@@ -109,10 +109,15 @@ def images(tiny_model: Path) -> dict[str, np.ndarray]:
     return out
 
 
+# The fixture compiles four pipelines (two precisions, two attention paths): minutes on a busy 2-core host.
+@pytest.mark.compile
+@pytest.mark.timeout(900)
 def test_both_paths_give_the_same_images_in_float32(images: dict[str, np.ndarray]) -> None:
     assert np.abs(images["einsum-f32"] - images["dot_product-f32"]).max() <= 1
 
 
+@pytest.mark.compile
+@pytest.mark.timeout(900)
 def test_in_bfloat16_dot_product_is_as_close_to_float32_as_einsum(images: dict[str, np.ndarray]) -> None:
     einsum_error = np.abs(images["einsum-bf16"] - images["einsum-f32"]).mean()
     dot_error = np.abs(images["dot_product-bf16"] - images["einsum-f32"]).mean()

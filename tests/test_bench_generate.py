@@ -36,6 +36,7 @@ def sdxl() -> tuple[Any, dict[str, Any]]:
     return FlaxStableDiffusionXLPipeline(**parts), abstract_params(parts)
 
 
+@pytest.mark.arch
 def test_sdxl_random_has_sdxl_base_parameter_counts(sdxl: tuple[Any, dict[str, Any]]) -> None:
     _, params = sdxl
     published = {"unet": 2.567e9, "vae": 83.7e6, "text_encoder": 123.1e6, "text_encoder_2": 694.7e6}
@@ -49,6 +50,7 @@ def flops_1024(sdxl: tuple[Any, dict[str, Any]]) -> FlopCount:
     return count_flops(pipe, params, Shape(width=1024, height=1024, steps=20))
 
 
+@pytest.mark.arch
 def test_flops_per_image_match_the_published_count(flops_1024: FlopCount) -> None:
     # The published figures: UNet 6.76 TFLOP per sample per step, twice per step (guidance), VAE decode
     # 10.5, text encoders 0.1: about 281 TFLOP per 1024x1024 image at 20 steps.
@@ -58,6 +60,7 @@ def test_flops_per_image_match_the_published_count(flops_1024: FlopCount) -> Non
     assert flops_1024.per_image / TERA == pytest.approx(281, rel=0.02)
 
 
+@pytest.mark.arch
 def test_flop_count_follows_the_shape(sdxl: tuple[Any, dict[str, Any]], flops_1024: FlopCount) -> None:
     pipe, params = sdxl
     small = count_flops(pipe, params, Shape(width=512, height=512, steps=30))
@@ -167,6 +170,7 @@ SMALL = Architecture(
 )
 
 
+@pytest.mark.arch
 def test_random_weights_are_made_on_every_device_in_bfloat16() -> None:
     pipeline = SDXLPipeline.random(SMALL, images_per_request=4, report_progress=False)
     leaves = jax.tree_util.tree_leaves(pipeline._params)
@@ -181,6 +185,7 @@ def test_random_weights_are_made_on_every_device_in_bfloat16() -> None:
     assert pipeline.flop_count(shape).per_image > 0
 
 
+@pytest.mark.compile
 def test_bench_generate_on_the_tiny_model(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status = cli_main(
         [

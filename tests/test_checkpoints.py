@@ -88,6 +88,7 @@ def test_each_format_loads_the_flax_parameters_as_stored(
             np.testing.assert_array_equal(value, expected, err_msg=f"{name} {component} {'/'.join(key)}")
 
 
+@pytest.mark.compile
 def test_each_format_gives_the_flax_format_images(formats: dict[str, Path], tiny_model: Path) -> None:
     """The real pipeline (bfloat16, split heads, the folder's scheduler) from each format's loader."""
     images = {}

@@ -27,6 +27,8 @@ from common.protocol import Shape, Size
 from worker import pipeline as pipeline_module
 from worker.pipeline import SDXLPipeline
 
+pytestmark = pytest.mark.compile
+
 IMAGES = 4  # one per virtual device
 LEVELS = 2
 OUTLIERS = 2e-3  # the share of pixels allowed one level more

@@ -20,6 +20,8 @@ from worker import pipeline as pipeline_module
 from worker.pipeline import DeviceMismatch, InvalidShape, PipelineError, SDXLPipeline, UnsupportedShape
 from worker.schedulers import table
 
+pytestmark = pytest.mark.compile
+
 SIZE = Size(width=64, height=64)
 MAX_STEPS = 3
 GUIDANCE = 7.5
