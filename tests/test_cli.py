@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 
@@ -110,3 +111,11 @@ def test_defaults_are_the_config_dataclasses(monkeypatch: pytest.MonkeyPatch) ->
     worker = worker_config(parser.parse_args(["worker", "--worker-id", "w"]))
     assert worker == WorkerConfig(worker_id="w")
     assert UpConfig.from_args(parser.parse_args(["up"])) == UpConfig()
+
+
+def test_version_is_the_installed_distribution() -> None:
+    answer = subprocess.run(
+        [sys.executable, "-m", "sdxl_serve", "--version"], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.strip() == f"sdxl-serve {importlib.metadata.version('sdxl-serve')}"
