@@ -267,6 +267,44 @@ async def test_a_name_that_turns_inward_after_submit_is_not_connected_to(
     assert delivery["gave_up_at"] and "loopback" in delivery["last_error"]
 
 
+# IPv6 addresses that carry an inward IPv4 address, and the one they carry.
+CARRIED = {
+    "64:ff9b::7f00:1": "127.0.0.1",  # NAT64, the well-known prefix
+    "64:ff9b:1::a00:1": "10.0.0.1",  # NAT64, a local-use prefix (/96 reading)
+    "64:ff9b:1:7f00:0:100:808:808": "127.0.0.1",  # NAT64, a local-use prefix (/48 reading; /96 is public)
+    "2002:7f00:1::1": "127.0.0.1",  # 6to4
+    "::127.0.0.1": "127.0.0.1",  # IPv4-compatible
+    "::ffff:10.0.0.1": "10.0.0.1",  # IPv4-mapped
+    "2001:0:4136:e378:8000:63bf:80ff:fffe": "127.0.0.1",  # Teredo: the client, bits inverted
+}
+
+
+@pytest.mark.parametrize("address", list(CARRIED))
+async def test_an_ipv6_address_is_judged_by_the_ipv4_address_it_carries(
+    gateway: Callable[..., Any], address: str
+) -> None:
+    strict = WebhookConfig(allow_http=True, secret=SECRET)
+    client = await gateway(webhooks=strict, resolve=stub_resolver({"inward.test": [address]}))
+    for url in (f"http://[{address}]/x", "http://inward.test/x"):
+        error = await refusal(client, {"url": url})
+        assert error["code"] == "webhook_url_refused" and CARRIED[address] in error["message"], (url, error)
+
+
+async def test_a_name_that_turns_to_an_ipv6_carried_inward_address_is_given_up(
+    gateway: Callable[..., Any], redis_client: aioredis.Redis
+) -> None:
+    answers = iter([["2002:808:808::1"]])  # 6to4 of a public address at submit; NAT64 of loopback after
+
+    async def rebinding(host: str, port: int) -> list[str]:
+        return next(answers, ["64:ff9b::7f00:1"])
+
+    client = await gateway(webhooks=WebhookConfig(allow_http=True, secret=SECRET, poll_s=0.5), resolve=rebinding)
+    job_id = await submit(client, {"url": "http://rebind.test/x"})
+    await run_job(redis_client)
+    (delivery,) = await settled(redis_client, client, job_id)
+    assert delivery["gave_up_at"] and "127.0.0.1, inside 64:ff9b::7f00:1" in delivery["last_error"]
+
+
 async def test_a_full_outbox_refuses_new_webhook_jobs_and_keeps_its_messages(
     gateway: Callable[..., Any], redis_client: aioredis.Redis
 ) -> None:
