@@ -1,7 +1,8 @@
 """Sending job webhooks: every gateway runs a `WebhookSender`, taking due messages from the outbox in Redis
 under a lease and POSTing them, signed.
 
-An attempt is one POST, redirects not followed, within `--webhook-timeout`. A 2xx answer delivers the message.
+An attempt is one POST, redirects not followed, within `--webhook-timeout`; of the answer only the status
+counts (at most MAX_ANSWER_BYTES of its body are read). A 2xx answer delivers the message.
 A timeout, a connection error, a 5xx or a 429 is retried after an exponential backoff with jitter (a 429's or
 503's `Retry-After` is honoured, up to a cap), until the message has been due for `--webhook-retry-window`;
 any other answer (a 4xx such as 410, a redirect) gives it up at once, as does a target the address rules
@@ -44,6 +45,9 @@ BodyOf = Callable[[str, str], Awaitable[bytes]]
 SecretOf = Callable[[WebhookSpec], str | None]
 RETRIED_STATUSES = frozenset({408, 425, 429})
 BODY_ERROR_CHARS = 200
+# Of a receiver's answer only the status counts: at most this much of its body is read, so a receiver that
+# answers with a huge or endless body cannot fill a gateway's memory (nor hold an attempt open).
+MAX_ANSWER_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -177,7 +181,7 @@ class WebhookSender:
                 await checked_addresses(self._config, self._resolve, url.host or "", url.port or 443)
             headers = signed_headers(secret, taken.message.id, int(time.time()), body)
             async with session.post(url, data=body, headers=headers, allow_redirects=False) as response:
-                await response.read()
+                await _skim(response)
                 return self._judge(taken, response.status, response.headers.get("Retry-After"))
         except TargetRefused as exc:
             return Attempt("gave-up", error=str(exc))
@@ -209,6 +213,14 @@ class WebhookSender:
         if taken.now_ms + delay_s * 1000 > window_end_ms:
             return Attempt("gave-up", status, f"{error}; retried for {config.retry_window_s:g} s")
         return Attempt("retry", status, error, int(delay_s * 1000))
+
+
+async def _skim(response: aiohttp.ClientResponse) -> None:
+    """Read at most MAX_ANSWER_BYTES of an answer's body; close the connection on a longer one (a short one
+    read to its end leaves the connection to be used again)."""
+    await response.content.read(MAX_ANSWER_BYTES)
+    if not response.content.at_eof():
+        response.close()
 
 
 def retry_after_s(value: str | None) -> float | None:

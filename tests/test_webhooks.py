@@ -30,7 +30,7 @@ from gateway.webhook_sender import WebhookSender
 from gateway.webhooks import Resolve
 from testkit import ProcessGroup, free_port, wait_http
 from testkit.nemesis import NemesisConfig, render, run_nemesis
-from testkit.receiver import HANG, Receiver
+from testkit.receiver import ENDLESS, HANG, Receiver
 from tests.conftest import ClientFactory, RedisServer, claim_next, finish, register_worker
 from worker.delivery import Delivery
 
@@ -198,6 +198,23 @@ async def test_a_429s_retry_after_is_honoured(gateway: Callable[..., Any], redis
         await receiver.close()
     assert hits[1].at - hits[0].at >= 1.9  # not the 0.3 s backoff
     assert delivery["attempts"] == 2 and delivery["delivered_at"]
+
+
+async def test_an_endless_answer_is_read_only_in_part(
+    gateway: Callable[..., Any], redis_client: aioredis.Redis
+) -> None:
+    # The body never ends: a sender that read it whole would fill its memory until the attempt timed out.
+    receiver = await Receiver(answers=[ENDLESS]).start()
+    try:
+        client = await gateway()
+        job_id = await submit(client, {"url": receiver.url})
+        await run_job(redis_client)
+        (delivery,) = await settled(redis_client, client, job_id)
+        await asyncio.wait_for(receiver.hung_up.wait(), 30)
+    finally:
+        await receiver.close()
+    assert delivery["attempts"] == 1 and delivery["last_status"] == 200 and delivery["delivered_at"]
+    assert receiver.streamed < 64 * 2**20  # what the socket buffers took before the sender hung up
 
 
 async def test_a_redirect_is_not_followed(gateway: Callable[..., Any], redis_client: aioredis.Redis) -> None:
