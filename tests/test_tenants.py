@@ -29,7 +29,7 @@ from gateway.cli import gateway_config
 from gateway.config import GatewayConfig, RateLimits, parse_networks
 from sdxl_serve.cli import build_parser
 from sdxl_serve.processes import free_port
-from tests.conftest import TEST_SHAPES, ClientFactory, RedisServer, claim_next, read_events
+from tests.conftest import TEST_SHAPES, ClientFactory, RedisServer, claim_next, finish, read_events
 from tests.protection import Client, error_of, gateway, running_worker
 from worker.delivery import Delivery
 
@@ -212,6 +212,38 @@ async def test_public_callers_are_capped_per_address(
     assert (await submit(client, public("2001:db8::2"))).status == 429  # the same /64
     assert (await submit(client, public("2001:db8:0:1::1"))).status == 202
     assert (await submit(client, bearer(A))).status == 202
+
+
+async def redis_time_passes(redis_client: aioredis.Redis, ms: int) -> None:
+    """Return once `ms` have passed by Redis's clock: a key set to expire then announces it."""
+    await redis_client.config_set("notify-keyspace-events", "Ex")
+    marker = f"test:marker:{uuid.uuid4().hex}"
+    async with redis_client.pubsub() as events, asyncio.timeout(30):
+        await events.subscribe("__keyevent@0__:expired")
+        await redis_client.set(marker, 1, px=ms)
+        while (message := await events.get_message(timeout=None)) is None or message["data"] != marker.encode():
+            pass
+
+
+async def test_a_job_counts_against_its_callers_cap_as_long_as_it_is_unfinished(
+    aiohttp_client: ClientFactory,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    tmp_path: Path,
+    fake_worker: None,
+) -> None:
+    # The job waits in the queue for longer than a result lives: it is still unfinished, so it still counts.
+    client = await tenants(aiohttp_client, redis_server, tmp_path, max_jobs_in_flight_per_caller=1, result_ttl_s=1)
+    first = await job_id(client, bearer(A))
+    await redis_time_passes(redis_client, 1500)
+    refused = await submit(client, bearer(A), OTHER_JOB)
+    assert refused.status == 429 and (await error_of(refused))["code"] == "too_many_jobs_in_flight"
+    claimed = await claim_next(redis_client)
+    assert claimed.job.id == first
+    assert await finish(redis_client, claimed, [b"png"])
+    in_flight = [key async for key in redis_client.scan_iter(match="sdxl:in-flight:*")]
+    assert in_flight == []  # the job's end took it out of its caller's set, and the empty set is gone
+    assert (await submit(client, bearer(A), OTHER_JOB)).status == 202
 
 
 def test_the_default_burst_of_one_address_cannot_fill_the_queue() -> None:
