@@ -246,6 +246,45 @@ async def test_a_job_counts_against_its_callers_cap_as_long_as_it_is_unfinished(
     assert (await submit(client, bearer(A), OTHER_JOB)).status == 202
 
 
+async def first_answers(tasks: list[asyncio.Task[Any]], count: int) -> list[Any]:
+    """The first `count` of `tasks` to finish (the others still waiting)."""
+    pending: set[asyncio.Task[Any]] = set(tasks)
+    done: list[asyncio.Task[Any]] = []
+    while len(done) < count:
+        finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        done += finished
+    return [task.result() for task in done]
+
+
+async def test_waiting_requests_are_capped_per_caller_replays_included(
+    aiohttp_client: ClientFactory,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    tmp_path: Path,
+    fake_worker: None,
+) -> None:
+    # Six replays of one Idempotency-Key make one job; only three of them may wait for it.
+    client = await tenants(
+        aiohttp_client, redis_server, tmp_path, max_waiting_requests_per_caller=3, request_timeout_s=60.0
+    )
+    replay = bearer(A) | {"Idempotency-Key": "one-job"}
+    waits = [asyncio.create_task(client.post("/v1/generate", json=JOB, headers=replay)) for _ in range(6)]
+    refused = await first_answers(waits, 3)
+    assert [r.status for r in refused] == [429, 429, 429]
+    error = await error_of(refused[0])
+    assert error["code"] == "too_many_waiting_requests" and "3 waiting requests per caller" in error["message"]
+    assert int(refused[0].headers["Retry-After"]) >= 1
+    held = [task for task in waits if not task.done()]
+    # The OpenAI route waits too, and counts against the same cap; another caller has its own.
+    openai = await client.post("/v1/images/generations", json={"prompt": "a cat"}, headers=bearer(A))
+    assert openai.status == 429 and (await openai.json())["error"]["code"] == "too_many_waiting_requests"
+    other = asyncio.create_task(client.post("/v1/generate", json=OTHER_JOB, headers=bearer(B)))
+    for _ in range(2):
+        assert await finish(redis_client, await claim_next(redis_client), [b"png"])
+    answers = [await task for task in [*held, other]]
+    assert sorted(r.status for r in answers) == [200, 200, 200, 200]
+
+
 def test_the_default_burst_of_one_address_cannot_fill_the_queue() -> None:
     limits = RateLimits()
     for rate in (limits.address_submit, limits.public_submit, limits.key_submit):
