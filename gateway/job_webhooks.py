@@ -44,7 +44,7 @@ async def webhook_of(request: web.Request, body: GenerateRequest) -> WebhookSpec
             field="webhook",
         )
     await check_target(app[CONFIG].webhooks, app[WEBHOOK_RESOLVE], body.webhook.url)
-    return spec_for(body.webhook, identity)
+    return spec_for(body.webhook, identity, app[CONFIG].webhooks)
 
 
 def outbox_full(exc: OutboxFull) -> ApiError:

@@ -199,8 +199,21 @@ def signed_headers(secret: str, message_id: str, timestamp: int, body: bytes) ->
     }
 
 
-def spec_for(body: Any, key_identity: str) -> WebhookSpec:
-    """The spec kept with a job: the request's URL and events (in a fixed order, each once) and the key whose
-    secret signs them."""
+def spec_for(body: Any, key_identity: str, config: WebhookConfig) -> WebhookSpec:
+    """The spec kept with a job: the request's URL and events (in a fixed order, each once), the key whose
+    secret signs them, and whether its host is allow-listed here (every gateway that sends it must allow it)."""
     events = tuple(event for event in ("started", "progress", "completed") if event in body.events)
-    return WebhookSpec(url=body.url, events=events, key=key_identity)
+    return WebhookSpec(url=body.url, events=events, key=key_identity, allowed=allow_listed(config, body.url))
+
+
+def allow_listed(config: WebhookConfig, url: str) -> bool:
+    """Whether `url`'s host is exempt from the address rules on this gateway (`--webhook-allow-hosts`)."""
+    return _host(url) in config.allow_hosts
+
+
+def _host(url: str) -> str:
+    try:
+        host = URL(url).host or ""
+    except ValueError:
+        host = ""
+    return host.lower().rstrip(".")

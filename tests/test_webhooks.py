@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -435,11 +436,16 @@ async def test_no_due_webhook_is_lost_while_gateways_and_redis_fail(tmp_path: Pa
 # --- Gateways as processes: one is SIGKILLed holding a lease, another delivers.
 
 
-def gateway_process(processes: ProcessGroup, name: str, redis_url: str, port: int) -> None:
+def gateway_process(
+    processes: ProcessGroup, name: str, redis_url: str, port: int, *, signs: bool = True, allows: bool = True
+) -> None:
+    """A gateway process sending webhooks quickly; without `signs` it has no signing secret, without `allows`
+    no allow-list (so the loopback receiver is refused)."""
     processes.start(
         name, "gateway", "--redis-url", redis_url, "--host", "127.0.0.1", "--port", str(port),
-        "--webhook-allow-http", "--webhook-allow-hosts", "127.0.0.1", "--webhook-secret", SECRET,
-        "--webhook-timeout", "1", "--webhook-backoff", "0.3", "--webhook-poll", "0.5",
+        "--webhook-allow-http", *(["--webhook-allow-hosts", "127.0.0.1"] if allows else []),
+        *(["--webhook-secret", SECRET] if signs else []),
+        "--webhook-timeout", "1", "--webhook-backoff", "0.3", "--webhook-max-backoff", "2", "--webhook-poll", "0.5",
     )  # fmt: skip
 
 
@@ -516,3 +522,79 @@ async def test_the_sender_stops_when_asked_even_if_a_cancellation_is_swallowed()
     task.cancel()
     await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), timeout=30)
     assert outbox.swallowed and task.done()
+
+
+# --- Gateways of differing webhook configuration share one outbox: none gives up what another can send.
+
+
+async def skips(http: aiohttp.ClientSession, port: int, reason: str) -> float:
+    """How many messages the gateway on `port` has left to others for `reason`, by its /metrics."""
+    async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+        text = await response.text()
+    found = re.search(rf'^sdxl_webhook_skips_total{{reason="{reason}"}} (\S+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+async def until_each_skipped(redis_client: aioredis.Redis, reasons: dict[int, str]) -> None:
+    """Return once each gateway (by port) has left a message to others for its reason, or no message is due
+    any more (given up); looks again at each change of the due set (every take and skip changes it)."""
+    await redis_client.config_set("notify-keyspace-events", "Kz")
+    async with redis_client.pubsub() as changes, aiohttp.ClientSession() as http, asyncio.timeout(60):
+        await changes.subscribe(f"__keyspace@0__:{KEYS.webhooks_due}")
+        while await redis_client.zcard(KEYS.webhooks_due) and not all(
+            [await skips(http, port, reason) > 0 for port, reason in reasons.items()]
+        ):
+            await changes.get_message(timeout=None)
+
+
+async def until_none_due(redis_client: aioredis.Redis) -> None:
+    """Return once no webhook message is due (each attempt recorded)."""
+    await redis_client.config_set("notify-keyspace-events", "Kz")
+    async with redis_client.pubsub() as changes, asyncio.timeout(30):
+        await changes.subscribe(f"__keyspace@0__:{KEYS.webhooks_due}")
+        while await redis_client.zcard(KEYS.webhooks_due):
+            await changes.get_message(timeout=None)
+
+
+async def test_a_gateway_that_cannot_send_a_webhook_leaves_it_to_one_that_can(
+    redis_server: RedisServer, redis_client: aioredis.Redis, processes: ProcessGroup
+) -> None:
+    # A rolling change of configuration: one gateway lacks the signing secret, another the allow-list the
+    # jobs were accepted under. Alone with the due messages they only skip them; the full one delivers all.
+    await register_worker(redis_client)
+    receiver = await Receiver().start()
+    full, unsigned, strict, full_again = (free_port() for _ in range(4))
+    url = redis_server.url(0)
+    try:
+        gateway_process(processes, "differing-full", url, full)
+        await wait_http(f"http://127.0.0.1:{full}/healthz", 60)
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{full}") as http:
+            ids = []
+            for _ in range(4):
+                async with http.post("/v1/jobs", json={"prompt": "a kite", "webhook": {"url": receiver.url}}) as r:
+                    ids.append((await r.json())["id"])
+        processes.stop("differing-full")
+        for _ in ids:
+            await run_job(redis_client)  # each job's `completed` falls due with no capable gateway up
+        gateway_process(processes, "differing-unsigned", url, unsigned, signs=False)
+        gateway_process(processes, "differing-strict", url, strict, allows=False)
+        for port in (unsigned, strict):
+            await wait_http(f"http://127.0.0.1:{port}/healthz", 60)
+        await until_each_skipped(redis_client, {unsigned: "no_secret", strict: "not_allow_listed"})
+        assert receiver.hits == []
+        gateway_process(processes, "differing-full-again", url, full_again)
+        await wait_http(f"http://127.0.0.1:{full_again}/healthz", 60)
+        await until_none_due(redis_client)
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{full_again}") as http:
+            for job_id in ids:
+                async with http.get(f"/v1/jobs/{job_id}") as r:
+                    (delivery,) = (await r.json())["webhook"]["deliveries"]
+                assert delivery["attempts"] == 1 and delivery.get("delivered_at"), delivery  # skips are no attempts
+        async with aiohttp.ClientSession() as http:
+            assert await skips(http, unsigned, "no_secret") and await skips(http, strict, "not_allow_listed")
+    finally:
+        await receiver.close()
+        for name in ("differing-unsigned", "differing-strict", "differing-full-again"):
+            processes.stop(name) if name in processes.processes else None
+    assert sorted(json.loads(hit.body)["data"]["id"] for hit in receiver.hits) == sorted(ids)
+    assert all(verified(SECRET, hit) for hit in receiver.hits)
