@@ -416,7 +416,8 @@ async def test_the_openai_route_takes_a_webhook_as_an_extra_field(
 
 async def test_no_due_webhook_is_lost_while_gateways_and_redis_fail(tmp_path: Path) -> None:
     # The fault injector with stand-in workers: gateways SIGKILLed and restarted, Redis restarted, replies
-    # lost, connections killed, while every job asks for a webhook that a fifth of the time is answered 503.
+    # lost, connections killed, while every job asks for a webhook that a fifth of the time is answered 503;
+    # two more gateways, one without the signing secret and one without the allow-list, take messages too.
     faults = {"restart_gateway": 2, "restart_redis": 1, "lost_reply": 2, "kill_pubsub": 1, "client_kill": 1}
     config = NemesisConfig(
         work_dir=tmp_path,
@@ -426,6 +427,7 @@ async def test_no_due_webhook_is_lost_while_gateways_and_redis_fail(tmp_path: Pa
         cluster={"standin_workers": 2},
         quiet_bound_s=30.0,
         webhooks=True,
+        differing_webhook_gateways=2,
     )
     report = await run_nemesis(config)
     assert report.verdict.accepted and report.injected, render(report)
