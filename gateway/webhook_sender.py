@@ -214,8 +214,10 @@ class WebhookSender:
         else:
             self._metrics.webhook_attempts.labels(message.event, recorded).inc()
         logger.warning(
-            "webhook %s (%s of job %s): %s, left to another gateway: %s",
-            message.id, message.event, taken.job_id, recorded, attempt.error, extra={"job_id": taken.job_id},
+            "webhook %s (%s of job %s): %s: %s",
+            message.id, message.event, taken.job_id,
+            "left to another gateway" if attempt.outcome == "skip" else recorded, attempt.error,
+            extra={"job_id": taken.job_id},
         )  # fmt: skip
 
     def _keep_s(self) -> int:
