@@ -549,6 +549,21 @@ async def until_each_skipped(redis_client: aioredis.Redis, reasons: dict[int, st
             await changes.get_message(timeout=None)
 
 
+async def test_a_message_no_gateway_can_send_is_given_up_once_its_retry_window_is_spent(
+    gateway: Callable[..., Any], redis_client: aioredis.Redis, receiver: Receiver
+) -> None:
+    accepting = await gateway()
+    job_id = await submit(accepting, {"url": receiver.url})
+    await accepting.close()  # its sender stops: only a gateway without the secret is left
+    unsigned = await gateway(webhooks=dataclasses.replace(FAST, secret=None, retry_window_s=2.0, poll_s=0.2))
+    await run_job(redis_client)
+    (delivery,) = await settled(redis_client, unsigned, job_id)
+    assert delivery["attempts"] == 1 and delivery["gave_up_at"] and receiver.hits == []
+    assert delivery["last_error"].startswith("no gateway sent it within 2 s: this gateway has no webhook signing")
+    metrics = await (await unsigned.get("/metrics")).text()
+    assert re.search(r'^sdxl_webhook_skips_total{reason="no_secret"} [1-9]', metrics, re.MULTILINE), metrics
+
+
 async def until_none_due(redis_client: aioredis.Redis) -> None:
     """Return once no webhook message is due (each attempt recorded)."""
     await redis_client.config_set("notify-keyspace-events", "Kz")
