@@ -42,20 +42,25 @@ class OutboxFull(Exception):
 @dataclass(frozen=True)
 class WebhookSpec:
     """What a job's webhook messages need, decided at submit and carried with them: where they go, which events,
-    `key` the API key whose secret signs them (its identity, never the key; '' for the cluster's secret), and
-    `allowed`, whether the host was on the accepting gateway's `--webhook-allow-hosts` (then the address rules
-    were not applied to it). A gateway that lacks the secret, or does not allow-list an `allowed` host, cannot
-    send them: it leaves them to another (gateway/webhook_sender.py)."""
+    `key` the API key that submitted them (its identity, never the key; '' for none), `own_secret` whether that
+    key's own secret signs them (else the cluster's; None in a spec from before this was recorded: the key's
+    own if the gateway has one, else the cluster's), and `allowed`, whether the host was on the accepting
+    gateway's `--webhook-allow-hosts` (then the address rules were not applied to it). A gateway without the
+    secret, or without the allow-listing of an `allowed` host, cannot send them: it leaves them to another
+    (gateway/webhook_sender.py)."""
 
     url: str
     events: tuple[str, ...] = ("completed",)
     key: str = ""
     allowed: bool = False
+    own_secret: bool | None = None
 
     def to_json(self) -> str:
         data: dict[str, Any] = {"url": self.url, "events": list(self.events), "key": self.key}
         if self.allowed:
             data["allowed"] = True
+        if self.own_secret is not None:
+            data["own_secret"] = self.own_secret
         return json.dumps(data)
 
     def events_field(self) -> str:
@@ -72,6 +77,7 @@ class WebhookSpec:
                 events=tuple(map(str, data["events"])),
                 key=str(data.get("key", "")),
                 allowed=data.get("allowed") is True,
+                own_secret=data["own_secret"] if isinstance(data.get("own_secret"), bool) else None,
             )
         except (ValueError, KeyError, TypeError):
             logger.warning("a webhook spec that does not parse: %r", raw[:200])

@@ -155,7 +155,7 @@ async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
         app[GATEWAY_ID],
         app[WEBHOOK_RESOLVE],
         body_of,
-        lambda spec: job_webhooks.webhook_secret(app, spec.key),
+        lambda spec: job_webhooks.signing_secret(app, spec),
         app[METRICS],
     )
     app[WEBHOOK_SENDER] = sender

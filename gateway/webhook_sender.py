@@ -192,7 +192,9 @@ class WebhookSender:
         if not spec.url:
             return None  # nothing to send it to, anywhere: the attempt gives it up
         if secret is None:
-            signer = f"key {spec.key}" if spec.key else "the cluster (--webhook-secret)"
+            signer = (
+                f"key {spec.key}" if spec.key and spec.own_secret is not False else "the cluster (--webhook-secret)"
+            )
             return "no_secret", f"this gateway has no webhook signing secret for {signer}"
         if spec.allowed and not allow_listed(self._config, spec.url):
             return "not_allow_listed", "its host was allow-listed where the job was accepted, not on this gateway"

@@ -199,11 +199,13 @@ def signed_headers(secret: str, message_id: str, timestamp: int, body: bytes) ->
     }
 
 
-def spec_for(body: Any, key_identity: str, config: WebhookConfig) -> WebhookSpec:
-    """The spec kept with a job: the request's URL and events (in a fixed order, each once), the key whose
-    secret signs them, and whether its host is allow-listed here (every gateway that sends it must allow it)."""
+def spec_for(body: Any, key_identity: str, own_secret: bool, config: WebhookConfig) -> WebhookSpec:
+    """The spec kept with a job: the request's URL and events (in a fixed order, each once), the key that made
+    it and whether that key's own secret signs them (else the cluster's), and whether its host is allow-listed
+    here (every gateway that sends it must allow it)."""
     events = tuple(event for event in ("started", "progress", "completed") if event in body.events)
-    return WebhookSpec(url=body.url, events=events, key=key_identity, allowed=allow_listed(config, body.url))
+    allowed = allow_listed(config, body.url)
+    return WebhookSpec(url=body.url, events=events, key=key_identity, allowed=allowed, own_secret=own_secret)
 
 
 def allow_listed(config: WebhookConfig, url: str) -> bool:

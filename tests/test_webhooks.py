@@ -564,6 +564,38 @@ async def test_a_message_no_gateway_can_send_is_given_up_once_its_retry_window_i
     assert re.search(r'^sdxl_webhook_skips_total{reason="no_secret"} [1-9]', metrics, re.MULTILINE), metrics
 
 
+async def test_a_gateway_whose_keys_file_lacks_a_keys_secret_leaves_its_webhooks_to_one_that_has_it(
+    gateway: Callable[..., Any], redis_client: aioredis.Redis, receiver: Receiver, tmp_path: Path
+) -> None:
+    # A rolling change of the keys file: the key's own secret is in the new file, not yet in the old one. The
+    # gateway on the old file has the cluster's secret, and must not sign the key's webhooks with it.
+    key, own = new_key(), new_webhook_secret()
+    (tmp_path / "new").write_text(key_line(key, webhook_secret=own) + "\n")
+    (tmp_path / "old").write_text(key_line(key) + "\n")
+    accepting = await gateway(api_keys_file=tmp_path / "new")
+    job_id = await submit(accepting, {"url": receiver.url}, headers={"Authorization": f"Bearer {key}"})
+    await accepting.close()
+    old = await gateway(api_keys_file=tmp_path / "old")
+    await run_job(redis_client)
+    await until_skipped(redis_client, old, "no_secret")
+    assert receiver.hits == []
+    await gateway(api_keys_file=tmp_path / "new")
+    (hit,) = await receiver.wait_for(1)
+    assert verified(own, hit)["data"]["id"] == job_id
+
+
+async def until_skipped(redis_client: aioredis.Redis, client: Client, reason: str) -> None:
+    """Return once the in-process gateway `client` has left a message to others for `reason`, or none is due."""
+    await redis_client.config_set("notify-keyspace-events", "Kz")
+    pattern = re.compile(rf'^sdxl_webhook_skips_total{{reason="{reason}"}} [1-9]', re.MULTILINE)
+    async with redis_client.pubsub() as changes, asyncio.timeout(30):
+        await changes.subscribe(f"__keyspace@0__:{KEYS.webhooks_due}")
+        while await redis_client.zcard(KEYS.webhooks_due):
+            if pattern.search(await (await client.get("/metrics")).text()):
+                return
+            await changes.get_message(timeout=None)
+
+
 async def until_none_due(redis_client: aioredis.Redis) -> None:
     """Return once no webhook message is due (each attempt recorded)."""
     await redis_client.config_set("notify-keyspace-events", "Kz")
