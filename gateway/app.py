@@ -54,10 +54,11 @@ from gateway.state import (
     REGISTRY,
     STREAMS,
     THROUGHPUT,
+    WAITERS,
     WEBHOOK_RESOLVE,
     WEBHOOK_SENDER,
 )
-from gateway.tenants import EventStreams
+from gateway.tenants import EventStreams, Waiters
 from gateway.webhook_sender import WebhookSender
 from gateway.webhooks import system_resolve
 
@@ -85,6 +86,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     app[GATEWAY_ID] = f"gw-{uuid.uuid4().hex[:8]}"
     app[KEY_STORE] = KeyStore(config)
     app[EVENT_STREAMS] = EventStreams(config.max_event_streams_per_caller)
+    app[WAITERS] = Waiters(config.max_waiting_requests_per_caller)
     # A key revoked (or removed) in the keys file loses its open event streams at the next reload.
     app[KEY_STORE].on_reload.append(lambda: app[EVENT_STREAMS].end_unless(app[KEY_STORE].accepts))
     app[THROUGHPUT] = ThroughputMeter()
@@ -153,7 +155,7 @@ async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
         app[GATEWAY_ID],
         app[WEBHOOK_RESOLVE],
         body_of,
-        lambda spec: job_webhooks.webhook_secret(app, spec.key),
+        lambda spec: job_webhooks.signing_secret(app, spec),
         app[METRICS],
     )
     app[WEBHOOK_SENDER] = sender

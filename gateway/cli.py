@@ -117,6 +117,7 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         image_urls=args.image_urls,
         max_jobs_in_flight_per_caller=args.max_jobs_in_flight_per_caller,
         max_event_streams_per_caller=args.max_event_streams_per_caller,
+        max_waiting_requests_per_caller=args.max_waiting_requests_per_caller,
         metrics_token=args.metrics_token,
         metrics_listen=args.metrics_listen,
         webhooks=webhook_config(args),
@@ -244,6 +245,13 @@ def _add_tenants(group: argparse._ArgumentGroup) -> None:
         type=int,
         default=GatewayConfig.max_event_streams_per_caller,
         help="with keys configured, open event streams per key (and per public address) on this gateway (0: no cap)",
+    )
+    group.add_argument(
+        "--max-waiting-requests-per-caller",
+        type=int,
+        default=GatewayConfig.max_waiting_requests_per_caller,
+        help="with keys configured, requests waiting for their result (/v1/generate, /v1/images/generations; "
+        "Idempotency-Key replays included) per key (and per public address) on this gateway (0: no cap)",
     )
     group.add_argument(
         "--metrics-token",

@@ -141,6 +141,8 @@ class GatewayConfig:
     # default; 0: no cap.
     max_jobs_in_flight_per_caller: int = 20
     max_event_streams_per_caller: int = 20  # per gateway process
+    # Requests held open for a result (/v1/generate, the OpenAI images route), replays included; per gateway.
+    max_waiting_requests_per_caller: int = 20
     # /metrics: behind `Authorization: Bearer TOKEN` when a token is set; on its own (host, port) if given.
     metrics_token: str | None = dataclasses.field(default=None, repr=False)
     metrics_listen: tuple[str, int] | None = None
@@ -178,6 +180,7 @@ class GatewayConfig:
         )
         require(self.max_jobs_in_flight_per_caller >= 0, "--max-jobs-in-flight-per-caller", "must be >= 0 (0: off)")
         require(self.max_event_streams_per_caller >= 0, "--max-event-streams-per-caller", "must be >= 0 (0: off)")
+        require(self.max_waiting_requests_per_caller >= 0, "--max-waiting-requests-per-caller", "must be >= 0 (0: off)")
         require(self.metrics_token != "", "--metrics-token", "must not be empty")
 
     @property

@@ -39,7 +39,7 @@ from gateway.limits import queue_full
 from gateway.requestlog import REQUEST_ID
 from gateway.schemas import ErrorDetail, GenerateRequest, JobOutput, JobState, Progress, ResponseTimings
 from gateway.shapes import resolve
-from gateway.state import CONFIG, JOBS, JOURNAL, LISTENER, PLACEMENT, REGISTRY, STREAMS, THROUGHPUT
+from gateway.state import CONFIG, JOBS, JOURNAL, LISTENER, PLACEMENT, REGISTRY, STREAMS, THROUGHPUT, WAITERS
 from gateway.tenants import caller_of, too_many_in_flight
 
 logger = logging.getLogger(__name__)
@@ -177,8 +177,13 @@ def submitter(request: web.Request) -> Submitter:
 
 
 async def submit_and_wait(request: web.Request, body: GenerateRequest, placed: Placed) -> StoredResult:
-    """Submit and wait for the result within the request timeout (504 with the job id past it); a full queue
-    is a 429 and queues nothing."""
+    """Submit and wait for the result within the request timeout (504 with the job id past it); a full queue,
+    or a caller with its cap of waiting requests (replays included), is a 429 and queues nothing."""
+    with request.app[WAITERS].hold(caller_of(request)):
+        return await _submit_and_wait(request, body, placed)
+
+
+async def _submit_and_wait(request: web.Request, body: GenerateRequest, placed: Placed) -> StoredResult:
     listener = request.app[LISTENER]
     queue = request.app[JOBS]
     job = placed.job
