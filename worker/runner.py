@@ -46,7 +46,12 @@ logger = logging.getLogger(__name__)
 
 
 class Worker:
-    """One worker process's serving loop. `run()` serves until `stop()`; the jobs in hand are finished."""
+    """One worker process's serving loop. `run()` serves until `stop()`; the jobs in hand are finished.
+
+    It schedules one job at a time on the device. Everything per job lives in per-job objects (the claimed entry,
+    its `JobProgress`, its delivery task), so a worker that holds several jobs at once changes this loop and the
+    hand-off's `limit`, not the other concerns.
+    """
 
     def __init__(
         self,
