@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def load() -> StandInPipeline:
         return StandInPipeline(tuple(args.shapes), args.step_s, max_steps=config.max_steps)
 
-    status = asyncio.run(serve(config, load_pipeline=load))  # type: ignore[arg-type]
+    status = asyncio.run(serve(config, load_pipeline=load))
     logging.shutdown()
     sys.stdout.flush()
     os._exit(status)  # as the real worker does: no thread may hold the process open

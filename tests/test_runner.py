@@ -113,7 +113,7 @@ def _worker_config(redis_server: RedisServer) -> WorkerConfig:
 async def worker(redis_server: RedisServer, pipeline: Pipeline, encoder: Encoder) -> AsyncIterator[Worker]:
     config = _worker_config(redis_server)
     client = aioredis.Redis.from_url(redis_server.url(0))
-    serving = Worker(config, client, load_pipeline=lambda: pipeline, encode_images=encoder)  # type: ignore[arg-type,return-value]
+    serving = Worker(config, client, load_pipeline=lambda: pipeline, encode_images=encoder)
     task = asyncio.create_task(serving.run())
     try:
         yield serving
@@ -190,7 +190,7 @@ async def test_a_stop_drains_the_job_on_the_device_and_the_one_in_delivery(
     pipeline = Pipeline()
     encoder = Encoder(pipeline, held=1, until=2)
     config = _worker_config(redis_server)
-    serving = Worker(config, redis_client, load_pipeline=lambda: pipeline, encode_images=encoder)  # type: ignore[arg-type,return-value]
+    serving = Worker(config, redis_client, load_pipeline=lambda: pipeline, encode_images=encoder)
     loop = asyncio.get_running_loop()
     # Stop as job 2 starts on the device, with job 1 still held in its encoder.
 

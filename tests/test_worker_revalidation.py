@@ -1,4 +1,4 @@
-"""The worker never trusts the queue (worker/runner.py, worker/delivery.py): whatever sits in a stream entry,
+"""The worker never trusts the queue (worker/claiming.py, worker/delivery.py): whatever sits in a stream entry,
 the job fails cleanly or the entry is dropped, and the worker carries on serving.
 
 A real Worker loop runs with a stand-in pipeline; entries are written straight into the shared stream,

@@ -26,12 +26,15 @@ from redis.exceptions import ResponseError
 
 from common.jobstore import terminal_args, terminal_keys, webhook_keys
 from common.protocol import JOB_ID_PATTERN, Job, JobResult
-from common.redis_conn import text
+from common.redis_conn import UNAVAILABLE, text
 from common.rediskeys import RedisKeys
 from common.scripts import register
 from common.streams import JobStreams
 
 logger = logging.getLogger(__name__)
+
+# What a worker rides out (retries, skips or logs) when Redis is away, rather than failing the job or stopping.
+REDIS_ERRORS = (*UNAVAILABLE, OSError)
 
 
 class MalformedJob(Exception):
