@@ -28,6 +28,7 @@ from typing import Any
 
 from common.config import (
     add_blob_store_argument,
+    add_eviction_argument,
     add_redis_arguments,
     default_cache_dir,
     require,
@@ -80,6 +81,7 @@ class UpConfig:
     accelerator, else the tiny model (made under `cache_dir` on first use)."""
 
     redis_url: str | None = None
+    allow_evicting_redis: bool = False
     blob_store: str | None = None
     key_prefix: str = DEFAULT_PREFIX
     workers: int = 1
@@ -121,6 +123,7 @@ class UpConfig:
         )
         return cls(
             redis_url=args.redis_url,
+            allow_evicting_redis=args.allow_evicting_redis,
             blob_store=args.blob_store,
             key_prefix=args.key_prefix,
             workers=args.workers,
@@ -149,6 +152,7 @@ class UpConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Every flag of `sdxl-serve up`: the workers' model flags, the gateway's address, supervision."""
     add_redis_arguments(parser, default=None)
+    add_eviction_argument(parser)
     add_blob_store_argument(parser, default=None)  # None: a directory of this run
     add_model_arguments(parser, None)
     parser.add_argument("--workers", type=int, default=UpConfig.workers)
@@ -241,6 +245,7 @@ def worker_argv(config: UpConfig, resolved: Resolved) -> list[str]:
             "--blob-store", resolved.blob_store,
             "--images-per-request", str(config.images_per_request), "--cpu-devices", str(config.cpu_devices),
             "--metrics-port", "0", "--attention", config.attention]  # fmt: skip
+    argv += _eviction_argv(config)
     if config.revision:
         argv += ["--revision", config.revision]
     if config.model_config:
@@ -265,7 +270,12 @@ def worker_argv(config: UpConfig, resolved: Resolved) -> list[str]:
 def gateway_argv(config: UpConfig, resolved: Resolved) -> list[str]:
     """The `sdxl-serve gateway` flags of this cluster's gateway."""
     return ["--redis-url", resolved.redis_url, "--key-prefix", config.key_prefix, "--host", config.host,
-            "--port", str(config.port), "--routing", config.routing, "--blob-store", resolved.blob_store]  # fmt: skip
+            "--port", str(config.port), "--routing", config.routing, "--blob-store", resolved.blob_store,
+            *_eviction_argv(config)]  # fmt: skip
+
+
+def _eviction_argv(config: UpConfig) -> list[str]:
+    return ["--allow-evicting-redis"] if config.allow_evicting_redis else []
 
 
 @dataclass(eq=False)  # each child is itself: compared and hashed by identity
@@ -349,7 +359,7 @@ class Cluster:
         _tell(f"{child.name} started (pid {child.process.pid})")
 
     async def _wait_ready(self, redis_url: str) -> None:
-        redis = connect(redis_url, name="sdxl-up")
+        redis = connect(redis_url, name="sdxl-up", allow_evicting=self.config.allow_evicting_redis)
         try:
             ready = asyncio.create_task(self._ready(redis))
             died = [asyncio.create_task(_exited(c), name=c.name) for c in self._children]

@@ -60,6 +60,7 @@ class WorkerConfig:
     """Settings of one worker process. `sizes=None` means: the model's native size."""
 
     redis_url: str = DEFAULT_REDIS_URL
+    allow_evicting_redis: bool = False  # run on a Redis whose maxmemory-policy may evict keys
     model: str = DEFAULT_MODEL
     revision: str | None = None
     # Configs and tokenizers of a single-file checkpoint (None: SDXL base's, from the hub).

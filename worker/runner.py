@@ -31,7 +31,7 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from common.blobstore import BlobStore, open_blob_store
-from common.config import log_config
+from common.config import log_config, refuse_evicting_redis
 from common.logs import bound
 from common.protocol import DEFAULT_RESULT_TTL_S, DEFAULT_SCHEDULER, Job, JobResult, Shape, Size, Timings
 from common.redis_conn import UNAVAILABLE, connect
@@ -546,7 +546,10 @@ async def serve(
     had to be abandoned (it stays pending and a live worker takes it over). `load_pipeline` replaces the
     model (the fault injector's stand-in workers)."""
     log_config(logger, config)
-    redis = connect(config.redis_url, name=f"sdxl-worker:{config.worker_id}")
+    redis = connect(
+        config.redis_url, name=f"sdxl-worker:{config.worker_id}", allow_evicting=config.allow_evicting_redis
+    )
+    await refuse_evicting_redis(redis)
     blobs = open_blob_store(config.blob_store)
     worker = Worker(config, redis, load_pipeline=load_pipeline, started_at=started_at, blobs=blobs)
     _use_compilation_cache(config, worker.metrics)
