@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from common.jobstore import DurableAccept
 from common.protocol import Shape
 from common.redis_conn import connect
 from common.rediskeys import RedisKeys
@@ -159,7 +160,7 @@ async def test_every_accepted_job_is_answered_across_a_failover(failover_cluster
 
 @pytest.mark.parametrize("durable_accept", ["off", "replica"])
 async def test_a_job_accepted_before_its_gateway_restarted_survives_a_failover_only_if_durable(
-    tmp_path: Path, aiohttp_client: ClientFactory, durable_accept: str
+    tmp_path: Path, aiohttp_client: ClientFactory, durable_accept: DurableAccept
 ) -> None:
     """The gap docs/delivery.md names: a gateway re-queues a job Redis lost only while it remembers accepting
     it. Accepted while the replica lags, the gateway restarted, then the primary dies: with `--durable-accept
@@ -171,7 +172,7 @@ async def test_a_job_accepted_before_its_gateway_restarted_survives_a_failover_o
         redis_url=group.url(),
         durable_accept=durable_accept,
         durable_accept_timeout_s=0.5,
-        result_ttl_s=600,  # type: ignore[arg-type]
+        result_ttl_s=600,
     )
     redis = connect(group.url(), name="test-durable-gap")
     try:
