@@ -78,6 +78,13 @@ def _add_blob_store(parser: argparse.ArgumentParser) -> None:
         default=WorkerConfig.blob_sweep_interval_s,
         help="seconds between sweeps of a file --blob-store for objects whose result expired",
     )
+    parser.add_argument(
+        "--blob-store-timeout",
+        type=float,
+        default=WorkerConfig.blob_store_timeout_s,
+        help="seconds a job's images may be refused by the --blob-store (a full disk) before the job fails and the "
+        "worker stops claiming (unready) until the store takes writes again",
+    )
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, model_default: str | None) -> None:
@@ -215,6 +222,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         cpu_devices=args.cpu_devices,
         blob_store=args.blob_store,
         blob_sweep_interval_s=args.blob_sweep_interval,
+        blob_store_timeout_s=args.blob_store_timeout,
         **extra,
     )
 

@@ -42,7 +42,7 @@ from worker.compile_cache import disable_compilation_cache, enable_compilation_c
 from worker.config import WorkerConfig
 from worker.delivery import ClaimedJob, Delivery, MalformedJob
 from worker.encode import Encoding, encode_all
-from worker.images import ImageWriter
+from worker.images import ImagesNotStored, ImageWriter
 from worker.metrics import WorkerMetrics, metrics_app, start_server
 from worker.pipeline import PipelineError, SDXLPipeline
 from worker.recovery import Recovery
@@ -94,7 +94,8 @@ class Worker:
         blobs: BlobStore | None = None,
     ) -> None:
         self.config = config
-        self._images = ImageWriter(blobs, config.worker_id) if blobs is not None else None
+        self._images = ImageWriter(blobs, config.worker_id, config.blob_store_timeout_s) if blobs is not None else None
+        self._store_trouble: str | None = None  # why the image store refuses writes, while it does
         self.id = config.worker_id
         keys = RedisKeys(config.key_prefix)
         self._keys = keys
@@ -140,6 +141,8 @@ class Worker:
             return "warming up: loading and compiling"
         if self._stopping.is_set():
             return "draining: no longer claiming jobs"
+        if self._store_trouble is not None:
+            return f"not claiming jobs: the image store refuses writes ({self._store_trouble})"
         return None
 
     async def abandon(self) -> None:
@@ -228,6 +231,9 @@ class Worker:
         )
 
     async def _serve_next(self) -> None:
+        if self._store_trouble is not None:
+            await self._until_store_writable()
+            return
         try:
             claimed = await self._next_job()
         except MalformedJob as bad:
@@ -365,7 +371,11 @@ class Worker:
         claimed = generated.claimed
         result, images = await self._encode(generated)
         if self._images is not None and images:  # objects first: no result is visible before its images
-            result, images = await self._images.put(claimed.job, result, images), []
+            try:
+                result = await self._images.put(claimed.job, result, images)
+            except ImagesNotStored as exc:
+                result = self._unstorable(claimed.job, exc)
+            images = []
         stored = await self._store(claimed, result, images)
         if not stored and self._images is not None:
             await self._images.discard(result)
@@ -475,6 +485,33 @@ class Worker:
         if self._images is not None:
             await self._images.sweep_forever(self.config.blob_sweep_interval_s)
 
+    def _unstorable(self, job: Job, exc: ImagesNotStored) -> JobResult:
+        """The failed result of a job whose images the store kept refusing; the worker stops claiming (its
+        registry state `draining`, its /readyz 503) until the store takes a write again."""
+        logger.error("job %s: failed: %s; not claiming until the image store takes writes", job.id, exc)
+        self.metrics.image_store_failures.inc()
+        self.metrics.image_store_writable.set(0)
+        self._store_trouble = str(exc)
+        self.info = self.info.model_copy(update={"state": self._serving_state("ready")})
+        return self._failure(job, f"could not store its images: {exc}")
+
+    async def _until_store_writable(self) -> None:
+        """Probe the image store, with backoff, until it takes a write or the worker is stopped."""
+        assert self._images is not None
+        delay = 0.1
+        while not self._stopping.is_set():
+            trouble = await self._images.writable()
+            if trouble is None:
+                logger.info("the image store takes writes again; claiming jobs")
+                self._store_trouble = None
+                self.metrics.image_store_writable.set(1)
+                self.info = self.info.model_copy(update={"state": self._serving_state("ready")})
+                return
+            self._store_trouble = trouble
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            delay = min(delay * 2, 5.0)
+
     def _failure(self, job: Job, reason: str) -> JobResult:
         return JobResult(id=job.id, status="failed", worker=self.id, seed=job.seed, shape=job.shape, error=reason)
 
@@ -482,9 +519,10 @@ class Worker:
         return await asyncio.get_running_loop().run_in_executor(self._device_thread, fn)
 
     def _serving_state(self, state: WorkerState) -> WorkerState:
-        """`state`, unless a stop was asked for: a draining worker says so until it leaves, so gateways
-        and routing stop counting it even while it finishes its job."""
-        return "draining" if self._stopping.is_set() else state
+        """`state`, unless a stop was asked for or the image store refuses writes: a draining worker says so
+        until it leaves (or the store takes writes again), so gateways and routing stop counting it even while
+        it finishes its job."""
+        return "draining" if self._stopping.is_set() or self._store_trouble is not None else state
 
     async def _set_state(self, state: WorkerState) -> None:
         self.info = self.info.model_copy(update={"state": state})
