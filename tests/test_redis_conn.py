@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from common.redis_conn import EvictingRedis, RedisUrlError, SentinelUrl, check_u
 from common.rediskeys import RedisKeys
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from sdxl_serve.cli import main
 from sdxl_serve.processes import signal_group
 from testkit import RedisOptions, RedisProcess, free_port, redis_process
 from testkit.sentinel import SentinelGroup, start_sentinel_group
@@ -213,3 +215,12 @@ async def test_a_reconnect_to_a_redis_that_now_evicts_is_refused_until_it_stops(
     finally:
         await redis_client.config_set("maxmemory-policy", "noeviction")
         await plain.aclose()
+
+
+def test_status_names_the_flag_on_an_evicting_redis_and_reads_it_with_the_flag(
+    evicting_redis: RedisProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["status", "--redis-url", evicting_redis.url()]) == 1
+    assert "maxmemory-policy allkeys-lru" in capsys.readouterr().err
+    assert main(["status", "--redis-url", evicting_redis.url(), "--allow-evicting-redis", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["workers"] == []
