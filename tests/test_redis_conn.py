@@ -224,3 +224,14 @@ def test_status_names_the_flag_on_an_evicting_redis_and_reads_it_with_the_flag(
     assert "maxmemory-policy allkeys-lru" in capsys.readouterr().err
     assert main(["status", "--redis-url", evicting_redis.url(), "--allow-evicting-redis", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["workers"] == []
+
+
+async def test_a_client_through_sentinel_checks_the_master_it_is_sent_to(tmp_path: Path) -> None:
+    group = await start_sentinel_group(tmp_path, RedisOptions(extra=("--maxmemory-policy", "allkeys-lru")))
+    client = connect(group.url(), name="test-evicting-sentinel")
+    try:
+        with pytest.raises(EvictingRedis, match=f"127.0.0.1:{group.primary.port} .*maxmemory-policy allkeys-lru"):
+            await client.ping()
+    finally:
+        await client.aclose()
+        await group.close()
