@@ -35,6 +35,7 @@ from common.apikeys import new_webhook_secret
 from common.jobstore import JobStore
 from common.protocol import Job, Shape
 from common.rediskeys import RedisKeys
+from common.registry import Registry
 from common.webhooks import Outbox, WebhookSpec
 from testkit import ProcessGroup, RedisOptions, free_port, redis_process, wait_http
 from testkit.receiver import Hit, Receiver
@@ -67,6 +68,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for k in range(args.workers):
                 processes.start_argv(f"worker-{k}", _standin_argv(redis.url(), f"standin-{k}"))
             port = _gateway(processes, "gateway-1", redis.url(), args.concurrency)
+            await wait_http(f"http://127.0.0.1:{port}/readyz", 120)
+            await Registry(client, KEYS).wait_for_ready(args.workers, 120)  # the gateway's readiness is its own
             latency = await _latency(client, receiver, port, args.jobs, args.in_flight)
             processes.stop("gateway-1")
             throughput = await _throughput(client, receiver, processes, redis.url(), args)
@@ -107,7 +110,6 @@ def _gateway(processes: ProcessGroup, name: str, redis_url: str, concurrency: in
 
 async def _latency(client: aioredis.Redis, receiver: Receiver, port: int, jobs: int, in_flight: int) -> dict[str, Any]:
     """Job end to webhook arrival, over `jobs` jobs."""
-    await wait_http(f"http://127.0.0.1:{port}/readyz", 120)
     gate = asyncio.Semaphore(in_flight)
     async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
 

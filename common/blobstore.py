@@ -54,6 +54,11 @@ class BlobStoreUnavailable(BlobStoreError):
     """The store could not be reached or refused the request for now: retry later, nothing is lost."""
 
 
+class BlobStoreMismatch(BlobStoreError):
+    """A result names objects in a blob store this process is not configured with: `--blob-store` differs
+    between the processes of one cluster."""
+
+
 class BlobNotFound(BlobStoreError):
     """No object under this key (never written, expired, or removed)."""
 

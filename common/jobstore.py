@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import NoScriptError, ResponseError
 
-from common.blobstore import BlobStore, BlobStoreError
+from common.blobstore import BlobStore, BlobStoreMismatch
 from common.protocol import Job, JobResult
 from common.redis_conn import text
 from common.rediskeys import RedisKeys
@@ -333,7 +333,10 @@ class JobStore:
     async def _blob(self, key: str) -> bytes:
         """An image kept in the blob store. BlobStoreUnavailable (retry later) and BlobNotFound pass up."""
         if self.blobs is None:
-            raise BlobStoreError("this result's images are in a blob store, and none is configured (--blob-store)")
+            raise BlobStoreMismatch(
+                "this result's images are in a blob store and this gateway has none: --blob-store must be the same "
+                "on every gateway and worker"
+            )
         return await self.blobs.get(key)
 
     async def image_url(self, result: JobResult, index: int, expires_s: int) -> str | None:

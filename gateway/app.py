@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from common.blobstore import open_blob_store
-from common.config import log_config
+from common.config import log_config, refuse_evicting_redis
 from common.jobstore import JobStore
 from common.redis_conn import UNAVAILABLE, connect
 from common.rediskeys import RedisKeys
@@ -109,7 +109,10 @@ async def _no_stale_pages(request: web.Request, response: web.StreamResponse) ->
 
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    redis = connect(config.redis_url, name=f"sdxl-gateway:{app[GATEWAY_ID]}")
+    redis = connect(
+        config.redis_url, name=f"sdxl-gateway:{app[GATEWAY_ID]}", allow_evicting=config.allow_evicting_redis
+    )
+    await refuse_evicting_redis(redis)
     keys = RedisKeys(config.key_prefix)
     app[REDIS] = redis
     blobs = open_blob_store(config.blob_store)

@@ -7,7 +7,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from common.config import ConfigError, add_blob_store_argument, add_redis_arguments
+from common.config import ConfigError, add_blob_store_argument, add_eviction_argument, add_redis_arguments
 from common.jobstore import DURABLE_ACCEPT
 from common.protocol import MAX_GUIDANCE, MAX_PROMPT_CHARS, MIN_GUIDANCE, RequestLimits
 from gateway.config import GatewayConfig, IPNetwork, RateLimits, WebhookConfig, parse_networks
@@ -19,6 +19,7 @@ _DEFAULTS = GatewayConfig()
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Every flag of `sdxl-serve gateway`."""
     add_redis_arguments(parser)
+    add_eviction_argument(parser)
     parser.add_argument("--host", default=GatewayConfig.host)
     parser.add_argument("--port", type=int, default=GatewayConfig.port)
     parser.add_argument(
@@ -97,6 +98,7 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
             raise ConfigError(f"--api-keys-file: {exc}") from None
     return GatewayConfig(
         redis_url=args.redis_url,
+        allow_evicting_redis=args.allow_evicting_redis,
         host=args.host,
         port=args.port,
         key_prefix=args.key_prefix,

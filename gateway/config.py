@@ -116,6 +116,7 @@ class GatewayConfig:
     host: str = "0.0.0.0"
     port: int = 8000
     key_prefix: str = DEFAULT_PREFIX
+    allow_evicting_redis: bool = False  # run on a Redis whose maxmemory-policy may evict keys
     request_timeout_s: float = 120.0
     result_ttl_s: int = DEFAULT_RESULT_TTL_S
     routing: RoutingPolicy = "shared"  # see gateway/routing.py

@@ -25,7 +25,7 @@ from diffusers.models.attention_flax import FlaxAttention
 from common.config import ConfigError
 from common.protocol import Shape
 from sdxl_serve.cli import build_parser
-from sdxl_serve.up import UpConfig, worker_argv
+from sdxl_serve.up import Resolved, UpConfig, worker_argv
 from worker.attention import attention, implementation, traced_with
 from worker.cli import worker_config
 from worker.config import WorkerConfig
@@ -128,7 +128,7 @@ def test_the_flag_reaches_the_worker_pipeline() -> None:
         Worker(config, redis=mock.Mock())._default_loader()
     assert load.call_args.kwargs["attention"] == "dot_product"
     up = build_parser().parse_args(["up", "--attention", "dot_product"])
-    args = worker_argv(UpConfig.from_args(up), "redis://127.0.0.1:1/0", "model")
+    args = worker_argv(UpConfig.from_args(up), Resolved("redis://127.0.0.1:1/0", "redis", "model"))
     assert args[args.index("--attention") + 1] == "dot_product"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["worker", "--attention", "flash"])

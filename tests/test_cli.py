@@ -12,7 +12,7 @@ from common.config import DEFAULT_REDIS_URL
 from gateway.cli import gateway_config
 from gateway.config import GatewayConfig
 from sdxl_serve.cli import build_parser, main
-from sdxl_serve.up import UpConfig, worker_argv
+from sdxl_serve.up import Resolved, UpConfig, worker_argv
 from tests.deployfiles import ROOT, run_without_worker_extra
 from worker.cli import worker_config
 from worker.config import WorkerConfig
@@ -43,7 +43,7 @@ def test_up_gives_each_worker_a_free_metrics_port(monkeypatch: pytest.MonkeyPatc
     """`sdxl-serve up` inside the worker image (which sets the variable) must not bind one port twice."""
     monkeypatch.setenv("SDXL_SERVE_METRICS_PORT", "9400")
     worker_args = worker_argv(
-        UpConfig.from_args(build_parser().parse_args(["up", "--workers", "2"])), "redis://h:1/0", "m"
+        UpConfig.from_args(build_parser().parse_args(["up", "--workers", "2"])), Resolved("redis://h:1/0", "redis", "m")
     )
     assert build_parser().parse_args(["worker", *worker_args]).metrics_port == 0
 

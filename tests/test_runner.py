@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
+from common.blobstore import FileBlobStore
 from common.jobstore import JobStore
 from common.protocol import SCHEDULERS, Job, JobResult, Shape, Size
 from common.rediskeys import RedisKeys
@@ -209,6 +211,64 @@ async def test_a_stop_drains_the_job_on_the_device_and_the_one_in_delivery(
     }  # job 3 was never claimed: it waits on the stream for another worker
     assert await redis_client.xlen(KEYS.size_stream(SHAPE.size)) == 1
     assert (await redis_client.xpending(KEYS.size_stream(SHAPE.size), KEYS.workers_group))["pending"] == 0
+
+
+async def test_an_image_store_that_stays_unwritable_fails_the_job_and_the_worker_waits_unready(
+    redis_server: RedisServer, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """A file store whose directory was replaced by a file (no write can succeed, even as root): past
+    --blob-store-timeout the job in hand fails with a result saying why, the worker counts it, says it is not
+    ready and stops claiming (registry state draining); once the directory is back it claims again."""
+    images = tmp_path / "images"
+    images.write_text("not a directory")
+    pipeline = Pipeline()
+    config = dataclasses.replace(_worker_config(redis_server), blob_store_timeout_s=0.5)
+    serving = Worker(
+        config,
+        redis_client,
+        load_pipeline=lambda: pipeline,  # type: ignore[arg-type,return-value]
+        encode_images=Encoder(pipeline, held=0, until=0),
+        blobs=FileBlobStore(images),
+    )
+    running = asyncio.create_task(serving.run())
+    try:
+        (failed,) = (await run_jobs(redis_client, [1])).values()
+        assert failed.status == "failed" and failed.error is not None, failed
+        assert failed.error.startswith(
+            "could not store its images: the image store refused writes for 0.5s: file store:"
+        )
+        assert serving.metrics.image_store_failures._value.get() == 1
+        assert serving.metrics.image_store_writable._value.get() == 0
+        assert serving.info.state == "draining"
+        await probed_again(serving)  # the worker is probing the store, not claiming
+        async with redis_client.pubsub() as completions:
+            await completions.subscribe(KEYS.completions_channel)
+            await submit(redis_client, [2])
+            images.unlink()
+            images.mkdir()  # the volume is back
+            async with asyncio.timeout(WAIT_S):
+                async for message in completions.listen():
+                    if message["type"] == "message" and message["data"] == b"job-2":
+                        break
+        stored = await results_of(redis_client, [2])
+        assert stored[2].status == "succeeded" and stored[2].image_keys is not None
+        assert [(images / key).is_file() for key in stored[2].image_keys] == [True] * 4
+        assert serving.not_ready() is None and serving.info.state in ("ready", "busy")
+        assert serving.metrics.image_store_writable._value.get() == 1
+    finally:
+        serving.stop()
+        await asyncio.wait_for(running, WAIT_S)
+
+
+async def probed_again(serving: Worker) -> None:
+    """Until the worker's readiness names the store's own error: its probe ran (after the job failed)."""
+    async with asyncio.timeout(WAIT_S):
+        while True:
+            trouble = serving.not_ready() or ""
+            if "refused writes for" not in trouble:
+                break
+            await asyncio.sleep(0.05)  # a probe has no event to wait on
+    assert "the image store refuses writes (file store:" in trouble, trouble
 
 
 # --- Cancel a running job: a real worker process on the tiny model.

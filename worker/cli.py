@@ -18,7 +18,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from common.config import add_blob_store_argument, add_redis_arguments  # noqa: E402
+from common.config import add_blob_store_argument, add_eviction_argument, add_redis_arguments  # noqa: E402
 from common.protocol import MAX_STEPS, Size  # noqa: E402
 from worker.config import ATTENTION, DEFAULT_MODEL, WorkerConfig, default_compile_cache_dir, parse_sizes  # noqa: E402
 
@@ -30,6 +30,7 @@ _GB = 1e9
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Every flag of `sdxl-serve worker`."""
     add_redis_arguments(parser)
+    add_eviction_argument(parser)
     _add_blob_store(parser)
     add_model_arguments(parser, WorkerConfig.model)
     parser.add_argument("--worker-id", default=None, help="default: HOST-PID-RANDOM")
@@ -76,6 +77,13 @@ def _add_blob_store(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=WorkerConfig.blob_sweep_interval_s,
         help="seconds between sweeps of a file --blob-store for objects whose result expired",
+    )
+    parser.add_argument(
+        "--blob-store-timeout",
+        type=float,
+        default=WorkerConfig.blob_store_timeout_s,
+        help="seconds a job's images may be refused by the --blob-store (a full disk) before the job fails and the "
+        "worker stops claiming (unready) until the store takes writes again",
     )
 
 
@@ -190,6 +198,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     extra = {"worker_id": args.worker_id} if args.worker_id else {}
     return WorkerConfig(
         redis_url=args.redis_url,
+        allow_evicting_redis=args.allow_evicting_redis,
         model=args.model,
         revision=args.revision,
         model_config=args.model_config,
@@ -213,6 +222,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         cpu_devices=args.cpu_devices,
         blob_store=args.blob_store,
         blob_sweep_interval_s=args.blob_sweep_interval,
+        blob_store_timeout_s=args.blob_store_timeout,
         **extra,
     )
 

@@ -60,6 +60,7 @@ class WorkerConfig:
     """Settings of one worker process. `sizes=None` means: the model's native size."""
 
     redis_url: str = DEFAULT_REDIS_URL
+    allow_evicting_redis: bool = False  # run on a Redis whose maxmemory-policy may evict keys
     model: str = DEFAULT_MODEL
     revision: str | None = None
     # Configs and tokenizers of a single-file checkpoint (None: SDXL base's, from the hub).
@@ -90,6 +91,8 @@ class WorkerConfig:
     # Where images are written (common/blobstore.py); a file store is swept of expired objects this often.
     blob_store: str = BLOBS_IN_REDIS
     blob_sweep_interval_s: float = 300.0
+    # A job whose images the store refuses this long fails, and the worker stops claiming until it takes writes.
+    blob_store_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         require(self.images_per_request >= 1, "--images-per-request", "must be >= 1")
@@ -112,6 +115,7 @@ class WorkerConfig:
         require_redis_url(self.redis_url)
         require_blob_store_url(self.blob_store)
         require(self.blob_sweep_interval_s > 0, "--blob-sweep-interval", "must be > 0")
+        require(self.blob_store_timeout_s > 0, "--blob-store-timeout", "must be > 0")
 
     @property
     def model_revision(self) -> str | None:

@@ -15,7 +15,6 @@ import contextlib
 import json
 import logging
 import re
-import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
@@ -223,8 +222,8 @@ class Delivery:
 
         The entry describes the job without its prompts (their lengths only): a prompt is the caller's, and
         stays only in the job's record, which expires with its result. The stream is bounded (about
-        DEAD_LETTER_MAX_LEN entries), and each add drops the entries older than the job's result TTL and
-        makes the stream expire that long after its last entry.
+        DEAD_LETTER_MAX_LEN entries), and each add drops the entries older than the job's result TTL by Redis's
+        clock (a worker's own may run ahead) and makes the stream expire that long after its last entry.
         """
         job = claimed.job
         history = [text(a) for a in await self._redis.lrange(self._keys.attempts(job.id), 0, -1)]
@@ -247,8 +246,6 @@ class Delivery:
                 claimed.deliveries,
                 reason,
                 self._dead_letter_max_len,
-                # Redis ms ids: entries added before now - ttl. The worker's clock is near enough for hours.
-                f"{int(time.time() * 1000) - job.result_ttl_s * 1000}-0",
             ],
         )
         if done:

@@ -10,6 +10,7 @@ up in memory when storing is slower than generating.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -23,11 +24,14 @@ from common.protocol import Job, JobResult, Timings
 from worker.config import WorkerConfig
 from worker.delivery import REDIS_ERRORS, ClaimedJob, Delivery
 from worker.encode import Encoding
-from worker.images import ImageWriter
+from worker.images import ImagesNotStored, ImageWriter
 from worker.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
+# Probing an image store that refused writes: the first wait, and the most between two probes.
+PROBE_FIRST_S = 0.1
+PROBE_CAP_S = 5.0
 # Encodes a batch of images on an executor (worker/encode.py's `encode_all`; tests put a stand-in).
 EncodeImages = Callable[[np.ndarray, Encoding, Executor], list[bytes]]
 
@@ -60,6 +64,7 @@ class HandOff:
         encode_images: EncodeImages,
         metrics: WorkerMetrics,
         on_settled: Callable[[], None],
+        on_store_trouble: Callable[[bool], None] = lambda refuses: None,
         limit: int = 1,
     ) -> None:
         self._config = config
@@ -71,6 +76,8 @@ class HandOff:
         )
         self._metrics = metrics
         self._on_settled = on_settled
+        self._on_store_trouble = on_store_trouble
+        self.store_trouble: str | None = None  # why the image store refuses writes, while it does
         self._limit = limit
         self._delivering: dict[asyncio.Task[None], ClaimedJob] = {}
 
@@ -113,13 +120,44 @@ class HandOff:
         claimed = generated.claimed
         result, images = await self._encode(generated)
         if self._images is not None and images:  # objects first: no result is visible before its images
-            result, images = await self._images.put(claimed.job, result, images), []
+            try:
+                result = await self._images.put(claimed.job, result, images)
+            except ImagesNotStored as exc:
+                result = self._unstorable(claimed.job, exc)
+            images = []
         stored = await self._store(claimed, result, images)
         if not stored and self._images is not None:
             await self._images.discard(result)
         self._metrics.jobs.labels(result.status if stored else "discarded").inc()  # discarded: cancelled or duplicate
         self._on_settled()
         logger.info("job %s: %s%s", claimed.job.id, result.status, "" if stored else " (duplicate result dropped)")
+
+    def _unstorable(self, job: Job, exc: ImagesNotStored) -> JobResult:
+        """The failed result of a job whose images the store kept refusing; the worker claims nothing more
+        (registry state `draining`, /readyz 503) until the store takes a write again."""
+        logger.error("job %s: failed: %s; not claiming until the image store takes writes", job.id, exc)
+        self._metrics.image_store_failures.inc()
+        self._metrics.image_store_writable.set(0)
+        self.store_trouble = str(exc)
+        self._on_store_trouble(True)
+        return failed(job, self._config.worker_id, f"could not store its images: {exc}")
+
+    async def until_store_writable(self, stopping: asyncio.Event) -> None:
+        """Probe the image store, with backoff, until it takes a write or `stopping` is set."""
+        assert self._images is not None, "only a store can refuse writes"
+        delay = PROBE_FIRST_S
+        while not stopping.is_set():
+            trouble = await self._images.writable()
+            if trouble is None:
+                logger.info("the image store takes writes again; claiming jobs")
+                self.store_trouble = None
+                self._metrics.image_store_writable.set(1)
+                self._on_store_trouble(False)
+                return
+            self.store_trouble = trouble
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), delay)
+            delay = min(delay * 2, PROBE_CAP_S)
 
     async def _encode(self, generated: Generated) -> tuple[JobResult, list[bytes]]:
         """The job's result and encoded images; a failure to encode fails the job (the per-job boundary, delivery

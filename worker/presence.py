@@ -33,6 +33,7 @@ class Presence:
         self._config = config
         self._registry = registry
         self._draining = False
+        self._store_refuses = False  # the image store refuses writes: claim nothing until it takes one
         self.info = WorkerInfo(
             id=config.worker_id,
             host=socket.gethostname(),
@@ -56,7 +57,13 @@ class Presence:
 
     def busy(self, busy: bool) -> None:
         """The device took work (`busy`) or has none left (`ready`); published with the next heartbeat."""
-        self._update(state="draining" if self._draining else "busy" if busy else "ready")
+        self._update(state="draining" if self._draining or self._store_refuses else "busy" if busy else "ready")
+
+    def image_store_refuses(self, refuses: bool) -> None:
+        """The image store refuses writes (say `draining`, so gateways and routing stop counting this worker)
+        or takes them again."""
+        self._store_refuses = refuses
+        self.busy(False)
 
     def warmed(self, pipeline: Pipeline, sizes: Sequence[Size]) -> None:
         """Describe what the warm `pipeline` serves: `sizes`, its devices, step range and schedulers."""

@@ -22,7 +22,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from common.blobstore import BlobStore, open_blob_store
-from common.config import log_config
+from common.config import log_config, refuse_evicting_redis
 from common.logs import bound
 from common.protocol import DEFAULT_SCHEDULER, Shape, Size
 from common.redis_conn import connect
@@ -71,9 +71,15 @@ class Worker:
         self.presence = Presence(config, registry, started_at)
         self._claims = Claims(config, redis, self._delivery, registry, self.metrics)
         self._device = Device(self.metrics)
-        images = ImageWriter(blobs, config.worker_id) if blobs is not None else None
+        images = ImageWriter(blobs, config.worker_id, config.blob_store_timeout_s) if blobs is not None else None
         self._handoff = HandOff(
-            config, self._delivery, images, encode_images, self.metrics, on_settled=self.presence.settled_one
+            config,
+            self._delivery,
+            images,
+            encode_images,
+            self.metrics,
+            on_settled=self.presence.settled_one,
+            on_store_trouble=self.presence.image_store_refuses,
         )
         self._load_pipeline = load_pipeline or self._default_loader
         self._stopping = asyncio.Event()
@@ -98,6 +104,8 @@ class Worker:
             return "warming up: loading and compiling"
         if self._stopping.is_set():
             return "draining: no longer claiming jobs"
+        if self._handoff.store_trouble is not None:
+            return f"not claiming jobs: the image store refuses writes ({self._handoff.store_trouble})"
         return None
 
     async def abandon(self) -> None:
@@ -158,6 +166,9 @@ class Worker:
         )
 
     async def _serve_next(self) -> None:
+        if self._handoff.store_trouble is not None:
+            await self._handoff.until_store_writable(self._stopping)
+            return
         claimed = await self._claims.next(self._handoff.in_hand(), self._stopping)
         if claimed is not None:
             with bound(request=claimed.job.request_id, job=claimed.job.id):
@@ -237,7 +248,10 @@ async def serve(
     had to be abandoned (it stays pending and a live worker takes it over). `load_pipeline` replaces the
     model (the fault injector's stand-in workers)."""
     log_config(logger, config)
-    redis = connect(config.redis_url, name=f"sdxl-worker:{config.worker_id}")
+    redis = connect(
+        config.redis_url, name=f"sdxl-worker:{config.worker_id}", allow_evicting=config.allow_evicting_redis
+    )
+    await refuse_evicting_redis(redis)
     blobs = open_blob_store(config.blob_store)
     worker = Worker(config, redis, load_pipeline=load_pipeline, started_at=started_at, blobs=blobs)
     _use_compilation_cache(config, worker.metrics)
