@@ -17,14 +17,13 @@ from urllib.parse import parse_qsl, urlencode
 from common.blobstore import REDIS as BLOBS_IN_REDIS
 from common.blobstore import BlobStoreError
 from common.blobstore import check_url as check_blob_store_url
-from common.redis_conn import URL_SCHEMES, RedisUrlError, check_url
+from common.redis_conn import RedisUrlError, check_url
 from common.rediskeys import DEFAULT_PREFIX
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-REDIS_URL_SCHEMES = URL_SCHEMES
 
 
 class ConfigError(ValueError):

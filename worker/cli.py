@@ -133,7 +133,6 @@ def _add_serving_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"the steps of a request that names none (default {WorkerConfig.default_steps}, or --max-steps when less)",
     )
-    parser.add_argument("--shapes", type=_removed_shapes, default=None, help=argparse.SUPPRESS)
 
 
 def _sizes(text: str) -> tuple[Size, ...]:
@@ -141,20 +140,6 @@ def _sizes(text: str) -> tuple[Size, ...]:
         return parse_sizes(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def _removed_shapes(text: str) -> None:
-    """`--shapes` compiled one size per step count; a worker now serves every step count of a size."""
-    raise argparse.ArgumentTypeError(
-        "--shapes is replaced by --sizes WIDTHxHEIGHT,... (or sdxl) and --max-steps N: each size serves every "
-        f"step count from 1 to N (for {text!r}: --sizes " + _sizes_of(text) + ")"
-    )
-
-
-def _sizes_of(shapes: str) -> str:
-    """The sizes of an old `--shapes` value, for the hint."""
-    sizes = [part.strip().rsplit("x", 1)[0] if part.count("x") == 2 else "sdxl" for part in shapes.split(",") if part]
-    return ",".join(dict.fromkeys(sizes))
 
 
 def add_compile_cache_arguments(parser: argparse.ArgumentParser) -> None:

@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 from common.blobstore import BlobStore, open_blob_store
 from common.config import log_config
 from common.logs import bound
-from common.protocol import DEFAULT_RESULT_TTL_S, DEFAULT_SCHEDULER, Job, JobResult, Shape, Size, Timings
+from common.protocol import DEFAULT_RESULT_TTL_S, Job, JobResult, Size, Timings
 from common.redis_conn import UNAVAILABLE, connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo, WorkerState
@@ -275,7 +275,9 @@ class Worker:
             self.metrics.jobs.labels("skipped_cancelled").inc()
             return
         self._device_busy(True)
-        logger.info("job %s: claimed after %d ms in queue (%s)", job.id, claimed_ms - claimed.enqueued_ms, job.shape)
+        logger.info(
+            "job %s: claimed after %d ms in queue (%s)", job.id, claimed_ms - claimed.enqueued_ms, job.params.shape
+        )
         generated = await self._generate(claimed, queued_ms=claimed_ms - claimed.enqueued_ms)
         self._device_busy(False)
         if generated.stopped_after is not None:
@@ -303,7 +305,7 @@ class Worker:
             failure = self._failure(job, f"{type(exc).__name__}: {exc}")
         generate_s = time.perf_counter() - started
         if failure is None:
-            self.metrics.generate_seconds.labels(str(job.shape)).observe(generate_s)
+            self.metrics.generate_seconds.labels(str(job.params.shape)).observe(generate_s)
         return _Generated(claimed, pixels, failure, queued_ms, generate_s * 1000)
 
     async def _run_pipeline(self, job: Job) -> np.ndarray:
@@ -321,17 +323,7 @@ class Worker:
             loop.call_soon_threadsafe(steps.put_nowait, step)
 
         try:
-            return await self._on_device(
-                lambda: pipeline.generate(
-                    job.shape,
-                    job.prompt,
-                    job.negative_prompt,
-                    job.seed,
-                    job.guidance_scale,
-                    on_step=on_step,
-                    scheduler=job.scheduler,
-                )
-            )
+            return await self._on_device(lambda: pipeline.generate(job.params, on_step=on_step))
         finally:
             await self._finish_progress(steps, reporter)
 
@@ -396,9 +388,9 @@ class Worker:
             id=job.id,
             status="succeeded",
             worker=self.id,
-            seed=job.seed,
-            shape=job.shape,
-            scheduler=job.scheduler,
+            seed=job.params.seed,
+            shape=job.params.shape,
+            scheduler=job.params.scheduler,
             media_type=encoding.media_type,
             image_count=len(images),
             timings=timings,
@@ -425,7 +417,7 @@ class Worker:
     async def _publish_step(self, job: Job, step: int) -> str | None:
         """The job's status after reporting `step` (None when unknown or Redis is away)."""
         try:
-            return await self._delivery.progress(job.id, self.id, step, job.shape.steps)
+            return await self._delivery.progress(job.id, self.id, step, job.params.num_inference_steps)
         except REDIS_ERRORS as exc:
             logger.warning("job %s: progress not published (%s)", job.id, exc)
             return None
@@ -435,7 +427,9 @@ class Worker:
         is only acknowledged. Should Redis be away, the entry stays pending; whoever takes it over later drops it
         (its job is cancelled)."""
         job = claimed.job
-        logger.info("job %s: cancelled while running; stopped after step %d of %d", job.id, step, job.shape.steps)
+        logger.info(
+            "job %s: cancelled while running; stopped after step %d of %d", job.id, step, job.params.num_inference_steps
+        )
         self.metrics.jobs.labels("stopped_cancelled").inc()
         try:
             await self._delivery.discard(claimed)
@@ -476,7 +470,16 @@ class Worker:
             await self._images.sweep_forever(self.config.blob_sweep_interval_s)
 
     def _failure(self, job: Job, reason: str) -> JobResult:
-        return JobResult(id=job.id, status="failed", worker=self.id, seed=job.seed, shape=job.shape, error=reason)
+        params = job.params
+        return JobResult(
+            id=job.id,
+            status="failed",
+            worker=self.id,
+            seed=params.seed,
+            shape=params.shape,
+            scheduler=params.scheduler,
+            error=reason,
+        )
 
     async def _on_device(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._device_thread, fn)
@@ -510,27 +513,12 @@ class Worker:
 
 def serving(sizes: Sequence[Size], max_steps: int, default_steps: int, schedulers: Sequence[str]) -> dict[str, Any]:
     """The registry's description of what a worker serves: `sizes` at any step count from 1 to `max_steps`,
-    with `schedulers`. `shapes` (each size at the default steps) is what gateways that predate sizes read."""
+    with `schedulers`."""
     return {
         "sizes": list(sizes),
         "max_steps": max_steps,
         "default_steps": default_steps,
         "schedulers": list(schedulers),
-        "shapes": [Shape(width=size.width, height=size.height, steps=default_steps) for size in sizes],
-    }
-
-
-def served(shapes: Sequence[Shape]) -> dict[str, Any]:
-    """The registry's description of what a worker that compiled `shapes` serves: their sizes (the first
-    shape's first), steps up to the most among them, the first shape's steps by default, Euler only."""
-    if not shapes:
-        return {"shapes": []}
-    return {
-        "shapes": list(shapes),
-        "sizes": list(dict.fromkeys(s.size for s in shapes)),
-        "max_steps": max(s.steps for s in shapes),
-        "default_steps": shapes[0].steps,
-        "schedulers": [DEFAULT_SCHEDULER],
     }
 
 
