@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from common.protocol import SDXL_RESOLUTIONS, Job, Shape
+from common.protocol import SDXL_RESOLUTIONS, GenerationParams, Job, Shape
 from common.rediskeys import RedisKeys
 from gateway.openai_api import ImageGenerationRequest, to_generate_request
 from tests.conftest import TEST_SHAPES, claim_next, finish, queued_jobs, register_worker
@@ -140,6 +140,8 @@ async def test_idempotency_key_refers_to_the_first_job(
         ({**CAT, "response_format": "png"}, "response_format", "literal_error"),
         ({**CAT, "quality": "ultra"}, "quality", "literal_error"),
         ({**CAT, "unknown": 1}, "unknown", "extra_forbidden"),
+        ({**CAT, "width": 64}, "width", "extra_forbidden"),  # OpenAI's name for the size is `size`
+        ({**CAT, "height": None}, "height", "extra_forbidden"),
         ({**CAT, "output_compression": 50}, "output_compression", "value_error"),
         ({**CAT, "output_format": "png", "output_compression": 50}, "output_compression", "value_error"),
     ],
@@ -239,3 +241,25 @@ def test_openai_sizes_map_onto_sdxl_trained_resolutions(size: str, served: tuple
     """OpenAI's sizes become the SDXL trained resolution of the nearest aspect ratio; others are kept."""
     generate = to_generate_request(ImageGenerationRequest.model_validate({**CAT, "size": size}))
     assert (generate.width, generate.height) == served
+
+
+def test_every_generation_parameter_reaches_the_native_request_under_its_own_name_but_the_size() -> None:
+    """The OpenAI body is built on GenerationParams: a new generation parameter is accepted here and passed on
+    without touching the mapping; only width and height go by OpenAI's name, `size`."""
+    extensions = set(GenerationParams.model_fields) - {"width", "height"}
+    properties = set(ImageGenerationRequest.model_json_schema()["properties"])
+    assert extensions <= properties and not {"width", "height"} & properties
+    body = ImageGenerationRequest.model_validate(
+        {
+            **CAT,
+            "negative_prompt": "fog",
+            "seed": 3,
+            "guidance_scale": 2.5,
+            "num_inference_steps": 4,
+            "scheduler": "dpmpp_2m_karras",
+            "size": "64x96",
+        }
+    )
+    generate = to_generate_request(body)
+    assert generate.model_dump(include=extensions) == body.model_dump(include=extensions)
+    assert (generate.width, generate.height) == (64, 96)

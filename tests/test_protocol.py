@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from common.protocol import MAX_SEED, SDXL_RESOLUTIONS, Shape, nearest_sdxl_resolution
+from common.protocol import (
+    MAX_SEED,
+    SDXL_RESOLUTIONS,
+    GenerationParams,
+    Job,
+    ResolvedParams,
+    Shape,
+    nearest_sdxl_resolution,
+)
 from gateway.schemas import GenerateRequest
 
 
@@ -48,6 +56,38 @@ def test_request_rejects_with_field_and_rule(body: str, field: str, rule: str) -
         GenerateRequest.model_validate_json(body)
     error = caught.value.errors()[0]
     assert (error["loc"][0], error["type"]) == (field, rule)
+
+
+def test_a_request_resolves_into_the_parameters_its_job_carries_whole() -> None:
+    """Every generation parameter of the body reaches the job, with the cluster's choices for the omitted ones;
+    the body's delivery fields (output format, webhook) are not generation parameters."""
+    assert set(GenerationParams.model_fields) <= set(GenerateRequest.model_fields)
+    assert set(ResolvedParams.model_fields) == set(GenerationParams.model_fields)
+    request = GenerateRequest.model_validate_json(
+        b'{"prompt": "a cat", "negative_prompt": "blurry", "guidance_scale": 5, "output_format": "jpeg"}'
+    )
+    params = request.resolved(Shape(width=64, height=96, steps=3), seed=9, scheduler="euler_trailing")
+    assert params.model_dump() == {
+        "prompt": "a cat",
+        "negative_prompt": "blurry",
+        "seed": 9,
+        "guidance_scale": 5.0,
+        "num_inference_steps": 3,
+        "width": 64,
+        "height": 96,
+        "scheduler": "euler_trailing",
+    }
+    assert params.shape == Shape(width=64, height=96, steps=3)
+    job = Job(id="j", params=params, result_ttl_s=60)
+    assert Job.model_validate_json(job.model_dump_json()) == job  # as a worker reads it back from the queue
+
+
+def test_a_job_with_unresolved_parameters_is_refused() -> None:
+    unresolved = {"id": "j", "params": {"prompt": "a cat"}, "result_ttl_s": 60}
+    with pytest.raises(ValidationError) as caught:
+        Job.model_validate(unresolved)
+    missing = {error["loc"][-1] for error in caught.value.errors()}
+    assert missing == {"seed", "num_inference_steps", "width", "height", "scheduler"}
 
 
 def test_integer_guidance_is_accepted_as_float() -> None:
