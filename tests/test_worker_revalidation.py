@@ -23,14 +23,14 @@ from tests.protection import running_worker
 
 KEYS = RedisKeys()
 STREAM = KEYS.size_stream(TEST_SHAPES[0].size)
-SIZE = TEST_SHAPES[0]
+SHAPE = TEST_SHAPES[0]
 PARAMS = {
     "prompt": "a cat",
     "seed": 1,
     "guidance_scale": 7.5,
-    "width": SIZE.width,
-    "height": SIZE.height,
-    "num_inference_steps": SIZE.steps,
+    "width": SHAPE.width,
+    "height": SHAPE.height,
+    "num_inference_steps": SHAPE.steps,
     "scheduler": "euler",
 }
 VALID = {"id": "good-1", "params": PARAMS, "result_ttl_s": 60}
@@ -76,6 +76,17 @@ BAD_ENTRIES: list[tuple[dict[str, bytes], str | None, str]] = [
     ({"job": job(id="format", output_format="gif")}, "format", "output_format"),
     ({"job": job(id="counters"), "deliveries": b"many"}, "counters", "integers"),
     ({"job": job({"num_inference_steps": 7}, id="shape")}, "shape", "not served here"),
+    # A job as earlier releases queued it (the parameters at the top level, with a shape): failed, naming why.
+    (
+        {
+            "job": json.dumps(
+                {"id": "earlier", "prompt": "a cat", "seed": 1, "guidance_scale": 7.5, "shape": SHAPE.model_dump()}
+                | {"scheduler": "euler", "result_ttl_s": 60}
+            ).encode()
+        },
+        "earlier",
+        "params",
+    ),
 ]
 
 
