@@ -6,7 +6,8 @@ worker that the fault injector can SIGKILL, SIGSTOP or cut off like any other:
 
     python -m testkit.standin --redis-url redis://127.0.0.1:PORT/0 --worker-id standin-1 --sizes 64x64 --max-steps 2
 
-It takes the real worker's `--sizes`, `--max-steps` and `--default-steps`, and serves what they say.
+It takes the real worker's `--sizes` (default 64x64 here), `--max-steps` and `--default-steps`, and serves what
+they say.
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from common.logs import setup_logging
-from common.protocol import DEFAULT_MAX_STEPS, DEFAULT_STEPS, SCHEDULERS, ResolvedParams, Shape, Size
-from worker.config import WorkerConfig, parse_sizes
+from common.protocol import SCHEDULERS, ResolvedParams, Shape, Size
+from worker.cli import add_serving_arguments
+from worker.config import WorkerConfig
 from worker.pipeline import CompileTimings, UnsupportedShape
 from worker.runner import serve
 
 logger = logging.getLogger(__name__)
+# What a stand-in serves without --sizes: it has no model whose native size to take.
+STANDIN_SIZE = Size(width=64, height=64)
 
 
 class StandInPipeline:
@@ -72,9 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m testkit.standin", description=__doc__.splitlines()[0])
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--worker-id", required=True)
-    parser.add_argument("--sizes", type=_sizes, required=True, help="WIDTHxHEIGHT,...: the first is the default")
-    parser.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="serve every step count up to this")
-    parser.add_argument("--default-steps", type=int, default=DEFAULT_STEPS, help="or --max-steps when less")
+    add_serving_arguments(parser)
     parser.add_argument("--step-s", type=float, default=0.05, help="seconds per denoising step")
     parser.add_argument("--heartbeat-interval", type=float, default=0.5)
     parser.add_argument("--heartbeat-ttl", type=float, default=3.0)
@@ -84,20 +86,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sizes(text: str) -> tuple[Size, ...]:
-    try:
-        return parse_sizes(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
 def config_of(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
         redis_url=args.redis_url,
         model="stand-in",
-        sizes=args.sizes,
+        sizes=args.sizes or (STANDIN_SIZE,),
         max_steps=args.max_steps,
-        default_steps=min(args.default_steps, args.max_steps),
+        default_steps=min(WorkerConfig.default_steps, args.max_steps)
+        if args.default_steps is None
+        else args.default_steps,
         key_prefix=args.key_prefix,
         worker_id=args.worker_id,
         heartbeat_interval_s=args.heartbeat_interval,
@@ -114,7 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_of(args)
 
     def load() -> StandInPipeline:
-        shapes = tuple(Shape(width=size.width, height=size.height, steps=config.max_steps) for size in args.sizes)
+        shapes = tuple(
+            Shape(width=size.width, height=size.height, steps=config.max_steps) for size in config.sizes or ()
+        )
         return StandInPipeline(shapes, args.step_s)
 
     status = asyncio.run(serve(config, load_pipeline=load))  # type: ignore[arg-type]

@@ -95,7 +95,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_default: str | No
         help="for a single-file --model: diffusers-layout folder or hub id with its configs and tokenizers "
         "(default: stabilityai/stable-diffusion-xl-base-1.0, weights not fetched)",
     )
-    _add_serving_arguments(parser)
+    add_serving_arguments(parser)
     parser.add_argument("--images-per-request", type=int, default=WorkerConfig.images_per_request)
     parser.add_argument(
         "--cpu-devices",
@@ -112,8 +112,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_default: str | No
     )
 
 
-def _add_serving_arguments(parser: argparse.ArgumentParser) -> None:
-    """What a worker compiles (sizes) and serves at each (a step range)."""
+def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a worker compiles (sizes) and serves at each (a step range); the stand-in worker takes them too."""
     parser.add_argument(
         "--sizes",
         type=_sizes,
