@@ -48,8 +48,8 @@ _OursNamedOtherwise = SkipJsonSchema[Annotated[None, BeforeValidator(_not_taken)
 
 
 class ImageGenerationRequest(GenerationParams):
-    """OpenAI's `images.generate` body: every generation parameter of this service (`negative_prompt`, `seed`,
-    `num_inference_steps`, ... as extensions), the size as OpenAI's `size`, and OpenAI's own fields.
+    """OpenAI's `images.generate` body: this service's generation parameters (common/protocol.py; those OpenAI
+    lacks are extensions), the size as OpenAI's `size`, and OpenAI's own fields.
 
     `model`, `user`, `quality` and `style` are accepted for compatibility and ignored: a cluster serves
     one model, at the quality its compiled shapes give. A null value means the parameter was omitted.
