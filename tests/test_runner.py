@@ -24,7 +24,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from common.jobstore import JobStore
-from common.protocol import SCHEDULERS, GenerationParams, Job, JobResult, Scheduler, Shape, Size
+from common.protocol import SCHEDULERS, GenerationParams, Job, JobResult, ResolvedParams, Scheduler, Shape, Size
 from common.rediskeys import RedisKeys
 from common.registry import Registry
 from tests.conftest import (
@@ -71,12 +71,11 @@ class Pipeline:
     def compile(self, size: Size) -> CompileTimings:
         return CompileTimings(lower_s=0.0, compile_s=0.0, warmup_s=0.0)
 
-    def generate(
-        self, shape: Shape, prompt: str, negative: str, seed: int, guidance: float, on_step: object, scheduler: str
-    ) -> np.ndarray:
+    def generate(self, params: ResolvedParams, on_step: object = None) -> np.ndarray:
+        seed = params.seed
         self.started(seed).set()
         self.on_generate(seed)
-        return np.full((4, shape.height, shape.width, 3), seed, dtype=np.uint8)
+        return np.full((4, params.height, params.width, 3), seed, dtype=np.uint8)
 
 
 class Encoder:
