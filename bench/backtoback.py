@@ -142,9 +142,10 @@ async def _serving(args: argparse.Namespace, shapes: tuple[Shape, ...]) -> Async
 
 
 def _job(job_id: str, seed: int, shape: Shape) -> Job:
-    from common.protocol import Job
+    from common.protocol import GenerationParams, Job
 
-    return Job(id=job_id, prompt=PROMPT, seed=seed, guidance_scale=7.5, shape=shape, result_ttl_s=600)
+    params = GenerationParams(prompt=PROMPT, guidance_scale=7.5).resolved(shape, seed)
+    return Job(id=job_id, params=params, result_ttl_s=600)
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.host import describe
 from common.jobstore import DurableAccept, JobStore, NotDurable
-from common.protocol import Job, Shape
+from common.protocol import GenerationParams, Job, Shape
 from common.redis_conn import UNAVAILABLE, connect
 from common.rediskeys import RedisKeys
 from testkit.sentinel import SentinelGroup, start_sentinel_group
@@ -63,7 +63,8 @@ async def submitter(store: JobStore, load: Load, stop: asyncio.Event) -> None:
     for _ in itertools.count():
         if stop.is_set():
             return
-        job = Job(id=uuid.uuid4().hex, prompt="fox", seed=1, guidance_scale=5.0, shape=SHAPE, result_ttl_s=600)
+        params = GenerationParams(prompt="fox", guidance_scale=5.0).resolved(SHAPE, seed=1)
+        job = Job(id=uuid.uuid4().hex, params=params, result_ttl_s=600)
         sent = time.monotonic()
         try:
             await store.submit(job, stream)

@@ -209,8 +209,9 @@ async def _serve(redis: aioredis.Redis, worker_id: str, service_s: float, stop: 
             id=job.id,
             status="succeeded",
             worker=worker_id,
-            seed=job.seed,
-            shape=job.shape,
+            seed=job.params.seed,
+            shape=job.params.shape,
+            scheduler=job.params.scheduler,
             image_count=4,
             timings=Timings(
                 queued_ms=float((started or 0) - claimed.enqueued_ms), generate_ms=service_s * 1000, encode_ms=0.0

@@ -32,7 +32,7 @@ from bench.encode import images as pixels
 from bench.host import describe
 from common.blobstore import FileBlobStore
 from common.jobstore import JobStore
-from common.protocol import Job, JobResult, Shape, Timings
+from common.protocol import GenerationParams, Job, JobResult, Shape, Timings
 from common.rediskeys import RedisKeys
 from common.streams import JobStreams
 from sdxl_serve.processes import start_redis_server, stop
@@ -65,7 +65,8 @@ async def one_job(
     store: JobStore, delivery: Delivery, writer: ImageWriter | None, images: list[bytes], media_type: str, steps: int
 ) -> None:
     keys = RedisKeys()
-    job = Job(id=uuid.uuid4().hex, prompt="a red fox", seed=1, guidance_scale=5.0, shape=SHAPE, result_ttl_s=3600)
+    params = GenerationParams(prompt="a red fox", guidance_scale=5.0).resolved(SHAPE, seed=1)
+    job = Job(id=uuid.uuid4().hex, params=params, result_ttl_s=3600)
     await store.submit(job, keys.size_stream(SHAPE.size))
     claimed = await delivery.claim(WORKER, [keys.size_stream(SHAPE.size)], block_ms=1000)
     assert claimed is not None

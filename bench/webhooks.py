@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 from bench.host import describe
 from common.apikeys import new_webhook_secret
 from common.jobstore import JobStore
-from common.protocol import Job, Shape
+from common.protocol import GenerationParams, Job, Shape
 from common.rediskeys import RedisKeys
 from common.registry import Registry
 from common.webhooks import Outbox, WebhookSpec
@@ -91,7 +91,8 @@ def _flags(args: argparse.Namespace) -> list[tuple[str, Any]]:
 
 def _standin_argv(redis_url: str, worker_id: str) -> list[str]:
     return [sys.executable, "-m", "testkit.standin", "--redis-url", redis_url, "--worker-id", worker_id,
-            "--shapes", str(SHAPE), "--step-s", "0.005", "--log-level", "warning"]  # fmt: skip
+            "--sizes", str(SHAPE.size), "--max-steps", str(SHAPE.steps), "--step-s", "0.005",
+            "--log-level", "warning"]  # fmt: skip
 
 
 SECRET = new_webhook_secret()
@@ -147,7 +148,8 @@ async def _throughput(
     store, spec = JobStore(client, KEYS), WebhookSpec(url=receiver.url)
     stream = KEYS.size_stream("bench-backlog")  # no worker reads it: the jobs are cancelled at once
     for _ in range(args.backlog):
-        job = Job(id=uuid.uuid4().hex, prompt="a kite", seed=1, guidance_scale=5.0, shape=SHAPE, result_ttl_s=3600)
+        params = GenerationParams(prompt="a kite", guidance_scale=5.0).resolved(SHAPE, seed=1)
+        job = Job(id=uuid.uuid4().hex, params=params, result_ttl_s=3600)
         await store.submit(job, stream, webhook=spec)
         await store.cancel(job.id)
     before = len(receiver.hits)

@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, urlencode
 from common.blobstore import REDIS as BLOBS_IN_REDIS
 from common.blobstore import BlobStoreError
 from common.blobstore import check_url as check_blob_store_url
-from common.redis_conn import ALLOW_EVICTING_FLAG, UNAVAILABLE, URL_SCHEMES, EvictingRedis, RedisUrlError, check_url
+from common.redis_conn import ALLOW_EVICTING_FLAG, UNAVAILABLE, EvictingRedis, RedisUrlError, check_url
 from common.rediskeys import DEFAULT_PREFIX
 
 if TYPE_CHECKING:
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-REDIS_URL_SCHEMES = URL_SCHEMES
 
 
 class ConfigError(ValueError):

@@ -265,11 +265,12 @@ class JobStore:
             id=job_id,
             status="cancelled",
             worker=record.worker,
-            seed=job.seed if job else None,
-            shape=job.shape if job else None,
+            seed=job.params.seed if job else None,
+            shape=job.params.shape if job else None,
+            scheduler=job.params.scheduler if job else None,
         ).model_dump_json()
         ttl = job.result_ttl_s if job else DEFAULT_RESULT_TTL_S
-        stream = record.stream or self._keys.size_stream(job.shape.size if job else "unknown")
+        stream = record.stream or self._keys.size_stream(job.params.shape.size if job else "unknown")
         outcome = await self._cancel(
             keys=terminal_keys(self._keys, stream, job_id), args=["", "", *terminal_args(self._keys, job_id, ttl), meta]
         )

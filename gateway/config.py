@@ -119,7 +119,7 @@ class GatewayConfig:
     allow_evicting_redis: bool = False  # run on a Redis whose maxmemory-policy may evict keys
     request_timeout_s: float = 120.0
     result_ttl_s: int = DEFAULT_RESULT_TTL_S
-    routing: RoutingPolicy = "shared"  # see gateway/routing.py
+    routing: RoutingPolicy = "shared"  # see gateway/placement.py
     limits: RequestLimits = DEFAULT_LIMITS  # prompt length and guidance range, within the protocol's
     max_body_bytes: int = 64 * 1024
     # API keys: digests from the environment (hashed at start) and/or a keys file re-read when it changes.

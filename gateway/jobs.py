@@ -71,24 +71,20 @@ class Placed:
 
 
 async def make_job(request: web.Request, body: GenerateRequest) -> Placed:
-    """Resolve shape and scheduler against the live workers, draw a seed when none was given, route the job."""
+    """Resolve shape and scheduler against the live workers, draw a seed when none was given, route the job: the
+    request's generation parameters go into the job whole."""
     workers = await request.app[REGISTRY].workers()
     resolved = resolve(body, workers)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
     job = Job(
         id=uuid.uuid4().hex,
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt,
-        seed=seed,
-        guidance_scale=body.guidance_scale,
-        shape=resolved.shape,
-        scheduler=resolved.scheduler,
+        params=body.resolved(resolved.shape, seed, resolved.scheduler),
         output_format=body.output_format,
         quality=body.quality if body.quality is not None else DEFAULT_QUALITY,
         result_ttl_s=request.app[CONFIG].result_ttl_s,
         request_id=request.get(REQUEST_ID),
     )
-    stream = await request.app[PLACEMENT].stream_for(job.shape, job.scheduler, workers)
+    stream = await request.app[PLACEMENT].stream_for(job.params.shape, job.params.scheduler, workers)
     return Placed(job=job, stream=stream, workers=workers)
 
 
@@ -247,7 +243,8 @@ def response_timings(result: JobResult, received: float | None, now: float) -> R
 
 def job_output(result: JobResult) -> JobOutput:
     """A succeeded job's result as the job API shows it: metadata and image URLs."""
-    assert result.shape is not None and result.seed is not None and result.worker is not None
+    assert result.shape is not None and result.seed is not None and result.scheduler is not None
+    assert result.worker is not None
     return JobOutput(
         seed=result.seed,
         width=result.shape.width,

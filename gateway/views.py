@@ -244,7 +244,8 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
 def _generate_response(stored: StoredResult, received: float | None) -> GenerateResponse:
     """The synchronous response body; `received` (perf_counter at arrival) gives total_ms."""
     result = stored.result
-    assert result.shape is not None and result.seed is not None and result.worker is not None
+    assert result.shape is not None and result.seed is not None and result.scheduler is not None
+    assert result.worker is not None
     images = [base64.b64encode(image).decode("ascii") for image in stored.images]
     return GenerateResponse(
         id=result.id,

@@ -215,7 +215,7 @@ class NemesisCluster:
         ]  # fmt: skip
 
     def _standin_argv(self, slot: Slot) -> list[str]:
-        return [sys.executable, "-m", "testkit.standin", *self._worker_flags(slot), "--shapes", self.config.shape,
+        return [sys.executable, "-m", "testkit.standin", *self._worker_flags(slot), *serving_flags(self.config.shape),
                 "--step-s", str(self.config.step_s)]  # fmt: skip
 
     def _real_worker_argv(self, slot: Slot) -> list[str]:
@@ -245,6 +245,7 @@ class NemesisCluster:
 
 
 def serving_flags(shape: str) -> list[str]:
-    """A real worker's flags for serving `shape` (`WIDTHxHEIGHTxSTEPS`): its size, up to its steps, by default."""
+    """A worker's flags (real or stand-in) for serving `shape` (`WIDTHxHEIGHTxSTEPS`): its size, up to its steps,
+    by default."""
     size, _, steps = shape.rpartition("x")
     return ["--sizes", size, "--max-steps", steps, "--default-steps", steps]

@@ -23,7 +23,7 @@ from diffusers import FlaxStableDiffusionXLPipeline
 from diffusers.models.attention_flax import FlaxAttention
 
 from common.config import ConfigError
-from common.protocol import Shape
+from common.protocol import GenerationParams, Shape
 from sdxl_serve.cli import build_parser
 from sdxl_serve.up import Resolved, UpConfig, worker_argv
 from worker.attention import attention, implementation, traced_with
@@ -105,7 +105,9 @@ def images(tiny_model: Path) -> dict[str, np.ndarray]:
         for kind in ("einsum", "dot_product"):
             variant = pipeline.variant(attention=kind)
             variant.compile(SHAPE.size)
-            out[f"{kind}-{precision}"] = variant.generate(SHAPE, "a cat", "blurry", 3, 7.5).astype(np.int32)
+            out[f"{kind}-{precision}"] = variant.generate(
+                GenerationParams(prompt="a cat", negative_prompt="blurry", guidance_scale=7.5).resolved(SHAPE, seed=3)
+            ).astype(np.int32)
     return out
 
 

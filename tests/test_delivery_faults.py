@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from common.jobstore import record_ttl
-from common.protocol import Job, JobResult, Shape, Timings
+from common.protocol import GenerationParams, Job, JobResult, Shape, Timings
 from common.redis_conn import connect
 from common.rediskeys import RedisKeys
 from gateway.listener import JobListener
@@ -40,7 +40,11 @@ ANSWER_BOUND_S = 15.0
 
 
 def make_job(job_id: str = "job-1", ttl_s: int = 60) -> Job:
-    return Job(id=job_id, prompt="a cat", seed=1, guidance_scale=7.5, shape=SHAPE, result_ttl_s=ttl_s)
+    return Job(
+        id=job_id,
+        params=GenerationParams(prompt="a cat", guidance_scale=7.5).resolved(SHAPE, seed=1),
+        result_ttl_s=ttl_s,
+    )
 
 
 def success(job: Job, worker: str) -> JobResult:
@@ -48,8 +52,9 @@ def success(job: Job, worker: str) -> JobResult:
         id=job.id,
         status="succeeded",
         worker=worker,
-        seed=job.seed,
-        shape=job.shape,
+        seed=job.params.seed,
+        shape=job.params.shape,
+        scheduler=job.params.scheduler,
         image_count=1,
         timings=Timings(queued_ms=1, generate_ms=2, encode_ms=3),
     )

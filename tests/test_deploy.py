@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 import yaml
 from aiohttp.test_utils import TestClient
 
-from common.protocol import Job, JobResult, Shape, Timings
+from common.protocol import GenerationParams, Job, JobResult, Shape, Timings
 from common.redis_conn import parse_sentinel_url
 from common.rediskeys import RedisKeys
 from gateway.metrics import WORKER_STATES
@@ -666,7 +666,12 @@ async def test_stream_length_counts_queued_and_running_jobs_and_the_group_lag_do
     queue = Queue.of(redis_client, keys)
     await queue.streams.ensure_group(stream)
     jobs = [
-        Job(id=f"job-{i}", prompt="a cat", seed=i, guidance_scale=7.5, shape=shape, result_ttl_s=60) for i in range(3)
+        Job(
+            id=f"job-{i}",
+            params=GenerationParams(prompt="a cat", guidance_scale=7.5).resolved(shape, seed=i),
+            result_ttl_s=60,
+        )
+        for i in range(3)
     ]
     for job in jobs:
         await queue.jobs.submit(job, stream)

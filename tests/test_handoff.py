@@ -12,7 +12,7 @@ from concurrent.futures import Executor
 import numpy as np
 import redis.asyncio as aioredis
 
-from common.protocol import Job, Shape
+from common.protocol import GenerationParams, Job, Shape
 from common.rediskeys import RedisKeys
 from tests.queues import Queue
 from worker.config import WorkerConfig
@@ -51,7 +51,12 @@ async def started_jobs(queue: Queue) -> list[ClaimedJob]:
     claimed: list[ClaimedJob] = []
     for n in range(JOBS):
         await queue.jobs.submit(
-            Job(id=f"job-{n}", prompt="a cat", seed=n, guidance_scale=7.5, shape=SHAPE, result_ttl_s=60), STREAM
+            Job(
+                id=f"job-{n}",
+                params=GenerationParams(prompt="a cat", guidance_scale=7.5).resolved(SHAPE, seed=n),
+                result_ttl_s=60,
+            ),
+            STREAM,
         )
         job = await queue.delivery.claim("w", [STREAM], block_ms=100, in_hand=claimed)
         assert job is not None and await queue.delivery.start(job, "w") is not None

@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from common.jobstore import record_ttl
-from common.protocol import Job, JobResult, Shape, Timings
+from common.protocol import GenerationParams, Job, JobResult, Shape, Timings
 from common.redis_conn import connect
 from common.rediskeys import RedisKeys
 from gateway.listener import JobListener
@@ -26,7 +26,9 @@ STREAM = KEYS.size_stream(SHAPE.size)
 
 
 def make_job(job_id: str = "job-1") -> Job:
-    return Job(id=job_id, prompt="a cat", seed=1, guidance_scale=7.5, shape=SHAPE, result_ttl_s=60)
+    return Job(
+        id=job_id, params=GenerationParams(prompt="a cat", guidance_scale=7.5).resolved(SHAPE, seed=1), result_ttl_s=60
+    )
 
 
 def success(job: Job, worker: str = "w1") -> JobResult:
@@ -34,8 +36,9 @@ def success(job: Job, worker: str = "w1") -> JobResult:
         id=job.id,
         status="succeeded",
         worker=worker,
-        seed=job.seed,
-        shape=job.shape,
+        seed=job.params.seed,
+        shape=job.params.shape,
+        scheduler=job.params.scheduler,
         image_count=2,
         timings=Timings(queued_ms=1, generate_ms=2, encode_ms=3),
     )
@@ -101,7 +104,7 @@ async def claim_malformed(queue: Queue) -> MalformedJob:
 
 async def test_malformed_entry_with_id_fails_its_job(redis_client: aioredis.Redis) -> None:
     queue = await queue_with_group(redis_client)
-    await redis_client.xadd(STREAM, {"job": '{"id": "bad-1", "prompt": ""}'})
+    await redis_client.xadd(STREAM, {"job": '{"id": "bad-1", "params": {"prompt": ""}}'})
     bad = await claim_malformed(queue)
     assert bad.job_id == "bad-1"
     await queue.delivery.reject(bad, "w1", ttl_s=60)

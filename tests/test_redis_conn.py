@@ -18,7 +18,7 @@ from redis.exceptions import ResponseError
 
 from common.config import ConfigError
 from common.jobstore import DurabilityUnsupported, JobStore, NotDurable
-from common.protocol import Job, Shape
+from common.protocol import GenerationParams, Job, Shape
 from common.redis_conn import EvictingRedis, RedisUrlError, SentinelUrl, check_url, connect, parse_sentinel_url
 from common.rediskeys import RedisKeys
 from gateway.app import create_app
@@ -115,7 +115,9 @@ async def blocked(client: aioredis.Redis, command: str) -> None:
 
 def _job(job_id: str) -> Job:
     shape = Shape(width=64, height=64, steps=2)
-    return Job(id=job_id, prompt="a fox", seed=1, guidance_scale=5.0, shape=shape, result_ttl_s=60)
+    return Job(
+        id=job_id, params=GenerationParams(prompt="a fox", guidance_scale=5.0).resolved(shape, seed=1), result_ttl_s=60
+    )
 
 
 async def test_durable_acceptance_waits_for_the_replica(sentinel_group: SentinelGroup) -> None:

@@ -26,7 +26,7 @@ from redis.exceptions import NoPermissionError
 
 from common.apikeys import KeyRing, new_key
 from common.config import log_config
-from common.protocol import Job
+from common.protocol import GenerationParams, Job
 from common.rediskeys import RedisKeys
 from gateway.app import create_app
 from gateway.config import GatewayConfig
@@ -209,13 +209,22 @@ async def test_least_privilege_acl_users_serve_everything(
     shared = KEYS.size_stream(TEST_SHAPES[0].size)
     await queue.streams.ensure_group(shared)
     await queue.jobs.submit(
-        Job(id="orphan-pending", prompt="p", seed=1, guidance_scale=7.5, shape=TEST_SHAPES[0], result_ttl_s=60), shared
+        Job(
+            id="orphan-pending",
+            params=GenerationParams(prompt="p", guidance_scale=7.5).resolved(TEST_SHAPES[0], seed=1),
+            result_ttl_s=60,
+        ),
+        shared,
     )
     assert await queue.delivery.claim("ghost", [shared], block_ms=100) is not None
     ghost_stream = KEYS.worker_stream("ghost")
     await queue.streams.ensure_group(ghost_stream)
     await queue.jobs.submit(
-        Job(id="orphan-queued", prompt="q", seed=2, guidance_scale=7.5, shape=TEST_SHAPES[0], result_ttl_s=60),
+        Job(
+            id="orphan-queued",
+            params=GenerationParams(prompt="q", guidance_scale=7.5).resolved(TEST_SHAPES[0], seed=2),
+            result_ttl_s=60,
+        ),
         ghost_stream,
     )
     client = await aiohttp_client(

@@ -8,7 +8,7 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from common.protocol import Shape
+from common.protocol import Size
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo, WorkerState
 
@@ -23,7 +23,8 @@ def info(worker_id: str, state: WorkerState = "warming") -> WorkerInfo:
         model="m",
         images_per_request=4,
         state=state,
-        shapes=[Shape(width=64, height=64, steps=2)],
+        sizes=[Size(width=64, height=64)],
+        max_steps=2,
         started_at=time.time(),
     )
 

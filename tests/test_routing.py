@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from common.protocol import Job, Shape
+from common.protocol import GenerationParams, Job, Shape
 from common.rediskeys import RedisKeys
 from common.registry import WorkerInfo
 from gateway.placement import Placement
@@ -37,7 +37,9 @@ def worker(worker_id: str, *shapes: Shape, state: str = "ready", **serves: Any) 
 
 
 def make_job(job_id: str, shape: Shape = SMALL) -> Job:
-    return Job(id=job_id, prompt="a cat", seed=1, guidance_scale=7.5, shape=shape, result_ttl_s=60)
+    return Job(
+        id=job_id, params=GenerationParams(prompt="a cat", guidance_scale=7.5).resolved(shape, seed=1), result_ttl_s=60
+    )
 
 
 async def test_shared_routing_uses_the_size_stream(redis_client: aioredis.Redis) -> None:

@@ -17,7 +17,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import numpy as np
@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 
 from common.blobstore import FileBlobStore
 from common.jobstore import JobStore
-from common.protocol import SCHEDULERS, Job, JobResult, Shape, Size
+from common.protocol import SCHEDULERS, GenerationParams, Job, JobResult, ResolvedParams, Scheduler, Shape, Size
 from common.rediskeys import RedisKeys
 from common.registry import Registry
 from tests.conftest import (
@@ -73,12 +73,11 @@ class Pipeline:
     def compile(self, size: Size) -> CompileTimings:
         return CompileTimings(lower_s=0.0, compile_s=0.0, warmup_s=0.0)
 
-    def generate(
-        self, shape: Shape, prompt: str, negative: str, seed: int, guidance: float, on_step: object, scheduler: str
-    ) -> np.ndarray:
+    def generate(self, params: ResolvedParams, on_step: object = None) -> np.ndarray:
+        seed = params.seed
         self.started(seed).set()
         self.on_generate(seed)
-        return np.full((4, shape.height, shape.width, 3), seed, dtype=np.uint8)
+        return np.full((4, params.height, params.width, 3), seed, dtype=np.uint8)
 
 
 class Encoder:
@@ -128,7 +127,11 @@ async def worker(redis_server: RedisServer, pipeline: Pipeline, encoder: Encoder
 async def submit(redis_client: aioredis.Redis, seeds: list[int]) -> None:
     store = JobStore(redis_client, KEYS)
     for seed in seeds:
-        job = Job(id=f"job-{seed}", prompt="a cat", seed=seed, guidance_scale=7.5, shape=SHAPE, result_ttl_s=60)
+        job = Job(
+            id=f"job-{seed}",
+            params=GenerationParams(prompt="a cat", guidance_scale=7.5).resolved(SHAPE, seed=seed),
+            result_ttl_s=60,
+        )
         await store.submit(job, KEYS.size_stream(SHAPE.size))
 
 
@@ -226,7 +229,7 @@ async def test_an_image_store_that_stays_unwritable_fails_the_job_and_the_worker
     serving = Worker(
         config,
         redis_client,
-        load_pipeline=lambda: pipeline,  # type: ignore[arg-type,return-value]
+        load_pipeline=lambda: pipeline,
         encode_images=Encoder(pipeline, held=0, until=0),
         blobs=FileBlobStore(images),
     )
@@ -294,8 +297,16 @@ async def test_a_cancelled_running_job_stops_at_its_next_step_and_the_worker_tak
     try:
         [info] = await wait_ready(redis_server.url(0), 1)
         store = JobStore(redis_client, KEYS)
-        long_job = Job(id="long", prompt="a cat", seed=1, guidance_scale=7.5, shape=LONG, result_ttl_s=60)
-        short_job = Job(id="short", prompt="a dog", seed=2, guidance_scale=7.5, shape=SHORT, result_ttl_s=60)
+        long_job = Job(
+            id="long",
+            params=GenerationParams(prompt="a cat", guidance_scale=7.5).resolved(LONG, seed=1),
+            result_ttl_s=60,
+        )
+        short_job = Job(
+            id="short",
+            params=GenerationParams(prompt="a dog", guidance_scale=7.5).resolved(SHORT, seed=2),
+            result_ttl_s=60,
+        )
         async with redis_client.pubsub() as channel:
             await channel.subscribe(KEYS.job_events_channel)
             await store.submit(long_job, KEYS.size_stream(LONG.size))
@@ -354,13 +365,16 @@ async def test_a_worker_publishes_its_sizes_and_step_range_runs_every_scheduler_
         assert {(w.sizes[0], w.max_steps, w.default_steps, tuple(w.schedulers)) for w in workers} == {
             (TEST_SIZE, TEST_MAX_STEPS, TEST_SHAPES[0].steps, SCHEDULERS)
         }
-        assert all(w.shapes == [TEST_SHAPES[0]] for w in workers)  # for gateways that read shapes
         store = JobStore(client, KEYS)
         too_long = Shape(width=TEST_SIZE.width, height=TEST_SIZE.height, steps=TEST_MAX_STEPS + 1)
         jobs = {"too-long": (too_long, "euler")} | {scheduler: (SHORT, scheduler) for scheduler in SCHEDULERS}
         for job_id, (shape, scheduler) in jobs.items():
-            job = Job(id=job_id, prompt="a cat", seed=3, guidance_scale=7.5, shape=shape, result_ttl_s=60)
-            await store.submit(job.model_copy(update={"scheduler": scheduler}), KEYS.size_stream(TEST_SIZE))
+            job = Job(
+                id=job_id,
+                params=GenerationParams(prompt="a cat").resolved(shape, seed=3, scheduler=cast(Scheduler, scheduler)),
+                result_ttl_s=60,
+            )
+            await store.submit(job, KEYS.size_stream(TEST_SIZE))
         results = {job_id: await wait_result(client, job_id) for job_id in jobs}
     finally:
         await client.aclose()

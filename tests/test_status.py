@@ -8,7 +8,7 @@ import json
 import pytest
 import redis.asyncio as aioredis
 
-from common.protocol import Job
+from common.protocol import GenerationParams, Job
 from common.rediskeys import RedisKeys
 from sdxl_serve.cli import main
 from testkit import free_port
@@ -19,7 +19,11 @@ KEYS = RedisKeys()
 
 
 def job(job_id: str) -> Job:
-    return Job(id=job_id, prompt="a cat", seed=1, guidance_scale=7.5, shape=TEST_SHAPES[0], result_ttl_s=60)
+    return Job(
+        id=job_id,
+        params=GenerationParams(prompt="a cat", guidance_scale=7.5).resolved(TEST_SHAPES[0], seed=1),
+        result_ttl_s=60,
+    )
 
 
 async def test_status_reports_workers_queue_pending_and_dead_letters(

@@ -22,7 +22,7 @@ from yarl import URL
 
 from common.apikeys import digest, new_key
 from common.config import ConfigError, log_config
-from common.protocol import Job
+from common.protocol import GenerationParams, Job
 from common.rediskeys import RedisKeys
 from gateway import auth
 from gateway.cli import gateway_config
@@ -360,17 +360,10 @@ async def test_dead_letters_are_bounded_expire_and_keep_no_prompt(
     await redis_client.xadd(stream, {"job": json.dumps({"prompt": "a secret"})}, id=f"{stale}-0")
     for _ in range(300):
         await redis_client.xadd(stream, {"job": "{}"})
-    job = Job(
-        id=uuid.uuid4().hex,
-        prompt="a private prompt",
-        negative_prompt="blurry",
-        seed=1,
-        guidance_scale=5.0,
-        shape=TEST_SHAPES[0],
-        result_ttl_s=600,
-    )
+    request = GenerationParams(prompt="a private prompt", negative_prompt="blurry", guidance_scale=5.0)
+    job = Job(id=uuid.uuid4().hex, params=request.resolved(TEST_SHAPES[0], seed=1), result_ttl_s=600)
     delivery = Delivery(redis_client, keys, dead_letter_max_len=50)
-    await redis_client.xadd(keys.size_stream(job.shape.size), {"job": job.model_dump_json()})
+    await redis_client.xadd(keys.size_stream(job.params.shape.size), {"job": job.model_dump_json()})
     claimed = await claim_next(redis_client)
     await delivery.dead_letter(claimed, "test-worker", "for the test")
     entries: list[tuple[bytes, dict[bytes, bytes]]] = await redis_client.xrange(stream)  # type: ignore[assignment]
@@ -380,7 +373,7 @@ async def test_dead_letters_are_bounded_expire_and_keep_no_prompt(
     stored = b"".join(fields.values())
     assert b"private" not in stored and b"blurry" not in stored
     recorded = json.loads(fields[b"job"])
-    assert recorded["id"] == job.id and recorded["prompt_chars"] == len(job.prompt)
+    assert recorded["id"] == job.id and recorded["prompt_chars"] == len(job.params.prompt)
     assert 0 < await redis_client.ttl(stream) <= job.result_ttl_s
 
 

@@ -88,7 +88,7 @@ class Claims:
             self._metrics.jobs.labels("skipped_cancelled").inc()
             return None
         queued_ms = claimed_ms - claimed.enqueued_ms
-        logger.info("job %s: claimed after %d ms in queue (%s)", job.id, queued_ms, job.shape)
+        logger.info("job %s: claimed after %d ms in queue (%s)", job.id, queued_ms, job.params.shape)
         return queued_ms
 
     async def drop_stopped(self, claimed: ClaimedJob, step: int) -> None:
@@ -96,7 +96,9 @@ class Claims:
         is only acknowledged. Should Redis be away, the entry stays pending; whoever takes it over later drops it
         (its job is cancelled)."""
         job = claimed.job
-        logger.info("job %s: cancelled while running; stopped after step %d of %d", job.id, step, job.shape.steps)
+        logger.info(
+            "job %s: cancelled while running; stopped after step %d of %d", job.id, step, job.params.num_inference_steps
+        )
         self._metrics.jobs.labels("stopped_cancelled").inc()
         try:
             await self._delivery.discard(claimed)

@@ -103,7 +103,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_default: str | No
         help="for a single-file --model: diffusers-layout folder or hub id with its configs and tokenizers "
         "(default: stabilityai/stable-diffusion-xl-base-1.0, weights not fetched)",
     )
-    _add_serving_arguments(parser)
+    add_serving_arguments(parser)
     parser.add_argument("--images-per-request", type=int, default=WorkerConfig.images_per_request)
     parser.add_argument(
         "--cpu-devices",
@@ -120,8 +120,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_default: str | No
     )
 
 
-def _add_serving_arguments(parser: argparse.ArgumentParser) -> None:
-    """What a worker compiles (sizes) and serves at each (a step range)."""
+def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a worker compiles (sizes) and serves at each (a step range); the stand-in worker takes them too."""
     parser.add_argument(
         "--sizes",
         type=_sizes,
@@ -141,7 +141,6 @@ def _add_serving_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"the steps of a request that names none (default {WorkerConfig.default_steps}, or --max-steps when less)",
     )
-    parser.add_argument("--shapes", type=_removed_shapes, default=None, help=argparse.SUPPRESS)
 
 
 def _sizes(text: str) -> tuple[Size, ...]:
@@ -149,20 +148,6 @@ def _sizes(text: str) -> tuple[Size, ...]:
         return parse_sizes(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def _removed_shapes(text: str) -> None:
-    """`--shapes` compiled one size per step count; a worker now serves every step count of a size."""
-    raise argparse.ArgumentTypeError(
-        "--shapes is replaced by --sizes WIDTHxHEIGHT,... (or sdxl) and --max-steps N: each size serves every "
-        f"step count from 1 to N (for {text!r}: --sizes " + _sizes_of(text) + ")"
-    )
-
-
-def _sizes_of(shapes: str) -> str:
-    """The sizes of an old `--shapes` value, for the hint."""
-    sizes = [part.strip().rsplit("x", 1)[0] if part.count("x") == 2 else "sdxl" for part in shapes.split(",") if part]
-    return ",".join(dict.fromkeys(sizes))
 
 
 def add_compile_cache_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import socket
 import uuid
 from dataclasses import dataclass
@@ -22,8 +21,6 @@ DEFAULT_MODEL_REVISION = "refs/pr/95"
 # How the UNet's attention layers compute (worker/attention.py).
 Attention = Literal["einsum", "dot_product"]
 ATTENTION: tuple[str, ...] = get_args(Attention)
-# What `--shapes` took before sizes served every step count: WIDTHxHEIGHTxSTEPS, or sdxl:STEPS.
-_SHAPE_LIKE = re.compile(r"^\s*(\d+x\d+x\d+|sdxl:\d+)\s*$")
 
 
 def default_compile_cache_dir() -> Path:
@@ -38,16 +35,11 @@ def default_worker_id() -> str:
 
 def parse_sizes(text: str) -> tuple[Size, ...]:
     """Parse `--sizes`: comma-separated `WIDTHxHEIGHT`s, `sdxl` standing for SDXL's nine trained resolutions;
-    order kept, repeats dropped. A step count (the old `--shapes` form) is refused, saying what to use instead."""
+    order kept, repeats dropped."""
     sizes: list[Size] = []
     for part in (p.strip() for p in text.split(",")):
         if part == "sdxl":
             sizes += [Size(width=w, height=h) for w, h in SDXL_RESOLUTIONS]
-        elif _SHAPE_LIKE.match(part):
-            raise ValueError(
-                f"{part!r} names a step count: give sizes only (WIDTHxHEIGHT, e.g. 1024x1024, or sdxl); each size "
-                "serves every step count from 1 to --max-steps"
-            )
         elif part:
             sizes.append(Size.parse(part))
     if not sizes:

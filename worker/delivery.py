@@ -231,8 +231,9 @@ class Delivery:
             id=job.id,
             status="failed",
             worker=worker_id,
-            seed=job.seed,
-            shape=job.shape,
+            seed=job.params.seed,
+            shape=job.params.shape,
+            scheduler=job.params.scheduler,
             error=f"gave up: {reason} (attempts: {', '.join(history) or 'none'})",
         )
         done = await self._dead_letter(
@@ -317,8 +318,9 @@ def _stream_gone(exc: ResponseError) -> bool:
 
 def _without_prompts(job: Job) -> str:
     """A job's JSON as the dead-letter stream keeps it: the prompts replaced by their lengths."""
-    described = job.model_dump(mode="json", exclude={"prompt", "negative_prompt"})
-    described.update(prompt_chars=len(job.prompt), negative_prompt_chars=len(job.negative_prompt))
+    params = job.params
+    described = job.model_dump(mode="json", exclude={"params": {"prompt", "negative_prompt"}})
+    described.update(prompt_chars=len(params.prompt), negative_prompt_chars=len(params.negative_prompt))
     return json.dumps(described)
 
 

@@ -56,17 +56,7 @@ class Device:
         """`job`'s images; `on_step` is called on the device thread as each denoising step is done."""
         pipeline = self.pipeline
         assert pipeline is not None, "jobs are claimed only after warm-up"
-        return await self.call(
-            lambda: pipeline.generate(
-                job.shape,
-                job.prompt,
-                job.negative_prompt,
-                job.seed,
-                job.guidance_scale,
-                on_step=on_step,
-                scheduler=job.scheduler,
-            )
-        )
+        return await self.call(lambda: pipeline.generate(job.params, on_step=on_step))
 
     def close(self) -> None:
         self._thread.shutdown(wait=False)

@@ -49,7 +49,16 @@ class Generated:
 
 def failed(job: Job, worker_id: str, reason: str) -> JobResult:
     """`job`'s result when it failed for `reason`."""
-    return JobResult(id=job.id, status="failed", worker=worker_id, seed=job.seed, shape=job.shape, error=reason)
+    params = job.params
+    return JobResult(
+        id=job.id,
+        status="failed",
+        worker=worker_id,
+        seed=params.seed,
+        shape=params.shape,
+        scheduler=params.scheduler,
+        error=reason,
+    )
 
 
 class HandOff:
@@ -185,9 +194,9 @@ class HandOff:
             id=job.id,
             status="succeeded",
             worker=self._config.worker_id,
-            seed=job.seed,
-            shape=job.shape,
-            scheduler=job.scheduler,
+            seed=job.params.seed,
+            shape=job.params.shape,
+            scheduler=job.params.scheduler,
             media_type=encoding.media_type,
             image_count=count,
             timings=timings,

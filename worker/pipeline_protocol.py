@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from common.protocol import Shape, Size
+from common.protocol import ResolvedParams, Size
 
 if TYPE_CHECKING:
     from worker.pipeline import CompileTimings
@@ -53,18 +53,7 @@ class Pipeline(Protocol):
         """Compile and warm up everything `size` needs, so that no request waits for a compile."""
         ...
 
-    def generate(
-        self,
-        shape: Shape,
-        prompt: str,
-        negative_prompt: str,
-        seed: int,
-        guidance_scale: float,
-        /,
-        *,
-        on_step: StepCallback | None,
-        scheduler: str,
-    ) -> np.ndarray:
+    def generate(self, params: ResolvedParams, on_step: StepCallback | None = None) -> np.ndarray:
         """One request's images, uint8 [images, height, width, 3]. Raises worker.pipeline.PipelineError (or a
         subclass) for a request it cannot serve; whatever `on_step` raises ends the generation."""
         ...

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from common.protocol import Shape, Size
+from common.protocol import Size
 from common.registry import Registry, WorkerInfo, WorkerState
 from worker.config import WorkerConfig
 from worker.delivery import REDIS_ERRORS
@@ -102,11 +102,10 @@ class Presence:
 
 def serving(sizes: Sequence[Size], max_steps: int, default_steps: int, schedulers: Sequence[str]) -> dict[str, Any]:
     """The registry's description of what a worker serves: `sizes` at any step count from 1 to `max_steps`,
-    with `schedulers`. `shapes` (each size at the default steps) is what gateways that predate sizes read."""
+    with `schedulers`."""
     return {
         "sizes": list(sizes),
         "max_steps": max_steps,
         "default_steps": default_steps,
         "schedulers": list(schedulers),
-        "shapes": [Shape(width=size.width, height=size.height, steps=default_steps) for size in sizes],
     }

@@ -96,7 +96,9 @@ class JobProgress:
     async def _publish(self, step: int) -> str | None:
         """The job's status after reporting `step` (None when unknown or Redis is away)."""
         try:
-            return await self._delivery.progress(self._job.id, self._worker_id, step, self._job.shape.steps)
+            return await self._delivery.progress(
+                self._job.id, self._worker_id, step, self._job.params.num_inference_steps
+            )
         except REDIS_ERRORS as exc:
             logger.warning("job %s: progress not published (%s)", self._job.id, exc)
             return None

@@ -17,14 +17,13 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import redis.asyncio as aioredis
 
 from common.blobstore import BlobStore, open_blob_store
 from common.config import log_config, refuse_evicting_redis
 from common.logs import bound
-from common.protocol import DEFAULT_SCHEDULER, Shape, Size
+from common.protocol import Size
 from common.redis_conn import connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
@@ -209,7 +208,7 @@ class Worker:
             failure = failed(job, self.id, f"{type(exc).__name__}: {exc}")
         generate_s = time.perf_counter() - started
         if failure is None:
-            self.metrics.generate_seconds.labels(str(job.shape)).observe(generate_s)
+            self.metrics.generate_seconds.labels(str(job.params.shape)).observe(generate_s)
         return Generated(claimed, pixels, failure, queued_ms, generate_s * 1000)
 
     async def _deregister(self) -> None:
@@ -220,20 +219,6 @@ class Worker:
             await self._claims.hand_back()
         except REDIS_ERRORS as exc:
             logger.warning("could not deregister (%s); the entry expires and others take the jobs", exc)
-
-
-def served(shapes: Sequence[Shape]) -> dict[str, Any]:
-    """The registry's description of what a worker that compiled `shapes` serves: their sizes (the first
-    shape's first), steps up to the most among them, the first shape's steps by default, Euler only."""
-    if not shapes:
-        return {"shapes": []}
-    return {
-        "shapes": list(shapes),
-        "sizes": list(dict.fromkeys(s.size for s in shapes)),
-        "max_steps": max(s.steps for s in shapes),
-        "default_steps": shapes[0].steps,
-        "schedulers": [DEFAULT_SCHEDULER],
-    }
 
 
 async def serve(
