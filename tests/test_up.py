@@ -55,11 +55,11 @@ def subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentPa
 
 
 def options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    """Every long option of `parser` (help and removed flags aside), with its action."""
+    """Every long option of `parser` (help, version and removed flags aside), with its action."""
     return {
         flag: action
         for action in parser._actions
-        if action.help != argparse.SUPPRESS and not isinstance(action, argparse._HelpAction)
+        if action.help != argparse.SUPPRESS and not isinstance(action, argparse._HelpAction | argparse._VersionAction)
         for flag in action.option_strings
         if flag.startswith("--")
     }
