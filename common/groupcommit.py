@@ -48,14 +48,13 @@ class GroupCommit:
         self._timeout_ms = timeout_ms
         self._queue: list[_Pending] = []
         self._committer: asyncio.Task[None] | None = None
-        self.batches = 0  # how many WAITs were sent (benchmarks read it)
 
     async def run(self, keys: list[str], args: list[Any]) -> tuple[Any, bool]:
         """Run the script with `keys` and `args` in the next batch; return its reply and whether a replica
         (or the disk) confirmed it. Raises what the script raised, or what the batch's connection raised."""
         pending = _Pending(keys, args)
         self._queue.append(pending)
-        if self._committer is None or self._committer.done():
+        if self._committer is None or self._committer.done():  # one batch out at a time
             self._committer = asyncio.create_task(self._commit_all())
         return await pending.answer
 
@@ -83,7 +82,6 @@ class GroupCommit:
         return answers
 
     async def _send(self, batch: list[_Pending]) -> list[tuple[Any, bool] | Exception]:
-        self.batches += 1
         timeout_ms = self._timeout_ms - int((time.monotonic() - batch[0].since) * 1000)
         async with self._redis.pipeline(transaction=False) as pipe:
             for pending in batch:
