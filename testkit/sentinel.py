@@ -119,6 +119,24 @@ class SentinelGroup:
         finally:
             await client.aclose()
 
+    async def hold_replica(self) -> None:
+        """Hold the relayed replica back (see ReplicationLink.hold). The sentinels repoint a replica whose master
+        address is not the primary's at the primary itself, FAILOVER_TIMEOUT_MS after they found it: from then
+        on the relay carries nothing, so holding it would hold nothing. That is an error here, not a silent
+        benchmark of an in-step replica."""
+        assert self.link is not None, "start the group with relayed=True"
+        client = aioredis.Redis(host=HOST, port=self.replica.port)
+        try:
+            upstream = (await client.info("replication")).get("master_port")
+        finally:
+            await client.aclose()
+        if upstream != self.link.port:
+            raise ProcessError(
+                f"the replica replicates from port {upstream}, not through the relay ({self.link.port}): the "
+                f"sentinels repointed it (+fix-slave-config); hold it within {FAILOVER_TIMEOUT_MS} ms of the start"
+            )
+        self.link.hold()
+
     async def kill_primary(self) -> None:
         """SIGKILL the primary (no shutdown, no last write to the replica) after subscribing to the sentinels'
         switch announcement, so it cannot be missed."""

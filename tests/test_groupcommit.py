@@ -111,11 +111,11 @@ async def test_a_failover_loses_no_accepted_job(relayed: SentinelGroup) -> None:
     try:
         accepted = [_job() for _ in range(CONCURRENT)]
         assert all(isinstance(outcome, Submitted) for outcome in await _submit_all(store, accepted))
-        assert relayed.link is not None
-        relayed.link.hold()
+        await relayed.hold_replica()
         behind = await _submit_all(store, [_job() for _ in range(CONCURRENT)])
         assert all(isinstance(outcome, NotDurable) for outcome in behind), behind
         await relayed.kill_primary()
+        assert relayed.link is not None
         relayed.link.cut()  # what it held back dies with the primary
         assert await relayed.switched() == ("127.0.0.1", relayed.replica.port)
         assert [await store.record(job.id) is not None for job in accepted] == [True] * CONCURRENT

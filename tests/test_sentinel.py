@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from sdxl_serve.processes import ProcessError
 from testkit.sentinel import HOST, SentinelGroup, start_sentinel_group
 
 ABORT = "-failover-abort-no-good-slave"
@@ -30,6 +31,18 @@ async def _listed(master_port: int, replica_port: int) -> None:
         while True:  # replication has no event to await from outside
             info: dict[str, Any] = await client.info("replication")
             if any(isinstance(v, dict) and v.get("port") == replica_port for v in info.values()):
+                return
+            await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
+
+
+async def _replicates_from(replica_port: int, upstream_port: int) -> None:
+    """Until the replica on `replica_port` says its master is on `upstream_port`."""
+    client = aioredis.Redis(host=HOST, port=replica_port)
+    try:
+        while True:  # replication has no event to await from outside
+            if (await client.info("replication")).get("master_port") == upstream_port:
                 return
             await asyncio.sleep(0.05)
     finally:
@@ -57,8 +70,9 @@ async def test_a_returning_primary_is_not_promoted_before_its_first_sync(group: 
         await asyncio.wait_for(_listed(group.replica.port, returning), 30)
         await pubsub.subscribe(ABORT, "+switch-master")
         await group.kill_primary()  # the new master: `rejoin` made it the group's primary
-        # A second failover waits out the first one's (2 x failover-timeout), then picks a replica.
-        assert await asyncio.wait_for(_first_event(pubsub), 60) == ABORT
+        # A second failover waits out the first one's (2 x failover-timeout), then picks a replica; on a busy
+        # machine a sentinel whose timer ran late also sits out 30 s in TILT mode first.
+        assert await asyncio.wait_for(_first_event(pubsub), 120) == ABORT
     finally:
         rejoining.cancel()
         await asyncio.gather(rejoining, return_exceptions=True)
@@ -77,3 +91,16 @@ async def test_rejoin_returns_with_the_returning_primary_in_sync(group: Sentinel
         assert await replica.config_get("replica-priority") == {"replica-priority": "100"}
     finally:
         await replica.aclose()
+
+
+async def test_holding_a_replica_the_sentinels_repointed_is_refused(tmp_path: Path) -> None:
+    """A replica relayed from the primary reports the relay as its master; the sentinels repoint it at the
+    primary a failover timeout after they found it. Holding the relay then would hold nothing: refused."""
+    relayed = await start_sentinel_group(tmp_path, relayed=True)
+    try:
+        # Whichever sentinel gets there first repoints it (+fix-slave-config): watch the replica itself.
+        await asyncio.wait_for(_replicates_from(relayed.replica.port, relayed.primary.port), 60)
+        with pytest.raises(ProcessError, match="not through the relay"):
+            await relayed.hold_replica()
+    finally:
+        await relayed.close()
