@@ -16,9 +16,10 @@ from typing import Any, Literal, get_args
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from common.blobstore import BlobStore, BlobStoreMismatch
+from common.groupcommit import GroupCommit
 from common.protocol import Job, JobResult
 from common.redis_conn import text
 from common.rediskeys import RedisKeys
@@ -163,6 +164,11 @@ class JobStore:
         self._durable_timeout_ms = durable_timeout_ms
         self._submit = register(redis, "submit")
         self._cancel = register(redis, "cancel")
+        self._group = (
+            None
+            if durable_accept == "off"
+            else GroupCommit(redis, self._submit, aof=durable_accept == "aof", timeout_ms=durable_timeout_ms)
+        )
 
     async def submit(
         self,
@@ -224,27 +230,12 @@ class JobStore:
             ) from None
 
     async def _submit_durably(self, job_id: str, keys: list[str], args: list[Any]) -> list[Any]:
-        """Run the submit script and WAIT (or WAITAOF) on one connection: both count only the writes of the
-        connection they are sent on, so they must follow the script on the same one (a pipeline)."""
-        try:
-            return await self._submit_and_wait(job_id, keys, args)
-        except NoScriptError:
-            # The pipeline loads its scripts before it is sent; a retry after a failover lands on a server
-            # (the promoted replica) that never loaded them, and the script did not run. Sending it again
-            # loads them there.
-            return await self._submit_and_wait(job_id, keys, args)
-
-    async def _submit_and_wait(self, job_id: str, keys: list[str], args: list[Any]) -> list[Any]:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            await self._submit(keys=keys, args=args, client=pipe)
-            if self._durable_accept == "replica":
-                pipe.execute_command("WAIT", 1, self._durable_timeout_ms)
-            else:
-                pipe.execute_command("WAITAOF", 1, 0, self._durable_timeout_ms)
-            reply, confirmed = await pipe.execute()
+        """Run the submit script in the next batch of the group commit, whose one WAIT (or WAITAOF) confirms
+        every submit in it (common/groupcommit.py)."""
+        assert self._group is not None
+        reply, held = await self._group.run(keys, args)
         # A replay or a full stream wrote nothing new, but WAIT still tells whether what the key's job
         # wrote earlier reached a replica: the same rule for all answers keeps this simple.
-        held = confirmed >= 1 if self._durable_accept == "replica" else int(confirmed[0]) >= 1
         if not held:
             raise NotDurable(job_id, self._durable_accept, self._durable_timeout_ms)
         result: list[Any] = reply
