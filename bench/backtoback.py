@@ -142,9 +142,9 @@ async def _serving(args: argparse.Namespace, shapes: tuple[Shape, ...]) -> Async
 
 
 def _job(job_id: str, seed: int, shape: Shape) -> Job:
-    from common.protocol import Job
+    from testkit.jobs import make_job
 
-    return Job(id=job_id, prompt=PROMPT, seed=seed, guidance_scale=7.5, shape=shape, result_ttl_s=600)
+    return make_job(job_id, shape, prompt=PROMPT, seed=seed, result_ttl_s=600)
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:

@@ -92,8 +92,7 @@ async def _run(group: SentinelGroup, store: JobStore, mode: str, lagging: bool) 
     tasks = [asyncio.create_task(submitter(store, load, stop)) for _ in range(2)]
     await load.until(lambda: len(load.accepted) >= BEFORE_KILL)
     if lagging:  # the replica gets nothing for LAG_S while the primary keeps accepting, then the primary dies
-        assert group.link is not None
-        group.link.hold()
+        await group.hold_replica()
         await asyncio.sleep(LAG_S)
     await group.kill_primary()
     killed = group.killed_at

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from bench.host import describe
 from common.config import ConfigError
+from common.protocol import GenerationParams
 from worker.config import ATTENTION, Attention
 
 if TYPE_CHECKING:  # imported when measuring: the CLI builds its parser without loading JAX
@@ -209,10 +210,11 @@ def _time_calls(
 ) -> dict[Attention, _Calls]:
     """Time each `generate` call (images on the host), variants alternating, a new seed each round."""
     calls = {name: _Calls() for name in variants}
+    request = GenerationParams(prompt=PROMPT, negative_prompt=config.negative_prompt, guidance_scale=GUIDANCE)
     for seed in range(config.repeats):
         for name, pipeline in variants.items():
             wall, cpu = time.perf_counter(), time.process_time()
-            pipeline.generate(shape, PROMPT, config.negative_prompt, seed, GUIDANCE)
+            pipeline.generate(request.resolved(shape, seed))
             calls[name].wall_s.append(time.perf_counter() - wall)
             calls[name].cpu_s.append(time.process_time() - cpu)
     return calls

@@ -54,6 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="every request asks for a webhook, to a receiver that answers 503 to a fifth of the attempts; the "
         "checker requires every ended job's webhook to arrive",
     )
+    parser.add_argument(
+        "--differing-webhook-gateways",
+        type=number_type(int, 0, 8, low_inclusive=True),
+        default=0,
+        help="with --webhooks, this many more gateways whose webhook configuration differs (alternately without "
+        "the signing secret and without the allow-list): they take due messages but serve no client",
+    )
     parser.add_argument("--json", action="store_true", help="the whole report as one JSON object")
 
 
@@ -84,6 +91,7 @@ def _config(args: argparse.Namespace) -> NemesisConfig:
         load=LoadConfig(clients=args.clients, request_timeout_s=args.request_timeout),
         quiet_bound_s=args.quiet_bound,
         webhooks=args.webhooks,
+        differing_webhook_gateways=args.differing_webhook_gateways,
     )
 
 

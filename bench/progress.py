@@ -56,7 +56,7 @@ def measure_cost(args: argparse.Namespace) -> dict[str, Any]:
     from worker.cli import use_cpu_devices
 
     use_cpu_devices(args.cpu_devices)
-    from common.protocol import Shape
+    from common.protocol import GenerationParams, Shape
     from worker.pipeline import SDXLPipeline
 
     shape = Shape.parse(args.shape)
@@ -66,10 +66,11 @@ def measure_cost(args: argparse.Namespace) -> dict[str, Any]:
         pipeline.compile(shape.size)
     times: dict[str, list[float]] = {"with": [], "without": []}
     steps_seen: list[int] = []
+    request = GenerationParams(prompt="a lighthouse at dusk", guidance_scale=7.5)
     for k in range(args.repeats):
         for name, pipeline in (("with", with_progress), ("without", without)):
             started = time.perf_counter()
-            pipeline.generate(shape, "a lighthouse at dusk", "", k, 7.5, on_step=steps_seen.append)
+            pipeline.generate(request.resolved(shape, seed=k), on_step=steps_seen.append)
             times[name].append(time.perf_counter() - started)
     with_s, without_s = statistics.median(times["with"]), statistics.median(times["without"])
     return {

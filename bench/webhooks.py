@@ -35,6 +35,7 @@ from common.apikeys import new_webhook_secret
 from common.jobstore import JobStore
 from common.protocol import Shape
 from common.rediskeys import RedisKeys
+from common.registry import Registry
 from common.webhooks import Outbox, WebhookSpec
 from testkit import ProcessGroup, RedisOptions, free_port, gateway_args, redis_process, wait_http
 from testkit.jobs import make_job
@@ -68,6 +69,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for k in range(args.workers):
                 processes.start_argv(f"worker-{k}", _standin_argv(redis.url(), f"standin-{k}"))
             port = _gateway(processes, "gateway-1", redis.url(), args.concurrency)
+            await wait_http(f"http://127.0.0.1:{port}/readyz", 120)
+            await Registry(client, KEYS).wait_for_ready(args.workers, 120)  # the gateway's readiness is its own
             latency = await _latency(client, receiver, port, args.jobs, args.in_flight)
             processes.stop("gateway-1")
             throughput = await _throughput(client, receiver, processes, redis.url(), args)
@@ -89,7 +92,8 @@ def _flags(args: argparse.Namespace) -> list[tuple[str, Any]]:
 
 def _standin_argv(redis_url: str, worker_id: str) -> list[str]:
     return [sys.executable, "-m", "testkit.standin", "--redis-url", redis_url, "--worker-id", worker_id,
-            "--shapes", str(SHAPE), "--step-s", "0.005", "--log-level", "warning"]  # fmt: skip
+            "--sizes", str(SHAPE.size), "--max-steps", str(SHAPE.steps), "--step-s", "0.005",
+            "--log-level", "warning"]  # fmt: skip
 
 
 SECRET = new_webhook_secret()
@@ -108,7 +112,6 @@ def _gateway(processes: ProcessGroup, name: str, redis_url: str, concurrency: in
 
 async def _latency(client: aioredis.Redis, receiver: Receiver, port: int, jobs: int, in_flight: int) -> dict[str, Any]:
     """Job end to webhook arrival, over `jobs` jobs."""
-    await wait_http(f"http://127.0.0.1:{port}/readyz", 120)
     gate = asyncio.Semaphore(in_flight)
     async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
 

@@ -18,11 +18,14 @@ reads it to know when an object has expired, and an S3 bucket's lifecycle rules 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import os
+import stat
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +40,10 @@ logger = logging.getLogger(__name__)
 REDIS = "redis"  # the default: images stay in the result's Redis hash (no blob store)
 _TMP = ".tmp-"  # the file backend's in-progress writes: never a key, never swept while young
 PRESIGN_MAX_S = 7 * 24 * 3600  # S3 signatures (SigV4) are valid for at most a week
+# Opening a key's directories and files: a symbolic link is an error (ELOOP), never followed.
+_DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+_NOT_OURS = (errno.ENOENT, errno.ELOOP, errno.ENOTDIR)  # a path gone, or through a link (or a file)
 
 
 class BlobStoreError(Exception):
@@ -45,6 +52,11 @@ class BlobStoreError(Exception):
 
 class BlobStoreUnavailable(BlobStoreError):
     """The store could not be reached or refused the request for now: retry later, nothing is lost."""
+
+
+class BlobStoreMismatch(BlobStoreError):
+    """A result names objects in a blob store this process is not configured with: `--blob-store` differs
+    between the processes of one cluster."""
 
 
 class BlobNotFound(BlobStoreError):
@@ -130,48 +142,46 @@ def open_blob_store(url: str) -> BlobStore | None:
 
 
 class FileBlobStore:
-    """Objects as files under `root`, one directory level per key segment."""
+    """Objects as files under `root`, one directory level per key segment.
+
+    No symbolic link below `root` is ever followed: each directory of a key is opened with O_NOFOLLOW, relative
+    to the one above it, and the sweep walks by descriptors without following links (os.fwalk). A link planted
+    in the store could otherwise point a read, a write or the sweep's deletions at files outside it. `root`
+    itself may be a link (an operator's choice of volume).
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def _path(self, key: str) -> Path:
+    @staticmethod
+    def _parts(key: str) -> list[str]:
         parts = key.split("/")
         if any(part in ("", ".", "..") or part.startswith(_TMP) for part in parts):
             raise BlobStoreError(f"not a valid object key: {key!r}")
-        return self.root.joinpath(*parts)
+        return parts
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
-        await self._io(self._write, self._path(key), data)
-
-    @staticmethod
-    def _write(path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{_TMP}{uuid.uuid4().hex}-{path.name}")
         try:
-            with open(partial, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())  # on disk before it has its name: a crash leaves no torn object
-            os.replace(partial, path)  # atomic: a reader sees the whole object or none
-        finally:
-            partial.unlink(missing_ok=True)
+            await self._io(_write, self.root, self._parts(key), data)
+        except LinkRefused as exc:
+            raise LinkRefused(f"file store: not storing {key}: {exc}") from None
 
     async def get(self, key: str) -> bytes:
-        path = self._path(key)
         try:
-            data: bytes = await self._io(path.read_bytes)
-        except BlobNotFound:
-            raise BlobNotFound(f"no object {key}") from None
+            data: bytes = await self._io(_read, self.root, self._parts(key))
+        except (BlobNotFound, LinkRefused) as exc:
+            raise BlobNotFound(f"no object {key}{_why_not(exc)}") from None
         return data
 
     async def exists(self, key: str) -> bool:
-        found: bool = await self._io(self._path(key).is_file)
+        try:
+            found: bool = await self._io(_is_file, self.root, self._parts(key))
+        except (BlobNotFound, LinkRefused):
+            return False
         return found
 
     async def delete(self, keys: Sequence[str]) -> None:
-        paths = [self._path(key) for key in keys]
-        await self._io(_unlink_all, paths)
+        await self._io(_unlink_all, self.root, [self._parts(key) for key in keys])
 
     async def presign(self, key: str, expires_s: int) -> str | None:
         return None
@@ -181,61 +191,150 @@ class FileBlobStore:
 
     async def sweep(self, now: float | None = None) -> int:
         """Remove the objects whose result has expired (their `ttl-N/` prefix against the file's age), and
-        write leftovers older than an hour; returns how many files went. Empty directories go too."""
-        removed: int = await self._io(self._sweep, time.time() if now is None else now)
-        return removed
-
-    def _sweep(self, now: float) -> int:
-        removed = 0
-        if not self.root.is_dir():
-            return 0
-        for top in self.root.iterdir():
-            ttl = ttl_of(top.name)
-            if ttl is None or not top.is_dir():
-                continue
-            for directory, _dirs, files in os.walk(top, topdown=False):
-                for name in files:
-                    path = Path(directory, name)
-                    limit = max(ttl, 3600) if name.startswith(_TMP) else ttl
-                    removed += _remove_if_older(path, now - limit)
-                _remove_if_empty(Path(directory))
+        write leftovers older than an hour; returns how many files went. Empty directories go too; a link
+        is never followed (one that has expired goes itself, never what it points at)."""
+        removed: int = await self._io(_sweep, self.root, time.time() if now is None else now)
         return removed
 
     @staticmethod
     async def _io(fn: Any, *args: Any) -> Any:
-        """Run blocking file I/O on a thread; a missing file is BlobNotFound, any other OS error means the
-        volume is not usable right now."""
+        """Run blocking file I/O on a thread; a missing file is BlobNotFound, a link in the way LinkRefused,
+        any other OS error means the volume is not usable right now."""
         try:
             return await asyncio.to_thread(fn, *args)
         except FileNotFoundError as exc:
             raise BlobNotFound(str(exc)) from None
         except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise LinkRefused(f"{exc.filename!r} on its path is a symbolic link (never followed)") from None
             raise BlobStoreUnavailable(f"file store: {exc}") from exc
 
 
-def _unlink_all(paths: list[Path]) -> None:
-    for path in paths:
-        path.unlink(missing_ok=True)
+class LinkRefused(BlobStoreError):
+    """A key's path in a file store runs through a symbolic link (or a file where a directory should be): the
+    store never follows one, and stores nothing through one."""
+
+
+def _why_not(exc: BlobStoreError) -> str:
+    return f" ({exc})" if isinstance(exc, LinkRefused) else ""
+
+
+def _open_dir(root: Path, parts: Sequence[str], create: bool = False) -> int:
+    """A descriptor of the directory `root/parts...`, each level opened relative to the one above without
+    following a link; `create` makes the missing levels. The caller closes it."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, dir_fd=fd)
+            child = os.open(part, _DIR_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write(root: Path, parts: list[str], data: bytes) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    directory = _open_dir(root, parts[:-1], create=True)
+    partial = f"{_TMP}{uuid.uuid4().hex}-{parts[-1]}"
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_NOFOLLOW, 0o644, dir_fd=directory)
+        with open(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())  # on disk before it has its name: a crash leaves no torn object
+        # Atomic, and a link already under the name is replaced, never written through.
+        os.replace(partial, parts[-1], src_dir_fd=directory, dst_dir_fd=directory)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial, dir_fd=directory)
+        os.close(directory)
+
+
+def _read(root: Path, parts: list[str]) -> bytes:
+    directory = _open_dir(root, parts[:-1])
+    try:
+        fd = os.open(parts[-1], os.O_RDONLY | _FILE_NOFOLLOW, dir_fd=directory)
+    finally:
+        os.close(directory)
+    with open(fd, "rb") as file:
+        return file.read()
+
+
+def _is_file(root: Path, parts: list[str]) -> bool:
+    directory = _open_dir(root, parts[:-1])
+    try:
+        return stat.S_ISREG(os.stat(parts[-1], dir_fd=directory, follow_symlinks=False).st_mode)
+    finally:
+        os.close(directory)
+
+
+def _unlink_all(root: Path, keys: list[list[str]]) -> None:
+    for parts in keys:
+        _unlink(root, parts[:-1], lambda name, directory: os.unlink(name, dir_fd=directory), parts[-1])
     # An attempt's directory is its own (result_key): once empty, it goes. Directories above it may be in use
     # by another attempt's write; the sweep removes them when empty.
-    for directory in {path.parent for path in paths}:
-        _remove_if_empty(directory)
+    for parent in {tuple(parts[:-1]) for parts in keys if len(parts) > 1}:
+        _unlink(root, parent[:-1], _remove_if_empty, parent[-1])
 
 
-def _remove_if_older(path: Path, cutoff: float) -> int:
+def _unlink(root: Path, parents: Sequence[str], remove: Callable[[str, int], None], name: str) -> None:
+    """`remove(name, directory)` in `root/parents...`; nothing when that is gone, or reached only through a link
+    (what is behind one is not the store's)."""
     try:
-        if path.stat().st_mtime < cutoff:
-            path.unlink()
+        directory = _open_dir(root, parents)
+    except OSError as exc:
+        if exc.errno in _NOT_OURS:
+            return
+        raise
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            remove(name, directory)
+    finally:
+        os.close(directory)
+
+
+def _sweep(root: Path, now: float) -> int:
+    if not root.is_dir():
+        return 0
+    removed = 0
+    top_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for top in os.listdir(top_fd):
+            ttl = ttl_of(top)
+            if ttl is None:
+                continue
+            # Bottom up, by descriptors, never following a link (a linked `ttl-N` is not walked at all).
+            for _path, dirs, files, directory in os.fwalk(top, topdown=False, follow_symlinks=False, dir_fd=top_fd):
+                for name in files:
+                    limit = max(ttl, 3600) if name.startswith(_TMP) else ttl
+                    removed += _remove_if_older(name, directory, now - limit)
+                for name in dirs:
+                    _remove_if_empty(name, directory)
+            _remove_if_empty(top, top_fd)
+    finally:
+        os.close(top_fd)
+    return removed
+
+
+def _remove_if_older(name: str, directory: int, cutoff: float) -> int:
+    try:
+        if os.stat(name, dir_fd=directory, follow_symlinks=False).st_mtime < cutoff:
+            os.unlink(name, dir_fd=directory)  # a link goes itself, never what it points at
             return 1
     except FileNotFoundError:  # another sweeper (another worker) took it first
         pass
     return 0
 
 
-def _remove_if_empty(directory: Path) -> None:
+def _remove_if_empty(name: str, directory: int) -> None:
     try:
-        directory.rmdir()
-    except OSError:  # not empty, or already gone
+        os.rmdir(name, dir_fd=directory)  # refuses a link (ENOTDIR): nothing behind one is touched
+    except OSError:  # not empty, already gone, or not a directory
         pass
 
 

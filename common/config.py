@@ -17,14 +17,16 @@ from urllib.parse import parse_qsl, urlencode
 from common.blobstore import REDIS as BLOBS_IN_REDIS
 from common.blobstore import BlobStoreError
 from common.blobstore import check_url as check_blob_store_url
-from common.redis_conn import URL_SCHEMES, RedisUrlError, check_url
+from common.redis_conn import ALLOW_EVICTING_FLAG, UNAVAILABLE, EvictingRedis, RedisUrlError, check_url
 from common.rediskeys import DEFAULT_PREFIX
 
 if TYPE_CHECKING:
+    import redis.asyncio as aioredis
     from _typeshed import DataclassInstance
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-REDIS_URL_SCHEMES = URL_SCHEMES
 
 
 class ConfigError(ValueError):
@@ -82,6 +84,28 @@ def add_redis_arguments(parser: argparse.ArgumentParser, default: str | None = D
         "redis+sentinel://[[user]:password@]host:port,host:port/service[/db] (env SDXL_SERVE_REDIS_URL)",
     )
     parser.add_argument("--key-prefix", default=DEFAULT_PREFIX, help="namespace of this cluster's Redis keys")
+
+
+def add_eviction_argument(parser: argparse.ArgumentParser) -> None:
+    """`--allow-evicting-redis`: run on a Redis whose maxmemory-policy may evict keys (refused by default)."""
+    parser.add_argument(
+        ALLOW_EVICTING_FLAG,
+        action="store_true",
+        default=os.environ.get("SDXL_SERVE_ALLOW_EVICTING_REDIS", "") in ("1", "true", "yes"),
+        help="run even where Redis's maxmemory-policy is not noeviction, which lets it drop queued jobs, "
+        "records, results and worker registrations when full (env SDXL_SERVE_ALLOW_EVICTING_REDIS)",
+    )
+
+
+async def refuse_evicting_redis(redis: aioredis.Redis) -> None:
+    """At start: ConfigError naming the fix when Redis may evict keys and that was not accepted. An unreachable
+    Redis is no reason to stop: each connection checks the policy once it gets through."""
+    try:
+        await redis.ping()
+    except EvictingRedis as exc:
+        raise ConfigError(str(exc)) from None
+    except UNAVAILABLE as exc:
+        logger.warning("could not check Redis's maxmemory-policy yet (%s); each connection checks it", exc)
 
 
 def log_config(logger: logging.Logger, config: DataclassInstance) -> None:

@@ -16,9 +16,10 @@ from typing import Any, Literal, get_args
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
-from common.blobstore import BlobStore, BlobStoreError
+from common.blobstore import BlobStore, BlobStoreMismatch
+from common.groupcommit import GroupCommit
 from common.protocol import Job, JobResult
 from common.redis_conn import text
 from common.rediskeys import RedisKeys
@@ -163,6 +164,11 @@ class JobStore:
         self._durable_timeout_ms = durable_timeout_ms
         self._submit = register(redis, "submit")
         self._cancel = register(redis, "cancel")
+        self._group = (
+            None
+            if durable_accept == "off"
+            else GroupCommit(redis, self._submit, aof=durable_accept == "aof", timeout_ms=durable_timeout_ms)
+        )
 
     async def submit(
         self,
@@ -224,27 +230,12 @@ class JobStore:
             ) from None
 
     async def _submit_durably(self, job_id: str, keys: list[str], args: list[Any]) -> list[Any]:
-        """Run the submit script and WAIT (or WAITAOF) on one connection: both count only the writes of the
-        connection they are sent on, so they must follow the script on the same one (a pipeline)."""
-        try:
-            return await self._submit_and_wait(job_id, keys, args)
-        except NoScriptError:
-            # The pipeline loads its scripts before it is sent; a retry after a failover lands on a server
-            # (the promoted replica) that never loaded them, and the script did not run. Sending it again
-            # loads them there.
-            return await self._submit_and_wait(job_id, keys, args)
-
-    async def _submit_and_wait(self, job_id: str, keys: list[str], args: list[Any]) -> list[Any]:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            await self._submit(keys=keys, args=args, client=pipe)
-            if self._durable_accept == "replica":
-                pipe.execute_command("WAIT", 1, self._durable_timeout_ms)
-            else:
-                pipe.execute_command("WAITAOF", 1, 0, self._durable_timeout_ms)
-            reply, confirmed = await pipe.execute()
+        """Run the submit script in the next batch of the group commit, whose one WAIT (or WAITAOF) confirms
+        every submit in it (common/groupcommit.py)."""
+        assert self._group is not None
+        reply, held = await self._group.run(keys, args)
         # A replay or a full stream wrote nothing new, but WAIT still tells whether what the key's job
         # wrote earlier reached a replica: the same rule for all answers keeps this simple.
-        held = confirmed >= 1 if self._durable_accept == "replica" else int(confirmed[0]) >= 1
         if not held:
             raise NotDurable(job_id, self._durable_accept, self._durable_timeout_ms)
         result: list[Any] = reply
@@ -265,11 +256,12 @@ class JobStore:
             id=job_id,
             status="cancelled",
             worker=record.worker,
-            seed=job.seed if job else None,
-            shape=job.shape if job else None,
+            seed=job.params.seed if job else None,
+            shape=job.params.shape if job else None,
+            scheduler=job.params.scheduler if job else None,
         ).model_dump_json()
         ttl = job.result_ttl_s if job else DEFAULT_RESULT_TTL_S
-        stream = record.stream or self._keys.size_stream(job.shape.size if job else "unknown")
+        stream = record.stream or self._keys.size_stream(job.params.shape.size if job else "unknown")
         outcome = await self._cancel(
             keys=terminal_keys(self._keys, stream, job_id), args=["", "", *terminal_args(self._keys, job_id, ttl), meta]
         )
@@ -333,7 +325,10 @@ class JobStore:
     async def _blob(self, key: str) -> bytes:
         """An image kept in the blob store. BlobStoreUnavailable (retry later) and BlobNotFound pass up."""
         if self.blobs is None:
-            raise BlobStoreError("this result's images are in a blob store, and none is configured (--blob-store)")
+            raise BlobStoreMismatch(
+                "this result's images are in a blob store and this gateway has none: --blob-store must be the same "
+                "on every gateway and worker"
+            )
         return await self.blobs.get(key)
 
     async def image_url(self, result: JobResult, index: int, expires_s: int) -> str | None:

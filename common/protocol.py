@@ -1,8 +1,10 @@
-"""The wire protocol between gateway and worker: the queued job, the stored result, and the field rules.
+"""The wire protocol between gateway and worker: a request's generation parameters, the queued job, the stored
+result, and the field rules.
 
 Everything is validated with pydantic on the way in, at the gateway and again at the worker: the worker
-never trusts what it reads from the queue. The field types here (prompt, seed, guidance...) are shared with
-the HTTP request bodies (gateway/schemas.py), so their rules cannot drift apart.
+never trusts what it reads from the queue. `GenerationParams` is defined once, here: the HTTP request bodies
+(gateway/schemas.py, gateway/openai_api.py) take its fields as they are, the job carries it whole, and the
+worker hands it whole to the pipeline, so a new field is declared in one place and read where it is used.
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ class RequestLimits:
 
     def context(self) -> dict[str, RequestLimits]:
         return {"limits": self}
+
+    def schema_bounds(self) -> dict[str, dict[str, int | float]]:
+        """The JSON Schema keywords these limits tighten, by field name: what a gateway's `/openapi.json` says."""
+        prompt: dict[str, int | float] = {"maxLength": self.max_prompt_chars}
+        guidance: dict[str, int | float] = {"minimum": self.min_guidance, "maximum": self.max_guidance}
+        return {"prompt": prompt, "negative_prompt": prompt, "guidance_scale": guidance}
 
 
 DEFAULT_LIMITS = RequestLimits()
@@ -114,23 +122,6 @@ SDXL_RESOLUTIONS: tuple[tuple[int, int], ...] = (
     (1536, 640),
     (640, 1536),
 )
-_SDXL_SHAPES_RE = re.compile(r"^\s*sdxl:(\d+)\s*$")
-
-
-def parse_shapes(text: str) -> tuple[Shape, ...]:
-    """Parse a comma-separated list of shapes, keeping order and dropping repeats. `sdxl:STEPS` stands
-    for every one of SDXL's trained resolutions at STEPS steps."""
-    shapes = [shape for part in text.split(",") if part.strip() for shape in _parse_shape_item(part)]
-    if not shapes:
-        raise ValueError("at least one shape is needed, e.g. 1024x1024x20")
-    return tuple(dict.fromkeys(shapes))
-
-
-def _parse_shape_item(text: str) -> list[Shape]:
-    trained = _SDXL_SHAPES_RE.match(text)
-    if trained is None:
-        return [Shape.parse(text)]
-    return [Shape(width=w, height=h, steps=int(trained[1])) for w, h in SDXL_RESOLUTIONS]
 
 
 def nearest_sdxl_resolution(width: int, height: int) -> tuple[int, int]:
@@ -206,18 +197,62 @@ REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 RequestId = Annotated[str, Field(pattern=REQUEST_ID_PATTERN)]
 
 
+# An image dimension a request may ask for; what a worker serves is checked against the live workers.
+Dimension = Annotated[int, Field(ge=64, le=4096, multiple_of=8, description="a size the workers serve")]
+
+
+class GenerationParams(BaseModel):
+    """A request's generation parameters, defined once: the HTTP request bodies take these fields as they are,
+    the queued job carries them whole (as `ResolvedParams`) and the worker hands them whole to the pipeline.
+
+    Size, steps, seed and scheduler may be omitted (None): the gateway then chooses them against the live
+    workers (gateway/shapes.py). A new field is declared here, with its rules, and read where it is used.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: RequiredPrompt
+    negative_prompt: Prompt = ""
+    seed: Seed | None = None
+    guidance_scale: GuidanceScale = DEFAULT_GUIDANCE_SCALE
+    num_inference_steps: InferenceSteps | None = Field(
+        default=None, description="1 up to the workers' max_steps for the size; omitted: their default"
+    )
+    width: Dimension | None = None
+    height: Dimension | None = None
+    scheduler: Scheduler | None = Field(default=None, description="the sampler; omitted: euler")
+
+    def resolved(self, shape: Shape, seed: int, scheduler: Scheduler = DEFAULT_SCHEDULER) -> ResolvedParams:
+        """These parameters (only these: not the fields of a request body built on them) with the cluster's
+        choices for size, steps, seed and scheduler."""
+        fields = {name: getattr(self, name) for name in GenerationParams.model_fields}
+        chosen = {"width": shape.width, "height": shape.height, "num_inference_steps": shape.steps}
+        return ResolvedParams(**(fields | chosen | {"seed": seed, "scheduler": scheduler}))
+
+
+class ResolvedParams(GenerationParams):
+    """Generation parameters with every choice made: what a job runs, as the pipeline receives it. The size is
+    one a worker serves (any positive size: workers may be configured with sizes requests cannot name)."""
+
+    seed: Seed
+    num_inference_steps: InferenceSteps
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    scheduler: Scheduler
+
+    @property
+    def shape(self) -> Shape:
+        """The size and step count, as workers and streams are keyed."""
+        return Shape(width=self.width, height=self.height, steps=self.num_inference_steps)
+
+
 class Job(BaseModel):
-    """A fully resolved request as it travels through the queue."""
+    """A fully resolved request as it travels through the queue: what to generate and how to deliver it."""
 
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(pattern=JOB_ID_PATTERN)
-    prompt: RequiredPrompt
-    negative_prompt: Prompt = ""
-    seed: Seed
-    guidance_scale: GuidanceScale
-    shape: Shape
-    scheduler: Scheduler = DEFAULT_SCHEDULER
+    params: ResolvedParams
     output_format: OutputFormat = "png"
     quality: int = Field(default=DEFAULT_QUALITY, ge=1, le=100)
     result_ttl_s: int = Field(gt=0, le=MAX_RESULT_TTL_S)
@@ -242,9 +277,10 @@ class JobResult(BaseModel):
     id: str
     status: Literal["succeeded", "failed", "cancelled"]
     worker: str | None = None  # None when cancelled before any worker ran it
+    # What ran: None for a job no worker ran (cancelled while queued, malformed).
     seed: int | None = None
     shape: Shape | None = None
-    scheduler: str | None = None  # None from a worker that predates schedulers
+    scheduler: str | None = None
     media_type: str = "image/png"
     image_count: int = 0
     timings: Timings | None = None

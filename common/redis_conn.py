@@ -12,19 +12,24 @@ master. The credentials in the user part are the data servers'; `sentinel_passwo
 
 from __future__ import annotations
 
+import logging
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
 import redis.asyncio as aioredis
 from redis.asyncio import BlockingConnectionPool
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import ConstantBackoff, ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError
+from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+logger = logging.getLogger(__name__)
 
 # A read waits at most this long: more than any blocking read we issue (XREADGROUP blocks 1 s), short
 # enough that a silently cut link (no RST: the peer's host is gone) is noticed and retried.
@@ -42,9 +47,20 @@ CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError)
 # freed, e.g. as results expire). Gateways answer 503 with Retry-After; workers wait and retry.
 UNAVAILABLE = (*CONNECTION_ERRORS, OutOfMemoryError)
 
+# The one maxmemory-policy under which Redis never drops a key of ours. Every other one does, when memory runs
+# out: allkeys-* any key (queued jobs, records, streams), volatile-* the keys with a TTL (worker registry
+# entries, results, finished jobs' records, idempotency keys).
+SAFE_EVICTION_POLICY = "noeviction"
+ALLOW_EVICTING_FLAG = "--allow-evicting-redis"
+
 SENTINEL_SCHEME = "redis+sentinel://"
 URL_SCHEMES = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME)
 DEFAULT_SENTINEL_PORT = 26379
+
+
+class EvictingRedis(RedisConnectionError):
+    """Redis may evict this cluster's keys and that was not accepted: every connection to it is refused, so the
+    process treats it as an unreachable Redis (gateways answer 503, workers wait) until its policy is fixed."""
 
 
 class RedisUrlError(ValueError):
@@ -139,8 +155,53 @@ def _keepalive_options() -> dict[int, int]:
     return {getattr(socket, name): value for name, value in wanted.items() if hasattr(socket, name)}
 
 
-def _connection_options(name: str, retries: int = 5) -> dict[str, Any]:
+def eviction_check(allow: bool) -> Callable[[AbstractConnection], Awaitable[None]]:
+    """What each new connection runs once connected (redis-py's `redis_connect_func`): the usual handshake, then
+    a look at the server's maxmemory-policy, raising EvictingRedis unless it is `noeviction` or `allow`. Every
+    connection is checked, so a reconnect to a restarted, reconfigured or promoted server is too."""
+    reported: set[str] = set()  # policies already logged by this process: each is said once, not per connection
+
+    async def on_connect(connection: AbstractConnection) -> None:
+        await connection.on_connect()
+        policy = await _eviction_policy(connection)
+        if policy in (SAFE_EVICTION_POLICY, None):
+            return
+        problem = (
+            f"Redis at {_address(connection)} may evict this cluster's keys (maxmemory-policy {policy}): "
+            f"set maxmemory-policy {SAFE_EVICTION_POLICY}, or pass {ALLOW_EVICTING_FLAG} to run anyway"
+        )
+        if not allow:
+            if policy not in reported:
+                logger.error("%s", problem)
+            reported.add(policy)
+            raise EvictingRedis(problem)
+        if policy not in reported:
+            logger.warning("%s; accepted by %s: jobs, results and workers may vanish", problem, ALLOW_EVICTING_FLAG)
+        reported.add(policy)
+
+    return on_connect
+
+
+def _address(connection: AbstractConnection) -> str:
+    host, port = getattr(connection, "host", None), getattr(connection, "port", None)
+    return f"{host}:{port}" if host else str(getattr(connection, "path", "?"))
+
+
+async def _eviction_policy(connection: AbstractConnection) -> str | None:
+    """The server's maxmemory-policy (INFO memory), or None where the user may not run INFO."""
+    try:
+        await connection.send_command("INFO", "memory")
+        info = text(await connection.read_response())
+    except ResponseError as exc:  # an ACL without +info: say so once per connection, do not refuse
+        logger.warning("cannot read Redis's maxmemory-policy (%s); grant +info to have it checked", exc)
+        return None
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    return fields.get("maxmemory_policy", "").strip() or None
+
+
+def _connection_options(name: str, retries: int = 5, allow_evicting: bool = False) -> dict[str, Any]:
     return {
+        "redis_connect_func": eviction_check(allow_evicting),
         "max_connections": MAX_CONNECTIONS,
         "timeout": POOL_WAIT_S,
         "decode_responses": False,
@@ -155,17 +216,19 @@ def _connection_options(name: str, retries: int = 5) -> dict[str, Any]:
     }
 
 
-def connect(url: str, *, name: str) -> aioredis.Redis:
+def connect(url: str, *, name: str, allow_evicting: bool = False) -> aioredis.Redis:
     """A client that returns bytes (images are binary), retries dropped connections with backoff, and waits
     for a free connection when all `MAX_CONNECTIONS` are busy. A `redis+sentinel://` URL gives a client of
-    the current master that follows a failover."""
+    the current master that follows a failover. Each connection refuses a server that may evict keys
+    (EvictingRedis) unless `allow_evicting`."""
+    options = _connection_options(name, allow_evicting=allow_evicting)
     if url.startswith(SENTINEL_SCHEME):
-        return _connect_sentinel(parse_sentinel_url(url), name)
-    return aioredis.Redis.from_pool(BlockingConnectionPool.from_url(url, **_connection_options(name)))
+        return _connect_sentinel(parse_sentinel_url(url), options)
+    return aioredis.Redis.from_pool(BlockingConnectionPool.from_url(url, **options))
 
 
-def _connect_sentinel(target: SentinelUrl, name: str) -> aioredis.Redis:
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+def _connect_sentinel(target: SentinelUrl, options: dict[str, Any]) -> aioredis.Redis:
+    sentinel = Sentinel(
         list(target.sentinels),
         sentinel_kwargs={
             "socket_timeout": CONNECT_TIMEOUT_S,
@@ -187,7 +250,7 @@ def _connect_sentinel(target: SentinelUrl, name: str) -> aioredis.Redis:
         # declared down after `down-after-milliseconds`, a replica promoted a second or two later), and each
         # try asks the sentinels again, so a command lands on the new master within 0.25 s of the switch
         # rather than up to 2 s later, as with an exponential backoff.
-        **{**_connection_options(name), "retry": Retry(ConstantBackoff(0.25), retries=20)},
+        **{**options, "retry": Retry(ConstantBackoff(0.25), retries=20)},
     )
     return client
 

@@ -112,7 +112,8 @@ class RedisKeys:
 
     def in_flight(self, identity: str) -> str:
         """Sorted set of a caller's jobs that may still be queued or running (ids scored by submit time, Redis
-        ms), for its fair-share cap. `identity` is a key's digest prefix or an address, never a key."""
+        ms), for its fair-share cap: no lifetime, a job leaves it when it ends (an empty set is gone).
+        `identity` is a key's digest prefix or an address, never a key."""
         return f"{self.prefix}:in-flight:{identity}"
 
     def rate_limit(self, bucket: str, identity: str) -> str:

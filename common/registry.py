@@ -15,7 +15,7 @@ from typing import Literal
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 
-from common.protocol import DEFAULT_SCHEDULER, DEFAULT_STEPS, Shape, Size
+from common.protocol import DEFAULT_SCHEDULER, DEFAULT_STEPS, Size
 from common.rediskeys import RedisKeys
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,6 @@ class WorkerInfo(BaseModel):
     device_kind: str = "unknown"
     devices: int = 0
     images_per_request: int
-    shapes: list[Shape] = []  # superseded by sizes and the step range; removed once nothing reads it
     # What it serves: these sizes, at any step count from 1 to max_steps, with these schedulers. Its own
     # default is its first size at default_steps.
     sizes: list[Size] = []

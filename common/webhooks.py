@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 WebhookEvent = Literal["completed", "started", "progress"]
 WEBHOOK_EVENTS: tuple[str, ...] = get_args(WebhookEvent)
-Outcome = Literal["delivered", "retry", "gave-up"]
+# `skip`: not an attempt; the gateway that took the message cannot send it, and leaves it to another.
+Outcome = Literal["delivered", "retry", "gave-up", "skip"]
 
 
 class OutboxFull(Exception):
@@ -40,15 +41,27 @@ class OutboxFull(Exception):
 
 @dataclass(frozen=True)
 class WebhookSpec:
-    """Where a job's events go and which ones; `key` names the API key whose secret signs them (its identity,
-    never the key; '' for the cluster's secret)."""
+    """What a job's webhook messages need, decided at submit and carried with them: where they go, which events,
+    `key` the API key that submitted them (its identity, never the key; '' for none), `own_secret` whether that
+    key's own secret signs them (else the cluster's; None in a spec from before this was recorded: the key's
+    own if the gateway has one, else the cluster's), and `allowed`, whether the host was on the accepting
+    gateway's `--webhook-allow-hosts` (then the address rules were not applied to it). A gateway without the
+    secret, or without the allow-listing of an `allowed` host, cannot send them: it leaves them to another
+    (gateway/webhook_sender.py)."""
 
     url: str
     events: tuple[str, ...] = ("completed",)
     key: str = ""
+    allowed: bool = False
+    own_secret: bool | None = None
 
     def to_json(self) -> str:
-        return json.dumps({"url": self.url, "events": list(self.events), "key": self.key})
+        data: dict[str, Any] = {"url": self.url, "events": list(self.events), "key": self.key}
+        if self.allowed:
+            data["allowed"] = True
+        if self.own_secret is not None:
+            data["own_secret"] = self.own_secret
+        return json.dumps(data)
 
     def events_field(self) -> str:
         """The events as the scripts look them up: `,completed,started,`."""
@@ -59,7 +72,13 @@ class WebhookSpec:
         """The stored spec; None (logged) for one that does not parse."""
         try:
             data = json.loads(raw)
-            return cls(url=str(data["url"]), events=tuple(map(str, data["events"])), key=str(data.get("key", "")))
+            return cls(
+                url=str(data["url"]),
+                events=tuple(map(str, data["events"])),
+                key=str(data.get("key", "")),
+                allowed=data.get("allowed") is True,
+                own_secret=data["own_secret"] if isinstance(data.get("own_secret"), bool) else None,
+            )
         except (ValueError, KeyError, TypeError):
             logger.warning("a webhook spec that does not parse: %r", raw[:200])
             return None
@@ -73,6 +92,7 @@ class Message:
     event: str
     attempts: int
     created_ms: int
+    skips: int = 0  # times a gateway that could not send it left it to another (not attempts)
     last_attempt_ms: int | None = None
     last_status: int | None = None
     last_error: str | None = None
@@ -93,6 +113,7 @@ class Message:
             event=str(data["event"]),
             attempts=number("attempts") or 0,
             created_ms=number("created_ms") or 0,
+            skips=number("skips") or 0,
             last_attempt_ms=number("last_attempt_ms"),
             last_status=number("last_status"),
             last_error=data.get("last_error"),

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from common.blobstore import open_blob_store
-from common.config import log_config
+from common.config import log_config, refuse_evicting_redis
 from common.jobstore import JobStore
 from common.redis_conn import UNAVAILABLE, connect
 from common.rediskeys import RedisKeys
@@ -54,10 +54,11 @@ from gateway.state import (
     REGISTRY,
     STREAMS,
     THROUGHPUT,
+    WAITERS,
     WEBHOOK_RESOLVE,
     WEBHOOK_SENDER,
 )
-from gateway.tenants import EventStreams
+from gateway.tenants import EventStreams, Waiters
 from gateway.webhook_sender import WebhookSender
 from gateway.webhooks import system_resolve
 
@@ -85,6 +86,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     app[GATEWAY_ID] = f"gw-{uuid.uuid4().hex[:8]}"
     app[KEY_STORE] = KeyStore(config)
     app[EVENT_STREAMS] = EventStreams(config.max_event_streams_per_caller)
+    app[WAITERS] = Waiters(config.max_waiting_requests_per_caller)
     # A key revoked (or removed) in the keys file loses its open event streams at the next reload.
     app[KEY_STORE].on_reload.append(lambda: app[EVENT_STREAMS].end_unless(app[KEY_STORE].accepts))
     app[THROUGHPUT] = ThroughputMeter()
@@ -107,7 +109,10 @@ async def _no_stale_pages(request: web.Request, response: web.StreamResponse) ->
 
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    redis = connect(config.redis_url, name=f"sdxl-gateway:{app[GATEWAY_ID]}")
+    redis = connect(
+        config.redis_url, name=f"sdxl-gateway:{app[GATEWAY_ID]}", allow_evicting=config.allow_evicting_redis
+    )
+    await refuse_evicting_redis(redis)
     keys = RedisKeys(config.key_prefix)
     app[REDIS] = redis
     blobs = open_blob_store(config.blob_store)
@@ -153,7 +158,7 @@ async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
         app[GATEWAY_ID],
         app[WEBHOOK_RESOLVE],
         body_of,
-        lambda spec: job_webhooks.webhook_secret(app, spec.key),
+        lambda spec: job_webhooks.signing_secret(app, spec),
         app[METRICS],
     )
     app[WEBHOOK_SENDER] = sender

@@ -7,7 +7,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from common.config import ConfigError, add_blob_store_argument, add_redis_arguments
+from common.config import ConfigError, add_blob_store_argument, add_eviction_argument, add_redis_arguments
 from common.jobstore import DURABLE_ACCEPT
 from common.protocol import MAX_GUIDANCE, MAX_PROMPT_CHARS, MIN_GUIDANCE, RequestLimits
 from gateway.config import GatewayConfig, IPNetwork, RateLimits, WebhookConfig, parse_networks
@@ -19,6 +19,7 @@ _DEFAULTS = GatewayConfig()
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Every flag of `sdxl-serve gateway`."""
     add_redis_arguments(parser)
+    add_eviction_argument(parser)
     parser.add_argument("--host", default=GatewayConfig.host)
     parser.add_argument("--port", type=int, default=GatewayConfig.port)
     parser.add_argument(
@@ -97,6 +98,7 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
             raise ConfigError(f"--api-keys-file: {exc}") from None
     return GatewayConfig(
         redis_url=args.redis_url,
+        allow_evicting_redis=args.allow_evicting_redis,
         host=args.host,
         port=args.port,
         key_prefix=args.key_prefix,
@@ -117,6 +119,7 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         image_urls=args.image_urls,
         max_jobs_in_flight_per_caller=args.max_jobs_in_flight_per_caller,
         max_event_streams_per_caller=args.max_event_streams_per_caller,
+        max_waiting_requests_per_caller=args.max_waiting_requests_per_caller,
         metrics_token=args.metrics_token,
         metrics_listen=args.metrics_listen,
         webhooks=webhook_config(args),
@@ -174,7 +177,7 @@ def _networks_arg(text: str) -> tuple[IPNetwork, ...]:
 
 
 def _add_protection(parser: argparse.ArgumentParser) -> None:
-    """Validation bounds, API keys, client addresses, rate limits and backpressure (README: Protection)."""
+    """Validation bounds, API keys, client addresses, rate limits and backpressure (docs/security.md)."""
     env = os.environ.get
     group = parser.add_argument_group("protection")
     limits = _DEFAULTS.limits
@@ -231,7 +234,7 @@ def _add_protection(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_tenants(group: argparse._ArgumentGroup) -> None:
-    """Fair share between callers and where /metrics is served (README: Tenants)."""
+    """Fair share between callers and where /metrics is served (docs/security.md, "Tenants")."""
     group.add_argument(
         "--max-jobs-in-flight-per-caller",
         type=int,
@@ -244,6 +247,13 @@ def _add_tenants(group: argparse._ArgumentGroup) -> None:
         type=int,
         default=GatewayConfig.max_event_streams_per_caller,
         help="with keys configured, open event streams per key (and per public address) on this gateway (0: no cap)",
+    )
+    group.add_argument(
+        "--max-waiting-requests-per-caller",
+        type=int,
+        default=GatewayConfig.max_waiting_requests_per_caller,
+        help="with keys configured, requests waiting for their result (/v1/generate, /v1/images/generations; "
+        "Idempotency-Key replays included) per key (and per public address) on this gateway (0: no cap)",
     )
     group.add_argument(
         "--metrics-token",

@@ -116,9 +116,10 @@ class GatewayConfig:
     host: str = "0.0.0.0"
     port: int = 8000
     key_prefix: str = DEFAULT_PREFIX
+    allow_evicting_redis: bool = False  # run on a Redis whose maxmemory-policy may evict keys
     request_timeout_s: float = 120.0
     result_ttl_s: int = DEFAULT_RESULT_TTL_S
-    routing: RoutingPolicy = "shared"  # see gateway/routing.py
+    routing: RoutingPolicy = "shared"  # see gateway/placement.py
     limits: RequestLimits = DEFAULT_LIMITS  # prompt length and guidance range, within the protocol's
     max_body_bytes: int = 64 * 1024
     # API keys: digests from the environment (hashed at start) and/or a keys file re-read when it changes.
@@ -141,6 +142,8 @@ class GatewayConfig:
     # default; 0: no cap.
     max_jobs_in_flight_per_caller: int = 20
     max_event_streams_per_caller: int = 20  # per gateway process
+    # Requests held open for a result (/v1/generate, the OpenAI images route), replays included; per gateway.
+    max_waiting_requests_per_caller: int = 20
     # /metrics: behind `Authorization: Bearer TOKEN` when a token is set; on its own (host, port) if given.
     metrics_token: str | None = dataclasses.field(default=None, repr=False)
     metrics_listen: tuple[str, int] | None = None
@@ -178,6 +181,7 @@ class GatewayConfig:
         )
         require(self.max_jobs_in_flight_per_caller >= 0, "--max-jobs-in-flight-per-caller", "must be >= 0 (0: off)")
         require(self.max_event_streams_per_caller >= 0, "--max-event-streams-per-caller", "must be >= 0 (0: off)")
+        require(self.max_waiting_requests_per_caller >= 0, "--max-waiting-requests-per-caller", "must be >= 0 (0: off)")
         require(self.metrics_token != "", "--metrics-token", "must not be empty")
 
     @property

@@ -35,7 +35,8 @@ async def webhook_of(request: web.Request, body: GenerateRequest) -> WebhookSpec
     app = request.app
     caller = caller_of(request)
     identity = caller.identity if caller is not None and caller.caller_class == "key" else ""
-    if webhook_secret(app, identity) is None:  # before the URL: no resolving for a webhook refused anyway
+    own_secret = own_webhook_secret(app, identity) is not None
+    if not own_secret and app[CONFIG].webhooks.secret is None:  # before the URL: no resolving for one refused anyway
         raise ApiError(
             400,
             "webhook_no_secret",
@@ -44,7 +45,7 @@ async def webhook_of(request: web.Request, body: GenerateRequest) -> WebhookSpec
             field="webhook",
         )
     await check_target(app[CONFIG].webhooks, app[WEBHOOK_RESOLVE], body.webhook.url)
-    return spec_for(body.webhook, identity)
+    return spec_for(body.webhook, identity, own_secret, app[CONFIG].webhooks)
 
 
 def outbox_full(exc: OutboxFull) -> ApiError:
@@ -59,10 +60,17 @@ def outbox_full(exc: OutboxFull) -> ApiError:
     )
 
 
-def webhook_secret(app: web.Application, identity: str) -> str | None:
-    """The secret that signs the webhooks of a key's jobs: its own, else the cluster's ('': no key)."""
-    own = app[KEY_STORE].ring.webhook_secret(identity) if identity else None
-    return own or app[CONFIG].webhooks.secret
+def own_webhook_secret(app: web.Application, identity: str) -> str | None:
+    """A key's own webhook secret on this gateway ('': no key, so none)."""
+    return app[KEY_STORE].ring.webhook_secret(identity) if identity else None
+
+
+def signing_secret(app: web.Application, spec: WebhookSpec) -> str | None:
+    """The secret that signs a message of `spec` on this gateway, as now in its keys file or flags: the key's
+    own or the cluster's, whichever was decided at submit; None when this gateway has not got it."""
+    if spec.own_secret is None:  # a spec from before the choice was recorded: the key's own, else the cluster's
+        return own_webhook_secret(app, spec.key) or app[CONFIG].webhooks.secret
+    return own_webhook_secret(app, spec.key) if spec.own_secret else app[CONFIG].webhooks.secret
 
 
 def webhook_body(app: web.Application, job_id: str, event: str, state: JobState | None) -> bytes:

@@ -39,7 +39,7 @@ from gateway.limits import queue_full
 from gateway.requestlog import REQUEST_ID
 from gateway.schemas import ErrorDetail, GenerateRequest, JobOutput, JobState, Progress, ResponseTimings
 from gateway.shapes import resolve
-from gateway.state import CONFIG, JOBS, JOURNAL, LISTENER, PLACEMENT, REGISTRY, STREAMS, THROUGHPUT
+from gateway.state import CONFIG, JOBS, JOURNAL, LISTENER, PLACEMENT, REGISTRY, STREAMS, THROUGHPUT, WAITERS
 from gateway.tenants import caller_of, too_many_in_flight
 
 logger = logging.getLogger(__name__)
@@ -71,24 +71,20 @@ class Placed:
 
 
 async def make_job(request: web.Request, body: GenerateRequest) -> Placed:
-    """Resolve shape and scheduler against the live workers, draw a seed when none was given, route the job."""
+    """Resolve shape and scheduler against the live workers, draw a seed when none was given, route the job: the
+    request's generation parameters go into the job whole."""
     workers = await request.app[REGISTRY].workers()
     resolved = resolve(body, workers)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
     job = Job(
         id=uuid.uuid4().hex,
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt,
-        seed=seed,
-        guidance_scale=body.guidance_scale,
-        shape=resolved.shape,
-        scheduler=resolved.scheduler,
+        params=body.resolved(resolved.shape, seed, resolved.scheduler),
         output_format=body.output_format,
         quality=body.quality if body.quality is not None else DEFAULT_QUALITY,
         result_ttl_s=request.app[CONFIG].result_ttl_s,
         request_id=request.get(REQUEST_ID),
     )
-    stream = await request.app[PLACEMENT].stream_for(job.shape, job.scheduler, workers)
+    stream = await request.app[PLACEMENT].stream_for(job.params.shape, job.params.scheduler, workers)
     return Placed(job=job, stream=stream, workers=workers)
 
 
@@ -177,8 +173,13 @@ def submitter(request: web.Request) -> Submitter:
 
 
 async def submit_and_wait(request: web.Request, body: GenerateRequest, placed: Placed) -> StoredResult:
-    """Submit and wait for the result within the request timeout (504 with the job id past it); a full queue
-    is a 429 and queues nothing."""
+    """Submit and wait for the result within the request timeout (504 with the job id past it); a full queue,
+    or a caller with its cap of waiting requests (replays included), is a 429 and queues nothing."""
+    with request.app[WAITERS].hold(caller_of(request)):
+        return await _submit_and_wait(request, body, placed)
+
+
+async def _submit_and_wait(request: web.Request, body: GenerateRequest, placed: Placed) -> StoredResult:
     listener = request.app[LISTENER]
     queue = request.app[JOBS]
     job = placed.job
@@ -242,7 +243,8 @@ def response_timings(result: JobResult, received: float | None, now: float) -> R
 
 def job_output(result: JobResult) -> JobOutput:
     """A succeeded job's result as the job API shows it: metadata and image URLs."""
-    assert result.shape is not None and result.seed is not None and result.worker is not None
+    assert result.shape is not None and result.seed is not None and result.scheduler is not None
+    assert result.worker is not None
     return JobOutput(
         seed=result.seed,
         width=result.shape.width,

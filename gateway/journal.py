@@ -115,7 +115,7 @@ class Journal:
         try:
             submitted = await self._jobs_store.submit(
                 job,
-                self._keys.size_stream(job.shape.size),
+                self._keys.size_stream(job.params.shape.size),
                 accepted.idempotency_key,
                 accepted.fingerprint,
                 # Accepted once already: its caller's cap on jobs in flight does not refuse it again.

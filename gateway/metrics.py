@@ -83,6 +83,14 @@ class GatewayMetrics:
             ["event", "outcome"],
             registry=r,
         )
+        self.webhook_skips = Counter(
+            "sdxl_webhook_skips",
+            "Webhook messages this gateway took but could not send, and left to another gateway, by reason: "
+            "no_secret (it lacks the signing secret), not_allow_listed (the host was allow-listed where the job "
+            "was accepted, not here)",
+            ["reason"],
+            registry=r,
+        )
         self.webhook_attempt_seconds = Histogram(
             "sdxl_webhook_attempt_seconds",
             "One webhook attempt, from connect to answer",

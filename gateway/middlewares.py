@@ -9,7 +9,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.exceptions import OutOfMemoryError
 
-from common.blobstore import BlobNotFound, BlobStoreUnavailable
+from common.blobstore import BlobNotFound, BlobStoreMismatch, BlobStoreUnavailable
 from common.redis_conn import UNAVAILABLE
 from gateway.auth import CALLER
 from gateway.errors import ApiError
@@ -50,6 +50,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
     except (BlobStoreUnavailable, BlobNotFound) as exc:
         return _respond(request, _image_store_error(request, exc))
+    except BlobStoreMismatch as exc:  # an operator's error, not a bug: one line, no traceback
+        logger.error("%s %s: %s", request.method, request.path, exc)
+        return _respond(request, ApiError(500, "image_store_mismatch", str(exc)))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -10,23 +10,15 @@ from __future__ import annotations
 import base64
 import re
 import time
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, ValidationInfo, field_validator
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
 
 from common.jobstore import StoredResult
-from common.protocol import (
-    DEFAULT_GUIDANCE_SCALE,
-    GuidanceScale,
-    InferenceSteps,
-    OutputFormat,
-    Prompt,
-    RequiredPrompt,
-    Scheduler,
-    Seed,
-    nearest_sdxl_resolution,
-)
+from common.protocol import GenerationParams, OutputFormat, nearest_sdxl_resolution
 from common.registry import SERVING_STATES
 from gateway import jobs
 from gateway.errors import ApiError, from_validation_error
@@ -46,16 +38,25 @@ _FORMATS: dict[str, OutputFormat] = {"image/png": "png", "image/jpeg": "jpeg", "
 OpenAIQuality = Literal["auto", "standard", "hd", "low", "medium", "high", "xhigh", "max"]
 
 
-class ImageGenerationRequest(BaseModel):
-    """OpenAI's `images.generate` body, plus this service's own generation parameters.
+def _not_taken(value: Any) -> None:
+    raise PydanticCustomError("extra_forbidden", "Extra inputs are not permitted")
+
+
+# One of our generation parameters that OpenAI's API names otherwise (width and height are its `size`): refused
+# under our name, as an unknown field is, and left out of the OpenAPI document.
+_OursNamedOtherwise = SkipJsonSchema[Annotated[None, BeforeValidator(_not_taken)]]
+
+
+class ImageGenerationRequest(GenerationParams):
+    """OpenAI's `images.generate` body: this service's generation parameters (common/protocol.py; those OpenAI
+    lacks are extensions), the size as OpenAI's `size`, and OpenAI's own fields.
 
     `model`, `user`, `quality` and `style` are accepted for compatibility and ignored: a cluster serves
     one model, at the quality its compiled shapes give. A null value means the parameter was omitted.
     """
 
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    prompt: RequiredPrompt
+    width: _OursNamedOtherwise = None
+    height: _OursNamedOtherwise = None
     n: int | None = Field(
         default=1, ge=1, le=OPENAI_MAX_N, description="images to return, at most the images a worker makes per request"
     )
@@ -77,13 +78,6 @@ class ImageGenerationRequest(BaseModel):
     output_compression: int | None = Field(
         default=None, ge=0, le=100, description="JPEG/WebP quality, 0..100 (default 90); not for png"
     )
-    negative_prompt: Prompt = ""
-    seed: Seed | None = None
-    num_inference_steps: InferenceSteps | None = Field(
-        default=None, description="omitted: the cluster's default step count"
-    )
-    guidance_scale: GuidanceScale = DEFAULT_GUIDANCE_SCALE
-    scheduler: Scheduler | None = Field(default=None, description="the sampler; omitted: euler")
     webhook: WebhookRequest | None = Field(default=None, description="an extension: as on POST /v1/jobs")
 
     @field_validator("size")
@@ -167,16 +161,11 @@ def to_generate_request(body: ImageGenerationRequest) -> GenerateRequest:
     width, height = body.dimensions() or (None, None)
     # Our quality starts at 1; OpenAI's output_compression at 0, which asks for the smallest file anyway.
     quality = max(1, body.output_compression) if body.output_compression is not None else None
+    # Every generation parameter is taken as it is, but the size, which is OpenAI's `size` here.
+    params = {name: getattr(body, name) for name in GenerationParams.model_fields}
     try:
         return GenerateRequest(
-            prompt=body.prompt,
-            negative_prompt=body.negative_prompt,
-            seed=body.seed,
-            guidance_scale=body.guidance_scale,
-            num_inference_steps=body.num_inference_steps,
-            scheduler=body.scheduler,
-            width=width,
-            height=height,
+            **(params | {"width": width, "height": height}),
             output_format=body.output_format or "png",
             quality=quality,
             webhook=body.webhook,
@@ -188,7 +177,7 @@ def to_generate_request(body: ImageGenerationRequest) -> GenerateRequest:
 def _check_n(placed: jobs.Placed, n: int) -> None:
     """Refuse, before queueing, more images than the workers that can run the job make per request."""
     job = placed.job
-    able = [w for w in placed.workers if w.state in SERVING_STATES and runs(w, job.shape, job.scheduler)]
+    able = [w for w in placed.workers if w.state in SERVING_STATES and runs(w, job.params.shape, job.params.scheduler)]
     batch = min((w.images_per_request for w in able), default=None)
     if batch is not None and n > batch:
         raise ApiError(

@@ -56,15 +56,14 @@ def build_openapi(routes: Iterable[Route], config: GatewayConfig | None = None) 
 
 
 def _apply_limits(schemas: dict[str, Any], limits: RequestLimits) -> None:
-    """The gateway's own bounds (within the protocol's, which the models state) on every request body."""
+    """The gateway's own bounds (within the protocol's, which the models state) on every request body: each
+    keyword the limits tighten, where the field's schema states it."""
+    bounds = limits.schema_bounds()
     for schema in schemas.values():
-        properties = schema.get("properties", {})
-        for name in ("prompt", "negative_prompt"):
-            if "maxLength" in properties.get(name, {}):
-                properties[name]["maxLength"] = limits.max_prompt_chars
-        guidance = properties.get("guidance_scale", {})
-        if "maximum" in guidance:
-            guidance.update(minimum=limits.min_guidance, maximum=limits.max_guidance)
+        for name, keywords in bounds.items():
+            field = schema.get("properties", {}).get(name, {})
+            if keywords.keys() <= field.keys():
+                field.update(keywords)
 
 
 Refs = Mapping[tuple[Any, JsonSchemaMode], Any]

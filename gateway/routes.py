@@ -64,7 +64,8 @@ _GUARDED = {
     403: "the API key has been revoked",
     429: "over the caller's rate limit (`rate_limited`) or, for a submit, the queue is full (`queue_full`) or "
     "the caller has its cap of jobs in flight (`too_many_jobs_in_flight`); for an event stream, the caller "
-    "has its cap of open streams (`too_many_event_streams`): see Retry-After",
+    "has its cap of open streams (`too_many_event_streams`); for a route that waits for the result, the caller "
+    "has its cap of waiting requests (`too_many_waiting_requests`): see Retry-After",
     503: "the queue is unreachable (see Retry-After)",
 }
 _BAD = {

@@ -11,18 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from common.protocol import (
-    DEFAULT_GUIDANCE_SCALE,
-    GuidanceScale,
-    InferenceSteps,
-    JobStatus,
-    OutputFormat,
-    Prompt,
-    RequiredPrompt,
-    Scheduler,
-    Seed,
-    Timings,
-)
+from common.protocol import GenerationParams, JobStatus, OutputFormat, Timings
 from common.registry import WorkerInfo
 
 
@@ -37,22 +26,11 @@ class WebhookRequest(BaseModel):
     events: list[Literal["completed", "started", "progress"]] = Field(default=["completed"], min_length=1, max_length=3)
 
 
-class GenerateRequest(BaseModel):
-    """Body of `POST /v1/generate` and `POST /v1/jobs`. Omitted size, steps and scheduler take the cluster's
-    defaults; what the workers serve is listed by `GET /v1/models`."""
+class GenerateRequest(GenerationParams):
+    """Body of `POST /v1/generate` and `POST /v1/jobs`: the generation parameters, then how to deliver the
+    images. Omitted size, steps and scheduler take the cluster's defaults; what the workers serve is listed by
+    `GET /v1/models`."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    prompt: RequiredPrompt
-    negative_prompt: Prompt = ""
-    seed: Seed | None = None
-    guidance_scale: GuidanceScale = DEFAULT_GUIDANCE_SCALE
-    num_inference_steps: InferenceSteps | None = Field(
-        default=None, description="1 up to the workers' max_steps for the size; omitted: their default"
-    )
-    width: int | None = Field(default=None, ge=64, le=4096, multiple_of=8, description="a size the workers serve")
-    height: int | None = Field(default=None, ge=64, le=4096, multiple_of=8, description="a size the workers serve")
-    scheduler: Scheduler | None = Field(default=None, description="the sampler; omitted: euler")
     output_format: OutputFormat = "png"
     quality: int | None = Field(
         default=None, ge=1, le=100, description="JPEG/WebP quality, 1..100 (default 90); not for png"
@@ -82,7 +60,7 @@ class GenerateResponse(BaseModel):
     width: int
     height: int
     num_inference_steps: int
-    scheduler: str | None
+    scheduler: str
     images: list[str]
     worker: str
     timings: ResponseTimings
@@ -123,7 +101,7 @@ class JobOutput(BaseModel):
     width: int
     height: int
     num_inference_steps: int
-    scheduler: str | None = Field(description="the sampler that ran (None from a worker without schedulers)")
+    scheduler: str = Field(description="the sampler that ran")
     worker: str
     media_type: str
     images: list[str] = Field(description="URL of each image, in order")

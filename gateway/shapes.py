@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from common.protocol import DEFAULT_SCHEDULER, Scheduler, Shape, Size
+from common.protocol import DEFAULT_SCHEDULER, GenerationParams, Scheduler, Shape, Size
 from common.registry import SERVING_STATES, WorkerInfo
 from gateway.errors import ApiError
-from gateway.schemas import GenerateRequest, ModelCard
+from gateway.schemas import ModelCard
 
 RETRY_SOON = {"Retry-After": "5"}
 
@@ -32,7 +32,7 @@ def runs(worker: WorkerInfo, shape: Shape, scheduler: str) -> bool:
     return shape.size in worker.sizes and shape.steps <= worker.max_steps and scheduler in worker.schedulers
 
 
-def resolve(request: GenerateRequest, workers: list[WorkerInfo]) -> Resolved:
+def resolve(request: GenerationParams, workers: list[WorkerInfo]) -> Resolved:
     """The shape and scheduler to run: the request's fields, omitted ones taken from the cluster's defaults.
 
     Raises ApiError 503 when no worker is registered; 400 naming `width` or `height`, `num_inference_steps`
@@ -59,7 +59,7 @@ def resolve(request: GenerateRequest, workers: list[WorkerInfo]) -> Resolved:
     return Resolved(shape=shape, scheduler=scheduler)
 
 
-def _size(request: GenerateRequest, workers: list[WorkerInfo]) -> Size:
+def _size(request: GenerationParams, workers: list[WorkerInfo]) -> Size:
     """The requested size, omitted dimensions from the default size; 400 when no worker serves it."""
     default = default_size(workers)
     size = Size(width=request.width or default.width, height=request.height or default.height)

@@ -20,7 +20,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.placement import Placement
 from gateway.positions import PositionBoard
 from gateway.ratelimit import RateLimiter
-from gateway.tenants import EventStreams
+from gateway.tenants import EventStreams, Waiters
 from gateway.webhook_sender import WebhookSender
 from gateway.webhooks import Resolve
 
@@ -41,6 +41,7 @@ LIMITER = web.AppKey("limiter", RateLimiter)
 THROUGHPUT = web.AppKey("throughput", ThroughputMeter)
 ACCESS = web.AppKey("access", dict[tuple[str, str], Access])  # (method, path template) -> its protection
 EVENT_STREAMS = web.AppKey("event_streams", EventStreams)  # open event streams by caller (gateway/tenants.py)
+WAITERS = web.AppKey("waiters", Waiters)  # requests waiting for a result, by caller (gateway/tenants.py)
 OUTBOX = web.AppKey("outbox", Outbox)  # job webhooks' messages (common/webhooks.py)
 WEBHOOK_SENDER = web.AppKey("webhook_sender", WebhookSender)
 WEBHOOK_RESOLVE: web.AppKey[Resolve] = web.AppKey("webhook_resolve")  # webhook hosts to addresses (a stub in tests)

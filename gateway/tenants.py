@@ -10,7 +10,8 @@ While keys are configured, each caller (an API key, or an address for a caller w
 - fair share: at most `--max-jobs-in-flight-per-caller` of its jobs queued or running (checked inside the
   submit script, common/lua/submit.lua, so replicas cannot overshoot it) and at most
   `--max-event-streams-per-caller` open event streams per gateway (`EventStreams`), which end when the
-  caller's key is revoked.
+  caller's key is revoked, and at most `--max-waiting-requests-per-caller` requests waiting for a result
+  per gateway (`Waiters`): a replay of an `Idempotency-Key` creates no job, so only this counts it.
 
 Without keys configured the cluster is one tenant: no owner checks and no per-caller caps.
 """
@@ -38,6 +39,7 @@ KEY_REVOKED = "api_key_revoked"
 CLOSED_EVENT = JobEvent(type="closed")
 # Streams end when their jobs do; a refused one may be tried again after this.
 STREAM_RETRY_AFTER_S = 5
+WAIT_RETRY_AFTER_S = 5  # and so do waiting requests
 
 
 def caller_of(request: web.Request) -> Caller | None:
@@ -116,3 +118,37 @@ class EventStreams:
         if ended:
             logger.info("ended %d event streams: %s", ended, reason)
         return ended
+
+
+class Waiters:
+    """The requests waiting for a job's result on this gateway (`/v1/generate`, `/v1/images/generations`), by
+    caller: capped per tenant, replays of an `Idempotency-Key` included."""
+
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+        self._held: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, caller: Caller | None) -> Iterator[None]:
+        """Hold a place for one waiting request for the duration; 429 when the caller already holds its cap."""
+        if caller is None or not caller.tenant or not self._cap:
+            yield
+            return
+        scope = caller.scope
+        held = self._held.get(scope, 0)
+        if held >= self._cap:
+            raise ApiError(
+                429,
+                "too_many_waiting_requests",
+                f"this caller already has {held} requests waiting for their results on this gateway (at most "
+                f"{self._cap} waiting requests per caller, Idempotency-Key replays included); retry in "
+                f"{WAIT_RETRY_AFTER_S} s, or submit with POST /v1/jobs and follow the job",
+                headers={"Retry-After": str(WAIT_RETRY_AFTER_S)},
+            )
+        self._held[scope] = held + 1
+        try:
+            yield
+        finally:
+            self._held[scope] -= 1
+            if not self._held[scope]:
+                del self._held[scope]

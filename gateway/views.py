@@ -48,17 +48,15 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: Redis answers, the job listener is subscribed, and at least one worker is ready."""
+    """Readiness of this gateway: Redis answers and the job listener is subscribed. Workers are no part of
+    it: with none ready, a gateway taken out of service could not even say so; each submit answers 503
+    `no_workers` or `no_ready_worker` with Retry-After instead (counted by `sdxl_gateway_rejections_total`),
+    and the body reports how many are ready."""
     await request.app[REDIS].ping()  # unreachable: the error middleware answers 503
     if (trouble := request.app[LISTENER].health()) is not None:
         raise ApiError(503, "not_subscribed", trouble, headers={"Retry-After": "2"})
     workers = await request.app[REGISTRY].workers()
-    serving = sum(w.state in SERVING_STATES for w in workers)
-    if not serving:
-        raise ApiError(
-            503, "no_workers", f"no worker is ready ({len(workers)} registered)", headers={"Retry-After": "5"}
-        )
-    return web.json_response({"status": "ready", "workers_ready": serving})
+    return web.json_response({"status": "ready", "workers_ready": sum(w.state in SERVING_STATES for w in workers)})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -246,7 +244,8 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
 def _generate_response(stored: StoredResult, received: float | None) -> GenerateResponse:
     """The synchronous response body; `received` (perf_counter at arrival) gives total_ms."""
     result = stored.result
-    assert result.shape is not None and result.seed is not None and result.worker is not None
+    assert result.shape is not None and result.seed is not None and result.scheduler is not None
+    assert result.worker is not None
     images = [base64.b64encode(image).decode("ascii") for image in stored.images]
     return GenerateResponse(
         id=result.id,

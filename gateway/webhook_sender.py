@@ -1,13 +1,21 @@
 """Sending job webhooks: every gateway runs a `WebhookSender`, taking due messages from the outbox in Redis
 under a lease and POSTing them, signed.
 
-An attempt is one POST, redirects not followed, within `--webhook-timeout`. A 2xx answer delivers the message.
+An attempt is one POST, redirects not followed, within `--webhook-timeout`; of the answer only the status
+counts (at most MAX_ANSWER_BYTES of its body are read). A 2xx answer delivers the message.
 A timeout, a connection error, a 5xx or a 429 is retried after an exponential backoff with jitter (a 429's or
 503's `Retry-After` is honoured, up to a cap), until the message has been due for `--webhook-retry-window`;
 any other answer (a 4xx such as 410, a redirect) gives it up at once, as does a target the address rules
 refuse at the time of the attempt. Every attempt of a message carries the same `webhook-id` and body, and a
 fresh `webhook-timestamp` and signature. A gateway that dies holding a lease delays its messages by the
 lease; another gateway sends them then (at least once: the receiver deduplicates by `webhook-id`).
+
+What a message needs is decided at submit and travels with it (common/webhooks.py `WebhookSpec`); what a
+gateway holds may differ from another's (during a rolling change of secrets, keys files or allow-lists). A
+gateway without the signing secret of the message's key, or without the allow-listing of a host that was
+allow-listed where the job was accepted, makes no attempt: it leaves the message to the other gateways, due
+again after a backoff, counted in `sdxl_webhook_skips_total{reason}` and logged. Only once the retry window
+is spent is such a message given up.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from gateway.webhooks import (
     GuardedResolver,
     Resolve,
     TargetRefused,
+    allow_listed,
     checked_addresses,
     literal_address,
     signed_headers,
@@ -44,6 +53,9 @@ BodyOf = Callable[[str, str], Awaitable[bytes]]
 SecretOf = Callable[[WebhookSpec], str | None]
 RETRIED_STATUSES = frozenset({408, 425, 429})
 BODY_ERROR_CHARS = 200
+# Of a receiver's answer only the status counts: at most this much of its body is read, so a receiver that
+# answers with a huge or endless body cannot fill a gateway's memory (nor hold an attempt open).
+MAX_ANSWER_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -137,19 +149,19 @@ class WebhookSender:
             logger.error("webhook delivery failed unexpectedly", exc_info=task.exception())
 
     async def _deliver(self, session: aiohttp.ClientSession, taken: Taken) -> None:
-        """One attempt of a leased message, recorded in the outbox (unless the lease was lost meanwhile)."""
+        """One attempt of a leased message, recorded in the outbox (unless the lease was lost meanwhile); none
+        when this gateway lacks what the message needs: then it is left to another gateway."""
         message = taken.message
+        secret = self._secret_of(taken.spec)
+        inability = self._inability(taken.spec, secret)
+        if inability is not None:
+            await self._leave(taken, *inability)
+            return
         body = taken.body or await self._body_of(taken.job_id, message.event)
         started = time.perf_counter()
-        attempt = await self._attempt(session, taken, body)
+        attempt = await self._attempt(session, taken, body, secret)
         self._metrics.webhook_attempt_seconds.observe(time.perf_counter() - started)
-        try:
-            recorded = await self._outbox.done(
-                taken, attempt.outcome, attempt.status, attempt.error, attempt.retry_ms, self._keep_s(), body
-            )
-        except UNAVAILABLE as exc:  # the lease runs out and the message is sent again: at least once
-            logger.warning("webhook %s: attempt not recorded (%s)", message.id, exc)
-            recorded = "stale"
+        recorded = await self._record(taken, attempt, body)
         self._metrics.webhook_attempts.labels(message.event, recorded).inc()
         if recorded == "delivered":
             lag_s = max(0.0, time.time() - message.created_ms / 1000)
@@ -162,22 +174,69 @@ class WebhookSender:
             extra={"job_id": taken.job_id},
         )  # fmt: skip
 
+    async def _record(self, taken: Taken, attempt: Attempt, body: bytes) -> str:
+        """Record `attempt` in the outbox: its outcome, or `stale` (the lease was lost, or Redis is away)."""
+        try:
+            recorded: str = await self._outbox.done(
+                taken, attempt.outcome, attempt.status, attempt.error, attempt.retry_ms, self._keep_s(), body
+            )
+        except UNAVAILABLE as exc:  # the lease runs out and the message is sent again: at least once
+            logger.warning("webhook %s: attempt not recorded (%s)", taken.message.id, exc)
+            recorded = "stale"
+        return recorded
+
+    def _inability(self, spec: WebhookSpec, secret: str | None) -> tuple[str, str] | None:
+        """Why this gateway cannot send a message that another gateway may (a metric label, and words), or None.
+        The message's own properties (its URL, its key) were decided at submit; what a gateway holds (secrets,
+        its allow-list) may differ between gateways, as during a rolling change of their configuration."""
+        if not spec.url:
+            return None  # nothing to send it to, anywhere: the attempt gives it up
+        if secret is None:
+            signer = (
+                f"key {spec.key}" if spec.key and spec.own_secret is not False else "the cluster (--webhook-secret)"
+            )
+            return "no_secret", f"this gateway has no webhook signing secret for {signer}"
+        if spec.allowed and not allow_listed(self._config, spec.url):
+            return "not_allow_listed", "its host was allow-listed where the job was accepted, not on this gateway"
+        return None
+
+    async def _leave(self, taken: Taken, reason: str, why: str) -> None:
+        """Leave a message this gateway cannot send to the others: no attempt, due again after a backoff (the
+        message counts its skips). Past the retry window no gateway sent it in time: it is given up."""
+        config, message = self._config, taken.message
+        ceiling = min(config.max_backoff_s, 2 * config.poll_s * 2 ** min(message.skips, 32))
+        delay_s = ceiling * (1 - config.jitter * random.random())
+        if taken.now_ms + delay_s * 1000 > message.created_ms + config.retry_window_s * 1000:
+            attempt = Attempt("gave-up", error=f"no gateway sent it within {config.retry_window_s:g} s: {why}")
+        else:
+            attempt = Attempt("skip", error=why, retry_ms=int(delay_s * 1000))
+        recorded = await self._record(taken, attempt, b"")
+        if recorded == "skip":
+            self._metrics.webhook_skips.labels(reason).inc()
+        else:
+            self._metrics.webhook_attempts.labels(message.event, recorded).inc()
+        logger.warning(
+            "webhook %s (%s of job %s): %s: %s",
+            message.id, message.event, taken.job_id,
+            "left to another gateway" if attempt.outcome == "skip" else recorded, attempt.error,
+            extra={"job_id": taken.job_id},
+        )  # fmt: skip
+
     def _keep_s(self) -> int:
         """How long a job's outbox outlives its last message: long enough to read on its status."""
         return int(self._config.retry_window_s) + 3600
 
-    async def _attempt(self, session: aiohttp.ClientSession, taken: Taken, body: bytes) -> Attempt:
+    async def _attempt(self, session: aiohttp.ClientSession, taken: Taken, body: bytes, secret: str | None) -> Attempt:
         spec = taken.spec
-        secret = self._secret_of(spec)
         if not spec.url or secret is None:
-            return Attempt("gave-up", error="no target or no signing secret (the key's secret was removed?)")
+            return Attempt("gave-up", error="no target (its webhook does not parse)")
         url = URL(spec.url)
         try:
             if literal_address(url.host or "") is not None:  # aiohttp asks no resolver about an address
                 await checked_addresses(self._config, self._resolve, url.host or "", url.port or 443)
             headers = signed_headers(secret, taken.message.id, int(time.time()), body)
             async with session.post(url, data=body, headers=headers, allow_redirects=False) as response:
-                await response.read()
+                await _skim(response)
                 return self._judge(taken, response.status, response.headers.get("Retry-After"))
         except TargetRefused as exc:
             return Attempt("gave-up", error=str(exc))
@@ -209,6 +268,14 @@ class WebhookSender:
         if taken.now_ms + delay_s * 1000 > window_end_ms:
             return Attempt("gave-up", status, f"{error}; retried for {config.retry_window_s:g} s")
         return Attempt("retry", status, error, int(delay_s * 1000))
+
+
+async def _skim(response: aiohttp.ClientResponse) -> None:
+    """Read at most MAX_ANSWER_BYTES of an answer's body; close the connection on a longer one (a short one
+    read to its end leaves the connection to be used again)."""
+    await response.content.read(MAX_ANSWER_BYTES)
+    if not response.content.at_eof():
+        response.close()
 
 
 def retry_after_s(value: str | None) -> float | None:

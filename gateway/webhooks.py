@@ -37,6 +37,10 @@ Resolve = Callable[[str, int], Awaitable[list[str]]]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Cloud metadata endpoints (AWS, GCP, Azure, ... on the link-local address; AWS's IPv6 one).
 METADATA = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits (or, NAT64_LOCAL, where RFC 6052 puts it).
+NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
+NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated (RFC 4291), still routed by some stacks
 RESOLVE_TIMEOUT_S = 5.0
 SIGNATURE_VERSION = "v1"
 
@@ -52,9 +56,20 @@ async def system_resolve(host: str, port: int) -> list[str]:
 
 
 def refusal(address: IPAddress) -> str | None:
-    """Why an address may not be a webhook's target (None: a public unicast address, allowed)."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """Why an address may not be a webhook's target (None: a public unicast address, allowed). An IPv6 address
+    that carries an IPv4 one (mapped, IPv4-compatible, 6to4, Teredo, NAT64) reaches that IPv4 address, and is
+    judged by it: each one it may carry must be allowed."""
+    carried = carried_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else None
+    if carried is None:
+        return _refusal(address)
+    for inner in carried:
+        why = _refusal(inner)
+        if why is not None:
+            return f"{why} ({inner}, inside {address})"
+    return None
+
+
+def _refusal(address: IPAddress) -> str | None:
     checks = (
         (address in METADATA, "a cloud metadata address"),
         (address.is_loopback, "a loopback address"),
@@ -65,6 +80,27 @@ def refusal(address: IPAddress) -> str | None:
         (not address.is_global, "not a public address"),
     )
     return next((why for refused, why in checks if refused), None)
+
+
+def carried_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address] | None:
+    """The IPv4 addresses a packet to `address` may reach, for an IPv6 address that embeds one; None for one
+    that does not. A local-use NAT64 prefix may be any of RFC 6052's lengths, unknown here: every reading is
+    returned, so such an address is allowed only if each of them is."""
+    if address.ipv4_mapped is not None:
+        return [address.ipv4_mapped]
+    if address.teredo is not None:
+        return [address.teredo[1]]  # the client: the inverted last 32 bits
+    if address.sixtofour is not None:
+        return [address.sixtofour]
+    packed = address.packed
+    if address in NAT64_WELL_KNOWN or (
+        address in IPV4_COMPATIBLE and not (address.is_loopback or address.is_unspecified)
+    ):
+        return [ipaddress.IPv4Address(packed[12:])]
+    if address in NAT64_LOCAL:  # RFC 6052 2.2: /96, /48, /56 and /64 prefixes (bits 64..71 are skipped)
+        readings = (packed[12:16], packed[6:8] + packed[9:11], packed[7:8] + packed[9:12], packed[9:13])
+        return [ipaddress.IPv4Address(reading) for reading in readings]
+    return None
 
 
 def literal_address(host: str) -> IPAddress | None:
@@ -163,8 +199,23 @@ def signed_headers(secret: str, message_id: str, timestamp: int, body: bytes) ->
     }
 
 
-def spec_for(body: Any, key_identity: str) -> WebhookSpec:
-    """The spec kept with a job: the request's URL and events (in a fixed order, each once) and the key whose
-    secret signs them."""
+def spec_for(body: Any, key_identity: str, own_secret: bool, config: WebhookConfig) -> WebhookSpec:
+    """The spec kept with a job: the request's URL and events (in a fixed order, each once), the key that made
+    it and whether that key's own secret signs them (else the cluster's), and whether its host is allow-listed
+    here (every gateway that sends it must allow it)."""
     events = tuple(event for event in ("started", "progress", "completed") if event in body.events)
-    return WebhookSpec(url=body.url, events=events, key=key_identity)
+    allowed = allow_listed(config, body.url)
+    return WebhookSpec(url=body.url, events=events, key=key_identity, allowed=allowed, own_secret=own_secret)
+
+
+def allow_listed(config: WebhookConfig, url: str) -> bool:
+    """Whether `url`'s host is exempt from the address rules on this gateway (`--webhook-allow-hosts`)."""
+    return _host(url) in config.allow_hosts
+
+
+def _host(url: str) -> str:
+    try:
+        host = URL(url).host or ""
+    except ValueError:
+        host = ""
+    return host.lower().rstrip(".")

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel
 from redis.exceptions import ResponseError
 
-from common.config import add_redis_arguments, mask_url
+from common.config import add_eviction_argument, add_redis_arguments, mask_url
 from common.redis_conn import UNAVAILABLE, connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
@@ -96,16 +96,19 @@ def render(status: ClusterStatus) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Where the cluster's Redis is, and the output format."""
     add_redis_arguments(parser)
+    add_eviction_argument(parser)
     parser.add_argument("--json", action="store_true", help="one JSON object instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the status once; 1 if Redis cannot be reached."""
-    return asyncio.run(_print_status(args.redis_url, args.key_prefix, as_json=args.json))
+    return asyncio.run(
+        _print_status(args.redis_url, args.key_prefix, as_json=args.json, allow_evicting=args.allow_evicting_redis)
+    )
 
 
-async def _print_status(redis_url: str, key_prefix: str, *, as_json: bool) -> int:
-    redis = connect(redis_url, name="sdxl-status")
+async def _print_status(redis_url: str, key_prefix: str, *, as_json: bool, allow_evicting: bool = False) -> int:
+    redis = connect(redis_url, name="sdxl-status", allow_evicting=allow_evicting)
     try:
         status = await read_status(redis, RedisKeys(key_prefix))
     except UNAVAILABLE as exc:

@@ -21,14 +21,14 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.blobstore import REDIS as BLOBS_IN_REDIS
 from common.config import (
     add_blob_store_argument,
+    add_eviction_argument,
     add_redis_arguments,
     default_cache_dir,
     require,
@@ -81,6 +81,7 @@ class UpConfig:
     accelerator, else the tiny model (made under `cache_dir` on first use)."""
 
     redis_url: str | None = None
+    allow_evicting_redis: bool = False
     blob_store: str | None = None
     key_prefix: str = DEFAULT_PREFIX
     workers: int = 1
@@ -122,6 +123,7 @@ class UpConfig:
         )
         return cls(
             redis_url=args.redis_url,
+            allow_evicting_redis=args.allow_evicting_redis,
             blob_store=args.blob_store,
             key_prefix=args.key_prefix,
             workers=args.workers,
@@ -150,6 +152,7 @@ class UpConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Every flag of `sdxl-serve up`: the workers' model flags, the gateway's address, supervision."""
     add_redis_arguments(parser, default=None)
+    add_eviction_argument(parser)
     add_blob_store_argument(parser, default=None)  # None: a directory of this run
     add_model_arguments(parser, None)
     parser.add_argument("--workers", type=int, default=UpConfig.workers)
@@ -197,12 +200,52 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
-def worker_argv(config: UpConfig, redis_url: str, model: str, blob_store: str = BLOBS_IN_REDIS) -> list[str]:
+@dataclass(frozen=True)
+class Resolved:
+    """What `up` settles for its children where its own flags leave it open: the Redis it started, the image
+    directory of this run, the model chosen for this host."""
+
+    redis_url: str
+    blob_store: str
+    model: str
+
+    @classmethod
+    async def settle(
+        cls,
+        config: UpConfig,
+        scratch: Path,
+        private_redis: Callable[[], Awaitable[str]],
+        default_model: Callable[[], Awaitable[str]],
+    ) -> Resolved:
+        """`config`'s Redis, image store and model, each settled by `up` where no flag gives it: a redis-server
+        started by `private_redis`, a directory under `scratch` (so images stay out of Redis), `default_model`."""
+        return cls(
+            redis_url=config.redis_url or await private_redis(),
+            blob_store=config.blob_store or f"file://{scratch}/images",
+            model=config.model or await default_model(),
+        )
+
+
+def children(config: UpConfig, resolved: Resolved) -> list[Child]:
+    """The gateway and the workers of this cluster, each with the flags it is started with."""
+    gateway = Child("gateway", ("gateway", *gateway_argv(config, resolved)))
+    worker = ("worker", *worker_argv(config, resolved))
+    return [gateway, *(Child(f"worker-{index}", worker) for index in range(config.workers))]
+
+
+def child_command(config: UpConfig, child: Child) -> list[str]:
+    """The `sdxl-serve` arguments that start `child`: `up`'s global flags, then the child's own."""
+    return ["--log-level", config.log_level, "--log-format", config.log_format, *child.argv]
+
+
+def worker_argv(config: UpConfig, resolved: Resolved) -> list[str]:
     """The `sdxl-serve worker` flags of each worker of this cluster."""
     # Any free metrics port, whatever SDXL_SERVE_METRICS_PORT says: the workers share this host.
-    argv = ["--redis-url", redis_url, "--key-prefix", config.key_prefix, "--model", model, "--blob-store", blob_store,
+    argv = ["--redis-url", resolved.redis_url, "--key-prefix", config.key_prefix, "--model", resolved.model,
+            "--blob-store", resolved.blob_store,
             "--images-per-request", str(config.images_per_request), "--cpu-devices", str(config.cpu_devices),
             "--metrics-port", "0", "--attention", config.attention]  # fmt: skip
+    argv += _eviction_argv(config)
     if config.revision:
         argv += ["--revision", config.revision]
     if config.model_config:
@@ -224,10 +267,15 @@ def worker_argv(config: UpConfig, redis_url: str, model: str, blob_store: str = 
     return argv
 
 
-def gateway_argv(config: UpConfig, redis_url: str, blob_store: str = BLOBS_IN_REDIS) -> list[str]:
+def gateway_argv(config: UpConfig, resolved: Resolved) -> list[str]:
     """The `sdxl-serve gateway` flags of this cluster's gateway."""
-    return ["--redis-url", redis_url, "--key-prefix", config.key_prefix, "--host", config.host,
-            "--port", str(config.port), "--routing", config.routing, "--blob-store", blob_store]  # fmt: skip
+    return ["--redis-url", resolved.redis_url, "--key-prefix", config.key_prefix, "--host", config.host,
+            "--port", str(config.port), "--routing", config.routing, "--blob-store", resolved.blob_store,
+            *_eviction_argv(config)]  # fmt: skip
+
+
+def _eviction_argv(config: UpConfig) -> list[str]:
+    return ["--allow-evicting-redis"] if config.allow_evicting_redis else []
 
 
 @dataclass(eq=False)  # each child is itself: compared and hashed by identity
@@ -267,8 +315,7 @@ class Cluster:
             loop.add_signal_handler(sig, self._stop.set)
         with tempfile.TemporaryDirectory(prefix="sdxl-serve-up-") as scratch:
             try:
-                redis_url = self.config.redis_url or await self._start_redis(Path(scratch))
-                await self._start(redis_url, self.config.blob_store or f"file://{scratch}/images")
+                await self._start(Path(scratch))
                 if self._stop.is_set():
                     return 0
                 print(f"ready: http://{self.config.host}:{self.config.port}", flush=True)
@@ -276,20 +323,20 @@ class Cluster:
             finally:
                 await self._stop_all()
 
-    async def _start(self, redis_url: str, blob_store: str) -> None:
+    async def _start(self, scratch: Path) -> None:
         accelerator = await _accelerator_backend()
         if accelerator and self.config.workers > 1:
             raise ClusterError(
                 f"each worker takes every local {accelerator} device; run --workers 1 "
                 "per host (add hosts with `sdxl-serve worker --redis-url ...`)"
             )
-        model = self.config.model or await self._default_model(accelerator)
-        self._children.append(Child("gateway", ("gateway", *gateway_argv(self.config, redis_url))))
-        worker = ("worker", *worker_argv(self.config, redis_url, model))
-        self._children += [Child(f"worker-{index}", worker) for index in range(self.config.workers)]
+        resolved = await Resolved.settle(
+            self.config, scratch, lambda: self._start_redis(scratch), lambda: self._default_model(accelerator)
+        )
+        self._children = children(self.config, resolved)
         for child in self._children:
             await self._launch(child)
-        await self._wait_ready(redis_url)
+        await self._wait_ready(resolved.redis_url)
 
     async def _default_model(self, accelerator: str | None) -> str:
         if accelerator:
@@ -308,15 +355,11 @@ class Cluster:
         return self._redis.url()
 
     async def _launch(self, child: Child) -> None:
-        config = self.config
-        child.process = await spawn(
-            sys.executable, "-m", "sdxl_serve", "--log-level", config.log_level, "--log-format", config.log_format,
-            *child.argv,
-        )  # fmt: skip
+        child.process = await spawn(sys.executable, "-m", "sdxl_serve", *child_command(self.config, child))
         _tell(f"{child.name} started (pid {child.process.pid})")
 
     async def _wait_ready(self, redis_url: str) -> None:
-        redis = connect(redis_url, name="sdxl-up")
+        redis = connect(redis_url, name="sdxl-up", allow_evicting=self.config.allow_evicting_redis)
         try:
             ready = asyncio.create_task(self._ready(redis))
             died = [asyncio.create_task(_exited(c), name=c.name) for c in self._children]

@@ -31,6 +31,10 @@ from testkit.redis import AsyncRedisProcess
 logger = logging.getLogger(__name__)
 
 Role = Literal["gateway", "worker"]
+# A gateway's webhook configuration: all the cluster's (`full`), or lacking the signing secret (`unsigned`) or
+# the allow-list of the receiver's host (`strict`), as gateways are in the middle of a rolling change.
+WebhookSetup = Literal["full", "unsigned", "strict"]
+DIFFERING: tuple[WebhookSetup, ...] = ("unsigned", "strict")
 # AOF on, so a restart keeps what was written; no automatic rewrite, so a copy of the AOF directory
 # taken at any moment is a consistent prefix of the history (a snapshot to roll back to).
 NEMESIS_REDIS = RedisOptions(appendonly=True, extra=("--auto-aof-rewrite-percentage", "0"))
@@ -52,6 +56,9 @@ class ClusterConfig:
     compile_cache: Path | None = None  # the real worker's (default: under work_dir, warm after its first start)
     ready_timeout_s: float = 300.0
     webhook_secret: str | None = None  # gateways send webhooks to loopback, signed with it (None: no webhooks)
+    # Gateways beyond `gateways` whose webhook configuration differs (alternately unsigned and strict): they
+    # take due messages like any gateway but serve no client (they would refuse its webhooks at submit).
+    differing_webhook_gateways: int = 0
 
 
 @dataclass
@@ -62,6 +69,7 @@ class Slot:
     role: Role
     proxy: FaultProxy
     real: bool = False  # a worker running the real pipeline on the tiny model
+    webhooks: WebhookSetup = "full"  # gateways
     http_port: int = 0  # gateways
     generation: int = 0
     process: subprocess.Popen[bytes] | None = None
@@ -104,6 +112,11 @@ class NemesisCluster:
         return [s for s in self.slots.values() if s.role == "gateway"]
 
     @property
+    def client_gateways(self) -> list[Slot]:
+        """The gateways clients use and faults target: those with the cluster's whole webhook configuration."""
+        return [s for s in self.gateways if s.webhooks == "full"]
+
+    @property
     def workers(self) -> list[Slot]:
         return [s for s in self.slots.values() if s.role == "worker"]
 
@@ -123,10 +136,18 @@ class NemesisCluster:
         if config.tiny_model is not None:
             names.append((f"worker-{config.standin_workers}", "worker", True))
         for name, role, real in names:
-            proxy = FaultProxy(name, self.redis.port)
-            await proxy.start()
-            port = free_port() if role == "gateway" else 0
-            self.slots[name] = Slot(name=name, role=role, proxy=proxy, real=real, http_port=port)
+            await self._add_slot(Slot(name=name, role=role, proxy=FaultProxy(name, self.redis.port), real=real))
+        for k in range(config.differing_webhook_gateways):
+            name = f"gateway-{config.gateways + k}"
+            setup = DIFFERING[k % len(DIFFERING)]
+            await self._add_slot(
+                Slot(name=name, role="gateway", proxy=FaultProxy(name, self.redis.port), webhooks=setup)
+            )
+
+    async def _add_slot(self, slot: Slot) -> None:
+        await slot.proxy.start()
+        slot.http_port = free_port() if slot.role == "gateway" else 0
+        self.slots[slot.name] = slot
 
     async def wait_ready(self) -> None:
         """Every gateway answers /healthz and every worker slot's current worker is registered ready;
@@ -171,16 +192,18 @@ class NemesisCluster:
         return sdxl_serve_argv(
             *gateway_args(slot.proxy.url(), slot.http_port),
             "--request-timeout", str(self.config.request_timeout_s), "--routing", routing,
-            "--max-queue-depth", "1000", *NO_RATE_LIMITS, *self._webhook_flags(),
+            "--max-queue-depth", "1000", *NO_RATE_LIMITS, *self._webhook_flags(slot.webhooks),
         )  # fmt: skip
 
-    def _webhook_flags(self) -> list[str]:
-        """Webhooks to a receiver on loopback, retried quickly (a run lasts a minute, not a day)."""
-        if self.config.webhook_secret is None:
+    def _webhook_flags(self, setup: WebhookSetup) -> list[str]:
+        """Webhooks to a receiver on loopback, retried quickly (a run lasts a minute, not a day); an `unsigned`
+        gateway has no secret, a `strict` one does not allow-list loopback."""
+        secret = self.config.webhook_secret
+        if secret is None:
             return []
         return [
-            "--webhook-allow-http", "--webhook-allow-hosts", "127.0.0.1",
-            "--webhook-secret", self.config.webhook_secret, "--webhook-timeout", "2",
+            "--webhook-allow-http", *(["--webhook-allow-hosts", "127.0.0.1"] if setup != "strict" else []),
+            *(["--webhook-secret", secret] if setup != "unsigned" else []), "--webhook-timeout", "2",
             "--webhook-backoff", "0.2", "--webhook-max-backoff", "2",
         ]  # fmt: skip
 
@@ -192,7 +215,7 @@ class NemesisCluster:
         ]  # fmt: skip
 
     def _standin_argv(self, slot: Slot) -> list[str]:
-        return [sys.executable, "-m", "testkit.standin", *self._worker_flags(slot), "--shapes", self.config.shape,
+        return [sys.executable, "-m", "testkit.standin", *self._worker_flags(slot), *serving_flags(self.config.shape),
                 "--step-s", str(self.config.step_s)]  # fmt: skip
 
     def _real_worker_argv(self, slot: Slot) -> list[str]:
@@ -222,6 +245,7 @@ class NemesisCluster:
 
 
 def serving_flags(shape: str) -> list[str]:
-    """A real worker's flags for serving `shape` (`WIDTHxHEIGHTxSTEPS`): its size, up to its steps, by default."""
+    """A worker's flags (real or stand-in) for serving `shape` (`WIDTHxHEIGHTxSTEPS`): its size, up to its steps,
+    by default."""
     size, _, steps = shape.rpartition("x")
     return ["--sizes", size, "--max-steps", steps, "--default-steps", steps]

@@ -13,7 +13,8 @@ Phases, with their bounds:
    the last fault ended;
 5. every job is read once more, every gateway must serve a new request, and the checker judges: with
    `webhooks`, every request asks for its job's `completed` webhook, sent to a receiver that
-   answers 503 to a fifth of the attempts, and every job seen ended must have reached it.
+   answers 503 to a fifth of the attempts, and every job seen ended must have reached it, also when
+   `differing_webhook_gateways` gateways that lack the signing secret or the allow-list take messages too.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class NemesisConfig:
     load: LoadConfig = field(default_factory=LoadConfig)
     quiet_bound_s: float = 60.0  # from the end of the last fault to a quiet cluster
     webhooks: bool = False  # every request asks for a webhook; the checker looks for each ended job's
+    # With webhooks, gateways beyond the clients' whose webhook configuration differs (ClusterConfig).
+    differing_webhook_gateways: int = 0
 
 
 @dataclass
@@ -96,6 +99,7 @@ async def run_nemesis(config: NemesisConfig) -> NemesisReport:
         work_dir=config.work_dir,
         request_timeout_s=config.load.request_timeout_s,
         webhook_secret=secret,
+        differing_webhook_gateways=config.differing_webhook_gateways if config.webhooks else 0,
         **config.cluster,
     )
     cluster = NemesisCluster(cluster_config)
@@ -118,13 +122,13 @@ def _flaky(seed: int, count: int = 100_000) -> list[int | tuple[int, dict[str, s
 async def _run(config: NemesisConfig, cluster: NemesisCluster, receiver: Receiver | None) -> NemesisReport:
     targets = Targets(
         workers=tuple(s.name for s in cluster.workers),
-        gateways=tuple(s.name for s in cluster.gateways),
+        gateways=tuple(s.name for s in cluster.client_gateways),
         heartbeat_ttl_s=cluster.config.heartbeat_ttl_s,
     )
     schedule = make_schedule(config.seed, config.duration_s, config.counts, targets)
     history = History()
     t0 = time.monotonic()
-    clients = Clients([s.url for s in cluster.gateways], config.load, history, config.seed, t0)
+    clients = Clients([s.url for s in cluster.client_gateways], config.load, history, config.seed, t0)
     runner = FaultRunner(cluster, config.seed)
     try:
         await _under_faults(clients, runner, schedule, t0)
@@ -238,7 +242,7 @@ async def _cluster_state(
         queue_depth=await streams.depth(),
         stuck_records=await _stuck_records(cluster),
         dead_processes=cluster.dead(),
-        failed_probes=[p for slot in cluster.gateways if (p := await _probe(clients, slot.url, slot.name))],
+        failed_probes=[p for slot in cluster.client_gateways if (p := await _probe(clients, slot.url, slot.name))],
         counters=await streams.counters(),
     )
 

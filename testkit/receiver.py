@@ -13,6 +13,8 @@ from aiohttp import web
 HANG = -1  # an answer that holds the request open until `release()`
 SLOW = -2  # an answer of 200 after SLOW_S: an attempt in flight for a while
 SLOW_S = 1.0
+ENDLESS = -3  # an answer of 200 whose body never ends: written until the sender goes away
+ENDLESS_CHUNK = b"x" * 65536
 
 
 @dataclass(frozen=True)
@@ -28,12 +30,15 @@ class Hit:
 
 @dataclass
 class Receiver:
-    """Answers the k-th request with `answers[k]` (then 200): a status, a (status, headers) pair, HANG or SLOW."""
+    """Answers the k-th request with `answers[k]` (then 200): a status, a (status, headers) pair, HANG, SLOW or
+    ENDLESS (`streamed` counts the bytes of endless bodies written, `hung_up` is set once a sender closed one)."""
 
     answers: list[int | tuple[int, dict[str, str]]] = field(default_factory=list)
     host: str = "127.0.0.1"
     hits: list[Hit] = field(default_factory=list)
     on_hit: Callable[[Hit], None] | None = None
+    streamed: int = 0
+    hung_up: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
     _port: int = 0
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -68,7 +73,7 @@ class Receiver:
             await self._changed.wait_for(lambda: len(self.hits) >= count)
         return list(self.hits)
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         hit = Hit(request.path, {k.lower(): v for k, v in request.headers.items()}, await request.read(), 0.0, 0.0)
         hit = Hit(hit.path, hit.headers, hit.body, time.monotonic(), time.time())
         index = len(self.hits)
@@ -81,8 +86,21 @@ class Receiver:
         if answer == HANG:
             await self._released.wait()
             return web.Response(status=200)
+        if answer == ENDLESS:
+            return await self._endless(request)
         if answer == SLOW:
             await asyncio.sleep(SLOW_S)
             return web.Response(status=200)
         status, headers = answer if isinstance(answer, tuple) else (answer, {})
         return web.Response(status=status, headers=headers)
+
+    async def _endless(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=200)
+        await response.prepare(request)
+        try:
+            while True:  # until the sender closes the connection
+                await response.write(ENDLESS_CHUNK)
+                self.streamed += len(ENDLESS_CHUNK)
+        except ConnectionError:
+            self.hung_up.set()
+        return response

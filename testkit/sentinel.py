@@ -39,6 +39,8 @@ QUORUM = 2
 DOWN_AFTER_MS = 1000
 FAILOVER_TIMEOUT_MS = 5000
 SETTLE_TIMEOUT_S = 30.0
+HOST = "127.0.0.1"  # every server binds it: clients name it rather than `localhost`, which may resolve elsewhere
+DEFAULT_REPLICA_PRIORITY = 100
 _MONITOR_LINE = b"+monitor master"
 
 
@@ -55,7 +57,7 @@ class ReplicationLink:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._relay, HOST, 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def hold(self) -> None:
@@ -70,7 +72,7 @@ class ReplicationLink:
             self._server.close()
 
     async def _relay(self, replica_r: asyncio.StreamReader, replica_w: asyncio.StreamWriter) -> None:
-        primary_r, primary_w = await asyncio.open_connection("127.0.0.1", self.primary_port)
+        primary_r, primary_w = await asyncio.open_connection(HOST, self.primary_port)
         pumps = [self._pump(replica_r, primary_w, held=False), self._pump(primary_r, replica_w, held=True)]
         for pump in pumps:
             task = asyncio.create_task(pump)
@@ -105,17 +107,35 @@ class SentinelGroup:
     _switch: asyncio.Task[tuple[str, int]] | None = field(default=None, repr=False)
 
     def url(self, db: int = 0) -> str:
-        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        hosts = ",".join(f"{HOST}:{port}" for port in self.sentinel_ports)
         return f"redis+sentinel://{hosts}/{self.service}/{db}"
 
     async def master_port(self) -> int:
         """The port of the server the first sentinel takes to be the master now."""
-        client = aioredis.Redis(port=self.sentinel_ports[0])
+        client = aioredis.Redis(host=HOST, port=self.sentinel_ports[0])
         try:
             address: Any = await client.sentinel_get_master_addr_by_name(self.service)
             return int(address[1])
         finally:
             await client.aclose()
+
+    async def hold_replica(self) -> None:
+        """Hold the relayed replica back (see ReplicationLink.hold). The sentinels repoint a replica whose master
+        address is not the primary's at the primary itself, FAILOVER_TIMEOUT_MS after they found it: from then
+        on the relay carries nothing, so holding it would hold nothing. That is an error here, not a silent
+        benchmark of an in-step replica."""
+        assert self.link is not None, "start the group with relayed=True"
+        client = aioredis.Redis(host=HOST, port=self.replica.port)
+        try:
+            upstream = (await client.info("replication")).get("master_port")
+        finally:
+            await client.aclose()
+        if upstream != self.link.port:
+            raise ProcessError(
+                f"the replica replicates from port {upstream}, not through the relay ({self.link.port}): the "
+                f"sentinels repointed it (+fix-slave-config); hold it within {FAILOVER_TIMEOUT_MS} ms of the start"
+            )
+        self.link.hold()
 
     async def kill_primary(self) -> None:
         """SIGKILL the primary (no shutdown, no last write to the replica) after subscribing to the sentinels'
@@ -130,11 +150,20 @@ class SentinelGroup:
         """Start the killed primary again, on its port and data directory, as a replica of the new master
         (as an operator's restart would, and as the sentinels would reconfigure it); return once in sync.
 
+        It comes back empty, and until its first sync is done it must not be promoted: a replica that never
+        had a link reports no link-down time, so Sentinel would take it if the master failed meanwhile, and
+        the data with it. It starts with replica-priority 0 and gets the default back once in sync.
         With `--durable-accept replica`, a cluster takes jobs again only once a replica is back."""
         new_master = self.replica
-        options = RedisOptions(port=self.primary.port, extra=("--replicaof", "127.0.0.1", str(new_master.port)))
-        self.primary, self.replica = new_master, await start_redis_server(self.primary.directory, options)
-        await _in_sync(self.primary.port)
+        extra = ("--replicaof", HOST, str(new_master.port), "--replica-priority", "0")
+        restarted = await start_redis_server(self.primary.directory, RedisOptions(port=self.primary.port, extra=extra))
+        self.primary, self.replica = new_master, restarted
+        await _in_sync(self.primary.port, restarted.port)
+        client = aioredis.Redis(host=HOST, port=restarted.port)
+        try:
+            await client.config_set("replica-priority", DEFAULT_REPLICA_PRIORITY)
+        finally:
+            await client.aclose()
 
     async def switched(self, timeout_s: float = SETTLE_TIMEOUT_S) -> tuple[str, int]:
         """The new master's address, once the sentinels announce it."""
@@ -143,7 +172,7 @@ class SentinelGroup:
             return await self._switch
 
     async def _subscribed(self) -> aioredis.client.PubSub:
-        client = aioredis.Redis(port=self.sentinel_ports[0])
+        client = aioredis.Redis(host=HOST, port=self.sentinel_ports[0])
         pubsub = client.pubsub()
         await pubsub.subscribe("+switch-master")
         return pubsub
@@ -184,8 +213,8 @@ async def start_sentinel_group(
     if link is not None:
         await link.start()
     upstream = link.port if link is not None else primary.port
-    replica = await _data_server(directory / "replica", options, "--replicaof", "127.0.0.1", str(upstream))
-    await _in_sync(primary.port)
+    replica = await _data_server(directory / "replica", options, "--replicaof", HOST, str(upstream))
+    await _in_sync(primary.port, replica.port, upstream)
     ports = [free_port() for _ in range(SENTINELS)]
     sentinels = [await _sentinel(directory / f"sentinel-{i}", port, primary.port) for i, port in enumerate(ports)]
     await _settled(ports)
@@ -205,9 +234,9 @@ async def _sentinel(directory: Path, port: int, primary_port: int) -> asyncio.su
     conf.write_text(
         "\n".join([
             f"port {port}",
-            "bind 127.0.0.1",
+            f"bind {HOST}",
             f"dir {directory}",
-            f"sentinel monitor {SERVICE} 127.0.0.1 {primary_port} {QUORUM}",
+            f"sentinel monitor {SERVICE} {HOST} {primary_port} {QUORUM}",
             f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}",
             f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}",
             f"sentinel parallel-syncs {SERVICE} 1",
@@ -228,28 +257,50 @@ async def _sentinel(directory: Path, port: int, primary_port: int) -> asyncio.su
     raise ProcessError(f"redis-sentinel exited ({process.returncode}) before it monitored the primary")
 
 
-async def _in_sync(primary_port: int) -> None:
-    """Until the primary has a replica online (its first full sync done)."""
-    client = aioredis.Redis(port=primary_port)
+async def _in_sync(master_port: int, replica_port: int, upstream_port: int | None = None) -> None:
+    """Until the replica on `replica_port` finished its sync with the master on `master_port`: the master lists
+    it online and the replica says its link (to `upstream_port`, the master's unless it goes through a relay)
+    is up. Past SETTLE_TIMEOUT_S, a ProcessError says what each of them reports."""
+    master, replica = aioredis.Redis(host=HOST, port=master_port), aioredis.Redis(host=HOST, port=replica_port)
+    upstream = upstream_port or master_port
     try:
         async with asyncio.timeout(SETTLE_TIMEOUT_S):
             while True:  # replication has no event to await from outside
-                if _replica_online(await client.info("replication")):
+                ours, theirs = await master.info("replication"), await replica.info("replication")
+                if _lists_online(ours, replica_port) and _linked(theirs, upstream):
                     return
                 await asyncio.sleep(0.05)
+    except TimeoutError:
+        ours, theirs = await master.info("replication"), await replica.info("replication")
+        raise ProcessError(
+            f"replica {replica_port} not in sync with {master_port} after {SETTLE_TIMEOUT_S:.0f} s: the master says "
+            f"{_fields(ours, 'role', 'connected_slaves', 'slave0')}; the replica says "
+            f"{_fields(theirs, 'role', 'master_port', 'master_link_status', 'master_sync_in_progress')}"
+        ) from None
     finally:
-        await client.aclose()
+        await master.aclose()
+        await replica.aclose()
 
 
-def _replica_online(info: dict[str, object]) -> bool:
-    slave = info.get("slave0")
-    return isinstance(slave, dict) and slave.get("state") == "online"
+def _lists_online(info: dict[str, Any], port: int) -> bool:
+    """Whether a master's INFO lists the replica on `port` as online (its first full sync done)."""
+    replicas = [value for key, value in info.items() if key.startswith("slave") and isinstance(value, dict)]
+    return any(replica.get("port") == port and replica.get("state") == "online" for replica in replicas)
+
+
+def _linked(info: dict[str, Any], upstream_port: int) -> bool:
+    """Whether a replica's INFO says it replicates from `upstream_port` with its link up."""
+    return info.get("master_port") == upstream_port and info.get("master_link_status") == "up"
+
+
+def _fields(info: dict[str, Any], *names: str) -> str:
+    return ", ".join(f"{name}={info.get(name)}" for name in names)
 
 
 async def _settled(ports: list[int]) -> None:
     """Until every sentinel knows the replica and the other sentinels (they meet through hello messages,
     every 2 s): before that, a failover could not reach its quorum."""
-    clients = [aioredis.Redis(port=port) for port in ports]
+    clients = [aioredis.Redis(host=HOST, port=port) for port in ports]
     try:
         async with asyncio.timeout(SETTLE_TIMEOUT_S):
             for client in clients:

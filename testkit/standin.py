@@ -4,10 +4,10 @@
 reports each step (sleeping `step_s` per step) and returns grey images. Run as a process it is a whole
 worker that the fault injector can SIGKILL, SIGSTOP or cut off like any other:
 
-    python -m testkit.standin --redis-url redis://127.0.0.1:PORT/0 --worker-id standin-1 --shapes 64x64x2
+    python -m testkit.standin --redis-url redis://127.0.0.1:PORT/0 --worker-id standin-1 --sizes 64x64 --max-steps 2
 
-It serves the sizes of `--shapes` at the first one's steps by default, and any step count from 1 to the most
-among them or to `--max-steps N` when that is more.
+It takes the real worker's `--sizes` (default 64x64 here), `--max-steps` and `--default-steps`, and serves what
+they say.
 """
 
 from __future__ import annotations
@@ -23,12 +23,15 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from common.logs import setup_logging
-from common.protocol import DEFAULT_SCHEDULER, SCHEDULERS, Shape, Size, parse_shapes
+from common.protocol import SCHEDULERS, ResolvedParams, Shape, Size
+from worker.cli import add_serving_arguments
 from worker.config import WorkerConfig
 from worker.pipeline import CompileTimings, UnsupportedShape
 from worker.runner import serve
 
 logger = logging.getLogger(__name__)
+# What a stand-in serves without --sizes: it has no model whose native size to take.
+STANDIN_SIZE = Size(width=64, height=64)
 
 
 class StandInPipeline:
@@ -51,16 +54,8 @@ class StandInPipeline:
     def compile(self, size: Size) -> CompileTimings:
         return CompileTimings(lower_s=0.0, compile_s=0.0, warmup_s=0.0)
 
-    def generate(
-        self,
-        shape: Shape,
-        prompt: str,
-        negative_prompt: str,
-        seed: int,
-        guidance_scale: float,
-        on_step: Callable[[int], None] | None = None,
-        scheduler: str = DEFAULT_SCHEDULER,
-    ) -> np.ndarray:
+    def generate(self, params: ResolvedParams, on_step: Callable[[int], None] | None = None) -> np.ndarray:
+        shape = params.shape
         if shape.size not in self._sizes or not 1 <= shape.steps <= self.max_steps:
             raise UnsupportedShape(f"shape {shape} is not served here")
         for step in range(1, shape.steps + 1):
@@ -81,8 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m testkit.standin", description=__doc__.splitlines()[0])
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--worker-id", required=True)
-    parser.add_argument("--shapes", type=parse_shapes, required=True)
-    parser.add_argument("--max-steps", type=int, default=0, help="serve every step count up to this too")
+    add_serving_arguments(parser)
     parser.add_argument("--step-s", type=float, default=0.05, help="seconds per denoising step")
     parser.add_argument("--heartbeat-interval", type=float, default=0.5)
     parser.add_argument("--heartbeat-ttl", type=float, default=3.0)
@@ -96,9 +90,11 @@ def config_of(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
         redis_url=args.redis_url,
         model="stand-in",
-        sizes=tuple(dict.fromkeys(shape.size for shape in args.shapes)),
-        max_steps=max([args.max_steps, *(shape.steps for shape in args.shapes)]),
-        default_steps=args.shapes[0].steps,
+        sizes=args.sizes or (STANDIN_SIZE,),
+        max_steps=args.max_steps,
+        default_steps=min(WorkerConfig.default_steps, args.max_steps)
+        if args.default_steps is None
+        else args.default_steps,
         key_prefix=args.key_prefix,
         worker_id=args.worker_id,
         heartbeat_interval_s=args.heartbeat_interval,
@@ -115,9 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_of(args)
 
     def load() -> StandInPipeline:
-        return StandInPipeline(tuple(args.shapes), args.step_s, max_steps=config.max_steps)
+        shapes = tuple(
+            Shape(width=size.width, height=size.height, steps=config.max_steps) for size in config.sizes or ()
+        )
+        return StandInPipeline(shapes, args.step_s)
 
-    status = asyncio.run(serve(config, load_pipeline=load))  # type: ignore[arg-type]
+    status = asyncio.run(serve(config, load_pipeline=load))
     logging.shutdown()
     sys.stdout.flush()
     os._exit(status)  # as the real worker does: no thread may hold the process open

@@ -47,7 +47,7 @@ async def running_worker(redis_url: str, worker_id: str = "fake-worker", **setti
     }
     config = WorkerConfig(redis_url=redis_url, worker_id=worker_id, metrics_port=0, **{**defaults, **settings})
     redis = connect(redis_url, name=f"test-worker:{worker_id}")
-    worker = Worker(config, redis, load_pipeline=lambda: StandInPipeline(shapes))  # type: ignore[arg-type,return-value]
+    worker = Worker(config, redis, load_pipeline=lambda: StandInPipeline(shapes))
     task = asyncio.create_task(worker.run())
     try:
         while worker.warming or worker.info.state != "ready":

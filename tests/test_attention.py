@@ -23,9 +23,9 @@ from diffusers import FlaxStableDiffusionXLPipeline
 from diffusers.models.attention_flax import FlaxAttention
 
 from common.config import ConfigError
-from common.protocol import Shape
+from common.protocol import GenerationParams, Shape
 from sdxl_serve.cli import build_parser
-from sdxl_serve.up import UpConfig, worker_argv
+from sdxl_serve.up import Resolved, UpConfig, worker_argv
 from worker.attention import attention, implementation, traced_with
 from worker.cli import worker_config
 from worker.config import WorkerConfig
@@ -105,7 +105,9 @@ def images(tiny_model: Path) -> dict[str, np.ndarray]:
         for kind in ("einsum", "dot_product"):
             variant = pipeline.variant(attention=kind)
             variant.compile(SHAPE.size)
-            out[f"{kind}-{precision}"] = variant.generate(SHAPE, "a cat", "blurry", 3, 7.5).astype(np.int32)
+            out[f"{kind}-{precision}"] = variant.generate(
+                GenerationParams(prompt="a cat", negative_prompt="blurry", guidance_scale=7.5).resolved(SHAPE, seed=3)
+            ).astype(np.int32)
     return out
 
 
@@ -133,7 +135,7 @@ def test_the_flag_reaches_the_worker_pipeline() -> None:
         Worker(config, redis=mock.Mock())._default_loader()
     assert load.call_args.kwargs["attention"] == "dot_product"
     up = build_parser().parse_args(["up", "--attention", "dot_product"])
-    args = worker_argv(UpConfig.from_args(up), "redis://127.0.0.1:1/0", "model")
+    args = worker_argv(UpConfig.from_args(up), Resolved("redis://127.0.0.1:1/0", "redis", "model"))
     assert args[args.index("--attention") + 1] == "dot_product"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["worker", "--attention", "flash"])

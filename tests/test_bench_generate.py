@@ -20,7 +20,7 @@ from diffusers import FlaxStableDiffusionXLPipeline
 
 from bench.generate import GenerateConfig, parse_size, summarize
 from common.config import ConfigError
-from common.protocol import Shape
+from common.protocol import GenerationParams, Shape
 from sdxl_serve.cli import main as cli_main
 from worker.flops import FlopCount, count_flops, peak_tflops
 from worker.pipeline import SDXLPipeline
@@ -180,7 +180,7 @@ def test_random_weights_are_made_on_every_device_in_bfloat16() -> None:
     shape = Shape(width=32, height=32, steps=2)
     assert pipeline.native_size == (32, 32)
     pipeline.compile(shape.size)
-    images = pipeline.generate(shape, "a cat", "", 0, 7.5)
+    images = pipeline.generate(GenerationParams(prompt="a cat", guidance_scale=7.5).resolved(shape, seed=0))
     assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
     assert pipeline.flop_count(shape).per_image > 0
 

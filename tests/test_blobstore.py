@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -95,10 +96,11 @@ async def test_a_file_write_is_never_seen_in_part(tmp_path: Path, monkeypatch: p
     seen: list[list[str]] = []
     original = os.replace
 
-    def spy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        seen.append(sorted(p.name for p in Path(dst).parent.iterdir()))
-        assert Path(src).read_bytes() == PNG  # whole before it is renamed
-        original(src, dst)
+    def spy(src: str, dst: str, *, src_dir_fd: int, dst_dir_fd: int) -> None:
+        seen.append(sorted(os.listdir(dst_dir_fd)))
+        with open(os.open(src, os.O_RDONLY, dir_fd=src_dir_fd), "rb") as partial:
+            assert partial.read() == PNG  # whole before it is renamed
+        original(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
 
     monkeypatch.setattr(os, "replace", spy)
     await store.put(key, PNG, "image/png")
@@ -145,3 +147,56 @@ def test_a_bad_store_url_is_refused_naming_the_rule(url: str, rule: str) -> None
 async def test_a_file_key_cannot_leave_the_root(tmp_path: Path) -> None:
     with pytest.raises(BlobStoreError, match="not a valid object key"):
         await FileBlobStore(tmp_path).put("ttl-60/../../etc/x", PNG, "image/png")
+
+
+def names_under(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.rglob("*"))
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A directory beside the store with a file in it, old enough for any sweep to remove were it the store's."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "w").mkdir(parents=True)
+    for path in (elsewhere / "0.png", elsewhere / "w" / "0.png"):
+        path.write_bytes(PNG)
+        os.utime(path, (0, 0))
+    return elsewhere
+
+
+async def test_the_sweep_never_follows_a_link_out_of_the_store(tmp_path: Path, outside: Path) -> None:
+    root = tmp_path / "store"
+    store = FileBlobStore(root)
+    await store.put(result_key(60, "j" * 32, "w", 0, "png"), PNG, "image/png")
+    (root / "ttl-120").symlink_to(outside)  # a linked top-level entry
+    (root / "ttl-60" / ("k" * 32)).symlink_to(outside)  # a linked job directory
+    (root / "ttl-60" / ("j" * 32) / "w" / "1.png").symlink_to(outside / "0.png")  # a linked object
+    assert await store.sweep(time.time() + 3600) == 2  # the real object and the link to a file, itself
+    assert names_under(outside) == ["0.png", "0.png", "w"]
+    assert (root / "ttl-120").is_symlink() and (root / "ttl-60" / ("k" * 32)).is_symlink()
+
+
+async def test_a_link_in_the_store_is_never_read_or_written_through(tmp_path: Path, outside: Path) -> None:
+    root = tmp_path / "store"
+    (root / "ttl-60").mkdir(parents=True)
+    (root / "ttl-60" / ("l" * 32)).symlink_to(outside)
+    (root / "ttl-60" / ("m" * 32)).mkdir()
+    (root / "ttl-60" / ("m" * 32) / "w").symlink_to(outside / "w", target_is_directory=True)
+    (root / "ttl-60" / ("n" * 32)).mkdir()
+    (root / "ttl-60" / ("n" * 32) / "0.png").symlink_to(outside / "0.png")
+    store = FileBlobStore(root)
+    for key in (
+        result_key(60, "l" * 32, "w", 0, "png"),
+        result_key(60, "m" * 32, "w", 0, "png"),
+        f"ttl-60/{'n' * 32}/0.png",
+    ):
+        with pytest.raises(BlobNotFound, match="symbolic link"):
+            await store.get(key)
+        assert not await store.exists(key)
+    for key in (result_key(60, "l" * 32, "w", 1, "png"), result_key(60, "m" * 32, "w", 1, "png")):
+        with pytest.raises(BlobStoreError, match="symbolic link") as refused:
+            await store.put(key, b"new", "image/png")
+        assert not isinstance(refused.value, BlobStoreUnavailable)  # not a fault to retry
+    assert names_under(outside) == ["0.png", "0.png", "w"]
+    await store.delete([result_key(60, "m" * 32, "w", 0, "png")])
+    assert (outside / "w" / "0.png").exists()

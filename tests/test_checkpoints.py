@@ -15,7 +15,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file, save_file
 
-from common.protocol import Shape
+from common.protocol import GenerationParams, Shape
 from worker.checkpoints import (
     WEIGHTED,
     CheckpointError,
@@ -96,7 +96,9 @@ def test_each_format_gives_the_flax_format_images(formats: dict[str, Path], tiny
         config = str(tiny_model) if formats[name].is_file() else None
         pipeline = SDXLPipeline.load(str(formats[name]), None, images_per_request=4, model_config=config)
         pipeline.compile(SHAPE.size)
-        images[name] = pipeline.generate(SHAPE, "a cat", "blurry", seed=3, guidance_scale=7.5)
+        images[name] = pipeline.generate(
+            GenerationParams(prompt="a cat", negative_prompt="blurry", guidance_scale=7.5).resolved(SHAPE, seed=3)
+        )
     assert images["flax"].std() > 0
     for name in ("diffusers-fp32", "single-file-fp32"):
         np.testing.assert_array_equal(images[name], images["flax"], err_msg=name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ from common.config import DEFAULT_REDIS_URL
 from gateway.cli import gateway_config
 from gateway.config import GatewayConfig
 from sdxl_serve.cli import build_parser, main
-from sdxl_serve.up import UpConfig, worker_argv
+from sdxl_serve.up import Resolved, UpConfig, worker_argv
 from tests.deployfiles import ROOT, run_without_worker_extra
 from worker.cli import worker_config
 from worker.config import WorkerConfig
@@ -42,7 +43,7 @@ def test_up_gives_each_worker_a_free_metrics_port(monkeypatch: pytest.MonkeyPatc
     """`sdxl-serve up` inside the worker image (which sets the variable) must not bind one port twice."""
     monkeypatch.setenv("SDXL_SERVE_METRICS_PORT", "9400")
     worker_args = worker_argv(
-        UpConfig.from_args(build_parser().parse_args(["up", "--workers", "2"])), "redis://h:1/0", "m"
+        UpConfig.from_args(build_parser().parse_args(["up", "--workers", "2"])), Resolved("redis://h:1/0", "redis", "m")
     )
     assert build_parser().parse_args(["worker", *worker_args]).metrics_port == 0
 
@@ -110,3 +111,11 @@ def test_defaults_are_the_config_dataclasses(monkeypatch: pytest.MonkeyPatch) ->
     worker = worker_config(parser.parse_args(["worker", "--worker-id", "w"]))
     assert worker == WorkerConfig(worker_id="w")
     assert UpConfig.from_args(parser.parse_args(["up"])) == UpConfig()
+
+
+def test_version_is_the_installed_distribution() -> None:
+    answer = subprocess.run(
+        [sys.executable, "-m", "sdxl_serve", "--version"], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.strip() == f"sdxl-serve {importlib.metadata.version('sdxl-serve')}"

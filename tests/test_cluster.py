@@ -13,10 +13,14 @@ import threading
 import time
 from pathlib import Path
 from typing import IO
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
+from common.redis_conn import text
+from common.rediskeys import DEFAULT_PREFIX, RedisKeys
 from sdxl_serve.processes import free_port, wait_http
 from sdxl_serve.up import Child, RestartPolicy
 from tests.support import READY_TIMEOUT_S, scrape
@@ -40,53 +44,75 @@ def alive(pid: int) -> bool:
 
 
 async def test_up_serves_then_stops_every_child(tmp_path: Path) -> None:
-    """A newcomer's first run: no --model, no Redis; the tiny model is made on first use, saying so."""
+    """A newcomer's first run: no --model, no Redis; the tiny model is made on first use, saying so. The
+    images are kept in a directory of the run, not in Redis, and the directory goes when `up` stops."""
     cache = tmp_path / "cache"
     port = free_port()
-    up = subprocess.Popen(  # noqa: ASYNC220 (the test waits on it alone)
-        [
-            sys.executable,
-            "-m",
-            "sdxl_serve",
-            "up",
-            "--workers",
-            "1",
-            "--port",
-            str(port),
-            "--sizes",
-            "64x64",
-            "--max-steps",
-            "2",
-            "--cache-dir",
-            str(cache),
-        ],
+    up = subprocess.Popen(  # noqa: ASYNC220 (the test talks to it through its pipes)
+        [sys.executable, "-m", "sdxl_serve", "up", "--workers", "1", "--port", str(port), "--sizes", "64x64",
+         "--max-steps", "2", "--cache-dir", str(cache)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
     try:
-        assert up.stdout is not None
-        line = up.stdout.readline()  # blocks until the cluster is ready (or `up` exits)
+        assert up.stdout is not None and up.stderr is not None
+        stderr = Stderr(up.stderr)
+        await stderr.expect(r"tiny random-weight SDXL model")
+        await stderr.expect(r"making the tiny model")
+        stores = await children_config(stderr, "blob_store", "gateway.app", "worker.runner")
+        line = await asyncio.to_thread(up.stdout.readline)  # the cluster is ready (or `up` exited)
         assert line.strip() == f"ready: http://127.0.0.1:{port}", line
         children = children_of(up.pid)
         assert len(children) == 3  # redis-server, gateway, one worker
+        (store,) = set(stores.values())  # the gateway reads the images where the workers write them
+        assert store.startswith(f"file://{tmp_path}/sdxl-serve-up-"), store
         async with aiohttp.ClientSession() as session:
             async with session.post(f"http://127.0.0.1:{port}/v1/generate", json={"prompt": "a cat"}) as response:
                 assert response.status == 200
-                assert len((await response.json())["images"]) == 4
+                body = await response.json()
+                assert len(body["images"]) == 4
+        images = Path(urlsplit(store).path)
+        assert len(files_of(images, body["id"])) == 4
+        await images_not_in_redis(stderr, body["id"])
         up.send_signal(signal.SIGTERM)
-        assert up.wait(timeout=120) == 0
+        assert await asyncio.to_thread(up.wait, 120) == 0
         assert not [pid for pid in children if alive(pid)]
-        assert up.stderr is not None
-        log = up.stderr.read()
-        assert "tiny random-weight SDXL model" in log and "making the tiny model" in log
+        assert not files_of(images, body["id"])  # the directory of the run went with it
         assert (cache / "tiny-model" / "model_index.json").is_file()
         assert up.stdout.read() == ""  # nothing but the ready line on stdout
     finally:
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def files_of(images: Path, job_id: str) -> list[Path]:
+    """The image files of a job in a file store (`ttl-N/JOB/ATTEMPT/INDEX.png`)."""
+    return list(images.glob(f"ttl-*/{job_id}/*/*.png"))
+
+
+async def children_config(stderr: Stderr, field: str, *loggers: str) -> dict[str, str]:
+    """The value of `field` each child logged in its resolved config, by the child's logger."""
+    found: dict[str, str] = {}
+    while set(found) != set(loggers):
+        match = await stderr.expect(rf" ({'|'.join(map(re.escape, loggers))}) \[\d+\].* config {field}=(\S+)")
+        found[match[1]] = match[2]
+    return found
+
+
+async def images_not_in_redis(stderr: Stderr, job_id: str) -> None:
+    """The job's result in the Redis the gateway logged holds its metadata and no image."""
+    (url,) = {
+        m[1] for line in stderr.lines if (m := re.search(r" gateway\.app \[\d+\].* config redis_url=(\S+)", line))
+    }
+    redis = aioredis.from_url(url)
+    try:
+        fields = [text(f) for f in await redis.hkeys(RedisKeys(DEFAULT_PREFIX).result(job_id))]
+    finally:
+        await redis.aclose()
+    assert "meta" in fields and not [f for f in fields if f.startswith("image:")], fields
 
 
 class Stderr:

@@ -266,3 +266,45 @@ async def test_a_broken_event_stream_falls_back_to_polling(demo: DemoPage) -> No
     response = await page.request.get(await links.first.get_attribute("href") or "")
     assert response.headers["content-type"] == "image/jpeg"
     demo.assert_no_errors(f"/v1/jobs/{await demo.job_id()}/events")
+
+
+PLACEHOLDERS_FIT = """() => {
+  const context = document.createElement("canvas").getContext("2d");
+  return [...document.querySelectorAll("input[placeholder], textarea[placeholder]")].map((input) => {
+    const style = getComputedStyle(input);
+    context.font = style.font;
+    // A number input keeps room for its spin buttons (about 15 px in Chromium).
+    const spin = input.type === "number" ? 15 : 0;
+    const room = input.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight) - spin;
+    return { id: input.id, text: input.placeholder, fits: context.measureText(input.placeholder).width <= room };
+  });
+}"""
+
+
+@pytest.mark.parametrize("width", [1100, 390])
+async def test_every_placeholder_fits_its_input(browser: Browser, cluster: Cluster, width: int) -> None:
+    context = await browser.new_context(base_url=cluster.url, viewport={"width": width, "height": 800})
+    page = await context.new_page()
+    await page.goto("/")
+    await expect(page.locator("#generate-form")).to_have_attribute("data-served", "loaded")
+    await expect(page.get_by_label("Steps")).to_have_attribute("placeholder", re.compile(r"^\d+$"))
+    placeholders = await page.evaluate(PLACEHOLDERS_FIT)
+    await context.close()
+    assert [p for p in placeholders if not p["fits"]] == []
+    assert {p["id"] for p in placeholders} >= {"steps", "seed", "prompt"}
+
+
+async def test_a_submit_the_browser_blocks_clears_the_last_error(demo: DemoPage) -> None:
+    async def busy(route: Route) -> None:
+        await route.fulfill(status=429, headers={"Retry-After": "3"}, json={"error": {"code": "rate_limited"}})
+
+    await demo.page.route("**/v1/jobs", busy)
+    await demo.submit("a red fox")
+    error = demo.page.locator("#error")
+    await expect(error).to_be_visible()
+
+    # An empty prompt: the browser refuses the submit itself (the prompt is required), no request is made.
+    await demo.submit("")
+    await expect(error).to_be_hidden()
+    assert await demo.page.get_by_label("Prompt", exact=True).evaluate("(input) => !input.validity.valid")
+    demo.assert_no_errors("/v1/jobs")

@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 import pytest
 import redis.asyncio as aioredis
 import yaml
+from aiohttp.test_utils import TestClient
 
 from common.protocol import Shape
 from common.redis_conn import parse_sentinel_url
@@ -532,6 +533,20 @@ def test_manifests_match_the_code(source: str, check: str) -> None:
 @pytest.mark.parametrize("source", SOURCES)
 def test_references_resolve(source: str) -> None:
     assert reference_problems(documents(source), self_contained=source in SELF_CONTAINED) == []
+
+
+async def test_a_gateways_readiness_probe_passes_with_no_worker_ready(client: TestClient[Any, Any]) -> None:
+    """A failing readinessProbe takes the pod out of its Service. Were a gateway's to need a ready worker, a
+    worker rollout or a scale from zero would leave the Service without endpoints: clients would meet the
+    ingress's error page instead of the gateway's 503 with Retry-After, and finished jobs' images go dark."""
+    gateways = [o for o in servers(documents(RAW)) if o.args.command == "gateway"]
+    assert gateways
+    for gateway in gateways:
+        path = gateway.container["readinessProbe"]["httpGet"]["path"]
+        response = await client.get(path)  # a real gateway on a real Redis, no worker registered
+        assert response.status == 200, f"{gateway.workload['metadata']['name']}: {path} answers {response.status}"
+        response = await client.post("/v1/jobs", json={"prompt": "a cat"})
+        assert response.status == 503 and "Retry-After" in response.headers
 
 
 def test_the_external_secret_is_documented() -> None:

@@ -141,10 +141,15 @@ async def test_job_with_uncompiled_shape_fails_cleanly_and_worker_carries_on(clu
         job = Job.model_validate(
             {
                 "id": "uncompiled-1",
-                "prompt": "x",
-                "seed": 1,
-                "guidance_scale": 7.5,
-                "shape": {"width": 64, "height": 64, "steps": 9},
+                "params": {
+                    "prompt": "x",
+                    "seed": 1,
+                    "guidance_scale": 7.5,
+                    "width": 64,
+                    "height": 64,
+                    "num_inference_steps": 9,
+                    "scheduler": "euler",
+                },
                 "result_ttl_s": 60,
             }
         )
@@ -185,10 +190,15 @@ async def test_worker_takes_no_job_before_warm_up(
         job = Job.model_validate(
             {
                 "id": "early-1",
-                "prompt": "x",
-                "seed": 1,
-                "guidance_scale": 7.5,
-                "shape": TEST_SHAPES[0].model_dump(),
+                "params": {
+                    "prompt": "x",
+                    "seed": 1,
+                    "guidance_scale": 7.5,
+                    "width": TEST_SHAPES[0].width,
+                    "height": TEST_SHAPES[0].height,
+                    "num_inference_steps": TEST_SHAPES[0].steps,
+                    "scheduler": "euler",
+                },
                 "result_ttl_s": 60,
             }
         )

@@ -21,17 +21,22 @@ from typing import Any
 import aiohttp
 import pytest
 
+from common.jobstore import DurableAccept
+from common.protocol import Shape
 from common.redis_conn import connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry
+from gateway.app import create_app
+from gateway.config import GatewayConfig
 from sdxl_serve.processes import free_port, wait_http
 from testkit import gateway_args
 from testkit.sentinel import SentinelGroup, start_sentinel_group
-from tests.support import READY_TIMEOUT_S, ProcessGroup, read_events, tiny_worker_args
+from tests.support import READY_TIMEOUT_S, ClientFactory, ProcessGroup, read_events, register_worker, tiny_worker_args
 
 pytestmark = pytest.mark.e2e
 
 JOB = {"prompt": "a red fox", "width": 64, "height": 64, "num_inference_steps": 2}
+SHAPE = Shape(width=64, height=64, steps=2)
 # Jobs accepted before the kill, and after the new master is announced, before the load stops.
 BEFORE_KILL = 3
 AFTER_SWITCH = 3
@@ -139,3 +144,42 @@ async def test_every_accepted_job_is_answered_across_a_failover(failover_cluster
     assert statuses == dict.fromkeys(load.accepted, "succeeded")
     stored = {path.parts[-3] for path in (failover_cluster.images / "ttl-3600").glob("*/*/*.png")}
     assert set(load.accepted) <= stored  # every result's images are objects in the store
+
+
+@pytest.mark.parametrize("durable_accept", ["off", "replica"])
+async def test_a_job_accepted_before_its_gateway_restarted_survives_a_failover_only_if_durable(
+    tmp_path: Path, aiohttp_client: ClientFactory, durable_accept: DurableAccept
+) -> None:
+    """The gap docs/delivery.md names: a gateway re-queues a job Redis lost only while it remembers accepting
+    it. Accepted while the replica lags, the gateway restarted, then the primary dies: with `--durable-accept
+    off` the job was answered 202 and is gone; with `replica` it was never answered 202 (503 not_durable, the
+    client retries), and every job that was is on the promoted replica."""
+    group = await start_sentinel_group(tmp_path / "redis", relayed=True)
+    assert group.link is not None
+    config = GatewayConfig(
+        redis_url=group.url(),
+        durable_accept=durable_accept,
+        durable_accept_timeout_s=0.5,
+        result_ttl_s=600,
+    )
+    redis = connect(group.url(), name="test-durable-gap")
+    try:
+        await register_worker(redis, shapes=(SHAPE,))
+        first = await aiohttp_client(create_app(config))
+        in_sync = await first.post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "in-sync"})
+        assert in_sync.status == 202, await in_sync.text()
+        group.link.hold()  # the replica falls behind: what the primary takes now is on the primary alone
+        lagging = await first.post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "lagging"})
+        accepted = [await in_sync.json()] + ([await lagging.json()] if lagging.status == 202 else [])
+        assert lagging.status == (202 if durable_accept == "off" else 503), await lagging.text()
+        await first.close()  # the gateway restarts: what it remembered accepting is gone with it
+        await group.kill_primary()
+        group.link.cut()
+        await group.switched()
+        second = await aiohttp_client(create_app(config))
+        found = {job["id"]: (await second.get(f"/v1/jobs/{job['id']}")).status for job in accepted}
+    finally:
+        await redis.aclose()
+        await group.close()
+    lost = [job_id for job_id, status in found.items() if status != 200]
+    assert lost == ([accepted[1]["id"]] if durable_accept == "off" else []), found

@@ -197,7 +197,7 @@ async def test_any_step_count_up_to_the_workers_max_is_accepted_and_placed(
     response = await client.post("/v1/jobs", json={"prompt": "a cat", "num_inference_steps": 7})
     assert response.status == 202, await response.text()
     claimed = await claim_next(redis_client, shapes=(LARGE_SHAPE,))
-    assert (str(claimed.job.shape), claimed.job.scheduler) == ("1024x1024x7", "euler")
+    assert (str(claimed.job.params.shape), claimed.job.params.scheduler) == ("1024x1024x7", "euler")
     too_many = await client.post("/v1/jobs", json={"prompt": "a cat", "num_inference_steps": 51})
     assert too_many.status == 400
     error = (await too_many.json())["error"]
@@ -238,7 +238,7 @@ async def test_each_request_lands_on_a_worker_serving_its_size(
     taken = {"small": 0, "large": 0}
     for name, shapes in (("small", small), ("large", large)):
         while (claimed := await delivery.claim(name, worker_streams(name, shapes), block_ms=10)) is not None:
-            assert claimed.job.shape.size == shapes[0].size
+            assert claimed.job.params.shape.size == shapes[0].size
             await delivery.discard(claimed)
             taken[name] += 1
     assert taken == {"small": 1, "large": 2}
@@ -259,7 +259,7 @@ async def test_what_only_warming_workers_serve_is_503_and_the_default_is_what_mo
     await client.post("/v1/jobs", json={"prompt": "a cat"})
     # Placed on the size stream or on one capable worker's own stream (a or c, whichever is shorter).
     taken = [j for w in ("a", "c") for j in await drain(redis_client, w, (SHAPES[1], LARGE_SHAPE))]
-    shapes = {str(j.job.shape) for j in taken}
+    shapes = {str(j.job.params.shape) for j in taken}
     assert shapes == {"1024x1024x3", "64x64x3"}  # a worker has one default step count, for every size
 
 

@@ -154,3 +154,18 @@ async def test_an_unreachable_store_is_a_503_to_the_client_and_a_retry_to_the_wo
         s3_env.resume()
     response = await client.get(f"/v1/jobs/{job_id}/images/0")
     assert response.status == 200 and await response.read() == IMAGES[0]
+
+
+async def test_a_gateway_without_the_workers_blob_store_says_so(
+    redis_server: RedisServer, redis_client: aioredis.Redis, aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    """A gateway left on `--blob-store redis` while the workers write to a directory (a rolling config change,
+    a forgotten flag) names the setting in a 500, and logs one line, not a traceback."""
+    await register_worker(redis_client)
+    client = await gateway(aiohttp_client, redis_server)  # no --blob-store
+    job_id = await submit(client)
+    await run_attempt(redis_client, FileBlobStore(tmp_path), await claim_next(redis_client), "w-1")
+    response = await client.get(f"/v1/jobs/{job_id}/images/0")
+    assert response.status == 500
+    error = (await response.json())["error"]
+    assert error["code"] == "image_store_mismatch" and "--blob-store must be the same" in error["message"]

@@ -295,9 +295,9 @@ async def test_the_scheduler_is_queued_with_the_job_and_shown_in_its_result(
     await register_worker(redis_client, schedulers=["euler", "dpmpp_2m_karras"])
     job_id = (await submit(client, scheduler="dpmpp_2m_karras"))["id"]
     claimed = await start(redis_client)
-    assert claimed.job.scheduler == "dpmpp_2m_karras"
+    assert claimed.job.params.scheduler == "dpmpp_2m_karras"
     await finish(redis_client, claimed, [b"png"])
     assert (await state(client, job_id))["result"]["scheduler"] == "dpmpp_2m_karras"
     default = (await submit(client))["id"]
-    assert (await claim_next(redis_client)).job.scheduler == "euler"
+    assert (await claim_next(redis_client)).job.params.scheduler == "euler"
     assert default != job_id

@@ -23,11 +23,23 @@ async def scrape(client: Client) -> dict[tuple[str, tuple[tuple[str, str], ...]]
     return samples
 
 
-async def test_readyz_needs_a_ready_worker(client: Client, redis_client: aioredis.Redis) -> None:
+async def test_readyz_is_the_gateways_own_and_submits_say_no_worker_is_ready(
+    client: Client, redis_client: aioredis.Redis
+) -> None:
+    """With no worker ready the gateway stays in service: /readyz is 200, and each submit answers 503 with
+    Retry-After, counted by code."""
     response = await client.get("/readyz")
-    assert response.status == 503 and (await response.json())["error"]["code"] == "no_workers"
+    assert response.status == 200 and await response.json() == {"status": "ready", "workers_ready": 0}
+    for route in ("/v1/generate", "/v1/jobs"):
+        response = await client.post(route, json={"prompt": "a cat"})
+        assert response.status == 503 and (await response.json())["error"]["code"] == "no_workers"
+        assert int(response.headers["Retry-After"]) > 0
+    assert (await scrape(client))[("sdxl_gateway_rejections_total", (("code", "no_workers"),))] == 2
     await register_worker(redis_client, "warming", state="warming")
-    assert (await client.get("/readyz")).status == 503
+    assert await (await client.get("/readyz")).json() == {"status": "ready", "workers_ready": 0}
+    response = await client.post("/v1/jobs", json={"prompt": "a cat"})
+    assert response.status == 503 and (await response.json())["error"]["code"] == "no_ready_worker"
+    assert int(response.headers["Retry-After"]) > 0
     await register_worker(redis_client, "ready")
     response = await client.get("/readyz")
     assert response.status == 200 and await response.json() == {"status": "ready", "workers_ready": 1}

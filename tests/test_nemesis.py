@@ -19,7 +19,8 @@ from testkit.schedule import REQUESTABLE, Targets, make_schedule
 TARGETS = Targets(
     workers=("worker-0", "worker-1", "worker-2"), gateways=("gateway-0", "gateway-1"), heartbeat_ttl_s=3.0
 )
-# The run in the suite: about a minute of faults, two of each kind, every job with a webhook. With this seed
+# The run in the suite: about a minute of faults, two of each kind, every job with a webhook (two more gateways
+# lack the signing secret or the allow-list, and take messages too). With this seed
 # the last garbage message comes after the last gateway restart, so every gateway meets one after it started.
 CI_SEED = 3
 CI_DURATION_S = 60.0
@@ -108,6 +109,7 @@ async def test_a_seeded_fault_schedule_loses_and_duplicates_nothing(
         cluster={"standin_workers": 2, "tiny_model": tiny_model, "compile_cache": compile_cache},
         quiet_bound_s=60.0,
         webhooks=True,  # every job's `completed` must reach the receiver too
+        differing_webhook_gateways=2,  # also when gateways without the secret or the allow-list take them
     )
     report = await run_nemesis(config)
     print(render(report))

@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from common.protocol import Job, parse_shapes
+from common.protocol import SDXL_RESOLUTIONS, GenerationParams, Job, Shape
 from common.rediskeys import RedisKeys
 from gateway.openai_api import ImageGenerationRequest, to_generate_request
 from tests.support import TEST_SHAPES, claim_next, finish, queued_jobs, register_worker
@@ -48,7 +48,7 @@ async def test_openai_client_gets_the_workers_images_as_b64_json(
     assert [base64.b64decode(image.b64_json or "") for image in response.data] == IMAGES[:2]
     assert all(image.url is None and image.revised_prompt is None for image in response.data)
     assert (response.size, response.output_format, response.created > 0) == ("64x64", "png", True)
-    assert (job.prompt, job.shape, job.output_format) == ("a red fox", TEST_SHAPES[0], "png")
+    assert (job.params.prompt, job.params.shape, job.output_format) == ("a red fox", TEST_SHAPES[0], "png")
 
 
 async def test_url_format_gives_absolute_urls_to_the_images(
@@ -71,7 +71,7 @@ async def test_url_format_gives_absolute_urls_to_the_images(
     assert response.status == 200
     body = await response.json()
     assert set(body) == {"created", "data", "output_format", "size"} and body["output_format"] == "jpeg"
-    assert (job.quality, job.seed, job.shape.steps) == (50, 7, 3)
+    assert (job.quality, job.params.seed, job.params.shape.steps) == (50, 7, 3)
     urls = [item["url"] for item in body["data"]]
     assert urls == [f"{client.make_url('')}/v1/jobs/{job.id}/images/{k}" for k in range(3)]
     for url, image in zip(urls, images, strict=False):
@@ -83,7 +83,7 @@ async def test_url_format_gives_absolute_urls_to_the_images(
 async def test_openai_sizes_and_a_scheduler_reach_a_worker_serving_sdxl_sizes(
     oai: openai.AsyncOpenAI, redis_client: aioredis.Redis
 ) -> None:
-    sdxl = parse_shapes("sdxl:20")
+    sdxl = tuple(Shape(width=width, height=height, steps=20) for width, height in SDXL_RESOLUTIONS)
     await register_worker(redis_client, shapes=sdxl, max_steps=50, schedulers=["euler", "euler_trailing"])
     worker = asyncio.create_task(claim_next(redis_client, shapes=sdxl))
     response = oai.images.generate(
@@ -93,7 +93,7 @@ async def test_openai_sizes_and_a_scheduler_reach_a_worker_serving_sdxl_sizes(
     claimed = await worker
     await finish(redis_client, claimed, IMAGES)
     assert (await answered).size == "1216x832"
-    assert (str(claimed.job.shape), claimed.job.scheduler) == ("1216x832x4", "euler_trailing")
+    assert (str(claimed.job.params.shape), claimed.job.params.scheduler) == ("1216x832x4", "euler_trailing")
 
 
 async def test_ignored_openai_parameters_are_accepted(
@@ -105,7 +105,7 @@ async def test_ignored_openai_parameters_are_accepted(
     )
     job = await worker
     assert response.data is not None and len(response.data) == 1 and response.data[0].url is not None
-    assert job.shape == TEST_SHAPES[0]  # size auto: the cluster's default
+    assert job.params.shape == TEST_SHAPES[0]  # size auto: the cluster's default
 
 
 async def test_idempotency_key_refers_to_the_first_job(
@@ -140,6 +140,8 @@ async def test_idempotency_key_refers_to_the_first_job(
         ({**CAT, "response_format": "png"}, "response_format", "literal_error"),
         ({**CAT, "quality": "ultra"}, "quality", "literal_error"),
         ({**CAT, "unknown": 1}, "unknown", "extra_forbidden"),
+        ({**CAT, "width": 64}, "width", "extra_forbidden"),  # OpenAI's name for the size is `size`
+        ({**CAT, "height": None}, "height", "extra_forbidden"),
         ({**CAT, "output_compression": 50}, "output_compression", "value_error"),
         ({**CAT, "output_format": "png", "output_compression": 50}, "output_compression", "value_error"),
     ],
@@ -239,3 +241,25 @@ def test_openai_sizes_map_onto_sdxl_trained_resolutions(size: str, served: tuple
     """OpenAI's sizes become the SDXL trained resolution of the nearest aspect ratio; others are kept."""
     generate = to_generate_request(ImageGenerationRequest.model_validate({**CAT, "size": size}))
     assert (generate.width, generate.height) == served
+
+
+def test_every_generation_parameter_reaches_the_native_request_under_its_own_name_but_the_size() -> None:
+    """The OpenAI body is built on GenerationParams: a new generation parameter is accepted here and passed on
+    without touching the mapping; only width and height go by OpenAI's name, `size`."""
+    extensions = set(GenerationParams.model_fields) - {"width", "height"}
+    properties = set(ImageGenerationRequest.model_json_schema()["properties"])
+    assert extensions <= properties and not {"width", "height"} & properties
+    body = ImageGenerationRequest.model_validate(
+        {
+            **CAT,
+            "negative_prompt": "fog",
+            "seed": 3,
+            "guidance_scale": 2.5,
+            "num_inference_steps": 4,
+            "scheduler": "dpmpp_2m_karras",
+            "size": "64x96",
+        }
+    )
+    generate = to_generate_request(body)
+    assert generate.model_dump(include=extensions) == body.model_dump(include=extensions)
+    assert (generate.width, generate.height) == (64, 96)

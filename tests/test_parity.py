@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from common.protocol import Shape, Size
+from common.protocol import GenerationParams, Shape, Size
 from worker import pipeline as pipeline_module
 from worker.pipeline import SDXLPipeline
 
@@ -110,7 +110,11 @@ def _diffusers_images(pipe: object, params: object, shape: Shape, negative: str)
 
 
 def generate(pipeline: SDXLPipeline, shape: Shape, negative: str) -> np.ndarray:
-    return pipeline.generate(shape, "a lighthouse at dusk", negative, seed=SEED, guidance_scale=GUIDANCE)
+    return pipeline.generate(
+        GenerationParams(prompt="a lighthouse at dusk", negative_prompt=negative, guidance_scale=GUIDANCE).resolved(
+            shape, seed=SEED
+        )
+    )
 
 
 def level_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from unittest import mock
 
 import jax
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common.protocol import SCHEDULERS, Shape, Size
+from common.protocol import SCHEDULERS, GenerationParams, ResolvedParams, Scheduler, Shape, Size
 from tests.test_parity import per_device
 from worker import pipeline as pipeline_module
 from worker.pipeline import DeviceMismatch, InvalidShape, PipelineError, SDXLPipeline, UnsupportedShape
@@ -26,6 +26,21 @@ SIZE = Size(width=64, height=64)
 MAX_STEPS = 3
 GUIDANCE = 7.5
 SHAPE = Shape(width=64, height=64, steps=2)
+
+
+def ask(
+    shape: Shape,
+    prompt: str,
+    negative_prompt: str = "",
+    seed: int = 1,
+    guidance_scale: float = 7.5,
+    scheduler: str = "euler",
+) -> ResolvedParams:
+    """A job's parameters, as the gateway resolves them."""
+    request = GenerationParams(prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale)
+    return request.resolved(shape, seed, cast(Scheduler, scheduler))
+
+
 # JAX reports every compile of an executable for a backend under this event (with its duration).
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
@@ -85,7 +100,13 @@ def test_one_compiled_size_serves_every_step_count_and_scheduler_without_a_compi
     with counting_compiles() as compiles:
         images = {
             (steps, scheduler, guidance): variant.generate(
-                Shape(width=64, height=64, steps=steps), "a cat", "", 7, guidance, scheduler=scheduler
+                ask(
+                    Shape(width=64, height=64, steps=steps),
+                    "a cat",
+                    seed=7,
+                    guidance_scale=guidance,
+                    scheduler=scheduler,
+                )
             )
             for steps in (1, 2, MAX_STEPS)
             for scheduler in SCHEDULERS
@@ -99,42 +120,42 @@ def test_one_compiled_size_serves_every_step_count_and_scheduler_without_a_compi
 
 
 def test_generates_four_distinct_uint8_images(pipeline: SDXLPipeline) -> None:
-    images = pipeline.generate(SHAPE, "a cat", "", seed=1, guidance_scale=7.5)
+    images = pipeline.generate(ask(SHAPE, "a cat"))
     assert images.shape == (4, 64, 64, 3) and images.dtype == np.uint8
     assert images.std() > 0
     assert len({image.tobytes() for image in images}) == 4
 
 
 def test_same_seed_same_images_and_other_inputs_change_them(pipeline: SDXLPipeline) -> None:
-    first = pipeline.generate(SHAPE, "a cat", "", seed=2**32 - 1, guidance_scale=7.5)
-    assert np.array_equal(first, pipeline.generate(SHAPE, "a cat", "", seed=2**32 - 1, guidance_scale=7.5))
+    first = pipeline.generate(ask(SHAPE, "a cat", seed=2**32 - 1))
+    assert np.array_equal(first, pipeline.generate(ask(SHAPE, "a cat", seed=2**32 - 1)))
     for changed in [
-        pipeline.generate(SHAPE, "a cat", "", seed=0, guidance_scale=7.5),
-        pipeline.generate(SHAPE, "a cat", "blurry", seed=2**32 - 1, guidance_scale=7.5),
-        pipeline.generate(SHAPE, "a dog", "", seed=2**32 - 1, guidance_scale=7.5),
+        pipeline.generate(ask(SHAPE, "a cat", seed=0)),
+        pipeline.generate(ask(SHAPE, "a cat", "blurry", seed=2**32 - 1)),
+        pipeline.generate(ask(SHAPE, "a dog", seed=2**32 - 1)),
     ]:
         assert not np.array_equal(first, changed)
 
 
 def test_negative_prompts_are_encoded_once_each_and_kept_least_recently_used(pipeline: SDXLPipeline) -> None:
     negatives = pipeline._negatives
-    first = pipeline.generate(SHAPE, "a cat", "low quality", seed=4, guidance_scale=7.5)
+    first = pipeline.generate(ask(SHAPE, "a cat", "low quality", seed=4))
     assert "low quality" in negatives._cache
     with mock.patch.object(negatives, "_encode", side_effect=AssertionError("encoded again")):
-        np.testing.assert_array_equal(pipeline.generate(SHAPE, "a cat", "low quality", 4, 7.5), first)
+        np.testing.assert_array_equal(pipeline.generate(ask(SHAPE, "a cat", "low quality", seed=4)), first)
     with mock.patch.object(negatives, "capacity", len(negatives)):
         oldest = next(iter(negatives._cache))
-        pipeline.generate(SHAPE, "a cat", "watermark", seed=4, guidance_scale=7.5)
+        pipeline.generate(ask(SHAPE, "a cat", "watermark", seed=4))
         assert oldest not in negatives._cache and len(negatives) == negatives.capacity
 
 
 def test_without_guidance_the_prompt_decides_and_the_negative_prompt_is_unused(pipeline: SDXLPipeline) -> None:
     """Guidance at or below 1 is no classifier-free guidance, as in diffusers' PyTorch SDXL pipeline: the
     prompt alone conditions the UNet (before, guidance 0 ignored the prompt: one image for any prompt)."""
-    cat = pipeline.generate(SHAPE, "a cat", "", seed=5, guidance_scale=0.0)
-    assert not np.array_equal(cat, pipeline.generate(SHAPE, "a dog", "", seed=5, guidance_scale=0.0))
-    np.testing.assert_array_equal(pipeline.generate(SHAPE, "a cat", "blurry", seed=5, guidance_scale=1.0), cat)
-    assert not np.array_equal(cat, pipeline.generate(SHAPE, "a cat", "", seed=5, guidance_scale=1.5))
+    cat = pipeline.generate(ask(SHAPE, "a cat", seed=5, guidance_scale=0.0))
+    assert not np.array_equal(cat, pipeline.generate(ask(SHAPE, "a dog", seed=5, guidance_scale=0.0)))
+    np.testing.assert_array_equal(pipeline.generate(ask(SHAPE, "a cat", "blurry", seed=5, guidance_scale=1.0)), cat)
+    assert not np.array_equal(cat, pipeline.generate(ask(SHAPE, "a cat", seed=5, guidance_scale=1.5)))
 
 
 def test_without_guidance_a_request_runs_one_unet_evaluation_per_step(pipeline: SDXLPipeline) -> None:
@@ -149,11 +170,11 @@ def test_without_guidance_a_request_runs_one_unet_evaluation_per_step(pipeline: 
 
 def test_uncompiled_size_steps_past_the_maximum_and_unknown_schedulers_are_refused(pipeline: SDXLPipeline) -> None:
     with pytest.raises(UnsupportedShape, match="size 96x64 is not compiled here; compiled: 64x64"):
-        pipeline.generate(Shape(width=96, height=64, steps=2), "a cat", "", seed=1, guidance_scale=7.5)
+        pipeline.generate(ask(Shape(width=96, height=64, steps=2), "a cat"))
     with pytest.raises(UnsupportedShape, match="4 steps: this worker runs 1 to 3"):
-        pipeline.generate(Shape(width=64, height=64, steps=MAX_STEPS + 1), "a cat", "", seed=1, guidance_scale=7.5)
+        pipeline.generate(ask(Shape(width=64, height=64, steps=MAX_STEPS + 1), "a cat"))
     with pytest.raises(PipelineError, match="unknown scheduler 'ddim'"):
-        pipeline.generate(SHAPE, "a cat", "", seed=1, guidance_scale=7.5, scheduler="ddim")
+        pipeline.generate(ask(SHAPE, "a cat").model_copy(update={"scheduler": "ddim"}))
 
 
 def test_size_off_the_model_grid_is_refused_at_compile(pipeline: SDXLPipeline) -> None:
@@ -172,10 +193,10 @@ def test_default_size_is_native(pipeline: SDXLPipeline) -> None:
 
 def test_the_compiled_loop_reports_every_step_in_order(pipeline: SDXLPipeline, fused: SDXLPipeline) -> None:
     steps: list[int] = []
-    images = pipeline.generate(SHAPE, "progress", "", 5, 7.5, on_step=steps.append)
+    images = pipeline.generate(ask(SHAPE, "progress", seed=5), on_step=steps.append)
     assert steps == [1, 2]  # once per step from the first device only, each after its step's work
     silent: list[int] = []
-    np.testing.assert_array_equal(fused.generate(SHAPE, "progress", "", 5, 7.5, on_step=silent.append), images)
+    np.testing.assert_array_equal(fused.generate(ask(SHAPE, "progress", seed=5), on_step=silent.append), images)
     assert silent == []
 
 
@@ -211,5 +232,5 @@ def test_the_images_are_those_of_pmap_bit_for_bit(pipeline: SDXLPipeline, schedu
     """jit of shard_map over the mesh runs each device's share as pmap ran it: the same images, bit for bit
     (DPM-Solver++ 2M also carries the previous step's denoised estimate from step to step)."""
     shape = Shape(width=64, height=64, steps=MAX_STEPS)
-    ours = pipeline.generate(shape, "a lighthouse", "fog", 9, GUIDANCE, scheduler=scheduler)
+    ours = pipeline.generate(ask(shape, "a lighthouse", "fog", seed=9, guidance_scale=GUIDANCE, scheduler=scheduler))
     np.testing.assert_array_equal(ours, pmap_images(pipeline, shape, "fog", 9, scheduler))

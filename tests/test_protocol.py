@@ -1,11 +1,19 @@
-"""Schemas: shape parsing and request validation rules."""
+"""Schemas: shape parsing, request validation rules, and the generation parameters a job carries."""
 
 from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
 
-from common.protocol import MAX_SEED, Shape, nearest_sdxl_resolution, parse_shapes
+from common.protocol import (
+    MAX_SEED,
+    SDXL_RESOLUTIONS,
+    GenerationParams,
+    Job,
+    ResolvedParams,
+    Shape,
+    nearest_sdxl_resolution,
+)
 from gateway.schemas import GenerateRequest
 
 
@@ -19,10 +27,6 @@ def test_shape_round_trips_through_text() -> None:
 def test_shape_rejects_malformed_text(text: str) -> None:
     with pytest.raises(ValueError):
         Shape.parse(text)
-
-
-def test_parse_shapes_keeps_order_and_drops_repeats() -> None:
-    assert [str(s) for s in parse_shapes("64x64x3, 64x64x2,64x64x3")] == ["64x64x3", "64x64x2"]
 
 
 def test_request_defaults_leave_shape_to_the_cluster() -> None:
@@ -54,26 +58,45 @@ def test_request_rejects_with_field_and_rule(body: str, field: str, rule: str) -
     assert (error["loc"][0], error["type"]) == (field, rule)
 
 
+def test_a_request_resolves_into_the_parameters_its_job_carries_whole() -> None:
+    """Every generation parameter of the body reaches the job, with the cluster's choices for the omitted ones;
+    the body's delivery fields (output format, webhook) are not generation parameters."""
+    assert set(GenerationParams.model_fields) <= set(GenerateRequest.model_fields)
+    assert set(ResolvedParams.model_fields) == set(GenerationParams.model_fields)
+    request = GenerateRequest.model_validate_json(
+        b'{"prompt": "a cat", "negative_prompt": "blurry", "guidance_scale": 5, "output_format": "jpeg"}'
+    )
+    params = request.resolved(Shape(width=64, height=96, steps=3), seed=9, scheduler="euler_trailing")
+    assert params.model_dump() == {
+        "prompt": "a cat",
+        "negative_prompt": "blurry",
+        "seed": 9,
+        "guidance_scale": 5.0,
+        "num_inference_steps": 3,
+        "width": 64,
+        "height": 96,
+        "scheduler": "euler_trailing",
+    }
+    assert params.shape == Shape(width=64, height=96, steps=3)
+    job = Job(id="j", params=params, result_ttl_s=60)
+    assert Job.model_validate_json(job.model_dump_json()) == job  # as a worker reads it back from the queue
+
+
+def test_a_job_with_unresolved_parameters_is_refused() -> None:
+    unresolved = {"id": "j", "params": {"prompt": "a cat"}, "result_ttl_s": 60}
+    with pytest.raises(ValidationError) as caught:
+        Job.model_validate(unresolved)
+    missing = {error["loc"][-1] for error in caught.value.errors()}
+    assert missing == {"seed", "num_inference_steps", "width", "height", "scheduler"}
+
+
 def test_integer_guidance_is_accepted_as_float() -> None:
     assert GenerateRequest.model_validate_json(b'{"prompt": "a", "guidance_scale": 5}').guidance_scale == 5.0
 
 
-def test_sdxl_steps_stands_for_every_trained_resolution() -> None:
-    shapes = parse_shapes("sdxl:20, 64x64x2")
-    assert [str(s) for s in shapes] == [
-        "1024x1024x20",
-        "1152x896x20",
-        "896x1152x20",
-        "1216x832x20",
-        "832x1216x20",
-        "1344x768x20",
-        "768x1344x20",
-        "1536x640x20",
-        "640x1536x20",
-        "64x64x2",
-    ]
-    # Every one is on SDXL's grid (VAE factor 8 times UNet factor 4).
-    assert all(s.width % 32 == 0 and s.height % 32 == 0 for s in shapes[:9])
+def test_sdxl_trained_resolutions_are_on_its_grid() -> None:
+    # VAE factor 8 times UNet factor 4.
+    assert all(width % 32 == 0 and height % 32 == 0 for width, height in SDXL_RESOLUTIONS)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 from typing import Any
 
 import pytest
@@ -84,7 +85,7 @@ async def claim_malformed(queue: Queue) -> MalformedJob:
 
 async def test_malformed_entry_with_id_fails_its_job(redis_client: aioredis.Redis) -> None:
     queue = await queue_with_group(redis_client)
-    await redis_client.xadd(STREAM, {"job": '{"id": "bad-1", "prompt": ""}'})
+    await redis_client.xadd(STREAM, {"job": '{"id": "bad-1", "params": {"prompt": ""}}'})
     bad = await claim_malformed(queue)
     assert bad.job_id == "bad-1"
     await queue.delivery.reject(bad, "w1", ttl_s=60)
@@ -210,6 +211,22 @@ async def test_job_whose_workers_keep_dying_is_dead_lettered(redis_client: aiore
     assert stored.result.error is not None and "delivered 4 times" in stored.result.error
     assert (await redis_client.xpending(STREAM, KEYS.workers_group))["pending"] == 0
     assert (await queue.streams.counters())["dead_lettered"] == 1
+
+
+async def test_a_worker_whose_clock_runs_ahead_keeps_the_dead_letters(
+    redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dead-letter stream drops entries older than the result TTL by Redis's clock: a worker whose own
+    clock runs an hour ahead (with a 60 s TTL) dead-letters a job without wiping the stream."""
+    queue = await queue_with_group(redis_client)
+    for job_id in ("first", "second"):
+        await queue.jobs.submit(make_job(job_id), STREAM)
+        claimed = await queue.delivery.claim("w1", [STREAM], block_ms=100)
+        assert claimed is not None
+        await queue.delivery.dead_letter(claimed, "w1", "for the test")
+        monkeypatch.setattr(time, "time", lambda real=time.time: real() + 3600)  # from now on, an hour ahead
+    dead: Any = await redis_client.xrange(KEYS.dead_letter_stream)
+    assert [json.loads(fields[b"job"])["id"] for _, fields in dead] == ["first", "second"]
 
 
 # --- Delivery under faults: each test reproduces one way a result could be lost, stuck or shown twice.

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import signal
-from collections.abc import AsyncIterator
+import subprocess
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +17,16 @@ from redis.exceptions import ResponseError
 
 from common.config import ConfigError
 from common.jobstore import DurabilityUnsupported, JobStore, NotDurable
-from common.redis_conn import RedisUrlError, SentinelUrl, check_url, connect, parse_sentinel_url
+from common.redis_conn import EvictingRedis, RedisUrlError, SentinelUrl, check_url, connect, parse_sentinel_url
 from common.rediskeys import RedisKeys
+from gateway.app import create_app
 from gateway.config import GatewayConfig
+from sdxl_serve.cli import main
 from sdxl_serve.processes import signal_group
+from testkit import RedisOptions, RedisProcess, free_port, gateway_args, redis_process, sdxl_serve_argv, worker_args
 from testkit.jobs import make_job
 from testkit.sentinel import SentinelGroup, start_sentinel_group
+from tests.support import ClientFactory, register_worker
 from worker.config import WorkerConfig
 
 
@@ -141,3 +148,88 @@ async def test_durable_acceptance_on_the_append_only_file_needs_redis_7_2(sentin
             await store.submit(make_job("d" * 32), keys.size_stream("64x64"))
     finally:
         await client.aclose()
+
+
+# --- A Redis that may evict keys: refused at start and on every reconnect, unless accepted (loudly).
+
+
+@pytest.fixture
+def evicting_redis() -> Iterator[RedisProcess]:
+    """A redis-server that evicts any key when full, as `maxmemory-policy allkeys-lru` makes it."""
+    with redis_process(RedisOptions(extra=("--maxmemory-policy", "allkeys-lru"))) as server:
+        yield server
+
+
+@pytest.mark.parametrize("role", ["gateway", "worker"])
+def test_a_role_refuses_to_start_on_an_evicting_redis_naming_the_flag(evicting_redis: RedisProcess, role: str) -> None:
+    url = evicting_redis.url()
+    if role == "gateway":
+        args = gateway_args(url, free_port())
+    else:
+        args = worker_args(url, "/nonexistent", "w1", "--metrics-port", "0")
+    started = subprocess.run(
+        sdxl_serve_argv(*args),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert started.returncode == 2, started.stderr
+    last = started.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"sdxl-serve {role}: error: Redis at 127.0.0.1:{evicting_redis.port} may evict"), last
+    assert "(maxmemory-policy allkeys-lru)" in last and "--allow-evicting-redis" in last, last
+    assert "Traceback" not in started.stderr
+
+
+async def test_an_accepted_evicting_redis_is_served_and_logged_loudly(
+    evicting_redis: RedisProcess, aiohttp_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = GatewayConfig(redis_url=evicting_redis.url(), allow_evicting_redis=True)
+    client = await aiohttp_client(create_app(config))
+    assert (await client.get("/readyz")).status == 200
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("maxmemory-policy allkeys-lru" in w and "accepted by --allow-evicting-redis" in w for w in warnings)
+
+
+async def test_a_reconnect_to_a_redis_that_now_evicts_is_refused_until_it_stops(
+    redis_server: RedisProcess, redis_client: aioredis.Redis, aiohttp_client: ClientFactory
+) -> None:
+    """Redis reconfigured (or a failover to a replica configured otherwise): the gateway's connections, once
+    re-established, refuse it; the gateway answers 503 and /readyz takes it out of service until it is fixed."""
+    client = await aiohttp_client(create_app(GatewayConfig(redis_url=redis_server.url(0), result_ttl_s=60)))
+    plain = connect(redis_server.url(0), name="test-evicting")
+    try:
+        await register_worker(redis_client)
+        assert (await client.get("/readyz")).status == 200
+        await redis_client.config_set("maxmemory-policy", "volatile-lru")  # it evicts keys that have a TTL
+        await redis_client.client_kill_filter(_type="normal", skipme=True)  # every other client reconnects
+        with pytest.raises(EvictingRedis, match="maxmemory-policy volatile-lru"):
+            await plain.ping()
+        assert (await client.get("/readyz")).status == 503
+        response = await client.post("/v1/jobs", json={"prompt": "a cat"})
+        assert response.status == 503 and "Retry-After" in response.headers
+        await redis_client.config_set("maxmemory-policy", "noeviction")
+        assert await plain.ping()
+        assert (await client.get("/readyz")).status == 200
+    finally:
+        await redis_client.config_set("maxmemory-policy", "noeviction")
+        await plain.aclose()
+
+
+def test_status_names_the_flag_on_an_evicting_redis_and_reads_it_with_the_flag(
+    evicting_redis: RedisProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["status", "--redis-url", evicting_redis.url()]) == 1
+    assert "maxmemory-policy allkeys-lru" in capsys.readouterr().err
+    assert main(["status", "--redis-url", evicting_redis.url(), "--allow-evicting-redis", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["workers"] == []
+
+
+async def test_a_client_through_sentinel_checks_the_master_it_is_sent_to(tmp_path: Path) -> None:
+    group = await start_sentinel_group(tmp_path, RedisOptions(extra=("--maxmemory-policy", "allkeys-lru")))
+    client = connect(group.url(), name="test-evicting-sentinel")
+    try:
+        with pytest.raises(EvictingRedis, match=f"127.0.0.1:{group.primary.port} .*maxmemory-policy allkeys-lru"):
+            await client.ping()
+    finally:
+        await client.aclose()
+        await group.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -23,8 +24,9 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
+from common.blobstore import FileBlobStore
 from common.jobstore import JobStore
-from common.protocol import SCHEDULERS, JobResult, Shape, Size
+from common.protocol import SCHEDULERS, JobResult, ResolvedParams, Shape, Size
 from common.rediskeys import RedisKeys
 from common.registry import Registry
 from testkit import worker_args
@@ -72,12 +74,11 @@ class Pipeline:
     def compile(self, size: Size) -> CompileTimings:
         return CompileTimings(lower_s=0.0, compile_s=0.0, warmup_s=0.0)
 
-    def generate(
-        self, shape: Shape, prompt: str, negative: str, seed: int, guidance: float, on_step: object, scheduler: str
-    ) -> np.ndarray:
+    def generate(self, params: ResolvedParams, on_step: object = None) -> np.ndarray:
+        seed = params.seed
         self.started(seed).set()
         self.on_generate(seed)
-        return np.full((4, shape.height, shape.width, 3), seed, dtype=np.uint8)
+        return np.full((4, params.height, params.width, 3), seed, dtype=np.uint8)
 
 
 class Encoder:
@@ -114,7 +115,7 @@ def _worker_config(redis_server: RedisServer) -> WorkerConfig:
 async def worker(redis_server: RedisServer, pipeline: Pipeline, encoder: Encoder) -> AsyncIterator[Worker]:
     config = _worker_config(redis_server)
     client = aioredis.Redis.from_url(redis_server.url(0))
-    serving = Worker(config, client, load_pipeline=lambda: pipeline, encode_images=encoder)  # type: ignore[arg-type,return-value]
+    serving = Worker(config, client, load_pipeline=lambda: pipeline, encode_images=encoder)
     task = asyncio.create_task(serving.run())
     try:
         yield serving
@@ -191,7 +192,7 @@ async def test_a_stop_drains_the_job_on_the_device_and_the_one_in_delivery(
     pipeline = Pipeline()
     encoder = Encoder(pipeline, held=1, until=2)
     config = _worker_config(redis_server)
-    serving = Worker(config, redis_client, load_pipeline=lambda: pipeline, encode_images=encoder)  # type: ignore[arg-type,return-value]
+    serving = Worker(config, redis_client, load_pipeline=lambda: pipeline, encode_images=encoder)
     loop = asyncio.get_running_loop()
     # Stop as job 2 starts on the device, with job 1 still held in its encoder.
 
@@ -210,6 +211,64 @@ async def test_a_stop_drains_the_job_on_the_device_and_the_one_in_delivery(
     }  # job 3 was never claimed: it waits on the stream for another worker
     assert await redis_client.xlen(KEYS.size_stream(SHAPE.size)) == 1
     assert (await redis_client.xpending(KEYS.size_stream(SHAPE.size), KEYS.workers_group))["pending"] == 0
+
+
+async def test_an_image_store_that_stays_unwritable_fails_the_job_and_the_worker_waits_unready(
+    redis_server: RedisServer, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """A file store whose directory was replaced by a file (no write can succeed, even as root): past
+    --blob-store-timeout the job in hand fails with a result saying why, the worker counts it, says it is not
+    ready and stops claiming (registry state draining); once the directory is back it claims again."""
+    images = tmp_path / "images"
+    images.write_text("not a directory")
+    pipeline = Pipeline()
+    config = dataclasses.replace(_worker_config(redis_server), blob_store_timeout_s=0.5)
+    serving = Worker(
+        config,
+        redis_client,
+        load_pipeline=lambda: pipeline,
+        encode_images=Encoder(pipeline, held=0, until=0),
+        blobs=FileBlobStore(images),
+    )
+    running = asyncio.create_task(serving.run())
+    try:
+        (failed,) = (await run_jobs(redis_client, [1])).values()
+        assert failed.status == "failed" and failed.error is not None, failed
+        assert failed.error.startswith(
+            "could not store its images: the image store refused writes for 0.5s: file store:"
+        )
+        assert serving.metrics.image_store_failures._value.get() == 1
+        assert serving.metrics.image_store_writable._value.get() == 0
+        assert serving.info.state == "draining"
+        await probed_again(serving)  # the worker is probing the store, not claiming
+        async with redis_client.pubsub() as completions:
+            await completions.subscribe(KEYS.completions_channel)
+            await submit(redis_client, [2])
+            images.unlink()
+            images.mkdir()  # the volume is back
+            async with asyncio.timeout(WAIT_S):
+                async for message in completions.listen():
+                    if message["type"] == "message" and message["data"] == b"job-2":
+                        break
+        stored = await results_of(redis_client, [2])
+        assert stored[2].status == "succeeded" and stored[2].image_keys is not None
+        assert [(images / key).is_file() for key in stored[2].image_keys] == [True] * 4
+        assert serving.not_ready() is None and serving.info.state in ("ready", "busy")
+        assert serving.metrics.image_store_writable._value.get() == 1
+    finally:
+        serving.stop()
+        await asyncio.wait_for(running, WAIT_S)
+
+
+async def probed_again(serving: Worker) -> None:
+    """Until the worker's readiness names the store's own error: its probe ran (after the job failed)."""
+    async with asyncio.timeout(WAIT_S):
+        while True:
+            trouble = serving.not_ready() or ""
+            if "refused writes for" not in trouble:
+                break
+            await asyncio.sleep(0.05)  # a probe has no event to wait on
+    assert "the image store refuses writes (file store:" in trouble, trouble
 
 
 # --- Cancel a running job: a real worker process on the tiny model.
@@ -297,13 +356,12 @@ async def test_a_worker_publishes_its_sizes_and_step_range_runs_every_scheduler_
         assert {(w.sizes[0], w.max_steps, w.default_steps, tuple(w.schedulers)) for w in workers} == {
             (TEST_SIZE, TEST_MAX_STEPS, TEST_SHAPES[0].steps, SCHEDULERS)
         }
-        assert all(w.shapes == [TEST_SHAPES[0]] for w in workers)  # for gateways that read shapes
         store = JobStore(client, KEYS)
         too_long = Shape(width=TEST_SIZE.width, height=TEST_SIZE.height, steps=TEST_MAX_STEPS + 1)
         jobs = {"too-long": (too_long, "euler")} | {scheduler: (SHORT, scheduler) for scheduler in SCHEDULERS}
         for job_id, (shape, scheduler) in jobs.items():
-            job = make_job(job_id, shape, seed=3)
-            await store.submit(job.model_copy(update={"scheduler": scheduler}), KEYS.size_stream(TEST_SIZE))
+            job = make_job(job_id, shape, seed=3, scheduler=scheduler)
+            await store.submit(job, KEYS.size_stream(TEST_SIZE))
         results = {job_id: await wait_result(client, job_id) for job_id in jobs}
     finally:
         await client.aclose()

@@ -30,7 +30,7 @@ from sdxl_serve.cli import build_parser
 from sdxl_serve.processes import free_port
 from testkit.jobs import make_job
 from tests.protection import Client, error_of, gateway, running_worker
-from tests.support import ClientFactory, RedisServer, claim_next, read_events
+from tests.support import ClientFactory, RedisServer, claim_next, finish, read_events
 from worker.delivery import Delivery
 
 A, B, ADMIN = new_key(), new_key(), new_key()
@@ -214,6 +214,77 @@ async def test_public_callers_are_capped_per_address(
     assert (await submit(client, bearer(A))).status == 202
 
 
+async def redis_time_passes(redis_client: aioredis.Redis, ms: int) -> None:
+    """Return once `ms` have passed by Redis's clock: a key set to expire then announces it."""
+    await redis_client.config_set("notify-keyspace-events", "Ex")
+    marker = f"test:marker:{uuid.uuid4().hex}"
+    async with redis_client.pubsub() as events, asyncio.timeout(30):
+        await events.subscribe("__keyevent@0__:expired")
+        await redis_client.set(marker, 1, px=ms)
+        while (message := await events.get_message(timeout=None)) is None or message["data"] != marker.encode():
+            pass
+
+
+async def test_a_job_counts_against_its_callers_cap_as_long_as_it_is_unfinished(
+    aiohttp_client: ClientFactory,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    tmp_path: Path,
+    fake_worker: None,
+) -> None:
+    # The job waits in the queue for longer than a result lives: it is still unfinished, so it still counts.
+    client = await tenants(aiohttp_client, redis_server, tmp_path, max_jobs_in_flight_per_caller=1, result_ttl_s=1)
+    first = await job_id(client, bearer(A))
+    await redis_time_passes(redis_client, 1500)
+    refused = await submit(client, bearer(A), OTHER_JOB)
+    assert refused.status == 429 and (await error_of(refused))["code"] == "too_many_jobs_in_flight"
+    claimed = await claim_next(redis_client)
+    assert claimed.job.id == first
+    assert await finish(redis_client, claimed, [b"png"])
+    in_flight = [key async for key in redis_client.scan_iter(match="sdxl:in-flight:*")]
+    assert in_flight == []  # the job's end took it out of its caller's set, and the empty set is gone
+    assert (await submit(client, bearer(A), OTHER_JOB)).status == 202
+
+
+async def first_answers(tasks: list[asyncio.Task[Any]], count: int) -> list[Any]:
+    """The first `count` of `tasks` to finish (the others still waiting)."""
+    pending: set[asyncio.Task[Any]] = set(tasks)
+    done: list[asyncio.Task[Any]] = []
+    while len(done) < count:
+        finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        done += finished
+    return [task.result() for task in done]
+
+
+async def test_waiting_requests_are_capped_per_caller_replays_included(
+    aiohttp_client: ClientFactory,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    tmp_path: Path,
+    fake_worker: None,
+) -> None:
+    # Six replays of one Idempotency-Key make one job; only three of them may wait for it.
+    client = await tenants(
+        aiohttp_client, redis_server, tmp_path, max_waiting_requests_per_caller=3, request_timeout_s=60.0
+    )
+    replay = bearer(A) | {"Idempotency-Key": "one-job"}
+    waits = [asyncio.create_task(client.post("/v1/generate", json=JOB, headers=replay)) for _ in range(6)]
+    refused = await first_answers(waits, 3)
+    assert [r.status for r in refused] == [429, 429, 429]
+    error = await error_of(refused[0])
+    assert error["code"] == "too_many_waiting_requests" and "3 waiting requests per caller" in error["message"]
+    assert int(refused[0].headers["Retry-After"]) >= 1
+    held = [task for task in waits if not task.done()]
+    # The OpenAI route waits too, and counts against the same cap; another caller has its own.
+    openai = await client.post("/v1/images/generations", json={"prompt": "a cat"}, headers=bearer(A))
+    assert openai.status == 429 and (await openai.json())["error"]["code"] == "too_many_waiting_requests"
+    other = asyncio.create_task(client.post("/v1/generate", json=OTHER_JOB, headers=bearer(B)))
+    for _ in range(2):
+        assert await finish(redis_client, await claim_next(redis_client), [b"png"])
+    answers = [await task for task in [*held, other]]
+    assert sorted(r.status for r in answers) == [200, 200, 200, 200]
+
+
 def test_the_default_burst_of_one_address_cannot_fill_the_queue() -> None:
     limits = RateLimits()
     for rate in (limits.address_submit, limits.public_submit, limits.key_submit):
@@ -291,7 +362,7 @@ async def test_dead_letters_are_bounded_expire_and_keep_no_prompt(
         await redis_client.xadd(stream, {"job": "{}"})
     job = make_job(uuid.uuid4().hex, prompt="a private prompt", negative_prompt="blurry", result_ttl_s=600)
     delivery = Delivery(redis_client, keys, dead_letter_max_len=50)
-    await redis_client.xadd(keys.size_stream(job.shape.size), {"job": job.model_dump_json()})
+    await redis_client.xadd(keys.size_stream(job.params.shape.size), {"job": job.model_dump_json()})
     claimed = await claim_next(redis_client)
     await delivery.dead_letter(claimed, "test-worker", "for the test")
     entries: list[tuple[bytes, dict[bytes, bytes]]] = await redis_client.xrange(stream)  # type: ignore[assignment]
@@ -301,7 +372,7 @@ async def test_dead_letters_are_bounded_expire_and_keep_no_prompt(
     stored = b"".join(fields.values())
     assert b"private" not in stored and b"blurry" not in stored
     recorded = json.loads(fields[b"job"])
-    assert recorded["id"] == job.id and recorded["prompt_chars"] == len(job.prompt)
+    assert recorded["id"] == job.id and recorded["prompt_chars"] == len(job.params.prompt)
     assert 0 < await redis_client.ttl(stream) <= job.result_ttl_s
 
 

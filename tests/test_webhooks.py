@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from gateway.webhook_sender import WebhookSender
 from gateway.webhooks import Resolve
 from testkit import ProcessGroup, free_port, gateway_args, wait_http
 from testkit.nemesis import NemesisConfig, render, run_nemesis
-from testkit.receiver import HANG, Receiver
+from testkit.receiver import ENDLESS, HANG, Receiver
 from tests.support import ClientFactory, RedisServer, claim_next, finish, register_worker
 from worker.delivery import Delivery
 
@@ -200,6 +201,23 @@ async def test_a_429s_retry_after_is_honoured(gateway: Callable[..., Any], redis
     assert delivery["attempts"] == 2 and delivery["delivered_at"]
 
 
+async def test_an_endless_answer_is_read_only_in_part(
+    gateway: Callable[..., Any], redis_client: aioredis.Redis
+) -> None:
+    # The body never ends: a sender that read it whole would fill its memory until the attempt timed out.
+    receiver = await Receiver(answers=[ENDLESS]).start()
+    try:
+        client = await gateway()
+        job_id = await submit(client, {"url": receiver.url})
+        await run_job(redis_client)
+        (delivery,) = await settled(redis_client, client, job_id)
+        await asyncio.wait_for(receiver.hung_up.wait(), 30)
+    finally:
+        await receiver.close()
+    assert delivery["attempts"] == 1 and delivery["last_status"] == 200 and delivery["delivered_at"]
+    assert receiver.streamed < 64 * 2**20  # what the socket buffers took before the sender hung up
+
+
 async def test_a_redirect_is_not_followed(gateway: Callable[..., Any], redis_client: aioredis.Redis) -> None:
     receiver = await Receiver(answers=[(307, {"Location": "/elsewhere"})]).start()
     try:
@@ -265,6 +283,44 @@ async def test_a_name_that_turns_inward_after_submit_is_not_connected_to(
         await receiver.close()
     assert receiver.hits == []
     assert delivery["gave_up_at"] and "loopback" in delivery["last_error"]
+
+
+# IPv6 addresses that carry an inward IPv4 address, and the one they carry.
+CARRIED = {
+    "64:ff9b::7f00:1": "127.0.0.1",  # NAT64, the well-known prefix
+    "64:ff9b:1::a00:1": "10.0.0.1",  # NAT64, a local-use prefix (/96 reading)
+    "64:ff9b:1:7f00:0:100:808:808": "127.0.0.1",  # NAT64, a local-use prefix (/48 reading; /96 is public)
+    "2002:7f00:1::1": "127.0.0.1",  # 6to4
+    "::127.0.0.1": "127.0.0.1",  # IPv4-compatible
+    "::ffff:10.0.0.1": "10.0.0.1",  # IPv4-mapped
+    "2001:0:4136:e378:8000:63bf:80ff:fffe": "127.0.0.1",  # Teredo: the client, bits inverted
+}
+
+
+@pytest.mark.parametrize("address", list(CARRIED))
+async def test_an_ipv6_address_is_judged_by_the_ipv4_address_it_carries(
+    gateway: Callable[..., Any], address: str
+) -> None:
+    strict = WebhookConfig(allow_http=True, secret=SECRET)
+    client = await gateway(webhooks=strict, resolve=stub_resolver({"inward.test": [address]}))
+    for url in (f"http://[{address}]/x", "http://inward.test/x"):
+        error = await refusal(client, {"url": url})
+        assert error["code"] == "webhook_url_refused" and CARRIED[address] in error["message"], (url, error)
+
+
+async def test_a_name_that_turns_to_an_ipv6_carried_inward_address_is_given_up(
+    gateway: Callable[..., Any], redis_client: aioredis.Redis
+) -> None:
+    answers = iter([["2002:808:808::1"]])  # 6to4 of a public address at submit; NAT64 of loopback after
+
+    async def rebinding(host: str, port: int) -> list[str]:
+        return next(answers, ["64:ff9b::7f00:1"])
+
+    client = await gateway(webhooks=WebhookConfig(allow_http=True, secret=SECRET, poll_s=0.5), resolve=rebinding)
+    job_id = await submit(client, {"url": "http://rebind.test/x"})
+    await run_job(redis_client)
+    (delivery,) = await settled(redis_client, client, job_id)
+    assert delivery["gave_up_at"] and "127.0.0.1, inside 64:ff9b::7f00:1" in delivery["last_error"]
 
 
 async def test_a_full_outbox_refuses_new_webhook_jobs_and_keeps_its_messages(
@@ -361,7 +417,8 @@ async def test_the_openai_route_takes_a_webhook_as_an_extra_field(
 @pytest.mark.nemesis
 async def test_no_due_webhook_is_lost_while_gateways_and_redis_fail(tmp_path: Path) -> None:
     # The fault injector with stand-in workers: gateways SIGKILLed and restarted, Redis restarted, replies
-    # lost, connections killed, while every job asks for a webhook that a fifth of the time is answered 503.
+    # lost, connections killed, while every job asks for a webhook that a fifth of the time is answered 503;
+    # two more gateways, one without the signing secret and one without the allow-list, take messages too.
     faults = {"restart_gateway": 2, "restart_redis": 1, "lost_reply": 2, "kill_pubsub": 1, "client_kill": 1}
     config = NemesisConfig(
         work_dir=tmp_path,
@@ -371,6 +428,7 @@ async def test_no_due_webhook_is_lost_while_gateways_and_redis_fail(tmp_path: Pa
         cluster={"standin_workers": 2},
         quiet_bound_s=30.0,
         webhooks=True,
+        differing_webhook_gateways=2,
     )
     report = await run_nemesis(config)
     assert report.verdict.accepted and report.injected, render(report)
@@ -381,11 +439,16 @@ async def test_no_due_webhook_is_lost_while_gateways_and_redis_fail(tmp_path: Pa
 # --- Gateways as processes: one is SIGKILLed holding a lease, another delivers.
 
 
-def gateway_process(processes: ProcessGroup, name: str, redis_url: str, port: int) -> None:
+def gateway_process(
+    processes: ProcessGroup, name: str, redis_url: str, port: int, *, signs: bool = True, allows: bool = True
+) -> None:
+    """A gateway process sending webhooks quickly; without `signs` it has no signing secret, without `allows`
+    no allow-list (so the loopback receiver is refused)."""
     processes.start(
         name, *gateway_args(redis_url, port),
-        "--webhook-allow-http", "--webhook-allow-hosts", "127.0.0.1", "--webhook-secret", SECRET,
-        "--webhook-timeout", "1", "--webhook-backoff", "0.3", "--webhook-poll", "0.5",
+        "--webhook-allow-http", *(["--webhook-allow-hosts", "127.0.0.1"] if allows else []),
+        *(["--webhook-secret", SECRET] if signs else []),
+        "--webhook-timeout", "1", "--webhook-backoff", "0.3", "--webhook-max-backoff", "2", "--webhook-poll", "0.5",
     )  # fmt: skip
 
 
@@ -462,3 +525,126 @@ async def test_the_sender_stops_when_asked_even_if_a_cancellation_is_swallowed()
     task.cancel()
     await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), timeout=30)
     assert outbox.swallowed and task.done()
+
+
+# --- Gateways of differing webhook configuration share one outbox: none gives up what another can send.
+
+
+async def skips(http: aiohttp.ClientSession, port: int, reason: str) -> float:
+    """How many messages the gateway on `port` has left to others for `reason`, by its /metrics."""
+    async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+        text = await response.text()
+    found = re.search(rf'^sdxl_webhook_skips_total{{reason="{reason}"}} (\S+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+async def until_each_skipped(redis_client: aioredis.Redis, reasons: dict[int, str]) -> None:
+    """Return once each gateway (by port) has left a message to others for its reason, or no message is due
+    any more (given up); looks again at each change of the due set (every take and skip changes it)."""
+    await redis_client.config_set("notify-keyspace-events", "Kz")
+    async with redis_client.pubsub() as changes, aiohttp.ClientSession() as http, asyncio.timeout(60):
+        await changes.subscribe(f"__keyspace@0__:{KEYS.webhooks_due}")
+        while await redis_client.zcard(KEYS.webhooks_due) and not all(
+            [await skips(http, port, reason) > 0 for port, reason in reasons.items()]
+        ):
+            await changes.get_message(timeout=None)
+
+
+async def test_a_message_no_gateway_can_send_is_given_up_once_its_retry_window_is_spent(
+    gateway: Callable[..., Any], redis_client: aioredis.Redis, receiver: Receiver
+) -> None:
+    accepting = await gateway()
+    job_id = await submit(accepting, {"url": receiver.url})
+    await accepting.close()  # its sender stops: only a gateway without the secret is left
+    unsigned = await gateway(webhooks=dataclasses.replace(FAST, secret=None, retry_window_s=2.0, poll_s=0.2))
+    await run_job(redis_client)
+    (delivery,) = await settled(redis_client, unsigned, job_id)
+    assert delivery["attempts"] == 1 and delivery["gave_up_at"] and receiver.hits == []
+    assert delivery["last_error"].startswith("no gateway sent it within 2 s: this gateway has no webhook signing")
+    metrics = await (await unsigned.get("/metrics")).text()
+    assert re.search(r'^sdxl_webhook_skips_total{reason="no_secret"} [1-9]', metrics, re.MULTILINE), metrics
+
+
+async def test_a_gateway_whose_keys_file_lacks_a_keys_secret_leaves_its_webhooks_to_one_that_has_it(
+    gateway: Callable[..., Any], redis_client: aioredis.Redis, receiver: Receiver, tmp_path: Path
+) -> None:
+    # A rolling change of the keys file: the key's own secret is in the new file, not yet in the old one. The
+    # gateway on the old file has the cluster's secret, and must not sign the key's webhooks with it.
+    key, own = new_key(), new_webhook_secret()
+    (tmp_path / "new").write_text(key_line(key, webhook_secret=own) + "\n")
+    (tmp_path / "old").write_text(key_line(key) + "\n")
+    accepting = await gateway(api_keys_file=tmp_path / "new")
+    job_id = await submit(accepting, {"url": receiver.url}, headers={"Authorization": f"Bearer {key}"})
+    await accepting.close()
+    old = await gateway(api_keys_file=tmp_path / "old")
+    await run_job(redis_client)
+    await until_skipped(redis_client, old, "no_secret")
+    assert receiver.hits == []
+    await gateway(api_keys_file=tmp_path / "new")
+    (hit,) = await receiver.wait_for(1)
+    assert verified(own, hit)["data"]["id"] == job_id
+
+
+async def until_skipped(redis_client: aioredis.Redis, client: Client, reason: str) -> None:
+    """Return once the in-process gateway `client` has left a message to others for `reason`, or none is due."""
+    await redis_client.config_set("notify-keyspace-events", "Kz")
+    pattern = re.compile(rf'^sdxl_webhook_skips_total{{reason="{reason}"}} [1-9]', re.MULTILINE)
+    async with redis_client.pubsub() as changes, asyncio.timeout(30):
+        await changes.subscribe(f"__keyspace@0__:{KEYS.webhooks_due}")
+        while await redis_client.zcard(KEYS.webhooks_due):
+            if pattern.search(await (await client.get("/metrics")).text()):
+                return
+            await changes.get_message(timeout=None)
+
+
+async def until_none_due(redis_client: aioredis.Redis) -> None:
+    """Return once no webhook message is due (each attempt recorded)."""
+    await redis_client.config_set("notify-keyspace-events", "Kz")
+    async with redis_client.pubsub() as changes, asyncio.timeout(30):
+        await changes.subscribe(f"__keyspace@0__:{KEYS.webhooks_due}")
+        while await redis_client.zcard(KEYS.webhooks_due):
+            await changes.get_message(timeout=None)
+
+
+async def test_a_gateway_that_cannot_send_a_webhook_leaves_it_to_one_that_can(
+    redis_server: RedisServer, redis_client: aioredis.Redis, processes: ProcessGroup
+) -> None:
+    # A rolling change of configuration: one gateway lacks the signing secret, another the allow-list the
+    # jobs were accepted under. Alone with the due messages they only skip them; the full one delivers all.
+    await register_worker(redis_client)
+    receiver = await Receiver().start()
+    full, unsigned, strict, full_again = (free_port() for _ in range(4))
+    url = redis_server.url(0)
+    try:
+        gateway_process(processes, "differing-full", url, full)
+        await wait_http(f"http://127.0.0.1:{full}/healthz", 60)
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{full}") as http:
+            ids = []
+            for _ in range(4):
+                async with http.post("/v1/jobs", json={"prompt": "a kite", "webhook": {"url": receiver.url}}) as r:
+                    ids.append((await r.json())["id"])
+        processes.stop("differing-full")
+        for _ in ids:
+            await run_job(redis_client)  # each job's `completed` falls due with no capable gateway up
+        gateway_process(processes, "differing-unsigned", url, unsigned, signs=False)
+        gateway_process(processes, "differing-strict", url, strict, allows=False)
+        for port in (unsigned, strict):
+            await wait_http(f"http://127.0.0.1:{port}/healthz", 60)
+        await until_each_skipped(redis_client, {unsigned: "no_secret", strict: "not_allow_listed"})
+        assert receiver.hits == []
+        gateway_process(processes, "differing-full-again", url, full_again)
+        await wait_http(f"http://127.0.0.1:{full_again}/healthz", 60)
+        await until_none_due(redis_client)
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{full_again}") as http:
+            for job_id in ids:
+                async with http.get(f"/v1/jobs/{job_id}") as r:
+                    (delivery,) = (await r.json())["webhook"]["deliveries"]
+                assert delivery["attempts"] == 1 and delivery.get("delivered_at"), delivery  # skips are no attempts
+        async with aiohttp.ClientSession() as http:
+            assert await skips(http, unsigned, "no_secret") and await skips(http, strict, "not_allow_listed")
+    finally:
+        await receiver.close()
+        for name in ("differing-unsigned", "differing-strict", "differing-full-again"):
+            processes.stop(name) if name in processes.processes else None
+    assert sorted(json.loads(hit.body)["data"]["id"] for hit in receiver.hits) == sorted(ids)
+    assert all(verified(SECRET, hit) for hit in receiver.hits)

@@ -1,4 +1,4 @@
-"""The worker never trusts the queue (worker/runner.py, worker/delivery.py): whatever sits in a stream entry,
+"""The worker never trusts the queue (worker/claiming.py, worker/delivery.py): whatever sits in a stream entry,
 the job fails cleanly or the entry is dropped, and the worker carries on serving.
 
 A real Worker loop runs with a stand-in pipeline; entries are written straight into the shared stream,
@@ -23,18 +23,22 @@ from tests.support import TEST_SHAPES, RedisServer
 
 KEYS = RedisKeys()
 STREAM = KEYS.size_stream(TEST_SHAPES[0].size)
-VALID = {
-    "id": "good-1",
+SHAPE = TEST_SHAPES[0]
+PARAMS = {
     "prompt": "a cat",
     "seed": 1,
     "guidance_scale": 7.5,
-    "shape": TEST_SHAPES[0].model_dump(),
-    "result_ttl_s": 60,
+    "width": SHAPE.width,
+    "height": SHAPE.height,
+    "num_inference_steps": SHAPE.steps,
+    "scheduler": "euler",
 }
+VALID = {"id": "good-1", "params": PARAMS, "result_ttl_s": 60}
 
 
-def job(**changes: Any) -> bytes:
-    return json.dumps({**VALID, **changes}).encode()
+def job(params: dict[str, Any] | None = None, **changes: Any) -> bytes:
+    """A valid job's JSON with `changes`, and `params` changed in its generation parameters."""
+    return json.dumps({**VALID, "params": {**PARAMS, **(params or {})}, **changes}).encode()
 
 
 async def result_of(redis_client: aioredis.Redis, job_id: str) -> JobResult | None:
@@ -59,17 +63,30 @@ BAD_ENTRIES: list[tuple[dict[str, bytes], str | None, str]] = [
     ({"job": b"\xff\xfe garbage"}, None, ""),
     ({"job": b"[1, 2]"}, None, ""),
     ({"job": job(id="bad\nid")}, None, ""),  # an id that would forge log lines is not used at all
-    ({"job": job(id="long-prompt", prompt="x" * 2001)}, "long-prompt", "prompt"),
-    ({"job": job(id="nul-prompt", prompt="a\u0000b")}, "nul-prompt", "control characters"),
-    ({"job": job(id="blank", prompt="   ")}, "blank", "prompt"),
-    ({"job": job(id="seed", seed=2**32)}, "seed", "seed"),
+    ({"job": job({"prompt": "x" * 2001}, id="long-prompt")}, "long-prompt", "prompt"),
+    ({"job": job({"prompt": "a\u0000b"}, id="nul-prompt")}, "nul-prompt", "control characters"),
+    ({"job": job({"prompt": "   "}, id="blank")}, "blank", "prompt"),
+    ({"job": job({"seed": 2**32}, id="seed")}, "seed", "seed"),
     ({"job": job(id="nan").replace(b"7.5", b"NaN")}, "nan", "finite"),
-    ({"job": job(id="guidance", guidance_scale=99)}, "guidance", "guidance_scale"),
+    ({"job": job({"guidance_scale": 99}, id="guidance")}, "guidance", "guidance_scale"),
     ({"job": job(id="extra", priority=1)}, "extra", "priority"),
+    ({"job": job({"loudness": 11}, id="extra-param")}, "extra-param", "loudness"),
+    ({"job": job({"scheduler": "ddim"}, id="scheduler")}, "scheduler", "scheduler"),
     ({"job": job(id="ttl", result_ttl_s=10**12)}, "ttl", "result_ttl_s"),
     ({"job": job(id="format", output_format="gif")}, "format", "output_format"),
     ({"job": job(id="counters"), "deliveries": b"many"}, "counters", "integers"),
-    ({"job": job(id="shape", shape={"width": 64, "height": 64, "steps": 7})}, "shape", "not served here"),
+    ({"job": job({"num_inference_steps": 7}, id="shape")}, "shape", "not served here"),
+    # A job as earlier releases queued it (the parameters at the top level, with a shape): failed, naming why.
+    (
+        {
+            "job": json.dumps(
+                {"id": "earlier", "prompt": "a cat", "seed": 1, "guidance_scale": 7.5, "shape": SHAPE.model_dump()}
+                | {"scheduler": "euler", "result_ttl_s": 60}
+            ).encode()
+        },
+        "earlier",
+        "params",
+    ),
 ]
 
 

@@ -18,7 +18,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from common.config import add_blob_store_argument, add_redis_arguments  # noqa: E402
+from common.config import add_blob_store_argument, add_eviction_argument, add_redis_arguments  # noqa: E402
 from common.protocol import MAX_STEPS, Size  # noqa: E402
 from worker.config import ATTENTION, DEFAULT_MODEL, WorkerConfig, default_compile_cache_dir, parse_sizes  # noqa: E402
 
@@ -30,6 +30,7 @@ _GB = 1e9
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Every flag of `sdxl-serve worker`."""
     add_redis_arguments(parser)
+    add_eviction_argument(parser)
     _add_blob_store(parser)
     add_model_arguments(parser, WorkerConfig.model)
     parser.add_argument("--worker-id", default=None, help="default: HOST-PID-RANDOM")
@@ -77,6 +78,13 @@ def _add_blob_store(parser: argparse.ArgumentParser) -> None:
         default=WorkerConfig.blob_sweep_interval_s,
         help="seconds between sweeps of a file --blob-store for objects whose result expired",
     )
+    parser.add_argument(
+        "--blob-store-timeout",
+        type=float,
+        default=WorkerConfig.blob_store_timeout_s,
+        help="seconds a job's images may be refused by the --blob-store (a full disk) before the job fails and the "
+        "worker stops claiming (unready) until the store takes writes again",
+    )
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, model_default: str | None) -> None:
@@ -95,7 +103,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_default: str | No
         help="for a single-file --model: diffusers-layout folder or hub id with its configs and tokenizers "
         "(default: stabilityai/stable-diffusion-xl-base-1.0, weights not fetched)",
     )
-    _add_serving_arguments(parser)
+    add_serving_arguments(parser)
     parser.add_argument("--images-per-request", type=int, default=WorkerConfig.images_per_request)
     parser.add_argument(
         "--cpu-devices",
@@ -112,8 +120,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_default: str | No
     )
 
 
-def _add_serving_arguments(parser: argparse.ArgumentParser) -> None:
-    """What a worker compiles (sizes) and serves at each (a step range)."""
+def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a worker compiles (sizes) and serves at each (a step range); the stand-in worker takes them too."""
     parser.add_argument(
         "--sizes",
         type=_sizes,
@@ -133,7 +141,6 @@ def _add_serving_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"the steps of a request that names none (default {WorkerConfig.default_steps}, or --max-steps when less)",
     )
-    parser.add_argument("--shapes", type=_removed_shapes, default=None, help=argparse.SUPPRESS)
 
 
 def _sizes(text: str) -> tuple[Size, ...]:
@@ -141,20 +148,6 @@ def _sizes(text: str) -> tuple[Size, ...]:
         return parse_sizes(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def _removed_shapes(text: str) -> None:
-    """`--shapes` compiled one size per step count; a worker now serves every step count of a size."""
-    raise argparse.ArgumentTypeError(
-        "--shapes is replaced by --sizes WIDTHxHEIGHT,... (or sdxl) and --max-steps N: each size serves every "
-        f"step count from 1 to N (for {text!r}: --sizes " + _sizes_of(text) + ")"
-    )
-
-
-def _sizes_of(shapes: str) -> str:
-    """The sizes of an old `--shapes` value, for the hint."""
-    sizes = [part.strip().rsplit("x", 1)[0] if part.count("x") == 2 else "sdxl" for part in shapes.split(",") if part]
-    return ",".join(dict.fromkeys(sizes))
 
 
 def add_compile_cache_arguments(parser: argparse.ArgumentParser) -> None:
@@ -190,6 +183,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     extra = {"worker_id": args.worker_id} if args.worker_id else {}
     return WorkerConfig(
         redis_url=args.redis_url,
+        allow_evicting_redis=args.allow_evicting_redis,
         model=args.model,
         revision=args.revision,
         model_config=args.model_config,
@@ -213,6 +207,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         cpu_devices=args.cpu_devices,
         blob_store=args.blob_store,
         blob_sweep_interval_s=args.blob_sweep_interval,
+        blob_store_timeout_s=args.blob_store_timeout,
         **extra,
     )
 

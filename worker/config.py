@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import socket
 import uuid
 from dataclasses import dataclass
@@ -22,8 +21,6 @@ DEFAULT_MODEL_REVISION = "refs/pr/95"
 # How the UNet's attention layers compute (worker/attention.py).
 Attention = Literal["einsum", "dot_product"]
 ATTENTION: tuple[str, ...] = get_args(Attention)
-# What `--shapes` took before sizes served every step count: WIDTHxHEIGHTxSTEPS, or sdxl:STEPS.
-_SHAPE_LIKE = re.compile(r"^\s*(\d+x\d+x\d+|sdxl:\d+)\s*$")
 
 
 def default_compile_cache_dir() -> Path:
@@ -38,16 +35,11 @@ def default_worker_id() -> str:
 
 def parse_sizes(text: str) -> tuple[Size, ...]:
     """Parse `--sizes`: comma-separated `WIDTHxHEIGHT`s, `sdxl` standing for SDXL's nine trained resolutions;
-    order kept, repeats dropped. A step count (the old `--shapes` form) is refused, saying what to use instead."""
+    order kept, repeats dropped."""
     sizes: list[Size] = []
     for part in (p.strip() for p in text.split(",")):
         if part == "sdxl":
             sizes += [Size(width=w, height=h) for w, h in SDXL_RESOLUTIONS]
-        elif _SHAPE_LIKE.match(part):
-            raise ValueError(
-                f"{part!r} names a step count: give sizes only (WIDTHxHEIGHT, e.g. 1024x1024, or sdxl); each size "
-                "serves every step count from 1 to --max-steps"
-            )
         elif part:
             sizes.append(Size.parse(part))
     if not sizes:
@@ -60,6 +52,7 @@ class WorkerConfig:
     """Settings of one worker process. `sizes=None` means: the model's native size."""
 
     redis_url: str = DEFAULT_REDIS_URL
+    allow_evicting_redis: bool = False  # run on a Redis whose maxmemory-policy may evict keys
     model: str = DEFAULT_MODEL
     revision: str | None = None
     # Configs and tokenizers of a single-file checkpoint (None: SDXL base's, from the hub).
@@ -90,6 +83,8 @@ class WorkerConfig:
     # Where images are written (common/blobstore.py); a file store is swept of expired objects this often.
     blob_store: str = BLOBS_IN_REDIS
     blob_sweep_interval_s: float = 300.0
+    # A job whose images the store refuses this long fails, and the worker stops claiming until it takes writes.
+    blob_store_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         require(self.images_per_request >= 1, "--images-per-request", "must be >= 1")
@@ -112,6 +107,7 @@ class WorkerConfig:
         require_redis_url(self.redis_url)
         require_blob_store_url(self.blob_store)
         require(self.blob_sweep_interval_s > 0, "--blob-sweep-interval", "must be > 0")
+        require(self.blob_store_timeout_s > 0, "--blob-store-timeout", "must be > 0")
 
     @property
     def model_revision(self) -> str | None:

@@ -15,7 +15,6 @@ import contextlib
 import json
 import logging
 import re
-import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
@@ -26,12 +25,15 @@ from redis.exceptions import ResponseError
 
 from common.jobstore import terminal_args, terminal_keys, webhook_keys
 from common.protocol import JOB_ID_PATTERN, Job, JobResult
-from common.redis_conn import text
+from common.redis_conn import UNAVAILABLE, text
 from common.rediskeys import RedisKeys
 from common.scripts import register
 from common.streams import JobStreams
 
 logger = logging.getLogger(__name__)
+
+# What a worker rides out (retries, skips or logs) when Redis is away, rather than failing the job or stopping.
+REDIS_ERRORS = (*UNAVAILABLE, OSError)
 
 
 class MalformedJob(Exception):
@@ -220,8 +222,8 @@ class Delivery:
 
         The entry describes the job without its prompts (their lengths only): a prompt is the caller's, and
         stays only in the job's record, which expires with its result. The stream is bounded (about
-        DEAD_LETTER_MAX_LEN entries), and each add drops the entries older than the job's result TTL and
-        makes the stream expire that long after its last entry.
+        DEAD_LETTER_MAX_LEN entries), and each add drops the entries older than the job's result TTL by Redis's
+        clock (a worker's own may run ahead) and makes the stream expire that long after its last entry.
         """
         job = claimed.job
         history = [text(a) for a in await self._redis.lrange(self._keys.attempts(job.id), 0, -1)]
@@ -229,8 +231,9 @@ class Delivery:
             id=job.id,
             status="failed",
             worker=worker_id,
-            seed=job.seed,
-            shape=job.shape,
+            seed=job.params.seed,
+            shape=job.params.shape,
+            scheduler=job.params.scheduler,
             error=f"gave up: {reason} (attempts: {', '.join(history) or 'none'})",
         )
         done = await self._dead_letter(
@@ -244,8 +247,6 @@ class Delivery:
                 claimed.deliveries,
                 reason,
                 self._dead_letter_max_len,
-                # Redis ms ids: entries added before now - ttl. The worker's clock is near enough for hours.
-                f"{int(time.time() * 1000) - job.result_ttl_s * 1000}-0",
             ],
         )
         if done:
@@ -317,8 +318,9 @@ def _stream_gone(exc: ResponseError) -> bool:
 
 def _without_prompts(job: Job) -> str:
     """A job's JSON as the dead-letter stream keeps it: the prompts replaced by their lengths."""
-    described = job.model_dump(mode="json", exclude={"prompt", "negative_prompt"})
-    described.update(prompt_chars=len(job.prompt), negative_prompt_chars=len(job.negative_prompt))
+    params = job.params
+    described = job.model_dump(mode="json", exclude={"params": {"prompt", "negative_prompt"}})
+    described.update(prompt_chars=len(params.prompt), negative_prompt_chars=len(params.negative_prompt))
     return json.dumps(described)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 from common.blobstore import BlobStore, BlobStoreError, BlobStoreUnavailable, FileBlobStore, result_key
@@ -22,16 +23,23 @@ RETRY_CAP_S = 5.0
 _EXTENSIONS = {"image/png": "png", "image/webp": "webp", "image/jpeg": "jpg"}
 
 
-class ImageWriter:
-    """Puts a result's images into `blobs` and turns the result into one that names them."""
+class ImagesNotStored(BlobStoreError):
+    """The store refused a job's images for longer than the writer's bound (a full or read-only volume, a
+    bucket that denies writes): the job cannot be delivered with them."""
 
-    def __init__(self, blobs: BlobStore, worker_id: str) -> None:
+
+class ImageWriter:
+    """Puts a result's images into `blobs` and turns the result into one that names them. A store that stays
+    unwritable for `give_up_after_s` fails the put (ImagesNotStored) rather than holding the job forever."""
+
+    def __init__(self, blobs: BlobStore, worker_id: str, give_up_after_s: float = 60.0) -> None:
         self.blobs = blobs
         self._worker_id = worker_id
+        self._give_up_after_s = give_up_after_s
 
     async def put(self, job: Job, result: JobResult, images: list[bytes]) -> JobResult:
         """Store `images` under this attempt's keys, retrying while the store is unreachable (a transient
-        fault: the job stays in hand, its heartbeat alive); returns the result naming them."""
+        fault: the job stays in hand, its heartbeat alive) up to the bound; returns the result naming them."""
         attempt = f"{self._worker_id}-{uuid.uuid4().hex[:8]}"
         extension = _EXTENSIONS.get(result.media_type, "bin")
         keys = [result_key(job.result_ttl_s, job.id, attempt, n, extension) for n in range(len(images))]
@@ -39,16 +47,38 @@ class ImageWriter:
         return result.model_copy(update={"image_keys": keys, "image_sizes": [len(image) for image in images]})
 
     async def _retrying(self, job_id: str, keys: list[str], images: list[bytes], media_type: str) -> None:
-        delay = 0.1
+        delay, deadline = 0.1, time.monotonic() + self._give_up_after_s
         while True:
             try:
                 puts = (self.blobs.put(key, image, media_type) for key, image in zip(keys, images, strict=True))
                 await asyncio.gather(*puts)
                 return
             except BlobStoreUnavailable as exc:
+                if time.monotonic() >= deadline:
+                    await self.discard_keys(keys)
+                    raise ImagesNotStored(
+                        f"the image store refused writes for {self._give_up_after_s:g}s: {exc}"
+                    ) from exc
                 logger.warning("job %s: storing its images failed (%s); retrying in %.1fs", job_id, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_CAP_S)
+
+    async def writable(self) -> str | None:
+        """None if the store takes a small object now (written and removed again), else why not."""
+        key = result_key(60, "write-probe", f"{self._worker_id}-{uuid.uuid4().hex[:8]}", 0, "bin")
+        try:
+            await self.blobs.put(key, b"probe", "application/octet-stream")
+        except BlobStoreError as exc:
+            return str(exc)
+        await self.discard_keys([key])
+        return None
+
+    async def discard_keys(self, keys: list[str]) -> None:
+        """Remove `keys`' objects, best effort (the sweep or the bucket's lifecycle rules take what is left)."""
+        try:
+            await self.blobs.delete(keys)
+        except BlobStoreError as exc:
+            logger.warning("objects %s stay until they expire (%s)", ", ".join(keys), exc)
 
     async def discard(self, result: JobResult) -> None:
         """Remove the objects of a result that was not stored (best effort: the sweep or the bucket's

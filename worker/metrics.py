@@ -60,6 +60,21 @@ class WorkerMetrics:
         )
         self.busy = Gauge("sdxl_worker_busy", "1 while a job is on the devices", registry=r)
         self.reclaims = Counter("sdxl_worker_reclaims", "Jobs this worker took over from dead workers", registry=r)
+        self._add_image_store_metrics()
+
+    def _add_image_store_metrics(self) -> None:
+        """Whether the image store takes writes, and the jobs failed because it did not for too long."""
+        self.image_store_failures = Counter(
+            "sdxl_worker_image_store_failures",
+            "Jobs failed because the image store refused their images for --blob-store-timeout",
+            registry=self.registry,
+        )
+        self.image_store_writable = Gauge(
+            "sdxl_worker_image_store_writable",
+            "0 while the image store refuses writes (the worker is not claiming), else 1",
+            registry=self.registry,
+        )
+        self.image_store_writable.set(1)
 
 
 def metrics_app(metrics: WorkerMetrics, ready: Callable[[], str | None]) -> web.Application:

@@ -46,7 +46,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from common.protocol import DEFAULT_MAX_STEPS, DEFAULT_SCHEDULER, MAX_STEPS, SCHEDULERS, Scheduler, Shape, Size
+from common.protocol import (
+    DEFAULT_MAX_STEPS,
+    DEFAULT_SCHEDULER,
+    MAX_STEPS,
+    SCHEDULERS,
+    GenerationParams,
+    ResolvedParams,
+    Scheduler,
+    Shape,
+    Size,
+)
 from worker.attention import DEFAULT_ATTENTION, Attention, traced_with
 from worker.checkpoints import load_checkpoint
 from worker.flops import FlopCount, abstract_array, count_flops
@@ -411,31 +421,23 @@ class SDXLPipeline:
         `self.attention` says."""
         return traced_with(self.attention, functools.partial(fn, self._pipe, size, cfg))
 
-    def generate(
-        self,
-        shape: Shape,
-        prompt: str,
-        negative_prompt: str,
-        seed: int,
-        guidance_scale: float,
-        on_step: StepCallback | None = None,
-        scheduler: str = DEFAULT_SCHEDULER,
-    ) -> np.ndarray:
-        """Generate `images_per_request` images; returns uint8 [images, height, width, 3].
+    def generate(self, params: ResolvedParams, on_step: StepCallback | None = None) -> np.ndarray:
+        """Generate `images_per_request` images for a job's parameters; returns uint8 [images, height, width, 3].
 
         With `report_progress`, `on_step(n)` is called on this thread as denoising step n (1-based) is done.
         UnsupportedShape: the size is not compiled, or the step count is outside 1..max_steps; PipelineError:
         an unknown scheduler.
         """
+        shape = params.shape
         variants = self._compiled.get(shape.size)
         if variants is None:
             compiled = ", ".join(map(str, self._compiled)) or "none"
             raise UnsupportedShape(f"size {shape.size} is not compiled here; compiled: {compiled}")
         if not 1 <= shape.steps <= self.max_steps:
             raise UnsupportedShape(f"{shape.steps} steps: this worker runs 1 to {self.max_steps}")
-        schedule = self._schedule(scheduler, shape.steps, guidance_scale)
-        compiled = variants[guided(guidance_scale)]
-        inputs = self._inputs(prompt, negative_prompt, seed, guidance_scale)
+        schedule = self._schedule(params.scheduler, shape.steps, params.guidance_scale)
+        compiled = variants[guided(params.guidance_scale)]
+        inputs = self._inputs(params.prompt, params.negative_prompt, params.seed, params.guidance_scale)
         if isinstance(compiled, _Stepwise):
             images = self._run_stepwise(compiled, inputs, schedule, on_step)
         else:
@@ -445,8 +447,8 @@ class SDXLPipeline:
     def _warm_up(self, size: Size, cfg: bool) -> None:
         """Run a variant's executables once (one step), so the first request pays no first-run costs
         (allocation, loading the executables onto the devices)."""
-        guidance = WARM_UP_GUIDANCE if cfg else 0.0
-        self.generate(Shape(width=size.width, height=size.height, steps=1), "warm-up", "", 0, guidance)
+        request = GenerationParams(prompt="warm-up", guidance_scale=WARM_UP_GUIDANCE if cfg else 0.0)
+        self.generate(request.resolved(Shape(width=size.width, height=size.height, steps=1), seed=0))
 
     def _schedule(self, scheduler: str, steps: int, guidance_scale: float) -> _Schedule:
         """The request's schedule, put on the devices (one upload per array, once per request)."""

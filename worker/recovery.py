@@ -124,7 +124,7 @@ class Recovery:
             logger.error("rejecting malformed job while rehoming: %s", bad)
             await self._delivery.reject(bad, "rehome", MALFORMED_RESULT_TTL_S)
             return 0
-        target = self._keys.size_stream(job.shape.size)
+        target = self._keys.size_stream(job.params.shape.size)
         await self._streams.ensure_group(target)
         moved = await self._move(
             keys=[stream, target, self._keys.job(job.id)], args=[self._keys.workers_group, entry_id]

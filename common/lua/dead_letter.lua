@@ -1,6 +1,7 @@
 -- Give up on a job: record it with its history on the dead-letter stream and make it terminal as failed,
 -- then settle its entry. The dead-letter stream is bounded (about ARGV[11] entries, none older than the
--- job's result ttl) and expires that long after its last entry.
+-- job's result ttl by Redis's clock: a worker whose clock runs ahead must not wipe it) and expires that long
+-- after its last entry.
 --
 -- Safe to run twice: a rerun (or a job already terminal) only settles the entry.
 --
@@ -23,7 +24,6 @@
 -- ARGV[9]  how many times it was delivered, on every stream it was on
 -- ARGV[10] why it was given up
 -- ARGV[11] about how many entries the dead-letter stream keeps
--- ARGV[12] the oldest entry id the dead-letter stream keeps (now less the result ttl)
 --
 -- Returns 1 when this call dead-lettered the job, 0 when it was terminal already.
 
@@ -38,7 +38,8 @@ local attempts = '[]'
 if #history > 0 then attempts = cjson.encode(history) end
 redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[11], '*', 'job', ARGV[8], 'entry_id', ARGV[2],
            'deliveries', ARGV[9], 'attempts', attempts, 'reason', ARGV[10])
-redis.call('XTRIM', KEYS[8], 'MINID', ARGV[12])
+local now = redis.call('TIME')
+redis.call('XTRIM', KEYS[8], 'MINID', string.format('%.0f-0', (tonumber(now[1]) - tonumber(ARGV[3])) * 1000))
 redis.call('EXPIRE', KEYS[8], ARGV[3])
 redis.call('HINCRBY', KEYS[4], 'dead_lettered', 1)
 -- The job's webhook, as the job carries it, for a record Redis lost (made again here without it).

@@ -5,7 +5,8 @@
 -- holding that many entries (queued or in service), checked here so that any number of gateways cannot
 -- overshoot it. With a caller's in-flight set, the caller's own cap is checked here too (fair share).
 -- Neither the record nor the key expires while the job is not terminal: the scripts that make it
--- terminal set their lifetimes.
+-- terminal set their lifetimes. Nor does the caller's in-flight set: a job stays in it exactly as long
+-- as it is unfinished (common/lua/include/settle.lua takes it out; an empty set is gone).
 --
 -- Safe to run twice (redis-py retries a call whose reply was lost): the job id is drawn before the call,
 -- so a rerun finds this job's record and answers `created` again, queueing nothing.
@@ -17,7 +18,7 @@
 -- KEYS[5]  (optional) the idempotency key's string
 -- KEYS[#KEYS] (when ARGV[7] > 0) the caller's in-flight sorted set (job ids by submit ms)
 -- ARGV[1]  job (Job JSON)
--- ARGV[2]  ttl of the in-flight set, seconds
+-- ARGV[2]  (unused)
 -- ARGV[3]  job id
 -- ARGV[4]  request fingerprint (a digest of the request, compared on a replay)
 -- ARGV[5]  maximum depth of the stream (0: none)
@@ -41,9 +42,9 @@ if idempotency then
   local existing = redis.call('GET', idempotency)
   if existing and existing ~= claim then return {'existing', existing} end
 end
--- Fair share: a caller holds at most ARGV[7] jobs queued or running. Its set is pruned of finished and
--- expired jobs only when it looks full, so it never holds more than the cap, and no other script has to
--- remove anything from it.
+-- Fair share: a caller holds at most ARGV[7] jobs queued or running. The job's end takes it out of its
+-- caller's set (the record names the set); when the set looks full it is pruned too, of jobs whose record
+-- Redis lost (restored from an older snapshot), so it never holds more than the cap.
 if flight and redis.call('ZCARD', flight) >= cap then
   for _, id in ipairs(redis.call('ZRANGE', flight, 0, -1)) do
     local status = redis.call('HGET', ARGV[8] .. id, 'status')
@@ -72,7 +73,8 @@ redis.call('HSET', KEYS[1], 'owner', ARGV[6])
 if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'webhook', ARGV[9], 'webhook_events', ARGV[10]) end
 if flight then
   redis.call('ZADD', flight, ms, ARGV[3])
-  redis.call('EXPIRE', flight, ARGV[2])
+  redis.call('PERSIST', flight)  -- a set from an older release had a lifetime: no longer
+  redis.call('HSET', KEYS[1], 'in_flight', flight)
 end
 if idempotency then
   redis.call('SET', idempotency, claim)

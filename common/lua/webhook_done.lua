@@ -1,6 +1,8 @@
 -- Record one delivery attempt of the head message of a job's outbox, if the caller still holds the lease
 -- it was taken under: `delivered` and `gave-up` end the message (the next one, if any, is due at once),
--- `retry` makes the job due again after ARGV[6] ms.
+-- `retry` makes the job due again after ARGV[6] ms. `skip` is no attempt: the gateway cannot send the
+-- message (it lacks the signing secret, or the allow-listing, the message needs) and leaves it, due again
+-- after ARGV[6] ms, to any gateway; the message counts its skips.
 --
 -- Safe to run twice: a rerun finds its lease gone and changes nothing. So does a gateway whose lease ran out
 -- (another gateway took the message, and its attempt is the one recorded).
@@ -9,10 +11,10 @@
 -- KEYS[2]  the job's webhook hash
 -- ARGV[1]  lease token
 -- ARGV[2]  job id
--- ARGV[3]  outcome: delivered, retry or gave-up
+-- ARGV[3]  outcome: delivered, retry, gave-up or skip
 -- ARGV[4]  the receiver's HTTP status ('' for none: no answer)
 -- ARGV[5]  what went wrong ('' for nothing)
--- ARGV[6]  with retry, ms until the next attempt
+-- ARGV[6]  with retry or skip, ms until the message is due again
 -- ARGV[7]  seconds the hash lives once its outbox is empty
 -- ARGV[8]  the message's body, kept for its next attempts ('' to keep what is kept)
 --
@@ -24,6 +26,14 @@ local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local queue = redis.call('HGET', KEYS[2], 'queue') or ''
 local head, rest = string.match(queue, '^(%S+)%s*(.*)$')
 local state = cjson.decode(redis.call('HGET', KEYS[2], 'm:' .. head))
+if ARGV[3] == 'skip' then
+  redis.call('HDEL', KEYS[2], 'lease')
+  state.skips = (state.skips or 0) + 1
+  state.next_ms = ms + tonumber(ARGV[6])
+  redis.call('HSET', KEYS[2], 'm:' .. head, cjson.encode(state))
+  redis.call('ZADD', KEYS[1], state.next_ms, ARGV[2])
+  return 'skip'
+end
 state.attempts = state.attempts + 1
 state.last_attempt_ms = ms
 state.last_status = tonumber(ARGV[4])

@@ -411,7 +411,9 @@ async function loadServed() {
   if (card) {
     setOptions($("size"), card.sizes);
     setOptions($("scheduler"), card.schedulers);
-    Object.assign($("steps"), { min: card.min_steps, max: card.max_steps, placeholder: `default ${card.default_steps}` });
+    // The placeholder is the default alone: a narrow input cuts "default 20" short.
+    Object.assign($("steps"), { min: card.min_steps, max: card.max_steps, placeholder: String(card.default_steps) });
+    $("steps-range").textContent = `${card.min_steps}–${card.max_steps}`;
   }
   form.dataset.served = card ? "loaded" : "unknown";
 }
@@ -424,6 +426,13 @@ form.addEventListener("submit", (event) => {
 cancelButton.addEventListener("click", () => {
   if (current) current.cancel();
 });
+
+// The browser's own validation can block a submit (an empty prompt, steps out of range) without a submit
+// event: the last answer's error box would stay beside the browser's message, so it goes now.
+form.addEventListener("invalid", () => {
+  errorEl.hidden = true;
+  errorEl.replaceChildren();
+}, true);
 
 // Editing an input the server rejected clears its mark.
 form.addEventListener("input", (event) => event.target.removeAttribute("aria-invalid"));

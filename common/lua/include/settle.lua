@@ -9,7 +9,8 @@ end
 
 -- Make the job terminal: its result (images from ARGV[first_image] on), the record's status (and its
 -- webhook, `webhook`, should Redis have lost the record that had it) and the
--- attempt that settled it, lifetimes counted from now (the record and the history outlive the images),
+-- attempt that settled it, lifetimes counted from now (the record and the history outlive the images), the
+-- job out of its caller's in-flight set,
 -- its webhook's `completed` event made due (in this same script: a result is never seen without it), and
 -- the announcement.
 local function finish(status, settled, meta, first_image, webhook)
@@ -24,6 +25,9 @@ local function finish(status, settled, meta, first_image, webhook)
   local key = redis.call('HGET', KEYS[3], 'idempotency')
   if key then redis.call('EXPIRE', key, ARGV[3]) end
   redis.call('EXPIRE', KEYS[5], ARGV[4])
+  -- Out of its caller's in-flight set (submit.lua), which has no lifetime: it holds unfinished jobs only.
+  local flight = redis.call('HGET', KEYS[3], 'in_flight')
+  if flight then redis.call('ZREM', flight, ARGV[6]) end
   webhook_keep(KEYS[3], webhook)
   webhook_due(KEYS[3], KEYS[6], KEYS[7], ARGV[6], 'completed')
   redis.call('PUBLISH', ARGV[5], ARGV[6])

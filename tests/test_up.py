@@ -1,0 +1,160 @@
+"""`sdxl-serve up`'s flags against its children's: every flag `up` takes that a gateway or a worker also takes
+reaches that child, as the child's own parser reads the command line `up` starts it with.
+
+The cases are generated from the parsers: a flag added to `up` (or to a child) is checked without a test being
+written for it, and a flag of `up` that no child takes must be named here as `up`'s own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sdxl_serve.cli import build_parser
+from sdxl_serve.up import Resolved, UpConfig, child_command, children
+
+# Flags only `up` itself reads: how many workers, where the tiny model is made, supervision.
+UP_ONLY = frozenset(
+    {
+        "--workers",
+        "--cache-dir",
+        "--ready-timeout",
+        "--restart-delay",
+        "--restart-max-delay",
+        "--restart-limit",
+        "--restart-window",
+    }
+)
+# What `up` settles itself when these are not given (a private redis-server, a directory of the run, the tiny
+# model or SDXL base); given, they are passed on as they are.
+UNSET = {"--redis-url": "redis://127.0.0.1:1/0", "--blob-store": "file:///run/images", "--model": "/cache/tiny-model"}
+SCRATCH = Path("/run")  # the directory of the run
+# Values the generic rule below cannot make up (a format of its own, or a rule between two flags).
+SAMPLES = {
+    "--redis-url": "redis://10.0.0.5:6390/3",
+    "--blob-store": "file:///srv/sdxl-images",
+    "--sizes": "64x64,128x96",
+    "--default-steps": "3",
+    "--host": "0.0.0.0",
+    "--model": "/models/sdxl",
+    "--compile-cache": "/srv/compile-cache",
+}
+CHILDREN = ("gateway", "worker")
+GLOBAL = frozenset({"--log-level", "--log-format"})  # given before the subcommand
+
+
+def subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    found: argparse.ArgumentParser = sub.choices[name]
+    return found
+
+
+def options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Every long option of `parser` (help, version and removed flags aside), with its action."""
+    return {
+        flag: action
+        for action in parser._actions
+        if action.help != argparse.SUPPRESS and not isinstance(action, argparse._HelpAction | argparse._VersionAction)
+        for flag in action.option_strings
+        if flag.startswith("--")
+    }
+
+
+def up_flags() -> dict[str, argparse.Action]:
+    """`up`'s flags, the global ones (--log-level, --log-format) included."""
+    parser = build_parser(load=["up"])
+    return {**options(parser), **options(subparser(parser, "up"))}
+
+
+def takers(flag: str) -> list[str]:
+    """The children whose own parser takes `flag`."""
+    parser = build_parser(load=CHILDREN)
+    return [name for name in CHILDREN if flag in {**options(parser), **options(subparser(parser, name))}]
+
+
+FORWARDED = sorted(flag for flag in up_flags() if takers(flag))
+
+
+def sample(flag: str, action: argparse.Action) -> list[str]:
+    """`flag` with a value other than its default, as a person would type it."""
+    if action.nargs == 0:
+        return [flag]
+    if flag in SAMPLES:
+        return [flag, SAMPLES[flag]]
+    if action.choices:
+        return [flag, next(str(c) for c in action.choices if c != action.default)]
+    if action.type is int:
+        return [flag, str(int(action.default) + 1)]
+    if action.type is float:
+        return [flag, str(float(action.default) + 1.5)]
+    return [flag, f"{action.default}-other"]
+
+
+def command_line(argv: list[str]) -> list[str]:
+    """`sdxl-serve ... up ...` with `argv` where it belongs: a global flag before the subcommand."""
+    return [*argv, "up"] if argv and argv[0] in GLOBAL else ["up", *argv]
+
+
+async def private_redis() -> str:
+    return UNSET["--redis-url"]
+
+
+async def default_model() -> str:
+    return UNSET["--model"]
+
+
+def default(flag: str) -> Any:
+    """What `up` reads for `flag` when it is not given (flags that share a destination share a default)."""
+    return getattr(build_parser().parse_args(["up"]), up_flags()[flag].dest)
+
+
+def seen(argv: list[str], flag: str) -> dict[str, Any]:
+    """What each child `up` starts for `argv` reads for `flag` through its own parser, by the child's role
+    (children that do not take the flag left out)."""
+    config = UpConfig.from_args(build_parser().parse_args(command_line(argv)))
+    resolved = asyncio.run(Resolved.settle(config, SCRATCH, private_redis, default_model))
+    parser = build_parser(load=CHILDREN)
+    values = {}
+    for child in children(config, resolved):
+        role = child.argv[0]
+        own = {**options(parser), **options(subparser(parser, role))}
+        if flag in own:
+            values[role] = getattr(parser.parse_args(child_command(config, child)), own[flag].dest)
+    return values
+
+
+@pytest.fixture(autouse=True)
+def _no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defaults as the code states them, not as this machine's environment sets them."""
+    for name in list(os.environ):
+        if name.startswith("SDXL_SERVE_") or name == "PORT":
+            monkeypatch.delenv(name)
+
+
+def test_every_flag_of_up_is_its_own_or_a_childs() -> None:
+    stray = sorted(set(up_flags()) - UP_ONLY - set(FORWARDED))
+    assert not stray, f"flags of up that no child takes and up does not read itself: {stray}"
+    assert not UP_ONLY & set(FORWARDED), "a flag named as up's own is also a child's"
+
+
+@pytest.mark.parametrize("flag", FORWARDED)
+def test_the_flag_reaches_every_child_that_takes_it(flag: str) -> None:
+    action = up_flags()[flag]
+    argv = sample(flag, action)
+    given = getattr(build_parser().parse_args(command_line(argv)), action.dest)
+    assert given != default(flag), f"{argv} is {flag}'s default: the case would prove nothing"
+    values = seen(argv, flag)
+    assert set(values) == set(takers(flag)), f"{flag}: children started {sorted(values)}"
+    assert values == dict.fromkeys(values, given), f"{flag} {argv[1:]}: the children read {values}"
+
+
+@pytest.mark.parametrize("flag", FORWARDED)
+def test_a_flag_left_out_gives_each_child_ups_default(flag: str) -> None:
+    """`up` alone starts its children with `up`'s defaults (or what it settled itself), not theirs."""
+    expected = UNSET.get(flag, default(flag))
+    assert seen([], flag) == dict.fromkeys(takers(flag), expected)

@@ -1,0 +1,145 @@
+"""Claiming: where a worker's next job comes from, and the jobs that end without a result to deliver.
+
+Jobs of dead workers come first (they have waited longest; looked for every `reclaim_interval_s`), then this
+worker's own stream (jobs routed to it), then the shared stream of each size it serves. An entry that does not
+parse is failed and settled; one handed out too often goes to the dead letters. A claimed job is started (its
+attempt recorded) before it runs; one cancelled while queued, or stopped on the device by a cancel, has its
+`cancelled` result stored already and its entry is only acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Collection, Sequence
+
+import redis.asyncio as aioredis
+
+from common.protocol import DEFAULT_RESULT_TTL_S, Size
+from common.rediskeys import RedisKeys
+from common.registry import Registry
+from common.streams import JobStreams
+from worker.config import WorkerConfig
+from worker.delivery import REDIS_ERRORS, ClaimedJob, Delivery, MalformedJob
+from worker.metrics import WorkerMetrics
+from worker.recovery import Recovery
+
+logger = logging.getLogger(__name__)
+
+# A job that could not be parsed still needs its failure kept for a while, so the requester can read it.
+MALFORMED_RESULT_TTL_S = DEFAULT_RESULT_TTL_S
+# How long to wait before claiming again after Redis failed a claim.
+CLAIM_RETRY_S = 1.0
+
+
+class Claims:
+    """Claims, starts and drops one worker's jobs. `open()` names the sizes served, before the first claim."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        redis: aioredis.Redis,
+        delivery: Delivery,
+        registry: Registry,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self._config = config
+        self._id = config.worker_id
+        self._keys = RedisKeys(config.key_prefix)
+        self._delivery = delivery
+        self._recovery = Recovery(redis, self._keys, delivery)
+        self._job_streams = JobStreams(redis, self._keys)
+        self._registry = registry
+        self._metrics = metrics
+        self._streams = [self._keys.worker_stream(self._id)]
+        self._next_reclaim = 0.0
+
+    async def open(self, sizes: Sequence[Size]) -> None:
+        """Take jobs from this worker's own stream first (jobs routed to it), then the shared stream of each of
+        `sizes`; create their consumer groups where missing."""
+        self._streams = [self._keys.worker_stream(self._id), *(self._keys.size_stream(s) for s in sizes)]
+        for stream in self._streams:
+            await self._job_streams.ensure_group(stream)
+
+    async def next(self, in_hand: Collection[ClaimedJob], stopping: asyncio.Event) -> ClaimedJob | None:
+        """The next job to run, or None when there is none yet (or Redis is away: then after a pause, cut short
+        by `stopping`). `in_hand`: the claimed jobs this worker still works on."""
+        try:
+            return await self._next_job(in_hand)
+        except MalformedJob as bad:
+            logger.error("rejecting malformed job: %s", bad)
+            await self._delivery.reject(bad, self._id, MALFORMED_RESULT_TTL_S)
+        except REDIS_ERRORS as exc:
+            logger.warning("claim failed (%s); retrying", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), CLAIM_RETRY_S)
+        return None
+
+    async def start(self, claimed: ClaimedJob) -> float | None:
+        """Record the job's start; returns how long it was queued (ms), or None when it was cancelled while
+        queued (then it is dropped without running)."""
+        job = claimed.job
+        claimed_ms = await self._record_start(claimed)
+        if claimed_ms is None:
+            logger.info("job %s: cancelled while queued; dropped without running", job.id)
+            await self._delivery.discard(claimed)
+            self._metrics.jobs.labels("skipped_cancelled").inc()
+            return None
+        queued_ms = claimed_ms - claimed.enqueued_ms
+        logger.info("job %s: claimed after %d ms in queue (%s)", job.id, queued_ms, job.params.shape)
+        return queued_ms
+
+    async def drop_stopped(self, claimed: ClaimedJob, step: int) -> None:
+        """Settle a job stopped because it was cancelled: its `cancelled` result is already stored, so the entry
+        is only acknowledged. Should Redis be away, the entry stays pending; whoever takes it over later drops it
+        (its job is cancelled)."""
+        job = claimed.job
+        logger.info(
+            "job %s: cancelled while running; stopped after step %d of %d", job.id, step, job.params.num_inference_steps
+        )
+        self._metrics.jobs.labels("stopped_cancelled").inc()
+        try:
+            await self._delivery.discard(claimed)
+        except REDIS_ERRORS as exc:
+            logger.warning("job %s: could not settle the cancelled job (%s); left pending", job.id, exc)
+
+    async def hand_back(self) -> None:
+        """Move the jobs routed to this worker back to the shared streams (it is leaving)."""
+        await self._recovery.rehome(self._keys.worker_stream(self._id))
+
+    async def _next_job(self, in_hand: Collection[ClaimedJob]) -> ClaimedJob | None:
+        """Jobs of dead workers first (they have waited longest), then new ones."""
+        if (reclaimed := await self._reclaim_due()) is not None:
+            return reclaimed
+        claimed = await self._delivery.claim(self._id, self._streams, self._config.claim_block_ms, in_hand)
+        # A job moved off a departed worker's stream, or read again after a lost reply, may be past the limit.
+        if claimed is not None and await self._delivery.dead_letter_if_exhausted(
+            claimed, self._id, self._config.max_deliveries
+        ):
+            return None
+        return claimed
+
+    async def _reclaim_due(self) -> ClaimedJob | None:
+        """Every `reclaim_interval_s`: rehome the jobs routed to departed workers, then take over one that a dead
+        worker held."""
+        now = time.monotonic()
+        if now < self._next_reclaim:
+            return None
+        self._next_reclaim = now + self._config.reclaim_interval_s
+        live = {w.id for w in await self._registry.workers()}
+        await self._recovery.rehome_orphans(live | {self._id})
+        claimed = await self._recovery.reclaim(self._id, live, self._config.max_deliveries, self._streams[1:])
+        if claimed is not None:
+            self._metrics.reclaims.inc()
+        return claimed
+
+    async def _record_start(self, claimed: ClaimedJob) -> int | None:
+        """Announce the start; returns the claim time on Redis's clock (this host's if Redis is away), or
+        None when the job was cancelled while queued."""
+        try:
+            return await self._delivery.start(claimed, self._id)
+        except REDIS_ERRORS as exc:
+            logger.warning("job %s: could not record its start (%s); running it anyway", claimed.job.id, exc)
+            return int(time.time() * 1000)

@@ -1,0 +1,72 @@
+"""The device: one thread that runs the pipeline's work, one call at a time, off the event loop, so heartbeats
+and Redis I/O keep flowing while the accelerator is busy.
+
+Warm-up loads the pipeline there, then compiles and warms every size it is to serve, recording how start-up time
+splits into phases; only then does the worker claim jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import numpy as np
+
+from common.protocol import Job, Size
+from worker.metrics import WorkerMetrics
+from worker.pipeline_protocol import Pipeline, StepCallback
+
+T = TypeVar("T")
+
+
+class Device:
+    """The accelerator, behind its own thread; `pipeline` is set once warm."""
+
+    def __init__(self, metrics: WorkerMetrics) -> None:
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+        self._metrics = metrics
+        self.pipeline: Pipeline | None = None
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the device thread, after whatever it is running now."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+
+    async def warm_up(
+        self, load: Callable[[], Pipeline], sizes: Sequence[Size] | None, phases: dict[str, float]
+    ) -> Sequence[Size]:
+        """Load the pipeline, then compile and warm `sizes` (the pipeline's defaults when None); adds the
+        seconds of each phase to `phases`. Returns the sizes served."""
+        started = time.perf_counter()
+        pipeline = await self.call(load)
+        phases["load"] = time.perf_counter() - started
+        served = sizes or pipeline.default_sizes()
+        for size in served:
+            await self._compile(pipeline, size, phases)
+        for phase, seconds in phases.items():
+            self._metrics.startup_seconds.labels(phase).set(seconds)
+        self._metrics.devices.labels(pipeline.device_kind).set(pipeline.devices)
+        self.pipeline = pipeline
+        return served
+
+    async def generate(self, job: Job, on_step: StepCallback) -> np.ndarray:
+        """`job`'s images; `on_step` is called on the device thread as each denoising step is done."""
+        pipeline = self.pipeline
+        assert pipeline is not None, "jobs are claimed only after warm-up"
+        return await self.call(lambda: pipeline.generate(job.params, on_step=on_step))
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False)
+
+    async def _compile(self, pipeline: Pipeline, size: Size, phases: dict[str, float]) -> None:
+        timings = await self.call(functools.partial(pipeline.compile, size))
+        for phase, seconds in (
+            ("lower", timings.lower_s),
+            ("compile", timings.compile_s),
+            ("warmup", timings.warmup_s),
+        ):
+            self._metrics.compile_seconds.labels(str(size), phase).set(seconds)
+            phases[phase] = phases.get(phase, 0.0) + seconds

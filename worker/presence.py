@@ -1,0 +1,111 @@
+"""A worker's presence in the registry: what it serves, its state, how many jobs it has settled, kept alive by a
+heartbeat so gateways route to it and its peers know it is there.
+
+States: `warming` (loading and compiling, takes no job), `ready`, `busy` (the device has work), `draining` (a
+stop was asked for: it says so until it leaves, so gateways and routing stop counting it even while it finishes
+the jobs in hand). Leaving removes the entry at once; a worker that dies simply stops heartbeating and its entry
+expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from common.protocol import Size
+from common.registry import Registry, WorkerInfo, WorkerState
+from worker.config import WorkerConfig
+from worker.delivery import REDIS_ERRORS
+from worker.pipeline_protocol import Pipeline
+
+logger = logging.getLogger(__name__)
+
+
+class Presence:
+    """This worker's registry entry (`info`) and the heartbeat that refreshes it."""
+
+    def __init__(self, config: WorkerConfig, registry: Registry, started_at: float | None = None) -> None:
+        self._config = config
+        self._registry = registry
+        self._draining = False
+        self._store_refuses = False  # the image store refuses writes: claim nothing until it takes one
+        self.info = WorkerInfo(
+            id=config.worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            model=config.model,
+            images_per_request=config.images_per_request,
+            state="warming",
+            **serving(config.sizes or (), config.max_steps, config.default_steps, ()),
+            started_at=started_at or time.time(),
+        )
+
+    async def announce(self, state: WorkerState) -> None:
+        """Take `state` and publish the entry now, without waiting for the next heartbeat."""
+        self._update(state=state)
+        await self._registry.publish(self.info, self._config.heartbeat_ttl_s)
+
+    def drain(self) -> None:
+        """Say `draining` from now on, whatever the device does."""
+        self._draining = True
+        self._update(state="draining")
+
+    def busy(self, busy: bool) -> None:
+        """The device took work (`busy`) or has none left (`ready`); published with the next heartbeat."""
+        self._update(state="draining" if self._draining or self._store_refuses else "busy" if busy else "ready")
+
+    def image_store_refuses(self, refuses: bool) -> None:
+        """The image store refuses writes (say `draining`, so gateways and routing stop counting this worker)
+        or takes them again."""
+        self._store_refuses = refuses
+        self.busy(False)
+
+    def warmed(self, pipeline: Pipeline, sizes: Sequence[Size]) -> None:
+        """Describe what the warm `pipeline` serves: `sizes`, its devices, step range and schedulers."""
+        default_steps = min(self._config.default_steps, pipeline.max_steps)
+        self._update(
+            device_kind=pipeline.device_kind,
+            devices=pipeline.devices,
+            **serving(sizes, pipeline.max_steps, default_steps, pipeline.schedulers),
+            ready_at=time.time(),
+        )
+
+    def settled_one(self) -> None:
+        """Count one more job settled."""
+        self._update(jobs_done=self.info.jobs_done + 1)
+
+    def metrics_on(self, port: int) -> None:
+        """Name the port of this worker's /metrics, /healthz and /readyz."""
+        self._update(metrics_port=port)
+
+    async def heartbeat(self) -> None:
+        """Refresh the entry every `heartbeat_interval_s`, forever; a Redis error skips one beat."""
+        while True:
+            await asyncio.sleep(self._config.heartbeat_interval_s)
+            try:
+                await self._registry.publish(self.info, self._config.heartbeat_ttl_s)
+            except REDIS_ERRORS as exc:
+                logger.warning("heartbeat failed (%s)", exc)
+
+    async def leave(self) -> None:
+        """Remove the entry now."""
+        await self._registry.remove(self.info.id)
+
+    def _update(self, **fields: Any) -> None:
+        self.info = self.info.model_copy(update=fields)
+
+
+def serving(sizes: Sequence[Size], max_steps: int, default_steps: int, schedulers: Sequence[str]) -> dict[str, Any]:
+    """The registry's description of what a worker serves: `sizes` at any step count from 1 to `max_steps`,
+    with `schedulers`."""
+    return {
+        "sizes": list(sizes),
+        "max_steps": max_steps,
+        "default_steps": default_steps,
+        "schedulers": list(schedulers),
+    }
