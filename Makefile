@@ -5,12 +5,16 @@ VENV ?= .venv
 PORT ?= 8000
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 INSTALLED := $(VENV)/.installed
+# The GPU images run Python 3.12 and jax 0.11: the code that meets them is tested there too (test-py312).
+VENV312 ?= .venv-py312
+INSTALLED312 := $(VENV312)/.installed
+PY312_TESTS := tests/test_pipeline.py tests/test_parity.py tests/test_schedulers.py
 # The packages, then everything `make check` lints and type-checks. $(wildcard) leaves out a package that is not
 # there yet, so a checkout without testkit/ is still checked whole.
 PACKAGES := $(wildcard common gateway worker sdxl_serve testkit)
 CODE := $(PACKAGES) $(wildcard bench tests) .ci/function_sizes.py
 
-.PHONY: full-arch install demo check test test-fast lint typecheck imports sizes bench clean redis-server redis-sentinel chromium
+.PHONY: test-py312 full-arch install demo check test test-fast lint typecheck imports sizes bench clean redis-server redis-sentinel chromium
 
 install: $(INSTALLED) redis-server redis-sentinel chromium
 
@@ -18,6 +22,16 @@ $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	touch $@
+
+# Made once, as the main venv is: the worker's pins (diffusers, transformers, huggingface-hub) with the newest
+# jax 0.11 release and only what the pipeline's tests need. .ci/python312 finds the interpreter.
+$(INSTALLED312): pyproject.toml
+	rm -rf $(VENV312)
+	"$$(.ci/python312)" -m venv $(VENV312)
+	$(VENV312)/bin/pip install --quiet --upgrade pip
+	$(VENV312)/bin/pip install --quiet -e ".[worker]" "jax>=0.11,<0.12" "pytest>=8" "pytest-asyncio>=0.24" \
+		"pytest-timeout>=2.3"
 	touch $@
 
 # Tests and `sdxl-serve up` start their own redis-server; install Debian's when there is none.
@@ -42,8 +56,9 @@ demo: install
 	$(VENV)/bin/sdxl-serve up --port $(PORT)
 
 # What CI runs (.ci/run): lint and format, strict types over the code and the tests, the import contract, the
-# function sizes (fails on a function over 50 lines not listed with its reason), then the tests.
-check: lint typecheck imports sizes test full-arch
+# function sizes (fails on a function over 50 lines not listed with its reason), then the tests, and the pipeline's
+# tests again on Python 3.12 with jax 0.11.
+check: lint typecheck imports sizes test test-py312 full-arch
 
 # The real SDXL architecture (random weights) at 256x256, 2 steps, on one CPU device: minutes and ~9 GiB, so a
 # step of its own after the suite.
@@ -58,6 +73,10 @@ test: install
 # still runs in `make test`; `pytest -m compile` runs the pipeline's own tests.
 test-fast: install
 	$(VENV)/bin/pytest -m "not e2e and not nemesis and not browser and not arch and not compile"
+
+# The pipeline, parity and scheduler tests on Python 3.12 with jax 0.11 (the capped instruction set ran in `test`).
+test-py312: $(INSTALLED312)
+	$(VENV312)/bin/pytest -q $(PY312_TESTS) -k "not capped_instruction_set"
 
 lint: install
 	$(VENV)/bin/ruff check $(CODE)
@@ -77,4 +96,4 @@ bench: install
 	$(VENV)/bin/python bench/overhead.py --requests 20
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache artifacts
+	rm -rf $(VENV) $(VENV312) .pytest_cache .mypy_cache .ruff_cache artifacts

@@ -1,10 +1,13 @@
 """`sdxl-serve bench BENCHMARK ...`: each benchmark is a module of this package with `add_arguments(parser)`
-and `main(args) -> int`. Imported only when `sdxl-serve bench` runs."""
+and `main(args) -> int`. Imported only when `sdxl-serve bench` runs, and then only the benchmark named on the
+command line: `bench generate` on a GPU image that has no aiohttp must not import the load generators."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+from collections.abc import Sequence
+from typing import Any
 
 BENCHMARKS = {
     "routing": "simulate the routing policies (shared, random, p2c) under Poisson load",
@@ -20,12 +23,28 @@ BENCHMARKS = {
 }
 
 
+class _FlagsOnUse(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """Sub-subcommands whose flags are added when one is chosen: its module is imported then, and no other."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        name = values[0] if isinstance(values, list) and values else None
+        chosen = self.choices.get(name) if isinstance(name, str) else None
+        if chosen is not None and not chosen._actions[1:]:  # only --help so far
+            importlib.import_module(f"bench.{name}").add_arguments(chosen)
+        super().__call__(parser, namespace, values, option_string)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """A sub-subcommand per benchmark, with that benchmark's own flags."""
-    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    """A sub-subcommand per benchmark; each gets its own flags when it is the one named."""
+    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK", action=_FlagsOnUse)
     for name, help_text in BENCHMARKS.items():
-        module = importlib.import_module(f"bench.{name}")
-        module.add_arguments(sub.add_parser(name, help=help_text, allow_abbrev=False))
+        sub.add_parser(name, help=help_text, allow_abbrev=False)
 
 
 def run(args: argparse.Namespace) -> int:

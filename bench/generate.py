@@ -225,7 +225,7 @@ def summarize(
 ) -> dict[str, Any]:
     """Throughput and efficiency from call latencies. `peak_tflops` is per device; None leaves out what
     depends on it."""
-    from bench.overhead import percentile  # nearest rank, as the other benchmarks report
+    from bench.quantiles import percentile  # nearest rank, as the other benchmarks report
 
     median = statistics.median(latencies)
     per_image_device = median * devices / images

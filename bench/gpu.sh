@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# The pipeline's speed on an NVIDIA GPU, on a machine that cannot reach a package index. About 10 minutes on an H200.
+# The pipeline's speed on an NVIDIA GPU, on a machine that cannot reach a package index (not yet timed on a GPU).
 #
 # Written for an image with Python 3.12, jax with CUDA and flax, but transformers 5 (no Flax CLIP) and no diffusers.
 # It makes a virtual environment that sees the image's packages (jax, flax, numpy, ...), installs over them, offline
 # and without resolving anything, the wheels of a folder brought along (bench/gpu-wheels.sh fills it: the pins of
-# bench/gpu-wheels.txt and this project's wheel), checks the versions, checks that jax sees a GPU, then runs
+# bench/gpu-wheels.txt and this project's wheel; pip itself runs from its wheel there), checks the versions, checks
+# that jax sees a GPU, then runs, for each variant (1 and 4 images, einsum and dot_product attention, stepwise and
+# fused) in a process of its own,
 #
-#   sdxl-serve bench generate --model sdxl-random --size 1024x1024 --steps 20 --images 1,4 \
-#       --attention einsum,dot_product --json
+#   sdxl-serve bench generate --model sdxl-random --size 1024x1024 --steps 20 --json \
+#       --images N --attention A --progress|--no-progress
 #
-# and keeps its JSON lines (one per image count and attention path) with the log and the machine's description.
+# and keeps their JSON lines (OUT/variants/NAME.jsonl, all of them in OUT/generate.jsonl) with their logs and the
+# machine's description. Run again with the same --out, it does only the variants not yet done.
 #
 #   bench/gpu.sh --wheels DIR [--out DIR] [--venv DIR] [--python PYTHON] [--dry-run] [-- MORE BENCH FLAGS]
 #
@@ -17,8 +20,10 @@
 #   --out DIR        where the results go (default: gpu-bench-DATE in the current directory)
 #   --venv DIR       the environment to make, afresh (default: OUT/venv)
 #   --python PYTHON  the image's interpreter, the one that holds jax (default: python3)
-#   --dry-run        everything up to the GPU: no GPU check, and the benchmark command is written, not run
-#   -- FLAGS         appended to the benchmark command (e.g. -- --repeats 5)
+#   --dry-run        everything up to the GPU: no GPU check, and the benchmark commands are written, not run
+#   --simulate       everything, on the CPU (JAX_PLATFORMS=cpu, no GPU check): with a bare image's environment rebuilt
+#                    on a CPU machine, e.g. -- --model DIR --size 64x64 --steps 1 --repeats 1 (tests/test_bench_gpu.py)
+#   -- FLAGS         appended to each benchmark command (e.g. -- --repeats 5)
 #
 # SDXL_GPU_BENCH_CMD, when set, runs in place of the environment's `sdxl-serve` (with the environment first on PATH)
 # and skips the GPU check: the test suite runs the whole script this way on a machine with no GPU.
@@ -32,6 +37,7 @@ out="gpu-bench-$(date -u +%Y%m%dT%H%M%SZ)"
 venv=""
 python=python3
 dry_run=0
+simulate=0
 extra=()
 
 fail() { echo "gpu.sh: $*" >&2; exit 2; }
@@ -44,6 +50,7 @@ while (($#)); do
         --venv) venv=${2:?--venv needs a folder}; shift 2 ;;
         --python) python=${2:?--python needs an interpreter}; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
+        --simulate) simulate=1; export JAX_PLATFORMS=cpu; shift ;;
         --) shift; extra=("$@"); break ;;
         *) fail "unknown argument: $1 (see the header of $0)" ;;
     esac
@@ -77,10 +84,17 @@ make_venv() {
     "$python" -m venv --system-site-packages --without-pip "$venv"
 }
 
-# --ignore-installed: pip neither skips a wheel because the image has that version nor uninstalls the image's copy.
+# pip runs from its own wheel, brought in the folder, inside the new environment: the image may have no pip at all
+# (a venv built with uv) or one too old for --python. --ignore-installed: pip neither skips a wheel because the
+# image has that version nor uninstalls the image's copy.
 install_wheels() {
-    "$python" -m pip --python "$venv/bin/python" install --quiet --disable-pip-version-check --no-cache-dir \
-        --no-deps --no-index --ignore-installed --find-links "$wheels" "$wheels"/*.whl
+    local pip_wheel=("$wheels"/pip-*.whl) wheel
+    local -a install=()
+    for wheel in "$wheels"/*.whl; do
+        [[ $wheel == "${pip_wheel[0]}" ]] || install+=("$wheel")
+    done
+    "$venv/bin/python" "${pip_wheel[0]}/pip" install --quiet --disable-pip-version-check --no-cache-dir \
+        --no-deps --no-index --ignore-installed --find-links "$wheels" "${install[@]}"
 }
 
 # A venv made from an interpreter that is itself in a venv (as on the GPU images, /opt/.../.venv/bin/python3) sees
@@ -131,21 +145,55 @@ if devices[0].platform != "gpu":
 ' 2>&1 | tee -a "$out/versions.txt" >&2
 }
 
-run_bench() {
-    local -a cmd
+# One variant: an image count, an attention path, stepwise (--progress) or fused (--no-progress).
+VARIANTS=(
+    "1 einsum --progress" "1 einsum --no-progress" "1 dot_product --progress" "1 dot_product --no-progress"
+    "4 einsum --progress" "4 einsum --no-progress" "4 dot_product --progress" "4 dot_product --no-progress"
+)
+
+variant_command() {
+    local images=$1 attention=$2 progress=$3
     read -r -a cmd <<<"${SDXL_GPU_BENCH_CMD:-sdxl-serve}"
-    cmd+=(bench generate --model sdxl-random --size 1024x1024 --steps 20 --images 1,4
-        --attention einsum,dot_product --json "${extra[@]}")
-    printf '%q ' "${cmd[@]}" >"$out/command.txt"
-    echo >>"$out/command.txt"
+    cmd+=(bench generate --model sdxl-random --size 1024x1024 --steps 20 --json
+        --images "$images" --attention "$attention" "$progress" "${extra[@]}")
+}
+
+# Each variant is a process of its own, its JSON lines in a file of its own, written whole when it succeeds: a run
+# cut short keeps the variants it finished (run it again with the same --out and it does only the others), and a
+# variant that fails (cuDNN refusing the dot_product attention at compile time) loses only itself. They share a
+# persistent compile cache under OUT, so a variant cut short after compiling does not compile again. The hub is
+# offline: sdxl-random and the tiny model need nothing from it, and a bare GPU machine reaches nothing.
+run_bench() {
+    local variant name failed=0
+    local -a cmd
+    mkdir -p "$out/variants" "$out/compile-cache"
+    : >"$out/command.txt"
+    for variant in "${VARIANTS[@]}"; do
+        read -r images attention progress <<<"$variant"
+        variant_command "$images" "$attention" "$progress"
+        printf '%q ' "${cmd[@]}" >>"$out/command.txt"
+        echo >>"$out/command.txt"
+        name="images-$images-$attention${progress/--/-}"
+        if ((dry_run)) || [[ -s $out/variants/$name.jsonl ]]; then continue; fi
+        step "variant $name"
+        if PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv" HF_HUB_OFFLINE=1 \
+            JAX_COMPILATION_CACHE_DIR="$out/compile-cache" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
+            "${cmd[@]}" >"$out/variants/$name.partial" 2> >(tee "$out/variants/$name.log" >&2); then
+            mv "$out/variants/$name.partial" "$out/variants/$name.jsonl"
+        else
+            step "variant $name failed (exit $?): see $out/variants/$name.log"
+            failed=1
+        fi
+    done
     if ((dry_run)); then
-        step "dry run: would run $(cat "$out/command.txt")"
+        step "dry run: would run, one process each:"
+        cat "$out/command.txt" >&2
         return
     fi
-    # JSON lines on stdout are kept as they come: a run cut short keeps the image counts it finished.
-    PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv" "${cmd[@]}" >"$out/generate.jsonl" 2> >(tee "$out/generate.log" >&2)
+    cat "$out/variants/"*.jsonl >"$out/generate.jsonl"
     step "results: $out/generate.jsonl"
     cat "$out/generate.jsonl"
+    return $failed
 }
 
 step "checking the wheels in $wheels"
@@ -157,7 +205,7 @@ install_wheels
 see_image_packages
 step "versions"
 record_versions
-if ((dry_run == 0)) && [[ -z ${SDXL_GPU_BENCH_CMD:-} ]]; then
+if ((dry_run == 0 && simulate == 0)) && [[ -z ${SDXL_GPU_BENCH_CMD:-} ]]; then
     step "checking that jax sees a GPU"
     check_gpu
 fi

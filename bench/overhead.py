@@ -33,14 +33,10 @@ import redis.asyncio as aioredis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.host import describe
+from bench.quantiles import percentile
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
 from testkit import async_redis_process, free_port, sdxl_serve_argv
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def run_requests(url: str, count: int, prompt: str) -> list[dict[str, Any]]:

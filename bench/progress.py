@@ -89,7 +89,7 @@ def measure_cost(args: argparse.Namespace) -> dict[str, Any]:
 
 async def measure_latency(url: str, requests: int, steps: int | None) -> dict[str, Any]:
     """Submit-to-`started` and submit-to-first-`progress`, one job at a time."""
-    from bench.overhead import percentile  # nearest rank, as the other serving benchmarks report
+    from bench.quantiles import percentile  # nearest rank, as the other serving benchmarks report
 
     started_ms: list[float] = []
     progress_ms: list[float] = []

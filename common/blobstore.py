@@ -6,8 +6,9 @@ One small interface (`BlobStore`: put, get, exists, delete, presign) with two ba
   ReadWriteMany volume). An object is written to a temporary name and renamed into place, so a reader never
   sees part of one. `FileBlobStore.sweep` removes expired objects; the workers run it.
 - `s3://bucket/prefix?endpoint=http://host:port&region=...&timeout=30`: AWS S3, or any S3-compatible store (MinIO,
-  SeaweedFS, Ceph, GCS's XML API) through obstore, whose Rust core brings its own retrying HTTP client,
-  request signing and pre-signed URLs and ships type stubs. Credentials come from the environment
+  SeaweedFS, Ceph, GCS's XML API) through obstore (common/s3blobstore.py, imported only when such a store is
+  opened), whose Rust core brings its own retrying HTTP client, request signing and pre-signed URLs and ships
+  type stubs. Credentials come from the environment
   (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, or an instance role), never from the URL.
 
 Object keys begin with the lifetime of the result they belong to (`ttl-3600/...`): the file backend's sweep
@@ -26,14 +27,9 @@ import stat
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
-
-import obstore
-from obstore.exceptions import BaseError, NotFoundError
-from obstore.store import S3Store
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +127,9 @@ def open_blob_store(url: str) -> BlobStore | None:
         return FileBlobStore(Path(parts.path))
     options = {name: values[-1] for name, values in parse_qs(parts.query).items()}
     timeout_s = float(options.get("timeout", 30))
+    # obstore is imported only for an S3 store: a command that never opens one runs without it.
+    from common.s3blobstore import S3BlobStore
+
     return S3BlobStore(
         parts.netloc,
         parts.path.strip("/"),
@@ -336,71 +335,3 @@ def _remove_if_empty(name: str, directory: int) -> None:
         os.rmdir(name, dir_fd=directory)  # refuses a link (ENOTDIR): nothing behind one is touched
     except OSError:  # not empty, already gone, or not a directory
         pass
-
-
-class S3BlobStore:
-    """Objects in an S3 bucket under `prefix`, through obstore."""
-
-    def __init__(
-        self,
-        bucket: str,
-        prefix: str = "",
-        endpoint: str | None = None,
-        region: str | None = None,
-        *,
-        timeout_s: float = 30.0,
-        retry_timeout_s: float = 20.0,
-    ) -> None:
-        config: dict[str, Any] = {"region": region or os.environ.get("AWS_REGION") or "us-east-1"}
-        if endpoint:
-            # An S3-compatible server at its own address serves buckets as paths, usually over plain HTTP
-            # inside the cluster.
-            config.update(endpoint=endpoint, virtual_hosted_style_request=False)
-        self.bucket = bucket
-        self._store = S3Store(
-            bucket,
-            prefix=prefix or None,
-            client_options={
-                "allow_http": bool(endpoint and endpoint.startswith("http://")),
-                "timeout": timedelta(seconds=timeout_s),
-                "connect_timeout": timedelta(seconds=min(timeout_s, 5.0)),
-            },
-            retry_config={"max_retries": 3, "retry_timeout": timedelta(seconds=retry_timeout_s)},
-            **config,
-        )
-
-    async def put(self, key: str, data: bytes, content_type: str) -> None:
-        await self._call(obstore.put_async(self._store, key, data, attributes={"Content-Type": content_type}))
-
-    async def get(self, key: str) -> bytes:
-        result = await self._call(obstore.get_async(self._store, key), key)
-        return bytes(await self._call(result.bytes_async(), key))
-
-    async def exists(self, key: str) -> bool:
-        try:
-            await self._call(obstore.head_async(self._store, key), key)
-        except BlobNotFound:
-            return False
-        return True
-
-    async def delete(self, keys: Sequence[str]) -> None:
-        if keys:
-            await self._call(obstore.delete_async(self._store, list(keys)))
-
-    async def presign(self, key: str, expires_s: int) -> str | None:
-        expires = timedelta(seconds=min(expires_s, PRESIGN_MAX_S))
-        url: str = await self._call(obstore.sign_async(self._store, "GET", key, expires))
-        return url
-
-    async def close(self) -> None:
-        return None
-
-    @staticmethod
-    async def _call(operation: Any, key: str | None = None) -> Any:
-        """Await an obstore call, sorting its errors: a missing object, or the store unreachable."""
-        try:
-            return await operation
-        except (NotFoundError, FileNotFoundError):
-            raise BlobNotFound(f"no object {key}") from None
-        except BaseError as exc:
-            raise BlobStoreUnavailable(f"S3 store: {exc}") from exc

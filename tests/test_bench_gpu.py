@@ -2,8 +2,11 @@
 the image's (it is in a venv, as the GPU images' python3 is), and a recorder in place of `sdxl-serve`.
 
 What it proves: the environment is made afresh over the image's packages (jax comes from the image), the wheels
-are installed from the folder alone (no index, no dependencies resolved), they shadow the image's own copies, and
-the benchmark runs inside that environment with exactly the flags that `sdxl-serve bench generate` accepts.
+are installed from the folder alone (no index, no dependencies resolved, pip run from its own wheel), they shadow
+the image's own copies, and the benchmark runs inside that environment, one process per variant with the hub
+offline and a shared compile cache, with exactly the flags that `sdxl-serve bench generate` accepts; a variant that
+fails loses only itself, and a second run does only what the first did not finish. And `bench generate` itself
+runs on the tiny model without the packages a bare GPU image lacks.
 """
 
 from __future__ import annotations
@@ -25,10 +28,15 @@ from sdxl_serve.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu.sh"
-EXPECTED_FLAGS = (
-    "bench generate --model sdxl-random --size 1024x1024 --steps 20 --images 1,4 --attention einsum,dot_product --json"
-).split()
-# Prints what the benchmark would see, and one JSON line as `bench generate --json` does.
+COMMON_FLAGS = "bench generate --model sdxl-random --size 1024x1024 --steps 20 --json".split()
+VARIANTS = [
+    ["--images", images, "--attention", attention, progress]
+    for images in ("1", "4")
+    for attention in ("einsum", "dot_product")
+    for progress in ("--progress", "--no-progress")
+]
+# Appends what the benchmark would see to RECORDED, and prints one JSON line as `bench generate --json` does; fails
+# for the variants FAIL names (words that must all be in its argv).
 RECORDER = """
 import importlib.util, json, os, sys
 import diffusers, transformers
@@ -38,11 +46,16 @@ seen = {
     "diffusers": [diffusers.__version__, diffusers.STAND_IN],
     "transformers": [transformers.__version__, transformers.STAND_IN],
     "jax_origin": importlib.util.find_spec("jax").origin,
+    "env": {name: os.environ.get(name) for name in ("HF_HUB_OFFLINE", "JAX_COMPILATION_CACHE_DIR")},
 }
-with open(os.environ["RECORDED"], "w") as f:
-    json.dump(seen, f)
-print(json.dumps({"measurement": "generate", "images": 1}))
+with open(os.environ["RECORDED"], "a") as f:
+    f.write(json.dumps(seen) + "\\n")
+if os.environ.get("FAIL") and set(os.environ["FAIL"].split()) <= set(sys.argv):
+    sys.exit("refused")
+print(json.dumps({"measurement": "generate", "argv": sys.argv[1:]}))
 """
+# What a bare GPU image lacks and no wheel brings (bench/gpu-wheels.txt).
+ABSENT_ON_THE_IMAGE = ("obstore", "aiohttp", "prometheus_client")
 
 
 def pins() -> dict[str, str]:
@@ -70,11 +83,26 @@ def stand_in_wheel(folder: Path, distribution: str, version: str) -> Path:
     return path
 
 
+def pip_wheel(folder: Path, version: str) -> Path:
+    """A wheel-named zip of this interpreter's own pip, which runs as `python pip-*.whl/pip` as the real one does."""
+    import pip
+
+    path = folder / f"pip-{version}-py3-none-any.whl"
+    package = Path(pip.__file__).parent
+    with zipfile.ZipFile(path, "w") as wheel:
+        for file in package.rglob("*"):
+            if file.is_file() and "__pycache__" not in file.parts:
+                wheel.write(file, Path("pip") / file.relative_to(package))
+    return path
+
+
 @pytest.fixture
 def wheels(tmp_path: Path) -> Path:
     folder = tmp_path / "wheels"
     folder.mkdir()
-    for distribution, version in {**pins(), "sdxl-serve": "0.1.0"}.items():
+    versions = pins()
+    pip_wheel(folder, versions.pop("pip"))
+    for distribution, version in {**versions, "sdxl-serve": "0.1.0"}.items():
         stand_in_wheel(folder, distribution, version)
     return folder
 
@@ -87,46 +115,97 @@ def run_script(*args: str | Path, env: dict[str, str] | None = None) -> subproce
         env=environment,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=300,
         check=False,
     )
 
 
-def test_installs_offline_over_the_image_and_runs_the_benchmark_in_its_venv(wheels: Path, tmp_path: Path) -> None:
-    out, recorded = tmp_path / "out", tmp_path / "recorded.json"
-    recorder = tmp_path / "recorder.py"
+def recorded_run(wheels: Path, tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], list[Any]]:
+    """The script with the recorder in place of `sdxl-serve`; what each variant's process saw, in order."""
+    recorded, recorder = tmp_path / "recorded.jsonl", tmp_path / "recorder.py"
     recorder.write_text(RECORDER)
-    env = {"SDXL_GPU_BENCH_CMD": f"python {recorder}", "RECORDED": str(recorded)}
-    done = run_script("--wheels", wheels, "--out", out, env=env)
+    recorded.unlink(missing_ok=True)
+    env = {"SDXL_GPU_BENCH_CMD": f"python {recorder}", "RECORDED": str(recorded)} | env
+    done = run_script("--wheels", wheels, "--out", tmp_path / "out", env=env)
+    lines = recorded.read_text().splitlines() if recorded.exists() else []
+    return done, [json.loads(line) for line in lines]
+
+
+def test_installs_offline_over_the_image_and_runs_each_variant_in_its_venv(wheels: Path, tmp_path: Path) -> None:
+    done, seen = recorded_run(wheels, tmp_path)
     assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
     venv = out / "venv"
     assert "include-system-site-packages = true" in (venv / "pyvenv.cfg").read_text()
-    seen: dict[str, Any] = json.loads(recorded.read_text())
-    assert seen["argv"] == EXPECTED_FLAGS
-    assert Path(seen["prefix"]) == venv  # `python` on PATH was the new environment's
-    # The stand-ins won over the real diffusers and transformers of the interpreter the venv was made from...
-    assert seen["diffusers"] == ["0.39.0", True] and seen["transformers"] == ["4.57.6", True]
-    # ...and jax still came from that interpreter's packages.
-    assert Path(seen["jax_origin"]).is_relative_to(Path(sys.prefix))
-    assert json.loads((out / "generate.jsonl").read_text()) == {"measurement": "generate", "images": 1}
+    assert [variant["argv"] for variant in seen] == [COMMON_FLAGS + flags for flags in VARIANTS]
+    for variant in seen:
+        assert Path(variant["prefix"]) == venv  # `python` on PATH was the new environment's
+        # The stand-ins won over the real diffusers and transformers of the interpreter the venv was made from...
+        assert variant["diffusers"] == ["0.39.0", True] and variant["transformers"] == ["4.57.6", True]
+        # ...and jax still came from that interpreter's packages.
+        assert Path(variant["jax_origin"]).is_relative_to(Path(sys.prefix))
+        assert variant["env"] == {"HF_HUB_OFFLINE": "1", "JAX_COMPILATION_CACHE_DIR": str(out / "compile-cache")}
+    results = [json.loads(line) for line in (out / "generate.jsonl").read_text().splitlines()]
+    assert sorted(result["argv"] for result in results) == sorted(COMMON_FLAGS + flags for flags in VARIANTS)
     versions = (out / "versions.txt").read_text()
     assert "diffusers 0.39.0 (this venv)" in versions and re.search(r"^jax \S+ \(the image\)$", versions, re.M)
 
 
-def test_the_benchmark_command_is_one_that_bench_generate_accepts(wheels: Path, tmp_path: Path) -> None:
+def test_a_failed_variant_loses_only_itself_and_a_rerun_does_only_what_is_missing(wheels: Path, tmp_path: Path) -> None:
+    refused = ["--images", "4", "--attention", "dot_product", "--no-progress"]
+    done, seen = recorded_run(wheels, tmp_path, FAIL="4 dot_product --no-progress")
+    assert done.returncode != 0 and "images-4-dot_product-no-progress failed" in done.stderr
+    assert len(seen) == len(VARIANTS)  # the variants after the refused one ran too
+    results = (tmp_path / "out" / "generate.jsonl").read_text().splitlines()
+    assert len(results) == len(VARIANTS) - 1
+    done, seen = recorded_run(wheels, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert [variant["argv"] for variant in seen] == [COMMON_FLAGS + refused]
+    assert len((tmp_path / "out" / "generate.jsonl").read_text().splitlines()) == len(VARIANTS)
+
+
+def test_the_benchmark_commands_are_ones_that_bench_generate_accepts(wheels: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     done = run_script("--wheels", wheels, "--out", out, "--dry-run", "--", "--repeats", "5")
     assert done.returncode == 0, done.stderr
     assert not (out / "generate.jsonl").exists()
-    command = shlex.split((out / "command.txt").read_text())
-    assert command == ["sdxl-serve", *EXPECTED_FLAGS, "--repeats", "5"]
-    args = build_parser(load={"bench"}).parse_args(command[1:])
-    configs = configs_from_args(args)
-    assert [c.images for c in configs] == [1, 4] and {c.repeats for c in configs} == {5}
-    assert {(c.model, c.size, c.steps, c.attentions) for c in configs} == {
-        ("sdxl-random", (1024, 1024), 20, ("einsum", "dot_product"))
-    }
-    assert args.json
+    commands = [shlex.split(line) for line in (out / "command.txt").read_text().splitlines()]
+    assert commands == [["sdxl-serve", *COMMON_FLAGS, *flags, "--repeats", "5"] for flags in VARIANTS]
+    for command in commands:
+        args = build_parser(load={"bench"}).parse_args(command[1:])
+        (config,) = configs_from_args(args)
+        assert (config.model, config.size, config.steps, config.repeats) == ("sdxl-random", (1024, 1024), 20, 5)
+        assert (config.images, config.attentions, config.progress) == (
+            int(command[-6]),
+            (command[-4],),
+            command[-3] == "--progress",
+        )
+        assert args.json
+
+
+# Imported first by the child: any import of a package a bare GPU image lacks fails as it would there.
+IMPORT_BLOCKER = """
+import importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {absent!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (absent on a bare GPU image)", name=name)
+sys.meta_path.insert(0, Absent())
+sys.argv[0] = "sdxl-serve"
+from sdxl_serve.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.e2e
+def test_bench_generate_runs_without_what_a_bare_gpu_image_lacks(tiny_model: Path) -> None:
+    program = IMPORT_BLOCKER.format(absent=set(ABSENT_ON_THE_IMAGE))
+    flags = ["--model", str(tiny_model), "--size", "64x64", "--steps", "1", "--images", "4", "--repeats", "1"]
+    argv = [sys.executable, "-c", program, "bench", "generate", *flags, "--json"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (report,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert report["images"] == 4
 
 
 @pytest.mark.parametrize("missing", ["diffusers", "transformers", "sdxl_serve"])
@@ -145,3 +224,38 @@ def test_a_wrong_version_is_refused(wheels: Path, tmp_path: Path) -> None:
     stand_in_wheel(wheels, "huggingface-hub", "1.3.0")
     done = run_script("--wheels", wheels, "--out", tmp_path / "out", "--dry-run")
     assert done.returncode == 2 and "huggingface-hub==0.36.2" in done.stderr
+
+
+SIMULATE = "SDXL_SERVE_GPU_SIMULATE"
+# The packages of a bare GPU image, less CUDA: everything else comes from the wheels folder.
+BARE_IMAGE = ("jax==0.11.2", "flax", "transformers>=5,<6")
+
+
+def bare_image(folder: Path) -> Path:
+    """A Python 3.12 environment with only jax, flax and transformers 5 and their dependencies, and no pip."""
+    python = subprocess.run([str(ROOT / ".ci" / "python312")], capture_output=True, text=True, check=True).stdout
+    subprocess.run([python.strip(), "-m", "venv", str(folder)], check=True)
+    subprocess.run([str(folder / "bin" / "pip"), "install", "--quiet", *BARE_IMAGE], check=True, timeout=1800)
+    subprocess.run([str(folder / "bin" / "pip"), "uninstall", "--yes", "--quiet", "pip"], check=True)
+    return folder / "bin" / "python"
+
+
+@pytest.mark.skipif(os.environ.get(SIMULATE) != "1", reason=f"minutes and a package index: {SIMULATE}=1 runs it")
+@pytest.mark.timeout(7200)
+def test_the_script_runs_end_to_end_on_a_bare_image_rebuilt_on_the_cpu(tiny_model: Path, tmp_path: Path) -> None:
+    """The whole script on the CPU, as on a GPU machine: the image's environment rebuilt with Python 3.12, the
+    real wheels (bench/gpu-wheels.sh, from this checkout's last commit), every variant on the tiny model, then on
+    `sdxl-random`, at 64x64 and one step."""
+    python = bare_image(tmp_path / "image")
+    wheels = tmp_path / "wheels"
+    subprocess.run(["bash", str(ROOT / "bench" / "gpu-wheels.sh"), str(wheels)], check=True, timeout=1800)
+    # bench generate makes its own CPU devices; the suite's four would not split one image.
+    env = {name: value for name, value in os.environ.items() if name != "XLA_FLAGS"}
+    small = ["--size", "64x64", "--steps", "1", "--repeats", "1"]
+    for name, model in (("tiny", ["--model", str(tiny_model)]), ("random", [])):
+        out = tmp_path / name
+        argv = ["bash", str(SCRIPT), "--python", str(python), "--wheels", str(wheels), "--out", str(out)]
+        done = subprocess.run([*argv, "--simulate", "--", *model, *small], env=env, check=False, timeout=3600)
+        assert done.returncode == 0, name
+        reports = [json.loads(line) for line in (out / "generate.jsonl").read_text().splitlines()]
+        assert len(reports) == len(VARIANTS) and {report["images"] for report in reports} == {1, 4}

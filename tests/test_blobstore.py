@@ -16,12 +16,12 @@ from common.blobstore import (
     BlobStoreError,
     BlobStoreUnavailable,
     FileBlobStore,
-    S3BlobStore,
     check_url,
     open_blob_store,
     result_key,
     ttl_of,
 )
+from common.s3blobstore import S3BlobStore
 from testkit.objectstore import S3Server
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 64

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from gateway.config import GatewayConfig
 from sdxl_serve.cli import build_parser, main
 from sdxl_serve.up import Resolved, UpConfig, worker_argv
 from tests.deployfiles import ROOT, run_without_worker_extra
-from worker.cli import worker_config
+from worker.cli import CPU_DEVICES_FLAG, CPU_SCHEDULER_FLAG, use_cpu_devices, worker_config
 from worker.config import WorkerConfig
 
 
@@ -119,3 +120,28 @@ def test_version_is_the_installed_distribution() -> None:
     )
     assert answer.returncode == 0, answer.stderr
     assert answer.stdout.strip() == f"sdxl-serve {importlib.metadata.version('sdxl-serve')}"
+
+
+@pytest.mark.parametrize(
+    ("platforms", "cpu_flags"), [("cpu", True), ("cuda", False), ("tpu", False), ("cuda,cpu", False)]
+)
+def test_cpu_only_xla_flags_are_set_only_where_jax_runs_on_the_cpu(
+    monkeypatch: pytest.MonkeyPatch, platforms: str, cpu_flags: bool
+) -> None:
+    """An accelerator plugin's own XLA parses XLA_FLAGS too, and may refuse XLA:CPU's flags."""
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    before = "--xla_dump_to=/tmp/x"
+    monkeypatch.setenv("XLA_FLAGS", before)
+    use_cpu_devices(2)
+    assert os.environ["XLA_FLAGS"] == (f"{before} {CPU_DEVICES_FLAG}=2 {CPU_SCHEDULER_FLAG}" if cpu_flags else before)
+
+
+def test_bench_builds_only_the_flags_of_the_benchmark_it_runs() -> None:
+    """`sdxl-serve bench generate` must not import the load generators (aiohttp) a GPU image lacks."""
+    program = (
+        "import sys; from sdxl_serve.cli import build_parser; "
+        "args = build_parser(load={'bench'}).parse_args(['bench', 'generate', '--model', 'm', '--images', '1,4']); "
+        "print(args.images, sorted(m for m in sys.modules if m.startswith('bench.') or m in ('aiohttp', 'obstore')))"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.split() == ["(1,", "4)", "['bench.cli',", "'bench.generate',", "'bench.host']"]

@@ -15,9 +15,10 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from common.blobstore import BlobStore, FileBlobStore, S3BlobStore, open_blob_store
+from common.blobstore import BlobStore, FileBlobStore, open_blob_store
 from common.protocol import JobResult
 from common.rediskeys import RedisKeys
+from common.s3blobstore import S3BlobStore
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from testkit.jobs import succeeded

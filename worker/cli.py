@@ -13,6 +13,7 @@ PROCESS_STARTED = time.time()
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import importlib.util  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -24,6 +25,9 @@ from worker.config import ATTENTION, DEFAULT_MODEL, WorkerConfig, default_compil
 
 CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+# What jax loads to reach a GPU or a TPU (the CUDA and ROCm plugins live under `jax_plugins`): looked up, not
+# imported, before JAX reads XLA_FLAGS.
+ACCELERATOR_MODULES = ("jax_plugins", "libtpu")
 _GB = 1e9
 
 
@@ -225,13 +229,27 @@ def run(args: argparse.Namespace) -> int:
     os._exit(status)
 
 
+def accelerator_expected() -> bool:
+    """Whether JAX will run on something other than the CPU: JAX_PLATFORMS names another platform, or, unset,
+    a GPU or TPU runtime for jax is installed."""
+    platforms = {name.strip() for name in os.environ.get("JAX_PLATFORMS", "").split(",") if name.strip()}
+    if platforms:
+        return platforms != {"cpu"}
+    return any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_MODULES)
+
+
 def use_cpu_devices(count: int) -> None:
     """Make JAX split the host CPU into `count` devices, scheduled for memory; JAX ignores this where an
     accelerator exists.
 
     XLA:CPU's concurrency-optimised scheduler keeps every bfloat16 weight's float32 copy alive at once: 10.3 GB
     of temporaries for one SDXL UNet step, 137 MB with it off.
+
+    Where an accelerator may be used (`accelerator_expected`), XLA_FLAGS is left as it is: these flags are
+    XLA:CPU's, and an accelerator plugin's own XLA parses the same variable and may refuse a flag it lacks.
     """
+    if accelerator_expected():
+        return
     flags = os.environ.get("XLA_FLAGS", "")
     if CPU_DEVICES_FLAG not in flags:
         flags = f"{flags} {CPU_DEVICES_FLAG}={count}"
