@@ -238,6 +238,9 @@ class ModelCard(BaseModel):
     max_steps: int
     default_steps: int
     schedulers: list[str] = Field(description="the first is the default")
+    random_weights: bool = Field(
+        default=False, description="the tiny random-weight test model (`sdxl-serve tiny-model`): its images are noise"
+    )
 
 
 class ModelList(BaseModel):
