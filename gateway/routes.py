@@ -148,6 +148,8 @@ ROUTES: tuple[Route, ...] = (
         },
         errors={
             **_GUARDED,
+            403: "the API key has been revoked, or a signed URL (`?expires=...&sig=...`, as the OpenAI route gives "
+            "out) does not match or has expired (`invalid_signature`)",
             404: "unknown job (or another caller's) or image index",
             409: "the job has not succeeded (yet)",
             503: "the queue or the image store is unreachable (see Retry-After)",
