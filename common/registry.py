@@ -46,6 +46,7 @@ class WorkerInfo(BaseModel):
     jobs_done: int = 0
     last_heartbeat: float = 0.0
     metrics_port: int | None = None  # the worker's /metrics, /healthz and /readyz, on `host`
+    random_weights: bool = False  # it runs the tiny random-weight model (worker/tiny_model.py): its images are noise
 
 
 class Registry:

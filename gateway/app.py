@@ -35,6 +35,7 @@ from gateway.positions import PositionBoard
 from gateway.ratelimit import RateLimiter
 from gateway.requestlog import AccessLogger, echo_request_id, request_id_middleware
 from gateway.routes import ROUTES, setup_routes
+from gateway.signed_urls import UrlSigner
 from gateway.state import (
     ACCESS,
     CONFIG,
@@ -54,6 +55,7 @@ from gateway.state import (
     REGISTRY,
     STREAMS,
     THROUGHPUT,
+    URL_SIGNER,
     WAITERS,
     WEBHOOK_RESOLVE,
     WEBHOOK_SENDER,
@@ -90,6 +92,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     # A key revoked (or removed) in the keys file loses its open event streams at the next reload.
     app[KEY_STORE].on_reload.append(lambda: app[EVENT_STREAMS].end_unless(app[KEY_STORE].accepts))
     app[THROUGHPUT] = ThroughputMeter()
+    app[URL_SIGNER] = UrlSigner.for_config(config)
     app[ACCESS] = {(route.method, route.path): route.access for route in ROUTES}
     app[WEBHOOK_RESOLVE] = system_resolve
     app.cleanup_ctx.extend(

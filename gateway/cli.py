@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_storage(parser)
     _add_protection(parser)
     _add_webhooks(parser)
+    _add_url_signing(parser)
 
 
 def _add_storage(parser: argparse.ArgumentParser) -> None:
@@ -123,6 +124,8 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         metrics_token=args.metrics_token,
         metrics_listen=args.metrics_listen,
         webhooks=webhook_config(args),
+        url_signing_secret=args.url_signing_secret or None,
+        signed_url_ttl_s=args.signed_url_ttl,
     )
 
 
@@ -330,5 +333,25 @@ def _add_webhooks(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--public-url",
         default=env("SDXL_SERVE_PUBLIC_URL"),
-        help="the API's public base URL (https://api.example.com): a webhook's image URLs are made absolute with it",
+        help="the API's public base URL (https://api.example.com): a webhook's and the OpenAI route's image URLs "
+        "are made absolute with it",
+    )
+
+
+def _add_url_signing(parser: argparse.ArgumentParser) -> None:
+    """Signed image URLs (gateway/signed_urls.py): fetched without a key for a while."""
+    env = os.environ.get
+    group = parser.add_argument_group("image URLs")
+    group.add_argument(
+        "--url-signing-secret",
+        default=env("SDXL_SERVE_URL_SIGNING_SECRET"),
+        help="signs the image URLs the OpenAI route gives out, so they are fetched without a key; every gateway "
+        "of the cluster must have the same one (32+ characters; default: derived from --webhook-secret) "
+        "(env SDXL_SERVE_URL_SIGNING_SECRET)",
+    )
+    group.add_argument(
+        "--signed-url-ttl",
+        type=int,
+        default=GatewayConfig.signed_url_ttl_s,
+        help="seconds a signed image URL is good for, at most --result-ttl (default %(default)s)",
     )

@@ -148,6 +148,10 @@ class GatewayConfig:
     metrics_token: str | None = dataclasses.field(default=None, repr=False)
     metrics_listen: tuple[str, int] | None = None
     webhooks: WebhookConfig = WebhookConfig()
+    # Image URLs given out (the OpenAI route's `url`) are signed with this, shared by every gateway of the
+    # cluster, and good for signed_url_ttl_s (at most the result's TTL); gateway/signed_urls.py.
+    url_signing_secret: str | None = dataclasses.field(default=None, repr=False)
+    signed_url_ttl_s: int = 3600
 
     def __post_init__(self) -> None:
         require(self.routing in ("shared", "random", "p2c"), "--routing", "must be shared, random or p2c")
@@ -183,6 +187,9 @@ class GatewayConfig:
         require(self.max_event_streams_per_caller >= 0, "--max-event-streams-per-caller", "must be >= 0 (0: off)")
         require(self.max_waiting_requests_per_caller >= 0, "--max-waiting-requests-per-caller", "must be >= 0 (0: off)")
         require(self.metrics_token != "", "--metrics-token", "must not be empty")
+        secret = self.url_signing_secret
+        require(secret is None or len(secret) >= 32, "--url-signing-secret", "must be at least 32 characters")
+        require(self.signed_url_ttl_s >= 1, "--signed-url-ttl", "must be >= 1 s")
 
     @property
     def auth_enabled(self) -> bool:

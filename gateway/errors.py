@@ -52,6 +52,6 @@ def from_validation_error(exc: ValidationError) -> ApiError:
     code = err["type"]
     if code == "json_invalid":
         return ApiError(400, "invalid_json", f"request body is not valid JSON: {err['msg']}")
-    if code == "model_type":
+    if code == "model_type" and field is None:  # the body itself; a nested object's is named below
         return ApiError(400, "invalid_body", "request body must be a JSON object")
     return ApiError(400, code, f"{field}: {err['msg']}" if field else err["msg"], field=field)

@@ -45,6 +45,8 @@ from gateway.tenants import caller_of, too_many_in_flight
 logger = logging.getLogger(__name__)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+# Set by `submit`: whether the request's Idempotency-Key referred to an earlier job instead of queueing one.
+REPLAYED = web.RequestKey("replayed", bool)
 _JOB_ID = re.compile(JOB_ID_PATTERN)
 MAX_IDEMPOTENCY_KEY = 255
 
@@ -70,10 +72,11 @@ class Placed:
     workers: list[WorkerInfo]
 
 
-async def make_job(request: web.Request, body: GenerateRequest) -> Placed:
-    """Resolve shape and scheduler against the live workers, draw a seed when none was given, route the job: the
-    request's generation parameters go into the job whole."""
-    workers = await request.app[REGISTRY].workers()
+async def make_job(request: web.Request, body: GenerateRequest, workers: list[WorkerInfo] | None = None) -> Placed:
+    """Resolve shape and scheduler against the live workers (read now unless given), draw a seed when none was
+    given, route the job: the request's generation parameters go into the job whole."""
+    if workers is None:
+        workers = await request.app[REGISTRY].workers()
     resolved = resolve(body, workers)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
     job = Job(
@@ -143,12 +146,18 @@ async def submit(request: web.Request, body: GenerateRequest, placed: Placed) ->
             field=IDEMPOTENCY_HEADER,
             id=exc.job_id,
         ) from None
+    request[REPLAYED] = not submitted.created
     if submitted.created:
         request.app[JOURNAL].add(Accepted(job, key, fingerprint, who, webhook=webhook))
         logger.info("job %s queued on %s", submitted.job_id, placed.stream, extra={"job_id": submitted.job_id})
     else:
         logger.info("job %s replayed for its Idempotency-Key", submitted.job_id, extra={"job_id": submitted.job_id})
     return submitted
+
+
+def replay_headers(request: web.Request) -> dict[str, str]:
+    """`Idempotent-Replayed: true` for a request that `submit` answered with an earlier job, as Stripe does."""
+    return {"Idempotent-Replayed": "true"} if request.get(REPLAYED) else {}
 
 
 def not_durable(exc: NotDurable) -> ApiError:

@@ -16,6 +16,7 @@ from gateway.errors import ApiError
 from gateway.limits import OPEN, RATE_DECISION, Access
 from gateway.metrics import ERROR_CODE
 from gateway.proxies import client_address, client_identity
+from gateway.signed_urls import is_signed
 from gateway.state import ACCESS, CONFIG, KEY_STORE, LIMITER
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,9 @@ async def protection_middleware(request: web.Request, handler: Handler) -> web.S
     if access.kind is None:
         return await handler(request)
     address = client_address(request.remote, request.headers.getall("X-Forwarded-For", []), config.trusted_proxies)
-    caller = app[KEY_STORE].caller(request, access.public and config.public_demo, client_identity(address))
+    # A signed URL stands in for the key; the route checks the signature against the job's owner.
+    public = (access.public and config.public_demo) or (access.signed and is_signed(request))
+    caller = app[KEY_STORE].caller(request, public, client_identity(address))
     request[CALLER] = caller
     rate = config.rate_limits.get(caller.caller_class, access.kind)
     if rate is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import re
 import time
+from collections.abc import Collection
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
@@ -22,8 +23,10 @@ from common.protocol import GenerationParams, OutputFormat, nearest_sdxl_resolut
 from common.registry import SERVING_STATES
 from gateway import jobs
 from gateway.errors import ApiError, from_validation_error
+from gateway.proxies import public_origin
 from gateway.schemas import GenerateRequest, WebhookRequest
 from gateway.shapes import runs
+from gateway.state import CONFIG, REGISTRY, URL_SIGNER
 from gateway.views import parse_body
 
 _SIZE_RE = re.compile(r"(\d{1,5})x(\d{1,5})")
@@ -51,8 +54,10 @@ class ImageGenerationRequest(GenerationParams):
     """OpenAI's `images.generate` body: this service's generation parameters (common/protocol.py; those OpenAI
     lacks are extensions), the size as OpenAI's `size`, and OpenAI's own fields.
 
-    `model`, `user`, `quality` and `style` are accepted for compatibility and ignored: a cluster serves
-    one model, at the quality its compiled shapes give. A null value means the parameter was omitted.
+    `model`, `user`, `quality`, `style`, `moderation`, `background` (but transparent), `partial_images`,
+    `complexity` and `safety_identifier` are accepted for compatibility and ignored: a cluster serves one
+    model, at the quality its compiled shapes give. `model` does choose the default `response_format`, as at
+    OpenAI. A null value means the parameter was omitted.
     """
 
     width: _OursNamedOtherwise = None
@@ -64,16 +69,29 @@ class ImageGenerationRequest(GenerationParams):
         default=None,
         examples=["1024x1024"],
         description="WIDTHxHEIGHT in pixels; omitted or `auto`: the cluster's default size. OpenAI's sizes "
-        "(1024x1024, 1536x1024, 1024x1536, 1792x1024, 1024x1792, 512x512, 256x256) become the SDXL trained "
-        "resolution of the nearest aspect ratio; the response says which",
+        "(1024x1024, 1536x1024, 1024x1536, 1792x1024, 1024x1792, 512x512, 256x256) are served as asked where a "
+        "worker serves them, else as the SDXL trained resolution of the nearest aspect ratio; the response says "
+        "which",
     )
     response_format: Literal["url", "b64_json"] | None = Field(
-        default="url", description="`url`: absolute URLs valid while the job's result is kept; `b64_json`: inline"
+        default=None,
+        description="`url`: absolute URLs, fetched without a key until they expire (signed); `b64_json`: inline. "
+        "Omitted: `b64_json` for a gpt-image model, `url` for any other, as at OpenAI",
     )
-    model: str | None = Field(default=None, description="accepted and ignored: a cluster serves one model")
+    model: str | None = Field(
+        default=None, description="a cluster serves one model; a gpt-image name makes `b64_json` the default"
+    )
     user: str | None = Field(default=None, description="accepted and ignored (never logged)")
+    safety_identifier: str | None = Field(default=None, description="accepted and ignored (never logged)")
     quality: OpenAIQuality | None = Field(default=None, description="accepted and ignored")
     style: Literal["vivid", "natural"] | None = Field(default=None, description="accepted and ignored")
+    moderation: Literal["low", "auto"] | None = Field(default=None, description="accepted and ignored")
+    background: Literal["opaque", "auto"] | None = Field(
+        default=None, description="accepted and ignored: images are opaque (`transparent` is refused)"
+    )
+    complexity: Literal["low", "medium", "high"] | None = Field(default=None, description="accepted and ignored")
+    partial_images: int | None = Field(default=None, ge=0, le=3, description="accepted and ignored (no streaming)")
+    stream: Literal[False] | None = Field(default=None, description="streaming is not supported: false or omitted")
     output_format: OutputFormat | None = "png"
     output_compression: int | None = Field(
         default=None, ge=0, le=100, description="JPEG/WebP quality, 0..100 (default 90); not for png"
@@ -87,6 +105,22 @@ class ImageGenerationRequest(GenerationParams):
             raise ValueError("size must be WIDTHxHEIGHT in pixels, e.g. 1024x1024, or auto")
         return value
 
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _no_streaming(cls, value: Any) -> Any:
+        if value is True:
+            raise PydanticCustomError(
+                "not_supported", "streaming is not supported: leave stream out (or false) and wait for the answer"
+            )
+        return value
+
+    @field_validator("background", mode="before")
+    @classmethod
+    def _no_transparency(cls, value: Any) -> Any:
+        if value == "transparent":
+            raise PydanticCustomError("not_supported", "transparent backgrounds are not supported: opaque or auto")
+        return value
+
     @field_validator("output_compression")
     @classmethod
     def _compression_needs_lossy_format(cls, value: int | None, info: ValidationInfo) -> int | None:
@@ -95,15 +129,21 @@ class ImageGenerationRequest(GenerationParams):
             raise ValueError("output_compression applies to jpeg and webp only; png is lossless")
         return value
 
-    def dimensions(self) -> tuple[int, int] | None:
-        """The (width, height) to generate, or None for the cluster's default size. OpenAI's own sizes
-        become the SDXL trained resolution of the nearest aspect ratio (1536x1024 -> 1216x832); any other
-        size is taken as asked."""
+    def dimensions(self, served: Collection[tuple[int, int]] = ()) -> tuple[int, int] | None:
+        """The (width, height) to generate, or None for the cluster's default size. One of OpenAI's own sizes
+        that no worker serves (`served`) becomes the SDXL trained resolution of the nearest aspect ratio
+        (1536x1024 -> 1216x832); any other size is taken as asked."""
         match = _SIZE_RE.fullmatch(self.size or "")
         if match is None:
             return None
-        width, height = int(match[1]), int(match[2])
-        return nearest_sdxl_resolution(width, height) if (width, height) in OPENAI_SIZES else (width, height)
+        size = int(match[1]), int(match[2])
+        return nearest_sdxl_resolution(*size) if size in OPENAI_SIZES and size not in served else size
+
+    def images_format(self) -> Literal["url", "b64_json"]:
+        """The response format: as asked, else OpenAI's default for the model (gpt-image models answer inline)."""
+        if self.response_format is not None:
+            return self.response_format
+        return "b64_json" if (self.model or "").startswith("gpt-image") else "url"
 
 
 class ImageData(BaseModel):
@@ -140,10 +180,11 @@ class OpenAIErrorResponse(BaseModel):
 async def images_generations(request: web.Request) -> web.Response:
     """Generate images for an OpenAI Images API request, waiting for them as `/v1/generate` does."""
     body = await parse_body(request, ImageGenerationRequest)
-    generate = to_generate_request(body)
+    workers = await request.app[REGISTRY].workers()
+    generate = to_generate_request(body, {(s.width, s.height) for w in workers for s in w.sizes})
     n = body.n or 1
     try:
-        placed = await jobs.make_job(request, generate)
+        placed = await jobs.make_job(request, generate, workers)
     except ApiError as exc:
         raise _renamed(exc) from None
     _check_n(placed, n)
@@ -152,13 +193,18 @@ async def images_generations(request: web.Request) -> web.Response:
     except ApiError as exc:
         raise _with_status_url(request, exc) from None
     jobs.raise_unless_succeeded(stored)
-    answer = _images_response(request, stored, body.response_format or "url", n)
-    return web.Response(body=answer.model_dump_json(exclude_none=True), content_type="application/json")
+    answer = _images_response(request, stored, body.images_format(), n)
+    return web.Response(
+        body=answer.model_dump_json(exclude_none=True),
+        content_type="application/json",
+        headers=jobs.replay_headers(request),
+    )
 
 
-def to_generate_request(body: ImageGenerationRequest) -> GenerateRequest:
-    """The native request for an OpenAI one; a size our limits refuse is a 400 naming `size`."""
-    width, height = body.dimensions() or (None, None)
+def to_generate_request(body: ImageGenerationRequest, served: Collection[tuple[int, int]] = ()) -> GenerateRequest:
+    """The native request for an OpenAI one, given the sizes the workers serve; a size our limits refuse is a
+    400 naming `size`."""
+    width, height = body.dimensions(served) or (None, None)
     # Our quality starts at 1; OpenAI's output_compression at 0, which asks for the smallest file anyway.
     quality = max(1, body.output_compression) if body.output_compression is not None else None
     # Every generation parameter is taken as it is, but the size, which is OpenAI's `size` here.
@@ -224,7 +270,8 @@ def _images_response(request: web.Request, stored: StoredResult, response_format
         data = [ImageData(b64_json=base64.b64encode(image).decode("ascii")) for image in stored.images[:n]]
     else:
         count = min(n, result.image_count)
-        data = [ImageData(url=_absolute(request, jobs.image_url(result.id, k))) for k in range(count)]
+        sign, owner = request.app[URL_SIGNER].sign, jobs.submitter(request).owner
+        data = [ImageData(url=_absolute(request, sign(jobs.image_url(result.id, k), owner))) for k in range(count)]
     return ImagesResponse(
         created=int(time.time()),
         data=data,
@@ -238,5 +285,9 @@ def _output_format(media_type: str) -> OutputFormat:
 
 
 def _absolute(request: web.Request, path: str) -> str:
-    # OpenAI clients fetch image URLs as they are, with no base URL to resolve a relative one against.
-    return str(request.url.origin().with_path(path))
+    """`path` (with its query) as an absolute URL: OpenAI clients fetch image URLs as they are, with no base URL
+    to resolve a relative one against. The base is `--public-url`, else the origin the client reached, as the
+    trusted proxies in front of the gateway report it."""
+    config = request.app[CONFIG]
+    base = config.webhooks.public_url or public_origin(request, config.trusted_proxies)
+    return base.rstrip("/") + path

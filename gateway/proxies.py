@@ -13,12 +13,17 @@ change address per request.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
+
+from aiohttp import web
 
 from gateway.config import IPNetwork
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPV6_CLIENT_PREFIX = 64
+# A host as X-Forwarded-Host may carry it: a name or IPv4 address, or a bracketed IPv6 one, and a port.
+_HOST = re.compile(r"(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?")
 
 
 def parse_address(text: str) -> IPAddress | None:
@@ -68,3 +73,21 @@ def client_identity(address: str) -> str:
 
 def _is_trusted(address: IPAddress, trusted: Sequence[IPNetwork]) -> bool:
     return any(address.version == network.version and address in network for network in trusted)
+
+
+def public_origin(request: web.Request, trusted: Sequence[IPNetwork]) -> str:
+    """`scheme://host[:port]` as the client reached it: the request's own, or behind a trusted proxy the one it
+    reports in X-Forwarded-Proto and X-Forwarded-Host (the first of each: the hop nearest the client). A value
+    that is not a plain scheme or host is ignored."""
+    scheme, host = request.scheme, request.host
+    peer = parse_address(request.remote or "")
+    if peer is not None and _is_trusted(peer, trusted):
+        proto = _first(request.headers.get("X-Forwarded-Proto")).lower()
+        forwarded_host = _first(request.headers.get("X-Forwarded-Host"))
+        scheme = proto if proto in ("http", "https") else scheme
+        host = forwarded_host if _HOST.fullmatch(forwarded_host) else host
+    return f"{scheme}://{host}"
+
+
+def _first(value: str | None) -> str:
+    return (value or "").split(",")[0].strip()

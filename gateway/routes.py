@@ -83,6 +83,7 @@ _SUBMIT_ERRORS = {
 _UNKNOWN = {**_GUARDED, 404: "unknown job (never submitted, its result expired, or another caller's)"}
 SUBMIT, READ = Access("submit"), Access("read")
 DEMO_SUBMIT, DEMO_READ = Access("submit", public=True), Access("read", public=True)
+IMAGE_READ = Access("read", public=True, signed=True)  # a signed image URL needs no key
 _IDEMPOTENCY = {
     IDEMPOTENCY_HEADER: "a client-chosen key (1..255 printable ASCII): a retry with the same key and "
     "body refers to the first job instead of creating another"
@@ -147,11 +148,13 @@ ROUTES: tuple[Route, ...] = (
         },
         errors={
             **_GUARDED,
+            403: "the API key has been revoked, or a signed URL (`?expires=...&sig=...`, as the OpenAI route gives "
+            "out) does not match or has expired (`invalid_signature`)",
             404: "unknown job (or another caller's) or image index",
             409: "the job has not succeeded (yet)",
             503: "the queue or the image store is unreachable (see Retry-After)",
         },
-        access=DEMO_READ,
+        access=IMAGE_READ,
     ),
     Route(
         "POST",

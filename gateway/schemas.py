@@ -7,9 +7,10 @@ from these models.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from common.protocol import GenerationParams, JobStatus, OutputFormat, Timings
 from common.registry import WorkerInfo
@@ -24,6 +25,18 @@ class WebhookRequest(BaseModel):
 
     url: str = Field(min_length=1, max_length=2048)
     events: list[Literal["completed", "started", "progress"]] = Field(default=["completed"], min_length=1, max_length=3)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _an_object(cls, value: Any) -> Any:
+        # Other services take a bare URL here; say what this one takes rather than "must be an object".
+        if isinstance(value, str):
+            raise PydanticCustomError(
+                "model_type",
+                'takes an object with url (and optionally events), e.g. {"url": "https://...", '
+                '"events": ["completed"]}, not a string',
+            )
+        return value
 
 
 class GenerateRequest(GenerationParams):
@@ -225,6 +238,9 @@ class ModelCard(BaseModel):
     max_steps: int
     default_steps: int
     schedulers: list[str] = Field(description="the first is the default")
+    random_weights: bool = Field(
+        default=False, description="the tiny random-weight test model (`sdxl-serve tiny-model`): its images are noise"
+    )
 
 
 class ModelList(BaseModel):

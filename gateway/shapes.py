@@ -138,4 +138,5 @@ def _card(model: str, workers: list[WorkerInfo]) -> ModelCard:
         max_steps=max(w.max_steps for w in workers),
         default_steps=_default_steps([w for w in workers if default in w.sizes]),
         schedulers=list(schedulers),
+        random_weights=any(w.random_weights for w in workers),
     )

@@ -20,6 +20,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.placement import Placement
 from gateway.positions import PositionBoard
 from gateway.ratelimit import RateLimiter
+from gateway.signed_urls import UrlSigner
 from gateway.tenants import EventStreams, Waiters
 from gateway.webhook_sender import WebhookSender
 from gateway.webhooks import Resolve
@@ -45,3 +46,4 @@ WAITERS = web.AppKey("waiters", Waiters)  # requests waiting for a result, by ca
 OUTBOX = web.AppKey("outbox", Outbox)  # job webhooks' messages (common/webhooks.py)
 WEBHOOK_SENDER = web.AppKey("webhook_sender", WebhookSender)
 WEBHOOK_RESOLVE: web.AppKey[Resolve] = web.AppKey("webhook_resolve")  # webhook hosts to addresses (a stub in tests)
+URL_SIGNER = web.AppKey("url_signer", UrlSigner)  # signs the image URLs given out (gateway/signed_urls.py)

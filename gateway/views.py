@@ -19,7 +19,20 @@ from gateway.errors import ApiError, from_validation_error
 from gateway.metrics import CONTENT_TYPE
 from gateway.schemas import GenerateRequest, GenerateResponse, JobAccepted, JobState, ModelList, WorkerList
 from gateway.shapes import model_cards
-from gateway.state import CONFIG, JOBS, JOURNAL, LISTENER, METRICS, OPENAPI, OUTBOX, REDIS, REGISTRY, STREAMS
+from gateway.signed_urls import is_signed
+from gateway.state import (
+    CONFIG,
+    JOBS,
+    JOURNAL,
+    LISTENER,
+    METRICS,
+    OPENAPI,
+    OUTBOX,
+    REDIS,
+    REGISTRY,
+    STREAMS,
+    URL_SIGNER,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -111,7 +124,7 @@ async def generate(request: web.Request) -> web.Response:
     placed = await jobs.make_job(request, body)
     stored = await jobs.submit_and_wait(request, body, placed)
     jobs.raise_unless_succeeded(stored)
-    return _json(_generate_response(stored, received))
+    return _json(_generate_response(stored, received), headers=jobs.replay_headers(request))
 
 
 async def submit_job(request: web.Request) -> web.Response:
@@ -130,9 +143,7 @@ async def submit_job(request: web.Request) -> web.Response:
         status_url=jobs.status_url(job_id),
         events_url=jobs.events_url(job_id),
     )
-    headers = {"Location": accepted.status_url}
-    if not submitted.created:
-        headers["Idempotent-Replayed"] = "true"
+    headers = {"Location": accepted.status_url} | jobs.replay_headers(request)
     return _json(accepted, status=202, headers=headers)
 
 
@@ -166,7 +177,7 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 async def job_image(request: web.Request) -> web.Response:
     """One image of a succeeded job, with its media type."""
-    job_id = await jobs.visible_job_id(request)
+    job_id = await _image_job_id(request)
     index = _image_index(request.match_info["index"])
     if (redirect := await _presigned(request, job_id, index)) is not None:
         return redirect
@@ -201,6 +212,18 @@ async def job_image(request: web.Request) -> web.Response:
             "Content-Disposition": f'inline; filename="{job_id}-{index}.{_extension(result.media_type)}"',
         },
     )
+
+
+async def _image_job_id(request: web.Request) -> str:
+    """The job of an image URL, if the caller may fetch it: by its key, or by the URL's signature."""
+    if not is_signed(request):
+        return await jobs.visible_job_id(request)
+    job_id = jobs.job_id_of(request)
+    owner = await request.app[JOBS].owner(job_id)
+    if owner is None:
+        raise jobs.unknown_job(job_id)
+    request.app[URL_SIGNER].check(request, owner)
+    return job_id
 
 
 async def _presigned(request: web.Request, job_id: str, index: int) -> web.Response | None:

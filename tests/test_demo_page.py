@@ -9,6 +9,8 @@ its events. The pause lasts well under the workers' heartbeat TTL, so neither is
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 import shutil
 import signal
@@ -21,6 +23,8 @@ import pytest
 from playwright.async_api import Browser, ConsoleMessage, Error, Page, Route, async_playwright, expect
 
 from common.protocol import SCHEDULERS
+from testkit import free_port, wait_http
+from testkit.procs import sdxl_serve_argv
 from tests.support import TEST_SHAPES, Cluster, ProcessGroup
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
@@ -36,6 +40,7 @@ CHROMIUM_ARGS = [
 SHAPE = TEST_SHAPES[1]  # 64x64 at 3 steps; the cluster's default shape is TEST_SHAPES[0]
 JOB_TIMEOUT_MS = 30_000
 FAILED_LOAD = "console: Failed to load resource:"
+PAGE_KEY = "sk-demo-page-key-0123456789abcdef"
 ALL_IMAGES_LOADED = """() => {
   const images = [...document.querySelectorAll("img.result-image")];
   return images.length === 4 && images.every((image) => image.complete && image.naturalWidth > 0);
@@ -161,7 +166,7 @@ async def test_the_inputs_offer_what_the_workers_serve(demo: DemoPage) -> None:
     page = demo.page
     await expect(page.locator("#generate-form")).to_have_attribute("data-served", "loaded")
     steps = page.get_by_label("Steps")
-    for name, value in (("min", "1"), ("max", str(SHAPE.steps)), ("placeholder", f"default {TEST_SHAPES[0].steps}")):
+    for name, value in (("min", "1"), ("max", str(SHAPE.steps)), ("placeholder", str(TEST_SHAPES[0].steps))):
         await expect(steps).to_have_attribute(name, value)
     await expect(page.get_by_label("Size").locator("option")).to_have_text(["64x64"])
     await expect(page.get_by_label("Scheduler").locator("option")).to_have_text(list(SCHEDULERS))
@@ -308,3 +313,59 @@ async def test_a_submit_the_browser_blocks_clears_the_last_error(demo: DemoPage)
     await expect(error).to_be_hidden()
     assert await demo.page.get_by_label("Prompt", exact=True).evaluate("(input) => !input.validity.valid")
     demo.assert_no_errors("/v1/jobs")
+
+
+async def test_the_page_says_the_tiny_model_makes_noise(demo: DemoPage) -> None:
+    await expect(demo.page.locator("#generate-form")).to_have_attribute("data-served", "loaded")
+    notice = demo.page.get_by_role("note")
+    await expect(notice).to_be_visible()
+    await expect(notice).to_contain_text("random-weight")
+    await expect(notice).to_contain_text("noise")
+    demo.assert_no_errors()
+
+
+@pytest.fixture
+def keyed_gateway(cluster: Cluster, processes: ProcessGroup) -> Iterator[str]:
+    """A second gateway on the cluster's Redis that needs an API key (no --public-demo); its URL."""
+    port = free_port()
+    argv = sdxl_serve_argv("gateway", "--redis-url", cluster.redis_url, "--host", "127.0.0.1", "--port", str(port))
+    processes.start_argv("keyed-gateway", argv, env={**os.environ, "SDXL_SERVE_API_KEYS": PAGE_KEY})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        asyncio.run(wait_http(f"{url}/healthz", 60))
+        yield url
+    finally:
+        processes.stop("keyed-gateway")
+
+
+async def test_a_keyed_gateway_asks_for_the_key_before_the_first_generate(browser: Browser, keyed_gateway: str) -> None:
+    context = await browser.new_context(base_url=keyed_gateway, viewport={"width": 1100, "height": 800})
+    page = await context.new_page()
+    demo = DemoPage(page, keyed_gateway)
+    page.on("console", demo.on_console)
+    page.on("pageerror", demo.on_page_error)
+    await page.goto("/")
+    key = page.get_by_label("API key")
+    await expect(key).to_be_visible()  # asked before any Generate
+    await expect(page.get_by_role("button", name="Generate")).to_be_disabled()
+
+    await key.fill("sk-wrong")
+    await page.get_by_role("button", name="Use key").click()
+    await expect(page.locator("#key-error")).to_contain_text("unknown API key")
+    await expect(page.get_by_role("button", name="Generate")).to_be_disabled()
+
+    await key.fill(PAGE_KEY)
+    await page.get_by_role("button", name="Use key").click()
+    await expect(page.locator("#generate-form")).to_have_attribute("data-served", "loaded")
+    await expect(key).to_be_hidden()
+    await demo.submit("a lighthouse, with a key")
+    await expect(page.locator("#results")).to_have_attribute("data-state", "succeeded", timeout=JOB_TIMEOUT_MS)
+    await page.wait_for_function(ALL_IMAGES_LOADED, timeout=JOB_TIMEOUT_MS)
+    sources = await page.locator("img.result-image").evaluate_all("(images) => images.map((i) => i.src)")
+    assert all(source.startswith("blob:") for source in sources)  # fetched with the key
+
+    await page.reload()  # the key is kept for the tab: no second prompt
+    await expect(page.locator("#generate-form")).to_have_attribute("data-served", "loaded")
+    await expect(key).to_be_hidden()
+    await context.close()
+    demo.assert_no_errors("/v1/models")  # the first probe, and the wrong key's, answered 401

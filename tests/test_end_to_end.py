@@ -66,6 +66,7 @@ async def test_models_lists_what_the_real_workers_serve(cluster: Cluster) -> Non
     served = {k: card[k] for k in ("sizes", "min_steps", "max_steps", "default_steps", "schedulers")}
     expected = {"sizes": ["64x64"], "min_steps": 1, "max_steps": 3, "default_steps": 2}
     assert served == {**expected, "schedulers": list(SCHEDULERS)}
+    assert card["random_weights"] is True  # the tiny model's workers say its images are noise
 
 
 async def test_same_seed_same_images_other_seed_other_images(cluster: Cluster) -> None:

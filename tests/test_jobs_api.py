@@ -301,3 +301,30 @@ async def test_the_scheduler_is_queued_with_the_job_and_shown_in_its_result(
     default = (await submit(client))["id"]
     assert (await claim_next(redis_client)).job.params.scheduler == "euler"
     assert default != job_id
+
+
+async def test_every_submit_route_says_when_it_replayed_an_idempotency_key(
+    client: Client, redis_client: aioredis.Redis
+) -> None:
+    await register_worker(redis_client, worker_id="test-worker")
+    routes = {"/v1/jobs": 202, "/v1/generate": 200, "/v1/images/generations": 200}
+    for n, (route, status) in enumerate(routes.items()):
+        request: dict[str, Any] = {"json": {"prompt": "a lighthouse"}, "headers": {"Idempotency-Key": f"k{n}"}}
+        answer = asyncio.create_task(client.post(route, **request))
+        await finish(redis_client, await claim_next(redis_client), [b"png"])
+        first = await answer
+        replay = await client.post(route, **request)  # nobody plays the worker now: a new job would time out
+        assert (first.status, replay.status) == (status, status), route
+        assert "Idempotent-Replayed" not in first.headers and replay.headers["Idempotent-Replayed"] == "true", route
+
+
+async def test_a_webhook_given_as_a_url_string_is_400_naming_webhook(
+    client: Client, redis_client: aioredis.Redis
+) -> None:
+    await register_worker(redis_client, worker_id="test-worker")
+    for route in ("/v1/jobs", "/v1/generate"):
+        response = await client.post(route, json={"prompt": "a lighthouse", "webhook": "https://example.com/hook"})
+        error = (await response.json())["error"]
+        assert (response.status, error["field"], error["code"]) == (400, "webhook", "model_type"), route
+        assert "takes an object with url" in error["message"], route
+    assert await queued_jobs(redis_client) == 0

@@ -73,7 +73,8 @@ async def test_url_format_gives_absolute_urls_to_the_images(
     assert set(body) == {"created", "data", "output_format", "size"} and body["output_format"] == "jpeg"
     assert (job.quality, job.params.seed, job.params.shape.steps) == (50, 7, 3)
     urls = [item["url"] for item in body["data"]]
-    assert urls == [f"{client.make_url('')}/v1/jobs/{job.id}/images/{k}" for k in range(3)]
+    paths = [f"{client.make_url('')}/v1/jobs/{job.id}/images/{k}?" for k in range(3)]
+    assert all(url.startswith(path) for url, path in zip(urls, paths, strict=True))
     for url, image in zip(urls, images, strict=False):
         async with client.session.get(url) as fetched:  # the absolute URL, as an OpenAI client would use it
             assert fetched.status == 200 and fetched.content_type == "image/jpeg"
@@ -234,13 +235,24 @@ async def test_the_openai_client_does_not_retry_a_504_into_a_second_job(
 
 
 @pytest.mark.parametrize(
-    ("size", "served"),
-    [("1536x1024", (1216, 832)), ("1024x1792", (768, 1344)), ("512x512", (1024, 1024)), ("64x64", (64, 64))],
+    ("size", "served", "made"),
+    [
+        ("1536x1024", (), (1216, 832)),
+        ("1024x1792", (), (768, 1344)),
+        ("512x512", (), (1024, 1024)),
+        ("512x512", ((512, 512),), (512, 512)),
+        ("256x256", ((256, 256), (1024, 1024)), (256, 256)),
+        ("1536x1024", ((1536, 1024),), (1536, 1024)),
+        ("64x64", (), (64, 64)),
+    ],
 )
-def test_openai_sizes_map_onto_sdxl_trained_resolutions(size: str, served: tuple[int, int]) -> None:
-    """OpenAI's sizes become the SDXL trained resolution of the nearest aspect ratio; others are kept."""
-    generate = to_generate_request(ImageGenerationRequest.model_validate({**CAT, "size": size}))
-    assert (generate.width, generate.height) == served
+def test_openai_sizes_are_kept_where_served_else_map_onto_sdxl_trained_resolutions(
+    size: str, served: tuple[tuple[int, int], ...], made: tuple[int, int]
+) -> None:
+    """An OpenAI size a worker serves is made as asked; one none serves becomes the SDXL trained resolution of
+    the nearest aspect ratio; any other size is kept."""
+    generate = to_generate_request(ImageGenerationRequest.model_validate({**CAT, "size": size}), served)
+    assert (generate.width, generate.height) == made
 
 
 def test_every_generation_parameter_reaches_the_native_request_under_its_own_name_but_the_size() -> None:
@@ -263,3 +275,85 @@ def test_every_generation_parameter_reaches_the_native_request_under_its_own_nam
     generate = to_generate_request(body)
     assert generate.model_dump(include=extensions) == body.model_dump(include=extensions)
     assert (generate.width, generate.height) == (64, 96)
+
+
+@pytest.mark.parametrize(
+    ("model", "inline"), [("gpt-image-1", True), ("gpt-image-1-mini", True), ("dall-e-3", False), (None, False)]
+)
+async def test_the_default_response_format_follows_the_model_as_at_openai(
+    oai: openai.AsyncOpenAI, redis_client: aioredis.Redis, fake_worker: None, model: str | None, inline: bool
+) -> None:
+    worker = asyncio.create_task(serve_one(redis_client, IMAGES))
+    response = await oai.images.generate(prompt="a cat", model=model if model else openai.omit)
+    await worker
+    assert response.data is not None and len(response.data) == 1
+    image = response.data[0]
+    assert (image.b64_json is not None, image.url is None) == (inline, inline)
+    if inline:
+        assert base64.b64decode(image.b64_json or "") == IMAGES[0]
+
+
+async def test_a_worker_serving_256x256_makes_a_requested_256x256(
+    oai: openai.AsyncOpenAI, redis_client: aioredis.Redis
+) -> None:
+    shapes = (Shape(width=1024, height=1024, steps=4), Shape(width=256, height=256, steps=4))
+    await register_worker(redis_client, shapes=shapes)
+    worker = asyncio.create_task(claim_next(redis_client, shapes=shapes))
+    answered = asyncio.create_task(oai.images.generate(prompt="a cat", size="256x256", model="dall-e-2"))
+    claimed = await worker
+    await finish(redis_client, claimed, IMAGES)
+    assert ((await answered).size, str(claimed.job.params.shape.size)) == ("256x256", "256x256")
+
+
+async def test_gpt_image_fields_are_accepted(
+    oai: openai.AsyncOpenAI, redis_client: aioredis.Redis, fake_worker: None
+) -> None:
+    worker = asyncio.create_task(serve_one(redis_client, IMAGES, media_type="image/webp"))
+    response = await oai.images.generate(
+        prompt="a cat",
+        model="gpt-image-1",
+        background="opaque",
+        moderation="low",
+        quality="high",
+        output_format="webp",
+        output_compression=70,
+        partial_images=0,
+        user="someone",
+        safety_identifier="someone-else",
+        stream=False,
+    )
+    job = await worker
+    assert response.output_format == "webp" and response.data is not None and response.data[0].b64_json
+    assert (job.output_format, job.quality) == ("webp", 70)
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({**CAT, "stream": True}, "stream", "streaming is not supported"),
+        ({**CAT, "background": "transparent"}, "background", "transparent backgrounds are not supported"),
+        ({**CAT, "webhook": "https://example.com/hook"}, "webhook", "takes an object with url"),
+    ],
+)
+async def test_unsupported_openai_features_are_400_naming_them(
+    client: TestClient[Any, Any],
+    redis_client: aioredis.Redis,
+    fake_worker: None,
+    body: dict[str, Any],
+    param: str,
+    words: str,
+) -> None:
+    response = await client.post(ROUTE, json=body)
+    error = (await response.json())["error"]
+    assert (response.status, error["param"], error["type"]) == (400, param, "invalid_request_error")
+    assert words in error["message"]
+    assert await queued_jobs(redis_client) == 0
+
+
+async def test_the_openai_client_is_told_streaming_is_not_supported(
+    oai: openai.AsyncOpenAI, redis_client: aioredis.Redis, fake_worker: None
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await oai.images.generate(prompt="a cat", model="gpt-image-1", stream=True)
+    assert caught.value.param == "stream" and "not supported" in caught.value.message
+    assert await queued_jobs(redis_client) == 0

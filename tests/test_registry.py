@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 
 import pytest
 import redis.asyncio as aioredis
@@ -52,3 +54,12 @@ async def test_wait_for_ready_times_out(redis_client: aioredis.Redis) -> None:
     await registry.publish(info("a", "warming"), ttl_s=10)
     with pytest.raises(TimeoutError):
         await registry.wait_for_ready(1, timeout_s=0.3)
+
+
+async def test_an_entry_from_a_version_without_random_weights_still_parses(redis_client: aioredis.Redis) -> None:
+    old = info("w-old").model_dump(mode="json")
+    del old["random_weights"]
+    await redis_client.set(KEYS.worker("w-old"), json.dumps(old))
+    await redis_client.zadd(KEYS.workers_index, {"w-old": time.time()})
+    (listed,) = await Registry(redis_client, KEYS).workers()
+    assert (listed.id, listed.random_weights) == ("w-old", False)

@@ -22,6 +22,7 @@ from common.registry import Registry, WorkerInfo, WorkerState
 from worker.config import WorkerConfig
 from worker.delivery import REDIS_ERRORS
 from worker.pipeline_protocol import Pipeline
+from worker.tiny_model import is_tiny_model
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class Presence:
             state="warming",
             **serving(config.sizes or (), config.max_steps, config.default_steps, ()),
             started_at=started_at or time.time(),
+            random_weights=is_tiny_model(config.model),
         )
 
     async def announce(self, state: WorkerState) -> None:

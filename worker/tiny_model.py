@@ -25,6 +25,9 @@ ADDITION_TIME_EMBED_DIM = 8
 MAX_TOKENS = 77
 # The UNet's native latent side; with the VAE's factor of 2 the native image is 64x64.
 LATENT_SIDE = 32
+# Set in the model_index.json of the folder written here: a worker that loads it says so in the registry, and
+# the demo page warns that its images are noise. diffusers skips keys starting with `_` when it loads a pipeline.
+TINY_MARKER = "_sdxl_serve_tiny_random_weights"
 
 
 def write_tiny_model(directory: Path, seed: int = 0) -> Path:
@@ -42,6 +45,7 @@ def write_tiny_model(directory: Path, seed: int = 0) -> Path:
         components, params = _components(staging, keys)
         pipeline = FlaxStableDiffusionXLPipeline(**components)
         pipeline.save_pretrained(staging / "model", params=params)
+        _mark_tiny(staging / "model")
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(staging / "model", directory)
@@ -49,6 +53,23 @@ def write_tiny_model(directory: Path, seed: int = 0) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("wrote tiny SDXL model to %s", directory)
     return directory
+
+
+def _mark_tiny(folder: Path) -> None:
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index[TINY_MARKER] = True
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def is_tiny_model(model: str) -> bool:
+    """Whether `model` is a folder this module wrote (random weights); False for anything else, unreadable
+    included."""
+    try:
+        index = json.loads((Path(model).expanduser() / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and index.get(TINY_MARKER) is True
 
 
 def _components(staging: Path, keys: Any) -> tuple[dict[str, Any], dict[str, Any]]:

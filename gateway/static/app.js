@@ -1,5 +1,8 @@
 // Demo page for sdxl-serve: queue a job (POST /v1/jobs), follow its server-sent events (queue position,
 // one progress event per denoising step, then the result), and show the four images from their URLs.
+// On a server that needs an API key the page asks for one first and sends it with every request; an
+// EventSource cannot send it, so such a job is followed by polling its status, and its images are fetched
+// with the key and shown from blobs.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -17,6 +20,10 @@ const errorEl = $("error");
 const imagesEl = $("images");
 const timingsEl = $("timings");
 const emptyEl = $("empty");
+const keyForm = $("key-form");
+const keyInput = $("api-key");
+const keyError = $("key-error");
+const KEY_STORAGE = "sdxl-serve-api-key";
 
 const EVENTS = ["queued", "started", "progress", "succeeded", "failed", "cancelled"];
 // When the event stream breaks before the job finished, poll its status instead; give up after this
@@ -32,6 +39,34 @@ const FIELD_INPUTS = {
 const EXTENSIONS = { "image/png": "png", "image/jpeg": "jpg", "image/webp": "webp" };
 
 let current = null;  // the Job being followed, if any
+let needsKey = false;  // the server answered 401 and no key is set: Generate waits for one
+let keyInMemory = "";  // the key, where sessionStorage is off
+
+// The API key this tab was given, if any; kept in sessionStorage so a reload does not ask again.
+function apiKey() {
+  try {
+    return sessionStorage.getItem(KEY_STORAGE) || keyInMemory;
+  } catch (err) {
+    return keyInMemory;
+  }
+}
+
+// fetch() with the API key, when one is set.
+function api(url, options = {}) {
+  const key = apiKey();
+  if (!key) return fetch(url, options);
+  return fetch(url, { ...options, headers: { ...(options.headers || {}), Authorization: `Bearer ${key}` } });
+}
+
+// Ask for a key (again, after a refusal): show the key form, hold Generate until one is given.
+function askForKey(message = "") {
+  needsKey = true;
+  button.disabled = true;
+  keyForm.hidden = false;
+  keyError.textContent = message;
+  keyError.hidden = !message;
+  keyInput.focus();
+}
 
 // Only the fields the user filled: the server picks a random seed and its default steps when they
 // are omitted, and its schema is strict (numbers must be JSON numbers, not strings).
@@ -126,8 +161,9 @@ function showHttpError(response, body) {
   } else if (status === 413) {
     showError("Request too large: shorten the prompts.", [message]);
   } else if (status === 401 || status === 403) {
-    // Keys are configured and this gateway does not open the demo's routes to callers without one.
-    showError("This server needs an API key: the demo page is not public here.", [message]);
+    // Keys are configured and the key is missing, unknown or revoked: ask for one.
+    showError("This server needs a valid API key: enter one above.", [message]);
+    askForKey(message);
   } else {
     showError(`Error ${status}${error.code ? ` (${error.code})` : ""}`, [message]);
   }
@@ -138,17 +174,30 @@ const sleep = (delayMs) => new Promise((resolve) => { setTimeout(resolve, delayM
 // The JSON body of a successful GET, or null for an error answer or no answer at all.
 async function fetchJson(url) {
   try {
-    const response = await fetch(url, { cache: "no-store" });
+    const response = await api(url, { cache: "no-store" });
     return response.ok ? await response.json() : null;
   } catch (err) {
     return null;
   }
 }
 
-function showImages(job, result) {
+// With a key, an image URL cannot go into <img src> (the browser would fetch it without the key): fetch it
+// with the key and show it from a blob URL instead.
+async function imageSource(url) {
+  if (!apiKey()) return url;
+  try {
+    const response = await api(url);
+    return response.ok ? URL.createObjectURL(await response.blob()) : url;
+  } catch (err) {
+    return url;
+  }
+}
+
+async function showImages(job, result) {
   const ext = EXTENSIONS[result.media_type] || "img";
   const count = result.images.length;
-  result.images.forEach((url, i) => {
+  const sources = await Promise.all(result.images.map(imageSource));
+  sources.forEach((url, i) => {
     const n = i + 1;
     const img = el("img", { className: "result-image loading", alt: `image ${n} of ${count}` });
     img.addEventListener("load", () => img.classList.remove("loading"), { once: true });
@@ -191,6 +240,10 @@ class Job {
   }
 
   follow() {
+    if (apiKey()) {  // an EventSource cannot send the key
+      this.poll();
+      return;
+    }
     const source = new EventSource(this.eventsUrl);
     this.source = source;
     for (const name of EVENTS) {
@@ -317,7 +370,7 @@ class Job {
     this.cancelling = true;
     statusEl.textContent = "Cancelling…";
     try {
-      const response = await fetch(this.statusUrl, { method: "DELETE" });
+      const response = await api(this.statusUrl, { method: "DELETE" });
       const body = await response.json().catch(() => null);
       if (response.ok) {
         this.apply("cancelled", { id: this.id });
@@ -355,7 +408,7 @@ function startRun() {
 function endRun() {
   clearInterval(elapsedTimer);
   showElapsed();  // the final figure, not the last tick's
-  button.disabled = false;
+  button.disabled = needsKey;
   // A hidden button drops the keyboard focus on the floor: hand it to Generate instead.
   if (document.activeElement === cancelButton) button.focus();
   cancelButton.hidden = true;
@@ -367,7 +420,7 @@ async function generate() {
   let response;
   let body;
   try {
-    response = await fetch("/v1/jobs", {
+    response = await api("/v1/jobs", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify(requestBody()),
@@ -406,8 +459,21 @@ function setOptions(select, values) {
 // What the workers serve bounds the inputs: their sizes and schedulers (the defaults first) and the step
 // range. Without an answer the page keeps the server's defaults and the server checks the values.
 async function loadServed() {
-  const models = await fetchJson("/v1/models");
+  let models = null;
+  try {
+    const response = await api("/v1/models", { cache: "no-store" });
+    if (response.status === 401 || response.status === 403) {
+      const body = await response.json().catch(() => null);
+      askForKey(apiKey() ? ((body && body.error && body.error.message) || "the key was refused") : "");
+      form.dataset.served = "needs-key";
+      return;
+    }
+    models = response.ok ? await response.json() : null;
+  } catch (err) {
+    models = null;
+  }
   const card = models && models.data && models.data[0];
+  $("model-notice").hidden = !(card && card.random_weights);
   if (card) {
     setOptions($("size"), card.sizes);
     setOptions($("scheduler"), card.schedulers);
@@ -421,6 +487,23 @@ async function loadServed() {
 form.addEventListener("submit", (event) => {
   event.preventDefault();
   if (!button.disabled) generate();
+});
+
+keyForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const key = keyInput.value.trim();
+  if (!key) return;
+  keyInMemory = key;
+  try {
+    sessionStorage.setItem(KEY_STORAGE, key);
+  } catch (err) {
+    // Storage may be off (a privacy setting): the key then lasts as long as the page.
+  }
+  needsKey = false;
+  keyForm.hidden = true;
+  keyError.hidden = true;
+  button.disabled = false;
+  loadServed();  // learns at once whether the key is good; asks again if not
 });
 
 cancelButton.addEventListener("click", () => {
