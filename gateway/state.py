@@ -18,6 +18,7 @@ from gateway.limits import Access, ThroughputMeter
 from gateway.listener import JobListener
 from gateway.metrics import GatewayMetrics
 from gateway.placement import Placement
+from gateway.policy import PromptPolicy
 from gateway.positions import PositionBoard
 from gateway.ratelimit import RateLimiter
 from gateway.tenants import EventStreams, Waiters
@@ -45,3 +46,4 @@ WAITERS = web.AppKey("waiters", Waiters)  # requests waiting for a result, by ca
 OUTBOX = web.AppKey("outbox", Outbox)  # job webhooks' messages (common/webhooks.py)
 WEBHOOK_SENDER = web.AppKey("webhook_sender", WebhookSender)
 WEBHOOK_RESOLVE: web.AppKey[Resolve] = web.AppKey("webhook_resolve")  # webhook hosts to addresses (a stub in tests)
+POLICY = web.AppKey("policy", PromptPolicy)  # the prompt blocklist and moderation hook (gateway/policy.py)
