@@ -68,6 +68,7 @@ class WorkerConfig:
     heartbeat_interval_s: float = 2.0
     heartbeat_ttl_s: float = 10.0
     png_compress_level: int = 1
+    watermark: bool = True  # the reference pipeline's invisible watermark on every image (worker/watermark.py)
     claim_block_ms: int = 1000
     max_deliveries: int = 3
     drain_timeout_s: float = 120.0

@@ -175,7 +175,7 @@ class HandOff:
         if generated.pixels is None:
             assert generated.failure is not None, "a job without images has a failure"
             return generated.failure, []
-        encoding = Encoding(job.output_format, job.quality, self._config.png_compress_level)
+        encoding = Encoding(job.output_format, job.quality, self._config.png_compress_level, self._config.watermark)
         started = time.perf_counter()
         try:
             images = await asyncio.get_running_loop().run_in_executor(
