@@ -37,7 +37,8 @@ def reference_mark(rgb: np.ndarray) -> np.ndarray:
     0..255 float BGR pixels, rounded back to uint8 RGB."""
     bgr = np.ascontiguousarray(rgb[..., ::-1]).astype(np.float32)
     marked: np.ndarray = _max_dct()(PAYLOAD, wmLen=len(PAYLOAD)).encode(bgr)[..., ::-1]
-    return np.clip(np.rint(marked), 0, 255).astype(np.uint8)
+    rounded: np.ndarray = np.clip(np.rint(marked), 0, 255).astype(np.uint8)
+    return rounded
 
 
 def payload_bits_read(image_file: bytes) -> int:
