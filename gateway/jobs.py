@@ -257,6 +257,7 @@ def job_output(result: JobResult) -> JobOutput:
         media_type=result.media_type,
         images=[image_url(result.id, k) for k in range(result.image_count)],
         timings=response_timings(result, None, 0.0),
+        nsfw=result.nsfw,
     )
 
 
