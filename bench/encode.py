@@ -52,10 +52,11 @@ def main() -> None:
             batch = images(kind, args.size)
             for spec in args.encodings.split(","):
                 fmt, _, setting = spec.partition(":")
+                # The encode alone: what the watermark adds before it is bench/watermark.py's.
                 encoding = (
-                    Encoding("png", png_compress_level=int(setting))
+                    Encoding("png", png_compress_level=int(setting), watermark=False)
                     if fmt == "png"
-                    else Encoding(fmt, quality=int(setting))
+                    else Encoding(fmt, quality=int(setting), watermark=False)
                 )
                 enc, b64, size = [], [], 0
                 for _ in range(args.repeats):

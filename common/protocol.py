@@ -289,3 +289,5 @@ class JobResult(BaseModel):
     # and how large: None means they are in the result's Redis hash.
     image_keys: list[str] | None = None
     image_sizes: list[int] | None = None
+    # Per image, whether the safety checker flagged it (and it was replaced); None: no checker ran.
+    nsfw: list[bool] | None = None

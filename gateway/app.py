@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
+import aiohttp
 from aiohttp import web
 
 from common.blobstore import open_blob_store
@@ -31,6 +33,7 @@ from gateway.metrics import GatewayMetrics, metrics_middleware
 from gateway.middlewares import error_middleware, protection_middleware, rate_limit_headers
 from gateway.openapi import build_openapi
 from gateway.placement import Placement
+from gateway.policy import Blocklist, ModerationHook, PromptPolicy
 from gateway.positions import PositionBoard
 from gateway.ratelimit import RateLimiter
 from gateway.requestlog import AccessLogger, echo_request_id, request_id_middleware
@@ -50,6 +53,7 @@ from gateway.state import (
     OPENAPI,
     OUTBOX,
     PLACEMENT,
+    POLICY,
     POSITIONS,
     REDIS,
     REGISTRY,
@@ -96,7 +100,16 @@ def create_app(config: GatewayConfig) -> web.Application:
     app[ACCESS] = {(route.method, route.path): route.access for route in ROUTES}
     app[WEBHOOK_RESOLVE] = system_resolve
     app.cleanup_ctx.extend(
-        [_redis_ctx, _webhooks_ctx, _listener_ctx, _journal_ctx, _positions_ctx, _keys_ctx, _metrics_site_ctx]
+        [
+            _redis_ctx,
+            _webhooks_ctx,
+            _listener_ctx,
+            _journal_ctx,
+            _positions_ctx,
+            _keys_ctx,
+            _policy_ctx,
+            _metrics_site_ctx,
+        ]
     )
     app.on_response_prepare.extend([_no_stale_pages, rate_limit_headers, echo_request_id])
     setup_routes(app)
@@ -215,6 +228,37 @@ async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
     if task is not None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def _policy_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The prompt policy: its blocklist re-read on change and on SIGHUP, its hook's HTTP session."""
+    config = app[CONFIG].policy
+    blocklist = Blocklist(config.blocklist) if config.blocklist is not None else None
+    session = aiohttp.ClientSession() if config.moderation_url is not None else None
+    hook = None
+    if config.moderation_url is not None and session is not None:
+        hook = ModerationHook(config.moderation_url, config.moderation_timeout_s, config.moderation_fail, session)
+    app[POLICY] = PromptPolicy(blocklist, hook)
+    watch = asyncio.create_task(blocklist.watch(), name="prompt-blocklist-reload") if blocklist else None
+    hup = blocklist is not None and _on_sighup(blocklist.hangup)
+    yield
+    if hup:
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+    if watch is not None:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+    if session is not None:
+        await session.close()
+
+
+def _on_sighup(callback: Callable[[], object]) -> bool:
+    """Call `callback` on SIGHUP; False where signals cannot be handled (not the main thread)."""
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, callback)
+    except (RuntimeError, NotImplementedError, ValueError) as exc:
+        logger.warning("no SIGHUP reload of the prompt blocklist here (%s); it is still re-read on change", exc)
+        return False
+    return True
 
 
 async def _metrics_site_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from common.config import ConfigError, add_blob_store_argument, add_eviction_argument, add_redis_arguments
 from common.jobstore import DURABLE_ACCEPT
 from common.protocol import MAX_GUIDANCE, MAX_PROMPT_CHARS, MIN_GUIDANCE, RequestLimits
-from gateway.config import GatewayConfig, IPNetwork, RateLimits, WebhookConfig, parse_networks
+from gateway.config import GatewayConfig, IPNetwork, PolicyConfig, RateLimits, WebhookConfig, parse_networks
 from gateway.ratelimit import Rate
 
 _DEFAULTS = GatewayConfig()
@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_routing_argument(parser)
     _add_storage(parser)
     _add_protection(parser)
+    add_policy_arguments(parser)
     _add_webhooks(parser)
     _add_url_signing(parser)
 
@@ -126,6 +127,54 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         webhooks=webhook_config(args),
         url_signing_secret=args.url_signing_secret or None,
         signed_url_ttl_s=args.signed_url_ttl,
+        policy=policy_config(args),
+    )
+
+
+def policy_config(args: argparse.Namespace) -> PolicyConfig:
+    """The prompt policy's flags as a PolicyConfig; a blocklist that does not parse fails at start, naming it."""
+    from gateway.policy import BlocklistError, load_blocklist
+
+    if args.prompt_blocklist is not None:
+        try:
+            load_blocklist(args.prompt_blocklist)
+        except BlocklistError as exc:
+            raise ConfigError(f"--prompt-blocklist: {exc}") from None
+    return PolicyConfig(
+        blocklist=args.prompt_blocklist,
+        moderation_url=args.moderation_url,
+        moderation_timeout_s=args.moderation_timeout,
+        moderation_fail=args.moderation_fail,
+    )
+
+
+def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    """The prompt policy's flags, which `sdxl-serve up` passes on to its gateway (docs/safety.md)."""
+    env, d = os.environ.get, PolicyConfig()
+    group = parser.add_argument_group("prompt policy")
+    group.add_argument(
+        "--prompt-blocklist",
+        type=Path,
+        default=env("SDXL_SERVE_PROMPT_BLOCKLIST"),
+        metavar="FILE",
+        help="refuse (400 prompt_rejected) prompts and negative prompts matching a line of FILE: a word or "
+        "phrase, or re:REGEX; compared after NFKC and case folding; re-read on change and on SIGHUP "
+        "(env SDXL_SERVE_PROMPT_BLOCKLIST)",
+    )
+    group.add_argument(
+        "--moderation-url",
+        default=env("SDXL_SERVE_MODERATION_URL"),
+        help="POST each request's prompts as JSON to this URL before queueing; an answer "
+        '{"flagged": true} refuses it (env SDXL_SERVE_MODERATION_URL)',
+    )
+    group.add_argument(
+        "--moderation-timeout", type=float, default=d.moderation_timeout_s, help="seconds one moderation call may take"
+    )
+    group.add_argument(
+        "--moderation-fail",
+        choices=["open", "closed"],
+        default=d.moderation_fail,
+        help="when the moderation service times out or fails: closed refuses the request (503), open lets it through",
     )
 
 

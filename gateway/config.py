@@ -26,6 +26,7 @@ from gateway.ratelimit import Rate
 
 RoutingPolicy = Literal["shared", "random", "p2c"]
 ImageUrls = Literal["proxy", "presigned"]
+ModerationFail = Literal["open", "closed"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Defaults of RateLimits: generous per address while no keys are configured (a development cluster, the
@@ -109,6 +110,22 @@ class WebhookConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """The prompt policy (gateway/policy.py, docs/safety.md): a blocklist file and an external moderation hook."""
+
+    blocklist: Path | None = None  # words and `re:` expressions, one a line; re-read on change and on SIGHUP
+    moderation_url: str | None = None  # POSTed {"prompt", "negative_prompt"} as JSON before a job is queued
+    moderation_timeout_s: float = 2.0
+    moderation_fail: ModerationFail = "closed"  # when the hook times out or errs: refuse (503) or let through
+
+    def __post_init__(self) -> None:
+        url = self.moderation_url or "https://x"
+        require(url.startswith(("http://", "https://")), "--moderation-url", "must be an http(s) URL")
+        require(self.moderation_timeout_s > 0, "--moderation-timeout", "must be > 0")
+        require(self.moderation_fail in ("open", "closed"), "--moderation-fail", "must be open or closed")
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """Settings of one gateway process."""
 
@@ -152,6 +169,7 @@ class GatewayConfig:
     # cluster, and good for signed_url_ttl_s (at most the result's TTL); gateway/signed_urls.py.
     url_signing_secret: str | None = dataclasses.field(default=None, repr=False)
     signed_url_ttl_s: int = 3600
+    policy: PolicyConfig = PolicyConfig()
 
     def __post_init__(self) -> None:
         require(self.routing in ("shared", "random", "p2c"), "--routing", "must be shared, random or p2c")

@@ -39,7 +39,7 @@ from gateway.limits import queue_full
 from gateway.requestlog import REQUEST_ID
 from gateway.schemas import ErrorDetail, GenerateRequest, JobOutput, JobState, Progress, ResponseTimings
 from gateway.shapes import resolve
-from gateway.state import CONFIG, JOBS, JOURNAL, LISTENER, PLACEMENT, REGISTRY, STREAMS, THROUGHPUT, WAITERS
+from gateway.state import CONFIG, JOBS, JOURNAL, LISTENER, PLACEMENT, POLICY, REGISTRY, STREAMS, THROUGHPUT, WAITERS
 from gateway.tenants import caller_of, too_many_in_flight
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,9 @@ class Placed:
 
 async def make_job(request: web.Request, body: GenerateRequest, workers: list[WorkerInfo] | None = None) -> Placed:
     """Resolve shape and scheduler against the live workers (read now unless given), draw a seed when none was
-    given, route the job: the request's generation parameters go into the job whole."""
+    given, route the job: the request's generation parameters go into the job whole. The prompt policy is asked
+    first: a refused prompt is answered before anything is looked up or queued."""
+    await request.app[POLICY].check(body.prompt, body.negative_prompt)
     if workers is None:
         workers = await request.app[REGISTRY].workers()
     resolved = resolve(body, workers)
@@ -264,6 +266,7 @@ def job_output(result: JobResult) -> JobOutput:
         media_type=result.media_type,
         images=[image_url(result.id, k) for k in range(result.image_count)],
         timings=response_timings(result, None, 0.0),
+        nsfw=result.nsfw,
     )
 
 

@@ -151,6 +151,9 @@ class ImageData(BaseModel):
 
     b64_json: str | None = Field(default=None, description="the image, base64-encoded")
     url: str | None = Field(default=None, description="where to GET the image, while the job's result is kept")
+    nsfw: bool | None = Field(
+        default=None, description="whether the safety checker flagged the image (then replaced); absent without one"
+    )
 
 
 class ImagesResponse(BaseModel):
@@ -266,12 +269,19 @@ def _images_response(request: web.Request, stored: StoredResult, response_format
     """The first `n` of the job's images (a job always makes a worker's full batch)."""
     result = stored.result
     assert result.shape is not None
+    flags: list[bool | None] = list(result.nsfw) if result.nsfw is not None else [None] * result.image_count
     if response_format == "b64_json":
-        data = [ImageData(b64_json=base64.b64encode(image).decode("ascii")) for image in stored.images[:n]]
+        data = [
+            ImageData(b64_json=base64.b64encode(image).decode("ascii"), nsfw=flag)
+            for image, flag in zip(stored.images[:n], flags, strict=False)
+        ]
     else:
         count = min(n, result.image_count)
         sign, owner = request.app[URL_SIGNER].sign, jobs.submitter(request).owner
-        data = [ImageData(url=_absolute(request, sign(jobs.image_url(result.id, k), owner))) for k in range(count)]
+        data = [
+            ImageData(url=_absolute(request, sign(jobs.image_url(result.id, k), owner)), nsfw=flags[k])
+            for k in range(count)
+        ]
     return ImagesResponse(
         created=int(time.time()),
         data=data,

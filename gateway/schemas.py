@@ -77,6 +77,10 @@ class GenerateResponse(BaseModel):
     images: list[str]
     worker: str
     timings: ResponseTimings
+    nsfw: list[bool] | None = Field(
+        default=None,
+        description="per image, whether the safety checker flagged it (it was then replaced); null without a checker",
+    )
 
 
 class ErrorDetail(BaseModel):
@@ -119,6 +123,10 @@ class JobOutput(BaseModel):
     media_type: str
     images: list[str] = Field(description="URL of each image, in order")
     timings: ResponseTimings
+    nsfw: list[bool] | None = Field(
+        default=None,
+        description="per image, whether the safety checker flagged it (it was then replaced); null without a checker",
+    )
 
 
 class WebhookDelivery(BaseModel):

@@ -18,6 +18,7 @@ from gateway.limits import Access, ThroughputMeter
 from gateway.listener import JobListener
 from gateway.metrics import GatewayMetrics
 from gateway.placement import Placement
+from gateway.policy import PromptPolicy
 from gateway.positions import PositionBoard
 from gateway.ratelimit import RateLimiter
 from gateway.signed_urls import UrlSigner
@@ -47,3 +48,4 @@ OUTBOX = web.AppKey("outbox", Outbox)  # job webhooks' messages (common/webhooks
 WEBHOOK_SENDER = web.AppKey("webhook_sender", WebhookSender)
 WEBHOOK_RESOLVE: web.AppKey[Resolve] = web.AppKey("webhook_resolve")  # webhook hosts to addresses (a stub in tests)
 URL_SIGNER = web.AppKey("url_signer", UrlSigner)  # signs the image URLs given out (gateway/signed_urls.py)
+POLICY = web.AppKey("policy", PromptPolicy)  # the prompt blocklist and moderation hook (gateway/policy.py)

@@ -280,6 +280,7 @@ def _generate_response(stored: StoredResult, received: float | None) -> Generate
         worker=result.worker,
         images=images,
         timings=jobs.response_timings(result, received, time.perf_counter()),
+        nsfw=result.nsfw,
     )
 
 

@@ -41,7 +41,7 @@ from common.registry import Registry
 from gateway.cli import add_routing_argument
 from gateway.config import GatewayConfig, RoutingPolicy
 from sdxl_serve.processes import ProcessError, RedisServer, spawn, start_redis_server, stop, wait_http
-from worker.cli import add_compile_cache_arguments, add_model_arguments
+from worker.cli import add_compile_cache_arguments, add_model_arguments, add_watermark_argument
 from worker.config import DEFAULT_MODEL, Attention, WorkerConfig, default_compile_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ class UpConfig:
     images_per_request: int = WorkerConfig.images_per_request
     cpu_devices: int = WorkerConfig.cpu_devices
     attention: Attention = WorkerConfig.attention
+    watermark: bool = WorkerConfig.watermark
     compile_cache: Path | None = dataclasses.field(default_factory=default_compile_cache_dir)
     compile_cache_max_gb: float = WorkerConfig.compile_cache_max_bytes / 1e9
     cache_dir: Path = dataclasses.field(default_factory=default_cache_dir)
@@ -139,6 +140,7 @@ class UpConfig:
             images_per_request=args.images_per_request,
             cpu_devices=args.cpu_devices,
             attention=args.attention,
+            watermark=args.watermark == "on",
             compile_cache=args.compile_cache,
             compile_cache_max_gb=args.compile_cache_max_gb,
             cache_dir=args.cache_dir,
@@ -169,6 +171,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds to wait for every worker to be warm",
     )
     add_compile_cache_arguments(parser)
+    add_watermark_argument(parser)
     _add_restart_arguments(parser.add_argument_group("supervision"))
 
 
@@ -244,7 +247,8 @@ def worker_argv(config: UpConfig, resolved: Resolved) -> list[str]:
     argv = ["--redis-url", resolved.redis_url, "--key-prefix", config.key_prefix, "--model", resolved.model,
             "--blob-store", resolved.blob_store,
             "--images-per-request", str(config.images_per_request), "--cpu-devices", str(config.cpu_devices),
-            "--metrics-port", "0", "--attention", config.attention]  # fmt: skip
+            "--metrics-port", "0", "--attention", config.attention,
+            "--watermark", "on" if config.watermark else "off"]  # fmt: skip
     argv += _eviction_argv(config)
     if config.revision:
         argv += ["--revision", config.revision]

@@ -37,9 +37,11 @@ async def error_of(response: Any) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def running_worker(redis_url: str, worker_id: str = "fake-worker", **settings: Any) -> AsyncIterator[Worker]:
-    """A real Worker (its loop, heartbeats and queue scripts) on `redis_url` with a stand-in pipeline, ready."""
+    """A real Worker (its loop, heartbeats and queue scripts) on `redis_url` with a stand-in pipeline (or the
+    `pipeline` given), ready."""
     defaults: dict[str, Any] = {"heartbeat_interval_s": 0.5, "heartbeat_ttl_s": 2.0, "claim_block_ms": 100}
     shapes = settings.pop("shapes", TEST_SHAPES)
+    pipeline = settings.pop("pipeline", None) or StandInPipeline(shapes)
     defaults |= {
         "sizes": tuple(dict.fromkeys(shape.size for shape in shapes)),
         "max_steps": max(shape.steps for shape in shapes),
@@ -47,7 +49,7 @@ async def running_worker(redis_url: str, worker_id: str = "fake-worker", **setti
     }
     config = WorkerConfig(redis_url=redis_url, worker_id=worker_id, metrics_port=0, **{**defaults, **settings})
     redis = connect(redis_url, name=f"test-worker:{worker_id}")
-    worker = Worker(config, redis, load_pipeline=lambda: StandInPipeline(shapes))
+    worker = Worker(config, redis, load_pipeline=lambda: pipeline)
     task = asyncio.create_task(worker.run())
     try:
         while worker.warming or worker.info.state != "ready":

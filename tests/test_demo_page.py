@@ -20,12 +20,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import redis
 from playwright.async_api import Browser, ConsoleMessage, Error, Page, Route, async_playwright, expect
 
 from common.protocol import SCHEDULERS
 from testkit import free_port, wait_http
 from testkit.procs import sdxl_serve_argv
-from tests.support import TEST_SHAPES, Cluster, ProcessGroup
+from tests.support import (
+    READY_TIMEOUT_S,
+    TEST_SHAPES,
+    Cluster,
+    ProcessGroup,
+    RedisServer,
+    tiny_worker_args,
+    wait_ready,
+)
+from worker.tiny_safety import FLAG_ALL, write_tiny_safety_checker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -369,3 +379,68 @@ async def test_a_keyed_gateway_asks_for_the_key_before_the_first_generate(browse
     await expect(key).to_be_hidden()
     await context.close()
     demo.assert_no_errors("/v1/models")  # the first probe, and the wrong key's, answered 401
+
+
+@pytest.fixture(scope="module")
+def flagging_cluster(
+    redis_server: RedisServer, tiny_model: Path, processes: ProcessGroup, tmp_path_factory: pytest.TempPathFactory
+) -> Cluster:
+    """A gateway and one worker whose safety checker flags every image (database 2 of the session's Redis)."""
+    checker = write_tiny_safety_checker(tmp_path_factory.mktemp("checker") / "flag-all", FLAG_ALL)
+    redis_url = redis_server.url(2)
+    redis.Redis.from_url(redis_url).flushdb()
+    port = free_port()
+    processes.start("gateway-flagging", "gateway", "--redis-url", redis_url, "--host", "127.0.0.1", "--port", str(port))
+    argv = tiny_worker_args(redis_url, tiny_model, "worker-flagging")
+    processes.start("worker-flagging", *argv, "--safety-checker", str(checker), "--safety-replace", "blur")
+    try:
+        asyncio.run(wait_ready(redis_url, 1))
+    except TimeoutError:
+        pytest.fail("worker not ready:\n" + processes.log("worker-flagging")[-3000:])
+    asyncio.run(wait_http(f"http://127.0.0.1:{port}/healthz", READY_TIMEOUT_S))
+    return Cluster(url=f"http://127.0.0.1:{port}", redis_url=redis_url, worker_ids=("worker-flagging",))
+
+
+async def test_flagged_images_are_shown_as_withheld_in_an_unbroken_layout(
+    browser: Browser, flagging_cluster: Cluster, artifacts: Path
+) -> None:
+    context = await browser.new_context(base_url=flagging_cluster.url, viewport={"width": 1100, "height": 800})
+    page = await context.new_page()
+    demo = DemoPage(page, flagging_cluster.url)
+    page.on("console", demo.on_console)
+    page.on("pageerror", demo.on_page_error)
+    await page.goto("/")
+    await demo.submit("a lighthouse at dusk")
+    await expect(page.locator("#results")).to_have_attribute("data-state", "succeeded", timeout=JOB_TIMEOUT_MS)
+
+    cells = page.locator("figure.cell")
+    await expect(cells).to_have_count(4)
+    await expect(page.locator('figure.cell[data-nsfw="true"]')).to_have_count(4)
+    await expect(page.locator(".withheld-notice").first).to_have_text("Withheld by the safety checker")
+    await expect(page.get_by_role("img", name="image 1 of 4, withheld by the safety checker")).to_be_visible()
+    await expect(page.locator("a.download")).to_have_count(0)  # nothing to download but the replacement
+    # The same square cells as unflagged images get, two a row, each notice inside its image, nothing spilling.
+    layout = await page.evaluate(WITHHELD_LAYOUT)
+    assert layout["cells"] == [[300, 300]] * 4, layout
+    assert layout["rows"] == 2 and layout["noticesInside"] and not layout["overflows"], layout
+    await page.screenshot(path=artifacts / "demo-page-withheld.png", full_page=True)
+    demo.assert_no_errors()
+    await context.close()
+
+
+WITHHELD_LAYOUT = """() => {
+  const images = [...document.querySelectorAll("figure.cell img.result-image")];
+  const notices = [...document.querySelectorAll(".withheld-notice")];
+  const box = (node) => node.getBoundingClientRect();
+  const inside = notices.every((notice, i) => {
+    const n = box(notice), img = box(images[i]);
+    return n.left >= img.left - 1 && n.right <= img.right + 1 && n.top >= img.top - 1 && n.bottom <= img.bottom + 1
+      && notice.scrollWidth <= notice.clientWidth;
+  });
+  return {
+    cells: images.map((img) => [Math.round(box(img).width), Math.round(box(img).height)]),
+    rows: new Set(images.map((img) => Math.round(box(img).top))).size,
+    noticesInside: inside,
+    overflows: document.documentElement.scrollWidth > document.documentElement.clientWidth,
+  };
+}"""

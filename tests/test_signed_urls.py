@@ -19,8 +19,8 @@ from common.apikeys import IDENTITY_CHARS, KeyRing, digest, new_key
 from gateway.config import GatewayConfig, WebhookConfig
 from gateway.signed_urls import UrlSigner
 from gateway.state import URL_SIGNER
-from tests.support import ClientFactory, RedisServer, claim_next, finish
 from tests.protection import Client, gateway
+from tests.support import ClientFactory, RedisServer, claim_next, finish
 
 KEY, OTHER = new_key(), new_key()
 RING = KeyRing(active=frozenset({digest(KEY), digest(OTHER)}))

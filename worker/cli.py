@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds without a heartbeat after which a worker is dead and its job taken over",
     )
     parser.add_argument("--png-compress-level", type=int, default=WorkerConfig.png_compress_level)
+    _add_safety(parser)
     parser.add_argument(
         "--max-deliveries",
         type=int,
@@ -88,6 +89,36 @@ def _add_blob_store(parser: argparse.ArgumentParser) -> None:
         default=WorkerConfig.blob_store_timeout_s,
         help="seconds a job's images may be refused by the --blob-store (a full disk) before the job fails and the "
         "worker stops claiming (unready) until the store takes writes again",
+    )
+
+
+def _add_safety(parser: argparse.ArgumentParser) -> None:
+    """The invisible watermark and the image safety checker (docs/safety.md)."""
+    add_watermark_argument(parser)
+    parser.add_argument(
+        "--safety-checker",
+        type=Path,
+        default=WorkerConfig.safety_checker,
+        metavar="FOLDER",
+        help="run the Stable Diffusion image safety checker in FOLDER (config.json, model.safetensors) over "
+        "each batch; a flagged image is replaced and marked nsfw",
+    )
+    parser.add_argument(
+        "--safety-replace",
+        choices=["black", "blur"],
+        default=WorkerConfig.safety_replace,
+        help="what a flagged image is delivered as",
+    )
+
+
+def add_watermark_argument(parser: argparse.ArgumentParser) -> None:
+    """`--watermark`, which `sdxl-serve up` passes on to its workers (docs/safety.md)."""
+    parser.add_argument(
+        "--watermark",
+        choices=["on", "off"],
+        default="on" if WorkerConfig.watermark else "off",
+        help="put SDXL's reference invisible watermark (DWT-DCT, its 48-bit message) on every image of 256 "
+        "pixels wide or more, before encoding",
     )
 
 
@@ -201,6 +232,9 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_ttl_s=args.heartbeat_ttl,
         png_compress_level=args.png_compress_level,
+        watermark=args.watermark == "on",
+        safety_checker=args.safety_checker,
+        safety_replace=args.safety_replace,
         max_deliveries=args.max_deliveries,
         drain_timeout_s=args.drain_timeout,
         metrics_host=args.metrics_host,

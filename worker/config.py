@@ -68,6 +68,11 @@ class WorkerConfig:
     heartbeat_interval_s: float = 2.0
     heartbeat_ttl_s: float = 10.0
     png_compress_level: int = 1
+    watermark: bool = True  # the reference pipeline's invisible watermark on every image (worker/watermark.py)
+    # The image safety checker's folder (config.json, model.safetensors; worker/safety.py), and what a flagged
+    # image is delivered as.
+    safety_checker: Path | None = None
+    safety_replace: Literal["black", "blur"] = "black"
     claim_block_ms: int = 1000
     max_deliveries: int = 3
     drain_timeout_s: float = 120.0
@@ -90,6 +95,12 @@ class WorkerConfig:
         require(self.images_per_request >= 1, "--images-per-request", "must be >= 1")
         require(self.cpu_devices >= 1, "--cpu-devices", "must be >= 1")
         require(0 <= self.png_compress_level <= 9, "--png-compress-level", "must be 0..9")
+        require(self.safety_replace in ("black", "blur"), "--safety-replace", "must be black or blur")
+        require(
+            self.safety_checker is None or self.safety_checker.is_dir(),
+            "--safety-checker",
+            "must be a folder with config.json and model.safetensors",
+        )
         require(self.heartbeat_interval_s > 0, "--heartbeat-interval", "must be > 0")
         require(
             self.heartbeat_ttl_s > 2 * self.heartbeat_interval_s,

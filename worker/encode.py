@@ -11,17 +11,20 @@ import numpy as np
 from PIL import Image
 
 from common.protocol import OutputFormat
+from worker.watermark import MIN_WIDTH, watermark_one
 
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 @dataclass(frozen=True)
 class Encoding:
-    """How to encode: the format, JPEG/WebP quality (1..100) and PNG's zlib level (0..9)."""
+    """How to encode: the format, JPEG/WebP quality (1..100), PNG's zlib level (0..9), and whether the invisible
+    watermark goes on first (worker/watermark.py)."""
 
     format: OutputFormat = "png"
     quality: int = 90
     png_compress_level: int = 1
+    watermark: bool = True
 
     @property
     def media_type(self) -> str:
@@ -38,7 +41,10 @@ class Encoding:
 
 
 def encode(image: np.ndarray, encoding: Encoding) -> bytes:
-    """One uint8 HxWx3 array as image file bytes."""
+    """One uint8 HxWx3 array as image file bytes, watermarked first unless the encoding says not (or the image is
+    narrower than the reference marks)."""
+    if encoding.watermark and image.shape[1] >= MIN_WIDTH:
+        image = watermark_one(image)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, **encoding.save_options())
     return buffer.getvalue()

@@ -45,6 +45,7 @@ class Generated:
     failure: JobResult | None
     queued_ms: float
     generate_ms: float
+    nsfw: list[bool] | None = None  # per image, from the safety checker when one runs
 
 
 def failed(job: Job, worker_id: str, reason: str) -> JobResult:
@@ -175,7 +176,7 @@ class HandOff:
         if generated.pixels is None:
             assert generated.failure is not None, "a job without images has a failure"
             return generated.failure, []
-        encoding = Encoding(job.output_format, job.quality, self._config.png_compress_level)
+        encoding = Encoding(job.output_format, job.quality, self._config.png_compress_level, self._config.watermark)
         started = time.perf_counter()
         try:
             images = await asyncio.get_running_loop().run_in_executor(
@@ -187,7 +188,7 @@ class HandOff:
         encode_s = time.perf_counter() - started
         self._metrics.encode_seconds.labels(job.output_format).observe(encode_s)
         timings = Timings(queued_ms=generated.queued_ms, generate_ms=generated.generate_ms, encode_ms=encode_s * 1000)
-        return self._succeeded(job, encoding, len(images), timings), images
+        return self._succeeded(job, encoding, len(images), timings).model_copy(update={"nsfw": generated.nsfw}), images
 
     def _succeeded(self, job: Job, encoding: Encoding, count: int, timings: Timings) -> JobResult:
         return JobResult(

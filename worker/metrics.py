@@ -19,6 +19,13 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 2.5, 3, 4, 5, 7.5, 10, 15, 20, 30, 60, 120)
 
 
+def _safety_metric(registry: CollectorRegistry) -> Counter:
+    """Images the safety checker looked at, by verdict (`flagged`: replaced and marked nsfw; `passed`)."""
+    return Counter(
+        "sdxl_worker_images_checked", "Images the safety checker looked at, by verdict", ["verdict"], registry=registry
+    )
+
+
 class WorkerMetrics:
     """Every metric a worker exports, on its own registry."""
 
@@ -61,6 +68,7 @@ class WorkerMetrics:
         self.busy = Gauge("sdxl_worker_busy", "1 while a job is on the devices", registry=r)
         self.reclaims = Counter("sdxl_worker_reclaims", "Jobs this worker took over from dead workers", registry=r)
         self._add_image_store_metrics()
+        self.images_checked = _safety_metric(r)
 
     def _add_image_store_metrics(self) -> None:
         """Whether the image store takes writes, and the jobs failed because it did not for too long."""

@@ -13,11 +13,13 @@ configured size is compiled and warmed up: until then it is registered as `warmi
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import redis.asyncio as aioredis
 
 from common.blobstore import BlobStore, open_blob_store
@@ -40,6 +42,7 @@ from worker.pipeline import PipelineError, SDXLPipeline
 from worker.pipeline_protocol import Pipeline
 from worker.presence import Presence
 from worker.progress import Cancelled, JobProgress
+from worker.safety import SafetyChecker
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +84,7 @@ class Worker:
             on_store_trouble=self.presence.image_store_refuses,
         )
         self._load_pipeline = load_pipeline or self._default_loader
+        self._safety: SafetyChecker | None = None
         self._stopping = asyncio.Event()
 
     @property
@@ -137,6 +141,7 @@ class Worker:
         """Load, then compile and warm every size; returns the sizes served."""
         phases = {"init": time.time() - self.info.started_at}  # imports, Redis, the metrics port
         sizes = await self._device.warm_up(self._load_pipeline, self.config.sizes, phases)
+        await self._load_safety_checker(sizes)
         pipeline = self._device.pipeline
         assert pipeline is not None, "warm after warm-up"
         self.presence.warmed(pipeline, sizes)
@@ -153,6 +158,27 @@ class Worker:
             ", ".join(f"{phase} {seconds:.2f}s" for phase, seconds in phases.items()),
         )
         return sizes
+
+    async def _load_safety_checker(self, sizes: Sequence[Size]) -> None:
+        """With `--safety-checker`, load it and compile it for every size served, on the device thread."""
+        folder = self.config.safety_checker
+        if folder is None:
+            return
+        checker = await self._device.call(lambda: SafetyChecker.load(folder, self.config.safety_replace))
+        for size in sizes:
+            await self._device.call(functools.partial(checker.compile, size, self.config.images_per_request))
+        self._safety = checker
+
+    async def _screen(self, pixels: np.ndarray) -> tuple[np.ndarray, list[bool] | None]:
+        """The batch after the safety checker (flagged images replaced) and its verdicts; as it is without one."""
+        checker = self._safety
+        if checker is None:
+            return pixels, None
+        screened = await self._device.call(lambda: checker.screen(pixels))
+        flagged = sum(screened.nsfw)
+        self.metrics.images_checked.labels("flagged").inc(flagged)
+        self.metrics.images_checked.labels("passed").inc(len(screened.nsfw) - flagged)
+        return screened.pixels, screened.nsfw
 
     def _default_loader(self) -> Pipeline:
         return SDXLPipeline.load(
@@ -195,10 +221,11 @@ class Worker:
         boundary, device side)."""
         job = claimed.job
         started = time.perf_counter()
-        pixels, failure = None, None
+        pixels, failure, nsfw = None, None, None
         try:
             async with JobProgress(job, self.id, self._delivery, self.metrics) as progress:
                 pixels = await self._device.generate(job, progress.on_step)
+            pixels, nsfw = await self._screen(pixels)
         except Cancelled as stop:
             return stop
         except PipelineError as exc:
@@ -209,7 +236,7 @@ class Worker:
         generate_s = time.perf_counter() - started
         if failure is None:
             self.metrics.generate_seconds.labels(str(job.params.shape)).observe(generate_s)
-        return Generated(claimed, pixels, failure, queued_ms, generate_s * 1000)
+        return Generated(claimed, pixels, failure, queued_ms, generate_s * 1000, nsfw)
 
     async def _deregister(self) -> None:
         """Leave the registry, then hand the jobs routed to this worker back to the shared streams (a live

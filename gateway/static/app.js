@@ -197,8 +197,13 @@ async function showImages(job, result) {
   const ext = EXTENSIONS[result.media_type] || "img";
   const count = result.images.length;
   const sources = await Promise.all(result.images.map(imageSource));
+  const flagged = result.nsfw || [];  // per image, from the safety checker; absent without one
   sources.forEach((url, i) => {
     const n = i + 1;
+    if (flagged[i]) {
+      imagesEl.append(withheldCell(url, n, count));
+      return;
+    }
     const img = el("img", { className: "result-image loading", alt: `image ${n} of ${count}` });
     img.addEventListener("load", () => img.classList.remove("loading"), { once: true });
     img.addEventListener("error", () => img.classList.replace("loading", "broken"), { once: true });
@@ -208,6 +213,20 @@ async function showImages(job, result) {
     imagesEl.append(el("figure", { className: "cell" }, img,
       el("figcaption", {}, el("span", {}, `image ${n}`), link)));
   });
+}
+
+// An image the safety checker flagged: the worker replaced it (black or blurred), so the cell keeps its square
+// with a notice over it instead, and offers no download.
+function withheldCell(url, n, count) {
+  const img = el("img", { className: "result-image", alt: "" });
+  img.src = url;
+  const notice = el("p", { className: "withheld-notice" }, "Withheld by the safety checker");
+  const frame = el("div", { className: "withheld-frame" }, img, notice);
+  const cell = el("figure", { className: "cell withheld", role: "img",
+    ariaLabel: `image ${n} of ${count}, withheld by the safety checker` }, frame,
+    el("figcaption", {}, el("span", {}, `image ${n}`), el("span", { className: "withheld-tag" }, "withheld")));
+  cell.dataset.nsfw = "true";
+  return cell;
 }
 
 function showTimings(result, roundTripMs) {

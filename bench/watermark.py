@@ -1,0 +1,71 @@
+"""What the invisible watermark costs per image, against the encode it comes before.
+
+    .venv/bin/python bench/watermark.py [--size 1024] [--repeats 20]
+
+One image at a time on one thread (the worker marks and encodes each image on its own thread), the
+measurements alternating in one run: the mark alone, then each encoding without and with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.host import describe
+from worker.encode import Encoding, encode
+from worker.watermark import watermark_one
+
+ENCODINGS = {"png:1": Encoding("png", png_compress_level=1), "webp:90": Encoding("webp", quality=90)}
+
+
+def image(kind: str, size: int) -> np.ndarray:
+    """Noise (the worst case for the encoders) or a smooth gradient (closer to a generated image)."""
+    if kind == "noise":
+        return np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    frame = np.stack([ramp[None, :].repeat(size, 0), ramp[:, None].repeat(size, 1), np.full((size, size), 128.0)], -1)
+    return frame.astype(np.uint8)
+
+
+def timed(work: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    work()
+    return (time.perf_counter() - started) * 1000
+
+
+def measure(pixels: np.ndarray, repeats: int) -> dict[str, list[float]]:
+    """Milliseconds of each case, the cases taken in turn within each repeat."""
+    cases: dict[str, Callable[[], object]] = {"mark alone": lambda: watermark_one(pixels)}
+    for name, encoding in ENCODINGS.items():
+        plain = Encoding(encoding.format, encoding.quality, encoding.png_compress_level, watermark=False)
+        cases[f"{name} unmarked"] = lambda plain=plain: encode(pixels, plain)  # type: ignore[misc]
+        cases[f"{name} marked"] = lambda encoding=encoding: encode(pixels, encoding)  # type: ignore[misc]
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, work in cases.items():
+            times[name].append(timed(work))
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    print(f"machine: {describe()}; one {args.size}x{args.size} image at a time, {args.repeats} repeats")
+    print(f"{'image':<10}{'case':<18}{'p50 ms':>9}{'min ms':>9}")
+    for kind in ("noise", "gradient"):
+        for name, samples in measure(image(kind, args.size), args.repeats).items():
+            print(f"{kind:<10}{name:<18}{statistics.median(samples):>9.1f}{min(samples):>9.1f}")
+
+
+if __name__ == "__main__":
+    main()
