@@ -45,9 +45,10 @@ class Presence:
             started_at=started_at or time.time(),
         )
 
-    async def announce(self, state: WorkerState) -> None:
-        """Take `state` and publish the entry now, without waiting for the next heartbeat."""
-        self._update(state=state)
+    async def announce(self, state: WorkerState, phase: str | None = None) -> None:
+        """Take `state` (and the warm-up's `phase`, if warming) and publish the entry now, without waiting for
+        the next heartbeat."""
+        self._update(state=state, phase=phase)
         await self._registry.publish(self.info, self._config.heartbeat_ttl_s)
 
     def drain(self) -> None:

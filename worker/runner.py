@@ -100,7 +100,7 @@ class Worker:
     def not_ready(self) -> str | None:
         """None when warm and claiming, else why not (for /readyz)."""
         if self.warming:
-            return "warming up: loading and compiling"
+            return f"warming up: {self.info.phase or 'starting'}"
         if self._stopping.is_set():
             return "draining: no longer claiming jobs"
         if self._handoff.store_trouble is not None:
@@ -136,7 +136,7 @@ class Worker:
     async def _warm_up(self) -> Sequence[Size]:
         """Load, then compile and warm every size; returns the sizes served."""
         phases = {"init": time.time() - self.info.started_at}  # imports, Redis, the metrics port
-        sizes = await self._device.warm_up(self._load_pipeline, self.config.sizes, phases)
+        sizes = await self._device.warm_up(self._load_pipeline, self.config.sizes, phases, self._phase)
         pipeline = self._device.pipeline
         assert pipeline is not None, "warm after warm-up"
         self.presence.warmed(pipeline, sizes)
@@ -153,6 +153,14 @@ class Worker:
             ", ".join(f"{phase} {seconds:.2f}s" for phase, seconds in phases.items()),
         )
         return sizes
+
+    async def _phase(self, phase: str) -> None:
+        """Say what the warm-up does now: in the log, and in the registry (`sdxl-serve status`) at once."""
+        logger.info("worker %s: %s", self.id, phase)
+        try:
+            await self.presence.announce("warming", phase=phase)
+        except REDIS_ERRORS as exc:  # the next heartbeat carries it
+            logger.warning("could not publish the warm-up phase (%s)", exc)
 
     def _default_loader(self) -> Pipeline:
         return SDXLPipeline.load(
