@@ -112,3 +112,15 @@ async def test_a_gateway_started_before_redis_waits_for_it_alive_and_not_ready(t
 async def _drain(stream: asyncio.StreamReader) -> None:
     while await stream.readline():
         pass
+
+
+def test_up_on_a_busy_port_says_which_child_failed_and_why(tiny_model: Path, tmp_path: Path, busy_port: int) -> None:
+    done = sdxl_serve(
+        "up", "--port", str(busy_port), "--model", str(tiny_model), "--sizes", "64x64", "--max-steps", "2",
+        env={"XDG_RUNTIME_DIR": str(tmp_path)},
+    )  # fmt: skip
+    lines = done.stdout.splitlines()
+    assert done.returncode == 1 and "Traceback" not in done.stdout, done.stdout
+    assert f"sdxl-serve gateway: error: --port {busy_port}: 127.0.0.1:{busy_port} is in use" in done.stdout
+    assert lines[-1] == "sdxl-serve up: error: gateway exited during start-up (see its log above)"
+    assert not list(tmp_path.glob("sdxl-serve/up-*.json")), "the state file outlived up"
