@@ -389,19 +389,22 @@ async def test_warm_up_says_each_phase_in_the_registry_and_the_log(
     """Loading, then each size's compile with its place in the list: published as it starts, so `sdxl-serve
     status` and the log say what a person waits for; gone once the worker is ready."""
     other = Size(width=TEST_SIZE.width * 2, height=TEST_SIZE.height)
-    config = dataclasses.replace(_worker_config(redis_server), sizes=(TEST_SIZE, other))
+    # An id of its own: other tests' workers announce themselves on the same channel.
+    config = dataclasses.replace(_worker_config(redis_server), sizes=(TEST_SIZE, other), worker_id="w-phases")
     caplog.set_level("INFO")
     heard: list[tuple[str, str | None]] = []
     async with redis_client.pubsub() as pubsub:
         await pubsub.subscribe(KEYS.worker_events_channel)
+        while await pubsub.get_message(timeout=WAIT_S) is None:  # subscribed: nothing published is missed
+            pass
         serving = Worker(config, redis_client, load_pipeline=Pipeline, encode_images=encode_nothing)
         task = asyncio.create_task(serving.run())
         try:
             async with asyncio.timeout(WAIT_S):
                 while not heard or heard[-1][0] != "ready":
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=WAIT_S)
-                    if message is not None:  # None: the subscription's own confirmation
-                        info = json.loads(message["data"])
+                    info = json.loads(message["data"]) if message is not None else {}
+                    if info.get("id") == "w-phases":
                         heard.append((info["state"], info["phase"]))
         finally:
             serving.stop()
