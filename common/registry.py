@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import redis.asyncio as aioredis
@@ -41,6 +42,9 @@ class WorkerInfo(BaseModel):
     default_steps: int = DEFAULT_STEPS
     schedulers: list[str] = [DEFAULT_SCHEDULER]
     state: WorkerState
+    # While warming, what it does now ("loading weights", "compiling 1216x832 (3/9)"); None otherwise. Optional,
+    # so a gateway and a worker of versions with and without it read each other's entries.
+    phase: str | None = None
     started_at: float
     ready_at: float | None = None
     jobs_done: int = 0
@@ -84,13 +88,15 @@ class Registry:
             await self._redis.zrem(self._keys.workers_index, *gone)
         return sorted((WorkerInfo.model_validate_json(r) for r in raw if r is not None), key=lambda w: w.id)
 
-    async def wait_for_ready(self, count: int, timeout_s: float) -> list[WorkerInfo]:
-        """Wait until at least `count` workers serve; returns them. Raises TimeoutError."""
+    async def wait_for_ready(
+        self, count: int, timeout_s: float, among: Callable[[WorkerInfo], bool] = lambda _: True
+    ) -> list[WorkerInfo]:
+        """Wait until at least `count` workers (of those `among` accepts) serve; returns them. Raises TimeoutError."""
         async with self._redis.pubsub() as pubsub:
             await pubsub.subscribe(self._keys.worker_events_channel)
             async with asyncio.timeout(timeout_s):
                 while True:
-                    ready = [w for w in await self.workers() if w.state in SERVING_STATES]
+                    ready = [w for w in await self.workers() if w.state in SERVING_STATES and among(w)]
                     if len(ready) >= count:
                         return ready
                     await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout_s)

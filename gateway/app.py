@@ -7,6 +7,7 @@ before the first request is accepted.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import uuid
@@ -16,7 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from common.blobstore import open_blob_store
-from common.config import log_config, refuse_evicting_redis
+from common.config import ConfigError, log_config, mask_url, refuse_evicting_redis
 from common.jobstore import JobStore
 from common.redis_conn import UNAVAILABLE, connect
 from common.rediskeys import RedisKeys
@@ -195,10 +196,26 @@ async def _listener_ctx(app: web.Application) -> AsyncIterator[None]:
     listener = JobListener(app[REDIS], RedisKeys(app[CONFIG].key_prefix), on_completion=completed)
     app[LISTENER] = listener
     task = asyncio.create_task(listener.run(), name="completion-listener")
-    await asyncio.wait_for(listener.subscribed.wait(), LISTENER_READY_TIMEOUT_S)
+    if await _redis_reachable(app):
+        await asyncio.wait_for(listener.subscribed.wait(), LISTENER_READY_TIMEOUT_S)
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+async def _redis_reachable(app: web.Application) -> bool:
+    """Whether Redis answers now. If not, the gateway starts anyway and says so: it serves /healthz, answers
+    /readyz and submits 503 meanwhile, and its listener keeps trying with backoff until Redis is there."""
+    try:
+        await app[REDIS].ping()
+    except UNAVAILABLE as exc:
+        logger.warning(
+            "waiting for Redis at %s (%s): not ready until it answers (check --redis-url, or start Redis)",
+            mask_url(app[CONFIG].redis_url),
+            exc,
+        )
+        return False
+    return True
 
 
 async def _journal_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -282,13 +299,21 @@ async def _metrics_site_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def serve(config: GatewayConfig) -> None:
-    """Run the gateway until SIGINT or SIGTERM."""
+    """Run the gateway until SIGINT or SIGTERM. Raises ConfigError when its --port is taken."""
     log_config(logger, config)
-    web.run_app(
-        create_app(config),
-        host=config.host,
-        port=config.port,
-        print=None,
-        access_log_class=AccessLogger,
-        shutdown_timeout=config.request_timeout_s,
-    )
+    try:
+        web.run_app(
+            create_app(config),
+            host=config.host,
+            port=config.port,
+            print=None,
+            access_log_class=AccessLogger,
+            shutdown_timeout=config.request_timeout_s,
+        )
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise ConfigError(
+            f"--port {config.port}: {config.host}:{config.port} is in use by another process (another gateway, or "
+            "a running `sdxl-serve up`?); pass a free --port, or stop that process"
+        ) from exc

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -19,6 +20,8 @@ from types import ModuleType
 
 from common.config import ConfigError
 from common.logs import setup_logging
+
+logger = logging.getLogger(__name__)
 
 # Top-level modules of the `worker` extra (pyproject.toml): the gateway's install lacks them.
 WORKER_EXTRA_MODULES = frozenset(
@@ -135,6 +138,7 @@ def _guarded(command: str, body: Callable[[], int]) -> int:
     try:
         return body()
     except (ConfigError, NotInstalledError) as exc:
+        logger.debug("the error's traceback", exc_info=True)  # with --log-level debug only
         print(f"sdxl-serve {command}: error: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:

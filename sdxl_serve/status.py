@@ -11,11 +11,12 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel
 from redis.exceptions import ResponseError
 
-from common.config import add_eviction_argument, add_redis_arguments, mask_url
+from common.config import DEFAULT_REDIS_URL, add_eviction_argument, add_redis_arguments, mask_url
 from common.redis_conn import UNAVAILABLE, connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
 from common.streams import JobStreams
+from sdxl_serve.local_up import find_running
 
 
 class StreamStatus(BaseModel):
@@ -72,7 +73,7 @@ def render(status: ClusterStatus) -> str:
             ",".join(map(str, w.sizes)),
             f"1..{w.max_steps}",
             ",".join(w.schedulers),
-            w.state,
+            f"{w.state}: {w.phase}" if w.phase else w.state,
             str(w.jobs_done),
             f"{max(0.0, status.at - w.last_heartbeat):.1f}s ago",
         )
@@ -94,17 +95,34 @@ def render(status: ClusterStatus) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Where the cluster's Redis is, and the output format."""
-    add_redis_arguments(parser)
+    """Where the cluster's Redis is (default: that of the `sdxl-serve up` running here, else the usual local
+    port), and the output format."""
+    add_redis_arguments(parser, default=None)
     add_eviction_argument(parser)
     parser.add_argument("--json", action="store_true", help="one JSON object instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the status once; 1 if Redis cannot be reached."""
+    redis_url, key_prefix = where(args.redis_url, args.key_prefix)
     return asyncio.run(
-        _print_status(args.redis_url, args.key_prefix, as_json=args.json, allow_evicting=args.allow_evicting_redis)
+        _print_status(redis_url, key_prefix, as_json=args.json, allow_evicting=args.allow_evicting_redis)
     )
+
+
+def where(redis_url: str | None, key_prefix: str) -> tuple[str, str]:
+    """The Redis URL and key prefix to read: those given, else those of the `sdxl-serve up` running on this
+    machine (saying so on stderr), else the usual local Redis."""
+    if redis_url is not None:
+        return redis_url, key_prefix
+    running = find_running()
+    if running is None:
+        return DEFAULT_REDIS_URL, key_prefix
+    print(
+        f"sdxl-serve status: the cluster of sdxl-serve up (pid {running.pid}), Redis {mask_url(running.redis_url)}",
+        file=sys.stderr,
+    )
+    return running.redis_url, running.key_prefix
 
 
 async def _print_status(redis_url: str, key_prefix: str, *, as_json: bool, allow_evicting: bool = False) -> int:
@@ -112,7 +130,11 @@ async def _print_status(redis_url: str, key_prefix: str, *, as_json: bool, allow
     try:
         status = await read_status(redis, RedisKeys(key_prefix))
     except UNAVAILABLE as exc:
-        print(f"sdxl-serve status: cannot reach Redis at {mask_url(redis_url)}: {exc}", file=sys.stderr)
+        print(
+            f"sdxl-serve status: cannot reach Redis at {mask_url(redis_url)}: {exc} "
+            "(give its --redis-url, or start a cluster with `sdxl-serve up`)",
+            file=sys.stderr,
+        )
         return 1
     finally:
         await redis.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -10,10 +11,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The directory to write and the seed of the random weights."""
     parser.add_argument("directory", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--if-missing", action="store_true", help="do nothing if DIRECTORY already holds a model (for containers)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Write the model and print where."""
+    if args.if_missing and (args.directory / "model_index.json").is_file():
+        print(f"{args.directory}: a model is already there", file=sys.stderr, flush=True)
+        return 0
+    print(
+        f"making the tiny random-weight model at {args.directory} (a minute or two on a CPU)...",
+        file=sys.stderr,
+        flush=True,
+    )
     from worker.cli import use_cpu_devices
 
     use_cpu_devices(1)  # before JAX is imported: one device is plenty to make random weights

@@ -1,13 +1,16 @@
 """`sdxl-serve up`: a whole cluster on one host, for demos and development, kept running.
 
 Starts a private redis-server (unless given --redis-url), one gateway and N workers as child processes,
-and prints `ready: http://HOST:PORT` once every worker is warm. Then it supervises: a child that exits is
-started again after a delay that doubles with each of its recent exits, and one that keeps exiting (more
-than --restart-limit times within --restart-window seconds) is given up on, with a message naming it and
-its exit status. The gateway keeps serving meanwhile: a job whose worker died is taken over by another one
-or by its replacement. Without a gateway, or with every worker given up on, the cluster cannot serve and
-`up` stops. On Ctrl-C or SIGTERM it stops every child it started, workers first (they drain), Redis last.
-Children also die with it if it is killed outright.
+and prints `ready: http://HOST:PORT (Redis URL)` once every worker is warm. While it runs, a state file tells
+`sdxl-serve status` on this machine where its Redis is, and a second `up` (without --redis-url) joins it with
+more workers instead of starting a cluster of its own (sdxl_serve/local_up.py).
+
+Then it supervises: a child that exits is started again after a delay that doubles with each of its recent
+exits, and one that keeps exiting (more than --restart-limit times within --restart-window seconds) is given
+up on, with a message naming it and its exit status. The gateway keeps serving meanwhile: a job whose worker
+died is taken over by another one or by its replacement. Without a gateway, or with every worker given up on,
+the cluster cannot serve and `up` stops. On Ctrl-C or SIGTERM it stops every child it started, workers first
+(they drain), Redis last. Children also die with it if it is killed outright.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -31,6 +35,7 @@ from common.config import (
     add_eviction_argument,
     add_redis_arguments,
     default_cache_dir,
+    mask_url,
     require,
     require_blob_store_url,
 )
@@ -40,6 +45,7 @@ from common.rediskeys import DEFAULT_PREFIX, RedisKeys
 from common.registry import Registry
 from gateway.cli import add_routing_argument
 from gateway.config import GatewayConfig, RoutingPolicy
+from sdxl_serve.local_up import RunningUp, announced, find_running
 from sdxl_serve.processes import ProcessError, RedisServer, spawn, start_redis_server, stop, wait_http
 from worker.cli import add_compile_cache_arguments, add_model_arguments, add_watermark_argument
 from worker.config import DEFAULT_MODEL, Attention, WorkerConfig, default_compile_cache_dir
@@ -85,6 +91,7 @@ class UpConfig:
     blob_store: str | None = None
     key_prefix: str = DEFAULT_PREFIX
     workers: int = 1
+    join: bool = True  # without --redis-url: add workers to the `up` already running here, if there is one
     host: str = "127.0.0.1"
     port: int = 8000
     routing: RoutingPolicy = GatewayConfig.routing
@@ -128,6 +135,7 @@ class UpConfig:
             blob_store=args.blob_store,
             key_prefix=args.key_prefix,
             workers=args.workers,
+            join=args.join,
             host=args.host,
             port=args.port,
             routing=args.routing,
@@ -158,6 +166,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_blob_store_argument(parser, default=None)  # None: a directory of this run
     add_model_arguments(parser, None)
     parser.add_argument("--workers", type=int, default=UpConfig.workers)
+    parser.add_argument(
+        "--no-join",
+        dest="join",
+        action="store_false",
+        help="start a cluster of its own even where another `sdxl-serve up` runs on this machine (by default, "
+        "without --redis-url, this one adds its workers to that one's)",
+    )
     add_routing_argument(parser)
     parser.add_argument("--host", default=UpConfig.host)
     parser.add_argument("--port", type=int, default=os.environ.get("PORT", str(UpConfig.port)))
@@ -229,11 +244,11 @@ class Resolved:
         )
 
 
-def children(config: UpConfig, resolved: Resolved) -> list[Child]:
-    """The gateway and the workers of this cluster, each with the flags it is started with."""
-    gateway = Child("gateway", ("gateway", *gateway_argv(config, resolved)))
+def children(config: UpConfig, resolved: Resolved, *, gateway: bool = True) -> list[Child]:
+    """The gateway (unless joining another `up`'s) and the workers of this cluster, each with its flags."""
     worker = ("worker", *worker_argv(config, resolved))
-    return [gateway, *(Child(f"worker-{index}", worker) for index in range(config.workers))]
+    workers = [Child(f"worker-{index}", worker) for index in range(config.workers)]
+    return [Child("gateway", ("gateway", *gateway_argv(config, resolved))), *workers] if gateway else workers
 
 
 def child_command(config: UpConfig, child: Child) -> list[str]:
@@ -311,6 +326,8 @@ class Cluster:
         self._children: list[Child] = []
         self._redis: RedisServer | None = None
         self._stop = asyncio.Event()
+        self._joined: RunningUp | None = None  # the other `up` whose cluster this one adds workers to
+        self._announced = contextlib.ExitStack()  # this one's state file, for status and later `up`s
 
     async def run(self) -> int:
         """Start everything, supervise until stopped, stop everything; returns the exit status."""
@@ -319,28 +336,59 @@ class Cluster:
             loop.add_signal_handler(sig, self._stop.set)
         with tempfile.TemporaryDirectory(prefix="sdxl-serve-up-") as scratch:
             try:
-                await self._start(Path(scratch))
+                redis_url = await self._start(Path(scratch))
                 if self._stop.is_set():
                     return 0
-                print(f"ready: http://{self.config.host}:{self.config.port}", flush=True)
+                print(f"ready: {self._gateway_url()} (Redis {mask_url(redis_url)})", flush=True)
                 return await self._supervise()
             finally:
+                self._announced.close()
                 await self._stop_all()
 
-    async def _start(self, scratch: Path) -> None:
+    def _gateway_url(self) -> str:
+        return self._joined.url if self._joined else f"http://{self.config.host}:{self.config.port}"
+
+    async def _start(self, scratch: Path) -> str:
+        """Start the cluster's processes and wait for them; returns its Redis URL."""
         accelerator = await _accelerator_backend()
         if accelerator and self.config.workers > 1:
             raise ClusterError(
                 f"each worker takes every local {accelerator} device; run --workers 1 "
                 "per host (add hosts with `sdxl-serve worker --redis-url ...`)"
             )
-        resolved = await Resolved.settle(
-            self.config, scratch, lambda: self._start_redis(scratch), lambda: self._default_model(accelerator)
-        )
-        self._children = children(self.config, resolved)
+        self._joined = find_running() if self.config.redis_url is None and self.config.join else None
+        if self._joined:
+            self.config = dataclasses.replace(self.config, key_prefix=self._joined.key_prefix)
+            resolved = self._join(self._joined)
+        else:
+            resolved = await Resolved.settle(
+                self.config, scratch, lambda: self._start_redis(scratch), lambda: self._default_model(accelerator)
+            )
+            self._announce(resolved)
+        self._children = children(self.config, resolved, gateway=self._joined is None)
         for child in self._children:
             await self._launch(child)
         await self._wait_ready(resolved.redis_url)
+        return resolved.redis_url
+
+    def _join(self, other: RunningUp) -> Resolved:
+        """Workers for the cluster of the `up` already running here: its Redis, image store and model."""
+        _tell(
+            f"joining the cluster of sdxl-serve up (pid {other.pid}) at {other.url}, Redis "
+            f"{mask_url(other.redis_url)}: starting {self.config.workers} worker(s) only"
+        )
+        return Resolved(redis_url=other.redis_url, blob_store=other.blob_store, model=self.config.model or other.model)
+
+    def _announce(self, resolved: Resolved) -> None:
+        running = RunningUp(
+            pid=os.getpid(),
+            url=self._gateway_url(),
+            redis_url=resolved.redis_url,
+            key_prefix=self.config.key_prefix,
+            blob_store=resolved.blob_store,
+            model=resolved.model,
+        )
+        self._announced.enter_context(announced(running))
 
     async def _default_model(self, accelerator: str | None) -> str:
         if accelerator:
@@ -383,9 +431,10 @@ class Cluster:
             await redis.aclose()
 
     async def _ready(self, redis: object) -> None:
-        await wait_http(f"http://{self.config.host}:{self.config.port}/healthz", self.config.ready_timeout_s)
+        await wait_http(f"{self._gateway_url()}/healthz", self.config.ready_timeout_s)
         registry = Registry(redis, RedisKeys(self.config.key_prefix))  # type: ignore[arg-type]
-        await registry.wait_for_ready(self.config.workers, self.config.ready_timeout_s)
+        ours = {c.process.pid for c in self._children if c.process}  # a joining `up` waits for its own workers
+        await registry.wait_for_ready(self.config.workers, self.config.ready_timeout_s, among=lambda w: w.pid in ours)
 
     async def _supervise(self) -> int:
         """Keep every child running until stopped (0), or until the cluster cannot serve (1)."""
@@ -407,7 +456,7 @@ class Cluster:
             await _cancel([stop_requested, *keepers])
 
     def _cannot_serve(self, left: set[Child]) -> str | None:
-        if not any(not c.is_worker for c in left):
+        if self._joined is None and not any(not c.is_worker for c in left):
             return "the gateway is down for good"
         if not any(c.is_worker for c in left):
             return "every worker is down for good"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import queue
 import re
@@ -12,7 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -26,6 +27,8 @@ from sdxl_serve.up import Child, RestartPolicy
 from tests.support import READY_TIMEOUT_S, scrape
 
 WAITING = ("sdxl_gateway_waiting_requests", ())
+# The gateway's address, and the Redis a person points `sdxl-serve status` or another worker at.
+READY_LINE = re.compile(r"ready: (http://127\.0\.0\.1:\d+) \(Redis (redis://127\.0\.0\.1:\d+/0)\)")
 
 pytestmark = pytest.mark.e2e
 
@@ -54,7 +57,7 @@ async def test_up_serves_then_stops_every_child(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path)},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path), "XDG_RUNTIME_DIR": str(tmp_path)},
     )  # fmt: skip
     try:
         assert up.stdout is not None and up.stderr is not None
@@ -63,7 +66,7 @@ async def test_up_serves_then_stops_every_child(tmp_path: Path) -> None:
         await stderr.expect(r"making the tiny model")
         stores = await children_config(stderr, "blob_store", "gateway.app", "worker.runner")
         line = await asyncio.to_thread(up.stdout.readline)  # the cluster is ready (or `up` exited)
-        assert line.strip() == f"ready: http://127.0.0.1:{port}", line
+        assert READY_LINE.fullmatch(line.strip()) and f"127.0.0.1:{port} " in line, line
         children = children_of(up.pid)
         assert len(children) == 3  # redis-server, gateway, one worker
         (store,) = set(stores.values())  # the gateway reads the images where the workers write them
@@ -177,13 +180,13 @@ async def test_up_restarts_a_dead_child_and_gives_up_on_a_crash_loop(tiny_model:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "XDG_RUNTIME_DIR": str(tmp_path)},
     )  # fmt: skip
     try:
         assert up.stdout is not None and up.stderr is not None
         stderr = Stderr(up.stderr)
         line = await asyncio.to_thread(up.stdout.readline)  # the cluster is ready (or `up` exited)
-        assert line.strip() == f"ready: http://127.0.0.1:{port}", line
+        assert READY_LINE.fullmatch(line.strip()) and f"127.0.0.1:{port} " in line, line
         await stderr.expect(r"worker-1 started")
 
         # A worker dies while a request waits at the gateway: it is restarted, and the request answered.
@@ -234,3 +237,65 @@ def test_restart_delay_doubles_up_to_its_bound() -> None:
 def test_only_exits_within_the_window_count() -> None:
     child = Child("worker-0", ("worker",))
     assert [child.recent_exits(now, window_s=10.0) for now in (0.0, 5.0, 9.0, 12.0, 30.0)] == [1, 2, 3, 3, 1]
+
+
+def start_up(argv: list[str], runtime_dir: Path) -> subprocess.Popen[str]:
+    """`sdxl-serve up ARGV...` with its state file under `runtime_dir` (the user's runtime directory)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "sdxl_serve", "up", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "XDG_RUNTIME_DIR": str(runtime_dir)},
+    )
+
+
+def status_of(runtime_dir: Path) -> tuple[dict[str, Any], str]:
+    """`sdxl-serve status --json` as a person runs it on this machine, with no --redis-url: (status, stderr)."""
+    env = {k: v for k, v in os.environ.items() if k != "SDXL_SERVE_REDIS_URL"}
+    done = subprocess.run(
+        [sys.executable, "-m", "sdxl_serve", "status", "--json"],
+        capture_output=True,
+        text=True,
+        env={**env, "XDG_RUNTIME_DIR": str(runtime_dir)},
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    status: dict[str, Any] = json.loads(done.stdout)
+    return status, done.stderr
+
+
+async def test_status_and_a_second_up_find_the_running_up(tiny_model: Path, tmp_path: Path) -> None:
+    """The `ready:` line names the cluster's Redis; `status` without --redis-url reads that cluster; a second
+    `up` joins it with its workers; the state file goes when `up` stops."""
+    port = free_port()
+    common = ["--model", str(tiny_model), "--sizes", "64x64", "--max-steps", "2", "--cache-dir", str(tmp_path)]
+    first = start_up(["--port", str(port), *common], tmp_path)
+    second: subprocess.Popen[str] | None = None
+    try:
+        assert first.stdout is not None and first.stderr is not None
+        Stderr(first.stderr)
+        ready = READY_LINE.fullmatch((await asyncio.to_thread(first.stdout.readline)).strip())
+        assert ready is not None and ready[1] == f"http://127.0.0.1:{port}"
+        status, said = await asyncio.to_thread(status_of, tmp_path)
+        assert f"sdxl-serve up (pid {first.pid}), Redis {ready[2]}" in said
+        assert [w["state"] for w in status["workers"]] == ["ready"]
+
+        second = start_up(["--workers", "1", *common], tmp_path)
+        assert second.stdout is not None and second.stderr is not None
+        stderr = Stderr(second.stderr)
+        await stderr.expect(rf"joining the cluster of sdxl-serve up \(pid {first.pid}\) at http://127.0.0.1:{port}")
+        assert (await asyncio.to_thread(second.stdout.readline)).strip() == ready[0]
+        status, _ = await asyncio.to_thread(status_of, tmp_path)
+        assert sorted(w["state"] for w in status["workers"]) == ["ready", "ready"]
+        assert await generate(port) == 4
+        second.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(second.wait, 120) == 0
+        assert list((tmp_path / "sdxl-serve").glob("up-*.json")) == [tmp_path / "sdxl-serve" / f"up-{first.pid}.json"]
+    finally:
+        for up in (second, first):
+            if up is not None and up.poll() is None:
+                up.send_signal(signal.SIGTERM)
+                await asyncio.to_thread(up.wait, 120)
+    assert first.returncode == 0
+    assert not list((tmp_path / "sdxl-serve").glob("up-*.json"))

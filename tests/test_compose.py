@@ -41,6 +41,7 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 REDIS_PORT = 6379
 # The runtime images, by the subcommand each runs.
 TARGETS = ("gateway", "worker")
+_COMPOSE_VARIABLE = re.compile(r"\$\{(\w+)(:-([^}]*))?\}")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)")
 _DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 # Distributions of the worker extra whose import name differs from their name.
@@ -67,9 +68,21 @@ def _image_services() -> list[str]:
     )
 
 
-def _command(service: str) -> list[str]:
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """`${VAR:-default}` and `${VAR}` as compose fills them from the shell's environment `env`."""
+
+    def fill(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(3) or ""
+        return env.get(name) or default if match.group(2) else env.get(name, "")
+
+    return _COMPOSE_VARIABLE.sub(fill, text)
+
+
+def _command(service: str, shell: dict[str, str] | None = None) -> list[str]:
+    """The service's command as compose runs it, with `shell` (default: empty) the environment of `docker compose`."""
     command = _services()[service]["command"]
-    return shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
+    parts = shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
+    return [interpolate(part, shell or {}) for part in parts]
 
 
 def _target(service: str) -> str:
@@ -77,11 +90,11 @@ def _target(service: str) -> str:
     return target
 
 
-def _args(service: str) -> argparse.Namespace:
+def _args(service: str, shell: dict[str, str] | None = None) -> argparse.Namespace:
     """The service's command as the CLI reads it inside its image (whose ENV sets some defaults)."""
     environment = _services()[service].get("environment", {})
     assert isinstance(environment, dict), "write `environment:` as a mapping"
-    return parse(_command(service), {**stage_values(_target(service), "ENV"), **environment})
+    return parse(_command(service, shell), {**stage_values(_target(service), "ENV"), **environment})
 
 
 def _container_ports(service: str) -> list[int]:
@@ -154,8 +167,8 @@ def test_gateway_and_worker_run_their_images() -> None:
     for name in _image_services():
         build = _services()[name]["build"]
         assert (ROOT / build["context"]).resolve() == ROOT, f"{name}: build context is not the repo root"
-        assert build["target"] == name, f"{name} runs the {build['target']} image"
-        assert _services()[name]["image"].startswith(f"sdxl-serve-{name}:")
+        assert build["target"] in TARGETS, f"{name} builds {build['target']}, no runtime image"
+        assert _services()[name]["image"].startswith(f"sdxl-serve-{build['target']}:")
     assert (ROOT / DOCKERFILE).is_file()
 
 
@@ -217,8 +230,28 @@ def test_worker_can_scale() -> None:
     assert _args("worker").worker_id is None, "replicas would share one worker id"
 
 
-def test_worker_runs_the_default_model() -> None:
-    assert _args("worker").model == DEFAULT_MODEL
+def test_worker_runs_the_tiny_model_the_tiny_model_service_makes() -> None:
+    """Out of the box on a CPU machine: no 7 GB download, no SDXL in memory."""
+    maker = _args("tiny-model")
+    assert maker.if_missing, "a restart would make the model again"
+    assert _args("worker").model == str(maker.directory)
+    volume = {
+        target: source for target, source in _mounts("tiny-model").items() if maker.directory.is_relative_to(target)
+    }
+    assert volume and set(volume.items()) <= set(_mounts("worker").items()), "the worker does not see the model"
+    assert _services()["worker"]["depends_on"]["tiny-model"]["condition"] == "service_completed_successfully"
+    assert _services()["tiny-model"]["restart"] == "no"
+    assert _target("tiny-model") == "worker"
+
+
+def test_sdxl_model_switches_the_worker_to_the_real_model() -> None:
+    assert _args("worker", {"SDXL_MODEL": DEFAULT_MODEL}).model == DEFAULT_MODEL
+    assert f"SDXL_MODEL={DEFAULT_MODEL} docker compose up" in COMPOSE_FILE.read_text(), "the switch is documented"
+
+
+def test_interpolation_reads_the_shell_environment() -> None:
+    assert interpolate("${A:-x}/${B}", {}) == "x/"
+    assert interpolate("${A:-x}/${B}", {"A": "a", "B": "b"}) == "a/b"
 
 
 def test_worker_caches_weights_at_hf_home() -> None:
@@ -424,7 +457,8 @@ def _ha_services() -> dict[str, dict[str, Any]]:
 def _ha_args(service: str) -> argparse.Namespace:
     merged = _ha_services()[service]
     return parse(
-        [str(part) for part in merged["command"]], {**stage_values(_target(service), "ENV"), **merged["environment"]}
+        [interpolate(str(part), {}) for part in merged["command"]],
+        {**stage_values(_target(service), "ENV"), **merged["environment"]},
     )
 
 
@@ -460,3 +494,15 @@ def test_ha_s3_credentials_match_the_store_identity() -> None:
             credential["accessKey"],
             credential["secretKey"],
         )
+
+
+def test_ha_worker_runs_the_model_the_base_file_runs() -> None:
+    assert _ha_args("worker").model == _args("worker").model
+
+
+def test_ha_file_says_it_is_one_host_only() -> None:
+    """Its sentinels name the master by a compose-network name: a client on another host cannot resolve it."""
+    sentinel = " ".join(yaml.safe_load(HA_FILE.read_text())["x-sentinel"]["command"])
+    assert "sentinel announce-hostnames yes" in sentinel
+    header = " ".join(line.lstrip("# ") for line in HA_FILE.read_text().splitlines() if line.startswith("#"))
+    assert "One host only" in header and "announce-ip" in header

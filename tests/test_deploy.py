@@ -422,12 +422,27 @@ def _scaled_object_problems(docs: list[Doc], scaled: Doc) -> list[str]:
 
 def _trigger_problems(docs: list[Doc], worker: Ours, trigger: Doc, target: str) -> list[str]:
     meta, name = trigger["metadata"], trigger.get("name")
-    problems = [] if trigger["type"] == "redis-streams" else [f"{name}: not a redis-streams trigger"]
+    problems: list[str] = []
     # With consumerGroup KEDA counts the group's pending entries or lag instead of the stream's length:
     # that leaves out the queue or the jobs in service (scaledobject.yaml; the last test here).
     problems += [f"{name}: sets {key}" for key in ("consumerGroup", "lagCount", "pendingEntriesCount") if key in meta]
     if meta.get("streamLength") != target:
         problems.append(f"{name}: streamLength {meta.get('streamLength')} != the formula's target {target}")
+    if worker.args.redis_url.startswith("redis+sentinel://"):
+        problems += _sentinel_trigger_problems(worker, trigger)
+    else:
+        problems += _direct_trigger_problems(docs, worker, trigger)
+    auth = named(docs, "TriggerAuthentication", trigger.get("authenticationRef", {}).get("name", ""))
+    secrets = {r["parameter"]: (r["name"], r["key"]) for r in (auth or {}).get("spec", {}).get("secretTargetRef", [])}
+    if secrets.get("password") != secret_refs(redis_container(docs)[1]).get("REDIS_PASSWORD"):
+        problems.append(f"{name}: its password is not Redis's")
+    return problems
+
+
+def _direct_trigger_problems(docs: list[Doc], worker: Ours, trigger: Doc) -> list[str]:
+    """The trigger reads the one Redis server the workers use."""
+    meta, name = trigger["metadata"], trigger.get("name")
+    problems = [] if trigger["type"] == "redis-streams" else [f"{name}: not a redis-streams trigger"]
     url = urlparse(worker.args.redis_url)
     service = named(docs, "Service", url.hostname or "")
     namespace = (service or {}).get("metadata", {}).get("namespace", "NAMESPACE")
@@ -435,10 +450,22 @@ def _trigger_problems(docs: list[Doc], worker: Ours, trigger: Doc, target: str) 
         problems.append(f"{name}: address {meta.get('address')} is not the workers' Redis")
     if meta.get("databaseIndex") != (url.path.strip("/") or "0"):
         problems.append(f"{name}: databaseIndex {meta.get('databaseIndex')} != the workers' {url.path}")
-    auth = named(docs, "TriggerAuthentication", trigger.get("authenticationRef", {}).get("name", ""))
-    secrets = {r["parameter"]: (r["name"], r["key"]) for r in (auth or {}).get("spec", {}).get("secretTargetRef", [])}
-    if secrets.get("password") != secret_refs(redis_container(docs)[1]).get("REDIS_PASSWORD"):
-        problems.append(f"{name}: its password is not Redis's")
+    return problems
+
+
+def _sentinel_trigger_problems(worker: Ours, trigger: Doc) -> list[str]:
+    """The trigger asks the workers' sentinels for the master of their service, so it follows a failover."""
+    meta, name = trigger["metadata"], trigger.get("name")
+    target = parse_sentinel_url(worker.args.redis_url)
+    problems = [] if trigger["type"] == "redis-sentinel-streams" else [f"{name}: not a redis-sentinel-streams trigger"]
+    namespace = worker.workload["metadata"].get("namespace", "NAMESPACE")
+    wanted = ",".join(f"{host}.{namespace}.svc:{port}" for host, port in target.sentinels)
+    if meta.get("addresses") != wanted or "address" in meta:
+        problems.append(f"{name}: addresses {meta.get('addresses')} are not the workers' sentinels {wanted}")
+    if meta.get("sentinelMaster") != target.service:
+        problems.append(f"{name}: sentinelMaster {meta.get('sentinelMaster')} != the workers' {target.service}")
+    if meta.get("databaseIndex") != str(target.db):
+        problems.append(f"{name}: databaseIndex {meta.get('databaseIndex')} != the workers' {target.db}")
     return problems
 
 
@@ -688,9 +715,8 @@ async def test_stream_length_counts_queued_and_running_jobs_and_the_group_lag_do
 # --- The Sentinel and object-store components, rendered over the cpu overlay
 
 
-@pytest.fixture
-def ha_documents() -> Iterator[list[Doc]]:
-    """overlays/cpu with components/sentinel and components/object-store, as an overlay that includes them
+def _render_with_ha_components(overlay: str) -> list[Doc]:
+    """`overlay` with components/sentinel and components/object-store, as an overlay that includes them
     renders it (in a scratch overlay beside the others: kustomize loads only paths under its tree)."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
@@ -699,14 +725,32 @@ def ha_documents() -> Iterator[list[Doc]]:
     scratch.mkdir()
     try:
         (scratch / "kustomization.yaml").write_text(
-            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../overlays/cpu]\n"
+            f"apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../overlays/{overlay}]\n"
             "components: [../components/sentinel, ../components/object-store]\n"
         )
         result = subprocess.run([kubectl, "kustomize", str(scratch)], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
-        yield [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+        return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
     finally:
         shutil.rmtree(scratch)
+
+
+@pytest.fixture
+def ha_documents() -> list[Doc]:
+    """overlays/cpu (no autoscaling) with the Sentinel and object-store components."""
+    return _render_with_ha_components("cpu")
+
+
+def test_keda_follows_sentinel_when_both_components_are_included() -> None:
+    """overlays/gpu includes components/autoscaling: with components/sentinel its trigger asks the sentinels."""
+    docs = _render_with_ha_components("gpu")
+    [scaled] = of_kind(docs, "ScaledObject")
+    assert [t["type"] for t in scaled["spec"]["triggers"]] == ["redis-sentinel-streams"]
+    assert keda_problems(docs) == []
+    # The trigger of the plain component, left as it is, reads a Redis the workers no longer use.
+    trigger = scaled["spec"]["triggers"][0]
+    trigger["type"], trigger["metadata"]["address"] = "redis-streams", "sdxl-redis.sdxl-serve.svc:6379"
+    assert keda_problems(docs) != []
 
 
 @pytest.mark.parametrize("name", ["sdxl-gateway", "sdxl-worker"])

@@ -368,3 +368,46 @@ async def test_a_worker_publishes_its_sizes_and_step_range_runs_every_scheduler_
     failed = results.pop("too-long")
     assert failed.status == "failed" and failed.error == f"{TEST_MAX_STEPS + 1} steps: this worker runs 1 to 3"
     assert {job_id: result.status for job_id, result in results.items()} == dict.fromkeys(SCHEDULERS, "succeeded")
+
+
+async def test_warm_up_says_each_phase_in_the_registry_and_the_log(
+    redis_server: RedisServer, redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Loading, then each size's compile with its place in the list: published as it starts, so `sdxl-serve
+    status` and the log say what a person waits for; gone once the worker is ready."""
+    other = Size(width=TEST_SIZE.width * 2, height=TEST_SIZE.height)
+    # An id of its own: other tests' workers announce themselves on the same channel.
+    config = dataclasses.replace(_worker_config(redis_server), sizes=(TEST_SIZE, other), worker_id="w-phases")
+    caplog.set_level("INFO")
+    heard: list[tuple[str, str | None]] = []
+    async with redis_client.pubsub() as pubsub:
+        await pubsub.subscribe(KEYS.worker_events_channel)
+        while await pubsub.get_message(timeout=WAIT_S) is None:  # subscribed: nothing published is missed
+            pass
+        serving = Worker(config, redis_client, load_pipeline=Pipeline, encode_images=encode_nothing)
+        task = asyncio.create_task(serving.run())
+        try:
+            async with asyncio.timeout(WAIT_S):
+                while not heard or heard[-1][0] != "ready":
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=WAIT_S)
+                    info = json.loads(message["data"]) if message is not None else {}
+                    if info.get("id") == "w-phases":
+                        heard.append((info["state"], info["phase"]))
+        finally:
+            serving.stop()
+            await asyncio.wait_for(task, WAIT_S)
+    phases = [phase for _, phase in dict.fromkeys(heard)]
+    assert phases == [
+        None,
+        "loading weights",
+        f"compiling and warming {TEST_SIZE} (1/2)",
+        f"compiling and warming {other} (2/2)",
+        None,
+    ], heard
+    log = caplog.text
+    assert "weights loaded in" in log and f"compiling and warming {other} (2/2)" in log
+    assert f"{other} compiled in" in log
+
+
+def encode_nothing(images: np.ndarray, encoding: Encoding, executor: Executor) -> list[bytes]:
+    return [b"image"] * len(images)

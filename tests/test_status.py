@@ -51,3 +51,11 @@ async def test_status_reports_workers_queue_pending_and_dead_letters(
 def test_status_says_when_redis_is_unreachable(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["status", "--redis-url", f"redis://127.0.0.1:{free_port()}/0"]) == 1
     assert "cannot reach Redis" in capsys.readouterr().err
+
+
+async def test_status_shows_what_a_warming_worker_does(
+    redis_server: RedisServer, redis_client: aioredis.Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await register_worker(redis_client, "w1", state="warming", phase="compiling and warming 1216x832 (3/9)")
+    assert await asyncio.to_thread(main, ["status", "--redis-url", redis_server.url(0)]) == 0
+    assert "warming: compiling and warming 1216x832 (3/9)" in capsys.readouterr().out

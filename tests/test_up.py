@@ -22,6 +22,7 @@ from sdxl_serve.up import Resolved, UpConfig, child_command, children
 UP_ONLY = frozenset(
     {
         "--workers",
+        "--no-join",
         "--cache-dir",
         "--ready-timeout",
         "--restart-delay",

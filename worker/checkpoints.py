@@ -200,8 +200,16 @@ def _pytorch_file_names(component: str, variant: str | None) -> set[str]:
 def _download(repo: str, revision: str | None, variant: str | None) -> Path:
     from huggingface_hub import HfApi, snapshot_download
 
-    patterns = hub_patterns(HfApi().list_repo_files(repo, revision=revision), variant)
-    return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    try:
+        patterns = hub_patterns(HfApi().list_repo_files(repo, revision=revision), variant)
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except Exception as exc:  # hub errors have many types (offline, refused, 401, 404); the message says what to do
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(
+            f"--model {repo!r}: could not be fetched from the Hugging Face hub ({type(exc).__name__}: {reason}); "
+            "check the network (or HF_ENDPOINT, HF_TOKEN), or pass a local folder or .safetensors file as --model "
+            "(`sdxl-serve tiny-model DIR` makes a small random one)"
+        ) from exc
 
 
 def _config_folder(source: str, revision: str | None) -> Path:

@@ -19,7 +19,12 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from common.config import add_blob_store_argument, add_eviction_argument, add_redis_arguments  # noqa: E402
+from common.config import (  # noqa: E402
+    ConfigError,
+    add_blob_store_argument,
+    add_eviction_argument,
+    add_redis_arguments,
+)
 from common.protocol import MAX_STEPS, Size  # noqa: E402
 from worker.config import ATTENTION, DEFAULT_MODEL, WorkerConfig, default_compile_cache_dir, parse_sizes  # noqa: E402
 
@@ -254,9 +259,13 @@ def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM; the process exits here, with the worker's status."""
     config = worker_config(args)
     use_cpu_devices(config.cpu_devices)
+    from worker.checkpoints import CheckpointError
     from worker.runner import serve
 
-    status = asyncio.run(serve(config, started_at=PROCESS_STARTED))
+    try:
+        status = asyncio.run(serve(config, started_at=PROCESS_STARTED))
+    except CheckpointError as exc:  # a wrong --model: one line naming it (sdxl_serve/cli.py prints it)
+        raise ConfigError(str(exc)) from exc
     # Exit now: a compile still running on the device thread must not hold the process open.
     logging.shutdown()
     sys.stdout.flush()

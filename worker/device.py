@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -21,6 +22,12 @@ from worker.metrics import WorkerMetrics
 from worker.pipeline_protocol import Pipeline, StepCallback
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
+
+
+async def _quiet(phase: str) -> None:
+    """The default listener of warm-up phases: nobody."""
 
 
 class Device:
@@ -36,15 +43,23 @@ class Device:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
 
     async def warm_up(
-        self, load: Callable[[], Pipeline], sizes: Sequence[Size] | None, phases: dict[str, float]
+        self,
+        load: Callable[[], Pipeline],
+        sizes: Sequence[Size] | None,
+        phases: dict[str, float],
+        on_phase: Callable[[str], Awaitable[None]] = _quiet,
     ) -> Sequence[Size]:
         """Load the pipeline, then compile and warm `sizes` (the pipeline's defaults when None); adds the
-        seconds of each phase to `phases`. Returns the sizes served."""
+        seconds of each phase to `phases`. `on_phase` hears, before each, what a person now waits for
+        ("loading weights", "compiling 1216x832 (3/9)"). Returns the sizes served."""
+        await on_phase("loading weights")
         started = time.perf_counter()
         pipeline = await self.call(load)
         phases["load"] = time.perf_counter() - started
+        logger.info("weights loaded in %.1fs", phases["load"])
         served = sizes or pipeline.default_sizes()
-        for size in served:
+        for index, size in enumerate(served, start=1):
+            await on_phase(f"compiling and warming {size} ({index}/{len(served)})")
             await self._compile(pipeline, size, phases)
         for phase, seconds in phases.items():
             self._metrics.startup_seconds.labels(phase).set(seconds)
@@ -63,6 +78,9 @@ class Device:
 
     async def _compile(self, pipeline: Pipeline, size: Size, phases: dict[str, float]) -> None:
         timings = await self.call(functools.partial(pipeline.compile, size))
+        logger.info(
+            "%s compiled in %.1fs, warmed up in %.1fs", size, timings.lower_s + timings.compile_s, timings.warmup_s
+        )
         for phase, seconds in (
             ("lower", timings.lower_s),
             ("compile", timings.compile_s),

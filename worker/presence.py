@@ -47,9 +47,10 @@ class Presence:
             random_weights=is_tiny_model(config.model),
         )
 
-    async def announce(self, state: WorkerState) -> None:
-        """Take `state` and publish the entry now, without waiting for the next heartbeat."""
-        self._update(state=state)
+    async def announce(self, state: WorkerState, phase: str | None = None) -> None:
+        """Take `state` (and the warm-up's `phase`, if warming) and publish the entry now, without waiting for
+        the next heartbeat."""
+        self._update(state=state, phase=phase)
         await self._registry.publish(self.info, self._config.heartbeat_ttl_s)
 
     def drain(self) -> None:

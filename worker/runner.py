@@ -104,7 +104,7 @@ class Worker:
     def not_ready(self) -> str | None:
         """None when warm and claiming, else why not (for /readyz)."""
         if self.warming:
-            return "warming up: loading and compiling"
+            return f"warming up: {self.info.phase or 'starting'}"
         if self._stopping.is_set():
             return "draining: no longer claiming jobs"
         if self._handoff.store_trouble is not None:
@@ -140,7 +140,7 @@ class Worker:
     async def _warm_up(self) -> Sequence[Size]:
         """Load, then compile and warm every size; returns the sizes served."""
         phases = {"init": time.time() - self.info.started_at}  # imports, Redis, the metrics port
-        sizes = await self._device.warm_up(self._load_pipeline, self.config.sizes, phases)
+        sizes = await self._device.warm_up(self._load_pipeline, self.config.sizes, phases, self._phase)
         await self._load_safety_checker(sizes)
         pipeline = self._device.pipeline
         assert pipeline is not None, "warm after warm-up"
@@ -164,6 +164,7 @@ class Worker:
         folder = self.config.safety_checker
         if folder is None:
             return
+        await self._phase("loading and compiling the safety checker")
         checker = await self._device.call(lambda: SafetyChecker.load(folder, self.config.safety_replace))
         for size in sizes:
             await self._device.call(functools.partial(checker.compile, size, self.config.images_per_request))
@@ -179,6 +180,14 @@ class Worker:
         self.metrics.images_checked.labels("flagged").inc(flagged)
         self.metrics.images_checked.labels("passed").inc(len(screened.nsfw) - flagged)
         return screened.pixels, screened.nsfw
+
+    async def _phase(self, phase: str) -> None:
+        """Say what the warm-up does now: in the log, and in the registry (`sdxl-serve status`) at once."""
+        logger.info("worker %s: %s", self.id, phase)
+        try:
+            await self.presence.announce("warming", phase=phase)
+        except REDIS_ERRORS as exc:  # the next heartbeat carries it
+            logger.warning("could not publish the warm-up phase (%s)", exc)
 
     def _default_loader(self) -> Pipeline:
         return SDXLPipeline.load(

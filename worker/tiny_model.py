@@ -44,6 +44,7 @@ def write_tiny_model(directory: Path, seed: int = 0) -> Path:
         keys = jax.random.split(jax.random.PRNGKey(seed), 4)
         components, params = _components(staging, keys)
         pipeline = FlaxStableDiffusionXLPipeline(**components)
+        logger.info("tiny model: saving")
         pipeline.save_pretrained(staging / "model", params=params)
         _mark_tiny(staging / "model")
         if directory.exists():
@@ -74,8 +75,12 @@ def is_tiny_model(model: str) -> bool:
 
 def _components(staging: Path, keys: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     tokenizer, tokenizer_2, vocab_size = byte_level_tokenizers(staging / "vocab")
+    # Each part takes seconds to tens of seconds on a CPU: say which one a person is waiting for.
+    logger.info("tiny model: making the text encoders (1/3)")
     (text_encoder, text_params), (text_encoder_2, text_params_2) = _text_encoders(vocab_size, tokenizer)
+    logger.info("tiny model: making the UNet (2/3)")
     unet, unet_params = _unet(keys[0])
+    logger.info("tiny model: making the VAE (3/3)")
     vae, vae_params = _vae(keys[1])
     components = {
         "text_encoder": text_encoder,
