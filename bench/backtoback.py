@@ -108,13 +108,17 @@ async def _serving(args: argparse.Namespace, shapes: tuple[Shape, ...]) -> Async
     from common.rediskeys import RedisKeys
     from sdxl_serve.processes import start_redis_server, stop
     from worker.config import WorkerConfig
-    from worker.pipeline import SDXLPipeline
+    from worker.pipeline import PipelineOptions, SDXLPipeline
     from worker.runner import Worker
 
     timed: list[_Timed] = []
 
     def load() -> SDXLPipeline:
-        timed.append(_Timed(SDXLPipeline.load(args.model, None, 4, max_steps=config.max_steps), args.noise_images))
+        timed.append(
+            _Timed(
+                SDXLPipeline.load(args.model, None, PipelineOptions(4, max_steps=config.max_steps)), args.noise_images
+            )
+        )
         return cast("SDXLPipeline", timed[0])
 
     with tempfile.TemporaryDirectory() as directory:

@@ -33,7 +33,7 @@ from worker.config import ATTENTION, Attention
 
 if TYPE_CHECKING:  # imported when measuring: the CLI builds its parser without loading JAX
     from common.protocol import Shape
-    from worker.pipeline import SDXLPipeline
+    from worker.pipeline import PipelineOptions, SDXLPipeline
 
 PROMPT = "a photograph of an astronaut riding a horse"
 GUIDANCE = 7.5
@@ -161,14 +161,10 @@ def measure(config: GenerateConfig) -> list[dict[str, Any]]:
 
     started = time.perf_counter()
     # As a worker: executables that serve any step count up to its default maximum (or the steps asked, if more).
-    first = SDXLPipeline.load(
-        config.model,
-        config.revision,
-        config.images,
-        config.progress,
-        config.attentions[0],
-        max_steps=max(config.steps, DEFAULT_MAX_STEPS),
+    options = PipelineOptions(
+        config.images, config.progress, config.attentions[0], max_steps=max(config.steps, DEFAULT_MAX_STEPS)
     )
+    first = SDXLPipeline.load(config.model, config.revision, options)
     load_s = time.perf_counter() - started
     width, height = config.size or first.native_size
     shape = Shape(width=width, height=height, steps=config.steps)

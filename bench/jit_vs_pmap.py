@@ -51,34 +51,31 @@ def _loops(model: str, steps: int) -> dict[str, Callable[[], None]]:
     from common.protocol import Size
     from worker import pipeline as p
 
-    pipeline = p.SDXLPipeline.load(model, None, images_per_request=4)
+    pipeline = p.SDXLPipeline.load(model, None, p.PipelineOptions(images_per_request=4))
     size = Size(width=64, height=64)
     pipeline.compile(size)
     stepwise = pipeline._compiled[size][True]
     schedule = pipeline._schedule("euler", steps, 7.5)
     params = pipeline._step_params
-    inputs = pipeline._inputs("a lighthouse", "", 0, 7.5)
-    begun: tuple[Any, ...] = stepwise.begin(params.begin, *inputs, schedule.init_noise_sigma)
+    prompt = pipeline._prompt("a lighthouse", "", 0, 7.5)
+    begun, conditioning = stepwise.begin(params.begin, prompt, schedule)
 
     def run_jit() -> None:
         import jax
 
-        latents: Any = jax.numpy.copy(begun[0])  # the step donates them: a fresh copy per round
-        denoised: Any = jax.numpy.copy(begun[1])
+        state: Any = jax.tree_util.tree_map(jax.numpy.copy, begun)  # the step donates it: a fresh copy per round
         for i in range(steps):
-            latents, denoised, _ = stepwise.step(
-                params.step, latents, denoised, *begun[2:], schedule.guidance, schedule.table, pipeline._indices[i]
-            )
-        latents.block_until_ready()
+            state, _ = stepwise.step(params.step, state, conditioning, schedule, pipeline._numbers[i])
+        state.latents.block_until_ready()
 
-    step = p._step  # the per-device function both run
-    loops = {"jit": run_jit, "pmap": _pmap_loop(pipeline._traced(step, size, True), pipeline, schedule, begun, steps)}
+    step_fn = pipeline._traced(p._step, p._Variant(pipeline._pipe, size, True))  # the per-device function both run
+    loops = {"jit": run_jit, "pmap": _pmap_loop(step_fn, pipeline, (schedule, begun, conditioning), steps)}
     for loop in loops.values():
         loop()
     return loops
 
 
-def _pmap_loop(step_fn: Any, pipeline: Any, schedule: Any, begun: tuple[Any, ...], steps: int) -> Callable[[], None]:
+def _pmap_loop(step_fn: Any, pipeline: Any, inputs: tuple[Any, Any, Any], steps: int) -> Callable[[], None]:
     """`steps` steps of `step_fn` under `jax.pmap`, with the parameters and constants stacked on a device axis."""
     import jax
     import numpy as np
@@ -92,16 +89,17 @@ def _pmap_loop(step_fn: Any, pipeline: Any, schedule: Any, begun: tuple[Any, ...
     def split(tree: Any) -> Any:  # per-image arrays as [devices, images per device, ...]
         return on_devices(jax.tree_util.tree_map(lambda x: np.asarray(x).reshape(devices, -1, *x.shape[1:]), tree))
 
-    step = jax.pmap(step_fn, donate_argnums=(1, 2))
-    params, guidance, rows = stacked((pipeline._step_params.step, schedule.guidance, schedule.table))
+    step = jax.pmap(step_fn, donate_argnums=(1,))
+    schedule, begun, conditioning = inputs
+    params, schedule = stacked((pipeline._step_params.step, schedule))
     indices = [stacked(np.int32(i)) for i in range(steps)]
-    context, pooled = split(begun[2]), split(begun[3])
+    conditioning = split(conditioning)
 
     def run() -> None:
-        latents, denoised = split(begun[0]), split(begun[1])
+        state = split(begun)
         for i in range(steps):
-            latents, denoised, _ = step(params, latents, denoised, context, pooled, guidance, rows, indices[i])
-        latents.block_until_ready()
+            state, _ = step(params, state, conditioning, schedule, indices[i])
+        state.latents.block_until_ready()
 
     return run
 

@@ -57,10 +57,12 @@ def measure_cost(args: argparse.Namespace) -> dict[str, Any]:
 
     use_cpu_devices(args.cpu_devices)
     from common.protocol import GenerationParams, Shape
-    from worker.pipeline import SDXLPipeline
+    from worker.pipeline import PipelineOptions, SDXLPipeline
 
     shape = Shape.parse(args.shape)
-    with_progress = SDXLPipeline.load(args.model, args.revision, images_per_request=4, report_progress=True)
+    with_progress = SDXLPipeline.load(
+        args.model, args.revision, PipelineOptions(images_per_request=4, report_progress=True)
+    )
     without = with_progress.variant(report_progress=False)
     for pipeline in (with_progress, without):
         pipeline.compile(shape.size)

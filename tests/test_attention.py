@@ -29,7 +29,7 @@ from sdxl_serve.up import Resolved, UpConfig, worker_argv
 from worker.attention import attention, implementation, traced_with
 from worker.cli import worker_config
 from worker.config import WorkerConfig
-from worker.pipeline import SDXLPipeline, _replicate
+from worker.pipeline import PipelineOptions, SDXLPipeline, _replicate
 from worker.runner import Worker
 
 SHAPE = Shape(width=64, height=64, steps=2)
@@ -95,11 +95,11 @@ def test_cpu_uses_xla_attention() -> None:
 @pytest.fixture(scope="module")
 def images(tiny_model: Path) -> dict[str, np.ndarray]:
     """Images of one request from the tiny model: both paths, in bfloat16 (as served) and float32."""
-    served = SDXLPipeline.load(str(tiny_model), None, images_per_request=4, report_progress=False)
+    served = SDXLPipeline.load(str(tiny_model), None, PipelineOptions(images_per_request=4, report_progress=False))
     pipe, params = FlaxStableDiffusionXLPipeline.from_pretrained(
         str(tiny_model), split_head_dim=True, dtype=jnp.float32
     )
-    full = SDXLPipeline(pipe, _replicate(params), images_per_request=4, report_progress=False)
+    full = SDXLPipeline(pipe, _replicate(params), PipelineOptions(images_per_request=4, report_progress=False))
     out = {}
     for precision, pipeline in (("bf16", served), ("f32", full)):
         for kind in ("einsum", "dot_product"):

@@ -23,7 +23,7 @@ from common.config import ConfigError
 from common.protocol import GenerationParams, Shape
 from sdxl_serve.cli import main as cli_main
 from worker.flops import FlopCount, count_flops, peak_tflops
-from worker.pipeline import SDXLPipeline
+from worker.pipeline import PipelineOptions, SDXLPipeline
 from worker.sdxl_arch import Architecture, abstract_params, components, parameter_count
 
 TERA = 1e12
@@ -172,7 +172,7 @@ SMALL = Architecture(
 
 @pytest.mark.arch
 def test_random_weights_are_made_on_every_device_in_bfloat16() -> None:
-    pipeline = SDXLPipeline.random(SMALL, images_per_request=4, report_progress=False)
+    pipeline = SDXLPipeline.random(SMALL, PipelineOptions(images_per_request=4, report_progress=False))
     leaves = jax.tree_util.tree_leaves(pipeline._params)
     assert leaves and all(w.dtype == jnp.bfloat16 and w.sharding.is_fully_replicated for w in leaves)
     copies = [[shard.data for shard in w.addressable_shards] for w in leaves[:20]]

@@ -28,7 +28,7 @@ from worker.checkpoints import (
     locate,
     pytorch_files,
 )
-from worker.pipeline import SDXLPipeline
+from worker.pipeline import PipelineOptions, SDXLPipeline
 from worker.tiny_formats import flax_params, write_diffusers_safetensors, write_single_file
 
 SHAPE = Shape(width=64, height=64, steps=2)
@@ -94,7 +94,9 @@ def test_each_format_gives_the_flax_format_images(formats: dict[str, Path], tiny
     images = {}
     for name in ("flax", "diffusers-fp32", "single-file-fp32"):
         config = str(tiny_model) if formats[name].is_file() else None
-        pipeline = SDXLPipeline.load(str(formats[name]), None, images_per_request=4, model_config=config)
+        pipeline = SDXLPipeline.load(
+            str(formats[name]), None, PipelineOptions(images_per_request=4), model_config=config
+        )
         pipeline.compile(SHAPE.size)
         images[name] = pipeline.generate(
             GenerationParams(prompt="a cat", negative_prompt="blurry", guidance_scale=7.5).resolved(SHAPE, seed=3)

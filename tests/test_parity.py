@@ -42,7 +42,7 @@ from diffusers import FlaxStableDiffusionXLPipeline
 
 from common.protocol import GenerationParams, Shape, Size
 from worker import pipeline as pipeline_module
-from worker.pipeline import SDXLPipeline
+from worker.pipeline import PipelineOptions, SDXLPipeline
 
 pytestmark = pytest.mark.compile
 
@@ -104,7 +104,9 @@ class Implementations:
 @pytest.fixture(scope="module")
 def bfloat16(tiny_model: Path) -> Implementations:
     """As served: parameters in bfloat16 (worker/checkpoints.py)."""
-    return Implementations(SDXLPipeline.load(str(tiny_model), None, images_per_request=IMAGES, max_steps=MAX_STEPS))
+    return Implementations(
+        SDXLPipeline.load(str(tiny_model), None, PipelineOptions(images_per_request=IMAGES, max_steps=MAX_STEPS))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +118,9 @@ def float32(tiny_model: Path) -> Implementations:
     params.pop("scheduler")
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {np.dtype(np.float32)}
     replicated = pipeline_module._replicate(params)
-    return Implementations(SDXLPipeline(pipe, replicated, images_per_request=IMAGES, max_steps=MAX_STEPS))
+    return Implementations(
+        SDXLPipeline(pipe, replicated, PipelineOptions(images_per_request=IMAGES, max_steps=MAX_STEPS))
+    )
 
 
 def per_device(tree: Any, devices: int) -> Any:

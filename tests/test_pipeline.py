@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 from unittest import mock
@@ -13,11 +14,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec
 
 from common.protocol import SCHEDULERS, GenerationParams, ResolvedParams, Scheduler, Shape, Size
 from tests.test_parity import per_device
 from worker import pipeline as pipeline_module
-from worker.pipeline import DeviceMismatch, InvalidShape, PipelineError, SDXLPipeline, UnsupportedShape
+from worker.pipeline import (
+    Conditioning,
+    DeviceMismatch,
+    InvalidShape,
+    PipelineError,
+    PipelineOptions,
+    Schedule,
+    SDXLPipeline,
+    StepState,
+    UnsupportedShape,
+    layout,
+)
 from worker.schedulers import table
 
 pytestmark = pytest.mark.compile
@@ -47,7 +60,7 @@ BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_model: Path) -> SDXLPipeline:
-    loaded = SDXLPipeline.load(str(tiny_model), None, images_per_request=4, max_steps=MAX_STEPS)
+    loaded = SDXLPipeline.load(str(tiny_model), None, PipelineOptions(images_per_request=4, max_steps=MAX_STEPS))
     loaded.compile(SIZE)
     return loaded
 
@@ -82,6 +95,25 @@ def test_runs_on_four_devices_with_one_image_each(pipeline: SDXLPipeline) -> Non
     assert pipeline.sizes == (SIZE,)
     assert pipeline.native_size == (64, 64)
     assert pipeline.max_steps == MAX_STEPS and pipeline.schedulers == SCHEDULERS
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Undeclared:
+    latents: jax.Array
+
+
+def test_named_inputs_declare_their_layout_per_field() -> None:
+    """shard_map's specs come from the inputs' own fields; an argument that declares none is refused, not
+    replicated by default (a per-image array replicated would give each device every image)."""
+    per_image, replicated = PartitionSpec("data"), PartitionSpec()  # type: ignore[no-untyped-call]
+    assert vars(layout(StepState)) == {"latents": per_image, "denoised": per_image}
+    assert set(vars(layout(Schedule)).values()) == {replicated}
+    assert vars(layout(Conditioning)) == {"prompt": per_image, "negative": per_image, "time_ids": per_image}
+    with pytest.raises(TypeError, match=r"Undeclared.latents declares no layout"):
+        layout(Undeclared)
+    with pytest.raises(TypeError, match=r"shape \(4, 8\) must be a named input"):
+        pipeline_module._layout_of(np.zeros((4, 8)))
 
 
 def test_params_are_bfloat16_replicated(pipeline: SDXLPipeline) -> None:
@@ -184,7 +216,7 @@ def test_size_off_the_model_grid_is_refused_at_compile(pipeline: SDXLPipeline) -
 
 def test_images_must_divide_over_devices(tiny_model: Path) -> None:
     with pytest.raises(DeviceMismatch, match="multiple of 4"):
-        SDXLPipeline.load(str(tiny_model), None, images_per_request=6)
+        SDXLPipeline.load(str(tiny_model), None, PipelineOptions(images_per_request=6))
 
 
 def test_default_size_is_native(pipeline: SDXLPipeline) -> None:
@@ -214,17 +246,23 @@ def pmap_images(pipeline: SDXLPipeline, shape: Shape, negative_prompt: str, seed
     )
     keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), pipeline.images_per_request))
     coefficients = table(scheduler, shape.steps, pipeline._scheduler)  # type: ignore[arg-type]
-    rows, guidance = stacked(coefficients.padded(pipeline.max_steps)), stacked(np.float32(GUIDANCE))
-    begin = jax.pmap(pipeline._traced(pipeline_module._begin, size, True))
-    step = jax.pmap(pipeline._traced(pipeline_module._step, size, True))
+    schedule = pipeline_module.Schedule(
+        table=stacked(coefficients.padded(pipeline.max_steps)),
+        init_noise_sigma=stacked(np.float32(coefficients.init_noise_sigma)),
+        guidance=stacked(np.float32(GUIDANCE)),
+        steps=stacked(np.int32(shape.steps)),
+    )
+    variant = pipeline_module._Variant(pipe, size, cfg=True)
+    begin = jax.pmap(pipeline._traced(pipeline_module._begin, variant))
+    step = jax.pmap(pipeline._traced(pipeline_module._step, variant))
     finish = jax.pmap(functools.partial(pipeline_module._decode, pipe))
     ids = stacked(pipeline._tokenize("a lighthouse")[None])
-    latents, denoised, context, pooled = begin(
-        params, ids, negative, keys.reshape(d, -1, 2), stacked(np.float32(coefficients.init_noise_sigma))
+    state, conditioning = begin(
+        params, pipeline_module.Prompt(ids, negative, jnp.asarray(keys.reshape(d, -1, 2))), schedule
     )
     for i in range(shape.steps):
-        latents, denoised, _ = step(params, latents, denoised, context, pooled, guidance, rows, stacked(np.int32(i)))
-    return np.asarray(finish(params, latents)).reshape(pipeline.images_per_request, size.height, size.width, 3)
+        state, _ = step(params, state, conditioning, schedule, stacked(np.int32(i)))
+    return np.asarray(finish(params, state)).reshape(pipeline.images_per_request, size.height, size.width, 3)
 
 
 @pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m_karras"])

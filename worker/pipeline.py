@@ -11,6 +11,12 @@ keys, latents, conditioning) are split over `data`. Each device runs the same pr
 images as `pmap` did (since JAX 0.8 `pmap` is itself implemented this way and in maintenance mode), so the
 images are the same bit for bit.
 
+The executables' inputs and outputs are named: `Prompt` (what begin starts from), `Schedule`, `Conditioning` and
+`StepState` are frozen dataclasses registered as pytrees, and each field declares its own layout over the mesh
+(replicated or per image); `layout` makes shard_map's specs from them. An input is added as a field, in one place,
+and the step functions read it by name. Everything per image has the images on its leading axis, so that rows of
+different requests could later share a batch, each with its own state.
+
 A request's schedule is a table of one row of coefficients per step (worker/schedulers.py), computed on the
 host, padded to `max_steps` rows and put on the devices once per request, with the guidance scale and the
 initial noise's scale. With progress (the default) a size has three executables, begin, one denoising step and
@@ -38,8 +44,9 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, cast
+from dataclasses import dataclass, field, fields, is_dataclass
+from types import MappingProxyType
+from typing import Any, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -73,11 +80,11 @@ logger = logging.getLogger(__name__)
 AXIS = "data"
 _ALL = PartitionSpec()  # type: ignore[no-untyped-call]  # replicated: the parameters, the prompt's ids, the schedule
 _IMAGES = PartitionSpec(AXIS)  # type: ignore[no-untyped-call]  # split over the devices by image: keys, latents, conditioning, pixels
-# What each executable's arguments are (a spec stands for a whole pytree argument: params, negative, pooled).
-_BEGIN_SPECS = (_ALL, _ALL, _ALL, _IMAGES, _ALL)  # params, prompt ids, negative, keys, init noise sigma
-# params, latents, denoised, context, pooled, guidance, table, step index
-_STEP_SPECS = (_ALL, _IMAGES, _IMAGES, _IMAGES, _IMAGES, _ALL, _ALL, _ALL)
-_FUSED_SPECS = (*_BEGIN_SPECS[:4], _ALL, _ALL, _ALL, _ALL)  # ... guidance, table, init noise sigma, steps
+_SPEC = "spec"  # the metadata key of a named input's layout over the mesh
+# A named input declares each field's layout over the mesh (`field(metadata=...)`); the spec covers the field's
+# whole value, whatever pytree it is.
+_REPLICATED = MappingProxyType({_SPEC: _ALL})
+_PER_IMAGE = MappingProxyType({_SPEC: _IMAGES})
 StepCallback = Callable[[int], None]
 # Distinct negative prompts whose conditioning stays on the devices (about 0.3 MB each per device).
 NEGATIVE_CACHE_SIZE = 64
@@ -98,6 +105,97 @@ class InvalidShape(PipelineError):
 
 class DeviceMismatch(PipelineError):
     """Images per request that the local devices cannot share evenly."""
+
+
+_T = TypeVar("_T")
+
+
+def layout(tree_type: type[_T]) -> _T:
+    """The layout of a named input over the mesh: an instance of `tree_type` holding each field's spec, which
+    `jax.shard_map` takes as the prefix of an argument or result of that type."""
+    specs: dict[str, Any] = {}
+    for f in fields(cast(Any, tree_type)):
+        if _SPEC not in f.metadata:
+            raise TypeError(
+                f"{tree_type.__name__}.{f.name} declares no layout: field(metadata=_REPLICATED or _PER_IMAGE)"
+            )
+        specs[f.name] = f.metadata[_SPEC]
+    return tree_type(**specs)
+
+
+def _layout_of(argument: Any) -> Any:
+    """An executable argument's layout: a named input's own, declared per field; the parameters (a dict) and a
+    scalar (a step's number) are replicated. A bare array is refused: whether it is split by image is a
+    declaration, not a default."""
+    if is_dataclass(argument) and not isinstance(argument, type):
+        return layout(type(argument))
+    if isinstance(argument, dict) or np.ndim(argument) == 0:
+        return _ALL
+    raise TypeError(f"an executable argument of shape {np.shape(argument)} must be a named input (a field of one)")
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Text:
+    """A prompt's text conditioning: the encoders' hidden states (`context`) and the pooled embedding, one row per
+    prompt as encoded, or per image once shared by them."""
+
+    context: jax.Array
+    pooled: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Prompt:
+    """What a request's conditioning and initial noise are made from, on the devices."""
+
+    # Both tokenizers' ids, [1, 2, max_length]: each device encodes the prompt once for its images.
+    ids: jax.Array = field(metadata=_REPLICATED)
+    # With guidance, the negative prompt's conditioning (encoded once per distinct negative prompt); None without.
+    negative: Text | None = field(metadata=_REPLICATED)
+    keys: jax.Array = field(metadata=_PER_IMAGE)  # one PRNG key per image
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Schedule:
+    """A request's schedule, put on the devices once per request."""
+
+    table: jax.Array = field(metadata=_REPLICATED)  # one row of coefficients per step, padded to max_steps rows
+    init_noise_sigma: jax.Array = field(metadata=_REPLICATED)  # the initial noise's scale
+    guidance: jax.Array = field(metadata=_REPLICATED)  # the classifier-free guidance scale (unused without)
+    steps: jax.Array = field(metadata=_REPLICATED)  # the fused loop's length (the host counts stepwise steps)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Conditioning:
+    """What the UNet is conditioned on, one row per image: the prompt's text, with guidance the negative
+    prompt's, and SDXL's micro-conditioning (time ids)."""
+
+    prompt: Text = field(metadata=_PER_IMAGE)
+    negative: Text | None = field(metadata=_PER_IMAGE)
+    time_ids: jax.Array = field(metadata=_PER_IMAGE)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class StepState:
+    """What a denoising step carries to the next, one row per image: the latents and the denoised estimate (the
+    previous step's, which a multistep scheduler reads)."""
+
+    latents: jax.Array = field(metadata=_PER_IMAGE)
+    denoised: jax.Array = field(metadata=_PER_IMAGE)
+
+
+@dataclass(frozen=True)
+class _Variant:
+    """What an executable is specialized on, bound before tracing: the model's modules, the image size (static),
+    and whether it runs classifier-free guidance."""
+
+    pipe: FlaxStableDiffusionXLPipeline
+    size: Size
+    cfg: bool
 
 
 @dataclass
@@ -146,17 +244,6 @@ class _Stepwise:
     finish: Any
 
 
-@dataclass(frozen=True)
-class _Schedule:
-    """A request's schedule on the devices, put there once per request: the table of per-step coefficients
-    (padded to `max_steps` rows), the initial noise's scale and the guidance scale, one copy per device."""
-
-    steps: int
-    table: jax.Array
-    init_noise_sigma: jax.Array
-    guidance: jax.Array
-
-
 class _NegativeConditioning:
     """The negative prompt's conditioning on the devices, encoded once per distinct negative prompt.
 
@@ -167,17 +254,15 @@ class _NegativeConditioning:
     def __init__(self, encode: Any, capacity: int = NEGATIVE_CACHE_SIZE) -> None:
         self._encode_fn = encode
         self._encode: Any = None
-        self._cache: OrderedDict[str, tuple[jax.Array, jax.Array]] = OrderedDict()
+        self._cache: OrderedDict[str, Text] = OrderedDict()
         self.capacity = capacity
 
     def compile(self, clock: _Clock, params: dict[str, Any], ids: jax.Array, scale: jax.Array) -> None:
         if self._encode is None:
             self._encode = clock.compile(self._encode_fn, params, ids, scale)
 
-    def get(
-        self, negative_prompt: str, params: dict[str, Any], ids: Callable[[], jax.Array], scale: jax.Array
-    ) -> tuple[jax.Array, jax.Array]:
-        """(context, pooled) of `negative_prompt`, replicated; `ids` tokenizes it, on a miss only."""
+    def get(self, negative_prompt: str, params: dict[str, Any], ids: Callable[[], jax.Array], scale: jax.Array) -> Text:
+        """The conditioning of `negative_prompt`, replicated; `ids` tokenizes it, on a miss only."""
         cached = self._cache.get(negative_prompt)
         if cached is None:
             cached = self._encode(params, ids(), scale)
@@ -211,6 +296,18 @@ class CompileTimings:
     warmup_s: float
 
 
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How a loaded model is served: images per request (a multiple of the local device count), whether each
+    denoising step is its own dispatch (progress), the UNet's attention (worker/attention.py), and the most
+    steps a request may ask for."""
+
+    images_per_request: int = 4
+    report_progress: bool = True
+    attention: Attention = DEFAULT_ATTENTION
+    max_steps: int = DEFAULT_MAX_STEPS
+
+
 class SDXLPipeline:
     """A loaded, replicated SDXL pipeline with its executables compiled per image size.
 
@@ -220,17 +317,10 @@ class SDXLPipeline:
     UNet's attention layers (worker/attention.py).
     """
 
-    def __init__(
-        self,
-        pipe: FlaxStableDiffusionXLPipeline,
-        params: dict[str, Any],
-        images_per_request: int,
-        report_progress: bool = True,
-        attention: Attention = DEFAULT_ATTENTION,
-        max_steps: int = DEFAULT_MAX_STEPS,
-    ) -> None:
+    def __init__(self, pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], options: PipelineOptions) -> None:
         """`params` are already on the devices, replicated (see `_replicate`); the schedule is the scheduler
         config's of `pipe` (worker/schedulers.py)."""
+        images_per_request, max_steps = options.images_per_request, options.max_steps
         self.devices = jax.local_device_count()
         if images_per_request % self.devices:
             raise DeviceMismatch(
@@ -248,23 +338,17 @@ class SDXLPipeline:
         self._step_params = _StepParams.of(self._params)
         self._compiled: dict[Size, dict[bool, Any]] = {}  # size -> guided or not -> executables
         self._mesh = Mesh(np.array(jax.local_devices()), (AXIS,))
-        encode_negative = self._sharded(functools.partial(_encode_negative, pipe), (_ALL,) * 3, (_ALL, _ALL))
+        encode_negative = self._sharded(functools.partial(_encode_negative, pipe), _ALL, _ALL)
         self._negatives = _NegativeConditioning(encode_negative)  # shared by variants: it does not depend on them
-        # Each step's number on every device, made once: the host hands the step executable one per step.
-        self._indices = [self._put(np.int32(i)) for i in range(max_steps)]
-        self.report_progress = report_progress
-        self.attention = attention
+        # The numbers 0 to max_steps on every device, made once: the host hands the step executable its step's
+        # number (0 to max_steps - 1), and the fused loop its step count (1 to max_steps).
+        self._numbers = [self._put(np.int32(i)) for i in range(max_steps + 1)]
+        self.report_progress = options.report_progress
+        self.attention = options.attention
 
     @classmethod
     def load(
-        cls,
-        model: str,
-        revision: str | None,
-        images_per_request: int,
-        report_progress: bool = True,
-        attention: Attention = DEFAULT_ATTENTION,
-        model_config: str | None = None,
-        max_steps: int = DEFAULT_MAX_STEPS,
+        cls, model: str, revision: str | None, options: PipelineOptions, model_config: str | None = None
     ) -> SDXLPipeline:
         """Load from a hub id, a local folder or a single-file checkpoint (worker/checkpoints.py); params in
         bfloat16. `model_config` gives a single file its configs and tokenizers.
@@ -272,27 +356,19 @@ class SDXLPipeline:
         `sdxl-random` is SDXL base's architecture with random weights made on the devices (no download).
         """
         if model == RANDOM_MODEL:
-            return cls.random(SDXL_BASE, images_per_request, report_progress, attention, max_steps=max_steps)
+            return cls.random(SDXL_BASE, options)
         pipe, params = load_checkpoint(model, revision, model_config)
         params.pop("scheduler")  # the schedule is computed on the host from the scheduler's config
-        return cls(pipe, _replicate(params), images_per_request, report_progress, attention, max_steps)
+        return cls(pipe, _replicate(params), options)
 
     @classmethod
-    def random(
-        cls,
-        arch: Architecture,
-        images_per_request: int,
-        report_progress: bool = True,
-        attention: Attention = DEFAULT_ATTENTION,
-        seed: int = 0,
-        max_steps: int = DEFAULT_MAX_STEPS,
-    ) -> SDXLPipeline:
+    def random(cls, arch: Architecture, options: PipelineOptions, seed: int = 0) -> SDXLPipeline:
         """The architecture `arch` with random bfloat16 weights drawn on the host (worker/sdxl_arch.py)."""
         parts = components(arch)
         pipe = FlaxStableDiffusionXLPipeline(**parts, dtype=jnp.bfloat16)
         # Each array goes to the devices as soon as it is drawn: the host never holds all the weights.
         params = random_host_params(parts, seed, place=_replicate)
-        return cls(pipe, params, images_per_request, report_progress, attention, max_steps)
+        return cls(pipe, params, options)
 
     def variant(self, *, report_progress: bool | None = None, attention: Attention | None = None) -> SDXLPipeline:
         """The same loaded model and device params, with its own executables (for A/B benchmarks)."""
@@ -365,14 +441,13 @@ class SDXLPipeline:
         variants: dict[bool, Any] = {}
         finish = None  # decoding is the same with or without guidance: one executable for both
         for cfg in (True, False):
-            inputs = self._inputs("warm-up", "", 0, WARM_UP_GUIDANCE if cfg else 0.0)
-            schedule = self._schedule(DEFAULT_SCHEDULER, 1, WARM_UP_GUIDANCE)
+            variant = _Variant(self._pipe, size, cfg)
             if self.report_progress:
-                variants[cfg] = self._compile_stepwise(size, cfg, inputs, schedule, clock, finish)
+                variants[cfg] = self._compile_stepwise(variant, clock, finish)
                 finish = variants[cfg].finish
             else:
-                fused = self._sharded(self._traced(_generate, size, cfg), _FUSED_SPECS, _IMAGES)
-                variants[cfg] = clock.compile(fused, self._params, *inputs, *self._fused_schedule(schedule))
+                inputs = self._warm_up_inputs(cfg)
+                variants[cfg] = self._compile(clock, self._traced(_generate, variant), _IMAGES, self._params, *inputs)
         self._compiled[size] = variants
         warm_started = time.perf_counter()
         for cfg in (True, False):
@@ -384,26 +459,39 @@ class SDXLPipeline:
         )
         return timings
 
-    def _compile_stepwise(
-        self, size: Size, cfg: bool, inputs: tuple[Any, ...], schedule: _Schedule, clock: _Clock, finish: Any = None
-    ) -> _Stepwise:
+    def _compile_stepwise(self, variant: _Variant, clock: _Clock, finish: Any = None) -> _Stepwise:
         """Three executables: begin (text and noise), one denoising step (the step's number, its row of the
         table, is an input, so one executable serves every step of every schedule), finish (decode; `finish`
         when already compiled). Compiling the step needs the shapes of what begin makes, so begin runs once."""
         params = self._step_params
-        begin_fn = self._sharded(self._traced(_begin, size, cfg), _BEGIN_SPECS, (_IMAGES,) * 4)
-        begin = clock.compile(begin_fn, params.begin, *inputs, schedule.init_noise_sigma)
-        latents, denoised, context, pooled = begin(params.begin, *inputs, schedule.init_noise_sigma)
-        # The latents and the denoised estimate are donated: each step writes its outputs over its inputs.
-        step = clock.compile(
-            self._sharded(self._traced(_step, size, cfg), _STEP_SPECS, (_IMAGES,) * 3, donate=(1, 2)),
-            *(params.step, latents, denoised, context, pooled),
-            *(schedule.guidance, schedule.table, self._indices[0]),
+        prompt, schedule = self._warm_up_inputs(variant.cfg)
+        begin_out = (layout(StepState), layout(Conditioning))
+        begin = self._compile(clock, self._traced(_begin, variant), begin_out, params.begin, prompt, schedule)
+        state, conditioning = begin(params.begin, prompt, schedule)
+        # The state is donated: each step writes its latents and denoised estimate over those it was given.
+        step = self._compile(
+            clock,
+            self._traced(_step, variant),
+            (layout(StepState), _IMAGES),
+            *(params.step, state, conditioning, schedule, self._numbers[0]),
+            donate=(1,),
         )
         if finish is None:
-            decode = self._sharded(functools.partial(_decode, self._pipe), (_ALL, _IMAGES), _IMAGES)
-            finish = clock.compile(decode, params.finish, latents)
+            decode = functools.partial(_decode, self._pipe)
+            finish = self._compile(clock, decode, _IMAGES, params.finish, state)
         return _Stepwise(begin=begin, step=step, finish=finish)
+
+    def _warm_up_inputs(self, cfg: bool) -> tuple[Prompt, Schedule]:
+        """A request's inputs to compile a variant with (the values do not matter, the shapes do)."""
+        prompt = self._prompt("warm-up", "", 0, WARM_UP_GUIDANCE if cfg else 0.0)
+        return prompt, self._schedule(DEFAULT_SCHEDULER, 1, WARM_UP_GUIDANCE)
+
+    def _compile(
+        self, clock: _Clock, fn: Callable[..., Any], out_specs: Any, *args: Any, donate: tuple[int, ...] = ()
+    ) -> Any:
+        """`fn` over the mesh (`_sharded`), compiled for `args`, each laid out as its type declares (`layout`)."""
+        in_specs = tuple(_layout_of(argument) for argument in args)
+        return clock.compile(self._sharded(fn, in_specs, out_specs, donate), *args)
 
     def _sharded(self, fn: Callable[..., Any], in_specs: Any, out_specs: Any, donate: tuple[int, ...] = ()) -> Any:
         """`fn`, written for one device's share, as one program over the mesh: each argument and result replicated
@@ -416,10 +504,10 @@ class SDXLPipeline:
         put: jax.Array = jax.device_put(value, NamedSharding(self._mesh, spec))
         return put
 
-    def _traced(self, fn: Callable[..., Any], size: Size, cfg: bool) -> Callable[..., Any]:
-        """`fn` bound to this model, size and guidance variant, its UNet attention computed as
+    def _traced(self, fn: Callable[..., Any], variant: _Variant) -> Callable[..., Any]:
+        """`fn` bound to a variant of this model (size, guidance), its UNet attention computed as
         `self.attention` says."""
-        return traced_with(self.attention, functools.partial(fn, self._pipe, size, cfg))
+        return traced_with(self.attention, functools.partial(fn, variant))
 
     def generate(self, params: ResolvedParams, on_step: StepCallback | None = None) -> np.ndarray:
         """Generate `images_per_request` images for a job's parameters; returns uint8 [images, height, width, 3].
@@ -437,11 +525,11 @@ class SDXLPipeline:
             raise UnsupportedShape(f"{shape.steps} steps: this worker runs 1 to {self.max_steps}")
         schedule = self._schedule(params.scheduler, shape.steps, params.guidance_scale)
         compiled = variants[guided(params.guidance_scale)]
-        inputs = self._inputs(params.prompt, params.negative_prompt, params.seed, params.guidance_scale)
+        inputs = self._prompt(params.prompt, params.negative_prompt, params.seed, params.guidance_scale)
         if isinstance(compiled, _Stepwise):
-            images = self._run_stepwise(compiled, inputs, schedule, on_step)
+            images = self._run_stepwise(compiled, inputs, schedule, shape.steps, on_step)
         else:
-            images = np.asarray(compiled(self._params, *inputs, *self._fused_schedule(schedule)))
+            images = np.asarray(compiled(self._params, inputs, schedule))
         return images.reshape(self.images_per_request, shape.height, shape.width, 3)
 
     def _warm_up(self, size: Size, cfg: bool) -> None:
@@ -450,20 +538,20 @@ class SDXLPipeline:
         request = GenerationParams(prompt="warm-up", guidance_scale=WARM_UP_GUIDANCE if cfg else 0.0)
         self.generate(request.resolved(Shape(width=size.width, height=size.height, steps=1), seed=0))
 
-    def _schedule(self, scheduler: str, steps: int, guidance_scale: float) -> _Schedule:
+    def _schedule(self, scheduler: str, steps: int, guidance_scale: float) -> Schedule:
         """The request's schedule, put on the devices (one upload per array, once per request)."""
         if scheduler not in SCHEDULERS:
             raise PipelineError(f"unknown scheduler {scheduler!r}; this worker runs {', '.join(self.schedulers)}")
         coefficients = table(cast(Scheduler, scheduler), steps, self._scheduler)
-        return _Schedule(
-            steps=steps,
+        return Schedule(
             table=self._put(coefficients.padded(self.max_steps)),
             init_noise_sigma=self._put(np.float32(coefficients.init_noise_sigma)),
             guidance=self._put(np.float32(guidance_scale)),
+            steps=self._numbers[steps],
         )
 
     def _run_stepwise(
-        self, stepwise: _Stepwise, inputs: tuple[Any, ...], schedule: _Schedule, on_step: StepCallback | None
+        self, stepwise: _Stepwise, prompt: Prompt, schedule: Schedule, steps: int, on_step: StepCallback | None
     ) -> np.ndarray:
         """Dispatch the steps one after the other; report step n once its output exists.
 
@@ -471,25 +559,22 @@ class SDXLPipeline:
         for the host, and a report is at most one step late.
         """
         params = self._step_params
-        latents, denoised, context, pooled = stepwise.begin(params.begin, *inputs, schedule.init_noise_sigma)
+        state, conditioning = stepwise.begin(params.begin, prompt, schedule)
         done: jax.Array | None = None
-        for number, index in enumerate(self._indices[: schedule.steps]):
-            latents, denoised, marker = stepwise.step(
-                params.step, latents, denoised, context, pooled, schedule.guidance, schedule.table, index
-            )
+        for number, index in enumerate(self._numbers[:steps]):
+            state, marker = stepwise.step(params.step, state, conditioning, schedule, index)
             if done is not None:
                 _reached(done, number, on_step)
             done = marker
-        images = stepwise.finish(params.finish, latents)
+        images = stepwise.finish(params.finish, state)
         assert done is not None, "a request has at least one step"
-        _reached(done, schedule.steps, on_step)
+        _reached(done, steps, on_step)
         return np.asarray(images)
 
-    def _inputs(self, prompt: str, negative_prompt: str, seed: int, guidance_scale: float) -> tuple[Any, ...]:
-        """Prompt ids (each device encodes the prompt once for its images), the negative conditioning
-        (context, pooled) with guidance or nothing without, one PRNG key per image."""
-        prompt_ids = self._put(self._tokenize(prompt)[None])
-        negative: tuple[Any, ...] = ()
+    def _prompt(self, prompt: str, negative_prompt: str, seed: int, guidance_scale: float) -> Prompt:
+        """Prompt ids (each device encodes the prompt once for its images), the negative conditioning with
+        guidance or none without, one PRNG key per image."""
+        negative = None
         if guided(guidance_scale):
             negative = self._negatives.get(
                 negative_prompt,
@@ -498,7 +583,7 @@ class SDXLPipeline:
                 self._negative_scale(negative_prompt),
             )
         keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), self.images_per_request))
-        return prompt_ids, negative, self._put(keys, _IMAGES)
+        return Prompt(ids=self._put(self._tokenize(prompt)[None]), negative=negative, keys=self._put(keys, _IMAGES))
 
     def _negative_ids(self, negative_prompt: str) -> jax.Array:
         return self._put(self._tokenize(negative_prompt)[None])
@@ -506,10 +591,6 @@ class SDXLPipeline:
     def _negative_scale(self, negative_prompt: str) -> jax.Array:
         # SDXL conditions on zeros, not on the encoding of "", when there is no negative prompt.
         return self._put(np.float32(1.0 if negative_prompt else 0.0))
-
-    def _fused_schedule(self, schedule: _Schedule) -> tuple[jax.Array, ...]:
-        """The fused executable's schedule inputs: guidance, table, initial noise scale, step count."""
-        return schedule.guidance, schedule.table, schedule.init_noise_sigma, self._put(np.int32(schedule.steps))
 
     @property
     def _max_length(self) -> int:
@@ -536,128 +617,101 @@ def _replicate(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda leaf: jax.device_put(np.asarray(leaf), sharding), tree)
 
 
-def _generate(
-    pipe: FlaxStableDiffusionXLPipeline,
-    size: Size,
-    cfg: bool,
-    params: dict[str, Any],
-    prompt_ids: jax.Array,
-    negative: tuple[jax.Array, ...],
-    keys: jax.Array,
-    guidance_scale: jax.Array,
-    table: jax.Array,
-    init_noise_sigma: jax.Array,
-    steps: jax.Array,
-) -> jax.Array:
-    """One device's share in one executable: encode, denoise `steps` times (a runtime value), decode."""
-    latents, denoised, context, pooled = _begin(pipe, size, cfg, params, prompt_ids, negative, keys, init_noise_sigma)
+def _generate(variant: _Variant, params: dict[str, Any], prompt: Prompt, schedule: Schedule) -> jax.Array:
+    """One device's share in one executable: encode, denoise `schedule.steps` times (a runtime value), decode."""
+    state, conditioning = _begin(variant, params, prompt, schedule)
 
-    def step(i: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        return _denoise(pipe, cfg, params, *carry, context, pooled, guidance_scale, table[i])
+    def step(i: jax.Array, carry: StepState) -> StepState:
+        return _denoise(variant, params, carry, conditioning, schedule, i)
 
-    latents, _ = jax.lax.fori_loop(0, steps, step, (latents, denoised))
-    return _decode(pipe, params, latents)
+    state = jax.lax.fori_loop(0, schedule.steps, step, state)
+    return _decode(variant.pipe, params, state)
 
 
 def _begin(
-    pipe: FlaxStableDiffusionXLPipeline,
-    size: Size,
-    cfg: bool,
-    params: dict[str, Any],
-    prompt_ids: jax.Array,
-    negative: tuple[jax.Array, ...],
-    keys: jax.Array,
-    init_noise_sigma: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]:
-    """Text conditioning (with guidance, `negative` is the negative prompt's context and pooled embedding;
-    without, empty), the initial noise scaled for the schedule, and a zero denoised estimate (the previous
-    step's, for the first step of a multistep scheduler)."""
-    assert cfg == bool(negative), "the negative conditioning comes with guidance, and only then"
-    context, pooled = _conditioning(pipe, params, prompt_ids, negative, keys.shape[0], size)
-    latents = _initial_latents(pipe, keys, size)
-    return latents * init_noise_sigma, jnp.zeros_like(latents), context, pooled
+    variant: _Variant, params: dict[str, Any], prompt: Prompt, schedule: Schedule
+) -> tuple[StepState, Conditioning]:
+    """Text conditioning (with guidance, the negative prompt's too), the initial noise scaled for the schedule,
+    and a zero denoised estimate (the previous step's, for the first step of a multistep scheduler)."""
+    assert variant.cfg == (prompt.negative is not None), "the negative conditioning comes with guidance, and only then"
+    conditioning = _conditioning(variant, params, prompt)
+    latents = _initial_latents(variant.pipe, prompt.keys, variant.size)
+    return StepState(latents * schedule.init_noise_sigma, jnp.zeros_like(latents)), conditioning
 
 
 def _step(
-    pipe: FlaxStableDiffusionXLPipeline,
-    size: Size,
-    cfg: bool,
+    variant: _Variant,
     params: dict[str, Any],
-    latents: jax.Array,
-    denoised: jax.Array,
-    context: jax.Array,
-    pooled: dict[str, jax.Array],
-    guidance_scale: jax.Array,
-    table: jax.Array,
+    state: StepState,
+    conditioning: Conditioning,
+    schedule: Schedule,
     i: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[StepState, jax.Array]:
     """Denoising step `i` (row `i` of the schedule's table) as an executable of its own.
 
-    Returns the new latents and denoised estimate, and one element of the latents per device: a marker that
-    exists once the step is done, to wait on after the latents themselves have been donated to the next step.
+    Returns the new state, and one element of the latents per device: a marker that exists once the step is
+    done, to wait on after the state itself has been donated to the next step.
     """
-    latents, denoised = _denoise(pipe, cfg, params, latents, denoised, context, pooled, guidance_scale, table[i])
-    return latents, denoised, latents[:1, 0, 0, 0]
+    state = _denoise(variant, params, state, conditioning, schedule, i)
+    return state, state.latents[:1, 0, 0, 0]
 
 
 def _denoise(
-    pipe: FlaxStableDiffusionXLPipeline,
-    cfg: bool,
+    variant: _Variant,
     params: dict[str, Any],
-    latents: jax.Array,
-    denoised: jax.Array,
-    context: jax.Array,
-    pooled: dict[str, jax.Array],
-    guidance_scale: jax.Array,
-    row: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """One step of the schedule whose coefficients are `row`, with classifier-free guidance when `cfg`.
-    Without, the UNet sees each latent once, conditioned on the prompt. Returns (latents, denoised)."""
-    scaled = model_input(jnp.concatenate([latents, latents]) if cfg else latents, row)
-    t = timestep(row)
-    noise = pipe.unet.apply(
+    state: StepState,
+    conditioning: Conditioning,
+    schedule: Schedule,
+    i: jax.Array,
+) -> StepState:
+    """Step `i` of the schedule, with classifier-free guidance when the variant runs it: the UNet on the
+    negative and the positive conditioning, the negative half first. Without, the UNet sees each latent once,
+    conditioned on the prompt."""
+    row, latents = schedule.table[i], state.latents
+    scaled = model_input(jnp.concatenate([latents, latents]) if variant.cfg else latents, row)
+    text, time_ids = _unet_conditioning(conditioning)
+    noise = variant.pipe.unet.apply(
         {"params": params["unet"]},
         scaled,
-        jnp.broadcast_to(t, (scaled.shape[0],)),
-        encoder_hidden_states=context,
-        added_cond_kwargs=pooled,
+        jnp.broadcast_to(timestep(row), (scaled.shape[0],)),
+        encoder_hidden_states=text.context,
+        added_cond_kwargs={"text_embeds": text.pooled, "time_ids": time_ids},
     ).sample.astype(jnp.float32)
-    if cfg:
+    if variant.cfg:
         uncond, cond = jnp.split(noise, 2)
-        noise = uncond + guidance_scale * (cond - uncond)
-    return update(latents, noise, denoised, row)
+        noise = uncond + schedule.guidance * (cond - uncond)
+    return StepState(*update(latents, noise, state.denoised, row))
+
+
+def _unet_conditioning(conditioning: Conditioning) -> tuple[Text, jax.Array]:
+    """The UNet's batch of conditioning: with guidance, the negative rows, then the positive ones."""
+    if conditioning.negative is None:
+        return conditioning.prompt, conditioning.time_ids
+    both = jax.tree_util.tree_map(lambda n, p: jnp.concatenate([n, p]), conditioning.negative, conditioning.prompt)
+    return both, jnp.concatenate([conditioning.time_ids] * 2)
 
 
 def _encode_negative(
     pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], negative_ids: jax.Array, scale: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """The negative prompt's text context and pooled embedding, times `scale` (0: no negative prompt)."""
+) -> Text:
+    """The negative prompt's text conditioning, times `scale` (0: no negative prompt)."""
     context, pooled = pipe.get_embeddings(negative_ids, params)
-    return context * scale.astype(context.dtype), pooled * scale.astype(pooled.dtype)
+    return Text(context * scale.astype(context.dtype), pooled * scale.astype(pooled.dtype))
 
 
-def _conditioning(
-    pipe: FlaxStableDiffusionXLPipeline,
-    params: dict[str, Any],
-    prompt_ids: jax.Array,
-    negative: tuple[jax.Array, ...],
-    images: int,
-    size: Size,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Text context and SDXL's added conditioning for `images` images; with a negative (classifier-free
-    guidance), the negative half first. The prompt is encoded once and shared by the images."""
-    context, pooled = pipe.get_embeddings(prompt_ids, params)
+def _conditioning(variant: _Variant, params: dict[str, Any], prompt: Prompt) -> Conditioning:
+    """Text conditioning and SDXL's time ids for each image; the prompt is encoded once and shared by the
+    images, as the negative prompt's encoding is."""
+    context, pooled = variant.pipe.get_embeddings(prompt.ids, params)
+    images = prompt.keys.shape[0]
 
-    def per_image(x: jax.Array) -> jax.Array:
-        return jnp.broadcast_to(x, (images, *x.shape[1:]))
+    def per_image(text: Text) -> Text:
+        shared: Text = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (images, *x.shape[1:])), text)
+        return shared
 
-    contexts, pooleds = [per_image(context)], [per_image(pooled)]
-    if negative:
-        negative_context, negative_pooled = negative
-        contexts.insert(0, per_image(negative_context))
-        pooleds.insert(0, per_image(negative_pooled))
-    time_ids = jnp.array([time_ids_of(size)] * (len(contexts) * images), dtype=context.dtype)
-    return jnp.concatenate(contexts), {"text_embeds": jnp.concatenate(pooleds), "time_ids": time_ids}
+    negative = None if prompt.negative is None else per_image(prompt.negative)
+    time_ids = jnp.array([time_ids_of(variant.size)] * images, dtype=context.dtype)
+    return Conditioning(prompt=per_image(Text(context, pooled)), negative=negative, time_ids=time_ids)
 
 
 def time_ids_of(size: Size) -> list[int]:
@@ -672,9 +726,10 @@ def _initial_latents(pipe: FlaxStableDiffusionXLPipeline, keys: jax.Array, size:
     return jax.vmap(lambda key: jax.random.normal(key, latent_shape, dtype=jnp.float32))(keys)
 
 
-def _decode(pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], latents: jax.Array) -> jax.Array:
-    """VAE decode and quantize on the device: a quarter of the bytes cross to the host."""
-    latents = latents / pipe.vae.config.scaling_factor
+def _decode(pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], state: StepState) -> jax.Array:
+    """The last step's latents through the VAE, quantized on the device: a quarter of the bytes cross to the
+    host."""
+    latents = state.latents / pipe.vae.config.scaling_factor
     images = pipe.vae.apply({"params": params["vae"]}, latents, method=pipe.vae.decode).sample
     images = (images.astype(jnp.float32) / 2 + 0.5).clip(0.0, 1.0)
     return jnp.round(images * 255).astype(jnp.uint8).transpose(0, 2, 3, 1)

@@ -38,7 +38,7 @@ from worker.encode import encode_all
 from worker.handoff import EncodeImages, Generated, HandOff, failed
 from worker.images import ImageWriter
 from worker.metrics import WorkerMetrics, metrics_app, start_server
-from worker.pipeline import PipelineError, SDXLPipeline
+from worker.pipeline import PipelineError, PipelineOptions, SDXLPipeline
 from worker.pipeline_protocol import Pipeline
 from worker.presence import Presence
 from worker.progress import Cancelled, JobProgress
@@ -190,14 +190,10 @@ class Worker:
             logger.warning("could not publish the warm-up phase (%s)", exc)
 
     def _default_loader(self) -> Pipeline:
-        return SDXLPipeline.load(
-            self.config.model,
-            self.config.model_revision,
-            self.config.images_per_request,
-            attention=self.config.attention,
-            model_config=self.config.model_config,
-            max_steps=self.config.max_steps,
+        options = PipelineOptions(
+            self.config.images_per_request, attention=self.config.attention, max_steps=self.config.max_steps
         )
+        return SDXLPipeline.load(self.config.model, self.config.model_revision, options, self.config.model_config)
 
     async def _serve_next(self) -> None:
         if self._handoff.store_trouble is not None:
