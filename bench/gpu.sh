@@ -22,7 +22,8 @@
 #   --python PYTHON  the image's interpreter, the one that holds jax (default: python3)
 #   --dry-run        everything up to the GPU: no GPU check, and the benchmark commands are written, not run
 #   --simulate       everything, on the CPU (JAX_PLATFORMS=cpu, no GPU check): with a bare image's environment rebuilt
-#                    on a CPU machine, e.g. -- --model DIR --size 64x64 --steps 1 --repeats 1 (tests/test_bench_gpu.py)
+#                    on a CPU machine, e.g. -- --model DIR --size 64x64 --steps 1 --repeats 1 --cpu-devices 1
+#                    (tests/test_bench_gpu.py; one CPU device, as one GPU, so that one image is not split)
 #   -- FLAGS         appended to each benchmark command (e.g. -- --repeats 5)
 #
 # SDXL_GPU_BENCH_CMD, when set, runs in place of the environment's `sdxl-serve` (with the environment first on PATH)

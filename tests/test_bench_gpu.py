@@ -249,9 +249,10 @@ def test_the_script_runs_end_to_end_on_a_bare_image_rebuilt_on_the_cpu(tiny_mode
     python = bare_image(tmp_path / "image")
     wheels = tmp_path / "wheels"
     subprocess.run(["bash", str(ROOT / "bench" / "gpu-wheels.sh"), str(wheels)], check=True, timeout=1800)
-    # bench generate makes its own CPU devices; the suite's four would not split one image.
+    # bench generate makes its own CPU devices from its flag; the suite's XLA_FLAGS would override it.
     env = {name: value for name, value in os.environ.items() if name != "XLA_FLAGS"}
-    small = ["--size", "64x64", "--steps", "1", "--repeats", "1"]
+    # One CPU device, as one GPU: a single image cannot be split over several.
+    small = ["--size", "64x64", "--steps", "1", "--repeats", "1", "--cpu-devices", "1"]
     for name, model in (("tiny", ["--model", str(tiny_model)]), ("random", [])):
         out = tmp_path / name
         argv = ["bash", str(SCRIPT), "--python", str(python), "--wheels", str(wheels), "--out", str(out)]
