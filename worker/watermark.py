@@ -38,7 +38,9 @@ def watermark_one(image: np.ndarray) -> np.ndarray:
     """One uint8 H x W x 3 RGB image, marked. The arithmetic runs in float32 as the reference's does, on the
     image's pixels as 0..255 floats, and the result is rounded back to uint8."""
     rgb = image.astype(np.float32)
-    y = rgb @ _Y
+    # Summed in this order, not as a matmul (whose order is BLAS's), so that the devices' version
+    # (worker/device_watermark.py) can match it to the bit.
+    y = rgb[..., 0] * _Y[0] + rgb[..., 1] * _Y[1] + rgb[..., 2] * _Y[2]
     u = (rgb[..., 2] - y) * _U_FROM_B + _DELTA
     rows, cols = (image.shape[0] // 4) * 4, (image.shape[1] // 4) * 4
     u[:rows, :cols] = _mark_channel(u[:rows, :cols])
