@@ -43,6 +43,7 @@ SAMPLES = {
     "--host": "0.0.0.0",
     "--model": "/models/sdxl",
     "--compile-cache": "/srv/compile-cache",
+    "--moderation-url": "http://127.0.0.1:9/moderate",
 }
 CHILDREN = ("gateway", "worker")
 GLOBAL = frozenset({"--log-level", "--log-format"})  # given before the subcommand
@@ -126,6 +127,16 @@ def seen(argv: list[str], flag: str) -> dict[str, Any]:
         if flag in own:
             values[role] = getattr(parser.parse_args(child_command(config, child)), own[flag].dest)
     return values
+
+
+@pytest.fixture(autouse=True)
+def _sample_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flags whose value `up` checks on disk: a blocklist that parses, a folder for the safety checker."""
+    blocklist = tmp_path / "blocklist.txt"
+    blocklist.write_text("forbidden\n", encoding="utf-8")
+    (tmp_path / "checker").mkdir()
+    monkeypatch.setitem(SAMPLES, "--prompt-blocklist", str(blocklist))
+    monkeypatch.setitem(SAMPLES, "--safety-checker", str(tmp_path / "checker"))
 
 
 @pytest.fixture(autouse=True)
