@@ -105,7 +105,9 @@ class UpConfig:
     watermark: bool = WorkerConfig.watermark
     safety_checker: Path | None = WorkerConfig.safety_checker
     safety_replace: Literal["black", "blur"] = WorkerConfig.safety_replace
-    policy: PolicyConfig = PolicyConfig()  # the gateway's prompt blocklist and moderation hook
+    policy: PolicyConfig = dataclasses.field(
+        default_factory=PolicyConfig
+    )  # the gateway's prompt blocklist and moderation hook
     compile_cache: Path | None = dataclasses.field(default_factory=default_compile_cache_dir)
     compile_cache_max_gb: float = WorkerConfig.compile_cache_max_bytes / 1e9
     cache_dir: Path = dataclasses.field(default_factory=default_cache_dir)

@@ -37,6 +37,7 @@ from worker.watermark import (
 logger = logging.getLogger(__name__)
 
 _ROWS = "rows"
+_SPLIT_ROWS = PartitionSpec(None, _ROWS)  # type: ignore[no-untyped-call]
 _PIXEL_BLOCK = 2 * _BLOCK  # a low-band block covers 8x8 pixels
 
 
@@ -51,7 +52,7 @@ class DeviceWatermark:
     def sharding(self, height: int) -> jax.sharding.Sharding:
         """Rows split over the devices when each device gets whole 8x8 blocks; else the first device alone."""
         if height % (_PIXEL_BLOCK * len(self._devices)) == 0:
-            return NamedSharding(self._mesh, PartitionSpec(None, _ROWS))
+            return NamedSharding(self._mesh, _SPLIT_ROWS)
         return SingleDeviceSharding(self._devices[0])
 
     def compile(self, size: Size, batch: int) -> None:
