@@ -10,7 +10,6 @@ compiled at warm-up.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import jax
@@ -20,25 +19,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 from common.protocol import Size
 from worker.watermark import (
-    _B_FROM_U,
-    _BLOCK,
-    _DELTA,
-    _G_FROM_U,
-    _G_FROM_V,
-    _R_FROM_V,
-    _SCALE,
-    _U_FROM_B,
-    _V_FROM_R,
-    _Y,
+    B_FROM_U,
+    BLOCK,
+    DELTA,
+    G_FROM_U,
+    G_FROM_V,
     MIN_WIDTH,
+    R_FROM_V,
+    SCALE,
+    U_FROM_B,
+    V_FROM_R,
     WATERMARK_BITS,
+    Y_FROM_RGB,
 )
-
-logger = logging.getLogger(__name__)
 
 _ROWS = "rows"
 _SPLIT_ROWS = PartitionSpec(None, _ROWS)  # type: ignore[no-untyped-call]
-_PIXEL_BLOCK = 2 * _BLOCK  # a low-band block covers 8x8 pixels
+_PIXEL_BLOCK = 2 * BLOCK  # a low-band block covers 8x8 pixels
 
 
 class DeviceWatermark:
@@ -75,13 +72,13 @@ def mark_batch(pixels: jax.Array, zero: jax.Array) -> jax.Array:
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     # Every product is held apart from the sum it feeds: XLA would otherwise fuse the two into one fused
     # multiply-add, rounded once where numpy rounds twice, and a pixel here and there would land one level off.
-    ry, gy, by = _products(zero, r * _Y[0], g * _Y[1], b * _Y[2])
+    ry, gy, by = _products(zero, r * Y_FROM_RGB[0], g * Y_FROM_RGB[1], b * Y_FROM_RGB[2])
     y = ry + gy + by
-    bu, dv = _products(zero, (b - y) * _U_FROM_B, (r - y) * _V_FROM_R)
-    u = bu + _DELTA
+    bu, dv = _products(zero, (b - y) * U_FROM_B, (r - y) * V_FROM_R)
+    u = bu + DELTA
     rows, cols = (pixels.shape[1] // 4) * 4, (pixels.shape[2] // 4) * 4
-    u = u.at[:, :rows, :cols].set(_mark_channel(u[:, :rows, :cols])) - _DELTA
-    rv, gu, gv, bu = _products(zero, _R_FROM_V * dv, _G_FROM_U * u, _G_FROM_V * dv, _B_FROM_U * u)
+    u = u.at[:, :rows, :cols].set(_mark_channel(u[:, :rows, :cols])) - DELTA
+    rv, gu, gv, bu = _products(zero, R_FROM_V * dv, G_FROM_U * u, G_FROM_V * dv, B_FROM_U * u)
     out = jnp.stack([y + rv, y + gu + gv, y + bu], axis=-1)
     return jnp.clip(jnp.rint(out), 0, 255).astype(jnp.uint8)
 
@@ -112,15 +109,15 @@ def _mark_low_band(low: jax.Array) -> jax.Array:
     """In every 4x4 block, the coefficient of largest magnitude but the first quantised to carry its bit; the
     bits run over the blocks in row-major order, per image, as the reference's."""
     n = low.shape[0]
-    rows, cols = low.shape[1] // _BLOCK, low.shape[2] // _BLOCK
-    region = low[:, : rows * _BLOCK, : cols * _BLOCK]
-    flat = region.reshape(n, rows, _BLOCK, cols, _BLOCK).transpose(0, 1, 3, 2, 4).reshape(n, rows, cols, _BLOCK**2)
+    rows, cols = low.shape[1] // BLOCK, low.shape[2] // BLOCK
+    region = low[:, : rows * BLOCK, : cols * BLOCK]
+    flat = region.reshape(n, rows, BLOCK, cols, BLOCK).transpose(0, 1, 3, 2, 4).reshape(n, rows, cols, BLOCK**2)
     where = jnp.argmax(jnp.abs(flat[..., 1:]), axis=-1) + 1
     index = (jnp.arange(rows)[:, None] * cols + jnp.arange(cols)[None, :]) % WATERMARK_BITS.size
     bits = jnp.asarray(WATERMARK_BITS)[index]
     value = jnp.take_along_axis(flat, where[..., None], axis=-1)[..., 0]
-    quantised = (jnp.abs(value) // _SCALE + 0.25 + 0.5 * bits) * _SCALE
-    chosen = jnp.arange(_BLOCK**2) == where[..., None]
+    quantised = (jnp.abs(value) // SCALE + 0.25 + 0.5 * bits) * SCALE
+    chosen = jnp.arange(BLOCK**2) == where[..., None]
     flat = jnp.where(chosen, jnp.where(value >= 0, quantised, -quantised)[..., None], flat)
-    blocks = flat.reshape(n, rows, cols, _BLOCK, _BLOCK).transpose(0, 1, 3, 2, 4)
-    return low.at[:, : rows * _BLOCK, : cols * _BLOCK].set(blocks.reshape(n, rows * _BLOCK, cols * _BLOCK))
+    blocks = flat.reshape(n, rows, cols, BLOCK, BLOCK).transpose(0, 1, 3, 2, 4)
+    return low.at[:, : rows * BLOCK, : cols * BLOCK].set(blocks.reshape(n, rows * BLOCK, cols * BLOCK))
