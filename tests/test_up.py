@@ -153,6 +153,15 @@ def test_every_flag_of_up_is_its_own_or_a_childs() -> None:
     assert not UP_ONLY & set(FORWARDED), "a flag named as up's own is also a child's"
 
 
+def test_the_prompt_policy_and_the_safety_checker_are_forwarded() -> None:
+    """The flags that decide what a cluster refuses and withholds reach the gateway and the workers `up` starts."""
+    policy = {"--prompt-blocklist", "--moderation-url", "--moderation-timeout", "--moderation-fail"}
+    safety = {"--safety-checker", "--safety-replace", "--watermark"}
+    assert {flag: takers(flag) for flag in policy | safety if flag in FORWARDED} == (
+        {flag: ["gateway"] for flag in policy} | {flag: ["worker"] for flag in safety}
+    )
+
+
 @pytest.mark.parametrize("flag", FORWARDED)
 def test_the_flag_reaches_every_child_that_takes_it(flag: str) -> None:
     action = up_flags()[flag]
