@@ -1,14 +1,17 @@
 """What the invisible watermark costs per image, against the encode it comes before.
 
-    .venv/bin/python bench/watermark.py [--size 1024] [--repeats 20]
+    .venv/bin/python bench/watermark.py [--size 1024] [--repeats 20] [--batch 4] [--cpu-devices 4]
 
-One image at a time on one thread (the worker marks and encodes each image on its own thread), the
-measurements alternating in one run: the mark alone, then each encoding without and with it.
+The measurements alternate in one run. The numpy reference (worker/watermark.py) marks one image at a time on
+one thread; the worker marks on its devices (worker/device_watermark.py), the whole batch in one jitted call,
+timed from host pixels to host pixels (the transfers in) and given per image. Then each encoding of the
+image as it is and of the image with the mark on it: the mark is fine texture, which compresses worse.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -20,10 +23,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.host import describe
+
+if __name__ == "__main__":  # before JAX is imported: it reads XLA_FLAGS once
+    _devices = sys.argv[sys.argv.index("--cpu-devices") + 1] if "--cpu-devices" in sys.argv else "4"
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={_devices}"
+
+from worker.device_watermark import DeviceWatermark
 from worker.encode import Encoding, encode
 from worker.watermark import watermark_one
 
-ENCODINGS = {"png:1": Encoding("png", png_compress_level=1), "webp:90": Encoding("webp", quality=90)}
+ENCODINGS = {
+    "png:1": Encoding("png", png_compress_level=1, watermark=False),
+    "webp:90": Encoding("webp", quality=90, watermark=False),
+}
 
 
 def image(kind: str, size: int) -> np.ndarray:
@@ -41,17 +53,24 @@ def timed(work: Callable[[], object]) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def measure(pixels: np.ndarray, repeats: int) -> dict[str, list[float]]:
-    """Milliseconds of each case, the cases taken in turn within each repeat."""
-    cases: dict[str, Callable[[], object]] = {"mark alone": lambda: watermark_one(pixels)}
+def measure(pixels: np.ndarray, repeats: int, batch: int) -> dict[str, list[float]]:
+    """Milliseconds per image of each case, the cases taken in turn within each repeat."""
+    device = DeviceWatermark()
+    batched = np.stack([pixels] * batch)
+    device.apply(batched)  # compiled here, as the worker does at warm-up
+    cases: dict[str, Callable[[], object]] = {
+        "mark, numpy": lambda: watermark_one(pixels),
+        "mark, devices": lambda: device.apply(batched),
+    }
+    marked = watermark_one(pixels)
     for name, encoding in ENCODINGS.items():
-        plain = Encoding(encoding.format, encoding.quality, encoding.png_compress_level, watermark=False)
-        cases[f"{name} unmarked"] = lambda plain=plain: encode(pixels, plain)  # type: ignore[misc]
-        cases[f"{name} marked"] = lambda encoding=encoding: encode(pixels, encoding)  # type: ignore[misc]
+        # What the encode threads pay now that the devices mark: the encode of pixels that carry the mark.
+        cases[f"{name} unmarked"] = lambda encoding=encoding: encode(pixels, encoding)  # type: ignore[misc]
+        cases[f"{name} of marked"] = lambda encoding=encoding: encode(marked, encoding)  # type: ignore[misc]
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, work in cases.items():
-            times[name].append(timed(work))
+            times[name].append(timed(work) / (batch if name == "mark, devices" else 1))
     return times
 
 
@@ -59,11 +78,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=4, help="images per call of the devices' mark")
+    parser.add_argument("--cpu-devices", type=int, default=4, help="virtual CPU devices where no accelerator is")
     args = parser.parse_args()
-    print(f"machine: {describe()}; one {args.size}x{args.size} image at a time, {args.repeats} repeats")
+    import jax
+
+    devices = jax.local_devices()
+    print(f"machine: {describe()}; {len(devices)} {devices[0].device_kind} devices; {args.size}x{args.size} images, "
+          f"the devices' mark {args.batch} a call; {args.repeats} repeats; ms per image")  # fmt: skip
     print(f"{'image':<10}{'case':<18}{'p50 ms':>9}{'min ms':>9}")
     for kind in ("noise", "gradient"):
-        for name, samples in measure(image(kind, args.size), args.repeats).items():
+        for name, samples in measure(image(kind, args.size), args.repeats, args.batch).items():
             print(f"{kind:<10}{name:<18}{statistics.median(samples):>9.1f}{min(samples):>9.1f}")
 
 

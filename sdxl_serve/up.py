@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from common.config import (
     add_blob_store_argument,
@@ -43,11 +43,16 @@ from common.protocol import Size
 from common.redis_conn import connect
 from common.rediskeys import DEFAULT_PREFIX, RedisKeys
 from common.registry import Registry
-from gateway.cli import add_routing_argument
-from gateway.config import GatewayConfig, RoutingPolicy
+from gateway.cli import add_policy_arguments, add_routing_argument, policy_config
+from gateway.config import GatewayConfig, PolicyConfig, RoutingPolicy
 from sdxl_serve.local_up import RunningUp, announced, find_running
 from sdxl_serve.processes import ProcessError, RedisServer, spawn, start_redis_server, stop, wait_http
-from worker.cli import add_compile_cache_arguments, add_model_arguments, add_watermark_argument
+from worker.cli import (
+    add_compile_cache_arguments,
+    add_model_arguments,
+    add_safety_checker_arguments,
+    add_watermark_argument,
+)
 from worker.config import DEFAULT_MODEL, Attention, WorkerConfig, default_compile_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -105,6 +110,11 @@ class UpConfig:
     cpu_devices: int = WorkerConfig.cpu_devices
     attention: Attention = WorkerConfig.attention
     watermark: bool = WorkerConfig.watermark
+    safety_checker: Path | None = WorkerConfig.safety_checker
+    safety_replace: Literal["black", "blur"] = WorkerConfig.safety_replace
+    policy: PolicyConfig = dataclasses.field(
+        default_factory=PolicyConfig
+    )  # the gateway's prompt blocklist and moderation hook
     compile_cache: Path | None = dataclasses.field(default_factory=default_compile_cache_dir)
     compile_cache_max_gb: float = WorkerConfig.compile_cache_max_bytes / 1e9
     cache_dir: Path = dataclasses.field(default_factory=default_cache_dir)
@@ -119,6 +129,12 @@ class UpConfig:
         require(self.ready_timeout_s > 0, "--ready-timeout", "must be > 0")
         if self.blob_store is not None:
             require_blob_store_url(self.blob_store)
+        # Checked here, not only by the worker: a worker that cannot start would be restarted to no end.
+        require(
+            self.safety_checker is None or self.safety_checker.is_dir(),
+            "--safety-checker",
+            "must be a folder holding config.json and model.safetensors",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> UpConfig:
@@ -149,6 +165,9 @@ class UpConfig:
             cpu_devices=args.cpu_devices,
             attention=args.attention,
             watermark=args.watermark == "on",
+            safety_checker=args.safety_checker,
+            safety_replace=args.safety_replace,
+            policy=policy_config(args),
             compile_cache=args.compile_cache,
             compile_cache_max_gb=args.compile_cache_max_gb,
             cache_dir=args.cache_dir,
@@ -187,6 +206,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_compile_cache_arguments(parser)
     add_watermark_argument(parser)
+    add_safety_checker_arguments(parser)
+    add_policy_arguments(parser)
     _add_restart_arguments(parser.add_argument_group("supervision"))
 
 
@@ -265,6 +286,9 @@ def worker_argv(config: UpConfig, resolved: Resolved) -> list[str]:
             "--metrics-port", "0", "--attention", config.attention,
             "--watermark", "on" if config.watermark else "off"]  # fmt: skip
     argv += _eviction_argv(config)
+    if config.safety_checker is not None:
+        argv += ["--safety-checker", str(config.safety_checker)]
+    argv += ["--safety-replace", config.safety_replace]
     if config.revision:
         argv += ["--revision", config.revision]
     if config.model_config:
@@ -290,7 +314,16 @@ def gateway_argv(config: UpConfig, resolved: Resolved) -> list[str]:
     """The `sdxl-serve gateway` flags of this cluster's gateway."""
     return ["--redis-url", resolved.redis_url, "--key-prefix", config.key_prefix, "--host", config.host,
             "--port", str(config.port), "--routing", config.routing, "--blob-store", resolved.blob_store,
-            *_eviction_argv(config)]  # fmt: skip
+            *_eviction_argv(config), *_policy_argv(config.policy)]  # fmt: skip
+
+
+def _policy_argv(policy: PolicyConfig) -> list[str]:
+    argv = ["--moderation-timeout", str(policy.moderation_timeout_s), "--moderation-fail", policy.moderation_fail]
+    if policy.blocklist is not None:
+        argv += ["--prompt-blocklist", str(policy.blocklist)]
+    if policy.moderation_url is not None:
+        argv += ["--moderation-url", policy.moderation_url]
+    return argv
 
 
 def _eviction_argv(config: UpConfig) -> list[str]:

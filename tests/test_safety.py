@@ -1,20 +1,36 @@
 """The image safety checker (worker/safety.py): a random-weight checker written by worker/tiny_safety.py, loaded
 from PyTorch-layout safetensors, run by a real worker behind a real gateway, with thresholds that flag every
-image or none, seen in each answer."""
+image or none, seen in each answer: in a worker in this process, and in real worker and gateway processes on the
+tiny model over real HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
+import redis
 from PIL import Image
 
+from testkit import free_port, gateway_args, wait_http
 from tests.protection import Client, gateway, running_worker
-from tests.support import TEST_SHAPES, ClientFactory, RedisServer
+from tests.support import (
+    READY_TIMEOUT_S,
+    TEST_SHAPES,
+    ClientFactory,
+    ProcessGroup,
+    RedisServer,
+    scrape,
+    tiny_worker_args,
+    wait_ready,
+)
 from worker.runner import Worker
 from worker.safety import SafetyChecker, SafetyCheckerError, read_params, replacement
 from worker.tiny_safety import FLAG_ALL, FLAG_NONE, write_tiny_safety_checker
@@ -124,3 +140,79 @@ async def test_without_a_checker_no_verdict_is_given(aiohttp_client: ClientFacto
         client = await gateway(aiohttp_client, redis_server, request_timeout_s=30.0)
         body = await (await client.post("/v1/generate", json={"prompt": "a lighthouse"})).json()
         assert body["nsfw"] is None
+
+
+# --- The same two checkers in a real `sdxl-serve worker` process on the tiny model, behind a real gateway.
+
+DATABASES = {"flag-all": 4, "flag-none": 5}  # of the session's Redis, apart from the other clusters'
+
+
+@dataclass(frozen=True)
+class CheckedCluster:
+    """A gateway and one tiny-model worker whose checker is `which`, and the worker's metrics address."""
+
+    which: str
+    url: str
+    metrics_url: str
+
+
+@pytest.fixture(scope="module", params=list(DATABASES))
+def checked_cluster(
+    request: pytest.FixtureRequest,
+    redis_server: RedisServer,
+    tiny_model: Path,
+    processes: ProcessGroup,
+    checkers: dict[str, Path],
+) -> Iterator[CheckedCluster]:
+    which: str = request.param
+    redis_url = redis_server.url(DATABASES[which])
+    redis.Redis.from_url(redis_url).flushdb()
+    port = free_port()
+    gateway_name, worker_name = f"gateway-{which}", f"worker-{which}"
+    processes.start(gateway_name, *gateway_args(redis_url, port, "--request-timeout", "120"))
+    flags = ("--safety-checker", str(checkers[which]), "--metrics-port", "0")
+    processes.start(worker_name, *tiny_worker_args(redis_url, tiny_model, worker_name, *flags))
+    try:
+        (info,) = asyncio.run(wait_ready(redis_url, 1))
+    except TimeoutError:
+        pytest.fail("worker not ready:\n" + processes.log(worker_name)[-3000:])
+    asyncio.run(wait_http(f"http://127.0.0.1:{port}/healthz", READY_TIMEOUT_S))
+    yield CheckedCluster(which, f"http://127.0.0.1:{port}", f"http://{info.host}:{info.metrics_port}")
+    processes.stop(worker_name)
+    processes.stop(gateway_name)
+
+
+async def http_answers(url: str) -> dict[str, Any]:
+    """`answers`, over real HTTP to a gateway process."""
+    body = {"prompt": "a lighthouse"}
+    async with aiohttp.ClientSession(url) as session:
+        async with session.post("/v1/generate", json=body) as response:
+            assert response.status == 200, await response.text()
+            generate = await response.json()
+        async with session.get(f"/v1/jobs/{generate['id']}") as response:
+            status = await response.json()
+        async with session.post("/v1/images/generations", json=body | {"response_format": "b64_json"}) as response:
+            assert response.status == 200, await response.text()
+            openai = await response.json()
+    return {"generate": generate, "status": status, "openai": openai}
+
+
+async def test_a_worker_process_reports_its_checkers_verdict_in_every_answer_and_its_metric(
+    checked_cluster: CheckedCluster,
+) -> None:
+    flagging = checked_cluster.which == "flag-all"
+    got = await http_answers(checked_cluster.url)
+    count = len(got["generate"]["images"])
+    assert count >= 1 and got["generate"]["nsfw"] == [flagging] * count
+    if flagging:  # replaced with black (the default); the tiny model's noise passes as it is
+        assert all(not decoded(image).any() for image in got["generate"]["images"])
+    else:
+        assert all(decoded(image).std() > 0 for image in got["generate"]["images"])
+    assert got["status"]["status"] == "succeeded" and got["status"]["result"]["nsfw"] == [flagging] * count
+    assert [item["nsfw"] for item in got["openai"]["data"]] == [flagging] * len(got["openai"]["data"])
+    async with aiohttp.ClientSession() as session:
+        samples = await scrape(session, checked_cluster.metrics_url)
+    verdicts = {verdict: samples.get(("sdxl_worker_images_checked_total", (("verdict", verdict),)), 0.0)
+                for verdict in ("flagged", "passed")}  # fmt: skip
+    checked = 2 * count  # two jobs of `count` images: /v1/generate's and the OpenAI route's
+    assert verdicts == ({"flagged": checked, "passed": 0} if flagging else {"flagged": 0, "passed": checked})

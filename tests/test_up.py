@@ -44,6 +44,7 @@ SAMPLES = {
     "--host": "0.0.0.0",
     "--model": "/models/sdxl",
     "--compile-cache": "/srv/compile-cache",
+    "--moderation-url": "http://127.0.0.1:9/moderate",
 }
 CHILDREN = ("gateway", "worker")
 GLOBAL = frozenset({"--log-level", "--log-format"})  # given before the subcommand
@@ -130,6 +131,16 @@ def seen(argv: list[str], flag: str) -> dict[str, Any]:
 
 
 @pytest.fixture(autouse=True)
+def _sample_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flags whose value `up` checks on disk: a blocklist that parses, a folder for the safety checker."""
+    blocklist = tmp_path / "blocklist.txt"
+    blocklist.write_text("forbidden\n", encoding="utf-8")
+    (tmp_path / "checker").mkdir()
+    monkeypatch.setitem(SAMPLES, "--prompt-blocklist", str(blocklist))
+    monkeypatch.setitem(SAMPLES, "--safety-checker", str(tmp_path / "checker"))
+
+
+@pytest.fixture(autouse=True)
 def _no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Defaults as the code states them, not as this machine's environment sets them."""
     for name in list(os.environ):
@@ -141,6 +152,15 @@ def test_every_flag_of_up_is_its_own_or_a_childs() -> None:
     stray = sorted(set(up_flags()) - UP_ONLY - set(FORWARDED))
     assert not stray, f"flags of up that no child takes and up does not read itself: {stray}"
     assert not UP_ONLY & set(FORWARDED), "a flag named as up's own is also a child's"
+
+
+def test_the_prompt_policy_and_the_safety_checker_are_forwarded() -> None:
+    """The flags that decide what a cluster refuses and withholds reach the gateway and the workers `up` starts."""
+    policy = {"--prompt-blocklist", "--moderation-url", "--moderation-timeout", "--moderation-fail"}
+    safety = {"--safety-checker", "--safety-replace", "--watermark"}
+    assert {flag: takers(flag) for flag in policy | safety if flag in FORWARDED} == (
+        {flag: ["gateway"] for flag in policy} | {flag: ["worker"] for flag in safety}
+    )
 
 
 @pytest.mark.parametrize("flag", FORWARDED)

@@ -19,6 +19,7 @@ from tests.protection import gateway, running_worker
 from tests.support import ClientFactory, RedisServer
 from tests.watermarks import payload_bits_read, reference_mark
 from worker.cli import worker_config
+from worker.device_watermark import DeviceWatermark
 from worker.encode import Encoding, encode
 from worker.watermark import apply_watermark, watermark_one
 
@@ -52,6 +53,43 @@ def test_the_mark_is_the_reference_pipelines_to_one_level(make: Callable[[], np.
     difference = np.abs(ours.astype(int) - theirs.astype(int))
     assert difference.max() <= 1 and (difference > 0).mean() < 1e-3  # float rounding, a pixel in thousands
     assert (ours != image).any()
+
+
+def uniform(height: int = 256, width: int = 256) -> np.ndarray:
+    """Every value 0..255 in every channel: the most pixels at rounding boundaries."""
+    return np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("height,width", [(256, 256), (264, 328), (512, 512)])
+def test_the_devices_mark_is_the_numpy_references_to_the_bit(height: int, width: int) -> None:
+    """Split by rows over the four devices (256, 512) or on one (264 is not a multiple of 4 x 8 rows)."""
+    batch = np.stack([smooth(height, width), uniform(height, width), noisy_at(height, width)])
+    marked = DeviceWatermark().apply(batch)
+    assert marked.dtype == np.uint8
+    for image, ours in zip(batch, marked, strict=True):
+        assert (ours == watermark_one(image)).all()
+
+
+def test_the_devices_split_rows_only_in_whole_blocks() -> None:
+    watermark = DeviceWatermark()
+    assert len(watermark.sharding(1024).device_set) == 4
+    assert len(watermark.sharding(264).device_set) == 1
+
+
+def test_the_devices_leave_narrow_images_alone() -> None:
+    small = np.stack([smooth(256, 128)] * 2)
+    assert DeviceWatermark().apply(small) is small
+
+
+def test_the_package_reads_the_devices_mark_from_the_png() -> None:
+    marked = DeviceWatermark().apply(np.stack([smooth(), noisy()]))
+    for image in marked:
+        assert payload_bits_read(encode(image, Encoding("png", watermark=False))) >= MARKED
+
+
+def noisy_at(height: int, width: int) -> np.ndarray:
+    noise = np.random.default_rng(0).normal(0, 20, (height, width, 3))
+    return np.clip(smooth(height, width) + noise, 0, 255).astype(np.uint8)
 
 
 @pytest.mark.parametrize("name", IMAGES)
@@ -106,4 +144,5 @@ async def test_a_real_worker_delivers_marked_png_and_webp_unless_turned_off(
                 assert read >= MARKED if watermark else read <= UNMARKED, (output_format, read)
         png = (await delivered(client, "png"))[0]
     pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-    assert (pixels == smooth()).all() != watermark  # off: the pipeline's pixels, untouched
+    # Marked once (on the devices), to the bit as the numpy reference marks; off, the pipeline's pixels untouched.
+    assert (pixels == (watermark_one(smooth()) if watermark else smooth())).all()

@@ -100,6 +100,11 @@ def _add_blob_store(parser: argparse.ArgumentParser) -> None:
 def _add_safety(parser: argparse.ArgumentParser) -> None:
     """The invisible watermark and the image safety checker (docs/safety.md)."""
     add_watermark_argument(parser)
+    add_safety_checker_arguments(parser)
+
+
+def add_safety_checker_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--safety-checker` and `--safety-replace`, which `sdxl-serve up` passes on to its workers (docs/safety.md)."""
     parser.add_argument(
         "--safety-checker",
         type=Path,

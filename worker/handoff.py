@@ -176,7 +176,8 @@ class HandOff:
         if generated.pixels is None:
             assert generated.failure is not None, "a job without images has a failure"
             return generated.failure, []
-        encoding = Encoding(job.output_format, job.quality, self._config.png_compress_level, self._config.watermark)
+        # The runner has put the watermark on already, on the devices (worker/device_watermark.py).
+        encoding = Encoding(job.output_format, job.quality, self._config.png_compress_level, watermark=False)
         started = time.perf_counter()
         try:
             images = await asyncio.get_running_loop().run_in_executor(

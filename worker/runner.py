@@ -34,6 +34,7 @@ from worker.compile_cache import disable_compilation_cache, enable_compilation_c
 from worker.config import WorkerConfig
 from worker.delivery import REDIS_ERRORS, ClaimedJob, Delivery
 from worker.device import Device
+from worker.device_watermark import DeviceWatermark
 from worker.encode import encode_all
 from worker.handoff import EncodeImages, Generated, HandOff, failed
 from worker.images import ImageWriter
@@ -85,6 +86,7 @@ class Worker:
         )
         self._load_pipeline = load_pipeline or self._default_loader
         self._safety: SafetyChecker | None = None
+        self._watermark: DeviceWatermark | None = None
         self._stopping = asyncio.Event()
 
     @property
@@ -142,6 +144,7 @@ class Worker:
         phases = {"init": time.time() - self.info.started_at}  # imports, Redis, the metrics port
         sizes = await self._device.warm_up(self._load_pipeline, self.config.sizes, phases, self._phase)
         await self._load_safety_checker(sizes)
+        await self._compile_watermark(sizes)
         pipeline = self._device.pipeline
         assert pipeline is not None, "warm after warm-up"
         self.presence.warmed(pipeline, sizes)
@@ -169,6 +172,22 @@ class Worker:
         for size in sizes:
             await self._device.call(functools.partial(checker.compile, size, self.config.images_per_request))
         self._safety = checker
+
+    async def _compile_watermark(self, sizes: Sequence[Size]) -> None:
+        """Unless `--watermark off`, compile the invisible watermark for every size served, on the device thread."""
+        if not self.config.watermark:
+            return
+        watermark = await self._device.call(DeviceWatermark)
+        for size in sizes:
+            await self._device.call(functools.partial(watermark.compile, size, self.config.images_per_request))
+        self._watermark = watermark
+
+    async def _marked(self, pixels: np.ndarray) -> np.ndarray:
+        """The batch with the invisible watermark on it, marked on the devices; as it is with `--watermark off`."""
+        watermark = self._watermark
+        if watermark is None:
+            return pixels
+        return await self._device.call(lambda: watermark.apply(pixels))
 
     async def _screen(self, pixels: np.ndarray) -> tuple[np.ndarray, list[bool] | None]:
         """The batch after the safety checker (flagged images replaced) and its verdicts; as it is without one."""
@@ -231,6 +250,7 @@ class Worker:
             async with JobProgress(job, self.id, self._delivery, self.metrics) as progress:
                 pixels = await self._device.generate(job, progress.on_step)
             pixels, nsfw = await self._screen(pixels)
+            pixels = await self._marked(pixels)
         except Cancelled as stop:
             return stop
         except PipelineError as exc:

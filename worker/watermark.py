@@ -17,14 +17,14 @@ import numpy as np
 WATERMARK_MESSAGE = 0b101100111110110010010000011110111011000110011110
 WATERMARK_BITS = np.array([int(bit) for bit in bin(WATERMARK_MESSAGE)[2:]], dtype=np.float32)
 MIN_WIDTH = 256  # the reference skips narrower images
-_SCALE = 36.0  # the quantisation step of the U channel (invisible-watermark's default scales [0, 36, 36])
-_BLOCK = 4
+SCALE = 36.0  # the quantisation step of the U channel (invisible-watermark's default scales [0, 36, 36])
+BLOCK = 4
 
 # OpenCV's float BGR<->YUV conversion (its delta for float images is 0.5), which invisible-watermark uses.
-_Y = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # R, G, B
-_U_FROM_B, _V_FROM_R = 0.492, 0.877
-_B_FROM_U, _G_FROM_U, _G_FROM_V, _R_FROM_V = 2.032, -0.395, -0.581, 1.140
-_DELTA = 0.5
+Y_FROM_RGB = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # R, G, B
+U_FROM_B, V_FROM_R = 0.492, 0.877
+B_FROM_U, G_FROM_U, G_FROM_V, R_FROM_V = 2.032, -0.395, -0.581, 1.140
+DELTA = 0.5
 
 
 def apply_watermark(images: np.ndarray) -> np.ndarray:
@@ -38,16 +38,18 @@ def watermark_one(image: np.ndarray) -> np.ndarray:
     """One uint8 H x W x 3 RGB image, marked. The arithmetic runs in float32 as the reference's does, on the
     image's pixels as 0..255 floats, and the result is rounded back to uint8."""
     rgb = image.astype(np.float32)
-    y = rgb @ _Y
-    u = (rgb[..., 2] - y) * _U_FROM_B + _DELTA
+    # Summed in this order, not as a matmul (whose order is BLAS's), so that the devices' version
+    # (worker/device_watermark.py) can match it to the bit.
+    y = rgb[..., 0] * Y_FROM_RGB[0] + rgb[..., 1] * Y_FROM_RGB[1] + rgb[..., 2] * Y_FROM_RGB[2]
+    u = (rgb[..., 2] - y) * U_FROM_B + DELTA
     rows, cols = (image.shape[0] // 4) * 4, (image.shape[1] // 4) * 4
     u[:rows, :cols] = _mark_channel(u[:rows, :cols])
-    u -= _DELTA
+    u -= DELTA
     # V is untouched: its difference from Y is R's, scaled; the float buffer is reused for the result.
-    dv = (rgb[..., 0] - y) * _V_FROM_R
-    rgb[..., 0] = y + _R_FROM_V * dv
-    rgb[..., 1] = y + _G_FROM_U * u + _G_FROM_V * dv
-    rgb[..., 2] = y + _B_FROM_U * u
+    dv = (rgb[..., 0] - y) * V_FROM_R
+    rgb[..., 0] = y + R_FROM_V * dv
+    rgb[..., 1] = y + G_FROM_U * u + G_FROM_V * dv
+    rgb[..., 2] = y + B_FROM_U * u
     np.rint(rgb, out=rgb)
     np.clip(rgb, 0, 255, out=rgb)
     return rgb.astype(np.uint8)
@@ -72,15 +74,15 @@ def _mark_channel(channel: np.ndarray) -> np.ndarray:
 
 def _mark_low_band(low: np.ndarray) -> np.ndarray:
     """Quantise, in every 4x4 block, the coefficient of largest magnitude but the first to carry its bit."""
-    rows, cols = low.shape[0] // _BLOCK, low.shape[1] // _BLOCK
-    blocks = low[: rows * _BLOCK, : cols * _BLOCK].reshape(rows, _BLOCK, cols, _BLOCK).transpose(0, 2, 1, 3)
-    flat = blocks.reshape(rows * cols, _BLOCK * _BLOCK)
+    rows, cols = low.shape[0] // BLOCK, low.shape[1] // BLOCK
+    blocks = low[: rows * BLOCK, : cols * BLOCK].reshape(rows, BLOCK, cols, BLOCK).transpose(0, 2, 1, 3)
+    flat = blocks.reshape(rows * cols, BLOCK * BLOCK)
     where = np.argmax(np.abs(flat[:, 1:]), axis=1) + 1
     bits = WATERMARK_BITS[np.arange(rows * cols) % WATERMARK_BITS.size]
     value = flat[np.arange(flat.shape[0]), where]
-    quantised = (np.abs(value) // _SCALE + 0.25 + 0.5 * bits) * _SCALE
+    quantised = (np.abs(value) // SCALE + 0.25 + 0.5 * bits) * SCALE
     flat[np.arange(flat.shape[0]), where] = np.where(value >= 0, quantised, -quantised)
-    low[: rows * _BLOCK, : cols * _BLOCK] = (
-        flat.reshape(rows, cols, _BLOCK, _BLOCK).transpose(0, 2, 1, 3).reshape(rows * _BLOCK, cols * _BLOCK)
+    low[: rows * BLOCK, : cols * BLOCK] = (
+        flat.reshape(rows, cols, BLOCK, BLOCK).transpose(0, 2, 1, 3).reshape(rows * BLOCK, cols * BLOCK)
     )
     return low
