@@ -14,7 +14,7 @@ from collections.abc import Collection
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, StrictBool, ValidationError, ValidationInfo, field_validator
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
@@ -91,7 +91,8 @@ class ImageGenerationRequest(GenerationParams):
     )
     complexity: Literal["low", "medium", "high"] | None = Field(default=None, description="accepted and ignored")
     partial_images: int | None = Field(default=None, ge=0, le=3, description="accepted and ignored (no streaming)")
-    stream: Literal[False] | None = Field(default=None, description="streaming is not supported: false or omitted")
+    # StrictBool: a Literal[False] would take 0, which equals False.
+    stream: StrictBool | None = Field(default=None, description="streaming is not supported: false or omitted")
     output_format: OutputFormat | None = "png"
     output_compression: int | None = Field(
         default=None, ge=0, le=100, description="JPEG/WebP quality, 0..100 (default 90); not for png"
