@@ -33,7 +33,7 @@ from worker.config import ATTENTION, Attention
 
 if TYPE_CHECKING:  # imported when measuring: the CLI builds its parser without loading JAX
     from common.protocol import Shape
-    from worker.pipeline import PipelineOptions, SDXLPipeline
+    from worker.pipeline import SDXLPipeline
 
 PROMPT = "a photograph of an astronaut riding a horse"
 GUIDANCE = 7.5
@@ -157,7 +157,7 @@ def main(args: argparse.Namespace) -> int:
 def measure(config: GenerateConfig) -> list[dict[str, Any]]:
     """Load, compile each variant, count FLOPs, time `repeats` calls per variant; one report per variant."""
     from common.protocol import DEFAULT_MAX_STEPS, Shape
-    from worker.pipeline import SDXLPipeline
+    from worker.pipeline import PipelineOptions, SDXLPipeline
 
     started = time.perf_counter()
     # As a worker: executables that serve any step count up to its default maximum (or the steps asked, if more).
