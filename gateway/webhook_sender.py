@@ -3,8 +3,8 @@ under a lease and POSTing them, signed.
 
 An attempt is one POST, redirects not followed, within `--webhook-timeout`; of the answer only the status
 counts (at most MAX_ANSWER_BYTES of its body are read). A 2xx answer delivers the message.
-A timeout, a connection error, a 5xx or a 429 is retried after an exponential backoff with jitter (a 429's or
-503's `Retry-After` is honoured, up to a cap), until the message has been due for `--webhook-retry-window`;
+A timeout, a connection error, a 5xx, a 408, a 425 or a 429 is retried after an exponential backoff with jitter
+(a 429's or 503's `Retry-After` is honoured, up to a cap), until the message has been due for `--webhook-retry-window`;
 any other answer (a 4xx such as 410, a redirect) gives it up at once, as does a target the address rules
 refuse at the time of the attempt. Every attempt of a message carries the same `webhook-id` and body, and a
 fresh `webhook-timestamp` and signature. A gateway that dies holding a lease delays its messages by the
