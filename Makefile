@@ -5,6 +5,8 @@ VENV ?= .venv
 PORT ?= 8000
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 INSTALLED := $(VENV)/.installed
+# The runtime alone (gateway, worker, `sdxl-serve up`): what `make demo` needs. INSTALLED adds the developer's tools.
+RUNTIME := $(VENV)/.runtime
 # The GPU images run Python 3.12 and jax 0.11: the code that meets them is tested there too (test-py312).
 VENV312 ?= .venv-py312
 INSTALLED312 := $(VENV312)/.installed
@@ -16,11 +18,20 @@ CODE := $(PACKAGES) $(wildcard bench tests) .ci/function_sizes.py
 
 .PHONY: test-py312 full-arch install demo check test test-fast lint typecheck imports sizes bench clean redis-server redis-sentinel chromium
 
+# Everything a developer needs: the runtime, then the test, lint and type-check tools, the browser and Sentinel.
 install: $(INSTALLED) redis-server redis-sentinel chromium
 
-$(INSTALLED): pyproject.toml
+# Each step says what it does: a newcomer waits here for minutes on a fresh clone.
+$(RUNTIME): pyproject.toml
+	@echo "[1/2] making the virtualenv $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
+	@echo "[2/2] installing sdxl-serve with the worker's libraries (JAX, Flax, diffusers, transformers): a few minutes"
+	$(VENV)/bin/pip install --progress-bar off -e ".[worker]"
+	touch $@
+
+$(INSTALLED): $(RUNTIME) pyproject.toml
+	@echo "installing the developer's tools (pytest, ruff, mypy, Playwright, schemathesis, SeaweedFS, ...)"
 	$(VENV)/bin/pip install --quiet -e ".[dev]"
 	# The watermark tests' decoder, without the torch it lists for a method it has and nothing here uses.
 	$(VENV)/bin/pip install --quiet --no-deps "invisible-watermark==0.2.0"
@@ -54,7 +65,8 @@ chromium:
 		echo "installing chromium with apt-get"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
-demo: install
+# The demo needs the runtime and redis-server only: no test tools, no browser.
+demo: $(RUNTIME) redis-server
 	$(VENV)/bin/sdxl-serve up --port $(PORT)
 
 # What CI runs (.ci/run): lint and format, strict types over the code and the tests, the import contract, the
