@@ -233,6 +233,7 @@ async def _positions_ctx(app: web.Application) -> AsyncIterator[None]:
     app[POSITIONS] = board
     task = asyncio.create_task(board.run(), name="queue-positions")
     yield
+    board.stop()
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
 

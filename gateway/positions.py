@@ -28,6 +28,7 @@ class PositionBoard:
         self._tracked: Counter[Entry] = Counter()
         self._positions: dict[Entry, int] = {}
         self._wanted = asyncio.Event()
+        self._stopped = False
 
     def track(self, entry: Entry) -> None:
         self._tracked[entry] += 1
@@ -43,12 +44,20 @@ class PositionBoard:
         """The position at the last refresh; None before the first one."""
         return self._positions.get(entry)
 
+    def stop(self) -> None:
+        """Make `run` return at its next turn. A cancellation alone is not enough: one that lands inside a Redis
+        command can come out of redis-py as a connection error, or be undone by a timeout expiring at the same
+        moment (Python 3.11's `asyncio.timeout` uncancels), and the app's shutdown would wait for ever."""
+        self._stopped = True
+        self._wanted.set()
+
     async def run(self) -> None:
-        """Refresh until cancelled; idle (no Redis traffic) while nothing is tracked."""
-        while True:
+        """Refresh until stopped; idle (no Redis traffic) while nothing is tracked."""
+        while not self._stopped:
             if not self._tracked:
                 self._wanted.clear()
                 await self._wanted.wait()
+                continue
             try:
                 self._positions = await self._refresh()
             except (*UNAVAILABLE, OSError) as exc:

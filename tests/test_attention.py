@@ -133,7 +133,7 @@ def test_the_flag_reaches_the_worker_pipeline() -> None:
     assert config.attention == "dot_product"
     with mock.patch.object(SDXLPipeline, "load") as load:
         Worker(config, redis=mock.Mock())._default_loader()
-    assert load.call_args.kwargs["attention"] == "dot_product"
+    assert load.call_args.args[2].attention == "dot_product"
     up = build_parser().parse_args(["up", "--attention", "dot_product"])
     args = worker_argv(UpConfig.from_args(up), Resolved("redis://127.0.0.1:1/0", "redis", "model"))
     assert args[args.index("--attention") + 1] == "dot_product"

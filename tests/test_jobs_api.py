@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common.rediskeys import RedisKeys
+from common.streams import JobStreams
+from gateway.positions import PositionBoard
 from gateway.state import JOURNAL
 from tests.queues import Queue
 from tests.support import claim_next, finish, queued_jobs, read_events, register_worker, worker_streams
@@ -328,3 +331,31 @@ async def test_a_webhook_given_as_a_url_string_is_400_naming_webhook(
         assert (response.status, error["field"], error["code"]) == (400, "webhook", "model_type"), route
         assert "takes an object with url" in error["message"], route
     assert await queued_jobs(redis_client) == 0
+
+
+class _CancelTurnedIntoConnectionError:
+    """Stream positions as redis-py answers them when a cancellation lands inside the command: the
+    cancellation comes out as a connection error."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+
+    async def positions(self, stream: str, entry_ids: list[str]) -> dict[str, int]:
+        self.asked.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise RedisConnectionError("Connection closed by server.") from None
+        return {}
+
+
+async def test_the_position_board_stops_when_a_cancellation_comes_out_as_a_connection_error() -> None:
+    streams = _CancelTurnedIntoConnectionError()
+    board = PositionBoard(cast("JobStreams", streams), interval_s=0.01)
+    board.track(("sdxl:jobs:64x64", "1-0"))
+    running = asyncio.create_task(board.run())
+    await streams.asked.wait()
+    board.stop()  # as the app's cleanup does, before it cancels
+    running.cancel()
+    done, _ = await asyncio.wait({running}, timeout=10)
+    assert done == {running}
