@@ -123,7 +123,10 @@ async def test_a_real_worker_marks_and_replaces_flagged_images_in_every_answer(
     aiohttp_client: ClientFactory, redis_server: RedisServer, checkers: dict[str, Path], which: str
 ) -> None:
     flagging = which == "flag-all"
-    async with running_worker(redis_server.url(0), safety_checker=checkers[which], watermark=False) as worker:
+    # Its own id, and the workers' default heartbeat TTL: a loaded CI machine must not expire its registry entry.
+    async with running_worker(
+        redis_server.url(0), f"checker-{which}", safety_checker=checkers[which], watermark=False, heartbeat_ttl_s=10.0
+    ) as worker:
         client = await gateway(aiohttp_client, redis_server, request_timeout_s=30.0)
         got = await answers(client)
         count = len(got["generate"]["images"])
