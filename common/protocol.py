@@ -31,6 +31,10 @@ DEFAULT_RESULT_TTL_S = 3600
 MAX_STEPS = 200
 DEFAULT_MAX_STEPS = 50
 DEFAULT_STEPS = 20
+# Images per request: what the job API and the demo make when a request names no `n`. A request may ask for 1 up to
+# the most a worker advertises (`WorkerInfo.images_per_request`); each image is a row of the worker's batch.
+DEFAULT_IMAGES = 4
+MAX_IMAGES = 64
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 _SIZE_RE = re.compile(r"^\s*(\d+)x(\d+)\s*$")
 _SHAPE_RE = re.compile(r"^\s*(\d+)x(\d+)x(\d+)\s*$")
@@ -179,6 +183,7 @@ GuidanceScale = Annotated[
     float, Field(ge=MIN_GUIDANCE, le=MAX_GUIDANCE, allow_inf_nan=False), AfterValidator(_guidance_range)
 ]
 InferenceSteps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+ImageCount = Annotated[int, Field(ge=1, le=MAX_IMAGES)]
 # The samplers a worker runs (worker/schedulers.py): each is a table of per-step coefficients computed on the
 # host, so one compiled executable serves them all. Euler uses the model's own timestep spacing (SDXL base:
 # "leading"); "trailing" spacing is what distilled checkpoints (Lightning, Turbo) are made for; DPM-Solver++
@@ -221,13 +226,17 @@ class GenerationParams(BaseModel):
     width: Dimension | None = None
     height: Dimension | None = None
     scheduler: Scheduler | None = Field(default=None, description="the sampler; omitted: euler")
+    n: ImageCount | None = Field(
+        default=None, description="images to make, 1 up to the workers' images_per_request; omitted: 4"
+    )
 
     def resolved(self, shape: Shape, seed: int, scheduler: Scheduler = DEFAULT_SCHEDULER) -> ResolvedParams:
         """These parameters (only these: not the fields of a request body built on them) with the cluster's
-        choices for size, steps, seed and scheduler."""
+        choices for size, steps, seed and scheduler, and `n` (DEFAULT_IMAGES when omitted)."""
         fields = {name: getattr(self, name) for name in GenerationParams.model_fields}
         chosen = {"width": shape.width, "height": shape.height, "num_inference_steps": shape.steps}
-        return ResolvedParams(**(fields | chosen | {"seed": seed, "scheduler": scheduler}))
+        n = DEFAULT_IMAGES if self.n is None else self.n
+        return ResolvedParams(**(fields | chosen | {"seed": seed, "scheduler": scheduler, "n": n}))
 
 
 class ResolvedParams(GenerationParams):
@@ -239,6 +248,7 @@ class ResolvedParams(GenerationParams):
     width: int = Field(gt=0)
     height: int = Field(gt=0)
     scheduler: Scheduler
+    n: ImageCount = DEFAULT_IMAGES  # a job queued before requests had `n` made the default batch
 
     @property
     def shape(self) -> Shape:

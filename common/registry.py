@@ -34,7 +34,13 @@ class WorkerInfo(BaseModel):
     model: str
     device_kind: str = "unknown"
     devices: int = 0
+    # The most images one request may ask for (its `n`).
     images_per_request: int
+    # Its batch: how many images (rows) it holds at once over all its devices, and how many of them are free now
+    # (neither denoising nor claimed and waiting). Placement and the autoscaler read capacity from these. 0 in an
+    # entry of a worker from before the engine: then it holds one request at a time.
+    rows: int = 0
+    free_rows: int = 0
     # What it serves: these sizes, at any step count from 1 to max_steps, with these schedulers. Its own
     # default is its first size at default_steps.
     sizes: list[Size] = []

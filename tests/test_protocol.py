@@ -76,6 +76,7 @@ def test_a_request_resolves_into_the_parameters_its_job_carries_whole() -> None:
         "width": 64,
         "height": 96,
         "scheduler": "euler_trailing",
+        "n": 4,
     }
     assert params.shape == Shape(width=64, height=96, steps=3)
     job = Job(id="j", params=params, result_ttl_s=60)

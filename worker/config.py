@@ -62,7 +62,16 @@ class WorkerConfig:
     # names none gets (published for the gateway).
     max_steps: int = DEFAULT_MAX_STEPS
     default_steps: int = DEFAULT_STEPS
+    # The most images one request may ask for (advertised as `images_per_request`).
     images_per_request: int = 4
+    # How the device is scheduled (worker/engine.py): "rows", the engine, fills its batch with the rows of several
+    # requests that join and leave at step boundaries; "request" runs one request at a time, as before the engine.
+    engine: Literal["rows", "request"] = "rows"
+    # The engine's batch: at most this many rows per device; each step runs the smallest compiled bucket (powers of
+    # two of UNet samples per device, a guided row counting two) that holds its rows.
+    rows_per_device: int = 4
+    # Which waiting request starts first when the batch is full: arrival order, or fewest remaining steps.
+    batch_policy: Literal["fifo", "shortest"] = "fifo"
     key_prefix: str = DEFAULT_PREFIX
     worker_id: str = dataclasses.field(default_factory=default_worker_id)
     heartbeat_interval_s: float = 2.0

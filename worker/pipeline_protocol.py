@@ -1,14 +1,19 @@
-"""What the worker needs of a pipeline: the one definition that the JAX pipeline (worker/pipeline.py), the stand-in
-(testkit/standin.py) and the tests' pipelines implement, and that the worker is typed against.
+"""What the worker needs of a model: the definitions that the JAX pipeline (worker/pipeline.py), its engine
+(worker/engine.py), the stand-in (testkit/standin.py) and the tests' pipelines implement, and that the worker is
+typed against.
 
-A pipeline describes what it serves, compiles one image size at a time, and generates one request's images,
-calling `on_step` as each denoising step is done. Every call runs on the worker's device thread
-(worker/device.py), never on the event loop. This module imports no JAX: the worker's typing does not load it.
+A `Pipeline` describes what it serves, compiles one image size at a time, and generates one request's images,
+calling `on_step` as each denoising step is done. An `Engine` is what the worker schedules: it holds the rows
+(images) of several requests at once in its batch, and between two denoising steps finished rows leave and waiting
+rows join. `RequestAtATime` (worker/engine.py) makes an engine of any `Pipeline` that runs one request at a time,
+as a worker did before the engine. Every call runs on the worker's device thread (worker/device.py), never on the
+event loop, except `Engine.cancel`. This module imports no JAX: the worker's typing does not load it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -56,4 +61,70 @@ class Pipeline(Protocol):
     def generate(self, params: ResolvedParams, on_step: StepCallback | None = None) -> np.ndarray:
         """One request's images, uint8 [images, height, width, 3]. Raises worker.pipeline.PipelineError (or a
         subclass) for a request it cannot serve; whatever `on_step` raises ends the generation."""
+        ...
+
+
+@dataclass
+class Tick:
+    """What an engine's `step` ended: the requests whose images are done (`finished`: uint8 [n, height, width, 3],
+    their watermark and safety check still to come), the requests whose `on_step` raised (`stopped`: the exception,
+    e.g. worker.progress.Cancelled; their rows left the batch), and those that failed on the device (`failed`: the
+    reason)."""
+
+    finished: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    stopped: list[tuple[str, BaseException]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Engine(Protocol):
+    """The batch of one worker: rows of several requests denoised together, joining and leaving at step boundaries.
+
+    A request is admitted under a key (the job's id) with its `on_step`, and waits until its `n` rows fit; waiting
+    requests start in arrival order. Each `step` runs one denoising step of the rows of one image size (the engine
+    alternates between the sizes it holds), calls `on_step(n)` of each request that reached step n, and returns
+    what ended. A request's image i with seed s is the same whichever rows share its batch.
+    """
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The model it runs."""
+        ...
+
+    @property
+    def rows(self) -> int:
+        """The most rows (images) it holds at once, over all its devices."""
+        ...
+
+    @property
+    def max_images(self) -> int:
+        """The most images one request may ask for (advertised as `images_per_request`)."""
+        ...
+
+    def free_rows(self) -> int:
+        """Rows that no admitted request (running or waiting) holds: what the worker may claim for."""
+        ...
+
+    @property
+    def busy(self) -> bool:
+        """Whether it holds any request (running or waiting): then `step` has work."""
+        ...
+
+    def compile(self, size: Size, /) -> CompileTimings:
+        """Compile and warm up everything `size` needs at every batch shape, so that no request waits for a
+        compile."""
+        ...
+
+    def admit(self, key: str, params: ResolvedParams, on_step: StepCallback) -> None:
+        """Take a request; its rows join the batch at a step boundary, once they fit. Raises
+        worker.pipeline.PipelineError (or a subclass) at once for one it cannot serve (then nothing is held)."""
+        ...
+
+    def cancel(self, key: str) -> None:
+        """Drop a request, waiting or running, without a result (thread-safe: any thread may call it); its rows
+        leave at the next step boundary."""
+        ...
+
+    def step(self) -> Tick:
+        """Run one denoising step of one size's rows (after admitting the waiting rows that fit), and return what
+        ended."""
         ...
