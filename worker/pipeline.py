@@ -261,6 +261,12 @@ class _NegativeConditioning:
         if self._encode is None:
             self._encode = clock.compile(self._encode_fn, params, ids, scale)
 
+    def encode(self, params: dict[str, Any], ids: jax.Array, scale: jax.Array) -> Text:
+        """Text conditioning of `ids` times `scale`, uncached (compiled first)."""
+        assert self._encode is not None, "compile the encoder first"
+        encoded: Text = self._encode(params, ids, scale)
+        return encoded
+
     def get(self, negative_prompt: str, params: dict[str, Any], ids: Callable[[], jax.Array], scale: jax.Array) -> Text:
         """The conditioning of `negative_prompt`, replicated; `ids` tokenizes it, on a miss only."""
         cached = self._cache.get(negative_prompt)
@@ -433,11 +439,9 @@ class SDXLPipeline:
 
     def compile(self, size: Size) -> CompileTimings:
         """Compile the executables for a size ahead of time and run them once (at one step)."""
-        multiple = self.size_multiple
-        if size.width % multiple or size.height % multiple:
-            raise InvalidShape(f"size {size}: width and height must be multiples of {multiple}")
+        self.check_size(size)
         clock = _Clock()
-        self._negatives.compile(clock, self._params, self._negative_ids(""), self._negative_scale(""))
+        self.compile_encoder(clock)
         variants: dict[bool, Any] = {}
         finish = None  # decoding is the same with or without guidance: one executable for both
         for cfg in (True, False):
@@ -574,16 +578,34 @@ class SDXLPipeline:
     def _prompt(self, prompt: str, negative_prompt: str, seed: int, guidance_scale: float) -> Prompt:
         """Prompt ids (each device encodes the prompt once for its images), the negative conditioning with
         guidance or none without, one PRNG key per image."""
-        negative = None
-        if guided(guidance_scale):
-            negative = self._negatives.get(
-                negative_prompt,
-                self._params,
-                functools.partial(self._negative_ids, negative_prompt),
-                self._negative_scale(negative_prompt),
-            )
+        negative = self.negative_conditioning(negative_prompt) if guided(guidance_scale) else None
         keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), self.images_per_request))
         return Prompt(ids=self._put(self._tokenize(prompt)[None]), negative=negative, keys=self._put(keys, _IMAGES))
+
+    def encode_prompt(self, prompt: str) -> Text:
+        """A prompt's text conditioning, batch 1, replicated: encoded once by the executable that encodes
+        negative prompts (scale 1), compiled with any size."""
+        encoded: Text = self._negatives.encode(self._params, self._negative_ids(prompt), self._put(np.float32(1.0)))
+        return encoded
+
+    def negative_conditioning(self, negative_prompt: str) -> Text:
+        """A negative prompt's text conditioning, batch 1, replicated, from the cache of distinct negative prompts."""
+        return self._negatives.get(
+            negative_prompt,
+            self._params,
+            functools.partial(self._negative_ids, negative_prompt),
+            self._negative_scale(negative_prompt),
+        )
+
+    def check_size(self, size: Size) -> None:
+        """InvalidShape unless the model can produce `size` (multiples of `size_multiple`)."""
+        multiple = self.size_multiple
+        if size.width % multiple or size.height % multiple:
+            raise InvalidShape(f"size {size}: width and height must be multiples of {multiple}")
+
+    def compile_encoder(self, clock: _Clock) -> None:
+        """Compile the text encoder's executable (batch 1, replicated) unless it is."""
+        self._negatives.compile(clock, self._params, self._negative_ids(""), self._negative_scale(""))
 
     def _negative_ids(self, negative_prompt: str) -> jax.Array:
         return self._put(self._tokenize(negative_prompt)[None])
@@ -670,17 +692,33 @@ def _denoise(
     row, latents = schedule.table[i], state.latents
     scaled = model_input(jnp.concatenate([latents, latents]) if variant.cfg else latents, row)
     text, time_ids = _unet_conditioning(conditioning)
-    noise = variant.pipe.unet.apply(
-        {"params": params["unet"]},
-        scaled,
-        jnp.broadcast_to(timestep(row), (scaled.shape[0],)),
-        encoder_hidden_states=text.context,
-        added_cond_kwargs={"text_embeds": text.pooled, "time_ids": time_ids},
-    ).sample.astype(jnp.float32)
+    noise = unet_noise(
+        variant.pipe, params, scaled, jnp.broadcast_to(timestep(row), (scaled.shape[0],)), text, time_ids
+    )
     if variant.cfg:
         uncond, cond = jnp.split(noise, 2)
         noise = uncond + schedule.guidance * (cond - uncond)
     return StepState(*update(latents, noise, state.denoised, row))
+
+
+def unet_noise(
+    pipe: FlaxStableDiffusionXLPipeline,
+    params: dict[str, Any],
+    scaled: jax.Array,
+    timesteps: jax.Array,
+    text: Text,
+    time_ids: jax.Array,
+) -> jax.Array:
+    """The UNet's noise prediction in float32, one per sample: the model inputs `scaled`, one timestep per sample,
+    each sample's text conditioning and time ids (the request-at-a-time steps and the engine's share it)."""
+    noise: jax.Array = pipe.unet.apply(
+        {"params": params["unet"]},
+        scaled,
+        timesteps,
+        encoder_hidden_states=text.context,
+        added_cond_kwargs={"text_embeds": text.pooled, "time_ids": time_ids},
+    ).sample.astype(jnp.float32)
+    return noise
 
 
 def _unet_conditioning(conditioning: Conditioning) -> tuple[Text, jax.Array]:
