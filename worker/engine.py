@@ -313,6 +313,16 @@ class RowEngine:
         return max(0, self._rows - sum(request.n for request in self._requests.values()))
 
     @property
+    def running(self) -> frozenset[str]:
+        """The keys of the requests whose rows are in the batch (not those waiting)."""
+        return frozenset(key for key, request in self._requests.items() if request.rows)
+
+    @property
+    def waiting(self) -> tuple[str, ...]:
+        """The keys of the requests waiting for room, in arrival order."""
+        return tuple(request.key for request in self._waiting)
+
+    @property
     def busy(self) -> bool:
         """Whether it holds any request, running or waiting."""
         return bool(self._requests)
@@ -565,6 +575,7 @@ class RowEngine:
         if pool.batch is None:
             pool.batch = self._index_map(pool)
         bucket, batch = pool.batch
+        marker: jax.Array
         pool.slots, marker = pool.executables.steps[bucket](self._pipeline._step_params.step, pool.slots, batch)
         self._count(pool, bucket)
         return marker
