@@ -6,6 +6,10 @@ times per variant; variants (attention paths) alternate call by call so each see
     sdxl-serve bench generate --model sdxl-random --size 1024x1024 --steps 20 --images 1,4 \\
         --attention einsum,dot_product --repeats 10
 
+With `--engine-rows R` it measures the engine (worker/engine.py) instead: R rows per device, each call one guided
+request that fills them all (n = R x devices), the step executable of that bucket alone compiled (2R UNet samples
+per device); `bench/gpu.sh` reports seconds per image at 1, 2, 4 and 8 rows per device this way.
+
 A comma list of image counts measures each in turn, loading the model afresh for each (the batch is fixed
 when a pipeline is made); each count's reports are printed as soon as it is measured, so a run cut short
 keeps what it finished.
@@ -33,6 +37,7 @@ from worker.config import ATTENTION, Attention
 
 if TYPE_CHECKING:  # imported when measuring: the CLI builds its parser without loading JAX
     from common.protocol import Shape
+    from worker.engine import RowEngine
     from worker.pipeline import SDXLPipeline
 
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -53,11 +58,14 @@ class GenerateConfig:
     progress: bool
     peak_tflops: float | None
     negative_prompt: str = ""
+    engine_rows: int | None = None  # measure the engine at this many rows per device
 
     def __post_init__(self) -> None:
         for name in ("steps", "images", "repeats"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1 (got {getattr(self, name)})")
+        if self.engine_rows is not None and self.engine_rows < 1:
+            raise ConfigError(f"--engine-rows must be >= 1 (got {self.engine_rows})")
         unknown = [a for a in self.attentions if a not in ATTENTION]
         if unknown or not self.attentions or len(set(self.attentions)) != len(self.attentions):
             raise ConfigError(
@@ -95,6 +103,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the whole loop in one executable",
     )
     parser.add_argument("--negative-prompt", default="")
+    parser.add_argument(
+        "--engine-rows",
+        type=int,
+        default=None,
+        help="measure the engine instead: this many rows per device, each call one guided request filling them",
+    )
     parser.add_argument(
         "--peak-tflops",
         type=float,
@@ -140,6 +154,7 @@ def _config(args: argparse.Namespace, images: int) -> GenerateConfig:
         progress=args.progress,
         peak_tflops=args.peak_tflops,
         negative_prompt=args.negative_prompt,
+        engine_rows=args.engine_rows,
     )
 
 
@@ -159,6 +174,8 @@ def measure(config: GenerateConfig) -> list[dict[str, Any]]:
     from common.protocol import DEFAULT_MAX_STEPS, Shape
     from worker.pipeline import PipelineOptions, SDXLPipeline
 
+    if config.engine_rows is not None:
+        return measure_engine(config)
     started = time.perf_counter()
     # As a worker: executables that serve any step count up to its default maximum (or the steps asked, if more).
     options = PipelineOptions(
@@ -190,6 +207,66 @@ def measure(config: GenerateConfig) -> list[dict[str, Any]]:
         | {f"tflop_{k}": v for k, v in flops.as_tflop().items()}
         for a in variants
     ]
+
+
+def measure_engine(config: GenerateConfig) -> list[dict[str, Any]]:
+    """The engine at `engine_rows` rows per device: load, compile the full bucket, time `repeats` requests that
+    fill the batch (attention variants alternating); one report per variant."""
+    import jax
+
+    from common.protocol import DEFAULT_MAX_STEPS, Shape
+    from worker.engine import RowEngine
+    from worker.pipeline import PipelineOptions, SDXLPipeline
+
+    rows = cast(int, config.engine_rows)
+    started = time.perf_counter()
+    options = PipelineOptions(
+        jax.local_device_count(), True, config.attentions[0], max_steps=max(config.steps, DEFAULT_MAX_STEPS)
+    )
+    first = SDXLPipeline.load(config.model, config.revision, options)
+    load_s = time.perf_counter() - started
+    width, height = config.size or first.native_size
+    shape = Shape(width=width, height=height, steps=config.steps)
+    engines = {a: RowEngine(first.variant(attention=a), rows, only_buckets=(2 * rows,)) for a in config.attentions}
+    compiled = {a: engine.compile(shape.size) for a, engine in engines.items()}
+    flops = first.flop_count(shape)
+    calls = _time_requests(engines, shape, config)
+    images = rows * first.devices
+    context = _context(config, first, shape, load_s, 0.0) | {
+        "measurement": "engine",
+        "images": images,
+        "images_per_device": rows,
+        "engine_rows": rows,
+    }
+    peak = config.peak_tflops or _peak(first.device_kind)
+    return [
+        context
+        | {"attention": a, "attention_impl": _impl(a), "compile_s": compiled[a].compile_s}
+        | summarize(calls[a].wall_s, flops.per_image, images, first.devices, peak)
+        | {"host_cpu_s_p50": statistics.median(calls[a].cpu_s)}
+        for a in engines
+    ]
+
+
+def _time_requests(
+    engines: dict[Attention, RowEngine], shape: Shape, config: GenerateConfig
+) -> dict[Attention, _Calls]:
+    """Time each request through the engine (admitted, stepped until its images are on the host), variants
+    alternating, a new seed each round."""
+    calls = {name: _Calls() for name in engines}
+    for seed in range(config.repeats):
+        for name, engine in engines.items():
+            n = engine.rows_per_device * engine.pipeline.devices
+            request = GenerationParams(
+                prompt=PROMPT, negative_prompt=config.negative_prompt, guidance_scale=GUIDANCE, n=n
+            )
+            wall, cpu = time.perf_counter(), time.process_time()
+            engine.admit(f"bench-{seed}", request.resolved(shape, seed), lambda step: None)
+            while engine.busy:
+                engine.step()
+            calls[name].wall_s.append(time.perf_counter() - wall)
+            calls[name].cpu_s.append(time.process_time() - cpu)
+    return calls
 
 
 @dataclass

@@ -6,10 +6,12 @@
 # and without resolving anything, the wheels of a folder brought along (bench/gpu-wheels.sh fills it: the pins of
 # bench/gpu-wheels.txt and this project's wheel; pip itself runs from its wheel there), checks the versions, checks
 # that jax sees a GPU, then runs, for each variant (1 and 4 images, einsum and dot_product attention, stepwise and
-# fused) in a process of its own,
+# fused; and the engine's buckets: 1, 2, 4 and 8 rows per device) in a process of its own,
 #
 #   sdxl-serve bench generate --model sdxl-random --size 1024x1024 --steps 20 --json \
 #       --images N --attention A --progress|--no-progress
+#   sdxl-serve bench generate --model sdxl-random --size 1024x1024 --steps 20 --json \
+#       --engine-rows R --attention einsum --progress
 #
 # and keeps their JSON lines (OUT/variants/NAME.jsonl, all of them in OUT/generate.jsonl) with their logs and the
 # machine's description. Run again with the same --out, it does only the variants not yet done.
@@ -146,17 +148,21 @@ if devices[0].platform != "gpu":
 ' 2>&1 | tee -a "$out/versions.txt" >&2
 }
 
-# One variant: an image count, an attention path, stepwise (--progress) or fused (--no-progress).
+# One variant: an image count (or rows-R: the engine at R rows per device, seconds per image of a full batch), an
+# attention path, stepwise (--progress) or fused (--no-progress).
 VARIANTS=(
     "1 einsum --progress" "1 einsum --no-progress" "1 dot_product --progress" "1 dot_product --no-progress"
     "4 einsum --progress" "4 einsum --no-progress" "4 dot_product --progress" "4 dot_product --no-progress"
+    "rows-1 einsum --progress" "rows-2 einsum --progress" "rows-4 einsum --progress" "rows-8 einsum --progress"
 )
 
 variant_command() {
     local images=$1 attention=$2 progress=$3
+    local -a batch=(--images "$images")
+    if [[ $images == rows-* ]]; then batch=(--engine-rows "${images#rows-}"); fi
     read -r -a cmd <<<"${SDXL_GPU_BENCH_CMD:-sdxl-serve}"
     cmd+=(bench generate --model sdxl-random --size 1024x1024 --steps 20 --json
-        --images "$images" --attention "$attention" "$progress" "${extra[@]}")
+        "${batch[@]}" --attention "$attention" "$progress" "${extra[@]}")
 }
 
 # Each variant is a process of its own, its JSON lines in a file of its own, written whole when it succeeds: a run
@@ -175,6 +181,7 @@ run_bench() {
         printf '%q ' "${cmd[@]}" >>"$out/command.txt"
         echo >>"$out/command.txt"
         name="images-$images-$attention${progress/--/-}"
+        if [[ $images == rows-* ]]; then name="engine-$images-$attention${progress/--/-}"; fi
         if ((dry_run)) || [[ -s $out/variants/$name.jsonl ]]; then continue; fi
         step "variant $name"
         if PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv" HF_HUB_OFFLINE=1 \

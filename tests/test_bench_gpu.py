@@ -34,7 +34,7 @@ VARIANTS = [
     for images in ("1", "4")
     for attention in ("einsum", "dot_product")
     for progress in ("--progress", "--no-progress")
-]
+] + [["--engine-rows", rows, "--attention", "einsum", "--progress"] for rows in ("1", "2", "4", "8")]
 # Appends what the benchmark would see to RECORDED, and prints one JSON line as `bench generate --json` does; fails
 # for the variants FAIL names (words that must all be in its argv).
 RECORDER = """
@@ -175,11 +175,12 @@ def test_the_benchmark_commands_are_ones_that_bench_generate_accepts(wheels: Pat
         args = build_parser(load={"bench"}).parse_args(command[1:])
         (config,) = configs_from_args(args)
         assert (config.model, config.size, config.steps, config.repeats) == ("sdxl-random", (1024, 1024), 20, 5)
-        assert (config.images, config.attentions, config.progress) == (
-            int(command[-6]),
-            (command[-4],),
-            command[-3] == "--progress",
-        )
+        count = int(command[-6])
+        assert (config.attentions, config.progress) == ((command[-4],), command[-3] == "--progress")
+        if command[-7] == "--engine-rows":
+            assert config.engine_rows == count
+        else:
+            assert (config.images, config.engine_rows) == (count, None)
         assert args.json
 
 
@@ -198,14 +199,22 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.e2e
-def test_bench_generate_runs_without_what_a_bare_gpu_image_lacks(tiny_model: Path) -> None:
+@pytest.mark.parametrize(
+    ("batch", "measurement", "images"),
+    [(["--images", "4"], "generate", 4), (["--engine-rows", "2"], "engine", 8)],
+    ids=["pipeline", "engine"],
+)
+def test_bench_generate_runs_without_what_a_bare_gpu_image_lacks(
+    tiny_model: Path, batch: list[str], measurement: str, images: int
+) -> None:
+    """The pipeline, and the engine at 2 rows per device on 4 CPU devices (one request of 8 images a call)."""
     program = IMPORT_BLOCKER.format(absent=set(ABSENT_ON_THE_IMAGE))
-    flags = ["--model", str(tiny_model), "--size", "64x64", "--steps", "1", "--images", "4", "--repeats", "1"]
+    flags = ["--model", str(tiny_model), "--size", "64x64", "--steps", "1", *batch, "--repeats", "1"]
     argv = [sys.executable, "-c", program, "bench", "generate", *flags, "--json"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     (report,) = [json.loads(line) for line in done.stdout.splitlines()]
-    assert report["images"] == 4
+    assert (report["measurement"], report["images"]) == (measurement, images)
 
 
 @pytest.mark.parametrize("missing", ["diffusers", "transformers", "sdxl_serve"])

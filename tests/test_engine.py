@@ -17,6 +17,7 @@ from common.protocol import GenerationParams, ResolvedParams, Scheduler, Shape, 
 from tests.test_pipeline import counting_compiles
 from worker.engine import RowEngine, TooManyImages, buckets
 from worker.pipeline import PipelineError, PipelineOptions, SDXLPipeline, UnsupportedShape
+from worker.pipeline_protocol import Engine
 
 pytestmark = pytest.mark.compile
 
@@ -103,6 +104,13 @@ def run(
             seen.started.setdefault(key, ticks)
         assert tick.failed == []
     return seen
+
+
+def test_it_is_what_the_worker_schedules(engine: RowEngine) -> None:
+    """mypy checks the assignment against the protocol; the sizes are those compiled."""
+    scheduled: Engine = engine
+    assert (scheduled.rows, scheduled.max_images, scheduled.free_rows()) == (8, 8, 8)
+    assert engine.sizes == (SIZE, WIDE) and engine.buckets == (1, 2, 4) and not scheduled.busy
 
 
 def test_buckets_are_powers_of_two_up_to_two_samples_per_row() -> None:

@@ -246,11 +246,14 @@ class RowEngine:
     denoised together.
 
     `rows_per_device` slots per device and size; `max_images` (at most, and by default, the row capacity) the most
-    images one request may ask for. Which waiting request starts: each waiting request, in arrival order
-    (`"fifo"`) or fewest steps first (`"shortest"`), starts as soon as its `n` rows fit in its size's pool. One
-    that does not fit holds a reservation: later requests may still start ahead of it (backfilling) only if they
-    end no later than the running rows it waits for would free its room, so it is never starved, and a short
-    request is never held back by a long one while the batch has room and it does not delay the one waiting.
+    images one request may ask for; `only_buckets` (benchmarks) compiles those steps alone, the full one among them.
+
+    Which waiting request starts: each waiting request, in arrival order (`"fifo"`) or fewest steps first
+    (`"shortest"`), starts as soon as its `n` rows fit in its size's pool. The first that does not fit holds a
+    reservation: later requests may still start ahead of it (backfilling) only if they end no later than the
+    running rows it waits for free its room. So it is never starved, and a short request is not held back by a
+    long one while the batch has room, unless starting it would delay the request that has waited longest. With
+    `"shortest"`, a long request can wait as long as shorter ones keep arriving.
 
     `on_step(k)` of a request is called on the device thread once its rows have done step k (at most one step
     late: the next step is queued first, so the devices do not wait for the host); if it raises, the request's
@@ -265,6 +268,8 @@ class RowEngine:
         rows_per_device: int,
         policy: Policy = "fifo",
         max_images: int | None = None,
+        *,
+        only_buckets: tuple[int, ...] | None = None,
     ) -> None:
         if rows_per_device < 1:
             raise PipelineError(f"rows_per_device must be at least 1 (got {rows_per_device})")
@@ -277,7 +282,9 @@ class RowEngine:
         self._max_images = self._rows if max_images is None else max_images
         if not 1 <= self._max_images <= self._rows:
             raise PipelineError(f"max_images must be 1..{self._rows}, the engine's rows (got {max_images})")
-        self.buckets = buckets(rows_per_device)
+        self.buckets = buckets(rows_per_device) if only_buckets is None else only_buckets
+        if max(self.buckets) != 2 * rows_per_device:
+            raise PipelineError(f"the largest bucket must be {2 * rows_per_device} samples (got {self.buckets})")
         self.stats = EngineStats()
         self._pools: dict[Size, _Pool] = {}
         self._waiting: list[_Request] = []
