@@ -82,12 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", default=None)
     parser.add_argument("--size", type=parse_size, default=None, help="WIDTHxHEIGHT (default: the native size)")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument(
-        "--images",
-        type=parse_counts,
-        default=(4,),
-        help="images per call, split evenly over the devices; a comma list measures each in turn",
-    )
+    _add_batch_arguments(parser)
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per variant, after the warm-up")
     parser.add_argument(
         "--attention",
@@ -104,12 +99,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument(
-        "--engine-rows",
-        type=int,
-        default=None,
-        help="measure the engine instead: this many rows per device, each call one guided request filling them",
-    )
-    parser.add_argument(
         "--peak-tflops",
         type=float,
         default=None,
@@ -119,6 +108,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cpu-devices", type=int, default=4, help="virtual devices JAX makes of the CPU when there is no accelerator"
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per variant")
+
+
+def _add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    """What one call makes: a request of `--images`, or the engine's full batch at `--engine-rows`."""
+    parser.add_argument(
+        "--images",
+        type=parse_counts,
+        default=(4,),
+        help="images per call, split evenly over the devices; a comma list measures each in turn",
+    )
+    parser.add_argument(
+        "--engine-rows",
+        type=int,
+        default=None,
+        help="measure the engine instead: this many rows per device, each call one guided request filling them",
+    )
 
 
 def parse_size(text: str) -> tuple[int, int]:
