@@ -199,6 +199,16 @@ def test_an_unguided_row_costs_one_sample_per_step_and_a_guided_row_two(engine: 
     assert stats.padding_samples == (4 * 2 - 3) * MAX_STEPS and stats.steps == {2: MAX_STEPS}
 
 
+def test_each_bucket_runs_that_many_unet_samples_per_device(engine: RowEngine, pipeline: SDXLPipeline) -> None:
+    """Counted from XLA's FLOPs of each compiled step against one UNet evaluation's: bucket b is b samples, so a
+    step at bucket 1 (unguided rows alone) spends no unconditional pass."""
+    per_sample = pipeline.flop_count(Shape(width=64, height=64, steps=1), guidance=False).unet_per_sample
+    for bucket, step in engine._pools[SIZE].executables.steps.items():
+        cost = step.cost_analysis()
+        flops = float((cost[0] if isinstance(cost, list | tuple) else cost)["flops"])
+        assert round(flops / per_sample) == bucket
+
+
 def test_rows_are_placed_on_the_device_with_the_fewest_samples(engine: RowEngine) -> None:
     """Two unguided rows and one guided row on four devices: one row per device, bucket 2, not 4."""
     run(engine, [("a", ask("a", n=2, guidance_scale=0.0)), ("b", ask("b", n=1)), ("c", ask("c", n=1))])
