@@ -92,7 +92,7 @@ async def post_generate(url: str, **body: Any) -> dict[str, Any]:
 
 
 # What an Idempotency-Key of this request was bound to before requests had `n` (sha256 of its validated body).
-OLD_REQUEST = {"prompt": "a red fox", "seed": 7, "num_inference_steps": 3}
+OLD_REQUEST: dict[str, Any] = {"prompt": "a red fox", "seed": 7, "num_inference_steps": 3}
 OLD_FINGERPRINT = "549bb50c233a9e579f68632adcb7e77a0202e3225b5146c03aa65e25c47ecd67"
 
 

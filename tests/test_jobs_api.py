@@ -378,12 +378,14 @@ async def test_the_position_board_stops_when_a_cancellation_comes_out_as_a_conne
 async def test_n_is_queued_with_the_job_default_four_and_at_most_the_workers_images_per_request(
     client: Client, redis_client: aioredis.Redis, fake_worker: None
 ) -> None:
-    for body, n in (({"n": 1}, 1), ({}, 4)):  # omitted: 4, as the demo page makes
+    named: list[tuple[dict[str, Any], int]] = [({"n": 1}, 1), ({}, 4)]  # omitted: 4, as the demo page makes
+    for body, made in named:
         await submit(client, **body)
         claimed = await claim_next(redis_client)
-        assert claimed.job.params.n == n
-        await finish(redis_client, claimed, [b"png"] * n)
-    for n, code in ((5, "less_than_equal"), (0, "greater_than_equal"), ("2", "int_type")):
+        assert claimed.job.params.n == made
+        await finish(redis_client, claimed, [b"png"] * made)
+    refused: list[tuple[Any, str]] = [(5, "less_than_equal"), (0, "greater_than_equal"), ("2", "int_type")]
+    for n, code in refused:
         response = await client.post("/v1/jobs", json={"prompt": "a", "n": n})
         error = (await response.json())["error"]
         assert (response.status, error["field"], error["code"]) == (400, "n", code), n

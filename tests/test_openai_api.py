@@ -369,7 +369,9 @@ async def test_an_unnamed_n_makes_one_image_and_keeps_a_key_stored_before_reques
 ) -> None:
     # A job queued under an Idempotency-Key before requests had `n`: its fingerprint did not name it.
     body = OLD_REQUEST
-    old = Job(id="before-n", params=GenerationParams(**body).resolved(TEST_SHAPES[0], seed=7), result_ttl_s=60)
+    old = Job(
+        id="before-n", params=GenerationParams.model_validate(body).resolved(TEST_SHAPES[0], seed=7), result_ttl_s=60
+    )
     caller = Submitter(scope=Caller("address", "127.0.0.1").scope)  # the test client, as the gateway sees it
     stream = KEYS.size_stream(TEST_SHAPES[0].size)
     await JobStore(redis_client, KEYS).submit(old, stream, "old-key", OLD_FINGERPRINT, submitter=caller)
