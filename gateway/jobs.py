@@ -99,7 +99,7 @@ async def make_job(
         result_ttl_s=request.app[CONFIG].result_ttl_s,
         request_id=request.get(REQUEST_ID),
     )
-    stream = await request.app[PLACEMENT].stream_for(job.params.shape, job.params.scheduler, workers)
+    stream = await request.app[PLACEMENT].stream_for(job.params.shape, job.params.scheduler, workers, job.params.n)
     return Placed(job=job, stream=stream, workers=workers)
 
 
