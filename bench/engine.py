@@ -51,6 +51,7 @@ from common.registry import Registry
 from testkit import ProcessGroup, RedisOptions, free_port, gateway_args, redis_process, sdxl_serve_argv, wait_http
 from testkit import worker_args as tiny_worker_args
 from testkit.cluster import NO_RATE_LIMITS
+from testkit.procs import exited
 
 # How each mode's worker is started, beyond what both share: the one switch between the two.
 MODES: dict[str, tuple[str, ...]] = {
@@ -195,13 +196,28 @@ async def cluster(
         session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=config.timeout_s))
         try:
             await wait_http(f"http://127.0.0.1:{port}/healthz", READY_TIMEOUT_S)
-            await Registry(client, RedisKeys()).wait_for_ready(1, READY_TIMEOUT_S)
+            await worker_ready(processes, f"worker-{mode}", Registry(client, RedisKeys()))
             yield Cluster(mode, f"http://127.0.0.1:{port}", session, client)
         finally:
             processes.stop(f"worker-{mode}")
             processes.stop(f"gateway-{mode}")
             await session.close()
             await client.aclose()
+
+
+async def worker_ready(processes: ProcessGroup, name: str, registry: Registry) -> None:
+    """Wait for the worker `name` to serve; one that exits first (a flag it does not take, say) is a ConfigError
+    with the last line of its log."""
+    ready = asyncio.ensure_future(registry.wait_for_ready(1, READY_TIMEOUT_S))
+    died = asyncio.ensure_future(exited(processes.processes[name]))
+    await asyncio.wait({ready, died}, return_when=asyncio.FIRST_COMPLETED)
+    if ready.done():
+        died.cancel()
+        ready.result()
+        return
+    ready.cancel()
+    last = (processes.log(name).strip().splitlines() or ["(no output)"])[-1]
+    raise ConfigError(f"{name} exited with status {died.result()} before it was ready: {last}")
 
 
 async def send(target: Cluster, name: str, body: dict[str, Any], origin: float) -> Outcome:
@@ -336,11 +352,13 @@ async def measure(config: EngineConfig, clusters: Sequence[Cluster]) -> dict[str
         "lone_n4_s": await lone(config, clusters),
     }
     after = {target.mode: await target.compiles() for target in clusters}
-    report["compiles_after_warmup"] = {
-        mode: None if before[mode] is None or after[mode] is None else after[mode] - before[mode]  # type: ignore[operator]
-        for mode in before
-    }
+    report["compiles_after_warmup"] = {mode: _since(before[mode], after[mode]) for mode in before}
     return report
+
+
+def _since(before: float | None, after: float | None) -> float | None:
+    """The counter's rise; a counter with no sample yet (nothing counted) was at 0; None when never exported."""
+    return None if after is None else after - (before or 0.0)
 
 
 async def run(config: EngineConfig, command: str) -> dict[str, Any]:

@@ -54,3 +54,12 @@ def test_bad_flags_exit_2_naming_the_flag(capsys: pytest.CaptureFixture[str], fl
     with pytest.raises(SystemExit) as caught:
         cli_main(["bench", "engine", *flags])
     assert caught.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
+def test_a_worker_that_refuses_its_mode_arguments_ends_the_run_with_its_last_log_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    flags = ["--standin-step-s", "0.002", "--mode-args", "request=", "--mode-args", "rows=--no-such-flag"]
+    assert cli_main(["bench", "engine", "--quick", *flags]) == 2
+    error = capsys.readouterr().err
+    assert "worker-rows exited with status 2 before it was ready" in error and "--no-such-flag" in error
