@@ -43,7 +43,7 @@ import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.host import describe
-from bench.load import arrival_times, classify
+from bench.load import classify
 from bench.routing import number_type, percentile
 from common.config import ConfigError
 from common.rediskeys import RedisKeys
@@ -104,7 +104,7 @@ class EngineConfig:
     standin_step_s: float | None = None  # run the stand-in worker at this many seconds per step instead
     modes: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(MODES))
     loads: tuple[float, ...] = LOADS
-    duration_s: float = 30.0
+    requests: int = 40  # offered at each load, to each mode
     burst: int = 16
     lone_repeats: int = 3
     cpu_devices: int = 4
@@ -119,8 +119,8 @@ class EngineConfig:
 
 
 def quick(config: EngineConfig) -> EngineConfig:
-    """A smoke run of `config`: one load offered for 3 s, bursts of 4, one lone request per mode."""
-    return replace(config, loads=(1.2,), duration_s=3.0, burst=4, lone_repeats=1)
+    """A smoke run of `config`: 4 requests at one load, bursts of 4, one lone request per mode."""
+    return replace(config, loads=(1.2,), requests=4, burst=4, lone_repeats=1)
 
 
 @dataclass(frozen=True)
@@ -266,9 +266,18 @@ async def burst(target: Cluster, workload: Workload, count: int) -> tuple[float,
     return (len(ok) / span if span > 0 else 0.0), list(outcomes)
 
 
-async def poisson(target: Cluster, workload: Workload, rate: float, duration_s: float, seed: int) -> list[Outcome]:
-    """An open loop: each request sent at its Poisson time, whatever the earlier ones' state."""
-    schedule = arrival_times(rate, duration_s, random.Random(seed))
+def arrivals(rate: float, count: int, seed: int) -> list[float]:
+    """The first `count` times (s) of a Poisson process at `rate` per second."""
+    rng, now, times = random.Random(seed), 0.0, []
+    for _ in range(count):
+        now += rng.expovariate(rate)
+        times.append(now)
+    return times
+
+
+async def poisson(target: Cluster, workload: Workload, rate: float, count: int, seed: int) -> list[Outcome]:
+    """An open loop: `count` requests, each sent at its Poisson time, whatever the earlier ones' state."""
+    schedule = arrivals(rate, count, seed)
     origin = time.perf_counter()
     tasks = []
     for index, at in enumerate(schedule):
@@ -324,7 +333,7 @@ async def loads(
     for k, load in enumerate(config.loads):
         rate = load * capacity["request"]
         for target in turns(clusters, k):
-            outcomes = await poisson(target, workload, rate, config.duration_s, config.seed + k)
+            outcomes = await poisson(target, workload, rate, config.requests, config.seed + k)
             row = {"mode": target.mode, "load": load, "offered_rps": round(rate, 3), **stats(outcomes)}
             rows.append(row | ({"classes": by_class(outcomes)} if per_class else {}))
     return {"capacity_rps": {mode: round(rps, 3) for mode, rps in capacity.items()}, "runs": rows}
@@ -447,13 +456,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--loads", type=_loads, default=LOADS, help="offered loads, multiples of request mode's capacity"
     )
-    parser.add_argument("--duration", type=_positive, default=30.0, help="seconds each load is offered")
+    parser.add_argument("--requests", type=_positive_int, default=40, help="requests offered at each load, per mode")
     parser.add_argument("--burst", type=_positive_int, default=16, help="requests at once to measure capacity")
     parser.add_argument("--lone-repeats", type=_positive_int, default=3, help="lone n=4 requests per mode")
     parser.add_argument("--cpu-devices", type=_positive_int, default=4)
     parser.add_argument("--timeout", type=_positive, default=600.0, help="the gateway's and the client's limit, s")
     parser.add_argument("--seed", type=int, default=0, help="seeds the arrivals and the mix")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: one load of 3 s, small bursts")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 4 requests at one load, small bursts")
     parser.add_argument(
         "--mode-args",
         type=_mode_args,
@@ -473,7 +482,7 @@ def config_of(args: argparse.Namespace) -> EngineConfig:
         standin_step_s=args.standin_step_s,
         modes=dict(MODES) | dict(args.mode_args),
         loads=args.loads,
-        duration_s=args.duration,
+        requests=args.requests,
         burst=args.burst,
         lone_repeats=args.lone_repeats,
         cpu_devices=args.cpu_devices,
@@ -486,7 +495,7 @@ def config_of(args: argparse.Namespace) -> EngineConfig:
 def command_of(config: EngineConfig) -> str:
     """The command line that runs `config` again."""
     words = ["sdxl-serve", "bench", "engine", "--loads", ",".join(map(str, config.loads))]
-    words += ["--duration", str(config.duration_s), "--burst", str(config.burst)]
+    words += ["--requests", str(config.requests), "--burst", str(config.burst)]
     words += ["--lone-repeats", str(config.lone_repeats), "--seed", str(config.seed)]
     if config.standin_step_s is not None:
         words += ["--standin-step-s", str(config.standin_step_s)]
