@@ -20,6 +20,7 @@ BENCHMARKS = {
     "nemesis": "a seeded fault schedule against a local cluster, then a check of what every client saw",
     "backtoback": "device idle between back-to-back jobs: the worker loop in-process, jobs queued ahead",
     "webhooks": "job end to webhook arrival (p50, p99) on a local cluster, and deliveries/s of one gateway",
+    "engine": "the engine against one request at a time: images/s, latency per class, a lone n=4, compiles",
 }
 
 

@@ -28,9 +28,9 @@ from common.jobstore import (
     Submitter,
     TooManyInFlight,
 )
-from common.protocol import DEFAULT_QUALITY, FINISHED, JOB_ID_PATTERN, Job, JobResult
+from common.protocol import DEFAULT_IMAGES, DEFAULT_QUALITY, FINISHED, JOB_ID_PATTERN, Job, JobResult, Shape
 from common.redis_conn import UNAVAILABLE
-from common.registry import WorkerInfo
+from common.registry import SERVING_STATES, WorkerInfo
 from common.webhooks import OutboxFull
 from gateway.errors import ApiError
 from gateway.job_webhooks import outbox_full, webhook_args, webhook_of
@@ -38,7 +38,7 @@ from gateway.journal import Accepted
 from gateway.limits import queue_full
 from gateway.requestlog import REQUEST_ID
 from gateway.schemas import ErrorDetail, GenerateRequest, JobOutput, JobState, Progress, ResponseTimings
-from gateway.shapes import resolve
+from gateway.shapes import resolve, runs
 from gateway.state import CONFIG, JOBS, JOURNAL, LISTENER, PLACEMENT, POLICY, REGISTRY, STREAMS, THROUGHPUT, WAITERS
 from gateway.tenants import caller_of, too_many_in_flight
 
@@ -72,25 +72,56 @@ class Placed:
     workers: list[WorkerInfo]
 
 
-async def make_job(request: web.Request, body: GenerateRequest, workers: list[WorkerInfo] | None = None) -> Placed:
+async def make_job(
+    request: web.Request,
+    body: GenerateRequest,
+    workers: list[WorkerInfo] | None = None,
+    default_n: int = DEFAULT_IMAGES,
+) -> Placed:
     """Resolve shape and scheduler against the live workers (read now unless given), draw a seed when none was
-    given, route the job: the request's generation parameters go into the job whole. The prompt policy is asked
-    first: a refused prompt is answered before anything is looked up or queued."""
+    given, check `n` (the route's `default_n` when the request names none), route the job: the request's
+    generation parameters go into the job whole. The prompt policy is asked first: a refused prompt is answered
+    before anything is looked up or queued."""
     await request.app[POLICY].check(body.prompt, body.negative_prompt)
     if workers is None:
         workers = await request.app[REGISTRY].workers()
     resolved = resolve(body, workers)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
+    params = body.resolved(resolved.shape, seed, resolved.scheduler)
+    if body.n is None:
+        params = params.model_copy(update={"n": default_n})
+    check_n(params.n, params.shape, params.scheduler, workers)
     job = Job(
         id=uuid.uuid4().hex,
-        params=body.resolved(resolved.shape, seed, resolved.scheduler),
+        params=params,
         output_format=body.output_format,
         quality=body.quality if body.quality is not None else DEFAULT_QUALITY,
         result_ttl_s=request.app[CONFIG].result_ttl_s,
         request_id=request.get(REQUEST_ID),
     )
-    stream = await request.app[PLACEMENT].stream_for(job.params.shape, job.params.scheduler, workers)
+    stream = await request.app[PLACEMENT].stream_for(job.params.shape, job.params.scheduler, workers, job.params.n)
     return Placed(job=job, stream=stream, workers=workers)
+
+
+def check_n(n: int, shape: Shape, scheduler: str, workers: list[WorkerInfo]) -> None:
+    """Refuse, before queueing, more images than a worker that may run the job makes per request: on a shared
+    stream any of them may claim it, so the bound is the least any of them advertises."""
+    able = [w for w in workers if w.state in SERVING_STATES and runs(w, shape, scheduler)]
+    most = min((w.images_per_request for w in able), default=None)
+    if most is not None and n > most:
+        raise ApiError(
+            400,
+            "less_than_equal",
+            f"n: Input should be less than or equal to {most}, the images a worker makes per request",
+            field="n",
+        )
+
+
+def request_fingerprint(body: GenerateRequest) -> str:
+    """What an `Idempotency-Key` binds to: the validated body. A request that names no `n` is fingerprinted
+    without it, as before requests had `n`, so a key stored then still matches its retry."""
+    unnamed = {"n"} if body.n is None else None
+    return hashlib.sha256(body.model_dump_json(exclude=unnamed).encode()).hexdigest()
 
 
 def idempotency_key(request: web.Request) -> str | None:
@@ -116,7 +147,7 @@ async def submit(request: web.Request, body: GenerateRequest, placed: Placed) ->
     records its caller as its owner (gateway/tenants.py).
     """
     key = idempotency_key(request)
-    fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest() if key else ""
+    fingerprint = request_fingerprint(body) if key else ""
     config = request.app[CONFIG]
     who = submitter(request)
     webhook = await webhook_of(request, body)

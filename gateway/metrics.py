@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from common.registry import WorkerInfo
+from common.registry import SERVING_STATES, WorkerInfo
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # From a refused request (milliseconds) to a synchronous generation (seconds to minutes).
@@ -63,6 +63,12 @@ class GatewayMetrics:
         self.waiting = Gauge("sdxl_gateway_waiting_requests", "Requests waiting for a result", registry=r)
         self.event_streams = Gauge("sdxl_gateway_event_streams", "Open job event streams", registry=r)
         self.workers = Gauge("sdxl_workers", "Registered workers by state", ["state"], registry=r)
+        # Capacity in images, for workers whose batch holds the rows of several requests: their entries say how
+        # many rows they hold and how many are free. Workers that run one request at a time advertise none.
+        self.rows = Gauge("sdxl_worker_rows", "Rows (images at once) of the serving workers' batches", registry=r)
+        self.rows_in_use = Gauge(
+            "sdxl_worker_rows_in_use", "Rows of the serving workers denoising or claimed for a job", registry=r
+        )
         self.queue_counters = _Counters("sdxl_queue_events", "Cluster-wide queue events (from Redis)")
         r.register(self.queue_counters)
         self.listener_counters = _Counters(
@@ -108,8 +114,12 @@ class GatewayMetrics:
         )
 
     def set_workers(self, workers: list[WorkerInfo]) -> None:
+        """Workers by state, and the rows of those serving: their capacity and what of it is in use."""
         for state in WORKER_STATES:
             self.workers.labels(state).set(sum(w.state == state for w in workers))
+        serving = [w for w in workers if w.state in SERVING_STATES]
+        self.rows.set(sum(w.rows for w in serving))
+        self.rows_in_use.set(sum(max(w.rows - w.free_rows, 0) for w in serving))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

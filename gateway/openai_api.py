@@ -20,19 +20,18 @@ from pydantic_core import PydanticCustomError
 
 from common.jobstore import StoredResult
 from common.protocol import GenerationParams, OutputFormat, nearest_sdxl_resolution
-from common.registry import SERVING_STATES
 from gateway import jobs
 from gateway.errors import ApiError, from_validation_error
 from gateway.proxies import public_origin
 from gateway.schemas import GenerateRequest, WebhookRequest
-from gateway.shapes import runs
 from gateway.state import CONFIG, REGISTRY, URL_SIGNER
 from gateway.views import parse_body
 
 _SIZE_RE = re.compile(r"(\d{1,5})x(\d{1,5})")
 # The sizes OpenAI's image models take (gpt-image-1, DALL-E 3, DALL-E 2).
 OPENAI_SIZES = frozenset({(1024, 1024), (1536, 1024), (1024, 1536), (1792, 1024), (1024, 1792), (256, 256), (512, 512)})
-OPENAI_MAX_N = 10  # OpenAI's own bound; the workers' batch size, usually smaller, is checked per request
+OPENAI_MAX_N = 10  # OpenAI's own bound; the workers' images per request, maybe fewer, is checked per request
+OPENAI_DEFAULT_N = 1
 # Our GenerateRequest fields that have another name in OpenAI's API.
 _OPENAI_PARAMS = {"width": "size", "height": "size", "quality": "output_compression"}
 
@@ -63,7 +62,10 @@ class ImageGenerationRequest(GenerationParams):
     width: _OursNamedOtherwise = None
     height: _OursNamedOtherwise = None
     n: int | None = Field(
-        default=1, ge=1, le=OPENAI_MAX_N, description="images to return, at most the images a worker makes per request"
+        default=OPENAI_DEFAULT_N,
+        ge=1,
+        le=OPENAI_MAX_N,
+        description="images to make and return, at most the images a worker makes per request",
     )
     size: str | None = Field(
         default=None,
@@ -186,18 +188,16 @@ async def images_generations(request: web.Request) -> web.Response:
     body = await parse_body(request, ImageGenerationRequest)
     workers = await request.app[REGISTRY].workers()
     generate = to_generate_request(body, {(s.width, s.height) for w in workers for s in w.sizes})
-    n = body.n or 1
     try:
-        placed = await jobs.make_job(request, generate, workers)
+        placed = await jobs.make_job(request, generate, workers, default_n=OPENAI_DEFAULT_N)
     except ApiError as exc:
         raise _renamed(exc) from None
-    _check_n(placed, n)
     try:
         stored = await jobs.submit_and_wait(request, generate, placed)
     except ApiError as exc:
         raise _with_status_url(request, exc) from None
     jobs.raise_unless_succeeded(stored)
-    answer = _images_response(request, stored, body.images_format(), n)
+    answer = _images_response(request, stored, body.images_format(), placed.job.params.n)
     return web.Response(
         body=answer.model_dump_json(exclude_none=True),
         content_type="application/json",
@@ -213,6 +213,9 @@ def to_generate_request(body: ImageGenerationRequest, served: Collection[tuple[i
     quality = max(1, body.output_compression) if body.output_compression is not None else None
     # Every generation parameter is taken as it is, but the size, which is OpenAI's `size` here.
     params = {name: getattr(body, name) for name in GenerationParams.model_fields}
+    # An `n` the client did not name stays unnamed (the route's default, 1, is applied to the job), so that the
+    # request's Idempotency-Key fingerprint is the one it had before requests had `n`.
+    params["n"] = body.n if "n" in body.model_fields_set else None
     try:
         return GenerateRequest(
             **(params | {"width": width, "height": height}),
@@ -222,20 +225,6 @@ def to_generate_request(body: ImageGenerationRequest, served: Collection[tuple[i
         )
     except ValidationError as exc:
         raise _renamed(from_validation_error(exc)) from None
-
-
-def _check_n(placed: jobs.Placed, n: int) -> None:
-    """Refuse, before queueing, more images than the workers that can run the job make per request."""
-    job = placed.job
-    able = [w for w in placed.workers if w.state in SERVING_STATES and runs(w, job.params.shape, job.params.scheduler)]
-    batch = min((w.images_per_request for w in able), default=None)
-    if batch is not None and n > batch:
-        raise ApiError(
-            400,
-            "less_than_equal",
-            f"n: Input should be less than or equal to {batch}, the images a worker makes per request",
-            field="n",
-        )
 
 
 def _renamed(error: ApiError) -> ApiError:
@@ -267,7 +256,8 @@ def _with_status_url(request: web.Request, error: ApiError) -> ApiError:
 
 
 def _images_response(request: web.Request, stored: StoredResult, response_format: str, n: int) -> ImagesResponse:
-    """The first `n` of the job's images (a job always makes a worker's full batch)."""
+    """The job's images: it was made with `n` (a worker from before requests had `n` made its full batch, of
+    which the first `n` are answered)."""
     result = stored.result
     assert result.shape is not None
     flags: list[bool | None] = list(result.nsfw) if result.nsfw is not None else [None] * result.image_count

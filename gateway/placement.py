@@ -5,7 +5,10 @@
 - `random`: the stream of one worker that can run the job, chosen uniformly at random: the reference demo's
   policy, kept for comparison.
 - `p2c`: power of two choices: two workers that can run the job drawn at random, the job goes to the one
-  with fewer jobs on its stream (queued plus in service).
+  with more free rows (the images its batch has room for now, as its registry entry advertises), among
+  those with room for the job's `n` images; when neither has room, to the shared stream of its size, which
+  the first worker with room takes it from. A worker whose entry advertises no rows (one that runs one
+  request at a time) is compared as before: the one with fewer jobs on its stream (queued plus in service).
 
 The candidates are the ready or busy workers that serve the job's size, its step count (up to their
 `max_steps`) and its scheduler, so heterogeneous workers (other sizes, step ranges, schedulers, device
@@ -39,25 +42,44 @@ class Placement:
         self._keys = keys
         self._rng = rng or random.Random()
 
-    async def stream_for(self, shape: Shape, scheduler: str, workers: list[WorkerInfo]) -> str:
-        """The stream to queue a job of `shape` and `scheduler` on; `workers` must include one that runs it."""
-        candidates = sorted(w.id for w in workers if w.state in SERVING_STATES and runs(w, shape, scheduler))
+    async def stream_for(self, shape: Shape, scheduler: str, workers: list[WorkerInfo], n: int = 1) -> str:
+        """The stream to queue a job of `shape`, `scheduler` and `n` images on; `workers` must include one that
+        runs it."""
+        candidates = sorted(
+            (w for w in workers if w.state in SERVING_STATES and runs(w, shape, scheduler)), key=lambda w: w.id
+        )
         size_stream = self._keys.size_stream(shape.size)
+        shared_fits = all(runs(w, shape, scheduler) for w in workers if shape.size in w.sizes)
         if not candidates:  # resolve has refused this already; keep the job safe regardless
             return size_stream
         if self.policy == "shared":
-            if all(runs(w, shape, scheduler) for w in workers if shape.size in w.sizes):
+            if shared_fits:
                 return size_stream
-            return await self._shorter_of_two(candidates) if len(candidates) > 1 else self._own(candidates[0])
+            return await self._shorter_of_two(candidates) if len(candidates) > 1 else self._own(candidates[0].id)
         if self.policy == "random" or len(candidates) == 1:
-            return self._own(self._rng.choice(candidates))
-        return await self._shorter_of_two(candidates)
+            return self._own(self._rng.choice(candidates).id)
+        drawn = self._rng.sample(candidates, 2)
+        if not all(w.rows > 0 for w in drawn):
+            return await self._shorter_of_two(drawn)
+        return await self._more_free_rows(drawn, n, size_stream if shared_fits else None)
 
     def _own(self, worker_id: str) -> str:
         return self._keys.worker_stream(worker_id)
 
-    async def _shorter_of_two(self, candidates: list[str]) -> str:
-        streams = [self._keys.worker_stream(w) for w in self._rng.sample(candidates, 2)]
+    async def _more_free_rows(self, drawn: list[WorkerInfo], n: int, shared: str | None) -> str:
+        """The stream of the one of two workers with room for `n` images that has more free rows (ties: the
+        shorter stream); with room in neither, the shared stream (when every worker of the size may take the
+        job from it), so that the job waits for the first worker with room, not for one chosen now."""
+        fits = [w for w in drawn if w.free_rows >= n]
+        if not fits:
+            return shared if shared is not None else await self._shorter_of_two(drawn)
+        most = max(w.free_rows for w in fits)
+        best = [w for w in fits if w.free_rows == most]
+        return self._own(best[0].id) if len(best) == 1 else await self._shorter_of_two(best)
+
+    async def _shorter_of_two(self, candidates: list[WorkerInfo]) -> str:
+        chosen = candidates if len(candidates) == 2 else self._rng.sample(candidates, 2)
+        streams = [self._keys.worker_stream(w.id) for w in chosen]
         async with self._redis.pipeline(transaction=False) as pipe:
             for stream in streams:
                 pipe.xlen(stream)

@@ -91,6 +91,11 @@ async def post_generate(url: str, **body: Any) -> dict[str, Any]:
             return payload
 
 
+# What an Idempotency-Key of this request was bound to before requests had `n` (sha256 of its validated body).
+OLD_REQUEST: dict[str, Any] = {"prompt": "a red fox", "seed": 7, "num_inference_steps": 3}
+OLD_FINGERPRINT = "549bb50c233a9e579f68632adcb7e77a0202e3225b5146c03aa65e25c47ecd67"
+
+
 def worker_info(worker_id: str, *shapes: Shape, state: WorkerState = "ready", **serves: Any) -> WorkerInfo:
     """A worker's registry entry as it publishes it: serving the sizes of `shapes` at up to their most steps (the
     first shape's by default), Euler only; `serves` overrides those (`max_steps=50`, `schedulers=[...]`)."""
@@ -99,9 +104,10 @@ def worker_info(worker_id: str, *shapes: Shape, state: WorkerState = "ready", **
         "max_steps": max((s.steps for s in shapes), default=0),
         "default_steps": shapes[0].steps if shapes else DEFAULT_STEPS,
         "schedulers": [DEFAULT_SCHEDULER],
+        "images_per_request": 4,
     }
     return WorkerInfo(
-        id=worker_id, host="h", pid=1, model="m", images_per_request=4, state=state, started_at=time.time(),
+        id=worker_id, host="h", pid=1, model="m", state=state, started_at=time.time(),
         **(served | serves),
     )  # fmt: skip
 

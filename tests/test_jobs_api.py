@@ -14,12 +14,26 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from common.jobstore import JobStore, Submitter
+from common.protocol import Job
 from common.rediskeys import RedisKeys
 from common.streams import JobStreams
+from gateway.auth import Caller
 from gateway.positions import PositionBoard
+from gateway.schemas import GenerateRequest
 from gateway.state import JOURNAL
 from tests.queues import Queue
-from tests.support import claim_next, finish, queued_jobs, read_events, register_worker, worker_streams
+from tests.support import (
+    OLD_FINGERPRINT,
+    OLD_REQUEST,
+    TEST_SHAPES,
+    claim_next,
+    finish,
+    queued_jobs,
+    read_events,
+    register_worker,
+    worker_streams,
+)
 from worker.delivery import ClaimedJob, Delivery
 
 KEYS = RedisKeys()
@@ -359,3 +373,45 @@ async def test_the_position_board_stops_when_a_cancellation_comes_out_as_a_conne
     running.cancel()
     done, _ = await asyncio.wait({running}, timeout=10)
     assert done == {running}
+
+
+async def test_n_is_queued_with_the_job_default_four_and_at_most_the_workers_images_per_request(
+    client: Client, redis_client: aioredis.Redis, fake_worker: None
+) -> None:
+    named: list[tuple[dict[str, Any], int]] = [({"n": 1}, 1), ({}, 4)]  # omitted: 4, as the demo page makes
+    for body, made in named:
+        await submit(client, **body)
+        claimed = await claim_next(redis_client)
+        assert claimed.job.params.n == made
+        await finish(redis_client, claimed, [b"png"] * made)
+    refused: list[tuple[Any, str]] = [(5, "less_than_equal"), (0, "greater_than_equal"), ("2", "int_type")]
+    for n, code in refused:
+        response = await client.post("/v1/jobs", json={"prompt": "a", "n": n})
+        error = (await response.json())["error"]
+        assert (response.status, error["field"], error["code"]) == (400, "n", code), n
+    assert await queued_jobs(redis_client) == 0  # nothing refused was queued
+
+
+async def test_n_may_reach_what_every_able_worker_makes_per_request(
+    client: Client, redis_client: aioredis.Redis
+) -> None:
+    await register_worker(redis_client, worker_id="big", images_per_request=8)
+    await submit(client, n=8)
+    await register_worker(redis_client, worker_id="small", images_per_request=4)  # may claim from the same stream
+    response = await client.post("/v1/jobs", json={"prompt": "a", "n": 8})
+    assert response.status == 400 and "4" in (await response.json())["error"]["message"]
+
+
+async def test_a_key_stored_before_requests_had_n_still_matches_its_retry(
+    client: Client, redis_client: aioredis.Redis, fake_worker: None
+) -> None:
+    params = GenerateRequest.model_validate(OLD_REQUEST).resolved(TEST_SHAPES[0], seed=7)
+    old = Job(id="before-n", params=params, result_ttl_s=60)
+    caller = Submitter(scope=Caller("address", "127.0.0.1").scope)  # the test client, as the gateway sees it
+    stream = KEYS.size_stream(TEST_SHAPES[0].size)
+    await JobStore(redis_client, KEYS).submit(old, stream, "old-key", OLD_FINGERPRINT, submitter=caller)
+    retry = await client.post("/v1/jobs", json=OLD_REQUEST, headers={"Idempotency-Key": "old-key"})
+    assert retry.status == 202 and retry.headers["Idempotent-Replayed"] == "true"
+    assert (await retry.json())["id"] == "before-n"
+    named = await client.post("/v1/jobs", json={**OLD_REQUEST, "n": 2}, headers={"Idempotency-Key": "old-key"})
+    assert named.status == 422  # another request now: two images, not the default four

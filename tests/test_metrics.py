@@ -78,3 +78,14 @@ async def test_queue_events_from_redis_are_exported(
     assert unknown.status == 404
     samples = await scrape(client)
     assert samples[("sdxl_gateway_requests_total", (("method", "GET"), ("route", "unmatched"), ("status", "404")))] == 1
+
+
+async def test_the_rows_of_serving_workers_are_exported_as_capacity_and_use(
+    client: Client, redis_client: aioredis.Redis
+) -> None:
+    await register_worker(redis_client, "engine-a", rows=16, free_rows=4)
+    await register_worker(redis_client, "engine-b", state="busy", rows=16, free_rows=16)
+    await register_worker(redis_client, "old")  # one request at a time: no rows advertised
+    await register_worker(redis_client, "leaving", state="draining", rows=16, free_rows=0)
+    samples = await scrape(client)
+    assert (samples[("sdxl_worker_rows", ())], samples[("sdxl_worker_rows_in_use", ())]) == (32, 12)

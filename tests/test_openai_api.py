@@ -13,10 +13,12 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
+from common.jobstore import JobStore, Submitter
 from common.protocol import SDXL_RESOLUTIONS, GenerationParams, Job, Shape
 from common.rediskeys import RedisKeys
+from gateway.auth import Caller
 from gateway.openai_api import ImageGenerationRequest, to_generate_request
-from tests.support import TEST_SHAPES, claim_next, finish, queued_jobs, register_worker
+from tests.support import OLD_FINGERPRINT, OLD_REQUEST, TEST_SHAPES, claim_next, finish, queued_jobs, register_worker
 
 KEYS = RedisKeys()
 ROUTE = "/v1/images/generations"
@@ -49,6 +51,7 @@ async def test_openai_client_gets_the_workers_images_as_b64_json(
     assert all(image.url is None and image.revised_prompt is None for image in response.data)
     assert (response.size, response.output_format, response.created > 0) == ("64x64", "png", True)
     assert (job.params.prompt, job.params.shape, job.output_format) == ("a red fox", TEST_SHAPES[0], "png")
+    assert job.params.n == 2  # made with n images, none discarded
 
 
 async def test_url_format_gives_absolute_urls_to_the_images(
@@ -107,6 +110,7 @@ async def test_ignored_openai_parameters_are_accepted(
     job = await worker
     assert response.data is not None and len(response.data) == 1 and response.data[0].url is not None
     assert job.params.shape == TEST_SHAPES[0]  # size auto: the cluster's default
+    assert job.params.n == 1  # OpenAI's default
 
 
 async def test_idempotency_key_refers_to_the_first_job(
@@ -270,6 +274,7 @@ def test_every_generation_parameter_reaches_the_native_request_under_its_own_nam
             "num_inference_steps": 4,
             "scheduler": "dpmpp_2m_karras",
             "size": "64x96",
+            "n": 3,  # named: an unnamed n stays unnamed (the route's default applies to the job)
         }
     )
     generate = to_generate_request(body)
@@ -357,3 +362,25 @@ async def test_the_openai_client_is_told_streaming_is_not_supported(
         await oai.images.generate(prompt="a cat", model="gpt-image-1", stream=True)
     assert caught.value.param == "stream" and "not supported" in caught.value.message
     assert await queued_jobs(redis_client) == 0
+
+
+async def test_an_unnamed_n_makes_one_image_and_keeps_a_key_stored_before_requests_had_n(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis, fake_worker: None
+) -> None:
+    # A job queued under an Idempotency-Key before requests had `n`: its fingerprint did not name it.
+    body = OLD_REQUEST
+    old = Job(
+        id="before-n", params=GenerationParams.model_validate(body).resolved(TEST_SHAPES[0], seed=7), result_ttl_s=60
+    )
+    caller = Submitter(scope=Caller("address", "127.0.0.1").scope)  # the test client, as the gateway sees it
+    stream = KEYS.size_stream(TEST_SHAPES[0].size)
+    await JobStore(redis_client, KEYS).submit(old, stream, "old-key", OLD_FINGERPRINT, submitter=caller)
+    await finish(redis_client, await claim_next(redis_client), IMAGES)
+    retry = await client.post(
+        ROUTE, json={**body, "response_format": "b64_json"}, headers={"Idempotency-Key": "old-key"}
+    )
+    assert retry.status == 200 and retry.headers["Idempotent-Replayed"] == "true"
+    assert len((await retry.json())["data"]) == 1
+    worker = asyncio.create_task(serve_one(redis_client, IMAGES[:1]))
+    fresh = await client.post(ROUTE, json={**body, "response_format": "b64_json"})
+    assert (await worker).params.n == 1 and len((await fresh.json())["data"]) == 1

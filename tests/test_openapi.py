@@ -50,6 +50,7 @@ async def test_schemas_are_the_ones_the_code_validates_with(client: Client) -> N
         assert schemas[name] == nested
     assert schemas["GenerateRequest"] == expected
     assert set(schemas["GenerateRequest"]["properties"]) == set(GenerateRequest.model_fields)
+    assert "n" in schemas["GenerateRequest"]["properties"]  # images per request
     assert set(schemas["JobState"]["properties"]) == set(JobState.model_fields)
     assert schemas["GenerateRequest"]["additionalProperties"] is False  # unknown fields are refused
 

@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 
 from common.protocol import Shape
 from common.rediskeys import RedisKeys
+from common.registry import Registry, WorkerInfo
 from gateway.placement import Placement
 from testkit.jobs import make_job
 from tests.queues import Queue
@@ -204,3 +205,49 @@ async def test_a_job_submitted_while_its_worker_stream_is_rehomed_is_not_lost(
     record = await queue.jobs.record("late")
     assert record is not None and record.stream is not None and record.entry_id is not None
     assert await redis_client.xrange(record.stream, record.entry_id, record.entry_id)
+
+
+async def registered(redis_client: aioredis.Redis, *workers: WorkerInfo) -> list[WorkerInfo]:
+    """Publish `workers` to the registry and read them back, as a gateway sees them."""
+    registry = Registry(redis_client, KEYS)
+    for worker in workers:
+        await registry.publish(worker, ttl_s=60)
+    return await registry.workers()
+
+
+async def test_p2c_sends_the_job_to_the_worker_with_more_free_rows(redis_client: aioredis.Redis) -> None:
+    queue = Queue.of(redis_client, KEYS)
+    for k in range(3):  # a longer stream does not matter when the entries say which has room
+        await queue.jobs.submit(make_job(f"roomy-{k}"), KEYS.worker_stream("roomy"))
+    workers = await registered(
+        redis_client,
+        worker_info("roomy", SMALL, state="busy", rows=16, free_rows=12),
+        worker_info("full", SMALL, state="busy", rows=16, free_rows=2),
+    )
+    router = Placement("p2c", redis_client, KEYS, random.Random(2))
+    assert {await router.stream_for(SMALL, "euler", workers, n=1) for _ in range(20)} == {KEYS.worker_stream("roomy")}
+
+
+async def test_p2c_sends_a_job_that_fits_neither_worker_to_the_shared_stream(redis_client: aioredis.Redis) -> None:
+    workers = await registered(
+        redis_client,
+        worker_info("a", SMALL, state="busy", rows=8, free_rows=3),
+        worker_info("b", SMALL, state="busy", rows=8, free_rows=2),
+    )
+    router = Placement("p2c", redis_client, KEYS, random.Random(2))
+    assert await router.stream_for(SMALL, "euler", workers, n=4) == KEYS.size_stream(SMALL.size)
+    assert await router.stream_for(SMALL, "euler", workers, n=3) == KEYS.worker_stream("a")
+
+
+async def test_p2c_compares_workers_without_rows_by_their_streams_as_before(redis_client: aioredis.Redis) -> None:
+    queue = Queue.of(redis_client, KEYS)
+    for k in range(3):
+        await queue.jobs.submit(make_job(f"old-{k}"), KEYS.worker_stream("old"))
+    workers = await registered(
+        redis_client,
+        worker_info("old", SMALL),  # an entry of a worker from before rows: rows == 0
+        worker_info("new", SMALL, rows=8, free_rows=0),
+    )
+    assert {w.id: w.rows for w in workers} == {"old": 0, "new": 8}
+    router = Placement("p2c", redis_client, KEYS, random.Random(2))
+    assert {await router.stream_for(SMALL, "euler", workers, n=4) for _ in range(20)} == {KEYS.worker_stream("new")}
