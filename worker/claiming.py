@@ -1,9 +1,9 @@
 """Claiming: where a worker's next job comes from, and the jobs that end without a result to deliver.
 
 A worker claims as many jobs as its engine has free rows for (a job takes `n` rows, one per image). Jobs of dead
-workers come first (they have waited longest; looked for every `reclaim_interval_s`), then this worker's own
-stream (jobs routed to it), then the shared stream of each size it serves, all in one claim script call. An entry that does not
-parse is failed and settled; one handed out too often goes to the dead letters. A claimed job is started (its
+workers come first (they have waited longest; looked for every `reclaim_interval_s`), then this worker's own stream
+(jobs routed to it), then the shared stream of each size it serves, all in one claim script call. An entry that does
+not parse is failed and settled; one handed out too often goes to the dead letters. A claimed job is started (its
 attempt recorded) before it runs; one cancelled while queued, or stopped on the device by a cancel, has its
 `cancelled` result stored already and its entry is only acknowledged.
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+
 from typing_extensions import TypeIs
 
 from common.protocol import ResolvedParams, Size
