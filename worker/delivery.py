@@ -103,7 +103,7 @@ class Delivery:
     ) -> list[ClaimedJob | MalformedJob]:
         """Take jobs for `consumer` from `streams` (in order of preference) worth up to `rows` images (their `n`),
         at least one; wait up to `block_ms` for one when there is none (`None`: do not wait). `in_hand`: the jobs
-        the consumer is still working on.
+        the consumer is still working on. None when `rows` is 0.
 
         One script (claim.lua) first takes the entries already pending under `consumer` that are not in hand
         (the reply that delivered them was lost, or Redis came back from an older snapshot), then new entries
@@ -115,10 +115,12 @@ class Delivery:
         An entry that does not parse comes back as a MalformedJob, beside the others; the caller settles it with
         `reject`. Each job is settled on its own: what happens to one never touches another's result.
         """
+        if rows <= 0:
+            return []
         if self._held:
             return [_parsed(*self._held.popleft())]
         held = [f"{c.stream} {c.entry_id}" for c in in_hand]
-        if now := await self._claim_now(consumer, streams, max(rows, 1), held):
+        if now := await self._claim_now(consumer, streams, rows, held):
             return now
         if block_ms is None:
             return []
