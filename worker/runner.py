@@ -16,12 +16,13 @@ and takes no job.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import importlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -157,6 +158,8 @@ class Worker:
                 await self._serve(engine)
             await self._handoff.drain()
         finally:
+            if self._claiming is not None:  # a claim cut short: its entries stay pending, taken over once it leaves
+                self._claiming.cancel()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -323,7 +326,8 @@ class Worker:
         job = claimed.job
         if job.id in self._running:  # the same job on a second entry (moved meanwhile): the first settles it
             logger.warning("job %s: delivered again while on the device; the extra entry is dropped", job.id)
-            await self._delivery.discard(claimed)
+            with contextlib.suppress(*REDIS_ERRORS):  # left pending: the next claim returns it again
+                await self._delivery.discard(claimed)
             return
         queued_ms = await self._claims.start(claimed)
         if queued_ms is None:
@@ -342,13 +346,14 @@ class Worker:
     async def _settle_tick(self, tick: Tick) -> None:
         """Hand off what the step ended, each job on its own."""
         for key, pixels in tick.finished:
-            await self._settle(key, self._finished(pixels))
+            await self._settle(key, pixels)
         for key, error in tick.stopped:
             await self._settle(key, error)
         for key, reason in tick.failed:
             await self._settle(key, reason)
 
-    async def _settle(self, key: str, outcome: Awaitable[Outcome] | BaseException | str) -> None:
+    async def _settle(self, key: str, outcome: np.ndarray | BaseException | str) -> None:
+        """Settle one job the step ended: its images (`outcome` an array), what stopped it, or why it failed."""
         run = self._running.pop(key, None)
         if run is None:
             logger.error("the engine ended %s, which it was not given", key)
@@ -361,7 +366,8 @@ class Worker:
                 return
             await self._handoff.hand_off(await self._generated(run, outcome))
 
-    async def _generated(self, run: Running, outcome: Awaitable[Outcome] | BaseException | str) -> Generated:
+    async def _generated(self, run: Running, outcome: np.ndarray | BaseException | str) -> Generated:
+        """The job's hand-off: its checked and marked images, or its failure (the per-job boundary)."""
         job = run.claimed.job
         generate_s = time.perf_counter() - run.started
         if isinstance(outcome, str):
@@ -370,7 +376,7 @@ class Worker:
             reason = f"{type(outcome).__name__}: {outcome}"
         else:
             try:
-                pixels, nsfw = await outcome
+                pixels, nsfw = await self._finished(outcome)
             except Exception as exc:  # the worker's catch-all boundary: report the job, keep serving
                 logger.exception("job %s failed after the device", job.id)
                 reason = f"{type(exc).__name__}: {exc}"
