@@ -506,6 +506,9 @@ async def test_a_cancelled_jobs_rows_leave_the_batch_and_the_others_finish(
             async for event in job_events(channel, "cancelled"):
                 if event["type"] == "progress" and event["step"] >= 2:
                     break
+            # Three of its four rows held: the registry entry and the metrics say so.
+            assert (serving.info.rows, serving.info.free_rows, serving.info.state) == (4, 1, "busy")
+            assert serving.metrics.rows_in_use._value.get() == 3
             assert await store.cancel("cancelled") == "cancelled"
             gate.set()
             results = await wait_results(redis_client, {"stays-1", "stays-2"})
