@@ -218,5 +218,6 @@ async def test_a_worker_process_reports_its_checkers_verdict_in_every_answer_and
         samples = await scrape(session, checked_cluster.metrics_url)
     verdicts = {verdict: samples.get(("sdxl_worker_images_checked_total", (("verdict", verdict),)), 0.0)
                 for verdict in ("flagged", "passed")}  # fmt: skip
-    checked = 2 * count  # two jobs of `count` images: /v1/generate's and the OpenAI route's
+    # Two jobs, each checked for its own images: /v1/generate's `count`, and the OpenAI route's (its `n`).
+    checked = count + len(got["openai"]["data"])
     assert verdicts == ({"flagged": checked, "passed": 0} if flagging else {"flagged": 0, "passed": checked})
