@@ -554,3 +554,21 @@ async def test_an_entry_that_does_not_parse_comes_back_beside_the_jobs_of_the_sa
     await queue.jobs.submit(make_job("after", n=1), STREAM)
     taken = await queue.delivery.claim_rows("w1", [STREAM], None, (), rows=4)
     assert [type(entry).__name__ for entry in taken] == ["ClaimedJob", "MalformedJob", "ClaimedJob"]
+
+
+async def test_a_job_that_does_not_fit_ends_the_claim_so_no_later_one_overtakes_it(
+    redis_client: aioredis.Redis,
+) -> None:
+    queue = await queue_with_group(redis_client)
+    own = KEYS.worker_stream("w1")
+    await queue.streams.ensure_group(own)
+    await queue.jobs.submit(make_job("small", n=1), own)
+    await queue.jobs.submit(make_job("large", n=4), own)
+    await queue.jobs.submit(make_job("later", n=1), STREAM)  # a stream of lower preference
+    first = await queue.delivery.claim_rows("w1", [own, STREAM], None, (), rows=2)
+    # The large job does not fit the row left and ends the claim: "later" would fit, but does not overtake it.
+    assert await claimed_ids(first) == ["small"]
+    in_hand = [entry for entry in first if isinstance(entry, ClaimedJob)]
+    # The next claim starts with it, taken however large (the engine holds it until its rows are free).
+    taken = await queue.delivery.claim_rows("w1", [own, STREAM], None, in_hand, rows=1)
+    assert await claimed_ids(taken) == ["large"]

@@ -2,9 +2,11 @@
 -- under it that it is not working on, then new entries, each stream in order of preference.
 --
 -- A job's rows are its `params.n` (4, the default batch, when it names none; 1 for an entry whose job does
--- not parse: it is settled at once). Entries are taken while rows are left, and only whole jobs that fit, so
--- a claim never takes more rows than the budget, except that it takes one job when the budget is > 0 and
--- the first job found is larger (the worker's engine holds it until its rows are free).
+-- not parse: it is settled at once). Entries are taken in order while they fit the rows left; the first
+-- that does not fit ends the claim (so it is the next one this worker takes once it has room: no stream of
+-- smaller jobs overtakes it for ever). A claim never takes more rows than the budget, except that it takes
+-- one job when the budget is > 0 and the first job found is larger (the engine holds it until its rows
+-- are free).
 --
 -- An entry pending under a consumer that asks for work, and that it does not name as in hand, is one it
 -- lost: the reply that delivered it was lost (redis-py retries with `>` and reads past it), a take-over's
@@ -44,12 +46,16 @@ end
 local group, consumer = ARGV[1], ARGV[2]
 local left = tonumber(ARGV[3])
 local taken = {}
+local blocked = false -- an entry did not fit: take nothing after it
 local in_hand = {}
 for i = 4, #ARGV do in_hand[ARGV[i]] = true end
 
--- Whether a job of `rows` rows is taken: it fits what is left, or nothing is taken yet.
+-- Whether a job of `rows` rows is taken: it fits what is left, or nothing is taken yet. One that is not
+-- blocks the rest of the claim.
 local function fits(rows)
-  return left > 0 and (rows <= left or #taken == 0)
+  if not blocked and left > 0 and (rows <= left or #taken == 0) then return true end
+  blocked = true
+  return false
 end
 
 local function take(stream, id, fields, deliveries)
@@ -60,7 +66,7 @@ end
 local function lost_entries(stream)
   for _, pending in ipairs(redis.call('XPENDING', stream, group, '-', '+', 100, consumer)) do
     local id = pending[1]
-    if left <= 0 then return end
+    if left <= 0 or blocked then return end
     if not in_hand[stream .. ' ' .. id] then
       local entry = redis.call('XRANGE', stream, id, id)[1]
       if not entry or not entry[2] then
@@ -89,7 +95,7 @@ local function next_new(stream)
 end
 
 local function new_entries(stream)
-  while left > 0 do
+  while left > 0 and not blocked do
     local peek = next_new(stream)
     if peek and not fits(rows_of(peek[2])) then return end
     local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', stream, '>')
