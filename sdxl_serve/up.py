@@ -107,6 +107,9 @@ class UpConfig:
     max_steps: int = WorkerConfig.max_steps
     default_steps: int | None = None
     images_per_request: int = WorkerConfig.images_per_request
+    engine: Literal["rows", "request"] = WorkerConfig.engine
+    rows_per_device: int = WorkerConfig.rows_per_device
+    batch_policy: Literal["fifo", "shortest"] = WorkerConfig.batch_policy
     cpu_devices: int = WorkerConfig.cpu_devices
     attention: Attention = WorkerConfig.attention
     watermark: bool = WorkerConfig.watermark
@@ -162,6 +165,9 @@ class UpConfig:
             max_steps=args.max_steps,
             default_steps=args.default_steps,
             images_per_request=args.images_per_request,
+            engine=args.engine,
+            rows_per_device=args.rows_per_device,
+            batch_policy=args.batch_policy,
             cpu_devices=args.cpu_devices,
             attention=args.attention,
             watermark=args.watermark == "on",
@@ -296,6 +302,8 @@ def worker_argv(config: UpConfig, resolved: Resolved) -> list[str]:
     if config.sizes:
         argv += ["--sizes", ",".join(map(str, config.sizes))]
     argv += ["--max-steps", str(config.max_steps)]
+    argv += ["--engine", config.engine, "--rows-per-device", str(config.rows_per_device)]
+    argv += ["--batch-policy", config.batch_policy]
     if config.default_steps is not None:
         argv += ["--default-steps", str(config.default_steps)]
     if config.compile_cache is None:

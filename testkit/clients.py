@@ -40,6 +40,7 @@ class LoadConfig:
     request_timeout_s: float = 15.0  # the gateways' --request-timeout
     jobs_share: float = 0.3  # of requests sent to POST /v1/jobs (the rest to /v1/generate)
     webhook_url: str | None = None  # every request asks for its job's `completed` webhook here
+    n: int | None = None  # images per request (None: the API's default)
 
 
 def answer_of(at_s: float, status: int, body: Any) -> Answer:
@@ -116,6 +117,8 @@ class Clients:
         if self.config.webhook_url is not None:
             body["webhook"] = {"url": self.config.webhook_url}
         body["num_inference_steps"] = self.config.steps
+        if self.config.n is not None:
+            body["n"] = self.config.n
         answer = Answer(self.elapsed(), 0, error="never sent")
         for _ in range(MAX_ATTEMPTS):
             answer = await self._post(rng.choice(urls or self.urls), f"/v1/{route}", key, body)

@@ -51,6 +51,10 @@ class ClusterConfig:
     tiny_model: Path | None = None  # one real worker on this model, beside the stand-ins (None: none)
     shape: str = "64x64x2"
     step_s: float = 0.05  # a stand-in's seconds per denoising step
+    # How the workers schedule their devices (their --engine): `rows` holds the images of several jobs at once in
+    # one batch of `rows_per_device` rows per device (a stand-in has four devices); `request` one job at a time.
+    engine: Literal["rows", "request"] = "rows"
+    rows_per_device: int = 4
     heartbeat_ttl_s: float = 3.0
     request_timeout_s: float = 15.0
     compile_cache: Path | None = None  # the real worker's (default: under work_dir, warm after its first start)
@@ -212,6 +216,7 @@ class NemesisCluster:
         return [
             "--redis-url", slot.proxy.url(), "--worker-id", slot.worker_id,
             "--heartbeat-interval", f"{interval:.3f}", "--heartbeat-ttl", str(self.config.heartbeat_ttl_s),
+            "--engine", self.config.engine, "--rows-per-device", str(self.config.rows_per_device),
         ]  # fmt: skip
 
     def _standin_argv(self, slot: Slot) -> list[str]:

@@ -20,6 +20,7 @@ Phases, with their bounds:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,6 +33,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from common.apikeys import new_webhook_secret
+from common.registry import Registry
 from common.streams import JobStreams
 from testkit.checker import TERMINAL, ClusterState, History, Rollback, Verdict, check, webhooks_missing
 from testkit.clients import Clients, LoadConfig
@@ -82,6 +84,7 @@ class NemesisReport:
     quiet_bound_s: float
     proxies: dict[str, dict[str, int]]
     logs: str
+    most_rows_held: int = 0  # the most rows one worker held at once (its registry entry, sampled during the faults)
 
     def to_json(self) -> dict[str, Any]:
         body = dataclasses.asdict(self)
@@ -131,7 +134,7 @@ async def _run(config: NemesisConfig, cluster: NemesisCluster, receiver: Receive
     clients = Clients([s.url for s in cluster.client_gateways], config.load, history, config.seed, t0)
     runner = FaultRunner(cluster, config.seed)
     try:
-        await _under_faults(clients, runner, schedule, t0)
+        most_rows_held = await _under_faults(clients, runner, schedule, t0)
         quiet_at = await _settle(cluster, clients, history, runner.last_end + config.quiet_bound_s)
         await _read_all(clients, history)
         state = await _cluster_state(cluster, clients, history, receiver)
@@ -149,20 +152,38 @@ async def _run(config: NemesisConfig, cluster: NemesisCluster, receiver: Receive
         quiet_bound_s=config.quiet_bound_s,
         proxies={s.name: dataclasses.asdict(s.proxy.stats) for s in cluster.slots.values()},
         logs=str(cluster.config.work_dir),
+        most_rows_held=most_rows_held,
     )
     (cluster.config.work_dir / "report.json").write_text(json.dumps(report.to_json(), indent=2))
     return report
 
 
-async def _under_faults(clients: Clients, runner: FaultRunner, schedule: list[Fault], t0: float) -> None:
-    """Clients send while the schedule runs; they stop once every fault has ended."""
+async def _under_faults(clients: Clients, runner: FaultRunner, schedule: list[Fault], t0: float) -> int:
+    """Clients send while the schedule runs; they stop once every fault has ended. Returns the most rows one
+    worker held at once meanwhile."""
     stop = asyncio.Event()
     load = asyncio.create_task(clients.run(stop))
+    held = asyncio.create_task(_most_rows_held(runner.cluster, stop))
     try:
         await runner.run(schedule, t0)
     finally:
         stop.set()
         await load
+    return await held
+
+
+async def _most_rows_held(cluster: NemesisCluster, stop: asyncio.Event) -> int:
+    """The most rows (rows less free rows) one worker's registry entry said it held, sampled every QUIET_POLL_S
+    until `stop`; a sample Redis does not answer (restarted, rolled back) is skipped."""
+    registry = Registry(cluster.admin, cluster.keys)
+    most = 0
+    while not stop.is_set():
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            workers = await asyncio.wait_for(registry.workers(), QUIET_POLL_S * 4)
+            most = max([most, *(w.rows - w.free_rows for w in workers)])
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), QUIET_POLL_S)
+    return most
 
 
 async def _settle(cluster: NemesisCluster, clients: Clients, history: History, deadline: float) -> float | None:
@@ -292,7 +313,8 @@ def render(report: NemesisReport) -> str:
         f"pending entries {v.state.pending_entries}, queue depth {v.state.queue_depth}, counters {v.state.counters}",
         f"webhooks: attempts received {v.state.webhooks_received}, ended jobs without one "
         f"{len(v.state.webhooks_missing)}, jobs still due {v.state.outbox_depth}",
-        f"quiet after the last fault: {quiet} bound {report.quiet_bound_s}s",
+        f"quiet after the last fault: {quiet} bound {report.quiet_bound_s}s; most rows one worker held "
+        f"{report.most_rows_held}",
         f"faults ({len(report.schedule)} scheduled):",
         *(f"  {f['at_s']:7.2f}s {f['kind']:<18} {f['target']:<10} {f['detail']}" for f in report.injected),
         *(

@@ -1,13 +1,16 @@
 """A stand-in for the model: the real worker loop (claim, heartbeat, takeover, store) without JAX work.
 
 `StandInPipeline` replaces `SDXLPipeline` in a real `Worker`: every shape compiles at once, a generation
-reports each step (sleeping `step_s` per step) and returns grey images. Run as a process it is a whole
-worker that the fault injector can SIGKILL, SIGSTOP or cut off like any other:
+reports each step (sleeping `step_s` per step) and returns grey images. `StandInEngine` replaces the row engine:
+it holds the rows of several requests at once, sleeps `step_s` per step for all of them together, and its
+requests join and leave at step boundaries. Run as a process it is a whole worker that the fault injector can
+SIGKILL, SIGSTOP or cut off like any other:
 
     python -m testkit.standin --redis-url redis://127.0.0.1:PORT/0 --worker-id standin-1 --sizes 64x64 --max-steps 2
 
-It takes the real worker's `--sizes` (default 64x64 here), `--max-steps` and `--default-steps`, and serves what
-they say.
+It takes the real worker's `--sizes` (default 64x64 here), `--max-steps`, `--default-steps`, `--engine` (`rows`,
+the default: a `StandInEngine`; `request`: one request at a time), `--rows-per-device` and `--batch-policy`, and
+serves what they say.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import asyncio
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,7 +31,8 @@ from common.logs import setup_logging
 from common.protocol import SCHEDULERS, ResolvedParams, Shape, Size
 from worker.cli import add_serving_arguments
 from worker.config import WorkerConfig
-from worker.pipeline import CompileTimings, UnsupportedShape
+from worker.pipeline import CompileTimings, PipelineError, UnsupportedShape
+from worker.pipeline_protocol import Engine, Pipeline, StepCallback, Tick
 from worker.runner import serve
 
 logger = logging.getLogger(__name__)
@@ -54,15 +60,116 @@ class StandInPipeline:
     def compile(self, size: Size) -> CompileTimings:
         return CompileTimings(lower_s=0.0, compile_s=0.0, warmup_s=0.0)
 
-    def generate(self, params: ResolvedParams, on_step: Callable[[int], None] | None = None) -> np.ndarray:
-        shape = params.shape
+    def check(self, shape: Shape) -> None:
+        """Raise UnsupportedShape for a shape it does not serve."""
         if shape.size not in self._sizes or not 1 <= shape.steps <= self.max_steps:
             raise UnsupportedShape(f"shape {shape} is not served here")
+
+    def generate(self, params: ResolvedParams, on_step: Callable[[int], None] | None = None) -> np.ndarray:
+        shape = params.shape
+        self.check(shape)
         for step in range(1, shape.steps + 1):
             time.sleep(self._step_s)
             if on_step is not None:
                 on_step(step)
         return np.full((self._images, shape.height, shape.width, 3), 128, dtype=np.uint8)
+
+
+@dataclass
+class _Request:
+    key: str
+    params: ResolvedParams
+    on_step: StepCallback
+    step: int = 0
+
+
+class StandInEngine:
+    """Stands in for the row engine over a `StandInPipeline`: `rows_per_device` rows per device, filled with the
+    images of several requests in arrival order. A step sleeps `step_s` once for all its rows; requests join (when
+    their rows fit) and leave (finished, stopped by their `on_step`, or cancelled) at step boundaries."""
+
+    def __init__(self, pipeline: StandInPipeline, rows_per_device: int, step_s: float, max_images: int = 4) -> None:
+        self._pipeline = pipeline
+        self._rows = rows_per_device * pipeline.devices
+        self._step_s = step_s
+        self._max_images = max_images
+        self._waiting: list[_Request] = []
+        self._running: list[_Request] = []
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self._pipeline
+
+    @property
+    def rows(self) -> int:
+        return self._rows
+
+    @property
+    def max_images(self) -> int:
+        return self._max_images
+
+    def free_rows(self) -> int:
+        with self._lock:
+            return self._rows - sum(r.params.n for r in [*self._waiting, *self._running])
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._running)
+
+    def compile(self, size: Size, /) -> CompileTimings:
+        return self._pipeline.compile(size)
+
+    def admit(self, key: str, params: ResolvedParams, on_step: StepCallback) -> None:
+        self._pipeline.check(params.shape)
+        if params.n > self._max_images:
+            raise PipelineError(f"n={params.n}: this worker makes at most {self._max_images} images per request")
+        with self._lock:
+            self._cancelled.discard(key)
+            self._waiting.append(_Request(key, params, on_step))
+
+    def cancel(self, key: str) -> None:
+        with self._lock:
+            self._cancelled.add(key)
+
+    def step(self) -> Tick:
+        """One step of every running request's rows, after the waiting ones that fit joined."""
+        running = self._boundary()
+        tick = Tick()
+        if not running:
+            return tick
+        time.sleep(self._step_s)
+        for request in running:
+            request.step += 1
+            try:
+                request.on_step(request.step)
+            except Exception as exc:
+                tick.stopped.append((request.key, exc))
+                continue
+            shape = request.params.shape
+            if request.step >= shape.steps:
+                tick.finished.append(
+                    (request.key, np.full((request.params.n, shape.height, shape.width, 3), 128, np.uint8))
+                )
+        ended = {key for key, _ in tick.stopped} | {key for key, _ in tick.finished}
+        with self._lock:
+            self._running = [r for r in self._running if r.key not in ended]
+        return tick
+
+    def _boundary(self) -> list[_Request]:
+        """Drop the cancelled requests, let the waiting ones that fit join; the rows that run this step."""
+        with self._lock:
+            self._waiting = [r for r in self._waiting if r.key not in self._cancelled]
+            self._running = [r for r in self._running if r.key not in self._cancelled]
+            self._cancelled.clear()
+            free = self._rows - sum(r.params.n for r in self._running)
+            while self._waiting and (self._waiting[0].params.n <= free or not self._running):
+                request = self._waiting.pop(0)
+                self._running.append(request)
+                free -= request.params.n
+            return list(self._running)
 
 
 def with_step_range(shapes: Sequence[Shape], max_steps: int) -> tuple[Shape, ...]:
@@ -100,6 +207,9 @@ def config_of(args: argparse.Namespace) -> WorkerConfig:
         heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_ttl_s=args.heartbeat_ttl,
         max_deliveries=args.max_deliveries,
+        engine=args.engine,
+        rows_per_device=args.rows_per_device,
+        batch_policy=args.batch_policy,
         metrics_host="127.0.0.1",
         compile_cache_dir=None,
     )
@@ -110,11 +220,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.log_level, "text")
     config = config_of(args)
 
-    def load() -> StandInPipeline:
+    def load() -> Pipeline | Engine:
         shapes = tuple(
             Shape(width=size.width, height=size.height, steps=config.max_steps) for size in config.sizes or ()
         )
-        return StandInPipeline(shapes, args.step_s)
+        pipeline = StandInPipeline(shapes, args.step_s)
+        if config.engine == "request":
+            return pipeline
+        return StandInEngine(pipeline, config.rows_per_device, args.step_s, config.images_per_request)
 
     status = asyncio.run(serve(config, load_pipeline=load))
     logging.shutdown()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +19,14 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from common.protocol import Size
+from common.jobstore import JobStore
+from common.protocol import JobResult, Shape, Size
 from common.rediskeys import RedisKeys
 from common.registry import Registry
 from common.streams import JobStreams
 from gateway.listener import JobListener
 from testkit import RedisOptions, RedisProcess, free_port, gateway_args, wait_http, worker_args
+from testkit.jobs import make_job
 from tests.support import READY_TIMEOUT_S, ProcessGroup, post_generate, read_events, wait_ready
 
 pytestmark = pytest.mark.e2e
@@ -241,3 +244,59 @@ async def test_job_survives_its_gateway_and_is_fetchable_from_another(cluster: F
         listening.cancel()
         await pubsub.aclose()
         await client.aclose()
+
+
+# --- A worker holding several jobs at once: stand-in workers (testkit/standin.py), the engine's loop without JAX.
+
+HELD = RedisKeys("held")  # a prefix of its own on the session's Redis: no other test's workers see these jobs
+
+
+def standin_argv(redis_url: str, worker_id: str) -> list[str]:
+    """A stand-in worker with four rows (one per device), 0.05 s a step, a 2 s heartbeat TTL."""
+    return [
+        sys.executable, "-m", "testkit.standin", "--redis-url", redis_url, "--worker-id", worker_id,
+        "--key-prefix", HELD.prefix, "--sizes", "64x64", "--max-steps", str(SLOW_STEPS), "--engine", "rows",
+        "--rows-per-device", "1", "--heartbeat-interval", "0.3", "--heartbeat-ttl", "2",
+    ]  # fmt: skip
+
+
+async def test_a_worker_killed_holding_several_jobs_has_each_taken_over_and_answered_once(
+    redis_server: RedisProcess, redis_client: aioredis.Redis, processes: ProcessGroup
+) -> None:
+    url = redis_server.url(0)
+    store = JobStore(redis_client, HELD)
+    jobs = [make_job(f"held-{k}", Shape(width=64, height=64, steps=SLOW_STEPS), n=1, seed=k) for k in range(4)]
+    processes.start_argv("holder", standin_argv(url, "holder"))
+    try:
+        await wait_ready(url, 1, HELD.prefix)
+        async with redis_client.pubsub() as channel:
+            await channel.subscribe(HELD.job_events_channel)
+            for job in jobs:
+                await store.submit(job, HELD.size_stream(Size(width=64, height=64)))
+            started = {(await next_start(channel))["worker"] for _ in jobs}
+        assert started == {"holder"}  # all four on its device at once
+        processes.processes["holder"].send_signal(signal.SIGKILL)
+        processes.start_argv("taker", standin_argv(url, "taker"))
+        results = [await held_result(redis_client, job.id) for job in jobs]
+    finally:
+        for name in ("holder", "taker"):
+            if name in processes.processes:
+                processes.stop(name)
+    assert [(r.status, r.worker) for r in results] == [("succeeded", "taker")] * 4
+    for job in jobs:
+        attempts = await redis_client.lrange(HELD.attempts(job.id), 0, -1)
+        assert [a.decode().split("@")[0] for a in attempts if isinstance(a, bytes)] == ["holder", "taker"]
+    assert (await JobStreams(redis_client, HELD).counters()).get("duplicate_results", 0) == 0
+    stream = HELD.size_stream(Size(width=64, height=64))
+    assert (await redis_client.xpending(stream, HELD.workers_group))["pending"] == 0
+
+
+async def held_result(redis_client: aioredis.Redis, job_id: str) -> JobResult:
+    """`job_id`'s result under the `held` prefix, waiting for its announcement on the completions channel."""
+    store = JobStore(redis_client, HELD)
+    async with redis_client.pubsub() as completions:
+        await completions.subscribe(HELD.completions_channel)
+        async with asyncio.timeout(120):
+            while (result := await store.fetch_meta(job_id)) is None:
+                await completions.get_message(ignore_subscribe_messages=True, timeout=1.0)
+    return result

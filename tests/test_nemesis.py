@@ -118,6 +118,29 @@ async def test_a_seeded_fault_schedule_loses_and_duplicates_nothing(
     assert report.verdict.passed, render(report)
 
 
+@pytest.mark.e2e
+@pytest.mark.nemesis
+@pytest.mark.timeout(900)
+async def test_workers_holding_several_jobs_each_lose_and_duplicate_nothing_under_faults(tmp_path: Path) -> None:
+    """Stand-in workers with four rows each, one-image requests from eight clients: each worker holds several
+    jobs at once (its registry entry says so), and is killed, paused and cut off holding them."""
+    config = NemesisConfig(
+        work_dir=tmp_path,
+        seed=CI_SEED,
+        duration_s=CI_DURATION_S,
+        counts=default_counts(2),
+        cluster={"standin_workers": 3, "engine": "rows", "rows_per_device": 1},
+        load=LoadConfig(clients=8, n=1),
+        quiet_bound_s=60.0,
+    )
+    report = await run_nemesis(config)
+    print(render(report))
+    if not (report.verdict.accepted and report.injected):
+        pytest.fail(f"the run must have served requests and injected faults:\n{render(report)}")
+    assert report.verdict.passed, render(report)
+    assert report.most_rows_held >= 2, render(report)
+
+
 @pytest.mark.parametrize(("snapshot_at", "rerun"), [(0.5, True), (1.5, False)])
 def test_a_second_result_counts_as_a_rerun_only_if_a_rollback_erased_the_first(snapshot_at: float, rerun: bool) -> None:
     history = History()

@@ -495,3 +495,80 @@ async def test_a_claim_never_takes_again_a_job_its_worker_still_has_in_hand(redi
         encoding.entry_id: 1,  # untouched: in hand
         following.entry_id: 1,
     }
+
+
+async def claimed_ids(entries: list[ClaimedJob | MalformedJob]) -> list[str]:
+    ids = []
+    for entry in entries:
+        assert isinstance(entry, ClaimedJob), entry
+        ids.append(entry.job.id)
+    return ids
+
+
+async def test_one_claim_takes_the_jobs_that_fit_the_rows_and_leaves_the_next_one_undelivered(
+    redis_client: aioredis.Redis,
+) -> None:
+    queue = await queue_with_group(redis_client)
+    for job_id, n in (("a", 1), ("b", 2), ("c", 4), ("d", 1)):
+        await queue.jobs.submit(make_job(job_id, n=n), STREAM)
+    taken = await queue.delivery.claim_rows("w1", [STREAM], None, (), rows=4)
+    assert await claimed_ids(taken) == ["a", "b"]  # c (4 rows) does not fit the one row left; d waits behind it
+    pending: Any = await redis_client.xpending(STREAM, KEYS.workers_group)
+    assert pending["pending"] == 2  # c was looked at, not delivered: another worker may take it
+    other = await queue.delivery.claim_rows("w2", [STREAM], None, (), rows=8)
+    assert await claimed_ids(other) == ["c", "d"]
+
+
+async def test_a_claim_takes_one_job_larger_than_its_rows_and_none_without_rows(redis_client: aioredis.Redis) -> None:
+    queue = await queue_with_group(redis_client)
+    await queue.jobs.submit(make_job("big", n=4), STREAM)
+    await queue.jobs.submit(make_job("small", n=1), STREAM)
+    assert await queue.delivery.claim_rows("w1", [STREAM], None, (), rows=0) == []
+    assert await claimed_ids(await queue.delivery.claim_rows("w1", [STREAM], None, (), rows=2)) == ["big"]
+
+
+async def test_a_claim_run_again_after_a_lost_reply_returns_the_same_entries(redis_client: aioredis.Redis) -> None:
+    """The first call's reply is lost: the worker never saw its jobs and asks again with the same rows and the
+    same jobs in hand; it gets the same entries (each counted one delivery more), and nothing new."""
+    queue = await queue_with_group(redis_client)
+    for index in range(5):
+        await queue.jobs.submit(make_job(f"job-{index}", n=1), STREAM)
+    await queue.jobs.submit(make_job("in-hand", n=1), STREAM)
+    first = await queue.delivery.claim_rows("w1", [STREAM], None, (), rows=3)
+    lost = await queue.delivery.claim_rows("w1", [STREAM], None, (), rows=3)
+    again = await queue.delivery.claim_rows("w1", [STREAM], None, (), rows=3)
+    assert await claimed_ids(lost) == await claimed_ids(again) == ["job-0", "job-1", "job-2"]
+    assert [c.entry_id for c in lost if isinstance(c, ClaimedJob)] == [
+        c.entry_id for c in again if isinstance(c, ClaimedJob)
+    ]
+    assert {c.deliveries for c in again if isinstance(c, ClaimedJob)} == {3}
+    assert first and (await redis_client.xpending(STREAM, KEYS.workers_group))["pending"] == 3
+
+
+async def test_an_entry_that_does_not_parse_comes_back_beside_the_jobs_of_the_same_claim(
+    redis_client: aioredis.Redis,
+) -> None:
+    queue = await queue_with_group(redis_client)
+    await queue.jobs.submit(make_job("before", n=1), STREAM)
+    await redis_client.xadd(STREAM, {"job": "{not json"})
+    await queue.jobs.submit(make_job("after", n=1), STREAM)
+    taken = await queue.delivery.claim_rows("w1", [STREAM], None, (), rows=4)
+    assert [type(entry).__name__ for entry in taken] == ["ClaimedJob", "MalformedJob", "ClaimedJob"]
+
+
+async def test_a_job_that_does_not_fit_ends_the_claim_so_no_later_one_overtakes_it(
+    redis_client: aioredis.Redis,
+) -> None:
+    queue = await queue_with_group(redis_client)
+    own = KEYS.worker_stream("w1")
+    await queue.streams.ensure_group(own)
+    await queue.jobs.submit(make_job("small", n=1), own)
+    await queue.jobs.submit(make_job("large", n=4), own)
+    await queue.jobs.submit(make_job("later", n=1), STREAM)  # a stream of lower preference
+    first = await queue.delivery.claim_rows("w1", [own, STREAM], None, (), rows=2)
+    # The large job does not fit the row left and ends the claim: "later" would fit, but does not overtake it.
+    assert await claimed_ids(first) == ["small"]
+    in_hand = [entry for entry in first if isinstance(entry, ClaimedJob)]
+    # The next claim starts with it, taken however large (the engine holds it until its rows are free).
+    taken = await queue.delivery.claim_rows("w1", [own, STREAM], None, in_hand, rows=1)
+    assert await claimed_ids(taken) == ["large"]

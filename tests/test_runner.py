@@ -31,6 +31,7 @@ from common.rediskeys import RedisKeys
 from common.registry import Registry
 from testkit import worker_args
 from testkit.jobs import make_job
+from testkit.standin import StandInEngine, StandInPipeline
 from tests.support import (
     TEST_MAX_STEPS,
     TEST_SHAPES,
@@ -411,3 +412,112 @@ async def test_warm_up_says_each_phase_in_the_registry_and_the_log(
 
 def encode_nothing(images: np.ndarray, encoding: Encoding, executor: Executor) -> list[bytes]:
     return [b"image"] * len(images)
+
+
+# --- Several jobs at once: an in-process Worker on the stand-in engine (rows of several jobs per step).
+
+MANY_STEPS = Shape(width=64, height=64, steps=40)  # long enough for a cancel to land while the others run
+
+
+class RecordingEngine(StandInEngine):
+    """The stand-in engine, recording the jobs in each step's batch; with `gate`, each step after the second
+    waits for it (so a test can act between two steps)."""
+
+    def __init__(self, rows_per_device: int = 1, gate: threading.Event | None = None) -> None:
+        shapes = (Shape(width=TEST_SIZE.width, height=TEST_SIZE.height, steps=MANY_STEPS.steps),)
+        super().__init__(StandInPipeline(shapes), rows_per_device, step_s=0.0, max_images=4)
+        self.batches: list[frozenset[str]] = []
+        self._gate = gate
+
+    def _boundary(self) -> list[Any]:
+        running = super()._boundary()
+        if running:
+            self.batches.append(frozenset(request.key for request in running))
+        if self._gate is not None and len(self.batches) > 2 and not self._gate.wait(WAIT_S):
+            raise TimeoutError("the test never opened the gate")
+        return running
+
+
+@contextlib.asynccontextmanager
+async def engine_worker(redis_server: RedisServer, engine: RecordingEngine) -> AsyncIterator[Worker]:
+    config = dataclasses.replace(_worker_config(redis_server), max_steps=MANY_STEPS.steps)
+    client = aioredis.Redis.from_url(redis_server.url(0))
+    serving = Worker(config, client, load_pipeline=lambda: engine, encode_images=encode_nothing)
+    task = asyncio.create_task(serving.run())
+    try:
+        yield serving
+    finally:
+        serving.stop()
+        await asyncio.wait_for(task, WAIT_S)
+        await client.aclose()
+
+
+async def queue_jobs(redis_client: aioredis.Redis, jobs: dict[str, Shape]) -> None:
+    store = JobStore(redis_client, KEYS)
+    for job_id, shape in jobs.items():
+        await store.submit(make_job(job_id, shape, n=1), KEYS.size_stream(shape.size))
+
+
+async def wait_results(redis_client: aioredis.Redis, job_ids: set[str]) -> dict[str, JobResult]:
+    return {job_id: await wait_result(redis_client, job_id) for job_id in sorted(job_ids)}
+
+
+async def test_a_worker_claims_several_jobs_at_once_and_stores_each_once(
+    redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    engine = RecordingEngine()  # four rows: four one-image jobs
+    jobs = {f"one-{k}": SHAPE for k in range(4)}
+    await queue_jobs(redis_client, jobs)  # queued before the worker claims: one claim takes them all
+    async with engine_worker(redis_server, engine) as serving:
+        results = await wait_results(redis_client, set(jobs))
+        assert serving.info.rows == 4 and serving.info.images_per_request == 4
+    assert engine.batches[0] == set(jobs)  # all four denoised together from the first step
+    assert {job_id: (r.status, r.image_count) for job_id, r in results.items()} == dict.fromkeys(jobs, ("succeeded", 1))
+    for job_id in jobs:  # each started and stored once, by its own delivery
+        assert await redis_client.llen(KEYS.attempts(job_id)) == 1
+    await settled_once(redis_client)
+
+
+async def test_a_job_the_engine_refuses_fails_alone_and_the_others_of_its_claim_succeed(
+    redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    too_long = Shape(width=TEST_SIZE.width, height=TEST_SIZE.height, steps=MANY_STEPS.steps + 1)
+    engine = RecordingEngine()
+    await queue_jobs(redis_client, {"before": SHAPE, "too-long": too_long, "after": SHAPE})
+    async with engine_worker(redis_server, engine):
+        results = await wait_results(redis_client, {"before", "too-long", "after"})
+    assert results["too-long"].status == "failed" and "is not served here" in (results["too-long"].error or "")
+    assert (results["before"].status, results["after"].status) == ("succeeded", "succeeded")
+    assert engine.batches[0] == {"before", "after"}
+    await settled_once(redis_client)
+
+
+async def test_a_cancelled_jobs_rows_leave_the_batch_and_the_others_finish(
+    redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    gate = threading.Event()
+    engine = RecordingEngine(gate=gate)
+    jobs = {"stays-1": MANY_STEPS, "cancelled": MANY_STEPS, "stays-2": MANY_STEPS}
+    store = JobStore(redis_client, KEYS)
+    async with redis_client.pubsub() as channel:
+        await channel.subscribe(KEYS.job_events_channel)
+        await queue_jobs(redis_client, jobs)  # before the worker claims: one claim takes all three
+        async with engine_worker(redis_server, engine) as serving, asyncio.timeout(WAIT_S):
+            async for event in job_events(channel, "cancelled"):
+                if event["type"] == "progress" and event["step"] >= 2:
+                    break
+            # Three of its four rows held: the registry entry and the metrics say so.
+            assert (serving.info.rows, serving.info.free_rows, serving.info.state) == (4, 1, "busy")
+            assert serving.metrics.rows_in_use._value.get() == 3
+            assert await store.cancel("cancelled") == "cancelled"
+            gate.set()
+            results = await wait_results(redis_client, {"stays-1", "stays-2"})
+            stopped = serving.metrics.jobs.labels("stopped_cancelled")._value.get()
+    assert {job_id: r.status for job_id, r in results.items()} == {"stays-1": "succeeded", "stays-2": "succeeded"}
+    cancelled = await store.fetch_meta("cancelled")
+    assert cancelled is not None and cancelled.status == "cancelled" and stopped == 1
+    assert engine.batches[0] == set(jobs)
+    left = engine.batches.index(frozenset({"stays-1", "stays-2"}))  # the first step without it...
+    assert all("cancelled" in batch for batch in engine.batches[:left])  # ...after it ran with the others
+    assert len(engine.batches) == MANY_STEPS.steps  # the others ran every step: a cancel never stopped them
+    await settled_once(redis_client)

@@ -1,8 +1,9 @@
 """Claiming: where a worker's next job comes from, and the jobs that end without a result to deliver.
 
-Jobs of dead workers come first (they have waited longest; looked for every `reclaim_interval_s`), then this
-worker's own stream (jobs routed to it), then the shared stream of each size it serves. An entry that does not
-parse is failed and settled; one handed out too often goes to the dead letters. A claimed job is started (its
+A worker claims as many jobs as its engine has free rows for (a job takes `n` rows, one per image). Jobs of dead
+workers come first (they have waited longest; looked for every `reclaim_interval_s`), then this worker's own stream
+(jobs routed to it), then the shared stream of each size it serves, all in one claim script call. An entry that does
+not parse is failed and settled; one handed out too often goes to the dead letters. A claimed job is started (its
 attempt recorded) before it runs; one cancelled while queued, or stopped on the device by a cancel, has its
 `cancelled` result stored already and its entry is only acknowledged.
 """
@@ -63,19 +64,42 @@ class Claims:
         for stream in self._streams:
             await self._job_streams.ensure_group(stream)
 
-    async def next(self, in_hand: Collection[ClaimedJob], stopping: asyncio.Event) -> ClaimedJob | None:
-        """The next job to run, or None when there is none yet (or Redis is away: then after a pause, cut short
-        by `stopping`). `in_hand`: the claimed jobs this worker still works on."""
+    async def next(
+        self, in_hand: Collection[ClaimedJob], stopping: asyncio.Event, rows: int, wait: bool = True
+    ) -> list[ClaimedJob]:
+        """The next jobs to run, worth up to `rows` images (at least one job), or none yet (Redis away: then after
+        a pause, cut short by `stopping`). `in_hand`: the claimed jobs this worker still works on. `wait`: block
+        up to `claim_block_ms` for a job when there is none (a worker whose device is busy does not)."""
         try:
-            return await self._next_job(in_hand)
-        except MalformedJob as bad:
-            logger.error("rejecting malformed job: %s", bad)
-            await self._delivery.reject(bad, self._id, MALFORMED_RESULT_TTL_S)
+            entries = await self._next_jobs(in_hand, rows, wait)
         except REDIS_ERRORS as exc:
             logger.warning("claim failed (%s); retrying", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), CLAIM_RETRY_S)
-        return None
+            return []
+        jobs = []
+        for entry in entries:
+            if isinstance(entry, MalformedJob):
+                await self._reject(entry)
+            elif not await self._exhausted(entry):
+                jobs.append(entry)
+        return jobs
+
+    async def _reject(self, bad: MalformedJob) -> None:
+        logger.error("rejecting malformed job: %s", bad)
+        try:
+            await self._delivery.reject(bad, self._id, MALFORMED_RESULT_TTL_S)
+        except REDIS_ERRORS as exc:  # its entry stays pending under this worker; the next claim returns it
+            logger.warning("could not reject the malformed job (%s)", exc)
+
+    async def _exhausted(self, claimed: ClaimedJob) -> bool:
+        """Dead-letter a job delivered too often; True if it was (or might be: Redis is away, it stays pending).
+        A job moved off a departed worker's stream, or read again after a lost reply, may be past the limit."""
+        try:
+            return await self._delivery.dead_letter_if_exhausted(claimed, self._id, self._config.max_deliveries)
+        except REDIS_ERRORS as exc:
+            logger.warning("job %s: could not check its deliveries (%s); left pending", claimed.job.id, exc)
+            return True
 
     async def start(self, claimed: ClaimedJob) -> float | None:
         """Record the job's start; returns how long it was queued (ms), or None when it was cancelled while
@@ -109,31 +133,38 @@ class Claims:
         """Move the jobs routed to this worker back to the shared streams (it is leaving)."""
         await self._recovery.rehome(self._keys.worker_stream(self._id))
 
-    async def _next_job(self, in_hand: Collection[ClaimedJob]) -> ClaimedJob | None:
+    async def _next_jobs(
+        self, in_hand: Collection[ClaimedJob], rows: int, wait: bool
+    ) -> list[ClaimedJob | MalformedJob]:
         """Jobs of dead workers first (they have waited longest), then new ones."""
-        if (reclaimed := await self._reclaim_due()) is not None:
+        reclaimed = await self._reclaim_due(rows)
+        if reclaimed:
             return reclaimed
-        claimed = await self._delivery.claim(self._id, self._streams, self._config.claim_block_ms, in_hand)
-        # A job moved off a departed worker's stream, or read again after a lost reply, may be past the limit.
-        if claimed is not None and await self._delivery.dead_letter_if_exhausted(
-            claimed, self._id, self._config.max_deliveries
-        ):
-            return None
-        return claimed
+        block_ms = self._config.claim_block_ms if wait else None
+        return await self._delivery.claim_rows(self._id, self._streams, block_ms, in_hand, rows)
 
-    async def _reclaim_due(self) -> ClaimedJob | None:
-        """Every `reclaim_interval_s`: rehome the jobs routed to departed workers, then take over one that a dead
-        worker held."""
+    async def _reclaim_due(self, rows: int) -> list[ClaimedJob | MalformedJob]:
+        """Every `reclaim_interval_s`: rehome the jobs routed to departed workers, then take over the jobs that
+        dead workers held, worth up to `rows` images (at least one job)."""
         now = time.monotonic()
         if now < self._next_reclaim:
-            return None
+            return []
         self._next_reclaim = now + self._config.reclaim_interval_s
         live = {w.id for w in await self._registry.workers()}
         await self._recovery.rehome_orphans(live | {self._id})
-        claimed = await self._recovery.reclaim(self._id, live, self._config.max_deliveries, self._streams[1:])
-        if claimed is not None:
+        taken: list[ClaimedJob | MalformedJob] = []
+        while rows > 0:
+            try:
+                claimed = await self._recovery.reclaim(self._id, live, self._config.max_deliveries, self._streams[1:])
+            except MalformedJob as bad:
+                taken.append(bad)
+                break
+            if claimed is None:
+                break
             self._metrics.reclaims.inc()
-        return claimed
+            taken.append(claimed)
+            rows -= claimed.job.params.n
+        return taken
 
     async def _record_start(self, claimed: ClaimedJob) -> int | None:
         """Announce the start; returns the claim time on Redis's clock (this host's if Redis is away), or

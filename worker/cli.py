@@ -186,6 +186,26 @@ def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"the steps of a request that names none (default {WorkerConfig.default_steps}, or --max-steps when less)",
     )
+    parser.add_argument(
+        "--engine",
+        choices=["rows", "request"],
+        default=WorkerConfig.engine,
+        help="rows: fill the batch with the images of several requests, joining and leaving at step boundaries; "
+        "request: one request at a time, each making the full --images-per-request batch",
+    )
+    parser.add_argument(
+        "--rows-per-device",
+        type=int,
+        default=WorkerConfig.rows_per_device,
+        help="--engine rows: the most rows (images) the batch holds per device",
+    )
+    parser.add_argument(
+        "--batch-policy",
+        choices=["fifo", "shortest"],
+        default=WorkerConfig.batch_policy,
+        help="--engine rows: which waiting request starts first when the batch is full: arrival order, or fewest "
+        "remaining steps",
+    )
 
 
 def _sizes(text: str) -> tuple[Size, ...]:
@@ -238,6 +258,9 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         if args.default_steps is None
         else args.default_steps,
         images_per_request=args.images_per_request,
+        engine=args.engine,
+        rows_per_device=args.rows_per_device,
+        batch_policy=args.batch_policy,
         key_prefix=args.key_prefix,
         heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_ttl_s=args.heartbeat_ttl,

@@ -102,6 +102,7 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         require(self.images_per_request >= 1, "--images-per-request", "must be >= 1")
+        require(self.rows_per_device >= 1, "--rows-per-device", "must be >= 1")
         require(self.cpu_devices >= 1, "--cpu-devices", "must be >= 1")
         require(0 <= self.png_compress_level <= 9, "--png-compress-level", "must be 0..9")
         require(self.safety_replace in ("black", "blur"), "--safety-replace", "must be black or blur")

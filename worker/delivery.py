@@ -1,9 +1,10 @@
 """The worker's side of the queue: claim a job, record its start and progress, settle its entry.
 
-A worker claims one entry at a time (one it holds already but is not working on first: a lost reply, a
-Redis restored from an older snapshot), starts it (the delivery's attempt token becomes the job's current
-attempt) and, in one Lua script, stores the result if that attempt still holds the job and it is not
-terminal, announces it on the completions channel, and only then acknowledges and deletes the entry. An
+A worker claims as many entries as its batch has rows free for, in one script (the ones it holds already but
+is not working on first: a lost reply, a Redis restored from an older snapshot), starts each (that delivery's
+attempt token becomes its job's current attempt) and, for each job on its own, in one Lua script, stores the
+result if that attempt still holds the job and it is not terminal, announces it on the completions channel,
+and only then acknowledges and deletes the entry. An
 entry that does not parse is settled too (`reject`): a bad entry never stops the loop. Every call is safe
 to run twice (docs/delivery.md). Jobs of dead workers are taken over in worker/recovery.py.
 """
@@ -88,27 +89,51 @@ class Delivery:
         """Take the next job for `consumer` from `streams` (in order of preference), waiting up to
         `block_ms`; None if there was none. `in_hand`: the jobs the consumer is still working on.
 
-        One script (claim.lua) first takes an entry already pending under `consumer` that is not in hand
-        (the reply that delivered it was lost, or Redis came back from an older snapshot), then a new entry
-        from the first stream that has one, so a worker takes one job even when several streams have a
-        backlog; only when all are empty does it wait on all of them. Should that wait deliver two entries
-        at once (two streams written in the same instant), the second stays pending under this consumer and
-        is returned by the next call: held, never lost.
-
-        Raises MalformedJob for an entry that does not parse; the caller settles it with `reject`.
+        `claim_rows` with a budget of one row: one job. Raises MalformedJob for an entry that does not parse; the
+        caller settles it with `reject`.
         """
+        for entry in await self.claim_rows(consumer, streams, block_ms, in_hand, rows=1):
+            if isinstance(entry, MalformedJob):
+                raise entry
+            return entry
+        return None
+
+    async def claim_rows(
+        self, consumer: str, streams: list[str], block_ms: int | None, in_hand: Collection[ClaimedJob], rows: int
+    ) -> list[ClaimedJob | MalformedJob]:
+        """Take jobs for `consumer` from `streams` (in order of preference) worth up to `rows` images (their `n`),
+        at least one; wait up to `block_ms` for one when there is none (`None`: do not wait). `in_hand`: the jobs
+        the consumer is still working on. None when `rows` is 0.
+
+        One script (claim.lua) first takes the entries already pending under `consumer` that are not in hand
+        (the reply that delivered them was lost, or Redis came back from an older snapshot), then new entries
+        from the first stream that has them, so a worker takes its jobs even when several streams have a
+        backlog; only when all are empty does it wait on all of them. Should that wait deliver two entries at
+        once (two streams written in the same instant), the second stays pending under this consumer and is
+        returned by the next call: held, never lost.
+
+        An entry that does not parse comes back as a MalformedJob, beside the others; the caller settles it with
+        `reject`. Each job is settled on its own: what happens to one never touches another's result.
+        """
+        if rows <= 0:
+            return []
         if self._held:
-            return parse_entry(*self._held.popleft())
-        if now := await self._claim_now(consumer, streams, [f"{c.stream} {c.entry_id}" for c in in_hand]):
+            return [_parsed(*self._held.popleft())]
+        held = [f"{c.stream} {c.entry_id}" for c in in_hand]
+        if now := await self._claim_now(consumer, streams, rows, held):
             return now
+        if block_ms is None:
+            return []
         found = await self._read(consumer, dict.fromkeys(streams, ">"), block_ms)
         if not found:
-            return None
+            return []
         self._held.extend(found[1:])
-        return parse_entry(*found[0])
+        return [_parsed(*found[0])]
 
-    async def _claim_now(self, consumer: str, streams: list[str], in_hand: list[str]) -> ClaimedJob | None:
-        args = [self._keys.workers_group, consumer, *in_hand]
+    async def _claim_now(
+        self, consumer: str, streams: list[str], rows: int, in_hand: list[str]
+    ) -> list[ClaimedJob | MalformedJob]:
+        args = [self._keys.workers_group, consumer, str(rows), *in_hand]
         try:
             reply: Any = await self._claim(keys=streams, args=args)
         except ResponseError as exc:
@@ -117,10 +142,10 @@ class Delivery:
             for stream in streams:  # a stream vanished under us: recreate it, as `_read` does
                 await self._streams.ensure_group(stream)
             reply = await self._claim(keys=streams, args=args)
-        if not reply:
-            return None
-        stream, entry_id, fields, deliveries = reply
-        return parse_entry(text(stream), text(entry_id), pairs(fields), int(deliveries))
+        return [
+            _parsed(text(stream), text(entry_id), pairs(fields), int(deliveries))
+            for stream, entry_id, fields, deliveries in reply or ()
+        ]
 
     async def _read(
         self, consumer: str, streams: dict[str, str], block_ms: int | None
@@ -307,6 +332,14 @@ def parse_entry(stream: str, entry_id: str, fields: dict[bytes, bytes], deliveri
     except ValueError:
         raise MalformedJob(stream, entry_id, job.id, "deliveries and enqueued must be integers") from None
     return ClaimedJob(job=job, stream=stream, entry_id=entry_id, enqueued_ms=enqueued, deliveries=deliveries + earlier)
+
+
+def _parsed(stream: str, entry_id: str, fields: dict[bytes, bytes], deliveries: int = 1) -> ClaimedJob | MalformedJob:
+    """The entry's job, or the MalformedJob that says why it has none."""
+    try:
+        return parse_entry(stream, entry_id, fields, deliveries)
+    except MalformedJob as bad:
+        return bad
 
 
 def _stream_gone(exc: ResponseError) -> bool:

@@ -1,8 +1,8 @@
-"""The device: one thread that runs the pipeline's work, one call at a time, off the event loop, so heartbeats
-and Redis I/O keep flowing while the accelerator is busy.
+"""The device: one thread that runs the engine's work (its steps, admissions and compiles), one call at a time,
+off the event loop, so heartbeats and Redis I/O keep flowing while the accelerator is busy.
 
-Warm-up loads the pipeline there, then compiles and warms every size it is to serve, recording how start-up time
-splits into phases; only then does the worker claim jobs.
+Warm-up loads the engine there, then compiles and warms every size it is to serve (every batch shape of each),
+recording how start-up time splits into phases; only then does the worker claim jobs.
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-import numpy as np
-
-from common.protocol import Job, Size
+from common.protocol import Size
 from worker.metrics import WorkerMetrics
-from worker.pipeline_protocol import Pipeline, StepCallback
+from worker.pipeline_protocol import Engine
 
 T = TypeVar("T")
 
@@ -31,12 +29,12 @@ async def _quiet(phase: str) -> None:
 
 
 class Device:
-    """The accelerator, behind its own thread; `pipeline` is set once warm."""
+    """The accelerator, behind its own thread; `engine` is set once warm."""
 
     def __init__(self, metrics: WorkerMetrics) -> None:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
         self._metrics = metrics
-        self.pipeline: Pipeline | None = None
+        self.engine: Engine | None = None
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the device thread, after whatever it is running now."""
@@ -44,40 +42,35 @@ class Device:
 
     async def warm_up(
         self,
-        load: Callable[[], Pipeline],
+        load: Callable[[], Engine],
         sizes: Sequence[Size] | None,
         phases: dict[str, float],
         on_phase: Callable[[str], Awaitable[None]] = _quiet,
     ) -> Sequence[Size]:
-        """Load the pipeline, then compile and warm `sizes` (the pipeline's defaults when None); adds the
+        """Load the engine, then compile and warm `sizes` (the pipeline's defaults when None); adds the
         seconds of each phase to `phases`. `on_phase` hears, before each, what a person now waits for
         ("loading weights", "compiling 1216x832 (3/9)"). Returns the sizes served."""
         await on_phase("loading weights")
         started = time.perf_counter()
-        pipeline = await self.call(load)
+        engine = await self.call(load)
+        pipeline = engine.pipeline
         phases["load"] = time.perf_counter() - started
         logger.info("weights loaded in %.1fs", phases["load"])
         served = sizes or pipeline.default_sizes()
         for index, size in enumerate(served, start=1):
             await on_phase(f"compiling and warming {size} ({index}/{len(served)})")
-            await self._compile(pipeline, size, phases)
+            await self._compile(engine, size, phases)
         for phase, seconds in phases.items():
             self._metrics.startup_seconds.labels(phase).set(seconds)
         self._metrics.devices.labels(pipeline.device_kind).set(pipeline.devices)
-        self.pipeline = pipeline
+        self.engine = engine
         return served
-
-    async def generate(self, job: Job, on_step: StepCallback) -> np.ndarray:
-        """`job`'s images; `on_step` is called on the device thread as each denoising step is done."""
-        pipeline = self.pipeline
-        assert pipeline is not None, "jobs are claimed only after warm-up"
-        return await self.call(lambda: pipeline.generate(job.params, on_step=on_step))
 
     def close(self) -> None:
         self._thread.shutdown(wait=False)
 
-    async def _compile(self, pipeline: Pipeline, size: Size, phases: dict[str, float]) -> None:
-        timings = await self.call(functools.partial(pipeline.compile, size))
+    async def _compile(self, engine: Engine, size: Size, phases: dict[str, float]) -> None:
+        timings = await self.call(functools.partial(engine.compile, size))
         logger.info(
             "%s compiled in %.1fs, warmed up in %.1fs", size, timings.lower_s + timings.compile_s, timings.warmup_s
         )

@@ -88,7 +88,7 @@ class HandOff:
         self._on_settled = on_settled
         self._on_store_trouble = on_store_trouble
         self.store_trouble: str | None = None  # why the image store refuses writes, while it does
-        self._limit = limit
+        self.limit = limit  # the worker raises it to its batch's rows: a full batch may finish in one step
         self._delivering: dict[asyncio.Task[None], ClaimedJob] = {}
 
     def in_hand(self) -> list[ClaimedJob]:
@@ -100,7 +100,7 @@ class HandOff:
         """Deliver `generated` in a task of its own and return, so the loop claims the next job while it is
         encoded and stored. When `limit` jobs are in delivery, one is awaited first: it has had a whole
         generation's time, so the device waits only when storing is slower than generating."""
-        while len(self._delivering) >= self._limit:
+        while len(self._delivering) >= self.limit:
             await self._one_delivered()
         # The task inherits this context, so its log lines carry the job's ids.
         task = asyncio.create_task(self._deliver(generated), name=f"deliver-{generated.claimed.job.id}")

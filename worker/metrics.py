@@ -66,6 +66,11 @@ class WorkerMetrics:
             "sdxl_worker_denoising_steps", "Denoising steps finished on the devices (with step progress)", registry=r
         )
         self.busy = Gauge("sdxl_worker_busy", "1 while a job is on the devices", registry=r)
+        self.rows_in_use = Gauge(
+            "sdxl_worker_rows_in_use",
+            "Rows of the batch that jobs hold (denoising, or claimed and waiting)",
+            registry=r,
+        )
         self.reclaims = Counter("sdxl_worker_reclaims", "Jobs this worker took over from dead workers", registry=r)
         self._add_image_store_metrics()
         self.images_checked = _safety_metric(r)

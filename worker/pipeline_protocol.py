@@ -5,7 +5,7 @@ typed against.
 A `Pipeline` describes what it serves, compiles one image size at a time, and generates one request's images,
 calling `on_step` as each denoising step is done. An `Engine` is what the worker schedules: it holds the rows
 (images) of several requests at once in its batch, and between two denoising steps finished rows leave and waiting
-rows join. `RequestAtATime` (worker/engine.py) makes an engine of any `Pipeline` that runs one request at a time,
+rows join. `RequestAtATime` (worker/sequential.py) makes an engine of any `Pipeline` that runs one request at a time,
 as a worker did before the engine. Every call runs on the worker's device thread (worker/device.py), never on the
 event loop, except `Engine.cancel`. This module imports no JAX: the worker's typing does not load it.
 """

@@ -1,7 +1,8 @@
 """A worker's presence in the registry: what it serves, its state, how many jobs it has settled, kept alive by a
 heartbeat so gateways route to it and its peers know it is there.
 
-States: `warming` (loading and compiling, takes no job), `ready`, `busy` (the device has work), `draining` (a
+States: `warming` (loading and compiling, takes no job), `ready`, `busy` (any row of its batch is held: denoising,
+or claimed and waiting; `rows` and `free_rows` say how much room is left), `draining` (a
 stop was asked for: it says so until it leaves, so gateways and routing stop counting it even while it finishes
 the jobs in hand). Leaving removes the entry at once; a worker that dies simply stops heartbeating and its entry
 expires.
@@ -21,7 +22,7 @@ from common.protocol import Size
 from common.registry import Registry, WorkerInfo, WorkerState
 from worker.config import WorkerConfig
 from worker.delivery import REDIS_ERRORS
-from worker.pipeline_protocol import Pipeline
+from worker.pipeline_protocol import Engine
 from worker.tiny_model import is_tiny_model
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class Presence:
         self._registry = registry
         self._draining = False
         self._store_refuses = False  # the image store refuses writes: claim nothing until it takes one
+        self._busy = False
         self.info = WorkerInfo(
             id=config.worker_id,
             host=socket.gethostname(),
@@ -60,18 +62,31 @@ class Presence:
 
     def busy(self, busy: bool) -> None:
         """The device took work (`busy`) or has none left (`ready`); published with the next heartbeat."""
+        self._busy = busy
         self._update(state="draining" if self._draining or self._store_refuses else "busy" if busy else "ready")
+
+    def holding(self, rows: int, free_rows: int, busy: bool) -> None:
+        """The batch has `rows`, `free_rows` of them free; `busy` while the engine holds any job. Published with the
+        next heartbeat."""
+        self._update(rows=rows, free_rows=free_rows)
+        if self.info.state != "warming":
+            self.busy(busy)
 
     def image_store_refuses(self, refuses: bool) -> None:
         """The image store refuses writes (say `draining`, so gateways and routing stop counting this worker)
         or takes them again."""
         self._store_refuses = refuses
-        self.busy(False)
+        self.busy(self._busy)
 
-    def warmed(self, pipeline: Pipeline, sizes: Sequence[Size]) -> None:
-        """Describe what the warm `pipeline` serves: `sizes`, its devices, step range and schedulers."""
+    def warmed(self, engine: Engine, sizes: Sequence[Size]) -> None:
+        """Describe what the warm `engine` serves: `sizes`, its devices, step range and schedulers, its rows and the
+        most images one request may ask for."""
+        pipeline = engine.pipeline
         default_steps = min(self._config.default_steps, pipeline.max_steps)
         self._update(
+            images_per_request=engine.max_images,
+            rows=engine.rows,
+            free_rows=engine.free_rows(),
             device_kind=pipeline.device_kind,
             devices=pipeline.devices,
             **serving(sizes, pipeline.max_steps, default_steps, pipeline.schedulers),

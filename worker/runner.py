@@ -1,23 +1,30 @@
-"""The worker loop: claim one job, generate it on the device, then hand it off to be encoded and stored behind
-the device while the next job generates.
+"""The worker loop: drive the engine step by step, claiming jobs for its free rows, and hand each finished job off
+to be encoded and stored behind the device while the others denoise.
 
 `Worker` schedules; each concern is its own module: the registry entry and heartbeat (worker/presence.py), where
-jobs come from (worker/claiming.py), the device thread and warm-up (worker/device.py), a running job's progress
-and cancel (worker/progress.py), and encoding and storing (worker/handoff.py). The event loop only does Redis
-I/O; the pipeline runs on the device thread and PNG encoding on a small pool, so heartbeats keep flowing while the
-devices work. A job cancelled while it runs stops at its next denoising step (each step's progress report returns
-the job's status) and the worker takes its next job. A worker joins the consumer group only after every
-configured size is compiled and warmed up: until then it is registered as `warming` and takes no job.
+jobs come from (worker/claiming.py), the device thread and warm-up (worker/device.py), the engine that holds the
+rows of several jobs at once (worker/engine.py; worker/sequential.py runs one job at a time), a running job's
+progress and cancel (worker/progress.py), and encoding and storing (worker/handoff.py). The event loop only does
+Redis I/O; the engine's steps run on the device thread and PNG encoding on a small pool, so heartbeats keep flowing
+while the devices work. With the device idle the worker waits for jobs; while it denoises, a claim for the free rows
+runs beside each step, never holding the device up. A job cancelled while it runs leaves the batch at its next
+denoising step (each step's progress report returns the job's status); the others carry on. A worker joins the
+consumer group only after every configured size is compiled and warmed up: until then it is registered as `warming`
+and takes no job.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import importlib
 import logging
 import signal
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -40,27 +47,42 @@ from worker.handoff import EncodeImages, Generated, HandOff, failed
 from worker.images import ImageWriter
 from worker.metrics import WorkerMetrics, metrics_app, start_server
 from worker.pipeline import PipelineError, PipelineOptions, SDXLPipeline
-from worker.pipeline_protocol import Pipeline
+from worker.pipeline_protocol import Engine, Pipeline, Tick
 from worker.presence import Presence
 from worker.progress import Cancelled, JobProgress
 from worker.safety import SafetyChecker
+from worker.sequential import RequestAtATime, as_engine
 
 logger = logging.getLogger(__name__)
+
+# A finished job's images after the safety checker and the watermark, and the checker's verdicts.
+Outcome = tuple[np.ndarray, list[bool] | None]
+# What a worker's loader returns: an engine, or a pipeline (then run one request at a time).
+Loader = Callable[[], Pipeline | Engine]
+
+
+@dataclass
+class Running:
+    """A job the engine holds: its entry, its progress reporter, and when it was queued and admitted."""
+
+    claimed: ClaimedJob
+    progress: JobProgress
+    queued_ms: float
+    started: float  # time.perf_counter() at admission
 
 
 class Worker:
     """One worker process's serving loop. `run()` serves until `stop()`; the jobs in hand are finished.
 
-    It schedules one job at a time on the device. Everything per job lives in per-job objects (the claimed entry,
-    its `JobProgress`, its delivery task), so a worker that holds several jobs at once changes this loop and the
-    hand-off's `limit`, not the other concerns.
+    It drives an engine that holds the rows of several jobs at once. Everything per job lives in per-job objects
+    (the claimed entry, its `JobProgress`, its delivery task), and each job is settled on its own.
     """
 
     def __init__(
         self,
         config: WorkerConfig,
         redis: aioredis.Redis,
-        load_pipeline: Callable[[], Pipeline] | None = None,
+        load_pipeline: Loader | None = None,
         started_at: float | None = None,
         encode_images: EncodeImages = encode_all,
         blobs: BlobStore | None = None,
@@ -84,7 +106,9 @@ class Worker:
             on_settled=self.presence.settled_one,
             on_store_trouble=self.presence.image_store_refuses,
         )
-        self._load_pipeline = load_pipeline or self._default_loader
+        self._load = load_pipeline or self._default_loader
+        self._running: dict[str, Running] = {}
+        self._claiming: asyncio.Task[list[ClaimedJob]] | None = None
         self._safety: SafetyChecker | None = None
         self._watermark: DeviceWatermark | None = None
         self._stopping = asyncio.Event()
@@ -101,7 +125,7 @@ class Worker:
 
     @property
     def warming(self) -> bool:
-        return self._device.pipeline is None
+        return self._device.engine is None
 
     def not_ready(self) -> str | None:
         """None when warm and claiming, else why not (for /readyz)."""
@@ -128,10 +152,14 @@ class Worker:
             await self._claims.open(await self._warm_up())
             if not self._stopping.is_set():
                 await self.presence.announce("ready")
-            while not self._stopping.is_set():
-                await self._serve_next()
+            engine = self._device.engine
+            assert engine is not None, "warm after warm-up"
+            while not self._stopping.is_set() or engine.busy or self._claiming is not None:
+                await self._serve(engine)
             await self._handoff.drain()
         finally:
+            if self._claiming is not None:  # a claim cut short: its entries stay pending, taken over once it leaves
+                self._claiming.cancel()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -142,12 +170,15 @@ class Worker:
     async def _warm_up(self) -> Sequence[Size]:
         """Load, then compile and warm every size; returns the sizes served."""
         phases = {"init": time.time() - self.info.started_at}  # imports, Redis, the metrics port
-        sizes = await self._device.warm_up(self._load_pipeline, self.config.sizes, phases, self._phase)
-        await self._load_safety_checker(sizes)
-        await self._compile_watermark(sizes)
-        pipeline = self._device.pipeline
-        assert pipeline is not None, "warm after warm-up"
-        self.presence.warmed(pipeline, sizes)
+        sizes = await self._device.warm_up(self._engine_of_loaded, self.config.sizes, phases, self._phase)
+        engine = self._device.engine
+        assert engine is not None, "warm after warm-up"
+        await self._load_safety_checker(sizes, engine.max_images)
+        await self._compile_watermark(sizes, engine.max_images)
+        self._handoff.limit = max(1, engine.rows)  # a full batch's jobs may finish in one step
+        pipeline = engine.pipeline
+        self.presence.warmed(engine, sizes)
+        self._rows_changed(engine)
         start_to_ready = time.time() - self.info.started_at
         self.metrics.start_to_ready_seconds.set(start_to_ready)
         logger.info(
@@ -162,24 +193,26 @@ class Worker:
         )
         return sizes
 
-    async def _load_safety_checker(self, sizes: Sequence[Size]) -> None:
-        """With `--safety-checker`, load it and compile it for every size served, on the device thread."""
+    async def _load_safety_checker(self, sizes: Sequence[Size], batch: int) -> None:
+        """With `--safety-checker`, load it and compile it for every size served at `batch` images (a job's are
+        padded up to it), on the device thread."""
         folder = self.config.safety_checker
         if folder is None:
             return
         await self._phase("loading and compiling the safety checker")
         checker = await self._device.call(lambda: SafetyChecker.load(folder, self.config.safety_replace))
         for size in sizes:
-            await self._device.call(functools.partial(checker.compile, size, self.config.images_per_request))
+            await self._device.call(functools.partial(checker.compile, size, batch))
         self._safety = checker
 
-    async def _compile_watermark(self, sizes: Sequence[Size]) -> None:
-        """Unless `--watermark off`, compile the invisible watermark for every size served, on the device thread."""
+    async def _compile_watermark(self, sizes: Sequence[Size], batch: int) -> None:
+        """Unless `--watermark off`, compile the invisible watermark for every size served at `batch` images (a
+        job's are padded up to it), on the device thread."""
         if not self.config.watermark:
             return
         watermark = await self._device.call(DeviceWatermark)
         for size in sizes:
-            await self._device.call(functools.partial(watermark.compile, size, self.config.images_per_request))
+            await self._device.call(functools.partial(watermark.compile, size, batch))
         self._watermark = watermark
 
     async def _marked(self, pixels: np.ndarray) -> np.ndarray:
@@ -187,18 +220,25 @@ class Worker:
         watermark = self._watermark
         if watermark is None:
             return pixels
-        return await self._device.call(lambda: watermark.apply(pixels))
+        return await self._device.call(lambda: padded(watermark.apply, pixels, self._batch))
 
     async def _screen(self, pixels: np.ndarray) -> tuple[np.ndarray, list[bool] | None]:
         """The batch after the safety checker (flagged images replaced) and its verdicts; as it is without one."""
         checker = self._safety
         if checker is None:
             return pixels, None
-        screened = await self._device.call(lambda: checker.screen(pixels))
-        flagged = sum(screened.nsfw)
+        screened = await self._device.call(lambda: checker.screen(pad(pixels, self._batch)))
+        screened_pixels, nsfw = screened.pixels[: len(pixels)], screened.nsfw[: len(pixels)]
+        flagged = sum(nsfw)
         self.metrics.images_checked.labels("flagged").inc(flagged)
-        self.metrics.images_checked.labels("passed").inc(len(screened.nsfw) - flagged)
-        return screened.pixels, screened.nsfw
+        self.metrics.images_checked.labels("passed").inc(len(nsfw) - flagged)
+        return screened_pixels, nsfw
+
+    @property
+    def _batch(self) -> int:
+        """The batch the safety checker and the watermark are compiled for: the most images of one job."""
+        engine = self._device.engine
+        return engine.max_images if engine is not None else self.config.images_per_request
 
     async def _phase(self, phase: str) -> None:
         """Say what the warm-up does now: in the log, and in the registry (`sdxl-serve status`) at once."""
@@ -208,60 +248,160 @@ class Worker:
         except REDIS_ERRORS as exc:  # the next heartbeat carries it
             logger.warning("could not publish the warm-up phase (%s)", exc)
 
-    def _default_loader(self) -> Pipeline:
-        options = PipelineOptions(
-            self.config.images_per_request, attention=self.config.attention, max_steps=self.config.max_steps
-        )
-        return SDXLPipeline.load(self.config.model, self.config.model_revision, options, self.config.model_config)
+    def _engine_of_loaded(self) -> Engine:
+        """The loader's engine (a pipeline it returned runs one request at a time)."""
+        return as_engine(self._load(), self.config.images_per_request)
 
-    async def _serve_next(self) -> None:
+    def _default_loader(self) -> Engine:
+        """The model, under the engine `--engine` names: `rows` (worker/engine.py) or `request`."""
+        config = self.config
+        options = PipelineOptions(config.images_per_request, attention=config.attention, max_steps=config.max_steps)
+        pipeline = SDXLPipeline.load(config.model, config.model_revision, options, config.model_config)
+        if config.engine == "request":
+            return RequestAtATime(pipeline, config.images_per_request)
+        # Imported here: the row engine loads with the model, and only where it is asked for.
+        engines = importlib.import_module("worker.engine")
+        row_engine = engines.RowEngine(pipeline, config.rows_per_device, config.batch_policy, config.images_per_request)
+        return cast(Engine, row_engine)
+
+    async def _serve(self, engine: Engine) -> None:
+        """One turn of the loop: with the device idle, wait for jobs; with rows on it, run one step (claiming for
+        the free rows beside it) and settle what the step ended."""
+        if not engine.busy:
+            await self._serve_idle(engine)
+            return
+        step = asyncio.ensure_future(self._device.call(engine.step))
+        self._claim_beside(engine)
+        try:
+            tick = await step
+        except Exception as exc:  # the device side of the per-job boundary: every job on it fails, the loop goes on
+            logger.exception("an engine step failed")
+            tick = self._all_failed(engine, f"{type(exc).__name__}: {exc}")
+        await self._settle_tick(tick)
+        if self._claiming is not None and self._claiming.done():
+            await self._admit_all(engine, await self._claimed())
+        self._rows_changed(engine)
+
+    async def _serve_idle(self, engine: Engine) -> None:
+        """Nothing on the device: take the jobs of a claim under way, else wait for new ones (not while the image
+        store refuses writes, nor once stopping)."""
+        if self._claiming is not None:
+            await self._admit_all(engine, await self._claimed())
+            return
         if self._handoff.store_trouble is not None:
             await self._handoff.until_store_writable(self._stopping)
             return
-        claimed = await self._claims.next(self._handoff.in_hand(), self._stopping)
-        if claimed is not None:
-            with bound(request=claimed.job.request_id, job=claimed.job.id):
-                await self._settle(claimed)
+        if self._stopping.is_set():
+            return
+        jobs = await self._claims.next(self._in_hand(), self._stopping, engine.free_rows(), wait=True)
+        await self._admit_all(engine, jobs)
 
-    async def _settle(self, claimed: ClaimedJob) -> None:
-        """The per-job boundary: whatever happens, the job gets a stored result and is acknowledged."""
+    def _claim_beside(self, engine: Engine) -> None:
+        """Claim, without waiting, for the rows the engine has free, in a task beside the step: the device never
+        waits for Redis."""
+        if self._claiming is not None or self._stopping.is_set() or self._handoff.store_trouble is not None:
+            return
+        rows = engine.free_rows()
+        if rows > 0:
+            claim = self._claims.next(self._in_hand(), self._stopping, rows, wait=False)
+            self._claiming = asyncio.create_task(claim, name="claim")
+
+    async def _claimed(self) -> list[ClaimedJob]:
+        claiming, self._claiming = self._claiming, None
+        assert claiming is not None, "a claim is under way"
+        return await claiming
+
+    def _in_hand(self) -> list[ClaimedJob]:
+        """The entries pending under this worker that it works on: on the device and in delivery."""
+        return [run.claimed for run in self._running.values()] + self._handoff.in_hand()
+
+    async def _admit_all(self, engine: Engine, jobs: list[ClaimedJob]) -> None:
+        for claimed in jobs:
+            with bound(request=claimed.job.request_id, job=claimed.job.id):
+                await self._admit(engine, claimed)
+        self._rows_changed(engine)
+
+    async def _admit(self, engine: Engine, claimed: ClaimedJob) -> None:
+        """Start a claimed job and give it to the engine; one it cannot serve fails alone (the per-job boundary)."""
+        job = claimed.job
+        if job.id in self._running:  # the same job on a second entry (moved meanwhile): the first settles it
+            logger.warning("job %s: delivered again while on the device; the extra entry is dropped", job.id)
+            with contextlib.suppress(*REDIS_ERRORS):  # left pending: the next claim returns it again
+                await self._delivery.discard(claimed)
+            return
         queued_ms = await self._claims.start(claimed)
         if queued_ms is None:
             return
-        self._device_busy(True)
-        generated = await self._generate(claimed, queued_ms)
-        self._device_busy(False)
-        if isinstance(generated, Cancelled):
-            await self._claims.drop_stopped(claimed, generated.step)
-            return
-        await self._handoff.hand_off(generated)
-
-    def _device_busy(self, busy: bool) -> None:
-        self.presence.busy(busy)
-        self.metrics.busy.set(1 if busy else 0)
-
-    async def _generate(self, claimed: ClaimedJob, queued_ms: float) -> Generated | Cancelled:
-        """The job's device work, or where a cancel stopped it; a failure becomes the job's result (the per-job
-        boundary, device side)."""
-        job = claimed.job
-        started = time.perf_counter()
-        pixels, failure, nsfw = None, None, None
+        progress = JobProgress(job, self.id, self._delivery, self.metrics)
+        await progress.__aenter__()
         try:
-            async with JobProgress(job, self.id, self._delivery, self.metrics) as progress:
-                pixels = await self._device.generate(job, progress.on_step)
-            pixels, nsfw = await self._screen(pixels)
-            pixels = await self._marked(pixels)
-        except Cancelled as stop:
-            return stop
-        except PipelineError as exc:
-            failure = failed(job, self.id, str(exc))
-        except Exception as exc:  # the worker's catch-all boundary: report the job, keep serving
-            logger.exception("job %s failed", job.id)
-            failure = failed(job, self.id, f"{type(exc).__name__}: {exc}")
-        generate_s = time.perf_counter() - started
-        if failure is None:
-            self.metrics.generate_seconds.labels(str(job.params.shape)).observe(generate_s)
-        return Generated(claimed, pixels, failure, queued_ms, generate_s * 1000, nsfw)
+            await self._device.call(functools.partial(engine.admit, job.id, job.params, progress.on_step))
+        except Exception as exc:  # PipelineError: a request it cannot serve; anything else: the catch-all boundary
+            await progress.__aexit__(None, None, None)
+            reason = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+            await self._handoff.hand_off(Generated(claimed, None, failed(job, self.id, reason), queued_ms, 0.0))
+            return
+        self._running[job.id] = Running(claimed, progress, queued_ms, time.perf_counter())
+
+    async def _settle_tick(self, tick: Tick) -> None:
+        """Hand off what the step ended, each job on its own."""
+        for key, pixels in tick.finished:
+            await self._settle(key, pixels)
+        for key, error in tick.stopped:
+            await self._settle(key, error)
+        for key, reason in tick.failed:
+            await self._settle(key, reason)
+
+    async def _settle(self, key: str, outcome: np.ndarray | BaseException | str) -> None:
+        """Settle one job the step ended: its images (`outcome` an array), what stopped it, or why it failed."""
+        run = self._running.pop(key, None)
+        if run is None:
+            logger.error("the engine ended %s, which it was not given", key)
+            return
+        job = run.claimed.job
+        with bound(request=job.request_id, job=job.id):
+            await run.progress.__aexit__(None, None, None)
+            if isinstance(outcome, Cancelled):
+                await self._claims.drop_stopped(run.claimed, outcome.step)
+                return
+            await self._handoff.hand_off(await self._generated(run, outcome))
+
+    async def _generated(self, run: Running, outcome: np.ndarray | BaseException | str) -> Generated:
+        """The job's hand-off: its checked and marked images, or its failure (the per-job boundary)."""
+        job = run.claimed.job
+        generate_s = time.perf_counter() - run.started
+        if isinstance(outcome, str):
+            reason = outcome
+        elif isinstance(outcome, BaseException):
+            reason = f"{type(outcome).__name__}: {outcome}"
+        else:
+            try:
+                pixels, nsfw = await self._finished(outcome)
+            except Exception as exc:  # the worker's catch-all boundary: report the job, keep serving
+                logger.exception("job %s failed after the device", job.id)
+                reason = f"{type(exc).__name__}: {exc}"
+            else:
+                self.metrics.generate_seconds.labels(str(job.params.shape)).observe(generate_s)
+                return Generated(run.claimed, pixels, None, run.queued_ms, generate_s * 1000, nsfw)
+        return Generated(run.claimed, None, failed(job, self.id, reason), run.queued_ms, generate_s * 1000)
+
+    async def _finished(self, pixels: np.ndarray) -> Outcome:
+        """A finished job's images after the safety checker and the watermark."""
+        pixels, nsfw = await self._screen(pixels)
+        return await self._marked(pixels), nsfw
+
+    def _all_failed(self, engine: Engine, reason: str) -> Tick:
+        """Every job the engine holds, failed for `reason` (and dropped from the engine)."""
+        for key in self._running:
+            engine.cancel(key)
+        return Tick(failed=[(key, reason) for key in self._running])
+
+    def _rows_changed(self, engine: Engine) -> None:
+        """Publish the rows held and free (with the next heartbeat), and the metrics."""
+        free = engine.free_rows()
+        self.presence.holding(engine.rows, free, busy=engine.busy)
+        self.metrics.busy.set(1 if engine.busy else 0)
+        self.metrics.rows_in_use.set(engine.rows - free)
 
     async def _deregister(self) -> None:
         """Leave the registry, then hand the jobs routed to this worker back to the shared streams (a live
@@ -278,12 +418,12 @@ async def serve(
     *,
     started_at: float | None = None,
     handle_signals: bool = True,
-    load_pipeline: Callable[[], Pipeline] | None = None,
+    load_pipeline: Loader | None = None,
 ) -> int:
     """Run a worker until SIGTERM or SIGINT, then drain: stop claiming, finish the job in hand within
-    `drain_timeout_s`, deregister. Returns the exit status: 0 after a clean drain, 1 if the job in hand
-    had to be abandoned (it stays pending and a live worker takes it over). `load_pipeline` replaces the
-    model (the fault injector's stand-in workers)."""
+    `drain_timeout_s`, deregister. Returns the exit status: 0 after a clean drain, 1 if the jobs in hand
+    had to be abandoned (they stay pending and live workers take them over). `load_pipeline` replaces the
+    model and its engine (the fault injector's stand-in workers)."""
     log_config(logger, config)
     redis = connect(
         config.redis_url, name=f"sdxl-worker:{config.worker_id}", allow_evicting=config.allow_evicting_redis
@@ -338,3 +478,17 @@ async def _run_until_stopped(worker: Worker, stop: asyncio.Event, drain_timeout_
         await worker.abandon()
         return 1
     return 0
+
+
+def pad(pixels: np.ndarray, batch: int) -> np.ndarray:
+    """`pixels` with black images added up to `batch`: what the safety checker and the watermark are compiled for,
+    so a job of any `n` runs the one executable."""
+    missing = batch - len(pixels)
+    if missing <= 0:
+        return pixels
+    return np.concatenate([pixels, np.zeros((missing, *pixels.shape[1:]), dtype=pixels.dtype)])
+
+
+def padded(apply: Callable[[np.ndarray], np.ndarray], pixels: np.ndarray, batch: int) -> np.ndarray:
+    """`apply` over `pixels` padded up to `batch`, cut back to `pixels`' images."""
+    return apply(pad(pixels, batch))[: len(pixels)]
