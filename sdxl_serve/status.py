@@ -64,7 +64,7 @@ async def _stream_status(redis: aioredis.Redis, keys: RedisKeys, stream: str) ->
 
 def render(status: ClusterStatus) -> str:
     """A plain-text table for a terminal."""
-    header = ("WORKER", "HOST", "DEVICES", "SIZES", "STEPS", "SCHEDULERS", "STATE", "JOBS", "HEARTBEAT")
+    header = ("WORKER", "HOST", "DEVICES", "SIZES", "STEPS", "SCHEDULERS", "STATE", "ROWS", "JOBS", "HEARTBEAT")
     rows = [header] + [
         (
             w.id,
@@ -74,6 +74,7 @@ def render(status: ClusterStatus) -> str:
             f"1..{w.max_steps}",
             ",".join(w.schedulers),
             f"{w.state}: {w.phase}" if w.phase else w.state,
+            f"{w.rows - w.free_rows}/{w.rows}" if w.rows else "-",  # rows held of its batch; "-": one job at a time
             str(w.jobs_done),
             f"{max(0.0, status.at - w.last_heartbeat):.1f}s ago",
         )

@@ -21,7 +21,7 @@ KEYS = RedisKeys()
 async def test_status_reports_workers_queue_pending_and_dead_letters(
     redis_server: RedisServer, redis_client: aioredis.Redis, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    await register_worker(redis_client, "w1")
+    await register_worker(redis_client, "w1", rows=16, free_rows=13)
     await register_worker(redis_client, "w2", state="warming")
     queue = Queue.of(redis_client, KEYS)
     shared = KEYS.size_stream(TEST_SHAPES[0].size)
@@ -43,8 +43,11 @@ async def test_status_reports_workers_queue_pending_and_dead_letters(
     assert await asyncio.to_thread(main, ["status", "--redis-url", redis_server.url(0)]) == 0
     table = capsys.readouterr().out
     header, w1 = table.splitlines()[:2]
-    assert header.split() == ["WORKER", "HOST", "DEVICES", "SIZES", "STEPS", "SCHEDULERS", "STATE", "JOBS", "HEARTBEAT"]
-    assert w1.split()[:7] == ["w1", "h", "0", "x", "unknown", "64x64", "1..3"] and "warming" in table
+    assert header.split() == [
+        "WORKER", "HOST", "DEVICES", "SIZES", "STEPS", "SCHEDULERS", "STATE", "ROWS", "JOBS", "HEARTBEAT"
+    ]  # fmt: skip
+    assert w1.split()[:10] == ["w1", "h", "0", "x", "unknown", "64x64", "1..3", "euler", "ready", "3/16"]
+    assert "warming" in table
     assert "queue depth 3 (of which in service or held: 1), dead letters 1" in table
 
 
