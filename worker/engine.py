@@ -289,6 +289,9 @@ class RowEngine:
         self._pools: dict[Size, _Pool] = {}
         self._waiting: list[_Request] = []
         self._requests: dict[str, _Request] = {}
+        # The rows of every held request, kept as a number: the event loop reads `free_rows` and `busy` while a
+        # step on the device thread adds and removes requests, and a number is read whole.
+        self._held_rows = 0
         self._arrivals = 0
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
@@ -317,7 +320,7 @@ class RowEngine:
 
     def free_rows(self) -> int:
         """Rows no admitted request holds: the capacity less the rows of every running and waiting request."""
-        return max(0, self._rows - sum(request.n for request in self._requests.values()))
+        return max(0, self._rows - self._held_rows)
 
     @property
     def running(self) -> frozenset[str]:
@@ -332,7 +335,7 @@ class RowEngine:
     @property
     def busy(self) -> bool:
         """Whether it holds any request, running or waiting."""
-        return bool(self._requests)
+        return self._held_rows > 0
 
     def compile(self, size: Size, /) -> CompileTimings:
         """Compile the prompt encoder, admit, decode and a step for every bucket at `size`, and run each once (the
@@ -496,6 +499,7 @@ class RowEngine:
         with self._lock:
             self._cancelled.discard(key)
         self._requests[key] = request
+        self._held_rows += request.n
         self._waiting.append(request)
 
     def _check(self, key: str, params: ResolvedParams) -> None:
@@ -542,6 +546,7 @@ class RowEngine:
 
     def _remove(self, request: _Request) -> None:
         del self._requests[request.key]
+        self._held_rows -= request.n
         if request in self._waiting:
             self._waiting.remove(request)
         else:
