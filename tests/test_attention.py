@@ -129,7 +129,8 @@ def test_in_bfloat16_dot_product_is_as_close_to_float32_as_einsum(images: dict[s
 
 
 def test_the_flag_reaches_the_worker_pipeline() -> None:
-    config = worker_config(build_parser().parse_args(["worker", "--attention", "dot_product"]))
+    # One request at a time: the row engine would compile around the loaded pipeline, which is a stand-in here.
+    config = worker_config(build_parser().parse_args(["worker", "--attention", "dot_product", "--engine", "request"]))
     assert config.attention == "dot_product"
     with mock.patch.object(SDXLPipeline, "load") as load:
         Worker(config, redis=mock.Mock())._default_loader()
