@@ -122,14 +122,20 @@ def test_buckets_are_powers_of_two_up_to_two_samples_per_row() -> None:
 
 @pytest.mark.parametrize("guidance", [7.5, 0.0], ids=["guided", "unguided"])
 @pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m_karras"])
-def test_a_lone_request_makes_the_images_of_generate_bit_for_bit(
+def test_a_lone_request_makes_the_images_of_generate(
     engine: RowEngine, pipeline: SDXLPipeline, guidance: float, scheduler: str
 ) -> None:
     """A lone n=4 request runs one row per device at the bucket of today's batch (two samples guided, one
-    unguided): the same programs' arithmetic, the same images, bit for bit, with progress reported per step."""
+    unguided): the same arithmetic, so the same images, with progress reported per step.
+
+    Bit for bit with jax 0.10 in all four cases. The engine's step is another program (the gather and the masked
+    update around the UNet), and XLA may fuse it otherwise: with jax 0.11 one case in four rounds differently,
+    at most 1 level on 3.5% of the values. So the claim is at most 1 level on at most 5% of the values."""
     params = ask("a lighthouse", seed=9, guidance_scale=guidance, scheduler=scheduler, negative_prompt="fog")
     seen = run(engine, [("lone", params)])
-    np.testing.assert_array_equal(seen.images["lone"], pipeline.generate(params))
+    difference = np.abs(seen.images["lone"].astype(np.int16) - pipeline.generate(params).astype(np.int16))
+    assert difference.max() <= 1
+    assert np.count_nonzero(difference) <= 0.05 * difference.size
     assert seen.progress["lone"] == [1, 2, 3]
     assert engine.stats.steps == {2 if guidance > 1 else 1: MAX_STEPS}
 
