@@ -5,6 +5,7 @@ compile after warm-up, samples per image by class, the order in which waiting re
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,7 @@ class Run:
     stopped: dict[str, BaseException] = field(default_factory=dict)
     running: list[frozenset[str]] = field(default_factory=list)
     started: dict[str, int] = field(default_factory=dict)  # key -> the step call (1-based) its rows first ran in
+    samples: Counter[str] = field(default_factory=Counter)  # the UNet samples the steps reported, by class
 
     def on_step(self, key: str) -> Callable[[int], None]:
         return self.progress.setdefault(key, []).append
@@ -100,6 +102,7 @@ def run(
         seen.running.append(engine.running)
         seen.images.update(tick.finished)
         seen.stopped.update(tick.stopped)
+        seen.samples.update(tick.samples)
         for key in engine.running | {key for key, _ in tick.finished}:
             seen.started.setdefault(key, ticks)
         assert tick.failed == []
@@ -199,10 +202,12 @@ def test_an_unguided_row_costs_one_sample_per_step_and_a_guided_row_two(engine: 
     assert (engine.stats.guided_samples, engine.stats.padding_samples) == (8 * MAX_STEPS, 0)
     assert engine.stats.per_image() == {"guided": 2.0 * MAX_STEPS, "unguided": 1.0 * MAX_STEPS}
     engine.stats.__init__()  # type: ignore[misc]
-    run(engine, [("one", ask("u", n=1, guidance_scale=0.0)), ("two", ask("g", n=1))])
+    seen = run(engine, [("one", ask("u", n=1, guidance_scale=0.0)), ("two", ask("g", n=1))])
     stats = engine.stats
     assert (stats.unguided_samples, stats.guided_samples) == (MAX_STEPS, 2 * MAX_STEPS)
     assert stats.padding_samples == (4 * 2 - 3) * MAX_STEPS and stats.steps == {2: MAX_STEPS}
+    # Each step reports what it ran (the worker's sdxl_worker_unet_samples_total counts these).
+    assert seen.samples == {"unguided": MAX_STEPS, "guided": 2 * MAX_STEPS, "padding": (4 * 2 - 3) * MAX_STEPS}
 
 
 def test_each_bucket_runs_that_many_unet_samples_per_device(engine: RowEngine, pipeline: SDXLPipeline) -> None:

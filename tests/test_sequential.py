@@ -28,6 +28,10 @@ def test_a_request_gets_the_first_n_images_of_the_full_batch_and_holds_every_row
     tick = running.step()
     assert [(key, pixels.shape) for key, pixels in tick.finished] == [("one", (1, 64, 64, 3))]
     assert steps == [1, 2, 3] and not running.busy and running.free_rows() == 4
+    # Its one guided image is 2 samples a step; the three images it did not ask for were run all the same.
+    assert tick.samples == {"guided": 2 * 3, "padding": 3 * 2 * 3}
+    running.admit("two", make_job("two", SHAPE, n=4, guidance_scale=0.0).params, steps.append)
+    assert running.step().samples == {"unguided": 4 * 3}
 
 
 def test_what_on_step_raises_stops_the_request_and_a_pipeline_error_fails_it() -> None:

@@ -36,3 +36,6 @@ async def test_each_worker_publishes_its_port_and_reports_its_work(cluster: Clus
         if key == "phase"
     } == {"lower", "compile", "warmup"}
     assert samples[("sdxl_worker_start_to_ready_seconds", ())] > 0
+    # The job's four guided images, two UNet samples each per step (other tests' jobs may have run there too).
+    steps = TEST_SHAPES[0].steps
+    assert samples[("sdxl_worker_unet_samples_total", (("class", "guided"),))] >= 4 * 2 * steps

@@ -138,6 +138,10 @@ class EngineStats:
     unguided_images: int = 0
     steps: dict[int, int] = field(default_factory=dict)  # bucket -> steps run at it
 
+    def samples(self) -> dict[str, int]:
+        """The samples run so far, by class (worker.pipeline_protocol.SAMPLE_CLASSES)."""
+        return {"guided": self.guided_samples, "unguided": self.unguided_samples, "padding": self.padding_samples}
+
     def per_image(self) -> dict[str, float]:
         """UNet samples per finished image of each class (padding not included), 0 where none finished."""
         return {
@@ -527,6 +531,7 @@ class RowEngine:
         self._drop_cancelled()
         self._start_waiting()
         pool = self._next_pool()
+        before = self.stats.samples()
         try:
             marker = None if pool is None else self._dispatch(pool)
             self._report_pending(tick)
@@ -534,6 +539,9 @@ class RowEngine:
                 self._advance(pool, marker, tick)
         except jax.errors.JaxRuntimeError as error:
             self._fail(pool, error, tick)
+        tick.samples = {
+            name: count - before[name] for name, count in self.stats.samples().items() if count > before[name]
+        }
         return tick
 
     def _drop_cancelled(self) -> None:

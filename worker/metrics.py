@@ -65,15 +65,27 @@ class WorkerMetrics:
         self.steps = Counter(
             "sdxl_worker_denoising_steps", "Denoising steps finished on the devices (with step progress)", registry=r
         )
+        self.reclaims = Counter("sdxl_worker_reclaims", "Jobs this worker took over from dead workers", registry=r)
+        self._add_batch_metrics()
+        self._add_image_store_metrics()
+        self.images_checked = _safety_metric(r)
+
+    def _add_batch_metrics(self) -> None:
+        """What the device's batch holds and what its UNet samples were spent on."""
+        r = self.registry
+        self.unet_samples = Counter(
+            "sdxl_worker_unet_samples",
+            "UNet samples run on the devices, by class: guided rows (two per step), unguided rows (one), padding "
+            "(run for no row: an engine bucket's empty places, or the images of a batch a request did not ask for)",
+            ["class"],
+            registry=r,
+        )
         self.busy = Gauge("sdxl_worker_busy", "1 while a job is on the devices", registry=r)
         self.rows_in_use = Gauge(
             "sdxl_worker_rows_in_use",
             "Rows of the batch that jobs hold (denoising, or claimed and waiting)",
             registry=r,
         )
-        self.reclaims = Counter("sdxl_worker_reclaims", "Jobs this worker took over from dead workers", registry=r)
-        self._add_image_store_metrics()
-        self.images_checked = _safety_metric(r)
 
     def _add_image_store_metrics(self) -> None:
         """Whether the image store takes writes, and the jobs failed because it did not for too long."""

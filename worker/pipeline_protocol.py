@@ -23,6 +23,8 @@ from common.protocol import ResolvedParams, Size
 if TYPE_CHECKING:
     from worker.pipeline import CompileTimings
 
+# The classes of UNet samples an engine reports (`Tick.samples`).
+SAMPLE_CLASSES = ("guided", "unguided", "padding")
 # Called on the device thread as denoising step n (1-based) is done; it may raise to stop the generation there.
 StepCallback = Callable[[int], None]
 
@@ -69,11 +71,14 @@ class Tick:
     """What an engine's `step` ended: the requests whose images are done (`finished`: uint8 [n, height, width, 3],
     their watermark and safety check still to come), the requests whose `on_step` raised (`stopped`: the exception,
     e.g. worker.progress.Cancelled; their rows left the batch), and those that failed on the device (`failed`: the
-    reason)."""
+    reason). `samples`: the UNet samples the step ran, by class (SAMPLE_CLASSES): for guided rows (two per row
+    and step), unguided rows (one), and padding (run for no row: a bucket's empty places, a batch's unasked
+    images)."""
 
     finished: list[tuple[str, np.ndarray]] = field(default_factory=list)
     stopped: list[tuple[str, BaseException]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    samples: dict[str, int] = field(default_factory=dict)
 
 
 class Engine(Protocol):

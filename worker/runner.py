@@ -344,7 +344,9 @@ class Worker:
         self._running[job.id] = Running(claimed, progress, queued_ms, time.perf_counter())
 
     async def _settle_tick(self, tick: Tick) -> None:
-        """Hand off what the step ended, each job on its own."""
+        """Count the step's UNet samples, then hand off what it ended, each job on its own."""
+        for kind, count in tick.samples.items():
+            self.metrics.unet_samples.labels(kind).inc(count)
         for key, pixels in tick.finished:
             await self._settle(key, pixels)
         for key, error in tick.stopped:

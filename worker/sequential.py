@@ -14,7 +14,7 @@ import threading
 from typing_extensions import TypeIs
 
 from common.protocol import ResolvedParams, Size
-from worker.pipeline import CompileTimings, PipelineError
+from worker.pipeline import CompileTimings, PipelineError, guided
 from worker.pipeline_protocol import Engine, Pipeline, StepCallback, Tick
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ class RequestAtATime:
             tick.failed.append((key, f"{type(exc).__name__}: {exc}"))
         else:
             tick.finished.append((key, pixels[: params.n]))
+            tick.samples = samples_of(params, len(pixels))
         finally:
             with self._lock:
                 self._running = None
@@ -141,3 +142,12 @@ def as_engine(loaded: Pipeline | Engine, images: int) -> Engine:
 
 def _is_engine(loaded: Pipeline | Engine) -> TypeIs[Engine]:
     return all(hasattr(loaded, name) for name in ("admit", "step", "free_rows"))
+
+
+def samples_of(params: ResolvedParams, images: int) -> dict[str, int]:
+    """The UNet samples of a request run alone in a batch of `images`: its own `n` rows at every step, and the
+    images it did not ask for as padding (each guided image two samples per step, unguided one)."""
+    weight, steps = (2 if guided(params.guidance_scale) else 1), params.shape.steps
+    own = "guided" if weight == 2 else "unguided"
+    counts = {own: params.n * weight * steps, "padding": (images - params.n) * weight * steps}
+    return {name: count for name, count in counts.items() if count}
