@@ -70,10 +70,13 @@ async def test_models_lists_what_the_real_workers_serve(cluster: Cluster) -> Non
 
 
 async def test_same_seed_same_images_other_seed_other_images(cluster: Cluster) -> None:
-    first, again, other = await asyncio.gather(
-        generate(cluster, seed=5), generate(cluster, seed=5), generate(cluster, seed=6)
-    )
-    assert first["images"] == again["images"]  # whichever worker served each
+    """One after the other, each request alone in its worker's batch: the same batch shape, so the same bytes,
+    whichever worker served each. (Side by side in one batch, a request may run at a larger bucket and round
+    differently: docs/engine.md; tests/test_engine.py checks the bit-for-bit claim at the same bucket.)"""
+    first = await generate(cluster, seed=5)
+    again = await generate(cluster, seed=5)
+    other = await generate(cluster, seed=6)
+    assert first["images"] == again["images"]
     assert not set(first["images"]) & set(other["images"])
 
 
