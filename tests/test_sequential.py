@@ -34,6 +34,15 @@ def test_a_request_gets_the_first_n_images_of_the_full_batch_and_holds_every_row
     assert running.step().samples == {"unguided": 4 * 3}
 
 
+def test_a_pipeline_that_makes_fewer_images_than_asked_counts_what_it_ran() -> None:
+    """A request for 4 from a pipeline whose batch is 2 gets 2 images; its samples are those 2 rows', no less."""
+    running = RequestAtATime(StandInPipeline((SHAPE,), images=2), images=4)
+    running.admit("four", make_job("four", SHAPE, n=4).params, lambda step: None)
+    tick = running.step()
+    assert [pixels.shape[0] for _, pixels in tick.finished] == [2]
+    assert tick.samples == {"guided": 2 * 2 * 3}
+
+
 def test_what_on_step_raises_stops_the_request_and_a_pipeline_error_fails_it() -> None:
     running = engine()
 

@@ -149,5 +149,6 @@ def samples_of(params: ResolvedParams, images: int) -> dict[str, int]:
     images it did not ask for as padding (each guided image two samples per step, unguided one)."""
     weight, steps = (2 if guided(params.guidance_scale) else 1), params.shape.steps
     own = "guided" if weight == 2 else "unguided"
-    counts = {own: params.n * weight * steps, "padding": (images - params.n) * weight * steps}
+    asked = min(params.n, images)  # a pipeline may make fewer than n: the request gets what it made
+    counts = {own: asked * weight * steps, "padding": (images - asked) * weight * steps}
     return {name: count for name, count in counts.items() if count}
