@@ -44,7 +44,9 @@ from tests.support import (
 )
 from worker.config import WorkerConfig
 from worker.encode import Encoding
+from worker.handoff import EncodeImages
 from worker.pipeline import CompileTimings
+from worker.pipeline_protocol import Engine
 from worker.runner import Worker
 
 KEYS = RedisKeys()
@@ -113,8 +115,14 @@ def _worker_config(redis_server: RedisServer) -> WorkerConfig:
 
 
 @contextlib.asynccontextmanager
-async def worker(redis_server: RedisServer, pipeline: Pipeline, encoder: Encoder) -> AsyncIterator[Worker]:
-    config = _worker_config(redis_server)
+async def worker(
+    redis_server: RedisServer,
+    pipeline: Pipeline | Engine,
+    encoder: EncodeImages,
+    config: WorkerConfig | None = None,
+) -> AsyncIterator[Worker]:
+    """A worker in this process serving `pipeline` (a pipeline, run one request at a time, or an engine)."""
+    config = config or _worker_config(redis_server)
     client = aioredis.Redis.from_url(redis_server.url(0))
     serving = Worker(config, client, load_pipeline=lambda: pipeline, encode_images=encoder)
     task = asyncio.create_task(serving.run())
@@ -441,15 +449,8 @@ class RecordingEngine(StandInEngine):
 @contextlib.asynccontextmanager
 async def engine_worker(redis_server: RedisServer, engine: RecordingEngine) -> AsyncIterator[Worker]:
     config = dataclasses.replace(_worker_config(redis_server), max_steps=MANY_STEPS.steps)
-    client = aioredis.Redis.from_url(redis_server.url(0))
-    serving = Worker(config, client, load_pipeline=lambda: engine, encode_images=encode_nothing)
-    task = asyncio.create_task(serving.run())
-    try:
+    async with worker(redis_server, engine, encode_nothing, config) as serving:
         yield serving
-    finally:
-        serving.stop()
-        await asyncio.wait_for(task, WAIT_S)
-        await client.aclose()
 
 
 async def queue_jobs(redis_client: aioredis.Redis, jobs: dict[str, Shape]) -> None:
