@@ -36,6 +36,11 @@ DEFAULT_STEPS = 20
 DEFAULT_IMAGES = 4
 MAX_IMAGES = 64
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+# LoRA adapters per request: the protocol's bound; a worker takes at most its own `max_loras` (WorkerInfo). An
+# adapter is named as its file is, without the extension; a scale multiplies its low-rank update.
+MAX_LORAS = 8
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+MIN_LORA_SCALE, MAX_LORA_SCALE = -4.0, 4.0
 _SIZE_RE = re.compile(r"^\s*(\d+)x(\d+)\s*$")
 _SHAPE_RE = re.compile(r"^\s*(\d+)x(\d+)x(\d+)\s*$")
 # C0 controls and DEL, less tab, newline and carriage return: never part of a prompt, and a NUL or an
@@ -206,6 +211,27 @@ RequestId = Annotated[str, Field(pattern=REQUEST_ID_PATTERN)]
 Dimension = Annotated[int, Field(ge=64, le=4096, multiple_of=8, description="a size the workers serve")]
 
 
+class LoraRef(BaseModel):
+    """One LoRA adapter a request applies (worker/lora.py): its name among those the workers offer, and the scale of
+    its update (0: as if not named)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: str = Field(pattern=LORA_NAME_PATTERN, description="an adapter the workers offer (GET /v1/loras)")
+    scale: float = Field(default=1.0, ge=MIN_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False)
+
+
+def _distinct_names(loras: list[LoraRef]) -> list[LoraRef]:
+    names = [lora.name for lora in loras]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise PydanticCustomError("lora_repeated", "adapter {name} is named twice", {"name": name})
+    return loras
+
+
+Loras = Annotated[list[LoraRef], Field(max_length=MAX_LORAS), AfterValidator(_distinct_names)]
+
+
 class GenerationParams(BaseModel):
     """A request's generation parameters, defined once: the HTTP request bodies take these fields as they are,
     the queued job carries them whole (as `ResolvedParams`) and the worker hands them whole to the pipeline.
@@ -228,6 +254,9 @@ class GenerationParams(BaseModel):
     scheduler: Scheduler | None = Field(default=None, description="the sampler; omitted: euler")
     n: ImageCount | None = Field(
         default=None, description="images to make, 1 up to the workers' images_per_request; omitted: 4"
+    )
+    loras: Loras = Field(
+        default_factory=list, description="LoRA adapters to apply, each with its scale; up to the workers' max_loras"
     )
 
     def resolved(self, shape: Shape, seed: int, scheduler: Scheduler = DEFAULT_SCHEDULER) -> ResolvedParams:

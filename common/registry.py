@@ -47,6 +47,12 @@ class WorkerInfo(BaseModel):
     max_steps: int = 0
     default_steps: int = DEFAULT_STEPS
     schedulers: list[str] = [DEFAULT_SCHEDULER]
+    # LoRA (worker/lora.py): the adapters it offers (a request may name any of them), those its device pool holds
+    # now (placement prefers a worker that has a request's adapters), and the most one request may name (0: it
+    # takes none).
+    loras: list[str] = []
+    loras_loaded: list[str] = []
+    max_loras: int = 0
     state: WorkerState
     # While warming, what it does now ("loading weights", "compiling 1216x832 (3/9)"); None otherwise. Optional,
     # so a gateway and a worker of versions with and without it read each other's entries.

@@ -118,9 +118,9 @@ def check_n(n: int, shape: Shape, scheduler: str, workers: list[WorkerInfo]) -> 
 
 
 def request_fingerprint(body: GenerateRequest) -> str:
-    """What an `Idempotency-Key` binds to: the validated body. A request that names no `n` is fingerprinted
-    without it, as before requests had `n`, so a key stored then still matches its retry."""
-    unnamed = {"n"} if body.n is None else None
+    """What an `Idempotency-Key` binds to: the validated body. The fields added since keys were first stored (`n`,
+    `loras`) are left out when the request does not use them, so a key stored before still matches its retry."""
+    unnamed = ({"n"} if body.n is None else set()) | ({"loras"} if not body.loras else set())
     return hashlib.sha256(body.model_dump_json(exclude=unnamed).encode()).hexdigest()
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from pydantic import ValidationError
 
 from common.protocol import (
+    MAX_LORAS,
     MAX_SEED,
     SDXL_RESOLUTIONS,
     GenerationParams,
@@ -77,6 +80,7 @@ def test_a_request_resolves_into_the_parameters_its_job_carries_whole() -> None:
         "height": 96,
         "scheduler": "euler_trailing",
         "n": 4,
+        "loras": [],
     }
     assert params.shape == Shape(width=64, height=96, steps=3)
     job = Job(id="j", params=params, result_ttl_s=60)
@@ -114,3 +118,30 @@ def test_sdxl_trained_resolutions_are_on_its_grid() -> None:
 )
 def test_nearest_sdxl_resolution_by_aspect_ratio(asked: tuple[int, int], served: tuple[int, int]) -> None:
     assert nearest_sdxl_resolution(*asked) == served
+
+
+@pytest.mark.parametrize(
+    ("loras", "location", "rule"),
+    [
+        ([{"name": "a", "scale": 9.0}], ("loras", 0, "scale"), "less_than_equal"),
+        ([{"name": "a", "scale": float("nan")}], ("loras", 0, "scale"), "finite_number"),
+        ([{"name": "../etc/passwd"}], ("loras", 0, "name"), "string_pattern_mismatch"),
+        ([{"name": "a"}, {"name": "a"}], ("loras",), "lora_repeated"),
+        ([{"name": f"a{i}"} for i in range(MAX_LORAS + 1)], ("loras",), "too_long"),
+        ([{"name": "a", "weight": 1.0}], ("loras", 0, "weight"), "extra_forbidden"),
+    ],
+)
+def test_a_bad_lora_is_refused_naming_its_field(
+    loras: list[dict[str, Any]], location: tuple[Any, ...], rule: str
+) -> None:
+    """An adapter's name is a plain file stem, its scale finite and bounded, each named once, a bounded number."""
+    with pytest.raises(ValidationError) as caught:
+        GenerationParams.model_validate({"prompt": "a cat", "loras": loras})
+    error = caught.value.errors()[0]
+    assert (error["loc"], error["type"]) == (location, rule)
+
+
+def test_loras_default_to_none_and_keep_their_order() -> None:
+    assert GenerationParams(prompt="a cat").loras == []
+    params = GenerationParams.model_validate({"prompt": "a cat", "loras": [{"name": "b", "scale": -1}, {"name": "a"}]})
+    assert [(lora.name, lora.scale) for lora in params.loras] == [("b", -1.0), ("a", 1.0)]
