@@ -48,10 +48,18 @@ class ApiError(Exception):
 def from_validation_error(exc: ValidationError) -> ApiError:
     """The first problem of a pydantic validation error, naming the field and the rule it broke."""
     err = exc.errors(include_url=False)[0]
-    field = ".".join(str(part) for part in err["loc"]) or None
+    field = field_name(err["loc"]) or None
     code = err["type"]
     if code == "json_invalid":
         return ApiError(400, "invalid_json", f"request body is not valid JSON: {err['msg']}")
     if code == "model_type" and field is None:  # the body itself; a nested object's is named below
         return ApiError(400, "invalid_body", "request body must be a JSON object")
     return ApiError(400, code, f"{field}: {err['msg']}" if field else err["msg"], field=field)
+
+
+def field_name(loc: tuple[int | str, ...]) -> str:
+    """A pydantic location as a client writes the field: `loras[0].scale`, `webhook.url`."""
+    name = ""
+    for part in loc:
+        name += f"[{part}]" if isinstance(part, int) else f".{part}" if name else str(part)
+    return name

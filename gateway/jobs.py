@@ -12,6 +12,7 @@ import logging
 import re
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -90,7 +91,8 @@ async def make_job(
     params = body.resolved(resolved.shape, seed, resolved.scheduler)
     if body.n is None:
         params = params.model_copy(update={"n": default_n})
-    check_n(params.n, params.shape, params.scheduler, workers)
+    loras = [lora.name for lora in params.loras]
+    check_n(params.n, params.shape, params.scheduler, workers, loras)
     job = Job(
         id=uuid.uuid4().hex,
         params=params,
@@ -99,14 +101,16 @@ async def make_job(
         result_ttl_s=request.app[CONFIG].result_ttl_s,
         request_id=request.get(REQUEST_ID),
     )
-    stream = await request.app[PLACEMENT].stream_for(job.params.shape, job.params.scheduler, workers, job.params.n)
+    stream = await request.app[PLACEMENT].stream_for(
+        job.params.shape, job.params.scheduler, workers, job.params.n, loras
+    )
     return Placed(job=job, stream=stream, workers=workers)
 
 
-def check_n(n: int, shape: Shape, scheduler: str, workers: list[WorkerInfo]) -> None:
-    """Refuse, before queueing, more images than a worker that may run the job makes per request: on a shared
-    stream any of them may claim it, so the bound is the least any of them advertises."""
-    able = [w for w in workers if w.state in SERVING_STATES and runs(w, shape, scheduler)]
+def check_n(n: int, shape: Shape, scheduler: str, workers: list[WorkerInfo], loras: Sequence[str] = ()) -> None:
+    """Refuse, before queueing, more images than a worker that may run the job (with its adapters `loras`) makes per
+    request: on a shared stream any of them may claim it, so the bound is the least any of them advertises."""
+    able = [w for w in workers if w.state in SERVING_STATES and runs(w, shape, scheduler, loras)]
     most = min((w.images_per_request for w in able), default=None)
     if most is not None and n > most:
         raise ApiError(

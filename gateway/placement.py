@@ -11,16 +11,20 @@
   request at a time) is compared as before: the one with fewer jobs on its stream (queued plus in service).
 
 The candidates are the ready or busy workers that serve the job's size, its step count (up to their
-`max_steps`) and its scheduler, so heterogeneous workers (other sizes, step ranges, schedulers, device
-counts) are served correctly under every policy. Under `shared`, a job that some worker of its size could
-not run (a smaller step range, fewer schedulers) goes to the stream of a candidate instead, the shorter of
-two. A job routed to a worker that then dies is moved to the shared stream of its size
-(`Recovery.rehome_orphans`): nothing is lost.
+`max_steps`), its scheduler and its LoRA adapters (each offered, no more than their `max_loras`), so heterogeneous
+workers (other sizes, step ranges, schedulers, adapter folders, device counts) are served correctly under every
+policy. Under `shared`, a job that some worker of its size could not run (a smaller step range, fewer schedulers,
+an adapter it does not offer) goes to the stream of a candidate instead, the shorter of two. A job with adapters
+goes, under `shared` and `p2c`, to a candidate whose device pool holds them all already (`loras_loaded`) and has
+room for its images, when there is one (the one with the most free rows): it starts without loading an adapter.
+A job routed to a worker that then dies is moved to the shared stream of its size (`Recovery.rehome_orphans`):
+nothing is lost.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 
@@ -28,6 +32,7 @@ from common.protocol import Shape
 from common.rediskeys import RedisKeys
 from common.registry import SERVING_STATES, WorkerInfo
 from gateway.config import RoutingPolicy
+from gateway.loras import holds
 from gateway.shapes import runs
 
 
@@ -42,16 +47,20 @@ class Placement:
         self._keys = keys
         self._rng = rng or random.Random()
 
-    async def stream_for(self, shape: Shape, scheduler: str, workers: list[WorkerInfo], n: int = 1) -> str:
-        """The stream to queue a job of `shape`, `scheduler` and `n` images on; `workers` must include one that
-        runs it."""
+    async def stream_for(
+        self, shape: Shape, scheduler: str, workers: list[WorkerInfo], n: int = 1, loras: Sequence[str] = ()
+    ) -> str:
+        """The stream to queue a job of `shape`, `scheduler`, `n` images and the adapters named `loras` on; `workers`
+        must include one that runs it."""
         candidates = sorted(
-            (w for w in workers if w.state in SERVING_STATES and runs(w, shape, scheduler)), key=lambda w: w.id
+            (w for w in workers if w.state in SERVING_STATES and runs(w, shape, scheduler, loras)), key=lambda w: w.id
         )
         size_stream = self._keys.size_stream(shape.size)
-        shared_fits = all(runs(w, shape, scheduler) for w in workers if shape.size in w.sizes)
+        shared_fits = all(runs(w, shape, scheduler, loras) for w in workers if shape.size in w.sizes)
         if not candidates:  # resolve has refused this already; keep the job safe regardless
             return size_stream
+        if loras and self.policy != "random" and (warm := self._holding(candidates, loras, n)) is not None:
+            return self._own(warm.id)
         if self.policy == "shared":
             if shared_fits:
                 return size_stream
@@ -62,6 +71,15 @@ class Placement:
         if not all(w.rows > 0 for w in drawn):
             return await self._shorter_of_two(drawn)
         return await self._more_free_rows(drawn, n, size_stream if shared_fits else None)
+
+    def _holding(self, candidates: list[WorkerInfo], loras: Sequence[str], n: int) -> WorkerInfo | None:
+        """Of the candidates whose pool holds every one of `loras` and that have room for `n` images, the one with
+        the most free rows (ties: drawn at random); None when there is none."""
+        warm = [w for w in candidates if w.free_rows >= n and holds(w, loras)]
+        if not warm:
+            return None
+        most = max(w.free_rows for w in warm)
+        return self._rng.choice([w for w in warm if w.free_rows == most])
 
     def _own(self, worker_id: str) -> str:
         return self._keys.worker_stream(worker_id)

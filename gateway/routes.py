@@ -24,6 +24,7 @@ from gateway.schemas import (
     GenerateResponse,
     JobAccepted,
     JobState,
+    LoraList,
     ModelList,
     WorkerList,
 )
@@ -195,6 +196,15 @@ ROUTES: tuple[Route, ...] = (
         views.list_models,
         "The models served (OpenAI's model list), with the sizes, step range and schedulers requests may ask for",
         replies={200: Reply("one entry per model that ready workers serve; empty while none is", ModelList)},
+        errors=_GUARDED,
+        access=DEMO_READ,
+    ),
+    Route(
+        "GET",
+        "/v1/loras",
+        views.list_loras,
+        "The LoRA adapters a request may name in `loras`: which serving workers offer each, how many hold it loaded",
+        replies={200: Reply("one entry per adapter that ready workers offer; empty while none is", LoraList)},
         errors=_GUARDED,
         access=DEMO_READ,
     ),

@@ -256,3 +256,20 @@ class ModelList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class LoraCard(BaseModel):
+    """A LoRA adapter the serving workers offer: a request names it in `loras` by this `id`."""
+
+    id: str
+    object: Literal["lora"] = "lora"
+    owned_by: str = "sdxl-serve"
+    workers: list[str] = Field(description="the serving workers that offer it (a request naming it runs on one)")
+    loaded: int = Field(description="how many of them hold it in their device pool now (no load before its first step)")
+
+
+class LoraList(BaseModel):
+    """Body of `GET /v1/loras`: the adapters that ready or busy workers offer, by name."""
+
+    object: Literal["list"] = "list"
+    data: list[LoraCard]

@@ -1,19 +1,21 @@
-"""Matching a request's size, step count and scheduler to what the live workers serve.
+"""Matching a request's size, step count, scheduler and LoRA adapters to what the live workers serve.
 
 A worker serves a list of sizes (one compiled executable set each), any step count from 1 to its
 `max_steps`, and a list of schedulers. A request is checked against the workers registered now: a size,
-step count or scheduler that none of them serves is the client's mistake (400 naming the field); one that
-only warming or draining workers serve is a 503 to retry.
+step count or scheduler that none of them serves is the client's mistake (400 naming the field), as are adapters
+none of them offers (gateway/loras.py); one that only warming or draining workers serve is a 503 to retry.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from common.protocol import DEFAULT_SCHEDULER, GenerationParams, Scheduler, Shape, Size
 from common.registry import SERVING_STATES, WorkerInfo
 from gateway.errors import ApiError
+from gateway.loras import check_loras, offers
 from gateway.schemas import ModelCard
 
 RETRY_SOON = {"Retry-After": "5"}
@@ -27,9 +29,15 @@ class Resolved:
     scheduler: Scheduler
 
 
-def runs(worker: WorkerInfo, shape: Shape, scheduler: str) -> bool:
-    """Whether `worker` can run a job of `shape` with `scheduler` (whatever its state)."""
-    return shape.size in worker.sizes and shape.steps <= worker.max_steps and scheduler in worker.schedulers
+def runs(worker: WorkerInfo, shape: Shape, scheduler: str, loras: Collection[str] = ()) -> bool:
+    """Whether `worker` can run a job of `shape` with `scheduler` and the adapters named `loras` (whatever its
+    state)."""
+    return (
+        shape.size in worker.sizes
+        and shape.steps <= worker.max_steps
+        and scheduler in worker.schedulers
+        and offers(worker, loras)
+    )
 
 
 def resolve(request: GenerationParams, workers: list[WorkerInfo]) -> Resolved:
@@ -49,11 +57,15 @@ def resolve(request: GenerationParams, workers: list[WorkerInfo]) -> Resolved:
     _check_steps(shape, known)
     scheduler = request.scheduler or DEFAULT_SCHEDULER
     _check_scheduler(shape, scheduler, known)
-    if not any(w.state in SERVING_STATES and runs(w, shape, scheduler) for w in known):
+    what = f"{size} at {steps} steps with {scheduler}"
+    names = [lora.name for lora in request.loras]
+    check_loras(names, [w for w in known if runs(w, shape, scheduler)], what)
+    if not any(w.state in SERVING_STATES and runs(w, shape, scheduler, names) for w in known):
         raise ApiError(
             503,
             "no_ready_worker",
-            f"the workers serving {size} at {steps} steps with {scheduler} are warming up or draining; retry shortly",
+            f"the workers serving {what}{' and these adapters' if names else ''} are warming up or draining; retry "
+            "shortly",
             headers=RETRY_SOON,
         )
     return Resolved(shape=shape, scheduler=scheduler)

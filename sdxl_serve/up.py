@@ -52,6 +52,7 @@ from worker.cli import (
     add_model_arguments,
     add_safety_checker_arguments,
     add_watermark_argument,
+    lora_settings,
 )
 from worker.config import DEFAULT_MODEL, Attention, WorkerConfig, default_compile_cache_dir
 
@@ -115,6 +116,11 @@ class UpConfig:
     watermark: bool = WorkerConfig.watermark
     safety_checker: Path | None = WorkerConfig.safety_checker
     safety_replace: Literal["black", "blur"] = WorkerConfig.safety_replace
+    lora_dir: Path | None = WorkerConfig.lora_dir
+    lora_cache: int = WorkerConfig.lora_cache
+    max_loras: int = WorkerConfig.max_loras
+    lora_max_rank: int = WorkerConfig.lora_max_rank
+    lora_max_mb: float = WorkerConfig.lora_max_mb
     policy: PolicyConfig = dataclasses.field(
         default_factory=PolicyConfig
     )  # the gateway's prompt blocklist and moderation hook
@@ -137,6 +143,13 @@ class UpConfig:
             self.safety_checker is None or self.safety_checker.is_dir(),
             "--safety-checker",
             "must be a folder holding config.json and model.safetensors",
+        )
+        WorkerConfig(  # the workers' LoRA rules, with their flags' names
+            lora_dir=self.lora_dir,
+            lora_cache=self.lora_cache,
+            max_loras=self.max_loras,
+            lora_max_rank=self.lora_max_rank,
+            lora_max_mb=self.lora_max_mb,
         )
 
     @classmethod
@@ -173,6 +186,7 @@ class UpConfig:
             watermark=args.watermark == "on",
             safety_checker=args.safety_checker,
             safety_replace=args.safety_replace,
+            **lora_settings(args),
             policy=policy_config(args),
             compile_cache=args.compile_cache,
             compile_cache_max_gb=args.compile_cache_max_gb,
@@ -304,6 +318,7 @@ def worker_argv(config: UpConfig, resolved: Resolved) -> list[str]:
     argv += ["--max-steps", str(config.max_steps)]
     argv += ["--engine", config.engine, "--rows-per-device", str(config.rows_per_device)]
     argv += ["--batch-policy", config.batch_policy]
+    argv += _lora_argv(config)
     if config.default_steps is not None:
         argv += ["--default-steps", str(config.default_steps)]
     if config.compile_cache is None:
@@ -316,6 +331,15 @@ def worker_argv(config: UpConfig, resolved: Resolved) -> list[str]:
             str(config.compile_cache_max_gb),
         ]
     return argv
+
+
+def _lora_argv(config: UpConfig) -> list[str]:
+    """The workers' LoRA flags: the folder when one is given, the pool and per-request bounds always."""
+    argv = ["--lora-dir", str(config.lora_dir)] if config.lora_dir is not None else []
+    return [
+        *argv, "--lora-cache", str(config.lora_cache), "--max-loras", str(config.max_loras),
+        "--lora-max-rank", str(config.lora_max_rank), "--lora-max-mb", str(config.lora_max_mb),
+    ]  # fmt: skip
 
 
 def gateway_argv(config: UpConfig, resolved: Resolved) -> list[str]:

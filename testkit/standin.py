@@ -9,8 +9,9 @@ SIGKILL, SIGSTOP or cut off like any other:
     python -m testkit.standin --redis-url redis://127.0.0.1:PORT/0 --worker-id standin-1 --sizes 64x64 --max-steps 2
 
 It takes the real worker's `--sizes` (default 64x64 here), `--max-steps`, `--default-steps`, `--engine` (`rows`,
-the default: a `StandInEngine`; `request`: one request at a time), `--rows-per-device` and `--batch-policy`, and
-serves what they say.
+the default: a `StandInEngine`; `request`: one request at a time), `--rows-per-device`, `--batch-policy` and the
+LoRA flags (`--lora-dir`, `--max-loras`, ...), and serves what they say: it advertises the adapters of `--lora-dir`
+as a real worker does, and applies none.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 
 from common.logs import setup_logging
 from common.protocol import SCHEDULERS, ResolvedParams, Shape, Size
-from worker.cli import add_serving_arguments
+from worker.cli import add_serving_arguments, lora_settings
 from worker.config import WorkerConfig
 from worker.pipeline import CompileTimings, PipelineError, UnsupportedShape
 from worker.pipeline_protocol import Engine, Pipeline, StepCallback, Tick
@@ -212,6 +213,7 @@ def config_of(args: argparse.Namespace) -> WorkerConfig:
         batch_policy=args.batch_policy,
         metrics_host="127.0.0.1",
         compile_cache_dir=None,
+        **lora_settings(args),
     )
 
 

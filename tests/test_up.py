@@ -15,8 +15,10 @@ from typing import Any
 
 import pytest
 
+from common.config import ConfigError
 from sdxl_serve.cli import build_parser
 from sdxl_serve.up import Resolved, UpConfig, child_command, children
+from worker.cli import worker_config
 
 # Flags only `up` itself reads: how many workers, where the tiny model is made, supervision.
 UP_ONLY = frozenset(
@@ -132,10 +134,13 @@ def seen(argv: list[str], flag: str) -> dict[str, Any]:
 
 @pytest.fixture(autouse=True)
 def _sample_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flags whose value `up` checks on disk: a blocklist that parses, a folder for the safety checker."""
+    """Flags whose value `up` checks on disk: a blocklist that parses, a folder for the safety checker, a folder of
+    LoRA adapters."""
     blocklist = tmp_path / "blocklist.txt"
     blocklist.write_text("forbidden\n", encoding="utf-8")
     (tmp_path / "checker").mkdir()
+    (tmp_path / "loras").mkdir()
+    monkeypatch.setitem(SAMPLES, "--lora-dir", str(tmp_path / "loras"))
     monkeypatch.setitem(SAMPLES, "--prompt-blocklist", str(blocklist))
     monkeypatch.setitem(SAMPLES, "--safety-checker", str(tmp_path / "checker"))
 
@@ -161,6 +166,38 @@ def test_the_prompt_policy_and_the_safety_checker_are_forwarded() -> None:
     assert {flag: takers(flag) for flag in policy | safety if flag in FORWARDED} == (
         {flag: ["gateway"] for flag in policy} | {flag: ["worker"] for flag in safety}
     )
+
+
+LORA_FLAGS = ("--lora-dir", "--lora-cache", "--max-loras", "--lora-max-rank", "--lora-max-mb")
+
+
+def test_the_lora_flags_are_forwarded_to_the_workers() -> None:
+    """The adapters a cluster offers, and how many it holds and applies, are the workers' to know."""
+    assert {flag: takers(flag) for flag in LORA_FLAGS if flag in FORWARDED} == {flag: ["worker"] for flag in LORA_FLAGS}
+
+
+def test_every_worker_up_starts_reads_the_lora_flags_into_its_config(tmp_path: Path) -> None:
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    argv = ["up", "--workers", "2", "--lora-dir", str(folder), "--lora-cache", "6", "--max-loras", "3"]
+    argv += ["--lora-max-rank", "32", "--lora-max-mb", "200"]
+    config = UpConfig.from_args(build_parser().parse_args(argv))
+    resolved = asyncio.run(Resolved.settle(config, SCRATCH, private_redis, default_model))
+    workers = [child for child in children(config, resolved) if child.is_worker]
+    assert len(workers) == 2
+    for child in workers:
+        read = worker_config(build_parser(load=CHILDREN).parse_args(child_command(config, child)))
+        lora = (read.lora_dir, read.lora_cache, read.max_loras, read.lora_max_rank, read.lora_max_mb)
+        assert lora == (folder, 6, 3, 32, 200.0) and read.offered_max_loras == 3
+
+
+def test_a_missing_lora_folder_is_refused_by_up_naming_the_flag(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["up", "--lora-dir", str(tmp_path / "absent")])
+    with pytest.raises(ConfigError, match=r"^--lora-dir .*absent is not a readable folder: create it"):
+        UpConfig.from_args(args)
+    args = build_parser().parse_args(["up", "--max-loras", "9"])
+    with pytest.raises(ConfigError, match=r"^--max-loras must be 1\.\.8"):
+        UpConfig.from_args(args)
 
 
 @pytest.mark.parametrize("flag", FORWARDED)

@@ -18,6 +18,7 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 from common.config import (  # noqa: E402
     ConfigError,
@@ -25,7 +26,7 @@ from common.config import (  # noqa: E402
     add_eviction_argument,
     add_redis_arguments,
 )
-from common.protocol import MAX_STEPS, Size  # noqa: E402
+from common.protocol import MAX_LORAS, MAX_STEPS, Size  # noqa: E402
 from worker.config import ATTENTION, DEFAULT_MODEL, WorkerConfig, default_compile_cache_dir, parse_sizes  # noqa: E402
 
 CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
@@ -206,6 +207,43 @@ def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
         help="--engine rows: which waiting request starts first when the batch is full: arrival order, or fewest "
         "remaining steps",
     )
+    add_lora_arguments(parser)
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    """The LoRA adapters a worker offers and how many it holds (docs/api.md: LoRA adapters)."""
+    parser.add_argument(
+        "--lora-dir",
+        type=Path,
+        default=WorkerConfig.lora_dir,
+        metavar="FOLDER",
+        help="offer the LoRA adapters in FOLDER: each NAME.safetensors is adapter NAME; listed again at every "
+        "heartbeat, so adapters added later are offered without a restart (default: none; --engine rows only)",
+    )
+    parser.add_argument(
+        "--lora-cache",
+        type=int,
+        default=WorkerConfig.lora_cache,
+        help="adapters the devices hold at once (the pool's slots); others are loaded from --lora-dir when asked for",
+    )
+    parser.add_argument(
+        "--max-loras",
+        type=int,
+        default=WorkerConfig.max_loras,
+        help=f"the most adapters one request may name (1..{MAX_LORAS}, at most --lora-cache)",
+    )
+    parser.add_argument(
+        "--lora-max-rank",
+        type=int,
+        default=WorkerConfig.lora_max_rank,
+        help="the largest adapter rank the pool holds; an adapter of a larger rank is refused",
+    )
+    parser.add_argument(
+        "--lora-max-mb",
+        type=float,
+        default=WorkerConfig.lora_max_mb,
+        help="the largest adapter file read from --lora-dir, in MB; a larger one is refused",
+    )
 
 
 def _sizes(text: str) -> tuple[Size, ...]:
@@ -279,8 +317,20 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         blob_store=args.blob_store,
         blob_sweep_interval_s=args.blob_sweep_interval,
         blob_store_timeout_s=args.blob_store_timeout,
+        **lora_settings(args),
         **extra,
     )
+
+
+def lora_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The WorkerConfig fields of `add_lora_arguments`' flags."""
+    return {
+        "lora_dir": args.lora_dir,
+        "lora_cache": args.lora_cache,
+        "max_loras": args.max_loras,
+        "lora_max_rank": args.lora_max_rank,
+        "lora_max_mb": args.lora_max_mb,
+    }
 
 
 def run(args: argparse.Namespace) -> int:

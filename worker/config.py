@@ -12,7 +12,7 @@ from typing import Literal, get_args
 
 from common.blobstore import REDIS as BLOBS_IN_REDIS
 from common.config import DEFAULT_REDIS_URL, default_cache_dir, require, require_blob_store_url, require_redis_url
-from common.protocol import DEFAULT_MAX_STEPS, DEFAULT_STEPS, MAX_STEPS, SDXL_RESOLUTIONS, Size
+from common.protocol import DEFAULT_MAX_STEPS, DEFAULT_STEPS, MAX_LORAS, MAX_STEPS, SDXL_RESOLUTIONS, Size
 from common.rediskeys import DEFAULT_PREFIX
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -99,6 +99,14 @@ class WorkerConfig:
     blob_sweep_interval_s: float = 300.0
     # A job whose images the store refuses this long fails, and the worker stops claiming until it takes writes.
     blob_store_timeout_s: float = 60.0
+    # LoRA adapters (worker/lora_source.py): the folder of `NAME.safetensors` files offered (None: none), the
+    # adapter slots of the device pool, the most one request may name, the largest rank the pool holds, and the
+    # largest file read.
+    lora_dir: Path | None = None
+    lora_cache: int = 8
+    max_loras: int = 4
+    lora_max_rank: int = 64
+    lora_max_mb: float = 1024.0
 
     def __post_init__(self) -> None:
         require(self.images_per_request >= 1, "--images-per-request", "must be >= 1")
@@ -129,6 +137,26 @@ class WorkerConfig:
         require_blob_store_url(self.blob_store)
         require(self.blob_sweep_interval_s > 0, "--blob-sweep-interval", "must be > 0")
         require(self.blob_store_timeout_s > 0, "--blob-store-timeout", "must be > 0")
+        self._check_loras()
+
+    def _check_loras(self) -> None:
+        require(self.lora_cache >= 1, "--lora-cache", "must be >= 1")
+        require(1 <= self.max_loras <= MAX_LORAS, "--max-loras", f"must be 1..{MAX_LORAS}")
+        require(self.max_loras <= self.lora_cache, "--max-loras", "must be <= --lora-cache (one request's adapters)")
+        require(self.lora_max_rank >= 1, "--lora-max-rank", "must be >= 1")
+        require(self.lora_max_mb > 0, "--lora-max-mb", "must be > 0")
+        folder = self.lora_dir
+        require(
+            folder is None or (folder.is_dir() and os.access(folder, os.R_OK | os.X_OK)),
+            "--lora-dir",
+            f"{folder} is not a readable folder: create it, or name the folder of the NAME.safetensors adapters",
+        )
+
+    @property
+    def offered_max_loras(self) -> int:
+        """The most adapters one request may name, as advertised: 0 without --lora-dir, and under `--engine request`
+        (only the row engine applies adapters)."""
+        return self.max_loras if self.lora_dir is not None and self.engine == "rows" else 0
 
     @property
     def model_revision(self) -> str | None:

@@ -15,13 +15,14 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from common.protocol import Size
 from common.registry import Registry, WorkerInfo, WorkerState
 from worker.config import WorkerConfig
 from worker.delivery import REDIS_ERRORS
+from worker.lora_source import LoraFolder
 from worker.pipeline_protocol import Engine
 from worker.tiny_model import is_tiny_model
 
@@ -31,9 +32,18 @@ logger = logging.getLogger(__name__)
 class Presence:
     """This worker's registry entry (`info`) and the heartbeat that refreshes it."""
 
-    def __init__(self, config: WorkerConfig, registry: Registry, started_at: float | None = None) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        registry: Registry,
+        started_at: float | None = None,
+        loras: LoraFolder | None = None,
+    ) -> None:
         self._config = config
         self._registry = registry
+        self._loras = loras
+        # The adapters the engine's device pool holds now: the engine's, once `loaded_by` names it.
+        self._loaded: Callable[[], Sequence[str]] = lambda: ()
         self._draining = False
         self._store_refuses = False  # the image store refuses writes: claim nothing until it takes one
         self._busy = False
@@ -47,6 +57,8 @@ class Presence:
             **serving(config.sizes or (), config.max_steps, config.default_steps, ()),
             started_at=started_at or time.time(),
             random_weights=is_tiny_model(config.model),
+            loras=list(loras.names) if loras is not None else [],
+            max_loras=config.offered_max_loras if loras is not None else 0,
         )
 
     async def announce(self, state: WorkerState, phase: str | None = None) -> None:
@@ -101,10 +113,22 @@ class Presence:
         """Name the port of this worker's /metrics, /healthz and /readyz."""
         self._update(metrics_port=port)
 
+    def loaded_by(self, loaded: Callable[[], Sequence[str]]) -> None:
+        """Publish what `loaded()` returns (the adapters in the device pool) as `loras_loaded`, from the next
+        heartbeat on. It is called on the event loop."""
+        self._loaded = loaded
+
+    async def refresh_loras(self) -> None:
+        """List the LoRA folder again and read the engine's pool: what the next publish says of adapters."""
+        offered = list(await self._loras.rescan()) if self._loras is not None else []
+        self._update(loras=offered, loras_loaded=list(self._loaded()))
+
     async def heartbeat(self) -> None:
-        """Refresh the entry every `heartbeat_interval_s`, forever; a Redis error skips one beat."""
+        """Refresh the entry every `heartbeat_interval_s`, forever, with the adapters offered and loaded now; a Redis
+        error skips one beat."""
         while True:
             await asyncio.sleep(self._config.heartbeat_interval_s)
+            await self.refresh_loras()
             try:
                 await self._registry.publish(self.info, self._config.heartbeat_ttl_s)
             except REDIS_ERRORS as exc:

@@ -45,6 +45,7 @@ from worker.device_watermark import DeviceWatermark
 from worker.encode import encode_all
 from worker.handoff import EncodeImages, Generated, HandOff, failed
 from worker.images import ImageWriter
+from worker.lora_source import LoraFolder, open_lora_source, refusal
 from worker.metrics import WorkerMetrics, metrics_app, start_server
 from worker.pipeline import PipelineError, PipelineOptions, SDXLPipeline
 from worker.pipeline_protocol import Engine, Pipeline, Tick
@@ -93,7 +94,9 @@ class Worker:
         keys = RedisKeys(config.key_prefix)
         registry = Registry(redis, keys)
         self._delivery = Delivery(redis, keys)
-        self.presence = Presence(config, registry, started_at)
+        # The LoRA adapters offered (None without --lora-dir); the engine loads them through `adapter_loader`.
+        self.loras: LoraFolder | None = open_lora_source(config)
+        self.presence = Presence(config, registry, started_at, self.loras)
         self._claims = Claims(config, redis, self._delivery, registry, self.metrics)
         self._device = Device(self.metrics)
         images = ImageWriter(blobs, config.worker_id, config.blob_store_timeout_s) if blobs is not None else None
@@ -261,6 +264,10 @@ class Worker:
             return RequestAtATime(pipeline, config.images_per_request)
         # Imported here: the row engine loads with the model, and only where it is asked for.
         engines = importlib.import_module("worker.engine")
+        # LoRA hook: with `self.loras` (--lora-dir), the engine's adapter loader is
+        # `adapter_loader(self.loras, lambda name, data: read_adapter(name, data, layers))` (worker/lora_source.py,
+        # worker/lora_files.py), with pool `config.lora_cache`, rank `config.lora_max_rank` and `config.max_loras`
+        # per request; then `self.presence.loaded_by(<the engine's names in its pool>)` publishes `loras_loaded`.
         row_engine = engines.RowEngine(pipeline, config.rows_per_device, config.batch_policy, config.images_per_request)
         return cast(Engine, row_engine)
 
@@ -331,6 +338,12 @@ class Worker:
             return
         queued_ms = await self._claims.start(claimed)
         if queued_ms is None:
+            return
+        # Adapters this worker does not offer (or too many): the gateway routes no such job here, but a race or an
+        # older gateway may; it fails, naming the adapter, before the engine sees it.
+        info = self.presence.info
+        if (reason := refusal(job.params.loras, info.loras, info.max_loras)) is not None:
+            await self._handoff.hand_off(Generated(claimed, None, failed(job, self.id, reason), queued_ms, 0.0))
             return
         progress = JobProgress(job, self.id, self._delivery, self.metrics)
         await progress.__aenter__()

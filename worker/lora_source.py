@@ -1,0 +1,132 @@
+"""Where a worker's LoRA adapters come from: a folder of `NAME.safetensors` files (`--lora-dir`).
+
+The adapters offered are the files' stems that are valid adapter names (`LORA_NAME_PATTERN`); any other file is
+skipped, with one log line per name. The folder is listed again at every heartbeat (`rescan`), so an adapter copied
+in is offered without a restart and one removed stops being offered. A file is read whole only when the engine loads
+it into its device pool (`read`), up to `--lora-max-mb`. The image store (common/blobstore.py) is not a source: it
+has no listing.
+
+The engine loads an adapter through `adapter_loader(source, parse)`: the bytes `read` returns, parsed by
+worker/lora_files.py's reader with the pipeline's layers bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+
+from common.protocol import LORA_NAME_PATTERN, LoraRef
+from worker.config import WorkerConfig
+from worker.lora import Adapter
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = ".safetensors"
+_NAME = re.compile(LORA_NAME_PATTERN)
+_MB = 1 << 20
+
+
+class LoraSourceError(Exception):
+    """An adapter that cannot be read: not offered, gone, unreadable or too large. The message names it."""
+
+
+class LoraFolder:
+    """The adapters of one folder: `names` as of the last `scan`, and each one's bytes on `read`."""
+
+    def __init__(self, folder: Path, max_bytes: int) -> None:
+        self.folder = folder
+        self.max_bytes = max_bytes
+        self.names: tuple[str, ...] = ()
+        self._skipped: set[str] = set()  # files already logged as skipped: logged once each
+
+    def scan(self) -> tuple[str, ...]:
+        """List the folder again: the adapters offered from now on, sorted. An unreadable folder (removed
+        meanwhile) offers none until it is back."""
+        try:
+            entries = [entry.name for entry in os.scandir(self.folder) if entry.is_file()]
+        except OSError as exc:
+            if self.names:
+                logger.warning("LoRA folder %s cannot be listed (%s); offering no adapters", self.folder, exc)
+            entries = []
+        self.names = tuple(sorted(name for name in map(self._adapter_name, entries) if name is not None))
+        return self.names
+
+    async def rescan(self) -> tuple[str, ...]:
+        """`scan` off the event loop."""
+        return await asyncio.to_thread(self.scan)
+
+    def _adapter_name(self, filename: str) -> str | None:
+        if not filename.endswith(SUFFIX):
+            return None
+        stem = filename[: -len(SUFFIX)]
+        if _NAME.fullmatch(stem) is None:
+            if filename not in self._skipped:
+                self._skipped.add(filename)
+                logger.warning(
+                    "LoRA file %s skipped: its name is not an adapter name (%s)",
+                    self.folder / filename,
+                    LORA_NAME_PATTERN,
+                )
+            return None
+        return stem
+
+    def read(self, name: str) -> bytes:
+        """The bytes of adapter `name`'s file; LoraSourceError when it is not offered, unreadable or larger than
+        `max_bytes`."""
+        if _NAME.fullmatch(name) is None:
+            raise LoraSourceError(f"adapter {name!r}: not an adapter name")
+        path = self.folder / f"{name}{SUFFIX}"
+        try:
+            with path.open("rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                if size > self.max_bytes:
+                    raise LoraSourceError(self._too_large(name, size))
+                data = file.read(self.max_bytes + 1)  # bounded: a file that grew meanwhile is refused as well
+        except FileNotFoundError:
+            raise LoraSourceError(f"adapter {name!r}: {path} is gone") from None
+        except OSError as exc:
+            raise LoraSourceError(f"adapter {name!r}: cannot read {path}: {exc}") from None
+        if len(data) > self.max_bytes:
+            raise LoraSourceError(self._too_large(name, len(data)))
+        return data
+
+    def _too_large(self, name: str, size: int) -> str:
+        return (
+            f"adapter {name!r}: {self.folder / (name + SUFFIX)} is {size / _MB:.1f} MB, over --lora-max-mb "
+            f"{self.max_bytes / _MB:g}"
+        )
+
+
+def open_lora_source(config: WorkerConfig) -> LoraFolder | None:
+    """The adapters `config` offers (scanned once now), or None without `--lora-dir`."""
+    if config.lora_dir is None:
+        return None
+    source = LoraFolder(config.lora_dir, int(config.lora_max_mb * _MB))
+    names = source.scan()
+    logger.info("LoRA adapters in %s: %d offered (%s)", config.lora_dir, len(names), ", ".join(names) or "none yet")
+    return source
+
+
+def adapter_loader(source: LoraFolder, parse: Callable[[str, bytes], Adapter]) -> Callable[[str], Adapter]:
+    """The engine's `load(name) -> Adapter`: the adapter's file from `source`, parsed by `parse` (worker/lora_files.py's
+    `read_adapter` with the pipeline's layers bound)."""
+
+    def load(name: str) -> Adapter:
+        return parse(name, source.read(name))
+
+    return load
+
+
+def refusal(loras: Sequence[LoraRef], offered: Collection[str], most: int) -> str | None:
+    """Why this worker cannot run a job naming `loras` (None when it can): more adapters than `most`, or one it does not
+    offer. The gateway routes no such job here; one that arrives all the same (a race, an older gateway) fails."""
+    if len(loras) > most:
+        return f"loras: {len(loras)} adapters named; this worker applies at most {most} per request"
+    for index, lora in enumerate(loras):
+        if lora.name not in offered:
+            return f"loras[{index}].name: adapter {lora.name!r} is not offered by this worker"
+    return None
