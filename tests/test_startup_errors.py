@@ -72,6 +72,18 @@ def test_a_worker_given_a_model_that_is_not_there_says_so_in_one_line(
     assert f"--model '{missing}': no such file or folder" in one_line_error(done, "worker")
 
 
+def test_a_worker_given_a_lora_folder_that_is_not_there_says_so_in_one_line(
+    redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-loras"
+    done = sdxl_serve(
+        "--log-level", "warning", "worker", "--redis-url", redis_server.url(0), "--lora-dir", str(missing),
+        "--metrics-port", "0", "--no-compile-cache",
+    )  # fmt: skip
+    line = one_line_error(done, "worker")
+    assert f"--lora-dir {missing} is not a readable folder: create it, or name the folder" in line
+
+
 def test_a_worker_that_cannot_reach_the_hub_says_so_in_one_line(redis_server: RedisProcess, tmp_path: Path) -> None:
     """No network here is the hub's offline mode: the same refusal before any download."""
     done = sdxl_serve(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -106,6 +107,27 @@ async def test_invalid_entries_fail_or_drop_and_the_worker_carries_on(
             assert reason in (result.error or ""), (job_id, result.error)
     good = await result_of(redis_client, "good-1")
     assert good is not None and good.status == "succeeded" and good.image_count == 4
+
+
+async def test_a_job_naming_an_adapter_the_worker_does_not_offer_fails_naming_it(
+    redis_server: RedisServer, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """The gateway routes no such job here; one queued all the same (a race, an older gateway) fails alone."""
+    (tmp_path / "ink.safetensors").write_bytes(b"adapter")
+    async with running_worker(redis_server.url(0), lora_dir=tmp_path, max_loras=2) as worker:
+        assert (worker.info.loras, worker.info.max_loras) == (["ink"], 2)
+        three = [{"name": "ink"}, {"name": "oil"}, {"name": "wax"}]
+        await redis_client.xadd(STREAM, {"job": job({"loras": [{"name": "ink"}, {"name": "oil"}]}, id="unknown")})
+        await redis_client.xadd(STREAM, {"job": job({"loras": three}, id="too-many")})
+        await redis_client.xadd(STREAM, {"job": job()})
+        await drained(redis_client)
+    unknown, too_many = await result_of(redis_client, "unknown"), await result_of(redis_client, "too-many")
+    assert unknown is not None and unknown.status == "failed"
+    assert unknown.error == "loras[1].name: adapter 'oil' is not offered by this worker"
+    assert too_many is not None and too_many.status == "failed"
+    assert too_many.error == "loras: 3 adapters named; this worker applies at most 2 per request"
+    good = await result_of(redis_client, "good-1")
+    assert good is not None and good.status == "succeeded"
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))

@@ -1,0 +1,190 @@
+"""A worker's LoRA adapters: the flags that configure them, the folder they come from, what the worker advertises
+and what it does with a job naming one it does not offer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from common.config import ConfigError
+from common.protocol import LoraRef
+from common.rediskeys import RedisKeys
+from common.registry import Registry
+from sdxl_serve.cli import build_parser
+from tests.protection import running_worker
+from tests.support import RedisServer
+from worker.cli import worker_config
+from worker.config import WorkerConfig
+from worker.lora import Adapter
+from worker.lora_source import LoraFolder, LoraSourceError, adapter_loader, open_lora_source, refusal
+
+MB = 1 << 20
+
+
+def worker_flags(*argv: str) -> WorkerConfig:
+    return worker_config(build_parser().parse_args(["worker", "--worker-id", "w", *argv]))
+
+
+def adapter_file(folder: Path, name: str, size: int = 16) -> Path:
+    path = folder / f"{name}.safetensors"
+    path.write_bytes(b"\x01" * size)
+    return path
+
+
+def test_the_lora_flags_default_to_none_offered_and_read_into_the_config(tmp_path: Path) -> None:
+    plain = worker_flags()
+    assert (plain.lora_dir, plain.lora_cache, plain.max_loras, plain.lora_max_rank, plain.lora_max_mb) == (
+        None,
+        8,
+        4,
+        64,
+        1024.0,
+    )
+    assert plain.offered_max_loras == 0  # no folder: a request may name none
+    given = worker_flags(
+        "--lora-dir", str(tmp_path), "--lora-cache", "3", "--max-loras", "2", "--lora-max-rank", "16",
+        "--lora-max-mb", "5",
+    )  # fmt: skip
+    assert (given.lora_dir, given.lora_cache, given.max_loras, given.lora_max_rank, given.lora_max_mb) == (
+        tmp_path,
+        3,
+        2,
+        16,
+        5.0,
+    )
+    assert given.offered_max_loras == 2
+    assert worker_flags("--lora-dir", str(tmp_path), "--engine", "request").offered_max_loras == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--lora-cache", "0"], "--lora-cache must be >= 1"),
+        (["--max-loras", "0"], "--max-loras must be 1..8"),
+        (["--max-loras", "9"], "--max-loras must be 1..8"),
+        (["--lora-cache", "2", "--max-loras", "3"], "--max-loras must be <= --lora-cache"),
+        (["--lora-max-rank", "0"], "--lora-max-rank must be >= 1"),
+        (["--lora-max-mb", "0"], "--lora-max-mb must be > 0"),
+    ],
+)
+def test_a_bad_lora_flag_is_named(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        worker_flags(*argv)
+
+
+def test_a_missing_or_unreadable_lora_folder_is_one_line_naming_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as missing:
+        worker_flags("--lora-dir", str(tmp_path / "absent"))
+    assert str(missing.value) == (
+        f"--lora-dir {tmp_path / 'absent'} is not a readable folder: create it, or name the folder of the "
+        "NAME.safetensors adapters"
+    )
+    a_file = adapter_file(tmp_path, "x")
+    with pytest.raises(ConfigError, match=r"^--lora-dir .* is not a readable folder"):
+        worker_flags("--lora-dir", str(a_file))
+
+
+def test_the_folder_offers_adapter_files_by_stem_and_skips_other_names_with_one_line_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    adapter_file(tmp_path, "pixel-art_v1.2")
+    adapter_file(tmp_path, "ink")
+    adapter_file(tmp_path, "bad name")  # a space: no request could name it
+    adapter_file(tmp_path, ".hidden")
+    (tmp_path / "notes.txt").write_text("not an adapter")
+    (tmp_path / "folder.safetensors").mkdir()
+    source = LoraFolder(tmp_path, MB)
+    with caplog.at_level(logging.WARNING, logger="worker.lora_source"):
+        assert source.scan() == ("ink", "pixel-art_v1.2")
+        assert source.scan() == ("ink", "pixel-art_v1.2")
+    skipped = [record.getMessage() for record in caplog.records]
+    assert len(skipped) == 2 and all("skipped: its name is not an adapter name" in line for line in skipped)
+    assert "bad name.safetensors" in skipped[0] + skipped[1] and ".hidden.safetensors" in skipped[0] + skipped[1]
+
+
+async def test_a_rescan_offers_an_adapter_added_and_drops_one_removed(tmp_path: Path) -> None:
+    adapter_file(tmp_path, "first")
+    source = LoraFolder(tmp_path, MB)
+    assert source.scan() == ("first",)
+    adapter_file(tmp_path, "second")
+    (tmp_path / "first.safetensors").unlink()
+    assert await source.rescan() == ("second",) and source.names == ("second",)
+
+
+def test_read_gives_the_file_and_refuses_one_over_the_bound(tmp_path: Path) -> None:
+    adapter_file(tmp_path, "small", size=100)
+    adapter_file(tmp_path, "big", size=MB + 1)
+    source = LoraFolder(tmp_path, MB)
+    assert source.read("small") == b"\x01" * 100
+    with pytest.raises(LoraSourceError, match=r"adapter 'big': .*big.safetensors is 1.0 MB, over --lora-max-mb 1"):
+        source.read("big")
+    with pytest.raises(LoraSourceError, match=r"adapter 'gone': .* is gone"):
+        source.read("gone")
+    with pytest.raises(LoraSourceError, match="not an adapter name"):
+        source.read("../small")
+
+
+def test_the_engines_loader_parses_what_the_source_reads(tmp_path: Path) -> None:
+    adapter_file(tmp_path, "ink", size=7)
+    seen: list[tuple[str, bytes]] = []
+
+    def parse(name: str, data: bytes) -> Adapter:
+        seen.append((name, data))
+        return Adapter(name=name, targets={})
+
+    load = adapter_loader(LoraFolder(tmp_path, MB), parse)
+    assert load("ink").name == "ink" and seen == [("ink", b"\x01" * 7)]
+
+
+def test_no_folder_no_source(tmp_path: Path) -> None:
+    assert open_lora_source(WorkerConfig()) is None
+    adapter_file(tmp_path, "ink")
+    source = open_lora_source(WorkerConfig(lora_dir=tmp_path))
+    assert source is not None and source.names == ("ink",)
+
+
+def test_refusal_names_the_adapter_or_the_count() -> None:
+    loras = [LoraRef(name="ink"), LoraRef(name="oil")]
+    assert refusal(loras, ["ink", "oil"], 2) is None
+    assert refusal([], [], 0) is None
+    assert refusal(loras, ["ink"], 4) == "loras[1].name: adapter 'oil' is not offered by this worker"
+    assert refusal(loras, ["ink", "oil"], 1) == "loras: 2 adapters named; this worker applies at most 1 per request"
+
+
+async def published_loras(registry: Registry, wanted: list[str], timeout_s: float = 10.0) -> list[str]:
+    """The worker's published `loras` once a heartbeat has carried `wanted` (or whatever it says at the deadline)."""
+    loras: list[str] = []
+    for _ in range(int(timeout_s / 0.05)):
+        (published,) = await registry.workers()
+        if (loras := published.loras) == wanted:
+            break
+        await asyncio.sleep(0.05)  # a heartbeat is due every 0.5 s: polled, as Redis does not announce it
+    return loras
+
+
+async def test_the_worker_advertises_its_folder_and_picks_up_an_adapter_added_while_it_runs(
+    redis_server: RedisServer, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    adapter_file(tmp_path, "ink")
+    registry = Registry(redis_client, RedisKeys())
+    async with running_worker(redis_server.url(0), "lora-worker", lora_dir=tmp_path, max_loras=3) as worker:
+        (published,) = await registry.workers()
+        assert (published.loras, published.loras_loaded, published.max_loras) == (["ink"], [], 3)
+        worker.presence.loaded_by(lambda: ["ink"])
+        adapter_file(tmp_path, "oil")
+        assert await published_loras(registry, ["ink", "oil"]) == ["ink", "oil"]
+        (published,) = await registry.workers()
+        assert published.loras_loaded == ["ink"]
+
+
+async def test_a_worker_without_a_folder_advertises_no_adapters(
+    redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    async with running_worker(redis_server.url(0), "plain-worker") as worker:
+        assert (worker.info.loras, worker.info.loras_loaded, worker.info.max_loras) == ([], [], 0)
+        (published,) = await Registry(redis_client, RedisKeys()).workers()
+        assert published.max_loras == 0
