@@ -251,3 +251,57 @@ async def test_p2c_compares_workers_without_rows_by_their_streams_as_before(redi
     assert {w.id: w.rows for w in workers} == {"old": 0, "new": 8}
     router = Placement("p2c", redis_client, KEYS, random.Random(2))
     assert {await router.stream_for(SMALL, "euler", workers, n=4) for _ in range(20)} == {KEYS.worker_stream("new")}
+
+
+@pytest.mark.parametrize("policy", ["shared", "random", "p2c"])
+async def test_a_job_with_adapters_goes_only_to_workers_that_offer_them_all(
+    redis_client: aioredis.Redis, policy: str
+) -> None:
+    workers = [
+        worker_info("plain", SMALL, rows=8, free_rows=8),
+        worker_info("ink", SMALL, loras=["ink"], max_loras=4, rows=8, free_rows=8),
+        worker_info("both", SMALL, loras=["ink", "oil"], max_loras=4, rows=8, free_rows=8),
+        worker_info("both-one", SMALL, loras=["ink", "oil"], max_loras=1, rows=8, free_rows=8),  # applies one
+    ]
+    router = Placement(policy, redis_client, KEYS, random.Random(0))  # type: ignore[arg-type]
+    streams = {await router.stream_for(SMALL, "euler", workers, 1, ["ink", "oil"]) for _ in range(30)}
+    assert streams == {KEYS.worker_stream("both")}
+    streams = {await router.stream_for(SMALL, "euler", workers, 1, ["ink"]) for _ in range(50)}
+    assert streams == {KEYS.worker_stream(w) for w in ("ink", "both", "both-one")}
+
+
+async def test_shared_routing_keeps_a_job_with_adapters_every_worker_of_its_size_offers_on_the_size_stream(
+    redis_client: aioredis.Redis,
+) -> None:
+    workers = [
+        worker_info("a", SMALL, loras=["ink"], max_loras=2),
+        worker_info("b", SMALL, loras=["ink", "oil"], max_loras=2),
+        worker_info("c", LARGE),  # another size: no part of it
+    ]
+    router = Placement("shared", redis_client, KEYS)
+    assert await router.stream_for(SMALL, "euler", workers, 1, ["ink"]) == KEYS.size_stream(SMALL.size)
+    assert await router.stream_for(SMALL, "euler", workers, 1, ["oil"]) == KEYS.worker_stream("b")
+    assert await router.stream_for(SMALL, "euler", workers, 1) == KEYS.size_stream(SMALL.size)
+
+
+@pytest.mark.parametrize("policy", ["shared", "p2c"])
+async def test_a_worker_holding_the_jobs_adapters_with_room_for_it_is_preferred(
+    redis_client: aioredis.Redis, policy: str
+) -> None:
+    offered = {"loras": ["ink", "oil"], "max_loras": 2, "rows": 8}
+    workers = await registered(
+        redis_client,
+        worker_info("cold", SMALL, free_rows=8, **offered),
+        worker_info("warm", SMALL, free_rows=3, loras_loaded=["oil", "ink", "wax"], **offered),
+        worker_info("half", SMALL, free_rows=8, loras_loaded=["ink"], **offered),
+    )
+    router = Placement(policy, redis_client, KEYS, random.Random(1))  # type: ignore[arg-type]
+    assert {await router.stream_for(SMALL, "euler", workers, 2, ["ink", "oil"]) for _ in range(20)} == {
+        KEYS.worker_stream("warm")
+    }
+    # No room for 4 images on the warm worker: placed as any job the others can run is, never on it.
+    elsewhere = {await router.stream_for(SMALL, "euler", workers, 4, ["ink", "oil"]) for _ in range(20)}
+    if policy == "shared":
+        assert elsewhere == {KEYS.size_stream(SMALL.size)}
+    else:
+        assert elsewhere <= {KEYS.worker_stream("cold"), KEYS.worker_stream("half")}
