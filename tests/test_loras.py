@@ -5,6 +5,8 @@ themselves."""
 from __future__ import annotations
 
 import asyncio
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +14,15 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from common.protocol import LoraRef
-from tests.support import claim_next, finish, queued_jobs, register_worker
+from tests.support import (
+    ProcessGroup,
+    RedisServer,
+    claim_next,
+    finish,
+    queued_jobs,
+    register_worker,
+    wait_ready,
+)
 
 Client = TestClient[Any, Any]
 ROUTES = ("/v1/jobs", "/v1/generate", "/v1/images/generations")
@@ -139,3 +149,42 @@ async def test_the_openapi_document_describes_loras(client: Client) -> None:
     assert set(schemas["LoraCard"]["properties"]) == {"id", "object", "owned_by", "workers", "loaded"}
     for body in ("GenerateRequest", "ImageGenerationRequest"):
         assert schemas[body]["properties"]["loras"]["items"] == {"$ref": "#/components/schemas/LoraRef"}
+
+
+def standin_argv(redis_url: str, folder: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "testkit.standin", "--redis-url", redis_url, "--worker-id", "lora-standin",
+        "--sizes", "64x64", "--max-steps", "2", "--step-s", "0", "--heartbeat-interval", "0.3",
+        "--heartbeat-ttl", "2", "--lora-dir", str(folder), "--max-loras", "2",
+    ]  # fmt: skip
+
+
+async def offered(client: Client, name: str, timeout_s: float = 20.0) -> list[dict[str, Any]]:
+    """`GET /v1/loras` once it lists `name` (or as it is at the deadline): a heartbeat carries a new adapter."""
+    data: list[dict[str, Any]] = []
+    for _ in range(int(timeout_s / 0.05)):
+        data = (await (await client.get("/v1/loras")).json())["data"]
+        if any(card["id"] == name for card in data):
+            break
+        await asyncio.sleep(0.05)  # polled: the registry announces no change
+    return data
+
+
+async def test_a_worker_process_offers_its_folder_and_an_adapter_added_later(
+    client: Client, redis_server: RedisServer, processes: ProcessGroup, tmp_path: Path
+) -> None:
+    (tmp_path / "ink.safetensors").write_bytes(b"adapter")
+    processes.start_argv("lora-standin", standin_argv(redis_server.url(0), tmp_path))
+    try:
+        (info,) = await wait_ready(redis_server.url(0), 1)
+        assert (info.loras, info.max_loras) == (["ink"], 2)
+        inked = await client.post("/v1/generate", json={"prompt": "a", "n": 1, "loras": [{"name": "ink"}]})
+        assert inked.status == 200, await inked.text()
+        oily = await client.post("/v1/generate", json={"prompt": "a", "n": 1, "loras": [{"name": "oil"}]})
+        assert oily.status == 400 and (await oily.json())["error"]["field"] == "loras[0].name"
+        (tmp_path / "oil.safetensors").write_bytes(b"adapter")
+        assert [card["id"] for card in await offered(client, "oil")] == ["ink", "oil"]
+        both = [{"name": "oil"}, {"name": "ink", "scale": 0.5}]
+        assert (await client.post("/v1/generate", json={"prompt": "a", "n": 1, "loras": both})).status == 200
+    finally:
+        processes.stop("lora-standin")

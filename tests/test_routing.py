@@ -4,6 +4,7 @@ when their worker is gone."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -288,7 +289,7 @@ async def test_shared_routing_keeps_a_job_with_adapters_every_worker_of_its_size
 async def test_a_worker_holding_the_jobs_adapters_with_room_for_it_is_preferred(
     redis_client: aioredis.Redis, policy: str
 ) -> None:
-    offered = {"loras": ["ink", "oil"], "max_loras": 2, "rows": 8}
+    offered: dict[str, Any] = {"loras": ["ink", "oil"], "max_loras": 2, "rows": 8}
     workers = await registered(
         redis_client,
         worker_info("cold", SMALL, free_rows=8, **offered),
