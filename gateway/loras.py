@@ -36,9 +36,7 @@ def check_loras(names: Sequence[str], able: list[WorkerInfo], what: str) -> None
     offered = list(dict.fromkeys(name for w in able if w.max_loras > 0 for name in w.loras))
     for index, name in enumerate(names):
         if name not in offered:
-            field = f"loras[{index}].name"
-            raise ApiError(400, "unknown_lora", f"{field}: no worker serving {what} offers adapter {name!r}; "
-                           f"{_listing(offered)} (GET /v1/loras)", field=field)  # fmt: skip
+            raise _unknown(index, name, offered, what)
     most = max(w.max_loras for w in able)
     if len(names) > most:
         raise ApiError(
@@ -55,6 +53,16 @@ def check_loras(names: Sequence[str], able: list[WorkerInfo], what: str) -> None
             "what)",
             field="loras",
         )
+
+
+def _unknown(index: int, name: str, offered: list[str], what: str) -> ApiError:
+    field = f"loras[{index}].name"
+    return ApiError(
+        400,
+        "unknown_lora",
+        f"{field}: no worker serving {what} offers adapter {name!r}; {_listing(offered)} (GET /v1/loras)",
+        field=field,
+    )
 
 
 def _listing(offered: list[str]) -> str:
