@@ -136,6 +136,13 @@ def test_only_the_components_written_are_read(tmp_path: Path, params: dict[str, 
     assert_reads_as(adapter, updates, layers)
 
 
+def test_sd1_text_encoder_names_are_the_first_encoders(tmp_path: Path, params: dict[str, Any], layers: Any) -> None:
+    path = tmp_path / "te1.safetensors"
+    updates = write_tiny_lora(path, params, 2, fmt="kohya", components=("text_encoder",))
+    tensors = {key.replace("lora_te1_", "lora_te_"): value for key, value in read_tensors(path).items()}
+    assert_reads_as(read_adapter("sd1", save(tensors), layers), updates, layers)
+
+
 # diffusers' own names before PEFT: `.lora.down.weight`, and the attention processors' `to_q_lora`.
 OLDER_DIFFUSERS = [
     (r"\.lora_A\.weight$", ".lora.down.weight"),

@@ -33,8 +33,9 @@ Role = Literal["down", "up", "alpha"]
 
 _FLOATS: dict[str, Any] = {"F16": np.float16, "BF16": ml_dtypes.bfloat16, "F32": np.float32, "F64": np.float64}
 _INTEGERS: dict[str, Any] = {f"{k}{n}": np.dtype(f"{k.lower()}{n // 8}") for k in "IU" for n in (8, 16, 32, 64)}
-_KOHYA = re.compile(r"^lora_(unet|te1|te2)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
-_KOHYA_COMPONENTS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
+_KOHYA = re.compile(r"^lora_(unet|te1|te2|te)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+# `lora_te_`: SD 1.x's one text encoder, the same CLIP ViT-L as SDXL's first (diffusers reads it so too).
+_KOHYA_COMPONENTS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2", "te": "text_encoder"}
 _PREFIXED = re.compile(r"^(unet|text_encoder_2|text_encoder)\.(.+)$")
 _DIFFUSERS = re.compile(
     r"^(.+?)\.(lora_A\.weight|lora_B\.weight|(?:lora|lora_linear_layer)\.(?:down|up)\.weight|alpha)$"
