@@ -106,6 +106,9 @@ def _error(name: str, key: str, what: str) -> LoraError:
 
 
 def _load(name: str, data: bytes) -> dict[str, _Tensor]:
+    # safetensors' own parser (it checks the header against the bytes), as `safetensors.numpy.load` uses it:
+    # that function's dtype table has no BF16, a common LoRA dtype, so the arrays are made here, with
+    # ml_dtypes' bfloat16.
     try:
         views: list[tuple[str, dict[str, Any]]] = deserialize(data)  # type: ignore[no-untyped-call]
     except SafetensorError as exc:
