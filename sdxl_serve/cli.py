@@ -45,6 +45,7 @@ COMMANDS = (
     Command("status", "sdxl_serve.status", "the cluster at a glance: workers, queue depth, pending, dead letters"),
     Command("keys", "sdxl_serve.api_keys", "API keys: make a new one, or hash an existing one for the keys file"),
     Command("tiny-model", "sdxl_serve.tiny_model", "write a tiny random-weight SDXL model (for tests and demos)"),
+    Command("tiny-lora", "sdxl_serve.tiny_lora", "write a small random LoRA for a model, kohya or PEFT (tests, demos)"),
     Command("bench", "bench.cli", "benchmarks: routing simulation, load generation, ..."),
 )
 # Built only when run: the benchmark harness is no part of serving.

@@ -93,7 +93,7 @@ def test_a_broken_benchmark_stops_only_bench() -> None:
 def test_help_lists_every_subcommand_without_importing_them(capsys: pytest.CaptureFixture[str]) -> None:
     result = run_without({"gateway", "worker", "bench"}, "main(['--help'])")
     assert result.returncode == 0, result.stderr
-    for command in ("gateway", "worker", "up", "status", "keys", "tiny-model", "bench"):
+    for command in ("gateway", "worker", "up", "status", "keys", "tiny-model", "tiny-lora", "bench"):
         assert f"    {command} " in result.stdout, command
 
 

@@ -75,12 +75,13 @@ def flax_params(model_dir: Path) -> dict[str, Any]:
 def pytorch_state_dicts(params: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
     """Each component's parameters under PyTorch names, in PyTorch layouts, float32."""
     return {
-        name: dict(_to_pytorch(key, np.asarray(value, np.float32), name) for key, value in flatten_dict(tree).items())  # type: ignore[no-untyped-call]
+        name: dict(to_pytorch(key, np.asarray(value, np.float32), name) for key, value in flatten_dict(tree).items())  # type: ignore[no-untyped-call]
         for name, tree in params.items()
     }
 
 
-def _to_pytorch(key: tuple[str, ...], value: np.ndarray, component: str) -> tuple[str, np.ndarray]:
+def to_pytorch(key: tuple[str, ...], value: np.ndarray, component: str) -> tuple[str, np.ndarray]:
+    """A Flax parameter's PyTorch name and value (kernels transposed to PyTorch's layouts)."""
     *path, leaf = key
     if component.startswith("text_encoder"):
         names = list(path)
@@ -99,7 +100,7 @@ def write_diffusers_safetensors(flax_dir: Path, out: Path, dtype: Any = np.float
     tag = f".{variant}" if variant else ""
     for name, tensors in pytorch_state_dicts(flax_params(flax_dir)).items():
         cast = {key: value.astype(dtype) for key, value in tensors.items()}
-        _save(cast, out / name / f"{PYTORCH_STEMS[name]}{tag}.safetensors")
+        save_safetensors(cast, out / name / f"{PYTORCH_STEMS[name]}{tag}.safetensors")
     index = json.loads((out / "model_index.json").read_text())
     index["_class_name"] = "StableDiffusionXLPipeline"
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
@@ -118,7 +119,7 @@ def write_single_file(flax_dir: Path, out: Path, dtype: Any = np.float16) -> Pat
     unet_config = FlaxUNet2DConditionModel.load_config(str(flax_dir / "unet"))
     pytorch = pytorch_state_dicts(flax_params(flax_dir))
     ldm = {
-        **_prefixed("model.diffusion_model.", _renamed(pytorch["unet"], _unet_prefixes(unet_config))),
+        **_prefixed("model.diffusion_model.", renamed(pytorch["unet"], unet_prefixes(unet_config))),
         **_prefixed("first_stage_model.", _vae_to_ldm(pytorch["vae"])),
         **_prefixed("conditioner.embedders.0.transformer.", pytorch["text_encoder"]),
         **_prefixed("conditioner.embedders.1.model.", _open_clip(pytorch["text_encoder_2"])),
@@ -129,11 +130,12 @@ def write_single_file(flax_dir: Path, out: Path, dtype: Any = np.float16) -> Pat
     ldm["conditioner.embedders.1.model.logit_scale"] = np.array(4.6052, np.float32)
     floats = {k: v.astype(dtype) if v.dtype == np.float32 and v.ndim else v for k, v in ldm.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    _save(floats, out)
+    save_safetensors(floats, out)
     return out
 
 
-def _save(tensors: Mapping[str, np.ndarray], path: Path) -> None:
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: Path) -> None:
+    """Write `tensors` as a safetensors file at `path`."""
     from safetensors.numpy import save_file
 
     # safetensors' numpy writer copies each array's memory as it lies: a transposed view must be made
@@ -145,7 +147,7 @@ def _prefixed(prefix: str, tensors: Mapping[str, np.ndarray]) -> dict[str, np.nd
     return {prefix + key: value for key, value in tensors.items()}
 
 
-def _renamed(tensors: Mapping[str, np.ndarray], prefixes: Mapping[str, str]) -> dict[str, np.ndarray]:
+def renamed(tensors: Mapping[str, np.ndarray], prefixes: Mapping[str, str]) -> dict[str, np.ndarray]:
     """Replace the longest matching diffusers prefix of each name by its original one."""
     out = {}
     for name, value in tensors.items():
@@ -154,7 +156,7 @@ def _renamed(tensors: Mapping[str, np.ndarray], prefixes: Mapping[str, str]) -> 
     return out
 
 
-def _unet_prefixes(config: Mapping[str, Any]) -> dict[str, str]:
+def unet_prefixes(config: Mapping[str, Any]) -> dict[str, str]:
     """diffusers UNet prefixes to the original `input_blocks`/`middle_block`/`output_blocks` ones."""
     per_level = config["layers_per_block"] + 1
     levels = len(config["block_out_channels"])
@@ -194,9 +196,9 @@ def _vae_to_ldm(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         prefixes[f"encoder.down_blocks.{i}.downsamplers.0."] = f"encoder.down.{i}.downsample."
         prefixes[f"decoder.up_blocks.{i}.resnets."] = f"decoder.up.{levels - 1 - i}.block."
         prefixes[f"decoder.up_blocks.{i}.upsamplers.0."] = f"decoder.up.{levels - 1 - i}.upsample."
-    renamed = {k.replace("conv_shortcut", "nin_shortcut"): v for k, v in _renamed(tensors, prefixes).items()}
+    ldm = {k.replace("conv_shortcut", "nin_shortcut"): v for k, v in renamed(tensors, prefixes).items()}
     # The original attention's projections are 1x1 convolutions.
-    return {k: v[:, :, None, None] if ".attn_1." in k and v.ndim == 2 else v for k, v in renamed.items()}
+    return {k: v[:, :, None, None] if ".attn_1." in k and v.ndim == 2 else v for k, v in ldm.items()}
 
 
 def _open_clip(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

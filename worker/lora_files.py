@@ -1,0 +1,249 @@
+"""Read the LoRA files people publish into an `Adapter` (worker/lora.py), or refuse them with a `LoraError`.
+
+Two families of safetensors files, in PyTorch layouts (a linear layer's `lora_down` is `[rank, in]` and its
+`lora_up` `[out, rank]`; a convolution's down `[rank, in, kh, kw]` and up `[out, rank, 1, 1]`):
+
+- kohya/A1111 (sd-scripts, LyCORIS's LoCon): `lora_unet_<layer>.lora_down.weight`, `.lora_up.weight` and
+  `.alpha`; `lora_te1_*` and `lora_te2_*` for the two text encoders;
+- diffusers/PEFT: `unet.<layer>.lora_A.weight` and `.lora_B.weight` (diffusers' `.lora.down.weight` /
+  `.lora_linear_layer.down.weight` and its older attention-processor `to_q_lora.down.weight` too), under
+  `text_encoder.` and `text_encoder_2.` for the text encoders, with an optional `.alpha` per layer.
+
+Layer names resolve to the model's targets in worker/lora_names.py. Each update's `alpha / rank` (1 where a
+file gives no alpha, as PEFT's files do) is folded into `up`; the factors are float32 in Flax layouts. Only
+plain LoRA is read: LoHa, LoKr, DoRA, Tucker-core LoCon and full-weight differences are refused by name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import ml_dtypes
+import numpy as np
+from flax.traverse_util import flatten_dict
+from safetensors import SafetensorError, deserialize
+
+from worker.lora import COMPONENTS, Adapter, Factors, LoraError, Target
+from worker.lora_names import NameTable, lookup, name_table
+
+Role = Literal["down", "up", "alpha"]
+
+_FLOATS: dict[str, Any] = {"F16": np.float16, "BF16": ml_dtypes.bfloat16, "F32": np.float32, "F64": np.float64}
+_INTEGERS: dict[str, Any] = {f"{k}{n}": np.dtype(f"{k.lower()}{n // 8}") for k in "IU" for n in (8, 16, 32, 64)}
+_KOHYA = re.compile(r"^lora_(unet|te1|te2|te)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+# `lora_te_`: SD 1.x's one text encoder, the same CLIP ViT-L as SDXL's first (diffusers reads it so too).
+_KOHYA_COMPONENTS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2", "te": "text_encoder"}
+_PREFIXED = re.compile(r"^(unet|text_encoder_2|text_encoder)\.(.+)$")
+_DIFFUSERS = re.compile(
+    r"^(.+?)\.(lora_A\.weight|lora_B\.weight|(?:lora|lora_linear_layer)\.(?:down|up)\.weight|alpha)$"
+)
+# diffusers' attention-processor files: `attn1.processor.to_q_lora.down.weight` is `attn1.to_q`'s down.
+_PROCESSOR = re.compile(r"^(.+?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_PROCESSOR_LAYERS = {
+    "unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
+    "text": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"},
+}
+_ROLES: dict[str, Role] = {
+    "lora_down.weight": "down",
+    "lora_up.weight": "up",
+    "lora_A.weight": "down",
+    "lora_B.weight": "up",
+    "lora.down.weight": "down",
+    "lora.up.weight": "up",
+    "lora_linear_layer.down.weight": "down",
+    "lora_linear_layer.up.weight": "up",
+    "alpha": "alpha",
+}
+_UNSUPPORTED = (
+    (re.compile(r"hada_"), "LoHa (LyCORIS `hada_` tensors)"),
+    (re.compile(r"lokr_"), "LoKr (LyCORIS `lokr_` tensors)"),
+    (re.compile(r"dora_scale|lora_magnitude_vector"), "DoRA (a weight-decomposed LoRA's magnitude)"),
+    (re.compile(r"lora_mid"), "LoCon with a Tucker core (`lora_mid`)"),
+    (re.compile(r"\.diff(_b)?$"), "a full-weight difference (`diff`)"),
+    (re.compile(r"\.bias$"), "an update of a layer's bias"),
+)
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    dtype: str  # safetensors' spelling: F16, BF16, F32, I64...
+    array: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Key:
+    component: str
+    layer: str  # as the file spells it
+    role: Role
+
+
+def layer_shapes(params: Mapping[str, Any]) -> dict[Target, tuple[int, ...]]:
+    """Every target of a model, with its Flax kernel's shape, from `{"unet": ..., "text_encoder": ...,
+    "text_encoder_2": ...}` parameter trees (other components are ignored): each module with a `kernel`."""
+    shapes: dict[Target, tuple[int, ...]] = {}
+    for component in COMPONENTS:
+        if component not in params:
+            continue
+        for path, leaf in flatten_dict(params[component]).items():  # type: ignore[no-untyped-call]
+            if path[-1] == "kernel":
+                shapes[(component, *map(str, path[:-1]))] = tuple(int(n) for n in leaf.shape)
+    return shapes
+
+
+def read_adapter(name: str, data: bytes, layers: Mapping[Target, tuple[int, ...]]) -> Adapter:
+    """The adapter a LoRA safetensors file holds, for a model whose targets and kernel shapes are `layers`
+    (`layer_shapes`). Raises `LoraError`, naming the adapter and the tensor, for anything it cannot use."""
+    tensors = _load(name, data)
+    grouped = _group(name, tensors, name_table(layers))
+    return Adapter(name, {target: _factors(name, roles, tensors, layers[target]) for target, roles in grouped.items()})
+
+
+def _error(name: str, key: str, what: str) -> LoraError:
+    return LoraError(f"LoRA {name!r}: tensor {key!r} {what}")
+
+
+def _load(name: str, data: bytes) -> dict[str, _Tensor]:
+    # safetensors' own parser (it checks the header against the bytes), as `safetensors.numpy.load` uses it:
+    # that function's dtype table has no BF16, a common LoRA dtype, so the arrays are made here, with
+    # ml_dtypes' bfloat16.
+    try:
+        views: list[tuple[str, dict[str, Any]]] = deserialize(data)  # type: ignore[no-untyped-call]
+    except SafetensorError as exc:
+        raise LoraError(f"LoRA {name!r}: not a safetensors file ({exc})") from None
+    if not views:
+        raise LoraError(f"LoRA {name!r}: the file holds no tensors")
+    return {key: _tensor(name, key, view) for key, view in views}
+
+
+def _tensor(name: str, key: str, view: Mapping[str, Any]) -> _Tensor:
+    dtype = view["dtype"]
+    numpy_dtype = _FLOATS.get(dtype, _INTEGERS.get(dtype))
+    if numpy_dtype is None:
+        raise _error(name, key, f"is {dtype}; LoRA tensors are floats (F16, BF16, F32)")
+    return _Tensor(dtype, np.frombuffer(view["data"], numpy_dtype).reshape(view["shape"]))
+
+
+def _group(name: str, tensors: Mapping[str, _Tensor], table: NameTable) -> dict[Target, dict[Role, str]]:
+    """Each target's tensors by role (the keys), every key resolved to a layer of the model."""
+    grouped: dict[Target, dict[Role, str]] = {}
+    for key in tensors:
+        parsed = _parse_key(name, key)
+        target = lookup(table, parsed.component, parsed.layer)
+        if target is None:
+            raise _error(name, key, f"names no layer of this model's {parsed.component} ({parsed.layer!r})")
+        roles = grouped.setdefault(target, {})
+        if parsed.role in roles:
+            raise _error(
+                name, key, f"is a second {parsed.role} of layer {'.'.join(target)} (after {roles[parsed.role]!r})"
+            )
+        roles[parsed.role] = key
+    return grouped
+
+
+def _parse_key(name: str, key: str) -> _Key:
+    for pattern, kind in _UNSUPPORTED:
+        if pattern.search(key):
+            raise _error(name, key, f"is {kind}, which is not supported: plain LoRA (down and up) only")
+    parsed = _kohya_key(key) if key.startswith("lora_") else _diffusers_key(key)
+    if parsed is None:
+        raise _error(
+            name,
+            key,
+            "is not a LoRA tensor: expected kohya's `lora_unet_*/lora_te1_*/lora_te2_*` with `.lora_down.weight`, "
+            "`.lora_up.weight`, `.alpha`, or diffusers/PEFT's `unet./text_encoder./text_encoder_2.` with "
+            "`.lora_A.weight`, `.lora_B.weight`, `.alpha`",
+        )
+    return parsed
+
+
+def _kohya_key(key: str) -> _Key | None:
+    match = _KOHYA.match(key)
+    if match is None:
+        return None
+    return _Key(_KOHYA_COMPONENTS[match.group(1)], match.group(2), _ROLES[match.group(3)])
+
+
+def _diffusers_key(key: str) -> _Key | None:
+    prefixed = _PREFIXED.match(key)
+    # diffusers' first SDXL-era files named the UNet's layers with no prefix.
+    component, rest = (prefixed.group(1), prefixed.group(2)) if prefixed else ("unet", key)
+    processor = _PROCESSOR.match(rest)
+    if processor is not None:
+        layers = _PROCESSOR_LAYERS["unet" if component == "unet" else "text"]
+        return _Key(
+            component, f"{processor.group(1)}.{layers[processor.group(2)]}", _ROLES[f"lora.{processor.group(3)}.weight"]
+        )
+    match = _DIFFUSERS.match(rest)
+    return None if match is None else _Key(component, match.group(1), _ROLES[match.group(2)])
+
+
+def _factors(name: str, roles: Mapping[Role, str], tensors: Mapping[str, _Tensor], shape: tuple[int, ...]) -> Factors:
+    down_key, up_key = roles.get("down"), roles.get("up")
+    if down_key is None:
+        raise _error(name, up_key or roles["alpha"], "has no down (`lora_down` / `lora_A`) beside it")
+    if up_key is None:
+        raise _error(name, down_key, "has no up (`lora_up` / `lora_B`) beside it")
+    down = _flax_down(name, down_key, _floats(name, down_key, tensors[down_key]), shape)
+    up = _flax_up(name, up_key, _floats(name, up_key, tensors[up_key]), shape)
+    rank = down.shape[-1]
+    if up.shape[0] != rank:
+        raise _error(name, up_key, f"has rank {up.shape[0]}, but its down {down_key!r} has rank {rank}")
+    alpha_key = roles.get("alpha")
+    scale = 1.0 if alpha_key is None else _alpha(name, alpha_key, tensors[alpha_key]) / rank
+    return Factors(np.ascontiguousarray(down), np.ascontiguousarray(up * np.float32(scale)))
+
+
+def _floats(name: str, key: str, tensor: _Tensor) -> np.ndarray:
+    if tensor.dtype not in _FLOATS:
+        raise _error(name, key, f"is {tensor.dtype}; LoRA factors are floats (F16, BF16, F32)")
+    array = tensor.array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise _error(name, key, "holds NaN or infinite values")
+    return array
+
+
+def _alpha(name: str, key: str, tensor: _Tensor) -> float:
+    if tensor.array.size != 1:
+        raise _error(name, key, f"has shape {list(tensor.array.shape)}; an alpha is one number")
+    value = float(tensor.array.astype(np.float64).reshape(()))
+    if not np.isfinite(value):
+        raise _error(name, key, "is NaN or infinite")
+    return value
+
+
+def _flax_down(name: str, key: str, down: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
+    """PyTorch's `[rank, in]` (a convolution's `[rank, in, kh, kw]`) as Flax's `[in, rank]` (`[kh, kw, in, rank]`)."""
+    if len(kernel) == 4:
+        return _conv_down(name, key, down, kernel)
+    if down.ndim == 4 and down.shape[2:] == (1, 1):
+        down = down[:, :, 0, 0]  # a 1x1 convolution's LoRA on what the model has as a linear layer
+    if down.ndim == 4:
+        raise _error(name, key, f"is a {down.shape[2]}x{down.shape[3]} convolution's down, but its layer is linear")
+    if down.ndim != 2 or down.shape[1] != kernel[0] or down.shape[0] == 0:
+        raise _error(
+            name, key, f"has shape {list(down.shape)}; its linear layer ({kernel[0]} in) takes [rank, {kernel[0]}]"
+        )
+    return down.T
+
+
+def _conv_down(name: str, key: str, down: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
+    height, width, channels = kernel[:3]
+    if down.ndim == 2 and (height, width) == (1, 1):
+        down = down[:, :, None, None]  # a linear LoRA on what the model has as a 1x1 convolution
+    if down.ndim != 4 or down.shape[1:] != (channels, height, width) or down.shape[0] == 0:
+        want = f"[rank, {channels}, {height}, {width}]"
+        raise _error(name, key, f"has shape {list(down.shape)}; its {height}x{width} convolution takes {want}")
+    return down.transpose(2, 3, 1, 0)
+
+
+def _flax_up(name: str, key: str, up: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
+    """PyTorch's `[out, rank]` (a convolution's `[out, rank, 1, 1]`) as Flax's `[rank, out]`."""
+    if up.ndim == 4 and up.shape[2:] == (1, 1):
+        up = up[:, :, 0, 0]
+    if up.ndim != 2 or up.shape[0] != kernel[-1]:
+        want = f"[{kernel[-1]}, rank] (a convolution's [{kernel[-1]}, rank, 1, 1])"
+        raise _error(name, key, f"has shape {list(up.shape)}; its layer ({kernel[-1]} out) takes {want}")
+    return up.T
