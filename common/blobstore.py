@@ -27,6 +27,7 @@ import stat
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
@@ -125,16 +126,37 @@ def open_blob_store(url: str) -> BlobStore | None:
     parts = urlsplit(url)
     if parts.scheme == "file":
         return FileBlobStore(Path(parts.path))
-    options = {name: values[-1] for name, values in parse_qs(parts.query).items()}
-    timeout_s = float(options.get("timeout", 30))
     # obstore is imported only for an S3 store: a command that never opens one runs without it.
     from common.s3blobstore import S3BlobStore
 
-    return S3BlobStore(
-        parts.netloc,
-        parts.path.strip("/"),
-        options.get("endpoint"),
-        options.get("region"),
+    return S3BlobStore(s3_location(url))
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """Where an `s3://bucket/prefix?endpoint=...&region=...&timeout=...` URL points, and how long to wait on it."""
+
+    bucket: str
+    prefix: str
+    endpoint: str | None
+    region: str | None
+    timeout_s: float = 30.0
+    retry_timeout_s: float = 20.0  # all of one call's retries
+
+
+def s3_location(url: str) -> S3Location:
+    """The parts of an S3 store's URL, checked (BlobStoreError names what is wrong)."""
+    check_url(url)
+    parts = urlsplit(url)
+    if parts.scheme != "s3":
+        raise BlobStoreError("an S3 location is s3://bucket/prefix")
+    options = {name: values[-1] for name, values in parse_qs(parts.query).items()}
+    timeout_s = float(options.get("timeout", 30))
+    return S3Location(
+        bucket=parts.netloc,
+        prefix=parts.path.strip("/"),
+        endpoint=options.get("endpoint"),
+        region=options.get("region"),
         timeout_s=timeout_s,
         retry_timeout_s=min(20.0, 2 * timeout_s),
     )

@@ -12,39 +12,38 @@ import obstore
 from obstore.exceptions import BaseError, NotFoundError
 from obstore.store import S3Store
 
-from common.blobstore import PRESIGN_MAX_S, BlobNotFound, BlobStoreUnavailable
+from common.blobstore import PRESIGN_MAX_S, BlobNotFound, BlobStoreUnavailable, S3Location
+
+
+def s3_store(location: S3Location) -> S3Store:
+    """An obstore client for `location`: its own region or the environment's, a path-style endpoint when one is
+    given, bounded timeouts and retries (credentials from the environment, as obstore reads them)."""
+    config: dict[str, Any] = {"region": location.region or os.environ.get("AWS_REGION") or "us-east-1"}
+    endpoint = location.endpoint
+    if endpoint:
+        # An S3-compatible server at its own address serves buckets as paths, usually over plain HTTP
+        # inside the cluster.
+        config.update(endpoint=endpoint, virtual_hosted_style_request=False)
+    timeout_s = location.timeout_s
+    return S3Store(
+        location.bucket,
+        prefix=location.prefix or None,
+        client_options={
+            "allow_http": bool(endpoint and endpoint.startswith("http://")),
+            "timeout": timedelta(seconds=timeout_s),
+            "connect_timeout": timedelta(seconds=min(timeout_s, 5.0)),
+        },
+        retry_config={"max_retries": 3, "retry_timeout": timedelta(seconds=location.retry_timeout_s)},
+        **config,
+    )
 
 
 class S3BlobStore:
-    """Objects in an S3 bucket under `prefix`, through obstore."""
+    """Objects in an S3 bucket under a prefix, through obstore."""
 
-    def __init__(
-        self,
-        bucket: str,
-        prefix: str = "",
-        endpoint: str | None = None,
-        region: str | None = None,
-        *,
-        timeout_s: float = 30.0,
-        retry_timeout_s: float = 20.0,
-    ) -> None:
-        config: dict[str, Any] = {"region": region or os.environ.get("AWS_REGION") or "us-east-1"}
-        if endpoint:
-            # An S3-compatible server at its own address serves buckets as paths, usually over plain HTTP
-            # inside the cluster.
-            config.update(endpoint=endpoint, virtual_hosted_style_request=False)
-        self.bucket = bucket
-        self._store = S3Store(
-            bucket,
-            prefix=prefix or None,
-            client_options={
-                "allow_http": bool(endpoint and endpoint.startswith("http://")),
-                "timeout": timedelta(seconds=timeout_s),
-                "connect_timeout": timedelta(seconds=min(timeout_s, 5.0)),
-            },
-            retry_config={"max_retries": 3, "retry_timeout": timedelta(seconds=retry_timeout_s)},
-            **config,
-        )
+    def __init__(self, location: S3Location) -> None:
+        self.bucket = location.bucket
+        self._store = s3_store(location)
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         await self._call(obstore.put_async(self._store, key, data, attributes={"Content-Type": content_type}))

@@ -116,7 +116,7 @@ class UpConfig:
     watermark: bool = WorkerConfig.watermark
     safety_checker: Path | None = WorkerConfig.safety_checker
     safety_replace: Literal["black", "blur"] = WorkerConfig.safety_replace
-    lora_dir: Path | None = WorkerConfig.lora_dir
+    lora_dir: str | None = WorkerConfig.lora_dir
     lora_cache: int = WorkerConfig.lora_cache
     max_loras: int = WorkerConfig.max_loras
     lora_max_rank: int = WorkerConfig.lora_max_rank
@@ -335,7 +335,7 @@ def worker_argv(config: UpConfig, resolved: Resolved) -> list[str]:
 
 def _lora_argv(config: UpConfig) -> list[str]:
     """The workers' LoRA flags: the folder when one is given, the pool and per-request bounds always."""
-    argv = ["--lora-dir", str(config.lora_dir)] if config.lora_dir is not None else []
+    argv = ["--lora-dir", config.lora_dir] if config.lora_dir is not None else []
     return [
         *argv, "--lora-cache", str(config.lora_cache), "--max-loras", str(config.max_loras),
         "--lora-max-rank", str(config.lora_max_rank), "--lora-max-mb", str(config.lora_max_mb),

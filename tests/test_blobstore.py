@@ -16,6 +16,7 @@ from common.blobstore import (
     BlobStoreError,
     BlobStoreUnavailable,
     FileBlobStore,
+    S3Location,
     check_url,
     open_blob_store,
     result_key,
@@ -79,7 +80,7 @@ async def test_the_file_store_has_no_presigned_urls(tmp_path: Path) -> None:
 
 
 async def test_an_unreachable_s3_store_is_a_transient_fault(s3_env: S3Server) -> None:
-    store = S3BlobStore("images", "down", s3_env.endpoint, timeout_s=0.5, retry_timeout_s=1.0)
+    store = S3BlobStore(S3Location("images", "down", s3_env.endpoint, None, timeout_s=0.5, retry_timeout_s=1.0))
     s3_env.pause()
     try:
         with pytest.raises(BlobStoreUnavailable, match="S3 store"):

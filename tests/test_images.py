@@ -15,7 +15,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from common.blobstore import BlobStore, FileBlobStore, open_blob_store
+from common.blobstore import BlobStore, FileBlobStore, S3Location, open_blob_store
 from common.protocol import JobResult
 from common.rediskeys import RedisKeys
 from common.s3blobstore import S3BlobStore
@@ -134,7 +134,7 @@ async def test_an_unreachable_store_is_a_503_to_the_client_and_a_retry_to_the_wo
     url = s3_env.url("images", "outage")
     client = await gateway(aiohttp_client, redis_server, blob_store=f"{url}&timeout=0.5")
     job_id = await submit(client)
-    blobs = S3BlobStore("images", "outage", s3_env.endpoint, timeout_s=0.5, retry_timeout_s=0.5)
+    blobs = S3BlobStore(S3Location("images", "outage", s3_env.endpoint, None, timeout_s=0.5, retry_timeout_s=0.5))
     claimed = await claim_next(redis_client)
     s3_env.pause()
     try:

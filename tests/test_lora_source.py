@@ -10,17 +10,27 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from common.blobstore import s3_location
 from common.config import ConfigError
 from common.protocol import LoraRef
 from common.rediskeys import RedisKeys
 from common.registry import Registry
+from common.s3blobstore import S3BlobStore
 from sdxl_serve.cli import build_parser
+from testkit.objectstore import S3Server
 from tests.protection import running_worker
 from tests.support import RedisServer
 from worker.cli import worker_config
 from worker.config import WorkerConfig
 from worker.lora import Adapter
-from worker.lora_source import LoraFolder, LoraSourceError, adapter_loader, open_lora_source, refusal
+from worker.lora_source import (
+    LoraBucket,
+    LoraFolder,
+    LoraSourceError,
+    adapter_loader,
+    open_lora_source,
+    refusal,
+)
 
 MB = 1 << 20
 
@@ -50,7 +60,7 @@ def test_the_lora_flags_default_to_none_offered_and_read_into_the_config(tmp_pat
         "--lora-max-mb", "5",
     )  # fmt: skip
     assert (given.lora_dir, given.lora_cache, given.max_loras, given.lora_max_rank, given.lora_max_mb) == (
-        tmp_path,
+        str(tmp_path),
         3,
         2,
         16,
@@ -80,8 +90,8 @@ def test_a_missing_or_unreadable_lora_folder_is_one_line_naming_the_fix(tmp_path
     with pytest.raises(ConfigError) as missing:
         worker_flags("--lora-dir", str(tmp_path / "absent"))
     assert str(missing.value) == (
-        f"--lora-dir {tmp_path / 'absent'} is not a readable folder: create it, or name the folder of the "
-        "NAME.safetensors adapters"
+        f"--lora-dir {tmp_path / 'absent'} is not a readable folder: create it, or name the folder (or "
+        "s3://bucket/prefix) of the NAME.safetensors adapters"
     )
     a_file = adapter_file(tmp_path, "x")
     with pytest.raises(ConfigError, match=r"^--lora-dir .* is not a readable folder"):
@@ -143,7 +153,7 @@ def test_the_engines_loader_parses_what_the_source_reads(tmp_path: Path) -> None
 def test_no_folder_no_source(tmp_path: Path) -> None:
     assert open_lora_source(WorkerConfig()) is None
     adapter_file(tmp_path, "ink")
-    source = open_lora_source(WorkerConfig(lora_dir=tmp_path))
+    source = open_lora_source(WorkerConfig(lora_dir=str(tmp_path)))
     assert source is not None and source.names == ("ink",)
 
 
@@ -171,7 +181,7 @@ async def test_the_worker_advertises_its_folder_and_picks_up_an_adapter_added_wh
 ) -> None:
     adapter_file(tmp_path, "ink")
     registry = Registry(redis_client, RedisKeys())
-    async with running_worker(redis_server.url(0), "lora-worker", lora_dir=tmp_path, max_loras=3) as worker:
+    async with running_worker(redis_server.url(0), "lora-worker", lora_dir=str(tmp_path), max_loras=3) as worker:
         (published,) = await registry.workers()
         assert (published.loras, published.loras_loaded, published.max_loras) == (["ink"], [], 3)
         worker.presence.loaded_by(lambda: ["ink"])
@@ -188,3 +198,47 @@ async def test_a_worker_without_a_folder_advertises_no_adapters(
         assert (worker.info.loras, worker.info.loras_loaded, worker.info.max_loras) == ([], [], 0)
         (published,) = await Registry(redis_client, RedisKeys()).workers()
         assert published.max_loras == 0
+
+
+async def put_adapters(server: S3Server, prefix: str, files: dict[str, bytes]) -> str:
+    """Upload `files` under `prefix` of bucket `loras` on the test S3 server; the source's URL."""
+    url = server.url("loras", prefix)
+    store = S3BlobStore(s3_location(url))
+    for key, data in files.items():
+        await store.put(key, data, "application/octet-stream")
+    return url
+
+
+async def test_an_s3_prefix_offers_its_adapters_to_every_host_that_names_it(s3_env: S3Server, tmp_path: Path) -> None:
+    """The objects directly under the prefix, by stem; nested objects and other names are not adapters. Two sources
+    (two hosts) naming the prefix offer the same set, and one added later is offered at the next scan."""
+    files = {"ink.safetensors": b"\x01" * 10, "bad name.safetensors": b"", "deeper/oil.safetensors": b"", "x.txt": b""}
+    url = await put_adapters(s3_env, f"set-{tmp_path.name}", files)
+    one, other = LoraBucket(url, MB), open_lora_source(WorkerConfig(lora_dir=url))
+    assert isinstance(other, LoraBucket)
+    assert one.scan() == other.names == ("ink",)
+    assert one.read("ink") == b"\x01" * 10
+    await put_adapters(s3_env, f"set-{tmp_path.name}", {"pixel-art.safetensors": b"\x02"})
+    assert await one.rescan() == ("ink", "pixel-art")
+
+
+async def test_an_s3_adapter_over_the_bound_or_gone_is_refused_by_name(s3_env: S3Server, tmp_path: Path) -> None:
+    url = await put_adapters(s3_env, f"bound-{tmp_path.name}", {"big.safetensors": b"\x01" * (MB + 1)})
+    source = LoraBucket(url, MB)
+    with pytest.raises(LoraSourceError, match=r"adapter 'big': s3://loras/.*/big.safetensors is 1.0 MB, over"):
+        source.read("big")
+    with pytest.raises(LoraSourceError, match=r"adapter 'gone': s3://loras/.*/gone.safetensors is gone"):
+        source.read("gone")
+
+
+def test_an_s3_lora_dir_is_checked_at_start_in_one_line() -> None:
+    assert WorkerConfig(lora_dir="s3://loras/set?endpoint=http://127.0.0.1:1").lora_dir is not None
+    with pytest.raises(ConfigError, match=r"^--lora-dir s3://: an S3 store names its bucket"):
+        worker_flags("--lora-dir", "s3://")
+    with pytest.raises(ConfigError, match=r"^--lora-dir s3://b/p: unknown S3 option\(s\) color"):
+        worker_flags("--lora-dir", "s3://b/p?color=red")
+
+
+def test_an_unreachable_s3_prefix_offers_none_until_it_answers(tmp_path: Path) -> None:
+    source = LoraBucket("s3://loras/set?endpoint=http://127.0.0.1:9&timeout=0.5", MB)
+    assert source.scan() == ()

@@ -188,7 +188,7 @@ def test_every_worker_up_starts_reads_the_lora_flags_into_its_config(tmp_path: P
     for child in workers:
         read = worker_config(build_parser(load=CHILDREN).parse_args(child_command(config, child)))
         lora = (read.lora_dir, read.lora_cache, read.max_loras, read.lora_max_rank, read.lora_max_mb)
-        assert lora == (folder, 6, 3, 32, 200.0) and read.offered_max_loras == 3
+        assert lora == (str(folder), 6, 3, 32, 200.0) and read.offered_max_loras == 3
 
 
 def test_a_missing_lora_folder_is_refused_by_up_naming_the_flag(tmp_path: Path) -> None:

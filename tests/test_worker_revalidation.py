@@ -114,7 +114,7 @@ async def test_a_job_naming_an_adapter_the_worker_does_not_offer_fails_naming_it
 ) -> None:
     """The gateway routes no such job here; one queued all the same (a race, an older gateway) fails alone."""
     (tmp_path / "ink.safetensors").write_bytes(b"adapter")
-    async with running_worker(redis_server.url(0), lora_dir=tmp_path, max_loras=2) as worker:
+    async with running_worker(redis_server.url(0), lora_dir=str(tmp_path), max_loras=2) as worker:
         assert (worker.info.loras, worker.info.max_loras) == (["ink"], 2)
         three = [{"name": "ink"}, {"name": "oil"}, {"name": "wax"}]
         await redis_client.xadd(STREAM, {"job": job({"loras": [{"name": "ink"}, {"name": "oil"}]}, id="unknown")})

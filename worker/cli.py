@@ -214,11 +214,12 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
     """The LoRA adapters a worker offers and how many it holds (docs/api.md: LoRA adapters)."""
     parser.add_argument(
         "--lora-dir",
-        type=Path,
         default=WorkerConfig.lora_dir,
-        metavar="FOLDER",
-        help="offer the LoRA adapters in FOLDER: each NAME.safetensors is adapter NAME; listed again at every "
-        "heartbeat, so adapters added later are offered without a restart (default: none; --engine rows only)",
+        metavar="FOLDER|s3://BUCKET/PREFIX",
+        help="offer the LoRA adapters in FOLDER, or under an S3 prefix every host can name (?endpoint=URL for an "
+        "S3-compatible server, credentials from the environment): each NAME.safetensors is adapter NAME; listed "
+        "again at every heartbeat, so adapters added later are offered without a restart (default: none; --engine "
+        "rows only)",
     )
     parser.add_argument(
         "--lora-cache",

@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from common.blobstore import REDIS as BLOBS_IN_REDIS
-from common.config import DEFAULT_REDIS_URL, default_cache_dir, require, require_blob_store_url, require_redis_url
+from common.blobstore import BlobStoreError, s3_location
+from common.config import (
+    DEFAULT_REDIS_URL,
+    ConfigError,
+    default_cache_dir,
+    require,
+    require_blob_store_url,
+    require_redis_url,
+)
 from common.protocol import DEFAULT_MAX_STEPS, DEFAULT_STEPS, MAX_LORAS, MAX_STEPS, SDXL_RESOLUTIONS, Size
 from common.rediskeys import DEFAULT_PREFIX
 
@@ -99,10 +107,10 @@ class WorkerConfig:
     blob_sweep_interval_s: float = 300.0
     # A job whose images the store refuses this long fails, and the worker stops claiming until it takes writes.
     blob_store_timeout_s: float = 60.0
-    # LoRA adapters (worker/lora_source.py): the folder of `NAME.safetensors` files offered (None: none), the
+    # LoRA adapters (worker/lora_source.py): where the `NAME.safetensors` files offered are (None: none), the
     # adapter slots of the device pool, the most one request may name, the largest rank the pool holds, and the
     # largest file read.
-    lora_dir: Path | None = None
+    lora_dir: str | None = None  # a folder, or s3://bucket/prefix?endpoint=...
     lora_cache: int = 8
     max_loras: int = 4
     lora_max_rank: int = 64
@@ -145,11 +153,23 @@ class WorkerConfig:
         require(self.max_loras <= self.lora_cache, "--max-loras", "must be <= --lora-cache (one request's adapters)")
         require(self.lora_max_rank >= 1, "--lora-max-rank", "must be >= 1")
         require(self.lora_max_mb > 0, "--lora-max-mb", "must be > 0")
-        folder = self.lora_dir
+        self._check_lora_dir()
+
+    def _check_lora_dir(self) -> None:
+        where = self.lora_dir
+        if where is None:
+            return
+        if where.startswith("s3://"):
+            try:
+                s3_location(where)
+            except BlobStoreError as exc:
+                raise ConfigError(f"--lora-dir {where.split('?', 1)[0]}: {exc}") from None
+            return
         require(
-            folder is None or (folder.is_dir() and os.access(folder, os.R_OK | os.X_OK)),
+            Path(where).is_dir() and os.access(where, os.R_OK | os.X_OK),
             "--lora-dir",
-            f"{folder} is not a readable folder: create it, or name the folder of the NAME.safetensors adapters",
+            f"{where} is not a readable folder: create it, or name the folder (or s3://bucket/prefix) of the "
+            "NAME.safetensors adapters",
         )
 
     @property

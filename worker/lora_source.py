@@ -1,10 +1,10 @@
-"""Where a worker's LoRA adapters come from: a folder of `NAME.safetensors` files (`--lora-dir`).
+"""Where a worker's LoRA adapters come from (`--lora-dir`): a folder of `NAME.safetensors` files, or the same files
+under a prefix of an S3 bucket, which every host of a cluster can name.
 
 The adapters offered are the files' stems that are valid adapter names (`LORA_NAME_PATTERN`); any other file is
 skipped, with one log line per name. The folder is listed again at every heartbeat (`rescan`), so an adapter copied
 in is offered without a restart and one removed stops being offered. A file is read whole only when the engine loads
-it into its device pool (`read`), up to `--lora-max-mb`. The image store (common/blobstore.py) is not a source: it
-has no listing.
+it into its device pool (`read`), up to `--lora-max-mb`.
 
 The engine loads an adapter through `adapter_loader(source, parse)`: the bytes `read` returns, parsed by
 worker/lora_files.py's reader with the pipeline's layers bound.
@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
+from common.blobstore import s3_location
 from common.protocol import LORA_NAME_PATTERN, LoraRef
 from worker.config import WorkerConfig
 from worker.lora import Adapter
@@ -34,23 +35,24 @@ class LoraSourceError(Exception):
     """An adapter that cannot be read: not offered, gone, unreadable or too large. The message names it."""
 
 
-class LoraFolder:
-    """The adapters of one folder: `names` as of the last `scan`, and each one's bytes on `read`."""
+class LoraSource:
+    """The adapters of one place: `names` as of the last `scan`, and each one's bytes on `read`. A backend lists the
+    file names there (`_list`) and reads one file, bounded (`_read`)."""
 
-    def __init__(self, folder: Path, max_bytes: int) -> None:
-        self.folder = folder
+    def __init__(self, where: str, max_bytes: int) -> None:
+        self.where = where
         self.max_bytes = max_bytes
         self.names: tuple[str, ...] = ()
         self._skipped: set[str] = set()  # files already logged as skipped: logged once each
 
     def scan(self) -> tuple[str, ...]:
-        """List the folder again: the adapters offered from now on, sorted. An unreadable folder (removed
-        meanwhile) offers none until it is back."""
+        """List the place again: the adapters offered from now on, sorted. A place that cannot be listed (removed,
+        unreachable) offers none until it is back."""
         try:
-            entries = [entry.name for entry in os.scandir(self.folder) if entry.is_file()]
-        except OSError as exc:
+            entries = self._list()
+        except (OSError, LoraSourceError) as exc:
             if self.names:
-                logger.warning("LoRA folder %s cannot be listed (%s); offering no adapters", self.folder, exc)
+                logger.warning("LoRA adapters at %s cannot be listed (%s); offering none", self.where, exc)
             entries = []
         self.names = tuple(sorted(name for name in map(self._adapter_name, entries) if name is not None))
         return self.names
@@ -67,9 +69,8 @@ class LoraFolder:
             if filename not in self._skipped:
                 self._skipped.add(filename)
                 logger.warning(
-                    "LoRA file %s skipped: its name is not an adapter name (%s)",
-                    self.folder / filename,
-                    LORA_NAME_PATTERN,
+                    "LoRA file %s/%s skipped: its name is not an adapter name (%s)",
+                    *(self.where.rstrip("/"), filename, LORA_NAME_PATTERN),
                 )
             return None
         return stem
@@ -79,39 +80,103 @@ class LoraFolder:
         `max_bytes`."""
         if _NAME.fullmatch(name) is None:
             raise LoraSourceError(f"adapter {name!r}: not an adapter name")
+        data = self._read(name)
+        if len(data) > self.max_bytes:  # bounded reads stop one byte past the bound: a file that grew meanwhile
+            raise LoraSourceError(self._too_large(name, len(data)))
+        return data
+
+    def _too_large(self, name: str, size: int) -> str:
+        return (
+            f"adapter {name!r}: {self.where.rstrip('/')}/{name}{SUFFIX} is {size / _MB:.1f} MB, over --lora-max-mb "
+            f"{self.max_bytes / _MB:g}"
+        )
+
+    def _list(self) -> list[str]:
+        raise NotImplementedError
+
+    def _read(self, name: str) -> bytes:
+        raise NotImplementedError
+
+
+class LoraFolder(LoraSource):
+    """A folder of `NAME.safetensors` files on this host (or a volume every host mounts)."""
+
+    def __init__(self, folder: Path, max_bytes: int) -> None:
+        super().__init__(str(folder), max_bytes)
+        self.folder = folder
+
+    def _list(self) -> list[str]:
+        return [entry.name for entry in os.scandir(self.folder) if entry.is_file()]
+
+    def _read(self, name: str) -> bytes:
         path = self.folder / f"{name}{SUFFIX}"
         try:
             with path.open("rb") as file:
                 size = os.fstat(file.fileno()).st_size
                 if size > self.max_bytes:
                     raise LoraSourceError(self._too_large(name, size))
-                data = file.read(self.max_bytes + 1)  # bounded: a file that grew meanwhile is refused as well
+                return file.read(self.max_bytes + 1)
         except FileNotFoundError:
             raise LoraSourceError(f"adapter {name!r}: {path} is gone") from None
         except OSError as exc:
             raise LoraSourceError(f"adapter {name!r}: cannot read {path}: {exc}") from None
-        if len(data) > self.max_bytes:
-            raise LoraSourceError(self._too_large(name, len(data)))
-        return data
-
-    def _too_large(self, name: str, size: int) -> str:
-        return (
-            f"adapter {name!r}: {self.folder / (name + SUFFIX)} is {size / _MB:.1f} MB, over --lora-max-mb "
-            f"{self.max_bytes / _MB:g}"
-        )
 
 
-def open_lora_source(config: WorkerConfig) -> LoraFolder | None:
+class LoraBucket(LoraSource):
+    """The `NAME.safetensors` objects directly under a prefix of an S3 bucket (`s3://bucket/prefix?endpoint=...`,
+    credentials from the environment as for the image store): every host that names it offers the same set."""
+
+    def __init__(self, url: str, max_bytes: int) -> None:
+        super().__init__(url.split("?", 1)[0], max_bytes)
+        # obstore is imported only for a bucket: a worker with a folder or no adapters runs without it.
+        from common.s3blobstore import s3_store
+
+        self._store = s3_store(s3_location(url))
+
+    def _list(self) -> list[str]:
+        import obstore
+        from obstore.exceptions import BaseError
+
+        try:
+            listed = obstore.list(self._store).collect()
+        except BaseError as exc:
+            raise LoraSourceError(str(exc).splitlines()[0]) from None
+        return [meta["path"] for meta in listed if "/" not in meta["path"]]
+
+    def _read(self, name: str) -> bytes:
+        import obstore
+        from obstore.exceptions import BaseError, NotFoundError
+
+        key = f"{name}{SUFFIX}"
+        try:
+            result = obstore.get(self._store, key)
+            if result.meta["size"] > self.max_bytes:
+                raise LoraSourceError(self._too_large(name, result.meta["size"]))
+            return bytes(result.bytes())
+        except (NotFoundError, FileNotFoundError):
+            raise LoraSourceError(f"adapter {name!r}: {self.where.rstrip('/')}/{key} is gone") from None
+        except BaseError as exc:
+            raise LoraSourceError(f"adapter {name!r}: cannot read it: {str(exc).splitlines()[0]}") from None
+
+
+def is_bucket(lora_dir: str) -> bool:
+    """Whether `--lora-dir` names an S3 prefix rather than a folder."""
+    return lora_dir.startswith("s3://")
+
+
+def open_lora_source(config: WorkerConfig) -> LoraSource | None:
     """The adapters `config` offers (scanned once now), or None without `--lora-dir`."""
     if config.lora_dir is None:
         return None
-    source = LoraFolder(config.lora_dir, int(config.lora_max_mb * _MB))
+    max_bytes = int(config.lora_max_mb * _MB)
+    where = config.lora_dir
+    source = LoraBucket(where, max_bytes) if is_bucket(where) else LoraFolder(Path(where), max_bytes)
     names = source.scan()
-    logger.info("LoRA adapters in %s: %d offered (%s)", config.lora_dir, len(names), ", ".join(names) or "none yet")
+    logger.info("LoRA adapters at %s: %d offered (%s)", source.where, len(names), ", ".join(names) or "none yet")
     return source
 
 
-def adapter_loader(source: LoraFolder, parse: Callable[[str, bytes], Adapter]) -> Callable[[str], Adapter]:
+def adapter_loader(source: LoraSource, parse: Callable[[str, bytes], Adapter]) -> Callable[[str], Adapter]:
     """The engine's `load(name) -> Adapter`: the adapter's file from `source`, parsed by `parse` (worker/lora_files.py's
     `read_adapter` with the pipeline's layers bound)."""
 

@@ -22,7 +22,7 @@ from common.protocol import Size
 from common.registry import Registry, WorkerInfo, WorkerState
 from worker.config import WorkerConfig
 from worker.delivery import REDIS_ERRORS
-from worker.lora_source import LoraFolder
+from worker.lora_source import LoraSource
 from worker.pipeline_protocol import Engine
 from worker.tiny_model import is_tiny_model
 
@@ -37,7 +37,7 @@ class Presence:
         config: WorkerConfig,
         registry: Registry,
         started_at: float | None = None,
-        loras: LoraFolder | None = None,
+        loras: LoraSource | None = None,
     ) -> None:
         self._config = config
         self._registry = registry

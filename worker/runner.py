@@ -45,7 +45,7 @@ from worker.device_watermark import DeviceWatermark
 from worker.encode import encode_all
 from worker.handoff import EncodeImages, Generated, HandOff, failed
 from worker.images import ImageWriter
-from worker.lora_source import LoraFolder, open_lora_source, refusal
+from worker.lora_source import LoraSource, open_lora_source, refusal
 from worker.metrics import WorkerMetrics, metrics_app, start_server
 from worker.pipeline import PipelineError, PipelineOptions, SDXLPipeline
 from worker.pipeline_protocol import Engine, Pipeline, Tick
@@ -95,7 +95,7 @@ class Worker:
         registry = Registry(redis, keys)
         self._delivery = Delivery(redis, keys)
         # The LoRA adapters offered (None without --lora-dir); the engine loads them through `adapter_loader`.
-        self.loras: LoraFolder | None = open_lora_source(config)
+        self.loras: LoraSource | None = open_lora_source(config)
         self.presence = Presence(config, registry, started_at, self.loras)
         self._claims = Claims(config, redis, self._delivery, registry, self.metrics)
         self._device = Device(self.metrics)
