@@ -261,6 +261,14 @@ def test_a_palette_with_a_transparent_index_is_composited_on_white() -> None:
     assert tuple(pixels[0, 0]) == (255, 255, 255) and tuple(pixels[1, 1]) == (255, 0, 0)
 
 
+@pytest.mark.parametrize(("mode", "key"), [("RGB", (10, 200, 30)), ("L", 77)])
+def test_a_colour_key_is_composited_on_white(mode: str, key: tuple[int, ...] | int) -> None:
+    image = Image.new(mode, (4, 4), key)
+    image.putpixel((3, 3), (1, 2, 3) if mode == "RGB" else 5)
+    pixels = decode_image(encoded(image, "PNG", transparency=key), FIELD, LIMITS)
+    assert (pixels[:3, :3] == 255).all() and tuple(pixels[3, 3]) == ((1, 2, 3) if mode == "RGB" else (5, 5, 5))
+
+
 def test_sixteen_bit_grey_keeps_its_levels() -> None:
     levels = np.linspace(0, 65535, 16 * 16).astype(np.uint16).reshape(16, 16)
     pixels = decode_image(encoded(Image.fromarray(levels), "PNG"), FIELD, LIMITS)
