@@ -7,7 +7,7 @@ img2img and inpainting pipelines do it (diffusers 0.39, `StableDiffusionXLImg2Im
   row runs the rest. Its initial latents are the encoded image noised to the first step it runs:
   `encoded + noise * sigma_start`, in the tables' sigma space, for every sampler here: diffusers' Euler adds
   `noise * sigma` (`EulerDiscreteScheduler.add_noise`), its DPM-Solver++ `alpha_t * x0 + sigma_t * noise` in the
-  variance-preserving space, which is the same latent divided by `sqrt(sigma**2 + 1)` (the tables' C_IN). The
+  variance-preserving space, which is the same latent times the tables' C_IN, `1 / sqrt(sigma**2 + 1)`. The
   img2img pipeline never multiplies by `init_noise_sigma`: at strength 1 its start is `encoded + noise *
   sigma_max`, not text-to-image's `noise * init_noise_sigma` (for SDXL's Euler, `sqrt(sigma_max**2 + 1)`), and the
   image still shows through. The inpainting pipeline at strength 1 starts from pure noise, `noise *
@@ -51,7 +51,7 @@ class StrengthError(ValueError):
 def start_step(steps: int, strength: float) -> int:
     """How many of the `steps` steps of the full schedule are skipped: diffusers' `get_timesteps` (the schedulers
     here are first order in diffusers' sense, `scheduler.order == 1`), float arithmetic included (0.29 * 100 is
-    28.999..., so 29 steps are skipped of 100, not 71 run)."""
+    28.999...: 28 steps of 100 run, 72 are skipped)."""
     init_timestep = min(int(steps * strength), steps)
     return max(steps - init_timestep, 0)
 
@@ -63,8 +63,8 @@ def denoising_steps(steps: int, strength: float) -> int:
 
 def check_strength(steps: int, strength: float) -> None:
     """Refuse a strength that diffusers refuses: outside [0, 1] (its `check_inputs`), or so small that no step
-    runs (`int(steps * strength) < 1`: diffusers' inpainting pipeline raises, its img2img pipeline would decode the
-    un-noised image after an empty loop, which is no generation at all)."""
+    runs (`int(steps * strength) < 1`: diffusers' inpainting pipeline raises; its img2img pipeline does not check,
+    and has no first timestep to noise the image to)."""
     if not 0.0 <= strength <= 1.0:
         raise StrengthError(f"strength must be between 0 and 1, got {strength}")
     if denoising_steps(steps, strength) < 1:
