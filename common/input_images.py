@@ -191,7 +191,8 @@ def _rgb(image: Image.Image, background: int) -> np.ndarray:
         # 16-bit grey: keep the high byte (Pillow's own conversion clips everything above 255 to white).
         grey = (np.asarray(image).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
-    if image.mode == "P" and "transparency" in image.info:
+    if "transparency" in image.info:
+        # A palette index or a colour key (PNG's tRNS for P, L and RGB images): Pillow applies it converting to RGBA.
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         rgba = image.convert("RGBA")

@@ -58,6 +58,24 @@ def png_declaring(width: int, height: int, *extra: bytes) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + header + b"".join(extra) + pixels + png_chunk(b"IEND", b"")
 
 
+def jpeg_declaring(width: int, height: int) -> bytes:
+    """A valid small JPEG whose frame header (SOF0) is changed to declare `width` x `height`."""
+    data = bytearray(VALID["jpeg"])
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def webp_declaring(width: int, height: int) -> bytes:
+    """A valid small extended WebP whose canvas (VP8X) is changed to declare `width` x `height`."""
+    exif = Image.Exif()
+    exif[0x0112] = 1  # EXIF makes Pillow write the extended format, with its VP8X canvas size
+    data = bytearray(encoded(gradient(), "WEBP", exif=exif.tobytes()))
+    vp8x = data.index(b"VP8X")
+    data[vp8x + 12 : vp8x + 18] = (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    return bytes(data)
+
+
 def cmyk_jpeg() -> bytes:
     return encoded(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", quality=95)
 
@@ -104,6 +122,9 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str | frozenset[str]]] = {
     "bomb_100000x100000": (lambda: png_declaring(100_000, 100_000), "pixels"),
     "bomb_over_pillow_warning": (lambda: png_declaring(9000, 9000), "pixels"),
     "over_side_limit": (lambda: png_declaring(5000, 16), "pixels"),
+    "jpeg_bomb_60000x60000": (lambda: jpeg_declaring(60_000, 60_000), "pixels"),
+    "jpeg_over_limits": (lambda: jpeg_declaring(5000, 5000), "pixels"),
+    "webp_bomb_16000x16000": (lambda: webp_declaring(16_000, 16_000), "pixels"),
     "huge_iccp": (
         lambda: png_declaring(16, 16, png_chunk(b"iCCP", b"icc\0\0" + zlib.compress(b"\0" * 4_000_000))),
         "corrupt",
@@ -169,6 +190,12 @@ def test_pillows_bomb_warning_is_our_error_not_a_log_line() -> None:
     assert result.stdout.startswith("pixels the image declares too many pixels (Image size (81000000 pixels)")
 
 
+def test_the_declaring_helpers_change_only_the_size() -> None:
+    # Else the bombs above would be refused for another reason than their size.
+    assert decode_image(jpeg_declaring(48, 32), FIELD, LIMITS).shape == (32, 48, 3)
+    assert decode_image(webp_declaring(48, 32), FIELD, LIMITS).shape == (32, 48, 3)
+
+
 def test_limits_above_pillows_ceiling_are_refused() -> None:
     with pytest.raises(ValueError, match="max_pixels"):
         InputLimits(max_pixels=PILLOW_MAX_IMAGE_PIXELS + 1)
@@ -232,6 +259,14 @@ def test_a_palette_with_a_transparent_index_is_composited_on_white() -> None:
     image.putpixel((0, 0), 0)
     pixels = decode_image(encoded(image, "PNG", transparency=0), FIELD, LIMITS)
     assert tuple(pixels[0, 0]) == (255, 255, 255) and tuple(pixels[1, 1]) == (255, 0, 0)
+
+
+@pytest.mark.parametrize(("mode", "key"), [("RGB", (10, 200, 30)), ("L", 77)])
+def test_a_colour_key_is_composited_on_white(mode: str, key: tuple[int, ...] | int) -> None:
+    image = Image.new(mode, (4, 4), key)
+    image.putpixel((3, 3), (1, 2, 3) if mode == "RGB" else 5)
+    pixels = decode_image(encoded(image, "PNG", transparency=key), FIELD, LIMITS)
+    assert (pixels[:3, :3] == 255).all() and tuple(pixels[3, 3]) == ((1, 2, 3) if mode == "RGB" else (5, 5, 5))
 
 
 def test_sixteen_bit_grey_keeps_its_levels() -> None:
