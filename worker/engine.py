@@ -611,6 +611,12 @@ class RowEngine:
         shape = params.shape
         if key in self._requests:
             raise PipelineError(f"request {key!r} is already in the engine")
+        if params.loras and self._lora is None:
+            raise LorasRefused("loras: this worker applies no LoRA adapters")
+        if self._lora is not None and len(params.loras) > self._lora.max_loras:
+            raise LorasRefused(
+                f"loras: {len(params.loras)} adapters; this worker applies at most {self._lora.max_loras}"
+            )
         if shape.size not in self._pools:
             compiled = ", ".join(map(str, self._pools)) or "none"
             raise UnsupportedShape(f"size {shape.size} is not compiled here; compiled: {compiled}")
@@ -618,12 +624,6 @@ class RowEngine:
             raise UnsupportedShape(f"{shape.steps} steps: this worker runs 1 to {self._pipeline.max_steps}")
         if params.n > self._max_images:
             raise TooManyImages(f"{params.n} images: this worker makes at most {self._max_images} per request")
-        if params.loras and self._lora is None:
-            raise LorasRefused("loras: this worker applies no LoRA adapters")
-        if self._lora is not None and len(params.loras) > self._lora.max_loras:
-            raise LorasRefused(
-                f"loras: {len(params.loras)} adapters; this worker applies at most {self._lora.max_loras}"
-            )
 
     def _encode(self, request: _Request) -> None:
         """The request's prompt and (with guidance) negative prompt conditioning: with its adapters when one of
