@@ -8,14 +8,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common.protocol import GenerationParams, LoraRef, ResolvedParams, Scheduler, Shape, Size
+from common.protocol import GenerationParams, LoraRef, ResolvedParams, Shape, Size
 from tests.test_engine import Run, run
 from tests.test_pipeline import counting_compiles
 from worker.engine import LorasRefused, RowEngine
@@ -52,9 +52,7 @@ def ask(
         n=n,
         loras=[LoraRef(name=name, scale=scale) for name, scale in (loras or {}).items()],
     )
-    return request.resolved(
-        Shape(width=SIZE.width, height=SIZE.height, steps=MAX_STEPS), seed, cast(Scheduler, "euler")
-    )
+    return request.resolved(Shape(width=SIZE.width, height=SIZE.height, steps=MAX_STEPS), seed, "euler")
 
 
 def adapter(name: str, targets: Mapping[Target, tuple[int, int]], rank: int, seed: int, text: bool = True) -> Adapter:

@@ -191,6 +191,11 @@ class _Request:
     def n(self) -> int:
         return self.params.n
 
+    def conditioning(self) -> tuple[Text, Text]:
+        """Its prompt's and negative prompt's conditioning, once encoded."""
+        assert self.prompt is not None and self.negative is not None, "a request starts once it is encoded"
+        return self.prompt, self.negative
+
     @property
     def steps(self) -> int:
         return self.params.shape.steps
@@ -428,7 +433,7 @@ class RowEngine:
         encoder = functools.partial(encode_with_loras, pipeline._pipe)
         args = (pipeline._step_params.begin, ids, scale, self._bank_text(), mix)
         self._encode_lora = clock.compile(pipeline._sharded(encoder, (_ALL,) * len(args), _ALL), *args)
-        jax.block_until_ready(self._encode_lora(*args))
+        self._encode_lora(*args).context.block_until_ready()
 
     def _bank_unet(self) -> tuple[dict[str, Any], ...]:
         """The step's bank argument: the UNet's factors, or nothing without adapters."""
@@ -524,8 +529,8 @@ class RowEngine:
             keys=pipeline._put(keys, _IMAGES),
             slot=pipeline._put(slot, _IMAGES),
             valid=pipeline._put(valid, _IMAGES),
-            prompt=text if request is None else request.prompt,
-            negative=text if request is None else request.negative,
+            prompt=text if request is None else request.conditioning()[0],
+            negative=text if request is None else request.conditioning()[1],
             table=schedule.table,
             init_noise_sigma=schedule.init_noise_sigma,
             guidance=schedule.guidance,
@@ -737,7 +742,7 @@ class RowEngine:
         pool.place(request)
         waves = max(sum(1 for device, _ in request.rows if device == d) for d in range(self._pipeline.devices))
         for wave in range(waves):
-            pool.slots = pool.executables.admit(pool.slots, self._admission(request.prompt, request, wave))
+            pool.slots = pool.executables.admit(pool.slots, self._admission(request.conditioning()[0], request, wave))
 
     def _next_pool(self) -> _Pool | None:
         """The next size after the last one run that holds rows (sizes in compile order, in turn)."""

@@ -130,10 +130,10 @@ def pad(adapter: Adapter, targets: Mapping[Target, tuple[int, int]], max_rank: i
     for target, (fan_in, fan_out) in targets.items():
         down = np.zeros((fan_in, max_rank), ml_dtypes.bfloat16)
         up = np.zeros((max_rank, fan_out), ml_dtypes.bfloat16)
-        factors = adapter.targets.get(target)
-        if factors is not None:
-            down[:, : factors.rank] = factors.down
-            up[: factors.rank] = factors.up
+        update = adapter.targets.get(target)
+        if update is not None:
+            down[:, : update.rank] = update.down
+            up[: update.rank] = update.up
         padded[target] = (down, up)
     return Padded(adapter.name, padded, adapter.components())
 

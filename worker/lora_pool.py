@@ -33,6 +33,8 @@ class LoraPool:
         self._prepare = prepare
         self._free = list(range(slots))
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
+        # What `loaded` returns: a tuple replaced whole, as another thread (the worker's advertising) reads it.
+        self._names: tuple[str, ...] = ()
         self._components: dict[str, frozenset[str]] = {}
         self._pins: Counter[str] = Counter()
         self._loading: set[str] = set()
@@ -47,6 +49,7 @@ class LoraPool:
             self._pins[name] += 1
             if name in self._resident:
                 self._resident.move_to_end(name)
+                self._names = tuple(self._resident)
             elif name not in self._loading and name not in self._read:
                 self._loading.add(name)
                 self._executor.submit(self._load, name)
@@ -66,8 +69,8 @@ class LoraPool:
         return self._components[name]
 
     def loaded(self) -> tuple[str, ...]:
-        """The names of the resident adapters, most recently used last."""
-        return tuple(self._resident)
+        """The names of the resident adapters, most recently used last (any thread may call it)."""
+        return self._names
 
     def collect(self, write: Write) -> dict[str, LoraError]:
         """Place what the loading thread has read (`write` puts it in its slot); returns the adapters that could
@@ -104,6 +107,7 @@ class LoraPool:
         write(slot, padded)
         self._resident[name] = slot
         self._components[name] = padded.components
+        self._names = tuple(self._resident)
         logger.info("LoRA adapter %s in slot %d", name, slot)
 
     def _take_slot(self) -> int | None:
