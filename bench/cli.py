@@ -21,6 +21,7 @@ BENCHMARKS = {
     "backtoback": "device idle between back-to-back jobs: the worker loop in-process, jobs queued ahead",
     "webhooks": "job end to webhook arrival (p50, p99) on a local cluster, and deliveries/s of one gateway",
     "engine": "the engine against one request at a time: images/s, latency per class, a lone n=4, compiles",
+    "lora": "the engine's step time with LoRA adapters: none, one shared, one per row, per rank (in-process)",
 }
 
 

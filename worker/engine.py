@@ -42,7 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from common.protocol import ResolvedParams, Size
+from worker.lora import LoadAdapter, LoraConfig, pad
+from worker.lora_bank import LoraBank, applied, encode_with_loras
+from worker.lora_pool import LoraPool
 from worker.pipeline import (
+    _ALL,
     _IMAGES,
     _PER_IMAGE,
     _REPLICATED,
@@ -67,11 +71,26 @@ from worker.schedulers import C_IN, ROW_WIDTH, TIMESTEP, update
 logger = logging.getLogger(__name__)
 
 Policy = Literal["fifo", "shortest"]
+_LOAD_WAIT_S = 0.05  # an engine with nothing to run waits this long at most for an adapter being read
 POLICIES: tuple[Policy, ...] = ("fifo", "shortest")
 
 
 class TooManyImages(PipelineError):
     """A request for more images than the engine takes from one request."""
+
+
+class LorasRefused(PipelineError):
+    """A request naming LoRA adapters that this engine cannot apply: none configured, or more than it takes."""
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class SlotLoras:
+    """The adapters of a row (`[slots, K]` in a pool) or of a request (`[K]`): bank slots and their scales; an
+    unused place has scale 0."""
+
+    slot: jax.Array
+    scale: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -87,6 +106,7 @@ class Slots:
     table: jax.Array = field(metadata=_PER_IMAGE)  # [slots, max_steps, ROW_WIDTH]
     guidance: jax.Array = field(metadata=_PER_IMAGE)
     step: jax.Array = field(metadata=_PER_IMAGE)  # the next step's index into the slot's table
+    lora: SlotLoras | None = field(default=None, metadata=_PER_IMAGE)  # None: the engine has no adapters
 
 
 @jax.tree_util.register_dataclass
@@ -116,6 +136,7 @@ class Admission:
     table: jax.Array = field(metadata=_REPLICATED)  # [max_steps, ROW_WIDTH]
     init_noise_sigma: jax.Array = field(metadata=_REPLICATED)
     guidance: jax.Array = field(metadata=_REPLICATED)
+    lora: SlotLoras | None = field(default=None, metadata=_REPLICATED)  # the request's [K]
 
 
 @jax.tree_util.register_dataclass
@@ -158,15 +179,22 @@ class _Request:
     params: ResolvedParams
     on_step: StepCallback
     arrival: int
-    prompt: Text
-    negative: Text
+    prompt: Text | None  # None while its adapters are being read
+    negative: Text | None
     schedule: Any  # worker.pipeline.Schedule
+    loras: tuple[tuple[str, float], ...] = ()  # (name, scale) of each adapter it names
+    mix: dict[str, jax.Array] | None = None  # its adapters' "slot" and "scale" [K], once all are resident
     rows: list[tuple[int, int]] = field(default_factory=list)  # (device, slot) of image i
     done: int = 0
 
     @property
     def n(self) -> int:
         return self.params.n
+
+    def conditioning(self) -> tuple[Text, Text]:
+        """Its prompt's and negative prompt's conditioning, once encoded."""
+        assert self.prompt is not None and self.negative is not None, "a request starts once it is encoded"
+        return self.prompt, self.negative
 
     @property
     def steps(self) -> int:
@@ -264,6 +292,12 @@ class RowEngine:
     rows leave at once and the request is in `Tick.stopped` with that exception. A cancelled request
     (`cancel`, any thread) leaves at the next step boundary and is reported nowhere: it is neither finished nor
     stopped. A request whose step fails on the device is in `Tick.failed` with its pool's other requests.
+
+    With `lora` (and `load_lora`, which reads an adapter by name), each request may name up to `lora.max_loras`
+    adapters, applied to its rows unmerged (worker/lora_bank.py): a request whose adapters are not all in the
+    devices' bank waits, without holding back others, while a background thread reads them; one that cannot be
+    read stops the requests naming it (`Tick.stopped`, a LoraError). Without `lora` the executables are those of
+    an engine that knows nothing of adapters, and a request naming one is refused at admission.
     """
 
     def __init__(
@@ -274,6 +308,8 @@ class RowEngine:
         max_images: int | None = None,
         *,
         only_buckets: tuple[int, ...] | None = None,
+        lora: LoraConfig | None = None,
+        load_lora: LoadAdapter | None = None,
     ) -> None:
         if rows_per_device < 1:
             raise PipelineError(f"rows_per_device must be at least 1 (got {rows_per_device})")
@@ -301,6 +337,30 @@ class RowEngine:
         self._lock = threading.Lock()
         self._pending: tuple[jax.Array, list[tuple[_Request, int]]] | None = None
         self._last: Size | None = None  # the size that ran last
+        self._lora = lora
+        self._bank: LoraBank | None = None
+        self._loras: LoraPool | None = None
+        self._encode_lora: Any = None
+        if lora is not None:
+            if load_lora is None:
+                raise PipelineError("an engine with LoRA adapters needs load_lora, the reader of an adapter by name")
+            self._bank = LoraBank(pipeline, lora)
+            bank = self._bank
+            self._loras = LoraPool(lora.slots, lambda name: pad(load_lora(name), bank.targets, lora.max_rank))
+
+    @property
+    def lora(self) -> LoraConfig | None:
+        """Its adapter pool's shape, None without adapters."""
+        return self._lora
+
+    def loaded(self) -> tuple[str, ...]:
+        """The adapters in the devices' bank now (what the worker may advertise), none without adapters."""
+        return () if self._loras is None else self._loras.loaded()
+
+    def close(self) -> None:
+        """Stop the thread that reads adapters (reads under way are abandoned)."""
+        if self._loras is not None:
+            self._loras.close()
 
     @property
     def pipeline(self) -> SDXLPipeline:
@@ -349,6 +409,7 @@ class RowEngine:
         clock = _Clock()
         pipeline.compile_encoder(clock)
         text = pipeline.encode_prompt("warm-up")
+        self._compile_lora(clock, text)
         slots = self._empty_slots(size, text)
         executables = self._compile_executables(_Variant(pipeline._pipe, size, cfg=True), clock, slots, text)
         pool = _Pool(size, pipeline.devices, self.rows_per_device, slots, executables)
@@ -361,6 +422,34 @@ class RowEngine:
             *(size, self.buckets, timings.lower_s, timings.compile_s, timings.warmup_s),
         )
         return timings
+
+    def _compile_lora(self, clock: _Clock, text: Text) -> None:
+        """The bank's writer and the prompt encoder with adapters, once (they serve every size), each run once."""
+        if self._bank is None or self._encode_lora is not None:
+            return
+        pipeline = self._pipeline
+        self._bank.compile(clock)
+        ids, scale, mix = pipeline._negative_ids(""), pipeline._negative_scale(""), self._mix_inputs(())
+        encoder = functools.partial(encode_with_loras, pipeline._pipe)
+        args = (pipeline._step_params.begin, ids, scale, self._bank_text(), mix)
+        self._encode_lora = clock.compile(pipeline._sharded(encoder, (_ALL,) * len(args), _ALL), *args)
+        self._encode_lora(*args).context.block_until_ready()
+
+    def _bank_unet(self) -> tuple[dict[str, Any], ...]:
+        """The step's bank argument: the UNet's factors, or nothing without adapters."""
+        return () if self._bank is None else (self._bank.arrays["unet"],)
+
+    def _bank_text(self) -> dict[str, Any]:
+        assert self._bank is not None
+        return {component: self._bank.arrays[component] for component in ("text_encoder", "text_encoder_2")}
+
+    def _mix_inputs(self, loras: tuple[tuple[int, float], ...]) -> dict[str, jax.Array]:
+        """A request's adapters as the executables take them: "slot" and "scale" [K], replicated."""
+        assert self._lora is not None
+        slot, scale = np.zeros(self._lora.max_loras, np.int32), np.zeros(self._lora.max_loras, np.float32)
+        for k, (index, weight) in enumerate(loras):
+            slot[k], scale[k] = index, weight
+        return {"slot": self._pipeline._put(slot), "scale": self._pipeline._put(scale)}
 
     def _empty_slots(self, size: Size, text: Text) -> Slots:
         """A pool's arrays, zero, split over the devices by slot."""
@@ -384,6 +473,11 @@ class RowEngine:
             table=zeros((slots, pipeline.max_steps, ROW_WIDTH), np.float32),
             guidance=zeros((slots,), np.float32),
             step=zeros((slots,), np.int32),
+            lora=None
+            if self._lora is None
+            else SlotLoras(
+                zeros((slots, self._lora.max_loras), np.int32), zeros((slots, self._lora.max_loras), np.float32)
+            ),
         )
 
     def _compile_executables(self, variant: _Variant, clock: _Clock, slots: Slots, text: Text) -> _Executables:
@@ -396,12 +490,13 @@ class RowEngine:
         decode = pipeline._compile(
             clock, functools.partial(_decode_slots, variant.pipe), _IMAGES, params.finish, slots, self._pick([])
         )
+        run, bank = (_run, ()) if self._bank is None else (_run_with_loras, (self._bank.arrays["unet"],))
         steps = {
             bucket: pipeline._compile(
                 clock,
-                pipeline._traced(_run, variant),
+                pipeline._traced(run, variant),
                 (layout(Slots), _IMAGES),
-                *(params.step, slots, self._idle_batch(bucket)),
+                *(params.step, slots, self._idle_batch(bucket), *bank),
                 donate=(1,),
             )
             for bucket in self.buckets
@@ -413,7 +508,9 @@ class RowEngine:
         `n`, so that the first request pays no first-run cost and no key split compiles."""
         pool.slots = pool.executables.admit(pool.slots, self._admission(text))
         for bucket, step in pool.executables.steps.items():
-            pool.slots, marker = step(self._pipeline._step_params.step, pool.slots, self._idle_batch(bucket))
+            pool.slots, marker = step(
+                self._pipeline._step_params.step, pool.slots, self._idle_batch(bucket), *self._bank_unet()
+            )
         np.asarray(pool.executables.decode(self._pipeline._step_params.finish, pool.slots, self._pick([])))
         marker.block_until_ready()
         for n in range(1, self._max_images + 1):
@@ -432,12 +529,19 @@ class RowEngine:
             keys=pipeline._put(keys, _IMAGES),
             slot=pipeline._put(slot, _IMAGES),
             valid=pipeline._put(valid, _IMAGES),
-            prompt=text if request is None else request.prompt,
-            negative=text if request is None else request.negative,
+            prompt=text if request is None else request.conditioning()[0],
+            negative=text if request is None else request.conditioning()[1],
             table=schedule.table,
             init_noise_sigma=schedule.init_noise_sigma,
             guidance=schedule.guidance,
+            lora=self._admission_loras(request),
         )
+
+    def _admission_loras(self, request: _Request | None) -> SlotLoras | None:
+        if self._lora is None:
+            return None
+        mix = self._mix_inputs(()) if request is None or request.mix is None else request.mix
+        return SlotLoras(mix["slot"], mix["scale"])
 
     def _pick(self, slots: list[tuple[int, int]]) -> Pick:
         """The decode executable's input: on each device the slot given for it (`(device, slot)` pairs), else 0."""
@@ -494,11 +598,13 @@ class RowEngine:
         steps outside 1..max_steps), TooManyImages (`n` over `max_images`), PipelineError (unknown scheduler, a
         key already held), all raised at once with nothing held."""
         self._check(key, params)
-        pipeline = self._pipeline
-        schedule = pipeline._schedule(params.scheduler, params.shape.steps, params.guidance_scale)
-        prompt = pipeline.encode_prompt(params.prompt)
-        negative = pipeline.negative_conditioning(params.negative_prompt) if guided(params.guidance_scale) else prompt
-        request = _Request(key, params, on_step, self._arrivals, prompt, negative, schedule)
+        schedule = self._pipeline._schedule(params.scheduler, params.shape.steps, params.guidance_scale)
+        loras = tuple((lora.name, lora.scale) for lora in params.loras)
+        request = _Request(key, params, on_step, self._arrivals, None, None, schedule, loras)
+        if self._loras is None or not loras:
+            self._encode(request)
+        else:
+            self._loras.pin(name for name, _ in loras)
         self._arrivals += 1
         with self._lock:
             self._cancelled.discard(key)
@@ -510,6 +616,12 @@ class RowEngine:
         shape = params.shape
         if key in self._requests:
             raise PipelineError(f"request {key!r} is already in the engine")
+        if params.loras and self._lora is None:
+            raise LorasRefused("loras: this worker applies no LoRA adapters")
+        if self._lora is not None and len(params.loras) > self._lora.max_loras:
+            raise LorasRefused(
+                f"loras: {len(params.loras)} adapters; this worker applies at most {self._lora.max_loras}"
+            )
         if shape.size not in self._pools:
             compiled = ", ".join(map(str, self._pools)) or "none"
             raise UnsupportedShape(f"size {shape.size} is not compiled here; compiled: {compiled}")
@@ -517,6 +629,33 @@ class RowEngine:
             raise UnsupportedShape(f"{shape.steps} steps: this worker runs 1 to {self._pipeline.max_steps}")
         if params.n > self._max_images:
             raise TooManyImages(f"{params.n} images: this worker makes at most {self._max_images} per request")
+
+    def _encode(self, request: _Request) -> None:
+        """The request's prompt and (with guidance) negative prompt conditioning: with its adapters when one of
+        them changes a text encoder (uncached), else the pipeline's (the negative prompt's from its cache)."""
+        pipeline, params = self._pipeline, request.params
+        mix = request.mix if request.mix is not None and self._touches_text(request) else None
+        if mix is not None:
+            request.prompt = self._encode_with(mix, params.prompt)
+        else:
+            request.prompt = pipeline.encode_prompt(params.prompt)
+        if not guided(params.guidance_scale):
+            request.negative = request.prompt
+        elif mix is not None:
+            request.negative = self._encode_with(mix, params.negative_prompt, negative=True)
+        else:
+            request.negative = pipeline.negative_conditioning(params.negative_prompt)
+
+    def _touches_text(self, request: _Request) -> bool:
+        assert self._loras is not None
+        return any(scale and self._loras.components(name) - {"unet"} for name, scale in request.loras)
+
+    def _encode_with(self, mix: dict[str, jax.Array], prompt: str, *, negative: bool = False) -> Text:
+        pipeline = self._pipeline
+        scale = pipeline._negative_scale(prompt) if negative else pipeline._put(np.float32(1.0))
+        ids = pipeline._negative_ids(prompt)
+        encoded: Text = self._encode_lora(pipeline._step_params.begin, ids, scale, self._bank_text(), mix)
+        return encoded
 
     def cancel(self, key: str) -> None:
         """Drop a request, waiting or running, at the next step boundary; it is reported nowhere (thread-safe)."""
@@ -529,8 +668,11 @@ class RowEngine:
         requests that finished."""
         tick = Tick()
         self._drop_cancelled()
+        self._collect_loras(tick)
         self._start_waiting()
         pool = self._next_pool()
+        if pool is None and self._loras is not None:
+            self._loras.wait(_LOAD_WAIT_S)  # nothing runs: wait for a read adapter rather than spin
         before = self.stats.samples()
         try:
             marker = None if pool is None else self._dispatch(pool)
@@ -544,6 +686,24 @@ class RowEngine:
         }
         return tick
 
+    def _collect_loras(self, tick: Tick) -> None:
+        """Write the adapters read since the last boundary to the bank; a waiting request whose adapters are all
+        resident gets its slots and its conditioning, one whose adapter could not be read is stopped."""
+        if self._loras is None or self._bank is None:
+            return
+        failed = self._loras.collect(self._bank.write)
+        for request in [r for r in self._waiting if r.prompt is None]:
+            error = next((failed[name] for name, _ in request.loras if name in failed), None)
+            if error is not None:
+                tick.stopped.append((request.key, error))
+                self._remove(request)
+                continue
+            slots = [self._loras.slot(name) for name, _ in request.loras]
+            if all(slot is not None for slot in slots):
+                placed = tuple((int(slot or 0), scale) for slot, (_, scale) in zip(slots, request.loras, strict=True))
+                request.mix = self._mix_inputs(placed)
+                self._encode(request)
+
     def _drop_cancelled(self) -> None:
         with self._lock:
             cancelled, self._cancelled = self._cancelled, set()
@@ -554,6 +714,8 @@ class RowEngine:
 
     def _remove(self, request: _Request) -> None:
         del self._requests[request.key]
+        if self._loras is not None:
+            self._loras.unpin(name for name, _ in request.loras)
         self._held_rows -= request.n
         if request in self._waiting:
             self._waiting.remove(request)
@@ -566,6 +728,8 @@ class RowEngine:
         order = self._waiting if self.policy == "fifo" else sorted(self._waiting, key=lambda r: (r.steps, r.arrival))
         reserved: dict[Size, float] = {}
         for request in list(order):
+            if request.prompt is None:
+                continue  # its adapters are being read
             pool = self._pools[request.params.shape.size]
             if request.n <= pool.free() and request.steps <= reserved.get(pool.size, math.inf):
                 self._start(pool, request)
@@ -578,7 +742,7 @@ class RowEngine:
         pool.place(request)
         waves = max(sum(1 for device, _ in request.rows if device == d) for d in range(self._pipeline.devices))
         for wave in range(waves):
-            pool.slots = pool.executables.admit(pool.slots, self._admission(request.prompt, request, wave))
+            pool.slots = pool.executables.admit(pool.slots, self._admission(request.conditioning()[0], request, wave))
 
     def _next_pool(self) -> _Pool | None:
         """The next size after the last one run that holds rows (sizes in compile order, in turn)."""
@@ -596,7 +760,9 @@ class RowEngine:
             pool.batch = self._index_map(pool)
         bucket, batch = pool.batch
         marker: jax.Array
-        pool.slots, marker = pool.executables.steps[bucket](self._pipeline._step_params.step, pool.slots, batch)
+        pool.slots, marker = pool.executables.steps[bucket](
+            self._pipeline._step_params.step, pool.slots, batch, *self._bank_unet()
+        )
         self._count(pool, bucket)
         return marker
 
@@ -728,7 +894,12 @@ def _admit(variant: _Variant, slots: Slots, new: Admission) -> Slots:
         table=put(slots.table, new.table),
         guidance=put(slots.guidance, new.guidance),
         step=put(slots.step, jnp.int32(0)),
+        lora=None if slots.lora is None or new.lora is None else _put_loras(put, slots.lora, new.lora),
     )
+
+
+def _put_loras(put: Any, pool: SlotLoras, new: SlotLoras) -> SlotLoras:
+    return SlotLoras(slot=put(pool.slot, new.slot), scale=put(pool.scale, new.scale))
 
 
 def _run(variant: _Variant, params: dict[str, Any], slots: Slots, batch: Batch) -> tuple[Slots, jax.Array]:
@@ -755,8 +926,20 @@ def _run(variant: _Variant, params: dict[str, Any], slots: Slots, batch: Batch) 
         table=slots.table,
         guidance=slots.guidance,
         step=slots.step + batch.active.astype(slots.step.dtype),
+        lora=slots.lora,
     )
     return moved, moved.latents[:1, 0, 0, 0]
+
+
+def _run_with_loras(
+    variant: _Variant, params: dict[str, Any], slots: Slots, batch: Batch, bank: dict[str, Any]
+) -> tuple[Slots, jax.Array]:
+    """`_run` with each sample's adapters (its slot's, the unconditional sample's too) added to the UNet's
+    target layers from the bank (`bank`: the UNet's factors)."""
+    assert slots.lora is not None, "an engine with adapters has their slots in its pool"
+    index = batch.sample_slot
+    with applied(bank, slots.lora.slot[index], slots.lora.scale[index]):
+        return _run(variant, params, slots, batch)
 
 
 def _sample_text(slots: Slots, index: jax.Array, uncond: jax.Array) -> Text:
