@@ -118,7 +118,7 @@ def test_the_pipeline_knows_its_kind_and_refuses_text_to_image_in_words(
     pipeline: SDXLPipeline, tiny_model: Path
 ) -> None:
     assert (unet_in_channels(pipeline), is_inpainting(pipeline)) == (INPAINTING_IN_CHANNELS, True)
-    with pytest.raises(InpaintingOnly, match="inpainting model .* not text-to-image"):
+    with pytest.raises(InpaintingOnly, match=r"inpainting model .* not text-to-image"):
         check_text_to_image(pipeline)
     base = SDXLPipeline.load(str(tiny_model), None, OPTIONS)
     assert (unet_in_channels(base), is_inpainting(base)) == (4, False)

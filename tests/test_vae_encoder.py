@@ -90,7 +90,8 @@ def diffusers_encode(folder: Path, pixels: np.ndarray, cast: Any = np.float32) -
     def mean(weights: Any, pixels: np.ndarray) -> Any:
         return vae.apply({"params": weights}, pixels, method=vae.encode).latent_dist.mean
 
-    return np.asarray(jax.jit(mean)(weights, pixels)).transpose(0, 3, 1, 2) * vae.config.scaling_factor
+    scaled: np.ndarray = np.asarray(jax.jit(mean)(weights, pixels)).transpose(0, 3, 1, 2) * vae.config.scaling_factor
+    return scaled
 
 
 def test_parity_with_diffusers_flax_encode(encoder: VaeEncoder, tiny_model: Path) -> None:
@@ -116,7 +117,7 @@ def test_no_compile_after_warm_up_for_other_images(encoder: VaeEncoder) -> None:
 
 
 def test_decoding_what_it_encodes_gives_back_the_images_shape(encoder: VaeEncoder, pipeline: SDXLPipeline) -> None:
-    latents = encoder.encode([picture(50), picture(51)])
+    latents = jax.numpy.asarray(encoder.encode([picture(50), picture(51)]))
     decode = jax.jit(functools.partial(_decode, pipeline._pipe))
     images = np.asarray(decode(pipeline._step_params.finish, StepState(latents, latents)))
     assert images.shape == (2, SIZE.height, SIZE.width, 3) and images.dtype == np.uint8

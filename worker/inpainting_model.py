@@ -16,6 +16,7 @@ from worker.pipeline import PipelineError, SDXLPipeline
 
 logger = logging.getLogger(__name__)
 
+
 class InpaintingOnly(PipelineError):
     """A request (or a compile) of text-to-image on an inpainting model."""
 

@@ -23,8 +23,8 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 from worker.checkpoints import PYTORCH_STEMS, WEIGHTED
-from worker.quiet import silence_flax_deprecation
 from worker.img2img import INPAINTING_IN_CHANNELS
+from worker.quiet import silence_flax_deprecation
 
 # Flax module names that diffusers made from PyTorch's `name.N` (others with digits, like linear_1, are not).
 _NUMBERED = re.compile(
@@ -112,7 +112,11 @@ def pipeline_class(flax_dir: Path) -> str:
     """diffusers' PyTorch pipeline class of the model, as published repositories name it in model_index.json: the
     inpainting pipeline for a 9-channel UNet."""
     unet = json.loads((flax_dir / "unet" / "config.json").read_text())
-    return "StableDiffusionXLInpaintPipeline" if unet["in_channels"] == INPAINTING_IN_CHANNELS else "StableDiffusionXLPipeline"
+    return (
+        "StableDiffusionXLInpaintPipeline"
+        if unet["in_channels"] == INPAINTING_IN_CHANNELS
+        else "StableDiffusionXLPipeline"
+    )
 
 
 def _copy_configs(flax_dir: Path, out: Path) -> None:

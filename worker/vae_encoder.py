@@ -144,4 +144,5 @@ def _encode(vae: Any, scaling_factor: float, params: dict[str, Any], batch: Pixe
     weights = jax.tree_util.tree_map(lambda w: w.astype(jnp.float32), params["vae"])
     posterior = vae.apply({"params": weights}, batch.pixels, method=vae.encode).latent_dist
     mean: jax.Array = posterior.mean.transpose(0, 3, 1, 2)  # diffusers' Flax VAE is channels-last inside
-    return mean * jnp.float32(scaling_factor)
+    scaled: jax.Array = mean * jnp.float32(scaling_factor)
+    return scaled
