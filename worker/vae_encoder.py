@@ -13,8 +13,9 @@ Where this differs from diffusers (0.39):
   `retrieve_latents(vae.encode(image), generator)` with its default `sample_mode="sample"`, that is
   `latent_dist.sample(generator)` (mean + std * noise), and its Flax SD img2img pipeline likewise
   `latent_dist.sample(key)`; `latent_dist.mode()` (the mean) is what `sample_mode="argmax"` returns. Here the mean
-  is taken: the same image gives the same latents on any device and any worker, without a key. SDXL's VAE
-  posterior is narrow (its std is small beside the mean), and the row's noise is added by the sampler anyway.
+  is taken: the same image gives the same latents on any device and any worker, without a key. The posterior
+  of Stable Diffusion's VAEs is narrow (they were trained with a tiny KL weight), and the sampler adds the row's
+  own noise to the latents anyway.
 - **Float32.** SDXL's VAE config says `force_upcast: true`: diffusers encodes in float32 whatever the pipeline's
   dtype (float16 overflows). The encoder here computes in float32 too, on the served weights (bfloat16, upcast
   in the executable), where the decoder runs in bfloat16: an encode runs once per image, not once per step.
@@ -39,6 +40,9 @@ from worker.pipeline import _IMAGES, _PER_IMAGE, SDXLPipeline, UnsupportedShape,
 logger = logging.getLogger(__name__)
 
 RGB = 3
+# The VAE's parameters an encode reads (the decoder's are not handed to it: each input array is flattened and
+# checked at every call).
+ENCODER_PARTS = ("encoder", "quant_conv")
 
 
 @jax.tree_util.register_dataclass
@@ -60,6 +64,8 @@ class VaeEncoder:
         self._factor = int(pipeline._pipe.vae_scale_factor)
         self._channels = int(vae.config.latent_channels)
         self._scaling_factor = float(vae.config.scaling_factor)
+        served = pipeline._params["vae"]
+        self._params = {"vae": {part: served[part] for part in ENCODER_PARTS}}  # the same device arrays
         self._compiled: dict[Size, Any] = {}
 
     @property
@@ -79,9 +85,7 @@ class VaeEncoder:
         self._pipeline.check_size(size)
         pipeline = self._pipeline
         encode = functools.partial(_encode, self._vae, self._scaling_factor)
-        self._compiled[size] = pipeline._compile(
-            clock, encode, _IMAGES, pipeline._step_params.finish, self._blank(size)
-        )
+        self._compiled[size] = pipeline._compile(clock, encode, _IMAGES, self._params, self._blank(size))
         started = time.perf_counter()
         self.encode_wave([None] * pipeline.devices, size).block_until_ready()
         logger.info("VAE encoder compiled for %s", size)
@@ -99,7 +103,7 @@ class VaeEncoder:
         for device, image in enumerate(pixels):
             if image is not None:
                 batch[device] = _one_image(image, size)
-        latents: jax.Array = executable(self._pipeline._step_params.finish, self._put(batch))
+        latents: jax.Array = executable(self._params, self._put(batch))
         return latents
 
     def encode(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
