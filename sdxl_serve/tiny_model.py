@@ -8,9 +8,12 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The directory to write and the seed of the random weights."""
+    """The directory to write, the seed of the random weights, and whether the UNet is an inpainting one."""
     parser.add_argument("directory", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--inpainting", action="store_true", help="a 9-channel inpainting UNet (latents, mask, masked-image latents)"
+    )
     parser.add_argument(
         "--if-missing", action="store_true", help="do nothing if DIRECTORY already holds a model (for containers)"
     )
@@ -31,5 +34,5 @@ def run(args: argparse.Namespace) -> int:
     use_cpu_devices(1)  # before JAX is imported: one device is plenty to make random weights
     from worker.tiny_model import write_tiny_model
 
-    print(write_tiny_model(args.directory, seed=args.seed))
+    print(write_tiny_model(args.directory, seed=args.seed, inpainting=args.inpainting))
     return 0

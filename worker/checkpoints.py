@@ -8,6 +8,10 @@
   ComfyUI load). It holds weights only: the component configurations and tokenizers come from
   `model_config`, a diffusers-layout folder or hub repository (SDXL base's by default, weights not fetched).
 
+SDXL inpainting models (a UNet of 9 input channels: latents, mask, masked-image latents) load from each format: a
+folder names diffusers' inpainting pipeline and its UNet config says 9; a single file's UNet takes the channels its
+first convolution has, whatever `model_config` says (worker/inpainting_model.py tells the pipeline's kind).
+
 PyTorch names and layouts become the Flax parameter trees of diffusers' and transformers' Flax modules
 through their own renaming functions; original names become diffusers' through diffusers' own single-file
 conversion (worker/ldm_conversion.py). Every tensor is read, converted and cast one at a time, and checked
@@ -31,6 +35,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from worker import ldm_conversion
+from worker.img2img import INPAINTING_IN_CHANNELS, LATENT_CHANNELS
 from worker.quiet import silence_flax_deprecation
 from worker.safetensors_files import SafetensorsFile, TensorRef, UnreadableFile
 
@@ -61,7 +66,17 @@ VARIANTS: tuple[str | None, ...] = ("fp16", None, "bf16")
 # Everything of a diffusers-layout repository except weights.
 CONFIG_PATTERNS = ("model_index.json", "*/config.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*")
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl"})
-SDXL_PIPELINES = frozenset({"StableDiffusionXLPipeline", "FlaxStableDiffusionXLPipeline"})
+# SDXL inpainting releases (a 9-channel UNet) name diffusers' inpainting pipeline; their other parts are SDXL base's.
+SDXL_PIPELINES = frozenset(
+    {"StableDiffusionXLPipeline", "FlaxStableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline"}
+)
+# A UNet's input channels: SDXL base's latents, or an inpainting UNet's latents, mask and masked-image latents.
+UNET_IN_CHANNELS = frozenset({LATENT_CHANNELS, INPAINTING_IN_CHANNELS})
+# The tensor whose input channels say which (the UNet's first convolution, [out, in, 3, 3]).
+UNET_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+# What diffusers' detection names a single file of SDXL's layout too small to have OpenCLIP's tenth block (the
+# tiny model): accepted when every SDXL part is there, as SD 1.x files lack the second text encoder.
+SMALL_SDXL_LOOKALIKES = frozenset({"v1", "inpainting"})
 # Tensors a checkpoint may hold that no Flax module has: buffers and training leftovers.
 IGNORED_SUFFIXES = ("position_ids", "logit_scale")
 # diffusers' names for single-file model types that are not SDXL base, in words.
@@ -71,7 +86,6 @@ OTHER_MODEL_TYPES = {
     "inpainting": "Stable Diffusion 1.x inpainting",
     "inpainting_v2": "Stable Diffusion 2.x inpainting",
     "xl_refiner": "the SDXL refiner",
-    "xl_inpaint": "SDXL inpainting",
     "playground-v2-5": "Playground v2.5",
     "sd3": "Stable Diffusion 3",
     "sd35_large": "Stable Diffusion 3.5 Large",
@@ -83,7 +97,6 @@ OTHER_PIPELINES = {
     "FlaxStableDiffusionPipeline": "Stable Diffusion 1.x/2.x",
     "StableDiffusion3Pipeline": "Stable Diffusion 3",
     "StableDiffusionXLImg2ImgPipeline": "the SDXL refiner (image to image)",
-    "StableDiffusionXLInpaintPipeline": "SDXL inpainting",
 }
 
 Format = Literal["flax", "diffusers", "single_file"]
@@ -129,6 +142,8 @@ def load_checkpoint(
         return _load_flax(located.layout, revision)
     check_pipeline_index(located.layout)
     parts = modules(located.layout)
+    if located.format == "single_file":
+        parts["unet"] = with_in_channels(parts["unet"], single_file_in_channels(located.weights))
     check_architecture(parts, located.layout)
     expected = _expected_params(parts)
     if located.format == "single_file":
@@ -283,8 +298,13 @@ def modules(layout: Path) -> dict[str, Any]:
 
 
 def check_architecture(parts: Mapping[str, Any], layout: Path) -> None:
-    """SDXL base's UNet takes six time ids and the second encoder's pooled projection (the refiner: five)."""
+    """SDXL base's UNet takes six time ids and the second encoder's pooled projection (the refiner: five), and 4
+    input channels (9 for inpainting)."""
     unet = parts["unet"].config
+    if unet.in_channels not in UNET_IN_CHANNELS:
+        raise WrongArchitecture(
+            f"{layout}/unet: {unet.in_channels} input channels; SDXL's UNet takes 4 (9 for an inpainting model)"
+        )
     if unet.addition_embed_type != "text_time":
         raise WrongArchitecture(f"{layout}/unet: no SDXL size conditioning (addition_embed_type text_time)")
     pooled = parts["text_encoder_2"].config.projection_dim
@@ -356,7 +376,8 @@ def _load_single_file(
 
 
 def check_single_file(path: Path, checkpoint: Mapping[str, TensorRef]) -> None:
-    """Refuse a single file that is not SDXL base, by its tensor names and shapes (diffusers' detection)."""
+    """Refuse a single file that is not SDXL base or SDXL inpainting, by its tensor names and shapes (diffusers'
+    detection)."""
     try:
         kind = ldm_conversion.model_type(checkpoint)
     except (KeyError, IndexError, AttributeError, ValueError, NameError) as exc:
@@ -368,10 +389,32 @@ def check_single_file(path: Path, checkpoint: Mapping[str, TensorRef]) -> None:
         ldm_conversion.OPEN_CLIP_PREFIX,
     )
     missing = [p for p in prefixes if not any(name.startswith(p) for name in checkpoint)]
-    if (kind in OTHER_MODEL_TYPES and kind != "v1") or missing:
+    if (kind in OTHER_MODEL_TYPES and kind not in SMALL_SDXL_LOOKALIKES) or missing:
         what = OTHER_MODEL_TYPES.get(kind, f"a {kind!r} model")
         lacking = f" (no {', '.join(p + '*' for p in missing)})" if missing else ""
         raise WrongArchitecture(f"{path}: {what}{lacking}, not an SDXL base checkpoint")
+
+
+def single_file_in_channels(path: Path) -> int:
+    """The input channels of a single file's UNet (4, or 9 for inpainting), read from its header, once the file is
+    known to be SDXL (`check_single_file`)."""
+    with ExitStack() as stack:
+        checkpoint = _open(stack, path).refs()
+        check_single_file(path, checkpoint)
+        if UNET_CONV_IN not in checkpoint:
+            raise MissingTensors(f"{path}: no {UNET_CONV_IN} (the UNet's first convolution)")
+        return int(checkpoint[UNET_CONV_IN].shape[1])
+
+
+def with_in_channels(unet: Any, in_channels: int) -> Any:
+    """`unet`, or the same UNet taking `in_channels` inputs: a single file's configs come from another folder (SDXL
+    base's by default), and diffusers too gives an inpainting file's UNet the channels its weights have."""
+    if unet.config.in_channels == in_channels:
+        return unet
+    from diffusers import FlaxUNet2DConditionModel
+
+    config = {**unet.config, "in_channels": in_channels}
+    return FlaxUNet2DConditionModel.from_config(config, split_head_dim=True, dtype=jnp.bfloat16)
 
 
 def convert_component(

@@ -40,6 +40,9 @@ from worker.schedulers import C0, C1, SIGMA, SIGMA_NEXT, Table
 
 logger = logging.getLogger(__name__)
 
+LATENT_CHANNELS = 4
+# The 9-channel inpainting UNet's input: the latents, the mask (one channel) and the masked image's latents.
+INPAINTING_IN_CHANNELS = 2 * LATENT_CHANNELS + 1
 # The step's arrays: numpy on the host and in tests, JAX in the compiled step.
 ArrayT = TypeVar("ArrayT", np.ndarray, jax.Array)
 

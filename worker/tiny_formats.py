@@ -23,6 +23,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 from worker.checkpoints import PYTORCH_STEMS, WEIGHTED
+from worker.img2img import INPAINTING_IN_CHANNELS
 from worker.quiet import silence_flax_deprecation
 
 # Flax module names that diffusers made from PyTorch's `name.N` (others with digits, like linear_1, are not).
@@ -102,9 +103,20 @@ def write_diffusers_safetensors(flax_dir: Path, out: Path, dtype: Any = np.float
         cast = {key: value.astype(dtype) for key, value in tensors.items()}
         save_safetensors(cast, out / name / f"{PYTORCH_STEMS[name]}{tag}.safetensors")
     index = json.loads((out / "model_index.json").read_text())
-    index["_class_name"] = "StableDiffusionXLPipeline"
+    index["_class_name"] = pipeline_class(flax_dir)
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out
+
+
+def pipeline_class(flax_dir: Path) -> str:
+    """diffusers' PyTorch pipeline class of the model, as published repositories name it in model_index.json: the
+    inpainting pipeline for a 9-channel UNet."""
+    unet = json.loads((flax_dir / "unet" / "config.json").read_text())
+    return (
+        "StableDiffusionXLInpaintPipeline"
+        if unet["in_channels"] == INPAINTING_IN_CHANNELS
+        else "StableDiffusionXLPipeline"
+    )
 
 
 def _copy_configs(flax_dir: Path, out: Path) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 
 import jax
 
+from worker.img2img import INPAINTING_IN_CHANNELS, LATENT_CHANNELS
+
 logger = logging.getLogger(__name__)
 
 TEXT_HIDDEN = 32
@@ -30,8 +32,9 @@ LATENT_SIDE = 32
 TINY_MARKER = "_sdxl_serve_tiny_random_weights"
 
 
-def write_tiny_model(directory: Path, seed: int = 0) -> Path:
-    """Write the model to `directory` (atomically: a partly written model is never left there)."""
+def write_tiny_model(directory: Path, seed: int = 0, inpainting: bool = False) -> Path:
+    """Write the model to `directory` (atomically: a partly written model is never left there). With `inpainting`,
+    its UNet takes 9 input channels (latents, mask, masked-image latents), as SDXL inpainting checkpoints'."""
     from worker.quiet import silence_flax_deprecation
 
     silence_flax_deprecation()
@@ -42,7 +45,7 @@ def write_tiny_model(directory: Path, seed: int = 0) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".tiny-model-", dir=directory.parent))
     try:
         keys = jax.random.split(jax.random.PRNGKey(seed), 4)
-        components, params = _components(staging, keys)
+        components, params = _components(staging, keys, inpainting)
         pipeline = FlaxStableDiffusionXLPipeline(**components)
         logger.info("tiny model: saving")
         pipeline.save_pretrained(staging / "model", params=params)
@@ -73,13 +76,13 @@ def is_tiny_model(model: str) -> bool:
     return isinstance(index, dict) and index.get(TINY_MARKER) is True
 
 
-def _components(staging: Path, keys: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def _components(staging: Path, keys: Any, inpainting: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     tokenizer, tokenizer_2, vocab_size = byte_level_tokenizers(staging / "vocab")
     # Each part takes seconds to tens of seconds on a CPU: say which one a person is waiting for.
     logger.info("tiny model: making the text encoders (1/3)")
     (text_encoder, text_params), (text_encoder_2, text_params_2) = _text_encoders(vocab_size, tokenizer)
     logger.info("tiny model: making the UNet (2/3)")
-    unet, unet_params = _unet(keys[0])
+    unet, unet_params = _unet(keys[0], INPAINTING_IN_CHANNELS if inpainting else LATENT_CHANNELS)
     logger.info("tiny model: making the VAE (3/3)")
     vae, vae_params = _vae(keys[1])
     components = {
@@ -138,13 +141,13 @@ def _text_encoders(vocab_size: int, tokenizer: Any) -> tuple[tuple[Any, Any], tu
     return encoders[0], encoders[1]
 
 
-def _unet(key: Any) -> tuple[Any, Any]:
+def _unet(key: Any, in_channels: int) -> tuple[Any, Any]:
     from diffusers import FlaxUNet2DConditionModel
 
     unet = FlaxUNet2DConditionModel(
         sample_size=LATENT_SIDE,
-        in_channels=4,
-        out_channels=4,
+        in_channels=in_channels,
+        out_channels=LATENT_CHANNELS,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=(32, 64),
@@ -168,7 +171,7 @@ def _vae(key: Any) -> tuple[Any, Any]:
     vae = FlaxAutoencoderKL(
         in_channels=3,
         out_channels=3,
-        latent_channels=4,
+        latent_channels=LATENT_CHANNELS,
         block_out_channels=(32, 64),
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
