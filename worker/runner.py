@@ -24,7 +24,7 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -45,7 +45,7 @@ from worker.device_watermark import DeviceWatermark
 from worker.encode import encode_all
 from worker.handoff import EncodeImages, Generated, HandOff, failed
 from worker.images import ImageWriter
-from worker.lora_source import LoraSource, open_lora_source, refusal
+from worker.lora_source import LoraSource, adapter_loader, open_lora_source, refusal
 from worker.metrics import WorkerMetrics, metrics_app, start_server
 from worker.pipeline import PipelineError, PipelineOptions, SDXLPipeline
 from worker.pipeline_protocol import Engine, Pipeline, Tick
@@ -264,12 +264,30 @@ class Worker:
             return RequestAtATime(pipeline, config.images_per_request)
         # Imported here: the row engine loads with the model, and only where it is asked for.
         engines = importlib.import_module("worker.engine")
-        # LoRA hook: with `self.loras` (--lora-dir), the engine's adapter loader is
-        # `adapter_loader(self.loras, lambda name, data: read_adapter(name, data, layers))` (worker/lora_source.py,
-        # worker/lora_files.py), with pool `config.lora_cache`, rank `config.lora_max_rank` and `config.max_loras`
-        # per request; then `self.presence.loaded_by(<the engine's names in its pool>)` publishes `loras_loaded`.
-        row_engine = engines.RowEngine(pipeline, config.rows_per_device, config.batch_policy, config.images_per_request)
+        row_engine = engines.RowEngine(
+            pipeline,
+            config.rows_per_device,
+            config.batch_policy,
+            config.images_per_request,
+            **self._lora_options(pipeline),
+        )
+        if self.loras is not None:
+            self.presence.loaded_by(row_engine.loaded)
         return cast(Engine, row_engine)
+
+    def _lora_options(self, pipeline: SDXLPipeline) -> dict[str, Any]:
+        """The row engine's adapter pool and reader with `--lora-dir` (none without): an adapter is read from the
+        source and parsed against this model's layers (worker/lora_files.py) on the pool's loading thread."""
+        if self.loras is None:
+            return {}
+        from worker.lora import LoraConfig
+        from worker.lora_files import layer_shapes, read_adapter
+
+        config, layers = self.config, layer_shapes(pipeline._params)
+        return {
+            "lora": LoraConfig(slots=config.lora_cache, max_rank=config.lora_max_rank, max_loras=config.max_loras),
+            "load_lora": adapter_loader(self.loras, lambda name, data: read_adapter(name, data, layers)),
+        }
 
     async def _serve(self, engine: Engine) -> None:
         """One turn of the loop: with the device idle, wait for jobs; with rows on it, run one step (claiming for
