@@ -203,7 +203,7 @@ def _admits_string(schema: dict[str, Any]) -> bool:
     return any(_admits_string(option) for option in schema.get("anyOf", []))
 
 
-async def stored(request: web.Request, placed: Placed, inputs: Inputs | None, uploaded: Uploaded) -> Placed:
+async def store_uploaded(request: web.Request, placed: Placed, inputs: Inputs | None, uploaded: Uploaded) -> Placed:
     """`placed` with its input images stored (in the blob store, else in Redis, for the job's result TTL) and its
     job naming them, before it is queued; as it was without images."""
     if inputs is None:

@@ -22,7 +22,7 @@ from common.jobstore import StoredResult
 from common.protocol import GenerationParams, OutputFormat, nearest_sdxl_resolution
 from gateway import jobs
 from gateway.errors import ApiError, from_validation_error
-from gateway.inputs import Uploaded, read_request, stored
+from gateway.inputs import Uploaded, read_request, store_uploaded
 from gateway.proxies import public_origin
 from gateway.schemas import GenerateRequest, WebhookRequest
 from gateway.state import CONFIG, REGISTRY, URL_SIGNER
@@ -214,7 +214,7 @@ async def _answer(request: web.Request, body: ImageGenerationRequest, uploaded: 
         placed = await jobs.make_job(request, generate, workers, default_n=OPENAI_DEFAULT_N, inputs=decoded)
     except ApiError as exc:
         raise _renamed(exc) from None
-    placed = await stored(request, placed, decoded, uploaded)
+    placed = await store_uploaded(request, placed, decoded, uploaded)
     try:
         stored = await jobs.submit_and_wait(request, generate, placed)
     except ApiError as exc:

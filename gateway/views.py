@@ -157,7 +157,7 @@ async def _placed(request: web.Request) -> tuple[GenerateRequest, jobs.Placed]:
     body, uploaded = await inputs.read_request(request, GenerateRequest)
     decoded = uploaded.decoded(request.app[CONFIG].input_limits)
     placed = await jobs.make_job(request, body, inputs=decoded)
-    return body, await inputs.stored(request, placed, decoded, uploaded)
+    return body, await inputs.store_uploaded(request, placed, decoded, uploaded)
 
 
 async def job_status(request: web.Request) -> web.Response:

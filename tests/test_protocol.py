@@ -81,6 +81,7 @@ def test_a_request_resolves_into_the_parameters_its_job_carries_whole() -> None:
         "scheduler": "euler_trailing",
         "n": 4,
         "loras": [],
+        "strength": None,
     }
     assert params.shape == Shape(width=64, height=96, steps=3)
     job = Job(id="j", params=params, result_ttl_s=60)
