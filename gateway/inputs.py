@@ -25,7 +25,7 @@ from aiohttp import BodyPartReader, web
 from pydantic import BaseModel, ValidationError
 
 from common.input_images import InputImageError, InputLimits
-from common.inputs import Inputs, decode_inputs, store_inputs
+from common.inputs import Inputs, decode_inputs, remove_inputs, store_inputs
 from common.rediskeys import RedisKeys
 from gateway.errors import ApiError, from_validation_error
 from gateway.jobs import Placed
@@ -212,3 +212,11 @@ async def store_uploaded(request: web.Request, placed: Placed, inputs: Inputs | 
     refs = await store_inputs(placed.job, inputs, app[JOBS].blobs, app[REDIS], RedisKeys(app[CONFIG].key_prefix))
     job = placed.job.model_copy(update={"inputs": refs})
     return dataclasses.replace(placed, job=job, images=uploaded.digest())
+
+
+async def remove_cancelled(app: web.Application, job_id: str) -> None:
+    """Remove a cancelled job's input images now: no worker will read them (one that has them already keeps its
+    copy), so they need not wait for their expiry."""
+    record = await app[JOBS].record(job_id)
+    if record is not None and record.job is not None and record.job.inputs is not None:
+        await remove_inputs(record.job.inputs, app[JOBS].blobs, app[REDIS])

@@ -184,6 +184,7 @@ async def cancel_job(request: web.Request) -> web.Response:
             field="job_id",
             job_status=outcome,
         )
+    await inputs.remove_cancelled(request.app, job_id)
     state = await jobs.read_state(request.app, job_id)
     return _json(state[0] if state is not None else JobState(id=job_id, status="cancelled"))
 
