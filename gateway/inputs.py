@@ -69,9 +69,10 @@ class Uploaded:
 
 
 def refused(exc: InputImageError) -> ApiError:
-    """An input image's refusal as a 400: the field, and the rule as its code (`image_format`, `mask_size`, ...)."""
-    code = exc.rule if exc.rule.startswith("mask_") else f"image_{exc.rule}"
-    return ApiError(400, code, f"{exc.field}: {exc.message}", field=exc.field, rule=exc.rule)
+    """An input image's refusal as a 400: the field, and the rule in its code (`image_format`, `mask_corrupt`,
+    `mask_size`, ...)."""
+    code = exc.rule if exc.rule.startswith("mask_") else f"{exc.field}_{exc.rule}"
+    return ApiError(400, code, f"{exc.field}: {exc.message}", field=exc.field)
 
 
 async def read_request(request: web.Request, model: type[M]) -> tuple[M, Uploaded]:
@@ -165,13 +166,7 @@ async def _read_part(part: BodyPartReader, budget: _Budget, name: str, image_lim
         budget.take(len(chunk), image_limit is None)
         data += chunk
         if image_limit is not None and len(data) > image_limit:
-            raise ApiError(
-                400,
-                "image_bytes",
-                f"{name}: the image is over the limit of {image_limit} bytes",
-                field=name,
-                rule="bytes",
-            )
+            raise ApiError(400, f"{name}_bytes", f"{name}: the image is over the limit of {image_limit} bytes", field=name)
     return bytes(data)
 
 
