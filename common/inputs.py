@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -87,7 +88,7 @@ async def store_inputs(
             for name, data in named.items():
                 pipe.set(stored[name], data, ex=job.result_ttl_s)
             await pipe.execute()
-    store = "redis" if blobs is None else "blob"
+    store: Literal["blob", "redis"] = "redis" if blobs is None else "blob"
     return InputRefs(store=store, width=inputs.width, height=inputs.height, **stored)
 
 
@@ -110,10 +111,10 @@ async def load_inputs(job: Job, blobs: BlobStore | None, redis: aioredis.Redis) 
 
 async def _fetch(refs: InputRefs, key: str, blobs: BlobStore | None, redis: aioredis.Redis) -> bytes:
     if refs.store == "redis":
-        data: bytes | None = await redis.get(key)
+        data: bytes | str | None = await redis.get(key)
         if data is None:
             raise InputsUnavailable("the job's input images expired before a worker ran it")
-        return data
+        return data if isinstance(data, bytes) else data.encode("latin-1")
     if blobs is None:
         raise BlobStoreMismatch("the job's input images are in a blob store, and this process has none (--blob-store)")
     try:

@@ -126,6 +126,9 @@ class PolicyConfig:
         require(self.moderation_fail in ("open", "closed"), "--moderation-fail", "must be open or closed")
 
 
+DEFAULT_INPUT_LIMITS = InputLimits()
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     """Settings of one gateway process."""
@@ -143,7 +146,7 @@ class GatewayConfig:
     # The body of a route that takes input images (gateway/inputs.py): an image and a mask, base64 or multipart.
     # Each image is held to the input limits (common/input_images.py InputLimits: 20 MiB, 4096 a side).
     max_image_body_bytes: int = 64 * 1024 * 1024
-    input_limits: InputLimits = InputLimits()
+    input_limits: InputLimits = DEFAULT_INPUT_LIMITS
     # API keys: digests from the environment (hashed at start) and/or a keys file re-read when it changes.
     # With either, every /v1 route needs a key; `public_demo` leaves the demo page's routes open without one.
     api_keys: KeyRing = _NO_KEYS

@@ -166,7 +166,9 @@ async def _read_part(part: BodyPartReader, budget: _Budget, name: str, image_lim
         budget.take(len(chunk), image_limit is None)
         data += chunk
         if image_limit is not None and len(data) > image_limit:
-            raise ApiError(400, f"{name}_bytes", f"{name}: the image is over the limit of {image_limit} bytes", field=name)
+            raise ApiError(
+                400, f"{name}_bytes", f"{name}: the image is over the limit of {image_limit} bytes", field=name
+            )
     return bytes(data)
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from common.inputs import Inputs
 from common.jobstore import (
     ANYONE,
     IdempotencyConflict,
@@ -29,7 +30,6 @@ from common.jobstore import (
     Submitter,
     TooManyInFlight,
 )
-from common.inputs import Inputs
 from common.protocol import (
     DEFAULT_IMAGES,
     DEFAULT_QUALITY,
@@ -97,7 +97,9 @@ async def make_job(
     generates from them, with the default strength when none was named. The prompt policy is asked first: a refused
     prompt is answered before anything is looked up or queued."""
     if body.strength is not None and inputs is None:
-        raise ApiError(400, "strength_without_image", "strength: applies to an input image (send image)", field="strength")
+        raise ApiError(
+            400, "strength_without_image", "strength: applies to an input image (send image)", field="strength"
+        )
     await request.app[POLICY].check(body.prompt, body.negative_prompt)
     if workers is None:
         workers = await request.app[REGISTRY].workers()

@@ -4,6 +4,7 @@ redis-server and a file blob store; and the worker's hand-over to its engine (wo
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -11,11 +12,21 @@ import redis.asyncio as aioredis
 
 from common.blobstore import BlobStoreMismatch, FileBlobStore, ttl_of
 from common.input_images import InputImageError, InputLimits
-from common.inputs import Inputs, InputsUnavailable, decode_inputs, input_key, load_inputs, png, remove_inputs, store_inputs
+from common.inputs import (
+    Inputs,
+    InputsUnavailable,
+    decode_inputs,
+    input_key,
+    load_inputs,
+    png,
+    remove_inputs,
+    store_inputs,
+)
 from common.protocol import Job, ResolvedParams
 from common.rediskeys import RedisKeys
 from tests.test_input_images import VALID, encoded, gradient
 from worker.inputs import NOT_HERE, JobInputs
+from worker.pipeline_protocol import Engine
 
 KEYS = RedisKeys()
 TTL_S = 90
@@ -35,9 +46,13 @@ def masked() -> Inputs:
 async def test_inputs_in_redis_come_back_as_stored_and_expire_with_the_result_ttl(redis_client: aioredis.Redis) -> None:
     inputs = masked()
     refs = await store_inputs(job(), inputs, None, redis_client, KEYS)
-    assert (refs.store, refs.image, refs.mask) == ("redis", KEYS.job_input("job-1", "image"), KEYS.job_input("job-1", "mask"))
+    assert (refs.store, refs.image, refs.mask) == (
+        "redis",
+        KEYS.job_input("job-1", "image"),
+        KEYS.job_input("job-1", "mask"),
+    )
     assert (refs.width, refs.height) == (48, 32)
-    for key in (refs.image, refs.mask):
+    for key in (refs.image, refs.mask or ""):
         assert 0 < await redis_client.ttl(key) <= TTL_S
     loaded = await load_inputs(job().model_copy(update={"inputs": refs}), None, redis_client)
     assert np.array_equal(loaded.image, inputs.image)  # the JPEG's decoded pixels, kept losslessly as PNG
@@ -104,12 +119,13 @@ async def test_the_worker_hands_inputs_to_an_engine_that_takes_them_and_refuses_
 ) -> None:
     refs = await store_inputs(job(), masked(), None, redis_client, KEYS)
     queued = job().model_copy(update={"inputs": refs})
-    engine = _Engine()
+    takes = _Engine()
+    engine = cast(Engine, takes)
     assert await JobInputs(redis_client, None, image_input=True).hand_over(engine, job()) is None  # no inputs
-    assert await JobInputs(redis_client, None, image_input=True).hand_over(engine, queued) is None  # type: ignore[arg-type]
-    assert np.array_equal(engine.given["job-1"].image, masked().image)
+    assert await JobInputs(redis_client, None, image_input=True).hand_over(engine, queued) is None
+    assert np.array_equal(takes.given["job-1"].image, masked().image)
     refusing = JobInputs(redis_client, None, image_input=False)
-    assert await refusing.hand_over(engine, queued) == NOT_HERE  # type: ignore[arg-type]
+    assert await refusing.hand_over(engine, queued) == NOT_HERE
     await redis_client.delete(refs.image)
-    reason = await JobInputs(redis_client, None, image_input=True).hand_over(engine, queued)  # type: ignore[arg-type]
+    reason = await JobInputs(redis_client, None, image_input=True).hand_over(engine, queued)
     assert reason is not None and "expired" in reason
