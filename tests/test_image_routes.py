@@ -21,13 +21,16 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 from PIL import Image
 
+from common.config import ConfigError
 from common.input_images import InputLimits
 from common.inputs import decode_inputs, load_inputs, png
 from common.jobstore import JobStore
 from common.protocol import DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, Job
 from common.rediskeys import RedisKeys
+from gateway.cli import gateway_config
 from gateway.jobs import request_fingerprint
 from gateway.schemas import GenerateRequest
+from sdxl_serve.cli import build_parser
 from tests.protection import error_of, gateway
 from tests.support import (
     OLD_FINGERPRINT,
@@ -220,6 +223,13 @@ async def test_bodies_over_the_image_route_limit_are_413_and_images_over_the_inp
     error = await error_of(response)
     assert response.status == 400 and (error["field"], error["code"]) == ("image", "image_bytes")
     assert await queued_jobs(redis_client) == 0
+
+
+def test_the_image_body_limit_flag_reaches_the_config_and_is_bounded() -> None:
+    args = build_parser().parse_args(["gateway", "--max-image-body-bytes", "8192"])
+    assert gateway_config(args).max_image_body_bytes == 8192
+    with pytest.raises(ConfigError, match="--max-image-body-bytes"):
+        gateway_config(build_parser().parse_args(["gateway", "--max-image-body-bytes", "10"]))
 
 
 # --- Capability: only workers that advertise image_input get such a job.
