@@ -152,9 +152,12 @@ class ImageGenerationRequest(GenerationParams):
 
 class ImageEditRequest(ImageGenerationRequest):
     """OpenAI's `images.edit` form (multipart): the fields of `images.generate`, with the image to edit and an optional
-    mask as file parts `image` and `mask` (gateway/inputs.py); `input_fidelity` is accepted and ignored."""
+    mask as file parts `image` and `mask` (gateway/inputs.py); `input_fidelity` is accepted and ignored. As an
+    extension, a JSON body may carry them base64, as on `POST /v1/jobs`."""
 
     input_fidelity: Literal["high", "low"] | None = Field(default=None, description="accepted and ignored")
+    image: str | None = Field(default=None, description="the image to edit: a file part (base64 in a JSON body)")
+    mask: str | None = Field(default=None, description="white is repainted: a file part (base64 in a JSON body)")
 
 
 class ImageData(BaseModel):

@@ -342,6 +342,9 @@ async def test_openai_client_edit_errors_name_the_parameter(
     with pytest.raises(openai.BadRequestError) as caught:
         await oai.images.edit(image=("cat.png", IMAGE, "image/png"), prompt="a cat", size="999x999")
     assert caught.value.param == "size"
+    with pytest.raises(openai.BadRequestError) as caught:  # an edit without an image (a JSON body)
+        await oai.post("/images/edits", body={"prompt": "a cat"}, cast_to=openai.types.ImagesResponse)
+    assert caught.value.param == "image" and caught.value.code == "missing"
     assert await queued_jobs(redis_client) == 0
 
 
@@ -372,3 +375,28 @@ async def test_an_uploaded_image_comes_back_from_a_standin_worker_through_its_lo
     assert len(images) == 2
     for image in images:
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(image))).convert("RGB")), resized)
+
+
+async def test_multipart_takes_one_file_per_image_field_and_the_list_name_browsers_send(
+    client: Client, redis_client: aioredis.Redis, able_worker: None
+) -> None:
+    data = aiohttp.FormData()
+    data.add_field("prompt", "a cat")
+    for _ in range(2):
+        data.add_field("image", IMAGE, filename="a.png", content_type="image/png")
+    response = await client.post("/v1/jobs", data=data)
+    error = await error_of(response)
+    assert response.status == 400 and (error["field"], error["code"]) == ("image", "one_image")
+    data = aiohttp.FormData()
+    data.add_field("prompt", "a cat")
+    data.add_field("image[]", IMAGE, filename="a.png", content_type="image/png")
+    assert (await client.post("/v1/jobs", data=data)).status == 202
+    assert (await queued(redis_client)).inputs is not None
+
+
+async def test_the_openapi_document_offers_multipart_where_images_are_taken(client: Client) -> None:
+    paths = (await (await client.get("/openapi.json")).json())["paths"]
+    for path in ("/v1/jobs", "/v1/generate", "/v1/images/edits"):
+        content = paths[path]["post"]["requestBody"]["content"]
+        assert set(content) == {"application/json", "multipart/form-data"}, path
+    assert set(paths["/v1/images/generations"]["post"]["requestBody"]["content"]) == {"application/json"}
