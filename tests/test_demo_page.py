@@ -26,7 +26,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from PIL import Image
-from playwright.async_api import Browser, ConsoleMessage, Error, Page, Route, async_playwright, expect
+from playwright.async_api import Browser, ConsoleMessage, Error, FilePayload, Page, Route, async_playwright, expect
 
 from common.jobstore import JobStore
 from common.protocol import SCHEDULERS
@@ -487,9 +487,8 @@ async def test_an_image_uploaded_through_the_page_comes_back_from_a_worker_that_
     await expect(page.locator("#generate-form")).to_have_attribute("data-served", "loaded")
     strength = page.get_by_label("Strength")
     await expect(strength).to_be_disabled()  # it applies to an input image only
-    await page.get_by_label("Input image").set_input_files(
-        files=[{"name": "picture.png", "mimeType": "image/png", "buffer": upload.getvalue()}]
-    )
+    file: FilePayload = {"name": "picture.png", "mimeType": "image/png", "buffer": upload.getvalue()}
+    await page.get_by_label("Input image").set_input_files(files=[file])
     await expect(strength).to_be_enabled()
     await strength.fill("0.6")
     await demo.submit("the same picture", steps=2)
