@@ -12,9 +12,17 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    model_serializer,
+)
 from pydantic_core import PydanticCustomError
 
 MAX_SEED = 2**32 - 1
@@ -296,6 +304,12 @@ class ResolvedParams(GenerationParams):
         """The size and step count, as workers and streams are keyed."""
         return Shape(width=self.width, height=self.height, steps=self.num_inference_steps)
 
+    @model_serializer(mode="wrap")
+    def _unused_left_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A text-to-image job is written as before `strength` existed, so a worker of an earlier release (which
+        # refuses unknown fields) still takes it while a cluster is upgraded.
+        return _without_none(handler(self), "strength")
+
 
 def default_strength(masked: bool) -> float:
     """The strength of a request with an input image that names none: diffusers' default for its pipeline."""
@@ -333,6 +347,18 @@ class Job(BaseModel):
     webhook: str | None = Field(default=None, max_length=4096)
     # The request's input images (image-to-image, inpainting), stored beside the job; None: text-to-image.
     inputs: InputRefs | None = None
+
+    @model_serializer(mode="wrap")
+    def _unused_left_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # As ResolvedParams: a job without input images is written as before they existed.
+        return _without_none(handler(self), "inputs")
+
+
+def _without_none(data: dict[str, Any], name: str) -> dict[str, Any]:
+    """`data` without the field `name` when it is None (it is then left to its default when read back)."""
+    if data.get(name, 0) is None:
+        del data[name]
+    return data
 
 
 class Timings(BaseModel):
