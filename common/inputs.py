@@ -10,6 +10,7 @@ inputs. The worker reads them with `load_inputs`, which decodes them again with 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 from dataclasses import dataclass
@@ -67,6 +68,10 @@ def png(pixels: np.ndarray) -> bytes:
     return out.getvalue()
 
 
+def _encoded(inputs: Inputs) -> dict[str, bytes]:
+    return {"image": png(inputs.image)} | ({} if inputs.mask is None else {"mask": png(inputs.mask)})
+
+
 def input_key(ttl_s: int, job_id: str, name: str) -> str:
     """The blob key of a job's input `name`: under the result's `ttl-N/` prefix (common/blobstore.py `result_key`),
     so that what expires the job's images expires its inputs."""
@@ -76,8 +81,9 @@ def input_key(ttl_s: int, job_id: str, name: str) -> str:
 async def store_inputs(
     job: Job, inputs: Inputs, blobs: BlobStore | None, redis: aioredis.Redis, keys: RedisKeys
 ) -> InputRefs:
-    """Store a job's decoded inputs as PNG (in `blobs`, else in Redis with the job's result TTL); their refs."""
-    named = {"image": png(inputs.image)} | ({} if inputs.mask is None else {"mask": png(inputs.mask)})
+    """Store a job's decoded inputs as PNG (in `blobs`, else in Redis with the job's result TTL); their refs. The
+    encoding runs on a thread: a large image takes long enough to stall an event loop."""
+    named = await asyncio.to_thread(_encoded, inputs)
     if blobs is not None:
         stored = {name: input_key(job.result_ttl_s, job.id, name) for name in named}
         for name, data in named.items():
@@ -101,7 +107,7 @@ async def load_inputs(job: Job, blobs: BlobStore | None, redis: aioredis.Redis) 
         raise ValueError(f"job {job.id} has no input images")
     image = await _fetch(refs, refs.image, blobs, redis)
     mask = None if refs.mask is None else await _fetch(refs, refs.mask, blobs, redis)
-    inputs = decode_inputs(image, mask, STORED_LIMITS)
+    inputs = await asyncio.to_thread(decode_inputs, image, mask, STORED_LIMITS)  # off the loop: heartbeats go on
     if (inputs.width, inputs.height) != (refs.width, refs.height):
         raise InputsUnavailable(
             f"the stored image is {inputs.width}x{inputs.height}, the job says {refs.width}x{refs.height}"

@@ -11,6 +11,7 @@ are never logged, nor echoed in an error.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import dataclasses
@@ -55,15 +56,15 @@ class Uploaded:
         parts = [hashlib.sha256(data).hexdigest() if data is not None else "-" for data in (self.image, self.mask)]
         return hashlib.sha256(" ".join(parts).encode()).hexdigest()
 
-    def decoded(self, limits: InputLimits) -> Inputs | None:
-        """The images decoded and checked; None without an image. A mask without an image, or a refused image,
-        is a 400 naming the field."""
+    async def decoded(self, limits: InputLimits) -> Inputs | None:
+        """The images decoded and checked, on a thread (a large image would stall the event loop); None without an
+        image. A mask without an image, or a refused image, is a 400 naming the field."""
         if self.image is None:
             if self.mask is not None:
                 raise ApiError(400, "mask_without_image", "mask: a mask is sent with an image to repaint", field="mask")
             return None
         try:
-            return decode_inputs(self.image, self.mask, limits)
+            return await asyncio.to_thread(decode_inputs, self.image, self.mask, limits)
         except InputImageError as exc:
             raise refused(exc) from None
 

@@ -210,7 +210,7 @@ async def images_edits(request: web.Request) -> web.Response:
 
 async def _answer(request: web.Request, body: ImageGenerationRequest, uploaded: Uploaded) -> web.Response:
     """Queue the request's job (from its input images, if any) and answer with its images."""
-    decoded = uploaded.decoded(request.app[CONFIG].input_limits)
+    decoded = await uploaded.decoded(request.app[CONFIG].input_limits)
     workers = await request.app[REGISTRY].workers()
     generate = to_generate_request(body, {(s.width, s.height) for w in workers for s in w.sizes})
     try:

@@ -155,7 +155,7 @@ async def _placed(request: web.Request) -> tuple[GenerateRequest, jobs.Placed]:
     """The request (JSON or multipart, with its input images decoded and checked), made into a job whose inputs are
     stored, ready to queue."""
     body, uploaded = await inputs.read_request(request, GenerateRequest)
-    decoded = uploaded.decoded(request.app[CONFIG].input_limits)
+    decoded = await uploaded.decoded(request.app[CONFIG].input_limits)
     placed = await jobs.make_job(request, body, inputs=decoded)
     return body, await inputs.store_uploaded(request, placed, decoded, uploaded)
 
