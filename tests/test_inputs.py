@@ -3,6 +3,7 @@ redis-server and a file blob store; and the worker's hand-over to its engine (wo
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import cast
 
@@ -80,6 +81,17 @@ async def test_inputs_in_a_blob_store_live_under_the_results_ttl_prefix(
     await remove_inputs(refs, blobs, redis_client)
     with pytest.raises(InputsUnavailable):
         await load_inputs(queued, blobs, redis_client)
+
+
+async def test_the_file_stores_sweep_expires_inputs_with_the_result_ttl(
+    redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    blobs = FileBlobStore(tmp_path)
+    refs = await store_inputs(job(), masked(), blobs, redis_client, KEYS)
+    assert await blobs.sweep(now=time.time() + TTL_S - 5) == 0
+    assert await blobs.exists(refs.image) and await blobs.exists(refs.mask or "")
+    assert await blobs.sweep(now=time.time() + TTL_S + 5) == 2
+    assert not await blobs.exists(refs.image)
 
 
 async def test_the_worker_checks_stored_inputs_again(redis_client: aioredis.Redis) -> None:
