@@ -12,9 +12,17 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    model_serializer,
+)
 from pydantic_core import PydanticCustomError
 
 MAX_SEED = 2**32 - 1
@@ -41,6 +49,12 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 MAX_LORAS = 8
 LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MIN_LORA_SCALE, MAX_LORA_SCALE = -4.0, 4.0
+# How much of an input image is repainted (0 < strength <= 1): the share of the schedule's steps run from it. With an
+# image and no strength, diffusers' own defaults (StableDiffusionXLImg2ImgPipeline, ...InpaintPipeline): 0.3 for
+# image-to-image; 0.9999 for inpainting, which keeps a trace of the image under the mask where 1.0 would start it
+# from pure noise.
+DEFAULT_IMG2IMG_STRENGTH = 0.3
+DEFAULT_INPAINT_STRENGTH = 0.9999
 _SIZE_RE = re.compile(r"^\s*(\d+)x(\d+)\s*$")
 _SHAPE_RE = re.compile(r"^\s*(\d+)x(\d+)x(\d+)\s*$")
 # C0 controls and DEL, less tab, newline and carriage return: never part of a prompt, and a NUL or an
@@ -230,6 +244,7 @@ def _distinct_names(loras: list[LoraRef]) -> list[LoraRef]:
 
 
 Loras = Annotated[list[LoraRef], Field(max_length=MAX_LORAS), AfterValidator(_distinct_names)]
+Strength = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 
 
 class GenerationParams(BaseModel):
@@ -258,6 +273,11 @@ class GenerationParams(BaseModel):
     loras: Loras = Field(
         default_factory=list, description="LoRA adapters to apply, each with its scale; up to the workers' max_loras"
     )
+    strength: Strength | None = Field(
+        default=None,
+        description="with an input image only: how much of it is repainted, 0 < strength <= 1; omitted: 0.3 "
+        "(image-to-image) or 0.9999 (inpainting, with a mask)",
+    )
 
     def resolved(self, shape: Shape, seed: int, scheduler: Scheduler = DEFAULT_SCHEDULER) -> ResolvedParams:
         """These parameters (only these: not the fields of a request body built on them) with the cluster's
@@ -284,6 +304,31 @@ class ResolvedParams(GenerationParams):
         """The size and step count, as workers and streams are keyed."""
         return Shape(width=self.width, height=self.height, steps=self.num_inference_steps)
 
+    @model_serializer(mode="wrap")
+    def _unused_left_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A text-to-image job is written as before `strength` existed, so a worker of an earlier release (which
+        # refuses unknown fields) still takes it while a cluster is upgraded.
+        return _without_none(handler(self), "strength")
+
+
+def default_strength(masked: bool) -> float:
+    """The strength of a request with an input image that names none: diffusers' default for its pipeline."""
+    return DEFAULT_INPAINT_STRENGTH if masked else DEFAULT_IMG2IMG_STRENGTH
+
+
+class InputRefs(BaseModel):
+    """Where a job's input images are stored (never in the stream: common/inputs.py writes and reads them): the
+    image's key, the inpainting mask's (None: image-to-image), and the image's size as the gateway decoded it.
+    `store` says where the keys live: the blob store, or Redis (a gateway without one)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    store: Literal["blob", "redis"]
+    image: str = Field(min_length=1, max_length=512)
+    mask: str | None = Field(default=None, min_length=1, max_length=512)
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+
 
 class Job(BaseModel):
     """A fully resolved request as it travels through the queue: what to generate and how to deliver it."""
@@ -300,6 +345,20 @@ class Job(BaseModel):
     # The job's webhook (common/webhooks.py WebhookSpec, JSON), opaque to the worker: its result carries it
     # back into a job record that Redis lost, so the `completed` webhook is still due.
     webhook: str | None = Field(default=None, max_length=4096)
+    # The request's input images (image-to-image, inpainting), stored beside the job; None: text-to-image.
+    inputs: InputRefs | None = None
+
+    @model_serializer(mode="wrap")
+    def _unused_left_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # As ResolvedParams: a job without input images is written as before they existed.
+        return _without_none(handler(self), "inputs")
+
+
+def _without_none(data: dict[str, Any], name: str) -> dict[str, Any]:
+    """`data` without the field `name` when it is None (it is then left to its default when read back)."""
+    if data.get(name, 0) is None:
+        del data[name]
+    return data
 
 
 class Timings(BaseModel):

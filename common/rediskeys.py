@@ -103,6 +103,11 @@ class RedisKeys:
         """Hash with a finished job's metadata (`meta`) and images (`image:0`, `image:1`, ...)."""
         return f"{self.prefix}:result:{job_id}"
 
+    def job_input(self, job_id: str, name: str) -> str:
+        """A job's input image `name` (`image`, `mask`) as PNG bytes, for a cluster without a blob store; it expires
+        with the job's result TTL, counted from the submit (common/inputs.py)."""
+        return f"{self.prefix}:input:{job_id}:{name}"
+
     def idempotency(self, key: str, scope: str = "") -> str:
         """`job-id fingerprint` of the job an `Idempotency-Key` created. Each caller (`scope`: its key's
         identity or its address) has its own keys; the pair is hashed, so any header value makes a

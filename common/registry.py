@@ -53,6 +53,9 @@ class WorkerInfo(BaseModel):
     loras: list[str] = []
     loras_loaded: list[str] = []
     max_loras: int = 0
+    # Whether it generates from an input image (image-to-image, inpainting: `Job.inputs`); only such a worker is
+    # given a job that has one. False for a worker of a version without it.
+    image_input: bool = False
     state: WorkerState
     # While warming, what it does now ("loading weights", "compiling 1216x832 (3/9)"); None otherwise. Optional,
     # so a gateway and a worker of versions with and without it read each other's entries.

@@ -82,11 +82,12 @@ def create_app(config: GatewayConfig) -> web.Application:
     metrics = GatewayMetrics()
     # The request id comes first, so every line logged below it (and every error answer) carries it. The
     # metrics middleware counts the answers the error middleware makes, refusals by the protection
-    # middleware (innermost but for the handler) included. Bodies are small JSON documents: anything
-    # larger is refused, by its Content-Length before it is read, else while reading.
+    # middleware (innermost but for the handler) included. Bodies are small JSON documents, but on the routes that
+    # take input images: anything larger than a route's limit is refused, by its Content-Length before it is read,
+    # else while reading (gateway/inputs.py); aiohttp's own limit is the larger of the two.
     app = web.Application(
         middlewares=[request_id_middleware, metrics_middleware(metrics), error_middleware, protection_middleware],
-        client_max_size=config.max_body_bytes,
+        client_max_size=max(config.max_body_bytes, config.max_image_body_bytes),
     )
     app[CONFIG] = config
     app[METRICS] = metrics

@@ -109,6 +109,7 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         routing=args.routing,
         limits=RequestLimits(max_prompt_chars=args.max_prompt_chars, min_guidance=low, max_guidance=high),
         max_body_bytes=args.max_body_bytes,
+        max_image_body_bytes=args.max_image_body_bytes,
         api_keys=keys,
         api_keys_file=Path(args.api_keys_file) if args.api_keys_file else None,
         public_demo=args.public_demo,
@@ -251,6 +252,12 @@ def _add_protection(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=GatewayConfig.max_body_bytes,
         help="larger request bodies are refused (413) before they are read",
+    )
+    group.add_argument(
+        "--max-image-body-bytes",
+        type=int,
+        default=GatewayConfig.max_image_body_bytes,
+        help="the same for the routes that take input images (an image and a mask, base64 or multipart)",
     )
     group.add_argument(
         "--api-keys-file",

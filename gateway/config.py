@@ -11,6 +11,7 @@ from typing import Literal
 from common.apikeys import KeyRing, is_webhook_secret
 from common.blobstore import REDIS as BLOBS_IN_REDIS
 from common.config import DEFAULT_REDIS_URL, require, require_blob_store_url, require_redis_url
+from common.input_images import InputLimits
 from common.jobstore import DURABLE_ACCEPT, DurableAccept
 from common.protocol import (
     DEFAULT_LIMITS,
@@ -125,6 +126,9 @@ class PolicyConfig:
         require(self.moderation_fail in ("open", "closed"), "--moderation-fail", "must be open or closed")
 
 
+DEFAULT_INPUT_LIMITS = InputLimits()
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     """Settings of one gateway process."""
@@ -139,6 +143,10 @@ class GatewayConfig:
     routing: RoutingPolicy = "shared"  # see gateway/placement.py
     limits: RequestLimits = DEFAULT_LIMITS  # prompt length and guidance range, within the protocol's
     max_body_bytes: int = 64 * 1024
+    # The body of a route that takes input images (gateway/inputs.py): an image and a mask, base64 or multipart.
+    # Each image is held to the input limits (common/input_images.py InputLimits: 20 MiB, 4096 a side).
+    max_image_body_bytes: int = 64 * 1024 * 1024
+    input_limits: InputLimits = DEFAULT_INPUT_LIMITS
     # API keys: digests from the environment (hashed at start) and/or a keys file re-read when it changes.
     # With either, every /v1 route needs a key; `public_demo` leaves the demo page's routes open without one.
     api_keys: KeyRing = _NO_KEYS
@@ -189,6 +197,9 @@ class GatewayConfig:
             f"must be MIN..MAX within {MIN_GUIDANCE:g}..{MAX_GUIDANCE:g}",
         )
         require(1024 <= self.max_body_bytes <= 16 * 1024 * 1024, "--max-body-bytes", "must be 1 KiB..16 MiB")
+        require(
+            1024 <= self.max_image_body_bytes <= 256 * 1024 * 1024, "--max-image-body-bytes", "must be 1 KiB..256 MiB"
+        )
         require(self.max_queue_depth >= 0, "--max-queue-depth", "must be >= 0 (0: unbounded)")
         require(
             self.durable_accept in DURABLE_ACCEPT, "--durable-accept", f"must be one of {', '.join(DURABLE_ACCEPT)}"

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from common.inputs import Inputs
 from common.jobstore import (
     ANYONE,
     IdempotencyConflict,
@@ -29,7 +30,16 @@ from common.jobstore import (
     Submitter,
     TooManyInFlight,
 )
-from common.protocol import DEFAULT_IMAGES, DEFAULT_QUALITY, FINISHED, JOB_ID_PATTERN, Job, JobResult, Shape
+from common.protocol import (
+    DEFAULT_IMAGES,
+    DEFAULT_QUALITY,
+    FINISHED,
+    JOB_ID_PATTERN,
+    Job,
+    JobResult,
+    Shape,
+    default_strength,
+)
 from common.redis_conn import UNAVAILABLE
 from common.registry import SERVING_STATES, WorkerInfo
 from common.webhooks import OutboxFull
@@ -71,6 +81,7 @@ class Placed:
     job: Job
     stream: str
     workers: list[WorkerInfo]
+    images: str | None = None  # the digest of its input images' bytes (gateway/inputs.py Uploaded), if any
 
 
 async def make_job(
@@ -78,21 +89,30 @@ async def make_job(
     body: GenerateRequest,
     workers: list[WorkerInfo] | None = None,
     default_n: int = DEFAULT_IMAGES,
+    inputs: Inputs | None = None,
 ) -> Placed:
     """Resolve shape and scheduler against the live workers (read now unless given), draw a seed when none was
     given, check `n` (the route's `default_n` when the request names none), route the job: the request's
-    generation parameters go into the job whole. The prompt policy is asked first: a refused prompt is answered
-    before anything is looked up or queued."""
+    generation parameters go into the job whole. With input images (`inputs`, decoded), only to a worker that
+    generates from them, with the default strength when none was named. The prompt policy is asked first: a refused
+    prompt is answered before anything is looked up or queued."""
+    if body.strength is not None and inputs is None:
+        raise ApiError(
+            400, "strength_without_image", "strength: applies to an input image (send image)", field="strength"
+        )
     await request.app[POLICY].check(body.prompt, body.negative_prompt)
     if workers is None:
         workers = await request.app[REGISTRY].workers()
-    resolved = resolve(body, workers)
+    image = inputs is not None
+    resolved = resolve(body, workers, image)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
     params = body.resolved(resolved.shape, seed, resolved.scheduler)
     if body.n is None:
         params = params.model_copy(update={"n": default_n})
+    if inputs is not None and params.strength is None:
+        params = params.model_copy(update={"strength": default_strength(inputs.mask is not None)})
     loras = [lora.name for lora in params.loras]
-    check_n(params.n, params.shape, params.scheduler, workers, loras)
+    check_n(params.n, params.shape, params.scheduler, workers, loras, image)
     job = Job(
         id=uuid.uuid4().hex,
         params=params,
@@ -102,15 +122,18 @@ async def make_job(
         request_id=request.get(REQUEST_ID),
     )
     stream = await request.app[PLACEMENT].stream_for(
-        job.params.shape, job.params.scheduler, workers, job.params.n, loras
+        job.params.shape, job.params.scheduler, workers, job.params.n, loras, image
     )
     return Placed(job=job, stream=stream, workers=workers)
 
 
-def check_n(n: int, shape: Shape, scheduler: str, workers: list[WorkerInfo], loras: Sequence[str] = ()) -> None:
-    """Refuse, before queueing, more images than a worker that may run the job (with its adapters `loras`) makes per
-    request: on a shared stream any of them may claim it, so the bound is the least any of them advertises."""
-    able = [w for w in workers if w.state in SERVING_STATES and runs(w, shape, scheduler, loras)]
+def check_n(
+    n: int, shape: Shape, scheduler: str, workers: list[WorkerInfo], loras: Sequence[str] = (), image: bool = False
+) -> None:
+    """Refuse, before queueing, more images than a worker that may run the job (with its adapters `loras`, from an
+    input image) makes per request: on a shared stream any of them may claim it, so the bound is the least any of
+    them advertises."""
+    able = [w for w in workers if w.state in SERVING_STATES and runs(w, shape, scheduler, loras, image)]
     most = min((w.images_per_request for w in able), default=None)
     if most is not None and n > most:
         raise ApiError(
@@ -121,11 +144,15 @@ def check_n(n: int, shape: Shape, scheduler: str, workers: list[WorkerInfo], lor
         )
 
 
-def request_fingerprint(body: GenerateRequest) -> str:
-    """What an `Idempotency-Key` binds to: the validated body. The fields added since keys were first stored (`n`,
-    `loras`) are left out when the request does not use them, so a key stored before still matches its retry."""
-    unnamed = ({"n"} if body.n is None else set()) | ({"loras"} if not body.loras else set())
-    return hashlib.sha256(body.model_dump_json(exclude=unnamed).encode()).hexdigest()
+def request_fingerprint(body: GenerateRequest, images: str | None = None) -> str:
+    """What an `Idempotency-Key` binds to: the validated body, and the input images' digest (`images`, a hash of
+    their bytes; the base64 text itself is left out, so the same images sent as multipart or base64 bind alike). The
+    fields added since keys were first stored (`n`, `loras`, `strength`, `image`, `mask`) are left out when the
+    request does not use them, so a key stored before still matches its retry."""
+    unnamed = {"image", "mask"} | ({"n"} if body.n is None else set()) | ({"loras"} if not body.loras else set())
+    unnamed |= {"strength"} if body.strength is None else set()
+    dumped = body.model_dump_json(exclude=unnamed)
+    return hashlib.sha256((dumped if images is None else f"{dumped}\nimages {images}").encode()).hexdigest()
 
 
 def idempotency_key(request: web.Request) -> str | None:
@@ -151,7 +178,7 @@ async def submit(request: web.Request, body: GenerateRequest, placed: Placed) ->
     records its caller as its owner (gateway/tenants.py).
     """
     key = idempotency_key(request)
-    fingerprint = request_fingerprint(body) if key else ""
+    fingerprint = request_fingerprint(body, placed.images) if key else ""
     config = request.app[CONFIG]
     who = submitter(request)
     webhook = await webhook_of(request, body)

@@ -39,6 +39,7 @@ class Access:
     kind: RouteKind | None = None
     public: bool = False  # the demo page uses it: open without a key under --public-demo
     signed: bool = False  # open without a key to a URL that bears a signature (gateway/signed_urls.py)
+    images: bool = False  # it takes input images: its body may be up to --max-image-body-bytes
 
 
 OPEN = Access()

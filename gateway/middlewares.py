@@ -12,6 +12,7 @@ from redis.exceptions import OutOfMemoryError
 from common.blobstore import BlobNotFound, BlobStoreMismatch, BlobStoreUnavailable
 from common.redis_conn import UNAVAILABLE
 from gateway.auth import CALLER
+from gateway.config import GatewayConfig
 from gateway.errors import ApiError
 from gateway.limits import OPEN, RATE_DECISION, Access
 from gateway.metrics import ERROR_CODE
@@ -94,10 +95,11 @@ async def protection_middleware(request: web.Request, handler: Handler) -> web.S
     """Refuse oversized bodies, unauthenticated callers and callers over their rate, in that order."""
     app = request.app
     config = app[CONFIG]
+    access = access_of(request)
+    limit = body_limit(config, access)
     length = request.content_length
-    if length is not None and length > config.max_body_bytes:
-        raise ApiError(413, "body_too_large", f"the request body is over {config.max_body_bytes} bytes")
-    access = _access(request)
+    if length is not None and length > limit:
+        raise ApiError(413, "body_too_large", f"the request body is over {limit} bytes")
     if access.kind is None:
         return await handler(request)
     address = client_address(request.remote, request.headers.getall("X-Forwarded-For", []), config.trusted_proxies)
@@ -119,7 +121,12 @@ async def protection_middleware(request: web.Request, handler: Handler) -> web.S
     return await handler(request)
 
 
-def _access(request: web.Request) -> Access:
+def body_limit(config: GatewayConfig, access: Access) -> int:
+    """The most bytes a route's body may have: more for one that takes input images."""
+    return config.max_image_body_bytes if access.images else config.max_body_bytes
+
+
+def access_of(request: web.Request) -> Access:
     resource = request.match_info.route.resource
     if resource is None:
         return OPEN

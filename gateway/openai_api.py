@@ -1,4 +1,4 @@
-"""`POST /v1/images/generations`: OpenAI's Images API over the job queue.
+"""`POST /v1/images/generations` and `POST /v1/images/edits`: OpenAI's Images API over the job queue.
 
 An OpenAI request becomes a `GenerateRequest` and takes the same path as `/v1/generate` (size, steps and
 scheduler checks, `Idempotency-Key`, request timeout), so the two routes cannot drift apart. Errors are raised as
@@ -22,6 +22,7 @@ from common.jobstore import StoredResult
 from common.protocol import GenerationParams, OutputFormat, nearest_sdxl_resolution
 from gateway import jobs
 from gateway.errors import ApiError, from_validation_error
+from gateway.inputs import Uploaded, read_request, store_uploaded
 from gateway.proxies import public_origin
 from gateway.schemas import GenerateRequest, WebhookRequest
 from gateway.state import CONFIG, REGISTRY, URL_SIGNER
@@ -149,6 +150,16 @@ class ImageGenerationRequest(GenerationParams):
         return "b64_json" if (self.model or "").startswith("gpt-image") else "url"
 
 
+class ImageEditRequest(ImageGenerationRequest):
+    """OpenAI's `images.edit` form (multipart): the fields of `images.generate`, with the image to edit and an optional
+    mask as file parts `image` and `mask` (gateway/inputs.py); `input_fidelity` is accepted and ignored. As an
+    extension, a JSON body may carry them base64, as on `POST /v1/jobs`."""
+
+    input_fidelity: Literal["high", "low"] | None = Field(default=None, description="accepted and ignored")
+    image: str | None = Field(default=None, description="the image to edit: a file part (base64 in a JSON body)")
+    mask: str | None = Field(default=None, description="white is repainted: a file part (base64 in a JSON body)")
+
+
 class ImageData(BaseModel):
     """One image: inline or by URL, as the request's `response_format` asked."""
 
@@ -185,13 +196,28 @@ class OpenAIErrorResponse(BaseModel):
 
 async def images_generations(request: web.Request) -> web.Response:
     """Generate images for an OpenAI Images API request, waiting for them as `/v1/generate` does."""
-    body = await parse_body(request, ImageGenerationRequest)
+    return await _answer(request, await parse_body(request, ImageGenerationRequest), Uploaded())
+
+
+async def images_edits(request: web.Request) -> web.Response:
+    """Edit an image (image-to-image; with a mask, inpainting) for an OpenAI Images API request: as
+    `images_generations`, from the uploaded image."""
+    body, uploaded = await read_request(request, ImageEditRequest)
+    if uploaded.image is None:
+        raise ApiError(400, "missing", "image: the image to edit is required (a file part named image)", field="image")
+    return await _answer(request, body, uploaded)
+
+
+async def _answer(request: web.Request, body: ImageGenerationRequest, uploaded: Uploaded) -> web.Response:
+    """Queue the request's job (from its input images, if any) and answer with its images."""
+    decoded = await uploaded.decoded(request.app[CONFIG].input_limits)
     workers = await request.app[REGISTRY].workers()
     generate = to_generate_request(body, {(s.width, s.height) for w in workers for s in w.sizes})
     try:
-        placed = await jobs.make_job(request, generate, workers, default_n=OPENAI_DEFAULT_N)
+        placed = await jobs.make_job(request, generate, workers, default_n=OPENAI_DEFAULT_N, inputs=decoded)
     except ApiError as exc:
         raise _renamed(exc) from None
+    placed = await store_uploaded(request, placed, decoded, uploaded)
     try:
         stored = await jobs.submit_and_wait(request, generate, placed)
     except ApiError as exc:

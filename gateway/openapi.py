@@ -107,14 +107,22 @@ def _operation(route: Route, refs: Refs) -> dict[str, Any]:
     if parameters:
         operation["parameters"] = parameters
     if route.body is not None:
-        operation["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": refs[(route.body, "validation")]}},
-        }
+        operation["requestBody"] = _request_body(route, refs)
     error = {"schema": refs[(route.error_model, "serialization")]} if route.errors else None
     for status, text in route.errors.items():
         operation["responses"][str(status)] = {"description": text, "content": {"application/json": error}}
     return operation
+
+
+def _request_body(route: Route, refs: Refs) -> dict[str, Any]:
+    """JSON; on a route that takes input images, also multipart: the same fields as form fields, the images as files."""
+    assert route.body is not None
+    schema = refs[(route.body, "validation")]
+    content: dict[str, Any] = {"application/json": {"schema": schema}}
+    if route.access.images:
+        files = {name: {"contentType": "image/png, image/jpeg, image/webp"} for name in ("image", "mask")}
+        content["multipart/form-data"] = {"schema": schema, "encoding": files}
+    return {"required": True, "content": content}
 
 
 def _response(reply: Reply, refs: Refs) -> dict[str, Any]:

@@ -71,8 +71,8 @@ _GUARDED = {
 }
 _BAD = {
     400: "invalid body: the error names the field and the rule",
-    415: "the body is not application/json",
-    413: "the body is over the limit (64 KiB by default)",
+    415: "the body is not application/json (or, where the route takes images, multipart/form-data)",
+    413: "the body is over the limit (64 KiB by default; 64 MiB where the route takes input images)",
 }
 _SUBMIT_ERRORS = {
     **_GUARDED,
@@ -84,6 +84,8 @@ _SUBMIT_ERRORS = {
 _UNKNOWN = {**_GUARDED, 404: "unknown job (never submitted, its result expired, or another caller's)"}
 SUBMIT, READ = Access("submit"), Access("read")
 DEMO_SUBMIT, DEMO_READ = Access("submit", public=True), Access("read", public=True)
+# The submitting routes take input images, so their bodies may be up to --max-image-body-bytes.
+IMAGE_SUBMIT, DEMO_IMAGE_SUBMIT = Access("submit", images=True), Access("submit", public=True, images=True)
 IMAGE_READ = Access("read", public=True, signed=True)  # a signed image URL needs no key
 _IDEMPOTENCY = {
     IDEMPOTENCY_HEADER: "a client-chosen key (1..255 printable ASCII): a retry with the same key and "
@@ -100,7 +102,7 @@ ROUTES: tuple[Route, ...] = (
         replies={202: Reply("queued (or, for a replayed Idempotency-Key, the existing job)", JobAccepted)},
         errors=_SUBMIT_ERRORS,
         headers=_IDEMPOTENCY,
-        access=DEMO_SUBMIT,
+        access=DEMO_IMAGE_SUBMIT,
     ),
     Route(
         "GET",
@@ -171,7 +173,7 @@ ROUTES: tuple[Route, ...] = (
             504: "not finished in time: the body has the job id and status_url to collect it later",
         },
         headers=_IDEMPOTENCY,
-        access=SUBMIT,
+        access=IMAGE_SUBMIT,
     ),
     Route(
         "POST",
@@ -189,6 +191,23 @@ ROUTES: tuple[Route, ...] = (
         error_model=openai_api.OpenAIErrorResponse,
         tag="openai",
         access=SUBMIT,
+    ),
+    Route(
+        "POST",
+        "/v1/images/edits",
+        openai_api.images_edits,
+        "OpenAI Images API: edit an image (multipart: the file parts image and mask, the other fields as form fields)",
+        body=openai_api.ImageEditRequest,
+        replies={200: Reply("the images", openai_api.ImagesResponse)},
+        errors={
+            **_SUBMIT_ERRORS,
+            409: "the job was cancelled",
+            500: "the generation failed",
+            504: "not finished in time (the message has the job's URL; do not retry without an Idempotency-Key)",
+        },
+        error_model=openai_api.OpenAIErrorResponse,
+        tag="openai",
+        access=IMAGE_SUBMIT,
     ),
     Route(
         "GET",

@@ -49,6 +49,17 @@ class GenerateRequest(GenerationParams):
         default=None, ge=1, le=100, description="JPEG/WebP quality, 1..100 (default 90); not for png"
     )
     webhook: WebhookRequest | None = None
+    # Input images, base64 in a JSON body (a multipart body sends them as files: gateway/inputs.py). They are
+    # decoded, checked and stored by the gateway; the job carries only where they are (common/inputs.py).
+    image: str | None = Field(
+        default=None,
+        description="an input image (PNG, JPEG or WebP), base64 (a data: URL prefix is accepted), for "
+        "image-to-image; with `mask`, inpainting. Needs a worker that advertises image_input",
+    )
+    mask: str | None = Field(
+        default=None,
+        description="an inpainting mask, base64, the image's size: white (>= 50% grey) is repainted, black kept",
+    )
 
     @field_validator("quality")
     @classmethod

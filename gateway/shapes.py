@@ -29,22 +29,24 @@ class Resolved:
     scheduler: Scheduler
 
 
-def runs(worker: WorkerInfo, shape: Shape, scheduler: str, loras: Collection[str] = ()) -> bool:
-    """Whether `worker` can run a job of `shape` with `scheduler` and the adapters named `loras` (whatever its
-    state)."""
+def runs(worker: WorkerInfo, shape: Shape, scheduler: str, loras: Collection[str] = (), image: bool = False) -> bool:
+    """Whether `worker` can run a job of `shape` with `scheduler` and the adapters named `loras`, from an input image
+    if `image` (whatever its state)."""
     return (
         shape.size in worker.sizes
         and shape.steps <= worker.max_steps
         and scheduler in worker.schedulers
         and offers(worker, loras)
+        and (worker.image_input or not image)
     )
 
 
-def resolve(request: GenerationParams, workers: list[WorkerInfo]) -> Resolved:
+def resolve(request: GenerationParams, workers: list[WorkerInfo], image: bool = False) -> Resolved:
     """The shape and scheduler to run: the request's fields, omitted ones taken from the cluster's defaults.
 
     Raises ApiError 503 when no worker is registered; 400 naming `width` or `height`, `num_inference_steps`
-    or `scheduler` when no registered worker serves the value; 503 when the workers that serve it are all
+    or `scheduler` when no registered worker serves the value, naming `image` when the request has an input image
+    (`image`) and none of them generates from one (`image_input`); 503 when the workers that serve it are all
     still warming up or draining (a job is only ever routed to a worker that is ready to take it, never left
     to wait for one that may not come).
     """
@@ -60,15 +62,28 @@ def resolve(request: GenerationParams, workers: list[WorkerInfo]) -> Resolved:
     what = f"{size} at {steps} steps with {scheduler}"
     names = [lora.name for lora in request.loras]
     check_loras(names, [w for w in known if runs(w, shape, scheduler)], what)
-    if not any(w.state in SERVING_STATES and runs(w, shape, scheduler, names) for w in known):
+    if image:
+        _check_image_input(what, [w for w in known if runs(w, shape, scheduler, names)])
+    if not any(w.state in SERVING_STATES and runs(w, shape, scheduler, names, image) for w in known):
+        extra = (" and these adapters" if names else "") + (" from an input image" if image else "")
         raise ApiError(
             503,
             "no_ready_worker",
-            f"the workers serving {what}{' and these adapters' if names else ''} are warming up or draining; retry "
-            "shortly",
+            f"the workers serving {what}{extra} are warming up or draining; retry shortly",
             headers=RETRY_SOON,
         )
     return Resolved(shape=shape, scheduler=scheduler)
+
+
+def _check_image_input(what: str, able: list[WorkerInfo]) -> None:
+    """400 naming `image` when none of the workers that run the request (`able`) generates from an input image."""
+    if not any(w.image_input for w in able):
+        raise ApiError(
+            400,
+            "image_input_unsupported",
+            f"image: no worker serving {what} generates from an input image yet (none advertises image_input)",
+            field="image",
+        )
 
 
 def _size(request: GenerationParams, workers: list[WorkerInfo]) -> Size:

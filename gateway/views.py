@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from common.jobstore import StoredResult
 from common.protocol import FINISHED
 from common.registry import SERVING_STATES
-from gateway import job_webhooks, jobs
+from gateway import inputs, job_webhooks, jobs
 from gateway.errors import ApiError, from_validation_error
 from gateway.loras import lora_cards
 from gateway.metrics import CONTENT_TYPE
@@ -126,8 +126,7 @@ async def openapi(request: web.Request) -> web.Response:
 async def generate(request: web.Request) -> web.Response:
     """Queue a generation and wait for its images (504 with the job id past the deadline)."""
     received = time.perf_counter()
-    body = await parse_body(request, GenerateRequest)
-    placed = await jobs.make_job(request, body)
+    body, placed = await _placed(request)
     stored = await jobs.submit_and_wait(request, body, placed)
     jobs.raise_unless_succeeded(stored)
     return _json(_generate_response(stored, received), headers=jobs.replay_headers(request))
@@ -135,8 +134,7 @@ async def generate(request: web.Request) -> web.Response:
 
 async def submit_job(request: web.Request) -> web.Response:
     """Queue a generation and answer at once, 202 with where to follow it."""
-    body = await parse_body(request, GenerateRequest)
-    placed = await jobs.make_job(request, body)
+    body, placed = await _placed(request)
     submitted = await jobs.submit(request, body, placed)
     job_id = submitted.job_id
     status = "queued"
@@ -151,6 +149,15 @@ async def submit_job(request: web.Request) -> web.Response:
     )
     headers = {"Location": accepted.status_url} | jobs.replay_headers(request)
     return _json(accepted, status=202, headers=headers)
+
+
+async def _placed(request: web.Request) -> tuple[GenerateRequest, jobs.Placed]:
+    """The request (JSON or multipart, with its input images decoded and checked), made into a job whose inputs are
+    stored, ready to queue."""
+    body, uploaded = await inputs.read_request(request, GenerateRequest)
+    decoded = await uploaded.decoded(request.app[CONFIG].input_limits)
+    placed = await jobs.make_job(request, body, inputs=decoded)
+    return body, await inputs.store_uploaded(request, placed, decoded, uploaded)
 
 
 async def job_status(request: web.Request) -> web.Response:
@@ -177,6 +184,7 @@ async def cancel_job(request: web.Request) -> web.Response:
             field="job_id",
             job_status=outcome,
         )
+    await inputs.remove_cancelled(request.app, job_id)
     state = await jobs.read_state(request.app, job_id)
     return _json(state[0] if state is not None else JobState(id=job_id, status="cancelled"))
 
@@ -263,7 +271,7 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
     naming the field."""
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")
-    raw = await request.read()  # past the app's client_max_size: 413, read no further
+    raw = await inputs.read_bounded(request)  # past the route's limit: 413, read no further
     try:
         return model.model_validate_json(raw, context=request.app[CONFIG].limits.context())
     except ValidationError as exc:

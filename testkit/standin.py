@@ -11,7 +11,9 @@ SIGKILL, SIGSTOP or cut off like any other:
 It takes the real worker's `--sizes` (default 64x64 here), `--max-steps`, `--default-steps`, `--engine` (`rows`,
 the default: a `StandInEngine`; `request`: one request at a time), `--rows-per-device`, `--batch-policy` and the
 LoRA flags (`--lora-dir`, `--max-loras`, ...), and serves what they say: it advertises the adapters of `--lora-dir`
-as a real worker does, and applies none.
+as a real worker does, and applies none. With `--image-input` it advertises `image_input` and answers a job with input
+images with the input image itself (resized to the job's size), read through the worker's own path
+(worker/inputs.py, common/inputs.py `load_inputs`), so a test sees an upload come back.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.input_images import resize_to
+from common.inputs import Inputs
 from common.logs import setup_logging
 from common.protocol import SCHEDULERS, ResolvedParams, Shape, Size
 from worker.cli import add_serving_arguments, lora_settings
@@ -97,6 +101,7 @@ class StandInEngine:
         self._waiting: list[_Request] = []
         self._running: list[_Request] = []
         self._cancelled: set[str] = set()
+        self._inputs: dict[str, Inputs] = {}
         self._lock = threading.Lock()
 
     @property
@@ -134,6 +139,21 @@ class StandInEngine:
     def cancel(self, key: str) -> None:
         with self._lock:
             self._cancelled.add(key)
+            self._inputs.pop(key, None)
+
+    def admit_inputs(self, key: str, inputs: Inputs) -> None:
+        """Hold a request's input images: its images will be the input image (worker/inputs.py TakesInputs)."""
+        with self._lock:
+            self._inputs[key] = inputs
+
+    def _images(self, request: _Request) -> np.ndarray:
+        """A finished request's images: grey, or its input image resized to its size, once per image."""
+        shape, n = request.params.shape, request.params.n
+        with self._lock:
+            inputs = self._inputs.pop(request.key, None)
+        if inputs is None:
+            return np.full((n, shape.height, shape.width, 3), 128, np.uint8)
+        return np.repeat(resize_to(inputs.image, shape.width, shape.height)[None], n, axis=0)
 
     def step(self) -> Tick:
         """One step of every running request's rows, after the waiting ones that fit joined."""
@@ -149,11 +169,8 @@ class StandInEngine:
             except Exception as exc:
                 tick.stopped.append((request.key, exc))
                 continue
-            shape = request.params.shape
-            if request.step >= shape.steps:
-                tick.finished.append(
-                    (request.key, np.full((request.params.n, shape.height, shape.width, 3), 128, np.uint8))
-                )
+            if request.step >= request.params.shape.steps:
+                tick.finished.append((request.key, self._images(request)))
         ended = {key for key, _ in tick.stopped} | {key for key, _ in tick.finished}
         with self._lock:
             self._running = [r for r in self._running if r.key not in ended]
@@ -190,6 +207,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--heartbeat-ttl", type=float, default=3.0)
     parser.add_argument("--max-deliveries", type=int, default=3)
     parser.add_argument("--key-prefix", default="sdxl")
+    parser.add_argument(
+        "--image-input", action="store_true", help="advertise image_input and answer with the input image"
+    )
     parser.add_argument("--log-level", default="info")
     return parser
 
@@ -213,6 +233,7 @@ def config_of(args: argparse.Namespace) -> WorkerConfig:
         batch_policy=args.batch_policy,
         metrics_host="127.0.0.1",
         compile_cache_dir=None,
+        image_input=args.image_input,
         **lora_settings(args),
     )
 

@@ -10,20 +10,27 @@ its events. The pause lasts well under the workers' heartbeat TTL, so neither is
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import re
 import shutil
 import signal
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
-from playwright.async_api import Browser, ConsoleMessage, Error, Page, Route, async_playwright, expect
+import redis.asyncio as aioredis
+from PIL import Image
+from playwright.async_api import Browser, ConsoleMessage, Error, FilePayload, Page, Route, async_playwright, expect
 
+from common.jobstore import JobStore
 from common.protocol import SCHEDULERS
+from common.rediskeys import RedisKeys
 from testkit import free_port, wait_http
 from testkit.procs import sdxl_serve_argv
 from tests.support import (
@@ -444,3 +451,56 @@ WITHHELD_LAYOUT = """() => {
     overflows: document.documentElement.scrollWidth > document.documentElement.clientWidth,
   };
 }"""
+
+
+@pytest.fixture(scope="module")
+def image_cluster(redis_server: RedisServer, processes: ProcessGroup) -> Cluster:
+    """A gateway and a stand-in worker that advertises image_input and answers with the input image (testkit/standin.py)
+    on database 3 of the session's Redis."""
+    redis_url = redis_server.url(3)
+    redis.Redis.from_url(redis_url).flushdb()
+    port = free_port()
+    processes.start("gateway-images", "gateway", "--redis-url", redis_url, "--host", "127.0.0.1", "--port", str(port))
+    argv = [sys.executable, "-m", "testkit.standin", "--redis-url", redis_url, "--worker-id", "standin-images",
+            "--sizes", "64x64", "--max-steps", "3", "--step-s", "0.01", "--image-input"]  # fmt: skip
+    processes.start_argv("standin-images", argv)
+    try:
+        asyncio.run(wait_ready(redis_url, 1))
+    except TimeoutError:
+        pytest.fail("stand-in not ready:\n" + processes.log("standin-images")[-3000:])
+    asyncio.run(wait_http(f"http://127.0.0.1:{port}/healthz", READY_TIMEOUT_S))
+    return Cluster(url=f"http://127.0.0.1:{port}", redis_url=redis_url, worker_ids=("standin-images",))
+
+
+async def test_an_image_uploaded_through_the_page_comes_back_from_a_worker_that_takes_images(
+    browser: Browser, image_cluster: Cluster
+) -> None:
+    picture = Image.fromarray(np.arange(64 * 64 * 3, dtype=np.uint32).reshape(64, 64, 3).astype(np.uint8))
+    upload = io.BytesIO()
+    picture.save(upload, "PNG")
+    context = await browser.new_context(base_url=image_cluster.url, viewport={"width": 1100, "height": 800})
+    page = await context.new_page()
+    demo = DemoPage(page, image_cluster.url)
+    page.on("console", demo.on_console)
+    page.on("pageerror", demo.on_page_error)
+    await page.goto("/")
+    await expect(page.locator("#generate-form")).to_have_attribute("data-served", "loaded")
+    strength = page.get_by_label("Strength")
+    await expect(strength).to_be_disabled()  # it applies to an input image only
+    file: FilePayload = {"name": "picture.png", "mimeType": "image/png", "buffer": upload.getvalue()}
+    await page.get_by_label("Input image").set_input_files(files=[file])
+    await expect(strength).to_be_enabled()
+    await strength.fill("0.6")
+    await demo.submit("the same picture", steps=2)
+    await expect(page.locator("#results")).to_have_attribute("data-state", "succeeded", timeout=JOB_TIMEOUT_MS)
+    await page.wait_for_function(ALL_IMAGES_LOADED, timeout=JOB_TIMEOUT_MS)
+    job_id = await demo.job_id()
+    async with aioredis.Redis.from_url(image_cluster.redis_url) as client:
+        record = await JobStore(client, RedisKeys()).record(job_id)
+    assert record is not None and record.job is not None and record.job.inputs is not None
+    assert record.job.params.strength == 0.6  # the slider's value, sent with the file as multipart
+    response = await page.request.get(f"/v1/jobs/{job_id}/images/0")
+    returned = Image.open(io.BytesIO(await response.body())).convert("RGB")
+    assert np.array_equal(np.asarray(returned), np.asarray(picture))  # the worker answered with the upload
+    await context.close()
+    demo.assert_no_errors()

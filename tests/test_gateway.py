@@ -101,7 +101,8 @@ async def test_wrong_content_type_and_oversized_body(
     response = await client.post("/v1/generate", data="prompt=a", headers={"Content-Type": "text/plain"})
     assert response.status == 415 and (await response.json())["error"]["code"] == "unsupported_media_type"
     huge = b'{"prompt": "' + b"x" * 70_000 + b'"}'
-    response = await client.post("/v1/generate", data=huge, headers={"Content-Type": "application/json"})
+    # /v1/generate takes input images, up to --max-image-body-bytes (tests/test_image_routes.py); this route does not.
+    response = await client.post("/v1/images/generations", data=huge, headers={"Content-Type": "application/json"})
     assert response.status == 413 and (await response.json())["error"]["code"] == "body_too_large"
     assert await queued_jobs(redis_client) == 0
 

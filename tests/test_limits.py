@@ -141,7 +141,8 @@ def test_retry_after_of_a_full_queue_follows_throughput() -> None:
 async def test_a_body_over_the_limit_is_refused_unread(
     aiohttp_client: ClientFactory, redis_server: RedisServer
 ) -> None:
-    client = await gateway(aiohttp_client, redis_server, max_body_bytes=4096)
+    # /v1/jobs takes input images: its limit is --max-image-body-bytes.
+    client = await gateway(aiohttp_client, redis_server, max_body_bytes=4096, max_image_body_bytes=8192)
     host, port = client.server.host, client.server.port
     reader, writer = await asyncio.open_connection(host, port)
     # Announce 10 MB and send none of it: an answer can only come from the headers.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from common.protocol import (
     MAX_SEED,
     SDXL_RESOLUTIONS,
     GenerationParams,
+    InputRefs,
     Job,
     ResolvedParams,
     Shape,
@@ -145,3 +147,21 @@ def test_loras_default_to_none_and_keep_their_order() -> None:
     assert GenerationParams(prompt="a cat").loras == []
     params = GenerationParams.model_validate({"prompt": "a cat", "loras": [{"name": "b", "scale": -1}, {"name": "a"}]})
     assert [(lora.name, lora.scale) for lora in params.loras] == [("b", -1.0), ("a", 1.0)]
+
+
+def test_a_job_without_input_images_is_written_as_before_they_existed() -> None:
+    """A worker of an earlier release refuses unknown fields: a text-to-image job names neither `strength` nor
+    `inputs`, so it still takes such jobs while a cluster is upgraded. A job with them reads back whole."""
+    params = ResolvedParams(prompt="a cat", seed=1, num_inference_steps=2, width=64, height=64, scheduler="euler")
+    plain = json.loads(Job(id="j", params=params, result_ttl_s=60).model_dump_json())
+    assert "inputs" not in plain and "strength" not in plain["params"]
+    refs = InputRefs(store="redis", image="sdxl:input:j:image", mask="sdxl:input:j:mask", width=64, height=48)
+    edit = Job(id="j", params=params.model_copy(update={"strength": 0.3}), result_ttl_s=60, inputs=refs)
+    assert Job.model_validate_json(edit.model_dump_json()) == edit
+
+
+@pytest.mark.parametrize("strength", [0, -0.1, 1.01, float("nan"), float("inf"), "0.5"])
+def test_strength_is_a_number_in_zero_to_one(strength: Any) -> None:
+    with pytest.raises(ValidationError) as caught:
+        GenerationParams.model_validate({"prompt": "a cat", "strength": strength})
+    assert caught.value.errors()[0]["loc"] == ("strength",)

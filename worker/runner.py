@@ -45,6 +45,7 @@ from worker.device_watermark import DeviceWatermark
 from worker.encode import encode_all
 from worker.handoff import EncodeImages, Generated, HandOff, failed
 from worker.images import ImageWriter
+from worker.inputs import JobInputs
 from worker.lora_source import LoraSource, adapter_loader, open_lora_source, refusal
 from worker.metrics import WorkerMetrics, metrics_app, start_server
 from worker.pipeline import PipelineError, PipelineOptions, SDXLPipeline
@@ -110,6 +111,7 @@ class Worker:
             on_store_trouble=self.presence.image_store_refuses,
         )
         self._load = load_pipeline or self._default_loader
+        self._inputs = JobInputs(redis, blobs, config.image_input)
         self._running: dict[str, Running] = {}
         self._claiming: asyncio.Task[list[ClaimedJob]] | None = None
         self._safety: SafetyChecker | None = None
@@ -361,6 +363,10 @@ class Worker:
         # older gateway may; it fails, naming the adapter, before the engine sees it.
         info = self.presence.info
         if (reason := refusal(job.params.loras, info.loras, info.max_loras)) is not None:
+            await self._handoff.hand_off(Generated(claimed, None, failed(job, self.id, reason), queued_ms, 0.0))
+            return
+        # Input images: read and checked, then given to the engine; a job this worker cannot take them for fails alone.
+        if (reason := await self._inputs.hand_over(engine, job)) is not None:
             await self._handoff.hand_off(Generated(claimed, None, failed(job, self.id, reason), queued_ms, 0.0))
             return
         progress = JobProgress(job, self.id, self._delivery, self.metrics)

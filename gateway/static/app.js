@@ -1,5 +1,7 @@
 // Demo page for sdxl-serve: queue a job (POST /v1/jobs), follow its server-sent events (queue position,
 // one progress event per denoising step, then the result), and show the four images from their URLs.
+// With an input image chosen (and optionally a mask), the job is sent as multipart/form-data with the files,
+// and the strength slider's value; without one, as JSON, as before.
 // On a server that needs an API key the page asks for one first and sends it with every request; an
 // EventSource cannot send it, so such a job is followed by polling its status, and its images are fetched
 // with the key and shown from blobs.
@@ -34,8 +36,11 @@ const POLL_MAX_FAILURES = 5;
 const FIELD_INPUTS = {
   prompt: "prompt", negative_prompt: "negative-prompt", seed: "seed", guidance_scale: "guidance-scale",
   num_inference_steps: "steps", output_format: "output-format", scheduler: "scheduler", width: "size",
-  height: "size",
+  height: "size", image: "init-image", mask: "mask-image", strength: "strength",
 };
+const imageInput = $("init-image");
+const maskInput = $("mask-image");
+const strengthInput = $("strength");
 const EXTENSIONS = { "image/png": "png", "image/jpeg": "jpg", "image/webp": "webp" };
 
 let current = null;  // the Job being followed, if any
@@ -85,6 +90,32 @@ function requestBody() {
   const steps = $("steps").value.trim();
   if (steps !== "") body.num_inference_steps = Number(steps);
   return body;
+}
+
+// The request as fetch() sends it: JSON, or with an input image, a form with the files and every other field
+// as its JSON text (the gateway reads a form field by the same rules as the JSON value).
+function requestInit() {
+  const body = requestBody();
+  const image = imageInput.files[0];
+  if (!image) {
+    return { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
+  }
+  const data = new FormData();
+  for (const [name, value] of Object.entries(body)) {
+    data.append(name, typeof value === "string" ? value : JSON.stringify(value));
+  }
+  data.append("strength", strengthInput.value);
+  data.append("image", image);
+  if (maskInput.files[0]) data.append("mask", maskInput.files[0]);
+  return { method: "POST", body: data };  // the browser sets the multipart Content-Type and boundary
+}
+
+// The mask and the strength apply to an input image only.
+function syncImageInputs() {
+  const chosen = imageInput.files.length > 0;
+  maskInput.disabled = !chosen;
+  strengthInput.disabled = !chosen;
+  if (!chosen) maskInput.value = "";
 }
 
 function el(tag, props = {}, ...children) {
@@ -159,7 +190,7 @@ function showHttpError(response, body) {
   } else if (status === 400) {
     showFieldError(error, message);
   } else if (status === 413) {
-    showError("Request too large: shorten the prompts.", [message]);
+    showError("Request too large: shorten the prompts, or choose a smaller image.", [message]);
   } else if (status === 401 || status === 403) {
     // Keys are configured and the key is missing, unknown or revoked: ask for one.
     showError("This server needs a valid API key: enter one above.", [message]);
@@ -439,11 +470,7 @@ async function generate() {
   let response;
   let body;
   try {
-    response = await api("/v1/jobs", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(requestBody()),
-    });
+    response = await api("/v1/jobs", requestInit());
     body = await response.json().catch(() => null);
   } catch (err) {
     // fetch only rejects when no HTTP response came back at all.
@@ -524,6 +551,9 @@ keyForm.addEventListener("submit", (event) => {
   button.disabled = false;
   loadServed();  // learns at once whether the key is good; asks again if not
 });
+
+imageInput.addEventListener("change", syncImageInputs);
+strengthInput.addEventListener("input", () => { $("strength-value").textContent = strengthInput.value; });
 
 cancelButton.addEventListener("click", () => {
   if (current) current.cancel();

@@ -1,0 +1,402 @@
+"""Input images through the gateway (gateway/inputs.py): base64 in JSON or files in multipart on `/v1/jobs`,
+`/v1/generate` and the OpenAI `/v1/images/edits` (driven by the official client), decoded and checked before anything
+is queued, stored beside the job, routed only to workers that advertise `image_input`; and the whole path through a
+stand-in worker process that answers with the input image. A real redis-server throughout; a test plays the worker
+where the worker's side is not the point."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import sys
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import numpy as np
+import openai
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient
+from PIL import Image
+
+from common.config import ConfigError
+from common.input_images import InputLimits
+from common.inputs import decode_inputs, load_inputs, png
+from common.jobstore import JobStore
+from common.protocol import DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, Job
+from common.rediskeys import RedisKeys
+from gateway.cli import gateway_config
+from gateway.jobs import request_fingerprint
+from gateway.schemas import GenerateRequest
+from sdxl_serve.cli import build_parser
+from tests.protection import error_of, gateway
+from tests.support import (
+    OLD_FINGERPRINT,
+    OLD_REQUEST,
+    TEST_SHAPES,
+    ClientFactory,
+    ProcessGroup,
+    RedisServer,
+    claim_next,
+    finish,
+    queued_jobs,
+    register_worker,
+    wait_ready,
+)
+from tests.test_input_images import HOSTILE, encoded, gradient
+
+pytestmark = pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")
+
+Client = TestClient[Any, Any]
+KEYS = RedisKeys()
+IMAGE = encoded(gradient(64, 64), "PNG")
+PHOTO = encoded(gradient(64, 48), "JPEG", quality=90)  # another size than the job's: resized by the worker
+
+
+def mask_png(width: int = 64, height: int = 64, painted: bool = True) -> bytes:
+    mask = np.zeros((height, width), dtype=bool)
+    mask[16:48, 16:48] = painted
+    return png(mask)
+
+
+def b64(data: bytes, prefix: str = "") -> str:
+    return prefix + base64.b64encode(data).decode()
+
+
+def form(fields: dict[str, str], **files: bytes) -> aiohttp.FormData:
+    """A multipart body: `fields` as form fields, `files` as file parts."""
+    data = aiohttp.FormData()
+    for name, value in fields.items():
+        data.add_field(name, value)
+    for name, content in files.items():
+        data.add_field(name, content, filename=f"{name}.bin", content_type="application/octet-stream")
+    return data
+
+
+@pytest.fixture
+async def able_worker(redis_client: aioredis.Redis) -> AsyncIterator[None]:
+    """A worker serving TEST_SHAPES that generates from input images."""
+    await register_worker(redis_client, image_input=True)
+    yield
+
+
+async def queued(redis_client: aioredis.Redis) -> Job:
+    """The next queued job, claimed as a worker would."""
+    return (await claim_next(redis_client)).job
+
+
+# --- Accepted: stored, queued with their keys, read back by the worker's loader.
+
+
+async def test_a_base64_image_in_json_is_stored_and_the_job_names_it(
+    client: Client, redis_client: aioredis.Redis, able_worker: None
+) -> None:
+    body = {"prompt": "a cat", "image": b64(IMAGE, "data:image/png;base64,"), "strength": 0.5, "seed": 3}
+    response = await client.post("/v1/jobs", json=body)
+    assert response.status == 202, await response.text()
+    job = await queued(redis_client)
+    assert job.inputs is not None and job.inputs.store == "redis" and job.inputs.mask is None
+    assert (job.inputs.width, job.inputs.height, job.params.strength) == (64, 64, 0.5)
+    assert b64(IMAGE)[:40] not in job.model_dump_json()  # the bytes are not in the stream, only their key
+    assert 0 < await redis_client.ttl(job.inputs.image) <= 60  # the gateway's result TTL
+    loaded = await load_inputs(job, None, redis_client)
+    assert np.array_equal(loaded.image, np.asarray(gradient(64, 64))) and loaded.mask is None
+
+
+async def test_multipart_fields_follow_the_json_rules_and_a_mask_makes_it_inpainting(
+    client: Client, redis_client: aioredis.Redis, able_worker: None
+) -> None:
+    fields = {"prompt": "a cat", "num_inference_steps": "3", "seed": "7", "loras": "[]", "output_format": "jpeg"}
+    response = await client.post("/v1/jobs", data=form(fields, image=IMAGE, mask=mask_png()))
+    assert response.status == 202, await response.text()
+    job = await queued(redis_client)
+    assert (job.params.num_inference_steps, job.params.seed, job.output_format) == (3, 7, "jpeg")
+    assert job.params.strength == DEFAULT_INPAINT_STRENGTH  # diffusers' inpainting default
+    assert job.inputs is not None and job.inputs.mask is not None
+    loaded = await load_inputs(job, None, redis_client)
+    assert loaded.mask is not None and int(loaded.mask.sum()) == 32 * 32
+    bad = await client.post("/v1/jobs", data=form({"prompt": "a cat", "seed": "seven"}, image=IMAGE))
+    assert bad.status == 400 and (await error_of(bad))["field"] == "seed"
+
+
+async def test_an_image_without_strength_takes_the_image_to_image_default(
+    client: Client, redis_client: aioredis.Redis, able_worker: None
+) -> None:
+    response = await client.post("/v1/jobs", json={"prompt": "a cat", "image": b64(PHOTO)})
+    assert response.status == 202
+    job = await queued(redis_client)
+    assert job.params.strength == DEFAULT_IMG2IMG_STRENGTH and job.inputs is not None
+    assert (job.inputs.width, job.inputs.height) == (64, 48)
+
+
+# --- Refused before anything is queued: 400 naming the field.
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+async def test_a_hostile_image_is_a_400_naming_image_on_every_route(
+    name: str, client: Client, redis_client: aioredis.Redis, able_worker: None
+) -> None:
+    data = HOSTILE[name][0]()
+    rules = HOSTILE[name][1]
+    codes = {f"image_{rule}" for rule in ([rules] if isinstance(rules, str) else rules)}
+    answers = [
+        await client.post("/v1/jobs", json={"prompt": "a cat", "image": b64(data)}),
+        await client.post("/v1/generate", data=form({"prompt": "a cat"}, image=data)),
+    ]
+    for response in answers:
+        assert response.status == 400, name
+        error = await error_of(response)
+        assert error["field"] == "image" and error["code"] in codes, (name, error)
+    edits = await client.post("/v1/images/edits", data=form({"prompt": "a cat"}, image=data))
+    error = (await edits.json())["error"]
+    assert edits.status == 400 and error["param"] == "image" and error["code"] in codes
+    assert await queued_jobs(redis_client) == 0
+
+
+@pytest.mark.parametrize(
+    ("mask", "code"),
+    [
+        (lambda: mask_png(32, 32), "mask_size"),
+        (lambda: mask_png(painted=False), "mask_empty"),
+        (lambda: IMAGE[: len(IMAGE) // 2], "mask_corrupt"),
+        (lambda: encoded(gradient(), "GIF"), "mask_format"),
+    ],
+)
+async def test_a_bad_mask_is_a_400_naming_mask(
+    mask: Callable[[], bytes], code: str, client: Client, redis_client: aioredis.Redis, able_worker: None
+) -> None:
+    for response in (
+        await client.post("/v1/jobs", json={"prompt": "a cat", "image": b64(IMAGE), "mask": b64(mask())}),
+        await client.post("/v1/jobs", data=form({"prompt": "a cat"}, image=IMAGE, mask=mask())),
+    ):
+        error = await error_of(response)
+        assert response.status == 400 and (error["field"], error["code"]) == ("mask", code)
+    assert await queued_jobs(redis_client) == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "code"),
+    [
+        ({"strength": 0.5}, "strength", "strength_without_image"),
+        ({"mask": b64(IMAGE)}, "mask", "mask_without_image"),
+        ({"image": b64(IMAGE), "strength": 0}, "strength", "greater_than"),
+        ({"image": b64(IMAGE), "strength": 1.5}, "strength", "less_than_equal"),
+        ({"image": "not base64!"}, "image", "invalid_base64"),
+        ({"image": 42}, "image", "string_type"),
+    ],
+)
+async def test_fields_that_need_an_image_or_break_a_rule_are_named(
+    body: dict[str, Any], field: str, code: str, client: Client, redis_client: aioredis.Redis, able_worker: None
+) -> None:
+    response = await client.post("/v1/jobs", json={"prompt": "a cat", **body})
+    error = await error_of(response)
+    assert response.status == 400 and (error["field"], error["code"]) == (field, code)
+    assert await queued_jobs(redis_client) == 0
+
+
+async def test_bodies_over_the_image_route_limit_are_413_and_images_over_the_input_limit_400(
+    aiohttp_client: ClientFactory, redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    await register_worker(redis_client, image_input=True)
+    client = await gateway(
+        aiohttp_client, redis_server, max_image_body_bytes=8192, input_limits=InputLimits(max_bytes=4096)
+    )
+    noise = encoded(Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)), "PNG")
+    assert len(noise) > 8192
+    response = await client.post("/v1/jobs", json={"prompt": "a cat", "image": b64(noise)})
+    assert response.status == 413 and (await error_of(response))["code"] == "body_too_large"
+
+    async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: cut off while read
+        yield b'{"prompt": "a cat", "image": "'
+        yield b64(noise).encode()
+        yield b'"}'
+
+    response = await client.post("/v1/jobs", data=chunked(), headers={"Content-Type": "application/json"})
+    assert response.status == 413
+    response = await client.post("/v1/jobs", data=form({"prompt": "a cat"}, image=noise))
+    assert response.status == 413
+    medium = encoded(Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), np.uint8)), "PNG")
+    assert 4096 < len(medium) < 8000
+    response = await client.post("/v1/jobs", data=form({"prompt": "a cat"}, image=medium))
+    error = await error_of(response)
+    assert response.status == 400 and (error["field"], error["code"]) == ("image", "image_bytes")
+    assert await queued_jobs(redis_client) == 0
+
+
+def test_the_image_body_limit_flag_reaches_the_config_and_is_bounded() -> None:
+    args = build_parser().parse_args(["gateway", "--max-image-body-bytes", "8192"])
+    assert gateway_config(args).max_image_body_bytes == 8192
+    with pytest.raises(ConfigError, match="--max-image-body-bytes"):
+        gateway_config(build_parser().parse_args(["gateway", "--max-image-body-bytes", "10"]))
+
+
+# --- Capability: only workers that advertise image_input get such a job.
+
+
+async def test_an_image_is_refused_while_no_worker_generates_from_one(
+    client: Client, redis_client: aioredis.Redis, fake_worker: None
+) -> None:
+    response = await client.post("/v1/jobs", json={"prompt": "a cat", "image": b64(IMAGE)})
+    error = await error_of(response)
+    assert response.status == 400 and (error["field"], error["code"]) == ("image", "image_input_unsupported")
+    await register_worker(redis_client, worker_id="warming", state="warming", image_input=True)
+    response = await client.post("/v1/jobs", json={"prompt": "a cat", "image": b64(IMAGE)})
+    assert response.status == 503 and response.headers["Retry-After"]
+    assert (await error_of(response))["code"] == "no_ready_worker"
+    assert await queued_jobs(redis_client) == 0
+    assert (await client.post("/v1/jobs", json={"prompt": "a cat"})).status == 202  # text-to-image as before
+
+
+@pytest.mark.parametrize("routing", ["shared", "random", "p2c"])
+async def test_a_job_with_an_image_goes_only_to_a_worker_that_advertises_image_input(
+    routing: str, aiohttp_client: ClientFactory, redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    await register_worker(redis_client, worker_id="plain", rows=8, free_rows=8)
+    await register_worker(redis_client, worker_id="able", image_input=True, rows=8, free_rows=1)
+    client = await gateway(aiohttp_client, redis_server, routing=routing)
+    store = JobStore(redis_client, KEYS)
+    for _ in range(4):
+        response = await client.post("/v1/jobs", json={"prompt": "a cat", "image": b64(IMAGE), "n": 1})
+        record = await store.record((await response.json())["id"])
+        assert record is not None and record.stream == KEYS.worker_stream("able")
+
+
+# --- Idempotency: the images' bytes are part of what a key binds to.
+
+
+async def test_the_fingerprint_is_unchanged_without_images_and_binds_the_images_bytes(
+    client: Client, redis_client: aioredis.Redis, able_worker: None
+) -> None:
+    assert request_fingerprint(GenerateRequest.model_validate(OLD_REQUEST)) == OLD_FINGERPRINT
+    headers = {"Idempotency-Key": "edit-1"}
+    first = await client.post("/v1/jobs", json={"prompt": "a cat", "image": b64(IMAGE)}, headers=headers)
+    again = await client.post("/v1/jobs", data=form({"prompt": "a cat"}, image=IMAGE), headers=headers)
+    assert first.status == 202 and again.status == 202 and again.headers["Idempotent-Replayed"] == "true"
+    assert (await first.json())["id"] == (await again.json())["id"]  # base64 or multipart: the same bytes
+    other = await client.post("/v1/jobs", json={"prompt": "a cat", "image": b64(PHOTO)}, headers=headers)
+    assert other.status == 422  # another image: another request
+    assert await queued_jobs(redis_client) == 1
+
+
+async def test_cancelling_a_job_removes_its_inputs(
+    client: Client, redis_client: aioredis.Redis, able_worker: None
+) -> None:
+    response = await client.post("/v1/jobs", json={"prompt": "a cat", "image": b64(IMAGE), "mask": b64(mask_png())})
+    job_id = (await response.json())["id"]
+    record = await JobStore(redis_client, KEYS).record(job_id)
+    assert record is not None and record.job is not None and record.job.inputs is not None
+    refs = record.job.inputs
+    assert await redis_client.exists(refs.image, refs.mask or "") == 2
+    assert (await client.delete(f"/v1/jobs/{job_id}")).status == 200
+    assert await redis_client.exists(refs.image, refs.mask or "") == 0
+
+
+# --- The official OpenAI client's images.edit, unchanged.
+
+
+@pytest.fixture
+async def oai(client: Client) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="unused", max_retries=0) as oai:
+        yield oai
+
+
+async def test_openai_client_edits_an_image_with_a_mask(
+    oai: openai.AsyncOpenAI, redis_client: aioredis.Redis, able_worker: None
+) -> None:
+    async def worker() -> Job:
+        claimed = await claim_next(redis_client)
+        await finish(redis_client, claimed, [b"edited"])
+        return claimed.job
+
+    serving = asyncio.create_task(worker())
+    response = await oai.images.edit(
+        image=("cat.png", IMAGE, "image/png"),
+        mask=("mask.png", mask_png(), "image/png"),
+        prompt="a cat in a hat",
+        size="64x64",
+        response_format="b64_json",
+    )
+    job = await serving
+    assert response.data is not None and [base64.b64decode(d.b64_json or "") for d in response.data] == [b"edited"]
+    assert (job.params.prompt, job.params.n, job.params.shape, job.params.strength) == (
+        "a cat in a hat",
+        1,
+        TEST_SHAPES[0],
+        DEFAULT_INPAINT_STRENGTH,
+    )
+    loaded = await load_inputs(job, None, redis_client)
+    assert loaded.mask is not None and np.array_equal(loaded.image, np.asarray(gradient(64, 64)))
+
+
+async def test_openai_client_edit_errors_name_the_parameter(
+    oai: openai.AsyncOpenAI, redis_client: aioredis.Redis, able_worker: None
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await oai.images.edit(image=("cat.gif", encoded(gradient(), "GIF"), "image/gif"), prompt="a cat")
+    assert caught.value.param == "image" and caught.value.code == "image_format"
+    with pytest.raises(openai.BadRequestError) as caught:
+        await oai.images.edit(image=("cat.png", IMAGE, "image/png"), mask=("m.png", mask_png(8, 8)), prompt="a cat")
+    assert caught.value.param == "mask" and caught.value.code == "mask_size"
+    with pytest.raises(openai.BadRequestError) as caught:
+        await oai.images.edit(image=("cat.png", IMAGE, "image/png"), prompt="a cat", size="999x999")
+    assert caught.value.param == "size"
+    with pytest.raises(openai.BadRequestError) as caught:  # an edit without an image (a JSON body)
+        await oai.post("/images/edits", body={"prompt": "a cat"}, cast_to=openai.types.ImagesResponse)
+    assert caught.value.param == "image" and caught.value.code == "missing"
+    assert await queued_jobs(redis_client) == 0
+
+
+# --- The whole path: multipart upload, stored, queued, a stand-in worker process reads it, the result is the input.
+
+STANDIN = RedisKeys("imgin")  # a prefix of its own: no other test's workers see these jobs
+
+
+async def test_an_uploaded_image_comes_back_from_a_standin_worker_through_its_loader(
+    aiohttp_client: ClientFactory, redis_server: RedisServer, redis_client: aioredis.Redis, processes: ProcessGroup
+) -> None:
+    url = redis_server.url(0)
+    argv = [sys.executable, "-m", "testkit.standin", "--redis-url", url, "--worker-id", "imgin-1", "--key-prefix",
+            STANDIN.prefix, "--sizes", "64x64", "--max-steps", "2", "--step-s", "0", "--image-input"]  # fmt: skip
+    processes.start_argv("imgin-1", argv)
+    try:
+        (info,) = await wait_ready(url, 1, STANDIN.prefix)
+        assert info.image_input
+        client = await gateway(aiohttp_client, redis_server, key_prefix=STANDIN.prefix, request_timeout_s=60.0)
+        fields = {"prompt": "a cat", "n": "2", "num_inference_steps": "2"}
+        response = await client.post("/v1/generate", data=form(fields, image=PHOTO, mask=mask_png(64, 48)))
+        assert response.status == 200, await response.text()
+        images = (await response.json())["images"]
+    finally:
+        processes.stop("imgin-1")
+    expected = decode_inputs(PHOTO, None, InputLimits()).image
+    resized = np.asarray(Image.fromarray(expected).resize((64, 64), Image.Resampling.LANCZOS, reducing_gap=None))
+    assert len(images) == 2
+    for image in images:
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(image))).convert("RGB")), resized)
+
+
+async def test_multipart_takes_one_file_per_image_field_and_the_list_name_browsers_send(
+    client: Client, redis_client: aioredis.Redis, able_worker: None
+) -> None:
+    data = aiohttp.FormData()
+    data.add_field("prompt", "a cat")
+    for _ in range(2):
+        data.add_field("image", IMAGE, filename="a.png", content_type="image/png")
+    response = await client.post("/v1/jobs", data=data)
+    error = await error_of(response)
+    assert response.status == 400 and (error["field"], error["code"]) == ("image", "one_image")
+    data = aiohttp.FormData()
+    data.add_field("prompt", "a cat")
+    data.add_field("image[]", IMAGE, filename="a.png", content_type="image/png")
+    assert (await client.post("/v1/jobs", data=data)).status == 202
+    assert (await queued(redis_client)).inputs is not None
+
+
+async def test_the_openapi_document_offers_multipart_where_images_are_taken(client: Client) -> None:
+    paths = (await (await client.get("/openapi.json")).json())["paths"]
+    for path in ("/v1/jobs", "/v1/generate", "/v1/images/edits"):
+        content = paths[path]["post"]["requestBody"]["content"]
+        assert set(content) == {"application/json", "multipart/form-data"}, path
+    assert set(paths["/v1/images/generations"]["post"]["requestBody"]["content"]) == {"application/json"}
