@@ -14,9 +14,15 @@
 #       --engine-rows R --attention einsum --progress
 #
 # and keeps their JSON lines (OUT/variants/NAME.jsonl, all of them in OUT/generate.jsonl) with their logs and the
-# machine's description. Run again with the same --out, it does only the variants not yet done.
+# machine's description; then, in a process of its own, the engine's step time with LoRA adapters (OUT/lora.jsonl):
 #
-#   bench/gpu.sh --wheels DIR [--out DIR] [--venv DIR] [--python PYTHON] [--dry-run] [-- MORE BENCH FLAGS]
+#   sdxl-serve bench lora --model sdxl-random --size 1024x1024 --ranks 8,32,128 --steps 5 --rows-per-device 2 \
+#       --rounds 2 --json
+#
+# Run again with the same --out, it does only the variants not yet done.
+#
+#   bench/gpu.sh --wheels DIR [--out DIR] [--venv DIR] [--python PYTHON] [--dry-run] [--lora-flags FLAGS]
+#                [-- MORE BENCH FLAGS]
 #
 #   --wheels DIR     the folder of wheels (required)
 #   --out DIR        where the results go (default: gpu-bench-DATE in the current directory)
@@ -26,7 +32,8 @@
 #   --simulate       everything, on the CPU (JAX_PLATFORMS=cpu, no GPU check): with a bare image's environment rebuilt
 #                    on a CPU machine, e.g. -- --model DIR --size 64x64 --steps 1 --repeats 1 --cpu-devices 1
 #                    (tests/test_bench_gpu.py; one CPU device, as one GPU, so that one image is not split)
-#   -- FLAGS         appended to each benchmark command (e.g. -- --repeats 5)
+#   --lora-flags F   words appended to the LoRA benchmark's command (e.g. "--model DIR --size 64x64 --steps 1")
+#   -- FLAGS         appended to each `bench generate` command (e.g. -- --repeats 5)
 #
 # SDXL_GPU_BENCH_CMD, when set, runs in place of the environment's `sdxl-serve` (with the environment first on PATH)
 # and skips the GPU check: the test suite runs the whole script this way on a machine with no GPU.
@@ -42,6 +49,7 @@ python=python3
 dry_run=0
 simulate=0
 extra=()
+lora_extra=()
 
 fail() { echo "gpu.sh: $*" >&2; exit 2; }
 step() { echo "== $*" >&2; }
@@ -54,6 +62,7 @@ while (($#)); do
         --python) python=${2:?--python needs an interpreter}; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
         --simulate) simulate=1; export JAX_PLATFORMS=cpu; shift ;;
+        --lora-flags) read -r -a lora_extra <<<"${2?--lora-flags needs words}"; shift 2 ;;
         --) shift; extra=("$@"); break ;;
         *) fail "unknown argument: $1 (see the header of $0)" ;;
     esac
@@ -154,13 +163,19 @@ VARIANTS=(
     "1 einsum --progress" "1 einsum --no-progress" "1 dot_product --progress" "1 dot_product --no-progress"
     "4 einsum --progress" "4 einsum --no-progress" "4 dot_product --progress" "4 dot_product --no-progress"
     "rows-1 einsum --progress" "rows-2 einsum --progress" "rows-4 einsum --progress" "rows-8 einsum --progress"
+    "lora"
 )
 
 variant_command() {
     local images=$1 attention=$2 progress=$3
     local -a batch=(--images "$images")
-    if [[ $images == rows-* ]]; then batch=(--engine-rows "${images#rows-}"); fi
     read -r -a cmd <<<"${SDXL_GPU_BENCH_CMD:-sdxl-serve}"
+    if [[ $images == lora ]]; then
+        cmd+=(bench lora --model sdxl-random --size 1024x1024 --ranks 8,32,128 --steps 5 --rows-per-device 2
+            --rounds 2 --json "${lora_extra[@]}")
+        return
+    fi
+    if [[ $images == rows-* ]]; then batch=(--engine-rows "${images#rows-}"); fi
     cmd+=(bench generate --model sdxl-random --size 1024x1024 --steps 20 --json
         "${batch[@]}" --attention "$attention" "$progress" "${extra[@]}")
 }
@@ -182,6 +197,7 @@ run_bench() {
         echo >>"$out/command.txt"
         name="images-$images-$attention${progress/--/-}"
         if [[ $images == rows-* ]]; then name="engine-$images-$attention${progress/--/-}"; fi
+        if [[ $images == lora ]]; then name="lora"; fi
         if ((dry_run)) || [[ -s $out/variants/$name.jsonl ]]; then continue; fi
         step "variant $name"
         if PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv" HF_HUB_OFFLINE=1 \
@@ -198,8 +214,11 @@ run_bench() {
         cat "$out/command.txt" >&2
         return
     fi
-    cat "$out/variants/"*.jsonl >"$out/generate.jsonl"
-    step "results: $out/generate.jsonl"
+    local -a generated=()
+    for name in "$out/variants/"*.jsonl; do [[ $name == */lora.jsonl ]] || generated+=("$name"); done
+    cat "${generated[@]}" </dev/null >"$out/generate.jsonl"
+    if [[ -s $out/variants/lora.jsonl ]]; then cp "$out/variants/lora.jsonl" "$out/lora.jsonl"; fi
+    step "results: $out/generate.jsonl, $out/lora.jsonl"
     cat "$out/generate.jsonl"
     return $failed
 }

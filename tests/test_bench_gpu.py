@@ -35,6 +35,10 @@ VARIANTS = [
     for attention in ("einsum", "dot_product")
     for progress in ("--progress", "--no-progress")
 ] + [["--engine-rows", rows, "--attention", "einsum", "--progress"] for rows in ("1", "2", "4", "8")]
+# The LoRA benchmark, last, in a process of its own (OUT/lora.jsonl).
+LORA_COMMAND = (
+    "bench lora --model sdxl-random --size 1024x1024 --ranks 8,32,128 --steps 5 --rows-per-device 2 --rounds 2 --json"
+).split()
 # Appends what the benchmark would see to RECORDED, and prints one JSON line as `bench generate --json` does; fails
 # for the variants FAIL names (words that must all be in its argv).
 RECORDER = """
@@ -137,7 +141,7 @@ def test_installs_offline_over_the_image_and_runs_each_variant_in_its_venv(wheel
     out = tmp_path / "out"
     venv = out / "venv"
     assert "include-system-site-packages = true" in (venv / "pyvenv.cfg").read_text()
-    assert [variant["argv"] for variant in seen] == [COMMON_FLAGS + flags for flags in VARIANTS]
+    assert [variant["argv"] for variant in seen] == [COMMON_FLAGS + flags for flags in VARIANTS] + [LORA_COMMAND]
     for variant in seen:
         assert Path(variant["prefix"]) == venv  # `python` on PATH was the new environment's
         # The stand-ins won over the real diffusers and transformers of the interpreter the venv was made from...
@@ -147,6 +151,7 @@ def test_installs_offline_over_the_image_and_runs_each_variant_in_its_venv(wheel
         assert variant["env"] == {"HF_HUB_OFFLINE": "1", "JAX_COMPILATION_CACHE_DIR": str(out / "compile-cache")}
     results = [json.loads(line) for line in (out / "generate.jsonl").read_text().splitlines()]
     assert sorted(result["argv"] for result in results) == sorted(COMMON_FLAGS + flags for flags in VARIANTS)
+    assert [json.loads(line)["argv"] for line in (out / "lora.jsonl").read_text().splitlines()] == [LORA_COMMAND]
     versions = (out / "versions.txt").read_text()
     assert "diffusers 0.39.0 (this venv)" in versions and re.search(r"^jax \S+ \(the image\)$", versions, re.M)
 
@@ -155,7 +160,7 @@ def test_a_failed_variant_loses_only_itself_and_a_rerun_does_only_what_is_missin
     refused = ["--images", "4", "--attention", "dot_product", "--no-progress"]
     done, seen = recorded_run(wheels, tmp_path, FAIL="4 dot_product --no-progress")
     assert done.returncode != 0 and "images-4-dot_product-no-progress failed" in done.stderr
-    assert len(seen) == len(VARIANTS)  # the variants after the refused one ran too
+    assert len(seen) == len(VARIANTS) + 1  # the variants after the refused one ran too, and the LoRA benchmark
     results = (tmp_path / "out" / "generate.jsonl").read_text().splitlines()
     assert len(results) == len(VARIANTS) - 1
     done, seen = recorded_run(wheels, tmp_path)
@@ -169,8 +174,17 @@ def test_the_benchmark_commands_are_ones_that_bench_generate_accepts(wheels: Pat
     done = run_script("--wheels", wheels, "--out", out, "--dry-run", "--", "--repeats", "5")
     assert done.returncode == 0, done.stderr
     assert not (out / "generate.jsonl").exists()
-    commands = [shlex.split(line) for line in (out / "command.txt").read_text().splitlines()]
+    *commands, lora = [shlex.split(line) for line in (out / "command.txt").read_text().splitlines()]
     assert commands == [["sdxl-serve", *COMMON_FLAGS, *flags, "--repeats", "5"] for flags in VARIANTS]
+    assert lora == ["sdxl-serve", *LORA_COMMAND]
+    parsed = build_parser(load={"bench"}).parse_args(lora[1:])
+    assert (parsed.model, parsed.size, parsed.ranks, parsed.rounds, parsed.json) == (
+        "sdxl-random",
+        "1024x1024",
+        "8,32,128",
+        2,
+        True,
+    )
     for command in commands:
         args = build_parser(load={"bench"}).parse_args(command[1:])
         (config,) = configs_from_args(args)
@@ -249,6 +263,16 @@ def bare_image(folder: Path) -> Path:
     return folder / "bin" / "python"
 
 
+@pytest.mark.e2e
+def test_bench_lora_runs_without_what_a_bare_gpu_image_lacks(tiny_model: Path) -> None:
+    program = IMPORT_BLOCKER.format(absent=set(ABSENT_ON_THE_IMAGE))
+    flags = ["--model", str(tiny_model), "--size", "64x64", "--steps", "1", "--rounds", "1", "--ranks", "2"]
+    argv = [sys.executable, "-c", program, "bench", "lora", *flags, "--rows-per-device", "1", "--json"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert set(json.loads(done.stdout)["ranks"]) == {"2"}
+
+
 @pytest.mark.skipif(os.environ.get(SIMULATE) != "1", reason=f"minutes and a package index: {SIMULATE}=1 runs it")
 @pytest.mark.timeout(7200)
 def test_the_script_runs_end_to_end_on_a_bare_image_rebuilt_on_the_cpu(tiny_model: Path, tmp_path: Path) -> None:
@@ -265,7 +289,13 @@ def test_the_script_runs_end_to_end_on_a_bare_image_rebuilt_on_the_cpu(tiny_mode
     for name, model in (("tiny", ["--model", str(tiny_model)]), ("random", [])):
         out = tmp_path / name
         argv = ["bash", str(SCRIPT), "--python", str(python), "--wheels", str(wheels), "--out", str(out)]
-        done = subprocess.run([*argv, "--simulate", "--", *model, *small], env=env, check=False, timeout=3600)
+        lora = " ".join(
+            [*model, "--size", "64x64", "--steps", "1", "--rounds", "1", "--ranks", "2", "--cpu-devices", "1"]
+        )
+        simulated = [*argv, "--simulate", "--lora-flags", lora, "--", *model, *small]
+        done = subprocess.run(simulated, env=env, check=False, timeout=3600)
         assert done.returncode == 0, name
         reports = [json.loads(line) for line in (out / "generate.jsonl").read_text().splitlines()]
         assert len(reports) == len(VARIANTS) and {report["images"] for report in reports} == {1, 4}
+        (lora_report,) = [json.loads(line) for line in (out / "lora.jsonl").read_text().splitlines()]
+        assert set(lora_report["ranks"]) == {"2"}
