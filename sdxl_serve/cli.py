@@ -23,9 +23,10 @@ from common.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
-# Top-level modules of the `worker` extra (pyproject.toml): the gateway's install lacks them.
+# Top-level modules of the `worker` extra (pyproject.toml): the gateway's install lacks them. (Pillow and numpy are
+# the gateway's too: it decodes and checks input images.)
 WORKER_EXTRA_MODULES = frozenset(
-    {"jax", "jaxlib", "flax", "diffusers", "transformers", "huggingface_hub", "PIL", "numpy", "safetensors"}
+    {"jax", "jaxlib", "flax", "diffusers", "transformers", "huggingface_hub", "safetensors"}
 )
 
 

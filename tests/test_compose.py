@@ -426,7 +426,7 @@ def test_core_dependencies_leave_the_worker_extra_out() -> None:
 
 
 def test_gateway_and_cli_import_without_the_worker_extra() -> None:
-    """The gateway image lacks JAX, diffusers, transformers, numpy and Pillow: nothing it runs may import them."""
+    """The gateway image lacks JAX, Flax, diffusers, transformers and safetensors: nothing it runs may import them."""
     result = run_without_worker_extra(
         "try:\n    import jax\nexcept ModuleNotFoundError:\n    pass\nelse:\n    raise SystemExit('jax importable')\n"
         "from sdxl_serve.cli import build_parser\n"
