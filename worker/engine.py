@@ -42,7 +42,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from common.protocol import SCHEDULERS, ResolvedParams, Scheduler, Size
-from worker.img2img import LATENT_CHANNELS, initial_latents, inpaint_blend
+from worker.img2img import (
+    INPAINTING_IN_CHANNELS,
+    LATENT_CHANNELS,
+    initial_latents,
+    inpaint_blend,
+    inpainting_unet_input,
+)
+from worker.inpainting_model import check_text_to_image
 from worker.lora import LoadAdapter, LoraConfig, pad
 from worker.lora_bank import LoraBank, applied, encode_with_loras
 from worker.lora_pool import LoraPool
@@ -108,7 +115,8 @@ class Slots:
     table: jax.Array = field(metadata=_PER_IMAGE)  # [slots, max_steps, ROW_WIDTH]
     guidance: jax.Array = field(metadata=_PER_IMAGE)
     step: jax.Array = field(metadata=_PER_IMAGE)  # the next step's index into the slot's table
-    encoded: jax.Array = field(metadata=_PER_IMAGE)  # [slots, 4, h, w]: the input image's latents (text: zeros)
+    # [slots, 4, h, w]: the input image's latents (text: zeros), a 9-channel inpainting UNet's masked image's
+    encoded: jax.Array = field(metadata=_PER_IMAGE)
     noise: jax.Array = field(metadata=_PER_IMAGE)  # [slots, 4, h, w]: the row's initial draw
     mask: jax.Array = field(metadata=_PER_IMAGE)  # [slots, 1, h, w]: 1 = repaint (all ones unless inpainting)
     lora: SlotLoras | None = field(default=None, metadata=_PER_IMAGE)  # None: the engine has no adapters
@@ -137,7 +145,8 @@ class Admission:
     keys: jax.Array = field(metadata=_PER_IMAGE)  # [devices, 2]
     slot: jax.Array = field(metadata=_PER_IMAGE)  # [devices]
     valid: jax.Array = field(metadata=_PER_IMAGE)
-    encoded: jax.Array = field(metadata=_PER_IMAGE)  # [devices, 4, h, w]
+    encoded: jax.Array = field(metadata=_PER_IMAGE)  # [devices, 4, h, w]: the initial latents' image
+    kept: jax.Array = field(metadata=_PER_IMAGE)  # [devices, 4, h, w]: what the slot keeps (Slots.encoded)
     mask: jax.Array = field(metadata=_PER_IMAGE)  # [devices, 1, h, w]
     prompt: Text = field(metadata=_REPLICATED)  # batch 1, as encoded
     negative: Text = field(metadata=_REPLICATED)
@@ -558,6 +567,7 @@ class RowEngine:
             slot=pipeline._put(slot, _IMAGES),
             valid=pipeline._put(valid, _IMAGES),
             encoded=start.encoded,
+            kept=start.kept,
             mask=start.mask,
             prompt=text if request is None else request.conditioning()[0],
             negative=text if request is None else request.conditioning()[1],
@@ -633,6 +643,8 @@ class RowEngine:
         (unknown scheduler, a key already held), all raised at once with nothing held. The image is resized to the
         request's size and encoded here, on the devices."""
         self._check(key, params)
+        if image is None or image.mask is None:
+            check_text_to_image(self._pipeline)  # an inpainting model runs inpainting requests only
         size, coefficients = params.shape.size, self._table(params.scheduler, params.shape.steps)
         start = (
             self._starts.text(size, coefficients) if image is None else self._starts.image(size, coefficients, image)
@@ -937,7 +949,7 @@ def _admit(variant: _Variant, slots: Slots, new: Admission) -> Slots:
         table=put(slots.table, new.table),
         guidance=put(slots.guidance, new.guidance),
         step=put(slots.step, jnp.int32(0)),
-        encoded=put(slots.encoded, new.encoded[0]),
+        encoded=put(slots.encoded, new.kept[0]),
         noise=put(slots.noise, noise),
         mask=put(slots.mask, new.mask[0]),
         lora=None if slots.lora is None or new.lora is None else _put_loras(put, slots.lora, new.lora),
@@ -955,17 +967,18 @@ def _run(variant: _Variant, params: dict[str, Any], slots: Slots, batch: Batch) 
     last = slots.table.shape[1] - 1
     rows = jax.vmap(lambda table, i: table[i])(slots.table, jnp.minimum(slots.step, last))
     index = batch.sample_slot
-    sample_rows, latents = rows[index], slots.latents[index]
-    scaled = latents * sample_rows[:, C_IN].astype(latents.dtype)[:, None, None, None]
+    sample_rows = rows[index]
+    scaled = _unet_input(variant, slots, index, sample_rows)
     text = _sample_text(slots, index, batch.sample_uncond)
     time_ids = jnp.array([time_ids_of(variant.size)] * index.shape[0], dtype=text.context.dtype)
     noise = unet_noise(variant.pipe, params, scaled, sample_rows[:, TIMESTEP].astype(jnp.float32), text, time_ids)
     uncond, cond = noise[batch.slot_uncond], noise[batch.slot_cond]
     prediction = uncond + slots.guidance[:, None, None, None] * (cond - uncond)
     stepped, denoised = jax.vmap(update)(slots.latents, prediction, slots.denoised, rows)
-    # Inpainting's kept region back to the image at the next noise level; a mask of ones (every other row) leaves
-    # the step's latents exactly as they are, so all rows take the blend and the step has no branch.
-    stepped = jax.vmap(inpaint_blend)(stepped, slots.encoded, slots.noise, slots.mask, rows)
+    if not _nine_channels(variant):
+        # Inpainting's kept region back to the image at the next noise level; a mask of ones (every other row)
+        # leaves the step's latents exactly as they are, so all rows take the blend and the step has no branch.
+        stepped = jax.vmap(inpaint_blend)(stepped, slots.encoded, slots.noise, slots.mask, rows)
     active = batch.active[:, None, None, None]
     moved = Slots(
         latents=jnp.where(active, stepped, slots.latents),
@@ -981,6 +994,21 @@ def _run(variant: _Variant, params: dict[str, Any], slots: Slots, batch: Batch) 
         lora=slots.lora,
     )
     return moved, moved.latents[:1, 0, 0, 0]
+
+
+def _nine_channels(variant: _Variant) -> bool:
+    """Whether the model's UNet is an inpainting one, which takes the mask and the masked image at every step."""
+    return int(variant.pipe.unet.config.in_channels) == INPAINTING_IN_CHANNELS
+
+
+def _unet_input(variant: _Variant, slots: Slots, index: jax.Array, sample_rows: jax.Array) -> jax.Array:
+    """Each sample's UNet input: its slot's latents times C_IN, and for a 9-channel inpainting UNet its slot's
+    mask and masked-image latents after them on the channel axis."""
+    latents = slots.latents[index]
+    scaled = latents * sample_rows[:, C_IN].astype(latents.dtype)[:, None, None, None]
+    if not _nine_channels(variant):
+        return scaled
+    return inpainting_unet_input(scaled, slots.mask[index], slots.encoded[index])
 
 
 def _run_with_loras(

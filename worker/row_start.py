@@ -28,8 +28,10 @@ from worker.img2img import (
     img2img_start,
     inpaint_start,
     latent_mask,
+    masked_image,
     text_start,
 )
+from worker.inpainting_model import is_inpainting
 from worker.pipeline import _IMAGES, PipelineError, SDXLPipeline, _Clock
 from worker.pipeline_protocol import ImageInput
 from worker.schedulers import Table
@@ -47,14 +49,16 @@ class ImageRefused(PipelineError):
 class RowStart:
     """A request's start, on the devices: `steps` (the denoising steps its rows run), its `table` ([max_steps,
     ROW_WIDTH], replicated), the weights `image_weight` and `noise_scale` (float32 scalars, replicated), and per
-    device its `encoded` image ([devices, 4, h, w]) and latent `mask` ([devices, 1, h, w], 1 = repaint), split by
-    image."""
+    device its `encoded` image ([devices, 4, h, w]), the latents its slot keeps (`kept`: the encoded image, which the
+    base UNet's blend goes back to, or for a 9-channel inpainting UNet the masked image's, its input at every step)
+    and its latent `mask` ([devices, 1, h, w], 1 = repaint), split by image."""
 
     steps: int
     table: jax.Array
     image_weight: jax.Array
     noise_scale: jax.Array
     encoded: jax.Array
+    kept: jax.Array
     mask: jax.Array
 
 
@@ -66,6 +70,7 @@ class RowStarts:
         self._pipeline = pipeline
         self._encoder = VaeEncoder(pipeline)
         self._factor = int(pipeline._pipe.vae_scale_factor)
+        self._inpainting = is_inpainting(pipeline)
         self._blanks: dict[Size, tuple[jax.Array, jax.Array]] = {}
 
     @property
@@ -87,20 +92,28 @@ class RowStarts:
     def text(self, size: Size, table: Table) -> RowStart:
         """Text-to-image: pure noise at the table's initial scale, every step, no image, nothing to keep."""
         encoded, mask = self._blanks[size]
-        return self._row_start(text_start(table), encoded, mask)
+        return self._row_start(text_start(table), encoded, encoded, mask)
 
     def image(self, size: Size, table: Table, image: ImageInput) -> RowStart:
         """Image-to-image (no mask) or inpainting: ImageRefused for a strength that runs no step at the table's
         step count, a mask that repaints nothing at latent size or arrays of the wrong shape."""
         _check_arrays(image)
         start = _start(table, image)
-        mask = self._blanks[size][1] if image.mask is None else self._mask(size, image.mask)
         pixels = to_model_input(resize_to(image.image, size.width, size.height))
-        encoded = self._encoder.encode_wave([pixels] * self._pipeline.devices, size)
-        return self._row_start(start, encoded, mask)
+        encoded = self._encode(pixels, size)
+        if image.mask is None:
+            return self._row_start(start, encoded, encoded, self._blanks[size][1])
+        mask = resize_mask_to(image.mask, size.width, size.height)
+        kept = self._encode(masked_image(pixels, mask), size) if self._inpainting else encoded
+        return self._row_start(start, encoded, kept, self._mask(size, mask))
+
+    def _encode(self, pixels: np.ndarray, size: Size) -> jax.Array:
+        """The image's latents on every device."""
+        return self._encoder.encode_wave([pixels] * self._pipeline.devices, size)
 
     def _mask(self, size: Size, mask: np.ndarray) -> jax.Array:
-        latent = latent_mask(resize_mask_to(mask, size.width, size.height), self._factor)
+        """The latent mask of a pixel mask at `size`, on every device; ImageRefused if it repaints nothing."""
+        latent = latent_mask(mask, self._factor)
         if not latent.any():
             raise ImageRefused(
                 f"mask: nothing to repaint at {size}: the mask's repainted region vanishes at the model's latent "
@@ -109,7 +122,7 @@ class RowStarts:
             )
         return self._per_device(np.broadcast_to(latent[None], (self._pipeline.devices, *latent.shape)))
 
-    def _row_start(self, start: Start, encoded: jax.Array, mask: jax.Array) -> RowStart:
+    def _row_start(self, start: Start, encoded: jax.Array, kept: jax.Array, mask: jax.Array) -> RowStart:
         put = self._pipeline._put
         return RowStart(
             steps=start.steps,
@@ -117,6 +130,7 @@ class RowStarts:
             image_weight=put(np.float32(start.image_weight)),
             noise_scale=put(np.float32(start.noise_scale)),
             encoded=encoded,
+            kept=kept,
             mask=mask,
         )
 
