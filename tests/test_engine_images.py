@@ -69,10 +69,10 @@ def picture(height: int = 48, width: int = 80) -> np.ndarray:
     return image.astype(np.uint8)
 
 
-def left_half(size: Size = SIZE) -> np.ndarray:
-    """A mask that repaints the left half of the image."""
-    mask = np.zeros((size.height, size.width), bool)
-    mask[:, : size.width // 2] = True
+def left_half(height: int = SIZE.height, width: int = SIZE.width) -> np.ndarray:
+    """A mask that repaints the left half of an image of that size."""
+    mask = np.zeros((height, width), bool)
+    mask[:, : width // 2] = True
     return mask
 
 
@@ -149,7 +149,11 @@ def test_image_rows_and_text_rows_share_steps_each_as_it_is_alone(engine: RowEng
     requests: list[tuple[str, ResolvedParams, ImageInput | None]] = [
         ("text", ask("a boat", n=1, seed=3, scheduler="dpmpp_2m_karras"), None),
         ("img", ask("a tree", n=1, seed=4), ImageInput(picture(), None, 0.7)),
-        ("inpaint", ask("a cat", n=1, seed=5, scheduler="dpmpp_2m_karras"), ImageInput(picture(), left_half(), 0.7)),
+        (
+            "inpaint",
+            ask("a cat", n=1, seed=5, scheduler="dpmpp_2m_karras"),
+            ImageInput(picture(), left_half(48, 80), 0.7),
+        ),
     ]
     alone = {key: run_images(engine, [(key, params, image)]).images[key] for key, params, image in requests}
     engine.stats.__init__()  # type: ignore[misc]
@@ -165,7 +169,7 @@ def test_inpainting_at_strength_one_with_a_mask_of_ones_is_text_to_image(engine:
     everything keeps nothing: the image is text-to-image's, bit for bit."""
     params = ask("a lighthouse", n=2, seed=11)
     everything = np.ones((SIZE.height, SIZE.width), bool)
-    inpainted = run_images(engine, [("inpaint", params, ImageInput(picture(), everything, 1.0))])
+    inpainted = run_images(engine, [("inpaint", params, ImageInput(picture(64, 64), everything, 1.0))])
     text = run(engine, [("text", params)])
     np.testing.assert_array_equal(inpainted.images["inpaint"], text.images["text"])
     assert inpainted.progress["inpaint"] == [1, 2, 3]
@@ -175,7 +179,7 @@ def test_inpainting_at_strength_one_with_a_mask_of_ones_is_text_to_image(engine:
 def test_inpainting_ends_on_the_encoded_image_outside_the_mask_exactly(engine: RowEngine, strength: float) -> None:
     """After the last step the kept half of the latents is the encoded image exactly (noised to the next level,
     0), and the repainted half is not."""
-    image = ImageInput(picture(), left_half(), strength)
+    image = ImageInput(picture(64, 64), left_half(), strength)
     run_images(engine, [("inpaint", ask("a cat", n=1, seed=2), image)])
     latents = np.asarray(engine._pools[SIZE].slots.latents)[0]  # the lone row: device 0, slot 0
     encoded = engine._starts.encoder.encode([to_model_input(resize_to(image.image, SIZE.width, SIZE.height))])
@@ -191,7 +195,7 @@ def test_no_compile_when_image_rows_arrive(engine: RowEngine) -> None:
         ImageInput(picture(), None, 0.7),
         ImageInput(picture(64, 64), left_half(), 1.0),
         ImageInput(picture(30, 90), None, 1.0),
-        ImageInput(picture(), left_half(), 0.5),
+        ImageInput(picture(), left_half(48, 80), 0.5),
     ]
     with counting_compiles() as compiles:
         seen = run_images(
@@ -213,8 +217,8 @@ def test_what_images_cannot_do_is_refused_at_admission_with_nothing_held(engine:
     cases = [
         (ImageInput(picture(), None, 0.2), "strength 0.2 at 3 steps runs no step"),
         (ImageInput(picture(), None, 1.5), "strength must be between 0 and 1"),
-        (ImageInput(picture(), left_half(), 0.0), "runs no step"),
-        (ImageInput(picture(), dot, 0.7), "mask: nothing to repaint at 64x64"),
+        (ImageInput(picture(), left_half(48, 80), 0.0), "runs no step"),
+        (ImageInput(picture(64, 64), dot, 0.7), "mask: nothing to repaint at 64x64"),
         (ImageInput(picture(), left_half(), 0.7), r"mask: bool \[48, 80\] \(the image's size\) expected"),
         (ImageInput(picture().astype(np.float32), None, 0.7), r"image: uint8 \[height, width, 3\] expected"),
     ]
