@@ -22,6 +22,13 @@ device per call, with the initial latents `noise * init_noise_sigma` from the ro
 `jax.random.split(jax.random.PRNGKey(seed), n)[i]` for image i, as the request-at-a-time pipeline draws them. The
 decode executable decodes up to one row per device per call, quantized on the device.
 
+A request with an input image (`admit(..., image=ImageInput(...))`) starts part way down its schedule from its
+encoded image (worker/row_start.py, worker/img2img.py): the admit executable writes the rows of the table it runs and
+`image_weight * encoded + noise_scale * noise`, which for a text row is `noise * init_noise_sigma` exactly. Each slot
+keeps its encoded image, noise and latent mask, and every step blends the inpainting region back (a mask of ones,
+every row that does not inpaint, is the identity bit for bit); a 9-channel inpainting UNet reads the mask and the
+masked image's latents instead.
+
 Rows are placed on the device that holds the fewest samples (the bucket is set by the fullest device). Rows of
 different sizes never share a step: the engine keeps a pool per compiled size and takes the sizes that hold rows
 in turn.
