@@ -29,11 +29,12 @@ SAMPLE_CLASSES = ("guided", "unguided", "padding")
 StepCallback = Callable[[int], None]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ImageInput:
     """A request's input image, for image-to-image or (with `mask`) inpainting: `image` uint8 [H, W, 3] at any size
-    (the engine resizes it to the request's), `mask` bool [H, W] (True: repaint) or None, and the request's
-    `strength` (0..1: how much of the schedule runs, worker/img2img.py)."""
+    (the engine resizes it to the request's), `mask` bool [H, W] of the image's size (True: repaint) or None, and
+    the request's `strength` (0..1: how much of the schedule runs, worker/img2img.py). Compared by identity: its
+    arrays have no single truth value."""
 
     image: np.ndarray
     mask: np.ndarray | None
