@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from common.input_images import resize_to, to_model_input
-from common.protocol import ResolvedParams, Shape, Size
+from common.protocol import ResolvedParams, Shape
 from testkit.standin import StandInEngine, StandInPipeline
 from tests.test_engine import MAX_STEPS, ROWS_PER_DEVICE, SIZE, Run, ask, run
 from tests.test_pipeline import counting_compiles
