@@ -188,6 +188,25 @@ def test_inpainting_ends_on_the_encoded_image_outside_the_mask_exactly(engine: R
     assert np.abs(latents[..., :half] - encoded[0, ..., :half]).mean() > 0.1
 
 
+def test_the_shortest_policy_counts_the_steps_an_image_row_runs(engine: RowEngine) -> None:
+    """Behind a full batch, a text request of 3 steps and then an image-to-image request of 3 steps at strength
+    0.34 (it runs 1): `shortest` starts the image request first, as a 1-step request."""
+    engine.policy = "shortest"
+    try:
+        seen = run_images(
+            engine,
+            [
+                ("full", ask("f", n=8, steps=1), None),
+                ("long", ask("l", n=8), None),
+                ("img", ask("i", n=8), ImageInput(picture(), None, 0.34)),
+            ],
+        )
+    finally:
+        engine.policy = "fifo"
+    assert seen.started == {"full": 1, "img": 2, "long": 3}
+    assert seen.progress["img"] == [1]
+
+
 def test_no_compile_when_image_rows_arrive(engine: RowEngine) -> None:
     """Image-to-image and inpainting rows of every strength, scheduler and step count, mixed with text rows and
     joining mid-way: not one compile (the encoder, the start's arrays and the blend are compiled and warm)."""
