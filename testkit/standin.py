@@ -37,7 +37,7 @@ from common.protocol import SCHEDULERS, ResolvedParams, Shape, Size
 from worker.cli import add_serving_arguments, lora_settings
 from worker.config import WorkerConfig
 from worker.pipeline import CompileTimings, PipelineError, UnsupportedShape
-from worker.pipeline_protocol import Engine, Pipeline, StepCallback, Tick
+from worker.pipeline_protocol import Engine, ImageInput, Pipeline, StepCallback, Tick
 from worker.runner import serve
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,12 @@ class StandInEngine:
     def compile(self, size: Size, /) -> CompileTimings:
         return self._pipeline.compile(size)
 
-    def admit(self, key: str, params: ResolvedParams, on_step: StepCallback) -> None:
+    def admit(
+        self, key: str, params: ResolvedParams, on_step: StepCallback, *, image: ImageInput | None = None
+    ) -> None:
+        """Queue a request; one with an input image is refused (the stand-in makes grey images from text only)."""
+        if image is not None:
+            raise PipelineError("image: the stand-in engine makes images from text only, not from an input image")
         self._pipeline.check(params.shape)
         if params.n > self._max_images:
             raise PipelineError(f"n={params.n}: this worker makes at most {self._max_images} images per request")

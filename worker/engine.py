@@ -22,6 +22,13 @@ device per call, with the initial latents `noise * init_noise_sigma` from the ro
 `jax.random.split(jax.random.PRNGKey(seed), n)[i]` for image i, as the request-at-a-time pipeline draws them. The
 decode executable decodes up to one row per device per call, quantized on the device.
 
+A request with an input image (`admit(..., image=ImageInput(...))`) starts part way down its schedule from its
+encoded image (worker/row_start.py, worker/img2img.py): the admit executable writes the rows of the table it runs and
+`image_weight * encoded + noise_scale * noise`, which for a text row is `noise * init_noise_sigma` exactly. Each slot
+keeps its encoded image, noise and latent mask, and every step blends the inpainting region back (a mask of ones,
+every row that does not inpaint, is the identity bit for bit); a 9-channel inpainting UNet reads the mask and the
+masked image's latents instead.
+
 Rows are placed on the device that holds the fewest samples (the bucket is set by the fullest device). Rows of
 different sizes never share a step: the engine keeps a pool per compiled size and takes the sizes that hold rows
 in turn.
@@ -35,13 +42,21 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common.protocol import ResolvedParams, Size
+from common.protocol import SCHEDULERS, ResolvedParams, Scheduler, Size
+from worker.img2img import (
+    INPAINTING_IN_CHANNELS,
+    LATENT_CHANNELS,
+    initial_latents,
+    inpaint_blend,
+    inpainting_unet_input,
+)
+from worker.inpainting_model import check_text_to_image
 from worker.lora import LoadAdapter, LoraConfig, pad
 from worker.lora_bank import LoraBank, applied, encode_with_loras
 from worker.lora_pool import LoraPool
@@ -65,8 +80,9 @@ from worker.pipeline import (
     time_ids_of,
     unet_noise,
 )
-from worker.pipeline_protocol import StepCallback, Tick
-from worker.schedulers import C_IN, ROW_WIDTH, TIMESTEP, update
+from worker.pipeline_protocol import ImageInput, StepCallback, Tick
+from worker.row_start import RowStart, RowStarts
+from worker.schedulers import C_IN, ROW_WIDTH, TIMESTEP, Table, table, update
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +122,10 @@ class Slots:
     table: jax.Array = field(metadata=_PER_IMAGE)  # [slots, max_steps, ROW_WIDTH]
     guidance: jax.Array = field(metadata=_PER_IMAGE)
     step: jax.Array = field(metadata=_PER_IMAGE)  # the next step's index into the slot's table
+    # [slots, 4, h, w]: the input image's latents (text: zeros), a 9-channel inpainting UNet's masked image's
+    encoded: jax.Array = field(metadata=_PER_IMAGE)
+    noise: jax.Array = field(metadata=_PER_IMAGE)  # [slots, 4, h, w]: the row's initial draw
+    mask: jax.Array = field(metadata=_PER_IMAGE)  # [slots, 1, h, w]: 1 = repaint (all ones unless inpainting)
     lora: SlotLoras | None = field(default=None, metadata=_PER_IMAGE)  # None: the engine has no adapters
 
 
@@ -126,15 +146,20 @@ class Batch:
 @dataclass(frozen=True)
 class Admission:
     """Up to one row per device joining a pool, all of one request: each device's key, slot and whether it
-    writes at all; the request's conditioning and schedule, replicated."""
+    writes at all, and its copy of the request's encoded image and latent mask; the request's conditioning,
+    schedule and start (worker/row_start.py), replicated."""
 
     keys: jax.Array = field(metadata=_PER_IMAGE)  # [devices, 2]
     slot: jax.Array = field(metadata=_PER_IMAGE)  # [devices]
     valid: jax.Array = field(metadata=_PER_IMAGE)
+    encoded: jax.Array = field(metadata=_PER_IMAGE)  # [devices, 4, h, w]: the initial latents' image
+    kept: jax.Array = field(metadata=_PER_IMAGE)  # [devices, 4, h, w]: what the slot keeps (Slots.encoded)
+    mask: jax.Array = field(metadata=_PER_IMAGE)  # [devices, 1, h, w]
     prompt: Text = field(metadata=_REPLICATED)  # batch 1, as encoded
     negative: Text = field(metadata=_REPLICATED)
-    table: jax.Array = field(metadata=_REPLICATED)  # [max_steps, ROW_WIDTH]
-    init_noise_sigma: jax.Array = field(metadata=_REPLICATED)
+    table: jax.Array = field(metadata=_REPLICATED)  # [max_steps, ROW_WIDTH]: the rows the request runs, padded
+    image_weight: jax.Array = field(metadata=_REPLICATED)  # initial latents: image_weight * encoded
+    noise_scale: jax.Array = field(metadata=_REPLICATED)  # ... + noise_scale * noise
     guidance: jax.Array = field(metadata=_REPLICATED)
     lora: SlotLoras | None = field(default=None, metadata=_REPLICATED)  # the request's [K]
 
@@ -181,7 +206,8 @@ class _Request:
     arrival: int
     prompt: Text | None  # None while its adapters are being read
     negative: Text | None
-    schedule: Any  # worker.pipeline.Schedule
+    start: RowStart  # its table, initial latents' weights, encoded image and mask
+    guidance: jax.Array
     loras: tuple[tuple[str, float], ...] = ()  # (name, scale) of each adapter it names
     mix: dict[str, jax.Array] | None = None  # its adapters' "slot" and "scale" [K], once all are resident
     rows: list[tuple[int, int]] = field(default_factory=list)  # (device, slot) of image i
@@ -198,7 +224,8 @@ class _Request:
 
     @property
     def steps(self) -> int:
-        return self.params.shape.steps
+        """The denoising steps its rows run: all of its schedule's, or fewer when it starts from an image."""
+        return self.start.steps
 
     @property
     def weight(self) -> int:
@@ -337,6 +364,7 @@ class RowEngine:
         self._lock = threading.Lock()
         self._pending: tuple[jax.Array, list[tuple[_Request, int]]] | None = None
         self._last: Size | None = None  # the size that ran last
+        self._starts = RowStarts(pipeline)
         self._lora = lora
         self._bank: LoraBank | None = None
         self._loras: LoraPool | None = None
@@ -410,13 +438,15 @@ class RowEngine:
         pipeline.compile_encoder(clock)
         text = pipeline.encode_prompt("warm-up")
         self._compile_lora(clock, text)
+        encoder_warm_up_s = self._starts.compile(size, clock)
         slots = self._empty_slots(size, text)
         executables = self._compile_executables(_Variant(pipeline._pipe, size, cfg=True), clock, slots, text)
         pool = _Pool(size, pipeline.devices, self.rows_per_device, slots, executables)
         warm_started = time.perf_counter()
         self._warm_up(pool, text)
         self._pools[size] = pool
-        timings = CompileTimings(clock.lower_s, clock.compile_s, time.perf_counter() - warm_started)
+        warm_up_s = time.perf_counter() - warm_started + encoder_warm_up_s
+        timings = CompileTimings(clock.lower_s, clock.compile_s, warm_up_s)
         logger.info(
             "engine compiled %s (buckets %s samples per device): lower %.2fs, compile %.2fs, warm-up %.2fs",
             *(size, self.buckets, timings.lower_s, timings.compile_s, timings.warmup_s),
@@ -456,7 +486,7 @@ class RowEngine:
         pipeline, slots = self._pipeline, self._rows
         pipe = pipeline._pipe
         factor = pipe.vae_scale_factor
-        latent = (slots, pipe.unet.config.in_channels, size.height // factor, size.width // factor)
+        latent = (slots, LATENT_CHANNELS, size.height // factor, size.width // factor)
 
         def zeros(shape: tuple[int, ...], dtype: Any) -> jax.Array:
             return pipeline._put(np.zeros(shape, dtype), _IMAGES)
@@ -473,6 +503,9 @@ class RowEngine:
             table=zeros((slots, pipeline.max_steps, ROW_WIDTH), np.float32),
             guidance=zeros((slots,), np.float32),
             step=zeros((slots,), np.int32),
+            encoded=zeros(latent, np.float32),
+            noise=zeros(latent, np.float32),
+            mask=pipeline._put(np.ones((slots, 1, *latent[2:]), np.float32), _IMAGES),
             lora=None
             if self._lora is None
             else SlotLoras(
@@ -484,8 +517,9 @@ class RowEngine:
         """Admit (the pool donated), decode, and a step per bucket (the pool donated)."""
         pipeline = self._pipeline
         params = pipeline._step_params
+        admission = self._admission(text, self._blank_start(variant.size))
         admit = pipeline._compile(
-            clock, functools.partial(_admit, variant), layout(Slots), slots, self._admission(text), donate=(0,)
+            clock, functools.partial(_admit, variant), layout(Slots), slots, admission, donate=(0,)
         )
         decode = pipeline._compile(
             clock, functools.partial(_decode_slots, variant.pipe), _IMAGES, params.finish, slots, self._pick([])
@@ -506,7 +540,7 @@ class RowEngine:
     def _warm_up(self, pool: _Pool, text: Text) -> None:
         """Run every executable once, writing nothing (no valid row, no active slot), and split keys for every
         `n`, so that the first request pays no first-run cost and no key split compiles."""
-        pool.slots = pool.executables.admit(pool.slots, self._admission(text))
+        pool.slots = pool.executables.admit(pool.slots, self._admission(text, self._blank_start(pool.size)))
         for bucket, step in pool.executables.steps.items():
             pool.slots, marker = step(
                 self._pipeline._step_params.step, pool.slots, self._idle_batch(bucket), *self._bank_unet()
@@ -516,11 +550,21 @@ class RowEngine:
         for n in range(1, self._max_images + 1):
             image_keys(0, n)
 
-    def _admission(self, text: Text, request: _Request | None = None, wave: int = 0) -> Admission:
+    def _blank_start(self, size: Size) -> RowStart:
+        """A start to compile and warm up with (the values do not matter, the shapes do)."""
+        return self._starts.text(size, self._table("euler", 1))
+
+    def _table(self, scheduler: str, steps: int) -> Table:
+        """The scheduler's table at `steps` steps; PipelineError for a scheduler this worker does not run."""
+        if scheduler not in SCHEDULERS:
+            runs = ", ".join(self._pipeline.schedulers)
+            raise PipelineError(f"unknown scheduler {scheduler!r}; this worker runs {runs}")
+        return table(cast(Scheduler, scheduler), steps, self._pipeline._scheduler)
+
+    def _admission(self, text: Text, start: RowStart, request: _Request | None = None, wave: int = 0) -> Admission:
         """The admit executable's input: the `wave`-th row of `request` on each device (none without one)."""
         devices, pipeline = self._pipeline.devices, self._pipeline
         keys, slot, valid = np.zeros((devices, 2), np.uint32), np.zeros(devices, np.int32), np.zeros(devices, bool)
-        schedule = pipeline._schedule("euler", 1, 0.0) if request is None else request.schedule
         if request is not None:
             all_keys = image_keys(request.params.seed, request.n)
             for image, (device, index) in _wave(request.rows, wave):
@@ -529,11 +573,15 @@ class RowEngine:
             keys=pipeline._put(keys, _IMAGES),
             slot=pipeline._put(slot, _IMAGES),
             valid=pipeline._put(valid, _IMAGES),
+            encoded=start.encoded,
+            kept=start.kept,
+            mask=start.mask,
             prompt=text if request is None else request.conditioning()[0],
             negative=text if request is None else request.conditioning()[1],
-            table=schedule.table,
-            init_noise_sigma=schedule.init_noise_sigma,
-            guidance=schedule.guidance,
+            table=start.table,
+            image_weight=start.image_weight,
+            noise_scale=start.noise_scale,
+            guidance=pipeline._put(np.float32(0.0)) if request is None else request.guidance,
             lora=self._admission_loras(request),
         )
 
@@ -593,14 +641,24 @@ class RowEngine:
                 position += 1
         return bucket, self._batch_arrays(sample_slot, sample_uncond, per_slot)
 
-    def admit(self, key: str, params: ResolvedParams, on_step: StepCallback) -> None:
-        """Take a request; its rows join at a step boundary once they fit. UnsupportedShape (size not compiled,
-        steps outside 1..max_steps), TooManyImages (`n` over `max_images`), PipelineError (unknown scheduler, a
-        key already held), all raised at once with nothing held."""
+    def admit(
+        self, key: str, params: ResolvedParams, on_step: StepCallback, *, image: ImageInput | None = None
+    ) -> None:
+        """Take a request, from text or (with `image`) from an input image; its rows join at a step boundary once
+        they fit. UnsupportedShape (size not compiled, steps outside 1..max_steps), TooManyImages (`n` over
+        `max_images`), ImageRefused (a strength that runs no step, a mask that repaints nothing), PipelineError
+        (unknown scheduler, a key already held), all raised at once with nothing held. The image is resized to the
+        request's size and encoded here, on the devices."""
         self._check(key, params)
-        schedule = self._pipeline._schedule(params.scheduler, params.shape.steps, params.guidance_scale)
+        if image is None or image.mask is None:
+            check_text_to_image(self._pipeline)  # an inpainting model runs inpainting requests only
+        size, coefficients = params.shape.size, self._table(params.scheduler, params.shape.steps)
+        start = (
+            self._starts.text(size, coefficients) if image is None else self._starts.image(size, coefficients, image)
+        )
+        guidance = self._pipeline._put(np.float32(params.guidance_scale))
         loras = tuple((lora.name, lora.scale) for lora in params.loras)
-        request = _Request(key, params, on_step, self._arrivals, None, None, schedule, loras)
+        request = _Request(key, params, on_step, self._arrivals, None, None, start, guidance, loras)
         if self._loras is None or not loras:
             self._encode(request)
         else:
@@ -742,7 +800,8 @@ class RowEngine:
         pool.place(request)
         waves = max(sum(1 for device, _ in request.rows if device == d) for d in range(self._pipeline.devices))
         for wave in range(waves):
-            pool.slots = pool.executables.admit(pool.slots, self._admission(request.conditioning()[0], request, wave))
+            admission = self._admission(request.conditioning()[0], request.start, request, wave)
+            pool.slots = pool.executables.admit(pool.slots, admission)
 
     def _next_pool(self) -> _Pool | None:
         """The next size after the last one run that holds rows (sizes in compile order, in turn)."""
@@ -874,10 +933,13 @@ def _wave(rows: list[tuple[int, int]], wave: int) -> list[tuple[int, tuple[int, 
 
 
 def _admit(variant: _Variant, slots: Slots, new: Admission) -> Slots:
-    """Write this device's joining row (if `valid`) to its slot: initial latents `noise * init_noise_sigma`
-    from its key, a zero denoised estimate, the request's conditioning and schedule, step 0."""
+    """Write this device's joining row (if `valid`) to its slot: initial latents `image_weight * encoded +
+    noise_scale * noise` (noise from its key; text-to-image: `noise * init_noise_sigma`), a zero denoised
+    estimate, the request's conditioning and schedule, its encoded image, noise and mask, step 0."""
     slot, valid = new.slot[0], new.valid[0]
-    latents = _initial_latents(variant.pipe, new.keys, variant.size)[0] * new.init_noise_sigma
+    noise = _initial_latents(variant.pipe, new.keys, variant.size)[0]
+    # The weights are traced scalars where img2img's arithmetic names floats: the same expression either way.
+    latents = initial_latents(new.encoded[0], noise, cast(float, new.image_weight), cast(float, new.noise_scale))
 
     def put(pool: jax.Array, value: jax.Array) -> jax.Array:
         return pool.at[slot].set(jnp.where(valid, value.astype(pool.dtype), pool[slot]))
@@ -894,6 +956,9 @@ def _admit(variant: _Variant, slots: Slots, new: Admission) -> Slots:
         table=put(slots.table, new.table),
         guidance=put(slots.guidance, new.guidance),
         step=put(slots.step, jnp.int32(0)),
+        encoded=put(slots.encoded, new.kept[0]),
+        noise=put(slots.noise, noise),
+        mask=put(slots.mask, new.mask[0]),
         lora=None if slots.lora is None or new.lora is None else _put_loras(put, slots.lora, new.lora),
     )
 
@@ -909,14 +974,18 @@ def _run(variant: _Variant, params: dict[str, Any], slots: Slots, batch: Batch) 
     last = slots.table.shape[1] - 1
     rows = jax.vmap(lambda table, i: table[i])(slots.table, jnp.minimum(slots.step, last))
     index = batch.sample_slot
-    sample_rows, latents = rows[index], slots.latents[index]
-    scaled = latents * sample_rows[:, C_IN].astype(latents.dtype)[:, None, None, None]
+    sample_rows = rows[index]
+    scaled = _unet_input(variant, slots, index, sample_rows)
     text = _sample_text(slots, index, batch.sample_uncond)
     time_ids = jnp.array([time_ids_of(variant.size)] * index.shape[0], dtype=text.context.dtype)
     noise = unet_noise(variant.pipe, params, scaled, sample_rows[:, TIMESTEP].astype(jnp.float32), text, time_ids)
     uncond, cond = noise[batch.slot_uncond], noise[batch.slot_cond]
     prediction = uncond + slots.guidance[:, None, None, None] * (cond - uncond)
     stepped, denoised = jax.vmap(update)(slots.latents, prediction, slots.denoised, rows)
+    if not _nine_channels(variant):
+        # Inpainting's kept region back to the image at the next noise level; a mask of ones (every other row)
+        # leaves the step's latents exactly as they are, so all rows take the blend and the step has no branch.
+        stepped = jax.vmap(inpaint_blend)(stepped, slots.encoded, slots.noise, slots.mask, rows)
     active = batch.active[:, None, None, None]
     moved = Slots(
         latents=jnp.where(active, stepped, slots.latents),
@@ -926,9 +995,27 @@ def _run(variant: _Variant, params: dict[str, Any], slots: Slots, batch: Batch) 
         table=slots.table,
         guidance=slots.guidance,
         step=slots.step + batch.active.astype(slots.step.dtype),
+        encoded=slots.encoded,
+        noise=slots.noise,
+        mask=slots.mask,
         lora=slots.lora,
     )
     return moved, moved.latents[:1, 0, 0, 0]
+
+
+def _nine_channels(variant: _Variant) -> bool:
+    """Whether the model's UNet is an inpainting one, which takes the mask and the masked image at every step."""
+    return int(variant.pipe.unet.config.in_channels) == INPAINTING_IN_CHANNELS
+
+
+def _unet_input(variant: _Variant, slots: Slots, index: jax.Array, sample_rows: jax.Array) -> jax.Array:
+    """Each sample's UNet input: its slot's latents times C_IN, and for a 9-channel inpainting UNet its slot's
+    mask and masked-image latents after them on the channel axis."""
+    latents = slots.latents[index]
+    scaled = latents * sample_rows[:, C_IN].astype(latents.dtype)[:, None, None, None]
+    if not _nine_channels(variant):
+        return scaled
+    return inpainting_unet_input(scaled, slots.mask[index], slots.encoded[index])
 
 
 def _run_with_loras(

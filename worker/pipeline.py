@@ -67,6 +67,7 @@ from common.protocol import (
 from worker.attention import DEFAULT_ATTENTION, Attention, traced_with
 from worker.checkpoints import load_checkpoint
 from worker.flops import FlopCount, abstract_array, count_flops
+from worker.img2img import LATENT_CHANNELS
 from worker.quiet import silence_flax_deprecation
 from worker.schedulers import SchedulerConfig, model_input, scheduler_config, table, timestep, update
 from worker.sdxl_arch import RANDOM_MODEL, SDXL_BASE, Architecture, components, random_host_params
@@ -760,7 +761,8 @@ def time_ids_of(size: Size) -> list[int]:
 def _initial_latents(pipe: FlaxStableDiffusionXLPipeline, keys: jax.Array, size: Size) -> jax.Array:
     """Gaussian latents, one draw per image key."""
     factor = pipe.vae_scale_factor
-    latent_shape = (pipe.unet.config.in_channels, size.height // factor, size.width // factor)
+    # The VAE's channels, not the UNet's input channels: an inpainting UNet takes 9 (latents, mask, masked image).
+    latent_shape = (LATENT_CHANNELS, size.height // factor, size.width // factor)
     return jax.vmap(lambda key: jax.random.normal(key, latent_shape, dtype=jnp.float32))(keys)
 
 

@@ -29,6 +29,18 @@ SAMPLE_CLASSES = ("guided", "unguided", "padding")
 StepCallback = Callable[[int], None]
 
 
+@dataclass(frozen=True, eq=False)
+class ImageInput:
+    """A request's input image, for image-to-image or (with `mask`) inpainting: `image` uint8 [H, W, 3] at any size
+    (the engine resizes it to the request's), `mask` bool [H, W] of the image's size (True: repaint) or None, and
+    the request's `strength` (0..1: how much of the schedule runs, worker/img2img.py). Compared by identity: its
+    arrays have no single truth value."""
+
+    image: np.ndarray
+    mask: np.ndarray | None
+    strength: float
+
+
 class Pipeline(Protocol):
     """A loaded model that generates images on this host's devices."""
 
@@ -119,9 +131,12 @@ class Engine(Protocol):
         compile."""
         ...
 
-    def admit(self, key: str, params: ResolvedParams, on_step: StepCallback) -> None:
-        """Take a request; its rows join the batch at a step boundary, once they fit. Raises
-        worker.pipeline.PipelineError (or a subclass) at once for one it cannot serve (then nothing is held)."""
+    def admit(
+        self, key: str, params: ResolvedParams, on_step: StepCallback, *, image: ImageInput | None = None
+    ) -> None:
+        """Take a request (with `image`, an image-to-image or inpainting one); its rows join the batch at a step
+        boundary, once they fit. Raises worker.pipeline.PipelineError (or a subclass) at once for one it cannot
+        serve (then nothing is held)."""
         ...
 
     def cancel(self, key: str) -> None:

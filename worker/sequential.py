@@ -15,7 +15,7 @@ from typing_extensions import TypeIs
 
 from common.protocol import ResolvedParams, Size
 from worker.pipeline import CompileTimings, PipelineError, guided
-from worker.pipeline_protocol import Engine, Pipeline, StepCallback, Tick
+from worker.pipeline_protocol import Engine, ImageInput, Pipeline, StepCallback, Tick
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +68,12 @@ class RequestAtATime:
     def compile(self, size: Size, /) -> CompileTimings:
         return self._pipeline.compile(size)
 
-    def admit(self, key: str, params: ResolvedParams, on_step: StepCallback) -> None:
-        """Queue a request; one asking for more images than a generation makes is refused at once."""
+    def admit(
+        self, key: str, params: ResolvedParams, on_step: StepCallback, *, image: ImageInput | None = None
+    ) -> None:
+        """Queue a request; one asking for more images than a generation makes, or with an input image, is refused
+        at once."""
+        refuse_images(image)
         if params.n > self._images:
             raise PipelineError(f"n={params.n}: this worker makes at most {self._images} images per request")
         with self._lock:
@@ -131,6 +135,19 @@ class RequestAtATime:
                 raise _Stopped(exc) from exc
 
         return guarded
+
+
+class ImagesRefused(PipelineError):
+    """A request with an input image on an engine that makes images from text only."""
+
+
+def refuse_images(image: ImageInput | None) -> None:
+    """ImagesRefused for a request with an input image: one request at a time runs text-to-image only."""
+    if image is not None:
+        raise ImagesRefused(
+            "image: this worker runs one request at a time (--engine request), which makes images from text only; "
+            "image-to-image and inpainting run on the row engine (--engine rows)"
+        )
 
 
 def as_engine(loaded: Pipeline | Engine, images: int) -> Engine:
