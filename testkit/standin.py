@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.input_images import resize_to
-from common.inputs import Inputs
 from common.logs import setup_logging
 from common.protocol import SCHEDULERS, ResolvedParams, Shape, Size
 from worker.cli import add_serving_arguments, lora_settings
@@ -101,7 +100,7 @@ class StandInEngine:
         self._waiting: list[_Request] = []
         self._running: list[_Request] = []
         self._cancelled: set[str] = set()
-        self._inputs: dict[str, Inputs] = {}
+        self._inputs: dict[str, ImageInput] = {}
         self._lock = threading.Lock()
 
     @property
@@ -131,34 +130,29 @@ class StandInEngine:
     def admit(
         self, key: str, params: ResolvedParams, on_step: StepCallback, *, image: ImageInput | None = None
     ) -> None:
-        """Queue a request; one with an input image is refused (the stand-in makes grey images from text only)."""
-        if image is not None:
-            raise PipelineError("image: the stand-in engine makes images from text only, not from an input image")
+        """Queue a request; one with an input image will answer with that image (resized to its size)."""
         self._pipeline.check(params.shape)
         if params.n > self._max_images:
             raise PipelineError(f"n={params.n}: this worker makes at most {self._max_images} images per request")
         with self._lock:
             self._cancelled.discard(key)
             self._waiting.append(_Request(key, params, on_step))
+            if image is not None:
+                self._inputs[key] = image
 
     def cancel(self, key: str) -> None:
         with self._lock:
             self._cancelled.add(key)
             self._inputs.pop(key, None)
 
-    def admit_inputs(self, key: str, inputs: Inputs) -> None:
-        """Hold a request's input images: its images will be the input image (worker/inputs.py TakesInputs)."""
-        with self._lock:
-            self._inputs[key] = inputs
-
     def _images(self, request: _Request) -> np.ndarray:
         """A finished request's images: grey, or its input image resized to its size, once per image."""
         shape, n = request.params.shape, request.params.n
         with self._lock:
-            inputs = self._inputs.pop(request.key, None)
-        if inputs is None:
+            image = self._inputs.pop(request.key, None)
+        if image is None:
             return np.full((n, shape.height, shape.width, 3), 128, np.uint8)
-        return np.repeat(resize_to(inputs.image, shape.width, shape.height)[None], n, axis=0)
+        return np.repeat(resize_to(image.image, shape.width, shape.height)[None], n, axis=0)
 
     def step(self) -> Tick:
         """One step of every running request's rows, after the waiting ones that fit joined."""

@@ -3,9 +3,9 @@ redis-server and a file blob store; and the worker's hand-over to its engine (wo
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import pytest
@@ -23,11 +23,10 @@ from common.inputs import (
     remove_inputs,
     store_inputs,
 )
-from common.protocol import Job, ResolvedParams
+from common.protocol import Job, ResolvedParams, default_strength
 from common.rediskeys import RedisKeys
 from tests.test_input_images import VALID, encoded, gradient
-from worker.inputs import NOT_HERE, JobInputs
-from worker.pipeline_protocol import Engine
+from worker.inputs import NOT_HERE, InputsRefused, JobInputs
 
 KEYS = RedisKeys()
 TTL_S = 90
@@ -116,28 +115,20 @@ async def test_a_job_without_inputs_has_none_to_load(redis_client: aioredis.Redi
         await load_inputs(job(), None, redis_client)
 
 
-class _Engine:
-    """What worker/inputs.py needs of an engine that takes inputs."""
-
-    def __init__(self) -> None:
-        self.given: dict[str, Inputs] = {}
-
-    def admit_inputs(self, key: str, inputs: Inputs) -> None:
-        self.given[key] = inputs
-
-
-async def test_the_worker_hands_inputs_to_an_engine_that_takes_them_and_refuses_otherwise(
+async def test_the_worker_reads_a_jobs_inputs_for_the_engine_and_refuses_what_it_cannot_take(
     redis_client: aioredis.Redis,
 ) -> None:
     refs = await store_inputs(job(), masked(), None, redis_client, KEYS)
     queued = job().model_copy(update={"inputs": refs})
-    takes = _Engine()
-    engine = cast(Engine, takes)
-    assert await JobInputs(redis_client, None, image_input=True).hand_over(engine, job()) is None  # no inputs
-    assert await JobInputs(redis_client, None, image_input=True).hand_over(engine, queued) is None
-    assert np.array_equal(takes.given["job-1"].image, masked().image)
-    refusing = JobInputs(redis_client, None, image_input=False)
-    assert await refusing.hand_over(engine, queued) == NOT_HERE
+    takes = JobInputs(redis_client, None, image_input=True)
+    assert await takes.read(job()) is None  # no inputs
+    image = await takes.read(queued)
+    assert image is not None and np.array_equal(image.image, masked().image)
+    expected = masked().mask
+    assert image.mask is not None and expected is not None and np.array_equal(image.mask, expected)
+    assert image.strength == default_strength(True)  # the job named none
+    with pytest.raises(InputsRefused, match=re.escape(NOT_HERE)):
+        await JobInputs(redis_client, None, image_input=False).read(queued)
     await redis_client.delete(refs.image)
-    reason = await JobInputs(redis_client, None, image_input=True).hand_over(engine, queued)
-    assert reason is not None and "expired" in reason
+    with pytest.raises(InputsRefused, match="expired"):
+        await takes.read(queued)

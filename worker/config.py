@@ -105,8 +105,8 @@ class WorkerConfig:
     # Where images are written (common/blobstore.py); a file store is swept of expired objects this often.
     blob_store: str = BLOBS_IN_REDIS
     blob_sweep_interval_s: float = 300.0
-    # Whether its engine generates from input images (advertised as WorkerInfo.image_input; worker/inputs.py).
-    # The JAX engine does not yet: only the stand-in (`testkit.standin --image-input`) sets it.
+    # Whether its engine generates from input images (advertised as WorkerInfo.image_input; worker/inputs.py): the
+    # row engine's workers do (`--engine rows`, worker/cli.py), and the stand-in with `--image-input`.
     image_input: bool = False
     # A job whose images the store refuses this long fails, and the worker stops claiming until it takes writes.
     blob_store_timeout_s: float = 60.0

@@ -3,34 +3,30 @@ the engine before the job is admitted.
 
 Only a worker that advertises `image_input` (WorkerInfo) is given such a job, but a race, a rehomed job or an older
 gateway may bring one to another: it fails, saying so, and the worker serves on. The inputs are read with
-common/inputs.py `load_inputs`, which checks them again as the gateway did (the worker trusts no queue); inputs that
-fail the checks, are gone (expired while queued) or are in a store this worker lacks fail the job, naming why.
+common/inputs.py `load_inputs`, which checks them again as the gateway did (the worker trusts no queue), and go to
+the engine's `admit` as an `ImageInput`; inputs that fail the checks, are gone (expired while queued) or are in a
+store this worker lacks fail the job, naming why.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Protocol, runtime_checkable
 
 import redis.asyncio as aioredis
 
 from common.blobstore import BlobStore, BlobStoreError
 from common.input_images import InputImageError
-from common.inputs import Inputs, InputsUnavailable, load_inputs
-from common.protocol import Job
-from worker.pipeline_protocol import Engine
+from common.inputs import InputsUnavailable, load_inputs
+from common.protocol import Job, default_strength
+from worker.pipeline_protocol import ImageInput
 
 logger = logging.getLogger(__name__)
 
 NOT_HERE = "this worker does not generate from input images (it does not advertise image_input)"
 
 
-@runtime_checkable
-class TakesInputs(Protocol):
-    """An engine that generates from input images: it is given a job's inputs before the job is admitted."""
-
-    def admit_inputs(self, key: str, inputs: Inputs) -> None:
-        """Hold `inputs` for the request `key` that `admit` is given next."""
+class InputsRefused(Exception):
+    """A job's input images this worker cannot take: the message says why, and the job fails with it."""
 
 
 class JobInputs:
@@ -41,17 +37,20 @@ class JobInputs:
         self._blobs = blobs
         self._image_input = image_input
 
-    async def hand_over(self, engine: Engine, job: Job) -> str | None:
-        """Give the engine `job`'s inputs; None when it has none or the engine took them, else why the job fails."""
+    async def read(self, job: Job) -> ImageInput | None:
+        """`job`'s input image as the engine takes it (`Engine.admit(..., image=)`), None for a job without one;
+        InputsRefused when this worker takes none, or they are gone or fail the checks."""
         if job.inputs is None:
             return None
-        if not self._image_input or not isinstance(engine, TakesInputs):
-            return NOT_HERE
+        if not self._image_input:
+            raise InputsRefused(NOT_HERE)
         try:
             inputs = await load_inputs(job, self._blobs, self._redis)
         except InputImageError as exc:
-            return f"the stored input images are refused: {exc}"
+            raise InputsRefused(f"the stored input images are refused: {exc}") from None
         except (InputsUnavailable, BlobStoreError) as exc:
-            return str(exc)
-        engine.admit_inputs(job.id, inputs)
-        return None
+            raise InputsRefused(str(exc)) from None
+        strength = job.params.strength
+        if strength is None:  # the gateway fills it; a job from elsewhere gets the same default
+            strength = default_strength(inputs.mask is not None)
+        return ImageInput(inputs.image, inputs.mask, strength)

@@ -15,6 +15,7 @@ from types import TracebackType
 
 from common.protocol import Job
 from worker.delivery import REDIS_ERRORS, Delivery
+from worker.img2img import denoising_steps
 from worker.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
@@ -96,9 +97,16 @@ class JobProgress:
     async def _publish(self, step: int) -> str | None:
         """The job's status after reporting `step` (None when unknown or Redis is away)."""
         try:
-            return await self._delivery.progress(
-                self._job.id, self._worker_id, step, self._job.params.num_inference_steps
-            )
+            return await self._delivery.progress(self._job.id, self._worker_id, step, steps_run(self._job))
         except REDIS_ERRORS as exc:
             logger.warning("job %s: progress not published (%s)", self._job.id, exc)
             return None
+
+
+def steps_run(job: Job) -> int:
+    """The denoising steps `job` runs: its step count, less those its strength skips when it starts from an image
+    (worker/img2img.py)."""
+    params = job.params
+    if job.inputs is None or params.strength is None:
+        return params.num_inference_steps
+    return denoising_steps(params.num_inference_steps, params.strength)

@@ -45,7 +45,7 @@ from worker.device_watermark import DeviceWatermark
 from worker.encode import encode_all
 from worker.handoff import EncodeImages, Generated, HandOff, failed
 from worker.images import ImageWriter
-from worker.inputs import JobInputs
+from worker.inputs import InputsRefused, JobInputs
 from worker.lora_source import LoraSource, adapter_loader, open_lora_source, refusal
 from worker.metrics import WorkerMetrics, metrics_app, start_server
 from worker.pipeline import PipelineError, PipelineOptions, SDXLPipeline
@@ -366,13 +366,15 @@ class Worker:
             await self._handoff.hand_off(Generated(claimed, None, failed(job, self.id, reason), queued_ms, 0.0))
             return
         # Input images: read and checked, then given to the engine; a job this worker cannot take them for fails alone.
-        if (reason := await self._inputs.hand_over(engine, job)) is not None:
-            await self._handoff.hand_off(Generated(claimed, None, failed(job, self.id, reason), queued_ms, 0.0))
+        try:
+            image = await self._inputs.read(job)
+        except InputsRefused as exc:
+            await self._handoff.hand_off(Generated(claimed, None, failed(job, self.id, str(exc)), queued_ms, 0.0))
             return
         progress = JobProgress(job, self.id, self._delivery, self.metrics)
         await progress.__aenter__()
         try:
-            await self._device.call(functools.partial(engine.admit, job.id, job.params, progress.on_step))
+            await self._device.call(functools.partial(engine.admit, job.id, job.params, progress.on_step, image=image))
         except Exception as exc:  # PipelineError: a request it cannot serve; anything else: the catch-all boundary
             await progress.__aexit__(None, None, None)
             reason = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
