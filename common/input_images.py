@@ -40,7 +40,7 @@ from PIL import Image, ImageOps
 
 logger = logging.getLogger(__name__)
 
-Rule = Literal["bytes", "format", "pixels", "corrupt", "animated", "mask_size", "mask_empty"]
+Rule = Literal["bytes", "format", "pixels", "corrupt", "animated", "mask_size", "mask_empty", "mask_alpha"]
 
 # The most pixels any `InputLimits` may allow (an 8192x8192 image is 256 MiB of RGB). Pillow's own check warns
 # above MAX_IMAGE_PIXELS and raises above twice that: set to this, it can only fire for images the limits refuse.
@@ -112,19 +112,42 @@ def decode_image(data: bytes, field: str, limits: InputLimits) -> np.ndarray:
         return _rgb(image, background=255)
 
 
-def decode_mask(data: bytes, field: str, limits: InputLimits, size: tuple[int, int]) -> np.ndarray:
-    """The inpainting mask in `data` as a bool array [height, width], True where the image is repainted. `size` is
-    the image's (width, height): a mask of another size is refused, as is one that repaints nothing."""
+def decode_mask(
+    data: bytes, field: str, limits: InputLimits, size: tuple[int, int], *, transparent: bool = False
+) -> np.ndarray:
+    """The inpainting mask in `data` as a bool array [height, width], True where the image is repainted: white
+    (diffusers' convention), or with `transparent` fully transparent (alpha 0: OpenAI's image edits, whose masks
+    must carry an alpha channel). `size` is the image's (width, height): a mask of another size is refused, as is one
+    that repaints nothing."""
     with _opened(data, field, limits) as image:
-        luma = Image.fromarray(_rgb(image, background=0)).convert("L")
-    mask = np.asarray(luma) >= _MASK_THRESHOLD
+        mask = _transparent(image, field) if transparent else _white(image)
     if (mask.shape[1], mask.shape[0]) != tuple(size):
         raise InputImageError(
             field, "mask_size", f"the mask is {mask.shape[1]}x{mask.shape[0]}, the image {size[0]}x{size[1]}"
         )
     if not mask.any():
-        raise InputImageError(field, "mask_empty", "the mask has no white pixel: nothing would be repainted")
+        what = "fully transparent" if transparent else "white"
+        raise InputImageError(field, "mask_empty", f"the mask has no {what} pixel: nothing would be repainted")
     return mask
+
+
+def _white(image: Image.Image) -> np.ndarray:
+    luma = Image.fromarray(_rgb(image, background=0)).convert("L")
+    return np.asarray(luma) >= _MASK_THRESHOLD
+
+
+def _transparent(image: Image.Image, field: str) -> np.ndarray:
+    if "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode not in ("RGBA", "LA", "PA", "La", "RGBa"):
+        raise InputImageError(
+            field,
+            "mask_alpha",
+            "an edit's mask marks what to repaint as fully transparent (alpha 0); this mask has no alpha channel",
+        )
+    alpha = np.asarray(image.convert("RGBA"), dtype=np.uint8)[:, :, 3]
+    transparent: np.ndarray = np.equal(alpha, 0)
+    return transparent
 
 
 def _opened(data: bytes, field: str, limits: InputLimits) -> Image.Image:

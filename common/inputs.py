@@ -52,12 +52,14 @@ class Inputs:
         return int(self.image.shape[0])
 
 
-def decode_inputs(image: bytes, mask: bytes | None, limits: InputLimits) -> Inputs:
-    """The image (field `image`) and mask (field `mask`, the image's size) decoded from untrusted bytes; raises
-    InputImageError naming the field and the rule."""
+def decode_inputs(image: bytes, mask: bytes | None, limits: InputLimits, *, transparent_mask: bool = False) -> Inputs:
+    """The image (field `image`) and mask (field `mask`, the image's size; with `transparent_mask`, OpenAI's
+    convention: alpha 0 is repainted) decoded from untrusted bytes; raises InputImageError naming the field and the
+    rule."""
     pixels = decode_image(image, "image", limits)
     size = (int(pixels.shape[1]), int(pixels.shape[0]))
-    return Inputs(pixels, None if mask is None else decode_mask(mask, "mask", limits, size))
+    masked = None if mask is None else decode_mask(mask, "mask", limits, size, transparent=transparent_mask)
+    return Inputs(pixels, masked)
 
 
 def png(pixels: np.ndarray) -> bytes:

@@ -56,15 +56,17 @@ class Uploaded:
         parts = [hashlib.sha256(data).hexdigest() if data is not None else "-" for data in (self.image, self.mask)]
         return hashlib.sha256(" ".join(parts).encode()).hexdigest()
 
-    async def decoded(self, limits: InputLimits) -> Inputs | None:
+    async def decoded(self, limits: InputLimits, *, transparent_mask: bool = False) -> Inputs | None:
         """The images decoded and checked, on a thread (a large image would stall the event loop); None without an
-        image. A mask without an image, or a refused image, is a 400 naming the field."""
+        image. A mask without an image, or a refused image, is a 400 naming the field. `transparent_mask`: the mask
+        marks what to repaint with alpha 0 (OpenAI's edits), not with white."""
         if self.image is None:
             if self.mask is not None:
                 raise ApiError(400, "mask_without_image", "mask: a mask is sent with an image to repaint", field="mask")
             return None
         try:
-            return await asyncio.to_thread(decode_inputs, self.image, self.mask, limits)
+            decode = functools.partial(decode_inputs, transparent_mask=transparent_mask)
+            return await asyncio.to_thread(decode, self.image, self.mask, limits)
         except InputImageError as exc:
             raise refused(exc) from None
 

@@ -205,12 +205,15 @@ async def images_edits(request: web.Request) -> web.Response:
     body, uploaded = await read_request(request, ImageEditRequest)
     if uploaded.image is None:
         raise ApiError(400, "missing", "image: the image to edit is required (a file part named image)", field="image")
-    return await _answer(request, body, uploaded)
+    return await _answer(request, body, uploaded, transparent_mask=True)
 
 
-async def _answer(request: web.Request, body: ImageGenerationRequest, uploaded: Uploaded) -> web.Response:
-    """Queue the request's job (from its input images, if any) and answer with its images."""
-    decoded = await uploaded.decoded(request.app[CONFIG].input_limits)
+async def _answer(
+    request: web.Request, body: ImageGenerationRequest, uploaded: Uploaded, *, transparent_mask: bool = False
+) -> web.Response:
+    """Queue the request's job (from its input images, if any) and answer with its images. `transparent_mask`: an
+    edit's mask repaints where it is fully transparent, as OpenAI's does."""
+    decoded = await uploaded.decoded(request.app[CONFIG].input_limits, transparent_mask=transparent_mask)
     workers = await request.app[REGISTRY].workers()
     generate = to_generate_request(body, {(s.width, s.height) for w in workers for s in w.sizes})
     try:

@@ -235,3 +235,48 @@ async def _next_worker_event(pubsub: aioredis.client.PubSub) -> WorkerInfo:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=120)
             if message is not None:
                 return WorkerInfo.model_validate_json(message["data"])
+
+
+def png_of(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def picture(side: int = 64) -> np.ndarray:
+    ramp = np.linspace(0, 255, side, dtype=np.uint8)
+    return np.stack(
+        [np.tile(ramp, (side, 1)), np.tile(ramp[:, None], (1, side)), np.full((side, side), 90, np.uint8)], -1
+    )
+
+
+async def test_image_to_image_on_the_real_engine_is_seeded_and_not_text_to_image(cluster: Cluster) -> None:
+    """A real worker's row engine starts from the uploaded picture: the same picture, seed and strength give the same
+    image; text to image from the same seed, and another strength, give others."""
+    image = base64.b64encode(png_of(picture())).decode()
+    body = {"seed": 4, "n": 1, "num_inference_steps": 3}
+    first = await generate(cluster, **body, image=image, strength=0.7)
+    again = await generate(cluster, **body, image=image, strength=0.7)
+    assert first["images"] == again["images"]
+    assert first["images"] != (await generate(cluster, **body))["images"]
+    assert first["images"] != (await generate(cluster, **body, image=image, strength=1.0))["images"]
+    assert decode(first)[0].shape == (64, 64, 3)
+
+
+async def test_the_openai_clients_edit_inpaints_on_a_real_worker(cluster: Cluster) -> None:
+    """`images.edit` of the official client, unchanged, against real workers: an image and its mask in, PNGs out."""
+    import openai
+
+    mask = np.full((64, 64, 4), 255, np.uint8)
+    mask[16:48, 16:48, 3] = 0  # OpenAI's convention: the edited area is fully transparent
+    async with openai.AsyncOpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0) as client:
+        response = await client.images.edit(
+            image=("picture.png", png_of(picture()), "image/png"),
+            mask=("mask.png", png_of(mask), "image/png"),
+            prompt="a red fox",
+            n=2,
+            response_format="b64_json",
+        )
+    assert response.data is not None and len(response.data) == 2
+    for item in response.data:
+        assert Image.open(io.BytesIO(base64.b64decode(item.b64_json or ""))).size == (64, 64)

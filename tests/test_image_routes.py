@@ -61,6 +61,13 @@ def mask_png(width: int = 64, height: int = 64, painted: bool = True) -> bytes:
     return png(mask)
 
 
+def edit_mask_png(width: int = 64, height: int = 64) -> bytes:
+    """OpenAI's convention: an opaque picture, fully transparent where the image is edited (the same square)."""
+    rgba = np.full((height, width, 4), 255, dtype=np.uint8)
+    rgba[16:48, 16:48, 3] = 0
+    return encoded(Image.fromarray(rgba, "RGBA"), "PNG")
+
+
 def b64(data: bytes, prefix: str = "") -> str:
     return prefix + base64.b64encode(data).decode()
 
@@ -313,7 +320,7 @@ async def test_openai_client_edits_an_image_with_a_mask(
     serving = asyncio.create_task(worker())
     response = await oai.images.edit(
         image=("cat.png", IMAGE, "image/png"),
-        mask=("mask.png", mask_png(), "image/png"),
+        mask=("mask.png", edit_mask_png(), "image/png"),
         prompt="a cat in a hat",
         size="64x64",
         response_format="b64_json",
@@ -327,7 +334,10 @@ async def test_openai_client_edits_an_image_with_a_mask(
         DEFAULT_INPAINT_STRENGTH,
     )
     loaded = await load_inputs(job, None, redis_client)
-    assert loaded.mask is not None and np.array_equal(loaded.image, np.asarray(gradient(64, 64)))
+    assert np.array_equal(loaded.image, np.asarray(gradient(64, 64)))
+    square = np.zeros((64, 64), dtype=bool)
+    square[16:48, 16:48] = True
+    assert loaded.mask is not None and np.array_equal(loaded.mask, square)  # the transparent square is repainted
 
 
 async def test_openai_client_edit_errors_name_the_parameter(
@@ -337,8 +347,11 @@ async def test_openai_client_edit_errors_name_the_parameter(
         await oai.images.edit(image=("cat.gif", encoded(gradient(), "GIF"), "image/gif"), prompt="a cat")
     assert caught.value.param == "image" and caught.value.code == "image_format"
     with pytest.raises(openai.BadRequestError) as caught:
-        await oai.images.edit(image=("cat.png", IMAGE, "image/png"), mask=("m.png", mask_png(8, 8)), prompt="a cat")
+        await oai.images.edit(image=("cat.png", IMAGE, "image/png"), mask=("m.png", edit_mask_png(8, 8)), prompt="a")
     assert caught.value.param == "mask" and caught.value.code == "mask_size"
+    with pytest.raises(openai.BadRequestError) as caught:  # white on black, as /v1/jobs takes: no transparency
+        await oai.images.edit(image=("cat.png", IMAGE, "image/png"), mask=("m.png", mask_png()), prompt="a cat")
+    assert caught.value.param == "mask" and caught.value.code == "mask_alpha"
     with pytest.raises(openai.BadRequestError) as caught:
         await oai.images.edit(image=("cat.png", IMAGE, "image/png"), prompt="a cat", size="999x999")
     assert caught.value.param == "size"

@@ -391,3 +391,22 @@ def test_a_jpeg_with_extra_pictures_is_its_primary_picture() -> None:
     assert sniff(data) == "JPEG" and Image.open(io.BytesIO(data)).format == "MPO"
     pixels = decode_image(data, FIELD, LIMITS)
     assert np.abs(pixels.astype(int) - np.asarray(gradient(), dtype=int)).max() <= 24
+
+
+def test_an_edit_mask_repaints_where_it_is_fully_transparent_and_needs_an_alpha_channel() -> None:
+    """OpenAI's edits: alpha 0 is repainted, whatever the colour; partly transparent is kept; no alpha is refused."""
+    rgba = np.zeros((32, 48, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[4:12, 6:20, 3] = 0
+    rgba[20:24, 30:40, 3] = 128  # half transparent: kept
+    mask = decode_mask(encoded(Image.fromarray(rgba, "RGBA"), "PNG"), "mask", InputLimits(), (48, 32), transparent=True)
+    expected = np.zeros((32, 48), dtype=bool)
+    expected[4:12, 6:20] = True
+    np.testing.assert_array_equal(mask, expected)
+    with pytest.raises(InputImageError) as caught:
+        decode_mask(encoded(gradient(48, 32), "PNG"), "mask", InputLimits(), (48, 32), transparent=True)
+    assert (caught.value.field, caught.value.rule) == ("mask", "mask_alpha")
+    opaque = np.full((32, 48, 4), 255, dtype=np.uint8)
+    with pytest.raises(InputImageError) as caught:
+        decode_mask(encoded(Image.fromarray(opaque, "RGBA"), "PNG"), "mask", InputLimits(), (48, 32), transparent=True)
+    assert caught.value.rule == "mask_empty"
