@@ -22,6 +22,7 @@ BENCHMARKS = {
     "webhooks": "job end to webhook arrival (p50, p99) on a local cluster, and deliveries/s of one gateway",
     "engine": "the engine against one request at a time: images/s, latency per class, a lone n=4, compiles",
     "lora": "the engine's step time with LoRA adapters: none, one shared, one per row, per rank (in-process)",
+    "images": "requests from an image: VAE encode per image, latency of image to image and inpainting (in-process)",
 }
 
 

@@ -37,6 +37,7 @@ from common.protocol import (
     JOB_ID_PATTERN,
     Job,
     JobResult,
+    ResolvedParams,
     Shape,
     default_strength,
 )
@@ -111,6 +112,7 @@ async def make_job(
         params = params.model_copy(update={"n": default_n})
     if inputs is not None and params.strength is None:
         params = params.model_copy(update={"strength": default_strength(inputs.mask is not None)})
+    check_strength(params)
     loras = [lora.name for lora in params.loras]
     check_n(params.n, params.shape, params.scheduler, workers, loras, image)
     job = Job(
@@ -125,6 +127,19 @@ async def make_job(
         job.params.shape, job.params.scheduler, workers, job.params.n, loras, image
     )
     return Placed(job=job, stream=stream, workers=workers)
+
+
+def check_strength(params: ResolvedParams) -> None:
+    """Refuse, before queueing, a strength that runs no step of the request's schedule: an image's request runs
+    `int(steps * strength)` of its steps (diffusers' arithmetic, worker/img2img.py), and at least one is needed."""
+    strength, steps = params.strength, params.num_inference_steps
+    if strength is not None and int(steps * strength) < 1:
+        raise ApiError(
+            400,
+            "strength_too_small",
+            f"strength: {strength} of {steps} steps runs no step; strength * steps must be at least 1",
+            field="strength",
+        )
 
 
 def check_n(

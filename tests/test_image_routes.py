@@ -84,8 +84,9 @@ def form(fields: dict[str, str], **files: bytes) -> aiohttp.FormData:
 
 @pytest.fixture
 async def able_worker(redis_client: aioredis.Redis) -> AsyncIterator[None]:
-    """A worker serving TEST_SHAPES that generates from input images."""
-    await register_worker(redis_client, image_input=True)
+    """A worker serving TEST_SHAPES' size at up to 10 steps that generates from input images (at the default 2 steps
+    the default image-to-image strength, 0.3, would run no step)."""
+    await register_worker(redis_client, image_input=True, max_steps=10)
     yield
 
 
@@ -131,7 +132,7 @@ async def test_multipart_fields_follow_the_json_rules_and_a_mask_makes_it_inpain
 async def test_an_image_without_strength_takes_the_image_to_image_default(
     client: Client, redis_client: aioredis.Redis, able_worker: None
 ) -> None:
-    response = await client.post("/v1/jobs", json={"prompt": "a cat", "image": b64(PHOTO)})
+    response = await client.post("/v1/jobs", json={"prompt": "a cat", "image": b64(PHOTO), "num_inference_steps": 10})
     assert response.status == 202
     job = await queued(redis_client)
     assert job.params.strength == DEFAULT_IMG2IMG_STRENGTH and job.inputs is not None
@@ -190,6 +191,7 @@ async def test_a_bad_mask_is_a_400_naming_mask(
         ({"mask": b64(IMAGE)}, "mask", "mask_without_image"),
         ({"image": b64(IMAGE), "strength": 0}, "strength", "greater_than"),
         ({"image": b64(IMAGE), "strength": 1.5}, "strength", "less_than_equal"),
+        ({"image": b64(IMAGE), "strength": 0.1, "num_inference_steps": 3}, "strength", "strength_too_small"),
         ({"image": "not base64!"}, "image", "invalid_base64"),
         ({"image": 42}, "image", "string_type"),
     ],
@@ -265,7 +267,8 @@ async def test_a_job_with_an_image_goes_only_to_a_worker_that_advertises_image_i
     client = await gateway(aiohttp_client, redis_server, routing=routing)
     store = JobStore(redis_client, KEYS)
     for _ in range(4):
-        response = await client.post("/v1/jobs", json={"prompt": "a cat", "image": b64(IMAGE), "n": 1})
+        body = {"prompt": "a cat", "image": b64(IMAGE), "n": 1, "strength": 0.5}  # one of the 2 default steps
+        response = await client.post("/v1/jobs", json=body)
         record = await store.record((await response.json())["id"])
         assert record is not None and record.stream == KEYS.worker_stream("able")
 
@@ -278,11 +281,17 @@ async def test_the_fingerprint_is_unchanged_without_images_and_binds_the_images_
 ) -> None:
     assert request_fingerprint(GenerateRequest.model_validate(OLD_REQUEST)) == OLD_FINGERPRINT
     headers = {"Idempotency-Key": "edit-1"}
-    first = await client.post("/v1/jobs", json={"prompt": "a cat", "image": b64(IMAGE)}, headers=headers)
-    again = await client.post("/v1/jobs", data=form({"prompt": "a cat"}, image=IMAGE), headers=headers)
+    first = await client.post(
+        "/v1/jobs", json={"prompt": "a cat", "image": b64(IMAGE), "strength": 0.5}, headers=headers
+    )
+    again = await client.post(
+        "/v1/jobs", data=form({"prompt": "a cat", "strength": "0.5"}, image=IMAGE), headers=headers
+    )
     assert first.status == 202 and again.status == 202 and again.headers["Idempotent-Replayed"] == "true"
     assert (await first.json())["id"] == (await again.json())["id"]  # base64 or multipart: the same bytes
-    other = await client.post("/v1/jobs", json={"prompt": "a cat", "image": b64(PHOTO)}, headers=headers)
+    other = await client.post(
+        "/v1/jobs", json={"prompt": "a cat", "image": b64(PHOTO), "strength": 0.5}, headers=headers
+    )
     assert other.status == 422  # another image: another request
     assert await queued_jobs(redis_client) == 1
 
@@ -402,6 +411,7 @@ async def test_multipart_takes_one_file_per_image_field_and_the_list_name_browse
     assert response.status == 400 and (error["field"], error["code"]) == ("image", "one_image")
     data = aiohttp.FormData()
     data.add_field("prompt", "a cat")
+    data.add_field("strength", "0.5")
     data.add_field("image[]", IMAGE, filename="a.png", content_type="image/png")
     assert (await client.post("/v1/jobs", data=data)).status == 202
     assert (await queued(redis_client)).inputs is not None
