@@ -17,6 +17,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+# Hypothesis imports its shrinker's optimiser lazily, mid-test, where pytest's assertion rewriting parses it while this
+# module's in-process worker threads run: CPython 3.11.7 counts AST recursion depth per interpreter, not per thread, and
+# raised "AST constructor recursion depth mismatch" there once in a full run. Imported here, it is parsed before any
+# thread starts.
+import hypothesis.internal.conjecture.optimiser  # noqa: F401
 import pytest
 import redis
 import redis.asyncio as aioredis
