@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.host import describe
+from bench.host import describe, size_flag
 from common.protocol import DEFAULT_INPAINT_STRENGTH, GenerationParams, ResolvedParams, Shape, Size
 
 # kind -> (strength, inpainting); None: text to image
@@ -44,14 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cpu-devices", type=int, default=4, help="virtual devices JAX makes of the CPU when there is no accelerator"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _size(text: str) -> Size:
-    width, _, height = text.partition("x")
-    try:
-        return Size(width=int(width), height=int(height))
-    except ValueError:
-        raise SystemExit(f"--size: WIDTHxHEIGHT, e.g. 64x64 (got {text!r})") from None
 
 
 def picture(size: Size) -> np.ndarray:
@@ -143,7 +135,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    size = _size(args.size)
+    size = size_flag(args.size)
     from worker.cli import use_cpu_devices
 
     use_cpu_devices(args.cpu_devices)

@@ -25,7 +25,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bench.host import describe
+from bench.host import describe, size_flag
 from common.protocol import GenerationParams, LoraRef, ResolvedParams, Shape, Size
 
 
@@ -50,14 +50,6 @@ def _ranks(text: str) -> tuple[int, ...]:
     if not ranks or min(ranks) < 1:
         raise SystemExit(f"--ranks: comma-separated positive integers (got {text!r})")
     return ranks
-
-
-def _size(text: str) -> Size:
-    width, _, height = text.partition("x")
-    try:
-        return Size(width=int(width), height=int(height))
-    except ValueError:
-        raise SystemExit(f"--size: WIDTHxHEIGHT, e.g. 64x64 (got {text!r})") from None
 
 
 def request(index: int, shape: Shape, lora: str | None) -> ResolvedParams:
@@ -198,7 +190,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    ranks, size = _ranks(args.ranks), _size(args.size)
+    ranks, size = _ranks(args.ranks), size_flag(args.size)
     from worker.cli import use_cpu_devices
 
     use_cpu_devices(args.cpu_devices)

@@ -81,6 +81,13 @@ _SUBMIT_ERRORS = {
     503: "no worker is serving yet, the queue is unreachable, or (with --durable-accept) no replica confirmed "
     f"the job in time (`not_durable`: retry with the same {IDEMPOTENCY_HEADER}); see Retry-After",
 }
+# The OpenAI routes answer and wait: a job cancelled, failed or not finished in time is their error too.
+_OPENAI_ERRORS = {
+    **_SUBMIT_ERRORS,
+    409: "the job was cancelled",
+    500: "the generation failed",
+    504: "not finished in time (the message has the job's URL; do not retry without an Idempotency-Key)",
+}
 _UNKNOWN = {**_GUARDED, 404: "unknown job (never submitted, its result expired, or another caller's)"}
 SUBMIT, READ = Access("submit"), Access("read")
 DEMO_SUBMIT, DEMO_READ = Access("submit", public=True), Access("read", public=True)
@@ -182,12 +189,7 @@ ROUTES: tuple[Route, ...] = (
         "OpenAI Images API: create images from a prompt",
         body=openai_api.ImageGenerationRequest,
         replies={200: Reply("the images", openai_api.ImagesResponse)},
-        errors={
-            **_SUBMIT_ERRORS,
-            409: "the job was cancelled",
-            500: "the generation failed",
-            504: "not finished in time (the message has the job's URL; do not retry without an Idempotency-Key)",
-        },
+        errors=_OPENAI_ERRORS,
         error_model=openai_api.OpenAIErrorResponse,
         tag="openai",
         access=SUBMIT,
@@ -199,12 +201,7 @@ ROUTES: tuple[Route, ...] = (
         "OpenAI Images API: edit an image (multipart: the file parts image and mask, the other fields as form fields)",
         body=openai_api.ImageEditRequest,
         replies={200: Reply("the images", openai_api.ImagesResponse)},
-        errors={
-            **_SUBMIT_ERRORS,
-            409: "the job was cancelled",
-            500: "the generation failed",
-            504: "not finished in time (the message has the job's URL; do not retry without an Idempotency-Key)",
-        },
+        errors=_OPENAI_ERRORS,
         error_model=openai_api.OpenAIErrorResponse,
         tag="openai",
         access=IMAGE_SUBMIT,
