@@ -298,8 +298,6 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         else args.default_steps,
         images_per_request=args.images_per_request,
         engine=args.engine,
-        # The row engine also starts from input images (image to image, inpainting); one request at a time does not.
-        image_input=args.engine == "rows",
         rows_per_device=args.rows_per_device,
         batch_policy=args.batch_policy,
         key_prefix=args.key_prefix,

@@ -105,9 +105,9 @@ class WorkerConfig:
     # Where images are written (common/blobstore.py); a file store is swept of expired objects this often.
     blob_store: str = BLOBS_IN_REDIS
     blob_sweep_interval_s: float = 300.0
-    # Whether its engine generates from input images (advertised as WorkerInfo.image_input; worker/inputs.py): the
-    # row engine's workers do (`--engine rows`, worker/cli.py), and the stand-in with `--image-input`.
-    image_input: bool = False
+    # Whether it takes jobs with input images (image to image, inpainting; worker/inputs.py): only the row engine
+    # makes images from them (`takes_images`). The stand-in worker sets it from its `--image-input`.
+    image_input: bool = True
     # A job whose images the store refuses this long fails, and the worker stops claiming until it takes writes.
     blob_store_timeout_s: float = 60.0
     # LoRA adapters (worker/lora_source.py): where the `NAME.safetensors` files offered are (None: none), the
@@ -174,6 +174,12 @@ class WorkerConfig:
             f"{where} is not a readable folder: create it, or name the folder (or s3://bucket/prefix) of the "
             "NAME.safetensors adapters",
         )
+
+    @property
+    def takes_images(self) -> bool:
+        """Whether it generates from input images, as advertised (WorkerInfo.image_input): the row engine's workers,
+        unless `image_input` is off."""
+        return self.image_input and self.engine == "rows"
 
     @property
     def offered_max_loras(self) -> int:

@@ -59,7 +59,7 @@ class Presence:
             random_weights=is_tiny_model(config.model),
             loras=list(loras.names) if loras is not None else [],
             max_loras=config.offered_max_loras if loras is not None else 0,
-            image_input=config.image_input,
+            image_input=config.takes_images,
         )
 
     async def announce(self, state: WorkerState, phase: str | None = None) -> None:

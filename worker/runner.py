@@ -111,7 +111,7 @@ class Worker:
             on_store_trouble=self.presence.image_store_refuses,
         )
         self._load = load_pipeline or self._default_loader
-        self._inputs = JobInputs(redis, blobs, config.image_input)
+        self._inputs = JobInputs(redis, blobs, config.takes_images)
         self._running: dict[str, Running] = {}
         self._claiming: asyncio.Task[list[ClaimedJob]] | None = None
         self._safety: SafetyChecker | None = None
