@@ -22,7 +22,6 @@ from worker.engine import RowEngine, image_keys
 from worker.img2img import img2img_start, initial_latents
 from worker.inpainting_model import InpaintingOnly
 from worker.pipeline import (
-    PipelineError,
     PipelineOptions,
     SDXLPipeline,
     StepState,
@@ -247,18 +246,23 @@ def test_what_images_cannot_do_is_refused_at_admission_with_nothing_held(engine:
         assert not engine.busy and engine.free_rows() == engine.rows
 
 
-def test_engines_that_make_images_from_text_only_refuse_an_input_image() -> None:
-    """The one-request-at-a-time engine and the stand-in say so in words, holding nothing."""
+def test_one_request_at_a_time_refuses_an_input_image_and_the_stand_in_answers_with_it() -> None:
+    """The one-request-at-a-time engine says so in words, holding nothing; the stand-in (which the gateway's tests
+    run) answers with the image it was given, at the request's size."""
     stand_in = StandInPipeline((Shape(width=64, height=64, steps=2),))
     image = ImageInput(picture(), None, 0.5)
     at_a_time = RequestAtATime(stand_in, 4)
     with pytest.raises(ImagesRefused, match="image: this worker runs one request at a time"):
         at_a_time.admit("a", ask("a", steps=2), lambda step: None, image=image)
     assert not at_a_time.busy
-    standin_engine = StandInEngine(stand_in, rows_per_device=1, step_s=0.0)
-    with pytest.raises(PipelineError, match="image: the stand-in engine makes images from text only"):
-        standin_engine.admit("a", ask("a", steps=2), lambda step: None, image=image)
-    assert not standin_engine.busy
+    standin_engine = StandInEngine(stand_in, rows_per_device=4, step_s=0.0)
+    standin_engine.admit("a", ask("a", n=1, steps=2), lambda step: None, image=image)
+    finished = []
+    while standin_engine.busy:
+        finished += standin_engine.step().finished
+    ((key, images),) = finished
+    assert key == "a" and images.shape == (1, 64, 64, 3)
+    np.testing.assert_array_equal(images[0], resize_to(image.image, 64, 64))
 
 
 @pytest.fixture(scope="module")
