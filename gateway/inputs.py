@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ValidationError
 
 from common.input_images import InputImageError, InputLimits
@@ -139,8 +140,11 @@ async def _read_multipart(request: web.Request) -> tuple[dict[str, str], Uploade
                 images[name] = await _read_part(part, budget, name, config.input_limits.max_bytes)
             else:
                 fields[name] = (await _read_part(part, budget, name, None)).decode("utf-8", "replace")
-    except (ValueError, AssertionError) as exc:  # aiohttp's refusals of a malformed multipart body
-        raise ApiError(400, "invalid_multipart", f"the multipart body cannot be read ({exc})") from None
+    # aiohttp's refusals of a malformed multipart body: its HTTP parser's errors for a part's header lines, and
+    # ValueError/AssertionError from the reader itself.
+    except (HttpProcessingError, ValueError, AssertionError) as exc:
+        reason = (exc.message if isinstance(exc, HttpProcessingError) else str(exc))[:200]
+        raise ApiError(400, "invalid_multipart", f"the multipart body cannot be read ({reason})") from None
     return fields, Uploaded(images.get("image"), images.get("mask"))
 
 

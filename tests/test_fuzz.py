@@ -27,7 +27,7 @@ import redis
 import redis.asyncio as aioredis
 import requests
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from schemathesis import checks
 
@@ -204,6 +204,53 @@ async def test_other_media_types_are_415(
     assert status in (202, 200, 504, 415, 400) and (
         status == 415 or kind.startswith("application/json") or multipart
     ), (content_type, status)
+
+
+MULTIPART_ROUTES = (*IMAGE_ROUTES, "/v1/images/edits")
+_HEADER_LINES = st.sampled_from(
+    [
+        b'Content-Disposition: form-data; name="prompt"',
+        b'Content-Disposition: form-data; name="image"; filename="a.png"',
+        b'Content-Disposition: form-data; name="mask"',
+        b'Content-Disposition: form-data; name="image[]"',
+        b"Content-Disposition: form-data",
+        b"Content-Disposition: attachment; filename*=utf-8''%ff",
+        b"Content-Type: multipart/mixed; boundary=inner",
+        b"Content-Type: image/png",
+        b"Content-Transfer-Encoding: base64",
+        b"Content-Transfer-Encoding: x-unknown",
+        b"Content-Encoding: gzip",
+        b"Content-Length: 99999999",
+        b"True",
+        b": no name",
+        b"X-Header: " + b"x" * 9000,
+    ]
+) | st.binary(max_size=40)
+
+
+@st.composite
+def _multipart_bodies(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    """A boundary and a body shaped like multipart/form-data: delimiters, header lines valid or not, any content,
+    a closing delimiter or none, and bytes after it."""
+    boundary = draw(st.text("abcdefghijklmnopqrstuvwxyz0123456789'()+_,-./:=?", min_size=1, max_size=70)).encode()
+    body = draw(st.sampled_from([b"", b"preamble\r\n"]))
+    for _ in range(draw(st.integers(0, 4))):
+        headers = draw(st.lists(_HEADER_LINES, max_size=3))
+        content = draw(st.sampled_from([b"a cat", b"20", b"true", b"\x89PNG\r\n\x1a\n"]) | st.binary(max_size=200))
+        body += b"--" + boundary + b"\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n" + content + b"\r\n"
+    body += draw(st.sampled_from([b"--" + boundary + b"--\r\n", b"--" + boundary + b"--", b"", b"--" + boundary]))
+    return boundary, body + draw(st.binary(max_size=20))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(path=st.sampled_from(MULTIPART_ROUTES), shaped=_multipart_bodies())
+@example(path="/v1/jobs", shaped=(b"b0", b"--b0\r\nTrue--b0--\r\n"))  # a part whose one line is no header
+async def test_malformed_multipart_bodies_are_refused(
+    client: Client, redis_client: aioredis.Redis, fake_worker: None, path: str, shaped: tuple[bytes, bytes]
+) -> None:
+    boundary, body = shaped
+    content_type = 'multipart/form-data; boundary="' + boundary.decode() + '"'
+    await _refused_without_a_job(client, redis_client, path, body, content_type)
 
 
 GARBAGE: list[tuple[str, bytes, dict[str, str], int, str]] = [
