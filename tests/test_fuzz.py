@@ -266,6 +266,8 @@ GARBAGE: list[tuple[str, bytes, dict[str, str], int, str]] = [
     ("huge number", b'{"prompt": "a", "seed": 1' + b"0" * 5000 + b"}", {}, 400, "invalid_json"),
     # Over --max-body-bytes; the routes that take input images read up to --max-image-body-bytes, and refuse the prompt.
     ("over the limit", b'{"prompt": "' + b"x" * 70_000 + b'"}', {}, 413, "body_too_large"),
+    ("corrupt gzip", b'{"prompt": "a cat"}', {"Content-Encoding": "gzip"}, 400, "unreadable_body"),
+    ("corrupt deflate", b"\x78\x9c" + b"\xff" * 40, {"Content-Encoding": "deflate"}, 400, "unreadable_body"),
     (  # over both limits, decompressed
         "gzip bomb",
         gzip.compress(b'{"prompt": "' + b"x" * 70_000_000 + b'"}'),
