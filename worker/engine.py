@@ -41,6 +41,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -967,7 +968,7 @@ def _put_loras(put: Any, pool: SlotLoras, new: SlotLoras) -> SlotLoras:
     return SlotLoras(slot=put(pool.slot, new.slot), scale=put(pool.scale, new.scale))
 
 
-def _run(variant: _Variant, params: dict[str, Any], slots: Slots, batch: Batch) -> tuple[Slots, jax.Array]:
+def _run(variant: _Variant, params: Mapping[str, Any], slots: Slots, batch: Batch) -> tuple[Slots, jax.Array]:
     """One denoising step of the active slots: the UNet on the bucket's samples (each gathered from its slot, at
     its slot's step), each slot's guided prediction from its two samples, the update; inactive slots keep their
     state. Returns a marker, as the request-at-a-time step does."""
@@ -1019,7 +1020,7 @@ def _unet_input(variant: _Variant, slots: Slots, index: jax.Array, sample_rows: 
 
 
 def _run_with_loras(
-    variant: _Variant, params: dict[str, Any], slots: Slots, batch: Batch, bank: dict[str, Any]
+    variant: _Variant, params: Mapping[str, Any], slots: Slots, batch: Batch, bank: dict[str, Any]
 ) -> tuple[Slots, jax.Array]:
     """`_run` with each sample's adapters (its slot's, the unconditional sample's too) added to the UNet's
     target layers from the bank (`bank`: the UNet's factors)."""
@@ -1041,7 +1042,7 @@ def _sample_text(slots: Slots, index: jax.Array, uncond: jax.Array) -> Text:
     return text
 
 
-def _decode_slots(pipe: Any, params: dict[str, Any], slots: Slots, pick: Pick) -> jax.Array:
+def _decode_slots(pipe: Any, params: Mapping[str, Any], slots: Slots, pick: Pick) -> jax.Array:
     """The picked slot's latents through the VAE, quantized on the device (as the request-at-a-time finish)."""
     latents = slots.latents[pick.slot]
     images: jax.Array = _decode(pipe, params, StepState(latents, latents))

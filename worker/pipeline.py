@@ -43,7 +43,7 @@ import functools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from types import MappingProxyType
 from typing import Any, TypeVar, cast
@@ -66,6 +66,7 @@ from common.protocol import (
 )
 from worker.attention import DEFAULT_ATTENTION, Attention, traced_with
 from worker.checkpoints import load_checkpoint
+from worker.flat_params import FlatParams
 from worker.flops import FlopCount, abstract_array, count_flops
 from worker.img2img import LATENT_CHANNELS
 from worker.quiet import silence_flax_deprecation
@@ -128,9 +129,11 @@ def _layout_of(argument: Any) -> Any:
     """An executable argument's layout: a named input's own, declared per field; the parameters (a dict) and a
     scalar (a step's number) are replicated. A bare array is refused: whether it is split by image is a
     declaration, not a default."""
+    if isinstance(argument, Mapping):  # the parameters (`FlatParams` is a dataclass too)
+        return _ALL
     if is_dataclass(argument) and not isinstance(argument, type):
         return layout(type(argument))
-    if isinstance(argument, dict) or np.ndim(argument) == 0:
+    if np.ndim(argument) == 0:
         return _ALL
     raise TypeError(f"an executable argument of shape {np.shape(argument)} must be a named input (a field of one)")
 
@@ -221,17 +224,18 @@ class _StepParams:
     """The parameters each stepwise executable reads, and no others (the same device arrays, not copies).
 
     An executable's every input is flattened, checked and handed to each device at each call: SDXL has
-    about 2,500 parameter arrays, most of them the UNet's, and a denoising step needs only those.
+    about 2,500 parameter arrays, most of them the UNet's, and a denoising step needs only those, as one flat
+    tuple (`FlatParams`: no nested dicts to walk at each call).
     """
 
-    begin: dict[str, Any]
-    step: dict[str, Any]
-    finish: dict[str, Any]
+    begin: FlatParams
+    step: FlatParams
+    finish: FlatParams
 
     @classmethod
     def of(cls, params: dict[str, Any]) -> _StepParams:
-        def pick(*names: str) -> dict[str, Any]:
-            return {name: params[name] for name in names}
+        def pick(*names: str) -> FlatParams:
+            return FlatParams.of({name: params[name] for name in names})
 
         return cls(begin=pick("text_encoder", "text_encoder_2"), step=pick("unet"), finish=pick("vae"))
 
@@ -343,6 +347,7 @@ class SDXLPipeline:
         self._scheduler: SchedulerConfig = scheduler_config(pipe.scheduler.config)
         self._params = params
         self._step_params = _StepParams.of(self._params)
+        self._flat_params = FlatParams.of(self._params)  # the fused executables' (the same arrays)
         self._compiled: dict[Size, dict[bool, Any]] = {}  # size -> guided or not -> executables
         self._mesh = Mesh(np.array(jax.local_devices()), (AXIS,))
         encode_negative = self._sharded(functools.partial(_encode_negative, pipe), _ALL, _ALL)
@@ -452,7 +457,9 @@ class SDXLPipeline:
                 finish = variants[cfg].finish
             else:
                 inputs = self._warm_up_inputs(cfg)
-                variants[cfg] = self._compile(clock, self._traced(_generate, variant), _IMAGES, self._params, *inputs)
+                variants[cfg] = self._compile(
+                    clock, self._traced(_generate, variant), _IMAGES, self._flat_params, *inputs
+                )
         self._compiled[size] = variants
         warm_started = time.perf_counter()
         for cfg in (True, False):
@@ -534,7 +541,7 @@ class SDXLPipeline:
         if isinstance(compiled, _Stepwise):
             images = self._run_stepwise(compiled, inputs, schedule, shape.steps, on_step)
         else:
-            images = np.asarray(compiled(self._params, inputs, schedule))
+            images = np.asarray(compiled(self._flat_params, inputs, schedule))
         return images.reshape(self.images_per_request, shape.height, shape.width, 3)
 
     def _warm_up(self, size: Size, cfg: bool) -> None:
@@ -640,7 +647,7 @@ def _replicate(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda leaf: jax.device_put(np.asarray(leaf), sharding), tree)
 
 
-def _generate(variant: _Variant, params: dict[str, Any], prompt: Prompt, schedule: Schedule) -> jax.Array:
+def _generate(variant: _Variant, params: Mapping[str, Any], prompt: Prompt, schedule: Schedule) -> jax.Array:
     """One device's share in one executable: encode, denoise `schedule.steps` times (a runtime value), decode."""
     state, conditioning = _begin(variant, params, prompt, schedule)
 
@@ -652,7 +659,7 @@ def _generate(variant: _Variant, params: dict[str, Any], prompt: Prompt, schedul
 
 
 def _begin(
-    variant: _Variant, params: dict[str, Any], prompt: Prompt, schedule: Schedule
+    variant: _Variant, params: Mapping[str, Any], prompt: Prompt, schedule: Schedule
 ) -> tuple[StepState, Conditioning]:
     """Text conditioning (with guidance, the negative prompt's too), the initial noise scaled for the schedule,
     and a zero denoised estimate (the previous step's, for the first step of a multistep scheduler)."""
@@ -664,7 +671,7 @@ def _begin(
 
 def _step(
     variant: _Variant,
-    params: dict[str, Any],
+    params: Mapping[str, Any],
     state: StepState,
     conditioning: Conditioning,
     schedule: Schedule,
@@ -681,7 +688,7 @@ def _step(
 
 def _denoise(
     variant: _Variant,
-    params: dict[str, Any],
+    params: Mapping[str, Any],
     state: StepState,
     conditioning: Conditioning,
     schedule: Schedule,
@@ -704,7 +711,7 @@ def _denoise(
 
 def unet_noise(
     pipe: FlaxStableDiffusionXLPipeline,
-    params: dict[str, Any],
+    params: Mapping[str, Any],
     scaled: jax.Array,
     timesteps: jax.Array,
     text: Text,
@@ -731,14 +738,14 @@ def _unet_conditioning(conditioning: Conditioning) -> tuple[Text, jax.Array]:
 
 
 def _encode_negative(
-    pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], negative_ids: jax.Array, scale: jax.Array
+    pipe: FlaxStableDiffusionXLPipeline, params: Mapping[str, Any], negative_ids: jax.Array, scale: jax.Array
 ) -> Text:
     """The negative prompt's text conditioning, times `scale` (0: no negative prompt)."""
     context, pooled = pipe.get_embeddings(negative_ids, params)
     return Text(context * scale.astype(context.dtype), pooled * scale.astype(pooled.dtype))
 
 
-def _conditioning(variant: _Variant, params: dict[str, Any], prompt: Prompt) -> Conditioning:
+def _conditioning(variant: _Variant, params: Mapping[str, Any], prompt: Prompt) -> Conditioning:
     """Text conditioning and SDXL's time ids for each image; the prompt is encoded once and shared by the
     images, as the negative prompt's encoding is."""
     context, pooled = variant.pipe.get_embeddings(prompt.ids, params)
@@ -766,7 +773,7 @@ def _initial_latents(pipe: FlaxStableDiffusionXLPipeline, keys: jax.Array, size:
     return jax.vmap(lambda key: jax.random.normal(key, latent_shape, dtype=jnp.float32))(keys)
 
 
-def _decode(pipe: FlaxStableDiffusionXLPipeline, params: dict[str, Any], state: StepState) -> jax.Array:
+def _decode(pipe: FlaxStableDiffusionXLPipeline, params: Mapping[str, Any], state: StepState) -> jax.Array:
     """The last step's latents through the VAE, quantized on the device: a quarter of the bytes cross to the
     host."""
     latents = state.latents / pipe.vae.config.scaling_factor
