@@ -277,7 +277,7 @@ async def probed_again(serving: Worker) -> None:
             if "refused writes for" not in trouble:
                 break
             await asyncio.sleep(0.05)  # a probe has no event to wait on
-    assert "the image store refuses writes (file store:" in trouble, trouble
+    assert "the image store is unavailable (file store:" in trouble, trouble
 
 
 # --- Cancel a running job: a real worker process on the tiny model.
