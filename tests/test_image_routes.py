@@ -428,8 +428,8 @@ async def test_an_image_store_down_as_a_worker_reads_the_inputs_delays_the_job_a
     client = await gateway(aiohttp_client, redis_server, key_prefix=OUTAGE.prefix, blob_store=store)
     signal_group(worker.pid, signal.SIGSTOP)  # the job is queued, its inputs stored, before the worker looks
     try:
-        response = await client.post("/v1/jobs", json={"prompt": "a cat", "num_inference_steps": 2, "n": 1, "strength": 0.5,
-                                                        "image": b64(PHOTO)})  # fmt: skip
+        body = {"prompt": "a cat", "num_inference_steps": 2, "n": 1, "strength": 0.5, "image": b64(PHOTO)}
+        response = await client.post("/v1/jobs", json=body)
         assert response.status == 202, await response.text()
         job_id: str = (await response.json())["id"]
         s3_env.pause()

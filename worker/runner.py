@@ -311,7 +311,7 @@ class Worker:
 
     async def _serve_idle(self, engine: Engine) -> None:
         """Nothing on the device: take the jobs of a claim under way, else wait for new ones (not while the image
-        store refuses writes, nor once stopping)."""
+        store is unavailable, nor once stopping)."""
         if self._claiming is not None:
             await self._admit_all(engine, await self._claimed())
             return
