@@ -146,6 +146,9 @@ class StandInEngine:
             self._cancelled.add(key)
             self._inputs.pop(key, None)
 
+    def close(self) -> None:
+        """Nothing to release."""
+
     def _images(self, request: _Request) -> np.ndarray:
         """A finished request's images: grey, or its input image resized to its size, once per image."""
         shape, n = request.params.shape, request.params.n
