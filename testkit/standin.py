@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.config import add_blob_store_argument
 from common.input_images import resize_to
 from common.logs import setup_logging
 from common.protocol import SCHEDULERS, ResolvedParams, Shape, Size
@@ -145,6 +146,9 @@ class StandInEngine:
             self._cancelled.add(key)
             self._inputs.pop(key, None)
 
+    def close(self) -> None:
+        """Nothing to release."""
+
     def _images(self, request: _Request) -> np.ndarray:
         """A finished request's images: grey, or its input image resized to its size, once per image."""
         shape, n = request.params.shape, request.params.n
@@ -209,6 +213,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--image-input", action="store_true", help="advertise image_input and answer with the input image"
     )
+    add_blob_store_argument(parser, WorkerConfig.blob_store)
     parser.add_argument("--log-level", default="info")
     return parser
 
@@ -233,6 +238,7 @@ def config_of(args: argparse.Namespace) -> WorkerConfig:
         metrics_host="127.0.0.1",
         compile_cache_dir=None,
         image_input=args.image_input,
+        blob_store=args.blob_store,
         **lora_settings(args),
     )
 

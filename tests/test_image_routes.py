@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -25,12 +26,16 @@ from common.config import ConfigError
 from common.input_images import InputLimits
 from common.inputs import decode_inputs, load_inputs, png
 from common.jobstore import JobStore
-from common.protocol import DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, Job
+from common.protocol import DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, Job, JobResult
 from common.rediskeys import RedisKeys
+from common.registry import Registry
+from common.streams import JobStreams
 from gateway.cli import gateway_config
 from gateway.jobs import request_fingerprint
 from gateway.schemas import GenerateRequest
 from sdxl_serve.cli import build_parser
+from sdxl_serve.processes import signal_group
+from testkit.objectstore import S3Server
 from tests.protection import error_of, gateway
 from tests.support import (
     OLD_FINGERPRINT,
@@ -397,6 +402,74 @@ async def test_an_uploaded_image_comes_back_from_a_standin_worker_through_its_lo
     assert len(images) == 2
     for image in images:
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(image))).convert("RGB")), resized)
+
+
+OUTAGE = RedisKeys("imgout")
+WAIT_S = 60.0  # how long the outage test waits for the worker to react, and for the job to finish
+
+
+async def test_an_image_store_down_as_a_worker_reads_the_inputs_delays_the_job_and_it_completes_once(
+    aiohttp_client: ClientFactory,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    processes: ProcessGroup,
+    s3_env: S3Server,
+) -> None:
+    """A worker takes a job whose input images are in an S3 store that stops answering (SeaweedFS paused): the
+    job is not failed; the worker leaves it pending, stops claiming (registry state draining) and probes the
+    store, and once the store is back it takes the job again and completes it, with one result."""
+    url = redis_server.url(0)
+    store = s3_env.url("inputs", "outage")
+    argv = [sys.executable, "-m", "testkit.standin", "--redis-url", url, "--worker-id", "imgout-1", "--key-prefix",
+            OUTAGE.prefix, "--sizes", "64x64", "--max-steps", "2", "--step-s", "0", "--image-input",
+            "--blob-store", f"{store}&timeout=0.5"]  # fmt: skip
+    worker = processes.start_argv("imgout-1", argv)
+    await wait_ready(url, 1, OUTAGE.prefix)
+    client = await gateway(aiohttp_client, redis_server, key_prefix=OUTAGE.prefix, blob_store=store)
+    signal_group(worker.pid, signal.SIGSTOP)  # the job is queued, its inputs stored, before the worker looks
+    try:
+        body = {"prompt": "a cat", "num_inference_steps": 2, "n": 1, "strength": 0.5, "image": b64(PHOTO)}
+        response = await client.post("/v1/jobs", json=body)
+        assert response.status == 202, await response.text()
+        job_id: str = (await response.json())["id"]
+        s3_env.pause()
+    finally:
+        signal_group(worker.pid, signal.SIGCONT)
+    try:
+        await until_worker_state(redis_client, "draining", job_id)
+        assert await JobStore(redis_client, OUTAGE).fetch_meta(job_id) is None  # neither failed nor done
+    finally:
+        s3_env.resume()
+    assert (await finished(redis_client, job_id)).status == "succeeded", processes.log("imgout-1")[-3000:]
+    image = await client.get(f"/v1/jobs/{job_id}/images/0")
+    assert image.status == 200
+    expected = decode_inputs(PHOTO, None, InputLimits()).image
+    resized = np.asarray(Image.fromarray(expected).resize((64, 64), Image.Resampling.LANCZOS, reducing_gap=None))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(await image.read())).convert("RGB")), resized)
+    assert await JobStreams(redis_client, OUTAGE).depth() == 0  # settled: nothing queued or pending
+    assert await redis_client.hget(OUTAGE.stats, "duplicate_results") is None
+    processes.stop("imgout-1")
+
+
+async def until_worker_state(redis_client: aioredis.Redis, state: str, job_id: str) -> None:
+    """Until the one worker under OUTAGE says `state`, or `job_id` has a result (then the caller's check fails)."""
+    registry, store = Registry(redis_client, OUTAGE), JobStore(redis_client, OUTAGE)
+    async with asyncio.timeout(WAIT_S):
+        while [w.state for w in await registry.workers()] != [state]:
+            if await store.fetch_meta(job_id) is not None:
+                return
+            await asyncio.sleep(0.05)  # a registry entry has no event to wait on
+
+
+async def finished(redis_client: aioredis.Redis, job_id: str) -> JobResult:
+    """The job's result, once announced on the completions channel."""
+    store = JobStore(redis_client, OUTAGE)
+    async with redis_client.pubsub() as completions:
+        await completions.subscribe(OUTAGE.completions_channel)
+        async with asyncio.timeout(WAIT_S):
+            while (result := await store.fetch_meta(job_id)) is None:
+                await completions.get_message(ignore_subscribe_messages=True, timeout=1.0)
+    return result
 
 
 async def test_multipart_takes_one_file_per_image_field_and_the_list_name_browsers_send(

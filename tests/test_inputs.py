@@ -25,8 +25,9 @@ from common.inputs import (
 )
 from common.protocol import Job, ResolvedParams, default_strength
 from common.rediskeys import RedisKeys
+from sdxl_serve.processes import free_port
 from tests.test_input_images import VALID, encoded, gradient
-from worker.inputs import NOT_HERE, InputsRefused, JobInputs
+from worker.inputs import NOT_HERE, InputsRefused, InputsUnreachable, JobInputs
 
 KEYS = RedisKeys()
 TTL_S = 90
@@ -132,3 +133,18 @@ async def test_the_worker_reads_a_jobs_inputs_for_the_engine_and_refuses_what_it
     await redis_client.delete(refs.image)
     with pytest.raises(InputsRefused, match="expired"):
         await takes.read(queued)
+
+
+async def test_a_store_out_of_reach_is_transient_and_no_refusal(redis_client: aioredis.Redis) -> None:
+    """Redis away while the worker reads a job's inputs (no server on the port): InputsUnreachable, which the
+    runner leaves pending for another delivery, not InputsRefused, which fails the job."""
+    refs = await store_inputs(job(), masked(), None, redis_client, KEYS)
+    queued = job().model_copy(update={"inputs": refs})
+    away = aioredis.Redis(port=free_port(), socket_connect_timeout=1.0)
+    try:
+        with pytest.raises(InputsUnreachable, match="Redis") as caught:
+            await JobInputs(away, None, image_input=True).read(queued)
+    finally:
+        await away.aclose()
+    assert not caught.value.in_blob_store
+    assert await JobInputs(redis_client, None, image_input=True).read(queued) is not None  # back: read as stored

@@ -277,7 +277,7 @@ async def probed_again(serving: Worker) -> None:
             if "refused writes for" not in trouble:
                 break
             await asyncio.sleep(0.05)  # a probe has no event to wait on
-    assert "the image store refuses writes (file store:" in trouble, trouble
+    assert "the image store is unavailable (file store:" in trouble, trouble
 
 
 # --- Cancel a running job: a real worker process on the tiny model.
@@ -436,6 +436,10 @@ class RecordingEngine(StandInEngine):
         super().__init__(StandInPipeline(shapes), rows_per_device, step_s=0.0, max_images=4)
         self.batches: list[frozenset[str]] = []
         self._gate = gate
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
 
     def _boundary(self) -> list[Any]:
         running = super()._boundary()
@@ -477,6 +481,18 @@ async def test_a_worker_claims_several_jobs_at_once_and_stores_each_once(
     for job_id in jobs:  # each started and stored once, by its own delivery
         assert await redis_client.llen(KEYS.attempts(job_id)) == 1
     await settled_once(redis_client)
+
+
+async def test_the_worker_closes_its_engine_as_it_stops(
+    redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    """The engine's own threads (the row engine's adapter reader) end with the worker: `close` once it stops."""
+    engine = RecordingEngine()
+    async with engine_worker(redis_server, engine):
+        await queue_jobs(redis_client, {"one": SHAPE})
+        assert (await wait_result(redis_client, "one")).status == "succeeded"
+        assert not engine.closed  # serving
+    assert engine.closed
 
 
 async def test_a_job_the_engine_refuses_fails_alone_and_the_others_of_its_claim_succeed(

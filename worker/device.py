@@ -35,6 +35,7 @@ class Device:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
         self._metrics = metrics
         self.engine: Engine | None = None
+        self._loaded: Engine | None = None  # from the load on: closed with the device even if warm-up failed
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the device thread, after whatever it is running now."""
@@ -52,7 +53,7 @@ class Device:
         ("loading weights", "compiling 1216x832 (3/9)"). Returns the sizes served."""
         await on_phase("loading weights")
         started = time.perf_counter()
-        engine = await self.call(load)
+        engine = self._loaded = await self.call(load)
         pipeline = engine.pipeline
         phases["load"] = time.perf_counter() - started
         logger.info("weights loaded in %.1fs", phases["load"])
@@ -67,6 +68,9 @@ class Device:
         return served
 
     def close(self) -> None:
+        """Close the engine (its threads: the row engine's adapter reader), then the device thread."""
+        if self._loaded is not None:
+            self._loaded.close()
         self._thread.shutdown(wait=False)
 
     async def _compile(self, engine: Engine, size: Size, phases: dict[str, float]) -> None:

@@ -147,10 +147,15 @@ class HandOff:
         (registry state `draining`, /readyz 503) until the store takes a write again."""
         logger.error("job %s: failed: %s; not claiming until the image store takes writes", job.id, exc)
         self._metrics.image_store_failures.inc()
-        self._metrics.image_store_writable.set(0)
-        self.store_trouble = str(exc)
-        self._on_store_trouble(True)
+        self.store_unavailable(str(exc))
         return failed(job, self._config.worker_id, f"could not store its images: {exc}")
+
+    def store_unavailable(self, trouble: str) -> None:
+        """The image store failed a write or a read (`trouble`, why): the worker claims nothing (registry state
+        `draining`, /readyz 503) until `until_store_writable` finds it taking a write again."""
+        self._metrics.image_store_writable.set(0)
+        self.store_trouble = trouble
+        self._on_store_trouble(True)
 
     async def until_store_writable(self, stopping: asyncio.Event) -> None:
         """Probe the image store, with backoff, until it takes a write or `stopping` is set."""

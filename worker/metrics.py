@@ -96,7 +96,8 @@ class WorkerMetrics:
         )
         self.image_store_writable = Gauge(
             "sdxl_worker_image_store_writable",
-            "0 while the image store refuses writes (the worker is not claiming), else 1",
+            "0 while the image store refuses writes, or after it failed a read of input images (the worker is not "
+            "claiming), else 1",
             registry=self.registry,
         )
         self.image_store_writable.set(1)

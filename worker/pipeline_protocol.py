@@ -148,3 +148,8 @@ class Engine(Protocol):
         """Run one denoising step of one size's rows (after admitting the waiting rows that fit), and return what
         ended."""
         ...
+
+    def close(self) -> None:
+        """Release what it holds besides the devices (the row engine: the thread that reads adapters). The worker
+        calls it once, as it stops; nothing is admitted or stepped after."""
+        ...

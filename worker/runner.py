@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 from common.blobstore import BlobStore, open_blob_store
 from common.config import log_config, refuse_evicting_redis
 from common.logs import bound
-from common.protocol import Size
+from common.protocol import Job, Size
 from common.redis_conn import connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
@@ -45,7 +45,7 @@ from worker.device_watermark import DeviceWatermark
 from worker.encode import encode_all
 from worker.handoff import EncodeImages, Generated, HandOff, failed
 from worker.images import ImageWriter
-from worker.inputs import InputsRefused, JobInputs
+from worker.inputs import InputsRefused, InputsUnreachable, JobInputs
 from worker.lora_source import LoraSource, adapter_loader, open_lora_source, refusal
 from worker.metrics import WorkerMetrics, metrics_app, start_server
 from worker.pipeline import PipelineError, PipelineOptions, SDXLPipeline
@@ -139,7 +139,7 @@ class Worker:
         if self._stopping.is_set():
             return "draining: no longer claiming jobs"
         if self._handoff.store_trouble is not None:
-            return f"not claiming jobs: the image store refuses writes ({self._handoff.store_trouble})"
+            return f"not claiming jobs: the image store is unavailable ({self._handoff.store_trouble})"
         return None
 
     async def abandon(self) -> None:
@@ -311,7 +311,7 @@ class Worker:
 
     async def _serve_idle(self, engine: Engine) -> None:
         """Nothing on the device: take the jobs of a claim under way, else wait for new ones (not while the image
-        store refuses writes, nor once stopping)."""
+        store is unavailable, nor once stopping)."""
         if self._claiming is not None:
             await self._admit_all(engine, await self._claimed())
             return
@@ -371,6 +371,9 @@ class Worker:
         except InputsRefused as exc:
             await self._handoff.hand_off(Generated(claimed, None, failed(job, self.id, str(exc)), queued_ms, 0.0))
             return
+        except InputsUnreachable as exc:
+            self._inputs_later(job, exc)
+            return
         progress = JobProgress(job, self.id, self._delivery, self.metrics)
         await progress.__aenter__()
         try:
@@ -381,6 +384,17 @@ class Worker:
             await self._handoff.hand_off(Generated(claimed, None, failed(job, self.id, reason), queued_ms, 0.0))
             return
         self._running[job.id] = Running(claimed, progress, queued_ms, time.perf_counter())
+
+    def _inputs_later(self, job: Job, exc: InputsUnreachable) -> None:
+        """A job whose input images' store cannot be reached now is neither failed nor acknowledged: its entry stays
+        pending under this worker, out of hand, and the claim script gives it back as a new delivery (as it does an
+        entry whose reply was lost). With the blob store away the worker first claims nothing until the store takes
+        a write again, as after a refused write; with Redis away the claims wait for it. Heartbeats go on, so no
+        other worker takes the job over meanwhile; should this one stop, they do."""
+        logger.warning("job %s: its input images cannot be read now (%s); left pending, to run once read", job.id, exc)
+        self.metrics.jobs.labels("inputs_unreachable").inc()
+        if exc.in_blob_store:
+            self._handoff.store_unavailable(f"a job's input images could not be read: {exc}")
 
     async def _settle_tick(self, tick: Tick) -> None:
         """Count the step's UNet samples, then hand off what it ended, each job on its own."""

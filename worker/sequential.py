@@ -110,6 +110,9 @@ class RequestAtATime:
                 self._running = None
         return tick
 
+    def close(self) -> None:
+        """Nothing to release: the pipeline holds only arrays."""
+
     def _next(self) -> tuple[str, ResolvedParams, StepCallback] | None:
         with self._lock:
             while self._waiting:
