@@ -23,6 +23,7 @@ BENCHMARKS = {
     "engine": "the engine against one request at a time: images/s, latency per class, a lone n=4, compiles",
     "lora": "the engine's step time with LoRA adapters: none, one shared, one per row, per rank (in-process)",
     "images": "requests from an image: VAE encode per image, latency of image to image and inpainting (in-process)",
+    "dispatch": "host time per step to pass SDXL's UNet parameters: nested dicts against one flat tuple",
 }
 
 

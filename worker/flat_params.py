@@ -2,7 +2,7 @@
 
 Each call of a compiled executable flattens its arguments on the host. A nested dict is flattened key by key,
 its keys sorted at every level, so SDXL's UNet (1,680 arrays under about 500 nested dicts) costs each denoising
-step about twice the host time of the same arrays in one tuple (`sdxl-serve bench host-params` measures both).
+step about twice the host time of the same arrays in one tuple (`sdxl-serve bench dispatch` measures both).
 `FlatParams` flattens to its tuple in one step; inside a traced function it reads as the dict it was made from
 (`params["unet"]`), rebuilt once per trace at no cost to the compiled program.
 """
