@@ -311,3 +311,122 @@ def test_the_cli_names_a_missing_model(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "--model" in result.stderr and "sdxl-serve tiny-model" in result.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("fmt", ["kohya-metadata", "diffusers"])
+def test_an_alpha_in_the_header_scales_layers_without_an_alpha_tensor(
+    tmp_path: Path, params: dict[str, Any], unet_config: dict[str, Any], layers: dict[Target, Any], fmt: Any
+) -> None:
+    path = tmp_path / "header.safetensors"
+    updates = write_tiny_lora(path, params, 4, 3, fmt, unet_config=unet_config, alpha=2.0, convolutions=True)
+    tensors = read_tensors(path)
+    assert not any(key.endswith(".alpha") for key in tensors)
+    assert_reads_as(read_adapter("h", path.read_bytes(), layers), updates, layers)
+    # The same tensors without the header: alpha is the rank, twice the header's 2 / 4.
+    doubled = {target: 2 * update for target, update in updates.items()}
+    assert_reads_as(read_adapter("h", save(tensors), layers), doubled, layers)
+
+
+def test_an_alpha_tensor_wins_over_the_header(
+    tmp_path: Path, params: dict[str, Any], unet_config: dict[str, Any], layers: dict[Target, Any]
+) -> None:
+    path = tmp_path / "kohya.safetensors"
+    updates = write_tiny_lora(path, params, 4, 3, "kohya", unet_config=unet_config, alpha=2.0)
+    data = save(read_tensors(path), metadata={"ss_network_alpha": "16.0", "ss_network_dim": "4"})
+    assert_reads_as(read_adapter("k", data, layers), updates, layers)
+
+
+def peft_folder(folder: Path) -> tuple[bytes, bytes]:
+    return (folder / "adapter_model.safetensors").read_bytes(), (folder / "adapter_config.json").read_bytes()
+
+
+def test_a_peft_folder_reads_with_the_alpha_of_its_config(
+    tmp_path: Path, params: dict[str, Any], layers: dict[Target, Any]
+) -> None:
+    folder = tmp_path / "style"
+    updates = write_tiny_lora(folder, params, 4, 4, "peft-folder", alpha=8.0, convolutions=True)
+    keys = read_tensors(folder / "adapter_model.safetensors")
+    assert "base_model.model.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" in keys
+    assert json.loads((folder / "adapter_config.json").read_text())["lora_alpha"] == 8.0
+    data, config = peft_folder(folder)
+    adapter = read_adapter("style", data, layers, config)
+    assert adapter.components() == {"unet"}
+    assert_reads_as(adapter, updates, layers)
+    # Without its config the file reads at scale 1: 4 / 8 of the config's.
+    assert_reads_as(read_adapter("style", data, layers), {t: u / 2 for t, u in updates.items()}, layers)
+
+
+@pytest.mark.parametrize(
+    ("change", "factor"),
+    [
+        # PEFT's alpha_pattern: a pattern that ends a module's name gives its alpha (2 for 8: a quarter).
+        ({"alpha_pattern": {"attn1.to_q": 2.0}}, lambda target: 0.25 if target[-2:] == ("attn1", "to_q") else 1.0),
+        (
+            {"alpha_pattern": {"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": 4}},
+            lambda t: 0.5 if t == ATTN1_Q else 1.0,
+        ),
+        # rsLoRA: alpha / sqrt(rank), twice alpha / rank at rank 4.
+        ({"use_rslora": True}, lambda target: 2.0),
+    ],
+)
+def test_a_peft_configs_alpha_pattern_and_rslora_scale_as_peft_does(
+    tmp_path: Path, params: dict[str, Any], layers: dict[Target, Any], change: dict[str, Any], factor: Any
+) -> None:
+    folder = tmp_path / "style"
+    updates = write_tiny_lora(folder, params, 4, 4, "peft-folder", alpha=8.0)
+    data, config = peft_folder(folder)
+    changed = json.dumps(json.loads(config) | change).encode()
+    expected = {target: update * factor(target) for target, update in updates.items()}
+    assert any(factor(target) != 1.0 for target in updates)
+    assert_reads_as(read_adapter("style", data, layers, changed), expected, layers)
+
+
+CONFIG_REFUSALS: dict[str, tuple[bytes, str]] = {
+    "not JSON": (b"{r: 4", "adapter_config.json is not JSON"),
+    "not an object": (b"[4]", "adapter_config.json is not a JSON object"),
+    "alpha a string": (b'{"r": 4, "lora_alpha": "eight"}', "adapter_config.json: 'lora_alpha' is 'eight'"),
+    "alpha infinite": (b'{"r": 4, "lora_alpha": 1e999}', "adapter_config.json: 'lora_alpha' is inf"),
+    "pattern's alpha": (
+        b'{"lora_alpha": 8, "alpha_pattern": {"to_q": null}}',
+        "adapter_config.json: \"alpha_pattern['to_q']\" is None",
+    ),
+    "bad pattern": (b'{"lora_alpha": 8, "alpha_pattern": {"(": 2}}', "\"alpha_pattern['(']\" is not a pattern"),
+    "patterns a list": (b'{"lora_alpha": 8, "alpha_pattern": [2]}', "'alpha_pattern' is [2]"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_REFUSALS)
+def test_a_peft_config_it_cannot_use_is_refused_naming_the_file_and_key(
+    tmp_path: Path, params: dict[str, Any], layers: dict[Target, Any], case: str
+) -> None:
+    folder = tmp_path / "style"
+    write_tiny_lora(folder, params, 4, 4, "peft-folder", alpha=8.0)
+    config, what = CONFIG_REFUSALS[case]
+    with pytest.raises(LoraError) as error:
+        read_adapter("bad", (folder / "adapter_model.safetensors").read_bytes(), layers, config)
+    message = str(error.value)
+    assert message.startswith("LoRA 'bad': ") and what in message, message
+
+
+HEADER_REFUSALS: dict[str, tuple[dict[str, str], str]] = {
+    "kohya alpha not a number": ({"ss_network_alpha": "abc"}, "the header's 'ss_network_alpha' is 'abc'"),
+    "kohya alpha NaN": ({"ss_network_alpha": "nan"}, "the header's 'ss_network_alpha' is nan"),
+    "diffusers not JSON": ({"lora_adapter_metadata": "{"}, "the header's 'lora_adapter_metadata' is not JSON"),
+    "diffusers alpha": (
+        {"lora_adapter_metadata": '{"unet.r": 4, "unet.lora_alpha": "x"}'},
+        "the header's 'lora_adapter_metadata': 'unet.lora_alpha' is 'x'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", HEADER_REFUSALS)
+def test_a_header_alpha_it_cannot_use_is_refused_naming_the_key(
+    tmp_path: Path, params: dict[str, Any], layers: dict[Target, Any], case: str
+) -> None:
+    path = tmp_path / "k.safetensors"
+    write_tiny_lora(path, params, 4, 4, "kohya-metadata", alpha=2.0)
+    metadata, what = HEADER_REFUSALS[case]
+    with pytest.raises(LoraError) as error:
+        read_adapter("bad", save(read_tensors(path), metadata=metadata), layers)
+    message = str(error.value)
+    assert message.startswith("LoRA 'bad': ") and what in message, message
