@@ -285,7 +285,14 @@ def test_any_bytes_give_an_adapter_or_a_lora_error(kohya: Tensors, layers: Any) 
     assert outcomes["error"] > 0 and outcomes["adapter"] > 0  # both kinds of bytes were tried
 
 
-@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+def test_the_cli_offers_every_format_the_writer_writes() -> None:
+    from sdxl_serve.tiny_lora import FORMATS as CLI_FORMATS
+    from worker.tiny_lora import FORMATS
+
+    assert CLI_FORMATS == FORMATS
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "kohya-metadata", "peft", "diffusers", "peft-folder"])
 def test_the_cli_writes_a_lora_that_reads_back(
     tmp_path: Path, tiny_model: Path, params: dict[str, Any], unet_config: dict[str, Any], layers: Any, fmt: Any
 ) -> None:
@@ -300,9 +307,10 @@ def test_the_cli_writes_a_lora_that_reads_back(
     updates = write_tiny_lora(
         tmp_path / "same.safetensors", params, 3, 5, fmt, unet_config=unet_config, alpha=1.5, convolutions=True
     )
-    assert_reads_as(read_adapter(fmt, out.read_bytes(), layers), updates, layers)
+    data, config = peft_folder(out) if fmt == "peft-folder" else (out.read_bytes(), None)
+    assert_reads_as(read_adapter(fmt, data, layers, config), updates, layers)
     named = {"kohya": "lora_unet_input_blocks_2_0_op.alpha", "peft": "unet.down_blocks.0.downsamplers.0.conv.alpha"}
-    assert named[fmt] in read_tensors(out)
+    assert fmt not in named or named[fmt] in read_tensors(out)
 
 
 def test_the_cli_names_a_missing_model(tmp_path: Path) -> None:

@@ -24,7 +24,8 @@ from typing import Any
 
 from worker.lora import COMPONENTS, LoraError
 
-PEFT_CONFIG = "adapter_config.json"
+# The two files of PEFT's `save_pretrained` folder.
+PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 DIFFUSERS_METADATA = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 KOHYA_ALPHA = "ss_network_alpha"
 

@@ -22,12 +22,11 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 from worker.lora import COMPONENTS, Target
+from worker.lora_scale import PEFT_CONFIG, PEFT_WEIGHTS
 from worker.tiny_formats import renamed, save_safetensors, to_pytorch, unet_prefixes
 
 Format = Literal["kohya", "kohya-metadata", "peft", "diffusers", "peft-folder"]
 FORMATS: tuple[Format, ...] = ("kohya", "kohya-metadata", "peft", "diffusers", "peft-folder")
-# The files of PEFT's `save_pretrained` folder.
-PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 # The layers sd-scripts' LoRA trains by default: the UNet's transformers and the text encoders' attention and MLP.
 _UNET_LINEAR = frozenset({"to_q", "to_k", "to_v", "to_out_0", "proj_in", "proj_out", "net_2", "proj"})
@@ -80,7 +79,13 @@ def _header(fmt: Format, rank: int, alpha: float | None, components: Sequence[st
     """What the format's writer stores beside the tensors: its header's metadata, or (`peft-folder`) its config."""
     if fmt == "kohya-metadata":
         return {"ss_network_alpha": f"{alpha}", "ss_network_dim": f"{rank}"}
-    config = {"r": rank, "lora_alpha": alpha, "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False}
+    config: dict[str, Any] = {
+        "r": rank,
+        "lora_alpha": alpha,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_rslora": False,
+    }
     if fmt == "diffusers":
         fields = {f"{component}.{key}": value for component in components for key, value in config.items()}
         return {"format": "pt", "lora_adapter_metadata": json.dumps(fields, indent=2, sort_keys=True)}
