@@ -335,6 +335,28 @@ def test_an_alpha_in_the_header_scales_layers_without_an_alpha_tensor(
     assert_reads_as(read_adapter("h", save(tensors), layers), doubled, layers)
 
 
+def test_kohya_convolutions_take_the_conv_alpha_of_the_network_args(
+    tmp_path: Path, params: dict[str, Any], unet_config: dict[str, Any], layers: dict[Target, Any]
+) -> None:
+    path = tmp_path / "locon.safetensors"
+    updates = write_tiny_lora(
+        path, params, 4, 3, "kohya-metadata", unet_config=unet_config, alpha=2.0, convolutions=True
+    )
+    metadata = {
+        "ss_network_alpha": "2.0",
+        "ss_network_dim": "4",
+        "ss_network_args": '{"conv_dim": "4", "conv_alpha": "1"}',
+    }
+    adapter = read_adapter("l", save(read_tensors(path), metadata=metadata), layers)
+    # 3x3 convolutions at alpha 1 (half of 2); linear layers and 1x1 convolutions at the network's alpha.
+    halved = {
+        target: update / 2 if update.ndim == 4 and update.shape[:2] != (1, 1) else update
+        for target, update in updates.items()
+    }
+    assert any(update.ndim == 4 and update.shape[:2] == (3, 3) for update in updates.values())
+    assert_reads_as(adapter, halved, layers)
+
+
 def test_an_alpha_tensor_wins_over_the_header(
     tmp_path: Path, params: dict[str, Any], unet_config: dict[str, Any], layers: dict[Target, Any]
 ) -> None:
@@ -419,6 +441,10 @@ def test_a_peft_config_it_cannot_use_is_refused_naming_the_file_and_key(
 HEADER_REFUSALS: dict[str, tuple[dict[str, str], str]] = {
     "kohya alpha not a number": ({"ss_network_alpha": "abc"}, "the header's 'ss_network_alpha' is 'abc'"),
     "kohya alpha NaN": ({"ss_network_alpha": "nan"}, "the header's 'ss_network_alpha' is nan"),
+    "kohya conv alpha": (
+        {"ss_network_alpha": "2", "ss_network_args": '{"conv_alpha": "wide"}'},
+        "the header's 'ss_network_args': 'conv_alpha' is 'wide'",
+    ),
     "diffusers not JSON": ({"lora_adapter_metadata": "{"}, "the header's 'lora_adapter_metadata' is not JSON"),
     "diffusers alpha": (
         {"lora_adapter_metadata": '{"unet.r": 4, "unet.lora_alpha": "x"}'},

@@ -219,7 +219,8 @@ def _factors(
     if up.shape[0] != rank:
         raise _error(name, up_key, f"has rank {up.shape[0]}, but its down {down_key!r} has rank {rank}")
     alpha_key = roles.get("alpha")
-    scale = scaling.scale(layer.layer, rank, None if alpha_key is None else _alpha(name, alpha_key, tensors[alpha_key]))
+    alpha = None if alpha_key is None else _alpha(name, alpha_key, tensors[alpha_key])
+    scale = scaling.scale(layer.layer, rank, alpha, spatial=len(shape) == 4 and shape[:2] != (1, 1))
     return Factors(np.ascontiguousarray(down), np.ascontiguousarray(up * np.float32(scale)))
 
 

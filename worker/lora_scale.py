@@ -8,7 +8,8 @@ factors wins. Otherwise, in the order tried:
   module's dotted name) and `use_rslora`;
 - diffusers' `save_lora_weights`: the same PEFT `LoraConfig` fields per component in the header's
   `lora_adapter_metadata` (JSON), each key prefixed by its component (`unet.lora_alpha`, `text_encoder.r`);
-- kohya's sd-scripts: the header's `ss_network_alpha` (a number as text), for every layer;
+- kohya's sd-scripts: the header's `ss_network_alpha` (a number as text), for every layer but LoCon's 3x3
+  convolutions, which take the `conv_alpha` of its `ss_network_args` (JSON of text values) where it gives one;
 - nothing: alpha is the rank (scale 1), as kohya and diffusers read such files.
 """
 
@@ -27,7 +28,7 @@ from worker.lora import COMPONENTS, LoraError
 # The two files of PEFT's `save_pretrained` folder.
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 DIFFUSERS_METADATA = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
-KOHYA_ALPHA = "ss_network_alpha"
+KOHYA_ALPHA, KOHYA_ARGS = "ss_network_alpha", "ss_network_args"
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,13 @@ class Scaling:
     alpha: float | None = None  # None: the rank's own (scale 1)
     patterns: tuple[tuple[re.Pattern[str], float], ...] = ()  # PEFT's alpha_pattern, in its order
     rslora: bool = False
+    conv_alpha: float | None = None  # kohya's LoCon: a 3x3 convolution's, where it differs
 
-    def scale(self, layer: str, rank: int, alpha: float | None) -> float:
+    def scale(self, layer: str, rank: int, alpha: float | None, spatial: bool = False) -> float:
         """The factor on `up @ down` for `layer` (the file's dotted module name) of rank `rank`; `alpha` is the
-        layer's own `.alpha` tensor, if any."""
+        layer's own `.alpha` tensor, if any; `spatial`: the layer is a convolution of a kernel larger than 1x1."""
+        if alpha is None and spatial and self.conv_alpha is not None:
+            alpha = self.conv_alpha
         if alpha is None:
             alpha = next((value for pattern, value in self.patterns if pattern.match(layer)), self.alpha)
         if alpha is None:
@@ -61,8 +65,21 @@ def scalings(name: str, data: bytes, config: bytes | None) -> dict[str, Scaling]
         return {component: _peft(name, where, _of(component, fields), component) for component in COMPONENTS}
     if KOHYA_ALPHA in metadata:
         alpha = _number(name, f"the header's {KOHYA_ALPHA!r}", _text_number(metadata[KOHYA_ALPHA]))
-        return dict.fromkeys(COMPONENTS, Scaling(alpha))
+        return dict.fromkeys(COMPONENTS, Scaling(alpha, conv_alpha=_kohya_conv_alpha(name, metadata)))
     return {}
+
+
+def _kohya_conv_alpha(name: str, metadata: Mapping[str, str]) -> float | None:
+    """`conv_alpha` of sd-scripts' `ss_network_args` (`--network_args conv_dim=8 conv_alpha=4`, as JSON of the
+    texts); the field holds other options too, so one that is not a JSON object gives none."""
+    try:
+        args = json.loads(metadata.get(KOHYA_ARGS, "{}"))
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(args, dict) or args.get("conv_alpha") is None:
+        return None
+    where = f"the header's {KOHYA_ARGS!r}"
+    return _number(name, where, _text_number(str(args["conv_alpha"])), "conv_alpha")
 
 
 def header_metadata(data: bytes) -> dict[str, str]:

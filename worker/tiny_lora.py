@@ -78,7 +78,9 @@ def write_tiny_lora(
 def _header(fmt: Format, rank: int, alpha: float | None, components: Sequence[str]) -> dict[str, str]:
     """What the format's writer stores beside the tensors: its header's metadata, or (`peft-folder`) its config."""
     if fmt == "kohya-metadata":
-        return {"ss_network_alpha": f"{alpha}", "ss_network_dim": f"{rank}"}
+        # sd-scripts' LoCon options: `--network_args conv_dim=N conv_alpha=A`, kept as JSON of the texts.
+        conv = json.dumps({"conv_dim": f"{rank}", "conv_alpha": f"{alpha}"})
+        return {"ss_network_alpha": f"{alpha}", "ss_network_dim": f"{rank}", "ss_network_args": conv}
     config: dict[str, Any] = {
         "r": rank,
         "lora_alpha": alpha,
