@@ -357,6 +357,18 @@ def test_kohya_convolutions_take_the_conv_alpha_of_the_network_args(
     assert_reads_as(adapter, halved, layers)
 
 
+def test_diffusers_metadata_scales_only_the_components_it_names(
+    tmp_path: Path, params: dict[str, Any], layers: dict[Target, Any]
+) -> None:
+    path = tmp_path / "diffusers.safetensors"
+    updates = write_tiny_lora(path, params, 4, 3, "diffusers", alpha=2.0)
+    metadata = {"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 2.0})}
+    # The text encoders, which the metadata does not name, at scale 1: twice the written 2 / 4.
+    expected = {target: update * (1 if target[0] == "unet" else 2) for target, update in updates.items()}
+    assert {target[0] for target in updates} == {"unet", "text_encoder", "text_encoder_2"}
+    assert_reads_as(read_adapter("d", save(read_tensors(path), metadata=metadata), layers), expected, layers)
+
+
 def test_an_alpha_tensor_wins_over_the_header(
     tmp_path: Path, params: dict[str, Any], unet_config: dict[str, Any], layers: dict[Target, Any]
 ) -> None:
@@ -409,6 +421,15 @@ def test_a_peft_configs_alpha_pattern_and_rslora_scale_as_peft_does(
     expected = {target: update * factor(target) for target, update in updates.items()}
     assert any(factor(target) != 1.0 for target in updates)
     assert_reads_as(read_adapter("style", data, layers, changed), expected, layers)
+
+
+def test_a_peft_config_without_lora_alpha_has_peft_default_of_8(
+    tmp_path: Path, params: dict[str, Any], layers: dict[Target, Any]
+) -> None:
+    folder = tmp_path / "style"
+    updates = write_tiny_lora(folder, params, 4, 4, "peft-folder", alpha=8.0)
+    data, _ = peft_folder(folder)
+    assert_reads_as(read_adapter("style", data, layers, b'{"peft_type": "LORA", "r": 4}'), updates, layers)
 
 
 CONFIG_REFUSALS: dict[str, tuple[bytes, str]] = {

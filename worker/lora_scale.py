@@ -29,6 +29,7 @@ from worker.lora import COMPONENTS, LoraError
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 DIFFUSERS_METADATA = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 KOHYA_ALPHA, KOHYA_ARGS = "ss_network_alpha", "ss_network_args"
+PEFT_DEFAULT_ALPHA = 8.0  # peft.LoraConfig's `lora_alpha` when a config names none
 
 
 @dataclass(frozen=True)
@@ -96,10 +97,13 @@ def _of(component: str, fields: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _peft(name: str, where: str, fields: Mapping[str, Any], component: str = "") -> Scaling:
-    """A PEFT `LoraConfig`'s scaling: `lora_alpha`, `alpha_pattern`, `use_rslora` (`r` and `rank_pattern` are the
-    tensors' own ranks)."""
+    """A PEFT `LoraConfig`'s scaling: `lora_alpha` (PEFT's default where a config names none), `alpha_pattern`,
+    `use_rslora` (`r` and `rank_pattern` are the tensors' own ranks). No fields (diffusers' metadata for another
+    component): scale 1, as diffusers reads a component without its config."""
+    if not fields:
+        return Scaling()
     key = f"{component}." if component else ""
-    alpha = fields.get("lora_alpha")
+    alpha = fields.get("lora_alpha", PEFT_DEFAULT_ALPHA)
     patterns = fields.get("alpha_pattern") or {}
     if not isinstance(patterns, dict):
         raise _error(name, where, f"{key}alpha_pattern", f"is {patterns!r}; it maps module names to alphas")
