@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from common import strength as strength_rule
 from common.inputs import Inputs
 from common.jobstore import (
     ANYONE,
@@ -130,16 +131,14 @@ async def make_job(
 
 
 def check_strength(params: ResolvedParams) -> None:
-    """Refuse, before queueing, a strength that runs no step of the request's schedule: an image's request runs
-    `int(steps * strength)` of its steps (diffusers' arithmetic, worker/img2img.py), and at least one is needed."""
-    strength, steps = params.strength, params.num_inference_steps
-    if strength is not None and int(steps * strength) < 1:
-        raise ApiError(
-            400,
-            "strength_too_small",
-            f"strength: {strength} of {steps} steps runs no step; strength * steps must be at least 1",
-            field="strength",
-        )
+    """Refuse, before queueing, a strength that runs no step of the request's schedule, by the rule the worker runs
+    by (common/strength.py); the schema has kept it within 0 < strength <= 1."""
+    if params.strength is None:
+        return
+    try:
+        strength_rule.check_strength(params.num_inference_steps, params.strength)
+    except strength_rule.StrengthError as exc:
+        raise ApiError(400, "strength_too_small", str(exc), field="strength") from None
 
 
 def check_n(

@@ -1,5 +1,6 @@
 """`sdxl-serve tiny-lora OUT.safetensors --model DIR`: write a small random LoRA for a model (the tiny one), in
-kohya's or PEFT's format, to try adapters without downloading one."""
+kohya's, diffusers' or PEFT's format (`peft-folder`: OUT is PEFT's `save_pretrained` folder), to try adapters without
+downloading one."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 
 from common.config import ConfigError
 
-FORMATS = ("kohya", "peft")
+# worker/tiny_lora.py's, named here so that `--help` needs no JAX.
+FORMATS = ("kohya", "kohya-metadata", "peft", "diffusers", "peft-folder")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="the model's folder (`sdxl-serve tiny-model DIR`)")
     parser.add_argument("--rank", type=_positive, default=4)
     parser.add_argument(
-        "--format", choices=FORMATS, default="kohya", help="kohya: sd-scripts' names (the UNet's original ones); peft"
+        "--format",
+        choices=FORMATS,
+        default="kohya",
+        help="kohya: sd-scripts' names (the UNet's original ones), an alpha tensor per layer; kohya-metadata: the "
+        "alpha in the header's ss_network_alpha; peft: diffusers/PEFT names; diffusers: the alpha in the header's "
+        "lora_adapter_metadata; peft-folder: PEFT's save_pretrained folder (the UNet's layers, adapter_config.json)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--alpha", type=float, default=None, help="the file's alpha (kohya's default: the rank)")

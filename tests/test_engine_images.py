@@ -233,8 +233,8 @@ def test_what_images_cannot_do_is_refused_at_admission_with_nothing_held(engine:
     dot = np.zeros((SIZE.height, SIZE.width), bool)
     dot[1, 1] = True  # the latent mask reads every other pixel from the first: this one vanishes
     cases = [
-        (ImageInput(picture(), None, 0.2), "strength 0.2 at 3 steps runs no step"),
-        (ImageInput(picture(), None, 1.5), "strength must be between 0 and 1"),
+        (ImageInput(picture(), None, 0.2), "^strength: 0.2 at 3 steps runs no step"),
+        (ImageInput(picture(), None, 1.5), "^strength: must be between 0 and 1"),
         (ImageInput(picture(), left_half(48, 80), 0.0), "runs no step"),
         (ImageInput(picture(64, 64), dot, 0.7), "mask: nothing to repaint at 64x64"),
         (ImageInput(picture(), left_half(), 0.7), r"mask: bool \[48, 80\] \(the image's size\) expected"),

@@ -30,6 +30,7 @@ from common.protocol import DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, 
 from common.rediskeys import RedisKeys
 from common.registry import Registry
 from common.streams import JobStreams
+from common.strength import StrengthError, check_strength
 from gateway.cli import gateway_config
 from gateway.jobs import request_fingerprint
 from gateway.schemas import GenerateRequest
@@ -207,6 +208,18 @@ async def test_fields_that_need_an_image_or_break_a_rule_are_named(
     response = await client.post("/v1/jobs", json={"prompt": "a cat", **body})
     error = await error_of(response)
     assert response.status == 400 and (error["field"], error["code"]) == (field, code)
+    assert await queued_jobs(redis_client) == 0
+
+
+async def test_a_strength_that_runs_no_step_is_refused_in_the_words_of_the_workers_rule(
+    client: Client, redis_client: aioredis.Redis, able_worker: None
+) -> None:
+    body = {"prompt": "a cat", "image": b64(IMAGE), "strength": 0.3, "num_inference_steps": 3}
+    response = await client.post("/v1/jobs", json=body)
+    error = await error_of(response)
+    with pytest.raises(StrengthError) as rule:
+        check_strength(3, 0.3)  # 0.3 * 3 is 0.899...: no step
+    assert response.status == 400 and (error["code"], error["message"]) == ("strength_too_small", str(rule.value))
     assert await queued_jobs(redis_client) == 0
 
 

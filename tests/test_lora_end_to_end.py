@@ -24,9 +24,10 @@ pytestmark = pytest.mark.e2e
 WORKER = "lora-worker"
 
 
-def tiny_lora(folder: Path, name: str, model: Path, *flags: str) -> None:
-    """`sdxl-serve tiny-lora FOLDER/NAME.safetensors --model MODEL FLAGS`, as a user makes one."""
-    command = [sys.executable, "-m", "sdxl_serve", "tiny-lora", str(folder / f"{name}.safetensors"), "--model"]
+def tiny_lora(folder: Path, name: str, model: Path, *flags: str, suffix: str = ".safetensors") -> None:
+    """`sdxl-serve tiny-lora FOLDER/NAME.safetensors --model MODEL FLAGS`, as a user makes one (`suffix` "": a PEFT
+    folder, FOLDER/NAME)."""
+    command = [sys.executable, "-m", "sdxl_serve", "tiny-lora", str(folder / f"{name}{suffix}"), "--model"]
     subprocess.run([*command, str(model), *flags], check=True, capture_output=True)
 
 
@@ -34,11 +35,14 @@ def tiny_lora(folder: Path, name: str, model: Path, *flags: str) -> None:
 def lora_cluster(
     redis_server: RedisServer, tiny_model: Path, processes: ProcessGroup, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
-    """A gateway and one worker offering `ink` (kohya), `oil` (PEFT) and `broken` (not safetensors), with a pool of
+    """A gateway and one worker offering `ink` (kohya), `oil` (PEFT), `wash` (PEFT's `save_pretrained` folder, alpha 8
+    at rank 4), `wash-file` (the folder's safetensors alone: alpha 4) and `broken` (not safetensors), with a pool of
     two slots, on database 6."""
     folder = tmp_path_factory.mktemp("adapters")
     tiny_lora(folder, "ink", tiny_model, "--format", "kohya", "--seed", "1", "--rank", "4")
     tiny_lora(folder, "oil", tiny_model, "--format", "peft", "--seed", "2", "--rank", "2")
+    tiny_lora(folder, "wash", tiny_model, "--format", "peft-folder", "--rank", "4", "--alpha", "8", suffix="")
+    (folder / "wash-file.safetensors").write_bytes((folder / "wash" / "adapter_model.safetensors").read_bytes())
     (folder / "broken.safetensors").write_bytes(b"not a safetensors file")
     redis_url = redis_server.url(6)
     redis.Redis.from_url(redis_url).flushdb()
@@ -80,10 +84,10 @@ async def worker_info(cluster: Cluster, until: Any = lambda info: True) -> Worke
 
 async def test_the_worker_offers_its_folder_and_the_gateway_lists_it(lora_cluster: Cluster) -> None:
     info = await worker_info(lora_cluster)
-    assert (info.loras, info.max_loras) == (["broken", "ink", "oil"], 2)
+    assert (info.loras, info.max_loras) == (["broken", "ink", "oil", "wash", "wash-file"], 2)
     async with aiohttp.ClientSession() as session, session.get(f"{lora_cluster.url}/v1/loras") as response:
         listed = await response.json()
-    assert [entry["id"] for entry in listed["data"]] == ["broken", "ink", "oil"]
+    assert [entry["id"] for entry in listed["data"]] == ["broken", "ink", "oil", "wash", "wash-file"]
 
 
 async def test_an_adapter_changes_the_image_and_scale_zero_leaves_it_as_it_was(lora_cluster: Cluster) -> None:
@@ -93,6 +97,15 @@ async def test_an_adapter_changes_the_image_and_scale_zero_leaves_it_as_it_was(l
     assert inked != plain
     assert unscaled == plain
     assert await images(lora_cluster, loras=[{"name": "ink", "scale": 1.0}]) == inked  # the pool's copy, again
+
+
+async def test_a_peft_folder_is_applied_with_the_alpha_of_its_config(lora_cluster: Cluster) -> None:
+    """The folder's alpha 8 at rank 4 doubles the update of its safetensors alone (alpha the rank): at half the
+    scale, the same image, bit for bit (doubling and halving are exact)."""
+    washed = await images(lora_cluster, loras=[{"name": "wash", "scale": 0.5}])
+    assert washed != await images(lora_cluster)
+    assert washed == await images(lora_cluster, loras=[{"name": "wash-file", "scale": 1.0}])
+    assert washed != await images(lora_cluster, loras=[{"name": "wash-file", "scale": 0.5}])
 
 
 async def test_two_adapters_of_both_formats_in_one_request_and_the_pool_is_advertised(lora_cluster: Cluster) -> None:

@@ -285,7 +285,14 @@ def test_any_bytes_give_an_adapter_or_a_lora_error(kohya: Tensors, layers: Any) 
     assert outcomes["error"] > 0 and outcomes["adapter"] > 0  # both kinds of bytes were tried
 
 
-@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+def test_the_cli_offers_every_format_the_writer_writes() -> None:
+    from sdxl_serve.tiny_lora import FORMATS as CLI_FORMATS
+    from worker.tiny_lora import FORMATS
+
+    assert CLI_FORMATS == FORMATS
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "kohya-metadata", "peft", "diffusers", "peft-folder"])
 def test_the_cli_writes_a_lora_that_reads_back(
     tmp_path: Path, tiny_model: Path, params: dict[str, Any], unet_config: dict[str, Any], layers: Any, fmt: Any
 ) -> None:
@@ -300,9 +307,10 @@ def test_the_cli_writes_a_lora_that_reads_back(
     updates = write_tiny_lora(
         tmp_path / "same.safetensors", params, 3, 5, fmt, unet_config=unet_config, alpha=1.5, convolutions=True
     )
-    assert_reads_as(read_adapter(fmt, out.read_bytes(), layers), updates, layers)
+    data, config = peft_folder(out) if fmt == "peft-folder" else (out.read_bytes(), None)
+    assert_reads_as(read_adapter(fmt, data, layers, config), updates, layers)
     named = {"kohya": "lora_unet_input_blocks_2_0_op.alpha", "peft": "unet.down_blocks.0.downsamplers.0.conv.alpha"}
-    assert named[fmt] in read_tensors(out)
+    assert fmt not in named or named[fmt] in read_tensors(out)
 
 
 def test_the_cli_names_a_missing_model(tmp_path: Path) -> None:
@@ -311,3 +319,169 @@ def test_the_cli_names_a_missing_model(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "--model" in result.stderr and "sdxl-serve tiny-model" in result.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("fmt", ["kohya-metadata", "diffusers"])
+def test_an_alpha_in_the_header_scales_layers_without_an_alpha_tensor(
+    tmp_path: Path, params: dict[str, Any], unet_config: dict[str, Any], layers: dict[Target, Any], fmt: Any
+) -> None:
+    path = tmp_path / "header.safetensors"
+    updates = write_tiny_lora(path, params, 4, 3, fmt, unet_config=unet_config, alpha=2.0, convolutions=True)
+    tensors = read_tensors(path)
+    assert not any(key.endswith(".alpha") for key in tensors)
+    assert_reads_as(read_adapter("h", path.read_bytes(), layers), updates, layers)
+    # The same tensors without the header: alpha is the rank, twice the header's 2 / 4.
+    doubled = {target: 2 * update for target, update in updates.items()}
+    assert_reads_as(read_adapter("h", save(tensors), layers), doubled, layers)
+
+
+def test_kohya_convolutions_take_the_conv_alpha_of_the_network_args(
+    tmp_path: Path, params: dict[str, Any], unet_config: dict[str, Any], layers: dict[Target, Any]
+) -> None:
+    path = tmp_path / "locon.safetensors"
+    updates = write_tiny_lora(
+        path, params, 4, 3, "kohya-metadata", unet_config=unet_config, alpha=2.0, convolutions=True
+    )
+    metadata = {
+        "ss_network_alpha": "2.0",
+        "ss_network_dim": "4",
+        "ss_network_args": '{"conv_dim": "4", "conv_alpha": "1"}',
+    }
+    adapter = read_adapter("l", save(read_tensors(path), metadata=metadata), layers)
+    # 3x3 convolutions at alpha 1 (half of 2); linear layers and 1x1 convolutions at the network's alpha.
+    halved = {
+        target: update / 2 if update.ndim == 4 and update.shape[:2] != (1, 1) else update
+        for target, update in updates.items()
+    }
+    assert any(update.ndim == 4 and update.shape[:2] == (3, 3) for update in updates.values())
+    assert_reads_as(adapter, halved, layers)
+
+
+def test_diffusers_metadata_scales_only_the_components_it_names(
+    tmp_path: Path, params: dict[str, Any], layers: dict[Target, Any]
+) -> None:
+    path = tmp_path / "diffusers.safetensors"
+    updates = write_tiny_lora(path, params, 4, 3, "diffusers", alpha=2.0)
+    metadata = {"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 2.0})}
+    # The text encoders, which the metadata does not name, at scale 1: twice the written 2 / 4.
+    expected = {target: update * (1 if target[0] == "unet" else 2) for target, update in updates.items()}
+    assert {target[0] for target in updates} == {"unet", "text_encoder", "text_encoder_2"}
+    assert_reads_as(read_adapter("d", save(read_tensors(path), metadata=metadata), layers), expected, layers)
+
+
+def test_an_alpha_tensor_wins_over_the_header(
+    tmp_path: Path, params: dict[str, Any], unet_config: dict[str, Any], layers: dict[Target, Any]
+) -> None:
+    path = tmp_path / "kohya.safetensors"
+    updates = write_tiny_lora(path, params, 4, 3, "kohya", unet_config=unet_config, alpha=2.0)
+    data = save(read_tensors(path), metadata={"ss_network_alpha": "16.0", "ss_network_dim": "4"})
+    assert_reads_as(read_adapter("k", data, layers), updates, layers)
+
+
+def peft_folder(folder: Path) -> tuple[bytes, bytes]:
+    return (folder / "adapter_model.safetensors").read_bytes(), (folder / "adapter_config.json").read_bytes()
+
+
+def test_a_peft_folder_reads_with_the_alpha_of_its_config(
+    tmp_path: Path, params: dict[str, Any], layers: dict[Target, Any]
+) -> None:
+    folder = tmp_path / "style"
+    updates = write_tiny_lora(folder, params, 4, 4, "peft-folder", alpha=8.0, convolutions=True)
+    keys = read_tensors(folder / "adapter_model.safetensors")
+    assert "base_model.model.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" in keys
+    assert json.loads((folder / "adapter_config.json").read_text())["lora_alpha"] == 8.0
+    data, config = peft_folder(folder)
+    adapter = read_adapter("style", data, layers, config)
+    assert adapter.components() == {"unet"}
+    assert_reads_as(adapter, updates, layers)
+    # Without its config the file reads at scale 1: 4 / 8 of the config's.
+    assert_reads_as(read_adapter("style", data, layers), {t: u / 2 for t, u in updates.items()}, layers)
+
+
+@pytest.mark.parametrize(
+    ("change", "factor"),
+    [
+        # PEFT's alpha_pattern: a pattern that ends a module's name gives its alpha (2 for 8: a quarter).
+        ({"alpha_pattern": {"attn1.to_q": 2.0}}, lambda target: 0.25 if target[-2:] == ("attn1", "to_q") else 1.0),
+        (
+            {"alpha_pattern": {"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": 4}},
+            lambda t: 0.5 if t == ATTN1_Q else 1.0,
+        ),
+        # rsLoRA: alpha / sqrt(rank), twice alpha / rank at rank 4.
+        ({"use_rslora": True}, lambda target: 2.0),
+    ],
+)
+def test_a_peft_configs_alpha_pattern_and_rslora_scale_as_peft_does(
+    tmp_path: Path, params: dict[str, Any], layers: dict[Target, Any], change: dict[str, Any], factor: Any
+) -> None:
+    folder = tmp_path / "style"
+    updates = write_tiny_lora(folder, params, 4, 4, "peft-folder", alpha=8.0)
+    data, config = peft_folder(folder)
+    changed = json.dumps(json.loads(config) | change).encode()
+    expected = {target: update * factor(target) for target, update in updates.items()}
+    assert any(factor(target) != 1.0 for target in updates)
+    assert_reads_as(read_adapter("style", data, layers, changed), expected, layers)
+
+
+def test_a_peft_config_without_lora_alpha_has_peft_default_of_8(
+    tmp_path: Path, params: dict[str, Any], layers: dict[Target, Any]
+) -> None:
+    folder = tmp_path / "style"
+    updates = write_tiny_lora(folder, params, 4, 4, "peft-folder", alpha=8.0)
+    data, _ = peft_folder(folder)
+    assert_reads_as(read_adapter("style", data, layers, b'{"peft_type": "LORA", "r": 4}'), updates, layers)
+
+
+CONFIG_REFUSALS: dict[str, tuple[bytes, str]] = {
+    "not JSON": (b"{r: 4", "adapter_config.json is not JSON"),
+    "not an object": (b"[4]", "adapter_config.json is not a JSON object"),
+    "alpha a string": (b'{"r": 4, "lora_alpha": "eight"}', "adapter_config.json: 'lora_alpha' is 'eight'"),
+    "alpha infinite": (b'{"r": 4, "lora_alpha": 1e999}', "adapter_config.json: 'lora_alpha' is inf"),
+    "pattern's alpha": (
+        b'{"lora_alpha": 8, "alpha_pattern": {"to_q": null}}',
+        "adapter_config.json: \"alpha_pattern['to_q']\" is None",
+    ),
+    "bad pattern": (b'{"lora_alpha": 8, "alpha_pattern": {"(": 2}}', "\"alpha_pattern['(']\" is not a pattern"),
+    "patterns a list": (b'{"lora_alpha": 8, "alpha_pattern": [2]}', "'alpha_pattern' is [2]"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_REFUSALS)
+def test_a_peft_config_it_cannot_use_is_refused_naming_the_file_and_key(
+    tmp_path: Path, params: dict[str, Any], layers: dict[Target, Any], case: str
+) -> None:
+    folder = tmp_path / "style"
+    write_tiny_lora(folder, params, 4, 4, "peft-folder", alpha=8.0)
+    config, what = CONFIG_REFUSALS[case]
+    with pytest.raises(LoraError) as error:
+        read_adapter("bad", (folder / "adapter_model.safetensors").read_bytes(), layers, config)
+    message = str(error.value)
+    assert message.startswith("LoRA 'bad': ") and what in message, message
+
+
+HEADER_REFUSALS: dict[str, tuple[dict[str, str], str]] = {
+    "kohya alpha not a number": ({"ss_network_alpha": "abc"}, "the header's 'ss_network_alpha' is 'abc'"),
+    "kohya alpha NaN": ({"ss_network_alpha": "nan"}, "the header's 'ss_network_alpha' is nan"),
+    "kohya conv alpha": (
+        {"ss_network_alpha": "2", "ss_network_args": '{"conv_alpha": "wide"}'},
+        "the header's 'ss_network_args': 'conv_alpha' is 'wide'",
+    ),
+    "diffusers not JSON": ({"lora_adapter_metadata": "{"}, "the header's 'lora_adapter_metadata' is not JSON"),
+    "diffusers alpha": (
+        {"lora_adapter_metadata": '{"unet.r": 4, "unet.lora_alpha": "x"}'},
+        "the header's 'lora_adapter_metadata': 'unet.lora_alpha' is 'x'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", HEADER_REFUSALS)
+def test_a_header_alpha_it_cannot_use_is_refused_naming_the_key(
+    tmp_path: Path, params: dict[str, Any], layers: dict[Target, Any], case: str
+) -> None:
+    path = tmp_path / "k.safetensors"
+    write_tiny_lora(path, params, 4, 4, "kohya-metadata", alpha=2.0)
+    metadata, what = HEADER_REFUSALS[case]
+    with pytest.raises(LoraError) as error:
+        read_adapter("bad", save(read_tensors(path), metadata=metadata), layers)
+    message = str(error.value)
+    assert message.startswith("LoRA 'bad': ") and what in message, message

@@ -25,6 +25,7 @@ from worker.config import WorkerConfig
 from worker.lora import Adapter
 from worker.lora_source import (
     LoraBucket,
+    LoraFiles,
     LoraFolder,
     LoraSourceError,
     adapter_loader,
@@ -129,7 +130,7 @@ def test_read_gives_the_file_and_refuses_one_over_the_bound(tmp_path: Path) -> N
     adapter_file(tmp_path, "small", size=100)
     adapter_file(tmp_path, "big", size=MB + 1)
     source = LoraFolder(tmp_path, MB)
-    assert source.read("small") == b"\x01" * 100
+    assert source.read("small") == LoraFiles(b"\x01" * 100)
     with pytest.raises(LoraSourceError, match=r"adapter 'big': .*big.safetensors is 1.0 MB, over --lora-max-mb 1"):
         source.read("big")
     with pytest.raises(LoraSourceError, match=r"adapter 'gone': .* is gone"):
@@ -138,16 +139,48 @@ def test_read_gives_the_file_and_refuses_one_over_the_bound(tmp_path: Path) -> N
         source.read("../small")
 
 
+def peft_folder(folder: Path, name: str, weights: bytes = b"\x02" * 8, config: bytes | None = b"{}") -> Path:
+    """A PEFT `save_pretrained` folder's two files (their contents are the reader's concern)."""
+    path = folder / name
+    path.mkdir()
+    (path / "adapter_model.safetensors").write_bytes(weights)
+    if config is not None:
+        (path / "adapter_config.json").write_bytes(config)
+    return path
+
+
+def test_a_peft_folder_is_an_adapter_named_by_the_folder_and_read_with_its_config(tmp_path: Path) -> None:
+    peft_folder(tmp_path, "peft-style", config=b'{"lora_alpha": 8}')
+    peft_folder(tmp_path, "ink", weights=b"folder")  # beside ink.safetensors: the file is the adapter
+    adapter_file(tmp_path, "ink", size=3)
+    (tmp_path / "empty").mkdir()  # a folder with no adapter_model.safetensors is no adapter
+    source = LoraFolder(tmp_path, MB)
+    assert source.scan() == ("ink", "peft-style")
+    assert source.read("peft-style") == LoraFiles(b"\x02" * 8, b'{"lora_alpha": 8}')
+    assert source.read("ink") == LoraFiles(b"\x01" * 3)
+
+
+def test_a_peft_folder_without_its_config_or_over_the_bound_is_refused_naming_the_file(tmp_path: Path) -> None:
+    peft_folder(tmp_path, "no-config", config=None)
+    peft_folder(tmp_path, "big-config", config=b" " * (MB + 1))
+    source = LoraFolder(tmp_path, MB)
+    assert source.scan() == ("big-config", "no-config")
+    with pytest.raises(LoraSourceError, match=r"^adapter 'no-config': .*/no-config/adapter_config.json is gone$"):
+        source.read("no-config")
+    with pytest.raises(LoraSourceError, match=r"adapter 'big-config': .*/big-config/adapter_config.json is 1.0 MB"):
+        source.read("big-config")
+
+
 def test_the_engines_loader_parses_what_the_source_reads(tmp_path: Path) -> None:
     adapter_file(tmp_path, "ink", size=7)
-    seen: list[tuple[str, bytes]] = []
+    seen: list[tuple[str, LoraFiles]] = []
 
-    def parse(name: str, data: bytes) -> Adapter:
-        seen.append((name, data))
+    def parse(name: str, files: LoraFiles) -> Adapter:
+        seen.append((name, files))
         return Adapter(name=name, targets={})
 
     load = adapter_loader(LoraFolder(tmp_path, MB), parse)
-    assert load("ink").name == "ink" and seen == [("ink", b"\x01" * 7)]
+    assert load("ink").name == "ink" and seen == [("ink", LoraFiles(b"\x01" * 7))]
 
 
 def test_no_folder_no_source(tmp_path: Path) -> None:
@@ -217,9 +250,21 @@ async def test_an_s3_prefix_offers_its_adapters_to_every_host_that_names_it(s3_e
     one, other = LoraBucket(url, MB), open_lora_source(WorkerConfig(lora_dir=url))
     assert isinstance(other, LoraBucket)
     assert one.scan() == other.names == ("ink",)
-    assert one.read("ink") == b"\x01" * 10
+    assert one.read("ink") == LoraFiles(b"\x01" * 10)
     await put_adapters(s3_env, f"set-{tmp_path.name}", {"pixel-art.safetensors": b"\x02"})
     assert await one.rescan() == ("ink", "pixel-art")
+
+
+async def test_an_s3_prefix_offers_peft_folders_by_their_name(s3_env: S3Server, tmp_path: Path) -> None:
+    files = {
+        "peft-style/adapter_model.safetensors": b"\x02" * 4,
+        "peft-style/adapter_config.json": b'{"lora_alpha": 2}',
+        "deeper/still/adapter_model.safetensors": b"",
+    }
+    url = await put_adapters(s3_env, f"peft-{tmp_path.name}", files)
+    source = LoraBucket(url, MB)
+    assert source.scan() == ("peft-style",)
+    assert source.read("peft-style") == LoraFiles(b"\x02" * 4, b'{"lora_alpha": 2}')
 
 
 async def test_an_s3_adapter_over_the_bound_or_gone_is_refused_by_name(s3_env: S3Server, tmp_path: Path) -> None:

@@ -3,15 +3,16 @@ img2img and inpainting pipelines do it (diffusers 0.39, `StableDiffusionXLImg2Im
 `StableDiffusionXLInpaintPipeline`).
 
 - **Where a row starts.** `strength` skips the first `start_step(steps, strength)` steps of the full schedule (the
-  schedule of `steps` steps is built, then cut, as diffusers' `get_timesteps` with `denoising_start=None`); the
-  row runs the rest. Its initial latents are the encoded image noised to the first step it runs:
-  `encoded + noise * sigma_start`, in the tables' sigma space, for every sampler here: diffusers' Euler adds
-  `noise * sigma` (`EulerDiscreteScheduler.add_noise`), its DPM-Solver++ `alpha_t * x0 + sigma_t * noise` in the
-  variance-preserving space, which is the same latent times the tables' C_IN, `1 / sqrt(sigma**2 + 1)`. The
-  img2img pipeline never multiplies by `init_noise_sigma`: at strength 1 its start is `encoded + noise *
-  sigma_max`, not text-to-image's `noise * init_noise_sigma` (for SDXL's Euler, `sqrt(sigma_max**2 + 1)`), and the
-  image still shows through. The inpainting pipeline at strength 1 starts from pure noise, `noise *
-  init_noise_sigma`, as text-to-image does. `img2img_start` and `inpaint_start` say which, as a `Start`.
+  schedule of `steps` steps is built, then cut, as diffusers' `get_timesteps` with `denoising_start=None`; the rule
+  is common/strength.py's, which the gateway checks too); the row runs the rest. Its initial latents are the encoded
+  image noised to the first step it runs: `encoded + noise * sigma_start`, in the tables' sigma space, for every
+  sampler here: diffusers' Euler adds `noise * sigma` (`EulerDiscreteScheduler.add_noise`), its DPM-Solver++
+  `alpha_t * x0 + sigma_t * noise` in the variance-preserving space, which is the same latent times the tables'
+  C_IN, `1 / sqrt(sigma**2 + 1)`. The img2img pipeline never multiplies by `init_noise_sigma`: at strength 1 its
+  start is `encoded + noise * sigma_max`, not text-to-image's `noise * init_noise_sigma` (for SDXL's Euler,
+  `sqrt(sigma_max**2 + 1)`), and the image still shows through. The inpainting pipeline at strength 1 starts from
+  pure noise, `noise * init_noise_sigma`, as text-to-image does. `img2img_start` and `inpaint_start` say which, as a
+  `Start`.
 - **The first step runs first order.** DPM-Solver++ 2M's table rows extrapolate from the previous step's
   prediction; a row that starts at step k has none (diffusers' multistep state starts empty at `begin_index`), so
   the first row it runs is made first order (`C0 = 1`, `C1 = 0`). Euler's rows are first order already.
@@ -36,6 +37,7 @@ from typing import TypeVar
 import jax
 import numpy as np
 
+from common.strength import check_strength, start_step
 from worker.schedulers import C0, C1, SIGMA, SIGMA_NEXT, Table
 
 logger = logging.getLogger(__name__)
@@ -45,33 +47,6 @@ LATENT_CHANNELS = 4
 INPAINTING_IN_CHANNELS = 2 * LATENT_CHANNELS + 1
 # The step's arrays: numpy on the host and in tests, JAX in the compiled step.
 ArrayT = TypeVar("ArrayT", np.ndarray, jax.Array)
-
-
-class StrengthError(ValueError):
-    """A strength outside [0, 1], or one that leaves no step to run at the request's step count."""
-
-
-def start_step(steps: int, strength: float) -> int:
-    """How many of the `steps` steps of the full schedule are skipped: diffusers' `get_timesteps` (the schedulers
-    here are first order in diffusers' sense, `scheduler.order == 1`), float arithmetic included (0.29 * 100 is
-    28.999...: 28 steps of 100 run, 72 are skipped)."""
-    init_timestep = min(int(steps * strength), steps)
-    return max(steps - init_timestep, 0)
-
-
-def denoising_steps(steps: int, strength: float) -> int:
-    """How many steps (UNet evaluations per image) a request of `steps` steps at `strength` runs."""
-    return steps - start_step(steps, strength)
-
-
-def check_strength(steps: int, strength: float) -> None:
-    """Refuse a strength that diffusers refuses: outside [0, 1] (its `check_inputs`), or so small that no step
-    runs (`int(steps * strength) < 1`: diffusers' inpainting pipeline raises; its img2img pipeline does not check,
-    and has no first timestep to noise the image to)."""
-    if not 0.0 <= strength <= 1.0:
-        raise StrengthError(f"strength must be between 0 and 1, got {strength}")
-    if denoising_steps(steps, strength) < 1:
-        raise StrengthError(f"strength {strength} at {steps} steps runs no step: steps * strength must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,14 @@ Two families of safetensors files, in PyTorch layouts (a linear layer's `lora_do
   `.alpha`; `lora_te1_*` and `lora_te2_*` for the two text encoders;
 - diffusers/PEFT: `unet.<layer>.lora_A.weight` and `.lora_B.weight` (diffusers' `.lora.down.weight` /
   `.lora_linear_layer.down.weight` and its older attention-processor `to_q_lora.down.weight` too), under
-  `text_encoder.` and `text_encoder_2.` for the text encoders, with an optional `.alpha` per layer.
+  `text_encoder.` and `text_encoder_2.` for the text encoders, with an optional `.alpha` per layer; PEFT's own
+  `save_pretrained` names a UNet's layers `base_model.model.<layer>`.
 
-Layer names resolve to the model's targets in worker/lora_names.py. Each update's `alpha / rank` (1 where a
-file gives no alpha, as PEFT's files do) is folded into `up`; the factors are float32 in Flax layouts. Only
-plain LoRA is read: LoHa, LoKr, DoRA, Tucker-core LoCon and full-weight differences are refused by name.
+Layer names resolve to the model's targets in worker/lora_names.py. Each update's `alpha / rank` is folded into
+`up`: the layer's `.alpha` tensor, else what the writer stored beside the tensors (a PEFT folder's
+`adapter_config.json`, diffusers' `lora_adapter_metadata`, kohya's `ss_network_alpha`: worker/lora_scale.py), else
+1. The factors are float32 in Flax layouts. Only plain LoRA is read: LoHa, LoKr, DoRA, Tucker-core LoCon and
+full-weight differences are refused by name.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from safetensors import SafetensorError, deserialize
 
 from worker.lora import COMPONENTS, Adapter, Factors, LoraError, Target
 from worker.lora_names import NameTable, lookup, name_table
+from worker.lora_scale import Scaling, scalings
 
 Role = Literal["down", "up", "alpha"]
 
@@ -36,6 +40,7 @@ _INTEGERS: dict[str, Any] = {f"{k}{n}": np.dtype(f"{k.lower()}{n // 8}") for k i
 _KOHYA = re.compile(r"^lora_(unet|te1|te2|te)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 # `lora_te_`: SD 1.x's one text encoder, the same CLIP ViT-L as SDXL's first (diffusers reads it so too).
 _KOHYA_COMPONENTS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2", "te": "text_encoder"}
+_PEFT_PREFIX = "base_model.model."
 _PREFIXED = re.compile(r"^(unet|text_encoder_2|text_encoder)\.(.+)$")
 _DIFFUSERS = re.compile(
     r"^(.+?)\.(lora_A\.weight|lora_B\.weight|(?:lora|lora_linear_layer)\.(?:down|up)\.weight|alpha)$"
@@ -80,6 +85,13 @@ class _Key:
     role: Role
 
 
+@dataclass(frozen=True)
+class _Layer:
+    component: str
+    layer: str  # as the file's first key of it spells it (PEFT's alpha_pattern matches this)
+    roles: dict[Role, str]  # the keys
+
+
 def layer_shapes(params: Mapping[str, Any]) -> dict[Target, tuple[int, ...]]:
     """Every target of a model, with its Flax kernel's shape, from `{"unet": ..., "text_encoder": ...,
     "text_encoder_2": ...}` parameter trees (other components are ignored): each module with a `kernel`."""
@@ -93,12 +105,22 @@ def layer_shapes(params: Mapping[str, Any]) -> dict[Target, tuple[int, ...]]:
     return shapes
 
 
-def read_adapter(name: str, data: bytes, layers: Mapping[Target, tuple[int, ...]]) -> Adapter:
+def read_adapter(
+    name: str, data: bytes, layers: Mapping[Target, tuple[int, ...]], config: bytes | None = None
+) -> Adapter:
     """The adapter a LoRA safetensors file holds, for a model whose targets and kernel shapes are `layers`
-    (`layer_shapes`). Raises `LoraError`, naming the adapter and the tensor, for anything it cannot use."""
+    (`layer_shapes`); `config` is a PEFT folder's `adapter_config.json` beside the file. Raises `LoraError`, naming
+    the adapter and the tensor (or the file and key of a config value), for anything it cannot use."""
     tensors = _load(name, data)
+    scaling = scalings(name, data, config)
     grouped = _group(name, tensors, name_table(layers))
-    return Adapter(name, {target: _factors(name, roles, tensors, layers[target]) for target, roles in grouped.items()})
+    return Adapter(
+        name,
+        {
+            target: _factors(name, layer, tensors, layers[target], scaling.get(layer.component, Scaling()))
+            for target, layer in grouped.items()
+        },
+    )
 
 
 def _error(name: str, key: str, what: str) -> LoraError:
@@ -126,15 +148,15 @@ def _tensor(name: str, key: str, view: Mapping[str, Any]) -> _Tensor:
     return _Tensor(dtype, np.frombuffer(view["data"], numpy_dtype).reshape(view["shape"]))
 
 
-def _group(name: str, tensors: Mapping[str, _Tensor], table: NameTable) -> dict[Target, dict[Role, str]]:
+def _group(name: str, tensors: Mapping[str, _Tensor], table: NameTable) -> dict[Target, _Layer]:
     """Each target's tensors by role (the keys), every key resolved to a layer of the model."""
-    grouped: dict[Target, dict[Role, str]] = {}
+    grouped: dict[Target, _Layer] = {}
     for key in tensors:
         parsed = _parse_key(name, key)
         target = lookup(table, parsed.component, parsed.layer)
         if target is None:
             raise _error(name, key, f"names no layer of this model's {parsed.component} ({parsed.layer!r})")
-        roles = grouped.setdefault(target, {})
+        roles = grouped.setdefault(target, _Layer(parsed.component, parsed.layer, {})).roles
         if parsed.role in roles:
             raise _error(
                 name, key, f"is a second {parsed.role} of layer {'.'.join(target)} (after {roles[parsed.role]!r})"
@@ -167,6 +189,8 @@ def _kohya_key(key: str) -> _Key | None:
 
 
 def _diffusers_key(key: str) -> _Key | None:
+    # PEFT's `save_pretrained` of a model wrapped by `get_peft_model` (a UNet): `base_model.model.<layer>`.
+    key = key.removeprefix(_PEFT_PREFIX)
     prefixed = _PREFIXED.match(key)
     # diffusers' first SDXL-era files named the UNet's layers with no prefix.
     component, rest = (prefixed.group(1), prefixed.group(2)) if prefixed else ("unet", key)
@@ -180,7 +204,10 @@ def _diffusers_key(key: str) -> _Key | None:
     return None if match is None else _Key(component, match.group(1), _ROLES[match.group(2)])
 
 
-def _factors(name: str, roles: Mapping[Role, str], tensors: Mapping[str, _Tensor], shape: tuple[int, ...]) -> Factors:
+def _factors(
+    name: str, layer: _Layer, tensors: Mapping[str, _Tensor], shape: tuple[int, ...], scaling: Scaling
+) -> Factors:
+    roles = layer.roles
     down_key, up_key = roles.get("down"), roles.get("up")
     if down_key is None:
         raise _error(name, up_key or roles["alpha"], "has no down (`lora_down` / `lora_A`) beside it")
@@ -192,7 +219,8 @@ def _factors(name: str, roles: Mapping[Role, str], tensors: Mapping[str, _Tensor
     if up.shape[0] != rank:
         raise _error(name, up_key, f"has rank {up.shape[0]}, but its down {down_key!r} has rank {rank}")
     alpha_key = roles.get("alpha")
-    scale = 1.0 if alpha_key is None else _alpha(name, alpha_key, tensors[alpha_key]) / rank
+    alpha = None if alpha_key is None else _alpha(name, alpha_key, tensors[alpha_key])
+    scale = scaling.scale(layer.layer, rank, alpha, spatial=len(shape) == 4 and shape[:2] != (1, 1))
     return Factors(np.ascontiguousarray(down), np.ascontiguousarray(up * np.float32(scale)))
 
 

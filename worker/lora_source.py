@@ -1,12 +1,14 @@
 """Where a worker's LoRA adapters come from (`--lora-dir`): a folder of `NAME.safetensors` files, or the same files
-under a prefix of an S3 bucket, which every host of a cluster can name.
+under a prefix of an S3 bucket, which every host of a cluster can name. An adapter may also be a PEFT
+`save_pretrained` folder, `NAME/adapter_model.safetensors` beside `NAME/adapter_config.json` (its alpha); where
+both `NAME.safetensors` and `NAME/` are there, the file is the adapter.
 
-The adapters offered are the files' stems that are valid adapter names (`LORA_NAME_PATTERN`); any other file is
-skipped, with one log line per name. The folder is listed again at every heartbeat (`rescan`), so an adapter copied
-in is offered without a restart and one removed stops being offered. A file is read whole only when the engine loads
-it into its device pool (`read`), up to `--lora-max-mb`.
+The adapters offered are the files' stems (the folders' names) that are valid adapter names (`LORA_NAME_PATTERN`);
+any other file is skipped, with one log line per name. The folder is listed again at every heartbeat (`rescan`), so
+an adapter copied in is offered without a restart and one removed stops being offered. A file is read whole only
+when the engine loads it into its device pool (`read`), up to `--lora-max-mb`.
 
-The engine loads an adapter through `adapter_loader(source, parse)`: the bytes `read` returns, parsed by
+The engine loads an adapter through `adapter_loader(source, parse)`: the `LoraFiles` `read` returns, parsed by
 worker/lora_files.py's reader with the pipeline's layers bound.
 """
 
@@ -17,12 +19,14 @@ import logging
 import os
 import re
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.blobstore import s3_location
 from common.protocol import LORA_NAME_PATTERN, LoraRef
 from worker.config import WorkerConfig
 from worker.lora import Adapter
+from worker.lora_scale import PEFT_CONFIG, PEFT_WEIGHTS
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +39,24 @@ class LoraSourceError(Exception):
     """An adapter that cannot be read: not offered, gone, unreadable or too large. The message names it."""
 
 
+@dataclass(frozen=True)
+class LoraFiles:
+    """An adapter's bytes: its safetensors file, and a PEFT folder's `adapter_config.json` (None for a lone file)."""
+
+    weights: bytes
+    config: bytes | None = None
+
+
 class LoraSource:
     """The adapters of one place: `names` as of the last `scan`, and each one's bytes on `read`. A backend lists the
-    file names there (`_list`) and reads one file, bounded (`_read`)."""
+    files there, as paths relative to it (`_list`: `NAME.safetensors`, `NAME/adapter_model.safetensors`), and reads
+    one file, bounded (`_read`)."""
 
     def __init__(self, where: str, max_bytes: int) -> None:
         self.where = where
         self.max_bytes = max_bytes
         self.names: tuple[str, ...] = ()
+        self._weights: dict[str, str] = {}  # each adapter's safetensors file, as of the last scan
         self._skipped: set[str] = set()  # files already logged as skipped: logged once each
 
     def scan(self) -> tuple[str, ...]:
@@ -54,7 +68,13 @@ class LoraSource:
             if self.names:
                 logger.warning("LoRA adapters at %s cannot be listed (%s); offering none", self.where, exc)
             entries = []
-        self.names = tuple(sorted(name for name in map(self._adapter_name, entries) if name is not None))
+        weights: dict[str, str] = {}
+        for entry in sorted(entries, key=lambda entry: "/" in entry):  # a lone file before a folder of its name
+            name = self._adapter_name(entry)
+            if name is not None:
+                weights.setdefault(name, entry)
+        self._weights = weights
+        self.names = tuple(sorted(weights))
         return self.names
 
     async def rescan(self) -> tuple[str, ...]:
@@ -62,9 +82,13 @@ class LoraSource:
         return await asyncio.to_thread(self.scan)
 
     def _adapter_name(self, filename: str) -> str | None:
-        if not filename.endswith(SUFFIX):
+        folder, _, inner = filename.rpartition("/")
+        if folder and "/" not in folder and inner == PEFT_WEIGHTS:
+            stem = folder
+        elif not folder and filename.endswith(SUFFIX):
+            stem = filename[: -len(SUFFIX)]
+        else:
             return None
-        stem = filename[: -len(SUFFIX)]
         if _NAME.fullmatch(stem) is None:
             if filename not in self._skipped:
                 self._skipped.add(filename)
@@ -75,26 +99,33 @@ class LoraSource:
             return None
         return stem
 
-    def read(self, name: str) -> bytes:
-        """The bytes of adapter `name`'s file; LoraSourceError when it is not offered, unreadable or larger than
+    def read(self, name: str) -> LoraFiles:
+        """The bytes of adapter `name`'s files; LoraSourceError when it is not offered, unreadable or larger than
         `max_bytes`."""
         if _NAME.fullmatch(name) is None:
             raise LoraSourceError(f"adapter {name!r}: not an adapter name")
-        data = self._read(name)
+        weights = self._weights.get(name, f"{name}{SUFFIX}")
+        if not weights.endswith(f"/{PEFT_WEIGHTS}"):
+            return LoraFiles(self._bounded(name, weights))
+        return LoraFiles(self._bounded(name, weights), self._bounded(name, f"{name}/{PEFT_CONFIG}"))
+
+    def _bounded(self, name: str, path: str) -> bytes:
+        data = self._read(name, path)
         if len(data) > self.max_bytes:  # bounded reads stop one byte past the bound: a file that grew meanwhile
-            raise LoraSourceError(self._too_large(name, len(data)))
+            raise LoraSourceError(self._too_large(name, path, len(data)))
         return data
 
-    def _too_large(self, name: str, size: int) -> str:
-        return (
-            f"adapter {name!r}: {self.where.rstrip('/')}/{name}{SUFFIX} is {size / _MB:.1f} MB, over --lora-max-mb "
-            f"{self.max_bytes / _MB:g}"
-        )
+    def _too_large(self, name: str, path: str, size: int) -> str:
+        return f"adapter {name!r}: {self._at(path)} is {size / _MB:.1f} MB, over --lora-max-mb {self.max_bytes / _MB:g}"
+
+    def _at(self, path: str) -> str:
+        return f"{self.where.rstrip('/')}/{path}"
 
     def _list(self) -> list[str]:
         raise NotImplementedError
 
-    def _read(self, name: str) -> bytes:
+    def _read(self, name: str, path: str) -> bytes:
+        """The file at `path` (relative to the place) of adapter `name`, at most `max_bytes` and one more."""
         raise NotImplementedError
 
 
@@ -106,15 +137,21 @@ class LoraFolder(LoraSource):
         self.folder = folder
 
     def _list(self) -> list[str]:
-        return [entry.name for entry in os.scandir(self.folder) if entry.is_file()]
+        entries = []
+        for entry in os.scandir(self.folder):
+            if entry.is_file():
+                entries.append(entry.name)
+            elif entry.is_dir() and os.path.isfile(os.path.join(entry.path, PEFT_WEIGHTS)):
+                entries.append(f"{entry.name}/{PEFT_WEIGHTS}")
+        return entries
 
-    def _read(self, name: str) -> bytes:
-        path = self.folder / f"{name}{SUFFIX}"
+    def _read(self, name: str, relative: str) -> bytes:
+        path = self.folder / relative
         try:
             with path.open("rb") as file:
                 size = os.fstat(file.fileno()).st_size
                 if size > self.max_bytes:
-                    raise LoraSourceError(self._too_large(name, size))
+                    raise LoraSourceError(self._too_large(name, relative, size))
                 return file.read(self.max_bytes + 1)
         except FileNotFoundError:
             raise LoraSourceError(f"adapter {name!r}: {path} is gone") from None
@@ -123,7 +160,7 @@ class LoraFolder(LoraSource):
 
 
 class LoraBucket(LoraSource):
-    """The `NAME.safetensors` objects directly under a prefix of an S3 bucket (`s3://bucket/prefix?endpoint=...`,
+    """The `NAME.safetensors` objects directly under a prefix of an S3 bucket (and `NAME/adapter_model.safetensors`) (`s3://bucket/prefix?endpoint=...`,
     credentials from the environment as for the image store): every host that names it offers the same set."""
 
     def __init__(self, url: str, max_bytes: int) -> None:
@@ -141,20 +178,19 @@ class LoraBucket(LoraSource):
             listed = obstore.list(self._store).collect()
         except BaseError as exc:
             raise LoraSourceError(str(exc).splitlines()[0]) from None
-        return [meta["path"] for meta in listed if "/" not in meta["path"]]
+        return [meta["path"] for meta in listed if meta["path"].count("/") <= 1]
 
-    def _read(self, name: str) -> bytes:
+    def _read(self, name: str, key: str) -> bytes:
         import obstore
         from obstore.exceptions import BaseError, NotFoundError
 
-        key = f"{name}{SUFFIX}"
         try:
             result = obstore.get(self._store, key)
             if result.meta["size"] > self.max_bytes:
-                raise LoraSourceError(self._too_large(name, result.meta["size"]))
+                raise LoraSourceError(self._too_large(name, key, result.meta["size"]))
             return bytes(result.bytes())
         except (NotFoundError, FileNotFoundError):
-            raise LoraSourceError(f"adapter {name!r}: {self.where.rstrip('/')}/{key} is gone") from None
+            raise LoraSourceError(f"adapter {name!r}: {self._at(key)} is gone") from None
         except BaseError as exc:
             raise LoraSourceError(f"adapter {name!r}: cannot read it: {str(exc).splitlines()[0]}") from None
 
@@ -176,9 +212,9 @@ def open_lora_source(config: WorkerConfig) -> LoraSource | None:
     return source
 
 
-def adapter_loader(source: LoraSource, parse: Callable[[str, bytes], Adapter]) -> Callable[[str], Adapter]:
-    """The engine's `load(name) -> Adapter`: the adapter's file from `source`, parsed by `parse` (worker/lora_files.py's
-    `read_adapter` with the pipeline's layers bound)."""
+def adapter_loader(source: LoraSource, parse: Callable[[str, LoraFiles], Adapter]) -> Callable[[str], Adapter]:
+    """The engine's `load(name) -> Adapter`: the adapter's files from `source`, parsed by `parse`
+    (worker/lora_files.py's `read_adapter` with the pipeline's layers bound)."""
 
     def load(name: str) -> Adapter:
         return parse(name, source.read(name))

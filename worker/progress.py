@@ -14,8 +14,8 @@ import threading
 from types import TracebackType
 
 from common.protocol import Job
+from common.strength import denoising_steps
 from worker.delivery import REDIS_ERRORS, Delivery
-from worker.img2img import denoising_steps
 from worker.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)

@@ -21,10 +21,10 @@ import numpy as np
 
 from common.input_images import resize_mask_to, resize_to, to_model_input
 from common.protocol import Size
+from common.strength import StrengthError
 from worker.img2img import (
     LATENT_CHANNELS,
     Start,
-    StrengthError,
     img2img_start,
     inpaint_start,
     latent_mask,
@@ -146,7 +146,7 @@ def _start(table: Table, image: ImageInput) -> Start:
     try:
         return img2img_start(table, image.strength) if image.mask is None else inpaint_start(table, image.strength)
     except StrengthError as error:
-        raise ImageRefused(f"strength: {error}") from error
+        raise ImageRefused(str(error)) from error  # it names the field
 
 
 def _check_arrays(image: ImageInput) -> None:

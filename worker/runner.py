@@ -288,7 +288,9 @@ class Worker:
         config, layers = self.config, layer_shapes(pipeline._params)
         return {
             "lora": LoraConfig(slots=config.lora_cache, max_rank=config.lora_max_rank, max_loras=config.max_loras),
-            "load_lora": adapter_loader(self.loras, lambda name, data: read_adapter(name, data, layers)),
+            "load_lora": adapter_loader(
+                self.loras, lambda name, files: read_adapter(name, files.weights, layers, files.config)
+            ),
         }
 
     async def _serve(self, engine: Engine) -> None:

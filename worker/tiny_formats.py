@@ -146,13 +146,14 @@ def write_single_file(flax_dir: Path, out: Path, dtype: Any = np.float16) -> Pat
     return out
 
 
-def save_safetensors(tensors: Mapping[str, np.ndarray], path: Path) -> None:
-    """Write `tensors` as a safetensors file at `path`."""
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: Path, metadata: Mapping[str, str] | None = None) -> None:
+    """Write `tensors` as a safetensors file at `path`, with `metadata` in its header."""
     from safetensors.numpy import save_file
 
     # safetensors' numpy writer copies each array's memory as it lies: a transposed view must be made
     # contiguous first, or the file holds the untransposed bytes.
-    save_file({key: np.ascontiguousarray(value) for key, value in tensors.items()}, str(path))
+    contiguous = {key: np.ascontiguousarray(value) for key, value in tensors.items()}
+    save_file(contiguous, str(path), dict(metadata) if metadata else None)
 
 
 def _prefixed(prefix: str, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
