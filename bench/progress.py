@@ -76,6 +76,7 @@ def measure_cost(args: argparse.Namespace) -> dict[str, Any]:
             times[name].append(time.perf_counter() - started)
     with_s, without_s = statistics.median(times["with"]), statistics.median(times["without"])
     return {
+        **_work_per_step(with_progress, without, shape.size),
         "measurement": "progress_cost",
         "machine": f"{describe()}, {with_progress.devices} x {with_progress.device_kind}",
         "model": args.model,
@@ -86,6 +87,19 @@ def measure_cost(args: argparse.Namespace) -> dict[str, Any]:
         "overhead_pct": 100 * (with_s - without_s) / without_s,
         "per_step_overhead_ms": 1000 * (with_s - without_s) / shape.steps,
         "reports_per_generation": len(steps_seen) / args.repeats,
+    }
+
+
+def _work_per_step(stepwise: Any, fused: Any, size: Any) -> dict[str, float]:
+    """What XLA counts (per device) for the stepwise step and for the fused loop's body (the fused executable less
+    begin and finish): the same work when the step recomputes nothing the loop computes once."""
+    costs = {**stepwise.executable_costs(size), **fused.executable_costs(size)}
+    body = {key: costs["fused"][key] - costs["begin"][key] - costs["finish"][key] for key in costs["step"]}
+    return {
+        "step_gflop": costs["step"]["flops"] / 1e9,
+        "fused_body_gflop": body["flops"] / 1e9,
+        "step_gb_accessed": costs["step"]["bytes accessed"] / 1e9,
+        "fused_body_gb_accessed": body["bytes accessed"] / 1e9,
     }
 
 

@@ -412,6 +412,14 @@ class SDXLPipeline:
         per_image = step_flops / self.per_device / self.flop_count(shape).unet_per_sample
         return round(per_image) * shape.steps
 
+    def executable_costs(self, size: Size, guidance: bool = True) -> dict[str, dict[str, float]]:
+        """XLA's cost analysis (`flops`, `bytes accessed`, `transcendentals`) of each executable of a compiled
+        size, per device: `begin`, `step` and `finish` when stepwise, `fused` else (whose loop body XLA counts
+        once, so that begin, one step and finish add up to it when the step does no more than the loop's body)."""
+        compiled = self._compiled[size][guidance]
+        named = vars(compiled) if isinstance(compiled, _Stepwise) else {"fused": compiled}
+        return {name: _costs(executable) for name, executable in named.items()}
+
     @property
     def device_kind(self) -> str:
         return str(jax.local_devices()[0].device_kind)
@@ -635,6 +643,12 @@ class SDXLPipeline:
             for tok in (self._pipe.tokenizer, self._pipe.tokenizer_2)
         ]
         return np.stack(ids).astype(np.int32)
+
+
+def _costs(executable: Any) -> dict[str, float]:
+    cost = executable.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return {key: float(cost.get(key, 0.0)) for key in ("flops", "bytes accessed", "transcendentals")}
 
 
 def _replicate(tree: Any) -> Any:
