@@ -42,6 +42,7 @@ from sdxl_serve.cli import build_parser
 from sdxl_serve.processes import signal_group
 from testkit import AsyncRedisProcess, RedisOptions
 from testkit.objectstore import S3Server
+from testkit.proxy import DropRule, FaultProxy
 from testkit.redis import async_redis_process
 from tests.protection import error_of, gateway
 from tests.support import (
@@ -480,31 +481,47 @@ async def own_redis(tmp_path: Path) -> AsyncIterator[AsyncRedisProcess]:
         yield server
 
 
-@pytest.mark.parametrize("kept", [True, False], ids=["inputs-kept", "journal-input-bytes-0"])
+ROLLBACK_PROMPT = "a cat, rolled back"
+
+
+def rollback_standin(processes: ProcessGroup, url: str) -> None:
+    argv = [sys.executable, "-m", "testkit.standin", "--redis-url", url, "--worker-id", "imgroll-1",
+            "--sizes", "64x64", "--max-steps", "2", "--step-s", "0", "--image-input"]  # fmt: skip
+    processes.start_argv("imgroll-1", argv)
+
+
+@pytest.mark.parametrize("case", ["worker-after", "worker-held-it", "journal-input-bytes-0"])
 async def test_an_image_job_a_rolled_back_redis_lost_is_replayed_with_its_inputs_and_completes(
-    aiohttp_client: ClientFactory, own_redis: AsyncRedisProcess, processes: ProcessGroup, tmp_path: Path, kept: bool
+    aiohttp_client: ClientFactory, own_redis: AsyncRedisProcess, processes: ProcessGroup, tmp_path: Path, case: str
 ) -> None:
     """Redis comes back from a snapshot taken before an image-to-image job was accepted (its inputs stored in Redis):
     the job and its input images are gone. The accepting gateway's journal queues it again with them, and a stand-in
-    worker process started after the rollback answers with the input image, once. A gateway that keeps no copy
-    (`--journal-input-bytes 0`) queues it again all the same, and it fails, saying its inputs are gone."""
+    worker process answers with the input image, once: one started after the rollback, or one that was given the
+    job before it (cut off from Redis by a fault proxy right after the delivery) and finds its inputs gone, so gives
+    the job back rather than failing it. A gateway that keeps no copy (`--journal-input-bytes 0`) queues it again
+    all the same, and it fails, saying its inputs are gone."""
     url = own_redis.url()
     redis_client = aioredis.Redis.from_url(url)
+    proxy = FaultProxy("worker", own_redis.port)
+    await proxy.start()
     try:
         await register_worker(redis_client, image_input=True, max_steps=10)  # the gateway accepts image jobs
-        config = GatewayConfig(
-            redis_url=url, result_ttl_s=60, journal_input_bytes=GatewayConfig.journal_input_bytes * kept
-        )
+        kept = case != "journal-input-bytes-0"
+        config = GatewayConfig(redis_url=url, result_ttl_s=60, journal_input_bytes=kept * (1 << 30))
         client = await aiohttp_client(create_app(config))
+        held = case == "worker-held-it"
+        if held:
+            rollback_standin(processes, proxy.url())
+            await wait_ready(url, 2)
         own_redis.snapshot(tmp_path / "snapshot")  # before the submit
-        body = {"prompt": "a cat", "num_inference_steps": 2, "n": 1, "strength": 0.5, "image": b64(IMAGE)}
-        response = await client.post("/v1/jobs", json=body)
-        assert response.status == 202, await response.text()
-        job_id: str = (await response.json())["id"]
+        delivered = proxy.pause_after(DropRule(reply_contains=ROLLBACK_PROMPT.encode()))  # fires only if held
+        job_id = await submit(client, {"image": b64(IMAGE)})
+        if held:
+            await asyncio.wait_for(delivered.wait(), WAIT_S)  # the worker has the job; its next call waits
         await own_redis.restore(tmp_path / "snapshot")
-        argv = [sys.executable, "-m", "testkit.standin", "--redis-url", url, "--worker-id", "imgroll-1",
-                "--sizes", "64x64", "--max-steps", "2", "--step-s", "0", "--image-input"]  # fmt: skip
-        processes.start_argv("imgroll-1", argv)
+        proxy.heal()
+        if not held:
+            rollback_standin(processes, url)
         result = await finished(redis_client, job_id, KEYS)
         assert client.app[JOURNAL].resubmitted == 1  # Redis did lose it: the journal queued it again
         if not kept:
@@ -519,9 +536,19 @@ async def test_an_image_job_a_rolled_back_redis_lost_is_replayed_with_its_inputs
         assert await JobStreams(redis_client, KEYS).depth() == 0  # settled: nothing queued or pending
         assert await redis_client.hget(KEYS.stats, "duplicate_results") is None
     finally:
-        await redis_client.aclose()
         if "imgroll-1" in processes.processes:
             processes.stop("imgroll-1")
+        await proxy.close()
+        await redis_client.aclose()
+
+
+async def submit(client: Client, fields: dict[str, Any]) -> str:
+    """An image-to-image job submitted: its id."""
+    body = {"prompt": ROLLBACK_PROMPT, "num_inference_steps": 2, "n": 1, "strength": 0.5} | fields
+    response = await client.post("/v1/jobs", json=body)
+    assert response.status == 202, await response.text()
+    job_id: str = (await response.json())["id"]
+    return job_id
 
 
 async def test_the_journal_keeps_redis_inputs_within_its_budget_the_oldest_dropped_first(
