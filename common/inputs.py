@@ -48,6 +48,10 @@ class InputsUnavailable(Exception):
     """A job's stored inputs are gone (expired, removed) or were written to a store this process does not have."""
 
 
+class InputsGone(InputsUnavailable):
+    """A job's stored inputs are not there: expired or removed, or (in Redis) lost by Redis with the job."""
+
+
 @dataclass(frozen=True)
 class Inputs:
     """Decoded input images: `image` uint8 [H, W, 3]; `mask` bool [H, W], True where repainted (None: no mask)."""
@@ -163,14 +167,14 @@ async def _fetch(refs: InputRefs, key: str, blobs: BlobStore | None, redis: aior
     if refs.store == "redis":
         data: bytes | str | None = await redis.get(key)
         if data is None:
-            raise InputsUnavailable(GONE)
+            raise InputsGone(GONE)
         return data if isinstance(data, bytes) else data.encode("latin-1")
     if blobs is None:
         raise BlobStoreMismatch("the job's input images are in a blob store, and this process has none (--blob-store)")
     try:
         return await blobs.get(key)
     except BlobNotFound:
-        raise InputsUnavailable(EXPIRED) from None
+        raise InputsGone(EXPIRED) from None
 
 
 async def remove_inputs(refs: InputRefs, blobs: BlobStore | None, redis: aioredis.Redis) -> None:

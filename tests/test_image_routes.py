@@ -41,10 +41,12 @@ from gateway.state import JOURNAL
 from sdxl_serve.cli import build_parser
 from sdxl_serve.processes import signal_group
 from testkit import AsyncRedisProcess, RedisOptions
+from testkit.jobs import SHAPE, make_job
 from testkit.objectstore import S3Server
 from testkit.proxy import DropRule, FaultProxy
 from testkit.redis import async_redis_process
 from tests.protection import error_of, gateway
+from tests.queues import Queue
 from tests.support import (
     OLD_FINGERPRINT,
     OLD_REQUEST,
@@ -576,6 +578,27 @@ async def test_the_journal_keeps_redis_inputs_within_its_budget_the_oldest_dropp
         await redis_client.hset(KEYS.job(job_id), "status", "failed")  # ended (how is not the point here)
     await journal.sweep()
     assert (len(journal), journal.input_bytes) == (0, 0)
+
+
+async def test_a_worker_gives_back_only_a_job_whose_record_its_own_start_made_from_nothing(
+    redis_client: aioredis.Redis,
+) -> None:
+    """The unstart script: a record that holds the job (Redis did not lose it; its inputs expired) stays, and the job
+    fails as before; one that the start made again after Redis lost the job is removed, its entry acknowledged; a
+    second run changes nothing."""
+    queue = Queue.of(redis_client, KEYS)
+    await queue.streams.ensure_group(KEYS.size_stream(SHAPE.size))
+    await queue.jobs.submit(make_job("kept"), KEYS.size_stream(SHAPE.size))
+    claimed = await claim_next(redis_client)
+    assert await queue.delivery.start(claimed, "w1") is not None
+    assert not await queue.delivery.give_back_lost(claimed)
+    assert await queue.jobs.job_status("kept") == "running"
+    await redis_client.delete(KEYS.job("kept"), KEYS.attempts("kept"))  # lost by Redis: the worker starts it after
+    assert await queue.delivery.start(claimed, "w1") is not None
+    assert await queue.delivery.give_back_lost(claimed)
+    assert await redis_client.exists(KEYS.job("kept"), KEYS.attempts("kept")) == 0
+    assert await queue.streams.depth() == 0  # acknowledged
+    assert not await queue.delivery.give_back_lost(claimed)
 
 
 def test_the_journal_input_bytes_flag_reaches_the_config_and_is_bounded() -> None:

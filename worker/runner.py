@@ -45,7 +45,7 @@ from worker.device_watermark import DeviceWatermark
 from worker.encode import encode_all
 from worker.handoff import EncodeImages, Generated, HandOff, failed
 from worker.images import ImageWriter
-from worker.inputs import InputsGone, InputsRefused, InputsUnreachable, JobInputs
+from worker.inputs import InputsLost, InputsRefused, InputsUnreachable, JobInputs
 from worker.lora_source import LoraSource, adapter_loader, open_lora_source, refusal
 from worker.metrics import WorkerMetrics, metrics_app, start_server
 from worker.pipeline import PipelineError, PipelineOptions, SDXLPipeline
@@ -371,7 +371,7 @@ class Worker:
         try:
             image = await self._inputs.read(job)
         except InputsRefused as exc:
-            if not (isinstance(exc, InputsGone) and await self._gave_back_lost(claimed)):
+            if not (isinstance(exc, InputsLost) and await self._gave_back_lost(claimed)):
                 await self._handoff.hand_off(Generated(claimed, None, failed(job, self.id, str(exc)), queued_ms, 0.0))
             return
         except InputsUnreachable as exc:
