@@ -6,6 +6,11 @@ refusing a bad one with a 400), re-encodes the pixels as PNG and stores them, th
 as its images go (the file store's sweep, an S3 lifecycle rule); without one, Redis strings that expire after the
 result TTL. Either way they live one result TTL from the submit: a job still queued after that fails, naming its
 inputs. The worker reads them with `load_inputs`, which decodes them again with the same checks: it trusts no queue.
+
+Inputs in Redis go where the job goes when Redis loses data (restored from an older snapshot, failed over to a
+replica that missed them): `store_inputs` hands back their bytes (`RedisCopy`), which the accepting gateway's journal
+keeps with the job and stores again with `restore_inputs` before it queues the job again (gateway/journal.py).
+Inputs in a blob store need no copy: Redis losing its data leaves them.
 """
 
 from __future__ import annotations
@@ -32,8 +37,19 @@ logger = logging.getLogger(__name__)
 STORED_LIMITS = InputLimits(max_bytes=InputLimits().max_pixels * 3 + 1024 * 1024)
 
 
+EXPIRED = "the job's input images are gone: they expired before a worker ran it"
+GONE = (
+    "the job's input images are gone: they expired before a worker ran it, or Redis lost them (restored from an "
+    "older state) and the gateway that accepted the job no longer held a copy"
+)
+
+
 class InputsUnavailable(Exception):
     """A job's stored inputs are gone (expired, removed) or were written to a store this process does not have."""
+
+
+class InputsGone(InputsUnavailable):
+    """A job's stored inputs are not there: expired or removed, or (in Redis) lost by Redis with the job."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +86,27 @@ def png(pixels: np.ndarray) -> bytes:
     return out.getvalue()
 
 
+@dataclass(frozen=True)
+class RedisCopy:
+    """The PNG bytes of a job's inputs stored in Redis, by key: what the gateway's journal keeps to store them again
+    in a Redis that lost them."""
+
+    pngs: tuple[tuple[str, bytes], ...]
+
+    @property
+    def size(self) -> int:
+        """Its bytes (what it costs the journal's memory)."""
+        return sum(len(data) for _, data in self.pngs)
+
+
+@dataclass(frozen=True)
+class StoredInputs:
+    """A job's stored inputs: their refs (`Job.inputs`), and their bytes when in Redis (None in a blob store)."""
+
+    refs: InputRefs
+    redis_copy: RedisCopy | None
+
+
 def _encoded(inputs: Inputs) -> dict[str, bytes]:
     return {"image": png(inputs.image)} | ({} if inputs.mask is None else {"mask": png(inputs.mask)})
 
@@ -82,22 +119,31 @@ def input_key(ttl_s: int, job_id: str, name: str) -> str:
 
 async def store_inputs(
     job: Job, inputs: Inputs, blobs: BlobStore | None, redis: aioredis.Redis, keys: RedisKeys
-) -> InputRefs:
-    """Store a job's decoded inputs as PNG (in `blobs`, else in Redis with the job's result TTL); their refs. The
-    encoding runs on a thread: a large image takes long enough to stall an event loop."""
+) -> StoredInputs:
+    """Store a job's decoded inputs as PNG (in `blobs`, else in Redis with the job's result TTL); their refs, and in
+    Redis their bytes too. The encoding runs on a thread: a large image takes long enough to stall an event loop."""
     named = await asyncio.to_thread(_encoded, inputs)
+    copy = None
     if blobs is not None:
         stored = {name: input_key(job.result_ttl_s, job.id, name) for name in named}
         for name, data in named.items():
             await blobs.put(stored[name], data, "image/png")
     else:
         stored = {name: keys.job_input(job.id, name) for name in named}
-        async with redis.pipeline(transaction=True) as pipe:
-            for name, data in named.items():
-                pipe.set(stored[name], data, ex=job.result_ttl_s)
-            await pipe.execute()
+        copy = RedisCopy(tuple((stored[name], data) for name, data in named.items()))
+        await restore_inputs(copy, redis, job.result_ttl_s, only_missing=False)
     store: Literal["blob", "redis"] = "redis" if blobs is None else "blob"
-    return InputRefs(store=store, width=inputs.width, height=inputs.height, **stored)
+    return StoredInputs(InputRefs(store=store, width=inputs.width, height=inputs.height, **stored), copy)
+
+
+async def restore_inputs(copy: RedisCopy, redis: aioredis.Redis, ttl_s: int, *, only_missing: bool = True) -> int:
+    """Store `copy` in Redis for `ttl_s`, in one transaction; with `only_missing`, only the keys Redis lacks (SET NX:
+    one still there keeps its expiry, so a job Redis did not lose gets no longer life). How many were stored."""
+    async with redis.pipeline(transaction=True) as pipe:
+        for key, data in copy.pngs:
+            pipe.set(key, data, ex=ttl_s, nx=only_missing)
+        replies = await pipe.execute()
+    return sum(1 for reply in replies if reply)
 
 
 async def load_inputs(job: Job, blobs: BlobStore | None, redis: aioredis.Redis) -> Inputs:
@@ -121,14 +167,14 @@ async def _fetch(refs: InputRefs, key: str, blobs: BlobStore | None, redis: aior
     if refs.store == "redis":
         data: bytes | str | None = await redis.get(key)
         if data is None:
-            raise InputsUnavailable("the job's input images expired before a worker ran it")
+            raise InputsGone(GONE)
         return data if isinstance(data, bytes) else data.encode("latin-1")
     if blobs is None:
         raise BlobStoreMismatch("the job's input images are in a blob store, and this process has none (--blob-store)")
     try:
         return await blobs.get(key)
     except BlobNotFound:
-        raise InputsUnavailable("the job's input images expired before a worker ran it") from None
+        raise InputsGone(EXPIRED) from None
 
 
 async def remove_inputs(refs: InputRefs, blobs: BlobStore | None, redis: aioredis.Redis) -> None:

@@ -221,7 +221,9 @@ async def _redis_reachable(app: web.Application) -> bool:
 
 async def _journal_ctx(app: web.Application) -> AsyncIterator[None]:
     """The jobs this gateway accepted, queued again should Redis lose them."""
-    journal = Journal(app[JOBS], RedisKeys(app[CONFIG].key_prefix), outbox=app[OUTBOX])
+    config = app[CONFIG]
+    keys = RedisKeys(config.key_prefix)
+    journal = Journal(app[JOBS], keys, app[REDIS], input_bytes=config.journal_input_bytes, outbox=app[OUTBOX])
     app[JOURNAL] = journal
     task = asyncio.create_task(journal.run(), name="accepted-jobs")
     yield

@@ -110,6 +110,7 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         limits=RequestLimits(max_prompt_chars=args.max_prompt_chars, min_guidance=low, max_guidance=high),
         max_body_bytes=args.max_body_bytes,
         max_image_body_bytes=args.max_image_body_bytes,
+        journal_input_bytes=args.journal_input_bytes,
         api_keys=keys,
         api_keys_file=Path(args.api_keys_file) if args.api_keys_file else None,
         public_demo=args.public_demo,
@@ -258,6 +259,13 @@ def _add_protection(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=GatewayConfig.max_image_body_bytes,
         help="the same for the routes that take input images (an image and a mask, base64 or multipart)",
+    )
+    group.add_argument(
+        "--journal-input-bytes",
+        type=int,
+        default=GatewayConfig.journal_input_bytes,
+        help="memory for copies of the input images stored in Redis of the jobs this gateway accepted and that "
+        "are not done, to store them again should Redis lose them (the oldest dropped first past it; 0: none)",
     )
     group.add_argument(
         "--api-keys-file",

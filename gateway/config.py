@@ -146,6 +146,9 @@ class GatewayConfig:
     # The body of a route that takes input images (gateway/inputs.py): an image and a mask, base64 or multipart.
     # Each image is held to the input limits (common/input_images.py InputLimits: 20 MiB, 4096 a side).
     max_image_body_bytes: int = 64 * 1024 * 1024
+    # What the journal (gateway/journal.py) holds of the input images stored in Redis of the jobs it accepted, to
+    # store them again should Redis lose them; 0: none (a job Redis lost with its inputs then fails).
+    journal_input_bytes: int = 1024 * 1024 * 1024
     input_limits: InputLimits = DEFAULT_INPUT_LIMITS
     # API keys: digests from the environment (hashed at start) and/or a keys file re-read when it changes.
     # With either, every /v1 route needs a key; `public_demo` leaves the demo page's routes open without one.
@@ -200,6 +203,7 @@ class GatewayConfig:
         require(
             1024 <= self.max_image_body_bytes <= 256 * 1024 * 1024, "--max-image-body-bytes", "must be 1 KiB..256 MiB"
         )
+        require(self.journal_input_bytes >= 0, "--journal-input-bytes", "must be >= 0 (0: keep no input images)")
         require(self.max_queue_depth >= 0, "--max-queue-depth", "must be >= 0 (0: unbounded)")
         require(
             self.durable_accept in DURABLE_ACCEPT, "--durable-accept", f"must be one of {', '.join(DURABLE_ACCEPT)}"

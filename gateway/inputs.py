@@ -209,13 +209,14 @@ def _admits_string(schema: dict[str, Any]) -> bool:
 
 async def store_uploaded(request: web.Request, placed: Placed, inputs: Inputs | None, uploaded: Uploaded) -> Placed:
     """`placed` with its input images stored (in the blob store, else in Redis, for the job's result TTL) and its
-    job naming them, before it is queued; as it was without images."""
+    job naming them, before it is queued, with their bytes when in Redis (for the journal); as it was without
+    images."""
     if inputs is None:
         return placed
     app = request.app
-    refs = await store_inputs(placed.job, inputs, app[JOBS].blobs, app[REDIS], RedisKeys(app[CONFIG].key_prefix))
-    job = placed.job.model_copy(update={"inputs": refs})
-    return dataclasses.replace(placed, job=job, images=uploaded.digest())
+    stored = await store_inputs(placed.job, inputs, app[JOBS].blobs, app[REDIS], RedisKeys(app[CONFIG].key_prefix))
+    job = placed.job.model_copy(update={"inputs": stored.refs})
+    return dataclasses.replace(placed, job=job, images=uploaded.digest(), inputs_copy=stored.redis_copy)
 
 
 async def remove_cancelled(app: web.Application, job_id: str) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from common import strength as strength_rule
-from common.inputs import Inputs
+from common.inputs import Inputs, RedisCopy
 from common.jobstore import (
     ANYONE,
     IdempotencyConflict,
@@ -84,6 +84,7 @@ class Placed:
     stream: str
     workers: list[WorkerInfo]
     images: str | None = None  # the digest of its input images' bytes (gateway/inputs.py Uploaded), if any
+    inputs_copy: RedisCopy | None = None  # its input images' bytes, when stored in Redis: the journal keeps them
 
 
 async def make_job(
@@ -226,7 +227,7 @@ async def submit(request: web.Request, body: GenerateRequest, placed: Placed) ->
         ) from None
     request[REPLAYED] = not submitted.created
     if submitted.created:
-        request.app[JOURNAL].add(Accepted(job, key, fingerprint, who, webhook=webhook))
+        request.app[JOURNAL].add(Accepted(job, key, fingerprint, who, webhook=webhook, inputs=placed.inputs_copy))
         logger.info("job %s queued on %s", submitted.job_id, placed.stream, extra={"job_id": submitted.job_id})
     else:
         logger.info("job %s replayed for its Idempotency-Key", submitted.job_id, extra={"job_id": submitted.job_id})

@@ -75,7 +75,9 @@ class GatewayMetrics:
             "sdxl_gateway_listener_events",
             "Job events listener: subscriptions (re-subscriptions included), completions recovered by a "
             "re-check, malformed messages skipped, restarts after an error; and jobs Redis lost that this "
-            "gateway queued again (resubmitted), and ended jobs whose lost webhook it gave back (webhooks_restored)",
+            "gateway queued again (resubmitted), ended jobs whose lost webhook it gave back (webhooks_restored), "
+            "jobs whose lost input images it stored again (inputs_restored), and copies of input images it dropped "
+            "(inputs_dropped: over --journal-input-bytes, or past their result TTL)",
         )
         r.register(self.listener_counters)
         self._add_webhooks(r)

@@ -98,6 +98,8 @@ async def metrics_response(app: web.Application, request: web.Request) -> web.Re
     gauges.listener_counters.values = dict(app[LISTENER].counts) | {
         "resubmitted": app[JOURNAL].resubmitted,
         "webhooks_restored": app[JOURNAL].webhooks_restored,
+        "inputs_restored": app[JOURNAL].inputs_restored,
+        "inputs_dropped": app[JOURNAL].inputs_dropped,
     }
     return web.Response(body=gauges.exposition(), headers={"Content-Type": CONTENT_TYPE})
 

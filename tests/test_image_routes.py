@@ -12,6 +12,7 @@ import io
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,20 +25,28 @@ from PIL import Image
 
 from common.config import ConfigError
 from common.input_images import InputLimits
-from common.inputs import decode_inputs, load_inputs, png
+from common.inputs import GONE, InputsUnavailable, decode_inputs, load_inputs, png
 from common.jobstore import JobStore
 from common.protocol import DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, Job, JobResult
 from common.rediskeys import RedisKeys
 from common.registry import Registry
 from common.streams import JobStreams
 from common.strength import StrengthError, check_strength
+from gateway.app import create_app
 from gateway.cli import gateway_config
+from gateway.config import GatewayConfig
 from gateway.jobs import request_fingerprint
 from gateway.schemas import GenerateRequest
+from gateway.state import JOURNAL
 from sdxl_serve.cli import build_parser
 from sdxl_serve.processes import signal_group
+from testkit import AsyncRedisProcess, RedisOptions
+from testkit.jobs import SHAPE, make_job
 from testkit.objectstore import S3Server
+from testkit.proxy import DropRule, FaultProxy
+from testkit.redis import async_redis_process
 from tests.protection import error_of, gateway
+from tests.queues import Queue
 from tests.support import (
     OLD_FINGERPRINT,
     OLD_REQUEST,
@@ -464,6 +473,140 @@ async def test_an_image_store_down_as_a_worker_reads_the_inputs_delays_the_job_a
     processes.stop("imgout-1")
 
 
+@pytest.fixture
+async def own_redis(tmp_path: Path) -> AsyncIterator[AsyncRedisProcess]:
+    """A redis-server of the test's own (AOF on, no rewrites: a copy of its files is an older state), which it may
+    roll back."""
+    (tmp_path / "redis").mkdir()
+    options = RedisOptions(appendonly=True, extra=("--auto-aof-rewrite-percentage", "0"))
+    async with async_redis_process(options, tmp_path / "redis") as server:
+        yield server
+
+
+ROLLBACK_PROMPT = "a cat, rolled back"
+
+
+def rollback_standin(processes: ProcessGroup, url: str) -> None:
+    argv = [sys.executable, "-m", "testkit.standin", "--redis-url", url, "--worker-id", "imgroll-1",
+            "--sizes", "64x64", "--max-steps", "2", "--step-s", "0", "--image-input"]  # fmt: skip
+    processes.start_argv("imgroll-1", argv)
+
+
+@pytest.mark.parametrize("case", ["worker-after", "worker-held-it", "journal-input-bytes-0"])
+async def test_an_image_job_a_rolled_back_redis_lost_is_replayed_with_its_inputs_and_completes(
+    aiohttp_client: ClientFactory, own_redis: AsyncRedisProcess, processes: ProcessGroup, tmp_path: Path, case: str
+) -> None:
+    """Redis comes back from a snapshot taken before an image-to-image job was accepted (its inputs stored in Redis):
+    the job and its input images are gone. The accepting gateway's journal queues it again with them, and a stand-in
+    worker process answers with the input image, once: one started after the rollback, or one that was given the
+    job before it (cut off from Redis by a fault proxy right after the delivery) and finds its inputs gone, so gives
+    the job back rather than failing it. A gateway that keeps no copy (`--journal-input-bytes 0`) queues it again
+    all the same, and it fails, saying its inputs are gone."""
+    url = own_redis.url()
+    redis_client = aioredis.Redis.from_url(url)
+    proxy = FaultProxy("worker", own_redis.port)
+    await proxy.start()
+    try:
+        await register_worker(redis_client, image_input=True, max_steps=10)  # the gateway accepts image jobs
+        kept = case != "journal-input-bytes-0"
+        config = GatewayConfig(redis_url=url, result_ttl_s=60, journal_input_bytes=kept * (1 << 30))
+        client = await aiohttp_client(create_app(config))
+        held = case == "worker-held-it"
+        if held:
+            rollback_standin(processes, proxy.url())
+            await wait_ready(url, 2)
+        own_redis.snapshot(tmp_path / "snapshot")  # before the submit
+        delivered = proxy.pause_after(DropRule(reply_contains=ROLLBACK_PROMPT.encode()))  # fires only if held
+        job_id = await submit(client, {"image": b64(IMAGE)})
+        if held:
+            await asyncio.wait_for(delivered.wait(), WAIT_S)  # the worker has the job; its next call waits
+        await own_redis.restore(tmp_path / "snapshot")
+        proxy.heal()
+        if not held:
+            rollback_standin(processes, url)
+        result = await finished(redis_client, job_id, KEYS)
+        assert client.app[JOURNAL].resubmitted == 1  # Redis did lose it: the journal queued it again
+        if not kept:
+            assert result.status == "failed" and result.error == GONE, result.error
+            return
+        assert result.status == "succeeded", (result.error, processes.log("imgroll-1")[-3000:])
+        image = await client.get(f"/v1/jobs/{job_id}/images/0")
+        assert image.status == 200
+        assert np.array_equal(
+            np.asarray(Image.open(io.BytesIO(await image.read())).convert("RGB")), np.asarray(gradient(64, 64))
+        )
+        assert await JobStreams(redis_client, KEYS).depth() == 0  # settled: nothing queued or pending
+        assert await redis_client.hget(KEYS.stats, "duplicate_results") is None
+    finally:
+        if "imgroll-1" in processes.processes:
+            processes.stop("imgroll-1")
+        await proxy.close()
+        await redis_client.aclose()
+
+
+async def submit(client: Client, fields: dict[str, Any]) -> str:
+    """An image-to-image job submitted: its id."""
+    body = {"prompt": ROLLBACK_PROMPT, "num_inference_steps": 2, "n": 1, "strength": 0.5} | fields
+    response = await client.post("/v1/jobs", json=body)
+    assert response.status == 202, await response.text()
+    job_id: str = (await response.json())["id"]
+    return job_id
+
+
+async def test_the_journal_keeps_redis_inputs_within_its_budget_the_oldest_dropped_first(
+    aiohttp_client: ClientFactory, redis_server: RedisServer, redis_client: aioredis.Redis, able_worker: None
+) -> None:
+    """Two image jobs, room for one copy: the first job's goes. Redis then loses both jobs and their inputs: the
+    journal stores the second's again before queueing it, and queues the first without them (its worker finds them
+    gone). Copies are let go as their jobs end."""
+    client = await gateway(aiohttp_client, redis_server, journal_input_bytes=len(png(np.asarray(gradient(64, 64)))))
+    journal = client.app[JOURNAL]
+    body = {"prompt": "a cat", "num_inference_steps": 10, "image": b64(IMAGE)}
+    first, second = [(await (await client.post("/v1/jobs", json=body | {"seed": k})).json())["id"] for k in (1, 2)]
+    assert (journal.inputs_dropped, 0 < journal.input_bytes) == (1, True)
+    await redis_client.flushdb()  # what a rollback to before both submits leaves of them: nothing
+    await register_worker(redis_client, image_input=True, max_steps=10)
+    await journal.sweep()
+    assert (journal.resubmitted, journal.inputs_restored) == (2, 1)
+    claimed = [(await claim_next(redis_client, worker)).job for worker in ("wa", "wb")]  # one each
+    jobs = {job.id: job for job in claimed}
+    restored = await load_inputs(jobs[second], None, redis_client)
+    assert np.array_equal(restored.image, np.asarray(gradient(64, 64)))
+    with pytest.raises(InputsUnavailable, match="Redis lost them"):
+        await load_inputs(jobs[first], None, redis_client)
+    for job_id in (first, second):
+        await redis_client.hset(KEYS.job(job_id), "status", "failed")  # ended (how is not the point here)
+    await journal.sweep()
+    assert (len(journal), journal.input_bytes) == (0, 0)
+
+
+async def test_a_worker_gives_back_only_a_job_whose_record_its_own_start_made_from_nothing(
+    redis_client: aioredis.Redis,
+) -> None:
+    """The unstart script: a record that holds the job (Redis did not lose it; its inputs expired) stays, and the job
+    fails as before; one that the start made again after Redis lost the job is removed, its entry acknowledged; a
+    second run changes nothing."""
+    queue = Queue.of(redis_client, KEYS)
+    await queue.streams.ensure_group(KEYS.size_stream(SHAPE.size))
+    await queue.jobs.submit(make_job("kept"), KEYS.size_stream(SHAPE.size))
+    claimed = await claim_next(redis_client)
+    assert await queue.delivery.start(claimed, "w1") is not None
+    assert not await queue.delivery.give_back_lost(claimed)
+    assert await queue.jobs.job_status("kept") == "running"
+    await redis_client.delete(KEYS.job("kept"), KEYS.attempts("kept"))  # lost by Redis: the worker starts it after
+    assert await queue.delivery.start(claimed, "w1") is not None
+    assert await queue.delivery.give_back_lost(claimed)
+    assert await redis_client.exists(KEYS.job("kept"), KEYS.attempts("kept")) == 0
+    assert await queue.streams.depth() == 0  # acknowledged
+    assert not await queue.delivery.give_back_lost(claimed)
+
+
+def test_the_journal_input_bytes_flag_reaches_the_config_and_is_bounded() -> None:
+    assert gateway_config(build_parser().parse_args(["gateway", "--journal-input-bytes", "0"])).journal_input_bytes == 0
+    with pytest.raises(ConfigError, match="--journal-input-bytes"):
+        gateway_config(build_parser().parse_args(["gateway", "--journal-input-bytes", "-1"]))
+
+
 async def until_worker_state(redis_client: aioredis.Redis, state: str, job_id: str) -> None:
     """Until the one worker under OUTAGE says `state`, or `job_id` has a result (then the caller's check fails)."""
     registry, store = Registry(redis_client, OUTAGE), JobStore(redis_client, OUTAGE)
@@ -474,11 +617,11 @@ async def until_worker_state(redis_client: aioredis.Redis, state: str, job_id: s
             await asyncio.sleep(0.05)  # a registry entry has no event to wait on
 
 
-async def finished(redis_client: aioredis.Redis, job_id: str) -> JobResult:
+async def finished(redis_client: aioredis.Redis, job_id: str, keys: RedisKeys = OUTAGE) -> JobResult:
     """The job's result, once announced on the completions channel."""
-    store = JobStore(redis_client, OUTAGE)
+    store = JobStore(redis_client, keys)
     async with redis_client.pubsub() as completions:
-        await completions.subscribe(OUTAGE.completions_channel)
+        await completions.subscribe(keys.completions_channel)
         async with asyncio.timeout(WAIT_S):
             while (result := await store.fetch_meta(job_id)) is None:
                 await completions.get_message(ignore_subscribe_messages=True, timeout=1.0)

@@ -46,7 +46,7 @@ def masked() -> Inputs:
 
 async def test_inputs_in_redis_come_back_as_stored_and_expire_with_the_result_ttl(redis_client: aioredis.Redis) -> None:
     inputs = masked()
-    refs = await store_inputs(job(), inputs, None, redis_client, KEYS)
+    refs = (await store_inputs(job(), inputs, None, redis_client, KEYS)).refs
     assert (refs.store, refs.image, refs.mask) == (
         "redis",
         KEYS.job_input("job-1", "image"),
@@ -69,7 +69,7 @@ async def test_inputs_in_a_blob_store_live_under_the_results_ttl_prefix(
 ) -> None:
     blobs = FileBlobStore(tmp_path)
     inputs = decode_inputs(VALID["png"], None, InputLimits())
-    refs = await store_inputs(job(), inputs, blobs, redis_client, KEYS)
+    refs = (await store_inputs(job(), inputs, blobs, redis_client, KEYS)).refs
     assert (refs.store, refs.image, refs.mask) == ("blob", input_key(TTL_S, "job-1", "image"), None)
     assert ttl_of(refs.image) == TTL_S  # the sweep (and an S3 lifecycle rule) expires it as the job's images
     assert await redis_client.dbsize() == 0  # nothing of it in Redis
@@ -87,7 +87,7 @@ async def test_the_file_stores_sweep_expires_inputs_with_the_result_ttl(
     redis_client: aioredis.Redis, tmp_path: Path
 ) -> None:
     blobs = FileBlobStore(tmp_path)
-    refs = await store_inputs(job(), masked(), blobs, redis_client, KEYS)
+    refs = (await store_inputs(job(), masked(), blobs, redis_client, KEYS)).refs
     assert await blobs.sweep(now=time.time() + TTL_S - 5) == 0
     assert await blobs.exists(refs.image) and await blobs.exists(refs.mask or "")
     assert await blobs.sweep(now=time.time() + TTL_S + 5) == 2
@@ -95,7 +95,7 @@ async def test_the_file_stores_sweep_expires_inputs_with_the_result_ttl(
 
 
 async def test_the_worker_checks_stored_inputs_again(redis_client: aioredis.Redis) -> None:
-    refs = await store_inputs(job(), masked(), None, redis_client, KEYS)
+    refs = (await store_inputs(job(), masked(), None, redis_client, KEYS)).refs
     queued = job().model_copy(update={"inputs": refs})
     await redis_client.set(refs.image, b"GIF89a not what the gateway stored")
     with pytest.raises(InputImageError) as caught:
@@ -119,7 +119,7 @@ async def test_a_job_without_inputs_has_none_to_load(redis_client: aioredis.Redi
 async def test_the_worker_reads_a_jobs_inputs_for_the_engine_and_refuses_what_it_cannot_take(
     redis_client: aioredis.Redis,
 ) -> None:
-    refs = await store_inputs(job(), masked(), None, redis_client, KEYS)
+    refs = (await store_inputs(job(), masked(), None, redis_client, KEYS)).refs
     queued = job().model_copy(update={"inputs": refs})
     takes = JobInputs(redis_client, None, image_input=True)
     assert await takes.read(job()) is None  # no inputs
@@ -138,7 +138,7 @@ async def test_the_worker_reads_a_jobs_inputs_for_the_engine_and_refuses_what_it
 async def test_a_store_out_of_reach_is_transient_and_no_refusal(redis_client: aioredis.Redis) -> None:
     """Redis away while the worker reads a job's inputs (no server on the port): InputsUnreachable, which the
     runner leaves pending for another delivery, not InputsRefused, which fails the job."""
-    refs = await store_inputs(job(), masked(), None, redis_client, KEYS)
+    refs = (await store_inputs(job(), masked(), None, redis_client, KEYS)).refs
     queued = job().model_copy(update={"inputs": refs})
     away = aioredis.Redis(port=free_port(), socket_connect_timeout=1.0)
     try:

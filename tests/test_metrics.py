@@ -65,6 +65,9 @@ async def test_metrics_count_requests_rejections_queue_and_workers(
     listener = "sdxl_gateway_listener_events_total"
     assert samples[(listener, (("event", "subscribed"),))] == 1  # one subscription: no re-subscribe yet
     assert samples[(listener, (("event", "resubmitted"),))] == 0
+    assert (
+        samples[(listener, (("event", "inputs_restored"),))] == samples[(listener, (("event", "inputs_dropped"),))] == 0
+    )
 
 
 async def test_queue_events_from_redis_are_exported(

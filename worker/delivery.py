@@ -78,6 +78,7 @@ class Delivery:
         self._streams = JobStreams(redis, keys)
         self._store = register(redis, "store_result")
         self._start = register(redis, "start")
+        self._unstart = register(redis, "unstart")
         self._progress = register(redis, "progress")
         self._claim = register(redis, "claim")
         self._dead_letter = register(redis, "dead_letter")
@@ -188,6 +189,17 @@ class Delivery:
             )
         )
         return None if ms < 0 else ms
+
+    async def give_back_lost(self, claimed: ClaimedJob) -> bool:
+        """Undo this delivery's start of a job Redis lost (its record, made again by the start, holds no job):
+        the record is removed and the entry acknowledged, for the accepting gateway's journal to queue the job
+        again. False (nothing changed) when Redis knows the job: it was not lost."""
+        job_id = claimed.job.id
+        keys = [self._keys.job(job_id), self._keys.attempts(job_id)]
+        if not int(await self._unstart(keys=keys, args=[claimed.token])):
+            return False
+        await self.discard(claimed)
+        return True
 
     async def discard(self, claimed: ClaimedJob) -> None:
         """Acknowledge and drop an entry whose job must not run (cancelled while queued)."""

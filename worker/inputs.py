@@ -7,7 +7,9 @@ common/inputs.py `load_inputs`, which checks them again as the gateway did (the 
 the engine's `admit` as an `ImageInput`; inputs that fail the checks, are gone (expired while queued) or are in a
 store this worker lacks fail the job, naming why. A store that cannot be reached now (the blob store unavailable,
 Redis away) fails nothing: `InputsUnreachable`, and the runner leaves the job's entry pending to be delivered again
-once the store answers (worker/runner.py).
+once the store answers (worker/runner.py). Inputs gone from Redis because Redis lost them with the job (restored
+from an older state while this worker held a delivery of it) fail nothing either: `InputsLost`, and the runner
+gives the job back to the gateway that accepted it, whose journal queues it again with its inputs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import redis.asyncio as aioredis
 
 from common.blobstore import BlobStore, BlobStoreError, BlobStoreUnavailable
 from common.input_images import InputImageError
-from common.inputs import InputsUnavailable, load_inputs
+from common.inputs import InputsGone, InputsUnavailable, load_inputs
 from common.protocol import Job, default_strength
 from common.redis_conn import CONNECTION_ERRORS
 from worker.pipeline_protocol import ImageInput
@@ -30,6 +32,11 @@ NOT_HERE = "this worker does not generate from input images (it does not adverti
 
 class InputsRefused(Exception):
     """A job's input images this worker cannot take: the message says why, and the job fails with it."""
+
+
+class InputsLost(InputsRefused):
+    """A job's input images stored in Redis are not there: expired, or lost by Redis with the job (worker/runner.py
+    tells which, and gives a lost job back to its gateway's journal rather than failing it)."""
 
 
 class InputsUnreachable(Exception):
@@ -65,6 +72,8 @@ class JobInputs:
             raise InputsUnreachable(f"Redis: {exc}", in_blob_store=False) from None
         except InputImageError as exc:
             raise InputsRefused(f"the stored input images are refused: {exc}") from None
+        except InputsGone as exc:
+            raise (InputsLost if job.inputs.store == "redis" else InputsRefused)(str(exc)) from None
         except (InputsUnavailable, BlobStoreError) as exc:
             raise InputsRefused(str(exc)) from None
         strength = job.params.strength

@@ -45,7 +45,7 @@ from worker.device_watermark import DeviceWatermark
 from worker.encode import encode_all
 from worker.handoff import EncodeImages, Generated, HandOff, failed
 from worker.images import ImageWriter
-from worker.inputs import InputsRefused, InputsUnreachable, JobInputs
+from worker.inputs import InputsLost, InputsRefused, InputsUnreachable, JobInputs
 from worker.lora_source import LoraSource, adapter_loader, open_lora_source, refusal
 from worker.metrics import WorkerMetrics, metrics_app, start_server
 from worker.pipeline import PipelineError, PipelineOptions, SDXLPipeline
@@ -371,7 +371,8 @@ class Worker:
         try:
             image = await self._inputs.read(job)
         except InputsRefused as exc:
-            await self._handoff.hand_off(Generated(claimed, None, failed(job, self.id, str(exc)), queued_ms, 0.0))
+            if not (isinstance(exc, InputsLost) and await self._gave_back_lost(claimed)):
+                await self._handoff.hand_off(Generated(claimed, None, failed(job, self.id, str(exc)), queued_ms, 0.0))
             return
         except InputsUnreachable as exc:
             self._inputs_later(job, exc)
@@ -386,6 +387,22 @@ class Worker:
             await self._handoff.hand_off(Generated(claimed, None, failed(job, self.id, reason), queued_ms, 0.0))
             return
         self._running[job.id] = Running(claimed, progress, queued_ms, time.perf_counter())
+
+    async def _gave_back_lost(self, claimed: ClaimedJob) -> bool:
+        """Whether the job, whose inputs are gone from Redis, was lost by Redis with them (then it is given back to
+        the journal of the gateway that accepted it, which queues it again with its inputs), rather than expired.
+        Redis away: the entry stays pending, to be delivered again."""
+        try:
+            lost = await self._delivery.give_back_lost(claimed)
+        except REDIS_ERRORS as exc:
+            logger.warning(
+                "job %s: its input images are gone and Redis is away (%s); left pending", claimed.job.id, exc
+            )
+            return True
+        if lost:
+            logger.warning("job %s: lost by Redis with its input images; given back to its gateway", claimed.job.id)
+            self.metrics.jobs.labels("inputs_lost").inc()
+        return lost
 
     def _inputs_later(self, job: Job, exc: InputsUnreachable) -> None:
         """A job whose input images' store cannot be reached now is neither failed nor acknowledged: its entry stays
