@@ -1,6 +1,7 @@
 """Input images through the gateway (gateway/inputs.py): base64 in JSON or files in multipart on `/v1/jobs`,
 `/v1/generate` and the OpenAI `/v1/images/edits` (driven by the official client), decoded and checked before anything
-is queued, stored beside the job, routed only to workers that advertise `image_input`; and the whole path through a
+is queued, stored beside the job, routed only to workers that run its kind (`request_kinds`: an inpainting model's
+worker runs inpainting only); and the whole path through a
 stand-in worker process that answers with the input image. A real redis-server throughout; a test plays the worker
 where the worker's side is not the point."""
 
@@ -259,7 +260,7 @@ def test_the_image_body_limit_flag_reaches_the_config_and_is_bounded() -> None:
         gateway_config(build_parser().parse_args(["gateway", "--max-image-body-bytes", "10"]))
 
 
-# --- Capability: only workers that advertise image_input get such a job.
+# --- Capability: only workers that run a job's kind (text, image-to-image, inpainting) get it.
 
 
 async def test_an_image_is_refused_while_no_worker_generates_from_one(
@@ -289,6 +290,61 @@ async def test_a_job_with_an_image_goes_only_to_a_worker_that_advertises_image_i
         response = await client.post("/v1/jobs", json=body)
         record = await store.record((await response.json())["id"])
         assert record is not None and record.stream == KEYS.worker_stream("able")
+
+
+INPAINTING_ONLY = {"image_input": True, "request_kinds": ["inpainting"]}  # a worker of a 9-channel inpainting model
+BODIES = {
+    "text-to-image": {"prompt": "a cat", "n": 1},
+    "image-to-image": {"prompt": "a cat", "n": 1, "image": b64(IMAGE), "strength": 0.5},
+    "inpainting": {"prompt": "a cat", "n": 1, "image": b64(IMAGE), "mask": b64(mask_png())},
+}
+
+
+@pytest.mark.parametrize("routing", ["shared", "random", "p2c"])
+async def test_text_and_image_to_image_jobs_never_reach_an_inpainting_worker_and_inpainting_reaches_either(
+    routing: str, aiohttp_client: ClientFactory, redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    """The inpainting worker has the more free rows (p2c's choice) and reads the size's shared stream: a text or
+    image-to-image job must still go to the base worker's own stream; an inpainting job may go anywhere."""
+    await register_worker(redis_client, worker_id="inpainter", rows=8, free_rows=8, max_steps=10, **INPAINTING_ONLY)
+    await register_worker(redis_client, worker_id="base", image_input=True, rows=8, free_rows=1, max_steps=10)
+    client = await gateway(aiohttp_client, redis_server, routing=routing)
+    store = JobStore(redis_client, KEYS)
+
+    async def streams(kind: str) -> set[str | None]:
+        chosen = set()
+        for _ in range(12):
+            response = await client.post("/v1/jobs", json=BODIES[kind])
+            assert response.status == 202, await response.text()
+            record = await store.record((await response.json())["id"])
+            chosen.add(record.stream if record is not None else None)
+        return chosen
+
+    for kind in ("text-to-image", "image-to-image"):
+        assert await streams(kind) == {KEYS.worker_stream("base")}, kind
+    reaches_both = {KEYS.size_stream(TEST_SHAPES[0].size), KEYS.worker_stream("inpainter"), KEYS.worker_stream("base")}
+    assert await streams("inpainting") <= reaches_both
+    if routing == "p2c":
+        assert await streams("inpainting") == {KEYS.worker_stream("inpainter")}  # the more free rows
+
+
+async def test_a_kind_no_worker_runs_is_refused_naming_the_field_that_would_make_it_one(
+    client: Client, redis_client: aioredis.Redis
+) -> None:
+    await register_worker(redis_client, worker_id="inpainter", max_steps=10, **INPAINTING_ONLY)
+    response = await client.post("/v1/jobs", json=BODIES["text-to-image"])
+    error = await error_of(response)
+    assert response.status == 400 and (error["field"], error["code"]) == ("image", "request_kind_unsupported")
+    assert "run inpainting only, not text-to-image" in error["message"]
+    response = await client.post("/v1/jobs", json=BODIES["image-to-image"])
+    error = await error_of(response)
+    assert response.status == 400 and (error["field"], error["code"]) == ("mask", "request_kind_unsupported")
+    assert error["message"].startswith("mask: ") and "not image-to-image: send a mask" in error["message"]
+    assert await queued_jobs(redis_client) == 0
+    assert (await client.post("/v1/jobs", json=BODIES["inpainting"])).status == 202
+    await register_worker(redis_client, worker_id="warming", state="warming", image_input=True, max_steps=10)
+    response = await client.post("/v1/jobs", json=BODIES["text-to-image"])  # a base worker comes: retry soon
+    assert response.status == 503 and (await error_of(response))["code"] == "no_ready_worker"
 
 
 # --- Idempotency: the images' bytes are part of what a key binds to.
