@@ -11,8 +11,10 @@ import asyncio
 import base64
 import io
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -37,6 +39,7 @@ from gateway.jobs import request_fingerprint
 from gateway.schemas import GenerateRequest
 from sdxl_serve.cli import build_parser
 from sdxl_serve.processes import signal_group
+from testkit import sdxl_serve_argv
 from testkit.objectstore import S3Server
 from tests.protection import error_of, gateway
 from tests.support import (
@@ -50,6 +53,7 @@ from tests.support import (
     finish,
     queued_jobs,
     register_worker,
+    tiny_worker_args,
     wait_ready,
 )
 from tests.test_input_images import HOSTILE, encoded, gradient
@@ -471,6 +475,48 @@ async def test_an_uploaded_image_comes_back_from_a_standin_worker_through_its_lo
     assert len(images) == 2
     for image in images:
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(image))).convert("RGB")), resized)
+
+
+INPAINTER = RedisKeys("inpaintw")
+
+
+@pytest.fixture(scope="module")
+def inpainting_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a 9-channel inpainting UNet, written by the CLI as a user would."""
+    directory = tmp_path_factory.mktemp("models") / "tiny-sdxl-inpainting"
+    subprocess.run(sdxl_serve_argv("tiny-model", "--inpainting", str(directory)), check=True, stdout=subprocess.DEVNULL)
+    return directory
+
+
+async def test_a_worker_on_the_inpainting_model_advertises_inpainting_only_and_runs_it(
+    inpainting_model: Path,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    processes: ProcessGroup,
+    aiohttp_client: ClientFactory,
+) -> None:
+    """A real worker process on the 9-channel model: its registry entry says inpainting only; a gateway refuses it a
+    text request (400 naming `image`) and an inpainting request comes back with images."""
+    url = redis_server.url(0)
+    processes.start(
+        "inpaint-1", *tiny_worker_args(url, inpainting_model, "inpaint-1", "--key-prefix", INPAINTER.prefix)
+    )
+    try:
+        try:
+            (info,) = await wait_ready(url, 1, INPAINTER.prefix)
+        except TimeoutError:
+            pytest.fail("worker not ready:\n" + processes.log("inpaint-1")[-3000:])
+        assert (info.image_input, info.request_kinds) == (True, ["inpainting"])
+        client = await gateway(aiohttp_client, redis_server, key_prefix=INPAINTER.prefix, request_timeout_s=120.0)
+        response = await client.post("/v1/generate", json={"prompt": "a cat", "n": 1})
+        error = await error_of(response)
+        assert response.status == 400 and (error["field"], error["code"]) == ("image", "request_kind_unsupported")
+        body = {"prompt": "a cat", "n": 1, "image": b64(IMAGE), "mask": b64(mask_png())}
+        response = await client.post("/v1/generate", json=body)
+        assert response.status == 200, await response.text()
+        assert len((await response.json())["images"]) == 1
+    finally:
+        processes.stop("inpaint-1")
 
 
 OUTAGE = RedisKeys("imgout")
