@@ -296,7 +296,10 @@ async def test_a_job_with_an_image_goes_only_to_a_worker_that_advertises_image_i
         assert record is not None and record.stream == KEYS.worker_stream("able")
 
 
-INPAINTING_ONLY = {"image_input": True, "request_kinds": ["inpainting"]}  # a worker of a 9-channel inpainting model
+INPAINTING_ONLY: dict[str, Any] = {
+    "image_input": True,
+    "request_kinds": ["inpainting"],
+}  # a worker of a 9-channel inpainting model
 BODIES = {
     "text-to-image": {"prompt": "a cat", "n": 1},
     "image-to-image": {"prompt": "a cat", "n": 1, "image": b64(IMAGE), "strength": 0.5},
