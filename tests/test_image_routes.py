@@ -29,7 +29,7 @@ from common.config import ConfigError
 from common.input_images import InputLimits
 from common.inputs import decode_inputs, load_inputs, png
 from common.jobstore import JobStore
-from common.protocol import DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, Job, JobResult
+from common.protocol import DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, Job, JobResult, Shape
 from common.rediskeys import RedisKeys
 from common.registry import Registry
 from common.streams import JobStreams
@@ -64,6 +64,7 @@ Client = TestClient[Any, Any]
 KEYS = RedisKeys()
 IMAGE = encoded(gradient(64, 64), "PNG")
 PHOTO = encoded(gradient(64, 48), "JPEG", quality=90)  # another size than the job's: resized by the worker
+WIDE = encoded(gradient(128, 64), "PNG")
 
 
 def mask_png(width: int = 64, height: int = 64, painted: bool = True) -> bytes:
@@ -428,6 +429,37 @@ async def test_openai_client_edits_an_image_with_a_mask(
     square = np.zeros((64, 64), dtype=bool)
     square[16:48, 16:48] = True
     assert loaded.mask is not None and np.array_equal(loaded.mask, square)  # the transparent square is repainted
+
+
+async def test_openai_client_edit_without_a_size_is_made_at_the_input_images_size_where_a_worker_serves_it(
+    oai: openai.AsyncOpenAI, redis_client: aioredis.Redis
+) -> None:
+    """As OpenAI's edits: no `size`, the input's size (128x64 here) when a live worker serves it; an input of a size no
+    live worker serves (40x40, or 128x64 while its only worker warms) is edited at the cluster's default (64x64)."""
+    wide = (TEST_SHAPES[0], Shape(width=128, height=64, steps=2))
+    await register_worker(redis_client, worker_id="wide", shapes=wide, image_input=True, max_steps=10)
+    await register_worker(redis_client, worker_id="warming", state="warming", shapes=wide[1:], image_input=True)
+
+    async def edited(image: bytes, width: int, height: int, **size: str) -> tuple[Shape, str | None]:
+        async def worker() -> Job:
+            claimed = await claim_next(redis_client, shapes=wide)
+            await finish(redis_client, claimed, [b"edited"])
+            return claimed.job
+
+        serving = asyncio.create_task(worker())
+        mask = ("mask.png", edit_mask_png(width, height), "image/png")
+        response = await oai.images.edit(
+            image=("in.png", image, "image/png"), mask=mask, prompt="a hat", response_format="b64_json", **size
+        )
+        return (await serving).params.shape, response.size
+
+    assert await edited(WIDE, 128, 64) == (wide[1], "128x64")
+    assert await edited(WIDE, 128, 64, size="auto") == (wide[1], "128x64")
+    assert await edited(WIDE, 128, 64, size="64x64") == (wide[0], "64x64")  # a size named is the size made
+    assert await edited(encoded(gradient(40, 40), "PNG"), 40, 40) == (wide[0], "64x64")
+    await register_worker(redis_client, worker_id="wide", state="draining", shapes=wide, image_input=True)
+    await register_worker(redis_client, worker_id="default", image_input=True, max_steps=10)
+    assert await edited(WIDE, 128, 64) == (wide[0], "64x64")  # 128x64's workers warm or drain: the default
 
 
 async def test_openai_client_edit_errors_name_the_parameter(
