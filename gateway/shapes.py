@@ -108,7 +108,8 @@ def _check_kind(what: str, kind: RequestKind, able: list[WorkerInfo]) -> None:
     raise ApiError(
         400,
         "request_kind_unsupported",
-        f"{field}: the workers serving {what} run {' and '.join(offered) or 'nothing'} only, not {kind}: {fix}",
+        f"{field}: the workers serving {what} run {' and '.join(offered) + ' only' if offered else 'nothing'}, not "
+        f"{kind}: {fix}",
         field=field,
     )
 
