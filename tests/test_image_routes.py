@@ -440,7 +440,9 @@ async def test_openai_client_edit_without_a_size_is_made_at_the_input_images_siz
     await register_worker(redis_client, worker_id="wide", shapes=wide, image_input=True, max_steps=10)
     await register_worker(redis_client, worker_id="warming", state="warming", shapes=wide[1:], image_input=True)
 
-    async def edited(image: bytes, width: int, height: int, **size: str) -> tuple[Shape, str | None]:
+    async def edited(
+        image: bytes, width: int, height: int, size: str | openai.Omit = openai.omit
+    ) -> tuple[Shape, str | None]:
         async def worker() -> Job:
             claimed = await claim_next(redis_client, shapes=wide)
             await finish(redis_client, claimed, [b"edited"])
@@ -449,7 +451,7 @@ async def test_openai_client_edit_without_a_size_is_made_at_the_input_images_siz
         serving = asyncio.create_task(worker())
         mask = ("mask.png", edit_mask_png(width, height), "image/png")
         response = await oai.images.edit(
-            image=("in.png", image, "image/png"), mask=mask, prompt="a hat", response_format="b64_json", **size
+            image=("in.png", image, "image/png"), mask=mask, prompt="a hat", response_format="b64_json", size=size
         )
         return (await serving).params.shape, response.size
 
