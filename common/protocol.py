@@ -316,6 +316,21 @@ def default_strength(masked: bool) -> float:
     return DEFAULT_INPAINT_STRENGTH if masked else DEFAULT_IMG2IMG_STRENGTH
 
 
+# What a request asks of the model, by its inputs: no image, an image, an image and a mask. A worker advertises the
+# kinds it runs (WorkerInfo.request_kinds): SDXL base runs all three (from images only where its engine takes them),
+# an inpainting model (a 9-channel UNet) inpainting only.
+RequestKind = Literal["text-to-image", "image-to-image", "inpainting"]
+REQUEST_KINDS: tuple[RequestKind, ...] = get_args(RequestKind)
+IMAGE_KINDS: frozenset[RequestKind] = frozenset({"image-to-image", "inpainting"})
+
+
+def request_kind(image: bool, mask: bool) -> RequestKind:
+    """The kind of a request with an input image (`image`) and an inpainting mask (`mask`), or neither."""
+    if not image:
+        return "text-to-image"
+    return "inpainting" if mask else "image-to-image"
+
+
 class InputRefs(BaseModel):
     """Where a job's input images are stored (never in the stream: common/inputs.py writes and reads them): the
     image's key, the inpainting mask's (None: image-to-image), and the image's size as the gateway decoded it.

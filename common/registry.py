@@ -11,12 +11,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel
+from pydantic import BaseModel, model_validator
 
-from common.protocol import DEFAULT_SCHEDULER, DEFAULT_STEPS, Size
+from common.protocol import DEFAULT_SCHEDULER, DEFAULT_STEPS, REQUEST_KINDS, RequestKind, Size
 from common.rediskeys import RedisKeys
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,10 @@ class WorkerInfo(BaseModel):
     # Whether it generates from an input image (image-to-image, inpainting: `Job.inputs`); only such a worker is
     # given a job that has one. False for a worker of a version without it.
     image_input: bool = False
+    # The kinds of request it runs (common/protocol.py RequestKind): SDXL base all three with image_input, text to
+    # image only without; an inpainting model (a 9-channel UNet) inpainting only. Placement reads this, not
+    # image_input. An entry of a worker from before it existed reads as image_input meant (`_kinds_of_old_entry`).
+    request_kinds: list[RequestKind] = []
     state: WorkerState
     # While warming, what it does now ("loading weights", "compiling 1216x832 (3/9)"); None otherwise. Optional,
     # so a gateway and a worker of versions with and without it read each other's entries.
@@ -66,6 +70,20 @@ class WorkerInfo(BaseModel):
     last_heartbeat: float = 0.0
     metrics_port: int | None = None  # the worker's /metrics, /healthz and /readyz, on `host`
     random_weights: bool = False  # it runs the tiny random-weight model (worker/tiny_model.py): its images are noise
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kinds_of_old_entry(cls, data: Any) -> Any:
+        """An entry without `request_kinds` (a worker of an earlier version, or one built without them): the kinds
+        its `image_input` meant, all three or text to image only."""
+        if isinstance(data, dict) and "request_kinds" not in data:
+            return {**data, "request_kinds": kinds_of(bool(data.get("image_input", False)))}
+        return data
+
+
+def kinds_of(image_input: bool) -> list[RequestKind]:
+    """The kinds an SDXL base model runs: all three where its worker takes input images, else text to image."""
+    return list(REQUEST_KINDS) if image_input else ["text-to-image"]
 
 
 class Registry:

@@ -38,9 +38,11 @@ from common.protocol import (
     JOB_ID_PATTERN,
     Job,
     JobResult,
+    RequestKind,
     ResolvedParams,
     Shape,
     default_strength,
+    request_kind,
 )
 from common.redis_conn import UNAVAILABLE
 from common.registry import SERVING_STATES, WorkerInfo
@@ -96,9 +98,10 @@ async def make_job(
 ) -> Placed:
     """Resolve shape and scheduler against the live workers (read now unless given), draw a seed when none was
     given, check `n` (the route's `default_n` when the request names none), route the job: the request's
-    generation parameters go into the job whole. With input images (`inputs`, decoded), only to a worker that
-    generates from them, with the default strength when none was named. The prompt policy is asked first: a refused
-    prompt is answered before anything is looked up or queued."""
+    generation parameters go into the job whole, and only to a worker that runs its kind (text to image; from input
+    images, `inputs`, decoded: image to image, or inpainting with a mask), with the default strength when an image
+    comes without one. The prompt policy is asked first: a refused prompt is answered before anything is looked up
+    or queued."""
     if body.strength is not None and inputs is None:
         raise ApiError(
             400, "strength_without_image", "strength: applies to an input image (send image)", field="strength"
@@ -106,8 +109,8 @@ async def make_job(
     await request.app[POLICY].check(body.prompt, body.negative_prompt)
     if workers is None:
         workers = await request.app[REGISTRY].workers()
-    image = inputs is not None
-    resolved = resolve(body, workers, image)
+    kind = request_kind(inputs is not None, inputs is not None and inputs.mask is not None)
+    resolved = resolve(body, workers, kind)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
     params = body.resolved(resolved.shape, seed, resolved.scheduler)
     if body.n is None:
@@ -116,7 +119,7 @@ async def make_job(
         params = params.model_copy(update={"strength": default_strength(inputs.mask is not None)})
     check_strength(params)
     loras = [lora.name for lora in params.loras]
-    check_n(params.n, params.shape, params.scheduler, workers, loras, image)
+    check_n(params.n, params.shape, params.scheduler, workers, loras, kind)
     job = Job(
         id=uuid.uuid4().hex,
         params=params,
@@ -126,7 +129,7 @@ async def make_job(
         request_id=request.get(REQUEST_ID),
     )
     stream = await request.app[PLACEMENT].stream_for(
-        job.params.shape, job.params.scheduler, workers, job.params.n, loras, image
+        job.params.shape, job.params.scheduler, workers, job.params.n, loras, kind
     )
     return Placed(job=job, stream=stream, workers=workers)
 
@@ -143,12 +146,17 @@ def check_strength(params: ResolvedParams) -> None:
 
 
 def check_n(
-    n: int, shape: Shape, scheduler: str, workers: list[WorkerInfo], loras: Sequence[str] = (), image: bool = False
+    n: int,
+    shape: Shape,
+    scheduler: str,
+    workers: list[WorkerInfo],
+    loras: Sequence[str] = (),
+    kind: RequestKind = "text-to-image",
 ) -> None:
-    """Refuse, before queueing, more images than a worker that may run the job (with its adapters `loras`, from an
-    input image) makes per request: on a shared stream any of them may claim it, so the bound is the least any of
+    """Refuse, before queueing, more images than a worker that may run the job (with its adapters `loras`, of its
+    request `kind`) makes per request: on a shared stream any of them may claim it, so the bound is the least any of
     them advertises."""
-    able = [w for w in workers if w.state in SERVING_STATES and runs(w, shape, scheduler, loras, image)]
+    able = [w for w in workers if w.state in SERVING_STATES and runs(w, shape, scheduler, loras, kind)]
     most = min((w.images_per_request for w in able), default=None)
     if most is not None and n > most:
         raise ApiError(

@@ -18,8 +18,10 @@ from pydantic import BaseModel, BeforeValidator, Field, StrictBool, ValidationEr
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
+from common.inputs import Inputs
 from common.jobstore import StoredResult
-from common.protocol import GenerationParams, OutputFormat, nearest_sdxl_resolution
+from common.protocol import GenerationParams, OutputFormat, Size, nearest_sdxl_resolution, request_kind
+from common.registry import SERVING_STATES, WorkerInfo
 from gateway import jobs
 from gateway.errors import ApiError, from_validation_error
 from gateway.inputs import Uploaded, read_request, store_uploaded
@@ -156,6 +158,12 @@ class ImageEditRequest(ImageGenerationRequest):
     extension, a JSON body may carry them base64, as on `POST /v1/jobs`."""
 
     input_fidelity: Literal["high", "low"] | None = Field(default=None, description="accepted and ignored")
+    size: str | None = Field(
+        default=None,
+        examples=["1024x1024"],
+        description="WIDTHxHEIGHT in pixels; omitted or `auto`: the input image's size where a live worker serves "
+        "it (and runs the edit), else the cluster's default size; otherwise as on /v1/images/generations",
+    )
     image: str | None = Field(default=None, description="the image to edit: a file part (base64 in a JSON body)")
     mask: str | None = Field(default=None, description="white is repainted: a file part (base64 in a JSON body)")
 
@@ -215,7 +223,8 @@ async def _answer(
     edit's mask repaints where it is fully transparent, as OpenAI's does."""
     decoded = await uploaded.decoded(request.app[CONFIG].input_limits, transparent_mask=transparent_mask)
     workers = await request.app[REGISTRY].workers()
-    generate = to_generate_request(body, {(s.width, s.height) for w in workers for s in w.sizes})
+    served = {(s.width, s.height) for w in workers for s in w.sizes}
+    generate = to_generate_request(body, served, _input_size(decoded, workers))
     try:
         placed = await jobs.make_job(request, generate, workers, default_n=OPENAI_DEFAULT_N, inputs=decoded)
     except ApiError as exc:
@@ -234,10 +243,12 @@ async def _answer(
     )
 
 
-def to_generate_request(body: ImageGenerationRequest, served: Collection[tuple[int, int]] = ()) -> GenerateRequest:
-    """The native request for an OpenAI one, given the sizes the workers serve; a size our limits refuse is a
-    400 naming `size`."""
-    width, height = body.dimensions(served) or (None, None)
+def to_generate_request(
+    body: ImageGenerationRequest, served: Collection[tuple[int, int]] = (), unsized: tuple[int, int] | None = None
+) -> GenerateRequest:
+    """The native request for an OpenAI one, given the sizes the workers serve, at the (width, height) `unsized` when
+    it names no size (None: the cluster's default); a size our limits refuse is a 400 naming `size`."""
+    width, height = body.dimensions(served) or unsized or (None, None)
     # Our quality starts at 1; OpenAI's output_compression at 0, which asks for the smallest file anyway.
     quality = max(1, body.output_compression) if body.output_compression is not None else None
     # Every generation parameter is taken as it is, but the size, which is OpenAI's `size` here.
@@ -254,6 +265,17 @@ def to_generate_request(body: ImageGenerationRequest, served: Collection[tuple[i
         )
     except ValidationError as exc:
         raise _renamed(from_validation_error(exc)) from None
+
+
+def _input_size(inputs: Inputs | None, workers: list[WorkerInfo]) -> tuple[int, int] | None:
+    """The (width, height) of an edit's input image when a live worker serves that size for the edit's kind, as
+    OpenAI's edits answer at the input's size by default; None (the cluster's default size) otherwise."""
+    if inputs is None:
+        return None
+    height, width = inputs.image.shape[:2]
+    size, kind = Size(width=width, height=height), request_kind(True, inputs.mask is not None)
+    live = (w for w in workers if w.state in SERVING_STATES and kind in w.request_kinds)
+    return (width, height) if any(size in w.sizes for w in live) else None
 
 
 def _renamed(error: ApiError) -> ApiError:

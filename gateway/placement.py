@@ -11,15 +11,16 @@
   request at a time) is compared as before: the one with fewer jobs on its stream (queued plus in service).
 
 The candidates are the ready or busy workers that serve the job's size, its step count (up to their
-`max_steps`), its scheduler, its LoRA adapters (each offered, no more than their `max_loras`) and its input image
-(`image_input`), so heterogeneous workers (other sizes, step ranges, schedulers, adapter folders, device counts,
-versions) are served correctly under every policy. Under `shared`, a job that some worker of its size could not run
-(a smaller step range, fewer schedulers, an adapter it does not offer, an input image it does not generate from)
-goes to the stream of a candidate instead, the shorter of two. A job with adapters goes, under `shared` and `p2c`, to
-a candidate whose device pool holds them all already (`loras_loaded`) and has room for its images, when there is one
-(the one with the most free rows): it starts without loading an adapter. A job routed to a worker that then dies is
-moved to the shared stream of its size (`Recovery.rehome_orphans`): nothing is lost (a job with an input image may
-then reach a worker without `image_input`, which fails it, saying so: worker/inputs.py).
+`max_steps`), its scheduler, its LoRA adapters (each offered, no more than their `max_loras`) and its kind
+(`request_kinds`: text to image, image to image, inpainting), so heterogeneous workers (other sizes, step ranges,
+schedulers, adapter folders, device counts, models, versions) are served correctly under every policy. Under
+`shared`, a job that some worker of its size could not run (a smaller step range, fewer schedulers, an adapter it
+does not offer, a kind it does not run: an inpainting model's, for a text or image-to-image job) goes to the stream
+of a candidate instead, the shorter of two. A job with adapters goes, under `shared` and `p2c`, to a candidate whose
+device pool holds them all already (`loras_loaded`) and has room for its images, when there is one (the one with the
+most free rows): it starts without loading an adapter. A job routed to a worker that then dies is moved to the
+shared stream of its size (`Recovery.rehome_orphans`): nothing is lost (a job may then reach a worker that does not
+run its kind, which fails it, saying so: worker/inputs.py, worker/inpainting_model.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 
-from common.protocol import Shape
+from common.protocol import RequestKind, Shape
 from common.rediskeys import RedisKeys
 from common.registry import SERVING_STATES, WorkerInfo
 from gateway.config import RoutingPolicy
@@ -55,16 +56,16 @@ class Placement:
         workers: list[WorkerInfo],
         n: int = 1,
         loras: Sequence[str] = (),
-        image: bool = False,
+        kind: RequestKind = "text-to-image",
     ) -> str:
-        """The stream to queue a job of `shape`, `scheduler`, `n` images and the adapters named `loras` (from an input
-        image if `image`) on; `workers` must include one that runs it."""
+        """The stream to queue a job of `shape`, `scheduler`, `n` images, the adapters named `loras` and the request
+        `kind` (text to image, image to image, inpainting) on; `workers` must include one that runs it."""
         candidates = sorted(
-            (w for w in workers if w.state in SERVING_STATES and runs(w, shape, scheduler, loras, image)),
+            (w for w in workers if w.state in SERVING_STATES and runs(w, shape, scheduler, loras, kind)),
             key=lambda w: w.id,
         )
         size_stream = self._keys.size_stream(shape.size)
-        shared_fits = all(runs(w, shape, scheduler, loras, image) for w in workers if shape.size in w.sizes)
+        shared_fits = all(runs(w, shape, scheduler, loras, kind) for w in workers if shape.size in w.sizes)
         if not candidates:  # resolve has refused this already; keep the job safe regardless
             return size_stream
         if loras and self.policy != "random" and (warm := self._holding(candidates, loras, n)) is not None:

@@ -54,7 +54,7 @@ class GenerateRequest(GenerationParams):
     image: str | None = Field(
         default=None,
         description="an input image (PNG, JPEG or WebP), base64 (a data: URL prefix is accepted), for "
-        "image-to-image; with `mask`, inpainting. Needs a worker that advertises image_input",
+        "image-to-image; with `mask`, inpainting. Needs a worker that runs the kind (WorkerInfo.request_kinds)",
     )
     mask: str | None = Field(
         default=None,

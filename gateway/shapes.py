@@ -12,7 +12,16 @@ from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from common.protocol import DEFAULT_SCHEDULER, GenerationParams, Scheduler, Shape, Size
+from common.protocol import (
+    DEFAULT_SCHEDULER,
+    IMAGE_KINDS,
+    REQUEST_KINDS,
+    GenerationParams,
+    RequestKind,
+    Scheduler,
+    Shape,
+    Size,
+)
 from common.registry import SERVING_STATES, WorkerInfo
 from gateway.errors import ApiError
 from gateway.loras import check_loras, offers
@@ -29,24 +38,30 @@ class Resolved:
     scheduler: Scheduler
 
 
-def runs(worker: WorkerInfo, shape: Shape, scheduler: str, loras: Collection[str] = (), image: bool = False) -> bool:
-    """Whether `worker` can run a job of `shape` with `scheduler` and the adapters named `loras`, from an input image
-    if `image` (whatever its state)."""
+def runs(
+    worker: WorkerInfo, shape: Shape, scheduler: str, loras: Collection[str] = (), kind: RequestKind = "text-to-image"
+) -> bool:
+    """Whether `worker` can run a job of `shape` with `scheduler` and the adapters named `loras`, of the request `kind`
+    (text to image, or from an input image: image to image, inpainting), whatever its state."""
+    return serves(worker, shape, scheduler, loras) and kind in worker.request_kinds
+
+
+def serves(worker: WorkerInfo, shape: Shape, scheduler: str, loras: Collection[str] = ()) -> bool:
+    """Whether `worker` serves `shape` with `scheduler` and the adapters named `loras`, of whichever kind."""
     return (
         shape.size in worker.sizes
         and shape.steps <= worker.max_steps
         and scheduler in worker.schedulers
         and offers(worker, loras)
-        and (worker.image_input or not image)
     )
 
 
-def resolve(request: GenerationParams, workers: list[WorkerInfo], image: bool = False) -> Resolved:
+def resolve(request: GenerationParams, workers: list[WorkerInfo], kind: RequestKind = "text-to-image") -> Resolved:
     """The shape and scheduler to run: the request's fields, omitted ones taken from the cluster's defaults.
 
     Raises ApiError 503 when no worker is registered; 400 naming `width` or `height`, `num_inference_steps`
-    or `scheduler` when no registered worker serves the value, naming `image` when the request has an input image
-    (`image`) and none of them generates from one (`image_input`); 503 when the workers that serve it are all
+    or `scheduler` when no registered worker serves the value, naming `image` or `mask` when none of them runs the
+    request's `kind` (`_check_kind`); 503 when the workers that serve it are all
     still warming up or draining (a job is only ever routed to a worker that is ready to take it, never left
     to wait for one that may not come).
     """
@@ -61,11 +76,10 @@ def resolve(request: GenerationParams, workers: list[WorkerInfo], image: bool = 
     _check_scheduler(shape, scheduler, known)
     what = f"{size} at {steps} steps with {scheduler}"
     names = [lora.name for lora in request.loras]
-    check_loras(names, [w for w in known if runs(w, shape, scheduler)], what)
-    if image:
-        _check_image_input(what, [w for w in known if runs(w, shape, scheduler, names)])
-    if not any(w.state in SERVING_STATES and runs(w, shape, scheduler, names, image) for w in known):
-        extra = (" and these adapters" if names else "") + (" from an input image" if image else "")
+    check_loras(names, [w for w in known if serves(w, shape, scheduler)], what)
+    _check_kind(what, kind, [w for w in known if serves(w, shape, scheduler, names)])
+    if not any(w.state in SERVING_STATES and runs(w, shape, scheduler, names, kind) for w in known):
+        extra = (" and these adapters" if names else "") + ("" if kind == "text-to-image" else f" for {kind}")
         raise ApiError(
             503,
             "no_ready_worker",
@@ -75,15 +89,29 @@ def resolve(request: GenerationParams, workers: list[WorkerInfo], image: bool = 
     return Resolved(shape=shape, scheduler=scheduler)
 
 
-def _check_image_input(what: str, able: list[WorkerInfo]) -> None:
-    """400 naming `image` when none of the workers that run the request (`able`) generates from an input image."""
-    if not any(w.image_input for w in able):
+def _check_kind(what: str, kind: RequestKind, able: list[WorkerInfo]) -> None:
+    """400 when none of the workers that run the rest of the request (`able`) runs its `kind`: naming `image` when
+    none generates from an input image (`image_input_unsupported`) or a text-to-image request meets inpainting-only
+    workers, `mask` when an image-to-image request does (`request_kind_unsupported`)."""
+    offered = [k for k in REQUEST_KINDS if any(k in w.request_kinds for w in able)]
+    if kind in offered:
+        return
+    if kind in IMAGE_KINDS and not IMAGE_KINDS & set(offered):
         raise ApiError(
             400,
             "image_input_unsupported",
             f"image: no worker serving {what} generates from an input image yet (none advertises image_input)",
             field="image",
         )
+    field = "mask" if kind == "image-to-image" else "image"
+    fix = "send a mask with the image" if field == "mask" else "send an image (and a mask)"
+    raise ApiError(
+        400,
+        "request_kind_unsupported",
+        f"{field}: the workers serving {what} run {' and '.join(offered) + ' only' if offered else 'nothing'}, not "
+        f"{kind}: {fix}",
+        field=field,
+    )
 
 
 def _size(request: GenerationParams, workers: list[WorkerInfo]) -> Size:

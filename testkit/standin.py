@@ -33,7 +33,7 @@ import numpy as np
 from common.config import add_blob_store_argument
 from common.input_images import resize_to
 from common.logs import setup_logging
-from common.protocol import SCHEDULERS, ResolvedParams, Shape, Size
+from common.protocol import REQUEST_KINDS, SCHEDULERS, ResolvedParams, Shape, Size
 from worker.cli import add_serving_arguments, lora_settings
 from worker.config import WorkerConfig
 from worker.pipeline import CompileTimings, PipelineError, UnsupportedShape
@@ -52,6 +52,7 @@ class StandInPipeline:
     device_kind = "stand-in"
     devices = 4
     schedulers = SCHEDULERS
+    request_kinds = REQUEST_KINDS
 
     def __init__(self, shapes: tuple[Shape, ...], step_s: float = 0.0, images: int = 4, max_steps: int = 0) -> None:
         self._sizes = tuple(dict.fromkeys(shape.size for shape in shapes))

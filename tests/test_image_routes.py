@@ -1,6 +1,7 @@
 """Input images through the gateway (gateway/inputs.py): base64 in JSON or files in multipart on `/v1/jobs`,
 `/v1/generate` and the OpenAI `/v1/images/edits` (driven by the official client), decoded and checked before anything
-is queued, stored beside the job, routed only to workers that advertise `image_input`; and the whole path through a
+is queued, stored beside the job, routed only to workers that run its kind (`request_kinds`: an inpainting model's
+worker runs inpainting only); and the whole path through a
 stand-in worker process that answers with the input image. A real redis-server throughout; a test plays the worker
 where the worker's side is not the point."""
 
@@ -10,6 +11,7 @@ import asyncio
 import base64
 import io
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -27,7 +29,7 @@ from common.config import ConfigError
 from common.input_images import InputLimits
 from common.inputs import GONE, InputsUnavailable, decode_inputs, load_inputs, png
 from common.jobstore import JobStore
-from common.protocol import DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, Job, JobResult
+from common.protocol import DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, Job, JobResult, Shape
 from common.rediskeys import RedisKeys
 from common.registry import Registry
 from common.streams import JobStreams
@@ -40,7 +42,7 @@ from gateway.schemas import GenerateRequest
 from gateway.state import JOURNAL
 from sdxl_serve.cli import build_parser
 from sdxl_serve.processes import signal_group
-from testkit import AsyncRedisProcess, RedisOptions
+from testkit import AsyncRedisProcess, RedisOptions, sdxl_serve_argv
 from testkit.jobs import SHAPE, make_job
 from testkit.objectstore import S3Server
 from testkit.proxy import DropRule, FaultProxy
@@ -58,6 +60,7 @@ from tests.support import (
     finish,
     queued_jobs,
     register_worker,
+    tiny_worker_args,
     wait_ready,
 )
 from tests.test_input_images import HOSTILE, encoded, gradient
@@ -68,6 +71,7 @@ Client = TestClient[Any, Any]
 KEYS = RedisKeys()
 IMAGE = encoded(gradient(64, 64), "PNG")
 PHOTO = encoded(gradient(64, 48), "JPEG", quality=90)  # another size than the job's: resized by the worker
+WIDE = encoded(gradient(128, 64), "PNG")
 
 
 def mask_png(width: int = 64, height: int = 64, painted: bool = True) -> bytes:
@@ -268,7 +272,7 @@ def test_the_image_body_limit_flag_reaches_the_config_and_is_bounded() -> None:
         gateway_config(build_parser().parse_args(["gateway", "--max-image-body-bytes", "10"]))
 
 
-# --- Capability: only workers that advertise image_input get such a job.
+# --- Capability: only workers that run a job's kind (text, image-to-image, inpainting) get it.
 
 
 async def test_an_image_is_refused_while_no_worker_generates_from_one(
@@ -298,6 +302,64 @@ async def test_a_job_with_an_image_goes_only_to_a_worker_that_advertises_image_i
         response = await client.post("/v1/jobs", json=body)
         record = await store.record((await response.json())["id"])
         assert record is not None and record.stream == KEYS.worker_stream("able")
+
+
+INPAINTING_ONLY: dict[str, Any] = {
+    "image_input": True,
+    "request_kinds": ["inpainting"],
+}  # a worker of a 9-channel inpainting model
+BODIES = {
+    "text-to-image": {"prompt": "a cat", "n": 1},
+    "image-to-image": {"prompt": "a cat", "n": 1, "image": b64(IMAGE), "strength": 0.5},
+    "inpainting": {"prompt": "a cat", "n": 1, "image": b64(IMAGE), "mask": b64(mask_png())},
+}
+
+
+@pytest.mark.parametrize("routing", ["shared", "random", "p2c"])
+async def test_text_and_image_to_image_jobs_never_reach_an_inpainting_worker_and_inpainting_reaches_either(
+    routing: str, aiohttp_client: ClientFactory, redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    """The inpainting worker has the more free rows (p2c's choice) and reads the size's shared stream: a text or
+    image-to-image job must still go to the base worker's own stream; an inpainting job may go anywhere."""
+    await register_worker(redis_client, worker_id="inpainter", rows=8, free_rows=8, max_steps=10, **INPAINTING_ONLY)
+    await register_worker(redis_client, worker_id="base", image_input=True, rows=8, free_rows=1, max_steps=10)
+    client = await gateway(aiohttp_client, redis_server, routing=routing)
+    store = JobStore(redis_client, KEYS)
+
+    async def streams(kind: str) -> set[str | None]:
+        chosen = set()
+        for _ in range(12):
+            response = await client.post("/v1/jobs", json=BODIES[kind])
+            assert response.status == 202, await response.text()
+            record = await store.record((await response.json())["id"])
+            chosen.add(record.stream if record is not None else None)
+        return chosen
+
+    for kind in ("text-to-image", "image-to-image"):
+        assert await streams(kind) == {KEYS.worker_stream("base")}, kind
+    reaches_both = {KEYS.size_stream(TEST_SHAPES[0].size), KEYS.worker_stream("inpainter"), KEYS.worker_stream("base")}
+    assert await streams("inpainting") <= reaches_both
+    if routing == "p2c":
+        assert await streams("inpainting") == {KEYS.worker_stream("inpainter")}  # the more free rows
+
+
+async def test_a_kind_no_worker_runs_is_refused_naming_the_field_that_would_make_it_one(
+    client: Client, redis_client: aioredis.Redis
+) -> None:
+    await register_worker(redis_client, worker_id="inpainter", max_steps=10, **INPAINTING_ONLY)
+    response = await client.post("/v1/jobs", json=BODIES["text-to-image"])
+    error = await error_of(response)
+    assert response.status == 400 and (error["field"], error["code"]) == ("image", "request_kind_unsupported")
+    assert "run inpainting only, not text-to-image" in error["message"]
+    response = await client.post("/v1/jobs", json=BODIES["image-to-image"])
+    error = await error_of(response)
+    assert response.status == 400 and (error["field"], error["code"]) == ("mask", "request_kind_unsupported")
+    assert error["message"].startswith("mask: ") and "not image-to-image: send a mask" in error["message"]
+    assert await queued_jobs(redis_client) == 0
+    assert (await client.post("/v1/jobs", json=BODIES["inpainting"])).status == 202
+    await register_worker(redis_client, worker_id="warming", state="warming", image_input=True, max_steps=10)
+    response = await client.post("/v1/jobs", json=BODIES["text-to-image"])  # a base worker comes: retry soon
+    assert response.status == 503 and (await error_of(response))["code"] == "no_ready_worker"
 
 
 # --- Idempotency: the images' bytes are part of what a key binds to.
@@ -376,6 +438,39 @@ async def test_openai_client_edits_an_image_with_a_mask(
     assert loaded.mask is not None and np.array_equal(loaded.mask, square)  # the transparent square is repainted
 
 
+async def test_openai_client_edit_without_a_size_is_made_at_the_input_images_size_where_a_worker_serves_it(
+    oai: openai.AsyncOpenAI, redis_client: aioredis.Redis
+) -> None:
+    """As OpenAI's edits: no `size`, the input's size (128x64 here) when a live worker serves it; an input of a size no
+    live worker serves (40x40, or 128x64 while its only worker warms) is edited at the cluster's default (64x64)."""
+    wide = (TEST_SHAPES[0], Shape(width=128, height=64, steps=2))
+    await register_worker(redis_client, worker_id="wide", shapes=wide, image_input=True, max_steps=10)
+    await register_worker(redis_client, worker_id="warming", state="warming", shapes=wide[1:], image_input=True)
+
+    async def edited(
+        image: bytes, width: int, height: int, size: str | openai.Omit = openai.omit
+    ) -> tuple[Shape, str | None]:
+        async def worker() -> Job:
+            claimed = await claim_next(redis_client, shapes=wide)
+            await finish(redis_client, claimed, [b"edited"])
+            return claimed.job
+
+        serving = asyncio.create_task(worker())
+        mask = ("mask.png", edit_mask_png(width, height), "image/png")
+        response = await oai.images.edit(
+            image=("in.png", image, "image/png"), mask=mask, prompt="a hat", response_format="b64_json", size=size
+        )
+        return (await serving).params.shape, response.size
+
+    assert await edited(WIDE, 128, 64) == (wide[1], "128x64")
+    assert await edited(WIDE, 128, 64, size="auto") == (wide[1], "128x64")
+    assert await edited(WIDE, 128, 64, size="64x64") == (wide[0], "64x64")  # a size named is the size made
+    assert await edited(encoded(gradient(40, 40), "PNG"), 40, 40) == (wide[0], "64x64")
+    await register_worker(redis_client, worker_id="wide", state="draining", shapes=wide, image_input=True)
+    await register_worker(redis_client, worker_id="default", image_input=True, max_steps=10)
+    assert await edited(WIDE, 128, 64) == (wide[0], "64x64")  # 128x64's workers warm or drain: the default
+
+
 async def test_openai_client_edit_errors_name_the_parameter(
     oai: openai.AsyncOpenAI, redis_client: aioredis.Redis, able_worker: None
 ) -> None:
@@ -424,6 +519,48 @@ async def test_an_uploaded_image_comes_back_from_a_standin_worker_through_its_lo
     assert len(images) == 2
     for image in images:
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(image))).convert("RGB")), resized)
+
+
+INPAINTER = RedisKeys("inpaintw")
+
+
+@pytest.fixture(scope="module")
+def inpainting_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a 9-channel inpainting UNet, written by the CLI as a user would."""
+    directory = tmp_path_factory.mktemp("models") / "tiny-sdxl-inpainting"
+    subprocess.run(sdxl_serve_argv("tiny-model", "--inpainting", str(directory)), check=True, stdout=subprocess.DEVNULL)
+    return directory
+
+
+async def test_a_worker_on_the_inpainting_model_advertises_inpainting_only_and_runs_it(
+    inpainting_model: Path,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    processes: ProcessGroup,
+    aiohttp_client: ClientFactory,
+) -> None:
+    """A real worker process on the 9-channel model: its registry entry says inpainting only; a gateway refuses it a
+    text request (400 naming `image`) and an inpainting request comes back with images."""
+    url = redis_server.url(0)
+    processes.start(
+        "inpaint-1", *tiny_worker_args(url, inpainting_model, "inpaint-1", "--key-prefix", INPAINTER.prefix)
+    )
+    try:
+        try:
+            (info,) = await wait_ready(url, 1, INPAINTER.prefix)
+        except TimeoutError:
+            pytest.fail("worker not ready:\n" + processes.log("inpaint-1")[-3000:])
+        assert (info.image_input, info.request_kinds) == (True, ["inpainting"])
+        client = await gateway(aiohttp_client, redis_server, key_prefix=INPAINTER.prefix, request_timeout_s=120.0)
+        response = await client.post("/v1/generate", json={"prompt": "a cat", "n": 1})
+        error = await error_of(response)
+        assert response.status == 400 and (error["field"], error["code"]) == ("image", "request_kind_unsupported")
+        body = {"prompt": "a cat", "n": 1, "image": b64(IMAGE), "mask": b64(mask_png())}
+        response = await client.post("/v1/generate", json=body)
+        assert response.status == 200, await response.text()
+        assert len((await response.json())["images"]) == 1
+    finally:
+        processes.stop("inpaint-1")
 
 
 OUTAGE = RedisKeys("imgout")

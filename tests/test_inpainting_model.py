@@ -17,12 +17,13 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from common.input_images import to_model_input
-from common.protocol import Size
+from common.protocol import REQUEST_KINDS, RequestKind, Size
 from testkit import sdxl_serve_argv
 from worker.checkpoints import WEIGHTED, WrongArchitecture, load_checkpoint
 from worker.img2img import INPAINTING_IN_CHANNELS, inpainting_unet_input, latent_mask, masked_image
 from worker.inpainting_model import InpaintingOnly, check_text_to_image, is_inpainting, unet_in_channels
 from worker.pipeline import PipelineOptions, SDXLPipeline, _Clock
+from worker.presence import advertised_kinds
 from worker.tiny_formats import flax_params, write_diffusers_safetensors, write_single_file
 from worker.tiny_model import MAX_TOKENS, TEXT_HIDDEN
 from worker.vae_encoder import VaeEncoder
@@ -118,11 +119,27 @@ def test_the_pipeline_knows_its_kind_and_refuses_text_to_image_in_words(
     pipeline: SDXLPipeline, tiny_model: Path
 ) -> None:
     assert (unet_in_channels(pipeline), is_inpainting(pipeline)) == (INPAINTING_IN_CHANNELS, True)
+    assert pipeline.request_kinds == ("inpainting",)
     with pytest.raises(InpaintingOnly, match=r"inpainting model .* not text-to-image"):
         check_text_to_image(pipeline)
     base = SDXLPipeline.load(str(tiny_model), None, OPTIONS)
     assert (unet_in_channels(base), is_inpainting(base)) == (4, False)
+    assert base.request_kinds == ("text-to-image", "image-to-image", "inpainting")
     check_text_to_image(base)
+
+
+@pytest.mark.parametrize(
+    ("model_kinds", "takes_images", "advertised"),
+    [
+        (REQUEST_KINDS, True, ["text-to-image", "image-to-image", "inpainting"]),
+        (REQUEST_KINDS, False, ["text-to-image"]),  # `--engine request`: text only
+        (("inpainting",), True, ["inpainting"]),
+    ],
+)
+def test_a_worker_advertises_the_kinds_its_model_runs_of_those_its_engine_takes(
+    model_kinds: tuple[RequestKind, ...], takes_images: bool, advertised: list[str]
+) -> None:
+    assert advertised_kinds(model_kinds, takes_images) == advertised
 
 
 @pytest.mark.compile

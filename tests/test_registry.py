@@ -63,3 +63,25 @@ async def test_an_entry_from_a_version_without_random_weights_still_parses(redis
     await redis_client.zadd(KEYS.workers_index, {"w-old": time.time()})
     (listed,) = await Registry(redis_client, KEYS).workers()
     assert (listed.id, listed.random_weights) == ("w-old", False)
+
+
+@pytest.mark.parametrize(
+    ("image_input", "kinds"),
+    [(True, ["text-to-image", "image-to-image", "inpainting"]), (False, ["text-to-image"])],
+)
+async def test_an_entry_from_a_version_without_request_kinds_reads_as_its_image_input_meant(
+    image_input: bool, kinds: list[str], redis_client: aioredis.Redis
+) -> None:
+    old = info("w-old", "ready").model_dump(mode="json") | {"image_input": image_input}
+    del old["request_kinds"]
+    await redis_client.set(KEYS.worker("w-old"), json.dumps(old))
+    await redis_client.zadd(KEYS.workers_index, {"w-old": time.time()})
+    (listed,) = await Registry(redis_client, KEYS).workers()
+    assert (listed.image_input, listed.request_kinds) == (image_input, kinds)
+
+
+async def test_an_inpainting_workers_kinds_travel_through_the_registry(redis_client: aioredis.Redis) -> None:
+    entry = worker_info("w-inpaint", TEST_SHAPES[0], image_input=True, request_kinds=["inpainting"])
+    await Registry(redis_client, KEYS).publish(entry, ttl_s=60)
+    (listed,) = await Registry(redis_client, KEYS).workers()
+    assert (listed.image_input, listed.request_kinds) == (True, ["inpainting"])

@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 
 from common.blobstore import FileBlobStore
 from common.jobstore import JobStore
-from common.protocol import SCHEDULERS, JobResult, ResolvedParams, Shape, Size
+from common.protocol import REQUEST_KINDS, SCHEDULERS, JobResult, ResolvedParams, Shape, Size
 from common.rediskeys import RedisKeys
 from common.registry import Registry
 from testkit import worker_args
@@ -63,6 +63,7 @@ class Pipeline:
     devices = 4
     max_steps = TEST_MAX_STEPS
     schedulers = SCHEDULERS
+    request_kinds = REQUEST_KINDS
 
     def __init__(self) -> None:
         self.generating: dict[int, threading.Event] = {}

@@ -57,8 +57,10 @@ from common.protocol import (
     DEFAULT_MAX_STEPS,
     DEFAULT_SCHEDULER,
     MAX_STEPS,
+    REQUEST_KINDS,
     SCHEDULERS,
     GenerationParams,
+    RequestKind,
     ResolvedParams,
     Scheduler,
     Shape,
@@ -68,7 +70,7 @@ from worker.attention import DEFAULT_ATTENTION, Attention, traced_with
 from worker.checkpoints import load_checkpoint
 from worker.flat_params import FlatParams
 from worker.flops import FlopCount, abstract_array, count_flops
-from worker.img2img import LATENT_CHANNELS
+from worker.img2img import INPAINTING_IN_CHANNELS, LATENT_CHANNELS
 from worker.quiet import silence_flax_deprecation
 from worker.schedulers import SchedulerConfig, model_input, scheduler_config, table, timestep, update
 from worker.sdxl_arch import RANDOM_MODEL, SDXL_BASE, Architecture, components, random_host_params
@@ -440,6 +442,14 @@ class SDXLPipeline:
     def schedulers(self) -> tuple[str, ...]:
         """The schedulers a request may name (worker/schedulers.py): all of them, by the same executables."""
         return SCHEDULERS
+
+    @property
+    def request_kinds(self) -> tuple[RequestKind, ...]:
+        """The kinds of request the model runs: inpainting only for an inpainting UNet (its 9 input channels take a
+        mask and a masked image at every step: worker/inpainting_model.py), else all three."""
+        if int(self._pipe.unet.config.in_channels) == INPAINTING_IN_CHANNELS:
+            return ("inpainting",)
+        return REQUEST_KINDS
 
     def default_sizes(self) -> tuple[Size, ...]:
         """The native size."""

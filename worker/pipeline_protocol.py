@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from common.protocol import ResolvedParams, Size
+from common.protocol import RequestKind, ResolvedParams, Size
 
 if TYPE_CHECKING:
     from worker.pipeline import CompileTimings
@@ -62,6 +62,12 @@ class Pipeline(Protocol):
     @property
     def schedulers(self) -> Sequence[str]:
         """The schedulers a request may name."""
+        ...
+
+    @property
+    def request_kinds(self) -> Sequence[RequestKind]:
+        """The kinds of request the model runs: SDXL base all three, an inpainting model (a 9-channel UNet)
+        inpainting only. The worker advertises those of them its engine runs too (worker/presence.py)."""
         ...
 
     def default_sizes(self) -> Sequence[Size]:

@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from common.protocol import Size
-from common.registry import Registry, WorkerInfo, WorkerState
+from common.protocol import RequestKind, Size
+from common.registry import Registry, WorkerInfo, WorkerState, kinds_of
 from worker.config import WorkerConfig
 from worker.delivery import REDIS_ERRORS
 from worker.lora_source import LoraSource
@@ -60,6 +60,7 @@ class Presence:
             loras=list(loras.names) if loras is not None else [],
             max_loras=config.offered_max_loras if loras is not None else 0,
             image_input=config.takes_images,
+            request_kinds=kinds_of(config.takes_images),  # until the model is loaded (`warmed`)
         )
 
     async def announce(self, state: WorkerState, phase: str | None = None) -> None:
@@ -92,8 +93,9 @@ class Presence:
         self.busy(self._busy)
 
     def warmed(self, engine: Engine, sizes: Sequence[Size]) -> None:
-        """Describe what the warm `engine` serves: `sizes`, its devices, step range and schedulers, its rows and the
-        most images one request may ask for."""
+        """Describe what the warm `engine` serves: `sizes`, its devices, step range and schedulers, the kinds of
+        request it runs (its model's, of those its engine takes), its rows and the most images one request may ask
+        for."""
         pipeline = engine.pipeline
         default_steps = min(self._config.default_steps, pipeline.max_steps)
         self._update(
@@ -103,6 +105,7 @@ class Presence:
             device_kind=pipeline.device_kind,
             devices=pipeline.devices,
             **serving(sizes, pipeline.max_steps, default_steps, pipeline.schedulers),
+            request_kinds=advertised_kinds(pipeline.request_kinds, self._config.takes_images),
             ready_at=time.time(),
         )
 
@@ -141,6 +144,12 @@ class Presence:
 
     def _update(self, **fields: Any) -> None:
         self.info = self.info.model_copy(update=fields)
+
+
+def advertised_kinds(model_kinds: Sequence[RequestKind], takes_images: bool) -> list[RequestKind]:
+    """The kinds of request a worker runs: those its model runs (`model_kinds`), from input images only where it
+    `takes_images` (the row engine's)."""
+    return [kind for kind in model_kinds if kind in kinds_of(takes_images)]
 
 
 def serving(sizes: Sequence[Size], max_steps: int, default_steps: int, schedulers: Sequence[str]) -> dict[str, Any]:
