@@ -584,7 +584,8 @@ function setOptions(select, values) {
 }
 
 // What the workers serve bounds the inputs: their sizes and schedulers (the defaults first) and the step
-// range. Without an answer the page keeps the server's defaults and the server checks the values.
+// range, and the adapters offered. Without an answer the page keeps the server's defaults and the server checks
+// the values.
 async function loadServed() {
   let models = null;
   try {
@@ -609,6 +610,7 @@ async function loadServed() {
     $("steps-range").textContent = `${card.min_steps}–${card.max_steps}`;
   }
   form.dataset.served = card ? "loaded" : "unknown";
+  loadLoras();  // only once the key, if one is needed, is known good: a refused listing would say nothing new
 }
 
 form.addEventListener("submit", (event) => {
@@ -631,7 +633,6 @@ keyForm.addEventListener("submit", (event) => {
   keyError.hidden = true;
   button.disabled = false;
   loadServed();  // learns at once whether the key is good; asks again if not
-  loadLoras();
 });
 
 imageInput.addEventListener("change", syncImageInputs);
@@ -661,4 +662,3 @@ form.addEventListener("keydown", (event) => {
 });
 
 loadServed();
-loadLoras();
