@@ -12,7 +12,7 @@ from collections.abc import Collection, Sequence
 
 from common.registry import SERVING_STATES, WorkerInfo
 from gateway.errors import ApiError
-from gateway.schemas import LoraCard
+from gateway.schemas import LoraCard, LoraList
 
 # The most names an error message lists of the adapters offered.
 LISTED = 20
@@ -72,9 +72,14 @@ def _listing(offered: list[str]) -> str:
     return f"offered: {', '.join(offered[:LISTED])}{more}"
 
 
-def lora_cards(workers: list[WorkerInfo]) -> list[LoraCard]:
-    """The adapters the serving workers offer, by name: which workers offer each, how many hold it loaded."""
+def lora_list(workers: list[WorkerInfo]) -> LoraList:
+    """`GET /v1/loras`: the adapters the serving workers offer, and the most one request may name."""
     serving = [w for w in workers if w.state in SERVING_STATES and w.max_loras > 0]
+    return LoraList(data=lora_cards(serving), max_loras=max((w.max_loras for w in serving), default=0))
+
+
+def lora_cards(serving: list[WorkerInfo]) -> list[LoraCard]:
+    """The adapters `serving` workers (those that apply any) offer, by name: which offer each, how many hold it."""
     names = sorted({name for w in serving for name in w.loras})
     return [
         LoraCard(

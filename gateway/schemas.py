@@ -284,3 +284,6 @@ class LoraList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[LoraCard]
+    max_loras: int = Field(
+        default=0, description="the most adapters one request may name: the largest `max_loras` of the serving workers"
+    )

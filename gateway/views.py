@@ -16,9 +16,9 @@ from common.protocol import FINISHED
 from common.registry import SERVING_STATES
 from gateway import inputs, job_webhooks, jobs
 from gateway.errors import ApiError, from_validation_error
-from gateway.loras import lora_cards
+from gateway.loras import lora_list
 from gateway.metrics import CONTENT_TYPE
-from gateway.schemas import GenerateRequest, GenerateResponse, JobAccepted, JobState, LoraList, ModelList, WorkerList
+from gateway.schemas import GenerateRequest, GenerateResponse, JobAccepted, JobState, ModelList, WorkerList
 from gateway.shapes import model_cards
 from gateway.signed_urls import is_signed
 from gateway.state import (
@@ -63,7 +63,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def list_loras(request: web.Request) -> web.Response:
     """The LoRA adapters the serving workers offer: which workers offer each, how many hold it loaded."""
-    return _json(LoraList(data=lora_cards(await request.app[REGISTRY].workers())))
+    return _json(lora_list(await request.app[REGISTRY].workers()))
 
 
 async def readyz(request: web.Request) -> web.Response:

@@ -29,7 +29,7 @@ from PIL import Image
 from playwright.async_api import Browser, ConsoleMessage, Error, FilePayload, Page, Route, async_playwright, expect
 
 from common.jobstore import JobStore
-from common.protocol import SCHEDULERS
+from common.protocol import SCHEDULERS, LoraRef
 from common.rediskeys import RedisKeys
 from testkit import free_port, wait_http
 from testkit.procs import sdxl_serve_argv
@@ -187,6 +187,8 @@ async def test_the_inputs_offer_what_the_workers_serve(demo: DemoPage) -> None:
         await expect(steps).to_have_attribute(name, value)
     await expect(page.get_by_label("Size").locator("option")).to_have_text(["64x64"])
     await expect(page.get_by_label("Scheduler").locator("option")).to_have_text(list(SCHEDULERS))
+    await expect(page.locator("#generate-form")).to_have_attribute("data-loras", "none")
+    await expect(page.locator("#loras")).to_be_hidden()  # the cluster offers no adapters: no picker
     await demo.submit("a red fox", steps=SHAPE.steps + 1)  # past the range: the browser does not send it
     assert await steps.evaluate("(input) => input.validity.rangeOverflow")
     await expect(page.locator("#results")).to_have_attribute("data-state", "idle")
@@ -504,3 +506,121 @@ async def test_an_image_uploaded_through_the_page_comes_back_from_a_worker_that_
     assert np.array_equal(np.asarray(returned), np.asarray(picture))  # the worker answered with the upload
     await context.close()
     demo.assert_no_errors()
+
+
+ADAPTERS = ("ink", "oil", "wax")
+
+
+@pytest.fixture(scope="module")
+def lora_cluster(
+    redis_server: RedisServer, processes: ProcessGroup, tmp_path_factory: pytest.TempPathFactory
+) -> Cluster:
+    """A gateway and a stand-in worker that offers the adapters ink, oil and wax, two at most per request
+    (database 4 of the session's Redis)."""
+    folder = tmp_path_factory.mktemp("loras")
+    for name in ADAPTERS:
+        (folder / f"{name}.safetensors").write_bytes(b"adapter")  # the stand-in lists them, reads none
+    redis_url = redis_server.url(4)
+    redis.Redis.from_url(redis_url).flushdb()
+    port = free_port()
+    processes.start("gateway-loras", "gateway", "--redis-url", redis_url, "--host", "127.0.0.1", "--port", str(port))
+    argv = [sys.executable, "-m", "testkit.standin", "--redis-url", redis_url, "--worker-id", "standin-loras",
+            "--sizes", "64x64", "--max-steps", "3", "--step-s", "0.01", "--lora-dir", str(folder),
+            "--max-loras", "2"]  # fmt: skip
+    processes.start_argv("standin-loras", argv)
+    try:
+        asyncio.run(wait_ready(redis_url, 1))
+    except TimeoutError:
+        pytest.fail("stand-in not ready:\n" + processes.log("standin-loras")[-3000:])
+    asyncio.run(wait_http(f"http://127.0.0.1:{port}/healthz", READY_TIMEOUT_S))
+    return Cluster(url=f"http://127.0.0.1:{port}", redis_url=redis_url, worker_ids=("standin-loras",))
+
+
+@pytest.fixture
+async def lora_demo(browser: Browser, lora_cluster: Cluster) -> AsyncIterator[DemoPage]:
+    """The demo page of the cluster that offers adapters, with its console watched (not loaded yet)."""
+    context = await browser.new_context(base_url=lora_cluster.url, viewport={"width": 1100, "height": 800})
+    page = await context.new_page()
+    demo = DemoPage(page, lora_cluster.url)
+    page.on("console", demo.on_console)
+    page.on("pageerror", demo.on_page_error)
+    yield demo
+    await context.close()
+
+
+async def test_adapters_picked_on_the_page_are_queued_with_the_job(
+    lora_demo: DemoPage, lora_cluster: Cluster, artifacts: Path
+) -> None:
+    page = lora_demo.page
+    await page.goto("/")
+    picker = page.get_by_role("group", name=re.compile("^LoRA adapters"))
+    await expect(picker).to_be_visible()
+    await expect(picker).to_contain_text("up to 2")
+    await expect(picker.get_by_role("checkbox")).to_have_count(len(ADAPTERS))
+    oil_scale = page.get_by_label("oil scale")
+    await expect(oil_scale).to_be_disabled()  # it applies to a picked adapter only
+    await expect(oil_scale).to_have_attribute("min", "-4")
+    await expect(oil_scale).to_have_attribute("max", "4")
+    await expect(oil_scale).to_have_value("1")
+
+    await page.get_by_label("oil", exact=True).check()
+    await oil_scale.fill("-0.5")
+    await page.get_by_label("ink", exact=True).check()
+    await expect(page.get_by_label("wax", exact=True)).to_be_disabled()  # two picked: the cluster's limit
+    await page.screenshot(path=artifacts / "demo-page-loras.png", full_page=True)
+    await lora_demo.submit("a lighthouse in ink", steps=2)
+    await expect(page.locator("#results")).to_have_attribute("data-state", "succeeded", timeout=JOB_TIMEOUT_MS)
+    async with aioredis.Redis.from_url(lora_cluster.redis_url) as client:
+        record = await JobStore(client, RedisKeys()).record(await lora_demo.job_id())
+    assert record is not None and record.job is not None
+    assert record.job.params.loras == [LoraRef(name="ink", scale=1.0), LoraRef(name="oil", scale=-0.5)]
+
+    await page.get_by_label("ink", exact=True).uncheck()
+    await expect(page.get_by_label("wax", exact=True)).to_be_enabled()
+    lora_demo.assert_no_errors()
+
+
+async def test_the_gateway_refusing_the_adapters_picked_names_them(lora_demo: DemoPage) -> None:
+    # The page was loaded when the cluster offered an adapter it no longer does, and applied three at once.
+    async def stale(route: Route) -> None:
+        cards = [{"id": name, "object": "lora", "workers": ["w"], "loaded": 0} for name in (*ADAPTERS, "ghost")]
+        await route.fulfill(json={"object": "list", "data": cards, "max_loras": 3})
+
+    page = lora_demo.page
+    await page.route("**/v1/loras", stale)
+    await page.goto("/")
+    ghost = page.get_by_label("ghost", exact=True)
+    await ghost.check()
+    await lora_demo.submit("a ghost", steps=2)
+    error = page.locator("#error")
+    await expect(error).to_contain_text("Invalid LoRA ghost (loras[0].name)")
+    await expect(error).to_contain_text("offers adapter 'ghost'")
+    await expect(ghost).to_have_attribute("aria-invalid", "true")
+    await expect(ghost).to_be_focused()
+    await expect(page.locator("#results")).to_have_attribute("data-state", "error")
+
+    await ghost.uncheck()
+    for name in ADAPTERS:
+        await page.get_by_label(name, exact=True).check()
+    await page.get_by_role("button", name="Generate").click()
+    await expect(error).to_contain_text("Invalid LoRA adapters (loras)")
+    await expect(error).to_contain_text("at most 2 per request")
+    await expect(page.locator("img.result-image")).to_have_count(0)
+    lora_demo.assert_no_errors("/v1/jobs")
+
+
+async def test_adapter_names_are_shown_as_text(lora_demo: DemoPage) -> None:
+    hostile = '<img src=x onerror="window.pwned=1">'
+
+    async def listing(route: Route) -> None:
+        card = {"id": hostile, "object": "lora", "workers": ["w"], "loaded": 0}
+        await route.fulfill(json={"object": "list", "data": [card], "max_loras": 1})
+
+    page = lora_demo.page
+    await page.route("**/v1/loras", listing)
+    await page.goto("/")
+    picker = page.get_by_role("group", name=re.compile("^LoRA adapters"))
+    await expect(picker.get_by_role("checkbox", name=hostile, exact=True)).to_be_visible()
+    await expect(picker.locator("img")).to_have_count(0)
+    assert await page.evaluate("() => window.pwned") is None
+    lora_demo.assert_no_errors()

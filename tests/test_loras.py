@@ -126,7 +126,7 @@ async def test_the_openai_route_takes_loras_as_an_extra_field(client: Client, re
 
 async def test_loras_lists_what_serving_workers_offer_and_hold(client: Client, redis_client: aioredis.Redis) -> None:
     empty = await client.get("/v1/loras")
-    assert empty.status == 200 and await empty.json() == {"object": "list", "data": []}
+    assert empty.status == 200 and await empty.json() == {"object": "list", "data": [], "max_loras": 0}
     await register_worker(redis_client, "a", loras=["ink", "oil"], loras_loaded=["ink"], max_loras=2)
     await register_worker(redis_client, "b", state="busy", loras=["ink"], max_loras=1)
     await register_worker(redis_client, "c", state="warming", loras=["wax"], max_loras=1)  # not serving yet
@@ -138,6 +138,7 @@ async def test_loras_lists_what_serving_workers_offer_and_hold(client: Client, r
             {"id": "ink", "object": "lora", "owned_by": "sdxl-serve", "workers": ["a", "b"], "loaded": 1},
             {"id": "oil", "object": "lora", "owned_by": "sdxl-serve", "workers": ["a"], "loaded": 0},
         ],
+        "max_loras": 2,  # the most one request may name: a's; b is serving too but applies one
     }
 
 

@@ -2,6 +2,8 @@
 // one progress event per denoising step, then the result), and show the four images from their URLs.
 // With an input image chosen (and optionally a mask), the job is sent as multipart/form-data with the files,
 // and the strength slider's value; without one, as JSON, as before.
+// The LoRA adapters the workers offer (GET /v1/loras) are listed to pick from, each with its scale; the picked
+// ones go with the request as `loras`. Adapter names come from operators' folders: they are only ever text here.
 // On a server that needs an API key the page asks for one first and sends it with every request; an
 // EventSource cannot send it, so such a job is followed by polling its status, and its images are fetched
 // with the key and shown from blobs.
@@ -41,6 +43,11 @@ const FIELD_INPUTS = {
 const imageInput = $("init-image");
 const maskInput = $("mask-image");
 const strengthInput = $("strength");
+const lorasEl = $("loras");
+const loraList = $("lora-list");
+// The protocol's bounds on one request's adapters (common/protocol.py); GET /v1/loras gives the cluster's limit.
+const LORA_SCALE = { min: -4, max: 4, step: 0.05, value: 1 };
+const MAX_LORAS = 8;
 const EXTENSIONS = { "image/png": "png", "image/jpeg": "jpg", "image/webp": "webp" };
 
 let current = null;  // the Job being followed, if any
@@ -89,6 +96,8 @@ function requestBody() {
   if (seed !== "") body.seed = Number(seed);
   const steps = $("steps").value.trim();
   if (steps !== "") body.num_inference_steps = Number(steps);
+  const loras = pickedLoras().map((row) => ({ name: row.name, scale: Number(row.scale.value) }));
+  if (loras.length) body.loras = loras;  // none picked: the request is as it was before adapters
   return body;
 }
 
@@ -165,11 +174,34 @@ function retryAfter(response) {
   return Number.isFinite(value) && value >= 0 ? `retry in ${plural(value, "second")}` : "retry shortly";
 }
 
+// The input a 400's field names, and what to call it; null when the page has none for it.
+function fieldTarget(field) {
+  if (!field) return null;
+  if (!FIELD_INPUTS[field]) return loraTarget(field);
+  const input = $(FIELD_INPUTS[field]);
+  return { input, label: input.labels[0].firstChild.textContent.trim() };
+}
+
+// A field of `loras`: `loras[i].name` and `loras[i].scale` are the i-th adapter picked (the request lists them in
+// the page's order), `loras` the picker as a whole.
+function loraTarget(field) {
+  const match = /^loras(?:\[(\d+)\](?:\.(name|scale))?)?$/.exec(field);
+  if (!match) return null;
+  const picked = pickedLoras();
+  const row = match[1] === undefined ? undefined : picked[Number(match[1])];
+  if (!row) {
+    const first = picked[0] || loraRows()[0];
+    return first ? { input: first.box, label: "LoRA adapters" } : null;
+  }
+  if (match[2] === "scale") return { input: row.scale, label: `LoRA ${row.name} scale` };
+  return { input: row.box, label: `LoRA ${row.name}` };
+}
+
 // A 400 names the field at fault: say which input it is, and mark and focus that input.
 function showFieldError(error, message) {
-  const input = error.field && FIELD_INPUTS[error.field] ? $(FIELD_INPUTS[error.field]) : null;
-  const label = input ? form.querySelector(`label[for="${input.id}"]`).firstChild.textContent.trim() : null;
-  const name = error.field ? (label ? `${label} (${error.field})` : error.field) : "request";
+  const target = fieldTarget(error.field);
+  const input = target && target.input;
+  const name = error.field ? (target ? `${target.label} (${error.field})` : error.field) : "request";
   showError(`Invalid ${name}`, [message, error.code && `code: ${error.code}`]);
   if (input) {
     input.setAttribute("aria-invalid", "true");
@@ -498,12 +530,62 @@ function failRun() {
   endRun();
 }
 
+// The adapters listed, each its checkbox, its scale input and its name (kept as data, never as markup).
+function loraRows() {
+  return [...loraList.children].map((item) => ({
+    box: item.querySelector("input[type=checkbox]"),
+    scale: item.querySelector("input[type=number]"),
+    name: item.dataset.name,
+  }));
+}
+
+function pickedLoras() {
+  return lorasEl.hidden ? [] : loraRows().filter((row) => row.box.checked);
+}
+
+// One adapter's row: ids by position, so a name never reaches an id or a selector; its text goes in as text.
+function loraRow(name, index) {
+  const box = el("input", { type: "checkbox", id: `lora-${index}`, name: "lora" });
+  const scale = el("input", { type: "number", id: `lora-scale-${index}`, required: true, disabled: true,
+    ...LORA_SCALE });
+  const item = el("li", { className: "lora-row" },
+    box, el("label", { htmlFor: box.id, className: "lora-name" }, name),
+    el("label", { htmlFor: scale.id, className: "lora-scale-label" },
+      el("span", { className: "visually-hidden" }, `${name} `), "scale"),
+    scale);
+  item.dataset.name = name;
+  return item;
+}
+
+// A scale applies to a picked adapter only; once the cluster's limit is picked, the others wait.
+function syncLoras() {
+  const full = pickedLoras().length >= Number(lorasEl.dataset.max);
+  for (const row of loraRows()) {
+    row.scale.disabled = !row.box.checked;
+    row.box.disabled = full && !row.box.checked;
+  }
+}
+
+// The adapters the workers offer, to pick from; none offered (or no answer): no picker, requests as before.
+async function loadLoras() {
+  const listing = await fetchJson("/v1/loras");
+  const names = ((listing && listing.data) || []).map((card) => String(card.id));
+  const most = Math.min(Number((listing && listing.max_loras) || MAX_LORAS), MAX_LORAS);
+  loraList.replaceChildren(...names.map(loraRow));
+  lorasEl.dataset.max = String(most);
+  $("lora-limit").textContent = `up to ${most} per request`;
+  lorasEl.hidden = names.length === 0;
+  syncLoras();
+  form.dataset.loras = names.length ? "offered" : "none";
+}
+
 function setOptions(select, values) {
   select.replaceChildren(...values.map((value) => el("option", { value }, value)));
 }
 
 // What the workers serve bounds the inputs: their sizes and schedulers (the defaults first) and the step
-// range. Without an answer the page keeps the server's defaults and the server checks the values.
+// range, and the adapters offered. Without an answer the page keeps the server's defaults and the server checks
+// the values.
 async function loadServed() {
   let models = null;
   try {
@@ -528,6 +610,7 @@ async function loadServed() {
     $("steps-range").textContent = `${card.min_steps}–${card.max_steps}`;
   }
   form.dataset.served = card ? "loaded" : "unknown";
+  loadLoras();  // only once the key, if one is needed, is known good: a refused listing would say nothing new
 }
 
 form.addEventListener("submit", (event) => {
@@ -553,6 +636,7 @@ keyForm.addEventListener("submit", (event) => {
 });
 
 imageInput.addEventListener("change", syncImageInputs);
+loraList.addEventListener("change", syncLoras);
 strengthInput.addEventListener("input", () => { $("strength-value").textContent = strengthInput.value; });
 
 cancelButton.addEventListener("click", () => {
