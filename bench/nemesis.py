@@ -9,6 +9,7 @@ answered once, no id with two results, nothing pending, queue depth 0, every pro
 The same seed replays the same schedule.
 
     sdxl-serve bench nemesis --seed 1 --duration 60 [--json] [--tiny-model DIR | --no-real-worker]
+        [--engine rows|request] [--rows-per-device N] [--n N]
 
 Exit status 0 when the promise held, 1 when the checker found a violation.
 """
@@ -44,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tiny-model", type=Path, default=None, help="the real worker's model (default: made once)")
     parser.add_argument("--no-real-worker", action="store_true", help="stand-in workers only")
+    _add_workload(parser)
     parser.add_argument("--clients", type=number_type(int, 1, 65, low_inclusive=True), default=4)
     parser.add_argument("--request-timeout", type=number_type(float, 1.0, 600.0), default=15.0)
     parser.add_argument("--quiet-bound", type=number_type(float, 1.0, 3600.0), default=60.0)
@@ -62,6 +64,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the signing secret and without the allow-list): they take due messages but serve no client",
     )
     parser.add_argument("--json", action="store_true", help="the whole report as one JSON object")
+
+
+def _add_workload(parser: argparse.ArgumentParser) -> None:
+    """How every worker (stand-in and real) schedules its devices, spelled as `sdxl-serve worker` spells it, and
+    how many images each client request asks for."""
+    parser.add_argument(
+        "--engine",
+        choices=["rows", "request"],
+        default=None,
+        help="every worker's --engine (default: rows): rows fills the batch with the images of several requests, "
+        "request runs one request at a time",
+    )
+    parser.add_argument(
+        "--rows-per-device",
+        type=number_type(int, 1, 65, low_inclusive=True),
+        default=None,
+        help="every worker's --rows-per-device (default: 4)",
+    )
+    parser.add_argument(
+        "--n",
+        type=number_type(int, 1, 5, low_inclusive=True),
+        default=None,
+        help="images per request, the body's n, at most the workers' 4 per request (default: the API's)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -87,12 +113,18 @@ def _config(args: argparse.Namespace) -> NemesisConfig:
         seed=args.seed,
         duration_s=args.duration,
         counts=counts,
-        cluster={"gateways": args.gateways, "standin_workers": args.workers, "tiny_model": model},
-        load=LoadConfig(clients=args.clients, request_timeout_s=args.request_timeout),
+        cluster={"gateways": args.gateways, "standin_workers": args.workers, "tiny_model": model, **_engine(args)},
+        load=LoadConfig(clients=args.clients, request_timeout_s=args.request_timeout, n=args.n),
         quiet_bound_s=args.quiet_bound,
         webhooks=args.webhooks,
         differing_webhook_gateways=args.differing_webhook_gateways,
     )
+
+
+def _engine(args: argparse.Namespace) -> dict[str, Any]:
+    """The workers' engine flags given on the command line (ClusterConfig's defaults for the rest)."""
+    given = {"engine": args.engine, "rows_per_device": args.rows_per_device}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _parse_counts(text: str, kinds: tuple[str, ...]) -> dict[str, int]:

@@ -3,6 +3,8 @@ checker finds what it claims to find, and a CI-sized run holds the cluster to th
 
 from __future__ import annotations
 
+import argparse
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -10,10 +12,16 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from bench import nemesis as bench_nemesis
+from sdxl_serve.cli import build_parser
 from testkit.checker import Answer, ClusterState, History, Rollback, check, result_digest
 from testkit.clients import Clients, LoadConfig
+from testkit.cluster import ClusterConfig, NemesisCluster, Slot
 from testkit.nemesis import NemesisConfig, default_counts, render, run_nemesis
+from testkit.proxy import FaultProxy
 from testkit.schedule import REQUESTABLE, Targets, make_schedule
+from testkit.standin import _parser as standin_parser
+from testkit.standin import config_of
 
 # The slots of the CI-sized run: two gateways, two stand-in workers and the real one.
 TARGETS = Targets(
@@ -218,3 +226,60 @@ async def test_an_answer_records_when_its_request_was_sent(aiohttp_server: Any, 
         await clients.close()
     assert answer.sent_s is not None and answer.sent_s <= handled[0] <= answer.at_s
     assert history.reads["job-1"] == [answer]
+
+
+def nemesis_config(*argv: str) -> NemesisConfig:
+    """What `sdxl-serve bench nemesis ARGV...` would run."""
+    parser = argparse.ArgumentParser()
+    bench_nemesis.add_arguments(parser)
+    return bench_nemesis._config(parser.parse_args(argv))
+
+
+async def test_the_command_forwards_engine_and_rows_per_device_to_every_worker(tmp_path: Path) -> None:
+    # Each worker's command line, read back by that worker's own parser: the flags reach the processes.
+    model, work = str(tmp_path / "model"), str(tmp_path)
+    config = nemesis_config("--engine", "request", "--rows-per-device", "2", "--tiny-model", model, "--work-dir", work)
+    cluster = NemesisCluster(ClusterConfig(work_dir=tmp_path, **config.cluster))
+    slot = Slot(name="worker-0", role="worker", proxy=FaultProxy("worker-0", 1))  # nothing connects through it
+    await slot.proxy.start()
+    try:
+        standin = config_of(standin_parser().parse_args(cluster._standin_argv(slot)[3:]))
+        real = build_parser(load=["worker"]).parse_args(cluster._real_worker_argv(slot)[3:])
+    finally:
+        await slot.proxy.close()
+    assert (standin.engine, standin.rows_per_device) == ("request", 2)
+    assert (real.engine, real.rows_per_device) == ("request", 2)
+
+
+def test_the_command_leaves_the_engine_to_the_cluster_default_when_not_given(tmp_path: Path) -> None:
+    config = nemesis_config("--no-real-worker", "--work-dir", str(tmp_path))
+    cluster = ClusterConfig(work_dir=tmp_path, **config.cluster)
+    assert (cluster.engine, cluster.rows_per_device, config.load.n) == ("rows", 4, None)
+
+
+async def test_the_command_forwards_n_to_every_request(aiohttp_server: Any, tmp_path: Path) -> None:
+    bodies: list[dict[str, Any]] = []
+
+    async def generate(request: web.Request) -> web.Response:
+        bodies.append(await request.json())
+        return web.json_response({"id": "job-1", "status": "queued"}, status=202)
+
+    app = web.Application()
+    app.router.add_post("/v1/generate", generate)
+    server = await aiohttp_server(app)
+    load = nemesis_config("--n", "3", "--no-real-worker", "--work-dir", str(tmp_path)).load
+    clients = Clients([str(server.make_url(""))], load, History(), seed=0, t0=time.monotonic())
+    try:
+        await clients.submit(random.Random(0), "generate", "k-1", {"prompt": "a", "seed": 1})
+    finally:
+        await clients.close()
+    assert [body["n"] for body in bodies] == [3]
+
+
+@pytest.mark.parametrize("argv", [["--n", "5"], ["--n", "0"], ["--rows-per-device", "0"], ["--engine", "batch"]])
+def test_the_command_refuses_an_out_of_range_workload_flag(argv: list[str], capsys: Any) -> None:
+    parser = argparse.ArgumentParser(prog="nemesis")
+    bench_nemesis.add_arguments(parser)
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(argv)
+    assert exit_.value.code == 2 and argv[0] in capsys.readouterr().err
