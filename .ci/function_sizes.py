@@ -21,9 +21,7 @@ FunctionNode = ast.FunctionDef | ast.AsyncFunctionDef
 
 # Functions allowed over --max-lines, by path (as given on the command line) and name, each with its reason.
 # An entry is a debt, not a licence: take it out when the function is split.
-OVER_THE_BOUND = {
-    ("gateway/cli.py", "_add_protection"): "a flat list of add_argument calls, one per protection flag, no logic",
-}
+OVER_THE_BOUND: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)

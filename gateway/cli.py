@@ -232,8 +232,21 @@ def _networks_arg(text: str) -> tuple[IPNetwork, ...]:
 
 def _add_protection(parser: argparse.ArgumentParser) -> None:
     """Validation bounds, API keys, client addresses, rate limits and backpressure (docs/security.md)."""
-    env = os.environ.get
     group = parser.add_argument_group("protection")
+    _add_request_bounds(group)
+    _add_access(group)
+    group.add_argument(
+        "--max-queue-depth",
+        type=int,
+        default=GatewayConfig.max_queue_depth,
+        help="jobs queued or in service per stream beyond which submits get 429 (0: unbounded)",
+    )
+    _add_tenants(group)
+    _add_rate_limits(group)
+
+
+def _add_request_bounds(group: argparse._ArgumentGroup) -> None:
+    """What one request may carry (prompt, guidance, body sizes) and the memory kept for its input images."""
     limits = _DEFAULTS.limits
     group.add_argument(
         "--max-prompt-chars",
@@ -267,6 +280,11 @@ def _add_protection(parser: argparse.ArgumentParser) -> None:
         help="memory for copies of the input images stored in Redis of the jobs this gateway accepted and that "
         "are not done, to store them again should Redis lose them (the oldest dropped first past it; 0: none)",
     )
+
+
+def _add_access(group: argparse._ArgumentGroup) -> None:
+    """Who may call: API keys, the demo page's open routes, and which proxies' X-Forwarded-For is believed."""
+    env = os.environ.get
     group.add_argument(
         "--api-keys-file",
         type=Path,
@@ -290,14 +308,6 @@ def _add_protection(parser: argparse.ArgumentParser) -> None:
         metavar="CIDR,...",
         help="believe X-Forwarded-For only from these addresses or networks (env SDXL_SERVE_TRUSTED_PROXIES)",
     )
-    group.add_argument(
-        "--max-queue-depth",
-        type=int,
-        default=GatewayConfig.max_queue_depth,
-        help="jobs queued or in service per stream beyond which submits get 429 (0: unbounded)",
-    )
-    _add_tenants(group)
-    _add_rate_limits(group)
 
 
 def _add_tenants(group: argparse._ArgumentGroup) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.deployfiles import ROOT
 
@@ -37,13 +40,22 @@ def test_functions_up_to_the_bound_pass(tmp_path: Path) -> None:
     assert "1 over 40 lines" in result.stdout
 
 
-def test_a_listed_function_may_stay_over_the_bound(tmp_path: Path) -> None:
+def test_a_listed_function_may_stay_over_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The list is empty today: list a function here, in the gate's own module, to check the exemption.
     source = tmp_path / "gateway" / "cli.py"
     source.parent.mkdir()
-    source.write_text(function("_add_protection", 60) + function("_other", 60))
-    result = gate(source)
-    assert result.returncode == 1
-    assert "_other is 60 lines" in result.stderr and "_add_protection is" not in result.stderr
+    source.write_text(function("_listed", 60) + function("_other", 60))
+    spec = importlib.util.spec_from_file_location("function_sizes", GATE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "function_sizes", module)  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "OVER_THE_BOUND", {("gateway/cli.py", "_listed"): "a reason"})
+    assert module.main([str(source)]) == 1
+    err = capsys.readouterr().err
+    assert "_other is 60 lines" in err and "_listed is" not in err
 
 
 def test_the_project_passes_its_own_gate() -> None:
