@@ -324,36 +324,3 @@ def test_when_the_batch_is_full_the_policy_picks_who_starts(
         [("full", ask("f", n=8, steps=1)), ("long", ask("l", n=8, steps=3)), ("short", ask("s", n=4, steps=1))],
     )
     assert seen.started == started
-
-
-def lone_request_ratio(model: Path, rounds: int = 7, steps: int = 20) -> tuple[float, float]:
-    """Seconds of a lone guided n=4 request at 64x64 and `steps` steps, `generate` against the engine (four rows
-    per device, the worker's default), alternating, the median of `rounds` each. Measured, never asserted."""
-    import statistics
-    import time
-
-    pipeline = SDXLPipeline.load(str(model), None, PipelineOptions(images_per_request=4, max_steps=steps))
-    pipeline.compile(SIZE)
-    engine = RowEngine(pipeline, rows_per_device=4)
-    engine.compile(SIZE)
-    params = ask("a lighthouse", steps=steps)
-    old: list[float] = []
-    new: list[float] = []
-    for i in range(rounds):
-        started = time.perf_counter()
-        pipeline.generate(params, on_step=lambda step: None)
-        old.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        run(engine, [(f"lone{i}", params)])
-        new.append(time.perf_counter() - started)
-    return statistics.median(old), statistics.median(new)
-
-
-if __name__ == "__main__":
-    # PYTHONPATH=. python -m tests.test_engine MODEL_DIR: the lone-request figure of docs/engine.md.
-    import os
-    import sys
-
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    before, after = lone_request_ratio(Path(sys.argv[1]))
-    print(f"generate {before:.3f}s, engine {after:.3f}s, engine/generate {after / before:.3f}")
