@@ -31,7 +31,7 @@ from common.inputs import GONE, InputsUnavailable, decode_inputs, load_inputs, p
 from common.jobstore import JobStore
 from common.protocol import DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, Job, JobResult, Shape
 from common.rediskeys import RedisKeys
-from common.registry import Registry
+from common.registry import Registry, WorkerInfo
 from common.streams import JobStreams
 from common.strength import StrengthError, check_strength
 from gateway.app import create_app
@@ -539,13 +539,18 @@ async def test_a_worker_on_the_inpainting_model_advertises_inpainting_only_and_r
     processes: ProcessGroup,
     aiohttp_client: ClientFactory,
 ) -> None:
-    """A real worker process on the 9-channel model: its registry entry says inpainting only; a gateway refuses it a
-    text request (400 naming `image`) and an inpainting request comes back with images."""
+    """A real worker process on the 9-channel model: its registry entry says inpainting only, from the first one it
+    publishes while warming (read from the model's config before the weights load); a gateway refuses it a text
+    request (400 naming `image`) and an inpainting request comes back with images."""
     url = redis_server.url(0)
+    events = redis_client.pubsub()
+    await events.subscribe(INPAINTER.worker_events_channel)
     processes.start(
         "inpaint-1", *tiny_worker_args(url, inpainting_model, "inpaint-1", "--key-prefix", INPAINTER.prefix)
     )
     try:
+        first = await first_worker_event(events)
+        assert (first.state, first.request_kinds) == ("warming", ["inpainting"])
         try:
             (info,) = await wait_ready(url, 1, INPAINTER.prefix)
         except TimeoutError:
@@ -561,6 +566,16 @@ async def test_a_worker_on_the_inpainting_model_advertises_inpainting_only_and_r
         assert len((await response.json())["images"]) == 1
     finally:
         processes.stop("inpaint-1")
+        await events.aclose()
+
+
+async def first_worker_event(events: aioredis.client.PubSub) -> WorkerInfo:
+    """The next worker entry published on the channel `events` is subscribed to (TimeoutError after 120s)."""
+    async with asyncio.timeout(120):
+        while True:
+            message = await events.get_message(ignore_subscribe_messages=True, timeout=120)
+            if message is not None:
+                return WorkerInfo.model_validate_json(message["data"])
 
 
 OUTAGE = RedisKeys("imgout")

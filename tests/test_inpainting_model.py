@@ -21,7 +21,13 @@ from common.protocol import REQUEST_KINDS, RequestKind, Size
 from testkit import sdxl_serve_argv
 from worker.checkpoints import WEIGHTED, WrongArchitecture, load_checkpoint
 from worker.img2img import INPAINTING_IN_CHANNELS, inpainting_unet_input, latent_mask, masked_image
-from worker.inpainting_model import InpaintingOnly, check_text_to_image, is_inpainting, unet_in_channels
+from worker.inpainting_model import (
+    InpaintingOnly,
+    check_text_to_image,
+    is_inpainting,
+    kinds_before_loading,
+    unet_in_channels,
+)
 from worker.pipeline import PipelineOptions, SDXLPipeline, _Clock
 from worker.presence import advertised_kinds
 from worker.tiny_formats import flax_params, write_diffusers_safetensors, write_single_file
@@ -180,3 +186,18 @@ def predict(pipeline: SDXLPipeline, unet_input: np.ndarray) -> np.ndarray:
         ).sample
 
     return np.asarray(jax.jit(apply)(params, unet_input), np.float32)
+
+
+def test_the_kinds_are_read_from_a_folders_unet_config_before_loading_and_not_from_a_single_file(
+    formats: dict[str, Path], tiny_model: Path, tmp_path: Path
+) -> None:
+    """A folder's `unet/config.json` tells its kinds without its weights; a single file's kind is in its weights,
+    and a folder without the config is known once loaded (None: the worker keeps its default until then)."""
+    for name in ("flax", "diffusers-fp32", "diffusers-fp16-variant"):
+        assert kinds_before_loading(str(formats[name]), None) == ("inpainting",), name
+    assert kinds_before_loading(str(tiny_model), None) == REQUEST_KINDS
+    assert kinds_before_loading(str(formats["single-file-fp16"]), None) is None
+    assert kinds_before_loading(str(tmp_path), None) is None
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text("{not json")
+    assert kinds_before_loading(str(tmp_path), None) is None

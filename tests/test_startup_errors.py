@@ -19,6 +19,8 @@ import aiohttp
 import pytest
 
 from testkit import RedisOptions, RedisProcess, free_port, redis_process, wait_http
+from worker.tiny_formats import write_single_file
+from worker.tiny_model import write_tiny_model
 
 TIMEOUT_S = 180.0
 
@@ -136,3 +138,37 @@ def test_up_on_a_busy_port_says_which_child_failed_and_why(tiny_model: Path, tmp
     assert f"sdxl-serve gateway: error: --port {busy_port}: 127.0.0.1:{busy_port} is in use" in done.stdout
     assert lines[-1] == "sdxl-serve up: error: gateway exited during start-up (see its log above)"
     assert not list(tmp_path.glob("sdxl-serve/up-*.json")), "the state file outlived up"
+
+
+@pytest.fixture(scope="module")
+def inpainting_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a 9-channel inpainting UNet."""
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl-inpainting", inpainting=True)
+
+
+def test_an_inpainting_model_one_request_at_a_time_is_refused_in_one_line_before_its_weights_load(
+    redis_server: RedisProcess, inpainting_model: Path
+) -> None:
+    """`--engine request` runs text-to-image only, which an inpainting model cannot: the worker would run nothing.
+    The model's config says so, so the worker stops before loading its weights, naming --engine rows."""
+    argv = (
+        "worker", "--redis-url", redis_server.url(0), "--model", str(inpainting_model), "--engine", "request",
+        "--sizes", "64x64", "--max-steps", "1", "--metrics-port", "0", "--no-compile-cache",
+    )  # fmt: skip
+    line = one_line_error(sdxl_serve("--log-level", "warning", *argv), "worker")
+    assert "is an inpainting model" in line and "serve it with --engine rows" in line, line
+    at_info = sdxl_serve(*argv)
+    assert "loading weights" not in at_info.stdout and at_info.stdout.splitlines()[-1] == line
+
+
+def test_an_inpainting_single_file_one_request_at_a_time_is_refused_in_one_line_once_loaded(
+    redis_server: RedisProcess, inpainting_model: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """A single file's kind is in its weights (the configs come from --model-config): refused once it is loaded."""
+    single = write_single_file(inpainting_model, tmp_path / "inpainting.safetensors")
+    done = sdxl_serve(
+        "--log-level", "warning", "worker", "--redis-url", redis_server.url(0), "--model", str(single),
+        "--model-config", str(tiny_model), "--engine", "request", "--sizes", "64x64", "--max-steps", "1",
+        "--metrics-port", "0", "--no-compile-cache",
+    )  # fmt: skip
+    assert "serve it with --engine rows" in one_line_error(done, "worker")

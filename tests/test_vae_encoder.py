@@ -11,13 +11,14 @@ from typing import Any
 import jax
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
 from common.input_images import to_model_input
 from common.protocol import Size
 from tests.test_pipeline import BACKEND_COMPILE, counting_compiles
 from worker.pipeline import PipelineOptions, SDXLPipeline, StepState, UnsupportedShape, _Clock, _decode
 from worker.quiet import silence_flax_deprecation
-from worker.vae_encoder import VaeEncoder
+from worker.vae_encoder import ENCODER_PARTS, VaeEncoder
 
 pytestmark = pytest.mark.compile
 
@@ -104,6 +105,20 @@ def test_parity_with_diffusers_flax_encode(encoder: VaeEncoder, tiny_model: Path
     on_disk = diffusers_encode(tiny_model, images)
     error = np.abs(ours - on_disk).max() / np.abs(on_disk).max()
     assert 0 < error < 2e-2, error  # bfloat16 has 8 significant bits: 2**-8 per weight, summed over layers
+
+
+def test_the_encoder_reads_a_float32_copy_of_the_served_encoder_weights_made_once(
+    encoder: VaeEncoder, pipeline: SDXLPipeline
+) -> None:
+    """force_upcast: the bfloat16 encoder weights upcast once (the same values, laid out as served, so no call moves
+    them), and the executable reads no other weights; the served weights stay bfloat16."""
+    ours = flatten_dict(encoder._params["vae"])  # type: ignore[no-untyped-call]
+    served = flatten_dict({part: pipeline._params["vae"][part] for part in ENCODER_PARTS})  # type: ignore[no-untyped-call]
+    assert ours.keys() == served.keys()
+    for name, weight in ours.items():
+        assert weight.dtype == np.float32 and served[name].dtype == jax.numpy.bfloat16, name
+        assert weight.sharding == served[name].sharding, name
+        np.testing.assert_array_equal(np.asarray(weight), np.asarray(served[name]).astype(np.float32))
 
 
 def test_no_compile_after_warm_up_for_other_images(encoder: VaeEncoder) -> None:

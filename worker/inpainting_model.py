@@ -5,12 +5,23 @@ An inpainting UNet takes `[scaled latents, mask, masked-image latents]` on the c
 image. Served as it is today, such a model fails at start, in the first compile, with a broadcast error deep in
 the sampler update (the text-to-image latents are drawn with the UNet's 9 input channels, its prediction has 4):
 `check_text_to_image` says so in words, before anything is compiled.
+
+A worker tells its kinds before the weights load where the model's UNet config can be read on its own
+(`kinds_before_loading`: a local folder's `unet/config.json`, or that one small file of a hub repository), so that
+while it warms it advertises what it will run; a single-file checkpoint's kind is in its weights (the first
+convolution's channels) and is known once they are loaded. Only the row engine takes input images: an inpainting
+model under `--engine request` would run nothing, and `check_engine` refuses it at start.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Sequence
+from pathlib import Path
 
+from common.config import ConfigError
+from common.protocol import REQUEST_KINDS, RequestKind
 from worker.img2img import INPAINTING_IN_CHANNELS
 from worker.pipeline import PipelineError, SDXLPipeline
 
@@ -38,4 +49,51 @@ def check_text_to_image(pipeline: SDXLPipeline) -> None:
         raise InpaintingOnly(
             f"this is an inpainting model (its UNet takes {INPAINTING_IN_CHANNELS} input channels: latents, mask "
             "and masked image): it runs inpainting requests only, not text-to-image or image-to-image"
+        )
+
+
+def kinds_of_unet(in_channels: int) -> tuple[RequestKind, ...]:
+    """The kinds of request a UNet of `in_channels` input channels runs: inpainting only with 9, else all three."""
+    return ("inpainting",) if in_channels == INPAINTING_IN_CHANNELS else REQUEST_KINDS
+
+
+def kinds_before_loading(model: str, revision: str | None) -> tuple[RequestKind, ...] | None:
+    """The kinds of request `model` runs, from its `unet/config.json` alone: a local folder's, or a hub
+    repository's (that file only, as the load would fetch it). None where it cannot be read so: a single file, a
+    folder or repository without the file, a hub that does not answer (the load says what is wrong)."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        return None
+    config = path / "unet" / "config.json" if path.is_dir() else _hub_unet_config(model, revision)
+    try:
+        in_channels = json.loads(config.read_text())["in_channels"] if config is not None else None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.info("the model's kind is known once it is loaded (%s: %s)", config, exc)
+        return None
+    return kinds_of_unet(int(in_channels)) if isinstance(in_channels, int) else None
+
+
+def _hub_unet_config(repo: str, revision: str | None) -> Path | None:
+    if Path(repo).is_absolute() or repo.startswith(".") or repo.count("/") != 1:
+        return None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, "unet/config.json", revision=revision))
+    except Exception as exc:  # hub errors have many types (offline, refused, 401, 404): the load reports them
+        logger.info("the model's kind is known once it is loaded (the hub: %s)", type(exc).__name__)
+        return None
+
+
+class NoKindOnThisEngine(ConfigError):
+    """The model runs no kind of request under the engine asked for (an inpainting model, one request at a time)."""
+
+
+def check_engine(model: str, kinds: Sequence[RequestKind], engine: str) -> None:
+    """NoKindOnThisEngine, naming the fix, for an inpainting-only model under `--engine request`, which runs
+    text-to-image only: the worker would advertise no kind of request and never be given a job."""
+    if engine == "request" and "text-to-image" not in kinds:
+        raise NoKindOnThisEngine(
+            f"--model {model} is an inpainting model (inpainting requests only), and --engine request runs "
+            "text-to-image only; serve it with --engine rows"
         )

@@ -60,7 +60,8 @@ class Presence:
             loras=list(loras.names) if loras is not None else [],
             max_loras=config.offered_max_loras if loras is not None else 0,
             image_input=config.takes_images,
-            request_kinds=kinds_of(config.takes_images),  # until the model is loaded (`warmed`)
+            # Until the model's kinds are known (`model_runs`, from its config; else `warmed`, once it is loaded).
+            request_kinds=kinds_of(config.takes_images),
         )
 
     async def announce(self, state: WorkerState, phase: str | None = None) -> None:
@@ -91,6 +92,11 @@ class Presence:
         or takes them again."""
         self._store_refuses = refuses
         self.busy(self._busy)
+
+    def model_runs(self, kinds: Sequence[RequestKind]) -> None:
+        """The model runs `kinds` (read from its config before it is loaded): advertise those the engine takes,
+        from the next publish on, while warming too."""
+        self._update(request_kinds=advertised_kinds(kinds, self._config.takes_images))
 
     def warmed(self, engine: Engine, sizes: Sequence[Size]) -> None:
         """Describe what the warm `engine` serves: `sizes`, its devices, step range and schedulers, the kinds of

@@ -45,6 +45,7 @@ from worker.device_watermark import DeviceWatermark
 from worker.encode import encode_all
 from worker.handoff import EncodeImages, Generated, HandOff, failed
 from worker.images import ImageWriter
+from worker.inpainting_model import check_engine, kinds_before_loading
 from worker.inputs import InputsLost, InputsRefused, InputsUnreachable, JobInputs
 from worker.lora_source import LoraSource, adapter_loader, open_lora_source, refusal
 from worker.metrics import WorkerMetrics, metrics_app, start_server
@@ -111,6 +112,7 @@ class Worker:
             on_store_trouble=self.presence.image_store_refuses,
         )
         self._load = load_pipeline or self._default_loader
+        self._own_model = load_pipeline is None  # a stand-in's loader (the fault injector's) serves its own model
         self._inputs = JobInputs(redis, blobs, config.takes_images)
         self._running: dict[str, Running] = {}
         self._claiming: asyncio.Task[list[ClaimedJob]] | None = None
@@ -148,6 +150,7 @@ class Worker:
 
     async def run(self) -> None:
         """Register, warm up, then serve jobs until stopped; deregister on the way out."""
+        await self._kinds_before_loading()
         await self.presence.announce("warming")
         background = [
             asyncio.create_task(self.presence.heartbeat(), name="heartbeat"),
@@ -171,6 +174,17 @@ class Worker:
             await self._deregister()
             self._device.close()
             self._handoff.close()
+
+    async def _kinds_before_loading(self) -> None:
+        """Where the model's UNet config can be read before its weights (worker/inpainting_model.py), advertise the
+        kinds of request it runs from the first entry on, and refuse at once an engine that runs none of them."""
+        if not self._own_model:
+            return
+        config = self.config
+        kinds = await asyncio.to_thread(kinds_before_loading, config.model, config.model_revision)
+        if kinds is not None:
+            check_engine(config.model, kinds, config.engine)
+            self.presence.model_runs(kinds)
 
     async def _warm_up(self) -> Sequence[Size]:
         """Load, then compile and warm every size; returns the sizes served."""
@@ -262,6 +276,7 @@ class Worker:
         config = self.config
         options = PipelineOptions(config.images_per_request, attention=config.attention, max_steps=config.max_steps)
         pipeline = SDXLPipeline.load(config.model, config.model_revision, options, config.model_config)
+        check_engine(config.model, pipeline.request_kinds, config.engine)  # a single file's kind is in its weights
         if config.engine == "request":
             return RequestAtATime(pipeline, config.images_per_request)
         # Imported here: the row engine loads with the model, and only where it is asked for.

@@ -17,8 +17,9 @@ Where this differs from diffusers (0.39):
   of Stable Diffusion's VAEs is narrow (they were trained with a tiny KL weight), and the sampler adds the row's
   own noise to the latents anyway.
 - **Float32.** SDXL's VAE config says `force_upcast: true`: diffusers encodes in float32 whatever the pipeline's
-  dtype (float16 overflows). The encoder here computes in float32 too, on the served weights (bfloat16, upcast
-  in the executable), where the decoder runs in bfloat16: an encode runs once per image, not once per step.
+  dtype (float16 overflows). The encoder here computes in float32 too, on a float32 copy of the served encoder's
+  weights (bfloat16, upcast once at start: the same values), where the decoder runs in bfloat16: an encode runs
+  once per image, not once per step.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ class VaeEncoder:
         self._channels = int(vae.config.latent_channels)
         self._scaling_factor = float(vae.config.scaling_factor)
         served = pipeline._params["vae"]
-        self._params = {"vae": {part: served[part] for part in ENCODER_PARTS}}  # the same device arrays
+        # force_upcast: a float32 copy of the encoder's weights (small: the decoder's are not copied), made once
+        # here; upcast inside the executable, they were materialised again at every call.
+        self._params = {"vae": {part: _float32(served[part]) for part in ENCODER_PARTS}}
         self._compiled: dict[Size, Any] = {}
 
     @property
@@ -133,6 +136,11 @@ class VaeEncoder:
         return Pixels(pixels=self._pipeline._put(batch, _IMAGES))
 
 
+def _float32(weights: Any) -> Any:
+    """`weights` (a tree of device arrays) as float32, on the same devices, laid out as they are."""
+    return jax.tree_util.tree_map(lambda w: w.astype(jnp.float32), weights)
+
+
 def _one_image(image: np.ndarray, size: Size) -> np.ndarray:
     """`image` as [3, H, W] float32, or a ValueError naming the shape it has and the one it should have."""
     shaped = image[0] if image.ndim == 4 and image.shape[0] == 1 else image
@@ -144,9 +152,8 @@ def _one_image(image: np.ndarray, size: Size) -> np.ndarray:
 
 
 def _encode(vae: Any, scaling_factor: float, params: dict[str, Any], batch: Pixels) -> jax.Array:
-    """One device's share: the posterior's mean in float32 (weights upcast), NCHW, times the scaling factor."""
-    weights = jax.tree_util.tree_map(lambda w: w.astype(jnp.float32), params["vae"])
-    posterior = vae.apply({"params": weights}, batch.pixels, method=vae.encode).latent_dist
+    """One device's share: the posterior's mean in float32 (on float32 weights), NCHW, times the scaling factor."""
+    posterior = vae.apply({"params": params["vae"]}, batch.pixels, method=vae.encode).latent_dist
     mean: jax.Array = posterior.mean.transpose(0, 3, 1, 2)  # diffusers' Flax VAE is channels-last inside
     scaled: jax.Array = mean * jnp.float32(scaling_factor)
     return scaled
