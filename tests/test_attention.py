@@ -133,6 +133,7 @@ def test_the_flag_reaches_the_worker_pipeline() -> None:
     config = worker_config(build_parser().parse_args(["worker", "--attention", "dot_product", "--engine", "request"]))
     assert config.attention == "dot_product"
     with mock.patch.object(SDXLPipeline, "load") as load:
+        load.return_value.request_kinds = ("text-to-image", "image-to-image", "inpainting")  # SDXL base's
         Worker(config, redis=mock.Mock())._default_loader()
     assert load.call_args.args[2].attention == "dot_product"
     up = build_parser().parse_args(["up", "--attention", "dot_product"])
