@@ -393,7 +393,7 @@ async def test_a_keyed_gateway_asks_for_the_key_before_the_first_generate(browse
 @pytest.fixture(scope="module")
 def flagging_cluster(
     redis_server: RedisServer, tiny_model: Path, processes: ProcessGroup, tmp_path_factory: pytest.TempPathFactory
-) -> Cluster:
+) -> Iterator[Cluster]:
     """A gateway and one worker whose safety checker flags every image (database 2 of the session's Redis)."""
     checker = write_tiny_safety_checker(tmp_path_factory.mktemp("checker") / "flag-all", FLAG_ALL)
     redis_url = redis_server.url(2)
@@ -407,7 +407,9 @@ def flagging_cluster(
     except TimeoutError:
         pytest.fail("worker not ready:\n" + processes.log("worker-flagging")[-3000:])
     asyncio.run(wait_http(f"http://127.0.0.1:{port}/healthz", READY_TIMEOUT_S))
-    return Cluster(url=f"http://127.0.0.1:{port}", redis_url=redis_url, worker_ids=("worker-flagging",))
+    yield Cluster(url=f"http://127.0.0.1:{port}", redis_url=redis_url, worker_ids=("worker-flagging",))
+    processes.stop("worker-flagging")  # a worker left on this database would take a later module's jobs
+    processes.stop("gateway-flagging")
 
 
 async def test_flagged_images_are_shown_as_withheld_in_an_unbroken_layout(
@@ -456,7 +458,7 @@ WITHHELD_LAYOUT = """() => {
 
 
 @pytest.fixture(scope="module")
-def image_cluster(redis_server: RedisServer, processes: ProcessGroup) -> Cluster:
+def image_cluster(redis_server: RedisServer, processes: ProcessGroup) -> Iterator[Cluster]:
     """A gateway and a stand-in worker that advertises image_input and answers with the input image (testkit/standin.py)
     on database 3 of the session's Redis."""
     redis_url = redis_server.url(3)
@@ -471,7 +473,9 @@ def image_cluster(redis_server: RedisServer, processes: ProcessGroup) -> Cluster
     except TimeoutError:
         pytest.fail("stand-in not ready:\n" + processes.log("standin-images")[-3000:])
     asyncio.run(wait_http(f"http://127.0.0.1:{port}/healthz", READY_TIMEOUT_S))
-    return Cluster(url=f"http://127.0.0.1:{port}", redis_url=redis_url, worker_ids=("standin-images",))
+    yield Cluster(url=f"http://127.0.0.1:{port}", redis_url=redis_url, worker_ids=("standin-images",))
+    processes.stop("standin-images")
+    processes.stop("gateway-images")
 
 
 async def test_an_image_uploaded_through_the_page_comes_back_from_a_worker_that_takes_images(
@@ -514,13 +518,13 @@ ADAPTERS = ("ink", "oil", "wax")
 @pytest.fixture(scope="module")
 def lora_cluster(
     redis_server: RedisServer, processes: ProcessGroup, tmp_path_factory: pytest.TempPathFactory
-) -> Cluster:
+) -> Iterator[Cluster]:
     """A gateway and a stand-in worker that offers the adapters ink, oil and wax, two at most per request
-    (database 4 of the session's Redis)."""
+    (database 7 of the session's Redis, which no other module uses)."""
     folder = tmp_path_factory.mktemp("loras")
     for name in ADAPTERS:
         (folder / f"{name}.safetensors").write_bytes(b"adapter")  # the stand-in lists them, reads none
-    redis_url = redis_server.url(4)
+    redis_url = redis_server.url(7)
     redis.Redis.from_url(redis_url).flushdb()
     port = free_port()
     processes.start("gateway-loras", "gateway", "--redis-url", redis_url, "--host", "127.0.0.1", "--port", str(port))
@@ -533,7 +537,9 @@ def lora_cluster(
     except TimeoutError:
         pytest.fail("stand-in not ready:\n" + processes.log("standin-loras")[-3000:])
     asyncio.run(wait_http(f"http://127.0.0.1:{port}/healthz", READY_TIMEOUT_S))
-    return Cluster(url=f"http://127.0.0.1:{port}", redis_url=redis_url, worker_ids=("standin-loras",))
+    yield Cluster(url=f"http://127.0.0.1:{port}", redis_url=redis_url, worker_ids=("standin-loras",))
+    processes.stop("standin-loras")
+    processes.stop("gateway-loras")
 
 
 @pytest.fixture
