@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import ValidationError
 
 
@@ -63,3 +65,11 @@ def field_name(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         name += f"[{part}]" if isinstance(part, int) else f".{part}" if name else str(part)
     return name
+
+
+def unreadable_reason(exc: BaseException) -> str:
+    """aiohttp's reason for refusing a body it could not read, without its status prefix (a payload error's
+    cause's message), at most 200 characters."""
+    cause = exc.__cause__ if isinstance(exc, web.RequestPayloadError) and exc.__cause__ is not None else exc
+    reason = cause.message if isinstance(cause, HttpProcessingError) else str(cause)
+    return (reason.strip() or type(cause).__name__)[:200]

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ValidationError
 from common.input_images import InputImageError, InputLimits
 from common.inputs import Inputs, decode_inputs, remove_inputs, store_inputs
 from common.rediskeys import RedisKeys
-from gateway.errors import ApiError, from_validation_error
+from gateway.errors import ApiError, from_validation_error, unreadable_reason
 from gateway.jobs import Placed
 from gateway.middlewares import access_of, body_limit
 from gateway.state import CONFIG, JOBS, REDIS
@@ -143,8 +143,9 @@ async def _read_multipart(request: web.Request) -> tuple[dict[str, str], Uploade
     # aiohttp's refusals of a malformed multipart body: its HTTP parser's errors for a part's header lines, and
     # ValueError/AssertionError from the reader itself.
     except (HttpProcessingError, ValueError, AssertionError) as exc:
-        reason = (exc.message if isinstance(exc, HttpProcessingError) else str(exc))[:200]
-        raise ApiError(400, "invalid_multipart", f"the multipart body cannot be read ({reason})") from None
+        raise ApiError(
+            400, "invalid_multipart", f"the multipart body cannot be read ({unreadable_reason(exc)})"
+        ) from None
     return fields, Uploaded(images.get("image"), images.get("mask"))
 
 

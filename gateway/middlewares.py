@@ -14,7 +14,7 @@ from common.blobstore import BlobNotFound, BlobStoreMismatch, BlobStoreUnavailab
 from common.redis_conn import UNAVAILABLE
 from gateway.auth import CALLER
 from gateway.config import GatewayConfig
-from gateway.errors import ApiError
+from gateway.errors import ApiError, unreadable_reason
 from gateway.limits import OPEN, RATE_DECISION, Access
 from gateway.metrics import ERROR_CODE
 from gateway.proxies import client_address, client_identity
@@ -59,7 +59,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except (HttpProcessingError, web.RequestPayloadError) as exc:  # aiohttp could not read the request's body: a
         # corrupt Content-Encoding, a malformed chunk or multipart header; the client's fault wherever it is read.
         # The rest of the connection's bytes cannot be trusted either: aiohttp closes it, and the answer says so.
-        response = _respond(request, ApiError(400, "unreadable_body", f"the request body cannot be read: {_why(exc)}"))
+        response = _respond(
+            request, ApiError(400, "unreadable_body", f"the request body cannot be read: {unreadable_reason(exc)}")
+        )
         response.force_close()
         return response
     except web.HTTPException as exc:
@@ -71,13 +73,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:  # the gateway's catch-all boundary: log it, answer 500, keep serving
         logger.exception("unhandled error on %s %s", request.method, request.path)
         return _respond(request, ApiError(500, "internal_error", "internal server error"))
-
-
-def _why(exc: BaseException) -> str:
-    """aiohttp's reason for refusing a body, without its status prefix: the payload error's cause's message."""
-    cause = exc.__cause__ if isinstance(exc, web.RequestPayloadError) and exc.__cause__ is not None else exc
-    reason = cause.message if isinstance(cause, HttpProcessingError) else str(cause)
-    return (reason.strip() or type(cause).__name__)[:200]
 
 
 def _image_store_error(request: web.Request, exc: BlobStoreUnavailable | BlobNotFound) -> ApiError:

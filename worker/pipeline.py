@@ -409,8 +409,7 @@ class SDXLPipeline:
         compiled = self._compiled[shape.size][guided(guidance_scale)]
         if not isinstance(compiled, _Stepwise):
             raise PipelineError("UNet evaluations are counted on the stepwise executables (report_progress)")
-        cost = compiled.step.cost_analysis()
-        step_flops = float((cost[0] if isinstance(cost, list | tuple) else cost)["flops"])
+        step_flops = _costs(compiled.step)["flops"]
         per_image = step_flops / self.per_device / self.flop_count(shape).unet_per_sample
         return round(per_image) * shape.steps
 
