@@ -37,13 +37,19 @@ _SUBSCRIBE = (b"SUBSCRIBE", b"PSUBSCRIBE", b"SSUBSCRIBE")
 
 @dataclass(frozen=True)
 class DropRule:
-    """Which reply to lose: the first reply to `command` (any command if empty) whose bytes contain
-    `reply_contains` (any reply if empty). Matching is on the raw RESP bytes, case-sensitive (redis-py sends
-    command names in capitals); a reply is the next bytes Redis sends on the connection after the command
-    (redis-py does not pipeline outside MULTI/EXEC, where the whole transaction counts as one)."""
+    """Which reply to lose: the first reply to `command` (any command if empty; any one of several, given
+    a tuple) whose bytes contain `reply_contains` (any reply if empty). Matching is on the raw RESP bytes,
+    case-sensitive (redis-py sends command names in capitals); a reply is the next bytes Redis sends on the
+    connection after the command (redis-py does not pipeline outside MULTI/EXEC, where the whole transaction
+    counts as one)."""
 
-    command: bytes = b""
+    command: bytes | tuple[bytes, ...] = b""
     reply_contains: bytes = b""
+
+    def sent_in(self, data: bytes) -> bool:
+        """Whether `data`, bytes a client sent, carry the rule's command."""
+        commands = self.command if isinstance(self.command, tuple) else (self.command,)
+        return any(command in data for command in commands)
 
 
 @dataclass(eq=False)
@@ -145,7 +151,7 @@ class FaultProxy:
     def _add(self, trigger: _Trigger) -> asyncio.Event:
         self._rules.append(trigger)
         for link in self._links:
-            if trigger.rule.command in link.in_flight:
+            if trigger.rule.sent_in(link.in_flight):
                 link.armed.append(trigger)
         return trigger.fired
 
@@ -282,7 +288,7 @@ class FaultProxy:
     def _arm(self, link: _Link, chunk: bytes) -> None:
         """A rule watches a link's replies once the client sends the rule's command over it."""
         for trigger in self._rules:
-            if trigger.rule.command in chunk and trigger not in link.armed:
+            if trigger.rule.sent_in(chunk) and trigger not in link.armed:
                 link.armed.append(trigger)
 
     def _fire(self, link: _Link, chunk: bytes) -> _Trigger | None:

@@ -124,14 +124,22 @@ async def test_a_non_utf8_completion_message_leaves_the_gateway_serving(
     assert response.status == 200, await response.text()
 
 
+@pytest.mark.parametrize("queued", ["while-the-worker-waits", "before-the-worker-started"])
 async def test_a_job_whose_delivery_reply_was_lost_is_still_served(
-    proxy: FaultProxy, redis_server: RedisServer, redis_client: aioredis.Redis
+    queued: str, proxy: FaultProxy, redis_server: RedisServer, redis_client: aioredis.Redis
 ) -> None:
+    """A worker takes a new job with its claim script (an EVALSHA, run before each wait: a job queued before
+    it started) or with its blocking read (a job that arrives while it waits; the claim script when it
+    arrives between two reads): the reply that delivers the job is lost whichever carried it."""
     queue = Queue.of(redis_client, KEYS)
-    async with running_worker(proxy.url(0)):
-        lost = proxy.drop_reply(DropRule(b"XREADGROUP", b"job"))
-        job = make_job()
+    job = make_job()
+    lost = proxy.drop_reply(DropRule((b"XREADGROUP", b"EVALSHA"), job.id.encode()))
+    if queued == "before-the-worker-started":
+        await queue.streams.ensure_group(STREAM)
         await queue.jobs.submit(job, STREAM)
+    async with running_worker(proxy.url(0)):
+        if queued == "while-the-worker-waits":
+            await queue.jobs.submit(job, STREAM)
         await asyncio.wait_for(lost.wait(), ANSWER_BOUND_S)  # the fault did happen
         await completion(redis_server.url(0), queue, job.id)
     assert (await redis_client.xpending(STREAM, KEYS.workers_group))["pending"] == 0

@@ -19,11 +19,19 @@ class _DropFlaxDeprecation(logging.Filter):
 
 
 def silence_flax_deprecation() -> None:
-    """Drop the notices at each library's own log handler (their root loggers do not propagate)."""
+    """Drop the notices at each library's own log handler, and keep the libraries' records there.
+
+    A logger's filters see only the records logged on it, not its children's, so the filter sits on the
+    handlers. transformers lets its records propagate to the root logger (to our handlers, unfiltered)
+    whenever the environment says ``CI=1``; each library root is set not to propagate, as both libraries
+    do by default elsewhere, so no environment variable decides what an operator sees.
+    """
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     roots = (diffusers_logging.get_logger("diffusers"), transformers_logging.get_logger("transformers"))
-    for handler in (h for root in roots for h in root.handlers):
-        if not any(isinstance(f, _DropFlaxDeprecation) for f in handler.filters):
-            handler.addFilter(_DropFlaxDeprecation())
+    for root in roots:
+        root.propagate = False
+        for handler in root.handlers:
+            if not any(isinstance(f, _DropFlaxDeprecation) for f in handler.filters):
+                handler.addFilter(_DropFlaxDeprecation())
