@@ -10,7 +10,8 @@ RUNTIME := $(VENV)/.runtime
 # The GPU images run Python 3.12 and jax 0.11: the code that meets them is tested there too (test-py312).
 VENV312 ?= .venv-py312
 INSTALLED312 := $(VENV312)/.installed
-PY312_TESTS := tests/test_pipeline.py tests/test_engine.py tests/test_parity.py tests/test_schedulers.py
+PY312_TESTS := tests/test_pipeline.py tests/test_engine.py tests/test_parity.py tests/test_schedulers.py \
+	tests/test_lora.py tests/test_img2img.py
 # The packages, then everything `make check` lints and type-checks. $(wildcard) leaves out a package that is not
 # there yet, so a checkout without testkit/ is still checked whole.
 PACKAGES := $(wildcard common gateway worker sdxl_serve testkit)

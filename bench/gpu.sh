@@ -14,7 +14,12 @@
 #       --engine-rows R --attention einsum --progress
 #
 # and keeps their JSON lines (OUT/variants/NAME.jsonl, all of them in OUT/generate.jsonl) with their logs and the
-# machine's description; then, in a process of its own, the engine's step time with LoRA adapters (OUT/lora.jsonl):
+# machine's description. Before them, in a process of its own and in seconds, the host's time to pass SDXL's UNet
+# parameters to a compiled step (OUT/dispatch.jsonl: whether the host can be on a GPU step's critical path):
+#
+#   sdxl-serve bench dispatch --calls 200 --rounds 3 --json
+#
+# and after them, in a process of its own, the engine's step time with LoRA adapters (OUT/lora.jsonl):
 #
 #   sdxl-serve bench lora --model sdxl-random --size 1024x1024 --ranks 8,32,128 --steps 5 --rows-per-device 2 \
 #       --rounds 2 --json
@@ -33,6 +38,7 @@
 #                    on a CPU machine, e.g. -- --model DIR --size 64x64 --steps 1 --repeats 1 --cpu-devices 1
 #                    (tests/test_bench_gpu.py; one CPU device, as one GPU, so that one image is not split)
 #   --lora-flags F   words appended to the LoRA benchmark's command (e.g. "--model DIR --size 64x64 --steps 1")
+#   --dispatch-flags F  words appended to the dispatch benchmark's command (e.g. "--calls 5 --cpu-devices 1")
 #   -- FLAGS         appended to each `bench generate` command (e.g. -- --repeats 5)
 #
 # SDXL_GPU_BENCH_CMD, when set, runs in place of the environment's `sdxl-serve` (with the environment first on PATH)
@@ -50,6 +56,7 @@ dry_run=0
 simulate=0
 extra=()
 lora_extra=()
+dispatch_extra=()
 
 fail() { echo "gpu.sh: $*" >&2; exit 2; }
 step() { echo "== $*" >&2; }
@@ -63,6 +70,7 @@ while (($#)); do
         --dry-run) dry_run=1; shift ;;
         --simulate) simulate=1; export JAX_PLATFORMS=cpu; shift ;;
         --lora-flags) read -r -a lora_extra <<<"${2?--lora-flags needs words}"; shift 2 ;;
+        --dispatch-flags) read -r -a dispatch_extra <<<"${2?--dispatch-flags needs words}"; shift 2 ;;
         --) shift; extra=("$@"); break ;;
         *) fail "unknown argument: $1 (see the header of $0)" ;;
     esac
@@ -160,6 +168,7 @@ if devices[0].platform != "gpu":
 # One variant: an image count (or rows-R: the engine at R rows per device, seconds per image of a full batch), an
 # attention path, stepwise (--progress) or fused (--no-progress).
 VARIANTS=(
+    "dispatch"
     "1 einsum --progress" "1 einsum --no-progress" "1 dot_product --progress" "1 dot_product --no-progress"
     "4 einsum --progress" "4 einsum --no-progress" "4 dot_product --progress" "4 dot_product --no-progress"
     "rows-1 einsum --progress" "rows-2 einsum --progress" "rows-4 einsum --progress" "rows-8 einsum --progress"
@@ -170,6 +179,10 @@ variant_command() {
     local images=$1 attention=$2 progress=$3
     local -a batch=(--images "$images")
     read -r -a cmd <<<"${SDXL_GPU_BENCH_CMD:-sdxl-serve}"
+    if [[ $images == dispatch ]]; then
+        cmd+=(bench dispatch --calls 200 --rounds 3 --json "${dispatch_extra[@]}")
+        return
+    fi
     if [[ $images == lora ]]; then
         cmd+=(bench lora --model sdxl-random --size 1024x1024 --ranks 8,32,128 --steps 5 --rows-per-device 2
             --rounds 2 --json "${lora_extra[@]}")
@@ -197,7 +210,7 @@ run_bench() {
         echo >>"$out/command.txt"
         name="images-$images-$attention${progress/--/-}"
         if [[ $images == rows-* ]]; then name="engine-$images-$attention${progress/--/-}"; fi
-        if [[ $images == lora ]]; then name="lora"; fi
+        if [[ $images == lora || $images == dispatch ]]; then name=$images; fi
         if ((dry_run)) || [[ -s $out/variants/$name.jsonl ]]; then continue; fi
         step "variant $name"
         if PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv" HF_HUB_OFFLINE=1 \
@@ -215,10 +228,14 @@ run_bench() {
         return
     fi
     local -a generated=()
-    for name in "$out/variants/"*.jsonl; do [[ $name == */lora.jsonl ]] || generated+=("$name"); done
+    for name in "$out/variants/"*.jsonl; do
+        [[ $name == */lora.jsonl || $name == */dispatch.jsonl ]] || generated+=("$name")
+    done
     cat "${generated[@]}" </dev/null >"$out/generate.jsonl"
-    if [[ -s $out/variants/lora.jsonl ]]; then cp "$out/variants/lora.jsonl" "$out/lora.jsonl"; fi
-    step "results: $out/generate.jsonl, $out/lora.jsonl"
+    for name in lora dispatch; do
+        if [[ -s $out/variants/$name.jsonl ]]; then cp "$out/variants/$name.jsonl" "$out/$name.jsonl"; fi
+    done
+    step "results: $out/generate.jsonl, $out/lora.jsonl, $out/dispatch.jsonl"
     cat "$out/generate.jsonl"
     return $failed
 }

@@ -39,6 +39,8 @@ VARIANTS = [
 LORA_COMMAND = (
     "bench lora --model sdxl-random --size 1024x1024 --ranks 8,32,128 --steps 5 --rows-per-device 2 --rounds 2 --json"
 ).split()
+# The host's dispatch time, first (seconds), in a process of its own (OUT/dispatch.jsonl).
+DISPATCH_COMMAND = "bench dispatch --calls 200 --rounds 3 --json".split()
 # Appends what the benchmark would see to RECORDED, and prints one JSON line as `bench generate --json` does; fails
 # for the variants FAIL names (words that must all be in its argv).
 RECORDER = """
@@ -141,7 +143,8 @@ def test_installs_offline_over_the_image_and_runs_each_variant_in_its_venv(wheel
     out = tmp_path / "out"
     venv = out / "venv"
     assert "include-system-site-packages = true" in (venv / "pyvenv.cfg").read_text()
-    assert [variant["argv"] for variant in seen] == [COMMON_FLAGS + flags for flags in VARIANTS] + [LORA_COMMAND]
+    expected = [DISPATCH_COMMAND] + [COMMON_FLAGS + flags for flags in VARIANTS] + [LORA_COMMAND]
+    assert [variant["argv"] for variant in seen] == expected
     for variant in seen:
         assert Path(variant["prefix"]) == venv  # `python` on PATH was the new environment's
         # The stand-ins won over the real diffusers and transformers of the interpreter the venv was made from...
@@ -151,7 +154,8 @@ def test_installs_offline_over_the_image_and_runs_each_variant_in_its_venv(wheel
         assert variant["env"] == {"HF_HUB_OFFLINE": "1", "JAX_COMPILATION_CACHE_DIR": str(out / "compile-cache")}
     results = [json.loads(line) for line in (out / "generate.jsonl").read_text().splitlines()]
     assert sorted(result["argv"] for result in results) == sorted(COMMON_FLAGS + flags for flags in VARIANTS)
-    assert [json.loads(line)["argv"] for line in (out / "lora.jsonl").read_text().splitlines()] == [LORA_COMMAND]
+    for name, command in (("lora", LORA_COMMAND), ("dispatch", DISPATCH_COMMAND)):
+        assert [json.loads(line)["argv"] for line in (out / f"{name}.jsonl").read_text().splitlines()] == [command]
     versions = (out / "versions.txt").read_text()
     assert "diffusers 0.39.0 (this venv)" in versions and re.search(r"^jax \S+ \(the image\)$", versions, re.M)
 
@@ -160,7 +164,7 @@ def test_a_failed_variant_loses_only_itself_and_a_rerun_does_only_what_is_missin
     refused = ["--images", "4", "--attention", "dot_product", "--no-progress"]
     done, seen = recorded_run(wheels, tmp_path, FAIL="4 dot_product --no-progress")
     assert done.returncode != 0 and "images-4-dot_product-no-progress failed" in done.stderr
-    assert len(seen) == len(VARIANTS) + 1  # the variants after the refused one ran too, and the LoRA benchmark
+    assert len(seen) == len(VARIANTS) + 2  # the variants after the refused one ran too, and dispatch and LoRA
     results = (tmp_path / "out" / "generate.jsonl").read_text().splitlines()
     assert len(results) == len(VARIANTS) - 1
     done, seen = recorded_run(wheels, tmp_path)
@@ -174,9 +178,11 @@ def test_the_benchmark_commands_are_ones_that_bench_generate_accepts(wheels: Pat
     done = run_script("--wheels", wheels, "--out", out, "--dry-run", "--", "--repeats", "5")
     assert done.returncode == 0, done.stderr
     assert not (out / "generate.jsonl").exists()
-    *commands, lora = [shlex.split(line) for line in (out / "command.txt").read_text().splitlines()]
+    dispatch, *commands, lora = [shlex.split(line) for line in (out / "command.txt").read_text().splitlines()]
     assert commands == [["sdxl-serve", *COMMON_FLAGS, *flags, "--repeats", "5"] for flags in VARIANTS]
-    assert lora == ["sdxl-serve", *LORA_COMMAND]
+    assert (dispatch, lora) == (["sdxl-serve", *DISPATCH_COMMAND], ["sdxl-serve", *LORA_COMMAND])
+    parsed = build_parser(load={"bench"}).parse_args(dispatch[1:])
+    assert (parsed.calls, parsed.rounds, parsed.json) == (200, 3, True)
     parsed = build_parser(load={"bench"}).parse_args(lora[1:])
     assert (parsed.model, parsed.size, parsed.ranks, parsed.rounds, parsed.json) == (
         "sdxl-random",
@@ -273,6 +279,15 @@ def test_bench_lora_runs_without_what_a_bare_gpu_image_lacks(tiny_model: Path) -
     assert set(json.loads(done.stdout)["ranks"]) == {"2"}
 
 
+def test_bench_dispatch_runs_without_what_a_bare_gpu_image_lacks() -> None:
+    program = IMPORT_BLOCKER.format(absent=set(ABSENT_ON_THE_IMAGE))
+    argv = [sys.executable, "-c", program, "bench", "dispatch", "--calls", "2", "--rounds", "1", "--json"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert (report["measurement"], report["arrays"]) == ("dispatch", 1680)
+
+
 @pytest.mark.skipif(os.environ.get(SIMULATE) != "1", reason=f"minutes and a package index: {SIMULATE}=1 runs it")
 @pytest.mark.timeout(7200)
 def test_the_script_runs_end_to_end_on_a_bare_image_rebuilt_on_the_cpu(tiny_model: Path, tmp_path: Path) -> None:
@@ -292,10 +307,13 @@ def test_the_script_runs_end_to_end_on_a_bare_image_rebuilt_on_the_cpu(tiny_mode
         lora = " ".join(
             [*model, "--size", "64x64", "--steps", "1", "--rounds", "1", "--ranks", "2", "--cpu-devices", "1"]
         )
-        simulated = [*argv, "--simulate", "--lora-flags", lora, "--", *model, *small]
+        dispatch = "--calls 5 --rounds 1 --cpu-devices 1"
+        simulated = [*argv, "--simulate", "--lora-flags", lora, "--dispatch-flags", dispatch, "--", *model, *small]
         done = subprocess.run(simulated, env=env, check=False, timeout=3600)
         assert done.returncode == 0, name
         reports = [json.loads(line) for line in (out / "generate.jsonl").read_text().splitlines()]
         assert len(reports) == len(VARIANTS) and {report["images"] for report in reports} == {1, 4}
         (lora_report,) = [json.loads(line) for line in (out / "lora.jsonl").read_text().splitlines()]
         assert set(lora_report["ranks"]) == {"2"}
+        (dispatch_report,) = [json.loads(line) for line in (out / "dispatch.jsonl").read_text().splitlines()]
+        assert dispatch_report["measurement"] == "dispatch"
