@@ -188,15 +188,20 @@ def predict(pipeline: SDXLPipeline, unet_input: np.ndarray) -> np.ndarray:
     return np.asarray(jax.jit(apply)(params, unet_input), np.float32)
 
 
-def test_the_kinds_are_read_from_a_folders_unet_config_before_loading_and_not_from_a_single_file(
+def test_the_kinds_are_read_before_loading_from_a_folders_unet_config_or_a_single_files_header(
     formats: dict[str, Path], tiny_model: Path, tmp_path: Path
 ) -> None:
-    """A folder's `unet/config.json` tells its kinds without its weights; a single file's kind is in its weights,
-    and a folder without the config is known once loaded (None: the worker keeps its default until then)."""
-    for name in ("flax", "diffusers-fp32", "diffusers-fp16-variant"):
+    """A folder's `unet/config.json` tells its kinds without its weights, a single file's header (its first
+    convolution's shape) tells its own; a folder without the config, or a file that is no SDXL checkpoint, is known
+    once loaded (None: the worker keeps its default until then)."""
+    for name in ("flax", "diffusers-fp32", "diffusers-fp16-variant", "single-file-fp16", "single-file-fp32"):
         assert kinds_before_loading(str(formats[name]), None) == ("inpainting",), name
     assert kinds_before_loading(str(tiny_model), None) == REQUEST_KINDS
-    assert kinds_before_loading(str(formats["single-file-fp16"]), None) is None
+    base = write_single_file(tiny_model, tmp_path / "base.safetensors")
+    assert kinds_before_loading(str(base), None) == REQUEST_KINDS
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file")
+    assert kinds_before_loading(str(tmp_path / "garbage.safetensors"), None) is None
+    base.unlink()
     assert kinds_before_loading(str(tmp_path), None) is None
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text("{not json")

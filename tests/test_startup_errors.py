@@ -161,14 +161,17 @@ def test_an_inpainting_model_one_request_at_a_time_is_refused_in_one_line_before
     assert "loading weights" not in at_info.stdout and at_info.stdout.splitlines()[-1] == line
 
 
-def test_an_inpainting_single_file_one_request_at_a_time_is_refused_in_one_line_once_loaded(
+def test_an_inpainting_single_file_one_request_at_a_time_is_refused_in_one_line_before_loading(
     redis_server: RedisProcess, inpainting_model: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
-    """A single file's kind is in its weights (the configs come from --model-config): refused once it is loaded."""
+    """A single file's kind is in its header (its first convolution's shape; the configs come from --model-config):
+    refused before its weights are loaded."""
     single = write_single_file(inpainting_model, tmp_path / "inpainting.safetensors")
-    done = sdxl_serve(
-        "--log-level", "warning", "worker", "--redis-url", redis_server.url(0), "--model", str(single),
-        "--model-config", str(tiny_model), "--engine", "request", "--sizes", "64x64", "--max-steps", "1",
-        "--metrics-port", "0", "--no-compile-cache",
+    argv = (
+        "worker", "--redis-url", redis_server.url(0), "--model", str(single), "--model-config", str(tiny_model),
+        "--engine", "request", "--sizes", "64x64", "--max-steps", "1", "--metrics-port", "0", "--no-compile-cache",
     )  # fmt: skip
-    assert "serve it with --engine rows" in one_line_error(done, "worker")
+    line = one_line_error(sdxl_serve("--log-level", "warning", *argv), "worker")
+    assert "serve it with --engine rows" in line, line
+    at_info = sdxl_serve(*argv)
+    assert "loading weights" not in at_info.stdout and at_info.stdout.splitlines()[-1] == line

@@ -6,11 +6,11 @@ image. Served as it is today, such a model fails at start, in the first compile,
 the sampler update (the text-to-image latents are drawn with the UNet's 9 input channels, its prediction has 4):
 `check_text_to_image` says so in words, before anything is compiled.
 
-A worker tells its kinds before the weights load where the model's UNet config can be read on its own
-(`kinds_before_loading`: a local folder's `unet/config.json`, or that one small file of a hub repository), so that
-while it warms it advertises what it will run; a single-file checkpoint's kind is in its weights (the first
-convolution's channels) and is known once they are loaded. Only the row engine takes input images: an inpainting
-model under `--engine request` would run nothing, and `check_engine` refuses it at start.
+A worker tells its kinds before the weights load (`kinds_before_loading`), so that while it warms it advertises
+what it will run: from a local folder's `unet/config.json`, or that one small file of a hub repository; for a
+single-file checkpoint, from its header, where the shape of the first convolution's weight gives the channels
+(nothing is read but the header). Only the row engine takes input images: an inpainting model under
+`--engine request` would run nothing, and `check_engine` refuses it at start.
 """
 
 from __future__ import annotations
@@ -58,12 +58,13 @@ def kinds_of_unet(in_channels: int) -> tuple[RequestKind, ...]:
 
 
 def kinds_before_loading(model: str, revision: str | None) -> tuple[RequestKind, ...] | None:
-    """The kinds of request `model` runs, from its `unet/config.json` alone: a local folder's, or a hub
-    repository's (that file only, as the load would fetch it). None where it cannot be read so: a single file, a
-    folder or repository without the file, a hub that does not answer (the load says what is wrong)."""
+    """The kinds of request `model` runs, from its `unet/config.json` alone (a local folder's, or a hub
+    repository's: that file only, as the load would fetch it) or a single file's header. None where they cannot be
+    read so: a folder or repository without the file, a hub that does not answer, a file that is no SDXL checkpoint
+    (the load says what is wrong)."""
     path = Path(model).expanduser()
     if path.is_file():
-        return None
+        return _single_file_kinds(path)
     config = path / "unet" / "config.json" if path.is_dir() else _hub_unet_config(model, revision)
     try:
         in_channels = json.loads(config.read_text())["in_channels"] if config is not None else None
@@ -71,6 +72,16 @@ def kinds_before_loading(model: str, revision: str | None) -> tuple[RequestKind,
         logger.info("the model's kind is known once it is loaded (%s: %s)", config, exc)
         return None
     return kinds_of_unet(int(in_channels)) if isinstance(in_channels, int) else None
+
+
+def _single_file_kinds(path: Path) -> tuple[RequestKind, ...] | None:
+    from worker.checkpoints import CheckpointError, single_file_in_channels
+
+    try:
+        return kinds_of_unet(single_file_in_channels(path))
+    except CheckpointError as exc:
+        logger.info("the model's kind is known once it is loaded (%s)", exc)
+        return None
 
 
 def _hub_unet_config(repo: str, revision: str | None) -> Path | None:
