@@ -409,6 +409,30 @@ async def test_max_deliveries_counts_every_stream_a_job_was_on(redis_client: aio
     assert [fields[b"deliveries"] for _, fields in dead] == [b"4"]
 
 
+async def test_deliveries_given_back_for_unreachable_inputs_do_not_count_towards_max_deliveries(
+    redis_client: aioredis.Redis,
+) -> None:
+    """A delivery given back because the job's input images were unreachable is recorded once (a retried call counts
+    nothing more) and the dead-letter decision leaves it out: the job is still dead-lettered after exactly
+    `max_deliveries` other deliveries, its reason saying how many were given back."""
+    queue, _, first = await submitted_and_claimed(redis_client)
+    assert await queue.delivery.start(first, "w1") is not None
+    assert await queue.delivery.given_back_unreachable(first, "S3 store: unreachable") == 1
+    assert await queue.delivery.given_back_unreachable(first, "S3 store: unreachable") == 1  # the reply was lost
+    second = await queue.delivery.claim("w1", [STREAM], block_ms=100)  # taken back: pending under w1, not in hand
+    assert second is not None and second.deliveries == 2
+    assert not await queue.delivery.dead_letter_if_exhausted(second, "w1", max_deliveries=1)
+    assert await queue.delivery.start(second, "w1") is not None  # then w1 dies with it
+    third = await queue.recovery.reclaim("w2", live={"w2"}, max_deliveries=2, streams=[STREAM])
+    assert third is not None and third.deliveries == 3  # its second delivery that was not given back
+    assert await queue.recovery.reclaim("w3", live={"w3"}, max_deliveries=2, streams=[STREAM]) is None  # a third
+    dead: Any = await redis_client.xrange(KEYS.dead_letter_stream)
+    assert [(f[b"deliveries"], f[b"reason"].decode().split(";")[0]) for _, f in dead] == [
+        (b"4", "delivered 4 times (1 of them given back, their input images unreachable)")
+    ]
+    assert await queue.delivery.given_back_unreachable(third, "S3 store: unreachable") == -1  # terminal: nothing
+
+
 async def test_a_submit_run_twice_queues_one_job_and_answers_created(redis_client: aioredis.Redis) -> None:
     queue = await queue_with_group(redis_client)
     keyed, plain = make_job("keyed"), make_job("plain")
