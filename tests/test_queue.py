@@ -15,11 +15,16 @@ from common.jobstore import record_ttl
 from common.protocol import Job
 from common.redis_conn import connect
 from common.rediskeys import RedisKeys
+from common.registry import Registry
 from gateway.listener import JobListener
 from testkit.jobs import SHAPE, make_job, succeeded
+from testkit.proxy import FaultProxy
 from tests.queues import Queue
 from tests.support import RedisServer
-from worker.delivery import ClaimedJob, MalformedJob
+from worker.claiming import Claims
+from worker.config import WorkerConfig
+from worker.delivery import ClaimedJob, Delivery, MalformedJob
+from worker.metrics import WorkerMetrics
 
 KEYS = RedisKeys()
 STREAM = KEYS.size_stream(SHAPE.size)
@@ -431,6 +436,40 @@ async def test_deliveries_given_back_for_unreachable_inputs_do_not_count_towards
         (b"4", "delivered 4 times (1 of them given back, their input images unreachable)")
     ]
     assert await queue.delivery.given_back_unreachable(third, "S3 store: unreachable") == -1  # terminal: nothing
+
+
+async def test_a_give_back_redis_was_away_for_is_recorded_before_the_next_claim(
+    redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    """A worker whose Redis is away as it reads a job's input images cannot record the give-back then; its next claim
+    records it first, so the job, delivered again, is not dead-lettered under `max_deliveries` 1."""
+    await queue_with_group(redis_client)
+    job = make_job()
+    await Queue.of(redis_client, KEYS).jobs.submit(job, STREAM)
+    proxy = FaultProxy("worker", redis_server.port)
+    await proxy.start()
+    worker_redis = aioredis.Redis.from_url(proxy.url(0))
+    try:
+        config = WorkerConfig(
+            redis_url=proxy.url(0), model="stand-in", worker_id="w1", compile_cache_dir=None, max_deliveries=1
+        )
+        delivery = Delivery(worker_redis, KEYS)
+        claims = Claims(config, worker_redis, delivery, Registry(worker_redis, KEYS), WorkerMetrics())
+        await claims.open([SHAPE.size])
+        stopping = asyncio.Event()
+        (first,) = await claims.next([], stopping, rows=4)
+        assert await claims.start(first) is not None
+        proxy.partition(refuse=True)  # Redis away, as the worker reads the job's inputs
+        await claims.inputs_unreachable(first, "Redis: connection refused")
+        assert await redis_client.hget(KEYS.job(job.id), "unreachable") is None  # not recorded yet
+        proxy.heal()
+        (second,) = await claims.next([], stopping, rows=4)  # the give-back recorded, then the job delivered again
+        assert (second.job.id, second.deliveries) == (job.id, 2)
+        assert await redis_client.hget(KEYS.job(job.id), "unreachable") == b"1"
+        assert await redis_client.xlen(KEYS.dead_letter_stream) == 0
+    finally:
+        await worker_redis.aclose()
+        await proxy.close()
 
 
 async def test_a_submit_run_twice_queues_one_job_and_answers_created(redis_client: aioredis.Redis) -> None:
