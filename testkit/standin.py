@@ -210,6 +210,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--heartbeat-interval", type=float, default=0.5)
     parser.add_argument("--heartbeat-ttl", type=float, default=3.0)
     parser.add_argument("--max-deliveries", type=int, default=3)
+    parser.add_argument("--max-input-retries", type=int, default=WorkerConfig.max_input_retries)
     parser.add_argument("--key-prefix", default="sdxl")
     parser.add_argument(
         "--image-input", action="store_true", help="advertise image_input and answer with the input image"
@@ -233,6 +234,7 @@ def config_of(args: argparse.Namespace) -> WorkerConfig:
         heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_ttl_s=args.heartbeat_ttl,
         max_deliveries=args.max_deliveries,
+        max_input_retries=args.max_input_retries,
         engine=args.engine,
         rows_per_device=args.rows_per_device,
         batch_policy=args.batch_policy,

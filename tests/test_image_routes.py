@@ -625,6 +625,121 @@ async def test_an_image_store_down_as_a_worker_reads_the_inputs_delays_the_job_a
     processes.stop("imgout-1")
 
 
+async def give_backs(redis_client: aioredis.Redis, job_id: str) -> int:
+    """How many deliveries of the job were given back, its input images unreachable (its record's count)."""
+    return int(await redis_client.hget(OUTAGE.job(job_id), "unreachable") or 0)
+
+
+async def until_given_back(redis_client: aioredis.Redis, job_id: str, count: int) -> None:
+    """Until `count` deliveries of the job were given back, or it has a result (then the caller's check fails)."""
+    store = JobStore(redis_client, OUTAGE)
+    async with asyncio.timeout(WAIT_S):
+        while await give_backs(redis_client, job_id) < count:
+            if await store.fetch_meta(job_id) is not None:
+                return
+            await asyncio.sleep(0.05)  # a record's field has no event to wait on
+
+
+@pytest.fixture
+async def s3_proxy(s3_env: S3Server) -> AsyncIterator[FaultProxy]:
+    """A fault proxy in front of the S3 server (its credentials in the environment)."""
+    proxy = FaultProxy("s3", int(s3_env.endpoint.rsplit(":", 1)[1]))
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+async def inputs_unreachable_twice(
+    aiohttp_client: ClientFactory,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    processes: ProcessGroup,
+    s3_env: S3Server,
+    proxy: FaultProxy,
+    name: str,
+    *limits: str,
+) -> tuple[Client, str]:
+    """A stand-in worker process (`limits`: its delivery limits) reaches the S3 store through a fault proxy; an image
+    job's inputs are stored, and the worker's first two deliveries of it find the store unreachable: the proxy resets
+    every connection for the first, and for the second lets the worker's write probe through, then black-holes what
+    follows (the read of the inputs). Returns the gateway's client and the job's id once the second delivery was given
+    back (or the job has a result), with the store reachable again."""
+    url = redis_server.url(0)
+    store = s3_env.url("inputs", name)
+    proxied = f"s3://inputs/{name}?endpoint=http://127.0.0.1:{proxy.port}&timeout=0.5"
+    argv = [sys.executable, "-m", "testkit.standin", "--redis-url", url, "--worker-id", "imgout-1", "--key-prefix",
+            OUTAGE.prefix, "--sizes", "64x64", "--max-steps", "2", "--step-s", "0", "--image-input",
+            "--blob-store", proxied, *limits]  # fmt: skip
+    processes.start_argv("imgout-1", argv)
+    await wait_ready(url, 1, OUTAGE.prefix)
+    client = await gateway(aiohttp_client, redis_server, key_prefix=OUTAGE.prefix, blob_store=store)
+    try:
+        proxy.partition(refuse=True)
+        body = {"prompt": "a cat", "num_inference_steps": 2, "n": 1, "strength": 0.5, "image": b64(PHOTO)}
+        response = await client.post("/v1/jobs", json=body)
+        assert response.status == 202, await response.text()
+        job_id: str = (await response.json())["id"]
+        await until_worker_state(redis_client, "draining", job_id)  # the first delivery given back
+        probed = proxy.pause_after(DropRule(command=b"PUT ", reply_contains=b" 200 "))
+        proxy.heal()
+        await asyncio.wait_for(probed.wait(), WAIT_S)  # the probe's write went through; the read will not
+        await until_given_back(redis_client, job_id, 2)
+    finally:
+        proxy.partition(refuse=True)  # the held requests dropped, then the store reachable again
+        proxy.heal()
+    return client, job_id
+
+
+async def test_a_job_given_back_for_unreachable_inputs_more_often_than_max_deliveries_still_completes(
+    aiohttp_client: ClientFactory,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    processes: ProcessGroup,
+    s3_env: S3Server,
+    s3_proxy: FaultProxy,
+) -> None:
+    """With `--max-deliveries 1`, a job whose input images' store is unreachable on its first two deliveries is not
+    dead-lettered: those deliveries were given back, not lost to a dying worker. Once the store answers it completes,
+    once, on its third delivery."""
+    args = (aiohttp_client, redis_server, redis_client, processes, s3_env, s3_proxy, "flaky")
+    client, job_id = await inputs_unreachable_twice(*args, "--max-deliveries", "1")
+    result = await finished(redis_client, job_id)
+    assert result.status == "succeeded", (result.error, processes.log("imgout-1")[-3000:])
+    assert await give_backs(redis_client, job_id) == 2
+    assert (await client.get(f"/v1/jobs/{job_id}/images/0")).status == 200
+    assert await redis_client.xlen(OUTAGE.dead_letter_stream) == 0
+    assert await JobStreams(redis_client, OUTAGE).depth() == 0  # settled: nothing queued or pending
+    assert await redis_client.hget(OUTAGE.stats, "duplicate_results") is None
+    processes.stop("imgout-1")
+
+
+async def test_a_job_whose_inputs_stay_unreachable_is_dead_lettered_past_max_input_retries_naming_the_store(
+    aiohttp_client: ClientFactory,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    processes: ProcessGroup,
+    s3_env: S3Server,
+    s3_proxy: FaultProxy,
+) -> None:
+    """A job whose input images cannot be read does not circulate for ever: with `--max-input-retries 1` it is
+    delivered again once for it, and when the store is unreachable on that delivery too it is dead-lettered, its
+    failure naming the cause (the store's error), not a delivery count."""
+    args = (aiohttp_client, redis_server, redis_client, processes, s3_env, s3_proxy, "gone")
+    _, job_id = await inputs_unreachable_twice(*args, "--max-input-retries", "1")
+    result = await finished(redis_client, job_id)
+    assert result.status == "failed", processes.log("imgout-1")[-3000:]
+    assert result.error is not None
+    assert result.error.startswith("gave up: its input images could not be read on 2 deliveries, their store"), (
+        result.error
+    )
+    assert "S3 store" in result.error and "delivered" not in result.error, result.error
+    dead: Any = await redis_client.xrange(OUTAGE.dead_letter_stream)
+    ((_, entry),) = dead
+    assert entry[b"reason"].decode().startswith("its input images could not be read on 2 deliveries")
+    assert await JobStreams(redis_client, OUTAGE).depth() == 0  # settled: nothing queued or pending
+    processes.stop("imgout-1")
+
+
 @pytest.fixture
 async def own_redis(tmp_path: Path) -> AsyncIterator[AsyncRedisProcess]:
     """A redis-server of the test's own (AOF on, no rewrites: a copy of its files is an older state), which it may

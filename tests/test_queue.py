@@ -15,11 +15,16 @@ from common.jobstore import record_ttl
 from common.protocol import Job
 from common.redis_conn import connect
 from common.rediskeys import RedisKeys
+from common.registry import Registry
 from gateway.listener import JobListener
 from testkit.jobs import SHAPE, make_job, succeeded
+from testkit.proxy import FaultProxy
 from tests.queues import Queue
 from tests.support import RedisServer
-from worker.delivery import ClaimedJob, MalformedJob
+from worker.claiming import Claims
+from worker.config import WorkerConfig
+from worker.delivery import ClaimedJob, Delivery, MalformedJob
+from worker.metrics import WorkerMetrics
 
 KEYS = RedisKeys()
 STREAM = KEYS.size_stream(SHAPE.size)
@@ -407,6 +412,64 @@ async def test_max_deliveries_counts_every_stream_a_job_was_on(redis_client: aio
     assert await queue.recovery.reclaim("w4", live={"w4"}, max_deliveries=3, streams=[STREAM]) is None
     dead: Any = await redis_client.xrange(KEYS.dead_letter_stream)
     assert [fields[b"deliveries"] for _, fields in dead] == [b"4"]
+
+
+async def test_deliveries_given_back_for_unreachable_inputs_do_not_count_towards_max_deliveries(
+    redis_client: aioredis.Redis,
+) -> None:
+    """A delivery given back because the job's input images were unreachable is recorded once (a retried call counts
+    nothing more) and the dead-letter decision leaves it out: the job is still dead-lettered after exactly
+    `max_deliveries` other deliveries, its reason saying how many were given back."""
+    queue, _, first = await submitted_and_claimed(redis_client)
+    assert await queue.delivery.start(first, "w1") is not None
+    assert await queue.delivery.given_back_unreachable(first, "S3 store: unreachable") == 1
+    assert await queue.delivery.given_back_unreachable(first, "S3 store: unreachable") == 1  # the reply was lost
+    second = await queue.delivery.claim("w1", [STREAM], block_ms=100)  # taken back: pending under w1, not in hand
+    assert second is not None and second.deliveries == 2
+    assert not await queue.delivery.dead_letter_if_exhausted(second, "w1", max_deliveries=1)
+    assert await queue.delivery.start(second, "w1") is not None  # then w1 dies with it
+    third = await queue.recovery.reclaim("w2", live={"w2"}, max_deliveries=2, streams=[STREAM])
+    assert third is not None and third.deliveries == 3  # its second delivery that was not given back
+    assert await queue.recovery.reclaim("w3", live={"w3"}, max_deliveries=2, streams=[STREAM]) is None  # a third
+    dead: Any = await redis_client.xrange(KEYS.dead_letter_stream)
+    assert [(f[b"deliveries"], f[b"reason"].decode().split(";")[0]) for _, f in dead] == [
+        (b"4", "delivered 4 times (1 of them given back, their input images unreachable)")
+    ]
+    assert await queue.delivery.given_back_unreachable(third, "S3 store: unreachable") == -1  # terminal: nothing
+
+
+async def test_a_give_back_redis_was_away_for_is_recorded_before_the_next_claim(
+    redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    """A worker whose Redis is away as it reads a job's input images cannot record the give-back then; its next claim
+    records it first, so the job, delivered again, is not dead-lettered under `max_deliveries` 1."""
+    await queue_with_group(redis_client)
+    job = make_job()
+    await Queue.of(redis_client, KEYS).jobs.submit(job, STREAM)
+    proxy = FaultProxy("worker", redis_server.port)
+    await proxy.start()
+    worker_redis = aioredis.Redis.from_url(proxy.url(0))
+    try:
+        config = WorkerConfig(
+            redis_url=proxy.url(0), model="stand-in", worker_id="w1", compile_cache_dir=None, max_deliveries=1
+        )
+        delivery = Delivery(worker_redis, KEYS)
+        claims = Claims(config, worker_redis, delivery, Registry(worker_redis, KEYS), WorkerMetrics())
+        await claims.open([SHAPE.size])
+        stopping = asyncio.Event()
+        (first,) = await claims.next([], stopping, rows=4)
+        assert await claims.start(first) is not None
+        proxy.partition(refuse=True)  # Redis away, as the worker reads the job's inputs
+        await claims.inputs_unreachable(first, "Redis: connection refused")
+        assert await redis_client.hget(KEYS.job(job.id), "unreachable") is None  # not recorded yet
+        proxy.heal()
+        (second,) = await claims.next([], stopping, rows=4)  # the give-back recorded, then the job delivered again
+        assert (second.job.id, second.deliveries) == (job.id, 2)
+        assert await redis_client.hget(KEYS.job(job.id), "unreachable") == b"1"
+        assert await redis_client.xlen(KEYS.dead_letter_stream) == 0
+    finally:
+        await worker_redis.aclose()
+        await proxy.close()
 
 
 async def test_a_submit_run_twice_queues_one_job_and_answers_created(redis_client: aioredis.Redis) -> None:

@@ -3,9 +3,10 @@
 A worker claims as many jobs as its engine has free rows for (a job takes `n` rows, one per image). Jobs of dead
 workers come first (they have waited longest; looked for every `reclaim_interval_s`), then this worker's own stream
 (jobs routed to it), then the shared stream of each size it serves, all in one claim script call. An entry that does
-not parse is failed and settled; one handed out too often goes to the dead letters. A claimed job is started (its
-attempt recorded) before it runs; one cancelled while queued, or stopped on the device by a cancel, has its
-`cancelled` result stored already and its entry is only acknowledged.
+not parse is failed and settled; one handed out too often goes to the dead letters (not counting the deliveries given
+back because its input images could not be read: those have a bound of their own, `max_input_retries`). A claimed job
+is started (its attempt recorded) before it runs; one cancelled while queued, or stopped on the device by a cancel, has
+its `cancelled` result stored already and its entry is only acknowledged.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class Claims:
         self._metrics = metrics
         self._streams = [self._keys.worker_stream(self._id)]
         self._next_reclaim = 0.0
+        # Give-backs for unreachable inputs not yet recorded (Redis was away): recorded before the next claim.
+        self._unrecorded: list[tuple[ClaimedJob, str]] = []
 
     async def open(self, sizes: Sequence[Size]) -> None:
         """Take jobs from this worker's own stream first (jobs routed to it), then the shared stream of each of
@@ -71,6 +74,7 @@ class Claims:
         a pause, cut short by `stopping`). `in_hand`: the claimed jobs this worker still works on. `wait`: block
         up to `claim_block_ms` for a job when there is none (a worker whose device is busy does not)."""
         try:
+            await self._record_give_backs()
             entries = await self._next_jobs(in_hand, rows, wait)
         except REDIS_ERRORS as exc:
             logger.warning("claim failed (%s); retrying", exc)
@@ -84,6 +88,33 @@ class Claims:
             elif not await self._exhausted(entry):
                 jobs.append(entry)
         return jobs
+
+    async def inputs_unreachable(self, claimed: ClaimedJob, error: str) -> None:
+        """Give back a delivery whose job's input images could not be read, their store unreachable (`error`): its
+        entry stays pending to be delivered again, and the give-back is recorded so that it does not count towards
+        `max_deliveries`. Past `max_input_retries` give-backs the job is dead-lettered, naming the store's error.
+        With Redis away the record waits for the next claim, which makes it first (the claim gives the entry back
+        only then)."""
+        try:
+            await self._record_give_back(claimed, error)
+        except REDIS_ERRORS as exc:
+            logger.warning(
+                "job %s: could not record the give-back (%s); recorded before the next claim", claimed.job.id, exc
+            )
+            self._unrecorded.append((claimed, error))
+
+    async def _record_give_backs(self) -> None:
+        """Record the give-backs Redis was away for, oldest first; one that fails again stays, with those after it."""
+        while self._unrecorded:
+            await self._record_give_back(*self._unrecorded[0])
+            self._unrecorded.pop(0)
+
+    async def _record_give_back(self, claimed: ClaimedJob, error: str) -> None:
+        given_back = await self._delivery.given_back_unreachable(claimed, error)
+        limit = self._config.max_input_retries
+        if given_back > limit:
+            reason = f"its input images could not be read on {given_back} deliveries, their store unreachable: {error}"
+            await self._delivery.dead_letter(claimed, self._id, reason)
 
     async def _reject(self, bad: MalformedJob) -> None:
         logger.error("rejecting malformed job: %s", bad)

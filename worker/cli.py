@@ -57,7 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-deliveries",
         type=int,
         default=WorkerConfig.max_deliveries,
-        help="a job handed out more often than this (its workers kept dying) is dead-lettered",
+        help="a job handed out more often than this (its workers kept dying) is dead-lettered; deliveries given "
+        "back because the job's input images could not be read do not count",
+    )
+    parser.add_argument(
+        "--max-input-retries",
+        type=int,
+        default=WorkerConfig.max_input_retries,
+        help="a job whose input images could not be read (their store unreachable) is delivered again at most "
+        "this many times for it, then dead-lettered naming the store's error",
     )
     parser.add_argument(
         "--drain-timeout",
@@ -308,6 +316,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         safety_checker=args.safety_checker,
         safety_replace=args.safety_replace,
         max_deliveries=args.max_deliveries,
+        max_input_retries=args.max_input_retries,
         drain_timeout_s=args.drain_timeout,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,

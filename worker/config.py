@@ -92,6 +92,9 @@ class WorkerConfig:
     safety_replace: Literal["black", "blur"] = "black"
     claim_block_ms: int = 1000
     max_deliveries: int = 3
+    # A job whose input images cannot be read (their store unreachable) is given back to be delivered again at
+    # most this many times, apart from `max_deliveries`; the next such delivery dead-letters it.
+    max_input_retries: int = 10
     drain_timeout_s: float = 120.0
     reclaim_interval_s: float = 1.0
     metrics_host: str = "0.0.0.0"
@@ -140,6 +143,7 @@ class WorkerConfig:
         require(1 <= self.max_steps <= MAX_STEPS, "--max-steps", f"must be 1..{MAX_STEPS}")
         require(1 <= self.default_steps <= self.max_steps, "--default-steps", "must be 1..--max-steps")
         require(self.max_deliveries >= 1, "--max-deliveries", "must be >= 1")
+        require(self.max_input_retries >= 0, "--max-input-retries", "must be >= 0")
         require(self.drain_timeout_s > 0, "--drain-timeout", "must be > 0")
         require(0 <= self.metrics_port <= 65535, "--metrics-port", "must be 0..65535")
         require(self.compile_cache_max_bytes > 0, "--compile-cache-max-gb", "must be > 0")

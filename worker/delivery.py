@@ -82,6 +82,7 @@ class Delivery:
         self._progress = register(redis, "progress")
         self._claim = register(redis, "claim")
         self._dead_letter = register(redis, "dead_letter")
+        self._inputs_unreachable = register(redis, "inputs_unreachable")
         self._held: collections.deque[tuple[str, str, dict[bytes, bytes]]] = collections.deque()
 
     async def claim(
@@ -291,15 +292,30 @@ class Delivery:
 
     async def dead_letter_if_exhausted(self, claimed: ClaimedJob, worker_id: str, max_deliveries: int) -> bool:
         """Dead-letter a job delivered more than `max_deliveries` times in all (every stream it was on
-        counted); True if it was."""
+        counted), not counting the deliveries given back because its input images could not be read
+        (`given_back_unreachable`): those did not kill a worker. True if it was dead-lettered.
+
+        The record is read only for a job past the limit by its delivery count alone."""
         if claimed.deliveries <= max_deliveries:
             return False
+        given_back = int(await self._redis.hget(self._keys.job(claimed.job.id), "unreachable") or 0)
+        if claimed.deliveries - given_back <= max_deliveries:
+            return False
+        also = f" ({given_back} of them given back, their input images unreachable)" if given_back else ""
         await self.dead_letter(
             claimed,
             worker_id,
-            f"delivered {claimed.deliveries} times; every worker that took it stopped before finishing",
+            f"delivered {claimed.deliveries} times{also}; every worker that took it stopped before finishing",
         )
         return True
+
+    async def given_back_unreachable(self, claimed: ClaimedJob, error: str) -> int:
+        """Record that this delivery is given back, its job's input images unreachable (`error`, the store's):
+        its entry stays pending to be delivered again, and the delivery does not count towards the job's
+        `max_deliveries`. Returns how many deliveries of the job were given back so (this one included), -1 when
+        the job is terminal (nothing recorded). Safe to run twice: a rerun counts nothing more."""
+        count = await self._inputs_unreachable(keys=[self._keys.job(claimed.job.id)], args=[claimed.token, error])
+        return int(count)
 
     async def _store_and_ack(
         self,

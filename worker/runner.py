@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 from common.blobstore import BlobStore, open_blob_store
 from common.config import log_config, refuse_evicting_redis
 from common.logs import bound
-from common.protocol import Job, Size
+from common.protocol import Size
 from common.redis_conn import connect
 from common.rediskeys import RedisKeys
 from common.registry import Registry, WorkerInfo
@@ -390,7 +390,7 @@ class Worker:
                 await self._handoff.hand_off(Generated(claimed, None, failed(job, self.id, str(exc)), queued_ms, 0.0))
             return
         except InputsUnreachable as exc:
-            self._inputs_later(job, exc)
+            await self._inputs_later(claimed, exc)
             return
         progress = JobProgress(job, self.id, self._delivery, self.metrics)
         await progress.__aenter__()
@@ -419,16 +419,21 @@ class Worker:
             self.metrics.jobs.labels("inputs_lost").inc()
         return lost
 
-    def _inputs_later(self, job: Job, exc: InputsUnreachable) -> None:
+    async def _inputs_later(self, claimed: ClaimedJob, exc: InputsUnreachable) -> None:
         """A job whose input images' store cannot be reached now is neither failed nor acknowledged: its entry stays
         pending under this worker, out of hand, and the claim script gives it back as a new delivery (as it does an
-        entry whose reply was lost). With the blob store away the worker first claims nothing until the store takes
-        a write again, as after a refused write; with Redis away the claims wait for it. Heartbeats go on, so no
-        other worker takes the job over meanwhile; should this one stop, they do."""
+        entry whose reply was lost). The give-back is recorded in the job's record, so it does not use up the job's
+        `--max-deliveries` (meant for jobs that kill their workers); past `--max-input-retries` give-backs the job
+        is dead-lettered, naming the store's error (worker/claiming.py). With the blob store away the worker first
+        claims nothing until the store takes a write again, as after a refused write; with Redis away the claims
+        wait for it. Heartbeats go on, so no other worker takes the job over meanwhile; should this one stop, they
+        do."""
+        job = claimed.job
         logger.warning("job %s: its input images cannot be read now (%s); left pending, to run once read", job.id, exc)
         self.metrics.jobs.labels("inputs_unreachable").inc()
         if exc.in_blob_store:
             self._handoff.store_unavailable(f"a job's input images could not be read: {exc}")
+        await self._claims.inputs_unreachable(claimed, str(exc))
 
     async def _settle_tick(self, tick: Tick) -> None:
         """Count the step's UNet samples, then hand off what it ended, each job on its own."""
