@@ -36,13 +36,20 @@ def lora_cluster(
     redis_server: RedisServer, tiny_model: Path, processes: ProcessGroup, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
     """A gateway and one worker offering `ink` (kohya), `oil` (PEFT), `wash` (PEFT's `save_pretrained` folder, alpha 8
-    at rank 4), `wash-file` (the folder's safetensors alone: alpha 4) and `broken` (not safetensors), with a pool of
-    two slots, on database 6."""
+    at rank 4), `wash-file` (the folder's safetensors alone: alpha 4), `stain` (diffusers' `save_lora_weights`
+    folder), `stain-file` (its file alone) and `broken` (not safetensors), but not `no-config` (a PEFT folder without
+    its config), with a pool of two slots, on database 6."""
     folder = tmp_path_factory.mktemp("adapters")
     tiny_lora(folder, "ink", tiny_model, "--format", "kohya", "--seed", "1", "--rank", "4")
     tiny_lora(folder, "oil", tiny_model, "--format", "peft", "--seed", "2", "--rank", "2")
     tiny_lora(folder, "wash", tiny_model, "--format", "peft-folder", "--rank", "4", "--alpha", "8", suffix="")
     (folder / "wash-file.safetensors").write_bytes((folder / "wash" / "adapter_model.safetensors").read_bytes())
+    (folder / "no-config").mkdir()
+    (folder / "no-config" / "adapter_model.safetensors").write_bytes((folder / "wash-file.safetensors").read_bytes())
+    tiny_lora(folder, "stain/pytorch_lora_weights", tiny_model, "--format", "diffusers", "--seed", "3", "--alpha", "2")
+    (folder / "stain-file.safetensors").write_bytes(
+        (folder / "stain" / "pytorch_lora_weights.safetensors").read_bytes()
+    )
     (folder / "broken.safetensors").write_bytes(b"not a safetensors file")
     redis_url = redis_server.url(6)
     redis.Redis.from_url(redis_url).flushdb()
@@ -84,10 +91,11 @@ async def worker_info(cluster: Cluster, until: Any = lambda info: True) -> Worke
 
 async def test_the_worker_offers_its_folder_and_the_gateway_lists_it(lora_cluster: Cluster) -> None:
     info = await worker_info(lora_cluster)
-    assert (info.loras, info.max_loras) == (["broken", "ink", "oil", "wash", "wash-file"], 2)
+    offered = ["broken", "ink", "oil", "stain", "stain-file", "wash", "wash-file"]
+    assert (info.loras, info.max_loras) == (offered, 2)
     async with aiohttp.ClientSession() as session, session.get(f"{lora_cluster.url}/v1/loras") as response:
         listed = await response.json()
-    assert [entry["id"] for entry in listed["data"]] == ["broken", "ink", "oil", "wash", "wash-file"]
+    assert [entry["id"] for entry in listed["data"]] == offered
 
 
 async def test_an_adapter_changes_the_image_and_scale_zero_leaves_it_as_it_was(lora_cluster: Cluster) -> None:
@@ -106,6 +114,20 @@ async def test_a_peft_folder_is_applied_with_the_alpha_of_its_config(lora_cluste
     assert washed != await images(lora_cluster)
     assert washed == await images(lora_cluster, loras=[{"name": "wash-file", "scale": 1.0}])
     assert washed != await images(lora_cluster, loras=[{"name": "wash-file", "scale": 0.5}])
+
+
+async def test_a_diffusers_folder_is_applied_as_its_file_and_a_peft_folder_without_its_config_is_refused(
+    lora_cluster: Cluster,
+) -> None:
+    stained = await images(lora_cluster, loras=[{"name": "stain"}])
+    assert stained != await images(lora_cluster)
+    assert stained == await images(lora_cluster, loras=[{"name": "stain-file"}])
+    async with aiohttp.ClientSession() as session:
+        body = {"prompt": "a red fox", "n": 1, "num_inference_steps": 2, "loras": [{"name": "no-config"}]}
+        async with session.post(f"{lora_cluster.url}/v1/generate", json=body) as response:
+            refused = await response.json()
+    assert response.status == 400, refused  # not offered: refused at the gateway, no job fails
+    assert "no-config" in refused["error"]["message"]
 
 
 async def test_two_adapters_of_both_formats_in_one_request_and_the_pool_is_advertised(lora_cluster: Cluster) -> None:

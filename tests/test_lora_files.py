@@ -19,6 +19,7 @@ from safetensors.numpy import save, save_file
 from testkit import sdxl_serve_argv
 from worker.lora import Adapter, LoraError, Target
 from worker.lora_files import layer_shapes, read_adapter
+from worker.lora_source import LoraFolder
 from worker.tiny_formats import flax_params
 from worker.tiny_lora import write_tiny_lora
 
@@ -485,3 +486,75 @@ def test_a_header_alpha_it_cannot_use_is_refused_naming_the_key(
         read_adapter("bad", save(read_tensors(path), metadata=metadata), layers)
     message = str(error.value)
     assert message.startswith("LoRA 'bad': ") and what in message, message
+
+
+def test_a_diffusers_folder_in_a_lora_dir_reads_with_the_alpha_of_its_header(
+    tmp_path: Path, params: dict[str, Any], layers: dict[Target, Any]
+) -> None:
+    """What `save_lora_weights(folder)` writes, offered by the folder's name and read as its lone file."""
+    weights = tmp_path / "trained" / "pytorch_lora_weights.safetensors"
+    weights.parent.mkdir()
+    updates = write_tiny_lora(weights, params, 4, 6, "diffusers", alpha=2.0)
+    source = LoraFolder(tmp_path, 1 << 20)
+    assert source.scan() == ("trained",)
+    files = source.read("trained")
+    adapter = read_adapter("trained", files.weights, layers, files.config)
+    assert adapter.components() == {"unet", "text_encoder", "text_encoder_2"}
+    assert_reads_as(adapter, updates, layers)  # at the header's alpha: half of scale 1 at rank 4
+
+
+def without_second_layer(layers: Mapping[Target, Any], encoder: str) -> dict[Target, Any]:
+    """`layers` with `encoder` one layer shorter: the two encoders differ in depth, as SDXL's (12 and 32) do."""
+    return {
+        target: shape
+        for target, shape in layers.items()
+        if target[:5] != (encoder, "text_model", "encoder", "layers", "1")
+    }
+
+
+def widened(layers: Mapping[Target, Any], encoder: str) -> dict[Target, Any]:
+    """`layers` with `encoder` wider (48 for 32): the two differ in width, as SDXL's (768 and 1280) do."""
+    return {
+        target: tuple(48 if n == 32 else n for n in shape) if target[0] == encoder else shape
+        for target, shape in layers.items()
+    }
+
+
+@pytest.mark.parametrize(
+    ("encoder", "model"),
+    [("text_encoder_2", lambda layers: without_second_layer(layers, "text_encoder")),
+     ("text_encoder", lambda layers: widened(layers, "text_encoder_2"))],
+    ids=["by-depth", "by-width"],
+)  # fmt: skip
+def test_a_peft_folder_of_a_text_encoder_reads_as_the_encoder_its_layers_fit(
+    tmp_path: Path, params: dict[str, Any], layers: dict[Target, Any], encoder: str, model: Any
+) -> None:
+    folder = tmp_path / "te"
+    updates = write_tiny_lora(folder, params, 4, 8, "peft-folder", components=(encoder,), alpha=8.0)
+    data, config = peft_folder(folder)
+    assert "base_model.model.text_model.encoder.layers.1.mlp.fc1.lora_A.weight" in read_tensors(
+        folder / "adapter_model.safetensors"
+    )
+    shapes = model(layers)
+    adapter = read_adapter("te", data, shapes, config)
+    assert adapter.components() == {encoder}
+    assert_reads_as(adapter, updates, shapes)
+
+
+def test_a_peft_folder_of_a_text_encoder_both_encoders_fit_is_refused_naming_the_rule(
+    tmp_path: Path, params: dict[str, Any], layers: dict[Target, Any]
+) -> None:
+    """The tiny model's two text encoders have the same layers and shapes: which one the file is for is unknown."""
+    folder = tmp_path / "te"
+    write_tiny_lora(folder, params, 4, 8, "peft-folder", components=("text_encoder",), alpha=8.0)
+    data, config = peft_folder(folder)
+    for shapes, fit in ((layers, "both"), (widened(widened(layers, "text_encoder"), "text_encoder_2"), "neither")):
+        with pytest.raises(LoraError) as error:
+            read_adapter("te", data, shapes, config)
+        assert str(error.value) == (
+            "LoRA 'te': tensor 'base_model.model.text_model.encoder.layers.0.mlp.fc1.lora_A.weight' is PEFT's name of "
+            "a CLIP text encoder's layer (`base_model.model.text_model.*`), and the file's layers and shapes fit "
+            f"{fit} of this model's text encoders (text_encoder, text_encoder_2): a text encoder's PEFT file is read "
+            "only where they tell which; save it with diffusers' `text_encoder.`/`text_encoder_2.` names "
+            "(`save_lora_weights`)"
+        )

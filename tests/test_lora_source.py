@@ -160,15 +160,59 @@ def test_a_peft_folder_is_an_adapter_named_by_the_folder_and_read_with_its_confi
     assert source.read("ink") == LoraFiles(b"\x01" * 3)
 
 
-def test_a_peft_folder_without_its_config_or_over_the_bound_is_refused_naming_the_file(tmp_path: Path) -> None:
+def test_a_peft_folder_without_its_config_is_not_offered_and_logged_once_saying_what_to_add(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its alpha is in the config: without it the adapter cannot be read as trained, so it is not offered (rather
+    than failing its jobs), until the config is copied in."""
     peft_folder(tmp_path, "no-config", config=None)
+    peft_folder(tmp_path, "whole")
+    source = LoraFolder(tmp_path, MB)
+    with caplog.at_level(logging.WARNING, logger="worker.lora_source"):
+        assert source.scan() == ("whole",)
+        assert source.scan() == ("whole",)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"LoRA folder {tmp_path}/no-config skipped: its adapter_model.safetensors has no adapter_config.json beside "
+        "it, which holds the adapter's lora_alpha; copy in the adapter_config.json that PEFT's save_pretrained "
+        "wrote with it"
+    ]
+    (tmp_path / "no-config" / "adapter_config.json").write_bytes(b"{}")
+    assert source.scan() == ("no-config", "whole")
+    assert source.read("no-config") == LoraFiles(b"\x02" * 8, b"{}")
+
+
+def test_a_peft_config_gone_after_the_scan_or_over_the_bound_is_refused_naming_the_file(tmp_path: Path) -> None:
+    peft_folder(tmp_path, "config-gone")
     peft_folder(tmp_path, "big-config", config=b" " * (MB + 1))
     source = LoraFolder(tmp_path, MB)
-    assert source.scan() == ("big-config", "no-config")
-    with pytest.raises(LoraSourceError, match=r"^adapter 'no-config': .*/no-config/adapter_config.json is gone$"):
-        source.read("no-config")
+    assert source.scan() == ("big-config", "config-gone")
+    (tmp_path / "config-gone" / "adapter_config.json").unlink()
+    with pytest.raises(LoraSourceError, match=r"^adapter 'config-gone': .*/config-gone/adapter_config.json is gone$"):
+        source.read("config-gone")
     with pytest.raises(LoraSourceError, match=r"adapter 'big-config': .*/big-config/adapter_config.json is 1.0 MB"):
         source.read("big-config")
+
+
+def diffusers_folder(folder: Path, name: str, weights: bytes = b"\x03" * 8) -> Path:
+    """The folder diffusers' `save_lora_weights` writes: `pytorch_lora_weights.safetensors` alone."""
+    path = folder / name
+    path.mkdir()
+    (path / "pytorch_lora_weights.safetensors").write_bytes(weights)
+    return path
+
+
+def test_a_diffusers_folder_is_an_adapter_named_by_the_folder_and_read_as_a_lone_file(tmp_path: Path) -> None:
+    diffusers_folder(tmp_path, "trained")
+    both = diffusers_folder(tmp_path, "both", weights=b"diffusers")  # beside PEFT's files: diffusers' is read
+    (both / "adapter_model.safetensors").write_bytes(b"peft")
+    (both / "adapter_config.json").write_bytes(b"{}")
+    diffusers_folder(tmp_path, "ink", weights=b"folder")  # beside ink.safetensors: the file is the adapter
+    adapter_file(tmp_path, "ink", size=3)
+    source = LoraFolder(tmp_path, MB)
+    assert source.scan() == ("both", "ink", "trained")
+    assert source.read("trained") == LoraFiles(b"\x03" * 8)
+    assert source.read("both") == LoraFiles(b"diffusers")
+    assert source.read("ink") == LoraFiles(b"\x01" * 3)
 
 
 def test_the_engines_loader_parses_what_the_source_reads(tmp_path: Path) -> None:
@@ -255,16 +299,31 @@ async def test_an_s3_prefix_offers_its_adapters_to_every_host_that_names_it(s3_e
     assert await one.rescan() == ("ink", "pixel-art")
 
 
-async def test_an_s3_prefix_offers_peft_folders_by_their_name(s3_env: S3Server, tmp_path: Path) -> None:
+async def test_an_s3_prefix_offers_peft_and_diffusers_folders_by_their_name_as_a_folder_does(
+    s3_env: S3Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     files = {
         "peft-style/adapter_model.safetensors": b"\x02" * 4,
         "peft-style/adapter_config.json": b'{"lora_alpha": 2}',
+        "trained/pytorch_lora_weights.safetensors": b"\x03" * 4,
+        "no-config/adapter_model.safetensors": b"\x04",
         "deeper/still/adapter_model.safetensors": b"",
+        "deeper/still/pytorch_lora_weights.safetensors": b"",
     }
     url = await put_adapters(s3_env, f"peft-{tmp_path.name}", files)
     source = LoraBucket(url, MB)
-    assert source.scan() == ("peft-style",)
+    with caplog.at_level(logging.WARNING, logger="worker.lora_source"):
+        assert source.scan() == ("peft-style", "trained")
+        assert source.scan() == ("peft-style", "trained")
+    assert [record.getMessage() for record in caplog.records] == [
+        f"LoRA folder {url.split('?')[0]}/no-config skipped: its adapter_model.safetensors has no adapter_config.json "
+        "beside it, which holds the adapter's lora_alpha; copy in the adapter_config.json that PEFT's save_pretrained "
+        "wrote with it"
+    ]
     assert source.read("peft-style") == LoraFiles(b"\x02" * 4, b'{"lora_alpha": 2}')
+    assert source.read("trained") == LoraFiles(b"\x03" * 4)
+    await put_adapters(s3_env, f"peft-{tmp_path.name}", {"no-config/adapter_config.json": b"{}"})
+    assert await source.rescan() == ("no-config", "peft-style", "trained")
 
 
 async def test_an_s3_adapter_over_the_bound_or_gone_is_refused_by_name(s3_env: S3Server, tmp_path: Path) -> None:

@@ -8,7 +8,10 @@ Two families of safetensors files, in PyTorch layouts (a linear layer's `lora_do
 - diffusers/PEFT: `unet.<layer>.lora_A.weight` and `.lora_B.weight` (diffusers' `.lora.down.weight` /
   `.lora_linear_layer.down.weight` and its older attention-processor `to_q_lora.down.weight` too), under
   `text_encoder.` and `text_encoder_2.` for the text encoders, with an optional `.alpha` per layer; PEFT's own
-  `save_pretrained` names a UNet's layers `base_model.model.<layer>`.
+  `save_pretrained` names a model's layers `base_model.model.<layer>`: a UNet's, or a CLIP text encoder's
+  (`base_model.model.text_model.*`, `text_projection`). Either of SDXL's text encoders may be such a model, so a
+  text encoder's file is read as the one whose layers and kernel shapes all its tensors fit, and refused where both
+  (or neither) fit.
 
 Layer names resolve to the model's targets in worker/lora_names.py. Each update's `alpha / rank` is folded into
 `up`: the layer's `.alpha` tensor, else what the writer stored beside the tensors (a PEFT folder's
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import ml_dtypes
@@ -41,6 +44,10 @@ _KOHYA = re.compile(r"^lora_(unet|te1|te2|te)_([^.]+)\.(lora_down\.weight|lora_u
 # `lora_te_`: SD 1.x's one text encoder, the same CLIP ViT-L as SDXL's first (diffusers reads it so too).
 _KOHYA_COMPONENTS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2", "te": "text_encoder"}
 _PEFT_PREFIX = "base_model.model."
+# PEFT's name of a CLIP text model's layers (`CLIPTextModel`, and `CLIPTextModelWithProjection`'s projection).
+_PEFT_TEXT = re.compile(r"^base_model\.model\.(text_model\.|text_projection\.)")
+_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+_EITHER_TEXT_ENCODER = "text encoder"  # a `_Key`'s component until the file's tensors tell which
 _PREFIXED = re.compile(r"^(unet|text_encoder_2|text_encoder)\.(.+)$")
 _DIFFUSERS = re.compile(
     r"^(.+?)\.(lora_A\.weight|lora_B\.weight|(?:lora|lora_linear_layer)\.(?:down|up)\.weight|alpha)$"
@@ -113,7 +120,7 @@ def read_adapter(
     the adapter and the tensor (or the file and key of a config value), for anything it cannot use."""
     tensors = _load(name, data)
     scaling = scalings(name, data, config)
-    grouped = _group(name, tensors, name_table(layers))
+    grouped = _group(name, tensors, name_table(layers), layers)
     return Adapter(
         name,
         {
@@ -148,11 +155,13 @@ def _tensor(name: str, key: str, view: Mapping[str, Any]) -> _Tensor:
     return _Tensor(dtype, np.frombuffer(view["data"], numpy_dtype).reshape(view["shape"]))
 
 
-def _group(name: str, tensors: Mapping[str, _Tensor], table: NameTable) -> dict[Target, _Layer]:
+def _group(
+    name: str, tensors: Mapping[str, _Tensor], table: NameTable, layers: Mapping[Target, tuple[int, ...]]
+) -> dict[Target, _Layer]:
     """Each target's tensors by role (the keys), every key resolved to a layer of the model."""
+    keys = _text_encoder_of(name, {key: _parse_key(name, key) for key in tensors}, tensors, table, layers)
     grouped: dict[Target, _Layer] = {}
-    for key in tensors:
-        parsed = _parse_key(name, key)
+    for key, parsed in keys.items():
         target = lookup(table, parsed.component, parsed.layer)
         if target is None:
             raise _error(name, key, f"names no layer of this model's {parsed.component} ({parsed.layer!r})")
@@ -163,6 +172,52 @@ def _group(name: str, tensors: Mapping[str, _Tensor], table: NameTable) -> dict[
             )
         roles[parsed.role] = key
     return grouped
+
+
+def _text_encoder_of(
+    name: str,
+    keys: Mapping[str, _Key],
+    tensors: Mapping[str, _Tensor],
+    table: NameTable,
+    layers: Mapping[Target, tuple[int, ...]],
+) -> dict[str, _Key]:
+    """`keys` with PEFT's text-model layers given their encoder: the one of the model's two whose layers and kernel
+    shapes every such tensor fits. A LoraError where both fit (the same architecture, as in the tiny model) or
+    neither: which encoder the file was trained on is then unknown, and reading it as either would be a guess."""
+    # Sorted: a refusal names the same tensor every time (safetensors' own order is not fixed).
+    text = sorted(key for key, parsed in keys.items() if parsed.component == _EITHER_TEXT_ENCODER)
+    if not text:
+        return dict(keys)
+    fitting = [
+        encoder
+        for encoder in _TEXT_ENCODERS
+        if all(_fits(tensors[key], keys[key], lookup(table, encoder, keys[key].layer), layers) for key in text)
+    ]
+    if len(fitting) != 1:
+        raise _error(
+            name,
+            text[0],
+            f"is PEFT's name of a CLIP text encoder's layer (`base_model.model.text_model.*`), and the file's "
+            f"layers and shapes fit {'both' if fitting else 'neither'} of this model's text encoders "
+            f"({', '.join(_TEXT_ENCODERS)}): a text encoder's PEFT file is read only where they tell which; save it "
+            "with diffusers' `text_encoder.`/`text_encoder_2.` names (`save_lora_weights`)",
+        )
+    return {
+        key: replace(parsed, component=fitting[0]) if parsed.component == _EITHER_TEXT_ENCODER else parsed
+        for key, parsed in keys.items()
+    }
+
+
+def _fits(tensor: _Tensor, key: _Key, target: Target | None, layers: Mapping[Target, tuple[int, ...]]) -> bool:
+    """Whether a linear layer's tensor `key` could be the LoRA of `target` (a text encoder's layers are linear)."""
+    if target is None:
+        return False
+    kernel, shape = layers[target], tensor.array.shape
+    if key.role == "down":
+        return len(shape) == 2 and shape[1] == kernel[0]
+    if key.role == "up":
+        return len(shape) == 2 and shape[0] == kernel[-1]
+    return True
 
 
 def _parse_key(name: str, key: str) -> _Key:
@@ -189,11 +244,16 @@ def _kohya_key(key: str) -> _Key | None:
 
 
 def _diffusers_key(key: str) -> _Key | None:
-    # PEFT's `save_pretrained` of a model wrapped by `get_peft_model` (a UNet): `base_model.model.<layer>`.
-    key = key.removeprefix(_PEFT_PREFIX)
-    prefixed = _PREFIXED.match(key)
-    # diffusers' first SDXL-era files named the UNet's layers with no prefix.
-    component, rest = (prefixed.group(1), prefixed.group(2)) if prefixed else ("unet", key)
+    # PEFT's `save_pretrained` of a model wrapped by `get_peft_model`: `base_model.model.<layer>`, a UNet's or a
+    # CLIP text model's, which of the two text encoders to be told by the whole file (`_text_encoder_of`).
+    unprefixed = key.removeprefix(_PEFT_PREFIX)
+    prefixed = _PREFIXED.match(unprefixed)
+    if _PEFT_TEXT.match(key):
+        component, rest = _EITHER_TEXT_ENCODER, unprefixed
+    elif prefixed:
+        component, rest = prefixed.group(1), prefixed.group(2)
+    else:  # diffusers' first SDXL-era files named the UNet's layers with no prefix, as PEFT's do after its own
+        component, rest = "unet", unprefixed
     processor = _PROCESSOR.match(rest)
     if processor is not None:
         layers = _PROCESSOR_LAYERS["unet" if component == "unet" else "text"]

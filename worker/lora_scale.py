@@ -27,6 +27,8 @@ from worker.lora import COMPONENTS, LoraError
 
 # The two files of PEFT's `save_pretrained` folder.
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+# The file diffusers' `save_lora_weights` (and its training scripts) write in a folder: the alpha is in its header.
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers.loaders.lora_base.LORA_WEIGHT_NAME_SAFE
 DIFFUSERS_METADATA = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 KOHYA_ALPHA, KOHYA_ARGS = "ss_network_alpha", "ss_network_args"
 PEFT_DEFAULT_ALPHA = 8.0  # peft.LoraConfig's `lora_alpha` when a config names none

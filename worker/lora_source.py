@@ -1,7 +1,13 @@
 """Where a worker's LoRA adapters come from (`--lora-dir`): a folder of `NAME.safetensors` files, or the same files
-under a prefix of an S3 bucket, which every host of a cluster can name. An adapter may also be a PEFT
-`save_pretrained` folder, `NAME/adapter_model.safetensors` beside `NAME/adapter_config.json` (its alpha); where
-both `NAME.safetensors` and `NAME/` are there, the file is the adapter.
+under a prefix of an S3 bucket, which every host of a cluster can name. An adapter may also be a folder `NAME/`:
+
+- diffusers' (`save_lora_weights`, its training scripts): `NAME/pytorch_lora_weights.safetensors`, read as a lone
+  file (its alpha in its own header);
+- PEFT's `save_pretrained`: `NAME/adapter_model.safetensors` beside `NAME/adapter_config.json`, which holds its
+  alpha; without that config the alpha is unknown, so such a folder is not offered (one log line saying what to add).
+
+Where both `NAME.safetensors` and `NAME/` are there, the file is the adapter; a folder holding both diffusers' and
+PEFT's weights is read as diffusers'.
 
 The adapters offered are the files' stems (the folders' names) that are valid adapter names (`LORA_NAME_PATTERN`);
 any other file is skipped, with one log line per name. The folder is listed again at every heartbeat (`rescan`), so
@@ -26,13 +32,15 @@ from common.blobstore import s3_location
 from common.protocol import LORA_NAME_PATTERN, LoraRef
 from worker.config import WorkerConfig
 from worker.lora import Adapter
-from worker.lora_scale import PEFT_CONFIG, PEFT_WEIGHTS
+from worker.lora_scale import DIFFUSERS_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS
 
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
 _NAME = re.compile(LORA_NAME_PATTERN)
 _MB = 1 << 20
+# The files of a folder adapter that a listing names (`NAME/<file>`).
+FOLDER_FILES = (DIFFUSERS_WEIGHTS, PEFT_WEIGHTS, PEFT_CONFIG)
 
 
 class LoraSourceError(Exception):
@@ -49,8 +57,9 @@ class LoraFiles:
 
 class LoraSource:
     """The adapters of one place: `names` as of the last `scan`, and each one's bytes on `read`. A backend lists the
-    files there, as paths relative to it (`_list`: `NAME.safetensors`, `NAME/adapter_model.safetensors`), and reads
-    one file, bounded (`_read`)."""
+    files there, as paths relative to it (`_list`: `NAME.safetensors`, and a folder's `NAME/<file>` of
+    `FOLDER_FILES`), and reads one file, bounded (`_read`). Which listed files are adapters is decided here, the same
+    for every backend."""
 
     def __init__(self, where: str, max_bytes: int) -> None:
         self.where = where
@@ -68,9 +77,10 @@ class LoraSource:
             if self.names:
                 logger.warning("LoRA adapters at %s cannot be listed (%s); offering none", self.where, exc)
             entries = []
+        listed = frozenset(entries)
         weights: dict[str, str] = {}
-        for entry in sorted(entries, key=lambda entry: "/" in entry):  # a lone file before a folder of its name
-            name = self._adapter_name(entry)
+        for entry in sorted(listed, key=lambda entry: "/" in entry):  # a lone file before a folder of its name
+            name = self._adapter_name(entry, listed)
             if name is not None:
                 weights.setdefault(name, entry)
         self._weights = weights
@@ -81,23 +91,42 @@ class LoraSource:
         """`scan` off the event loop."""
         return await asyncio.to_thread(self.scan)
 
-    def _adapter_name(self, filename: str) -> str | None:
+    def _adapter_name(self, filename: str, listed: Collection[str]) -> str | None:
+        """The adapter `filename` (one of the place's `listed` files) is the weights of, if any."""
         folder, _, inner = filename.rpartition("/")
-        if folder and "/" not in folder and inner == PEFT_WEIGHTS:
-            stem = folder
-        elif not folder and filename.endswith(SUFFIX):
-            stem = filename[: -len(SUFFIX)]
+        if not folder:
+            stem = filename[: -len(SUFFIX)] if filename.endswith(SUFFIX) else None
+        elif "/" in folder or inner not in (DIFFUSERS_WEIGHTS, PEFT_WEIGHTS):
+            stem = None
+        elif inner == PEFT_WEIGHTS and f"{folder}/{DIFFUSERS_WEIGHTS}" in listed:
+            stem = None  # diffusers' file is the folder's adapter
         else:
+            stem = folder
+        if stem is None or not self._valid_name(filename, stem):
             return None
-        if _NAME.fullmatch(stem) is None:
-            if filename not in self._skipped:
-                self._skipped.add(filename)
-                logger.warning(
-                    "LoRA file %s/%s skipped: its name is not an adapter name (%s)",
-                    *(self.where.rstrip("/"), filename, LORA_NAME_PATTERN),
-                )
+        if folder and inner == PEFT_WEIGHTS and f"{folder}/{PEFT_CONFIG}" not in listed:
+            self._skip(
+                filename,
+                "LoRA folder %s/%s skipped: its %s has no %s beside it, which holds the adapter's lora_alpha; copy in "
+                "the %s that PEFT's save_pretrained wrote with it",
+                folder, PEFT_WEIGHTS, PEFT_CONFIG, PEFT_CONFIG,
+            )  # fmt: skip
             return None
         return stem
+
+    def _valid_name(self, filename: str, stem: str) -> bool:
+        if _NAME.fullmatch(stem) is not None:
+            return True
+        self._skip(
+            filename, "LoRA file %s/%s skipped: its name is not an adapter name (%s)", filename, LORA_NAME_PATTERN
+        )
+        return False
+
+    def _skip(self, filename: str, message: str, what: str, *details: str) -> None:
+        """Log why `filename` is not an adapter, once per file: the place is listed again at every heartbeat."""
+        if filename not in self._skipped:
+            self._skipped.add(filename)
+            logger.warning(message, self.where.rstrip("/"), what, *details)
 
     def read(self, name: str) -> LoraFiles:
         """The bytes of adapter `name`'s files; LoraSourceError when it is not offered, unreadable or larger than
@@ -141,8 +170,9 @@ class LoraFolder(LoraSource):
         for entry in os.scandir(self.folder):
             if entry.is_file():
                 entries.append(entry.name)
-            elif entry.is_dir() and os.path.isfile(os.path.join(entry.path, PEFT_WEIGHTS)):
-                entries.append(f"{entry.name}/{PEFT_WEIGHTS}")
+            elif entry.is_dir():
+                inside = (f"{entry.name}/{inner}" for inner in FOLDER_FILES)
+                entries.extend(path for path in inside if os.path.isfile(os.path.join(self.folder, path)))
         return entries
 
     def _read(self, name: str, relative: str) -> bytes:
@@ -160,8 +190,9 @@ class LoraFolder(LoraSource):
 
 
 class LoraBucket(LoraSource):
-    """The `NAME.safetensors` objects directly under a prefix of an S3 bucket (and `NAME/adapter_model.safetensors`) (`s3://bucket/prefix?endpoint=...`,
-    credentials from the environment as for the image store): every host that names it offers the same set."""
+    """The `NAME.safetensors` objects directly under a prefix of an S3 bucket, and the `NAME/` folders' files one
+    level down (`s3://bucket/prefix?endpoint=...`, credentials from the environment as for the image store): every
+    host that names it offers the same set."""
 
     def __init__(self, url: str, max_bytes: int) -> None:
         super().__init__(url.split("?", 1)[0], max_bytes)

@@ -8,7 +8,8 @@ single-file checkpoint writer uses: PyTorch names, and the original UNet's `inpu
 Where the alpha is stored is each writer's own: kohya's sd-scripts writes an `.alpha` tensor per layer (and
 `ss_network_alpha` in the header; `kohya-metadata` writes only the header's); diffusers' `save_lora_weights` writes
 PEFT's `LoraConfig` per component in the header's `lora_adapter_metadata`; PEFT's `save_pretrained` writes a folder
-of `adapter_model.safetensors` (`base_model.model.<layer>` names, a UNet's) and `adapter_config.json`.
+of `adapter_model.safetensors` (`base_model.model.<layer>` names, of the one model wrapped: a UNet, or a CLIP text
+encoder) and `adapter_config.json`.
 """
 
 from __future__ import annotations
@@ -55,13 +56,13 @@ def write_tiny_lora(
     kohya names the UNet's layers in the original SGM/LDM naming when `unet_config` (the UNet's config.json) is
     given, as sd-scripts does for SDXL, and in diffusers' otherwise; it writes `alpha` (default: `rank`) per
     layer, or in the header only (`kohya-metadata`). `peft` writes an `.alpha` only when `alpha` is given;
-    `diffusers` and `peft-folder` write it (default: `rank`) where their writers do, and `peft-folder` the UNet
-    only. `convolutions`: LoCon updates of the UNet's resnets and samplers too.
+    `diffusers` and `peft-folder` write it (default: `rank`) where their writers do, and `peft-folder` the first
+    of `components` only (PEFT wraps one model). `convolutions`: LoCon updates of the UNet's resnets and samplers too.
     """
     rng = np.random.default_rng(seed)
     prefixes = unet_prefixes(unet_config) if unet_config is not None and fmt.startswith("kohya") else {}
     file_alpha = float(rank) if alpha is None and fmt != "peft" else alpha
-    chosen = ("unet",) if fmt == "peft-folder" else components
+    chosen = components[:1] if fmt == "peft-folder" else components
     tensors: dict[str, np.ndarray] = {}
     updates: dict[Target, np.ndarray] = {}
     for component in chosen:
