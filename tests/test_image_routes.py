@@ -767,16 +767,21 @@ async def test_an_image_job_a_rolled_back_redis_lost_is_replayed_with_its_inputs
     the job and its input images are gone. The accepting gateway's journal queues it again with them, and a stand-in
     worker process answers with the input image, once: one started after the rollback, or one that was given the
     job before it (cut off from Redis by a fault proxy right after the delivery) and finds its inputs gone, so gives
-    the job back rather than failing it. A gateway that keeps no copy (`--journal-input-bytes 0`) queues it again
+    the job back rather than failing it (the gateway cut off from Redis meanwhile, so that its journal sweeps only
+    after the give-back). A gateway that keeps no copy (`--journal-input-bytes 0`) queues it again
     all the same, and it fails, saying its inputs are gone."""
     url = own_redis.url()
     redis_client = aioredis.Redis.from_url(url)
     proxy = FaultProxy("worker", own_redis.port)
+    # The gateway reaches Redis through a proxy of its own, black-holed while the worker holds the job: its journal
+    # sweeps only once the worker has given the job back, so that path is the one taken (not a sweep before it).
+    gateway_proxy = FaultProxy("gateway", own_redis.port)
     await proxy.start()
+    await gateway_proxy.start()
     try:
         await register_worker(redis_client, image_input=True, max_steps=10)  # the gateway accepts image jobs
         kept = case != "journal-input-bytes-0"
-        config = GatewayConfig(redis_url=url, result_ttl_s=60, journal_input_bytes=kept * (1 << 30))
+        config = GatewayConfig(redis_url=gateway_proxy.url(), result_ttl_s=60, journal_input_bytes=kept * (1 << 30))
         client = await aiohttp_client(create_app(config))
         held = case == "worker-held-it"
         if held:
@@ -787,9 +792,13 @@ async def test_an_image_job_a_rolled_back_redis_lost_is_replayed_with_its_inputs
         job_id = await submit(client, {"image": b64(IMAGE)})
         if held:
             await asyncio.wait_for(delivered.wait(), WAIT_S)  # the worker has the job; its next call waits
+            gateway_proxy.partition()
         await own_redis.restore(tmp_path / "snapshot")
         proxy.heal()
-        if not held:
+        if held:
+            await logged(processes, "imgroll-1", f"job {job_id}: lost by Redis with its input images; given back")
+            gateway_proxy.heal()
+        else:
             rollback_standin(processes, url)
         result = await finished(redis_client, job_id, KEYS)
         assert client.app[JOURNAL].resubmitted == 1  # Redis did lose it: the journal queued it again
@@ -808,7 +817,15 @@ async def test_an_image_job_a_rolled_back_redis_lost_is_replayed_with_its_inputs
         if "imgroll-1" in processes.processes:
             processes.stop("imgroll-1")
         await proxy.close()
+        await gateway_proxy.close()
         await redis_client.aclose()
+
+
+async def logged(processes: ProcessGroup, name: str, line: str) -> None:
+    """Until process `name` has logged `line`, within WAIT_S."""
+    async with asyncio.timeout(WAIT_S):
+        while line not in processes.log(name):  # noqa: ASYNC110 (a log line has no event to wait on)
+            await asyncio.sleep(0.05)
 
 
 async def submit(client: Client, fields: dict[str, Any]) -> str:
