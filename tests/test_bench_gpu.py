@@ -312,7 +312,10 @@ def test_the_script_runs_end_to_end_on_a_bare_image_rebuilt_on_the_cpu(tiny_mode
         done = subprocess.run(simulated, env=env, check=False, timeout=3600)
         assert done.returncode == 0, name
         reports = [json.loads(line) for line in (out / "generate.jsonl").read_text().splitlines()]
-        assert len(reports) == len(VARIANTS) and {report["images"] for report in reports} == {1, 4}
+        assert len(reports) == len(VARIANTS)
+        made = {(report["measurement"], report["images"]) for report in reports}
+        # The pipeline's 1 and 4 images; the engine's full batch at R rows per device, on one device.
+        assert made == {("generate", 1), ("generate", 4), *(("engine", rows) for rows in (1, 2, 4, 8))}
         (lora_report,) = [json.loads(line) for line in (out / "lora.jsonl").read_text().splitlines()]
         assert set(lora_report["ranks"]) == {"2"}
         (dispatch_report,) = [json.loads(line) for line in (out / "dispatch.jsonl").read_text().splitlines()]
