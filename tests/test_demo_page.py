@@ -390,6 +390,27 @@ async def test_a_keyed_gateway_asks_for_the_key_before_the_first_generate(browse
     demo.assert_no_errors("/v1/models")  # the first probe, and the wrong key's, answered 401
 
 
+def module_cluster(
+    processes: ProcessGroup, redis_url: str, name: str, worker_id: str, worker_argv: list[str]
+) -> Iterator[Cluster]:
+    """A module's cluster: a gateway (`gateway-NAME`) and one worker process (`worker_argv`, as `worker_id`) on a
+    database of the session's Redis that no other module uses, flushed first; both stopped at the module's end (a
+    worker left on the database would take a later module's jobs)."""
+    redis.Redis.from_url(redis_url).flushdb()
+    port = free_port()
+    gateway = f"gateway-{name}"
+    processes.start(gateway, "gateway", "--redis-url", redis_url, "--host", "127.0.0.1", "--port", str(port))
+    processes.start_argv(worker_id, worker_argv)
+    try:
+        asyncio.run(wait_ready(redis_url, 1))
+    except TimeoutError:
+        pytest.fail(f"{worker_id} not ready:\n" + processes.log(worker_id)[-3000:])
+    asyncio.run(wait_http(f"http://127.0.0.1:{port}/healthz", READY_TIMEOUT_S))
+    yield Cluster(url=f"http://127.0.0.1:{port}", redis_url=redis_url, worker_ids=(worker_id,))
+    processes.stop(worker_id)
+    processes.stop(gateway)
+
+
 @pytest.fixture(scope="module")
 def flagging_cluster(
     redis_server: RedisServer, tiny_model: Path, processes: ProcessGroup, tmp_path_factory: pytest.TempPathFactory
@@ -397,19 +418,9 @@ def flagging_cluster(
     """A gateway and one worker whose safety checker flags every image (database 2 of the session's Redis)."""
     checker = write_tiny_safety_checker(tmp_path_factory.mktemp("checker") / "flag-all", FLAG_ALL)
     redis_url = redis_server.url(2)
-    redis.Redis.from_url(redis_url).flushdb()
-    port = free_port()
-    processes.start("gateway-flagging", "gateway", "--redis-url", redis_url, "--host", "127.0.0.1", "--port", str(port))
     argv = tiny_worker_args(redis_url, tiny_model, "worker-flagging")
-    processes.start("worker-flagging", *argv, "--safety-checker", str(checker), "--safety-replace", "blur")
-    try:
-        asyncio.run(wait_ready(redis_url, 1))
-    except TimeoutError:
-        pytest.fail("worker not ready:\n" + processes.log("worker-flagging")[-3000:])
-    asyncio.run(wait_http(f"http://127.0.0.1:{port}/healthz", READY_TIMEOUT_S))
-    yield Cluster(url=f"http://127.0.0.1:{port}", redis_url=redis_url, worker_ids=("worker-flagging",))
-    processes.stop("worker-flagging")  # a worker left on this database would take a later module's jobs
-    processes.stop("gateway-flagging")
+    worker = sdxl_serve_argv(*argv, "--safety-checker", str(checker), "--safety-replace", "blur")
+    yield from module_cluster(processes, redis_url, "flagging", "worker-flagging", worker)
 
 
 async def test_flagged_images_are_shown_as_withheld_in_an_unbroken_layout(
@@ -462,20 +473,9 @@ def image_cluster(redis_server: RedisServer, processes: ProcessGroup) -> Iterato
     """A gateway and a stand-in worker that advertises image_input and answers with the input image (testkit/standin.py)
     on database 3 of the session's Redis."""
     redis_url = redis_server.url(3)
-    redis.Redis.from_url(redis_url).flushdb()
-    port = free_port()
-    processes.start("gateway-images", "gateway", "--redis-url", redis_url, "--host", "127.0.0.1", "--port", str(port))
     argv = [sys.executable, "-m", "testkit.standin", "--redis-url", redis_url, "--worker-id", "standin-images",
             "--sizes", "64x64", "--max-steps", "3", "--step-s", "0.01", "--image-input"]  # fmt: skip
-    processes.start_argv("standin-images", argv)
-    try:
-        asyncio.run(wait_ready(redis_url, 1))
-    except TimeoutError:
-        pytest.fail("stand-in not ready:\n" + processes.log("standin-images")[-3000:])
-    asyncio.run(wait_http(f"http://127.0.0.1:{port}/healthz", READY_TIMEOUT_S))
-    yield Cluster(url=f"http://127.0.0.1:{port}", redis_url=redis_url, worker_ids=("standin-images",))
-    processes.stop("standin-images")
-    processes.stop("gateway-images")
+    yield from module_cluster(processes, redis_url, "images", "standin-images", argv)
 
 
 async def test_an_image_uploaded_through_the_page_comes_back_from_a_worker_that_takes_images(
@@ -525,21 +525,10 @@ def lora_cluster(
     for name in ADAPTERS:
         (folder / f"{name}.safetensors").write_bytes(b"adapter")  # the stand-in lists them, reads none
     redis_url = redis_server.url(7)
-    redis.Redis.from_url(redis_url).flushdb()
-    port = free_port()
-    processes.start("gateway-loras", "gateway", "--redis-url", redis_url, "--host", "127.0.0.1", "--port", str(port))
     argv = [sys.executable, "-m", "testkit.standin", "--redis-url", redis_url, "--worker-id", "standin-loras",
             "--sizes", "64x64", "--max-steps", "3", "--step-s", "0.01", "--lora-dir", str(folder),
             "--max-loras", "2"]  # fmt: skip
-    processes.start_argv("standin-loras", argv)
-    try:
-        asyncio.run(wait_ready(redis_url, 1))
-    except TimeoutError:
-        pytest.fail("stand-in not ready:\n" + processes.log("standin-loras")[-3000:])
-    asyncio.run(wait_http(f"http://127.0.0.1:{port}/healthz", READY_TIMEOUT_S))
-    yield Cluster(url=f"http://127.0.0.1:{port}", redis_url=redis_url, worker_ids=("standin-loras",))
-    processes.stop("standin-loras")
-    processes.stop("gateway-loras")
+    yield from module_cluster(processes, redis_url, "loras", "standin-loras", argv)
 
 
 @pytest.fixture
