@@ -53,20 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--png-compress-level", type=int, default=WorkerConfig.png_compress_level)
     _add_safety(parser)
-    parser.add_argument(
-        "--max-deliveries",
-        type=int,
-        default=WorkerConfig.max_deliveries,
-        help="a job handed out more often than this (its workers kept dying) is dead-lettered; deliveries given "
-        "back because the job's input images could not be read do not count",
-    )
-    parser.add_argument(
-        "--max-input-retries",
-        type=int,
-        default=WorkerConfig.max_input_retries,
-        help="a job whose input images could not be read (their store unreachable) is delivered again at most "
-        "this many times for it, then dead-lettered naming the store's error",
-    )
+    _add_delivery_limits(parser)
     parser.add_argument(
         "--drain-timeout",
         type=float,
@@ -86,6 +73,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the registry; set one for Prometheus and probes; env SDXL_SERVE_METRICS_PORT)",
     )
     add_compile_cache_arguments(parser)
+
+
+def _add_delivery_limits(parser: argparse.ArgumentParser) -> None:
+    """When a job is given up: delivered too often, or its input images unreachable too often."""
+    parser.add_argument(
+        "--max-deliveries",
+        type=int,
+        default=WorkerConfig.max_deliveries,
+        help="a job handed out more often than this (its workers kept dying) is dead-lettered; deliveries given "
+        "back because the job's input images could not be read do not count",
+    )
+    parser.add_argument(
+        "--max-input-retries",
+        type=int,
+        default=WorkerConfig.max_input_retries,
+        help="a job whose input images could not be read (their store unreachable) is delivered again at most "
+        "this many times for it, then dead-lettered naming the store's error",
+    )
 
 
 def _add_blob_store(parser: argparse.ArgumentParser) -> None:
