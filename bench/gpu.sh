@@ -128,9 +128,10 @@ see_image_packages() {
     printf '%s\n' "$image_site" >"$venv_site/_image_site_packages.pth"
 }
 
-# What the benchmark will import, and from where; fails on a version other than the pins.
+# What the benchmark will import, and from where; fails on a version other than the pins. Run from OUT: a script on
+# standard input has the current directory on its path, and a checkout's root holds an editable install's metadata.
 record_versions() {
-    "$venv/bin/python" - "$venv" <<'PY' | tee "$out/versions.txt" >&2
+    (cd "$out" && "$venv/bin/python" - "$venv") <<'PY' | tee "$out/versions.txt" >&2
 import importlib.metadata as md
 import sys
 

@@ -158,6 +158,8 @@ def test_installs_offline_over_the_image_and_runs_each_variant_in_its_venv(wheel
         assert [json.loads(line)["argv"] for line in (out / f"{name}.jsonl").read_text().splitlines()] == [command]
     versions = (out / "versions.txt").read_text()
     assert "diffusers 0.39.0 (this venv)" in versions and re.search(r"^jax \S+ \(the image\)$", versions, re.M)
+    # The wheel's, not the checkout's metadata beside the current directory (an editable install's egg-info).
+    assert "sdxl-serve 0.1.0 (this venv)" in versions, versions
 
 
 def test_a_failed_variant_loses_only_itself_and_a_rerun_does_only_what_is_missing(wheels: Path, tmp_path: Path) -> None:
