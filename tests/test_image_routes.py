@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import io
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -690,19 +691,30 @@ async def inputs_unreachable_twice(
     return client, job_id
 
 
-async def test_a_job_given_back_for_unreachable_inputs_more_often_than_max_deliveries_still_completes(
+# `unreachable_twice(name, *limits)`: `inputs_unreachable_twice` on the test's services.
+UnreachableTwice = Callable[..., Awaitable[tuple[Client, str]]]
+
+
+@pytest.fixture
+def unreachable_twice(
     aiohttp_client: ClientFactory,
     redis_server: RedisServer,
     redis_client: aioredis.Redis,
     processes: ProcessGroup,
     s3_env: S3Server,
     s3_proxy: FaultProxy,
+) -> UnreachableTwice:
+    services = (aiohttp_client, redis_server, redis_client, processes, s3_env, s3_proxy)
+    return functools.partial(inputs_unreachable_twice, *services)
+
+
+async def test_a_job_given_back_for_unreachable_inputs_more_often_than_max_deliveries_still_completes(
+    unreachable_twice: UnreachableTwice, redis_client: aioredis.Redis, processes: ProcessGroup
 ) -> None:
     """With `--max-deliveries 1`, a job whose input images' store is unreachable on its first two deliveries is not
     dead-lettered: those deliveries were given back, not lost to a dying worker. Once the store answers it completes,
     once, on its third delivery."""
-    args = (aiohttp_client, redis_server, redis_client, processes, s3_env, s3_proxy, "flaky")
-    client, job_id = await inputs_unreachable_twice(*args, "--max-deliveries", "1")
+    client, job_id = await unreachable_twice("flaky", "--max-deliveries", "1")
     result = await finished(redis_client, job_id)
     assert result.status == "succeeded", (result.error, processes.log("imgout-1")[-3000:])
     assert await give_backs(redis_client, job_id) == 2
@@ -714,18 +726,12 @@ async def test_a_job_given_back_for_unreachable_inputs_more_often_than_max_deliv
 
 
 async def test_a_job_whose_inputs_stay_unreachable_is_dead_lettered_past_max_input_retries_naming_the_store(
-    aiohttp_client: ClientFactory,
-    redis_server: RedisServer,
-    redis_client: aioredis.Redis,
-    processes: ProcessGroup,
-    s3_env: S3Server,
-    s3_proxy: FaultProxy,
+    unreachable_twice: UnreachableTwice, redis_client: aioredis.Redis, processes: ProcessGroup
 ) -> None:
     """A job whose input images cannot be read does not circulate for ever: with `--max-input-retries 1` it is
     delivered again once for it, and when the store is unreachable on that delivery too it is dead-lettered, its
     failure naming the cause (the store's error), not a delivery count."""
-    args = (aiohttp_client, redis_server, redis_client, processes, s3_env, s3_proxy, "gone")
-    _, job_id = await inputs_unreachable_twice(*args, "--max-input-retries", "1")
+    _, job_id = await unreachable_twice("gone", "--max-input-retries", "1")
     result = await finished(redis_client, job_id)
     assert result.status == "failed", processes.log("imgout-1")[-3000:]
     assert result.error is not None

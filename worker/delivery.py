@@ -312,7 +312,7 @@ class Delivery:
     async def given_back_unreachable(self, claimed: ClaimedJob, error: str) -> int:
         """Record that this delivery is given back, its job's input images unreachable (`error`, the store's):
         its entry stays pending to be delivered again, and the delivery does not count towards the job's
-        `max_deliveries`. Returns how many deliveries of the job were given back so (this one included), -1 when
+        `max_deliveries`. Returns how many deliveries of the job were given back so far (this one included), -1 when
         the job is terminal (nothing recorded). Safe to run twice: a rerun counts nothing more."""
         count = await self._inputs_unreachable(keys=[self._keys.job(claimed.job.id)], args=[claimed.token, error])
         return int(count)
