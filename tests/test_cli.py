@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from common.config import DEFAULT_REDIS_URL
+from common.config import DEFAULT_REDIS_URL, ConfigError
 from gateway.cli import gateway_config
 from gateway.config import GatewayConfig
 from sdxl_serve.cli import build_parser, main
@@ -112,6 +112,14 @@ def test_defaults_are_the_config_dataclasses(monkeypatch: pytest.MonkeyPatch) ->
     worker = worker_config(parser.parse_args(["worker", "--worker-id", "w"]))
     assert worker == WorkerConfig(worker_id="w")
     assert UpConfig.from_args(parser.parse_args(["up"])) == UpConfig()
+
+
+def test_the_delivery_limits_reach_the_worker_config_and_a_negative_retry_bound_is_refused() -> None:
+    parse = build_parser().parse_args
+    worker = worker_config(parse(["worker", "--worker-id", "w", "--max-deliveries", "2", "--max-input-retries", "0"]))
+    assert (worker.max_deliveries, worker.max_input_retries) == (2, 0)
+    with pytest.raises(ConfigError, match="--max-input-retries"):
+        worker_config(parse(["worker", "--worker-id", "w", "--max-input-retries", "-1"]))
 
 
 def test_version_is_the_installed_distribution() -> None:
